@@ -1,0 +1,49 @@
+"""`unifuse` command line: one sub-command per module in this package.
+
+Each sub-command module exposes ``register(subparsers)`` which adds its parser and sets
+``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
+Modules are imported lazily so that ``unifuse --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from napari_unifuse.errors import UniFuseError
+
+SUBCOMMAND_MODULES = ("synth", "fuse", "evaluate", "train", "info", "bench", "view")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unifuse",
+        description="Align, restore and fuse degraded, misaligned multimodal medical images (UniFuse).",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"napari_unifuse.cli.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"napari_unifuse.cli.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UniFuseError as error:
+        print(f"unifuse {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"unifuse {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

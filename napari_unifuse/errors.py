@@ -1,0 +1,27 @@
+"""The one exception type users see: a message they can act on, naming what was wrong."""
+
+from __future__ import annotations
+
+
+class UniFuseError(Exception):
+    """Base class: every message is written for the person at the viewer or the terminal."""
+
+
+class InputError(UniFuseError, ValueError):
+    """Bad input data (corrupt file, wrong dimensionality, empty or NaN-only array, ...).
+
+    The message names the file (or layer) and the problem.
+    """
+
+    def __init__(self, problem: str, source: object | None = None) -> None:
+        self.problem = problem
+        self.source = source
+        super().__init__(f"{source}: {problem}" if source is not None else problem)
+
+
+class CheckpointError(UniFuseError):
+    """A checkpoint that cannot be used: missing, corrupt, or made for another model config."""
+
+
+class Cancelled(UniFuseError):
+    """Raised inside the engine when the user pressed Cancel; nothing was written."""
