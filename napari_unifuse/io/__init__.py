@@ -1,0 +1,20 @@
+"""Reading and writing medical images with their geometry (see docs/architecture.md, `io`)."""
+
+from napari_unifuse.io.fields import read_displacement, write_displacement
+from napari_unifuse.io.image import Geometry, ImageVolume
+from napari_unifuse.io.normalize import IntensityMapping, normalize_intensity
+from napari_unifuse.io.readers import read_image
+from napari_unifuse.io.resample import resample_to_reference
+from napari_unifuse.io.writers import write_image
+
+__all__ = [
+    "Geometry",
+    "ImageVolume",
+    "IntensityMapping",
+    "normalize_intensity",
+    "read_displacement",
+    "read_image",
+    "resample_to_reference",
+    "write_displacement",
+    "write_image",
+]

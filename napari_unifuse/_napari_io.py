@@ -1,0 +1,127 @@
+"""npe2 reader and writers, and the conversions between ImageVolume and napari Image layers.
+
+Layers we create carry ``metadata["unifuse"] = {"geometry", "source", "metadata"}`` so that a
+volume → layer → volume round trip is exact and keeps provenance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from napari.utils.notifications import show_error, show_warning
+from napari.utils.transforms import Affine
+
+from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
+from napari_unifuse.io.readers import dicom_series_ids, file_format
+
+LAYER_METADATA_KEY = "unifuse"
+# napari's documented "read fine, but no layers" value; returning [] instead makes napari raise
+# "returned no data" and open its reader-choice dialog on top of our message.
+_NO_LAYERS = [(None,)]
+
+
+def volume_to_layer_data(volume: ImageVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A ``(data, kwargs, "image")`` tuple that places the volume at its world position."""
+    if name is None:
+        name = _display_name(volume.source) if volume.source else "image"
+    kwargs = {
+        "name": name,
+        "rgb": volume.is_rgb,
+        "metadata": {
+            LAYER_METADATA_KEY: {
+                "geometry": volume.geometry.to_dict(),
+                "source": volume.source,
+                "metadata": volume.metadata,
+            }
+        },
+        **volume.geometry.napari_kwargs(),
+    }
+    return volume.array, kwargs, "image"
+
+
+def layer_to_volume(layer) -> ImageVolume:
+    """The ImageVolume of a napari Image layer (its current scale/translate/affine define the geometry)."""
+    data, state, layer_type = layer.as_layer_data_tuple()
+    if layer_type != "image":
+        raise InputError(f"is a {layer_type} layer; an image layer is needed", layer.name)
+    return volume_from_layer_data(data, state)
+
+
+def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
+    """Same as :func:`layer_to_volume` from npe2's ``(data, attributes)`` pair."""
+    if state.get("multiscale"):
+        data = data[0]  # full resolution
+    is_rgb = bool(state.get("rgb", False))
+    array = np.asarray(data)
+    ndim = array.ndim - 1 if is_rgb else array.ndim
+    # napari's world = affine @ (translate + rotate·shear·scale · index)
+    physical = Affine(
+        scale=state.get("scale", np.ones(ndim)),
+        translate=state.get("translate", np.zeros(ndim)),
+        rotate=state.get("rotate"),
+        shear=state.get("shear"),
+    ).affine_matrix
+    world = np.asarray(state.get("affine", np.eye(ndim + 1)), dtype=np.float64)
+    name = state.get("name", "layer")
+    try:
+        geometry = Geometry.from_index_to_world(world @ physical)
+    except InputError as error:
+        raise InputError(error.problem, name) from error
+    stored = (state.get("metadata") or {}).get(LAYER_METADATA_KEY, {})
+    if "geometry" in stored:
+        stored_geometry = Geometry.from_dict(stored["geometry"])
+        # The layer was not moved: keep the file's exact numbers rather than napari's products.
+        if stored_geometry.allclose(geometry, atol=1e-9):
+            geometry = stored_geometry
+    return ImageVolume(array, geometry, dict(stored.get("metadata", {})), stored.get("source"), is_rgb)
+
+
+# ---- npe2 reader ------------------------------------------------------------------------------
+def get_reader(path: str | list[str]) -> Callable[[str], list] | None:
+    """Our reader for one supported file or a folder holding a DICOM series, else None."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None  # stacks of files are napari's business
+        path = path[0]
+    fmt = file_format(path)
+    if fmt is None:
+        return None
+    if Path(path).is_dir() and not dicom_series_ids(path):
+        return None  # a folder of something else: let other readers have it
+    return read_layers
+
+
+def read_layers(path: str | os.PathLike) -> list:
+    """Read ``path`` as napari layer data; problems become a notification, not a traceback."""
+    try:
+        volume = read_image(path)
+    except UniFuseError as error:
+        show_error(f"Could not open {error}")
+        return _NO_LAYERS
+    for warning in volume.metadata.get("warnings", []):
+        show_warning(f"{path}: {warning}")
+    return [volume_to_layer_data(volume)]
+
+
+# ---- npe2 writers -----------------------------------------------------------------------------
+def write_nifti(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    return [str(_write_layer(path, data, meta, (".nii.gz", ".nii")))]
+
+
+def write_mha(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    return [str(_write_layer(path, data, meta, (".mha",)))]
+
+
+def _write_layer(path: str, data: Any, meta: dict[str, Any], suffixes: tuple[str, ...]) -> Path:
+    if not path.lower().endswith(suffixes):
+        path += suffixes[0]
+    return write_image(volume_from_layer_data(data, meta), path)
+
+
+def _display_name(source: str) -> str:
+    name = Path(source).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem

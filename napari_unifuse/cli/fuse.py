@@ -1,0 +1,220 @@
+"""`unifuse fuse`: align, restore and fuse one pair, or a CSV of pairs, with a trained checkpoint.
+
+Each pair's outputs go to ``OUT/<moving file name without its image extension>/`` (see
+``engine.outputs`` for the five files). A batch resumes: a pair whose ``provenance.json`` exists is
+skipped, so rerunning after an interruption only does what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from napari_unifuse.data.color import rgb_to_ycbcr
+from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.outputs import is_complete, write_fusion_outputs, write_json
+from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
+from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resample_to_reference
+from napari_unifuse.io.readers import SUPPORTED_SUFFIXES
+from napari_unifuse.metrics import registration_metrics
+from napari_unifuse.model.checkpoint import list_checkpoints
+
+DEFAULT_CHECKPOINTS = {2: "unifuse-2d-harvard", 3: "unifuse-3d-phantom"}
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Pair:
+    reference: Path
+    moving: Path
+    label: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return case_name(self.moving)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fuse",
+        help="align, restore and fuse a moving image onto a reference (one pair or a CSV of pairs)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--reference", type=Path, help="high-quality reference image")
+    parser.add_argument("--moving", type=Path, help="degraded, misaligned moving image")
+    parser.add_argument("--label", type=Path, help="optional ground truth of the aligned moving image (writes metrics.json)")
+    parser.add_argument("--pairs", type=Path, help="CSV with columns reference,moving[,label]; paths relative to the CSV")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per pair)")
+    parser.add_argument("--checkpoint", help="bundled checkpoint name or .safetensors file "
+                        f"(default: {DEFAULT_CHECKPOINTS[2]} for 2D, {DEFAULT_CHECKPOINTS[3]} for 3D)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--tile-size", type=int, help="voxels per tile side for large inputs (default: one pass)")
+    parser.add_argument("--overwrite", action="store_true", help="redo pairs whose outputs are complete")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    pairs = _pairs_from_args(args)
+    resolve_device(args.device)  # a CUDA request on a CPU machine fails before any work
+    engines = _EngineCache(args.checkpoint, args.device, args.tile_size)
+    failures = 0
+    for index, pair in enumerate(pairs, start=1):
+        out_dir = args.out / pair.name
+        prefix = f"[{index}/{len(pairs)}] {pair.name}"
+        if is_complete(out_dir) and not args.overwrite:
+            print(f"{prefix}: skipped, already done ({out_dir})")
+            continue
+        try:
+            fuse_pair(pair, out_dir, engines, prefix)
+        except (InputError, CheckpointError) as error:
+            if len(pairs) == 1:
+                raise
+            # One bad pair must not sink a long batch; report it and carry on.
+            failures += 1
+            print(f"{prefix}: error: {error}", file=sys.stderr)
+            continue
+        print(f"{prefix}: done -> {out_dir}")
+    if failures:
+        print(f"unifuse fuse: {failures} of {len(pairs)} pairs failed", file=sys.stderr)
+        return 2
+    return 0
+
+
+def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str) -> FusionResult:
+    """Read, fuse and write one pair; nothing is written unless fusion succeeded."""
+    reference, moving = read_image(pair.reference), read_image(pair.moving)
+    label = read_image(pair.label) if pair.label is not None else None
+    engine = engines.for_dimensions(reference.ndim)
+    with TqdmProgress(prefix) as progress:
+        result = engine.run_fusion(reference, moving, progress=progress)
+    for warning in result.warnings:
+        print(f"{prefix}: warning: {warning}", file=sys.stderr)
+    write_fusion_outputs(result, out_dir)
+    if label is not None:
+        write_json(label_metrics(result, label), out_dir / METRICS_FILE)
+    return result
+
+
+def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:
+    """NCC / MSE / SSIM of the aligned moving image to its label, in the model's [0, 1] units.
+
+    The label is put on the reference grid and both images go through the moving image's intensity
+    mapping (luma for RGB), so MSE is on the scale UniFuse's alignment results are reported in.
+    """
+    label_on_grid = resample_to_reference(label, result.aligned)
+    mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
+
+    def model_units(image: ImageVolume):
+        values = rgb_to_ycbcr(image.array)[..., 0] if image.is_rgb else image.array
+        return mapping.apply(values)
+
+    return registration_metrics(model_units(result.aligned), model_units(label_on_grid))
+
+
+def case_name(moving: Path) -> str:
+    """``case7`` for ``case7.nii.gz``; a DICOM folder keeps its name."""
+    name = moving.name
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class _EngineCache:
+    """Loads each checkpoint once per run, however many pairs use it."""
+
+    def __init__(self, checkpoint: str | None, device: str, tile_size: int | None) -> None:
+        self.checkpoint, self.device, self.tile_size = checkpoint, device, tile_size
+        self.engines: dict[str, FusionEngine] = {}
+
+    def for_dimensions(self, ndim: int) -> FusionEngine:
+        name = self.checkpoint or DEFAULT_CHECKPOINTS.get(ndim)
+        if self.checkpoint is None and name not in list_checkpoints():
+            available = ", ".join(list_checkpoints()) or "none yet"
+            raise CheckpointError(
+                f"the default {ndim}D checkpoint {name!r} is not installed (bundled checkpoints: "
+                f"{available}); pass one with --checkpoint NAME_OR_FILE.safetensors "
+                "(train one with `unifuse train`)")
+        if name not in self.engines:
+            self.engines[name] = FusionEngine(name, device=self.device, tile_size=self.tile_size)
+        return self.engines[name]
+
+
+class TqdmProgress:
+    """The engine's ``progress(stage, done, total)`` drawn as one tqdm bar per stage."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.bar: tqdm | None = None
+        self.stage: str | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None or stage != self.stage or total != self.bar.total:
+            self.close()
+            # disable=None: draw only on a terminal, so logs and captured output stay clean.
+            self.bar = tqdm(total=total, desc=f"{self.prefix} {stage}", unit="step", leave=False, disable=None)
+            self.stage = stage
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> TqdmProgress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
+    single = [flag for flag in ("reference", "moving", "label") if getattr(args, flag) is not None]
+    if args.pairs is not None:
+        if single:
+            raise InputError(f"--pairs cannot be combined with --{', --'.join(single)}", "unifuse fuse")
+        pairs = read_pairs_csv(args.pairs)
+    elif args.reference is None or args.moving is None:
+        raise InputError("give --reference and --moving for one pair, or --pairs CSV for many", "unifuse fuse")
+    else:
+        pairs = [Pair(args.reference, args.moving, args.label)]
+    if args.tile_size is not None and args.tile_size < 1:
+        raise InputError(f"--tile-size must be a positive number of voxels, got {args.tile_size}", "unifuse fuse")
+    return pairs
+
+
+def read_pairs_csv(path: Path) -> list[Pair]:
+    """Pairs from a CSV with a header ``reference,moving`` and optionally ``label``."""
+    if not path.is_file():
+        raise InputError("file not found", path)
+    with path.open(newline="", encoding="utf-8-sig") as stream:
+        rows = list(csv.DictReader(stream))
+        columns = set(rows[0]) if rows else set()
+    missing = {"reference", "moving"} - columns
+    if missing:
+        raise InputError(f"the CSV needs columns reference,moving (optional label); missing {', '.join(sorted(missing))}", path)
+
+    def resolve(value: str | None) -> Path | None:
+        # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole.
+        return None if not value or not value.strip() else (path.parent / value.strip())
+
+    pairs = []
+    for line, row in enumerate(rows, start=2):
+        reference, moving = resolve(row["reference"]), resolve(row["moving"])
+        if reference is None or moving is None:
+            raise InputError(f"line {line}: reference and moving must both be given", path)
+        pairs.append(Pair(reference, moving, resolve(row.get("label"))))
+    names = [pair.name for pair in pairs]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise InputError(f"several pairs would write to the same output folder: {', '.join(clashes)} "
+                         "(output folders are named after the moving file)", path)
+    return pairs

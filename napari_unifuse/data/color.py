@@ -1,0 +1,57 @@
+"""RGB <-> YCbCr (ITU-R BT.601, full range) for colour-coded PET/SPECT.
+
+Fusion papers (U2Fusion, BSAFusion, UniFuse's PET/SPECT tasks) fuse the luma channel Y with the
+grey reference and carry the chroma CbCr of the functional image over unchanged. We use the
+full-range ("JPEG/JFIF") variant of BT.601 -- the one PIL's ``convert("YCbCr")`` and OpenCV's
+``COLOR_RGB2YCrCb`` implement -- because it keeps Y in [0, 1] for RGB in [0, 1], which is what the
+model expects as an input; the studio-swing variant (MATLAB's ``rgb2ycbcr``) squeezes Y into
+[16/255, 235/255].
+
+Values are float32 in [0, 1]: Y, and Cb/Cr offset by 0.5 so neutral grey has Cb = Cr = 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_unifuse.errors import InputError
+
+# BT.601 luma weights and the full-range chroma scalings (ITU-R BT.601; JFIF 1.02 section 7).
+_RGB_TO_YCBCR = np.array(
+    [
+        [0.299, 0.587, 0.114],
+        [-0.168736, -0.331264, 0.5],
+        [0.5, -0.418688, -0.081312],
+    ],
+    dtype=np.float64,
+)
+_YCBCR_TO_RGB = np.linalg.inv(_RGB_TO_YCBCR)
+_CHROMA_OFFSET = np.array([0.0, 0.5, 0.5])
+
+
+def _as_unit_float(array: np.ndarray, what: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim < 1 or array.shape[-1] != 3:
+        raise InputError(f"expected a colour image with 3 channels last, got shape {array.shape}", what)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.dtype != np.uint8:
+            raise InputError(f"integer colour images must be uint8, got {array.dtype}", what)
+        return array.astype(np.float64) / 255.0
+    return array.astype(np.float64)
+
+
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB (uint8, or float in [0, 1]) -> (..., 3) float32 Y, Cb, Cr in [0, 1]."""
+    rgb = _as_unit_float(rgb, "RGB image")
+    return (rgb @ _RGB_TO_YCBCR.T + _CHROMA_OFFSET).astype(np.float32)
+
+
+def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:
+    """(..., 3) float Y, Cb, Cr -> (..., 3) float32 RGB clipped to [0, 1].
+
+    Clipping matters after fusion: a fused Y combined with the original chroma can leave the RGB
+    gamut, and displays expect [0, 1].
+    """
+    ycbcr = _as_unit_float(ycbcr, "YCbCr image")
+    rgb = (ycbcr - _CHROMA_OFFSET) @ _YCBCR_TO_RGB.T
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,290 @@
+"""Degradation models: what turns a clean image into the degraded moving image of a training pair.
+
+One small composable class per degradation the model learns to recognise and undo (UniFuse §4.1):
+MRI motion (Shaw et al. 2020, via TorchIO), CT metal artifacts + noise (Zhang & Yu 2018, see
+`metal.py`), low-dose PET/SPECT noise, and none. Each is called as `degradation(array, rng)` on a
+2D (y, x) or 3D (z, y, x) float array and returns the same shape and dtype; everything random comes
+from `rng`, so the same seed gives the same output, and the parameters actually drawn are left in
+`last_params` (JSON-ready, for a pair's meta.json).
+
+Intensity conventions:
+* MR and PET/SPECT: normalised to [0, 1]; an input inside [0, 1] gives an output clipped to [0, 1].
+* CT: Hounsfield units (the physics needs attenuation), output clipped to the 12-bit CT range
+  [-1024, 3071]. A normalised CT is accepted with `hu_window=(lo, hi)`: x -> lo + x * (hi - lo)
+  on the way in and back, clipped to [0, 1], on the way out.
+
+`severity` in [0, 1] scales each model's physical parameters (documented on each class); 0 is the
+mildest version of the degradation, not its absence (that is `NoDegradation`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torchio as tio
+from scipy.ndimage import gaussian_filter
+
+from napari_unifuse.data import metal as ct
+from napari_unifuse.errors import InputError
+
+# The model's class order (its class index is the position here).
+DEGRADATION_CLASSES = ("none", "motion", "metal", "lowdose")
+
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
+
+class Degradation(ABC):
+    """Base class: validates the input, keeps shape and dtype, records the sampled parameters."""
+
+    name: ClassVar[str]
+
+    def __init__(self, severity: float = 0.5) -> None:
+        if not 0.0 <= float(severity) <= 1.0:
+            raise InputError(f"severity must lie in [0, 1], got {severity}", type(self).__name__)
+        self.severity = float(severity)
+        self.last_params: dict | None = None
+
+    @property
+    def class_index(self) -> int:
+        return DEGRADATION_CLASSES.index(self.name)
+
+    def __call__(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        array = np.asarray(array)
+        if array.ndim not in (2, 3):
+            raise InputError(f"expected a 2D (y, x) or 3D (z, y, x) array, got shape {array.shape}", self.name)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise InputError(f"expected a float array, got {array.dtype}", self.name)
+        if not np.all(np.isfinite(array)):
+            raise InputError("the array contains NaN or infinite values", self.name)
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        degraded, params = self._apply(array.astype(np.float64), rng)
+        self.last_params = {"name": self.name, "severity": self.severity, **params}
+        return degraded.astype(array.dtype, copy=False)
+
+    @abstractmethod
+    def _apply(self, array: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        """Degrade a float64 2D/3D array; return it and the parameters drawn."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(severity={self.severity})"
+
+
+class NoDegradation(Degradation):
+    """Identity: the "none" class, so clean inputs are a class the model learns to leave alone."""
+
+    name = "none"
+
+    def _apply(self, array: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        return array, {}
+
+
+class MotionArtifact(Degradation):
+    """Rigid head motion during an MRI acquisition: the k-space model of Shaw et al. (IEEE TMI 2020).
+
+    k-space is split along the phase-encode axis (drawn among the in-plane axes y, x) into
+    n + 1 segments, each filled from the image moved to a different pose; the unmoved image fills the
+    k-space centre. This is TorchIO's `Motion` transform, called with parameters drawn here from `rng`
+    rather than through `RandomMotion`, because (TorchIO 1.2) `RandomMotion` splits k-space along the
+    last axis, which for a 2D image is the singleton one (no ghosting at all, only a shifted image),
+    and it draws from torch's global generator.
+
+    Severity s: n ~ U{1, 2, 3} movements at times ~ evenly spaced +-30 % (as TorchIO draws them);
+    each rotates by up to 10 s degrees about each axis (2D: in-plane only) and translates by up to
+    10 s mm per axis, magnitudes drawn in [1/2, 1] of that with random signs, so that severity orders
+    the artifact strength.
+    """
+
+    name = "motion"
+    MAX_ROTATION_DEG = 10.0
+    MAX_TRANSLATION_MM = 10.0
+
+    def __init__(self, severity: float = 0.5, *, voxel_size_mm: float | Sequence[float] = 1.0) -> None:
+        super().__init__(severity)
+        self.voxel_size_mm = voxel_size_mm
+
+    def _apply(self, array: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        is_2d = array.ndim == 2
+        phase_encode_axis = int(rng.choice([array.ndim - 2, array.ndim - 1]))
+        # TorchIO splits k-space along its last axis, so the phase-encode axis goes last; a 2D
+        # image gets a leading singleton axis, and in-plane rotation is rotation about that axis.
+        moved_axes = np.swapaxes(array, phase_encode_axis, -1)
+        volume = moved_axes[np.newaxis] if is_2d else moved_axes
+        spacing = list(_voxel_size(self.voxel_size_mm, array.ndim, self.name))
+        spacing[phase_encode_axis], spacing[-1] = spacing[-1], spacing[phase_encode_axis]
+        if is_2d:
+            spacing.insert(0, 1.0)
+
+        n_movements = int(rng.integers(1, 4))
+        step = 1.0 / (n_movements + 1)
+        times = step * np.arange(1, n_movements + 1) + rng.uniform(-0.3 * step, 0.3 * step, n_movements)
+        rotation = self._signed_magnitudes(rng, (n_movements, 3), self.MAX_ROTATION_DEG)
+        translation = self._signed_magnitudes(rng, (n_movements, 3), self.MAX_TRANSLATION_MM)
+        if is_2d:
+            rotation[:, 1:] = 0.0
+            translation[:, 0] = 0.0
+
+        image = tio.ScalarImage(tensor=torch.from_numpy(volume[np.newaxis].astype(np.float32)), affine=np.diag([*spacing, 1.0]))
+        motion = tio.Motion(degrees=rotation, translation=translation, times=times, image_interpolation="linear")
+        moved = motion(image).data[0].numpy().astype(np.float64)
+        degraded = np.swapaxes(moved[0] if is_2d else moved, phase_encode_axis, -1)
+        params = {
+            "phase_encode_axis": phase_encode_axis,
+            "times": times.tolist(),
+            # Rows are movements; columns the axes of the array with the phase-encode axis moved last
+            # (2D: a leading singleton axis first), as TorchIO's Motion received them.
+            "rotation_deg": rotation.tolist(),
+            "translation_mm": translation.tolist(),
+        }
+        return _clip_if_unit_range(degraded, array), params
+
+    def _signed_magnitudes(self, rng: np.random.Generator, shape: tuple[int, int], maximum: float) -> np.ndarray:
+        scale = self.severity * maximum
+        return rng.uniform(0.5 * scale, scale, shape) * rng.choice([-1.0, 1.0], shape)
+
+
+class MetalArtifact(Degradation):
+    """Metal implants in a head CT, re-scanned: streaks, photon starvation, beam hardening and noise.
+
+    1-3 titanium or iron discs (2D) / spheres (3D) are put inside the head and the image is scanned
+    again with a polychromatic 120 kVp parallel-beam scan and reconstructed by FBP (`metal.py`:
+    Zhang & Yu 2018's simulation). Every slice is re-scanned, so noise and bone beam hardening are
+    consistent through the volume; the label for this input is the metal-free original.
+
+    Severity s: object radius up to 1.5 + 4.5 s mm (drawn in [1/2, 1] of it, at least one pixel);
+    incident photons per ray 2e7 * 20^-s (2e7 -> 1e6, Zhang & Yu use 2e7); scatter-to-primary ratio
+    0.01 + 0.04 s. `n_objects` fixes the count (default: drawn from 1-3), `voxel_size_mm` gives the
+    physical size the attenuation needs (in-plane pixels must be square).
+    """
+
+    name = "metal"
+
+    def __init__(
+        self,
+        severity: float = 0.5,
+        *,
+        voxel_size_mm: float | Sequence[float] = 1.0,
+        hu_window: tuple[float, float] | None = None,
+        n_objects: int | None = None,
+        n_views: int = 360,
+    ) -> None:
+        super().__init__(severity)
+        if n_objects is not None and n_objects < 1:
+            raise InputError(f"n_objects must be at least 1, got {n_objects}", self.name)
+        if hu_window is not None and not hu_window[0] < hu_window[1]:
+            raise InputError(f"hu_window must be (low, high) with low < high, got {hu_window}", self.name)
+        self.voxel_size_mm = voxel_size_mm
+        self.hu_window = hu_window
+        self.n_objects = n_objects
+        self.n_views = n_views
+
+    def _apply(self, array: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        voxel_size = _voxel_size(self.voxel_size_mm, array.ndim, self.name)
+        if voxel_size[-1] != voxel_size[-2]:
+            raise InputError(f"the CT simulation needs square in-plane pixels, got {voxel_size[-2:]} mm", self.name)
+        hu = array if self.hu_window is None else self.hu_window[0] + array * (self.hu_window[1] - self.hu_window[0])
+        slices = hu[np.newaxis] if array.ndim == 2 else hu
+        slice_voxel_size = (1.0, *voxel_size) if array.ndim == 2 else voxel_size
+
+        n_objects = self.n_objects or int(rng.integers(1, 4))
+        max_radius = 1.5 + 4.5 * self.severity
+        radii = np.maximum(rng.uniform(0.5 * max_radius, max_radius, n_objects), voxel_size[-1])
+        metal = str(rng.choice(ct.METALS))
+        photons_per_ray = 2e7 * 20.0 ** (-self.severity)
+        scatter_to_primary = 0.01 + 0.04 * self.severity
+
+        metal_mask, objects = ct.place_metal_objects(slices, radii.tolist(), slice_voxel_size, rng)
+        scanned = ct.simulate_ct_scan(
+            slices, metal_mask, metal, photons_per_ray, scatter_to_primary, voxel_size[-1], self.n_views, rng
+        )
+        scanned = np.clip(scanned, ct.HU_MIN, ct.HU_MAX).astype(np.float64)
+        if self.hu_window is not None:
+            scanned = np.clip((scanned - self.hu_window[0]) / (self.hu_window[1] - self.hu_window[0]), 0.0, 1.0)
+        if array.ndim == 2:
+            scanned = scanned[0]
+            for metal_object in objects:  # centres in the 2D array's own axes
+                metal_object["centre_voxel"] = metal_object["centre_voxel"][1:]
+        params = {
+            "metal": metal,
+            "objects": objects,
+            "photons_per_ray": photons_per_ray,
+            "scatter_to_primary": scatter_to_primary,
+            "n_views": self.n_views,
+        }
+        return scanned, params
+
+
+class LowDose(Degradation):
+    """Low-dose PET/SPECT: Poisson thinning of the counts, then the scanner's resolution.
+
+    y = G_fwhm * [Poisson(x * c / DRF) * DRF / c], with c = `full_dose_counts` the expected counts of
+    a voxel of intensity 1 at full dose and DRF the dose-reduction factor: the variance grows as DRF
+    (Poisson), the mean is kept. The Gaussian G (FWHM `psf_fwhm_voxels`, 0 to skip) stands for the
+    PSF and post-reconstruction filter, and turns the white count noise into PET's blobby texture.
+    Negative inputs (interpolation undershoot) count as zero activity.
+
+    Severity s: DRF = 4 * 5^s (4 to 20, i.e. 25 % to 5 % of the dose), unless `dose_reduction_factor`
+    is given.
+    """
+
+    name = "lowdose"
+
+    def __init__(
+        self,
+        severity: float = 0.5,
+        *,
+        dose_reduction_factor: float | None = None,
+        full_dose_counts: float = 500.0,
+        psf_fwhm_voxels: float = 1.5,
+    ) -> None:
+        super().__init__(severity)
+        if dose_reduction_factor is not None and dose_reduction_factor < 1.0:
+            raise InputError(f"dose_reduction_factor must be >= 1, got {dose_reduction_factor}", self.name)
+        if full_dose_counts <= 0 or psf_fwhm_voxels < 0:
+            raise InputError("full_dose_counts must be > 0 and psf_fwhm_voxels >= 0", self.name)
+        self.dose_reduction_factor = dose_reduction_factor
+        self.full_dose_counts = full_dose_counts
+        self.psf_fwhm_voxels = psf_fwhm_voxels
+
+    def _apply(self, array: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        reduction = self.dose_reduction_factor or 4.0 * 5.0**self.severity
+        counts_per_unit = self.full_dose_counts / reduction
+        degraded = rng.poisson(np.clip(array, 0.0, None) * counts_per_unit) / counts_per_unit
+        if self.psf_fwhm_voxels > 0:
+            degraded = gaussian_filter(degraded, sigma=self.psf_fwhm_voxels / FWHM_PER_SIGMA)
+        params = {
+            "dose_reduction_factor": float(reduction),
+            "full_dose_counts": float(self.full_dose_counts),
+            "psf_fwhm_voxels": float(self.psf_fwhm_voxels),
+        }
+        return _clip_if_unit_range(degraded, array), params
+
+
+DEGRADATIONS: dict[str, type[Degradation]] = {
+    cls.name: cls for cls in (NoDegradation, MotionArtifact, MetalArtifact, LowDose)
+}
+
+
+def make_degradation(name: str, severity: float = 0.5, **options) -> Degradation:
+    """The degradation called `name` (one of DEGRADATION_CLASSES); `options` go to its constructor."""
+    if name not in DEGRADATIONS:
+        raise InputError(f"unknown degradation {name!r}; expected one of {DEGRADATION_CLASSES}", "degradation")
+    return DEGRADATIONS[name](severity, **options)
+
+
+def _voxel_size(voxel_size_mm: float | Sequence[float], ndim: int, source: str) -> tuple[float, ...]:
+    sizes = (float(voxel_size_mm),) * ndim if np.isscalar(voxel_size_mm) else tuple(map(float, voxel_size_mm))
+    if len(sizes) != ndim or min(sizes) <= 0:
+        raise InputError(f"voxel_size_mm must be one positive size or {ndim} of them, got {voxel_size_mm}", source)
+    return sizes
+
+
+def _clip_if_unit_range(degraded: np.ndarray, original: np.ndarray) -> np.ndarray:
+    # A normalised input stays a valid model input; an unnormalised one is left as is.
+    if original.min() >= 0.0 and original.max() <= 1.0:
+        return np.clip(degraded, 0.0, 1.0)
+    return degraded

@@ -1,0 +1,28 @@
+"""Which torch device inference runs on: ``auto`` | ``cuda`` | ``cpu``."""
+
+from __future__ import annotations
+
+import torch
+
+from napari_unifuse.errors import UniFuseError
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """Turn the user's choice into a device; ``auto`` picks CUDA when there is one.
+
+    Asking for CUDA explicitly on a machine without it is an error rather than a silent CPU run,
+    so that a user who expects GPU speed learns at once why it will not happen.
+    """
+    choice = str(requested).strip().lower()
+    if choice not in DEVICE_CHOICES:
+        raise UniFuseError(f"unknown device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UniFuseError(
+            "CUDA was requested but this torch build or machine has no usable CUDA GPU "
+            f"(torch {torch.__version__}); use --device auto or cpu"
+        )
+    return torch.device(choice)

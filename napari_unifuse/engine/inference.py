@@ -1,0 +1,364 @@
+"""FusionEngine: one trained UniFuse applied to a (reference, moving) pair, with no GUI in sight.
+
+The pipeline, stage by stage (each reported through ``progress`` and preceded by a cancel check):
+
+1. ``validate``  refuse inputs the model cannot use, with a message naming the image.
+2. ``normalise`` map each image to [0, 1] (``io.normalize_intensity``; the mapping is recorded).
+   An RGB PET/SPECT image gives its luma Y to the model; its chroma CbCr is carried along.
+3. ``resample``  put the moving image on the reference grid in physical space
+   (``io.resample_to_reference``), so the network only predicts the residual misalignment.
+4. ``fuse``      pad to the model's size multiple, run it over blended tiles, crop back.
+5. ``compose``   warp the carried chroma with the predicted field, recombine RGB, map the restored
+   moving image back to its own intensity units.
+
+Nothing here writes files: ``engine.outputs.write_fusion_outputs`` does, after a run succeeded,
+so a cancelled or failed run leaves the disk untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore_progress
+from napari_unifuse.engine.provenance import (
+    StageTimer,
+    describe_source,
+    sha256_of_path,
+    software_versions,
+    utc_timestamp,
+)
+from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.engine.tiling import TilePrediction, predict_tiled, tile_layout
+from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
+from napari_unifuse.model.checkpoint import load_checkpoint, resolve_checkpoint
+from napari_unifuse.model.scan import scan_backend
+from napari_unifuse.model.warp import warp
+
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Cb and Cr are stored offset by 0.5 (neutral grey); shifting them to 0 before resampling and
+# warping makes the zero fill outside the moving image's field of view colourless.
+_CHROMA_NEUTRAL = 0.5
+
+
+@dataclasses.dataclass
+class _PreparedImage:
+    """A model-ready channel on the reference grid plus what is needed to undo the preparation."""
+
+    luma: ImageVolume  # float32 [0, 1], the model's input
+    mapping: IntensityMapping
+    chroma: np.ndarray | None  # (2, *spatial) Cb, Cr minus 0.5, for RGB inputs
+    dtype: np.dtype
+
+
+def fallback_plan(
+    device: torch.device, padded_shape: tuple[int, ...], tile_size: int | None, size_multiple: int
+) -> list[tuple[torch.device, int | None]]:
+    """The (device, tile size) attempts made in turn while inference runs out of memory.
+
+    First the requested tile size; then half of it again and again down to one size multiple; on
+    CUDA, finally the CPU with the requested tile size (slow, but host memory is usually larger).
+    """
+    attempts: list[tuple[torch.device, int | None]] = [(device, tile_size)]
+    side = max(padded_shape) if tile_size is None else tile_size
+    while side > size_multiple:
+        side = max(size_multiple, side // 2)
+        attempts.append((device, side))
+    if device.type == "cuda":
+        attempts.append((torch.device("cpu"), tile_size))
+    return attempts
+
+
+class FusionEngine:
+    """A loaded model ready to fuse pairs; load once, call :meth:`run_fusion` per pair.
+
+    ``model_or_checkpoint`` is a ``UniFuse`` module (anything with ``.config`` and the same
+    ``forward(moving, reference)``) or a checkpoint name/path for ``model.checkpoint``.
+    ``tile_size`` (voxels per side) splits large inputs into blended tiles; ``None`` runs the
+    whole (padded) input in one pass.
+    """
+
+    def __init__(
+        self,
+        model_or_checkpoint: nn.Module | str | Path,
+        device: str = "auto",
+        tile_size: int | None = None,
+        checkpoint_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        if isinstance(model_or_checkpoint, nn.Module):
+            self.model = model_or_checkpoint
+            self.checkpoint_info = dict(checkpoint_info or {"name": None, "note": "model passed in memory"})
+        else:
+            path = resolve_checkpoint(model_or_checkpoint)
+            self.model, metadata = load_checkpoint(path, map_location="cpu")
+            metadata.pop("config", None)  # recorded once, as model_config
+            self.checkpoint_info = {
+                "name": str(model_or_checkpoint), "path": str(path.resolve()),
+                "sha256": sha256_of_path(path), "metadata": metadata, **(checkpoint_info or {}),
+            }
+        self.model.eval().to(self.device)
+        self.config = self.model.config
+        self.tile_size = tile_size
+
+    @property
+    def checkpoint_name(self) -> str:
+        return str(self.checkpoint_info.get("name") or "the in-memory model")
+
+    def run_fusion(
+        self,
+        reference: ImageVolume,
+        moving: ImageVolume,
+        *,
+        reference_modality: str = "auto",
+        moving_modality: str = "auto",
+        progress: ProgressCallback = ignore_progress,
+        cancel: CancelToken | None = None,
+    ) -> FusionResult:
+        """Align, restore and fuse ``moving`` onto ``reference``; see the module docstring."""
+        cancel = cancel or CancelToken()
+        timer = StageTimer()
+        warnings: list[str] = []
+
+        @contextmanager
+        def stage(name: str):
+            cancel.raise_if_cancelled()
+            progress(name, 0, 1)
+            with timer.stage(name):
+                yield
+            progress(name, 1, 1)
+
+        with torch.inference_mode():
+            with stage("validate"):
+                self._validate(reference, moving)
+            with stage("normalise"):
+                reference_ready = _prepare(reference, reference_modality)
+                moving_ready = _prepare(moving, moving_modality)
+            with stage("resample"):
+                moving_ready = _onto_reference_grid(moving_ready, reference)
+            cancel.raise_if_cancelled()
+            with timer.stage("fuse"):
+                prediction, run_info = self._predict(
+                    moving_ready.luma.array, reference_ready.luma.array, progress, cancel, warnings
+                )
+            with stage("compose"):
+                result = self._compose(reference, moving, reference_ready, moving_ready, prediction)
+
+        warnings.extend(_input_warnings(reference, moving))
+        result.warnings = warnings
+        result.provenance = {
+            "created": utc_timestamp(),
+            "inputs": {
+                "reference": {**describe_source(reference.source), "shape": list(reference.array.shape),
+                              "geometry": reference.geometry.to_dict(), "rgb": reference.is_rgb},
+                "moving": {**describe_source(moving.source), "shape": list(moving.array.shape),
+                           "geometry": moving.geometry.to_dict(), "rgb": moving.is_rgb},
+            },
+            "checkpoint": _json_safe(self.checkpoint_info),
+            "model_config": self.config.to_dict(),
+            "requested_device": str(self.device),
+            **run_info,
+            "versions": software_versions(),
+            "timings_s": timer.seconds,
+            "intensity_mappings": {"reference": reference_ready.mapping.to_dict(),
+                                   "moving": moving_ready.mapping.to_dict()},
+            "outputs": {
+                "fused": "float32 in [0, 1] (8-bit for PNG), reference geometry",
+                "aligned": "restored moving image resampled and warped onto the reference, moving intensity units",
+                "displacement": "ITK displacement field (LPS mm) on the reference grid, moving -> reference",
+            },
+            "warnings": warnings,
+        }
+        return result
+
+    # ---- stages --------------------------------------------------------------------------------
+    def _validate(self, reference: ImageVolume, moving: ImageVolume) -> None:
+        # 4D and other dimensionalities cannot reach here: ImageVolume's Geometry is 2D or 3D.
+        for role, image in (("reference", reference), ("moving", moving)):
+            source = image.source or f"the {role} image"
+            if image.array.size == 0:
+                raise InputError(f"the {role} image is empty (shape {image.array.shape})", source)
+            if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).any():
+                raise InputError(f"every voxel of the {role} image is NaN or infinite", source)
+        if reference.ndim != moving.ndim:
+            raise InputError(
+                f"the reference is {_describe_dims(reference)} but the moving image is "
+                f"{_describe_dims(moving)}; both must be 2D or both 3D", moving.source or "moving image")
+        if self.config.spatial_dims != reference.ndim:
+            raise InputError(
+                f"{self.checkpoint_name} is a {self.config.spatial_dims}D model but the images are "
+                f"{reference.ndim}D; pass a {reference.ndim}D checkpoint (--checkpoint)", self.checkpoint_name)
+
+    def _predict(
+        self,
+        moving: np.ndarray,
+        reference: np.ndarray,
+        progress: ProgressCallback,
+        cancel: CancelToken,
+        warnings: list[str],
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Padded, tiled forward passes with the out-of-memory fallback; returns cropped arrays."""
+        multiple = self.config.size_multiple
+        spatial = moving.shape
+        padding = [(0, -side % multiple) for side in spatial]
+        # Zero padding: after normalisation 0 is background, what the model saw around anatomy.
+        pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
+        padded_shape = tuple(pair.shape[1:])
+        attempts = fallback_plan(self.device, padded_shape, self.tile_size, multiple)
+        for attempt, (device, tile_size) in enumerate(attempts):
+            tile_shape, overlap = tile_layout(padded_shape, tile_size, multiple)
+            try:
+                self.model.to(device)
+                blended = predict_tiled(
+                    self._tile_predictor(device), pair, tile_shape, overlap,
+                    progress=progress, cancel=cancel, stage="fuse",
+                )
+                break
+            except torch.OutOfMemoryError:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if attempt + 1 == len(attempts):
+                    raise UniFuseError(
+                        f"out of memory even with {tile_shape} tiles on {device}; "
+                        "free memory or use a smaller --tile-size") from None
+                next_device, next_size = attempts[attempt + 1]
+                warnings.append(
+                    f"out of memory on {device} with tiles of {tile_shape}; retrying with "
+                    f"tile size {next_size or 'whole input'} on {next_device}")
+        self.model.to(self.device)
+        crop = (slice(None), *(slice(0, side) for side in spatial))
+        dense = blended.dense[crop].numpy()
+        ndim = len(spatial)
+        return (
+            {
+                "fused": np.clip(dense[0], 0.0, 1.0),
+                "restored": np.clip(dense[1], 0.0, 1.0),
+                "displacement": np.ascontiguousarray(dense[2 : 2 + ndim], dtype=np.float32),
+                "class_probs": blended.per_tile.numpy(),
+                "slice_class_probs": blended.per_slice[: spatial[0] if ndim == 3 else 1].numpy(),
+            },
+            {
+                "device": str(device),
+                "scan_backend": scan_backend(device),
+                "tile_shape": list(tile_shape),
+                "tile_overlap": list(overlap),
+                "tile_count": blended.tile_count,
+            },
+        )
+
+    def _tile_predictor(self, device: torch.device):
+        spatial_dims = self.config.spatial_dims
+
+        def predict(tile: torch.Tensor) -> TilePrediction:
+            batch = tile[None].to(device)
+            output = self.model(batch[:, 0:1], batch[:, 1:2])
+            slab_probs = output.slice_class_probs[0]  # (S, Ñ): S slabs along z (3D), S = 1 (2D)
+            if spatial_dims == 3:
+                # Every z slice of the tile takes the probabilities of the slab that contains it.
+                depth = tile.shape[1]
+                slab_of_slice = torch.arange(depth, device=slab_probs.device) * slab_probs.shape[0] // depth
+                slab_probs = slab_probs[slab_of_slice]
+            dense = torch.cat([output.fused[0], output.restored[0], output.displacement[0]])
+            return TilePrediction(dense=dense, per_slice=slab_probs, per_tile=output.class_probs[0])
+
+        return predict
+
+    def _compose(
+        self,
+        reference: ImageVolume,
+        moving: ImageVolume,
+        reference_ready: _PreparedImage,
+        moving_ready: _PreparedImage,
+        prediction: dict[str, np.ndarray],
+    ) -> FusionResult:
+        geometry = reference.geometry
+        fused, restored, u = prediction["fused"], prediction["restored"], prediction["displacement"]
+        moving_chroma = None
+        if moving_ready.chroma is not None:
+            # The chroma follows the luma: warp it with the same predicted field.
+            moving_chroma = warp(torch.from_numpy(moving_ready.chroma)[None], torch.from_numpy(u)[None])[0].numpy()
+        carried_chroma = moving_chroma if moving_chroma is not None else reference_ready.chroma
+        if carried_chroma is not None:
+            fused = _recombine_rgb(fused, carried_chroma)
+        if moving_chroma is not None:
+            aligned = _recombine_rgb(restored, moving_chroma)
+        else:
+            aligned = _to_dtype(moving_ready.mapping.inverse(restored), moving_ready.dtype)
+        is_raster = any(str(image.source or "").lower().endswith(RASTER_SUFFIXES) for image in (reference, moving))
+        extension = "png" if reference.ndim == 2 and (is_raster or carried_chroma is not None) else "nii.gz"
+        probs = prediction["class_probs"]
+        return FusionResult(
+            fused=ImageVolume(fused.astype(np.float32), geometry, {"role": "fused"}, None, carried_chroma is not None),
+            aligned=ImageVolume(aligned, geometry, {"role": "aligned"}, None, moving_chroma is not None),
+            displacement=u,
+            class_names=DEGRADATION_CLASSES,
+            class_probs={name: float(p) for name, p in zip(DEGRADATION_CLASSES, probs)},
+            slice_class_probs=prediction["slice_class_probs"],
+            output_extension=extension,
+        )
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _prepare(image: ImageVolume, modality: str) -> _PreparedImage:
+    """The model's [0, 1] input: normalised grey values, or the luma of an RGB image."""
+    if not image.is_rgb:
+        normalised, mapping = normalize_intensity(image, modality)
+        return _PreparedImage(normalised, mapping, None, image.array.dtype)
+    ycbcr = rgb_to_ycbcr(image.array)
+    luma = dataclasses.replace(image, array=ycbcr[..., 0], is_rgb=False)
+    mapping = IntensityMapping("luma", "rgb", 0.0, 1.0, reason="BT.601 luma of an RGB image, already in [0, 1]")
+    chroma = np.moveaxis(ycbcr[..., 1:], -1, 0) - _CHROMA_NEUTRAL
+    return _PreparedImage(luma, mapping, chroma, image.array.dtype)
+
+
+def _onto_reference_grid(moving: _PreparedImage, reference: ImageVolume) -> _PreparedImage:
+    luma = resample_to_reference(moving.luma, reference)
+    chroma = None
+    if moving.chroma is not None:
+        chroma = np.stack([
+            resample_to_reference(dataclasses.replace(moving.luma, array=channel), reference).array
+            for channel in moving.chroma
+        ]).astype(np.float32)
+    return dataclasses.replace(moving, luma=dataclasses.replace(luma, array=np.clip(luma.array, 0, 1)), chroma=chroma)
+
+
+def _recombine_rgb(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    ycbcr = np.stack([luma, *(chroma + _CHROMA_NEUTRAL)], axis=-1)
+    return ycbcr_to_rgb(ycbcr)
+
+
+def _to_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Back to the input's pixel type, so an 8-bit PNG or int16 CT comes out as it went in."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.round(array), info.min, info.max).astype(dtype)
+    return array.astype(np.float32)
+
+
+def _describe_dims(image: ImageVolume) -> str:
+    return f"an RGB {image.ndim}D image" if image.is_rgb else f"{image.ndim}D (shape {image.array.shape})"
+
+
+def _input_warnings(*images: ImageVolume) -> list[str]:
+    return [f"{image.source}: {warning}" for image in images for warning in image.metadata.get("warnings", [])]
+
+
+def _json_safe(values: Any) -> Any:
+    """Checkpoint metadata as JSON: paths and other objects become strings."""
+    if isinstance(values, dict):
+        return {str(key): _json_safe(value) for key, value in values.items()}
+    if isinstance(values, (list, tuple)):
+        return [_json_safe(value) for value in values]
+    if values is None or isinstance(values, (bool, int, float, str)):
+        return values
+    return str(values)

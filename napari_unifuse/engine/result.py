@@ -1,0 +1,48 @@
+"""The outcome of one fusion: images on the reference grid, the field, the degradation estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from napari_unifuse.io import ImageVolume
+
+
+@dataclass
+class FusionResult:
+    """Everything ``run_fusion`` produced, all on the reference's grid and geometry.
+
+    ``fused``: the fused image (float32 in [0, 1]; RGB when an input was RGB).
+    ``aligned``: the restored moving image warped onto the reference, in the moving image's own
+    intensity units (RGB when the moving image was RGB).
+    ``displacement``: ``u`` of shape ``(ndim, *spatial)`` in reference voxels; sampling the
+    (resampled) moving image at ``x + u(x)`` aligns it to the reference.
+    ``class_probs``: degradation class name → probability for the whole input.
+    ``slice_class_probs``: ``(S, Ñ)``, one row per slice along z (3D) or a single row (2D), columns
+    in the order of ``class_names``.
+    ``output_extension``: ``"png"`` for raster-image inputs, else ``"nii.gz"``.
+    """
+
+    fused: ImageVolume
+    aligned: ImageVolume
+    displacement: np.ndarray
+    class_names: tuple[str, ...]
+    class_probs: dict[str, float]
+    slice_class_probs: np.ndarray
+    output_extension: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def degradation_report(self) -> dict[str, Any]:
+        """The JSON-ready degradation estimate: global and per-slice probabilities with names."""
+        return {
+            "classes": list(self.class_names),
+            "global": {name: float(p) for name, p in self.class_probs.items()},
+            "predicted": max(self.class_probs, key=self.class_probs.get),
+            "per_slice": {
+                "axis": "z" if self.fused.ndim == 3 else None,
+                "probabilities": np.asarray(self.slice_class_probs, dtype=float).round(6).tolist(),
+            },
+        }

@@ -1,0 +1,131 @@
+"""Overlapping-tile inference with smooth blending, for inputs larger than one forward pass.
+
+TorchIO's :class:`~torchio.GridSampler` places the tiles (all of one size, the last one along an
+axis shifted back to end at the border) and its :class:`~torchio.GridAggregator` in ``hann`` mode
+blends them: every voxel is the Hann-weighted mean of the tiles covering it, with weights that are
+small but never zero at a tile's edge, so a per-voxel function is reproduced exactly and a network's
+tile-border artefacts fade out instead of leaving seams.
+
+TorchIO works on 3D tensors; a 2D image travels as a ``(C, y, x, 1)`` volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchio
+
+from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore_progress
+from napari_unifuse.errors import InputError
+
+
+@dataclass(frozen=True)
+class TilePrediction:
+    """What one tile's forward pass yields.
+
+    ``dense``: ``(K, *tile_shape)`` maps blended voxel-wise (fused, restored, displacement, ...).
+    ``per_slice``: ``(n, M)`` values per slice along axis 0 of the tile (3D: ``n = tile_shape[0]``;
+    2D: ``n = 1``, the image is one slice), averaged over the tiles that cover each slice.
+    ``per_tile``: ``(M,)`` a value for the whole tile, averaged over all tiles.
+    """
+
+    dense: torch.Tensor
+    per_slice: torch.Tensor
+    per_tile: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BlendedPrediction:
+    dense: torch.Tensor  # (K, *spatial)
+    per_slice: torch.Tensor  # (spatial[0] for 3D, 1 for 2D, M)
+    per_tile: torch.Tensor  # (M,)
+    tile_count: int
+
+
+TilePredictor = Callable[[torch.Tensor], TilePrediction]
+
+
+def tile_layout(
+    spatial_shape: tuple[int, ...], tile_size: int | None, size_multiple: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Tile shape and overlap for a volume already padded to ``size_multiple``.
+
+    Each tile side is ``tile_size`` rounded down to the model's size multiple and clipped to the
+    volume; ``None`` means one tile covering everything. Neighbouring tiles overlap by a quarter of
+    a tile (an even number, as the grid sampler needs), enough for the blending to hide seams.
+    """
+    if any(side % size_multiple for side in spatial_shape):
+        raise ValueError(f"shape {spatial_shape} is not padded to a multiple of {size_multiple}")
+    if tile_size is None:
+        return tuple(spatial_shape), (0,) * len(spatial_shape)
+    if tile_size < size_multiple:
+        raise InputError(
+            f"tile size {tile_size} is smaller than the model's size multiple {size_multiple}",
+            "--tile-size",
+        )
+    side = tile_size - tile_size % size_multiple
+    tile_shape = tuple(min(side, extent) for extent in spatial_shape)
+    overlap = tuple(0 if tile == extent else 2 * (tile // 8) for tile, extent in zip(tile_shape, spatial_shape))
+    return tile_shape, overlap
+
+
+def predict_tiled(
+    predict: TilePredictor,
+    image: torch.Tensor,
+    tile_shape: tuple[int, ...],
+    overlap: tuple[int, ...],
+    *,
+    progress: ProgressCallback = ignore_progress,
+    cancel: CancelToken | None = None,
+    stage: str = "fuse",
+) -> BlendedPrediction:
+    """Run ``predict`` on overlapping tiles of ``image`` ``(C, *spatial)`` and blend the results.
+
+    Reports ``progress(stage, done, total)`` after every tile and checks ``cancel`` before each one,
+    so a cancelled run stops within one tile.
+    """
+    spatial_dims = image.ndim - 1
+    if spatial_dims not in (2, 3) or len(tile_shape) != spatial_dims or len(overlap) != spatial_dims:
+        raise ValueError(f"image {tuple(image.shape)} does not match tile shape {tile_shape}")
+    as_3d = (lambda t: t.unsqueeze(-1)) if spatial_dims == 2 else (lambda t: t)
+    from_3d = (lambda t: t.squeeze(-1)) if spatial_dims == 2 else (lambda t: t)
+    padding = (1,) if spatial_dims == 2 else ()
+    no_overlap = (0,) if spatial_dims == 2 else ()
+
+    # An identity affine is enough: tiles are located by index, never by world position.
+    subject = torchio.Subject(image=torchio.ScalarImage(tensor=as_3d(image.detach().cpu())))
+    sampler = torchio.GridSampler(subject, tuple(tile_shape) + padding, tuple(overlap) + no_overlap)
+    aggregator = torchio.GridAggregator(sampler, overlap_mode="hann")
+    slice_count = image.shape[1] if spatial_dims == 3 else 1
+    slice_sum: torch.Tensor | None = None
+    slice_hits = torch.zeros(slice_count, 1)
+    tile_sum: torch.Tensor | None = None
+
+    total = len(sampler)
+    progress(stage, 0, total)
+    for index in range(total):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        patch = sampler[index]
+        location = patch[torchio.LOCATION]
+        prediction = predict(from_3d(patch["image"].data))
+        aggregator.add_batch(as_3d(prediction.dense.detach().float().cpu())[None], location[None])
+        slice_rows = slice(int(location[0]), int(location[3])) if spatial_dims == 3 else slice(0, 1)
+        per_slice = prediction.per_slice.detach().float().cpu()
+        per_tile = prediction.per_tile.detach().float().cpu()
+        if slice_sum is None:
+            slice_sum = torch.zeros(slice_count, per_slice.shape[-1])
+            tile_sum = torch.zeros_like(per_tile)
+        slice_sum[slice_rows] += per_slice
+        slice_hits[slice_rows] += 1
+        tile_sum += per_tile
+        progress(stage, index + 1, total)
+
+    return BlendedPrediction(
+        dense=from_3d(aggregator.get_output_tensor()),
+        per_slice=slice_sum / slice_hits,
+        per_tile=tile_sum / total,
+        tile_count=total,
+    )

@@ -1,0 +1,226 @@
+"""ImageVolume and Geometry: an array plus where its voxels sit in the world.
+
+Conventions (docs/architecture.md): arrays are in array-axis order ``(z, y, x)`` / ``(y, x)``;
+world points are LPS millimetres (ITK's frame) with components listed in that same array-axis
+order, i.e. ITK's ``(x, y, z)`` reversed. Every conversion to or from ITK (SimpleITK) and NIfTI
+(nibabel, RAS) therefore reverses the axes, and NIfTI additionally flips the signs of x and y.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from napari_unifuse.errors import InputError
+
+# NIfTI's world is RAS, ITK's is LPS: the two differ by the sign of their first two axes.
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _reverse_axes(matrix: np.ndarray) -> np.ndarray:
+    """Swap between array-axis order and ITK order in a homogeneous matrix (both index and world)."""
+    n = matrix.shape[0] - 1
+    order = [*range(n - 1, -1, -1), n]
+    return matrix[np.ix_(order, order)]
+
+
+def _readonly(values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    array = np.array(values, dtype=np.float64).reshape(shape)
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Voxel grid in world space, all in array-axis order.
+
+    ``spacing[k]`` is the voxel size (mm) along array axis ``k``; ``direction[:, k]`` is the unit
+    world vector of array axis ``k``; ``origin`` is the world position of index ``(0, ..., 0)``.
+    """
+
+    spacing: np.ndarray
+    origin: np.ndarray
+    direction: np.ndarray
+
+    def __post_init__(self) -> None:
+        ndim = np.size(self.spacing)
+        if ndim not in (2, 3):
+            raise InputError(f"geometry must be 2D or 3D, got {ndim} spatial dimensions")
+        spacing = _readonly(self.spacing, (ndim,))
+        origin = _readonly(self.origin, (ndim,))
+        direction = _readonly(self.direction, (ndim, ndim))
+        if not (np.all(np.isfinite(spacing)) and np.all(np.isfinite(origin)) and np.all(np.isfinite(direction))):
+            raise InputError("the geometry (affine) holds non-finite values (NaN or infinity)")
+        if np.any(spacing <= 0):
+            raise InputError(f"voxel spacing must be positive, got {spacing.tolist()}")
+        if abs(np.linalg.det(direction)) < 1e-6:
+            raise InputError("the direction matrix is singular: the axes do not span space")
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "direction", direction)
+
+    # ---- constructors -------------------------------------------------------------------
+    @classmethod
+    def identity(cls, ndim: int) -> Geometry:
+        """Unit spacing, origin 0, axes aligned with the world (e.g. a PNG image)."""
+        return cls(np.ones(ndim), np.zeros(ndim), np.eye(ndim))
+
+    @classmethod
+    def from_index_to_world(cls, matrix: np.ndarray) -> Geometry:
+        """From a homogeneous ``(ndim+1)²`` index→world matrix (array-axis order)."""
+        matrix = np.asarray(matrix, dtype=np.float64)
+        if not np.all(np.isfinite(matrix)):
+            raise InputError("the affine holds non-finite values (NaN or infinity)")
+        n = matrix.shape[0] - 1
+        linear = matrix[:n, :n]
+        spacing = np.linalg.norm(linear, axis=0)
+        if np.any(spacing == 0):
+            raise InputError("the affine maps an array axis to a zero-length vector")
+        return cls(spacing, matrix[:n, n], linear / spacing)
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Geometry:
+        n = image.GetDimension()
+        return cls(
+            np.array(image.GetSpacing())[::-1],
+            np.array(image.GetOrigin())[::-1],
+            np.array(image.GetDirection()).reshape(n, n)[::-1, ::-1],
+        )
+
+    @classmethod
+    def from_ras_affine(cls, affine: np.ndarray, ndim: int = 3) -> Geometry:
+        """From a NIfTI (nibabel) 4×4 affine taking voxel ``(i, j, k)`` to RAS mm.
+
+        nibabel's ``(i, j, k)`` is ITK's index order, so after RAS→LPS the matrix is ITK's
+        index→physical matrix; a 2D image keeps its in-plane block.
+        """
+        affine = np.asarray(affine, dtype=np.float64)
+        if not np.all(np.isfinite(affine)):
+            raise InputError("the affine holds non-finite values (NaN or infinity)")
+        lps = _RAS_FROM_LPS @ affine
+        keep = [*range(ndim), 3]
+        return cls.from_index_to_world(_reverse_axes(lps[np.ix_(keep, keep)]))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Geometry:
+        return cls(values["spacing"], values["origin"], values["direction"])
+
+    # ---- views ----------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return self.spacing.size
+
+    @property
+    def index_to_world(self) -> np.ndarray:
+        """Homogeneous matrix: array index (array-axis order) → LPS mm (array-axis order)."""
+        matrix = np.eye(self.ndim + 1)
+        matrix[: self.ndim, : self.ndim] = self.direction * self.spacing
+        matrix[: self.ndim, self.ndim] = self.origin
+        return matrix
+
+    @property
+    def itk_spacing(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.spacing[::-1])
+
+    @property
+    def itk_origin(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.origin[::-1])
+
+    @property
+    def itk_direction(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.direction[::-1, ::-1].ravel())
+
+    def to_sitk(self, image: sitk.Image) -> sitk.Image:
+        """Stamp this geometry onto a SimpleITK image (in place) and return it."""
+        image.SetSpacing(self.itk_spacing)
+        image.SetOrigin(self.itk_origin)
+        image.SetDirection(self.itk_direction)
+        return image
+
+    def to_ras_affine(self) -> np.ndarray:
+        """The NIfTI 4×4 affine (voxel ``(i, j, k)`` → RAS mm); a 2D grid sits in the z=0 plane."""
+        itk = _reverse_axes(self.index_to_world)
+        lps = np.eye(4)
+        keep = [*range(self.ndim), 3]
+        lps[np.ix_(keep, keep)] = itk
+        return _RAS_FROM_LPS @ lps
+
+    def napari_kwargs(self) -> dict[str, np.ndarray]:
+        """``scale``/``translate`` (plus ``affine`` for rotated or flipped axes) for a napari layer.
+
+        napari maps data to world as ``affine @ (scale * index + translate)``; an axis-aligned grid
+        needs only scale and translate, anything else carries direction and origin in ``affine``
+        so that the layer's world coordinates are exactly ``index_to_world``.
+        """
+        if np.allclose(self.direction, np.eye(self.ndim), rtol=0, atol=1e-12):
+            return {"scale": self.spacing.copy(), "translate": self.origin.copy()}
+        affine = np.eye(self.ndim + 1)
+        affine[: self.ndim, : self.ndim] = self.direction
+        affine[: self.ndim, self.ndim] = self.origin
+        return {"scale": self.spacing.copy(), "translate": np.zeros(self.ndim), "affine": affine}
+
+    def to_dict(self) -> dict[str, list]:
+        """Plain lists, for JSON provenance and napari layer metadata."""
+        return {
+            "spacing": self.spacing.tolist(),
+            "origin": self.origin.tolist(),
+            "direction": self.direction.tolist(),
+        }
+
+    def allclose(self, other: Geometry, atol: float = 1e-6) -> bool:
+        return self.ndim == other.ndim and np.allclose(
+            self.index_to_world, other.index_to_world, rtol=0, atol=atol
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Geometry(spacing={self.spacing.tolist()}, origin={self.origin.tolist()}, "
+            f"direction={self.direction.tolist()})"
+        )
+
+
+@dataclass
+class ImageVolume:
+    """An image array with its geometry, header metadata and the file it came from.
+
+    ``array`` is ``(z, y, x)``, ``(y, x)`` or, for RGB, ``(y, x, 3)``. ``source`` is kept so that
+    writers can refuse to overwrite the input file.
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    is_rgb: bool = False
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.is_rgb and (self.array.ndim != 3 or self.array.shape[-1] != 3):
+            raise InputError(f"an RGB image must have shape (y, x, 3), got {self.array.shape}", self.source)
+        if self.geometry.ndim != self.ndim:
+            raise InputError(
+                f"geometry is {self.geometry.ndim}D but the array has {self.ndim} spatial axes "
+                f"(shape {self.array.shape})",
+                self.source,
+            )
+
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensions (the colour axis of an RGB image does not count)."""
+        return self.array.ndim - 1 if self.is_rgb else self.array.ndim
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.array.shape[: self.ndim]
+
+    def to_sitk(self) -> sitk.Image:
+        """A SimpleITK image with this array and geometry (RGB becomes a 3-component vector image)."""
+        array = self.array
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8)
+        elif array.dtype == np.float16:
+            array = array.astype(np.float32)
+        return self.geometry.to_sitk(sitk.GetImageFromArray(array, isVector=self.is_rgb))

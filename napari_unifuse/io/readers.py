@@ -1,0 +1,264 @@
+"""read_image: NIfTI (nibabel), NRRD/MHA/MHD and DICOM series (SimpleITK), PNG/JPG (Pillow).
+
+Every reader returns an ImageVolume whose geometry follows docs/architecture.md (LPS mm, array
+axis order); every failure becomes an InputError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.io.image import Geometry, ImageVolume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm",)
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES + PILLOW_SUFFIXES
+
+# DICOM tags worth keeping (names are ours); patient identifiers are left out on purpose.
+_DICOM_TAGS = {
+    "0008|0060": "Modality",
+    "0008|103e": "SeriesDescription",
+    "0020|000e": "SeriesInstanceUID",
+    "0008|0070": "Manufacturer",
+    "0018|0050": "SliceThickness",
+    "0028|1052": "RescaleIntercept",
+    "0028|1053": "RescaleSlope",
+}
+# DICOM Modality codes → the modality names io.normalize understands.
+_DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet", "NM": "spect"}
+
+
+def file_format(path: str | os.PathLike) -> str | None:
+    """"nifti" | "itk" | "dicom" | "pillow" from the name (a folder means a DICOM series), else None."""
+    path = Path(path)
+    if path.is_dir():
+        return "dicom"
+    name = path.name.lower()
+    for fmt, suffixes in (
+        ("nifti", NIFTI_SUFFIXES),
+        ("itk", ITK_SUFFIXES),
+        ("dicom", DICOM_SUFFIXES),
+        ("pillow", PILLOW_SUFFIXES),
+    ):
+        if name.endswith(suffixes):
+            return fmt
+    return None
+
+
+def dicom_series_ids(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The DICOM series UIDs GDCM finds in ``folder`` (empty when there are none)."""
+    # GDCM prints a console warning for folders without DICOM; that is an answer, not a problem.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume:
+    """Read a 2D/3D image with its geometry; ``frame`` picks one volume of a 4D file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", path)
+    fmt = file_format(path)
+    if fmt is None:
+        raise InputError(
+            f"unknown file type {''.join(path.suffixes) or '(no extension)'!r}; "
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)} or a DICOM series folder",
+            path,
+        )
+    try:
+        array, geometry, metadata, is_rgb = _READERS[fmt](path, frame)
+        _refuse_empty(array, path)
+    except InputError as error:
+        # Geometry validation knows the problem but not the file.
+        raise InputError(error.problem, path) from error
+    metadata["format"] = fmt
+    return ImageVolume(_finite_array(array, metadata, path), geometry, metadata, str(path), is_rgb)
+
+
+def _finite_array(array: np.ndarray, metadata: dict[str, Any], path: Path) -> np.ndarray:
+    """Refuse all-NaN data; zero out isolated NaN/inf and say so in the metadata."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    finite = np.isfinite(array)
+    if not finite.any():
+        raise InputError("every voxel is NaN or infinite: there is no image to use", path)
+    if not finite.all():
+        count = int(array.size - finite.sum())
+        metadata.setdefault("warnings", []).append(f"{count} NaN/infinite voxels were replaced by 0")
+        array = np.where(finite, array, 0).astype(array.dtype)
+    return array
+
+
+def _refuse_empty(array: np.ndarray, path: Path) -> None:
+    if array.size == 0:
+        raise InputError(f"the image is empty (array shape {array.shape})", path)
+
+
+def _choose_frame(n_frames: int, frame: int | None, path: Path) -> int:
+    if n_frames == 1 and frame in (None, 0):
+        return 0
+    if frame is None:
+        raise InputError(
+            f"this is a 4D file with {n_frames} frames (volumes); choose one with "
+            f"read_image(path, frame=k) for k in 0..{n_frames - 1}",
+            path,
+        )
+    if not 0 <= frame < n_frames:
+        raise InputError(f"frame {frame} does not exist: the file has frames 0..{n_frames - 1}", path)
+    return frame
+
+
+def _refuse_frame_for_single_volume(frame: int | None, path: Path) -> None:
+    if frame is not None:
+        raise InputError(f"frame={frame} was given but the file holds a single volume, not a 4D series", path)
+
+
+def _failure(path: Path, what: str, error: Exception) -> InputError:
+    # ITK messages span several lines of C++ context; the last non-empty line says what went wrong.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(error).__name__
+    return InputError(f"cannot be read as {what} (corrupt, truncated or not this format): {detail}", path)
+
+
+# ---- NIfTI --------------------------------------------------------------------------------
+def _read_nifti(path: Path, frame: int | None):
+    try:
+        image = nib.load(path)
+        # dataobj applies scl_slope/scl_inter and keeps integer types when there is no scaling.
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        raise _failure(path, "NIfTI", error) from error
+    _refuse_empty(data, path)  # before the geometry: nibabel drops the axes after a zero-length one
+    if data.ndim > 4:
+        raise InputError(
+            f"{data.ndim}D NIfTI (shape {data.shape}) holds vectors or tensors per voxel; "
+            "read displacement fields with napari_unifuse.io.fields.read_displacement",
+            path,
+        )
+    metadata: dict[str, Any] = {}
+    if data.ndim == 4:
+        metadata["frame"] = _choose_frame(data.shape[3], frame, path)
+        data = data[..., metadata["frame"]]
+    else:
+        _refuse_frame_for_single_volume(frame, path)
+    geometry = Geometry.from_ras_affine(image.affine, ndim=data.ndim)
+    header = image.header
+    metadata["nifti_affine"] = image.affine.tolist()
+    metadata["header"] = {key: _plain(header[key]) for key in header.keys()}
+    # nibabel's (i, j, k) is x-fastest: reversing the axes gives (z, y, x).
+    return np.ascontiguousarray(data.transpose()), geometry, metadata, False
+
+
+def _plain(value: Any) -> Any:
+    """Header values as JSON-friendly Python objects."""
+    value = np.asarray(value)
+    if value.dtype.kind == "S":
+        return value.tobytes().rstrip(b"\0").decode("latin-1")
+    return value.tolist()
+
+
+# ---- SimpleITK: NRRD / MetaImage / DICOM ----------------------------------------------------
+def _read_itk(path: Path, frame: int | None):
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise _failure(path, "an ITK image (NRRD/MetaImage)", error) from error
+    metadata = {"header": {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}}
+    return _from_sitk(image, frame, path, metadata)
+
+
+def _read_dicom(path: Path, frame: int | None):
+    folder = path if path.is_dir() else path.parent
+    series_ids = dicom_series_ids(folder)
+    if not series_ids:
+        raise InputError("no DICOM series found in this folder", folder)
+    files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    if path.is_dir():
+        if len(series_ids) > 1:
+            listing = "; ".join(f"{sid} ({len(files)} files)" for sid, files in files_by_series.items())
+            raise InputError(
+                f"the folder holds {len(series_ids)} DICOM series: {listing}. "
+                "Open one .dcm file of the series you want instead of the folder",
+                path,
+            )
+        series_id = series_ids[0]
+    else:
+        wanted = path.resolve()
+        matches = [sid for sid, files in files_by_series.items() if wanted in {Path(f).resolve() for f in files}]
+        if not matches:
+            raise InputError("not part of any readable DICOM series in its folder", path)
+        series_id = matches[0]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files_by_series[series_id])
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise _failure(path, "a DICOM series", error) from error
+    tags = {name: reader.GetMetaData(0, tag).strip() for tag, name in _DICOM_TAGS.items() if reader.HasMetaDataKey(0, tag)}
+    metadata: dict[str, Any] = {"header": tags, "dicom_files": len(files_by_series[series_id])}
+    if tags.get("Modality") in _DICOM_MODALITIES:
+        metadata["modality"] = _DICOM_MODALITIES[tags["Modality"]]
+    return _from_sitk(image, frame, path, metadata)
+
+
+def _from_sitk(image: sitk.Image, frame: int | None, path: Path, metadata: dict[str, Any]):
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        chosen = _choose_frame(size[3], frame, path)
+        # Extract with a zero-size 4th axis collapses it and keeps the 3D geometry.
+        image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, chosen])
+        metadata["frame"] = chosen
+    else:
+        _refuse_frame_for_single_volume(frame, path)
+    components = image.GetNumberOfComponentsPerPixel()
+    array = sitk.GetArrayFromImage(image)
+    is_rgb = False
+    if components > 1:
+        if image.GetDimension() != 2 or components not in (3, 4):
+            raise InputError(
+                f"holds {components}-component vectors per voxel; read_image needs a scalar image or "
+                "a 2D RGB image (displacement fields: napari_unifuse.io.fields.read_displacement)",
+                path,
+            )
+        array, is_rgb = array[..., :3], True  # drop alpha
+    return array, Geometry.from_sitk(image), metadata, is_rgb
+
+
+# ---- Pillow: PNG / JPG ----------------------------------------------------------------------
+def _read_pillow(path: Path, frame: int | None):
+    _refuse_frame_for_single_volume(frame, path)
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now so that a truncated file fails here
+            mode = image.mode
+            info = {key: value for key, value in image.info.items() if isinstance(value, (str, int, float))}
+            if mode in ("1", "LA", "La"):
+                image = image.convert("L")
+            elif mode not in ("L", "I", "F") and not mode.startswith("I;16"):
+                image = image.convert("RGB")  # palette, RGBA, CMYK, YCbCr: colour as RGB
+            array = np.asarray(image)
+    except Exception as error:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise _failure(path, "an image (PNG/JPG)", error) from error
+    is_rgb = array.ndim == 3
+    if is_rgb and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
+        # Grey pictures saved as RGB (common for exported slices) are grey images.
+        array, is_rgb = np.ascontiguousarray(array[..., 0]), False
+    metadata = {"header": info, "pillow_mode": mode}
+    return array, Geometry.identity(2), metadata, is_rgb
+
+
+_READERS = {"nifti": _read_nifti, "itk": _read_itk, "dicom": _read_dicom, "pillow": _read_pillow}

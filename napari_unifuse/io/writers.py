@@ -1,0 +1,89 @@
+"""write_image: NIfTI (nibabel), MHA/MHD/NRRD (SimpleITK) with exact geometry; PNG for 2D images."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.io.image import Geometry, ImageVolume
+from napari_unifuse.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES
+
+PNG_SUFFIXES = (".png",)
+WRITABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PNG_SUFFIXES
+# NIfTI xform code 1 = "scanner anatomical": the affine is the acquisition's world geometry.
+_NIFTI_SCANNER_CODE = 1
+
+
+def write_image(volume: ImageVolume, path: str | os.PathLike) -> Path:
+    """Write ``volume`` to ``path``; the format follows the extension. Returns the path written."""
+    path = Path(path)
+    if volume.source is not None and path.resolve() == Path(volume.source).resolve():
+        raise InputError(
+            "refusing to overwrite the file this image was read from; choose another output path", path
+        )
+    name = path.name.lower()
+    writer = next((w for suffixes, w in _WRITERS if name.endswith(suffixes)), None)
+    if writer is None:
+        raise InputError(
+            f"cannot write {''.join(path.suffixes) or '(no extension)'!r} files; "
+            f"use one of {', '.join(WRITABLE_SUFFIXES)}",
+            path,
+        )
+    if not path.parent.is_dir():
+        raise InputError(f"the folder {path.parent} does not exist", path)
+    writer(volume, path)
+    return path
+
+
+def _write_nifti(volume: ImageVolume, path: Path) -> None:
+    if volume.is_rgb:
+        raise InputError("RGB images are saved as PNG, MHA or NRRD, not NIfTI", path)
+    array = volume.array.astype(np.uint8) if volume.array.dtype == np.bool_ else volume.array
+    affine = volume.geometry.to_ras_affine()
+    # nibabel's axes are (x, y, z): reverse ours. "compat" narrows int64 (which NIfTI tools reject).
+    image = nib.Nifti1Image(array.transpose(), affine, dtype="compat")
+    header = volume.metadata.get("header", {}) if volume.metadata.get("format") == "nifti" else {}
+    # Keep the input's xform codes (e.g. 4 = MNI) and write both forms, so readers that prefer
+    # the qform (ITK does) get the same geometry as those preferring the sform.
+    image.set_sform(affine, code=int(header.get("sform_code") or _NIFTI_SCANNER_CODE))
+    image.set_qform(affine, code=int(header.get("qform_code") or _NIFTI_SCANNER_CODE))
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+
+
+def _write_itk(volume: ImageVolume, path: Path) -> None:
+    try:
+        sitk.WriteImage(volume.to_sitk(), str(path), useCompression=True)
+    except RuntimeError as error:
+        raise InputError(f"SimpleITK could not write the image: {str(error).strip().splitlines()[-1]}", path) from error
+
+
+def _write_png(volume: ImageVolume, path: Path) -> None:
+    if volume.ndim != 2:
+        raise InputError(f"PNG holds 2D images; this one is {volume.ndim}D (use .nii.gz or .mha)", path)
+    array = volume.array
+    if np.issubdtype(array.dtype, np.floating):
+        if array.min() < 0 or array.max() > 1:
+            raise InputError(
+                f"float intensities in [{array.min():g}, {array.max():g}] do not fit PNG; "
+                "normalise them to [0, 1] first (io.normalize_intensity)",
+                path,
+            )
+        array = np.round(array * 255).astype(np.uint8)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8 and not (array.dtype == np.uint16 and not volume.is_rgb):
+        raise InputError(f"PNG stores uint8 (or grey uint16) pixels, not {array.dtype}; normalise first", path)
+    if not volume.geometry.allclose(Geometry.identity(2)):
+        warnings.warn(f"{path}: PNG cannot store spacing, origin or direction; they are lost", stacklevel=3)
+    Image.fromarray(np.ascontiguousarray(array)).save(path)
+
+
+_WRITERS = ((NIFTI_SUFFIXES, _write_nifti), (ITK_SUFFIXES, _write_itk), (PNG_SUFFIXES, _write_png))

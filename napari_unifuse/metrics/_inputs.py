@@ -1,0 +1,107 @@
+"""Input checks, the 0–255 grey scale the fusion references use, and per-slice averaging."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+
+from napari_unifuse.errors import InputError
+
+# Float inputs whose values all lie in [0, 1] (the model's range) are read as unit-scale images.
+# A little float32 round-off above 1 must not flip an image to the 0–255 reading.
+_UNIT_SCALE_TOLERANCE = 1e-5
+
+
+def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1) -> list[np.ndarray]:
+    """Return the arrays as float64 after checking that they are finite, equally shaped 2D/3D images.
+
+    ``min_side`` is the smallest in-plane (last two axes) size the calling metric can work with.
+    """
+    checked = []
+    for name, array in zip(names, arrays, strict=True):
+        data = np.asarray(array)
+        if data.ndim not in (2, 3):
+            raise InputError(f"expected a 2D (y, x) image or a 3D (z, y, x) volume, got shape {data.shape}", name)
+        if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+            raise InputError(f"expected numeric intensities, got dtype {data.dtype}", name)
+        if data.size == 0:
+            raise InputError("the image is empty", name)
+        data = data.astype(np.float64)
+        if not np.isfinite(data).all():
+            raise InputError("the image contains NaN or infinite values", name)
+        if min(data.shape[-2:]) < min_side:
+            raise InputError(f"each slice must be at least {min_side}×{min_side} pixels, got {data.shape[-2:]}", name)
+        checked.append(data)
+    shapes = {data.shape for data in checked}
+    if len(shapes) > 1:
+        raise InputError(f"the images must have the same shape, got {', '.join(map(str, (a.shape for a in checked)))}")
+    return checked
+
+
+def to_grey_scale(names: tuple[str, ...], *arrays: object, min_side: int = 1) -> list[np.ndarray]:
+    """Bring images that share one intensity scale onto the 0–255 grey scale the references assume.
+
+    All arrays are judged together so that they keep one scale: if every value lies in [0, 1] (float
+    inputs, the model's range) they are multiplied by 255; if every value lies in [0, 255] they are
+    kept; anything else (negative values, CT in HU, 16-bit data) is an ``InputError``: normalise first.
+    """
+    checked = check_images(names, *arrays, min_side=min_side)
+    low = min(float(a.min()) for a in checked)
+    high = max(float(a.max()) for a in checked)
+    floating = all(np.issubdtype(np.asarray(a).dtype, np.floating) for a in arrays)
+    if floating and low >= 0.0 and high <= 1.0 + _UNIT_SCALE_TOLERANCE:
+        return [np.clip(a, 0.0, 1.0) * 255.0 for a in checked]
+    if low >= 0.0 and high <= 255.0:
+        return checked
+    raise InputError(
+        f"intensities span [{low:g}, {high:g}]; fusion metrics expect images in [0, 1] or on a 0–255 grey scale "
+        "(normalise the images first)",
+        ", ".join(names),
+    )
+
+
+def grey_levels(image: np.ndarray) -> np.ndarray:
+    """Round a 0–255 image to uint8 grey levels, as the histogram-based references do."""
+    return np.round(image).astype(np.uint8)
+
+
+def mean_over_axial_slices(metric_2d: Callable[..., float], *images: np.ndarray) -> float:
+    """Apply a metric defined on 2D images to each axial slice (axis 0) of 3D volumes and average.
+
+    2D images are passed straight through. Slices where every image is constant (empty background
+    around the anatomy) carry no information and are skipped, as are slices whose metric is
+    undefined (NaN); the result is NaN only if no slice is left.
+    """
+    if images[0].ndim == 2:
+        return float(metric_2d(*images))
+    values = [
+        metric_2d(*(image[z] for image in images))
+        for z in range(images[0].shape[0])
+        if not all(np.ptp(image[z]) == 0 for image in images)
+    ]
+    defined = [value for value in values if not np.isnan(value)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
+FUSION_INPUT_NAMES = ("fused", "source_a", "source_b")
+
+
+def fusion_metric(min_side: int = 1) -> Callable[[Callable[..., float]], Callable[..., float]]:
+    """Turn ``core(fused, a, b)`` on 0–255 float64 arrays into a public metric on raw inputs.
+
+    The public function checks and scales its inputs (see ``to_grey_scale``); ``core`` stays
+    reachable as ``.on_grey_scale`` so ``fusion_metrics`` scales once and calls every core.
+    """
+
+    def wrap(core: Callable[..., float]) -> Callable[..., float]:
+        @functools.wraps(core)
+        def metric(fused: object, source_a: object, source_b: object) -> float:
+            return core(*to_grey_scale(FUSION_INPUT_NAMES, fused, source_a, source_b, min_side=min_side))
+
+        metric.on_grey_scale = core  # type: ignore[attr-defined]
+        metric.min_side = min_side  # type: ignore[attr-defined]
+        return metric
+
+    return wrap

@@ -1,0 +1,119 @@
+"""Registration metrics: similarity of an aligned image to its label, and displacement-field regularity.
+
+Displacement fields follow the project convention (docs/architecture.md): ``u`` of shape
+``(ndim, *spatial)`` in voxels, components in array-axis order, mapping x → x + u(x).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.metrics._inputs import check_images
+
+# skimage's default SSIM window (7 per axis) and its half-width, cropped like skimage's own mean.
+_SSIM_WINDOW = 7
+_SSIM_CROP = (_SSIM_WINDOW - 1) // 2
+
+# Learn2Reg drops two voxels at every face before its Jacobian statistics (evaluation/utils.py),
+# where its zero-padded central differences are wrong.
+_LEARN2REG_BORDER = 2
+
+
+def registration_metrics(
+    aligned: object, label: object, mask: object | None = None, *, data_range: float = 1.0
+) -> dict[str, float]:
+    """MSE, NCC and SSIM of an aligned image (or volume) to its label, optionally inside a mask.
+
+    * ``mse``: mean squared difference in the inputs' units (the project's [0, 1] intensities, the
+      scale of UniFuse's alignment table).
+    * ``ncc``: global normalised cross-correlation (Pearson's r) over the voxels; NaN if either
+      image is constant there.
+    * ``ssim``: scikit-image ``structural_similarity`` (7-voxel uniform window, 2D or 3D) with the
+      given ``data_range`` (1.0 for [0, 1] images); with a mask, the SSIM map is averaged over the
+      mask after cropping the 3-voxel border that skimage also leaves out of its mean.
+
+    ``mask`` is a boolean array of the same shape selecting the voxels to score (e.g. the head).
+    """
+    aligned_f, label_f = check_images(("aligned", "label"), aligned, label, min_side=_SSIM_WINDOW)
+    if aligned_f.ndim == 3 and aligned_f.shape[0] < _SSIM_WINDOW:
+        raise InputError(f"volumes need at least {_SSIM_WINDOW} slices for 3D SSIM, got {aligned_f.shape[0]}", "aligned")
+    if data_range <= 0:
+        raise InputError(f"data_range must be positive, got {data_range}")
+    if mask is None:
+        selected = np.ones(aligned_f.shape, dtype=bool)
+    else:
+        selected = np.asarray(mask)
+        if selected.shape != aligned_f.shape:
+            raise InputError(f"mask shape {selected.shape} differs from image shape {aligned_f.shape}", "mask")
+        selected = selected.astype(bool)
+        if not selected.any():
+            raise InputError("the mask selects no voxels", "mask")
+
+    x, y = aligned_f[selected], label_f[selected]
+    dx, dy = x - x.mean(), y - y.mean()
+    norm = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
+    ncc = float(np.sum(dx * dy) / norm) if norm > 0 else float("nan")
+
+    _, ssim_map = structural_similarity(aligned_f, label_f, data_range=data_range, full=True)
+    interior = (slice(_SSIM_CROP, -_SSIM_CROP),) * aligned_f.ndim
+    ssim_selected = selected[interior]
+    ssim = float(ssim_map[interior][ssim_selected].mean()) if ssim_selected.any() else float("nan")
+    return {"mse": float(np.mean((x - y) ** 2)), "ncc": ncc, "ssim": ssim}
+
+
+def _check_displacement(u: object) -> np.ndarray:
+    field = np.asarray(u, dtype=np.float64)
+    spatial_dims = field.ndim - 1
+    if spatial_dims not in (2, 3) or field.shape[0] != spatial_dims:
+        raise InputError(
+            f"expected a displacement field of shape (ndim, *spatial) with ndim 2 or 3, got {field.shape}",
+            "displacement",
+        )
+    if min(field.shape[1:]) < 2:
+        raise InputError(f"each spatial axis needs at least 2 voxels, got {field.shape[1:]}", "displacement")
+    if not np.isfinite(field).all():
+        raise InputError("the displacement field contains NaN or infinite values", "displacement")
+    return field
+
+
+def jacobian_determinant(u: object) -> np.ndarray:
+    """det(∂φ/∂x) of φ(x) = x + u(x) at every voxel, same spatial shape as ``u`` (float64).
+
+    ∂u/∂x by central differences (``np.gradient``; one-sided at the border). 1 means volume is
+    kept, > 1 local expansion, < 1 compression, ≤ 0 folding.
+    """
+    field = _check_displacement(u)
+    ndim = field.shape[0]
+    jacobian = np.empty((*field.shape[1:], ndim, ndim))
+    for component in range(ndim):
+        for axis, derivative in enumerate(np.gradient(field[component])):
+            jacobian[..., component, axis] = derivative + (component == axis)
+    return np.linalg.det(jacobian)
+
+
+def _interior_determinant(u: object) -> np.ndarray:
+    determinant = jacobian_determinant(u)
+    if min(determinant.shape) <= 2 * _LEARN2REG_BORDER:
+        raise InputError(
+            f"each spatial axis needs more than {2 * _LEARN2REG_BORDER} voxels for Learn2Reg's border crop, "
+            f"got {determinant.shape}",
+            "displacement",
+        )
+    return determinant[(slice(_LEARN2REG_BORDER, -_LEARN2REG_BORDER),) * determinant.ndim]
+
+
+def folding_percentage(u: object) -> float:
+    """Percentage of voxels with det J ≤ 0 (folding), Learn2Reg style: central differences, 2-voxel border cropped."""
+    return float(100.0 * np.mean(_interior_determinant(u) <= 0))
+
+
+def sd_log_jacobian(u: object) -> float:
+    """SDlogJ exactly as Learn2Reg's evaluation computes it: std(log(clip(det J + 3, 1e-9, 1e9))).
+
+    Central differences, 2-voxel border cropped. The +3 offset and the clipping are part of the
+    official script (MDL-UzL/L2R evaluation.py) and keep folded voxels finite; values are therefore
+    comparable with Learn2Reg leaderboards, and smaller than std(log det J) of a non-folding field.
+    """
+    return float(np.log(np.clip(_interior_determinant(u) + 3.0, 1e-9, 1e9)).std())

@@ -1,0 +1,142 @@
+"""Save / load UniFuse weights as safetensors (never pickles) with their config.
+
+``<name>.safetensors`` holds the weights and, in its header, the config the weights belong to (so
+a lone weights file can be checked and rebuilt). ``<name>.json`` next to it holds the same config
+plus the caller's metadata (training command, seed, wall time, device, metrics) for people and
+tools. Bare names resolve to the packaged ``resources/checkpoints/<name>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from napari_unifuse.errors import CheckpointError, InputError
+from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.unifuse import UniFuse
+
+SUFFIX = ".safetensors"
+_CONFIG_KEY = "unifuse_config"
+_MAX_LISTED = 5
+
+
+def checkpoint_dir() -> Path:
+    """The packaged checkpoints folder (``napari_unifuse/resources`` links to ``resources/``)."""
+    return Path(str(resources.files("napari_unifuse") / "resources" / "checkpoints"))
+
+
+def list_checkpoints() -> list[str]:
+    """Names of the packaged checkpoints, usable with :func:`load_checkpoint`."""
+    folder = checkpoint_dir()
+    return sorted(path.stem for path in folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path:
+    """A path to an existing file, or a bare name of a packaged checkpoint."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    if path.name == str(path_or_name) and path.suffix in ("", SUFFIX):
+        packaged = checkpoint_dir() / f"{path.stem}{SUFFIX}"
+        if packaged.is_file():
+            return packaged
+    available = ", ".join(list_checkpoints()) or "none"
+    raise CheckpointError(f"checkpoint {str(path_or_name)!r} not found (neither a file nor a "
+                          f"packaged checkpoint; packaged: {available})")
+
+
+def save_checkpoint(model: UniFuse, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``path`` (.safetensors is appended if missing) and its ``.json`` sidecar."""
+    path = Path(path)
+    if path.suffix != SUFFIX:
+        path = path.with_name(path.name + SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    tensors = {name: tensor.detach().cpu().contiguous()
+               for name, tensor in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={_CONFIG_KEY: json.dumps(config)})
+    sidecar = {"config": config, **(metadata or {})}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    return path
+
+
+def load_checkpoint(path_or_name: str | Path, map_location: str | torch.device = "cpu",
+                    expected_config: UniFuseConfig | None = None) -> tuple[UniFuse, dict[str, Any]]:
+    """Rebuild the network saved at ``path_or_name``; returns (model in eval mode, metadata).
+
+    ``expected_config``: fail unless the checkpoint was saved for exactly this config.
+    Raises :class:`CheckpointError` for a missing, corrupt or mismatching checkpoint.
+    """
+    path = resolve_checkpoint(path_or_name)
+    config, tensors = _read(path, map_location)
+    if expected_config is not None:
+        _check_config(expected_config, config, path)
+    model = UniFuse(config)
+    _load_tensors(model, tensors, path)
+    model.to(map_location).eval()
+    return model, _read_metadata(path)
+
+
+def load_weights(model: UniFuse, path_or_name: str | Path) -> None:
+    """Load a checkpoint's weights into an existing ``model`` built for the same config."""
+    path = resolve_checkpoint(path_or_name)
+    config, tensors = _read(path, next(model.parameters()).device)
+    _check_config(model.config, config, path)
+    _load_tensors(model, tensors, path)
+
+
+def _read(path: Path, device) -> tuple[UniFuseConfig, dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({error})") from error
+    if _CONFIG_KEY not in header:
+        raise CheckpointError(f"{path}: safetensors file without a UniFuse config in its header")
+    try:
+        config = UniFuseConfig.from_dict(json.loads(header[_CONFIG_KEY]))
+    except (json.JSONDecodeError, InputError, TypeError) as error:
+        raise CheckpointError(f"{path}: invalid UniFuse config in the header ({error})") from error
+    return config, tensors
+
+
+def _check_config(expected: UniFuseConfig, found: UniFuseConfig, path: Path) -> None:
+    differences = expected.differences(found)
+    if differences:
+        listed = "; ".join(f"{name}: model has {mine}, checkpoint has {theirs}"
+                           for name, (mine, theirs) in differences.items())
+        raise CheckpointError(f"{path}: checkpoint was saved for another config ({listed})")
+
+
+def _load_tensors(model: UniFuse, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = [f"{name} {tuple(tensors[name].shape)} (model: {tuple(tensor.shape)})"
+                   for name, tensor in expected.items()
+                   if name in tensors and tensors[name].shape != tensor.shape]
+    problems = [f"{label}: {', '.join(names[:_MAX_LISTED])}"
+                + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+                for label, names in (("missing tensors", missing),
+                                     ("unexpected tensors", unexpected),
+                                     ("mismatching shapes", wrong_shape)) if names]
+    if problems:
+        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(problems)})")
+    model.load_state_dict(tensors)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        return json.loads(sidecar.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{sidecar}: invalid JSON metadata ({error})") from error

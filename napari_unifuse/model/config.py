@@ -1,0 +1,137 @@
+"""Hyper-parameters of the UniFuse network, one frozen dataclass shared by every sub-module.
+
+The paper (ICCV 2025, §3-4) fixes only a few sizes: J = 4 RegBLKs, Ñ degradation classes, 3-D
+inputs of 160³, and UFR&F with ALSN ≈ 0.95 M parameters (2.99 M with multi-experts). The other
+sizes of :meth:`UniFuseConfig.paper` are our choices, picked so that UFR&F lands on that count
+(see ``bench/bench_model.py`` and ``unifuse info``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from napari_unifuse.errors import InputError
+
+_SOURCE = "UniFuseConfig"
+
+
+@dataclass(frozen=True)
+class UniFuseConfig:
+    spatial_dims: int = 2
+    in_channels: int = 1
+    # C: channels of the shared encoder's feature maps F'_D, F_R (§3.2).
+    feature_channels: int = 16
+    # Q: side length of a patch; tokens live on a grid of spatial / Q (§3.3, §3.4).
+    patch_size: int = 4
+    # M: token length of DAPL / OUFR (§3.2).
+    embed_dim: int = 64
+    # Mamba-1 internals: SSM state size N, causal conv width, inner expansion factor.
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    # L: prompts per degradation class; P, G, P̂ are (Ñ, L, M) (§3.2, Eq. 2).
+    prompt_length: int = 8
+    # Ñ: degradation classes, in the order of data.degrade.DEGRADATION_CLASSES.
+    num_classes: int = 4
+    # J RegBLKs in FA (Table 5: 4 is best); regblock_channels[i] is block i's output width. The
+    # last log2(Q) blocks each upsample ×2 so that the field comes out at full resolution.
+    num_regblocks: int = 4
+    regblock_channels: tuple[int, ...] = (64, 64, 32, 16)
+    # UFR&F U-Net widths, one per scale (finest first); ALSN sits on every scale's skip.
+    unet_channels: tuple[int, ...] = (16, 32, 48)
+    # Rank r of each LoRA branch A_ij B_ij (Eq. 8).
+    lora_rank: int = 4
+    # Channels per head of the channel (transposed) attention in RegBLK and BaseNet (Eq. 9).
+    head_dim: int = 16
+    # Per-slice degradation classification in 3-D: one prediction per slab of this many z voxels
+    # (a multiple of Q, since the classifier sees tokens).
+    slab_size: int = 16
+
+    def __post_init__(self) -> None:
+        def fail(problem: str) -> None:
+            raise InputError(problem, _SOURCE)
+
+        if self.spatial_dims not in (2, 3):
+            fail(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        for name in ("in_channels", "feature_channels", "patch_size", "embed_dim", "d_state",
+                     "d_conv", "expand", "prompt_length", "num_classes", "num_regblocks",
+                     "lora_rank", "head_dim", "slab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                fail(f"{name} must be a positive integer, got {value!r}")
+        object.__setattr__(self, "regblock_channels", tuple(self.regblock_channels))
+        object.__setattr__(self, "unet_channels", tuple(self.unet_channels))
+        if self.patch_size & (self.patch_size - 1):
+            fail(f"patch_size must be a power of two, got {self.patch_size}")
+        if self.upsampling_regblocks > self.num_regblocks:
+            fail(f"patch_size {self.patch_size} needs {self.upsampling_regblocks} upsampling "
+                 f"RegBLKs but num_regblocks is {self.num_regblocks}")
+        if len(self.regblock_channels) != self.num_regblocks:
+            fail(f"regblock_channels has {len(self.regblock_channels)} entries, "
+                 f"expected num_regblocks={self.num_regblocks}")
+        if not self.unet_channels:
+            fail("unet_channels must list at least one width")
+        for name in ("regblock_channels", "unet_channels"):
+            for width in getattr(self, name):
+                if width < 1 or width % self.head_dim:
+                    fail(f"{name} entries must be positive multiples of head_dim="
+                         f"{self.head_dim}, got {width}")
+        if self.embed_dim % self.head_dim:
+            fail(f"embed_dim={self.embed_dim} must be a multiple of head_dim={self.head_dim}")
+        if self.slab_size % self.patch_size:
+            fail(f"slab_size={self.slab_size} must be a multiple of patch_size={self.patch_size}")
+
+    @property
+    def upsampling_regblocks(self) -> int:
+        """How many RegBLKs (the last ones) double the resolution: log2(Q)."""
+        return int(math.log2(self.patch_size))
+
+    @property
+    def size_multiple(self) -> int:
+        """Every spatial size must be divisible by this (patching and U-Net pooling)."""
+        return math.lcm(self.patch_size, 2 ** (len(self.unet_channels) - 1))
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the Mamba SSM (and of the hidden states h1..h3)."""
+        return self.expand * self.embed_dim
+
+    @property
+    def slab_patches(self) -> int:
+        """Rows of patches along z per classified slab."""
+        return self.slab_size // self.patch_size
+
+    @classmethod
+    def paper(cls, spatial_dims: int = 3) -> UniFuseConfig:
+        """Full-size network (J = 4 RegBLKs, Ñ = 4, UFR&F ≈ 0.95 M parameters in 3-D)."""
+        return cls(spatial_dims=spatial_dims)
+
+    @classmethod
+    def small(cls, spatial_dims: int = 2) -> UniFuseConfig:
+        """A few-thousand-parameter network for tests and CPU training."""
+        return cls(
+            spatial_dims=spatial_dims, feature_channels=8, patch_size=4, embed_dim=16,
+            d_state=4, prompt_length=4, num_regblocks=2, regblock_channels=(16, 8),
+            unet_channels=(8, 16), lora_rank=2, head_dim=4, slab_size=8,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> UniFuseConfig:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown config fields {unknown}", _SOURCE)
+        return cls(**{key: tuple(value) if isinstance(value, list) else value
+                      for key, value in values.items()})
+
+    def differences(self, other: UniFuseConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: name -> (self's value, other's value)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}

@@ -1,0 +1,92 @@
+"""UniFuse (ICCV 2025): DAPL → OUFR → FA → warp → UFR&F in one network.
+
+``UniFuse(config)(moving, reference)`` takes the degraded, misaligned moving image I'_D and the
+high-quality reference I_R, (B, in_channels, *spatial) in [0, 1], and returns a
+:class:`UniFuseOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.dapl import DegradationAwarePromptLearning
+from napari_unifuse.model.fa import FeatureAlignment
+from napari_unifuse.model.oufr import OmniUnifiedFeatureRepresentation
+from napari_unifuse.model.scan import scan_backend
+from napari_unifuse.model.ufrf import RestorationFusion
+from napari_unifuse.model.warp import warp
+
+
+@dataclass
+class UniFuseOutput:
+    fused: torch.Tensor              # I_fuse (B, 1, *spatial) in [0, 1]
+    restored: torch.Tensor           # restored moving image aligned to the reference, [0, 1]
+    displacement: torch.Tensor       # φ (B, ndim, *spatial): voxels, array-axis order; sampling
+                                     # the moving image at x + φ(x) aligns it to the reference
+    class_logits: torch.Tensor       # (B, Ñ), classes in DEGRADATION_CLASSES order
+    class_probs: torch.Tensor        # p = softmax(class_logits)
+    slice_class_probs: torch.Tensor  # (B, S, Ñ): per z-slab of cfg.slab_size voxels; 2-D: S = 1
+    prompts: torch.Tensor            # P̂ (B, Ñ, L, M)
+    moving_features: torch.Tensor    # F̄'_D tokens (B, N, M), for L_moda
+    reference_features: torch.Tensor  # F̄_R tokens (B, N, M), for L_moda
+
+
+class UniFuse(nn.Module):
+    def __init__(self, config: UniFuseConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.dapl = DegradationAwarePromptLearning(config)
+        self.oufr = OmniUnifiedFeatureRepresentation(config)
+        self.fa = FeatureAlignment(config)
+        self.ufrf = RestorationFusion(config)
+
+    def forward(self, moving: torch.Tensor, reference: torch.Tensor) -> UniFuseOutput:
+        self._check_inputs(moving, reference)
+        dapl = self.dapl(moving, reference)
+        class_probs = torch.softmax(dapl.class_logits, dim=-1)
+        unified = self.oufr(dapl.moving_features, dapl.reference_features, dapl.hidden_states)
+        displacement = self.fa(unified.moving_map, unified.reference_map, dapl.prompts,
+                               class_probs)
+        fused, restored = self.ufrf(warp(unified.moving_full, displacement),
+                                    unified.reference_full, dapl.prompts, class_probs)
+        return UniFuseOutput(
+            fused=fused, restored=restored, displacement=displacement,
+            class_logits=dapl.class_logits, class_probs=class_probs,
+            slice_class_probs=torch.softmax(dapl.slice_class_logits, dim=-1),
+            prompts=dapl.prompts, moving_features=unified.moving_tokens,
+            reference_features=unified.reference_tokens,
+        )
+
+    def unified_features(self, moving: torch.Tensor,
+                         reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """OUFR tokens (F̄ of ``moving``, F̄ of ``reference``), each (B, N, M), without FA/UFR&F.
+
+        For L_moda's second term (Eq. 4): pass the clean pair {I_D, I'_R}.
+        """
+        self._check_inputs(moving, reference)
+        dapl = self.dapl(moving, reference)
+        unified = self.oufr(dapl.moving_features, dapl.reference_features, dapl.hidden_states)
+        return unified.moving_tokens, unified.reference_tokens
+
+    def _check_inputs(self, moving: torch.Tensor, reference: torch.Tensor) -> None:
+        cfg = self.config
+        expected = (f"(batch, {cfg.in_channels}, " + ", ".join(["size"] * cfg.spatial_dims)
+                    + f") with every size a multiple of {cfg.size_multiple}")
+        for name, image in (("moving", moving), ("reference", reference)):
+            shape = tuple(image.shape)
+            if (image.dim() != cfg.spatial_dims + 2 or shape[1] != cfg.in_channels
+                    or any(size % cfg.size_multiple or size == 0 for size in shape[2:])):
+                raise InputError(f"expected a tensor of shape {expected}, got {shape}", name)
+        if moving.shape != reference.shape:
+            raise InputError(f"moving {tuple(moving.shape)} and reference "
+                             f"{tuple(reference.shape)} must have the same shape", "UniFuse")
+
+    def extra_repr(self) -> str:
+        device = next(self.parameters()).device
+        return (f"spatial_dims={self.config.spatial_dims}, "
+                f"size_multiple={self.config.size_multiple}, scan={scan_backend(device)}")

@@ -1,0 +1,44 @@
+"""Spatial-transformer warp (Jaderberg et al. 2015) in the project's displacement convention.
+
+``warp(image, u)[x] = image[x + u(x)]`` with ``u`` in voxels and its components in array-axis
+order ((y, x) or (z, y, x)), linear interpolation between voxel centres — the same as
+``scipy.ndimage.map_coordinates(image, x + u, order=1, mode="grid-constant")`` for the default
+zero padding (tests check this). ``data.misalign.warp_array`` is the numpy counterpart.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from napari_unifuse.errors import InputError
+
+
+def identity_grid(shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates (ndim, *shape) of every voxel, array-axis order."""
+    axes = [torch.arange(size, device=device, dtype=dtype) for size in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",
+         padding_mode: str = "zeros") -> torch.Tensor:
+    """Sample ``image`` (B, C, *spatial) at ``x + displacement(x)``.
+
+    ``displacement`` is (B, ndim, *spatial), voxels, array-axis order. ``mode`` is "bilinear"
+    (linear in every axis, also in 3-D) or "nearest"; ``padding_mode`` as in ``grid_sample``.
+    """
+    spatial = tuple(image.shape[2:])
+    ndim = len(spatial)
+    expected = (image.shape[0], ndim, *spatial)
+    if ndim not in (2, 3) or tuple(displacement.shape) != expected:
+        raise InputError(f"displacement must have shape {expected} for an image of shape "
+                         f"{tuple(image.shape)}, got {tuple(displacement.shape)}", "warp")
+    positions = identity_grid(spatial, image.device, displacement.dtype) + displacement
+    # grid_sample with align_corners=True maps -1 / +1 to the centres of the first / last voxel.
+    extent = torch.tensor([max(size - 1, 1) for size in spatial], device=image.device,
+                          dtype=displacement.dtype).view(1, ndim, *([1] * ndim))
+    normalised = 2.0 * positions / extent - 1.0
+    # grid_sample wants the last axis as (x, y[, z]): the reverse of array-axis order.
+    grid = normalised.movedim(1, -1).flip(-1)
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
+                         align_corners=True)

@@ -1,0 +1,173 @@
+"""Training configuration: one YAML file (``configs/*.yaml``) -> frozen dataclasses.
+
+Layout of a config file (every key optional except ``data.kind``; unknown keys are errors so a
+typo never silently falls back to a default)::
+
+    seed: 0
+    model: {preset: small | paper, spatial_dims: 2 | 3, overrides: {<UniFuseConfig field>: value}}
+    data:  {kind: harvard | phantom | folders, ...}   # see napari_unifuse.training.datasets
+    train: {batch_size, max_steps, lr, min_lr, weight_decay, grad_clip, num_workers,
+            log_every, val_every, val_batches, checkpoint_every}
+    loss:  {ce, moda, reg, smooth, ssim, inten, grad, crcb, restore,   # weights
+            moda_negatives, moda_anchors, temperature}
+
+Relative paths inside ``data`` (``root``) are resolved against the folder of the config file, so
+``configs/harvard2d.yaml`` can say ``../../shared/data/harvard-aanlib`` (i.e. ``../shared/...``
+seen from the repository root) and work from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from napari_unifuse.errors import InputError
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "small"
+    spatial_dims: int = 2
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Optimisation as in the paper (§4.2): AdamW 1e-4, cosine to 1e-6, gradient norm clipped at 1."""
+
+    batch_size: int = 3
+    max_steps: int = 1000
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    num_workers: int = 0
+    log_every: int = 10
+    val_every: int = 200
+    val_batches: int = 8
+    checkpoint_every: int = 200
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """Weights of Eq. 15 (all 1 in the paper) plus our optional terms, and L_moda's sampling."""
+
+    ce: float = 1.0
+    moda: float = 1.0
+    reg: float = 1.0
+    smooth: float = 0.0
+    ssim: float = 1.0
+    inten: float = 1.0
+    grad: float = 1.0
+    crcb: float = 1.0
+    restore: float = 1.0
+    moda_negatives: int = 16
+    moda_anchors: int = 256
+    temperature: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: dict[str, Any]
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    loss: LossSection = field(default_factory=LossSection)
+    source: str | None = None  # the file it came from, for messages and metadata
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values.pop("source")
+        return values
+
+    def with_overrides(self, **sections: dict[str, Any]) -> TrainConfig:
+        """A copy with some fields of ``train``/``model``/``loss`` or keys of ``data`` replaced."""
+        changed: dict[str, Any] = {}
+        for name, values in sections.items():
+            if not values:
+                continue
+            current = getattr(self, name)
+            if name == "data":
+                changed[name] = {**current, **values}
+            else:
+                changed[name] = _section(type(current), {**dataclasses.asdict(current), **values}, self.source, name)
+        return dataclasses.replace(self, **changed)
+
+
+def _section(cls: type, values: Any, source: str | None, name: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise InputError(f"section '{name}' must be a mapping, got {type(values).__name__}", source)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"unknown keys in '{name}': {unknown}; allowed: {sorted(known)}", source)
+    converted = {}
+    for key, value in values.items():
+        default = getattr(cls(), key)
+        if isinstance(default, bool) or default is None or isinstance(default, dict):
+            converted[key] = value
+        elif isinstance(default, (int, float)):
+            try:
+                converted[key] = type(default)(value)
+            except (TypeError, ValueError):
+                raise InputError(f"'{name}.{key}' must be a number, got {value!r}", source) from None
+            if isinstance(default, int) and converted[key] != value:
+                raise InputError(f"'{name}.{key}' must be an integer, got {value!r}", source)
+        else:
+            converted[key] = value
+    return cls(**converted)
+
+
+def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir: Path | None = None) -> TrainConfig:
+    """Validate a parsed config; relative ``data.root`` is made absolute against ``base_dir``."""
+    if not isinstance(values, dict):
+        raise InputError("a training config must be a YAML mapping", source)
+    allowed = {"seed", "model", "data", "train", "loss"}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise InputError(f"unknown top-level keys {unknown}; allowed: {sorted(allowed)}", source)
+    data = values.get("data")
+    if not isinstance(data, dict) or "kind" not in data:
+        raise InputError("'data' must be a mapping with a 'kind' (harvard, phantom or folders)", source)
+    data = dict(data)
+    if data.get("root") is not None and base_dir is not None:
+        root = Path(str(data["root"])).expanduser()
+        data["root"] = str(root if root.is_absolute() else (base_dir / root).resolve())
+    model = _section(ModelSection, values.get("model"), source, "model")
+    if model.preset not in ("small", "paper"):
+        raise InputError(f"model.preset must be 'small' or 'paper', got {model.preset!r}", source)
+    if model.spatial_dims not in (2, 3):
+        raise InputError(f"model.spatial_dims must be 2 or 3, got {model.spatial_dims}", source)
+    train = _section(TrainSection, values.get("train"), source, "train")
+    for name in ("batch_size", "max_steps", "log_every", "val_every", "checkpoint_every"):
+        if getattr(train, name) < 1:
+            raise InputError(f"train.{name} must be at least 1", source)
+    seed = values.get("seed", 0)
+    if not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}", source)
+    return TrainConfig(
+        data=data,
+        seed=seed,
+        model=model,
+        train=train,
+        loss=_section(LossSection, values.get("loss"), source, "loss"),
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training config YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("training config not found", path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(f"not valid YAML: {error}", path) from None
+    return config_from_dict(values, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,385 @@
+"""Training datasets: clean aligned pairs in, degraded misaligned training samples out.
+
+Every dataset holds *clean, aligned* (reference, label) pairs and synthesises the model input on
+the fly with ``data.pairs.make_pair``: the label of the moving modality is degraded (CT: metal +
+noise, PET/SPECT: low dose, T2/MR: motion; a fraction ``none_fraction`` stays clean) and
+misaligned with a known displacement. The random generator of a sample is seeded by
+``(seed, stream, epoch, index)``, so a run is reproducible whatever the number of workers or
+processes, and each epoch draws new degradations (``set_epoch``; the trainer calls it).
+
+A sample is a dict of tensors::
+
+    reference    (1, *spatial) float32 in [0, 1]   high-quality reference I_R
+    moving       (1, *spatial)                     degraded, misaligned I'_D
+    label        (1, *spatial)                     clean moving aligned to the reference, I_D
+    displacement (ndim, *spatial)                  ground truth u, voxels: moving(x + u(x)) = label(x)
+    class_index  ()  int64                          index in data.degrade.DEGRADATION_CLASSES
+  colour datasets (Harvard) add, for every sample so that batches collate:
+    cbcr         (2, *spatial)  chroma of the moving image, misaligned like ``moving``
+    label_cbcr   (2, *spatial)  chroma aligned to the reference (the target of L_crcb)
+    is_color     ()  float32    0 for a grayscale moving image (chroma then neutral 0.5)
+
+Three sources: ``HarvardPairs`` (2D PNG pairs), ``PhantomPairs`` (data.phantoms, 2D slices or
+3D crops) and ``FolderPairs`` (NIfTI case folders: BraTS-, SynthRAD- and FDG-PET/CT-like).
+``build_datasets(config)`` returns (train, validation) for a config's ``data`` section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.training import harvard
+
+# Moving modality -> its degradation (paper §4.1: T2 motion, CT metal + noise, PET low dose).
+MODALITY_DEGRADATION = {"t2": "motion", "mr": "motion", "ct": "metal", "pet": "lowdose", "spect": "lowdose"}
+TRAIN_STREAM, VALIDATION_STREAM = 0, 1
+NEUTRAL_CHROMA = 0.5
+
+
+@dataclass(frozen=True)
+class CleanPair:
+    """One aligned, clean pair before synthesis."""
+
+    reference: np.ndarray  # (*spatial) float32 [0, 1]
+    label: np.ndarray  # (*spatial) float32 [0, 1]
+    degradation: str  # what make_pair applies to the label (unless the draw says "none")
+    chroma: np.ndarray | None = None  # (2, *spatial) CbCr of the label, aligned
+
+
+def sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, epoch, index])
+
+
+def random_crop(arrays: list[np.ndarray], size: tuple[int, ...], rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random window of every array (spatial axes last); arrays smaller than ``size`` raise."""
+    spatial = arrays[0].shape[-len(size):]
+    if any(s < c for s, c in zip(spatial, size)):
+        raise InputError(f"crop {size} is larger than the image {spatial}", "data.crop")
+    starts = [int(rng.integers(0, s - c + 1)) for s, c in zip(spatial, size)]
+    window = tuple(slice(start, start + c) for start, c in zip(starts, size))
+    return [np.ascontiguousarray(a[(..., *window)]) for a in arrays]
+
+
+class SyntheticPairDataset(Dataset):
+    """Base class: subclasses provide ``__len__`` and ``clean_pair(index, rng)``."""
+
+    with_color = False
+
+    def __init__(self, *, seed: int, stream: int, none_fraction: float, crop: tuple[int, ...] | None) -> None:
+        if not 0.0 <= none_fraction <= 1.0:
+            raise InputError(f"none_fraction must be in [0, 1], got {none_fraction}", "data.none_fraction")
+        self.seed = seed
+        self.stream = stream
+        self.none_fraction = none_fraction
+        self.crop = tuple(crop) if crop else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Validation datasets ignore this: their samples are the same at every evaluation."""
+        if self.stream == TRAIN_STREAM:
+            self.epoch = epoch
+
+    def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        from napari_unifuse.data.pairs import make_pair
+
+        rng = sample_rng(self.seed, self.stream, self.epoch, index)
+        clean = self.clean_pair(index, rng)
+        arrays = [clean.reference, clean.label] + ([clean.chroma] if clean.chroma is not None else [])
+        if self.crop is not None:
+            arrays = random_crop(arrays, self.crop, rng)
+        reference, label = arrays[0], arrays[1]
+        task = "none" if rng.random() < self.none_fraction else clean.degradation
+        pair = make_pair(reference, label, task, rng)
+        sample = {
+            "reference": torch.from_numpy(np.asarray(pair.reference, dtype=np.float32))[None],
+            "moving": torch.from_numpy(np.asarray(pair.moving, dtype=np.float32))[None],
+            "label": torch.from_numpy(np.asarray(pair.label, dtype=np.float32))[None],
+            "displacement": torch.from_numpy(np.asarray(pair.displacement, dtype=np.float32)),
+            "class_index": torch.tensor(int(pair.class_index), dtype=torch.int64),
+        }
+        if self.with_color:
+            sample.update(_chroma_fields(arrays[2] if clean.chroma is not None else None, pair, label.shape))
+        return sample
+
+
+def _chroma_fields(chroma: np.ndarray | None, pair: Any, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    from napari_unifuse.data.pairs import misalign_like
+
+    if chroma is None:
+        neutral = torch.full((2, *shape), NEUTRAL_CHROMA, dtype=torch.float32)
+        return {"cbcr": neutral, "label_cbcr": neutral.clone(), "is_color": torch.tensor(0.0)}
+    moving_chroma = np.stack([misalign_like(pair, channel) for channel in chroma])
+    return {
+        "cbcr": torch.from_numpy(moving_chroma.astype(np.float32)),
+        "label_cbcr": torch.from_numpy(chroma.astype(np.float32)),
+        "is_color": torch.tensor(1.0),
+    }
+
+
+def _resize(image: np.ndarray, size: tuple[int, ...] | None) -> np.ndarray:
+    if size is None or tuple(image.shape[-len(size):]) == tuple(size):
+        return image
+    from skimage.transform import resize
+
+    if image.ndim == len(size):
+        return resize(image, size, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+    return np.stack([_resize(channel, size) for channel in image])
+
+
+class HarvardPairs(SyntheticPairDataset):
+    """Harvard AANLIB 2D pairs (``training.harvard``); PET/SPECT fuse Y and carry CbCr."""
+
+    with_color = True
+
+    def __init__(
+        self,
+        pairs: list[harvard.HarvardPair],
+        *,
+        seed: int,
+        stream: int,
+        none_fraction: float,
+        size: tuple[int, int] | None = None,
+        crop: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(seed=seed, stream=stream, none_fraction=none_fraction, crop=crop)
+        if not pairs:
+            raise InputError("no Harvard pairs in this split", "data")
+        self.pairs = list(pairs)
+        self.size = tuple(size) if size else None
+        self._cache: dict[int, CleanPair] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
+        if index not in self._cache:
+            pair = self.pairs[index]
+            reference, luma, chroma = harvard.read_harvard_pair(pair)
+            self._cache[index] = CleanPair(
+                reference=_resize(reference, self.size),
+                label=_resize(luma, self.size),
+                degradation=MODALITY_DEGRADATION[pair.modality],
+                chroma=None if chroma is None else _resize(chroma, self.size),
+            )
+        return self._cache[index]
+
+
+# Which phantom modality is the reference and which the moving one, per task (paper §4.1).
+PHANTOM_TASKS: dict[str, tuple[str, str]] = {
+    "t1-t2": ("t1", "t2"),  # T2 with motion artefacts onto T1
+    "mr-ct": ("t1", "ct"),  # CT with metal artefacts + noise onto MRI
+    "ct-pet": ("ct", "pet"),  # low-dose PET onto CT
+}
+
+
+class PhantomPairs(SyntheticPairDataset):
+    """Brain phantoms (data.phantoms): random 3D crops, or random axial slices for 2D models.
+
+    ``length`` samples per epoch; each draws a task from ``tasks`` and a random window.
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        stream: int,
+        none_fraction: float,
+        length: int,
+        spatial_dims: int,
+        shape: tuple[int, int, int],
+        crop: tuple[int, ...] | None,
+        tasks: tuple[str, ...] = tuple(PHANTOM_TASKS),
+    ) -> None:
+        super().__init__(seed=seed, stream=stream, none_fraction=none_fraction, crop=crop)
+        unknown = sorted(set(tasks) - set(PHANTOM_TASKS))
+        if unknown:
+            raise InputError(f"unknown phantom tasks {unknown}; known: {sorted(PHANTOM_TASKS)}", "data.tasks")
+        if spatial_dims not in (2, 3):
+            raise InputError(f"spatial_dims must be 2 or 3, got {spatial_dims}", "data")
+        self.length = int(length)
+        self.spatial_dims = spatial_dims
+        self.shape = tuple(shape)
+        self.tasks = tuple(tasks)
+        self._volumes: dict[str, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _phantoms(self) -> dict[str, np.ndarray]:
+        # Built lazily so that each DataLoader worker makes its own copy once.
+        if self._volumes is None:
+            from napari_unifuse.data.phantoms import make_brain_phantoms
+
+            modalities = sorted({m for task in self.tasks for m in PHANTOM_TASKS[task]})
+            volumes = make_brain_phantoms(shape=self.shape, modalities=tuple(modalities))
+            self._volumes = {name: np.asarray(volume.array, dtype=np.float32) for name, volume in volumes.items()}
+        return self._volumes
+
+    def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
+        volumes = self._phantoms()
+        reference_name, moving_name = PHANTOM_TASKS[self.tasks[int(rng.integers(len(self.tasks)))]]
+        reference, label = volumes[reference_name], volumes[moving_name]
+        if self.spatial_dims == 2:
+            # An axial slice from the central 60 % of the head, where there is tissue.
+            depth = reference.shape[0]
+            z = int(rng.integers(int(0.2 * depth), max(int(0.8 * depth), int(0.2 * depth) + 1)))
+            reference, label = reference[z], label[z]
+        return CleanPair(reference=reference, label=label, degradation=MODALITY_DEGRADATION[moving_name])
+
+
+# Documented layouts of folders of aligned cases: <root>/<case>/<file>; {case} is the folder name.
+FOLDER_LAYOUTS: dict[str, dict[str, str]] = {
+    "brats": {"reference": "{case}_t1.nii.gz", "moving": "{case}_t2.nii.gz", "reference_modality": "mr",
+              "moving_modality": "t2"},
+    "synthrad": {"reference": "mr.nii.gz", "moving": "ct.nii.gz", "reference_modality": "mr", "moving_modality": "ct"},
+    "fdg-petct": {"reference": "CT.nii.gz", "moving": "PET.nii.gz", "reference_modality": "ct",
+                  "moving_modality": "pet"},
+}
+
+
+def folder_cases(root: str | Path, layout: dict[str, str]) -> list[tuple[str, Path, Path]]:
+    """(case, reference path, moving path) for every sub-folder of ``root`` holding both files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("data folder not found", root)
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        reference = folder / layout["reference"].format(case=folder.name)
+        moving = folder / layout["moving"].format(case=folder.name)
+        if reference.is_file() and moving.is_file():
+            cases.append((folder.name, reference, moving))
+    if not cases:
+        raise InputError(f"no case folder holds both {layout['reference']} and {layout['moving']}", root)
+    return cases
+
+
+def split_by_case(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split of whole cases; at least one case each side when there are two or more."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}", "data.val_fraction")
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = int(round(val_fraction * len(items)))
+    if val_fraction > 0 and len(items) > 1:
+        n_val = min(max(n_val, 1), len(items) - 1)
+    validation = sorted(order[:n_val].tolist())
+    return [items[i] for i in range(len(items)) if i not in set(validation)], [items[i] for i in validation]
+
+
+class FolderPairs(SyntheticPairDataset):
+    """Aligned NIfTI pairs in case folders; volumes are read once, normalised, cropped at random."""
+
+    def __init__(
+        self,
+        cases: list[tuple[str, Path, Path]],
+        layout: dict[str, str],
+        *,
+        seed: int,
+        stream: int,
+        none_fraction: float,
+        crop: tuple[int, ...] | None,
+        samples_per_case: int = 1,
+    ) -> None:
+        super().__init__(seed=seed, stream=stream, none_fraction=none_fraction, crop=crop)
+        if not cases:
+            raise InputError("no cases in this split", "data")
+        self.cases = list(cases)
+        self.layout = layout
+        self.samples_per_case = int(samples_per_case)
+        self._cache: dict[int, CleanPair] = {}
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.samples_per_case
+
+    def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
+        case_index = index // self.samples_per_case
+        if case_index not in self._cache:
+            from napari_unifuse.io import normalize_intensity, read_image, resample_to_reference
+
+            _, reference_path, moving_path = self.cases[case_index]
+            reference = read_image(reference_path)
+            moving = read_image(moving_path)
+            if moving.spatial_shape != reference.spatial_shape or not moving.geometry.allclose(reference.geometry):
+                moving = resample_to_reference(moving, reference)
+            reference, _ = normalize_intensity(reference, self.layout["reference_modality"])
+            moving, _ = normalize_intensity(moving, self.layout["moving_modality"])
+            modality = self.layout["moving_modality"]
+            self._cache[case_index] = CleanPair(
+                reference=np.asarray(reference.array, dtype=np.float32),
+                label=np.asarray(moving.array, dtype=np.float32),
+                degradation=MODALITY_DEGRADATION.get(modality, "none"),
+            )
+        return self._cache[case_index]
+
+
+def _size(value: Any, spatial_dims: int, what: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    size = (int(value),) * spatial_dims if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(size) != spatial_dims or min(size) < 1:
+        raise InputError(f"{what} must be one size or {spatial_dims} sizes, got {value!r}", "data")
+    return size
+
+
+def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
+    """(train, validation) datasets for a config's ``data`` section.
+
+    harvard:  root, tasks [CT-MRI, PET-MRI, SPECT-MRI], val_fraction 0.15, split_seed 0,
+              none_fraction 0.2, size (resize, e.g. 128), crop
+    phantom:  shape [64, 64, 64], crop, tasks [t1-t2, mr-ct, ct-pet], train_length, val_length,
+              none_fraction
+    folders:  root, layout (brats | synthrad | fdg-petct) or reference/moving patterns with
+              reference_modality/moving_modality, crop, val_fraction, split_seed,
+              samples_per_case, none_fraction
+    """
+    kind = data.get("kind")
+    none_fraction = float(data.get("none_fraction", 0.2))
+    split_seed = int(data.get("split_seed", 0))
+    val_fraction = float(data.get("val_fraction", 0.15))
+    crop = _size(data.get("crop"), spatial_dims, "data.crop")
+    common = {"seed": seed, "none_fraction": none_fraction, "crop": crop}
+    if kind == "harvard":
+        if spatial_dims != 2:
+            raise InputError("the Harvard pairs are 2D: set model.spatial_dims: 2", "data")
+        pairs = harvard.index_harvard(data["root"], tuple(data.get("tasks", harvard.HARVARD_TASKS)))
+        train_pairs, val_pairs = harvard.split_cases(pairs, val_fraction, split_seed)
+        size = _size(data.get("size"), 2, "data.size")
+        return (
+            HarvardPairs(train_pairs, stream=TRAIN_STREAM, size=size, **common),
+            HarvardPairs(val_pairs, stream=VALIDATION_STREAM, size=size, **common),
+        )
+    if kind == "phantom":
+        shape = tuple(int(v) for v in data.get("shape", (64, 64, 64)))
+        options = {"spatial_dims": spatial_dims, "shape": shape, "tasks": tuple(data.get("tasks", PHANTOM_TASKS))}
+        return (
+            PhantomPairs(stream=TRAIN_STREAM, length=int(data.get("train_length", 256)), **options, **common),
+            PhantomPairs(stream=VALIDATION_STREAM, length=int(data.get("val_length", 16)), **options, **common),
+        )
+    if kind == "folders":
+        if "layout" in data:
+            if data["layout"] not in FOLDER_LAYOUTS:
+                raise InputError(f"unknown layout {data['layout']!r}; known: {sorted(FOLDER_LAYOUTS)}", "data.layout")
+            layout = FOLDER_LAYOUTS[data["layout"]]
+        else:
+            keys = ("reference", "moving", "reference_modality", "moving_modality")
+            missing = [key for key in keys if key not in data]
+            if missing:
+                raise InputError(f"folders without a layout need {missing}", "data")
+            layout = {key: str(data[key]) for key in keys}
+        cases = folder_cases(data["root"], layout)
+        train_cases, val_cases = split_by_case(cases, val_fraction, split_seed)
+        options = {"layout": layout, "samples_per_case": int(data.get("samples_per_case", 1))}
+        return (
+            FolderPairs(train_cases, stream=TRAIN_STREAM, **options, **common),
+            FolderPairs(val_cases, stream=VALIDATION_STREAM, **options, **common),
+        )
+    raise InputError(f"unknown data.kind {kind!r}; use harvard, phantom or folders", "data")

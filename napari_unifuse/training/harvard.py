@@ -1,0 +1,144 @@
+"""The Harvard Whole Brain Atlas (AANLIB) pairs: indexing and a patient-independent split.
+
+Layout (see the data folder's README): ``<root>/<TASK>/<MODALITY>/<id>.png`` with TASK one of
+``CT-MRI``, ``PET-MRI``, ``SPECT-MRI``; the two modality folders of a task hold the same file
+names, one pair per name. MRI is the reference; CT (grayscale) or PET/SPECT (RGB pseudo-colour)
+is the moving image.
+
+Why ``case = id // 1000``. Every id is a 4- or 5-digit number: the atlas case followed by a
+3-digit slice number (``2004`` -> case 2 slice 4, ``16003`` -> case 16, ``32003`` -> case 32,
+``41113`` -> case 41 slice 113; slice numbers in the collection run from 2 to 113). Neighbouring
+slices of one case are near copies, so a random split would leak. The same case number also means
+the same subject *across* task folders: the MRIs of cases 21 and 28 in ``CT-MRI`` and
+``SPECT-MRI`` are byte-identical images (checked on the shared copy), so the split groups by case
+number over all folders, never per folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_unifuse.errors import InputError
+
+# task folder -> (reference modality folder, moving modality folder, moving modality)
+HARVARD_TASKS: dict[str, tuple[str, str, str]] = {
+    "CT-MRI": ("MRI", "CT", "ct"),
+    "PET-MRI": ("MRI", "PET", "pet"),
+    "SPECT-MRI": ("MRI", "SPECT", "spect"),
+}
+SLICE_DIGITS = 3
+
+
+@dataclass(frozen=True)
+class HarvardPair:
+    task: str  # task folder name, e.g. "PET-MRI"
+    pair_id: str  # file stem, e.g. "30045"
+    reference_path: Path
+    moving_path: Path
+    modality: str  # moving modality: "ct", "pet" or "spect"
+
+    @property
+    def case(self) -> int:
+        return case_of(self.pair_id)
+
+
+def case_of(pair_id: str) -> int:
+    """Atlas case number of an id: all digits but the last three (``16003`` -> 16)."""
+    if not pair_id.isdigit() or len(pair_id) <= SLICE_DIGITS:
+        raise InputError(f"expected a numeric id of at least {SLICE_DIGITS + 1} digits, got {pair_id!r}", pair_id)
+    return int(pair_id) // 10**SLICE_DIGITS
+
+
+def index_harvard(root: str | Path, tasks: tuple[str, ...] = tuple(HARVARD_TASKS)) -> list[HarvardPair]:
+    """All pairs under ``root`` for the given task folders, sorted by (task, id)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("Harvard data folder not found (set data.root in the config or --data-root)", root)
+    pairs: list[HarvardPair] = []
+    for task in tasks:
+        if task not in HARVARD_TASKS:
+            raise InputError(f"unknown Harvard task {task!r}; known: {sorted(HARVARD_TASKS)}", root)
+        reference_name, moving_name, modality = HARVARD_TASKS[task]
+        reference_dir, moving_dir = root / task / reference_name, root / task / moving_name
+        if not reference_dir.is_dir() or not moving_dir.is_dir():
+            raise InputError(f"expected folders {task}/{reference_name} and {task}/{moving_name}", root)
+        reference_ids = {p.stem for p in reference_dir.glob("*.png")}
+        moving_ids = {p.stem for p in moving_dir.glob("*.png")}
+        unmatched = sorted(reference_ids ^ moving_ids)
+        if unmatched:
+            raise InputError(f"{task}: files without a partner in the other folder: {unmatched[:5]}", root)
+        for pair_id in sorted(reference_ids, key=lambda stem: (len(stem), stem)):
+            case_of(pair_id)  # validates the name
+            pairs.append(
+                HarvardPair(task, pair_id, reference_dir / f"{pair_id}.png", moving_dir / f"{pair_id}.png", modality)
+            )
+    if not pairs:
+        raise InputError("no PNG pairs found", root)
+    return pairs
+
+
+def split_cases(pairs: list[HarvardPair], val_fraction: float, seed: int) -> tuple[list[HarvardPair], list[HarvardPair]]:
+    """Deterministic (train, validation) split with every case entirely on one side.
+
+    Cases are visited in an order drawn from ``seed``; a case joins validation while every task
+    folder it appears in still has fewer than ``ceil(val_fraction * pairs in that folder)``
+    validation pairs. A folder with a single case keeps it for training. Whole cases overshoot
+    the fraction a little (PET-MRI has only 3 cases: one of them is a third of that folder).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}", "data.val_fraction")
+    tasks_of_case: dict[int, set[str]] = {}
+    pairs_per_task_case: dict[tuple[str, int], int] = {}
+    pairs_per_task: dict[str, int] = {}
+    for pair in pairs:
+        tasks_of_case.setdefault(pair.case, set()).add(pair.task)
+        pairs_per_task_case[pair.task, pair.case] = pairs_per_task_case.get((pair.task, pair.case), 0) + 1
+        pairs_per_task[pair.task] = pairs_per_task.get(pair.task, 0) + 1
+    cases_per_task = {task: sum(1 for (t, _) in pairs_per_task_case if t == task) for task in pairs_per_task}
+    target = {task: math.ceil(val_fraction * count) for task, count in pairs_per_task.items()}
+    taken = dict.fromkeys(pairs_per_task, 0)
+
+    validation_cases: set[int] = set()
+    order = np.random.default_rng(seed).permutation(sorted(tasks_of_case))
+    for case in order.tolist():
+        tasks = tasks_of_case[case]
+        if all(taken[t] < target[t] and cases_per_task[t] > 1 for t in tasks):
+            validation_cases.add(case)
+            for task in tasks:
+                taken[task] += pairs_per_task_case[task, case]
+    train = [p for p in pairs if p.case not in validation_cases]
+    validation = [p for p in pairs if p.case in validation_cases]
+    return train, validation
+
+
+def read_harvard_pair(pair: HarvardPair) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(reference, moving luma, moving chroma or None) as float32 in [0, 1].
+
+    The reference MRI is grayscale; an RGB moving image (PET/SPECT pseudo-colour) is split into Y,
+    which is degraded, aligned and fused, and CbCr (2, H, W), which is carried (data.color).
+    """
+    from skimage.io import imread
+
+    from napari_unifuse.data.color import rgb_to_ycbcr
+
+    reference = _as_gray(imread(pair.reference_path), pair.reference_path)
+    moving = imread(pair.moving_path)
+    if moving.ndim == 3:
+        ycbcr = rgb_to_ycbcr(moving[..., :3])
+        return reference, ycbcr[..., 0], np.moveaxis(ycbcr[..., 1:], -1, 0).copy()
+    return reference, _as_gray(moving, pair.moving_path), None
+
+
+def _as_gray(image: np.ndarray, path: Path) -> np.ndarray:
+    if image.ndim == 3:
+        # Grayscale stored as RGB(A): the channels are equal, keep one.
+        image = image[..., 0]
+    if image.ndim != 2:
+        raise InputError(f"expected a 2D image, got shape {image.shape}", path)
+    if image.dtype != np.uint8:
+        raise InputError(f"expected 8-bit PNG, got {image.dtype}", path)
+    return image.astype(np.float32) / 255.0

@@ -1,0 +1,78 @@
+"""The total training loss (paper Eq. 15) for one batch: L_ce + L_moda + L_reg + L_rf (+ ours).
+
+``TrainingModel`` wraps :class:`UniFuse` so that one ``forward`` runs both passes L_moda needs
+(the main pass on {I'_D, I_R} and the OUFR-only pass on {I_D, I'_R}, Eq. 4); wrapping both in one
+module is what lets DistributedDataParallel see every parameter use inside its forward.
+
+Targets. The paper supervises the fusion with ``W(I'_fine, φ)``, the clean moving image warped by
+the *predicted* field (Eq. 11–12). Our samples carry the clean image already aligned by the true
+field (``label`` = I_D), which is what ``W(I'_fine, φ)`` tends to as φ → φ_gt; using it keeps the
+fusion target fixed while FA is still poor. The chroma term (Eq. 13) does warp with the predicted
+field: the fused colour image carries the moving image's CbCr, which must be moved onto the
+reference, so L_crcb also trains the alignment.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from napari_unifuse.model import UniFuse, UniFuseOutput
+from napari_unifuse.model.warp import warp
+from napari_unifuse.training import losses
+from napari_unifuse.training.config import LossSection
+
+LOSS_TERMS = ("ce", "moda", "reg", "smooth", "ssim", "inten", "grad", "crcb", "restore")
+
+
+class TrainingModel(nn.Module):
+    """UniFuse plus the second OUFR pass of L_moda, as one module."""
+
+    def __init__(self, model: UniFuse, with_moda: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.with_moda = with_moda
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[UniFuseOutput, tuple[torch.Tensor, torch.Tensor] | None]:
+        output = self.model(batch["moving"], batch["reference"])
+        clean_tokens = None
+        if self.with_moda:
+            # {I_D, I'_R}: the clean label (aligned with I_R) and the reference moved like I'_D.
+            clean_tokens = self.model.unified_features(batch["label"], batch["reference_misaligned"])
+        return output, clean_tokens
+
+
+def compute_losses(
+    output: UniFuseOutput,
+    clean_tokens: tuple[torch.Tensor, torch.Tensor] | None,
+    batch: dict[str, torch.Tensor],
+    weights: LossSection,
+) -> dict[str, torch.Tensor]:
+    """Every weighted term's *unweighted* value plus ``total`` (the weighted sum)."""
+    reference, label = batch["reference"], batch["label"]
+    terms: dict[str, torch.Tensor] = {
+        "ce": losses.classification_loss(output.class_logits, batch["class_index"]),
+        "reg": losses.registration_loss(output.displacement, batch["displacement"]),
+        "ssim": losses.structure_loss(output.fused, label, reference),
+        "inten": losses.intensity_loss(output.fused, label, reference),
+        "grad": losses.gradient_loss(output.fused, label, reference),
+        "restore": losses.restoration_loss(output.restored, label),
+    }
+    if clean_tokens is not None and weights.moda > 0:
+        label_tokens, misaligned_reference_tokens = clean_tokens
+        options = {
+            "num_negatives": weights.moda_negatives,
+            "temperature": weights.temperature,
+            "max_anchors": weights.moda_anchors,
+        }
+        # Eq. 4: L_cont(F̄_D, F̄_R) + L_cont(F̄'_D, F̄'_R); positions correspond within each pair.
+        terms["moda"] = losses.contrastive_loss(label_tokens, output.reference_features, **options) + losses.contrastive_loss(
+            output.moving_features, misaligned_reference_tokens, **options
+        )
+    if weights.smooth > 0:
+        terms["smooth"] = losses.smoothness_loss(output.displacement)
+    if "cbcr" in batch and weights.crcb > 0:
+        fused_chroma = warp(batch["cbcr"], output.displacement, padding_mode="border")
+        terms["crcb"] = losses.color_loss(fused_chroma, batch["label_cbcr"], batch["is_color"])
+    terms["total"] = sum(getattr(weights, name) * value for name, value in terms.items())
+    return terms

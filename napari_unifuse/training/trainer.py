@@ -1,0 +1,352 @@
+"""The training loop: one process, or several under ``torchrun`` (DistributedDataParallel).
+
+Optimisation follows the paper (§4.2): AdamW at 1e-4, cosine annealing to 1e-6 over the run
+(stepped per iteration), gradient L2 norm clipped at 1.
+
+Reproducibility. The model is initialised from ``seed``; each sample's degradation and
+misalignment come from ``(seed, epoch, index)`` (training.datasets); the order of samples from
+``DistributedSampler(seed)`` and the epoch; the global torch generator (L_moda's random
+negatives) is re-seeded at every step from ``(seed, rank, step)``. So the RNG state at any step
+is a function of the step, and a resumed run continues exactly as an uninterrupted one would.
+
+Run folder (``--out``)::
+
+    config.yaml                 the resolved config
+    log.jsonl                   one JSON line per logged step ("train") and per validation ("val")
+    checkpoints/last.safetensors + last.json       weights + metadata (model.checkpoint)
+    checkpoints/last.state.pt   optimizer / scheduler / step, tensors and numbers only,
+                                read back with torch.load(weights_only=True)
+    checkpoints/best.safetensors + best.json       best validation NCC so far
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.errors import CheckpointError, UniFuseError
+from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.checkpoint import load_weights, save_checkpoint
+from napari_unifuse.training.config import TrainConfig
+from napari_unifuse.training.datasets import build_datasets
+from napari_unifuse.training.objective import TrainingModel, compute_losses
+from napari_unifuse.training.validation import validate
+
+BEST_SCORE = "ncc_restored"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    validation: dict[str, float] = field(default_factory=dict)
+    seconds_per_step: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def model_config(config: TrainConfig) -> UniFuseConfig:
+    preset = UniFuseConfig.paper if config.model.preset == "paper" else UniFuseConfig.small
+    base = preset(spatial_dims=config.model.spatial_dims)
+    return UniFuseConfig.from_dict({**base.to_dict(), **config.model.overrides})
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def _setup_distributed(requested_device: str) -> Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(requested_device)
+    if world_size == 1:
+        return Distributed(0, 0, 1, device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        # Processes on one machine share its cores: without this each would start one thread
+        # per core and they would oversubscribe the CPU.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, local_rank, world_size, device)
+
+
+class _ResumableSampler(DistributedSampler):
+    """DistributedSampler that can skip the batches already trained on in a resumed epoch."""
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        device: str = "auto",
+        resume: bool = False,
+        command: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.command = command
+        self.progress = progress
+        self.dist = _setup_distributed(device)
+        self.step = 0
+        self.best_score = -math.inf
+        self.best_validation: dict[str, float] = {}
+        self.validation: dict[str, float] = {}
+        self.previous_seconds = 0.0
+
+        torch.manual_seed(config.seed)
+        self.unifuse = UniFuse(model_config(config)).to(self.dist.device)
+        self.training_model: torch.nn.Module = TrainingModel(self.unifuse, with_moda=config.loss.moda > 0)
+        if self.dist.world_size > 1:
+            self.training_model = DistributedDataParallel(
+                self.training_model,
+                device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
+            )
+        train = config.train
+        self.optimizer = torch.optim.AdamW(self.unifuse.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=train.max_steps, eta_min=train.min_lr
+        )
+        self.train_set, self.val_set = build_datasets(
+            config.data, seed=config.seed, spatial_dims=config.model.spatial_dims
+        )
+        if resume:
+            self._restore()
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def _state_path(self, name: str) -> Path:
+        return self.checkpoint_dir / f"{name}.state.pt"
+
+    def _restore(self) -> None:
+        weights = self.checkpoint_dir / "last.safetensors"
+        state_path = self._state_path("last")
+        if not weights.is_file() or not state_path.is_file():
+            raise CheckpointError(f"nothing to resume in {self.checkpoint_dir} (no last.safetensors / last.state.pt)")
+        load_weights(self.unifuse, weights)
+        state = torch.load(state_path, map_location=self.dist.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler.T_max != self.config.train.max_steps:
+            # A longer or shorter run than the one resumed: stretch the cosine to the new length.
+            self.scheduler.T_max = self.config.train.max_steps
+        self.step = int(state["step"])
+        self.best_score = float(state["best_score"])
+        self.previous_seconds = float(state["seconds"])
+        sidecar = json.loads(weights.with_suffix(".json").read_text())
+        self.best_validation = sidecar.get("best_validation", {})
+        self.validation = sidecar.get("validation", {})
+
+    def _metadata(self, seconds: float) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "process_command": " ".join(getattr(sys, "orig_argv", sys.argv)),
+            "training_config": self.config.to_dict(),
+            "config_file": self.config.source,
+            "seed": self.config.seed,
+            "steps": self.step,
+            "wall_time_s": round(seconds, 2),
+            "device": _device_description(self.dist.device),
+            "world_size": self.dist.world_size,
+            "torch": torch.__version__,
+            "validation": self.validation,
+            "best_validation": self.best_validation,
+        }
+
+    def _save(self, name: str, seconds: float) -> Path:
+        path = save_checkpoint(self.unifuse, self.checkpoint_dir / name, self._metadata(seconds))
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "best_score": self.best_score,
+            "seconds": seconds,
+        }
+        temporary = self._state_path(name).with_suffix(".tmp")
+        torch.save(state, temporary)
+        temporary.replace(self._state_path(name))
+        return path
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with (self.run_dir / "log.jsonl").open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    def _loader(self, sampler: _ResumableSampler) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.config.train.batch_size,
+            sampler=sampler,
+            num_workers=self.config.train.num_workers,
+            drop_last=True,
+            pin_memory=self.dist.device.type == "cuda",
+        )
+
+    def fit(self) -> TrainResult:
+        cfg = self.config
+        train = cfg.train
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        sampler = _ResumableSampler(
+            self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+            seed=cfg.seed, drop_last=True,
+        )
+        batches_per_epoch = len(sampler) // train.batch_size
+        if batches_per_epoch == 0:
+            raise UniFuseError(
+                f"the training split has {len(self.train_set)} samples: too few for batch size "
+                f"{train.batch_size} on {self.dist.world_size} process(es)"
+            )
+        val_loader = DataLoader(self.val_set, batch_size=train.batch_size, num_workers=train.num_workers)
+
+        start_time = time.perf_counter()
+        first_step = self.step
+        epoch, done_in_epoch = divmod(self.step, batches_per_epoch)
+        bar = None
+        if self.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self.training_model.train()
+        while self.step < train.max_steps:
+            sampler.set_epoch(epoch)
+            sampler.skip = done_in_epoch * train.batch_size
+            self.train_set.set_epoch(epoch)
+            for batch in self._loader(sampler):
+                terms = self._train_step(_to_device(batch, self.dist.device))
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{terms['total']:.4f}")
+                if self.dist.is_main and (self.step % train.log_every == 0 or self.step == train.max_steps):
+                    self._log({"kind": "train", "step": self.step, "epoch": epoch,
+                               "lr": self.scheduler.get_last_lr()[0], **terms})
+                seconds = self.previous_seconds + time.perf_counter() - start_time
+                if self.step % train.val_every == 0 or self.step == train.max_steps:
+                    self._validate(val_loader, seconds)
+                if self.step % train.checkpoint_every == 0 or self.step == train.max_steps:
+                    self._checkpoint(seconds)
+                if self.step >= train.max_steps:
+                    break
+            epoch, done_in_epoch = epoch + 1, 0
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start_time
+        steps_run = self.step - first_step
+        best = self.checkpoint_dir / "best.safetensors"
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            last_checkpoint=self.checkpoint_dir / "last.safetensors",
+            best_checkpoint=best if best.is_file() else None,
+            validation=self.validation,
+            seconds_per_step=elapsed / steps_run if steps_run else float("nan"),
+        )
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        torch.manual_seed(step_seed(self.config.seed, self.dist.rank, self.step))
+        output, clean_tokens = self.training_model(batch)
+        terms = compute_losses(output, clean_tokens, batch, self.config.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.unifuse.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        values["grad_norm"] = float(grad_norm)
+        if not math.isfinite(values["total"]):
+            raise UniFuseError(f"training diverged at step {self.step + 1}: loss terms {values}")
+        return values
+
+    def _validate(self, val_loader: DataLoader, seconds: float) -> None:
+        # Rank 0 evaluates the whole validation split; the others wait at the barrier.
+        if self.dist.is_main:
+            scores = validate(self.unifuse, val_loader, self.dist.device, self.config.train.val_batches)
+            self.validation = scores
+            self._log({"kind": "val", "step": self.step, **scores})
+            if math.isfinite(scores[BEST_SCORE]) and scores[BEST_SCORE] > self.best_score:
+                self.best_score = scores[BEST_SCORE]
+                self.best_validation = {"step": self.step, **scores}
+                self._save("best", seconds)
+        self.training_model.train()
+        self._barrier()
+
+    def _checkpoint(self, seconds: float) -> None:
+        if self.dist.is_main:
+            self._save("last", seconds)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    command: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or resume) a UniFuse model as ``config`` says; see the module docstring."""
+    trainer = Trainer(config, run_dir, device=device, resume=resume, command=command, progress=progress)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.dist.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

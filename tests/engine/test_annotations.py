@@ -1,0 +1,72 @@
+import csv
+import json
+
+import pytest
+
+from napari_unifuse.engine.annotations import (
+    FAILURE_CATEGORIES,
+    Annotation,
+    AnnotationStore,
+    export_cohort,
+    find_runs,
+)
+from napari_unifuse.errors import InputError
+
+
+def test_annotation_is_on_disk_when_add_returns(tmp_path):
+    store = AnnotationStore(tmp_path / "run")
+    store.add(Annotation(category="misalignment", reviewer="dr who", note="ventricles", slice_index=12))
+    lines = (tmp_path / "run" / "annotations.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["category"] == "misalignment" and record["slice_index"] == 12
+
+
+def test_reload_and_delete_survive_a_new_store(tmp_path):
+    first = AnnotationStore(tmp_path)
+    kept = first.add(Annotation(category="other", reviewer="a", slice_index=1))
+    dropped = first.add(
+        Annotation(
+            category="residual artifact",
+            reviewer="a",
+            region_kind="points",
+            region_world=[[[10.0, 20.0, 30.0]]],
+        )
+    )
+    first.delete(dropped.id, reviewer="b")
+    reloaded = AnnotationStore(tmp_path).load()
+    assert [a.id for a in reloaded] == [kept.id]
+    assert reloaded[0] == kept
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"category": "typo", "reviewer": "a", "slice_index": 0}, "unknown category"),
+        ({"category": "other", "reviewer": " ", "slice_index": 0}, "reviewer"),
+        ({"category": "other", "reviewer": "a"}, "flag a slice or draw a region"),
+    ],
+)
+def test_incomplete_annotations_are_refused(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        Annotation(**kwargs)
+
+
+def test_torn_file_names_the_file(tmp_path):
+    (tmp_path / "annotations.jsonl").write_text('{"action": "add", "category"\n')
+    with pytest.raises(InputError, match="annotations.jsonl"):
+        AnnotationStore(tmp_path).load()
+
+
+def test_cohort_export_collects_every_run(tmp_path):
+    for run, count in (("case1", 2), ("case2", 1)):
+        store = AnnotationStore(tmp_path / run)
+        for index in range(count):
+            store.add(Annotation(category=FAILURE_CATEGORIES[index], reviewer="r", slice_index=index))
+    runs = find_runs(tmp_path)
+    assert [run.name for run in runs] == ["case1", "case2"]
+    assert export_cohort(runs, tmp_path / "cohort.csv") == 3
+    with open(tmp_path / "cohort.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["category"] for row in rows} == set(FAILURE_CATEGORIES[:2])
+    assert sum(row["run"].endswith("case1") for row in rows) == 2

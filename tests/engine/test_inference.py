@@ -1,0 +1,195 @@
+"""FusionEngine with a randomly initialised small UniFuse: shapes, grids, colour, fallbacks, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from napari_unifuse.data.color import rgb_to_ycbcr
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine.inference import FusionEngine, fallback_plan
+from napari_unifuse.engine.progress import CancelToken
+from napari_unifuse.engine.outputs import output_file_names, write_fusion_outputs
+from napari_unifuse.errors import Cancelled, InputError, UniFuseError
+from napari_unifuse.io import Geometry, ImageVolume
+from napari_unifuse.model import UniFuse, UniFuseConfig
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    # Tiny inputs on a shared 2-core machine: OpenMP thread hand-offs cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_2d() -> UniFuse:
+    torch.manual_seed(0)
+    return UniFuse(UniFuseConfig.small(spatial_dims=2))
+
+
+@pytest.fixture(scope="module")
+def model_3d() -> UniFuse:
+    torch.manual_seed(1)
+    return UniFuse(UniFuseConfig.small(spatial_dims=3))
+
+
+def blob(shape: tuple[int, ...], centre_shift: float = 0.0) -> np.ndarray:
+    """A smooth bright ellipsoid on a dark background, values in [0, 1]."""
+    grids = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    radius = sum((g - centre_shift) ** 2 for g in grids)
+    return np.exp(-3 * radius).astype(np.float32)
+
+
+class CountingModel(nn.Module):
+    """Delegates to a real UniFuse; counts calls and runs out of "memory" above a tile side."""
+
+    def __init__(self, model: UniFuse, max_side: int | None = None) -> None:
+        super().__init__()
+        self.model, self.max_side, self.tile_shapes = model, max_side, []
+        self.config = model.config
+
+    def forward(self, moving, reference):
+        self.tile_shapes.append(tuple(moving.shape[2:]))
+        if self.max_side is not None and max(moving.shape[2:]) > self.max_side:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model(moving, reference)
+
+
+def test_rgb_moving_gives_rgb_fused_on_the_reference_grid(model_2d):
+    reference = ImageVolume(blob((24, 20)), Geometry(np.array([1.0, 1.0]), np.array([0.0, 0.0]), np.eye(2)))
+    red = np.zeros((18, 16, 3), dtype=np.uint8)
+    red[..., 0] = (255 * blob((18, 16), 0.1)).astype(np.uint8)
+    moving = ImageVolume(red, Geometry(np.array([1.4, 1.3]), np.array([-1.0, 0.5]), np.eye(2)), is_rgb=True)
+
+    result = FusionEngine(model_2d, device="cpu").run_fusion(reference, moving)
+
+    assert result.fused.is_rgb and result.fused.array.shape == (24, 20, 3)
+    assert result.aligned.is_rgb and result.aligned.array.shape == (24, 20, 3)
+    assert result.fused.geometry.allclose(reference.geometry)
+    assert result.displacement.shape == (2, 24, 20) and result.displacement.dtype == np.float32
+    # The moving image's red chroma is carried into the fused image where the moving image lies.
+    fused_chroma = rgb_to_ycbcr(result.fused.array)
+    assert fused_chroma[8:16, 6:14, 2].mean() > 0.55  # Cr above neutral grey
+    assert result.output_extension == "png"
+    assert list(result.class_probs) == list(DEGRADATION_CLASSES)
+    assert sum(result.class_probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert result.slice_class_probs.shape == (1, len(DEGRADATION_CLASSES))
+    assert result.provenance["intensity_mappings"]["moving"]["method"] == "luma"
+
+
+def test_tiled_3d_run_on_anisotropic_grids(model_3d):
+    reference_geometry = Geometry(np.array([2.0, 1.2, 0.9]), np.array([10.0, -20.0, 5.0]), np.eye(3))
+    reference = ImageVolume(blob((14, 12, 12)), reference_geometry)
+    ct_like = (blob((10, 14, 12), 0.1) * 1500 - 1000).astype(np.int16)  # air to bone, in HU
+    moving = ImageVolume(ct_like, Geometry(np.array([2.6, 1.0, 0.9]), np.array([11.0, -19.0, 5.5]), np.eye(3)))
+    calls = []
+
+    result = FusionEngine(model_3d, device="cpu", tile_size=8).run_fusion(
+        reference, moving, progress=lambda *report: calls.append(report))
+
+    assert result.fused.array.shape == (14, 12, 12) and not result.fused.is_rgb
+    assert 0.0 <= result.fused.array.min() and result.fused.array.max() <= 1.0
+    assert result.aligned.array.dtype == np.int16  # back in the moving image's units (HU)
+    assert result.provenance["intensity_mappings"]["moving"]["modality"] == "ct"
+    assert result.aligned.geometry.allclose(reference_geometry)
+    assert result.displacement.shape == (3, 14, 12, 12)
+    tile_count = result.provenance["tile_count"]
+    assert tile_count > 1
+    assert [call for call in calls if call[0] == "fuse"] == [("fuse", k, tile_count) for k in range(tile_count + 1)]
+    # One row per z slice (padded slices dropped), each a probability distribution.
+    assert result.slice_class_probs.shape == (14, len(DEGRADATION_CLASSES))
+    np.testing.assert_allclose(result.slice_class_probs.sum(axis=1), 1.0, atol=1e-5)
+    assert result.output_extension == "nii.gz"
+    assert set(result.provenance["timings_s"]) == {"validate", "normalise", "resample", "fuse", "compose"}
+
+
+def test_out_of_memory_retries_with_smaller_tiles(model_2d):
+    image = ImageVolume(blob((16, 8)), Geometry.identity(2))
+    flaky = CountingModel(model_2d, max_side=8)
+
+    result = FusionEngine(flaky, device="cpu").run_fusion(image, image)
+
+    assert flaky.tile_shapes[0] == (16, 8)  # the whole input was tried first
+    assert all(max(shape) <= 8 for shape in flaky.tile_shapes[1:]) and len(flaky.tile_shapes) > 2
+    assert result.provenance["tile_shape"] == [8, 8]
+    assert any("out of memory" in warning for warning in result.warnings)
+    assert result.warnings == result.provenance["warnings"]
+
+
+def test_out_of_memory_at_the_smallest_tile_is_a_clear_error(model_2d):
+    image = ImageVolume(blob((8, 8)), Geometry.identity(2))
+    with pytest.raises(UniFuseError, match="out of memory even with"):
+        FusionEngine(CountingModel(model_2d, max_side=0), device="cpu").run_fusion(image, image)
+
+
+def test_cuda_fallback_plan_halves_tiles_then_moves_to_cpu():
+    plan = fallback_plan(torch.device("cuda"), (64, 48), 32, size_multiple=8)
+    assert plan == [
+        (torch.device("cuda"), 32), (torch.device("cuda"), 16), (torch.device("cuda"), 8),
+        (torch.device("cpu"), 32),
+    ]
+    assert fallback_plan(torch.device("cpu"), (16, 8), None, 8)[-1] == (torch.device("cpu"), 8)
+
+
+def test_cancel_after_first_tile_stops_before_the_next_tile(model_2d):
+    image = ImageVolume(blob((24, 16)), Geometry.identity(2))
+    counting = CountingModel(model_2d)
+    engine = FusionEngine(counting, device="cpu", tile_size=8)
+
+    def cancel_after_first_tile(stage, done, total):
+        if stage == "fuse" and done == 1:
+            token.cancel()
+
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        engine.run_fusion(image, image, progress=cancel_after_first_tile, cancel=token)
+    assert len(counting.tile_shapes) == 1
+
+
+@pytest.mark.parametrize(
+    ("reference", "moving", "message"),
+    [
+        (ImageVolume(blob((8, 8, 8)), Geometry.identity(3)), ImageVolume(blob((8, 8)), Geometry.identity(2)),
+         "both must be 2D or both 3D"),
+        (ImageVolume(np.zeros((8, 8, 3), np.uint8), Geometry.identity(2), is_rgb=True),
+         ImageVolume(blob((8, 8, 8)), Geometry.identity(3)), "reference is an RGB 2D image"),
+        (ImageVolume(blob((8, 8)), Geometry.identity(2)),
+         ImageVolume(np.full((8, 8), np.nan, np.float32), Geometry.identity(2), source="nan.nii.gz"),
+         "NaN or infinite"),
+        (ImageVolume(np.zeros((0, 8), np.float32), Geometry.identity(2), source="empty.nii.gz"),
+         ImageVolume(blob((8, 8)), Geometry.identity(2)), "empty"),
+    ],
+    ids=["2d-vs-3d", "rgb-vs-3d", "nan-only", "empty"],
+)
+def test_bad_inputs_raise_input_errors(model_2d, reference, moving, message):
+    with pytest.raises(InputError, match=message):
+        FusionEngine(model_2d, device="cpu").run_fusion(reference, moving)
+
+
+def test_a_3d_model_refuses_2d_images(model_3d):
+    image = ImageVolume(blob((8, 8)), Geometry.identity(2))
+    with pytest.raises(InputError, match="is a 3D model but the images are 2D"):
+        FusionEngine(model_3d, device="cpu").run_fusion(image, image)
+
+
+def test_failed_write_leaves_no_outputs(model_2d, tmp_path, monkeypatch):
+    image = ImageVolume(blob((8, 8)), Geometry.identity(2))
+    result = FusionEngine(model_2d, device="cpu").run_fusion(image, image)
+
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("napari_unifuse.engine.outputs.write_displacement", disk_full)
+    with pytest.raises(OSError):
+        write_fusion_outputs(result, tmp_path / "case")
+    assert list((tmp_path / "case").iterdir()) == []  # no stray files, no staging folder
+
+    monkeypatch.undo()
+    written = write_fusion_outputs(result, tmp_path / "case")
+    assert sorted(written) == sorted(output_file_names("nii.gz"))
+    assert sorted(path.name for path in (tmp_path / "case").iterdir()) == sorted(written)

@@ -1,0 +1,105 @@
+"""Every kind of bad input gives an InputError naming the file and the problem."""
+
+from __future__ import annotations
+
+import struct
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import read_image
+
+# Byte offset of srow_x in a NIfTI-1 header (nifti1.h): 3 float32 rows of 4 starting here.
+_SROW_X_OFFSET = 280
+
+
+def _nifti(path, array, affine=None):
+    nib.Nifti1Image(array, np.eye(4) if affine is None else affine).to_filename(path)
+    return path
+
+
+def _truncated_nifti(tmp_path):
+    whole = _nifti(tmp_path / "whole.nii.gz", np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32))
+    path = tmp_path / "truncated.nii.gz"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return path
+
+
+def _truncated_png(tmp_path):
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(whole)
+    path = tmp_path / "truncated.png"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return path
+
+
+def _garbage_mha(tmp_path):
+    path = tmp_path / "garbage.mha"
+    path.write_bytes(b"this is not a MetaImage header\n" * 4)
+    return path
+
+
+def _unknown_extension(tmp_path):
+    path = tmp_path / "scan.xyz"
+    path.write_bytes(b"data")
+    return path
+
+
+def _nan_affine(tmp_path):
+    path = _nifti(tmp_path / "nan_affine.nii", np.ones((4, 4, 4), np.float32))
+    raw = bytearray(path.read_bytes())
+    raw[_SROW_X_OFFSET : _SROW_X_OFFSET + 4] = struct.pack("<f", float("nan"))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _empty_folder(tmp_path):
+    path = tmp_path / "no_dicom_here"
+    path.mkdir()
+    return path
+
+
+CASES = {
+    "truncated NIfTI": (_truncated_nifti, "cannot be read as NIfTI"),
+    "truncated PNG": (_truncated_png, "cannot be read as an image"),
+    "garbage MetaImage": (_garbage_mha, "cannot be read as an ITK image"),
+    "unknown extension": (_unknown_extension, "unknown file type '.xyz'"),
+    "4D without frame": (lambda p: _nifti(p / "dyn.nii.gz", np.zeros((3, 3, 3, 7), np.float32)), "7 frames"),
+    "frame out of range": (lambda p: (_nifti(p / "dyn.nii.gz", np.zeros((3, 3, 3, 2), np.float32)), 5), "frames 0..1"),
+    "frame on a 3D file": (lambda p: (_nifti(p / "vol.nii.gz", np.zeros((3, 3, 3), np.float32)), 0), "single volume"),
+    "empty array": (lambda p: _nifti(p / "zero_size.nii.gz", np.zeros((0, 4, 4), np.float32)), "is empty"),
+    "NaN-only": (lambda p: _nifti(p / "invalid.nii.gz", np.full((4, 4, 4), np.nan, np.float32)), "every voxel is NaN"),
+    "non-finite affine": (_nan_affine, "non-finite"),
+    "folder without DICOM": (_empty_folder, "no DICOM series"),
+    "missing file": (lambda p: p / "absent.nii.gz", "not found"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_names_file_and_problem(case, tmp_path):
+    make, problem = CASES[case]
+    made = make(tmp_path)
+    path, frame = made if isinstance(made, tuple) else (made, None)
+    with pytest.raises(InputError) as caught:
+        read_image(path, frame=frame)
+    message = str(caught.value)
+    assert str(path) in message and problem in message, message
+
+
+def test_four_d_message_says_how_to_choose(tmp_path):
+    path = _nifti(tmp_path / "dyn.nii.gz", np.zeros((3, 3, 3, 4), np.float32))
+    with pytest.raises(InputError, match=r"4 frames.*frame=k\) for k in 0\.\.3"):
+        read_image(path)
+
+
+def test_partial_nans_become_zero_with_a_warning(tmp_path):
+    data = np.ones((4, 5, 6), np.float32)
+    data[1, 2, 3] = np.nan
+    data[0, 0, 0] = np.inf
+    volume = read_image(_nifti(tmp_path / "holes.nii.gz", data))
+    assert np.all(np.isfinite(volume.array))
+    assert volume.array[3, 2, 1] == 0 and volume.array[0, 0, 0] == 0 and volume.array.sum() == data.size - 2
+    assert any("2 NaN/infinite voxels" in warning for warning in volume.metadata["warnings"])

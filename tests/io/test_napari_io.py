@@ -1,0 +1,106 @@
+"""napari world placement, layer ↔ volume round trips, and the npe2 reader/writers."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from napari.components import ViewerModel
+from napari.layers import Image
+from napari.utils.notifications import notification_manager
+from npe2 import PluginManager
+
+from napari_unifuse._napari_io import get_reader, layer_to_volume, volume_to_layer_data, write_mha, write_nifti
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import Geometry, ImageVolume, read_image
+
+
+def _layer(volume: ImageVolume) -> Image:
+    data, kwargs, _ = volume_to_layer_data(volume)
+    return Image(data, **kwargs)
+
+
+def test_two_volumes_of_different_grids_overlay_in_world(tmp_path, oblique_sitk_image, rng):
+    # An axis-aligned coarse volume and an oblique, finer one covering a different extent.
+    coarse = sitk.GetImageFromArray(rng.normal(size=(6, 8, 10)).astype(np.float32))
+    coarse.SetSpacing((2.0, 1.5, 4.0))
+    coarse.SetOrigin((-10.0, 20.0, 5.0))
+    fine = oblique_sitk_image(rng.normal(size=(9, 12, 7)).astype(np.float32), (0.5, 0.8, 1.2), (3.0, -7.0, 11.0), (20.0, -5.0, 40.0))
+    for name, image in (("coarse", coarse), ("fine", fine)):
+        sitk.WriteImage(image, str(tmp_path / f"{name}.mha"))
+        layer = _layer(read_image(tmp_path / f"{name}.mha"))
+        shape = sitk.GetArrayViewFromImage(image).shape
+        for index in [(0, 0, 0), tuple(n - 1 for n in shape), (2, 5, 1)]:
+            expected = np.array(image.TransformIndexToPhysicalPoint([int(i) for i in index[::-1]]))[::-1]
+            np.testing.assert_allclose(layer.data_to_world(index), expected, atol=1e-9)
+
+    # Flips are carried by the affine too (a typical RAS NIfTI is flipped in LPS).
+    nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([-2.0, 3.0, 1.5, 1.0])).to_filename(tmp_path / "flipped.nii")
+    flipped = read_image(tmp_path / "flipped.nii")
+    reference = sitk.ReadImage(str(tmp_path / "flipped.nii"))
+    expected = np.array(reference.TransformIndexToPhysicalPoint((3, 4, 5)))[::-1]
+    np.testing.assert_allclose(_layer(flipped).data_to_world((5, 4, 3)), expected, atol=1e-9)
+
+
+def test_layer_round_trip_is_exact_and_follows_a_moved_layer(tmp_path, oblique_sitk_image, rng):
+    image = oblique_sitk_image(rng.normal(size=(4, 5, 6)).astype(np.float32), (0.3, 0.7, 1.9), (1.1, 2.2, 3.3), (7.0, 8.0, 9.0))
+    sitk.WriteImage(image, str(tmp_path / "in.mha"))
+    volume = read_image(tmp_path / "in.mha")
+    layer = _layer(volume)
+
+    back = layer_to_volume(layer)
+    np.testing.assert_array_equal(back.geometry.index_to_world, volume.geometry.index_to_world)
+    np.testing.assert_array_equal(back.array, volume.array)
+    assert back.source == volume.source and back.metadata == volume.metadata
+
+    layer.translate = (5.0, 0.0, -2.0)  # the user nudged the layer: the world placement wins
+    moved = layer_to_volume(layer)
+    for index in [(0, 0, 0), (3, 4, 5)]:
+        np.testing.assert_allclose((moved.geometry.index_to_world @ [*index, 1])[:3], layer.data_to_world(index), atol=1e-9)
+
+
+def test_plain_napari_layer_becomes_a_volume():
+    layer = Image(np.zeros((5, 6)), scale=(0.5, 2.0), translate=(3.0, -1.0), rotate=30.0, name="plain")
+    volume = layer_to_volume(layer)
+    assert volume.source is None and volume.ndim == 2
+    np.testing.assert_allclose((volume.geometry.index_to_world @ [4, 5, 1])[:2], layer.data_to_world((4, 5)), atol=1e-12)
+
+
+def test_npe2_reader_reports_a_corrupt_file_as_a_notification(tmp_path, rng):
+    good = tmp_path / "good.nii.gz"
+    nib.Nifti1Image(rng.normal(size=(20, 20, 20)).astype(np.float32), np.eye(4)).to_filename(good)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+
+    assert get_reader(str(tmp_path / "notes.txt")) is None
+    assert get_reader(str(tmp_path)) is None  # a folder without DICOM is left to other readers
+    PluginManager.instance().discover()  # make napari's open() see our manifest
+    notification_manager.records.clear()
+    viewer = ViewerModel()
+    assert viewer.open(str(corrupt), plugin="napari-unifuse") == []  # no exception, no layer
+    messages = [record.message for record in notification_manager.records]
+    assert any(str(corrupt) in message and "NIfTI" in message for message in messages), messages
+
+    layers = viewer.open(str(good), plugin="napari-unifuse")
+    assert [layer.name for layer in layers] == ["good"]
+    assert layers[0].metadata["unifuse"]["source"] == str(good)
+
+
+def test_npe2_writers_keep_the_layer_geometry(tmp_path):
+    geometry = Geometry([2.0, 0.5, 0.75], [10.0, -3.0, 4.0], np.diag([1.0, -1.0, -1.0]))
+    layer = _layer(ImageVolume(np.arange(60, dtype=np.float32).reshape(3, 4, 5), geometry))
+    data, meta, _ = layer.as_layer_data_tuple()
+
+    (nifti_path,) = write_nifti(str(tmp_path / "saved"), data, meta)
+    assert nifti_path.endswith(".nii.gz")
+    np.testing.assert_allclose(read_image(nifti_path).geometry.index_to_world, geometry.index_to_world, atol=1e-6)
+    (mha_path,) = write_mha(str(tmp_path / "saved.mha"), data, meta)
+    reread = read_image(mha_path)
+    np.testing.assert_array_equal(reread.array, data)
+    np.testing.assert_allclose(reread.geometry.index_to_world, geometry.index_to_world, atol=1e-12)
+
+    # A layer read from a file cannot be saved over that file.
+    source_layer = _layer(reread)
+    with pytest.raises(InputError, match="overwrite"):
+        write_mha(mha_path, *source_layer.as_layer_data_tuple()[:2])

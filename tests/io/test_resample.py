@@ -1,0 +1,56 @@
+"""resample_to_reference works in physical space: structures land where the world says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import Geometry, ImageVolume, resample_to_reference
+
+
+def _world_points(geometry: Geometry, shape) -> np.ndarray:
+    """World position of every voxel, shape (*shape, ndim)."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    return index @ geometry.index_to_world[:-1, :-1].T + geometry.origin
+
+
+def test_blob_lands_on_the_reference_voxel_of_its_world_position(rotation):
+    reference = ImageVolume(np.zeros((12, 20, 18), np.float32), Geometry([3.0, 1.0, 1.25], [-10.0, 5.0, 0.0], np.eye(3)))
+    moving_shape = (45, 40, 60)  # other extent, other spacing, oblique
+    # The blob's centre is the world position of reference voxel (5, 11, 7), as SimpleITK sees it.
+    target = (5, 11, 7)
+    centre = np.array(reference.to_sitk().TransformIndexToPhysicalPoint(target[::-1]))[::-1]
+    # Place the moving grid so that the centre falls inside it, between its voxels.
+    direction, spacing = rotation((10.0, -15.0, 25.0)), np.array([1.0, 1.5, 0.8])
+    origin = centre - (direction * spacing) @ np.array([20.3, 17.6, 31.2])
+    moving_geometry = Geometry(spacing, origin, direction)
+    distance2 = ((_world_points(moving_geometry, moving_shape) - centre) ** 2).sum(-1)
+    moving = ImageVolume(np.exp(-distance2 / (2 * 2.0**2)).astype(np.float32), moving_geometry, source="moving.nii.gz")
+
+    resampled = resample_to_reference(moving, reference)
+    assert resampled.array.shape == reference.array.shape and resampled.array.dtype == np.float32
+    np.testing.assert_array_equal(resampled.geometry.index_to_world, reference.geometry.index_to_world)
+    assert np.unravel_index(np.argmax(resampled.array), resampled.array.shape) == target
+    assert resampled.array.max() > 0.9
+    assert resampled.source == moving.source  # writers still refuse to overwrite the moving file
+
+
+def test_nearest_keeps_labels_and_outside_is_zero():
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:6, 2:6, 2:6] = 3
+    moving = ImageVolume(labels, Geometry([2.0, 2.0, 2.0], [0.0, 0.0, 0.0], np.eye(3)))
+    # Finer grid shifted half-way out of the moving volume.
+    reference = ImageVolume(np.zeros((10, 10, 10), np.float32), Geometry([1.0, 1.0, 1.0], [8.0, 8.0, 8.0], np.eye(3)))
+    resampled = resample_to_reference(moving, reference, interpolation="nearest")
+    assert resampled.array.dtype == np.uint8
+    assert set(np.unique(resampled.array)) == {0, 3}
+    assert resampled.array[0, 0, 0] == 3  # world (8, 8, 8) = moving index (4, 4, 4)
+    assert resampled.array[-1, -1, -1] == 0  # world (17, 17, 17) lies outside the moving volume
+
+
+def test_dimension_mismatch_is_an_input_error():
+    flat = ImageVolume(np.zeros((4, 4)), Geometry.identity(2), source="slice.png")
+    with pytest.raises(InputError, match="2D image onto a 3D reference"):
+        resample_to_reference(flat, ImageVolume(np.zeros((4, 4, 4)), Geometry.identity(3)))

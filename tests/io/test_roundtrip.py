@@ -1,0 +1,156 @@
+"""Geometry and voxels survive read → write → read for NIfTI, MetaImage/NRRD, DICOM series and PNG."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import ImageVolume, read_image, write_image
+
+
+def _sitk_world(image: sitk.Image, array_index) -> np.ndarray:
+    """World point of an array index according to SimpleITK (the independent reference)."""
+    itk_index = [int(i) for i in reversed(array_index)]
+    return np.array(image.TransformIndexToPhysicalPoint(itk_index))[::-1]
+
+
+def _our_world(volume: ImageVolume, array_index) -> np.ndarray:
+    return (volume.geometry.index_to_world @ [*array_index, 1])[:-1]
+
+
+def _corner_indices(shape):
+    return [tuple(0 if bit == "0" else n - 1 for bit, n in zip(f"{code:0{len(shape)}b}", shape)) for code in range(2 ** len(shape))]
+
+
+@pytest.fixture
+def oblique_nifti(tmp_path, rotation, rng):
+    affine = np.eye(4)
+    affine[:3, :3] = rotation((12.0, -20.0, 35.0)) @ np.diag([0.7, 1.3, 3.0])
+    affine[:3, 3] = [-40.5, 12.25, 60.0]
+    data = rng.integers(-1000, 2500, size=(9, 8, 6)).astype(np.int16)  # nibabel order (i, j, k)
+    path = tmp_path / "oblique.nii.gz"
+    nib.Nifti1Image(data, affine).to_filename(path)
+    return path, data
+
+
+def test_nifti_oblique_geometry_matches_simpleitk_and_round_trips(oblique_nifti, tmp_path):
+    path, data = oblique_nifti
+    volume = read_image(path)
+    assert volume.array.shape == data.shape[::-1]
+    np.testing.assert_array_equal(volume.array, data.transpose())
+    reference = sitk.ReadImage(str(path))  # ITK converts RAS → LPS its own way
+    for index in _corner_indices(volume.array.shape):
+        # ITK reads the float32 quaternion qform, nibabel the float32 sform: they agree to ~1e-5 mm.
+        np.testing.assert_allclose(_our_world(volume, index), _sitk_world(reference, index), atol=1e-4)
+
+    written = write_image(volume, tmp_path / "copy.nii.gz")
+    reread = nib.load(written)
+    np.testing.assert_allclose(reread.affine, nib.load(path).affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asanyarray(reread.dataobj), data)
+    assert reread.get_data_dtype() == np.int16
+
+
+def test_nifti_to_metaimage_keeps_world_positions(oblique_nifti, tmp_path):
+    path, _ = oblique_nifti
+    volume = read_image(path)
+    mha = sitk.ReadImage(str(write_image(volume, tmp_path / "copy.mha")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mha), volume.array)
+    for index in _corner_indices(volume.array.shape):
+        np.testing.assert_allclose(_sitk_world(mha, index), _our_world(volume, index), atol=1e-9)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_itk_formats_round_trip(suffix, tmp_path, oblique_sitk_image, rng):
+    array = rng.normal(size=(5, 7, 6)).astype(np.float32)
+    image = oblique_sitk_image(array, (0.6, 0.9, 2.5), (10.0, -5.0, 3.5), (5.0, 10.0, -30.0))
+    path = tmp_path / f"in{suffix}"
+    sitk.WriteImage(image, str(path))
+    volume = read_image(path)
+    np.testing.assert_array_equal(volume.array, array)
+    for index in _corner_indices(array.shape):
+        np.testing.assert_allclose(_our_world(volume, index), _sitk_world(image, index), atol=1e-9)
+
+    for out_suffix in (suffix, ".nii.gz"):
+        again = read_image(write_image(volume, tmp_path / f"out{out_suffix}"))
+        np.testing.assert_array_equal(again.array, array)
+        # NIfTI stores the affine as float32.
+        np.testing.assert_allclose(again.geometry.index_to_world, volume.geometry.index_to_world, atol=1e-5)
+
+
+def test_dicom_series_round_trip(tmp_path, oblique_sitk_image, write_dicom_series, rng):
+    array = rng.integers(-1000, 3000, size=(6, 10, 8)).astype(np.int16)
+    image = oblique_sitk_image(array, (0.8, 0.6, 2.0), (-100.0, 50.0, 20.0), (0.0, 15.0, 25.0))
+    files = write_dicom_series(image, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.1001")
+
+    for path in (tmp_path / "series", files[3]):  # the folder, or any file of the series
+        volume = read_image(path)
+        np.testing.assert_array_equal(volume.array, array)
+        for index in _corner_indices(array.shape):
+            np.testing.assert_allclose(_our_world(volume, index), _sitk_world(image, index), atol=1e-5)
+        assert volume.metadata["modality"] == "ct"
+
+    again = read_image(write_image(volume, tmp_path / "from_dicom.nii.gz"))
+    np.testing.assert_array_equal(again.array, array)
+    np.testing.assert_allclose(again.geometry.index_to_world, volume.geometry.index_to_world, atol=1e-5)
+
+
+def test_folder_with_two_dicom_series_lists_them_and_a_file_picks_one(
+    tmp_path, oblique_sitk_image, write_dicom_series, rng
+):
+    folder = tmp_path / "two"
+    first = oblique_sitk_image(rng.integers(0, 100, (3, 6, 5)).astype(np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (0, 0, 0))
+    second_array = rng.integers(0, 100, (4, 6, 5)).astype(np.int16)
+    second = oblique_sitk_image(second_array, (0.5, 0.5, 1.0), (9.0, 9.0, 9.0), (0, 0, 10))
+    write_dicom_series(first, folder, "1.2.826.0.1.3680043.2.1125.2001")
+    files = write_dicom_series(second, folder, "1.2.826.0.1.3680043.2.1125.2002")
+
+    with pytest.raises(InputError) as caught:
+        read_image(folder)
+    message = str(caught.value)
+    assert "2 DICOM series" in message and "2001" in message and "2002" in message and str(folder) in message
+
+    np.testing.assert_array_equal(read_image(files[0]).array, second_array)
+
+
+def test_four_d_nifti_frame_is_selected(tmp_path, rng):
+    frames = rng.normal(size=(5, 4, 3, 3)).astype(np.float32)
+    path = tmp_path / "dynamic.nii.gz"
+    nib.Nifti1Image(frames, np.diag([2.0, 2.0, 3.0, 1.0])).to_filename(path)
+    volume = read_image(path, frame=2)
+    np.testing.assert_array_equal(volume.array, frames[..., 2].transpose())
+    assert volume.metadata["frame"] == 2
+
+
+def test_png_grey_rgb_and_float_output(tmp_path, rng):
+    grey = rng.integers(0, 256, (12, 9)).astype(np.uint8)
+    colour = rng.integers(0, 256, (12, 9, 3)).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+
+    grey_volume = read_image(tmp_path / "grey.png")
+    assert not grey_volume.is_rgb and grey_volume.ndim == 2
+    np.testing.assert_array_equal(grey_volume.array, grey)
+    np.testing.assert_array_equal(grey_volume.geometry.index_to_world, np.eye(3))
+
+    colour_volume = read_image(tmp_path / "colour.png")
+    assert colour_volume.is_rgb and colour_volume.ndim == 2
+    np.testing.assert_array_equal(colour_volume.array, colour)
+
+    fused = rng.uniform(0, 1, (12, 9)).astype(np.float32)
+    written = write_image(ImageVolume(fused, grey_volume.geometry), tmp_path / "fused.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(written)), np.round(fused * 255).astype(np.uint8))
+    again = read_image(write_image(colour_volume, tmp_path / "colour_copy.png"))
+    np.testing.assert_array_equal(again.array, colour)
+
+
+def test_writer_refuses_to_overwrite_its_source(oblique_nifti):
+    path, _ = oblique_nifti
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="overwrite") as caught:
+        write_image(read_image(path), path)
+    assert str(path) in str(caught.value)
+    assert path.read_bytes() == before

@@ -1,0 +1,193 @@
+"""Fusion metrics: known values, flat input, scale handling, and independent references.
+
+References used: torchmetrics VIF-P (Q_vif), scikit-image SSIM / PSNR / NMI / Shannon entropy
+(Q_ssim, Q_s, Q_psnr, NMI, EN), scikit-learn ``mutual_info_score`` (MI), numpy ``corrcoef`` (Q_cc, Q_scd).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from skimage.measure import shannon_entropy
+from skimage.metrics import normalized_mutual_information as skimage_nmi
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from sklearn.metrics import mutual_info_score
+from torchmetrics.functional.image import visual_information_fidelity
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.metrics import (
+    METRIC_NAMES,
+    entropy,
+    fusion_metrics,
+    mutual_information,
+    normalized_mutual_information,
+    q_cc,
+    q_psnr,
+    q_s,
+    q_scd,
+    q_ssim,
+    q_vif,
+)
+
+# Q^{AB/F} of a perfect transfer: strength term saturates at Tg, orientation term at Ta/(1+e^{22·(1−0.8)·−1}).
+PERFECT_QABF = 0.9994 * 0.9879 / (1 + math.exp(-22 * (1 - 0.8)))
+
+
+def test_fusing_an_image_with_itself_gives_the_ideal_values(source_pair):
+    a, _ = source_pair
+    levels = np.round(a * 255).astype(np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fusion_metrics(a, a, a)
+    assert set(result) == set(METRIC_NAMES)
+    assert result["Q_mse"] == 0
+    assert result["Q_cc"] == pytest.approx(1)
+    assert result["Q_psnr"] == math.inf
+    assert result["Q_ssim"] == pytest.approx(2)
+    assert result["Q_vif"] == pytest.approx(2, abs=1e-6)
+    assert result["Q_s"] == pytest.approx(1)
+    # Exactly PERFECT_QABF only where edges are strong: the references score g_A = g_F by g_F itself.
+    assert 0.97 < result["Q_abf"] <= PERFECT_QABF
+    assert result["Q_cv"] == pytest.approx(0, abs=1e-9)
+    assert result["NMI"] == pytest.approx(2)
+    # I(A; A) = H(A): MI of F = A = B is twice the entropy (in nats) of A's grey levels.
+    assert result["MI"] == pytest.approx(2 * shannon_entropy(levels, base=math.e))
+    assert result["EN"] == pytest.approx(shannon_entropy(levels, base=2))
+    assert math.isnan(result["Q_scd"])  # correlations with F − A = 0 are undefined
+
+
+def test_flat_images_give_documented_values_without_warnings():
+    flat = np.zeros((48, 48))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fusion_metrics(flat, flat, flat)
+        grey = fusion_metrics(flat + 0.5, flat + 0.5, flat + 0.5)
+    # The references' zero-padded Sobel filters see the border of a non-zero flat image as an edge.
+    assert grey["Q_abf"] == pytest.approx(PERFECT_QABF)
+    assert result["Q_mse"] == 0 and result["Q_psnr"] == math.inf
+    assert result["EN"] == 0 and result["AG"] == 0 and result["MI"] == 0
+    assert result["Q_ssim"] == pytest.approx(2) and result["Q_s"] == pytest.approx(1)
+    assert result["Q_vif"] == 2  # CDDFuse scores a source without variance as 1
+    for undefined in ("Q_cc", "Q_scd", "Q_abf", "Q_cv", "NMI"):
+        assert math.isnan(result[undefined]), undefined
+
+
+def test_unit_and_grey_scale_inputs_give_the_same_metrics(source_pair):
+    a, b = source_pair
+    fused = np.maximum(a, b)
+    on_unit = fusion_metrics(fused, a, b)
+    on_grey = fusion_metrics(fused * 255, a * 255, b * 255)
+    assert on_grey == pytest.approx(on_unit, rel=1e-9, abs=1e-12)
+
+
+def test_bad_inputs_raise_input_error(source_pair):
+    a, b = source_pair
+    with pytest.raises(InputError, match="same shape"):
+        fusion_metrics(a, b[:-1], b)
+    with pytest.raises(InputError, match="normalise"):
+        fusion_metrics(a * 1000, a, b)
+    with pytest.raises(InputError, match="NaN"):
+        fusion_metrics(np.full_like(a, np.nan), a, b)
+    with pytest.raises(InputError, match="41"):
+        q_vif(a[:32, :32], a[:32, :32], b[:32, :32])
+    with pytest.raises(InputError, match="2D"):
+        fusion_metrics(a[0], a[0], b[0])
+
+
+def test_q_vif_matches_torchmetrics(source_pair):
+    a, b = source_pair
+    rng = np.random.default_rng(1)
+    fused = np.clip(0.5 * (a + b) + rng.normal(0, 0.03, a.shape), 0, 1)
+
+    def torchmetrics_vif(reference: np.ndarray) -> float:
+        as_tensor = lambda image: torch.from_numpy(image * 255)[None, None]  # noqa: E731
+        return float(visual_information_fidelity(as_tensor(fused), as_tensor(reference)))
+
+    assert q_vif(fused, a, b) == pytest.approx(torchmetrics_vif(a) + torchmetrics_vif(b), rel=1e-9)
+
+
+def test_q_ssim_is_the_sum_of_skimage_ssims(source_pair):
+    a, b = source_pair
+    fused = 0.6 * a + 0.4 * b
+    expected = sum(structural_similarity(fused * 255, s * 255, data_range=255) for s in (a, b))
+    assert q_ssim(fused, a, b) == pytest.approx(expected)
+    assert 1 < expected < 2  # a good fusion exceeds 1, as in UniFuse's tables
+
+
+def test_q_s_reduces_to_wang_ssim_when_both_sources_agree(source_pair):
+    a, b = source_pair
+    # λ·SSIM(F,A) + (1−λ)·SSIM(F,A) = SSIM(F,A): Wang's Gaussian SSIM over the 'valid' region.
+    _, ssim_map = structural_similarity(
+        b * 255, a * 255, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True
+    )
+    assert q_s(b, a, a) == pytest.approx(ssim_map[5:-5, 5:-5].mean())
+    assert q_s(a, a, b) == pytest.approx(q_s(a, b, a))  # symmetric in the sources
+    assert q_s(a, a, b) > q_s(np.flipud(a), a, b)
+
+
+def test_q_psnr_matches_skimage_when_sources_agree(source_pair):
+    a, _ = source_pair
+    fused = np.clip(a + 0.05, 0, 1)
+    expected = peak_signal_noise_ratio(a * 255, fused * 255, data_range=fused.max() * 255)
+    assert q_psnr(fused, a, a) == pytest.approx(expected)
+
+
+def test_q_cc_and_q_scd_match_numpy_correlations(source_pair):
+    a, b = source_pair
+    fused = np.sqrt(a * b)
+    r = lambda x, y: np.corrcoef(x.ravel(), y.ravel())[0, 1]  # noqa: E731
+    assert q_cc(fused, a, b) == pytest.approx((r(a, fused) + r(b, fused)) / 2)
+    assert q_scd(fused, a, b) == pytest.approx(r(a, fused - b) + r(b, fused - a))
+
+
+def test_shifting_the_fused_image_lowers_correlation_and_mutual_information(source_pair):
+    a, b = source_pair
+    shifts = (0, 2, 6)
+    cc = [q_cc(np.roll(a, s, axis=1), a, a) for s in shifts]
+    mi = [mutual_information(np.roll(a, s, axis=1), a, a) for s in shifts]
+    assert cc[0] > cc[1] > cc[2]
+    assert mi[0] > mi[1] > mi[2]
+
+
+def test_mutual_information_matches_scikit_learn(source_pair):
+    a, b = source_pair
+    fused = 0.5 * (a + b)
+    levels = [np.round(image * 255).astype(np.uint8).ravel() for image in (fused, a, b)]
+    expected = mutual_info_score(levels[0], levels[1]) + mutual_info_score(levels[0], levels[2])
+    assert mutual_information(fused, a, b) == pytest.approx(expected)
+
+
+def test_nmi_matches_skimage_normalized_mutual_information():
+    rng = np.random.default_rng(2)
+    # Full-range uint8 images so skimage's 256 bins over [min, max] are exactly the grey levels.
+    a = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+    b = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+    fused = np.where(rng.random((48, 48)) < 0.5, a, b).astype(np.uint8)
+    fused[0, :2], a[0, :2], b[0, :2] = (0, 255), (0, 255), (0, 255)
+    # skimage's Y = (H(X) + H(F)) / H(X, F), so I / (H(X) + H(F)) = 1 − 1/Y.
+    y = [skimage_nmi(s, fused, bins=256) for s in (a, b)]
+    assert normalized_mutual_information(fused, a, b) == pytest.approx(2 * ((1 - 1 / y[0]) + (1 - 1 / y[1])))
+
+
+def test_entropy_known_values():
+    half_and_half = np.zeros((16, 16), dtype=np.uint8)
+    half_and_half[:, 8:] = 200
+    assert entropy(half_and_half) == pytest.approx(1.0)
+    all_levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert entropy(all_levels) == pytest.approx(8.0)
+    rng = np.random.default_rng(3)
+    image = ndimage.gaussian_filter(rng.random((40, 40)), 1)
+    assert entropy(image) == pytest.approx(shannon_entropy(np.round(image * 255).astype(np.uint8), base=2))
+
+
+def test_volumes_average_the_2d_metrics_over_non_empty_axial_slices(source_pair):
+    a, b = source_pair
+    fused = 0.5 * (a + b)
+    volume = lambda image: np.stack([image, np.flipud(image), np.zeros_like(image)])  # noqa: E731
+    per_slice = [q_ssim(fused, a, b), q_ssim(np.flipud(fused), np.flipud(a), np.flipud(b))]
+    assert q_ssim(volume(fused), volume(a), volume(b)) == pytest.approx(np.mean(per_slice))

@@ -1,0 +1,140 @@
+"""Registration metrics: image similarity to the label, Jacobian determinant, folding and SDlogJ.
+
+References: SimpleITK ``DisplacementFieldJacobianDeterminant`` (det J) and Learn2Reg's evaluation
+code (``evaluation/utils.py`` + ``evaluation.py``, transcribed below: zero-padded central differences
+via ``scipy.ndimage.correlate``, 2-voxel crop, SDlogJ = std(log(clip(det J + 3, 1e-9, 1e9)))).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.metrics import folding_percentage, jacobian_determinant, registration_metrics, sd_log_jacobian
+
+
+def test_identical_images_score_perfectly(source_pair):
+    a, _ = source_pair
+    result = registration_metrics(a, a)
+    assert result == pytest.approx({"mse": 0.0, "ncc": 1.0, "ssim": 1.0})
+
+
+def test_shifts_lower_ncc_and_ssim_and_raise_mse(source_pair):
+    a, _ = source_pair
+    results = [registration_metrics(np.roll(a, shift, axis=0), a) for shift in (0, 1, 3, 6)]
+    for better, worse in zip(results, results[1:]):
+        assert better["ncc"] > worse["ncc"]
+        assert better["ssim"] > worse["ssim"]
+        assert better["mse"] < worse["mse"]
+
+
+def test_values_match_numpy_and_skimage_without_a_mask(source_pair):
+    a, b = source_pair
+    result = registration_metrics(b, a)
+    assert result["mse"] == pytest.approx(np.mean((a - b) ** 2))
+    assert result["ncc"] == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+    assert result["ssim"] == pytest.approx(structural_similarity(b, a, data_range=1.0))
+
+
+def test_the_mask_restricts_every_metric(source_pair):
+    a, _ = source_pair
+    corrupted = a.copy()
+    corrupted[:, 40:] = 0.0  # wrong only outside the mask
+    mask = np.zeros(a.shape, dtype=bool)
+    mask[:, :30] = True
+    assert registration_metrics(corrupted, a, mask) == pytest.approx({"mse": 0.0, "ncc": 1.0, "ssim": 1.0})
+    assert registration_metrics(corrupted, a)["mse"] > 0
+
+
+def test_volumes_are_scored_in_3d(make_phantom):
+    label = np.stack([make_phantom((24, 24), 0, blur=1.0 + 0.1 * z) for z in range(8)])
+    result = registration_metrics(np.roll(label, 1, axis=0), label)
+    assert 0 < result["ssim"] < 1 and 0 < result["ncc"] < 1
+
+
+def test_bad_registration_inputs_raise_input_error(source_pair):
+    a, b = source_pair
+    with pytest.raises(InputError, match="mask"):
+        registration_metrics(a, b, mask=np.zeros((3, 3), dtype=bool))
+    with pytest.raises(InputError, match="no voxels"):
+        registration_metrics(a, b, mask=np.zeros(a.shape, dtype=bool))
+    with pytest.raises(InputError, match="same shape"):
+        registration_metrics(a, b[1:])
+
+
+def identity_grid(shape: tuple[int, ...]) -> np.ndarray:
+    return np.stack(np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij"))
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (7, 9, 8)])
+def test_identity_field_has_unit_determinant_and_no_folding(shape):
+    u = np.zeros((len(shape), *shape))
+    np.testing.assert_allclose(jacobian_determinant(u), 1.0)
+    assert folding_percentage(u) == 0
+    assert sd_log_jacobian(u) == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (7, 9, 8)])
+def test_uniform_scaling_has_determinant_scale_to_the_ndim(shape):
+    u = 0.2 * identity_grid(shape)  # x → 1.2·x
+    np.testing.assert_allclose(jacobian_determinant(u), 1.2 ** len(shape))
+    assert sd_log_jacobian(u) == pytest.approx(0, abs=1e-12)
+
+
+def test_a_mirrored_slab_folds_the_expected_percentage():
+    shape = (20, 6, 6)
+    # φ_z has slope −1 between z = 8 and 12 and +1 elsewhere. Central differences average the two
+    # neighbouring slopes, so det J = ∂φ_z/∂z ≤ 0 on z = 8…12 (at z = 8 and 12 it is exactly 0):
+    # 5 of the 16 slices left after Learn2Reg's 2-voxel crop.
+    slopes = np.where((np.arange(shape[0] - 1) >= 8) & (np.arange(shape[0] - 1) < 12), -1.0, 1.0)
+    phi_z = np.concatenate([[0.0], np.cumsum(slopes)])
+    u = np.zeros((3, *shape))
+    u[0] = (phi_z - np.arange(shape[0]))[:, None, None]
+    assert folding_percentage(u) == pytest.approx(100 * 5 / 16)
+
+
+def test_jacobian_matches_simpleitk_on_a_smooth_random_field():
+    rng = np.random.default_rng(7)
+    shape = (10, 12, 14)  # three different sizes so a swapped axis cannot pass
+    u = np.stack([ndimage.gaussian_filter(rng.normal(0, 6, shape), 2) for _ in range(3)])
+    # ITK wants the vector components in x, y, z order; the image axes reverse on the way in and out.
+    itk_field = sitk.GetImageFromArray(np.moveaxis(u[::-1], 0, -1), isVector=True)
+    itk_determinant = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(itk_field))
+    interior = (slice(1, -1),) * 3  # ITK's boundary handling differs from np.gradient's one-sided ends
+    np.testing.assert_allclose(jacobian_determinant(u)[interior], itk_determinant[interior], rtol=1e-4, atol=1e-5)
+
+
+def learn2reg_jacobian_determinant(disp: np.ndarray) -> np.ndarray:
+    """MDL-UzL/L2R evaluation/utils.py ``jacobian_determinant`` for a (1, 3, H, W, D) field."""
+    kernels = [np.array([-0.5, 0, 0.5]).reshape(shape) for shape in ((1, 3, 1, 1), (1, 1, 3, 1), (1, 1, 1, 3))]
+    grad_disp = np.concatenate(
+        [
+            np.stack([ndimage.correlate(disp[:, c], kernel, mode="constant", cval=0.0) for c in range(3)], axis=1)
+            for kernel in kernels
+        ],
+        0,
+    )
+    jacobian = (grad_disp + np.eye(3).reshape(3, 3, 1, 1, 1))[:, :, 2:-2, 2:-2, 2:-2]
+    return np.linalg.det(np.moveaxis(jacobian, (0, 1), (-2, -1)))
+
+
+def test_folding_and_sdlogj_match_learn2reg_on_a_rough_field():
+    rng = np.random.default_rng(8)
+    u = np.stack([ndimage.gaussian_filter(rng.normal(0, 8, (12, 10, 11)), 1) for _ in range(3)])
+    reference = learn2reg_jacobian_determinant(u[np.newaxis])
+    assert (reference <= 0).any(), "the test field should fold somewhere"
+    assert folding_percentage(u) == pytest.approx(100 * np.mean(reference <= 0))
+    assert sd_log_jacobian(u) == pytest.approx(np.log(np.clip(reference + 3, 1e-9, 1e9)).std())
+
+
+def test_bad_displacement_fields_raise_input_error():
+    with pytest.raises(InputError, match="shape"):
+        jacobian_determinant(np.zeros((3, 8, 8)))  # 3 components for a 2D field
+    with pytest.raises(InputError, match="border crop"):
+        folding_percentage(np.zeros((2, 4, 30)))
+    with pytest.raises(InputError, match="NaN"):
+        jacobian_determinant(np.full((2, 6, 6), np.nan))

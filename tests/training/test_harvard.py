@@ -1,0 +1,94 @@
+"""Harvard AANLIB indexing and the patient-independent split, on a fake folder built here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.io import imsave
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.training import harvard
+
+# task -> case -> slice numbers; cases 21 (CT & SPECT) and 41 (CT & PET) appear in two folders,
+# as in the real collection, where they are the same subject.
+FAKE_LAYOUT = {
+    "CT-MRI": {2: [4, 6, 7], 16: [3, 4, 5, 6], 21: [4, 5], 41: [3, 4, 5]},
+    "PET-MRI": {25: [15, 16, 17], 30: [25, 26], 41: [22, 24, 25]},
+    "SPECT-MRI": {3: [8, 9], 9: [10, 11, 12], 21: [5, 6, 7], 35: [5, 8], 40: [11, 13, 14]},
+}
+
+
+def write_fake_harvard(root, size=16):
+    rng = np.random.default_rng(0)
+    for task, cases in FAKE_LAYOUT.items():
+        reference_name, moving_name, _ = harvard.HARVARD_TASKS[task]
+        for case, slices in cases.items():
+            for slice_number in slices:
+                name = f"{case}{slice_number:03d}.png"
+                for folder in (reference_name, moving_name):
+                    (root / task / folder).mkdir(parents=True, exist_ok=True)
+                    colour = folder in ("PET", "SPECT")
+                    shape = (size, size, 3) if colour else (size, size)
+                    imsave(root / task / folder / name, rng.integers(0, 256, shape, dtype=np.uint8), check_contrast=False)
+    return root
+
+
+def test_case_is_the_number_without_its_three_slice_digits():
+    assert harvard.case_of("2004") == 2
+    assert harvard.case_of("16003") == 16
+    assert harvard.case_of("32003") == 32
+    assert harvard.case_of("41113") == 41
+    with pytest.raises(InputError):
+        harvard.case_of("abc")
+
+
+def test_index_pairs_every_file_with_its_partner(tmp_path):
+    root = write_fake_harvard(tmp_path)
+    pairs = harvard.index_harvard(root)
+    assert len(pairs) == sum(len(s) for cases in FAKE_LAYOUT.values() for s in cases.values())
+    for pair in pairs:
+        assert pair.reference_path.name == pair.moving_path.name
+        assert pair.reference_path.parent.name == "MRI"
+    # Numeric order within a task: 2004 comes before 16003.
+    ct = [p.pair_id for p in pairs if p.task == "CT-MRI"]
+    assert ct.index("2004") < ct.index("16003")
+
+
+def test_unpaired_file_is_reported(tmp_path):
+    root = write_fake_harvard(tmp_path)
+    (root / "CT-MRI" / "CT" / "2004.png").unlink()
+    with pytest.raises(InputError, match="2004"):
+        harvard.index_harvard(root)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_split_is_patient_independent_across_all_folders(tmp_path, seed):
+    pairs = harvard.index_harvard(write_fake_harvard(tmp_path))
+    train, validation = harvard.split_cases(pairs, val_fraction=0.2, seed=seed)
+    train_cases = {p.case for p in train}
+    validation_cases = {p.case for p in validation}
+    assert validation and train
+    assert not train_cases & validation_cases
+    assert len(train) + len(validation) == len(pairs)
+    # Every task keeps training data.
+    assert {p.task for p in train} == set(FAKE_LAYOUT)
+
+
+def test_split_is_deterministic_and_depends_on_the_seed(tmp_path):
+    pairs = harvard.index_harvard(write_fake_harvard(tmp_path))
+    first = harvard.split_cases(pairs, 0.2, seed=5)[1]
+    again = harvard.split_cases(pairs, 0.2, seed=5)[1]
+    assert [p.pair_id for p in first] == [p.pair_id for p in again]
+    others = {tuple(sorted({p.case for p in harvard.split_cases(pairs, 0.2, seed=s)[1]})) for s in range(8)}
+    assert len(others) > 1
+
+
+def test_read_pair_splits_colour_into_luma_and_chroma(tmp_path):
+    pairs = harvard.index_harvard(write_fake_harvard(tmp_path))
+    pet = next(p for p in pairs if p.task == "PET-MRI")
+    reference, luma, chroma = harvard.read_harvard_pair(pet)
+    assert reference.shape == luma.shape == (16, 16)
+    assert chroma.shape == (2, 16, 16)
+    assert 0.0 <= luma.min() and luma.max() <= 1.0
+    ct = next(p for p in pairs if p.task == "CT-MRI")
+    assert harvard.read_harvard_pair(ct)[2] is None
