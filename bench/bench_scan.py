@@ -115,13 +115,13 @@ def main():
           "float32, softplus, D, z, initial state, last state\n")
 
     print("chunk-size sweep (torch path), fwd | fwd+bwd")
-    for setting in settings[:2]:
-        for chunk in (16, 32, 64, 128, 256):
+    for setting in settings:
+        for chunk in (16, 32, 64, 128, 256, 512):
             fwd, fwd_bwd = forward_and_backward_times(
                 lambda **kw: selective_scan_torch(**kw, chunk_size=chunk), setting, device,
                 args.repeats)
             print(f"  {setting} T={chunk:<4d} {fmt(fwd)} | {fmt(fwd_bwd)}")
-        print(f"  default chunk for L={setting[3]}: {default_chunk_size(setting[3])}")
+        print(f"  default chunk: {default_chunk_size(setting[3])}")
 
     print("\nchunked torch scan (default chunk) vs sequential reference, fwd | fwd+bwd")
     for setting in settings:

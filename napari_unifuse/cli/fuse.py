@@ -22,6 +22,7 @@ from napari_unifuse.engine.outputs import is_complete, write_fusion_outputs, wri
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resample_to_reference
+from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES
 from napari_unifuse.metrics import registration_metrics
 from napari_unifuse.model.checkpoint import list_checkpoints
@@ -57,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"(default: {DEFAULT_CHECKPOINTS[2]} for 2D, {DEFAULT_CHECKPOINTS[3]} for 3D)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--tile-size", type=int, help="voxels per tile side for large inputs (default: one pass)")
+    for role in ("reference", "moving"):
+        parser.add_argument(f"--{role}-modality", choices=MODALITIES, default="auto",
+                            help=f"how to normalise the {role} intensities (default: from the header or the values)")
     parser.add_argument("--overwrite", action="store_true", help="redo pairs whose outputs are complete")
     parser.set_defaults(func=run)
 
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = _pairs_from_args(args)
     resolve_device(args.device)  # a CUDA request on a CPU machine fails before any work
     engines = _EngineCache(args.checkpoint, args.device, args.tile_size)
+    modalities = {"reference_modality": args.reference_modality, "moving_modality": args.moving_modality}
     failures = 0
     for index, pair in enumerate(pairs, start=1):
         out_dir = args.out / pair.name
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{prefix}: skipped, already done ({out_dir})")
             continue
         try:
-            fuse_pair(pair, out_dir, engines, prefix)
+            fuse_pair(pair, out_dir, engines, prefix, **modalities)
         except (InputError, CheckpointError) as error:
             if len(pairs) == 1:
                 raise
@@ -88,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str) -> FusionResult:
+def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, **modalities: str) -> FusionResult:
     """Read, fuse and write one pair; nothing is written unless fusion succeeded."""
     reference, moving = read_image(pair.reference), read_image(pair.moving)
     label = read_image(pair.label) if pair.label is not None else None
     engine = engines.for_dimensions(reference.ndim)
     with TqdmProgress(prefix) as progress:
-        result = engine.run_fusion(reference, moving, progress=progress)
+        result = engine.run_fusion(reference, moving, progress=progress, **modalities)
     for warning in result.warnings:
         print(f"{prefix}: warning: {warning}", file=sys.stderr)
     write_fusion_outputs(result, out_dir)

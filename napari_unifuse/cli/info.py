@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     costs = measure(config, size)
     shape = "×".join([str(size)] * args.dims)
     print(f"UniFuse, preset {args.preset}, {args.dims}-D, input 1×1×{shape}, "
-          f"scan backend {scan_backend()}")
+          f"scan backend {scan_backend('cpu')} (CPU)")
     print(f"{'module':<8}{'parameters':>14}{'GFLOPs':>12}{'(scan, analytic)':>20}")
     for cost in costs:
         print(f"{cost.label:<8}{cost.parameters:>14,}{cost.flops / 1e9:>12.3f}"

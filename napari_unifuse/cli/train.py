@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.*")
     parser.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (overrides train.max_steps)")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="stop at this step (checkpointed) without shortening the schedule; --resume continues")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (CUDA if available)")
     parser.add_argument("--data-root", default=None, help="overrides data.root of the config")
     parser.add_argument("--batch-size", type=int, default=None, help="per process; overrides train.batch_size")
@@ -33,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _command(args: argparse.Namespace) -> str:
     """The equivalent `unifuse train` command line, for the checkpoint's metadata."""
     parts = ["unifuse", "train", "--config", args.config]
-    for flag, value in (("--out", args.out), ("--max-steps", args.max_steps), ("--device", args.device),
+    for flag, value in (("--out", args.out), ("--max-steps", args.max_steps), ("--stop-at", args.stop_at),
+                        ("--device", args.device),
                         ("--data-root", args.data_root), ("--batch-size", args.batch_size)):
         if value is not None:
             parts += [flag, str(value)]
@@ -55,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
     data_overrides = {"root": str(Path(args.data_root).resolve())} if args.data_root else {}
     config = config.with_overrides(train=train_overrides, data=data_overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if args.stop_at is not None and args.stop_at < 1:
+        raise InputError(f"--stop-at must be at least 1, got {args.stop_at}", "unifuse train")
     result = train(config, out, device=args.device, resume=args.resume, command=_command(args),
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, stop_at_step=args.stop_at)
+    if result.rank != 0:
+        return 0  # under torchrun only the first process reports
     scores = ", ".join(f"{name} {value:.4f}" for name, value in result.validation.items())
     print(f"step {result.step}: {result.last_checkpoint}" + (f" (validation: {scores})" if scores else ""))
     if result.best_checkpoint is not None:

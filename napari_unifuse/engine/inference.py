@@ -41,11 +41,11 @@ from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.tiling import TilePrediction, predict_tiled, tile_layout
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
+from napari_unifuse.io.readers import PILLOW_SUFFIXES
 from napari_unifuse.model.checkpoint import load_checkpoint, resolve_checkpoint
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.warp import warp
 
-RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Cb and Cr are stored offset by 0.5 (neutral grey); shifting them to 0 before resampling and
 # warping makes the zero fill outside the moving image's field of view colourless.
 _CHROMA_NEUTRAL = 0.5
@@ -164,7 +164,7 @@ class FusionEngine:
                 "moving": {**describe_source(moving.source), "shape": list(moving.array.shape),
                            "geometry": moving.geometry.to_dict(), "rgb": moving.is_rgb},
             },
-            "checkpoint": _json_safe(self.checkpoint_info),
+            "checkpoint": self.checkpoint_info,
             "model_config": self.config.to_dict(),
             "requested_device": str(self.device),
             **run_info,
@@ -196,7 +196,7 @@ class FusionEngine:
                 f"{_describe_dims(moving)}; both must be 2D or both 3D", moving.source or "moving image")
         if self.config.spatial_dims != reference.ndim:
             raise InputError(
-                f"{self.checkpoint_name} is a {self.config.spatial_dims}D model but the images are "
+                f"this checkpoint is a {self.config.spatial_dims}D model but the images are "
                 f"{reference.ndim}D; pass a {reference.ndim}D checkpoint (--checkpoint)", self.checkpoint_name)
 
     def _predict(
@@ -294,8 +294,9 @@ class FusionEngine:
             aligned = _recombine_rgb(restored, moving_chroma)
         else:
             aligned = _to_dtype(moving_ready.mapping.inverse(restored), moving_ready.dtype)
-        is_raster = any(str(image.source or "").lower().endswith(RASTER_SUFFIXES) for image in (reference, moving))
-        extension = "png" if reference.ndim == 2 and (is_raster or carried_chroma is not None) else "nii.gz"
+        # Outputs take the reference's format; an RGB result needs PNG (NIfTI holds no colour).
+        reference_is_raster = str(reference.source or "").lower().endswith(PILLOW_SUFFIXES)
+        extension = "png" if reference_is_raster or carried_chroma is not None else "nii.gz"
         probs = prediction["class_probs"]
         return FusionResult(
             fused=ImageVolume(fused.astype(np.float32), geometry, {"role": "fused"}, None, carried_chroma is not None),
@@ -329,7 +330,7 @@ def _onto_reference_grid(moving: _PreparedImage, reference: ImageVolume) -> _Pre
             resample_to_reference(dataclasses.replace(moving.luma, array=channel), reference).array
             for channel in moving.chroma
         ]).astype(np.float32)
-    return dataclasses.replace(moving, luma=dataclasses.replace(luma, array=np.clip(luma.array, 0, 1)), chroma=chroma)
+    return dataclasses.replace(moving, luma=luma, chroma=chroma)
 
 
 def _recombine_rgb(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
@@ -351,14 +352,3 @@ def _describe_dims(image: ImageVolume) -> str:
 
 def _input_warnings(*images: ImageVolume) -> list[str]:
     return [f"{image.source}: {warning}" for image in images for warning in image.metadata.get("warnings", [])]
-
-
-def _json_safe(values: Any) -> Any:
-    """Checkpoint metadata as JSON: paths and other objects become strings."""
-    if isinstance(values, dict):
-        return {str(key): _json_safe(value) for key, value in values.items()}
-    if isinstance(values, (list, tuple)):
-        return [_json_safe(value) for value in values]
-    if values is None or isinstance(values, (bool, int, float, str)):
-        return values
-    return str(values)

@@ -36,7 +36,8 @@ def is_complete(out_dir: str | Path) -> bool:
 
 
 def write_json(data: Any, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    # default=str: paths and other plain objects in checkpoint metadata are recorded as text.
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def write_fusion_outputs(result: FusionResult, out_dir: str | Path) -> dict[str, Path]:

@@ -25,7 +25,7 @@ none of the papers defines it and no public reference implementation was found t
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from napari_unifuse.metrics._inputs import (
@@ -91,13 +91,18 @@ def q_scd(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     return _pearson(a, fused - b) + _pearson(b, fused - a)
 
 
-def _vif_gaussian(size: int) -> np.ndarray:
-    """MATLAB ``fspecial('gaussian', size, size / 5)``, the window of the VIF reference."""
-    half = (size - 1) / 2
-    y, x = np.ogrid[-half : half + 1, -half : half + 1]
-    window = np.exp(-(x * x + y * y) / (2 * (size / 5) ** 2))
-    window[window < np.finfo(float).eps * window.max()] = 0
-    return window / window.sum()
+def _vif_filter(image: np.ndarray, size: int) -> np.ndarray:
+    """``convolve2d(image, fspecial('gaussian', size, size / 5), 'valid')``, the VIF reference's window.
+
+    The 2D Gaussian is the outer product of two normalised 1D ones, so two 1D passes give the same
+    result (to round-off) ~size/2 times faster. (The reference zeroes window weights below
+    eps·max; at these sizes the smallest weight is e^-5.5 of the largest, so none are.)
+    """
+    half = (size - 1) // 2
+    weights = np.exp(-(np.arange(-half, half + 1) ** 2) / (2 * (size / 5) ** 2))
+    weights /= weights.sum()
+    blurred = ndimage.correlate1d(ndimage.correlate1d(image, weights, axis=0), weights, axis=1)
+    return blurred[half:-half, half:-half]
 
 
 def _pixel_vif(reference: np.ndarray, distorted: np.ndarray) -> float:
@@ -109,15 +114,15 @@ def _pixel_vif(reference: np.ndarray, distorted: np.ndarray) -> float:
     noise_variance, eps = 2.0, 1e-10
     numerator = denominator = 0.0
     for scale in range(1, 5):
-        window = _vif_gaussian(2 ** (4 - scale + 1) + 1)
+        size = 2 ** (4 - scale + 1) + 1
         if scale > 1:
-            reference = signal.convolve2d(reference, window, mode="valid")[::2, ::2]
-            distorted = signal.convolve2d(distorted, window, mode="valid")[::2, ::2]
-        mu1 = signal.convolve2d(reference, window, mode="valid")
-        mu2 = signal.convolve2d(distorted, window, mode="valid")
-        sigma1_sq = np.maximum(signal.convolve2d(reference * reference, window, mode="valid") - mu1 * mu1, 0)
-        sigma2_sq = np.maximum(signal.convolve2d(distorted * distorted, window, mode="valid") - mu2 * mu2, 0)
-        sigma12 = signal.convolve2d(reference * distorted, window, mode="valid") - mu1 * mu2
+            reference = _vif_filter(reference, size)[::2, ::2]
+            distorted = _vif_filter(distorted, size)[::2, ::2]
+        mu1 = _vif_filter(reference, size)
+        mu2 = _vif_filter(distorted, size)
+        sigma1_sq = np.maximum(_vif_filter(reference * reference, size) - mu1 * mu1, 0)
+        sigma2_sq = np.maximum(_vif_filter(distorted * distorted, size) - mu2 * mu2, 0)
+        sigma12 = _vif_filter(reference * distorted, size) - mu1 * mu2
 
         gain = sigma12 / (sigma1_sq + eps)
         noise = sigma2_sq - gain * sigma12

@@ -53,8 +53,9 @@ def _q_abf_2d(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     total_weight = np.sum(g_a + g_b)
     if total_weight == 0:  # no edges in either source: nothing to transfer, undefined
         return float("nan")
-    transferred = _edge_preservation(g_a, alpha_a, g_f, alpha_f) * g_a + _edge_preservation(g_b, alpha_b, g_f, alpha_f) * g_b
-    return float(np.sum(transferred) / total_weight)
+    transferred_a = _edge_preservation(g_a, alpha_a, g_f, alpha_f) * g_a
+    transferred_b = _edge_preservation(g_b, alpha_b, g_f, alpha_f) * g_b
+    return float(np.sum(transferred_a + transferred_b) / total_weight)
 
 
 @fusion_metric()

@@ -38,7 +38,9 @@ def registration_metrics(
     """
     aligned_f, label_f = check_images(("aligned", "label"), aligned, label, min_side=_SSIM_WINDOW)
     if aligned_f.ndim == 3 and aligned_f.shape[0] < _SSIM_WINDOW:
-        raise InputError(f"volumes need at least {_SSIM_WINDOW} slices for 3D SSIM, got {aligned_f.shape[0]}", "aligned")
+        raise InputError(
+            f"volumes need at least {_SSIM_WINDOW} slices for 3D SSIM, got {aligned_f.shape[0]}", "aligned"
+        )
     if data_range <= 0:
         raise InputError(f"data_range must be positive, got {data_range}")
     if mask is None:

@@ -3,7 +3,8 @@
 F_rf = F + B(F, P̂) + Σ_j p_j R_j(F, P̂)    (Eq. 7, plus a residual so the skip starts as one)
 
 * BaseNet B (Eq. 9-10): prompt-modulated channel self-attention V' = M ⊗ Conv(F), then the
-  gated projection Conv(V') ⊙ GELU(Conv(V')).
+  gated projection Conv(V') ⊙ GELU(Conv(V')) (Restormer's gated-dconv form: 1×1 + depthwise
+  3×3 convs).
 * LoRA branch R_j = A_j diag(1 + γ_j(P̂)) B_j: a rank-r 3×3(×3) conv B_j, scaled per rank by the
   prompt guidance, and a 1×1(×1) conv A_j back to C channels (Eq. 8: W x + Σ λ_j A_j B_j x, with
   λ_j = p_j the degradation probabilities). Because A_j is linear, Σ_j p_j A_j(x_j) equals one
@@ -16,14 +17,14 @@ import torch
 from torch import nn
 
 from napari_unifuse.model.attention import ChannelAttention
-from napari_unifuse.model.layers import conv
+from napari_unifuse.model.layers import conv, pointwise_depthwise
 
 
 class BaseNet(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, head_dim: int, guidance_dim: int) -> None:
         super().__init__()
         self.attention = ChannelAttention(spatial_dims, channels, head_dim, guidance_dim)
-        self.gated_projection = conv(spatial_dims, channels, 2 * channels, 3)
+        self.gated_projection = pointwise_depthwise(spatial_dims, channels, 2 * channels)
 
     def forward(self, features: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         mixed = self.attention(features, features, guidance)

@@ -2,7 +2,8 @@
 
 Eq. 9: M = Resh(MLP(P̂ ⊙ p)) ⊙ (Conv(F) ⊗ Conv(F)ᵀ), V' = M ⊗ Conv(F). The attention matrix is
 channels × channels per head (as in Restormer's MDTA), so its cost is linear in the number of
-voxels — the only kind of attention that fits 160³ volumes. Queries and keys are L2-normalised
+voxels — the only kind of attention that fits 160³ volumes; the Conv projections are 1×1 +
+depthwise 3×3 as in Restormer. Queries and keys are L2-normalised
 along space with a learned per-head temperature, then a softmax turns the modulated similarities
 into mixing weights.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_unifuse.model.layers import conv
+from napari_unifuse.model.layers import pointwise_depthwise
 
 
 class ChannelAttention(nn.Module):
@@ -21,13 +22,14 @@ class ChannelAttention(nn.Module):
         super().__init__()
         self.heads = channels // head_dim
         self.head_dim = head_dim
-        self.query = conv(spatial_dims, channels, channels, 3)
-        self.key_value = conv(spatial_dims, channels, 2 * channels, 3)
+        self.query = pointwise_depthwise(spatial_dims, channels, channels)
+        self.key_value = pointwise_depthwise(spatial_dims, channels, 2 * channels)
         self.temperature = nn.Parameter(torch.ones(self.heads, 1, 1))
         # Resh(MLP(·)) of Eq. 9: one (head_dim × head_dim) modulation per head from the guidance.
         self.modulation = nn.Linear(guidance_dim, self.heads * head_dim * head_dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                guidance: torch.Tensor) -> torch.Tensor:
         """Re-mix the channels of ``context`` by their similarity to those of ``x``.
 
         x, context: (B, C, *spatial); guidance: (B, guidance_dim). Returns (B, C, *spatial).

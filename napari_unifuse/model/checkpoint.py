@@ -51,7 +51,8 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
                           f"packaged checkpoint; packaged: {available})")
 
 
-def save_checkpoint(model: UniFuse, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model: UniFuse, path: str | Path,
+                    metadata: dict[str, Any] | None = None) -> Path:
     """Write ``path`` (.safetensors is appended if missing) and its ``.json`` sidecar."""
     path = Path(path)
     if path.suffix != SUFFIX:

@@ -23,7 +23,7 @@ class UniFuseConfig:
     spatial_dims: int = 2
     in_channels: int = 1
     # C: channels of the shared encoder's feature maps F'_D, F_R (§3.2).
-    feature_channels: int = 16
+    feature_channels: int = 8
     # Q: side length of a patch; tokens live on a grid of spatial / Q (§3.3, §3.4).
     patch_size: int = 4
     # M: token length of DAPL / OUFR (§3.2).
@@ -39,9 +39,9 @@ class UniFuseConfig:
     # J RegBLKs in FA (Table 5: 4 is best); regblock_channels[i] is block i's output width. The
     # last log2(Q) blocks each upsample ×2 so that the field comes out at full resolution.
     num_regblocks: int = 4
-    regblock_channels: tuple[int, ...] = (64, 64, 32, 16)
+    regblock_channels: tuple[int, ...] = (64, 32, 16, 8)
     # UFR&F U-Net widths, one per scale (finest first); ALSN sits on every scale's skip.
-    unet_channels: tuple[int, ...] = (16, 32, 48)
+    unet_channels: tuple[int, ...] = (16, 32, 48, 112)
     # Rank r of each LoRA branch A_ij B_ij (Eq. 8).
     lora_rank: int = 4
     # Channels per head of the channel (transposed) attention in RegBLK and BaseNet (Eq. 9).
@@ -74,11 +74,17 @@ class UniFuseConfig:
                  f"expected num_regblocks={self.num_regblocks}")
         if not self.unet_channels:
             fail("unet_channels must list at least one width")
-        for name in ("regblock_channels", "unet_channels"):
-            for width in getattr(self, name):
-                if width < 1 or width % self.head_dim:
-                    fail(f"{name} entries must be positive multiples of head_dim="
-                         f"{self.head_dim}, got {width}")
+        # Widths that enter a channel attention must split into heads of head_dim channels;
+        # the last RegBLK's output only feeds the output convs.
+        attended = {"regblock_channels": self.regblock_channels[:-1],
+                    "unet_channels": self.unet_channels}
+        for name, widths in attended.items():
+            for width in widths:
+                if width % self.head_dim:
+                    fail(f"{name} entries must be multiples of head_dim={self.head_dim}, "
+                         f"got {width}")
+        if min(self.regblock_channels + self.unet_channels) < 1:
+            fail("regblock_channels and unet_channels must be positive")
         if self.embed_dim % self.head_dim:
             fail(f"embed_dim={self.embed_dim} must be a multiple of head_dim={self.head_dim}")
         if self.slab_size % self.patch_size:
@@ -111,9 +117,9 @@ class UniFuseConfig:
 
     @classmethod
     def small(cls, spatial_dims: int = 2) -> UniFuseConfig:
-        """A few-thousand-parameter network for tests and CPU training."""
+        """A ~50 k-parameter network (2-D; ~100 k in 3-D) for tests and quick CPU training."""
         return cls(
-            spatial_dims=spatial_dims, feature_channels=8, patch_size=4, embed_dim=16,
+            spatial_dims=spatial_dims, feature_channels=4, patch_size=4, embed_dim=16,
             d_state=4, prompt_length=4, num_regblocks=2, regblock_channels=(16, 8),
             unet_channels=(8, 16), lora_rank=2, head_dim=4, slab_size=8,
         )

@@ -52,7 +52,7 @@ class DegradationAwarePromptLearning(nn.Module):
         self.config = config
         self.encoder = nn.Sequential(ConvBlock(dims, config.in_channels, channels),
                                      ConvBlock(dims, channels, channels))
-        self.merge = ConvBlock(dims, 2 * channels, channels)
+        self.merge = conv(dims, 2 * channels, channels, 1)
         self.patch_embed = conv(dims, channels, embed, config.patch_size, stride=config.patch_size)
         self.token_norm = nn.LayerNorm(embed)
         mamba = dict(d_state=config.d_state, d_conv=config.d_conv, expand=config.expand)

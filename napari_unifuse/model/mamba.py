@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_unifuse.model.scan import scan_backend, selective_scan
+from napari_unifuse.model.scan import selective_scan
 
 
 class SelectiveScan(nn.Module):
     """The selective scan as a module, so FLOP counters can tell its operations apart (a fused
     CUDA kernel is invisible to them, the torch path only partly visible) and add them
-    analytically instead, and so the model's repr shows the backend."""
+    analytically instead."""
 
     # Per (batch, channel, step, state): exp(δA), δ·B·u (2), A-update (2), C·h read-out (2).
     FLOPS_PER_STATE = 8
@@ -33,9 +33,6 @@ class SelectiveScan(nn.Module):
     @classmethod
     def flops(cls, batch: int, channels: int, length: int, d_state: int) -> int:
         return batch * channels * length * (cls.FLOPS_PER_STATE * d_state + cls.FLOPS_PER_CHANNEL)
-
-    def extra_repr(self) -> str:
-        return f"backend={scan_backend()}"
 
 
 class MambaBlock(nn.Module):

@@ -60,9 +60,12 @@ def selective_scan_reference(
         u.new_zeros(batch, dim, dstate) if initial_state is None else initial_state.to(compute)
     )
     outputs = []
-    for t in range(length):
-        state = delta_A[:, :, t] * state + delta_B_u[:, :, t]
-        outputs.append(torch.einsum("bdn,bdn->bd", state, C_full[..., t]))
+    # unbind, not indexing: the backward of L index ops would write L full-size gradients
+    # (quadratic in L); unbind's backward stacks them once.
+    steps = zip(delta_A.unbind(2), delta_B_u.unbind(2), C_full.unbind(3))
+    for decay_t, input_t, C_t in steps:
+        state = decay_t * state + input_t
+        outputs.append(torch.einsum("bdn,bdn->bd", state, C_t))
     y = torch.stack(outputs, dim=2)
     out = y if D is None else y + u * D.to(compute)[:, None]
     if z is not None:

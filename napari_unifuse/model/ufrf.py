@@ -17,20 +17,14 @@ from napari_unifuse.model.guidance import PromptGuidance
 from napari_unifuse.model.layers import ConvBlock, conv, upsample
 
 
-def _double_conv(spatial_dims: int, in_channels: int, out_channels: int,
-                 stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(ConvBlock(spatial_dims, in_channels, out_channels, stride),
-                         ConvBlock(spatial_dims, out_channels, out_channels))
-
-
 class RestorationFusion(nn.Module):
     def __init__(self, config: UniFuseConfig) -> None:
         super().__init__()
         dims, widths = config.spatial_dims, config.unet_channels
         self.guidance = PromptGuidance(config.embed_dim, config.embed_dim)
         self.encoders = nn.ModuleList(
-            _double_conv(dims, 2 * config.feature_channels if i == 0 else widths[i - 1],
-                         widths[i], stride=1 if i == 0 else 2)
+            ConvBlock(dims, 2 * config.feature_channels if i == 0 else widths[i - 1], widths[i],
+                      stride=1 if i == 0 else 2)
             for i in range(len(widths))
         )
         self.skips = nn.ModuleList(
@@ -39,7 +33,7 @@ class RestorationFusion(nn.Module):
             for width in widths
         )
         self.decoders = nn.ModuleList(
-            _double_conv(dims, widths[i + 1] + widths[i], widths[i])
+            ConvBlock(dims, widths[i + 1] + widths[i], widths[i])
             for i in range(len(widths) - 1)
         )
         self.heads = conv(dims, widths[0], 2 * config.in_channels, 1)

@@ -14,6 +14,7 @@ A sample is a dict of tensors::
     label        (1, *spatial)                     clean moving aligned to the reference, I_D
     displacement (ndim, *spatial)                  ground truth u, voxels: moving(x + u(x)) = label(x)
     class_index  ()  int64                          index in data.degrade.DEGRADATION_CLASSES
+    reference_misaligned (1, *spatial)             I'_R: the reference moved exactly like I'_D (L_moda)
   colour datasets (Harvard) add, for every sample so that batches collate:
     cbcr         (2, *spatial)  chroma of the moving image, misaligned like ``moving``
     label_cbcr   (2, *spatial)  chroma aligned to the reference (the target of L_crcb)
@@ -26,7 +27,7 @@ Three sources: ``HarvardPairs`` (2D PNG pairs), ``PhantomPairs`` (data.phantoms,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,22 @@ from napari_unifuse.training import harvard
 MODALITY_DEGRADATION = {"t2": "motion", "mr": "motion", "ct": "metal", "pet": "lowdose", "spect": "lowdose"}
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
 NEUTRAL_CHROMA = 0.5
+DEFAULT_SEVERITY = (0.25, 0.75)
 
 
 @dataclass(frozen=True)
 class CleanPair:
-    """One aligned, clean pair before synthesis."""
+    """One aligned, clean pair before synthesis (spatial axes first, like io.ImageVolume)."""
 
     reference: np.ndarray  # (*spatial) float32 [0, 1]
-    label: np.ndarray  # (*spatial) float32 [0, 1]
+    label: np.ndarray  # (*spatial) float32 [0, 1], or (y, x, 3) RGB for PET/SPECT pseudo-colour
     degradation: str  # what make_pair applies to the label (unless the draw says "none")
-    chroma: np.ndarray | None = None  # (2, *spatial) CbCr of the label, aligned
+    spacing: tuple[float, ...]  # mm per voxel: the motion / metal physics and the rotation use it
+    label_metadata: dict = field(default_factory=dict)  # e.g. the CT window ("intensity_mapping")
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.label.ndim == self.reference.ndim + 1
 
 
 def sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Generator:
@@ -58,27 +65,59 @@ def sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Gene
 
 
 def random_crop(arrays: list[np.ndarray], size: tuple[int, ...], rng: np.random.Generator) -> list[np.ndarray]:
-    """The same random window of every array (spatial axes last); arrays smaller than ``size`` raise."""
-    spatial = arrays[0].shape[-len(size):]
+    """The same random window of every array (spatial axes first); a crop larger than the image raises."""
+    spatial = arrays[0].shape[: len(size)]
     if any(s < c for s, c in zip(spatial, size)):
         raise InputError(f"crop {size} is larger than the image {spatial}", "data.crop")
     starts = [int(rng.integers(0, s - c + 1)) for s, c in zip(spatial, size)]
     window = tuple(slice(start, start + c) for start, c in zip(starts, size))
-    return [np.ascontiguousarray(a[(..., *window)]) for a in arrays]
+    return [np.ascontiguousarray(a[window]) for a in arrays]
+
+
+class _RecordingMisalignment:
+    """Draws like ``RandomMisalignment`` and keeps the draw, to misalign the reference the same way."""
+
+    def __init__(self, options: dict[str, float]) -> None:
+        from napari_unifuse.data.misalign import RandomMisalignment
+
+        self.random = RandomMisalignment(**options)
+        self.last = None
+
+    def draw(self, shape, rng, spacing=None):
+        self.last = self.random.draw(shape, rng, spacing)
+        return self.last
 
 
 class SyntheticPairDataset(Dataset):
-    """Base class: subclasses provide ``__len__`` and ``clean_pair(index, rng)``."""
+    """Base class: subclasses provide ``__len__`` and ``clean_pair(index, rng)``.
+
+    ``severity`` (lo, hi): each sample's degradation severity is uniform in it.
+    ``misalignment``: keyword arguments of ``data.misalign.RandomMisalignment``.
+    """
 
     with_color = False
 
-    def __init__(self, *, seed: int, stream: int, none_fraction: float, crop: tuple[int, ...] | None) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int,
+        stream: int,
+        none_fraction: float,
+        crop: tuple[int, ...] | None = None,
+        severity: tuple[float, float] = DEFAULT_SEVERITY,
+        misalignment: dict[str, float] | None = None,
+    ) -> None:
         if not 0.0 <= none_fraction <= 1.0:
             raise InputError(f"none_fraction must be in [0, 1], got {none_fraction}", "data.none_fraction")
+        if len(severity) != 2 or not 0.0 <= severity[0] <= severity[1] <= 1.0:
+            raise InputError(f"severity must be [low, high] within [0, 1], got {severity}", "data.severity")
         self.seed = seed
         self.stream = stream
         self.none_fraction = none_fraction
         self.crop = tuple(crop) if crop else None
+        self.severity = tuple(float(v) for v in severity)
+        self.misalignment = dict(misalignment or {})
+        _RecordingMisalignment(self.misalignment)  # fails now, not in a worker, on a bad option
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -90,50 +129,63 @@ class SyntheticPairDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        from napari_unifuse.data.color import rgb_to_ycbcr
         from napari_unifuse.data.pairs import make_pair
+        from napari_unifuse.io import Geometry, ImageVolume
 
         rng = sample_rng(self.seed, self.stream, self.epoch, index)
         clean = self.clean_pair(index, rng)
-        arrays = [clean.reference, clean.label] + ([clean.chroma] if clean.chroma is not None else [])
+        reference, label = clean.reference, clean.label
         if self.crop is not None:
-            arrays = random_crop(arrays, self.crop, rng)
-        reference, label = arrays[0], arrays[1]
+            reference, label = random_crop([reference, label], self.crop, rng)
+        ndim = reference.ndim
+        geometry = Geometry(np.asarray(clean.spacing, dtype=np.float64), np.zeros(ndim), np.eye(ndim))
         task = "none" if rng.random() < self.none_fraction else clean.degradation
-        pair = make_pair(reference, label, task, rng)
+        recorder = _RecordingMisalignment(self.misalignment)
+        pair = make_pair(
+            ImageVolume(reference, geometry),
+            ImageVolume(label, geometry, dict(clean.label_metadata), is_rgb=clean.is_rgb),
+            task,
+            rng,
+            severity=float(rng.uniform(*self.severity)),
+            misalignment=recorder,
+        )
+        moving = np.asarray(pair.moving.array, dtype=np.float32)
         sample = {
-            "reference": torch.from_numpy(np.asarray(pair.reference, dtype=np.float32))[None],
-            "moving": torch.from_numpy(np.asarray(pair.moving, dtype=np.float32))[None],
-            "label": torch.from_numpy(np.asarray(pair.label, dtype=np.float32))[None],
+            "reference": _tensor(reference),
             "displacement": torch.from_numpy(np.asarray(pair.displacement, dtype=np.float32)),
             "class_index": torch.tensor(int(pair.class_index), dtype=torch.int64),
+            # I'_R for L_moda (Eq. 4): the reference moved exactly like the moving image.
+            "reference_misaligned": _tensor(recorder.last.apply(reference)),
         }
-        if self.with_color:
-            sample.update(_chroma_fields(arrays[2] if clean.chroma is not None else None, pair, label.shape))
+        if clean.is_rgb:
+            moving_ycbcr, label_ycbcr = rgb_to_ycbcr(moving), rgb_to_ycbcr(label)
+            sample["moving"], sample["label"] = _tensor(moving_ycbcr[..., 0]), _tensor(label_ycbcr[..., 0])
+            sample["cbcr"] = torch.from_numpy(np.moveaxis(moving_ycbcr[..., 1:], -1, 0).copy())
+            sample["label_cbcr"] = torch.from_numpy(np.moveaxis(label_ycbcr[..., 1:], -1, 0).copy())
+            sample["is_color"] = torch.tensor(1.0)
+        else:
+            sample["moving"], sample["label"] = _tensor(moving), _tensor(label)
+            if self.with_color:
+                # Neutral chroma so that grey and colour samples share one batch.
+                neutral = torch.full((2, *reference.shape), NEUTRAL_CHROMA)
+                sample.update(cbcr=neutral, label_cbcr=neutral.clone(), is_color=torch.tensor(0.0))
         return sample
 
 
-def _chroma_fields(chroma: np.ndarray | None, pair: Any, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    from napari_unifuse.data.pairs import misalign_like
-
-    if chroma is None:
-        neutral = torch.full((2, *shape), NEUTRAL_CHROMA, dtype=torch.float32)
-        return {"cbcr": neutral, "label_cbcr": neutral.clone(), "is_color": torch.tensor(0.0)}
-    moving_chroma = np.stack([misalign_like(pair, channel) for channel in chroma])
-    return {
-        "cbcr": torch.from_numpy(moving_chroma.astype(np.float32)),
-        "label_cbcr": torch.from_numpy(chroma.astype(np.float32)),
-        "is_color": torch.tensor(1.0),
-    }
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """(*spatial) array -> (1, *spatial) float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
 
 
 def _resize(image: np.ndarray, size: tuple[int, ...] | None) -> np.ndarray:
-    if size is None or tuple(image.shape[-len(size):]) == tuple(size):
+    """Resize the leading spatial axes (a trailing colour axis is kept) with anti-aliasing."""
+    if size is None or tuple(image.shape[: len(size)]) == tuple(size):
         return image
     from skimage.transform import resize
 
-    if image.ndim == len(size):
-        return resize(image, size, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
-    return np.stack([_resize(channel, size) for channel in image])
+    output_shape = tuple(size) + image.shape[len(size):]
+    return resize(image, output_shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 
 class HarvardPairs(SyntheticPairDataset):
@@ -145,13 +197,10 @@ class HarvardPairs(SyntheticPairDataset):
         self,
         pairs: list[harvard.HarvardPair],
         *,
-        seed: int,
-        stream: int,
-        none_fraction: float,
         size: tuple[int, int] | None = None,
-        crop: tuple[int, int] | None = None,
+        **synthesis: Any,
     ) -> None:
-        super().__init__(seed=seed, stream=stream, none_fraction=none_fraction, crop=crop)
+        super().__init__(**synthesis)
         if not pairs:
             raise InputError("no Harvard pairs in this split", "data")
         self.pairs = list(pairs)
@@ -164,12 +213,13 @@ class HarvardPairs(SyntheticPairDataset):
     def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
         if index not in self._cache:
             pair = self.pairs[index]
-            reference, luma, chroma = harvard.read_harvard_pair(pair)
+            reference, moving = harvard.read_harvard_pair(pair)
             self._cache[index] = CleanPair(
                 reference=_resize(reference, self.size),
-                label=_resize(luma, self.size),
+                label=_resize(moving, self.size),
                 degradation=MODALITY_DEGRADATION[pair.modality],
-                chroma=None if chroma is None else _resize(chroma, self.size),
+                # The atlas PNGs carry no spacing; taken as 1 mm per pixel at the native 256².
+                spacing=tuple(r / n for r, n in zip(reference.shape, self.size or reference.shape)),
             )
         return self._cache[index]
 
@@ -182,6 +232,9 @@ PHANTOM_TASKS: dict[str, tuple[str, str]] = {
 }
 
 
+PHANTOM_INTENSITY = {"t1": "mr", "t2": "mr", "ct": "ct", "pet": "pet"}
+
+
 class PhantomPairs(SyntheticPairDataset):
     """Brain phantoms (data.phantoms): random 3D crops, or random axial slices for 2D models.
 
@@ -191,16 +244,13 @@ class PhantomPairs(SyntheticPairDataset):
     def __init__(
         self,
         *,
-        seed: int,
-        stream: int,
-        none_fraction: float,
         length: int,
         spatial_dims: int,
         shape: tuple[int, int, int],
-        crop: tuple[int, ...] | None,
         tasks: tuple[str, ...] = tuple(PHANTOM_TASKS),
+        **synthesis: Any,
     ) -> None:
-        super().__init__(seed=seed, stream=stream, none_fraction=none_fraction, crop=crop)
+        super().__init__(**synthesis)
         unknown = sorted(set(tasks) - set(PHANTOM_TASKS))
         if unknown:
             raise InputError(f"unknown phantom tasks {unknown}; known: {sorted(PHANTOM_TASKS)}", "data.tasks")
@@ -210,31 +260,39 @@ class PhantomPairs(SyntheticPairDataset):
         self.spatial_dims = spatial_dims
         self.shape = tuple(shape)
         self.tasks = tuple(tasks)
-        self._volumes: dict[str, np.ndarray] | None = None
+        self._volumes: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return self.length
 
-    def _phantoms(self) -> dict[str, np.ndarray]:
+    def _phantoms(self) -> dict[str, Any]:
         # Built lazily so that each DataLoader worker makes its own copy once.
         if self._volumes is None:
             from napari_unifuse.data.phantoms import make_brain_phantoms
+            from napari_unifuse.io import normalize_intensity
 
             modalities = sorted({m for task in self.tasks for m in PHANTOM_TASKS[task]})
             volumes = make_brain_phantoms(shape=self.shape, modalities=tuple(modalities))
-            self._volumes = {name: np.asarray(volume.array, dtype=np.float32) for name, volume in volumes.items()}
+            # Model inputs are [0, 1] (CT through the standard HU window, PET by percentiles);
+            # the CT window goes along so the metal simulation works in Hounsfield units.
+            self._volumes = {}
+            for name, volume in volumes.items():
+                normalized, mapping = normalize_intensity(volume, PHANTOM_INTENSITY[name])
+                self._volumes[name] = (normalized.array.astype(np.float32), tuple(volume.geometry.spacing),
+                                       {"intensity_mapping": mapping.to_dict()})
         return self._volumes
 
     def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
         volumes = self._phantoms()
         reference_name, moving_name = PHANTOM_TASKS[self.tasks[int(rng.integers(len(self.tasks)))]]
-        reference, label = volumes[reference_name], volumes[moving_name]
+        (reference, spacing, _), (label, _, label_metadata) = volumes[reference_name], volumes[moving_name]
         if self.spatial_dims == 2:
             # An axial slice from the central 60 % of the head, where there is tissue.
             depth = reference.shape[0]
             z = int(rng.integers(int(0.2 * depth), max(int(0.8 * depth), int(0.2 * depth) + 1)))
-            reference, label = reference[z], label[z]
-        return CleanPair(reference=reference, label=label, degradation=MODALITY_DEGRADATION[moving_name])
+            reference, label, spacing = reference[z], label[z], spacing[1:]
+        return CleanPair(reference=reference, label=label, degradation=MODALITY_DEGRADATION[moving_name],
+                         spacing=spacing, label_metadata=label_metadata)
 
 
 # Documented layouts of folders of aligned cases: <root>/<case>/<file>; {case} is the folder name.
@@ -283,13 +341,10 @@ class FolderPairs(SyntheticPairDataset):
         cases: list[tuple[str, Path, Path]],
         layout: dict[str, str],
         *,
-        seed: int,
-        stream: int,
-        none_fraction: float,
-        crop: tuple[int, ...] | None,
         samples_per_case: int = 1,
+        **synthesis: Any,
     ) -> None:
-        super().__init__(seed=seed, stream=stream, none_fraction=none_fraction, crop=crop)
+        super().__init__(**synthesis)
         if not cases:
             raise InputError("no cases in this split", "data")
         self.cases = list(cases)
@@ -310,13 +365,14 @@ class FolderPairs(SyntheticPairDataset):
             moving = read_image(moving_path)
             if moving.spatial_shape != reference.spatial_shape or not moving.geometry.allclose(reference.geometry):
                 moving = resample_to_reference(moving, reference)
-            reference, _ = normalize_intensity(reference, self.layout["reference_modality"])
-            moving, _ = normalize_intensity(moving, self.layout["moving_modality"])
-            modality = self.layout["moving_modality"]
+            reference_normalized, _ = normalize_intensity(reference, self.layout["reference_modality"])
+            moving_normalized, mapping = normalize_intensity(moving, self.layout["moving_modality"])
             self._cache[case_index] = CleanPair(
-                reference=np.asarray(reference.array, dtype=np.float32),
-                label=np.asarray(moving.array, dtype=np.float32),
-                degradation=MODALITY_DEGRADATION.get(modality, "none"),
+                reference=np.asarray(reference_normalized.array, dtype=np.float32),
+                label=np.asarray(moving_normalized.array, dtype=np.float32),
+                degradation=MODALITY_DEGRADATION.get(self.layout["moving_modality"], "none"),
+                spacing=tuple(float(v) for v in reference.geometry.spacing),
+                label_metadata={"intensity_mapping": mapping.to_dict()},
             )
         return self._cache[case_index]
 
@@ -330,23 +386,41 @@ def _size(value: Any, spatial_dims: int, what: str) -> tuple[int, ...] | None:
     return size
 
 
+COMMON_DATA_KEYS = {"kind", "none_fraction", "severity", "misalignment", "crop"}
+DATA_KEYS = {
+    "harvard": {"root", "tasks", "val_fraction", "split_seed", "size"},
+    "phantom": {"shape", "tasks", "train_length", "val_length"},
+    "folders": {"root", "layout", "reference", "moving", "reference_modality", "moving_modality",
+                "val_fraction", "split_seed", "samples_per_case"},
+}
+
+
 def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
     """(train, validation) datasets for a config's ``data`` section.
 
-    harvard:  root, tasks [CT-MRI, PET-MRI, SPECT-MRI], val_fraction 0.15, split_seed 0,
-              none_fraction 0.2, size (resize, e.g. 128), crop
-    phantom:  shape [64, 64, 64], crop, tasks [t1-t2, mr-ct, ct-pet], train_length, val_length,
-              none_fraction
+    every kind: none_fraction 0.2, severity [0.25, 0.75], misalignment {RandomMisalignment
+              keyword arguments}, crop (one size or one per axis)
+    harvard:  root, tasks [CT-MRI, PET-MRI, SPECT-MRI], val_fraction 0.15, split_seed 0, size
+              (resize, e.g. 128)
+    phantom:  shape [64, 64, 64], tasks [t1-t2, mr-ct, ct-pet], train_length 256, val_length 16
     folders:  root, layout (brats | synthrad | fdg-petct) or reference/moving patterns with
-              reference_modality/moving_modality, crop, val_fraction, split_seed,
-              samples_per_case, none_fraction
+              reference_modality/moving_modality, val_fraction, split_seed, samples_per_case
     """
     kind = data.get("kind")
-    none_fraction = float(data.get("none_fraction", 0.2))
+    if kind not in DATA_KEYS:
+        raise InputError(f"unknown data.kind {kind!r}; use harvard, phantom or folders", "data")
+    unknown = sorted(set(data) - DATA_KEYS[kind] - COMMON_DATA_KEYS)
+    if unknown:
+        raise InputError(f"unknown keys for data.kind {kind}: {unknown}", "data")
     split_seed = int(data.get("split_seed", 0))
     val_fraction = float(data.get("val_fraction", 0.15))
-    crop = _size(data.get("crop"), spatial_dims, "data.crop")
-    common = {"seed": seed, "none_fraction": none_fraction, "crop": crop}
+    common = {
+        "seed": seed,
+        "none_fraction": float(data.get("none_fraction", 0.2)),
+        "crop": _size(data.get("crop"), spatial_dims, "data.crop"),
+        "severity": tuple(data.get("severity", DEFAULT_SEVERITY)),
+        "misalignment": data.get("misalignment"),
+    }
     if kind == "harvard":
         if spatial_dims != 2:
             raise InputError("the Harvard pairs are 2D: set model.spatial_dims: 2", "data")
@@ -382,4 +456,4 @@ def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int) -> tup
             FolderPairs(train_cases, stream=TRAIN_STREAM, **options, **common),
             FolderPairs(val_cases, stream=VALIDATION_STREAM, **options, **common),
         )
-    raise InputError(f"unknown data.kind {kind!r}; use harvard, phantom or folders", "data")
+    raise AssertionError(kind)  # DATA_KEYS lists exactly the kinds handled above

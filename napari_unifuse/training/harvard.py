@@ -115,22 +115,25 @@ def split_cases(pairs: list[HarvardPair], val_fraction: float, seed: int) -> tup
     return train, validation
 
 
-def read_harvard_pair(pair: HarvardPair) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(reference, moving luma, moving chroma or None) as float32 in [0, 1].
+def read_harvard_pair(pair: HarvardPair) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, moving) as float32 in [0, 1]: the MRI (y, x) and CT (y, x) or PET/SPECT RGB (y, x, 3).
 
-    The reference MRI is grayscale; an RGB moving image (PET/SPECT pseudo-colour) is split into Y,
-    which is degraded, aligned and fused, and CbCr (2, H, W), which is carried (data.color).
+    The pseudo-colour images stay RGB here: ``data.pairs.make_pair`` degrades their luma and warps
+    all of Y, Cb, Cr, and the dataset then fuses Y and carries CbCr (data.color).
     """
     from skimage.io import imread
 
-    from napari_unifuse.data.color import rgb_to_ycbcr
-
     reference = _as_gray(imread(pair.reference_path), pair.reference_path)
     moving = imread(pair.moving_path)
-    if moving.ndim == 3:
-        ycbcr = rgb_to_ycbcr(moving[..., :3])
-        return reference, ycbcr[..., 0], np.moveaxis(ycbcr[..., 1:], -1, 0).copy()
-    return reference, _as_gray(moving, pair.moving_path), None
+    if moving.ndim == 3 and moving.shape[-1] in (3, 4) and not _is_gray_rgb(moving):
+        if moving.dtype != np.uint8:
+            raise InputError(f"expected 8-bit PNG, got {moving.dtype}", pair.moving_path)
+        return reference, moving[..., :3].astype(np.float32) / 255.0
+    return reference, _as_gray(moving, pair.moving_path)
+
+
+def _is_gray_rgb(image: np.ndarray) -> bool:
+    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]))
 
 
 def _as_gray(image: np.ndarray, path: Path) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The training loop: one process, or several under ``torchrun`` (DistributedDataParallel).
 
-Optimisation follows the paper (§4.2): AdamW at 1e-4, cosine annealing to 1e-6 over the run
-(stepped per iteration), gradient L2 norm clipped at 1.
+Optimisation follows the paper (§4.2): AdamW at 1e-4, cosine annealing to 1e-6 over
+``train.max_steps`` (per iteration), gradient L2 norm clipped at 1.
 
 Reproducibility. The model is initialised from ``seed``; each sample's degradation and
 misalignment come from ``(seed, epoch, index)`` (training.datasets); the order of samples from
@@ -57,6 +57,7 @@ class TrainResult:
     best_checkpoint: Path | None
     validation: dict[str, float] = field(default_factory=dict)
     seconds_per_step: float = float("nan")
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,11 @@ class Trainer:
         resume: bool = False,
         command: str | None = None,
         progress: bool = True,
+        stop_at_step: int | None = None,
     ) -> None:
         self.config = config
+        # Where this invocation stops; the learning-rate schedule still spans train.max_steps.
+        self.stop_at_step = min(stop_at_step or config.train.max_steps, config.train.max_steps)
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.command = command
@@ -155,14 +159,23 @@ class Trainer:
             )
         train = config.train
         self.optimizer = torch.optim.AdamW(self.unifuse.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=train.max_steps, eta_min=train.min_lr
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._cosine_factor)
         self.train_set, self.val_set = build_datasets(
             config.data, seed=config.seed, spatial_dims=config.model.spatial_dims
         )
         if resume:
             self._restore()
+
+    def _cosine_factor(self, step: int) -> float:
+        """Cosine annealing from ``lr`` to ``min_lr`` over ``max_steps`` (closed form, as a factor of lr).
+
+        Closed form rather than CosineAnnealingLR's recursion, so that resuming with another
+        ``max_steps`` simply follows the new cosine from the current step.
+        """
+        train = self.config.train
+        progress = min(step, train.max_steps) / train.max_steps
+        learning_rate = train.min_lr + (train.lr - train.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return learning_rate / train.lr
 
     # ------------------------------------------------------------------------------ checkpoints
 
@@ -178,9 +191,6 @@ class Trainer:
         state = torch.load(state_path, map_location=self.dist.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scheduler.T_max != self.config.train.max_steps:
-            # A longer or shorter run than the one resumed: stretch the cosine to the new length.
-            self.scheduler.T_max = self.config.train.max_steps
         self.step = int(state["step"])
         self.best_score = float(state["best_score"])
         self.previous_seconds = float(state["seconds"])
@@ -259,9 +269,9 @@ class Trainer:
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.stop_at_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         self.training_model.train()
-        while self.step < train.max_steps:
+        while self.step < self.stop_at_step:
             sampler.set_epoch(epoch)
             sampler.skip = done_in_epoch * train.batch_size
             self.train_set.set_epoch(epoch)
@@ -271,15 +281,16 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{terms['total']:.4f}")
-                if self.dist.is_main and (self.step % train.log_every == 0 or self.step == train.max_steps):
-                    self._log({"kind": "train", "step": self.step, "epoch": epoch,
-                               "lr": self.scheduler.get_last_lr()[0], **terms})
                 seconds = self.previous_seconds + time.perf_counter() - start_time
-                if self.step % train.val_every == 0 or self.step == train.max_steps:
+                last = self.step == self.stop_at_step
+                if self.dist.is_main and (self.step % train.log_every == 0 or last):
+                    self._log({"kind": "train", "step": self.step, "epoch": epoch,
+                               "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3), **terms})
+                if self.step % train.val_every == 0 or last:
                     self._validate(val_loader, seconds)
-                if self.step % train.checkpoint_every == 0 or self.step == train.max_steps:
+                if self.step % train.checkpoint_every == 0 or last:
                     self._checkpoint(seconds)
-                if self.step >= train.max_steps:
+                if last:
                     break
             epoch, done_in_epoch = epoch + 1, 0
         if bar is not None:
@@ -294,6 +305,7 @@ class Trainer:
             best_checkpoint=best if best.is_file() else None,
             validation=self.validation,
             seconds_per_step=elapsed / steps_run if steps_run else float("nan"),
+            rank=self.dist.rank,
         )
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -342,9 +354,15 @@ def train(
     resume: bool = False,
     command: str | None = None,
     progress: bool = True,
+    stop_at_step: int | None = None,
 ) -> TrainResult:
-    """Train (or resume) a UniFuse model as ``config`` says; see the module docstring."""
-    trainer = Trainer(config, run_dir, device=device, resume=resume, command=command, progress=progress)
+    """Train (or resume) a UniFuse model as ``config`` says; see the module docstring.
+
+    ``stop_at_step``: stop there (validating and checkpointing) although the schedule runs to
+    ``train.max_steps``; ``resume=True`` later continues as if never stopped.
+    """
+    trainer = Trainer(config, run_dir, device=device, resume=resume, command=command, progress=progress,
+                      stop_at_step=stop_at_step)
     try:
         return trainer.fit()
     finally:

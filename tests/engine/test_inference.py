@@ -10,8 +10,8 @@ from torch import nn
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.inference import FusionEngine, fallback_plan
-from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.engine.outputs import output_file_names, write_fusion_outputs
+from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig

@@ -104,3 +104,13 @@ def test_npe2_writers_keep_the_layer_geometry(tmp_path):
     source_layer = _layer(reread)
     with pytest.raises(InputError, match="overwrite"):
         write_mha(mha_path, *source_layer.as_layer_data_tuple()[:2])
+
+
+def test_rgb_volume_becomes_an_rgb_layer_and_back(rng):
+    colour = ImageVolume(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), Geometry([0.5, 0.25], [1.0, 2.0], np.eye(2)), is_rgb=True)
+    layer = _layer(colour)
+    assert layer.rgb and layer.ndim == 2
+    np.testing.assert_allclose(layer.data_to_world((2, 4)), [2.0, 3.0])
+    back = layer_to_volume(layer)
+    assert back.is_rgb and back.ndim == 2
+    np.testing.assert_array_equal(back.array, colour.array)

@@ -26,7 +26,7 @@ def test_identical_images_score_perfectly(source_pair):
 def test_shifts_lower_ncc_and_ssim_and_raise_mse(source_pair):
     a, _ = source_pair
     results = [registration_metrics(np.roll(a, shift, axis=0), a) for shift in (0, 1, 3, 6)]
-    for better, worse in zip(results, results[1:]):
+    for better, worse in zip(results, results[1:], strict=False):
         assert better["ncc"] > worse["ncc"]
         assert better["ssim"] > worse["ssim"]
         assert better["mse"] < worse["mse"]

@@ -83,12 +83,11 @@ def test_split_is_deterministic_and_depends_on_the_seed(tmp_path):
     assert len(others) > 1
 
 
-def test_read_pair_splits_colour_into_luma_and_chroma(tmp_path):
+def test_read_pair_keeps_pseudo_colour_as_rgb(tmp_path):
     pairs = harvard.index_harvard(write_fake_harvard(tmp_path))
     pet = next(p for p in pairs if p.task == "PET-MRI")
-    reference, luma, chroma = harvard.read_harvard_pair(pet)
-    assert reference.shape == luma.shape == (16, 16)
-    assert chroma.shape == (2, 16, 16)
-    assert 0.0 <= luma.min() and luma.max() <= 1.0
+    reference, moving = harvard.read_harvard_pair(pet)
+    assert reference.shape == (16, 16) and moving.shape == (16, 16, 3)
+    assert moving.dtype == np.float32 and 0.0 <= moving.min() and moving.max() <= 1.0
     ct = next(p for p in pairs if p.task == "CT-MRI")
-    assert harvard.read_harvard_pair(ct)[2] is None
+    assert harvard.read_harvard_pair(ct)[1].shape == (16, 16)

@@ -1,0 +1,175 @@
+"""What one click on "Run UniFuse" computes, off the GUI thread: fusion plus the review maps.
+
+No Qt here: the workbench runs :func:`run_and_analyse` in a napari ``thread_worker`` and only
+turns the returned :class:`RunOutcome` into layers, plots and tables. All numbers come from
+``engine`` (fusion, overlays) and ``metrics``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.overlays import (
+    absolute_error,
+    display_grey,
+    display_window,
+    folding_mask,
+    grey_values,
+    slice_of,
+)
+from napari_unifuse.engine.progress import CancelToken, ProgressCallback
+from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.io import ImageVolume, resample_to_reference
+from napari_unifuse.metrics import (
+    METRIC_NAMES,
+    folding_percentage,
+    fusion_metrics,
+    jacobian_determinant,
+    local_misalignment_map,
+    mutual_information,
+    q_cc,
+    registration_metrics,
+    sd_log_jacobian,
+)
+from napari_unifuse.model import UniFuse, UniFuseConfig
+
+UNTRAINED = "untrained (small preset)"
+# The untrained preset is seeded so that reopening "the same run" really reproduces it.
+_UNTRAINED_SEED = 0
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    reference: ImageVolume
+    moving: ImageVolume
+    checkpoint: str  # bundled name, .safetensors path, or UNTRAINED
+    device: str = "auto"
+    tile_size: int | None = None
+    task: str = "auto"  # the degradation the user knows the moving image has, or "auto"
+    label: ImageVolume | None = None  # ground truth of the aligned moving image, when known
+
+
+@dataclass
+class RunOutcome:
+    """A fusion result with the grey views, maps and volume metrics the workbench shows."""
+
+    result: FusionResult
+    reference_grey: np.ndarray
+    aligned_grey: np.ndarray
+    label_grey: np.ndarray | None
+    error_map: np.ndarray
+    error_kind: str
+    jacobian: np.ndarray
+    folding: np.ndarray
+    volume_metrics: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+def build_engine(checkpoint: str, spatial_dims: int, device: str, tile_size: int | None) -> FusionEngine:
+    """A FusionEngine for a bundled/file checkpoint, or the seeded untrained small preset."""
+    if checkpoint != UNTRAINED:
+        return FusionEngine(checkpoint, device=device, tile_size=tile_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_UNTRAINED_SEED)
+        model = UniFuse(UniFuseConfig.small(spatial_dims))
+    info = {"name": UNTRAINED, "note": f"random weights (seed {_UNTRAINED_SEED}); outputs are not meaningful"}
+    return FusionEngine(model, device=device, tile_size=tile_size, checkpoint_info=info)
+
+
+def label_on_reference_grid(label: ImageVolume | None, reference: ImageVolume) -> np.ndarray | None:
+    """The ground truth (clean, aligned moving image) as grey values on the reference grid."""
+    if label is None:
+        return None
+    if label.ndim != reference.ndim:
+        raise InputError(f"the ground truth is {label.ndim}D but the reference is {reference.ndim}D",
+                         label.source or "ground truth")
+    return grey_values(resample_to_reference(label, reference))
+
+
+def run_and_analyse(
+    request: RunRequest, engine: FusionEngine, progress: ProgressCallback, cancel: CancelToken
+) -> RunOutcome:
+    result = engine.run_fusion(request.reference, request.moving, progress=progress, cancel=cancel)
+    cancel.raise_if_cancelled()
+    progress("analyse", 0, 1)
+    notes = list(result.warnings)
+    if request.task != "auto":
+        result.provenance["declared_task"] = request.task
+        predicted = max(result.class_probs, key=result.class_probs.get)
+        if predicted != request.task:
+            notes.append(f"the degradation is set to '{request.task}' but the model estimates '{predicted}' "
+                         f"(p = {result.class_probs[predicted]:.2f}); check the degradation plot")
+    reference_grey = display_grey(request.reference)
+    label = label_on_reference_grid(request.label, request.reference)
+    aligned_values = grey_values(result.aligned)
+    if label is not None:
+        window = display_window(label)
+        error_map, error_kind = absolute_error(aligned_values, label), "|aligned − label|"
+        label_grey = display_grey(ImageVolume(label, result.aligned.geometry), window)
+        aligned_grey = display_grey(result.aligned, window)
+    else:
+        aligned_grey = display_grey(result.aligned)
+        label_grey = None
+        error_map = local_misalignment_map(aligned_grey, reference_grey).astype(np.float32)
+        error_kind = "misalignment (MIND)"
+    jacobian = jacobian_determinant(result.displacement).astype(np.float32)
+    outcome = RunOutcome(
+        result=result, reference_grey=reference_grey, aligned_grey=aligned_grey, label_grey=label_grey,
+        error_map=error_map, error_kind=error_kind, jacobian=jacobian, folding=folding_mask(jacobian),
+        volume_metrics={}, notes=notes,
+    )
+    outcome.volume_metrics = volume_metrics(outcome)
+    progress("analyse", 1, 1)
+    return outcome
+
+
+def volume_metrics(outcome: RunOutcome) -> dict[str, float]:
+    """Fusion metrics (fused vs reference and aligned), field regularity, and label metrics if any.
+
+    A metric that does not apply to these inputs (e.g. slices under Q_vif's 41×41 minimum) is NaN,
+    shown as "n/a", rather than failing the run.
+    """
+    fused = grey_values(outcome.result.fused)
+    u = outcome.result.displacement
+    values = _or_nan(lambda: fusion_metrics(fused, outcome.reference_grey, outcome.aligned_grey), METRIC_NAMES)
+    values["folding %"] = _or_nan(lambda: folding_percentage(u))
+    values["SDlogJ"] = _or_nan(lambda: sd_log_jacobian(u))
+    if outcome.label_grey is not None:
+        values.update(_label_metrics(outcome.aligned_grey, outcome.label_grey))
+    return values
+
+
+def slice_metrics(outcome: RunOutcome, slice_axis: int | None, slice_index: int) -> dict[str, float]:
+    """Cheap per-slice numbers, recomputed whenever the viewed slice changes."""
+    def cut(array: np.ndarray) -> np.ndarray:
+        return slice_of(array, slice_axis, slice_index)
+
+    fused, reference, aligned = cut(grey_values(outcome.result.fused)), cut(outcome.reference_grey), cut(outcome.aligned_grey)
+    values = {
+        "MI": _or_nan(lambda: mutual_information(fused, reference, aligned)),
+        "Q_cc": _or_nan(lambda: q_cc(fused, reference, aligned)),
+        "folding %": float(100.0 * cut(outcome.folding).mean()),
+        f"mean {outcome.error_kind}": float(cut(outcome.error_map).mean()),
+    }
+    if outcome.label_grey is not None:
+        values.update(_label_metrics(aligned, cut(outcome.label_grey)))
+    return values
+
+
+def _label_metrics(aligned: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    metrics = _or_nan(lambda: registration_metrics(aligned, label), ("mse", "ncc", "ssim"))
+    return {f"{name.upper()} to label": value for name, value in metrics.items()}
+
+
+def _or_nan(compute, keys: tuple[str, ...] | None = None) -> Any:
+    """``compute()``, or NaN (a dict of NaN for ``keys``) when the metric does not apply here."""
+    try:
+        return compute()
+    except UniFuseError:
+        return float("nan") if keys is None else {key: float("nan") for key in keys}

@@ -1,0 +1,56 @@
+"""Every problem the workbench meets becomes a napari notification a clinician can act on.
+
+Expected problems (``UniFuseError``: bad input, missing checkpoint, cancelled run) show their own
+message. Anything else is a bug: the user gets a one-line message and the traceback goes to the
+log at DEBUG level, never to the console.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from napari_unifuse.errors import Cancelled, UniFuseError
+
+LOG = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def report_error(error: BaseException, action: str) -> None:
+    """Show ``error`` as the outcome of ``action`` (e.g. "Run UniFuse")."""
+    if isinstance(error, Cancelled):
+        show_info(f"{action} was cancelled; no layers were added and nothing was written.")
+    elif isinstance(error, UniFuseError):
+        show_error(f"{action}: {error}")
+    elif isinstance(error, MemoryError):
+        show_error(f"{action}: the computer ran out of memory; set a smaller tile size and run again.")
+    else:
+        LOG.debug("unexpected error during %s", action, exc_info=error)
+        show_error(f"{action} failed unexpectedly ({type(error).__name__}: {error}). "
+                   "Please report this with the input files.")
+
+
+def reports_errors(action: str) -> Callable[[F], F]:
+    """Decorator for button handlers: errors become notifications and the handler returns None."""
+
+    def decorate(handler: F) -> F:
+        @functools.wraps(handler)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return handler(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - a button must never crash the viewer
+                report_error(error, action)
+                return None
+
+        return guarded  # type: ignore[return-value]
+
+    return decorate
+
+
+def show_warnings(messages: Iterable[str]) -> None:
+    for message in messages:
+        show_warning(message)

@@ -1,0 +1,199 @@
+"""The run's result layers, all in the reference's world geometry, and the slice-following quivers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from qtpy.QtCore import QTimer
+
+from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
+from napari_unifuse._qt.analysis import RunOutcome
+from napari_unifuse._qt.run_panel import OUTPUT_ROLE
+from napari_unifuse.engine.overlays import checkerboard, deformed_grid, displacement_magnitude_mm, slice_quivers
+from napari_unifuse.io import ImageVolume
+
+FLICKER_INTERVAL_MS = 600
+
+
+@dataclass(frozen=True)
+class OutputNames:
+    fused: str
+    aligned: str
+    quivers: str
+    grid: str
+    error: str
+    jacobian: str
+    folding: str
+    checkerboard: str
+
+    @classmethod
+    def for_inputs(cls, reference: str, moving: str) -> OutputNames:
+        pair, onto = f"[{reference} + {moving}]", f"[{moving} → {reference}]"
+        return cls(
+            fused=f"fused {pair}", aligned=f"aligned {onto}", quivers=f"displacement {onto}",
+            grid=f"deformed grid {onto}", error=f"alignment error {onto}", jacobian=f"det J {onto}",
+            folding=f"folding (det J ≤ 0) {onto}", checkerboard=f"checkerboard {pair}",
+        )
+
+    def all(self) -> tuple[str, ...]:
+        return tuple(vars(self).values())
+
+
+def viewed_slice(viewer, layer) -> tuple[int | None, int]:
+    """(array axis, index) of ``layer``'s slice shown in a 2D view; ``(None, 0)`` for 2D layers."""
+    if layer.ndim < 3:
+        return None, 0
+    offset = viewer.dims.ndim - layer.ndim
+    axes = [axis - offset for axis in viewer.dims.not_displayed if axis >= offset]
+    if not axes:
+        return None, 0
+    index = np.round(layer.world_to_data(viewer.dims.point[offset:]))
+    axis = axes[-1]
+    return axis, int(np.clip(index[axis], 0, layer.data.shape[axis] - 1))
+
+
+class ResultLayers:
+    """Adds or refreshes the output layers of the latest run and keeps the quivers on the viewed slice."""
+
+    def __init__(self, viewer) -> None:
+        self.viewer = viewer
+        self.outcome: RunOutcome | None = None
+        self.names: OutputNames | None = None
+        self.reference_name: str | None = None
+        self.quiver_stride = 4
+        self.grid_spacing = 4
+        self.checker_tile = 8
+        self.arrow_scale = 1.0
+        self._hidden_for_compare: list = []
+        self._flicker = QTimer()
+        self._flicker.setInterval(FLICKER_INTERVAL_MS)
+        self._flicker.timeout.connect(self._flip)
+        viewer.dims.events.current_step.connect(self.update_quivers)
+        viewer.dims.events.order.connect(self.update_quivers)
+
+    # ---- building -----------------------------------------------------------------------------
+    def show(self, outcome: RunOutcome, reference_name: str, moving_name: str) -> None:
+        self.stop_flicker()
+        self.outcome, self.reference_name = outcome, reference_name
+        self.names = names = OutputNames.for_inputs(reference_name, moving_name)
+        result = outcome.result
+        geometry = result.fused.geometry
+        placed = geometry.napari_kwargs()
+        self._image(names.checkerboard, self._checkerboard(), placed, colormap="gray", visible=False)
+        self._volume_layer(result.aligned, names.aligned, visible=False)
+        self._volume_layer(result.fused, names.fused)
+        self._image(names.error, outcome.error_map, placed, colormap="magma", blending="additive", opacity=0.6,
+                    metadata={LAYER_METADATA_KEY: {"kind": outcome.error_kind}})
+        self._image(names.jacobian, outcome.jacobian, placed, colormap="PiYG", contrast_limits=(0.0, 2.0), visible=False)
+        self._upsert(names.folding, outcome.folding, "labels", placed, opacity=0.8)
+        self._image(names.grid, deformed_grid(result.displacement, self.grid_spacing), placed, colormap="yellow",
+                    blending="additive", visible=False)
+        magnitude = displacement_magnitude_mm(result.displacement, geometry.spacing)
+        self._upsert(names.quivers, np.zeros((0, 2, geometry.ndim), np.float32), "vectors", placed,
+                     edge_colormap="viridis", edge_width=float(geometry.spacing.min()) * 0.3, length=self.arrow_scale,
+                     edge_contrast_limits=(0.0, max(float(magnitude.max()), 1e-6)))
+        self.update_quivers()
+
+    def _volume_layer(self, volume: ImageVolume, name: str, **kwargs) -> None:
+        data, layer_kwargs, _ = volume_to_layer_data(volume, name)
+        del layer_kwargs["name"]
+        metadata = layer_kwargs.pop("metadata")
+        self._upsert(name, data, "image", layer_kwargs, metadata=metadata, **kwargs)
+
+    def _image(self, name: str, data: np.ndarray, placed: dict, **kwargs) -> None:
+        self._upsert(name, data, "image", placed, **kwargs)
+
+    def _upsert(self, name: str, data, kind: str, placed: dict, **kwargs):
+        """Replace a layer of that name (a re-run), keeping its place in the layer list."""
+        if name in self.viewer.layers:
+            position = self.viewer.layers.index(name)
+            self.viewer.layers.remove(name)
+        else:
+            position = None
+        metadata = kwargs.pop("metadata", {})
+        metadata.setdefault(LAYER_METADATA_KEY, {})["role"] = OUTPUT_ROLE  # never offered as a run input
+        layer = getattr(self.viewer, f"add_{kind}")(data, name=name, metadata=metadata, **placed, **kwargs)
+        if position is not None:
+            self.viewer.layers.move(self.viewer.layers.index(layer), position)
+        return layer
+
+    def _checkerboard(self) -> np.ndarray:
+        return checkerboard(self.outcome.reference_grey, self.outcome.aligned_grey, self.checker_tile)
+
+    # ---- live adjustments (no re-run) ----------------------------------------------------------
+    def update_quivers(self, _event=None) -> None:
+        if self.outcome is None or self.names.quivers not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[self.names.quivers]
+        reference = self.viewer.layers[self.names.fused]
+        axis, index = viewed_slice(self.viewer, reference)
+        result = self.outcome.result
+        quivers = slice_quivers(result.displacement, result.fused.geometry.spacing, self.quiver_stride, axis, index)
+        # features first would mismatch the old data's length; data first resizes them with defaults
+        layer.data = quivers.vectors
+        layer.features = {"magnitude_mm": quivers.magnitude_mm}
+        layer.edge_color = "magnitude_mm"
+
+    def set_quiver_stride(self, stride: int) -> None:
+        self.quiver_stride = int(stride)
+        self.update_quivers()
+
+    def set_arrow_scale(self, scale: float) -> None:
+        """Draw arrows ``scale`` times their true length (sub-voxel fields are otherwise invisible)."""
+        self.arrow_scale = float(scale)
+        if self.outcome is not None and self.names.quivers in self.viewer.layers:
+            self.viewer.layers[self.names.quivers].length = self.arrow_scale
+
+    def set_grid_spacing(self, spacing: int) -> None:
+        self.grid_spacing = int(spacing)
+        if self.outcome is not None and self.names.grid in self.viewer.layers:
+            self.viewer.layers[self.names.grid].data = deformed_grid(self.outcome.result.displacement, spacing)
+
+    def set_checker_tile(self, tile: int) -> None:
+        self.checker_tile = int(tile)
+        if self.outcome is not None and self.names.checkerboard in self.viewer.layers:
+            self.viewer.layers[self.names.checkerboard].data = self._checkerboard()
+
+    def fade(self, opacity: float) -> None:
+        """Aligned moving image over the reference at ``opacity`` (0: reference only, 1: aligned only)."""
+        aligned = self._compare_layers()
+        if aligned is not None:
+            aligned.visible = True
+            aligned.opacity = float(opacity)
+
+    def start_flicker(self) -> None:
+        if self._compare_layers() is not None:
+            self._flicker.start()
+
+    def stop_flicker(self) -> None:
+        self._flicker.stop()
+        for layer in self._hidden_for_compare:
+            if layer in self.viewer.layers:
+                layer.visible = True
+        self._hidden_for_compare = []
+
+    @property
+    def flickering(self) -> bool:
+        return self._flicker.isActive()
+
+    def _flip(self) -> None:
+        aligned = self._compare_layers()
+        if aligned is None:
+            self._flicker.stop()
+            return
+        aligned.opacity = 1.0
+        aligned.visible = not aligned.visible
+
+    def _compare_layers(self):
+        """The aligned layer, after hiding the outputs drawn above it (fused, maps) so that the
+        reference below and the aligned image are what the user compares."""
+        if self.outcome is None or self.names.aligned not in self.viewer.layers:
+            return None
+        aligned_index = self.viewer.layers.index(self.names.aligned)
+        for layer in list(self.viewer.layers)[aligned_index + 1:]:
+            if layer.visible and layer.name != self.names.quivers:
+                layer.visible = False
+                self._hidden_for_compare.append(layer)
+        return self.viewer.layers[self.names.aligned]
+

@@ -1,0 +1,176 @@
+"""The "what to run" form: inputs, checkpoint, task, device, tiling, output folder, Run / Cancel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from magicgui import widgets
+from napari.layers import Image
+
+from napari_unifuse._napari_io import layer_to_volume
+from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
+from napari_unifuse._qt.notifications import reports_errors
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.engine.overlays import input_fingerprint, run_folder
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import ImageVolume
+from napari_unifuse.model.checkpoint import list_checkpoints
+
+PLUGIN = "napari-unifuse"
+FROM_FILE = "from file…"
+NO_LABEL = "none"
+# metadata["unifuse"]["role"] of sample-data layers, and of the layers a run adds.
+INPUT_ROLES = ("reference", "moving", "label")
+OUTPUT_ROLE = "output"
+DEFAULT_RUNS_ROOT = Path("~/napari-unifuse-runs")
+
+
+@dataclass(frozen=True)
+class RunSelection:
+    """The run the form describes: the request and the folder its outputs and annotations live in."""
+
+    request: RunRequest
+    reference_name: str
+    moving_name: str
+    folder: Path
+
+
+class RunPanel(widgets.Container):
+    def __init__(self, viewer) -> None:
+        self.viewer = viewer
+        self.reference = widgets.ComboBox(label="reference", choices=self._image_layer_names,
+                                          tooltip="High-quality reference image layer")
+        self.moving = widgets.ComboBox(label="moving", choices=self._image_layer_names,
+                                       tooltip="Degraded, misaligned image to align, restore and fuse")
+        self.open_reference = widgets.FileEdit(label="open reference", mode="r")
+        self.open_moving = widgets.FileEdit(label="open moving", mode="r")
+        self.ground_truth = widgets.ComboBox(label="ground truth", choices=self._label_choices, value=NO_LABEL,
+                                      tooltip="Optional: the clean, aligned moving image (synthetic pairs, "
+                                              "sample data); enables true error maps and label metrics")
+        bundled = list_checkpoints()
+        self.checkpoint = widgets.ComboBox(
+            label="checkpoint", choices=[*bundled, UNTRAINED, FROM_FILE], value=bundled[0] if bundled else UNTRAINED,
+            tooltip=f"'{UNTRAINED}' has random weights: for trying the workbench only, its outputs mean nothing")
+        self.checkpoint_file = widgets.FileEdit(label="checkpoint file", mode="r", filter="*.safetensors", visible=False)
+        self.task = widgets.ComboBox(label="degradation", choices=("auto", *DEGRADATION_CLASSES), value="auto",
+                                     tooltip="The moving image's degradation if you know it (recorded, and "
+                                             "compared with the model's estimate)")
+        self.device = widgets.ComboBox(label="device", choices=DEVICE_CHOICES, value="auto",
+                                       tooltip="auto = CUDA when a GPU is present, else CPU")
+        self.tile_size = widgets.SpinBox(label="tile size", value=0, min=0, max=1024, step=16,
+                                         tooltip="Voxels per tile side for big volumes; 0 = whole image in one pass")
+        self.output_root = widgets.FileEdit(label="runs folder", mode="d", value=str(DEFAULT_RUNS_ROOT.expanduser()),
+                                            tooltip="Each run gets its own sub-folder, derived from the inputs and "
+                                                    "checkpoint, so reopening a run finds its annotations")
+        self.folder_label = widgets.Label(label="run folder")
+        self.run_button = widgets.PushButton(text="Run UniFuse")
+        self.cancel_button = widgets.PushButton(text="Cancel", enabled=False)
+        self.progress = widgets.ProgressBar(label="progress", value=0, min=0, max=1)
+        self.status = widgets.Label(value="")
+        super().__init__(widgets=[
+            self.reference, self.open_reference, self.moving, self.open_moving, self.ground_truth, self.checkpoint,
+            self.checkpoint_file, self.task, self.device, self.tile_size, self.output_root, self.folder_label,
+            widgets.Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
+            self.progress, self.status,
+        ])
+        self.open_reference.changed.connect(lambda path: self._open_into(path, self.reference))
+        self.open_moving.changed.connect(lambda path: self._open_into(path, self.moving))
+        self.checkpoint.changed.connect(lambda value: setattr(self.checkpoint_file, "visible", value == FROM_FILE))
+        for event in (viewer.layers.events.removed, viewer.layers.events.moved):
+            event.connect(self._refresh_layer_choices)
+        viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        self._choose_default_layers()
+
+    # ---- layer choices -------------------------------------------------------------------------
+    def _image_layer_names(self, _widget=None) -> list[str]:
+        return [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _label_choices(self, _widget=None) -> list[str]:
+        return [NO_LABEL, *self._image_layer_names()]
+
+    def _refresh_layer_choices(self, _event=None) -> None:
+        for combo in (self.reference, self.moving, self.ground_truth):
+            combo.reset_choices()
+
+    def _on_layer_inserted(self, event) -> None:
+        self._refresh_layer_choices()
+        if _role(event.value) in INPUT_ROLES:  # a sample pair arrived: offer it
+            self._choose_default_layers()
+
+    def _choose_default_layers(self) -> None:
+        """Pick layers by the role sample data record (reference / moving / label); otherwise the
+        first two image layers that are not our own outputs, in the order `unifuse view` opens them."""
+        images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        by_role = {_role(layer): layer.name for layer in images if _role(layer)}
+        if "reference" in by_role and "moving" in by_role:
+            self.reference.value, self.moving.value = by_role["reference"], by_role["moving"]
+            self.ground_truth.value = by_role.get("label", NO_LABEL)
+            degradation = _unifuse_metadata(self.viewer.layers[by_role["moving"]]).get("degradation")
+            if degradation in self.task.choices:
+                self.task.value = degradation
+            return
+        names = [layer.name for layer in images if _role(layer) != OUTPUT_ROLE]
+        if len(names) >= 2:
+            self.reference.value, self.moving.value = names[0], names[1]
+
+    @reports_errors("Open image")
+    def _open_into(self, path: Path, combo: widgets.ComboBox) -> None:
+        if not path or not Path(path).is_file() and not Path(path).is_dir():
+            return
+        layers = self.viewer.open(str(path), plugin=PLUGIN)
+        if layers:
+            self._refresh_layer_choices()
+            combo.value = layers[0].name
+
+    # ---- the run described by the form ---------------------------------------------------------
+    def checkpoint_choice(self) -> str:
+        if self.checkpoint.value != FROM_FILE:
+            return self.checkpoint.value
+        path = Path(self.checkpoint_file.value or "")
+        if not path.is_file():
+            raise InputError("choose a .safetensors checkpoint file, or a bundled checkpoint", "checkpoint")
+        return str(path)
+
+    def selection(self) -> RunSelection:
+        """The validated request; raises InputError naming the layer for anything unusable."""
+        names = self._image_layer_names()
+        if not names or self.reference.value is None or self.moving.value is None:
+            raise InputError("open or choose a reference and a moving image layer first", "UniFuse workbench")
+        if self.reference.value == self.moving.value:
+            raise InputError("the reference and the moving image are the same layer; choose two images",
+                             self.reference.value)
+        reference = self._volume(self.reference.value)
+        moving = self._volume(self.moving.value)
+        checkpoint = self.checkpoint_choice()
+        tile = int(self.tile_size.value) or None
+        label = None if self.ground_truth.value in (None, NO_LABEL) else self._volume(self.ground_truth.value)
+        request = RunRequest(reference, moving, checkpoint, self.device.value, tile, self.task.value, label)
+        folder = run_folder(
+            self.output_root.value, self.reference.value, self.moving.value, Path(checkpoint).stem,
+            (input_fingerprint(reference, self.reference.value), input_fingerprint(moving, self.moving.value)),
+        )
+        return RunSelection(request, self.reference.value, self.moving.value, folder)
+
+    def _volume(self, name: str) -> ImageVolume:
+        layer = self.viewer.layers[name]
+        volume = layer_to_volume(layer)  # InputError for 4D and other non-2D/3D layers
+        if volume.source is None:
+            volume.source = name  # names the layer in messages and provenance
+        return volume
+
+    def set_running(self, running: bool) -> None:
+        self.run_button.enabled = not running
+        self.cancel_button.enabled = running
+        if running:
+            self.progress.value = 0
+
+
+
+def _unifuse_metadata(layer) -> dict:
+    return (layer.metadata or {}).get("unifuse", {}) or {}
+
+
+def _role(layer) -> str | None:
+    return _unifuse_metadata(layer).get("role") if isinstance(layer, Image) else None

@@ -1,0 +1,305 @@
+"""`unifuse evaluate`: a checkpoint beside the classical pipelines, every metric side by side.
+
+Pairs come from a CSV (columns ``reference,moving,label[,displacement][,task]``, paths relative
+to the CSV; ``label`` is the clean moving image aligned to the reference, ``displacement`` the
+ground-truth field as an ITK displacement file) or from the Harvard AANLIB folder, where the
+degraded, misaligned moving images are synthesised exactly as training's validation set does
+(``training.datasets.build_datasets``: same patient-independent split, seeded per pair).
+
+Methods (rows): ``UniFuse`` through ``engine.FusionEngine`` (the shipped path), and each
+classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN)
+followed by each classical fusion rule (max, average, wavelet). The classical pipelines fuse the
+reference with *their* aligned moving image, i.e. the still-degraded one: the honest baseline,
+since they restore nothing.
+
+Metrics (columns), all on [0, 1] intensities (the moving image's normalisation; RGB PET/SPECT on
+the luma Y): alignment NCC / MSE / SSIM of the aligned moving image vs the label, folding % and
+SDlogJ of the field, the mean end-point error against the ground-truth field (EPE, voxels) when
+it is known, the fusion metrics of the fused image vs (reference, label), and seconds per pair.
+Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (mean ± std per method and task, and
+over all tasks) and ``OUT/per_pair.csv`` (every value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
+from napari_unifuse.engine import classical
+from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
+from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
+from napari_unifuse.io.fields import read_displacement
+from napari_unifuse.io.image import Geometry
+from napari_unifuse.metrics import METRIC_NAMES, folding_percentage, fusion_metrics, registration_metrics, sd_log_jacobian
+
+ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe")
+TIME_COLUMN = "seconds"
+METRIC_COLUMNS = (*ALIGNMENT_COLUMNS, *METRIC_NAMES, TIME_COLUMN)
+ALL_TASKS = "all"
+HARVARD_TASK_FOLDERS = {"CT": "CT-MRI", "PET": "PET-MRI", "SPECT": "SPECT-MRI"}
+UNIFUSE_METHOD = "UniFuse"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationPair:
+    """One pair as a user would hand it to ``unifuse fuse``, plus what it is scored against."""
+
+    name: str
+    task: str
+    reference: ImageVolume
+    moving: ImageVolume
+    label: np.ndarray  # clean aligned moving, [0, 1] in the moving image's normalisation (Y if RGB)
+    displacement: np.ndarray | None = None  # ground-truth u (ndim, *spatial), voxels
+
+
+# ---- pair sources --------------------------------------------------------------------------------
+def unit_intensities(image: ImageVolume) -> tuple[np.ndarray, IntensityMapping | None]:
+    """An image on [0, 1] as the engine feeds it to the model: luma of RGB, else ``normalize_intensity``."""
+    if image.is_rgb:
+        return rgb_to_ycbcr(image.array)[..., 0].astype(np.float32), None
+    normalised, mapping = normalize_intensity(image)
+    return normalised.array.astype(np.float32), mapping
+
+
+def pairs_from_csv(path: Path) -> list[EvaluationPair]:
+    if not path.is_file():
+        raise InputError("pairs CSV not found", path)
+    with path.open(newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    required = {"reference", "moving", "label"}
+    if not rows or not required <= set(rows[0]):
+        raise InputError(f"the CSV needs a header with columns {', '.join(sorted(required))} and at least one row",
+                         path)
+    pairs = []
+    for row in rows:
+        reference = read_image(path.parent / row["reference"])
+        moving = read_image(path.parent / row["moving"])
+        label_image = read_image(path.parent / row["label"])
+        if label_image.spatial_shape != reference.spatial_shape or not label_image.geometry.allclose(reference.geometry):
+            label_image = resample_to_reference(label_image, reference)
+        # A grey label is scored in the moving image's [0, 1] units: the moving image's mapping.
+        _, mapping = unit_intensities(moving)
+        if label_image.is_rgb or mapping is None:
+            label, _ = unit_intensities(label_image)
+        else:
+            label = mapping.apply(label_image.array)
+        displacement = None
+        if row.get("displacement"):
+            displacement = read_displacement(path.parent / row["displacement"], reference.geometry)
+        pairs.append(EvaluationPair(Path(row["moving"]).name, row.get("task") or "pairs",
+                                    reference, moving, label, displacement))
+    return pairs
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | None, *, seed: int,
+                       size: int | None, none_fraction: float) -> list[EvaluationPair]:
+    """The Harvard split as training sees it; images are handed over as the 8-bit PNGs they are."""
+    from napari_unifuse.training.datasets import build_datasets
+
+    folders = []
+    for task in tasks:
+        if task.upper() not in HARVARD_TASK_FOLDERS:
+            raise InputError(f"unknown Harvard task {task!r}; choose from {', '.join(HARVARD_TASK_FOLDERS)}",
+                             "--tasks")
+        folders.append(HARVARD_TASK_FOLDERS[task.upper()])
+    data = {"kind": "harvard", "root": str(root), "tasks": folders, "none_fraction": none_fraction}
+    if size:
+        data["size"] = size
+    train, validation = build_datasets(data, seed=seed, spatial_dims=2)
+    dataset = validation if split == "val" else train
+    taken: dict[str, int] = {}
+    pairs = []
+    for index, source in enumerate(dataset.pairs):
+        if limit is not None and taken.get(source.task, 0) >= limit:
+            continue
+        taken[source.task] = taken.get(source.task, 0) + 1
+        sample = dataset[index]
+        geometry = Geometry.identity(2)
+        moving_luma = sample["moving"][0].numpy()
+        is_colour = bool(sample["is_color"])
+        if is_colour:
+            moving_array = _to_uint8(ycbcr_to_rgb(np.stack([moving_luma, *sample["cbcr"].numpy()], axis=-1)))
+        else:
+            moving_array = _to_uint8(moving_luma)
+        pairs.append(EvaluationPair(
+            name=f"{source.task}/{source.pair_id}",
+            task=source.task,
+            reference=ImageVolume(_to_uint8(sample["reference"][0].numpy()), geometry),
+            moving=ImageVolume(moving_array, geometry, is_rgb=is_colour),
+            label=sample["label"][0].numpy().astype(np.float32),
+            displacement=sample["displacement"].numpy(),
+        ))
+    if not pairs:
+        raise InputError(f"no pairs in the {split} split for tasks {', '.join(tasks)}", root)
+    return pairs
+
+
+# ---- scoring -------------------------------------------------------------------------------------
+def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, reference: np.ndarray,
+          pair: EvaluationPair, seconds: float) -> dict[str, float]:
+    values = registration_metrics(aligned, pair.label)
+    values["folding_pct"] = folding_percentage(displacement)
+    values["sdlogj"] = sd_log_jacobian(displacement)
+    values["epe"] = (float(np.linalg.norm(displacement - pair.displacement, axis=0).mean())
+                     if pair.displacement is not None else float("nan"))
+    values.update(fusion_metrics(fused.astype(np.float32), reference, pair.label))
+    values[TIME_COLUMN] = seconds
+    return values
+
+
+def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registrations: list[str],
+                  rules: list[str]) -> Iterator[tuple[str, dict[str, float]]]:
+    """(method, metrics) for UniFuse (when an engine is given) and each registration × rule."""
+    reference, _ = unit_intensities(pair.reference)
+    if engine is not None:
+        start = time.perf_counter()
+        result = engine.run_fusion(pair.reference, pair.moving)
+        seconds = time.perf_counter() - start
+        fused = result.fused.array
+        fused = rgb_to_ycbcr(fused)[..., 0] if result.fused.is_rgb else fused
+        if result.aligned.is_rgb:
+            aligned = rgb_to_ycbcr(result.aligned.array)[..., 0]
+        else:
+            mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
+            aligned = mapping.apply(result.aligned.array)
+        yield UNIFUSE_METHOD, score(aligned, result.displacement, fused, reference, pair, seconds)
+    moving_unit, _ = unit_intensities(pair.moving)
+    geometry = pair.reference.geometry
+    if pair.moving.spatial_shape != pair.reference.spatial_shape or not pair.moving.geometry.allclose(geometry):
+        moving_unit = resample_to_reference(
+            ImageVolume(moving_unit, pair.moving.geometry), pair.reference).array.astype(np.float32)
+    for method in registrations:
+        registration = classical.register(method, reference, moving_unit, geometry)
+        for rule in rules:
+            start = time.perf_counter()
+            fused = classical.fuse_classical(rule, reference, registration.aligned)
+            seconds = registration.seconds + time.perf_counter() - start
+            yield f"{method} + {rule}", score(registration.aligned, registration.displacement, fused, reference,
+                                              pair, seconds)
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean and std per (method, task) and per method over all tasks, in first-seen order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["method"], record["task"]), []).append(record)
+        groups.setdefault((record["method"], ALL_TASKS), []).append(record)
+    tasks = {task for _, task in groups if task != ALL_TASKS}
+    summary = []
+    for (method, task), members in groups.items():
+        if task == ALL_TASKS and len(tasks) == 1:
+            continue  # one task: the "all" row would repeat it
+        row = {"method": method, "task": task, "n": len(members)}
+        for column in METRIC_COLUMNS:
+            values = np.array([member[column] for member in members], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            row[f"{column}_mean"] = float(finite.mean()) if finite.size else float("nan")
+            row[f"{column}_std"] = float(finite.std()) if finite.size else float("nan")
+        summary.append(row)
+    return sorted(summary, key=lambda row: (row["task"] == ALL_TASKS, row["task"]))
+
+
+def markdown_table(summary: list[dict]) -> str:
+    columns = [column for column in METRIC_COLUMNS
+               if any(np.isfinite(row[f"{column}_mean"]) for row in summary)]
+    lines = ["| method | task | n | " + " | ".join(columns) + " |",
+             "|---|---|---:|" + "---:|" * len(columns)]
+    for row in summary:
+        cells = [f"{row[f'{c}_mean']:.4g} ± {row[f'{c}_std']:.2g}" for c in columns]
+        lines.append(f"| {row['method']} | {row['task']} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---- command -------------------------------------------------------------------------------------
+def _names(text: str, known: tuple[str, ...], option: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise InputError(f"unknown {unknown}; choose from {', '.join(known)}", option)
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.pairs is None) == (args.harvard is None):
+        raise InputError("give exactly one of --pairs CSV or --harvard ROOT", "unifuse evaluate")
+    registrations = _names(args.baselines, REGISTRATION_METHODS, "--baselines")
+    if "ants" in registrations and not classical.ants_available():
+        print("note: ANTsPy (antspyx) is not installed; the ants baseline is skipped")
+        registrations.remove("ants")
+    rules = _names(args.fusion_rules, FUSION_RULES, "--fusion-rules")
+    if args.pairs is not None:
+        pairs = pairs_from_csv(args.pairs)
+    else:
+        pairs = pairs_from_harvard(args.harvard, args.split, args.tasks.split(","), args.limit, seed=args.seed,
+                                   size=args.size, none_fraction=args.none_fraction)
+        if args.limit is None:
+            print(f"{len(pairs)} Harvard {args.split} pairs")
+    engine = FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size)
+    method_name = f"{UNIFUSE_METHOD} ({Path(str(args.checkpoint)).stem})"
+
+    records = []
+    for number, pair in enumerate(pairs, start=1):
+        print(f"[{number}/{len(pairs)}] {pair.name}", flush=True)
+        for method, values in evaluate_pair(pair, engine, registrations, rules):
+            method = method_name if method == UNIFUSE_METHOD else method
+            records.append({"pair": pair.name, "task": pair.task, "method": method, **values})
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(records)
+    write_csv(records, args.out / "per_pair.csv")
+    write_csv(summary, args.out / "evaluation.csv")
+    table = markdown_table(summary)
+    header = (f"# Evaluation of {args.checkpoint}\n\n{len(pairs)} pairs; mean ± std. Alignment (ncc, mse, ssim) "
+              "vs the clean label; epe: mean end-point error of the field (voxels); fusion metrics vs "
+              "(reference, label); classical pipelines fuse their aligned, still degraded moving image.\n\n")
+    (args.out / "evaluation.md").write_text(header + table, encoding="utf-8")
+    print(table)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="score a checkpoint beside classical registration + fusion baselines",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="bundled checkpoint name or .safetensors file")
+    source = parser.add_argument_group("pairs (one of)")
+    source.add_argument("--pairs", type=Path, help="CSV: reference,moving,label[,displacement][,task]")
+    source.add_argument("--harvard", type=Path, metavar="ROOT", help="Harvard AANLIB folder (CT-MRI/, PET-MRI/, …)")
+    harvard = parser.add_argument_group("Harvard options")
+    harvard.add_argument("--split", choices=("val", "train"), default="val")
+    harvard.add_argument("--tasks", default="CT,PET,SPECT", help="comma-separated: CT, PET, SPECT")
+    harvard.add_argument("--limit", type=int, help="at most this many pairs per task")
+    harvard.add_argument("--size", type=int, help="resize the images to SIZE² (as in training's data.size)")
+    harvard.add_argument("--seed", type=int, default=0, help="seed of the synthesised degradations")
+    harvard.add_argument("--none-fraction", type=float, default=0.0,
+                         help="fraction of pairs left undegraded (training uses 0.2)")
+    parser.add_argument("--baselines", default=",".join(REGISTRATION_METHODS),
+                        help=f"classical registrations, comma-separated ({', '.join(REGISTRATION_METHODS)})")
+    parser.add_argument("--fusion-rules", default=",".join(FUSION_RULES),
+                        help=f"classical fusion rules ({', '.join(FUSION_RULES)})")
+    parser.add_argument("--out", type=Path, required=True, help="folder for evaluation.csv/.md and per_pair.csv")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--tile-size", type=int, help="voxels per tile side for large inputs")
+    parser.set_defaults(func=run)
+

@@ -1,0 +1,160 @@
+"""The numpy behind the workbench's review views: quivers, deformed grid, checkerboard, error maps.
+
+Everything here is plain arrays in, plain arrays out, on the reference grid (array-axis order,
+voxel units as in docs/architecture.md); the napari layers that show them get the reference's
+``Geometry.napari_kwargs()``, so index coordinates here are world coordinates there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_unifuse.data.color import rgb_to_ycbcr
+from napari_unifuse.data.misalign import warp_array
+from napari_unifuse.io import ImageVolume
+
+# Percentiles that set the display window of a grey image: robust to a few hot voxels (metal,
+# lesions) that would otherwise squash everything else to black.
+_WINDOW_PERCENTILES = (0.5, 99.5)
+
+
+def grey_values(volume: ImageVolume) -> np.ndarray:
+    """The image as one grey channel in its own units: BT.601 luma for RGB, the values otherwise."""
+    array = np.asarray(volume.array, dtype=np.float32)
+    return rgb_to_ycbcr(array)[..., 0].astype(np.float32) if volume.is_rgb else array
+
+
+def display_window(values: np.ndarray) -> tuple[float, float]:
+    """Low/high display limits from robust percentiles of the finite values."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 0.0
+    low, high = np.percentile(finite, _WINDOW_PERCENTILES)
+    return float(low), float(high)
+
+
+def display_grey(volume: ImageVolume, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Grey float32 in [0, 1] for side-by-side views and metrics; ``window`` defaults to the image's
+    own (pass another image's window to compare two images in the same units, e.g. aligned vs label)."""
+    values = grey_values(volume)
+    low, high = display_window(values) if window is None else window
+    if high <= low:
+        return np.zeros_like(values)
+    return np.clip((np.nan_to_num(values) - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def checkerboard(first: np.ndarray, second: np.ndarray, tile: int) -> np.ndarray:
+    """``first`` on the "white" tiles, ``second`` on the "black" ones, tiles of ``tile`` pixels in-plane.
+
+    Tiles alternate over the last two (in-slice) axes only, so each slice shows a full board
+    whatever slice is viewed, as in 3D Slicer's and ITK-SNAP's checkerboard views.
+    """
+    if first.shape != second.shape:
+        raise ValueError(f"shapes differ: {first.shape} vs {second.shape}")
+    tile = max(1, int(tile))
+    rows = (np.arange(first.shape[-2]) // tile)[:, None]
+    cols = (np.arange(first.shape[-1]) // tile)[None, :]
+    white = (rows + cols) % 2 == 0
+    return np.where(white, first, second)
+
+
+def deformed_grid(displacement: np.ndarray, spacing: int) -> np.ndarray:
+    """A grid of lines every ``spacing`` voxels (in-slice), warped by the field like the moving image.
+
+    Bright lines bend where the model moves tissue; crossings squeezed together or folded over show
+    compression and folding at a glance, complementing the quivers.
+    """
+    spatial = displacement.shape[1:]
+    spacing = max(2, int(spacing))
+    lines = np.zeros(spatial, dtype=np.float32)
+    for axis in (-2, -1):
+        on_line = (np.arange(spatial[axis]) % spacing) == 0
+        index = [None] * len(spatial)
+        index[axis] = slice(None)
+        lines = np.maximum(lines, np.broadcast_to(on_line[tuple(index)], spatial).astype(np.float32))
+    return warp_array(lines, displacement, order=1).astype(np.float32)
+
+
+def displacement_magnitude_mm(displacement: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
+    """|u| in millimetres at every voxel (directions are orthonormal, so only spacing scales it)."""
+    scale = np.asarray(spacing_mm, dtype=np.float32).reshape(-1, *([1] * (displacement.ndim - 1)))
+    return np.linalg.norm(displacement * scale, axis=0)
+
+
+@dataclass(frozen=True)
+class Quivers:
+    """napari Vectors data ``(N, 2, ndim)`` (start index, in-slice displacement) and each magnitude in mm."""
+
+    vectors: np.ndarray
+    magnitude_mm: np.ndarray
+
+
+def slice_quivers(
+    displacement: np.ndarray,
+    spacing_mm: np.ndarray,
+    stride: int,
+    slice_axis: int | None = None,
+    slice_index: int = 0,
+) -> Quivers:
+    """Displacement arrows on a grid of every ``stride``-th voxel of one slice (or the whole 2D image).
+
+    Only the in-slice components are drawn (the slice's own axis is zeroed): an arrow leaving the
+    plane cannot be drawn in it. The magnitude, used for colour, is the full 3D length in mm, so a
+    large through-plane shift still stands out as a bright short arrow.
+    """
+    ndim = displacement.shape[0]
+    stride = max(1, int(stride))
+    axes = [np.arange(stride // 2, side, stride) for side in displacement.shape[1:]]
+    if slice_axis is not None:
+        slice_index = int(np.clip(slice_index, 0, displacement.shape[1 + slice_axis] - 1))
+        axes[slice_axis] = np.array([slice_index])
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, ndim)
+    components = displacement[(slice(None), *grid.T)].T.astype(np.float32)  # (N, ndim) voxels
+    magnitude = np.linalg.norm(components * np.asarray(spacing_mm, dtype=np.float32), axis=1)
+    if slice_axis is not None:
+        components[:, slice_axis] = 0.0
+    return Quivers(np.stack([grid.astype(np.float32), components], axis=1), magnitude)
+
+
+def absolute_error(aligned: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """|aligned − label| per voxel, in the aligned image's units (both must share a grid)."""
+    if aligned.shape != label.shape:
+        raise ValueError(f"aligned {aligned.shape} and label {label.shape} are not on one grid")
+    return np.abs(np.asarray(aligned, dtype=np.float32) - np.asarray(label, dtype=np.float32))
+
+
+def folding_mask(jacobian_determinant: np.ndarray) -> np.ndarray:
+    """1 where det J ≤ 0 (the mapping folds space over itself), else 0: a napari Labels layer."""
+    return (jacobian_determinant <= 0).astype(np.uint8)
+
+
+def slice_of(array: np.ndarray, slice_axis: int | None, slice_index: int) -> np.ndarray:
+    """The 2D slice viewed (the array itself for 2D images)."""
+    if slice_axis is None:
+        return array
+    return np.take(array, int(np.clip(slice_index, 0, array.shape[slice_axis] - 1)), axis=slice_axis)
+
+
+def input_fingerprint(volume: ImageVolume, fallback_name: str) -> str:
+    """What identifies an input across sessions: its file path, or (in-memory layers) a content hash."""
+    if volume.source and Path(volume.source).exists():
+        return str(Path(volume.source).resolve())
+    digest = hashlib.sha256(np.ascontiguousarray(volume.array).tobytes()).hexdigest()[:16]
+    return f"{fallback_name}:{volume.array.shape}:{digest}"
+
+
+def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...]) -> Path:
+    """``root/<reference>+<moving>__<checkpoint>__<hash>``: the same inputs and checkpoint give the
+    same folder (so a reopened run finds its annotations), different ones never collide."""
+    digest = hashlib.sha256("\n".join((*fingerprints, checkpoint)).encode()).hexdigest()[:10]
+    readable = "__".join(_slug(part) for part in (f"{reference}+{moving}", checkpoint))
+    return Path(root).expanduser() / f"{readable}__{digest}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9+._-]+", "-", text).strip("-")[:60] or "input"

@@ -1,0 +1,169 @@
+"""`unifuse evaluate` on a few tiny generated pairs with a random-weight small checkpoint."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from napari_unifuse.cli import main
+from napari_unifuse.cli.evaluate import METRIC_COLUMNS
+from napari_unifuse.data.pairs import make_pair
+from napari_unifuse.data.phantoms import make_brain_phantom_slices
+from napari_unifuse.io import ImageVolume, normalize_intensity, write_image
+from napari_unifuse.io.fields import write_displacement
+from napari_unifuse.io.image import Geometry
+from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.checkpoint import save_checkpoint
+
+SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of the model's 4
+CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants") for rule in ("max", "average", "wavelet")]
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    # Tiny inputs on a shared 2-core machine: OpenMP thread hand-offs cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny-2d.safetensors"
+    return save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), path, {"note": "random weights"})
+
+
+def pseudo_colour(grey):
+    """A PET-like RGB rendering (red-yellow ramp) of a [0, 1] image."""
+    return np.stack([grey, grey**2, 0.2 * grey], axis=-1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pairs_csv(tmp_path_factory):
+    """Two T1/T2 NIfTI pairs with their true fields and one RGB MRI/PET PNG pair without."""
+    root = tmp_path_factory.mktemp("pairs")
+    slices = make_brain_phantom_slices((SIDE, SIDE), ("t1", "t2", "pet"))
+    geometry = slices["t1"].geometry
+    rows, true_fields = [], {}
+    for seed in (1, 2):
+        pair = make_pair(slices["t1"], slices["t2"], "t1-t2-motion", seed)
+        names = {role: f"t2_{seed}_{role}.nii.gz" for role in ("reference", "moving", "label")}
+        for role in names:
+            write_image(getattr(pair, role), root / names[role])
+        write_displacement(pair.displacement, geometry, root / f"t2_{seed}_field.nii.gz")
+        rows.append({**names, "displacement": f"t2_{seed}_field.nii.gz", "task": "t1-t2"})
+        true_fields[names["moving"]] = pair.displacement
+
+    identity = Geometry.identity(2)
+    pet = slices["pet"].array / slices["pet"].array.max()
+    colour_pair = make_pair(ImageVolume(slices["t1"].array / slices["t1"].array.max(), identity),
+                            ImageVolume(pseudo_colour(pet), identity, is_rgb=True), "mri-pet-lowdose", 3)
+    for role, array in (("reference", colour_pair.reference.array), ("moving", colour_pair.moving.array),
+                        ("label", colour_pair.label.array)):
+        Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(root / f"pet_{role}.png")
+    rows.append({"reference": "pet_reference.png", "moving": "pet_moving.png", "label": "pet_label.png",
+                 "displacement": "", "task": "mri-pet"})
+    path = root / "pairs.csv"
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, true_fields
+
+
+def read_csv(path):
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.fixture(scope="module")
+def evaluation(checkpoint, pairs_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    code = main(["evaluate", "--checkpoint", str(checkpoint), "--pairs", str(pairs_csv[0]), "--out", str(out),
+                 "--device", "cpu"])
+    return code, out
+
+
+def test_writes_every_method_task_and_metric(evaluation):
+    code, out = evaluation
+    assert code == 0
+    summary = read_csv(out / "evaluation.csv")
+    methods = {row["method"] for row in summary}
+    assert methods == {"UniFuse (tiny-2d)", *CLASSICAL}
+    assert {(row["method"], row["task"]) for row in summary} == {
+        (method, task) for method in methods for task in ("t1-t2", "mri-pet", "all")}
+    for column in METRIC_COLUMNS:
+        assert f"{column}_mean" in summary[0] and f"{column}_std" in summary[0]
+    counts = {(row["method"], row["task"]): int(row["n"]) for row in summary}
+    assert counts["sitk + wavelet", "t1-t2"] == 2 and counts["sitk + wavelet", "all"] == 3
+
+    markdown = (out / "evaluation.md").read_text()
+    for method in methods:
+        assert f"| {method} | mri-pet | 1 |" in markdown
+    for column in ("ncc", "epe", "folding_pct", "Q_abf", "Q_vif", "MI", "seconds"):
+        assert f" {column} |" in markdown.splitlines()[4]  # the table's header line
+    assert len(read_csv(out / "per_pair.csv")) == 3 * len(methods)
+
+
+def test_values_are_consistent_with_the_pairs(evaluation, pairs_csv):
+    _, out = evaluation
+    rows = read_csv(out / "per_pair.csv")
+    by_key = {(row["pair"], row["method"]): row for row in rows}
+    for moving_name, true_field in pairs_csv[1].items():
+        identity = by_key[moving_name, "identity + max"]
+        # The identity field is zero: its error is the true field's mean length, and it never folds.
+        expected_epe = np.linalg.norm(true_field, axis=0).mean()
+        assert float(identity["epe"]) == pytest.approx(expected_epe, rel=1e-4)
+        assert float(identity["folding_pct"]) == 0.0
+        # Registration must help on these synthetic misalignments.
+        assert float(by_key[moving_name, "sitk + max"]["ncc"]) > float(identity["ncc"]) + 0.05
+        assert float(by_key[moving_name, "sitk + max"]["epe"]) < expected_epe
+        # One registration feeds all rules: alignment scores agree, fusion scores differ.
+        assert by_key[moving_name, "sitk + max"]["ncc"] == by_key[moving_name, "sitk + wavelet"]["ncc"]
+        assert by_key[moving_name, "sitk + max"]["Q_abf"] != by_key[moving_name, "sitk + wavelet"]["Q_abf"]
+    colour = by_key["pet_moving.png", "UniFuse (tiny-2d)"]
+    assert colour["epe"] == "nan"  # no ground-truth field for this pair
+    assert float(colour["seconds"]) > 0 and np.isfinite(float(colour["Q_abf"]))
+
+
+def test_needs_exactly_one_pair_source(checkpoint, pairs_csv, tmp_path, capsys):
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert main([*argv, "--pairs", str(pairs_csv[0]), "--harvard", str(tmp_path)]) == 2
+    assert "exactly one of --pairs" in capsys.readouterr().err
+
+
+def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
+    # A miniature AANLIB tree: three cases in CT-MRI (grey) and PET-MRI (RGB), one slice each.
+    root = tmp_path / "aanlib"
+    rng = np.random.default_rng(0)
+    slices = make_brain_phantom_slices((SIDE, SIDE), ("t1", "ct", "pet"))
+    # 8-bit PNGs as exported from windowed scans (CT through io's standard HU window).
+    grey = {name: np.round(255 * normalize_intensity(image, "ct" if name == "ct" else "mr")[0].array).astype(np.uint8)
+            for name, image in slices.items()}
+    for task, modality, image in (("CT-MRI", "CT", grey["ct"]),
+                                  ("PET-MRI", "PET", np.round(255 * pseudo_colour(grey["pet"] / 255)).astype(np.uint8))):
+        for folder in ("MRI", modality):
+            (root / task / folder).mkdir(parents=True)
+        for case in (1, 2, 3):
+            name = f"{case}0{rng.integers(10, 99)}.png"
+            Image.fromarray(grey["t1"]).save(root / task / "MRI" / name)
+            Image.fromarray(image).save(root / task / modality / name)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--harvard", str(root), "--tasks", "CT,PET",
+            "--limit", "1", "--baselines", "identity", "--fusion-rules", "max", "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    rows = read_csv(out / "per_pair.csv")
+    assert {row["task"] for row in rows} == {"CT-MRI", "PET-MRI"}
+    assert len(rows) == 2 * 2  # one pair per task, UniFuse + identity
+    first = (out / "per_pair.csv").read_text()
+    assert main(argv) == 0
+    # Seeded synthesis: a second run scores the very same pairs (timings aside).
+    strip = lambda text: [row[:-1] for row in csv.reader(text.splitlines())]  # noqa: E731 (seconds is last)
+    assert strip((out / "per_pair.csv").read_text()) == strip(first)

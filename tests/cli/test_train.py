@@ -1,0 +1,95 @@
+"""`unifuse train` end to end on the smoke config: train, checkpoint, resume, and two processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_unifuse.cli import main
+from napari_unifuse.model.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_smoke_training_writes_a_loadable_checkpoint_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(SMOKE), "--out", str(run_dir), "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+
+    checkpoint = run_dir / "checkpoints" / "last.safetensors"
+    model, metadata = load_checkpoint(checkpoint)
+    assert model.config.spatial_dims == 2
+    assert metadata["steps"] == 3
+    assert metadata["seed"] == 0
+    assert metadata["command"].startswith("unifuse train --config")
+    assert metadata["training_config"]["data"]["kind"] == "phantom"
+    assert metadata["wall_time_s"] > 0
+    assert metadata["device"].startswith("cpu")
+    assert set(metadata["validation"]) >= {"ncc_restored", "ncc_input", "epe_voxels", "q_cc", "q_ssim"}
+    assert (run_dir / "checkpoints" / "last.state.pt").is_file()
+
+    records = _log(run_dir)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [3]
+    assert all(torch.isfinite(torch.tensor(r["total"])) for r in records if r["kind"] == "train")
+
+    # Resume to 5 steps: the step counter continues and the cosine now spans 5 steps.
+    assert main(args + ["--resume", "--max-steps", "5"]) == 0
+    _, metadata = load_checkpoint(checkpoint)
+    assert metadata["steps"] == 5
+    assert "--resume" in metadata["command"]
+    steps = [r["step"] for r in _log(run_dir) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+    learning_rates = {r["step"]: r["lr"] for r in _log(run_dir) if r["kind"] == "train"}
+    assert learning_rates[3] == pytest.approx(1e-6)  # end of the first 3-step schedule
+    assert learning_rates[4] == pytest.approx(1e-6 + (1e-4 - 1e-6) * (1 + math.cos(math.pi * 4 / 5)) / 2)
+    assert learning_rates[5] == pytest.approx(1e-6)
+
+
+def test_resume_without_a_checkpoint_is_a_clean_error(tmp_path, capsys):
+    args = ["train", "--config", str(SMOKE), "--out", str(tmp_path / "empty"), "--device", "cpu", "--resume"]
+    assert main(args) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_bad_config_is_a_clean_error(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: {kind: phantom}\ntrain: {batch_sise: 2}\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "batch_sise" in capsys.readouterr().err
+
+
+def test_two_processes_with_torchrun_on_cpu(tmp_path):
+    run_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "napari_unifuse.cli", "train", "--config", str(SMOKE), "--out", str(run_dir),
+        "--max-steps", "2", "--device", "cpu", "--no-progress",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    _, metadata = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    assert metadata["world_size"] == 2
+    assert metadata["steps"] == 2
+    # Only rank 0 logs: one line per step, not two.
+    assert [r["step"] for r in _log(run_dir) if r["kind"] == "train"] == [1, 2]
+
+
+@pytest.mark.parametrize("flag", ["--max-steps", "--batch-size"])
+def test_non_positive_overrides_are_rejected(tmp_path, flag, capsys):
+    args = ["train", "--config", str(SMOKE), "--out", str(tmp_path / "run"), flag, "0"]
+    assert main(args) == 2
+    assert flag in capsys.readouterr().err

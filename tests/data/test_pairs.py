@@ -1,0 +1,103 @@
+"""Pair builder: degrade the aligned label, then misalign; the field brings moving back onto the label."""
+
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+
+from napari_unifuse.data.color import rgb_to_ycbcr
+from napari_unifuse.data.degrade import make_degradation
+from napari_unifuse.data.misalign import RandomMisalignment, warp_array
+from napari_unifuse.data.pairs import TASKS, make_pair
+from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import Geometry, ImageVolume
+
+NO_MOTION = RandomMisalignment(max_rotation_deg=0, max_translation_fraction=0, max_elastic_fraction=0)
+
+
+@pytest.fixture(scope="module")
+def slices():
+    return make_brain_phantom_slices((64, 64), modalities=("t1", "t2", "ct", "pet"))
+
+
+def ncc(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def interior(array: np.ndarray, ndim: int = 2) -> np.ndarray:
+    return array[tuple(slice(n // 8, n - n // 8) for n in array.shape[:ndim])]
+
+
+def test_task_table_covers_the_paper_and_clean_variants():
+    assert TASKS["t1-t2-motion"].degradation == "motion"
+    assert TASKS["mri-ct-metal"].degradation == "metal"
+    assert {TASKS[t].degradation for t in ("ct-pet-lowdose", "mri-pet-lowdose", "mri-spect-lowdose")} == {"lowdose"}
+    assert all(f"{name.rsplit('-', 1)[0]}-none" in TASKS for name in TASKS)
+
+
+def test_motion_pair_is_degraded_misaligned_and_recorded(slices):
+    pair = make_pair(slices["t1"], slices["t2"], "t1-t2-motion", rng=3)
+    assert pair.degradation == "motion" and pair.class_index == 1
+    assert pair.moving.array.shape == pair.label.array.shape == (64, 64)
+    assert pair.displacement.shape == (2, 64, 64)
+    assert pair.reference is slices["t1"]
+    np.testing.assert_array_equal(pair.label.array, slices["t2"].array)
+    assert ncc(interior(pair.moving.array), interior(pair.label.array)) < 0.9
+    params = json.loads(json.dumps(pair.params))  # meta.json-ready
+    assert params["seed"] == 3 and params["task"] == "t1-t2-motion"
+    assert params["degradation"]["name"] == "motion" and "rotation_deg" in params["misalignment"]
+
+
+def test_clean_pair_is_undone_by_the_displacement(slices):
+    pair = make_pair(slices["t1"], slices["t2"], "t1-t2-none", rng=4)
+    assert pair.class_index == 0
+    # Sharp 64-pixel anatomy: cubic resampling both ways keeps the round trip close.
+    restored = warp_array(pair.moving.array, pair.displacement, order=3)
+    assert ncc(interior(restored), interior(pair.label.array)) > 0.99
+
+
+def test_degradation_comes_before_misalignment(slices):
+    label = slices["pet"]
+    # With no misalignment the moving image is exactly the degraded label...
+    pair = make_pair(slices["ct"], label, "ct-pet-lowdose", rng=5, misalignment=NO_MOTION)
+    expected = make_degradation("lowdose", 0.5)(label.array, np.random.default_rng(5))
+    np.testing.assert_allclose(pair.moving.array, expected, atol=1e-6)
+    # ...and with one, the field maps the moving image back onto the *degraded* label.
+    pair = make_pair(slices["ct"], label, "ct-pet-lowdose", rng=5)
+    restored = warp_array(pair.moving.array, pair.displacement)
+    assert ncc(interior(restored), interior(expected)) > ncc(interior(restored), interior(label.array)) > 0.9
+
+
+def test_colour_pet_degrades_luma_and_carries_chroma(slices):
+    rgb = matplotlib.colormaps["hot"](np.clip(slices["pet"].array, 0, 1))[..., :3].astype(np.float32)
+    label = ImageVolume(rgb, slices["pet"].geometry, {"modality": "pet"}, is_rgb=True)
+    pair = make_pair(slices["t1"], label, "mri-pet-lowdose", rng=6, misalignment=NO_MOTION)
+    assert pair.moving.is_rgb and pair.moving.array.shape == (64, 64, 3)
+    moving, clean = rgb_to_ycbcr(pair.moving.array), rgb_to_ycbcr(rgb)
+    assert np.abs(moving[..., 0] - clean[..., 0]).mean() > 0.01  # luma got the noise
+    # Chroma is carried over (up to gamut clipping where noisy luma leaves the RGB cube).
+    assert np.median(np.abs(moving[..., 1:] - clean[..., 1:])) < 0.01
+
+    pair = make_pair(slices["t1"], label, "mri-pet-none", rng=6)
+    restored = warp_array(pair.moving.array, pair.displacement, order=3)
+    assert ncc(interior(restored), interior(rgb)) > 0.99
+
+
+def test_same_seed_same_pair_in_3d():
+    volumes = make_brain_phantoms((32, 32, 32), modalities=("ct", "pet"))
+    first = make_pair(volumes["ct"], volumes["pet"], "ct-pet-lowdose", rng=7)
+    again = make_pair(volumes["ct"], volumes["pet"], "ct-pet-lowdose", rng=7)
+    assert first.displacement.shape == (3, 32, 32, 32)
+    np.testing.assert_array_equal(first.moving.array, again.moving.array)
+    np.testing.assert_array_equal(first.displacement, again.displacement)
+    assert first.params == again.params
+
+
+def test_bad_input_raises(slices):
+    with pytest.raises(InputError, match="unknown task"):
+        make_pair(slices["t1"], slices["t2"], "t1-t2-blur", rng=0)
+    elsewhere = ImageVolume(slices["t2"].array, Geometry(np.ones(2), np.zeros(2), np.eye(2)))
+    with pytest.raises(InputError, match="reference grid"):
+        make_pair(slices["t1"], elsewhere, "t1-t2-none", rng=0)

@@ -1,0 +1,123 @@
+"""Classical registration baselines (SimpleITK, ANTsPy) and fusion rules, on small 2D images.
+
+The fields must follow the project convention: sampling moving at x + u(x) aligns it. A pure
+translation of the moving image has an exactly known field, which pins down sign and axis order.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from napari_unifuse.data.misalign import RandomMisalignment, warp_array
+from napari_unifuse.engine import classical
+from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.io.image import Geometry
+from napari_unifuse.metrics import registration_metrics
+
+SHAPE = (64, 64)
+# Different, asymmetric shifts per axis: a swapped axis or flipped sign cannot pass.
+SHIFT_VOXELS = np.array([3.0, -5.0])
+INTERIOR = (slice(None), slice(16, 48), slice(16, 48))
+
+
+def head_like(shape=SHAPE, contrast=1.0):
+    """A bright ellipse with two off-centre inner blobs: asymmetric, so a translation is unique."""
+    y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    head = ((y / 0.8) ** 2 + (x / 0.6) ** 2 < 1).astype(np.float32) * 0.6
+    blob_a = np.exp(-((y - 0.3) ** 2 + (x + 0.2) ** 2) / 0.02)
+    blob_b = np.exp(-((y + 0.35) ** 2 + (x - 0.25) ** 2) / 0.04)
+    image = head + contrast * 0.4 * (blob_a - 0.5 * blob_b)
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def translated_pair():
+    reference = head_like()
+    label = head_like(contrast=-1.0)  # another "modality": the blobs have the opposite contrast
+    u_true = np.broadcast_to(SHIFT_VOXELS[:, None, None], (2, *SHAPE)).astype(np.float32)
+    moving = warp_array(label, -u_true)  # moving(x) = label(x - t), so moving(x + t) = label(x)
+    return reference, label, moving, u_true
+
+
+@pytest.mark.parametrize("method", ["sitk", "ants"])
+def test_translation_recovered_with_sign_and_axis_order(method, translated_pair):
+    reference, label, moving, _ = translated_pair
+    result = classical.register(method, reference, moving)
+    recovered = result.displacement[INTERIOR].reshape(2, -1).mean(axis=1)
+    np.testing.assert_allclose(recovered, SHIFT_VOXELS, atol=0.3)
+    assert result.displacement.shape == (2, *SHAPE)
+    assert registration_metrics(result.aligned, label)["ncc"] > 0.95
+
+
+def test_field_is_in_voxels_on_anisotropic_grid(translated_pair):
+    # 1.5 mm × 0.8 mm pixels: a field left in mm would read (4.5, -4.0), not the voxel shift.
+    reference, _, moving, _ = translated_pair
+    geometry = Geometry(np.array([1.5, 0.8]), np.array([10.0, -4.0]), np.eye(2))
+    result = classical.register("sitk", reference, moving, geometry)
+    np.testing.assert_allclose(result.displacement[INTERIOR].reshape(2, -1).mean(axis=1), SHIFT_VOXELS, atol=0.3)
+
+
+def test_sitk_bspline_improves_over_identity_on_a_known_nonrigid_field():
+    reference, label = head_like(), head_like(contrast=-1.0)
+    draw = RandomMisalignment().draw(SHAPE, np.random.default_rng(3))
+    moving = draw.apply(label)
+    u_true = draw.displacement()
+    identity = classical.register("identity", reference, moving)
+    sitk_result = classical.register("sitk", reference, moving)
+    assert not identity.displacement.any()
+    ncc_identity = registration_metrics(identity.aligned, label)["ncc"]
+    ncc_sitk = registration_metrics(sitk_result.aligned, label)["ncc"]
+    assert ncc_sitk > ncc_identity + 0.05
+    error_identity = np.abs(u_true)[INTERIOR].mean()
+    error_sitk = np.abs(sitk_result.displacement - u_true)[INTERIOR].mean()
+    assert error_sitk < 0.5 * error_identity
+
+
+def test_ants_reported_unavailable_without_antspyx(monkeypatch, translated_pair):
+    monkeypatch.setitem(sys.modules, "ants", None)  # makes `import ants` raise ImportError
+    assert not classical.ants_available()
+    assert "ants" not in classical.available_registration_methods()
+    reference, _, moving, _ = translated_pair
+    with pytest.raises(UniFuseError, match="antspyx"):
+        classical.register("ants", reference, moving)
+
+
+def test_register_rejects_mismatched_grids_and_unknown_methods():
+    with pytest.raises(InputError, match="one grid"):
+        classical.register("identity", np.zeros((8, 8)), np.zeros((8, 9)))
+    with pytest.raises(InputError, match="unknown registration"):
+        classical.register("demons", np.zeros((8, 8)), np.zeros((8, 8)))
+
+
+@pytest.mark.parametrize("shape", [(33, 40), (9, 12, 17)])
+def test_wavelet_fusion_of_an_image_with_itself_returns_it(shape):
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    np.testing.assert_allclose(classical.fuse_classical("wavelet", image, image), image, atol=1e-5)
+
+
+def test_wavelet_fusion_keeps_the_stronger_detail_and_averages_the_background():
+    # A sharp edge in one source, a flat image of the same mean in the other: max-abs keeps the
+    # edge's detail coefficients, only the coarsest approximation is averaged, so the fused step
+    # is well above the half height that averaging the images gives.
+    edge = np.zeros((64, 64), np.float32)
+    edge[:, 32:] = 1.0
+    flat = np.full_like(edge, edge.mean())
+    fused = classical.fuse_classical("wavelet", edge, flat)
+    step = fused[:, 33:40].mean() - fused[:, 24:31].mean()
+    averaged = classical.fuse_classical("average", edge, flat)
+    average_step = averaged[:, 33:40].mean() - averaged[:, 24:31].mean()
+    assert average_step == pytest.approx(0.5)
+    assert step > average_step + 0.1
+    assert fused.mean() == pytest.approx(edge.mean(), abs=0.02)
+
+
+def test_pixelwise_rules():
+    a = np.array([[0.1, 0.9], [0.4, 0.2]], np.float32)
+    b = np.array([[0.5, 0.3], [0.4, 1.0]], np.float32)
+    np.testing.assert_allclose(classical.fuse_classical("max", a, b), [[0.5, 0.9], [0.4, 1.0]])
+    np.testing.assert_allclose(classical.fuse_classical("average", a, b), [[0.3, 0.6], [0.4, 0.6]])
+    with pytest.raises(InputError, match="unknown fusion rule"):
+        classical.fuse_classical("pca", a, b)

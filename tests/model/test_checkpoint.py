@@ -1,0 +1,86 @@
+"""save_checkpoint / load_checkpoint: safetensors round trip and clear failures."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from napari_unifuse.errors import CheckpointError
+from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model import checkpoint as checkpoint_module
+from napari_unifuse.model.checkpoint import (list_checkpoints, load_checkpoint, load_weights,
+                                             save_checkpoint)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = UniFuse(UniFuseConfig.small(2)).eval()
+    path = save_checkpoint(model, tmp_path / "net", {"seed": 7, "command": "unifuse train"})
+    return model, path
+
+
+def test_round_trip_gives_identical_outputs_and_metadata(saved):
+    model, path = saved
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+    loaded, metadata = load_checkpoint(path)
+    moving, reference = torch.rand(2, 1, 1, 32, 32)
+    with torch.no_grad():
+        expected, actual = model(moving, reference), loaded(moving, reference)
+    for name in ("fused", "restored", "displacement", "class_probs"):
+        assert torch.equal(getattr(expected, name), getattr(actual, name)), name
+    assert metadata["seed"] == 7 and metadata["command"] == "unifuse train"
+    assert UniFuseConfig.from_dict(metadata["config"]) == model.config
+    assert not loaded.training
+
+
+def test_loading_into_another_config_names_the_mismatching_fields(saved):
+    _, path = saved
+    other = UniFuse(UniFuseConfig.small(3))
+    with pytest.raises(CheckpointError, match=r"spatial_dims: model has 3, checkpoint has 2"):
+        load_weights(other, path)
+    with pytest.raises(CheckpointError, match="another config"):
+        load_checkpoint(path, expected_config=UniFuseConfig.small(3))
+
+
+def test_weights_that_do_not_fit_their_config_name_the_tensor_and_shapes(saved, tmp_path):
+    model, path = saved
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+    tensors["fa.output.2.weight"] = torch.zeros(2, 3, 1, 1)
+    header = {"unifuse_config": json.dumps(model.config.to_dict())}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=header)
+    expected = r"fa\.output\.2\.weight \(2, 3, 1, 1\) \(model: \(2, 8, 1, 1\)\)"
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_corrupt_file_gives_a_checkpoint_error(tmp_path):
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
+        load_checkpoint(path)
+
+
+def test_safetensors_without_a_config_is_rejected(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="without a UniFuse config"):
+        load_checkpoint(path)
+
+
+def test_bare_names_resolve_to_the_packaged_checkpoints(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    packaged = tmp_path / "packaged"
+    monkeypatch.setattr(checkpoint_module, "checkpoint_dir", lambda: packaged)
+    save_checkpoint(model, packaged / "harvard-small-2d", {})
+    assert list_checkpoints() == ["harvard-small-2d"]
+    loaded, _ = load_checkpoint("harvard-small-2d")
+    assert loaded.config == model.config
+    with pytest.raises(CheckpointError, match="not found.*packaged: harvard-small-2d"):
+        load_checkpoint("no-such-net")
+
+
+def test_packaged_checkpoint_folder_is_the_top_level_resources_folder():
+    folder = checkpoint_module.checkpoint_dir()
+    assert folder.parts[-2:] == ("resources", "checkpoints") and folder.is_dir()

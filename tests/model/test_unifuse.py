@@ -1,0 +1,132 @@
+"""UniFuse forward/backward on the small preset, 2-D and 3-D."""
+
+import math
+
+import pytest
+import torch
+
+from napari_unifuse.errors import InputError
+from napari_unifuse.model import UniFuse, UniFuseConfig
+
+# 3-D: 20 z voxels = 5 patch rows, so the slabs of 2 rows are 2, 2 and a thinner 1.
+SHAPES = {2: (32, 32), 3: (20, 16, 16)}
+
+
+def _pair(config, shape, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, config.in_channels, *shape, generator=generator),
+            torch.rand(batch, config.in_channels, *shape, generator=generator))
+
+
+@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
+def model_and_pair(request):
+    torch.manual_seed(0)
+    config = UniFuseConfig.small(request.param)
+    return UniFuse(config), _pair(config, SHAPES[request.param])
+
+
+def test_forward_gives_the_documented_shapes_and_ranges(model_and_pair):
+    model, (moving, reference) = model_and_pair
+    cfg = model.config
+    shape = moving.shape[2:]
+    out = model(moving, reference)
+    tokens = 1
+    for size in shape:
+        tokens *= size // cfg.patch_size
+    # 3-D: one slab per started slab_size voxels along z; 2-D: one slice.
+    slabs = math.ceil(shape[0] / cfg.slab_size) if cfg.spatial_dims == 3 else 1
+    assert out.fused.shape == out.restored.shape == (2, 1, *shape)
+    assert out.displacement.shape == (2, cfg.spatial_dims, *shape)
+    assert out.class_logits.shape == out.class_probs.shape == (2, cfg.num_classes)
+    assert out.slice_class_probs.shape == (2, slabs, cfg.num_classes)
+    assert out.prompts.shape == (2, cfg.num_classes, cfg.prompt_length, cfg.embed_dim)
+    assert out.moving_features.shape == out.reference_features.shape == (2, tokens, cfg.embed_dim)
+    for image in (out.fused, out.restored):
+        assert image.min() >= 0 and image.max() <= 1
+    torch.testing.assert_close(out.class_probs.sum(-1), torch.ones(2))
+    torch.testing.assert_close(out.slice_class_probs.sum(-1), torch.ones(2, slabs))
+    if cfg.spatial_dims == 3:
+        assert not torch.allclose(out.slice_class_probs[:, 0], out.slice_class_probs[:, 1])
+
+
+def test_untrained_network_predicts_the_identity_transform(model_and_pair):
+    model, (moving, reference) = model_and_pair
+    with torch.no_grad():
+        displacement = model(moving, reference).displacement
+    assert displacement.abs().max() < 0.05  # voxels
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_gradients_reach_every_parameter(spatial_dims):
+    torch.manual_seed(0)
+    config = UniFuseConfig.small(spatial_dims)
+    model = UniFuse(config)
+    moving, reference = _pair(config, [16] * spatial_dims, batch=1)
+    out = model(moving, reference)
+    loss = (out.fused.mean() + out.restored.mean() + out.displacement.square().mean()
+            + torch.nn.functional.cross_entropy(out.class_logits, torch.tensor([3]))
+            + out.slice_class_probs[..., 0].mean()
+            + out.moving_features.square().mean() + out.reference_features.square().mean())
+    loss.backward()
+    dead = [name for name, p in model.named_parameters()
+            if p.grad is None or not torch.any(p.grad != 0)]
+    assert dead == []
+
+
+@pytest.fixture
+def model_2d():
+    torch.manual_seed(0)
+    return UniFuse(UniFuseConfig.small(2)).eval()
+
+
+def test_batch_items_are_processed_independently(model_2d):
+    model = model_2d
+    moving, reference = _pair(model.config, SHAPES[2], batch=3)
+    with torch.no_grad():
+        together = model(moving, reference).fused
+        alone = model(moving[1:2], reference[1:2]).fused
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_unified_features_match_the_forward_pass(model_2d):
+    model = model_2d
+    moving, reference = _pair(model.config, SHAPES[2])
+    with torch.no_grad():
+        out = model(moving, reference)
+        moving_tokens, reference_tokens = model.unified_features(moving, reference)
+    torch.testing.assert_close(moving_tokens, out.moving_features)
+    torch.testing.assert_close(reference_tokens, out.reference_features)
+
+
+def test_injected_hidden_states_shape_the_unified_features(model_2d):
+    """OUFR's Spatial Mamba must actually use DAPL's h_j (Eq. 3)."""
+    model = model_2d
+    moving, reference = _pair(model.config, SHAPES[2])
+    with torch.no_grad():
+        dapl = model.dapl(moving, reference)
+        with_states = model.oufr(dapl.moving_features, dapl.reference_features,
+                                 dapl.hidden_states)
+        zero_states = model.oufr(dapl.moving_features, dapl.reference_features,
+                                 [torch.zeros_like(h) for h in dapl.hidden_states])
+    assert not torch.allclose(with_states.moving_tokens, zero_states.moving_tokens, atol=1e-4)
+
+
+@pytest.mark.parametrize(("shape", "problem"), [
+    ((1, 1, 30, 32), "multiple of 4"),
+    ((1, 2, 32, 32), r"\(batch, 1, size, size\)"),
+    ((1, 1, 32, 32, 32), r"got \(1, 1, 32, 32, 32\)"),
+])
+def test_bad_inputs_are_rejected_with_expected_and_actual_shapes(shape, problem):
+    model = UniFuse(UniFuseConfig.small(2))
+    with pytest.raises(InputError, match=problem):
+        model(torch.rand(shape), torch.rand(shape))
+
+
+def test_moving_and_reference_must_have_the_same_shape():
+    model = UniFuse(UniFuseConfig.small(2))
+    with pytest.raises(InputError, match="same shape"):
+        model(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 64))
+
+
+def test_repr_reports_the_scan_backend():
+    assert "scan=torch" in repr(UniFuse(UniFuseConfig.small(2))).splitlines()[1]

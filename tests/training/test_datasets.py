@@ -1,0 +1,128 @@
+"""Training datasets: sample layout, seeding by (epoch, index), colour handling, folder layouts."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.errors import InputError
+from napari_unifuse.model.warp import warp
+from napari_unifuse.training import datasets, harvard
+
+from .test_harvard import write_fake_harvard
+
+SAMPLE_KEYS = {"reference", "moving", "label", "displacement", "class_index", "reference_misaligned"}
+
+
+def _phantoms(stream=datasets.TRAIN_STREAM, spatial_dims=2, crop=(32, 32), none_fraction=0.25):
+    return datasets.PhantomPairs(
+        seed=3, stream=stream, none_fraction=none_fraction, length=6, spatial_dims=spatial_dims,
+        shape=(24, 48, 48), crop=crop,
+    )
+
+
+def test_phantom_sample_layout():
+    sample = _phantoms()[0]
+    assert set(sample) == SAMPLE_KEYS
+    for key in ("reference", "moving", "label", "reference_misaligned"):
+        assert sample[key].shape == (1, 32, 32) and sample[key].dtype == torch.float32
+    assert sample["displacement"].shape == (2, 32, 32)
+    assert sample["class_index"].dtype == torch.int64
+    assert 0 <= int(sample["class_index"]) < len(DEGRADATION_CLASSES)
+
+
+def test_samples_are_reproducible_per_epoch_and_index():
+    first, again = _phantoms(), _phantoms()
+    for key in SAMPLE_KEYS:
+        assert torch.equal(first[2][key], again[2][key])
+    assert not torch.equal(first[2]["displacement"], first[3]["displacement"])
+    again.set_epoch(1)
+    assert not torch.equal(first[2]["displacement"], again[2]["displacement"])
+
+
+def test_validation_samples_do_not_change_with_the_epoch():
+    validation = _phantoms(stream=datasets.VALIDATION_STREAM)
+    before = validation[1]["moving"]
+    validation.set_epoch(4)
+    assert torch.equal(before, validation[1]["moving"])
+
+
+def test_none_fraction_one_gives_clean_inputs():
+    sample = _phantoms(none_fraction=1.0)[0]
+    assert DEGRADATION_CLASSES[int(sample["class_index"])] == "none"
+
+
+def test_phantom_3d_crops():
+    sample = _phantoms(spatial_dims=3, crop=(16, 24, 24))[1]
+    assert sample["moving"].shape == (1, 16, 24, 24)
+    assert sample["displacement"].shape == (3, 16, 24, 24)
+
+
+def _interior(tensor, margin):
+    return tensor[..., margin:-margin, margin:-margin]
+
+
+def test_harvard_colour_samples_carry_misaligned_chroma(tmp_path):
+    # Smooth fake images so that interpolation error is small and the check is about geometry.
+    root = write_fake_harvard(tmp_path, size=64)
+    for path in root.rglob("*.png"):
+        from skimage.io import imread, imsave
+
+        image = imread(path).astype(float)
+        sigma = (3, 3, 0) if image.ndim == 3 else 3
+        imsave(path, np.clip(ndimage.gaussian_filter(image, sigma) * 3 - 250, 0, 255).astype(np.uint8),
+               check_contrast=False)
+    pairs = harvard.index_harvard(root)
+    dataset = datasets.HarvardPairs(pairs, seed=0, stream=0, none_fraction=0.0)
+    pet_index = next(i for i, p in enumerate(pairs) if p.task == "PET-MRI")
+    sample = dataset[pet_index]
+    assert sample["is_color"] == 1.0 and sample["cbcr"].shape == (2, 64, 64)
+    # The chroma moved with the image: warping it back by the true displacement restores it.
+    realigned = warp(sample["cbcr"][None], sample["displacement"][None], padding_mode="border")[0]
+    aligned_error = (_interior(realigned, 8) - _interior(sample["label_cbcr"], 8)).abs().mean()
+    misaligned_error = (_interior(sample["cbcr"], 8) - _interior(sample["label_cbcr"], 8)).abs().mean()
+    assert aligned_error < 0.3 * misaligned_error
+
+    ct_index = next(i for i, p in enumerate(pairs) if p.task == "CT-MRI")
+    grey = dataset[ct_index]
+    assert grey["is_color"] == 0.0
+    assert torch.all(grey["cbcr"] == 0.5) and torch.all(grey["label_cbcr"] == 0.5)
+    assert DEGRADATION_CLASSES[int(grey["class_index"])] == "metal"
+
+
+def _write_case(folder, names, shape=(16, 24, 24), seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for name, scale in names:
+        volume = ndimage.gaussian_filter(rng.random(shape), 2) * scale
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), folder / name)
+
+
+def test_folder_layouts_find_cases_and_split_them(tmp_path):
+    for case in ("BraTS_001", "BraTS_002", "BraTS_003"):
+        _write_case(tmp_path / case, [(f"{case}_t1.nii.gz", 1000.0), (f"{case}_t2.nii.gz", 800.0)])
+    (tmp_path / "no_pair").mkdir()
+    train, validation = datasets.build_datasets(
+        {"kind": "folders", "root": str(tmp_path), "layout": "brats", "crop": [8, 16, 16], "val_fraction": 0.34},
+        seed=0, spatial_dims=3,
+    )
+    assert len(train) == 2 and len(validation) == 1
+    assert {c[0] for c in train.cases}.isdisjoint({c[0] for c in validation.cases})
+    sample = train[0]
+    assert sample["moving"].shape == (1, 8, 16, 16)
+    assert 0.0 <= float(sample["reference"].min()) and float(sample["reference"].max()) <= 1.0
+
+
+def test_folder_layout_without_matching_files_is_named(tmp_path):
+    _write_case(tmp_path / "case1", [("mr.nii.gz", 1.0)])
+    with pytest.raises(InputError, match="ct.nii.gz"):
+        datasets.build_datasets({"kind": "folders", "root": str(tmp_path), "layout": "synthrad"}, seed=0, spatial_dims=3)
+
+
+def test_unknown_data_kind_is_named():
+    with pytest.raises(InputError, match="kind"):
+        datasets.build_datasets({"kind": "imagenet"}, seed=0, spatial_dims=2)

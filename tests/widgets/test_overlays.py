@@ -1,0 +1,50 @@
+"""The numpy behind the review views (engine.overlays), checked against hand-built expectations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_unifuse.engine.overlays import checkerboard, deformed_grid, display_grey, run_folder, slice_quivers
+from napari_unifuse.io import Geometry, ImageVolume
+
+
+def test_checkerboard_alternates_in_plane_on_every_slice():
+    board = checkerboard(np.zeros((3, 8, 8)), np.ones((3, 8, 8)), tile=4)
+    expected_slice = np.kron([[0, 1], [1, 0]], np.ones((4, 4)))
+    for z in range(3):
+        np.testing.assert_array_equal(board[z], expected_slice)
+
+
+def test_slice_quivers_keep_in_slice_components_and_full_length_in_mm():
+    u = np.zeros((3, 4, 6, 6), np.float32)
+    u[0], u[1], u[2] = 2.0, 3.0, 4.0  # through-plane 2 voxels, in-plane (3, 4)
+    quivers = slice_quivers(u, np.array([2.0, 1.0, 1.0]), stride=3, slice_axis=0, slice_index=2)
+    assert quivers.vectors.shape == (4, 2, 3)  # 2 × 2 grid points on one slice
+    assert set(quivers.vectors[:, 0, 0]) == {2.0}
+    np.testing.assert_array_equal(quivers.vectors[:, 1], np.tile([0.0, 3.0, 4.0], (4, 1)))
+    np.testing.assert_allclose(quivers.magnitude_mm, np.hypot(5.0, 4.0))  # sqrt((2·2)² + 3² + 4²)
+
+
+def test_deformed_grid_moves_against_a_uniform_displacement():
+    still = deformed_grid(np.zeros((2, 12, 12), np.float32), spacing=4)
+    assert np.all(still[0] == 1)  # row 0 is a horizontal line
+    assert set(np.flatnonzero(still[1] == 1)) == {0, 4, 8}  # other rows cross the vertical lines
+    shifted = np.zeros((2, 12, 12), np.float32)
+    shifted[1] = 1.0  # sample one column to the right: lines appear one column to the left
+    moved = deformed_grid(shifted, spacing=4)
+    np.testing.assert_array_equal(moved[5, 3:11:4], 1.0)
+    assert moved[5, 4] == 0.0
+
+
+def test_display_grey_maps_a_shared_window_to_unit_range():
+    volume = ImageVolume(np.linspace(0, 100, 1000, dtype=np.float32).reshape(10, 10, 10), Geometry.identity(3))
+    assert display_grey(volume, (0.0, 50.0)).max() == 1.0
+    np.testing.assert_allclose(display_grey(volume, (0.0, 200.0)), volume.array / 200.0, atol=1e-6)
+
+
+def test_run_folder_is_stable_for_the_same_inputs_and_differs_by_checkpoint(tmp_path):
+    first = run_folder(tmp_path, "T1", "T2 moving", "ckpt-a", ("a", "b"))
+    assert first == run_folder(tmp_path, "T1", "T2 moving", "ckpt-a", ("a", "b"))
+    assert first != run_folder(tmp_path, "T1", "T2 moving", "ckpt-b", ("a", "b"))
+    assert first != run_folder(tmp_path, "T1", "T2 moving", "ckpt-a", ("a", "c"))
+    assert first.parent == tmp_path and " " not in first.name

@@ -1,0 +1,219 @@
+"""The workbench driven like a user would: real model (random weights, real checkpoint file), xvfb."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
+from napari_unifuse._qt.outputs import OutputNames
+from napari_unifuse._qt.run_panel import FROM_FILE
+from napari_unifuse._qt.workbench import UniFuseWorkbench
+from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
+from napari_unifuse.io import Geometry, read_image
+
+from .conftest import GEOMETRY_3D, add_pair
+
+pytestmark = pytest.mark.gui
+RUN_TIMEOUT_MS = 120_000
+
+
+def make_workbench(viewer, tmp_path, checkpoint) -> UniFuseWorkbench:
+    workbench = UniFuseWorkbench(viewer)
+    form = workbench.run_panel
+    form.output_root.value = str(tmp_path / "runs")
+    form.checkpoint.value = FROM_FILE
+    form.checkpoint_file.value = str(checkpoint)
+    form.device.value = "cpu"
+    return workbench
+
+
+def run_and_wait(qtbot, workbench) -> None:
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+
+
+def world_of(layer, index) -> np.ndarray:
+    return np.asarray(layer.data_to_world(np.asarray(index, dtype=float)))
+
+
+def expected_world(geometry: Geometry, index) -> np.ndarray:
+    return (geometry.index_to_world @ np.append(np.asarray(index, dtype=float), 1.0))[:-1]
+
+
+def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_viewer, qtbot, tmp_path,
+                                                                   checkpoint_files, notifications):
+    viewer = make_napari_viewer()
+    _, _, label = add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+
+    names = OutputNames.for_inputs("T1", "T2")
+    for name in names.all():
+        assert name in viewer.layers
+    probe = (3, 10, 41)
+    for name in (names.fused, names.aligned, names.error, names.jacobian, names.folding, names.quivers):
+        layer = viewer.layers[name]
+        np.testing.assert_allclose(world_of(layer, probe), expected_world(GEOMETRY_3D, probe), atol=1e-9)
+    assert viewer.layers[names.fused].data.shape == label.shape
+
+    # Known label: the error map is |aligned − label| in the moving image's units.
+    aligned = workbench.outcome.result.aligned.array
+    np.testing.assert_allclose(viewer.layers[names.error].data, np.abs(aligned - label), atol=1e-6)
+
+    # Quivers, plot marker and slice metrics follow the viewed slice.
+    quivers = viewer.layers[names.quivers]
+    viewer.dims.set_current_step(0, 11)
+    assert set(quivers.data[:, 0, 0]) == {11.0}
+    assert np.all(quivers.data[:, 1, 0] == 0)  # in-slice components only
+    assert workbench.plot.marker_position == 11
+    assert workbench.plot.values_label.text().startswith("slice 11:")
+    viewer.dims.set_current_step(0, 4)
+    assert set(quivers.data[:, 0, 0]) == {4.0}
+    assert workbench.plot.marker_position == 4
+    expected_ncc = np.corrcoef(workbench.outcome.aligned_grey[4].ravel(), workbench.outcome.label_grey[4].ravel())[0, 1]
+    assert float(workbench.metrics_panel.value("NCC to label", "slice")) == pytest.approx(expected_ncc, rel=1e-3)
+    assert workbench.metrics_panel.value("NCC to label", "volume") not in ("", "n/a")
+
+    # Density changes without a re-run: a stride of 2 gives four times the arrows of a stride of 4.
+    count_at_4 = len(quivers.data)
+    workbench.qc_panel.quiver_stride.value = 2
+    assert len(quivers.data) == 4 * count_at_4
+    assert workbench.worker is None
+
+    board = viewer.layers[names.checkerboard].data
+    np.testing.assert_array_equal(board[:, 0, 0], workbench.outcome.reference_grey[:, 0, 0])
+    workbench.qc_panel.checker_tile.value = 4
+    np.testing.assert_array_equal(viewer.layers[names.checkerboard].data[:, 0, 5], workbench.outcome.aligned_grey[:, 0, 5])
+
+    # Fade / flicker compare the aligned image with the reference: outputs drawn above step aside.
+    workbench.qc_panel.fade.value = 0.3
+    aligned_layer = viewer.layers[names.aligned]
+    assert aligned_layer.visible and aligned_layer.opacity == pytest.approx(0.3)
+    assert not viewer.layers[names.fused].visible
+    workbench.qc_panel.flicker.value = True
+    qtbot.waitUntil(lambda: not aligned_layer.visible, timeout=5_000)
+    workbench.qc_panel.flicker.value = False
+    assert viewer.layers[names.fused].visible  # restored when flicker stops
+
+    workbench.save_button.clicked()
+    folder = workbench.selection.folder
+    assert folder.parent == tmp_path / "runs"
+    fused = read_image(folder / "fused.nii.gz")
+    assert fused.geometry.allclose(GEOMETRY_3D)
+    assert (folder / "provenance.json").is_file() and (folder / "jacobian_determinant.nii.gz").is_file()
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["checkpoint"]["path"] == str(checkpoint_files[3].resolve())
+
+
+def test_2d_run_shows_one_probability_row_and_all_vectors(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
+                                                          notifications):
+    viewer = make_napari_viewer()
+    geometry = Geometry(np.array([0.8, 0.6]), np.array([3.0, -7.0]), np.eye(2))
+    add_pair(viewer, shape=(48, 48), geometry=geometry, names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    names = OutputNames.for_inputs("MR", "CT")
+    fused = viewer.layers[names.fused]
+    np.testing.assert_allclose(world_of(fused, (5, 40)), expected_world(geometry, (5, 40)), atol=1e-9)
+    assert workbench.plot.probabilities.shape == (1, 4)
+    assert len(viewer.layers[names.quivers].data) == (48 // 4) ** 2
+
+
+def test_cancel_stops_the_run_without_layers(make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    before = [layer.name for layer in viewer.layers]
+    workbench.run_panel.run_button.clicked()
+    workbench.run_panel.cancel_button.clicked()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert [layer.name for layer in viewer.layers] == before
+    assert workbench.outcome is None
+    assert any("cancelled" in message for _, message in notifications)
+    assert workbench.run_panel.run_button.enabled and not workbench.run_panel.cancel_button.enabled
+
+
+def test_annotations_are_on_disk_at_once_and_reload_with_the_run(make_napari_viewer, qtbot, tmp_path,
+                                                                 checkpoint_files, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    panel = workbench.annotation_panel
+    viewer.dims.set_current_step(0, 7)
+    panel.category.value = "misalignment"
+    panel.note.value = "ventricle edge shifted"
+    panel.reviewer.value = "dr. test"
+    panel.flag_slice.clicked()
+    on_disk = [json.loads(line) for line in (workbench.selection.folder / ANNOTATIONS_FILE).read_text().splitlines()]
+    assert [(r["slice_index"], r["category"], r["note"], r["reviewer"]) for r in on_disk] == [
+        (7, "misalignment", "ventricle edge shifted", "dr. test")]
+
+    panel.draw_region.clicked()
+    region = viewer.layers[ANNOTATION_LAYER]
+    corners = np.array([[7, 5, 5], [7, 5, 20], [7, 20, 20]], dtype=float)
+    region.add_polygons([corners])
+    panel.category.value = "residual artifact"
+    panel.flag_region.clicked()
+    saved_region = panel.annotations[-1].region_world[0]
+    np.testing.assert_allclose(saved_region, [expected_world(GEOMETRY_3D, c) for c in corners], atol=1e-9)
+    folder = workbench.selection.folder
+    viewer.close()
+
+    reopened = make_napari_viewer()
+    add_pair(reopened)
+    again = make_workbench(reopened, tmp_path, checkpoint_files[3])
+    assert again.selection.folder == folder
+    assert [a.category for a in again.annotation_panel.annotations] == ["misalignment", "residual artifact"]
+    assert len(again.annotation_panel.listing.choices) == 2
+
+    csv_path = tmp_path / "cohort.csv"
+    again.annotation_panel.cohort_csv.value = str(csv_path)
+    again.annotation_panel.export.clicked()
+    assert len(csv_path.read_text().splitlines()) == 3  # header + two annotations
+
+
+def _rgb_reference_and_3d_moving(viewer) -> None:
+    viewer.add_image(np.random.default_rng(0).random((32, 32, 3)), rgb=True, name="T1")
+    viewer.add_image(np.zeros((16, 32, 32), np.float32), name="T2")
+
+
+def _volume_and_image(viewer) -> None:
+    viewer.add_image(np.zeros((16, 32, 32), np.float32), name="T1")
+    viewer.add_image(np.zeros((32, 32), np.float32), name="T2")
+
+
+def _four_d_moving(viewer) -> None:
+    viewer.add_image(np.zeros((16, 32, 32), np.float32), name="T1")
+    viewer.add_image(np.zeros((2, 16, 32, 32), np.float32), name="T2")
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (_volume_and_image, "both must be 2D or both 3D"),
+        (_four_d_moving, "2D or 3D"),
+        (_rgb_reference_and_3d_moving, "RGB 2D image"),
+        (lambda viewer: None, "open or choose a reference and a moving image"),
+    ],
+    ids=["2d-vs-3d", "4d", "rgb-vs-3d", "no-layers"],
+)
+def test_bad_input_is_explained_and_changes_nothing(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
+                                                    notifications, build, expected):
+    viewer = make_napari_viewer()
+    build(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    if len(viewer.layers) == 2:
+        workbench.run_panel.reference.value, workbench.run_panel.moving.value = "T1", "T2"
+    before = [layer.name for layer in viewer.layers]
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: any(level == "error" for level, _ in notifications) and workbench.worker is None,
+                    timeout=RUN_TIMEOUT_MS)
+    errors = [message for level, message in notifications if level == "error"]
+    assert any(expected in message for message in errors), errors
+    assert [layer.name for layer in viewer.layers] == before
+    assert not (tmp_path / "runs").exists()
