@@ -219,7 +219,8 @@ def markdown_table(summary: list[dict]) -> str:
     lines = ["| method | task | n | " + " | ".join(columns) + " |",
              "|---|---|---:|" + "---:|" * len(columns)]
     for row in summary:
-        cells = [f"{row[f'{c}_mean']:.4g} ± {row[f'{c}_std']:.2g}" for c in columns]
+        cells = [f"{row[f'{c}_mean']:.4g} ± {row[f'{c}_std']:.2g}" if np.isfinite(row[f"{c}_mean"]) else "n/a"
+                 for c in columns]
         lines.append(f"| {row['method']} | {row['task']} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -253,8 +254,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         pairs = pairs_from_harvard(args.harvard, args.split, args.tasks.split(","), args.limit, seed=args.seed,
                                    size=args.size, none_fraction=args.none_fraction)
-        if args.limit is None:
-            print(f"{len(pairs)} Harvard {args.split} pairs")
+        print(f"{len(pairs)} Harvard {args.split} pairs")
     engine = FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size)
     method_name = f"{UNIFUSE_METHOD} ({Path(str(args.checkpoint)).stem})"
 

@@ -85,7 +85,7 @@ def _jobs(args: argparse.Namespace) -> list[SynthJob]:
     if args.pairs is None:
         return [SynthJob(args.reference, args.moving, args.degradation, args.seed, args.out)]
     try:
-        with args.pairs.open(newline="") as handle:
+        with args.pairs.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read the pairs CSV: {error}", args.pairs) from error
@@ -161,6 +161,6 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
         ),
         "params": pair.params,
     }
-    files["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    files["meta"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 

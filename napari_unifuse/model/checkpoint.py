@@ -63,7 +63,7 @@ def save_checkpoint(model: UniFuse, path: str | Path,
                for name, tensor in model.state_dict().items()}
     save_file(tensors, str(path), metadata={_CONFIG_KEY: json.dumps(config)})
     sidecar = {"config": config, **(metadata or {})}
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n", encoding="utf-8")
     return path
 
 
@@ -138,6 +138,6 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     if not sidecar.is_file():
         return {}
     try:
-        return json.loads(sidecar.read_text())
+        return json.loads(sidecar.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{sidecar}: invalid JSON metadata ({error})") from error

@@ -167,7 +167,7 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise InputError("training config not found", path)
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise InputError(f"not valid YAML: {error}", path) from None
     return config_from_dict(values, source=str(path), base_dir=path.resolve().parent)

@@ -194,7 +194,7 @@ class Trainer:
         self.step = int(state["step"])
         self.best_score = float(state["best_score"])
         self.previous_seconds = float(state["seconds"])
-        sidecar = json.loads(weights.with_suffix(".json").read_text())
+        sidecar = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
         self.best_validation = sidecar.get("best_validation", {})
         self.validation = sidecar.get("validation", {})
 
@@ -231,7 +231,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
 
     def _log(self, record: dict[str, Any]) -> None:
-        with (self.run_dir / "log.jsonl").open("a") as stream:
+        with (self.run_dir / "log.jsonl").open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
 
     def _loader(self, sampler: _ResumableSampler) -> DataLoader:
@@ -249,7 +249,7 @@ class Trainer:
         train = cfg.train
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         sampler = _ResumableSampler(
             self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
             seed=cfg.seed, drop_last=True,

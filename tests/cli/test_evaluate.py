@@ -70,7 +70,7 @@ def pairs_csv(tmp_path_factory):
     rows.append({"reference": "pet_reference.png", "moving": "pet_moving.png", "label": "pet_label.png",
                  "displacement": "", "task": "mri-pet"})
     path = root / "pairs.csv"
-    with path.open("w", newline="") as stream:
+    with path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -78,7 +78,7 @@ def pairs_csv(tmp_path_factory):
 
 
 def read_csv(path):
-    with path.open(newline="") as stream:
+    with path.open(newline="", encoding="utf-8") as stream:
         return list(csv.DictReader(stream))
 
 
@@ -103,7 +103,7 @@ def test_writes_every_method_task_and_metric(evaluation):
     counts = {(row["method"], row["task"]): int(row["n"]) for row in summary}
     assert counts["sitk + wavelet", "t1-t2"] == 2 and counts["sitk + wavelet", "all"] == 3
 
-    markdown = (out / "evaluation.md").read_text()
+    markdown = (out / "evaluation.md").read_text(encoding="utf-8")
     for method in methods:
         assert f"| {method} | mri-pet | 1 |" in markdown
     for column in ("ncc", "epe", "folding_pct", "Q_abf", "Q_vif", "MI", "seconds"):
@@ -162,8 +162,8 @@ def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
     rows = read_csv(out / "per_pair.csv")
     assert {row["task"] for row in rows} == {"CT-MRI", "PET-MRI"}
     assert len(rows) == 2 * 2  # one pair per task, UniFuse + identity
-    first = (out / "per_pair.csv").read_text()
+    first = (out / "per_pair.csv").read_text(encoding="utf-8")
     assert main(argv) == 0
     # Seeded synthesis: a second run scores the very same pairs (timings aside).
     strip = lambda text: [row[:-1] for row in csv.reader(text.splitlines())]  # noqa: E731 (seconds is last)
-    assert strip((out / "per_pair.csv").read_text()) == strip(first)
+    assert strip((out / "per_pair.csv").read_text(encoding="utf-8")) == strip(first)

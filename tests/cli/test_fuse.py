@@ -91,13 +91,13 @@ def test_png_pair_gives_rgb_fused_png_and_all_outputs(data, tmp_path, capsys):
     field = sitk.ReadImage(str(case / "displacement.nii.gz"))
     assert field.GetSize() == (28, 32) and field.GetNumberOfComponentsPerPixel() == 2
 
-    degradation = json.loads((case / "degradation.json").read_text())
+    degradation = json.loads((case / "degradation.json").read_text(encoding="utf-8"))
     assert degradation["classes"] == list(DEGRADATION_CLASSES)
     assert sum(degradation["global"].values()) == pytest.approx(1.0, abs=1e-5)
     assert degradation["predicted"] in DEGRADATION_CLASSES
     np.testing.assert_allclose(np.sum(degradation["per_slice"]["probabilities"], axis=1), 1.0, atol=1e-5)
 
-    provenance = json.loads((case / "provenance.json").read_text())
+    provenance = json.loads((case / "provenance.json").read_text(encoding="utf-8"))
     assert provenance["checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert provenance["inputs"]["moving"]["sha256"] == hashlib.sha256((root / "pet7.png").read_bytes()).hexdigest()
     assert provenance["device"] == "cpu"
@@ -124,18 +124,18 @@ def test_nifti_pair_outputs_keep_the_reference_geometry(data, tmp_path, capsys):
     np.testing.assert_allclose(nib.load(case / "fused.nii.gz").affine, nib.load(root / "t1.nii.gz").affine, atol=1e-4)
     assert sitk.ReadImage(str(case / "displacement.nii.gz")).GetNumberOfComponentsPerPixel() == 3
 
-    degradation = json.loads((case / "degradation.json").read_text())
+    degradation = json.loads((case / "degradation.json").read_text(encoding="utf-8"))
     assert degradation["per_slice"]["axis"] == "z"
     assert len(degradation["per_slice"]["probabilities"]) == reference.GetSize()[2]
-    metrics = json.loads((case / "metrics.json").read_text())
+    metrics = json.loads((case / "metrics.json").read_text(encoding="utf-8"))
     assert set(metrics) == {"mse", "ncc", "ssim"} and all(np.isfinite(list(metrics.values())))
-    assert json.loads((case / "provenance.json").read_text())["tile_count"] > 1
+    assert json.loads((case / "provenance.json").read_text(encoding="utf-8"))["tile_count"] > 1
 
 
 def test_csv_batch_resolves_relative_paths_and_resumes(data, tmp_path, capsys):
     root = data["root"]
     pairs = root / "pairs.csv"
-    with pairs.open("w", newline="") as stream:
+    with pairs.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["reference", "moving", "label"])
         writer.writerow(["mri.png", "pet7.png", ""])

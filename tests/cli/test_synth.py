@@ -88,7 +88,7 @@ def test_field_on_disk_maps_moving_onto_label(kind, png_pair, nifti_pair, tmp_pa
     # Equal up to the percentile clipping of intensity normalisation (volumes) or exactly (8-bit PNG).
     assert np.median(np.abs(label_values - input_values)) <= 1e-3 * input_values.max()
 
-    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))
     assert meta["degradation"] == "none" and meta["class_index"] == 0 and meta["seed"] == 3
     assert meta["files"]["moving"] == f"moving.{ext}"
     assert len(meta["params"]["misalignment"]["rotation_deg"]) == (1 if kind == "png" else 3)
@@ -102,7 +102,7 @@ def test_same_seed_same_files(png_pair, tmp_path):
     for path in first.iterdir():
         assert path.read_bytes() == (again / path.name).read_bytes(), path.name
     assert (first / "moving.png").read_bytes() != (other / "moving.png").read_bytes()
-    meta = json.loads((first / "meta.json").read_text())
+    meta = json.loads((first / "meta.json").read_text(encoding="utf-8"))
     assert meta["class_index"] == 3 and meta["params"]["degradation"]["dose_reduction_factor"] > 1
 
 
@@ -112,8 +112,8 @@ def test_pairs_csv(png_pair, tmp_path):
     csv_path.write_text(f"reference,moving,degradation,seed\n{reference.name},{moving.name},,\n"
                         f"{reference.name},{moving.name},lowdose,5\n")
     assert main(["synth", "--pairs", str(csv_path), "--seed", "10", "--out", str(tmp_path)]) == 0
-    first = json.loads((tmp_path / "0000" / "meta.json").read_text())
-    second = json.loads((tmp_path / "0001" / "meta.json").read_text())
+    first = json.loads((tmp_path / "0000" / "meta.json").read_text(encoding="utf-8"))
+    second = json.loads((tmp_path / "0001" / "meta.json").read_text(encoding="utf-8"))
     assert (first["degradation"], first["seed"]) == ("none", 10)
     assert (second["degradation"], second["seed"]) == ("lowdose", 5)
 

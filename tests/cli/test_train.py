@@ -20,7 +20,7 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 
 
 def _log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_smoke_training_writes_a_loadable_checkpoint_and_resumes(tmp_path):

@@ -15,7 +15,7 @@ MANIFEST = Path(__file__).resolve().parents[2] / "napari.yaml"
 
 
 def manifest_sample_functions():
-    manifest = yaml.safe_load(MANIFEST.read_text())
+    manifest = yaml.safe_load(MANIFEST.read_text(encoding="utf-8"))
     commands = {c["id"]: c["python_name"] for c in manifest["contributions"]["commands"]}
     return [commands[s["command"]] for s in manifest["contributions"]["sample_data"]]
 

@@ -16,7 +16,7 @@ from napari_unifuse.errors import InputError
 def test_annotation_is_on_disk_when_add_returns(tmp_path):
     store = AnnotationStore(tmp_path / "run")
     store.add(Annotation(category="misalignment", reviewer="dr who", note="ventricles", slice_index=12))
-    lines = (tmp_path / "run" / "annotations.jsonl").read_text().splitlines()
+    lines = (tmp_path / "run" / "annotations.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
     assert record["category"] == "misalignment" and record["slice_index"] == 12
@@ -66,7 +66,7 @@ def test_cohort_export_collects_every_run(tmp_path):
     runs = find_runs(tmp_path)
     assert [run.name for run in runs] == ["case1", "case2"]
     assert export_cohort(runs, tmp_path / "cohort.csv") == 3
-    with open(tmp_path / "cohort.csv", newline="") as handle:
+    with open(tmp_path / "cohort.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert {row["category"] for row in rows} == set(FAILURE_CATEGORIES[:2])
     assert sum(row["run"].endswith("case1") for row in rows) == 2

@@ -105,7 +105,7 @@ def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_v
     fused = read_image(folder / "fused.nii.gz")
     assert fused.geometry.allclose(GEOMETRY_3D)
     assert (folder / "provenance.json").is_file() and (folder / "jacobian_determinant.nii.gz").is_file()
-    provenance = json.loads((folder / "provenance.json").read_text())
+    provenance = json.loads((folder / "provenance.json").read_text(encoding="utf-8"))
     assert provenance["checkpoint"]["path"] == str(checkpoint_files[3].resolve())
 
 
@@ -149,7 +149,7 @@ def test_annotations_are_on_disk_at_once_and_reload_with_the_run(make_napari_vie
     panel.note.value = "ventricle edge shifted"
     panel.reviewer.value = "dr. test"
     panel.flag_slice.clicked()
-    on_disk = [json.loads(line) for line in (workbench.selection.folder / ANNOTATIONS_FILE).read_text().splitlines()]
+    on_disk = [json.loads(line) for line in (workbench.selection.folder / ANNOTATIONS_FILE).read_text(encoding="utf-8").splitlines()]
     assert [(r["slice_index"], r["category"], r["note"], r["reviewer"]) for r in on_disk] == [
         (7, "misalignment", "ventricle edge shifted", "dr. test")]
 
@@ -174,7 +174,7 @@ def test_annotations_are_on_disk_at_once_and_reload_with_the_run(make_napari_vie
     csv_path = tmp_path / "cohort.csv"
     again.annotation_panel.cohort_csv.value = str(csv_path)
     again.annotation_panel.export.clicked()
-    assert len(csv_path.read_text().splitlines()) == 3  # header + two annotations
+    assert len(csv_path.read_text(encoding="utf-8").splitlines()) == 3  # header + two annotations
 
 
 def _rgb_reference_and_3d_moving(viewer) -> None:
