@@ -10,7 +10,7 @@ accuracy see ``unifuse evaluate``).
   above the level before the call. The increase is a lower bound (memory freed by an earlier run
   and kept by the allocator is reused unseen), the absolute peak an upper bound (it includes
   Python, torch and the inputs). On CUDA both come from ``torch.cuda.max_memory_allocated``.
-* FLOPs per pass come from ``cli.info.measure`` (FlopCounterMode + the scan's analytic count);
+* FLOPs per pass come from ``model.costs.measure`` (FlopCounterMode + the scan's analytic count);
   the model-only time is the engine's ``fuse`` stage, from its provenance.
 """
 
@@ -30,7 +30,6 @@ import numpy as np
 import psutil
 import torch
 
-from napari_unifuse.cli.info import measure as measure_module_costs
 from napari_unifuse.data.pairs import SyntheticPair, make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
 from napari_unifuse.engine import classical
@@ -39,6 +38,7 @@ from napari_unifuse.io import normalize_intensity
 from napari_unifuse.metrics import registration_metrics
 from napari_unifuse.model import mamba
 from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.costs import measure as measure_module_costs
 from napari_unifuse.model.mamba import MambaBlock, SelectiveScan
 from napari_unifuse.model.scan import mamba_selective_scan_fn, selective_scan
 from napari_unifuse.model.unifuse import UniFuse

@@ -22,7 +22,7 @@ A sample is a dict of tensors::
 
 Three sources: ``HarvardPairs`` (2D PNG pairs), ``PhantomPairs`` (data.phantoms, 2D slices or
 3D crops) and ``FolderPairs`` (NIfTI case folders: BraTS-, SynthRAD- and FDG-PET/CT-like).
-``build_datasets(config)`` returns (train, validation) for a config's ``data`` section.
+``build_datasets(data, seed=..., spatial_dims=...)`` returns (train, validation) for a config's ``data`` section.
 """
 
 from __future__ import annotations

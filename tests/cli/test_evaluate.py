@@ -23,14 +23,6 @@ SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of 
 CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants") for rule in ("max", "average", "wavelet")]
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # Tiny inputs on a shared 2-core machine: OpenMP thread hand-offs cost more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

@@ -22,14 +22,6 @@ OUTPUTS_PNG = {"fused.png", "aligned.png", "displacement.nii.gz", "degradation.j
 OUTPUTS_NIFTI = {"fused.nii.gz", "aligned.nii.gz", "displacement.nii.gz", "degradation.json", "provenance.json"}
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # Tiny inputs on a shared 2-core machine: OpenMP thread hand-offs cost more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def blob(shape, centre_shift=0.0):
     grids = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")

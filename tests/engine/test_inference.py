@@ -17,14 +17,6 @@ from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # Tiny inputs on a shared 2-core machine: OpenMP thread hand-offs cost more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model_2d() -> UniFuse:

@@ -3,7 +3,7 @@
 import re
 
 from napari_unifuse.cli import main
-from napari_unifuse.cli.info import measure
+from napari_unifuse.model.costs import measure
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.mamba import SelectiveScan
 
