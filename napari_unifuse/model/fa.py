@@ -1,5 +1,6 @@
 """Feature Alignment (FA, §3.4): J RegBLKs from the token grid up to full resolution, then
-3×3(×3) conv → LeakyReLU → 1×1(×1) conv → displacement φ (voxels, array-axis order).
+3×3(×3) conv → LeakyReLU → 1×1(×1) conv, times ``config.displacement_scale`` → displacement φ
+(voxels, array-axis order).
 
 The last conv starts near zero (N(0, 1e-5), as VoxelMorph does) so an untrained network predicts
 the identity transform while gradients still reach every layer.
@@ -33,6 +34,7 @@ class FeatureAlignment(nn.Module):
             conv(dims, 2 * last, last, 3), nn.LeakyReLU(0.2), conv(dims, last, dims, 1))
         nn.init.normal_(self.output[-1].weight, std=1e-5)
         nn.init.zeros_(self.output[-1].bias)
+        self.displacement_scale = config.displacement_scale
 
     def forward(self, moving: torch.Tensor, reference: torch.Tensor, prompts: torch.Tensor,
                 class_probs: torch.Tensor) -> torch.Tensor:
@@ -40,4 +42,4 @@ class FeatureAlignment(nn.Module):
         guidance = self.guidance(prompts, class_probs)
         for block in self.blocks:
             moving, reference = block(moving, reference, guidance)
-        return self.output(torch.cat([moving, reference], dim=1))
+        return self.output(torch.cat([moving, reference], dim=1)) * self.displacement_scale

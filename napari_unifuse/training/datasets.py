@@ -64,12 +64,27 @@ def sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Gene
     return np.random.default_rng([seed, stream, epoch, index])
 
 
+# Normalised intensity above which a reference voxel counts as anatomy when placing crops.
+CROP_FOREGROUND = 0.05
+
+
 def random_crop(arrays: list[np.ndarray], size: tuple[int, ...], rng: np.random.Generator) -> list[np.ndarray]:
-    """The same random window of every array (spatial axes first); a crop larger than the image raises."""
+    """The same random window of every array (spatial axes first), centred on a random voxel of
+    the first array's anatomy (uniform when it has none), kept inside the image.
+
+    Uniform windows of a head image are often mostly air: wasted steps, and a CT crop with no
+    tissue deep enough for a metal insert cannot be degraded at all. A crop larger than the image raises.
+    """
     spatial = arrays[0].shape[: len(size)]
     if any(s < c for s, c in zip(spatial, size)):
         raise InputError(f"crop {size} is larger than the image {spatial}", "data.crop")
-    starts = [int(rng.integers(0, s - c + 1)) for s, c in zip(spatial, size)]
+    anatomy = arrays[0].reshape(*spatial, -1).max(axis=-1) > CROP_FOREGROUND
+    candidates = np.flatnonzero(anatomy)
+    if candidates.size:
+        centre = np.unravel_index(int(rng.choice(candidates)), spatial)
+        starts = [int(np.clip(x - c // 2, 0, s - c)) for x, s, c in zip(centre, spatial, size)]
+    else:
+        starts = [int(rng.integers(0, s - c + 1)) for s, c in zip(spatial, size)]
     window = tuple(slice(start, start + c) for start, c in zip(starts, size))
     return [np.ascontiguousarray(a[window]) for a in arrays]
 

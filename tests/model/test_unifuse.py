@@ -1,9 +1,11 @@
 """UniFuse forward/backward on the small preset, 2-D and 3-D."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.model import UniFuse, UniFuseConfig
@@ -130,3 +132,17 @@ def test_moving_and_reference_must_have_the_same_shape():
 
 def test_repr_reports_the_scan_backend():
     assert "scan=torch" in repr(UniFuse(UniFuseConfig.small(2))).splitlines()[1]
+
+
+def test_displacement_scale_multiplies_the_predicted_field():
+    torch.manual_seed(0)
+    base = UniFuse(UniFuseConfig.small(2)).eval()
+    scaled = UniFuse(dataclasses.replace(base.config, displacement_scale=3 * base.config.displacement_scale)).eval()
+    scaled.load_state_dict(base.state_dict())
+    nn.init.normal_(base.fa.output[-1].weight, std=0.1)  # a field far from zero
+    scaled.fa.output[-1].weight.data.copy_(base.fa.output[-1].weight)
+    moving, reference = torch.rand(2, 1, 1, 32, 32)
+    with torch.no_grad():
+        field, tripled = base(moving, reference).displacement, scaled(moving, reference).displacement
+    assert field.abs().max() > 0.1
+    torch.testing.assert_close(tripled, 3 * field)

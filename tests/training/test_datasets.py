@@ -126,3 +126,17 @@ def test_folder_layout_without_matching_files_is_named(tmp_path):
 def test_unknown_data_kind_is_named():
     with pytest.raises(InputError, match="kind"):
         datasets.build_datasets({"kind": "imagenet"}, seed=0, spatial_dims=2)
+
+
+def test_crops_are_centred_on_anatomy_and_stay_inside_the_image():
+    image = np.zeros((100, 100), np.float32)
+    image[70:80, 10:20] = 1.0  # the only anatomy: a small block near a corner
+    label = np.arange(image.size, dtype=np.float32).reshape(image.shape)
+    for seed in range(20):
+        reference_crop, label_crop = datasets.random_crop([image, label], (32, 32), np.random.default_rng(seed))
+        assert reference_crop.shape == (32, 32) and reference_crop.max() == 1.0
+        # Both arrays share the window: the label's values locate it.
+        top, left = divmod(int(label_crop[0, 0]), 100)
+        np.testing.assert_array_equal(reference_crop, image[top:top + 32, left:left + 32])
+    empty = datasets.random_crop([np.zeros((40, 40), np.float32)], (16, 16), np.random.default_rng(0))[0]
+    assert empty.shape == (16, 16)  # no anatomy: a uniform window
