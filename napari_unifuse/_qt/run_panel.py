@@ -16,7 +16,7 @@ from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.overlays import input_fingerprint, run_folder
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume
-from napari_unifuse.model.checkpoint import list_checkpoints
+from napari_unifuse.model.checkpoint import list_checkpoints, read_config
 
 PLUGIN = "napari-unifuse"
 FROM_FILE = "from file…"
@@ -78,6 +78,7 @@ class RunPanel(widgets.Container):
         self.open_reference.changed.connect(lambda path: self._open_into(path, self.reference))
         self.open_moving.changed.connect(lambda path: self._open_into(path, self.moving))
         self.checkpoint.changed.connect(lambda value: setattr(self.checkpoint_file, "visible", value == FROM_FILE))
+        self.reference.changed.connect(self._match_checkpoint_to_reference)
         for event in (viewer.layers.events.removed, viewer.layers.events.moved):
             event.connect(self._refresh_layer_choices)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -110,10 +111,24 @@ class RunPanel(widgets.Container):
             degradation = _unifuse_metadata(self.viewer.layers[by_role["moving"]]).get("degradation")
             if degradation in self.task.choices:
                 self.task.value = degradation
+        else:
+            names = [layer.name for layer in images if _role(layer) != OUTPUT_ROLE]
+            if len(names) >= 2:
+                self.reference.value, self.moving.value = names[0], names[1]
+        self._match_checkpoint_to_reference()  # `changed` does not fire when the value stays
+
+    def _match_checkpoint_to_reference(self, _value=None) -> None:
+        """Offer the bundled checkpoint of the reference's dimensionality, unless the user chose
+        something else than a bundled one (a file, the untrained preset)."""
+        bundled_dims = {name: read_config(name).spatial_dims for name in list_checkpoints()}
+        if self.checkpoint.value not in bundled_dims or not self.reference.value:
             return
-        names = [layer.name for layer in images if _role(layer) != OUTPUT_ROLE]
-        if len(names) >= 2:
-            self.reference.value, self.moving.value = names[0], names[1]
+        reference = self.viewer.layers[self.reference.value]
+        ndim = reference.ndim - (1 if reference.rgb else 0)
+        if bundled_dims[self.checkpoint.value] != ndim:
+            matching = [name for name, dims in bundled_dims.items() if dims == ndim]
+            if matching:
+                self.checkpoint.value = matching[0]
 
     @reports_errors("Open image")
     def _open_into(self, path: Path, combo: widgets.ComboBox) -> None:

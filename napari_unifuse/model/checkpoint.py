@@ -92,11 +92,16 @@ def load_weights(model: UniFuse, path_or_name: str | Path) -> None:
     _load_tensors(model, tensors, path)
 
 
-def _read(path: Path, device) -> tuple[UniFuseConfig, dict[str, torch.Tensor]]:
+def read_config(path_or_name: str | Path) -> UniFuseConfig:
+    """The config a checkpoint was saved for, from its header alone (no weights are read)."""
+    return _read(resolve_checkpoint(path_or_name), "cpu", with_tensors=False)[0]
+
+
+def _read(path: Path, device, with_tensors: bool = True) -> tuple[UniFuseConfig, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()} if with_tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({error})") from error
     if _CONFIG_KEY not in header:

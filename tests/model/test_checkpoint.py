@@ -10,7 +10,7 @@ from napari_unifuse.errors import CheckpointError
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model import checkpoint as checkpoint_module
 from napari_unifuse.model.checkpoint import (list_checkpoints, load_checkpoint, load_weights,
-                                             save_checkpoint)
+                                             read_config, save_checkpoint)
 
 
 @pytest.fixture
@@ -84,3 +84,23 @@ def test_bare_names_resolve_to_the_packaged_checkpoints(saved, tmp_path, monkeyp
 def test_packaged_checkpoint_folder_is_the_top_level_resources_folder():
     folder = checkpoint_module.checkpoint_dir()
     assert folder.parts[-2:] == ("resources", "checkpoints") and folder.is_dir()
+
+
+def test_read_config_gives_the_saved_config_without_the_weights(saved, monkeypatch):
+    model, path = saved
+    monkeypatch.setattr("safetensors.safe_open.get_tensor", lambda *args: pytest.fail("weights were read"),
+                        raising=False)
+    assert read_config(path) == model.config
+
+
+@pytest.mark.parametrize("name, spatial_dims", [("unifuse-2d-harvard", 2), ("unifuse-3d-phantom", 3)])
+def test_shipped_checkpoints_load_by_name_and_record_how_they_were_trained(name, spatial_dims):
+    assert name in list_checkpoints()
+    model, metadata = load_checkpoint(name)
+    assert model.config.spatial_dims == spatial_dims
+    for key in ("command", "config_file", "seed", "wall_time_s", "device", "steps", "validation"):
+        assert key in metadata, key
+    shape = (1, 1, *[2 * model.config.size_multiple] * spatial_dims)
+    with torch.no_grad():
+        output = model.eval()(torch.rand(shape), torch.rand(shape))
+    assert output.fused.shape == shape and torch.isfinite(output.displacement).all()
