@@ -111,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
     methods = ["identity", *(m for m in classical.available_registration_methods() if m != "identity")]
     classical_results: list[benchmark.ClassicalResult] = []
     for (dims, side), pair in pairs.items():
-        if dims not in plan.classical_dims or (args.classical_max_side and side > args.classical_max_side):
+        if dims not in plan.classical_dims or (dims == 3 and args.classical_max_side and side > args.classical_max_side):
             continue
         unifuse_seconds = next(r.timing.median_s for r in fuse_results if r.label == benchmark.size_label(dims, side))
         for result in benchmark.bench_classical(pair, methods, CLASSICAL_RULE, unifuse_seconds, benchmark.size_label(dims, side)):
             classical_results.append(result)
             print(f"  {result.method} {result.label}: {result.seconds:.3g} s, NCC {result.ncc:.3f}", flush=True)
-    skipped = "" if not args.classical_max_side else f" Inputs larger than {args.classical_max_side} per side skipped."
+    skipped = "" if not args.classical_max_side else f" Volumes larger than {args.classical_max_side}³ skipped."
     unavailable = "" if classical.ants_available() else " ANTsPy (antspyx) is not installed: no ANTs rows."
     emit("Classical registration + wavelet fusion on the same pairs", markdown(
         ["input", "pipeline", "time (s)", "time / UniFuse", "NCC aligned vs label"],
@@ -212,5 +212,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "machine use 1: OpenMP threads waiting for a contended core can slow the scan's "
                              "many small ops 100×")
     parser.add_argument("--classical-max-side", type=int,
-                        help="skip the classical pipelines on inputs larger than this per side (ANTs at 160³ is slow)")
+                        help="skip the classical pipelines on volumes larger than this per side (ANTs at 160³ is slow)")
     parser.set_defaults(func=run)
