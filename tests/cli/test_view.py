@@ -21,7 +21,7 @@ def test_view_without_paths_loads_the_default_sample_and_docks_the_workbench(qtb
     try:
         assert {"reference", "moving", "label"} <= set(roles(viewer))
         assert all(layer.data.ndim == 3 for layer in viewer.layers)
-        assert f"{WORKBENCH} ({PLUGIN})" in viewer.window._dock_widgets
+        assert type(viewer.window.dock_widgets[f"{WORKBENCH} ({PLUGIN})"]).__name__ == "UniFuseWorkbench"
     finally:
         viewer.close()
 
@@ -37,7 +37,7 @@ def test_view_opens_files_through_the_plugin_reader(qtbot, tmp_path):
     try:
         assert [layer.data.shape for layer in viewer.layers] == [(128, 128), (128, 128)]
         assert [layer.metadata["unifuse"]["source"] for layer in viewer.layers] == [str(path) for path in paths]
-        assert f"{WORKBENCH} ({PLUGIN})" in viewer.window._dock_widgets
+        assert type(viewer.window.dock_widgets[f"{WORKBENCH} ({PLUGIN})"]).__name__ == "UniFuseWorkbench"
     finally:
         viewer.close()
 
