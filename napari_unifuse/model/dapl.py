@@ -8,7 +8,10 @@ through two MLPs, P̂ = P ⊙ G (Eq. 2).
 Classifier input: the paper feeds h1..h3 through an MLP + linear + softmax. We feed MambaBlock 2's
 outputs instead — each output token is the read-out C_t h_t of the hidden state at that position,
 and the last one is exactly C h — because token read-outs can be pooled per z-slab, which gives
-the per-slice degradation probabilities of 3-D volumes from the same head as the global p.
+the per-slice degradation probabilities of 3-D volumes from the same head as the global p. The
+pooled read-outs are standardised with running statistics before the MLP (see
+:class:`~napari_unifuse.model.layers.RunningStandardize`): without it the head stays at the class
+prior.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from napari_unifuse.model.config import UniFuseConfig
-from napari_unifuse.model.layers import ConvBlock, conv, flatten_spatial
+from napari_unifuse.model.layers import ConvBlock, RunningStandardize, conv, flatten_spatial
 from napari_unifuse.model.mamba import MambaBlock
 
 
@@ -58,10 +61,12 @@ class DegradationAwarePromptLearning(nn.Module):
         mamba = dict(d_state=config.d_state, d_conv=config.d_conv, expand=config.expand)
         self.mamba_first = MambaBlock(embed, **mamba)
         self.mamba_orders = MambaBlock(embed, **mamba)
-        # MLP + linear + softmax head (softmax applied by the caller, next to the CE loss).
-        self.classifier_mlp = nn.Sequential(nn.Linear(3 * embed, embed), nn.GELU(),
-                                            nn.Linear(embed, embed), nn.GELU())
-        self.classifier = nn.Linear(embed, config.num_classes)
+        # MLP + linear + softmax head over pooled read-outs (softmax applied by the caller, next
+        # to the CE loss).
+        self.classifier = nn.Sequential(RunningStandardize(3 * embed),
+                                        nn.Linear(3 * embed, embed), nn.GELU(),
+                                        nn.Linear(embed, embed), nn.GELU(),
+                                        nn.Linear(embed, config.num_classes))
         # The two MLPs giving G (Ñ×L×M) from the stacked h (3·inner_dim × d_state): one maps the
         # state axis to the L prompts, the other the channel axis to Ñ·M.
         self.select_prompts = nn.Sequential(nn.Linear(config.d_state, config.prompt_length),
@@ -83,21 +88,25 @@ class DegradationAwarePromptLearning(nn.Module):
             readout, state = self.mamba_orders(tokens[:, order], return_last_state=True)
             readouts.append(readout[:, torch.argsort(order)])  # back to raster order
             hidden_states.append(state)
-        token_features = self.classifier_mlp(torch.cat(readouts, dim=-1))
-        class_logits = self.classifier(token_features.mean(dim=1))
-        slice_class_logits = (class_logits[:, None] if self.config.spatial_dims == 2
-                              else self._slab_logits(token_features, patches.shape[2:]))
+        token_features = torch.cat(readouts, dim=-1)
+        pooled = [token_features.mean(dim=1, keepdim=True)]
+        if self.config.spatial_dims == 3:
+            pooled.append(self._slab_means(token_features, patches.shape[2:]))
+        # One head call for the image and its slabs: they share the running statistics.
+        logits = self.classifier(torch.cat(pooled, dim=1))
+        class_logits = logits[:, 0]
+        slice_class_logits = logits[:, 1:] if self.config.spatial_dims == 3 else logits
         return DAPLOutput(moving_features, reference_features, hidden_states, class_logits,
                           slice_class_logits, self._select_prompts(hidden_states))
 
-    def _slab_logits(self, token_features: torch.Tensor, grid: torch.Size) -> torch.Tensor:
-        """(B, N, M) token features of a volume -> (B, S, Ñ): one prediction per slab of
+    def _slab_means(self, token_features: torch.Tensor, grid: torch.Size) -> torch.Tensor:
+        """(B, N, F) token features of a volume -> (B, S, F): their mean over each slab of
         ``slab_patches`` patch rows along the first array axis (z); the last slab may be thinner."""
         rows = token_features.reshape(token_features.shape[0], grid[0], -1,
                                       token_features.shape[-1]).mean(dim=2)
-        slabs = [rows_in_slab.mean(dim=1)
-                 for rows_in_slab in rows.split(self.config.slab_patches, dim=1)]
-        return self.classifier(torch.stack(slabs, dim=1))
+        return torch.stack([rows_in_slab.mean(dim=1)
+                            for rows_in_slab in rows.split(self.config.slab_patches, dim=1)],
+                           dim=1)
 
     def _select_prompts(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
         """h1..h3 -> G (B, Ñ, L, M) in (0, 1) -> P̂ = P ⊙ G."""

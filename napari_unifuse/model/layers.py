@@ -57,6 +57,34 @@ class ConvBlock(nn.Sequential):
         )
 
 
+class RunningStandardize(nn.Module):
+    """Standardise features (..., C) with running estimates of their mean and variance over
+    samples, used in training and evaluation alike and updated by each training batch.
+
+    Pooled image features share a large common component and differ between images by a few
+    percent of it; a head reading them raw sits on a plateau at the class prior (measured: the
+    logit spread across a batch stayed at ~0.002 for 100 steps). Centring on the running mean
+    exposes the differences. Unlike BatchNorm the output never depends on the other samples of a
+    batch, so batches of one (3-D training, inference) behave like any other.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_square", torch.ones(channels))  # E[x²]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = (self.running_square - self.running_mean.square()).clamp_min(0)
+        standardized = (x - self.running_mean) / torch.sqrt(variance + self.eps)
+        if self.training:  # after use, so that no sample sees the others of its batch
+            with torch.no_grad():
+                samples = x.reshape(-1, x.shape[-1])
+                self.running_mean.lerp_(samples.mean(dim=0), self.momentum)
+                self.running_square.lerp_(samples.square().mean(dim=0), self.momentum)
+        return standardized
+
+
 def flatten_spatial(x: torch.Tensor) -> torch.Tensor:
     """(B, C, *spatial) -> (B, N, C) tokens in raster (C-)order of the array axes."""
     return x.flatten(2).transpose(1, 2)

@@ -49,11 +49,14 @@ class UniFuse(nn.Module):
         self._check_inputs(moving, reference)
         dapl = self.dapl(moving, reference)
         class_probs = torch.softmax(dapl.class_logits, dim=-1)
+        # p weights the prompt guidance and ALSN's LoRA experts, but only L_ce trains it: p is
+        # shown to the user as the degradation estimate, so it must stay a classifier's answer,
+        # not whatever gate suits the fusion losses (their gradients would outweigh L_ce's).
+        routing = class_probs.detach()
         unified = self.oufr(dapl.moving_features, dapl.reference_features, dapl.hidden_states)
-        displacement = self.fa(unified.moving_map, unified.reference_map, dapl.prompts,
-                               class_probs)
+        displacement = self.fa(unified.moving_map, unified.reference_map, dapl.prompts, routing)
         fused, restored = self.ufrf(warp(unified.moving_full, displacement),
-                                    unified.reference_full, dapl.prompts, class_probs)
+                                    unified.reference_full, dapl.prompts, routing)
         return UniFuseOutput(
             fused=fused, restored=restored, displacement=displacement,
             class_logits=dapl.class_logits, class_probs=class_probs,

@@ -75,6 +75,24 @@ def test_gradients_reach_every_parameter(spatial_dims):
     assert dead == []
 
 
+def test_only_the_classification_loss_trains_the_degradation_classifier():
+    """p routes the prompt guidance and ALSN's experts, but the fusion, restoration and
+    registration losses must not move it: it is shown to users as the degradation estimate."""
+    torch.manual_seed(0)
+    config = UniFuseConfig.small(2)
+    model = UniFuse(config)
+    moving, reference = _pair(config, [16, 16], batch=2)
+    out = model(moving, reference)
+    (out.fused.mean() + out.restored.mean() + out.displacement.square().mean()).backward()
+    head = model.dapl.classifier
+    assert all(p.grad is None or not p.grad.any() for p in head.parameters())
+    assert model.dapl.encoder[0][0].weight.grad.abs().sum() > 0  # the shared trunk still learns
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(moving, reference).class_logits,
+                                      torch.tensor([0, 3])).backward()
+    assert all(p.grad is not None and p.grad.any() for p in head.parameters())
+
+
 @pytest.fixture
 def model_2d():
     torch.manual_seed(0)
