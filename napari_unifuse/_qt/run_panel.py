@@ -60,7 +60,8 @@ class RunPanel(widgets.Container):
         self.device = widgets.ComboBox(label="device", choices=DEVICE_CHOICES, value="auto",
                                        tooltip="auto = CUDA when a GPU is present, else CPU")
         self.tile_size = widgets.SpinBox(label="tile size", value=0, min=0, max=1024, step=16,
-                                         tooltip="Voxels per tile side for big volumes; 0 = whole image in one pass")
+                                         tooltip="Voxels per tile side; 0 = the size the checkpoint was trained on "
+                                                 "(whole image in one pass if it does not say)")
         self.output_root = widgets.FileEdit(label="runs folder", mode="d", value=str(DEFAULT_RUNS_ROOT.expanduser()),
                                             tooltip="Each run gets its own sub-folder, derived from the inputs and "
                                                     "checkpoint, so reopening a run finds its annotations")

@@ -1,8 +1,9 @@
 """`unifuse evaluate`: a checkpoint beside the classical pipelines, every metric side by side.
 
-Pairs come from a CSV (columns ``reference,moving,label[,displacement][,task]``, paths relative
-to the CSV; ``label`` is the clean moving image aligned to the reference, ``displacement`` the
-ground-truth field as an ITK displacement file) or from the Harvard AANLIB folder, where the
+Pairs come from a CSV (columns ``reference,moving,label[,displacement][,task][,degradation]``,
+paths relative to the CSV; ``label`` is the clean moving image aligned to the reference,
+``displacement`` the ground-truth field as an ITK displacement file, ``degradation`` the true
+class as ``unifuse synth`` records it in meta.json) or from the Harvard AANLIB folder, where the
 degraded, misaligned moving images are synthesised exactly as training's validation set does
 (``training.datasets.build_datasets``: same patient-independent split, seeded per pair).
 
@@ -15,7 +16,9 @@ since they restore nothing.
 Metrics (columns), all on [0, 1] intensities (the moving image's normalisation; RGB PET/SPECT on
 the luma Y): alignment NCC / MSE / SSIM of the aligned moving image vs the label, folding % and
 SDlogJ of the field, the mean end-point error against the ground-truth field (EPE, voxels) when
-it is known, the fusion metrics of the fused image vs (reference, label), and seconds per pair.
+it is known, the fusion metrics of the fused image vs (reference, label), and seconds per pair;
+for UniFuse also ``class_accuracy``, whether its global degradation class is the true one (when
+known; the classical pipelines estimate no class).
 Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (mean ± std per method and task, and
 over all tasks) and ``OUT/per_pair.csv`` (every value).
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
@@ -43,8 +47,9 @@ from napari_unifuse.io.image import Geometry
 from napari_unifuse.metrics import METRIC_NAMES, folding_percentage, fusion_metrics, registration_metrics, sd_log_jacobian
 
 ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe")
+CLASS_COLUMN = "class_accuracy"
 TIME_COLUMN = "seconds"
-METRIC_COLUMNS = (*ALIGNMENT_COLUMNS, *METRIC_NAMES, TIME_COLUMN)
+METRIC_COLUMNS = (*ALIGNMENT_COLUMNS, *METRIC_NAMES, CLASS_COLUMN, TIME_COLUMN)
 ALL_TASKS = "all"
 HARVARD_TASK_FOLDERS = {"CT": "CT-MRI", "PET": "PET-MRI", "SPECT": "SPECT-MRI"}
 UNIFUSE_METHOD = "UniFuse"
@@ -60,6 +65,7 @@ class EvaluationPair:
     moving: ImageVolume
     label: np.ndarray  # clean aligned moving, [0, 1] in the moving image's normalisation (Y if RGB)
     displacement: np.ndarray | None = None  # ground-truth u (ndim, *spatial), voxels
+    degradation: str | None = None  # true class, one of data.degrade.DEGRADATION_CLASSES
 
 
 # ---- pair sources --------------------------------------------------------------------------------
@@ -97,7 +103,8 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         if row.get("displacement"):
             displacement = read_displacement(path.parent / row["displacement"], reference.geometry)
         pairs.append(EvaluationPair(Path(row["moving"]).name, row.get("task") or "pairs",
-                                    reference, moving, label, displacement))
+                                    reference, moving, label, displacement,
+                                    _degradation(row.get("degradation"), path)))
     return pairs
 
 
@@ -142,6 +149,7 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
             moving=ImageVolume(moving_array, geometry, is_rgb=is_colour),
             label=sample["label"][0].numpy().astype(np.float32),
             displacement=sample["displacement"].numpy(),
+            degradation=DEGRADATION_CLASSES[int(sample["class_index"])],
         ))
     if not pairs:
         raise InputError(f"no pairs in the {split} split for tasks {', '.join(tasks)}", root)
@@ -149,14 +157,25 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
 
 
 # ---- scoring -------------------------------------------------------------------------------------
+def _degradation(name: str | None, path: Path) -> str | None:
+    if not name:
+        return None
+    if name not in DEGRADATION_CLASSES:
+        raise InputError(f"unknown degradation {name!r}; choose from {', '.join(DEGRADATION_CLASSES)}", path)
+    return name
+
+
 def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, reference: np.ndarray,
-          pair: EvaluationPair, seconds: float) -> dict[str, float]:
+          pair: EvaluationPair, seconds: float, predicted_class: str | None = None) -> dict[str, float]:
     values = registration_metrics(aligned, pair.label)
     values["folding_pct"] = folding_percentage(displacement)
     values["sdlogj"] = sd_log_jacobian(displacement)
     values["epe"] = (float(np.linalg.norm(displacement - pair.displacement, axis=0).mean())
                      if pair.displacement is not None else float("nan"))
     values.update(fusion_metrics(fused.astype(np.float32), reference, pair.label))
+    values[CLASS_COLUMN] = (float(predicted_class == pair.degradation)
+                            if predicted_class is not None and pair.degradation is not None
+                            else float("nan"))
     values[TIME_COLUMN] = seconds
     return values
 
@@ -176,7 +195,9 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
         else:
             mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
             aligned = mapping.apply(result.aligned.array)
-        yield UNIFUSE_METHOD, score(aligned, result.displacement, fused, reference, pair, seconds)
+        predicted_class = max(result.class_probs, key=result.class_probs.get)
+        yield UNIFUSE_METHOD, score(aligned, result.displacement, fused, reference, pair, seconds,
+                                    predicted_class)
     moving_unit, _ = unit_intensities(pair.moving)
     geometry = pair.reference.geometry
     if pair.moving.spatial_shape != pair.reference.spatial_shape or not pair.moving.geometry.allclose(geometry):
@@ -300,6 +321,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"classical fusion rules ({', '.join(FUSION_RULES)})")
     parser.add_argument("--out", type=Path, required=True, help="folder for evaluation.csv/.md and per_pair.csv")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--tile-size", type=int, help="voxels per tile side for large inputs")
+    parser.add_argument("--tile-size", type=int, help="voxels per tile side (default: the checkpoint's training crop, else one pass)")
     parser.set_defaults(func=run)
 

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", help="bundled checkpoint name or .safetensors file "
                         f"(default: {DEFAULT_CHECKPOINTS[2]} for 2D, {DEFAULT_CHECKPOINTS[3]} for 3D)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--tile-size", type=int, help="voxels per tile side for large inputs (default: one pass)")
+    parser.add_argument("--tile-size", type=int, help="voxels per tile side (default: the checkpoint's training crop, else one pass)")
     for role in ("reference", "moving"):
         parser.add_argument(f"--{role}-modality", choices=MODALITIES, default="auto",
                             help=f"how to normalise the {role} intensities (default: from the header or the values)")

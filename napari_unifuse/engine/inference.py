@@ -42,7 +42,7 @@ from napari_unifuse.engine.tiling import TilePrediction, predict_tiled, tile_lay
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
 from napari_unifuse.io.readers import PILLOW_SUFFIXES
-from napari_unifuse.model.checkpoint import load_checkpoint, resolve_checkpoint
+from napari_unifuse.model.checkpoint import load_checkpoint, resolve_checkpoint, training_crop
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.warp import warp
 
@@ -84,8 +84,9 @@ class FusionEngine:
 
     ``model_or_checkpoint`` is a ``UniFuse`` module (anything with ``.config`` and the same
     ``forward(moving, reference)``) or a checkpoint name/path for ``model.checkpoint``.
-    ``tile_size`` (voxels per side) splits large inputs into blended tiles; ``None`` runs the
-    whole (padded) input in one pass.
+    ``tile_size`` (voxels per side) splits large inputs into blended tiles; ``None`` means the
+    checkpoint's training crop (``model.checkpoint.training_crop``: inputs the size the network was
+    trained on), or the whole (padded) input in one pass when there is none.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class FusionEngine:
         else:
             path = resolve_checkpoint(model_or_checkpoint)
             self.model, metadata = load_checkpoint(path, map_location="cpu")
+            tile_size = tile_size or training_crop(metadata)
             metadata.pop("config", None)  # recorded once, as model_config
             self.checkpoint_info = {
                 "name": str(model_or_checkpoint), "path": str(path.resolve()),

@@ -92,6 +92,21 @@ def load_weights(model: UniFuse, path_or_name: str | Path) -> None:
     _load_tensors(model, tensors, path)
 
 
+def training_crop(metadata: dict[str, Any]) -> int | None:
+    """Side of the random crops a checkpoint was trained on (its sidecar's ``data.crop``), or None
+    when it saw whole images or does not say.
+
+    A network whose degradation classifier pools Mamba read-outs over the whole input meets a
+    different token count, and so different pooled statistics, on larger inputs: the CPU-trained
+    2D checkpoint classified 128² crops of the validation pairs right and every whole 256² slice
+    as low-dose. Inference therefore tiles at this size unless told otherwise.
+    """
+    crop = (metadata.get("training_config") or {}).get("data", {}).get("crop")
+    if not crop:
+        return None
+    return int(max(crop)) if isinstance(crop, (list, tuple)) else int(crop)
+
+
 def read_config(path_or_name: str | Path) -> UniFuseConfig:
     """The config a checkpoint was saved for, from its header alone (no weights are read)."""
     return _read(resolve_checkpoint(path_or_name), "cpu", with_tensors=False)[0]

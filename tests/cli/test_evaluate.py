@@ -11,9 +11,11 @@ from PIL import Image
 
 from napari_unifuse.cli import main
 from napari_unifuse.cli.evaluate import METRIC_COLUMNS
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
-from napari_unifuse.io import ImageVolume, normalize_intensity, write_image
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.io import ImageVolume, normalize_intensity, read_image, write_image
 from napari_unifuse.io.fields import write_displacement
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.model import UniFuse, UniFuseConfig
@@ -49,7 +51,8 @@ def pairs_csv(tmp_path_factory):
         for role in names:
             write_image(getattr(pair, role), root / names[role])
         write_displacement(pair.displacement, geometry, root / f"t2_{seed}_field.nii.gz")
-        rows.append({**names, "displacement": f"t2_{seed}_field.nii.gz", "task": "t1-t2"})
+        rows.append({**names, "displacement": f"t2_{seed}_field.nii.gz", "task": "t1-t2",
+                     "degradation": DEGRADATION_CLASSES[pair.class_index]})
         true_fields[names["moving"]] = pair.displacement
 
     identity = Geometry.identity(2)
@@ -60,7 +63,7 @@ def pairs_csv(tmp_path_factory):
                         ("label", colour_pair.label.array)):
         Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(root / f"pet_{role}.png")
     rows.append({"reference": "pet_reference.png", "moving": "pet_moving.png", "label": "pet_label.png",
-                 "displacement": "", "task": "mri-pet"})
+                 "displacement": "", "task": "mri-pet", "degradation": ""})
     path = root / "pairs.csv"
     with path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
@@ -121,7 +124,22 @@ def test_values_are_consistent_with_the_pairs(evaluation, pairs_csv):
         assert by_key[moving_name, "sitk + max"]["Q_abf"] != by_key[moving_name, "sitk + wavelet"]["Q_abf"]
     colour = by_key["pet_moving.png", "UniFuse (tiny-2d)"]
     assert colour["epe"] == "nan"  # no ground-truth field for this pair
+    assert colour["class_accuracy"] == "nan"  # nor a known degradation
     assert float(colour["seconds"]) > 0 and np.isfinite(float(colour["Q_abf"]))
+
+
+def test_class_accuracy_scores_the_engines_prediction_against_the_true_class(evaluation, pairs_csv, checkpoint):
+    _, out = evaluation
+    rows = read_csv(out / "per_pair.csv")
+    engine = FusionEngine(checkpoint, device="cpu")
+    root = pairs_csv[0].parent
+    for moving_name in pairs_csv[1]:
+        result = engine.run_fusion(read_image(root / moving_name.replace("moving", "reference")),
+                                   read_image(root / moving_name))
+        predicted = max(result.class_probs, key=result.class_probs.get)
+        by_method = {row["method"]: row for row in rows if row["pair"] == moving_name}
+        assert float(by_method["UniFuse (tiny-2d)"]["class_accuracy"]) == float(predicted == "motion")
+        assert all(by_method[method]["class_accuracy"] == "nan" for method in CLASSICAL)
 
 
 def test_needs_exactly_one_pair_source(checkpoint, pairs_csv, tmp_path, capsys):
@@ -154,6 +172,7 @@ def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
     rows = read_csv(out / "per_pair.csv")
     assert {row["task"] for row in rows} == {"CT-MRI", "PET-MRI"}
     assert len(rows) == 2 * 2  # one pair per task, UniFuse + identity
+    assert {row["class_accuracy"] for row in rows if row["method"] == "UniFuse (tiny-2d)"} <= {"0.0", "1.0"}
     first = (out / "per_pair.csv").read_text(encoding="utf-8")
     assert main(argv) == 0
     # Seeded synthesis: a second run scores the very same pairs (timings aside).

@@ -15,6 +15,7 @@ from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.checkpoint import save_checkpoint
 
 
 
@@ -98,6 +99,16 @@ def test_tiled_3d_run_on_anisotropic_grids(model_3d):
     np.testing.assert_allclose(result.slice_class_probs.sum(axis=1), 1.0, atol=1e-5)
     assert result.output_extension == "nii.gz"
     assert set(result.provenance["timings_s"]) == {"validate", "normalise", "resample", "fuse", "compose"}
+
+
+@pytest.mark.parametrize("requested, expected_tile", [(None, [8, 8]), (16, [16, 16])])
+def test_checkpoints_run_in_tiles_of_their_training_crop_unless_told(model_2d, tmp_path, requested,
+                                                                      expected_tile):
+    path = save_checkpoint(model_2d, tmp_path / "cropped.safetensors",
+                           {"training_config": {"data": {"kind": "harvard", "crop": 8}}})
+    image = ImageVolume(blob((16, 16)), Geometry.identity(2))
+    result = FusionEngine(path, device="cpu", tile_size=requested).run_fusion(image, image)
+    assert result.provenance["tile_shape"] == expected_tile
 
 
 def test_out_of_memory_retries_with_smaller_tiles(model_2d):

@@ -10,7 +10,7 @@ from napari_unifuse.errors import CheckpointError
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model import checkpoint as checkpoint_module
 from napari_unifuse.model.checkpoint import (list_checkpoints, load_checkpoint, load_weights,
-                                             read_config, save_checkpoint)
+                                             read_config, save_checkpoint, training_crop)
 
 
 @pytest.fixture
@@ -104,3 +104,10 @@ def test_shipped_checkpoints_load_by_name_and_record_how_they_were_trained(name,
     with torch.no_grad():
         output = model.eval()(torch.rand(shape), torch.rand(shape))
     assert output.fused.shape == shape and torch.isfinite(output.displacement).all()
+
+
+def test_training_crop_comes_from_the_sidecar_training_config():
+    assert training_crop({"training_config": {"data": {"crop": 128}}}) == 128
+    assert training_crop({"training_config": {"data": {"crop": [32, 48, 32]}}}) == 48
+    assert training_crop({"training_config": {"data": {"crop": None}}}) is None
+    assert training_crop({}) is None
