@@ -101,7 +101,7 @@ def run_and_analyse(
     notes = list(result.warnings)
     if request.task != "auto":
         result.provenance["declared_task"] = request.task
-        predicted = max(result.class_probs, key=result.class_probs.get)
+        predicted = result.predicted_class
         if predicted != request.task:
             notes.append(f"the degradation is set to '{request.task}' but the model estimates '{predicted}' "
                          f"(p = {result.class_probs[predicted]:.2f}); check the degradation plot")

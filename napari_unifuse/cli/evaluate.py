@@ -195,9 +195,8 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
         else:
             mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
             aligned = mapping.apply(result.aligned.array)
-        predicted_class = max(result.class_probs, key=result.class_probs.get)
         yield UNIFUSE_METHOD, score(aligned, result.displacement, fused, reference, pair, seconds,
-                                    predicted_class)
+                                    result.predicted_class)
     moving_unit, _ = unit_intensities(pair.moving)
     geometry = pair.reference.geometry
     if pair.moving.spatial_shape != pair.reference.spatial_shape or not pair.moving.geometry.allclose(geometry):

@@ -35,12 +35,17 @@ class FusionResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def predicted_class(self) -> str:
+        """The most probable degradation class for the whole input."""
+        return max(self.class_probs, key=self.class_probs.get)
+
     def degradation_report(self) -> dict[str, Any]:
         """The JSON-ready degradation estimate: global and per-slice probabilities with names."""
         return {
             "classes": list(self.class_names),
             "global": {name: float(p) for name, p in self.class_probs.items()},
-            "predicted": max(self.class_probs, key=self.class_probs.get),
+            "predicted": self.predicted_class,
             "per_slice": {
                 "axis": "z" if self.fused.ndim == 3 else None,
                 "probabilities": np.asarray(self.slice_class_probs, dtype=float).round(6).tolist(),
