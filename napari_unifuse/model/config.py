@@ -40,6 +40,11 @@ class UniFuseConfig:
     # last log2(Q) blocks each upsample ×2 so that the field comes out at full resolution.
     num_regblocks: int = 4
     regblock_channels: tuple[int, ...] = (64, 32, 16, 8)
+    # The first RegBLK's cost volume: radius (tokens) and pyramid levels; later blocks refine with
+    # radius 1 at their own resolution. Radius 3 at Q = 4 over 2 levels searches ±12 voxels in
+    # 4-voxel steps and ±24 in 8-voxel steps: synthetic misalignments reach ~20 voxels.
+    correlation_radius: int = 3
+    correlation_levels: int = 2
     # Voxels per unit of FA's output conv. Misalignments reach ~20 voxels, while the conv starts
     # near zero and Adam moves weights by ~lr per step: unscaled, the field needed thousands of
     # steps just to reach the right magnitude (measured: fitting 4 pairs, end-point error 16.1 ->
@@ -63,7 +68,7 @@ class UniFuseConfig:
             fail(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         for name in ("in_channels", "feature_channels", "patch_size", "embed_dim", "d_state",
                      "d_conv", "expand", "prompt_length", "num_classes", "num_regblocks",
-                     "lora_rank", "head_dim", "slab_size"):
+                     "correlation_radius", "correlation_levels", "lora_rank", "head_dim", "slab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")

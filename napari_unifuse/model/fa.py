@@ -2,8 +2,10 @@
 3×3(×3) conv → LeakyReLU → 1×1(×1) conv, times ``config.displacement_scale`` → displacement φ
 (voxels, array-axis order).
 
-The last conv starts near zero (N(0, 1e-5), as VoxelMorph does) so an untrained network predicts
-the identity transform while gradients still reach every layer.
+The last conv starts small (N(0, 1e-2)): an untrained network predicts nearly the identity
+transform (well under a voxel), while the layers before it still get gradients large enough to
+learn from. VoxelMorph's N(0, 1e-5) starved them: on the shift probe (regblock.py) FA alone
+levelled off at 0.45 of the constant-field error, against 0.07 with 1e-2.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ class FeatureAlignment(nn.Module):
         first_upsampling = config.num_regblocks - config.upsampling_regblocks
         self.blocks = nn.ModuleList(
             RegBlock(dims, widths[i], widths[i + 1], config.head_dim, config.embed_dim,
+                     # Coarse to fine: the wide search on the token grid, then refinement.
+                     correlation_radius=config.correlation_radius if i == 0 else 1,
+                     correlation_levels=config.correlation_levels if i == 0 else 1,
                      upsamples=i >= first_upsampling)
             for i in range(config.num_regblocks)
         )
         last = widths[-1]
         self.output = nn.Sequential(
             conv(dims, 2 * last, last, 3), nn.LeakyReLU(0.2), conv(dims, last, dims, 1))
-        nn.init.normal_(self.output[-1].weight, std=1e-5)
+        nn.init.normal_(self.output[-1].weight, std=1e-2)
         nn.init.zeros_(self.output[-1].bias)
         self.displacement_scale = config.displacement_scale
 

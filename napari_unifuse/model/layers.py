@@ -47,12 +47,14 @@ def norm(channels: int) -> nn.Module:
 
 
 class ConvBlock(nn.Sequential):
-    """3×3(×3) conv → GroupNorm → LeakyReLU; ``stride=2`` halves the resolution."""
+    """3×3(×3) conv → GroupNorm → LeakyReLU; ``stride=2`` halves the resolution;
+    ``normalize=False`` drops the GroupNorm."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1,
+                 normalize: bool = True):
         super().__init__(
             conv(spatial_dims, in_channels, out_channels, 3, stride=stride),
-            norm(out_channels),
+            norm(out_channels) if normalize else nn.Identity(),
             nn.LeakyReLU(0.2),
         )
 

@@ -38,6 +38,7 @@ def test_size_multiple_covers_patching_and_unet_pooling():
     ({"unet_channels": (16, 24)}, "multiples of head_dim=16"),
     ({"slab_size": 6}, "multiple of patch_size"),
     ({"lora_rank": 0}, "lora_rank must be a positive integer"),
+    ({"correlation_levels": 0}, "correlation_levels must be a positive integer"),
 ])
 def test_invalid_configs_are_rejected_with_the_reason(changes, problem):
     with pytest.raises(InputError, match=problem):

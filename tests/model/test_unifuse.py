@@ -55,7 +55,7 @@ def test_untrained_network_predicts_the_identity_transform(model_and_pair):
     model, (moving, reference) = model_and_pair
     with torch.no_grad():
         displacement = model(moving, reference).displacement
-    assert displacement.abs().max() < 0.05  # voxels
+    assert displacement.abs().max() < 0.25  # voxels: FA's output conv starts at N(0, 1e-2)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
