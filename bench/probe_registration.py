@@ -26,13 +26,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.fa import FeatureAlignment
 from napari_unifuse.model.unifuse import UniFuse
+from napari_unifuse.training.datasets import build_datasets
 from napari_unifuse.training.losses import registration_loss
 
 SIZE, MAX_SHIFT, MARGIN = 64, 4, 8
@@ -63,8 +64,6 @@ class HarvardPairs:
     KEYS = ("moving", "reference", "displacement")
 
     def __init__(self, root: str) -> None:
-        from napari_unifuse.training.datasets import build_datasets
-
         data = yaml.safe_load(HARVARD_CONFIG.read_text(encoding="utf-8"))["data"]
         train, val = build_datasets({**data, "root": root}, seed=0, spatial_dims=2)
         self.pool = [train[i] for i in range(0, len(train), max(1, len(train) // 200))][:200]
