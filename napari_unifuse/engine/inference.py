@@ -7,7 +7,8 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
    An RGB PET/SPECT image gives its luma Y to the model; its chroma CbCr is carried along.
 3. ``resample``  put the moving image on the reference grid in physical space
    (``io.resample_to_reference``), so the network only predicts the residual misalignment.
-4. ``fuse``      pad to the model's size multiple, run it over blended tiles, crop back.
+4. ``fuse``      pad to the model's size multiple, move the moving image by the model's structural
+                 matching (once, on the whole input), run the network over blended tiles, crop back.
 5. ``compose``   warp the carried chroma with the predicted field, recombine RGB, map the restored
    moving image back to its own intensity units.
 
@@ -216,6 +217,11 @@ class FusionEngine:
         # Zero padding: after normalisation 0 is background, what the model saw around anatomy.
         pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
         padded_shape = tuple(pair.shape[1:])
+        # Structural matching runs once on the whole input (one rigid estimate for every tile, and
+        # no tile reads past its edge for it); tiles get the moved image and their part of the field.
+        with torch.no_grad():
+            initial = self.model.initial_alignment(pair[None, 0:1], pair[None, 1:2])
+            pair = torch.cat([warp(pair[None, 0:1], initial)[0], pair[1:2], initial[0]])
         attempts = fallback_plan(self.device, padded_shape, self.tile_size, multiple)
         for attempt, (device, tile_size) in enumerate(attempts):
             tile_shape, overlap = tile_layout(padded_shape, tile_size, multiple)
@@ -263,7 +269,7 @@ class FusionEngine:
 
         def predict(tile: torch.Tensor) -> TilePrediction:
             batch = tile[None].to(device)
-            output = self.model(batch[:, 0:1], batch[:, 1:2])
+            output = self.model.refine(batch[:, 0:1], batch[:, 1:2], batch[:, 2:])
             slab_probs = output.slice_class_probs[0]  # (S, Ñ): S slabs along z (3D), S = 1 (2D)
             if spatial_dims == 3:
                 # Every z slice of the tile takes the probabilities of the slab that contains it.

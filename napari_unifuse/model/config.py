@@ -50,6 +50,10 @@ class UniFuseConfig:
     # steps just to reach the right magnitude (measured: fitting 4 pairs, end-point error 16.1 ->
     # 15.3 voxels in 60 steps unscaled, -> 11.8 with 10).
     displacement_scale: float = 10.0
+    # Structural matching (model/matching.py), the parameter-free first estimate FA refines: grid
+    # step and search range in voxels (0 switches it off). Synthetic misalignments reach ~25 voxels.
+    matching_step: int = 8
+    matching_range: int = 32
     # UFR&F U-Net widths, one per scale (finest first); ALSN sits on every scale's skip.
     unet_channels: tuple[int, ...] = (16, 32, 48, 112)
     # Rank r of each LoRA branch A_ij B_ij (Eq. 8).
@@ -68,10 +72,13 @@ class UniFuseConfig:
             fail(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         for name in ("in_channels", "feature_channels", "patch_size", "embed_dim", "d_state",
                      "d_conv", "expand", "prompt_length", "num_classes", "num_regblocks",
-                     "correlation_radius", "correlation_levels", "lora_rank", "head_dim", "slab_size"):
+                     "correlation_radius", "correlation_levels", "lora_rank", "head_dim", "slab_size",
+                     "matching_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.matching_range, int) or self.matching_range < 0:
+            fail(f"matching_range must be a non-negative integer, got {self.matching_range!r}")
         if not self.displacement_scale > 0:
             fail(f"displacement_scale must be positive, got {self.displacement_scale!r}")
         object.__setattr__(self, "regblock_channels", tuple(self.regblock_channels))
@@ -125,7 +132,8 @@ class UniFuseConfig:
     @classmethod
     def paper(cls, spatial_dims: int = 3) -> UniFuseConfig:
         """Full-size network (J = 4 RegBLKs, Ñ = 4, UFR&F ≈ 0.95 M parameters in 3-D)."""
-        return cls(spatial_dims=spatial_dims)
+        # 8-voxel cells keep the 3-D cost volume small (9³ offsets for ±32 voxels).
+        return cls(spatial_dims=spatial_dims, matching_step=4 if spatial_dims == 2 else 8)
 
     @classmethod
     def small(cls, spatial_dims: int = 2) -> UniFuseConfig:
@@ -134,6 +142,7 @@ class UniFuseConfig:
             spatial_dims=spatial_dims, feature_channels=4, patch_size=4, embed_dim=16,
             d_state=4, prompt_length=4, num_regblocks=2, regblock_channels=(16, 8),
             unet_channels=(8, 16), lora_rank=2, head_dim=4, slab_size=8,
+            matching_step=4, matching_range=32 if spatial_dims == 2 else 12,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,16 +23,33 @@ def window_size(spatial_dims: int, radius: int, levels: int = 1) -> int:
     return levels * (2 * radius + 1) ** spatial_dims
 
 
-def local_correlation(a: torch.Tensor, b: torch.Tensor, radius: int) -> torch.Tensor:
-    """(B, C, *spatial) × 2 -> (B, (2r+1)^ndim, *spatial) cosine similarities."""
+def _window_map(a: torch.Tensor, b: torch.Tensor, radius: int, compare, outside: float) -> torch.Tensor:
+    """``compare(a(x), b(x + d_k))`` (a channel reduction) for every window offset d_k:
+    (B, (2r+1)^ndim, *spatial), ``outside`` where x + d_k falls outside ``b``."""
     spatial = a.shape[2:]
-    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    padded = F.pad(b, [radius] * (2 * len(spatial)))
-    costs = []
+    pad = [radius] * (2 * len(spatial))
+    padded = F.pad(b, pad)
+    inside = F.pad(torch.ones_like(b[:, :1]), pad)
+    maps = []
     for start in itertools.product(range(2 * radius + 1), repeat=len(spatial)):
         window = (..., *(slice(s, s + size) for s, size in zip(start, spatial, strict=True)))
-        costs.append((a * padded[window]).sum(dim=1))
-    return torch.stack(costs, dim=1)
+        valid = inside[window][:, 0] > 0
+        maps.append(torch.where(valid, compare(a, padded[window]), outside))
+    return torch.stack(maps, dim=1)
+
+
+def local_correlation(a: torch.Tensor, b: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, C, *spatial) × 2 -> (B, (2r+1)^ndim, *spatial) cosine similarities."""
+    return _window_map(F.normalize(a, dim=1), F.normalize(b, dim=1), radius,
+                       lambda x, y: (x * y).sum(dim=1), outside=0.0)
+
+
+def local_distance(a: torch.Tensor, b: torch.Tensor, radius: int,
+                   outside: float = float("inf")) -> torch.Tensor:
+    """(B, C, *spatial) × 2 -> (B, (2r+1)^ndim, *spatial) mean squared differences over channels,
+    ``outside`` where the offset leaves ``b`` (no match there), same window order as
+    :func:`local_correlation`."""
+    return _window_map(a, b, radius, lambda x, y: (x - y).square().mean(dim=1), outside=outside)
 
 
 def correlation_pyramid(a: torch.Tensor, b: torch.Tensor, radius: int, levels: int) -> torch.Tensor:

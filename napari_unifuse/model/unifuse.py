@@ -1,5 +1,8 @@
 """UniFuse (ICCV 2025): DAPL → OUFR → FA → warp → UFR&F in one network.
 
+Ours before it: structural matching (model/matching.py) moves the moving image by a parameter-free
+first estimate, and FA predicts the correction of what is left (docs/architecture.md, deviations).
+
 ``UniFuse(config)(moving, reference)`` takes the degraded, misaligned moving image I'_D and the
 high-quality reference I_R, (B, in_channels, *spatial) in [0, 1], and returns a
 :class:`UniFuseOutput`.
@@ -16,6 +19,7 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.dapl import DegradationAwarePromptLearning
 from napari_unifuse.model.fa import FeatureAlignment
+from napari_unifuse.model.matching import compose, structural_matching
 from napari_unifuse.model.oufr import OmniUnifiedFeatureRepresentation
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.ufrf import RestorationFusion
@@ -28,6 +32,8 @@ class UniFuseOutput:
     restored: torch.Tensor           # restored moving image aligned to the reference, [0, 1]
     displacement: torch.Tensor       # φ (B, ndim, *spatial): voxels, array-axis order; sampling
                                      # the moving image at x + φ(x) aligns it to the reference
+    initial_displacement: torch.Tensor  # structural matching's part of φ, which the network's
+                                        # input was moved by (zero when matching is off)
     class_logits: torch.Tensor       # (B, Ñ), classes in DEGRADATION_CLASSES order
     class_probs: torch.Tensor        # p = softmax(class_logits)
     slice_class_probs: torch.Tensor  # (B, S, Ñ): per z-slab of cfg.slab_size voxels; 2-D: S = 1
@@ -47,6 +53,23 @@ class UniFuse(nn.Module):
 
     def forward(self, moving: torch.Tensor, reference: torch.Tensor) -> UniFuseOutput:
         self._check_inputs(moving, reference)
+        initial = self.initial_alignment(moving, reference)
+        return self.refine(warp(moving, initial), reference, initial)
+
+    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Structural matching's field (B, ndim, *spatial) for the pair (zero when
+        ``config.matching_range`` is 0). Not trained; the engine computes it once for a whole
+        volume, so that tiles share one estimate."""
+        cfg = self.config
+        if cfg.matching_range == 0:
+            return moving.new_zeros(moving.shape[0], cfg.spatial_dims, *moving.shape[2:])
+        return structural_matching(moving, reference, cfg.matching_step, cfg.matching_range)
+
+    def refine(self, moving: torch.Tensor, reference: torch.Tensor,
+               initial: torch.Tensor) -> UniFuseOutput:
+        """The network on ``moving`` already warped by ``initial`` (:meth:`initial_alignment` of
+        the unwarped pair): FA predicts the correction, and the output field is both composed."""
+        self._check_inputs(moving, reference)
         dapl = self.dapl(moving, reference)
         class_probs = torch.softmax(dapl.class_logits, dim=-1)
         # p weights the prompt guidance and ALSN's LoRA experts, but only L_ce trains it: p is
@@ -54,11 +77,12 @@ class UniFuse(nn.Module):
         # not whatever gate suits the fusion losses (their gradients would outweigh L_ce's).
         routing = class_probs.detach()
         unified = self.oufr(dapl.moving_features, dapl.reference_features, dapl.hidden_states)
-        displacement = self.fa(unified.moving_map, unified.reference_map, dapl.prompts, routing)
-        fused, restored = self.ufrf(warp(unified.moving_full, displacement),
-                                    unified.reference_full, dapl.prompts, routing)
+        correction = self.fa(unified.moving_map, unified.reference_map, dapl.prompts, routing)
+        fused, restored = self.ufrf(warp(unified.moving_full, correction), unified.reference_full,
+                                    warp(moving, correction), reference, dapl.prompts, routing)
         return UniFuseOutput(
-            fused=fused, restored=restored, displacement=displacement,
+            fused=fused, restored=restored, displacement=compose(initial, correction),
+            initial_displacement=initial,
             class_logits=dapl.class_logits, class_probs=class_probs,
             slice_class_probs=torch.softmax(dapl.slice_class_logits, dim=-1),
             prompts=dapl.prompts, moving_features=unified.moving_tokens,
@@ -67,9 +91,8 @@ class UniFuse(nn.Module):
 
     def unified_features(self, moving: torch.Tensor,
                          reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """OUFR tokens (F̄ of ``moving``, F̄ of ``reference``), each (B, N, M), without FA/UFR&F.
-
-        For L_moda's second term (Eq. 4): pass the clean pair {I_D, I'_R}.
+        """OUFR tokens (F̄ of ``moving``, F̄ of ``reference``), each (B, N, M), of the pair as
+        given (no matching), without FA/UFR&F; the second pass of L_moda (Eq. 4).
         """
         self._check_inputs(moving, reference)
         dapl = self.dapl(moving, reference)

@@ -37,8 +37,11 @@ class TrainingModel(nn.Module):
         output = self.model(batch["moving"], batch["reference"])
         clean_tokens = None
         if self.with_moda:
-            # {I_D, I'_R}: the clean label (aligned with I_R) and the reference moved like I'_D.
-            clean_tokens = self.model.unified_features(batch["label"], batch["reference_misaligned"])
+            # {I_D, W(I'_R, φ₀)}: the clean label (aligned with I_R) and the reference moved like
+            # the main pass's moving image: misaligned like I'_D, then moved by the same structural
+            # matching φ₀, so that token positions correspond within each pair of Eq. 4.
+            clean_tokens = self.model.unified_features(
+                batch["label"], warp(batch["reference_misaligned"], output.initial_displacement))
         return output, clean_tokens
 
 

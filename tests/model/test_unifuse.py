@@ -9,6 +9,7 @@ from torch import nn
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.warp import warp
 
 # 3-D: 20 z voxels = 5 patch rows, so the slabs of 2 rows are 2, 2 and a thinner 1.
 SHAPES = {2: (32, 32), 3: (20, 16, 16)}
@@ -51,11 +52,41 @@ def test_forward_gives_the_documented_shapes_and_ranges(model_and_pair):
         assert not torch.allclose(out.slice_class_probs[:, 0], out.slice_class_probs[:, 1])
 
 
-def test_untrained_network_predicts_the_identity_transform(model_and_pair):
+def test_untrained_network_adds_almost_nothing_to_the_structural_matching(model_and_pair):
     model, (moving, reference) = model_and_pair
     with torch.no_grad():
         displacement = model(moving, reference).displacement
-    assert displacement.abs().max() < 0.25  # voxels: FA's output conv starts at N(0, 1e-2)
+        initial = model.initial_alignment(moving, reference)
+    assert (displacement - initial).abs().max() < 0.25  # voxels: FA's output conv starts at N(0, 1e-2)
+
+
+def test_without_matching_the_untrained_network_predicts_the_identity_transform(model_and_pair):
+    model, (moving, reference) = model_and_pair
+    model = UniFuse(dataclasses.replace(model.config, matching_range=0))
+    with torch.no_grad():
+        assert model.initial_alignment(moving, reference).eq(0).all()
+        assert model(moving, reference).displacement.abs().max() < 0.25
+
+
+def test_untrained_heads_pass_the_aligned_image_through_and_average(model_and_pair):
+    """The heads predict corrections in image space, initialised at zero. (Without matching, so
+    that the output field is the one the image was warped with.)"""
+    model, (moving, reference) = model_and_pair
+    model = UniFuse(dataclasses.replace(model.config, matching_range=0))
+    with torch.no_grad():
+        out = model(moving, reference)
+    torch.testing.assert_close(out.restored, warp(moving, out.displacement))
+    torch.testing.assert_close(out.fused, (out.restored + reference) / 2, atol=1e-6, rtol=0)
+
+
+def test_refine_on_a_prealigned_pair_equals_the_forward_pass(model_2d):
+    moving, reference = _pair(model_2d.config, SHAPES[2])
+    with torch.no_grad():
+        initial = model_2d.initial_alignment(moving, reference)
+        direct = model_2d(moving, reference)
+        refined = model_2d.refine(warp(moving, initial), reference, initial)
+    torch.testing.assert_close(refined.fused, direct.fused)
+    torch.testing.assert_close(refined.displacement, direct.displacement)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -63,6 +94,8 @@ def test_gradients_reach_every_parameter(spatial_dims):
     torch.manual_seed(0)
     config = UniFuseConfig.small(spatial_dims)
     model = UniFuse(config)
+    # The heads start at zero, which stops gradients below them for the first step only.
+    nn.init.normal_(model.ufrf.heads.weight, std=0.1)
     moving, reference = _pair(config, [16] * spatial_dims, batch=1)
     out = model(moving, reference)
     loss = (out.fused.mean() + out.restored.mean() + out.displacement.square().mean()
@@ -108,11 +141,12 @@ def test_batch_items_are_processed_independently(model_2d):
     torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_unified_features_match_the_forward_pass(model_2d):
+def test_unified_features_match_the_network_pass_on_the_same_pair(model_2d):
+    """unified_features sees the pair as given, like refine() with no initial motion."""
     model = model_2d
     moving, reference = _pair(model.config, SHAPES[2])
     with torch.no_grad():
-        out = model(moving, reference)
+        out = model.refine(moving, reference, torch.zeros(2, 2, *SHAPES[2]))
         moving_tokens, reference_tokens = model.unified_features(moving, reference)
     torch.testing.assert_close(moving_tokens, out.moving_features)
     torch.testing.assert_close(reference_tokens, out.reference_features)
@@ -154,7 +188,7 @@ def test_repr_reports_the_scan_backend():
 
 def test_displacement_scale_multiplies_the_predicted_field():
     torch.manual_seed(0)
-    base = UniFuse(UniFuseConfig.small(2)).eval()
+    base = UniFuse(dataclasses.replace(UniFuseConfig.small(2), matching_range=0)).eval()
     scaled = UniFuse(dataclasses.replace(base.config, displacement_scale=3 * base.config.displacement_scale)).eval()
     scaled.load_state_dict(base.state_dict())
     nn.init.normal_(base.fa.output[-1].weight, std=0.1)  # a field far from zero
