@@ -9,6 +9,9 @@ of shape ``(ndim, *spatial)`` in reference voxels, array-axis order, sampling ``
   MI, L-BFGS-B) on top of it; the composite is sampled with ``sitk.TransformToDisplacementField``.
 * ``ants`` -- ANTsPy ``ants.registration(type_of_transform="SyN")`` (affine + SyN), the forward
   transforms composed into one field by ``ants.apply_transforms(compose=...)``.
+* ``matching`` -- UniFuse's own parameter-free first step alone (``model.matching``: MIND block
+  matching, robust rigid fit, smooth local correction, with the paper preset's step and range), so
+  that an evaluation shows what the trained network adds to it.
 
 Both ITK fields map a reference (fixed) point ``p`` to the moving point ``p + d(p)``, ``d`` in LPS
 mm with x/y/z components: exactly the on-disk displacement format, so they are converted with
@@ -33,14 +36,17 @@ from pathlib import Path
 import numpy as np
 import pywt
 import SimpleITK as sitk
+import torch
 
 from napari_unifuse.data.misalign import warp_array
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
+from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.matching import structural_matching
 
-REGISTRATION_METHODS = ("identity", "sitk", "ants")
+REGISTRATION_METHODS = ("identity", "sitk", "ants", "matching")
 FUSION_RULES = ("max", "average", "wavelet")
 
 # Rigid stage: coarse-to-fine pyramid (shrink factors / smoothing sigmas in voxels), the usual
@@ -165,10 +171,18 @@ def register_ants(reference: np.ndarray, moving: np.ndarray, geometry: Geometry)
         return read_displacement(composed, geometry)
 
 
+def register_matching(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:
+    config = UniFuseConfig.paper(reference.ndim)
+    pair = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+            for image in (moving, reference))
+    return structural_matching(*pair, config.matching_step, config.matching_range)[0].numpy()
+
+
 _REGISTER: dict[str, Callable[[np.ndarray, np.ndarray, Geometry], np.ndarray]] = {
     "identity": register_identity,
     "sitk": register_sitk,
     "ants": register_ants,
+    "matching": register_matching,
 }
 
 

@@ -22,7 +22,8 @@ from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
 
 SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of the model's 4
-CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants") for rule in ("max", "average", "wavelet")]
+CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants", "matching")
+             for rule in ("max", "average", "wavelet")]
 
 
 

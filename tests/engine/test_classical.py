@@ -42,12 +42,13 @@ def translated_pair():
     return reference, label, moving, u_true
 
 
-@pytest.mark.parametrize("method", ["sitk", "ants"])
-def test_translation_recovered_with_sign_and_axis_order(method, translated_pair):
+# Structural matching finds offsets on a grid of 2 voxels and smooths them: no sub-voxel accuracy.
+@pytest.mark.parametrize(("method", "tolerance"), [("sitk", 0.3), ("ants", 0.3), ("matching", 1.0)])
+def test_translation_recovered_with_sign_and_axis_order(method, tolerance, translated_pair):
     reference, label, moving, _ = translated_pair
     result = classical.register(method, reference, moving)
     recovered = result.displacement[INTERIOR].reshape(2, -1).mean(axis=1)
-    np.testing.assert_allclose(recovered, SHIFT_VOXELS, atol=0.3)
+    np.testing.assert_allclose(recovered, SHIFT_VOXELS, atol=tolerance)
     assert result.displacement.shape == (2, *SHAPE)
     assert registration_metrics(result.aligned, label)["ncc"] > 0.95
 

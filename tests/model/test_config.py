@@ -39,6 +39,8 @@ def test_size_multiple_covers_patching_and_unet_pooling():
     ({"slab_size": 6}, "multiple of patch_size"),
     ({"lora_rank": 0}, "lora_rank must be a positive integer"),
     ({"correlation_levels": 0}, "correlation_levels must be a positive integer"),
+    ({"matching_step": 0}, "matching_step must be a positive integer"),
+    ({"matching_range": -1}, "matching_range must be a non-negative integer"),
 ])
 def test_invalid_configs_are_rejected_with_the_reason(changes, problem):
     with pytest.raises(InputError, match=problem):
@@ -52,4 +54,6 @@ def test_unknown_fields_are_named():
 
 
 def test_differences_lists_only_changed_fields():
-    assert UniFuseConfig.small(2).differences(UniFuseConfig.small(3)) == {"spatial_dims": (2, 3)}
+    # The small 3-D preset searches a shorter range: it trains on 32³ crops.
+    assert UniFuseConfig.small(2).differences(UniFuseConfig.small(3)) == {
+        "spatial_dims": (2, 3), "matching_range": (32, 12)}
