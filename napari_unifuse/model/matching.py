@@ -12,14 +12,19 @@ discrete search over displacements. This module is that start, in torch, for 2-D
 2. a cost volume on a grid of ``step`` voxels: mean squared descriptor difference for every offset
    within ``search_range`` voxels, summed over a block of cells (block matching);
 3. a robust rigid fit to the best offsets (iteratively reweighted least squares, Cauchy weights;
-   cells with no structure in the reference or with a flat cost carry no weight), which fixes the
-   rigid part: rotation and translation of up to ``search_range``;
+   cells with no structure in the reference or with a flat cost carry no weight), on grids of
+   ``step`` and 2·``step`` voxels; of these two and no motion, the one of highest mutual
+   information wins and is refined by a rigid search ±2 cells around it;
 4. the same search, one level finer and ``step`` voxels around the rigid result, whose offsets are
    smoothed with confidence weights (normalised convolution): the non-rigid rest.
 
+Measured on the 30 Harvard validation pairs (end-point error, px; identity / one grid / both grids
+chosen by mutual information): CT 22.2 / 7.9 / 5.0, PET 20.3 / 18.0 / 16.8, SPECT 24.1 / 21.0 /
+17.4 (SimpleITK rigid + B-spline with Mattes MI: 10.1 / 13.9 / 13.9).
+
 FA then predicts a learned correction on top (``FeatureAlignment``), and sees the moving features
-already moved by this estimate. Everything here is differentiable-free by design (``no_grad``): it
-holds no parameters and is not trained.
+already moved by this estimate. Nothing here is differentiated (``no_grad``): it holds no
+parameters and is not trained.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ _CAUCHY_SCALE_CELLS = 1.0
 _FIT_ITERATIONS = 8
 # Summed match confidence below which a pair counts as having no structure to match.
 _MIN_TOTAL_CONFIDENCE = 1e-3
+# Block matching compares blocks of this many cells per axis.
+_BLOCK = 3
+# Intensity above which a voxel counts as showing something (images in [0, 1]).
+_FOREGROUND = 0.02
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -165,37 +174,83 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return second + warp(first, second, padding_mode="border")
 
 
-@torch.no_grad()
-def structural_matching(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
-                        smoothing_cells: float = 2.0) -> torch.Tensor:
-    """The displacement (B, ndim, *spatial), voxels, aligning ``moving`` to ``reference`` (both
-    (B, 1, *spatial) in [0, 1]): robust rigid block matching, then a smooth local correction."""
+def _describe(image: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MIND at the scale of a ``step``-voxel grid (patches and neighbours of about a quarter / half
+    cell, on the image smoothed likewise) and the structure map: local variance relative to the
+    image mean, in [0, 1] (flat background ~0)."""
+    descriptor, variance = mind(gaussian_blur(image, step / 4), max(1, step // 2), step / 4)
+    return descriptor, variance.clamp(max=4.0) / 4.0
+
+
+def rigid_matching(moving: torch.Tensor, reference: torch.Tensor, step: int, radius: int) -> torch.Tensor:
+    """Block matching on a ``step``-voxel grid within ±``radius`` cells, then the robust rigid fit:
+    the rigid displacement (B, ndim, *spatial); zero for a pair with nothing to match."""
     spatial = tuple(reference.shape[2:])
     spatial_dims = len(spatial)
-    # Descriptor scale follows the grid: patches and neighbours of about a quarter / half cell.
-    presmooth, distance, patch_sigma = step / 4, max(1, step // 2), step / 4
-    reference_descriptor, reference_variance = mind(gaussian_blur(reference, presmooth), distance, patch_sigma)
-    # Structure: the reference's local variance, relative to its image mean (flat background ~0).
-    structure = reference_variance.clamp(max=4.0) / 4.0
-
-    def describe(image: torch.Tensor) -> torch.Tensor:
-        return mind(gaussian_blur(image, presmooth), distance, patch_sigma)[0]
-
-    radius = max(1, math.ceil(search_range / step))
-    offsets, confidence = block_match(describe(moving), reference_descriptor, structure, step, radius, block=3)
+    reference_descriptor, structure = _describe(reference, step)
+    offsets, confidence = block_match(_describe(moving, step)[0], reference_descriptor, structure, step,
+                                      radius, block=_BLOCK)
     grid = tuple(offsets.shape[2:])
     positions = _cell_centres(grid, step, offsets).reshape(1, spatial_dims, -1).expand(offsets.shape[0], -1, -1)
     matrices = fit_rigid(positions, positions + offsets.flatten(2), confidence.flatten(1),
                          scale=_CAUCHY_SCALE_CELLS * step)
     # A pair with no distinct match anywhere (a flat image) says nothing: stay where it is.
     informative = confidence.flatten(1).sum(-1) > _MIN_TOTAL_CONFIDENCE
-    rigid = affine_displacement(matrices, spatial) * informative.view(-1, *[1] * (spatial_dims + 1))
+    return affine_displacement(matrices, spatial) * informative.view(-1, *[1] * (spatial_dims + 1))
 
-    # Local correction at half the step, one step around the rigid result.
+
+def local_matching(moving: torch.Tensor, reference: torch.Tensor, step: int,
+                   smoothing_cells: float) -> torch.Tensor:
+    """Block matching at half the step, ±1 step, whose offsets are smoothed with their confidence
+    as weights (normalised convolution): a smooth non-rigid displacement (B, ndim, *spatial)."""
     fine_step = max(1, step // 2)
-    local, local_confidence = block_match(describe(warp(moving, rigid, padding_mode="border")),
-                                          reference_descriptor, structure, fine_step, 2, block=3)
-    weighted = gaussian_blur(local * local_confidence, smoothing_cells)
-    norm = gaussian_blur(local_confidence, smoothing_cells)
+    reference_descriptor, structure = _describe(reference, step)
+    local, confidence = block_match(_describe(moving, step)[0], reference_descriptor, structure,
+                                    fine_step, 2, block=_BLOCK)
+    weighted = gaussian_blur(local * confidence, smoothing_cells)
+    norm = gaussian_blur(confidence, smoothing_cells)
+    # Where no cell nearby is confident the correction fades to zero instead of dividing noise.
     local = weighted / norm.clamp_min(1e-6) * (norm / (norm + 1e-3))
-    return compose(rigid, _upsample_field(local, spatial))
+    return _upsample_field(local, tuple(reference.shape[2:]))
+
+
+def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """Histogram mutual information (nats) of each pair of (B, 1, *spatial) images in [0, 1],
+    over the voxels where either shows anything (shared background would dominate it)."""
+    values = []
+    for x, y in zip(a.clamp(0, 1).flatten(1), b.clamp(0, 1).flatten(1)):
+        foreground = (x > _FOREGROUND) | (y > _FOREGROUND)
+        ix = (x[foreground] * (bins - 1)).round().long()
+        iy = (y[foreground] * (bins - 1)).round().long()
+        joint = torch.bincount(ix * bins + iy, minlength=bins * bins).reshape(bins, bins).double()
+        joint = joint / joint.sum().clamp_min(1)
+        outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+        seen = joint > 0
+        values.append((joint[seen] * (joint[seen] / outer[seen]).log()).sum())
+    return torch.stack(values).to(a.dtype)
+
+
+@torch.no_grad()
+def structural_matching(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
+                        smoothing_cells: float = 2.0) -> torch.Tensor:
+    """The displacement (B, ndim, *spatial), voxels, aligning ``moving`` to ``reference`` (both
+    (B, 1, *spatial) in [0, 1]).
+
+    Rigid candidates on grids of ``step`` and 2·``step`` voxels (the coarse one sees the outline of a
+    blurry PET/SPECT image better, the fine one the detail of CT) and no motion at all; each image
+    keeps the candidate of highest mutual information, which is refined by a rigid search ±2 cells
+    around it and then by the smooth local correction.
+    """
+    spatial_dims = reference.dim() - 2
+    candidates = [torch.zeros_like(moving).expand(-1, spatial_dims, *[-1] * spatial_dims)]
+    # A grid needs a block of cells along every axis to match blocks on.
+    for grid_step in (g for g in (step, 2 * step) if min(reference.shape[2:]) >= _BLOCK * g):
+        candidates.append(rigid_matching(moving, reference, grid_step, max(1, math.ceil(search_range / grid_step))))
+    scores = torch.stack([mutual_information(warp(moving, field), reference) for field in candidates])
+    best = scores.argmax(dim=0)
+    chosen = torch.stack(candidates)[best, torch.arange(moving.shape[0])]
+    if min(reference.shape[2:]) < _BLOCK * step:
+        return chosen
+    refined = compose(chosen, rigid_matching(warp(moving, chosen, padding_mode="border"), reference, step, 2))
+    local = local_matching(warp(moving, refined, padding_mode="border"), reference, step, smoothing_cells)
+    return compose(refined, local)

@@ -17,6 +17,7 @@ from napari_unifuse.model.matching import (
     fit_rigid,
     gaussian_blur,
     mind,
+    mutual_information,
     structural_matching,
 )
 from napari_unifuse.model.warp import warp
@@ -52,6 +53,19 @@ def test_mind_ignores_affine_intensity_changes():
     inverted, _ = mind(2.0 - 3.0 * image, distance=2, patch_sigma=1.0)
     torch.testing.assert_close(descriptor, inverted)
     assert descriptor.shape == (1, 4, 24, 24) and descriptor.amax(dim=1).eq(1).all()
+
+
+def test_mutual_information_matches_scikit_learn_on_the_foreground():
+    from sklearn.metrics import mutual_info_score
+
+    rng = np.random.default_rng(4)
+    a = rng.random((40, 40))
+    b = np.clip(a + 0.2 * rng.standard_normal(a.shape), 0, 1)
+    a[:10] = b[:10] = 0.0  # shared background: left out
+    ours = mutual_information(*(torch.from_numpy(x)[None, None] for x in (a, b)))
+    foreground = (a > 0.02) | (b > 0.02)
+    bins = [np.round(x[foreground] * 31).astype(int) for x in (a, b)]
+    assert float(ours) == pytest.approx(mutual_info_score(*bins), rel=1e-9)
 
 
 def _rotation(spatial_dims: int, degrees: float) -> torch.Tensor:
