@@ -1,9 +1,9 @@
 """Feature Alignment (FA, §3.4): J RegBLKs from the token grid up to full resolution, then
-3×3(×3) conv → LeakyReLU → 1×1(×1) conv, times ``config.displacement_scale`` → displacement φ
-(voxels, array-axis order).
+3×3(×3) conv → LeakyReLU → 1×1(×1) conv, times ``config.displacement_scale`` → displacement
+(voxels, array-axis order): the correction of what structural matching (model/matching.py) left.
 
-The last conv starts small (N(0, 1e-2)): an untrained network predicts nearly the identity
-transform (well under a voxel), while the layers before it still get gradients large enough to
+The last conv starts small (N(0, 1e-2)): an untrained network corrects nearly nothing (well under
+a voxel), while the layers before it still get gradients large enough to
 learn from. VoxelMorph's N(0, 1e-5) starved them: on the shift probe (regblock.py) FA alone
 levelled off at 0.45 of the constant-field error, against 0.07 with 1e-2.
 """

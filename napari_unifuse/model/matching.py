@@ -97,7 +97,7 @@ def _offsets(spatial_dims: int, radius: int, like: torch.Tensor) -> torch.Tensor
 
 
 def block_match(moving: torch.Tensor, reference: torch.Tensor, structure: torch.Tensor, step: int,
-                radius: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+                radius: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best offsets of the moving descriptors for each cell of ``step`` voxels of the reference.
 
     Returns (offsets (B, ndim, *grid) in voxels, confidence (B, 1, *grid) ≥ 0). Confidence is the
@@ -109,7 +109,7 @@ def block_match(moving: torch.Tensor, reference: torch.Tensor, structure: torch.
     cost = local_distance(_pool(reference, step), _pool(moving, step), radius)
     # Block matching: the cost of a cell is that of the block of cells around it.
     pool = (F.avg_pool2d, F.avg_pool3d)[spatial_dims - 2]
-    cost = pool(cost, block, stride=1, padding=block // 2, count_include_pad=False)
+    cost = pool(cost, _BLOCK, stride=1, padding=_BLOCK // 2, count_include_pad=False)
     best_cost, best = cost.min(dim=1, keepdim=True)
     offsets = _offsets(spatial_dims, radius, cost)[best.squeeze(1)]  # (B, *grid, ndim)
     # Against the mean over the offsets that exist: a flat image matches everything equally well.
@@ -189,7 +189,7 @@ def rigid_matching(moving: torch.Tensor, reference: torch.Tensor, step: int, rad
     spatial_dims = len(spatial)
     reference_descriptor, structure = _describe(reference, step)
     offsets, confidence = block_match(_describe(moving, step)[0], reference_descriptor, structure, step,
-                                      radius, block=_BLOCK)
+                                      radius)
     grid = tuple(offsets.shape[2:])
     positions = _cell_centres(grid, step, offsets).reshape(1, spatial_dims, -1).expand(offsets.shape[0], -1, -1)
     matrices = fit_rigid(positions, positions + offsets.flatten(2), confidence.flatten(1),
@@ -206,7 +206,7 @@ def local_matching(moving: torch.Tensor, reference: torch.Tensor, step: int,
     fine_step = max(1, step // 2)
     reference_descriptor, structure = _describe(reference, step)
     local, confidence = block_match(_describe(moving, step)[0], reference_descriptor, structure,
-                                    fine_step, 2, block=_BLOCK)
+                                    fine_step, 2)
     weighted = gaussian_blur(local * confidence, smoothing_cells)
     norm = gaussian_blur(confidence, smoothing_cells)
     # Where no cell nearby is confident the correction fades to zero instead of dividing noise.
