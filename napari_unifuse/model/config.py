@@ -54,6 +54,10 @@ class UniFuseConfig:
     # step and search range in voxels (0 switches it off). Synthetic misalignments reach ~25 voxels.
     matching_step: int = 8
     matching_range: int = 32
+    # Refine the matching by maximising mutual information (model/mi_refinement.py): rigid, then on
+    # a control grid of 4·matching_step voxels. PET/SPECT have too few edges for the descriptors
+    # alone (Harvard validation end-point error, px: PET 16.8 -> 5.0, SPECT 17.4 -> 9.9).
+    matching_mutual_information: bool = True
     # UFR&F U-Net widths, one per scale (finest first); ALSN sits on every scale's skip.
     unet_channels: tuple[int, ...] = (16, 32, 48, 112)
     # Rank r of each LoRA branch A_ij B_ij (Eq. 8).
@@ -79,6 +83,8 @@ class UniFuseConfig:
                 fail(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.matching_range, int) or self.matching_range < 0:
             fail(f"matching_range must be a non-negative integer, got {self.matching_range!r}")
+        if not isinstance(self.matching_mutual_information, bool):
+            fail(f"matching_mutual_information must be true or false, got {self.matching_mutual_information!r}")
         if not self.displacement_scale > 0:
             fail(f"displacement_scale must be positive, got {self.displacement_scale!r}")
         object.__setattr__(self, "regblock_channels", tuple(self.regblock_channels))

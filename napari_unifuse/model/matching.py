@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from napari_unifuse.model.correlation import local_distance
-from napari_unifuse.model.warp import identity_grid, warp
+from napari_unifuse.model.mi_refinement import mi_refinement
+from napari_unifuse.model.smoothing import gaussian_blur
+from napari_unifuse.model.warp import compose, identity_grid, warp
 
 # Robust-fit scale, in grid cells: matches farther than this from the fitted motion count less.
 _CAUCHY_SCALE_CELLS = 1.0
@@ -44,29 +46,11 @@ _FIT_ITERATIONS = 8
 _MIN_TOTAL_CONFIDENCE = 1e-3
 # Block matching compares blocks of this many cells per axis.
 _BLOCK = 3
+# Control-point spacing (voxels) of the deformable MI refinement: about the scale of the synthetic
+# elastic warps (B-spline control points 32-64 voxels apart on the Harvard and phantom images).
+_MI_CONTROL_SPACING = 32
 # Intensity above which a voxel counts as showing something (images in [0, 1]).
 _FOREGROUND = 0.02
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, C, *spatial) along every spatial axis, edges replicated."""
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    taps = torch.exp(-0.5 * (taps / sigma) ** 2)
-    taps = taps / taps.sum()
-    spatial_dims = x.dim() - 2
-    channels = x.shape[1]
-    conv = (F.conv2d, F.conv3d)[spatial_dims - 2]
-    for axis in range(spatial_dims):
-        shape = [1] * spatial_dims
-        shape[axis] = taps.numel()
-        kernel = taps.view(1, 1, *shape).repeat(channels, 1, *[1] * spatial_dims)
-        padding = [0, 0] * spatial_dims
-        padding[2 * (spatial_dims - 1 - axis)] = padding[2 * (spatial_dims - 1 - axis) + 1] = radius
-        x = conv(F.pad(x, padding, mode="replicate"), kernel, groups=channels)
-    return x
 
 
 def mind(image: torch.Tensor, distance: int, patch_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,13 +151,6 @@ def _upsample_field(field: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tens
     return F.interpolate(field, size=spatial, mode=mode, align_corners=False)
 
 
-def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """The displacement of "move by ``first``, then by ``second``": sampling the image at
-    x + second(x) + first(x + second(x)), where ``first`` was found on the original moving image
-    and ``second`` on the image already moved by ``first``."""
-    return second + warp(first, second, padding_mode="border")
-
-
 def _describe(image: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """MIND at the scale of a ``step``-voxel grid (patches and neighbours of about a quarter / half
     cell, on the image smoothed likewise) and the structure map: local variance relative to the
@@ -232,14 +209,17 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torc
 
 @torch.no_grad()
 def structural_matching(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
-                        smoothing_cells: float = 2.0) -> torch.Tensor:
+                        smoothing_cells: float = 2.0, mutual_information_refinement: bool = True) -> torch.Tensor:
     """The displacement (B, ndim, *spatial), voxels, aligning ``moving`` to ``reference`` (both
     (B, 1, *spatial) in [0, 1]).
 
     Rigid candidates on grids of ``step`` and 2·``step`` voxels (the coarse one sees the outline of a
     blurry PET/SPECT image better, the fine one the detail of CT) and no motion at all; each image
     keeps the candidate of highest mutual information, which is refined by a rigid search ±2 cells
-    around it and then by the smooth local correction.
+    around it and then by the smooth local correction. With ``mutual_information_refinement``
+    that result, and the rigid candidates each refined by maximising mutual information, compete
+    on mutual information, and the winner gets a smooth deformable MI refinement on a control grid
+    of ``_MI_CONTROL_SPACING`` voxels (``mi_refinement``).
     """
     spatial_dims = reference.dim() - 2
     candidates = [torch.zeros_like(moving).expand(-1, spatial_dims, *[-1] * spatial_dims)]
@@ -253,4 +233,7 @@ def structural_matching(moving: torch.Tensor, reference: torch.Tensor, step: int
         return chosen
     refined = compose(chosen, rigid_matching(warp(moving, chosen, padding_mode="border"), reference, step, 2))
     local = local_matching(warp(moving, refined, padding_mode="border"), reference, step, smoothing_cells)
-    return compose(refined, local)
+    structural = compose(refined, local)
+    if not mutual_information_refinement:
+        return structural
+    return mi_refinement(moving, reference, structural, candidates, spacing=_MI_CONTROL_SPACING)

@@ -19,11 +19,11 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.dapl import DegradationAwarePromptLearning
 from napari_unifuse.model.fa import FeatureAlignment
-from napari_unifuse.model.matching import compose, structural_matching
+from napari_unifuse.model.matching import structural_matching
 from napari_unifuse.model.oufr import OmniUnifiedFeatureRepresentation
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.ufrf import RestorationFusion
-from napari_unifuse.model.warp import warp
+from napari_unifuse.model.warp import compose, warp
 
 
 @dataclass
@@ -63,7 +63,8 @@ class UniFuse(nn.Module):
         cfg = self.config
         if cfg.matching_range == 0:
             return moving.new_zeros(moving.shape[0], cfg.spatial_dims, *moving.shape[2:])
-        return structural_matching(moving, reference, cfg.matching_step, cfg.matching_range)
+        return structural_matching(moving, reference, cfg.matching_step, cfg.matching_range,
+                                   mutual_information_refinement=cfg.matching_mutual_information)
 
     def refine(self, moving: torch.Tensor, reference: torch.Tensor,
                initial: torch.Tensor) -> UniFuseOutput:

@@ -42,3 +42,10 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear"
     grid = normalised.movedim(1, -1).flip(-1)
     return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
                          align_corners=True)
+
+
+def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The displacement of "move by ``first``, then by ``second``": sampling the image at
+    x + second(x) + first(x + second(x)), where ``first`` was found on the original moving image
+    and ``second`` on the image already moved by ``first``."""
+    return second + warp(first, second, padding_mode="border")

@@ -13,14 +13,13 @@ from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_p
 from napari_unifuse.model.correlation import local_distance
 from napari_unifuse.model.matching import (
     affine_displacement,
-    compose,
     fit_rigid,
-    gaussian_blur,
     mind,
     mutual_information,
     structural_matching,
 )
-from napari_unifuse.model.warp import warp
+from napari_unifuse.model.smoothing import gaussian_blur
+from napari_unifuse.model.warp import compose, warp
 
 
 @pytest.mark.parametrize(("shape", "sigma"), [((23, 31), 1.5), ((9, 11, 13), 1.0)])

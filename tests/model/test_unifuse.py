@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from napari_unifuse.data.phantoms import make_brain_phantom_slices
 from napari_unifuse.errors import InputError
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.warp import warp
@@ -133,8 +134,13 @@ def model_2d():
 
 
 def test_batch_items_are_processed_independently(model_2d):
+    """On phantoms, not noise: the MI refinement of the matching amplifies rounding differences
+    where MI has no optimum (pure noise), so only images with structure give a defined answer."""
     model = model_2d
-    moving, reference = _pair(model.config, SHAPES[2], batch=3)
+    slices = make_brain_phantom_slices(SHAPES[2], ("t1", "ct", "pet", "t2"))
+    images = [torch.from_numpy(slices[name].array / slices[name].array.max()).float()[None] for name in slices]
+    reference = torch.stack([images[0]] * 3)
+    moving = torch.roll(torch.stack(images[1:]), shifts=(2, -1), dims=(2, 3))
     with torch.no_grad():
         together = model(moving, reference).fused
         alone = model(moving[1:2], reference[1:2]).fused
