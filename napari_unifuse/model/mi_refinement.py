@@ -104,7 +104,6 @@ class _Level:
 
     def __init__(self, moving: torch.Tensor, reference: torch.Tensor, factor: int):
         self.factor = factor
-        self.spatial = tuple(reference.shape[2:])
         self.moving = _pool(moving, factor)
         pooled_reference = _pool(reference, factor)
         self.level_spatial = tuple(pooled_reference.shape[2:])
