@@ -55,7 +55,7 @@ class UniFuseConfig:
     matching_step: int = 8
     matching_range: int = 32
     # Refine the matching by maximising mutual information (model/mi_refinement.py): rigid, then on
-    # a control grid of 4·matching_step voxels. PET/SPECT have too few edges for the descriptors
+    # a control grid of 32 voxels. PET/SPECT have too few edges for the descriptors
     # alone (Harvard validation end-point error, px: PET 16.8 -> 5.0, SPECT 17.4 -> 9.9).
     matching_mutual_information: bool = True
     # UFR&F U-Net widths, one per scale (finest first); ALSN sits on every scale's skip.

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_unifuse.model.correlation import local_distance
-from napari_unifuse.model.mi_refinement import mi_refinement
+from napari_unifuse.model.mi_refinement import FOREGROUND, mi_refinement
 from napari_unifuse.model.smoothing import gaussian_blur
 from napari_unifuse.model.warp import compose, identity_grid, warp
 
@@ -55,8 +55,6 @@ _BLOCK = 3
 # Control-point spacing (voxels) of the deformable MI refinement: about the scale of the synthetic
 # elastic warps (B-spline control points 32-64 voxels apart on the Harvard and phantom images).
 _MI_CONTROL_SPACING = 32
-# Intensity above which a voxel counts as showing something (images in [0, 1]).
-_FOREGROUND = 0.02
 
 
 def mind(image: torch.Tensor, distance: int, patch_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +200,7 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torc
     over the voxels where either shows anything (shared background would dominate it)."""
     values = []
     for x, y in zip(a.clamp(0, 1).flatten(1), b.clamp(0, 1).flatten(1)):
-        foreground = (x > _FOREGROUND) | (y > _FOREGROUND)
+        foreground = (x > FOREGROUND) | (y > FOREGROUND)
         ix = (x[foreground] * (bins - 1)).round().long()
         iy = (y[foreground] * (bins - 1)).round().long()
         joint = torch.bincount(ix * bins + iy, minlength=bins * bins).reshape(bins, bins).double()

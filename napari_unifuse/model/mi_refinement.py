@@ -34,8 +34,8 @@ from napari_unifuse.model.smoothing import gaussian_blur
 from napari_unifuse.model.warp import compose, identity_grid, warp
 
 BINS = 32
-# Intensity above which a reference voxel counts as showing something (images in [0, 1]).
-_FOREGROUND = 0.02
+# Intensity above which a voxel counts as showing something (images in [0, 1]).
+FOREGROUND = 0.02
 # Intensity standard deviation below which an image counts as flat.
 _MIN_CONTRAST = 1e-3
 # The fine level is the smallest power-of-two down-sampling (at least 2) with at most this many
@@ -107,7 +107,7 @@ class _Level:
         self.moving = _pool(moving, factor)
         pooled_reference = _pool(reference, factor)
         self.level_spatial = tuple(pooled_reference.shape[2:])
-        mask = _max_pool(pooled_reference > _FOREGROUND, 5)
+        mask = _max_pool(pooled_reference > FOREGROUND, 5)
         self.reference_bins = linear_bins(pooled_reference.flatten(1))
         self.mask = mask.flatten(1).to(reference.dtype)
         grid = identity_grid(self.level_spatial, reference.device, reference.dtype)
