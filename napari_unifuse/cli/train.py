@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stop at this step (checkpointed) without shortening the schedule; --resume continues")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (CUDA if available)")
     parser.add_argument("--data-root", default=None, help="overrides data.root of the config")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="fine-tune: start from these weights (path or packaged name; overrides train.init_from)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides train.lr)")
     parser.add_argument("--batch-size", type=int, default=None, help="per process; overrides train.batch_size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     parser.set_defaults(func=run)
@@ -37,7 +40,8 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["unifuse", "train", "--config", args.config]
     for flag, value in (("--out", args.out), ("--max-steps", args.max_steps), ("--stop-at", args.stop_at),
                         ("--device", args.device),
-                        ("--data-root", args.data_root), ("--batch-size", args.batch_size)):
+                        ("--data-root", args.data_root), ("--init-from", args.init_from), ("--lr", args.lr),
+                        ("--batch-size", args.batch_size)):
         if value is not None:
             parts += [flag, str(value)]
     parts += ["--resume"] if args.resume else []
@@ -55,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
     for key, value in train_overrides.items():
         if value < 1:
             raise InputError(f"--{key.replace('_', '-')} must be at least 1, got {value}", "unifuse train")
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise InputError(f"--lr must be positive, got {args.lr}", "unifuse train")
+        train_overrides["lr"] = args.lr
+    if args.init_from is not None:
+        train_overrides["init_from"] = args.init_from
     data_overrides = {"root": str(Path(args.data_root).resolve())} if args.data_root else {}
     config = config.with_overrides(train=train_overrides, data=data_overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem

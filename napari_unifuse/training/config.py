@@ -7,7 +7,7 @@ typo never silently falls back to a default)::
     model: {preset: small | paper, spatial_dims: 2 | 3, overrides: {<UniFuseConfig field>: value}}
     data:  {kind: harvard | phantom | folders, ...}   # see napari_unifuse.training.datasets
     train: {batch_size, max_steps, lr, min_lr, weight_decay, grad_clip, num_workers,
-            log_every, val_every, val_batches, checkpoint_every}
+            log_every, val_every, val_batches, checkpoint_every, init_from}
     loss:  {ce, moda, reg, smooth, ssim, inten, grad, crcb, restore,   # weights
             moda_negatives, moda_anchors, temperature}
 
@@ -50,6 +50,9 @@ class TrainSection:
     val_every: int = 200
     val_batches: int = 8
     checkpoint_every: int = 200
+    # Weights to start from (a .safetensors path or a packaged checkpoint name) for fine-tuning;
+    # the optimiser and the schedule start afresh. A resumed run ignores it: it has its own weights.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,14 +140,17 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         raise InputError("'data' must be a mapping with a 'kind' (harvard, phantom or folders)", source)
     data = dict(data)
     if data.get("root") is not None and base_dir is not None:
-        root = Path(str(data["root"])).expanduser()
-        data["root"] = str(root if root.is_absolute() else (base_dir / root).resolve())
+        data["root"] = str(_against(base_dir, data["root"]))
     model = _section(ModelSection, values.get("model"), source, "model")
     if model.preset not in ("small", "paper"):
         raise InputError(f"model.preset must be 'small' or 'paper', got {model.preset!r}", source)
     if model.spatial_dims not in (2, 3):
         raise InputError(f"model.spatial_dims must be 2 or 3, got {model.spatial_dims}", source)
     train = _section(TrainSection, values.get("train"), source, "train")
+    if train.init_from is not None and not isinstance(train.init_from, str):
+        raise InputError(f"train.init_from must be a checkpoint path or name, got {train.init_from!r}", source)
+    if train.init_from is not None and base_dir is not None and _against(base_dir, train.init_from).is_file():
+        train = dataclasses.replace(train, init_from=str(_against(base_dir, train.init_from)))
     for name in ("batch_size", "max_steps", "log_every", "val_every", "checkpoint_every"):
         if getattr(train, name) < 1:
             raise InputError(f"train.{name} must be at least 1", source)
@@ -159,6 +165,12 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         loss=_section(LossSection, values.get("loss"), source, "loss"),
         source=source,
     )
+
+
+def _against(base_dir: Path, path: str) -> Path:
+    """``path`` from a config file: relative ones are relative to the file's folder."""
+    path = Path(str(path)).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
 
 
 def load_config(path: str | Path) -> TrainConfig:

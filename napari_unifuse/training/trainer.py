@@ -9,6 +9,9 @@ misalignment come from ``(seed, epoch, index)`` (training.datasets); the order o
 negatives) is re-seeded at every step from ``(seed, rank, step)``. So the RNG state at any step
 is a function of the step, and a resumed run continues exactly as an uninterrupted one would.
 
+Fine-tuning: ``train.init_from`` (``--init-from``) starts from a checkpoint's weights with a fresh
+optimiser and schedule, e.g. to adapt FA to a changed, untrained initial alignment.
+
 Run folder (``--out``)::
 
     config.yaml                 the resolved config
@@ -151,6 +154,8 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.unifuse = UniFuse(model_config(config)).to(self.dist.device)
+        if config.train.init_from is not None and not resume:
+            load_weights(self.unifuse, config.train.init_from)
         self.training_model: torch.nn.Module = TrainingModel(self.unifuse, with_moda=config.loss.moda > 0)
         if self.dist.world_size > 1:
             self.training_model = DistributedDataParallel(

@@ -58,6 +58,20 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     assert learning_rates[5] == pytest.approx(1e-6)
 
 
+def test_init_from_and_lr_reach_the_run_and_its_metadata(tmp_path):
+    first = tmp_path / "first"
+    base = ["train", "--config", str(SMOKE), "--device", "cpu", "--no-progress", "--max-steps", "1"]
+    assert main(base + ["--out", str(first)]) == 0
+    weights = first / "checkpoints" / "last.safetensors"
+    tuned = tmp_path / "tuned"
+    assert main(base + ["--out", str(tuned), "--init-from", str(weights), "--lr", "3e-5"]) == 0
+    _, metadata = load_checkpoint(tuned / "checkpoints" / "last.safetensors")
+    assert metadata["training_config"]["train"]["init_from"] == str(weights)
+    assert metadata["training_config"]["train"]["lr"] == pytest.approx(3e-5)
+    assert f"--init-from {weights}" in metadata["command"] and "--lr 3e-05" in metadata["command"]
+    assert _log(tuned)[0]["lr"] == pytest.approx(1e-6)  # a one-step cosine ends at min_lr
+
+
 def test_resume_without_a_checkpoint_is_a_clean_error(tmp_path, capsys):
     args = ["train", "--config", str(SMOKE), "--out", str(tmp_path / "empty"), "--device", "cpu", "--resume"]
     assert main(args) == 2
@@ -88,7 +102,7 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path):
     assert [r["step"] for r in _log(run_dir) if r["kind"] == "train"] == [1, 2]
 
 
-@pytest.mark.parametrize("flag", ["--max-steps", "--batch-size"])
+@pytest.mark.parametrize("flag", ["--max-steps", "--batch-size", "--lr"])
 def test_non_positive_overrides_are_rejected(tmp_path, flag, capsys):
     args = ["train", "--config", str(SMOKE), "--out", str(tmp_path / "run"), flag, "0"]
     assert main(args) == 2

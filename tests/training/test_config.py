@@ -27,6 +27,16 @@ def test_harvard_root_is_resolved_relative_to_the_config_file():
     assert Path(config.data["root"]) == (CONFIGS.parent.parent / "shared" / "data" / "harvard-aanlib").resolve()
 
 
+def test_init_from_a_file_is_relative_to_the_config_and_a_name_is_kept(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    path = tmp_path / "configs" / "tune.yaml"
+    path.write_text("data: {kind: phantom}\ntrain: {init_from: ../weights.safetensors}\n")
+    assert load_config(path).train.init_from == str(tmp_path / "weights.safetensors")
+    path.write_text("data: {kind: phantom}\ntrain: {init_from: unifuse-2d-harvard}\n")
+    assert load_config(path).train.init_from == "unifuse-2d-harvard"
+
+
 def test_overrides_replace_only_the_named_fields():
     config = load_config(CONFIGS / "smoke.yaml").with_overrides(train={"max_steps": 7}, data={"root": "/x"})
     assert config.train.max_steps == 7
@@ -43,6 +53,7 @@ def test_overrides_replace_only_the_named_fields():
         ("data: {kind: phantom}\nmodel: {preset: huge}\n", "preset"),
         ("data: {kind: phantom}\noptimizer: {}\n", "optimizer"),
         ("data: [unclosed\n", "YAML"),
+        ("data: {kind: phantom}\ntrain: {init_from: 3}\n", "init_from"),
     ],
 )
 def test_config_mistakes_are_named(tmp_path, text, message):

@@ -1,12 +1,15 @@
-"""The training loop through its Python API: a resumed run equals an uninterrupted one."""
+"""The training loop through its Python API: a resumed run equals an uninterrupted one, and a
+fine-tuning run starts from the weights it names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from napari_unifuse.errors import CheckpointError
 from napari_unifuse.model import UniFuse
 from napari_unifuse.training.config import load_config
 from napari_unifuse.training.trainer import model_config, train
@@ -42,3 +45,28 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     torch.manual_seed(config.seed)
     initial = UniFuse(model_config(config)).state_dict()
     assert any(not torch.equal(initial[name], expected[name]) for name in expected)
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    config = _tiny_config().with_overrides(train={"lr": 1e-2})  # weights move well away from the seed
+    trained = train(config, tmp_path / "first", device="cpu", progress=False).last_checkpoint
+    # A vanishing learning rate: one step from trained weights must keep the parameters on them
+    # (batch-norm statistics still move), while a seeded initialisation, what the run would start
+    # from without init_from, is far from them.
+    fine_tune = config.with_overrides(train={"max_steps": 1, "lr": 1e-12, "min_lr": 1e-12,
+                                             "init_from": str(trained)})
+    tuned = load_file(train(fine_tune, tmp_path / "tuned", device="cpu", progress=False).last_checkpoint)
+    expected = load_file(trained)
+    torch.manual_seed(config.seed)
+    initial = dict(UniFuse(model_config(config)).named_parameters())
+    for name in initial:
+        torch.testing.assert_close(tuned[name], expected[name], rtol=0, atol=1e-8, msg=name)
+    assert max(float((initial[name].detach() - expected[name]).abs().max()) for name in initial) > 1e-3
+
+
+def test_fine_tuning_from_a_checkpoint_of_another_model_is_refused(tmp_path):
+    config = _tiny_config()
+    trained = train(config, tmp_path / "first", device="cpu", progress=False).last_checkpoint
+    other = config.with_overrides(model={"overrides": {"embed_dim": 8}}, train={"init_from": str(trained)})
+    with pytest.raises(CheckpointError, match="embed_dim"):
+        train(other, tmp_path / "other", device="cpu", progress=False)
