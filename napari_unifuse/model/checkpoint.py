@@ -84,12 +84,14 @@ def load_checkpoint(path_or_name: str | Path, map_location: str | torch.device =
     return model, _read_metadata(path)
 
 
-def load_weights(model: UniFuse, path_or_name: str | Path) -> None:
-    """Load a checkpoint's weights into an existing ``model`` built for the same config."""
+def load_weights(model: UniFuse, path_or_name: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Load a checkpoint's weights into an existing ``model`` built for the same config;
+    returns (the checkpoint's path, its metadata)."""
     path = resolve_checkpoint(path_or_name)
     config, tensors = _read(path, next(model.parameters()).device)
     _check_config(model.config, config, path)
     _load_tensors(model, tensors, path)
+    return path, _read_metadata(path)
 
 
 def training_crop(metadata: dict[str, Any]) -> int | None:

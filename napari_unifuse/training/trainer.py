@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, UniFuseError
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import load_weights, save_checkpoint
@@ -154,8 +155,14 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.unifuse = UniFuse(model_config(config)).to(self.dist.device)
+        # Provenance of a fine-tuning run's starting weights, kept in every checkpoint it writes.
+        self.initial_weights: dict[str, Any] | None = None
         if config.train.init_from is not None and not resume:
-            load_weights(self.unifuse, config.train.init_from)
+            path, metadata = load_weights(self.unifuse, config.train.init_from)
+            self.initial_weights = {
+                "checkpoint": str(path), "sha256": sha256_of_path(path),
+                **{key: metadata.get(key) for key in ("name", "command", "seed", "steps", "wall_time_s", "device")},
+            }
         self.training_model: torch.nn.Module = TrainingModel(self.unifuse, with_moda=config.loss.moda > 0)
         if self.dist.world_size > 1:
             self.training_model = DistributedDataParallel(
@@ -202,6 +209,7 @@ class Trainer:
         sidecar = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
         self.best_validation = sidecar.get("best_validation", {})
         self.validation = sidecar.get("validation", {})
+        self.initial_weights = sidecar.get("initial_weights")
 
     def _metadata(self, seconds: float) -> dict[str, Any]:
         return {
@@ -217,6 +225,7 @@ class Trainer:
             "torch": torch.__version__,
             "validation": self.validation,
             "best_validation": self.best_validation,
+            **({"initial_weights": self.initial_weights} if self.initial_weights else {}),
         }
 
     def _save(self, name: str, seconds: float) -> Path:

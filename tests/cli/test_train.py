@@ -67,6 +67,8 @@ def test_init_from_and_lr_reach_the_run_and_its_metadata(tmp_path):
     assert main(base + ["--out", str(tuned), "--init-from", str(weights), "--lr", "3e-5"]) == 0
     _, metadata = load_checkpoint(tuned / "checkpoints" / "last.safetensors")
     assert metadata["training_config"]["train"]["init_from"] == str(weights)
+    assert metadata["initial_weights"]["checkpoint"] == str(weights)
+    assert metadata["initial_weights"]["steps"] == 1 and len(metadata["initial_weights"]["sha256"]) == 64
     assert metadata["training_config"]["train"]["lr"] == pytest.approx(3e-5)
     assert f"--init-from {weights}" in metadata["command"] and "--lr 3e-05" in metadata["command"]
     assert _log(tuned)[0]["lr"] == pytest.approx(1e-6)  # a one-step cosine ends at min_lr
