@@ -31,6 +31,7 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,9 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
+from napari_unifuse.model.checkpoint import read_metadata
+from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
+from napari_unifuse.training.harvard import case_of
 from napari_unifuse.metrics import METRIC_NAMES, folding_percentage, fusion_metrics, registration_metrics, sd_log_jacobian
 
 ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe")
@@ -112,8 +116,34 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+@dataclasses.dataclass(frozen=True)
+class HarvardSplit:
+    """Which atlas cases are validation: ``training.harvard.split_cases`` with these arguments."""
+
+    val_fraction: float
+    seed: int
+    source: str  # where the values came from, for the report
+
+
+def checkpoint_split(metadata: dict[str, Any], val_fraction: float | None, seed: int | None) -> HarvardSplit:
+    """The split the checkpoint was trained with, so that its validation cases are never ones it
+    trained on; ``val_fraction``/``seed`` override it (the report then says so)."""
+    data = (metadata.get("training_config") or {}).get("data") or {}
+    trained_on_harvard = data.get("kind") == "harvard"
+    trained = HarvardSplit(float(data.get("val_fraction", DEFAULT_VAL_FRACTION)), int(data.get("split_seed", 0)),
+                           "the checkpoint's training config" if trained_on_harvard else "the dataset defaults")
+    if val_fraction is None and seed is None:
+        return trained
+    chosen = HarvardSplit(trained.val_fraction if val_fraction is None else val_fraction,
+                          trained.seed if seed is None else seed, "--val-fraction/--split-seed")
+    if trained_on_harvard and (chosen.val_fraction, chosen.seed) != (trained.val_fraction, trained.seed):
+        print(f"warning: the checkpoint was trained with val_fraction {trained.val_fraction}, split seed "
+              f"{trained.seed}; another split can put cases it trained on into validation")
+    return chosen
+
+
 def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | None, *, seed: int,
-                       size: int | None, none_fraction: float) -> list[EvaluationPair]:
+                       size: int | None, none_fraction: float, cases: HarvardSplit) -> list[EvaluationPair]:
     """The Harvard split as training sees it; images are handed over as the 8-bit PNGs they are."""
     from napari_unifuse.training.datasets import build_datasets
 
@@ -123,7 +153,8 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
             raise InputError(f"unknown Harvard task {task!r}; choose from {', '.join(HARVARD_TASK_FOLDERS)}",
                              "--tasks")
         folders.append(HARVARD_TASK_FOLDERS[task.upper()])
-    data = {"kind": "harvard", "root": str(root), "tasks": folders, "none_fraction": none_fraction}
+    data = {"kind": "harvard", "root": str(root), "tasks": folders, "none_fraction": none_fraction,
+            "val_fraction": cases.val_fraction, "split_seed": cases.seed}
     if size:
         data["size"] = size
     train, validation = build_datasets(data, seed=seed, spatial_dims=2)
@@ -271,10 +302,16 @@ def run(args: argparse.Namespace) -> int:
     rules = _names(args.fusion_rules, FUSION_RULES, "--fusion-rules")
     if args.pairs is not None:
         pairs = pairs_from_csv(args.pairs)
+        described = f"{len(pairs)} pairs from {args.pairs}"
     else:
+        cases = checkpoint_split(read_metadata(args.checkpoint), args.val_fraction, args.split_seed)
         pairs = pairs_from_harvard(args.harvard, args.split, args.tasks.split(","), args.limit, seed=args.seed,
-                                   size=args.size, none_fraction=args.none_fraction)
-        print(f"{len(pairs)} Harvard {args.split} pairs")
+                                   size=args.size, none_fraction=args.none_fraction, cases=cases)
+        atlas_cases = sorted({(pair.task, case_of(pair.name.rsplit("/", 1)[1])) for pair in pairs})
+        described = (f"{len(pairs)} Harvard {args.split} pairs (atlas cases "
+                     f"{', '.join(f'{task} {case}' for task, case in atlas_cases)}; split by case with "
+                     f"val_fraction {cases.val_fraction}, seed {cases.seed}, from {cases.source})")
+        print(described)
     engine = FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size)
     method_name = f"{UNIFUSE_METHOD} ({Path(str(args.checkpoint)).stem})"
 
@@ -290,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     write_csv(records, args.out / "per_pair.csv")
     write_csv(summary, args.out / "evaluation.csv")
     table = markdown_table(summary)
-    header = (f"# Evaluation of {args.checkpoint}\n\n{len(pairs)} pairs; mean ± std. Alignment (ncc, mse, ssim) "
+    header = (f"# Evaluation of {args.checkpoint}\n\n{described}; mean ± std. Alignment (ncc, mse, ssim) "
               "vs the clean label; epe: mean end-point error of the field (voxels); fusion metrics vs "
               "(reference, label); classical pipelines fuse their aligned, still degraded moving image.\n\n")
     (args.out / "evaluation.md").write_text(header + table, encoding="utf-8")
@@ -310,6 +347,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     harvard.add_argument("--split", choices=("val", "train"), default="val")
     harvard.add_argument("--tasks", default="CT,PET,SPECT", help="comma-separated: CT, PET, SPECT")
     harvard.add_argument("--limit", type=int, help="at most this many pairs per task")
+    harvard.add_argument("--val-fraction", type=float,
+                         help="split by atlas case with this validation fraction (default: the checkpoint's)")
+    harvard.add_argument("--split-seed", type=int, help="seed of the case split (default: the checkpoint's)")
     harvard.add_argument("--size", type=int, help="resize the images to SIZE² (as in training's data.size)")
     harvard.add_argument("--seed", type=int, default=0, help="seed of the synthesised degradations")
     harvard.add_argument("--none-fraction", type=float, default=0.0,

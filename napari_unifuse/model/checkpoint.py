@@ -94,6 +94,11 @@ def load_weights(model: UniFuse, path_or_name: str | Path) -> tuple[Path, dict[s
     return path, _read_metadata(path)
 
 
+def read_metadata(path_or_name: str | Path) -> dict[str, Any]:
+    """A checkpoint's JSON sidecar (how it was trained), without reading its weights."""
+    return _read_metadata(resolve_checkpoint(path_or_name))
+
+
 def training_crop(metadata: dict[str, Any]) -> int | None:
     """Side of the random crops a checkpoint was trained on (its sidecar's ``data.crop``), or None
     when it saw whole images or does not say.

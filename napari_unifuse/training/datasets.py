@@ -43,6 +43,7 @@ MODALITY_DEGRADATION = {"t2": "motion", "mr": "motion", "ct": "metal", "pet": "l
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
 NEUTRAL_CHROMA = 0.5
 DEFAULT_SEVERITY = (0.25, 0.75)
+DEFAULT_VAL_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
@@ -428,7 +429,7 @@ def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int) -> tup
     if unknown:
         raise InputError(f"unknown keys for data.kind {kind}: {unknown}", "data")
     split_seed = int(data.get("split_seed", 0))
-    val_fraction = float(data.get("val_fraction", 0.15))
+    val_fraction = float(data.get("val_fraction", DEFAULT_VAL_FRACTION))
     common = {
         "seed": seed,
         "none_fraction": float(data.get("none_fraction", 0.2)),

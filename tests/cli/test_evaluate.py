@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from napari_unifuse.cli import main
-from napari_unifuse.cli.evaluate import METRIC_COLUMNS
+from napari_unifuse.cli.evaluate import METRIC_COLUMNS, checkpoint_split
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
@@ -20,6 +20,7 @@ from napari_unifuse.io.fields import write_displacement
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
+from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 
 SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of the model's 4
 CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants", "matching")
@@ -174,8 +175,25 @@ def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
     assert {row["task"] for row in rows} == {"CT-MRI", "PET-MRI"}
     assert len(rows) == 2 * 2  # one pair per task, UniFuse + identity
     assert {row["class_accuracy"] for row in rows if row["method"] == "UniFuse (tiny-2d)"} <= {"0.0", "1.0"}
+    report = (out / "evaluation.md").read_text(encoding="utf-8")
+    assert f"val_fraction {DEFAULT_VAL_FRACTION}, seed 0, from the dataset defaults" in report
     first = (out / "per_pair.csv").read_text(encoding="utf-8")
     assert main(argv) == 0
     # Seeded synthesis: a second run scores the very same pairs (timings aside).
     strip = lambda text: [row[:-1] for row in csv.reader(text.splitlines())]  # noqa: E731 (seconds is last)
     assert strip((out / "per_pair.csv").read_text(encoding="utf-8")) == strip(first)
+
+
+def test_harvard_split_follows_the_checkpoint_unless_overridden(capsys):
+    trained = {"training_config": {"data": {"kind": "harvard", "val_fraction": 0.1, "split_seed": 3}}}
+    split = checkpoint_split(trained, None, None)
+    assert (split.val_fraction, split.seed, split.source) == (0.1, 3, "the checkpoint's training config")
+    assert capsys.readouterr().out == ""
+    overridden = checkpoint_split(trained, 0.15, None)
+    assert (overridden.val_fraction, overridden.seed) == (0.15, 3)
+    assert "cases it trained on" in capsys.readouterr().out
+    # A checkpoint trained on other data (phantoms, or no record) gets the dataset's default split.
+    for metadata in ({"training_config": {"data": {"kind": "phantom"}}}, {}):
+        split = checkpoint_split(metadata, None, None)
+        assert (split.val_fraction, split.seed, split.source) == (DEFAULT_VAL_FRACTION, 0, "the dataset defaults")
+    assert capsys.readouterr().out == ""
