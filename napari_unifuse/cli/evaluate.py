@@ -20,7 +20,8 @@ it is known, the fusion metrics of the fused image vs (reference, label), and se
 for UniFuse also ``class_accuracy``, whether its global degradation class is the true one (when
 known; the classical pipelines estimate no class).
 Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (mean ± std per method and task, and
-over all tasks) and ``OUT/per_pair.csv`` (every value).
+over all tasks, then UniFuse against each pipeline pair by pair: mean difference, wins, Wilcoxon
+p), ``OUT/paired.csv`` (that comparison) and ``OUT/per_pair.csv`` (every value).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ METRIC_COLUMNS = (*ALIGNMENT_COLUMNS, *METRIC_NAMES, CLASS_COLUMN, TIME_COLUMN)
 ALL_TASKS = "all"
 HARVARD_TASK_FOLDERS = {"CT": "CT-MRI", "PET": "PET-MRI", "SPECT": "SPECT-MRI"}
 UNIFUSE_METHOD = "UniFuse"
+# The issue's claims (alignment and fusion quality), compared pair by pair; errors: lower is better.
+PAIRED_COLUMNS = ("ncc", "epe", "Q_abf", "Q_ssim")
+LOWER_IS_BETTER = frozenset({"mse", "epe", "folding_pct", "sdlogj", "Q_mse", "Q_cv", TIME_COLUMN})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +268,47 @@ def summarise(records: list[dict]) -> list[dict]:
     return sorted(summary, key=lambda row: (row["task"] == ALL_TASKS, row["task"]))
 
 
+def paired_comparison(records: list[dict], method: str, columns: tuple[str, ...] = PAIRED_COLUMNS) -> list[dict]:
+    """``method`` against every other method on the same pairs, per task.
+
+    For each metric: the mean difference (``method`` minus the other), on how many pairs
+    ``method`` is the better one (lower is better for the error columns), and the two-sided
+    Wilcoxon signed-rank p-value of the differences (``scipy.stats.wilcoxon``; 1 when they are all
+    zero). Pair-by-pair, so that a claim of "better" does not rest on means whose spread overlaps.
+    """
+    from scipy.stats import wilcoxon
+
+    values = {(record["task"], record["method"], record["pair"]): record for record in records}
+    rows = []
+    for task in dict.fromkeys(record["task"] for record in records):
+        ours = {pair: record for (t, m, pair), record in values.items() if t == task and m == method}
+        others = dict.fromkeys(m for (t, m, _) in values if t == task and m != method)
+        for other in others:
+            row: dict[str, Any] = {"task": task, "method": method, "versus": other}
+            for column in columns:
+                differences = np.array([ours[pair][column] - values[task, other, pair][column] for pair in ours
+                                        if (task, other, pair) in values], dtype=np.float64)
+                differences = differences[np.isfinite(differences)]
+                better = -differences if column in LOWER_IS_BETTER else differences
+                row[f"{column}_diff"] = float(differences.mean()) if differences.size else float("nan")
+                row[f"{column}_wins"] = int((better > 0).sum())
+                row[f"{column}_n"] = int(differences.size)
+                row[f"{column}_p"] = (float("nan") if not differences.size else 1.0 if not differences.any()
+                                      else float(wilcoxon(differences).pvalue))
+            rows.append(row)
+    return rows
+
+
+def paired_markdown(rows: list[dict], columns: tuple[str, ...] = PAIRED_COLUMNS) -> str:
+    lines = ["| task | versus | " + " | ".join(f"{c}: Δ, wins, p" for c in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[f'{c}_diff']:+.3g}, {row[f'{c}_wins']}/{row[f'{c}_n']}, {row[f'{c}_p']:.2g}"
+                 if row[f"{c}_n"] else "n/a" for c in columns]
+        lines.append(f"| {row['task']} | {row['versus']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(summary: list[dict]) -> str:
     columns = [column for column in METRIC_COLUMNS
                if any(np.isfinite(row[f"{column}_mean"]) for row in summary)]
@@ -330,8 +375,16 @@ def run(args: argparse.Namespace) -> int:
     header = (f"# Evaluation of {args.checkpoint}\n\n{described}; mean ± std. Alignment (ncc, mse, ssim) "
               "vs the clean label; epe: mean end-point error of the field (voxels); fusion metrics vs "
               "(reference, label); classical pipelines fuse their aligned, still degraded moving image.\n\n")
-    (args.out / "evaluation.md").write_text(header + table, encoding="utf-8")
-    print(table)
+    paired = paired_comparison(records, method_name)
+    paired_section = ""
+    if paired:
+        write_csv(paired, args.out / "paired.csv")
+        paired_section = (f"\n## {method_name} against each pipeline, pair by pair\n\nΔ: mean of "
+                          f"{method_name} minus the other; wins: pairs where {method_name} is better (lower "
+                          "epe); p: two-sided Wilcoxon signed-rank test of the differences.\n\n"
+                          + paired_markdown(paired))
+    (args.out / "evaluation.md").write_text(header + table + paired_section, encoding="utf-8")
+    print(table + paired_section)
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from napari_unifuse.cli import main
-from napari_unifuse.cli.evaluate import METRIC_COLUMNS, checkpoint_split
+from napari_unifuse.cli.evaluate import METRIC_COLUMNS, checkpoint_split, paired_comparison, paired_markdown
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
@@ -106,6 +106,10 @@ def test_writes_every_method_task_and_metric(evaluation):
     for column in ("ncc", "epe", "folding_pct", "Q_abf", "Q_vif", "MI", "seconds"):
         assert f" {column} |" in markdown.splitlines()[4]  # the table's header line
     assert len(read_csv(out / "per_pair.csv")) == 3 * len(methods)
+    paired = read_csv(out / "paired.csv")
+    assert {(row["task"], row["versus"]) for row in paired} == {
+        (task, method) for method in CLASSICAL for task in ("t1-t2", "mri-pet")}
+    assert "UniFuse (tiny-2d) against each pipeline, pair by pair" in markdown
 
 
 def test_values_are_consistent_with_the_pairs(evaluation, pairs_csv):
@@ -197,3 +201,28 @@ def test_harvard_split_follows_the_checkpoint_unless_overridden(capsys):
         split = checkpoint_split(metadata, None, None)
         assert (split.val_fraction, split.seed, split.source) == (DEFAULT_VAL_FRACTION, 0, "the dataset defaults")
     assert capsys.readouterr().out == ""
+
+
+def test_paired_comparison_counts_wins_and_matches_the_exact_signed_rank_test():
+    base = {"ncc": 0.5, "epe": 10.0, "Q_abf": 0.3, "Q_ssim": 1.0}
+    records = []
+    for number in range(6):
+        gain = 0.01 * (number + 1)  # distinct differences: no ties, so the exact test applies
+        pair = f"p{number}"
+        records.append({"task": "t", "method": "B", "pair": pair, **base})
+        records.append({"task": "t", "method": "A", "pair": pair, "ncc": 0.5 + gain, "Q_abf": 0.3 + gain,
+                        "epe": float("nan") if number == 0 else 10.0 - gain, "Q_ssim": 1.0 - gain})
+        records.append({"task": "t", "method": "C", "pair": pair, **base})
+        records[-1]["ncc"] = records[-2]["ncc"]  # C ties A on NCC everywhere
+    rows = {row["versus"]: row for row in paired_comparison(records, "A")}
+    assert set(rows) == {"B", "C"}
+    versus_b = rows["B"]
+    assert versus_b["ncc_diff"] == pytest.approx(0.035)
+    # All six differences positive: two-sided exact p = 2 / 2**6; five finite EPEs: 2 / 2**5.
+    assert (versus_b["ncc_wins"], versus_b["ncc_n"], versus_b["ncc_p"]) == (6, 6, pytest.approx(2 / 64))
+    assert (versus_b["epe_wins"], versus_b["epe_n"], versus_b["epe_p"]) == (5, 5, pytest.approx(2 / 32))
+    assert versus_b["epe_diff"] < 0  # lower error counted as the win above
+    assert (versus_b["Q_ssim_wins"], versus_b["Q_ssim_p"]) == (0, pytest.approx(2 / 64))
+    assert (rows["C"]["ncc_diff"], rows["C"]["ncc_wins"], rows["C"]["ncc_p"]) == (0.0, 0, 1.0)
+    table = paired_markdown(list(rows.values()))
+    assert "| t | B | +0.035, 6/6, 0.031 |" in table
