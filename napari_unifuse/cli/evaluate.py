@@ -46,10 +46,10 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
+from napari_unifuse.metrics import METRIC_NAMES, folding_percentage, fusion_metrics, registration_metrics, sd_log_jacobian
 from napari_unifuse.model.checkpoint import read_metadata
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 from napari_unifuse.training.harvard import case_of
-from napari_unifuse.metrics import METRIC_NAMES, folding_percentage, fusion_metrics, registration_metrics, sd_log_jacobian
 
 ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe")
 CLASS_COLUMN = "class_accuracy"
