@@ -1,7 +1,7 @@
 """How far do intensity-based registrations move pairs that the atlas already calls aligned?
 
     .venv/bin/python bench/probe_label_offset.py [--harvard ../shared/data/harvard-aanlib]
-        [--split val|train] [--methods matching,sitk] [--out FILE.md]
+        [--checkpoint unifuse-2d-harvard] [--split val|train] [--methods matching,sitk] [--out FILE.md]
 
 `unifuse evaluate` scores alignment against the atlas's own registration of each Harvard pair (the
 label is the untouched moving image, the ground-truth field the synthesised motion). A method that
@@ -11,7 +11,8 @@ to the label, whatever the synthesised motion was. This probe measures it: each 
 the unmoved, undegraded moving image (Y channel of PET/SPECT) onto its MRI, and the script prints,
 per task and atlas case, the mean displacement (what the end-point error would be with no motion
 to undo), its mean vector (a systematic offset), and the NCC of the registered image to the
-unmoved one. The validation split is the one of `unifuse evaluate --split val`.
+unmoved one. The split is the one `unifuse evaluate --split val` uses for ``--checkpoint``: the
+atlas cases that checkpoint held out of training.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_unifuse.cli.evaluate import checkpoint_split
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.engine import classical
 from napari_unifuse.metrics.registration import registration_metrics
+from napari_unifuse.model.checkpoint import read_metadata
 from napari_unifuse.training.harvard import index_harvard, read_harvard_pair, split_cases
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -37,12 +40,14 @@ def luma(image: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--harvard", type=Path, default=REPOSITORY.parent / "shared" / "data" / "harvard-aanlib")
+    parser.add_argument("--checkpoint", default="unifuse-2d-harvard", help="whose case split to use")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--methods", default="matching,sitk")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this Markdown file")
     args = parser.parse_args()
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    train, validation = split_cases(index_harvard(args.harvard), val_fraction=0.1, seed=0)
+    cases = checkpoint_split(read_metadata(args.checkpoint), None, None)
+    train, validation = split_cases(index_harvard(args.harvard), val_fraction=cases.val_fraction, seed=cases.seed)
     pairs = validation if args.split == "val" else train
 
     # (task, case, method) -> per-pair (mean |u|, mean u_y, mean u_x, NCC to the unmoved image)

@@ -149,8 +149,12 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
     train = _section(TrainSection, values.get("train"), source, "train")
     if train.init_from is not None and not isinstance(train.init_from, str):
         raise InputError(f"train.init_from must be a checkpoint path or name, got {train.init_from!r}", source)
-    if train.init_from is not None and base_dir is not None and _against(base_dir, train.init_from).is_file():
-        train = dataclasses.replace(train, init_from=str(_against(base_dir, train.init_from)))
+    if train.init_from is not None and base_dir is not None:
+        # A file next to the config wins; anything else stays as given (a packaged name, or a
+        # path relative to the working directory).
+        beside_config = _against(base_dir, train.init_from)
+        if beside_config.is_file():
+            train = dataclasses.replace(train, init_from=str(beside_config))
     for name in ("batch_size", "max_steps", "log_every", "val_every", "checkpoint_every"):
         if getattr(train, name) < 1:
             raise InputError(f"train.{name} must be at least 1", source)
