@@ -36,6 +36,7 @@ from napari_unifuse.metrics import (
     q_cc,
     registration_metrics,
     sd_log_jacobian,
+    ssim_gains,
 )
 from napari_unifuse.model import UniFuse, UniFuseConfig
 
@@ -137,7 +138,9 @@ def volume_metrics(outcome: RunOutcome) -> dict[str, float]:
     """
     fused = grey_values(outcome.result.fused)
     u = outcome.result.displacement
-    values = _or_nan(lambda: fusion_metrics(fused, outcome.reference_grey, outcome.aligned_grey), METRIC_NAMES)
+    # The per-source gain first: unlike Q_ssim or Q_abf, a fusion that copies one source scores 0 on it.
+    values = {"gain min": _or_nan(lambda: ssim_gains(fused, outcome.reference_grey, outcome.aligned_grey).minimum)}
+    values.update(_or_nan(lambda: fusion_metrics(fused, outcome.reference_grey, outcome.aligned_grey), METRIC_NAMES))
     values["folding %"] = _or_nan(lambda: folding_percentage(u))
     values["SDlogJ"] = _or_nan(lambda: sd_log_jacobian(u))
     if outcome.label_grey is not None:

@@ -94,6 +94,15 @@ class ResultLayers:
                      edge_colormap="viridis", edge_width=float(geometry.spacing.min()) * 0.3, length=self.arrow_scale,
                      edge_contrast_limits=(0.0, max(float(magnitude.max()), 1e-6)))
         self.update_quivers()
+        self._show_kept_estimate()
+
+    def _show_kept_estimate(self) -> None:
+        """One line on the canvas: which displacement the layers show (identity, matching or
+        network) and why, so that "no motion" reads as the guard's decision, not as a failure."""
+        decision = self.outcome.result.alignment_guard
+        overlay = self.viewer.canvas.overlays["text"]
+        overlay.text = f"alignment guard: {decision.message}" if decision is not None else ""
+        overlay.visible = decision is not None
 
     def _volume_layer(self, volume: ImageVolume, name: str, **kwargs) -> None:
         data, layer_kwargs, _ = volume_to_layer_data(volume, name)

@@ -7,21 +7,40 @@ class as ``unifuse synth`` records it in meta.json) or from the Harvard AANLIB f
 degraded, misaligned moving images are synthesised exactly as training's validation set does
 (``training.datasets.build_datasets``: same patient-independent split, seeded per pair).
 
+With ``--harvard``, ``--misalignment`` picks the misalignment regime of the synthesised pairs
+(``data.misalign.MISALIGNMENT_REGIMES``: large, mild, none) or runs each of them (``all``, the
+default); every row carries its ``regime`` (``given`` for CSV pairs) and the report has one
+section per regime.
+
 Methods (rows): ``UniFuse`` through ``engine.FusionEngine`` (the shipped path), and each
-classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN)
-followed by each classical fusion rule (max, average, wavelet). The classical pipelines fuse the
-reference with *their* aligned moving image, i.e. the still-degraded one: the honest baseline,
-since they restore nothing.
+classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
+UniFuse's parameter-free matching) followed by each classical fusion rule (max, average,
+wavelet). The classical pipelines fuse the reference with *their* aligned moving image, i.e. the
+still-degraded one: the honest baseline, since they restore nothing. Two sanity pipelines fuse
+nothing: ``copy-reference`` (fused = the reference) and ``copy-moving`` (fused = the aligned moving
+image), both on the ``matching`` registration when it is among ``--baselines``, else on
+``identity`` (computed for them if need be). A metric on which a copy scores better than the
+average fusion of the same aligned pair (``<that registration> + average``) on some task rewards
+not fusing; the report marks it with † (issue 16).
 
 Metrics (columns), all on [0, 1] intensities (the moving image's normalisation; RGB PET/SPECT on
 the luma Y): alignment NCC / MSE / SSIM of the aligned moving image vs the label, folding % and
 SDlogJ of the field, the mean end-point error against the ground-truth field (EPE, voxels) when
-it is known, the fusion metrics of the fused image vs (reference, label), and seconds per pair;
-for UniFuse also ``class_accuracy``, whether its global degradation class is the true one (when
-known; the classical pipelines estimate no class).
-Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (mean ± std per method and task, and
-over all tasks, then UniFuse against each pipeline pair by pair: mean difference, wins, Wilcoxon
-p), ``OUT/paired.csv`` (that comparison) and ``OUT/per_pair.csv`` (every value).
+it is known; the fusion metrics of the fused image vs (reference, label): those of
+``metrics.fusion_metrics``, the SSIM gains ``gain_ref`` (over the label's own SSIM to the
+reference), ``gain_mov`` (over the reference's SSIM to the label) and ``gain_min`` (the smaller;
+0 for a copy), Chen–Blum ``Q_CB`` and Han's ``VIF_F``; ``bone_retention``, the mean fused
+intensity where the label is bone (> 0.8), for CT moving images only (Harvard CT-MRI, or a CSV
+moving image that io's normalisation recognises as CT; NaN elsewhere); and seconds per pair. For
+UniFuse also ``class_accuracy``, whether its global degradation class is the true one (when
+known; the classical pipelines estimate no class), and the restoration check: ``restored_ssim``
+(its restored, aligned output vs the label, as ``ssim``) beside ``warped_input_ssim`` (the
+degraded input warped by UniFuse's own field, ``data.misalign.warp_array``, vs the label), so that
+restoration and alignment are told apart; NaN for the classical pipelines, which restore nothing.
+Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (per regime: mean ± std per method
+and task, and over all tasks, the metrics a copy fools, then UniFuse against each pipeline pair by
+pair: mean difference, wins, Wilcoxon p), ``OUT/paired.csv`` (that comparison) and
+``OUT/per_pair.csv`` (every value).
 """
 
 from __future__ import annotations
@@ -30,7 +49,7 @@ import argparse
 import csv
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +57,7 @@ import numpy as np
 
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, warp_array
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
@@ -46,21 +66,45 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
-from napari_unifuse.metrics import METRIC_NAMES, folding_percentage, fusion_metrics, registration_metrics, sd_log_jacobian
+from napari_unifuse.metrics import (
+    METRIC_NAMES,
+    bone_retention,
+    folding_percentage,
+    fusion_metrics,
+    q_cb,
+    registration_metrics,
+    sd_log_jacobian,
+    ssim_gains,
+    vif_f,
+)
 from napari_unifuse.model.checkpoint import read_metadata
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 from napari_unifuse.training.harvard import case_of
 
 ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe")
+RESTORATION_COLUMNS = ("restored_ssim", "warped_input_ssim")
+# A = the reference, B = the label (the clean moving image), as for every fusion metric here.
+GAIN_COLUMNS = ("gain_ref", "gain_mov", "gain_min")
+PERCEPTUAL_COLUMNS = ("Q_CB", "VIF_F")
+BONE_COLUMN = "bone_retention"
+FUSION_COLUMNS = (*METRIC_NAMES, *GAIN_COLUMNS, *PERCEPTUAL_COLUMNS, BONE_COLUMN)
 CLASS_COLUMN = "class_accuracy"
-TIME_COLUMN = "seconds"
-METRIC_COLUMNS = (*ALIGNMENT_COLUMNS, *METRIC_NAMES, CLASS_COLUMN, TIME_COLUMN)
+TIME_COLUMN = "seconds"  # last: a run's values differ from another's only in this column
+METRIC_COLUMNS = (*ALIGNMENT_COLUMNS, *RESTORATION_COLUMNS, *FUSION_COLUMNS, CLASS_COLUMN, TIME_COLUMN)
 ALL_TASKS = "all"
 HARVARD_TASK_FOLDERS = {"CT": "CT-MRI", "PET": "PET-MRI", "SPECT": "SPECT-MRI"}
 UNIFUSE_METHOD = "UniFuse"
 # The issue's claims (alignment and fusion quality), compared pair by pair; errors: lower is better.
-PAIRED_COLUMNS = ("ncc", "epe", "Q_abf", "Q_ssim")
+PAIRED_COLUMNS = ("ncc", "epe", "Q_abf", "Q_ssim", "gain_min", *PERCEPTUAL_COLUMNS)
 LOWER_IS_BETTER = frozenset({"mse", "epe", "folding_pct", "sdlogj", "Q_mse", "Q_cv", TIME_COLUMN})
+# Sanity pipelines: fusion rules that fuse nothing, scored against this real rule on the same pair.
+COPY_RULES = ("copy-reference", "copy-moving")
+COPY_BASELINE_RULE = "average"
+# The registration the copies sit on when it is evaluated (UniFuse's own first step); else identity.
+COPY_REGISTRATION = "matching"
+FOOLED_MARK = "†"
+REGIME_CHOICES = (*MISALIGNMENT_REGIMES, "all")
+CSV_REGIME = "given"  # CSV pairs come misaligned as they are
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +118,7 @@ class EvaluationPair:
     label: np.ndarray  # clean aligned moving, [0, 1] in the moving image's normalisation (Y if RGB)
     displacement: np.ndarray | None = None  # ground-truth u (ndim, *spatial), voxels
     degradation: str | None = None  # true class, one of data.degrade.DEGRADATION_CLASSES
+    moving_modality: str | None = None  # "ct" enables bone_retention
 
 
 # ---- pair sources --------------------------------------------------------------------------------
@@ -112,7 +157,8 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
             displacement = read_displacement(path.parent / row["displacement"], reference.geometry)
         pairs.append(EvaluationPair(Path(row["moving"]).name, row.get("task") or "pairs",
                                     reference, moving, label, displacement,
-                                    _degradation(row.get("degradation"), path)))
+                                    _degradation(row.get("degradation"), path),
+                                    mapping.modality if mapping is not None else None))
     return pairs
 
 
@@ -147,8 +193,10 @@ def checkpoint_split(metadata: dict[str, Any], val_fraction: float | None, seed:
 
 
 def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | None, *, seed: int,
-                       size: int | None, none_fraction: float, cases: HarvardSplit) -> list[EvaluationPair]:
-    """The Harvard split as training sees it; images are handed over as the 8-bit PNGs they are."""
+                       size: int | None, none_fraction: float, cases: HarvardSplit,
+                       regime: str) -> list[EvaluationPair]:
+    """The Harvard split as training sees it, misaligned in one regime (``data.misalign``); images
+    are handed over as the 8-bit PNGs they are."""
     from napari_unifuse.training.datasets import build_datasets
 
     folders = []
@@ -158,7 +206,7 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
                              "--tasks")
         folders.append(HARVARD_TASK_FOLDERS[task.upper()])
     data = {"kind": "harvard", "root": str(root), "tasks": folders, "none_fraction": none_fraction,
-            "val_fraction": cases.val_fraction, "split_seed": cases.seed}
+            "val_fraction": cases.val_fraction, "split_seed": cases.seed, "misalignment": {"regime": regime}}
     if size:
         data["size"] = size
     train, validation = build_datasets(data, seed=seed, spatial_dims=2)
@@ -185,6 +233,7 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
             label=sample["label"][0].numpy().astype(np.float32),
             displacement=sample["displacement"].numpy(),
             degradation=DEGRADATION_CLASSES[int(sample["class_index"])],
+            moving_modality=source.modality,
         ))
     if not pairs:
         raise InputError(f"no pairs in the {split} split for tasks {', '.join(tasks)}", root)
@@ -201,24 +250,49 @@ def _degradation(name: str | None, path: Path) -> str | None:
 
 
 def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, reference: np.ndarray,
-          pair: EvaluationPair, seconds: float, predicted_class: str | None = None) -> dict[str, float]:
+          pair: EvaluationPair, seconds: float, predicted_class: str | None = None,
+          warped_input: np.ndarray | None = None) -> dict[str, float]:
+    """Every column of ``METRIC_COLUMNS``, in that order, for one method on one pair.
+
+    ``warped_input``: the degraded moving image warped by the method's own field, for a method that
+    restores (its ``aligned`` is then the restored image); the restoration columns are NaN without it.
+    """
     values = registration_metrics(aligned, pair.label)
     values["folding_pct"] = folding_percentage(displacement)
     values["sdlogj"] = sd_log_jacobian(displacement)
     values["epe"] = (float(np.linalg.norm(displacement - pair.displacement, axis=0).mean())
                      if pair.displacement is not None else float("nan"))
-    values.update(fusion_metrics(fused.astype(np.float32), reference, pair.label))
+    restores = warped_input is not None
+    values["restored_ssim"] = values["ssim"] if restores else float("nan")
+    values["warped_input_ssim"] = registration_metrics(warped_input, pair.label)["ssim"] if restores else float("nan")
+    fused = fused.astype(np.float32)
+    values.update(fusion_metrics(fused, reference, pair.label))
+    gains = ssim_gains(fused, reference, pair.label)
+    values.update(gain_ref=gains.a, gain_mov=gains.b, gain_min=gains.minimum,
+                  Q_CB=q_cb(fused, reference, pair.label), VIF_F=vif_f(fused, reference, pair.label))
+    values[BONE_COLUMN] = bone_retention(fused, pair.label) if pair.moving_modality == "ct" else float("nan")
     values[CLASS_COLUMN] = (float(predicted_class == pair.degradation)
                             if predicted_class is not None and pair.degradation is not None
                             else float("nan"))
     values[TIME_COLUMN] = seconds
-    return values
+    return {column: values[column] for column in METRIC_COLUMNS}
+
+
+def copy_registration(registrations: list[str]) -> str:
+    """The registration the copy pipelines use: ``COPY_REGISTRATION`` if evaluated, else identity."""
+    return COPY_REGISTRATION if COPY_REGISTRATION in registrations else "identity"
 
 
 def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registrations: list[str],
                   rules: list[str]) -> Iterator[tuple[str, dict[str, float]]]:
-    """(method, metrics) for UniFuse (when an engine is given) and each registration × rule."""
+    """(method, metrics) for UniFuse (when an engine is given), each registration × rule, then the
+    copy pipelines on ``copy_registration(registrations)``."""
     reference, _ = unit_intensities(pair.reference)
+    moving_unit, _ = unit_intensities(pair.moving)
+    geometry = pair.reference.geometry
+    if pair.moving.spatial_shape != pair.reference.spatial_shape or not pair.moving.geometry.allclose(geometry):
+        moving_unit = resample_to_reference(
+            ImageVolume(moving_unit, pair.moving.geometry), pair.reference).array.astype(np.float32)
     if engine is not None:
         start = time.perf_counter()
         result = engine.run_fusion(pair.reference, pair.moving)
@@ -231,20 +305,22 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
             mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
             aligned = mapping.apply(result.aligned.array)
         yield UNIFUSE_METHOD, score(aligned, result.displacement, fused, reference, pair, seconds,
-                                    result.predicted_class)
-    moving_unit, _ = unit_intensities(pair.moving)
-    geometry = pair.reference.geometry
-    if pair.moving.spatial_shape != pair.reference.spatial_shape or not pair.moving.geometry.allclose(geometry):
-        moving_unit = resample_to_reference(
-            ImageVolume(moving_unit, pair.moving.geometry), pair.reference).array.astype(np.float32)
+                                    result.predicted_class, warp_array(moving_unit, result.displacement))
+    registered = {}
     for method in registrations:
-        registration = classical.register(method, reference, moving_unit, geometry)
+        registration = registered[method] = classical.register(method, reference, moving_unit, geometry)
         for rule in rules:
             start = time.perf_counter()
             fused = classical.fuse_classical(rule, reference, registration.aligned)
             seconds = registration.seconds + time.perf_counter() - start
             yield f"{method} + {rule}", score(registration.aligned, registration.displacement, fused, reference,
                                               pair, seconds)
+    copies_on = copy_registration(registrations)
+    registration = (registered[copies_on] if copies_on in registered
+                    else classical.register(copies_on, reference, moving_unit, geometry))
+    for rule, fused in zip(COPY_RULES, (reference, registration.aligned), strict=True):
+        yield f"{copies_on} + {rule}", score(registration.aligned, registration.displacement, fused, reference,
+                                             pair, registration.seconds)
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -309,10 +385,47 @@ def paired_markdown(rows: list[dict], columns: tuple[str, ...] = PAIRED_COLUMNS)
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(summary: list[dict]) -> str:
+def copies_outscoring_fusion(summary: list[dict], copies_on: str) -> dict[str, list[str]]:
+    """The fusion columns on which a copy pipeline's mean beats ``<copies_on> + average`` on a task.
+
+    Returns ``{column: ["task: copy rule", ...]}`` in ``FUSION_COLUMNS`` order (direction:
+    ``LOWER_IS_BETTER``); NaN on either side compares as not better. Empty without the average.
+    """
+    means = {(row["task"], row["method"]): row for row in summary if row["task"] != ALL_TASKS}
+    baseline = f"{copies_on} + {COPY_BASELINE_RULE}"
+    tasks = [task for task in dict.fromkeys(task for task, _ in means) if (task, baseline) in means]
+    fooled: dict[str, list[str]] = {}
+    for column in FUSION_COLUMNS:
+        for task in tasks:
+            fusion_value = means[task, baseline][f"{column}_mean"]
+            for rule in COPY_RULES:
+                if (task, f"{copies_on} + {rule}") not in means:
+                    continue
+                copy_value = means[task, f"{copies_on} + {rule}"][f"{column}_mean"]
+                if (copy_value < fusion_value) if column in LOWER_IS_BETTER else (copy_value > fusion_value):
+                    fooled.setdefault(column, []).append(f"{task}: {rule}")
+    return fooled
+
+
+def fooled_markdown(fooled: dict[str, list[str]], summary: list[dict], copies_on: str) -> str:
+    """The sentence under a regime's table that names the metrics a copy fools."""
+    baseline = f"{copies_on} + {COPY_BASELINE_RULE}"
+    if not any(row["method"] == baseline for row in summary):
+        return f"Copy check skipped: it needs the `{baseline}` rows (`--fusion-rules` with average).\n"
+    if not fooled:
+        return f"No metric scores a copy pipeline above `{baseline}` on any task.\n"
+    listed = "; ".join(f"{column} ({', '.join(where)})" for column, where in fooled.items())
+    return (f"{FOOLED_MARK} fooled by a copy: `{copies_on} + copy-reference` or `{copies_on} + copy-moving`, "
+            f"which fuse nothing, score better than `{baseline}` (the same aligned pair, averaged) on "
+            f"{listed}.\n")
+
+
+def markdown_table(summary: list[dict], fooled: Collection[str] = ()) -> str:
+    """Mean ± std per method and task; columns in ``fooled`` are marked with ``FOOLED_MARK``."""
     columns = [column for column in METRIC_COLUMNS
                if any(np.isfinite(row[f"{column}_mean"]) for row in summary)]
-    lines = ["| method | task | n | " + " | ".join(columns) + " |",
+    names = [f"{column} {FOOLED_MARK}" if column in fooled else column for column in columns]
+    lines = ["| method | task | n | " + " | ".join(names) + " |",
              "|---|---|---:|" + "---:|" * len(columns)]
     for row in summary:
         cells = [f"{row[f'{c}_mean']:.4g} ± {row[f'{c}_std']:.2g}" if np.isfinite(row[f"{c}_mean"]) else "n/a"
@@ -337,54 +450,93 @@ def _names(text: str, known: tuple[str, ...], option: str) -> list[str]:
     return names
 
 
+def _regimes(args: argparse.Namespace) -> list[str]:
+    if args.pairs is not None:
+        if args.misalignment is not None:
+            raise InputError("--misalignment applies to --harvard (CSV pairs come misaligned as they are)",
+                             "--misalignment")
+        return [CSV_REGIME]
+    chosen = args.misalignment or "all"
+    return list(MISALIGNMENT_REGIMES) if chosen == "all" else [chosen]
+
+
+def regime_section(regime: str, summary: list[dict], records: list[dict], method_name: str,
+                   copies_on: str) -> tuple[str, list[dict]]:
+    """One regime's markdown (table, the metrics a copy fools, the pair-by-pair comparison) and its
+    paired rows."""
+    fooled = copies_outscoring_fusion(summary, copies_on)
+    text = markdown_table(summary, fooled) + "\n" + fooled_markdown(fooled, summary, copies_on)
+    paired = paired_comparison(records, method_name)
+    if paired:
+        text += (f"\n### {method_name} against each pipeline, pair by pair\n\nΔ: mean of "
+                 f"{method_name} minus the other; wins: pairs where {method_name} is better (lower "
+                 "epe); p: two-sided Wilcoxon signed-rank test of the differences.\n\n"
+                 + paired_markdown(paired))
+    if regime != CSV_REGIME:
+        text = f"## Misalignment: {regime}\n\n" + text
+    return text, paired
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.pairs is None) == (args.harvard is None):
         raise InputError("give exactly one of --pairs CSV or --harvard ROOT", "unifuse evaluate")
+    regimes = _regimes(args)
     registrations = _names(args.baselines, REGISTRATION_METHODS, "--baselines")
     if "ants" in registrations and not classical.ants_available():
         print("note: ANTsPy (antspyx) is not installed; the ants baseline is skipped")
         registrations.remove("ants")
     rules = _names(args.fusion_rules, FUSION_RULES, "--fusion-rules")
     if args.pairs is not None:
-        pairs = pairs_from_csv(args.pairs)
-        described = f"{len(pairs)} pairs from {args.pairs}"
+        pairs_by_regime = {CSV_REGIME: pairs_from_csv(args.pairs)}
+        described = f"{len(pairs_by_regime[CSV_REGIME])} pairs from {args.pairs}"
     else:
         cases = checkpoint_split(read_metadata(args.checkpoint), args.val_fraction, args.split_seed)
-        pairs = pairs_from_harvard(args.harvard, args.split, args.tasks.split(","), args.limit, seed=args.seed,
-                                   size=args.size, none_fraction=args.none_fraction, cases=cases)
+        pairs_by_regime = {regime: pairs_from_harvard(args.harvard, args.split, args.tasks.split(","), args.limit,
+                                                      seed=args.seed, size=args.size,
+                                                      none_fraction=args.none_fraction, cases=cases, regime=regime)
+                           for regime in regimes}
+        pairs = pairs_by_regime[regimes[0]]  # the same atlas pairs in every regime
         atlas_cases = sorted({(pair.task, case_of(pair.name.rsplit("/", 1)[1])) for pair in pairs})
         described = (f"{len(pairs)} Harvard {args.split} pairs (atlas cases "
                      f"{', '.join(f'{task} {case}' for task, case in atlas_cases)}; split by case with "
-                     f"val_fraction {cases.val_fraction}, seed {cases.seed}, from {cases.source})")
+                     f"val_fraction {cases.val_fraction}, seed {cases.seed}, from {cases.source}), misaligned "
+                     f"in the regime{'s' if len(regimes) > 1 else ''} {', '.join(regimes)}")
         print(described)
     engine = FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size)
     method_name = f"{UNIFUSE_METHOD} ({Path(str(args.checkpoint)).stem})"
+    copies_on = copy_registration(registrations)
 
     records = []
-    for number, pair in enumerate(pairs, start=1):
-        print(f"[{number}/{len(pairs)}] {pair.name}", flush=True)
-        for method, values in evaluate_pair(pair, engine, registrations, rules):
-            method = method_name if method == UNIFUSE_METHOD else method
-            records.append({"pair": pair.name, "task": pair.task, "method": method, **values})
+    for regime, pairs in pairs_by_regime.items():
+        for number, pair in enumerate(pairs, start=1):
+            print(f"[{regime} {number}/{len(pairs)}] {pair.name}", flush=True)
+            for method, values in evaluate_pair(pair, engine, registrations, rules):
+                method = method_name if method == UNIFUSE_METHOD else method
+                records.append({"regime": regime, "pair": pair.name, "task": pair.task, "method": method, **values})
 
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(records)
+    sections, summary_rows, paired_rows = [], [], []
+    for regime in regimes:
+        regime_records = [record for record in records if record["regime"] == regime]
+        summary = summarise(regime_records)
+        section, paired = regime_section(regime, summary, regime_records, method_name, copies_on)
+        sections.append(section)
+        summary_rows += [{"regime": regime, **row} for row in summary]
+        paired_rows += [{"regime": regime, **row} for row in paired]
     write_csv(records, args.out / "per_pair.csv")
-    write_csv(summary, args.out / "evaluation.csv")
-    table = markdown_table(summary)
+    write_csv(summary_rows, args.out / "evaluation.csv")
+    if paired_rows:
+        write_csv(paired_rows, args.out / "paired.csv")
     header = (f"# Evaluation of {args.checkpoint}\n\n{described}; mean ± std. Alignment (ncc, mse, ssim) "
-              "vs the clean label; epe: mean end-point error of the field (voxels); fusion metrics vs "
-              "(reference, label); classical pipelines fuse their aligned, still degraded moving image.\n\n")
-    paired = paired_comparison(records, method_name)
-    paired_section = ""
-    if paired:
-        write_csv(paired, args.out / "paired.csv")
-        paired_section = (f"\n## {method_name} against each pipeline, pair by pair\n\nΔ: mean of "
-                          f"{method_name} minus the other; wins: pairs where {method_name} is better (lower "
-                          "epe); p: two-sided Wilcoxon signed-rank test of the differences.\n\n"
-                          + paired_markdown(paired))
-    (args.out / "evaluation.md").write_text(header + table + paired_section, encoding="utf-8")
-    print(table + paired_section)
+              "vs the clean label; epe: mean end-point error of the field (voxels); restored_ssim / "
+              "warped_input_ssim: UniFuse's restored output / its degraded input warped by its own field, "
+              "vs the label; fusion metrics vs (reference, label), gain_ref / gain_mov: SSIM to the "
+              "reference / label beyond the other source's own, gain_min the smaller; classical pipelines "
+              f"fuse their aligned, still degraded moving image; `{copies_on} + copy-reference` and "
+              f"`{copies_on} + copy-moving` fuse nothing (fused = reference, fused = aligned moving).\n\n")
+    report = header + "\n".join(sections)
+    (args.out / "evaluation.md").write_text(report, encoding="utf-8")
+    print(report)
     return 0
 
 
@@ -405,6 +557,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     harvard.add_argument("--split-seed", type=int, help="seed of the case split (default: the checkpoint's)")
     harvard.add_argument("--size", type=int, help="resize the images to SIZE² (as in training's data.size)")
     harvard.add_argument("--seed", type=int, default=0, help="seed of the synthesised degradations")
+    harvard.add_argument("--misalignment", choices=REGIME_CHOICES,
+                         help="misalignment regime of the synthesised pairs, or all of them (default: all)")
     harvard.add_argument("--none-fraction", type=float, default=0.0,
                          help="fraction of pairs left undegraded (training uses 0.2)")
     parser.add_argument("--baselines", default=",".join(REGISTRATION_METHODS),

@@ -20,7 +20,7 @@ from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import is_complete, write_fusion_outputs, write_json
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
+from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resample_to_reference
 from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES

@@ -245,3 +245,120 @@ def _rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
         theta = np.deg2rad(angles_deg[0])
         return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     return Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix()
+
+
+# ---- misalignment regimes ------------------------------------------------------------------------
+# "large": RandomMisalignment (gross misalignment between scanners); "mild": the residual non-rigid
+# misalignment left after a scanner-console or rigid registration; "none": co-registered data (a
+# hybrid PET/CT). Training draws from a mixture so that the model learns when to leave an image
+# alone, and `unifuse evaluate --misalignment` reports each regime on its own.
+MISALIGNMENT_REGIMES = ("large", "mild", "none")
+DEFAULT_REGIME_WEIGHTS = {"large": 0.5, "mild": 0.3, "none": 0.2}
+
+
+@dataclass(frozen=True)
+class MildMisalignment:
+    """Residual non-rigid misalignment in absolute voxels, whatever the image size.
+
+    The elastic part is scaled so that its mean magnitude is uniform in ``elastic_mean_range``
+    voxels; a rigid part of at most ``max_rotation_deg`` and ``max_translation`` voxels per axis is
+    added (small: 1° already moves the rim of a 256² image by 2 px, so the field stays mostly
+    non-affine); the elastic part then shrinks until the whole field has a mean magnitude of at
+    most ``max_mean`` and a 95th percentile of at most ``max_p95`` voxels. ``control_points``
+    across each axis sets the smoothness (5: bumps of about a fifth of the field of view).
+    """
+
+    elastic_mean_range: tuple[float, float] = (2.2, 3.5)
+    max_mean: float = 4.0
+    max_p95: float = 7.0
+    max_rotation_deg: float = 1.0
+    max_translation: float = 1.5
+    control_points: int = 5
+
+    def draw(self, shape: tuple[int, ...], rng: np.random.Generator,
+             spacing: tuple[float, ...] | None = None) -> Misalignment:
+        longest = float(max(shape))
+        rigid = RandomMisalignment(
+            max_rotation_deg=self.max_rotation_deg,
+            max_translation_fraction=self.max_translation / longest,
+            max_elastic_fraction=1.0 / longest,  # unit scale, rescaled below
+            control_points=self.control_points,
+        ).draw(shape, rng, spacing)
+
+        def with_scale(scale: float) -> Misalignment:
+            return Misalignment(shape=rigid.shape, matrix=rigid.matrix, translation=rigid.translation,
+                                elastic_coefficients=rigid.elastic_coefficients * scale)
+
+        unit = Misalignment(shape=rigid.shape, matrix=np.eye(len(shape)), translation=np.zeros(len(shape)),
+                            elastic_coefficients=rigid.elastic_coefficients)
+        scale = rng.uniform(*self.elastic_mean_range) / max(
+            float(np.linalg.norm(unit.displacement(), axis=0).mean()), 1e-6)
+        magnitude = np.linalg.norm(with_scale(scale).displacement(), axis=0)
+        while magnitude.mean() > self.max_mean or np.percentile(magnitude, 95) > self.max_p95:
+            scale *= 0.85
+            magnitude = np.linalg.norm(with_scale(scale).displacement(), axis=0)
+        params = dict(rigid.params, regime="mild", mean_voxels=float(magnitude.mean()),
+                      p95_voxels=float(np.percentile(magnitude, 95)))
+        drawn = with_scale(scale)
+        return Misalignment(shape=drawn.shape, matrix=drawn.matrix, translation=drawn.translation,
+                            elastic_coefficients=drawn.elastic_coefficients, params=params)
+
+
+@dataclass(frozen=True)
+class NoMisalignment:
+    """The zero field: the pair is already co-registered."""
+
+    def draw(self, shape: tuple[int, ...], rng: np.random.Generator,
+             spacing: tuple[float, ...] | None = None) -> Misalignment:
+        ndim = len(shape)
+        coefficients = np.zeros((ndim, *(2 + 2 * _CONTROL_PADDING,) * ndim))
+        return Misalignment(shape=tuple(int(n) for n in shape), matrix=np.eye(ndim), translation=np.zeros(ndim),
+                            elastic_coefficients=coefficients, params={"regime": "none"})
+
+
+@dataclass(frozen=True)
+class RegimeMixture:
+    """Draws a regime by ``weights`` ({regime: weight}), then a misalignment of that regime.
+
+    ``large`` is ``RandomMisalignment(**large_options)``, so the size-relative maxima of a config
+    still apply to it.
+    """
+
+    weights: dict[str, float]
+    large_options: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.weights) - set(MISALIGNMENT_REGIMES)
+        if unknown or not self.weights or any(w < 0 for w in self.weights.values()) \
+                or sum(self.weights.values()) <= 0:
+            raise InputError(f"misalignment regimes must be weights over {', '.join(MISALIGNMENT_REGIMES)}, "
+                             f"got {self.weights}", "misalignment")
+
+    def regime(self, name: str) -> RandomMisalignment | MildMisalignment | NoMisalignment:
+        if name == "large":
+            return RandomMisalignment(**self.large_options)
+        return MildMisalignment() if name == "mild" else NoMisalignment()
+
+    def draw(self, shape: tuple[int, ...], rng: np.random.Generator,
+             spacing: tuple[float, ...] | None = None) -> Misalignment:
+        names = list(self.weights)
+        probabilities = np.asarray([self.weights[n] for n in names], dtype=np.float64)
+        name = names[int(rng.choice(len(names), p=probabilities / probabilities.sum()))]
+        drawn = self.regime(name).draw(shape, rng, spacing)
+        return Misalignment(shape=drawn.shape, matrix=drawn.matrix, translation=drawn.translation,
+                            elastic_coefficients=drawn.elastic_coefficients,
+                            params={**drawn.params, "regime": name})
+
+
+def misalignment_from_options(options: dict | None) -> RegimeMixture:
+    """A config's ``misalignment`` section: RandomMisalignment's keyword arguments for ``large``,
+    plus either ``regime: NAME`` (one regime) or ``regimes: {NAME: weight}`` (a mixture).
+    Without either, the regimes are drawn by ``DEFAULT_REGIME_WEIGHTS``."""
+    options = dict(options or {})
+    regime, weights = options.pop("regime", None), options.pop("regimes", None)
+    if regime is not None and weights is not None:
+        raise InputError("give misalignment.regime or misalignment.regimes, not both", "misalignment")
+    if regime is not None:
+        weights = {str(regime): 1.0}
+    RandomMisalignment(**options)  # fails here on a bad option, not in a data-loader worker
+    return RegimeMixture({str(k): float(v) for k, v in (DEFAULT_REGIME_WEIGHTS if weights is None else weights).items()}, options)

@@ -99,6 +99,10 @@ def _degradation_options(name: str, label: ImageVolume) -> dict:
     return {}
 
 
+# Cubic splines: linear interpolation blurs fine anatomy visibly at 64-128 pixels.
+MISALIGNMENT_ORDER = 3
+
+
 def make_pair(
     reference: ImageVolume,
     label: ImageVolume,
@@ -107,7 +111,7 @@ def make_pair(
     *,
     severity: float = 0.5,
     misalignment: RandomMisalignment | None = None,
-    interpolation_order: int = 3,
+    interpolation_order: int = MISALIGNMENT_ORDER,
 ) -> SyntheticPair:
     """Degrade the aligned clean ``label``, then misalign it; the reference stays as it is.
 

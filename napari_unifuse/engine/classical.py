@@ -12,6 +12,9 @@ of shape ``(ndim, *spatial)`` in reference voxels, array-axis order, sampling ``
 * ``matching`` -- UniFuse's own parameter-free first step alone (``model.matching``: MIND block
   matching, robust rigid fit, smooth local correction, with the paper preset's step and range), so
   that an evaluation shows what the trained network adds to it.
+* ``dense`` -- the matching, then a dense instance optimisation on MIND descriptors
+  (``model.dense_refinement``, ConvexAdam's Adam stage): the classical bar for a learned fine
+  alignment on small non-rigid residuals.
 
 Both ITK fields map a reference (fixed) point ``p`` to the moving point ``p + d(p)``, ``d`` in LPS
 mm with x/y/z components: exactly the on-disk displacement format, so they are converted with
@@ -44,9 +47,10 @@ from napari_unifuse.io import ImageVolume
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.dense_refinement import dense_refinement
 from napari_unifuse.model.matching import structural_matching
 
-REGISTRATION_METHODS = ("identity", "sitk", "ants", "matching")
+REGISTRATION_METHODS = ("identity", "sitk", "ants", "matching", "dense")
 FUSION_RULES = ("max", "average", "wavelet")
 
 # Rigid stage: coarse-to-fine pyramid (shrink factors / smoothing sigmas in voxels), the usual
@@ -144,11 +148,16 @@ def register_sitk(
     bspline_stage.Execute(fixed, moved)
     # A CompositeTransform applies its transforms last-added first: again rigid(bspline(p)).
     composite = sitk.CompositeTransform([rigid, bspline])
+    return sitk_transform_to_displacement(composite, fixed, geometry)
 
+
+def sitk_transform_to_displacement(transform: sitk.Transform, fixed: sitk.Image, geometry: Geometry) -> np.ndarray:
+    """A SimpleITK transform as a dense field on ``fixed``'s grid in the project convention (through
+    the on-disk format, so that ``io.fields.read_displacement`` does the one LPS-mm conversion)."""
     to_field = sitk.TransformToDisplacementFieldFilter()
     to_field.SetReferenceImage(fixed)
     to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
-    field = to_field.Execute(composite)
+    field = to_field.Execute(transform)
     with tempfile.TemporaryDirectory(prefix="unifuse-sitk-") as folder:
         path = Path(folder) / "displacement.mha"
         sitk.WriteImage(field, str(path))
@@ -178,11 +187,20 @@ def register_matching(reference: np.ndarray, moving: np.ndarray, geometry: Geome
     return structural_matching(*pair, config.matching_step, config.matching_range)[0].numpy()
 
 
+def register_dense(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The matching, then a dense MIND instance optimisation at full resolution (ConvexAdam's Adam
+    stage, ``model.dense_refinement``): the classical bar for small non-rigid residuals."""
+    pair = [torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None] for image in (moving, reference)]
+    start = torch.from_numpy(register_matching(reference, moving, geometry))[None]
+    return dense_refinement(*pair, start)[0].numpy()
+
+
 _REGISTER: dict[str, Callable[[np.ndarray, np.ndarray, Geometry], np.ndarray]] = {
     "identity": register_identity,
     "sitk": register_sitk,
     "ants": register_ants,
     "matching": register_matching,
+    "dense": register_dense,
 }
 
 

@@ -9,8 +9,13 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
    (``io.resample_to_reference``), so the network only predicts the residual misalignment.
 4. ``fuse``      pad to the model's size multiple, move the moving image by the model's structural
                  matching (once, on the whole input), run the network over blended tiles, crop back.
-5. ``compose``   warp the carried chroma with the predicted field, recombine RGB, map the restored
-   moving image back to its own intensity units.
+5. ``guard``     ``engine.alignment_guard``: keep the identity, the matching's field or the
+                 network's, whichever beats the simpler ones by more than the similarity's noise.
+   ``fuse (kept field)``  when that is not the network's field, run the tiles again with the kept
+                 field as the whole field (``refine(..., fixed_field=True)``), so that the restored
+                 and fused images are the ones for the displacement reported.
+6. ``compose``   warp the carried chroma (and what the intensity window clipped) with the kept
+   field, recombine RGB, map the restored moving image back to its own intensity units.
 
 Nothing here writes files: ``engine.outputs.write_fusion_outputs`` does, after a run succeeded,
 so a cancelled or failed run leaves the disk untouched.
@@ -19,7 +24,8 @@ so a cancelled or failed run leaves the disk untouched.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ from torch import nn
 
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore_progress
 from napari_unifuse.engine.provenance import (
@@ -39,9 +46,10 @@ from napari_unifuse.engine.provenance import (
     utc_timestamp,
 )
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.engine.tiling import TilePrediction, predict_tiled, tile_layout
+from napari_unifuse.engine.tiling import BlendedPrediction, TilePrediction, predict_tiled, tile_layout
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
+from napari_unifuse.io.normalize import darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES
 from napari_unifuse.model.checkpoint import load_checkpoint, resolve_checkpoint, training_crop
 from napari_unifuse.model.scan import scan_backend
@@ -50,6 +58,11 @@ from napari_unifuse.model.warp import warp
 # Cb and Cr are stored offset by 0.5 (neutral grey); shifting them to 0 before resampling and
 # warping makes the zero fill outside the moving image's field of view colourless.
 _CHROMA_NEUTRAL = 0.5
+# The estimates the alignment guard weighs against the identity, in the order they challenge.
+MATCHING, NETWORK = "matching", "network"
+FUSE_KEPT_STAGE = "fuse (kept field)"
+# One try of the tiled forward pass: the device and the tile size (None: the whole input).
+Attempt = tuple[torch.device, int | None]
 
 
 @dataclasses.dataclass
@@ -60,17 +73,20 @@ class _PreparedImage:
     mapping: IntensityMapping
     chroma: np.ndarray | None  # (2, *spatial) Cb, Cr minus 0.5, for RGB inputs
     dtype: np.dtype
+    # Moving image only: what clipping to [0, 1] removed (mapping.scaled - mapping.apply; zero
+    # inside the window), or None when nothing was; see _clipped_part.
+    clipped: np.ndarray | None = None
 
 
 def fallback_plan(
     device: torch.device, padded_shape: tuple[int, ...], tile_size: int | None, size_multiple: int
-) -> list[tuple[torch.device, int | None]]:
+) -> list[Attempt]:
     """The (device, tile size) attempts made in turn while inference runs out of memory.
 
     First the requested tile size; then half of it again and again down to one size multiple; on
     CUDA, finally the CPU with the requested tile size (slow, but host memory is usually larger).
     """
-    attempts: list[tuple[torch.device, int | None]] = [(device, tile_size)]
+    attempts: list[Attempt] = [(device, tile_size)]
     side = max(padded_shape) if tile_size is None else tile_size
     while side > size_multiple:
         side = max(size_multiple, side // 2)
@@ -147,18 +163,18 @@ class FusionEngine:
             with stage("normalise"):
                 reference_ready = _prepare(reference, reference_modality)
                 moving_ready = _prepare(moving, moving_modality)
+                moving_ready.clipped = _clipped_part(moving, moving_ready)
             with stage("resample"):
                 moving_ready = _onto_reference_grid(moving_ready, reference)
-            cancel.raise_if_cancelled()
-            with timer.stage("fuse"):
-                prediction, run_info = self._predict(
-                    moving_ready.luma.array, reference_ready.luma.array, progress, cancel, warnings
-                )
+            prediction, decision, run_info = self._fuse_and_guard(
+                moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings
+            )
             with stage("compose"):
                 result = self._compose(reference, moving, reference_ready, moving_ready, prediction)
 
         warnings.extend(_input_warnings(reference, moving))
         result.warnings = warnings
+        result.alignment_guard = decision
         result.provenance = {
             "created": utc_timestamp(),
             "inputs": {
@@ -171,6 +187,7 @@ class FusionEngine:
             "model_config": self.config.to_dict(),
             "requested_device": str(self.device),
             **run_info,
+            "alignment_guard": decision.to_dict(),
             "versions": software_versions(),
             "timings_s": timer.seconds,
             "intensity_mappings": {"reference": reference_ready.mapping.to_dict(),
@@ -178,7 +195,8 @@ class FusionEngine:
             "outputs": {
                 "fused": "float32 in [0, 1] (8-bit for PNG), reference geometry",
                 "aligned": "restored moving image resampled and warped onto the reference, moving intensity units",
-                "displacement": "ITK displacement field (LPS mm) on the reference grid, moving -> reference",
+                "displacement": "ITK displacement field (LPS mm) on the reference grid, moving -> reference; "
+                                "the estimate alignment_guard kept",
             },
             "warnings": warnings,
         }
@@ -202,49 +220,46 @@ class FusionEngine:
                 f"this checkpoint is a {self.config.spatial_dims}D model but the images are "
                 f"{reference.ndim}D; pass a {reference.ndim}D checkpoint (--checkpoint)", self.checkpoint_name)
 
-    def _predict(
+    def _fuse_and_guard(
         self,
         moving: np.ndarray,
         reference: np.ndarray,
+        timer: StageTimer,
+        stage: Callable[[str], AbstractContextManager[None]],
         progress: ProgressCallback,
         cancel: CancelToken,
         warnings: list[str],
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Padded, tiled forward passes with the out-of-memory fallback; returns cropped arrays."""
+    ) -> tuple[dict[str, np.ndarray], GuardDecision, dict[str, Any]]:
+        """The ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
+        forward passes with the out-of-memory fallback; returns arrays cropped back to the input."""
         multiple = self.config.size_multiple
         spatial = moving.shape
+        crop = (slice(None), *(slice(0, side) for side in spatial))
         padding = [(0, -side % multiple) for side in spatial]
         # Zero padding: after normalisation 0 is background, what the model saw around anatomy.
         pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
-        padded_shape = tuple(pair.shape[1:])
-        # Structural matching runs once on the whole input (one rigid estimate for every tile, and
-        # no tile reads past its edge for it); tiles get the moved image and their part of the field.
-        with torch.no_grad():
-            initial = self.model.initial_alignment(pair[None, 0:1], pair[None, 1:2])
-            pair = torch.cat([warp(pair[None, 0:1], initial)[0], pair[1:2], initial[0]])
-        attempts = fallback_plan(self.device, padded_shape, self.tile_size, multiple)
-        for attempt, (device, tile_size) in enumerate(attempts):
-            tile_shape, overlap = tile_layout(padded_shape, tile_size, multiple)
-            try:
-                self.model.to(device)
-                blended = predict_tiled(
-                    self._tile_predictor(device), pair, tile_shape, overlap,
-                    progress=progress, cancel=cancel, stage="fuse",
-                )
-                break
-            except torch.OutOfMemoryError:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if attempt + 1 == len(attempts):
-                    raise UniFuseError(
-                        f"out of memory even with {tile_shape} tiles on {device}; "
-                        "free memory or use a smaller --tile-size") from None
-                next_device, next_size = attempts[attempt + 1]
-                warnings.append(
-                    f"out of memory on {device} with tiles of {tile_shape}; retrying with "
-                    f"tile size {next_size or 'whole input'} on {next_device}")
+        attempts = fallback_plan(self.device, tuple(pair.shape[1:]), self.tile_size, multiple)
+        cancel.raise_if_cancelled()
+        with timer.stage("fuse"):
+            # Structural matching runs once on the whole input (one rigid estimate for every tile,
+            # and no tile reads past its edge for it); tiles get the moved image and their part of
+            # the field.
+            with torch.no_grad():
+                matching = self.model.initial_alignment(pair[None, 0:1], pair[None, 1:2])
+            blended, attempts = self._fuse_tiles(pair, matching, False, "fuse", attempts, progress, cancel, warnings)
+        with stage("guard"):
+            network = blended.dense[2:][crop]
+            decision = choose_displacement(moving, reference, {
+                MATCHING: matching[0][crop].numpy(), NETWORK: network.numpy()})
+        if decision.kept != NETWORK:
+            kept = matching if decision.kept == MATCHING else torch.zeros_like(matching)
+            cancel.raise_if_cancelled()
+            with timer.stage(FUSE_KEPT_STAGE):
+                blended, attempts = self._fuse_tiles(pair, kept, True, FUSE_KEPT_STAGE, attempts, progress, cancel,
+                                                     warnings)
         self.model.to(self.device)
-        crop = (slice(None), *(slice(0, side) for side in spatial))
+        device, tile_size = attempts[0]
+        tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, multiple)
         dense = blended.dense[crop].numpy()
         ndim = len(spatial)
         return (
@@ -255,6 +270,7 @@ class FusionEngine:
                 "class_probs": blended.per_tile.numpy(),
                 "slice_class_probs": blended.per_slice[: spatial[0] if ndim == 3 else 1].numpy(),
             },
+            decision,
             {
                 "device": str(device),
                 "scan_backend": scan_backend(device),
@@ -264,12 +280,45 @@ class FusionEngine:
             },
         )
 
-    def _tile_predictor(self, device: torch.device):
+    def _fuse_tiles(
+        self,
+        pair: torch.Tensor,
+        field: torch.Tensor,
+        fixed_field: bool,
+        stage: str,
+        attempts: list[Attempt],
+        progress: ProgressCallback,
+        cancel: CancelToken,
+        warnings: list[str],
+    ) -> tuple[BlendedPrediction, list[Attempt]]:
+        """The network over blended tiles of the padded (moving, reference) ``pair``, the moving
+        image moved by ``field`` (1, ndim, *padded) first. Returns the prediction and the attempts
+        from the one that fitted in memory on, so that a second pass starts there."""
+        moved = torch.cat([warp(pair[None, 0:1], field)[0], pair[1:2], field[0]])
+        for index, (device, tile_size) in enumerate(attempts):
+            tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, self.config.size_multiple)
+            try:
+                self.model.to(device)
+                blended = predict_tiled(self._tile_predictor(device, fixed_field), moved, tile_shape, overlap,
+                                        progress=progress, cancel=cancel, stage=stage)
+                return blended, attempts[index:]
+            except torch.OutOfMemoryError:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if index + 1 < len(attempts):
+                    next_device, next_size = attempts[index + 1]
+                    warnings.append(
+                        f"out of memory on {device} with tiles of {tile_shape}; retrying with "
+                        f"tile size {next_size or 'whole input'} on {next_device}")
+        raise UniFuseError(f"out of memory even with {tile_shape} tiles on {device}; "
+                           "free memory or use a smaller --tile-size")
+
+    def _tile_predictor(self, device: torch.device, fixed_field: bool):
         spatial_dims = self.config.spatial_dims
 
         def predict(tile: torch.Tensor) -> TilePrediction:
             batch = tile[None].to(device)
-            output = self.model.refine(batch[:, 0:1], batch[:, 1:2], batch[:, 2:])
+            output = self.model.refine(batch[:, 0:1], batch[:, 1:2], batch[:, 2:], fixed_field=fixed_field)
             slab_probs = output.slice_class_probs[0]  # (S, Ñ): S slabs along z (3D), S = 1 (2D)
             if spatial_dims == 3:
                 # Every z slice of the tile takes the probabilities of the slab that contains it.
@@ -291,17 +340,23 @@ class FusionEngine:
     ) -> FusionResult:
         geometry = reference.geometry
         fused, restored, u = prediction["fused"], prediction["restored"], prediction["displacement"]
-        moving_chroma = None
-        if moving_ready.chroma is not None:
-            # The chroma follows the luma: warp it with the same predicted field.
-            moving_chroma = warp(torch.from_numpy(moving_ready.chroma)[None], torch.from_numpy(u)[None])[0].numpy()
+        field = torch.from_numpy(u)[None]
+
+        def moved(channels: np.ndarray | None) -> np.ndarray | None:
+            # What the model did not see follows the luma: warped by the same (kept) field.
+            return None if channels is None else warp(torch.from_numpy(channels)[None], field)[0].numpy()
+
+        moving_chroma = moved(moving_ready.chroma)
+        if moving_ready.clipped is not None:
+            restored = restored + moved(moving_ready.clipped[None])[0]
         carried_chroma = moving_chroma if moving_chroma is not None else reference_ready.chroma
         if carried_chroma is not None:
             fused = _recombine_rgb(fused, carried_chroma)
+        restored_units = moving_ready.mapping.inverse(restored)
         if moving_chroma is not None:
-            aligned = _recombine_rgb(restored, moving_chroma)
+            aligned = _recombine_rgb(restored_units, moving_chroma)
         else:
-            aligned = _to_dtype(moving_ready.mapping.inverse(restored), moving_ready.dtype)
+            aligned = _to_dtype(restored_units, moving_ready.dtype)
         # Outputs take the reference's format; an RGB result needs PNG (NIfTI holds no colour).
         reference_is_raster = str(reference.source or "").lower().endswith(PILLOW_SUFFIXES)
         extension = "png" if reference_is_raster or carried_chroma is not None else "nii.gz"
@@ -324,21 +379,33 @@ def _prepare(image: ImageVolume, modality: str) -> _PreparedImage:
         normalised, mapping = normalize_intensity(image, modality)
         return _PreparedImage(normalised, mapping, None, image.array.dtype)
     ycbcr = rgb_to_ycbcr(image.array)
-    luma = dataclasses.replace(image, array=ycbcr[..., 0], is_rgb=False)
-    mapping = IntensityMapping("luma", "rgb", 0.0, 1.0, reason="BT.601 luma of an RGB image, already in [0, 1]")
+    # The luma is windowed for display like an 8-bit image: same rule (background to 0, never clipped).
+    mapping = darkest_to_zero(ycbcr[..., 0], 1.0, "luma", "rgb", "BT.601 luma of an RGB image")
+    luma = dataclasses.replace(image, array=mapping.apply(ycbcr[..., 0]), is_rgb=False)
     chroma = np.moveaxis(ycbcr[..., 1:], -1, 0) - _CHROMA_NEUTRAL
     return _PreparedImage(luma, mapping, chroma, image.array.dtype)
 
 
+def _clipped_part(image: ImageVolume, prepared: _PreparedImage) -> np.ndarray | None:
+    """What the model's [0, 1] window cut off ``image`` (None when nothing). It is carried past the
+    model like the chroma and added back before the inverse mapping, so that the aligned output
+    keeps the input's hottest PET voxels, metal above the CT window and the MR tails."""
+    if image.is_rgb:
+        return None  # the luma mapping never clips
+    clipped = prepared.mapping.scaled(image.array) - prepared.luma.array
+    return clipped if clipped.any() else None
+
+
 def _onto_reference_grid(moving: _PreparedImage, reference: ImageVolume) -> _PreparedImage:
-    luma = resample_to_reference(moving.luma, reference)
-    chroma = None
-    if moving.chroma is not None:
-        chroma = np.stack([
-            resample_to_reference(dataclasses.replace(moving.luma, array=channel), reference).array
-            for channel in moving.chroma
-        ]).astype(np.float32)
-    return dataclasses.replace(moving, luma=luma, chroma=chroma)
+    def resampled(channel: np.ndarray) -> np.ndarray:
+        return resample_to_reference(dataclasses.replace(moving.luma, array=channel), reference).array
+
+    return dataclasses.replace(
+        moving,
+        luma=resample_to_reference(moving.luma, reference),
+        chroma=None if moving.chroma is None else np.stack([resampled(c) for c in moving.chroma]).astype(np.float32),
+        clipped=None if moving.clipped is None else resampled(moving.clipped).astype(np.float32),
+    )
 
 
 def _recombine_rgb(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_unifuse.engine.alignment_guard import GuardDecision
 from napari_unifuse.io import ImageVolume
 
 
@@ -23,6 +24,8 @@ class FusionResult:
     ``slice_class_probs``: ``(S, Ñ)``, one row per slice along z (3D) or a single row (2D), columns
     in the order of ``class_names``.
     ``output_extension``: ``"png"`` for raster-image inputs, else ``"nii.gz"``.
+    ``alignment_guard``: which displacement estimate ``displacement`` is (identity, the structural
+    matching's or the network's) and the similarity scores and noise it was chosen on.
     """
 
     fused: ImageVolume
@@ -34,6 +37,7 @@ class FusionResult:
     output_extension: str
     provenance: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    alignment_guard: GuardDecision | None = None
 
     @property
     def predicted_class(self) -> str:

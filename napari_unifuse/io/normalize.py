@@ -6,7 +6,16 @@ Defaults per modality:
   contrast; a brain window ([0, 80]) would saturate all bone. Metal (> 2000) saturates at 1.
 * MR: percentiles 0.5-99.5 (MR intensities have no physical unit; clip the tails).
 * PET/SPECT: percentiles 0-99.9 (zero is meaningful: no uptake; clip only the hottest voxels).
-* 8-bit images (PNG/JPG): divide by 255; they were windowed when exported.
+* 8-bit images (PNG/JPG): subtract the darkest value and divide by 255. They were windowed when
+  exported, so their contrast is kept; the darkest value is the background, and an export with a
+  grey surround must still reach the model with the black background every training image had
+  (given a PET/SPECT background of 0.30, the bundled 2D checkpoint "restored" it to 0.18 / 0.14
+  on average: ``bench/probe_restoration_remap.py``).
+
+``apply`` clips to [0, 1]; ``scaled`` is the same map without the clip, so that what the clip
+removed (``scaled - apply``, zero inside the window) can be carried past the model and added back
+before ``inverse``: the engine does so, and a moving image comes back in its own units, hottest
+PET voxels and metal above the CT window included.
 """
 
 from __future__ import annotations
@@ -38,12 +47,16 @@ class IntensityMapping:
     percentiles: tuple[float, float] | None = None
     reason: str = ""
 
+    def scaled(self, array: np.ndarray) -> np.ndarray:
+        """The linear map alone, unclipped: values outside the window land outside [0, 1]."""
+        return ((np.asarray(array, dtype=np.float64) - self.lower) / (self.upper - self.lower)).astype(np.float32)
+
     def apply(self, array: np.ndarray) -> np.ndarray:
-        scaled = (np.asarray(array, dtype=np.float64) - self.lower) / (self.upper - self.lower)
-        return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+        return np.clip(self.scaled(array), 0.0, 1.0)
 
     def inverse(self, array: np.ndarray) -> np.ndarray:
-        """Back to the original intensity units (values clipped by ``apply`` stay at the bounds)."""
+        """Back to the original intensity units: exact for ``scaled`` values; values clipped by
+        ``apply`` come back at the window's bounds."""
         return (self.lower + np.asarray(array, dtype=np.float64) * (self.upper - self.lower)).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,8 +95,8 @@ def intensity_mapping(volume: ImageVolume, modality: str = "auto") -> IntensityM
         raise InputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}", volume.source)
     array = volume.array
     if array.dtype == np.uint8:
-        return IntensityMapping("scale8bit", MODALITY_ALIASES.get(key, key), 0.0, 255.0,
-                                reason="8-bit pixels (already windowed when exported)")
+        return darkest_to_zero(array, 255.0, "scale8bit", MODALITY_ALIASES.get(key, key),
+                               "8-bit pixels, already windowed when exported")
     if key == "auto":
         key, reason = _detect_modality(volume)
     else:
@@ -95,6 +108,14 @@ def intensity_mapping(volume: ImageVolume, modality: str = "auto") -> IntensityM
     if upper <= lower:
         upper = lower + 1.0  # constant image: map it to 0 instead of dividing by zero
     return IntensityMapping("percentile", key, lower, upper, percentiles, reason)
+
+
+def darkest_to_zero(array: np.ndarray, unit: float, method: str, modality: str, reason: str) -> IntensityMapping:
+    """``(x - min) / unit`` for an image already windowed for display (``unit`` = its white):
+    its contrast is kept and its darkest value, the background, becomes 0. Never clips."""
+    lower = float(np.min(array))
+    return IntensityMapping(method, modality, lower, lower + unit,
+                            reason=f"{reason}; darkest value {lower:g} taken to 0, scale kept")
 
 
 def _detect_modality(volume: ImageVolume) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from napari_unifuse.errors import InputError
 
 # Float inputs whose values all lie in [0, 1] (the model's range) are read as unit-scale images.
 # A little float32 round-off above 1 must not flip an image to the 0–255 reading.
-_UNIT_SCALE_TOLERANCE = 1e-5
+UNIT_SCALE_TOLERANCE = 1e-5
 
 
 def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1) -> list[np.ndarray]:
@@ -51,7 +52,7 @@ def to_grey_scale(names: tuple[str, ...], *arrays: object, min_side: int = 1) ->
     low = min(float(a.min()) for a in checked)
     high = max(float(a.max()) for a in checked)
     floating = all(np.issubdtype(np.asarray(a).dtype, np.floating) for a in arrays)
-    if floating and low >= 0.0 and high <= 1.0 + _UNIT_SCALE_TOLERANCE:
+    if floating and low >= 0.0 and high <= 1.0 + UNIT_SCALE_TOLERANCE:
         return [np.clip(a, 0.0, 1.0) * 255.0 for a in checked]
     if low >= 0.0 and high <= 255.0:
         return checked
@@ -65,6 +66,18 @@ def to_grey_scale(names: tuple[str, ...], *arrays: object, min_side: int = 1) ->
 def grey_levels(image: np.ndarray) -> np.ndarray:
     """Round a 0–255 image to uint8 grey levels, as the histogram-based references do."""
     return np.round(image).astype(np.uint8)
+
+
+def stretch_to_grey_levels(image: np.ndarray) -> np.ndarray:
+    """Z. Liu's ``normalize1`` (metricChen.m, metricChenBlum.m): stretch to 0–255 and round.
+
+    Each image is stretched on its own. A constant image becomes 0 (the MATLAB code keeps an
+    all-zero image and divides by zero for any other constant one).
+    """
+    low, high = image.min(), image.max()
+    if high == low:
+        return np.zeros_like(image)
+    return np.round((image - low) / (high - low) * 255)
 
 
 def mean_over_axial_slices(metric_2d: Callable[..., float], *images: np.ndarray) -> float:
@@ -87,17 +100,19 @@ def mean_over_axial_slices(metric_2d: Callable[..., float], *images: np.ndarray)
 
 FUSION_INPUT_NAMES = ("fused", "source_a", "source_b")
 
+MetricValue = TypeVar("MetricValue")
 
-def fusion_metric(min_side: int = 1) -> Callable[[Callable[..., float]], Callable[..., float]]:
+
+def fusion_metric(min_side: int = 1) -> Callable[[Callable[..., MetricValue]], Callable[..., MetricValue]]:
     """Turn ``core(fused, a, b)`` on 0–255 float64 arrays into a public metric on raw inputs.
 
     The public function checks and scales its inputs (see ``to_grey_scale``); ``core`` stays
     reachable as ``.on_grey_scale`` so ``fusion_metrics`` scales once and calls every core.
     """
 
-    def wrap(core: Callable[..., float]) -> Callable[..., float]:
+    def wrap(core: Callable[..., MetricValue]) -> Callable[..., MetricValue]:
         @functools.wraps(core)
-        def metric(fused: object, source_a: object, source_b: object) -> float:
+        def metric(fused: object, source_a: object, source_b: object) -> MetricValue:
             return core(*to_grey_scale(FUSION_INPUT_NAMES, fused, source_a, source_b, min_side=min_side))
 
         metric.on_grey_scale = core  # type: ignore[attr-defined]

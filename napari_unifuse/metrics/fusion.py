@@ -18,11 +18,23 @@ undefined and returns NaN without warnings (Q_cc and Q_scd with a constant image
 image and F are both constant); Q_psnr is +inf when F equals both sources; Q_vif follows CDDFuse,
 which scores a constant source as 1. Nothing raises on flat input.
 
+A copy of one source fools most of these: on aligned multimodal pairs F = A scores as well as or
+better than the average 0.5·(A + B) on Q_ssim, Q_vif, Q_abf, Q_cv, Q_s, MI, NMI and AG for at
+least one of the Harvard atlas tasks (issue 16), since each adds up what F keeps of A and of B and
+a copy keeps all of A. Q_mse, Q_psnr and Q_cc ranked a copy below the average there; Q_scd is
+undefined (NaN) for an exact copy. Beside these: ``fusion_gain.ssim_gains`` (gain_A, gain_B,
+gain_min: SSIM to each source beyond what the other source alone reaches, 0 for a copy),
+``fusion_perceptual`` (Chen–Blum Q_CB, Han's VIF_F; also fooled, see there) and
+``retention.bone_retention``; ``unifuse evaluate`` marks every metric that a copy pipeline
+outscores.
+
 AFM (absolute feature measurement, Zhao et al. 2007), listed by MMIF-AMIN, is not implemented:
 none of the papers defines it and no public reference implementation was found to match.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -105,14 +117,21 @@ def _vif_filter(image: np.ndarray, size: int) -> np.ndarray:
     return blurred[half:-half, half:-half]
 
 
-def _pixel_vif(reference: np.ndarray, distorted: np.ndarray) -> float:
-    """Sheikh & Bovik's pixel-domain VIF (four scales, noise variance 2) of one 2D image pair.
+# Below this a variance or a noise estimate counts as zero (the VIF references' 1e-10).
+_VIF_EPS = 1e-10
 
-    A transcription of CDDFuse ``Evaluator.compare_viff``; a reference without any variance (which
-    makes the ratio 0/0) scores 1, as there.
+
+def vif_scale_statistics(
+    reference: np.ndarray, distorted: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Sheikh & Bovik's pixel-domain VIF channel model of one 2D pair, per scale (four scales).
+
+    Yields the ``'valid'`` maps ``(gain, reference_variance, noise_variance)`` of distorted =
+    gain · reference + noise, with the references' special cases (flat reference: gain 0, all of
+    the distorted variance is noise; flat distorted: gain and noise 0; negative gain: 0, all
+    noise; noise floored at 1e-10). CDDFuse ``Evaluator.compare_viff`` and Han's
+    ``VIFF_Public.m`` (``ComVidVindG``) compute exactly these maps before they differ.
     """
-    noise_variance, eps = 2.0, 1e-10
-    numerator = denominator = 0.0
     for scale in range(1, 5):
         size = 2 ** (4 - scale + 1) + 1
         if scale > 1:
@@ -124,20 +143,30 @@ def _pixel_vif(reference: np.ndarray, distorted: np.ndarray) -> float:
         sigma2_sq = np.maximum(_vif_filter(distorted * distorted, size) - mu2 * mu2, 0)
         sigma12 = _vif_filter(reference * distorted, size) - mu1 * mu2
 
-        gain = sigma12 / (sigma1_sq + eps)
+        gain = sigma12 / (sigma1_sq + _VIF_EPS)
         noise = sigma2_sq - gain * sigma12
-        flat_reference = sigma1_sq < eps
+        flat_reference = sigma1_sq < _VIF_EPS
         gain[flat_reference] = 0
         noise[flat_reference] = sigma2_sq[flat_reference]
         sigma1_sq[flat_reference] = 0
-        flat_distorted = sigma2_sq < eps
+        flat_distorted = sigma2_sq < _VIF_EPS
         gain[flat_distorted] = 0
         noise[flat_distorted] = 0
         negative = gain < 0
         noise[negative] = sigma2_sq[negative]
         gain[negative] = 0
-        noise = np.maximum(noise, eps)
+        yield gain, sigma1_sq, np.maximum(noise, _VIF_EPS)
 
+
+def _pixel_vif(reference: np.ndarray, distorted: np.ndarray) -> float:
+    """Sheikh & Bovik's pixel-domain VIF (four scales, noise variance 2) of one 2D image pair.
+
+    A transcription of CDDFuse ``Evaluator.compare_viff``; a reference without any variance (which
+    makes the ratio 0/0) scores 1, as there.
+    """
+    noise_variance = 2.0
+    numerator = denominator = 0.0
+    for gain, sigma1_sq, noise in vif_scale_statistics(reference, distorted):
         numerator += np.sum(np.log10(1 + gain * gain * sigma1_sq / (noise + noise_variance)))
         denominator += np.sum(np.log10(1 + sigma1_sq / noise_variance))
     return float(numerator / denominator) if denominator > 0 else 1.0
@@ -158,7 +187,8 @@ def q_vif(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     return mean_over_axial_slices(lambda f, s1, s2: _pixel_vif(s1, f) + _pixel_vif(s2, f), fused, a, b)
 
 
-def _ssim_2d(x: np.ndarray, y: np.ndarray) -> float:
+def ssim_2d(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two 0–255 2D images as Q_ssim takes it (skimage defaults, data range 255)."""
     return float(structural_similarity(x, y, data_range=GREY_RANGE))
 
 
@@ -173,7 +203,7 @@ def q_ssim(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     skimage's ``structural_similarity`` with its defaults (7×7 uniform window) and an explicit
     ``data_range=255``. (CDDFuse passed no data range; older scikit-image then took 2 for float input.)
     """
-    return mean_over_axial_slices(lambda f, s1, s2: _ssim_2d(f, s1) + _ssim_2d(f, s2), fused, a, b)
+    return mean_over_axial_slices(lambda f, s1, s2: ssim_2d(f, s1) + ssim_2d(f, s2), fused, a, b)
 
 
 # Wang et al.'s ssim_index.m: 11×11 Gaussian window, sigma 1.5, K = (0.01, 0.03), L = 255.

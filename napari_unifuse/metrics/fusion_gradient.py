@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import signal
 
-from napari_unifuse.metrics._inputs import fusion_metric, mean_over_axial_slices
+from napari_unifuse.metrics._inputs import fusion_metric, mean_over_axial_slices, stretch_to_grey_levels
 
 # Sobel kernels of metricsQabf.m (VIFB) / CDDFuse Evaluator.Qabf, applied with conv2(..., 'same').
 _SOBEL_ROWS = np.array([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]])
@@ -74,14 +74,6 @@ _CV_WINDOW = 16
 _CV_ALPHA = 5
 
 
-def _normalize_to_grey(image: np.ndarray) -> np.ndarray:
-    """metricChen.m's ``normalize1``: stretch to 0–255 and round; a constant image becomes 0."""
-    low, high = image.min(), image.max()
-    if high == low:  # the MATLAB code divides by zero here
-        return np.zeros_like(image)
-    return np.round((image - low) / (high - low) * 255)
-
-
 def _block_reduce(values: np.ndarray, reduce: str) -> np.ndarray:
     """MATLAB ``blkproc(values, [16 16], fun)``: zero-pad to whole blocks, reduce each block."""
     rows = -(-values.shape[0] // _CV_WINDOW) * _CV_WINDOW
@@ -105,7 +97,7 @@ def _mannos_sakrison_filter(shape: tuple[int, int]) -> np.ndarray:
 
 
 def _q_cv_2d(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-    fused, a, b = (_normalize_to_grey(image) for image in (fused, a, b))
+    fused, a, b = (stretch_to_grey_levels(image) for image in (fused, a, b))
     csf = _mannos_sakrison_filter(fused.shape)
     saliencies, distortions = [], []
     for source in (a, b):

@@ -153,7 +153,7 @@ def rigid_displacement(rotation: torch.Tensor, shift: torch.Tensor, positions: t
 
 
 @contextmanager
-def _optimising():
+def optimising():
     # The engine runs under inference_mode; the optimisation needs autograd on its own tensors.
     with torch.inference_mode(False), torch.enable_grad():
         yield
@@ -164,7 +164,7 @@ def optimise_rigid(moving: torch.Tensor, reference: torch.Tensor, start: torch.T
     optimised from no extra motion on a coarse and a fine level."""
     spatial = tuple(reference.shape[2:])
     spatial_dims = len(spatial)
-    with _optimising():
+    with optimising():
         moving, reference, start = (x.detach().clone() for x in (moving, reference, start))
         rotation = moving.new_zeros(moving.shape[0], {2: 1, 3: 3}[spatial_dims], requires_grad=True)
         shift = moving.new_zeros(moving.shape[0], spatial_dims, requires_grad=True)
@@ -191,7 +191,7 @@ def optimise_deformable(moving: torch.Tensor, reference: torch.Tensor, start: to
     the soft MI on the fine level, with a diffusion penalty (B, ndim, *spatial)."""
     spatial = tuple(reference.shape[2:])
     mode = ("bilinear", "trilinear")[len(spatial) - 2]
-    with _optimising():
+    with optimising():
         moving, reference, start = (x.detach().clone() for x in (moving, reference, start))
         factor = level_factors(spatial)[1]
         level = _Level(gaussian_blur(moving, factor / 2), gaussian_blur(reference, factor / 2), factor)

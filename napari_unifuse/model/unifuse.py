@@ -54,7 +54,7 @@ class UniFuse(nn.Module):
     def forward(self, moving: torch.Tensor, reference: torch.Tensor) -> UniFuseOutput:
         self._check_inputs(moving, reference)
         initial = self.initial_alignment(moving, reference)
-        return self.refine(warp(moving, initial), reference, initial)
+        return self.refine(warp(moving, initial, padding_mode="border"), reference, initial)
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Structural matching's field (B, ndim, *spatial) for the pair (zero when
@@ -67,9 +67,13 @@ class UniFuse(nn.Module):
                                    mutual_information_refinement=cfg.matching_mutual_information)
 
     def refine(self, moving: torch.Tensor, reference: torch.Tensor,
-               initial: torch.Tensor) -> UniFuseOutput:
+               initial: torch.Tensor, *, fixed_field: bool = False) -> UniFuseOutput:
         """The network on ``moving`` already warped by ``initial`` (:meth:`initial_alignment` of
-        the unwarped pair): FA predicts the correction, and the output field is both composed."""
+        the unwarped pair): FA predicts the correction, and the output field is both composed.
+
+        ``fixed_field``: skip FA, so that ``initial`` is the whole field; the engine uses it to
+        restore and fuse with the estimate its alignment guard kept (identity or the matching's).
+        """
         self._check_inputs(moving, reference)
         dapl = self.dapl(moving, reference)
         class_probs = torch.softmax(dapl.class_logits, dim=-1)
@@ -78,9 +82,12 @@ class UniFuse(nn.Module):
         # not whatever gate suits the fusion losses (their gradients would outweigh L_ce's).
         routing = class_probs.detach()
         unified = self.oufr(dapl.moving_features, dapl.reference_features, dapl.hidden_states)
-        correction = self.fa(unified.moving_map, unified.reference_map, dapl.prompts, routing)
+        if fixed_field:
+            correction = initial.new_zeros(initial.shape)
+        else:
+            correction = self.fa(unified.moving_map, unified.reference_map, dapl.prompts, routing)
         fused, restored = self.ufrf(warp(unified.moving_full, correction), unified.reference_full,
-                                    warp(moving, correction), reference, dapl.prompts, routing)
+                                    warp(moving, correction, padding_mode="border"), reference, dapl.prompts, routing)
         return UniFuseOutput(
             fused=fused, restored=restored, displacement=compose(initial, correction),
             initial_displacement=initial,

@@ -15,6 +15,8 @@ A sample is a dict of tensors::
     displacement (ndim, *spatial)                  ground truth u, voxels: moving(x + u(x)) = label(x)
     class_index  ()  int64                          index in data.degrade.DEGRADATION_CLASSES
     reference_misaligned (1, *spatial)             I'_R: the reference moved exactly like I'_D (L_moda)
+    moving_clean (1, *spatial)                     I_fine: the clean moving image misaligned like I'_D;
+                                                   W(I_fine, φ) is the fusion target (Eq. 11–12)
   colour datasets (Harvard) add, for every sample so that batches collate:
     cbcr         (2, *spatial)  chroma of the moving image, misaligned like ``moving``
     label_cbcr   (2, *spatial)  chroma aligned to the reference (the target of L_crcb)
@@ -91,12 +93,13 @@ def random_crop(arrays: list[np.ndarray], size: tuple[int, ...], rng: np.random.
 
 
 class _RecordingMisalignment:
-    """Draws like ``RandomMisalignment`` and keeps the draw, to misalign the reference the same way."""
+    """Draws like the config's misalignment (``data.misalign.misalignment_from_options``) and keeps
+    the draw, to misalign the reference and the clean label the same way."""
 
-    def __init__(self, options: dict[str, float]) -> None:
-        from napari_unifuse.data.misalign import RandomMisalignment
+    def __init__(self, options: dict) -> None:
+        from napari_unifuse.data.misalign import misalignment_from_options
 
-        self.random = RandomMisalignment(**options)
+        self.random = misalignment_from_options(options)
         self.last = None
 
     def draw(self, shape, rng, spacing=None):
@@ -108,7 +111,8 @@ class SyntheticPairDataset(Dataset):
     """Base class: subclasses provide ``__len__`` and ``clean_pair(index, rng)``.
 
     ``severity`` (lo, hi): each sample's degradation severity is uniform in it.
-    ``misalignment``: keyword arguments of ``data.misalign.RandomMisalignment``.
+    ``misalignment``: ``data.misalign.misalignment_from_options``'s options: RandomMisalignment's
+    keyword arguments for the ``large`` regime, and ``regime`` or ``regimes`` (weights).
     """
 
     with_color = False
@@ -146,7 +150,8 @@ class SyntheticPairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         from napari_unifuse.data.color import rgb_to_ycbcr
-        from napari_unifuse.data.pairs import make_pair
+        from napari_unifuse.data.misalign import warp_array
+        from napari_unifuse.data.pairs import MISALIGNMENT_ORDER, make_pair
         from napari_unifuse.io import Geometry, ImageVolume
 
         rng = sample_rng(self.seed, self.stream, self.epoch, index)
@@ -167,21 +172,25 @@ class SyntheticPairDataset(Dataset):
             misalignment=recorder,
         )
         moving = np.asarray(pair.moving.array, dtype=np.float32)
+        inverse = recorder.last.inverse_displacement()
+        moving_clean = np.clip(warp_array(label, inverse, order=MISALIGNMENT_ORDER), 0.0, 1.0)
         sample = {
             "reference": _tensor(reference),
             "displacement": torch.from_numpy(np.asarray(pair.displacement, dtype=np.float32)),
             "class_index": torch.tensor(int(pair.class_index), dtype=torch.int64),
             # I'_R for L_moda (Eq. 4): the reference moved exactly like the moving image.
-            "reference_misaligned": _tensor(recorder.last.apply(reference)),
+            "reference_misaligned": _tensor(warp_array(reference, inverse)),
         }
         if clean.is_rgb:
             moving_ycbcr, label_ycbcr = rgb_to_ycbcr(moving), rgb_to_ycbcr(label)
             sample["moving"], sample["label"] = _tensor(moving_ycbcr[..., 0]), _tensor(label_ycbcr[..., 0])
+            sample["moving_clean"] = _tensor(rgb_to_ycbcr(moving_clean)[..., 0])
             sample["cbcr"] = torch.from_numpy(np.moveaxis(moving_ycbcr[..., 1:], -1, 0).copy())
             sample["label_cbcr"] = torch.from_numpy(np.moveaxis(label_ycbcr[..., 1:], -1, 0).copy())
             sample["is_color"] = torch.tensor(1.0)
         else:
             sample["moving"], sample["label"] = _tensor(moving), _tensor(label)
+            sample["moving_clean"] = _tensor(moving_clean)
             if self.with_color:
                 # Neutral chroma so that grey and colour samples share one batch.
                 neutral = torch.full((2, *reference.shape), NEUTRAL_CHROMA)

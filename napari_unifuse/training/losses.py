@@ -215,6 +215,16 @@ def structure_loss(fused: torch.Tensor, moving_target: torch.Tensor, reference: 
     return ssim_loss(fused, moving_target) + ssim_loss(fused, reference)
 
 
+def balance_loss(fused: torch.Tensor, moving_target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``max(1 − SSIM(I_f, I_D), 1 − SSIM(I_f, I_R))`` per sample, averaged over the batch (ours).
+
+    The structural dissimilarity to the source the fused image resembles least: minimising it
+    maximises the smaller per-source gain SSIM(I_f, S) − SSIM(other, S), which a copy of either
+    source leaves at 0, so a one-sided fusion cannot score well on it.
+    """
+    return torch.maximum(1.0 - ssim(fused, moving_target), 1.0 - ssim(fused, reference)).mean()
+
+
 def color_loss(
     cbcr_fused: torch.Tensor, cbcr_target: torch.Tensor, is_color: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -4,12 +4,16 @@
 (the main pass on {I'_D, I_R} and the OUFR-only pass on {I_D, I'_R}, Eq. 4); wrapping both in one
 module is what lets DistributedDataParallel see every parameter use inside its forward.
 
-Targets. The paper supervises the fusion with ``W(I'_fine, φ)``, the clean moving image warped by
-the *predicted* field (Eq. 11–12). Our samples carry the clean image already aligned by the true
-field (``label`` = I_D), which is what ``W(I'_fine, φ)`` tends to as φ → φ_gt; using it keeps the
-fusion target fixed while FA is still poor. The chroma term (Eq. 13) does warp with the predicted
-field: the fused colour image carries the moving image's CbCr, which must be moved onto the
-reference, so L_crcb also trains the alignment.
+Targets. As the paper (Eq. 11–12), the fusion is supervised with ``W(I_fine, φ)``: the clean
+moving image (``moving_clean``, misaligned like the input) warped by the *predicted* field, which
+is where the moving content of the fused image actually sits. An earlier version used the label
+aligned by the true field; with the predicted field still 5–11 px off, any moving content in the
+fused image was in the wrong place and penalised, and the network learned to copy the reference.
+The restoration has the same target, so that it learns to remove the degradation, not to make up
+for the alignment error. The field is detached in these targets: L_reg trains the alignment, and
+the fusion losses must not pull the field toward whatever makes fusing easy. The chroma term
+(Eq. 13) warps with the predicted field and is not detached: the fused colour image carries the
+moving image's CbCr, which must be moved onto the reference, so L_crcb also trains the alignment.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from napari_unifuse.model.warp import warp
 from napari_unifuse.training import losses
 from napari_unifuse.training.config import LossSection
 
-LOSS_TERMS = ("ce", "moda", "reg", "smooth", "ssim", "inten", "grad", "crcb", "restore")
+LOSS_TERMS = ("ce", "moda", "reg", "smooth", "ssim", "inten", "grad", "balance", "crcb", "restore")
 
 
 class TrainingModel(nn.Module):
@@ -45,6 +49,11 @@ class TrainingModel(nn.Module):
         return output, clean_tokens
 
 
+def fusion_target(moving_clean: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """W(I_fine, φ) of Eq. 11–12 with the field detached (see the module docstring)."""
+    return warp(moving_clean, displacement.detach(), padding_mode="border")
+
+
 def compute_losses(
     output: UniFuseOutput,
     clean_tokens: tuple[torch.Tensor, torch.Tensor] | None,
@@ -52,14 +61,16 @@ def compute_losses(
     weights: LossSection,
 ) -> dict[str, torch.Tensor]:
     """Every weighted term's *unweighted* value plus ``total`` (the weighted sum)."""
-    reference, label = batch["reference"], batch["label"]
+    reference = batch["reference"]
+    moving_target = fusion_target(batch["moving_clean"], output.displacement)
     terms: dict[str, torch.Tensor] = {
         "ce": losses.classification_loss(output.class_logits, batch["class_index"]),
         "reg": losses.registration_loss(output.displacement, batch["displacement"]),
-        "ssim": losses.structure_loss(output.fused, label, reference),
-        "inten": losses.intensity_loss(output.fused, label, reference),
-        "grad": losses.gradient_loss(output.fused, label, reference),
-        "restore": losses.restoration_loss(output.restored, label),
+        "ssim": losses.structure_loss(output.fused, moving_target, reference),
+        "inten": losses.intensity_loss(output.fused, moving_target, reference),
+        "grad": losses.gradient_loss(output.fused, moving_target, reference),
+        "balance": losses.balance_loss(output.fused, moving_target, reference),
+        "restore": losses.restoration_loss(output.restored, moving_target),
     }
     if clean_tokens is not None and weights.moda > 0:
         label_tokens, misaligned_reference_tokens = clean_tokens

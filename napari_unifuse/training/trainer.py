@@ -19,7 +19,7 @@ Run folder (``--out``)::
     checkpoints/last.safetensors + last.json       weights + metadata (model.checkpoint)
     checkpoints/last.state.pt   optimizer / scheduler / step, tensors and numbers only,
                                 read back with torch.load(weights_only=True)
-    checkpoints/best.safetensors + best.json       best validation NCC so far
+    checkpoints/best.safetensors + best.json       best validation fusion_gain_min so far (a copy-proof fusion score)
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from napari_unifuse.training.datasets import build_datasets
 from napari_unifuse.training.objective import TrainingModel, compute_losses
 from napari_unifuse.training.validation import validate
 
-BEST_SCORE = "ncc_restored"
+BEST_SCORE = "fusion_gain_min"
 
 
 @dataclass

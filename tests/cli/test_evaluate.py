@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import math
+import re
 
 import numpy as np
 import pytest
@@ -10,21 +12,37 @@ import torch
 from PIL import Image
 
 from napari_unifuse.cli import main
-from napari_unifuse.cli.evaluate import METRIC_COLUMNS, checkpoint_split, paired_comparison, paired_markdown
+from napari_unifuse.cli.evaluate import (
+    METRIC_COLUMNS,
+    EvaluationPair,
+    checkpoint_split,
+    copies_outscoring_fusion,
+    markdown_table,
+    paired_comparison,
+    paired_markdown,
+    pairs_from_csv,
+    score,
+    summarise,
+    unit_intensities,
+)
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.data.misalign import warp_array
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import ImageVolume, normalize_intensity, read_image, write_image
 from napari_unifuse.io.fields import write_displacement
 from napari_unifuse.io.image import Geometry
+from napari_unifuse.metrics import registration_metrics, ssim_gains
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 
 SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of the model's 4
-CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants", "matching")
+CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants", "matching", "dense")
              for rule in ("max", "average", "wavelet")]
+# The copy pipelines sit on the matching registration when it is evaluated (it is by default).
+COPIES = ["matching + copy-reference", "matching + copy-moving"]
 
 
 
@@ -92,7 +110,8 @@ def test_writes_every_method_task_and_metric(evaluation):
     assert code == 0
     summary = read_csv(out / "evaluation.csv")
     methods = {row["method"] for row in summary}
-    assert methods == {"UniFuse (tiny-2d)", *CLASSICAL}
+    assert methods == {"UniFuse (tiny-2d)", *CLASSICAL, *COPIES}
+    assert {row["regime"] for row in summary} == {"given"}  # CSV pairs: no synthesised regime
     assert {(row["method"], row["task"]) for row in summary} == {
         (method, task) for method in methods for task in ("t1-t2", "mri-pet", "all")}
     for column in METRIC_COLUMNS:
@@ -103,12 +122,23 @@ def test_writes_every_method_task_and_metric(evaluation):
     markdown = (out / "evaluation.md").read_text(encoding="utf-8")
     for method in methods:
         assert f"| {method} | mri-pet | 1 |" in markdown
-    for column in ("ncc", "epe", "folding_pct", "Q_abf", "Q_vif", "MI", "seconds"):
-        assert f" {column} |" in markdown.splitlines()[4]  # the table's header line
+    header = markdown.splitlines()[4]  # the table's header line
+    for column in ("ncc", "epe", "folding_pct", "restored_ssim", "warped_input_ssim", "Q_abf", "Q_vif", "MI",
+                   "gain_ref", "gain_mov", "gain_min", "Q_CB", "VIF_F", "seconds"):
+        assert re.search(rf" {column}( †)? \|", header), column
+    assert " bone_retention" not in header  # no CT among these pairs: the column is all NaN
+    # Whether a metric is fooled depends on these random-weight pairs; the sentence says which.
+    marked = set(re.findall(r" (\w+) †", header))
+    fooled_line = next(line for line in markdown.splitlines()
+                       if line.startswith(("† fooled by a copy", "No metric scores a copy")))
+    assert marked == {column for column in re.findall(r"(\w+) \(", fooled_line)}
+    assert "gain_min" not in marked  # a copy scores exactly 0 there, see test_values_…
     assert len(read_csv(out / "per_pair.csv")) == 3 * len(methods)
     paired = read_csv(out / "paired.csv")
     assert {(row["task"], row["versus"]) for row in paired} == {
-        (task, method) for method in CLASSICAL for task in ("t1-t2", "mri-pet")}
+        (task, method) for method in CLASSICAL + COPIES for task in ("t1-t2", "mri-pet")}
+    for column in ("ncc", "epe", "Q_abf", "Q_ssim", "gain_min", "Q_CB", "VIF_F"):
+        assert f"{column}_p" in paired[0]
     assert "UniFuse (tiny-2d) against each pipeline, pair by pair" in markdown
 
 
@@ -132,6 +162,19 @@ def test_values_are_consistent_with_the_pairs(evaluation, pairs_csv):
     assert colour["epe"] == "nan"  # no ground-truth field for this pair
     assert colour["class_accuracy"] == "nan"  # nor a known degradation
     assert float(colour["seconds"]) > 0 and np.isfinite(float(colour["Q_abf"]))
+    for pair in {row["pair"] for row in rows}:
+        copy_reference = by_key[pair, "matching + copy-reference"]
+        # A copy of the reference adds nothing for the label: a gain of exactly 0, so gain_min is 0.
+        assert float(copy_reference["gain_mov"]) == 0.0 and float(copy_reference["gain_min"]) == 0.0
+        assert float(copy_reference["gain_ref"]) > 0
+        # The copies sit on the matching registration: its alignment scores, and its aligned image.
+        assert copy_reference["ncc"] == by_key[pair, "matching + average"]["ncc"]
+        copy_moving = by_key[pair, "matching + copy-moving"]
+        # Fused = the aligned moving image: its gain for the label is its alignment SSIM to the label
+        # minus the reference's SSIM to the label (1 − the copy of the reference's gain_ref).
+        assert float(copy_moving["gain_mov"]) == pytest.approx(
+            float(copy_moving["ssim"]) - (1 - float(copy_reference["gain_ref"])), abs=1e-5)
+        assert copy_moving["restored_ssim"] == "nan" and copy_moving["warped_input_ssim"] == "nan"
 
 
 def test_class_accuracy_scores_the_engines_prediction_against_the_true_class(evaluation, pairs_csv, checkpoint):
@@ -148,11 +191,75 @@ def test_class_accuracy_scores_the_engines_prediction_against_the_true_class(eva
         assert all(by_method[method]["class_accuracy"] == "nan" for method in CLASSICAL)
 
 
+def test_restoration_columns_compare_the_restored_output_with_the_input_warped_by_the_same_field(
+        evaluation, pairs_csv, checkpoint):
+    _, out = evaluation
+    rows = read_csv(out / "per_pair.csv")
+    engine = FusionEngine(checkpoint, device="cpu")
+    for pair in pairs_from_csv(pairs_csv[0]):
+        by_method = {row["method"]: row for row in rows if row["pair"] == pair.name}
+        unifuse = by_method["UniFuse (tiny-2d)"]
+        assert unifuse["restored_ssim"] == unifuse["ssim"]
+        result = engine.run_fusion(pair.reference, pair.moving)
+        warped = warp_array(unit_intensities(pair.moving)[0], result.displacement)
+        assert float(unifuse["warped_input_ssim"]) == pytest.approx(
+            registration_metrics(warped, pair.label)["ssim"], rel=1e-6)
+        assert all(by_method[method]["restored_ssim"] == "nan" for method in CLASSICAL + COPIES)
+
+
+def test_score_maps_gains_to_reference_and_moving_and_keeps_bone_retention_to_ct():
+    rng = np.random.default_rng(0)
+    reference = rng.random((SIDE, SIDE)).astype(np.float32)
+    label = (0.4 * reference + 0.4 * rng.random((SIDE, SIDE))).astype(np.float32)  # below 0.8
+    label[:8] = 0.9  # bone: above the 0.8 threshold
+    fused = (0.7 * reference + 0.3 * label).astype(np.float32)
+    zero_field = np.zeros((2, SIDE, SIDE), dtype=np.float32)
+    geometry = Geometry.identity(2)
+
+    def pair(modality):
+        return EvaluationPair("p", "t", ImageVolume(reference, geometry), ImageVolume(label, geometry), label,
+                              moving_modality=modality)
+
+    values = score(label, zero_field, fused, reference, pair("ct"), seconds=1.5)
+    assert list(values) == list(METRIC_COLUMNS) and list(values)[-1] == "seconds"
+    gains = ssim_gains(fused, reference, label)
+    assert (values["gain_ref"], values["gain_mov"], values["gain_min"]) == (gains.a, gains.b, gains.minimum)
+    assert values["gain_ref"] > values["gain_mov"]  # F leans towards the reference
+    assert values["bone_retention"] == pytest.approx(fused[:8].mean())
+    assert math.isnan(score(label, zero_field, fused, reference, pair("pet"), seconds=1.5)["bone_retention"])
+    assert math.isnan(values["restored_ssim"]) and math.isnan(values["warped_input_ssim"])
+
+
+def summary_of(means: dict[str, dict[str, float]], task: str = "CT-MRI") -> list[dict]:
+    """``summarise`` of one record per method with the given columns (the others NaN)."""
+    records = [{"task": task, "method": method, "pair": "p",
+                **{column: columns.get(column, float("nan")) for column in METRIC_COLUMNS}}
+               for method, columns in means.items()]
+    return summarise(records)
+
+
+def test_a_metric_is_marked_fooled_when_a_copy_beats_the_average_of_the_same_pair():
+    summary = summary_of({
+        "matching + average": {"Q_ssim": 1.40, "gain_min": 0.20, "Q_mse": 0.03, "ncc": 0.5},
+        "matching + copy-reference": {"Q_ssim": 1.45, "gain_min": 0.0, "Q_mse": 0.06, "ncc": 0.9},
+        "matching + copy-moving": {"Q_ssim": 1.30, "gain_min": 0.0, "Q_mse": 0.01, "ncc": 0.5},
+        "sitk + average": {"Q_ssim": 1.60},  # another registration: not the copies' comparator
+    })
+    fooled = copies_outscoring_fusion(summary, "matching")
+    # Higher Q_ssim and lower (better) Q_mse for a copy; alignment columns are not fusion metrics.
+    assert fooled == {"Q_mse": ["CT-MRI: copy-moving"], "Q_ssim": ["CT-MRI: copy-reference"]}
+    header = markdown_table(summary, fooled).splitlines()[0]
+    assert " Q_ssim † |" in header and " Q_mse † |" in header and " gain_min |" in header
+    assert copies_outscoring_fusion(summary, "identity") == {}  # no identity rows to compare
+
+
 def test_needs_exactly_one_pair_source(checkpoint, pairs_csv, tmp_path, capsys):
     argv = ["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]
     assert main(argv) == 2
     assert main([*argv, "--pairs", str(pairs_csv[0]), "--harvard", str(tmp_path)]) == 2
     assert "exactly one of --pairs" in capsys.readouterr().err
+    assert main([*argv, "--pairs", str(pairs_csv[0]), "--misalignment", "mild"]) == 2
+    assert "--misalignment applies to --harvard" in capsys.readouterr().err
 
 
 def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
@@ -173,14 +280,26 @@ def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
             Image.fromarray(image).save(root / task / modality / name)
     out = tmp_path / "out"
     argv = ["evaluate", "--checkpoint", str(checkpoint), "--harvard", str(root), "--tasks", "CT,PET",
-            "--limit", "1", "--baselines", "identity", "--fusion-rules", "max", "--out", str(out), "--device", "cpu"]
+            "--limit", "1", "--baselines", "identity", "--fusion-rules", "average", "--out", str(out),
+            "--device", "cpu"]
     assert main(argv) == 0
     rows = read_csv(out / "per_pair.csv")
     assert {row["task"] for row in rows} == {"CT-MRI", "PET-MRI"}
-    assert len(rows) == 2 * 2  # one pair per task, UniFuse + identity
+    # Every regime by default; per regime one pair per task, UniFuse + identity + the two copies on identity.
+    methods = ["UniFuse (tiny-2d)", "identity + average", "identity + copy-reference", "identity + copy-moving"]
+    assert [(row["regime"], row["method"]) for row in rows] == [
+        (regime, method) for regime in ("large", "mild", "none") for _task in range(2) for method in methods]
     assert {row["class_accuracy"] for row in rows if row["method"] == "UniFuse (tiny-2d)"} <= {"0.0", "1.0"}
+    identity_epe = {(row["regime"], row["task"]): float(row["epe"]) for row in rows
+                    if row["method"] == "identity + average"}
+    for task in ("CT-MRI", "PET-MRI"):  # the true field's mean length, capped at 4 voxels when mild
+        assert identity_epe["none", task] == 0.0 < identity_epe["mild", task] <= 4.0 + 1e-3
+        assert identity_epe["large", task] > 0.0
     report = (out / "evaluation.md").read_text(encoding="utf-8")
     assert f"val_fraction {DEFAULT_VAL_FRACTION}, seed 0, from the dataset defaults" in report
+    for regime in ("large", "mild", "none"):
+        assert f"## Misalignment: {regime}" in report
+    assert {row["regime"] for row in read_csv(out / "paired.csv")} == {"large", "mild", "none"}
     first = (out / "per_pair.csv").read_text(encoding="utf-8")
     assert main(argv) == 0
     # Seeded synthesis: a second run scores the very same pairs (timings aside).
@@ -214,7 +333,8 @@ def test_paired_comparison_counts_wins_and_matches_the_exact_signed_rank_test():
                         "epe": float("nan") if number == 0 else 10.0 - gain, "Q_ssim": 1.0 - gain})
         records.append({"task": "t", "method": "C", "pair": pair, **base})
         records[-1]["ncc"] = records[-2]["ncc"]  # C ties A on NCC everywhere
-    rows = {row["versus"]: row for row in paired_comparison(records, "A")}
+    columns = tuple(base)  # the records carry only these
+    rows = {row["versus"]: row for row in paired_comparison(records, "A", columns)}
     assert set(rows) == {"B", "C"}
     versus_b = rows["B"]
     assert versus_b["ncc_diff"] == pytest.approx(0.035)
@@ -224,5 +344,5 @@ def test_paired_comparison_counts_wins_and_matches_the_exact_signed_rank_test():
     assert versus_b["epe_diff"] < 0  # lower error counted as the win above
     assert (versus_b["Q_ssim_wins"], versus_b["Q_ssim_p"]) == (0, pytest.approx(2 / 64))
     assert (rows["C"]["ncc_diff"], rows["C"]["ncc_wins"], rows["C"]["ncc_p"]) == (0.0, 0, 1.0)
-    table = paired_markdown(list(rows.values()))
+    table = paired_markdown(list(rows.values()), columns)
     assert "| t | B | +0.035, 6/6, 0.031 |" in table

@@ -37,7 +37,7 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     assert metadata["training_config"]["data"]["kind"] == "phantom"
     assert metadata["wall_time_s"] > 0
     assert metadata["device"].startswith("cpu")
-    assert set(metadata["validation"]) >= {"ncc_restored", "ncc_input", "epe_voxels", "q_cc", "q_ssim"}
+    assert set(metadata["validation"]) >= {"fusion_gain_min", "ssim_restored", "ssim_warped_input", "ncc_restored", "ncc_input", "epe_voxels", "q_ssim"}
     assert (run_dir / "checkpoints" / "last.state.pt").is_file()
 
     records = _log(run_dir)

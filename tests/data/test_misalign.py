@@ -5,7 +5,14 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from napari_unifuse.data.misalign import RandomMisalignment, warp_array
+from napari_unifuse.data.misalign import (
+    MISALIGNMENT_REGIMES,
+    MildMisalignment,
+    NoMisalignment,
+    RandomMisalignment,
+    misalignment_from_options,
+    warp_array,
+)
 from napari_unifuse.errors import InputError
 
 
@@ -120,3 +127,55 @@ def test_bad_input_raises():
         warp_array(np.zeros((10, 12)), np.zeros((2, 12, 10)))
     with pytest.raises(InputError, match="non-negative"):
         RandomMisalignment(max_rotation_deg=-1)
+
+
+# ---- regimes -------------------------------------------------------------------------------------
+def _affine_residual_fraction(u: np.ndarray) -> float:
+    """Share of the field's mean magnitude that a least-squares affine fit does not explain."""
+    points = np.indices(u.shape[1:], dtype=float).reshape(u.shape[0], -1)
+    design = np.vstack([points, np.ones(points.shape[1])]).T
+    flat = u.reshape(u.shape[0], -1).T
+    coefficients, *_ = np.linalg.lstsq(design, flat, rcond=None)
+    residual = flat - design @ coefficients
+    return float(np.linalg.norm(residual, axis=1).mean() / np.linalg.norm(flat, axis=1).mean())
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (128, 128), (32, 32, 32)])
+def test_mild_regime_is_a_small_mostly_non_affine_residual_in_voxels(shape):
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        u = MildMisalignment().draw(shape, rng).displacement()
+        magnitude = np.linalg.norm(u, axis=0)
+        assert 1.5 <= magnitude.mean() <= 4.0
+        assert np.percentile(magnitude, 95) <= 7.0
+        assert _affine_residual_fraction(u) > 0.5
+
+
+def test_none_regime_is_the_zero_field_and_leaves_the_image_alone():
+    image = smooth_object((40, 40))
+    draw = NoMisalignment().draw((40, 40), np.random.default_rng(0))
+    assert not draw.displacement().any()
+    np.testing.assert_allclose(draw.apply(image), image, atol=1e-6)
+
+
+def test_regime_mixture_draws_each_regime_by_its_weight():
+    mixture = misalignment_from_options({"regimes": {"large": 0.5, "mild": 0.3, "none": 0.2}})
+    rng = np.random.default_rng(0)
+    drawn = [mixture.draw((32, 32), rng).params["regime"] for _ in range(400)]
+    shares = {name: drawn.count(name) / len(drawn) for name in MISALIGNMENT_REGIMES}
+    assert shares == pytest.approx({"large": 0.5, "mild": 0.3, "none": 0.2}, abs=0.07)
+
+
+def test_one_regime_and_the_large_regime_keeps_the_config_maxima():
+    options = {"regime": "large", "max_rotation_deg": 0.0, "max_translation_fraction": 0.25,
+               "max_elastic_fraction": 0.0}
+    u = misalignment_from_options(options).draw((40, 40), np.random.default_rng(0)).displacement()
+    assert np.ptp(u[0]) < 1e-6 and np.ptp(u[1]) < 1e-6  # a pure translation
+    assert np.abs(u).max() <= 0.25 * 40 + 1e-6
+
+
+@pytest.mark.parametrize("options", [{"regime": "huge"}, {"regimes": {"mild": -1.0}},
+                                     {"regime": "mild", "regimes": {"mild": 1.0}}, {"regimes": {}}])
+def test_bad_regime_options_are_refused(options):
+    with pytest.raises(InputError):
+        misalignment_from_options(options)

@@ -122,3 +122,19 @@ def test_pixelwise_rules():
     np.testing.assert_allclose(classical.fuse_classical("average", a, b), [[0.3, 0.6], [0.4, 0.6]])
     with pytest.raises(InputError, match="unknown fusion rule"):
         classical.fuse_classical("pca", a, b)
+
+
+def test_dense_registration_refines_the_matching_on_a_small_smooth_warp():
+    from napari_unifuse.data.misalign import MildMisalignment
+    from napari_unifuse.data.phantoms import make_brain_phantom_slices
+
+    slices = make_brain_phantom_slices((96, 96), ("t1", "t2"))
+    reference, label = (np.clip(slices[name].array / slices[name].array.max(), 0, 1).astype(np.float32)
+                        for name in ("t1", "t2"))
+    draw = MildMisalignment().draw(reference.shape, np.random.default_rng(0))
+    moving = np.clip(draw.apply(label, order=3), 0, 1).astype(np.float32)
+    head = reference > 0.05
+    errors = {method: float(np.linalg.norm(classical.register(method, reference, moving).displacement
+                                           - draw.displacement(), axis=0)[head].mean())
+              for method in ("identity", "dense")}
+    assert errors["dense"] < 0.7 * errors["identity"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
-from napari_unifuse.engine.inference import FusionEngine, fallback_plan
+from napari_unifuse.engine.inference import FUSE_KEPT_STAGE, NETWORK, FusionEngine, fallback_plan
 from napari_unifuse.engine.outputs import output_file_names, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
@@ -49,12 +49,12 @@ class CountingModel(nn.Module):
     def initial_alignment(self, moving, reference):
         return self.model.initial_alignment(moving, reference)
 
-    def refine(self, moving, reference, initial):
+    def refine(self, moving, reference, initial, *, fixed_field=False):
         """The per-tile network pass the engine makes."""
         self.tile_shapes.append(tuple(moving.shape[2:]))
         if self.max_side is not None and max(moving.shape[2:]) > self.max_side:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return self.model.refine(moving, reference, initial)
+        return self.model.refine(moving, reference, initial, fixed_field=fixed_field)
 
 
 def test_rgb_moving_gives_rgb_fused_on_the_reference_grid(model_2d):
@@ -102,7 +102,10 @@ def test_tiled_3d_run_on_anisotropic_grids(model_3d):
     assert result.slice_class_probs.shape == (14, len(DEGRADATION_CLASSES))
     np.testing.assert_allclose(result.slice_class_probs.sum(axis=1), 1.0, atol=1e-5)
     assert result.output_extension == "nii.gz"
-    assert set(result.provenance["timings_s"]) == {"validate", "normalise", "resample", "fuse", "compose"}
+    # The tiles run a second time only when the guard kept another field than the network's.
+    second_pass = {FUSE_KEPT_STAGE} if result.alignment_guard.kept != NETWORK else set()
+    assert set(result.provenance["timings_s"]) == {"validate", "normalise", "resample", "fuse", "guard", "compose",
+                                                   *second_pass}
 
 
 @pytest.mark.parametrize("requested, expected_tile", [(None, [8, 8]), (16, [16, 16])])

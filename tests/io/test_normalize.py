@@ -52,6 +52,36 @@ def test_eight_bit_images_are_divided_by_255(rng):
     np.testing.assert_array_equal(np.round(mapping.inverse(normalized.array)).astype(np.uint8), png)
 
 
+def pet_like_with_grey_background(rng) -> np.ndarray:
+    """Uptake blob on a grey surround (no voxel at 0), with a few voxels far hotter than the rest."""
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, 64),) * 2, indexing="ij"))
+    uptake = 60.0 + 150.0 * np.exp(-3 * (grid**2).sum(0)) + rng.uniform(0, 5, (64, 64))
+    uptake[30:32, 30:32] = 255.0
+    return uptake
+
+
+def test_eight_bit_pet_with_a_grey_background_round_trips_with_the_background_at_zero(rng):
+    pet = np.round(pet_like_with_grey_background(rng)).astype(np.uint8)
+    normalized, mapping = normalize_intensity(_volume(pet), modality="pet")
+    assert normalized.array.min() == 0.0  # the grey surround reaches the model as background
+    assert normalized.array.max() < 1.0  # nothing clipped
+    np.testing.assert_allclose(np.diff(normalized.array, axis=1), np.diff(pet.astype(float), axis=1) / 255.0,
+                               atol=1e-6)  # the export's contrast is kept
+    np.testing.assert_array_equal(np.round(mapping.inverse(normalized.array)).astype(np.uint8), pet)
+
+
+def test_pet_window_keeps_the_background_and_scaled_returns_what_apply_clipped(rng):
+    pet = pet_like_with_grey_background(rng).astype(np.float32)
+    normalized, mapping = normalize_intensity(_volume(pet), modality="pet")
+    background = pet < 66.0
+    assert np.all(normalized.array[background] < 0.05)  # the surround is the window's bottom, not clipped
+    hottest = pet == 255.0
+    assert np.all(normalized.array[hottest] == 1.0) and mapping.upper < 255.0  # the 99.9th percentile clips
+    clipped = mapping.scaled(pet) - normalized.array
+    np.testing.assert_array_equal(clipped != 0, pet > mapping.upper)  # only above the window, never the surround
+    np.testing.assert_allclose(mapping.inverse(normalized.array + clipped), pet, rtol=1e-5)
+
+
 def test_mapping_survives_json_and_rejects_unknown_modalities(rng):
     _, mapping = normalize_intensity(_volume(rng.normal(size=(6, 6, 6)).astype(np.float32)), modality="t1")
     restored = IntensityMapping.from_dict(json.loads(json.dumps(mapping.to_dict())))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry, ImageVolume, resample_to_reference

@@ -76,7 +76,7 @@ def test_untrained_heads_pass_the_aligned_image_through_and_average(model_and_pa
     model = UniFuse(dataclasses.replace(model.config, matching_range=0))
     with torch.no_grad():
         out = model(moving, reference)
-    torch.testing.assert_close(out.restored, warp(moving, out.displacement))
+    torch.testing.assert_close(out.restored, warp(moving, out.displacement, padding_mode="border"))
     torch.testing.assert_close(out.fused, (out.restored + reference) / 2, atol=1e-6, rtol=0)
 
 
@@ -85,9 +85,59 @@ def test_refine_on_a_prealigned_pair_equals_the_forward_pass(model_2d):
     with torch.no_grad():
         initial = model_2d.initial_alignment(moving, reference)
         direct = model_2d(moving, reference)
-        refined = model_2d.refine(warp(moving, initial), reference, initial)
+        refined = model_2d.refine(warp(moving, initial, padding_mode="border"), reference, initial)
     torch.testing.assert_close(refined.fused, direct.fused)
     torch.testing.assert_close(refined.displacement, direct.displacement)
+
+
+def test_a_fixed_field_skips_fa_and_is_the_output_field(model_2d):
+    moving, reference = _pair(model_2d.config, SHAPES[2])
+    initial = torch.zeros(2, 2, *SHAPES[2])
+    initial[:, 1] = 3.0
+    with torch.no_grad():
+        nn.init.normal_(model_2d.fa.output[-1].weight, std=0.5)  # FA would move the image if it ran
+        fixed = model_2d.refine(warp(moving, initial), reference, initial, fixed_field=True)
+        learned = model_2d.refine(warp(moving, initial), reference, initial)
+    torch.testing.assert_close(fixed.displacement, initial)
+    assert (learned.displacement - initial).abs().max() > 0.1
+
+
+def _trained_looking_heads(model):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.ufrf.heads.weight.copy_(torch.randn(model.ufrf.heads.weight.shape, generator=generator))
+        model.ufrf.heads.bias.copy_(torch.randn(model.ufrf.heads.bias.shape, generator=generator))
+
+
+def _ufrf_outputs(model, class_probs, shape=SHAPES[2]):
+    cfg = model.config
+    generator = torch.Generator().manual_seed(2)
+    features = [torch.rand(1, cfg.feature_channels, *shape, generator=generator) for _ in range(2)]
+    moving, reference = (torch.rand(1, 1, *shape, generator=generator) for _ in range(2))
+    prompts = torch.rand(1, cfg.num_classes, cfg.prompt_length, cfg.embed_dim, generator=generator)
+    with torch.no_grad():
+        fused, restored = model.ufrf(*features, moving, reference, prompts, class_probs)
+    return fused, restored, moving, reference
+
+
+def test_a_clean_input_passes_the_restoration_unchanged(model_2d):
+    """restored = warped input + (1 − p_none)·Δ: a trained head changes a degraded input but not
+    one the classifier calls clean (the ungated head remapped clean PET/SPECT)."""
+    _trained_looking_heads(model_2d)
+    clean = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    _, restored, moving, _ = _ufrf_outputs(model_2d, clean)
+    torch.testing.assert_close(restored, moving)
+    _, restored, moving, _ = _ufrf_outputs(model_2d, torch.tensor([[0.0, 0.0, 0.0, 1.0]]))
+    assert (restored - moving).abs().mean() > 0.05
+
+
+def test_the_fused_image_is_a_blend_of_the_reference_and_the_restored_image(model_2d):
+    """No free correction term: the fusion cannot cancel a source's share or invent intensities."""
+    _trained_looking_heads(model_2d)
+    fused, restored, _, reference = _ufrf_outputs(model_2d, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    low, high = torch.minimum(reference, restored), torch.maximum(reference, restored)
+    assert bool(((fused >= low - 1e-6) & (fused <= high + 1e-6)).all())
+    assert (fused - reference).abs().mean() > 0.01 and (fused - restored).abs().mean() > 0.01
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

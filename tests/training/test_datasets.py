@@ -15,7 +15,7 @@ from napari_unifuse.training import datasets, harvard
 
 from .test_harvard import write_fake_harvard
 
-SAMPLE_KEYS = {"reference", "moving", "label", "displacement", "class_index", "reference_misaligned"}
+SAMPLE_KEYS = {"reference", "moving", "label", "displacement", "class_index", "reference_misaligned", "moving_clean"}
 
 
 def _phantoms(stream=datasets.TRAIN_STREAM, spatial_dims=2, crop=(32, 32), none_fraction=0.25):
@@ -28,7 +28,7 @@ def _phantoms(stream=datasets.TRAIN_STREAM, spatial_dims=2, crop=(32, 32), none_
 def test_phantom_sample_layout():
     sample = _phantoms()[0]
     assert set(sample) == SAMPLE_KEYS
-    for key in ("reference", "moving", "label", "reference_misaligned"):
+    for key in ("reference", "moving", "label", "reference_misaligned", "moving_clean"):
         assert sample[key].shape == (1, 32, 32) and sample[key].dtype == torch.float32
     assert sample["displacement"].shape == (2, 32, 32)
     assert sample["class_index"].dtype == torch.int64
@@ -54,6 +54,28 @@ def test_validation_samples_do_not_change_with_the_epoch():
 def test_none_fraction_one_gives_clean_inputs():
     sample = _phantoms(none_fraction=1.0)[0]
     assert DEGRADATION_CLASSES[int(sample["class_index"])] == "none"
+
+
+def test_clean_moving_image_is_the_label_misaligned_like_the_input():
+    """moving_clean is I_fine of Eq. 11-12: the true field brings it onto the label, and for a clean
+    sample it is the input itself."""
+    sample = datasets.PhantomPairs(seed=3, stream=datasets.TRAIN_STREAM, none_fraction=1.0, length=2,
+                                   spatial_dims=2, shape=(24, 64, 64), crop=(48, 48),
+                                   misalignment={"regime": "mild"})[0]
+    assert sample["displacement"].abs().max() > 1.0
+    torch.testing.assert_close(sample["moving_clean"], sample["moving"], atol=0.02, rtol=0)
+    realigned = warp(sample["moving_clean"][None], sample["displacement"][None], padding_mode="border")[0]
+    error = (_interior(realigned, 8) - _interior(sample["label"], 8)).abs().mean()
+    unaligned = (_interior(sample["moving_clean"], 8) - _interior(sample["label"], 8)).abs().mean()
+    assert error < 0.25 * unaligned
+
+
+def test_none_regime_leaves_the_pair_aligned():
+    sample = datasets.PhantomPairs(seed=3, stream=datasets.TRAIN_STREAM, none_fraction=1.0, length=2,
+                                   spatial_dims=2, shape=(24, 48, 48), crop=(32, 32),
+                                   misalignment={"regime": "none"})[1]
+    assert not sample["displacement"].any()
+    torch.testing.assert_close(sample["moving"], sample["label"], atol=1e-5, rtol=0)
 
 
 def test_phantom_3d_crops():

@@ -99,6 +99,29 @@ def test_structure_loss_sums_both_ssim_terms():
     assert losses.structure_loss(fused_t, moving_t, reference_t).item() == pytest.approx(expected, abs=1e-6)
 
 
+def _two_source_pair(shape=(48, 48)):
+    """Each source holds a bright structure that the other lacks, on shared anatomy."""
+    anatomy = torch.tensor(_smooth_image(shape, 7))
+    reference, moving = anatomy.clone(), 0.5 * anatomy
+    reference[8:20, 8:20] = 1.0
+    moving[28:40, 28:40] = 1.0
+    return reference[None, None], moving[None, None]
+
+
+def test_balance_loss_is_the_worse_sources_ssim_loss():
+    reference, moving = _two_source_pair()
+    for fused in (reference, moving, (reference + moving) / 2):
+        expected = max(losses.ssim_loss(fused, moving).item(), losses.ssim_loss(fused, reference).item())
+        assert losses.balance_loss(fused, moving, reference).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_balance_loss_ranks_a_copy_of_either_source_below_a_fusion_of_both():
+    reference, moving = _two_source_pair()
+    average = losses.balance_loss((reference + moving) / 2, moving, reference).item()
+    for copy in (reference, moving):
+        assert losses.balance_loss(copy, moving, reference).item() > average + 0.05
+
+
 def test_color_loss_masks_grayscale_samples():
     target = torch.full((2, 2, 24, 24), 0.5, dtype=torch.float64)
     fused = target.clone()

@@ -1,0 +1,180 @@
+"""The alignment guard: identity unless an estimate reliably improves the multimodal similarity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from napari_unifuse.data.misalign import warp_array
+from napari_unifuse.engine.alignment_guard import (
+    GAIN_NOISE_FACTOR,
+    IDENTITY,
+    LARGE_MOTION_VOXELS,
+    MAX_SAMPLES,
+    _block_histograms,
+    _mutual_information,
+    choose_displacement,
+)
+from napari_unifuse.engine.inference import MATCHING, NETWORK, FusionEngine
+from napari_unifuse.engine.outputs import PROVENANCE_FILE, write_fusion_outputs
+from napari_unifuse.io import Geometry, ImageVolume
+from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.mi_refinement import linear_bins, soft_mutual_information
+
+SHIFT = (3.0, 4.0)  # 5 voxels
+
+
+def multimodal_pair(shape: tuple[int, ...], seed: int = 0, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(MR-like, PET-like) images of one head, aligned: four tissue classes that the two
+    modalities order differently (no monotonic map between them), the PET-like one blurred."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    head = (grid**2).sum(0) < 0.8
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 3)
+    tissue = np.digitize(texture, np.quantile(texture[head], [0.25, 0.5, 0.75]))
+    mr = np.where(head, np.array([0.25, 0.5, 0.75, 1.0])[tissue], 0.0)
+    pet = ndimage.gaussian_filter(np.where(head, np.array([0.9, 0.2, 0.6, 0.4])[tissue], 0.0), 1.5)
+    mr, pet = (np.clip(image + noise * rng.normal(size=shape), 0, 1).astype(np.float32) for image in (mr, pet))
+    return mr, pet
+
+
+def constant_field(shape: tuple[int, ...], vector: tuple[float, ...]) -> np.ndarray:
+    return np.broadcast_to(np.array(vector, np.float32).reshape(-1, *[1] * len(shape)), (len(shape), *shape)).copy()
+
+
+def shifted(image: np.ndarray, vector: tuple[float, ...]) -> np.ndarray:
+    """``image`` moved by ``vector``: the field ``vector`` takes it back (samples it at x + vector)."""
+    return warp_array(image, -constant_field(image.shape, vector)).astype(np.float32)
+
+
+def test_an_aligned_pair_keeps_the_identity_against_zero_and_wrong_fields():
+    mr, pet = multimodal_pair((96, 96))
+    zero = np.zeros((2, 96, 96), np.float32)
+    unchanged = choose_displacement(pet, mr, {MATCHING: zero, NETWORK: zero})
+    assert unchanged.kept == IDENTITY and all(c.gain == 0.0 for c in unchanged.challenges)
+
+    wrong = constant_field((96, 96), SHIFT)
+    decision = choose_displacement(pet, mr, {MATCHING: wrong, NETWORK: wrong})
+    assert decision.kept == IDENTITY
+    assert decision.scores[MATCHING] < decision.scores[IDENTITY]
+    assert decision.message.startswith("kept identity: no reliable improvement")
+
+
+def test_a_five_voxel_shift_is_corrected_by_the_better_estimate():
+    mr, pet = multimodal_pair((96, 96))
+    moved = shifted(pet, SHIFT)
+    correct = constant_field((96, 96), SHIFT)
+
+    network_off = choose_displacement(moved, mr, {MATCHING: correct, NETWORK: correct + 0.7})
+    assert network_off.kept == MATCHING
+    first = network_off.challenges[0]
+    assert (first.challenger, first.incumbent) == (MATCHING, IDENTITY)
+    assert first.gain > GAIN_NOISE_FACTOR * first.noise
+
+    matching_partial = choose_displacement(moved, mr, {MATCHING: 0.5 * correct, NETWORK: correct})
+    assert matching_partial.kept == NETWORK
+    assert matching_partial.challenges[1].incumbent == MATCHING
+    assert matching_partial.message.startswith("kept network: mutual information +")
+
+
+def test_a_gain_within_the_noise_keeps_the_identity():
+    one_voxel = constant_field((96, 96), (0.0, 1.0))
+    clean_mr, clean_pet = multimodal_pair((96, 96), seed=1)
+    assert choose_displacement(shifted(clean_pet, (0.0, 1.0)), clean_mr, {MATCHING: one_voxel}).kept == MATCHING
+
+    mr, pet = multimodal_pair((96, 96), seed=1, noise=0.15)
+    decision = choose_displacement(shifted(pet, (0.0, 1.0)), mr, {MATCHING: one_voxel})
+    challenge = decision.challenges[0]
+    assert 0.0 < challenge.gain < GAIN_NOISE_FACTOR * challenge.noise  # better, but not reliably so
+    assert decision.kept == IDENTITY
+
+
+def test_a_large_correction_needs_less_evidence_than_a_small_one():
+    """k guards against the small spurious motions of fitted fields; a 14-voxel correction (above
+    LARGE_MOTION_VOXELS) is kept once its gain clears one noise unit, and a noisier one is not."""
+    large = constant_field((96, 96), (0.0, 14.0))
+    assert np.abs(large[1]).mean() > LARGE_MOTION_VOXELS
+    mr, pet = multimodal_pair((96, 96), seed=1, noise=0.3)
+    decision = choose_displacement(shifted(pet, (0.0, 14.0)), mr, {MATCHING: large})
+    challenge = decision.challenges[0]
+    assert challenge.noise < challenge.gain < GAIN_NOISE_FACTOR * challenge.noise
+    assert decision.kept == MATCHING
+
+    mr, pet = multimodal_pair((96, 96), seed=2, noise=0.6)
+    decision = choose_displacement(shifted(pet, (0.0, 14.0)), mr, {MATCHING: large})
+    assert decision.challenges[0].gain < decision.challenges[0].noise
+    assert decision.kept == IDENTITY
+
+
+def test_bootstrap_block_histograms_give_the_soft_mutual_information_of_the_sample():
+    rng = np.random.default_rng(0)
+    reference, moving = rng.uniform(0, 1, (2, 500)).astype(np.float32)
+    blocks = rng.integers(0, 7, 500)
+    bins = linear_bins(torch.from_numpy(reference))
+    whole_sample = torch.ones(1, 7, dtype=torch.float64) @ _block_histograms(bins, moving, blocks, 7)
+    expected = soft_mutual_information(linear_bins(torch.from_numpy(reference)[None]), torch.ones(1, 500),
+                                       torch.from_numpy(moving)[None])
+    np.testing.assert_allclose(_mutual_information(whole_sample), expected.numpy(), rtol=1e-4)
+
+
+def test_too_little_shared_tissue_keeps_the_identity():
+    mr, _ = multimodal_pair((96, 96))
+    empty = np.zeros_like(mr)
+    decision = choose_displacement(empty, mr, {MATCHING: constant_field((96, 96), SHIFT)})
+    assert decision.kept == IDENTITY and decision.challenges == () and decision.samples == 0
+    assert "too little tissue" in decision.message
+
+
+def test_volumes_are_scored_on_a_capped_sample():
+    mr, pet = multimodal_pair((64, 64, 64))  # about 98 000 voxels of tissue
+    vector = (2.0, *SHIFT)
+    decision = choose_displacement(shifted(pet, vector), mr, {MATCHING: constant_field(mr.shape, vector)})
+    assert decision.kept == MATCHING
+    assert 0 < decision.samples <= MAX_SAMPLES < np.count_nonzero(mr)
+
+
+# ---- in the engine -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def untrained() -> UniFuse:
+    """Zero-initialised output heads: restored = the moving image moved by the field."""
+    torch.manual_seed(0)
+    return UniFuse(UniFuseConfig.small(spatial_dims=2))
+
+
+def test_engine_keeps_the_identity_for_an_aligned_pair_and_returns_the_image_unchanged(untrained, tmp_path):
+    mr, pet = multimodal_pair((96, 96))
+    # PET in its own units: a grey surround, and hot voxels above the 99.9th percentile window.
+    uptake = 2.0 + 10.0 * pet
+    uptake[40:42, 50:52] = 40.0
+    reference = ImageVolume(mr, Geometry.identity(2))
+    moving = ImageVolume(uptake.astype(np.float32), Geometry.identity(2))
+
+    result = FusionEngine(untrained, device="cpu").run_fusion(reference, moving, moving_modality="pet")
+
+    assert result.alignment_guard.kept == IDENTITY
+    assert not result.displacement.any()
+    np.testing.assert_allclose(result.aligned.array, uptake, rtol=1e-5, atol=1e-4)
+    write_fusion_outputs(result, tmp_path)
+    provenance = json.loads((tmp_path / PROVENANCE_FILE).read_text())
+    assert provenance["alignment_guard"]["kept"] == IDENTITY
+    assert provenance["alignment_guard"]["message"] == result.alignment_guard.message
+
+
+def test_engine_corrects_a_five_voxel_shift_and_outputs_follow_the_kept_field(untrained):
+    mr, pet = multimodal_pair((96, 96))
+    moving = ImageVolume(shifted(pet, SHIFT), Geometry.identity(2))
+
+    result = FusionEngine(untrained, device="cpu").run_fusion(ImageVolume(mr, Geometry.identity(2)), moving)
+
+    assert result.alignment_guard.kept in (MATCHING, NETWORK)
+    assert result.provenance["alignment_guard"]["kept"] == result.alignment_guard.kept
+    head = mr > 0
+    error = np.linalg.norm(result.displacement - constant_field(mr.shape, SHIFT), axis=0)[head].mean()
+    assert error < 1.0
+    # The aligned image is the moving image moved by the reported field (no restoration to do).
+    expected = warp_array(moving.array, result.displacement, mode="grid-constant")  # model.warp pads with 0
+    np.testing.assert_allclose(result.aligned.array, expected, atol=1e-4)
