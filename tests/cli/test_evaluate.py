@@ -14,9 +14,11 @@ from PIL import Image
 from napari_unifuse.cli import main
 from napari_unifuse.cli.evaluate import (
     METRIC_COLUMNS,
+    UNIFUSE_METHOD,
     EvaluationPair,
     checkpoint_split,
     copies_outscoring_fusion,
+    evaluate_pair,
     markdown_table,
     paired_comparison,
     paired_markdown,
@@ -193,18 +195,24 @@ def test_class_accuracy_scores_the_engines_prediction_against_the_true_class(eva
 
 def test_restoration_columns_compare_the_restored_output_with_the_input_warped_by_the_same_field(
         evaluation, pairs_csv, checkpoint):
+    """The engine's result is recorded as evaluate_pair uses it, rather than recomputed: the MI
+    refinement's Adam steps amplify rounding, so a second run in another state of the process need
+    not give the same field to the last bit."""
     _, out = evaluation
     rows = read_csv(out / "per_pair.csv")
+    assert all(row["restored_ssim"] == "nan" for row in rows if not row["method"].startswith("UniFuse"))
+    assert all(row["restored_ssim"] == row["ssim"] for row in rows if row["method"].startswith("UniFuse"))
+
     engine = FusionEngine(checkpoint, device="cpu")
+    results = []
+    run_fusion = engine.run_fusion
+    engine.run_fusion = lambda *args, **kwargs: results.append(run_fusion(*args, **kwargs)) or results[-1]
     for pair in pairs_from_csv(pairs_csv[0]):
-        by_method = {row["method"]: row for row in rows if row["pair"] == pair.name}
-        unifuse = by_method["UniFuse (tiny-2d)"]
-        assert unifuse["restored_ssim"] == unifuse["ssim"]
-        result = engine.run_fusion(pair.reference, pair.moving)
-        warped = warp_array(unit_intensities(pair.moving)[0], result.displacement)
-        assert float(unifuse["warped_input_ssim"]) == pytest.approx(
-            registration_metrics(warped, pair.label)["ssim"], rel=1e-6)
-        assert all(by_method[method]["restored_ssim"] == "nan" for method in CLASSICAL + COPIES)
+        method, values = next(evaluate_pair(pair, engine, ["identity"], ["average"]))
+        assert method == UNIFUSE_METHOD
+        warped = warp_array(unit_intensities(pair.moving)[0], results[-1].displacement)
+        assert values["warped_input_ssim"] == pytest.approx(registration_metrics(warped, pair.label)["ssim"], rel=1e-6)
+        assert values["restored_ssim"] == values["ssim"]
 
 
 def test_score_maps_gains_to_reference_and_moving_and_keeps_bone_retention_to_ct():
