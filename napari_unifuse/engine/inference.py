@@ -425,5 +425,13 @@ def _describe_dims(image: ImageVolume) -> str:
     return f"an RGB {image.ndim}D image" if image.is_rgb else f"{image.ndim}D (shape {image.array.shape})"
 
 
-def _input_warnings(*images: ImageVolume) -> list[str]:
-    return [f"{image.source}: {warning}" for image in images for warning in image.metadata.get("warnings", [])]
+def _input_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
+    """What the readers noted about each input, and inputs with nothing in them to align or fuse."""
+    warnings = [f"{image.source}: {warning}" for image in (reference, moving)
+                for warning in image.metadata.get("warnings", [])]
+    for role, image in (("reference", reference), ("moving", moving)):
+        finite = np.asarray(image.array)[np.isfinite(image.array)]
+        if finite.size and finite.min() == finite.max():
+            warnings.append(f"{image.source or role}: the {role} image is constant ({finite.min():g} everywhere): "
+                            "there is no structure to align, and the fused image holds only the other one")
+    return warnings

@@ -223,3 +223,14 @@ def test_tiles_share_one_structural_matching_of_the_whole_input(model_2d):
     head = slices["t1"].array > 0.05
     error = np.linalg.norm(result.displacement - shift.reshape(2, 1, 1), axis=0)[head]
     assert np.median(error) < 1.0 and np.percentile(error, 95) < 2.5
+
+
+def test_a_constant_moving_image_fuses_with_a_warning_in_the_result_and_the_provenance(model_2d):
+    reference = ImageVolume(blob((32, 32)), Geometry.identity(2))
+    moving = ImageVolume(np.zeros((32, 32), np.float32), Geometry.identity(2))
+    result = FusionEngine(model_2d, device="cpu").run_fusion(reference, moving)
+    assert any("moving image is constant (0 everywhere)" in warning for warning in result.warnings)
+    assert result.provenance["warnings"] == result.warnings
+    informative = FusionEngine(model_2d, device="cpu").run_fusion(reference, ImageVolume(blob((32, 32), 0.1),
+                                                                                         Geometry.identity(2)))
+    assert not any("constant" in warning for warning in informative.warnings)
