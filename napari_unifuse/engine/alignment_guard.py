@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from napari_unifuse.model.mi_refinement import BINS, linear_bins
+from napari_unifuse.model.mi_refinement import BINS, joint_mutual_information, linear_bins
 
 IDENTITY = "identity"
 # k: see the module docstring and docs/alignment_guard.md.
@@ -140,8 +140,8 @@ def choose_displacement(
         block_count, np.full(block_count, 1.0 / block_count), size=BOOTSTRAP_REPLICATES)])
     reference_bins = linear_bins(torch.from_numpy(reference[tuple(points)]))
     replicates = {
-        name: _mutual_information(torch.from_numpy(draws) @ _block_histograms(reference_bins, sampled[shown], blocks,
-                                                                                block_count))
+        name: joint_mutual_information(
+            torch.from_numpy(draws) @ _block_histograms(reference_bins, sampled[shown], blocks, block_count)).numpy()
         for name, sampled in values.items()
     }
 
@@ -150,16 +150,20 @@ def choose_displacement(
     for name in estimates:
         difference = replicates[name] - replicates[kept]
         gain, noise = float(difference[0]), float(difference[1:].std(ddof=1))
-        motion = float(np.linalg.norm((fields[name] - fields[kept])[(slice(None), *points)], axis=0).mean())
+        motion = _mean_motion(fields[name] - fields[kept], points)
         required = LARGE_MOTION_FACTOR if motion > LARGE_MOTION_VOXELS else factor
         accepted = gain > required * noise and gain > 0.0
         challenges.append(Challenge(name, kept, gain, noise, accepted))
         if accepted:
             kept = name
     scores = {name: float(replicate[0]) for name, replicate in replicates.items()}
-    magnitudes = {IDENTITY: 0.0, **{name: float(np.linalg.norm(field[(slice(None), *points)], axis=0).mean())
-                                    for name, field in estimates.items()}}
+    magnitudes = {name: _mean_motion(field, points) for name, field in fields.items()}
     return GuardDecision(kept, scores, magnitudes, tuple(challenges), factor, int(points.shape[1]), block_count)
+
+
+def _mean_motion(field: np.ndarray, points: np.ndarray) -> float:
+    """Mean |field| (voxels) over ``points``."""
+    return float(np.linalg.norm(field[(slice(None), *points)], axis=0).mean())
 
 
 def _foreground_threshold(image: np.ndarray) -> float:
@@ -205,10 +209,3 @@ def _block_histograms(reference_bins: tuple[torch.Tensor, torch.Tensor], moving:
             index = offset + (reference_lower + reference_step) * BINS + moving_lower + moving_step
             histograms.index_add_(0, index, (reference_weight * moving_weight).double())
     return histograms.view(block_count, BINS * BINS)
-
-
-def _mutual_information(joint: torch.Tensor) -> np.ndarray:
-    """Mutual information (nats) of each row of unnormalised joint histograms (R, BINS²)."""
-    joint = (joint / joint.sum(dim=1, keepdim=True).clamp_min(1e-12)).view(-1, BINS, BINS)
-    outer = joint.sum(2, keepdim=True) * joint.sum(1, keepdim=True)
-    return (joint * torch.log((joint + 1e-10) / (outer + 1e-10))).sum(dim=(1, 2)).numpy()

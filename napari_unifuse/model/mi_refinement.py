@@ -75,6 +75,11 @@ def soft_mutual_information(reference: tuple[torch.Tensor, torch.Tensor], mask: 
         for moving_offset, moving_weight in ((0, 1 - moving_upper), (1, moving_upper)):
             index = (reference_lower + reference_offset) * bins + moving_lower + moving_offset
             joint = joint.scatter_add(1, index, mask * reference_weight * moving_weight)
+    return joint_mutual_information(joint, bins)
+
+
+def joint_mutual_information(joint: torch.Tensor, bins: int = BINS) -> torch.Tensor:
+    """MI (nats) of each row of unnormalised joint histograms (R, bins²), reference bins major."""
     joint = joint.view(-1, bins, bins)
     joint = joint / joint.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     outer = joint.sum(2, keepdim=True) * joint.sum(1, keepdim=True)

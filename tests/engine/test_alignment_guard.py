@@ -16,14 +16,13 @@ from napari_unifuse.engine.alignment_guard import (
     LARGE_MOTION_VOXELS,
     MAX_SAMPLES,
     _block_histograms,
-    _mutual_information,
     choose_displacement,
 )
 from napari_unifuse.engine.inference import MATCHING, NETWORK, FusionEngine
 from napari_unifuse.engine.outputs import PROVENANCE_FILE, write_fusion_outputs
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
-from napari_unifuse.model.mi_refinement import linear_bins, soft_mutual_information
+from napari_unifuse.model.mi_refinement import joint_mutual_information, linear_bins, soft_mutual_information
 
 SHIFT = (3.0, 4.0)  # 5 voxels
 
@@ -118,7 +117,7 @@ def test_bootstrap_block_histograms_give_the_soft_mutual_information_of_the_samp
     whole_sample = torch.ones(1, 7, dtype=torch.float64) @ _block_histograms(bins, moving, blocks, 7)
     expected = soft_mutual_information(linear_bins(torch.from_numpy(reference)[None]), torch.ones(1, 500),
                                        torch.from_numpy(moving)[None])
-    np.testing.assert_allclose(_mutual_information(whole_sample), expected.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(joint_mutual_information(whole_sample).numpy(), expected.numpy(), rtol=1e-4)
 
 
 def test_too_little_shared_tissue_keeps_the_identity():
