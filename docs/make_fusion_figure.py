@@ -1,6 +1,6 @@
 """Fusion side by side on Harvard validation pairs (docs/images/fusion_<task>.png).
 
-For one validation pair per task (degraded, misaligned as ``unifuse evaluate`` draws them):
+For one validation pair per task (``unifuse evaluate``'s pair of that index, large misalignment):
 reference, moving input, UniFuse's fused luma, and max, average and wavelet fusion of the same
 aligned inputs (the moving input warped by UniFuse's field), all at the same grey scale [0, 1],
 plus the clean label for reference. Titles give the per-source gains and, for CT, the bone
@@ -20,13 +20,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb  # noqa: E402
+from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard, unit_intensities  # noqa: E402
+from napari_unifuse.data.color import rgb_to_ycbcr  # noqa: E402
 from napari_unifuse.data.misalign import warp_array  # noqa: E402
 from napari_unifuse.engine import classical  # noqa: E402
 from napari_unifuse.engine.inference import FusionEngine  # noqa: E402
-from napari_unifuse.io import Geometry, ImageVolume  # noqa: E402
-from napari_unifuse.training.datasets import build_datasets  # noqa: E402
+from napari_unifuse.io import ImageVolume  # noqa: E402
 from napari_unifuse.metrics import ssim_gains  # noqa: E402
+from napari_unifuse.model.checkpoint import read_metadata  # noqa: E402
 
 IMAGES = Path(__file__).parent / "images"
 TASKS = {"CT-MRI": "CT", "PET-MRI": "PET", "SPECT-MRI": "SPECT"}
@@ -39,20 +40,12 @@ def _luma(volume: ImageVolume) -> np.ndarray:
     return array / 255.0 if array.max() > 1.5 else array
 
 
-def figure(harvard: Path, task: str, index: int, engine: FusionEngine, out: Path) -> None:
-    data = {"kind": "harvard", "root": str(harvard), "tasks": [task], "val_fraction": 0.1, "split_seed": 0,
-            "misalignment": {"regime": "large"}}
-    _, validation = build_datasets(data, seed=0, spatial_dims=2)
-    sample = validation[index]
-    reference = sample["reference"][0].numpy()
-    moving_luma, label = sample["moving"][0].numpy(), sample["label"][0].numpy()
-    is_colour = bool(sample.get("is_color", 0))
-    moving_array = (ycbcr_to_rgb(np.stack([moving_luma, *sample["cbcr"].numpy()], axis=-1)) if is_colour
-                    else moving_luma)
-    to_uint8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
-    geometry = Geometry.identity(2)
-    result = engine.run_fusion(ImageVolume(to_uint8(reference), geometry),
-                               ImageVolume(to_uint8(moving_array), geometry, is_rgb=is_colour))
+def figure(harvard: Path, task: str, index: int, checkpoint: str, engine: FusionEngine, out: Path) -> None:
+    cases = checkpoint_split(read_metadata(checkpoint), None, None)
+    pair = pairs_from_harvard(harvard, "val", [TASKS[task]], None, seed=0, size=None, none_fraction=0.0,
+                              cases=cases, regime="large")[index]
+    reference, moving_luma, label = unit_intensities(pair.reference)[0], unit_intensities(pair.moving)[0], pair.label
+    result = engine.run_fusion(pair.reference, pair.moving)
     fused = _luma(result.fused)
     aligned = np.clip(warp_array(moving_luma, result.displacement), 0, 1)
     panels = {"reference (MRI)": reference, f"moving ({TASKS[task]}, degraded)": moving_luma,
@@ -84,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = FusionEngine(args.checkpoint, device="cpu")
     for task in TASKS:
-        figure(args.harvard, task, args.index, engine, IMAGES / f"fusion_{TASKS[task].lower()}.png")
+        figure(args.harvard, task, args.index, args.checkpoint, engine, IMAGES / f"fusion_{TASKS[task].lower()}.png")
 
 
 if __name__ == "__main__":
