@@ -1,0 +1,68 @@
+"""How far can a registration get on the mild regime when the similarity is multimodal, and when not?
+
+    .venv/bin/python bench/probe_multimodal_floor.py [--harvard ../shared/data/harvard-aanlib]
+        [--regime mild] [--limit 6]
+
+For each Harvard validation pair of ``unifuse evaluate`` (same split, seeds and regime), the
+degraded moving image is registered twice by each classical method (``engine.classical``: SimpleITK
+rigid + B-spline on Mattes MI, and the dense MIND instance optimisation): onto the MRI reference
+(multimodal, what every pipeline faces) and onto the clean label, the moving modality itself aligned
+(monomodal, the same method with an easy similarity). The end-point error over the label's tissue
+(px) of both, beside the identity's, separates what the methods can do from what the similarity
+lets them do.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard
+from napari_unifuse.engine import classical
+from napari_unifuse.engine.inference import _prepare
+from napari_unifuse.model.checkpoint import read_metadata
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+METHODS = ("sitk", "dense")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--harvard", type=Path, default=REPOSITORY.parent / "shared" / "data" / "harvard-aanlib")
+    parser.add_argument("--checkpoint", default="unifuse-2d-harvard", help="whose case split to use")
+    parser.add_argument("--regime", default="mild")
+    parser.add_argument("--limit", type=int, default=6, help="pairs per task")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cases = checkpoint_split(read_metadata(args.checkpoint), None, None)
+    pairs = pairs_from_harvard(args.harvard, "val", ["CT", "PET", "SPECT"], args.limit, seed=0, size=None,
+                               none_fraction=0.0, cases=cases, regime=args.regime)
+    errors: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for pair in pairs:
+        moving = _prepare(pair.moving, "auto").luma.array
+        reference = _prepare(pair.reference, "auto").luma.array
+        tissue = pair.label > 0.05 * np.percentile(pair.label, 99)
+
+        def error(field: np.ndarray) -> float:
+            return float(np.linalg.norm(field - pair.displacement, axis=0)[tissue].mean())
+
+        row = {"identity": error(np.zeros_like(pair.displacement))}
+        for fixed_name, fixed in (("onto MRI", reference), ("onto clean label", pair.label)):
+            for method in METHODS:
+                row[f"{method} {fixed_name}"] = error(classical.register(method, fixed, moving).displacement)
+        errors[pair.task].append(row)
+        print(pair.name, pair.degradation, {k: round(v, 2) for k, v in row.items()}, flush=True)
+    columns = list(next(iter(errors.values()))[0])
+    print(f"\nMean end-point error over the label's tissue (px), {args.regime} regime\n")
+    print("| task | pairs | " + " | ".join(columns) + " |")
+    print("|---|---:|" + "---:|" * len(columns))
+    for task, rows in errors.items():
+        print(f"| {task} | {len(rows)} | " + " | ".join(f"{np.mean([r[c] for r in rows]):.2f}" for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
