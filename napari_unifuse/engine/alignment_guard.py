@@ -25,6 +25,13 @@ beaten reliably by the network's field.
   pair made the matching move that far (at most 10.6 px, SPECT 10010), while k = 4 alone left 12
   of the 117 grossly misaligned validation pairs (15-25 px) unaligned, where CT-MRI's mutual
   information gains little (z 1.3-2.7 for a 17-23 px correction).
+* **Floor**: a challenger that moves the tissue by less than ``MIN_CREDIBLE_MOTION_VOXELS`` on
+  average (from where it is, not from the incumbent: a fine correction of an accepted larger one
+  still competes) is never accepted, whatever its gain. Across modalities the
+  similarity itself is off by that much: registered onto the MRI, the same optimisers that bring
+  a 2-4 px residual to 0.3-1.3 px when registered onto the moving modality end 3-9 px from the
+  truth (``bench/probe_multimodal_floor.py``), so a smaller correction cannot be told from the
+  similarity's own bias. docs/alignment_guard.md gives the calibration (training split).
 
 Scores use at most ``MAX_SAMPLES`` voxels of the joint foreground, so the cost does not grow with
 a volume's size; each candidate's voxels are histogrammed once per block, and a bootstrap replicate
@@ -49,6 +56,8 @@ GAIN_NOISE_FACTOR = 4.0
 # Mean motion (voxels, over the scored tissue) beyond which one noise unit of gain suffices.
 LARGE_MOTION_VOXELS = 12.0
 LARGE_MOTION_FACTOR = 1.0
+# Mean motion (voxels) below which no gain is evidence enough: see the module docstring.
+MIN_CREDIBLE_MOTION_VOXELS = 8.0
 BLOCK_VOXELS = 16
 BOOTSTRAP_REPLICATES = 100
 # Fewer blocks than this give no usable spread: the identity is kept.
@@ -92,6 +101,10 @@ class GuardDecision:
             return f"kept {IDENTITY}: too little tissue shown by both images to judge any motion"
         deciding = next((c for c in reversed(self.challenges) if c.accepted), None)
         if deciding is None:
+            if all(self.magnitudes[c.challenger] < MIN_CREDIBLE_MOTION_VOXELS for c in self.challenges):
+                return (f"kept {IDENTITY}: no reliable improvement (every estimate moves the tissue by less "
+                        f"than {MIN_CREDIBLE_MOTION_VOXELS:g} voxels, within what this similarity can confirm "
+                        "across modalities)")
             return (f"kept {IDENTITY}: no reliable improvement (no estimate gained more than "
                     f"{self.factor:g}× the similarity's noise)")
         return (f"kept {self.kept}: mutual information {deciding.gain:+.3f} nats over "
@@ -107,6 +120,7 @@ class GuardDecision:
             "challenges": [asdict(challenge) for challenge in self.challenges],
             "noise": f"block bootstrap ({BOOTSTRAP_REPLICATES} replicates, blocks of {BLOCK_VOXELS} voxels)",
             "factor": self.factor,
+            "min_credible_motion_voxels": MIN_CREDIBLE_MOTION_VOXELS,
             "samples": self.samples,
             "blocks": self.blocks,
         }
@@ -152,7 +166,8 @@ def choose_displacement(
         gain, noise = float(difference[0]), float(difference[1:].std(ddof=1))
         motion = _mean_motion(fields[name] - fields[kept], points)
         required = LARGE_MOTION_FACTOR if motion > LARGE_MOTION_VOXELS else factor
-        accepted = gain > required * noise and gain > 0.0
+        credible = _mean_motion(fields[name], points) >= MIN_CREDIBLE_MOTION_VOXELS
+        accepted = credible and gain > required * noise and gain > 0.0
         challenges.append(Challenge(name, kept, gain, noise, accepted))
         if accepted:
             kept = name

@@ -206,13 +206,13 @@ def test_failed_write_leaves_no_outputs(model_2d, tmp_path, monkeypatch):
 
 
 def test_tiles_share_one_structural_matching_of_the_whole_input(model_2d):
-    """A pair shifted by (6, -4) voxels, run in tiles of 64 voxels: every tile of the head reports
+    """A pair shifted by (8, -5) voxels, run in tiles of 64 voxels: every tile of the head reports
     the shift, also those whose own content would have to come from beyond their edge."""
     from napari_unifuse.data.misalign import warp_array
     from napari_unifuse.data.phantoms import make_brain_phantom_slices
 
     slices = make_brain_phantom_slices((128, 128), ("t1", "t2"))
-    shift = np.array([6.0, -4.0])
+    shift = np.array([8.0, -5.0])
     # moving(x + shift) = T2(x): the moving image is the T2 slice moved by -shift.
     t2 = slices["t2"].array
     moving = warp_array(t2, -shift.reshape(2, 1, 1) * np.ones((2, *t2.shape)), order=1)
