@@ -159,8 +159,9 @@ def _style_axes(ax: Axes, background: str, text: str) -> None:
     ax.tick_params(colors=text, labelsize=7)
     for spine in ax.spines.values():
         spine.set_color(text)
-    ax.xaxis.label.set_color(text)
-    ax.yaxis.label.set_color(text)
+    for label in (ax.xaxis.label, ax.yaxis.label):
+        label.set_color(text)
+        label.set_fontsize(8)
     ax.title.set_color(text)
     legend = ax.get_legend()
     if legend is not None:
