@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from napari_unifuse.metrics.fidelity import DEFINITIONS as FIDELITY_DEFINITIONS
+from napari_unifuse.metrics.fidelity import fidelity_maps
+
 INVENTED, LOST, RESTORATION_CHANGE, UNCERTAINTY = "invented", "lost", "restoration_change", "uncertainty_mm"
 # What a reviewer would call each map's defect; the annotation panel's categories where one fits.
 PROBLEM_NAMES: dict[str, str] = {
@@ -34,9 +37,9 @@ PROBLEM_NAMES: dict[str, str] = {
 }
 # Voxel units of each map, for the JSON summary, the report and the layers' names.
 MAP_UNITS: dict[str, str] = {
-    INVENTED: "fused-image intensity ([0, 1] window) per voxel of edge strength",
-    LOST: "source intensity ([0, 1] window) per voxel of edge strength",
-    RESTORATION_CHANGE: "moving-image intensity ([0, 1] window)",
+    INVENTED: "edge height, fraction of the fused image's [0, 1] window",
+    LOST: "edge height, fraction of the source's [0, 1] window",
+    RESTORATION_CHANGE: "fraction of the moving image's [0, 1] window",
     UNCERTAINTY: "mm",
 }
 # A slice is suspicious when more than this fraction of it is flagged by one map: 0.1 % is about
@@ -165,6 +168,32 @@ class QualityMaps:
             "problems": {str(index): self.dominant_problem(index) for index in self.suspicious_slices()},
             "seconds": dict(self.seconds),
         }
+
+
+def quality_maps(
+    reference: np.ndarray,
+    warped_moving: np.ndarray,
+    restored: np.ndarray,
+    fused: np.ndarray,
+    *,
+    uncertainty_mm: np.ndarray | None = None,
+    uncertainty_threshold_mm: float | None = None,
+    uncertainty_definition: str = "",
+    seconds: Mapping[str, float] | None = None,
+) -> QualityMaps:
+    """The fidelity maps of one fused pair (``metrics.fidelity``; every image in the [0, 1] window
+    on the reference grid) and, when given, the uncertainty map with its threshold."""
+    fidelity = fidelity_maps(reference, warped_moving, restored, fused)
+    maps = {INVENTED: fidelity.invented, LOST: fidelity.lost, RESTORATION_CHANGE: fidelity.restoration_change,
+            UNCERTAINTY: uncertainty_mm}
+    thresholds = dict(fidelity.thresholds)
+    definitions = dict(FIDELITY_DEFINITIONS)
+    if uncertainty_mm is not None:
+        if uncertainty_threshold_mm is None:
+            raise ValueError("an uncertainty map needs its threshold (mm)")
+        thresholds[UNCERTAINTY] = uncertainty_threshold_mm
+        definitions[UNCERTAINTY] = uncertainty_definition
+    return QualityMaps.from_maps(maps, thresholds, definitions=definitions, seconds=seconds)
 
 
 def _flagged_fraction_per_slice(array: np.ndarray, threshold: float) -> np.ndarray:

@@ -31,6 +31,7 @@ flagged for its grain.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,8 +88,12 @@ def noise_edge_strength(image: np.ndarray, sigma: float = EDGE_SCALE) -> float:
     """The RMS edge strength that white noise of ``image``'s estimated level gives: for noise of
     standard deviation s, each in-plane Gaussian derivative has variance s² / (8π σ⁴), so the
     gradient magnitude's RMS in step-height units is s / (√2 σ)."""
-    noise = float(estimate_sigma(np.asarray(image, dtype=np.float64), channel_axis=None))
-    return noise / (math.sqrt(2.0) * sigma)
+    with warnings.catch_warnings():
+        # An image with no finest-scale detail at all (constant, or piecewise constant on even
+        # voxel boundaries) leaves estimate_sigma an empty median: it has no noise to speak of.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        noise = float(estimate_sigma(np.asarray(image, dtype=np.float64), channel_axis=None))
+    return noise / (math.sqrt(2.0) * sigma) if math.isfinite(noise) else 0.0
 
 
 def edge_threshold(sources: Sequence[np.ndarray]) -> float:
