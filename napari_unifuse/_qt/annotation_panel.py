@@ -46,7 +46,7 @@ class AnnotationPanel(widgets.Container):
         self.method = widgets.LineEdit(label="method", value=DEFAULT_METHOD,
                                        tooltip="The fusion method whose output is being flagged")
         self.flag_slice = widgets.PushButton(text="Flag slice", tooltip="Flag the slice in view")
-        self.draw_region = widgets.PushButton(text="Draw region…")
+        self.draw_region = widgets.PushButton(text="Draw…", tooltip="Draw a region on the slice, then Flag region")
         self.flag_region = widgets.PushButton(text="Flag region", tooltip="Flag the region drawn on the slice")
         self.listing = widgets.Select(label="flagged", choices=[])
         self.delete = widgets.PushButton(text="Delete selected")

@@ -116,30 +116,29 @@ class ProbabilityPlot(QWidget):
         else:
             for column, name in enumerate(self.class_names):
                 ax.plot(self.probabilities[:, column], label=name)
-            ax.legend(fontsize=7, loc="upper right")
+            _legend(ax)
         ax.set_ylim(0, 1)
         ax.set_ylabel("probability")
-        title = "degradation" + ("" if self.is_single_slice else " per slice")
-        ax.set_title(title + ("" if self.declared == "auto" else f" (declared: {self.declared})"), fontsize=9)
+        ax.set_title("degradation" + ("" if self.declared == "auto" else f" (declared {self.declared})"), fontsize=8)
 
     def _draw_quality(self, ax: Axes, quality: QualityMaps) -> None:
         names = list(quality.slice_scores)
         percent = {name: 100.0 * np.asarray(quality.slice_scores[name]) for name in names}
         if self.is_single_slice:
             ax.bar(range(len(names)), [percent[name][0] for name in names], color=_colours(len(names), offset=4))
-            ax.set_xticks(range(len(names)), [MAP_LABELS[name] for name in names])
+            ax.set_xticks(range(len(names)), [MAP_LABELS[name].replace(" ", "\n") for name in names])
         else:
             colours = _colours(len(names), offset=4)
             for colour, name in zip(colours, names):
                 ax.plot(percent[name], color=colour, label=MAP_LABELS[name])
-            ax.legend(fontsize=7, loc="upper right")
+            _legend(ax)
             ax.set_xlabel("slice (z)")
         level = 100.0 * quality.flag_level
         ax.axhline(level, color="grey", linestyle=":", linewidth=1)
         top = max(max(float(values.max()) for values in percent.values()), 2 * level)
         ax.set_ylim(0, 1.1 * top)
         ax.set_ylabel("% flagged")
-        ax.set_title("quality maps (dotted: suspicious above)", fontsize=9)
+        ax.set_title("quality maps (dotted: suspicious)", fontsize=8)
 
     def _on_theme(self, event) -> None:
         self.theme_id = event.value
@@ -169,6 +168,11 @@ def _style_axes(ax: Axes, background: str, text: str) -> None:
         legend.get_frame().set_edgecolor(text)
         for label in legend.get_texts():
             label.set_color(text)
+
+
+def _legend(ax: Axes) -> None:
+    """Small and two columns wide: the dock beside a 1280-pixel window is under 300 pixels."""
+    ax.legend(fontsize=6, ncols=2, loc="upper right", framealpha=0.6, handlelength=1.2, columnspacing=0.8)
 
 
 def _colours(count: int, offset: int = 0) -> list:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from magicgui import widgets
 from napari.layers import Image
+from qtpy.QtWidgets import QSizePolicy
 
 from napari_unifuse._napari_io import layer_to_volume
 from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
@@ -79,6 +80,8 @@ class RunPanel(widgets.Container):
                                                     "checkpoint, so reopening a run finds its annotations")
         self.folder_label = widgets.Label(label="run folder")
         self.folder_label.native.setWordWrap(True)
+        # A long path is one unbreakable word: let the dock's width, not the path, set the label's.
+        self.folder_label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.run_button = widgets.PushButton(text="Run UniFuse")
         self.cancel_button = widgets.PushButton(text="Cancel", enabled=False)
         self.progress = widgets.ProgressBar(label="progress", value=0, min=0, max=1)

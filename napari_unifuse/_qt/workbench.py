@@ -22,7 +22,17 @@ from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import QComboBox, QDockWidget, QFrame, QScrollArea, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDockWidget,
+    QFrame,
+    QMainWindow,
+    QPushButton,
+    QScrollArea,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_unifuse._qt.analysis import RunOutcome, build_engine, run_and_analyse, slice_metrics
 from napari_unifuse._qt.annotation_panel import AnnotationPanel
@@ -36,6 +46,7 @@ from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.engine.quality import QualityMaps
+from napari_unifuse.engine.report import write_report
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, write_image
 
@@ -48,8 +59,33 @@ MAP_FILES = ("alignment_error", "jacobian_determinant", "folding")
 # The docks share the window with the canvas, which keeps at least half of it (1280 px and up).
 # napari's layer controls need 320 px on the left, so at 1280 px the workbench gets 22 % (282 px).
 DOCK_WIDTH_FRACTION, DOCK_MIN_WIDTH, DOCK_MAX_WIDTH = 0.22, 260, 440
-COMBO_MIN_CHARACTERS = 10
+COMBO_MIN_CHARACTERS = 6
+FILE_BUTTON_TEXTS = ("Select file", "Choose directory", "Select files", "Save file")
 PLOT_HEIGHT_FRACTION = 0.4
+
+
+def _narrow(content: QWidget) -> None:
+    """Let the form fit a 280-pixel dock: combo boxes elide long layer names, file pickers show
+    "…" instead of "Select file", and nested forms drop their margins."""
+    for combo in content.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(COMBO_MIN_CHARACTERS)
+    for button in content.findChildren(QPushButton):
+        if button.text() in FILE_BUTTON_TEXTS:
+            button.setToolTip(button.text())
+            button.setText("…")
+    for child in content.findChildren(QWidget):
+        layout = child.layout()
+        if layout is not None and child is not content:
+            layout.setContentsMargins(0, 0, 0, 0)
+
+
+def _dock_of(widget: QWidget) -> QDockWidget | None:
+    """The dock widget holding ``widget``, if it is docked."""
+    parent = widget.parent()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parent()
+    return parent
 
 
 @dataclass(frozen=True)
@@ -95,15 +131,13 @@ class UniFuseWorkbench(QWidget):
         self.tabs.addTab(self.annotation_panel.native, "Annotate")
         content = QWidget()
         content_layout = QVBoxLayout(content)
+        content_layout.setContentsMargins(4, 4, 4, 4)
         content_layout.addWidget(self.run_panel.native)
         content_layout.addWidget(self.tabs)
         content_layout.addWidget(widgets.Container(widgets=[self.save_button, self.report_button],
                                                    layout="horizontal", labels=False).native)
         content_layout.addStretch()
-        # Long layer names would widen every combo box, and with it the dock: elide them instead.
-        for combo in content.findChildren(QComboBox):
-            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            combo.setMinimumContentsLength(COMBO_MIN_CHARACTERS)
+        _narrow(content)
         # Scrolls rather than growing the window: the form is taller than a 800-pixel screen.
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -182,29 +216,21 @@ class UniFuseWorkbench(QWidget):
         """Once docked: a fifth of the window's width, and the image refitted to the canvas left."""
         if self._released:
             return
-        window = self.viewer.window._qt_window
-        dock = self._own_dock()
-        if dock is not None:
+        window, dock = self.window(), _dock_of(self)
+        if isinstance(window, QMainWindow) and dock is not None:
             width = int(np.clip(DOCK_WIDTH_FRACTION * window.width(), DOCK_MIN_WIDTH, DOCK_MAX_WIDTH))
             window.resizeDocks([dock], [width], Qt.Orientation.Horizontal)
         self.viewer.reset_view()
-
-    def _own_dock(self) -> QDockWidget | None:
-        parent = self.parent()
-        while parent is not None and not isinstance(parent, QDockWidget):
-            parent = parent.parent()
-        return parent
 
     def _show_plot_dock(self) -> None:
         if self.plot_dock is None or self.plot_dock.isVisible():
             return
         self.plot_dock.show()
-        own = self._own_dock()
-        if own is not None:
-            window = self.viewer.window._qt_window
+        # The Qt objects themselves: napari hands plugins proxies of its own, which Qt calls refuse.
+        window, own, plot = self.window(), _dock_of(self), _dock_of(self.plot)
+        if isinstance(window, QMainWindow) and own is not None and plot is not None:
             plot_height = int(PLOT_HEIGHT_FRACTION * window.height())
-            window.resizeDocks([own, self.plot_dock], [window.height() - plot_height, plot_height],
-                               Qt.Orientation.Vertical)
+            window.resizeDocks([own, plot], [window.height() - plot_height, plot_height], Qt.Orientation.Vertical)
 
     # ---- run selection -------------------------------------------------------------------------
     def _select_run(self, _value=None) -> None:
@@ -388,8 +414,6 @@ class UniFuseWorkbench(QWidget):
 
     @staticmethod
     def _build_report(outcome: RunOutcome, selection: RunSelection, annotations: list) -> Path | _RunFailed:
-        from napari_unifuse.engine.report import write_report  # TODO(qc): top-level once report.py lands
-
         try:
             return write_report(outcome.result, selection.folder, reference=selection.request.reference,
                                 moving=selection.request.moving, annotations=annotations,

@@ -95,6 +95,19 @@ def test_next_suspicious_slice_goes_to_the_defects_and_prefills_the_flag(reviewe
     assert (record["slice_index"], record["category"], record["method"]) == (LOST_SLICE, "lost structure", "unifuse")
 
 
+def test_the_qc_report_button_writes_the_run_page_and_names_it(reviewed, qtbot, notifications):
+    _, workbench = reviewed
+    workbench.annotation_panel.reviewer.value = "dr. test"
+    workbench.annotation_panel.flag_slice.clicked()
+    workbench.report_button.clicked()
+    qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=60_000)
+    page = workbench.last_report
+    assert page is not None and page.parent == workbench.selection.folder and page.is_file()
+    text = page.read_text(encoding="utf-8")
+    assert workbench.selection.folder.name in text and "dr. test" in text
+    assert any(str(page) in message for _, message in notifications)
+
+
 def test_the_plot_adds_a_quality_panel_marking_the_viewed_slice(reviewed):
     viewer, workbench = reviewed
     plot = workbench.plot
