@@ -158,8 +158,8 @@ def _inputs_section(reference: ImageVolume, moving: ImageVolume, result: FusionR
         axes.set_title(f"{title}{f', slice {middle}' if volume.ndim == 3 else ''}", fontsize=9)
         axes.axis("off")
     rows = "".join(f"<tr><td>{role}</td><td>{html.escape(str(volume.source or 'in memory'))}</td>"
-                   f"<td>{volume.array.shape}</td><td>{tuple(round(s, 3) for s in volume.geometry.spacing)}</td></tr>"
-                   for role, volume in (("reference", reference), ("moving", moving)))
+                   f"<td>{volume.array.shape}</td><td>{' × '.join(f'{s:.3g}' for s in volume.geometry.spacing)}</td>"
+                   "</tr>" for role, volume in (("reference", reference), ("moving", moving)))
     return (f"<table><tr><th>input</th><th>source</th><th>shape</th><th>spacing (mm)</th></tr>{rows}</table>\n"
             f"{_png(figure)}")
 
