@@ -10,9 +10,7 @@ gives the definitions, units and why each threshold sits where it does):
   (``engine.uncertainty``), in mm; optional.
 
 A slice's score for a map is the fraction of its voxels above that map's threshold, so it reads as
-"how much of this slice is flagged" and is 0 when nothing is. The uncertainty flags only voxels
-where either aligned source has an edge (``relevance``): in a flat region an aligner has nothing
-to go by, so it is always uncertain there, and a misalignment there does not show. A slice's suspicion is the largest
+"how much of this slice is flagged" and is 0 when nothing is. A slice's suspicion is the largest
 of its scores; it is *suspicious* when that exceeds ``flag_level`` (a small area, so that single
 noisy voxels do not send a reviewer to a slice). 3D maps are scored per z slice (axis 0, the axis
 of the per-slice degradation probabilities); a 2D image is one slice.
@@ -59,8 +57,6 @@ class QualityMaps:
     ``slice_scores``: map name → (S,) fraction of each slice's voxels above the threshold
     (S = number of z slices in 3D, 1 in 2D); ``suspicion``: (S,) the largest of those per slice.
     ``flag_level``: the suspicion above which a slice is listed as suspicious.
-    ``relevance``: map name → boolean mask of the voxels where that map's flags count (the
-    uncertainty's: where either source has an edge); a map without one counts everywhere.
     ``definitions``: map name → a one-line definition, recorded in provenance and the report.
     ``seconds``: wall time per part (maps, uncertainty), for provenance and the overhead bench.
     """
@@ -75,7 +71,6 @@ class QualityMaps:
     flag_level: float = DEFAULT_FLAG_LEVEL
     definitions: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    relevance: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_maps(
@@ -86,10 +81,8 @@ class QualityMaps:
         flag_level: float = DEFAULT_FLAG_LEVEL,
         definitions: Mapping[str, str] | None = None,
         seconds: Mapping[str, float] | None = None,
-        relevance: Mapping[str, np.ndarray] | None = None,
     ) -> QualityMaps:
-        """Score ``maps`` (the three fidelity maps, and ``uncertainty_mm`` or None) per slice;
-        ``relevance`` restricts where a map's flags count (see the class)."""
+        """Score ``maps`` (the three fidelity maps, and ``uncertainty_mm`` or None) per slice."""
         present = {name: np.asarray(array, dtype=np.float32) for name, array in maps.items() if array is not None}
         missing = [name for name in (INVENTED, LOST, RESTORATION_CHANGE) if name not in present]
         if missing:
@@ -97,9 +90,7 @@ class QualityMaps:
         shapes = {array.shape for array in present.values()}
         if len(shapes) != 1:
             raise ValueError(f"quality maps differ in shape: {sorted(shapes)}")
-        masks = {name: np.asarray(mask, dtype=bool) for name, mask in (relevance or {}).items() if name in present}
-        flagged = {name: _flagged(array, float(thresholds[name]), masks.get(name)) for name, array in present.items()}
-        scores = {name: _fraction_per_slice(mask) for name, mask in flagged.items()}
+        scores = {name: _flagged_fraction_per_slice(array, float(thresholds[name])) for name, array in present.items()}
         return cls(
             invented=present[INVENTED],
             lost=present[LOST],
@@ -111,7 +102,6 @@ class QualityMaps:
             flag_level=flag_level,
             definitions=dict(definitions or {}),
             seconds=dict(seconds or {}),
-            relevance=masks,
         )
 
     @property
@@ -124,10 +114,6 @@ class QualityMaps:
         if self.uncertainty_mm is not None:
             arrays[UNCERTAINTY] = self.uncertainty_mm
         return arrays
-
-    def flagged(self, name: str) -> np.ndarray:
-        """Boolean map of the voxels map ``name`` flags: above its threshold, where it counts."""
-        return _flagged(self.maps()[name], self.thresholds[name], self.relevance.get(name))
 
     def suspicious_slices(self) -> list[int]:
         """Indices of the slices whose suspicion exceeds ``flag_level``, in slice order."""
@@ -165,7 +151,7 @@ class QualityMaps:
                 "definition": self.definitions.get(name, ""),
                 "max": float(array.max()) if array.size else 0.0,
                 "p95": float(np.percentile(array, 95)) if array.size else 0.0,
-                "flagged_fraction": float(np.mean(self.flagged(name))) if array.size else 0.0,
+                "flagged_fraction": float(np.mean(array > self.thresholds[name])) if array.size else 0.0,
             }
             for name, array in self.maps().items()
         }
@@ -206,18 +192,13 @@ def quality_maps(
         if uncertainty_threshold_mm is None:
             raise ValueError("an uncertainty map needs its threshold (mm)")
         thresholds[UNCERTAINTY] = uncertainty_threshold_mm
-        definitions[UNCERTAINTY] = f"{uncertainty_definition}; counted where either source has an edge"
-    return QualityMaps.from_maps(maps, thresholds, definitions=definitions, seconds=seconds,
-                                 relevance={UNCERTAINTY: fidelity.structure})
+        definitions[UNCERTAINTY] = uncertainty_definition
+    return QualityMaps.from_maps(maps, thresholds, definitions=definitions, seconds=seconds)
 
 
-def _flagged(array: np.ndarray, threshold: float, relevance: np.ndarray | None) -> np.ndarray:
-    above = array > threshold
-    return above if relevance is None else above & relevance
-
-
-def _fraction_per_slice(flagged: np.ndarray) -> np.ndarray:
-    """(S,) fraction of each z slice's voxels that are flagged; a 2D array is one slice."""
+def _flagged_fraction_per_slice(array: np.ndarray, threshold: float) -> np.ndarray:
+    """(S,) fraction of each z slice's voxels above ``threshold``; a 2D array is one slice."""
+    flagged = array > threshold
     if flagged.ndim == 2:
         return np.array([flagged.mean()], dtype=np.float32)
     return flagged.reshape(flagged.shape[0], -1).mean(axis=1).astype(np.float32)

@@ -182,8 +182,8 @@ def _key_slices_section(result: FusionResult) -> str:
         plain.set_title("fused", fontsize=9)
         overlaid = figure.add_subplot(1, 2, 2)
         overlaid.imshow(slice_of(fused, 0 if three_d else None, index), cmap="gray", vmin=0, vmax=1)
-        for name in quality.maps():
-            flagged = slice_of(quality.flagged(name), 0 if three_d else None, index)
+        for name, array in quality.maps().items():
+            flagged = slice_of(array, 0 if three_d else None, index) > quality.thresholds[name]
             overlaid.imshow(np.ma.masked_where(~flagged, flagged), cmap=ListedColormap([OVERLAY_COLOURS[name]]),
                             alpha=0.55, interpolation="nearest")
         overlaid.set_title("flagged by the quality maps", fontsize=9)
@@ -255,9 +255,7 @@ def _uncertainty_section(quality: QualityMaps | None) -> str:
     view.set_title(f"slice {worst}" if values.ndim == 3 else "uncertainty", fontsize=9)
     view.axis("off")
     return (f"<p>Median {median:.2f} mm, 95th percentile {p95:.2f} mm, maximum {values.max():.2f} mm; "
-            f"{100 * float(np.mean(values > threshold)):.2f} % of voxels above {threshold:.2f} mm, "
-            f"{100 * float(np.mean(quality.flagged(UNCERTAINTY))):.2f} % where either source has an edge "
-            "(flagged). "
+            f"{100 * float(np.mean(values > threshold)):.2f} % of voxels above {threshold:.2f} mm. "
             f"<span class=note>{html.escape(quality.definitions.get(UNCERTAINTY, ''))}</span></p>{_png(figure)}")
 
 

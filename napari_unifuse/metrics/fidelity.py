@@ -60,14 +60,12 @@ DEFINITIONS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class FidelityMaps:
-    """The three maps (float32, the images' shape), the value above which each flags a voxel, and
-    ``structure``: where either source has an edge above the edge threshold."""
+    """The three maps (float32, the images' shape) and the value above which each flags a voxel."""
 
     invented: np.ndarray
     lost: np.ndarray
     restoration_change: np.ndarray
     thresholds: dict[str, float]
-    structure: np.ndarray
 
 
 def _in_plane_sigma(ndim: int, sigma: float) -> tuple[float, ...]:
@@ -103,12 +101,6 @@ def edge_threshold(sources: Sequence[np.ndarray]) -> float:
     return max(STEP_THRESHOLD, NOISE_FACTOR * max(noise_edge_strength(source) for source in sources))
 
 
-def structure_mask(sources: Sequence[np.ndarray], threshold: float) -> np.ndarray:
-    """Where either source has an edge above ``threshold`` (in-plane edge strength): where a
-    misalignment would show."""
-    return np.logical_or.reduce([edge_strength(source) > threshold for source in sources])
-
-
 def invented_structure(fused: np.ndarray, sources: Sequence[np.ndarray]) -> np.ndarray:
     """(E_fused − max_S E_S)⁺, see the module docstring."""
     strongest = np.maximum.reduce([edge_strength(source) for source in sources])
@@ -141,5 +133,4 @@ def fidelity_maps(reference: np.ndarray, warped_moving: np.ndarray, restored: np
         lost=lost_structure(fused, sources).astype(np.float32),
         restoration_change=restoration_change(restored, warped_moving).astype(np.float32),
         thresholds={"invented": threshold, "lost": threshold, "restoration_change": STEP_THRESHOLD},
-        structure=structure_mask(sources, threshold),
     )

@@ -46,17 +46,6 @@ def test_slice_scores_are_flagged_fractions_and_suspicion_their_maximum():
     assert quality.worst_slices(2) == [5, 2]
 
 
-def test_uncertainty_flags_count_only_where_a_source_has_an_edge():
-    maps = volume_maps()
-    maps[UNCERTAINTY][5] = 3.0  # uncertain everywhere on slice 5, edges on a quarter of it
-    relevance = np.zeros(maps[UNCERTAINTY].shape, bool)
-    relevance[:, :10, :10] = True
-    quality = QualityMaps.from_maps(maps, THRESHOLDS, relevance={UNCERTAINTY: relevance})
-    assert quality.slice_scores[UNCERTAINTY][5] == pytest.approx(0.25)
-    assert quality.flagged(UNCERTAINTY).sum() == 100
-    assert quality.to_dict()["maps"][UNCERTAINTY]["flagged_fraction"] == pytest.approx(100 / maps[LOST].size)
-
-
 def test_a_value_at_the_threshold_is_not_flagged():
     maps = volume_maps()
     maps[RESTORATION_CHANGE][:] = THRESHOLDS[RESTORATION_CHANGE]
