@@ -23,6 +23,7 @@ FLICKER_INTERVAL_MS = 600
 MAP_LABELS = {INVENTED: "invented structure", LOST: "lost structure", RESTORATION_CHANGE: "restoration change",
               UNCERTAINTY: "alignment uncertainty"}
 # Each map in its own hue, drawn additively over the fused image and hidden until asked for.
+QUALITY_OPACITY = 0.6  # ticked on, a map tints the fused image rather than hiding it
 MAP_COLORMAPS = {INVENTED: "red", LOST: "cyan", RESTORATION_CHANGE: "yellow", UNCERTAINTY: "inferno"}
 
 
@@ -128,7 +129,7 @@ class ResultLayers:
         for name, array in quality.maps().items():
             threshold = quality.thresholds[name]
             self._image(self.names.quality_map(name), array, placed, colormap=MAP_COLORMAPS[name],
-                        blending="additive", visible=False, contrast_limits=(0.0, max(2.0 * threshold, 1e-6)),
+                        blending="additive", visible=False, opacity=QUALITY_OPACITY, contrast_limits=(0.0, max(2.0 * threshold, 1e-6)),
                         metadata={LAYER_METADATA_KEY: {"kind": name, "units": MAP_UNITS[name],
                                                        "threshold": threshold}})
 

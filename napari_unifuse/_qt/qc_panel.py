@@ -38,6 +38,7 @@ class QCPanel(widgets.Container):
                                                             self.checker_tile])
         self.advanced = collapsible_section("Advanced", self.advanced_settings.native)
         self.native.layout().addWidget(self.advanced)
+        self.native.layout().addStretch()  # a tall tab keeps its controls together at the top
         self.quiver_stride.changed.connect(results.set_quiver_stride)
         self.arrow_scale.changed.connect(results.set_arrow_scale)
         self.grid_spacing.changed.connect(results.set_grid_spacing)
