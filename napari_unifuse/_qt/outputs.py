@@ -29,6 +29,8 @@ MAP_COLORMAPS = {INVENTED: "red", LOST: "cyan", RESTORATION_CHANGE: "yellow", UN
 
 @dataclass(frozen=True)
 class OutputNames:
+    """The names of a run's output layers, derived from its input layers' names."""
+
     fused: str
     aligned: str
     quivers: str
