@@ -222,6 +222,7 @@ def _degradation_section(result: FusionResult) -> str:
         for column, name in enumerate(names):
             axes.plot(probabilities[:, column], label=name)
         axes.set_xlabel("slice (z)")
+        axes.legend(fontsize=8, loc="upper left")
         if result.quality is not None:
             suspicion = axes.twinx()
             suspicion.bar(np.arange(result.quality.slice_count), 100 * result.quality.suspicion, color="#999",
@@ -231,7 +232,6 @@ def _degradation_section(result: FusionResult) -> str:
         axes.bar(names, probabilities[0], color="#0072B2")
     axes.set_ylim(0, 1)
     axes.set_ylabel("probability")
-    axes.legend(fontsize=8, loc="upper left")
     globals_ = ", ".join(f"{name} {p:.2f}" for name, p in result.class_probs.items())
     return f"<p>Predicted: <b>{html.escape(result.predicted_class)}</b> ({globals_}).</p>{_png(figure)}"
 
