@@ -47,6 +47,8 @@ _UNTRAINED_SEED = 0
 
 @dataclass(frozen=True)
 class RunRequest:
+    """What the form asks for: the two images, the model, where and how to run it."""
+
     reference: ImageVolume
     moving: ImageVolume
     checkpoint: str  # bundled name, .safetensors path, or UNTRAINED

@@ -7,6 +7,7 @@ here, and listed again when the same inputs and checkpoint are opened later.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magicgui import widgets
 from napari.utils.notifications import show_info
@@ -23,26 +24,36 @@ from napari_unifuse.engine.annotations import (
 )
 from napari_unifuse.errors import InputError
 
+if TYPE_CHECKING:
+    import napari.viewer
+
 ANNOTATION_LAYER = "UniFuse annotations"
+DEFAULT_METHOD = "unifuse"
 
 
 class AnnotationPanel(widgets.Container):
-    def __init__(self, viewer) -> None:
+    """The *Annotate* tab: flag the viewed slice or a drawn region with a category, a note, the
+    reviewer and the method the flag is about; list, delete and export the run's flags."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self.viewer = viewer
         self.store: AnnotationStore | None = None
         self.reference_layer = None
         self.category = widgets.ComboBox(label="category", choices=FAILURE_CATEGORIES)
+        self.suggestion = widgets.Label(value="")
         self.note = widgets.LineEdit(label="note")
         self.reviewer = widgets.LineEdit(label="reviewer", value=default_reviewer())
-        self.flag_slice = widgets.PushButton(text="Flag current slice")
-        self.draw_region = widgets.PushButton(text="Draw region…")
-        self.flag_region = widgets.PushButton(text="Flag drawn region")
+        self.method = widgets.LineEdit(label="method", value=DEFAULT_METHOD,
+                                       tooltip="The fusion method whose output is being flagged")
+        self.flag_slice = widgets.PushButton(text="Flag slice", tooltip="Flag the slice in view")
+        self.draw_region = widgets.PushButton(text="Draw…", tooltip="Draw a region on the slice, then Flag region")
+        self.flag_region = widgets.PushButton(text="Flag region", tooltip="Flag the region drawn on the slice")
         self.listing = widgets.Select(label="flagged", choices=[])
         self.delete = widgets.PushButton(text="Delete selected")
         self.cohort_csv = widgets.FileEdit(label="cohort CSV", mode="w", filter="*.csv")
         self.export = widgets.PushButton(text="Export cohort CSV")
         super().__init__(widgets=[
-            self.category, self.note, self.reviewer,
+            self.category, self.suggestion, self.note, self.reviewer, self.method,
             widgets.Container(widgets=[self.flag_slice, self.draw_region, self.flag_region], layout="horizontal",
                               labels=False),
             self.listing, self.delete, self.cohort_csv, self.export,
@@ -69,6 +80,12 @@ class AnnotationPanel(widgets.Container):
     def annotations(self) -> list[Annotation]:
         return self.store.load() if self.store else []
 
+    def suggest(self, category: str, slice_index: int, reason: str) -> None:
+        """Pre-fill the category for a slice the reviewer was sent to (by the quality maps)."""
+        if category in FAILURE_CATEGORIES:
+            self.category.value = category
+        self.suggestion.value = f"slice {slice_index}: {reason}"
+
     # ---- flagging -----------------------------------------------------------------------------
     def _require_run(self) -> AnnotationStore:
         if self.store is None:
@@ -85,7 +102,7 @@ class AnnotationPanel(widgets.Container):
         store = self._require_run()
         axis, index = self._slice()
         self._save(store, Annotation(self.category.value, self.reviewer.value, self.note.value,
-                                     slice_index=index, slice_axis=axis))
+                                     slice_index=index, slice_axis=axis, method=self.method.value))
 
     @reports_errors("Draw region")
     def start_drawing(self) -> None:
@@ -104,7 +121,8 @@ class AnnotationPanel(widgets.Container):
         shapes = [[list(map(float, layer.data_to_world(point))) for point in shape] for shape in layer.data]
         axis, index = self._slice()
         self._save(store, Annotation(self.category.value, self.reviewer.value, self.note.value,
-                                     slice_index=index, slice_axis=axis, region_kind="shapes", region_world=shapes))
+                                     slice_index=index, slice_axis=axis, region_kind="shapes", region_world=shapes,
+                                     method=self.method.value))
         layer.data = []  # flagged: the next region starts from an empty layer
 
     def _annotation_layer(self, create: bool):
@@ -144,4 +162,4 @@ class AnnotationPanel(widgets.Container):
 def _describe(annotation: Annotation) -> str:
     where = "region" if annotation.region_kind else "slice"
     note = f": {annotation.note}" if annotation.note else ""
-    return f"{where} {annotation.slice_index} — {annotation.category} ({annotation.reviewer}){note}"
+    return f"{where} {annotation.slice_index} — {annotation.category} [{annotation.method}] ({annotation.reviewer}){note}"

@@ -10,6 +10,8 @@ COLUMNS = ("metric", "slice", "volume")
 
 
 class MetricsPanel(QTableWidget):
+    """The *Metrics* tab: one row per metric, its value on the viewed slice and on the whole volume."""
+
     def __init__(self, parent=None) -> None:
         super().__init__(0, len(COLUMNS), parent)
         self.setHorizontalHeaderLabels(COLUMNS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -11,13 +12,25 @@ from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
 from napari_unifuse._qt.analysis import RunOutcome
 from napari_unifuse._qt.run_panel import OUTPUT_ROLE
 from napari_unifuse.engine.overlays import checkerboard, deformed_grid, displacement_magnitude_mm, slice_quivers
+from napari_unifuse.engine.quality import INVENTED, LOST, MAP_UNITS, RESTORATION_CHANGE, UNCERTAINTY
 from napari_unifuse.io import ImageVolume
 
+if TYPE_CHECKING:
+    import napari.viewer
+
 FLICKER_INTERVAL_MS = 600
+# The quality maps as a reviewer names them (layer names, plot legends).
+MAP_LABELS = {INVENTED: "invented structure", LOST: "lost structure", RESTORATION_CHANGE: "restoration change",
+              UNCERTAINTY: "alignment uncertainty"}
+# Each map in its own hue, drawn additively over the fused image and hidden until asked for.
+QUALITY_OPACITY = 0.6  # ticked on, a map tints the fused image rather than hiding it
+MAP_COLORMAPS = {INVENTED: "red", LOST: "cyan", RESTORATION_CHANGE: "yellow", UNCERTAINTY: "inferno"}
 
 
 @dataclass(frozen=True)
 class OutputNames:
+    """The names of a run's output layers, derived from its input layers' names."""
+
     fused: str
     aligned: str
     quivers: str
@@ -39,8 +52,12 @@ class OutputNames:
     def all(self) -> tuple[str, ...]:
         return tuple(vars(self).values())
 
+    def quality_map(self, map_name: str) -> str:
+        """The layer of one quality map (``engine.quality`` names: "invented", "lost", …)."""
+        return f"{MAP_LABELS[map_name]} {self.fused.removeprefix('fused ')}"
 
-def viewed_slice(viewer, layer) -> tuple[int | None, int]:
+
+def viewed_slice(viewer: napari.viewer.Viewer, layer) -> tuple[int | None, int]:
     """(array axis, index) of ``layer``'s slice shown in a 2D view; ``(None, 0)`` for 2D layers."""
     if layer.ndim < 3:
         return None, 0
@@ -54,9 +71,13 @@ def viewed_slice(viewer, layer) -> tuple[int | None, int]:
 
 
 class ResultLayers:
-    """Adds or refreshes the output layers of the latest run and keeps the quivers on the viewed slice."""
+    """Adds or refreshes the output layers of the latest run and keeps the quivers on the viewed slice.
 
-    def __init__(self, viewer) -> None:
+    Call :meth:`disconnect_viewer` when the workbench closes: it releases the viewer's events and
+    the flicker timer.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self.viewer = viewer
         self.outcome: RunOutcome | None = None
         self.names: OutputNames | None = None
@@ -71,6 +92,11 @@ class ResultLayers:
         self._flicker.timeout.connect(self._flip)
         viewer.dims.events.current_step.connect(self.update_quivers)
         viewer.dims.events.order.connect(self.update_quivers)
+
+    def disconnect_viewer(self) -> None:
+        self.stop_flicker()
+        self.viewer.dims.events.current_step.disconnect(self.update_quivers)
+        self.viewer.dims.events.order.disconnect(self.update_quivers)
 
     # ---- building -----------------------------------------------------------------------------
     def show(self, outcome: RunOutcome, reference_name: str, moving_name: str) -> None:
@@ -94,7 +120,20 @@ class ResultLayers:
                      edge_colormap="viridis", edge_width=float(geometry.spacing.min()) * 0.3, length=self.arrow_scale,
                      edge_contrast_limits=(0.0, max(float(magnitude.max()), 1e-6)))
         self.update_quivers()
+        self._show_quality_maps(placed)
         self._show_kept_estimate()
+
+    def _show_quality_maps(self, placed: dict) -> None:
+        """One hidden layer per quality map, its colour saturating at twice the flag threshold."""
+        quality = self.outcome.result.quality
+        if quality is None:
+            return
+        for name, array in quality.maps().items():
+            threshold = quality.thresholds[name]
+            self._image(self.names.quality_map(name), array, placed, colormap=MAP_COLORMAPS[name],
+                        blending="additive", visible=False, opacity=QUALITY_OPACITY, contrast_limits=(0.0, max(2.0 * threshold, 1e-6)),
+                        metadata={LAYER_METADATA_KEY: {"kind": name, "units": MAP_UNITS[name],
+                                                       "threshold": threshold}})
 
     def _show_kept_estimate(self) -> None:
         """One line on the canvas: which displacement the layers show (identity, matching or

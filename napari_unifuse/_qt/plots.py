@@ -1,55 +1,181 @@
-"""Per-slice degradation probabilities: one line per class along z, a marker on the viewed slice."""
+"""The docked per-slice plot: degradation probabilities and, below them, how much of each slice the
+quality maps flag. A 3D run draws one line per class (and per map) along z with a marker on the
+viewed slice; a 2D image is one "slice", so it draws bars. Colours follow napari's theme."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+from matplotlib import rcParams
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from napari.utils.theme import get_theme
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+
+from napari_unifuse._qt.outputs import MAP_LABELS
+from napari_unifuse.engine.quality import QualityMaps
+
+if TYPE_CHECKING:
+    import napari.viewer
+
+WAITING_TEXT = "Run UniFuse to see the estimated degradation per slice."
 
 
 class ProbabilityPlot(QWidget):
-    def __init__(self, parent: QWidget | None = None) -> None:
+    """Per-slice degradation probabilities and quality-map scores for the latest run.
+
+    Restyles itself when napari's theme changes; call :meth:`disconnect_viewer` before dropping it.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.figure = Figure(figsize=(4, 2.4), tight_layout=True)
+        self.viewer = viewer
+        self.figure = Figure(figsize=(4, 3.2), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(220)  # stacked with the workbench dock, it would otherwise collapse
-        self.axes = self.figure.add_subplot()
-        self.values_label = QLabel("Run UniFuse to see the estimated degradation per slice.")
+        self.canvas.setMinimumHeight(200)
+        self.values_label = QLabel(WAITING_TEXT)
         self.values_label.setWordWrap(True)
         layout = QVBoxLayout(self)
         layout.addWidget(self.canvas)
         layout.addWidget(self.values_label)
         self.probabilities: np.ndarray | None = None
         self.class_names: tuple[str, ...] = ()
-        self.marker = None
+        self.declared = "auto"
+        self.quality: QualityMaps | None = None
+        self.markers: list = []
+        self.theme_id = viewer.theme if viewer is not None else "dark"
+        if viewer is not None:
+            viewer.events.theme.connect(self._on_theme)
+        self._redraw()
 
-    def show_probabilities(self, probabilities: np.ndarray, class_names: tuple[str, ...], declared: str = "auto") -> None:
-        """``probabilities``: ``(S, classes)``, one row per slice along z (a single row for 2D)."""
+    # ---- data ----------------------------------------------------------------------------------
+    def show_probabilities(self, probabilities: np.ndarray, class_names: tuple[str, ...], declared: str = "auto",
+                           quality: QualityMaps | None = None) -> None:
+        """``probabilities``: ``(S, classes)``, one row per slice along z (a single row for 2D);
+        ``quality``: the run's quality maps, whose per-slice scores get a second panel."""
         self.probabilities, self.class_names = np.asarray(probabilities), tuple(class_names)
-        self.axes.clear()
-        slices = np.arange(len(self.probabilities))
-        style = "-" if len(slices) > 1 else "o"  # a 2D image has one "slice": dots, not invisible lines
-        for column, name in enumerate(self.class_names):
-            self.axes.plot(slices, self.probabilities[:, column], style, label=name)
-        self.axes.set_ylim(0, 1)
-        self.axes.set_xlabel("slice (z)" if len(slices) > 1 else "image")
-        self.axes.set_ylabel("probability")
-        title = "degradation per slice" + ("" if declared == "auto" else f" (declared: {declared})")
-        self.axes.set_title(title, fontsize=9)
-        self.axes.legend(fontsize=7, loc="upper right")
-        self.marker = self.axes.axvline(0, color="k", linestyle="--", linewidth=1)
+        self.declared, self.quality = declared, quality
+        self._redraw()
         self.set_slice(0)
+
+    @property
+    def has_data(self) -> bool:
+        return self.probabilities is not None
+
+    @property
+    def is_single_slice(self) -> bool:
+        return self.probabilities is not None and len(self.probabilities) == 1
 
     def set_slice(self, index: int) -> None:
         if self.probabilities is None:
             return
         row = int(np.clip(index, 0, len(self.probabilities) - 1))
-        self.marker.set_xdata([row, row])
+        for marker in self.markers:
+            marker.set_xdata([row, row])
         values = ", ".join(f"{name} {p:.2f}" for name, p in zip(self.class_names, self.probabilities[row]))
-        self.values_label.setText(f"slice {row}: {values}")
+        text = f"slice {row}: {values}"
+        if self.quality is not None:
+            flagged = ", ".join(f"{MAP_LABELS[name]} {100 * scores[row]:.1f} %"
+                                for name, scores in self.quality.slice_scores.items())
+            text += f"\nflagged: {flagged}"
+        self.values_label.setText(text)
         self.canvas.draw_idle()
 
     @property
     def marker_position(self) -> float | None:
-        return None if self.marker is None else float(self.marker.get_xdata()[0])
+        return float(self.markers[0].get_xdata()[0]) if self.markers else None
+
+    # ---- drawing -------------------------------------------------------------------------------
+    def _redraw(self) -> None:
+        self.figure.clear()
+        self.markers = []
+        theme = get_theme(self.theme_id)
+        background, text = theme.background.as_hex(), theme.text.as_hex()
+        self.figure.set_facecolor(background)
+        if self.probabilities is None:
+            self.canvas.draw_idle()
+            return
+        panels = 2 if self.quality is not None else 1
+        axes = self.figure.subplots(panels, 1, sharex=not self.is_single_slice, squeeze=False)[:, 0]
+        self._draw_probabilities(axes[0])
+        if self.quality is not None:
+            self._draw_quality(axes[1], self.quality)
+        for ax in axes:
+            _style_axes(ax, background, text)
+            if not self.is_single_slice:
+                self.markers.append(ax.axvline(0, color=text, linestyle="--", linewidth=1))
+        self.canvas.draw_idle()
+
+    def _draw_probabilities(self, ax: Axes) -> None:
+        assert self.probabilities is not None
+        if self.is_single_slice:
+            ax.bar(range(len(self.class_names)), self.probabilities[0], color=_colours(len(self.class_names)))
+            ax.set_xticks(range(len(self.class_names)), self.class_names)
+        else:
+            for column, name in enumerate(self.class_names):
+                ax.plot(self.probabilities[:, column], label=name)
+            _legend(ax)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("probability")
+        ax.set_title("degradation" + ("" if self.declared == "auto" else f" (declared {self.declared})"), fontsize=8)
+
+    def _draw_quality(self, ax: Axes, quality: QualityMaps) -> None:
+        names = list(quality.slice_scores)
+        percent = {name: 100.0 * np.asarray(quality.slice_scores[name]) for name in names}
+        if self.is_single_slice:
+            ax.bar(range(len(names)), [percent[name][0] for name in names], color=_colours(len(names), offset=4))
+            ax.set_xticks(range(len(names)), [MAP_LABELS[name].replace(" ", "\n") for name in names])
+        else:
+            colours = _colours(len(names), offset=4)
+            for colour, name in zip(colours, names):
+                ax.plot(percent[name], color=colour, label=MAP_LABELS[name])
+            _legend(ax)
+            ax.set_xlabel("slice (z)")
+        level = 100.0 * quality.flag_level
+        ax.axhline(level, color="grey", linestyle=":", linewidth=1)
+        top = max(max(float(values.max()) for values in percent.values()), 2 * level)
+        ax.set_ylim(0, 1.1 * top)
+        ax.set_ylabel("% flagged")
+        ax.set_title("quality maps (dotted: suspicious)", fontsize=8)
+
+    def _on_theme(self, event) -> None:
+        self.theme_id = event.value
+        self._redraw()
+        self.set_slice(int(self.marker_position or 0))
+
+    def disconnect_viewer(self) -> None:
+        """Stop following the viewer's theme (the plot is being closed)."""
+        if self.viewer is not None:
+            self.viewer.events.theme.disconnect(self._on_theme)
+            self.viewer = None
+
+
+def _style_axes(ax: Axes, background: str, text: str) -> None:
+    """napari-matplotlib's theme mapping: theme background behind the data, theme text for ink."""
+    ax.set_facecolor(background)
+    ax.tick_params(colors=text, labelsize=7)
+    for spine in ax.spines.values():
+        spine.set_color(text)
+    for label in (ax.xaxis.label, ax.yaxis.label):
+        label.set_color(text)
+        label.set_fontsize(8)
+    ax.title.set_color(text)
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.get_frame().set_facecolor(background)
+        legend.get_frame().set_edgecolor(text)
+        for label in legend.get_texts():
+            label.set_color(text)
+
+
+def _legend(ax: Axes) -> None:
+    """Small and two columns wide: the dock beside a 1280-pixel window is under 300 pixels."""
+    ax.legend(fontsize=6, ncols=2, loc="upper right", framealpha=0.6, handlelength=1.2, columnspacing=0.8)
+
+
+def _colours(count: int, offset: int = 0) -> list:
+    """Matplotlib's default cycle colours: bars of a 2D image match the lines of a 3D run."""
+    cycle = rcParams["axes.prop_cycle"].by_key()["color"]
+    return [cycle[(offset + index) % len(cycle)] for index in range(count)]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magicgui import widgets
 from napari.layers import Image
+from qtpy.QtWidgets import QSizePolicy
 
 from napari_unifuse._napari_io import layer_to_volume
 from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
+from napari_unifuse._qt.collapsible import collapsible_section
 from napari_unifuse._qt.notifications import reports_errors
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.device import DEVICE_CHOICES
@@ -18,6 +21,9 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume
 from napari_unifuse.model.checkpoint import list_checkpoints, read_config
 
+if TYPE_CHECKING:
+    import napari.viewer
+
 PLUGIN = "napari-unifuse"
 FROM_FILE = "from file…"
 NO_LABEL = "none"
@@ -25,6 +31,8 @@ NO_LABEL = "none"
 INPUT_ROLES = ("reference", "moving", "label")
 OUTPUT_ROLE = "output"
 DEFAULT_RUNS_ROOT = Path("~/napari-unifuse-runs")
+# Tile sides offered; "auto" is the checkpoint's training crop (None for the engine).
+TILE_CHOICES = [("auto", None), *((str(side), side) for side in (32, 48, 64, 96, 128, 160, 192, 256, 384, 512))]
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,12 @@ class RunSelection:
 
 
 class RunPanel(widgets.Container):
-    def __init__(self, viewer) -> None:
+    """The run form: inputs, checkpoint and Run on top; the rest in a collapsed *Advanced* section.
+
+    Follows the viewer's layer list; call :meth:`disconnect_viewer` when the workbench closes.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self.viewer = viewer
         self.reference = widgets.ComboBox(label="reference", choices=self._image_layer_names,
                                           tooltip="High-quality reference image layer")
@@ -59,23 +72,30 @@ class RunPanel(widgets.Container):
                                              "compared with the model's estimate)")
         self.device = widgets.ComboBox(label="device", choices=DEVICE_CHOICES, value="auto",
                                        tooltip="auto = CUDA when a GPU is present, else CPU")
-        self.tile_size = widgets.SpinBox(label="tile size", value=0, min=0, max=1024, step=16,
-                                         tooltip="Voxels per tile side; 0 = the size the checkpoint was trained on "
-                                                 "(whole image in one pass if it does not say)")
+        self.tile_size = widgets.ComboBox(label="tile size", choices=TILE_CHOICES, value=None,
+                                          tooltip="Voxels per tile side; auto = the size the checkpoint was trained "
+                                                  "on (whole image in one pass if it does not say)")
         self.output_root = widgets.FileEdit(label="runs folder", mode="d", value=str(DEFAULT_RUNS_ROOT.expanduser()),
                                             tooltip="Each run gets its own sub-folder, derived from the inputs and "
                                                     "checkpoint, so reopening a run finds its annotations")
         self.folder_label = widgets.Label(label="run folder")
+        self.folder_label.native.setWordWrap(True)
+        # A long path is one unbreakable word: let the dock's width, not the path, set the label's.
+        self.folder_label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.run_button = widgets.PushButton(text="Run UniFuse")
         self.cancel_button = widgets.PushButton(text="Cancel", enabled=False)
         self.progress = widgets.ProgressBar(label="progress", value=0, min=0, max=1)
         self.status = widgets.Label(value="")
         super().__init__(widgets=[
-            self.reference, self.open_reference, self.moving, self.open_moving, self.ground_truth, self.checkpoint,
-            self.checkpoint_file, self.task, self.device, self.tile_size, self.output_root, self.folder_label,
+            self.reference, self.open_reference, self.moving, self.open_moving, self.checkpoint, self.checkpoint_file,
             widgets.Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
             self.progress, self.status,
         ])
+        # What a first run does not need: the defaults work, and the settings stay one click away.
+        self.advanced_settings = widgets.Container(widgets=[
+            self.ground_truth, self.task, self.device, self.tile_size, self.output_root, self.folder_label])
+        self.advanced = collapsible_section("Advanced", self.advanced_settings.native)
+        self.native.layout().insertWidget(self.index(self.checkpoint_file) + 1, self.advanced)
         self.open_reference.changed.connect(lambda path: self._open_into(path, self.reference))
         self.open_moving.changed.connect(lambda path: self._open_into(path, self.moving))
         self.checkpoint.changed.connect(lambda value: setattr(self.checkpoint_file, "visible", value == FROM_FILE))
@@ -84,6 +104,12 @@ class RunPanel(widgets.Container):
             event.connect(self._refresh_layer_choices)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self._choose_default_layers()
+
+    def disconnect_viewer(self) -> None:
+        layer_events = self.viewer.layers.events
+        for event in (layer_events.removed, layer_events.moved):
+            event.disconnect(self._refresh_layer_choices)
+        layer_events.inserted.disconnect(self._on_layer_inserted)
 
     # ---- layer choices -------------------------------------------------------------------------
     def _image_layer_names(self, _widget=None) -> list[str]:
@@ -160,9 +186,9 @@ class RunPanel(widgets.Container):
         reference = self._volume(self.reference.value)
         moving = self._volume(self.moving.value)
         checkpoint = self.checkpoint_choice()
-        tile = int(self.tile_size.value) or None
         label = None if self.ground_truth.value in (None, NO_LABEL) else self._volume(self.ground_truth.value)
-        request = RunRequest(reference, moving, checkpoint, self.device.value, tile, self.task.value, label)
+        request = RunRequest(reference, moving, checkpoint, self.device.value, self.tile_size.value, self.task.value,
+                             label)
         folder = run_folder(
             self.output_root.value, self.reference.value, self.moving.value, Path(checkpoint).stem,
             (input_fingerprint(reference, self.reference.value), input_fingerprint(moving, self.moving.value)),
@@ -181,7 +207,6 @@ class RunPanel(widgets.Container):
         self.cancel_button.enabled = running
         if running:
             self.progress.value = 0
-
 
 
 def _unifuse_metadata(layer) -> dict:

@@ -1,9 +1,12 @@
 """The UniFuse workbench: run the model on two layers, review the result, flag failures, save.
 
 Layout: the run form on top; below it tabs for review controls, metrics and annotations; the
-per-slice degradation plot docks beside the viewer. The model runs in a napari ``thread_worker``
-(the viewer stays responsive); progress arrives through a Qt signal, which Qt delivers on the GUI
-thread, and Cancel sets the engine's CancelToken, honoured before the next tile.
+per-slice plot (degradation probabilities and quality-map scores) docks beside the viewer once
+there is something to plot. The model runs in a napari ``thread_worker`` (the viewer stays
+responsive); progress arrives through a Qt signal, which Qt delivers on the GUI thread, and shows
+in the dock's bar and in napari's activity panel; Cancel sets the engine's CancelToken, honoured
+before the next tile. Closing the workbench releases every viewer event, the timer and the plot
+dock it holds, so that closing and reopening it leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -11,12 +14,25 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from magicgui import widgets
 from napari.qt.threading import create_worker
+from napari.utils import progress
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDockWidget,
+    QFrame,
+    QMainWindow,
+    QPushButton,
+    QScrollArea,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_unifuse._qt.analysis import RunOutcome, build_engine, run_and_analyse, slice_metrics
 from napari_unifuse._qt.annotation_panel import AnnotationPanel
@@ -29,12 +45,47 @@ from napari_unifuse._qt.run_panel import RunPanel, RunSelection
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
+from napari_unifuse.engine.quality import QualityMaps
+from napari_unifuse.engine.report import write_report
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, write_image
+
+if TYPE_CHECKING:
+    import napari.viewer
 
 PLOT_DOCK_NAME = "UniFuse degradation per slice"
 # Review maps saved beside the engine's five outputs (float maps: NIfTI, or MHA for 2D PNG runs).
 MAP_FILES = ("alignment_error", "jacobian_determinant", "folding")
+# The docks share the window with the canvas, which keeps at least half of it (1280 px and up).
+# napari's layer controls need 320 px on the left, so at 1280 px the workbench gets 22 % (282 px).
+DOCK_WIDTH_FRACTION, DOCK_MIN_WIDTH, DOCK_MAX_WIDTH = 0.22, 260, 440
+COMBO_MIN_CHARACTERS = 6
+FILE_BUTTON_TEXTS = ("Select file", "Choose directory", "Select files", "Save file")
+PLOT_HEIGHT_FRACTION = 0.4
+
+
+def _narrow(content: QWidget) -> None:
+    """Let the form fit a 280-pixel dock: combo boxes elide long layer names, file pickers show
+    "…" instead of "Select file", and nested forms drop their margins."""
+    for combo in content.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(COMBO_MIN_CHARACTERS)
+    for button in content.findChildren(QPushButton):
+        if button.text() in FILE_BUTTON_TEXTS:
+            button.setToolTip(button.text())
+            button.setText("…")
+    for child in content.findChildren(QWidget):
+        layout = child.layout()
+        if layout is not None and child is not content:
+            layout.setContentsMargins(0, 0, 0, 0)
+
+
+def _dock_of(widget: QWidget) -> QDockWidget | None:
+    """The dock widget holding ``widget``, if it is docked."""
+    parent = widget.parent()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parent()
+    return parent
 
 
 @dataclass(frozen=True)
@@ -52,7 +103,14 @@ class _ProgressRelay(QObject):
 
 
 class UniFuseWorkbench(QWidget):
-    def __init__(self, napari_viewer) -> None:
+    """The dock napari opens for *Plugins → UniFuse workbench* (and ``unifuse view``).
+
+    ``napari_viewer`` is the viewer whose layers it reads and adds to; the plot it docks beside
+    the viewer and every viewer event it follows are released when the workbench is closed or
+    removed from the window (:meth:`release_viewer`).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.run_panel = RunPanel(napari_viewer)
@@ -60,37 +118,119 @@ class UniFuseWorkbench(QWidget):
         self.qc_panel = QCPanel(self.results)
         self.metrics_panel = MetricsPanel()
         self.annotation_panel = AnnotationPanel(napari_viewer)
-        self.plot = ProbabilityPlot()
+        self.plot = ProbabilityPlot(napari_viewer)
         self.save_button = widgets.PushButton(text="Save outputs", enabled=False,
                                               tooltip="Write fused / aligned / field / maps + provenance.json "
                                                       "into the run folder")
-        tabs = QTabWidget()
-        tabs.addTab(self.qc_panel.native, "Review")
-        tabs.addTab(self.metrics_panel, "Metrics")
-        tabs.addTab(self.annotation_panel.native, "Annotate")
+        self.report_button = widgets.PushButton(text="QC report", enabled=False,
+                                                tooltip="Write the run's one-page QC report (key slices, maps, "
+                                                        "metrics, annotations, provenance) into the run folder")
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.qc_panel.native, "Review")
+        self.tabs.addTab(self.metrics_panel, "Metrics")
+        self.tabs.addTab(self.annotation_panel.native, "Annotate")
+        content = QWidget()
+        content_layout = QVBoxLayout(content)
+        content_layout.setContentsMargins(4, 4, 4, 4)
+        content_layout.addWidget(self.run_panel.native)
+        content_layout.addWidget(self.tabs)
+        content_layout.addWidget(widgets.Container(widgets=[self.save_button, self.report_button],
+                                                   layout="horizontal", labels=False).native)
+        content_layout.addStretch()
+        _narrow(content)
+        # Scrolls rather than growing the window: the form is taller than a 800-pixel screen.
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(content)
         layout = QVBoxLayout(self)
-        layout.addWidget(self.run_panel.native)
-        layout.addWidget(tabs)
-        layout.addWidget(self.save_button.native)
-        napari_viewer.window.add_dock_widget(self.plot, name=PLOT_DOCK_NAME, area="right")
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(scroll)
+        self.setMinimumWidth(DOCK_MIN_WIDTH)
+        self.setMaximumWidth(DOCK_MAX_WIDTH)
+        self.plot_dock: QDockWidget | None = napari_viewer.window.add_dock_widget(
+            self.plot, name=PLOT_DOCK_NAME, area="right")
+        self.plot_dock.hide()  # shown by the first run: an empty plot would only take room
 
         self.outcome: RunOutcome | None = None
         self.selection: RunSelection | None = None
         self.worker = None
+        self.report_worker = None
         self.last_run_seconds: float | None = None
+        self.last_report: Path | None = None
         self._cancel: CancelToken | None = None
+        self._activity: progress | None = None
         self._engines: dict[tuple, FusionEngine] = {}
+        self._docked = False
+        self._released = False
         self._relay = _ProgressRelay()
         self._relay.progressed.connect(self._show_progress)
 
         self.run_panel.run_button.changed.connect(self.start_run)
         self.run_panel.cancel_button.changed.connect(self.cancel_run)
         self.save_button.changed.connect(self.save_outputs)
+        self.report_button.changed.connect(self.write_qc_report)
+        self.qc_panel.next_suspicious.changed.connect(lambda: self.go_to_suspicious(+1))
+        self.qc_panel.previous_suspicious.changed.connect(lambda: self.go_to_suspicious(-1))
         for widget in (self.run_panel.reference, self.run_panel.moving, self.run_panel.checkpoint,
                        self.run_panel.checkpoint_file, self.run_panel.output_root):
             widget.changed.connect(self._select_run)
         napari_viewer.dims.events.current_step.connect(self._on_slice_changed)
         self._select_run()
+
+    # ---- placement and cleanup -----------------------------------------------------------------
+    def event(self, event: QEvent) -> bool:
+        """napari removes a dock by un-parenting its widget (no close event): release the viewer then."""
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None and not self._docked:
+                self._docked = True
+                QTimer.singleShot(0, self._fit_to_window)
+            elif self.parent() is None and self._docked:
+                self.release_viewer()
+        return super().event(event)
+
+    def closeEvent(self, event) -> None:
+        self.release_viewer()
+        super().closeEvent(event)
+
+    def release_viewer(self) -> None:
+        """Disconnect every viewer event, stop the timer and any run, and remove the plot dock."""
+        if self._released:
+            return
+        self._released = True
+        if self._cancel is not None:
+            self._cancel.cancel()
+        self._close_activity()
+        self.viewer.dims.events.current_step.disconnect(self._on_slice_changed)
+        self.results.disconnect_viewer()
+        self.run_panel.disconnect_viewer()
+        self.plot.disconnect_viewer()
+        if self.plot_dock is not None:
+            try:
+                self.viewer.window.remove_dock_widget(self.plot_dock)
+            except (LookupError, RuntimeError):  # the window is already closing its docks
+                pass
+            self.plot_dock = None
+
+    def _fit_to_window(self) -> None:
+        """Once docked: a fifth of the window's width, and the image refitted to the canvas left."""
+        if self._released:
+            return
+        window, dock = self.window(), _dock_of(self)
+        if isinstance(window, QMainWindow) and dock is not None:
+            width = int(np.clip(DOCK_WIDTH_FRACTION * window.width(), DOCK_MIN_WIDTH, DOCK_MAX_WIDTH))
+            window.resizeDocks([dock], [width], Qt.Orientation.Horizontal)
+        self.viewer.reset_view()
+
+    def _show_plot_dock(self) -> None:
+        if self.plot_dock is None or self.plot_dock.isVisible():
+            return
+        self.plot_dock.show()
+        # The Qt objects themselves: napari hands plugins proxies of its own, which Qt calls refuse.
+        window, own, plot = self.window(), _dock_of(self), _dock_of(self.plot)
+        if isinstance(window, QMainWindow) and own is not None and plot is not None:
+            plot_height = int(PLOT_HEIGHT_FRACTION * window.height())
+            window.resizeDocks([own, plot], [window.height() - plot_height, plot_height], Qt.Orientation.Vertical)
 
     # ---- run selection -------------------------------------------------------------------------
     def _select_run(self, _value=None) -> None:
@@ -117,6 +257,7 @@ class UniFuseWorkbench(QWidget):
         worker.returned.connect(lambda outcome: self._finish_run(outcome, selection, started))
         worker.finished.connect(self._run_finished)
         self.worker = worker
+        self._activity = progress(total=1, desc="UniFuse: starting")
         worker.start()
         self.run_panel.set_running(True)
         self.run_panel.status.value = "starting…"
@@ -147,10 +288,22 @@ class UniFuseWorkbench(QWidget):
         self.run_panel.progress.value = done
         unit = f" tile {done}/{total}" if stage == "fuse" else ""
         self.run_panel.status.value = f"{stage}{unit}"
+        activity = self._activity  # napari's activity panel: same stage, same count
+        if activity is not None:
+            # Its events can let Qt deliver the run's end, which closes it (and makes it ignore updates).
+            activity.update(done - activity.n)
+            activity.total = max(total, 1)
+            activity.set_description(f"UniFuse: {stage}")
+
+    def _close_activity(self) -> None:
+        if self._activity is not None:
+            self._activity.close()
+            self._activity = None
 
     def _run_finished(self) -> None:
         self.worker = None
         self._cancel = None
+        self._close_activity()
         self.run_panel.set_running(False)
         if self.run_panel.status.value != "done":  # `returned` (which sets "done") comes before `finished`
             self.run_panel.status.value = "stopped"
@@ -165,10 +318,15 @@ class UniFuseWorkbench(QWidget):
         self.outcome, self.selection = outcome, selection
         self.results.show(outcome, selection.reference_name, selection.moving_name)
         result = outcome.result
-        self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task)
+        self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task,
+                                     result.quality)
+        self._show_plot_dock()
+        self._show_suspicion(result.quality)
         self.metrics_panel.show_metrics(volume=outcome.volume_metrics)
+        self.viewer.reset_view()
         self._on_slice_changed()
         self.save_button.enabled = True
+        self.report_button.enabled = True
         self.last_run_seconds = time.perf_counter() - started
         self.run_panel.status.value = "done"
         show_warnings(outcome.notes)
@@ -183,11 +341,93 @@ class UniFuseWorkbench(QWidget):
             return
         fused = self.viewer.layers[self.results.names.fused]
         axis, index = viewed_slice(self.viewer, fused)
-        z_index = index if axis == 0 else 0
-        if axis not in (None, 0):  # viewing sagittal/coronal: the plot is along z, follow the cursor's z
-            z_index = int(round(fused.world_to_data(self.viewer.dims.point[-fused.ndim:])[0]))
-        self.plot.set_slice(z_index)
+        self.plot.set_slice(self._current_z())
         self.metrics_panel.show_metrics(slice_values=slice_metrics(self.outcome, axis, index))
+
+    def _current_z(self) -> int:
+        """The z index (the plot's and the quality scores' axis) of the viewed position; 0 in 2D."""
+        fused = self.viewer.layers[self.results.names.fused]
+        axis, index = viewed_slice(self.viewer, fused)
+        if axis in (None, 0):
+            return index
+        # viewing sagittal/coronal: the plot is along z, follow the cursor's z
+        return int(round(fused.world_to_data(self.viewer.dims.point[-fused.ndim:])[0]))
+
+    # ---- where not to trust the result ----------------------------------------------------------
+    def _show_suspicion(self, quality: QualityMaps | None) -> None:
+        flagged = quality.suspicious_slices() if quality is not None else []
+        for button in (self.qc_panel.next_suspicious, self.qc_panel.previous_suspicious):
+            button.enabled = bool(flagged)
+        if quality is None:
+            self.qc_panel.suspicion.value = "no quality maps for this run"
+        elif not flagged:
+            self.qc_panel.suspicion.value = "no slice is flagged by the quality maps"
+        else:
+            unit = "slice" if quality.slice_count > 1 else "image"
+            self.qc_panel.suspicion.value = (f"{len(flagged)} of {quality.slice_count} {unit}"
+                                             f"{'s' if quality.slice_count > 1 else ''} flagged")
+
+    @reports_errors("Suspicious slice")
+    def go_to_suspicious(self, step: int) -> int | None:
+        """Move the viewer to the next (``step`` > 0) or previous suspicious slice along z and
+        pre-fill the annotation category with what the quality maps flag there."""
+        if self.outcome is None or self.outcome.result.quality is None:
+            raise InputError("run UniFuse first: the quality maps say which slices to look at", "Review")
+        quality = self.outcome.result.quality
+        target = quality.next_suspicious(self._current_z(), step)
+        if target is None:
+            show_info("No slice is flagged by the quality maps.")
+            return None
+        self._show_z(target)
+        problem = quality.dominant_problem(target)
+        self.annotation_panel.suggest(problem, target, f"{problem}, {100 * quality.suspicion[target]:.1f} % flagged")
+        return target
+
+    def _show_z(self, index: int) -> None:
+        """Put the viewer on z slice ``index`` of the result (the centre of it, in world mm)."""
+        fused = self.viewer.layers[self.results.names.fused]
+        if fused.ndim < 3:
+            return
+        position = (np.asarray(fused.data.shape, dtype=float) - 1) / 2
+        position[0] = index
+        world = fused.data_to_world(position)
+        offset = self.viewer.dims.ndim - fused.ndim
+        for axis in self.viewer.dims.not_displayed:
+            if axis >= offset:
+                self.viewer.dims.set_point(axis, float(world[axis - offset]))
+
+    # ---- QC report -----------------------------------------------------------------------------
+    @reports_errors("QC report")
+    def write_qc_report(self) -> None:
+        """Write the run's QC report in a worker thread; a notification gives its path."""
+        if self.outcome is None or self.selection is None:
+            raise InputError("run UniFuse first; the report describes a run", "QC report")
+        if self.report_worker is not None:
+            raise InputError("the report is being written; wait for it", "QC report")
+        worker = create_worker(self._build_report, self.outcome, self.selection,
+                               self.annotation_panel.annotations)
+        worker.returned.connect(self._report_written)
+        worker.finished.connect(lambda: setattr(self, "report_worker", None))
+        self.report_worker = worker
+        self.report_button.enabled = False
+        worker.start()
+
+    @staticmethod
+    def _build_report(outcome: RunOutcome, selection: RunSelection, annotations: list) -> Path | _RunFailed:
+        try:
+            return write_report(outcome.result, selection.folder, reference=selection.request.reference,
+                                moving=selection.request.moving, annotations=annotations,
+                                metrics=outcome.volume_metrics)
+        except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _report_written
+            return _RunFailed(error)
+
+    def _report_written(self, outcome: Path | _RunFailed) -> None:
+        self.report_button.enabled = self.outcome is not None
+        if isinstance(outcome, _RunFailed):
+            report_error(outcome.error, "QC report")
+            return
+        self.last_report = outcome
+        show_info(f"QC report written: {outcome}")
 
     # ---- saving --------------------------------------------------------------------------------
     @reports_errors("Save outputs")

@@ -13,7 +13,7 @@ import sys
 
 from napari_unifuse.errors import UniFuseError
 
-SUBCOMMAND_MODULES = ("synth", "fuse", "evaluate", "train", "info", "bench", "view")
+SUBCOMMAND_MODULES = ("synth", "fuse", "report", "evaluate", "train", "info", "bench", "view")
 
 
 def build_parser() -> argparse.ArgumentParser:

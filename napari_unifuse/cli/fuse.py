@@ -1,8 +1,10 @@
 """`unifuse fuse`: align, restore and fuse one pair, or a CSV of pairs, with a trained checkpoint.
 
 Each pair's outputs go to ``OUT/<moving file name without its image extension>/`` (see
-``engine.outputs`` for the five files). A batch resumes: a pair whose ``provenance.json`` exists is
-skipped, so rerunning after an interruption only does what is left.
+``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
+unless ``--no-quality``). A batch resumes: a pair whose ``provenance.json`` exists is skipped, so
+rerunning after an interruption only does what is left. ``--report`` also writes each pair's QC
+page (``report.html``) and ``OUT/index.html``, the runs most suspicious first.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -19,7 +22,9 @@ from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import is_complete, write_fusion_outputs, write_json
+from napari_unifuse.engine.report import write_index, write_report
 from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
 from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resample_to_reference
 from napari_unifuse.io.normalize import MODALITIES
@@ -62,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(f"--{role}-modality", choices=MODALITIES, default="auto",
                             help=f"how to normalise the {role} intensities (default: from the header or the values)")
     parser.add_argument("--overwrite", action="store_true", help="redo pairs whose outputs are complete")
+    parser.add_argument("--no-quality", action="store_true",
+                        help="skip the quality maps (invented / lost structure, restoration change, uncertainty)")
+    parser.add_argument("--uncertainty-passes", type=int, default=DEFAULT_PASSES,
+                        help=f"perturbed alignment passes of the uncertainty map, 0 for none (default {DEFAULT_PASSES})")
+    parser.add_argument("--report", action="store_true",
+                        help="also write each pair's QC page (report.html) and OUT/index.html")
     parser.set_defaults(func=run)
 
 
@@ -69,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = _pairs_from_args(args)
     resolve_device(args.device)  # a CUDA request on a CPU machine fails before any work
     engines = _EngineCache(args.checkpoint, args.device, args.tile_size)
-    modalities = {"reference_modality": args.reference_modality, "moving_modality": args.moving_modality}
+    options = {"reference_modality": args.reference_modality, "moving_modality": args.moving_modality,
+               "quality": not args.no_quality, "uncertainty_passes": args.uncertainty_passes}
     failures = 0
     for index, pair in enumerate(pairs, start=1):
         out_dir = args.out / pair.name
@@ -78,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{prefix}: skipped, already done ({out_dir})")
             continue
         try:
-            fuse_pair(pair, out_dir, engines, prefix, **modalities)
+            fuse_pair(pair, out_dir, engines, prefix, report=args.report, **options)
         except (InputError, CheckpointError) as error:
             if len(pairs) == 1:
                 raise
@@ -87,24 +99,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"{prefix}: error: {error}", file=sys.stderr)
             continue
         print(f"{prefix}: done -> {out_dir}")
+    if args.report and args.out.is_dir():
+        print(f"QC index: {write_index(args.out)}")
     if failures:
         print(f"unifuse fuse: {failures} of {len(pairs)} pairs failed", file=sys.stderr)
         return 2
     return 0
 
 
-def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, **modalities: str) -> FusionResult:
-    """Read, fuse and write one pair; nothing is written unless fusion succeeded."""
+def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, *, report: bool = False,
+              **options: Any) -> FusionResult:
+    """Read, fuse and write one pair (``options`` go to ``run_fusion``), and its QC page when
+    ``report``; nothing is written unless fusion succeeded."""
     reference, moving = read_image(pair.reference), read_image(pair.moving)
     label = read_image(pair.label) if pair.label is not None else None
     engine = engines.for_dimensions(reference.ndim)
     with TqdmProgress(prefix) as progress:
-        result = engine.run_fusion(reference, moving, progress=progress, **modalities)
+        result = engine.run_fusion(reference, moving, progress=progress, **options)
     for warning in result.warnings:
         print(f"{prefix}: warning: {warning}", file=sys.stderr)
     write_fusion_outputs(result, out_dir)
-    if label is not None:
-        write_json(label_metrics(result, label), out_dir / METRICS_FILE)
+    metrics = label_metrics(result, label) if label is not None else None
+    if metrics is not None:
+        write_json(metrics, out_dir / METRICS_FILE)
+    if report:
+        write_report(result, out_dir, reference=reference, moving=moving, metrics=metrics)
     return result
 
 
@@ -191,6 +210,8 @@ def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
         raise InputError("give --reference and --moving for one pair, or --pairs CSV for many", "unifuse fuse")
     else:
         pairs = [Pair(args.reference, args.moving, args.label)]
+    if args.uncertainty_passes < 0:
+        raise InputError(f"--uncertainty-passes must be 0 or more, got {args.uncertainty_passes}", "unifuse fuse")
     if args.tile_size is not None and args.tile_size < 1:
         raise InputError(f"--tile-size must be a positive number of voxels, got {args.tile_size}", "unifuse fuse")
     return pairs

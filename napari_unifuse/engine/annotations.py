@@ -24,6 +24,8 @@ FAILURE_CATEGORIES: tuple[str, ...] = (
     "misalignment",
     "residual artifact",
     "hallucinated structure",
+    "lost structure",
+    "restoration change",
     "intensity/contrast distortion",
     "wrong degradation class",
     "other",
@@ -31,6 +33,7 @@ FAILURE_CATEGORIES: tuple[str, ...] = (
 ANNOTATIONS_FILE = "annotations.jsonl"
 EXPORT_COLUMNS = (
     "run",
+    "method",
     "id",
     "created",
     "reviewer",
@@ -54,6 +57,7 @@ class Annotation:
     slice_axis: int = 0
     region_kind: str | None = None  # "points" | "shapes" | None for a whole slice
     region_world: list[list[list[float]]] = field(default_factory=list)
+    method: str = "unifuse"  # the fusion method the flag is about, when runs of several are compared
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -65,6 +69,8 @@ class Annotation:
             )
         if not self.reviewer.strip():
             raise InputError("the reviewer's name is required", "annotation")
+        if not self.method.strip():
+            raise InputError("name the method the annotation is about (e.g. unifuse)", "annotation")
         if self.slice_index is None and not self.region_world:
             raise InputError("flag a slice or draw a region to annotate", "annotation")
 

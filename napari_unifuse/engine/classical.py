@@ -182,17 +182,18 @@ def register_ants(reference: np.ndarray, moving: np.ndarray, geometry: Geometry)
 
 def register_matching(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:
     config = UniFuseConfig.paper(reference.ndim)
-    pair = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-            for image in (moving, reference))
-    return structural_matching(*pair, config.matching_step, config.matching_range)[0].numpy()
+    moving_t, reference_t = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+                             for image in (moving, reference))
+    return structural_matching(moving_t, reference_t, config.matching_step, config.matching_range)[0].numpy()
 
 
 def register_dense(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:
     """The matching, then a dense MIND instance optimisation at full resolution (ConvexAdam's Adam
     stage, ``model.dense_refinement``): the classical bar for small non-rigid residuals."""
-    pair = [torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None] for image in (moving, reference)]
+    moving_t, reference_t = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+                             for image in (moving, reference))
     start = torch.from_numpy(register_matching(reference, moving, geometry))[None]
-    return dense_refinement(*pair, start)[0].numpy()
+    return dense_refinement(moving_t, reference_t, start)[0].numpy()
 
 
 _REGISTER: dict[str, Callable[[np.ndarray, np.ndarray, Geometry], np.ndarray]] = {

@@ -16,6 +16,9 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
                  and fused images are the ones for the displacement reported.
 6. ``compose``   warp the carried chroma (and what the intensity window clipped) with the kept
    field, recombine RGB, map the restored moving image back to its own intensity units.
+7. ``quality``   (``quality=True``) ``engine.quality``: where not to trust the result (invented and
+   lost structure, restoration change; the alignment's spread over ``uncertainty_passes``
+   perturbed passes of the matching's local stage, ``engine.uncertainty``).
 
 Nothing here writes files: ``engine.outputs.write_fusion_outputs`` does, after a run succeeded,
 so a cancelled or failed run leaves the disk untouched.
@@ -45,8 +48,17 @@ from napari_unifuse.engine.provenance import (
     software_versions,
     utc_timestamp,
 )
+from napari_unifuse.engine.quality import QualityMaps, quality_maps
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.tiling import BlendedPrediction, TilePrediction, predict_tiled, tile_layout
+from napari_unifuse.engine.uncertainty import (
+    DEFAULT_PASSES,
+    alignment_uncertainty,
+    matching_estimator,
+    matching_shift_voxels,
+    uncertainty_threshold_mm,
+)
+from napari_unifuse.engine.uncertainty import DEFINITION as UNCERTAINTY_DEFINITION
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
 from napari_unifuse.io.normalize import darkest_to_zero
@@ -61,6 +73,7 @@ _CHROMA_NEUTRAL = 0.5
 # The estimates the alignment guard weighs against the identity, in the order they challenge.
 MATCHING, NETWORK = "matching", "network"
 FUSE_KEPT_STAGE = "fuse (kept field)"
+QUALITY_STAGE = "quality"
 # One try of the tiled forward pass: the device and the tile size (None: the whole input).
 Attempt = tuple[torch.device, int | None]
 
@@ -143,8 +156,13 @@ class FusionEngine:
         moving_modality: str = "auto",
         progress: ProgressCallback = ignore_progress,
         cancel: CancelToken | None = None,
+        quality: bool = True,
+        uncertainty_passes: int = DEFAULT_PASSES,
     ) -> FusionResult:
-        """Align, restore and fuse ``moving`` onto ``reference``; see the module docstring."""
+        """Align, restore and fuse ``moving`` onto ``reference``; see the module docstring.
+
+        ``quality``: also compute ``result.quality`` (``engine.quality``), with
+        ``uncertainty_passes`` perturbed alignment passes for the uncertainty map (0: no map)."""
         cancel = cancel or CancelToken()
         timer = StageTimer()
         warnings: list[str] = []
@@ -171,6 +189,10 @@ class FusionEngine:
             )
             with stage("compose"):
                 result = self._compose(reference, moving, reference_ready, moving_ready, prediction)
+            if quality:
+                with stage(QUALITY_STAGE):
+                    result.quality = self._quality(reference_ready.luma, moving_ready.luma.array, prediction,
+                                                   uncertainty_passes, cancel)
 
         warnings.extend(_input_warnings(reference, moving))
         result.warnings = warnings
@@ -188,6 +210,7 @@ class FusionEngine:
             "requested_device": str(self.device),
             **run_info,
             "alignment_guard": decision.to_dict(),
+            **({"quality": _quality_provenance(result.quality, uncertainty_passes)} if result.quality else {}),
             "versions": software_versions(),
             "timings_s": timer.seconds,
             "intensity_mappings": {"reference": reference_ready.mapping.to_dict(),
@@ -330,6 +353,38 @@ class FusionEngine:
 
         return predict
 
+    def _quality(
+        self,
+        reference: ImageVolume,
+        moving: np.ndarray,
+        prediction: dict[str, np.ndarray],
+        uncertainty_passes: int,
+        cancel: CancelToken,
+    ) -> QualityMaps:
+        """The quality maps from the model's [0, 1] images on the reference grid: the moving input
+        warped by the kept field (before restoration), the restored and the fused luma; and the
+        spread of the alignment over ``uncertainty_passes`` perturbed moving images."""
+        timer = StageTimer()
+        moving_tensor = torch.from_numpy(moving)[None, None]
+        field = torch.from_numpy(prediction["displacement"])[None]
+        spacing = reference.geometry.spacing
+        uncertainty = None
+        if uncertainty_passes > 0:
+            with timer.stage("uncertainty"):
+                estimate = matching_estimator(torch.from_numpy(reference.array)[None, None], field,
+                                              self.config.matching_step)
+                uncertainty = alignment_uncertainty(
+                    moving_tensor, estimate, spacing, shift_voxels=matching_shift_voxels(self.config.matching_step),
+                    passes=uncertainty_passes, cancel=cancel)
+        with timer.stage("maps"):
+            warped = warp(moving_tensor, field)[0, 0].numpy()
+            quality = quality_maps(reference.array, warped, prediction["restored"], prediction["fused"],
+                                   uncertainty_mm=uncertainty,
+                                   uncertainty_threshold_mm=uncertainty_threshold_mm(spacing),
+                                   uncertainty_definition=UNCERTAINTY_DEFINITION)
+        quality.seconds = dict(timer.seconds)
+        return quality
+
     def _compose(
         self,
         reference: ImageVolume,
@@ -373,6 +428,13 @@ class FusionEngine:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _quality_provenance(quality: QualityMaps, uncertainty_passes: int) -> dict[str, Any]:
+    """What the quality maps mean and cost: definitions, thresholds, passes, seconds per part."""
+    return {"definitions": quality.definitions, "thresholds": quality.thresholds, "flag_level": quality.flag_level,
+            "uncertainty_passes": uncertainty_passes, "seconds": quality.seconds,
+            "suspicious_slices": quality.suspicious_slices()}
+
+
 def _prepare(image: ImageVolume, modality: str) -> _PreparedImage:
     """The model's [0, 1] input: normalised grey values, or the luma of an RGB image."""
     if not image.is_rgb:

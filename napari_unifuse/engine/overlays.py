@@ -74,7 +74,7 @@ def deformed_grid(displacement: np.ndarray, spacing: int) -> np.ndarray:
     lines = np.zeros(spatial, dtype=np.float32)
     for axis in (-2, -1):
         on_line = (np.arange(spatial[axis]) % spacing) == 0
-        index = [None] * len(spatial)
+        index: list[slice | None] = [None] * len(spatial)
         index[axis] = slice(None)
         lines = np.maximum(lines, np.broadcast_to(on_line[tuple(index)], spatial).astype(np.float32))
     return warp_array(lines, displacement, order=1).astype(np.float32)

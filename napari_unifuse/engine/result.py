@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from napari_unifuse.engine.alignment_guard import GuardDecision
+from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.io import ImageVolume
 
 
@@ -26,6 +27,7 @@ class FusionResult:
     ``output_extension``: ``"png"`` for raster-image inputs, else ``"nii.gz"``.
     ``alignment_guard``: which displacement estimate ``displacement`` is (identity, the structural
     matching's or the network's) and the similarity scores and noise it was chosen on.
+    ``quality``: where not to trust the result (``engine.quality``); None when not computed.
     """
 
     fused: ImageVolume
@@ -38,6 +40,7 @@ class FusionResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     alignment_guard: GuardDecision | None = None
+    quality: QualityMaps | None = None
 
     @property
     def predicted_class(self) -> str:

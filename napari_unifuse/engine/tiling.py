@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torchio
@@ -96,7 +97,9 @@ def predict_tiled(
 
     # An identity affine is enough: tiles are located by index, never by world position.
     subject = torchio.Subject(image=torchio.ScalarImage(tensor=as_3d(image.detach().cpu())))
-    sampler = torchio.GridSampler(subject, tuple(tile_shape) + padding, tuple(overlap) + no_overlap)
+    tile_3d, overlap_3d = (cast(tuple[int, int, int], tuple(sizes) + extra)
+                           for sizes, extra in ((tile_shape, padding), (overlap, no_overlap)))
+    sampler = torchio.GridSampler(subject, tile_3d, overlap_3d)
     aggregator = torchio.GridAggregator(sampler, overlap_mode="hann")
     slice_count = image.shape[1] if spatial_dims == 3 else 1
     slice_sum: torch.Tensor | None = None
@@ -115,7 +118,7 @@ def predict_tiled(
         slice_rows = slice(int(location[0]), int(location[3])) if spatial_dims == 3 else slice(0, 1)
         per_slice = prediction.per_slice.detach().float().cpu()
         per_tile = prediction.per_tile.detach().float().cpu()
-        if slice_sum is None:
+        if slice_sum is None or tile_sum is None:
             slice_sum = torch.zeros(slice_count, per_slice.shape[-1])
             tile_sum = torch.zeros_like(per_tile)
         slice_sum[slice_rows] += per_slice
@@ -123,6 +126,7 @@ def predict_tiled(
         tile_sum += per_tile
         progress(stage, index + 1, total)
 
+    assert slice_sum is not None and tile_sum is not None  # a grid sampler yields at least one tile
     return BlendedPrediction(
         dense=from_3d(aggregator.get_output_tensor()),
         per_slice=slice_sum / slice_hits,

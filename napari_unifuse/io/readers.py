@@ -136,7 +136,7 @@ def _failure(path: Path, what: str, error: Exception) -> InputError:
 # ---- NIfTI --------------------------------------------------------------------------------
 def _read_nifti(path: Path, frame: int | None):
     try:
-        image = nib.load(path)
+        image: Any = nib.load(path)  # a Nifti1/2Image; nibabel types it as any file-based image
         # dataobj applies scl_slope/scl_inter and keeps integer types when there is no scaling.
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
@@ -246,11 +246,12 @@ def _read_pillow(path: Path, frame: int | None):
             image.load()  # decode now so that a truncated file fails here
             mode = image.mode
             info = {key: value for key, value in image.info.items() if isinstance(value, (str, int, float))}
+            decoded: Image.Image = image
             if mode in ("1", "LA", "La"):
-                image = image.convert("L")
+                decoded = image.convert("L")
             elif mode not in ("L", "I", "F") and not mode.startswith("I;16"):
-                image = image.convert("RGB")  # palette, RGBA, CMYK, YCbCr: colour as RGB
-            array = np.asarray(image)
+                decoded = image.convert("RGB")  # palette, RGBA, CMYK, YCbCr: colour as RGB
+            array = np.asarray(decoded)
     except Exception as error:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise _failure(path, "an image (PNG/JPG)", error) from error
     is_rgb = array.ndim == 3

@@ -35,6 +35,7 @@ none of the papers defines it and no public reference implementation was found t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -315,7 +316,8 @@ def average_gradient(image: object) -> float:
     return average_gradient_on_grey_scale(to_grey_scale(("image",), image, min_side=2)[0])
 
 
-_PAIRWISE_METRICS = {
+# Any: fusion_metric's wrappers carry .min_side and .on_grey_scale, which Callable cannot say.
+_PAIRWISE_METRICS: dict[str, Any] = {
     "Q_mse": q_mse,
     "Q_cc": q_cc,
     "Q_psnr": q_psnr,

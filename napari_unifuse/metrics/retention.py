@@ -7,7 +7,6 @@ intensity over the voxels where the clean, aligned CT is bone.
 
 from __future__ import annotations
 
-
 from napari_unifuse.errors import InputError
 from napari_unifuse.metrics._inputs import UNIT_SCALE_TOLERANCE, check_images
 

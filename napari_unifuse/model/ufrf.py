@@ -33,7 +33,6 @@ from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.guidance import PromptGuidance
 from napari_unifuse.model.layers import ConvBlock, conv, upsample
 
-
 NONE_CLASS_INDEX = DEGRADATION_CLASSES.index("none")
 
 

@@ -18,9 +18,11 @@ from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
 
-OUTPUTS_PNG = {"fused.png", "aligned.png", "displacement.nii.gz", "degradation.json", "provenance.json"}
-OUTPUTS_NIFTI = {"fused.nii.gz", "aligned.nii.gz", "displacement.nii.gz", "degradation.json", "provenance.json"}
-
+QUALITY_OUTPUTS = {"invented.nii.gz", "lost.nii.gz", "restoration_change.nii.gz", "uncertainty.nii.gz", "quality.json"}
+RESULTS_PNG = {"fused.png", "aligned.png", "displacement.nii.gz", "degradation.json", "provenance.json"}
+OUTPUTS_PNG = RESULTS_PNG | QUALITY_OUTPUTS
+OUTPUTS_NIFTI = {"fused.nii.gz", "aligned.nii.gz", "displacement.nii.gz", "degradation.json", "provenance.json",
+                 *QUALITY_OUTPUTS}
 
 
 def blob(shape, centre_shift=0.0):
@@ -210,3 +212,36 @@ def test_pairs_and_single_pair_flags_are_exclusive(data, tmp_path, capsys):
     code = fuse("--pairs", root / "pairs.csv", "--moving", root / "pet7.png", "--out", tmp_path)
     assert code == 2
     assert "--pairs cannot be combined with --moving" in capsys.readouterr().err
+
+
+def test_report_writes_each_pairs_page_and_the_cohort_index(data, tmp_path, capsys):
+    root = data["root"]
+    pairs = root / "report-pairs.csv"
+    pairs.write_text("reference,moving,label\nmri.png,pet7.png,\nmri.png,pet8.png,pet8_label.png\n", encoding="utf-8")
+    code = fuse("--pairs", pairs, "--out", tmp_path, "--checkpoint", data["checkpoints"][2], "--device", "cpu",
+                "--report")
+    assert code == 0, capsys.readouterr().err
+    for case in ("pet7", "pet8"):
+        page = (tmp_path / case / "report.html").read_text(encoding="utf-8")
+        assert f"UniFuse QC report: {case}" in page
+    assert "ncc" in (tmp_path / "pet8" / "report.html").read_text(encoding="utf-8")  # the label's metrics
+    index = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert 'href="pet7/report.html"' in index and 'href="pet8/report.html"' in index
+    assert "QC index:" in capsys.readouterr().out
+
+    (tmp_path / "index.html").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "index.html").is_file()
+
+
+def test_no_quality_writes_only_the_results(data, tmp_path, capsys):
+    root = data["root"]
+    code = fuse("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", tmp_path,
+                "--checkpoint", data["checkpoints"][2], "--device", "cpu", "--no-quality")
+    assert code == 0, capsys.readouterr().err
+    assert {path.name for path in (tmp_path / "pet7").iterdir()} == RESULTS_PNG
+
+
+def test_report_on_a_missing_folder_exits_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err

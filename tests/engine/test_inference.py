@@ -10,13 +10,12 @@ from torch import nn
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.inference import FUSE_KEPT_STAGE, NETWORK, FusionEngine, fallback_plan
-from napari_unifuse.engine.outputs import output_file_names, write_fusion_outputs
+from napari_unifuse.engine.outputs import output_file_names, quality_file_names, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
-
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def test_tiled_3d_run_on_anisotropic_grids(model_3d):
     # The tiles run a second time only when the guard kept another field than the network's.
     second_pass = {FUSE_KEPT_STAGE} if result.alignment_guard.kept != NETWORK else set()
     assert set(result.provenance["timings_s"]) == {"validate", "normalise", "resample", "fuse", "guard", "compose",
-                                                   *second_pass}
+                                                   "quality", *second_pass}
 
 
 @pytest.mark.parametrize("requested, expected_tile", [(None, [8, 8]), (16, [16, 16])])
@@ -201,7 +200,7 @@ def test_failed_write_leaves_no_outputs(model_2d, tmp_path, monkeypatch):
 
     monkeypatch.undo()
     written = write_fusion_outputs(result, tmp_path / "case")
-    assert sorted(written) == sorted(output_file_names("nii.gz"))
+    assert sorted(written) == sorted([*output_file_names("nii.gz"), *quality_file_names(result.quality)])
     assert sorted(path.name for path in (tmp_path / "case").iterdir()) == sorted(written)
 
 

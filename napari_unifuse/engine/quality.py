@@ -1,0 +1,204 @@
+"""Where not to trust the fusion: fidelity and alignment-uncertainty maps, summarised per slice.
+
+Each map is a voxel array on the reference grid with a flag threshold (``docs/quality_maps.md``
+gives the definitions, units and why each threshold sits where it does):
+
+* ``invented``: structure in the fused image that neither aligned source has;
+* ``lost``: a source's structure missing from the fused image;
+* ``restoration_change``: how much the restoration altered the aligned moving image;
+* ``uncertainty_mm``: the spread of the displacement under small perturbations of the input
+  (``engine.uncertainty``), in mm; optional.
+
+A slice's score for a map is the fraction of its voxels above that map's threshold, so it reads as
+"how much of this slice is flagged" and is 0 when nothing is. A slice's suspicion is the largest
+of its scores; it is *suspicious* when that exceeds ``flag_level`` (a small area, so that single
+noisy voxels do not send a reviewer to a slice). 3D maps are scored per z slice (axis 0, the axis
+of the per-slice degradation probabilities); a 2D image is one slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from napari_unifuse.metrics.fidelity import DEFINITIONS as FIDELITY_DEFINITIONS
+from napari_unifuse.metrics.fidelity import fidelity_maps
+
+INVENTED, LOST, RESTORATION_CHANGE, UNCERTAINTY = "invented", "lost", "restoration_change", "uncertainty_mm"
+# What a reviewer would call each map's defect; the annotation panel's categories where one fits.
+PROBLEM_NAMES: dict[str, str] = {
+    INVENTED: "hallucinated structure",
+    LOST: "lost structure",
+    UNCERTAINTY: "misalignment",
+    RESTORATION_CHANGE: "restoration change",
+}
+# Voxel units of each map, for the JSON summary, the report and the layers' names.
+MAP_UNITS: dict[str, str] = {
+    INVENTED: "edge height, fraction of the fused image's [0, 1] window",
+    LOST: "edge height, fraction of the source's [0, 1] window",
+    RESTORATION_CHANGE: "fraction of the moving image's [0, 1] window",
+    UNCERTAINTY: "mm",
+}
+# A slice is suspicious when more than this fraction of it is flagged by one map: 0.1 % is about
+# a 4 × 4 voxel patch of a 128 × 128 slice, the smallest defect a reviewer would go and look at.
+DEFAULT_FLAG_LEVEL = 1e-3
+
+
+@dataclass
+class QualityMaps:
+    """The quality maps of one run, their thresholds and per-slice summaries.
+
+    ``invented``, ``lost``, ``restoration_change``: float32 maps of the reference's spatial shape
+    (units in ``MAP_UNITS``); ``uncertainty_mm`` likewise, or None when it was not computed.
+    ``thresholds``: map name → the value above which a voxel is flagged.
+    ``slice_scores``: map name → (S,) fraction of each slice's voxels above the threshold
+    (S = number of z slices in 3D, 1 in 2D); ``suspicion``: (S,) the largest of those per slice.
+    ``flag_level``: the suspicion above which a slice is listed as suspicious.
+    ``definitions``: map name → a one-line definition, recorded in provenance and the report.
+    ``seconds``: wall time per part (maps, uncertainty), for provenance and the overhead bench.
+    """
+
+    invented: np.ndarray
+    lost: np.ndarray
+    restoration_change: np.ndarray
+    uncertainty_mm: np.ndarray | None
+    thresholds: dict[str, float]
+    slice_scores: dict[str, np.ndarray]
+    suspicion: np.ndarray
+    flag_level: float = DEFAULT_FLAG_LEVEL
+    definitions: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_maps(
+        cls,
+        maps: Mapping[str, np.ndarray | None],
+        thresholds: Mapping[str, float],
+        *,
+        flag_level: float = DEFAULT_FLAG_LEVEL,
+        definitions: Mapping[str, str] | None = None,
+        seconds: Mapping[str, float] | None = None,
+    ) -> QualityMaps:
+        """Score ``maps`` (the three fidelity maps, and ``uncertainty_mm`` or None) per slice."""
+        present = {name: np.asarray(array, dtype=np.float32) for name, array in maps.items() if array is not None}
+        missing = [name for name in (INVENTED, LOST, RESTORATION_CHANGE) if name not in present]
+        if missing:
+            raise ValueError(f"quality maps missing: {', '.join(missing)}")
+        shapes = {array.shape for array in present.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"quality maps differ in shape: {sorted(shapes)}")
+        scores = {name: _flagged_fraction_per_slice(array, float(thresholds[name])) for name, array in present.items()}
+        return cls(
+            invented=present[INVENTED],
+            lost=present[LOST],
+            restoration_change=present[RESTORATION_CHANGE],
+            uncertainty_mm=present.get(UNCERTAINTY),
+            thresholds={name: float(thresholds[name]) for name in present},
+            slice_scores=scores,
+            suspicion=np.max(np.stack(list(scores.values())), axis=0),
+            flag_level=flag_level,
+            definitions=dict(definitions or {}),
+            seconds=dict(seconds or {}),
+        )
+
+    @property
+    def slice_count(self) -> int:
+        return int(self.suspicion.shape[0])
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """Map name → voxel array, the uncertainty only when it was computed."""
+        arrays = {INVENTED: self.invented, LOST: self.lost, RESTORATION_CHANGE: self.restoration_change}
+        if self.uncertainty_mm is not None:
+            arrays[UNCERTAINTY] = self.uncertainty_mm
+        return arrays
+
+    def suspicious_slices(self) -> list[int]:
+        """Indices of the slices whose suspicion exceeds ``flag_level``, in slice order."""
+        return [int(index) for index in np.flatnonzero(self.suspicion > self.flag_level)]
+
+    def next_suspicious(self, current: int, step: int = 1) -> int | None:
+        """The next (``step`` > 0) or previous (``step`` < 0) suspicious slice from ``current``,
+        wrapping around the ends; ``current`` itself only when it is the one suspicious slice.
+        None when no slice is suspicious."""
+        flagged = self.suspicious_slices()
+        if not flagged:
+            return None
+        if step >= 0:
+            return next((index for index in flagged if index > current), flagged[0])
+        return next((index for index in reversed(flagged) if index < current), flagged[-1])
+
+    def worst_slices(self, count: int) -> list[int]:
+        """The ``count`` slices with the highest suspicion, worst first (ties: lower index first),
+        flagged or not, so that a report always has key slices to show."""
+        order = sorted(range(self.slice_count), key=lambda index: (-float(self.suspicion[index]), index))
+        return order[: max(count, 0)]
+
+    def dominant_problem(self, index: int) -> str:
+        """What most of slice ``index``'s flagged area is flagged for, in a reviewer's words
+        (``PROBLEM_NAMES``); on ties the order of ``slice_scores`` decides (invented first)."""
+        name = max(self.slice_scores, key=lambda key: float(self.slice_scores[key][index]))
+        return PROBLEM_NAMES[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary written as ``quality.json``: no voxel arrays."""
+        summary = {
+            name: {
+                "units": MAP_UNITS[name],
+                "threshold": self.thresholds[name],
+                "definition": self.definitions.get(name, ""),
+                "max": float(array.max()) if array.size else 0.0,
+                "p95": float(np.percentile(array, 95)) if array.size else 0.0,
+                "flagged_fraction": float(np.mean(array > self.thresholds[name])) if array.size else 0.0,
+            }
+            for name, array in self.maps().items()
+        }
+        return {
+            "maps": summary,
+            "thresholds": dict(self.thresholds),
+            "flag_level": self.flag_level,
+            "slice_axis": "z" if self.invented.ndim == 3 else None,
+            "per_slice": {name: np.asarray(scores, dtype=float).round(6).tolist()
+                          for name, scores in self.slice_scores.items()},
+            "suspicion": np.asarray(self.suspicion, dtype=float).round(6).tolist(),
+            "max_suspicion": float(self.suspicion.max()) if self.suspicion.size else 0.0,
+            "suspicious_slices": self.suspicious_slices(),
+            "problems": {str(index): self.dominant_problem(index) for index in self.suspicious_slices()},
+            "seconds": dict(self.seconds),
+        }
+
+
+def quality_maps(
+    reference: np.ndarray,
+    warped_moving: np.ndarray,
+    restored: np.ndarray,
+    fused: np.ndarray,
+    *,
+    uncertainty_mm: np.ndarray | None = None,
+    uncertainty_threshold_mm: float | None = None,
+    uncertainty_definition: str = "",
+    seconds: Mapping[str, float] | None = None,
+) -> QualityMaps:
+    """The fidelity maps of one fused pair (``metrics.fidelity``; every image in the [0, 1] window
+    on the reference grid) and, when given, the uncertainty map with its threshold."""
+    fidelity = fidelity_maps(reference, warped_moving, restored, fused)
+    maps = {INVENTED: fidelity.invented, LOST: fidelity.lost, RESTORATION_CHANGE: fidelity.restoration_change,
+            UNCERTAINTY: uncertainty_mm}
+    thresholds = dict(fidelity.thresholds)
+    definitions = dict(FIDELITY_DEFINITIONS)
+    if uncertainty_mm is not None:
+        if uncertainty_threshold_mm is None:
+            raise ValueError("an uncertainty map needs its threshold (mm)")
+        thresholds[UNCERTAINTY] = uncertainty_threshold_mm
+        definitions[UNCERTAINTY] = uncertainty_definition
+    return QualityMaps.from_maps(maps, thresholds, definitions=definitions, seconds=seconds)
+
+
+def _flagged_fraction_per_slice(array: np.ndarray, threshold: float) -> np.ndarray:
+    """(S,) fraction of each z slice's voxels above ``threshold``; a 2D array is one slice."""
+    flagged = array > threshold
+    if flagged.ndim == 2:
+        return np.array([flagged.mean()], dtype=np.float32)
+    return flagged.reshape(flagged.shape[0], -1).mean(axis=1).astype(np.float32)

@@ -1,0 +1,291 @@
+"""The QC report of a run: one self-contained HTML page, and an index of a cohort's pages.
+
+``write_report`` puts ``report.html`` into the run folder: the inputs, the most suspicious slices
+with the quality maps drawn over the fused image, the metrics, the degradation plot with the
+per-slice suspicion beside it, the uncertainty summary, the reviewers' annotations and the
+provenance. Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state) and
+embedded as base64 PNG, so the page can be mailed or archived on its own.
+
+``write_index`` puts ``index.html`` into a cohort folder: one row per run (a folder holding
+``provenance.json``), most suspicious first by the largest per-slice suspicion in its
+``quality.json``, linking the run's report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from napari_unifuse.engine.annotations import Annotation, AnnotationStore
+from napari_unifuse.engine.outputs import PROVENANCE_FILE, QUALITY_FILE
+from napari_unifuse.engine.overlays import display_grey, slice_of
+from napari_unifuse.engine.quality import INVENTED, LOST, PROBLEM_NAMES, RESTORATION_CHANGE, UNCERTAINTY, QualityMaps
+from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.io import ImageVolume
+
+REPORT_FILE, INDEX_FILE = "report.html", "index.html"
+KEY_SLICES = 3
+# Section ids and titles, in page order.
+SECTIONS: dict[str, str] = {
+    "inputs": "Inputs",
+    "key-slices": "Most suspicious slices",
+    "metrics": "Metrics",
+    "degradation": "Degradation estimate",
+    "uncertainty": "Alignment uncertainty",
+    "annotations": "Annotations",
+    "provenance": "Provenance",
+}
+# Overlay colour of each map where it exceeds its threshold (colour-blind-safe Okabe-Ito hues).
+OVERLAY_COLOURS: dict[str, str] = {INVENTED: "#D55E00", LOST: "#0072B2", RESTORATION_CHANGE: "#009E73",
+                                   UNCERTAINTY: "#F0E442"}
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:.8em}
+.flag{color:#b00;font-weight:bold}.note{color:#555}"""
+
+
+def write_report(
+    result: FusionResult,
+    out_dir: str | os.PathLike,
+    *,
+    reference: ImageVolume,
+    moving: ImageVolume,
+    annotations: Sequence[Annotation] | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> Path:
+    """Write ``out_dir/report.html`` for ``result`` (the run of ``reference`` and ``moving``);
+    ``annotations`` default to those saved in ``out_dir``. Returns the page's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if annotations is None:
+        annotations = AnnotationStore(out_dir).load()
+    name = out_dir.resolve().name
+    bodies = {
+        "inputs": _inputs_section(reference, moving, result),
+        "key-slices": _key_slices_section(result),
+        "metrics": _metrics_section(result, metrics or {}),
+        "degradation": _degradation_section(result),
+        "uncertainty": _uncertainty_section(result.quality),
+        "annotations": _annotations_section(annotations),
+        "provenance": f"<pre>{html.escape(json.dumps(result.provenance, indent=2, default=str), quote=False)}</pre>",
+    }
+    sections = "\n".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>\n{bodies[key]}\n</section>' for key in SECTIONS)
+    warnings = "".join(f"<li>{html.escape(warning)}</li>" for warning in result.warnings)
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>UniFuse QC report: {html.escape(name)}</title><style>{_STYLE}</style></head><body>\n"
+            f"<h1>UniFuse QC report: {html.escape(name)}</h1>\n<p>{_verdict(result.quality)}</p>\n"
+            f"{f'<ul class=note>{warnings}</ul>' if warnings else ''}\n{sections}\n</body></html>\n")
+    path = out_dir / REPORT_FILE
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def write_index(runs_dir: str | os.PathLike) -> Path:
+    """Write ``runs_dir/index.html``: every run below ``runs_dir``, most suspicious first."""
+    runs_dir = Path(runs_dir)
+    rows = []
+    for run in sorted(path.parent for path in runs_dir.rglob(PROVENANCE_FILE)):
+        quality = _read_json(run / QUALITY_FILE)
+        provenance = _read_json(run / PROVENANCE_FILE) or {}
+        rows.append((run, quality, provenance))
+    # Runs without quality maps cannot be ranked: they go last, by name.
+    rows.sort(key=lambda row: (row[1] is None, -(row[1] or {}).get("max_suspicion", 0.0), str(row[0])))
+    lines = []
+    for run, quality, provenance in rows:
+        relative = run.relative_to(runs_dir).as_posix()
+        report = run / REPORT_FILE
+        link = (f'<a href="{html.escape(relative)}/{REPORT_FILE}">{html.escape(relative)}</a>' if report.is_file()
+                else f"{html.escape(relative)} <span class=note>(no report: run <code>unifuse fuse --report</code>)"
+                     "</span>")
+        if quality is None:
+            suspicion, flagged, problems = "n/a", "no quality maps", ""
+        else:
+            suspicion = f"{100 * quality.get('max_suspicion', 0.0):.2f} %"
+            flagged = f"{len(quality.get('suspicious_slices', []))} of {len(quality.get('suspicion', []))}"
+            problems = ", ".join(sorted(set(quality.get("problems", {}).values())))
+        inputs = provenance.get("inputs", {})
+        names = " + ".join(Path(str((inputs.get(role) or {}).get("path") or role)).name
+                           for role in ("reference", "moving"))
+        lines.append(f"<tr><td>{link}</td><td>{html.escape(names)}</td><td>{suspicion}</td><td>{flagged}</td>"
+                     f"<td>{html.escape(problems)}</td><td>{html.escape(str(provenance.get('created', '')))}</td></tr>")
+    table = ("<table><tr><th>run</th><th>inputs</th><th>largest slice suspicion</th><th>suspicious slices</th>"
+             "<th>problems</th><th>created</th></tr>\n" + "\n".join(lines) + "</table>") if lines else \
+        "<p>No runs (folders with provenance.json) here.</p>"
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>UniFuse QC: "
+            f"{html.escape(runs_dir.resolve().name)}</title><style>{_STYLE}</style></head><body>\n"
+            f"<h1>UniFuse QC: {html.escape(runs_dir.resolve().name)}</h1>\n<p>{len(rows)} runs, most suspicious "
+            "first (suspicion: the largest fraction of one slice that one quality map flags).</p>\n"
+            f"{table}\n</body></html>\n")
+    path = runs_dir / INDEX_FILE
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+# ---- sections ------------------------------------------------------------------------------------
+def _verdict(quality: QualityMaps | None) -> str:
+    if quality is None:
+        return "<span class=note>No quality maps were computed for this run.</span>"
+    flagged = quality.suspicious_slices()
+    if not flagged:
+        return "No slice is flagged by the quality maps."
+    unit = "slices" if quality.slice_count > 1 else "image"
+    listed = ", ".join(f"{index} ({quality.dominant_problem(index)})" for index in flagged[:12])
+    more = f" and {len(flagged) - 12} more" if len(flagged) > 12 else ""
+    return (f"<span class=flag>{len(flagged)} of {quality.slice_count} {unit} flagged</span>"
+            f"{': ' + listed + more if quality.slice_count > 1 else ' (' + quality.dominant_problem(0) + ')'}.")
+
+
+def _inputs_section(reference: ImageVolume, moving: ImageVolume, result: FusionResult) -> str:
+    images = [("reference", reference), ("moving (input)", moving), ("aligned + restored", result.aligned),
+              ("fused", result.fused)]
+    figure = Figure(figsize=(3.2 * len(images), 3.4))
+    for position, (title, volume) in enumerate(images, start=1):
+        axes = figure.add_subplot(1, len(images), position)
+        grey = display_grey(volume)
+        middle = grey.shape[0] // 2 if volume.ndim == 3 else 0
+        axes.imshow(slice_of(grey, 0 if volume.ndim == 3 else None, middle), cmap="gray", vmin=0, vmax=1)
+        axes.set_title(f"{title}{f', slice {middle}' if volume.ndim == 3 else ''}", fontsize=9)
+        axes.axis("off")
+    rows = "".join(f"<tr><td>{role}</td><td>{html.escape(str(volume.source or 'in memory'))}</td>"
+                   f"<td>{volume.array.shape}</td><td>{' × '.join(f'{s:.3g}' for s in volume.geometry.spacing)}</td>"
+                   "</tr>" for role, volume in (("reference", reference), ("moving", moving)))
+    return (f"<table><tr><th>input</th><th>source</th><th>shape</th><th>spacing (mm)</th></tr>{rows}</table>\n"
+            f"{_png(figure)}")
+
+
+def _key_slices_section(result: FusionResult) -> str:
+    quality = result.quality
+    if quality is None:
+        return "<p class=note>No quality maps were computed for this run.</p>"
+    legend = ", ".join(f'<span style="color:{OVERLAY_COLOURS[name]}">&#9632;</span> {PROBLEM_NAMES[name]} '
+                       f"(&gt; {quality.thresholds[name]:.3g})" for name in quality.maps())
+    fused = display_grey(result.fused)
+    three_d = fused.ndim == 3
+    parts = [f"<p>Overlays over the fused image, where each map exceeds its threshold: {legend}. "
+             f"Slices ranked by suspicion (the largest fraction of the slice one map flags; flag level "
+             f"{100 * quality.flag_level:.2f} %).</p>"]
+    for index in quality.worst_slices(KEY_SLICES if three_d else 1):
+        figure = Figure(figsize=(9, 3.4))
+        plain = figure.add_subplot(1, 2, 1)
+        plain.imshow(slice_of(fused, 0 if three_d else None, index), cmap="gray", vmin=0, vmax=1)
+        plain.set_title("fused", fontsize=9)
+        overlaid = figure.add_subplot(1, 2, 2)
+        overlaid.imshow(slice_of(fused, 0 if three_d else None, index), cmap="gray", vmin=0, vmax=1)
+        for name, array in quality.maps().items():
+            flagged = slice_of(array, 0 if three_d else None, index) > quality.thresholds[name]
+            overlaid.imshow(np.ma.masked_where(~flagged, flagged), cmap=ListedColormap([OVERLAY_COLOURS[name]]),
+                            alpha=0.55, interpolation="nearest")
+        overlaid.set_title("flagged by the quality maps", fontsize=9)
+        for axes in (plain, overlaid):
+            axes.axis("off")
+        scores = ", ".join(f"{PROBLEM_NAMES[name]} {100 * float(values[index]):.2f} %"
+                           for name, values in quality.slice_scores.items())
+        heading = f"Slice {index}" if three_d else "The image"
+        parts.append(f"<h3>{heading}: {quality.dominant_problem(index)}, suspicion "
+                     f"{100 * float(quality.suspicion[index]):.2f} %</h3><p class=note>{scores}</p>{_png(figure)}")
+    return "\n".join(parts)
+
+
+def _metrics_section(result: FusionResult, metrics: Mapping[str, float]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{_number(value)}</td></tr>" for name, value in metrics.items())
+    table = (f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>" if rows
+             else "<p class=note>No metrics were given for this run.</p>")
+    quality = result.quality
+    if quality is None:
+        return table
+    summary = quality.to_dict()["maps"]
+    quality_rows = "".join(
+        f"<tr><td>{PROBLEM_NAMES[name]}</td><td>{html.escape(entry['units'])}</td><td>{entry['threshold']:.3g}</td>"
+        f"<td>{entry['max']:.3g}</td><td>{100 * entry['flagged_fraction']:.2f} %</td>"
+        f"<td class=note>{html.escape(entry['definition'])}</td></tr>" for name, entry in summary.items())
+    return (f"{table}\n<h3>Quality maps</h3><table><tr><th>map</th><th>units</th><th>threshold</th><th>max</th>"
+            f"<th>voxels flagged</th><th>definition</th></tr>{quality_rows}</table>")
+
+
+def _degradation_section(result: FusionResult) -> str:
+    probabilities = np.asarray(result.slice_class_probs, dtype=float)
+    names = list(result.class_names)
+    figure = Figure(figsize=(9, 3.2))
+    axes = figure.add_subplot(1, 1, 1)
+    if probabilities.shape[0] > 1:
+        for column, name in enumerate(names):
+            axes.plot(probabilities[:, column], label=name)
+        axes.set_xlabel("slice (z)")
+        axes.legend(fontsize=8, loc="upper left")
+        if result.quality is not None:
+            suspicion = axes.twinx()
+            suspicion.bar(np.arange(result.quality.slice_count), 100 * result.quality.suspicion, color="#999",
+                          alpha=0.35, label="suspicion")
+            suspicion.set_ylabel("suspicion (% of slice)")
+    else:
+        axes.bar(names, probabilities[0], color="#0072B2")
+    axes.set_ylim(0, 1)
+    axes.set_ylabel("probability")
+    globals_ = ", ".join(f"{name} {p:.2f}" for name, p in result.class_probs.items())
+    return f"<p>Predicted: <b>{html.escape(result.predicted_class)}</b> ({globals_}).</p>{_png(figure)}"
+
+
+def _uncertainty_section(quality: QualityMaps | None) -> str:
+    if quality is None or quality.uncertainty_mm is None:
+        return "<p class=note>The alignment uncertainty was not computed for this run.</p>"
+    values = quality.uncertainty_mm
+    threshold = quality.thresholds[UNCERTAINTY]
+    median, p95 = np.percentile(values, [50, 95])
+    worst = int(np.argmax(quality.slice_scores[UNCERTAINTY]))
+    figure = Figure(figsize=(9, 3.4))
+    histogram = figure.add_subplot(1, 2, 1)
+    histogram.hist(values.ravel(), bins=50, color="#0072B2")
+    histogram.axvline(threshold, color="#D55E00", label=f"threshold {threshold:.2f} mm")
+    histogram.set_xlabel("spread of the displacement (mm)")
+    histogram.legend(fontsize=8)
+    view = figure.add_subplot(1, 2, 2)
+    shown = view.imshow(slice_of(values, 0 if values.ndim == 3 else None, worst), cmap="magma")
+    figure.colorbar(shown, ax=view, label="mm")
+    view.set_title(f"slice {worst}" if values.ndim == 3 else "uncertainty", fontsize=9)
+    view.axis("off")
+    return (f"<p>Median {median:.2f} mm, 95th percentile {p95:.2f} mm, maximum {values.max():.2f} mm; "
+            f"{100 * float(np.mean(values > threshold)):.2f} % of voxels above {threshold:.2f} mm. "
+            f"<span class=note>{html.escape(quality.definitions.get(UNCERTAINTY, ''))}</span></p>{_png(figure)}")
+
+
+def _annotations_section(annotations: Sequence[Annotation]) -> str:
+    if not annotations:
+        return "<p class=note>No annotations.</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(a.created)}</td><td>{html.escape(a.reviewer)}</td><td>{html.escape(a.category)}</td>"
+        f"<td>{'' if a.slice_index is None else a.slice_index}</td><td>{html.escape(a.region_kind or 'slice')}</td>"
+        f"<td>{html.escape(a.note)}</td></tr>" for a in annotations)
+    return ("<table><tr><th>created</th><th>reviewer</th><th>category</th><th>slice</th><th>region</th>"
+            f"<th>note</th></tr>{rows}</table>")
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _png(figure: Figure) -> str:
+    """``figure`` as an embedded PNG ``<img>``."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="figure" src="data:image/png;base64,{encoded}">'
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (float, np.floating)) else html.escape(str(value))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

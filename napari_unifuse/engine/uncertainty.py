@@ -1,0 +1,141 @@
+"""Alignment uncertainty: how much the displacement moves when the input is nudged.
+
+The alignment's local stage is run again on a few perturbed copies of the moving image, each
+shifted by a known amount along an in-plane axis and given a little intensity jitter (gain and
+noise, as a rescan would differ). A shift ``s`` of the content (``moving_k(x) = moving(x + s)``)
+makes ``u − s`` the right answer for the copy, so ``s`` is added back to its estimate; what
+remains differs from the unperturbed estimate only where the images do not pin the alignment
+down. The per-voxel spread (sample standard deviation over the unperturbed and the perturbed
+estimates, the vector's length in mm with the reference spacing) is the map; its flag threshold
+is one voxel (:func:`uncertainty_threshold_mm`).
+
+Which aligner: :func:`matching_estimator`, the structural matching's local stage
+(``model.matching.local_matching``: MIND block matching at half the matching step, smoothed with
+its confidence) started from the field the engine kept. Where the images have structure it follows
+the shift; in a flat region nothing tells it where to go, its confidence is low and its estimate
+stays where the start put it, so the copies disagree there by the shift's length. The block
+matching resolves offsets on a grid of half the matching step, so the shifts are that long
+(``matching_shift_voxels``: 2 voxels for both bundled checkpoints) and along the array axes, which
+it can represent exactly: a structured region then reads about 0, a blind one the shift. A
+sub-voxel shift fell between its offsets and read about the same everywhere. Measured on the
+bundled samples: the network's field, given the same copies after the unperturbed matching, did
+not follow a sub-voxel shift anywhere (a uniform spread equal to the shift), and re-running the
+whole matching costs 2-5 s a pass on the 3D sample, so neither fits the interactive budget as a
+measure of precision; the local stage costs 0.1-0.5 s a pass (``bench/bench_quality_overhead.py``).
+
+This measures the *precision* of the alignment, not its accuracy: a confidently wrong alignment
+can still be precise (the guard's and the metrics' job), but an imprecise one cannot be trusted.
+Shifts come in opposite pairs (``+s``, ``−s``) along y, then x (the axes of the slice a reviewer
+reads), then z, so that a bias of the aligner towards one side does not shrink the spread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from napari_unifuse.engine.progress import CancelToken
+from napari_unifuse.model.matching import local_matching
+from napari_unifuse.model.warp import compose, warp
+
+GAIN_JITTER = 0.03  # standard deviation of the multiplicative gain
+NOISE_JITTER = 0.01  # standard deviation of added noise, fraction of the [0, 1] window
+DEFAULT_PASSES = 4  # ±y and ±x
+_SEED = 0  # the intensity jitter's
+
+# The structural matching's smoothing of its local offsets (model.matching.structural_matching).
+_SMOOTHING_CELLS = 2.0
+
+# A field estimator: the moving image (1, 1, *spatial) in [0, 1] -> its field (ndim, *spatial),
+# voxels, for the reference the caller holds.
+FieldEstimator = Callable[[torch.Tensor], np.ndarray]
+
+DEFINITION = ("sample standard deviation (vector length, mm) of the structural matching's local estimate, "
+              "started from the kept field, over the moving image and copies of it shifted by ± half a matching "
+              f"step along y and x (shift added back) with {GAIN_JITTER:.0%} gain and {NOISE_JITTER:.0%} noise "
+              "jitter; flagged above one voxel")
+
+
+def matching_estimator(reference: torch.Tensor, start: torch.Tensor, step: int) -> FieldEstimator:
+    """The structural matching's local stage against ``reference`` (1, 1, *spatial), started from
+    the field ``start`` (1, ndim, *spatial): block matching of the moved image on half a ``step``
+    grid, composed with ``start``."""
+
+    def estimate(moving: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            moved = warp(moving, start, padding_mode="border")
+            return compose(start, local_matching(moved, reference, step, _SMOOTHING_CELLS))[0].numpy()
+
+    return estimate
+
+
+def matching_shift_voxels(step: int) -> float:
+    """The shift length the matching's local stage represents exactly: one cell of its grid."""
+    return float(max(1, step // 2))
+
+
+def perturbation_shifts(passes: int, ndim: int, length: float) -> list[np.ndarray]:
+    """``passes`` shift vectors (voxels, array-axis order) of ``length``: +/- along y, +/- along x,
+    then z (3D), then round again."""
+    axes = [ndim - 2, ndim - 1, *range(ndim - 2)]
+    shifts = []
+    for index in range(passes):
+        shift = np.zeros(ndim)
+        shift[axes[(index // 2) % ndim]] = length if index % 2 == 0 else -length
+        shifts.append(shift)
+    return shifts
+
+
+def perturbed_copy(moving: torch.Tensor, shift: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """``moving`` (1, 1, *spatial) sampled at x + ``shift`` with gain and noise jitter, in [0, 1]."""
+    spatial = moving.shape[2:]
+    field = torch.tensor(shift, dtype=moving.dtype).view(1, -1, *[1] * len(spatial)).expand(1, -1, *spatial)
+    field = field.contiguous()
+    shifted = warp(moving, field, padding_mode="border")
+    gain = 1.0 + GAIN_JITTER * rng.normal()
+    noise = torch.from_numpy(rng.normal(0.0, NOISE_JITTER, size=tuple(spatial)).astype(np.float32))
+    return (shifted * gain + noise).clamp(0.0, 1.0)
+
+
+def displacement_spread_mm(fields: Sequence[np.ndarray], spacing: Sequence[float]) -> np.ndarray:
+    """Per-voxel standard deviation of the fields (each (ndim, *spatial), voxels) as a vector
+    length in mm: sqrt(Σ_axis var(u_axis · spacing_axis)). Sample variance (n − 1)."""
+    stacked = np.stack([np.asarray(field, dtype=np.float64) for field in fields])
+    scale = np.asarray(spacing, dtype=np.float64).reshape(1, -1, *[1] * (stacked.ndim - 2))
+    variance = (stacked * scale).var(axis=0, ddof=1).sum(axis=0)
+    return np.sqrt(variance).astype(np.float32)
+
+
+def alignment_uncertainty(
+    moving: torch.Tensor,
+    estimate: FieldEstimator,
+    spacing: Sequence[float],
+    *,
+    shift_voxels: float,
+    passes: int = DEFAULT_PASSES,
+    cancel: CancelToken | None = None,
+    seed: int = _SEED,
+) -> np.ndarray:
+    """The spread map (mm, ``moving``'s spatial shape) of ``estimate`` over ``moving``
+    (1, 1, *spatial) and ``passes`` copies of it shifted by ``shift_voxels`` (``passes`` + 1 calls)."""
+    if passes < 1:
+        raise ValueError(f"alignment uncertainty needs at least one perturbed pass, got {passes}")
+    rng = np.random.default_rng(seed)
+    fields = [estimate(moving)]
+    for shift in perturbation_shifts(passes, moving.dim() - 2, shift_voxels):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        estimated = estimate(perturbed_copy(moving, shift, rng))
+        fields.append(estimated + shift.reshape(-1, *[1] * (estimated.ndim - 1)))
+    return displacement_spread_mm(fields, spacing)
+
+
+def uncertainty_threshold_mm(spacing: Sequence[float]) -> float:
+    """The flag threshold of the uncertainty map: one voxel (the mean spacing) in mm. A structured
+    region reads about 0 and one where the aligner is blind reads the shift (2 voxels with the
+    bundled checkpoints); beyond one voxel the alignment is not determined to the image's own
+    resolution."""
+    return float(math.fsum(spacing) / len(spacing))

@@ -1,0 +1,163 @@
+"""QualityMaps: per-slice scores, suspicious-slice navigation, the JSON summary; the engine's quality stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.outputs import QUALITY_FILE, is_complete, write_fusion_outputs
+from napari_unifuse.engine.quality import (
+    INVENTED,
+    LOST,
+    RESTORATION_CHANGE,
+    UNCERTAINTY,
+    QualityMaps,
+    quality_maps,
+)
+from napari_unifuse.io import Geometry, ImageVolume, read_image
+from napari_unifuse.model import UniFuse, UniFuseConfig
+
+THRESHOLDS = {INVENTED: 0.1, LOST: 0.1, RESTORATION_CHANGE: 0.1, UNCERTAINTY: 1.0}
+
+
+def volume_maps(shape=(8, 20, 20)) -> dict[str, np.ndarray]:
+    return {name: np.zeros(shape, np.float32) for name in (INVENTED, LOST, RESTORATION_CHANGE, UNCERTAINTY)}
+
+
+def test_slice_scores_are_flagged_fractions_and_suspicion_their_maximum():
+    maps = volume_maps()
+    maps[INVENTED][2, :5, :4] = 0.5  # 20 of 400 voxels
+    maps[LOST][2, :2, :2] = 0.5  # 4 of 400
+    maps[UNCERTAINTY][5, :10, :] = 2.0  # half the slice
+    quality = QualityMaps.from_maps(maps, THRESHOLDS)
+    assert quality.slice_scores[INVENTED][2] == pytest.approx(0.05)
+    assert quality.slice_scores[LOST][2] == pytest.approx(0.01)
+    assert quality.suspicion[2] == pytest.approx(0.05)
+    assert quality.suspicion[5] == pytest.approx(0.5)
+    assert quality.suspicion[0] == 0.0
+    assert quality.suspicious_slices() == [2, 5]
+    assert quality.dominant_problem(2) == "hallucinated structure"
+    assert quality.dominant_problem(5) == "misalignment"
+    assert quality.worst_slices(2) == [5, 2]
+
+
+def test_a_value_at_the_threshold_is_not_flagged():
+    maps = volume_maps()
+    maps[RESTORATION_CHANGE][:] = THRESHOLDS[RESTORATION_CHANGE]
+    quality = QualityMaps.from_maps(maps, THRESHOLDS)
+    assert quality.suspicious_slices() == []
+    assert quality.next_suspicious(3) is None
+
+
+def test_next_and_previous_suspicious_slice_wrap_around():
+    maps = volume_maps()
+    for index in (1, 6):
+        maps[LOST][index] = 1.0
+    quality = QualityMaps.from_maps(maps, THRESHOLDS)
+    assert quality.next_suspicious(0) == 1
+    assert quality.next_suspicious(1) == 6
+    assert quality.next_suspicious(6) == 1
+    assert quality.next_suspicious(7, step=-1) == 6
+    assert quality.next_suspicious(1, step=-1) == 6
+    assert quality.dominant_problem(6) == "lost structure"
+
+
+def test_a_2d_image_is_one_slice_and_uncertainty_is_optional():
+    maps = {name: np.zeros((16, 16), np.float32) for name in (INVENTED, LOST, RESTORATION_CHANGE)}
+    maps[RESTORATION_CHANGE][4:8, 4:8] = 0.3
+    quality = QualityMaps.from_maps({**maps, UNCERTAINTY: None}, THRESHOLDS)
+    assert quality.uncertainty_mm is None
+    assert set(quality.slice_scores) == {INVENTED, LOST, RESTORATION_CHANGE}
+    assert quality.suspicion.shape == (1,)
+    assert quality.next_suspicious(0) == 0
+    assert quality.dominant_problem(0) == "restoration change"
+
+
+def test_summary_is_json_with_no_voxel_arrays():
+    maps = volume_maps()
+    maps[INVENTED][3, 0, 0:10] = 1.0
+    quality = QualityMaps.from_maps(maps, THRESHOLDS)
+    summary = json.loads(json.dumps(quality.to_dict()))
+    assert summary["suspicious_slices"] == [3]
+    assert summary["problems"] == {"3": "hallucinated structure"}
+    assert summary["thresholds"] == THRESHOLDS
+    assert len(summary["per_slice"][INVENTED]) == 8
+    assert summary["maps"][UNCERTAINTY]["units"] == "mm"
+    assert len(json.dumps(summary)) < 5000
+
+
+def test_maps_of_different_shapes_are_refused():
+    maps = volume_maps()
+    maps[LOST] = np.zeros((8, 20, 21), np.float32)
+    with pytest.raises(ValueError, match="differ in shape"):
+        QualityMaps.from_maps(maps, THRESHOLDS)
+
+
+def test_a_blob_pasted_into_one_slice_of_the_fused_volume_is_the_next_suspicious_slice():
+    yy, xx = np.indices((48, 48))
+    head = (((yy - 24) ** 2 + (xx - 24) ** 2) < 18**2).astype(np.float32)
+    reference = np.stack([ndimage.gaussian_filter(0.6 * head, 1.0)] * 8)
+    moving = np.stack([ndimage.gaussian_filter(0.4 * head, 1.0)] * 8)
+    fused = 0.5 * (reference + moving)
+    blob = (((yy - 20) ** 2 + (xx - 28) ** 2) < 4**2).astype(np.float32)
+    fused[5] += 0.4 * ndimage.gaussian_filter(blob, 1.0)
+    quality = quality_maps(reference, moving, moving, fused)
+    assert quality.suspicious_slices() == [5]
+    assert quality.next_suspicious(0) == 5
+    assert quality.next_suspicious(7) == 5
+    assert quality.dominant_problem(5) == "hallucinated structure"
+    assert quality.uncertainty_mm is None
+
+
+@pytest.fixture(scope="module")
+def model_2d() -> UniFuse:
+    torch.manual_seed(0)
+    return UniFuse(UniFuseConfig.small(spatial_dims=2))
+
+
+def blob_pair(shape=(64, 64)) -> tuple[ImageVolume, ImageVolume]:
+    grids = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    reference = np.exp(-4 * sum(g**2 for g in grids)).astype(np.float32)
+    moving = np.exp(-4 * sum((g - 0.1) ** 2 for g in grids)).astype(np.float32)
+    geometry = Geometry((1.5, 1.5), (0.0, 0.0), np.eye(2))
+    return ImageVolume(reference, geometry), ImageVolume(moving, geometry)
+
+
+def test_a_run_computes_and_writes_the_quality_maps(model_2d, tmp_path):
+    reference, moving = blob_pair()
+    stages = []
+    result = FusionEngine(model_2d, device="cpu").run_fusion(
+        reference, moving, progress=lambda stage, done, total: stages.append(stage))
+    quality = result.quality
+    assert "quality" in stages
+    assert quality.invented.shape == quality.uncertainty_mm.shape == reference.array.shape
+    assert quality.thresholds["uncertainty_mm"] == pytest.approx(1.5)
+    assert set(quality.seconds) == {"uncertainty", "maps"}
+    assert result.provenance["quality"]["thresholds"] == quality.thresholds
+    assert "quality" in result.provenance["timings_s"]
+
+    written = write_fusion_outputs(result, tmp_path)
+    for name in ("invented.nii.gz", "lost.nii.gz", "restoration_change.nii.gz", "uncertainty.nii.gz"):
+        on_disk = read_image(written[name])
+        assert on_disk.array.shape == reference.array.shape
+        np.testing.assert_allclose(on_disk.geometry.spacing, (1.5, 1.5))
+    np.testing.assert_allclose(read_image(written["uncertainty.nii.gz"]).array, quality.uncertainty_mm, atol=1e-5)
+    summary = json.loads((tmp_path / QUALITY_FILE).read_text())
+    assert summary["suspicion"] == pytest.approx(quality.suspicion.tolist(), abs=1e-6)
+    assert is_complete(tmp_path)
+
+
+def test_quality_can_be_left_out_or_run_without_uncertainty(model_2d, tmp_path):
+    reference, moving = blob_pair()
+    engine = FusionEngine(model_2d, device="cpu")
+    assert engine.run_fusion(reference, moving, quality=False).quality is None
+    result = engine.run_fusion(reference, moving, uncertainty_passes=0)
+    assert result.quality.uncertainty_mm is None
+    assert "uncertainty_mm" not in result.quality.thresholds
+    written = write_fusion_outputs(result, tmp_path)
+    assert "uncertainty.nii.gz" not in written and "invented.nii.gz" in written

@@ -1,0 +1,92 @@
+"""The QC report page of a run and the cohort index sorted by suspicion."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from scipy import ndimage
+
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine.annotations import Annotation, AnnotationStore
+from napari_unifuse.engine.outputs import write_fusion_outputs
+from napari_unifuse.engine.quality import quality_maps
+from napari_unifuse.engine.report import REPORT_FILE, SECTIONS, write_index, write_report
+from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.io import Geometry, ImageVolume
+
+SLICES = 6
+
+
+def constructed_result(blob_radius: float, defect_slice: int = 2) -> FusionResult:
+    """A 3D result whose fused image has a blob of ``blob_radius`` pasted into one slice (none at
+    radius 0), with its quality maps; no model involved."""
+    yy, xx = np.indices((40, 40))
+    head = ndimage.gaussian_filter(((yy - 20) ** 2 + (xx - 20) ** 2 < 15**2).astype(np.float32), 1.0)
+    reference, moving = np.stack([0.6 * head] * SLICES), np.stack([0.4 * head] * SLICES)
+    fused = 0.5 * (reference + moving)
+    if blob_radius:
+        blob = ((yy - 18) ** 2 + (xx - 23) ** 2 < blob_radius**2).astype(np.float32)
+        fused[defect_slice] += 0.4 * ndimage.gaussian_filter(blob, 1.0)
+    uncertainty = np.full(reference.shape, 0.5, np.float32)
+    geometry = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    probabilities = np.tile([0.7, 0.1, 0.1, 0.1], (SLICES, 1))
+    return FusionResult(
+        fused=ImageVolume(fused.astype(np.float32), geometry),
+        aligned=ImageVolume(moving, geometry),
+        displacement=np.zeros((3, *reference.shape), np.float32),
+        class_names=DEGRADATION_CLASSES,
+        class_probs=dict(zip(DEGRADATION_CLASSES, probabilities[0].tolist())),
+        slice_class_probs=probabilities,
+        output_extension="nii.gz",
+        provenance={"created": "2026-12-02T08:00:00+00:00", "checkpoint": {"name": "constructed"},
+                    "inputs": {"reference": {"path": "/data/t1.nii.gz"}, "moving": {"path": "/data/t2.nii.gz"}}},
+        quality=quality_maps(reference, moving, moving, fused, uncertainty_mm=uncertainty,
+                             uncertainty_threshold_mm=1.0, uncertainty_definition="test spread"),
+    )
+
+
+def test_the_report_names_the_run_and_holds_every_section(tmp_path):
+    run = tmp_path / "patient-007"
+    result = constructed_result(blob_radius=4)
+    reference = ImageVolume(np.stack([np.eye(40, dtype=np.float32)] * SLICES), result.fused.geometry, source="t1.nii")
+    AnnotationStore(run).add(Annotation("hallucinated structure", "dr-a", note="bright spot", slice_index=2))
+    path = write_report(result, run, reference=reference, moving=result.aligned, metrics={"Q_ssim": 0.8125})
+
+    page = path.read_text(encoding="utf-8")
+    assert path == run / REPORT_FILE
+    assert re.search(r"<title>[^<]*patient-007", page)
+    for key, title in SECTIONS.items():
+        assert f'<section id="{key}"><h2>{title}</h2>' in page
+    assert "1 of 6 slices flagged" in page and "2 (hallucinated structure)" in page
+    assert "<h3>Slice 2: hallucinated structure" in page  # the worst slice comes first
+    assert "bright spot" in page and "dr-a" in page  # the saved annotation
+    assert "Q_ssim" in page and "0.8125" in page
+    assert "0.50 mm" in page  # the uncertainty summary's median
+    assert '"constructed"' in page  # provenance
+    assert page.count("data:image/png;base64,") >= 5  # inputs, 3 key slices, degradation, uncertainty
+    assert "<script" not in page and "http" not in page  # self-contained
+
+
+def test_a_run_without_quality_maps_still_gets_a_report(tmp_path):
+    result = constructed_result(blob_radius=0)
+    result.quality = None
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+    assert "No quality maps were computed" in page
+    assert all(f'<section id="{key}">' in page for key in SECTIONS)
+
+
+def test_the_index_lists_runs_most_suspicious_first_and_links_their_reports(tmp_path):
+    for name, radius in (("small-defect", 2.5), ("clean", 0), ("large-defect", 6)):
+        result = constructed_result(blob_radius=radius)
+        write_fusion_outputs(result, tmp_path / "cohort" / name)
+        write_report(result, tmp_path / "cohort" / name, reference=result.fused, moving=result.aligned)
+    unranked = constructed_result(blob_radius=0)
+    unranked.quality = None
+    write_fusion_outputs(unranked, tmp_path / "cohort" / "aaa-no-maps")
+
+    page = write_index(tmp_path / "cohort").read_text(encoding="utf-8")
+    order = re.findall(r"<tr><td>(?:<a href=\"[^\"]+\">)?([\w-]+)", page)
+    assert order == ["large-defect", "small-defect", "clean", "aaa-no-maps"]
+    assert '<a href="large-defect/report.html">' in page
+    assert "aaa-no-maps <span class=note>(no report" in page

@@ -1,0 +1,198 @@
+"""Where not to trust a run, in the workbench: quality layers, suspicious-slice navigation that
+pre-fills the annotation, the per-slice plot, the collapsed Advanced settings, and a workbench
+that leaves nothing behind when it is closed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_unifuse._qt.outputs import MAP_LABELS, OutputNames
+from napari_unifuse._qt.workbench import PLOT_DOCK_NAME, UniFuseWorkbench
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
+from napari_unifuse.engine.quality import INVENTED, LOST, RESTORATION_CHANGE, QualityMaps
+from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.io import Geometry, ImageVolume
+
+from .conftest import GEOMETRY_3D, add_pair
+from .test_workbench import make_workbench, run_and_wait
+
+pytestmark = pytest.mark.gui
+PLUGIN, WORKBENCH = "napari-unifuse", "UniFuse workbench"
+SHAPE = (16, 48, 48)
+INVENTED_SLICE, LOST_SLICE = 4, 11  # where the constructed defects sit
+
+
+class KnownResultEngine:
+    """Stands in for FusionEngine: returns a fixed result whose quality maps flag known slices."""
+
+    def __init__(self, result: FusionResult) -> None:
+        self.result = result
+
+    def run_fusion(self, reference, moving, **_options) -> FusionResult:
+        return self.result
+
+
+def result_with_defects(reference: np.ndarray, moving: np.ndarray) -> FusionResult:
+    """A 3D result whose invented-structure map has a blob on slice 4 and lost-structure map one on
+    slice 11; every other voxel is below its threshold."""
+    maps = {name: np.zeros(SHAPE, np.float32) for name in (INVENTED, LOST, RESTORATION_CHANGE)}
+    maps[INVENTED][INVENTED_SLICE, 20:26, 20:26] = 1.0
+    maps[LOST][LOST_SLICE, 10:14, 30:40] = 1.0
+    maps[LOST][INVENTED_SLICE, 5, 5] = 1.0  # one stray voxel: slice 4 is still mostly invented structure
+    quality = QualityMaps.from_maps(maps, dict.fromkeys(maps, 0.5))
+    probabilities = np.tile([0.7, 0.1, 0.1, 0.1], (SHAPE[0], 1))
+    return FusionResult(
+        fused=ImageVolume(0.5 * (reference + moving), GEOMETRY_3D), aligned=ImageVolume(moving, GEOMETRY_3D),
+        displacement=np.zeros((3, *SHAPE), np.float32), class_names=DEGRADATION_CLASSES,
+        class_probs=dict(zip(DEGRADATION_CLASSES, probabilities[0])), slice_class_probs=probabilities,
+        output_extension="nii.gz", quality=quality,
+    )
+
+
+@pytest.fixture
+def reviewed(make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
+    """A workbench that has 'run' on the phantom pair and got the constructed result."""
+    viewer = make_napari_viewer()
+    reference, moving, _ = add_pair(viewer, shape=SHAPE)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    request = workbench.run_panel.selection().request
+    key = (request.checkpoint, request.reference.ndim, request.device, request.tile_size)
+    workbench._engines[key] = KnownResultEngine(result_with_defects(reference, moving))
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    return viewer, workbench
+
+
+def test_next_suspicious_slice_goes_to_the_defects_and_prefills_the_flag(reviewed):
+    viewer, workbench = reviewed
+    names = OutputNames.for_inputs("T1", "T2")
+    for map_name in (INVENTED, LOST, RESTORATION_CHANGE):
+        layer = viewer.layers[names.quality_map(map_name)]
+        assert not layer.visible and layer.name.startswith(MAP_LABELS[map_name])
+    assert workbench.plot_dock.isVisibleTo(viewer.window._qt_window)
+    assert workbench.qc_panel.suspicion.value == "2 of 16 slices flagged"
+
+    viewer.dims.set_current_step(0, 0)
+    assert workbench.go_to_suspicious(+1) == INVENTED_SLICE
+    assert viewer.dims.current_step[0] == INVENTED_SLICE and workbench.plot.marker_position == INVENTED_SLICE
+    assert workbench.annotation_panel.category.value == "hallucinated structure"
+    workbench.qc_panel.next_suspicious.clicked()
+    assert viewer.dims.current_step[0] == LOST_SLICE
+    assert workbench.annotation_panel.category.value == "lost structure"
+    workbench.qc_panel.next_suspicious.clicked()  # wraps round to the first
+    assert viewer.dims.current_step[0] == INVENTED_SLICE
+    workbench.qc_panel.previous_suspicious.clicked()
+    assert viewer.dims.current_step[0] == LOST_SLICE
+
+    panel = workbench.annotation_panel
+    panel.reviewer.value = "dr. test"
+    panel.flag_slice.clicked()
+    record = json.loads((workbench.selection.folder / ANNOTATIONS_FILE).read_text(encoding="utf-8"))
+    assert (record["slice_index"], record["category"], record["method"]) == (LOST_SLICE, "lost structure", "unifuse")
+
+
+def test_the_qc_report_button_writes_the_run_page_and_names_it(reviewed, qtbot, notifications):
+    _, workbench = reviewed
+    workbench.annotation_panel.reviewer.value = "dr. test"
+    workbench.annotation_panel.flag_slice.clicked()
+    workbench.report_button.clicked()
+    qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=60_000)
+    page = workbench.last_report
+    assert page is not None and page.parent == workbench.selection.folder and page.is_file()
+    text = page.read_text(encoding="utf-8")
+    assert workbench.selection.folder.name in text and "dr. test" in text
+    assert any(str(page) in message for _, message in notifications)
+
+
+def test_the_plot_adds_a_quality_panel_marking_the_viewed_slice(reviewed):
+    viewer, workbench = reviewed
+    plot = workbench.plot
+    probability_axes, quality_axes = plot.figure.axes
+    lines = {line.get_label(): line for line in quality_axes.get_lines()}
+    np.testing.assert_allclose(lines[MAP_LABELS[INVENTED]].get_ydata()[INVENTED_SLICE], 100 * 36 / 48**2, rtol=1e-5)
+    viewer.dims.set_current_step(0, LOST_SLICE)
+    assert plot.marker_position == LOST_SLICE
+    assert "lost structure 1.7 %" in plot.values_label.text()
+
+
+def test_changing_the_theme_restyles_the_plot(make_napari_viewer):
+    from napari.utils.theme import get_theme
+
+    viewer = make_napari_viewer()
+    workbench = UniFuseWorkbench(viewer)
+    workbench.plot.show_probabilities(np.array([[0.1, 0.2, 0.3, 0.4]]), DEGRADATION_CLASSES)
+    for theme in ("light", "dark"):
+        viewer.theme = theme
+        colours = get_theme(theme)
+        axes = workbench.plot.figure.axes[0]
+        assert workbench.plot.figure.get_facecolor()[:3] == pytest.approx(_rgb(colours.background.as_hex()))
+        assert axes.yaxis.label.get_color() == colours.text.as_hex()
+
+
+def test_advanced_settings_start_collapsed_and_tile_size_reads_auto(make_napari_viewer):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    form = UniFuseWorkbench(viewer).run_panel
+    assert not form.advanced.isExpanded()
+    assert form.advanced.content().maximumHeight() == 0  # collapsed: the settings take no room
+    assert form.tile_size.native.currentText() == "auto"
+    assert form.selection().request.tile_size is None
+    form.tile_size.value = 64
+    assert form.selection().request.tile_size == 64
+
+
+def test_closing_the_workbench_releases_the_viewer_and_reopening_adds_nothing(make_napari_viewer):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+
+    def connections() -> dict[str, int]:
+        emitters = {"dims.current_step": viewer.dims.events.current_step, "dims.order": viewer.dims.events.order,
+                    "layers.inserted": viewer.layers.events.inserted, "layers.removed": viewer.layers.events.removed,
+                    "layers.moved": viewer.layers.events.moved, "theme": viewer.events.theme}
+        return {name: len(emitter.callbacks) for name, emitter in emitters.items()}
+
+    def docks() -> list[str]:
+        return sorted(viewer.window._wrapped_dock_widgets)
+
+    before, docks_before = connections(), docks()
+    for _ in range(2):
+        dock, workbench = viewer.window.add_plugin_dock_widget(PLUGIN, WORKBENCH)
+        assert PLOT_DOCK_NAME in docks()
+        assert connections() != before
+        workbench.results.start_flicker()  # a running timer must be stopped too
+        viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+        assert connections() == before
+        assert docks() == docks_before
+        assert not workbench.results.flickering
+
+    workbench = UniFuseWorkbench(viewer)  # closed as a window rather than removed as a dock
+    workbench.close()
+    assert connections() == before and docks() == docks_before
+
+
+def test_a_2d_run_draws_bars_and_reports_in_the_activity_panel(make_napari_viewer, qtbot, tmp_path,
+                                                               checkpoint_files, notifications):
+    from napari.utils import progress
+
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    workbench.run_panel.run_button.clicked()
+    assert [bar.desc for bar in progress._all_instances if bar.desc.startswith("UniFuse")]
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=120_000)
+    assert workbench.outcome is not None, notifications
+    assert not [bar for bar in progress._all_instances if bar.desc.startswith("UniFuse")]
+    probability_axes = workbench.plot.figure.axes[0]
+    heights = [patch.get_height() for patch in probability_axes.patches]
+    np.testing.assert_allclose(heights, workbench.outcome.result.slice_class_probs[0])
+    assert [tick.get_text() for tick in probability_axes.get_xticklabels()] == list(DEGRADATION_CLASSES)
+
+
+def _rgb(hex_colour: str) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(hex_colour)
