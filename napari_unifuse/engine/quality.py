@@ -11,9 +11,13 @@ gives the definitions, units and why each threshold sits where it does):
 
 A slice's score for a map is the fraction of its voxels above that map's threshold, so it reads as
 "how much of this slice is flagged" and is 0 when nothing is. A slice's suspicion is the largest
-of its scores; it is *suspicious* when that exceeds ``flag_level`` (a small area, so that single
-noisy voxels do not send a reviewer to a slice). 3D maps are scored per z slice (axis 0, the axis
-of the per-slice degradation probabilities); a 2D image is one slice.
+of its scores; it is *suspicious* when one map's score exceeds ``flag_level`` (a small area, so
+that single noisy voxels do not send a reviewer to a slice) **and**, in a volume of at least
+``MIN_SLICES_FOR_BASELINE`` slices, stands out from that map's score on the rest of the volume
+(above its median by ``OUTLIER_SPREADS`` robust standard deviations). A map that flags a little
+of every slice (the bundled phantom's T1 scalp edges, which the fusion keeps at less than half)
+then sends a reviewer only to the slices where it flags much more. 3D maps are scored per z slice
+(axis 0, the axis of the per-slice degradation probabilities); a 2D image is one slice.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ MAP_UNITS: dict[str, str] = {
 # A slice is suspicious when more than this fraction of it is flagged by one map: 0.1 % is about
 # a 4 × 4 voxel patch of a 128 × 128 slice, the smallest defect a reviewer would go and look at.
 DEFAULT_FLAG_LEVEL = 1e-3
+# A volume's typical score per map is its median over slices; a slice stands out above it by this
+# many robust standard deviations (1.4826 × the median absolute deviation), the usual outlier rule.
+OUTLIER_SPREADS = 3.0
+# With fewer slices than this a median says little about "typical": the flag level alone decides.
+MIN_SLICES_FOR_BASELINE = 8
 
 
 @dataclass
@@ -116,8 +125,12 @@ class QualityMaps:
         return arrays
 
     def suspicious_slices(self) -> list[int]:
-        """Indices of the slices whose suspicion exceeds ``flag_level``, in slice order."""
-        return [int(index) for index in np.flatnonzero(self.suspicion > self.flag_level)]
+        """Indices of the slices where one map flags more than ``flag_level`` of the slice and (in a
+        volume) more than it does on a typical slice of the volume (module docstring); slice order."""
+        flagged = np.zeros(self.slice_count, dtype=bool)
+        for scores in self.slice_scores.values():
+            flagged |= (scores > self.flag_level) & (scores > _typical_ceiling(scores))
+        return [int(index) for index in np.flatnonzero(flagged)]
 
     def next_suspicious(self, current: int, step: int = 1) -> int | None:
         """The next (``step`` > 0) or previous (``step`` < 0) suspicious slice from ``current``,
@@ -202,3 +215,11 @@ def _flagged_fraction_per_slice(array: np.ndarray, threshold: float) -> np.ndarr
     if flagged.ndim == 2:
         return np.array([flagged.mean()], dtype=np.float32)
     return flagged.reshape(flagged.shape[0], -1).mean(axis=1).astype(np.float32)
+
+
+def _typical_ceiling(scores: np.ndarray) -> float:
+    """The score above which a slice stands out from the rest of its volume (-inf for too few slices)."""
+    if scores.shape[0] < MIN_SLICES_FOR_BASELINE:
+        return -np.inf
+    median = float(np.median(scores))
+    return median + OUTLIER_SPREADS * 1.4826 * float(np.median(np.abs(scores - median)))

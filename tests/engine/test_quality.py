@@ -46,6 +46,19 @@ def test_slice_scores_are_flagged_fractions_and_suspicion_their_maximum():
     assert quality.worst_slices(2) == [5, 2]
 
 
+def test_in_a_volume_only_slices_that_stand_out_from_the_rest_are_suspicious():
+    """A map that flags a little of every slice (5 %, with some spread) sends a reviewer only to the
+    slice where it flags much more; each flag is still above the flag level."""
+    maps = volume_maps((24, 20, 20))
+    for index in range(24):
+        maps[LOST][index, : 1 + index % 3, :] = 1.0  # 5-15 % of every slice
+    maps[LOST][17, :12, :] = 1.0  # 60 %
+    quality = QualityMaps.from_maps(maps, THRESHOLDS)
+    assert (quality.slice_scores[LOST] > quality.flag_level).all()
+    assert quality.suspicious_slices() == [17]
+    assert quality.worst_slices(1) == [17]
+
+
 def test_a_value_at_the_threshold_is_not_flagged():
     maps = volume_maps()
     maps[RESTORATION_CHANGE][:] = THRESHOLDS[RESTORATION_CHANGE]
