@@ -31,13 +31,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
 
 from napari_unifuse.errors import InputError
-from napari_unifuse.model.bsafusion import MOVING_CLASS, REFERENCE_CLASS, BSAFusionOutput
+from napari_unifuse.model.bsafusion import MOVING_CLASS, REFERENCE_CLASS, BSAFusion, BSAFusionOutput
 from napari_unifuse.model.warp import warp
 from napari_unifuse.training import losses
+from napari_unifuse.training.methods import Objective
 
 BSAFUSION_LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "grad", "inten", "reg")
 
@@ -125,3 +129,59 @@ def bsafusion_losses(output: BSAFusionOutput, batch: dict[str, torch.Tensor],
         terms["reg"] = losses.registration_loss(output.displacement, batch["displacement"])
     terms["total"] = sum(getattr(weights, name) * value for name, value in terms.items())
     return terms
+
+
+class BSAFusionTrainingModel(nn.Module):
+    """The module the trainer calls with a batch: the network on (moving, reference)."""
+
+    def __init__(self, network: BSAFusion) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> BSAFusionOutput:
+        return self.network(batch["moving"], batch["reference"])
+
+
+@torch.no_grad()
+def validate(network: BSAFusion, loader: DataLoader, device: torch.device,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Scores averaged over the validation samples (``label``: the moving image aligned by the true field):
+
+    * ``fusion_gain_min`` (selects the best checkpoint, as for every method): the smaller per-source
+      SSIM gain of the fused image against the reference and the label (``metrics.ssim_gains``);
+    * ``ncc_aligned`` / ``ncc_input``: NCC of the aligned moving image / of the input as given
+      (identity) with the label — the alignment must raise the first above the second;
+    * ``epe_voxels`` / ``epe_identity``: mean end-point error of the predicted / the zero field;
+    * ``q_ssim``: the paper's fusion score, reported only (a copy of a source scores high on it).
+    """
+    from napari_unifuse.metrics import q_ssim, registration_metrics, ssim_gains
+
+    was_training = network.training
+    network.eval()
+    scores: dict[str, list[float]] = {name: [] for name in (
+        "fusion_gain_min", "ncc_aligned", "ncc_input", "epe_voxels", "epe_identity", "q_ssim")}
+    for batch_index, batch in enumerate(loader):
+        if max_batches is not None and batch_index >= max_batches:
+            break
+        output = network(batch["moving"].to(device), batch["reference"].to(device))
+        error = (output.displacement.cpu() - batch["displacement"]).norm(dim=1).flatten(1).mean(dim=1)
+        for i in range(batch["moving"].shape[0]):
+            label, reference = batch["label"][i, 0].numpy(), batch["reference"][i, 0].numpy()
+            fused = output.fused[i, 0].cpu().numpy()
+            scores["fusion_gain_min"].append(ssim_gains(fused, reference, label).minimum)
+            scores["ncc_aligned"].append(registration_metrics(output.aligned[i, 0].cpu().numpy(), label)["ncc"])
+            scores["ncc_input"].append(registration_metrics(batch["moving"][i, 0].numpy(), label)["ncc"])
+            scores["epe_voxels"].append(float(error[i]))
+            scores["epe_identity"].append(float(batch["displacement"][i].norm(dim=0).mean()))
+            scores["q_ssim"].append(q_ssim(fused, label, reference))
+    network.train(was_training)
+    # nanmean: NCC is NaN for a constant image.
+    return {name: float(np.nanmean(values)) if values else float("nan") for name, values in scores.items()}
+
+
+OBJECTIVE = Objective(
+    loss_section=BSAFusionLossWeights,
+    training_model=lambda network, weights: BSAFusionTrainingModel(network),
+    losses=bsafusion_losses,
+    validate=validate,
+)

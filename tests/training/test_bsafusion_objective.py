@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,25 @@ def test_losses_finite_and_decrease_on_a_tiny_overfit():
     assert late("total") < 0.7 * history[0]["total"]
     for name in ("ce1", "consis", "struct", "reg"):  # roles, alignment (image and field), fusion
         assert late(name) < 0.5 * history[0][name], name
+
+
+def test_trainer_runs_bsafusion_from_a_config_and_checkpoints_it(tmp_path):
+    from napari_unifuse.model.checkpoint import load_checkpoint
+    from napari_unifuse.training.config import config_from_dict, load_config
+    from napari_unifuse.training.trainer import train
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("bsafusion-cpu.yaml", "bsafusion.yaml"):
+        shipped = load_config(configs / name)
+        assert shipped.model.method == "bsafusion" and isinstance(shipped.loss, BSAFusionLossWeights)
+    smoke = load_config(configs / "smoke.yaml").to_dict()
+    config = config_from_dict({
+        **smoke, "model": {"method": "bsafusion", "preset": "small", "spatial_dims": 2},
+        "loss": {"reg": 0.01}, "train": {**smoke["train"], "max_steps": 2, "val_every": 2, "checkpoint_every": 2},
+    })
+    result = train(config, tmp_path / "run", device="cpu", progress=False)
+    assert result.step == 2
+    assert {"fusion_gain_min", "ncc_aligned", "ncc_input", "epe_voxels"} <= set(result.validation)
+    network, metadata = load_checkpoint(result.last_checkpoint, method="bsafusion")
+    assert isinstance(network, BSAFusion) and metadata["method"] == "bsafusion"
+    assert network.config == BSAFusionConfig.small()
