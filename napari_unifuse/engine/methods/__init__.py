@@ -102,10 +102,7 @@ class FusionMethod(ABC):
 
     def check_dimensions(self, ndim: int, source: str) -> None:
         if ndim not in self.supported_dims:
-            only = " or ".join(f"{d}D" for d in self.supported_dims)
-            raise InputError(
-                f"{self.name} fuses {only} images only (as in its paper) and these are {ndim}D; choose "
-                f"a method for {ndim}D images ({', '.join(methods_for_dimensions(ndim))})", source)
+            raise InputError(wrong_dimensions_message(self.name, self.supported_dims, ndim), source)
 
 
 class NetworkMethod(FusionMethod):
@@ -176,6 +173,12 @@ def methods_for_dimensions(ndim: int) -> tuple[str, ...]:
                  if ndim in getattr(_module(name), "SUPPORTED_DIMS", (2, 3)))
 
 
+def wrong_dimensions_message(name: str, supported: tuple[int, ...], ndim: int) -> str:
+    only = " or ".join(f"{d}D" for d in supported)
+    return (f"{name} fuses {only} images only (as in its paper), not {ndim}D ones; nothing is run slice by "
+            f"slice: choose a method for {ndim}D images ({', '.join(methods_for_dimensions(ndim))})")
+
+
 def split_name(name: str) -> tuple[str, dict[str, str]]:
     """``"mmif-amin:sitk"`` -> ``("mmif-amin", {"alignment": "sitk"})``; unknown names are an InputError."""
     base, _, option = name.partition(OPTION_SEPARATOR)
@@ -203,6 +206,9 @@ def load_method(name: str, checkpoint: str | Path | None = None, device: str | t
     if module is None or not is_available(base):
         raise InputError(f"the {base} method is not available in this installation "
                          f"(available: {', '.join(available_methods())})", "--method")
+    supported = getattr(module, "SUPPORTED_DIMS", (2, 3))
+    if spatial_dims not in supported:
+        raise InputError(wrong_dimensions_message(base, supported, spatial_dims), "--method")
     method = module.load(checkpoint=checkpoint, spatial_dims=spatial_dims,
                          **_REGISTRY[base][1], **named_options, **options)
     return method.to(device)
