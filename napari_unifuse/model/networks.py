@@ -40,6 +40,15 @@ def network_class(method: str) -> type[nn.Module]:
         raise CheckpointError(f"the {method} network ({NETWORKS[method]}) is not available: {error}") from error
 
 
+def network_available(method: str) -> bool:
+    """Whether ``method``'s network class imports here."""
+    try:
+        network_class(method)
+    except CheckpointError:
+        return False
+    return True
+
+
 def network_method(network: nn.Module) -> str:
     """The method name a network instance belongs to (UniFuse when it does not say)."""
     return str(getattr(network, "method", "unifuse"))

@@ -17,6 +17,7 @@ from torch import nn
 from napari_unifuse.engine.methods import MethodOutput, NetworkMethod
 from napari_unifuse.engine.methods.pipelines import registration_field
 from napari_unifuse.errors import InputError
+from napari_unifuse.model.networks import network_available
 
 DEFAULT_CHECKPOINTS = {2: "mmif-amin-2d-harvard"}
 SUPPORTED_DIMS = (2,)
@@ -47,6 +48,10 @@ class Method(NetworkMethod):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "alignment": self.alignment,
                 "registration": ALIGNMENTS[self.alignment]}
+
+
+def available() -> bool:
+    return network_available("mmif-amin")
 
 
 def load(*, checkpoint: str | Path | None, spatial_dims: int, alignment: str = DEFAULT_ALIGNMENT) -> Method:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from napari_unifuse.engine.methods import MethodOutput, NetworkMethod
+from napari_unifuse.model.networks import network_available
 
 DEFAULT_CHECKPOINTS = {2: "unifuse-2d-harvard", 3: "unifuse-3d-phantom"}
 SUPPORTED_DIMS = (2, 3)
@@ -28,6 +29,10 @@ class Method(NetworkMethod):
 
     def check_dimensions(self, ndim: int, source: str) -> None:
         """UniFuse is 2D and 3D; a checkpoint of the other dimensionality is ``_validate``'s message."""
+
+
+def available() -> bool:
+    return network_available("unifuse")
 
 
 def load(*, checkpoint: str | Path | None, spatial_dims: int) -> Method:
