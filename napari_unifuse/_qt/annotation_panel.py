@@ -53,6 +53,8 @@ class AnnotationPanel(widgets.Container):
         self.delete.changed.connect(self.delete_selected)
         self.export.changed.connect(self.export_cohort)
         self.runs_root: Path | None = None
+        # The method whose outputs the flags are about (engine.methods name), recorded in each.
+        self.method: str | None = None
 
     def set_run(self, folder: Path, runs_root: Path, reference_layer) -> None:
         """Point the panel at a run's folder (same inputs + checkpoint ⇒ same folder) and list its flags."""
@@ -85,7 +87,7 @@ class AnnotationPanel(widgets.Container):
         store = self._require_run()
         axis, index = self._slice()
         self._save(store, Annotation(self.category.value, self.reviewer.value, self.note.value,
-                                     slice_index=index, slice_axis=axis))
+                                     slice_index=index, slice_axis=axis, method=self.method))
 
     @reports_errors("Draw region")
     def start_drawing(self) -> None:
@@ -104,7 +106,8 @@ class AnnotationPanel(widgets.Container):
         shapes = [[list(map(float, layer.data_to_world(point))) for point in shape] for shape in layer.data]
         axis, index = self._slice()
         self._save(store, Annotation(self.category.value, self.reviewer.value, self.note.value,
-                                     slice_index=index, slice_axis=axis, region_kind="shapes", region_world=shapes))
+                                     slice_index=index, slice_axis=axis, region_kind="shapes", region_world=shapes,
+                                     method=self.method))
         layer.data = []  # flagged: the next region starts from an empty layer
 
     def _annotation_layer(self, create: bool):
@@ -144,4 +147,5 @@ class AnnotationPanel(widgets.Container):
 def _describe(annotation: Annotation) -> str:
     where = "region" if annotation.region_kind else "slice"
     note = f": {annotation.note}" if annotation.note else ""
-    return f"{where} {annotation.slice_index} — {annotation.category} ({annotation.reviewer}){note}"
+    method = f" [{annotation.method}]" if annotation.method else ""
+    return f"{where} {annotation.slice_index}{method} — {annotation.category} ({annotation.reviewer}){note}"

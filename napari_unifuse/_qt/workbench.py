@@ -20,6 +20,7 @@ from qtpy.QtWidgets import QTabWidget, QVBoxLayout, QWidget
 
 from napari_unifuse._qt.analysis import RunOutcome, build_engine, run_and_analyse, slice_metrics
 from napari_unifuse._qt.annotation_panel import AnnotationPanel
+from napari_unifuse._qt.method_compare import MethodComparePanel
 from napari_unifuse._qt.metrics_panel import MetricsPanel
 from napari_unifuse._qt.notifications import report_error, reports_errors, show_warnings
 from napari_unifuse._qt.outputs import ResultLayers, viewed_slice
@@ -68,6 +69,8 @@ class UniFuseWorkbench(QWidget):
         tabs.addTab(self.qc_panel.native, "Review")
         tabs.addTab(self.metrics_panel, "Metrics")
         tabs.addTab(self.annotation_panel.native, "Annotate")
+        self.method_compare = MethodComparePanel(napari_viewer, self.run_panel, self.annotation_panel)
+        tabs.addTab(self.method_compare.native, "Methods")
         layout = QVBoxLayout(self)
         layout.addWidget(self.run_panel.native)
         layout.addWidget(tabs)
@@ -165,6 +168,7 @@ class UniFuseWorkbench(QWidget):
         self.outcome, self.selection = outcome, selection
         self.results.show(outcome, selection.reference_name, selection.moving_name)
         result = outcome.result
+        self.annotation_panel.method = result.provenance["method"]["name"]
         self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task)
         self.metrics_panel.show_metrics(volume=outcome.volume_metrics)
         self._on_slice_changed()

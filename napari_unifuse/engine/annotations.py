@@ -40,6 +40,7 @@ EXPORT_COLUMNS = (
     "slice_axis",
     "region_kind",
     "region_world",
+    "method",
 )
 
 
@@ -54,6 +55,7 @@ class Annotation:
     slice_axis: int = 0
     region_kind: str | None = None  # "points" | "shapes" | None for a whole slice
     region_world: list[list[list[float]]] = field(default_factory=list)
+    method: str | None = None  # the fusion method whose output is flagged (engine.methods); None: not recorded
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
