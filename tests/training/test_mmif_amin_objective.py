@@ -10,8 +10,10 @@ import torch
 import yaml
 
 from napari_unifuse.training.config import config_from_dict
+from napari_unifuse.training.losses import ssim
 from napari_unifuse.training.mmif_amin_objective import (
     MMIFAMINLoss,
+    adaptive_loss,
     adaptive_weights,
     average_gradient,
     entropy,
@@ -83,3 +85,15 @@ def test_unifuse_loss_keys_are_refused_in_a_mmif_amin_config():
     values["model"]["method"] = "mmif-amin"
     with pytest.raises(Exception, match="unknown keys in 'loss'"):
         config_from_dict(values, source="test")
+
+
+def test_the_balance_term_is_ours_and_off_unless_asked_for():
+    torch.manual_seed(0)
+    batch = {"reference": torch.rand(2, 1, 32, 32), "label": torch.rand(2, 1, 32, 32)}
+    fused = batch["reference"].clone()  # a copy of the reference: the moving source is the worse one
+    paper = adaptive_loss(fused, batch, MMIFAMINLoss())
+    assert "balance" not in paper
+    ours = adaptive_loss(fused, batch, MMIFAMINLoss(balance=2.0))
+    worst = (1 - ssim(fused, batch["label"])).mean()
+    torch.testing.assert_close(ours["balance"], worst)
+    torch.testing.assert_close(ours["total"], paper["total"] + 2.0 * worst)
