@@ -139,3 +139,15 @@ def test_discriminator_weights_are_frozen_but_pass_the_gradient_to_the_tokens():
     logits.sum().backward()
     assert all(p.grad is None for p in net.encoder.parameters())
     assert tokens.grad is not None and tokens.grad.abs().max() > 0
+
+
+def test_bundled_checkpoint_is_a_small_bsafusion_with_stated_limits():
+    from napari_unifuse.model.checkpoint import load_checkpoint
+
+    net, metadata = load_checkpoint("bsafusion-2d-harvard", method="bsafusion")
+    assert isinstance(net, BSAFusion) and net.config == BSAFusionConfig.small()
+    assert metadata["training_config"]["model"]["method"] == "bsafusion"
+    assert "NOT learned" in metadata["limitations"]
+    with torch.no_grad():
+        out = net(smooth_image(64), smooth_image(64).flip(-1))
+    assert out.fused.shape == (1, 1, 64, 64) and torch.isfinite(out.displacement).all()
