@@ -121,3 +121,16 @@ def test_unknown_names_and_options_are_refused():
     with pytest.raises(InputError, match="no trained weights"):
         load_method("sitk+max", checkpoint="anything.safetensors")
     assert {"unifuse", "bsafusion", "mmif-amin", "sitk+wavelet", "ants+max"} <= set(registered_methods())
+
+
+def test_the_bundled_mmif_amin_checkpoint_loads_as_its_method():
+    method = load_method("mmif-amin")  # resources/checkpoints/mmif-amin-2d-harvard
+    assert method.checkpoint.name == "mmif-amin-2d-harvard.safetensors"
+    assert method.checkpoint_metadata["method"] == "mmif-amin" and method.checkpoint_metadata["limitations"]
+    reference, moving = _pair((64, 64))
+    result = FusionEngine(load_method("mmif-amin:none"), device="cpu").run_fusion(reference, moving)
+    assert result.provenance["checkpoint"]["name"] == "mmif-amin-2d-harvard"
+    # Trained: the fused image follows both sources (a correlation with each well above chance).
+    fused = result.fused.array.ravel()
+    for source in (reference.array, moving.array):
+        assert np.corrcoef(fused, source.ravel())[0, 1] > 0.5
