@@ -37,10 +37,11 @@ def checkpoint_dir() -> Path:
     return Path(str(resources.files("napari_unifuse") / "resources" / "checkpoints"))
 
 
-def list_checkpoints() -> list[str]:
-    """Names of the packaged checkpoints, usable with :func:`load_checkpoint`."""
+def list_checkpoints(method: str | None = None) -> list[str]:
+    """Names of the packaged checkpoints (of ``method`` only, when given), usable with :func:`load_checkpoint`."""
     folder = checkpoint_dir()
-    return sorted(path.stem for path in folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+    names = sorted(path.stem for path in folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+    return [name for name in names if method is None or checkpoint_method(folder / f"{name}{SUFFIX}") == method]
 
 
 def resolve_checkpoint(path_or_name: str | Path) -> Path:
