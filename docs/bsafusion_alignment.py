@@ -59,8 +59,8 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| regime | task | pairs | NCC identity | NCC BSAFusion | improved | EPE (px) | EPE identity (px) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['regime']} | {r['task']} | {r['pairs']} | {r['ncc_identity']:.3f} | "
-                     f"{r['ncc_aligned']:.3f} | {r['improved']}/{r['pairs']} | {r['epe']:.2f} | {r['epe_identity']:.2f} |")
+        lines.append(f"| {r['regime']} | {r['task']} | {r['pairs']} | {r['ncc_identity']:.4f} | "
+                     f"{r['ncc_aligned']:.4f} | {r['improved']}/{r['pairs']} | {r['epe']:.2f} | {r['epe_identity']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
