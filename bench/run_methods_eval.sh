@@ -1,0 +1,9 @@
+#!/bin/bash
+# Every method on the Harvard validation split, one regime after another (OMP_NUM_THREADS=1).
+export OMP_NUM_THREADS=1
+for regime in none mild large; do
+  /work/main/.venv/bin/python -m napari_unifuse.cli evaluate --harvard /work/shared/data/harvard-aanlib \
+    --misalignment $regime --limit 8 --out runs/methods-eval/$regime --device cpu \
+    --methods mmif-amin:none mmif-amin mmif-amin:sitk bsafusion --baselines identity,sitk \
+    --fusion-rules max,average,wavelet > runs/methods-eval/$regime.log 2>&1
+done
