@@ -105,7 +105,10 @@ def run_and_analyse(
     if request.task != "auto":
         result.provenance["declared_task"] = request.task
         predicted = result.predicted_class
-        if predicted != request.task:
+        if not result.class_probs:
+            notes.append(f"{result.provenance['method']['name']} estimates no degradation: the declared "
+                         f"'{request.task}' cannot be checked")
+        elif predicted != request.task:
             notes.append(f"the degradation is set to '{request.task}' but the model estimates '{predicted}' "
                          f"(p = {result.class_probs[predicted]:.2f}); check the degradation plot")
     reference_grey = display_grey(request.reference)

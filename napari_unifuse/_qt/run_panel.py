@@ -62,7 +62,7 @@ class RunPanel(widgets.Container):
         self.ground_truth = widgets.ComboBox(label="ground truth", choices=self._label_choices, value=NO_LABEL,
                                       tooltip="Optional: the clean, aligned moving image (synthetic pairs, "
                                               "sample data); enables true error maps and label metrics")
-        bundled = list_checkpoints()
+        bundled = list_checkpoints(method="unifuse")  # other methods: the Methods tab (method_compare)
         self.checkpoint = widgets.ComboBox(
             label="checkpoint", choices=[*bundled, UNTRAINED, FROM_FILE], value=bundled[0] if bundled else UNTRAINED,
             tooltip=f"'{UNTRAINED}' has random weights: for trying the workbench only, its outputs mean nothing")
@@ -147,7 +147,7 @@ class RunPanel(widgets.Container):
     def _match_checkpoint_to_reference(self, _value=None) -> None:
         """Offer the bundled checkpoint of the reference's dimensionality, unless the user chose
         something else than a bundled one (a file, the untrained preset)."""
-        bundled_dims = {name: read_config(name).spatial_dims for name in list_checkpoints()}
+        bundled_dims = {name: read_config(name).spatial_dims for name in list_checkpoints(method="unifuse")}
         if self.checkpoint.value not in bundled_dims or not self.reference.value:
             return
         reference = self.viewer.layers[self.reference.value]

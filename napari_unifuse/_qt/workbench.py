@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 
 from napari_unifuse._qt.analysis import RunOutcome, build_engine, run_and_analyse, slice_metrics
 from napari_unifuse._qt.annotation_panel import AnnotationPanel
+from napari_unifuse._qt.method_compare import MethodComparePanel
 from napari_unifuse._qt.metrics_panel import MetricsPanel
 from napari_unifuse._qt.notifications import report_error, reports_errors, show_warnings
 from napari_unifuse._qt.outputs import ResultLayers, viewed_slice
@@ -129,6 +130,8 @@ class UniFuseWorkbench(QWidget):
         self.tabs.addTab(self.qc_panel.native, "Review")
         self.tabs.addTab(self.metrics_panel, "Metrics")
         self.tabs.addTab(self.annotation_panel.native, "Annotate")
+        self.method_compare = MethodComparePanel(napari_viewer, self.run_panel, self.annotation_panel)
+        self.tabs.addTab(self.method_compare.native, "Methods")
         content = QWidget()
         content_layout = QVBoxLayout(content)
         content_layout.setContentsMargins(4, 4, 4, 4)
@@ -318,6 +321,7 @@ class UniFuseWorkbench(QWidget):
         self.outcome, self.selection = outcome, selection
         self.results.show(outcome, selection.reference_name, selection.moving_name)
         result = outcome.result
+        self.annotation_panel.method.value = result.provenance["method"]["name"]
         self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task,
                                      result.quality)
         self._show_plot_dock()

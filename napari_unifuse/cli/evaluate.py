@@ -1,4 +1,4 @@
-"""`unifuse evaluate`: a checkpoint beside the classical pipelines, every metric side by side.
+"""`unifuse evaluate`: fusion methods beside the classical pipelines, every metric side by side.
 
 Pairs come from a CSV (columns ``reference,moving,label[,displacement][,task][,degradation]``,
 paths relative to the CSV; ``label`` is the clean moving image aligned to the reference,
@@ -12,8 +12,9 @@ With ``--harvard``, ``--misalignment`` picks the misalignment regime of the synt
 default); every row carries its ``regime`` (``given`` for CSV pairs) and the report has one
 section per regime.
 
-Methods (rows): ``UniFuse`` through ``engine.FusionEngine`` (the shipped path), and each
-classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
+Methods (rows): ``UniFuse`` (``--checkpoint``) and each of ``--methods`` (``engine.methods``:
+bsafusion, mmif-amin, ...; ``NAME=CHECKPOINT`` for weights other than the bundled ones) through
+``engine.FusionEngine`` (the shipped path), and each classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
 UniFuse's parameter-free matching) followed by each classical fusion rule (max, average,
 wavelet). The classical pipelines fuse the reference with *their* aligned moving image, i.e. the
 still-degraded one: the honest baseline, since they restore nothing. Two sanity pipelines fuse
@@ -39,7 +40,8 @@ degraded input warped by UniFuse's own field, ``data.misalign.warp_array``, vs t
 restoration and alignment are told apart; NaN for the classical pipelines, which restore nothing.
 Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (per regime: mean ± std per method
 and task, and over all tasks, the metrics a copy fools, then UniFuse against each pipeline pair by
-pair: mean difference, wins, Wilcoxon p), ``OUT/paired.csv`` (that comparison) and
+pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
+other row), ``OUT/paired.csv`` (that comparison) and
 ``OUT/per_pair.csv`` (every value).
 """
 
@@ -62,6 +64,7 @@ from napari_unifuse.engine import classical
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.methods import load_method
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
@@ -283,10 +286,31 @@ def copy_registration(registrations: list[str]) -> str:
     return COPY_REGISTRATION if COPY_REGISTRATION in registrations else "identity"
 
 
+def engine_scores(engine: FusionEngine, pair: EvaluationPair, reference: np.ndarray,
+                  moving_unit: np.ndarray) -> dict[str, float]:
+    """One engine method's row: its fused and aligned outputs in [0, 1] units; the restoration
+    columns for a method that restores; class accuracy for one that estimates the degradation."""
+    start = time.perf_counter()
+    result = engine.run_fusion(pair.reference, pair.moving)
+    seconds = time.perf_counter() - start
+    fused = result.fused.array
+    fused = rgb_to_ycbcr(fused)[..., 0] if result.fused.is_rgb else fused
+    if result.aligned.is_rgb:
+        aligned = rgb_to_ycbcr(result.aligned.array)[..., 0]
+    else:
+        mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
+        aligned = mapping.apply(result.aligned.array)
+    warped_input = warp_array(moving_unit, result.displacement) if engine.method.restores else None
+    predicted = result.predicted_class if result.class_probs else None
+    return score(aligned, result.displacement, fused, reference, pair, seconds, predicted, warped_input)
+
+
 def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registrations: list[str],
-                  rules: list[str]) -> Iterator[tuple[str, dict[str, float]]]:
-    """(method, metrics) for UniFuse (when an engine is given), each registration × rule, then the
-    copy pipelines on ``copy_registration(registrations)``."""
+                  rules: list[str], methods: dict[str, FusionEngine] | None = None,
+                  ) -> Iterator[tuple[str, dict[str, float]]]:
+    """(method, metrics) for UniFuse (when an engine is given), each engine method of ``methods``
+    (row name -> engine), each registration × rule, then the copy pipelines on
+    ``copy_registration(registrations)``."""
     reference, _ = unit_intensities(pair.reference)
     moving_unit, _ = unit_intensities(pair.moving)
     geometry = pair.reference.geometry
@@ -294,18 +318,9 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
         moving_unit = resample_to_reference(
             ImageVolume(moving_unit, pair.moving.geometry), pair.reference).array.astype(np.float32)
     if engine is not None:
-        start = time.perf_counter()
-        result = engine.run_fusion(pair.reference, pair.moving)
-        seconds = time.perf_counter() - start
-        fused = result.fused.array
-        fused = rgb_to_ycbcr(fused)[..., 0] if result.fused.is_rgb else fused
-        if result.aligned.is_rgb:
-            aligned = rgb_to_ycbcr(result.aligned.array)[..., 0]
-        else:
-            mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
-            aligned = mapping.apply(result.aligned.array)
-        yield UNIFUSE_METHOD, score(aligned, result.displacement, fused, reference, pair, seconds,
-                                    result.predicted_class, warp_array(moving_unit, result.displacement))
+        yield UNIFUSE_METHOD, engine_scores(engine, pair, reference, moving_unit)
+    for name, method_engine in (methods or {}).items():
+        yield name, engine_scores(method_engine, pair, reference, moving_unit)
     registered = {}
     for method in registrations:
         registration = registered[method] = classical.register(method, reference, moving_unit, geometry)
@@ -460,18 +475,22 @@ def _regimes(args: argparse.Namespace) -> list[str]:
     return list(MISALIGNMENT_REGIMES) if chosen == "all" else [chosen]
 
 
-def regime_section(regime: str, summary: list[dict], records: list[dict], method_name: str,
+def regime_section(regime: str, summary: list[dict], records: list[dict], method_names: list[str],
                    copies_on: str) -> tuple[str, list[dict]]:
-    """One regime's markdown (table, the metrics a copy fools, the pair-by-pair comparison) and its
-    paired rows."""
+    """One regime's markdown (table, the metrics a copy fools, each engine method against every
+    other row pair by pair) and its paired rows."""
     fooled = copies_outscoring_fusion(summary, copies_on)
     text = markdown_table(summary, fooled) + "\n" + fooled_markdown(fooled, summary, copies_on)
-    paired = paired_comparison(records, method_name)
-    if paired:
+    paired = []
+    for method_name in method_names:
+        rows = paired_comparison(records, method_name)
+        if not rows:
+            continue
+        paired += rows
         text += (f"\n### {method_name} against each pipeline, pair by pair\n\nΔ: mean of "
                  f"{method_name} minus the other; wins: pairs where {method_name} is better (lower "
                  "epe); p: two-sided Wilcoxon signed-rank test of the differences.\n\n"
-                 + paired_markdown(paired))
+                 + paired_markdown(rows))
     if regime != CSV_REGIME:
         text = f"## Misalignment: {regime}\n\n" + text
     return text, paired
@@ -486,11 +505,21 @@ def run(args: argparse.Namespace) -> int:
         print("note: ANTsPy (antspyx) is not installed; the ants baseline is skipped")
         registrations.remove("ants")
     rules = _names(args.fusion_rules, FUSION_RULES, "--fusion-rules")
+    if args.checkpoint is None and not args.methods:
+        raise InputError("give --checkpoint (UniFuse) and/or --methods NAME ...", "unifuse evaluate")
+    methods = {}
+    for entry in args.methods or []:
+        name, _, checkpoint = entry.partition("=")
+        method = load_method(name, checkpoint=checkpoint or None, spatial_dims=2)
+        methods[method.name] = FusionEngine(method, device=args.device, tile_size=args.tile_size)
     if args.pairs is not None:
         pairs_by_regime = {CSV_REGIME: pairs_from_csv(args.pairs)}
         described = f"{len(pairs_by_regime[CSV_REGIME])} pairs from {args.pairs}"
     else:
-        cases = checkpoint_split(read_metadata(args.checkpoint), args.val_fraction, args.split_seed)
+        # The split of the checkpoint (else of the first trained method): its validation cases.
+        trained = [engine.method.checkpoint_metadata for engine in methods.values() if engine.method.checkpoint]
+        metadata = read_metadata(args.checkpoint) if args.checkpoint is not None else (trained or [{}])[0]
+        cases = checkpoint_split(metadata, args.val_fraction, args.split_seed)
         pairs_by_regime = {regime: pairs_from_harvard(args.harvard, args.split, args.tasks.split(","), args.limit,
                                                       seed=args.seed, size=args.size,
                                                       none_fraction=args.none_fraction, cases=cases, regime=regime)
@@ -502,15 +531,17 @@ def run(args: argparse.Namespace) -> int:
                      f"val_fraction {cases.val_fraction}, seed {cases.seed}, from {cases.source}), misaligned "
                      f"in the regime{'s' if len(regimes) > 1 else ''} {', '.join(regimes)}")
         print(described)
-    engine = FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size)
+    engine = (FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size)
+              if args.checkpoint is not None else None)
     method_name = f"{UNIFUSE_METHOD} ({Path(str(args.checkpoint)).stem})"
+    method_names = ([method_name] if engine is not None else []) + list(methods)
     copies_on = copy_registration(registrations)
 
     records = []
     for regime, pairs in pairs_by_regime.items():
         for number, pair in enumerate(pairs, start=1):
             print(f"[{regime} {number}/{len(pairs)}] {pair.name}", flush=True)
-            for method, values in evaluate_pair(pair, engine, registrations, rules):
+            for method, values in evaluate_pair(pair, engine, registrations, rules, methods):
                 method = method_name if method == UNIFUSE_METHOD else method
                 records.append({"regime": regime, "pair": pair.name, "task": pair.task, "method": method, **values})
 
@@ -519,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
     for regime in regimes:
         regime_records = [record for record in records if record["regime"] == regime]
         summary = summarise(regime_records)
-        section, paired = regime_section(regime, summary, regime_records, method_name, copies_on)
+        section, paired = regime_section(regime, summary, regime_records, method_names, copies_on)
         sections.append(section)
         summary_rows += [{"regime": regime, **row} for row in summary]
         paired_rows += [{"regime": regime, **row} for row in paired]
@@ -527,7 +558,8 @@ def run(args: argparse.Namespace) -> int:
     write_csv(summary_rows, args.out / "evaluation.csv")
     if paired_rows:
         write_csv(paired_rows, args.out / "paired.csv")
-    header = (f"# Evaluation of {args.checkpoint}\n\n{described}; mean ± std. Alignment (ncc, mse, ssim) "
+    header = (f"# Evaluation of {', '.join(([str(args.checkpoint)] if engine is not None else []) + list(methods))}\n\n"
+              f"{described}; mean ± std. Alignment (ncc, mse, ssim) "
               "vs the clean label; epe: mean end-point error of the field (voxels); restored_ssim / "
               "warped_input_ssim: UniFuse's restored output / its degraded input warped by its own field, "
               "vs the label; fusion metrics vs (reference, label), gain_ref / gain_mov: SSIM to the "
@@ -544,7 +576,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="score a checkpoint beside classical registration + fusion baselines",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="bundled checkpoint name or .safetensors file")
+    parser.add_argument("--checkpoint", help="UniFuse checkpoint (bundled name or .safetensors file)")
+    parser.add_argument("--methods", nargs="+", metavar="NAME[=CHECKPOINT]",
+                        help="engine methods to evaluate too (engine.methods: bsafusion, mmif-amin, mmif-amin:sitk, "
+                             "sitk+wavelet, ...), with their bundled weights unless =CHECKPOINT")
     source = parser.add_argument_group("pairs (one of)")
     source.add_argument("--pairs", type=Path, help="CSV: reference,moving,label[,displacement][,task]")
     source.add_argument("--harvard", type=Path, metavar="ROOT", help="Harvard AANLIB folder (CT-MRI/, PET-MRI/, …)")

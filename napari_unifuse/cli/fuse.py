@@ -1,4 +1,8 @@
-"""`unifuse fuse`: align, restore and fuse one pair, or a CSV of pairs, with a trained checkpoint.
+"""`unifuse fuse`: align, restore and fuse one pair, or a CSV of pairs, with a fusion method.
+
+``--method`` picks the method (``engine.methods``: unifuse, bsafusion, mmif-amin[:matching|:sitk|:none],
+the classical ``<registration>+<rule>`` pipelines); ``--checkpoint`` its weights (default: the
+method's bundled checkpoint; without ``--method``, the method the checkpoint was trained for).
 
 Each pair's outputs go to ``OUT/<moving file name without its image extension>/`` (see
 ``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
@@ -21,6 +25,7 @@ from tqdm import tqdm
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.methods import load_method, registered_methods
 from napari_unifuse.engine.outputs import is_complete, write_fusion_outputs, write_json
 from napari_unifuse.engine.report import write_index, write_report
 from napari_unifuse.engine.result import FusionResult
@@ -30,9 +35,9 @@ from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resampl
 from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES
 from napari_unifuse.metrics import registration_metrics
-from napari_unifuse.model.checkpoint import list_checkpoints
+from napari_unifuse.model.checkpoint import checkpoint_method
 
-DEFAULT_CHECKPOINTS = {2: "unifuse-2d-harvard", 3: "unifuse-3d-phantom"}
+DEFAULT_METHOD = "unifuse"
 METRICS_FILE = "metrics.json"
 
 
@@ -59,8 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label", type=Path, help="optional ground truth of the aligned moving image (writes metrics.json)")
     parser.add_argument("--pairs", type=Path, help="CSV with columns reference,moving[,label]; paths relative to the CSV")
     parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per pair)")
-    parser.add_argument("--checkpoint", help="bundled checkpoint name or .safetensors file "
-                        f"(default: {DEFAULT_CHECKPOINTS[2]} for 2D, {DEFAULT_CHECKPOINTS[3]} for 3D)")
+    parser.add_argument("--method", help=f"fusion method (default: {DEFAULT_METHOD}, or the checkpoint's): "
+                        + ", ".join(registered_methods()) + "; mmif-amin:sitk / mmif-amin:none pick its alignment")
+    parser.add_argument("--checkpoint", help="bundled checkpoint name or .safetensors file for the method "
+                        "(default: the method's bundled one, e.g. unifuse-2d-harvard / unifuse-3d-phantom)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--tile-size", type=int, help="voxels per tile side (default: the checkpoint's training crop, else one pass)")
     for role in ("reference", "moving"):
@@ -79,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     pairs = _pairs_from_args(args)
     resolve_device(args.device)  # a CUDA request on a CPU machine fails before any work
-    engines = _EngineCache(args.checkpoint, args.device, args.tile_size)
+    engines = _EngineCache(args.method, args.checkpoint, args.device, args.tile_size)
     options = {"reference_modality": args.reference_modality, "moving_modality": args.moving_modality,
                "quality": not args.no_quality, "uncertainty_passes": args.uncertainty_passes}
     failures = 0
@@ -153,23 +160,19 @@ def case_name(moving: Path) -> str:
 
 
 class _EngineCache:
-    """Loads each checkpoint once per run, however many pairs use it."""
+    """Loads the method once per dimensionality per run, however many pairs use it."""
 
-    def __init__(self, checkpoint: str | None, device: str, tile_size: int | None) -> None:
-        self.checkpoint, self.device, self.tile_size = checkpoint, device, tile_size
-        self.engines: dict[str, FusionEngine] = {}
+    def __init__(self, method: str | None, checkpoint: str | None, device: str, tile_size: int | None) -> None:
+        if method is None:
+            method = checkpoint_method(checkpoint) if checkpoint is not None else DEFAULT_METHOD
+        self.method, self.checkpoint, self.device, self.tile_size = method, checkpoint, device, tile_size
+        self.engines: dict[int, FusionEngine] = {}
 
     def for_dimensions(self, ndim: int) -> FusionEngine:
-        name = self.checkpoint or DEFAULT_CHECKPOINTS.get(ndim)
-        if self.checkpoint is None and name not in list_checkpoints():
-            available = ", ".join(list_checkpoints()) or "none yet"
-            raise CheckpointError(
-                f"the default {ndim}D checkpoint {name!r} is not installed (bundled checkpoints: "
-                f"{available}); pass one with --checkpoint NAME_OR_FILE.safetensors "
-                "(train one with `unifuse train`)")
-        if name not in self.engines:
-            self.engines[name] = FusionEngine(name, device=self.device, tile_size=self.tile_size)
-        return self.engines[name]
+        if ndim not in self.engines:
+            method = load_method(self.method, checkpoint=self.checkpoint, spatial_dims=ndim)
+            self.engines[ndim] = FusionEngine(method, device=self.device, tile_size=self.tile_size)
+        return self.engines[ndim]
 
 
 class TqdmProgress:

@@ -43,6 +43,7 @@ EXPORT_COLUMNS = (
     "slice_axis",
     "region_kind",
     "region_world",
+    "method",
 )
 
 

@@ -1,4 +1,7 @@
-"""FusionEngine: one trained UniFuse applied to a (reference, moving) pair, with no GUI in sight.
+"""FusionEngine: one fusion method applied to a (reference, moving) pair, with no GUI in sight.
+
+The method (``engine.methods``: UniFuse by default, BSAFusion, MMIF-AMIN, a classical pipeline)
+supplies the initial alignment and the per-tile prediction; everything below is shared.
 
 The pipeline, stage by stage (each reported through ``progress`` and preceded by a cancel check):
 
@@ -7,10 +10,12 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
    An RGB PET/SPECT image gives its luma Y to the model; its chroma CbCr is carried along.
 3. ``resample``  put the moving image on the reference grid in physical space
    (``io.resample_to_reference``), so the network only predicts the residual misalignment.
-4. ``fuse``      pad to the model's size multiple, move the moving image by the model's structural
-                 matching (once, on the whole input), run the network over blended tiles, crop back.
-5. ``guard``     ``engine.alignment_guard``: keep the identity, the matching's field or the
-                 network's, whichever beats the simpler ones by more than the similarity's noise.
+4. ``fuse``      pad to the method's size multiple, move the moving image by the method's initial
+                 alignment (once, on the whole input), run its tile prediction over blended tiles,
+                 crop back.
+5. ``guard``     (methods that ask for it: UniFuse) ``engine.alignment_guard``: keep the identity, the
+                 matching's field or the network's, whichever beats the simpler ones by more than
+                 the similarity's noise.
    ``fuse (kept field)``  when that is not the network's field, run the tiles again with the kept
                  field as the whole field (``refine(..., fixed_field=True)``), so that the restored
                  and fused images are the ones for the displacement reported.
@@ -40,6 +45,7 @@ from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement
 from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.methods import FusionMethod, method_for_network, method_from_checkpoint
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore_progress
 from napari_unifuse.engine.provenance import (
     StageTimer,
@@ -63,7 +69,7 @@ from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
 from napari_unifuse.io.normalize import darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES
-from napari_unifuse.model.checkpoint import load_checkpoint, resolve_checkpoint, training_crop
+from napari_unifuse.model.checkpoint import training_crop
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.warp import warp
 
@@ -110,10 +116,11 @@ def fallback_plan(
 
 
 class FusionEngine:
-    """A loaded model ready to fuse pairs; load once, call :meth:`run_fusion` per pair.
+    """A loaded method ready to fuse pairs; load once, call :meth:`run_fusion` per pair.
 
-    ``model_or_checkpoint`` is a ``UniFuse`` module (anything with ``.config`` and the same
-    ``forward(moving, reference)``) or a checkpoint name/path for ``model.checkpoint``.
+    ``model_or_checkpoint`` is an ``engine.methods.FusionMethod`` (``load_method``), a network of
+    ``model.networks`` (a ``UniFuse`` module, ...) or a checkpoint name/path for ``model.checkpoint``
+    (the method its header names).
     ``tile_size`` (voxels per side) splits large inputs into blended tiles; ``None`` means the
     checkpoint's training crop (``model.checkpoint.training_crop``: inputs the size the network was
     trained on), or the whole (padded) input in one pass when there is none.
@@ -121,26 +128,32 @@ class FusionEngine:
 
     def __init__(
         self,
-        model_or_checkpoint: nn.Module | str | Path,
+        model_or_checkpoint: FusionMethod | nn.Module | str | Path,
         device: str = "auto",
         tile_size: int | None = None,
         checkpoint_info: dict[str, Any] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         if isinstance(model_or_checkpoint, nn.Module):
-            self.model = model_or_checkpoint
-            self.checkpoint_info = dict(checkpoint_info or {"name": None, "note": "model passed in memory"})
+            self.method = method_for_network(model_or_checkpoint)
+        elif isinstance(model_or_checkpoint, FusionMethod):
+            self.method = model_or_checkpoint
         else:
-            path = resolve_checkpoint(model_or_checkpoint)
-            self.model, metadata = load_checkpoint(path, map_location="cpu")
+            self.method = method_from_checkpoint(model_or_checkpoint)
+        path = self.method.checkpoint
+        if path is None:
+            note = "model passed in memory" if isinstance(model_or_checkpoint, nn.Module) else "no trained weights"
+            self.checkpoint_info = dict(checkpoint_info or {"name": None, "note": note})
+        else:
+            metadata = dict(self.method.checkpoint_metadata)
             tile_size = tile_size or training_crop(metadata)
             metadata.pop("config", None)  # recorded once, as model_config
             self.checkpoint_info = {
-                "name": str(model_or_checkpoint), "path": str(path.resolve()),
+                "name": self.method.checkpoint_name or str(path), "path": str(path.resolve()),
                 "sha256": sha256_of_path(path), "metadata": metadata, **(checkpoint_info or {}),
             }
-        self.model.eval().to(self.device)
-        self.config = self.model.config
+        self.method.to(self.device)
+        self.config = self.method.config
         self.tile_size = tile_size
 
     @property
@@ -177,6 +190,7 @@ class FusionEngine:
 
         with torch.inference_mode():
             with stage("validate"):
+                self.method.check_dimensions(reference.ndim, reference.source or "reference image")
                 self._validate(reference, moving)
             with stage("normalise"):
                 reference_ready = _prepare(reference, reference_modality)
@@ -205,11 +219,12 @@ class FusionEngine:
                 "moving": {**describe_source(moving.source), "shape": list(moving.array.shape),
                            "geometry": moving.geometry.to_dict(), "rgb": moving.is_rgb},
             },
+            "method": self.method.describe(),
             "checkpoint": self.checkpoint_info,
             "model_config": self.config.to_dict(),
             "requested_device": str(self.device),
             **run_info,
-            "alignment_guard": decision.to_dict(),
+            "alignment_guard": decision.to_dict() if decision is not None else None,
             **({"quality": _quality_provenance(result.quality, uncertainty_passes)} if result.quality else {}),
             "versions": software_versions(),
             "timings_s": timer.seconds,
@@ -252,7 +267,7 @@ class FusionEngine:
         progress: ProgressCallback,
         cancel: CancelToken,
         warnings: list[str],
-    ) -> tuple[dict[str, np.ndarray], GuardDecision, dict[str, Any]]:
+    ) -> tuple[dict[str, np.ndarray], GuardDecision | None, dict[str, Any]]:
         """The ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
         forward passes with the out-of-memory fallback; returns arrays cropped back to the input."""
         multiple = self.config.size_multiple
@@ -268,19 +283,21 @@ class FusionEngine:
             # and no tile reads past its edge for it); tiles get the moved image and their part of
             # the field.
             with torch.no_grad():
-                matching = self.model.initial_alignment(pair[None, 0:1], pair[None, 1:2])
+                matching = self.method.initial_alignment(pair[None, 0:1], pair[None, 1:2]).cpu()
             blended, attempts = self._fuse_tiles(pair, matching, False, "fuse", attempts, progress, cancel, warnings)
-        with stage("guard"):
-            network = blended.dense[2:][crop]
-            decision = choose_displacement(moving, reference, {
-                MATCHING: matching[0][crop].numpy(), NETWORK: network.numpy()})
-        if decision.kept != NETWORK:
-            kept = matching if decision.kept == MATCHING else torch.zeros_like(matching)
-            cancel.raise_if_cancelled()
-            with timer.stage(FUSE_KEPT_STAGE):
-                blended, attempts = self._fuse_tiles(pair, kept, True, FUSE_KEPT_STAGE, attempts, progress, cancel,
-                                                     warnings)
-        self.model.to(self.device)
+        decision = None
+        if self.method.guarded:
+            with stage("guard"):
+                network = blended.dense[2:][crop]
+                decision = choose_displacement(moving, reference, {
+                    MATCHING: matching[0][crop].numpy(), NETWORK: network.numpy()})
+            if decision.kept != NETWORK:
+                kept = matching if decision.kept == MATCHING else torch.zeros_like(matching)
+                cancel.raise_if_cancelled()
+                with timer.stage(FUSE_KEPT_STAGE):
+                    blended, attempts = self._fuse_tiles(pair, kept, True, FUSE_KEPT_STAGE, attempts, progress,
+                                                         cancel, warnings)
+        self.method.to(self.device)
         device, tile_size = attempts[0]
         tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, multiple)
         dense = blended.dense[crop].numpy()
@@ -321,7 +338,7 @@ class FusionEngine:
         for index, (device, tile_size) in enumerate(attempts):
             tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, self.config.size_multiple)
             try:
-                self.model.to(device)
+                self.method.to(device)
                 blended = predict_tiled(self._tile_predictor(device, fixed_field), moved, tile_shape, overlap,
                                         progress=progress, cancel=cancel, stage=stage)
                 return blended, attempts[index:]
@@ -341,7 +358,11 @@ class FusionEngine:
 
         def predict(tile: torch.Tensor) -> TilePrediction:
             batch = tile[None].to(device)
-            output = self.model.refine(batch[:, 0:1], batch[:, 1:2], batch[:, 2:], fixed_field=fixed_field)
+            output = self.method.predict_tile(batch[:, 0:1], batch[:, 1:2], batch[:, 2:], fixed_field=fixed_field)
+            if output.class_probs is None:
+                # No degradation estimate: zero columns, which the result reports as "unknown".
+                output.class_probs = batch.new_zeros(1, 0)
+                output.slice_class_probs = batch.new_zeros(1, 1, 0)
             slab_probs = output.slice_class_probs[0]  # (S, Ñ): S slabs along z (3D), S = 1 (2D)
             if spatial_dims == 3:
                 # Every z slice of the tile takes the probabilities of the slab that contains it.

@@ -11,6 +11,9 @@ from napari_unifuse.engine.alignment_guard import GuardDecision
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.io import ImageVolume
 
+# What a method that estimates no degradation (fusion only, classical pipelines) reports.
+UNKNOWN_CLASS = "unknown"
+
 
 @dataclass
 class FusionResult:
@@ -21,7 +24,8 @@ class FusionResult:
     intensity units (RGB when the moving image was RGB).
     ``displacement``: ``u`` of shape ``(ndim, *spatial)`` in reference voxels; sampling the
     (resampled) moving image at ``x + u(x)`` aligns it to the reference.
-    ``class_probs``: degradation class name → probability for the whole input.
+    ``class_probs``: degradation class name → probability for the whole input; empty for a method
+    that estimates no degradation (``predicted_class`` is then ``UNKNOWN_CLASS``).
     ``slice_class_probs``: ``(S, Ñ)``, one row per slice along z (3D) or a single row (2D), columns
     in the order of ``class_names``.
     ``output_extension``: ``"png"`` for raster-image inputs, else ``"nii.gz"``.
@@ -44,8 +48,8 @@ class FusionResult:
 
     @property
     def predicted_class(self) -> str:
-        """The most probable degradation class for the whole input."""
-        return max(self.class_probs, key=self.class_probs.get)
+        """The most probable degradation class for the whole input, or ``UNKNOWN_CLASS``."""
+        return max(self.class_probs, key=self.class_probs.get) if self.class_probs else UNKNOWN_CLASS
 
     def degradation_report(self) -> dict[str, Any]:
         """The JSON-ready degradation estimate: global and per-slice probabilities with names."""

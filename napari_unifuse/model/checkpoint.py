@@ -1,9 +1,11 @@
-"""Save / load UniFuse weights as safetensors (never pickles) with their config.
+"""Save / load network weights as safetensors (never pickles) with their method and config.
 
-``<name>.safetensors`` holds the weights and, in its header, the config the weights belong to (so
-a lone weights file can be checked and rebuilt). ``<name>.json`` next to it holds the same config
-plus the caller's metadata (training command, seed, wall time, device, metrics) for people and
-tools. Bare names resolve to the packaged ``resources/checkpoints/<name>.safetensors``.
+``<name>.safetensors`` holds the weights and, in its header, the method (``model.networks``:
+unifuse, bsafusion, mmif-amin; absent in older files, which are UniFuse) and the config the weights
+belong to (so a lone weights file can be checked and rebuilt). ``<name>.json`` next to it holds the
+same method and config plus the caller's metadata (training command, seed, wall time, device,
+metrics) for people and tools. Bare names resolve to the packaged
+``resources/checkpoints/<name>.safetensors``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.model.config import UniFuseConfig
-from napari_unifuse.model.unifuse import UniFuse
+from napari_unifuse.model.networks import config_from_dict, network_class, network_method
 
 SUFFIX = ".safetensors"
+# Every method's config goes under this key (the package's name for "the network config").
 _CONFIG_KEY = "unifuse_config"
+_METHOD_KEY = "method"
+DEFAULT_METHOD = "unifuse"  # checkpoints written before methods were recorded
 _MAX_LISTED = 5
 
 
@@ -31,10 +37,11 @@ def checkpoint_dir() -> Path:
     return Path(str(resources.files("napari_unifuse") / "resources" / "checkpoints"))
 
 
-def list_checkpoints() -> list[str]:
-    """Names of the packaged checkpoints, usable with :func:`load_checkpoint`."""
+def list_checkpoints(method: str | None = None) -> list[str]:
+    """Names of the packaged checkpoints (of ``method`` only, when given), usable with :func:`load_checkpoint`."""
     folder = checkpoint_dir()
-    return sorted(path.stem for path in folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+    names = sorted(path.stem for path in folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+    return [name for name in names if method is None or checkpoint_method(folder / f"{name}{SUFFIX}") == method]
 
 
 def resolve_checkpoint(path_or_name: str | Path) -> Path:
@@ -51,9 +58,10 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
                           f"packaged checkpoint; packaged: {available})")
 
 
-def save_checkpoint(model: UniFuse, path: str | Path,
+def save_checkpoint(model: nn.Module, path: str | Path,
                     metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``path`` (.safetensors is appended if missing) and its ``.json`` sidecar."""
+    """Write ``path`` (.safetensors is appended if missing) and its ``.json`` sidecar; ``model`` is
+    any network of ``model.networks`` (its method is recorded in both)."""
     path = Path(path)
     if path.suffix != SUFFIX:
         path = path.with_name(path.name + SUFFIX)
@@ -61,34 +69,41 @@ def save_checkpoint(model: UniFuse, path: str | Path,
     config = model.config.to_dict()
     tensors = {name: tensor.detach().cpu().contiguous()
                for name, tensor in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={_CONFIG_KEY: json.dumps(config)})
-    sidecar = {"config": config, **(metadata or {})}
+    method = network_method(model)
+    save_file(tensors, str(path), metadata={_METHOD_KEY: method, _CONFIG_KEY: json.dumps(config)})
+    sidecar = {"method": method, "config": config, **(metadata or {})}
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n", encoding="utf-8")
     return path
 
 
 def load_checkpoint(path_or_name: str | Path, map_location: str | torch.device = "cpu",
-                    expected_config: UniFuseConfig | None = None) -> tuple[UniFuse, dict[str, Any]]:
+                    expected_config: UniFuseConfig | None = None,
+                    method: str | None = DEFAULT_METHOD) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network saved at ``path_or_name``; returns (model in eval mode, metadata).
 
+    ``method``: the method the caller wants (a UniFuse by default); a checkpoint of another method
+    is refused with a message naming the one it is for. ``None`` accepts any method.
     ``expected_config``: fail unless the checkpoint was saved for exactly this config.
     Raises :class:`CheckpointError` for a missing, corrupt or mismatching checkpoint.
     """
     path = resolve_checkpoint(path_or_name)
-    config, tensors = _read(path, map_location)
+    found, config, tensors = _read(path, map_location)
+    if method is not None:
+        check_method(path, found, method)
     if expected_config is not None:
         _check_config(expected_config, config, path)
-    model = UniFuse(config)
+    model = network_class(found)(config)
     _load_tensors(model, tensors, path)
     model.to(map_location).eval()
     return model, _read_metadata(path)
 
 
-def load_weights(model: UniFuse, path_or_name: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Load a checkpoint's weights into an existing ``model`` built for the same config;
+def load_weights(model: nn.Module, path_or_name: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Load a checkpoint's weights into an existing ``model`` built for the same method and config;
     returns (the checkpoint's path, its metadata)."""
     path = resolve_checkpoint(path_or_name)
-    config, tensors = _read(path, next(model.parameters()).device)
+    found, config, tensors = _read(path, next(model.parameters()).device)
+    check_method(path, found, network_method(model))
     _check_config(model.config, config, path)
     _load_tensors(model, tensors, path)
     return path, _read_metadata(path)
@@ -114,12 +129,24 @@ def training_crop(metadata: dict[str, Any]) -> int | None:
     return int(max(crop)) if isinstance(crop, (list, tuple)) else int(crop)
 
 
-def read_config(path_or_name: str | Path) -> UniFuseConfig:
-    """The config a checkpoint was saved for, from its header alone (no weights are read)."""
+def read_config(path_or_name: str | Path):
+    """The config a checkpoint was saved for, from its header alone (no weights are read): a
+    ``UniFuseConfig`` for UniFuse, the method's own config class otherwise."""
+    return _read(resolve_checkpoint(path_or_name), "cpu", with_tensors=False)[1]
+
+
+def checkpoint_method(path_or_name: str | Path) -> str:
+    """The method a checkpoint's weights belong to, from its header alone."""
     return _read(resolve_checkpoint(path_or_name), "cpu", with_tensors=False)[0]
 
 
-def _read(path: Path, device, with_tensors: bool = True) -> tuple[UniFuseConfig, dict[str, torch.Tensor]]:
+def check_method(path: Path, found: str, wanted: str) -> None:
+    if found != wanted:
+        raise CheckpointError(f"{path} holds {found} weights, not {wanted} ones; use it with the {found} "
+                              f"method (--method {found}) or pick a {wanted} checkpoint")
+
+
+def _read(path: Path, device, with_tensors: bool = True) -> tuple[str, Any, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             header = handle.metadata() or {}
@@ -128,22 +155,28 @@ def _read(path: Path, device, with_tensors: bool = True) -> tuple[UniFuseConfig,
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({error})") from error
     if _CONFIG_KEY not in header:
         raise CheckpointError(f"{path}: safetensors file without a UniFuse config in its header")
+    method = header.get(_METHOD_KEY, DEFAULT_METHOD)
     try:
-        config = UniFuseConfig.from_dict(json.loads(header[_CONFIG_KEY]))
+        config = config_from_dict(method, json.loads(header[_CONFIG_KEY]))
     except (json.JSONDecodeError, InputError, TypeError) as error:
-        raise CheckpointError(f"{path}: invalid UniFuse config in the header ({error})") from error
-    return config, tensors
+        raise CheckpointError(f"{path}: invalid {method} config in the header ({error})") from error
+    return method, config, tensors
 
 
-def _check_config(expected: UniFuseConfig, found: UniFuseConfig, path: Path) -> None:
-    differences = expected.differences(found)
+def _check_config(expected, found, path: Path) -> None:
+    if hasattr(expected, "differences"):
+        differences = expected.differences(found)
+    else:
+        mine, theirs = expected.to_dict(), found.to_dict()
+        differences = {name: (mine.get(name), theirs.get(name)) for name in sorted(set(mine) | set(theirs))
+                       if mine.get(name) != theirs.get(name)}
     if differences:
         listed = "; ".join(f"{name}: model has {mine}, checkpoint has {theirs}"
                            for name, (mine, theirs) in differences.items())
         raise CheckpointError(f"{path}: checkpoint was saved for another config ({listed})")
 
 
-def _load_tensors(model: UniFuse, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

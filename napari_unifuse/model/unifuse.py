@@ -43,6 +43,9 @@ class UniFuseOutput:
 
 
 class UniFuse(nn.Module):
+    method = "unifuse"  # model.networks: the name checkpoints record
+    config_class = UniFuseConfig
+
     def __init__(self, config: UniFuseConfig) -> None:
         super().__init__()
         self.config = config

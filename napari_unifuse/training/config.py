@@ -4,12 +4,14 @@ Layout of a config file (every key optional except ``data.kind``; unknown keys a
 typo never silently falls back to a default)::
 
     seed: 0
-    model: {preset: small | paper, spatial_dims: 2 | 3, overrides: {<UniFuseConfig field>: value}}
+    model: {method: unifuse | bsafusion | mmif-amin, preset: small | paper, spatial_dims: 2 | 3,
+            overrides: {<the network config's field>: value}}
     data:  {kind: harvard | phantom | folders, ...}   # see napari_unifuse.training.datasets
     train: {batch_size, max_steps, lr, min_lr, weight_decay, grad_clip, num_workers,
             log_every, val_every, val_batches, checkpoint_every, init_from}
-    loss:  {ce, moda, reg, smooth, ssim, inten, grad, crcb, restore,   # weights
-            moda_negatives, moda_anchors, temperature}
+    loss:  {ce, moda, reg, smooth, ssim, inten, grad, crcb, restore,   # UniFuse's weights; other
+            moda_negatives, moda_anchors, temperature}                # methods: their own section
+                                                                      # (training.methods)
 
 Relative paths inside ``data`` (``root``) are resolved against the folder of the config file, so
 ``configs/harvard2d.yaml`` can say ``../../shared/data/harvard-aanlib`` (i.e. ``../shared/...``
@@ -30,6 +32,7 @@ from napari_unifuse.errors import InputError
 
 @dataclass(frozen=True)
 class ModelSection:
+    method: str = "unifuse"  # model.networks / training.methods
     preset: str = "small"
     spatial_dims: int = 2
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -84,7 +87,7 @@ class TrainConfig:
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
-    loss: LossSection = field(default_factory=LossSection)
+    loss: Any = field(default_factory=LossSection)  # the method's loss section (training.methods)
     source: str | None = None  # the file it came from, for messages and metadata
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +150,9 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
     if data.get("root") is not None and base_dir is not None:
         data["root"] = str(_against(base_dir, data["root"]))
     model = _section(ModelSection, values.get("model"), source, "model")
+    from napari_unifuse.training.methods import objective_for  # its modules import this one
+
+    objective = objective_for(model.method, source)
     if model.preset not in ("small", "paper"):
         raise InputError(f"model.preset must be 'small' or 'paper', got {model.preset!r}", source)
     if model.spatial_dims not in (2, 3):
@@ -171,7 +177,7 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         seed=seed,
         model=model,
         train=train,
-        loss=_section(LossSection, values.get("loss"), source, "loss"),
+        loss=_section(objective.loss_section, values.get("loss"), source, "loss"),
         source=source,
     )
 

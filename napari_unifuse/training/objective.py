@@ -25,6 +25,8 @@ from napari_unifuse.model import UniFuse, UniFuseOutput
 from napari_unifuse.model.warp import warp
 from napari_unifuse.training import losses
 from napari_unifuse.training.config import LossSection
+from napari_unifuse.training.methods import Objective
+from napari_unifuse.training.validation import validate
 
 LOSS_TERMS = ("ce", "moda", "reg", "smooth", "ssim", "inten", "grad", "balance", "crcb", "restore")
 
@@ -90,3 +92,15 @@ def compute_losses(
         terms["crcb"] = losses.color_loss(fused_chroma, batch["label_cbcr"], batch["is_color"])
     terms["total"] = sum(getattr(weights, name) * value for name, value in terms.items())
     return terms
+
+
+def _training_model(network: UniFuse, weights: LossSection) -> TrainingModel:
+    return TrainingModel(network, with_moda=weights.moda > 0)
+
+
+def _losses(output: tuple[UniFuseOutput, tuple[torch.Tensor, torch.Tensor] | None], batch: dict[str, torch.Tensor],
+            weights: LossSection) -> dict[str, torch.Tensor]:
+    return compute_losses(*output, batch, weights)
+
+
+OBJECTIVE = Objective(loss_section=LossSection, training_model=_training_model, losses=_losses, validate=validate)

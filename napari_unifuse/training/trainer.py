@@ -1,5 +1,8 @@
 """The training loop: one process, or several under ``torchrun`` (DistributedDataParallel).
 
+The config's ``model.method`` picks the network (``model.networks``) and its objective: losses
+and validation (``training.methods``); checkpoints record the method.
+
 Optimisation follows the paper (§4.2): AdamW at 1e-4, cosine annealing to 1e-6 over
 ``train.max_steps`` (per iteration), gradient L2 norm clipped at 1.
 
@@ -43,14 +46,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, UniFuseError
-from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model import UniFuseConfig
 from napari_unifuse.model.checkpoint import load_weights, save_checkpoint
+from napari_unifuse.model.networks import build_network
 from napari_unifuse.training.config import TrainConfig
 from napari_unifuse.training.datasets import build_datasets
-from napari_unifuse.training.objective import TrainingModel, compute_losses
-from napari_unifuse.training.validation import validate
-
-BEST_SCORE = "fusion_gain_min"
+from napari_unifuse.training.methods import BEST_SCORE, objective_for
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Distributed:
 
 
 def model_config(config: TrainConfig) -> UniFuseConfig:
+    """The UniFuse config of a ``model.method: unifuse`` training config."""
     preset = UniFuseConfig.paper if config.model.preset == "paper" else UniFuseConfig.small
     base = preset(spatial_dims=config.model.spatial_dims)
     return UniFuseConfig.from_dict({**base.to_dict(), **config.model.overrides})
@@ -154,23 +156,25 @@ class Trainer:
         self.previous_seconds = 0.0
 
         torch.manual_seed(config.seed)
-        self.unifuse = UniFuse(model_config(config)).to(self.dist.device)
+        self.objective = objective_for(config.model.method, config.source)
+        self.network = build_network(config.model.method, config.model.preset, config.model.spatial_dims,
+                                     config.model.overrides).to(self.dist.device)
         # Provenance of a fine-tuning run's starting weights, kept in every checkpoint it writes.
         self.initial_weights: dict[str, Any] | None = None
         if config.train.init_from is not None and not resume:
-            path, metadata = load_weights(self.unifuse, config.train.init_from)
+            path, metadata = load_weights(self.network, config.train.init_from)
             self.initial_weights = {
                 "checkpoint": str(path), "sha256": sha256_of_path(path),
                 **{key: metadata.get(key) for key in ("name", "command", "seed", "steps", "wall_time_s", "device")},
             }
-        self.training_model: torch.nn.Module = TrainingModel(self.unifuse, with_moda=config.loss.moda > 0)
+        self.training_model: torch.nn.Module = self.objective.training_model(self.network, config.loss)
         if self.dist.world_size > 1:
             self.training_model = DistributedDataParallel(
                 self.training_model,
                 device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
             )
         train = config.train
-        self.optimizer = torch.optim.AdamW(self.unifuse.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._cosine_factor)
         self.train_set, self.val_set = build_datasets(
             config.data, seed=config.seed, spatial_dims=config.model.spatial_dims
@@ -199,7 +203,7 @@ class Trainer:
         state_path = self._state_path("last")
         if not weights.is_file() or not state_path.is_file():
             raise CheckpointError(f"nothing to resume in {self.checkpoint_dir} (no last.safetensors / last.state.pt)")
-        load_weights(self.unifuse, weights)
+        load_weights(self.network, weights)
         state = torch.load(state_path, map_location=self.dist.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -229,7 +233,7 @@ class Trainer:
         }
 
     def _save(self, name: str, seconds: float) -> Path:
-        path = save_checkpoint(self.unifuse, self.checkpoint_dir / name, self._metadata(seconds))
+        path = save_checkpoint(self.network, self.checkpoint_dir / name, self._metadata(seconds))
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -324,11 +328,10 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         torch.manual_seed(step_seed(self.config.seed, self.dist.rank, self.step))
-        output, clean_tokens = self.training_model(batch)
-        terms = compute_losses(output, clean_tokens, batch, self.config.loss)
+        terms = self.objective.losses(self.training_model(batch), batch, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.unifuse.parameters(), self.config.train.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         values = {name: float(value.detach()) for name, value in terms.items()}
@@ -340,7 +343,7 @@ class Trainer:
     def _validate(self, val_loader: DataLoader, seconds: float) -> None:
         # Rank 0 evaluates the whole validation split; the others wait at the barrier.
         if self.dist.is_main:
-            scores = validate(self.unifuse, val_loader, self.dist.device, self.config.train.val_batches)
+            scores = self.objective.validate(self.network, val_loader, self.dist.device, self.config.train.val_batches)
             self.validation = scores
             self._log({"kind": "val", "step": self.step, **scores})
             if math.isfinite(scores[BEST_SCORE]) and scores[BEST_SCORE] > self.best_score:
@@ -370,7 +373,7 @@ def train(
     progress: bool = True,
     stop_at_step: int | None = None,
 ) -> TrainResult:
-    """Train (or resume) a UniFuse model as ``config`` says; see the module docstring.
+    """Train (or resume) the network of ``config.model.method`` as ``config`` says; see the module docstring.
 
     ``stop_at_step``: stop there (validating and checkpointing) although the schedule runs to
     ``train.max_steps``; ``resume=True`` later continues as if never stopped.

@@ -13,6 +13,7 @@ from PIL import Image
 
 from napari_unifuse.cli import main
 from napari_unifuse.cli.evaluate import (
+    COPY_RULES,
     METRIC_COLUMNS,
     UNIFUSE_METHOD,
     EvaluationPair,
@@ -38,6 +39,7 @@ from napari_unifuse.io.image import Geometry
 from napari_unifuse.metrics import registration_metrics, ssim_gains
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
+from napari_unifuse.model.networks import build_network
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 
 SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of the model's 4
@@ -354,3 +356,36 @@ def test_paired_comparison_counts_wins_and_matches_the_exact_signed_rank_test():
     assert (rows["C"]["ncc_diff"], rows["C"]["ncc_wins"], rows["C"]["ncc_p"]) == (0.0, 0, 1.0)
     table = paired_markdown(list(rows.values()), columns)
     assert "| t | B | +0.035, 6/6, 0.031 |" in table
+
+
+def test_engine_methods_are_rows_and_each_is_compared_with_every_other(checkpoint, pairs_csv, tmp_path):
+    mmif = save_checkpoint(build_network("mmif-amin", "small", 2), tmp_path / "mmif.safetensors")
+    out = tmp_path / "out"
+    code = main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(out), "--device", "cpu",
+                 "--methods", f"mmif-amin:none={mmif}", "identity+max", "--baselines", "identity",
+                 "--fusion-rules", "max"])
+    assert code == 0
+    per_pair = read_csv(out / "per_pair.csv")
+    rows = {(row["method"], row["pair"]): row for row in per_pair}
+    assert {row["method"] for row in per_pair} == {"mmif-amin:none", "identity+max", "identity + max", *{
+        f"identity + {rule}" for rule in COPY_RULES}}
+    for pair in {row["pair"] for row in per_pair}:
+        # The engine's identity+max and evaluate's own identity + max fuse the same normalised pair.
+        assert float(rows["identity+max", pair]["Q_abf"]) == pytest.approx(float(rows["identity + max", pair]["Q_abf"]),
+                                                                            abs=0.02)
+        assert float(rows["mmif-amin:none", pair]["seconds"]) > 0
+        assert rows["mmif-amin:none", pair]["class_accuracy"] == "nan"  # no degradation estimate
+        assert rows["mmif-amin:none", pair]["restored_ssim"] == "nan"  # restores nothing
+    paired = read_csv(out / "paired.csv")
+    assert {(row["method"], row["versus"]) for row in paired if row["task"] == "t1-t2"} == {
+        ("mmif-amin:none", "identity+max"), ("mmif-amin:none", "identity + max"),
+        ("identity+max", "mmif-amin:none"), ("identity+max", "identity + max"),
+        *{(method, f"identity + {rule}") for method in ("mmif-amin:none", "identity+max") for rule in COPY_RULES}}
+    markdown = (out / "evaluation.md").read_text(encoding="utf-8")
+    assert "mmif-amin:none against each pipeline, pair by pair" in markdown
+    assert markdown.startswith("# Evaluation of mmif-amin:none, identity+max")
+
+
+def test_evaluate_needs_a_checkpoint_or_methods(pairs_csv, tmp_path, capsys):
+    assert main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(tmp_path)]) == 2
+    assert "--methods" in capsys.readouterr().err

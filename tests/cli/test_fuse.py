@@ -199,7 +199,7 @@ def test_cuda_on_a_machine_without_it_is_refused(data, tmp_path, capsys, monkeyp
 
 def test_missing_default_checkpoint_says_how_to_pass_one(data, tmp_path, capsys, monkeypatch):
     # Whatever is bundled today, pretend only another checkpoint is installed.
-    monkeypatch.setattr("napari_unifuse.cli.fuse.list_checkpoints", lambda: ["some-other-model"])
+    monkeypatch.setattr("napari_unifuse.model.checkpoint.list_checkpoints", lambda: ["some-other-model"])
     root = data["root"]
     code = fuse("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", tmp_path / "out")
     assert code == 2

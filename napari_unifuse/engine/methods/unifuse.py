@@ -1,0 +1,39 @@
+"""UniFuse as an engine method: its structural matching once, then the network over tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from napari_unifuse.engine.methods import MethodOutput, NetworkMethod
+from napari_unifuse.model.networks import network_available
+
+DEFAULT_CHECKPOINTS = {2: "unifuse-2d-harvard", 3: "unifuse-3d-phantom"}
+SUPPORTED_DIMS = (2, 3)
+
+
+class Method(NetworkMethod):
+    name = "unifuse"
+    guarded = True
+    restores = True
+
+    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return self.network.initial_alignment(moving, reference)
+
+    def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
+                     fixed_field: bool) -> MethodOutput:
+        output = self.network.refine(moving, reference, field, fixed_field=fixed_field)
+        return MethodOutput(output.fused, output.restored, output.displacement, output.class_probs,
+                            output.slice_class_probs)
+
+    def check_dimensions(self, ndim: int, source: str) -> None:
+        """UniFuse is 2D and 3D; a checkpoint of the other dimensionality is ``_validate``'s message."""
+
+
+def available() -> bool:
+    return network_available("unifuse")
+
+
+def load(*, checkpoint: str | Path | None, spatial_dims: int) -> Method:
+    return Method.from_checkpoint("unifuse", checkpoint, DEFAULT_CHECKPOINTS, spatial_dims)
