@@ -70,6 +70,7 @@ from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity
 from napari_unifuse.io.normalize import darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES
 from napari_unifuse.model.checkpoint import training_crop
+from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.warp import warp
 
@@ -391,11 +392,12 @@ class FusionEngine:
         spacing = reference.geometry.spacing
         uncertainty = None
         if uncertainty_passes > 0:
+            # Methods without a structural matching of their own are probed with UniFuse's default one.
+            step = getattr(self.config, "matching_step", UniFuseConfig().matching_step)
             with timer.stage("uncertainty"):
-                estimate = matching_estimator(torch.from_numpy(reference.array)[None, None], field,
-                                              self.config.matching_step)
+                estimate = matching_estimator(torch.from_numpy(reference.array)[None, None], field, step)
                 uncertainty = alignment_uncertainty(
-                    moving_tensor, estimate, spacing, shift_voxels=matching_shift_voxels(self.config.matching_step),
+                    moving_tensor, estimate, spacing, shift_voxels=matching_shift_voxels(step),
                     passes=uncertainty_passes, cancel=cancel)
         with timer.stage("maps"):
             warped = warp(moving_tensor, field)[0, 0].numpy()
