@@ -2,7 +2,13 @@
 
 Each pair's outputs go to ``OUT/<moving file name without its image extension>/`` (see
 ``engine.outputs`` for the five files). A batch resumes: a pair whose ``provenance.json`` exists is
-skipped, so rerunning after an interruption only does what is left.
+skipped, so rerunning after an interruption only does what is left, and ends with
+``OUT/summary.json`` (every pair: done, skipped or failed, and why).
+
+A batch splits across processes, GPUs or machines with torchrun: every process takes every N-th
+pair of the CSV (N processes in all), and process 0 gathers what each did into the summary:
+
+  torchrun --nproc_per_node 4 -m napari_unifuse.cli fuse --pairs pairs.csv --out results/
 """
 
 from __future__ import annotations
@@ -10,17 +16,22 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from napari_unifuse.data.color import rgb_to_ycbcr
-from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
+from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.engine.distributed import Distributed, setup_distributed
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.outputs import is_complete, write_fusion_outputs, write_json
+from napari_unifuse.engine.provenance import utc_timestamp
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.errors import CheckpointError, InputError
+from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resample_to_reference
 from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES
@@ -29,6 +40,7 @@ from napari_unifuse.model.checkpoint import list_checkpoints
 
 DEFAULT_CHECKPOINTS = {2: "unifuse-2d-harvard", 3: "unifuse-3d-phantom"}
 METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -67,41 +79,84 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pairs = _pairs_from_args(args)
-    resolve_device(args.device)  # a CUDA request on a CPU machine fails before any work
-    engines = _EngineCache(args.checkpoint, args.device, args.tile_size)
+    # Resolves the device first: a CUDA request on a CPU machine fails before any work.
+    job = setup_distributed(args.device)
+    try:
+        return _run_shard(args, pairs, job)
+    finally:
+        job.close()
+
+
+def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) -> int:
+    """Fuse this process's share of ``pairs`` (all of them in a plain run); for a batch, gather
+    every process's outcomes at process 0, which writes the summary."""
+    engines = _EngineCache(args.checkpoint, job.device.type, args.tile_size)
     modalities = {"reference_modality": args.reference_modality, "moving_modality": args.moving_modality}
-    failures = 0
-    for index, pair in enumerate(pairs, start=1):
+    batch = {"rank": job.rank, "world_size": job.world_size} if job.world_size > 1 else {}
+    outcomes = []
+    for index, pair in job.shard(list(enumerate(pairs, start=1))):
         out_dir = args.out / pair.name
-        prefix = f"[{index}/{len(pairs)}] {pair.name}"
+        rank = f"[rank {job.rank}] " if batch else ""
+        prefix = f"{rank}[{index}/{len(pairs)}] {pair.name}"
+        outcome = {"name": pair.name, "reference": str(pair.reference), "moving": str(pair.moving),
+                   "output": str(out_dir), "rank": job.rank}
+        started = time.perf_counter()
         if is_complete(out_dir) and not args.overwrite:
             print(f"{prefix}: skipped, already done ({out_dir})")
+            outcomes.append({**outcome, "status": "skipped"})
             continue
         try:
-            fuse_pair(pair, out_dir, engines, prefix, **modalities)
-        except (InputError, CheckpointError) as error:
+            fuse_pair(pair, out_dir, engines, prefix, batch=batch, **modalities)
+        except UniFuseError as error:
             if len(pairs) == 1:
                 raise
             # One bad pair must not sink a long batch; report it and carry on.
-            failures += 1
             print(f"{prefix}: error: {error}", file=sys.stderr)
+            outcomes.append({**outcome, "status": "failed", "error": str(error)})
             continue
         print(f"{prefix}: done -> {out_dir}")
+        outcomes.append({**outcome, "status": "done", "seconds": round(time.perf_counter() - started, 3)})
+    if args.pairs is None:
+        return 0
+    gathered = job.gather(outcomes)
+    failures = sum(outcome["status"] == "failed" for outcome in outcomes)
+    if gathered is not None:
+        failures = write_summary([outcome for shard in gathered for outcome in shard], pairs, job, args.out)
     if failures:
         print(f"unifuse fuse: {failures} of {len(pairs)} pairs failed", file=sys.stderr)
         return 2
     return 0
 
 
-def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, **modalities: str) -> FusionResult:
-    """Read, fuse and write one pair; nothing is written unless fusion succeeded."""
+def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distributed, out: Path) -> int:
+    """``OUT/summary.json``: every pair's outcome in the CSV's order, with counts; returns the
+    number of failed pairs."""
+    order = {pair.name: position for position, pair in enumerate(pairs)}
+    outcomes = sorted(outcomes, key=lambda outcome: order[outcome["name"]])
+    counts = {status: sum(outcome["status"] == status for outcome in outcomes)
+              for status in ("done", "skipped", "failed")}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"created": utc_timestamp(), "pairs": len(pairs), **counts, "world_size": job.world_size,
+                "device": str(job.device), "outcomes": outcomes}, out / SUMMARY_FILE)
+    said = ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "no pairs"
+    print(f"unifuse fuse: {said} ({job.world_size} process{'es' if job.world_size > 1 else ''}) "
+          f"-> {out / SUMMARY_FILE}")
+    return counts["failed"]
+
+
+def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, batch: dict[str, int] | None = None,
+              **modalities: str) -> FusionResult:
+    """Read, fuse and write one pair; nothing is written unless fusion succeeded. ``batch`` (the
+    process's rank and the world size of a sharded batch) goes into the provenance."""
     reference, moving = read_image(pair.reference), read_image(pair.moving)
     label = read_image(pair.label) if pair.label is not None else None
-    engine = engines.for_dimensions(reference.ndim)
+    engine = engines.for_dimensions(model_dimensions(reference))
     with TqdmProgress(prefix) as progress:
         result = engine.run_fusion(reference, moving, progress=progress, **modalities)
     for warning in result.warnings:
         print(f"{prefix}: warning: {warning}", file=sys.stderr)
+    if batch:
+        result.provenance["batch"] = batch
     write_fusion_outputs(result, out_dir)
     if label is not None:
         write_json(label_metrics(result, label), out_dir / METRICS_FILE)
