@@ -204,3 +204,26 @@ def test_every_file_ends_in_outputs_or_one_clear_line(setup, case, role, tmp_pat
         outcome, text = expected
         assert code == (0 if outcome == OK else 2), err
         assert text in err, err
+
+
+def test_one_slice_volumes_fuse_as_2d_with_the_default_checkpoint(tmp_path, capsys):
+    import json
+
+    import SimpleITK as sitk
+
+    affine = np.array([[-0.9, 0, 0, 30.0], [0, 0.9, 0, -20.0], [0, 0, 5.0, 42.0], [0, 0, 0, 1]])
+    reference = save(tmp_path / "slice.nii.gz", (1000 * blob((48, 40, 1))).astype(np.float32), affine)
+    moving = save(tmp_path / "other.nii.gz", (np.roll(blob((48, 40, 1)), 3, axis=0) * 300).astype(np.int16), affine)
+
+    code = main(["fuse", "--reference", str(reference), "--moving", str(moving), "--out", str(tmp_path / "out"),
+                 "--device", "cpu"])
+
+    assert code == 0, capsys.readouterr().err
+    case = tmp_path / "out" / "other"
+    fused = nib.load(case / "fused.nii.gz")
+    assert fused.shape == (48, 40, 1)
+    np.testing.assert_allclose(fused.affine, affine, atol=1e-4)
+    assert sitk.ReadImage(str(case / "displacement.nii.gz")).GetNumberOfComponentsPerPixel() == 3
+    provenance = json.loads((case / "provenance.json").read_text(encoding="utf-8"))
+    assert provenance["checkpoint"]["name"] == "unifuse-2d-harvard"
+    assert provenance["single_slice"]["axis"] == 0  # nibabel's z is the array's first axis
