@@ -170,7 +170,8 @@ def images(draw, spatial_dims: int):
     direction = np.eye(spatial_dims)
     direction[0, -1] = shear
     matrix = np.eye(spatial_dims + 1)
-    matrix[:spatial_dims, :spatial_dims] = direction * np.asarray(spacing)
+    with np.errstate(invalid="ignore"):  # inf spacing times a zero of the direction: NaN, refused later
+        matrix[:spatial_dims, :spatial_dims] = direction * np.asarray(spacing)
     return array, matrix
 
 
