@@ -47,7 +47,13 @@ from napari_unifuse.engine.provenance import (
     utc_timestamp,
 )
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.engine.tiling import BlendedPrediction, TilePrediction, predict_tiled, tile_layout
+from napari_unifuse.engine.tiling import (
+    BlendedPrediction,
+    TilePrediction,
+    largest_tile,
+    predict_tiled,
+    tile_layout,
+)
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
 from napari_unifuse.io.normalize import darkest_to_zero
@@ -65,6 +71,9 @@ MATCHING, NETWORK = "matching", "network"
 FUSE_KEPT_STAGE = "fuse (kept field)"
 # One try of the tiled forward pass: the device and the tile size (None: the whole input).
 Attempt = tuple[torch.device, int | None]
+# Largest 3-D forward pass by default, in voxels: 176³ (with unifuse-3d-phantom on a CPU, a 160³
+# pass peaks at about 3 GB; bench/results/profile_3d_after.txt). Larger volumes run in tiles.
+MAX_TILE_VOXELS = 176**3
 
 
 @dataclasses.dataclass
@@ -103,9 +112,12 @@ class FusionEngine:
 
     ``model_or_checkpoint`` is a ``UniFuse`` module (anything with ``.config`` and the same
     ``forward(moving, reference)``) or a checkpoint name/path for ``model.checkpoint``.
-    ``tile_size`` (voxels per side) splits large inputs into blended tiles; ``None`` means the
-    checkpoint's training crop (``model.checkpoint.training_crop``: inputs the size the network was
-    trained on), or the whole (padded) input in one pass when there is none.
+    ``tile_size`` (voxels per side) splits large inputs into blended tiles. ``None``: 3-D inputs
+    run in the largest tiles of at most ``MAX_TILE_VOXELS`` (the whole input when it fits), and
+    the degradation classifier reads windows of the checkpoint's training crop
+    (``model.checkpoint.training_crop``; ``DegradationAwarePromptLearning.readout_window``), so
+    that its answer does not depend on the tile size; 2-D checkpoints keep running in tiles of
+    their training crop (their images are small, and their outputs stay as they were evaluated).
     """
 
     def __init__(
@@ -122,7 +134,10 @@ class FusionEngine:
         else:
             path = resolve_checkpoint(model_or_checkpoint)
             self.model, metadata = load_checkpoint(path, map_location="cpu")
-            tile_size = tile_size or training_crop(metadata)
+            crop = training_crop(metadata)
+            self.model.dapl.readout_window = crop
+            if self.model.config.spatial_dims == 2:
+                tile_size = tile_size or crop
             metadata.pop("config", None)  # recorded once, as model_config
             self.checkpoint_info = {
                 "name": str(model_or_checkpoint), "path": str(path.resolve()),
@@ -174,7 +189,8 @@ class FusionEngine:
             with stage("resample"):
                 moving_ready = _onto_reference_grid(moving_ready, reference)
             prediction, decision, run_info = self._fuse_and_guard(
-                moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings
+                moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings,
+                spacing=tuple(float(s) for s in reference.geometry.spacing),
             )
             with stage("compose"):
                 result = self._compose(reference, moving, reference_ready, moving_ready, prediction)
@@ -257,23 +273,26 @@ class FusionEngine:
         progress: ProgressCallback,
         cancel: CancelToken,
         warnings: list[str],
+        spacing: tuple[float, ...] | None = None,
     ) -> tuple[dict[str, np.ndarray], GuardDecision, dict[str, Any]]:
         """The ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
-        forward passes with the out-of-memory fallback; returns arrays cropped back to the input."""
+        forward passes with the out-of-memory fallback; returns arrays cropped back to the input.
+        ``spacing`` (mm per array axis) guides the structural matching's image pyramid."""
         multiple = self.config.size_multiple
         spatial = moving.shape
         crop = (slice(None), *(slice(0, side) for side in spatial))
         padding = [(0, -side % multiple) for side in spatial]
         # Zero padding: after normalisation 0 is background, what the model saw around anatomy.
         pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
-        attempts = fallback_plan(self.device, tuple(pair.shape[1:]), self.tile_size, multiple)
+        tile_size = self.tile_size or largest_tile(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
+        attempts = fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, multiple)
         cancel.raise_if_cancelled()
         with timer.stage("fuse"):
             # Structural matching runs once on the whole input (one rigid estimate for every tile,
             # and no tile reads past its edge for it); tiles get the moved image and their part of
             # the field.
             with torch.no_grad():
-                matching = self.model.initial_alignment(pair[None, 0:1], pair[None, 1:2])
+                matching = self.model.initial_alignment(pair[None, 0:1], pair[None, 1:2], spacing=spacing)
             blended, attempts = self._fuse_tiles(pair, matching, False, "fuse", attempts, progress, cancel, warnings)
         with stage("guard"):
             network = blended.dense[2:][crop]
