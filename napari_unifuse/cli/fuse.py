@@ -108,9 +108,10 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
         try:
             fuse_pair(pair, out_dir, engines, prefix, batch=batch, **modalities)
         except UniFuseError as error:
-            if len(pairs) == 1:
+            if args.pairs is None:
                 raise
-            # One bad pair must not sink a long batch; report it and carry on.
+            # One bad pair must not sink a long batch (nor leave the other processes waiting at the
+            # summary); report it and carry on.
             print(f"{prefix}: error: {error}", file=sys.stderr)
             outcomes.append({**outcome, "status": "failed", "error": str(error)})
             continue

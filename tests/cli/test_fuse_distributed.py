@@ -93,3 +93,19 @@ def test_two_processes_fuse_every_pair_once_and_a_rerun_resumes(batch):
     assert {name: (out / name / "fused.png").stat().st_mtime_ns for name in kept} == kept
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert (summary["done"], summary["skipped"]) == (1, PAIRS - 1)
+
+
+def test_a_failed_pair_is_listed_in_the_summary_and_the_batch_exits_2(batch, capsys):
+    from napari_unifuse.cli import main
+
+    root, checkpoint = batch
+    (root / "bad.csv").write_text("reference,moving\nmri.png,missing.png\nmri.png,case0.png\n", encoding="utf-8")
+
+    code = main(["fuse", "--pairs", str(root / "bad.csv"), "--out", str(root / "out"), "--checkpoint",
+                 str(checkpoint), "--device", "cpu"])
+
+    assert code == 2
+    assert "missing.png: file not found" in capsys.readouterr().err
+    summary = json.loads((root / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("missing", "failed"), ("case0", "done")]
+    assert "file not found" in summary["outcomes"][0]["error"]
