@@ -7,8 +7,14 @@ method's bundled checkpoint; without ``--method``, the method the checkpoint was
 Each pair's outputs go to ``OUT/<moving file name without its image extension>/`` (see
 ``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
 unless ``--no-quality``). A batch resumes: a pair whose ``provenance.json`` exists is skipped, so
-rerunning after an interruption only does what is left. ``--report`` also writes each pair's QC
-page (``report.html``) and ``OUT/index.html``, the runs most suspicious first.
+rerunning after an interruption only does what is left, and ends with ``OUT/summary.json`` (every
+pair: done, skipped or failed, and why). ``--report`` also writes each pair's QC page
+(``report.html``) and ``OUT/index.html``, the runs most suspicious first.
+
+A batch splits across processes, GPUs or machines with torchrun: every process takes every N-th
+pair of the CSV (N processes in all), and process 0 gathers what each did into the summary:
+
+  torchrun --nproc_per_node 4 -m napari_unifuse.cli fuse --pairs pairs.csv --out results/
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +30,17 @@ from typing import Any
 from tqdm import tqdm
 
 from napari_unifuse.data.color import rgb_to_ycbcr
-from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
+from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.engine.distributed import Distributed, setup_distributed
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.methods import load_method, registered_methods
 from napari_unifuse.engine.outputs import is_complete, write_fusion_outputs, write_json
+from napari_unifuse.engine.provenance import utc_timestamp
 from napari_unifuse.engine.report import write_index, write_report
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
-from napari_unifuse.errors import CheckpointError, InputError
+from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resample_to_reference
 from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES
@@ -39,6 +49,7 @@ from napari_unifuse.model.checkpoint import checkpoint_method
 
 DEFAULT_METHOD = "unifuse"
 METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -85,46 +96,89 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pairs = _pairs_from_args(args)
-    resolve_device(args.device)  # a CUDA request on a CPU machine fails before any work
-    engines = _EngineCache(args.method, args.checkpoint, args.device, args.tile_size)
+    # Resolves the device first: a CUDA request on a CPU machine fails before any work.
+    job = setup_distributed(args.device)
+    try:
+        return _run_shard(args, pairs, job)
+    finally:
+        job.close()
+
+
+def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) -> int:
+    """Fuse this process's share of ``pairs`` (all of them in a plain run); for a batch, gather
+    every process's outcomes at process 0, which writes the summary (and the QC index)."""
+    engines = _EngineCache(args.method, args.checkpoint, job.device.type, args.tile_size)
     options = {"reference_modality": args.reference_modality, "moving_modality": args.moving_modality,
                "quality": not args.no_quality, "uncertainty_passes": args.uncertainty_passes}
-    failures = 0
-    for index, pair in enumerate(pairs, start=1):
+    batch = {"rank": job.rank, "world_size": job.world_size} if job.world_size > 1 else {}
+    outcomes = []
+    for index, pair in job.shard(list(enumerate(pairs, start=1))):
         out_dir = args.out / pair.name
-        prefix = f"[{index}/{len(pairs)}] {pair.name}"
+        rank = f"[rank {job.rank}] " if batch else ""
+        prefix = f"{rank}[{index}/{len(pairs)}] {pair.name}"
+        outcome = {"name": pair.name, "reference": str(pair.reference), "moving": str(pair.moving),
+                   "output": str(out_dir), "rank": job.rank}
+        started = time.perf_counter()
         if is_complete(out_dir) and not args.overwrite:
             print(f"{prefix}: skipped, already done ({out_dir})")
+            outcomes.append({**outcome, "status": "skipped"})
             continue
         try:
-            fuse_pair(pair, out_dir, engines, prefix, report=args.report, **options)
-        except (InputError, CheckpointError) as error:
-            if len(pairs) == 1:
+            fuse_pair(pair, out_dir, engines, prefix, batch=batch, report=args.report, **options)
+        except UniFuseError as error:
+            if args.pairs is None:
                 raise
-            # One bad pair must not sink a long batch; report it and carry on.
-            failures += 1
+            # One bad pair must not sink a long batch (nor leave the other processes waiting at the
+            # summary); report it and carry on.
             print(f"{prefix}: error: {error}", file=sys.stderr)
+            outcomes.append({**outcome, "status": "failed", "error": str(error)})
             continue
         print(f"{prefix}: done -> {out_dir}")
-    if args.report and args.out.is_dir():
-        print(f"QC index: {write_index(args.out)}")
+        outcomes.append({**outcome, "status": "done", "seconds": round(time.perf_counter() - started, 3)})
+    if args.pairs is None:
+        return 0
+    gathered = job.gather(outcomes)
+    failures = sum(outcome["status"] == "failed" for outcome in outcomes)
+    if gathered is not None:
+        failures = write_summary([outcome for shard in gathered for outcome in shard], pairs, job, args.out)
+        if args.report and args.out.is_dir():
+            print(f"QC index: {write_index(args.out)}")
     if failures:
         print(f"unifuse fuse: {failures} of {len(pairs)} pairs failed", file=sys.stderr)
         return 2
     return 0
 
 
-def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, *, report: bool = False,
-              **options: Any) -> FusionResult:
+def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distributed, out: Path) -> int:
+    """``OUT/summary.json``: every pair's outcome in the CSV's order, with counts; returns the
+    number of failed pairs."""
+    order = {pair.name: position for position, pair in enumerate(pairs)}
+    outcomes = sorted(outcomes, key=lambda outcome: order[outcome["name"]])
+    counts = {status: sum(outcome["status"] == status for outcome in outcomes)
+              for status in ("done", "skipped", "failed")}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"created": utc_timestamp(), "pairs": len(pairs), **counts, "world_size": job.world_size,
+                "device": str(job.device), "outcomes": outcomes}, out / SUMMARY_FILE)
+    said = ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "no pairs"
+    print(f"unifuse fuse: {said} ({job.world_size} process{'es' if job.world_size > 1 else ''}) "
+          f"-> {out / SUMMARY_FILE}")
+    return counts["failed"]
+
+
+def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, batch: dict[str, int] | None = None,
+              report: bool = False, **options: Any) -> FusionResult:
     """Read, fuse and write one pair (``options`` go to ``run_fusion``), and its QC page when
-    ``report``; nothing is written unless fusion succeeded."""
+    ``report``; nothing is written unless fusion succeeded. ``batch`` (the process's rank and the
+    world size of a sharded batch) goes into the provenance."""
     reference, moving = read_image(pair.reference), read_image(pair.moving)
     label = read_image(pair.label) if pair.label is not None else None
-    engine = engines.for_dimensions(reference.ndim)
+    engine = engines.for_dimensions(model_dimensions(reference))
     with TqdmProgress(prefix) as progress:
         result = engine.run_fusion(reference, moving, progress=progress, **options)
     for warning in result.warnings:
         print(f"{prefix}: warning: {warning}", file=sys.stderr)
+    if batch:
+        result.provenance["batch"] = batch
     write_fusion_outputs(result, out_dir)
     metrics = label_metrics(result, label) if label is not None else None
     if metrics is not None:

@@ -6,9 +6,11 @@ geometry. ``metadata["unifuse"]`` tells the workbench each layer's role and moda
 degradation class and the true displacement ``u`` (voxels, see docs/architecture.md), so it can
 show true error maps next to the predicted ones.
 
-Sizes keep the workbench responsive on a 2-core CPU: 64 x 80 x 64 voxels of 2.8 mm for 3D (the
-head's proportions, every side divisible by 16), 128 x 128 pixels of 1.7 mm for 2D (the metal
-simulation re-scans the CT, which takes ~5x longer at 256^2). Pairs are built once per process.
+Sizes. 3D samples are clinical size: the 1 mm MNI phantoms at full size, 176 x 216 x 180 voxels
+of 1.0 mm (the head's bounding box, 176 x 215 x 179 mm, plus margins), like a 1 mm brain MRI.
+``SMALL_SAMPLE_SHAPE_3D`` (64 x 80 x 64 voxels of 2.8 mm) is the same head for tests, which set
+``SAMPLE_SHAPE_3D`` to it. 2D samples are 128 x 128 pixels of 1.7 mm (the metal simulation re-scans
+the CT, which takes ~5x longer at 256^2). Pairs are built once per process and shape.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from napari_unifuse.io import ImageVolume
 
 LayerData = tuple[Any, dict[str, Any], str]
 
-SAMPLE_SHAPE_3D = (64, 80, 64)
+FULL_SIZE_SHAPE_3D = (176, 216, 180)
+SAMPLE_SHAPE_3D = FULL_SIZE_SHAPE_3D
+SMALL_SAMPLE_SHAPE_3D = (64, 80, 64)
 SAMPLE_SHAPE_2D = (128, 128)
 # Fixed so that the sample looks the same every time it is opened.
 _SEED = 2025
@@ -33,7 +37,7 @@ _LABELS = {"t1": "T1", "t2": "T2", "pd": "PD", "ct": "CT", "pet": "PET", "spect"
 
 
 @functools.lru_cache(maxsize=None)
-def _sample_pair(task: str, ndim: int) -> SyntheticPair:
+def _sample_pair(task: str, ndim: int, shape: tuple[int, ...]) -> SyntheticPair:
     reference_modality, moving_modality = {
         "t1-t2-motion": ("t1", "t2"),
         "ct-pet-lowdose": ("ct", "pet"),
@@ -41,9 +45,9 @@ def _sample_pair(task: str, ndim: int) -> SyntheticPair:
     }[task]
     modalities = (reference_modality, moving_modality)
     if ndim == 3:
-        images = make_brain_phantoms(SAMPLE_SHAPE_3D, modalities=modalities)
+        images = make_brain_phantoms(shape, modalities=modalities)
     else:
-        images = make_brain_phantom_slices(SAMPLE_SHAPE_2D, modalities=modalities)
+        images = make_brain_phantom_slices(shape, modalities=modalities)
     return make_pair(images[reference_modality], images[moving_modality], task, rng=_SEED)
 
 
@@ -72,7 +76,7 @@ def _layer(volume: ImageVolume, role: str, pair: SyntheticPair, name: str, **dis
 
 
 def _layers(task: str, ndim: int) -> list[LayerData]:
-    pair = _sample_pair(task, ndim)
+    pair = _sample_pair(task, ndim, SAMPLE_SHAPE_3D if ndim == 3 else SAMPLE_SHAPE_2D)
     reference = _LABELS[pair.reference.metadata["modality"]]
     moving = _LABELS[pair.moving.metadata["modality"]]
     return [

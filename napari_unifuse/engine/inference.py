@@ -45,6 +45,7 @@ from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement
 from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
 from napari_unifuse.engine.methods import FusionMethod, method_for_network, method_from_checkpoint
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore_progress
 from napari_unifuse.engine.provenance import (
@@ -56,7 +57,13 @@ from napari_unifuse.engine.provenance import (
 )
 from napari_unifuse.engine.quality import QualityMaps, quality_maps
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.engine.tiling import BlendedPrediction, TilePrediction, predict_tiled, tile_layout
+from napari_unifuse.engine.tiling import (
+    BlendedPrediction,
+    TilePrediction,
+    largest_tile,
+    predict_tiled,
+    tile_layout,
+)
 from napari_unifuse.engine.uncertainty import (
     DEFAULT_PASSES,
     alignment_uncertainty,
@@ -66,9 +73,9 @@ from napari_unifuse.engine.uncertainty import (
 )
 from napari_unifuse.engine.uncertainty import DEFINITION as UNCERTAINTY_DEFINITION
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
+from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
 from napari_unifuse.io.normalize import darkest_to_zero
-from napari_unifuse.io.readers import PILLOW_SUFFIXES
+from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
 from napari_unifuse.model.checkpoint import training_crop
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.scan import scan_backend
@@ -83,6 +90,9 @@ FUSE_KEPT_STAGE = "fuse (kept field)"
 QUALITY_STAGE = "quality"
 # One try of the tiled forward pass: the device and the tile size (None: the whole input).
 Attempt = tuple[torch.device, int | None]
+# Largest 3-D forward pass by default, in voxels: 176³ (with unifuse-3d-phantom on a CPU, a 160³
+# pass peaks at about 3 GB; bench/results/profile_3d_after.txt). Larger volumes run in tiles.
+MAX_TILE_VOXELS = 176**3
 
 
 @dataclasses.dataclass
@@ -122,9 +132,12 @@ class FusionEngine:
     ``model_or_checkpoint`` is an ``engine.methods.FusionMethod`` (``load_method``), a network of
     ``model.networks`` (a ``UniFuse`` module, ...) or a checkpoint name/path for ``model.checkpoint``
     (the method its header names).
-    ``tile_size`` (voxels per side) splits large inputs into blended tiles; ``None`` means the
-    checkpoint's training crop (``model.checkpoint.training_crop``: inputs the size the network was
-    trained on), or the whole (padded) input in one pass when there is none.
+    ``tile_size`` (voxels per side) splits large inputs into blended tiles. ``None``: 3-D inputs
+    run in the largest tiles of at most ``MAX_TILE_VOXELS`` (the whole input when it fits), and
+    UniFuse's degradation classifier reads windows of the checkpoint's training crop
+    (``model.checkpoint.training_crop``; ``DegradationAwarePromptLearning.readout_window``), so
+    that its answer does not depend on the tile size; 2-D checkpoints keep running in tiles of
+    their training crop (their images are small, and their outputs stay as they were evaluated).
     """
 
     def __init__(
@@ -147,7 +160,12 @@ class FusionEngine:
             self.checkpoint_info = dict(checkpoint_info or {"name": None, "note": note})
         else:
             metadata = dict(self.method.checkpoint_metadata)
-            tile_size = tile_size or training_crop(metadata)
+            crop = training_crop(metadata)
+            classifier = getattr(getattr(self.method, "network", None), "dapl", None)
+            if classifier is not None:
+                classifier.readout_window = crop
+            if self.method.config.spatial_dims == 2:
+                tile_size = tile_size or crop
             metadata.pop("config", None)  # recorded once, as model_config
             self.checkpoint_info = {
                 "name": self.method.checkpoint_name or str(path), "path": str(path.resolve()),
@@ -191,8 +209,14 @@ class FusionEngine:
 
         with torch.inference_mode():
             with stage("validate"):
-                self.method.check_dimensions(reference.ndim, reference.source or "reference image")
-                self._validate(reference, moving)
+                reference, moving = self._validate(reference, moving)
+            planar = _single_slice_pair(reference, moving)
+            if planar is not None:
+                result = self.run_fusion(*planar, reference_modality=reference_modality,
+                                         moving_modality=moving_modality, progress=progress, cancel=cancel,
+                                         quality=quality, uncertainty_passes=uncertainty_passes)
+                return _single_slice_result(result, reference, moving)
+            self.method.check_dimensions(reference.ndim, reference.source or "reference image")
             with stage("normalise"):
                 reference_ready = _prepare(reference, reference_modality)
                 moving_ready = _prepare(moving, moving_modality)
@@ -200,7 +224,8 @@ class FusionEngine:
             with stage("resample"):
                 moving_ready = _onto_reference_grid(moving_ready, reference)
             prediction, decision, run_info = self._fuse_and_guard(
-                moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings
+                moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings,
+                spacing=tuple(float(s) for s in reference.geometry.spacing),
             )
             with stage("compose"):
                 result = self._compose(reference, moving, reference_ready, moving_ready, prediction)
@@ -242,22 +267,43 @@ class FusionEngine:
         return result
 
     # ---- stages --------------------------------------------------------------------------------
-    def _validate(self, reference: ImageVolume, moving: ImageVolume) -> None:
+    def _validate(self, reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume]:
+        """Refuse inputs the model cannot use, with a message naming the image and the limit; return
+        both with values the model can read (``io.readers.real_finite_values``: magnitude of complex
+        data, 0/1 for masks, no NaN or infinity), each change noted among the image's warnings."""
         # 4D and other dimensionalities cannot reach here: ImageVolume's Geometry is 2D or 3D.
+        usable = []
         for role, image in (("reference", reference), ("moving", moving)):
             source = image.source or f"the {role} image"
             if image.array.size == 0:
                 raise InputError(f"the {role} image is empty (shape {image.array.shape})", source)
-            if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).any():
-                raise InputError(f"every voxel of the {role} image is NaN or infinite", source)
+            try:
+                array, notes = real_finite_values(image.array)
+            except InputError as error:
+                raise InputError(f"the {role} image: {error.problem}", source) from error
+            if array is not image.array:
+                warnings = [*image.metadata.get("warnings", []), *notes]
+                image = dataclasses.replace(image, array=array, metadata={**image.metadata, "warnings": warnings})
+            usable.append(image)
+        reference, moving = usable
         if reference.ndim != moving.ndim:
             raise InputError(
                 f"the reference is {_describe_dims(reference)} but the moving image is "
                 f"{_describe_dims(moving)}; both must be 2D or both 3D", moving.source or "moving image")
-        if self.config.spatial_dims != reference.ndim:
+        if moving.single_slice_axis is not None and reference.single_slice_axis is None:
             raise InputError(
-                f"this checkpoint is a {self.config.spatial_dims}D model but the images are "
-                f"{reference.ndim}D; pass a {reference.ndim}D checkpoint (--checkpoint)", self.checkpoint_name)
+                f"the moving image is a single slice (shape {moving.array.shape}) but the reference a volume "
+                f"(shape {reference.array.shape}); fuse it onto the matching slice of the reference "
+                "(the reference one slice too)", moving.source or "moving image")
+        dims = model_dimensions(reference)
+        if self.config.spatial_dims != dims:
+            what = (f"a single slice stored as a 3D volume (shape {reference.array.shape}), fused as 2D"
+                    if reference.single_slice_axis is not None else f"{dims}D")
+            raise InputError(
+                f"this checkpoint is a {self.config.spatial_dims}D model but the images are {what}; "
+                f"pass a {dims}D checkpoint (--checkpoint)", self.checkpoint_name)
+        _refuse_too_small(reference, self.config, self.tile_size)
+        return reference, moving
 
     def _fuse_and_guard(
         self,
@@ -268,23 +314,26 @@ class FusionEngine:
         progress: ProgressCallback,
         cancel: CancelToken,
         warnings: list[str],
+        spacing: tuple[float, ...] | None = None,
     ) -> tuple[dict[str, np.ndarray], GuardDecision | None, dict[str, Any]]:
         """The ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
-        forward passes with the out-of-memory fallback; returns arrays cropped back to the input."""
+        forward passes with the out-of-memory fallback; returns arrays cropped back to the input.
+        ``spacing`` (mm per array axis) guides the structural matching's image pyramid."""
         multiple = self.config.size_multiple
         spatial = moving.shape
         crop = (slice(None), *(slice(0, side) for side in spatial))
         padding = [(0, -side % multiple) for side in spatial]
         # Zero padding: after normalisation 0 is background, what the model saw around anatomy.
         pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
-        attempts = fallback_plan(self.device, tuple(pair.shape[1:]), self.tile_size, multiple)
+        tile_size = self.tile_size or largest_tile(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
+        attempts = fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, multiple)
         cancel.raise_if_cancelled()
         with timer.stage("fuse"):
             # Structural matching runs once on the whole input (one rigid estimate for every tile,
             # and no tile reads past its edge for it); tiles get the moved image and their part of
             # the field.
             with torch.no_grad():
-                matching = self.method.initial_alignment(pair[None, 0:1], pair[None, 1:2]).cpu()
+                matching = self.method.initial_alignment(pair[None, 0:1], pair[None, 1:2], spacing=spacing).cpu()
             blended, attempts = self._fuse_tiles(pair, matching, False, "fuse", attempts, progress, cancel, warnings)
         decision = None
         if self.method.guarded:
@@ -520,3 +569,71 @@ def _input_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
             warnings.append(f"{image.source or role}: the {role} image is constant ({finite.min():g} everywhere): "
                             "there is no structure to align, and the fused image holds only the other one")
     return warnings
+
+
+def _refuse_too_small(reference: ImageVolume, config: UniFuseConfig, tile_size: int | None) -> None:
+    """The reference grid (what the network runs on) and the tiles must be as large as the model's
+    cost volume needs (``engine.input_checks``); say so, with the limit, before the network fails."""
+    smallest = minimum_input_side(config)
+    axes = [axis for axis, side in enumerate(reference.spatial_shape)
+            if side < smallest and axis != reference.single_slice_axis]
+    if axes:
+        names = "zyx"[-reference.ndim:]
+        listing = ", ".join(f"{names[axis]} ({reference.spatial_shape[axis]})" for axis in axes)
+        raise InputError(
+            f"the reference (shape {reference.array.shape}) is too small for this model along {listing}: "
+            f"it needs at least {smallest} voxels along every axis (a one-slice volume is fused as 2D)",
+            reference.source or "reference image")
+    if tile_size is not None and tile_size < minimum_padded_side(config):
+        raise InputError(f"tiles of {tile_size} voxels are too small for this model: it needs at least "
+                         f"{minimum_padded_side(config)}", "--tile-size")
+
+
+def _single_slice_pair(reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume] | None:
+    """A one-slice reference volume and its moving image as 2D images on the slice's in-plane grid, or
+    None when the reference is not a single slice.
+
+    The moving image (a slice or a whole volume) is first resampled onto the slice in 3D, so that
+    its position and orientation in the scanner are honoured; both 2D images then share one
+    in-plane grid (the slice's spacing, identity direction) and the 2D resampling is the identity.
+    """
+    axis = reference.single_slice_axis
+    if axis is None:
+        return None
+    on_slice = resample_to_reference(moving, reference)
+    plane = Geometry(np.delete(reference.geometry.spacing, axis), np.zeros(2), np.eye(2))
+
+    def in_plane(image: ImageVolume) -> ImageVolume:
+        return dataclasses.replace(image, array=np.take(image.array, 0, axis=axis), geometry=plane)
+
+    return in_plane(reference), in_plane(on_slice)
+
+
+def _single_slice_result(result: FusionResult, reference: ImageVolume, moving: ImageVolume) -> FusionResult:
+    """The 2D result of a one-slice reference put back on its 3D grid: images with the slice axis
+    restored, the field with a zero component along it, one class row per z slice."""
+    axis = reference.single_slice_axis
+
+    def on_grid(image: ImageVolume) -> ImageVolume:
+        return dataclasses.replace(image, array=np.expand_dims(image.array, axis), geometry=reference.geometry)
+
+    displacement = np.insert(np.expand_dims(result.displacement, axis + 1), axis, 0.0, axis=0)
+    slices = reference.spatial_shape[0]
+    provenance = result.provenance
+    for role, image in (("reference", reference), ("moving", moving)):
+        provenance["inputs"][role].update(shape=list(image.array.shape), geometry=image.geometry.to_dict())
+    provenance["single_slice"] = {
+        "axis": axis,
+        "note": "a one-slice volume, fused as a 2D image on its in-plane grid after the moving image "
+                "was resampled onto the slice in 3D; outputs are back on the slice's 3D grid",
+    }
+    quality = result.quality
+    if quality is not None:
+        quality = QualityMaps.from_maps({name: np.expand_dims(array, axis) for name, array in quality.maps().items()},
+                                        quality.thresholds, flag_level=quality.flag_level,
+                                        definitions=quality.definitions, seconds=quality.seconds)
+    return dataclasses.replace(
+        result, fused=on_grid(result.fused), aligned=on_grid(result.aligned),
+        displacement=np.ascontiguousarray(displacement, dtype=np.float32),
+        slice_class_probs=np.repeat(result.slice_class_probs[:1], slices, axis=0), provenance=provenance,
+        quality=quality)

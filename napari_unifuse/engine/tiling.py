@@ -72,6 +72,19 @@ def tile_layout(
     return tile_shape, overlap
 
 
+def largest_tile(spatial_shape: tuple[int, ...], size_multiple: int, max_voxels: int) -> int | None:
+    """The largest tile side (a multiple of ``size_multiple``) whose tiles, clipped to the volume as
+    ``tile_layout`` clips them, hold at most ``max_voxels``; None when the whole volume does."""
+    if int(torch.tensor(spatial_shape).prod()) <= max_voxels:
+        return None
+    side = max(spatial_shape)
+    while side > size_multiple:
+        side -= size_multiple
+        if int(torch.tensor([min(side, extent) for extent in spatial_shape]).prod()) <= max_voxels:
+            break
+    return side
+
+
 def predict_tiled(
     predict: TilePredictor,
     image: torch.Tensor,

@@ -216,6 +216,15 @@ class ImageVolume:
     def spatial_shape(self) -> tuple[int, ...]:
         return self.array.shape[: self.ndim]
 
+    @property
+    def single_slice_axis(self) -> int | None:
+        """The axis of a 3D volume that holds a single slice (a 2D image stored as 3D, e.g. one
+        64×64×1 NIfTI slice), or None. A volume thin along several axes is no image, not a slice."""
+        if self.ndim != 3:
+            return None
+        thin = [axis for axis, side in enumerate(self.spatial_shape) if side == 1]
+        return thin[0] if len(thin) == 1 else None
+
     def to_sitk(self) -> sitk.Image:
         """A SimpleITK image with this array and geometry (RGB becomes a 3-component vector image)."""
         array = self.array

@@ -81,25 +81,50 @@ def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume
     try:
         array, geometry, metadata, is_rgb = _READERS[fmt](path, frame)
         _refuse_empty(array, path)
+        array, warnings = real_finite_values(array)
     except InputError as error:
-        # Geometry validation knows the problem but not the file.
+        # Geometry and value checks know the problem but not the file.
         raise InputError(error.problem, path) from error
     metadata["format"] = fmt
-    return ImageVolume(_finite_array(array, metadata, path), geometry, metadata, str(path), is_rgb)
+    if warnings:
+        metadata["warnings"] = warnings
+    return ImageVolume(array, geometry, metadata, str(path), is_rgb)
 
 
-def _finite_array(array: np.ndarray, metadata: dict[str, Any], path: Path) -> np.ndarray:
-    """Refuse all-NaN data; zero out isolated NaN/inf and say so in the metadata."""
+def real_finite_values(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """``array`` made usable by the model, and a sentence for each change made.
+
+    * Complex values (an MR reconstruction saved as real + imaginary) become their magnitude, the
+      image a scanner console shows; the phase is dropped, which the warning says.
+    * Booleans (a mask) become 0.0 / 1.0: an 8-bit 0/1 image would be read as almost black.
+    * +inf / -inf (a saturated detector, an overflowed conversion) are clipped to the largest /
+      smallest finite value, as the intensity window would clip them; NaN (no measurement) becomes
+      0, the background.
+
+    Raises InputError (without a source; callers add it) when no voxel is finite.
+    """
+    warnings = []
+    if np.iscomplexobj(array):
+        array = np.abs(array)
+        warnings.append("complex-valued data: fused as its magnitude |re + i·im| (the phase is dropped)")
+    if array.dtype == np.bool_:
+        array = array.astype(np.float32)
     if not np.issubdtype(array.dtype, np.floating):
-        return array
+        return array, warnings
     finite = np.isfinite(array)
+    if finite.all():
+        return array, warnings
     if not finite.any():
-        raise InputError("every voxel is NaN or infinite: there is no image to use", path)
-    if not finite.all():
-        count = int(array.size - finite.sum())
-        metadata.setdefault("warnings", []).append(f"{count} NaN/infinite voxels were replaced by 0")
-        array = np.where(finite, array, 0).astype(array.dtype)
-    return array
+        raise InputError("every voxel is NaN or infinite: there is no image to use")
+    nan, positive, negative = np.isnan(array), np.isposinf(array), np.isneginf(array)
+    values = array[finite]
+    # Clip first: NaN passes through the clip, and 0 must stay 0 however high the finite minimum.
+    array = np.where(nan, 0, np.clip(array, values.min(), values.max())).astype(array.dtype)
+    counts = [(int(nan.sum()), "NaN voxels set to 0"),
+              (int(positive.sum()), f"+inf voxels set to the maximum {values.max():g}"),
+              (int(negative.sum()), f"-inf voxels set to the minimum {values.min():g}")]
+    warnings.append("non-finite values: " + ", ".join(f"{count} {what}" for count, what in counts if count))
+    return array, warnings
 
 
 def _refuse_empty(array: np.ndarray, path: Path) -> None:

@@ -12,18 +12,37 @@ the per-slice degradation probabilities of 3-D volumes from the same head as the
 pooled read-outs are standardised with running statistics before the MLP (see
 :class:`~napari_unifuse.model.layers.RunningStandardize`): without it the head stays at the class
 prior.
+
+Size-robust read-out (``readout_window``, our addition). A read-out pooled over a whole volume is
+not that of its parts: the Mamba scans run over more tokens and the pooled statistics move, so a
+checkpoint trained on 32³ crops named every larger input's degradation wrong. With a window (the
+training crop, set by the engine from the checkpoint), the token path (MambaBlock 1 and 2, the
+read-outs and the last hidden states) runs on windows of that size on the patch grid (the
+last one along an axis shifted back to end at the border), batched, from the encoder on the
+image's windows (its GroupNorm then sees a window's statistics): each window sees what a training
+crop did. The image's class probabilities are the windows' mean, weighted by how much
+anatomy each holds; slab read-outs pool the windows' token read-outs put back on the grid; h1..h3
+are the windows' weighted mean. An input no larger than the window is one window: the read-out is
+then the plain one, and the weights are unchanged either way.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.layers import ConvBlock, RunningStandardize, conv, flatten_spatial
 from napari_unifuse.model.mamba import MambaBlock
+
+# Normalised intensity above which a voxel of either image counts as anatomy when weighting windows.
+_ANATOMY = 0.05
+# Weight of a window with no anatomy at all, so that an empty input still has a read-out.
+_EMPTY_WINDOW_WEIGHT = 1e-3
 
 
 def token_orders(length: int, device=None) -> list[torch.Tensor]:
@@ -77,29 +96,106 @@ class DegradationAwarePromptLearning(nn.Module):
         # The degradation-aware prompt set P (embedding-like N(0, 1) initialisation).
         self.prompt_set = nn.Parameter(
             torch.randn(config.num_classes, config.prompt_length, embed))
+        # Side (voxels) of the windows the token path reads (see the module docstring); None: the
+        # whole input. Not a weight: the engine sets it from the checkpoint's training crop.
+        self.readout_window: int | None = None
 
     def forward(self, moving: torch.Tensor, reference: torch.Tensor) -> DAPLOutput:
         moving_features, reference_features = self.encoder(moving), self.encoder(reference)
-        merged = self.merge(torch.cat([moving_features, reference_features], dim=1))
-        patches = self.patch_embed(merged)
-        tokens = self.mamba_first(self.token_norm(flatten_spatial(patches)))
+        patch = self.config.patch_size
+        grid = tuple(side // patch for side in moving.shape[2:])
+        windows = self._windows(grid)
+        if len(windows) == 1:
+            batch = self._patches(moving_features, reference_features)
+        else:
+            # (W·B, E, *window) from the images' windows (window-major): the encoder's GroupNorm
+            # then sees each window's statistics, as it saw each training crop's.
+            voxels = [tuple(slice(w.start * patch, w.stop * patch) for w in window) for window in windows]
+            moving_windows = torch.cat([moving[(slice(None), slice(None), *w)] for w in voxels])
+            reference_windows = torch.cat([reference[(slice(None), slice(None), *w)] for w in voxels])
+            batch = self._patches(self.encoder(moving_windows), self.encoder(reference_windows))
+        window_grid = batch.shape[2:]
+        shape = (moving.shape[0], batch.shape[1], *grid)
+        tokens = self.mamba_first(self.token_norm(flatten_spatial(batch)))
         readouts, hidden_states = [], []
         for order in token_orders(tokens.shape[1], tokens.device):
             readout, state = self.mamba_orders(tokens[:, order], return_last_state=True)
             readouts.append(readout[:, torch.argsort(order)])  # back to raster order
             hidden_states.append(state)
-        token_features = torch.cat(readouts, dim=-1)
-        pooled = [token_features.mean(dim=1, keepdim=True)]
+        token_features = torch.cat(readouts, dim=-1)  # (W·B, Nw, 3E)
+        weights = self._window_weights(moving, reference, grid, windows)  # (W, B)
+        window_count, images = len(windows), moving.shape[0]
+
+        def per_window(x: torch.Tensor) -> torch.Tensor:  # (W·B, ...) -> (W, B, ...)
+            return x.reshape(window_count, images, *x.shape[1:])
+
+        def weighted_mean(x: torch.Tensor) -> torch.Tensor:  # (W, B, ...) -> (B, ...)
+            return (x * weights.view(*weights.shape, *[1] * (x.dim() - 2))).sum(0)
+
+        hidden_states = [weighted_mean(per_window(state)) for state in hidden_states]
+        pooled = token_features.mean(dim=1, keepdim=True)  # (W·B, 1, 3E)
+        slabs = None
         if self.config.spatial_dims == 3:
-            pooled.append(self._slab_means(token_features, patches.shape[2:]))
-        # One head call for the image and its slabs: they share the running statistics.
-        logits = self.classifier(torch.cat(pooled, dim=1))
-        class_logits = logits[:, 0]
-        slice_class_logits = logits[:, 1:] if self.config.spatial_dims == 3 else logits
+            grid_features = self._on_grid(per_window(token_features), window_grid, shape, windows)
+            slabs = self._slab_means(flatten_spatial(grid_features), grid)
+        if window_count == 1:
+            # One head call for the image and its slabs: in training they share the running statistics.
+            logits = self.classifier(pooled if slabs is None else torch.cat([pooled, slabs], dim=1))
+            class_logits = logits[:, 0]
+            slice_class_logits = logits if slabs is None else logits[:, 1:]
+        else:
+            window_probs = torch.softmax(self.classifier(pooled)[:, 0], dim=-1)
+            class_logits = weighted_mean(per_window(window_probs)).clamp_min(1e-12).log()
+            slice_class_logits = class_logits[:, None] if slabs is None else self.classifier(slabs)
         return DAPLOutput(moving_features, reference_features, hidden_states, class_logits,
                           slice_class_logits, self._select_prompts(hidden_states))
 
-    def _slab_means(self, token_features: torch.Tensor, grid: torch.Size) -> torch.Tensor:
+    def _patches(self, moving_features: torch.Tensor, reference_features: torch.Tensor) -> torch.Tensor:
+        """Encoder features of the pair -> merged patch embeddings Q (B, E, *grid)."""
+        return self.patch_embed(self.merge(torch.cat([moving_features, reference_features], dim=1)))
+
+    def _windows(self, grid: tuple[int, ...]) -> list[tuple[slice, ...]]:
+        """Windows of ``readout_window`` voxels (in patches) tiling the patch ``grid``: one per
+        step of the window along each axis, the last shifted back to end at the border; the whole
+        grid when there is no window or the grid fits in one."""
+        if self.readout_window is None:
+            return [tuple(slice(0, side) for side in grid)]
+        size = max(1, self.readout_window // self.config.patch_size)
+        starts_per_axis = []
+        for side in grid:
+            width = min(size, side)
+            starts = list(range(0, side - width + 1, width))
+            if starts[-1] + width < side:
+                starts.append(side - width)
+            starts_per_axis.append([slice(start, start + width) for start in starts])
+        return list(itertools.product(*starts_per_axis))
+
+    def _window_weights(self, moving: torch.Tensor, reference: torch.Tensor, grid: tuple[int, ...],
+                        windows: list[tuple[slice, ...]]) -> torch.Tensor:
+        """(W, B) weights summing to 1 over the windows: each window's share of anatomy (voxels
+        where either image shows something), so that air around a head does not vote."""
+        if len(windows) == 1:
+            return moving.new_ones(1, moving.shape[0])
+        pool = (F.avg_pool2d, F.avg_pool3d)[self.config.spatial_dims - 2]
+        anatomy = pool((torch.maximum(moving, reference) > _ANATOMY).to(moving.dtype), self.config.patch_size)
+        anatomy = anatomy[:, 0, *(slice(0, side) for side in grid)]
+        weights = torch.stack([anatomy[(slice(None), *window)].flatten(1).mean(1) for window in windows])
+        weights = weights + _EMPTY_WINDOW_WEIGHT
+        return weights / weights.sum(0, keepdim=True)
+
+    @staticmethod
+    def _on_grid(window_features: torch.Tensor, window_grid: torch.Size, shape: tuple[int, ...],
+                 windows: list[tuple[slice, ...]]) -> torch.Tensor:
+        """(W, B, Nw, F) token features of the windows -> (B, F, *grid), overlaps averaged."""
+        total = window_features.new_zeros(shape[0], window_features.shape[-1], *shape[2:])
+        hits = window_features.new_zeros(1, 1, *shape[2:])
+        for features, window in zip(window_features, windows):
+            index = (slice(None), slice(None), *window)
+            total[index] += features.transpose(1, 2).reshape(*features.shape[:1], -1, *window_grid)
+            hits[index] += 1
+        return total / hits
+
+    def _slab_means(self, token_features: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """(B, N, F) token features of a volume -> (B, S, F): their mean over each slab of
         ``slab_patches`` patch rows along the first array axis (z); the last slab may be thinner."""
         rows = token_features.reshape(token_features.shape[0], grid[0], -1,

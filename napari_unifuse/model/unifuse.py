@@ -59,15 +59,18 @@ class UniFuse(nn.Module):
         initial = self.initial_alignment(moving, reference)
         return self.refine(warp(moving, initial, padding_mode="border"), reference, initial)
 
-    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
+                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
         """Structural matching's field (B, ndim, *spatial) for the pair (zero when
         ``config.matching_range`` is 0). Not trained; the engine computes it once for a whole
-        volume, so that tiles share one estimate."""
+        volume, so that tiles share one estimate, and passes the voxel ``spacing`` (mm, array
+        axes) so that the matching's image pyramid pools towards isotropic voxels."""
         cfg = self.config
         if cfg.matching_range == 0:
             return moving.new_zeros(moving.shape[0], cfg.spatial_dims, *moving.shape[2:])
         return structural_matching(moving, reference, cfg.matching_step, cfg.matching_range,
-                                   mutual_information_refinement=cfg.matching_mutual_information)
+                                   mutual_information_refinement=cfg.matching_mutual_information,
+                                   spacing=spacing)
 
     def refine(self, moving: torch.Tensor, reference: torch.Tensor,
                initial: torch.Tensor, *, fixed_field: bool = False) -> UniFuseOutput:

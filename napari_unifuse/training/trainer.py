@@ -43,7 +43,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.distributed import setup_distributed
 from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, UniFuseError
 from napari_unifuse.model import UniFuseConfig
@@ -65,18 +65,6 @@ class TrainResult:
     rank: int = 0
 
 
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 def model_config(config: TrainConfig) -> UniFuseConfig:
     """The UniFuse config of a ``model.method: unifuse`` training config."""
     preset = UniFuseConfig.paper if config.model.preset == "paper" else UniFuseConfig.small
@@ -86,25 +74,6 @@ def model_config(config: TrainConfig) -> UniFuseConfig:
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def _setup_distributed(requested_device: str) -> Distributed:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(requested_device)
-    if world_size == 1:
-        return Distributed(0, 0, 1, device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        # Processes on one machine share its cores: without this each would start one thread
-        # per core and they would oversubscribe the CPU.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, local_rank, world_size, device)
 
 
 class _ResumableSampler(DistributedSampler):
@@ -148,7 +117,7 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.command = command
         self.progress = progress
-        self.dist = _setup_distributed(device)
+        self.dist = setup_distributed(device)
         self.step = 0
         self.best_score = -math.inf
         self.best_validation: dict[str, float] = {}

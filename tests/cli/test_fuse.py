@@ -126,6 +126,11 @@ def test_nifti_pair_outputs_keep_the_reference_geometry(data, tmp_path, capsys):
     assert json.loads((case / "provenance.json").read_text(encoding="utf-8"))["tile_count"] > 1
 
 
+def outputs_touched(out):
+    """Modification times of every pair's outputs (the batch summary is rewritten by every run)."""
+    return {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.name != "summary.json"}
+
+
 def test_csv_batch_resolves_relative_paths_and_resumes(data, tmp_path, capsys):
     root = data["root"]
     pairs = root / "pairs.csv"
@@ -139,13 +144,15 @@ def test_csv_batch_resolves_relative_paths_and_resumes(data, tmp_path, capsys):
     assert fuse(*argv) == 0, capsys.readouterr().err
     assert {path.name for path in (tmp_path / "pet7").iterdir()} == OUTPUTS_PNG
     assert {path.name for path in (tmp_path / "pet8").iterdir()} == OUTPUTS_PNG | {"metrics.json"}
-    first_run = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")}
+    first_run = outputs_touched(tmp_path)
     capsys.readouterr()
 
     assert fuse(*argv) == 0
     out = capsys.readouterr().out
     assert out.count("skipped, already done") == 2
-    assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")} == first_run
+    assert outputs_touched(tmp_path) == first_run
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert [outcome["status"] for outcome in summary["outcomes"]] == ["skipped", "skipped"]
 
     assert fuse(*argv, "--overwrite") == 0
     assert "skipped" not in capsys.readouterr().out

@@ -57,3 +57,11 @@ def test_samples_are_cached_but_layers_own_their_data():
     first[1][0][:] = 0
     again = samples.t1_t2_motion_3d()
     assert again[1][0].max() > 0
+
+
+def test_the_bundled_3d_samples_are_the_1mm_phantoms_at_full_size():
+    """What napari opens (the tests shrink it): the whole head on a 1 mm grid."""
+    from napari_unifuse.data.phantoms import brain_tissue_fractions
+
+    spacing = brain_tissue_fractions(samples.FULL_SIZE_SHAPE_3D)["air"].geometry.spacing
+    np.testing.assert_allclose(spacing, 1.0, atol=0.01)

@@ -45,8 +45,8 @@ class CountingModel(nn.Module):
         self.model, self.max_side, self.tile_shapes = model, max_side, []
         self.config = model.config
 
-    def initial_alignment(self, moving, reference):
-        return self.model.initial_alignment(moving, reference)
+    def initial_alignment(self, moving, reference, spacing=None):
+        return self.model.initial_alignment(moving, reference, spacing)
 
     def refine(self, moving, reference, initial, *, fixed_field=False):
         """The per-tile network pass the engine makes."""

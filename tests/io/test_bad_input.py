@@ -95,11 +95,16 @@ def test_four_d_message_says_how_to_choose(tmp_path):
         read_image(path)
 
 
-def test_partial_nans_become_zero_with_a_warning(tmp_path):
-    data = np.ones((4, 5, 6), np.float32)
+def test_nans_become_zero_and_infinities_are_clipped_with_a_warning(tmp_path):
+    data = np.linspace(1, 2, 120, dtype=np.float32).reshape(4, 5, 6)
     data[1, 2, 3] = np.nan
     data[0, 0, 0] = np.inf
+    data[0, 0, 1] = -np.inf
     volume = read_image(_nifti(tmp_path / "holes.nii.gz", data))
     assert np.all(np.isfinite(volume.array))
-    assert volume.array[3, 2, 1] == 0 and volume.array[0, 0, 0] == 0 and volume.array.sum() == data.size - 2
-    assert any("2 NaN/infinite voxels" in warning for warning in volume.metadata["warnings"])
+    finite = data[np.isfinite(data)]
+    # nibabel's (x, y, z) comes back as (z, y, x).
+    assert volume.array[3, 2, 1] == 0
+    assert volume.array[0, 0, 0] == finite.max() and volume.array[1, 0, 0] == finite.min()
+    (warning,) = volume.metadata["warnings"]
+    assert "1 NaN voxels set to 0" in warning and "1 +inf" in warning and "1 -inf" in warning

@@ -1,11 +1,13 @@
-"""DAPL's token orders (§3.2), the Mamba block's hidden state, the classifier's standardisation."""
+"""DAPL's token orders (§3.2), the Mamba block's hidden state, the classifier's standardisation and
+its size-robust windowed read-out."""
 
 import copy
 
 import pytest
 import torch
 
-from napari_unifuse.model.dapl import token_orders
+from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.dapl import DegradationAwarePromptLearning, token_orders
 from napari_unifuse.model.layers import RunningStandardize
 from napari_unifuse.model.mamba import MambaBlock
 
@@ -52,3 +54,47 @@ def test_running_standardize_tracks_the_feature_statistics_independently_of_the_
     frozen = layer.running_mean.clone()
     layer(features + 100)
     assert torch.equal(layer.running_mean, frozen)  # evaluation never updates the statistics
+
+
+def _decisive_dapl(spatial_dims: int) -> DegradationAwarePromptLearning:
+    """A random DAPL whose head is scaled up so that its classes differ clearly (a random head
+    gives near-uniform probabilities, which every read-out would match)."""
+    torch.manual_seed(0)
+    dapl = DegradationAwarePromptLearning(UniFuseConfig.small(spatial_dims)).eval()
+    with torch.no_grad():
+        dapl.classifier[-1].weight.mul_(100.0)
+    return dapl
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_windowed_readout_names_a_crop_and_the_volume_holding_it_alike(spatial_dims):
+    dapl = _decisive_dapl(spatial_dims)
+    crop = (32,) * spatial_dims
+    moving, reference = torch.rand(1, 1, *crop), torch.rand(1, 1, *crop)
+    # The crop in a corner of a larger, otherwise empty volume whose last side is no multiple of
+    # the window (the last two windows overlap there, away from the crop).
+    volume = (64,) * (spatial_dims - 1) + (80,)
+    holder = (slice(None), slice(None), *(slice(0, side) for side in crop))
+    moving_volume, reference_volume = torch.zeros(1, 1, *volume), torch.zeros(1, 1, *volume)
+    moving_volume[holder], reference_volume[holder] = moving, reference
+    with torch.no_grad():
+        alone = torch.softmax(dapl(moving, reference).class_logits, dim=-1)
+        dapl.readout_window = crop[0]
+        windowed = dapl(moving_volume, reference_volume)
+        windowed_probs = torch.softmax(windowed.class_logits, dim=-1)
+    assert alone.max() > 0.5  # a decisive answer to compare with
+    assert windowed_probs.argmax() == alone.argmax()
+    torch.testing.assert_close(windowed_probs, alone, atol=0.05, rtol=0)
+    if spatial_dims == 3:
+        assert windowed.slice_class_logits.shape[1] == -(-volume[0] // dapl.config.slab_size)
+
+
+def test_a_window_as_large_as_the_input_changes_nothing():
+    dapl = _decisive_dapl(3)
+    moving, reference = torch.rand(1, 1, 32, 32, 48), torch.rand(1, 1, 32, 32, 48)
+    with torch.no_grad():
+        plain = dapl(moving, reference)
+        dapl.readout_window = 48
+        windowed = dapl(moving, reference)
+    for name in ("class_logits", "slice_class_logits", "prompts"):
+        torch.testing.assert_close(getattr(windowed, name), getattr(plain, name), rtol=0, atol=0)

@@ -2,6 +2,7 @@
 rigid motions) and the whole on cross-modal phantom pairs misaligned by a known field."""
 
 import itertools
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,12 +11,14 @@ from scipy import ndimage
 
 from napari_unifuse.data.misalign import RandomMisalignment
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
+from napari_unifuse.model import matching
 from napari_unifuse.model.correlation import local_distance
 from napari_unifuse.model.matching import (
     affine_displacement,
     fit_rigid,
     mind,
     mutual_information,
+    pyramid_factors,
     structural_matching,
 )
 from napari_unifuse.model.smoothing import gaussian_blur
@@ -168,3 +171,50 @@ def test_a_flat_image_gives_no_motion():
     reference = torch.from_numpy(make_brain_phantom_slices((64, 64), ("t1",))["t1"].array)[None, None]
     for moving, fixed in ((torch.zeros_like(reference), reference), (reference, torch.full_like(reference, 0.3))):
         assert structural_matching(moving, fixed, step=4, search_range=16).abs().max() < 0.01
+
+
+@pytest.mark.parametrize(("spatial", "spacing", "expected"), [
+    ((160, 160, 160), None, (2, 2, 2)),          # clinical size: one halving reaches 80³
+    ((64, 80, 64), None, (1, 1, 1)),             # small enough as it is
+    ((24, 256, 256), (5.0, 1.0, 1.0), (1, 4, 4)),  # thick slices: in-plane only, ~isotropic
+    ((1, 64, 64), (1.0, 1.0, 1.0), (1, 1, 1)),   # a one-slice volume is never pooled along z
+    ((4, 4, 200), None, (1, 1, 1)),              # needle: nothing large enough to pool
+])
+def test_pyramid_pools_towards_isotropic_level_voxels_within_the_budget(spatial, spacing, expected):
+    assert pyramid_factors(spatial, spacing) == expected
+
+
+def test_the_pyramid_level_matches_a_large_volume_like_the_full_grid():
+    """A 3D pair pooled to its level (forced by a small voxel budget) recovers the misalignment as
+    well as matching on the full grid does."""
+    volumes = make_brain_phantoms((48, 48, 48), ("t1", "t2"))
+    reference, label = volumes["t1"].array, volumes["t2"].array / volumes["t2"].array.max()
+    draw = RandomMisalignment(max_rotation_deg=6.0, max_translation_fraction=0.12,
+                              max_elastic_fraction=0.0).draw(reference.shape, np.random.default_rng(3))
+    truth, moving = draw.displacement(), draw.apply(label)
+    pair = [torch.from_numpy(x)[None, None].float() for x in (moving, reference)]
+    head = reference > 0.05
+    identity = float(np.linalg.norm(truth, axis=0)[head].mean())
+    with mock.patch.object(matching, "_LEVEL_MAX_VOXELS", 24**3):
+        assert pyramid_factors((48, 48, 48)) == (2, 2, 2)
+        estimate = structural_matching(*pair, step=4, search_range=8)[0].numpy()
+    assert np.linalg.norm(estimate - truth, axis=0)[head].mean() < 0.35 * identity
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64), (64, 64, 1), (2, 2, 2), (32, 32, 2), (4, 4, 200)])
+def test_thin_volumes_are_matched_in_plane_or_not_at_all(shape):
+    """A one-slice volume is matched as a 2D image (no motion across the slice); volumes too thin
+    along two axes for a block of cells get no motion instead of a pooling error."""
+    image = np.zeros(shape, dtype=np.float32)
+    image[tuple(slice(size // 4, max(size // 4 + 1, 3 * size // 4)) for size in shape)] = 1.0
+    reference = torch.from_numpy(image)[None, None]
+    moving = torch.roll(reference, 3, dims=2 + int(np.argmax(shape)))
+    field = structural_matching(moving, reference, step=4, search_range=8)
+    assert field.shape == (1, 3, *shape) and torch.isfinite(field).all()
+    thin = [axis for axis, size in enumerate(shape) if size < 12]
+    for axis in thin:
+        assert field[0, axis].abs().max() == 0
+    if len(thin) == 1:  # matched in-plane: the shift is found inside the square
+        inside = reference[0, 0] > 0
+        longest = int(np.argmax(shape))
+        assert abs(float(field[0, longest][inside].mean()) - 3.0) < 1.0

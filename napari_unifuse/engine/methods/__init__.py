@@ -86,7 +86,8 @@ class FusionMethod(ABC):
     checkpoint_metadata: dict[str, Any] = {}
 
     @abstractmethod
-    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor: ...
+    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
+                          spacing: tuple[float, ...] | None = None) -> torch.Tensor: ...
 
     @abstractmethod
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,

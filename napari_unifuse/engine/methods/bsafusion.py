@@ -24,7 +24,8 @@ class Method(NetworkMethod):
     name = "bsafusion"
     supported_dims = SUPPORTED_DIMS
 
-    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
+                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
         return moving.new_zeros(moving.shape[0], 2, *moving.shape[2:])
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,

@@ -38,7 +38,8 @@ class Method(NetworkMethod):
         self.alignment = alignment
         self.name = "mmif-amin" if alignment == DEFAULT_ALIGNMENT else f"mmif-amin:{alignment}"
 
-    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
+                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
         return registration_field(ALIGNMENTS[self.alignment], moving, reference)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,

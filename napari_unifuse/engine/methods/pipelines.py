@@ -48,7 +48,8 @@ class Pipeline(FusionMethod):
         self.name = f"{registration}+{rule}"
         self.checkpoint_metadata = {}
 
-    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
+                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
         return registration_field(self.config.registration, moving, reference)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,

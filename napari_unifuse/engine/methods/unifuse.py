@@ -18,8 +18,9 @@ class Method(NetworkMethod):
     guarded = True
     restores = True
 
-    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return self.network.initial_alignment(moving, reference)
+    def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
+                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+        return self.network.initial_alignment(moving, reference, spacing=spacing)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
                      fixed_field: bool) -> MethodOutput:

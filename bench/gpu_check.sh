@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The first GPU, in under 8 minutes: install the cuda extra offline, then bench/gpu_check.py
+# (mamba-ssm's selective scan against the torch scan, 160³ fusion with memory, 50 training steps of
+# the paper preset). Run from the repository root, in the venv that has torch's CUDA build:
+#
+#   bench/gpu_check.sh [--dry-run] [WHEELS_DIR] [-- ARGS FOR gpu_check.py]
+#
+# WHEELS_DIR holds mamba-ssm and causal-conv1d built for this torch and CUDA (wheels, or sdists
+# that pip then builds here with nvcc, offline); without it they must already be installed.
+# Make the wheels where there is network:  pip wheel --no-deps --no-build-isolation -w WHEELS_DIR \
+#   $(python bench/gpu_check.py --print-cuda-requirements)
+# Environment: PYTHON (default .venv/bin/python, else python3), BUDGET_S (default 480).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+BUDGET_S=${BUDGET_S:-480}
+DRY_RUN=""
+WHEELS=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY_RUN=1; shift ;;
+        --) shift; break ;;
+        -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
+        *) WHEELS="$1"; shift ;;
+    esac
+done
+
+run() {  # print each command; run it unless this is a dry run
+    echo "+ $*"
+    if [ -z "$DRY_RUN" ]; then "$@"; fi
+}
+
+started=$(date +%s)
+if [ -n "$WHEELS" ]; then
+    if [ ! -d "$WHEELS" ]; then echo "gpu_check.sh: no folder $WHEELS" >&2; exit 2; fi
+    mapfile -t requirements < <("$PYTHON" bench/gpu_check.py --print-cuda-requirements)
+    # Offline: only what the folder holds; no build isolation, so sdists build against this torch.
+    run "$PYTHON" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation "${requirements[@]}"
+fi
+if [ -z "$DRY_RUN" ]; then
+    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: torch sees no CUDA GPU')"
+fi
+left=$(( BUDGET_S - ($(date +%s) - started) ))
+if [ "$left" -lt 60 ]; then echo "gpu_check.sh: the install used the time budget" >&2; exit 1; fi
+args=(--device "$([ -n "$DRY_RUN" ] && echo auto || echo cuda)" "$@")
+if [ -n "$DRY_RUN" ]; then args+=(--dry-run); fi
+# timeout: the whole check stays within the budget even if a step hangs.
+echo "+ timeout $left $PYTHON bench/gpu_check.py ${args[*]}"
+PYTHONPATH=. timeout "$left" "$PYTHON" bench/gpu_check.py "${args[@]}"

@@ -1,0 +1,80 @@
+"""Several processes, one job: the process group ``torchrun`` describes, for training and for
+sharded batches of pairs (``unifuse fuse --pairs`` under ``torchrun``).
+
+``torchrun --nproc_per_node N`` starts N copies of a command with ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE`` and a rendezvous address in their environment; ``torchrun --nnodes M`` does the
+same on M machines of a cluster (SLURM, Kubernetes: whatever starts the command on every node).
+Processes talk over NCCL between GPUs and gloo between CPUs. No scheduler of our own: each
+process takes its share by rank, and the results meet at rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from napari_unifuse.engine.device import resolve_device
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job; a plain run is rank 0 of 1."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[Item]) -> list[Item]:
+        """This rank's share: every ``world_size``-th item from its rank on, so that shards differ
+        in size by at most one and together hold every item exactly once."""
+        return list(items[self.rank :: self.world_size])
+
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` (picklable), in rank order, at rank 0; None on the other ranks.
+        A collective: every rank must call it."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed(requested_device: str) -> Distributed:
+    """Join the process group ``torchrun`` set up in the environment (rank 0 of 1 without it).
+
+    On CUDA each process takes the GPU of its local rank and talks NCCL; on CPUs gloo, with the
+    machine's cores split between the processes that share it.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(requested_device)
+    if world_size == 1:
+        return Distributed(0, 0, 1, device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        # Processes on one machine share its cores: without this each would start one thread
+        # per core and they would oversubscribe the CPU.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        # gloo also on GPUs would work, but NCCL is what moves tensors between them fast.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, local_rank, world_size, device)

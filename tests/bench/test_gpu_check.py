@@ -1,0 +1,102 @@
+"""What of bench/gpu_check.{sh,py} runs on a CPU: the scan comparison (torch scan against the
+sequential reference), its power to catch a wrong scan, the arguments, the fusion and training
+runners at toy sizes, and the shell script's dry run."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["gpu_check"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_torch_scan_matches_the_reference_forward_and_backward(gpu_check, dtype):
+    from napari_unifuse.model.scan import selective_scan
+    from napari_unifuse.model.scan_reference import selective_scan_reference
+
+    comparison = gpu_check.compare_scans(lambda **kw: selective_scan(**kw, backend="torch"),
+                                         selective_scan_reference, dtype, CPU, length=130)
+    assert comparison.passed, comparison.describe()
+    names = {"out", "last_state", *(f"grad_{n}" for n in ("u", "delta", "z", "B", "C", "A", "D", "delta_bias",
+                                                          "initial_state"))}
+    assert set(comparison.errors) == names
+
+
+def test_the_comparison_catches_a_scan_that_drops_the_skip_term(gpu_check):
+    from napari_unifuse.model.scan_reference import selective_scan_reference
+
+    def forgetful(D, **kwargs):
+        return selective_scan_reference(D=D * 0, **kwargs)
+
+    comparison = gpu_check.compare_scans(forgetful, selective_scan_reference, torch.float32, CPU, length=40)
+    assert not comparison.passed
+    assert comparison.errors["out"] > 1e-2 and "FAILED" in comparison.describe()
+
+
+def test_the_cpu_scan_check_runs_both_dtypes(gpu_check):
+    comparisons = gpu_check.scan_check(CPU)
+    assert [c.dtype for c in comparisons] == ["float32", "bfloat16"]
+    assert all(c.candidate == "torch" and c.baseline == "reference" and c.passed for c in comparisons)
+
+
+def test_cuda_requirements_are_the_packages_cuda_extra(gpu_check):
+    with (REPO / "pyproject.toml").open("rb") as stream:
+        extra = tomllib.load(stream)["project"]["optional-dependencies"]["cuda"]
+    assert gpu_check.cuda_requirements() == extra and any(r.startswith("mamba-ssm") for r in extra)
+
+
+def test_dry_run_prints_the_plan_and_bad_arguments_are_refused(gpu_check, capsys):
+    assert gpu_check.main(["--device", "cpu", "--dry-run", "--size", "96", "--train-steps", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "torch vs reference" in out and "96³" in out and "7 training steps of phantom3d.yaml" in out
+    assert gpu_check.main(["--device", "cpu", "--dry-run", "--size", "4"]) == 2
+    assert gpu_check.main(["--device", "cpu", "--dry-run", "--train-config", "nope.yaml"]) == 2
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--checks", "everything"])
+
+
+def test_fusion_runner_times_each_backend_with_memory(gpu_check):
+    (check,) = gpu_check.fuse_check(CPU, 24)
+    assert check.backend == "torch" and check.side == 24
+    assert check.seconds >= check.network_seconds > 0 and check.peak_memory_mb > 0
+
+
+def test_training_runner_takes_the_steps_asked_for(gpu_check, tmp_path):
+    check = gpu_check.train_check(CPU, REPO / "configs" / "smoke.yaml", 2, tmp_path / "run", preset="small")
+    assert check.steps == 2 and check.preset == "small"
+    assert math.isfinite(check.seconds_per_step) and check.seconds_per_step > 0
+    assert check.final_loss is not None and math.isfinite(check.final_loss)
+
+
+def test_the_shell_script_dry_run_installs_offline_from_the_folder(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path), "--",
+                             "--size", "64"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    install = next(line for line in result.stdout.splitlines() if " -m pip install " in line)
+    assert f"--no-index --find-links {tmp_path}" in install and "mamba-ssm" in install and "causal-conv1d" in install
+    assert "64³ phantom pair" in result.stdout
+
+    missing = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path / "none")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no folder" in missing.stderr

@@ -1,0 +1,111 @@
+"""`unifuse fuse --pairs` split across two torchrun processes on the CPU (gloo): every pair done
+exactly once, one provenance per output, a gathered summary, and a rerun that resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from napari_unifuse.engine.distributed import Distributed
+from napari_unifuse.engine.outputs import PROVENANCE_FILE, is_complete
+from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+PAIRS = 5
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_shards_hold_every_item_exactly_once(world_size):
+    items = list(range(11))
+    shards = [Distributed(rank, rank, world_size, torch.device("cpu")).shard(items) for rank in range(world_size)]
+    assert sorted(item for shard in shards for item in shard) == items
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def blob(shape, shift):
+    grids = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    return np.exp(-3 * sum((g - shift) ** 2 for g in grids))
+
+
+@pytest.fixture
+def batch(tmp_path):
+    torch.manual_seed(0)
+    config = UniFuseConfig.from_dict({**UniFuseConfig.small(spatial_dims=2).to_dict(),
+                                      "matching_mutual_information": False})
+    checkpoint = save_checkpoint(UniFuse(config), tmp_path / "tiny-2d.safetensors", {"note": "random weights"})
+    Image.fromarray((255 * blob((32, 28), 0.0)).astype(np.uint8)).save(tmp_path / "mri.png")
+    with (tmp_path / "pairs.csv").open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["reference", "moving"])
+        for index in range(PAIRS):
+            Image.fromarray((200 * blob((32, 28), 0.05 * index)).astype(np.uint8)).save(tmp_path / f"case{index}.png")
+            writer.writerow(["mri.png", f"case{index}.png"])
+    return tmp_path, checkpoint
+
+
+def torchrun(root: Path, checkpoint: Path, processes: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+               "--nproc_per_node", str(processes), "-m", "napari_unifuse.cli", "fuse",
+               "--pairs", str(root / "pairs.csv"), "--out", str(root / "out"),
+               "--checkpoint", str(checkpoint), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_fuse_every_pair_once_and_a_rerun_resumes(batch):
+    root, checkpoint = batch
+    out = root / "out"
+
+    first = torchrun(root, checkpoint, 2)
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    names = [f"case{index}" for index in range(PAIRS)]
+    for index, name in enumerate(names):
+        assert is_complete(out / name)
+        assert first.stdout.count(f"] {name}: done") == 1, first.stdout  # done once, by one process
+        provenance = json.loads((out / name / PROVENANCE_FILE).read_text(encoding="utf-8"))
+        assert provenance["batch"] == {"rank": index % 2, "world_size": 2}  # rank::world_size
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["pairs"], summary["done"], summary["skipped"], summary["failed"]) == (PAIRS, PAIRS, 0, 0)
+    assert summary["world_size"] == 2
+    assert [outcome["name"] for outcome in summary["outcomes"]] == names  # both ranks' outcomes, CSV order
+    assert {outcome["rank"] for outcome in summary["outcomes"]} == {0, 1}
+
+    # An interrupted pair (no provenance yet) is redone; the others are skipped untouched.
+    (out / "case3" / PROVENANCE_FILE).unlink()
+    kept = {name: (out / name / "fused.png").stat().st_mtime_ns for name in names if name != "case3"}
+    second = torchrun(root, checkpoint, 2)
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("skipped, already done") == PAIRS - 1
+    assert second.stdout.count("] case3: done") == 1
+    assert {name: (out / name / "fused.png").stat().st_mtime_ns for name in kept} == kept
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["done"], summary["skipped"]) == (1, PAIRS - 1)
+
+
+def test_a_failed_pair_is_listed_in_the_summary_and_the_batch_exits_2(batch, capsys):
+    from napari_unifuse.cli import main
+
+    root, checkpoint = batch
+    (root / "bad.csv").write_text("reference,moving\nmri.png,missing.png\nmri.png,case0.png\n", encoding="utf-8")
+
+    code = main(["fuse", "--pairs", str(root / "bad.csv"), "--out", str(root / "out"), "--checkpoint",
+                 str(checkpoint), "--device", "cpu"])
+
+    assert code == 2
+    assert "missing.png: file not found" in capsys.readouterr().err
+    summary = json.loads((root / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("missing", "failed"), ("case0", "done")]
+    assert "file not found" in summary["outcomes"][0]["error"]
