@@ -22,7 +22,7 @@ from qtpy.QtCore import QByteArray, QRectF, QUrl
 from qtpy.QtGui import QColor, QImage, QPainter, QTextDocument
 from qtpy.QtWidgets import QApplication
 
-from napari_unifuse.data.samples import _sample_pair
+from napari_unifuse.data.samples import SMALL_SAMPLE_SHAPE_3D, _sample_pair
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import write_fusion_outputs
 from napari_unifuse.engine.report import write_report
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     app = QApplication.instance() or QApplication([])  # noqa: F841 - QImage/QTextDocument need one
-    pair = _sample_pair("t1-t2-motion", 3)
+    pair = _sample_pair("t1-t2-motion", 3, SMALL_SAMPLE_SHAPE_3D)
     result = FusionEngine("unifuse-3d-phantom", device="cpu").run_fusion(pair.reference, pair.moving)
     with TemporaryDirectory() as scratch:
         run_dir = args.run_dir or Path(scratch) / "t1_t2_motion_3d"
