@@ -111,7 +111,7 @@ class MethodComparePanel(widgets.Container):
         if not name or name not in self.viewer.layers:
             return method_choices(2)
         layer = self.viewer.layers[name]
-        return method_choices(layer.ndim - (1 if getattr(layer, "rgb", False) else 0))
+        return method_choices(layer.ndim)  # napari counts an RGB image's spatial axes only
 
     def _match_dimensions(self, _value=None) -> None:
         for combo in (self.first, self.second):

@@ -209,6 +209,8 @@ class FusionEngine:
 
         with torch.inference_mode():
             with stage("validate"):
+                if reference.single_slice_axis is None:  # a one-slice volume is checked as the 2D image it is
+                    self.method.check_dimensions(reference.ndim, reference.source or "reference image")
                 reference, moving = self._validate(reference, moving)
             planar = _single_slice_pair(reference, moving)
             if planar is not None:
@@ -216,7 +218,6 @@ class FusionEngine:
                                          moving_modality=moving_modality, progress=progress, cancel=cancel,
                                          quality=quality, uncertainty_passes=uncertainty_passes)
                 return _single_slice_result(result, reference, moving)
-            self.method.check_dimensions(reference.ndim, reference.source or "reference image")
             with stage("normalise"):
                 reference_ready = _prepare(reference, reference_modality)
                 moving_ready = _prepare(moving, moving_modality)

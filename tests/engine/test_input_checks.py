@@ -62,12 +62,12 @@ def test_the_minimum_side_is_where_the_network_starts_to_work(changes):
     # Without the check the network itself cannot take it: the limit is the model's, not ours.
     padded = minimum_padded_side(config) - config.size_multiple
     with pytest.raises(RuntimeError):
-        engine.model(torch.zeros(1, 1, padded, 32, 32), torch.zeros(1, 1, padded, 32, 32))
+        engine.method.network(torch.zeros(1, 1, padded, 32, 32), torch.zeros(1, 1, padded, 32, 32))
 
 
 def test_tiles_below_the_minimum_are_refused_before_any_work(engines):
     config = engines[3].config
-    engine = FusionEngine(engines[3].model, device="cpu", tile_size=minimum_padded_side(config) - 1)
+    engine = FusionEngine(engines[3].method, device="cpu", tile_size=minimum_padded_side(config) - 1)
     image = volume(blob((12, 12, 12)))
     with pytest.raises(InputError, match=rf"--tile-size: .*at least {minimum_padded_side(config)}"):
         engine.run_fusion(image, image)

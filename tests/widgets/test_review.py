@@ -49,7 +49,7 @@ def result_with_defects(reference: np.ndarray, moving: np.ndarray) -> FusionResu
         fused=ImageVolume(0.5 * (reference + moving), GEOMETRY_3D), aligned=ImageVolume(moving, GEOMETRY_3D),
         displacement=np.zeros((3, *SHAPE), np.float32), class_names=DEGRADATION_CLASSES,
         class_probs=dict(zip(DEGRADATION_CLASSES, probabilities[0])), slice_class_probs=probabilities,
-        output_extension="nii.gz", quality=quality,
+        output_extension="nii.gz", quality=quality, provenance={"method": {"name": "unifuse"}},
     )
 
 
