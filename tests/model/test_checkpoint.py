@@ -9,8 +9,14 @@ from safetensors.torch import save_file
 from napari_unifuse.errors import CheckpointError
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model import checkpoint as checkpoint_module
-from napari_unifuse.model.checkpoint import (list_checkpoints, load_checkpoint, load_weights,
-                                             read_config, save_checkpoint, training_crop)
+from napari_unifuse.model.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    read_config,
+    save_checkpoint,
+    training_crop,
+)
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 import re
 
 from napari_unifuse.cli import main
-from napari_unifuse.model.costs import measure
 from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.costs import measure
 from napari_unifuse.model.mamba import SelectiveScan
 
 

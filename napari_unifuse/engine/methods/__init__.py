@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -111,7 +111,8 @@ class NetworkMethod(FusionMethod):
 
     def __init__(self, network: nn.Module, checkpoint: Path | None = None, checkpoint_name: str | None = None,
                  checkpoint_metadata: dict[str, Any] | None = None) -> None:
-        self.network = network.eval()
+        # Any: each subclass calls its own network's methods (refine, initial_alignment, ...).
+        self.network: Any = network.eval()
         self.config = network.config
         self.checkpoint = checkpoint
         self.checkpoint_name = checkpoint_name
@@ -123,7 +124,7 @@ class NetworkMethod(FusionMethod):
 
     @classmethod
     def from_checkpoint(cls, network_name: str, checkpoint: str | Path | None, defaults: dict[int, str],
-                        spatial_dims: int, **options: Any) -> NetworkMethod:
+                        spatial_dims: int, **options: Any) -> Self:
         """Load ``checkpoint`` (a path or packaged name; None: ``defaults[spatial_dims]``), refusing
         weights of another method."""
         from napari_unifuse.model.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
