@@ -64,13 +64,7 @@ from napari_unifuse.engine.tiling import (
     predict_tiled,
     tile_layout,
 )
-from napari_unifuse.engine.uncertainty import (
-    DEFAULT_PASSES,
-    alignment_uncertainty,
-    matching_estimator,
-    matching_shift_voxels,
-    uncertainty_threshold_mm,
-)
+from napari_unifuse.engine.uncertainty import DEFAULT_PASSES, uncertainty_on_matching_level
 from napari_unifuse.engine.uncertainty import DEFINITION as UNCERTAINTY_DEFINITION
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
@@ -440,20 +434,19 @@ class FusionEngine:
         moving_tensor = torch.from_numpy(moving)[None, None]
         field = torch.from_numpy(prediction["displacement"])[None]
         spacing = reference.geometry.spacing
-        uncertainty = None
+        uncertainty, threshold = None, None
         if uncertainty_passes > 0:
             # Methods without a structural matching of their own are probed with UniFuse's default one.
             step = getattr(self.config, "matching_step", UniFuseConfig().matching_step)
             with timer.stage("uncertainty"):
-                estimate = matching_estimator(torch.from_numpy(reference.array)[None, None], field, step)
-                uncertainty = alignment_uncertainty(
-                    moving_tensor, estimate, spacing, shift_voxels=matching_shift_voxels(step),
+                uncertainty, threshold = uncertainty_on_matching_level(
+                    torch.from_numpy(reference.array)[None, None], moving_tensor, field, spacing, step,
                     passes=uncertainty_passes, cancel=cancel)
         with timer.stage("maps"):
             warped = warp(moving_tensor, field)[0, 0].numpy()
             quality = quality_maps(reference.array, warped, prediction["restored"], prediction["fused"],
                                    uncertainty_mm=uncertainty,
-                                   uncertainty_threshold_mm=uncertainty_threshold_mm(spacing),
+                                   uncertainty_threshold_mm=threshold,
                                    uncertainty_definition=UNCERTAINTY_DEFINITION)
         quality.seconds = dict(timer.seconds)
         return quality

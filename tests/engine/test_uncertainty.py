@@ -14,6 +14,7 @@ from napari_unifuse.engine.uncertainty import (
     matching_estimator,
     matching_shift_voxels,
     perturbation_shifts,
+    uncertainty_on_matching_level,
     uncertainty_threshold_mm,
 )
 from napari_unifuse.errors import Cancelled
@@ -77,3 +78,17 @@ def test_a_cancelled_run_stops_between_passes():
     with pytest.raises(Cancelled):
         alignment_uncertainty(torch.rand(1, 1, 8, 8), estimate, (1.0, 1.0), shift_voxels=1.0, passes=4, cancel=token)
     assert len(calls) == 1
+
+
+def test_a_volume_beyond_the_matching_level_is_measured_pooled_and_returned_on_its_grid():
+    """100³ voxels exceed the matching's level (about 96³): the spread is measured on the level
+    pooled by 2 (threshold: one level voxel) and still tells the flat half from the structured one."""
+    rng = np.random.default_rng(0)
+    volume = np.full((100, 100, 100), 0.5, np.float32)
+    volume[:, :, :50] = np.kron(rng.uniform(0.2, 1.0, (10, 10, 5)), np.ones((10, 10, 10)))
+    tensor = torch.from_numpy(volume)[None, None]
+    spread, threshold = uncertainty_on_matching_level(tensor, tensor, torch.zeros(1, 3, *volume.shape),
+                                                      (1.0, 1.0, 1.0), step=4, passes=2)
+    assert spread.shape == volume.shape
+    assert threshold == pytest.approx(2.0)
+    assert np.median(spread[20:80, 20:80, 70:90]) > threshold > np.median(spread[20:80, 20:80, 10:40])
