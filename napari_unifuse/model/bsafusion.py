@@ -33,10 +33,8 @@ FRL / RRL / FusionBLK (conv blocks; the paper gives only their inputs and output
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +43,7 @@ from torch.func import functional_call
 from napari_unifuse.errors import InputError
 from napari_unifuse.model.attention import ChannelAttention
 from napari_unifuse.model.bsafusion_fields import bidirectional_field, compose_steps, to_full_resolution, to_level
+from napari_unifuse.model.config import DictConfig
 from napari_unifuse.model.layers import (
     ConvBlock,
     conv,
@@ -63,7 +62,7 @@ MOVING_CLASS, REFERENCE_CLASS = 1, 0
 
 
 @dataclass(frozen=True)
-class BSAFusionConfig:
+class BSAFusionConfig(DictConfig):
     # The paper's network is 2-D; the field exists so that a 3-D request fails with a clear message.
     spatial_dims: int = SPATIAL_DIMS
     # Channels of the two encoder Restormer layers: F' (shallow, to the fusion) and the input of
@@ -127,18 +126,6 @@ class BSAFusionConfig:
     def small(cls, spatial_dims: int = SPATIAL_DIMS) -> BSAFusionConfig:
         """Same structure (five steps each way) at CPU scale, for tests and CPU training."""
         return cls(spatial_dims=spatial_dims, token_dim=64, mlp_dim=64, attention_heads=4, level_channels=(64, 32, 16, 8, 8))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BSAFusionConfig:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"unknown config fields {unknown}", _SOURCE)
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
 
 @dataclass

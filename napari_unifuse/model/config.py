@@ -11,15 +11,34 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from napari_unifuse.errors import InputError
 
 _SOURCE = "UniFuseConfig"
 
 
+class DictConfig:
+    """The JSON round trip of a frozen network config (checkpoint headers and sidecars are JSON):
+    tuples are written as lists and read back as tuples; a field the config does not have is
+    refused. Shared by every network of ``model.networks``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        # The ignores: mypy cannot see that every subclass is a dataclass.
+        known = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown config fields {unknown}", cls.__name__)
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+
 @dataclass(frozen=True)
-class UniFuseConfig:
+class UniFuseConfig(DictConfig):
     spatial_dims: int = 2
     in_channels: int = 1
     # C: channels of the shared encoder's feature maps F'_D, F_R (§3.2).
@@ -151,18 +170,6 @@ class UniFuseConfig:
             matching_step=4, matching_range=32 if spatial_dims == 2 else 12,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> UniFuseConfig:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"unknown config fields {unknown}", _SOURCE)
-        return cls(**{key: tuple(value) if isinstance(value, list) else value
-                      for key, value in values.items()})
 
     def differences(self, other: UniFuseConfig) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: name -> (self's value, other's value)."""

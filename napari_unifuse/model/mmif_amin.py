@@ -25,22 +25,21 @@ any size divisible by ``patch_size`` works; the dense network's output width is 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from napari_unifuse.errors import InputError
+from napari_unifuse.model.config import DictConfig
 
 _SOURCE = "MMIFAMINConfig"
 _NEGATIVE_SLOPE = 0.2
 
 
 @dataclass(frozen=True)
-class MMIFAMINConfig:
+class MMIFAMINConfig(DictConfig):
     spatial_dims: int = 2
     in_channels: int = 1
     feature_channels: int = 8  # IDN width (even: the coupling splits it in halves)
@@ -83,22 +82,6 @@ class MMIFAMINConfig:
     def small(cls, spatial_dims: int = 2) -> MMIFAMINConfig:
         """CPU-sized: fewer blocks, a narrower Transformer (about a third of the paper's operations)."""
         return cls(spatial_dims=spatial_dims, dense_growth=6, num_idb=4, embed_dim=32, num_tmu=2, num_heads=4)
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["kernel_sizes"] = list(self.kernel_sizes)
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MMIFAMINConfig:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"unknown MMIF-AMIN config fields {unknown}", _SOURCE)
-        values = dict(values)
-        if "kernel_sizes" in values:
-            values["kernel_sizes"] = tuple(values["kernel_sizes"])
-        return cls(**values)
 
 
 class DenseNetwork(nn.Module):
