@@ -155,9 +155,7 @@ class FusionEngine:
         else:
             metadata = dict(self.method.checkpoint_metadata)
             crop = training_crop(metadata)
-            classifier = getattr(getattr(self.method, "network", None), "dapl", None)
-            if classifier is not None:
-                classifier.readout_window = crop
+            self.method.use_training_crop(crop)
             if self.method.config.spatial_dims == 2:
                 tile_size = tile_size or crop
             metadata.pop("config", None)  # recorded once, as model_config

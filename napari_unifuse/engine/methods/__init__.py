@@ -101,6 +101,10 @@ class FusionMethod(ABC):
         """The method and its options, for provenance and layer names."""
         return {"name": self.name}
 
+    def use_training_crop(self, crop: int | None) -> None:
+        """The side of the crops the weights were trained on (``model.checkpoint.training_crop``), for
+        methods whose outputs depend on the input's size; the others ignore it."""
+
     def check_dimensions(self, ndim: int, source: str) -> None:
         if ndim not in self.supported_dims:
             raise InputError(wrong_dimensions_message(self.name, self.supported_dims, ndim), source)

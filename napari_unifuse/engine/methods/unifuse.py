@@ -28,6 +28,10 @@ class Method(NetworkMethod):
         return MethodOutput(output.fused, output.restored, output.displacement, output.class_probs,
                             output.slice_class_probs)
 
+    def use_training_crop(self, crop: int | None) -> None:
+        # DAPL's GroupNorm sees the whole input: it reads windows of the crop, whatever the tile size.
+        self.network.dapl.readout_window = crop
+
     def check_dimensions(self, ndim: int, source: str) -> None:
         """UniFuse is 2D and 3D; a checkpoint of the other dimensionality is ``_validate``'s message."""
 
