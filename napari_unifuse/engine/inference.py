@@ -13,9 +13,12 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
 4. ``fuse``      pad to the method's size multiple, move the moving image by the method's initial
                  alignment (once, on the whole input), run its tile prediction over blended tiles,
                  crop back.
+   ``classical registration``  (guarded methods, 3-D volumes) SimpleITK's rigid + B-spline field
+                 competes with the matching's under the alignment guard's rule; the winner is the
+                 initial alignment the network refines (see ``SIMPLEITK``).
 5. ``guard``     (methods that ask for it: UniFuse) ``engine.alignment_guard``: keep the identity, the
-                 matching's field or the network's, whichever beats the simpler ones by more than
-                 the similarity's noise.
+                 initial field (matching or SimpleITK) or the network's, whichever beats the simpler
+                 ones by more than the similarity's noise.
    ``fuse (kept field)``  when that is not the network's field, run the tiles again with the kept
                  field as the whole field (``refine(..., fixed_field=True)``), so that the restored
                  and fused images are the ones for the displacement reported.
@@ -44,6 +47,7 @@ from torch import nn
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement
+from napari_unifuse.engine.classical import register_sitk
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
 from napari_unifuse.engine.methods import FusionMethod, method_for_network, method_from_checkpoint
@@ -60,6 +64,7 @@ from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.tiling import (
     BlendedPrediction,
     TilePrediction,
+    TileSize,
     largest_tile,
     predict_tiled,
     tile_layout,
@@ -80,12 +85,24 @@ from napari_unifuse.model.warp import warp
 _CHROMA_NEUTRAL = 0.5
 # The estimates the alignment guard weighs against the identity, in the order they challenge.
 MATCHING, NETWORK = "matching", "network"
+# 3-D only: SimpleITK's rigid + B-spline registration (Mattes MI) competes with the structural
+# matching as the field the network refines. On 3-D volumes it aligns better than the matching (the
+# MNI motion pair at 160³: NCC 0.955 against 0.910, bench/results/bench_3d_pairs.md); on the 2-D
+# Harvard slices it is worse than the matching on large misalignments and than the identity on mild
+# ones (CT-MRI NCC 0.68 against 0.81, 0.78 against 0.83; docs/results/methods.md), so 2-D keeps
+# the matching alone.
+SIMPLEITK = "simpleitk"
+CLASSICAL_STAGE = "classical registration"
+# Thinner volumes (a few slices) leave SimpleITK's pyramid nothing to stand on; the matching
+# handles them in-plane.
+CLASSICAL_MIN_SIDE = 16
 FUSE_KEPT_STAGE = "fuse (kept field)"
 QUALITY_STAGE = "quality"
 # One try of the tiled forward pass: the device and the tile size (None: the whole input).
-Attempt = tuple[torch.device, int | None]
+Attempt = tuple[torch.device, TileSize]
 # Largest 3-D forward pass by default, in voxels: 176³ (with unifuse-3d-phantom on a CPU, a 160³
-# pass peaks at about 3 GB; bench/results/profile_3d_after.txt). Larger volumes run in tiles.
+# pass peaks at about 3 GB; bench/results/profile_3d_after.txt). Larger volumes run in the fewest
+# tiles of at most this many voxels (``tiling.largest_tile``: slabs rather than cubes).
 MAX_TILE_VOXELS = 176**3
 
 
@@ -103,15 +120,16 @@ class _PreparedImage:
 
 
 def fallback_plan(
-    device: torch.device, padded_shape: tuple[int, ...], tile_size: int | None, size_multiple: int
+    device: torch.device, padded_shape: tuple[int, ...], tile_size: TileSize, size_multiple: int
 ) -> list[Attempt]:
     """The (device, tile size) attempts made in turn while inference runs out of memory.
 
-    First the requested tile size; then half of it again and again down to one size multiple; on
-    CUDA, finally the CPU with the requested tile size (slow, but host memory is usually larger).
+    First the requested tile size; then cubes of half its largest side again and again down to one
+    size multiple; on CUDA, finally the CPU with the requested tile size (slow, but host memory is
+    usually larger).
     """
     attempts: list[Attempt] = [(device, tile_size)]
-    side = max(padded_shape) if tile_size is None else tile_size
+    side = max(padded_shape) if tile_size is None else max(tile_size) if isinstance(tile_size, tuple) else tile_size
     while side > size_multiple:
         side = max(size_multiple, side // 2)
         attempts.append((device, side))
@@ -127,7 +145,7 @@ class FusionEngine:
     ``model.networks`` (a ``UniFuse`` module, ...) or a checkpoint name/path for ``model.checkpoint``
     (the method its header names).
     ``tile_size`` (voxels per side) splits large inputs into blended tiles. ``None``: 3-D inputs
-    run in the largest tiles of at most ``MAX_TILE_VOXELS`` (the whole input when it fits), and
+    run in the fewest tiles of at most ``MAX_TILE_VOXELS`` (the whole input when it fits), and
     UniFuse's degradation classifier reads windows of the checkpoint's training crop
     (``model.checkpoint.training_crop``; ``DegradationAwarePromptLearning.readout_window``), so
     that its answer does not depend on the tile size; 2-D checkpoints keep running in tiles of
@@ -327,15 +345,26 @@ class FusionEngine:
             # the field.
             with torch.no_grad():
                 matching = self.method.initial_alignment(pair[None, 0:1], pair[None, 1:2], spacing=spacing).cpu()
-            blended, attempts = self._fuse_tiles(pair, matching, False, "fuse", attempts, progress, cancel, warnings)
+        initial_name, initial, initial_decision = MATCHING, matching, None
+        if self.method.guarded and len(spatial) == 3 and min(spatial) >= CLASSICAL_MIN_SIDE:
+            with stage(CLASSICAL_STAGE):
+                classical = _classical_estimate(reference, moving, spacing, warnings)
+                if classical is not None:
+                    initial_decision = choose_displacement(moving, reference, {
+                        MATCHING: matching[0][crop].numpy(), SIMPLEITK: classical})
+                    if initial_decision.kept == SIMPLEITK:
+                        initial_name = SIMPLEITK
+                        initial = torch.from_numpy(np.pad(classical, [(0, 0), *padding], mode="edge"))[None]
+        with timer.stage("fuse"):
+            blended, attempts = self._fuse_tiles(pair, initial, False, "fuse", attempts, progress, cancel, warnings)
         decision = None
         if self.method.guarded:
             with stage("guard"):
                 network = blended.dense[2:][crop]
                 decision = choose_displacement(moving, reference, {
-                    MATCHING: matching[0][crop].numpy(), NETWORK: network.numpy()})
+                    initial_name: initial[0][crop].numpy(), NETWORK: network.numpy()})
             if decision.kept != NETWORK:
-                kept = matching if decision.kept == MATCHING else torch.zeros_like(matching)
+                kept = initial if decision.kept == initial_name else torch.zeros_like(initial)
                 cancel.raise_if_cancelled()
                 with timer.stage(FUSE_KEPT_STAGE):
                     blended, attempts = self._fuse_tiles(pair, kept, True, FUSE_KEPT_STAGE, attempts, progress,
@@ -355,6 +384,7 @@ class FusionEngine:
             },
             decision,
             {
+                **({"initial_alignment": initial_decision.to_dict()} if initial_decision is not None else {}),
                 "device": str(device),
                 "scan_backend": scan_backend(device),
                 "tile_shape": list(tile_shape),
@@ -492,6 +522,25 @@ class FusionEngine:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _classical_estimate(reference: np.ndarray, moving: np.ndarray, spacing: tuple[float, ...] | None,
+                        warnings: list[str]) -> np.ndarray | None:
+    """SimpleITK's field for the pair (voxels), or None with a warning when it fails: it is one
+    candidate among several, so its failure (a flat image, no overlap) must not fail the run."""
+    try:
+        field = register_sitk(reference, moving, _grid_geometry(spacing, reference.ndim))
+    except RuntimeError as error:
+        warnings.append(f"SimpleITK registration failed, the structural matching's field is used: {error}")
+        return None
+    return field.astype(np.float32)
+
+
+def _grid_geometry(spacing: tuple[float, ...] | None, ndim: int) -> Geometry:
+    """The voxel grid the engine works on (the reference's spacing, no origin or rotation), for
+    a registration whose field is wanted in voxels of that grid."""
+    spacing_array = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    return Geometry(spacing_array, np.zeros(ndim), np.eye(ndim))
+
+
 def _quality_provenance(quality: QualityMaps, uncertainty_passes: int) -> dict[str, Any]:
     """What the quality maps mean and cost: definitions, thresholds, passes, seconds per part."""
     return {"definitions": quality.definitions, "thresholds": quality.thresholds, "flag_level": quality.flag_level,

@@ -86,6 +86,11 @@ class UniFuseConfig(DictConfig):
     # Per-slice degradation classification in 3-D: one prediction per slab of this many z voxels
     # (a multiple of Q, since the classifier sees tokens).
     slab_size: int = 16
+    # Pool the degradation classifier's token read-outs by their standard deviation beside their
+    # mean (statistics pooling). Noise, ghosts and streaks change how much the read-outs vary over
+    # an image, not their average: on mean pooling alone the 3-D classifier stayed at the class prior
+    # (docs/speed_3d.md). False for checkpoints saved before the field existed.
+    pool_readout_std: bool = False
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -102,6 +107,8 @@ class UniFuseConfig(DictConfig):
                 fail(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.matching_range, int) or self.matching_range < 0:
             fail(f"matching_range must be a non-negative integer, got {self.matching_range!r}")
+        if not isinstance(self.pool_readout_std, bool):
+            fail(f"pool_readout_std must be true or false, got {self.pool_readout_std!r}")
         if not isinstance(self.matching_mutual_information, bool):
             fail(f"matching_mutual_information must be true or false, got {self.matching_mutual_information!r}")
         if not self.displacement_scale > 0:
@@ -158,7 +165,7 @@ class UniFuseConfig(DictConfig):
     def paper(cls, spatial_dims: int = 3) -> UniFuseConfig:
         """Full-size network (J = 4 RegBLKs, Ñ = 4, UFR&F ≈ 0.95 M parameters in 3-D)."""
         # 8-voxel cells keep the 3-D cost volume small (9³ offsets for ±32 voxels).
-        return cls(spatial_dims=spatial_dims, matching_step=4 if spatial_dims == 2 else 8)
+        return cls(spatial_dims=spatial_dims, matching_step=4 if spatial_dims == 2 else 8, pool_readout_std=True)
 
     @classmethod
     def small(cls, spatial_dims: int = 2) -> UniFuseConfig:
@@ -167,7 +174,7 @@ class UniFuseConfig(DictConfig):
             spatial_dims=spatial_dims, feature_channels=4, patch_size=4, embed_dim=16,
             d_state=4, prompt_length=4, num_regblocks=2, regblock_channels=(16, 8),
             unet_channels=(8, 16), lora_rank=2, head_dim=4, slab_size=8,
-            matching_step=4, matching_range=32 if spatial_dims == 2 else 12,
+            matching_step=4, matching_range=32 if spatial_dims == 2 else 12, pool_readout_std=True,
         )
 
 

@@ -271,11 +271,13 @@ class PhantomPairs(SyntheticPairDataset):
         *,
         length: int,
         spatial_dims: int,
-        shape: tuple[int, int, int],
+        shapes: tuple[tuple[int, int, int], ...],
         tasks: tuple[str, ...] = tuple(PHANTOM_TASKS),
         **synthesis: Any,
     ) -> None:
         super().__init__(**synthesis)
+        if not shapes:
+            raise InputError("give at least one phantom shape", "data.shapes")
         unknown = sorted(set(tasks) - set(PHANTOM_TASKS))
         if unknown:
             raise InputError(f"unknown phantom tasks {unknown}; known: {sorted(PHANTOM_TASKS)}", "data.tasks")
@@ -283,32 +285,37 @@ class PhantomPairs(SyntheticPairDataset):
             raise InputError(f"spatial_dims must be 2 or 3, got {spatial_dims}", "data")
         self.length = int(length)
         self.spatial_dims = spatial_dims
-        self.shape = tuple(shape)
+        self.shapes = tuple(tuple(int(side) for side in shape) for shape in shapes)
         self.tasks = tuple(tasks)
-        self._volumes: dict[str, Any] | None = None
+        self._volumes: dict[tuple[int, ...], dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return self.length
 
-    def _phantoms(self) -> dict[str, Any]:
+    def _phantoms(self, shape: tuple[int, ...]) -> dict[str, Any]:
         # Built lazily so that each DataLoader worker makes its own copy once.
         if self._volumes is None:
             from napari_unifuse.data.phantoms import make_brain_phantoms
             from napari_unifuse.io import normalize_intensity
 
             modalities = sorted({m for task in self.tasks for m in PHANTOM_TASKS[task]})
-            volumes = make_brain_phantoms(shape=self.shape, modalities=tuple(modalities))
-            # Model inputs are [0, 1] (CT through the standard HU window, PET by percentiles);
-            # the CT window goes along so the metal simulation works in Hounsfield units.
             self._volumes = {}
-            for name, volume in volumes.items():
-                normalized, mapping = normalize_intensity(volume, PHANTOM_INTENSITY[name])
-                self._volumes[name] = (normalized.array.astype(np.float32), tuple(volume.geometry.spacing),
-                                       {"intensity_mapping": mapping.to_dict()})
-        return self._volumes
+            for size in self.shapes:
+                volumes = make_brain_phantoms(shape=size, modalities=tuple(modalities))
+                # Model inputs are [0, 1] (CT through the standard HU window, PET by percentiles);
+                # the CT window goes along so the metal simulation works in Hounsfield units.
+                self._volumes[size] = {}
+                for name, volume in volumes.items():
+                    normalized, mapping = normalize_intensity(volume, PHANTOM_INTENSITY[name])
+                    self._volumes[size][name] = (normalized.array.astype(np.float32), tuple(volume.geometry.spacing),
+                                                 {"intensity_mapping": mapping.to_dict()})
+        return self._volumes[shape]
 
     def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
-        volumes = self._phantoms()
+        # With several phantom sizes each sample draws one (a single size draws nothing, so its
+        # samples are those it always was).
+        shape = self.shapes[int(rng.integers(len(self.shapes)))] if len(self.shapes) > 1 else self.shapes[0]
+        volumes = self._phantoms(shape)
         reference_name, moving_name = PHANTOM_TASKS[self.tasks[int(rng.integers(len(self.tasks)))]]
         (reference, spacing, _), (label, _, label_metadata) = volumes[reference_name], volumes[moving_name]
         if self.spatial_dims == 2:
@@ -414,7 +421,7 @@ def _size(value: Any, spatial_dims: int, what: str) -> tuple[int, ...] | None:
 COMMON_DATA_KEYS = {"kind", "none_fraction", "severity", "misalignment", "crop"}
 DATA_KEYS = {
     "harvard": {"root", "tasks", "val_fraction", "split_seed", "size"},
-    "phantom": {"shape", "tasks", "train_length", "val_length"},
+    "phantom": {"shape", "shapes", "tasks", "train_length", "val_length"},
     "folders": {"root", "layout", "reference", "moving", "reference_modality", "moving_modality",
                 "val_fraction", "split_seed", "samples_per_case"},
 }
@@ -427,7 +434,9 @@ def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int) -> tup
               keyword arguments}, crop (one size or one per axis)
     harvard:  root, tasks [CT-MRI, PET-MRI, SPECT-MRI], val_fraction 0.15, split_seed 0, size
               (resize, e.g. 128)
-    phantom:  shape [64, 64, 64], tasks [t1-t2, mr-ct, ct-pet], train_length 256, val_length 16
+    phantom:  shape [64, 64, 64] (or shapes: several sizes of the whole-head phantom, one drawn per
+              sample, so that crops see the anatomy at several voxel sizes), tasks [t1-t2, mr-ct,
+              ct-pet], train_length 256, val_length 16
     folders:  root, layout (brats | synthrad | fdg-petct) or reference/moving patterns with
               reference_modality/moving_modality, val_fraction, split_seed, samples_per_case
     """
@@ -457,8 +466,11 @@ def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int) -> tup
             HarvardPairs(val_pairs, stream=VALIDATION_STREAM, size=size, **common),
         )
     if kind == "phantom":
-        shape = tuple(int(v) for v in data.get("shape", (64, 64, 64)))
-        options = {"spatial_dims": spatial_dims, "shape": shape, "tasks": tuple(data.get("tasks", PHANTOM_TASKS))}
+        if "shape" in data and "shapes" in data:
+            raise InputError("give data.shape or data.shapes, not both", "data")
+        shapes = data["shapes"] if "shapes" in data else [data.get("shape", (64, 64, 64))]
+        options = {"spatial_dims": spatial_dims, "shapes": tuple(tuple(int(v) for v in shape) for shape in shapes),
+                   "tasks": tuple(data.get("tasks", PHANTOM_TASKS))}
         return (
             PhantomPairs(stream=TRAIN_STREAM, length=int(data.get("train_length", 256)), **options, **common),
             PhantomPairs(stream=VALIDATION_STREAM, length=int(data.get("val_length", 16)), **options, **common),

@@ -10,6 +10,7 @@ import torch
 from scipy import ndimage
 
 from napari_unifuse.data.misalign import warp_array
+from napari_unifuse.engine import inference
 from napari_unifuse.engine.alignment_guard import (
     GAIN_NOISE_FACTOR,
     IDENTITY,
@@ -19,7 +20,7 @@ from napari_unifuse.engine.alignment_guard import (
     _block_histograms,
     choose_displacement,
 )
-from napari_unifuse.engine.inference import MATCHING, NETWORK, FusionEngine
+from napari_unifuse.engine.inference import CLASSICAL_STAGE, MATCHING, NETWORK, SIMPLEITK, FusionEngine
 from napari_unifuse.engine.outputs import PROVENANCE_FILE, write_fusion_outputs
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
@@ -192,3 +193,59 @@ def test_engine_corrects_a_ten_voxel_shift_and_outputs_follow_the_kept_field(unt
     # The aligned image is the moving image moved by the reported field (no restoration to do).
     expected = warp_array(moving.array, result.displacement, mode="grid-constant")  # model.warp pads with 0
     np.testing.assert_allclose(result.aligned.array, expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def untrained_3d() -> UniFuse:
+    torch.manual_seed(0)
+    return UniFuse(UniFuseConfig.small(spatial_dims=3))
+
+
+def _no_matching(monkeypatch) -> None:
+    """The structural matching finds nothing, so only SimpleITK can align the pair."""
+    monkeypatch.setattr(UniFuse, "initial_alignment",
+                        lambda self, moving, reference, spacing=None: moving.new_zeros(
+                            moving.shape[0], moving.dim() - 2, *moving.shape[2:]))
+
+
+def test_in_3d_simpleitk_competes_with_the_matching_and_the_network_refines_the_winner(untrained_3d, monkeypatch):
+    _no_matching(monkeypatch)
+    shift = (4.0, 6.0, 8.0)  # 10.8 voxels
+    mr, pet = multimodal_pair((48, 48, 48))
+    moving = ImageVolume(shifted(pet, shift), Geometry.identity(3))
+
+    result = FusionEngine(untrained_3d, device="cpu").run_fusion(ImageVolume(mr, Geometry.identity(3)), moving,
+                                                                   quality=False)
+
+    initial = result.provenance["initial_alignment"]
+    assert initial["kept"] == SIMPLEITK
+    assert CLASSICAL_STAGE in result.provenance["timings_s"]
+    assert result.alignment_guard.kept in (SIMPLEITK, NETWORK)
+    head = mr > 0
+    error = np.linalg.norm(result.displacement - constant_field(mr.shape, shift), axis=0)[head].mean()
+    assert error < 1.5  # of a 10.8-voxel shift that the matching left untouched
+
+
+def test_a_failed_simpleitk_registration_leaves_the_matching_with_a_warning(untrained_3d, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("all samples map outside the moving image buffer")
+
+    monkeypatch.setattr(inference, "register_sitk", fail)
+    mr, pet = multimodal_pair((32, 32, 32))
+
+    result = FusionEngine(untrained_3d, device="cpu").run_fusion(
+        ImageVolume(mr, Geometry.identity(3)), ImageVolume(pet, Geometry.identity(3)), quality=False)
+
+    assert "initial_alignment" not in result.provenance
+    assert any("SimpleITK registration failed" in warning for warning in result.warnings)
+    assert result.alignment_guard.kept in (IDENTITY, MATCHING, NETWORK)
+
+
+def test_2d_images_are_not_registered_by_simpleitk(untrained, monkeypatch):
+    monkeypatch.setattr(inference, "register_sitk", lambda *a, **k: pytest.fail("SimpleITK ran on a 2-D pair"))
+    mr, pet = multimodal_pair((64, 64))
+
+    result = FusionEngine(untrained, device="cpu").run_fusion(
+        ImageVolume(mr, Geometry.identity(2)), ImageVolume(pet, Geometry.identity(2)), quality=False)
+
+    assert "initial_alignment" not in result.provenance

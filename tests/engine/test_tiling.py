@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torchio
 
 from napari_unifuse.engine.progress import CancelToken
-from napari_unifuse.engine.tiling import TilePrediction, predict_tiled, tile_layout
+from napari_unifuse.engine.tiling import (
+    MIN_AUTO_TILE_SIDE,
+    TilePrediction,
+    largest_tile,
+    predict_tiled,
+    tile_layout,
+    tiles_along,
+)
 from napari_unifuse.errors import Cancelled, InputError
 
 
@@ -86,3 +96,34 @@ def test_cancel_after_first_tile_stops_before_the_second():
     with pytest.raises(Cancelled):
         predict_tiled(predict_then_cancel, image, tile_shape, overlap, cancel=token)
     assert len(tiles_run) == 1
+
+
+@pytest.mark.parametrize(("spatial_shape", "tile_shape"), [
+    ((256, 256, 180), (176, 176, 176)), ((256, 256, 180), (256, 256, 72)), ((200, 96, 64), (72, 96, 64)),
+    ((64, 64, 40), (16, 32, 24)),
+])
+def test_tiles_along_counts_the_grid_samplers_tiles(spatial_shape, tile_shape):
+    """Checked against TorchIO's own sampler, which places the tiles."""
+    shape, overlap = tile_layout(spatial_shape, tile_shape, size_multiple=4)
+    sampler = torchio.GridSampler(torchio.Subject(image=torchio.ScalarImage(tensor=torch.zeros(1, *spatial_shape))),
+                                  shape, overlap)
+    assert len(sampler) == math.prod(tiles_along(extent, side) for extent, side in zip(spatial_shape, shape))
+
+
+def test_automatic_tiles_are_the_fewest_slabs_that_fit_not_cubes():
+    limit = 176**3
+    assert largest_tile((160, 160, 160), 4, limit) is None  # one pass
+    tile = largest_tile((256, 256, 180), 4, limit)
+    counts = [tiles_along(extent, side) for extent, side in zip((256, 256, 180), tile)]
+    assert math.prod(tile) <= limit and math.prod(counts) == 3  # eight 176³ cubes before
+    assert math.prod(counts) * math.prod(tile) < 0.4 * 8 * limit
+    # Never thinner than MIN_AUTO_TILE_SIDE, even when thinner slabs would be fewer.
+    assert min(largest_tile((200, 512, 512), 4, limit)) >= MIN_AUTO_TILE_SIDE
+    # A limit below the thinnest tiles gives the thinnest tiles (the out-of-memory fallback goes on).
+    assert largest_tile((256, 256, 256), 4, 1000) == (MIN_AUTO_TILE_SIDE,) * 3
+
+
+def test_tile_layout_takes_one_side_per_axis():
+    assert tile_layout((256, 256, 180), (256, 256, 72), size_multiple=4) == ((256, 256, 72), (0, 0, 18))
+    with pytest.raises(ValueError, match="does not fit"):
+        tile_layout((64, 64), (32, 32, 32), size_multiple=4)

@@ -2,10 +2,12 @@
 its size-robust windowed read-out."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
+from napari_unifuse.errors import InputError
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.dapl import DegradationAwarePromptLearning, token_orders
 from napari_unifuse.model.layers import RunningStandardize
@@ -62,7 +64,7 @@ def _decisive_dapl(spatial_dims: int) -> DegradationAwarePromptLearning:
     torch.manual_seed(0)
     dapl = DegradationAwarePromptLearning(UniFuseConfig.small(spatial_dims)).eval()
     with torch.no_grad():
-        dapl.classifier[-1].weight.mul_(100.0)
+        dapl.classifier[-1].weight.mul_(300.0)
     return dapl
 
 
@@ -98,3 +100,27 @@ def test_a_window_as_large_as_the_input_changes_nothing():
         windowed = dapl(moving, reference)
     for name in ("class_logits", "slice_class_logits", "prompts"):
         torch.testing.assert_close(getattr(windowed, name), getattr(plain, name), rtol=0, atol=0)
+
+
+def test_statistics_pooling_sees_a_change_in_spread_that_the_mean_hides():
+    """Two sets of token read-outs with the same mean and different spread (a noisier image):
+    mean pooling cannot tell them apart, mean-and-standard-deviation pooling can."""
+    torch.manual_seed(0)
+    calm = torch.randn(2, 64, 48)
+    calm = calm - calm.mean(dim=1, keepdim=True)
+    noisy = 3.0 * calm
+    pools = {flag: DegradationAwarePromptLearning(dataclasses.replace(UniFuseConfig.small(3), pool_readout_std=flag))._pool
+             for flag in (False, True)}
+    torch.testing.assert_close(pools[False](calm, dim=1), pools[False](noisy, dim=1))
+    with_spread = pools[True](calm, dim=1), pools[True](noisy, dim=1)
+    assert with_spread[0].shape[-1] == 2 * 48
+    torch.testing.assert_close(with_spread[1][:, 48:], 3.0 * with_spread[0][:, 48:])
+
+
+def test_checkpoints_saved_before_statistics_pooling_keep_mean_pooling():
+    old = {key: value for key, value in UniFuseConfig.small(2).to_dict().items() if key != "pool_readout_std"}
+    config = UniFuseConfig.from_dict(old)
+    assert not config.pool_readout_std and UniFuseConfig.small(2).pool_readout_std
+    assert DegradationAwarePromptLearning(config).classifier[1].in_features == 3 * config.embed_dim
+    with pytest.raises(InputError, match="pool_readout_std"):
+        dataclasses.replace(UniFuseConfig.small(2), pool_readout_std="yes")

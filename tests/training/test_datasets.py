@@ -21,7 +21,7 @@ SAMPLE_KEYS = {"reference", "moving", "label", "displacement", "class_index", "r
 def _phantoms(stream=datasets.TRAIN_STREAM, spatial_dims=2, crop=(32, 32), none_fraction=0.25):
     return datasets.PhantomPairs(
         seed=3, stream=stream, none_fraction=none_fraction, length=6, spatial_dims=spatial_dims,
-        shape=(24, 48, 48), crop=crop,
+        shapes=[(24, 48, 48)], crop=crop,
     )
 
 
@@ -60,7 +60,7 @@ def test_clean_moving_image_is_the_label_misaligned_like_the_input():
     """moving_clean is I_fine of Eq. 11-12: the true field brings it onto the label, and for a clean
     sample it is the input itself."""
     sample = datasets.PhantomPairs(seed=3, stream=datasets.TRAIN_STREAM, none_fraction=1.0, length=2,
-                                   spatial_dims=2, shape=(24, 64, 64), crop=(48, 48),
+                                   spatial_dims=2, shapes=[(24, 64, 64)], crop=(48, 48),
                                    misalignment={"regime": "mild"})[0]
     assert sample["displacement"].abs().max() > 1.0
     torch.testing.assert_close(sample["moving_clean"], sample["moving"], atol=0.02, rtol=0)
@@ -72,7 +72,7 @@ def test_clean_moving_image_is_the_label_misaligned_like_the_input():
 
 def test_none_regime_leaves_the_pair_aligned():
     sample = datasets.PhantomPairs(seed=3, stream=datasets.TRAIN_STREAM, none_fraction=1.0, length=2,
-                                   spatial_dims=2, shape=(24, 48, 48), crop=(32, 32),
+                                   spatial_dims=2, shapes=[(24, 48, 48)], crop=(32, 32),
                                    misalignment={"regime": "none"})[1]
     assert not sample["displacement"].any()
     torch.testing.assert_close(sample["moving"], sample["label"], atol=1e-5, rtol=0)
@@ -162,3 +162,16 @@ def test_crops_are_centred_on_anatomy_and_stay_inside_the_image():
         np.testing.assert_array_equal(reference_crop, image[top:top + 32, left:left + 32])
     empty = datasets.random_crop([np.zeros((40, 40), np.float32)], (16, 16), np.random.default_rng(0))[0]
     assert empty.shape == (16, 16)  # no anatomy: a uniform window
+
+
+def test_several_phantom_sizes_give_crops_of_the_head_at_several_voxel_sizes():
+    train, _ = datasets.build_datasets(
+        {"kind": "phantom", "shapes": [[24, 32, 32], [48, 64, 64]], "crop": 16, "tasks": ["t1-t2"],
+         "train_length": 12, "misalignment": {"regime": "none"}}, seed=0, spatial_dims=3)
+    spacings = {train.clean_pair(index, datasets.sample_rng(0, datasets.TRAIN_STREAM, 0, index)).spacing
+                for index in range(12)}
+    assert len(spacings) == 2  # both sizes drawn, each at its own voxel size
+    assert train[0]["reference"].shape == (1, 16, 16, 16)
+    with pytest.raises(InputError, match="not both"):
+        datasets.build_datasets({"kind": "phantom", "shape": [24, 32, 32], "shapes": [[24, 32, 32]]},
+                                seed=0, spatial_dims=3)
