@@ -65,7 +65,7 @@ from napari_unifuse.engine.tiling import (
     BlendedPrediction,
     TilePrediction,
     TileSize,
-    largest_tile,
+    auto_tile_shape,
     predict_tiled,
     tile_layout,
 )
@@ -102,7 +102,7 @@ QUALITY_STAGE = "quality"
 Attempt = tuple[torch.device, TileSize]
 # Largest 3-D forward pass by default, in voxels: 176³ (with unifuse-3d-phantom on a CPU, a 160³
 # pass peaks at about 3 GB; bench/results/profile_3d_after.txt). Larger volumes run in the fewest
-# tiles of at most this many voxels (``tiling.largest_tile``: slabs rather than cubes).
+# tiles of at most this many voxels (``tiling.auto_tile_shape``: slabs rather than cubes).
 MAX_TILE_VOXELS = 176**3
 
 
@@ -336,7 +336,7 @@ class FusionEngine:
         padding = [(0, -side % multiple) for side in spatial]
         # Zero padding: after normalisation 0 is background, what the model saw around anatomy.
         pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
-        tile_size = self.tile_size or largest_tile(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
+        tile_size = self.tile_size or auto_tile_shape(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
         attempts = fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, multiple)
         cancel.raise_if_cancelled()
         with timer.stage("fuse"):

@@ -102,7 +102,7 @@ def tiles_along(extent: int, tile: int) -> int:
 MIN_AUTO_TILE_SIDE = 64
 
 
-def largest_tile(spatial_shape: tuple[int, ...], size_multiple: int, max_voxels: int) -> tuple[int, ...] | None:
+def auto_tile_shape(spatial_shape: tuple[int, ...], size_multiple: int, max_voxels: int) -> tuple[int, ...] | None:
     """The tile shape (sides multiples of ``size_multiple``) of at most ``max_voxels`` that covers
     ``spatial_shape`` in the fewest overlapping tiles, and among those with the fewest voxels
     computed in all; None when the whole volume fits in one pass. Fewest tiles first: each tile is

@@ -12,7 +12,7 @@ from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.engine.tiling import (
     MIN_AUTO_TILE_SIDE,
     TilePrediction,
-    largest_tile,
+    auto_tile_shape,
     predict_tiled,
     tile_layout,
     tiles_along,
@@ -112,15 +112,15 @@ def test_tiles_along_counts_the_grid_samplers_tiles(spatial_shape, tile_shape):
 
 def test_automatic_tiles_are_the_fewest_slabs_that_fit_not_cubes():
     limit = 176**3
-    assert largest_tile((160, 160, 160), 4, limit) is None  # one pass
-    tile = largest_tile((256, 256, 180), 4, limit)
+    assert auto_tile_shape((160, 160, 160), 4, limit) is None  # one pass
+    tile = auto_tile_shape((256, 256, 180), 4, limit)
     counts = [tiles_along(extent, side) for extent, side in zip((256, 256, 180), tile)]
     assert math.prod(tile) <= limit and math.prod(counts) == 3  # eight 176³ cubes before
     assert math.prod(counts) * math.prod(tile) < 0.4 * 8 * limit
     # Never thinner than MIN_AUTO_TILE_SIDE, even when thinner slabs would be fewer.
-    assert min(largest_tile((200, 512, 512), 4, limit)) >= MIN_AUTO_TILE_SIDE
+    assert min(auto_tile_shape((200, 512, 512), 4, limit)) >= MIN_AUTO_TILE_SIDE
     # A limit below the thinnest tiles gives the thinnest tiles (the out-of-memory fallback goes on).
-    assert largest_tile((256, 256, 256), 4, 1000) == (MIN_AUTO_TILE_SIDE,) * 3
+    assert auto_tile_shape((256, 256, 256), 4, 1000) == (MIN_AUTO_TILE_SIDE,) * 3
 
 
 def test_tile_layout_takes_one_side_per_axis():
