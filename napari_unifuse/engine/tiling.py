@@ -109,7 +109,7 @@ def auto_tile_shape(spatial_shape: tuple[int, ...], size_multiple: int, max_voxe
     a forward pass with its own fixed cost, and a larger tile gives the network more context.
 
     Tiles need not be cubes: 256×256×180 in tiles of at most 176³ voxels takes eight 176³ cubes
-    (43.6 M voxels computed for 11.8 M, overlaps included), but three 112×256×180 slabs (15.5 M).
+    (43.6 M voxels computed for 11.8 M, overlaps included), but three 256×256×72 slabs (14.2 M).
     Per axis only the smallest side giving each tile count is a candidate (a larger one computes
     more for the same count).
     """
