@@ -7,7 +7,7 @@ Runs ``FusionEngine.run_fusion`` (default settings, quality maps included: what 
 Run does before it draws the layers) on the sample pair at the size ``unifuse view`` opens it
 (``--small``: the 64 × 80 × 64 test size). Prints the shape, the wall time and each stage's, the
 process's peak resident memory, the kept alignment estimate, the predicted degradation class
-against the declared one, how many brain slices name the declared class with p ≥ 0.6, and the
+against the declared one, how many brain slices name the declared class with p ≥ 0.6 and how many rank it first, and the
 suspicious slices of the quality maps.
 """
 
@@ -43,6 +43,7 @@ def main() -> None:
     brain = np.flatnonzero(pair.reference.array.reshape(shape[0], -1).mean(axis=1) > 0.05)
     declared = result.class_names.index(pair.degradation)
     named = int((result.slice_class_probs[brain, declared] >= 0.6).sum())
+    on_top = int((result.slice_class_probs[brain].argmax(axis=1) == declared).sum())
     print(f"sample {args.sample} {shape}, {args.threads} thread(s): {seconds:.1f} s end to end, "
           f"peak resident memory {peak_gb:.1f} GB")
     print("stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.provenance["timings_s"].items()))
@@ -50,7 +51,7 @@ def main() -> None:
           f"alignment kept: {result.alignment_guard.kept if result.alignment_guard else 'n/a'}")
     print(f"class: predicted {result.predicted_class} "
           f"({', '.join(f'{k} {v:.2f}' for k, v in result.class_probs.items())}), declared {pair.degradation}; "
-          f"{named} of {brain.size} brain slices name it with p >= 0.6")
+          f"{named} of {brain.size} brain slices name it with p >= 0.6, {on_top} rank it first")
     if result.quality is not None:
         suspicious = result.quality.suspicious_slices()
         print(f"quality maps: {len(suspicious)} of {result.quality.slice_count} slices suspicious: {suspicious}")

@@ -25,7 +25,8 @@ read-outs and the last hidden states) runs on windows of that size on the patch 
 last one along an axis shifted back to end at the border), batched, from the encoder on the
 image's windows (its GroupNorm then sees a window's statistics): each window sees what a training
 crop did. The image's class probabilities are the windows' mean, weighted by how much
-anatomy each holds; slab read-outs pool the windows' token read-outs put back on the grid; h1..h3
+anatomy each holds; each window's slabs are classified on the window's own tokens, and a slice's
+probabilities are those of the slabs holding it, averaged over windows by the same weights; h1..h3
 are the windows' weighted mean. An input no larger than the window is one window: the read-out is
 then the plain one, and the weights are unchanged either way.
 """
@@ -119,8 +120,7 @@ class DegradationAwarePromptLearning(nn.Module):
             moving_windows = torch.cat([moving[(slice(None), slice(None), *w)] for w in voxels])
             reference_windows = torch.cat([reference[(slice(None), slice(None), *w)] for w in voxels])
             batch = self._patches(self.encoder(moving_windows), self.encoder(reference_windows))
-        window_grid = batch.shape[2:]
-        shape = (moving.shape[0], batch.shape[1], *grid)
+        window_grid = tuple(batch.shape[2:])
         tokens = self.mamba_first(self.token_norm(flatten_spatial(batch)))
         readouts, hidden_states = [], []
         for order in token_orders(tokens.shape[1], tokens.device):
@@ -139,11 +139,8 @@ class DegradationAwarePromptLearning(nn.Module):
 
         hidden_states = [weighted_mean(per_window(state)) for state in hidden_states]
         pooled = self._pool(token_features, dim=1)[:, None]  # (W·B, 1, 3E or 6E)
-        slabs = None
-        if self.config.spatial_dims == 3:
-            grid_features = self._on_grid(per_window(token_features), window_grid, shape, windows)
-            slabs = self._slab_pool(flatten_spatial(grid_features), grid)
         if window_count == 1:
+            slabs = self._slab_pool(token_features, grid) if self.config.spatial_dims == 3 else None
             # One head call for the image and its slabs: in training they share the running statistics.
             logits = self.classifier(pooled if slabs is None else torch.cat([pooled, slabs], dim=1))
             class_logits = logits[:, 0]
@@ -151,7 +148,8 @@ class DegradationAwarePromptLearning(nn.Module):
         else:
             window_probs = torch.softmax(self.classifier(pooled)[:, 0], dim=-1)
             class_logits = weighted_mean(per_window(window_probs)).clamp_min(1e-12).log()
-            slice_class_logits = class_logits[:, None] if slabs is None else self.classifier(slabs)
+            slice_class_logits = class_logits[:, None] if self.config.spatial_dims == 2 else self._window_slab_logits(
+                per_window(token_features), window_grid, windows, weights, grid)
         return DAPLOutput(moving_features, reference_features, hidden_states, class_logits,
                           slice_class_logits, self._select_prompts(hidden_states))
 
@@ -188,17 +186,28 @@ class DegradationAwarePromptLearning(nn.Module):
         weights = weights + _EMPTY_WINDOW_WEIGHT
         return weights / weights.sum(0, keepdim=True)
 
-    @staticmethod
-    def _on_grid(window_features: torch.Tensor, window_grid: torch.Size, shape: tuple[int, ...],
-                 windows: list[tuple[slice, ...]]) -> torch.Tensor:
-        """(W, B, Nw, F) token features of the windows -> (B, F, *grid), overlaps averaged."""
-        total = window_features.new_zeros(shape[0], window_features.shape[-1], *shape[2:])
-        hits = window_features.new_zeros(1, 1, *shape[2:])
-        for features, window in zip(window_features, windows):
-            index = (slice(None), slice(None), *window)
-            total[index] += features.transpose(1, 2).reshape(*features.shape[:1], -1, *window_grid)
-            hits[index] += 1
-        return total / hits
+    def _window_slab_logits(self, window_features: torch.Tensor, window_grid: tuple[int, ...],
+                            windows: list[tuple[slice, ...]], weights: torch.Tensor,
+                            grid: tuple[int, ...]) -> torch.Tensor:
+        """(W, B, Nw, F) token read-outs of the windows -> (B, S, Ñ) per-slab log-probabilities.
+
+        Each window's slabs are pooled over the window's own tokens, as a training crop's are (a
+        slab pooled across a whole slice spreads over far more anatomy than a crop's, and its
+        standard deviation reads as noise: the per-slice plot of the 1 mm sample said "low dose"
+        where the volume said "motion"). Their probabilities go onto the window's rows of patches,
+        are averaged over the windows covering each row, weighted by the windows' anatomy, and
+        then over each slab's rows."""
+        images, slab_rows = window_features.shape[1], self.config.slab_patches
+        row_probs = window_features.new_zeros(images, grid[0], self.config.num_classes)
+        row_weights = window_features.new_zeros(images, grid[0], 1)
+        for features, window, weight in zip(window_features, windows, weights):
+            probs = torch.softmax(self.classifier(self._slab_pool(features, window_grid)), dim=-1)
+            rows = probs.repeat_interleave(slab_rows, dim=1)[:, : window_grid[0]]
+            row_probs[:, window[0]] += rows * weight[:, None, None]
+            row_weights[:, window[0]] += weight[:, None, None]
+        row_probs = row_probs / row_weights.clamp_min(1e-12)
+        slabs = torch.stack([rows.mean(dim=1) for rows in row_probs.split(slab_rows, dim=1)], dim=1)
+        return slabs.clamp_min(1e-12).log()
 
     def _pool(self, features: torch.Tensor, dim: int) -> torch.Tensor:
         """Token features pooled over ``dim``: their mean, and with ``pool_readout_std`` their

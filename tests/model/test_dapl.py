@@ -80,7 +80,8 @@ def test_windowed_readout_names_a_crop_and_the_volume_holding_it_alike(spatial_d
     moving_volume, reference_volume = torch.zeros(1, 1, *volume), torch.zeros(1, 1, *volume)
     moving_volume[holder], reference_volume[holder] = moving, reference
     with torch.no_grad():
-        alone = torch.softmax(dapl(moving, reference).class_logits, dim=-1)
+        crop_output = dapl(moving, reference)
+        alone = torch.softmax(crop_output.class_logits, dim=-1)
         dapl.readout_window = crop[0]
         windowed = dapl(moving_volume, reference_volume)
         windowed_probs = torch.softmax(windowed.class_logits, dim=-1)
@@ -89,6 +90,10 @@ def test_windowed_readout_names_a_crop_and_the_volume_holding_it_alike(spatial_d
     torch.testing.assert_close(windowed_probs, alone, atol=0.05, rtol=0)
     if spatial_dims == 3:
         assert windowed.slice_class_logits.shape[1] == -(-volume[0] // dapl.config.slab_size)
+        # The crop's slices are read as the crop alone reads them, not diluted by the empty rest.
+        crop_slabs = crop_output.slice_class_logits.shape[1]
+        torch.testing.assert_close(torch.softmax(windowed.slice_class_logits[:, :crop_slabs], dim=-1),
+                                   torch.softmax(crop_output.slice_class_logits, dim=-1), atol=0.05, rtol=0)
 
 
 def test_a_window_as_large_as_the_input_changes_nothing():
