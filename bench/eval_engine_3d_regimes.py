@@ -28,10 +28,8 @@ from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import ImageVolume, normalize_intensity
 from napari_unifuse.io.normalize import CT_WINDOW_HU
 from napari_unifuse.metrics import registration_metrics, ssim_gains
+from napari_unifuse.training.datasets import MODALITY_DEGRADATION, PHANTOM_INTENSITY, PHANTOM_TASKS
 
-TASKS = {"t1-t2": ("t1", "t2", "mr", "mr", "t1-t2-motion"),
-         "mr-ct": ("t1", "ct", "mr", "ct", "mri-ct-metal"),
-         "ct-pet": ("ct", "pet", "ct", "pet", "ct-pet-lowdose")}
 REGIMES = ("none", "mild", "large")
 HEAD = 0.05
 
@@ -52,18 +50,20 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="unifuse-3d-phantom")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    phantoms = make_brain_phantoms((args.side,) * 3, ("t1", "t2", "ct", "pet"))
+    phantoms = make_brain_phantoms((args.side,) * 3, tuple(PHANTOM_INTENSITY))
     engine = FusionEngine(args.checkpoint, device="cpu")
     lines = [f"3-D engine on {args.side}³ MNI phantom pairs, checkpoint {args.checkpoint}, seeds {args.seeds}", "",
              "| task | regime | seed | kept (initial) | EPE kept | EPE identity | NCC kept | NCC identity "
              "| gain_min | named (p) | seconds |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
-    for task, (reference_name, moving_name, reference_modality, moving_modality, pair_task) in TASKS.items():
+    # The 3-D training tasks, modalities and degradations (training.datasets).
+    for task, (reference_name, moving_name) in PHANTOM_TASKS.items():
+        reference_modality, moving_modality = PHANTOM_INTENSITY[reference_name], PHANTOM_INTENSITY[moving_name]
         reference = normalize_intensity(phantoms[reference_name], reference_modality)[0]
         label = normalize_intensity(phantoms[moving_name], moving_modality)[0]
         for regime in REGIMES:
             for seed in args.seeds:
-                pair = make_pair(reference, label, pair_task, np.random.default_rng(seed),
+                pair = make_pair(reference, label, MODALITY_DEGRADATION[moving_name], np.random.default_rng(seed),
                                  misalignment=misalignment_from_options({"regime": regime}))
                 start = time.perf_counter()
                 result = engine.run_fusion(in_units(pair.reference, reference_modality),
