@@ -2,11 +2,17 @@
 
     .venv/bin/python bench/bench_model.py [--preset paper] [--threads N] [--device cpu|cuda]
                                           [--cases 2d-256 3d-96 3d-160]
+                                          [--layout contiguous|channels-last] [--compile]
 
 Each case runs in a fresh subprocess so that its peak resident memory (psutil, sampled every
 10 ms) is its own. Timing: two no-grad forward passes on a (1, 1, *shape) pair; the first
 ("cold") also pays for oneDNN's per-shape kernel setup and the allocator's first touch of the
 memory, the second ("warm") is what a tiled or repeated run pays per pass.
+
+``--layout channels-last`` puts the weights and the inputs in channels-last memory (oneDNN's
+preferred layout for convolutions); ``--compile`` wraps the network in ``torch.compile`` (the
+cold pass then includes the compilation). Both are measured, not used by the engine unless they
+pay (bench/results/cpu_layouts.md).
 
 Also prints the UFR&F parameter count with ALSN and the count a multi-expert UFR&F (base net +
 Ñ full BaseNet experts per scale instead of the LoRA branches) would have, to compare with the
@@ -42,11 +48,20 @@ def parameter_table(config: UniFuseConfig) -> dict[str, int]:
     return counts
 
 
-def run_case(preset: str, spatial_dims: int, size: int, device: str) -> dict[str, float]:
+LAYOUTS = {"contiguous": {2: torch.contiguous_format, 3: torch.contiguous_format},
+           "channels-last": {2: torch.channels_last, 3: torch.channels_last_3d}}
+
+
+def run_case(preset: str, spatial_dims: int, size: int, device: str, layout: str = "contiguous",
+             compile_model: bool = False) -> dict[str, float]:
     """Two forward passes; returns their seconds and the peak memory."""
     config = getattr(UniFuseConfig, preset)(spatial_dims)
-    model = UniFuse(config).eval().to(device)
-    pair = [torch.rand(1, 1, *[size] * spatial_dims, device=device) for _ in range(2)]
+    memory_format = LAYOUTS[layout][spatial_dims]
+    model = UniFuse(config).eval().to(device, memory_format=memory_format)
+    if compile_model:
+        model = torch.compile(model)
+    pair = [torch.rand(1, 1, *[size] * spatial_dims, device=device).contiguous(memory_format=memory_format)
+            for _ in range(2)]
     process = psutil.Process()
     baseline = process.memory_info().rss
     peak = baseline
@@ -85,21 +100,25 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="contiguous")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
         spatial_dims, size = CASES[args.case]
-        print(json.dumps(run_case(args.preset, spatial_dims, size, args.device)))
+        print(json.dumps(run_case(args.preset, spatial_dims, size, args.device, args.layout, args.compile)))
         return
     for spatial_dims in (2, 3):
         counts = parameter_table(getattr(UniFuseConfig, args.preset)(spatial_dims))
         print(f"{args.preset} {spatial_dims}-D parameters: "
               + ", ".join(f"{name} {count / 1e6:.3f} M" for name, count in counts.items()))
-    print(f"forward pass, batch 1, {args.threads} thread(s), device {args.device}:")
+    print(f"forward pass, batch 1, {args.threads} thread(s), device {args.device}, layout {args.layout}"
+          + (", torch.compile" if args.compile else "") + ":")
     for case in args.cases:
-        command = [sys.executable, __file__, "--preset", args.preset, "--threads",
-                   str(args.threads), "--device", args.device, "--case", case]
+        command = [sys.executable, __file__, "--preset", args.preset, "--threads", str(args.threads),
+                   "--device", args.device, "--layout", args.layout, "--case", case]
+        command += ["--compile"] if args.compile else []
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode:
             print(f"  {case}: failed: {completed.stderr.strip().splitlines()[-1]}")

@@ -1,10 +1,12 @@
 """docs/results/methods.md: every method side by side, from `unifuse evaluate --methods` runs.
 
-    .venv/bin/python bench/summarize_methods_eval.py --results runs/methods-eval \\
-        --unifuse docs/results/harvard2d-val [--out docs/results/methods.md]
+    .venv/bin/python bench/summarize_methods_eval.py --results runs/methods-eval [more ...] \\
+        [--unifuse docs/results/harvard2d-val/guard8] [--out docs/results/methods.md] [--compact NAME ...]
 
-``--results`` holds one folder per regime (``large``, ``mild``, ``none``), each the ``--out`` of
-``unifuse evaluate --harvard ... --misalignment REGIME --methods ...``. UniFuse is not rerun: its rows
+Each ``--results`` folder holds one folder per regime (``large``, ``mild``, ``none``), each the
+``--out`` of ``unifuse evaluate --harvard ... --misalignment REGIME --methods ...``; several folders
+(methods evaluated in separate runs, e.g. in parallel) are merged, a (pair, method) row that two
+runs share being taken from the first. Where no run evaluated UniFuse (``--checkpoint``), its rows
 come from ``--unifuse``'s folder of the same regime (the same Harvard validation pairs and seeds),
 restricted to the pairs the methods run scored, so every mean is over the same pairs.
 """
@@ -18,7 +20,11 @@ from pathlib import Path
 import numpy as np
 
 TASKS = ("CT-MRI", "PET-MRI", "SPECT-MRI")
-REGIMES = ("large", "mild", "none")
+# Result folders in report order, with their section titles; none-clean (the unmoved pair with a
+# clean moving image, evaluate --none-fraction 1) is MMIF-AMIN's own setting: aligned clean pairs.
+REGIMES = {"large": "Misalignment: large", "mild": "Misalignment: mild", "none": "Misalignment: none",
+           "none-clean": "Misalignment: none, clean moving images"}
+ALIGNED = ("none", "none-clean")
 COLUMNS = ("ncc", "epe", "Q_abf", "Q_ssim", "Q_vif", "MI", "gain_min", "seconds")
 LOWER_IS_BETTER = {"epe", "seconds"}
 COPIES = ("copy-reference", "copy-moving")
@@ -38,11 +44,21 @@ def _cell(value: float) -> str:
     return "—" if not np.isfinite(value) else f"{value:.3g}"
 
 
-def regime_rows(results: Path, unifuse: Path, regime: str) -> list[dict]:
-    rows = [row for row in _read(results / regime / "per_pair.csv") if not row["method"].endswith(COPIES)]
+def merged_rows(results: list[Path], regime: str) -> list[dict]:
+    """Every run's per-pair rows of ``regime``, a (pair, method) that two runs share from the first."""
+    merged: dict[tuple[str, str], dict] = {}
+    for folder in results:
+        table = folder / regime / "per_pair.csv"
+        for row in _read(table) if table.is_file() else []:
+            merged.setdefault((row["pair"], row["method"]), row)
+    return list(merged.values())
+
+
+def regime_rows(results: list[Path], unifuse: Path, regime: str) -> list[dict]:
+    rows = [row for row in merged_rows(results, regime) if not row["method"].endswith(COPIES)]
     pairs = {row["pair"] for row in rows}
     reference = unifuse / regime / "per_pair.csv"
-    if reference.is_file():
+    if reference.is_file() and not any(row["method"].startswith("UniFuse") for row in rows):
         rows += [row for row in _read(reference) if row["method"].startswith("UniFuse") and row["pair"] in pairs]
     return rows
 
@@ -56,6 +72,43 @@ def regime_table(rows: list[dict]) -> list[str]:
             if members:
                 lines.append(f"| {task} | {method} | {len(members)} | "
                              + " | ".join(_cell(_mean(members, column)) for column in COLUMNS) + " |")
+    return lines
+
+
+def write_folder(results: list[Path], regime: str, title: str, folder: Path) -> None:
+    """``folder``: the merged runs as one ``unifuse evaluate`` output (per_pair.csv, evaluation.csv,
+    paired.csv, evaluation.md), the tables and pair-by-pair tests made by evaluate's own code, so
+    that every engine method is compared with every other row, whichever run scored it."""
+    from napari_unifuse.cli.evaluate import METRIC_COLUMNS, regime_section, summarise, write_csv
+
+    records = [{**row, **{column: float(row[column]) for column in METRIC_COLUMNS}}
+               for row in merged_rows(results, regime)]
+    engine_methods = [method for method in dict.fromkeys(row["method"] for row in records) if " + " not in method]
+    summary = summarise(records)
+    section, paired = regime_section(regime, summary, records, engine_methods, "identity")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(records, folder / "per_pair.csv")
+    write_csv(summary, folder / "evaluation.csv")
+    write_csv(paired, folder / "paired.csv")
+    (folder / "evaluation.md").write_text(
+        f"# {title}: every method on the Harvard validation split\n\nMerged by `bench/summarize_methods_eval.py "
+        f"--folders` from {', '.join(str(path / regime) for path in results)}; mean ± std, then each engine method "
+        "against every other row, pair by pair (Δ, wins, Wilcoxon p).\n\n" + section, encoding="utf-8")
+
+
+def compact_table(tables: dict[str, list[dict]], methods: list[str]) -> list[str]:
+    """The README's table: ``methods`` only (``UniFuse`` also finds ``UniFuse (checkpoint)``),
+    every regime and task, the alignment and fusion columns."""
+    columns = ("ncc", "epe", "Q_abf", "Q_vif", "gain_min", "seconds")
+    lines = ["| regime | task | method | " + " | ".join(columns) + " |", "|---|---|---|" + "---:|" * len(columns)]
+    for regime, rows in tables.items():
+        for task in TASKS:
+            for name in methods:
+                members = [row for row in rows if row["task"] == task
+                           and (row["method"] == name or row["method"].startswith(f"{name} ("))]
+                if members:
+                    lines.append(f"| {regime} | {task} | {members[0]['method']} | "
+                                 + " | ".join(_cell(_mean(members, column)) for column in columns) + " |")
     return lines
 
 
@@ -80,33 +133,45 @@ def targets(rows: list[dict], method: str, rivals: tuple[str, ...], columns: tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, required=True)
-    parser.add_argument("--unifuse", type=Path, default=Path("docs/results/harvard2d-val"))
+    parser.add_argument("--results", type=Path, nargs="+", required=True)
+    parser.add_argument("--unifuse", type=Path, default=Path("docs/results/harvard2d-val/guard8"),
+                        help="evaluate runs of the shipped UniFuse engine on the same pairs (per regime)")
     parser.add_argument("--fusion-method", default="mmif-amin:none",
-                        help="the row held to the fusion target on aligned pairs (regime none)")
+                        help="the row held to the fusion target on aligned pairs (none and none-clean)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--compact", nargs="+", metavar="NAME",
+                        help="also print one table of these methods over every regime (the README's)")
+    parser.add_argument("--folders", type=Path,
+                        help="also write the merged runs per regime as evaluate outputs under this folder")
     args = parser.parse_args()
+    tables: dict[str, list[dict]] = {}
     text = ["# Every method side by side (Harvard validation split)", "",
-            "Made by `bench/summarize_methods_eval.py` from `unifuse evaluate --methods` runs; UniFuse's rows "
-            "are those of docs/results/harvard2d-val on the same pairs (not rerun). Degraded moving images "
-            "(evaluate's default); mean per pair; epe in px; seconds per pair on the evaluating machine.", ""]
-    for regime in REGIMES:
-        if not (args.results / regime / "per_pair.csv").is_file():
+            "Made by `bench/summarize_methods_eval.py` from `unifuse evaluate --methods` runs (UniFuse's rows "
+            f"from {args.unifuse} where a run did not evaluate it). Degraded moving images (evaluate's "
+            "default) except in the last section; mean per pair; epe in px; seconds per pair as each run "
+            f"measured them. Runs merged: {', '.join(f'`{folder}`' for folder in args.results)}. What the tables "
+            "show is discussed in the README (Every method on the Harvard validation split).", ""]
+    for regime, title in REGIMES.items():
+        if not any((folder / regime / "per_pair.csv").is_file() for folder in args.results):
             continue
-        rows = regime_rows(args.results, args.unifuse, regime)
-        text += [f"## Misalignment: {regime}", "", *regime_table(rows), ""]
-        if regime == "none":
+        rows = tables[regime] = regime_rows(args.results, args.unifuse, regime)
+        if args.folders:
+            write_folder(args.results, regime, title, args.folders / regime)
+        text += [f"## {title}", "", *regime_table(rows), ""]
+        if regime in ALIGNED:
             text += [f"Target on aligned pairs: {args.fusion_method} against max and wavelet fusion of the "
                      "unmoved pair:", "",
                      *targets(rows, args.fusion_method, ("identity + max", "identity + wavelet"),
                               ("Q_abf", "Q_vif", "gain_min")), ""]
-        if any(row["method"] == "bsafusion" for row in rows):
+        if regime not in ALIGNED and any(row["method"] == "bsafusion" for row in rows):
             text += ["BSAFusion's alignment against the identity:", "",
                      *targets(rows, "bsafusion", ("identity + max",), ("ncc", "epe")), ""]
     report = "\n".join(text)
     if args.out:
         args.out.write_text(report, encoding="utf-8")
     print(report)
+    if args.compact:
+        print("\n".join(["", *compact_table(tables, args.compact)]))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,18 @@ class InputError(UniFuseError, ValueError):
         super().__init__(f"{source}: {problem}" if source is not None else problem)
 
 
+class RegistrationError(UniFuseError):
+    """A classical registration that failed on this pair (its optimiser found no overlap or no
+    signal to follow, e.g. a constant image); the message says what to try instead."""
+
+    def __init__(self, registration: str, cause: str) -> None:
+        self.registration = registration
+        self.cause = cause
+        super().__init__(f"the {registration} registration failed on this pair ({cause}); use another "
+                         "registration (e.g. the structural matching) or check that the images show the same "
+                         "anatomy and are not constant")
+
+
 class CheckpointError(UniFuseError):
     """A checkpoint that cannot be used: missing, corrupt, or made for another model config."""
 

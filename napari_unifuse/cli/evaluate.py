@@ -38,6 +38,9 @@ known; the classical pipelines estimate no class), and the restoration check: ``
 (its restored, aligned output vs the label, as ``ssim``) beside ``warped_input_ssim`` (the
 degraded input warped by UniFuse's own field, ``data.misalign.warp_array``, vs the label), so that
 restoration and alignment are told apart; NaN for the classical pipelines, which restore nothing.
+A registration that fails on a pair (SimpleITK on a constant image, say) leaves every metric of
+that method and pair NaN, with a line on stderr: the means and the pair-by-pair tests leave the
+pair out for that method, and the run goes on.
 Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (per regime: mean ± std per method
 and task, and over all tasks, the metrics a copy fools, then UniFuse against each pipeline pair by
 pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import sys
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -65,7 +69,7 @@ from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
-from napari_unifuse.errors import InputError
+from napari_unifuse.errors import InputError, RegistrationError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
@@ -305,6 +309,13 @@ def engine_scores(engine: FusionEngine, pair: EvaluationPair, reference: np.ndar
     return score(aligned, result.displacement, fused, reference, pair, seconds, predicted, warped_input)
 
 
+def failed_scores(pair: EvaluationPair, method: str, error: RegistrationError) -> dict[str, float]:
+    """The row of a method whose registration failed on this pair: every metric NaN, so that the
+    means and the pair-by-pair tests leave the pair out for that method, and the run goes on."""
+    print(f"  {pair.name}: {method}: {error}", file=sys.stderr, flush=True)
+    return dict.fromkeys(METRIC_COLUMNS, float("nan"))
+
+
 def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registrations: list[str],
                   rules: list[str], methods: dict[str, FusionEngine] | None = None,
                   ) -> Iterator[tuple[str, dict[str, float]]]:
@@ -317,13 +328,20 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
     if pair.moving.spatial_shape != pair.reference.spatial_shape or not pair.moving.geometry.allclose(geometry):
         moving_unit = resample_to_reference(
             ImageVolume(moving_unit, pair.moving.geometry), pair.reference).array.astype(np.float32)
-    if engine is not None:
-        yield UNIFUSE_METHOD, engine_scores(engine, pair, reference, moving_unit)
-    for name, method_engine in (methods or {}).items():
-        yield name, engine_scores(method_engine, pair, reference, moving_unit)
+    engines = ({UNIFUSE_METHOD: engine} if engine is not None else {}) | (methods or {})
+    for name, method_engine in engines.items():
+        try:
+            yield name, engine_scores(method_engine, pair, reference, moving_unit)
+        except RegistrationError as error:
+            yield name, failed_scores(pair, name, error)
     registered = {}
     for method in registrations:
-        registration = registered[method] = classical.register(method, reference, moving_unit, geometry)
+        try:
+            registration = registered[method] = classical.register(method, reference, moving_unit, geometry)
+        except RegistrationError as error:
+            for rule in rules:
+                yield f"{method} + {rule}", failed_scores(pair, f"{method} + {rule}", error)
+            continue
         for rule in rules:
             start = time.perf_counter()
             fused = classical.fuse_classical(rule, reference, registration.aligned)

@@ -42,7 +42,7 @@ import SimpleITK as sitk
 import torch
 
 from napari_unifuse.data.misalign import warp_array
-from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.errors import InputError, RegistrationError, UniFuseError
 from napari_unifuse.io import ImageVolume
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
@@ -136,7 +136,7 @@ def register_sitk(
         learningRate=1.0, minStep=1e-4, numberOfIterations=_RIGID_ITERATIONS, relaxationFactor=0.5)
     rigid_stage.SetOptimizerScalesFromPhysicalShift()
     rigid_stage.SetInitialTransform(initial, inPlace=False)
-    rigid = rigid_stage.Execute(fixed, moved)
+    rigid = _execute(rigid_stage, fixed, moved)
 
     bspline = sitk.BSplineTransformInitializer(fixed, [bspline_mesh] * reference.ndim)
     bspline_stage = _mattes_registration(_BSPLINE_SHRINK, _BSPLINE_SMOOTH, reference.shape, _BSPLINE_SAMPLES)
@@ -145,10 +145,19 @@ def register_sitk(
     # ITK applies the optimised transform first, then the moving initial one: p -> rigid(bspline(p)).
     bspline_stage.SetMovingInitialTransform(rigid)
     bspline_stage.SetInitialTransform(bspline, inPlace=True)
-    bspline_stage.Execute(fixed, moved)
+    _execute(bspline_stage, fixed, moved)
     # A CompositeTransform applies its transforms last-added first: again rigid(bspline(p)).
     composite = sitk.CompositeTransform([rigid, bspline])
     return sitk_transform_to_displacement(composite, fixed, geometry)
+
+
+def _execute(stage: sitk.ImageRegistrationMethod, fixed: sitk.Image, moved: sitk.Image) -> sitk.Transform:
+    """``stage.Execute`` with ITK's exception (a constant image, samples that left the overlap)
+    turned into a message for the user: its last line names the cause without ITK's source path."""
+    try:
+        return stage.Execute(fixed, moved)
+    except RuntimeError as error:
+        raise RegistrationError("SimpleITK", str(error).strip().splitlines()[-1].split("): ")[-1]) from error
 
 
 def sitk_transform_to_displacement(transform: sitk.Transform, fixed: sitk.Image, geometry: Geometry) -> np.ndarray:

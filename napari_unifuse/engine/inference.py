@@ -13,15 +13,16 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
 4. ``fuse``      pad to the method's size multiple, move the moving image by the method's initial
                  alignment (once, on the whole input), run its tile prediction over blended tiles,
                  crop back.
-   ``classical registration``  (guarded methods, 3-D volumes) SimpleITK's rigid + B-spline field
-                 competes with the matching's under the alignment guard's rule; the winner is the
-                 initial alignment the network refines (see ``SIMPLEITK``).
-5. ``guard``     (methods that ask for it: UniFuse) ``engine.alignment_guard``: keep the identity, the
-                 initial field (matching or SimpleITK) or the network's, whichever beats the simpler
-                 ones by more than the similarity's noise.
-   ``fuse (kept field)``  when that is not the network's field, run the tiles again with the kept
-                 field as the whole field (``refine(..., fixed_field=True)``), so that the restored
-                 and fused images are the ones for the displacement reported.
+   ``classical registration``  (methods that refine the alignment, 3-D volumes) SimpleITK's
+                 rigid + B-spline field competes with the matching's under the alignment guard's
+                 rule; the winner is the initial alignment the network refines (see ``SIMPLEITK``).
+5. ``guard``     (guarded methods: UniFuse, MMIF-AMIN after a registration)
+                 ``engine.alignment_guard``: keep the identity, the initial field (matching or
+                 SimpleITK) or the network's (UniFuse), whichever beats the simpler ones by more
+                 than the similarity's noise.
+   ``fuse (kept field)``  when that is not the method's own field, run the tiles again with the
+                 kept field as the whole field (``refine(..., fixed_field=True)``), so that the
+                 restored and fused images are the ones for the displacement reported.
 6. ``compose``   warp the carried chroma (and what the intensity window clipped) with the kept
    field, recombine RGB, map the restored moving image back to its own intensity units.
 7. ``quality``   (``quality=True``) ``engine.quality``: where not to trust the result (invented and
@@ -71,7 +72,7 @@ from napari_unifuse.engine.tiling import (
 )
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES, uncertainty_on_matching_level
 from napari_unifuse.engine.uncertainty import DEFINITION as UNCERTAINTY_DEFINITION
-from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.errors import InputError, RegistrationError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
 from napari_unifuse.io.normalize import darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
@@ -346,8 +347,8 @@ class FusionEngine:
             # the field.
             with torch.no_grad():
                 matching = self.method.initial_alignment(pair[None, 0:1], pair[None, 1:2], spacing=spacing).cpu()
-        initial_name, initial, initial_decision = MATCHING, matching, None
-        if self.method.guarded and len(spatial) == 3 and min(spatial) >= CLASSICAL_MIN_SIDE:
+        initial_name, initial, initial_decision = self.method.initial_alignment_name, matching, None
+        if self.method.refines_alignment and len(spatial) == 3 and min(spatial) >= CLASSICAL_MIN_SIDE:
             with stage(CLASSICAL_STAGE):
                 classical = _classical_estimate(reference, moving, spacing, warnings)
                 if classical is not None:
@@ -361,10 +362,11 @@ class FusionEngine:
         decision = None
         if self.method.guarded:
             with stage("guard"):
-                network = blended.dense[2:][crop]
-                decision = choose_displacement(moving, reference, {
-                    initial_name: initial[0][crop].numpy(), NETWORK: network.numpy()})
-            if decision.kept != NETWORK:
+                estimates = {initial_name: initial[0][crop].numpy()}
+                if self.method.refines_alignment:
+                    estimates[NETWORK] = blended.dense[2:][crop].numpy()
+                decision = choose_displacement(moving, reference, estimates)
+            if decision.kept != (NETWORK if self.method.refines_alignment else initial_name):
                 kept = initial if decision.kept == initial_name else torch.zeros_like(initial)
                 cancel.raise_if_cancelled()
                 with timer.stage(FUSE_KEPT_STAGE):
@@ -529,8 +531,8 @@ def _classical_estimate(reference: np.ndarray, moving: np.ndarray, spacing: tupl
     candidate among several, so its failure (a flat image, no overlap) must not fail the run."""
     try:
         field = register_sitk(reference, moving, _grid_geometry(spacing, reference.ndim))
-    except RuntimeError as error:
-        warnings.append(f"SimpleITK registration failed, the structural matching's field is used: {error}")
+    except RegistrationError as error:
+        warnings.append(f"SimpleITK registration failed ({error.cause}); the structural matching's field is used")
         return None
     return field.astype(np.float32)
 

@@ -389,3 +389,27 @@ def test_engine_methods_are_rows_and_each_is_compared_with_every_other(checkpoin
 def test_evaluate_needs_a_checkpoint_or_methods(pairs_csv, tmp_path, capsys):
     assert main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(tmp_path)]) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+def test_a_pair_simpleitk_cannot_register_leaves_nan_rows_and_the_run_goes_on(tmp_path, capsys):
+    """A constant moving image gives ITK's optimiser nothing to follow: that pair's SimpleITK rows
+    (the engine method and the baseline) are NaN with a line on stderr, every other row is scored."""
+    side = 48
+    grids = np.meshgrid(*(np.linspace(-1, 1, side),) * 2, indexing="ij")
+    brain = np.exp(-3 * sum(g**2 for g in grids))
+    for name, image in (("mri.png", brain), ("flat.png", np.zeros_like(brain)), ("blob.png", np.roll(brain, 3, 0))):
+        Image.fromarray((255 * image).astype(np.uint8)).save(tmp_path / name)
+    (tmp_path / "pairs.csv").write_text("reference,moving,label\nmri.png,flat.png,flat.png\nmri.png,blob.png,blob.png\n",
+                                        encoding="utf-8")
+    out = tmp_path / "out"
+    code = main(["evaluate", "--pairs", str(tmp_path / "pairs.csv"), "--out", str(out), "--device", "cpu",
+                 "--methods", "sitk+max", "--baselines", "identity,sitk", "--fusion-rules", "max"])
+    assert code == 0
+    rows = {(row["pair"], row["method"]): row for row in read_csv(out / "per_pair.csv")}
+    flat, blob = sorted({pair for pair, _ in rows}, key=lambda pair: "flat" not in pair)
+    for method in ("sitk+max", "sitk + max"):
+        assert rows[flat, method]["gain_min"] == "nan"
+        assert np.isfinite(float(rows[blob, method]["gain_min"]))
+    assert np.isfinite(float(rows[flat, "identity + max"]["gain_min"]))
+    assert "SimpleITK registration failed on this pair" in capsys.readouterr().err
+

@@ -83,3 +83,14 @@ def test_a_3d_pair_given_to_a_2d_method_is_refused(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mmif-amin fuses 2D images only" in err and "unifuse" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_fuse_says_in_one_line_when_the_chosen_registration_fails(tmp_path, capsys):
+    grids = np.meshgrid(*(np.linspace(-1, 1, 40),) * 2, indexing="ij")
+    Image.fromarray((255 * np.exp(-3 * sum(g**2 for g in grids))).astype(np.uint8)).save(tmp_path / "mri.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "flat.png")
+    code = main(["fuse", "--reference", str(tmp_path / "mri.png"), "--moving", str(tmp_path / "flat.png"),
+                 "--out", str(tmp_path / "out"), "--method", "sitk+max", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in error
+    assert "SimpleITK registration failed on this pair" in error and "structural matching" in error

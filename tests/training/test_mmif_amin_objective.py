@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from napari_unifuse.training.config import config_from_dict
-from napari_unifuse.training.losses import ssim
+from napari_unifuse.training.losses import gradient_loss, ssim
 from napari_unifuse.training.mmif_amin_objective import (
     MMIFAMINLoss,
     adaptive_loss,
@@ -21,7 +21,8 @@ from napari_unifuse.training.mmif_amin_objective import (
 )
 from napari_unifuse.training.trainer import train
 
-SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SMOKE = CONFIGS / "smoke.yaml"
 
 
 def _ramp(levels: int = 16, rows: int = 8) -> torch.Tensor:
@@ -97,3 +98,45 @@ def test_the_balance_term_is_ours_and_off_unless_asked_for():
     worst = (1 - ssim(fused, batch["label"])).mean()
     torch.testing.assert_close(ours["balance"], worst)
     torch.testing.assert_close(ours["total"], paper["total"] + 2.0 * worst)
+
+
+def test_the_gradient_term_is_ours_and_off_unless_asked_for():
+    torch.manual_seed(0)
+    batch = {"reference": torch.rand(2, 1, 32, 32), "label": torch.rand(2, 1, 32, 32)}
+    fused = (batch["reference"] + batch["label"]) / 2
+    paper = adaptive_loss(fused, batch, MMIFAMINLoss())
+    assert "gradient" not in paper
+    ours = adaptive_loss(fused, batch, MMIFAMINLoss(gradient=0.5))
+    expected = gradient_loss(fused, batch["label"], batch["reference"])
+    torch.testing.assert_close(ours["gradient"], expected)
+    torch.testing.assert_close(ours["total"], paper["total"] + 0.5 * expected)
+
+
+def _two_source_pair() -> dict[str, torch.Tensor]:
+    """A textured "MRI" and a "CT" that holds only a bright ring (a skull) the MRI does not show."""
+    generator = torch.Generator().manual_seed(0)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 96), torch.linspace(-1, 1, 96), indexing="ij")
+    radius = torch.sqrt(x**2 + y**2)
+    brain = (radius < 0.7).float()
+    texture = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 96, 96, generator=generator), 5, 1, 2)[0, 0]
+    reference = brain * (0.3 + 0.6 * (texture - texture.min()) / (texture.max() - texture.min()))
+    ring = ((radius > 0.72) & (radius < 0.82)).float()
+    moving = 0.95 * ring + 0.15 * brain
+    return {"reference": reference[None, None], "label": moving[None, None]}
+
+
+def test_the_cpu_config_ranks_fusions_above_copies_where_the_papers_loss_prefers_the_mri():
+    """The reason for ``balance`` and ``gradient`` in configs/mmif-amin-cpu.yaml (module docstring):
+    under the paper's loss a copy of the reference beats max and average fusion; under the
+    shipped configuration both copies score worse than both fusions."""
+    batch = _two_source_pair()
+    reference, moving = batch["reference"], batch["label"]
+    candidates = {"copy-reference": reference, "copy-moving": moving,
+                  "max": torch.maximum(reference, moving), "average": (reference + moving) / 2}
+    config_loss = yaml.safe_load((CONFIGS / "mmif-amin-cpu.yaml").read_text())["loss"]
+    for loss, copy_wins in ((MMIFAMINLoss(), True), (MMIFAMINLoss(**config_loss), False)):
+        total = {name: adaptive_loss(fused, batch, loss)["total"].item() for name, fused in candidates.items()}
+        best_fusion = min(total["max"], total["average"])
+        assert (total["copy-reference"] < best_fusion) is copy_wins, total
+        if not copy_wins:
+            assert total["copy-moving"] > best_fusion, total

@@ -69,8 +69,10 @@ class FusionMethod(ABC):
 
     ``config``: has ``spatial_dims``, ``size_multiple`` (inputs are zero-padded to it) and
     ``to_dict()`` (recorded as the provenance's ``model_config``).
-    ``guarded``: the engine's alignment guard weighs the method's own field against the identity
-    and the initial alignment (UniFuse); otherwise the field is used as the method returns it.
+    ``guarded``: the engine's alignment guard keeps the identity unless a field reliably improves
+    the pair (issue 17's "never worse than doing nothing"); otherwise the field is used as the
+    method returns it. The guard weighs the initial alignment, named ``initial_alignment_name``,
+    and, for a method that ``refines_alignment`` (UniFuse), the method's own field beside it.
     ``restores``: ``restored`` is a restoration, not just the moved input (evaluate's restoration
     columns). ``supported_dims``: the dimensionalities it can fuse at all (2D-only methods refuse
     3D input with a message saying so).
@@ -79,6 +81,8 @@ class FusionMethod(ABC):
     name: str
     config: Any
     guarded: bool = False
+    refines_alignment: bool = False
+    initial_alignment_name: str = "matching"
     restores: bool = False
     supported_dims: tuple[int, ...] = (2, 3)
     checkpoint: Path | None = None  # weights it was loaded from, if any
@@ -110,8 +114,18 @@ class FusionMethod(ABC):
             raise InputError(wrong_dimensions_message(self.name, self.supported_dims, ndim), source)
 
 
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
 class NetworkMethod(FusionMethod):
-    """A method around one trained ``model.networks`` network (``self.network``, eval mode)."""
+    """A method around one trained ``model.networks`` network (``self.network``, eval mode).
+
+    ``channels_last_on_cpu``: on a CPU the network's weights are put in channels-last memory,
+    which oneDNN's convolutions run faster (the activations follow the weights); set where it
+    was measured to pay and to give the same outputs (UniFuse: bench/results/cpu_layouts.md).
+    """
+
+    channels_last_on_cpu: bool = False
 
     def __init__(self, network: nn.Module, checkpoint: Path | None = None, checkpoint_name: str | None = None,
                  checkpoint_metadata: dict[str, Any] | None = None) -> None:
@@ -123,7 +137,11 @@ class NetworkMethod(FusionMethod):
         self.checkpoint_metadata = dict(checkpoint_metadata or {})
 
     def to(self, device: torch.device | str) -> NetworkMethod:
-        self.network.to(device)
+        device = torch.device(device)
+        if self.channels_last_on_cpu and device.type == "cpu":
+            self.network.to(device, memory_format=_CHANNELS_LAST[self.config.spatial_dims])
+        else:
+            self.network.to(device, memory_format=torch.contiguous_format)
         return self
 
     @classmethod

@@ -16,6 +16,8 @@ SUPPORTED_DIMS = (2, 3)
 class Method(NetworkMethod):
     name = "unifuse"
     guarded = True
+    refines_alignment = True
+    channels_last_on_cpu = True
     restores = True
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,

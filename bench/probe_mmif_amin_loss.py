@@ -1,0 +1,93 @@
+"""What MMIF-AMIN's loss rewards, on clean aligned Harvard validation crops (docs/methods.md).
+
+1. The adaptive loss (``training.mmif_amin_objective.adaptive_loss``) of four fixed "fusions" of
+   16 crops: a copy of each source, max and average fusion, under the paper's loss and under the
+   CPU config's (``configs/mmif-amin-cpu.yaml``: ``balance``, ``gradient``). Lower is better.
+2. What a loss can reach at all: a free image, started from max fusion, optimised per crop (Adam,
+   150 steps) for ``balance`` × the balance term + ``gradient`` × the gradient term, scored on
+   gain_min, Q_abf and Q_vif beside max and average fusion of the same 12 crops.
+
+    .venv/bin/python bench/probe_mmif_amin_loss.py --harvard ../shared/data/harvard-aanlib
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from napari_unifuse.metrics import q_abf, ssim_gains
+from napari_unifuse.metrics.fusion import q_vif
+from napari_unifuse.training.datasets import build_datasets
+from napari_unifuse.training.losses import balance_loss, gradient_loss
+from napari_unifuse.training.mmif_amin_objective import MMIFAMINLoss, adaptive_loss
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mmif-amin-cpu.yaml"
+FREE_IMAGE_WEIGHTS = ((1.0, 0.0), (3.0, 1.0), (3.0, 3.0))  # (balance, gradient)
+
+
+def _crops(harvard: Path, count: int) -> dict[str, torch.Tensor]:
+    config = yaml.safe_load(CONFIG.read_text())
+    data = copy.deepcopy(config["data"]) | {"root": str(harvard)}
+    _, validation = build_datasets(data, seed=config["seed"], spatial_dims=2)
+    picks = np.linspace(0, len(validation) - 1, count).round().astype(int)
+    return {key: torch.stack([validation[int(i)][key] for i in picks]) for key in ("reference", "label")}
+
+
+def _fixed_fusions(reference: torch.Tensor, moving: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"copy-reference": reference, "copy-moving": moving, "max": torch.maximum(reference, moving),
+            "average": (reference + moving) / 2}
+
+
+def _scores(fused: np.ndarray, reference: np.ndarray, moving: np.ndarray) -> tuple[float, float, float]:
+    return ssim_gains(fused, reference, moving).minimum, q_abf(fused, reference, moving), q_vif(fused, reference, moving)
+
+
+def loss_ranking(batch: dict[str, torch.Tensor]) -> None:
+    config_loss = MMIFAMINLoss(**yaml.safe_load(CONFIG.read_text())["loss"])
+    print(f"adaptive loss on {len(batch['reference'])} crops (lower is better)")
+    for title, loss in (("paper", MMIFAMINLoss()), (f"config {config_loss}", config_loss)):
+        totals = {name: adaptive_loss(fused, batch, loss)["total"].item()
+                  for name, fused in _fixed_fusions(batch["reference"], batch["label"]).items()}
+        print(f"  {title}: " + ", ".join(f"{name} {value:.3f}" for name, value in totals.items()))
+
+
+def free_image_frontier(batch: dict[str, torch.Tensor], steps: int = 150) -> None:
+    print(f"free image per crop ({len(batch['reference'])} crops): gain_min, Q_abf, Q_vif")
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for reference, moving in zip(batch["reference"], batch["label"]):
+        reference, moving = reference[None], moving[None]
+        r, m = reference[0, 0].numpy(), moving[0, 0].numpy()
+        for name, fused in _fixed_fusions(reference, moving).items():
+            rows.setdefault(name, []).append(_scores(fused[0, 0].numpy(), r, m))
+        for balance, gradient in FREE_IMAGE_WEIGHTS:
+            image = torch.maximum(reference, moving).clone().requires_grad_(True)
+            optimiser = torch.optim.Adam([image], lr=0.01)
+            for _ in range(steps):
+                fused = image.clamp(0, 1)
+                loss = balance * balance_loss(fused, moving, reference) + gradient * gradient_loss(fused, moving, reference)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            rows.setdefault(f"free, balance {balance:g} gradient {gradient:g}", []).append(
+                _scores(image.detach().clamp(0, 1)[0, 0].numpy(), r, m))
+    for name, values in rows.items():
+        gain, edges, vif = np.mean(values, axis=0)
+        print(f"  {name}: {gain:.3f}, {edges:.3f}, {vif:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--harvard", type=Path, required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    loss_ranking(_crops(args.harvard, 16))
+    free_image_frontier(_crops(args.harvard, 12))
+
+
+if __name__ == "__main__":
+    main()
