@@ -15,7 +15,7 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
                  crop back.
    ``classical registration``  (methods that refine the alignment, 3-D volumes) SimpleITK's
                  rigid + B-spline field competes with the matching's under the alignment guard's
-                 rule; the winner is the initial alignment the network refines (see ``SIMPLEITK``).
+                 rule; the winner is the initial alignment the network refines (see ``CLASSICAL_STAGE``).
 5. ``guard``     (guarded methods: UniFuse, MMIF-AMIN after a registration)
                  ``engine.alignment_guard``: keep the identity, the initial field (matching or
                  SimpleITK) or the network's (UniFuse), whichever beats the simpler ones by more
@@ -51,7 +51,13 @@ from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displace
 from napari_unifuse.engine.classical import register_sitk
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
-from napari_unifuse.engine.methods import FusionMethod, method_for_network, method_from_checkpoint
+from napari_unifuse.engine.methods import (
+    MATCHING,
+    SIMPLEITK,
+    FusionMethod,
+    method_for_network,
+    method_from_checkpoint,
+)
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore_progress
 from napari_unifuse.engine.provenance import (
     StageTimer,
@@ -84,8 +90,8 @@ from napari_unifuse.model.warp import warp
 # Cb and Cr are stored offset by 0.5 (neutral grey); shifting them to 0 before resampling and
 # warping makes the zero fill outside the moving image's field of view colourless.
 _CHROMA_NEUTRAL = 0.5
-# The estimates the alignment guard weighs against the identity, in the order they challenge.
-MATCHING, NETWORK = "matching", "network"
+# The network's own field, which the guard weighs after the initial one (MATCHING or SIMPLEITK).
+NETWORK = "network"
 # 3-D only: SimpleITK's rigid + B-spline registration (Mattes MI) competes with the structural
 # matching as the field the network refines. On 3-D volumes it aligns better than the matching (the
 # MNI motion pair at 160³: output NCC 0.956 with its field against 0.895 with the matching's,
@@ -93,7 +99,6 @@ MATCHING, NETWORK = "matching", "network"
 # Harvard slices it is worse than the matching on large misalignments and than the identity on mild
 # ones (CT-MRI NCC 0.68 against 0.81, 0.78 against 0.83; docs/results/methods.md), so 2-D keeps
 # the matching alone.
-SIMPLEITK = "simpleitk"
 CLASSICAL_STAGE = "classical registration"
 # Thinner volumes (a few slices) leave SimpleITK's pyramid nothing to stand on; the matching
 # handles them in-plane.

@@ -33,6 +33,10 @@ from torch import nn
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.errors import CheckpointError, InputError
 
+# Names of the initial fields the alignment guard weighs against the identity (its decision and
+# the provenance use them): UniFuse's structural matching, SimpleITK's rigid + B-spline.
+MATCHING, SIMPLEITK = "matching", "simpleitk"
+
 _PACKAGE = "napari_unifuse.engine.methods"
 # name -> (module, options its load() receives). Classical pipelines: "<registration>+<rule>".
 _REGISTRY: dict[str, tuple[str, dict[str, str]]] = {
@@ -82,7 +86,7 @@ class FusionMethod(ABC):
     config: Any
     guarded: bool = False
     refines_alignment: bool = False
-    initial_alignment_name: str = "matching"
+    initial_alignment_name: str = MATCHING
     restores: bool = False
     supported_dims: tuple[int, ...] = (2, 3)
     checkpoint: Path | None = None  # weights it was loaded from, if any

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from napari_unifuse.engine.methods import MethodOutput, NetworkMethod
+from napari_unifuse.engine.methods import MATCHING, SIMPLEITK, MethodOutput, NetworkMethod
 from napari_unifuse.engine.methods.pipelines import registration_field
 from napari_unifuse.errors import InputError
 from napari_unifuse.model.networks import network_available
@@ -27,8 +27,9 @@ SUPPORTED_DIMS = (2,)
 # Option name -> engine.classical registration.
 ALIGNMENTS = {"matching": "matching", "sitk": "sitk", "none": "identity"}
 DEFAULT_ALIGNMENT = "matching"
-# Option name -> the estimate's name in the alignment guard's decision and the provenance.
-GUARD_NAMES = {"matching": "matching", "sitk": "simpleitk", "none": "identity"}
+# Option name -> the estimate's name in the alignment guard's decision and the provenance
+# (``none`` is not guarded).
+GUARD_NAMES = {"matching": MATCHING, "sitk": SIMPLEITK}
 
 
 class Method(NetworkMethod):
@@ -41,8 +42,8 @@ class Method(NetworkMethod):
                              "--alignment")
         super().__init__(network, checkpoint, checkpoint_name, checkpoint_metadata)
         self.alignment = alignment
-        self.guarded = alignment != "none"
-        self.initial_alignment_name = GUARD_NAMES[alignment]
+        self.guarded = alignment in GUARD_NAMES
+        self.initial_alignment_name = GUARD_NAMES.get(alignment, self.initial_alignment_name)
         self.name = "mmif-amin" if alignment == DEFAULT_ALIGNMENT else f"mmif-amin:{alignment}"
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
