@@ -2,10 +2,12 @@
 
 1. The adaptive loss (``training.mmif_amin_objective.adaptive_loss``) of four fixed "fusions" of
    16 crops: a copy of each source, max and average fusion, under the paper's loss and under the
-   CPU config's (``configs/mmif-amin-cpu.yaml``: ``balance``, ``gradient``). Lower is better.
+   CPU config's (``configs/mmif-amin-cpu.yaml``: the paper's terms plus our ``balance``,
+   ``gradient``, ``edge_transfer`` and ``information_fidelity``). Lower is better.
 2. What a loss can reach at all: a free image, started from max fusion, optimised per crop (Adam,
-   150 steps) for ``balance`` × the balance term + ``gradient`` × the gradient term, scored on
-   gain_min, Q_abf and Q_vif beside max and average fusion of the same 12 crops.
+   150 steps) for our added terms only (weights in ``FREE_IMAGE_WEIGHTS``), for the paper's whole
+   loss and for the config's whole loss, scored on gain_min, Q_abf and Q_vif beside the fixed
+   fusions of the same 12 crops.
 
     .venv/bin/python bench/probe_mmif_amin_loss.py --harvard ../shared/data/harvard-aanlib
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +26,14 @@ import yaml
 from napari_unifuse.metrics import q_abf, ssim_gains
 from napari_unifuse.metrics.fusion import q_vif
 from napari_unifuse.training.datasets import build_datasets
-from napari_unifuse.training.losses import balance_loss, gradient_loss
 from napari_unifuse.training.mmif_amin_objective import MMIFAMINLoss, adaptive_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mmif-amin-cpu.yaml"
-FREE_IMAGE_WEIGHTS = ((1.0, 0.0), (3.0, 1.0), (3.0, 3.0))  # (balance, gradient)
+# (balance, gradient, edge_transfer, information_fidelity)
+FREE_IMAGE_WEIGHTS = ((1.0, 0.0, 0.0, 0.0), (3.0, 1.0, 0.0, 0.0), (3.0, 3.0, 0.0, 0.0), (3.0, 1.0, 2.0, 0.0),
+                      (3.0, 1.0, 0.0, 1.0), (3.0, 1.0, 2.0, 1.0))
+_ADDED_TERMS = ("balance", "gradient", "edge_transfer", "information_fidelity")
+Objective = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def _crops(harvard: Path, count: int) -> dict[str, torch.Tensor]:
@@ -56,25 +62,41 @@ def loss_ranking(batch: dict[str, torch.Tensor]) -> None:
         print(f"  {title}: " + ", ".join(f"{name} {value:.3f}" for name, value in totals.items()))
 
 
+def _added_terms_only(weights: tuple[float, ...]) -> tuple[str, Objective]:
+    loss = MMIFAMINLoss(**dict(zip(_ADDED_TERMS, weights)))
+
+    def objective(fused: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = adaptive_loss(fused, batch, loss)
+        return sum((weight * terms[name] for name, weight in zip(_ADDED_TERMS, weights) if weight > 0),
+                   torch.zeros(()))
+
+    return ", ".join(f"{name} {weight:g}" for name, weight in zip(_ADDED_TERMS, weights) if weight > 0), objective
+
+
+def _whole_loss(title: str, loss: MMIFAMINLoss) -> tuple[str, Objective]:
+    return title, lambda fused, batch: adaptive_loss(fused, batch, loss)["total"]
+
+
 def free_image_frontier(batch: dict[str, torch.Tensor], steps: int = 150) -> None:
     print(f"free image per crop ({len(batch['reference'])} crops): gain_min, Q_abf, Q_vif")
+    objectives = [_added_terms_only(weights) for weights in FREE_IMAGE_WEIGHTS]
+    objectives += [_whole_loss("the paper's whole loss", MMIFAMINLoss()),
+                   _whole_loss("the config's whole loss", MMIFAMINLoss(**yaml.safe_load(CONFIG.read_text())["loss"]))]
     rows: dict[str, list[tuple[float, float, float]]] = {}
     for reference, moving in zip(batch["reference"], batch["label"]):
-        reference, moving = reference[None], moving[None]
-        r, m = reference[0, 0].numpy(), moving[0, 0].numpy()
-        for name, fused in _fixed_fusions(reference, moving).items():
+        pair = {"reference": reference[None], "label": moving[None]}
+        r, m = reference[0].numpy(), moving[0].numpy()
+        for name, fused in _fixed_fusions(pair["reference"], pair["label"]).items():
             rows.setdefault(name, []).append(_scores(fused[0, 0].numpy(), r, m))
-        for balance, gradient in FREE_IMAGE_WEIGHTS:
-            image = torch.maximum(reference, moving).clone().requires_grad_(True)
+        for label, objective in objectives:
+            image = torch.maximum(pair["reference"], pair["label"]).clone().requires_grad_(True)
             optimiser = torch.optim.Adam([image], lr=0.01)
             for _ in range(steps):
-                fused = image.clamp(0, 1)
-                loss = balance * balance_loss(fused, moving, reference) + gradient * gradient_loss(fused, moving, reference)
+                loss = objective(image.clamp(0, 1), pair)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-            rows.setdefault(f"free, balance {balance:g} gradient {gradient:g}", []).append(
-                _scores(image.detach().clamp(0, 1)[0, 0].numpy(), r, m))
+            rows.setdefault(f"free, {label}", []).append(_scores(image.detach().clamp(0, 1)[0, 0].numpy(), r, m))
     for name, values in rows.items():
         gain, edges, vif = np.mean(values, axis=0)
         print(f"  {name}: {gain:.3f}, {edges:.3f}, {vif:.3f}")

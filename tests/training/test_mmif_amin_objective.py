@@ -126,9 +126,9 @@ def _two_source_pair() -> dict[str, torch.Tensor]:
 
 
 def test_the_cpu_config_ranks_fusions_above_copies_where_the_papers_loss_prefers_the_mri():
-    """The reason for ``balance`` and ``gradient`` in configs/mmif-amin-cpu.yaml (module docstring):
-    under the paper's loss a copy of the reference beats max and average fusion; under the
-    shipped configuration both copies score worse than both fusions."""
+    """The reason for ``balance`` in configs/mmif-amin-cpu.yaml (module docstring): under the
+    paper's loss a copy of the reference beats max and average fusion; under the shipped
+    configuration both copies score worse than the better of the two fusions."""
     batch = _two_source_pair()
     reference, moving = batch["reference"], batch["label"]
     candidates = {"copy-reference": reference, "copy-moving": moving,
