@@ -1,6 +1,7 @@
 """Per-task, per-regime validation of a 3-D checkpoint on the MNI152 phantoms.
 
-    .venv/bin/python bench/eval_phantom3d.py [--checkpoint unifuse-3d-phantom] [--out FILE.md]
+    .venv/bin/python bench/eval_phantom3d.py [--checkpoint unifuse-3d-phantom] [--batches 6] [--batch-size 2]
+        [--out FILE.md]
 
 The phantom validation split of the checkpoint's own training config (same shape, crop, length
 and seed), one task and one misalignment regime at a time, scored by
@@ -29,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="unifuse-3d-phantom")
     parser.add_argument("--batches", type=int, default=6, help="validation batches per task and regime")
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="crops per batch (the 3-D training's: 6 x 2 = 12 crops per task and regime)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model, _ = load_checkpoint(args.checkpoint)
@@ -40,7 +43,7 @@ def main() -> None:
                     "misalignment": {**(training["data"].get("misalignment") or {}), "regime": regime}}
             data["misalignment"].pop("regimes", None)
             _, validation = build_datasets(data, seed=training["seed"], spatial_dims=3)
-            loader = DataLoader(validation, batch_size=training["train"]["batch_size"])
+            loader = DataLoader(validation, batch_size=args.batch_size)
             scores = validate(model, loader, torch.device("cpu"), args.batches)
             rows.append(f"| {task} | {regime} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS) + " |")
             print(rows[-1], flush=True)

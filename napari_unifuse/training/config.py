@@ -8,7 +8,7 @@ typo never silently falls back to a default)::
             overrides: {<the network config's field>: value}}
     data:  {kind: harvard | phantom | folders, ...}   # see napari_unifuse.training.datasets
     train: {batch_size, max_steps, lr, min_lr, weight_decay, grad_clip, num_workers,
-            log_every, val_every, val_batches, checkpoint_every, init_from}
+            log_every, val_every, val_batches, checkpoint_every, init_from, stage}
     loss:  {ce, moda, reg, smooth, ssim, inten, grad, crcb, restore,   # UniFuse's weights; other
             moda_negatives, moda_anchors, temperature}                # methods: their own section
                                                                       # (training.methods)
@@ -56,6 +56,14 @@ class TrainSection:
     # Weights to start from (a .safetensors path or a packaged checkpoint name) for fine-tuning;
     # the optimiser and the schedule start afresh. A resumed run ignores it: it has its own weights.
     init_from: str | None = None
+    # "full": train the network. "degradation_head": refit only UniFuse's degradation classifier on
+    # the frozen read-outs of init_from's network (training.degradation_head); max_steps and
+    # batch_size then count the head's steps and read-outs, data.train_length the crops read.
+    stage: str = "full"
+
+
+HEAD_STAGE = "degradation_head"
+STAGES = ("full", HEAD_STAGE)
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,11 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         beside_config = _against(base_dir, train.init_from)
         if beside_config.is_file():
             train = dataclasses.replace(train, init_from=str(beside_config))
+    if train.stage not in STAGES:
+        raise InputError(f"train.stage must be one of {list(STAGES)}, got {train.stage!r}", source)
+    if train.stage == HEAD_STAGE and (model.method != "unifuse" or train.init_from is None):
+        raise InputError("train.stage 'degradation_head' refits a trained UniFuse's classifier: it needs "
+                         "model.method unifuse and train.init_from", source)
     for name in ("batch_size", "max_steps", "log_every", "val_every", "checkpoint_every"):
         if getattr(train, name) < 1:
             raise InputError(f"train.{name} must be at least 1", source)

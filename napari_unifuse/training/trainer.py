@@ -14,6 +14,8 @@ is a function of the step, and a resumed run continues exactly as an uninterrupt
 
 Fine-tuning: ``train.init_from`` (``--init-from``) starts from a checkpoint's weights with a fresh
 optimiser and schedule, e.g. to adapt FA to a changed, untrained initial alignment.
+``train.stage: degradation_head`` refits only UniFuse's degradation classifier on the frozen
+network's read-outs (training.degradation_head): one process, minutes, not resumable.
 
 Run folder (``--out``)::
 
@@ -49,8 +51,9 @@ from napari_unifuse.errors import CheckpointError, UniFuseError
 from napari_unifuse.model import UniFuseConfig
 from napari_unifuse.model.checkpoint import load_weights, save_checkpoint
 from napari_unifuse.model.networks import build_network
-from napari_unifuse.training.config import TrainConfig
+from napari_unifuse.training.config import HEAD_STAGE, TrainConfig
 from napari_unifuse.training.datasets import build_datasets
+from napari_unifuse.training.degradation_head import collect_readouts, degradation_head, fit_degradation_head
 from napari_unifuse.training.methods import BEST_SCORE, objective_for
 
 
@@ -148,6 +151,9 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(
             config.data, seed=config.seed, spatial_dims=config.model.spatial_dims
         )
+        if config.train.stage == HEAD_STAGE and (resume or self.dist.world_size > 1):
+            raise UniFuseError("train.stage 'degradation_head' runs in one process and is not resumable: "
+                               "run it again without --resume or torchrun (it takes minutes)")
         if resume:
             self._restore()
 
@@ -237,6 +243,8 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        if train.stage == HEAD_STAGE:
+            return self._refit_degradation_head()
         sampler = _ResumableSampler(
             self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
             seed=cfg.seed, drop_last=True,
@@ -294,6 +302,35 @@ class Trainer:
             seconds_per_step=elapsed / steps_run if steps_run else float("nan"),
             rank=self.dist.rank,
         )
+
+    def _refit_degradation_head(self) -> TrainResult:
+        """``train.stage: degradation_head``: see training.degradation_head."""
+        train = self.config.train
+        start_time = time.perf_counter()
+        self.train_set.set_epoch(0)
+        readouts, labels = collect_readouts(self.network, self.train_set, self.dist.device,
+                                            batch_size=train.batch_size, num_workers=train.num_workers)
+        self._log({"kind": "readouts", "samples": len(labels), "rows": readouts.shape[1],
+                   "seconds": round(time.perf_counter() - start_time, 3),
+                   "class_counts": torch.bincount(labels).tolist()})
+
+        def log(step: int, loss: float) -> None:
+            self._log({"kind": "train", "step": step, "ce": loss,
+                       "seconds": round(time.perf_counter() - start_time, 3)})
+
+        fit_degradation_head(degradation_head(self.network), readouts.to(self.dist.device), labels.to(self.dist.device),
+                             steps=train.max_steps, batch_size=train.batch_size,
+                             learning_rate=lambda step: train.lr * self._cosine_factor(step),
+                             weight_decay=train.weight_decay, seed=self.config.seed, log=log)
+        self.step = train.max_steps
+        seconds = time.perf_counter() - start_time
+        val_loader = DataLoader(self.val_set, batch_size=train.batch_size, num_workers=train.num_workers)
+        self.validation = self.objective.validate(self.network, val_loader, self.dist.device, train.val_batches)
+        self._log({"kind": "val", "step": self.step, **self.validation})
+        path = self._save("last", seconds)
+        return TrainResult(run_dir=self.run_dir, step=self.step, last_checkpoint=path, best_checkpoint=None,
+                           validation=self.validation, seconds_per_step=seconds / train.max_steps,
+                           rank=self.dist.rank)
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         torch.manual_seed(step_seed(self.config.seed, self.dist.rank, self.step))
