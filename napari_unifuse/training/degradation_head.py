@@ -56,14 +56,15 @@ def collect_readouts(network: nn.Module, dataset: Dataset, device: torch.device,
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _module, inputs, _output: captured.append(inputs[0].detach().cpu()))
     network.eval()
-    labels = []
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    labels: list[torch.Tensor] = []
+    done = 0
     try:
-        for batch in loader:
+        for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
             network.dapl(batch["moving"].to(device), batch["reference"].to(device))
             labels.append(batch["class_index"])
+            done += len(batch["class_index"])
             if progress is not None:
-                progress(sum(len(chunk) for chunk in labels), len(dataset))
+                progress(done, len(dataset))
     finally:
         hook.remove()
     return torch.cat(captured), torch.cat(labels)
