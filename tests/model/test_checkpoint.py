@@ -112,6 +112,22 @@ def test_shipped_checkpoints_load_by_name_and_record_how_they_were_trained(name,
     assert output.fused.shape == shape and torch.isfinite(output.displacement).all()
 
 
+@pytest.mark.parametrize("name", sorted(list_checkpoints()))
+def test_the_config_file_of_each_shipped_checkpoint_still_builds_its_network(name):
+    # The 2-D checkpoint predates the presets' statistics pooling; its config file must say so,
+    # or `unifuse train --config` would no longer reproduce it.
+    from pathlib import Path
+
+    from napari_unifuse.model.networks import build_network
+    from napari_unifuse.training.config import load_config
+
+    metadata = checkpoint_module.read_metadata(name)
+    config = load_config(Path(__file__).resolve().parents[2] / metadata["config_file"])
+    network = build_network(config.model.method, config.model.preset, config.model.spatial_dims,
+                            config.model.overrides)
+    load_weights(network, name)  # a config that differs from the checkpoint's is refused
+
+
 def test_training_crop_comes_from_the_sidecar_training_config():
     assert training_crop({"training_config": {"data": {"crop": 128}}}) == 128
     assert training_crop({"training_config": {"data": {"crop": [32, 48, 32]}}}) == 48
