@@ -308,8 +308,16 @@ class Trainer:
         train = self.config.train
         start_time = time.perf_counter()
         self.train_set.set_epoch(0)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.train_set), desc="read-outs", unit="crop", dynamic_ncols=True)
         readouts, labels = collect_readouts(self.network, self.train_set, self.dist.device,
-                                            batch_size=train.batch_size, num_workers=train.num_workers)
+                                            batch_size=train.batch_size, num_workers=train.num_workers,
+                                            progress=None if bar is None else lambda done, _total: bar.update(done - bar.n))
+        if bar is not None:
+            bar.close()
         self._log({"kind": "readouts", "samples": len(labels), "rows": readouts.shape[1],
                    "seconds": round(time.perf_counter() - start_time, 3),
                    "class_counts": torch.bincount(labels).tolist()})

@@ -3,7 +3,6 @@ given, does not depend on the head it starts from, and through the trainer chang
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -102,8 +101,7 @@ def test_the_head_stage_changes_the_head_and_nothing_else(tmp_path):
 
 
 def test_the_head_stage_needs_a_trained_unifuse():
-    base = {"data": {"kind": "phantom"}, "train": {"stage": "degradation_head"}}
     with pytest.raises(InputError, match="init_from"):
-        config_from_dict(copy.deepcopy(base))
+        config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": "degradation_head"}})
     with pytest.raises(InputError, match="stage must be one of"):
         config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": "classifier"}})
