@@ -155,8 +155,12 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
     if not isinstance(data, dict) or "kind" not in data:
         raise InputError("'data' must be a mapping with a 'kind' (harvard, phantom or folders)", source)
     data = dict(data)
-    if data.get("root") is not None and base_dir is not None:
-        data["root"] = str(_against(base_dir, data["root"]))
+    if isinstance(data.get("extra_sources"), list):
+        data["extra_sources"] = [dict(extra) if isinstance(extra, dict) else extra for extra in data["extra_sources"]]
+    if base_dir is not None:
+        for section in [data, *(extra for extra in data.get("extra_sources") or [] if isinstance(extra, dict))]:
+            if section.get("root") is not None:
+                section["root"] = str(_against(base_dir, section["root"]))
     model = _section(ModelSection, values.get("model"), source, "model")
     from napari_unifuse.training.methods import objective_for  # its modules import this one
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.training import harvard
@@ -418,7 +418,29 @@ def _size(value: Any, spatial_dims: int, what: str) -> tuple[int, ...] | None:
     return size
 
 
-COMMON_DATA_KEYS = {"kind", "none_fraction", "severity", "misalignment", "crop"}
+COMMON_DATA_KEYS = {"kind", "none_fraction", "severity", "misalignment", "crop", "extra_sources"}
+# What an extra source inherits from the section that lists it, unless it sets its own.
+INHERITED_DATA_KEYS = ("none_fraction", "severity", "misalignment", "crop")
+
+
+class MixedPairs(ConcatDataset):
+    """The samples of several sources one after the other (``data.extra_sources``).
+
+    ``set_epoch`` reaches every source. When one of them carries chroma (Harvard), the grey ones
+    get neutral chroma too, so that samples of all sources share a batch."""
+
+    def __init__(self, sources: list[SyntheticPairDataset]) -> None:
+        super().__init__(sources)
+        self.sources = sources
+        if any(source.with_color for source in sources):
+            for source in sources:
+                source.with_color = True
+
+    def set_epoch(self, epoch: int) -> None:
+        for source in self.sources:
+            source.set_epoch(epoch)
+
+
 DATA_KEYS = {
     "harvard": {"root", "tasks", "val_fraction", "split_seed", "size"},
     "phantom": {"shape", "shapes", "tasks", "train_length", "val_length"},
@@ -427,8 +449,14 @@ DATA_KEYS = {
 }
 
 
-def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
+def build_datasets(data: dict[str, Any], *, seed: int,
+                   spatial_dims: int) -> tuple[SyntheticPairDataset | MixedPairs, SyntheticPairDataset | MixedPairs]:
     """(train, validation) datasets for a config's ``data`` section.
+
+    ``extra_sources``: a list of further ``data`` sections (any kind, no ``extra_sources`` of their
+    own) whose samples are appended to both splits (``MixedPairs``); each inherits
+    none_fraction, severity, misalignment and crop from this section unless it sets them, and the
+    k-th draws its samples with seed + k.
 
     every kind: none_fraction 0.2, severity [0.25, 0.75], misalignment {RandomMisalignment
               keyword arguments}, crop (one size or one per axis)
@@ -440,6 +468,25 @@ def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int) -> tup
     folders:  root, layout (brats | synthrad | fdg-petct) or reference/moving patterns with
               reference_modality/moving_modality, val_fraction, split_seed, samples_per_case
     """
+    extras = data.get("extra_sources") or []
+    if not isinstance(extras, list) or not all(isinstance(extra, dict) for extra in extras):
+        raise InputError("data.extra_sources must be a list of data sections", "data.extra_sources")
+    if not extras:
+        return _build_source(data, seed=seed, spatial_dims=spatial_dims)
+    if any("extra_sources" in extra for extra in extras):
+        raise InputError("an extra source cannot list extra sources of its own", "data.extra_sources")
+    inherited = {key: data[key] for key in INHERITED_DATA_KEYS if key in data}
+    # Each source its own seed: the k-th sample of every source would otherwise draw the same
+    # degradation, severity and misalignment.
+    splits = [_build_source(data, seed=seed, spatial_dims=spatial_dims)] + [
+        _build_source({**inherited, **extra}, seed=seed + number, spatial_dims=spatial_dims)
+        for number, extra in enumerate(extras, start=1)]
+    return MixedPairs([train for train, _ in splits]), MixedPairs([val for _, val in splits])
+
+
+def _build_source(data: dict[str, Any], *, seed: int,
+                  spatial_dims: int) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
+    """``build_datasets`` for one source (its ``extra_sources``, if any, left to the caller)."""
     kind = data.get("kind")
     if kind not in DATA_KEYS:
         raise InputError(f"unknown data.kind {kind!r}; use harvard, phantom or folders", "data")

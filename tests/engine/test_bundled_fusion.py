@@ -75,3 +75,15 @@ def test_the_3d_checkpoint_names_the_degradation_of_the_bundled_samples(task):
     result = FusionEngine("unifuse-3d-phantom", device="cpu").run_fusion(pair.reference, pair.moving, quality=False)
     assert result.predicted_class == pair.degradation
     assert result.class_probs[pair.degradation] > 0.5
+
+
+def test_the_2d_checkpoint_names_the_metal_of_the_bundled_sample(engine_2d):
+    # The sample's CT is in Hounsfield units, through the engine's CT window: the head fitted on the
+    # atlas PNGs alone read it as low dose (p 0.82); configs/harvard2d-cpu-head.yaml adds phantom
+    # MRI-CT slices to the refit and it reads metal with p 0.81.
+    from napari_unifuse.data import samples
+
+    pair = samples._sample_pair("mri-ct-metal", 2, samples.SAMPLE_SHAPE_2D)
+    result = engine_2d.run_fusion(pair.reference, pair.moving, quality=False)
+    assert result.predicted_class == pair.degradation == "metal"
+    assert result.class_probs["metal"] > 0.5

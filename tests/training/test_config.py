@@ -27,6 +27,17 @@ def test_harvard_root_is_resolved_relative_to_the_config_file():
     assert Path(config.data["root"]) == (CONFIGS.parent.parent / "shared" / "data" / "harvard-aanlib").resolve()
 
 
+def test_an_extra_source_root_is_resolved_relative_to_the_config_file(tmp_path):
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "mixed.yaml"
+    path.write_text("data: {kind: harvard, root: ../atlas, extra_sources: [{kind: folders, root: ../cases, "
+                    "layout: brats}, {kind: phantom}]}\n")
+    data = load_config(path).data
+    assert data["root"] == str(tmp_path / "atlas")
+    assert data["extra_sources"][0]["root"] == str(tmp_path / "cases")
+    assert "root" not in data["extra_sources"][1]
+
+
 def test_init_from_a_file_is_relative_to_the_config_and_a_name_is_kept(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "weights.safetensors").write_bytes(b"")

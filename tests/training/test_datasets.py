@@ -175,3 +175,39 @@ def test_several_phantom_sizes_give_crops_of_the_head_at_several_voxel_sizes():
     with pytest.raises(InputError, match="not both"):
         datasets.build_datasets({"kind": "phantom", "shape": [24, 32, 32], "shapes": [[24, 32, 32]]},
                                 seed=0, spatial_dims=3)
+
+
+def test_extra_sources_append_their_samples_and_share_a_batch(tmp_path):
+    root = write_fake_harvard(tmp_path, size=32)
+    data = {"kind": "harvard", "root": str(root), "val_fraction": 0.5, "none_fraction": 1.0, "crop": 32,
+            "extra_sources": [{"kind": "phantom", "shapes": [[24, 48, 48]], "tasks": ["mr-ct"],
+                               "train_length": 3, "val_length": 2},
+                              {"kind": "phantom", "shapes": [[24, 48, 48]], "tasks": ["mr-ct"],
+                               "train_length": 2, "val_length": 2, "none_fraction": 0.0}]}
+    train, val = datasets.build_datasets(data, seed=0, spatial_dims=2)
+    atlas_train, atlas_val = datasets.build_datasets({k: v for k, v in data.items() if k != "extra_sources"},
+                                                     seed=0, spatial_dims=2)
+    assert len(train) == len(atlas_train) + 5 and len(val) == len(atlas_val) + 4
+    # The first extra source inherits none_fraction 1.0 and the crop; the second sets its own.
+    first = [train[len(atlas_train) + i] for i in range(3)]
+    second = [train[len(atlas_train) + 3 + i] for i in range(2)]
+    assert all(DEGRADATION_CLASSES[int(s["class_index"])] == "none" for s in first)
+    assert all(DEGRADATION_CLASSES[int(s["class_index"])] == "metal" for s in second)
+    assert all(s["moving"].shape == (1, 32, 32) for s in first + second)
+    # Grey phantom slices get neutral chroma, so that a batch can hold atlas and phantom samples.
+    assert all(s["is_color"] == 0.0 and torch.all(s["cbcr"] == 0.5) for s in first)
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=len(train))))
+    assert batch["cbcr"].shape == (len(train), 2, 32, 32)
+    # The atlas samples are those of the atlas alone; set_epoch reaches every source.
+    assert torch.equal(train[0]["moving"], atlas_train[0]["moving"])
+    before = train[len(train) - 1]["moving"].clone()
+    train.set_epoch(1)
+    assert not torch.equal(train[len(train) - 1]["moving"], before)
+
+
+def test_an_extra_source_cannot_list_its_own():
+    data = {"kind": "phantom", "extra_sources": [{"kind": "phantom", "extra_sources": []}]}
+    with pytest.raises(InputError, match="extra sources of its own"):
+        datasets.build_datasets(data, seed=0, spatial_dims=2)
+    with pytest.raises(InputError, match="list of data sections"):
+        datasets.build_datasets({"kind": "phantom", "extra_sources": {"kind": "phantom"}}, seed=0, spatial_dims=2)
