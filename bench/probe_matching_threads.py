@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+CHECKPOINT = "unifuse-2d-harvard"
 # (rotation rad, shift px per axis) added to each rigid start by the ``jitter`` variant.
 JITTER = ((0.0, (4.0, 0.0)), (0.0, (-4.0, 0.0)), (0.0, (0.0, 4.0)), (0.0, (0.0, -4.0)),
           (0.05, (0.0, 0.0)), (-0.05, (0.0, 0.0)))
@@ -68,14 +69,15 @@ def _install(variant: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from napari_unifuse.cli.evaluate import HarvardSplit, pairs_from_harvard
+    from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard
     from napari_unifuse.engine.inference import FusionEngine
+    from napari_unifuse.model.checkpoint import read_metadata
 
     _install(args.variant)
     pairs = pairs_from_harvard(args.harvard, args.split, ["CT", "PET", "SPECT"], args.limit, seed=0, size=None,
-                               none_fraction=0.0, cases=HarvardSplit(0.1, 0, "the shipped checkpoint's"),
+                               none_fraction=0.0, cases=checkpoint_split(read_metadata(CHECKPOINT), None, None),
                                regime=args.regime)
-    engine = FusionEngine("unifuse-2d-harvard", device="cpu")
+    engine = FusionEngine(CHECKPOINT, device="cpu")
     errors = {}
     for pair in pairs:
         result = engine.run_fusion(pair.reference, pair.moving, quality=False)

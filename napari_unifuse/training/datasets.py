@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -431,14 +431,13 @@ class MixedPairs(ConcatDataset):
 
     def __init__(self, sources: list[SyntheticPairDataset]) -> None:
         super().__init__(sources)
-        self.sources = sources
         if any(source.with_color for source in sources):
             for source in sources:
                 source.with_color = True
 
     def set_epoch(self, epoch: int) -> None:
-        for source in self.sources:
-            source.set_epoch(epoch)
+        for source in self.datasets:
+            cast(SyntheticPairDataset, source).set_epoch(epoch)
 
 
 DATA_KEYS = {
