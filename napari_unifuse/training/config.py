@@ -154,13 +154,10 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
     data = values.get("data")
     if not isinstance(data, dict) or "kind" not in data:
         raise InputError("'data' must be a mapping with a 'kind' (harvard, phantom or folders)", source)
-    data = dict(data)
+    data = _root_resolved(data, base_dir)
     if isinstance(data.get("extra_sources"), list):
-        data["extra_sources"] = [dict(extra) if isinstance(extra, dict) else extra for extra in data["extra_sources"]]
-    if base_dir is not None:
-        for section in [data, *(extra for extra in data.get("extra_sources") or [] if isinstance(extra, dict))]:
-            if section.get("root") is not None:
-                section["root"] = str(_against(base_dir, section["root"]))
+        data["extra_sources"] = [_root_resolved(extra, base_dir) if isinstance(extra, dict) else extra
+                                 for extra in data["extra_sources"]]
     model = _section(ModelSection, values.get("model"), source, "model")
     from napari_unifuse.training.methods import objective_for  # its modules import this one
 
@@ -197,6 +194,13 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         loss=_section(objective.loss_section, values.get("loss"), source, "loss"),
         source=source,
     )
+
+
+def _root_resolved(section: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """A copy of a ``data`` section whose relative ``root`` is made absolute against ``base_dir``."""
+    if base_dir is None or section.get("root") is None:
+        return dict(section)
+    return {**section, "root": str(_against(base_dir, section["root"]))}
 
 
 def _against(base_dir: Path, path: str) -> Path:
