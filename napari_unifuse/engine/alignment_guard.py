@@ -31,7 +31,10 @@ beaten reliably by the network's field.
   similarity itself is off by that much: registered onto the MRI, the same optimisers that bring
   a 2-4 px residual to 0.3-1.3 px when registered onto the moving modality end 3-9 px from the
   truth (``bench/probe_multimodal_floor.py``), so a smaller correction cannot be told from the
-  similarity's own bias. docs/alignment_guard.md gives the calibration (training split).
+  similarity's own bias. docs/alignment_guard.md gives the calibration (training split). How far
+  the similarity can be trusted depends on the data, so a checkpoint may carry its own floor,
+  calibrated on its training data (:func:`credible_motion_floor`); the 3-D phantom checkpoint
+  does (``bench/calibrate_guard_floor.py``).
 
 Scores use at most ``MAX_SAMPLES`` voxels of the joint foreground, so the cost does not grow with
 a volume's size; each candidate's voxels are histogrammed once per block, and a bootstrap replicate
@@ -56,8 +59,11 @@ GAIN_NOISE_FACTOR = 4.0
 # Mean motion (voxels, over the scored tissue) beyond which one noise unit of gain suffices.
 LARGE_MOTION_VOXELS = 12.0
 LARGE_MOTION_FACTOR = 1.0
-# Mean motion (voxels) below which no gain is evidence enough: see the module docstring.
+# Mean motion (voxels) below which no gain is evidence enough, unless a checkpoint says otherwise:
+# see the module docstring.
 MIN_CREDIBLE_MOTION_VOXELS = 8.0
+# The checkpoint sidecar's section that may hold a floor calibrated on its training data.
+METADATA_KEY = "alignment_guard"
 BLOCK_VOXELS = 16
 BOOTSTRAP_REPLICATES = 100
 # Fewer blocks than this give no usable spread: the identity is kept.
@@ -93,6 +99,7 @@ class GuardDecision:
     factor: float  # k
     samples: int  # joint-foreground voxels scored
     blocks: int  # bootstrap blocks they fall in
+    min_credible_motion: float = MIN_CREDIBLE_MOTION_VOXELS  # the floor (voxels)
 
     @property
     def message(self) -> str:
@@ -101,9 +108,9 @@ class GuardDecision:
             return f"kept {IDENTITY}: too little tissue shown by both images to judge any motion"
         deciding = next((c for c in reversed(self.challenges) if c.accepted), None)
         if deciding is None:
-            if all(self.magnitudes[c.challenger] < MIN_CREDIBLE_MOTION_VOXELS for c in self.challenges):
+            if all(self.magnitudes[c.challenger] < self.min_credible_motion for c in self.challenges):
                 return (f"kept {IDENTITY}: no reliable improvement (every estimate moves the tissue by less "
-                        f"than {MIN_CREDIBLE_MOTION_VOXELS:g} voxels, within what this similarity can confirm "
+                        f"than {self.min_credible_motion:g} voxels, within what this similarity can confirm "
                         "across modalities)")
             return (f"kept {IDENTITY}: no reliable improvement (no estimate gained more than "
                     f"{self.factor:g}× the similarity's noise)")
@@ -120,7 +127,7 @@ class GuardDecision:
             "challenges": [asdict(challenge) for challenge in self.challenges],
             "noise": f"block bootstrap ({BOOTSTRAP_REPLICATES} replicates, blocks of {BLOCK_VOXELS} voxels)",
             "factor": self.factor,
-            "min_credible_motion_voxels": MIN_CREDIBLE_MOTION_VOXELS,
+            "min_credible_motion_voxels": self.min_credible_motion,
             "samples": self.samples,
             "blocks": self.blocks,
         }
@@ -131,12 +138,14 @@ def choose_displacement(
     reference: np.ndarray,
     estimates: Mapping[str, np.ndarray],
     factor: float = GAIN_NOISE_FACTOR,
+    min_credible_motion: float = MIN_CREDIBLE_MOTION_VOXELS,
 ) -> GuardDecision:
     """Identity or one of ``estimates`` for aligning ``moving`` to ``reference``.
 
     ``moving`` and ``reference``: model-ready intensities in [0, 1] on the same grid, (y, x) or
     (z, y, x); ``estimates``: name → displacement (ndim, *spatial) in voxels, in the order they
     challenge (each challenges whichever estimate is kept at its turn; the identity starts).
+    ``factor``: k; ``min_credible_motion``: the floor (voxels).
     """
     rng = np.random.default_rng(_SEED)
     points = _tissue_points(reference, rng)
@@ -147,7 +156,7 @@ def choose_displacement(
     points = points[:, shown]
     blocks, block_count = _blocks_of(points, moving.shape)
     if block_count < MIN_BLOCKS:
-        return GuardDecision(IDENTITY, {}, {}, (), factor, int(points.shape[1]), block_count)
+        return GuardDecision(IDENTITY, {}, {}, (), factor, int(points.shape[1]), block_count, min_credible_motion)
 
     # Row 0: the sample itself; then how often each block was drawn in each replicate.
     draws = np.concatenate([np.ones((1, block_count)), rng.multinomial(
@@ -166,14 +175,28 @@ def choose_displacement(
         gain, noise = float(difference[0]), float(difference[1:].std(ddof=1))
         motion = _mean_motion(fields[name] - fields[kept], points)
         required = LARGE_MOTION_FACTOR if motion > LARGE_MOTION_VOXELS else factor
-        credible = _mean_motion(fields[name], points) >= MIN_CREDIBLE_MOTION_VOXELS
+        credible = _mean_motion(fields[name], points) >= min_credible_motion
         accepted = credible and gain > required * noise and gain > 0.0
         challenges.append(Challenge(name, kept, gain, noise, accepted))
         if accepted:
             kept = name
     scores = {name: float(replicate[0]) for name, replicate in replicates.items()}
     magnitudes = {name: _mean_motion(field, points) for name, field in fields.items()}
-    return GuardDecision(kept, scores, magnitudes, tuple(challenges), factor, int(points.shape[1]), block_count)
+    return GuardDecision(kept, scores, magnitudes, tuple(challenges), factor, int(points.shape[1]), block_count,
+                         min_credible_motion)
+
+
+def credible_motion_floor(metadata: Mapping[str, object]) -> float:
+    """The floor for a method whose checkpoint sidecar is ``metadata``: its
+    ``alignment_guard.min_credible_motion_voxels`` when it was calibrated on the checkpoint's
+    training data, else ``MIN_CREDIBLE_MOTION_VOXELS``."""
+    section = metadata.get(METADATA_KEY)
+    value = section.get("min_credible_motion_voxels") if isinstance(section, Mapping) else None
+    if value is None:
+        return MIN_CREDIBLE_MOTION_VOXELS
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{METADATA_KEY}.min_credible_motion_voxels must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _mean_motion(field: np.ndarray, points: np.ndarray) -> float:

@@ -47,7 +47,7 @@ from torch import nn
 
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
-from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement
+from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement, credible_motion_floor
 from napari_unifuse.engine.classical import register_sitk
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
@@ -78,7 +78,7 @@ from napari_unifuse.engine.tiling import (
 )
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES, uncertainty_on_matching_level
 from napari_unifuse.engine.uncertainty import DEFINITION as UNCERTAINTY_DEFINITION
-from napari_unifuse.errors import InputError, RegistrationError, UniFuseError
+from napari_unifuse.errors import CheckpointError, InputError, RegistrationError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
 from napari_unifuse.io.normalize import darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
@@ -174,6 +174,10 @@ class FusionEngine:
         else:
             self.method = method_from_checkpoint(model_or_checkpoint)
         path = self.method.checkpoint
+        try:
+            self.min_credible_motion = credible_motion_floor(self.method.checkpoint_metadata)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from error
         if path is None:
             note = "model passed in memory" if isinstance(model_or_checkpoint, nn.Module) else "no trained weights"
             self.checkpoint_info = dict(checkpoint_info or {"name": None, "note": note})
@@ -358,7 +362,8 @@ class FusionEngine:
                 classical = _classical_estimate(reference, moving, spacing, warnings)
                 if classical is not None:
                     initial_decision = choose_displacement(moving, reference, {
-                        MATCHING: matching[0][crop].numpy(), SIMPLEITK: classical})
+                        MATCHING: matching[0][crop].numpy(), SIMPLEITK: classical},
+                        min_credible_motion=self.min_credible_motion)
                     if initial_decision.kept == SIMPLEITK:
                         initial_name = SIMPLEITK
                         initial = torch.from_numpy(np.pad(classical, [(0, 0), *padding], mode="edge"))[None]
@@ -370,7 +375,8 @@ class FusionEngine:
                 estimates = {initial_name: initial[0][crop].numpy()}
                 if self.method.refines_alignment:
                     estimates[NETWORK] = blended.dense[2:][crop].numpy()
-                decision = choose_displacement(moving, reference, estimates)
+                decision = choose_displacement(moving, reference, estimates,
+                                               min_credible_motion=self.min_credible_motion)
             if decision.kept != (NETWORK if self.method.refines_alignment else initial_name):
                 kept = initial if decision.kept == initial_name else torch.zeros_like(initial)
                 cancel.raise_if_cancelled()

@@ -16,15 +16,19 @@ from napari_unifuse.engine.alignment_guard import (
     IDENTITY,
     LARGE_MOTION_VOXELS,
     MAX_SAMPLES,
+    METADATA_KEY,
     MIN_CREDIBLE_MOTION_VOXELS,
     _block_histograms,
     choose_displacement,
+    credible_motion_floor,
 )
 from napari_unifuse.engine.inference import CLASSICAL_STAGE, MATCHING, NETWORK, SIMPLEITK, FusionEngine
-from napari_unifuse.engine.methods import load_method
+from napari_unifuse.engine.methods import load_method, method_for_network
 from napari_unifuse.engine.outputs import PROVENANCE_FILE, write_fusion_outputs
+from napari_unifuse.errors import CheckpointError
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.checkpoint import read_metadata
 from napari_unifuse.model.mi_refinement import joint_mutual_information, linear_bins, soft_mutual_information
 
 SHIFT = (6.0, 8.0)  # 10 voxels: above the credible-motion floor, below the large-motion rule
@@ -107,6 +111,48 @@ def test_a_motion_below_the_credible_floor_keeps_the_identity_however_large_its_
     assert decision.magnitudes[MATCHING] == pytest.approx(MIN_CREDIBLE_MOTION_VOXELS - 3.0, abs=0.01)
     assert decision.kept == IDENTITY
     assert f"less than {MIN_CREDIBLE_MOTION_VOXELS:g} voxels" in decision.message
+
+
+def test_a_lower_floor_lets_a_reliable_small_correction_through_and_still_stops_an_unreliable_one():
+    """Where the similarity can be trusted (a checkpoint's calibrated floor), the same 5-voxel
+    correction that the default floor refuses is kept; the k rule still applies to it."""
+    vector = (0.0, MIN_CREDIBLE_MOTION_VOXELS - 3.0)
+    field = constant_field((96, 96), vector)
+    mr, pet = multimodal_pair((96, 96), seed=1)
+    decision = choose_displacement(shifted(pet, vector), mr, {MATCHING: field}, min_credible_motion=1.5)
+    assert decision.kept == MATCHING and decision.min_credible_motion == 1.5
+    assert decision.to_dict()["min_credible_motion_voxels"] == 1.5
+
+    # Below the lower floor, and noisy: identity, and the message names the floor in force.
+    tiny = (0.0, 1.0)
+    below = choose_displacement(shifted(pet, tiny), mr, {MATCHING: constant_field((96, 96), tiny)},
+                                min_credible_motion=1.5)
+    assert below.kept == IDENTITY and "less than 1.5 voxels" in below.message
+    noisy_mr, noisy_pet = multimodal_pair((96, 96), seed=1, noise=0.6)
+    unreliable = choose_displacement(shifted(noisy_pet, SHIFT), noisy_mr, {MATCHING: constant_field((96, 96), SHIFT)},
+                                     min_credible_motion=1.5)
+    assert unreliable.kept == IDENTITY and "noise" in unreliable.message
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [
+    ({}, MIN_CREDIBLE_MOTION_VOXELS),
+    ({METADATA_KEY: {"calibration": "no floor recorded"}}, MIN_CREDIBLE_MOTION_VOXELS),
+    ({METADATA_KEY: {"min_credible_motion_voxels": 1.5}}, 1.5),
+    ({METADATA_KEY: {"min_credible_motion_voxels": 0}}, 0.0),
+])
+def test_a_checkpoint_may_carry_its_own_floor(metadata, expected):
+    assert credible_motion_floor(metadata) == expected
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "1.5", True, [1.5]])
+def test_a_malformed_floor_in_a_sidecar_is_refused(value, tmp_path, untrained):
+    with pytest.raises(ValueError, match="min_credible_motion_voxels"):
+        credible_motion_floor({METADATA_KEY: {"min_credible_motion_voxels": value}})
+    method = method_for_network(untrained)
+    method.checkpoint = tmp_path / "other.safetensors"
+    method.checkpoint_metadata = {METADATA_KEY: {"min_credible_motion_voxels": value}}
+    with pytest.raises(CheckpointError, match="other.safetensors.*min_credible_motion_voxels"):
+        FusionEngine(method, device="cpu")
 
 
 def test_a_large_correction_needs_less_evidence_than_a_small_one():
@@ -200,6 +246,34 @@ def test_engine_corrects_a_ten_voxel_shift_and_outputs_follow_the_kept_field(unt
 def untrained_3d() -> UniFuse:
     torch.manual_seed(0)
     return UniFuse(UniFuseConfig.small(spatial_dims=3))
+
+
+def test_the_engine_uses_the_checkpoints_floor(untrained, tmp_path):
+    """The 2-D engine with a 5-voxel misalignment: refused under the default floor, kept under a
+    checkpoint floor of 1.5 voxels, and the provenance records the floor used."""
+    vector = (0.0, MIN_CREDIBLE_MOTION_VOXELS - 3.0)
+    mr, pet = multimodal_pair((96, 96))
+    reference = ImageVolume(mr, Geometry.identity(2))
+    moving = ImageVolume(shifted(pet, vector), Geometry.identity(2))
+
+    default = FusionEngine(untrained, device="cpu").run_fusion(reference, moving, quality=False)
+    method = method_for_network(untrained)
+    method.checkpoint_metadata = {METADATA_KEY: {"min_credible_motion_voxels": 1.5}}
+    calibrated = FusionEngine(method, device="cpu").run_fusion(reference, moving, quality=False)
+
+    assert default.alignment_guard.kept == IDENTITY
+    assert default.provenance["alignment_guard"]["min_credible_motion_voxels"] == MIN_CREDIBLE_MOTION_VOXELS
+    assert calibrated.alignment_guard.kept in (MATCHING, NETWORK)
+    assert calibrated.provenance["alignment_guard"]["min_credible_motion_voxels"] == 1.5
+    head = mr > 0
+    error = np.linalg.norm(calibrated.displacement - constant_field(mr.shape, vector), axis=0)[head].mean()
+    assert error < 1.0
+
+
+def test_the_bundled_3d_checkpoint_carries_a_calibrated_floor_and_the_2d_one_does_not():
+    assert credible_motion_floor(read_metadata("unifuse-3d-phantom")) < MIN_CREDIBLE_MOTION_VOXELS
+    assert "calibrate_guard_floor.py" in read_metadata("unifuse-3d-phantom")[METADATA_KEY]["calibration"]
+    assert credible_motion_floor(read_metadata("unifuse-2d-harvard")) == MIN_CREDIBLE_MOTION_VOXELS
 
 
 def _no_matching(monkeypatch) -> None:
