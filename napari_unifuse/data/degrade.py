@@ -97,11 +97,23 @@ class MotionArtifact(Degradation):
     each rotates by up to 10 s degrees about each axis (2D: in-plane only) and translates by up to
     10 s mm per axis, magnitudes drawn in [1/2, 1] of that with random signs, so that severity orders
     the artifact strength.
+
+    No movement happens in the central ``CENTRE_BAND`` of k-space on either side of its centre (a
+    time drawn there moves to the band's nearer edge). TorchIO fills the segment spanning t = 0.5
+    with the unmoved image, but cuts segments at whole k-space lines, so a movement just after 0.5
+    hands the centre line itself to a moved pose, and one near 0.5 splits the central lines between
+    two poses. The image then appears moved as a whole (its head's centre of mass by 9 voxels on a
+    128³ phantom with a movement at t = 0.502), while the pair's ground truth is the unmoved pose: the image was
+    misaligned beyond its recorded field. With the band, the image appears where the truth is,
+    within about a voxel.
     """
 
     name = "motion"
     MAX_ROTATION_DEG = 10.0
     MAX_TRANSLATION_MM = 10.0
+    # Fraction of k-space (along the phase-encode axis) on each side of the centre acquired in the
+    # unmoved pose: 8 of 128 lines.
+    CENTRE_BAND = 1.0 / 16.0
 
     def __init__(self, severity: float = 0.5, *, voxel_size_mm: float | Sequence[float] = 1.0) -> None:
         super().__init__(severity)
@@ -122,6 +134,8 @@ class MotionArtifact(Degradation):
         n_movements = int(rng.integers(1, 4))
         step = 1.0 / (n_movements + 1)
         times = step * np.arange(1, n_movements + 1) + rng.uniform(-0.3 * step, 0.3 * step, n_movements)
+        in_band = np.abs(times - 0.5) < self.CENTRE_BAND
+        times[in_band] = 0.5 + np.where(times[in_band] < 0.5, -1.0, 1.0) * self.CENTRE_BAND
         rotation = self._signed_magnitudes(rng, (n_movements, 3), self.MAX_ROTATION_DEG)
         translation = self._signed_magnitudes(rng, (n_movements, 3), self.MAX_TRANSLATION_MM)
         if is_2d:

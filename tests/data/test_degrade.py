@@ -116,6 +116,25 @@ def test_motion_records_in_plane_movements_in_2d_and_ghosts_in_3d():
     assert background_energy(motion(clean, np.random.default_rng(2)), clean) > 0.0
 
 
+def head_centre(image: np.ndarray) -> np.ndarray:
+    return np.argwhere(image > 0.3 * image.max()).mean(axis=0)
+
+
+def test_motion_leaves_the_image_where_its_unmoved_pose_is():
+    """The k-space centre is acquired in the unmoved pose, so the image may ghost but not move:
+    the pair's ground truth (the unmoved pose) stays right. Without the centre band, a movement
+    drawn next to t = 0.5 split the central lines between poses and moved whole heads."""
+    clean = head_mr((64, 64))
+    shifts, times = [], []
+    for seed in range(60):
+        motion = MotionArtifact(1.0)
+        degraded = motion(clean, np.random.default_rng(seed))
+        times += motion.last_params["times"]
+        shifts.append(np.linalg.norm(head_centre(degraded) - head_centre(clean)))
+    assert max(shifts) < 1.0, max(shifts)  # 7.7-15 px on 5 of these 60 draws without the band
+    assert min(abs(t - 0.5) for t in times) >= MotionArtifact.CENTRE_BAND - 1e-12
+
+
 def line_samples(image: np.ndarray, start: np.ndarray, end: np.ndarray, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
     points = start[:, None] + np.linspace(0, 1, n)[None] * (end - start)[:, None]
     return map_coordinates(image, points, order=1), points
