@@ -44,6 +44,7 @@ class ProbabilityPlot(QWidget):
         self.class_names: tuple[str, ...] = ()
         self.declared = "auto"
         self.quality: QualityMaps | None = None
+        self.caveat: str | None = None
         self.markers: list = []
         self.theme_id = viewer.theme if viewer is not None else "dark"
         if viewer is not None:
@@ -52,11 +53,12 @@ class ProbabilityPlot(QWidget):
 
     # ---- data ----------------------------------------------------------------------------------
     def show_probabilities(self, probabilities: np.ndarray, class_names: tuple[str, ...], declared: str = "auto",
-                           quality: QualityMaps | None = None) -> None:
+                           quality: QualityMaps | None = None, caveat: str | None = None) -> None:
         """``probabilities``: ``(S, classes)``, one row per slice along z (a single row for 2D);
-        ``quality``: the run's quality maps, whose per-slice scores get a second panel."""
+        ``quality``: the run's quality maps, whose per-slice scores get a second panel; ``caveat``:
+        a line shown under the values (``FusionResult.class_caveat``)."""
         self.probabilities, self.class_names = np.asarray(probabilities), tuple(class_names)
-        self.declared, self.quality = declared, quality
+        self.declared, self.quality, self.caveat = declared, quality, caveat
         self._redraw()
         self.set_slice(0)
 
@@ -80,6 +82,8 @@ class ProbabilityPlot(QWidget):
             flagged = ", ".join(f"{MAP_LABELS[name]} {100 * scores[row]:.1f} %"
                                 for name, scores in self.quality.slice_scores.items())
             text += f"\nflagged: {flagged}"
+        if self.caveat:
+            text += f"\n{self.caveat}"
         self.values_label.setText(text)
         self.canvas.draw_idle()
 

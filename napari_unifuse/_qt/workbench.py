@@ -323,7 +323,7 @@ class UniFuseWorkbench(QWidget):
         result = outcome.result
         self.annotation_panel.method.value = result.provenance["method"]["name"]
         self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task,
-                                     result.quality)
+                                     result.quality, result.class_caveat)
         self._show_plot_dock()
         self._show_suspicion(result.quality)
         self.metrics_panel.show_metrics(volume=outcome.volume_metrics)

@@ -48,6 +48,7 @@ from torch import nn
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement, credible_motion_floor
+from napari_unifuse.engine.class_evidence import class_evidence, evidence_table
 from napari_unifuse.engine.classical import register_sitk
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
@@ -176,6 +177,7 @@ class FusionEngine:
         path = self.method.checkpoint
         try:
             self.min_credible_motion = credible_motion_floor(self.method.checkpoint_metadata)
+            self.degradation_evidence = evidence_table(self.method.checkpoint_metadata)
         except ValueError as error:
             raise CheckpointError(f"{path}: {error}") from error
         if path is None:
@@ -257,8 +259,12 @@ class FusionEngine:
                                                    uncertainty_passes, cancel)
 
         warnings.extend(_input_warnings(reference, moving))
+        evidence = class_evidence(self.degradation_evidence, result.predicted_class, moving_modality)
+        if evidence is not None and not evidence.informative:
+            warnings.append(evidence.message(result.class_probs[result.predicted_class]))
         result.warnings = warnings
         result.alignment_guard = decision
+        result.class_evidence = evidence
         result.provenance = {
             "created": utc_timestamp(),
             "inputs": {
@@ -273,6 +279,7 @@ class FusionEngine:
             "requested_device": str(self.device),
             **run_info,
             "alignment_guard": decision.to_dict() if decision is not None else None,
+            "degradation_evidence": evidence.to_dict() if evidence is not None else None,
             **({"quality": _quality_provenance(result.quality, uncertainty_passes)} if result.quality else {}),
             "versions": software_versions(),
             "timings_s": timer.seconds,

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from napari_unifuse.engine.alignment_guard import GuardDecision
+from napari_unifuse.engine.class_evidence import ClassEvidence
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.io import ImageVolume
 
@@ -32,6 +33,8 @@ class FusionResult:
     ``alignment_guard``: which displacement estimate ``displacement`` is (identity, the structural
     matching's or the network's) and the similarity scores and noise it was chosen on.
     ``quality``: where not to trust the result (``engine.quality``); None when not computed.
+    ``class_evidence``: the checkpoint's calibration behind the named degradation
+    (``engine.class_evidence``); None when it has none or names no degradation.
     """
 
     fused: ImageVolume
@@ -45,11 +48,19 @@ class FusionResult:
     warnings: list[str] = field(default_factory=list)
     alignment_guard: GuardDecision | None = None
     quality: QualityMaps | None = None
+    class_evidence: ClassEvidence | None = None
 
     @property
     def predicted_class(self) -> str:
         """The most probable degradation class for the whole input, or ``UNKNOWN_CLASS``."""
         return max(self.class_probs, key=self.class_probs.get) if self.class_probs else UNKNOWN_CLASS
+
+    @property
+    def class_caveat(self) -> str | None:
+        """A short line for the degradation plot when the named class is not evidence of the
+        artefact (``ClassEvidence.informative``), else None."""
+        evidence = self.class_evidence
+        return None if evidence is None or evidence.informative else evidence.caveat
 
     def degradation_report(self) -> dict[str, Any]:
         """The JSON-ready degradation estimate: global and per-slice probabilities with names."""
@@ -57,6 +68,7 @@ class FusionResult:
             "classes": list(self.class_names),
             "global": {name: float(p) for name, p in self.class_probs.items()},
             "predicted": self.predicted_class,
+            "evidence": self.class_evidence.to_dict() if self.class_evidence is not None else None,
             "per_slice": {
                 "axis": "z" if self.fused.ndim == 3 else None,
                 "probabilities": np.asarray(self.slice_class_probs, dtype=float).round(6).tolist(),

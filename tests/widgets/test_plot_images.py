@@ -50,3 +50,13 @@ def test_2d_plot_draws_bars(qtbot):
     plot.show_probabilities(np.array([[0.1, 0.15, 0.25, 0.5]]), DEGRADATION_CLASSES,
                             quality=quality_with_defect((20, 20)))
     return offscreen(plot)
+
+
+def test_the_class_caveat_shows_under_the_values_until_the_next_run(qtbot):
+    plot = ProbabilityPlot()
+    qtbot.addWidget(plot)
+    probabilities = np.array([[0.1, 0.6, 0.2, 0.1]])
+    plot.show_probabilities(probabilities, DEGRADATION_CLASSES, caveat="'motion' is not evidence of the artefact")
+    assert plot.values_label.text().endswith("'motion' is not evidence of the artefact")
+    plot.show_probabilities(probabilities, DEGRADATION_CLASSES)
+    assert "not evidence" not in plot.values_label.text()

@@ -1,0 +1,140 @@
+"""A named degradation is weighed against the checkpoint's calibration on clean inputs
+(engine.class_evidence): a class that a checkpoint also names on clean inputs is not evidence of
+the artefact, and the engine says so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine.class_evidence import (
+    CLEAN,
+    METADATA_KEY,
+    MIN_LIKELIHOOD_RATIO,
+    ClassEvidence,
+    class_evidence,
+    evidence_table,
+)
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.methods import method_for_network
+from napari_unifuse.errors import CheckpointError
+from napari_unifuse.io import Geometry, ImageVolume
+from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.checkpoint import read_metadata
+
+MOTION = DEGRADATION_CLASSES.index("motion")
+
+# A T2 classifier that calls everything motion, and a PET one that tells low dose from clean.
+TABLE = {"t2": {CLEAN: {"motion": 5}, "motion": {"motion": 5}},
+         "pet": {CLEAN: {"none": 9, "lowdose": 1}, "lowdose": {"lowdose": 9, "none": 1}}}
+
+
+def test_likelihood_ratio_on_known_answers():
+    # Half a count added to each numerator and one to each denominator: (5.5/6) / (5.5/6) and (9.5/11) / (1.5/11).
+    blind = ClassEvidence("t2", "motion", on_degraded=(5, 5), on_clean=(5, 5))
+    seeing = ClassEvidence("pet", "lowdose", on_degraded=(9, 10), on_clean=(1, 10))
+    never_on_clean = ClassEvidence("ct", "metal", on_degraded=(3, 3), on_clean=(0, 3))
+    assert blind.likelihood_ratio == pytest.approx(1.0)
+    assert seeing.likelihood_ratio == pytest.approx(9.5 / 1.5)
+    assert never_on_clean.likelihood_ratio == pytest.approx(3.5 / 0.5)
+    assert not blind.informative and seeing.informative and never_on_clean.informative
+    assert "5 of 5 clean t2" in blind.message(0.72) and "p 0.72" in blind.message(0.72)
+    assert "5 of 5 clean t2" in blind.caveat
+
+
+def test_the_given_modality_is_looked_up_and_auto_takes_the_weakest():
+    table = evidence_table({METADATA_KEY: {"modalities": TABLE}})
+    assert class_evidence(table, "lowdose", "PET").informative
+    assert not class_evidence(table, "motion", "t2").informative
+    # "auto" (or a modality the calibration lacks): the weakest calibrated modality for that class.
+    assert class_evidence(table, "motion", "auto").modality == "t2"
+    assert class_evidence(table, "lowdose", "mr").modality == "pet"
+
+
+def test_no_claim_without_calibration_for_none_or_for_an_uncalibrated_class():
+    table = evidence_table({METADATA_KEY: {"modalities": TABLE}})
+    assert evidence_table({}) is None
+    assert class_evidence(None, "motion", "t2") is None
+    assert class_evidence(table, "none", "t2") is None
+    assert class_evidence(table, "metal", "t2") is None  # no T2 was calibrated with metal
+    assert class_evidence(table, "metal", "auto") is None
+
+
+@pytest.mark.parametrize("section", [
+    [], {"modalities": {}}, {"modalities": {"t2": {"motion": {"motion": 5}}}},  # no clean entry
+    {"modalities": {"t2": {CLEAN: {"motion": -1}}}}, {"modalities": {"t2": {CLEAN: {"motion": 2.5}}}},
+    {"modalities": {"t2": {CLEAN: {"motion": True}}}}, {"modalities": {"t2": {CLEAN: {"blur": 3}}}},
+    {"modalities": {"t2": {CLEAN: {}, "blur": {"none": 1}}}}, {"modalities": {"t2": {CLEAN: [5]}}},
+])
+def test_malformed_calibrations_are_refused(section):
+    with pytest.raises(ValueError, match=METADATA_KEY):
+        evidence_table({METADATA_KEY: section})
+
+
+@pytest.fixture(scope="module")
+def motion_caller() -> UniFuse:
+    """An untrained 2-D UniFuse whose classifier says motion for any input."""
+    torch.manual_seed(0)
+    network = UniFuse(UniFuseConfig.small(spatial_dims=2))
+    with torch.no_grad():
+        last = network.dapl.classifier[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.full_like(last.bias, -5.0))
+        last.bias[MOTION] = 5.0
+    return network
+
+
+def _pair() -> tuple[ImageVolume, ImageVolume]:
+    rng = np.random.default_rng(0)
+    image = np.zeros((64, 64), np.float32)
+    image[16:48, 16:48] = 0.8
+    image += rng.normal(0, 0.02, image.shape).astype(np.float32)
+    return ImageVolume(np.clip(image, 0, 1), Geometry.identity(2)), ImageVolume(np.clip(1 - image, 0, 1),
+                                                                                Geometry.identity(2))
+
+
+def _engine(network: UniFuse, table: dict | None) -> FusionEngine:
+    method = method_for_network(network)
+    method.checkpoint_metadata = {} if table is None else {METADATA_KEY: {"modalities": table}}
+    return FusionEngine(method, device="cpu")
+
+
+def test_the_engine_warns_when_its_call_is_not_evidence_and_records_it(motion_caller):
+    reference, moving = _pair()
+    result = _engine(motion_caller, TABLE).run_fusion(reference, moving, moving_modality="t2", quality=False)
+
+    assert result.predicted_class == "motion"
+    warned = [w for w in result.warnings if "not evidence of the artefact" in w]
+    assert len(warned) == 1 and "5 of 5 clean t2" in warned[0]
+    assert warned[0] in result.provenance["warnings"]
+    recorded = result.provenance[METADATA_KEY]
+    assert recorded["informative"] is False and recorded["likelihood_ratio"] < MIN_LIKELIHOOD_RATIO
+    assert result.degradation_report()["evidence"] == recorded
+    assert result.class_caveat is not None and "likelihood ratio 1.0" in result.class_caveat
+
+
+def test_no_warning_when_the_calibration_shows_the_call_is_informative_or_absent(motion_caller):
+    reference, moving = _pair()
+    seeing = {"t2": {CLEAN: {"none": 10}, "motion": {"motion": 10}}}
+    informed = _engine(motion_caller, seeing).run_fusion(reference, moving, moving_modality="t2", quality=False)
+    uncalibrated = _engine(motion_caller, None).run_fusion(reference, moving, moving_modality="t2", quality=False)
+
+    assert not any("not evidence" in w for w in informed.warnings + uncalibrated.warnings)
+    assert informed.provenance[METADATA_KEY]["informative"] is True and informed.class_caveat is None
+    assert uncalibrated.provenance[METADATA_KEY] is None and uncalibrated.class_caveat is None
+
+
+def test_a_malformed_calibration_in_a_checkpoint_is_a_checkpoint_error(motion_caller):
+    with pytest.raises(CheckpointError, match=METADATA_KEY):
+        _engine(motion_caller, {"t2": {"motion": {"motion": 5}}})
+
+
+def test_the_bundled_3d_checkpoint_is_calibrated_and_its_t2_call_is_not_evidence():
+    """The shipped calibration (bench/class_evidence.py): the 3-D head names motion on clean T2s too."""
+    metadata = read_metadata("unifuse-3d-phantom")
+    table = evidence_table(metadata)
+    assert "class_evidence.py" in metadata[METADATA_KEY]["calibration"]
+    assert set(table) == {"t2", "ct", "pet"}
+    assert not class_evidence(table, "motion", "t2").informative
