@@ -30,7 +30,6 @@ several threads, and two runs of it picked 1.5 and then 1 voxel, where this rule
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -45,7 +44,7 @@ from napari_unifuse.engine.alignment_guard import IDENTITY, METADATA_KEY, choose
 from napari_unifuse.engine.classical import register_sitk
 from napari_unifuse.engine.methods import MATCHING, SIMPLEITK
 from napari_unifuse.io import normalize_intensity
-from napari_unifuse.model.checkpoint import load_checkpoint, resolve_checkpoint
+from napari_unifuse.model.checkpoint import load_checkpoint, set_metadata_section
 from napari_unifuse.training.datasets import MODALITY_DEGRADATION, PHANTOM_INTENSITY, PHANTOM_TASKS
 
 REGIMES = ("none", "mild", "large")
@@ -160,14 +159,11 @@ def main() -> None:
     if args.write:
         if chosen is None:
             raise SystemExit("no admissible floor: the sidecar is left as it is")
-        sidecar = resolve_checkpoint(args.checkpoint).with_suffix(".json")
-        metadata = json.loads(sidecar.read_text(encoding="utf-8"))
-        metadata[METADATA_KEY] = {
+        sidecar = set_metadata_section(args.checkpoint, METADATA_KEY, {
             "min_credible_motion_voxels": chosen,
             "calibration": (f"bench/calibrate_guard_floor.py --checkpoint {args.checkpoint} --side {args.side} "
                             f"--seeds {' '.join(map(str, args.seeds))} --floors {' '.join(f'{f:g}' for f in args.floors)}"),
-        }
-        sidecar.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        })
         print(f"wrote {METADATA_KEY}.min_credible_motion_voxels = {chosen:g} to {sidecar}")
 
 

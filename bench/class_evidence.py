@@ -19,7 +19,6 @@ checkpoint's sidecar, with the command that produced them.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections import defaultdict
@@ -32,7 +31,7 @@ from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.class_evidence import CLEAN, METADATA_KEY, class_evidence
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import ImageVolume
-from napari_unifuse.model.checkpoint import read_metadata, resolve_checkpoint
+from napari_unifuse.model.checkpoint import read_metadata, set_metadata_section
 
 # (moving modality, true condition, reference, moving, modalities for the engine)
 Case = tuple[str, str, ImageVolume, ImageVolume, dict[str, str]]
@@ -121,10 +120,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(report, encoding="utf-8")
     if args.write:
-        sidecar = resolve_checkpoint(args.checkpoint).with_suffix(".json")
-        metadata = json.loads(sidecar.read_text(encoding="utf-8"))
-        metadata[METADATA_KEY] = {"modalities": table, "calibration": _command()}
-        sidecar.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        sidecar = set_metadata_section(args.checkpoint, METADATA_KEY, {"modalities": table, "calibration": _command()})
         print(f"wrote {METADATA_KEY} to {sidecar}")
 
 

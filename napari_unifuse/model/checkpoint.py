@@ -114,6 +114,17 @@ def read_metadata(path_or_name: str | Path) -> dict[str, Any]:
     return _read_metadata(resolve_checkpoint(path_or_name))
 
 
+def set_metadata_section(path_or_name: str | Path, key: str, value: Any) -> Path:
+    """Set one top-level section of a checkpoint's JSON sidecar (a calibration written after
+    training); the weights are not touched. Returns the sidecar's path."""
+    path = resolve_checkpoint(path_or_name)
+    metadata = _read_metadata(path)
+    metadata[key] = value
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return sidecar
+
+
 def training_crop(metadata: dict[str, Any]) -> int | None:
     """Side of the random crops a checkpoint was trained on (its sidecar's ``data.crop``), or None
     when it saw whole images or does not say.

@@ -15,6 +15,7 @@ from napari_unifuse.model.checkpoint import (
     load_weights,
     read_config,
     save_checkpoint,
+    set_metadata_section,
     training_crop,
 )
 
@@ -25,6 +26,19 @@ def saved(tmp_path):
     model = UniFuse(UniFuseConfig.small(2)).eval()
     path = save_checkpoint(model, tmp_path / "net", {"seed": 7, "command": "unifuse train"})
     return model, path
+
+
+def test_a_calibration_section_is_set_without_touching_the_rest(saved):
+    _, path = saved
+    weights = path.read_bytes()
+    sidecar = set_metadata_section(path, "degradation_evidence", {"calibration": "bench/x.py"})
+    set_metadata_section(path, "alignment_guard", {"min_credible_motion_voxels": 2})
+    metadata = json.loads(sidecar.read_text(encoding="utf-8"))
+    assert sidecar == path.with_suffix(".json")
+    assert metadata["seed"] == 7 and metadata["command"] == "unifuse train"
+    assert metadata["degradation_evidence"] == {"calibration": "bench/x.py"}
+    assert metadata["alignment_guard"] == {"min_credible_motion_voxels": 2}
+    assert path.read_bytes() == weights
 
 
 def test_round_trip_gives_identical_outputs_and_metadata(saved):
