@@ -12,7 +12,8 @@ as ``bench/eval_engine_3d_regimes.py`` draws them. 2-D: the first ``pairs`` vali
 each Harvard task, as ``unifuse evaluate`` loads them (the checkpoint's own case split).
 The table gives, per moving modality and condition, how often each class was named, the mean
 probability of the modality's degradation, and the likelihood ratio the engine weighs
-(``engine.class_evidence``). ``--write`` stores the counts as ``degradation_evidence`` in the
+(``engine.class_evidence``) for the call the input should get: "none" on a clean one, its
+degradation on a degraded one. ``--write`` stores the counts as ``degradation_evidence`` in the
 checkpoint's sidecar, with the command that produced them.
 """
 
@@ -105,14 +106,15 @@ def main() -> None:
     lines = [f"# Degradation class on clean and degraded inputs: `{args.checkpoint}`", "",
              f"`{_command()}` (the engine without quality maps, aligned inputs).", "",
              "| moving modality | input | n | named | mean p of the modality's degradation "
-             "| likelihood ratio |", "|---|---|---:|---|---:|---:|"]
+             "| likelihood ratio of the call it should make |", "|---|---|---:|---|---:|---:|"]
     for modality, conditions in table.items():
         degradation = degradation_of.get(modality)
-        evidence = class_evidence(table, degradation, modality) if degradation else None
         for condition, named in sorted(conditions.items(), key=lambda item: item[0] != CLEAN):
             mean_p = (np.mean([p[degradation] for p in probabilities[(modality, condition)]])
                       if degradation else float("nan"))
-            ratio = f"{evidence.likelihood_ratio:.2f}" if evidence is not None and condition != CLEAN else ""
+            # On clean inputs the right call is "none", on degraded ones the degradation.
+            evidence = class_evidence(table, DEGRADATION_CLASSES[0] if condition == CLEAN else condition, modality)
+            ratio = f"{evidence.likelihood_ratio:.2f}" if evidence is not None else ""
             named_text = ", ".join(f"{name} {count}" for name, count in sorted(named.items()))
             lines.append(f"| {modality} | {condition} | {sum(named.values())} | {named_text} | {mean_p:.3f} | {ratio} |")
     report = "\n".join(lines) + "\n"

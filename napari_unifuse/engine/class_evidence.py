@@ -18,7 +18,10 @@ named for each true condition::
 
 A named class c of a modality is weighed by its positive likelihood ratio
 LR = P(named c | degraded by c) / P(named c | clean), each proportion with a half count added to
-its numerator and one to its denominator so that an empty cell stays finite. Below
+its numerator and one to its denominator so that an empty cell stays finite. "None" claims the
+opposite, a clean image, and is weighed by P(named none | clean) / P(named none | degraded), over
+every degradation calibrated for the modality: a head that says "none" as often on degraded inputs
+as on clean ones does not show that an image is clean. Below
 ``MIN_LIKELIHOOD_RATIO`` = 2 the call barely moves the odds that the artefact is there (likelihood
 ratios of 1-2 alter the probability of a condition "to a small and rarely important degree";
 Jaeschke, Guyatt and Sackett, JAMA 1994;271:703), so the engine warns. When the modality is not
@@ -36,6 +39,7 @@ from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 
 METADATA_KEY = "degradation_evidence"
 CLEAN = "clean"
+NONE = DEGRADATION_CLASSES[0]
 MIN_LIKELIHOOD_RATIO = 2.0
 _HALF_COUNT = 0.5
 
@@ -49,29 +53,45 @@ class ClassEvidence:
 
     modality: str
     named: str
-    on_degraded: tuple[int, int]  # named on k of n inputs degraded by ``named``
+    on_degraded: tuple[int, int]  # named on k of n inputs degraded by ``named`` (for "none": by any degradation)
     on_clean: tuple[int, int]     # named on k of n clean inputs
 
     @property
+    def claims_clean(self) -> bool:
+        """Whether the call is "none": then the clean inputs are the ones it should be named on."""
+        return self.named == NONE
+
+    @property
     def likelihood_ratio(self) -> float:
-        (hits, degraded), (false_alarms, clean) = self.on_degraded, self.on_clean
-        return ((hits + _HALF_COUNT) / (degraded + 1)) / ((false_alarms + _HALF_COUNT) / (clean + 1))
+        (on_degraded, degraded), (on_clean, clean) = self.on_degraded, self.on_clean
+        given_degraded = (on_degraded + _HALF_COUNT) / (degraded + 1)
+        given_clean = (on_clean + _HALF_COUNT) / (clean + 1)
+        return given_clean / given_degraded if self.claims_clean else given_degraded / given_clean
 
     @property
     def informative(self) -> bool:
         return self.likelihood_ratio >= MIN_LIKELIHOOD_RATIO
 
     def message(self, probability: float) -> str:
-        (hits, degraded), (false_alarms, clean) = self.on_degraded, self.on_clean
+        (on_degraded, degraded), (on_clean, clean) = self.on_degraded, self.on_clean
+        ratio = f"(likelihood ratio {self.likelihood_ratio:.1f} < {MIN_LIKELIHOOD_RATIO:g})"
+        if self.claims_clean:
+            return (f"degradation class 'none' (p {probability:.2f}) is not evidence of a clean image: on its "
+                    f"calibration this checkpoint named {on_degraded} of {degraded} degraded {self.modality} inputs "
+                    f"'none', against {on_clean} of {clean} clean ones {ratio}")
         return (f"degradation class {self.named!r} (p {probability:.2f}) is not evidence of the artefact: on its "
-                f"calibration this checkpoint named {false_alarms} of {clean} clean {self.modality} inputs "
-                f"{self.named!r}, against {hits} of {degraded} that had it (likelihood ratio "
-                f"{self.likelihood_ratio:.1f} < {MIN_LIKELIHOOD_RATIO:g}); it tells the modality, not the image's quality")
+                f"calibration this checkpoint named {on_clean} of {clean} clean {self.modality} inputs "
+                f"{self.named!r}, against {on_degraded} of {degraded} that had it {ratio}; it tells the modality, "
+                f"not the image's quality")
 
     @property
     def caveat(self) -> str:
-        false_alarms, clean = self.on_clean
-        return (f"{self.named!r} is not evidence of the artefact: also named on {false_alarms} of {clean} clean "
+        if self.claims_clean:
+            on_degraded, degraded = self.on_degraded
+            return (f"'none' is not evidence of a clean image: also named on {on_degraded} of {degraded} degraded "
+                    f"{self.modality} inputs (likelihood ratio {self.likelihood_ratio:.1f})")
+        on_clean, clean = self.on_clean
+        return (f"{self.named!r} is not evidence of the artefact: also named on {on_clean} of {clean} clean "
                 f"{self.modality} inputs (likelihood ratio {self.likelihood_ratio:.1f})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,18 +123,23 @@ def evidence_table(metadata: dict[str, Any]) -> EvidenceTable | None:
 
 
 def _evidence(modality: str, conditions: dict[str, dict[str, int]], named: str) -> ClassEvidence | None:
-    if named not in conditions:
-        return None  # never calibrated on this degradation for this modality
-    degraded, clean = conditions[named], conditions[CLEAN]
-    return ClassEvidence(modality, named, (degraded.get(named, 0), sum(degraded.values())),
-                         (clean.get(named, 0), sum(clean.values())))
+    if named == NONE:
+        degraded_by = [condition for condition in conditions if condition not in (CLEAN, NONE)]
+    else:
+        degraded_by = [named] if named in conditions else []
+    if not degraded_by:
+        return None  # never calibrated on this degradation (for "none": on any) for this modality
+    clean = conditions[CLEAN]
+    named_on_degraded = sum(conditions[condition].get(named, 0) for condition in degraded_by)
+    degraded = sum(sum(conditions[condition].values()) for condition in degraded_by)
+    return ClassEvidence(modality, named, (named_on_degraded, degraded), (clean.get(named, 0), sum(clean.values())))
 
 
 def class_evidence(table: EvidenceTable | None, named: str, modality: str = "auto") -> ClassEvidence | None:
     """The calibration behind naming ``named`` on a ``modality`` input: that modality's when it
     was calibrated, else the weakest over the calibrated modalities; None when there is no
-    calibration, the class is "none", or no calibrated input had that degradation."""
-    if table is None or named not in DEGRADATION_CLASSES or named == DEGRADATION_CLASSES[0]:
+    calibration or no calibrated input had that degradation (for "none": any degradation)."""
+    if table is None or named not in DEGRADATION_CLASSES:
         return None
     key = modality.lower()
     if key in table:

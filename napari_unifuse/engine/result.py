@@ -33,8 +33,8 @@ class FusionResult:
     ``alignment_guard``: which displacement estimate ``displacement`` is (identity, the structural
     matching's or the network's) and the similarity scores and noise it was chosen on.
     ``quality``: where not to trust the result (``engine.quality``); None when not computed.
-    ``class_evidence``: the checkpoint's calibration behind the named degradation
-    (``engine.class_evidence``); None when it has none or names no degradation.
+    ``class_evidence``: the checkpoint's calibration behind the named class, a degradation or
+    "none" (``engine.class_evidence``); None when it has none for that call.
     """
 
     fused: ImageVolume
@@ -58,7 +58,7 @@ class FusionResult:
     @property
     def class_caveat(self) -> str | None:
         """A short line for the degradation plot when the named class is not evidence of the
-        artefact (``ClassEvidence.informative``), else None."""
+        artefact, or for "none" of a clean image (``ClassEvidence.informative``), else None."""
         evidence = self.class_evidence
         return None if evidence is None or evidence.informative else evidence.caveat
 

@@ -98,13 +98,24 @@ def load_checkpoint(path_or_name: str | Path, map_location: str | torch.device =
     return model, _read_metadata(path)
 
 
-def load_weights(model: nn.Module, path_or_name: str | Path) -> tuple[Path, dict[str, Any]]:
+def load_weights(model: nn.Module, path_or_name: str | Path, *, except_module: str | None = None,
+                 fields_of_that_module: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """Load a checkpoint's weights into an existing ``model`` built for the same method and config;
-    returns (the checkpoint's path, its metadata)."""
+    returns (the checkpoint's path, its metadata).
+
+    ``except_module`` (a module's name in the state dict, e.g. ``"dapl.classifier"``) keeps that
+    module's weights as the model has them, for a refit that re-initialises it; the config fields
+    in ``fields_of_that_module``, which shape only that module, may then differ."""
     path = resolve_checkpoint(path_or_name)
     found, config, tensors = _read(path, next(model.parameters()).device)
     check_method(path, found, network_method(model))
-    _check_config(model.config, config, path)
+    _check_config(model.config, config, path, ignored=fields_of_that_module if except_module else ())
+    if except_module is not None:
+        prefix = except_module + "."
+        own = {name: tensor for name, tensor in model.state_dict().items() if name.startswith(prefix)}
+        if not own:
+            raise CheckpointError(f"{path}: the model has no module {except_module!r} to keep")
+        tensors = {**{name: tensor for name, tensor in tensors.items() if not name.startswith(prefix)}, **own}
     _load_tensors(model, tensors, path)
     return path, _read_metadata(path)
 
@@ -174,13 +185,14 @@ def _read(path: Path, device, with_tensors: bool = True) -> tuple[str, Any, dict
     return method, config, tensors
 
 
-def _check_config(expected, found, path: Path) -> None:
+def _check_config(expected, found, path: Path, ignored: tuple[str, ...] = ()) -> None:
     if hasattr(expected, "differences"):
         differences = expected.differences(found)
     else:
         mine, theirs = expected.to_dict(), found.to_dict()
         differences = {name: (mine.get(name), theirs.get(name)) for name in sorted(set(mine) | set(theirs))
                        if mine.get(name) != theirs.get(name)}
+    differences = {name: values for name, values in differences.items() if name not in ignored}
     if differences:
         listed = "; ".join(f"{name}: model has {mine}, checkpoint has {theirs}"
                            for name, (mine, theirs) in differences.items())

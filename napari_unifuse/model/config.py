@@ -91,6 +91,11 @@ class UniFuseConfig(DictConfig):
     # an image, not their average: on mean pooling alone the 3-D classifier stayed at the class prior
     # (docs/speed_3d.md). False for checkpoints saved before the field existed.
     pool_readout_std: bool = False
+    # Give the degradation classifier, beside the read-outs, parameter-free statistics of each
+    # patch's high frequencies (model.dapl.patch_statistics). The read-outs lose the amplitude of
+    # what is smaller than a patch, which is where noise, ghosts and streaks are: the 3-D head
+    # fitted on them named a clean volume's class as often as a degraded one's (likelihood ratio 1.0).
+    readout_patch_statistics: bool = False
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -107,8 +112,9 @@ class UniFuseConfig(DictConfig):
                 fail(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.matching_range, int) or self.matching_range < 0:
             fail(f"matching_range must be a non-negative integer, got {self.matching_range!r}")
-        if not isinstance(self.pool_readout_std, bool):
-            fail(f"pool_readout_std must be true or false, got {self.pool_readout_std!r}")
+        for name in ("pool_readout_std", "readout_patch_statistics"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.matching_mutual_information, bool):
             fail(f"matching_mutual_information must be true or false, got {self.matching_mutual_information!r}")
         if not self.displacement_scale > 0:

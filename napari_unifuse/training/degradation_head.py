@@ -11,13 +11,17 @@ read-outs of many crops, while everything else, including the read-outs, stays a
 
 How. The read-outs (``DegradationAwarePromptLearning.classifier``'s input: the crop's pooled row,
 then one row per z-slab in 3-D) of the ``data.train_length`` crops of the first training epoch are
-computed once, with the network in evaluation mode. The head is re-initialised from the seed, so
+computed once, with the network in evaluation mode, on the moving crop moved by the network's
+initial alignment, as its forward pass and the engine compute them. The head is re-initialised from the seed, so
 the result does not depend on the head it started from; its standardisation takes the exact mean
 and variance of those read-outs; its MLP is fitted by ``train.max_steps`` AdamW steps of
 ``train.batch_size`` read-outs with cross-entropy on every row, the crop's class being each of its
 slabs' too (a degradation is simulated over the whole crop), under the trainer's cosine schedule
 (``train.lr`` to ``train.min_lr``).
-Fitting the slab rows is what the per-slice plot reads.
+Fitting the slab rows is what the per-slice plot reads. The config's ``readout_patch_statistics``
+may differ from the checkpoint's (``HEAD_INPUT_FIELDS``): the shipped 3-D head reads patch
+statistics (``model.dapl.patch_statistics``) that its network was trained without, which is what
+lets it tell clean inputs from degraded ones.
 
 What changes downstream. p routes ALSN's experts and gates the restoration (``model.unifuse``), so
 the restored and fused outputs move with it; the sidecar's validation is therefore run again on the
@@ -34,6 +38,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from napari_unifuse.model.layers import RunningStandardize
+from napari_unifuse.model.warp import warp
+
+# The head's name in UniFuse's state dict, and the network config fields that shape only its input:
+# a refit may start from a checkpoint saved with other values (model.checkpoint.load_weights).
+HEAD_MODULE = "dapl.classifier"
+HEAD_INPUT_FIELDS = ("pool_readout_std", "readout_patch_statistics")
 
 
 def degradation_head(network: nn.Module) -> nn.Sequential:
@@ -48,7 +58,8 @@ def degradation_head(network: nn.Module) -> nn.Sequential:
 def collect_readouts(network: nn.Module, dataset: Dataset, device: torch.device, *, batch_size: int,
                      num_workers: int = 0,
                      progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's inputs (N, rows, features) for every sample of ``dataset``, and their classes (N,).
+    """The head's inputs (N, rows, features) for every sample of ``dataset``, and their classes (N,),
+    as the network computes them: on the moving image moved by its initial alignment.
 
     Rows: the pooled read-out of the whole sample, then (3-D) one per z-slab. The network runs in
     evaluation mode and is left so."""
@@ -60,7 +71,11 @@ def collect_readouts(network: nn.Module, dataset: Dataset, device: torch.device,
     done = 0
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-            network.dapl(batch["moving"].to(device), batch["reference"].to(device))
+            moving, reference = batch["moving"].to(device), batch["reference"].to(device)
+            # DAPL reads what UniFuse.forward and the engine give it: the moving image moved by the
+            # initial alignment. Interpolation smooths noise and streaks, so a head fitted on unmoved
+            # crops called the metal CTs of misaligned 128³ pairs "none" (p 0.50-0.60).
+            network.dapl(warp(moving, network.initial_alignment(moving, reference), padding_mode="border"), reference)
             labels.append(batch["class_index"])
             done += len(batch["class_index"])
             if progress is not None:

@@ -53,7 +53,13 @@ from napari_unifuse.model.checkpoint import load_weights, save_checkpoint
 from napari_unifuse.model.networks import build_network
 from napari_unifuse.training.config import HEAD_STAGE, TrainConfig
 from napari_unifuse.training.datasets import build_datasets
-from napari_unifuse.training.degradation_head import collect_readouts, degradation_head, fit_degradation_head
+from napari_unifuse.training.degradation_head import (
+    HEAD_INPUT_FIELDS,
+    HEAD_MODULE,
+    collect_readouts,
+    degradation_head,
+    fit_degradation_head,
+)
 from napari_unifuse.training.methods import BEST_SCORE, objective_for
 
 
@@ -134,7 +140,9 @@ class Trainer:
         # Provenance of a fine-tuning run's starting weights, kept in every checkpoint it writes.
         self.initial_weights: dict[str, Any] | None = None
         if config.train.init_from is not None and not resume:
-            path, metadata = load_weights(self.network, config.train.init_from)
+            head_only = {"except_module": HEAD_MODULE, "fields_of_that_module": HEAD_INPUT_FIELDS}
+            path, metadata = load_weights(self.network, config.train.init_from,
+                                          **(head_only if config.train.stage == HEAD_STAGE else {}))
             self.initial_weights = {
                 "checkpoint": str(path), "sha256": sha256_of_path(path),
                 **{key: metadata.get(key) for key in ("name", "command", "seed", "steps", "wall_time_s", "device")},

@@ -65,16 +65,23 @@ def test_the_3d_checkpoint_carries_t2_contrast_into_the_fused_volume():
     assert np.corrcoef(fused[head], t1[head])[0, 1] < 0.97
 
 
-@pytest.mark.parametrize("task", ["t1-t2-motion", "ct-pet-lowdose"])
-def test_the_3d_checkpoint_names_the_degradation_of_the_bundled_samples(task):
-    # The refitted head (configs/phantom3d-cpu-head.yaml) names them with p 0.60 and 0.65 at this
-    # size (0.72 and 0.82 at the bundled 1 mm size); the head it replaced gave 0.29-0.49.
+def test_the_3d_checkpoint_tells_the_motion_t2_sample_from_its_clean_label_and_does_not_vouch_for_pet():
+    # The head reads patch statistics (configs/phantom3d-cpu-head.yaml): on T2 its call is evidence
+    # (likelihood ratios 9 and 3.7 in the sidecar); on PET it is not, and the engine says so.
     from napari_unifuse.data import samples
 
-    pair = samples._sample_pair(task, 3, samples.SMALL_SAMPLE_SHAPE_3D)
-    result = FusionEngine("unifuse-3d-phantom", device="cpu").run_fusion(pair.reference, pair.moving, quality=False)
-    assert result.predicted_class == pair.degradation
-    assert result.class_probs[pair.degradation] > 0.5
+    engine = FusionEngine("unifuse-3d-phantom", device="cpu")
+    t2 = samples._sample_pair("t1-t2-motion", 3, samples.SMALL_SAMPLE_SHAPE_3D)
+    degraded = engine.run_fusion(t2.reference, t2.moving, moving_modality="t2", quality=False)
+    clean = engine.run_fusion(t2.reference, t2.label, moving_modality="t2", quality=False)
+    assert degraded.predicted_class == "motion" and degraded.class_caveat is None
+    assert clean.predicted_class == "none" and clean.class_caveat is None
+    assert clean.class_probs["motion"] < degraded.class_probs["motion"] - 0.2
+
+    pet = samples._sample_pair("ct-pet-lowdose", 3, samples.SMALL_SAMPLE_SHAPE_3D)
+    result = engine.run_fusion(pet.reference, pet.moving, moving_modality="pet", quality=False)
+    assert result.class_caveat is not None and "not evidence" in result.class_caveat
+    assert any("not evidence" in warning for warning in result.warnings)
 
 
 def test_the_2d_checkpoint_names_the_metal_of_the_bundled_sample(engine_2d):

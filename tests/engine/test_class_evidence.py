@@ -24,8 +24,6 @@ from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import read_metadata
 
-MOTION = DEGRADATION_CLASSES.index("motion")
-
 # A T2 classifier that calls everything motion, and a PET one that tells low dose from clean.
 TABLE = {"t2": {CLEAN: {"motion": 5}, "motion": {"motion": 5}},
          "pet": {CLEAN: {"none": 9, "lowdose": 1}, "lowdose": {"lowdose": 9, "none": 1}}}
@@ -53,13 +51,30 @@ def test_the_given_modality_is_looked_up_and_auto_takes_the_weakest():
     assert class_evidence(table, "lowdose", "mr").modality == "pet"
 
 
-def test_no_claim_without_calibration_for_none_or_for_an_uncalibrated_class():
+def test_no_claim_without_calibration_or_for_an_uncalibrated_class():
     table = evidence_table({METADATA_KEY: {"modalities": TABLE}})
     assert evidence_table({}) is None
     assert class_evidence(None, "motion", "t2") is None
-    assert class_evidence(table, "none", "t2") is None
+    assert class_evidence(None, "none", "t2") is None
     assert class_evidence(table, "metal", "t2") is None  # no T2 was calibrated with metal
     assert class_evidence(table, "metal", "auto") is None
+    assert class_evidence({"t2": {CLEAN: {"none": 5}}}, "none", "t2") is None  # no degraded T2 calibrated
+
+
+def test_a_none_call_is_weighed_as_a_claim_that_the_image_is_clean():
+    # "none" on 9 of 10 clean PETs and 1 of 10 low-dose ones: (9.5/11) / (1.5/11); the T2 head never says it.
+    table = evidence_table({METADATA_KEY: {"modalities": {
+        **TABLE, "ct": {CLEAN: {"none": 4}, "metal": {"none": 1, "metal": 2}, "motion": {"none": 2}}}}})
+    seeing, blind = class_evidence(table, "none", "pet"), class_evidence(table, "none", "t2")
+    assert seeing.claims_clean and seeing.likelihood_ratio == pytest.approx(9.5 / 1.5) and seeing.informative
+    assert blind.likelihood_ratio == pytest.approx(1.0) and not blind.informative
+    # Every degradation calibrated for the modality counts as degraded: 3 of 5 CTs, against 4 of 4 clean.
+    pooled = class_evidence(table, "none", "ct")
+    assert (pooled.on_degraded, pooled.on_clean) == ((3, 5), (4, 4))
+    assert pooled.likelihood_ratio == pytest.approx((4.5 / 5) / (3.5 / 6)) and not pooled.informative
+    assert "not evidence of a clean image" in pooled.message(0.6) and "3 of 5 degraded ct" in pooled.message(0.6)
+    assert "3 of 5 degraded ct" in pooled.caveat
+    assert class_evidence(table, "none", "auto").modality == "t2"  # the weakest
 
 
 @pytest.mark.parametrize("section", [
@@ -73,17 +88,21 @@ def test_malformed_calibrations_are_refused(section):
         evidence_table({METADATA_KEY: section})
 
 
-@pytest.fixture(scope="module")
-def motion_caller() -> UniFuse:
-    """An untrained 2-D UniFuse whose classifier says motion for any input."""
+def _caller(named: str) -> UniFuse:
+    """An untrained 2-D UniFuse whose classifier says ``named`` for any input."""
     torch.manual_seed(0)
     network = UniFuse(UniFuseConfig.small(spatial_dims=2))
     with torch.no_grad():
         last = network.dapl.classifier[-1]
         last.weight.zero_()
         last.bias.copy_(torch.full_like(last.bias, -5.0))
-        last.bias[MOTION] = 5.0
+        last.bias[DEGRADATION_CLASSES.index(named)] = 5.0
     return network
+
+
+@pytest.fixture(scope="module")
+def motion_caller() -> UniFuse:
+    return _caller("motion")
 
 
 def _pair() -> tuple[ImageVolume, ImageVolume]:
@@ -115,6 +134,19 @@ def test_the_engine_warns_when_its_call_is_not_evidence_and_records_it(motion_ca
     assert result.class_caveat is not None and "likelihood ratio 1.0" in result.class_caveat
 
 
+def test_the_engine_warns_when_none_is_not_evidence_of_a_clean_image():
+    # The T2 head of TABLE never says "none"; the PET one says it on 9 of 10 clean inputs.
+    reference, moving = _pair()
+    engine = _engine(_caller("none"), TABLE)
+    blind = engine.run_fusion(reference, moving, moving_modality="t2", quality=False)
+    seeing = engine.run_fusion(reference, moving, moving_modality="pet", quality=False)
+    assert blind.predicted_class == seeing.predicted_class == "none"
+    assert any("not evidence of a clean image" in w for w in blind.warnings)
+    assert blind.class_caveat is not None and "0 of 5 degraded t2" in blind.class_caveat
+    assert not any("not evidence" in w for w in seeing.warnings) and seeing.class_caveat is None
+    assert seeing.provenance[METADATA_KEY]["informative"] is True
+
+
 def test_no_warning_when_the_calibration_shows_the_call_is_informative_or_absent(motion_caller):
     reference, moving = _pair()
     seeing = {"t2": {CLEAN: {"none": 10}, "motion": {"motion": 10}}}
@@ -131,10 +163,15 @@ def test_a_malformed_calibration_in_a_checkpoint_is_a_checkpoint_error(motion_ca
         _engine(motion_caller, {"t2": {"motion": {"motion": 5}}})
 
 
-def test_the_bundled_3d_checkpoint_is_calibrated_and_its_t2_call_is_not_evidence():
-    """The shipped calibration (bench/class_evidence.py): the 3-D head names motion on clean T2s too."""
+def test_the_bundled_3d_checkpoint_is_calibrated_and_its_calls_are_evidence_on_t2_and_ct_only():
+    """The shipped calibration (bench/class_evidence.py): with patch statistics the 3-D head calls
+    clean T2s and CTs "none" and degraded ones by their artefact; on PET it says the same on clean and low-dose inputs."""
     metadata = read_metadata("unifuse-3d-phantom")
     table = evidence_table(metadata)
     assert "class_evidence.py" in metadata[METADATA_KEY]["calibration"]
     assert set(table) == {"t2", "ct", "pet"}
-    assert not class_evidence(table, "motion", "t2").informative
+    assert class_evidence(table, "motion", "t2").informative
+    assert class_evidence(table, "metal", "ct").informative
+    assert not class_evidence(table, "lowdose", "pet").informative
+    assert not class_evidence(table, "none", "pet").informative
+    assert class_evidence(table, "none", "ct").informative

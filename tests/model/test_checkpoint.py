@@ -64,6 +64,29 @@ def test_loading_into_another_config_names_the_mismatching_fields(saved):
         load_checkpoint(path, expected_config=UniFuseConfig.small(3))
 
 
+def test_a_head_refit_loads_everything_but_the_head_from_a_checkpoint_with_another_head_input(saved):
+    import dataclasses
+
+    from napari_unifuse.training.degradation_head import HEAD_INPUT_FIELDS, HEAD_MODULE
+
+    model, path = saved
+    wider = UniFuse(dataclasses.replace(model.config, readout_patch_statistics=True))
+    own_head = {name: tensor.clone() for name, tensor in wider.state_dict().items() if name.startswith(HEAD_MODULE)}
+    with pytest.raises(CheckpointError, match="readout_patch_statistics: model has True, checkpoint has False"):
+        load_weights(wider, path)
+    load_weights(wider, path, except_module=HEAD_MODULE, fields_of_that_module=HEAD_INPUT_FIELDS)
+    saved_weights = model.state_dict()
+    for name, tensor in wider.state_dict().items():
+        expected = own_head[name] if name.startswith(HEAD_MODULE) else saved_weights[name]
+        assert torch.equal(tensor, expected), name
+    # Only the named fields may differ, and only the named module is kept.
+    with pytest.raises(CheckpointError, match="spatial_dims"):
+        load_weights(UniFuse(UniFuseConfig.small(3)), path, except_module=HEAD_MODULE,
+                     fields_of_that_module=HEAD_INPUT_FIELDS)
+    with pytest.raises(CheckpointError, match="no module"):
+        load_weights(UniFuse(model.config), path, except_module="dapl.no_such_head")
+
+
 def test_weights_that_do_not_fit_their_config_name_the_tensor_and_shapes(saved, tmp_path):
     model, path = saved
     tensors = {name: t.contiguous() for name, t in model.state_dict().items()}

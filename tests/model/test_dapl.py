@@ -4,12 +4,13 @@ its size-robust windowed read-out."""
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.model.config import UniFuseConfig
-from napari_unifuse.model.dapl import DegradationAwarePromptLearning, token_orders
+from napari_unifuse.model.dapl import PATCH_STATISTICS, DegradationAwarePromptLearning, patch_statistics, token_orders
 from napari_unifuse.model.layers import RunningStandardize
 from napari_unifuse.model.mamba import MambaBlock
 
@@ -58,19 +59,21 @@ def test_running_standardize_tracks_the_feature_statistics_independently_of_the_
     assert torch.equal(layer.running_mean, frozen)  # evaluation never updates the statistics
 
 
-def _decisive_dapl(spatial_dims: int) -> DegradationAwarePromptLearning:
+def _decisive_dapl(spatial_dims: int, patch_statistics: bool = False) -> DegradationAwarePromptLearning:
     """A random DAPL whose head is scaled up so that its classes differ clearly (a random head
     gives near-uniform probabilities, which every read-out would match)."""
     torch.manual_seed(0)
-    dapl = DegradationAwarePromptLearning(UniFuseConfig.small(spatial_dims)).eval()
+    config = dataclasses.replace(UniFuseConfig.small(spatial_dims), readout_patch_statistics=patch_statistics)
+    dapl = DegradationAwarePromptLearning(config).eval()
     with torch.no_grad():
         dapl.classifier[-1].weight.mul_(300.0)
     return dapl
 
 
+@pytest.mark.parametrize("patch_statistics", [False, True])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_windowed_readout_names_a_crop_and_the_volume_holding_it_alike(spatial_dims):
-    dapl = _decisive_dapl(spatial_dims)
+def test_windowed_readout_names_a_crop_and_the_volume_holding_it_alike(spatial_dims, patch_statistics):
+    dapl = _decisive_dapl(spatial_dims, patch_statistics)
     crop = (32,) * spatial_dims
     moving, reference = torch.rand(1, 1, *crop), torch.rand(1, 1, *crop)
     # The crop in a corner of a larger, otherwise empty volume whose last side is no multiple of
@@ -129,3 +132,46 @@ def test_checkpoints_saved_before_statistics_pooling_keep_mean_pooling():
     assert DegradationAwarePromptLearning(config).classifier[1].in_features == 3 * config.embed_dim
     with pytest.raises(InputError, match="pool_readout_std"):
         dataclasses.replace(UniFuseConfig.small(2), pool_readout_std="yes")
+
+
+def test_patch_statistics_match_a_scipy_transcription_and_rise_with_noise_in_the_moving_image_only():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    grid = np.mgrid[:32, :32, :32].astype(np.float32)
+    smooth = 0.2 + 0.6 * np.exp(-((grid - 16) ** 2).sum(0) / 200.0)  # a soft blob: little detail
+    noisy = np.clip(smooth + rng.normal(0, 0.05, smooth.shape), 0, 1).astype(np.float32)
+    as_tensor = lambda a: torch.from_numpy(a)[None, None]  # noqa: E731
+    clean_stats = patch_statistics(as_tensor(smooth), as_tensor(smooth), 4)[0].numpy()
+    noisy_stats = patch_statistics(as_tensor(noisy), as_tensor(smooth), 4)[0].numpy()
+    assert clean_stats.shape == noisy_stats.shape == (PATCH_STATISTICS, 8, 8, 8)
+
+    # Independent transcription: scipy's Gaussian (edges replicated, 3 sigma), per-patch means.
+    detail = noisy - ndimage.gaussian_filter(noisy.astype(np.float64), 1.0, mode="nearest", truncate=3.0)
+    patches = lambda a: a.reshape(8, 4, 8, 4, 8, 4).mean(axis=(1, 3, 5))  # noqa: E731
+    np.testing.assert_allclose(noisy_stats[0], 0.5 * np.log(patches(detail ** 2) + 1e-8), atol=1e-3)
+    np.testing.assert_allclose(noisy_stats[1], np.log(patches(np.abs(detail)) + 1e-4), atol=1e-3)
+    np.testing.assert_allclose(noisy_stats[3], patches(noisy), atol=1e-5)
+
+    # Noise raises the moving image's detail several times over; the reference's is unchanged.
+    assert (noisy_stats[:2] > clean_stats[:2] + 1).all()
+    np.testing.assert_array_equal(noisy_stats[2], clean_stats[2])
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_patch_statistics_widen_the_classifier_input_and_nothing_else(spatial_dims):
+    plain = _decisive_dapl(spatial_dims)
+    with_statistics = _decisive_dapl(spatial_dims, patch_statistics=True)
+    embed = plain.config.embed_dim
+    assert plain.classifier[1].in_features == 2 * 3 * embed
+    assert with_statistics.classifier[1].in_features == 2 * (3 * embed + PATCH_STATISTICS)
+    shape = (1, 1) + (32,) * spatial_dims
+    moving, reference = torch.rand(shape), torch.rand(shape)
+    with torch.no_grad():
+        outputs = plain(moving, reference), with_statistics(moving, reference)
+    # Same seed, same weights up to the head: the features and hidden states do not change.
+    torch.testing.assert_close(outputs[0].moving_features, outputs[1].moving_features)
+    for first, second in zip(outputs[0].hidden_states, outputs[1].hidden_states):
+        torch.testing.assert_close(first, second)
+    with pytest.raises(InputError, match="readout_patch_statistics"):
+        dataclasses.replace(UniFuseConfig.small(2), readout_patch_statistics=1)

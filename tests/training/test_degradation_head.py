@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
 from napari_unifuse.model import UniFuse
+from napari_unifuse.model.checkpoint import load_checkpoint
 from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.dapl import PATCH_STATISTICS
 from napari_unifuse.training.config import config_from_dict, load_config
 from napari_unifuse.training.datasets import build_datasets
 from napari_unifuse.training.degradation_head import collect_readouts, degradation_head, fit_degradation_head
@@ -105,3 +107,23 @@ def test_the_head_stage_needs_a_trained_unifuse():
         config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": "degradation_head"}})
     with pytest.raises(InputError, match="stage must be one of"):
         config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": "classifier"}})
+
+
+def test_the_head_stage_can_give_the_head_patch_statistics_the_backbone_was_trained_without(tmp_path):
+    """configs/phantom3d-cpu-head.yaml: the shipped 3-D network, refitted with a wider head input."""
+    backbone = _smoke_checkpoint(tmp_path)
+    head_config = load_config(SMOKE).with_overrides(
+        model={"overrides": {"readout_patch_statistics": True}},
+        data={"crop": 16, "train_length": 6},
+        train={"stage": "degradation_head", "init_from": str(backbone), "max_steps": 20, "batch_size": 4})
+    result = train(head_config, tmp_path / "head", device="cpu", progress=False)
+    before, after = load_file(backbone), load_file(result.last_checkpoint)
+    widths = [weights["dapl.classifier.1.weight"].shape[1] for weights in (before, after)]
+    assert widths[1] == widths[0] + 2 * PATCH_STATISTICS  # mean and spread of each statistic
+    assert all(torch.equal(before[name], after[name]) for name in before if not name.startswith("dapl.classifier."))
+    network, _ = load_checkpoint(result.last_checkpoint)
+    assert network.config.readout_patch_statistics
+    # A full training run still refuses weights saved for another head input.
+    full = head_config.with_overrides(train={"stage": "full", "max_steps": 1})
+    with pytest.raises(CheckpointError, match="readout_patch_statistics"):
+        train(full, tmp_path / "full", device="cpu", progress=False)
