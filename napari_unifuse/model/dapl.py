@@ -33,7 +33,7 @@ then the plain one, and the weights are unchanged either way.
 Patch statistics (``readout_patch_statistics``, our addition). The read-outs come from patch
 embeddings, and what is smaller than a patch (noise, ghosts, streaks) reaches them only as far as
 training taught the embedding to keep it: the CPU-trained 3-D head named a clean T2, CT or PET the
-way it named a degraded one (likelihood ratio 1.0, bench/results/class_evidence_3d.md), while a
+way it named a degraded one (likelihood ratio 1.0, docs/speed_3d.md), while a
 logistic regression on a few high-pass statistics of the same 32³ crops told clean from degraded
 with AUC 0.87-0.97 per task. With the option, each token carries :func:`patch_statistics` of its
 patch beside its read-outs, and the classifier pools them with the read-outs (mean, and standard
