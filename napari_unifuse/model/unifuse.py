@@ -57,7 +57,12 @@ class UniFuse(nn.Module):
     def forward(self, moving: torch.Tensor, reference: torch.Tensor) -> UniFuseOutput:
         self._check_inputs(moving, reference)
         initial = self.initial_alignment(moving, reference)
-        return self.refine(warp(moving, initial, padding_mode="border"), reference, initial)
+        return self.refine(self.moved_by(moving, initial), reference, initial)
+
+    @staticmethod
+    def moved_by(moving: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """``moving`` moved by an initial field, as :meth:`refine` expects it (and DAPL reads it)."""
+        return warp(moving, initial, padding_mode="border")
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
                           spacing: tuple[float, ...] | None = None) -> torch.Tensor:

@@ -38,7 +38,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from napari_unifuse.model.layers import RunningStandardize
-from napari_unifuse.model.warp import warp
 
 # The head's name in UniFuse's state dict, and the network config fields that shape only its input:
 # a refit may start from a checkpoint saved with other values (model.checkpoint.load_weights).
@@ -75,7 +74,7 @@ def collect_readouts(network: nn.Module, dataset: Dataset, device: torch.device,
             # DAPL reads what UniFuse.forward and the engine give it: the moving image moved by the
             # initial alignment. Interpolation smooths noise and streaks, so a head fitted on unmoved
             # crops called the metal CTs of misaligned 128³ pairs "none" (p 0.50-0.60).
-            network.dapl(warp(moving, network.initial_alignment(moving, reference), padding_mode="border"), reference)
+            network.dapl(network.moved_by(moving, network.initial_alignment(moving, reference)), reference)
             labels.append(batch["class_index"])
             done += len(batch["class_index"])
             if progress is not None:
