@@ -1,14 +1,15 @@
 """Does a checkpoint's degradation class see the artefact, or only the modality?
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/class_evidence.py --checkpoint unifuse-3d-phantom
-        [--side 96] [--seeds 0 1 2 3 4] [--out bench/results/class_evidence_3d.md] [--write]
+        [--sides 96 176] [--seeds 0 1 2] [--out bench/results/class_evidence_3d.md] [--write]
     OMP_NUM_THREADS=2 .venv/bin/python bench/class_evidence.py --checkpoint unifuse-2d-harvard
         --harvard ../shared/data/harvard-aanlib [--pairs 10] [--out ...] [--write]
 
 The engine (``FusionEngine.run_fusion``, as ``unifuse fuse`` runs it, without quality maps) is
 given each input twice, aligned: clean, and degraded by its modality's degradation. 3-D: the
-MNI phantom pairs of ``training.datasets.PHANTOM_TASKS`` at ``side``³, one pair per seed, drawn
-as ``bench/eval_engine_3d_regimes.py`` draws them. 2-D: the first ``pairs`` validation pairs of
+MNI phantom pairs of ``training.datasets.PHANTOM_TASKS`` at each of ``sides``³ (176³: voxels of
+about 1 mm, as a clinical volume), one pair per seed, drawn as ``bench/eval_engine_3d_regimes.py``
+draws them; the clean input of a size is the same volume for every seed. 2-D: the first ``pairs`` validation pairs of
 each Harvard task, as ``unifuse evaluate`` loads them (the checkpoint's own case split).
 The table gives, per moving modality and condition, how often each class was named, the mean
 probability of the modality's degradation, and the likelihood ratio the engine weighs
@@ -34,11 +35,16 @@ from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import ImageVolume
 from napari_unifuse.model.checkpoint import read_metadata, set_metadata_section
 
-# (moving modality, true condition, reference, moving, modalities for the engine)
-Case = tuple[str, str, ImageVolume, ImageVolume, dict[str, str]]
+# (moving modality, true condition, input size, reference, moving, modalities for the engine)
+Case = tuple[str, str, str, ImageVolume, ImageVolume, dict[str, str]]
 
 
-def phantom_cases(side: int, seeds: list[int]) -> Iterator[Case]:
+def phantom_cases(sides: list[int], seeds: list[int]) -> Iterator[Case]:
+    for side in sides:
+        yield from _phantom_cases_of_size(side, seeds)
+
+
+def _phantom_cases_of_size(side: int, seeds: list[int]) -> Iterator[Case]:
     from eval_engine_3d_regimes import in_units  # sibling bench script: CT back in Hounsfield units
 
     from napari_unifuse.data.misalign import misalignment_from_options
@@ -56,7 +62,7 @@ def phantom_cases(side: int, seeds: list[int]) -> Iterator[Case]:
             for seed in seeds:
                 pair = make_pair(reference, label, degradation, np.random.default_rng(seed),
                                  misalignment=misalignment_from_options({"regime": "none"}))
-                yield (moving_name, _condition(degradation), in_units(pair.reference, reference_modality),
+                yield (moving_name, _condition(degradation), f"{side}³", in_units(pair.reference, reference_modality),
                        in_units(pair.moving, moving_modality),
                        {"reference_modality": reference_modality, "moving_modality": moving_modality})
 
@@ -68,7 +74,8 @@ def harvard_cases(root: Path, checkpoint: str, pairs: int) -> Iterator[Case]:
     for none_fraction in (1.0, 0.0):  # every pair clean, then every pair degraded
         for pair in pairs_from_harvard(root, "val", ["CT", "PET", "SPECT"], pairs, seed=0, size=None,
                                        none_fraction=none_fraction, cases=split, regime="none"):
-            yield str(pair.moving_modality), _condition(str(pair.degradation)), pair.reference, pair.moving, {}
+            yield (str(pair.moving_modality), _condition(str(pair.degradation)), "atlas", pair.reference, pair.moving,
+                   {})
 
 
 def _condition(degradation: str) -> str:
@@ -78,7 +85,7 @@ def _condition(degradation: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--side", type=int, default=96, help="3-D: phantom side in voxels")
+    parser.add_argument("--sides", type=int, nargs="+", default=[96], help="3-D: phantom sides in voxels")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="3-D: one pair per seed")
     parser.add_argument("--harvard", type=Path, help="2-D: the Harvard AANLIB folder")
     parser.add_argument("--pairs", type=int, default=10, help="2-D: validation pairs per task")
@@ -88,18 +95,20 @@ def main() -> None:
     engine = FusionEngine(args.checkpoint, device="cpu")
     if engine.config.spatial_dims == 2 and args.harvard is None:
         parser.error("a 2-D checkpoint is calibrated on the Harvard pairs: give --harvard")
-    cases = (phantom_cases(args.side, args.seeds) if engine.config.spatial_dims == 3
+    cases = (phantom_cases(args.sides, args.seeds) if engine.config.spatial_dims == 3
              else harvard_cases(args.harvard, args.checkpoint, args.pairs))
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
     probabilities: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
     degradation_of: dict[str, str] = {}
-    for modality, condition, reference, moving, modalities in cases:
+    named_by_size: dict[tuple[str, str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for modality, condition, size, reference, moving, modalities in cases:
         result = engine.run_fusion(reference, moving, quality=False, **modalities)
         counts[modality][condition][result.predicted_class] += 1
+        named_by_size[(modality, condition, size)][result.predicted_class] += 1
         if condition != CLEAN:
             degradation_of.setdefault(modality, condition)
         probabilities[(modality, condition)].append(result.class_probs)
-        print(f"{modality} {condition}: named {result.predicted_class} "
+        print(f"{modality} {condition} {size}: named {result.predicted_class} "
               f"({', '.join(f'{k} {v:.2f}' for k, v in result.class_probs.items())})", flush=True)
     table = {modality: {condition: dict(named) for condition, named in conditions.items()}
              for modality, conditions in counts.items()}
@@ -117,6 +126,11 @@ def main() -> None:
             ratio = f"{evidence.likelihood_ratio:.2f}" if evidence is not None else ""
             named_text = ", ".join(f"{name} {count}" for name, count in sorted(named.items()))
             lines.append(f"| {modality} | {condition} | {sum(named.values())} | {named_text} | {mean_p:.3f} | {ratio} |")
+    if len({size for _, _, size in named_by_size}) > 1:
+        lines += ["", "By input size:", "", "| moving modality | input | size | named |", "|---|---|---|---|"]
+        for (modality, condition, size), named in named_by_size.items():
+            named_text = ", ".join(f"{name} {count}" for name, count in sorted(named.items()))
+            lines.append(f"| {modality} | {condition} | {size} | {named_text} |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

@@ -96,6 +96,10 @@ class UniFuseConfig(DictConfig):
     # what is smaller than a patch, which is where noise, ghosts and streaks are: the 3-D head
     # fitted on them named a clean volume's class as often as a degraded one's (likelihood ratio 1.0).
     readout_patch_statistics: bool = False
+    # The classifier reads those statistics alone, not the read-outs (needs
+    # readout_patch_statistics): at CPU scale the read-outs tell the task, not the artefact, and a
+    # head given both overfits them (model.dapl). The read-outs still give h1..h3 and the prompts.
+    classifier_statistics_only: bool = False
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -112,9 +116,11 @@ class UniFuseConfig(DictConfig):
                 fail(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.matching_range, int) or self.matching_range < 0:
             fail(f"matching_range must be a non-negative integer, got {self.matching_range!r}")
-        for name in ("pool_readout_std", "readout_patch_statistics"):
+        for name in ("pool_readout_std", "readout_patch_statistics", "classifier_statistics_only"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.classifier_statistics_only and not self.readout_patch_statistics:
+            fail("classifier_statistics_only needs readout_patch_statistics: true")
         if not isinstance(self.matching_mutual_information, bool):
             fail(f"matching_mutual_information must be true or false, got {self.matching_mutual_information!r}")
         if not self.displacement_scale > 0:

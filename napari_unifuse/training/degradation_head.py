@@ -18,10 +18,10 @@ and variance of those read-outs; its MLP is fitted by ``train.max_steps`` AdamW 
 ``train.batch_size`` read-outs with cross-entropy on every row, the crop's class being each of its
 slabs' too (a degradation is simulated over the whole crop), under the trainer's cosine schedule
 (``train.lr`` to ``train.min_lr``).
-Fitting the slab rows is what the per-slice plot reads. The config's ``readout_patch_statistics``
-may differ from the checkpoint's (``HEAD_INPUT_FIELDS``): the shipped 3-D head reads patch
-statistics (``model.dapl.patch_statistics``) that its network was trained without, which is what
-lets it tell clean inputs from degraded ones.
+Fitting the slab rows is what the per-slice plot reads. The config's fields that shape the head's
+input (``HEAD_INPUT_FIELDS``) may differ from the checkpoint's: the shipped 3-D head reads patch
+statistics (``model.dapl.patch_statistics``) that its network was trained without, and reads them
+alone (``classifier_statistics_only``), which is what lets it tell clean inputs from degraded ones.
 
 What changes downstream. p routes ALSN's experts and gates the restoration (``model.unifuse``), so
 the restored and fused outputs move with it; the sidecar's validation is therefore run again on the
@@ -42,7 +42,7 @@ from napari_unifuse.model.layers import RunningStandardize
 # The head's name in UniFuse's state dict, and the network config fields that shape only its input:
 # a refit may start from a checkpoint saved with other values (model.checkpoint.load_weights).
 HEAD_MODULE = "dapl.classifier"
-HEAD_INPUT_FIELDS = ("pool_readout_std", "readout_patch_statistics")
+HEAD_INPUT_FIELDS = ("pool_readout_std", "readout_patch_statistics", "classifier_statistics_only")
 
 
 def degradation_head(network: nn.Module) -> nn.Sequential:

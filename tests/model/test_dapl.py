@@ -11,7 +11,7 @@ import torch
 from napari_unifuse.errors import InputError
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.dapl import PATCH_STATISTICS, DegradationAwarePromptLearning, patch_statistics, token_orders
-from napari_unifuse.model.layers import RunningStandardize
+from napari_unifuse.model.layers import RunningStandardize, flatten_spatial
 from napari_unifuse.model.mamba import MambaBlock
 
 
@@ -152,10 +152,33 @@ def test_patch_statistics_match_a_scipy_transcription_and_rise_with_noise_in_the
     np.testing.assert_allclose(noisy_stats[0], 0.5 * np.log(patches(detail ** 2) + 1e-8), atol=1e-3)
     np.testing.assert_allclose(noisy_stats[1], np.log(patches(np.abs(detail)) + 1e-4), atol=1e-3)
     np.testing.assert_allclose(noisy_stats[3], patches(noisy), atol=1e-5)
+    blurred = {sigma: ndimage.gaussian_filter(noisy.astype(np.float64), sigma, mode="nearest", truncate=3.0)
+               for sigma in (0.5, 1.5)}
+    log_rms = lambda band: 0.5 * np.log(patches(band ** 2) + 1e-8)  # noqa: E731
+    np.testing.assert_allclose(noisy_stats[4], log_rms(noisy - blurred[0.5]) - log_rms(blurred[0.5] - blurred[1.5]),
+                               atol=1e-3)
 
     # Noise raises the moving image's detail several times over; the reference's is unchanged.
     assert (noisy_stats[:2] > clean_stats[:2] + 1).all()
     np.testing.assert_array_equal(noisy_stats[2], clean_stats[2])
+
+
+def test_spectral_slope_sees_low_dose_noise_that_the_scanner_blur_hides_from_the_detail():
+    """Low dose = Poisson thinning + the scanner's blur: on a textured, already blurred uptake map
+    the blur takes about as much detail as the noise adds, but the noise's flat spectrum shows."""
+    from scipy import ndimage
+
+    from napari_unifuse.data.degrade import make_degradation
+
+    rng = np.random.default_rng(0)
+    uptake = ndimage.gaussian_filter(rng.random((32, 32, 32)), 1.2)
+    uptake = ((uptake - uptake.min()) / np.ptp(uptake)).astype(np.float32)
+    low_dose = make_degradation("lowdose", 0.5)(uptake, rng).astype(np.float32)
+    as_tensor = lambda a: torch.from_numpy(a)[None, None]  # noqa: E731
+    clean, noisy = (patch_statistics(as_tensor(image), as_tensor(uptake), 4)[0].mean(dim=(1, 2, 3))
+                    for image in (uptake, low_dose))
+    assert float(noisy[0]) < float(clean[0])  # the detail's log RMS even falls (by 0.09 here)
+    assert float(noisy[4] - clean[4]) > 0.15  # the slope rises (by 0.23 here)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -175,3 +198,25 @@ def test_patch_statistics_widen_the_classifier_input_and_nothing_else(spatial_di
         torch.testing.assert_close(first, second)
     with pytest.raises(InputError, match="readout_patch_statistics"):
         dataclasses.replace(UniFuseConfig.small(2), readout_patch_statistics=1)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_statistics_only_classifier_reads_the_pooled_statistics_and_the_prompts_stay(spatial_dims):
+    config = dataclasses.replace(UniFuseConfig.small(spatial_dims), readout_patch_statistics=True)
+    torch.manual_seed(0)
+    both = DegradationAwarePromptLearning(config).eval()
+    torch.manual_seed(0)
+    alone = DegradationAwarePromptLearning(dataclasses.replace(config, classifier_statistics_only=True)).eval()
+    assert alone.classifier[1].in_features == 2 * PATCH_STATISTICS
+    shape = (1, 1) + (32,) * spatial_dims
+    moving, reference = torch.rand(shape), torch.rand(shape)
+    seen: list[torch.Tensor] = []
+    alone.classifier.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0]))
+    with torch.no_grad():
+        outputs = both(moving, reference), alone(moving, reference)
+    tokens = flatten_spatial(patch_statistics(moving, reference, config.patch_size))[0]
+    torch.testing.assert_close(seen[0][0, 0], torch.cat([tokens.mean(0), tokens.std(0)]))
+    for first, second in zip(outputs[0].hidden_states, outputs[1].hidden_states):
+        torch.testing.assert_close(first, second)
+    with pytest.raises(InputError, match="classifier_statistics_only needs readout_patch_statistics"):
+        dataclasses.replace(UniFuseConfig.small(2), classifier_statistics_only=True)

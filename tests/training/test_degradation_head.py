@@ -109,20 +109,24 @@ def test_the_head_stage_needs_a_trained_unifuse():
         config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": "classifier"}})
 
 
-def test_the_head_stage_can_give_the_head_patch_statistics_the_backbone_was_trained_without(tmp_path):
-    """configs/phantom3d-cpu-head.yaml: the shipped 3-D network, refitted with a wider head input."""
+@pytest.mark.parametrize("statistics_only", [False, True])
+def test_the_head_stage_can_give_the_head_patch_statistics_the_backbone_was_trained_without(tmp_path, statistics_only):
+    """configs/phantom3d-cpu-head.yaml: the shipped 3-D network, refitted with another head input:
+    the patch statistics beside the read-outs, or alone."""
     backbone = _smoke_checkpoint(tmp_path)
     head_config = load_config(SMOKE).with_overrides(
-        model={"overrides": {"readout_patch_statistics": True}},
+        model={"overrides": {"readout_patch_statistics": True, "classifier_statistics_only": statistics_only}},
         data={"crop": 16, "train_length": 6},
         train={"stage": "degradation_head", "init_from": str(backbone), "max_steps": 20, "batch_size": 4})
     result = train(head_config, tmp_path / "head", device="cpu", progress=False)
     before, after = load_file(backbone), load_file(result.last_checkpoint)
     widths = [weights["dapl.classifier.1.weight"].shape[1] for weights in (before, after)]
-    assert widths[1] == widths[0] + 2 * PATCH_STATISTICS  # mean and spread of each statistic
+    # Mean and spread of each statistic, beside or instead of the read-outs'.
+    assert widths[1] == (0 if statistics_only else widths[0]) + 2 * PATCH_STATISTICS
     assert all(torch.equal(before[name], after[name]) for name in before if not name.startswith("dapl.classifier."))
     network, _ = load_checkpoint(result.last_checkpoint)
     assert network.config.readout_patch_statistics
+    assert network.config.classifier_statistics_only == statistics_only
     # A full training run still refuses weights saved for another head input.
     full = head_config.with_overrides(train={"stage": "full", "max_steps": 1})
     with pytest.raises(CheckpointError, match="readout_patch_statistics"):
