@@ -11,10 +11,11 @@ questions, per task, on the ``--val`` held-out crops of the validation stream:
 * Which inputs tell clean from degraded? A logistic regression (standardised, C = 0.3), 5-fold
   cross-validated on the held-out crops alone, on the pooled read-outs, the pooled statistics,
   and both: AUC and accuracy of "degraded".
-* What does the refit's MLP head make of them? The head of ``training.degradation_head``,
-  fitted as the refit fits it (3000 AdamW steps of 16, learning rate 3e-3 cosine to 1e-5) on the
-  ``--train`` crops' whole-crop rows, with both inputs or with the statistics alone: its accuracy
-  over all five classes and its clean-vs-degraded AUC, on the training and the held-out crops.
+* What does the refit's MLP head make of them? DAPL's head for each input (``classifier_statistics_only``
+  off or on), fitted as the refit fits it (``training.degradation_head``, with ``--config``'s
+  steps, batch, learning-rate schedule and weight decay) on the ``--train`` crops' whole-crop rows:
+  its accuracy over all five classes and its clean-vs-degraded AUC, on the training and the
+  held-out crops.
 
 About 1.2 s a crop on one thread, nearly all of it synthesis and the matching; ``--cache`` keeps the
 collected inputs so that a second run only fits.
@@ -37,8 +38,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from napari_unifuse.model.checkpoint import load_weights, read_config
-from napari_unifuse.model.dapl import PATCH_STATISTICS
-from napari_unifuse.model.layers import RunningStandardize
+from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.dapl import PATCH_STATISTICS, DegradationAwarePromptLearning
 from napari_unifuse.model.unifuse import UniFuse
 from napari_unifuse.training.config import load_config
 from napari_unifuse.training.datasets import build_datasets, sample_rng
@@ -84,12 +85,14 @@ def cross_validated(inputs: np.ndarray, degraded: np.ndarray) -> tuple[float, fl
     return roc_auc_score(degraded, probability), float(((probability > 0.5) == degraded).mean())
 
 
-def fitted_head(inputs: torch.Tensor, labels: torch.Tensor, classes: int, width: int) -> nn.Sequential:
-    head = nn.Sequential(RunningStandardize(inputs.shape[-1]), nn.Linear(inputs.shape[-1], width), nn.GELU(),
-                         nn.Linear(width, width), nn.GELU(), nn.Linear(width, classes))
-    steps, top, bottom = 3000, 3e-3, 1e-5
-    fit_degradation_head(head, inputs, labels, steps=steps, batch_size=16, weight_decay=1e-2, seed=0,
-                         learning_rate=lambda step: bottom + (top - bottom) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+def fitted_head(config: UniFuseConfig, config_path: str, inputs: torch.Tensor, labels: torch.Tensor) -> nn.Sequential:
+    """DAPL's head for ``config``, fitted on ``inputs`` as the refit of ``config_path`` fits it."""
+    head = DegradationAwarePromptLearning(config).classifier
+    train = load_config(config_path).train
+    fit_degradation_head(
+        head, inputs, labels, steps=train.max_steps, batch_size=train.batch_size, weight_decay=train.weight_decay,
+        seed=0, learning_rate=lambda step: train.min_lr + (train.lr - train.min_lr) * 0.5 * (
+            1 + math.cos(math.pi * step / train.max_steps)))
     return head
 
 
@@ -111,7 +114,7 @@ def main() -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(splits[split], path)
-    config = read_config(args.checkpoint)
+    config = dataclasses.replace(read_config(args.checkpoint), readout_patch_statistics=True)
     width = splits["val"]["inputs"].shape[-1]
     statistics = statistics_columns(width)
     readouts = [column for column in range(width) if column not in statistics]
@@ -132,8 +135,8 @@ def main() -> None:
     print("| inputs | crops | " + " | ".join(sorted(set(tasks))) + " |")
     for name in ("both", "statistics"):
         chosen = columns[name]
-        head = fitted_head(splits["train"]["inputs"][:, :1, chosen], splits["train"]["labels"],
-                           config.num_classes, config.embed_dim)
+        head = fitted_head(dataclasses.replace(config, classifier_statistics_only=name == "statistics"), args.config,
+                           splits["train"]["inputs"][:, :1, chosen], splits["train"]["labels"])
         for split, data in (("training", splits["train"]), ("held out", val)):
             with torch.no_grad():
                 probabilities = torch.softmax(head(data["inputs"][:, 0, chosen]), dim=-1).numpy()

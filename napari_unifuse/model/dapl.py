@@ -45,8 +45,8 @@ read-outs alone told clean from degraded with AUC 0.48 (CT → PET), 0.50 (MRI �
 (T1 → T2): at CPU scale they carry the task, not the image's quality. An MLP head fitted on
 read-outs and statistics together fits its training crops almost perfectly and loses on held-out
 ones (accuracy 0.83 / 0.93 / 0.84, against 0.95 / 0.97 / 0.94 on the statistics alone;
-``bench/probe_head_inputs.py``, bench/results/probe_head_inputs.md). With the option the classifier pools the statistics only; the
-read-outs still give h1..h3 and the prompts.
+``bench/probe_head_inputs.py``, bench/results/probe_head_inputs.md). With the option the
+classifier pools the statistics only; the read-outs still give h1..h3 and the prompts.
 """
 
 from __future__ import annotations
