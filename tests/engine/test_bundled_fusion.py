@@ -69,7 +69,7 @@ def test_the_3d_checkpoint_carries_t2_contrast_into_the_fused_volume():
                          [("t1-t2-motion", "t2", "motion"), ("ct-pet-lowdose", "pet", "lowdose")])
 def test_the_3d_checkpoint_tells_each_degraded_sample_from_its_clean_label(sample, modality, degradation):
     # The head reads the patch statistics alone (configs/phantom3d-cpu-head.yaml): its calls are
-    # evidence on every task (likelihood ratios of 11 in the sidecar), so the engine adds no caveat.
+    # evidence on every task (likelihood ratios of 13 in the sidecar), so the engine adds no caveat.
     from napari_unifuse.data import samples
 
     engine = FusionEngine("unifuse-3d-phantom", device="cpu")
