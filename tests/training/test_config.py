@@ -72,3 +72,14 @@ def test_config_mistakes_are_named(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(InputError, match=message):
         load_config(path)
+
+
+def test_the_mmif_amin_second_stage_differs_from_the_first_only_in_its_start_and_learning_rate():
+    """configs/mmif-amin-cpu-stage2.yaml continues mmif-amin-cpu.yaml's run (the bundled
+    mmif-amin-2d-harvard is both in turn): same data, model, loss and schedule length."""
+    first = load_config(CONFIGS / "mmif-amin-cpu.yaml").to_dict()
+    second = load_config(CONFIGS / "mmif-amin-cpu-stage2.yaml").to_dict()
+    assert second["train"].pop("init_from").endswith("runs/mmif-amin-cpu2/checkpoints/best.safetensors")
+    assert first["train"].pop("init_from") is None
+    assert (first["train"].pop("lr"), second["train"].pop("lr")) == (pytest.approx(5e-4), pytest.approx(2.5e-4))
+    assert second == first
