@@ -1,7 +1,7 @@
 """The bundled 3D sample as a user meets it: what a click on Run costs and what it says.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_3d_sample.py [--sample t1_t2_motion_3d] [--small]
-        [--threads 2]
+        [--threads 2] [--checkpoint unifuse-3d-phantom]
 
 Runs ``FusionEngine.run_fusion`` (default settings, quality maps included: what the workbench's
 Run does before it draws the layers) on the sample pair at the size ``unifuse view`` opens it
@@ -31,16 +31,20 @@ def main() -> None:
     parser.add_argument("--sample", default="t1_t2_motion_3d", choices=sorted(SAMPLES))
     parser.add_argument("--small", action="store_true", help="the test size instead of the bundled one")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint", default="unifuse-3d-phantom", help="a bundled name or a .safetensors path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = samples.SMALL_SAMPLE_SHAPE_3D if args.small else samples.SAMPLE_SHAPE_3D
     pair = samples._sample_pair(SAMPLES[args.sample], 3, shape)
-    engine = FusionEngine("unifuse-3d-phantom", device="cpu")
+    engine = FusionEngine(args.checkpoint, device="cpu")
     start = time.perf_counter()
     result = engine.run_fusion(pair.reference, pair.moving)
     seconds = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    brain = np.flatnonzero(pair.reference.array.reshape(shape[0], -1).mean(axis=1) > 0.05)
+    # Slices through the head: the reference (a T1 in [0, 1] or a CT in HU) scaled to its own range.
+    reference = pair.reference.array
+    low, high = float(reference.min()), float(np.percentile(reference, 99))
+    brain = np.flatnonzero(((reference - low) / (high - low)).reshape(shape[0], -1).mean(axis=1) > 0.05)
     declared = result.class_names.index(pair.degradation)
     named = int((result.slice_class_probs[brain, declared] >= 0.6).sum())
     on_top = int((result.slice_class_probs[brain].argmax(axis=1) == declared).sum())

@@ -1,15 +1,16 @@
 """Does a checkpoint's degradation class see the artefact, or only the modality?
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/class_evidence.py --checkpoint unifuse-3d-phantom
-        [--sides 96 176] [--seeds 0 1 2] [--out bench/results/class_evidence_3d.md] [--write]
+        [--sides 96 176] [--seeds 0 1 2] [--regimes none large] [--out bench/results/class_evidence_3d.md] [--write]
     OMP_NUM_THREADS=2 .venv/bin/python bench/class_evidence.py --checkpoint unifuse-2d-harvard
         --harvard ../shared/data/harvard-aanlib [--pairs 10] [--out ...] [--write]
 
 The engine (``FusionEngine.run_fusion``, as ``unifuse fuse`` runs it, without quality maps) is
-given each input twice, aligned: clean, and degraded by its modality's degradation. 3-D: the
+given each input twice: clean, and degraded by its modality's degradation. 3-D: the
 MNI phantom pairs of ``training.datasets.PHANTOM_TASKS`` at each of ``sides``³ (176³: voxels of
-about 1 mm, as a clinical volume), one pair per seed, drawn as ``bench/eval_engine_3d_regimes.py``
-draws them; the clean input of a size is the same volume for every seed. 2-D: the first ``pairs`` validation pairs of
+about 1 mm, as a clinical volume), one pair per seed and misalignment regime (``--regimes``;
+aligned by default), drawn as ``bench/eval_engine_3d_regimes.py`` draws them; the clean input of
+an aligned size is the same volume for every seed. 2-D: the first ``pairs`` validation pairs of
 each Harvard task, as ``unifuse evaluate`` loads them (the checkpoint's own case split).
 The table gives, per moving modality and condition, how often each class was named, the mean
 probability of the modality's degradation, and the likelihood ratio the engine weighs
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES
 from napari_unifuse.engine.class_evidence import CLEAN, METADATA_KEY, class_evidence
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import ImageVolume
@@ -39,12 +41,13 @@ from napari_unifuse.model.checkpoint import read_metadata, set_metadata_section
 Case = tuple[str, str, str, ImageVolume, ImageVolume, dict[str, str]]
 
 
-def phantom_cases(sides: list[int], seeds: list[int]) -> Iterator[Case]:
+def phantom_cases(sides: list[int], seeds: list[int], regimes: list[str]) -> Iterator[Case]:
     for side in sides:
-        yield from _phantom_cases_of_size(side, seeds)
+        for regime in regimes:
+            yield from _phantom_cases_of_size(side, seeds, regime)
 
 
-def _phantom_cases_of_size(side: int, seeds: list[int]) -> Iterator[Case]:
+def _phantom_cases_of_size(side: int, seeds: list[int], regime: str) -> Iterator[Case]:
     from eval_engine_3d_regimes import in_units  # sibling bench script: CT back in Hounsfield units
 
     from napari_unifuse.data.misalign import misalignment_from_options
@@ -61,8 +64,9 @@ def _phantom_cases_of_size(side: int, seeds: list[int]) -> Iterator[Case]:
         for degradation in (DEGRADATION_CLASSES[0], MODALITY_DEGRADATION[moving_name]):
             for seed in seeds:
                 pair = make_pair(reference, label, degradation, np.random.default_rng(seed),
-                                 misalignment=misalignment_from_options({"regime": "none"}))
-                yield (moving_name, _condition(degradation), f"{side}³", in_units(pair.reference, reference_modality),
+                                 misalignment=misalignment_from_options({"regime": regime}))
+                size = f"{side}³" if regime == "none" else f"{side}³, {regime} misalignment"
+                yield (moving_name, _condition(degradation), size, in_units(pair.reference, reference_modality),
                        in_units(pair.moving, moving_modality),
                        {"reference_modality": reference_modality, "moving_modality": moving_modality})
 
@@ -87,6 +91,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--sides", type=int, nargs="+", default=[96], help="3-D: phantom sides in voxels")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="3-D: one pair per seed")
+    parser.add_argument("--regimes", nargs="+", default=["none"], choices=list(MISALIGNMENT_REGIMES),
+                        help="3-D: the misalignment of each pair (none: aligned); the counts pool them")
     parser.add_argument("--harvard", type=Path, help="2-D: the Harvard AANLIB folder")
     parser.add_argument("--pairs", type=int, default=10, help="2-D: validation pairs per task")
     parser.add_argument("--out", type=Path)
@@ -95,7 +101,7 @@ def main() -> None:
     engine = FusionEngine(args.checkpoint, device="cpu")
     if engine.config.spatial_dims == 2 and args.harvard is None:
         parser.error("a 2-D checkpoint is calibrated on the Harvard pairs: give --harvard")
-    cases = (phantom_cases(args.sides, args.seeds) if engine.config.spatial_dims == 3
+    cases = (phantom_cases(args.sides, args.seeds, args.regimes) if engine.config.spatial_dims == 3
              else harvard_cases(args.harvard, args.checkpoint, args.pairs))
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
     probabilities: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
@@ -113,7 +119,7 @@ def main() -> None:
     table = {modality: {condition: dict(named) for condition, named in conditions.items()}
              for modality, conditions in counts.items()}
     lines = [f"# Degradation class on clean and degraded inputs: `{args.checkpoint}`", "",
-             f"`{_command()}` (the engine without quality maps, aligned inputs).", "",
+             f"`{_command()}` (the engine without quality maps; misalignment: {', '.join(args.regimes)}).", "",
              "| moving modality | input | n | named | mean p of the modality's degradation "
              "| likelihood ratio of the call it should make |", "|---|---|---:|---|---:|---:|"]
     for modality, conditions in table.items():

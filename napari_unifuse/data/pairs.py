@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
-from napari_unifuse.data.degrade import DEGRADATION_CLASSES, make_degradation
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES, Degradation, make_degradation
 from napari_unifuse.data.misalign import RandomMisalignment
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume
@@ -103,6 +103,29 @@ def _degradation_options(name: str, label: ImageVolume) -> dict:
 MISALIGNMENT_ORDER = 3
 
 
+@dataclass(frozen=True)
+class DegradedLabel:
+    """A label after its task's degradation: the array (luma degraded, in YCbCr, for an RGB label)
+    and the degradation model that made it, which records the drawn parameters."""
+
+    array: np.ndarray
+    degradation: Degradation
+
+
+def degrade_label(label: ImageVolume, task: str | Task, rng: np.random.Generator,
+                  severity: float = 0.5) -> DegradedLabel:
+    """The first half of ``make_pair``: ``label`` degraded as ``task`` says, on its own grid."""
+    task_name, task_spec = resolve_task(task)
+    name = task_spec.degradation if task_spec else task_name
+    degradation = make_degradation(name, severity, **_degradation_options(name, label))
+    clean = np.asarray(label.array, dtype=np.float32)
+    if label.is_rgb:
+        ycbcr = rgb_to_ycbcr(clean)
+        ycbcr[..., 0] = degradation(ycbcr[..., 0], rng)
+        return DegradedLabel(ycbcr, degradation)
+    return DegradedLabel(degradation(clean, rng), degradation)
+
+
 def make_pair(
     reference: ImageVolume,
     label: ImageVolume,
@@ -112,8 +135,13 @@ def make_pair(
     severity: float = 0.5,
     misalignment: RandomMisalignment | None = None,
     interpolation_order: int = MISALIGNMENT_ORDER,
+    degraded: DegradedLabel | None = None,
 ) -> SyntheticPair:
     """Degrade the aligned clean ``label``, then misalign it; the reference stays as it is.
+
+    ``degraded``: the label already degraded by ``degrade_label`` with this task (training
+    degrades a whole volume and then crops it, ``training.datasets``); only the misalignment is
+    drawn then, and ``severity`` is not used.
 
     The misalignment resamples with cubic splines by default (linear blurs fine anatomy visibly
     at 64-128 pixels), clipped to the degraded image's range so no ringing values appear.
@@ -134,17 +162,18 @@ def make_pair(
             label.source or "label",
         )
 
-    degradation = make_degradation(degradation_name, severity, **_degradation_options(degradation_name, label))
+    if degraded is None:
+        degraded = degrade_label(label, task, generator, severity)
+    elif degraded.degradation.name != degradation_name or degraded.array.shape != label.array.shape:
+        raise InputError(
+            f"the degraded label ({degraded.degradation.name}, {degraded.array.shape}) does not belong to "
+            f"this task ({degradation_name}) and label ({label.array.shape})", "make_pair")
+    degradation = degraded.degradation
     misalignment = misalignment or RandomMisalignment()
     clean = np.asarray(label.array, dtype=np.float32)
-    if label.is_rgb:
-        ycbcr = rgb_to_ycbcr(clean)
-        ycbcr[..., 0] = degradation(ycbcr[..., 0], generator)
-        degraded = ycbcr
-    else:
-        degraded = degradation(clean, generator)
     draw = misalignment.draw(label.spatial_shape, generator, spacing=tuple(label.geometry.spacing))
-    moving_array = np.clip(draw.apply(degraded, order=interpolation_order), degraded.min(), degraded.max())
+    moving_array = np.clip(draw.apply(degraded.array, order=interpolation_order), degraded.array.min(),
+                           degraded.array.max())
     if label.is_rgb:
         moving_array = ycbcr_to_rgb(moving_array)
 

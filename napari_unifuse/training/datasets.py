@@ -29,7 +29,7 @@ Three sources: ``HarvardPairs`` (2D PNG pairs), ``PhantomPairs`` (data.phantoms,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -113,6 +113,13 @@ class SyntheticPairDataset(Dataset):
     ``severity`` (lo, hi): each sample's degradation severity is uniform in it.
     ``misalignment``: ``data.misalign.misalignment_from_options``'s options: RandomMisalignment's
     keyword arguments for the ``large`` regime, and ``regime`` or ``regimes`` (weights).
+    ``whole_image_degradations``: degradations synthesised on the whole clean image before the
+    crop, as a scanner makes them, instead of on the crop. Motion needs it: its ghosts are copies
+    of the whole field of view, while on a 32-voxel crop of a 1 mm head a movement of up to 10 mm
+    shifts a third of the crop, a stronger artefact than the whole volume shows (on a 176³ T2 the
+    spectral slope of a 32³ window rises by 0.22 when the motion is made on the window, by 0.07
+    when it is made on the volume; bench/probe_statistics_resampling.py). Metal stays on the
+    crop, so that every "metal" crop holds metal.
     """
 
     with_color = False
@@ -126,7 +133,10 @@ class SyntheticPairDataset(Dataset):
         crop: tuple[int, ...] | None = None,
         severity: tuple[float, float] = DEFAULT_SEVERITY,
         misalignment: dict[str, float] | None = None,
+        whole_image_degradations: tuple[str, ...] = (),
     ) -> None:
+        from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+
         if not 0.0 <= none_fraction <= 1.0:
             raise InputError(f"none_fraction must be in [0, 1], got {none_fraction}", "data.none_fraction")
         if len(severity) != 2 or not 0.0 <= severity[0] <= severity[1] <= 1.0:
@@ -137,6 +147,11 @@ class SyntheticPairDataset(Dataset):
         self.crop = tuple(crop) if crop else None
         self.severity = tuple(float(v) for v in severity)
         self.misalignment = dict(misalignment or {})
+        unknown = sorted(set(whole_image_degradations) - set(DEGRADATION_CLASSES))
+        if unknown:
+            raise InputError(f"unknown degradations {unknown}; known: {list(DEGRADATION_CLASSES)}",
+                             "data.whole_image_degradations")
+        self.whole_image_degradations = tuple(whole_image_degradations)
         _RecordingMisalignment(self.misalignment)  # fails now, not in a worker, on a bad option
         self.epoch = 0
 
@@ -151,25 +166,39 @@ class SyntheticPairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         from napari_unifuse.data.color import rgb_to_ycbcr
         from napari_unifuse.data.misalign import warp_array
-        from napari_unifuse.data.pairs import MISALIGNMENT_ORDER, make_pair
+        from napari_unifuse.data.pairs import MISALIGNMENT_ORDER, degrade_label, make_pair
         from napari_unifuse.io import Geometry, ImageVolume
 
         rng = sample_rng(self.seed, self.stream, self.epoch, index)
         clean = self.clean_pair(index, rng)
         reference, label = clean.reference, clean.label
-        if self.crop is not None:
-            reference, label = random_crop([reference, label], self.crop, rng)
         ndim = reference.ndim
         geometry = Geometry(np.asarray(clean.spacing, dtype=np.float64), np.zeros(ndim), np.eye(ndim))
-        task = "none" if rng.random() < self.none_fraction else clean.degradation
+        degraded = None
+        # Two orders of the same draws: a config without whole-image degradations keeps the samples
+        # (and so the checkpoints) it always made.
+        if clean.degradation in self.whole_image_degradations:
+            task = "none" if rng.random() < self.none_fraction else clean.degradation
+            severity = float(rng.uniform(*self.severity))
+            whole = ImageVolume(label, geometry, dict(clean.label_metadata), is_rgb=clean.is_rgb)
+            degraded = degrade_label(whole, task, rng, severity)
+            if self.crop is not None:
+                reference, label, degraded_array = random_crop([reference, label, degraded.array], self.crop, rng)
+                degraded = replace(degraded, array=degraded_array)
+        else:
+            if self.crop is not None:
+                reference, label = random_crop([reference, label], self.crop, rng)
+            task = "none" if rng.random() < self.none_fraction else clean.degradation
+            severity = float(rng.uniform(*self.severity))
         recorder = _RecordingMisalignment(self.misalignment)
         pair = make_pair(
             ImageVolume(reference, geometry),
             ImageVolume(label, geometry, dict(clean.label_metadata), is_rgb=clean.is_rgb),
             task,
             rng,
-            severity=float(rng.uniform(*self.severity)),
+            severity=severity,
             misalignment=recorder,
+            degraded=degraded,
         )
         moving = np.asarray(pair.moving.array, dtype=np.float32)
         inverse = recorder.last.inverse_displacement()
@@ -273,11 +302,16 @@ class PhantomPairs(SyntheticPairDataset):
         spatial_dims: int,
         shapes: tuple[tuple[int, int, int], ...],
         tasks: tuple[str, ...] = tuple(PHANTOM_TASKS),
+        shape_weights: tuple[float, ...] | None = None,
         **synthesis: Any,
     ) -> None:
         super().__init__(**synthesis)
         if not shapes:
             raise InputError("give at least one phantom shape", "data.shapes")
+        if shape_weights is not None and (len(shape_weights) != len(shapes) or min(shape_weights) < 0
+                                          or sum(shape_weights) <= 0):
+            raise InputError(f"shape_weights must give one non-negative weight per shape ({len(shapes)}), "
+                             f"not all zero; got {list(shape_weights)}", "data.shape_weights")
         unknown = sorted(set(tasks) - set(PHANTOM_TASKS))
         if unknown:
             raise InputError(f"unknown phantom tasks {unknown}; known: {sorted(PHANTOM_TASKS)}", "data.tasks")
@@ -287,6 +321,8 @@ class PhantomPairs(SyntheticPairDataset):
         self.spatial_dims = spatial_dims
         self.shapes = tuple(tuple(int(side) for side in shape) for shape in shapes)
         self.tasks = tuple(tasks)
+        self.shape_probabilities = (None if shape_weights is None
+                                    else np.asarray(shape_weights, dtype=np.float64) / sum(shape_weights))
         self._volumes: dict[tuple[int, ...], dict[str, Any]] | None = None
 
     def __len__(self) -> int:
@@ -312,9 +348,14 @@ class PhantomPairs(SyntheticPairDataset):
         return self._volumes[shape]
 
     def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
-        # With several phantom sizes each sample draws one (a single size draws nothing, so its
-        # samples are those it always was).
-        shape = self.shapes[int(rng.integers(len(self.shapes)))] if len(self.shapes) > 1 else self.shapes[0]
+        # With several phantom sizes each sample draws one, uniformly unless weighted (a single size
+        # draws nothing, so its samples are those it always was).
+        if len(self.shapes) == 1:
+            shape = self.shapes[0]
+        elif self.shape_probabilities is None:
+            shape = self.shapes[int(rng.integers(len(self.shapes)))]
+        else:
+            shape = self.shapes[int(rng.choice(len(self.shapes), p=self.shape_probabilities))]
         volumes = self._phantoms(shape)
         reference_name, moving_name = PHANTOM_TASKS[self.tasks[int(rng.integers(len(self.tasks)))]]
         (reference, spacing, _), (label, _, label_metadata) = volumes[reference_name], volumes[moving_name]
@@ -418,9 +459,10 @@ def _size(value: Any, spatial_dims: int, what: str) -> tuple[int, ...] | None:
     return size
 
 
-COMMON_DATA_KEYS = {"kind", "none_fraction", "severity", "misalignment", "crop", "extra_sources"}
+COMMON_DATA_KEYS = {"kind", "none_fraction", "severity", "misalignment", "crop", "whole_image_degradations",
+                    "extra_sources"}
 # What an extra source inherits from the section that lists it, unless it sets its own.
-INHERITED_DATA_KEYS = ("none_fraction", "severity", "misalignment", "crop")
+INHERITED_DATA_KEYS = ("none_fraction", "severity", "misalignment", "crop", "whole_image_degradations")
 
 
 class MixedPairs(ConcatDataset):
@@ -442,7 +484,7 @@ class MixedPairs(ConcatDataset):
 
 DATA_KEYS = {
     "harvard": {"root", "tasks", "val_fraction", "split_seed", "size"},
-    "phantom": {"shape", "shapes", "tasks", "train_length", "val_length"},
+    "phantom": {"shape", "shapes", "shape_weights", "tasks", "train_length", "val_length"},
     "folders": {"root", "layout", "reference", "moving", "reference_modality", "moving_modality",
                 "val_fraction", "split_seed", "samples_per_case"},
 }
@@ -458,12 +500,14 @@ def build_datasets(data: dict[str, Any], *, seed: int,
     k-th draws its samples with seed + k.
 
     every kind: none_fraction 0.2, severity [0.25, 0.75], misalignment {RandomMisalignment
-              keyword arguments}, crop (one size or one per axis)
+              keyword arguments}, crop (one size or one per axis), whole_image_degradations
+              [] (e.g. [motion]: synthesised on the whole image, then cropped)
     harvard:  root, tasks [CT-MRI, PET-MRI, SPECT-MRI], val_fraction 0.15, split_seed 0, size
               (resize, e.g. 128)
     phantom:  shape [64, 64, 64] (or shapes: several sizes of the whole-head phantom, one drawn per
-              sample, so that crops see the anatomy at several voxel sizes), tasks [t1-t2, mr-ct,
-              ct-pet], train_length 256, val_length 16
+              sample, so that crops see the anatomy at several voxel sizes; shape_weights: how
+              often each is drawn, uniform by default), tasks [t1-t2, mr-ct, ct-pet],
+              train_length 256, val_length 16
     folders:  root, layout (brats | synthrad | fdg-petct) or reference/moving patterns with
               reference_modality/moving_modality, val_fraction, split_seed, samples_per_case
     """
@@ -500,6 +544,7 @@ def _build_source(data: dict[str, Any], *, seed: int,
         "crop": _size(data.get("crop"), spatial_dims, "data.crop"),
         "severity": tuple(data.get("severity", DEFAULT_SEVERITY)),
         "misalignment": data.get("misalignment"),
+        "whole_image_degradations": tuple(data.get("whole_image_degradations", ())),
     }
     if kind == "harvard":
         if spatial_dims != 2:
@@ -515,8 +560,10 @@ def _build_source(data: dict[str, Any], *, seed: int,
         if "shape" in data and "shapes" in data:
             raise InputError("give data.shape or data.shapes, not both", "data")
         shapes = data["shapes"] if "shapes" in data else [data.get("shape", (64, 64, 64))]
+        weights = data.get("shape_weights")
         options = {"spatial_dims": spatial_dims, "shapes": tuple(tuple(int(v) for v in shape) for shape in shapes),
-                   "tasks": tuple(data.get("tasks", PHANTOM_TASKS))}
+                   "tasks": tuple(data.get("tasks", PHANTOM_TASKS)),
+                   "shape_weights": None if weights is None else tuple(float(w) for w in weights)}
         return (
             PhantomPairs(stream=TRAIN_STREAM, length=int(data.get("train_length", 256)), **options, **common),
             PhantomPairs(stream=VALIDATION_STREAM, length=int(data.get("val_length", 16)), **options, **common),

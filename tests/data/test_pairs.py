@@ -9,7 +9,7 @@ import pytest
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import make_degradation
 from napari_unifuse.data.misalign import RandomMisalignment, warp_array
-from napari_unifuse.data.pairs import TASKS, make_pair
+from napari_unifuse.data.pairs import TASKS, DegradedLabel, degrade_label, make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry, ImageVolume
@@ -68,6 +68,23 @@ def test_degradation_comes_before_misalignment(slices):
     pair = make_pair(slices["ct"], label, "ct-pet-lowdose", rng=5)
     restored = warp_array(pair.moving.array, pair.displacement)
     assert ncc(interior(restored), interior(expected)) > ncc(interior(restored), interior(label.array)) > 0.9
+
+
+def test_a_label_degraded_beforehand_gives_the_same_pair(slices):
+    """make_pair's two halves: degrade_label, then make_pair(degraded=...) with the same generator,
+    is make_pair in one call (training degrades a whole image this way, then crops it)."""
+    whole = make_pair(slices["t1"], slices["t2"], "t1-t2-motion", rng=np.random.default_rng(8), severity=0.6)
+    generator = np.random.default_rng(8)
+    degraded = degrade_label(slices["t2"], "t1-t2-motion", generator, severity=0.6)
+    split = make_pair(slices["t1"], slices["t2"], "t1-t2-motion", rng=generator, degraded=degraded)
+    np.testing.assert_array_equal(split.moving.array, whole.moving.array)
+    np.testing.assert_array_equal(split.displacement, whole.displacement)
+    assert split.params["degradation"] == whole.params["degradation"]
+    with pytest.raises(InputError, match="does not belong"):
+        make_pair(slices["ct"], slices["pet"], "ct-pet-lowdose", rng=0, degraded=degraded)
+    cropped = DegradedLabel(degraded.array[:32], degraded.degradation)
+    with pytest.raises(InputError, match="does not belong"):
+        make_pair(slices["t1"], slices["t2"], "t1-t2-motion", rng=0, degraded=cropped)
 
 
 def test_colour_pet_degrades_luma_and_carries_chroma(slices):

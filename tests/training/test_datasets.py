@@ -84,6 +84,30 @@ def test_phantom_3d_crops():
     assert sample["displacement"].shape == (3, 16, 24, 24)
 
 
+def test_whole_image_degradations_degrade_before_the_crop(monkeypatch):
+    """Motion is synthesised on the whole phantom and then cropped; metal, not listed, on the crop."""
+    from napari_unifuse.data import pairs
+
+    degraded_shapes = []
+
+    def recording(label, task, rng, severity=0.5):
+        degraded_shapes.append((pairs.resolve_task(task)[0], label.spatial_shape))
+        return degrade_label(label, task, rng, severity)
+
+    degrade_label = pairs.degrade_label
+    monkeypatch.setattr(pairs, "degrade_label", recording)
+    train, _ = datasets.build_datasets(
+        {"kind": "phantom", "shape": [32, 40, 40], "crop": 16, "tasks": ["t1-t2", "mr-ct"], "train_length": 8,
+         "none_fraction": 0.0, "whole_image_degradations": ["motion"], "misalignment": {"regime": "none"}},
+        seed=0, spatial_dims=3)
+    for index in range(len(train)):
+        assert train[index]["moving"].shape == (1, 16, 16, 16)
+    assert {shape for task, shape in degraded_shapes if task == "motion"} == {(32, 40, 40)}
+    assert {shape for task, shape in degraded_shapes if task == "metal"} == {(16, 16, 16)}
+    with pytest.raises(InputError, match="unknown degradations"):
+        datasets.build_datasets({"kind": "phantom", "whole_image_degradations": ["blur"]}, seed=0, spatial_dims=3)
+
+
 def _interior(tensor, margin):
     return tensor[..., margin:-margin, margin:-margin]
 
@@ -175,6 +199,25 @@ def test_several_phantom_sizes_give_crops_of_the_head_at_several_voxel_sizes():
     with pytest.raises(InputError, match="not both"):
         datasets.build_datasets({"kind": "phantom", "shape": [24, 32, 32], "shapes": [[24, 32, 32]]},
                                 seed=0, spatial_dims=3)
+
+
+def test_shape_weights_set_how_often_each_size_is_drawn():
+    section = {"kind": "phantom", "shapes": [[24, 32, 32], [48, 64, 64]], "crop": 16, "tasks": ["t1-t2"],
+               "train_length": 200, "misalignment": {"regime": "none"}}
+
+    def large_share(weights):
+        train, _ = datasets.build_datasets({**section, "shape_weights": weights}, seed=0, spatial_dims=3)
+        train._volumes = {shape: {name: (np.zeros(shape, np.float32), (1.0, 1.0, 1.0), {}) for name in ("t1", "t2")}
+                          for shape in train.shapes}  # the draw alone: no phantom needs building
+        drawn = [train.clean_pair(index, datasets.sample_rng(0, datasets.TRAIN_STREAM, 0, index)).reference.shape
+                 for index in range(200)]
+        return sum(shape == (48, 64, 64) for shape in drawn) / len(drawn)
+
+    assert large_share([0, 1]) == 1.0
+    assert 0.65 < large_share([1, 3]) < 0.85
+    for weights in ([1], [1, -1], [0, 0]):
+        with pytest.raises(InputError, match="shape_weights"):
+            datasets.build_datasets({**section, "shape_weights": weights}, seed=0, spatial_dims=3)
 
 
 def test_extra_sources_append_their_samples_and_share_a_batch(tmp_path):
