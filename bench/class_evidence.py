@@ -11,7 +11,8 @@ MNI phantom pairs of ``training.datasets.PHANTOM_TASKS`` at each of ``sides``³ 
 about 1 mm, as a clinical volume), one pair per seed and misalignment regime (``--regimes``;
 aligned by default), drawn as ``bench/eval_engine_3d_regimes.py`` draws them; the clean input of
 an aligned size is the same volume for every seed. 2-D: the first ``pairs`` validation pairs of
-each Harvard task, as ``unifuse evaluate`` loads them (the checkpoint's own case split).
+each Harvard task, as ``unifuse evaluate`` loads them (the checkpoint's own case split), in each
+of ``--regimes``.
 The table gives, per moving modality and condition, how often each class was named, the mean
 probability of the modality's degradation, and the likelihood ratio the engine weighs
 (``engine.class_evidence``) for the call the input should get: "none" on a clean one, its
@@ -71,15 +72,17 @@ def _phantom_cases_of_size(side: int, seeds: list[int], regime: str) -> Iterator
                        {"reference_modality": reference_modality, "moving_modality": moving_modality})
 
 
-def harvard_cases(root: Path, checkpoint: str, pairs: int) -> Iterator[Case]:
+def harvard_cases(root: Path, checkpoint: str, pairs: int, regimes: list[str]) -> Iterator[Case]:
     from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard
 
     split = checkpoint_split(read_metadata(checkpoint), None, None)
-    for none_fraction in (1.0, 0.0):  # every pair clean, then every pair degraded
-        for pair in pairs_from_harvard(root, "val", ["CT", "PET", "SPECT"], pairs, seed=0, size=None,
-                                       none_fraction=none_fraction, cases=split, regime="none"):
-            yield (str(pair.moving_modality), _condition(str(pair.degradation)), "atlas", pair.reference, pair.moving,
-                   {})
+    for regime in regimes:
+        size = "atlas" if regime == "none" else f"atlas, {regime} misalignment"
+        for none_fraction in (1.0, 0.0):  # every pair clean, then every pair degraded
+            for pair in pairs_from_harvard(root, "val", ["CT", "PET", "SPECT"], pairs, seed=0, size=None,
+                                           none_fraction=none_fraction, cases=split, regime=regime):
+                yield (str(pair.moving_modality), _condition(str(pair.degradation)), size, pair.reference,
+                       pair.moving, {})
 
 
 def _condition(degradation: str) -> str:
@@ -92,7 +95,7 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[96], help="3-D: phantom sides in voxels")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="3-D: one pair per seed")
     parser.add_argument("--regimes", nargs="+", default=["none"], choices=list(MISALIGNMENT_REGIMES),
-                        help="3-D: the misalignment of each pair (none: aligned); the counts pool them")
+                        help="the misalignment of each pair (none: aligned); the counts pool them")
     parser.add_argument("--harvard", type=Path, help="2-D: the Harvard AANLIB folder")
     parser.add_argument("--pairs", type=int, default=10, help="2-D: validation pairs per task")
     parser.add_argument("--out", type=Path)
@@ -102,7 +105,7 @@ def main() -> None:
     if engine.config.spatial_dims == 2 and args.harvard is None:
         parser.error("a 2-D checkpoint is calibrated on the Harvard pairs: give --harvard")
     cases = (phantom_cases(args.sides, args.seeds, args.regimes) if engine.config.spatial_dims == 3
-             else harvard_cases(args.harvard, args.checkpoint, args.pairs))
+             else harvard_cases(args.harvard, args.checkpoint, args.pairs, args.regimes))
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
     probabilities: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
     degradation_of: dict[str, str] = {}

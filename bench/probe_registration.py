@@ -126,7 +126,7 @@ class BundledAlignment(nn.Module):
 
     def forward(self, moving, reference):
         identity = moving.new_zeros(moving.shape[0], 2, *moving.shape[2:])
-        return self.net.refine(moving, reference, identity).displacement
+        return self.net.refine(moving, reference, identity, acquired=moving).displacement
 
 
 class PlainCNN(nn.Module):

@@ -428,7 +428,8 @@ class FusionEngine:
         """The network over blended tiles of the padded (moving, reference) ``pair``, the moving
         image moved by ``field`` (1, ndim, *padded) first. Returns the prediction and the attempts
         from the one that fitted in memory on, so that a second pass starts there."""
-        moved = torch.cat([warp(pair[None, 0:1], field)[0], pair[1:2], field[0]])
+        # Channels: the moved moving image, the reference, the field, the unmoved moving image.
+        moved = torch.cat([warp(pair[None, 0:1], field)[0], pair[1:2], field[0], pair[0:1]])
         for index, (device, tile_size) in enumerate(attempts):
             tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, self.config.size_multiple)
             try:
@@ -452,7 +453,8 @@ class FusionEngine:
 
         def predict(tile: torch.Tensor) -> TilePrediction:
             batch = tile[None].to(device)
-            output = self.method.predict_tile(batch[:, 0:1], batch[:, 1:2], batch[:, 2:], fixed_field=fixed_field)
+            output = self.method.predict_tile(batch[:, 0:1], batch[:, 1:2], batch[:, 2:-1], fixed_field=fixed_field,
+                                              acquired=batch[:, -1:])
             if output.class_probs is None:
                 # No degradation estimate: zero columns, which the result reports as "unknown".
                 output.class_probs = batch.new_zeros(1, 0)

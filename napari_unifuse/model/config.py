@@ -100,6 +100,13 @@ class UniFuseConfig(DictConfig):
     # readout_patch_statistics): at CPU scale the read-outs tell the task, not the artefact, and a
     # head given both overfits them (model.dapl). The read-outs still give h1..h3 and the prompts.
     classifier_statistics_only: bool = False
+    # Take the moving image's patch statistics on the image as it was acquired, before the initial
+    # alignment moves it (needs readout_patch_statistics). The move interpolates, and interpolation
+    # smooths noise, ghosts and streaks by more than a degradation adds (a half-voxel linear shift
+    # lowers the spectral slope by 0.9, low dose moves it by 0.14-0.21;
+    # bench/results/probe_statistics_resampling.md). The reference's statistic and the read-outs
+    # stay on the moved pair.
+    statistics_before_alignment: bool = False
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -116,11 +123,14 @@ class UniFuseConfig(DictConfig):
                 fail(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.matching_range, int) or self.matching_range < 0:
             fail(f"matching_range must be a non-negative integer, got {self.matching_range!r}")
-        for name in ("pool_readout_std", "readout_patch_statistics", "classifier_statistics_only"):
+        for name in ("pool_readout_std", "readout_patch_statistics", "classifier_statistics_only",
+                     "statistics_before_alignment"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.classifier_statistics_only and not self.readout_patch_statistics:
             fail("classifier_statistics_only needs readout_patch_statistics: true")
+        if self.statistics_before_alignment and not self.readout_patch_statistics:
+            fail("statistics_before_alignment needs readout_patch_statistics: true")
         if not isinstance(self.matching_mutual_information, bool):
             fail(f"matching_mutual_information must be true or false, got {self.matching_mutual_information!r}")
         if not self.displacement_scale > 0:

@@ -164,7 +164,11 @@ class DegradationAwarePromptLearning(nn.Module):
         # whole input. Not a weight: the engine sets it from the checkpoint's training crop.
         self.readout_window: int | None = None
 
-    def forward(self, moving: torch.Tensor, reference: torch.Tensor) -> DAPLOutput:
+    def forward(self, moving: torch.Tensor, reference: torch.Tensor,
+                acquired: torch.Tensor | None = None) -> DAPLOutput:
+        """``acquired``: the moving image before the initial alignment moved it, on the same grid;
+        with it the patch statistics of the moving image are taken there (``config``'s
+        ``statistics_before_alignment``), everything else on ``moving``."""
         moving_features, reference_features = self.encoder(moving), self.encoder(reference)
         patch = self.config.patch_size
         grid = tuple(side // patch for side in moving.shape[2:])
@@ -187,7 +191,7 @@ class DegradationAwarePromptLearning(nn.Module):
             hidden_states.append(state)
         token_features = torch.cat(readouts, dim=-1)  # (W·B, Nw, 3E)
         if self.config.readout_patch_statistics:
-            statistics = patch_statistics(moving, reference, patch)
+            statistics = patch_statistics(moving if acquired is None else acquired, reference, patch)
             token_statistics = torch.cat(
                 [flatten_spatial(statistics[(slice(None), slice(None), *window)]) for window in windows])
             token_features = (token_statistics if self.config.classifier_statistics_only

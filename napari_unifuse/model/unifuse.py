@@ -57,7 +57,7 @@ class UniFuse(nn.Module):
     def forward(self, moving: torch.Tensor, reference: torch.Tensor) -> UniFuseOutput:
         self._check_inputs(moving, reference)
         initial = self.initial_alignment(moving, reference)
-        return self.refine(self.moved_by(moving, initial), reference, initial)
+        return self.refine(self.moved_by(moving, initial), reference, initial, acquired=moving)
 
     @staticmethod
     def moved_by(moving: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
@@ -78,15 +78,18 @@ class UniFuse(nn.Module):
                                    spacing=spacing)
 
     def refine(self, moving: torch.Tensor, reference: torch.Tensor,
-               initial: torch.Tensor, *, fixed_field: bool = False) -> UniFuseOutput:
+               initial: torch.Tensor, *, fixed_field: bool = False,
+               acquired: torch.Tensor | None = None) -> UniFuseOutput:
         """The network on ``moving`` already warped by ``initial`` (:meth:`initial_alignment` of
         the unwarped pair): FA predicts the correction, and the output field is both composed.
 
         ``fixed_field``: skip FA, so that ``initial`` is the whole field; the engine uses it to
         restore and fuse with the estimate its alignment guard kept (identity or the matching's).
+        ``acquired``: ``moving`` before the warp, which DAPL's statistics read when the config's
+        ``statistics_before_alignment`` is set (required then).
         """
         self._check_inputs(moving, reference)
-        dapl = self.dapl(moving, reference)
+        dapl = self.dapl(moving, reference, self.statistics_input(acquired, moving))
         class_probs = torch.softmax(dapl.class_logits, dim=-1)
         # p weights the prompt guidance and ALSN's LoRA experts, but only L_ce trains it: p is
         # shown to the user as the degradation estimate, so it must stay a classifier's answer,
@@ -107,6 +110,16 @@ class UniFuse(nn.Module):
             prompts=dapl.prompts, moving_features=unified.moving_tokens,
             reference_features=unified.reference_tokens,
         )
+
+    def statistics_input(self, acquired: torch.Tensor | None, moving: torch.Tensor) -> torch.Tensor | None:
+        """What DAPL takes the moving image's patch statistics on: ``acquired`` when the config
+        asks for it, else ``None`` (the moved image)."""
+        if not self.config.statistics_before_alignment:
+            return None
+        if acquired is None or acquired.shape != moving.shape:
+            raise ValueError("this network's degradation head reads the moving image before the initial alignment: "
+                             f"pass it as acquired= with the moving image's shape {tuple(moving.shape)}")
+        return acquired
 
     def unified_features(self, moving: torch.Tensor,
                          reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

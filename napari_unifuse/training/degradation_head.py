@@ -12,7 +12,8 @@ read-outs of many crops, while everything else, including the read-outs, stays a
 How. The read-outs (``DegradationAwarePromptLearning.classifier``'s input: the crop's pooled row,
 then one row per z-slab in 3-D) of the ``data.train_length`` crops of the first training epoch are
 computed once, with the network in evaluation mode, on the moving crop moved by the network's
-initial alignment, as its forward pass and the engine compute them. The head is re-initialised from the seed, so
+initial alignment, as its forward pass and the engine compute them (with ``statistics_before_alignment``
+the patch statistics on the unmoved crop, as they do then). The head is re-initialised from the seed, so
 the result does not depend on the head it started from; its standardisation takes the exact mean
 and variance of those read-outs; its MLP is fitted by ``train.max_steps`` AdamW steps of
 ``train.batch_size`` read-outs with cross-entropy on every row, the crop's class being each of its
@@ -21,7 +22,8 @@ slabs' too (a degradation is simulated over the whole crop), under the trainer's
 Fitting the slab rows is what the per-slice plot reads. The config's fields that shape the head's
 input (``HEAD_INPUT_FIELDS``) may differ from the checkpoint's: the shipped 3-D head reads patch
 statistics (``model.dapl.patch_statistics``) that its network was trained without, and reads them
-alone (``classifier_statistics_only``), which is what lets it tell clean inputs from degraded ones.
+alone (``classifier_statistics_only``), which is what lets it tell clean inputs from degraded ones;
+the shipped 2-D head also takes them before the matching's move (``statistics_before_alignment``).
 
 What changes downstream. p routes ALSN's experts and gates the restoration (``model.unifuse``), so
 the restored and fused outputs move with it; the sidecar's validation is therefore run again on the
@@ -42,7 +44,8 @@ from napari_unifuse.model.layers import RunningStandardize
 # The head's name in UniFuse's state dict, and the network config fields that shape only its input:
 # a refit may start from a checkpoint saved with other values (model.checkpoint.load_weights).
 HEAD_MODULE = "dapl.classifier"
-HEAD_INPUT_FIELDS = ("pool_readout_std", "readout_patch_statistics", "classifier_statistics_only")
+HEAD_INPUT_FIELDS = ("pool_readout_std", "readout_patch_statistics", "classifier_statistics_only",
+                     "statistics_before_alignment")
 
 
 def degradation_head(network: nn.Module) -> nn.Sequential:
@@ -72,9 +75,11 @@ def collect_readouts(network: nn.Module, dataset: Dataset, device: torch.device,
         for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
             moving, reference = batch["moving"].to(device), batch["reference"].to(device)
             # DAPL reads what UniFuse.forward and the engine give it: the moving image moved by the
-            # initial alignment. Interpolation smooths noise and streaks, so a head fitted on unmoved
-            # crops called the metal CTs of misaligned 128³ pairs "none" (p 0.50-0.60).
-            network.dapl(network.moved_by(moving, network.initial_alignment(moving, reference)), reference)
+            # initial alignment (and, with statistics_before_alignment, the unmoved one for its
+            # statistics). Interpolation smooths noise and streaks, so a head fitted on unmoved crops
+            # and run on moved ones called the metal CTs of misaligned 128³ pairs "none" (p 0.50-0.60).
+            moved = network.moved_by(moving, network.initial_alignment(moving, reference))
+            network.dapl(moved, reference, network.statistics_input(moving, moved))
             labels.append(batch["class_index"])
             done += len(batch["class_index"])
             if progress is not None:

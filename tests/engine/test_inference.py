@@ -48,12 +48,12 @@ class CountingModel(nn.Module):
     def initial_alignment(self, moving, reference, spacing=None):
         return self.model.initial_alignment(moving, reference, spacing)
 
-    def refine(self, moving, reference, initial, *, fixed_field=False):
+    def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None):
         """The per-tile network pass the engine makes."""
         self.tile_shapes.append(tuple(moving.shape[2:]))
         if self.max_side is not None and max(moving.shape[2:]) > self.max_side:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return self.model.refine(moving, reference, initial, fixed_field=fixed_field)
+        return self.model.refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired)
 
 
 def test_rgb_moving_gives_rgb_fused_on_the_reference_grid(model_2d):
@@ -222,6 +222,29 @@ def test_tiles_share_one_structural_matching_of_the_whole_input(model_2d):
     head = slices["t1"].array > 0.05
     error = np.linalg.norm(result.displacement - shift.reshape(2, 1, 1), axis=0)[head]
     assert np.median(error) < 1.0 and np.percentile(error, 95) < 2.5
+
+
+def test_each_tile_also_gets_the_moving_image_before_the_initial_move(model_2d):
+    """``acquired``: the same tile of the moving image unmoved, which warped by the tile's field is
+    exactly the moved tile the network gets (UniFuse's degradation statistics read it there)."""
+    from napari_unifuse.data.misalign import warp_array
+    from napari_unifuse.model.warp import warp
+
+    calls = []
+
+    class Recording(CountingModel):
+        def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None):
+            calls.append((moving, initial, acquired))
+            return super().refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired)
+
+    image = blob((32, 32))
+    moving = warp_array(image, np.full((2, 32, 32), 3.0, np.float32), order=1)
+    geometry = Geometry.identity(2)
+    FusionEngine(Recording(model_2d), device="cpu").run_fusion(ImageVolume(image, geometry),
+                                                               ImageVolume(moving, geometry), quality=False)
+    moved, field, acquired = calls[0]
+    assert field.abs().max() > 1.0 and not torch.allclose(acquired, moved, atol=1e-2)
+    torch.testing.assert_close(warp(acquired, field), moved)
 
 
 def test_a_constant_moving_image_fuses_with_a_warning_in_the_result_and_the_provenance(model_2d):

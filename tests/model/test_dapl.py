@@ -220,3 +220,28 @@ def test_a_statistics_only_classifier_reads_the_pooled_statistics_and_the_prompt
         torch.testing.assert_close(first, second)
     with pytest.raises(InputError, match="classifier_statistics_only needs readout_patch_statistics"):
         dataclasses.replace(UniFuseConfig.small(2), classifier_statistics_only=True)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_statistics_of_the_acquired_image_feed_the_head_and_nothing_else(spatial_dims):
+    """With ``acquired`` the classifier's statistics come from it; the features and prompts, which
+    the rest of the network reads, stay those of the moved pair."""
+    config = dataclasses.replace(UniFuseConfig.small(spatial_dims), readout_patch_statistics=True,
+                                 classifier_statistics_only=True, statistics_before_alignment=True)
+    torch.manual_seed(0)
+    dapl = DegradationAwarePromptLearning(config).eval()
+    shape = (1, 1) + (32,) * spatial_dims
+    generator = torch.Generator().manual_seed(1)
+    moved, reference = torch.rand(shape, generator=generator), torch.rand(shape, generator=generator)
+    acquired = torch.rand(shape, generator=generator) ** 3  # another texture and intensity
+    seen: list[torch.Tensor] = []
+    dapl.classifier.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0]))
+    with torch.no_grad():
+        on_acquired, on_moved = dapl(moved, reference, acquired), dapl(moved, reference)
+    tokens = flatten_spatial(patch_statistics(acquired, reference, config.patch_size))[0]
+    torch.testing.assert_close(seen[0][0, 0], torch.cat([tokens.mean(0), tokens.std(0)]))
+    assert not torch.allclose(on_acquired.class_logits, on_moved.class_logits, atol=1e-4)
+    torch.testing.assert_close(on_acquired.moving_features, on_moved.moving_features)
+    torch.testing.assert_close(on_acquired.prompts, on_moved.prompts)
+    with pytest.raises(InputError, match="statistics_before_alignment needs readout_patch_statistics"):
+        dataclasses.replace(UniFuseConfig.small(2), statistics_before_alignment=True)

@@ -254,3 +254,24 @@ def test_displacement_scale_multiplies_the_predicted_field():
         field, tripled = base(moving, reference).displacement, scaled(moving, reference).displacement
     assert field.abs().max() > 0.1
     torch.testing.assert_close(tripled, 3 * field)
+
+
+def test_a_head_reading_the_acquired_image_gets_the_unmoved_input_from_forward():
+    """forward() hands DAPL the moving image before the matching moved it; refine() without it is
+    refused, since its class would silently come from the interpolated image."""
+    config = dataclasses.replace(UniFuseConfig.small(2), readout_patch_statistics=True,
+                                 classifier_statistics_only=True, statistics_before_alignment=True)
+    torch.manual_seed(0)
+    model = UniFuse(config).eval()
+    moving, reference = _pair(config, SHAPES[2], batch=1)
+    with torch.no_grad():
+        initial = model.initial_alignment(moving, reference)
+        assert initial.abs().max() > 0.5  # the matching moves this pair, so the two images differ
+        moved = model.moved_by(moving, initial)
+        whole = model(moving, reference)
+        by_parts = model.refine(moved, reference, initial, acquired=moving)
+        on_moved = model.refine(moved, reference, initial, acquired=moved)
+    torch.testing.assert_close(whole.class_probs, by_parts.class_probs)
+    assert not torch.allclose(whole.class_probs, on_moved.class_probs, atol=1e-4)
+    with pytest.raises(ValueError, match="acquired="):
+        model.refine(moved, reference, initial)

@@ -35,8 +35,10 @@ def test_the_bundled_checkpoint_follows_the_reference_and_runs_on_the_2d_sample(
     assert recorded["name"] == "unifuse-2d-harvard"
     assert recorded["sha256"] == sha256_of_path(resolve_checkpoint("unifuse-2d-harvard"))
     assert workbench.outcome.result.fused.array.shape == viewer.layers[0].data.shape
-    # The shipped 2-D checkpoint names metal on clean atlas CTs too (its sidecar's calibration):
-    # the plot and the notification area say the call is not evidence of the artefact.
-    caveat = workbench.outcome.result.class_caveat
-    assert caveat is not None and workbench.plot.values_label.text().endswith(caveat)
-    assert any("not evidence of the artefact" in text for _, text in notifications), notifications
+    # The shipped 2-D head names metal on metal CTs and "none" on clean ones (its sidecar's
+    # calibration, likelihood ratio 41): the sample's metal call is evidence, so neither the plot
+    # nor the notification area carries a caveat.
+    result = workbench.outcome.result
+    assert result.predicted_class == "metal" and result.class_caveat is None
+    assert "not evidence" not in workbench.plot.values_label.text()
+    assert not any("not evidence of the artefact" in text for _, text in notifications), notifications

@@ -8,10 +8,12 @@ differ (docs/methods.md):
 * ``initial_alignment(moving, reference) -> field``: once, on the whole padded input, ``(1, 1,
   *spatial)`` each; the field is ``(1, ndim, *spatial)`` in the project convention (reference
   voxels, sampling ``moving`` at ``x + u(x)`` aligns it). Zero for a method that does not align.
-* ``predict_tile(moving, reference, field, fixed_field=...) -> MethodOutput``: one tile of the
-  moving image *already warped by* ``field`` (its part of the initial field), the reference, and
-  that field. ``fixed_field``: the engine's alignment guard kept ``field`` as the whole field, so a
-  method that refines it must not.
+* ``predict_tile(moving, reference, field, fixed_field=..., acquired=...) -> MethodOutput``: one
+  tile of the moving image *already warped by* ``field`` (its part of the initial field), the
+  reference, and that field. ``fixed_field``: the engine's alignment guard kept ``field`` as the
+  whole field, so a method that refines it must not. ``acquired``: the same tile of the moving
+  image before the warp, for a method that reads the image's quality where no interpolation has
+  smoothed it (UniFuse's degradation statistics).
 
 The registry maps a name to the module that builds it (``load(...)``), imported on demand so that
 a missing optional method (its module, ANTsPy) does not stop the others. Adding a method is one
@@ -99,7 +101,7 @@ class FusionMethod(ABC):
 
     @abstractmethod
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool) -> MethodOutput: ...
+                     fixed_field: bool, acquired: torch.Tensor) -> MethodOutput: ...
 
     def to(self, device: torch.device | str) -> FusionMethod:
         """Move whatever runs on a device (networks); methods without one ignore it."""

@@ -51,7 +51,7 @@ class Method(NetworkMethod):
         return registration_field(ALIGNMENTS[self.alignment], moving, reference)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool) -> MethodOutput:
+                     fixed_field: bool, acquired: torch.Tensor) -> MethodOutput:
         return MethodOutput(self.network(moving, reference), moving, field)
 
     def describe(self) -> dict[str, Any]:

@@ -25,8 +25,8 @@ class Method(NetworkMethod):
         return self.network.initial_alignment(moving, reference, spacing=spacing)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool) -> MethodOutput:
-        output = self.network.refine(moving, reference, field, fixed_field=fixed_field)
+                     fixed_field: bool, acquired: torch.Tensor) -> MethodOutput:
+        output = self.network.refine(moving, reference, field, fixed_field=fixed_field, acquired=acquired)
         return MethodOutput(output.fused, output.restored, output.displacement, output.class_probs,
                             output.slice_class_probs)
 
