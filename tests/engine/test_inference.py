@@ -247,6 +247,29 @@ def test_each_tile_also_gets_the_moving_image_before_the_initial_move(model_2d):
     torch.testing.assert_close(warp(acquired, field), moved)
 
 
+def test_a_class_read_on_a_resampled_moving_image_comes_with_a_warning():
+    """Patch statistics see interpolation: a moving image on another grid is resampled before the
+    head reads it, and the result says so; on the reference's own grid it does not."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    reading = UniFuse(dataclasses.replace(UniFuseConfig.small(2), readout_patch_statistics=True))
+    torch.manual_seed(0)
+    blind = UniFuse(UniFuseConfig.small(2))
+    reference = ImageVolume(blob((32, 32)), Geometry.identity(2))
+    coarse = ImageVolume(blob((24, 24)), Geometry(np.array([1.3, 1.3]), np.zeros(2), np.eye(2)))
+    same_grid = ImageVolume(blob((32, 32), 0.1), Geometry.identity(2))
+
+    def resampling_warnings(model, moving):
+        result = FusionEngine(model, device="cpu").run_fusion(reference, moving, quality=False)
+        return [w for w in result.warnings if "degradation class was read after resampling" in w]
+
+    warned = resampling_warnings(reading, coarse)
+    assert len(warned) == 1 and "(voxels 1.3, 1.3 mm) onto the reference grid (1, 1 mm)" in warned[0]
+    assert resampling_warnings(reading, same_grid) == []
+    assert resampling_warnings(blind, coarse) == []  # its class does not read the statistics
+
+
 def test_a_constant_moving_image_fuses_with_a_warning_in_the_result_and_the_provenance(model_2d):
     reference = ImageVolume(blob((32, 32)), Geometry.identity(2))
     moving = ImageVolume(np.zeros((32, 32), np.float32), Geometry.identity(2))
