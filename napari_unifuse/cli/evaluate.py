@@ -151,7 +151,7 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         reference = read_image(path.parent / row["reference"])
         moving = read_image(path.parent / row["moving"])
         label_image = read_image(path.parent / row["label"])
-        if label_image.spatial_shape != reference.spatial_shape or not label_image.geometry.allclose(reference.geometry):
+        if not label_image.on_grid_of(reference):
             label_image = resample_to_reference(label_image, reference)
         # A grey label is scored in the moving image's [0, 1] units: the moving image's mapping.
         _, mapping = unit_intensities(moving)
@@ -325,7 +325,7 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
     reference, _ = unit_intensities(pair.reference)
     moving_unit, _ = unit_intensities(pair.moving)
     geometry = pair.reference.geometry
-    if pair.moving.spatial_shape != pair.reference.spatial_shape or not pair.moving.geometry.allclose(geometry):
+    if not pair.moving.on_grid_of(pair.reference):
         moving_unit = resample_to_reference(
             ImageVolume(moving_unit, pair.moving.geometry), pair.reference).array.astype(np.float32)
     engines = ({UNIFUSE_METHOD: engine} if engine is not None else {}) | (methods or {})

@@ -130,9 +130,7 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     moving = read_image(job.moving)
     if moving.ndim != reference.ndim:
         raise InputError(f"the moving image is {moving.ndim}D but the reference is {reference.ndim}D", job.moving)
-    on_reference_grid = moving.spatial_shape == reference.spatial_shape and moving.geometry.allclose(
-        reference.geometry, atol=1e-3
-    )
+    on_reference_grid = moving.on_grid_of(reference, atol=1e-3)
     clean = moving if on_reference_grid else resample_to_reference(moving, reference)
     normalized, mapping = normalize_intensity(clean, modality)
     pair = make_pair(reference, normalized, job.degradation, rng=job.seed, severity=severity)

@@ -155,7 +155,7 @@ def make_pair(
     generator = np.random.default_rng(seed) if seed is not None else rng
     if not isinstance(generator, np.random.Generator):
         raise InputError(f"rng must be a seed or a numpy Generator, got {type(rng).__name__}", "make_pair")
-    if label.spatial_shape != reference.spatial_shape or not label.geometry.allclose(reference.geometry, atol=1e-3):
+    if not label.on_grid_of(reference, atol=1e-3):
         raise InputError(
             f"the label ({label.spatial_shape}, {label.geometry}) is not on the reference grid "
             f"({reference.spatial_shape}, {reference.geometry}); resample it first",

@@ -641,7 +641,7 @@ def _class_resampling_warning(reference: ImageVolume, moving: ImageVolume) -> li
     """A degradation head that reads high-pass patch statistics was calibrated on moving images on
     their own grid; one the engine interpolated onto another grid first reads smoother (on the
     atlas a half-pixel linear resampling moves the spectral slope by 0.9, low dose by 0.14-0.21)."""
-    if moving.spatial_shape == reference.spatial_shape and moving.geometry.allclose(reference.geometry, atol=1e-3):
+    if moving.on_grid_of(reference, atol=1e-3):
         return []
     spacing = ", ".join(f"{s:g}" for s in moving.geometry.spacing)
     target = ", ".join(f"{s:g}" for s in reference.geometry.spacing)

@@ -216,6 +216,11 @@ class ImageVolume:
     def spatial_shape(self) -> tuple[int, ...]:
         return self.array.shape[: self.ndim]
 
+    def on_grid_of(self, other: ImageVolume, atol: float = 1e-6) -> bool:
+        """Whether this image's voxels are ``other``'s (same shape and index-to-world map within
+        ``atol`` mm): resampling it onto ``other`` would then change nothing."""
+        return self.spatial_shape == other.spatial_shape and self.geometry.allclose(other.geometry, atol=atol)
+
     @property
     def single_slice_axis(self) -> int | None:
         """The axis of a 3D volume that holds a single slice (a 2D image stored as 3D, e.g. one

@@ -436,7 +436,7 @@ class FolderPairs(SyntheticPairDataset):
             _, reference_path, moving_path = self.cases[case_index]
             reference = read_image(reference_path)
             moving = read_image(moving_path)
-            if moving.spatial_shape != reference.spatial_shape or not moving.geometry.allclose(reference.geometry):
+            if not moving.on_grid_of(reference):
                 moving = resample_to_reference(moving, reference)
             reference_normalized, _ = normalize_intensity(reference, self.layout["reference_modality"])
             moving_normalized, mapping = normalize_intensity(moving, self.layout["moving_modality"])
