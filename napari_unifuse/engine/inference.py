@@ -8,6 +8,11 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
 1. ``validate``  refuse inputs the model cannot use, with a message naming the image.
 2. ``normalise`` map each image to [0, 1] (``io.normalize_intensity``; the mapping is recorded).
    An RGB PET/SPECT image gives its luma Y to the model; its chroma CbCr is carried along.
+   ``classify``  (methods that estimate the degradation, a moving image on another grid than the
+                 reference's) read the degradation on the moving image as given, with the reference
+                 resampled onto its grid: interpolation would smooth the noise, ghosts and streaks
+                 the head reads. Every tile of ``fuse`` is then routed by that reading, which is the
+                 result's class (the provenance's ``degradation_read_on``).
 3. ``resample``  put the moving image on the reference grid in physical space
    (``io.resample_to_reference``), so the network only predicts the residual misalignment.
 4. ``fuse``      pad to the method's size multiple, move the moving image by the method's initial
@@ -105,6 +110,8 @@ CLASSICAL_STAGE = "classical registration"
 # handles them in-plane.
 CLASSICAL_MIN_SIDE = 16
 FUSE_KEPT_STAGE = "fuse (kept field)"
+# Reading the degradation on the moving image's own grid, when it is not the reference's.
+CLASSIFY_STAGE = "classify"
 QUALITY_STAGE = "quality"
 # One try of the tiled forward pass: the device and the tile size (None: the whole input).
 Attempt = tuple[torch.device, TileSize]
@@ -245,12 +252,22 @@ class FusionEngine:
                 reference_ready = _prepare(reference, reference_modality)
                 moving_ready = _prepare(moving, moving_modality)
                 moving_ready.clipped = _clipped_part(moving, moving_ready)
+            own_grid = None
+            if self.method.estimates_degradation and not moving.on_grid_of(reference, atol=1e-3):
+                with stage(CLASSIFY_STAGE):
+                    own_grid = self._classify_on_own_grid(moving_ready.luma, reference_ready.luma, progress,
+                                                          cancel, warnings)
             with stage("resample"):
                 moving_ready = _onto_reference_grid(moving_ready, reference)
             prediction, decision, run_info = self._fuse_and_guard(
                 moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings,
                 spacing=tuple(float(s) for s in reference.geometry.spacing),
+                class_probs=None if own_grid is None else own_grid[0],
             )
+            if own_grid is not None:
+                prediction["class_probs"], prediction["slice_class_probs"] = own_grid
+                run_info["degradation_read_on"] = {"grid": "moving", "shape": list(moving.spatial_shape),
+                                                   "spacing_mm": [float(s) for s in moving.geometry.spacing]}
             with stage("compose"):
                 result = self._compose(reference, moving, reference_ready, moving_ready, prediction)
             if quality:
@@ -259,8 +276,6 @@ class FusionEngine:
                                                    uncertainty_passes, cancel)
 
         warnings.extend(_input_warnings(reference, moving))
-        if result.class_probs and getattr(self.config, "readout_patch_statistics", False):
-            warnings.extend(_class_resampling_warning(reference, moving))
         evidence = class_evidence(self.degradation_evidence, result.predicted_class, moving_modality)
         if evidence is not None and not evidence.informative:
             warnings.append(evidence.message(result.class_probs[result.predicted_class]))
@@ -346,10 +361,13 @@ class FusionEngine:
         cancel: CancelToken,
         warnings: list[str],
         spacing: tuple[float, ...] | None = None,
+        class_probs: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray], GuardDecision | None, dict[str, Any]]:
         """The ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
         forward passes with the out-of-memory fallback; returns arrays cropped back to the input.
-        ``spacing`` (mm per array axis) guides the structural matching's image pyramid."""
+        ``spacing`` (mm per array axis) guides the structural matching's image pyramid.
+        ``class_probs`` (Ñ,): the degradation read on the moving image's own grid, which every tile
+        then uses in place of its own reading."""
         multiple = self.config.size_multiple
         spatial = moving.shape
         crop = (slice(None), *(slice(0, side) for side in spatial))
@@ -377,7 +395,9 @@ class FusionEngine:
                         initial_name = SIMPLEITK
                         initial = torch.from_numpy(np.pad(classical, [(0, 0), *padding], mode="edge"))[None]
         with timer.stage("fuse"):
-            blended, attempts = self._fuse_tiles(pair, initial, False, "fuse", attempts, progress, cancel, warnings)
+            routing = None if class_probs is None else torch.from_numpy(class_probs).float()[None]
+            blended, attempts = self._fuse_tiles(pair, initial, False, routing, "fuse", attempts, progress, cancel,
+                                                 warnings)
         decision = None
         if self.method.guarded:
             with stage("guard"):
@@ -390,8 +410,8 @@ class FusionEngine:
                 kept = initial if decision.kept == initial_name else torch.zeros_like(initial)
                 cancel.raise_if_cancelled()
                 with timer.stage(FUSE_KEPT_STAGE):
-                    blended, attempts = self._fuse_tiles(pair, kept, True, FUSE_KEPT_STAGE, attempts, progress,
-                                                         cancel, warnings)
+                    blended, attempts = self._fuse_tiles(pair, kept, True, routing, FUSE_KEPT_STAGE, attempts,
+                                                         progress, cancel, warnings)
         self.method.to(self.device)
         device, tile_size = attempts[0]
         tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, multiple)
@@ -421,6 +441,7 @@ class FusionEngine:
         pair: torch.Tensor,
         field: torch.Tensor,
         fixed_field: bool,
+        class_probs: torch.Tensor | None,
         stage: str,
         attempts: list[Attempt],
         progress: ProgressCallback,
@@ -428,15 +449,81 @@ class FusionEngine:
         warnings: list[str],
     ) -> tuple[BlendedPrediction, list[Attempt]]:
         """The network over blended tiles of the padded (moving, reference) ``pair``, the moving
-        image moved by ``field`` (1, ndim, *padded) first. Returns the prediction and the attempts
-        from the one that fitted in memory on, so that a second pass starts there."""
+        image moved by ``field`` (1, ndim, *padded) first; ``class_probs`` (1, Ñ): the degradation
+        every tile uses (None: each tile's own). Returns the prediction and the attempts from the
+        one that fitted in memory on, so that a second pass starts there."""
         # Channels: the moved moving image, the reference, the field, the unmoved moving image.
         moved = torch.cat([warp(pair[None, 0:1], field)[0], pair[1:2], field[0], pair[0:1]])
+        spatial_dims = self.config.spatial_dims
+
+        def predictor(device: torch.device) -> Callable[[torch.Tensor], TilePrediction]:
+            routing = None if class_probs is None else class_probs.to(device)
+
+            def predict(tile: torch.Tensor) -> TilePrediction:
+                batch = tile[None].to(device)
+                output = self.method.predict_tile(batch[:, 0:1], batch[:, 1:2], batch[:, 2:-1], fixed_field=fixed_field,
+                                                  acquired=batch[:, -1:], class_probs=routing)
+                dense = torch.cat([output.fused[0], output.restored[0], output.displacement[0]])
+                return _tile_prediction(dense, output.class_probs, output.slice_class_probs, spatial_dims)
+
+            return predict
+
+        return self._tiled(predictor, moved, stage, attempts, progress, cancel, warnings)
+
+    def _classify_on_own_grid(self, moving: ImageVolume, reference: ImageVolume, progress: ProgressCallback,
+                              cancel: CancelToken, warnings: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The degradation read on the moving image's own grid, before any resampling: (p (Ñ,),
+        per-slice p on the reference's slices (Z or 1, Ñ)); None if the method returned none.
+
+        The heads are calibrated on images on their own grid, and interpolation onto another grid
+        smooths the noise, ghosts and streaks they read (on the atlas a half-pixel linear move
+        lowers the spectral slope by 0.9, where low dose raises it by 0.14-0.21). The reference is
+        resampled onto the moving grid for this read-out only."""
+        multiple = self.config.size_multiple
+        spatial = moving.spatial_shape
+        padding = [(0, -side % multiple) for side in spatial]
+        reference_here = resample_to_reference(reference, moving).array
+        pair = torch.from_numpy(np.stack([np.pad(moving.array, padding),
+                                          np.pad(reference_here, padding)]).astype(np.float32))
+        tile_size = self.tile_size or auto_tile_shape(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
+        spatial_dims = self.config.spatial_dims
+
+        def predictor(device: torch.device) -> Callable[[torch.Tensor], TilePrediction]:
+            def predict(tile: torch.Tensor) -> TilePrediction:
+                batch = tile[None].to(device)
+                read = self.method.classify_tile(batch[:, 0:1], batch[:, 1:2])
+                class_probs, slice_class_probs = (None, None) if read is None else read
+                return _tile_prediction(tile[:0], class_probs, slice_class_probs, spatial_dims)
+
+            return predict
+
+        blended, _ = self._tiled(predictor, pair, CLASSIFY_STAGE,
+                                 fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, multiple),
+                                 progress, cancel, warnings)
+        if blended.per_tile.numel() == 0:
+            return None
+        per_slice = blended.per_slice[: spatial[0] if spatial_dims == 3 else 1].numpy()
+        if spatial_dims == 3:
+            per_slice = _slices_onto(per_slice, blended.per_tile.numpy(), moving, reference)
+        return blended.per_tile.numpy(), per_slice
+
+    def _tiled(
+        self,
+        predictor: Callable[[torch.device], Callable[[torch.Tensor], TilePrediction]],
+        image: torch.Tensor,
+        stage: str,
+        attempts: list[Attempt],
+        progress: ProgressCallback,
+        cancel: CancelToken,
+        warnings: list[str],
+    ) -> tuple[BlendedPrediction, list[Attempt]]:
+        """``predictor(device)`` over blended tiles of ``image``, trying each attempt (device, tile
+        size) in turn while one runs out of memory; returns the attempts from the one that fitted."""
         for index, (device, tile_size) in enumerate(attempts):
-            tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, self.config.size_multiple)
+            tile_shape, overlap = tile_layout(tuple(image.shape[1:]), tile_size, self.config.size_multiple)
             try:
                 self.method.to(device)
-                blended = predict_tiled(self._tile_predictor(device, fixed_field), moved, tile_shape, overlap,
+                blended = predict_tiled(predictor(device), image, tile_shape, overlap,
                                         progress=progress, cancel=cancel, stage=stage)
                 return blended, attempts[index:]
             except torch.OutOfMemoryError:
@@ -449,28 +536,6 @@ class FusionEngine:
                         f"tile size {next_size or 'whole input'} on {next_device}")
         raise UniFuseError(f"out of memory even with {tile_shape} tiles on {device}; "
                            "free memory or use a smaller --tile-size")
-
-    def _tile_predictor(self, device: torch.device, fixed_field: bool):
-        spatial_dims = self.config.spatial_dims
-
-        def predict(tile: torch.Tensor) -> TilePrediction:
-            batch = tile[None].to(device)
-            output = self.method.predict_tile(batch[:, 0:1], batch[:, 1:2], batch[:, 2:-1], fixed_field=fixed_field,
-                                              acquired=batch[:, -1:])
-            if output.class_probs is None:
-                # No degradation estimate: zero columns, which the result reports as "unknown".
-                output.class_probs = batch.new_zeros(1, 0)
-                output.slice_class_probs = batch.new_zeros(1, 1, 0)
-            slab_probs = output.slice_class_probs[0]  # (S, Ñ): S slabs along z (3D), S = 1 (2D)
-            if spatial_dims == 3:
-                # Every z slice of the tile takes the probabilities of the slab that contains it.
-                depth = tile.shape[1]
-                slab_of_slice = torch.arange(depth, device=slab_probs.device) * slab_probs.shape[0] // depth
-                slab_probs = slab_probs[slab_of_slice]
-            dense = torch.cat([output.fused[0], output.restored[0], output.displacement[0]])
-            return TilePrediction(dense=dense, per_slice=slab_probs, per_tile=output.class_probs[0])
-
-        return predict
 
     def _quality(
         self,
@@ -637,18 +702,41 @@ def _input_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
     return warnings
 
 
-def _class_resampling_warning(reference: ImageVolume, moving: ImageVolume) -> list[str]:
-    """A degradation head that reads high-pass patch statistics was calibrated on moving images on
-    their own grid; one the engine interpolated onto another grid first reads smoother (on the
-    atlas a half-pixel linear resampling moves the spectral slope by 0.9, low dose by 0.14-0.21)."""
-    if moving.on_grid_of(reference, atol=1e-3):
-        return []
-    spacing = ", ".join(f"{s:g}" for s in moving.geometry.spacing)
-    target = ", ".join(f"{s:g}" for s in reference.geometry.spacing)
-    return [f"{moving.source or 'moving image'}: the degradation class was read after resampling the moving image "
-            f"(voxels {spacing} mm) onto the reference grid ({target} mm); interpolation smooths noise, ghosts "
-            "and streaks, so the class, calibrated on images on their own grid, may call a clean image degraded "
-            "or miss an artefact"]
+def _tile_prediction(dense: torch.Tensor, class_probs: torch.Tensor | None,
+                     slice_class_probs: torch.Tensor | None, spatial_dims: int) -> TilePrediction:
+    """A tile's outputs as ``predict_tiled`` blends them: ``dense`` (K, *tile) and the method's
+    (1, Ñ) and (1, S, Ñ) degradation probabilities, every z slice of a 3-D tile taking those of the
+    slab that contains it; zero columns for a method that estimates no degradation (the result
+    reports them as "unknown")."""
+    if class_probs is None or slice_class_probs is None:
+        return TilePrediction(dense=dense, per_slice=dense.new_zeros(1, 0), per_tile=dense.new_zeros(0))
+    slab_probs = slice_class_probs[0]  # (S, Ñ): S slabs along z (3D), S = 1 (2D)
+    if spatial_dims == 3:
+        depth = dense.shape[1]
+        slab_probs = slab_probs[torch.arange(depth, device=slab_probs.device) * slab_probs.shape[0] // depth]
+    return TilePrediction(dense=dense, per_slice=slab_probs, per_tile=class_probs[0])
+
+
+def _slices_onto(per_slice: np.ndarray, overall: np.ndarray, moving: ImageVolume,
+                 reference: ImageVolume) -> np.ndarray:
+    """Per-slice probabilities read on the moving grid's z slices (Zm, Ñ) -> the reference's
+    (Zr, Ñ): each reference slice takes the mean, over a 3 × 3 grid of its in-plane points inside
+    the moving image's field of view, of the moving slices' probabilities linearly interpolated at
+    each point's position along the moving z axis; ``overall`` where no point is inside."""
+    reference_shape, moving_shape = reference.spatial_shape, moving.spatial_shape
+    to_moving = np.linalg.inv(moving.geometry.index_to_world) @ reference.geometry.index_to_world
+    fractions = np.array([1 / 6, 1 / 2, 5 / 6])
+    rows, columns = np.meshgrid(fractions * (reference_shape[1] - 1), fractions * (reference_shape[2] - 1),
+                                indexing="ij")
+    slices = np.arange(reference_shape[0], dtype=np.float64)
+    points = np.stack(np.broadcast_arrays(slices[:, None], rows.ravel()[None], columns.ravel()[None]), axis=-1)
+    index = np.concatenate([points, np.ones((*points.shape[:2], 1))], axis=-1) @ to_moving.T  # (Zr, 9, 4)
+    inside = np.all((index[..., :3] >= -0.5) & (index[..., :3] <= np.array(moving_shape) - 0.5), axis=-1)
+    z = np.clip(index[..., 0], 0, moving_shape[0] - 1)
+    interpolated = np.stack([np.interp(z, np.arange(moving_shape[0]), column) for column in per_slice.T], axis=-1)
+    counts = inside.sum(axis=1)[:, None]
+    mean = (interpolated * inside[..., None]).sum(axis=1) / np.maximum(counts, 1)
+    return np.where(counts > 0, mean, overall[None]).astype(np.float32)
 
 
 def _refuse_too_small(reference: ImageVolume, config: UniFuseConfig, tile_size: int | None) -> None:

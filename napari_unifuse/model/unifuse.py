@@ -35,7 +35,7 @@ class UniFuseOutput:
     initial_displacement: torch.Tensor  # structural matching's part of φ, which the network's
                                         # input was moved by (zero when matching is off)
     class_logits: torch.Tensor       # (B, Ñ), classes in DEGRADATION_CLASSES order
-    class_probs: torch.Tensor        # p = softmax(class_logits)
+    class_probs: torch.Tensor        # p = softmax(class_logits), or the p refine() was given
     slice_class_probs: torch.Tensor  # (B, S, Ñ): per z-slab of cfg.slab_size voxels; 2-D: S = 1
     prompts: torch.Tensor            # P̂ (B, Ñ, L, M)
     moving_features: torch.Tensor    # F̄'_D tokens (B, N, M), for L_moda
@@ -79,7 +79,8 @@ class UniFuse(nn.Module):
 
     def refine(self, moving: torch.Tensor, reference: torch.Tensor,
                initial: torch.Tensor, *, fixed_field: bool = False,
-               acquired: torch.Tensor | None = None) -> UniFuseOutput:
+               acquired: torch.Tensor | None = None,
+               class_probs: torch.Tensor | None = None) -> UniFuseOutput:
         """The network on ``moving`` already warped by ``initial`` (:meth:`initial_alignment` of
         the unwarped pair): FA predicts the correction, and the output field is both composed.
 
@@ -87,10 +88,17 @@ class UniFuse(nn.Module):
         restore and fuse with the estimate its alignment guard kept (identity or the matching's).
         ``acquired``: ``moving`` before the warp, which DAPL's statistics read when the config's
         ``statistics_before_alignment`` is set (required then).
+        ``class_probs`` (B, Ñ): p read elsewhere (:meth:`classify` on the moving image's own grid,
+        the engine does it when the grids differ); it routes FA and UFR&F and is returned as the
+        output's p, in place of what DAPL reads on this input.
         """
         self._check_inputs(moving, reference)
         dapl = self.dapl(moving, reference, self.statistics_input(acquired, moving))
-        class_probs = torch.softmax(dapl.class_logits, dim=-1)
+        if class_probs is None:
+            class_probs = torch.softmax(dapl.class_logits, dim=-1)
+            slice_class_probs = torch.softmax(dapl.slice_class_logits, dim=-1)
+        else:
+            slice_class_probs = class_probs[:, None].expand(-1, dapl.slice_class_logits.shape[1], -1)
         # p weights the prompt guidance and ALSN's LoRA experts, but only L_ce trains it: p is
         # shown to the user as the degradation estimate, so it must stay a classifier's answer,
         # not whatever gate suits the fusion losses (their gradients would outweigh L_ce's).
@@ -105,11 +113,17 @@ class UniFuse(nn.Module):
         return UniFuseOutput(
             fused=fused, restored=restored, displacement=compose(initial, correction),
             initial_displacement=initial,
-            class_logits=dapl.class_logits, class_probs=class_probs,
-            slice_class_probs=torch.softmax(dapl.slice_class_logits, dim=-1),
+            class_logits=dapl.class_logits, class_probs=class_probs, slice_class_probs=slice_class_probs,
             prompts=dapl.prompts, moving_features=unified.moving_tokens,
             reference_features=unified.reference_tokens,
         )
+
+    def classify(self, moving: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p (B, Ñ), per-slab p (B, S, Ñ)) of ``moving`` as given, against ``reference`` on its
+        grid: DAPL alone, no matching, so the read-out sees the image as it was acquired."""
+        self._check_inputs(moving, reference)
+        dapl = self.dapl(moving, reference, self.statistics_input(moving, moving))
+        return torch.softmax(dapl.class_logits, dim=-1), torch.softmax(dapl.slice_class_logits, dim=-1)
 
     def statistics_input(self, acquired: torch.Tensor | None, moving: torch.Tensor) -> torch.Tensor | None:
         """What DAPL takes the moving image's patch statistics on: ``acquired`` when the config

@@ -9,11 +9,18 @@ from torch import nn
 
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
-from napari_unifuse.engine.inference import FUSE_KEPT_STAGE, NETWORK, FusionEngine, fallback_plan
+from napari_unifuse.engine.inference import (
+    FUSE_KEPT_STAGE,
+    NETWORK,
+    FusionEngine,
+    _prepare,
+    _slices_onto,
+    fallback_plan,
+)
 from napari_unifuse.engine.outputs import output_file_names, quality_file_names, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
-from napari_unifuse.io import Geometry, ImageVolume
+from napari_unifuse.io import Geometry, ImageVolume, resample_to_reference
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
 
@@ -48,12 +55,16 @@ class CountingModel(nn.Module):
     def initial_alignment(self, moving, reference, spacing=None):
         return self.model.initial_alignment(moving, reference, spacing)
 
-    def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None):
+    def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None, class_probs=None):
         """The per-tile network pass the engine makes."""
         self.tile_shapes.append(tuple(moving.shape[2:]))
         if self.max_side is not None and max(moving.shape[2:]) > self.max_side:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return self.model.refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired)
+        return self.model.refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired,
+                                 class_probs=class_probs)
+
+    def classify(self, moving, reference):
+        return self.model.classify(moving, reference)
 
 
 def test_rgb_moving_gives_rgb_fused_on_the_reference_grid(model_2d):
@@ -103,8 +114,10 @@ def test_tiled_3d_run_on_anisotropic_grids(model_3d):
     assert result.output_extension == "nii.gz"
     # The tiles run a second time only when the guard kept another field than the network's.
     second_pass = {FUSE_KEPT_STAGE} if result.alignment_guard.kept != NETWORK else set()
-    assert set(result.provenance["timings_s"]) == {"validate", "normalise", "resample", "fuse", "guard", "compose",
-                                                   "quality", *second_pass}
+    # The moving image is on another grid: its degradation is read there first.
+    assert set(result.provenance["timings_s"]) == {"validate", "normalise", "classify", "resample", "fuse", "guard",
+                                                   "compose", "quality", *second_pass}
+    assert result.provenance["degradation_read_on"]["shape"] == [10, 14, 12]
 
 
 @pytest.mark.parametrize("requested, expected_tile", [(None, [8, 8]), (16, [16, 16])])
@@ -233,9 +246,10 @@ def test_each_tile_also_gets_the_moving_image_before_the_initial_move(model_2d):
     calls = []
 
     class Recording(CountingModel):
-        def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None):
+        def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None, class_probs=None):
             calls.append((moving, initial, acquired))
-            return super().refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired)
+            return super().refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired,
+                                  class_probs=class_probs)
 
     image = blob((32, 32))
     moving = warp_array(image, np.full((2, 32, 32), 3.0, np.float32), order=1)
@@ -247,27 +261,71 @@ def test_each_tile_also_gets_the_moving_image_before_the_initial_move(model_2d):
     torch.testing.assert_close(warp(acquired, field), moved)
 
 
-def test_a_class_read_on_a_resampled_moving_image_comes_with_a_warning():
-    """Patch statistics see interpolation: a moving image on another grid is resampled before the
-    head reads it, and the result says so; on the reference's own grid it does not."""
+def test_a_moving_image_on_another_grid_has_its_degradation_read_on_its_own_grid():
+    """Interpolation smooths what the head reads (noise, ghosts, streaks): a moving image on a
+    coarser grid is classified as given, before the resampling, and every tile is routed by that
+    reading; on the reference's own grid the tiles read it themselves."""
     import dataclasses
 
+    config = dataclasses.replace(UniFuseConfig.small(2), readout_patch_statistics=True,
+                                 classifier_statistics_only=True, statistics_before_alignment=True)
     torch.manual_seed(0)
-    reading = UniFuse(dataclasses.replace(UniFuseConfig.small(2), readout_patch_statistics=True))
-    torch.manual_seed(0)
-    blind = UniFuse(UniFuseConfig.small(2))
+    model = UniFuse(config).eval()
+
+    class Recording(CountingModel):
+        def __init__(self, model):
+            super().__init__(model)
+            self.classified, self.routed = [], []
+
+        def classify(self, moving, reference):
+            read = super().classify(moving, reference)
+            self.classified.append((moving, reference, read[0]))
+            return read
+
+        def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None, class_probs=None):
+            self.routed.append(class_probs)
+            return super().refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired,
+                                  class_probs=class_probs)
+
     reference = ImageVolume(blob((32, 32)), Geometry.identity(2))
-    coarse = ImageVolume(blob((24, 24)), Geometry(np.array([1.3, 1.3]), np.zeros(2), np.eye(2)))
-    same_grid = ImageVolume(blob((32, 32), 0.1), Geometry.identity(2))
+    coarse = ImageVolume(blob((24, 24)) ** 2, Geometry(np.array([1.3, 1.3]), np.zeros(2), np.eye(2)))
+    recording = Recording(model)
+    result = FusionEngine(recording, device="cpu").run_fusion(reference, coarse, quality=False)
+    [(moving_read, reference_read, own)] = recording.classified
+    # The moving image as normalised, on its own 24² grid (a multiple of 8: no padding), and the
+    # reference resampled onto that grid.
+    np.testing.assert_allclose(moving_read[0, 0].numpy(), _prepare(coarse, "auto").luma.array, atol=1e-6)
+    np.testing.assert_allclose(
+        reference_read[0, 0].numpy(),
+        resample_to_reference(_prepare(reference, "auto").luma, coarse).array, atol=1e-6)
+    np.testing.assert_allclose(list(result.class_probs.values()), own[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(result.slice_class_probs, own.numpy(), atol=1e-6)
+    assert recording.routed and all(torch.allclose(p, own, atol=1e-5) for p in recording.routed)
+    assert result.provenance["degradation_read_on"] == {"grid": "moving", "shape": [24, 24],
+                                                        "spacing_mm": [1.3, 1.3]}
 
-    def resampling_warnings(model, moving):
-        result = FusionEngine(model, device="cpu").run_fusion(reference, moving, quality=False)
-        return [w for w in result.warnings if "degradation class was read after resampling" in w]
+    same_grid = Recording(model)
+    result = FusionEngine(same_grid, device="cpu").run_fusion(
+        reference, ImageVolume(blob((32, 32), 0.1), Geometry.identity(2)), quality=False)
+    assert same_grid.classified == [] and all(p is None for p in same_grid.routed)
+    assert "degradation_read_on" not in result.provenance
 
-    warned = resampling_warnings(reading, coarse)
-    assert len(warned) == 1 and "(voxels 1.3, 1.3 mm) onto the reference grid (1, 1 mm)" in warned[0]
-    assert resampling_warnings(reading, same_grid) == []
-    assert resampling_warnings(blind, coarse) == []  # its class does not read the statistics
+
+def test_per_slice_probabilities_read_on_a_thicker_moving_grid_land_on_the_reference_slices():
+    """Each reference slice takes the moving slices' probabilities at its position along the moving
+    z axis (linearly interpolated); a slice outside the moving field of view takes the whole
+    image's."""
+    reference = ImageVolume(np.zeros((12, 4, 4), np.float32), Geometry.identity(3))
+    # Moving slices of 2 mm from z = 0 to z = 8 mm: reference slices 0..8 lie inside, 9.. outside
+    # (the last moving slice's half-voxel ends at z = 9 mm).
+    moving = ImageVolume(np.zeros((5, 4, 4), np.float32),
+                         Geometry(np.array([2.0, 1.0, 1.0]), np.zeros(3), np.eye(3)))
+    per_slice = np.stack([np.linspace(0, 1, 5), 1 - np.linspace(0, 1, 5)], axis=1)
+    overall = np.array([0.3, 0.7])
+    mapped = _slices_onto(per_slice, overall, moving, reference)
+    z = np.arange(9) / 2
+    np.testing.assert_allclose(mapped[:9], np.stack([z / 4, 1 - z / 4], axis=1), atol=1e-6)
+    np.testing.assert_allclose(mapped[10:], np.broadcast_to(overall, (2, 2)), atol=1e-6)
 
 
 def test_a_constant_moving_image_fuses_with_a_warning_in_the_result_and_the_provenance(model_2d):

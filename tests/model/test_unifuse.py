@@ -275,3 +275,30 @@ def test_a_head_reading_the_acquired_image_gets_the_unmoved_input_from_forward()
     assert not torch.allclose(whole.class_probs, on_moved.class_probs, atol=1e-4)
     with pytest.raises(ValueError, match="acquired="):
         model.refine(moved, reference, initial)
+
+
+def test_classify_reads_the_pair_as_given_and_given_probabilities_route_refine():
+    """classify() is DAPL's read-out of the unmoved pair (refine's on a zero field); a p handed to
+    refine() replaces the tile's own reading in the outputs and in ALSN's routing."""
+    config = dataclasses.replace(UniFuseConfig.small(2), readout_patch_statistics=True,
+                                 classifier_statistics_only=True, statistics_before_alignment=True)
+    torch.manual_seed(0)
+    model = UniFuse(config).eval()
+    _trained_looking_heads(model)
+    moving, reference = _pair(config, SHAPES[2], batch=1)
+    zero = torch.zeros(1, 2, *SHAPES[2])
+    given = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    with torch.no_grad():
+        class_probs, slice_class_probs = model.classify(moving, reference)
+        own = model.refine(moving, reference, zero, acquired=moving)
+        routed = model.refine(moving, reference, zero, acquired=moving, class_probs=given)
+        routed_clean = model.refine(moving, reference, zero, acquired=moving,
+                                    class_probs=torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(class_probs, own.class_probs)
+    torch.testing.assert_close(slice_class_probs, own.slice_class_probs)
+    torch.testing.assert_close(routed.class_probs, given)
+    torch.testing.assert_close(routed.slice_class_probs, given[:, None])
+    # p = none gates the restoration off; low dose lets the (trained-looking) head change the image.
+    moved = warp(moving, routed_clean.displacement, padding_mode="border")  # FA's (untrained) correction
+    torch.testing.assert_close(routed_clean.restored, moved.clamp(0, 1))
+    assert (routed.restored - moved).abs().mean() > 0.05

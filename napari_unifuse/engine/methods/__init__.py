@@ -13,7 +13,13 @@ differ (docs/methods.md):
   reference, and that field. ``fixed_field``: the engine's alignment guard kept ``field`` as the
   whole field, so a method that refines it must not. ``acquired``: the same tile of the moving
   image before the warp, for a method that reads the image's quality where no interpolation has
-  smoothed it (UniFuse's degradation statistics).
+  smoothed it (UniFuse's degradation statistics). ``class_probs`` ``(B, Ñ)``: the degradation
+  probabilities the engine read on the moving image's own grid (``classify_tile``), when it came
+  on another grid than the reference's; a method that estimates the degradation uses them in place
+  of its own reading of the resampled tile.
+* ``classify_tile(moving, reference) -> (p, per-slab p) | None``: the degradation read-out of one
+  tile of the moving image as given and the reference resampled onto its grid; None (the default)
+  for a method that estimates no degradation.
 
 The registry maps a name to the module that builds it (``load(...)``), imported on demand so that
 a missing optional method (its module, ANTsPy) does not stop the others. Adding a method is one
@@ -79,6 +85,7 @@ class FusionMethod(ABC):
     the pair (issue 17's "never worse than doing nothing"); otherwise the field is used as the
     method returns it. The guard weighs the initial alignment, named ``initial_alignment_name``,
     and, for a method that ``refines_alignment`` (UniFuse), the method's own field beside it.
+    ``estimates_degradation``: it returns class probabilities and implements ``classify_tile``.
     ``restores``: ``restored`` is a restoration, not just the moved input (evaluate's restoration
     columns). ``supported_dims``: the dimensionalities it can fuse at all (2D-only methods refuse
     3D input with a message saying so).
@@ -90,6 +97,7 @@ class FusionMethod(ABC):
     refines_alignment: bool = False
     initial_alignment_name: str = MATCHING
     restores: bool = False
+    estimates_degradation: bool = False
     supported_dims: tuple[int, ...] = (2, 3)
     checkpoint: Path | None = None  # weights it was loaded from, if any
     checkpoint_name: str | None = None  # as the user gave it
@@ -101,7 +109,13 @@ class FusionMethod(ABC):
 
     @abstractmethod
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool, acquired: torch.Tensor) -> MethodOutput: ...
+                     fixed_field: bool, acquired: torch.Tensor,
+                     class_probs: torch.Tensor | None = None) -> MethodOutput: ...
+
+    def classify_tile(self, moving: torch.Tensor,
+                      reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(p (B, Ñ), per-slab p (B, S, Ñ))`` of ``moving`` as given (module docstring), or None."""
+        return None
 
     def to(self, device: torch.device | str) -> FusionMethod:
         """Move whatever runs on a device (networks); methods without one ignore it."""

@@ -51,7 +51,8 @@ class Method(NetworkMethod):
         return registration_field(ALIGNMENTS[self.alignment], moving, reference)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool, acquired: torch.Tensor) -> MethodOutput:
+                     fixed_field: bool, acquired: torch.Tensor,
+                     class_probs: torch.Tensor | None = None) -> MethodOutput:
         return MethodOutput(self.network(moving, reference), moving, field)
 
     def describe(self) -> dict[str, Any]:

@@ -19,16 +19,23 @@ class Method(NetworkMethod):
     refines_alignment = True
     channels_last_on_cpu = True
     restores = True
+    estimates_degradation = True
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
                           spacing: tuple[float, ...] | None = None) -> torch.Tensor:
         return self.network.initial_alignment(moving, reference, spacing=spacing)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool, acquired: torch.Tensor) -> MethodOutput:
-        output = self.network.refine(moving, reference, field, fixed_field=fixed_field, acquired=acquired)
+                     fixed_field: bool, acquired: torch.Tensor,
+                     class_probs: torch.Tensor | None = None) -> MethodOutput:
+        output = self.network.refine(moving, reference, field, fixed_field=fixed_field, acquired=acquired,
+                                     class_probs=class_probs)
         return MethodOutput(output.fused, output.restored, output.displacement, output.class_probs,
                             output.slice_class_probs)
+
+    def classify_tile(self, moving: torch.Tensor,
+                      reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.network.classify(moving, reference)
 
     def use_training_crop(self, crop: int | None) -> None:
         # DAPL's GroupNorm sees the whole input: it reads windows of the crop, whatever the tile size.
