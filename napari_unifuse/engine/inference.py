@@ -8,11 +8,12 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
 1. ``validate``  refuse inputs the model cannot use, with a message naming the image.
 2. ``normalise`` map each image to [0, 1] (``io.normalize_intensity``; the mapping is recorded).
    An RGB PET/SPECT image gives its luma Y to the model; its chroma CbCr is carried along.
-   ``classify``  (methods that estimate the degradation, a moving image on another grid than the
-                 reference's) read the degradation on the moving image as given, with the reference
-                 resampled onto its grid: interpolation would smooth the noise, ghosts and streaks
-                 the head reads. Every tile of ``fuse`` is then routed by that reading, which is the
-                 result's class (the provenance's ``degradation_read_on``).
+   ``classify``  (methods that estimate the degradation) read it on the moving image as given, on
+                 its own grid and before any move, the reference resampled onto that grid
+                 (interpolation would smooth the noise, ghosts and streaks the head reads), and on a
+                 coarser copy where the checkpoint is calibrated for it (``engine.coarse_readout``).
+                 Every tile of ``fuse`` is routed by that reading, which is the result's class (the
+                 provenance's ``degradation_read_on``).
 3. ``resample``  put the moving image on the reference grid in physical space
    (``io.resample_to_reference``), so the network only predicts the residual misalignment.
 4. ``fuse``      pad to the method's size multiple, move the moving image by the method's initial
@@ -55,6 +56,7 @@ from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement, credible_motion_floor
 from napari_unifuse.engine.class_evidence import class_evidence, evidence_table
 from napari_unifuse.engine.classical import register_sitk
+from napari_unifuse.engine.coarse_readout import coarse_readout
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
 from napari_unifuse.engine.methods import (
@@ -85,7 +87,14 @@ from napari_unifuse.engine.tiling import (
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES, uncertainty_on_matching_level
 from napari_unifuse.engine.uncertainty import DEFINITION as UNCERTAINTY_DEFINITION
 from napari_unifuse.errors import CheckpointError, InputError, RegistrationError, UniFuseError
-from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity, resample_to_reference
+from napari_unifuse.io import (
+    Geometry,
+    ImageVolume,
+    IntensityMapping,
+    normalize_intensity,
+    resample_to_reference,
+    resample_to_spacing,
+)
 from napari_unifuse.io.normalize import darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
 from napari_unifuse.model.checkpoint import training_crop
@@ -185,6 +194,7 @@ class FusionEngine:
         try:
             self.min_credible_motion = credible_motion_floor(self.method.checkpoint_metadata)
             self.degradation_evidence = evidence_table(self.method.checkpoint_metadata)
+            self.coarse_readout = coarse_readout(self.method.checkpoint_metadata, DEGRADATION_CLASSES)
         except ValueError as error:
             raise CheckpointError(f"{path}: {error}") from error
         if path is None:
@@ -253,10 +263,10 @@ class FusionEngine:
                 moving_ready = _prepare(moving, moving_modality)
                 moving_ready.clipped = _clipped_part(moving, moving_ready)
             own_grid = None
-            if self.method.estimates_degradation and not moving.on_grid_of(reference, atol=1e-3):
+            if self.method.estimates_degradation:
                 with stage(CLASSIFY_STAGE):
-                    own_grid = self._classify_on_own_grid(moving_ready.luma, reference_ready.luma, progress,
-                                                          cancel, warnings)
+                    own_grid = self._read_degradation(moving_ready.luma, reference_ready.luma, progress, cancel,
+                                                      warnings)
             with stage("resample"):
                 moving_ready = _onto_reference_grid(moving_ready, reference)
             prediction, decision, run_info = self._fuse_and_guard(
@@ -265,9 +275,7 @@ class FusionEngine:
                 class_probs=None if own_grid is None else own_grid[0],
             )
             if own_grid is not None:
-                prediction["class_probs"], prediction["slice_class_probs"] = own_grid
-                run_info["degradation_read_on"] = {"grid": "moving", "shape": list(moving.spatial_shape),
-                                                   "spacing_mm": [float(s) for s in moving.geometry.spacing]}
+                prediction["class_probs"], prediction["slice_class_probs"], run_info["degradation_read_on"] = own_grid
             with stage("compose"):
                 result = self._compose(reference, moving, reference_ready, moving_ready, prediction)
             if quality:
@@ -452,8 +460,8 @@ class FusionEngine:
         image moved by ``field`` (1, ndim, *padded) first; ``class_probs`` (1, Ñ): the degradation
         every tile uses (None: each tile's own). Returns the prediction and the attempts from the
         one that fitted in memory on, so that a second pass starts there."""
-        # Channels: the moved moving image, the reference, the field, the unmoved moving image.
-        moved = torch.cat([warp(pair[None, 0:1], field)[0], pair[1:2], field[0], pair[0:1]])
+        # Channels: the moved moving image, the reference, the field.
+        moved = torch.cat([warp(pair[None, 0:1], field)[0], pair[1:2], field[0]])
         spatial_dims = self.config.spatial_dims
 
         def predictor(device: torch.device) -> Callable[[torch.Tensor], TilePrediction]:
@@ -461,8 +469,8 @@ class FusionEngine:
 
             def predict(tile: torch.Tensor) -> TilePrediction:
                 batch = tile[None].to(device)
-                output = self.method.predict_tile(batch[:, 0:1], batch[:, 1:2], batch[:, 2:-1], fixed_field=fixed_field,
-                                                  acquired=batch[:, -1:], class_probs=routing)
+                output = self.method.predict_tile(batch[:, 0:1], batch[:, 1:2], batch[:, 2:], fixed_field=fixed_field,
+                                                  class_probs=routing)
                 dense = torch.cat([output.fused[0], output.restored[0], output.displacement[0]])
                 return _tile_prediction(dense, output.class_probs, output.slice_class_probs, spatial_dims)
 
@@ -470,15 +478,41 @@ class FusionEngine:
 
         return self._tiled(predictor, moved, stage, attempts, progress, cancel, warnings)
 
-    def _classify_on_own_grid(self, moving: ImageVolume, reference: ImageVolume, progress: ProgressCallback,
-                              cancel: CancelToken, warnings: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-        """The degradation read on the moving image's own grid, before any resampling: (p (Ñ,),
-        per-slice p on the reference's slices (Z or 1, Ñ)); None if the method returned none.
+    def _read_degradation(self, moving: ImageVolume, reference: ImageVolume, progress: ProgressCallback,
+                          cancel: CancelToken, warnings: list[str]
+                          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+        """The degradation read on the moving image as given, before any resampling or move: (p
+        (Ñ,), per-slice p on the reference's slices (Z or 1, Ñ), where it was read); None if the
+        method returned none.
 
-        The heads are calibrated on images on their own grid, and interpolation onto another grid
-        smooths the noise, ghosts and streaks they read (on the atlas a half-pixel linear move
-        lowers the spectral slope by 0.9, where low dose raises it by 0.14-0.21). The reference is
-        resampled onto the moving grid for this read-out only."""
+        The heads read noise, ghosts and streaks, which interpolation smooths (on the atlas a
+        half-pixel linear move lowers the spectral slope by 0.9, where low dose raises it by
+        0.14-0.21): onto a finer reference grid, a 2.8 mm motion T2 and a 2 mm low-dose PET read as
+        clean (bench/results/class_own_grid.md). With a ``coarse_readout`` calibration
+        (``engine.coarse_readout``) a coarser copy is read too, for artefacts larger than the head's
+        window."""
+        native = self._classify_on_grid(moving, reference, progress, cancel, warnings)
+        if native is None:
+            return None
+        where: dict[str, Any] = {"shape": list(moving.spatial_shape),
+                                 "spacing_mm": [float(s) for s in moving.geometry.spacing], "coarse_copy": None}
+        readout = self.coarse_readout
+        if readout is None or not readout.applies_to(moving.geometry.spacing):
+            return (*native, where)
+        copy = resample_to_spacing(moving, readout.spacing_mm)
+        coarse = self._classify_on_grid(copy, reference, progress, cancel, warnings)
+        if coarse is None:
+            return (*native, where)
+        where["coarse_copy"] = {**readout.to_dict(), "shape": list(copy.spatial_shape),
+                                "native_class_probs": [float(p) for p in native[0]],
+                                "coarse_class_probs": [float(p) for p in coarse[0]]}
+        return (readout.combine(native[0], coarse[0], DEGRADATION_CLASSES),
+                readout.combine(native[1], coarse[1], DEGRADATION_CLASSES), where)
+
+    def _classify_on_grid(self, moving: ImageVolume, reference: ImageVolume, progress: ProgressCallback,
+                          cancel: CancelToken, warnings: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """``classify_tile`` over tiles of ``moving`` on its grid, the reference resampled onto it:
+        (p (Ñ,), per-slice p on the reference's slices), or None for no estimate."""
         multiple = self.config.size_multiple
         spatial = moving.spatial_shape
         padding = [(0, -side % multiple) for side in spatial]

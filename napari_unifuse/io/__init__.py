@@ -4,7 +4,7 @@ from napari_unifuse.io.fields import read_displacement, write_displacement
 from napari_unifuse.io.image import Geometry, ImageVolume
 from napari_unifuse.io.normalize import IntensityMapping, normalize_intensity
 from napari_unifuse.io.readers import read_image
-from napari_unifuse.io.resample import resample_to_reference
+from napari_unifuse.io.resample import resample_to_reference, resample_to_spacing
 from napari_unifuse.io.writers import write_image
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "read_displacement",
     "read_image",
     "resample_to_reference",
+    "resample_to_spacing",
     "write_displacement",
     "write_image",
 ]

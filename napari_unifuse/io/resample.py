@@ -1,11 +1,14 @@
-"""resample_to_reference: put a moving image on the reference's voxel grid, in physical space."""
+"""Resampling in physical space: ``resample_to_reference`` puts a moving image on the reference's
+voxel grid; ``resample_to_spacing`` makes an anti-aliased coarser copy of an image."""
 
 from __future__ import annotations
 
+import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from napari_unifuse.errors import InputError
-from napari_unifuse.io.image import ImageVolume
+from napari_unifuse.io.image import Geometry, ImageVolume
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
 
@@ -40,3 +43,28 @@ def resample_to_reference(
     array = sitk.GetArrayFromImage(resampler.Execute(image))
     metadata = {**moving.metadata, "resampled_to": reference.source, "interpolation": interpolation}
     return ImageVolume(array, geometry, metadata, moving.source, moving.is_rgb)
+
+
+def resample_to_spacing(volume: ImageVolume, spacing_mm: float) -> ImageVolume:
+    """``volume`` on a grid of at least ``spacing_mm`` voxels along every axis, over the same extent,
+    origin and axes (an axis already coarser keeps its spacing). Anti-aliased: a Gaussian of sigma
+    half the new voxel size smooths each axis that gets coarser before the linear resampling, so
+    that what the coarse grid cannot hold is averaged, not aliased. Returns float32."""
+    if not spacing_mm > 0:
+        raise InputError(f"the spacing must be positive, got {spacing_mm}", volume.source)
+    old_spacing = np.asarray(volume.geometry.spacing, dtype=np.float64)  # array-axis order
+    new_spacing = np.maximum(old_spacing, spacing_mm)
+    sigmas_voxels = np.where(new_spacing > old_spacing, 0.5 * new_spacing / old_spacing, 0.0)
+    array = np.asarray(volume.array, dtype=np.float32)
+    if volume.is_rgb:
+        sigmas_voxels = np.append(sigmas_voxels, 0.0)  # the colour axis is not smoothed
+    smoothed = ImageVolume(ndimage.gaussian_filter(array, sigmas_voxels, mode="nearest"), volume.geometry,
+                           volume.metadata, volume.source, volume.is_rgb)
+    image = smoothed.to_sitk()
+    size = [max(1, int(round(n * old / new))) for n, old, new in
+            zip(volume.spatial_shape[::-1], old_spacing[::-1], new_spacing[::-1])]
+    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                              [float(v) for v in new_spacing[::-1]], image.GetDirection(), 0.0, image.GetPixelID())
+    array = sitk.GetArrayFromImage(resampled)
+    metadata = {**volume.metadata, "resampled_to_spacing_mm": spacing_mm}
+    return ImageVolume(array, Geometry.from_sitk(resampled), metadata, volume.source, volume.is_rgb)

@@ -87,13 +87,14 @@ class UniFuse(nn.Module):
         ``fixed_field``: skip FA, so that ``initial`` is the whole field; the engine uses it to
         restore and fuse with the estimate its alignment guard kept (identity or the matching's).
         ``acquired``: ``moving`` before the warp, which DAPL's statistics read when the config's
-        ``statistics_before_alignment`` is set (required then).
-        ``class_probs`` (B, Ñ): p read elsewhere (:meth:`classify` on the moving image's own grid,
-        the engine does it when the grids differ); it routes FA and UFR&F and is returned as the
-        output's p, in place of what DAPL reads on this input.
+        ``statistics_before_alignment`` is set (required then, unless ``class_probs`` is given).
+        ``class_probs`` (B, Ñ): p read elsewhere (the engine reads it with :meth:`classify` on the
+        moving image as given); it routes FA and UFR&F and is returned as the output's p, in place
+        of what DAPL reads on this input.
         """
         self._check_inputs(moving, reference)
-        dapl = self.dapl(moving, reference, self.statistics_input(acquired, moving))
+        statistics = self.statistics_input(acquired, moving) if class_probs is None else None
+        dapl = self.dapl(moving, reference, statistics)
         if class_probs is None:
             class_probs = torch.softmax(dapl.class_logits, dim=-1)
             slice_class_probs = torch.softmax(dapl.slice_class_logits, dim=-1)

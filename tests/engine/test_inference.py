@@ -55,13 +55,12 @@ class CountingModel(nn.Module):
     def initial_alignment(self, moving, reference, spacing=None):
         return self.model.initial_alignment(moving, reference, spacing)
 
-    def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None, class_probs=None):
+    def refine(self, moving, reference, initial, *, fixed_field=False, class_probs=None):
         """The per-tile network pass the engine makes."""
         self.tile_shapes.append(tuple(moving.shape[2:]))
         if self.max_side is not None and max(moving.shape[2:]) > self.max_side:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return self.model.refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired,
-                                 class_probs=class_probs)
+        return self.model.refine(moving, reference, initial, fixed_field=fixed_field, class_probs=class_probs)
 
     def classify(self, moving, reference):
         return self.model.classify(moving, reference)
@@ -237,78 +236,103 @@ def test_tiles_share_one_structural_matching_of_the_whole_input(model_2d):
     assert np.median(error) < 1.0 and np.percentile(error, 95) < 2.5
 
 
-def test_each_tile_also_gets_the_moving_image_before_the_initial_move(model_2d):
-    """``acquired``: the same tile of the moving image unmoved, which warped by the tile's field is
-    exactly the moved tile the network gets (UniFuse's degradation statistics read it there)."""
+def test_the_class_is_read_before_the_initial_move_and_the_tiles_get_the_moved_image():
+    """The classify stage reads the moving image unmoved; the tiles get it moved by the initial
+    field, which the class read on them would see interpolated."""
     from napari_unifuse.data.misalign import warp_array
     from napari_unifuse.model.warp import warp
-
-    calls = []
-
-    class Recording(CountingModel):
-        def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None, class_probs=None):
-            calls.append((moving, initial, acquired))
-            return super().refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired,
-                                  class_probs=class_probs)
 
     image = blob((32, 32))
     moving = warp_array(image, np.full((2, 32, 32), 3.0, np.float32), order=1)
     geometry = Geometry.identity(2)
-    FusionEngine(Recording(model_2d), device="cpu").run_fusion(ImageVolume(image, geometry),
-                                                               ImageVolume(moving, geometry), quality=False)
-    moved, field, acquired = calls[0]
-    assert field.abs().max() > 1.0 and not torch.allclose(acquired, moved, atol=1e-2)
-    torch.testing.assert_close(warp(acquired, field), moved)
+    recording = ClassifyRecording(_statistics_head(2))
+    FusionEngine(recording, device="cpu").run_fusion(ImageVolume(image, geometry), ImageVolume(moving, geometry),
+                                                     quality=False)
+    [(unmoved, _, _)] = recording.classified
+    moved, field = recording.tiles[0]
+    assert field.abs().max() > 1.0 and not torch.allclose(unmoved, moved, atol=1e-2)
+    torch.testing.assert_close(warp(unmoved, field), moved)
 
 
-def test_a_moving_image_on_another_grid_has_its_degradation_read_on_its_own_grid():
-    """Interpolation smooths what the head reads (noise, ghosts, streaks): a moving image on a
-    coarser grid is classified as given, before the resampling, and every tile is routed by that
-    reading; on the reference's own grid the tiles read it themselves."""
+class ClassifyRecording(CountingModel):
+    """Records what the engine's classify stage read, and each tile's moved image, field and routing."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.classified, self.tiles, self.routed = [], [], []
+
+    def classify(self, moving, reference):
+        read = super().classify(moving, reference)
+        self.classified.append((moving, reference, read))
+        return read
+
+    def refine(self, moving, reference, initial, *, fixed_field=False, class_probs=None):
+        self.tiles.append((moving, initial))
+        self.routed.append(class_probs)
+        return super().refine(moving, reference, initial, fixed_field=fixed_field, class_probs=class_probs)
+
+
+def _statistics_head(spatial_dims):
     import dataclasses
 
-    config = dataclasses.replace(UniFuseConfig.small(2), readout_patch_statistics=True,
+    config = dataclasses.replace(UniFuseConfig.small(spatial_dims), readout_patch_statistics=True,
                                  classifier_statistics_only=True, statistics_before_alignment=True)
     torch.manual_seed(0)
-    model = UniFuse(config).eval()
+    return UniFuse(config).eval()
 
-    class Recording(CountingModel):
-        def __init__(self, model):
-            super().__init__(model)
-            self.classified, self.routed = [], []
 
-        def classify(self, moving, reference):
-            read = super().classify(moving, reference)
-            self.classified.append((moving, reference, read[0]))
-            return read
-
-        def refine(self, moving, reference, initial, *, fixed_field=False, acquired=None, class_probs=None):
-            self.routed.append(class_probs)
-            return super().refine(moving, reference, initial, fixed_field=fixed_field, acquired=acquired,
-                                  class_probs=class_probs)
-
+@pytest.mark.parametrize("on_reference_grid", [False, True], ids=["coarser grid", "same grid"])
+def test_the_degradation_is_read_on_the_moving_image_as_given_and_routes_every_tile(on_reference_grid):
+    """Interpolation smooths what the head reads (noise, ghosts, streaks): the moving image is
+    classified as given, on its own grid before the resampling and before any move, and every tile
+    is routed by that reading, which is the result's class."""
+    model = _statistics_head(2)
     reference = ImageVolume(blob((32, 32)), Geometry.identity(2))
-    coarse = ImageVolume(blob((24, 24)) ** 2, Geometry(np.array([1.3, 1.3]), np.zeros(2), np.eye(2)))
-    recording = Recording(model)
-    result = FusionEngine(recording, device="cpu").run_fusion(reference, coarse, quality=False)
-    [(moving_read, reference_read, own)] = recording.classified
-    # The moving image as normalised, on its own 24² grid (a multiple of 8: no padding), and the
-    # reference resampled onto that grid.
-    np.testing.assert_allclose(moving_read[0, 0].numpy(), _prepare(coarse, "auto").luma.array, atol=1e-6)
+    moving = (ImageVolume(blob((32, 32), 0.1) ** 2, Geometry.identity(2)) if on_reference_grid
+              else ImageVolume(blob((24, 24)) ** 2, Geometry(np.array([1.3, 1.3]), np.zeros(2), np.eye(2))))
+    recording = ClassifyRecording(model)
+    result = FusionEngine(recording, device="cpu").run_fusion(reference, moving, quality=False)
+    [(moving_read, reference_read, (own, own_slices))] = recording.classified
+    # The moving image as normalised on its own grid (24² and 32² are multiples of 8: no padding),
+    # and the reference resampled onto that grid.
+    np.testing.assert_allclose(moving_read[0, 0].numpy(), _prepare(moving, "auto").luma.array, atol=1e-6)
     np.testing.assert_allclose(
         reference_read[0, 0].numpy(),
-        resample_to_reference(_prepare(reference, "auto").luma, coarse).array, atol=1e-6)
+        resample_to_reference(_prepare(reference, "auto").luma, moving).array, atol=1e-6)
     np.testing.assert_allclose(list(result.class_probs.values()), own[0].numpy(), atol=1e-6)
-    np.testing.assert_allclose(result.slice_class_probs, own.numpy(), atol=1e-6)
-    assert recording.routed and all(torch.allclose(p, own, atol=1e-5) for p in recording.routed)
-    assert result.provenance["degradation_read_on"] == {"grid": "moving", "shape": [24, 24],
-                                                        "spacing_mm": [1.3, 1.3]}
+    np.testing.assert_allclose(result.slice_class_probs, own_slices[0].numpy(), atol=1e-6)
+    assert recording.routed and all(torch.allclose(p, own, atol=1e-6) for p in recording.routed)
+    assert result.provenance["degradation_read_on"] == {
+        "shape": list(moving.spatial_shape), "spacing_mm": list(moving.geometry.spacing), "coarse_copy": None}
 
-    same_grid = Recording(model)
-    result = FusionEngine(same_grid, device="cpu").run_fusion(
-        reference, ImageVolume(blob((32, 32), 0.1), Geometry.identity(2)), quality=False)
-    assert same_grid.classified == [] and all(p is None for p in same_grid.routed)
-    assert "degradation_read_on" not in result.provenance
+
+def test_a_checkpoint_calibrated_for_it_also_reads_motion_on_a_coarse_copy(tmp_path):
+    """With a ``coarse_readout`` section, a fine moving volume is read again on an anti-aliased
+    copy of the section's spacing, and motion takes the larger of the two readings."""
+    from napari_unifuse.engine.coarse_readout import CoarseReadout
+    from napari_unifuse.model.checkpoint import set_metadata_section
+
+    model = _statistics_head(3)
+    path = save_checkpoint(model, tmp_path / "head.safetensors")
+    set_metadata_section(path, "coarse_readout", {"spacing_mm": 2.8, "classes": ["motion"]})
+    engine = FusionEngine(path, device="cpu")
+    recording = ClassifyRecording(engine.method.network)
+    engine.method.network = recording
+    volume = blob((24, 24, 24))
+    reference = ImageVolume(volume, Geometry.identity(3))
+    moving = ImageVolume(np.roll(volume, 2, axis=0) ** 2, Geometry.identity(3))
+    result = engine.run_fusion(reference, moving, quality=False)
+    native, coarse = (read for _, _, read in recording.classified)
+    assert [tuple(m.shape[2:]) for m, _, _ in recording.classified] == [(24, 24, 24), (12, 12, 12)]  # 9³ padded
+    expected = CoarseReadout(2.8, ("motion",)).combine(native[0][0].numpy(), coarse[0][0].numpy(), DEGRADATION_CLASSES)
+    np.testing.assert_allclose(list(result.class_probs.values()), expected, atol=1e-5)
+    read_on = result.provenance["degradation_read_on"]
+    assert read_on["coarse_copy"]["shape"] == [9, 9, 9] and read_on["coarse_copy"]["classes"] == ["motion"]
+    # Voxels as coarse as the section's spacing are read once.
+    coarse_voxels = ImageVolume(volume, Geometry(np.full(3, 2.8), np.zeros(3), np.eye(3)))
+    recording.classified.clear()
+    engine.run_fusion(coarse_voxels, coarse_voxels, quality=False)
+    assert len(recording.classified) == 1
 
 
 def test_per_slice_probabilities_read_on_a_thicker_moving_grid_land_on_the_reference_slices():

@@ -1,4 +1,5 @@
-"""resample_to_reference works in physical space: structures land where the world says."""
+"""resample_to_reference works in physical space: structures land where the world says;
+resample_to_spacing makes coarser copies that average what they cannot hold."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import Geometry, ImageVolume, resample_to_reference
+from napari_unifuse.io import Geometry, ImageVolume, resample_to_reference, resample_to_spacing
 
 
 def _world_points(geometry: Geometry, shape) -> np.ndarray:
@@ -57,3 +58,24 @@ def test_dimension_mismatch_is_an_input_error():
     flat = ImageVolume(np.zeros((4, 4)), Geometry.identity(2), source="slice.png")
     with pytest.raises(InputError, match="2D image onto a 3D reference"):
         resample_to_reference(flat, ImageVolume(np.zeros((4, 4, 4)), Geometry.identity(3)))
+
+
+def test_a_coarser_copy_keeps_the_extent_and_averages_what_it_cannot_hold(rotation):
+    direction = rotation((0.0, 20.0, -10.0))
+    geometry = Geometry(np.array([1.0, 1.0, 4.0]), np.array([3.0, -2.0, 7.0]), direction)
+    # Stripes of period 2 voxels along axis 0 (finer than the copy can hold) over a ramp along axis 1.
+    stripes = (np.arange(56) % 2).astype(np.float32)[:, None, None]
+    ramp = np.linspace(0.0, 1.0, 42, dtype=np.float32)[None, :, None]
+    volume = ImageVolume(np.broadcast_to(stripes + ramp, (56, 42, 10)).copy(), geometry)
+    copy = resample_to_spacing(volume, 2.8)
+    assert copy.spatial_shape == (20, 15, 10)  # 56 and 42 mm at 2.8 mm; the 4 mm axis is already coarser
+    np.testing.assert_allclose(copy.geometry.spacing, [2.8, 2.8, 4.0])
+    np.testing.assert_allclose(copy.geometry.origin, geometry.origin)
+    np.testing.assert_allclose(copy.geometry.direction, direction)
+    inner = copy.array[2:-2, 2:-2]
+    # The stripes average to their mean (no aliased pattern survives); the ramp is kept.
+    assert np.ptp(inner.mean(axis=(1, 2))) < 0.02
+    copy_rows = np.arange(2, 13) * 2.8  # their positions along axis 1, in the original's voxels
+    np.testing.assert_allclose(inner[..., 5].mean(axis=0), 0.5 + copy_rows / 41.0, atol=0.03)
+    with pytest.raises(InputError, match="positive"):
+        resample_to_spacing(volume, 0.0)

@@ -8,15 +8,13 @@ differ (docs/methods.md):
 * ``initial_alignment(moving, reference) -> field``: once, on the whole padded input, ``(1, 1,
   *spatial)`` each; the field is ``(1, ndim, *spatial)`` in the project convention (reference
   voxels, sampling ``moving`` at ``x + u(x)`` aligns it). Zero for a method that does not align.
-* ``predict_tile(moving, reference, field, fixed_field=..., acquired=...) -> MethodOutput``: one
+* ``predict_tile(moving, reference, field, fixed_field=..., class_probs=...) -> MethodOutput``: one
   tile of the moving image *already warped by* ``field`` (its part of the initial field), the
   reference, and that field. ``fixed_field``: the engine's alignment guard kept ``field`` as the
-  whole field, so a method that refines it must not. ``acquired``: the same tile of the moving
-  image before the warp, for a method that reads the image's quality where no interpolation has
-  smoothed it (UniFuse's degradation statistics). ``class_probs`` ``(B, Ñ)``: the degradation
-  probabilities the engine read on the moving image's own grid (``classify_tile``), when it came
-  on another grid than the reference's; a method that estimates the degradation uses them in place
-  of its own reading of the resampled tile.
+  whole field, so a method that refines it must not. ``class_probs`` ``(B, Ñ)``: for a method
+  that ``estimates_degradation``, the degradation the engine read with ``classify_tile`` on the
+  moving image as given (no interpolation has smoothed what the head reads); the method uses it in
+  place of a reading of the moved tile. None for the other methods.
 * ``classify_tile(moving, reference) -> (p, per-slab p) | None``: the degradation read-out of one
   tile of the moving image as given and the reference resampled onto its grid; None (the default)
   for a method that estimates no degradation.
@@ -109,7 +107,7 @@ class FusionMethod(ABC):
 
     @abstractmethod
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool, acquired: torch.Tensor,
+                     fixed_field: bool,
                      class_probs: torch.Tensor | None = None) -> MethodOutput: ...
 
     def classify_tile(self, moving: torch.Tensor,

@@ -29,7 +29,7 @@ class Method(NetworkMethod):
         return moving.new_zeros(moving.shape[0], 2, *moving.shape[2:])
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool, acquired: torch.Tensor,
+                     fixed_field: bool,
                      class_probs: torch.Tensor | None = None) -> MethodOutput:
         output = self.network(moving, reference)
         # The tile arrives moved by `field` (zero unless a caller gives one): the whole field is both.

@@ -51,7 +51,7 @@ class Method(NetworkMethod):
         return registration_field(ALIGNMENTS[self.alignment], moving, reference)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool, acquired: torch.Tensor,
+                     fixed_field: bool,
                      class_probs: torch.Tensor | None = None) -> MethodOutput:
         return MethodOutput(self.network(moving, reference), moving, field)
 

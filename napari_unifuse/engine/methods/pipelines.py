@@ -53,7 +53,7 @@ class Pipeline(FusionMethod):
         return registration_field(self.config.registration, moving, reference)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool, acquired: torch.Tensor,
+                     fixed_field: bool,
                      class_probs: torch.Tensor | None = None) -> MethodOutput:
         fused = classical.fuse_classical(self.config.rule, reference[0, 0].cpu().numpy(), moving[0, 0].cpu().numpy())
         return MethodOutput(torch.from_numpy(fused)[None, None].to(moving.device), moving, field)

@@ -26,10 +26,9 @@ class Method(NetworkMethod):
         return self.network.initial_alignment(moving, reference, spacing=spacing)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
-                     fixed_field: bool, acquired: torch.Tensor,
+                     fixed_field: bool,
                      class_probs: torch.Tensor | None = None) -> MethodOutput:
-        output = self.network.refine(moving, reference, field, fixed_field=fixed_field, acquired=acquired,
-                                     class_probs=class_probs)
+        output = self.network.refine(moving, reference, field, fixed_field=fixed_field, class_probs=class_probs)
         return MethodOutput(output.fused, output.restored, output.displacement, output.class_probs,
                             output.slice_class_probs)
 
