@@ -119,7 +119,7 @@ CLASSICAL_STAGE = "classical registration"
 # handles them in-plane.
 CLASSICAL_MIN_SIDE = 16
 FUSE_KEPT_STAGE = "fuse (kept field)"
-# Reading the degradation on the moving image's own grid, when it is not the reference's.
+# Reading the degradation on the moving image as given: its own grid, before the resampling and any move.
 CLASSIFY_STAGE = "classify"
 QUALITY_STAGE = "quality"
 # One try of the tiled forward pass: the device and the tile size (None: the whole input).
@@ -262,20 +262,20 @@ class FusionEngine:
                 reference_ready = _prepare(reference, reference_modality)
                 moving_ready = _prepare(moving, moving_modality)
                 moving_ready.clipped = _clipped_part(moving, moving_ready)
-            own_grid = None
+            degradation = None
             if self.method.estimates_degradation:
                 with stage(CLASSIFY_STAGE):
-                    own_grid = self._read_degradation(moving_ready.luma, reference_ready.luma, progress, cancel,
+                    degradation = self._read_degradation(moving_ready.luma, reference_ready.luma, progress, cancel,
                                                       warnings)
             with stage("resample"):
                 moving_ready = _onto_reference_grid(moving_ready, reference)
             prediction, decision, run_info = self._fuse_and_guard(
                 moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings,
                 spacing=tuple(float(s) for s in reference.geometry.spacing),
-                class_probs=None if own_grid is None else own_grid[0],
+                class_probs=None if degradation is None else degradation[0],
             )
-            if own_grid is not None:
-                prediction["class_probs"], prediction["slice_class_probs"], run_info["degradation_read_on"] = own_grid
+            if degradation is not None:
+                prediction["class_probs"], prediction["slice_class_probs"], run_info["degradation_read_on"] = degradation
             with stage("compose"):
                 result = self._compose(reference, moving, reference_ready, moving_ready, prediction)
             if quality:
@@ -374,8 +374,8 @@ class FusionEngine:
         """The ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
         forward passes with the out-of-memory fallback; returns arrays cropped back to the input.
         ``spacing`` (mm per array axis) guides the structural matching's image pyramid.
-        ``class_probs`` (Ñ,): the degradation read on the moving image's own grid, which every tile
-        then uses in place of its own reading."""
+        ``class_probs`` (Ñ,): the degradation the ``classify`` stage read, which every tile then
+        uses in place of its own reading."""
         multiple = self.config.size_multiple
         spatial = moving.shape
         crop = (slice(None), *(slice(0, side) for side in spatial))
