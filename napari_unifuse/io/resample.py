@@ -60,11 +60,8 @@ def resample_to_spacing(volume: ImageVolume, spacing_mm: float) -> ImageVolume:
         sigmas_voxels = np.append(sigmas_voxels, 0.0)  # the colour axis is not smoothed
     smoothed = ImageVolume(ndimage.gaussian_filter(array, sigmas_voxels, mode="nearest"), volume.geometry,
                            volume.metadata, volume.source, volume.is_rgb)
-    image = smoothed.to_sitk()
-    size = [max(1, int(round(n * old / new))) for n, old, new in
-            zip(volume.spatial_shape[::-1], old_spacing[::-1], new_spacing[::-1])]
-    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                              [float(v) for v in new_spacing[::-1]], image.GetDirection(), 0.0, image.GetPixelID())
-    array = sitk.GetArrayFromImage(resampled)
-    metadata = {**volume.metadata, "resampled_to_spacing_mm": spacing_mm}
-    return ImageVolume(array, Geometry.from_sitk(resampled), metadata, volume.source, volume.is_rgb)
+    shape = tuple(max(1, int(round(n * old / new))) for n, old, new in
+                  zip(volume.spatial_shape, old_spacing, new_spacing))
+    grid = ImageVolume(np.zeros(shape, np.float32),
+                       Geometry(new_spacing, volume.geometry.origin, volume.geometry.direction))
+    return resample_to_reference(smoothed, grid)
