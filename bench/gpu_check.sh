@@ -5,10 +5,11 @@
 #
 #   bench/gpu_check.sh [--dry-run] [WHEELS_DIR] [-- ARGS FOR gpu_check.py]
 #
-# WHEELS_DIR holds mamba-ssm and causal-conv1d built for this torch and CUDA (wheels, or sdists
-# that pip then builds here with nvcc, offline); without it they must already be installed.
-# Make the wheels where there is network:  pip wheel --no-deps --no-build-isolation -w WHEELS_DIR \
-#   $(python bench/gpu_check.py --print-cuda-requirements)
+# WHEELS_DIR holds either mamba-ssm and causal-conv1d wheels built for this torch and CUDA, or
+# mamba-ssm's sdist (mamba_ssm-*.tar.gz), which bench/build_scan_kernel.py compiles with nvcc for
+# this GPU's architecture alone (minutes; setup.py's build for eight architectures takes tens).
+# Without WHEELS_DIR they must already be installed. Fetch them where there is network:
+#   pip download --no-deps --no-binary :all: -d WHEELS_DIR mamba-ssm
 # Environment: PYTHON (default .venv/bin/python, else python3), BUDGET_S (default 480).
 set -euo pipefail
 
@@ -34,9 +35,17 @@ run() {  # print each command; run it unless this is a dry run
 started=$(date +%s)
 if [ -n "$WHEELS" ]; then
     if [ ! -d "$WHEELS" ]; then echo "gpu_check.sh: no folder $WHEELS" >&2; exit 2; fi
-    mapfile -t requirements < <("$PYTHON" bench/gpu_check.py --print-cuda-requirements)
-    # Offline: only what the folder holds; no build isolation, so sdists build against this torch.
-    run "$PYTHON" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation "${requirements[@]}"
+    sdists=("$WHEELS"/mamba_ssm-*.tar.gz)
+    if [ -f "${sdists[0]}" ] && ! compgen -G "$WHEELS/mamba_ssm-*.whl" >/dev/null; then
+        kernel_site=${KERNEL_SITE:-${TMPDIR:-/tmp}/unifuse-mamba-site}
+        # No timeout of its own: the budget check below stops the run if the build used it.
+        run "$PYTHON" bench/build_scan_kernel.py "${sdists[-1]}" "$kernel_site"
+        export PYTHONPATH="$kernel_site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        mapfile -t requirements < <("$PYTHON" bench/gpu_check.py --print-cuda-requirements)
+        # Offline: only what the folder holds; no build isolation, so sdists build against this torch.
+        run "$PYTHON" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation "${requirements[@]}"
+    fi
 fi
 if [ -z "$DRY_RUN" ]; then
     "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: torch sees no CUDA GPU')"
@@ -47,4 +56,4 @@ args=(--device "$([ -n "$DRY_RUN" ] && echo auto || echo cuda)" "$@")
 if [ -n "$DRY_RUN" ]; then args+=(--dry-run); fi
 # timeout: the whole check stays within the budget even if a step hangs.
 echo "+ timeout $left $PYTHON bench/gpu_check.py ${args[*]}"
-PYTHONPATH=. timeout "$left" "$PYTHON" bench/gpu_check.py "${args[@]}"
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$left" "$PYTHON" bench/gpu_check.py "${args[@]}"

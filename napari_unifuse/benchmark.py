@@ -173,15 +173,17 @@ class FuseResult:
         return self.flops / self.model_seconds / 1e9
 
 
-def bench_fuse(engine: FusionEngine, pair: SyntheticPair, *, repeats: int, budget_s: float) -> tuple[Timing, float]:
-    """End-to-end ``run_fusion`` timing and the model-only seconds of the last run."""
+def bench_fuse(engine: FusionEngine, pair: SyntheticPair, *, repeats: int,
+               budget_s: float) -> tuple[Timing, dict[str, float]]:
+    """End-to-end ``run_fusion`` timing and the last run's seconds per engine stage (``"fuse"``:
+    the network alone)."""
     last: list = [None]
 
     def run() -> None:
         last[0] = engine.run_fusion(pair.reference, pair.moving)
 
     timing = time_call(run, engine.device, repeats=repeats, budget_s=budget_s)
-    return timing, float(last[0].provenance["timings_s"]["fuse"])
+    return timing, {stage: float(seconds) for stage, seconds in last[0].provenance["timings_s"].items()}
 
 
 def model_flops(config: UniFuseConfig, side: int) -> float:

@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         for backend in benchmark.available_scan_backends(device):
             with benchmark.forced_scan_backend(backend):
                 engine = FusionEngine(UniFuse(config), device=str(device))
-                timing, model_seconds = benchmark.bench_fuse(engine, pair, repeats=plan.repeats, budget_s=plan.budget_s)
-            fuse_results.append(benchmark.FuseResult(dims, side, backend, timing, model_seconds, flops, exact))
+                timing, stages = benchmark.bench_fuse(engine, pair, repeats=plan.repeats, budget_s=plan.budget_s)
+            fuse_results.append(benchmark.FuseResult(dims, side, backend, timing, stages["fuse"], flops, exact))
             print(f"  fuse {benchmark.size_label(dims, side)} [{backend}]: {timing.describe()}", flush=True)
     emit("End-to-end fuse (engine.run_fusion)", markdown(
         ["input", "scan backend", "time: median (min–max) × runs", "network alone (s)", "peak memory: increase / total (MB)"],
@@ -131,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
     measured_sides = {side for dims, side in plan.fuse_sizes if dims == 3}
     for side in sorted(set(plan.scaling_sides) - measured_sides):
         engine = FusionEngine(UniFuse(config_3d), device=str(device))
-        timing, model_seconds = benchmark.bench_fuse(engine, benchmark.phantom_pair(3, side),
-                                                     repeats=plan.repeats, budget_s=plan.budget_s / 3)
-        scaling.append({"side": side, "voxels": side**3, "timing": timing, "network_s": model_seconds})
+        timing, stages = benchmark.bench_fuse(engine, benchmark.phantom_pair(3, side),
+                                              repeats=plan.repeats, budget_s=plan.budget_s / 3)
+        scaling.append({"side": side, "voxels": side**3, "timing": timing, "network_s": stages["fuse"]})
     # The end-to-end 3D sizes extend the curve (first backend only, like the rows above).
     scaling += [{"side": r.side, "voxels": r.side**3, "timing": r.timing, "network_s": r.model_seconds}
                 for r in fuse_results if r.dims == 3 and r.backend == fuse_results[0].backend]

@@ -79,6 +79,8 @@ def test_fusion_runner_times_each_backend_with_memory(gpu_check):
     (check,) = gpu_check.fuse_check(CPU, 24)
     assert check.backend == "torch" and check.side == 24
     assert check.seconds >= check.network_seconds > 0 and check.peak_memory_mb > 0
+    assert check.warmed_up and check.stages_s["fuse"] == check.network_seconds
+    assert sum(check.stages_s.values()) <= check.seconds * 1.05  # the stages are parts of the timed run
 
 
 def test_training_runner_takes_the_steps_asked_for(gpu_check, tmp_path):
@@ -100,3 +102,54 @@ def test_the_shell_script_dry_run_installs_offline_from_the_folder(tmp_path):
     missing = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path / "none")],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no folder" in missing.stderr
+
+
+def test_the_shell_script_builds_the_kernel_from_an_sdist_for_this_gpu_alone(tmp_path):
+    (tmp_path / "mamba_ssm-2.3.2.tar.gz").write_bytes(b"")
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "KERNEL_SITE": str(tmp_path / "site")}
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"bench/build_scan_kernel.py {tmp_path}/mamba_ssm-2.3.2.tar.gz {tmp_path}/site" in result.stdout
+    assert " -m pip install " not in result.stdout
+
+
+@pytest.fixture
+def build_scan_kernel():
+    spec = importlib.util.spec_from_file_location("build_scan_kernel", REPO / "bench" / "build_scan_kernel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_kernel_builder_unpacks_an_sdist_and_refuses_without_cuda(build_scan_kernel, tmp_path, monkeypatch):
+    import tarfile
+
+    source = tmp_path / "src" / "mamba_ssm-9.9"
+    (source / "mamba_ssm").mkdir(parents=True)
+    (source / "setup.py").write_text("")
+    (source / "mamba_ssm" / "__init__.py").write_text("__version__ = '9.9'\n")
+    sdist = tmp_path / "mamba_ssm-9.9.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        archive.add(source, arcname="mamba_ssm-9.9")
+    root = build_scan_kernel.unpack_sdist(sdist, tmp_path / "unpacked")
+    assert root == tmp_path / "unpacked" / "mamba_ssm-9.9" and (root / "mamba_ssm" / "__init__.py").is_file()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        build_scan_kernel.build(sdist, tmp_path / "site")
+    assert build_scan_kernel.main([str(tmp_path / "missing.tar.gz"), str(tmp_path / "site")]) == 2
+
+
+def test_a_failing_check_is_reported_and_the_others_still_run(gpu_check, tmp_path, monkeypatch):
+    import json
+
+    def broken(device):
+        raise RuntimeError("mamba-ssm does not import")
+
+    monkeypatch.setattr(gpu_check, "scan_check", broken)
+    code = gpu_check.main(["--device", "cpu", "--checks", "scan", "train", "--train-steps", "1", "--preset", "small",
+                           "--train-config", str(REPO / "configs" / "smoke.yaml"), "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert code == 1 and "mamba-ssm does not import" in report["scan"]["error"]
+    assert report["train"]["steps"] == 1 and "train_wall_s" in report
