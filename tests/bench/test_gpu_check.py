@@ -153,3 +153,9 @@ def test_a_failing_check_is_reported_and_the_others_still_run(gpu_check, tmp_pat
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert code == 1 and "mamba-ssm does not import" in report["scan"]["error"]
     assert report["train"]["steps"] == 1 and "train_wall_s" in report
+
+
+def test_the_offline_packer_asks_for_its_output_folder():
+    result = subprocess.run(["bash", str(REPO / "bench" / "pack_offline_deps.sh")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "usage: bench/pack_offline_deps.sh OUT_DIR" in result.stderr
