@@ -123,8 +123,8 @@ class DAPLOutput:
     moving_features: torch.Tensor      # F'_D (B, C, *spatial)
     reference_features: torch.Tensor   # F_R (B, C, *spatial)
     hidden_states: list[torch.Tensor]  # h1, h2, h3, each (B, inner_dim, d_state)
-    class_logits: torch.Tensor         # (B, Ñ)
-    slice_class_logits: torch.Tensor   # (B, S, Ñ)
+    class_logits: torch.Tensor | None        # (B, Ñ); None without the class read-out
+    slice_class_logits: torch.Tensor | None  # (B, S, Ñ); idem
     prompts: torch.Tensor              # P̂ (B, Ñ, L, M)
 
 
@@ -165,10 +165,12 @@ class DegradationAwarePromptLearning(nn.Module):
         self.readout_window: int | None = None
 
     def forward(self, moving: torch.Tensor, reference: torch.Tensor,
-                acquired: torch.Tensor | None = None) -> DAPLOutput:
+                acquired: torch.Tensor | None = None, *, read_class: bool = True) -> DAPLOutput:
         """``acquired``: the moving image before the initial alignment moved it, on the same grid;
         with it the patch statistics of the moving image are taken there (``config``'s
-        ``statistics_before_alignment``), everything else on ``moving``."""
+        ``statistics_before_alignment``), everything else on ``moving``. ``read_class=False``:
+        no class read-out (patch statistics, classifier), for a caller that routes by a p read
+        elsewhere; the output's logits are then None."""
         moving_features, reference_features = self.encoder(moving), self.encoder(reference)
         patch = self.config.patch_size
         grid = tuple(side // patch for side in moving.shape[2:])
@@ -189,13 +191,6 @@ class DegradationAwarePromptLearning(nn.Module):
             readout, state = self.mamba_orders(tokens[:, order], return_last_state=True)
             readouts.append(readout[:, torch.argsort(order)])  # back to raster order
             hidden_states.append(state)
-        token_features = torch.cat(readouts, dim=-1)  # (W·B, Nw, 3E)
-        if self.config.readout_patch_statistics:
-            statistics = patch_statistics(moving if acquired is None else acquired, reference, patch)
-            token_statistics = torch.cat(
-                [flatten_spatial(statistics[(slice(None), slice(None), *window)]) for window in windows])
-            token_features = (token_statistics if self.config.classifier_statistics_only
-                              else torch.cat([token_features, token_statistics], dim=-1))
         weights = self._window_weights(moving, reference, grid, windows)  # (W, B)
         window_count, images = len(windows), moving.shape[0]
 
@@ -206,6 +201,16 @@ class DegradationAwarePromptLearning(nn.Module):
             return (x * weights.view(*weights.shape, *[1] * (x.dim() - 2))).sum(0)
 
         hidden_states = [weighted_mean(per_window(state)) for state in hidden_states]
+        prompts = self._select_prompts(hidden_states)
+        if not read_class:
+            return DAPLOutput(moving_features, reference_features, hidden_states, None, None, prompts)
+        token_features = torch.cat(readouts, dim=-1)  # (W·B, Nw, 3E)
+        if self.config.readout_patch_statistics:
+            statistics = patch_statistics(moving if acquired is None else acquired, reference, patch)
+            token_statistics = torch.cat(
+                [flatten_spatial(statistics[(slice(None), slice(None), *window)]) for window in windows])
+            token_features = (token_statistics if self.config.classifier_statistics_only
+                              else torch.cat([token_features, token_statistics], dim=-1))
         pooled = self._pool(token_features, dim=1)[:, None]  # (W·B, 1, classifier width)
         if window_count == 1:
             slabs = self._slab_pool(token_features, grid) if self.config.spatial_dims == 3 else None
@@ -219,7 +224,7 @@ class DegradationAwarePromptLearning(nn.Module):
             slice_class_logits = class_logits[:, None] if self.config.spatial_dims == 2 else self._window_slab_logits(
                 per_window(token_features), window_grid, windows, weights, grid)
         return DAPLOutput(moving_features, reference_features, hidden_states, class_logits,
-                          slice_class_logits, self._select_prompts(hidden_states))
+                          slice_class_logits, prompts)
 
     def _patches(self, moving_features: torch.Tensor, reference_features: torch.Tensor) -> torch.Tensor:
         """Encoder features of the pair -> merged patch embeddings Q (B, E, *grid)."""

@@ -10,6 +10,7 @@ high-quality reference I_R, (B, in_channels, *spatial) in [0, 1], and returns a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ class UniFuseOutput:
                                      # the moving image at x + φ(x) aligns it to the reference
     initial_displacement: torch.Tensor  # structural matching's part of φ, which the network's
                                         # input was moved by (zero when matching is off)
-    class_logits: torch.Tensor       # (B, Ñ), classes in DEGRADATION_CLASSES order
+    class_logits: torch.Tensor | None  # (B, Ñ), classes in DEGRADATION_CLASSES order; None when routed by a given p
     class_probs: torch.Tensor        # p = softmax(class_logits), or the p refine() was given
     slice_class_probs: torch.Tensor  # (B, S, Ñ): per z-slab of cfg.slab_size voxels; 2-D: S = 1
     prompts: torch.Tensor            # P̂ (B, Ñ, L, M)
@@ -93,13 +94,13 @@ class UniFuse(nn.Module):
         of what DAPL reads on this input.
         """
         self._check_inputs(moving, reference)
-        statistics = self.statistics_input(acquired, moving) if class_probs is None else None
-        dapl = self.dapl(moving, reference, statistics)
         if class_probs is None:
+            dapl = self.dapl(moving, reference, self.statistics_input(acquired, moving))
             class_probs = torch.softmax(dapl.class_logits, dim=-1)
             slice_class_probs = torch.softmax(dapl.slice_class_logits, dim=-1)
-        else:
-            slice_class_probs = class_probs[:, None].expand(-1, dapl.slice_class_logits.shape[1], -1)
+        else:  # routed: DAPL's own class read-out would be computed for nothing
+            dapl = self.dapl(moving, reference, read_class=False)
+            slice_class_probs = class_probs[:, None].expand(-1, self.slab_count(moving.shape[2:]), -1)
         # p weights the prompt guidance and ALSN's LoRA experts, but only L_ce trains it: p is
         # shown to the user as the degradation estimate, so it must stay a classifier's answer,
         # not whatever gate suits the fusion losses (their gradients would outweigh L_ce's).
@@ -125,6 +126,13 @@ class UniFuse(nn.Module):
         self._check_inputs(moving, reference)
         dapl = self.dapl(moving, reference, self.statistics_input(moving, moving))
         return torch.softmax(dapl.class_logits, dim=-1), torch.softmax(dapl.slice_class_logits, dim=-1)
+
+    def slab_count(self, spatial: tuple[int, ...] | torch.Size) -> int:
+        """S of the per-slab read-out for an input of this spatial shape: slabs of
+        ``slab_patches`` patch rows along z, the last one thinner (3-D); 1 in 2-D."""
+        if self.config.spatial_dims == 2:
+            return 1
+        return math.ceil((spatial[0] // self.config.patch_size) / self.config.slab_patches)
 
     def statistics_input(self, acquired: torch.Tensor | None, moving: torch.Tensor) -> torch.Tensor | None:
         """What DAPL takes the moving image's patch statistics on: ``acquired`` when the config

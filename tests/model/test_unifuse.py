@@ -302,3 +302,31 @@ def test_classify_reads_the_pair_as_given_and_given_probabilities_route_refine()
     moved = warp(moving, routed_clean.displacement, padding_mode="border")  # FA's (untrained) correction
     torch.testing.assert_close(routed_clean.restored, moved.clamp(0, 1))
     assert (routed.restored - moved).abs().mean() > 0.05
+
+
+def test_a_routed_refine_skips_the_class_read_out_and_gives_the_same_images(monkeypatch):
+    """With p given, DAPL's classifier and patch statistics would be computed for nothing: they
+    are skipped, the per-slab p keeps the read-out's number of slabs, and nothing else changes."""
+    config = dataclasses.replace(UniFuseConfig.small(3), readout_patch_statistics=True,
+                                 statistics_before_alignment=True)
+    torch.manual_seed(0)
+    model = UniFuse(config).eval()
+    _trained_looking_heads(model)
+    shape = (40, 16, 16)  # several slabs along z, the last one thinner
+    moving, reference = _pair(config, shape, batch=1)
+    zero = torch.zeros(1, 3, *shape)
+    given = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
+    with torch.no_grad():
+        own = model.refine(moving, reference, zero, acquired=moving)
+        classifier_calls = []
+        model.dapl.classifier.register_forward_hook(lambda *args: classifier_calls.append(1))
+        routed = model.refine(moving, reference, zero, acquired=moving, class_probs=given)
+        assert not classifier_calls and routed.class_logits is None
+        read_anyway = model.dapl.forward
+        monkeypatch.setattr(model.dapl, "forward", lambda *a, **k: read_anyway(*a, **{**k, "read_class": True}))
+        routed_with_read_out = model.refine(moving, reference, zero, acquired=moving, class_probs=given)
+    assert classifier_calls  # the comparison run did read the class
+    assert routed.slice_class_probs.shape == own.slice_class_probs.shape
+    assert own.slice_class_probs.shape[1] == model.slab_count(shape) > 1
+    for name in ("fused", "restored", "displacement"):
+        torch.testing.assert_close(getattr(routed, name), getattr(routed_with_read_out, name), rtol=0, atol=0)
