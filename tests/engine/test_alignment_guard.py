@@ -317,6 +317,35 @@ def test_the_same_3d_pair_gives_the_same_result_on_every_run(untrained_3d):
     np.testing.assert_array_equal(first.fused.array, second.fused.array)
 
 
+def test_simpleitk_registers_on_its_own_thread_while_the_classify_stage_runs(untrained_3d, monkeypatch):
+    """SimpleITK runs on one ITK thread (for repeatability), so the engine starts it as soon as
+    the pair is on one grid and reads the degradation meanwhile."""
+    import threading
+
+    classify_started = threading.Event()
+    seen: dict[str, object] = {}
+    read_class = FusionEngine._classify_on_grid
+
+    def classify_on_grid(self, *args, **kwargs):
+        classify_started.set()
+        return read_class(self, *args, **kwargs)
+
+    def register(reference, moving, geometry):
+        seen["overlapped"] = classify_started.wait(timeout=30)  # never set if the stages ran in turn
+        seen["thread"] = threading.current_thread().name
+        return np.zeros((3, *reference.shape), dtype=np.float32)
+
+    monkeypatch.setattr(FusionEngine, "_classify_on_grid", classify_on_grid)
+    monkeypatch.setattr(inference, "register_sitk", register)
+    mr, pet = multimodal_pair((32, 32, 32))
+    result = FusionEngine(untrained_3d, device="cpu").run_fusion(
+        ImageVolume(mr, Geometry.identity(3)), ImageVolume(pet, Geometry.identity(3)), quality=False)
+
+    assert seen == {"overlapped": True, "thread": "unifuse-simpleitk"}
+    assert "initial_alignment" in result.provenance  # the zero field was weighed against the matching's
+    assert CLASSICAL_STAGE in result.provenance["timings_s"]
+
+
 def test_a_failed_simpleitk_registration_leaves_the_matching_with_a_warning(untrained_3d):
     """A constant moving volume: SimpleITK's optimiser has nothing to follow and ITK throws."""
     mr, _ = multimodal_pair((32, 32, 32))
