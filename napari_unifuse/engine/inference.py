@@ -8,20 +8,24 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
 1. ``validate``  refuse inputs the model cannot use, with a message naming the image.
 2. ``normalise`` map each image to [0, 1] (``io.normalize_intensity``; the mapping is recorded).
    An RGB PET/SPECT image gives its luma Y to the model; its chroma CbCr is carried along.
+3. ``resample``  put the moving image on the reference grid in physical space
+   (``io.resample_to_reference``), so the network only predicts the residual misalignment. Where
+   SimpleITK competes (``classical registration`` below) its registration starts here, on a
+   thread of its own (one ITK thread, so that its field repeats), beside ``classify`` and the
+   matching.
    ``classify``  (methods that estimate the degradation) read it on the moving image as given, on
                  its own grid and before any move, the reference resampled onto that grid
                  (interpolation would smooth the noise, ghosts and streaks the head reads), and on a
                  coarser copy where the checkpoint is calibrated for it (``engine.coarse_readout``).
                  Every tile of ``fuse`` is routed by that reading, which is the result's class (the
                  provenance's ``degradation_read_on``).
-3. ``resample``  put the moving image on the reference grid in physical space
-   (``io.resample_to_reference``), so the network only predicts the residual misalignment.
 4. ``fuse``      pad to the method's size multiple, move the moving image by the method's initial
                  alignment (once, on the whole input), run its tile prediction over blended tiles,
                  crop back.
    ``classical registration``  (methods that refine the alignment, 3-D volumes) SimpleITK's
-                 rigid + B-spline field competes with the matching's under the alignment guard's
-                 rule; the winner is the initial alignment the network refines (see ``CLASSICAL_STAGE``).
+                 rigid + B-spline field (waited for here) competes with the matching's under the
+                 alignment guard's rule; the winner is the initial alignment the network refines
+                 (see ``CLASSICAL_STAGE``).
 5. ``guard``     (guarded methods: UniFuse, MMIF-AMIN after a registration)
                  ``engine.alignment_guard``: keep the identity, the initial field (matching or
                  SimpleITK) or the network's (UniFuse), whichever beats the simpler ones by more
