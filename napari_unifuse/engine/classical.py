@@ -8,7 +8,8 @@ of shape ``(ndim, *spatial)`` in reference voxels, array-axis order, sampling ``
 * ``sitk`` -- SimpleITK: rigid (Euler, Mattes MI, 3-level pyramid), then a cubic B-spline (Mattes
   MI, L-BFGS-B) on top of it; the composite is sampled with ``sitk.TransformToDisplacementField``.
 * ``ants`` -- ANTsPy ``ants.registration(type_of_transform="SyN")`` (affine + SyN), the forward
-  transforms composed into one field by ``ants.apply_transforms(compose=...)``.
+  transforms composed into one field by ``ants.apply_transforms(compose=...)``; seeded and on one
+  ITK thread, so that it repeats itself as ``sitk`` does.
 * ``matching`` -- UniFuse's own parameter-free first step alone (``model.matching``: MIND block
   matching, robust rigid fit, smooth local correction, with the paper preset's step and range), so
   that an evaluation shows what the trained network adds to it.
@@ -30,12 +31,14 @@ Manjunath & Mitra 1995).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pywt
@@ -73,6 +76,9 @@ _MI_BINS = 32
 _RIGID_SAMPLES = 20_000
 _BSPLINE_SAMPLES = 5_000
 _SAMPLING_SEED = 20_251
+# ANTs's own copy of ITK reads its thread count from this variable, once: the first time it runs in
+# the process.
+_ITK_THREADS_VARIABLE = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
 # Control-point intervals of the B-spline mesh per axis: the synthetic misalignment has 5 control
 # points across an axis, i.e. 4 intervals.
 DEFAULT_BSPLINE_MESH = 4
@@ -201,14 +207,36 @@ def register_ants(reference: np.ndarray, moving: np.ndarray, geometry: Geometry)
         raise UniFuseError("ANTsPy is not installed (pip install antspyx); the 'ants' registration is unavailable")
     import ants
 
-    fixed = ants.from_sitk(ImageVolume(reference, geometry).to_sitk())
-    moved = ants.from_sitk(ImageVolume(moving, geometry).to_sitk())
-    with tempfile.TemporaryDirectory(prefix="unifuse-ants-") as folder:
+    with _repeatable_ants(ants), tempfile.TemporaryDirectory(prefix="unifuse-ants-") as folder:
+        fixed = ants.from_sitk(ImageVolume(reference, geometry).to_sitk())
+        moved = ants.from_sitk(ImageVolume(moving, geometry).to_sitk())
         result = ants.registration(fixed, moved, type_of_transform="SyN", outprefix=f"{folder}/reg_")
         composed = ants.apply_transforms(fixed, moved, result["fwdtransforms"], compose=f"{folder}/fwd_")
         if composed is None:
             raise UniFuseError("ANTs did not write the composed forward transform")
         return read_displacement(composed, geometry)
+
+
+@contextmanager
+def _repeatable_ants(ants: ModuleType) -> Iterator[None]:
+    """A fixed seed for ANTs's metric sampling (else drawn from the clock) and one ITK thread (else
+    the metric's sums arrive in no fixed order): with neither, three runs on one 96² pair gave fields
+    up to 2.7 px apart; with both, bitwise the same. antspy's ``set_ants_deterministic`` does the
+    same but also reseeds NumPy's and Python's global generators, so this sets only what
+    ``ants.registration`` reads (``ants.config._random_seed``, passed as ``--random-seed``) and the
+    thread variable, and restores both. ANTs's ITK reads the variable the first time it runs in the
+    process (``ants.from_sitk`` already counts), so it is set around all of ANTs's work, every call."""
+    previous_seed, previous_threads = ants.config._random_seed, os.environ.get(_ITK_THREADS_VARIABLE)
+    ants.config._random_seed = _SAMPLING_SEED
+    os.environ[_ITK_THREADS_VARIABLE] = "1"
+    try:
+        yield
+    finally:
+        ants.config._random_seed = previous_seed
+        if previous_threads is None:
+            os.environ.pop(_ITK_THREADS_VARIABLE, None)
+        else:
+            os.environ[_ITK_THREADS_VARIABLE] = previous_threads
 
 
 def register_matching(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:
