@@ -27,7 +27,9 @@ not fusing; the report marks it with † (issue 16).
 Metrics (columns), all on [0, 1] intensities (the moving image's normalisation; RGB PET/SPECT on
 the luma Y): alignment NCC / MSE / SSIM of the aligned moving image vs the label, folding % and
 SDlogJ of the field, the mean end-point error against the ground-truth field (EPE, voxels) when
-it is known; the fusion metrics of the fused image vs (reference, label): those of
+it is known, over the whole grid (``epe``) and over the reference's tissue (``epe_tissue``, where
+``engine.alignment_guard.tissue_mask`` sees it: the background's true field is invisible to every
+method); the fusion metrics of the fused image vs (reference, label): those of
 ``metrics.fusion_metrics``, the SSIM gains ``gain_ref`` (over the label's own SSIM to the
 reference), ``gain_mov`` (over the reference's SSIM to the label) and ``gain_min`` (the smaller;
 0 for a copy), Chen–Blum ``Q_CB`` and Han's ``VIF_F``; ``bone_retention``, the mean fused
@@ -65,6 +67,7 @@ from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, warp_array
 from napari_unifuse.engine import classical
+from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.inference import FusionEngine
@@ -76,6 +79,7 @@ from napari_unifuse.io.image import Geometry
 from napari_unifuse.metrics import (
     METRIC_NAMES,
     bone_retention,
+    end_point_error,
     folding_percentage,
     fusion_metrics,
     q_cb,
@@ -88,7 +92,7 @@ from napari_unifuse.model.checkpoint import read_metadata
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 from napari_unifuse.training.harvard import case_of
 
-ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe")
+ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe", "epe_tissue")
 RESTORATION_COLUMNS = ("restored_ssim", "warped_input_ssim")
 # A = the reference, B = the label (the clean moving image), as for every fusion metric here.
 GAIN_COLUMNS = ("gain_ref", "gain_mov", "gain_min")
@@ -102,8 +106,8 @@ ALL_TASKS = "all"
 HARVARD_TASK_FOLDERS = {"CT": "CT-MRI", "PET": "PET-MRI", "SPECT": "SPECT-MRI"}
 UNIFUSE_METHOD = "UniFuse"
 # The issue's claims (alignment and fusion quality), compared pair by pair; errors: lower is better.
-PAIRED_COLUMNS = ("ncc", "epe", "Q_abf", "Q_ssim", "gain_min", *PERCEPTUAL_COLUMNS)
-LOWER_IS_BETTER = frozenset({"mse", "epe", "folding_pct", "sdlogj", "Q_mse", "Q_cv", TIME_COLUMN})
+PAIRED_COLUMNS = ("ncc", "epe", "epe_tissue", "Q_abf", "Q_ssim", "gain_min", *PERCEPTUAL_COLUMNS)
+LOWER_IS_BETTER = frozenset({"mse", "epe", "epe_tissue", "folding_pct", "sdlogj", "Q_mse", "Q_cv", TIME_COLUMN})
 # Sanity pipelines: fusion rules that fuse nothing, scored against this real rule on the same pair.
 COPY_RULES = ("copy-reference", "copy-moving")
 COPY_BASELINE_RULE = "average"
@@ -267,8 +271,10 @@ def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, refe
     values = registration_metrics(aligned, pair.label)
     values["folding_pct"] = folding_percentage(displacement)
     values["sdlogj"] = sd_log_jacobian(displacement)
-    values["epe"] = (float(np.linalg.norm(displacement - pair.displacement, axis=0).mean())
-                     if pair.displacement is not None else float("nan"))
+    known = pair.displacement is not None
+    values["epe"] = end_point_error(displacement, pair.displacement) if known else float("nan")
+    values["epe_tissue"] = (end_point_error(displacement, pair.displacement, tissue_mask(reference))
+                            if known else float("nan"))
     restores = warped_input is not None
     values["restored_ssim"] = values["ssim"] if restores else float("nan")
     values["warped_input_ssim"] = registration_metrics(warped_input, pair.label)["ssim"] if restores else float("nan")
@@ -507,7 +513,7 @@ def regime_section(regime: str, summary: list[dict], records: list[dict], method
         paired += rows
         text += (f"\n### {method_name} against each pipeline, pair by pair\n\nΔ: mean of "
                  f"{method_name} minus the other; wins: pairs where {method_name} is better (lower "
-                 "epe); p: two-sided Wilcoxon signed-rank test of the differences.\n\n"
+                 "epe and epe_tissue); p: two-sided Wilcoxon signed-rank test of the differences.\n\n"
                  + paired_markdown(rows))
     if regime != CSV_REGIME:
         text = f"## Misalignment: {regime}\n\n" + text
@@ -578,7 +584,8 @@ def run(args: argparse.Namespace) -> int:
         write_csv(paired_rows, args.out / "paired.csv")
     header = (f"# Evaluation of {', '.join(([str(args.checkpoint)] if engine is not None else []) + list(methods))}\n\n"
               f"{described}; mean ± std. Alignment (ncc, mse, ssim) "
-              "vs the clean label; epe: mean end-point error of the field (voxels); restored_ssim / "
+              "vs the clean label; epe / epe_tissue: mean end-point error of the field (voxels) over the "
+              "grid / over the reference's tissue; restored_ssim / "
               "warped_input_ssim: UniFuse's restored output / its degraded input warped by its own field, "
               "vs the label; fusion metrics vs (reference, label), gain_ref / gain_mov: SSIM to the "
               "reference / label beyond the other source's own, gain_min the smaller; classical pipelines "

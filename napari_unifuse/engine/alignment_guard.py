@@ -210,9 +210,14 @@ def _foreground_threshold(image: np.ndarray) -> float:
     return FOREGROUND_FRACTION * float(np.percentile(flat[::stride], 99))
 
 
+def tissue_mask(image: np.ndarray) -> np.ndarray:
+    """Where ``image`` shows tissue: above FOREGROUND_FRACTION of its 99th percentile (boolean)."""
+    return image > _foreground_threshold(image)
+
+
 def _tissue_points(reference: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Voxel indices (ndim, N) where the reference shows tissue, at most MAX_SAMPLES of them."""
-    points = np.argwhere(reference > _foreground_threshold(reference)).T
+    points = np.argwhere(tissue_mask(reference)).T
     if points.shape[1] > MAX_SAMPLES:
         points = points[:, np.sort(rng.choice(points.shape[1], MAX_SAMPLES, replace=False))]
     return points

@@ -7,7 +7,8 @@
 * ``q_cb`` (Chen–Blum) and ``vif_f`` (Han et al.) (``fusion_perceptual``): per-pixel weighted
   fusion metrics, which can still rank a copy above an average fusion.
 * ``bone_retention(fused, ct)`` (``retention``): mean fused intensity over the CT's bone.
-* ``registration_metrics(aligned, label, mask=None)``, ``jacobian_determinant(u)`` (a map),
+* ``registration_metrics(aligned, label, mask=None)``, ``end_point_error(u, truth, mask=None)``,
+  ``jacobian_determinant(u)`` (a map),
   ``folding_percentage(u)``, ``sd_log_jacobian(u)`` (``registration``).
 * ``local_misalignment_map(image, reference)``: MIND-based, for alignment without a label
   (``misalignment``).
@@ -33,6 +34,7 @@ from napari_unifuse.metrics.fusion_gradient import q_abf, q_cv
 from napari_unifuse.metrics.fusion_perceptual import q_cb, vif_f
 from napari_unifuse.metrics.misalignment import local_misalignment_map, mind_descriptor
 from napari_unifuse.metrics.registration import (
+    end_point_error,
     folding_percentage,
     jacobian_determinant,
     registration_metrics,
@@ -46,6 +48,7 @@ __all__ = [
     "SourceGains",
     "average_gradient",
     "bone_retention",
+    "end_point_error",
     "entropy",
     "folding_percentage",
     "fusion_metrics",

@@ -65,6 +65,28 @@ def registration_metrics(
     return {"mse": float(np.mean((x - y) ** 2)), "ncc": ncc, "ssim": ssim}
 
 
+def end_point_error(u: object, truth: object, mask: object | None = None) -> float:
+    """Mean end-point error |u(x) - truth(x)| (voxels) over the grid, or over ``mask`` only.
+
+    Where neither image shows anything (the background of a head), no registration can see the
+    true field, so an error there says more about extrapolation than about alignment; a ``mask``
+    of the tissue scores where a reader looks.
+    """
+    field, true_field = _check_displacement(u), _check_displacement(truth)
+    if field.shape != true_field.shape:
+        raise InputError(f"field shape {field.shape} differs from the true field's {true_field.shape}",
+                         "displacement")
+    error = np.linalg.norm(field - true_field, axis=0)
+    if mask is None:
+        return float(error.mean())
+    selected = np.asarray(mask, dtype=bool)
+    if selected.shape != error.shape:
+        raise InputError(f"mask shape {selected.shape} differs from the field's grid {error.shape}", "mask")
+    if not selected.any():
+        raise InputError("the mask selects no voxels", "mask")
+    return float(error[selected].mean())
+
+
 def _check_displacement(u: object) -> np.ndarray:
     field = np.asarray(u, dtype=np.float64)
     spatial_dims = field.ndim - 1

@@ -32,6 +32,7 @@ from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import warp_array
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
+from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import ImageVolume, normalize_intensity, read_image, write_image
 from napari_unifuse.io.fields import write_displacement
@@ -141,7 +142,7 @@ def test_writes_every_method_task_and_metric(evaluation):
     paired = read_csv(out / "paired.csv")
     assert {(row["task"], row["versus"]) for row in paired} == {
         (task, method) for method in CLASSICAL + COPIES for task in ("t1-t2", "mri-pet")}
-    for column in ("ncc", "epe", "Q_abf", "Q_ssim", "gain_min", "Q_CB", "VIF_F"):
+    for column in ("ncc", "epe", "epe_tissue", "Q_abf", "Q_ssim", "gain_min", "Q_CB", "VIF_F"):
         assert f"{column}_p" in paired[0]
     assert "UniFuse (tiny-2d) against each pipeline, pair by pair" in markdown
 
@@ -155,6 +156,11 @@ def test_values_are_consistent_with_the_pairs(evaluation, pairs_csv):
         # The identity field is zero: its error is the true field's mean length, and it never folds.
         expected_epe = np.linalg.norm(true_field, axis=0).mean()
         assert float(identity["epe"]) == pytest.approx(expected_epe, rel=1e-4)
+        # ... and over the tissue, the true field's mean length where the reference shows tissue.
+        reference = unit_intensities(read_image(pairs_csv[0].parent / moving_name.replace("moving", "reference")))[0]
+        expected_tissue_epe = np.linalg.norm(true_field, axis=0)[tissue_mask(reference)].mean()
+        assert float(identity["epe_tissue"]) == pytest.approx(expected_tissue_epe, rel=1e-4)
+        assert float(by_key[moving_name, "sitk + max"]["epe_tissue"]) < expected_tissue_epe
         assert float(identity["folding_pct"]) == 0.0
         # Registration must help on these synthetic misalignments.
         assert float(by_key[moving_name, "sitk + max"]["ncc"]) > float(identity["ncc"]) + 0.05
@@ -163,7 +169,7 @@ def test_values_are_consistent_with_the_pairs(evaluation, pairs_csv):
         assert by_key[moving_name, "sitk + max"]["ncc"] == by_key[moving_name, "sitk + wavelet"]["ncc"]
         assert by_key[moving_name, "sitk + max"]["Q_abf"] != by_key[moving_name, "sitk + wavelet"]["Q_abf"]
     colour = by_key["pet_moving.png", "UniFuse (tiny-2d)"]
-    assert colour["epe"] == "nan"  # no ground-truth field for this pair
+    assert colour["epe"] == colour["epe_tissue"] == "nan"  # no ground-truth field for this pair
     assert colour["class_accuracy"] == "nan"  # nor a known degradation
     assert float(colour["seconds"]) > 0 and np.isfinite(float(colour["Q_abf"]))
     for pair in {row["pair"] for row in rows}:

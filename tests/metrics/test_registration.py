@@ -14,7 +14,13 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from napari_unifuse.errors import InputError
-from napari_unifuse.metrics import folding_percentage, jacobian_determinant, registration_metrics, sd_log_jacobian
+from napari_unifuse.metrics import (
+    end_point_error,
+    folding_percentage,
+    jacobian_determinant,
+    registration_metrics,
+    sd_log_jacobian,
+)
 
 
 def test_identical_images_score_perfectly(source_pair):
@@ -138,3 +144,27 @@ def test_bad_displacement_fields_raise_input_error():
         folding_percentage(np.zeros((2, 4, 30)))
     with pytest.raises(InputError, match="NaN"):
         jacobian_determinant(np.full((2, 6, 6), np.nan))
+
+
+def test_end_point_error_over_the_grid_and_inside_a_mask():
+    truth = np.zeros((2, 6, 8))
+    truth[0, :3] = 3.0  # the top half moves 3 voxels along y, the bottom half stays
+    estimate = np.zeros_like(truth)
+    estimate[1, :3] = 4.0  # the top half estimated 4 voxels along x: |(-3, 4)| = 5 there
+    assert end_point_error(estimate, truth) == pytest.approx(2.5)
+    top = np.zeros((6, 8), dtype=bool)
+    top[:3] = True
+    assert end_point_error(estimate, truth, top) == pytest.approx(5.0)
+    assert end_point_error(estimate, truth, ~top) == 0.0
+    rng = np.random.default_rng(3)
+    u, v = rng.normal(size=(2, 3, 5, 6, 7))
+    assert end_point_error(u, v) == pytest.approx(np.sqrt(((u - v) ** 2).sum(axis=0)).mean())
+
+
+def test_end_point_error_refuses_mismatched_inputs():
+    with pytest.raises(InputError, match="true field"):
+        end_point_error(np.zeros((2, 6, 6)), np.zeros((2, 6, 7)))
+    with pytest.raises(InputError, match="mask shape"):
+        end_point_error(np.zeros((2, 6, 6)), np.zeros((2, 6, 6)), np.ones((5, 6), dtype=bool))
+    with pytest.raises(InputError, match="no voxels"):
+        end_point_error(np.zeros((2, 6, 6)), np.zeros((2, 6, 6)), np.zeros((6, 6), dtype=bool))
