@@ -131,12 +131,15 @@ def register_identity(reference: np.ndarray, moving: np.ndarray, geometry: Geome
 
 
 def register_sitk(
-    reference: np.ndarray, moving: np.ndarray, geometry: Geometry, *, bspline_mesh: int = DEFAULT_BSPLINE_MESH
+    reference: np.ndarray, moving: np.ndarray, geometry: Geometry, *, bspline_mesh: int = DEFAULT_BSPLINE_MESH,
+    reference_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rigid (Euler) then B-spline, both by Mattes mutual information; returns ``u`` in voxels.
-    The same pair gives the same field on every run (fixed sampling seed, one ITK thread)."""
+    The same pair gives the same field on every run (fixed sampling seed, one ITK thread).
+    ``reference_mask`` (boolean, the reference's shape): where the metric samples the reference,
+    e.g. its tissue; everywhere when None."""
     with _one_itk_thread():
-        return _register_sitk(reference, moving, geometry, bspline_mesh)
+        return _register_sitk(reference, moving, geometry, bspline_mesh, reference_mask)
 
 
 @contextmanager
@@ -153,13 +156,20 @@ def _one_itk_thread() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
 
-def _register_sitk(reference: np.ndarray, moving: np.ndarray, geometry: Geometry, bspline_mesh: int) -> np.ndarray:
+def _register_sitk(reference: np.ndarray, moving: np.ndarray, geometry: Geometry, bspline_mesh: int,
+                   reference_mask: np.ndarray | None) -> np.ndarray:
     fixed = ImageVolume(reference, geometry).to_sitk()
     moved = ImageVolume(moving, geometry).to_sitk()
+    mask = None
+    if reference_mask is not None:
+        if reference_mask.shape != reference.shape:
+            raise InputError(f"mask shape {reference_mask.shape} differs from the reference's {reference.shape}",
+                             "reference_mask")
+        mask = ImageVolume(reference_mask.astype(np.uint8), geometry).to_sitk()
     euler = sitk.Euler2DTransform() if reference.ndim == 2 else sitk.Euler3DTransform()
     initial = sitk.CenteredTransformInitializer(fixed, moved, euler,
                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    rigid_stage = _mattes_registration(_RIGID_SHRINK, _RIGID_SMOOTH, reference.shape, _RIGID_SAMPLES)
+    rigid_stage = _mattes_registration(_RIGID_SHRINK, _RIGID_SMOOTH, reference.shape, _RIGID_SAMPLES, mask)
     rigid_stage.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=_RIGID_ITERATIONS, relaxationFactor=0.5)
     rigid_stage.SetOptimizerScalesFromPhysicalShift()
@@ -167,7 +177,7 @@ def _register_sitk(reference: np.ndarray, moving: np.ndarray, geometry: Geometry
     rigid = _execute(rigid_stage, fixed, moved)
 
     bspline = sitk.BSplineTransformInitializer(fixed, [bspline_mesh] * reference.ndim)
-    bspline_stage = _mattes_registration(_BSPLINE_SHRINK, _BSPLINE_SMOOTH, reference.shape, _BSPLINE_SAMPLES)
+    bspline_stage = _mattes_registration(_BSPLINE_SHRINK, _BSPLINE_SMOOTH, reference.shape, _BSPLINE_SAMPLES, mask)
     bspline_stage.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=_BSPLINE_ITERATIONS,
                                        costFunctionConvergenceFactor=_BSPLINE_COST_CONVERGENCE)
     # ITK applies the optimised transform first, then the moving initial one: p -> rigid(bspline(p)).
@@ -265,9 +275,11 @@ _REGISTER: dict[str, Callable[[np.ndarray, np.ndarray, Geometry], np.ndarray]] =
 
 
 def _mattes_registration(shrink: tuple[int, ...], smooth: tuple[float, ...], shape: tuple[int, ...],
-                         samples: int) -> sitk.ImageRegistrationMethod:
+                         samples: int, mask: sitk.Image | None) -> sitk.ImageRegistrationMethod:
     stage = sitk.ImageRegistrationMethod()
     stage.SetMetricAsMattesMutualInformation(numberOfHistogramBins=_MI_BINS)
+    if mask is not None:
+        stage.SetMetricFixedMask(mask)
     stage.SetMetricSamplingStrategy(stage.RANDOM)
     stage.SetMetricSamplingPercentage(min(1.0, samples / float(np.prod(shape))), _SAMPLING_SEED)
     stage.SetInterpolator(sitk.sitkLinear)

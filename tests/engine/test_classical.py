@@ -53,6 +53,18 @@ def test_translation_recovered_with_sign_and_axis_order(method, tolerance, trans
     assert registration_metrics(result.aligned, label)["ncc"] > 0.95
 
 
+def test_sitk_samples_the_metric_inside_the_reference_mask_only(translated_pair):
+    reference, label, moving, _ = translated_pair
+    geometry = Geometry.identity(2)
+    head = reference > 0.05
+    masked = classical.register_sitk(reference, moving, geometry, reference_mask=head)
+    np.testing.assert_allclose(masked[INTERIOR].reshape(2, -1).mean(axis=1), SHIFT_VOXELS, atol=0.3)
+    # Samples outside the head are dropped, so the optimiser sees other samples than without a mask.
+    assert np.abs(masked - classical.register_sitk(reference, moving, geometry)).max() > 1e-4
+    with pytest.raises(InputError, match="mask shape"):
+        classical.register_sitk(reference, moving, geometry, reference_mask=head[:-1])
+
+
 def test_field_is_in_voxels_on_anisotropic_grid(translated_pair):
     # 1.5 mm × 0.8 mm pixels: a field left in mm would read (4.5, -4.0), not the voxel shift.
     reference, _, moving, _ = translated_pair
