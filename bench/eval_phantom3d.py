@@ -55,7 +55,7 @@ def main() -> None:
             data["misalignment"].pop("regimes", None)
             # More crops than training validated on come from the same validation stream, so
             # that a larger sample narrows the accuracy's interval without touching training's crops.
-            data["val_length"] = max(int(data.get("val_length", 16)), args.batches * args.batch_size)
+            data["val_length"] = max(int(data.get("val_length", 16)), crops)
             _, validation = build_datasets(data, seed=training["seed"], spatial_dims=3)
             loader = DataLoader(validation, batch_size=args.batch_size)
             scores = validate(model, loader, torch.device("cpu"), args.batches)

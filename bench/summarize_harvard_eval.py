@@ -8,8 +8,9 @@ regimes with degraded inputs, and co-registered clean pairs) and prints:
 
 * fusion: UniFuse beside max / average / wavelet fusion of the matching's aligned pair and the two
   copies (gain_min, which a copy cannot win, then the papers' metrics);
-* alignment: end-point error (over the grid and over the reference's tissue) and NCC of UniFuse, identity, the matching, the dense instance
-  optimisation and SimpleITK, with UniFuse's wins over identity, and (``none``) the pairs it moved;
+* alignment: end-point error (over the grid and over the reference's tissue) and NCC of UniFuse,
+  identity, the matching, the dense instance optimisation and SimpleITK, with UniFuse's wins over
+  identity, and (``none``) the pairs it moved;
 * restoration: per task and true degradation class (the pairs are rebuilt with the checkpoint's
   split and seed to recover it), the restored output's SSIM to the clean label beside the degraded
   input warped by the same field.
@@ -76,7 +77,8 @@ def alignment_table(rows: list[dict], unifuse: str, regime: str) -> list[str]:
         cells = []
         for name in names:
             members = [r for r in rows if r["task"] == task and r["method"] == name]
-            cells.append(f"{_mean(members, 'epe'):.2f} / {_mean(members, 'epe_tissue'):.2f} / {_mean(members, 'ncc'):.3f}")
+            cells.append(" / ".join(f"{_mean(members, column):.{digits}f}"
+                                    for column, digits in (("epe", 2), ("epe_tissue", 2), ("ncc", 3))))
         ours = {r["pair"]: r for r in rows if r["task"] == task and r["method"] == unifuse}
         identity = {r["pair"]: r for r in rows if r["task"] == task and r["method"] == "identity + max"}
         ncc_wins = sum(ours[p]["ncc"] > identity[p]["ncc"] for p in ours)
@@ -124,7 +126,8 @@ def main() -> None:
                      "Fusion (fused vs reference and clean label; the classical rules fuse the matching's aligned, "
                      "still degraded image; the copies fuse nothing):", "", *fusion_table(rows, unifuse), "",
                      "Alignment (end-point error in px vs the synthesised field, over the grid and over the "
-                     "reference's tissue, NCC of the aligned image to the clean label):", "", *alignment_table(rows, unifuse, regime), "",
+                     "reference's tissue, NCC of the aligned image to the clean label):", "",
+                     *alignment_table(rows, unifuse, regime), "",
                      "Restoration (UniFuse's restored output and its degraded input warped by the same field, "
                      "vs the clean label):", "", *restoration_table(rows, unifuse, degradations), ""]
     text = "\n".join(sections)
