@@ -8,7 +8,8 @@ its length, or ``--batches`` x ``--batch-size`` crops of the same validation str
 more), one task and one misalignment regime at a time, scored by
 ``training.validation.validate``: the fused image's smaller per-source gain, the restored image's
 SSIM to the clean label beside the degraded input warped by the same field, end-point error, and
-class accuracy with its Wilson 95 % interval (a row of 12 crops cannot tell 0.92 from 0.99).
+class accuracy with its Wilson 95 % interval (a row of 12 crops cannot tell 0.92 from 0.99), and
+the accuracy on the clean and on the degraded crops alone.
 Writes a markdown table (stdout, and ``--out``).
 """
 
@@ -26,7 +27,8 @@ from napari_unifuse.model.checkpoint import load_checkpoint, read_metadata
 from napari_unifuse.training.datasets import build_datasets
 from napari_unifuse.training.validation import validate
 
-COLUMNS = ("fusion_gain_min", "ssim_restored", "ssim_warped_input", "epe_voxels", "class_accuracy")
+COLUMNS = ("fusion_gain_min", "ssim_restored", "ssim_warped_input", "epe_voxels", "class_accuracy",
+           "class_accuracy_clean", "class_accuracy_degraded")
 
 
 def accuracy_interval(accuracy: float, crops: int) -> str:

@@ -14,7 +14,9 @@ Scores, averaged over samples (``label`` is the clean moving image aligned by th
   input (doing nothing), with the label.
 * ``epe_voxels``: mean end-point error |φ − φ_gt| of the predicted displacement, voxels.
 * ``q_ssim``: the paper's fusion score, reported but not a criterion (a copy scores high on it).
-* ``class_accuracy``: degradation classification accuracy.
+* ``class_accuracy``: degradation classification accuracy; ``class_accuracy_clean`` and
+  ``class_accuracy_degraded`` the same on the clean and on the degraded samples alone (NaN when
+  there are none), which tell a head that misses artefacts from one that invents them.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.model import UniFuse
 from napari_unifuse.model.warp import warp
 from napari_unifuse.training.losses import ssim
+
+_CLEAN_CLASS = DEGRADATION_CLASSES.index("none")
 
 
 @torch.no_grad()
@@ -36,7 +41,7 @@ def validate(model: UniFuse, loader: DataLoader, device: torch.device, max_batch
     model.eval()
     scores: dict[str, list[float]] = {name: [] for name in (
         "fusion_gain_min", "ssim_restored", "ssim_warped_input", "ncc_restored", "ncc_input", "epe_voxels",
-        "q_ssim", "class_accuracy")}
+        "q_ssim", "class_accuracy", "class_accuracy_clean", "class_accuracy_degraded")}
     for batch_index, batch in enumerate(loader):
         if max_batches is not None and batch_index >= max_batches:
             break
@@ -56,7 +61,10 @@ def validate(model: UniFuse, loader: DataLoader, device: torch.device, max_batch
             scores["fusion_gain_min"].append(ssim_gains(fused_i, reference_i, label_i).minimum)
             scores["q_ssim"].append(q_ssim(fused_i, label_i, reference_i))
             scores["epe_voxels"].append(float(error[i].mean()))
-            scores["class_accuracy"].append(float(predicted_class[i] == batch["class_index"][i]))
+            right = float(predicted_class[i] == batch["class_index"][i])
+            scores["class_accuracy"].append(right)
+            clean = int(batch["class_index"][i]) == _CLEAN_CLASS
+            scores["class_accuracy_clean" if clean else "class_accuracy_degraded"].append(right)
     model.train(was_training)
     # nanmean: NCC is NaN for a constant image (e.g. an untrained model's flat output).
     return {name: float(np.nanmean(values)) if values else float("nan") for name, values in scores.items()}

@@ -1,0 +1,62 @@
+"""Validation scores: the class accuracy split into clean and degraded samples."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.training import datasets
+from napari_unifuse.training.validation import validate
+
+
+def _tiny_2d() -> UniFuse:
+    torch.manual_seed(0)
+    config = UniFuseConfig.from_dict({
+        **UniFuseConfig.small(spatial_dims=2).to_dict(), "feature_channels": 2, "embed_dim": 8, "d_state": 2,
+        "prompt_length": 2, "regblock_channels": (8, 4), "unet_channels": (4, 8), "lora_rank": 1,
+    })
+    return UniFuse(config).eval()
+
+
+def _loader(none_fraction: float) -> list[dict[str, torch.Tensor]]:
+    pairs = datasets.PhantomPairs(seed=3, stream=datasets.VALIDATION_STREAM, none_fraction=none_fraction, length=8,
+                                  spatial_dims=2, shapes=[(24, 48, 48)], crop=(32, 32))
+    samples = [pairs[index] for index in range(len(pairs))]
+    return [{key: torch.stack([sample[key] for sample in samples[start:start + 4]]) for key in samples[0]}
+            for start in (0, 4)]
+
+
+class _SaysNone(torch.nn.Module):
+    """The tiny network with a head that names every sample "none": right on exactly the clean ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.network = _tiny_2d()
+
+    def forward(self, moving: torch.Tensor, reference: torch.Tensor):
+        output = self.network(moving, reference)
+        logits = torch.zeros_like(output.class_logits)
+        logits[:, DEGRADATION_CLASSES.index("none")] = 1.0
+        return dataclasses.replace(output, class_logits=logits)
+
+
+def test_class_accuracy_is_split_into_clean_and_degraded_samples():
+    loader = _loader(none_fraction=0.5)
+    truth = torch.cat([batch["class_index"] for batch in loader])
+    clean_fraction = float((truth == DEGRADATION_CLASSES.index("none")).float().mean())
+    assert 0 < clean_fraction < 1, "the test needs clean and degraded samples"
+    scores = validate(_SaysNone(), loader, torch.device("cpu"))
+    assert scores["class_accuracy"] == pytest.approx(clean_fraction)
+    assert scores["class_accuracy_clean"] == 1.0
+    assert scores["class_accuracy_degraded"] == 0.0
+
+
+def test_a_split_without_clean_samples_has_no_clean_accuracy():
+    scores = validate(_tiny_2d(), _loader(none_fraction=0.0), torch.device("cpu"))
+    assert math.isnan(scores["class_accuracy_clean"])
+    assert 0.0 <= scores["class_accuracy_degraded"] <= 1.0
