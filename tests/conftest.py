@@ -21,3 +21,20 @@ def small_3d_samples(monkeypatch):
     from napari_unifuse.data import samples
 
     monkeypatch.setattr(samples, "SAMPLE_SHAPE_3D", samples.SMALL_SAMPLE_SHAPE_3D)
+
+
+@pytest.fixture
+def smallest_unifuse():
+    """``build(spatial_dims)``: the smallest UniFuse the config allows, seeded, for tests whose cost
+    is the network per voxel or that only need its outputs' layout."""
+    from napari_unifuse.model import UniFuse, UniFuseConfig
+
+    def build(spatial_dims: int) -> UniFuse:
+        torch.manual_seed(0)
+        config = UniFuseConfig.from_dict({
+            **UniFuseConfig.small(spatial_dims=spatial_dims).to_dict(), "feature_channels": 2, "embed_dim": 8,
+            "d_state": 2, "prompt_length": 2, "regblock_channels": (8, 4), "unet_channels": (4, 8), "lora_rank": 1,
+        })
+        return UniFuse(config)
+
+    return build

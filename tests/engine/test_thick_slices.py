@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.metrics import registration_metrics
-from napari_unifuse.model import UniFuse, UniFuseConfig
 
 SLICES, SIDE = 24, 512
 SPACING_MM = (5.0, 0.5, 0.5)
 SHIFT_PX = 4  # in-plane misalignment of the moving image, along x
-
-
-def tiny_3d() -> UniFuse:
-    """The smallest UniFuse the config allows: the cost of the test is the network per voxel."""
-    torch.manual_seed(0)
-    config = UniFuseConfig.from_dict({
-        **UniFuseConfig.small(spatial_dims=3).to_dict(), "feature_channels": 2, "embed_dim": 8, "d_state": 2,
-        "prompt_length": 2, "regblock_channels": (8, 4), "unet_channels": (4, 8), "lora_rank": 1,
-    })
-    return UniFuse(config)
 
 
 def head(shift_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -50,10 +38,10 @@ def thick_pair():
     return reference, moving, truth
 
 
-def test_a_512x512x24_pair_with_5mm_slices_fuses_sanely(thick_pair):
+def test_a_512x512x24_pair_with_5mm_slices_fuses_sanely(thick_pair, smallest_unifuse):
     reference, moving, truth = thick_pair
 
-    result = FusionEngine(tiny_3d(), device="cpu").run_fusion(reference, moving)
+    result = FusionEngine(smallest_unifuse(3), device="cpu").run_fusion(reference, moving)
 
     assert result.fused.array.shape == (SLICES, SIDE, SIDE) and result.aligned.array.shape == (SLICES, SIDE, SIDE)
     assert result.fused.geometry.allclose(reference.geometry)

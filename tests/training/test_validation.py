@@ -9,18 +9,8 @@ import pytest
 import torch
 
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
-from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.training import datasets
 from napari_unifuse.training.validation import validate
-
-
-def _tiny_2d() -> UniFuse:
-    torch.manual_seed(0)
-    config = UniFuseConfig.from_dict({
-        **UniFuseConfig.small(spatial_dims=2).to_dict(), "feature_channels": 2, "embed_dim": 8, "d_state": 2,
-        "prompt_length": 2, "regblock_channels": (8, 4), "unet_channels": (4, 8), "lora_rank": 1,
-    })
-    return UniFuse(config).eval()
 
 
 def _loader(none_fraction: float) -> list[dict[str, torch.Tensor]]:
@@ -34,9 +24,9 @@ def _loader(none_fraction: float) -> list[dict[str, torch.Tensor]]:
 class _SaysNone(torch.nn.Module):
     """The tiny network with a head that names every sample "none": right on exactly the clean ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
-        self.network = _tiny_2d()
+        self.network = network
 
     def forward(self, moving: torch.Tensor, reference: torch.Tensor):
         output = self.network(moving, reference)
@@ -45,18 +35,18 @@ class _SaysNone(torch.nn.Module):
         return dataclasses.replace(output, class_logits=logits)
 
 
-def test_class_accuracy_is_split_into_clean_and_degraded_samples():
+def test_class_accuracy_is_split_into_clean_and_degraded_samples(smallest_unifuse):
     loader = _loader(none_fraction=0.5)
     truth = torch.cat([batch["class_index"] for batch in loader])
     clean_fraction = float((truth == DEGRADATION_CLASSES.index("none")).float().mean())
     assert 0 < clean_fraction < 1, "the test needs clean and degraded samples"
-    scores = validate(_SaysNone(), loader, torch.device("cpu"))
+    scores = validate(_SaysNone(smallest_unifuse(2)), loader, torch.device("cpu"))
     assert scores["class_accuracy"] == pytest.approx(clean_fraction)
     assert scores["class_accuracy_clean"] == 1.0
     assert scores["class_accuracy_degraded"] == 0.0
 
 
-def test_a_split_without_clean_samples_has_no_clean_accuracy():
-    scores = validate(_tiny_2d(), _loader(none_fraction=0.0), torch.device("cpu"))
+def test_a_split_without_clean_samples_has_no_clean_accuracy(smallest_unifuse):
+    scores = validate(smallest_unifuse(2), _loader(none_fraction=0.0), torch.device("cpu"))
     assert math.isnan(scores["class_accuracy_clean"])
     assert 0.0 <= scores["class_accuracy_degraded"] <= 1.0
