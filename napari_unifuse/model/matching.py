@@ -142,11 +142,13 @@ def fit_rigid(positions: torch.Tensor, targets: torch.Tensor, weights: torch.Ten
         source_centre = (positions * w).sum(-1, keepdim=True)
         target_centre = (targets * w).sum(-1, keepdim=True)
         covariance = ((targets - target_centre) * w) @ (positions - source_centre).transpose(1, 2)
-        u, _, vh = torch.linalg.svd(covariance)
+        # On the CPU: cuSOLVER's SVD of a few tiny matrices costs orders of magnitude more than the
+        # CPU's (pytorch/pytorch#41306, #86234), and the fit waits for the result either way.
+        u, _, vh = torch.linalg.svd(covariance.cpu())
         # A reflection is no motion of a head: flip the last axis where det(U Vᵀ) < 0.
-        sign = torch.ones_like(covariance[:, 0])
+        sign = torch.ones_like(u[:, 0])
         sign[:, -1] = torch.linalg.det(u @ vh).sign()
-        rotation = u @ torch.diag_embed(sign) @ vh
+        rotation = (u @ torch.diag_embed(sign) @ vh).to(covariance.device)
         translation = target_centre - rotation @ source_centre
         residual = (rotation @ positions + translation - targets).norm(dim=1)
         robust = 1.0 / (1.0 + (residual / scale) ** 2)
