@@ -39,12 +39,18 @@ if [ -n "$WHEELS" ]; then
     sdists=("$WHEELS"/mamba_ssm-*.tar.gz)
     if [ -f "${sdists[0]}" ] && ! compgen -G "$WHEELS/mamba_ssm-*.whl" >/dev/null; then
         kernel_site=${KERNEL_SITE:-${TMPDIR:-/tmp}/unifuse-mamba-site}
-        # At most BUILD_BUDGET_S (default: 55 % of the budget), so that a slow build leaves time for
-        # the checks. A failed or stopped build leaves the checks to run without mamba-ssm: the scan
-        # check then reports it, and the fusion and training figures still come.
-        run timeout "${BUILD_BUDGET_S:-$(( BUDGET_S * 55 / 100 ))}" \
-            "$PYTHON" bench/build_scan_kernel.py "${sdists[-1]}" "$kernel_site" \
-            || echo "gpu_check.sh: the kernel build failed; the checks run without mamba-ssm" >&2
+        if compgen -G "$kernel_site/selective_scan_cuda*.so" >/dev/null && [ -d "$kernel_site/mamba_ssm" ]; then
+            # Built by an earlier run and carried back (the build is a third of the budget); one built
+            # for another torch fails to import, which the scan check reports.
+            echo "gpu_check.sh: reusing the kernel built in $kernel_site"
+        else
+            # At most BUILD_BUDGET_S (default: 55 % of the budget), so that a slow build leaves time
+            # for the checks. A failed or stopped build leaves the checks to run without mamba-ssm:
+            # the scan check then reports it, and the fusion and training figures still come.
+            run timeout "${BUILD_BUDGET_S:-$(( BUDGET_S * 55 / 100 ))}" \
+                "$PYTHON" bench/build_scan_kernel.py "${sdists[-1]}" "$kernel_site" \
+                || echo "gpu_check.sh: the kernel build failed; the checks run without mamba-ssm" >&2
+        fi
         export PYTHONPATH="$kernel_site${PYTHONPATH:+:$PYTHONPATH}"
     else
         mapfile -t requirements < <("$PYTHON" bench/gpu_check.py --print-cuda-requirements)

@@ -113,6 +113,14 @@ def test_the_shell_script_builds_the_kernel_from_an_sdist_for_this_gpu_alone(tmp
     assert f"bench/build_scan_kernel.py {tmp_path}/mamba_ssm-2.3.2.tar.gz {tmp_path}/site" in result.stdout
     assert " -m pip install " not in result.stdout
 
+    # A kernel built by an earlier run and carried back is used as it is.
+    (tmp_path / "site" / "mamba_ssm").mkdir(parents=True)
+    (tmp_path / "site" / "selective_scan_cuda.cpython-312-x86_64-linux-gnu.so").write_bytes(b"")
+    reused = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert reused.returncode == 0, reused.stderr
+    assert "build_scan_kernel.py" not in reused.stdout and f"reusing the kernel built in {tmp_path}/site" in reused.stdout
+
 
 @pytest.fixture
 def build_scan_kernel():
