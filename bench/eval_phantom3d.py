@@ -1,7 +1,7 @@
 """Per-task, per-regime validation of a 3-D checkpoint on the MNI152 phantoms.
 
     .venv/bin/python bench/eval_phantom3d.py [--checkpoint unifuse-3d-phantom] [--batches 6] [--batch-size 2]
-        [--out FILE.md]
+        [--tasks t1-t2 ...] [--regimes none ...] [--records FILE.jsonl] [--out FILE.md]
 
 The phantom validation split of the checkpoint's own training config (same shapes, crop and seed;
 its length, or ``--batches`` x ``--batch-size`` crops of the same validation stream when that is
@@ -10,12 +10,15 @@ more), one task and one misalignment regime at a time, scored by
 SSIM to the clean label beside the degraded input warped by the same field, end-point error, and
 class accuracy with its Wilson 95 % interval (a row of 12 crops cannot tell 0.92 from 0.99), and
 the accuracy on the clean and on the degraded crops alone.
-Writes a markdown table (stdout, and ``--out``).
+Writes a markdown table (stdout, and ``--out``); ``--records`` also writes one JSON line per crop
+(task, regime, true and predicted class, class probabilities, the input's SSIM to its label), for
+``bench/probe_motion_visibility.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -43,15 +46,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6, help="validation batches per task and regime")
     parser.add_argument("--batch-size", type=int, default=2,
                         help="crops per batch (the 3-D training's: 6 x 2 = 12 crops per task and regime)")
+    parser.add_argument("--tasks", nargs="+", help="default: every task of the training config")
+    parser.add_argument("--regimes", nargs="+", choices=MISALIGNMENT_REGIMES, default=list(MISALIGNMENT_REGIMES))
+    parser.add_argument("--records", type=Path, help="one JSON line per crop")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model, _ = load_checkpoint(args.checkpoint)
     training = read_metadata(args.checkpoint)["training_config"]
+    unknown = set(args.tasks or ()) - set(training["data"]["tasks"])
+    if unknown:
+        parser.error(f"tasks {sorted(unknown)} are not in the checkpoint's training config")
+    records: list[dict] = []
     crops = args.batches * args.batch_size
     rows = ["| task | regime | " + " | ".join(COLUMNS) + f" | class accuracy, 95 % interval ({crops} crops) |",
             "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
-    for task in training["data"]["tasks"]:
-        for regime in MISALIGNMENT_REGIMES:
+    for task in args.tasks or training["data"]["tasks"]:
+        for regime in args.regimes:
             data = {**training["data"], "tasks": [task],
                     "misalignment": {**(training["data"].get("misalignment") or {}), "regime": regime}}
             data["misalignment"].pop("regimes", None)
@@ -60,12 +70,16 @@ def main() -> None:
             data["val_length"] = max(int(data.get("val_length", 16)), crops)
             _, validation = build_datasets(data, seed=training["seed"], spatial_dims=3)
             loader = DataLoader(validation, batch_size=args.batch_size)
-            scores = validate(model, loader, torch.device("cpu"), args.batches)
+            crop_records: list[dict] = []
+            scores = validate(model, loader, torch.device("cpu"), args.batches, records=crop_records)
+            records.extend({"task": task, "regime": regime, **record} for record in crop_records)
             rows.append(f"| {task} | {regime} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS)
                         + f" | {accuracy_interval(scores['class_accuracy'], crops)} |")
             print(rows[-1], flush=True)
     table = "\n".join(rows)
     print(table)
+    if args.records:
+        args.records.write_text("".join(json.dumps(record) + "\n" for record in records))
     if args.out:
         args.out.write_text(f"# `{args.checkpoint}` on the phantom validation split\n\n{table}\n")
 

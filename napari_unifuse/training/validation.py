@@ -17,6 +17,10 @@ Scores, averaged over samples (``label`` is the clean moving image aligned by th
 * ``class_accuracy``: degradation classification accuracy; ``class_accuracy_clean`` and
   ``class_accuracy_degraded`` the same on the clean and on the degraded samples alone (NaN when
   there are none), which tell a head that misses artefacts from one that invents them.
+
+``records``, when given, receives one dict per sample: its true and predicted class, the class
+probabilities, and ``ssim_input``, the SSIM of the degraded, misaligned input to the label (with no
+misalignment: how much the degradation changed the image, i.e. how visible it is).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ _CLEAN_CLASS = DEGRADATION_CLASSES.index("none")
 
 
 @torch.no_grad()
-def validate(model: UniFuse, loader: DataLoader, device: torch.device, max_batches: int | None = None) -> dict[str, float]:
+def validate(model: UniFuse, loader: DataLoader, device: torch.device, max_batches: int | None = None,
+             records: list[dict] | None = None) -> dict[str, float]:
     from napari_unifuse.metrics import q_ssim, registration_metrics, ssim_gains
 
     was_training = model.training
@@ -53,6 +58,12 @@ def validate(model: UniFuse, loader: DataLoader, device: torch.device, max_batch
         scores["ssim_warped_input"].extend(ssim(warped_input, label).cpu().tolist())
         error = (output.displacement.cpu() - batch["displacement"]).norm(dim=1)
         predicted_class = output.class_logits.argmax(dim=1).cpu()
+        if records is not None:
+            probabilities = output.class_logits.softmax(dim=1).cpu()
+            records.extend({"class_index": int(truth), "predicted_class": int(predicted),
+                            "probabilities": p.tolist(), "ssim_input": float(similarity)}
+                           for truth, predicted, p, similarity in zip(batch["class_index"], predicted_class,
+                                                                      probabilities, ssim(moving, label).cpu()))
         for i in range(moving.shape[0]):
             label_i = batch["label"][i, 0].numpy()
             scores["ncc_restored"].append(registration_metrics(output.restored[i, 0].cpu().numpy(), label_i)["ncc"])

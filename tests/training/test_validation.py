@@ -50,3 +50,22 @@ def test_a_split_without_clean_samples_has_no_clean_accuracy(smallest_unifuse):
     scores = validate(smallest_unifuse(2), _loader(none_fraction=0.0), torch.device("cpu"))
     assert math.isnan(scores["class_accuracy_clean"])
     assert 0.0 <= scores["class_accuracy_degraded"] <= 1.0
+
+
+def test_records_hold_each_sample_with_its_prediction_and_visibility(smallest_unifuse):
+    loader = _loader(none_fraction=0.5)
+    records: list[dict] = []
+    scores = validate(_SaysNone(smallest_unifuse(2)), loader, torch.device("cpu"), records=records)
+    truth = torch.cat([batch["class_index"] for batch in loader]).tolist()
+    assert [record["class_index"] for record in records] == truth
+    assert {record["predicted_class"] for record in records} == {DEGRADATION_CLASSES.index("none")}
+    assert all(sum(record["probabilities"]) == pytest.approx(1.0) for record in records)
+    right = [record["class_index"] == record["predicted_class"] for record in records]
+    assert sum(right) / len(right) == pytest.approx(scores["class_accuracy"])
+    # The input's SSIM to its label: below 1 for a degraded input, 1 for one that is its label.
+    clean = DEGRADATION_CLASSES.index("none")
+    assert all(record["ssim_input"] < 0.99 for record in records if record["class_index"] != clean)
+    same = [{**batch, "moving": batch["label"]} for batch in loader]
+    records.clear()
+    validate(smallest_unifuse(2), same, torch.device("cpu"), records=records)
+    assert [record["ssim_input"] for record in records] == pytest.approx([1.0] * len(truth), abs=1e-5)
