@@ -70,9 +70,6 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         engine.run_fusion(pair.reference, pair.moving)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     seconds: dict[str, float] = collections.defaultdict(float)
     calls: collections.Counter = collections.Counter()
     load_before = os.getloadavg()
@@ -80,6 +77,9 @@ def main() -> None:
         for owner, name, label in WATCHED:
             stack.enter_context(mock.patch.object(owner, name, timed(seconds, calls, label, getattr(owner, name))))
         if args.torch_profile:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
             profiler = stack.enter_context(torch.profiler.profile(activities=activities))
         start = time.perf_counter()
         with benchmark.peak_memory(device) as memory:
