@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES
 from napari_unifuse.model.checkpoint import load_checkpoint, read_metadata
-from napari_unifuse.training.datasets import build_datasets
+from napari_unifuse.training.datasets import narrowed_validation
 from napari_unifuse.training.validation import validate
 
 COLUMNS = ("fusion_gain_min", "ssim_restored", "ssim_warped_input", "epe_voxels", "class_accuracy",
@@ -62,13 +62,8 @@ def main() -> None:
             "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
     for task in args.tasks or training["data"]["tasks"]:
         for regime in args.regimes:
-            data = {**training["data"], "tasks": [task],
-                    "misalignment": {**(training["data"].get("misalignment") or {}), "regime": regime}}
-            data["misalignment"].pop("regimes", None)
-            # More crops than training validated on come from the same validation stream, so
-            # that a larger sample narrows the accuracy's interval without touching training's crops.
-            data["val_length"] = max(int(data.get("val_length", 16)), crops)
-            _, validation = build_datasets(data, seed=training["seed"], spatial_dims=3)
+            validation = narrowed_validation(training["data"], seed=training["seed"], spatial_dims=3, task=task,
+                                             regime=regime, length=crops)
             loader = DataLoader(validation, batch_size=args.batch_size)
             crop_records: list[dict] = []
             scores = validate(model, loader, torch.device("cpu"), args.batches, records=crop_records)

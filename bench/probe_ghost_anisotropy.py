@@ -23,7 +23,7 @@ from scipy.stats import mannwhitneyu
 
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.model.checkpoint import read_metadata
-from napari_unifuse.training.datasets import build_datasets
+from napari_unifuse.training.datasets import narrowed_validation
 
 _MOTION, _CLEAN = DEGRADATION_CLASSES.index("motion"), DEGRADATION_CLASSES.index("none")
 
@@ -57,10 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     records = [json.loads(line) for line in args.records.read_text().splitlines() if line][:args.crops]
     training = read_metadata(args.checkpoint)["training_config"]
-    data = {**training["data"], "tasks": ["t1-t2"], "val_length": len(records),
-            "misalignment": {**(training["data"].get("misalignment") or {}), "regime": "none"}}
-    data["misalignment"].pop("regimes", None)
-    _, validation = build_datasets(data, seed=training["seed"], spatial_dims=3)
+    validation = narrowed_validation(training["data"], seed=training["seed"], spatial_dims=3, task="t1-t2",
+                                     regime="none", length=len(records))
     statistic, head, classes, visibility = [], [], [], []
     for index, record in enumerate(records):
         sample = validation[index]

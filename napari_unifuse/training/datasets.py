@@ -527,6 +527,19 @@ def build_datasets(data: dict[str, Any], *, seed: int,
     return MixedPairs([train for train, _ in splits]), MixedPairs([val for _, val in splits])
 
 
+def narrowed_validation(data: dict[str, Any], *, seed: int, spatial_dims: int, task: str, regime: str,
+                        length: int) -> SyntheticPairDataset | MixedPairs:
+    """The validation split of a config's ``data`` section with one task and one misalignment
+    regime, and at least ``length`` samples: the samples beyond the config's ``val_length`` come
+    from the same validation stream (the first ones stay as they were; training never draws from
+    it), so that a larger sample narrows an estimate's interval."""
+    misalignment = {**(data.get("misalignment") or {}), "regime": regime}
+    misalignment.pop("regimes", None)
+    narrowed = {**data, "tasks": [task], "misalignment": misalignment,
+                "val_length": max(int(data.get("val_length", 16)), length)}
+    return build_datasets(narrowed, seed=seed, spatial_dims=spatial_dims)[1]
+
+
 def _build_source(data: dict[str, Any], *, seed: int,
                   spatial_dims: int) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
     """``build_datasets`` for one source (its ``extra_sources``, if any, left to the caller)."""

@@ -254,3 +254,18 @@ def test_an_extra_source_cannot_list_its_own():
         datasets.build_datasets(data, seed=0, spatial_dims=2)
     with pytest.raises(InputError, match="list of data sections"):
         datasets.build_datasets({"kind": "phantom", "extra_sources": {"kind": "phantom"}}, seed=0, spatial_dims=2)
+
+
+def test_a_narrowed_validation_split_has_one_task_one_regime_and_more_of_the_same_stream():
+    data = {"kind": "phantom", "shapes": [[24, 48, 48]], "crop": 32, "tasks": ["t1-t2", "mr-ct"], "val_length": 2,
+            "none_fraction": 0.0, "misalignment": {"regimes": {"large": 0.5, "mild": 0.5}}}
+    short = datasets.narrowed_validation(data, seed=3, spatial_dims=2, task="mr-ct", regime="none", length=1)
+    longer = datasets.narrowed_validation(data, seed=3, spatial_dims=2, task="mr-ct", regime="none", length=5)
+    assert len(short) == 2 and len(longer) == 5
+    for index in range(2):
+        assert torch.equal(short[index]["moving"], longer[index]["moving"])
+    for index in range(5):
+        sample = longer[index]
+        assert not sample["displacement"].any()
+        assert DEGRADATION_CLASSES[int(sample["class_index"])] == "metal"   # MRI -> CT's degradation
+    assert data["tasks"] == ["t1-t2", "mr-ct"] and "regimes" in data["misalignment"]   # the config is untouched
