@@ -28,20 +28,21 @@ from napari_unifuse.training.datasets import narrowed_validation
 _MOTION, _CLEAN = DEGRADATION_CLASSES.index("motion"), DEGRADATION_CLASSES.index("none")
 
 
-def high_frequency_energy(crop: np.ndarray, axis: int) -> float:
-    """Energy of the crop's spectrum in the outer half of the frequencies along ``axis``."""
+def log_energy_ratio(crop: np.ndarray) -> float:
+    """log(E_y / E_x): the crop's spectral energy in the outer half of the frequencies along y over
+    that along x (axes z, y, x)."""
     spectrum = np.abs(np.fft.fftn(crop - crop.mean())) ** 2
-    frequencies = np.abs(np.fft.fftfreq(crop.shape[axis]))
-    outer = frequencies > 0.25
-    return float(np.take(spectrum, np.flatnonzero(outer), axis=axis).sum()) + 1e-12
+
+    def outer_energy(axis: int) -> float:
+        outer = np.flatnonzero(np.abs(np.fft.fftfreq(crop.shape[axis])) > 0.25)
+        return float(np.take(spectrum, outer, axis=axis).sum()) + 1e-12
+
+    return float(np.log(outer_energy(1) / outer_energy(2)))
 
 
 def anisotropy(moving: np.ndarray, reference: np.ndarray) -> float:
-    """|log(E_y / E_x) of the moving crop − that of the reference crop| (axes z, y, x)."""
-    def log_ratio(crop: np.ndarray) -> float:
-        return np.log(high_frequency_energy(crop, 1) / high_frequency_energy(crop, 2))
-
-    return abs(log_ratio(moving) - log_ratio(reference))
+    """|log(E_y / E_x) of the moving crop − that of the reference crop|."""
+    return abs(log_energy_ratio(moving) - log_energy_ratio(reference))
 
 
 def auc(positive: list[float], negative: list[float]) -> float:
