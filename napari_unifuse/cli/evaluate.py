@@ -535,6 +535,10 @@ def run(args: argparse.Namespace) -> int:
     for entry in args.methods or []:
         name, _, checkpoint = entry.partition("=")
         method = load_method(name, checkpoint=checkpoint or None, spatial_dims=2)
+        if method.name in methods:
+            # Rows are keyed by method name: a second entry would silently replace the first.
+            raise InputError(f"--methods names {method.name} twice; to compare two checkpoints of one method, "
+                             "run evaluate once per checkpoint", "unifuse evaluate")
         methods[method.name] = FusionEngine(method, device=args.device, tile_size=args.tile_size)
     if args.pairs is not None:
         pairs_by_regime = {CSV_REGIME: pairs_from_csv(args.pairs)}

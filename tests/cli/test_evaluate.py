@@ -397,6 +397,16 @@ def test_evaluate_needs_a_checkpoint_or_methods(pairs_csv, tmp_path, capsys):
     assert "--methods" in capsys.readouterr().err
 
 
+def test_a_method_named_twice_is_refused_rather_than_one_entry_silently_dropped(pairs_csv, tmp_path, capsys):
+    first = save_checkpoint(build_network("mmif-amin", "small", 2), tmp_path / "first.safetensors")
+    second = save_checkpoint(build_network("mmif-amin", "small", 2), tmp_path / "second.safetensors")
+    code = main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--methods", f"mmif-amin:none={first}", f"mmif-amin:none={second}"])
+    assert code == 2
+    assert "names mmif-amin:none twice" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "per_pair.csv").exists()
+
+
 def test_a_pair_simpleitk_cannot_register_leaves_nan_rows_and_the_run_goes_on(tmp_path, capsys):
     """A constant moving image gives ITK's optimiser nothing to follow: that pair's SimpleITK rows
     (the engine method and the baseline) are NaN with a line on stderr, every other row is scored."""
