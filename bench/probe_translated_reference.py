@@ -9,7 +9,9 @@ px off onto the MRI: the multimodal similarity is the limit. This probe asks whe
 network that predicts the moving modality from the MRI (trained, per task, on the aligned clean
 pairs of the training split: the same patient-independent split as ``unifuse-2d-harvard``) gives a
 fixed image close enough to the moving modality for the same optimisers to do better than the
-identity. Per validation pair (``unifuse evaluate``'s pairs, seeds and regime): the end-point
+identity. Per validation pair (the first ``--limit`` of each task in ``unifuse evaluate``'s split
+and regime; the split is built one task at a time, so the misalignments drawn are not those of
+``evaluate``, which builds all tasks at once and seeds per pair): the end-point
 error over the label's tissue (px) of SimpleITK and the dense MIND optimisation onto the MRI, onto
 the translated MRI and onto the clean label, beside the identity's; and the translation's own SSIM
 to the label.
