@@ -9,9 +9,8 @@ px off onto the MRI: the multimodal similarity is the limit. This probe asks whe
 network that predicts the moving modality from the MRI (trained, per task, on the aligned clean
 pairs of the training split: the same patient-independent split as ``unifuse-2d-harvard``) gives a
 fixed image close enough to the moving modality for the same optimisers to do better than the
-identity. Per validation pair (the first ``--limit`` of each task in ``unifuse evaluate``'s split
-and regime; the split is built one task at a time, so the misalignments drawn are not those of
-``evaluate``, which builds all tasks at once and seeds per pair): the end-point
+identity. Per validation pair (the first ``--limit`` of each task: ``unifuse evaluate``'s pairs,
+seeds and regime, those of ``probe_multimodal_floor.py``): the end-point
 error over the label's tissue (px) of SimpleITK and the dense MIND optimisation onto the MRI, onto
 the translated MRI and onto the clean label, beside the identity's; and the translation's own SSIM
 to the label.
@@ -92,18 +91,22 @@ def main() -> None:
     torch.set_num_threads(1)
     cases = checkpoint_split(read_metadata(args.checkpoint), None, None)
     errors: dict[str, list[dict[str, float]]] = defaultdict(list)
-    for task in ("CT", "PET", "SPECT"):
-        training = pairs_from_harvard(args.harvard, "train", [task], None, seed=0, size=None, none_fraction=1.0,
-                                      cases=cases, regime="none")
+    # Built over all three tasks at once, as evaluate does: the case split and the per-pair seeds
+    # depend on the task list, so these are evaluate's (and probe_multimodal_floor's) pairs.
+    tasks = ["CT", "PET", "SPECT"]
+    every_training = pairs_from_harvard(args.harvard, "train", tasks, None, seed=0, size=None, none_fraction=1.0,
+                                        cases=cases, regime="none")
+    every_validation = pairs_from_harvard(args.harvard, "val", tasks, args.limit, seed=0, size=None,
+                                          none_fraction=0.0, cases=cases, regime=args.regime)
+    for task in tasks:
+        training = [pair for pair in every_training if pair.task.startswith(f"{task}-")]
         references = torch.from_numpy(np.stack([p.reference.array / 255.0 for p in training])[:, None]).float()
         labels = torch.from_numpy(np.stack([p.label for p in training])[:, None]).float()
         start = time.perf_counter()
         translator = train_translator(references, labels, args.steps)
         print(f"{task}: translator on {len(training)} training pairs, {args.steps} steps, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-        pairs = pairs_from_harvard(args.harvard, "val", [task], args.limit, seed=0, size=None, none_fraction=0.0,
-                                   cases=cases, regime=args.regime)
-        for pair in pairs:
+        for pair in (pair for pair in every_validation if pair.task.startswith(f"{task}-")):
             moving = _prepare(pair.moving, "auto").luma.array
             reference = _prepare(pair.reference, "auto").luma.array
             with torch.no_grad():
