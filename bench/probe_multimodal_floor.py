@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard
+from napari_unifuse.cli.evaluate import EvaluationPair, checkpoint_split, pairs_from_harvard
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.inference import _prepare
 from napari_unifuse.model.checkpoint import read_metadata
@@ -43,24 +43,36 @@ def main() -> None:
                                none_fraction=0.0, cases=cases, regime=args.regime)
     errors: dict[str, list[dict[str, float]]] = defaultdict(list)
     for pair in pairs:
-        moving = _prepare(pair.moving, "auto").luma.array
         reference = _prepare(pair.reference, "auto").luma.array
-        tissue = pair.label > 0.05 * np.percentile(pair.label, 99)
-
-        def error(field: np.ndarray) -> float:
-            return float(np.linalg.norm(field - pair.displacement, axis=0)[tissue].mean())
-
-        row = {"identity": error(np.zeros_like(pair.displacement))}
-        for fixed_name, fixed in (("onto MRI", reference), ("onto clean label", pair.label)):
-            for method in METHODS:
-                row[f"{method} {fixed_name}"] = error(classical.register(method, fixed, moving).displacement)
+        row = registration_errors(pair, {"onto MRI": reference, "onto clean label": pair.label})
         errors[pair.task].append(row)
         print(pair.name, pair.degradation, {k: round(v, 2) for k, v in row.items()}, flush=True)
-    columns = list(next(iter(errors.values()))[0])
-    print(f"\nMean end-point error over the label's tissue (px), {args.regime} regime\n")
+    print_means(errors, f"Mean end-point error over the label's tissue (px), {args.regime} regime")
+
+
+def registration_errors(pair: EvaluationPair, fixed_images: dict[str, np.ndarray]) -> dict[str, float]:
+    """End-point error over the label's tissue (px) of the identity and of each method registering
+    the pair's degraded moving image onto each fixed image (``"<method> <fixed name>"``)."""
+    moving = _prepare(pair.moving, "auto").luma.array
+    tissue = pair.label > 0.05 * np.percentile(pair.label, 99)
+
+    def error(field: np.ndarray) -> float:
+        return float(np.linalg.norm(field - pair.displacement, axis=0)[tissue].mean())
+
+    row = {"identity": error(np.zeros_like(pair.displacement))}
+    for fixed_name, fixed in fixed_images.items():
+        for method in METHODS:
+            row[f"{method} {fixed_name}"] = error(classical.register(method, fixed, moving).displacement)
+    return row
+
+
+def print_means(rows_by_task: dict[str, list[dict[str, float]]], heading: str) -> None:
+    """A markdown table of each column's mean per task."""
+    columns = list(next(iter(rows_by_task.values()))[0])
+    print(f"\n{heading}\n")
     print("| task | pairs | " + " | ".join(columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
-    for task, rows in errors.items():
+    for task, rows in rows_by_task.items():
         print(f"| {task} | {len(rows)} | " + " | ".join(f"{np.mean([r[c] for r in rows]):.2f}" for c in columns) + " |")
 
 

@@ -19,6 +19,7 @@ to the label.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,13 +30,14 @@ from skimage.metrics import structural_similarity
 from torch import nn
 from torch.nn import functional as F
 
-from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard
-from napari_unifuse.engine import classical
-from napari_unifuse.engine.inference import _prepare
-from napari_unifuse.model.checkpoint import read_metadata
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_multimodal_floor import print_means, registration_errors  # noqa: E402  (the same errors and table)
+
+from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard  # noqa: E402
+from napari_unifuse.engine.inference import _prepare  # noqa: E402
+from napari_unifuse.model.checkpoint import read_metadata  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-METHODS = ("sitk", "dense")
 
 
 class Translator(nn.Module):
@@ -107,31 +109,16 @@ def main() -> None:
         print(f"{task}: translator on {len(training)} training pairs, {args.steps} steps, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
         for pair in (pair for pair in every_validation if pair.task.startswith(f"{task}-")):
-            moving = _prepare(pair.moving, "auto").luma.array
             reference = _prepare(pair.reference, "auto").luma.array
             with torch.no_grad():
                 translated = translator(torch.from_numpy(pair.reference.array / 255.0).float()[None, None])[0, 0]
             translated = translated.numpy()
-            tissue = pair.label > 0.05 * np.percentile(pair.label, 99)
-
-            def error(field: np.ndarray) -> float:
-                return float(np.linalg.norm(field - pair.displacement, axis=0)[tissue].mean())
-
-            row = {"identity": error(np.zeros_like(pair.displacement)),
-                   "translation SSIM to label": float(structural_similarity(translated, pair.label, data_range=1.0))}
-            for fixed_name, fixed in (("onto MRI", reference), ("onto translated MRI", translated),
-                                      ("onto clean label", pair.label)):
-                for method in METHODS:
-                    row[f"{method} {fixed_name}"] = error(classical.register(method, fixed, moving).displacement)
+            row = {"translation SSIM to label": float(structural_similarity(translated, pair.label, data_range=1.0))}
+            row |= registration_errors(pair, {"onto MRI": reference, "onto translated MRI": translated,
+                                              "onto clean label": pair.label})
             errors[pair.task].append(row)
             print(pair.name, pair.degradation, {k: round(v, 2) for k, v in row.items()}, flush=True)
-    columns = list(next(iter(errors.values()))[0])
-    print(f"\nMean end-point error over the label's tissue (px), {args.regime} regime; translation SSIM\n")
-    print("| task | pairs | " + " | ".join(columns) + " |")
-    print("|---|---:|" + "---:|" * len(columns))
-    for task, rows in errors.items():
-        print(f"| {task} | {len(rows)} | " + " | ".join(f"{np.mean([r[c] for r in rows]):.2f}" for c in columns) + " |")
-
+    print_means(errors, f"Mean end-point error over the label's tissue (px), {args.regime} regime; translation SSIM")
 
 if __name__ == "__main__":
     main()
