@@ -1,9 +1,9 @@
 """Per-task, per-regime validation of a 3-D checkpoint on the MNI152 phantoms.
 
     .venv/bin/python bench/eval_phantom3d.py [--checkpoint unifuse-3d-phantom] [--batches 6] [--batch-size 2]
-        [--tasks t1-t2 ...] [--regimes none ...] [--records FILE.jsonl] [--out FILE.md]
+        [--tasks t1-t2 ...] [--regimes none ...] [--records FILE.jsonl] [--out FILE.md] [--data-from CHECKPOINT]
 
-The phantom validation split of the checkpoint's own training config (same shapes, crop and seed;
+The phantom validation split of the checkpoint's own training config, or of ``--data-from``'s (same shapes, crop and seed;
 its length, or ``--batches`` x ``--batch-size`` crops of the same validation stream when that is
 more), one task and one misalignment regime at a time, scored by
 ``training.validation.validate``: the fused image's smaller per-source gain, the restored image's
@@ -43,6 +43,9 @@ def accuracy_interval(accuracy: float, crops: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="unifuse-3d-phantom")
+    parser.add_argument("--data-from", metavar="CHECKPOINT",
+                        help="take the validation data from this checkpoint's training config instead "
+                             "(to score two checkpoints on the same crops)")
     parser.add_argument("--batches", type=int, default=6, help="validation batches per task and regime")
     parser.add_argument("--batch-size", type=int, default=2,
                         help="crops per batch (the 3-D training's: 6 x 2 = 12 crops per task and regime)")
@@ -52,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model, _ = load_checkpoint(args.checkpoint)
-    training = read_metadata(args.checkpoint)["training_config"]
+    training = read_metadata(args.data_from or args.checkpoint)["training_config"]
     unknown = set(args.tasks or ()) - set(training["data"]["tasks"])
     if unknown:
         parser.error(f"tasks {sorted(unknown)} are not in the checkpoint's training config")

@@ -47,10 +47,13 @@ def _luma(volume: ImageVolume) -> np.ndarray:
     return array / 255.0 if array.max() > 1.5 else array
 
 
-def _validation_pair(harvard: Path, task: str, index: int, checkpoint: str, regime: str):
+def validation_pair(harvard: Path, task: str, index: int, checkpoint: str, regime: str):
+    """``unifuse evaluate``'s ``index``-th pair of ``task``: the split is built over every task at
+    once, as evaluate builds it (the case split and the seeds depend on the task list)."""
     cases = checkpoint_split(read_metadata(checkpoint), None, None)
-    return pairs_from_harvard(harvard, "val", [TASKS[task]], None, seed=0, size=None, none_fraction=0.0,
-                              cases=cases, regime=regime)[index]
+    pairs = pairs_from_harvard(harvard, "val", list(TASKS.values()), None, seed=0, size=None, none_fraction=0.0,
+                               cases=cases, regime=regime)
+    return [pair for pair in pairs if pair.task == task][index]
 
 
 def _plot(task: str, panels: dict[str, np.ndarray], fused: tuple[str, ...], out: Path) -> None:
@@ -79,7 +82,7 @@ def _sources(pair, task: str) -> dict[str, np.ndarray]:
 
 
 def figure(harvard: Path, task: str, index: int, checkpoint: str, engine: FusionEngine, out: Path) -> None:
-    pair = _validation_pair(harvard, task, index, checkpoint, "large")
+    pair = validation_pair(harvard, task, index, checkpoint, "large")
     panels = _sources(pair, task)
     result = engine.run_fusion(pair.reference, pair.moving)
     panels["UniFuse"] = _luma(result.fused)
@@ -90,7 +93,7 @@ def figure(harvard: Path, task: str, index: int, checkpoint: str, engine: Fusion
 
 
 def methods_figure(harvard: Path, task: str, index: int, checkpoint: str, regime: str, out: Path) -> None:
-    pair = _validation_pair(harvard, task, index, checkpoint, regime)
+    pair = validation_pair(harvard, task, index, checkpoint, regime)
     panels = _sources(pair, task)
     for title, name in METHODS.items():
         engine = FusionEngine(load_method(name), device="cpu")

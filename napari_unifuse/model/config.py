@@ -107,6 +107,12 @@ class UniFuseConfig(DictConfig):
     # bench/results/probe_statistics_resampling.md). The reference's statistic and the read-outs
     # stay on the moved pair.
     statistics_before_alignment: bool = False
+    # Width of UFR&F's image-space restoration path (model.ufrf.ImageRestoration), 0 for none: a
+    # few convolutions over the warped moving image, the reference and p, whose output adds to the
+    # U-Net's correction Δ_r. The U-Net reads the unified features, built to drop what differs
+    # between modalities and with it the noise texture a restoration must subtract: trained on
+    # them alone, the CPU checkpoints' restoration of low-dose SPECT tied its input.
+    image_restoration_width: int = 0
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -121,6 +127,8 @@ class UniFuseConfig(DictConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.image_restoration_width, int) or self.image_restoration_width < 0:
+            fail(f"image_restoration_width must be a non-negative integer, got {self.image_restoration_width!r}")
         if not isinstance(self.matching_range, int) or self.matching_range < 0:
             fail(f"matching_range must be a non-negative integer, got {self.matching_range!r}")
         for name in ("pool_readout_std", "readout_patch_statistics", "classifier_statistics_only",

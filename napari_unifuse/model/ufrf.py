@@ -7,6 +7,9 @@ decodes both images directly):
     restored = clip(W(I'_D, φ) + (1 − p_none) · Δ_r)     the restored, aligned moving image
     I_fuse   = w · I_R + (1 − w) · restored,  w = sigmoid(logit)
 
+and, with ``config.image_restoration_width`` > 0, Δ_r also holds the output of a few convolutions
+over the images themselves (:class:`ImageRestoration`).
+
 * Image-space corrections, not decoding: decoded outright from 8-16 channels, both images came
   out structurally unlike their targets (validation SSIM of the restored image to the label
   0.05-0.17): a small network reproduces detail it can copy far better than detail it must
@@ -20,6 +23,12 @@ decodes both images directly):
   (NCC(fused, reference) 0.998: a copy of the reference). A blend cannot invent intensities, and
   its only way to drop a source is w → 0 or 1, which the fusion losses (max-intensity and
   max-gradient targets, SSIM to both sources) penalise wherever that source holds structure.
+* The image-space path exists because the U-Net's Δ_r did not learn to denoise: the unified
+  features it reads are built to drop what differs between modalities, the noise texture
+  included. Fine-tuned on the restoration loss alone for 150 steps (the images added to its first
+  scale), the shipped U-Net's restoration loss stayed where it was, step for step; three 3×3
+  convolutions on the image alone, trained as long, took low-dose SPECT's SSIM to its label from
+  0.80 to 0.92 (Harvard validation pairs, aligned).
 """
 
 from __future__ import annotations
@@ -34,6 +43,29 @@ from napari_unifuse.model.guidance import PromptGuidance
 from napari_unifuse.model.layers import ConvBlock, conv, upsample
 
 NONE_CLASS_INDEX = DEGRADATION_CLASSES.index("none")
+
+
+class ImageRestoration(nn.Module):
+    """Δ from the images: 3×3(×3) convolutions over (warped moving image, reference, p broadcast
+    to every voxel); the last one starts at zero, so that adding the path to a trained network
+    changes nothing until it is trained (``train.stage: image_restoration``). p lets one path
+    restore each degradation its own way."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, width: int, depth: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(
+            ConvBlock(spatial_dims, 2 * in_channels + num_classes if i == 0 else width, width, normalize=False)
+            for i in range(depth)
+        ))
+        self.out = conv(spatial_dims, width, in_channels, 3)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, moving_image: torch.Tensor, reference_image: torch.Tensor,
+                class_probs: torch.Tensor) -> torch.Tensor:
+        spatial = moving_image.shape[2:]
+        probabilities = class_probs.reshape(*class_probs.shape, *[1] * len(spatial)).expand(-1, -1, *spatial)
+        return self.out(self.body(torch.cat([moving_image, reference_image, probabilities], dim=1)))
 
 
 class RestorationFusion(nn.Module):
@@ -59,6 +91,9 @@ class RestorationFusion(nn.Module):
         self.heads = conv(dims, widths[0], 2 * config.in_channels, 1)
         nn.init.zeros_(self.heads.weight)
         nn.init.zeros_(self.heads.bias)
+        self.image_restoration = (
+            ImageRestoration(dims, config.in_channels, config.num_classes, config.image_restoration_width)
+            if config.image_restoration_width else None)
 
     def forward(self, moving: torch.Tensor, reference: torch.Tensor, moving_image: torch.Tensor,
                 reference_image: torch.Tensor, prompts: torch.Tensor,
@@ -76,6 +111,8 @@ class RestorationFusion(nn.Module):
         for decoder in reversed(self.decoders):
             features = decoder(torch.cat([upsample(features), skips.pop()], dim=1))
         restoration, weight_logit = self.heads(features).chunk(2, dim=1)
+        if self.image_restoration is not None:
+            restoration = restoration + self.image_restoration(moving_image, reference_image, class_probs)
         degraded = (1.0 - class_probs[:, NONE_CLASS_INDEX]).reshape(-1, *[1] * (restoration.ndim - 1))
         restored = (moving_image + degraded * restoration).clamp(0.0, 1.0)
         weight = torch.sigmoid(weight_logit)

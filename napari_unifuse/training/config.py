@@ -59,11 +59,15 @@ class TrainSection:
     # "full": train the network. "degradation_head": refit only UniFuse's degradation classifier on
     # the frozen read-outs of init_from's network (training.degradation_head); max_steps and
     # batch_size then count the head's steps and read-outs, data.train_length the crops read.
+    # "image_restoration": train only UniFuse's image-space restoration path
+    # (model.ufrf.ImageRestoration, model.overrides.image_restoration_width), added to init_from's
+    # frozen network.
     stage: str = "full"
 
 
 HEAD_STAGE = "degradation_head"
-STAGES = ("full", HEAD_STAGE)
+IMAGE_RESTORATION_STAGE = "image_restoration"
+STAGES = ("full", HEAD_STAGE, IMAGE_RESTORATION_STAGE)
 
 
 @dataclass(frozen=True)
@@ -177,9 +181,12 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
             train = dataclasses.replace(train, init_from=str(beside_config))
     if train.stage not in STAGES:
         raise InputError(f"train.stage must be one of {list(STAGES)}, got {train.stage!r}", source)
-    if train.stage == HEAD_STAGE and (model.method != "unifuse" or train.init_from is None):
-        raise InputError("train.stage 'degradation_head' refits a trained UniFuse's classifier: it needs "
+    if train.stage != "full" and (model.method != "unifuse" or train.init_from is None):
+        raise InputError(f"train.stage {train.stage!r} trains part of a trained UniFuse: it needs "
                          "model.method unifuse and train.init_from", source)
+    if train.stage == IMAGE_RESTORATION_STAGE and not (model.overrides or {}).get("image_restoration_width"):
+        raise InputError("train.stage 'image_restoration' trains the image-space restoration path: set "
+                         "model.overrides.image_restoration_width (e.g. 16)", source)
     for name in ("batch_size", "max_steps", "log_every", "val_every", "checkpoint_every"):
         if getattr(train, name) < 1:
             raise InputError(f"train.{name} must be at least 1", source)

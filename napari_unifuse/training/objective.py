@@ -51,6 +51,24 @@ class TrainingModel(nn.Module):
         return output, clean_tokens
 
 
+class AlignedRestorationModel(nn.Module):
+    """UniFuse on the pair as the engine restores it once its alignment guard has chosen a field:
+    the moving image warped by a fixed field, here the true one (``refine(fixed_field=True)``).
+    For ``train.stage: image_restoration``. The network's own field moves every training crop by
+    a fraction of a voxel somewhere, and that interpolation smooths noise; where the guard keeps the
+    identity the engine restores the image as acquired, which a restoration trained only on moved
+    crops left below its input (low-dose SPECT, Harvard validation)."""
+
+    def __init__(self, model: UniFuse) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[UniFuseOutput, None]:
+        field = batch["displacement"]
+        moved = warp(batch["moving"], field)
+        return self.model.refine(moved, batch["reference"], field, fixed_field=True, acquired=batch["moving"]), None
+
+
 def fusion_target(moving_clean: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     """W(I_fine, φ) of Eq. 11–12 with the field detached (see the module docstring)."""
     return warp(moving_clean, displacement.detach(), padding_mode="border")

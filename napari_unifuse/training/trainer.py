@@ -16,6 +16,12 @@ Fine-tuning: ``train.init_from`` (``--init-from``) starts from a checkpoint's we
 optimiser and schedule, e.g. to adapt FA to a changed, untrained initial alignment.
 ``train.stage: degradation_head`` refits only UniFuse's degradation classifier on the frozen
 network's read-outs (training.degradation_head): one process, minutes, not resumable.
+``train.stage: image_restoration`` adds UniFuse's image-space restoration path
+(model.ufrf.ImageRestoration) to ``init_from``'s network and trains it alone: everything else stays
+as ``init_from`` has it, in evaluation mode, so the class, the field and the fusion weights do not
+move; only L_restore reaches the path (the fusion reads the restored image detached). The crops
+are moved by their true field, as the engine restores a pair with the field its guard kept
+(training.objective.AlignedRestorationModel).
 
 Run folder (``--out``)::
 
@@ -51,7 +57,7 @@ from napari_unifuse.errors import CheckpointError, UniFuseError
 from napari_unifuse.model import UniFuseConfig
 from napari_unifuse.model.checkpoint import load_weights, save_checkpoint
 from napari_unifuse.model.networks import build_network
-from napari_unifuse.training.config import HEAD_STAGE, TrainConfig
+from napari_unifuse.training.config import HEAD_STAGE, IMAGE_RESTORATION_STAGE, TrainConfig
 from napari_unifuse.training.datasets import build_datasets
 from napari_unifuse.training.degradation_head import (
     HEAD_INPUT_FIELDS,
@@ -61,6 +67,10 @@ from napari_unifuse.training.degradation_head import (
     fit_degradation_head,
 )
 from napari_unifuse.training.methods import BEST_SCORE, objective_for
+from napari_unifuse.training.objective import AlignedRestorationModel
+
+# The module train.stage image_restoration adds and trains (model.ufrf.ImageRestoration).
+IMAGE_RESTORATION_MODULE = "ufrf.image_restoration"
 
 
 @dataclass
@@ -140,21 +150,26 @@ class Trainer:
         # Provenance of a fine-tuning run's starting weights, kept in every checkpoint it writes.
         self.initial_weights: dict[str, Any] | None = None
         if config.train.init_from is not None and not resume:
-            head_only = {"except_module": HEAD_MODULE, "fields_of_that_module": HEAD_INPUT_FIELDS}
             path, metadata = load_weights(self.network, config.train.init_from,
-                                          **(head_only if config.train.stage == HEAD_STAGE else {}))
+                                          **_modules_the_stage_adds(config))
             self.initial_weights = {
                 "checkpoint": str(path), "sha256": sha256_of_path(path),
                 **{key: metadata.get(key) for key in ("name", "command", "seed", "steps", "wall_time_s", "device")},
             }
-        self.training_model: torch.nn.Module = self.objective.training_model(self.network, config.loss)
+        self.training_model: torch.nn.Module = (
+            AlignedRestorationModel(self.network) if config.train.stage == IMAGE_RESTORATION_STAGE
+            else self.objective.training_model(self.network, config.loss))
         if self.dist.world_size > 1:
             self.training_model = DistributedDataParallel(
                 self.training_model,
                 device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
             )
         train = config.train
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        if train.stage == IMAGE_RESTORATION_STAGE:
+            for name, parameter in self.network.named_parameters():
+                parameter.requires_grad_(name.startswith(IMAGE_RESTORATION_MODULE + "."))
+        self.trained_parameters = [parameter for parameter in self.network.parameters() if parameter.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trained_parameters, lr=train.lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._cosine_factor)
         self.train_set, self.val_set = build_datasets(
             config.data, seed=config.seed, spatial_dims=config.model.spatial_dims
@@ -273,7 +288,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.stop_at_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        self.training_model.train()
+        self._enter_training_mode()
         while self.step < self.stop_at_step:
             sampler.set_epoch(epoch)
             sampler.skip = done_in_epoch * train.batch_size
@@ -348,12 +363,20 @@ class Trainer:
                            validation=self.validation, seconds_per_step=seconds / train.max_steps,
                            rank=self.dist.rank)
 
+    def _enter_training_mode(self) -> None:
+        self.training_model.train()
+        if self.config.train.stage == IMAGE_RESTORATION_STAGE:
+            # The frozen network stays in evaluation mode: the classifier's running standardisation
+            # (model.layers.RunningStandardize) would otherwise follow the batches and change p.
+            self.network.eval()
+            self.network.get_submodule(IMAGE_RESTORATION_MODULE).train()
+
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         torch.manual_seed(step_seed(self.config.seed, self.dist.rank, self.step))
         terms = self.objective.losses(self.training_model(batch), batch, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.train.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.config.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         values = {name: float(value.detach()) for name, value in terms.items()}
@@ -372,7 +395,7 @@ class Trainer:
                 self.best_score = scores[BEST_SCORE]
                 self.best_validation = {"step": self.step, **scores}
                 self._save("best", seconds)
-        self.training_model.train()
+        self._enter_training_mode()
         self._barrier()
 
     def _checkpoint(self, seconds: float) -> None:
@@ -383,6 +406,18 @@ class Trainer:
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
             dist.barrier()
+
+
+def _modules_the_stage_adds(config: TrainConfig) -> dict[str, Any]:
+    """``load_weights``' options for a stage's ``init_from``: the module the stage (re)initialises
+    keeps the network's own weights, and the config fields that shape only it may differ."""
+    if config.train.stage == HEAD_STAGE:
+        return {"except_module": HEAD_MODULE, "fields_of_that_module": HEAD_INPUT_FIELDS}
+    if config.train.stage == IMAGE_RESTORATION_STAGE:
+        # Always initialised afresh, so that the run gives the same weights from the network it
+        # extends as from a checkpoint that already has a trained path (the shipped one).
+        return {"except_module": IMAGE_RESTORATION_MODULE, "fields_of_that_module": ("image_restoration_width",)}
+    return {}
 
 
 def train(

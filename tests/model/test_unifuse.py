@@ -140,6 +140,40 @@ def test_the_fused_image_is_a_blend_of_the_reference_and_the_restored_image(mode
     assert (fused - reference).abs().mean() > 0.01 and (fused - restored).abs().mean() > 0.01
 
 
+def test_the_image_restoration_path_starts_as_the_network_without_it_and_reads_the_image(model_2d):
+    """config.image_restoration_width: zero-initialised, added to a trained network (train.stage
+    image_restoration), it changes nothing until trained; trained, the correction depends on the
+    image and on p, which the U-Net's correction from the same features does not see."""
+    _trained_looking_heads(model_2d)
+    with_path = UniFuse(dataclasses.replace(model_2d.config, image_restoration_width=4))
+    missing, unexpected = with_path.load_state_dict(model_2d.state_dict(), strict=False)
+    assert missing and all(name.startswith("ufrf.image_restoration.") for name in missing) and unexpected == []
+    low_dose = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    for got, expected in zip(_ufrf_outputs(with_path, low_dose), _ufrf_outputs(model_2d, low_dose)):
+        torch.testing.assert_close(got, expected)
+    # Small corrections of mid-grey images: the restoration's clip to [0, 1] stays out of play.
+    for network in (model_2d, with_path):
+        nn.init.normal_(network.ufrf.heads.weight, std=0.01)
+        nn.init.zeros_(network.ufrf.heads.bias)
+    nn.init.normal_(with_path.ufrf.image_restoration.out.weight, std=0.1)
+    cfg, shape = model_2d.config, SHAPES[2]
+    generator = torch.Generator().manual_seed(3)
+    features = [torch.rand(1, cfg.feature_channels, *shape, generator=generator) for _ in range(2)]
+    prompts = torch.rand(1, cfg.num_classes, cfg.prompt_length, cfg.embed_dim, generator=generator)
+    image, reference = (0.3 + 0.4 * torch.rand(1, 1, *shape, generator=generator) for _ in range(2))
+    noise = 0.05 * torch.randn(1, 1, *shape, generator=generator)
+
+    def correction(network, moving, class_probs=low_dose):
+        with torch.no_grad():
+            return network.ufrf(*features, moving, reference, prompts, class_probs)[1] - moving
+
+    # Same features, another image: only the network with the path corrects differently.
+    torch.testing.assert_close(correction(model_2d, image), correction(model_2d, image + noise))
+    assert (correction(with_path, image) - correction(with_path, image + noise)).abs().mean() > 1e-4
+    metal = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    assert (correction(with_path, image) - correction(with_path, image, metal)).abs().mean() > 1e-4
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_gradients_reach_every_parameter(spatial_dims):
     torch.manual_seed(0)

@@ -102,11 +102,18 @@ def test_the_head_stage_changes_the_head_and_nothing_else(tmp_path):
         train(head_config, tmp_path / "head", device="cpu", resume=True, progress=False)
 
 
-def test_the_head_stage_needs_a_trained_unifuse():
+@pytest.mark.parametrize("stage", ["degradation_head", "image_restoration"])
+def test_a_partial_stage_needs_a_trained_unifuse(stage):
     with pytest.raises(InputError, match="init_from"):
-        config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": "degradation_head"}})
+        config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": stage}})
     with pytest.raises(InputError, match="stage must be one of"):
         config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": "classifier"}})
+
+
+def test_the_image_restoration_stage_needs_the_path_in_the_model():
+    with pytest.raises(InputError, match="image_restoration_width"):
+        config_from_dict({"data": {"kind": "phantom"},
+                          "train": {"stage": "image_restoration", "init_from": "unifuse-2d-harvard"}})
 
 
 @pytest.mark.parametrize("statistics_only", [False, True])

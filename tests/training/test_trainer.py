@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from napari_unifuse.errors import CheckpointError
 from napari_unifuse.model import UniFuse
+from napari_unifuse.model.checkpoint import load_checkpoint
 from napari_unifuse.training.config import load_config
 from napari_unifuse.training.trainer import model_config, train
 
@@ -70,3 +71,27 @@ def test_fine_tuning_from_a_checkpoint_of_another_model_is_refused(tmp_path):
     other = config.with_overrides(model={"overrides": {"embed_dim": 8}}, train={"init_from": str(trained)})
     with pytest.raises(CheckpointError, match="embed_dim"):
         train(other, tmp_path / "other", device="cpu", progress=False)
+
+
+def test_the_image_restoration_stage_adds_the_path_and_trains_it_alone(tmp_path):
+    config = _tiny_config()
+    trained = train(config, tmp_path / "first", device="cpu", progress=False).last_checkpoint
+    stage = config.with_overrides(model={"overrides": {"image_restoration_width": 4}},
+                                  train={"stage": "image_restoration", "init_from": str(trained), "lr": 1e-2})
+    result = train(stage, tmp_path / "stage", device="cpu", progress=False)
+    before, after = load_file(trained), load_file(result.last_checkpoint)
+    added = set(after) - set(before)
+    assert added and all(name.startswith("ufrf.image_restoration.") for name in added)
+    assert after["ufrf.image_restoration.out.weight"].abs().max() > 0  # trained away from its zero start
+    # Everything else, buffers included, is the checkpoint's: the classifier's running
+    # standardisation must not follow the batches.
+    assert any(name.startswith("dapl.classifier.") and "running" in name for name in before)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    network, _ = load_checkpoint(result.last_checkpoint)
+    assert network.config.image_restoration_width == 4
+    # The stage starts the path afresh: run from its own result (as from a shipped checkpoint that
+    # has the path), it gives the same weights.
+    again = train(stage.with_overrides(train={"init_from": str(result.last_checkpoint)}), tmp_path / "again",
+                  device="cpu", progress=False)
+    repeated = load_file(again.last_checkpoint)
+    assert all(torch.equal(after[name], repeated[name]) for name in after)
