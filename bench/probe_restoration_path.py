@@ -1,7 +1,7 @@
 """Can three 3×3 convolutions on the image denoise low-dose SPECT, where UniFuse's U-Net did not?
 
-Trains a small residual CNN (three 16-channel 3×3 convolutions and LeakyReLU, then a zero-started
-3×3 convolution: restored = clip(input + CNN(input))) on the Harvard training split's low-dose PET
+Trains a small residual CNN (two 16-channel 3×3 convolutions with LeakyReLU, then a zero-started
+3×3 output convolution: restored = clip(input + CNN(input))) on the Harvard training split's low-dose PET
 and SPECT, aligned and unmoved (misalignment regime none), with the restoration loss of training
 (L1 + 1 − SSIM), and prints the SSIM of the SPECT validation pairs to their clean labels every 150
 steps. The evidence behind ``model.ufrf.ImageRestoration`` (bench/results/probe_restoration_path.md).
