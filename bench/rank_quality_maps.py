@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard, unit_intensities
-from napari_unifuse.data.color import rgb_to_ycbcr
+from napari_unifuse.cli.evaluate import aligned_unit_luma, checkpoint_split, pairs_from_harvard, unit_intensities
 from napari_unifuse.engine.inference import FusionEngine
-from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping
+from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model.checkpoint import read_metadata
 from napari_unifuse.training.datasets import build_datasets
 
@@ -64,11 +63,7 @@ def items_of_run(task: str, engine: FusionEngine, reference: ImageVolume, moving
                  displacement: np.ndarray) -> list[Item]:
     result = engine.run_fusion(reference, moving)
     quality = result.quality
-    if result.aligned.is_rgb:
-        restored = rgb_to_ycbcr(result.aligned.array)[..., 0]
-    else:
-        restored = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"]).apply(
-            result.aligned.array)
+    restored = aligned_unit_luma(result)
     restored_error = per_slice_mean(np.abs(restored - label))
     epe = per_slice_mean(np.linalg.norm(result.displacement - displacement, axis=0))
     scores = quality.slice_scores

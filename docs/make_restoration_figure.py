@@ -20,11 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from make_fusion_figure import TASKS, validation_pair  # noqa: E402
 
-from napari_unifuse.cli.evaluate import unit_intensities  # noqa: E402
-from napari_unifuse.data.color import rgb_to_ycbcr  # noqa: E402
+from napari_unifuse.cli.evaluate import aligned_unit_luma, unit_intensities  # noqa: E402
 from napari_unifuse.data.misalign import warp_array  # noqa: E402
 from napari_unifuse.engine.inference import FusionEngine  # noqa: E402
-from napari_unifuse.io import IntensityMapping  # noqa: E402
 from napari_unifuse.metrics import registration_metrics  # noqa: E402
 
 OUT = Path(__file__).parent / "images" / "restoration_2d.png"
@@ -41,11 +39,7 @@ def main() -> None:
     for row, task in zip(axes, TASKS):
         pair = validation_pair(args.harvard, task, 0, args.checkpoint, "large")
         result = engine.run_fusion(pair.reference, pair.moving)
-        if result.aligned.is_rgb:
-            restored = rgb_to_ycbcr(result.aligned.array)[..., 0]
-        else:
-            mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
-            restored = mapping.apply(result.aligned.array)
+        restored = aligned_unit_luma(result)
         warped = warp_array(unit_intensities(pair.moving)[0], result.displacement)
         centre = tuple(slice(side // 4, side - side // 4) for side in pair.label.shape)
         panels = {"degraded input, warped": warped, "restored": restored, "clean label": pair.label}

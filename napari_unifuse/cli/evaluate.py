@@ -72,6 +72,7 @@ from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
+from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, RegistrationError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
@@ -296,6 +297,15 @@ def copy_registration(registrations: list[str]) -> str:
     return COPY_REGISTRATION if COPY_REGISTRATION in registrations else "identity"
 
 
+def aligned_unit_luma(result: FusionResult) -> np.ndarray:
+    """A run's restored, aligned moving image in the [0, 1] units the metrics take: the luma of an
+    RGB result, else the moving image's intensity mapping applied to it."""
+    if result.aligned.is_rgb:
+        return rgb_to_ycbcr(result.aligned.array)[..., 0]
+    mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
+    return mapping.apply(result.aligned.array)
+
+
 def engine_scores(engine: FusionEngine, pair: EvaluationPair, reference: np.ndarray,
                   moving_unit: np.ndarray) -> dict[str, float]:
     """One engine method's row: its fused and aligned outputs in [0, 1] units; the restoration
@@ -305,11 +315,7 @@ def engine_scores(engine: FusionEngine, pair: EvaluationPair, reference: np.ndar
     seconds = time.perf_counter() - start
     fused = result.fused.array
     fused = rgb_to_ycbcr(fused)[..., 0] if result.fused.is_rgb else fused
-    if result.aligned.is_rgb:
-        aligned = rgb_to_ycbcr(result.aligned.array)[..., 0]
-    else:
-        mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
-        aligned = mapping.apply(result.aligned.array)
+    aligned = aligned_unit_luma(result)
     warped_input = warp_array(moving_unit, result.displacement) if engine.method.restores else None
     predicted = result.predicted_class if result.class_probs else None
     return score(aligned, result.displacement, fused, reference, pair, seconds, predicted, warped_input)
