@@ -151,7 +151,7 @@ class Trainer:
         self.initial_weights: dict[str, Any] | None = None
         if config.train.init_from is not None and not resume:
             path, metadata = load_weights(self.network, config.train.init_from,
-                                          **_modules_the_stage_adds(config))
+                                          **_module_the_stage_initialises(config))
             self.initial_weights = {
                 "checkpoint": str(path), "sha256": sha256_of_path(path),
                 **{key: metadata.get(key) for key in ("name", "command", "seed", "steps", "wall_time_s", "device")},
@@ -408,7 +408,7 @@ class Trainer:
             dist.barrier()
 
 
-def _modules_the_stage_adds(config: TrainConfig) -> dict[str, Any]:
+def _module_the_stage_initialises(config: TrainConfig) -> dict[str, Any]:
     """``load_weights``' options for a stage's ``init_from``: the module the stage (re)initialises
     keeps the network's own weights, and the config fields that shape only it may differ."""
     if config.train.stage == HEAD_STAGE:
