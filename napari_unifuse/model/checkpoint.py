@@ -144,8 +144,15 @@ def training_crop(metadata: dict[str, Any]) -> int | None:
     different token count, and so different pooled statistics, on larger inputs: the CPU-trained
     2D checkpoint classified 128² crops of the validation pairs right and every whole 256² slice
     as low-dose. Inference therefore tiles at this size unless told otherwise.
+
+    A run of a partial ``train.stage`` reports its network's crop (recorded in ``initial_weights``),
+    not its own: it trained one module on the network's read-outs and leaves those as they were.
     """
-    crop = (metadata.get("training_config") or {}).get("data", {}).get("crop")
+    config = metadata.get("training_config") or {}
+    initial = metadata.get("initial_weights") or {}
+    if config.get("train", {}).get("stage", "full") != "full" and "training_crop" in initial:
+        return initial["training_crop"]
+    crop = config.get("data", {}).get("crop")
     if not crop:
         return None
     return int(max(crop)) if isinstance(crop, (list, tuple)) else int(crop)

@@ -1,8 +1,8 @@
 """Universal Feature Restoration & Fusion (UFR&F, §3.5): a U-Net on
 F̃ = Concat(W(F̄'_D, φ), F̄_R) with an ALSN in every scale's skip connection.
 
-A 1×1(×1) head reads the last decoder features as two maps per image channel (ours; the paper
-decodes both images directly):
+Two 1×1(×1) heads read the last decoder features, one map per image channel each (ours; the
+paper decodes both images directly):
 
     restored = clip(W(I'_D, φ) + (1 − p_none) · Δ_r)     the restored, aligned moving image
     I_fuse   = w · I_R + (1 − w) · restored,  w = sigmoid(logit)
@@ -23,6 +23,8 @@ over the images themselves (:class:`ImageRestoration`).
   (NCC(fused, reference) 0.998: a copy of the reference). A blend cannot invent intensities, and
   its only way to drop a source is w → 0 or 1, which the fusion losses (max-intensity and
   max-gradient targets, SSIM to both sources) penalise wherever that source holds structure.
+  w has a 1×1(×1) head of its own, so that it can be refitted alone on a trained network
+  (``train.stage: fusion_weight``).
 * The image-space path exists because the U-Net's Δ_r did not learn to denoise: the unified
   features it reads are built to drop what differs between modalities, the noise texture
   included. Fine-tuned on the restoration loss alone for 150 steps (the images added to its first
@@ -87,10 +89,13 @@ class RestorationFusion(nn.Module):
             ConvBlock(dims, widths[i + 1] + widths[i], widths[i])
             for i in range(len(widths) - 1)
         )
-        # Per image channel: restoration correction, fusion weight logit.
-        self.heads = conv(dims, widths[0], 2 * config.in_channels, 1)
-        nn.init.zeros_(self.heads.weight)
-        nn.init.zeros_(self.heads.bias)
+        # Per image channel: the restoration correction, and the fusion weight's logit (a head of
+        # its own, so that train.stage fusion_weight can refit it alone).
+        self.restoration_head = conv(dims, widths[0], config.in_channels, 1)
+        self.fusion_weight_head = conv(dims, widths[0], config.in_channels, 1)
+        for head in (self.restoration_head, self.fusion_weight_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
         self.image_restoration = (
             ImageRestoration(dims, config.in_channels, config.num_classes, config.image_restoration_width)
             if config.image_restoration_width else None)
@@ -110,12 +115,12 @@ class RestorationFusion(nn.Module):
         features = skips.pop()
         for decoder in reversed(self.decoders):
             features = decoder(torch.cat([upsample(features), skips.pop()], dim=1))
-        restoration, weight_logit = self.heads(features).chunk(2, dim=1)
+        restoration = self.restoration_head(features)
         if self.image_restoration is not None:
             restoration = restoration + self.image_restoration(moving_image, reference_image, class_probs)
         degraded = (1.0 - class_probs[:, NONE_CLASS_INDEX]).reshape(-1, *[1] * (restoration.ndim - 1))
         restored = (moving_image + degraded * restoration).clamp(0.0, 1.0)
-        weight = torch.sigmoid(weight_logit)
+        weight = torch.sigmoid(self.fusion_weight_head(features))
         # The fusion losses train the blend, not the restoration: through an undetached `restored`
         # their max-gradient target pushed Δ_r to add edges (3-D phantoms: restored SSIM to the
         # label fell below the warped input's, 0.62 vs 0.78, while L_restore rose tenfold).

@@ -10,7 +10,8 @@ typo never silently falls back to a default)::
     train: {batch_size, max_steps, lr, min_lr, weight_decay, grad_clip, num_workers,
             log_every, val_every, val_batches, checkpoint_every, init_from, stage}
     loss:  {ce, moda, reg, smooth, ssim, inten, grad, crcb, restore,   # UniFuse's weights; other
-            moda_negatives, moda_anchors, temperature}                # methods: their own section
+            balance, fusion_target,                                   # methods: their own section
+            moda_negatives, moda_anchors, temperature}
                                                                       # (training.methods)
 
 Relative paths inside ``data`` (``root``) are resolved against the folder of the config file, so
@@ -61,13 +62,19 @@ class TrainSection:
     # batch_size then count the head's steps and read-outs, data.train_length the crops read.
     # "image_restoration": train only UniFuse's image-space restoration path
     # (model.ufrf.ImageRestoration, model.overrides.image_restoration_width), added to init_from's
-    # frozen network.
+    # frozen network. "fusion_weight": refit only UniFuse's fusion weight head
+    # (model.ufrf.RestorationFusion.fusion_weight_head), afresh, on init_from's frozen network.
     stage: str = "full"
 
 
 HEAD_STAGE = "degradation_head"
 IMAGE_RESTORATION_STAGE = "image_restoration"
-STAGES = ("full", HEAD_STAGE, IMAGE_RESTORATION_STAGE)
+FUSION_WEIGHT_STAGE = "fusion_weight"
+STAGES = ("full", HEAD_STAGE, IMAGE_RESTORATION_STAGE, FUSION_WEIGHT_STAGE)
+# Where the fusion and restoration losses expect the moving image (loss.fusion_target): moved by
+# the network's own field (the paper's W(I_fine, φ)), or by the true field (the label where it
+# lies, which the evaluation scores against).
+FUSION_TARGETS = ("network_field", "true_field")
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ class LossSection:
     # max fusion on PET/SPECT (measured on atlas pairs: 0.675 vs 0.675 PET, 0.586 vs 0.597 SPECT);
     # with this term at 3 a copy is the worst of copy, average, max and their mix on every task.
     balance: float = 3.0
+    # One of FUSION_TARGETS (training.objective.fusion_target).
+    fusion_target: str = "network_field"
     moda_negatives: int = 16
     moda_anchors: int = 256
     temperature: float = 0.1
@@ -187,6 +196,10 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
     if train.stage == IMAGE_RESTORATION_STAGE and not (model.overrides or {}).get("image_restoration_width"):
         raise InputError("train.stage 'image_restoration' trains the image-space restoration path: set "
                          "model.overrides.image_restoration_width (e.g. 16)", source)
+    loss = _section(objective.loss_section, values.get("loss"), source, "loss")
+    if isinstance(loss, LossSection) and loss.fusion_target not in FUSION_TARGETS:
+        raise InputError(f"loss.fusion_target must be one of {list(FUSION_TARGETS)}, got {loss.fusion_target!r}",
+                         source)
     for name in ("batch_size", "max_steps", "log_every", "val_every", "checkpoint_every"):
         if getattr(train, name) < 1:
             raise InputError(f"train.{name} must be at least 1", source)
@@ -198,7 +211,7 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         seed=seed,
         model=model,
         train=train,
-        loss=_section(objective.loss_section, values.get("loss"), source, "loss"),
+        loss=loss,
         source=source,
     )
 

@@ -14,6 +14,11 @@ for the alignment error. The field is detached in these targets: L_reg trains th
 the fusion losses must not pull the field toward whatever makes fusing easy. The chroma term
 (Eq. 13) warps with the predicted field and is not detached: the fused colour image carries the
 moving image's CbCr, which must be moved onto the reference, so L_crcb also trains the alignment.
+
+``loss.fusion_target: true_field`` puts both targets at the label aligned by the true field
+instead. ``train.stage: fusion_weight`` uses it: with the field frozen there is no alignment left to
+learn, and the question becomes how much of each source the fused image shows where that source
+truly is, which is what the copy-proof evaluation scores (configs/harvard2d-cpu-fusion-weight.yaml).
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ def fusion_target(moving_clean: torch.Tensor, displacement: torch.Tensor) -> tor
     return warp(moving_clean, displacement.detach(), padding_mode="border")
 
 
+def _target_field(output: UniFuseOutput, batch: dict[str, torch.Tensor], weights: LossSection) -> torch.Tensor:
+    return batch["displacement"] if weights.fusion_target == "true_field" else output.displacement
+
+
 def compute_losses(
     output: UniFuseOutput,
     clean_tokens: tuple[torch.Tensor, torch.Tensor] | None,
@@ -82,7 +91,7 @@ def compute_losses(
 ) -> dict[str, torch.Tensor]:
     """Every weighted term's *unweighted* value plus ``total`` (the weighted sum)."""
     reference = batch["reference"]
-    moving_target = fusion_target(batch["moving_clean"], output.displacement)
+    moving_target = fusion_target(batch["moving_clean"], _target_field(output, batch, weights))
     terms: dict[str, torch.Tensor] = {
         "ce": losses.classification_loss(output.class_logits, batch["class_index"]),
         "reg": losses.registration_loss(output.displacement, batch["displacement"]),

@@ -22,6 +22,9 @@ as ``init_from`` has it, in evaluation mode, so the class, the field and the fus
 move; only L_restore reaches the path (the fusion reads the restored image detached). The crops
 are moved by their true field, as the engine restores a pair with the field its guard kept
 (training.objective.AlignedRestorationModel).
+``train.stage: fusion_weight`` refits UniFuse's fusion weight head alone, afresh (w = 0.5), on
+``init_from``'s frozen network in evaluation mode; only the fusion losses reach it (the restored
+image enters the blend detached).
 
 Run folder (``--out``)::
 
@@ -55,9 +58,9 @@ from napari_unifuse.engine.distributed import setup_distributed
 from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, UniFuseError
 from napari_unifuse.model import UniFuseConfig
-from napari_unifuse.model.checkpoint import load_weights, save_checkpoint
+from napari_unifuse.model.checkpoint import load_weights, save_checkpoint, training_crop
 from napari_unifuse.model.networks import build_network
-from napari_unifuse.training.config import HEAD_STAGE, IMAGE_RESTORATION_STAGE, TrainConfig
+from napari_unifuse.training.config import FUSION_WEIGHT_STAGE, HEAD_STAGE, IMAGE_RESTORATION_STAGE, TrainConfig
 from napari_unifuse.training.datasets import build_datasets
 from napari_unifuse.training.degradation_head import (
     HEAD_INPUT_FIELDS,
@@ -71,6 +74,10 @@ from napari_unifuse.training.objective import AlignedRestorationModel
 
 # The module train.stage image_restoration adds and trains (model.ufrf.ImageRestoration).
 IMAGE_RESTORATION_MODULE = "ufrf.image_restoration"
+# The module train.stage fusion_weight refits.
+FUSION_WEIGHT_MODULE = "ufrf.fusion_weight_head"
+# The stages that train one module of a frozen network, and that module.
+STAGE_MODULES = {IMAGE_RESTORATION_STAGE: IMAGE_RESTORATION_MODULE, FUSION_WEIGHT_STAGE: FUSION_WEIGHT_MODULE}
 
 
 @dataclass
@@ -155,6 +162,9 @@ class Trainer:
             self.initial_weights = {
                 "checkpoint": str(path), "sha256": sha256_of_path(path),
                 **{key: metadata.get(key) for key in ("name", "command", "seed", "steps", "wall_time_s", "device")},
+                # The crop its network was trained on: a stage trains one module of that network
+                # and leaves the size it reads at inference as it was (model.checkpoint.training_crop).
+                "training_crop": training_crop(metadata),
             }
         self.training_model: torch.nn.Module = (
             AlignedRestorationModel(self.network) if config.train.stage == IMAGE_RESTORATION_STAGE
@@ -165,9 +175,9 @@ class Trainer:
                 device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
             )
         train = config.train
-        if train.stage == IMAGE_RESTORATION_STAGE:
+        if train.stage in STAGE_MODULES:
             for name, parameter in self.network.named_parameters():
-                parameter.requires_grad_(name.startswith(IMAGE_RESTORATION_MODULE + "."))
+                parameter.requires_grad_(name.startswith(STAGE_MODULES[train.stage] + "."))
         self.trained_parameters = [parameter for parameter in self.network.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trained_parameters, lr=train.lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._cosine_factor)
@@ -365,11 +375,11 @@ class Trainer:
 
     def _enter_training_mode(self) -> None:
         self.training_model.train()
-        if self.config.train.stage == IMAGE_RESTORATION_STAGE:
+        if self.config.train.stage in STAGE_MODULES:
             # The frozen network stays in evaluation mode: the classifier's running standardisation
             # (model.layers.RunningStandardize) would otherwise follow the batches and change p.
             self.network.eval()
-            self.network.get_submodule(IMAGE_RESTORATION_MODULE).train()
+            self.network.get_submodule(STAGE_MODULES[self.config.train.stage]).train()
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         torch.manual_seed(step_seed(self.config.seed, self.dist.rank, self.step))
@@ -417,6 +427,9 @@ def _module_the_stage_initialises(config: TrainConfig) -> dict[str, Any]:
         # Always initialised afresh, so that the run gives the same weights from the network it
         # extends as from a checkpoint that already has a trained path (the shipped one).
         return {"except_module": IMAGE_RESTORATION_MODULE, "fields_of_that_module": ("image_restoration_width",)}
+    if config.train.stage == FUSION_WEIGHT_STAGE:
+        # Afresh (w = 0.5 everywhere) for the same reason: the shipped checkpoint holds a refit.
+        return {"except_module": FUSION_WEIGHT_MODULE}
     return {}
 
 

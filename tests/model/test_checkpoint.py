@@ -170,3 +170,14 @@ def test_training_crop_comes_from_the_sidecar_training_config():
     assert training_crop({"training_config": {"data": {"crop": [32, 48, 32]}}}) == 48
     assert training_crop({"training_config": {"data": {"crop": None}}}) is None
     assert training_crop({}) is None
+
+
+def test_a_stage_run_reports_the_crop_of_the_network_it_trained_a_module_of():
+    """train.stage fusion_weight fits its head on whole images; the network it leaves as it was
+    still reads 128-pixel tiles (in whole passes it named clean validation SPECT low-dose)."""
+    stage_run = {"training_config": {"train": {"stage": "fusion_weight"}, "data": {"crop": None}},
+                 "initial_weights": {"training_crop": 128}}
+    assert training_crop(stage_run) == 128
+    full_run = {"training_config": {"train": {"stage": "full"}, "data": {"crop": None}},
+                "initial_weights": {"training_crop": 128}}
+    assert training_crop(full_run) is None

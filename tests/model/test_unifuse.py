@@ -105,8 +105,9 @@ def test_a_fixed_field_skips_fa_and_is_the_output_field(model_2d):
 def _trained_looking_heads(model):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        model.ufrf.heads.weight.copy_(torch.randn(model.ufrf.heads.weight.shape, generator=generator))
-        model.ufrf.heads.bias.copy_(torch.randn(model.ufrf.heads.bias.shape, generator=generator))
+        for head in (model.ufrf.restoration_head, model.ufrf.fusion_weight_head):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+            head.bias.copy_(torch.randn(head.bias.shape, generator=generator))
 
 
 def _ufrf_outputs(model, class_probs, shape=SHAPES[2]):
@@ -153,8 +154,8 @@ def test_the_image_restoration_path_starts_as_the_network_without_it_and_reads_t
         torch.testing.assert_close(got, expected)
     # Small corrections of mid-grey images: the restoration's clip to [0, 1] stays out of play.
     for network in (model_2d, with_path):
-        nn.init.normal_(network.ufrf.heads.weight, std=0.01)
-        nn.init.zeros_(network.ufrf.heads.bias)
+        nn.init.normal_(network.ufrf.restoration_head.weight, std=0.01)
+        nn.init.zeros_(network.ufrf.restoration_head.bias)
     nn.init.normal_(with_path.ufrf.image_restoration.out.weight, std=0.1)
     cfg, shape = model_2d.config, SHAPES[2]
     generator = torch.Generator().manual_seed(3)
@@ -180,7 +181,8 @@ def test_gradients_reach_every_parameter(spatial_dims):
     config = UniFuseConfig.small(spatial_dims)
     model = UniFuse(config)
     # The heads start at zero, which stops gradients below them for the first step only.
-    nn.init.normal_(model.ufrf.heads.weight, std=0.1)
+    nn.init.normal_(model.ufrf.restoration_head.weight, std=0.1)
+    nn.init.normal_(model.ufrf.fusion_weight_head.weight, std=0.1)
     moving, reference = _pair(config, [16] * spatial_dims, batch=1)
     out = model(moving, reference)
     loss = (out.fused.mean() + out.restored.mean() + out.displacement.square().mean()

@@ -65,6 +65,7 @@ def test_overrides_replace_only_the_named_fields():
         ("data: {kind: phantom}\noptimizer: {}\n", "optimizer"),
         ("data: [unclosed\n", "YAML"),
         ("data: {kind: phantom}\ntrain: {init_from: 3}\n", "init_from"),
+        ("data: {kind: phantom}\nloss: {fusion_target: label}\n", "fusion_target must be one of"),
     ],
 )
 def test_config_mistakes_are_named(tmp_path, text, message):

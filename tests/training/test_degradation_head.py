@@ -102,7 +102,7 @@ def test_the_head_stage_changes_the_head_and_nothing_else(tmp_path):
         train(head_config, tmp_path / "head", device="cpu", resume=True, progress=False)
 
 
-@pytest.mark.parametrize("stage", ["degradation_head", "image_restoration"])
+@pytest.mark.parametrize("stage", ["degradation_head", "image_restoration", "fusion_weight"])
 def test_a_partial_stage_needs_a_trained_unifuse(stage):
     with pytest.raises(InputError, match="init_from"):
         config_from_dict({"data": {"kind": "phantom"}, "train": {"stage": stage}})

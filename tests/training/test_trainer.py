@@ -3,6 +3,7 @@ fine-tuning run starts from the weights it names."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,24 @@ def test_the_image_restoration_stage_adds_the_path_and_trains_it_alone(tmp_path)
     assert network.config.image_restoration_width == 4
     # The stage starts the path afresh: run from its own result (as from a shipped checkpoint that
     # has the path), it gives the same weights.
+    again = train(stage.with_overrides(train={"init_from": str(result.last_checkpoint)}), tmp_path / "again",
+                  device="cpu", progress=False)
+    repeated = load_file(again.last_checkpoint)
+    assert all(torch.equal(after[name], repeated[name]) for name in after)
+
+
+def test_the_fusion_weight_stage_refits_the_fusion_weight_head_alone_and_afresh(tmp_path):
+    config = _tiny_config().with_overrides(train={"lr": 1e-2})
+    trained = train(config, tmp_path / "first", device="cpu", progress=False).last_checkpoint
+    stage = config.with_overrides(train={"stage": "fusion_weight", "init_from": str(trained)},
+                                  loss={"fusion_target": "true_field"})
+    result = train(stage, tmp_path / "stage", device="cpu", progress=False)
+    before, after = load_file(trained), load_file(result.last_checkpoint)
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"ufrf.fusion_weight_head.weight", "ufrf.fusion_weight_head.bias"}
+    assert json.loads(result.last_checkpoint.with_suffix(".json").read_text())["initial_weights"]["training_crop"] == 16
+    # Afresh: from its own result it gives the same weights again.
     again = train(stage.with_overrides(train={"init_from": str(result.last_checkpoint)}), tmp_path / "again",
                   device="cpu", progress=False)
     repeated = load_file(again.last_checkpoint)
