@@ -11,8 +11,7 @@ typo never silently falls back to a default)::
             log_every, val_every, val_batches, checkpoint_every, init_from, stage}
     loss:  {ce, moda, reg, smooth, ssim, inten, grad, crcb, restore,   # UniFuse's weights; other
             balance, fusion_target,                                   # methods: their own section
-            moda_negatives, moda_anchors, temperature}
-                                                                      # (training.methods)
+            moda_negatives, moda_anchors, temperature}                # (training.methods)
 
 Relative paths inside ``data`` (``root``) are resolved against the folder of the config file, so
 ``configs/harvard2d.yaml`` can say ``../../shared/data/harvard-aanlib`` (i.e. ``../shared/...``

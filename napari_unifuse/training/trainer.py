@@ -428,7 +428,7 @@ def _module_the_stage_initialises(config: TrainConfig) -> dict[str, Any]:
         # extends as from a checkpoint that already has a trained path (the shipped one).
         return {"except_module": IMAGE_RESTORATION_MODULE, "fields_of_that_module": ("image_restoration_width",)}
     if config.train.stage == FUSION_WEIGHT_STAGE:
-        # Afresh (w = 0.5 everywhere) for the same reason: the shipped checkpoint holds a refit.
+        # Afresh (w = 0.5 everywhere) for the same reason: a checkpoint that holds a refit gives the same run.
         return {"except_module": FUSION_WEIGHT_MODULE}
     return {}
 
