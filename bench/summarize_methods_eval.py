@@ -81,7 +81,9 @@ def write_folder(results: list[Path], regime: str, title: str, folder: Path) -> 
     that every engine method is compared with every other row, whichever run scored it."""
     from napari_unifuse.cli.evaluate import METRIC_COLUMNS, regime_section, summarise, write_csv
 
-    records = [{**row, **{column: float(row[column]) for column in METRIC_COLUMNS}}
+    # A run made before evaluate had a column (epe_tissue, say) leaves it NaN: the means and the
+    # pair-by-pair tests then leave that run's rows out of that column only.
+    records = [{**row, **{column: float(row.get(column, "nan")) for column in METRIC_COLUMNS}}
                for row in merged_rows(results, regime)]
     engine_methods = [method for method in dict.fromkeys(row["method"] for row in records) if " + " not in method]
     summary = summarise(records)

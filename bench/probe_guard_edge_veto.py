@@ -1,0 +1,98 @@
+"""Would an edge-based second opinion stop the alignment guard's wrong moves? (issue 17, not adopted)
+
+    .venv/bin/python bench/probe_guard_edge_veto.py [--harvard ../shared/data/harvard-aanlib]
+        [--checkpoint unifuse-2d-harvard] [--split train|val] [--regimes none mild large] [--pairs 25]
+
+The guard accepts a field when its mutual information gain beats k times its noise and the field
+moves the tissue by at least the credible-motion floor (docs/alignment_guard.md). On a few SPECT
+pairs MI still prefers a wrong 9-11 px move. The question: does a similarity with another bias,
+normalised gradient fields (NGF, Haber & Modersitzki 2006: the squared cosine between the two
+images' Gaussian gradients at scale sigma, each damped by its median magnitude over the tissue),
+say "worse than not moving" on those pairs, and not on the pairs the guard moves rightly?
+
+Each pair runs through ``FusionEngine`` as ``unifuse evaluate`` synthesises it (same split, seeds
+and regimes; always all three tasks, since the case split depends on the task list). For every pair whose kept field is not the identity, the kept field is *right* when
+its end-point error against the true field is below the identity's. Per regime, task and sigma the
+script prints how many wrong moves an NGF veto (revert to the identity when NGF of the kept field is
+below NGF of the unmoved image) would revert, and how many right moves it would undo.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard, unit_intensities
+from napari_unifuse.data.misalign import warp_array
+from napari_unifuse.engine.alignment_guard import IDENTITY, tissue_mask
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.model.checkpoint import read_metadata
+
+SIGMAS = (1.0, 2.0, 4.0)
+
+
+def normalised_gradient_fields(reference: np.ndarray, moving: np.ndarray, mask: np.ndarray, sigma: float) -> float:
+    """Mean over ``mask`` of cos²(∇R, ∇M), each gradient damped by its median magnitude there."""
+    gradients = [np.stack([ndimage.gaussian_filter(image, sigma, order=order) for order in ((1, 0), (0, 1))])
+                 for image in (reference, moving)]
+    norms = []
+    for gradient in gradients:
+        magnitude = np.sqrt((gradient**2).sum(axis=0))
+        norms.append(np.sqrt(magnitude**2 + np.median(magnitude[mask]) ** 2))
+    cosine = (gradients[0] * gradients[1]).sum(axis=0) / (norms[0] * norms[1])
+    return float((cosine[mask] ** 2).mean())
+
+
+def _end_point_error(field: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.linalg.norm(field - truth, axis=0).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--harvard", type=Path, default=Path("../shared/data/harvard-aanlib"))
+    parser.add_argument("--checkpoint", default="unifuse-2d-harvard")
+    parser.add_argument("--split", choices=("train", "val"), default="train")
+    parser.add_argument("--regimes", nargs="+", default=["none", "mild", "large"])
+    parser.add_argument("--pairs", type=int, default=25, help="pairs per task")
+    args = parser.parse_args()
+    cases = checkpoint_split(read_metadata(args.checkpoint), None, None)
+    engine = FusionEngine(args.checkpoint, device="cpu")
+    print("| regime | task | pairs | moved: right / wrong | wrong moves reverted, sigma "
+          + " / ".join(f"{s:g}" for s in SIGMAS) + " | right moves undone, sigma " + " / ".join(f"{s:g}" for s in SIGMAS)
+          + " |")
+    print("|---|---|---:|---|---|---|")
+    for regime in args.regimes:
+        pairs = pairs_from_harvard(args.harvard, args.split, ["CT", "PET", "SPECT"], args.pairs, seed=0, size=None,
+                                   none_fraction=0.0, cases=cases, regime=regime)
+        counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for pair in pairs:
+            result = engine.run_fusion(pair.reference, pair.moving)
+            tally = counts[pair.task]
+            tally["pairs"] += 1
+            if result.alignment_guard.kept == IDENTITY:
+                continue
+            field = np.asarray(result.displacement, dtype=np.float32)
+            truth = np.zeros_like(field) if pair.displacement is None else np.asarray(pair.displacement, np.float32)
+            right = _end_point_error(field, truth) < _end_point_error(np.zeros_like(field), truth)
+            tally["right" if right else "wrong"] += 1
+            reference, moving = unit_intensities(pair.reference)[0], unit_intensities(pair.moving)[0]
+            moved = warp_array(moving, field)
+            shown = 0.05 * np.percentile(moving, 99)
+            mask = tissue_mask(reference) & ((moving > shown) | (moved > shown))
+            for sigma in SIGMAS:
+                vetoed = (normalised_gradient_fields(reference, moved, mask, sigma)
+                          < normalised_gradient_fields(reference, moving, mask, sigma))
+                if vetoed:
+                    tally[f"{'undone' if right else 'reverted'}{sigma:g}"] += 1
+        for task, tally in counts.items():
+            print(f"| {regime} | {task} | {tally['pairs']} | {tally['right']} / {tally['wrong']} | "
+                  + " / ".join(str(tally[f"reverted{s:g}"]) for s in SIGMAS) + " | "
+                  + " / ".join(str(tally[f"undone{s:g}"]) for s in SIGMAS) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
