@@ -11,8 +11,9 @@ images' Gaussian gradients at scale sigma, each damped by its median magnitude o
 say "worse than not moving" on those pairs, and not on the pairs the guard moves rightly?
 
 Each pair runs through ``FusionEngine`` as ``unifuse evaluate`` synthesises it (same split, seeds
-and regimes; always all three tasks, since the case split depends on the task list). For every pair whose kept field is not the identity, the kept field is *right* when
-its end-point error against the true field is below the identity's. Per regime, task and sigma the
+and regimes; always all three tasks, since the case split depends on the task list). For every
+pair whose kept field is not the identity, the kept field is *right* when its end-point error
+against the true field is below the identity's. Per regime, task and sigma the
 script prints how many wrong moves an NGF veto (revert to the identity when NGF of the kept field is
 below NGF of the unmoved image) would revert, and how many right moves it would undo.
 """
