@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard, unit_intensities
 from napari_unifuse.data.misalign import warp_array
-from napari_unifuse.engine.alignment_guard import IDENTITY, tissue_mask
+from napari_unifuse.engine.alignment_guard import FOREGROUND_FRACTION, IDENTITY, tissue_mask
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.model.checkpoint import read_metadata
 
@@ -82,7 +82,7 @@ def main() -> None:
             tally["right" if right else "wrong"] += 1
             reference, moving = unit_intensities(pair.reference)[0], unit_intensities(pair.moving)[0]
             moved = warp_array(moving, field)
-            shown = 0.05 * np.percentile(moving, 99)
+            shown = FOREGROUND_FRACTION * np.percentile(moving, 99)  # the guard's joint foreground
             mask = tissue_mask(reference) & ((moving > shown) | (moved > shown))
             for sigma in SIGMAS:
                 vetoed = (normalised_gradient_fields(reference, moved, mask, sigma)
