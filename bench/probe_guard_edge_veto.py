@@ -1,4 +1,4 @@
-"""Would an edge-based second opinion stop the alignment guard's wrong moves? (issue 17, not adopted)
+"""Would a second opinion stop the alignment guard's wrong moves? (issue 17, neither adopted)
 
     .venv/bin/python bench/probe_guard_edge_veto.py [--harvard ../shared/data/harvard-aanlib]
         [--checkpoint unifuse-2d-harvard] [--split train|val] [--regimes none mild large] [--pairs 25]
@@ -8,19 +8,25 @@ moves the tissue by at least the credible-motion floor (docs/alignment_guard.md)
 pairs MI still prefers a wrong 9-11 px move. The question: does a similarity with another bias,
 normalised gradient fields (NGF, Haber & Modersitzki 2006: the squared cosine between the two
 images' Gaussian gradients at scale sigma, each damped by its median magnitude over the tissue),
-say "worse than not moving" on those pairs, and not on the pairs the guard moves rightly?
+say "worse than not moving" on those pairs, and not on the pairs the guard moves rightly? And does
+a measure that reads no intensities at all, the Dice overlap of the two brain masks
+(``brain_mask`` of ``bench/probe_atlas_offset.py``: the MRI's intracranial region, the PET/SPECT
+uptake outline, the CT's non-bone brain), say it?
 
 Each pair runs through ``FusionEngine`` as ``unifuse evaluate`` synthesises it (same split, seeds
 and regimes; always all three tasks, since the case split depends on the task list). For every
 pair whose kept field is not the identity, the kept field is *right* when its end-point error
 against the true field is below the identity's. Per regime, task and sigma the
 script prints how many wrong moves an NGF veto (revert to the identity when NGF of the kept field is
-below NGF of the unmoved image) would revert, and how many right moves it would undo.
+below NGF of the unmoved image) would revert, and how many right moves it would undo; then the same
+two counts for a brain-mask veto (revert when the moved image's mask overlaps the MRI's less than
+the unmoved one's).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +38,9 @@ from napari_unifuse.data.misalign import warp_array
 from napari_unifuse.engine.alignment_guard import FOREGROUND_FRACTION, IDENTITY, tissue_mask
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.model.checkpoint import read_metadata
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_atlas_offset import brain_mask  # noqa: E402  (the atlas probe's masks, no segmentation model)
 
 SIGMAS = (1.0, 2.0, 4.0)
 
@@ -46,6 +55,12 @@ def normalised_gradient_fields(reference: np.ndarray, moving: np.ndarray, mask: 
         norms.append(np.sqrt(magnitude**2 + np.median(magnitude[mask]) ** 2))
     cosine = (gradients[0] * gradients[1]).sum(axis=0) / (norms[0] * norms[1])
     return float((cosine[mask] ** 2).mean())
+
+
+def brain_overlap(reference: np.ndarray, moving: np.ndarray, modality: str) -> float:
+    """Dice of the MRI reference's brain mask and the moving image's (``modality``: ct, pet or spect)."""
+    fixed, moved = brain_mask(reference, "mri"), brain_mask(moving, modality)
+    return float(2 * (fixed & moved).sum() / max(1, fixed.sum() + moved.sum()))
 
 
 def _end_point_error(field: np.ndarray, truth: np.ndarray) -> float:
@@ -64,8 +79,8 @@ def main() -> None:
     engine = FusionEngine(args.checkpoint, device="cpu")
     print("| regime | task | pairs | moved: right / wrong | wrong moves reverted, sigma "
           + " / ".join(f"{s:g}" for s in SIGMAS) + " | right moves undone, sigma " + " / ".join(f"{s:g}" for s in SIGMAS)
-          + " |")
-    print("|---|---|---:|---|---|---|")
+          + " | brain-mask veto: wrong reverted / right undone |")
+    print("|---|---|---:|---|---|---|---|")
     for regime in args.regimes:
         pairs = pairs_from_harvard(args.harvard, args.split, ["CT", "PET", "SPECT"], args.pairs, seed=0, size=None,
                                    none_fraction=0.0, cases=cases, regime=regime)
@@ -89,10 +104,14 @@ def main() -> None:
                           < normalised_gradient_fields(reference, moving, mask, sigma))
                 if vetoed:
                     tally[f"{'undone' if right else 'reverted'}{sigma:g}"] += 1
+            modality = pair.task.split("-")[0].lower()
+            if brain_overlap(reference, moved, modality) < brain_overlap(reference, moving, modality):
+                tally["undone_mask" if right else "reverted_mask"] += 1
         for task, tally in counts.items():
             print(f"| {regime} | {task} | {tally['pairs']} | {tally['right']} / {tally['wrong']} | "
                   + " / ".join(str(tally[f"reverted{s:g}"]) for s in SIGMAS) + " | "
-                  + " / ".join(str(tally[f"undone{s:g}"]) for s in SIGMAS) + " |", flush=True)
+                  + " / ".join(str(tally[f"undone{s:g}"]) for s in SIGMAS)
+                  + f" | {tally['reverted_mask']} / {tally['undone_mask']} |", flush=True)
 
 
 if __name__ == "__main__":
