@@ -11,7 +11,9 @@ images' Gaussian gradients at scale sigma, each damped by its median magnitude o
 say "worse than not moving" on those pairs, and not on the pairs the guard moves rightly? And does
 a measure that reads no intensities at all, the Dice overlap of the two brain masks
 (``brain_mask`` of ``bench/probe_atlas_offset.py``: the MRI's intracranial region, the PET/SPECT
-uptake outline, the CT's non-bone brain), say it?
+uptake outline, the CT's non-bone brain), say it? Or the round trip: the matching run the other
+way (the MRI registered onto the moving image), composed with the kept field, should come back to
+where it started if the move is real (inverse consistency)?
 
 Each pair runs through ``FusionEngine`` as ``unifuse evaluate`` synthesises it (same split, seeds
 and regimes; always all three tasks, since the case split depends on the task list). For every
@@ -20,7 +22,8 @@ against the true field is below the identity's. Per regime, task and sigma the
 script prints how many wrong moves an NGF veto (revert to the identity when NGF of the kept field is
 below NGF of the unmoved image) would revert, and how many right moves it would undo; then the same
 two counts for a brain-mask veto (revert when the moved image's mask overlaps the MRI's less than
-the unmoved one's).
+the unmoved one's), and for an inverse-consistency veto (revert when the round trip misses by more
+than ``ROUND_TRIP_RATIOS`` of the kept field's mean motion over the tissue).
 """
 
 from __future__ import annotations
@@ -31,18 +34,22 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard, unit_intensities
 from napari_unifuse.data.misalign import warp_array
 from napari_unifuse.engine.alignment_guard import FOREGROUND_FRACTION, IDENTITY, tissue_mask
+from napari_unifuse.engine.classical import register_matching
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.model.checkpoint import read_metadata
+from napari_unifuse.model.warp import compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_atlas_offset import brain_mask  # noqa: E402  (the atlas probe's masks, no segmentation model)
 
 SIGMAS = (1.0, 2.0, 4.0)
+ROUND_TRIP_RATIOS = (0.3, 0.4, 0.5)
 
 
 def normalised_gradient_fields(reference: np.ndarray, moving: np.ndarray, mask: np.ndarray, sigma: float) -> float:
@@ -63,6 +70,15 @@ def brain_overlap(reference: np.ndarray, moving: np.ndarray, modality: str) -> f
     return float(2 * (fixed & moved).sum() / max(1, fixed.sum() + moved.sum()))
 
 
+def round_trip_ratio(reference: np.ndarray, moving: np.ndarray, field: np.ndarray, tissue: np.ndarray,
+                     geometry) -> float:
+    """Mean over ``tissue`` of |field(x) + reverse(x + field(x))| (the reverse: ``engine.classical``'s
+    matching, with the paper preset's step and range, of the reference onto the moving image), over the mean of |field(x)| there."""
+    reverse = register_matching(moving, reference, geometry)
+    miss = compose(torch.from_numpy(reverse)[None], torch.from_numpy(field)[None])[0].numpy()
+    return float(np.linalg.norm(miss, axis=0)[tissue].mean() / np.linalg.norm(field, axis=0)[tissue].mean())
+
+
 def _end_point_error(field: np.ndarray, truth: np.ndarray) -> float:
     return float(np.linalg.norm(field - truth, axis=0).mean())
 
@@ -79,8 +95,9 @@ def main() -> None:
     engine = FusionEngine(args.checkpoint, device="cpu")
     print("| regime | task | pairs | moved: right / wrong | wrong moves reverted, sigma "
           + " / ".join(f"{s:g}" for s in SIGMAS) + " | right moves undone, sigma " + " / ".join(f"{s:g}" for s in SIGMAS)
-          + " | brain-mask veto: wrong reverted / right undone |")
-    print("|---|---|---:|---|---|---|---|")
+          + " | brain-mask veto: wrong reverted / right undone | round-trip veto, ratio "
+          + " / ".join(f"{r:g}" for r in ROUND_TRIP_RATIOS) + ": wrong reverted; right undone |")
+    print("|---|---|---:|---|---|---|---|---|")
     for regime in args.regimes:
         pairs = pairs_from_harvard(args.harvard, args.split, ["CT", "PET", "SPECT"], args.pairs, seed=0, size=None,
                                    none_fraction=0.0, cases=cases, regime=regime)
@@ -107,11 +124,17 @@ def main() -> None:
             modality = pair.task.split("-")[0].lower()
             if brain_overlap(reference, moved, modality) < brain_overlap(reference, moving, modality):
                 tally["undone_mask" if right else "reverted_mask"] += 1
+            ratio = round_trip_ratio(reference, moving, field, tissue_mask(reference), pair.reference.geometry)
+            for limit in ROUND_TRIP_RATIOS:
+                if ratio > limit:
+                    tally[f"{'undone' if right else 'reverted'}_trip{limit:g}"] += 1
         for task, tally in counts.items():
             print(f"| {regime} | {task} | {tally['pairs']} | {tally['right']} / {tally['wrong']} | "
                   + " / ".join(str(tally[f"reverted{s:g}"]) for s in SIGMAS) + " | "
                   + " / ".join(str(tally[f"undone{s:g}"]) for s in SIGMAS)
-                  + f" | {tally['reverted_mask']} / {tally['undone_mask']} |", flush=True)
+                  + f" | {tally['reverted_mask']} / {tally['undone_mask']} | "
+                  + " / ".join(str(tally[f"reverted_trip{r:g}"]) for r in ROUND_TRIP_RATIOS) + "; "
+                  + " / ".join(str(tally[f"undone_trip{r:g}"]) for r in ROUND_TRIP_RATIOS) + " |", flush=True)
 
 
 if __name__ == "__main__":
