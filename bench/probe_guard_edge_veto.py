@@ -1,4 +1,4 @@
-"""Would a second opinion stop the alignment guard's wrong moves? (issue 17, neither adopted)
+"""Would a second opinion stop the alignment guard's wrong moves? (issue 17, none adopted)
 
     .venv/bin/python bench/probe_guard_edge_veto.py [--harvard ../shared/data/harvard-aanlib]
         [--checkpoint unifuse-2d-harvard] [--split train|val] [--regimes none mild large] [--pairs 25]
@@ -72,8 +72,9 @@ def brain_overlap(reference: np.ndarray, moving: np.ndarray, modality: str) -> f
 
 def round_trip_ratio(reference: np.ndarray, moving: np.ndarray, field: np.ndarray, tissue: np.ndarray,
                      geometry) -> float:
-    """Mean over ``tissue`` of |field(x) + reverse(x + field(x))| (the reverse: ``engine.classical``'s
-    matching, with the paper preset's step and range, of the reference onto the moving image), over the mean of |field(x)| there."""
+    """Mean over ``tissue`` of |field(x) + reverse(x + field(x))| over the mean of |field(x)| there;
+    the reverse is ``engine.classical``'s matching (the paper preset's step and range) of the
+    reference onto the moving image."""
     reverse = register_matching(moving, reference, geometry)
     miss = compose(torch.from_numpy(reverse)[None], torch.from_numpy(field)[None])[0].numpy()
     return float(np.linalg.norm(miss, axis=0)[tissue].mean() / np.linalg.norm(field, axis=0)[tissue].mean())
