@@ -1,7 +1,7 @@
 """How far could the fusion weight alone take the per-source gain? (issue 16)
 
     .venv/bin/python bench/probe_fusion_balance.py [--harvard ../shared/data/harvard-aanlib]
-        [--checkpoint unifuse-2d-harvard] [--split val] [--regimes large ...] [--pairs N]
+        [--checkpoint unifuse-2d-harvard] [--split val] [--regimes large ...] [--pairs N] [--figure PNG]
 
 UniFuse's fused image is a per-voxel blend ``w · reference + (1 − w) · restored`` (``model.ufrf``).
 Every pair runs once through ``FusionEngine`` as ``unifuse evaluate`` synthesises it; from its
@@ -22,7 +22,8 @@ and the mean bone retention on CT. Regimes are ``unifuse evaluate``'s: ``none``,
 with degraded moving images, and ``none-clean`` (unmoved, clean: ``--none-fraction 1``).
 
 For every variant the worst (regime, task) mean gain_min is printed: the issue's target is a floor
-on every task and regime.
+on every task and regime. ``--figure`` draws the first pair of each task (first regime): reference,
+restored, clean label and ``FIGURE_VARIANTS``, all on the same grey scale, titled with their gains.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
 from napari_unifuse.cli.evaluate import aligned_unit_luma, checkpoint_split, pairs_from_harvard, unit_intensities
@@ -45,6 +47,7 @@ BALANCED_MEANS = (0.4, 0.45, 0.5)
 ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFINED = 0.02  # |reference − restored| above which w = (fused − restored) / (reference − restored) is read
 CLEAN_SUFFIX = "-clean"
+FIGURE_VARIANTS = ("UniFuse", "UniFuse, logit shift 0.5", "UniFuse, mean w 0.4 per pair", "constant alpha 0.3")
 
 
 def blends(fused: np.ndarray, reference: np.ndarray, restored: np.ndarray) -> dict[str, np.ndarray]:
@@ -72,10 +75,12 @@ def main() -> None:
     parser.add_argument("--split", choices=("train", "val"), default="val")
     parser.add_argument("--regimes", nargs="+", default=["large"], help="none, mild, large, none-clean")
     parser.add_argument("--pairs", type=int, help="pairs per task (default: all)")
+    parser.add_argument("--figure", type=Path, help="draw the first pair of each task here (PNG)")
     args = parser.parse_args()
     cases = checkpoint_split(read_metadata(args.checkpoint), None, None)
     engine = FusionEngine(args.checkpoint, device="cpu")
     scores: dict[tuple[str, str, str], list[tuple[float, ...]]] = defaultdict(list)
+    drawn: dict[str, list[tuple[str, np.ndarray]]] = {}
     pairs = [(regime, pair) for regime in args.regimes
              for pair in pairs_from_harvard(args.harvard, args.split, ["CT", "PET", "SPECT"], args.pairs, seed=0,
                                             size=None, none_fraction=1.0 if regime.endswith(CLEAN_SUFFIX) else 0.0,
@@ -84,11 +89,17 @@ def main() -> None:
         result = engine.run_fusion(pair.reference, pair.moving)
         fused = rgb_to_ycbcr(result.fused.array)[..., 0] if result.fused.is_rgb else result.fused.array
         reference = unit_intensities(pair.reference)[0]
-        for name, image in blends(fused.astype(np.float64), reference.astype(np.float64),
-                                  aligned_unit_luma(result).astype(np.float64)).items():
+        restored = aligned_unit_luma(result)
+        variants = blends(fused.astype(np.float64), reference.astype(np.float64), restored.astype(np.float64))
+        for name, image in variants.items():
             gains = ssim_gains(image, reference, pair.label)
             bone = bone_retention(image, pair.label) if pair.moving_modality == "ct" else float("nan")
             scores[(regime, pair.task, name)].append((gains.a, gains.b, gains.minimum, bone))
+        if regime == args.regimes[0] and pair.task not in drawn:
+            drawn[pair.task] = [("reference", reference), ("restored, aligned", restored), ("clean label", pair.label)]
+            for name in FIGURE_VARIANTS:
+                gains = ssim_gains(variants[name], reference, pair.label)
+                drawn[pair.task].append((f"{name}\ngain ref {gains.a:.2f}, moving {gains.b:.2f}", variants[name]))
     print(f"{args.split} split, {args.checkpoint}\n")
     print("| regime | task | fusion | pairs | gain_ref | gain_mov | gain_min | bone retention |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
@@ -102,6 +113,27 @@ def main() -> None:
         worst[name] = min(worst.get(name, cell), cell)
     print("\nworst (regime, task) mean gain_min:\n" + "\n".join(
         f"- {name}: {value:.3f} ({regime} {task})" for name, (value, regime, task) in worst.items()))
+    if args.figure:
+        _draw(drawn, args.figure, f"{args.split} split, {args.regimes[0]}")
+
+
+def _draw(drawn: dict[str, list[tuple[str, np.ndarray]]], path: Path, title: str) -> None:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(panels) for panels in drawn.values())
+    figure, axes = plt.subplots(len(drawn), columns, figsize=(2.6 * columns, 2.9 * len(drawn)), squeeze=False)
+    for row, (task, panels) in zip(axes, drawn.items()):
+        for axis, (label, image) in zip(row, panels):
+            axis.imshow(image, cmap="gray", vmin=0, vmax=1)
+            axis.set_title(label, fontsize=7)
+            axis.axis("off")
+        row[0].set_ylabel(task)
+        row[0].text(-0.08, 0.5, task, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"figure: {path}")
 
 
 def _logit(weight: np.ndarray | float) -> np.ndarray | float:
