@@ -128,7 +128,6 @@ def _draw(drawn: dict[str, list[tuple[str, np.ndarray]]], path: Path, title: str
             axis.imshow(image, cmap="gray", vmin=0, vmax=1)
             axis.set_title(label, fontsize=7)
             axis.axis("off")
-        row[0].set_ylabel(task)
         row[0].text(-0.08, 0.5, task, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()

@@ -64,10 +64,10 @@ def normalised_gradient_fields(reference: np.ndarray, moving: np.ndarray, mask: 
     return float((cosine[mask] ** 2).mean())
 
 
-def brain_overlap(reference: np.ndarray, moving: np.ndarray, modality: str) -> float:
+def brain_overlap(reference_brain: np.ndarray, moving: np.ndarray, modality: str) -> float:
     """Dice of the MRI reference's brain mask and the moving image's (``modality``: ct, pet or spect)."""
-    fixed, moved = brain_mask(reference, "mri"), brain_mask(moving, modality)
-    return float(2 * (fixed & moved).sum() / max(1, fixed.sum() + moved.sum()))
+    moved = brain_mask(moving, modality)
+    return float(2 * (reference_brain & moved).sum() / max(1, reference_brain.sum() + moved.sum()))
 
 
 def round_trip_ratio(reference: np.ndarray, moving: np.ndarray, field: np.ndarray, tissue: np.ndarray,
@@ -116,16 +116,18 @@ def main() -> None:
             reference, moving = unit_intensities(pair.reference)[0], unit_intensities(pair.moving)[0]
             moved = warp_array(moving, field)
             shown = FOREGROUND_FRACTION * np.percentile(moving, 99)  # the guard's joint foreground
-            mask = tissue_mask(reference) & ((moving > shown) | (moved > shown))
+            tissue = tissue_mask(reference)
+            mask = tissue & ((moving > shown) | (moved > shown))
             for sigma in SIGMAS:
                 vetoed = (normalised_gradient_fields(reference, moved, mask, sigma)
                           < normalised_gradient_fields(reference, moving, mask, sigma))
                 if vetoed:
                     tally[f"{'undone' if right else 'reverted'}{sigma:g}"] += 1
             modality = pair.task.split("-")[0].lower()
-            if brain_overlap(reference, moved, modality) < brain_overlap(reference, moving, modality):
+            reference_brain = brain_mask(reference, "mri")
+            if brain_overlap(reference_brain, moved, modality) < brain_overlap(reference_brain, moving, modality):
                 tally["undone_mask" if right else "reverted_mask"] += 1
-            ratio = round_trip_ratio(reference, moving, field, tissue_mask(reference), pair.reference.geometry)
+            ratio = round_trip_ratio(reference, moving, field, tissue, pair.reference.geometry)
             for limit in ROUND_TRIP_RATIOS:
                 if ratio > limit:
                     tally[f"{'undone' if right else 'reverted'}_trip{limit:g}"] += 1
