@@ -1,7 +1,7 @@
 """How far could the fusion weight alone take the per-source gain? (issue 16)
 
     .venv/bin/python bench/probe_fusion_balance.py [--harvard ../shared/data/harvard-aanlib]
-        [--checkpoint unifuse-2d-harvard] [--split val] [--regimes large ...] [--pairs N] [--figure PNG]
+        [--checkpoint unifuse-2d-harvard] [--split val] [--regimes large ...] [--pairs N] [--figure PNG] [--write]
 
 UniFuse's fused image is a per-voxel blend ``w · reference + (1 − w) · restored`` (``model.ufrf``).
 Every pair runs once through ``FusionEngine`` as ``unifuse evaluate`` synthesises it; from its
@@ -14,6 +14,10 @@ wherever the two sources differ by more than ``DEFINED``, and scores on the same
 * UniFuse with its weight's logit shifted, pair by pair, so that the mean w where the sources
   differ is about each of ``BALANCED_MEANS`` (the network still decides where each source dominates;
   the shift sets how much overall);
+* the same, one-sided: only pairs whose mean w exceeds each of ``CAPPED_MEANS`` are shifted, down
+  to it (a pair that already leans toward the moving image keeps its blend): ``engine.fusion_balance``,
+  which the engine applies with the cap a checkpoint's sidecar holds (``--write`` stores the best
+  cap on the split run; this script scores the network's own blend, the engine's cap switched off);
 * constant blends ``alpha · reference + (1 − alpha) · restored`` for each of ``ALPHAS``.
 
 Per task: mean gain toward the reference and toward the moving image (SSIM to the clean label
@@ -29,6 +33,7 @@ restored, clean label and ``FIGURE_VARIANTS``, all on the same grey scale, title
 from __future__ import annotations
 
 import argparse
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,17 +42,23 @@ import numpy as np
 
 from napari_unifuse.cli.evaluate import aligned_unit_luma, checkpoint_split, pairs_from_harvard, unit_intensities
 from napari_unifuse.data.color import rgb_to_ycbcr
+from napari_unifuse.engine.fusion_balance import METADATA_KEY, FusionBalance
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.metrics import ssim_gains
 from napari_unifuse.metrics.retention import bone_retention
-from napari_unifuse.model.checkpoint import read_metadata
+from napari_unifuse.model.checkpoint import read_metadata, set_metadata_section
 
 LOGIT_SHIFTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 BALANCED_MEANS = (0.4, 0.45, 0.5)
+CAPPED_MEANS = (0.25, 0.27, 0.3, 0.33, 0.36, 0.4)
 ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFINED = 0.02  # |reference − restored| above which w = (fused − restored) / (reference − restored) is read
 CLEAN_SUFFIX = "-clean"
-FIGURE_VARIANTS = ("UniFuse", "UniFuse, logit shift 0.5", "UniFuse, mean w 0.4 per pair", "constant alpha 0.3")
+FIGURE_VARIANTS = ("UniFuse", "UniFuse, mean w at most 0.3 per pair", "UniFuse, logit shift 0.5", "constant alpha 0.3")
+
+
+def capped_name(cap: float) -> str:
+    return f"UniFuse, mean w at most {cap:g} per pair"
 
 
 def blends(fused: np.ndarray, reference: np.ndarray, restored: np.ndarray) -> dict[str, np.ndarray]:
@@ -63,6 +74,8 @@ def blends(fused: np.ndarray, reference: np.ndarray, restored: np.ndarray) -> di
     for name, shift in shifts.items():
         shifted = 1 / (1 + np.exp(shift - logit))
         out[name] = np.where(defined, shifted * reference + (1 - shifted) * restored, fused)
+    for cap in CAPPED_MEANS:
+        out[capped_name(cap)] = FusionBalance(cap).apply(reference, restored, weight)[0]
     for alpha in ALPHAS:
         out[f"constant alpha {alpha:g}"] = alpha * reference + (1 - alpha) * restored
     return {name: image.astype(np.float32) for name, image in out.items()}
@@ -76,9 +89,13 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", default=["large"], help="none, mild, large, none-clean")
     parser.add_argument("--pairs", type=int, help="pairs per task (default: all)")
     parser.add_argument("--figure", type=Path, help="draw the first pair of each task here (PNG)")
+    parser.add_argument("--write", action="store_true",
+                        help="store the cap with the highest worst (regime, task) gain_min in the checkpoint's "
+                             "sidecar (engine.fusion_balance); meant for --split train over every regime")
     args = parser.parse_args()
     cases = checkpoint_split(read_metadata(args.checkpoint), None, None)
     engine = FusionEngine(args.checkpoint, device="cpu")
+    engine.fusion_balance = None  # the network's own blend; the caps are applied here
     scores: dict[tuple[str, str, str], list[tuple[float, ...]]] = defaultdict(list)
     drawn: dict[str, list[tuple[str, np.ndarray]]] = {}
     pairs = [(regime, pair) for regime in args.regimes
@@ -115,6 +132,22 @@ def main() -> None:
         f"- {name}: {value:.3f} ({regime} {task})" for name, (value, regime, task) in worst.items()))
     if args.figure:
         _draw(drawn, args.figure, f"{args.split} split, {args.regimes[0]}")
+    if args.write:
+        cap = max(CAPPED_MEANS, key=lambda value: worst[capped_name(value)][0])
+        _write_cap(args.checkpoint, cap, worst[capped_name(cap)], args)
+
+
+def _write_cap(checkpoint: str, cap: float, worst: tuple[float, str, str], args: argparse.Namespace) -> None:
+    sidecar = set_metadata_section(checkpoint, METADATA_KEY, {
+        "max_mean_weight": cap,
+        "calibration": (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
+                        f"bench/probe_fusion_balance.py --split "
+                        f"{args.split} --regimes {' '.join(args.regimes)}"
+                        + (f" --pairs {args.pairs}" if args.pairs else "") + " --write"),
+        "criterion": f"of the caps {list(CAPPED_MEANS)}, the one with the highest worst (regime, task) mean "
+                     f"gain_min on the {args.split} split: {worst[0]:.3f} ({worst[1]} {worst[2]})",
+    })
+    print(f"wrote {METADATA_KEY}.max_mean_weight = {cap:g} to {sidecar}")
 
 
 def _draw(drawn: dict[str, list[tuple[str, np.ndarray]]], path: Path, title: str) -> None:

@@ -136,12 +136,16 @@ class ResultLayers:
                                                        "threshold": threshold}})
 
     def _show_kept_estimate(self) -> None:
-        """One line on the canvas: which displacement the layers show (identity, matching or
-        network) and why, so that "no motion" reads as the guard's decision, not as a failure."""
-        decision = self.outcome.result.alignment_guard
+        """On the canvas: which displacement the layers show (identity, matching or network) and
+        why, so that "no motion" reads as the guard's decision, not as a failure; and, where the
+        checkpoint caps it, how much of the fused image the reference takes."""
+        result = self.outcome.result
+        lines = [] if result.alignment_guard is None else [f"alignment guard: {result.alignment_guard.message}"]
+        if result.fusion_balance is not None:
+            lines.append(result.fusion_balance.message)
         overlay = self.viewer.canvas.overlays["text"]
-        overlay.text = f"alignment guard: {decision.message}" if decision is not None else ""
-        overlay.visible = decision is not None
+        overlay.text = "\n".join(lines)
+        overlay.visible = bool(lines)
 
     def _volume_layer(self, volume: ImageVolume, name: str, **kwargs) -> None:
         data, layer_kwargs, _ = volume_to_layer_data(volume, name)

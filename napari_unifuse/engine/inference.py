@@ -33,6 +33,9 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
    ``fuse (kept field)``  when that is not the method's own field, run the tiles again with the
                  kept field as the whole field (``refine(..., fixed_field=True)``), so that the
                  restored and fused images are the ones for the displacement reported.
+   For a method that fuses by a blend (UniFuse) and a checkpoint that calibrated one, the
+   reference's share of the blend is then capped pair by pair (``engine.fusion_balance``; the
+   provenance's ``fusion_balance``).
 6. ``compose``   warp the carried chroma (and what the intensity window clipped) with the kept
    field, recombine RGB, map the restored moving image back to its own intensity units.
 7. ``quality``   (``quality=True``) ``engine.quality``: where not to trust the result (invented and
@@ -63,6 +66,7 @@ from napari_unifuse.engine.class_evidence import class_evidence, evidence_table
 from napari_unifuse.engine.classical import register_sitk
 from napari_unifuse.engine.coarse_readout import coarse_readout
 from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.fusion_balance import fusion_balance
 from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
 from napari_unifuse.engine.methods import (
     MATCHING,
@@ -200,6 +204,7 @@ class FusionEngine:
             self.min_credible_motion = credible_motion_floor(self.method.checkpoint_metadata)
             self.degradation_evidence = evidence_table(self.method.checkpoint_metadata)
             self.coarse_readout = coarse_readout(self.method.checkpoint_metadata, DEGRADATION_CLASSES)
+            self.fusion_balance = fusion_balance(self.method.checkpoint_metadata)
         except ValueError as error:
             raise CheckpointError(f"{path}: {error}") from error
         if path is None:
@@ -299,6 +304,8 @@ class FusionEngine:
         result.warnings = warnings
         result.alignment_guard = decision
         result.class_evidence = evidence
+        balance = run_info.pop("fusion_balance")
+        result.fusion_balance = balance
         result.provenance = {
             "created": utc_timestamp(),
             "inputs": {
@@ -314,6 +321,7 @@ class FusionEngine:
             **run_info,
             "alignment_guard": decision.to_dict() if decision is not None else None,
             "degradation_evidence": evidence.to_dict() if evidence is not None else None,
+            "fusion_balance": balance.to_dict() if balance is not None else None,
             **({"quality": _quality_provenance(result.quality, uncertainty_passes)} if result.quality else {}),
             "versions": software_versions(),
             "timings_s": timer.seconds,
@@ -427,7 +435,7 @@ class FusionEngine:
             with stage("guard"):
                 estimates = {initial_name: initial[0][crop].numpy()}
                 if self.method.refines_alignment:
-                    estimates[NETWORK] = blended.dense[2:][crop].numpy()
+                    estimates[NETWORK] = blended.dense[2 : 2 + len(spatial)][crop].numpy()
                 decision = choose_displacement(moving, reference, estimates,
                                                min_credible_motion=self.min_credible_motion)
             if decision.kept != (NETWORK if self.method.refines_alignment else initial_name):
@@ -441,10 +449,14 @@ class FusionEngine:
         tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, multiple)
         dense = blended.dense[crop].numpy()
         ndim = len(spatial)
+        fused, restored = np.clip(dense[0], 0.0, 1.0), np.clip(dense[1], 0.0, 1.0)
+        balance = None
+        if self.fusion_balance is not None and dense.shape[0] > 2 + ndim:  # the method blends: w is its last map
+            fused, _, balance = self.fusion_balance.apply(reference, restored, dense[2 + ndim])
         return (
             {
-                "fused": np.clip(dense[0], 0.0, 1.0),
-                "restored": np.clip(dense[1], 0.0, 1.0),
+                "fused": fused,
+                "restored": restored,
                 "displacement": np.ascontiguousarray(dense[2 : 2 + ndim], dtype=np.float32),
                 "class_probs": blended.per_tile.numpy(),
                 "slice_class_probs": blended.per_slice[: spatial[0] if ndim == 3 else 1].numpy(),
@@ -452,6 +464,7 @@ class FusionEngine:
             decision,
             {
                 **({"initial_alignment": initial_decision.to_dict()} if initial_decision is not None else {}),
+                "fusion_balance": balance,
                 "device": str(device),
                 "scan_backend": scan_backend(device),
                 "tile_shape": list(tile_shape),
@@ -487,7 +500,10 @@ class FusionEngine:
                 batch = tile[None].to(device)
                 output = self.method.predict_tile(batch[:, 0:1], batch[:, 1:2], batch[:, 2:], fixed_field=fixed_field,
                                                   class_probs=routing)
-                dense = torch.cat([output.fused[0], output.restored[0], output.displacement[0]])
+                maps = [output.fused[0], output.restored[0], output.displacement[0]]
+                if output.fusion_weight is not None:
+                    maps.append(output.fusion_weight[0])
+                dense = torch.cat(maps)
                 return _tile_prediction(dense, output.class_probs, output.slice_class_probs, spatial_dims)
 
             return predict

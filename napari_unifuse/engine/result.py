@@ -9,6 +9,7 @@ import numpy as np
 
 from napari_unifuse.engine.alignment_guard import GuardDecision
 from napari_unifuse.engine.class_evidence import ClassEvidence
+from napari_unifuse.engine.fusion_balance import BalanceRecord
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.io import ImageVolume
 
@@ -35,6 +36,8 @@ class FusionResult:
     ``quality``: where not to trust the result (``engine.quality``); None when not computed.
     ``class_evidence``: the checkpoint's calibration behind the named class, a degradation or
     "none" (``engine.class_evidence``); None when it has none for that call.
+    ``fusion_balance``: what the checkpoint's cap on the reference's share of the blend did
+    (``engine.fusion_balance``); None when the checkpoint calibrated none or the method does not blend.
     """
 
     fused: ImageVolume
@@ -49,6 +52,7 @@ class FusionResult:
     alignment_guard: GuardDecision | None = None
     quality: QualityMaps | None = None
     class_evidence: ClassEvidence | None = None
+    fusion_balance: BalanceRecord | None = None
 
     @property
     def predicted_class(self) -> str:

@@ -102,10 +102,10 @@ class RestorationFusion(nn.Module):
 
     def forward(self, moving: torch.Tensor, reference: torch.Tensor, moving_image: torch.Tensor,
                 reference_image: torch.Tensor, prompts: torch.Tensor,
-                class_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                class_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """moving, reference: (B, C, *spatial) features (moving already warped); moving_image,
         reference_image: the images (B, in_channels, *spatial), moving warped likewise
-        -> (fused, restored)."""
+        -> (fused, restored, w), w the reference's share of the blend (B, in_channels, *spatial)."""
         guidance = self.guidance(prompts, class_probs)
         features = torch.cat([moving, reference], dim=1)
         skips = []
@@ -125,4 +125,4 @@ class RestorationFusion(nn.Module):
         # their max-gradient target pushed Δ_r to add edges (3-D phantoms: restored SSIM to the
         # label fell below the warped input's, 0.62 vs 0.78, while L_restore rose tenfold).
         fused = weight * reference_image + (1.0 - weight) * restored.detach()
-        return fused, restored
+        return fused, restored, weight

@@ -41,6 +41,7 @@ class UniFuseOutput:
     prompts: torch.Tensor            # P̂ (B, Ñ, L, M)
     moving_features: torch.Tensor    # F̄'_D tokens (B, N, M), for L_moda
     reference_features: torch.Tensor  # F̄_R tokens (B, N, M), for L_moda
+    fusion_weight: torch.Tensor      # w (B, 1, *spatial): the reference's share of I_fuse's blend
 
 
 class UniFuse(nn.Module):
@@ -110,14 +111,14 @@ class UniFuse(nn.Module):
             correction = initial.new_zeros(initial.shape)
         else:
             correction = self.fa(unified.moving_map, unified.reference_map, dapl.prompts, routing)
-        fused, restored = self.ufrf(warp(unified.moving_full, correction), unified.reference_full,
+        fused, restored, fusion_weight = self.ufrf(warp(unified.moving_full, correction), unified.reference_full,
                                     warp(moving, correction, padding_mode="border"), reference, dapl.prompts, routing)
         return UniFuseOutput(
             fused=fused, restored=restored, displacement=compose(initial, correction),
             initial_displacement=initial,
             class_logits=dapl.class_logits, class_probs=class_probs, slice_class_probs=slice_class_probs,
             prompts=dapl.prompts, moving_features=unified.moving_tokens,
-            reference_features=unified.reference_tokens,
+            reference_features=unified.reference_tokens, fusion_weight=fusion_weight,
         )
 
     def classify(self, moving: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

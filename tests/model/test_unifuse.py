@@ -117,7 +117,7 @@ def _ufrf_outputs(model, class_probs, shape=SHAPES[2]):
     moving, reference = (torch.rand(1, 1, *shape, generator=generator) for _ in range(2))
     prompts = torch.rand(1, cfg.num_classes, cfg.prompt_length, cfg.embed_dim, generator=generator)
     with torch.no_grad():
-        fused, restored = model.ufrf(*features, moving, reference, prompts, class_probs)
+        fused, restored, _ = model.ufrf(*features, moving, reference, prompts, class_probs)
     return fused, restored, moving, reference
 
 

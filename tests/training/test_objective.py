@@ -30,7 +30,8 @@ def test_the_targets_sit_where_loss_fusion_target_says():
         fused=0.5 * (aligned + reference), restored=aligned, displacement=zero, initial_displacement=zero,
         class_logits=torch.tensor([[0.0, 0.0, 0.0, 5.0]]), class_probs=torch.tensor([[0.0, 0.0, 0.0, 1.0]]),
         slice_class_probs=torch.zeros(1, 1, 4), prompts=torch.zeros(1, 4, 1, 1),
-        moving_features=torch.zeros(1, 1, 1), reference_features=torch.zeros(1, 1, 1))
+        moving_features=torch.zeros(1, 1, 1), reference_features=torch.zeros(1, 1, 1),
+        fusion_weight=torch.full_like(reference, 0.5))
     batch = {"reference": reference, "moving_clean": moving_clean, "displacement": true_field,
              "class_index": torch.tensor([3])}
     on_truth = compute_losses(output, None, batch, dataclasses.replace(LossSection(), fusion_target="true_field"))

@@ -65,6 +65,8 @@ class MethodOutput:
     ``displacement`` ``(B, ndim, *spatial)``: the whole field, initial alignment included.
     ``class_probs`` ``(B, Ñ)`` and ``slice_class_probs`` ``(B, S, Ñ)`` in
     ``data.degrade.DEGRADATION_CLASSES`` order, or None for a method that estimates no degradation.
+    ``fusion_weight`` ``(B, 1, *spatial)``: for a method whose ``fused`` is the blend
+    ``w · reference + (1 − w) · restored``, w (what ``engine.fusion_balance`` caps); else None.
     """
 
     fused: torch.Tensor
@@ -72,6 +74,7 @@ class MethodOutput:
     displacement: torch.Tensor
     class_probs: torch.Tensor | None = None
     slice_class_probs: torch.Tensor | None = None
+    fusion_weight: torch.Tensor | None = None
 
 
 class FusionMethod(ABC):

@@ -30,7 +30,7 @@ class Method(NetworkMethod):
                      class_probs: torch.Tensor | None = None) -> MethodOutput:
         output = self.network.refine(moving, reference, field, fixed_field=fixed_field, class_probs=class_probs)
         return MethodOutput(output.fused, output.restored, output.displacement, output.class_probs,
-                            output.slice_class_probs)
+                            output.slice_class_probs, output.fusion_weight)
 
     def classify_tile(self, moving: torch.Tensor,
                       reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
