@@ -9,13 +9,14 @@ whose blend already leans toward the CT: co-registered CT-MRI lost its MRI, and 
 pair came out as a copy of the CT (``bench/results/fusion_balance.md``).
 
 How. A pair whose mean w exceeds the checkpoint's ``max_mean_weight`` has w's logit lowered by one
-shift for the whole pair, the one that brings its mean w down to the cap; a pair at or below the cap keeps its
-blend. The network still decides where each source dominates; the cap only bounds how much of the
-image the reference takes overall, and only from above, so a blend that already gives the moving
-image its share is left alone. Unlike one shift for every pair, the shift is larger where the
-network leaned further toward the reference (on the Harvard validation split every pair was above
-the cap of 0.3: CT-MRI at a mean w of about 0.4, PET and SPECT about 0.55). The mean is taken where the choice of w matters: voxels where the
-two blended images differ by more than ``DIFFERENT_BY`` (elsewhere any w gives the same voxel).
+shift for the whole pair, the one that brings its mean w down to the cap; a pair at or below the
+cap keeps its blend. The network still decides where each source dominates; the cap only bounds
+how much of the image the reference takes overall, and only from above, so a blend that already
+gives the moving image its share is left alone. Unlike one shift for every pair, the shift is
+larger where the network leaned further toward the reference (on the Harvard validation split
+every pair was above the cap of 0.3: CT-MRI at a mean w of about 0.4, PET and SPECT about 0.55).
+The mean is taken where the choice of w matters: voxels where the two blended images differ by
+more than ``DIFFERENT_BY`` (elsewhere any w gives the same voxel).
 ``bench/probe_fusion_balance.py`` calibrates the cap on the checkpoint's training split (the cap
 that maximises the smallest per-source gain over every task and misalignment regime) and
 ``--write`` stores it in the sidecar::
@@ -96,10 +97,6 @@ class FusionBalance:
         fused = weight * reference + (1.0 - weight) * restored
         record = BalanceRecord(self.max_mean_weight, mean, shift, int(counted.sum()))
         return fused.astype(np.float32), weight.astype(np.float32), record
-
-    def to_dict(self) -> dict[str, object]:
-        return {"max_mean_weight": self.max_mean_weight}
-
 
 def fusion_balance(metadata: Mapping[str, object]) -> FusionBalance | None:
     """The sidecar's ``fusion_balance`` section, checked; None when there is none. Raises
