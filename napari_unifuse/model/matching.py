@@ -40,7 +40,8 @@ by slice, with no motion along it; a volume thin along two axes is not matched a
 FA then predicts a learned correction on top (``FeatureAlignment``), and sees the moving features
 already moved by this estimate. Nothing here is differentiated by the network's training
 (``no_grad``; the MI refinement optimises its own fields): it holds no parameters and is not
-trained.
+trained. It runs on one torch thread (``model.repeatable``): the MI refinement amplifies the
+rounding of a sum, whose order depends on the thread count, into pixels.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 
 from napari_unifuse.model.correlation import local_distance
 from napari_unifuse.model.mi_refinement import FOREGROUND, mi_refinement
+from napari_unifuse.model.repeatable import on_one_thread
 from napari_unifuse.model.smoothing import gaussian_blur
 from napari_unifuse.model.warp import compose, identity_grid, warp
 
@@ -255,6 +257,7 @@ def pyramid_factors(spatial: tuple[int, ...], spacing: tuple[float, ...] | None 
         factors[min(candidates, key=lambda axis: (level_spacing(axis), -spatial[axis] / factors[axis]))] *= 2
 
 
+@on_one_thread
 @torch.no_grad()
 def structural_matching(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
                         smoothing_cells: float = 2.0, mutual_information_refinement: bool = True,
