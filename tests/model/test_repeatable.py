@@ -3,6 +3,8 @@
 On this 256² cross-modal pair the matching without ``model.repeatable``'s pin lands 2.1 px apart
 on one thread and on two (measured; 128² tensors are too small for torch to split their sums)."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,18 @@ def test_the_matching_does_not_depend_on_the_thread_count(misaligned_ct_pair, tw
     on_one = structural_matching(moving, reference, step=4, search_range=32)
     assert torch.equal(on_one, on_two)
     assert on_one.abs().max() > 1.0  # a real motion, not a field that is zero either way
+
+
+def test_a_worker_thread_gets_the_same_field(misaligned_ct_pair, two_threads):
+    """The workbench runs the engine on a worker thread, whose OpenMP pool is its own."""
+    moving, reference = misaligned_ct_pair
+    fields = []
+    worker = threading.Thread(target=lambda: fields.append(
+        structural_matching(moving, reference, step=4, search_range=32)))
+    worker.start()
+    worker.join()
+    torch.set_num_threads(1)
+    assert torch.equal(fields[0], structural_matching(moving, reference, step=4, search_range=32))
 
 
 def test_one_thread_restores_the_setting_after_an_error(two_threads):
