@@ -1,15 +1,14 @@
 """Run the structural matching on one torch thread, so that its field does not depend on the machine.
 
 A float sum over several threads adds its parts in an order that depends on the thread count. The
-matching's MI refinement optimises with Adam, which divides each step by the gradient's own size:
-where the true gradient is nearly zero (control points over the background, flat stretches of the
-MI landscape) it turns a difference in the last bits of a sum into a full step. The same pair then
-lands pixels apart on one thread and on two (``bench/results/matching_threads.md``: 37 of 67
-Harvard PET pairs more than 0.5 px apart, one by 12.5 px), so a table measured on one machine
+matching's MI refinement climbs, with Adam, an MI landscape whose optima can differ by less than
+that rounding, so a difference in the last bits of a sum ends on another optimum: the same pair
+landed pixels apart on one thread and on two (``bench/results/matching_threads.md``: 37 of 67
+Harvard PET pairs more than 0.5 px apart, one by 12.5 px), and a table measured on one machine
 would not hold on another. One thread adds in one order. It costs little: 0.33 → 0.39 s for a
-256² pair; in the 3-D engine the matching runs beside SimpleITK's one thread, and a 160³ pair
-took no longer pinned than not. (The dense MIND refinement, also Adam,
-is a smooth problem that does not amplify: 7e-4 voxels apart on an 80³ pair; it is not pinned.)
+256² pair; in the 3-D engine the matching runs beside SimpleITK's one thread, and a 160³ pair took
+no longer pinned than not. (The dense MIND refinement, also Adam, is a smooth problem that does
+not amplify: 7e-4 voxels apart on an 80³ pair; it is not pinned.)
 
 ``torch.set_num_threads`` acts on the calling thread's OpenMP pool (and is the default of threads
 started later), so the setting is restored on the way out.
