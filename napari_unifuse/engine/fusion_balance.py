@@ -98,6 +98,7 @@ class FusionBalance:
         record = BalanceRecord(self.max_mean_weight, mean, shift, int(counted.sum()))
         return fused.astype(np.float32), weight.astype(np.float32), record
 
+
 def fusion_balance(metadata: Mapping[str, object]) -> FusionBalance | None:
     """The sidecar's ``fusion_balance`` section, checked; None when there is none. Raises
     ValueError on a malformed one."""
