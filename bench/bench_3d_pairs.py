@@ -1,7 +1,7 @@
 """UniFuse with its bundled 3-D checkpoint against SimpleITK and ANTs on clinical-size 3-D pairs, in one run.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_3d_pairs.py [--pairs motion-160 rigid-inverted-160 motion-256x256x180]
-        [--methods sitk ants] [--out bench/results/bench_3d_pairs.md]
+        [--methods sitk ants] [--also-weighed] [--out bench/results/bench_3d_pairs.md]
 
 Pairs (MNI phantoms, ``data.phantoms``; the truth is the clean moving image on the reference grid):
 
@@ -16,7 +16,9 @@ Each method is timed once, end to end (UniFuse: ``FusionEngine.run_fusion`` on t
 would give it; classical: resampling onto the reference grid, registration and wavelet fusion),
 with the peak resident memory of the process and the NCC of the aligned moving image to the truth
 inside the head. The machine load (``os.getloadavg``) is printed beside every row: the machine is
-shared and timings under load are upper bounds.
+shared and timings under load are upper bounds. ``--also-weighed`` adds a second UniFuse row whose
+guard weighs the network's own field although the checkpoint says not to (the two-pass engine of
+before 2026-12-05), for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -97,13 +99,13 @@ def load() -> str:
     return "/".join(f"{value:.1f}" for value in os.getloadavg())
 
 
-def run_unifuse(engine: FusionEngine, pair: BenchPair) -> dict:
+def run_unifuse(engine: FusionEngine, pair: BenchPair, method: str = "unifuse") -> dict:
     with benchmark.peak_memory(torch.device("cpu")) as memory:
         start = time.perf_counter()
         result = engine.run_fusion(pair.reference, pair.moving)
         seconds = time.perf_counter() - start
     aligned = result.aligned.array.astype(np.float32)
-    return {"method": "unifuse", "seconds": seconds, "peak_gb": memory[1] / 1024,
+    return {"method": method, "seconds": seconds, "peak_gb": memory[1] / 1024,
             "ncc": head_ncc(aligned, pair.truth.array), "guard": result.alignment_guard.kept,
             "class": max(result.class_probs, key=result.class_probs.get),
             "timings": result.provenance["timings_s"], "tiles": result.provenance["tile_count"]}
@@ -126,9 +128,11 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--methods", nargs="+", default=["sitk", "ants"])
     parser.add_argument("--checkpoint", default="unifuse-3d-phantom")
+    parser.add_argument("--also-weighed", action="store_true", help="add UniFuse with the network field weighed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     engine = FusionEngine(args.checkpoint, device="cpu")
+    weighed = FusionEngine(args.checkpoint, device="cpu", weigh_network_field=True) if args.also_weighed else None
     methods = [m for m in args.methods if m != "ants" or classical.ants_available()]
     lines = [f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
              f"checkpoint {args.checkpoint}", "",
@@ -139,6 +143,9 @@ def main() -> None:
         pair = PAIRS[name]()
         rows = [run_unifuse(engine, pair)]
         rows[0]["load"] = load()
+        if weighed is not None:
+            rows.append(run_unifuse(weighed, pair, "unifuse (network field weighed)"))
+            rows[-1]["load"] = load()
         for method in methods:
             rows.append(run_classical(method, pair))
             rows[-1]["load"] = load()

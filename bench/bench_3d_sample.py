@@ -1,7 +1,7 @@
 """The bundled 3D sample as a user meets it: what a click on Run costs and what it says.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_3d_sample.py [--sample t1_t2_motion_3d] [--small]
-        [--threads 2] [--checkpoint unifuse-3d-phantom]
+        [--threads 2] [--checkpoint unifuse-3d-phantom] [--weigh-network-field]
 
 Runs ``FusionEngine.run_fusion`` (default settings, quality maps included: what the workbench's
 Run does before it draws the layers) on the sample pair at the size ``unifuse view`` opens it
@@ -32,11 +32,13 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the test size instead of the bundled one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint", default="unifuse-3d-phantom", help="a bundled name or a .safetensors path")
+    parser.add_argument("--weigh-network-field", action="store_true",
+                        help="the guard weighs the network's field although the checkpoint says not to (two passes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = samples.SMALL_SAMPLE_SHAPE_3D if args.small else samples.SAMPLE_SHAPE_3D
     pair = samples._sample_pair(SAMPLES[args.sample], 3, shape)
-    engine = FusionEngine(args.checkpoint, device="cpu")
+    engine = FusionEngine(args.checkpoint, device="cpu", weigh_network_field=True if args.weigh_network_field else None)
     start = time.perf_counter()
     result = engine.run_fusion(pair.reference, pair.moving)
     seconds = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Where the seconds of one 3-D ``run_fusion`` go, stage by stage and inside the matching.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/profile_3d.py [--side 160] [--checkpoint unifuse-3d-phantom]
-        [--device cpu|cuda] [--torch-profile] [--out bench/results/profile_3d_after.txt]
+        [--device cpu|cuda] [--torch-profile] [--weigh-network-field] [--out bench/results/profile_3d_after.txt]
 
 The pair is ``benchmark.phantom_pair`` (T2 with motion artefacts, misaligned onto T1, from the MNI
 phantom) at ``side``³. Besides the engine's own ``timings_s`` it times, by wrapping them, the
@@ -63,10 +63,14 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--torch-profile", action="store_true")
+    parser.add_argument("--weigh-network-field", action="store_true",
+                        help="the guard weighs the network's field even where the checkpoint says not to "
+                             "(the two-pass engine of before 2026-12-05)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     pair = benchmark.phantom_pair(3, args.side)
-    engine = FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size)
+    engine = FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size,
+                          weigh_network_field=True if args.weigh_network_field else None)
     device = torch.device(args.device)
     if device.type == "cuda":
         engine.run_fusion(pair.reference, pair.moving)
@@ -95,7 +99,7 @@ def main() -> None:
         f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} ({os.cpu_count()} cores)",
         f"end to end: {total:.1f} s, peak memory {memory[1] / 1024:.2f} GB (increase {memory[0] / 1024:.2f} GB)",
         f"tiles: {provenance['tile_count']} of {provenance['tile_shape']}, guard kept "
-        f"{provenance['alignment_guard']['kept']}",
+        f"{provenance['alignment_guard']['kept']} (network field weighed: {provenance['network_field_weighed']})",
         f"aligned NCC to the clean label: {registration_metrics(result.aligned.array, pair.label.array)['ncc']:.3f}"
         f" (input {registration_metrics(pair.moving.array, pair.label.array)['ncc']:.3f})",
         "class probabilities: " + ", ".join(f"{k} {v:.2f}" for k, v in result.class_probs.items()),

@@ -565,7 +565,8 @@ def run(args: argparse.Namespace) -> int:
                      f"val_fraction {cases.val_fraction}, seed {cases.seed}, from {cases.source}), misaligned "
                      f"in the regime{'s' if len(regimes) > 1 else ''} {', '.join(regimes)}")
         print(described)
-    engine = (FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size)
+    engine = (FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size,
+                           weigh_network_field=True if args.weigh_network_field else None)
               if args.checkpoint is not None else None)
     method_name = f"{UNIFUSE_METHOD} ({Path(str(args.checkpoint)).stem})"
     method_names = ([method_name] if engine is not None else []) + list(methods)
@@ -638,5 +639,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for evaluation.csv/.md and per_pair.csv")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--tile-size", type=int, help="voxels per tile side (default: the checkpoint's training crop, else one pass)")
+    parser.add_argument("--weigh-network-field", action="store_true",
+                        help="let the alignment guard weigh UniFuse's own field (FA) even where the checkpoint "
+                             "says its validation never kept it (alignment_guard.weigh_network_field)")
     parser.set_defaults(func=run)
 

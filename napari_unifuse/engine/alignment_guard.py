@@ -199,6 +199,18 @@ def credible_motion_floor(metadata: Mapping[str, object]) -> float:
     return float(value)
 
 
+def weighs_network_field(metadata: Mapping[str, object]) -> bool:
+    """Whether the guard weighs the network's own field for a method whose checkpoint sidecar is
+    ``metadata``: ``alignment_guard.weigh_network_field``, true unless the checkpoint's validation
+    showed that field never beats the initial alignment. The engine then decides before the
+    network runs, which saves the network's second pass (docs/alignment_guard.md)."""
+    section = metadata.get(METADATA_KEY)
+    value = section.get("weigh_network_field", True) if isinstance(section, Mapping) else True
+    if not isinstance(value, bool):
+        raise ValueError(f"{METADATA_KEY}.weigh_network_field must be true or false, got {value!r}")
+    return value
+
+
 def _mean_motion(field: np.ndarray, points: np.ndarray) -> float:
     """Mean |field| (voxels) over ``points``."""
     return float(np.linalg.norm(field[(slice(None), *points)], axis=0).mean())

@@ -33,6 +33,9 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
    ``fuse (kept field)``  when that is not the method's own field, run the tiles again with the
                  kept field as the whole field (``refine(..., fixed_field=True)``), so that the
                  restored and fused images are the ones for the displacement reported.
+   Where the network's own field is not weighed (a method that refines none; a checkpoint whose
+   sidecar says its field never won, ``alignment_guard.weighs_network_field``), ``guard`` comes
+   before ``fuse``, and the tiles run once, with the kept field.
    For a method that fuses by a blend (UniFuse) and a checkpoint that calibrated one, the
    reference's share of the blend is then capped pair by pair (``engine.fusion_balance``; the
    provenance's ``fusion_balance``).
@@ -61,7 +64,12 @@ from torch import nn
 
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
-from napari_unifuse.engine.alignment_guard import GuardDecision, choose_displacement, credible_motion_floor
+from napari_unifuse.engine.alignment_guard import (
+    GuardDecision,
+    choose_displacement,
+    credible_motion_floor,
+    weighs_network_field,
+)
 from napari_unifuse.engine.class_evidence import class_evidence, evidence_table
 from napari_unifuse.engine.classical import register_sitk
 from napari_unifuse.engine.coarse_readout import coarse_readout
@@ -183,6 +191,9 @@ class FusionEngine:
     (``model.checkpoint.training_crop``; ``DegradationAwarePromptLearning.readout_window``), so
     that its answer does not depend on the tile size; 2-D checkpoints keep running in tiles of
     their training crop (their images are small, and their outputs stay as they were evaluated).
+    ``weigh_network_field``: whether the guard weighs the network's own field (UniFuse's FA) beside
+    the initial alignment; ``None``: as the checkpoint says (``alignment_guard.weighs_network_field``).
+    When it does not, the guard decides before the network runs, and the network runs once.
     """
 
     def __init__(
@@ -191,6 +202,7 @@ class FusionEngine:
         device: str = "auto",
         tile_size: int | None = None,
         checkpoint_info: dict[str, Any] | None = None,
+        weigh_network_field: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
         if isinstance(model_or_checkpoint, nn.Module):
@@ -205,6 +217,7 @@ class FusionEngine:
             self.degradation_evidence = evidence_table(self.method.checkpoint_metadata)
             self.coarse_readout = coarse_readout(self.method.checkpoint_metadata, DEGRADATION_CLASSES)
             self.fusion_balance = fusion_balance(self.method.checkpoint_metadata)
+            checkpoint_weighs = weighs_network_field(self.method.checkpoint_metadata)
         except ValueError as error:
             raise CheckpointError(f"{path}: {error}") from error
         if path is None:
@@ -224,6 +237,8 @@ class FusionEngine:
         self.method.to(self.device)
         self.config = self.method.config
         self.tile_size = tile_size
+        self.weigh_network_field = self.method.refines_alignment and (
+            checkpoint_weighs if weigh_network_field is None else weigh_network_field)
 
     @property
     def checkpoint_name(self) -> str:
@@ -426,24 +441,32 @@ class FusionEngine:
                     if initial_decision.kept == SIMPLEITK:
                         initial_name = SIMPLEITK
                         initial = torch.from_numpy(np.pad(estimate, [(0, 0), *padding], mode="edge"))[None]
-        with timer.stage("fuse"):
-            routing = None if class_probs is None else torch.from_numpy(class_probs).float()[None]
-            blended, attempts = self._fuse_tiles(pair, initial, False, routing, "fuse", attempts, progress, cancel,
-                                                 warnings)
+        routing = None if class_probs is None else torch.from_numpy(class_probs).float()[None]
         decision = None
-        if self.method.guarded:
+        if self.method.guarded and not self.weigh_network_field:
+            # Nothing the network does can change the decision: make it first, run the network once.
             with stage("guard"):
-                estimates = {initial_name: initial[0][crop].numpy()}
-                if self.method.refines_alignment:
-                    estimates[NETWORK] = blended.dense[2 : 2 + len(spatial)][crop].numpy()
-                decision = choose_displacement(moving, reference, estimates,
+                decision = choose_displacement(moving, reference, {initial_name: initial[0][crop].numpy()},
                                                min_credible_motion=self.min_credible_motion)
-            if decision.kept != (NETWORK if self.method.refines_alignment else initial_name):
-                kept = initial if decision.kept == initial_name else torch.zeros_like(initial)
-                cancel.raise_if_cancelled()
-                with timer.stage(FUSE_KEPT_STAGE):
-                    blended, attempts = self._fuse_tiles(pair, kept, True, routing, FUSE_KEPT_STAGE, attempts,
-                                                         progress, cancel, warnings)
+            kept = initial if decision.kept == initial_name else torch.zeros_like(initial)
+            with timer.stage("fuse"):
+                blended, attempts = self._fuse_tiles(pair, kept, True, routing, "fuse", attempts, progress, cancel,
+                                                     warnings)
+        else:
+            with timer.stage("fuse"):
+                blended, attempts = self._fuse_tiles(pair, initial, False, routing, "fuse", attempts, progress,
+                                                     cancel, warnings)
+            if self.method.guarded:
+                with stage("guard"):
+                    decision = choose_displacement(moving, reference, {
+                        initial_name: initial[0][crop].numpy(), NETWORK: blended.dense[2 : 2 + len(spatial)][crop].numpy()},
+                        min_credible_motion=self.min_credible_motion)
+                if decision.kept != NETWORK:
+                    kept = initial if decision.kept == initial_name else torch.zeros_like(initial)
+                    cancel.raise_if_cancelled()
+                    with timer.stage(FUSE_KEPT_STAGE):
+                        blended, attempts = self._fuse_tiles(pair, kept, True, routing, FUSE_KEPT_STAGE, attempts,
+                                                             progress, cancel, warnings)
         self.method.to(self.device)
         device, tile_size = attempts[0]
         tile_shape, overlap = tile_layout(tuple(pair.shape[1:]), tile_size, multiple)
@@ -464,6 +487,7 @@ class FusionEngine:
             decision,
             {
                 **({"initial_alignment": initial_decision.to_dict()} if initial_decision is not None else {}),
+                **({"network_field_weighed": self.weigh_network_field} if self.method.refines_alignment else {}),
                 "fusion_balance": balance,
                 "device": str(device),
                 "scan_backend": scan_backend(device),

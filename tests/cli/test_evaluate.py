@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from napari_unifuse.cli import evaluate as evaluate_module
 from napari_unifuse.cli import main
 from napari_unifuse.cli.evaluate import (
     COPY_RULES,
@@ -429,3 +430,24 @@ def test_a_pair_simpleitk_cannot_register_leaves_nan_rows_and_the_run_goes_on(tm
     assert np.isfinite(float(rows[flat, "identity + max"]["gain_min"]))
     assert "SimpleITK registration failed on this pair" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize(("flag", "weighed"), [([], False), (["--weigh-network-field"], True)])
+def test_the_network_field_is_weighed_as_the_checkpoint_says_unless_asked(flag, weighed, pairs_csv, tmp_path,
+                                                                         monkeypatch):
+    torch.manual_seed(0)
+    path = save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), tmp_path / "fa-never-kept.safetensors",
+                           {"alignment_guard": {"weigh_network_field": False}})
+    engines = []
+
+    class RecordingEngine(FusionEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(evaluate_module, "FusionEngine", RecordingEngine)
+    code = main(["evaluate", "--checkpoint", str(path), "--pairs", str(pairs_csv[0]), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--baselines", "identity", "--fusion-rules", "max", *flag])
+
+    assert code == 0
+    assert [engine.weigh_network_field for engine in engines] == [weighed]

@@ -21,6 +21,7 @@ from napari_unifuse.engine.alignment_guard import (
     _block_histograms,
     choose_displacement,
     credible_motion_floor,
+    weighs_network_field,
 )
 from napari_unifuse.engine.inference import CLASSICAL_STAGE, MATCHING, NETWORK, SIMPLEITK, FusionEngine
 from napari_unifuse.engine.methods import load_method, method_for_network
@@ -144,14 +145,17 @@ def test_a_checkpoint_may_carry_its_own_floor(metadata, expected):
     assert credible_motion_floor(metadata) == expected
 
 
-@pytest.mark.parametrize("value", [-1.0, float("nan"), "1.5", True, [1.5]])
-def test_a_malformed_floor_in_a_sidecar_is_refused(value, tmp_path, untrained):
-    with pytest.raises(ValueError, match="min_credible_motion_voxels"):
-        credible_motion_floor({METADATA_KEY: {"min_credible_motion_voxels": value}})
+@pytest.mark.parametrize(("key", "value", "reader"), [
+    *(("min_credible_motion_voxels", value, credible_motion_floor) for value in (-1.0, float("nan"), "1.5", True, [1.5])),
+    *(("weigh_network_field", value, weighs_network_field) for value in ("false", 0, None)),
+])
+def test_a_malformed_guard_setting_in_a_sidecar_is_refused(key, value, reader, tmp_path, untrained):
+    with pytest.raises(ValueError, match=key):
+        reader({METADATA_KEY: {key: value}})
     method = method_for_network(untrained)
     method.checkpoint = tmp_path / "other.safetensors"
-    method.checkpoint_metadata = {METADATA_KEY: {"min_credible_motion_voxels": value}}
-    with pytest.raises(CheckpointError, match="other.safetensors.*min_credible_motion_voxels"):
+    method.checkpoint_metadata = {METADATA_KEY: {key: value}}
+    with pytest.raises(CheckpointError, match=f"other.safetensors.*{key}"):
         FusionEngine(method, device="cpu")
 
 
@@ -385,3 +389,62 @@ def test_mmif_amin_leaves_a_co_registered_pair_alone_and_corrects_a_ten_voxel_sh
     assert moved.alignment_guard.kept == MATCHING
     error = np.linalg.norm(moved.displacement - constant_field(mr.shape, SHIFT), axis=0)[mr > 0].mean()
     assert error < 1.5
+
+
+def _recording_passes(method) -> list[bool]:
+    """The ``fixed_field`` flag of every tile prediction ``method`` makes from now on."""
+    passes: list[bool] = []
+    predict = method.predict_tile
+
+    def recording(*args, fixed_field, **kwargs):
+        passes.append(fixed_field)
+        return predict(*args, fixed_field=fixed_field, **kwargs)
+
+    method.predict_tile = recording
+    return passes
+
+
+def test_without_the_network_field_the_guard_decides_first_and_the_network_runs_once(untrained):
+    """A checkpoint whose FA never beat the matching says so; the engine then runs the network once,
+    on the field the guard kept, and gives what the two-pass run gives when its guard kept that field."""
+    mr, pet = multimodal_pair((96, 96))
+    reference, moving = ImageVolume(mr, Geometry.identity(2)), ImageVolume(shifted(pet, SHIFT), Geometry.identity(2))
+    runs = {}
+    for weighed in (True, False):
+        method = method_for_network(untrained)
+        method.checkpoint_metadata = {METADATA_KEY: {"weigh_network_field": weighed}}
+        passes = _recording_passes(method)
+        runs[weighed] = FusionEngine(method, device="cpu").run_fusion(reference, moving, quality=False), passes
+
+    (two_pass, two_passes), (one_pass, one_passes) = runs[True], runs[False]
+    assert two_pass.alignment_guard.kept == MATCHING and two_passes == [False, True]
+    assert one_pass.alignment_guard.kept == MATCHING and one_passes == [True]
+    assert NETWORK not in one_pass.alignment_guard.scores
+    assert two_pass.provenance["network_field_weighed"] and not one_pass.provenance["network_field_weighed"]
+    assert "fuse (kept field)" not in one_pass.provenance["timings_s"]
+    np.testing.assert_array_equal(one_pass.displacement, two_pass.displacement)
+    np.testing.assert_array_equal(one_pass.fused.array, two_pass.fused.array)
+    np.testing.assert_array_equal(one_pass.aligned.array, two_pass.aligned.array)
+
+
+def test_the_caller_can_weigh_the_network_field_against_the_checkpoint(untrained):
+    mr, pet = multimodal_pair((96, 96))
+    method = method_for_network(untrained)
+    method.checkpoint_metadata = {METADATA_KEY: {"weigh_network_field": False}}
+    passes = _recording_passes(method)
+
+    result = FusionEngine(method, device="cpu", weigh_network_field=True).run_fusion(
+        ImageVolume(mr, Geometry.identity(2)), ImageVolume(pet, Geometry.identity(2)), quality=False)
+
+    assert NETWORK in result.alignment_guard.scores and passes[0] is False
+    assert result.provenance["network_field_weighed"]
+
+
+def test_the_bundled_unifuse_checkpoints_say_their_network_field_never_won():
+    """A checkpoint weighs FA's field unless its sidecar says, with the command behind it, that it
+    never beat the initial alignment; a retrained checkpoint must show that again."""
+    assert weighs_network_field({}) and weighs_network_field({METADATA_KEY: {"min_credible_motion_voxels": 2}})
+    for name in ("unifuse-2d-harvard", "unifuse-3d-phantom"):
+        metadata = read_metadata(name)
+        assert not weighs_network_field(metadata)
+        assert "bench/" in metadata[METADATA_KEY]["network_field_evidence"]
