@@ -46,7 +46,9 @@ read-outs alone told clean from degraded with AUC 0.48 (CT → PET), 0.50 (MRI �
 read-outs and statistics together fits its training crops almost perfectly and loses on held-out
 ones (accuracy 0.83 / 0.93 / 0.84, against 0.95 / 0.97 / 0.94 on the statistics alone;
 ``bench/probe_head_inputs.py``, bench/results/probe_head_inputs.md). With the option the
-classifier pools the statistics only; the read-outs still give h1..h3 and the prompts.
+classifier pools the statistics only; the read-outs still give h1..h3 and the prompts. The class
+read-out alone (:meth:`DegradationAwarePromptLearning.classify`, what the engine's ``classify``
+stage runs) then skips the encoder and the Mamba scans, with the same logits bitwise.
 """
 
 from __future__ import annotations
@@ -184,7 +186,6 @@ class DegradationAwarePromptLearning(nn.Module):
             moving_windows = torch.cat([moving[(slice(None), slice(None), *w)] for w in voxels])
             reference_windows = torch.cat([reference[(slice(None), slice(None), *w)] for w in voxels])
             batch = self._patches(self.encoder(moving_windows), self.encoder(reference_windows))
-        window_grid = tuple(batch.shape[2:])
         tokens = self.mamba_first(self.token_norm(flatten_spatial(batch)))
         readouts, hidden_states = [], []
         for order in token_orders(tokens.shape[1], tokens.device):
@@ -204,27 +205,52 @@ class DegradationAwarePromptLearning(nn.Module):
         prompts = self._select_prompts(hidden_states)
         if not read_class:
             return DAPLOutput(moving_features, reference_features, hidden_states, None, None, prompts)
-        token_features = torch.cat(readouts, dim=-1)  # (W·B, Nw, 3E)
+        class_logits, slice_class_logits = self._read_class(
+            torch.cat(readouts, dim=-1), moving, reference, acquired, grid, windows, weights)
+        return DAPLOutput(moving_features, reference_features, hidden_states, class_logits,
+                          slice_class_logits, prompts)
+
+    def classify(self, moving: torch.Tensor, reference: torch.Tensor,
+                 acquired: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class read-out alone: (class logits (B, Ñ), per-slab logits (B, S, Ñ)), those of
+        :meth:`forward`. With ``classifier_statistics_only`` the classifier reads nothing but the
+        patch statistics, so the encoder and the Mamba scans (most of DAPL's time) are skipped."""
+        if not self.config.classifier_statistics_only:
+            output = self(moving, reference, acquired)
+            assert output.class_logits is not None and output.slice_class_logits is not None
+            return output.class_logits, output.slice_class_logits
+        grid = tuple(side // self.config.patch_size for side in moving.shape[2:])
+        windows = self._windows(grid)
+        weights = self._window_weights(moving, reference, grid, windows)
+        return self._read_class(None, moving, reference, acquired, grid, windows, weights)
+
+    def _read_class(self, readouts: torch.Tensor | None, moving: torch.Tensor, reference: torch.Tensor,
+                    acquired: torch.Tensor | None, grid: tuple[int, ...], windows: list[tuple[slice, ...]],
+                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class and per-slab logits from the windows' token ``readouts`` (W·B, Nw, 3E) and the
+        patch statistics; ``readouts`` is not read (may be None) with ``classifier_statistics_only``."""
+        window_count, images = len(windows), moving.shape[0]
+        token_features = readouts
         if self.config.readout_patch_statistics:
-            statistics = patch_statistics(moving if acquired is None else acquired, reference, patch)
+            statistics = patch_statistics(moving if acquired is None else acquired, reference, self.config.patch_size)
             token_statistics = torch.cat(
                 [flatten_spatial(statistics[(slice(None), slice(None), *window)]) for window in windows])
-            token_features = (token_statistics if self.config.classifier_statistics_only
-                              else torch.cat([token_features, token_statistics], dim=-1))
+            token_features = (token_statistics if self.config.classifier_statistics_only or readouts is None
+                              else torch.cat([readouts, token_statistics], dim=-1))
+        assert token_features is not None
         pooled = self._pool(token_features, dim=1)[:, None]  # (W·B, 1, classifier width)
         if window_count == 1:
             slabs = self._slab_pool(token_features, grid) if self.config.spatial_dims == 3 else None
             # One head call for the image and its slabs: in training they share the running statistics.
             logits = self.classifier(pooled if slabs is None else torch.cat([pooled, slabs], dim=1))
-            class_logits = logits[:, 0]
-            slice_class_logits = logits if slabs is None else logits[:, 1:]
-        else:
-            window_probs = torch.softmax(self.classifier(pooled)[:, 0], dim=-1)
-            class_logits = weighted_mean(per_window(window_probs)).clamp_min(1e-12).log()
-            slice_class_logits = class_logits[:, None] if self.config.spatial_dims == 2 else self._window_slab_logits(
-                per_window(token_features), window_grid, windows, weights, grid)
-        return DAPLOutput(moving_features, reference_features, hidden_states, class_logits,
-                          slice_class_logits, prompts)
+            return logits[:, 0], logits if slabs is None else logits[:, 1:]
+        window_grid = tuple(window.stop - window.start for window in windows[0])
+        per_window = token_features.reshape(window_count, images, *token_features.shape[1:])
+        window_probs = torch.softmax(self.classifier(pooled)[:, 0], dim=-1).reshape(window_count, images, -1)
+        class_logits = (window_probs * weights[..., None]).sum(0).clamp_min(1e-12).log()
+        slice_class_logits = class_logits[:, None] if self.config.spatial_dims == 2 else self._window_slab_logits(
+            per_window, window_grid, windows, weights, grid)
+        return class_logits, slice_class_logits
 
     def _patches(self, moving_features: torch.Tensor, reference_features: torch.Tensor) -> torch.Tensor:
         """Encoder features of the pair -> merged patch embeddings Q (B, E, *grid)."""

@@ -123,10 +123,10 @@ class UniFuse(nn.Module):
 
     def classify(self, moving: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(p (B, Ñ), per-slab p (B, S, Ñ)) of ``moving`` as given, against ``reference`` on its
-        grid: DAPL alone, no matching, so the read-out sees the image as it was acquired."""
+        grid: DAPL's class read-out alone, no matching, so the read-out sees the image as it was acquired."""
         self._check_inputs(moving, reference)
-        dapl = self.dapl(moving, reference, self.statistics_input(moving, moving))
-        return torch.softmax(dapl.class_logits, dim=-1), torch.softmax(dapl.slice_class_logits, dim=-1)
+        class_logits, slice_class_logits = self.dapl.classify(moving, reference, self.statistics_input(moving, moving))
+        return torch.softmax(class_logits, dim=-1), torch.softmax(slice_class_logits, dim=-1)
 
     def slab_count(self, spatial: tuple[int, ...] | torch.Size) -> int:
         """S of the per-slab read-out for an input of this spatial shape: slabs of

@@ -245,3 +245,29 @@ def test_statistics_of_the_acquired_image_feed_the_head_and_nothing_else(spatial
     torch.testing.assert_close(on_acquired.prompts, on_moved.prompts)
     with pytest.raises(InputError, match="statistics_before_alignment needs readout_patch_statistics"):
         dataclasses.replace(UniFuseConfig.small(2), statistics_before_alignment=True)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("statistics_only", [False, True])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_the_class_read_out_alone_equals_the_forward_pass_and_skips_the_token_path(spatial_dims, statistics_only,
+                                                                                   window):
+    """``classify`` gives the logits of ``forward`` bitwise, with one window and with several; a
+    statistics-only head needs neither the encoder nor the Mamba scans, so they do not run."""
+    config = dataclasses.replace(UniFuseConfig.small(spatial_dims), readout_patch_statistics=True,
+                                 classifier_statistics_only=statistics_only)
+    torch.manual_seed(0)
+    dapl = DegradationAwarePromptLearning(config).eval()
+    dapl.readout_window = window
+    shape = (1, 1) + (32,) * (spatial_dims - 1) + (40,)
+    generator = torch.Generator().manual_seed(2)
+    moving, reference, acquired = (torch.rand(shape, generator=generator) for _ in range(3))
+    with torch.no_grad():
+        full = dapl(moving, reference, acquired)
+        encoder_calls: list[int] = []
+        dapl.encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
+        dapl.mamba_first.register_forward_hook(lambda *_: encoder_calls.append(1))
+        class_logits, slice_class_logits = dapl.classify(moving, reference, acquired)
+    torch.testing.assert_close(class_logits, full.class_logits, rtol=0, atol=0)
+    torch.testing.assert_close(slice_class_logits, full.slice_class_logits, rtol=0, atol=0)
+    assert bool(encoder_calls) != statistics_only
