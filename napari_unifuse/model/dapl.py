@@ -78,6 +78,16 @@ _DETAIL_FLOOR = 1e-4
 PATCH_STATISTICS = 5  # features per patch from patch_statistics
 
 
+def _per_window(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(W·B, ...) window-major -> (W, B, ...), W and B those of the (W, B) window ``weights``."""
+    return x.reshape(*weights.shape, *x.shape[1:])
+
+
+def _weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(W, B, ...) -> (B, ...): the windows' mean, weighted by their (W, B) ``weights``."""
+    return (x * weights.view(*weights.shape, *[1] * (x.dim() - 2))).sum(0)
+
+
 def patch_statistics(moving: torch.Tensor, reference: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, 1, *spatial) pair -> (B, PATCH_STATISTICS, *grid): per ``patch``-voxel patch, the log
     RMS and log mean magnitude of the moving image's detail (the image minus its Gaussian-smoothed
@@ -193,15 +203,7 @@ class DegradationAwarePromptLearning(nn.Module):
             readouts.append(readout[:, torch.argsort(order)])  # back to raster order
             hidden_states.append(state)
         weights = self._window_weights(moving, reference, grid, windows)  # (W, B)
-        window_count, images = len(windows), moving.shape[0]
-
-        def per_window(x: torch.Tensor) -> torch.Tensor:  # (W·B, ...) -> (W, B, ...)
-            return x.reshape(window_count, images, *x.shape[1:])
-
-        def weighted_mean(x: torch.Tensor) -> torch.Tensor:  # (W, B, ...) -> (B, ...)
-            return (x * weights.view(*weights.shape, *[1] * (x.dim() - 2))).sum(0)
-
-        hidden_states = [weighted_mean(per_window(state)) for state in hidden_states]
+        hidden_states = [_weighted_mean(_per_window(state, weights), weights) for state in hidden_states]
         prompts = self._select_prompts(hidden_states)
         if not read_class:
             return DAPLOutput(moving_features, reference_features, hidden_states, None, None, prompts)
@@ -229,7 +231,6 @@ class DegradationAwarePromptLearning(nn.Module):
                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class and per-slab logits from the windows' token ``readouts`` (W·B, Nw, 3E) and the
         patch statistics; ``readouts`` is not read (may be None) with ``classifier_statistics_only``."""
-        window_count, images = len(windows), moving.shape[0]
         token_features = readouts
         if self.config.readout_patch_statistics:
             statistics = patch_statistics(moving if acquired is None else acquired, reference, self.config.patch_size)
@@ -239,17 +240,16 @@ class DegradationAwarePromptLearning(nn.Module):
                               else torch.cat([readouts, token_statistics], dim=-1))
         assert token_features is not None
         pooled = self._pool(token_features, dim=1)[:, None]  # (W·B, 1, classifier width)
-        if window_count == 1:
+        if len(windows) == 1:
             slabs = self._slab_pool(token_features, grid) if self.config.spatial_dims == 3 else None
             # One head call for the image and its slabs: in training they share the running statistics.
             logits = self.classifier(pooled if slabs is None else torch.cat([pooled, slabs], dim=1))
             return logits[:, 0], logits if slabs is None else logits[:, 1:]
         window_grid = tuple(window.stop - window.start for window in windows[0])
-        per_window = token_features.reshape(window_count, images, *token_features.shape[1:])
-        window_probs = torch.softmax(self.classifier(pooled)[:, 0], dim=-1).reshape(window_count, images, -1)
-        class_logits = (window_probs * weights[..., None]).sum(0).clamp_min(1e-12).log()
+        window_probs = torch.softmax(self.classifier(pooled)[:, 0], dim=-1)
+        class_logits = _weighted_mean(_per_window(window_probs, weights), weights).clamp_min(1e-12).log()
         slice_class_logits = class_logits[:, None] if self.config.spatial_dims == 2 else self._window_slab_logits(
-            per_window, window_grid, windows, weights, grid)
+            _per_window(token_features, weights), window_grid, windows, weights, grid)
         return class_logits, slice_class_logits
 
     def _patches(self, moving_features: torch.Tensor, reference_features: torch.Tensor) -> torch.Tensor:
