@@ -50,14 +50,15 @@ def probe(args: argparse.Namespace) -> None:
             for pair in pairs:
                 record: dict = {"regime": regime, "task": pair.task, "pair": pair.name}
                 outputs = {}
+                tissue = tissue_mask(pair.reference.array.astype(np.float32))
                 for weighed, engine in engines.items():
                     start = time.perf_counter()
                     result = engine.run_fusion(pair.reference, pair.moving, quality=False)
+                    seconds = time.perf_counter() - start
                     key = "weighed" if weighed else "decided_first"
-                    tissue = tissue_mask(pair.reference.array.astype(np.float32))
                     record[key] = {
                         "kept": result.alignment_guard.kept,
-                        "seconds": time.perf_counter() - start,
+                        "seconds": seconds,
                         "epe": end_point_error(result.displacement, pair.displacement),
                         "epe_tissue": end_point_error(result.displacement, pair.displacement, tissue),
                     }
