@@ -49,6 +49,8 @@ def main() -> None:
     model, _ = load_checkpoint(args.checkpoint)
     model.eval()
     window = training_crop(read_metadata(args.checkpoint))
+    if args.crop < window or (args.crop - window) % window:
+        parser.error(f"--crop must be a multiple of the {window}-voxel read-out window, so that windows tile it")
     training = read_metadata(args.checkpoint)["training_config"]
     data = {**training["data"], "crop": args.crop}
     records = [json.loads(line) for line in args.records.read_text().splitlines()]
