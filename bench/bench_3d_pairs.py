@@ -1,7 +1,7 @@
 """UniFuse with its bundled 3-D checkpoint against SimpleITK and ANTs on clinical-size 3-D pairs, in one run.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_3d_pairs.py [--pairs motion-160 rigid-inverted-160 motion-256x256x180]
-        [--methods sitk ants] [--also-weighed] [--out bench/results/bench_3d_pairs.md]
+        [--methods sitk ants] [--also-weighed] [--also-without-dense] [--out bench/results/bench_3d_pairs.md]
 
 Pairs (MNI phantoms, ``data.phantoms``; the truth is the clean moving image on the reference grid):
 
@@ -18,7 +18,9 @@ with the peak resident memory of the process and the NCC of the aligned moving i
 inside the head. The machine load (``os.getloadavg``) is printed beside every row: the machine is
 shared and timings under load are upper bounds. ``--also-weighed`` adds a second UniFuse row whose
 guard weighs the network's own field although the checkpoint says not to (the two-pass engine of
-before 2026-12-05), for a before/after in one run.
+before 2026-12-05), for a before/after in one run; ``--also-without-dense`` one whose guard does
+not weigh the dense MIND refinement of the matching's field (the engine before the checkpoint asked
+for it).
 """
 
 from __future__ import annotations
@@ -129,10 +131,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["sitk", "ants"])
     parser.add_argument("--checkpoint", default="unifuse-3d-phantom")
     parser.add_argument("--also-weighed", action="store_true", help="add UniFuse with the network field weighed")
+    parser.add_argument("--also-without-dense", action="store_true",
+                        help="add UniFuse without the dense refinement among the guard's candidates")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     engine = FusionEngine(args.checkpoint, device="cpu")
-    weighed = FusionEngine(args.checkpoint, device="cpu", weigh_network_field=True) if args.also_weighed else None
+    variants = [(label, FusionEngine(args.checkpoint, device="cpu", **option)) for label, option, wanted in (
+        ("unifuse (network field weighed)", {"weigh_network_field": True}, args.also_weighed),
+        ("unifuse (no dense refinement)", {"weigh_dense_refinement": False}, args.also_without_dense)) if wanted]
     methods = [m for m in args.methods if m != "ants" or classical.ants_available()]
     lines = [f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
              f"checkpoint {args.checkpoint}", "",
@@ -143,8 +149,8 @@ def main() -> None:
         pair = PAIRS[name]()
         rows = [run_unifuse(engine, pair)]
         rows[0]["load"] = load()
-        if weighed is not None:
-            rows.append(run_unifuse(weighed, pair, "unifuse (network field weighed)"))
+        for label, variant in variants:
+            rows.append(run_unifuse(variant, pair, label))
             rows[-1]["load"] = load()
         for method in methods:
             rows.append(run_classical(method, pair))

@@ -566,7 +566,8 @@ def run(args: argparse.Namespace) -> int:
                      f"in the regime{'s' if len(regimes) > 1 else ''} {', '.join(regimes)}")
         print(described)
     engine = (FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size,
-                           weigh_network_field=True if args.weigh_network_field else None)
+                           weigh_network_field=True if args.weigh_network_field else None,
+                           weigh_dense_refinement=True if args.weigh_dense_refinement else None)
               if args.checkpoint is not None else None)
     method_name = f"{UNIFUSE_METHOD} ({Path(str(args.checkpoint)).stem})"
     method_names = ([method_name] if engine is not None else []) + list(methods)
@@ -642,5 +643,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weigh-network-field", action="store_true",
                         help="let the alignment guard weigh UniFuse's own field (FA) even where the checkpoint "
                              "says its validation never kept it (alignment_guard.weigh_network_field)")
+    parser.add_argument("--weigh-dense-refinement", action="store_true",
+                        help="let the alignment guard weigh the dense MIND refinement of the matching's field even "
+                             "where the checkpoint does not ask for it (alignment_guard.weigh_dense_refinement)")
     parser.set_defaults(func=run)
 

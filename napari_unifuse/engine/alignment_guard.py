@@ -204,10 +204,22 @@ def weighs_network_field(metadata: Mapping[str, object]) -> bool:
     ``metadata``: ``alignment_guard.weigh_network_field``, true unless the checkpoint's validation
     showed that field never beats the initial alignment. The engine then decides before the
     network runs, which saves the network's second pass (docs/alignment_guard.md)."""
+    return _sidecar_flag(metadata, "weigh_network_field", default=True)
+
+
+def weighs_dense_refinement(metadata: Mapping[str, object]) -> bool:
+    """Whether the guard also weighs the dense MIND refinement of the structural matching's field
+    (``model.dense_refinement``) for a method whose checkpoint sidecar is ``metadata``:
+    ``alignment_guard.weigh_dense_refinement``, false unless the checkpoint's validation showed it
+    pays (on the Harvard atlas pairs it did not: docs/alignment_guard.md)."""
+    return _sidecar_flag(metadata, "weigh_dense_refinement", default=False)
+
+
+def _sidecar_flag(metadata: Mapping[str, object], key: str, default: bool) -> bool:
     section = metadata.get(METADATA_KEY)
-    value = section.get("weigh_network_field", True) if isinstance(section, Mapping) else True
+    value = section.get(key, default) if isinstance(section, Mapping) else default
     if not isinstance(value, bool):
-        raise ValueError(f"{METADATA_KEY}.weigh_network_field must be true or false, got {value!r}")
+        raise ValueError(f"{METADATA_KEY}.{key} must be true or false, got {value!r}")
     return value
 
 

@@ -432,9 +432,10 @@ def test_a_pair_simpleitk_cannot_register_leaves_nan_rows_and_the_run_goes_on(tm
 
 
 
-@pytest.mark.parametrize(("flag", "weighed"), [([], False), (["--weigh-network-field"], True)])
-def test_the_network_field_is_weighed_as_the_checkpoint_says_unless_asked(flag, weighed, pairs_csv, tmp_path,
-                                                                         monkeypatch):
+@pytest.mark.parametrize(("flag", "weighed"), [([], (False, False)), (["--weigh-network-field"], (True, False)),
+                                               (["--weigh-dense-refinement"], (False, True))])
+def test_the_guards_candidates_are_as_the_checkpoint_says_unless_asked(flag, weighed, pairs_csv, tmp_path,
+                                                                      monkeypatch):
     torch.manual_seed(0)
     path = save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), tmp_path / "fa-never-kept.safetensors",
                            {"alignment_guard": {"weigh_network_field": False}})
@@ -450,4 +451,4 @@ def test_the_network_field_is_weighed_as_the_checkpoint_says_unless_asked(flag, 
                  "--device", "cpu", "--baselines", "identity", "--fusion-rules", "max", *flag])
 
     assert code == 0
-    assert [engine.weigh_network_field for engine in engines] == [weighed]
+    assert [(engine.weigh_network_field, engine.weigh_dense_refinement) for engine in engines] == [weighed]

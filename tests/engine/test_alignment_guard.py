@@ -21,9 +21,18 @@ from napari_unifuse.engine.alignment_guard import (
     _block_histograms,
     choose_displacement,
     credible_motion_floor,
+    weighs_dense_refinement,
     weighs_network_field,
 )
-from napari_unifuse.engine.inference import CLASSICAL_STAGE, MATCHING, NETWORK, SIMPLEITK, FusionEngine
+from napari_unifuse.engine.inference import (
+    CLASSICAL_STAGE,
+    DENSE,
+    DENSE_STAGE,
+    MATCHING,
+    NETWORK,
+    SIMPLEITK,
+    FusionEngine,
+)
 from napari_unifuse.engine.methods import load_method, method_for_network
 from napari_unifuse.engine.outputs import PROVENANCE_FILE, write_fusion_outputs
 from napari_unifuse.errors import CheckpointError
@@ -148,6 +157,7 @@ def test_a_checkpoint_may_carry_its_own_floor(metadata, expected):
 @pytest.mark.parametrize(("key", "value", "reader"), [
     *(("min_credible_motion_voxels", value, credible_motion_floor) for value in (-1.0, float("nan"), "1.5", True, [1.5])),
     *(("weigh_network_field", value, weighs_network_field) for value in ("false", 0, None)),
+    *(("weigh_dense_refinement", value, weighs_dense_refinement) for value in ("true", 1, None)),
 ])
 def test_a_malformed_guard_setting_in_a_sidecar_is_refused(key, value, reader, tmp_path, untrained):
     with pytest.raises(ValueError, match=key):
@@ -448,3 +458,54 @@ def test_the_bundled_unifuse_checkpoints_say_their_network_field_never_won():
         metadata = read_metadata(name)
         assert not weighs_network_field(metadata)
         assert "bench/" in metadata[METADATA_KEY]["network_field_evidence"]
+
+
+def test_the_guard_weighs_the_dense_refinement_of_the_initial_field_where_the_checkpoint_says_so(
+        untrained, monkeypatch):
+    """The refinement starts from the matching's field and competes after the initial one: with no matching, a
+    refinement that finds the 10-voxel shift is kept, and the outputs follow it; a checkpoint that
+    does not ask for it (the default) never runs it."""
+    _no_matching(monkeypatch)
+    mr, pet = multimodal_pair((96, 96))
+    reference, moving = ImageVolume(mr, Geometry.identity(2)), ImageVolume(shifted(pet, SHIFT), Geometry.identity(2))
+    starts = []
+
+    def finds_the_shift(moving_t, reference_t, start):
+        starts.append(start.clone())
+        return torch.from_numpy(constant_field(mr.shape, SHIFT))[None]
+
+    monkeypatch.setattr(inference, "dense_refinement", finds_the_shift)
+    results = {}
+    for weighed in (False, True):
+        method = method_for_network(untrained)
+        method.checkpoint_metadata = {METADATA_KEY: {"weigh_network_field": False,
+                                                     **({"weigh_dense_refinement": True} if weighed else {})}}
+        results[weighed] = FusionEngine(method, device="cpu").run_fusion(reference, moving, quality=False)
+
+    default, refined = results[False], results[True]
+    assert len(starts) == 1 and not starts[0].any()  # run once, from the (zero) matching field
+    assert default.alignment_guard.kept == IDENTITY and DENSE not in default.alignment_guard.scores
+    assert not default.provenance["dense_refinement_weighed"] and DENSE_STAGE not in default.provenance["timings_s"]
+    assert refined.alignment_guard.kept == DENSE and refined.provenance["dense_refinement_weighed"]
+    assert [c["challenger"] for c in refined.provenance["alignment_guard"]["challenges"]] == [MATCHING, DENSE]
+    assert DENSE_STAGE in refined.provenance["timings_s"]
+    np.testing.assert_allclose(refined.displacement, constant_field(mr.shape, SHIFT), atol=1e-5)
+    expected = warp_array(moving.array, refined.displacement, mode="grid-constant")
+    np.testing.assert_allclose(refined.aligned.array, expected, atol=1e-4)
+
+
+def test_a_dense_refinement_that_gains_nothing_leaves_the_initial_field(untrained):
+    """The real refinement on a pair the matching already aligns: whatever it adds, the guard keeps
+    the matching's field unless the refinement reliably beats it."""
+    mr, pet = multimodal_pair((96, 96))
+    method = method_for_network(untrained)
+    method.checkpoint_metadata = {METADATA_KEY: {"weigh_network_field": False, "weigh_dense_refinement": True}}
+    result = FusionEngine(method, device="cpu").run_fusion(
+        ImageVolume(mr, Geometry.identity(2)), ImageVolume(shifted(pet, SHIFT), Geometry.identity(2)), quality=False)
+
+    challenge = result.alignment_guard.challenges[-1]
+    assert challenge.challenger == DENSE
+    assert challenge.accepted == (challenge.gain > GAIN_NOISE_FACTOR * challenge.noise)
+    head = mr > 0
+    error = np.linalg.norm(result.displacement - constant_field(mr.shape, SHIFT), axis=0)[head].mean()
+    assert error < 1.0

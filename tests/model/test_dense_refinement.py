@@ -51,4 +51,6 @@ def test_a_flat_pair_keeps_its_start():
 
 def test_the_level_has_at_most_the_voxel_budget_and_halves_at_least():
     assert level_factor((256, 256)) == 2
-    assert level_factor((160, 160, 160)) == 4
+    assert level_factor((128, 128, 128)) == 2
+    assert level_factor((160, 160, 160)) == 3  # 54³ voxels; 80³ would exceed the budget
+    assert level_factor((256, 256, 180)) == 4

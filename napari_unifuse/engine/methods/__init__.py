@@ -40,8 +40,9 @@ from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.errors import CheckpointError, InputError
 
 # Names of the initial fields the alignment guard weighs against the identity (its decision and
-# the provenance use them): UniFuse's structural matching, SimpleITK's rigid + B-spline.
-MATCHING, SIMPLEITK = "matching", "simpleitk"
+# the provenance use them): UniFuse's structural matching, SimpleITK's rigid + B-spline, and the
+# matching's field refined by a dense MIND optimisation.
+MATCHING, SIMPLEITK, DENSE = "matching", "simpleitk", "dense"
 
 _PACKAGE = "napari_unifuse.engine.methods"
 # name -> (module, options its load() receives). Classical pipelines: "<registration>+<rule>".
