@@ -462,9 +462,9 @@ def test_the_bundled_unifuse_checkpoints_say_their_network_field_never_won():
 
 def test_the_guard_weighs_the_dense_refinement_of_the_initial_field_where_the_checkpoint_says_so(
         untrained, monkeypatch):
-    """The refinement starts from the matching's field and competes after the initial one: with no matching, a
-    refinement that finds the 10-voxel shift is kept, and the outputs follow it; a checkpoint that
-    does not ask for it (the default) never runs it."""
+    """The refinement starts from the matching's field and competes after the initial one: with no
+    matching, a refinement that finds the 10-voxel shift is kept, and the outputs follow it; a
+    checkpoint that does not ask for it (the default) never runs it."""
     _no_matching(monkeypatch)
     mr, pet = multimodal_pair((96, 96))
     reference, moving = ImageVolume(mr, Geometry.identity(2)), ImageVolume(shifted(pet, SHIFT), Geometry.identity(2))
@@ -509,3 +509,14 @@ def test_a_dense_refinement_that_gains_nothing_leaves_the_initial_field(untraine
     head = mr > 0
     error = np.linalg.norm(result.displacement - constant_field(mr.shape, SHIFT), axis=0)[head].mean()
     assert error < 1.0
+
+
+def test_the_bundled_checkpoints_say_whether_the_dense_refinement_pays_and_why():
+    """Off unless a sidecar asks for it: the 3-D checkpoint does (it lowered CT -> PET's residuals on
+    its training seeds), the 2-D one says it does not (it made a mild atlas pair worse than doing
+    nothing); each names the command that showed it."""
+    assert not weighs_dense_refinement({})
+    for name, weighed in (("unifuse-3d-phantom", True), ("unifuse-2d-harvard", False)):
+        metadata = read_metadata(name)
+        assert weighs_dense_refinement(metadata) is weighed
+        assert "dense-refinement" in metadata[METADATA_KEY]["dense_refinement_evidence"]
