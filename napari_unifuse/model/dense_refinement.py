@@ -47,6 +47,9 @@ _LEARNING_RATE = 0.5  # level voxels per Adam step
 # descriptors in [0, 1] this keeps the correction smooth over a few voxels, as ConvexAdam's
 # lambda of 1.25 over its grid does.
 _STIFFNESS = 1.0
+# A level thinner than this along an axis is too thin for the 3-voxel box filters and MIND's
+# neighbourhoods (a volume of a few slices under a large in-plane grid): the start is kept.
+_MIN_LEVEL_SIDE = 3
 # Voxels whose MIND local variance is below this fraction of the image's mean count as flat.
 _STRUCTURE_FRACTION = 0.05
 
@@ -76,10 +79,13 @@ def _describe(image: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Ten
 def dense_refinement(moving: torch.Tensor, reference: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """``start`` (B, ndim, *spatial) composed with a dense correction that aligns the MIND
     descriptors of ``moving`` warped by it to those of ``reference`` (both (B, 1, *spatial) in
-    [0, 1]); the whole displacement, voxels. A pair with no structure keeps ``start``."""
+    [0, 1]); the whole displacement, voxels. A pair with no structure, or too thin along an axis
+    for a level (``_MIN_LEVEL_SIDE``), keeps ``start``."""
     spatial = tuple(reference.shape[2:])
     mode = ("bilinear", "trilinear")[len(spatial) - 2]
     factor = level_factor(spatial)
+    if min(math.ceil(size / factor) for size in spatial) < _MIN_LEVEL_SIDE:
+        return start
     with optimising():
         moving, reference, start = (x.detach().clone() for x in (moving, reference, start))
         moving_descriptor, moving_variance = _describe(warp(moving, start, padding_mode="border"), factor)
