@@ -249,20 +249,29 @@ def _repeatable_ants(ants: ModuleType) -> Iterator[None]:
             os.environ[_ITK_THREADS_VARIABLE] = previous_threads
 
 
+def _batch(array: np.ndarray, channels: bool = False) -> torch.Tensor:
+    """A numpy image (*spatial), or with ``channels`` a field (ndim, *spatial), as the float32
+    (1, C, *spatial) batch torch's models take."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return tensor[None] if channels else tensor[None, None]
+
+
 def register_matching(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:
     config = UniFuseConfig.paper(reference.ndim)
-    moving_t, reference_t = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-                             for image in (moving, reference))
-    return structural_matching(moving_t, reference_t, config.matching_step, config.matching_range)[0].numpy()
+    return structural_matching(_batch(moving), _batch(reference), config.matching_step,
+                               config.matching_range)[0].numpy()
+
+
+def refine_dense(reference: np.ndarray, moving: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """``start`` (ndim, *spatial), voxels, refined by the dense MIND instance optimisation
+    (``model.dense_refinement``) of ``moving`` onto ``reference`` ([0, 1], same grid)."""
+    return dense_refinement(_batch(moving), _batch(reference), _batch(start, channels=True))[0].numpy()
 
 
 def register_dense(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:
     """The matching, then a dense MIND instance optimisation at full resolution (ConvexAdam's Adam
     stage, ``model.dense_refinement``): the classical bar for small non-rigid residuals."""
-    moving_t, reference_t = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-                             for image in (moving, reference))
-    start = torch.from_numpy(register_matching(reference, moving, geometry))[None]
-    return dense_refinement(moving_t, reference_t, start)[0].numpy()
+    return refine_dense(reference, moving, register_matching(reference, moving, geometry))
 
 
 _REGISTER: dict[str, Callable[[np.ndarray, np.ndarray, Geometry], np.ndarray]] = {

@@ -75,7 +75,7 @@ from napari_unifuse.engine.alignment_guard import (
     weighs_network_field,
 )
 from napari_unifuse.engine.class_evidence import class_evidence, evidence_table
-from napari_unifuse.engine.classical import register_sitk
+from napari_unifuse.engine.classical import refine_dense, register_sitk
 from napari_unifuse.engine.coarse_readout import coarse_readout
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.fusion_balance import fusion_balance
@@ -121,7 +121,6 @@ from napari_unifuse.io.normalize import darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
 from napari_unifuse.model.checkpoint import training_crop
 from napari_unifuse.model.config import UniFuseConfig
-from napari_unifuse.model.dense_refinement import dense_refinement
 from napari_unifuse.model.repeatable import one_thread
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.warp import warp
@@ -459,9 +458,7 @@ class FusionEngine:
             # SimpleITK 1.5 s longer, where both fit in SimpleITK's time on a core each).
             cancel.raise_if_cancelled()
             with stage(DENSE_STAGE), one_thread() if classical is not None else nullcontext():
-                moving_t, reference_t = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-                                         for image in (moving, reference))
-                refined = dense_refinement(moving_t, reference_t, matching[0][crop][None])[0].numpy()
+                refined = refine_dense(reference, moving, matching[0][crop].numpy())
         if classical is not None:
             with stage(CLASSICAL_STAGE):
                 estimate = classical.result()

@@ -54,9 +54,13 @@ _MIN_LEVEL_SIDE = 3
 _STRUCTURE_FRACTION = 0.05
 
 
+def _level_shape(spatial: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    return tuple(math.ceil(size / factor) for size in spatial)  # avg pooling with ceil_mode
+
+
 def level_factor(spatial: tuple[int, ...]) -> int:
     factor = 2
-    while math.prod(math.ceil(size / factor) for size in spatial) > _MAX_LEVEL_VOXELS:
+    while math.prod(_level_shape(spatial, factor)) > _MAX_LEVEL_VOXELS:
         factor += 1
     return factor
 
@@ -84,7 +88,7 @@ def dense_refinement(moving: torch.Tensor, reference: torch.Tensor, start: torch
     spatial = tuple(reference.shape[2:])
     mode = ("bilinear", "trilinear")[len(spatial) - 2]
     factor = level_factor(spatial)
-    if min(math.ceil(size / factor) for size in spatial) < _MIN_LEVEL_SIDE:
+    if min(_level_shape(spatial, factor)) < _MIN_LEVEL_SIDE:
         return start
     with optimising():
         moving, reference, start = (x.detach().clone() for x in (moving, reference, start))

@@ -470,11 +470,11 @@ def test_the_guard_weighs_the_dense_refinement_of_the_initial_field_where_the_ch
     reference, moving = ImageVolume(mr, Geometry.identity(2)), ImageVolume(shifted(pet, SHIFT), Geometry.identity(2))
     starts = []
 
-    def finds_the_shift(moving_t, reference_t, start):
-        starts.append(start.clone())
-        return torch.from_numpy(constant_field(mr.shape, SHIFT))[None]
+    def finds_the_shift(reference_image, moving_image, start):
+        starts.append(start.copy())
+        return constant_field(mr.shape, SHIFT)
 
-    monkeypatch.setattr(inference, "dense_refinement", finds_the_shift)
+    monkeypatch.setattr(inference, "refine_dense", finds_the_shift)
     results = {}
     for weighed in (False, True):
         method = method_for_network(untrained)
