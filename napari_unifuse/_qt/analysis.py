@@ -28,14 +28,14 @@ from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, resample_to_reference
 from napari_unifuse.metrics import (
     METRIC_NAMES,
-    folding_percentage,
+    JacobianRegularity,
     fusion_metrics,
     jacobian_determinant,
+    jacobian_regularity,
     local_misalignment_map,
     mutual_information,
     q_cc,
     registration_metrics,
-    sd_log_jacobian,
     ssim_gains,
 )
 from napari_unifuse.model import UniFuse, UniFuseConfig
@@ -70,8 +70,9 @@ class RunOutcome:
     error_kind: str
     jacobian: np.ndarray
     folding: np.ndarray
-    volume_metrics: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    # None until ``volume_metrics`` has run: the workbench draws the layers first.
+    volume_metrics: dict[str, float] | None = None
 
 
 def build_engine(checkpoint: str, spatial_dims: int, device: str, tile_size: int | None) -> FusionEngine:
@@ -127,10 +128,8 @@ def run_and_analyse(
     jacobian = jacobian_determinant(result.displacement).astype(np.float32)
     outcome = RunOutcome(
         result=result, reference_grey=reference_grey, aligned_grey=aligned_grey, label_grey=label_grey,
-        error_map=error_map, error_kind=error_kind, jacobian=jacobian, folding=folding_mask(jacobian),
-        volume_metrics={}, notes=notes,
+        error_map=error_map, error_kind=error_kind, jacobian=jacobian, folding=folding_mask(jacobian), notes=notes,
     )
-    outcome.volume_metrics = volume_metrics(outcome)
     progress("analyse", 1, 1)
     return outcome
 
@@ -142,12 +141,12 @@ def volume_metrics(outcome: RunOutcome) -> dict[str, float]:
     shown as "n/a", rather than failing the run.
     """
     fused = grey_values(outcome.result.fused)
-    u = outcome.result.displacement
     # The per-source gain first: unlike Q_ssim or Q_abf, a fusion that copies one source scores 0 on it.
     values = {"gain min": _or_nan(lambda: ssim_gains(fused, outcome.reference_grey, outcome.aligned_grey).minimum)}
     values.update(_or_nan(lambda: fusion_metrics(fused, outcome.reference_grey, outcome.aligned_grey), METRIC_NAMES))
-    values["folding %"] = _or_nan(lambda: folding_percentage(u))
-    values["SDlogJ"] = _or_nan(lambda: sd_log_jacobian(u))
+    # From the determinant map the layers show: computing it again per figure cost seconds in 3D.
+    regularity = _or_nan(lambda: jacobian_regularity(outcome.jacobian)._asdict(), JacobianRegularity._fields)
+    values["folding %"], values["SDlogJ"] = regularity["folding_percentage"], regularity["sd_log_jacobian"]
     if outcome.label_grey is not None:
         values.update(_label_metrics(outcome.aligned_grey, outcome.label_grey))
     return values

@@ -81,11 +81,11 @@ from napari_unifuse.metrics import (
     METRIC_NAMES,
     bone_retention,
     end_point_error,
-    folding_percentage,
     fusion_metrics,
+    jacobian_determinant,
+    jacobian_regularity,
     q_cb,
     registration_metrics,
-    sd_log_jacobian,
     ssim_gains,
     vif_f,
 )
@@ -270,8 +270,8 @@ def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, refe
     restores (its ``aligned`` is then the restored image); the restoration columns are NaN without it.
     """
     values = registration_metrics(aligned, pair.label)
-    values["folding_pct"] = folding_percentage(displacement)
-    values["sdlogj"] = sd_log_jacobian(displacement)
+    regularity = jacobian_regularity(jacobian_determinant(displacement))
+    values["folding_pct"], values["sdlogj"] = regularity.folding_percentage, regularity.sd_log_jacobian
     known = pair.displacement is not None
     values["epe"] = end_point_error(displacement, pair.displacement) if known else float("nan")
     values["epe_tissue"] = (end_point_error(displacement, pair.displacement, tissue_mask(reference))

@@ -9,7 +9,8 @@
 * ``bone_retention(fused, ct)`` (``retention``): mean fused intensity over the CT's bone.
 * ``registration_metrics(aligned, label, mask=None)``, ``end_point_error(u, truth, mask=None)``,
   ``jacobian_determinant(u)`` (a map),
-  ``folding_percentage(u)``, ``sd_log_jacobian(u)`` (``registration``).
+  ``folding_percentage(u)``, ``sd_log_jacobian(u)``, or both from one determinant map with
+  ``jacobian_regularity(determinant)`` (``registration``).
 * ``local_misalignment_map(image, reference)``: MIND-based, for alignment without a label
   (``misalignment``).
 """
@@ -34,9 +35,11 @@ from napari_unifuse.metrics.fusion_gradient import q_abf, q_cv
 from napari_unifuse.metrics.fusion_perceptual import q_cb, vif_f
 from napari_unifuse.metrics.misalignment import local_misalignment_map, mind_descriptor
 from napari_unifuse.metrics.registration import (
+    JacobianRegularity,
     end_point_error,
     folding_percentage,
     jacobian_determinant,
+    jacobian_regularity,
     registration_metrics,
     sd_log_jacobian,
 )
@@ -44,6 +47,7 @@ from napari_unifuse.metrics.retention import BONE_THRESHOLD, bone_retention
 
 __all__ = [
     "BONE_THRESHOLD",
+    "JacobianRegularity",
     "METRIC_NAMES",
     "SourceGains",
     "average_gradient",
@@ -53,6 +57,7 @@ __all__ = [
     "folding_percentage",
     "fusion_metrics",
     "jacobian_determinant",
+    "jacobian_regularity",
     "local_misalignment_map",
     "mind_descriptor",
     "mutual_information",

@@ -6,6 +6,8 @@ Displacement fields follow the project convention (docs/architecture.md): ``u`` 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from skimage.metrics import structural_similarity
 
@@ -110,34 +112,51 @@ def jacobian_determinant(u: object) -> np.ndarray:
     """
     field = _check_displacement(u)
     ndim = field.shape[0]
-    jacobian = np.empty((*field.shape[1:], ndim, ndim))
-    for component in range(ndim):
-        for axis, derivative in enumerate(np.gradient(field[component])):
-            jacobian[..., component, axis] = derivative + (component == axis)
-    return np.linalg.det(jacobian)
+    # J[component][axis]; the determinant is expanded by hand: np.linalg.det over one small matrix
+    # per voxel takes 3 s on a 176 x 216 x 180 field, the expansion a tenth of that.
+    jacobian = [list(np.gradient(field[component])) for component in range(ndim)]
+    for axis in range(ndim):
+        jacobian[axis][axis] += 1.0
+    if ndim == 2:
+        (a, b), (c, d) = jacobian
+        return a * d - b * c
+    (a, b, c), (d, e, f), (g, h, i) = jacobian
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
-def _interior_determinant(u: object) -> np.ndarray:
-    determinant = jacobian_determinant(u)
+class JacobianRegularity(NamedTuple):
+    """Learn2Reg's two regularity figures of a field, from one determinant map."""
+
+    folding_percentage: float
+    sd_log_jacobian: float
+
+
+def jacobian_regularity(determinant: np.ndarray) -> JacobianRegularity:
+    """Folding percentage and SDlogJ of a ``jacobian_determinant`` map, Learn2Reg style.
+
+    Both leave out the 2-voxel border where the central differences are one-sided. Folding: the
+    percentage of voxels with det J ≤ 0. SDlogJ: std(log(clip(det J + 3, 1e-9, 1e9))), exactly as
+    Learn2Reg's evaluation computes it; the +3 offset and the clipping are part of the official
+    script (MDL-UzL/L2R evaluation.py) and keep folded voxels finite, so values are comparable with
+    Learn2Reg leaderboards and smaller than std(log det J) of a non-folding field.
+    """
+    determinant = np.asarray(determinant, dtype=np.float64)
     if min(determinant.shape) <= 2 * _LEARN2REG_BORDER:
         raise InputError(
             f"each spatial axis needs more than {2 * _LEARN2REG_BORDER} voxels for Learn2Reg's border crop, "
             f"got {determinant.shape}",
             "displacement",
         )
-    return determinant[(slice(_LEARN2REG_BORDER, -_LEARN2REG_BORDER),) * determinant.ndim]
+    interior = determinant[(slice(_LEARN2REG_BORDER, -_LEARN2REG_BORDER),) * determinant.ndim]
+    return JacobianRegularity(folding_percentage=float(100.0 * np.mean(interior <= 0)),
+                              sd_log_jacobian=float(np.log(np.clip(interior + 3.0, 1e-9, 1e9)).std()))
 
 
 def folding_percentage(u: object) -> float:
-    """Percentage of voxels with det J ≤ 0 (folding), Learn2Reg style: central differences, 2-voxel border cropped."""
-    return float(100.0 * np.mean(_interior_determinant(u) <= 0))
+    """Percentage of voxels with det J ≤ 0 (folding), Learn2Reg style (``jacobian_regularity``)."""
+    return jacobian_regularity(jacobian_determinant(u)).folding_percentage
 
 
 def sd_log_jacobian(u: object) -> float:
-    """SDlogJ exactly as Learn2Reg's evaluation computes it: std(log(clip(det J + 3, 1e-9, 1e9))).
-
-    Central differences, 2-voxel border cropped. The +3 offset and the clipping are part of the
-    official script (MDL-UzL/L2R evaluation.py) and keep folded voxels finite; values are therefore
-    comparable with Learn2Reg leaderboards, and smaller than std(log det J) of a non-folding field.
-    """
-    return float(np.log(np.clip(_interior_determinant(u) + 3.0, 1e-9, 1e9)).std())
+    """SDlogJ exactly as Learn2Reg's evaluation computes it (``jacobian_regularity``)."""
+    return jacobian_regularity(jacobian_determinant(u)).sd_log_jacobian

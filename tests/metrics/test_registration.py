@@ -18,6 +18,7 @@ from napari_unifuse.metrics import (
     end_point_error,
     folding_percentage,
     jacobian_determinant,
+    jacobian_regularity,
     registration_metrics,
     sd_log_jacobian,
 )
@@ -89,6 +90,25 @@ def test_uniform_scaling_has_determinant_scale_to_the_ndim(shape):
     u = 0.2 * identity_grid(shape)  # x → 1.2·x
     np.testing.assert_allclose(jacobian_determinant(u), 1.2 ** len(shape))
     assert sd_log_jacobian(u) == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(12, 15), (6, 7, 8)])
+def test_jacobian_determinant_matches_numpy_det_of_the_stacked_matrices(shape):
+    rng = np.random.default_rng(3)
+    u = np.stack([ndimage.gaussian_filter(rng.normal(0, 3, shape), 1) for _ in shape])
+    matrices = np.empty((*shape, len(shape), len(shape)))
+    for component in range(len(shape)):
+        for axis, derivative in enumerate(np.gradient(u[component])):
+            matrices[..., component, axis] = derivative + (component == axis)
+    np.testing.assert_allclose(jacobian_determinant(u), np.linalg.det(matrices), rtol=1e-12, atol=1e-12)
+
+
+def test_regularity_from_one_determinant_map_equals_the_per_field_figures():
+    rng = np.random.default_rng(4)
+    u = np.stack([ndimage.gaussian_filter(rng.normal(0, 8, (12, 13, 14)), 1) for _ in range(3)])
+    regularity = jacobian_regularity(jacobian_determinant(u))
+    assert regularity.folding_percentage == folding_percentage(u) > 0
+    assert regularity.sd_log_jacobian == sd_log_jacobian(u) > 0
 
 
 def test_a_mirrored_slab_folds_the_expected_percentage():

@@ -124,6 +124,47 @@ def test_2d_run_shows_one_probability_row_and_all_vectors(make_napari_viewer, qt
     assert len(viewer.layers[names.quivers].data) == (48 // 4) ** 2
 
 
+def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(make_napari_viewer, qtbot, tmp_path,
+                                                                            checkpoint_files, notifications,
+                                                                            monkeypatch):
+    """The whole-volume metrics take seconds on a clinical volume: the layers are drawn first."""
+    import threading
+
+    import napari_unifuse._qt.workbench as workbench_module
+
+    release = threading.Event()
+    real_volume_metrics = workbench_module.volume_metrics
+
+    def held_volume_metrics(outcome):
+        release.wait(timeout=60)
+        return real_volume_metrics(outcome)
+
+    monkeypatch.setattr(workbench_module, "volume_metrics", held_volume_metrics)
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: workbench.outcome is not None, timeout=RUN_TIMEOUT_MS)
+    names = OutputNames.for_inputs("T1", "T2")
+    assert all(name in viewer.layers for name in names.all())
+    assert workbench.last_run_seconds is not None
+    assert workbench.worker is not None and workbench.outcome.volume_metrics is None
+    assert workbench.metrics_panel.value("NCC to label", "volume") == ""
+    assert workbench.metrics_panel.value("NCC to label", "slice") not in ("", "n/a")
+    assert workbench.save_button.enabled and not workbench.report_button.enabled
+    workbench.write_qc_report()
+    assert any("still being computed" in message for _, message in notifications)
+    assert workbench.report_worker is None
+
+    release.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert workbench.outcome.volume_metrics == pytest.approx(real_volume_metrics(workbench.outcome), nan_ok=True)
+    assert workbench.metrics_panel.value("NCC to label", "volume") not in ("", "n/a")
+    assert workbench.report_button.enabled
+    assert workbench.run_panel.status.value == "done"
+    assert workbench.run_panel.progress.value == workbench.run_panel.progress.max
+
+
 def test_cancel_stops_the_run_without_layers(make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
     viewer = make_napari_viewer()
     add_pair(viewer)
