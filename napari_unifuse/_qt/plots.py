@@ -1,6 +1,10 @@
 """The docked per-slice plot: degradation probabilities and, below them, how much of each slice the
 quality maps flag. A 3D run draws one line per class (and per map) along z with a marker on the
-viewed slice; a 2D image is one "slice", so it draws bars. Colours follow napari's theme."""
+viewed slice; a 2D image is one "slice", so it draws bars. Colours follow napari's theme.
+
+The markers are blitted: moving them redraws only them over the figure's cached pixels. A full
+draw (constrained layout, every line) took 120 of the 185 ms a slice change cost on a 176-slice
+run, and scrolling through slices moves nothing else."""
 
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ class ProbabilityPlot(QWidget):
         self.quality: QualityMaps | None = None
         self.caveat: str | None = None
         self.markers: list = []
+        self._background = None  # the figure's pixels without the markers, taken at each full draw
+        self.canvas.mpl_connect("draw_event", self._on_draw)
         self.theme_id = viewer.theme if viewer is not None else "dark"
         if viewer is not None:
             viewer.events.theme.connect(self._on_theme)
@@ -85,7 +91,20 @@ class ProbabilityPlot(QWidget):
         if self.caveat:
             text += f"\n{self.caveat}"
         self.values_label.setText(text)
-        self.canvas.draw_idle()
+        if self._background is None:  # not drawn yet: the full draw puts the markers in place
+            self.canvas.draw_idle()
+            return
+        self.canvas.restore_region(self._background)
+        self._draw_markers()
+        self.canvas.update()  # a paint at Qt's next turn, which merges a fast scroll's moves (blit paints now)
+
+    def _on_draw(self, _event) -> None:
+        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        self._draw_markers()
+
+    def _draw_markers(self) -> None:
+        for marker in self.markers:
+            marker.axes.draw_artist(marker)
 
     @property
     def marker_position(self) -> float | None:
@@ -95,6 +114,7 @@ class ProbabilityPlot(QWidget):
     def _redraw(self) -> None:
         self.figure.clear()
         self.markers = []
+        self._background = None
         theme = get_theme(self.theme_id)
         background, text = theme.background.as_hex(), theme.text.as_hex()
         self.figure.set_facecolor(background)
@@ -109,7 +129,7 @@ class ProbabilityPlot(QWidget):
         for ax in axes:
             _style_axes(ax, background, text)
             if not self.is_single_slice:
-                self.markers.append(ax.axvline(0, color=text, linestyle="--", linewidth=1))
+                self.markers.append(ax.axvline(0, color=text, linestyle="--", linewidth=1, animated=True))
         self.canvas.draw_idle()
 
     def _draw_probabilities(self, ax: Axes) -> None:

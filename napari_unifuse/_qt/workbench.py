@@ -65,7 +65,7 @@ MAP_FILES = ("alignment_error", "jacobian_determinant", "folding")
 DOCK_WIDTH_FRACTION, DOCK_MIN_WIDTH, DOCK_MAX_WIDTH = 0.22, 260, 440
 COMBO_MIN_CHARACTERS = 6
 FILE_BUTTON_TEXTS = ("Select file", "Choose directory", "Select files", "Save file")
-PLOT_HEIGHT_FRACTION = 0.4
+PLOT_HEIGHT_FRACTION = 0.45
 
 
 def _narrow(content: QWidget) -> None:

@@ -60,3 +60,32 @@ def test_the_class_caveat_shows_under_the_values_until_the_next_run(qtbot):
     assert plot.values_label.text().endswith("'motion' is not evidence of the artefact")
     plot.show_probabilities(probabilities, DEGRADATION_CLASSES)
     assert "not evidence" not in plot.values_label.text()
+
+
+def test_moving_the_marker_repaints_it_over_the_cached_figure(qtbot):
+    """The marker is blitted (plots module docstring): its pixels move, the lines under it stay."""
+    plot = ProbabilityPlot()
+    qtbot.addWidget(plot)
+    plot.resize(400, 320)
+    plot.show()
+    slices = np.linspace(0, 1, 12)[:, None]
+    probabilities = np.hstack([1 - slices, slices, np.zeros_like(slices), np.zeros_like(slices)])
+    plot.show_probabilities(probabilities, DEGRADATION_CLASSES, "motion", quality_with_defect((12, 20, 20)))
+    plot.canvas.draw()
+    ink = np.array([int(plot.figure.axes[0].title.get_color()[i:i + 2], 16) for i in (1, 3, 5)])
+
+    def marker_pixels(row: int) -> int:
+        """Pixels of the marker's colour in the probability panel's column at ``row``."""
+        ax = plot.figure.axes[0]
+        x = int(round(ax.transData.transform((row, 0))[0]))
+        height = plot.canvas.buffer_rgba().shape[0]
+        top, bottom = height - int(ax.bbox.y1) + 3, height - int(ax.bbox.y0) - 3
+        column = np.asarray(plot.canvas.buffer_rgba())[top:bottom, x - 1:x + 2, :3].astype(int)
+        return int((np.abs(column - ink).sum(axis=-1) < 30).any(axis=1).sum())
+
+    before = {row: marker_pixels(row) for row in (0, 5, 9)}
+    plot.set_slice(9)
+    after = {row: marker_pixels(row) for row in (0, 5, 9)}
+    assert before[0] > 20 and before[9] < 5
+    assert after[9] > 20 and after[0] < 5
+    assert before[5] == after[5] < 5  # a column the marker never crossed is left as it was
