@@ -350,6 +350,7 @@ class UniFuseWorkbench(QWidget):
         self._on_slice_changed()
         self.save_button.enabled = True
         self.report_button.enabled = False  # the report holds the volume metrics, which come next
+        self.run_panel.cancel_button.enabled = False  # the run is done: only those metrics are left
         self.last_run_seconds = time.perf_counter() - started
         show_warnings(outcome.notes)
         if selection.request.checkpoint.startswith("untrained"):

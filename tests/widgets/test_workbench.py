@@ -152,6 +152,7 @@ def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(mak
     assert workbench.metrics_panel.value("NCC to label", "volume") == ""
     assert workbench.metrics_panel.value("NCC to label", "slice") not in ("", "n/a")
     assert workbench.save_button.enabled and not workbench.report_button.enabled
+    assert not workbench.run_panel.cancel_button.enabled and not workbench.run_panel.run_button.enabled
     workbench.write_qc_report()
     assert any("still being computed" in message for _, message in notifications)
     assert workbench.report_worker is None
