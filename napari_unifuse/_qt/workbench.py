@@ -326,6 +326,8 @@ class UniFuseWorkbench(QWidget):
             self.run_panel.status.value = "stopped"
 
     def _finish_run(self, metrics: dict[str, float] | _RunFailed) -> None:
+        if self._released:  # closed while the worker ran: its viewer and widgets are no longer ours
+            return
         if isinstance(metrics, _RunFailed):
             report_error(metrics.error, "Run UniFuse")
             return
@@ -337,6 +339,8 @@ class UniFuseWorkbench(QWidget):
         self.run_panel.status.value = "done"
 
     def _show_outcome(self, outcome: RunOutcome, selection: RunSelection, started: float) -> None:
+        if self._released:
+            return
         self.outcome, self.selection = outcome, selection
         self.results.show(outcome, selection.reference_name, selection.moving_name)
         result = outcome.result

@@ -166,6 +166,30 @@ def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(mak
     assert workbench.run_panel.progress.value == workbench.run_panel.progress.max
 
 
+def test_closing_the_workbench_while_the_metrics_are_computed_leaves_the_viewer_alone(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, monkeypatch):
+    import threading
+
+    import napari_unifuse._qt.workbench as workbench_module
+
+    release = threading.Event()
+    real_volume_metrics = workbench_module.volume_metrics
+    monkeypatch.setattr(workbench_module, "volume_metrics",
+                        lambda outcome: release.wait(timeout=60) and real_volume_metrics(outcome))
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: workbench.outcome is not None, timeout=RUN_TIMEOUT_MS)
+    layers = [layer.name for layer in viewer.layers]
+    workbench.release_viewer()
+    release.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert [layer.name for layer in viewer.layers] == layers
+    assert workbench.outcome.volume_metrics is None  # the closed workbench took nothing more
+    assert not any(level == "error" for level, _ in notifications)
+
+
 def test_cancel_stops_the_run_without_layers(make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
     viewer = make_napari_viewer()
     add_pair(viewer)
