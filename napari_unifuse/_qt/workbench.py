@@ -99,6 +99,7 @@ class _RunFailed:
     notification (and superqt re-raises a returned exception), but the user should see one line."""
 
     error: Exception
+    action: str = "Run UniFuse"  # what the notification says failed
 
 
 class _ProgressRelay(QObject):
@@ -283,7 +284,7 @@ class UniFuseWorkbench(QWidget):
         try:
             metrics = volume_metrics(outcome)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
-            return _RunFailed(error)
+            return _RunFailed(error, "Volume metrics (the layers are complete)")
         self._relay.progressed.emit("volume metrics", 1, 1)
         return metrics
 
@@ -330,7 +331,7 @@ class UniFuseWorkbench(QWidget):
         if self._released:  # closed while the worker ran: its viewer and widgets are no longer ours
             return
         if isinstance(metrics, _RunFailed):
-            report_error(metrics.error, "Run UniFuse")
+            report_error(metrics.error, metrics.action)
             return
         if self.outcome is None:
             return

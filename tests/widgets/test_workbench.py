@@ -190,6 +190,26 @@ def test_closing_the_workbench_while_the_metrics_are_computed_leaves_the_viewer_
     assert not any(level == "error" for level, _ in notifications)
 
 
+def test_a_failure_of_the_volume_metrics_is_named_and_keeps_the_layers(make_napari_viewer, qtbot, tmp_path,
+                                                                       checkpoint_files, notifications, monkeypatch):
+    import napari_unifuse._qt.workbench as workbench_module
+
+    def failing_volume_metrics(outcome):
+        raise RuntimeError("metrics exploded")
+
+    monkeypatch.setattr(workbench_module, "volume_metrics", failing_volume_metrics)
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    run_and_wait(qtbot, workbench)
+    assert all(name in viewer.layers for name in OutputNames.for_inputs("T1", "T2").all())
+    errors = [message for level, message in notifications if level == "error"]
+    assert len(errors) == 1 and errors[0].startswith("Volume metrics (the layers are complete)")
+    assert "metrics exploded" in errors[0]
+    assert workbench.save_button.enabled and not workbench.report_button.enabled
+    assert workbench.run_panel.run_button.enabled
+
+
 def test_cancel_stops_the_run_without_layers(make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
     viewer = make_napari_viewer()
     add_pair(viewer)
