@@ -196,3 +196,25 @@ def _rgb(hex_colour: str) -> tuple[float, float, float]:
     from matplotlib.colors import to_rgb
 
     return to_rgb(hex_colour)
+
+
+def test_a_run_slows_napari_s_in_progress_animation_and_gives_its_speed_back(make_napari_viewer, qtbot, tmp_path,
+                                                                              checkpoint_files):
+    """napari's animated indicator repaints the window around the OpenGL canvas 33 times a second
+    (workbench.ACTIVITY_SPINNER_SPEED_PERCENT): a run slows it and restores it."""
+    from qtpy.QtWidgets import QLabel
+
+    from napari_unifuse._qt.workbench import ACTIVITY_SPINNER_SPEED_PERCENT
+
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    viewer.window.add_dock_widget(workbench)
+    movies = [label.movie() for label in workbench.window().findChildren(QLabel) if label.movie() is not None]
+    assert movies, "napari's in-progress indicator is no longer an animated label: see ACTIVITY_SPINNER_SPEED_PERCENT"
+    speeds = [movie.speed() for movie in movies]
+    workbench.run_panel.run_button.clicked()
+    assert [movie.speed() for movie in movies] == [ACTIVITY_SPINNER_SPEED_PERCENT] * len(movies)
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=120_000)
+    assert workbench.outcome is not None
+    assert [movie.speed() for movie in movies] == speeds
