@@ -124,10 +124,9 @@ def test_2d_run_shows_one_probability_row_and_all_vectors(make_napari_viewer, qt
     assert len(viewer.layers[names.quivers].data) == (48 // 4) ** 2
 
 
-def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(make_napari_viewer, qtbot, tmp_path,
-                                                                            checkpoint_files, notifications,
-                                                                            monkeypatch):
-    """The whole-volume metrics take seconds on a clinical volume: the layers are drawn first."""
+@pytest.fixture
+def held_volume_metrics(monkeypatch):
+    """The workbench's volume metrics wait for the returned event before computing the real ones."""
     import threading
 
     import napari_unifuse._qt.workbench as workbench_module
@@ -135,11 +134,20 @@ def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(mak
     release = threading.Event()
     real_volume_metrics = workbench_module.volume_metrics
 
-    def held_volume_metrics(outcome):
+    def held(outcome):
         release.wait(timeout=60)
         return real_volume_metrics(outcome)
 
-    monkeypatch.setattr(workbench_module, "volume_metrics", held_volume_metrics)
+    monkeypatch.setattr(workbench_module, "volume_metrics", held)
+    return release
+
+
+def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(make_napari_viewer, qtbot, tmp_path,
+                                                                            checkpoint_files, notifications,
+                                                                            held_volume_metrics):
+    """The whole-volume metrics take seconds on a clinical volume: the layers are drawn first."""
+    from napari_unifuse._qt.analysis import volume_metrics
+
     viewer = make_napari_viewer()
     add_pair(viewer)
     workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
@@ -157,9 +165,9 @@ def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(mak
     assert any("still being computed" in message for _, message in notifications)
     assert workbench.report_worker is None
 
-    release.set()
+    held_volume_metrics.set()
     qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
-    assert workbench.outcome.volume_metrics == pytest.approx(real_volume_metrics(workbench.outcome), nan_ok=True)
+    assert workbench.outcome.volume_metrics == pytest.approx(volume_metrics(workbench.outcome), nan_ok=True)
     assert workbench.metrics_panel.value("NCC to label", "volume") not in ("", "n/a")
     assert workbench.report_button.enabled
     assert workbench.run_panel.status.value == "done"
@@ -167,15 +175,7 @@ def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(mak
 
 
 def test_closing_the_workbench_while_the_metrics_are_computed_leaves_the_viewer_alone(
-        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, monkeypatch):
-    import threading
-
-    import napari_unifuse._qt.workbench as workbench_module
-
-    release = threading.Event()
-    real_volume_metrics = workbench_module.volume_metrics
-    monkeypatch.setattr(workbench_module, "volume_metrics",
-                        lambda outcome: release.wait(timeout=60) and real_volume_metrics(outcome))
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, held_volume_metrics):
     viewer = make_napari_viewer()
     add_pair(viewer)
     workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
@@ -183,7 +183,7 @@ def test_closing_the_workbench_while_the_metrics_are_computed_leaves_the_viewer_
     qtbot.waitUntil(lambda: workbench.outcome is not None, timeout=RUN_TIMEOUT_MS)
     layers = [layer.name for layer in viewer.layers]
     workbench.release_viewer()
-    release.set()
+    held_volume_metrics.set()
     qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
     assert [layer.name for layer in viewer.layers] == layers
     assert workbench.outcome.volume_metrics is None  # the closed workbench took nothing more
