@@ -6,7 +6,10 @@ of shape ``(ndim, *spatial)`` in reference voxels, array-axis order, sampling ``
 
 * ``identity`` -- no registration (``u = 0``): what fusing the raw pair gives.
 * ``sitk`` -- SimpleITK: rigid (Euler, Mattes MI, 3-level pyramid), then a cubic B-spline (Mattes
-  MI, L-BFGS-B) on top of it; the composite is sampled with ``sitk.TransformToDisplacementField``.
+  MI, L-BFGS-B) on top of it; the composite is evaluated on the reference grid from the two
+  transforms' parameters (``rigid_bspline_displacement``: the B-spline's tensor-product basis is
+  separable along the grid's axes, so a 160³ field takes 0.1 s where ITK's point-by-point
+  ``TransformToDisplacementField`` took 1.5-1.9 s and a file round trip 0.6 s more).
 * ``ants`` -- ANTsPy ``ants.registration(type_of_transform="SyN")`` (affine + SyN), the forward
   transforms composed into one field by ``ants.apply_transforms(compose=...)``; seeded and on one
   ITK thread, so that it repeats itself as ``sitk`` does.
@@ -17,9 +20,10 @@ of shape ``(ndim, *spatial)`` in reference voxels, array-axis order, sampling ``
   (``model.dense_refinement``, ConvexAdam's Adam stage): the classical bar for a learned fine
   alignment on small non-rigid residuals.
 
-Both ITK fields map a reference (fixed) point ``p`` to the moving point ``p + d(p)``, ``d`` in LPS
-mm with x/y/z components: exactly the on-disk displacement format, so they are converted with
-``io.fields.read_displacement`` rather than a second copy of that conversion. Every method's
+ANTs's field maps a reference (fixed) point ``p`` to the moving point ``p + d(p)``, ``d`` in LPS
+mm with x/y/z components: exactly the on-disk displacement format, so it is converted with
+``io.fields.read_displacement`` (as is any other SimpleITK transform, ``sitk_transform_to_displacement``)
+rather than a second copy of that conversion. Every method's
 aligned image is then ``data.misalign.warp_array(moving, u)``, so methods differ only by their
 field, never by their interpolator.
 
@@ -184,9 +188,7 @@ def _register_sitk(reference: np.ndarray, moving: np.ndarray, geometry: Geometry
     bspline_stage.SetMovingInitialTransform(rigid)
     bspline_stage.SetInitialTransform(bspline, inPlace=True)
     _execute(bspline_stage, fixed, moved)
-    # A CompositeTransform applies its transforms last-added first: again rigid(bspline(p)).
-    composite = sitk.CompositeTransform([rigid, bspline])
-    return sitk_transform_to_displacement(composite, fixed, geometry)
+    return rigid_bspline_displacement(rigid, bspline, fixed, geometry)
 
 
 def _execute(stage: sitk.ImageRegistrationMethod, fixed: sitk.Image, moved: sitk.Image) -> sitk.Transform:
@@ -209,6 +211,82 @@ def sitk_transform_to_displacement(transform: sitk.Transform, fixed: sitk.Image,
         path = Path(folder) / "displacement.mha"
         sitk.WriteImage(field, str(path))
         return read_displacement(path, geometry)
+
+
+def rigid_bspline_displacement(rigid: sitk.Transform, bspline: sitk.BSplineTransform, fixed: sitk.Image,
+                               geometry: Geometry) -> np.ndarray:
+    """``p -> rigid(bspline(p))`` (ITK's order: the B-spline first) as a dense field on ``fixed``'s
+    grid in the project convention, without evaluating the transforms point by point.
+
+    A cubic B-spline's displacement is a tensor product of per-axis weights, and when the control
+    grid's axes follow the image grid's (``BSplineTransformInitializer`` builds them from it: the
+    same axes, permuted or flipped) each axis's weights depend on that axis's index alone: three
+    small matrix products give the field. The rigid part is affine, so the composite's displacement
+    is an affine function of the index plus a fixed mix of the B-spline's components. A control grid
+    oblique to the image goes through ``sitk_transform_to_displacement`` instead."""
+    ndim = fixed.GetDimension()
+    shape = fixed.GetSize()[::-1]
+    coefficients = bspline.GetCoefficientImages()  # one per x/y/z component
+    control = Geometry.from_sitk(coefficients[0])
+    control_size = coefficients[0].GetSize()[::-1]
+    # Continuous control-grid index (array order) = index_map @ image index + index_offset.
+    control_linear = control.direction * control.spacing
+    index_map = np.linalg.solve(control_linear, geometry.direction * geometry.spacing)
+    index_offset = np.linalg.solve(control_linear, geometry.origin - control.origin)
+    follows = np.abs(index_map).argmax(axis=1)  # control axis a runs along image axis follows[a]
+    crosstalk = np.abs(index_map)
+    crosstalk[np.arange(ndim), follows] = 0
+    # Crosstalk arises from the control direction's single-precision storage; below 1e-4 of a
+    # control interval across the whole grid it is below what ITK's own evaluation resolves.
+    if sorted(follows) != list(range(ndim)) or (crosstalk @ np.array(shape)).max() > 1e-4:
+        return sitk_transform_to_displacement(sitk.CompositeTransform([rigid, bspline]), fixed, geometry)
+    weights = [_cubic_bspline_weights(index_offset[a] + index_map[a, follows[a]] * np.arange(shape[follows[a]]),
+                                      control_size[a]) for a in range(ndim)]
+    control_axes, image_axes = "abc"[:ndim], "xyz"[:ndim]
+    product = (",".join(image_axes[follows[a]] + control_axes[a] for a in range(ndim))
+               + f",{control_axes}->{image_axes}")
+    # B-spline displacement per world component (array order), mm.
+    bspline_mm = [np.einsum(product, *weights, sitk.GetArrayViewFromImage(image).astype(np.float32), optimize=True)
+                  for image in coefficients[::-1]]
+    matrix, offset = _affine_parts(rigid, ndim)
+    linear = geometry.direction * geometry.spacing
+    inverse = np.linalg.inv(linear)
+    # u(i) = linear⁻¹ (rigid(world(i) + b(i)) - world(i)) = constant + slope @ i + mix @ b(i).
+    constant = inverse @ ((matrix - np.eye(ndim)) @ geometry.origin + offset)
+    slope = inverse @ (matrix - np.eye(ndim)) @ linear
+    mix = inverse @ matrix
+    field = np.empty((ndim, *shape), dtype=np.float32)
+    for component in range(ndim):
+        field[component] = constant[component]
+        for axis in range(ndim):
+            field[component] += (slope[component, axis] * np.arange(shape[axis], dtype=np.float32)).reshape(
+                [-1 if k == axis else 1 for k in range(ndim)])
+        for source in range(ndim):
+            field[component] += np.float32(mix[component, source]) * bspline_mm[source]
+    return field
+
+
+def _cubic_bspline_weights(position: np.ndarray, size: int) -> np.ndarray:
+    """ITK's cubic B-spline interpolation weights: row ``n`` holds the weights of the ``size``
+    control points at continuous index ``position[n]`` (support ``floor(x) - 1 .. floor(x) + 2``).
+    A row whose support leaves the control grid is zero: ITK leaves such points unmoved."""
+    start = np.floor(position).astype(np.int64) - 1
+    inside = (start >= 0) & (start + 3 <= size - 1)
+    weights = np.zeros((position.size, size), dtype=np.float32)
+    rows = np.flatnonzero(inside)
+    for k in range(4):
+        distance = np.abs(position[rows] - (start[rows] + k))
+        weights[rows, start[rows] + k] = np.where(distance < 1, (4 - 6 * distance**2 + 3 * distance**3) / 6,
+                                                  (2 - distance) ** 3 / 6)
+    return weights
+
+
+def _affine_parts(transform: sitk.Transform, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """An affine SimpleITK transform (Euler, here) as ``x -> matrix @ x + offset`` in array order,
+    read off the images of the origin and the unit vectors."""
+    offset = np.array(transform.TransformPoint((0.0,) * ndim))
+    columns = [np.array(transform.TransformPoint(tuple(unit))) - offset for unit in np.eye(ndim)]
+    return np.stack(columns, axis=1)[::-1, ::-1], offset[::-1]
 
 
 def register_ants(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:

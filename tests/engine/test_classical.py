@@ -73,6 +73,56 @@ def test_field_is_in_voxels_on_anisotropic_grid(translated_pair):
     np.testing.assert_allclose(result.displacement[INTERIOR].reshape(2, -1).mean(axis=1), SHIFT_VOXELS, atol=0.3)
 
 
+def _rigid_and_bspline(geometry: Geometry, shape: tuple[int, ...], seed: int, domain_scale: float = 1.0,
+                       oblique_domain: bool = False):
+    """An image grid and a random rigid + cubic B-spline pair of SimpleITK transforms on it."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    ndim = len(shape)
+    fixed = geometry.to_sitk(sitk.GetImageFromArray(np.zeros(shape, np.float32)))
+    bspline = sitk.BSplineTransformInitializer(fixed, [4] * ndim)
+    if domain_scale != 1.0:
+        bspline.SetTransformDomainPhysicalDimensions(
+            tuple(np.array(bspline.GetTransformDomainPhysicalDimensions()) * domain_scale))
+    if oblique_domain:
+        bspline.SetTransformDomainDirection(tuple(np.linalg.qr(rng.normal(size=(ndim, ndim)))[0].ravel()))
+    bspline.SetParameters(tuple(rng.normal(size=len(bspline.GetParameters())) * 3))
+    rigid = sitk.Euler3DTransform() if ndim == 3 else sitk.Euler2DTransform()
+    rigid.SetCenter(tuple(rng.normal(size=ndim) * 5))
+    if ndim == 3:
+        rigid.SetRotation(0.1, -0.05, 0.08)
+    else:
+        rigid.SetAngle(0.1)
+    rigid.SetTranslation(tuple(rng.normal(size=ndim) * 4))
+    return fixed, rigid, bspline
+
+
+def _oblique_geometry(ndim: int, seed: int) -> Geometry:
+    rng = np.random.default_rng(seed)
+    return Geometry(rng.uniform(0.5, 3, ndim), rng.normal(size=ndim) * 10, np.linalg.qr(rng.normal(size=(ndim, ndim)))[0])
+
+
+@pytest.mark.parametrize(("geometry", "shape", "domain_scale", "oblique_domain"), [
+    (_oblique_geometry(3, 1), (23, 19, 17), 1.0, False),  # the initializer permutes and flips the axes
+    (_oblique_geometry(2, 2), (31, 26), 1.0, False),
+    (Geometry([1.0, 0.8, 1.2], [3.0, -2.0, 5.0], np.eye(3)), (20, 24, 18), 0.5, False),  # most points unmoved
+    (_oblique_geometry(3, 3), (12, 10, 11), 1.0, True),  # control grid oblique to the image: ITK's path
+])
+def test_rigid_bspline_field_is_itks_point_by_point_evaluation(geometry, shape, domain_scale, oblique_domain):
+    import SimpleITK as sitk
+
+    fixed, rigid, bspline = _rigid_and_bspline(geometry, shape, seed=len(shape), domain_scale=domain_scale,
+                                               oblique_domain=oblique_domain)
+    expected = classical.sitk_transform_to_displacement(sitk.CompositeTransform([rigid, bspline]), fixed, geometry)
+    field = classical.rigid_bspline_displacement(rigid, bspline, fixed, geometry)
+    assert field.shape == (len(shape), *shape) and field.dtype == np.float32
+    np.testing.assert_allclose(field, expected, atol=1e-4)
+    if domain_scale < 1:  # outside the B-spline's domain only the rigid part moves a point
+        bspline_only = classical.rigid_bspline_displacement(type(rigid)(), bspline, fixed, geometry)
+        assert 0.5 < (bspline_only == 0).all(axis=0).mean() < 1
+
+
 def test_sitk_bspline_improves_over_identity_on_a_known_nonrigid_field():
     reference, label = head_like(), head_like(contrast=-1.0)
     draw = RandomMisalignment().draw(SHAPE, np.random.default_rng(3))
