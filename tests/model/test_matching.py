@@ -25,13 +25,19 @@ from napari_unifuse.model.smoothing import gaussian_blur
 from napari_unifuse.model.warp import compose, warp
 
 
-@pytest.mark.parametrize(("shape", "sigma"), [((23, 31), 1.5), ((9, 11, 13), 1.0)])
+@pytest.mark.parametrize(("shape", "sigma"), [((23, 31), 1.5), ((9, 11, 13), 1.0), ((7, 5, 6), 0.5)])
 def test_gaussian_blur_matches_scipy(shape, sigma):
-    image = np.random.default_rng(0).random(shape)
-    ours = gaussian_blur(torch.from_numpy(image)[None, None], sigma)[0, 0].numpy()
+    images = np.random.default_rng(0).random((2, 3, *shape))  # a batch of two three-channel images
+    ours = gaussian_blur(torch.from_numpy(images), sigma).numpy()
     # Same truncation (radius ceil(3 sigma)) and edge handling (replicate = scipy's "nearest").
-    expected = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0)
+    expected = ndimage.gaussian_filter(images, [0, 0, *[sigma] * len(shape)], mode="nearest", truncate=3.0)
     np.testing.assert_allclose(ours, expected, atol=1e-12)
+
+
+def test_gaussian_blur_passes_gradients_back():
+    # The matching's MI refinement and the dense refinement optimise through blurred images.
+    image = torch.rand(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: gaussian_blur(x, 1.0), (image,))
 
 
 @pytest.mark.parametrize(("shape", "radius"), [((6, 7), 2), ((4, 5, 3), 1)])
