@@ -29,6 +29,6 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         dim, size = 2 + axis, x.shape[2 + axis]
         blurred = padded.narrow(dim, 0, size) * weights[0]
         for shift, weight in enumerate(weights[1:], start=1):
-            blurred = blurred.add_(padded.narrow(dim, shift, size), alpha=weight)
+            blurred.add_(padded.narrow(dim, shift, size), alpha=weight)
         x = blurred
     return x
