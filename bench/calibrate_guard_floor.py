@@ -44,7 +44,7 @@ from napari_unifuse.engine.alignment_guard import IDENTITY, METADATA_KEY, choose
 from napari_unifuse.engine.classical import register_sitk
 from napari_unifuse.engine.methods import MATCHING, SIMPLEITK
 from napari_unifuse.io import normalize_intensity
-from napari_unifuse.model.checkpoint import load_checkpoint, set_metadata_section
+from napari_unifuse.model.checkpoint import load_checkpoint, read_metadata, set_metadata_section
 from napari_unifuse.training.datasets import MODALITY_DEGRADATION, PHANTOM_INTENSITY, PHANTOM_TASKS
 
 REGIMES = ("none", "mild", "large")
@@ -159,7 +159,9 @@ def main() -> None:
     if args.write:
         if chosen is None:
             raise SystemExit("no admissible floor: the sidecar is left as it is")
+        # The section holds the guard's other calibrations: add to it.
         sidecar = set_metadata_section(args.checkpoint, METADATA_KEY, {
+            **read_metadata(args.checkpoint).get(METADATA_KEY, {}),
             "min_credible_motion_voxels": chosen,
             "calibration": (f"bench/calibrate_guard_floor.py --checkpoint {args.checkpoint} --side {args.side} "
                             f"--seeds {' '.join(map(str, args.seeds))} --floors {' '.join(f'{f:g}' for f in args.floors)}"),

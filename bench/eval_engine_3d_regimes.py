@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,24 @@ def in_units(image: ImageVolume, modality: str) -> ImageVolume:
     return ImageVolume(lower + image.array * (upper - lower), image.geometry)
 
 
+def phantom_pairs(side: int, tasks: Iterable[str], regimes: Iterable[str], seeds: Iterable[int]) -> Iterator[tuple]:
+    """(task, regime, seed, pair, reference modality, moving modality) for every combination: the
+    phantoms at ``side``³, the moving modality degraded by its task's degradation and misaligned in
+    the regime, each seed drawing its own (``data.pairs.make_pair``)."""
+    phantoms = make_brain_phantoms((side,) * 3, tuple(PHANTOM_INTENSITY))
+    regimes, seeds = list(regimes), list(seeds)
+    for task in tasks:
+        reference_name, moving_name = PHANTOM_TASKS[task]
+        reference_modality, moving_modality = PHANTOM_INTENSITY[reference_name], PHANTOM_INTENSITY[moving_name]
+        reference = normalize_intensity(phantoms[reference_name], reference_modality)[0]
+        label = normalize_intensity(phantoms[moving_name], moving_modality)[0]
+        for regime in regimes:
+            for seed in seeds:
+                pair = make_pair(reference, label, MODALITY_DEGRADATION[moving_name], np.random.default_rng(seed),
+                                 misalignment=misalignment_from_options({"regime": regime}))
+                yield task, regime, seed, pair, reference_modality, moving_modality
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", type=int, default=128)
@@ -54,7 +73,6 @@ def main() -> None:
                              "(checkpoint: as its sidecar says)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    phantoms = make_brain_phantoms((args.side,) * 3, tuple(PHANTOM_INTENSITY))
     engine = FusionEngine(args.checkpoint, device="cpu",
                           weigh_dense_refinement={"checkpoint": None, "on": True, "off": False}[args.dense_refinement])
     lines = [f"3-D engine on {args.side}³ MNI phantom pairs, checkpoint {args.checkpoint}, seeds {args.seeds}, "
@@ -65,37 +83,31 @@ def main() -> None:
     # (task, regime) -> (kept, identity) end-point errors per seed, for the summary.
     errors: dict[tuple[str, str], list[tuple[float, float]]] = {}
     # The 3-D training tasks, modalities and degradations (training.datasets).
-    for task, (reference_name, moving_name) in PHANTOM_TASKS.items():
-        reference_modality, moving_modality = PHANTOM_INTENSITY[reference_name], PHANTOM_INTENSITY[moving_name]
-        reference = normalize_intensity(phantoms[reference_name], reference_modality)[0]
-        label = normalize_intensity(phantoms[moving_name], moving_modality)[0]
-        for regime in REGIMES:
-            for seed in args.seeds:
-                pair = make_pair(reference, label, MODALITY_DEGRADATION[moving_name], np.random.default_rng(seed),
-                                 misalignment=misalignment_from_options({"regime": regime}))
-                start = time.perf_counter()
-                result = engine.run_fusion(in_units(pair.reference, reference_modality),
-                                           in_units(pair.moving, moving_modality),
-                                           reference_modality=reference_modality, moving_modality=moving_modality,
-                                           quality=False)
-                seconds = time.perf_counter() - start
-                head = pair.label.array > HEAD
-                truth = pair.displacement
-                kept_epe = np.linalg.norm(result.displacement - truth, axis=0)[head].mean()
-                identity_epe = np.linalg.norm(truth, axis=0)[head].mean()
-                errors.setdefault((task, regime), []).append((kept_epe, identity_epe))
-                moved = warp_array(pair.moving.array, result.displacement)
-                ncc_kept = registration_metrics(moved, pair.label.array, mask=head)["ncc"]
-                ncc_identity = registration_metrics(pair.moving.array, pair.label.array, mask=head)["ncc"]
-                gain = ssim_gains(result.fused.array, pair.reference.array, pair.label.array).minimum
-                named, probability = max(result.class_probs.items(), key=lambda item: item[1])
-                # The field the network refined: SimpleITK's when it beat the matching, else the matching's.
-                initial = "simpleitk" if result.provenance.get("initial_alignment", {}).get("kept") == "simpleitk" \
-                    else "matching"
-                lines.append(f"| {task} | {regime} | {seed} | {result.alignment_guard.kept} ({initial}) | "
-                             f"{kept_epe:.2f} | {identity_epe:.2f} | {ncc_kept:.3f} | {ncc_identity:.3f} | "
-                             f"{gain:.3f} | {named} ({probability:.2f}) | {seconds:.1f} |")
-                print(lines[-1], flush=True)
+    for task, regime, seed, pair, reference_modality, moving_modality in phantom_pairs(
+            args.side, PHANTOM_TASKS, REGIMES, args.seeds):
+        start = time.perf_counter()
+        result = engine.run_fusion(in_units(pair.reference, reference_modality),
+                                   in_units(pair.moving, moving_modality),
+                                   reference_modality=reference_modality, moving_modality=moving_modality,
+                                   quality=False)
+        seconds = time.perf_counter() - start
+        head = pair.label.array > HEAD
+        truth = pair.displacement
+        kept_epe = np.linalg.norm(result.displacement - truth, axis=0)[head].mean()
+        identity_epe = np.linalg.norm(truth, axis=0)[head].mean()
+        errors.setdefault((task, regime), []).append((kept_epe, identity_epe))
+        moved = warp_array(pair.moving.array, result.displacement)
+        ncc_kept = registration_metrics(moved, pair.label.array, mask=head)["ncc"]
+        ncc_identity = registration_metrics(pair.moving.array, pair.label.array, mask=head)["ncc"]
+        gain = ssim_gains(result.fused.array, pair.reference.array, pair.label.array).minimum
+        named, probability = max(result.class_probs.items(), key=lambda item: item[1])
+        # The field the network refined: SimpleITK's when it beat the matching, else the matching's.
+        initial = "simpleitk" if result.provenance.get("initial_alignment", {}).get("kept") == "simpleitk" \
+            else "matching"
+        lines.append(f"| {task} | {regime} | {seed} | {result.alignment_guard.kept} ({initial}) | "
+                     f"{kept_epe:.2f} | {identity_epe:.2f} | {ncc_kept:.3f} | {ncc_identity:.3f} | "
+                     f"{gain:.3f} | {named} ({probability:.2f}) | {seconds:.1f} |")
+        print(lines[-1], flush=True)
     lines += ["", f"Mean over seeds {args.seeds} (guard floor {engine.min_credible_motion:g} voxels):", "",
               "| task | regime | EPE kept | EPE identity | change |", "|---|---|---:|---:|---:|"]
     for (task, regime), pairs in errors.items():

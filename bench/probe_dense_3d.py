@@ -22,17 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_unifuse.data.misalign import misalignment_from_options, warp_array
-from napari_unifuse.data.pairs import make_pair
-from napari_unifuse.data.phantoms import make_brain_phantoms
+from napari_unifuse.data.misalign import warp_array
 from napari_unifuse.engine.inference import FusionEngine
-from napari_unifuse.io import normalize_intensity
 from napari_unifuse.metrics import registration_metrics
 from napari_unifuse.model import dense_refinement as dense_module
-from napari_unifuse.training.datasets import MODALITY_DEGRADATION, PHANTOM_INTENSITY, PHANTOM_TASKS
+from napari_unifuse.training.datasets import PHANTOM_TASKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_engine_3d_regimes import HEAD, in_units  # noqa: E402
+from eval_engine_3d_regimes import HEAD, in_units, phantom_pairs  # noqa: E402
 
 
 def refine(moving: np.ndarray, reference: np.ndarray, start: np.ndarray, level_voxels: int) -> np.ndarray:
@@ -52,46 +49,39 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="unifuse-3d-phantom")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    phantoms = make_brain_phantoms((args.side,) * 3, tuple(PHANTOM_INTENSITY))
     # The engine without the refinement among its candidates: this measures what it would add.
     engine = FusionEngine(args.checkpoint, device="cpu", weigh_dense_refinement=False)
     levels = [f"dense ≤{level}" for level in args.levels]
     header = (["task", "regime", "seed", "kept", "EPE identity", "EPE kept"] + [f"EPE {name}" for name in levels]
               + ["NCC kept"] + [f"NCC {name}" for name in levels] + ["dense seconds"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for task, (reference_name, moving_name) in PHANTOM_TASKS.items():
-        reference_modality, moving_modality = PHANTOM_INTENSITY[reference_name], PHANTOM_INTENSITY[moving_name]
-        reference = normalize_intensity(phantoms[reference_name], reference_modality)[0]
-        label = normalize_intensity(phantoms[moving_name], moving_modality)[0]
-        for regime in args.regimes:
-            for seed in args.seeds:
-                pair = make_pair(reference, label, MODALITY_DEGRADATION[moving_name], np.random.default_rng(seed),
-                                 misalignment=misalignment_from_options({"regime": regime}))
-                result = engine.run_fusion(in_units(pair.reference, reference_modality),
-                                           in_units(pair.moving, moving_modality),
-                                           reference_modality=reference_modality, moving_modality=moving_modality,
-                                           quality=False)
-                head = pair.label.array > HEAD
-                truth = pair.displacement
+    for task, regime, seed, pair, reference_modality, moving_modality in phantom_pairs(
+            args.side, PHANTOM_TASKS, args.regimes, args.seeds):
+        result = engine.run_fusion(in_units(pair.reference, reference_modality),
+                                   in_units(pair.moving, moving_modality),
+                                   reference_modality=reference_modality, moving_modality=moving_modality,
+                                   quality=False)
+        head = pair.label.array > HEAD
+        truth = pair.displacement
 
-                def epe(field: np.ndarray) -> float:
-                    return float(np.linalg.norm(field - truth, axis=0)[head].mean())
+        def epe(field: np.ndarray) -> float:
+            return float(np.linalg.norm(field - truth, axis=0)[head].mean())
 
-                def ncc(field: np.ndarray) -> float:
-                    moved = warp_array(pair.moving.array, field)
-                    return registration_metrics(moved, pair.label.array, mask=head)["ncc"]
+        def ncc(field: np.ndarray) -> float:
+            moved = warp_array(pair.moving.array, field)
+            return registration_metrics(moved, pair.label.array, mask=head)["ncc"]
 
-                fields, seconds = [], []
-                for level in args.levels:
-                    start = time.perf_counter()
-                    fields.append(refine(pair.moving.array, pair.reference.array, result.displacement, level))
-                    seconds.append(time.perf_counter() - start)
-                row = [task, regime, str(seed), result.alignment_guard.kept, f"{epe(np.zeros_like(truth)):.2f}",
-                       f"{epe(result.displacement):.2f}"] + [f"{epe(f):.2f}" for f in fields] + [
-                    f"{ncc(result.displacement):.3f}"] + [f"{ncc(f):.3f}" for f in fields] + [
-                    " / ".join(f"{s:.1f}" for s in seconds)]
-                lines.append("| " + " | ".join(row) + " |")
-                print(lines[-1], flush=True)
+        fields, seconds = [], []
+        for level in args.levels:
+            start = time.perf_counter()
+            fields.append(refine(pair.moving.array, pair.reference.array, result.displacement, level))
+            seconds.append(time.perf_counter() - start)
+        row = [task, regime, str(seed), result.alignment_guard.kept, f"{epe(np.zeros_like(truth)):.2f}",
+               f"{epe(result.displacement):.2f}"] + [f"{epe(f):.2f}" for f in fields] + [
+            f"{ncc(result.displacement):.3f}"] + [f"{ncc(f):.3f}" for f in fields] + [
+            " / ".join(f"{s:.1f}" for s in seconds)]
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

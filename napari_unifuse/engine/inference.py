@@ -71,6 +71,7 @@ from napari_unifuse.engine.alignment_guard import (
     GuardDecision,
     choose_displacement,
     credible_motion_floor,
+    similarity_blur,
     weighs_dense_refinement,
     weighs_network_field,
 )
@@ -231,6 +232,7 @@ class FusionEngine:
         path = self.method.checkpoint
         try:
             self.min_credible_motion = credible_motion_floor(self.method.checkpoint_metadata)
+            self.similarity_blur = similarity_blur(self.method.checkpoint_metadata)
             self.degradation_evidence = evidence_table(self.method.checkpoint_metadata)
             self.coarse_readout = coarse_readout(self.method.checkpoint_metadata, DEGRADATION_CLASSES)
             self.fusion_balance = fusion_balance(self.method.checkpoint_metadata)
@@ -465,7 +467,8 @@ class FusionEngine:
                 if estimate is not None:
                     initial_decision = choose_displacement(moving, reference, {
                         MATCHING: matching[0][crop].numpy(), SIMPLEITK: estimate},
-                        min_credible_motion=self.min_credible_motion)
+                        min_credible_motion=self.min_credible_motion,
+                        blur_voxels=self.similarity_blur)
                     if initial_decision.kept == SIMPLEITK:
                         initial_name = SIMPLEITK
                         initial = torch.from_numpy(np.pad(estimate, [(0, 0), *padding], mode="edge"))[None]
@@ -479,7 +482,8 @@ class FusionEngine:
         if self.method.guarded and not self.weigh_network_field:
             # Nothing the network does can change the decision: make it first, run the network once.
             with stage("guard"):
-                decision = choose_displacement(moving, reference, estimates, min_credible_motion=self.min_credible_motion)
+                decision = choose_displacement(moving, reference, estimates, min_credible_motion=self.min_credible_motion,
+                                               blur_voxels=self.similarity_blur)
             kept = padded_fields.get(decision.kept, torch.zeros_like(initial))
             with timer.stage("fuse"):
                 blended, attempts = self._fuse_tiles(pair, kept, True, routing, "fuse", attempts, progress, cancel,
@@ -492,7 +496,8 @@ class FusionEngine:
                 with stage("guard"):
                     decision = choose_displacement(moving, reference, {
                         **estimates, NETWORK: blended.dense[2 : 2 + len(spatial)][crop].numpy()},
-                        min_credible_motion=self.min_credible_motion)
+                        min_credible_motion=self.min_credible_motion,
+                        blur_voxels=self.similarity_blur)
                 if decision.kept != NETWORK:
                     kept = padded_fields.get(decision.kept, torch.zeros_like(initial))
                     cancel.raise_if_cancelled()

@@ -21,6 +21,7 @@ from napari_unifuse.engine.alignment_guard import (
     _block_histograms,
     choose_displacement,
     credible_motion_floor,
+    similarity_blur,
     weighs_dense_refinement,
     weighs_network_field,
 )
@@ -40,6 +41,7 @@ from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import read_metadata
 from napari_unifuse.model.mi_refinement import joint_mutual_information, linear_bins, soft_mutual_information
+from napari_unifuse.model.smoothing import gaussian_blur
 
 SHIFT = (6.0, 8.0)  # 10 voxels: above the credible-motion floor, below the large-motion rule
 
@@ -154,8 +156,34 @@ def test_a_checkpoint_may_carry_its_own_floor(metadata, expected):
     assert credible_motion_floor(metadata) == expected
 
 
+@pytest.mark.parametrize(("metadata", "expected"), [
+    ({}, 0.0),
+    ({METADATA_KEY: {"min_credible_motion_voxels": 2}}, 0.0),
+    ({METADATA_KEY: {"similarity_blur_voxels": 1}}, 1.0),
+])
+def test_a_checkpoint_may_ask_the_guard_to_blur_both_images(metadata, expected):
+    assert similarity_blur(metadata) == expected
+
+
+def test_the_guard_scores_both_images_blurred_when_asked():
+    """A blur of sigma s is the guard on both images blurred first, the same scores to the digit;
+    the scores differ from the sharp images' and the provenance says which were scored."""
+    mr, pet = multimodal_pair((96, 96), seed=1)
+    moving = shifted(pet, SHIFT)
+    candidates = {MATCHING: constant_field((96, 96), SHIFT)}
+    blurred = choose_displacement(moving, mr, candidates, blur_voxels=1.5)
+    by_hand = choose_displacement(*(gaussian_blur(torch.from_numpy(image)[None, None], 1.5)[0, 0].numpy()
+                                    for image in (moving, mr)), candidates)
+    sharp = choose_displacement(moving, mr, candidates)
+    assert blurred.scores == by_hand.scores and blurred.kept == by_hand.kept == MATCHING
+    assert blurred.scores[MATCHING] != pytest.approx(sharp.scores[MATCHING], abs=1e-3)
+    assert blurred.to_dict()["blur_voxels"] == 1.5 and "sigma 1.5 voxels" in blurred.to_dict()["similarity"]
+    assert sharp.to_dict()["blur_voxels"] == 0.0 and "blurred" not in sharp.to_dict()["similarity"]
+
+
 @pytest.mark.parametrize(("key", "value", "reader"), [
     *(("min_credible_motion_voxels", value, credible_motion_floor) for value in (-1.0, float("nan"), "1.5", True, [1.5])),
+    *(("similarity_blur_voxels", value, similarity_blur) for value in (-0.5, float("inf"), "1", False)),
     *(("weigh_network_field", value, weighs_network_field) for value in ("false", 0, None)),
     *(("weigh_dense_refinement", value, weighs_dense_refinement) for value in ("true", 1, None)),
 ])
@@ -262,9 +290,9 @@ def untrained_3d() -> UniFuse:
     return UniFuse(UniFuseConfig.small(spatial_dims=3))
 
 
-def test_the_engine_uses_the_checkpoints_floor(untrained, tmp_path):
+def test_the_engine_uses_the_checkpoints_floor_and_blur(untrained, tmp_path):
     """The 2-D engine with a 5-voxel misalignment: refused under the default floor, kept under a
-    checkpoint floor of 1.5 voxels, and the provenance records the floor used."""
+    checkpoint floor of 1.5 voxels, and the provenance records the floor and the blur used."""
     vector = (0.0, MIN_CREDIBLE_MOTION_VOXELS - 3.0)
     mr, pet = multimodal_pair((96, 96))
     reference = ImageVolume(mr, Geometry.identity(2))
@@ -272,13 +300,15 @@ def test_the_engine_uses_the_checkpoints_floor(untrained, tmp_path):
 
     default = FusionEngine(untrained, device="cpu").run_fusion(reference, moving, quality=False)
     method = method_for_network(untrained)
-    method.checkpoint_metadata = {METADATA_KEY: {"min_credible_motion_voxels": 1.5}}
+    method.checkpoint_metadata = {METADATA_KEY: {"min_credible_motion_voxels": 1.5, "similarity_blur_voxels": 1.0}}
     calibrated = FusionEngine(method, device="cpu").run_fusion(reference, moving, quality=False)
 
     assert default.alignment_guard.kept == IDENTITY
     assert default.provenance["alignment_guard"]["min_credible_motion_voxels"] == MIN_CREDIBLE_MOTION_VOXELS
+    assert default.provenance["alignment_guard"]["blur_voxels"] == 0.0
     assert calibrated.alignment_guard.kept in (MATCHING, NETWORK)
     assert calibrated.provenance["alignment_guard"]["min_credible_motion_voxels"] == 1.5
+    assert calibrated.provenance["alignment_guard"]["blur_voxels"] == 1.0
     head = mr > 0
     error = np.linalg.norm(calibrated.displacement - constant_field(mr.shape, vector), axis=0)[head].mean()
     assert error < 1.0
@@ -288,6 +318,12 @@ def test_the_bundled_3d_checkpoint_carries_a_calibrated_floor_and_the_2d_one_doe
     assert credible_motion_floor(read_metadata("unifuse-3d-phantom")) < MIN_CREDIBLE_MOTION_VOXELS
     assert "calibrate_guard_floor.py" in read_metadata("unifuse-3d-phantom")[METADATA_KEY]["calibration"]
     assert credible_motion_floor(read_metadata("unifuse-2d-harvard")) == MIN_CREDIBLE_MOTION_VOXELS
+
+
+def test_the_bundled_3d_checkpoint_carries_a_calibrated_blur_and_the_2d_one_does_not():
+    assert similarity_blur(read_metadata("unifuse-3d-phantom")) > 0
+    assert "probe_guard_blur.py" in read_metadata("unifuse-3d-phantom")[METADATA_KEY]["similarity_blur_calibration"]
+    assert similarity_blur(read_metadata("unifuse-2d-harvard")) == 0
 
 
 def _no_matching(monkeypatch) -> None:
