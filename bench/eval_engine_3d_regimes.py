@@ -108,7 +108,8 @@ def main() -> None:
                      f"{kept_epe:.2f} | {identity_epe:.2f} | {ncc_kept:.3f} | {ncc_identity:.3f} | "
                      f"{gain:.3f} | {named} ({probability:.2f}) | {seconds:.1f} |")
         print(lines[-1], flush=True)
-    lines += ["", f"Mean over seeds {args.seeds} (guard floor {engine.min_credible_motion:g} voxels):", "",
+    lines += ["", f"Mean over seeds {args.seeds} (guard floor {engine.min_credible_motion:g} voxels, "
+              f"similarity blur {engine.similarity_blur:g} voxels):", "",
               "| task | regime | EPE kept | EPE identity | change |", "|---|---|---:|---:|---:|"]
     for (task, regime), pairs in errors.items():
         kept_mean, identity_mean = np.mean(pairs, axis=0)
