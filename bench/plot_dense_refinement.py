@@ -16,41 +16,20 @@ import matplotlib
 import numpy as np
 from scipy import ndimage
 
-from napari_unifuse.data.misalign import misalignment_from_options, warp_array
-from napari_unifuse.data.pairs import make_pair
-from napari_unifuse.data.phantoms import make_brain_phantoms
+from napari_unifuse.data.misalign import warp_array
 from napari_unifuse.engine.inference import FusionEngine
-from napari_unifuse.io import normalize_intensity
-from napari_unifuse.training.datasets import MODALITY_DEGRADATION, PHANTOM_INTENSITY, PHANTOM_TASKS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_engine_3d_regimes import HEAD, in_units  # noqa: E402
+from eval_engine_3d_regimes import HEAD, in_units, phantom_pairs  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/images/dense_refinement_ctpet.png"))
-    args = parser.parse_args()
-    side, seed, task = 128, 0, "ct-pet"
-    reference_name, moving_name = PHANTOM_TASKS[task]
-    reference_modality, moving_modality = PHANTOM_INTENSITY[reference_name], PHANTOM_INTENSITY[moving_name]
-    phantoms = make_brain_phantoms((side,) * 3, tuple(PHANTOM_INTENSITY))
-    reference = normalize_intensity(phantoms[reference_name], reference_modality)[0]
-    label = normalize_intensity(phantoms[moving_name], moving_modality)[0]
-    pair = make_pair(reference, label, MODALITY_DEGRADATION[moving_name], np.random.default_rng(seed),
-                     misalignment=misalignment_from_options({"regime": "mild"}))
-    fields = {"identity": np.zeros_like(pair.displacement)}
-    for weighed in (False, True):
-        engine = FusionEngine("unifuse-3d-phantom", device="cpu", weigh_dense_refinement=weighed)
-        result = engine.run_fusion(in_units(pair.reference, reference_modality), in_units(pair.moving, moving_modality),
-                                   reference_modality=reference_modality, moving_modality=moving_modality,
-                                   quality=False)
-        fields[f"{result.alignment_guard.kept}, kept {'now' if weighed else 'before'}"] = result.displacement
-    fields["truth"] = pair.displacement
-    z = side // 2
+def plot_fields(pair, fields: dict[str, np.ndarray], title: str, out: Path) -> None:
+    """The pair's moving image moved by each field on the middle axial slice, under the clean label's
+    edges (red), and each field's end-point error in the head below it."""
+    z = pair.label.array.shape[0] // 2
     gradient = ndimage.gaussian_gradient_magnitude(pair.label.array[z], 1.0)
     edges = gradient > np.percentile(gradient, 90)
     head = pair.label.array > HEAD
@@ -65,9 +44,26 @@ def main() -> None:
         for axis in axes[:, column]:
             axis.axis("off")
     figure.colorbar(image, ax=axes[1].tolist(), shrink=0.6)
-    figure.suptitle(f"CT → PET, mild residual, seed {seed}, {side}³, slice {z}: the low-dose PET moved by "
-                    "each field; red: edges of the clean PET")
-    figure.savefig(args.out, dpi=70)
+    figure.suptitle(f"{title}, slice {z}")
+    figure.savefig(out, dpi=70)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/images/dense_refinement_ctpet.png"))
+    args = parser.parse_args()
+    side, seed = 128, 0
+    ((_, _, _, pair, reference_modality, moving_modality),) = phantom_pairs(side, ["ct-pet"], ["mild"], [seed])
+    fields = {"identity": np.zeros_like(pair.displacement)}
+    for weighed in (False, True):
+        engine = FusionEngine("unifuse-3d-phantom", device="cpu", weigh_dense_refinement=weighed)
+        result = engine.run_fusion(in_units(pair.reference, reference_modality), in_units(pair.moving, moving_modality),
+                                   reference_modality=reference_modality, moving_modality=moving_modality,
+                                   quality=False)
+        fields[f"{result.alignment_guard.kept}, kept {'now' if weighed else 'before'}"] = result.displacement
+    fields["truth"] = pair.displacement
+    plot_fields(pair, fields, f"CT → PET, mild residual, seed {seed}, {side}³: the low-dose PET moved by each field; "
+                "red: edges of the clean PET", args.out)
 
 
 if __name__ == "__main__":
