@@ -91,7 +91,7 @@ from napari_unifuse.metrics import (
 )
 from napari_unifuse.model.checkpoint import read_metadata
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
-from napari_unifuse.training.harvard import case_of
+from napari_unifuse.training.harvard import HARVARD_TASKS, case_of
 
 ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe", "epe_tissue")
 RESTORATION_COLUMNS = ("restored_ssim", "warped_input_ssim")
@@ -180,11 +180,18 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class HarvardSplit:
-    """Which atlas cases are validation: ``training.harvard.split_cases`` with these arguments."""
+    """Which atlas cases are validation: ``training.harvard.split_cases`` with these arguments, over
+    the pairs of ``tasks``. The split balances every task folder it is drawn over, so it depends on
+    them: a subset of tasks is taken from the split of the whole set, or ``--tasks CT`` would score
+    CT cases the checkpoint trained on."""
 
     val_fraction: float
     seed: int
     source: str  # where the values came from, for the report
+    tasks: tuple[str, ...] = tuple(HARVARD_TASKS)  # task folders, as training.harvard names them
+
+
+DEFAULT_SPLIT_SOURCE = "the dataset defaults"
 
 
 def checkpoint_split(metadata: dict[str, Any], val_fraction: float | None, seed: int | None) -> HarvardSplit:
@@ -192,12 +199,13 @@ def checkpoint_split(metadata: dict[str, Any], val_fraction: float | None, seed:
     trained on; ``val_fraction``/``seed`` override it (the report then says so)."""
     data = (metadata.get("training_config") or {}).get("data") or {}
     trained_on_harvard = data.get("kind") == "harvard"
+    tasks = tuple(data.get("tasks") or HARVARD_TASKS) if trained_on_harvard else tuple(HARVARD_TASKS)
     trained = HarvardSplit(float(data.get("val_fraction", DEFAULT_VAL_FRACTION)), int(data.get("split_seed", 0)),
-                           "the checkpoint's training config" if trained_on_harvard else "the dataset defaults")
+                           "the checkpoint's training config" if trained_on_harvard else DEFAULT_SPLIT_SOURCE, tasks)
     if val_fraction is None and seed is None:
         return trained
     chosen = HarvardSplit(trained.val_fraction if val_fraction is None else val_fraction,
-                          trained.seed if seed is None else seed, "--val-fraction/--split-seed")
+                          trained.seed if seed is None else seed, "--val-fraction/--split-seed", tasks)
     if trained_on_harvard and (chosen.val_fraction, chosen.seed) != (trained.val_fraction, trained.seed):
         print(f"warning: the checkpoint was trained with val_fraction {trained.val_fraction}, split seed "
               f"{trained.seed}; another split can put cases it trained on into validation")
@@ -208,7 +216,9 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
                        size: int | None, none_fraction: float, cases: HarvardSplit,
                        regime: str) -> list[EvaluationPair]:
     """The Harvard split as training sees it, misaligned in one regime (``data.misalign``); images
-    are handed over as the 8-bit PNGs they are."""
+    are handed over as the 8-bit PNGs they are. ``tasks`` are drawn from the split over
+    ``cases.tasks`` that ``root`` holds (and any task asked for beyond them), with the draws of that
+    whole set: a pair is the same whichever of its companions are asked for."""
     from napari_unifuse.training.datasets import build_datasets
 
     folders = []
@@ -217,7 +227,14 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
             raise InputError(f"unknown Harvard task {task!r}; choose from {', '.join(HARVARD_TASK_FOLDERS)}",
                              "--tasks")
         folders.append(HARVARD_TASK_FOLDERS[task.upper()])
-    data = {"kind": "harvard", "root": str(root), "tasks": folders, "none_fraction": none_fraction,
+    missing = [task for task in cases.tasks
+               if not all((Path(root) / task / folder).is_dir() for folder in HARVARD_TASKS[task][:2])]
+    if missing and cases.source != DEFAULT_SPLIT_SOURCE:
+        print(f"warning: {root} has no {', '.join(missing)}: the case split over the other tasks can differ from "
+              "the checkpoint's and put cases it trained on into validation")
+    split_tasks = [task for task in cases.tasks if task not in missing]
+    data = {"kind": "harvard", "root": str(root), "tasks": list(dict.fromkeys([*split_tasks, *folders])),
+            "none_fraction": none_fraction,
             "val_fraction": cases.val_fraction, "split_seed": cases.seed, "misalignment": {"regime": regime}}
     if size:
         data["size"] = size
@@ -226,7 +243,7 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
     taken: dict[str, int] = {}
     pairs = []
     for index, source in enumerate(dataset.pairs):
-        if limit is not None and taken.get(source.task, 0) >= limit:
+        if source.task not in folders or (limit is not None and taken.get(source.task, 0) >= limit):
             continue
         taken[source.task] = taken.get(source.task, 0) + 1
         sample = dataset[index]

@@ -25,6 +25,7 @@ from napari_unifuse.cli.evaluate import (
     paired_comparison,
     paired_markdown,
     pairs_from_csv,
+    pairs_from_harvard,
     score,
     summarise,
     unit_intensities,
@@ -43,6 +44,7 @@ from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
 from napari_unifuse.model.networks import build_network
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
+from napari_unifuse.training.harvard import index_harvard, split_cases
 
 SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of the model's 4
 CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants", "matching", "dense")
@@ -322,6 +324,46 @@ def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
     # Seeded synthesis: a second run scores the very same pairs (timings aside).
     strip = lambda text: [row[:-1] for row in csv.reader(text.splitlines())]  # noqa: E731 (seconds is last)
     assert strip((out / "per_pair.csv").read_text(encoding="utf-8")) == strip(first)
+
+
+def test_a_subset_of_tasks_comes_from_the_checkpoints_split(tmp_path, capsys):
+    """The case split balances every task folder it is drawn over. Drawn over CT alone, this tree's
+    CT validation case would be 1; the checkpoint split CT and PET together and validated on case 2,
+    so ``--tasks CT`` must score case 2 (case 1 it trained on), as the same pair as ``--tasks CT,PET``."""
+    root = tmp_path / "aanlib"
+    slices = make_brain_phantom_slices((SIDE, SIDE), ("t1", "ct"))
+    grey = {name: np.round(255 * normalize_intensity(image, "mr")[0].array).astype(np.uint8)
+            for name, image in slices.items()}
+    for task, modality, cases in (("CT-MRI", "CT", (1, 2, 3, 4)), ("PET-MRI", "PET", (1, 5, 6, 7))):
+        for folder in ("MRI", modality):
+            (root / task / folder).mkdir(parents=True)
+        for case in cases:
+            Image.fromarray(grey["t1"]).save(root / task / "MRI" / f"{case}010.png")
+            Image.fromarray(np.repeat(grey["ct"][..., None], 3, axis=-1) if modality == "PET" else grey["ct"]).save(
+                root / task / modality / f"{case}010.png")
+    trained = {"training_config": {"data": {"kind": "harvard", "tasks": ["CT-MRI", "PET-MRI"], "val_fraction": 0.25,
+                                            "split_seed": 1}}}
+    cases = checkpoint_split(trained, None, None)
+    assert cases.tasks == ("CT-MRI", "PET-MRI")
+    ct_alone = split_cases(index_harvard(root, ("CT-MRI",)), cases.val_fraction, cases.seed)[1]
+    assert [pair.pair_id for pair in ct_alone] == ["1010"]  # what the split over CT alone would validate on
+
+    def validation(tasks: list[str]) -> list:
+        return pairs_from_harvard(root, "val", tasks, None, seed=0, size=None, none_fraction=0.0, cases=cases,
+                                  regime="mild")
+
+    subset, whole = validation(["CT"]), validation(["CT", "PET"])
+    assert [pair.name for pair in subset] == [pair.name for pair in whole if pair.task == "CT-MRI"] == ["CT-MRI/2010"]
+    assert np.array_equal(subset[0].moving.array, whole[0].moving.array)
+    assert np.array_equal(subset[0].displacement, whole[0].displacement)
+    assert capsys.readouterr().out == ""
+    # Without the PET folder the split cannot be the checkpoint's, and the run says so.
+    for folder in ("MRI", "PET"):
+        for path in (root / "PET-MRI" / folder).iterdir():
+            path.unlink()
+        (root / "PET-MRI" / folder).rmdir()
+    validation(["CT"])
+    assert "has no PET-MRI" in capsys.readouterr().out
 
 
 def test_harvard_split_follows_the_checkpoint_unless_overridden(capsys):
