@@ -463,15 +463,8 @@ class FusionEngine:
                 refined = refine_dense(reference, moving, matching[0][crop].numpy())
         if classical is not None:
             with stage(CLASSICAL_STAGE):
-                estimate = classical.result()
-                if estimate is not None:
-                    initial_decision = choose_displacement(moving, reference, {
-                        MATCHING: matching[0][crop].numpy(), SIMPLEITK: estimate},
-                        min_credible_motion=self.min_credible_motion,
-                        blur_voxels=self.similarity_blur)
-                    if initial_decision.kept == SIMPLEITK:
-                        initial_name = SIMPLEITK
-                        initial = torch.from_numpy(np.pad(estimate, [(0, 0), *padding], mode="edge"))[None]
+                initial_name, initial, initial_decision = self._matching_or_simpleitk(
+                    moving, reference, matching, classical.result(), padding)
         estimates = {initial_name: initial[0][crop].numpy()}
         padded_fields = {initial_name: initial}
         if refined is not None:
@@ -485,6 +478,9 @@ class FusionEngine:
                 decision = choose_displacement(moving, reference, estimates, min_credible_motion=self.min_credible_motion,
                                                blur_voxels=self.similarity_blur)
             kept = padded_fields.get(decision.kept, torch.zeros_like(initial))
+            # The candidates the guard turned down, three fields of the volume's size at most, would
+            # otherwise live through the network pass, the run's peak (1.9 GB at 512×512×200).
+            del matching, refined, initial, estimates, padded_fields
             with timer.stage("fuse"):
                 blended, attempts = self._fuse_tiles(pair, kept, True, routing, "fuse", attempts, progress, cancel,
                                                      warnings)
@@ -535,6 +531,21 @@ class FusionEngine:
             },
         )
 
+    def _matching_or_simpleitk(self, moving: np.ndarray, reference: np.ndarray, matching: torch.Tensor,
+                               simpleitk: np.ndarray | None, padding: list[tuple[int, int]]
+                               ) -> tuple[str, torch.Tensor, GuardDecision | None]:
+        """The initial alignment: the structural matching's ``matching`` (1, ndim, *padded) or
+        SimpleITK's field ``simpleitk`` (ndim, *spatial; None when it failed), whichever the guard
+        prefers. Returns (its name, it padded, the decision or None)."""
+        if simpleitk is None:
+            return self.method.initial_alignment_name, matching, None
+        crop = (slice(None), *(slice(0, side) for side in moving.shape))
+        decision = choose_displacement(moving, reference, {MATCHING: matching[0][crop].numpy(), SIMPLEITK: simpleitk},
+                                       min_credible_motion=self.min_credible_motion, blur_voxels=self.similarity_blur)
+        if decision.kept != SIMPLEITK:
+            return self.method.initial_alignment_name, matching, decision
+        return SIMPLEITK, torch.from_numpy(np.pad(simpleitk, [(0, 0), *padding], mode="edge"))[None], decision
+
     def _fuse_tiles(
         self,
         pair: torch.Tensor,
@@ -551,8 +562,8 @@ class FusionEngine:
         image moved by ``field`` (1, ndim, *padded) first; ``class_probs`` (1, Ñ): the degradation
         every tile uses (None: each tile's own). Returns the prediction and the attempts from the
         one that fitted in memory on, so that a second pass starts there."""
-        # Channels: the moved moving image, the reference, the field.
-        moved = torch.cat([warp(pair[None, 0:1], field)[0], pair[1:2], field[0]])
+        # Channels: the moved moving image, the reference, the field; each tile stacks its part of them.
+        moved = (warp(pair[None, 0:1], field)[0], pair[1:2], field[0])
         spatial_dims = self.config.spatial_dims
 
         def predictor(device: torch.device) -> Callable[[torch.Tensor], TilePrediction]:
@@ -638,17 +649,19 @@ class FusionEngine:
     def _tiled(
         self,
         predictor: Callable[[torch.device], Callable[[torch.Tensor], TilePrediction]],
-        image: torch.Tensor,
+        image: torch.Tensor | tuple[torch.Tensor, ...],
         stage: str,
         attempts: list[Attempt],
         progress: ProgressCallback,
         cancel: CancelToken,
         warnings: list[str],
     ) -> tuple[BlendedPrediction, list[Attempt]]:
-        """``predictor(device)`` over blended tiles of ``image``, trying each attempt (device, tile
-        size) in turn while one runs out of memory; returns the attempts from the one that fitted."""
+        """``predictor(device)`` over blended tiles of ``image`` (``predict_tiled``'s), trying each
+        attempt (device, tile size) in turn while one runs out of memory; returns the attempts from
+        the one that fitted."""
+        spatial = tuple((image if isinstance(image, torch.Tensor) else image[0]).shape[1:])
         for index, (device, tile_size) in enumerate(attempts):
-            tile_shape, overlap = tile_layout(tuple(image.shape[1:]), tile_size, self.config.size_multiple)
+            tile_shape, overlap = tile_layout(spatial, tile_size, self.config.size_multiple)
             try:
                 self.method.to(device)
                 blended = predict_tiled(predictor(device), image, tile_shape, overlap,
@@ -764,11 +777,13 @@ class _ClassicalInBackground:
             self._error = error
 
     def result(self) -> np.ndarray | None:
-        """The field (voxels), or None when SimpleITK failed (a warning says so)."""
+        """The field (voxels), or None when SimpleITK failed (a warning says so). Handed over once:
+        this object keeps no reference, so that the field goes once the guard has turned it down."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self._estimate
+        estimate, self._estimate = self._estimate, None
+        return estimate
 
 
 def _classical_estimate(reference: np.ndarray, moving: np.ndarray, spacing: tuple[float, ...] | None,

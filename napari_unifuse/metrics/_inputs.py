@@ -15,10 +15,13 @@ from napari_unifuse.errors import InputError
 UNIT_SCALE_TOLERANCE = 1e-5
 
 
-def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1) -> list[np.ndarray]:
-    """Return the arrays as float64 after checking that they are finite, equally shaped 2D/3D images.
+def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1,
+                 dtype: type[np.floating] = np.float64) -> list[np.ndarray]:
+    """Return the arrays as ``dtype`` after checking that they are finite, equally shaped 2D/3D images.
 
     ``min_side`` is the smallest in-plane (last two axes) size the calling metric can work with.
+    ``dtype``: float32 for a metric that computes in float32 anyway. An array already of ``dtype``
+    is returned as it is, not copied: metrics read their inputs and never write to them.
     """
     checked = []
     for name, array in zip(names, arrays, strict=True):
@@ -29,7 +32,7 @@ def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1) -> 
             raise InputError(f"expected numeric intensities, got dtype {data.dtype}", name)
         if data.size == 0:
             raise InputError("the image is empty", name)
-        data = data.astype(np.float64)
+        data = data.astype(dtype, copy=False)
         if not np.isfinite(data).all():
             raise InputError("the image contains NaN or infinite values", name)
         if min(data.shape[-2:]) < min_side:

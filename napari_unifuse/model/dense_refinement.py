@@ -91,7 +91,9 @@ def dense_refinement(moving: torch.Tensor, reference: torch.Tensor, start: torch
     if min(_level_shape(spatial, factor)) < _MIN_LEVEL_SIDE:
         return start
     with optimising():
-        moving, reference, start = (x.detach().clone() for x in (moving, reference, start))
+        # No copies of the full-resolution inputs (1 GB at 512×512×200): autograd only ever saves the
+        # level's descriptors, made here outside inference mode.
+        moving, reference, start = (x.detach() for x in (moving, reference, start))
         moving_descriptor, moving_variance = _describe(warp(moving, start, padding_mode="border"), factor)
         reference_descriptor, reference_variance = _describe(reference, factor)
         structure = ((moving_variance > _STRUCTURE_FRACTION) | (reference_variance > _STRUCTURE_FRACTION)).to(
@@ -112,5 +114,5 @@ def dense_refinement(moving: torch.Tensor, reference: torch.Tensor, start: torch
             loss.backward()
             optimiser.step()
         with torch.no_grad():
-            dense = F.interpolate(_box_smooth(correction), size=spatial, mode=mode, align_corners=False) * factor
+            dense = F.interpolate(_box_smooth(correction), size=spatial, mode=mode, align_corners=False).mul_(factor)
             return compose(start, dense).detach()

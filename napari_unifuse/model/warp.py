@@ -33,13 +33,20 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear"
     if ndim not in (2, 3) or tuple(displacement.shape) != expected:
         raise InputError(f"displacement must have shape {expected} for an image of shape "
                          f"{tuple(image.shape)}, got {tuple(displacement.shape)}", "warp")
-    positions = identity_grid(spatial, image.device, displacement.dtype) + displacement
+    # x + u(x), then 2 (x + u) / extent - 1, in place: a 3-D field is large (0.6 GB at 512×512×200)
+    # and each temporary of the plain expression was one more. The same operations in the same
+    # order, so the same bits; none of them needs its input for the backward pass.
+    positions = displacement.clone()
+    for axis, size in enumerate(spatial):
+        positions[:, axis] += torch.arange(size, device=image.device, dtype=displacement.dtype).view(
+            *(size if other == axis else 1 for other in range(ndim)))
     # grid_sample with align_corners=True maps -1 / +1 to the centres of the first / last voxel.
     extent = torch.tensor([max(size - 1, 1) for size in spatial], device=image.device,
                           dtype=displacement.dtype).view(1, ndim, *([1] * ndim))
-    normalised = 2.0 * positions / extent - 1.0
+    positions.mul_(2.0).div_(extent).sub_(1.0)
     # grid_sample wants the last axis as (x, y[, z]): the reverse of array-axis order.
-    grid = normalised.movedim(1, -1).flip(-1)
+    grid = positions.movedim(1, -1).flip(-1)
+    del positions
     return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
                          align_corners=True)
 

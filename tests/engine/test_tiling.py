@@ -11,6 +11,7 @@ import torchio
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.engine.tiling import (
     MIN_AUTO_TILE_SIDE,
+    HannBlend,
     TilePrediction,
     auto_tile_shape,
     predict_tiled,
@@ -59,6 +60,46 @@ def test_stitched_tiles_equal_untiled_prediction(spatial_shape, tile_size):
     torch.testing.assert_close(tiled.dense, whole.dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tiled.per_slice, whole.per_slice.reshape(tiled.per_slice.shape), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tiled.per_tile, torch.tensor([0.25, 0.75]))
+
+
+@pytest.mark.parametrize(("spatial_shape", "tile_shape", "overlap"),
+                         [((40, 48, 32), (16, 16, 16), (4, 4, 4)), ((64, 56, 1), (24, 24, 1), (6, 6, 0))])
+def test_hann_blend_equals_torchios_aggregator_bitwise(spatial_shape, tile_shape, overlap):
+    """HannBlend keeps one weight map where TorchIO keeps one per channel; the numbers must not change."""
+    generator = torch.Generator().manual_seed(3)
+    subject = torchio.Subject(image=torchio.ScalarImage(tensor=torch.rand((1, *spatial_shape), generator=generator)))
+    sampler = torchio.GridSampler(subject, tile_shape, overlap)
+    reference = torchio.GridAggregator(sampler, overlap_mode="hann")
+    blend = HannBlend(spatial_shape, tile_shape)
+    for index in range(len(sampler)):
+        location = sampler[index][torchio.LOCATION]
+        tile = torch.rand((3, *tile_shape), generator=generator)  # each tile its own values: overlaps disagree
+        reference.add_batch(tile[None], location[None])
+        blend.add(tile, location)
+
+    assert len(sampler) > 1
+    assert torch.equal(blend.blended(), reference.get_output_tensor())
+
+
+@pytest.mark.parametrize(("spatial_shape", "tile_size"), [((40, 48, 32), 16), ((64, 56), 24)])
+def test_channel_groups_tile_as_their_stack(spatial_shape, tile_size):
+    """The engine hands its moved image, reference and field over as parts, never stacked whole."""
+    image = slice_constant_image(spatial_shape, seed=2)
+    tile_shape, overlap = tile_layout(spatial_shape, tile_size, size_multiple=8)
+    seen = []
+
+    def recording(tile):
+        seen.append(tile.shape[0])
+        return voxelwise_prediction(tile)
+
+    stacked = predict_tiled(voxelwise_prediction, image, tile_shape, overlap)
+    parts = predict_tiled(recording, (image[:1], image[1:]), tile_shape, overlap)
+
+    assert seen and set(seen) == {2}
+    assert torch.equal(parts.dense, stacked.dense)
+    assert torch.equal(parts.per_slice, stacked.per_slice)
+    with pytest.raises(ValueError, match="share one grid"):
+        predict_tiled(voxelwise_prediction, (image[:1], image[1:, :-1]), tile_shape, overlap)
 
 
 def test_tile_layout_rounds_to_size_multiple_and_clips_to_volume():
