@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from napari_unifuse.engine.device import is_out_of_memory
 from napari_unifuse.errors import Cancelled, UniFuseError
 
 LOG = logging.getLogger(__name__)
@@ -26,8 +27,9 @@ def report_error(error: BaseException, action: str) -> None:
         show_info(f"{action} was cancelled; no layers were added and nothing was written.")
     elif isinstance(error, UniFuseError):
         show_error(f"{action}: {error}")
-    elif isinstance(error, MemoryError):
-        show_error(f"{action}: the computer ran out of memory; set a smaller tile size and run again.")
+    elif is_out_of_memory(error):
+        show_error(f"{action}: the computer ran out of memory ({error}); close other programs or layers and run "
+                   "again, or use smaller or coarser volumes.")
     else:
         LOG.debug("unexpected error during %s", action, exc_info=error)
         show_error(f"{action} failed unexpectedly ({type(error).__name__}: {error}). "

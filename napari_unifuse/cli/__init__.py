@@ -47,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unifuse {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        from napari_unifuse.engine.device import is_out_of_memory  # torch only on this path: --help stays fast
+
+        if not is_out_of_memory(error):
+            raise
+        # The engine explains its own (stage and size); this is the rest: training, evaluation, metrics.
+        print(f"unifuse {args.command}: error: out of memory ({error}); close other programs and run again, "
+              "or give it smaller or coarser images", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Which torch device inference runs on: ``auto`` | ``cuda`` | ``cpu``."""
+"""Which torch device inference runs on (``auto`` | ``cuda`` | ``cpu``), and what running out of
+its memory looks like."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def resolve_device(requested: str = "auto") -> torch.device:
             f"(torch {torch.__version__}); use --device auto or cpu"
         )
     return torch.device(choice)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed allocation: CUDA's ``torch.OutOfMemoryError``, numpy's
+    ``MemoryError``, or torch's host allocator, which reports a failed CPU allocation as a plain
+    ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"), so only its message tells."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ from napari_unifuse.engine.alignment_guard import (
 from napari_unifuse.engine.class_evidence import class_evidence, evidence_table
 from napari_unifuse.engine.classical import refine_dense, register_sitk
 from napari_unifuse.engine.coarse_readout import coarse_readout
-from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.device import is_out_of_memory, resolve_device
 from napari_unifuse.engine.fusion_balance import fusion_balance
 from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
 from napari_unifuse.engine.methods import (
@@ -294,7 +294,7 @@ class FusionEngine:
                 yield
             progress(name, 1, 1)
 
-        with torch.inference_mode():
+        with torch.inference_mode(), _out_of_memory_explained(timer, reference, self.device):
             with stage("validate"):
                 if reference.single_slice_axis is None:  # a one-slice volume is checked as the 2D image it is
                     self.method.check_dimensions(reference.ndim, reference.source or "reference image")
@@ -667,7 +667,9 @@ class FusionEngine:
                 blended = predict_tiled(predictor(device), image, tile_shape, overlap,
                                         progress=progress, cancel=cancel, stage=stage)
                 return blended, attempts[index:]
-            except torch.OutOfMemoryError:
+            except Exception as error:  # a CPU's failed allocation is a plain RuntimeError: see is_out_of_memory
+                if not is_out_of_memory(error):
+                    raise
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 if index + 1 < len(attempts):
@@ -753,6 +755,24 @@ class FusionEngine:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+@contextmanager
+def _out_of_memory_explained(timer: StageTimer, reference: ImageVolume, device: torch.device) -> Iterator[None]:
+    """An allocation that fails anywhere in a run (the tiled passes shrink their tiles first)
+    becomes a message that names the stage and the size, instead of an allocator's traceback."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        where = "CUDA GPU" if device.type == "cuda" else "computer"
+        remedy = "run on the CPU (--device cpu), " if device.type == "cuda" else ""
+        raise UniFuseError(
+            f"the {where} ran out of memory during the {timer.failed_stage or 'fusion'!r} stage on a "
+            f"{'x'.join(map(str, reference.spatial_shape))} pair ({reference.array.size / 1e6:.1f} M voxels); "
+            f"close other programs or layers and run again, {remedy}or fuse a cropped or coarser copy of the "
+            "volumes. Nothing was written and the inputs are unchanged.") from error
+
+
 class _ClassicalInBackground:
     """SimpleITK's registration of a pair (:func:`_classical_estimate`) on a thread of its own,
     started once the pair is on one grid. It runs on one ITK thread, so that the same pair gives

@@ -61,11 +61,15 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.failed_stage: str | None = None  # the innermost stage an exception left, for its message
 
     @contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
         try:
             yield
+        except BaseException:
+            self.failed_stage = self.failed_stage or name
+            raise
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)

@@ -252,3 +252,17 @@ def test_no_quality_writes_only_the_results(data, tmp_path, capsys):
 def test_report_on_a_missing_folder_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_out_of_memory_exits_2_naming_the_stage_and_writes_nothing(data, tmp_path, capsys, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory (simulated)")
+
+    monkeypatch.setattr("napari_unifuse.engine.inference.quality_maps", exhausted)
+    root = data["root"]
+    code = fuse("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", tmp_path / "out",
+                "--checkpoint", data["checkpoints"][2], "--device", "cpu")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "ran out of memory during the 'quality' stage" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

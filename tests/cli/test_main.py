@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from napari_unifuse.cli import main
+
 
 def test_reports_with_non_ascii_characters_print_as_escapes_under_an_ascii_locale():
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONIOENCODING"}
@@ -15,3 +19,23 @@ def test_reports_with_non_ascii_characters_print_as_escapes_under_an_ascii_local
         capture_output=True, timeout=120, env=environment)
     assert completed.returncode == 0, completed.stderr.decode("ascii", "replace")
     assert "1\\xd71\\xd732\\xd732" in completed.stdout.decode("ascii")  # "1×1×32×32", escaped
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 9.00 GiB for an array"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory")], ids=["numpy", "torch"])
+def test_any_command_out_of_memory_is_a_message_not_a_traceback(monkeypatch, capsys, error):
+    def exhausted(args):
+        raise error
+
+    monkeypatch.setattr("napari_unifuse.cli.info.run", exhausted)
+    assert main(["info", "--preset", "small", "--dims", "2"]) == 2
+    assert "unifuse info: error: out of memory" in capsys.readouterr().err
+
+
+def test_any_command_keeps_the_traceback_of_a_bug(monkeypatch):
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("napari_unifuse.cli.info.run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info", "--preset", "small", "--dims", "2"])

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.device import is_out_of_memory, resolve_device
 from napari_unifuse.errors import UniFuseError
 
 
@@ -27,3 +28,20 @@ def test_cuda_without_a_gpu_says_what_to_do(monkeypatch):
 def test_unknown_device_lists_the_choices():
     with pytest.raises(UniFuseError, match="auto, cuda, cpu"):
         resolve_device("gpu")
+
+
+def failed_allocation(allocate) -> BaseException:
+    """What ``allocate`` raises when asked for far more memory than any machine has (40 TB)."""
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - which type each library raises is the point
+        allocate(10**13)
+    return caught.value
+
+
+def test_a_failed_host_allocation_is_out_of_memory_whoever_made_it():
+    torch_error = failed_allocation(torch.empty)
+    assert not isinstance(torch_error, torch.OutOfMemoryError)  # a plain RuntimeError: why the message is read
+    assert is_out_of_memory(torch_error)
+    assert is_out_of_memory(failed_allocation(np.empty))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("DefaultCPUAllocator"))

@@ -44,12 +44,20 @@ def blob(shape: tuple[int, ...], centre_shift: float = 0.0) -> np.ndarray:
     return np.exp(-3 * radius).astype(np.float32)
 
 
+# What each allocator says: torch's host allocator raises a plain RuntimeError.
+OUT_OF_MEMORY = {torch.cuda.OutOfMemoryError: "CUDA out of memory (simulated)",
+                 RuntimeError: "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory "
+                               "(simulated)",
+                 MemoryError: "Unable to allocate 4.00 GiB for an array (simulated)"}
+
+
 class CountingModel(nn.Module):
     """Delegates to a real UniFuse; counts calls and runs out of "memory" above a tile side."""
 
-    def __init__(self, model: UniFuse, max_side: int | None = None) -> None:
+    def __init__(self, model: UniFuse, max_side: int | None = None,
+                 error: type[Exception] = torch.cuda.OutOfMemoryError) -> None:
         super().__init__()
-        self.model, self.max_side, self.tile_shapes = model, max_side, []
+        self.model, self.max_side, self.error, self.tile_shapes = model, max_side, error, []
         self.config = model.config
 
     def initial_alignment(self, moving, reference, spacing=None):
@@ -59,7 +67,7 @@ class CountingModel(nn.Module):
         """The per-tile network pass the engine makes."""
         self.tile_shapes.append(tuple(moving.shape[2:]))
         if self.max_side is not None and max(moving.shape[2:]) > self.max_side:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise self.error(OUT_OF_MEMORY[self.error])
         return self.model.refine(moving, reference, initial, fixed_field=fixed_field, class_probs=class_probs)
 
     def classify(self, moving, reference):
@@ -129,9 +137,10 @@ def test_checkpoints_run_in_tiles_of_their_training_crop_unless_told(model_2d, t
     assert result.provenance["tile_shape"] == expected_tile
 
 
-def test_out_of_memory_retries_with_smaller_tiles(model_2d):
+@pytest.mark.parametrize("error", list(OUT_OF_MEMORY), ids=["cuda", "torch-host", "numpy"])
+def test_out_of_memory_retries_with_smaller_tiles(model_2d, error):
     image = ImageVolume(blob((16, 8)), Geometry.identity(2))
-    flaky = CountingModel(model_2d, max_side=8)
+    flaky = CountingModel(model_2d, max_side=8, error=error)
 
     result = FusionEngine(flaky, device="cpu").run_fusion(image, image)
 
@@ -140,6 +149,31 @@ def test_out_of_memory_retries_with_smaller_tiles(model_2d):
     assert result.provenance["tile_shape"] == [8, 8]
     assert any("out of memory" in warning for warning in result.warnings)
     assert result.warnings == result.provenance["warnings"]
+
+
+def test_out_of_memory_outside_the_tiles_names_the_stage_and_the_size(model_2d, monkeypatch):
+    import napari_unifuse.engine.inference as inference
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError(OUT_OF_MEMORY[MemoryError])
+
+    monkeypatch.setattr(inference, "quality_maps", exhausted)
+    image = ImageVolume(blob((16, 24)), Geometry.identity(2))
+    with pytest.raises(UniFuseError, match=r"computer ran out of memory during the 'quality' stage on a 16x24 pair"
+                                           r" \(0.0 M voxels\).*Nothing was written"):
+        FusionEngine(model_2d, device="cpu").run_fusion(image, image)
+
+
+def test_errors_that_are_not_out_of_memory_pass_through(model_2d, monkeypatch):
+    import napari_unifuse.engine.inference as inference
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a full memory")
+
+    monkeypatch.setattr(inference, "quality_maps", broken)
+    image = ImageVolume(blob((16, 24)), Geometry.identity(2))
+    with pytest.raises(RuntimeError, match="a bug"):
+        FusionEngine(model_2d, device="cpu").run_fusion(image, image)
 
 
 def test_out_of_memory_at_the_smallest_tile_is_a_clear_error(model_2d):

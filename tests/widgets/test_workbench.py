@@ -190,12 +190,17 @@ def test_closing_the_workbench_while_the_metrics_are_computed_leaves_the_viewer_
     assert not any(level == "error" for level, _ in notifications)
 
 
+@pytest.mark.parametrize(("error", "expected"), [
+    (RuntimeError("metrics exploded"), "failed unexpectedly (RuntimeError: metrics exploded)"),
+    (MemoryError("Unable to allocate 9.00 GiB"), "ran out of memory (Unable to allocate 9.00 GiB)"),
+], ids=["bug", "out-of-memory"])
 def test_a_failure_of_the_volume_metrics_is_named_and_keeps_the_layers(make_napari_viewer, qtbot, tmp_path,
-                                                                       checkpoint_files, notifications, monkeypatch):
+                                                                       checkpoint_files, notifications, monkeypatch,
+                                                                       error, expected):
     import napari_unifuse._qt.workbench as workbench_module
 
     def failing_volume_metrics(outcome):
-        raise RuntimeError("metrics exploded")
+        raise error
 
     monkeypatch.setattr(workbench_module, "volume_metrics", failing_volume_metrics)
     viewer = make_napari_viewer()
@@ -205,8 +210,27 @@ def test_a_failure_of_the_volume_metrics_is_named_and_keeps_the_layers(make_napa
     assert all(name in viewer.layers for name in OutputNames.for_inputs("T1", "T2").all())
     errors = [message for level, message in notifications if level == "error"]
     assert len(errors) == 1 and errors[0].startswith("Volume metrics (the layers are complete)")
-    assert "metrics exploded" in errors[0]
+    assert expected in errors[0], errors
     assert workbench.save_button.enabled and not workbench.report_button.enabled
+    assert workbench.run_panel.run_button.enabled
+
+
+def test_out_of_memory_is_explained_and_adds_no_layers(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
+                                                      notifications, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory (simulated)")
+
+    monkeypatch.setattr("napari_unifuse.engine.inference.quality_maps", exhausted)
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    before = [layer.name for layer in viewer.layers]
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: any(level == "error" for level, _ in notifications) and workbench.worker is None,
+                    timeout=RUN_TIMEOUT_MS)
+    errors = [message for level, message in notifications if level == "error"]
+    assert len(errors) == 1 and "ran out of memory during the 'quality' stage" in errors[0], errors
+    assert [layer.name for layer in viewer.layers] == before
     assert workbench.run_panel.run_button.enabled
 
 
