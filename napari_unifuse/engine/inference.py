@@ -55,6 +55,7 @@ so a cancelled or failed run leaves the disk untouched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -768,7 +769,7 @@ def _out_of_memory_explained(timer: StageTimer, reference: ImageVolume, device: 
         remedy = "run on the CPU (--device cpu), " if device.type == "cuda" else ""
         raise UniFuseError(
             f"the {where} ran out of memory during the {timer.failed_stage or 'fusion'!r} stage on a "
-            f"{'x'.join(map(str, reference.spatial_shape))} pair ({reference.array.size / 1e6:.1f} M voxels); "
+            f"{'x'.join(map(str, reference.spatial_shape))} pair ({math.prod(reference.spatial_shape) / 1e6:.1f} M voxels); "
             f"close other programs or layers and run again, {remedy}or fuse a cropped or coarser copy of the "
             "volumes. Nothing was written and the inputs are unchanged.") from error
 
