@@ -1,7 +1,7 @@
 """Can a small network trained on the true field alone recover the 2-D mild regime? (2026-12-06)
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/probe_supervised_mild_2d.py --harvard ../shared/data/harvard-aanlib
-        --out runs/probe-supervised-mild [--minutes 45] [--resume] [--monomodal]
+        --out runs/probe-supervised-mild [--minutes 45] [--resume] [--monomodal] [--init-from STATE]
 
 Every multimodal similarity we have (MI, MIND, NGF, brain masks) sits 2-9 px off the atlas on these
 pairs, so nothing classical beats the identity on the mild regime (README, "Mild residuals"). A
@@ -12,7 +12,8 @@ fresh ones every epoch, on one thread for ``--minutes``, then prints the validat
 end-point error over the reference's tissue (px), mild and aligned (``none``), per task, against
 the identity, and how many pairs it made better or worse. ``--monomodal`` gives the network the
 reference moved by the same field instead of the moving image: a check that the network and its
-training can learn a field where the two images share a modality.
+training can learn a field where the two images share a modality; ``--init-from`` starts from the
+weights of another run's ``state.pt`` (a curriculum: monomodal first, then the pairs as they are).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def train(args: argparse.Namespace) -> FieldUNet:
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     state_path = args.out / "state.pt"
     step, epoch = 0, 0
+    if args.init_from is not None:
+        model.load_state_dict(torch.load(args.init_from, weights_only=True)["model"])
     if args.resume and state_path.exists():
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
@@ -165,6 +168,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--monomodal", action="store_true", help="the reference moved by the field as moving image")
+    parser.add_argument("--init-from", type=Path, help="start from the weights in another run's state.pt")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
