@@ -637,7 +637,7 @@ class FusionEngine:
 
             return predict
 
-        blended, _ = self._tiled(predictor, pair, CLASSIFY_STAGE,
+        blended, _ = self._tiled(predictor, (pair,), CLASSIFY_STAGE,
                                  fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, multiple),
                                  progress, cancel, warnings)
         if blended.per_tile.numel() == 0:
@@ -650,19 +650,18 @@ class FusionEngine:
     def _tiled(
         self,
         predictor: Callable[[torch.device], Callable[[torch.Tensor], TilePrediction]],
-        image: torch.Tensor | tuple[torch.Tensor, ...],
+        image: tuple[torch.Tensor, ...],
         stage: str,
         attempts: list[Attempt],
         progress: ProgressCallback,
         cancel: CancelToken,
         warnings: list[str],
     ) -> tuple[BlendedPrediction, list[Attempt]]:
-        """``predictor(device)`` over blended tiles of ``image`` (``predict_tiled``'s), trying each
-        attempt (device, tile size) in turn while one runs out of memory; returns the attempts from
-        the one that fitted."""
-        spatial = tuple((image if isinstance(image, torch.Tensor) else image[0]).shape[1:])
+        """``predictor(device)`` over blended tiles of ``image`` (channel groups on one grid, as
+        ``predict_tiled`` takes them), trying each attempt (device, tile size) in turn while one
+        runs out of memory; returns the attempts from the one that fitted."""
         for index, (device, tile_size) in enumerate(attempts):
-            tile_shape, overlap = tile_layout(spatial, tile_size, self.config.size_multiple)
+            tile_shape, overlap = tile_layout(tuple(image[0].shape[1:]), tile_size, self.config.size_multiple)
             try:
                 self.method.to(device)
                 blended = predict_tiled(predictor(device), image, tile_shape, overlap,
