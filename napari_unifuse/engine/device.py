@@ -29,10 +29,16 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return torch.device(choice)
 
 
+# What a failed host allocation says when it arrives as a plain RuntimeError: torch's CPU
+# allocator, and ITK's image buffers (SimpleITK's filters, e.g. a resampling to a huge grid).
+_HOST_ALLOCATION_FAILURES = ("DefaultCPUAllocator", "Failed to allocate memory")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a failed allocation: CUDA's ``torch.OutOfMemoryError``, numpy's
-    ``MemoryError``, or torch's host allocator, which reports a failed CPU allocation as a plain
-    ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"), so only its message tells."""
+    ``MemoryError``, or a host allocator that reports it as a plain ``RuntimeError`` (torch's
+    "DefaultCPUAllocator: can't allocate memory", ITK's "Failed to allocate memory for image"),
+    so that only its message tells."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error)
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in _HOST_ALLOCATION_FAILURES)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from napari_unifuse.engine.device import is_out_of_memory, resolve_device
@@ -42,6 +43,9 @@ def test_a_failed_host_allocation_is_out_of_memory_whoever_made_it():
     assert not isinstance(torch_error, torch.OutOfMemoryError)  # a plain RuntimeError: why the message is read
     assert is_out_of_memory(torch_error)
     assert is_out_of_memory(failed_allocation(np.empty))
+    itk_error = failed_allocation(lambda size: sitk.Image([int(size**0.5)] * 2, sitk.sitkFloat32))
+    assert type(itk_error) is RuntimeError  # noqa: E721 - ITK's buffers fail as plain RuntimeErrors too
+    assert is_out_of_memory(itk_error)
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("DefaultCPUAllocator"))
