@@ -1,12 +1,15 @@
 """Where the engine's resident memory peaks on a clinical-size 3-D pair, stage by stage.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/profile_memory_3d.py [--pair motion-256x256x180]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/profile_memory_3d.py [--pair motion-256x256x180] [--workbench]
 
 Runs ``FusionEngine.run_fusion`` (bundled ``unifuse-3d-phantom``, CPU) on one pair of
 ``bench_3d_pairs.py`` while a thread samples the process's resident memory every 20 ms. The engine's
 progress callback says which stage began when, so each sample is charged to the stage running then
 (SimpleITK's registration overlaps the matching and the dense refinement; those samples go to the
-stage the engine last announced). Prints, per stage, the peak and its rise over the memory when the
+stage the engine last announced). ``--workbench`` runs what the workbench's worker runs instead, with
+the pair's truth as its label: ``_qt.analysis.run_and_analyse`` (the engine, then the review maps:
+stage ``analyse``) and then ``volume_metrics`` (stage ``volume metrics``); napari's own layers come on
+top of that. Prints, per stage, the peak and its rise over the memory when the
 run began (the pair's own volumes already loaded), in GB and in bytes per reference voxel.
 """
 
@@ -23,13 +26,16 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_3d_pairs import PAIRS  # noqa: E402
 
+from napari_unifuse._qt.analysis import RunRequest, run_and_analyse, volume_metrics  # noqa: E402
 from napari_unifuse.engine.inference import FusionEngine  # noqa: E402
+from napari_unifuse.engine.progress import CancelToken  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", default="motion-256x256x180", choices=list(PAIRS))
     parser.add_argument("--checkpoint", default="unifuse-3d-phantom")
+    parser.add_argument("--workbench", action="store_true", help="the workbench worker's path: review maps and volume metrics too")
     args = parser.parse_args()
     pair = PAIRS[args.pair]()
     engine = FusionEngine(args.checkpoint, device="cpu")
@@ -50,7 +56,13 @@ def main() -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.monotonic()
-    engine.run_fusion(pair.reference, pair.moving, progress=progress)
+    if args.workbench:
+        request = RunRequest(pair.reference, pair.moving, args.checkpoint, device="cpu", label=pair.truth)
+        outcome = run_and_analyse(request, engine, progress, CancelToken())
+        progress("volume metrics", 0, 1)
+        volume_metrics(outcome)
+    else:
+        engine.run_fusion(pair.reference, pair.moving, progress=progress)
     seconds = time.monotonic() - started
     done.set()
     sampler.join()

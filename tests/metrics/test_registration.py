@@ -22,6 +22,7 @@ from napari_unifuse.metrics import (
     registration_metrics,
     sd_log_jacobian,
 )
+from napari_unifuse.metrics import registration as registration_module
 
 
 def test_identical_images_score_perfectly(source_pair):
@@ -63,6 +64,20 @@ def test_volumes_are_scored_in_3d(make_phantom):
     assert 0 < result["ssim"] < 1 and 0 < result["ncc"] < 1
 
 
+def test_volumes_scored_in_thin_slabs_score_as_a_whole(monkeypatch):
+    rng = np.random.default_rng(5)
+    label = ndimage.gaussian_filter(rng.random((23, 19, 17)), 1.5)
+    aligned = np.roll(label, 1, axis=1) + 0.01 * rng.random(label.shape)
+    mask = ndimage.gaussian_filter(rng.random(label.shape), 2) > 0.5
+    whole = [registration_metrics(aligned, label), registration_metrics(aligned, label, mask)]
+    assert whole[0]["ssim"] == pytest.approx(structural_similarity(aligned, label, data_range=1.0), abs=1e-12)
+    monkeypatch.setattr(registration_module, "_SLAB_VOXELS", 1)  # cores of 12 planes: the 17 interior planes in two slabs
+    sliced = [registration_metrics(aligned, label), registration_metrics(aligned, label, mask)]
+    for by_slabs, at_once in zip(sliced, whole, strict=True):
+        assert by_slabs == pytest.approx(at_once, rel=1e-12, abs=1e-12)
+        assert by_slabs["ncc"] == at_once["ncc"] and by_slabs["mse"] == at_once["mse"]
+
+
 def test_bad_registration_inputs_raise_input_error(source_pair):
     a, b = source_pair
     with pytest.raises(InputError, match="mask"):
@@ -101,6 +116,16 @@ def test_jacobian_determinant_matches_numpy_det_of_the_stacked_matrices(shape):
         for axis, derivative in enumerate(np.gradient(u[component])):
             matrices[..., component, axis] = derivative + (component == axis)
     np.testing.assert_allclose(jacobian_determinant(u), np.linalg.det(matrices), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("depth", [2, 5, 9])
+def test_jacobian_of_a_volume_in_slabs_is_bitwise_the_whole_computation(monkeypatch, depth):
+    rng = np.random.default_rng(6)
+    u = np.stack([ndimage.gaussian_filter(rng.normal(0, 4, (depth, 7, 6)), 1) for _ in range(3)]).astype(np.float32)
+    whole = jacobian_determinant(u)
+    monkeypatch.setattr(registration_module, "_SLAB_VOXELS", 1)  # cores of 4 planes, the last one shorter
+    np.testing.assert_array_equal(jacobian_determinant(u), whole)
+    np.testing.assert_array_equal(whole, jacobian_determinant(u.astype(np.float64)))
 
 
 def test_regularity_from_one_determinant_map_equals_the_per_field_figures():
