@@ -6,10 +6,13 @@ method's bundled checkpoint; without ``--method``, the method the checkpoint was
 
 Each pair's outputs go to ``OUT/<moving file name without its image extension>/`` (see
 ``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
-unless ``--no-quality``). A batch resumes: a pair whose ``provenance.json`` exists is skipped, so
-rerunning after an interruption only does what is left, and ends with ``OUT/summary.json`` (every
-pair: done, skipped or failed, and why). ``--report`` also writes each pair's QC page
-(``report.html``) and ``OUT/index.html``, the runs most suspicious first.
+unless ``--no-quality``). A batch resumes: a pair whose ``provenance.json`` records the same inputs
+(path and content), method and checkpoint is skipped, so rerunning after an interruption only does
+what is left, and ends with ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A
+pair folder holding results of other inputs or another method is refused, never silently replaced:
+``--overwrite`` redoes the pair and first removes every earlier output in its folder. No output may
+replace an input. ``--report`` also writes each pair's QC page (``report.html``) and
+``OUT/index.html``, the runs most suspicious first (a pair already done gets its page with ``--overwrite``).
 
 A batch splits across processes, GPUs or machines with torchrun: every process takes every N-th
 pair of the CSV (N processes in all), and process 0 gathers what each did into the summary:
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -34,9 +38,17 @@ from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
-from napari_unifuse.engine.methods import load_method, registered_methods
-from napari_unifuse.engine.outputs import is_complete, write_fusion_outputs, write_json
-from napari_unifuse.engine.provenance import utc_timestamp
+from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, registered_methods, split_name
+from napari_unifuse.engine.outputs import (
+    PROVENANCE_FILE,
+    REPORT_FILE,
+    is_complete,
+    read_provenance,
+    refuse_overwriting_inputs,
+    write_fusion_outputs,
+    write_json,
+)
+from napari_unifuse.engine.provenance import describe_source, utc_timestamp
 from napari_unifuse.engine.report import write_index, write_report
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
@@ -48,7 +60,6 @@ from napari_unifuse.metrics import registration_metrics
 from napari_unifuse.model.checkpoint import checkpoint_method
 
 DEFAULT_METHOD = "unifuse"
-METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"
 
 
@@ -84,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for role in ("reference", "moving"):
         parser.add_argument(f"--{role}-modality", choices=MODALITIES, default="auto",
                             help=f"how to normalise the {role} intensities (default: from the header or the values)")
-    parser.add_argument("--overwrite", action="store_true", help="redo pairs whose outputs are complete")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo pairs whose outputs are complete, replacing every earlier output in their folders")
     parser.add_argument("--no-quality", action="store_true",
                         help="skip the quality maps (invented / lost structure, restoration change, uncertainty)")
     parser.add_argument("--uncertainty-passes", type=int, default=DEFAULT_PASSES,
@@ -119,11 +131,14 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
         outcome = {"name": pair.name, "reference": str(pair.reference), "moving": str(pair.moving),
                    "output": str(out_dir), "rank": job.rank}
         started = time.perf_counter()
-        if is_complete(out_dir) and not args.overwrite:
-            print(f"{prefix}: skipped, already done ({out_dir})")
-            outcomes.append({**outcome, "status": "skipped"})
-            continue
         try:
+            if is_complete(out_dir) and not args.overwrite:
+                refuse_other_results(out_dir, pair, engines)
+                without_report = args.report and not (out_dir / REPORT_FILE).is_file()
+                hint = "; pass --overwrite to run it again with --report" if without_report else ""
+                print(f"{prefix}: skipped, already done ({out_dir}){hint}")
+                outcomes.append({**outcome, "status": "skipped"})
+                continue
             fuse_pair(pair, out_dir, engines, prefix, batch=batch, report=args.report, **options)
         except UniFuseError as error:
             if args.pairs is None:
@@ -168,10 +183,13 @@ def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distri
 def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, batch: dict[str, int] | None = None,
               report: bool = False, **options: Any) -> FusionResult:
     """Read, fuse and write one pair (``options`` go to ``run_fusion``), and its QC page when
-    ``report``; nothing is written unless fusion succeeded. ``batch`` (the process's rank and the
-    world size of a sharded batch) goes into the provenance."""
+    ``report``; nothing is written unless fusion succeeded, and every earlier output in
+    ``out_dir`` is replaced. ``batch`` (the process's rank and the world size of a sharded batch)
+    goes into the provenance."""
     reference, moving = read_image(pair.reference), read_image(pair.moving)
     label = read_image(pair.label) if pair.label is not None else None
+    # Before the fusion: a pair that would overwrite an input fails at once, not after the work.
+    refuse_overwriting_inputs(out_dir, (pair.reference, pair.moving, pair.label))
     engine = engines.for_dimensions(model_dimensions(reference))
     with TqdmProgress(prefix) as progress:
         result = engine.run_fusion(reference, moving, progress=progress, **options)
@@ -179,13 +197,64 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
         print(f"{prefix}: warning: {warning}", file=sys.stderr)
     if batch:
         result.provenance["batch"] = batch
-    write_fusion_outputs(result, out_dir)
+    if pair.label is not None:  # what metrics.json was measured against, for resuming
+        result.provenance["inputs"]["label"] = describe_source(str(pair.label))
     metrics = label_metrics(result, label) if label is not None else None
-    if metrics is not None:
-        write_json(metrics, out_dir / METRICS_FILE)
-    if report:
-        write_report(result, out_dir, reference=reference, moving=moving, metrics=metrics)
+    try:
+        write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=True)
+        if report:
+            write_report(result, out_dir, reference=reference, moving=moving, metrics=metrics)
+    except OSError as error:
+        raise UniFuseError(f"{out_dir}: cannot write the outputs there ({error.strerror or error})") from error
     return result
+
+
+def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache) -> None:
+    """Raise an InputError unless the finished run in ``out_dir`` was made from this pair's inputs
+    (the same resolved paths and, where recorded, contents) with this run's method and checkpoint."""
+    provenance = read_provenance(out_dir)
+    if provenance is None:
+        raise InputError(f"its {PROVENANCE_FILE} cannot be read, so what made these results is unknown; pass "
+                         "--overwrite to replace them, or choose another --out", out_dir)
+    differences = previous_run_differences(provenance, pair, engines)
+    if differences:
+        named = [f"{role} image" if role in ("reference", "moving") else role for role in differences]
+        listed = ", ".join(named[:-1]) + (" and " if len(named) > 1 else "") + named[-1]
+        raise InputError(f"holds the results of a run with a different {listed}; pass --overwrite to replace "
+                         "them, or choose another --out", out_dir)
+
+
+def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _EngineCache) -> list[str]:
+    """What of 'reference', 'moving', 'label', 'method', 'checkpoint' the run ``provenance``
+    describes differs from this request."""
+    recorded_inputs = provenance.get("inputs") or {}
+    differences = [role for role, path in (("reference", pair.reference), ("moving", pair.moving),
+                                           ("label", pair.label))
+                   if not _same_input(recorded_inputs.get(role), path)]
+    recorded_method = provenance.get("method") or {}
+    recorded_name = str(recorded_method.get("name", "")).partition(OPTION_SEPARATOR)[0]
+    dimensions = (provenance.get("model_config") or {}).get("spatial_dims")
+    # The names first: loading this run's method for the recorded dimensions needs it to support them.
+    if split_name(engines.method)[0] != recorded_name or dimensions not in (2, 3):
+        return [*differences, "method"]
+    engine = engines.for_dimensions(dimensions)
+    # Names aside (mmif-amin and mmif-amin:matching are one method): the options it ran with, as
+    # provenance.json holds them.
+    requested_method = json.loads(json.dumps(engine.method.describe(), default=str))
+    if {**requested_method, "name": None} != {**recorded_method, "name": None}:
+        differences.append("method")
+    if engine.checkpoint_info.get("sha256") != (provenance.get("checkpoint") or {}).get("sha256"):
+        differences.append("checkpoint")
+    return differences
+
+
+def _same_input(recorded: dict[str, Any] | None, path: Path | None) -> bool:
+    if recorded is None or path is None:
+        return recorded is None and path is None
+    if not path.exists():
+        raise InputError("file not found", path)
+    current = describe_source(str(path))
+    return current["path"] == recorded.get("path") and recorded.get("sha256") in (None, current["sha256"])
 
 
 def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:
@@ -258,19 +327,23 @@ class TqdmProgress:
 
 
 def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
+    # No source on these errors: the message names the option, and main() names the command.
     single = [flag for flag in ("reference", "moving", "label") if getattr(args, flag) is not None]
     if args.pairs is not None:
         if single:
-            raise InputError(f"--pairs cannot be combined with --{', --'.join(single)}", "unifuse fuse")
+            raise InputError(f"--pairs cannot be combined with --{', --'.join(single)}")
         pairs = read_pairs_csv(args.pairs)
     elif args.reference is None or args.moving is None:
-        raise InputError("give --reference and --moving for one pair, or --pairs CSV for many", "unifuse fuse")
+        raise InputError("give --reference and --moving for one pair, or --pairs CSV for many")
     else:
         pairs = [Pair(args.reference, args.moving, args.label)]
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError("--out must be a folder (the outputs go into one sub-folder per pair), "
+                         f"but {args.out} is a file")
     if args.uncertainty_passes < 0:
-        raise InputError(f"--uncertainty-passes must be 0 or more, got {args.uncertainty_passes}", "unifuse fuse")
+        raise InputError(f"--uncertainty-passes must be 0 or more, got {args.uncertainty_passes}")
     if args.tile_size is not None and args.tile_size < 1:
-        raise InputError(f"--tile-size must be a positive number of voxels, got {args.tile_size}", "unifuse fuse")
+        raise InputError(f"--tile-size must be a positive number of voxels, got {args.tile_size}")
     return pairs
 
 
@@ -279,11 +352,14 @@ def read_pairs_csv(path: Path) -> list[Pair]:
     if not path.is_file():
         raise InputError("file not found", path)
     with path.open(newline="", encoding="utf-8-sig") as stream:
-        rows = list(csv.DictReader(stream))
-        columns = set(rows[0]) if rows else set()
+        reader = csv.DictReader(stream)
+        rows = list(reader)
+        columns = set(reader.fieldnames or ())
     missing = {"reference", "moving"} - columns
     if missing:
         raise InputError(f"the CSV needs columns reference,moving (optional label); missing {', '.join(sorted(missing))}", path)
+    if not rows:
+        raise InputError("the CSV has no pairs, only its header line", path)
 
     def resolve(value: str | None) -> Path | None:
         # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole.

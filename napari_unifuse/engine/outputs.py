@@ -9,7 +9,12 @@ in the reference geometry, NIfTI even for PNG inputs (8 bits would round the map
 NIfTI keeps the pixel spacing). Everything is first written into a hidden
 staging folder next to the outputs and then renamed into place (a rename within one file system is
 atomic), ``provenance.json`` last: its presence is what marks a pair as finished for
-``unifuse fuse --pairs`` resuming.
+``unifuse fuse --pairs`` resuming. ``metrics.json`` (given a label's metrics) is staged with them.
+
+A folder is written for one run at a time: every file an earlier run left there under a name this
+package writes (``known_output_names``) goes before the new files move in, so old and new never
+mix; other files are left alone. No output may replace or remove an input: an input that sits at
+one of those names in the folder is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from napari_unifuse.engine.quality import UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, write_image
 from napari_unifuse.io.fields import write_displacement
 
@@ -33,6 +40,10 @@ QUALITY_FILE = "quality.json"
 # Map name (engine.quality) → file; the uncertainty is named for what it is on disk.
 QUALITY_MAP_FILES = {"invented": "invented.nii.gz", "lost": "lost.nii.gz",
                      "restoration_change": "restoration_change.nii.gz", UNCERTAINTY: "uncertainty.nii.gz"}
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"  # engine.report's QC page of a run
+# FusionResult.output_extension: raster-image inputs, everything else.
+IMAGE_EXTENSIONS = ("png", "nii.gz")
 
 
 def output_file_names(extension: str) -> tuple[str, ...]:
@@ -45,8 +56,45 @@ def quality_file_names(quality: QualityMaps) -> tuple[str, ...]:
     return (*(QUALITY_MAP_FILES[name] for name in quality.maps()), QUALITY_FILE)
 
 
+def known_output_names() -> frozenset[str]:
+    """Every file name ``write_fusion_outputs`` and the QC page give a run folder: the outputs for
+    either image extension, the quality outputs, the label's metrics and ``report.html``."""
+    return frozenset({*(name for extension in IMAGE_EXTENSIONS for name in output_file_names(extension)),
+                      *QUALITY_MAP_FILES.values(), QUALITY_FILE, METRICS_FILE, REPORT_FILE})
+
+
 def is_complete(out_dir: str | Path) -> bool:
     return (Path(out_dir) / PROVENANCE_FILE).is_file()
+
+
+def read_provenance(out_dir: str | Path) -> dict[str, Any] | None:
+    """The provenance of the finished run in ``out_dir``; None where there is none or it is unreadable."""
+    try:
+        provenance = json.loads((Path(out_dir) / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return provenance if isinstance(provenance, dict) else None
+
+
+def refuse_overwriting_inputs(out_dir: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Raise an InputError naming the first input that writing outputs into ``out_dir`` would
+    replace or remove: one that is (by path, link or hard link) a file of ``known_output_names``
+    there. None entries (an optional input not given) are ignored."""
+    out_dir = Path(out_dir)
+    for source in (Path(source) for source in inputs if source is not None):
+        for name in sorted(known_output_names()):
+            if _same_file(out_dir / name, source):
+                raise InputError(f"this input sits where the {name} output goes and would be replaced; "
+                                 "write the outputs to another folder", source)
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist: not the same file
+        return False
 
 
 def write_json(data: Any, path: Path) -> None:
@@ -54,14 +102,26 @@ def write_json(data: Any, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def write_fusion_outputs(result: FusionResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write the five outputs, and the quality outputs when ``result.quality`` is set, into
-    ``out_dir`` (created if needed); return name → final path."""
+def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: Mapping[str, float] | None = None,
+                         remove_report: bool = False) -> dict[str, Path]:
+    """Write the five outputs, the quality outputs when ``result.quality`` is set and
+    ``metrics.json`` when ``metrics`` are given into ``out_dir`` (created if needed); return name →
+    final path.
+
+    Files of ``known_output_names`` an earlier run left in ``out_dir`` are removed before the new
+    ones move in; ``report.html`` only with ``remove_report`` (the caller writes this run's page
+    afterwards, or none): a page written for this very result before it was saved is current.
+    Refuses (InputError) before writing anything when that would replace or remove an input
+    recorded in ``result.provenance``."""
     out_dir = Path(out_dir)
+    recorded_inputs = result.provenance.get("inputs", {}).values()
+    refuse_overwriting_inputs(out_dir, (source.get("path") for source in recorded_inputs))
     out_dir.mkdir(parents=True, exist_ok=True)
     names = output_file_names(result.output_extension)
     if result.quality is not None:
         names = (*names[:-1], *quality_file_names(result.quality), PROVENANCE_FILE)
+    if metrics is not None:
+        names = (*names[:-1], METRICS_FILE, PROVENANCE_FILE)
     staging = Path(tempfile.mkdtemp(prefix=".unifuse-partial-", dir=out_dir))
     try:
         write_image(result.fused, staging / names[0])
@@ -73,9 +133,14 @@ def write_fusion_outputs(result: FusionResult, out_dir: str | Path) -> dict[str,
                 volume = ImageVolume(array, result.fused.geometry, {"role": name})
                 write_image(volume, staging / QUALITY_MAP_FILES[name])
             write_json(result.quality.to_dict(), staging / QUALITY_FILE)
+        if metrics is not None:
+            write_json(dict(metrics), staging / METRICS_FILE)
         write_json(result.provenance, staging / PROVENANCE_FILE)
         # Drop an earlier run's marker first, so old and new files mixed never look complete.
         (out_dir / PROVENANCE_FILE).unlink(missing_ok=True)
+        kept = set(names) if remove_report else {*names, REPORT_FILE}
+        for name in sorted(known_output_names() - kept):
+            (out_dir / name).unlink(missing_ok=True)
         for name in names:
             os.replace(staging / name, out_dir / name)
     finally:

@@ -2,9 +2,10 @@
 
 ``write_report`` puts ``report.html`` into the run folder: the inputs, the most suspicious slices
 with the quality maps drawn over the fused image, the metrics, the degradation plot with the
-per-slice suspicion beside it, the uncertainty summary, the reviewers' annotations and the
-provenance. Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state) and
-embedded as base64 PNG, so the page can be mailed or archived on its own.
+per-slice suspicion beside it (a sentence instead for a method that estimates no degradation), the
+uncertainty summary, the reviewers' annotations and the provenance. Figures are drawn with
+matplotlib's Agg canvas (no display, no pyplot state) and embedded as base64 PNG, so the page can be
+mailed or archived on its own.
 
 ``write_index`` puts ``index.html`` into a cohort folder: one row per run (a folder holding
 ``provenance.json``), most suspicious first by the largest per-slice suspicion in its
@@ -27,13 +28,13 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from napari_unifuse.engine.annotations import Annotation, AnnotationStore
-from napari_unifuse.engine.outputs import PROVENANCE_FILE, QUALITY_FILE
+from napari_unifuse.engine.outputs import PROVENANCE_FILE, QUALITY_FILE, REPORT_FILE
 from napari_unifuse.engine.overlays import display_grey, slice_of
 from napari_unifuse.engine.quality import INVENTED, LOST, PROBLEM_NAMES, RESTORATION_CHANGE, UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.io import ImageVolume
 
-REPORT_FILE, INDEX_FILE = "report.html", "index.html"
+INDEX_FILE = "index.html"
 KEY_SLICES = 3
 # Section ids and titles, in page order.
 SECTIONS: dict[str, str] = {
@@ -106,8 +107,8 @@ def write_index(runs_dir: str | os.PathLike) -> Path:
         relative = run.relative_to(runs_dir).as_posix()
         report = run / REPORT_FILE
         link = (f'<a href="{html.escape(relative)}/{REPORT_FILE}">{html.escape(relative)}</a>' if report.is_file()
-                else f"{html.escape(relative)} <span class=note>(no report: run <code>unifuse fuse --report</code>)"
-                     "</span>")
+                else f"{html.escape(relative)} <span class=note>(no report: run "
+                     "<code>unifuse fuse --report --overwrite</code>)</span>")
         if quality is None:
             suspicion, flagged, problems = "n/a", "no quality maps", ""
         else:
@@ -214,6 +215,10 @@ def _metrics_section(result: FusionResult, metrics: Mapping[str, float]) -> str:
 
 
 def _degradation_section(result: FusionResult) -> str:
+    if not result.class_probs:  # fusion-only and classical methods: no probabilities, global or per slice
+        method = (result.provenance.get("method") or {}).get("name")
+        named = f"The method {html.escape(str(method))}" if method else "This method"
+        return f"<p class=note>{named} estimates no degradation: there is no degradation estimate to show.</p>"
     probabilities = np.asarray(result.slice_class_probs, dtype=float)
     names = list(result.class_names)
     figure = Figure(figsize=(9, 3.2))

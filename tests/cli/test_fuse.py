@@ -48,6 +48,8 @@ def data(tmp_path_factory):
                               {"seed": 0, "note": "random weights for tests"})
         for dims in (2, 3)
     }
+    torch.manual_seed(1)
+    save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), root / "other-2d.safetensors", {"seed": 1})
     grey = (255 * blob((32, 28))).astype(np.uint8)
     colour = np.zeros((32, 28, 3), np.uint8)
     colour[..., 0] = (255 * blob((32, 28), 0.15)).astype(np.uint8)
@@ -266,3 +268,229 @@ def test_out_of_memory_exits_2_naming_the_stage_and_writes_nothing(data, tmp_pat
     err = capsys.readouterr().err
     assert "ran out of memory during the 'quality' stage" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+CHEAP = ("--method", "identity+average", "--no-quality", "--device", "cpu")
+
+
+@pytest.mark.parametrize("role", ["reference", "moving", "label"])
+def test_an_input_where_an_output_goes_is_refused_and_left_alone(data, tmp_path, capsys, role):
+    root = data["root"]
+    out = tmp_path / "out"
+    inputs = {"reference": root / "mri.png", "moving": root / "pet7.png", "label": root / "pet8_label.png"}
+    original = inputs[role].read_bytes()
+    # The moving image names the pair folder, so it can only collide as aligned/aligned.png.
+    target = out / "aligned" / "aligned.png" if role == "moving" else out / "pet7" / "fused.png"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(original)
+    inputs[role] = target
+
+    code = fuse("--reference", inputs["reference"], "--moving", inputs["moving"], "--label", inputs["label"],
+                "--out", out, *CHEAP)
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{target}: this input sits where the {target.name} output goes" in err and "Traceback" not in err
+    assert target.read_bytes() == original
+    assert [path.name for path in target.parent.iterdir()] == [target.name]
+
+
+def test_a_batch_fails_only_the_pair_that_would_overwrite_an_input(data, tmp_path, capsys):
+    root = data["root"]
+    out = tmp_path / "out"
+    (out / "pet7").mkdir(parents=True)
+    reference = out / "pet7" / "fused.png"
+    reference.write_bytes((root / "mri.png").read_bytes())
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{reference},{root / 'pet7.png'}\n{root / 'mri.png'},{root / 'pet8.png'}\n",
+                     encoding="utf-8")
+
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
+
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "failed"), ("pet8", "done")]
+    assert "would be replaced" in summary["outcomes"][0]["error"]
+    assert reference.read_bytes() == (root / "mri.png").read_bytes()
+
+
+def two_sites(root, tmp_path):
+    """Two CSVs in different folders, each naming a moving file case1.png, with different references."""
+    csvs = []
+    for site, (reference, moving) in {"siteA": ("mri.png", "pet7.png"), "siteB": ("pet8.png", "mri.png")}.items():
+        (tmp_path / site).mkdir()
+        (tmp_path / site / "case1.png").write_bytes((root / moving).read_bytes())
+        csvs.append(tmp_path / site / "pairs.csv")
+        csvs[-1].write_text(f"reference,moving\n{root / reference},case1.png\n", encoding="utf-8")
+    return csvs
+
+
+def test_a_rerun_with_other_inputs_is_refused_not_skipped(data, tmp_path, capsys):
+    site_a, site_b = two_sites(data["root"], tmp_path)
+    out = tmp_path / "out"
+    assert fuse("--pairs", site_a, "--out", out, *CHEAP) == 0
+    first_run = outputs_touched(out)
+    capsys.readouterr()
+
+    assert fuse("--pairs", site_b, "--out", out, *CHEAP) == 2
+
+    captured = capsys.readouterr()
+    assert "skipped" not in captured.out
+    assert "a different reference image and moving image; pass --overwrite" in captured.err
+    assert outputs_touched(out) == first_run
+    provenance = json.loads((out / "case1" / "provenance.json").read_text(encoding="utf-8"))
+    assert provenance["inputs"]["moving"]["path"] == str((tmp_path / "siteA" / "case1.png").resolve())
+
+    assert fuse("--pairs", site_b, "--out", out, *CHEAP, "--overwrite") == 0
+    provenance = json.loads((out / "case1" / "provenance.json").read_text(encoding="utf-8"))
+    assert provenance["inputs"]["moving"]["path"] == str((tmp_path / "siteB" / "case1.png").resolve())
+
+
+FILE_OPTIONS = ("--reference", "--moving", "--label", "--checkpoint")
+
+
+def fuse_request(root, out, options, *flags):
+    """``unifuse fuse`` of mri.png + pet7.png (identity+average, no quality maps) with ``options``
+    added or replaced, and ``flags``; file options name files in ``root``."""
+    request = {"--reference": "mri.png", "--moving": "pet7.png", "--method": "identity+average", **options}
+    argv = [item for flag, value in request.items() for item in (flag, root / value if flag in FILE_OPTIONS else value)]
+    return fuse(*argv, "--out", out, "--no-quality", "--device", "cpu", *flags)
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "named"),
+    [
+        ({"--method": "mmif-amin"}, {"--method": "mmif-amin:matching"}, None),  # its default alignment, spelt out
+        ({}, {"--method": "identity+max"}, "method"),
+        ({}, {"--reference": "pet8.png"}, "reference image"),
+        ({}, {"--label": "pet8_label.png"}, "label"),
+        ({"--method": "unifuse", "--checkpoint": "tiny-2d.safetensors"},
+         {"--method": "unifuse", "--checkpoint": "other-2d.safetensors"}, "checkpoint"),
+    ],
+    ids=["same-method-spelt-out", "method", "reference", "label", "checkpoint"],
+)
+def test_a_rerun_is_skipped_only_when_it_asks_for_the_same(data, tmp_path, capsys, first, then, named):
+    root, out = data["root"], tmp_path / "out"
+    assert fuse_request(root, out, first) == 0
+    assert fuse_request(root, out, first) == 0
+    assert "skipped, already done" in capsys.readouterr().out
+    first_run = outputs_touched(out)
+
+    code = fuse_request(root, out, then)
+
+    captured = capsys.readouterr()
+    if named is None:
+        assert code == 0 and "skipped, already done" in captured.out
+    else:
+        assert code == 2
+        assert f"{out / 'pet7'}: holds the results of a run with a different {named}; pass --overwrite" in captured.err
+    assert outputs_touched(out) == first_run
+
+
+def test_a_moving_file_changed_since_its_run_is_refused(data, tmp_path, capsys):
+    root, out = tmp_path, tmp_path / "out"
+    for name in ("mri.png", "pet7.png"):
+        (root / name).write_bytes((data["root"] / name).read_bytes())
+    assert fuse_request(root, out, {}) == 0
+    moving = root / "pet7.png"
+    with Image.open(moving) as image:
+        Image.fromarray(np.roll(np.asarray(image), 3, axis=1)).save(moving)
+
+    assert fuse_request(root, out, {}) == 2
+    assert "a different moving image; pass --overwrite" in capsys.readouterr().err
+
+
+def test_results_whose_provenance_cannot_be_read_are_not_taken_as_done(data, tmp_path, capsys):
+    root, out = data["root"], tmp_path / "out"
+    assert fuse_request(root, out, {}) == 0
+    (out / "pet7" / "provenance.json").write_text("{", encoding="utf-8")  # cut short by a full disk
+
+    assert fuse_request(root, out, {}) == 2
+    assert "provenance.json cannot be read" in capsys.readouterr().err
+    assert fuse_request(root, out, {}, "--overwrite") == 0
+    assert json.loads((out / "pet7" / "provenance.json").read_text(encoding="utf-8"))["inputs"]["moving"]["sha256"]
+
+
+def test_overwrite_leaves_nothing_of_the_earlier_run(data, tmp_path, capsys):
+    root = data["root"]
+    pair = ("--reference", root / "mri.png", "--moving", root / "pet8.png", "--out", tmp_path,
+            "--method", "identity+average", "--device", "cpu")
+    assert fuse(*pair, "--label", root / "pet8_label.png", "--uncertainty-passes", "0", "--report") == 0
+    case = tmp_path / "pet8"
+    assert {"quality.json", "metrics.json", "report.html"} <= {path.name for path in case.iterdir()}
+    (case / "notes.txt").write_text("kept", encoding="utf-8")
+
+    assert fuse(*pair, "--no-quality", "--overwrite") == 0, capsys.readouterr().err
+
+    assert {path.name for path in case.iterdir()} == RESULTS_PNG | {"notes.txt"}
+    assert main(["report", str(tmp_path)]) == 0
+    assert "no quality maps" in (tmp_path / "index.html").read_text(encoding="utf-8")
+
+
+def test_report_on_a_pair_already_done_says_how_to_get_it(data, tmp_path, capsys):
+    root = data["root"]
+    pair = ("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", tmp_path, *CHEAP)
+    assert fuse(*pair) == 0
+    capsys.readouterr()
+
+    assert fuse(*pair, "--report") == 0
+    assert "skipped, already done" in (out := capsys.readouterr().out)
+    assert "pass --overwrite to run it again with --report" in out
+    assert not (tmp_path / "pet7" / "report.html").exists()
+
+    assert fuse(*pair, "--report", "--overwrite") == 0
+    assert (tmp_path / "pet7" / "report.html").is_file()
+    assert fuse(*pair, "--report") == 0
+    assert "--overwrite" not in capsys.readouterr().out  # the page is there: nothing to say
+
+
+def test_an_out_that_is_a_file_is_one_line_error(data, tmp_path, capsys):
+    root = data["root"]
+    not_a_folder = tmp_path / "result.png"
+    not_a_folder.write_bytes(b"")
+    code = fuse("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", not_a_folder, *CHEAP)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"unifuse fuse: error: --out must be a folder (the outputs go into one sub-folder "
+                                f"per pair), but {not_a_folder} is a file"]
+
+
+def test_a_pair_folder_that_cannot_be_written_fails_that_pair_only(data, tmp_path, capsys):
+    root = data["root"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pet7").write_bytes(b"a file where the pair's folder goes")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{root / 'mri.png'},{root / 'pet7.png'}\n"
+                     f"{root / 'mri.png'},{root / 'pet8.png'}\n", encoding="utf-8")
+
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
+
+    err = capsys.readouterr().err
+    assert f"{out / 'pet7'}: cannot write the outputs there" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "failed"), ("pet8", "done")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--out", "x"), "give --reference and --moving for one pair, or --pairs CSV for many"),
+        (("--reference", "a.png", "--moving", "b.png", "--out", "x", "--uncertainty-passes", "-1"),
+         "--uncertainty-passes must be 0 or more, got -1"),
+        (("--reference", "a.png", "--moving", "b.png", "--out", "x", "--tile-size", "0"),
+         "--tile-size must be a positive number of voxels, got 0"),
+    ],
+    ids=["no-pair", "negative-passes", "zero-tile"],
+)
+def test_usage_errors_name_the_command_once(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert fuse(*argv) == 2
+    assert capsys.readouterr().err.splitlines() == [f"unifuse fuse: error: {message}"]
+
+
+def test_a_csv_with_only_its_header_says_it_has_no_pairs(tmp_path, capsys):
+    pairs = tmp_path / "header_only.csv"
+    pairs.write_text("reference,moving\n", encoding="utf-8")
+    assert fuse("--pairs", pairs, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{pairs}: the CSV has no pairs, only its header line" in err and "missing" not in err

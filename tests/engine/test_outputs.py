@@ -1,0 +1,98 @@
+"""A run folder holds one run's outputs: earlier outputs go, other files stay, inputs are never touched."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.methods import load_method
+from napari_unifuse.engine.outputs import (
+    METRICS_FILE,
+    QUALITY_FILE,
+    QUALITY_MAP_FILES,
+    REPORT_FILE,
+    output_file_names,
+    refuse_overwriting_inputs,
+    write_fusion_outputs,
+)
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import read_image
+
+
+def save_png(array, path):
+    Image.fromarray(array.astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path):
+    yy, xx = np.indices((48, 48))
+    head = 200.0 * ((yy - 24) ** 2 + (xx - 24) ** 2 < 16**2)
+    reference = save_png(head, tmp_path / "reference.png")
+    moving = save_png(np.roll(head, 2, axis=1) * 0.7, tmp_path / "moving.png")
+    return read_image(reference), read_image(moving)
+
+
+def fused(pair, quality):
+    engine = FusionEngine(load_method("identity+average", spatial_dims=2), device="cpu")
+    return engine.run_fusion(*pair, quality=quality, uncertainty_passes=0)
+
+
+def test_a_rewrite_removes_every_earlier_output_and_keeps_other_files(pair, tmp_path):
+    run = tmp_path / "run"
+    write_fusion_outputs(fused(pair, quality=True), run, metrics={"ncc": 0.5})
+    (run / REPORT_FILE).write_text("old page", encoding="utf-8")
+    (run / "fused.nii.gz").write_bytes(b"from a NIfTI run")  # the other image extension's output
+    (run / "notes.txt").write_text("a reviewer's notes", encoding="utf-8")
+    assert {QUALITY_FILE, *QUALITY_MAP_FILES.values()} & {path.name for path in run.iterdir()}
+
+    written = write_fusion_outputs(fused(pair, quality=False), run, remove_report=True)
+
+    assert set(written) == set(output_file_names("png"))
+    assert {path.name for path in run.iterdir()} == {*output_file_names("png"), "notes.txt"}
+    assert (run / "notes.txt").read_text(encoding="utf-8") == "a reviewer's notes"
+
+
+def test_a_page_written_before_saving_is_kept_unless_asked(pair, tmp_path):
+    result = fused(pair, quality=False)
+    (tmp_path / REPORT_FILE).write_text("this result's page", encoding="utf-8")
+    write_fusion_outputs(result, tmp_path, metrics={"ncc": 0.5})
+    assert (tmp_path / REPORT_FILE).is_file() and (tmp_path / METRICS_FILE).is_file()
+
+    write_fusion_outputs(result, tmp_path)  # no metrics this time: the earlier ones described another run
+    assert (tmp_path / REPORT_FILE).is_file() and not (tmp_path / METRICS_FILE).exists()
+
+
+@pytest.mark.parametrize("link", ["same path", "symlink", "hard link"])
+def test_an_input_at_an_output_name_is_refused_before_anything_is_written(pair, tmp_path, link):
+    run = tmp_path / "run"
+    run.mkdir()
+    reference = run / "aligned.png"
+    if link == "same path":
+        reference.write_bytes((tmp_path / "reference.png").read_bytes())
+    elif link == "symlink":
+        reference = tmp_path / "reference-link.png"
+        os.symlink(run / "aligned.png", reference)
+        (run / "aligned.png").write_bytes((tmp_path / "reference.png").read_bytes())
+    else:
+        os.link(tmp_path / "reference.png", run / "aligned.png")
+        reference = tmp_path / "reference.png"
+    before = reference.read_bytes()
+    result = FusionEngine(load_method("identity+average", spatial_dims=2), device="cpu").run_fusion(
+        read_image(reference), pair[1], quality=False)
+
+    with pytest.raises(InputError, match="aligned.png output goes and would be replaced"):
+        write_fusion_outputs(result, run)
+    assert reference.read_bytes() == before
+    assert [path.name for path in run.iterdir()] == ["aligned.png"]
+
+
+def test_an_input_elsewhere_or_absent_is_not_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "moving.png").write_bytes(b"an input named after nothing the run writes")
+    refuse_overwriting_inputs(run, [run / "moving.png", tmp_path / "fused.png", None])
