@@ -3,9 +3,10 @@
 Pairs come from a CSV (columns ``reference,moving,label[,displacement][,task][,degradation]``,
 paths relative to the CSV; ``label`` is the clean moving image aligned to the reference,
 ``displacement`` the ground-truth field as an ITK displacement file, ``degradation`` the true
-class as ``unifuse synth`` records it in meta.json) or from the Harvard AANLIB folder, where the
-degraded, misaligned moving images are synthesised exactly as training's validation set does
-(``training.datasets.build_datasets``: same patient-independent split, seeded per pair).
+class as ``unifuse synth`` records it in meta.json; a pair is named by its moving path as the CSV
+gives it) or from the Harvard AANLIB folder, where the degraded, misaligned moving images are
+synthesised exactly as training's validation set does (``training.datasets.build_datasets``: same
+patient-independent split, seeded per pair).
 
 With ``--harvard``, ``--misalignment`` picks the misalignment regime of the synthesised pairs
 (``data.misalign.MISALIGNMENT_REGIMES``: large, mild, none) or runs each of them (``all``, the
@@ -57,12 +58,14 @@ import csv
 import dataclasses
 import sys
 import time
+from collections import Counter
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_unifuse.cli.arguments import positive_int
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, warp_array
@@ -146,13 +149,15 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
     if not path.is_file():
         raise InputError("pairs CSV not found", path)
     with path.open(newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
+        reader = csv.DictReader(stream)
+        numbered = [(reader.line_num, row) for row in reader]
     required = {"reference", "moving", "label"}
-    if not rows or not required <= set(rows[0]):
+    if not numbered or not required <= set(numbered[0][1]):
         raise InputError(f"the CSV needs a header with columns {', '.join(sorted(required))} and at least one row",
                          path)
+    names = csv_pair_names([(line, row["moving"]) for line, row in numbered])
     pairs = []
-    for row in rows:
+    for name, (_, row) in zip(names, numbered, strict=True):
         reference = read_image(path.parent / row["reference"])
         moving = read_image(path.parent / row["moving"])
         label_image = read_image(path.parent / row["label"])
@@ -167,11 +172,22 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         displacement = None
         if row.get("displacement"):
             displacement = read_displacement(path.parent / row["displacement"], reference.geometry)
-        pairs.append(EvaluationPair(Path(row["moving"]).name, row.get("task") or "pairs",
+        pairs.append(EvaluationPair(name, row.get("task") or "pairs",
                                     reference, moving, label, displacement,
                                     _degradation(row.get("degradation"), path),
                                     mapping.modality if mapping is not None else None))
     return pairs
+
+
+def csv_pair_names(moving_paths: list[tuple[int, str]]) -> list[str]:
+    """The name of each CSV pair in the tables, from its (CSV line number, moving path): the moving
+    path as the CSV gives it, relative to the CSV's folder, so that pairs in different folders with
+    the same file name (``unifuse synth --pairs`` writes OUT/0000/moving.png, OUT/0001/moving.png)
+    stay apart; a moving image listed on several lines gets its line number too."""
+    paths = [Path(moving).as_posix() for _, moving in moving_paths]
+    counts = Counter(paths)
+    return [f"{path} (line {line})" if counts[path] > 1 else path
+            for path, (line, _) in zip(paths, moving_paths, strict=True)]
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -416,7 +432,12 @@ def paired_comparison(records: list[dict], method: str, columns: tuple[str, ...]
     """
     from scipy.stats import wilcoxon
 
-    values = {(record["task"], record["method"], record["pair"]): record for record in records}
+    values: dict[tuple[str, str, str], dict] = {}
+    for record in records:
+        key = record["task"], record["method"], record["pair"]
+        if key in values:  # one would silently replace the other, and the tests run on fewer pairs
+            raise ValueError(f"two records of {key[1]} on the pair {key[2]!r} ({key[0]}): pair names must be unique")
+        values[key] = record
     rows = []
     for task in dict.fromkeys(record["task"] for record in records):
         ours = {pair: record for (t, m, pair), record in values.items() if t == task and m == method}
@@ -545,7 +566,7 @@ def regime_section(regime: str, summary: list[dict], records: list[dict], method
 
 def run(args: argparse.Namespace) -> int:
     if (args.pairs is None) == (args.harvard is None):
-        raise InputError("give exactly one of --pairs CSV or --harvard ROOT", "unifuse evaluate")
+        raise InputError("give exactly one of --pairs CSV or --harvard ROOT", "--pairs/--harvard")
     regimes = _regimes(args)
     registrations = _names(args.baselines, REGISTRATION_METHODS, "--baselines")
     if "ants" in registrations and not classical.ants_available():
@@ -553,15 +574,16 @@ def run(args: argparse.Namespace) -> int:
         registrations.remove("ants")
     rules = _names(args.fusion_rules, FUSION_RULES, "--fusion-rules")
     if args.checkpoint is None and not args.methods:
-        raise InputError("give --checkpoint (UniFuse) and/or --methods NAME ...", "unifuse evaluate")
+        raise InputError("nothing to evaluate; give a UniFuse checkpoint, other methods, or both",
+                         "--checkpoint/--methods")
     methods = {}
     for entry in args.methods or []:
         name, _, checkpoint = entry.partition("=")
         method = load_method(name, checkpoint=checkpoint or None, spatial_dims=2)
         if method.name in methods:
             # Rows are keyed by method name: a second entry would silently replace the first.
-            raise InputError(f"--methods names {method.name} twice; to compare two checkpoints of one method, "
-                             "run evaluate once per checkpoint", "unifuse evaluate")
+            raise InputError(f"{method.name} is named twice; to compare two checkpoints of one method, "
+                             "run evaluate once per checkpoint", "--methods")
         methods[method.name] = FusionEngine(method, device=args.device, tile_size=args.tile_size)
     if args.pairs is not None:
         pairs_by_regime = {CSV_REGIME: pairs_from_csv(args.pairs)}
@@ -640,11 +662,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     harvard = parser.add_argument_group("Harvard options")
     harvard.add_argument("--split", choices=("val", "train"), default="val")
     harvard.add_argument("--tasks", default="CT,PET,SPECT", help="comma-separated: CT, PET, SPECT")
-    harvard.add_argument("--limit", type=int, help="at most this many pairs per task")
+    harvard.add_argument("--limit", type=positive_int, help="at most this many pairs per task")
     harvard.add_argument("--val-fraction", type=float,
                          help="split by atlas case with this validation fraction (default: the checkpoint's)")
     harvard.add_argument("--split-seed", type=int, help="seed of the case split (default: the checkpoint's)")
-    harvard.add_argument("--size", type=int, help="resize the images to SIZE² (as in training's data.size)")
+    harvard.add_argument("--size", type=positive_int, help="resize the images to SIZE² (as in training's data.size)")
     harvard.add_argument("--seed", type=int, default=0, help="seed of the synthesised degradations")
     harvard.add_argument("--misalignment", choices=REGIME_CHOICES,
                          help="misalignment regime of the synthesised pairs, or all of them (default: all)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from napari_unifuse.cli.arguments import positive_int
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.costs import measure
 from napari_unifuse.model.scan import scan_backend
@@ -23,7 +24,7 @@ def build_config(preset: str, spatial_dims: int) -> UniFuseConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args.dims)
-    size = args.size or DEFAULT_SIZE[args.dims]
+    size = DEFAULT_SIZE[args.dims] if args.size is None else args.size
     costs = measure(config, size)
     shape = "×".join([str(size)] * args.dims)
     print(f"UniFuse, preset {args.preset}, {args.dims}-D, input 1×1×{shape}, "
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=("paper", "small"), default="paper")
     parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
-    parser.add_argument("--size", type=int, default=None,
+    parser.add_argument("--size", type=positive_int, default=None,
                         help="side length of the square/cubic test input "
                              f"(default {DEFAULT_SIZE[2]} in 2-D, {DEFAULT_SIZE[3]} in 3-D)")
     parser.set_defaults(func=run)

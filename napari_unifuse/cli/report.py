@@ -3,7 +3,8 @@
 Lists every run below RUNS_DIR (a folder holding ``provenance.json``, as ``unifuse fuse`` and the
 workbench write them), ranked by the largest per-slice suspicion in its ``quality.json``, and links
 each run's ``report.html`` (written by ``unifuse fuse --report`` or the workbench's QC report
-button). Writes ``RUNS_DIR/index.html``.
+button; ``unifuse fuse`` skips a run that is done, so a run fused without ``--report`` gets its page
+from ``unifuse fuse --report --overwrite``). Writes ``RUNS_DIR/index.html``.
 """
 
 from __future__ import annotations

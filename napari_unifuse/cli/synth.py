@@ -1,6 +1,7 @@
 """`unifuse synth`: turn an aligned, clean image pair into a degraded, misaligned training pair.
 
-For each pair it writes, into ``OUT`` (one pair) or ``OUT/<row number>/`` (``--pairs``):
+For each pair it writes, into ``OUT`` (one pair) or, with ``--pairs``, one folder per CSV row
+numbered from 0 in the CSV's order (``OUT/0000/``, ``OUT/0001/``, ...):
 
 * ``reference.<ext>``  the reference, unchanged;
 * ``moving.<ext>``     the moving image degraded, then misaligned (UniFuse's I'_D);
@@ -65,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="degradation of the moving image (default: none; a CSV column overrides it)")
     parser.add_argument("--severity", type=float, default=0.5, help="degradation strength in [0, 1] (default 0.5)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="random seed (default 0); CSV rows without one use seed + row number")
+                        help="random seed (default 0); a CSV row without one uses seed + the number of its "
+                             "output folder (0000: seed, 0001: seed + 1, ...)")
     parser.add_argument("--modality", choices=MODALITIES, default="auto",
                         help="modality of the moving image, for its intensity normalisation (default: auto)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -81,27 +83,30 @@ def run(args: argparse.Namespace) -> int:
 
 def _jobs(args: argparse.Namespace) -> list[SynthJob]:
     if (args.pairs is None) == (args.reference is None or args.moving is None):
-        raise InputError("give either --reference and --moving, or --pairs CSV", "unifuse synth")
+        raise InputError("give either --reference and --moving, or --pairs CSV", "--pairs")
     if args.pairs is None:
         return [SynthJob(args.reference, args.moving, args.degradation, args.seed, args.out)]
     try:
         with args.pairs.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            numbered = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read the pairs CSV: {error}", args.pairs) from error
-    if not rows or not {"reference", "moving"} <= set(rows[0]):
+    if not numbered or not {"reference", "moving"} <= set(numbered[0][1]):
         raise InputError("the CSV needs a header with at least the columns reference,moving", args.pairs)
     folder = args.pairs.parent
     jobs = []
-    for number, row in enumerate(rows):
+    # number: the row's output folder and default seed offset; line: where to look in the CSV.
+    for number, (line, row) in enumerate(numbered):
         degradation = (row.get("degradation") or args.degradation).strip()
         if degradation not in DEGRADATION_CLASSES:
-            raise InputError(f"row {number + 1}: unknown degradation {degradation!r}; use one of {DEGRADATION_CLASSES}",
-                             args.pairs)
+            raise InputError(f"line {line} of the CSV: unknown degradation {degradation!r}; use one of "
+                             f"{', '.join(DEGRADATION_CLASSES)}", args.pairs)
         try:
             seed = int(row["seed"]) if (row.get("seed") or "").strip() else args.seed + number
         except ValueError as error:
-            raise InputError(f"row {number + 1}: the seed {row['seed']!r} is not an integer", args.pairs) from error
+            raise InputError(f"line {line} of the CSV: the seed {row['seed']!r} is not an integer",
+                             args.pairs) from error
         jobs.append(SynthJob(folder / row["reference"].strip(), folder / row["moving"].strip(), degradation, seed,
                              args.out / f"{number:04d}"))
     return jobs

@@ -58,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
                        if value is not None}
     for key, value in train_overrides.items():
         if value < 1:
-            raise InputError(f"--{key.replace('_', '-')} must be at least 1, got {value}", "unifuse train")
+            raise InputError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
     if args.lr is not None:
         if not args.lr > 0:
-            raise InputError(f"--lr must be positive, got {args.lr}", "unifuse train")
+            raise InputError(f"--lr must be positive, got {args.lr}")
         train_overrides["lr"] = args.lr
     if args.init_from is not None:
         train_overrides["init_from"] = args.init_from
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     config = config.with_overrides(train=train_overrides, data=data_overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if args.stop_at is not None and args.stop_at < 1:
-        raise InputError(f"--stop-at must be at least 1, got {args.stop_at}", "unifuse train")
+        raise InputError(f"--stop-at must be at least 1, got {args.stop_at}")
     result = train(config, out, device=args.device, resume=args.resume, command=_command(args),
                    progress=not args.no_progress, stop_at_step=args.stop_at)
     if result.rank != 0:

@@ -276,7 +276,9 @@ def test_needs_exactly_one_pair_source(checkpoint, pairs_csv, tmp_path, capsys):
     argv = ["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]
     assert main(argv) == 2
     assert main([*argv, "--pairs", str(pairs_csv[0]), "--harvard", str(tmp_path)]) == 2
-    assert "exactly one of --pairs" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "exactly one of --pairs" in error
+    assert error.count("unifuse evaluate") == 2  # the command named once in each message
     assert main([*argv, "--pairs", str(pairs_csv[0]), "--misalignment", "mild"]) == 2
     assert "--misalignment applies to --harvard" in capsys.readouterr().err
 
@@ -437,7 +439,62 @@ def test_engine_methods_are_rows_and_each_is_compared_with_every_other(checkpoin
 
 def test_evaluate_needs_a_checkpoint_or_methods(pairs_csv, tmp_path, capsys):
     assert main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(tmp_path)]) == 2
-    assert "--methods" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--methods" in error
+    assert error.count("unifuse evaluate") == 1
+
+
+@pytest.mark.parametrize("option", ["--limit", "--size"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_counts_and_sizes_below_one_are_refused_before_anything_runs(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--methods", "identity+max", "--harvard", str(tmp_path), option, value,
+              "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be at least 1, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pairs_in_different_folders_with_one_moving_file_name_are_all_compared(tmp_path):
+    """``unifuse synth --pairs`` writes OUT/0000/moving.png, OUT/0001/moving.png: two pairs, both
+    in every table and in the pair-by-pair statistics."""
+    slices = make_brain_phantom_slices((SIDE, SIDE), ("t1", "t2"))
+    for name, image in slices.items():
+        Image.fromarray(np.round(255 * image.array / image.array.max()).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "synth.csv").write_text("reference,moving,degradation\nt1.png,t2.png,motion\nt1.png,t2.png,lowdose\n",
+                                        encoding="utf-8")
+    assert main(["synth", "--pairs", str(tmp_path / "synth.csv"), "--out", str(tmp_path / "out")]) == 0
+    folders = ("out/0000", "out/0001")
+    (tmp_path / "eval.csv").write_text("reference,moving,label,displacement\n" + "".join(
+        f"{folder}/reference.png,{folder}/moving.png,{folder}/label.png,{folder}/displacement.nii.gz\n"
+        for folder in folders), encoding="utf-8")
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--pairs", str(tmp_path / "eval.csv"), "--out", str(out), "--device", "cpu",
+                 "--methods", "identity+max", "--baselines", "identity", "--fusion-rules", "max"]) == 0
+
+    assert {row["pair"] for row in read_csv(out / "per_pair.csv")} == {f"{folder}/moving.png" for folder in folders}
+    assert {int(row["n"]) for row in read_csv(out / "evaluation.csv")} == {len(folders)}
+    paired = read_csv(out / "paired.csv")
+    assert paired and all(int(row["ncc_n"]) == int(row["epe_n"]) == len(folders) for row in paired)
+
+
+def test_a_moving_image_on_two_lines_of_the_csv_is_two_pairs_named_by_line(tmp_path):
+    brain = np.exp(-3 * sum(g**2 for g in np.meshgrid(*(np.linspace(-1, 1, SIDE),) * 2, indexing="ij")))
+    for name in ("mri.png", "blob.png"):
+        Image.fromarray((255 * brain).astype(np.uint8)).save(tmp_path / name)
+    # A blank line: the names give the CSV's own line numbers, where a reader would look.
+    (tmp_path / "pairs.csv").write_text(
+        "reference,moving,label\nmri.png,blob.png,blob.png\n\nblob.png,blob.png,blob.png\nblob.png,mri.png,mri.png\n",
+        encoding="utf-8")
+    names = [pair.name for pair in pairs_from_csv(tmp_path / "pairs.csv")]
+    assert names == ["blob.png (line 2)", "blob.png (line 4)", "mri.png"]
+
+
+def test_the_pair_by_pair_comparison_refuses_two_records_of_one_method_on_one_pair():
+    records = [{"task": "t", "method": method, "pair": "moving.png", "ncc": value}
+               for method, value in (("A", 0.5), ("B", 0.4), ("A", 0.6))]
+    with pytest.raises(ValueError, match="pair names must be unique"):
+        paired_comparison(records, "A", ("ncc",))
 
 
 def test_a_method_named_twice_is_refused_rather_than_one_entry_silently_dropped(pairs_csv, tmp_path, capsys):
@@ -446,7 +503,7 @@ def test_a_method_named_twice_is_refused_rather_than_one_entry_silently_dropped(
     code = main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(tmp_path / "out"), "--device", "cpu",
                  "--methods", f"mmif-amin:none={first}", f"mmif-amin:none={second}"])
     assert code == 2
-    assert "names mmif-amin:none twice" in capsys.readouterr().err
+    assert "mmif-amin:none is named twice" in capsys.readouterr().err
     assert not (tmp_path / "out" / "per_pair.csv").exists()
 
 

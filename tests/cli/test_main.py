@@ -21,6 +21,14 @@ def test_reports_with_non_ascii_characters_print_as_escapes_under_an_ascii_local
     assert "1\\xd71\\xd732\\xd732" in completed.stdout.decode("ascii")  # "1×1×32×32", escaped
 
 
+@pytest.mark.parametrize("size", ["0", "-4"])
+def test_info_refuses_a_size_below_one_in_one_line(size, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--preset", "small", "--dims", "2", "--size", size])
+    assert exit_info.value.code == 2
+    assert f"unifuse info: error: argument --size: must be at least 1, got {size}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("error", [MemoryError("Unable to allocate 9.00 GiB for an array"),
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory")], ids=["numpy", "torch"])
 def test_any_command_out_of_memory_is_a_message_not_a_traceback(monkeypatch, capsys, error):

@@ -118,6 +118,19 @@ def test_pairs_csv(png_pair, tmp_path):
     assert (second["degradation"], second["seed"]) == ("lowdose", 5)
 
 
+def test_help_and_errors_name_the_pairs_as_the_outputs_and_the_csv_do(png_pair, tmp_path, capsys):
+    """Folders are numbered from 0 (0000, 0001, ...) as the help says; an error names the CSV's line."""
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    assert "OUT/0000/" in capsys.readouterr().out
+    reference, moving = png_pair
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text(f"reference,moving,degradation\n{reference},{moving},motion\n{reference},{moving},blur\n")
+    assert main(["synth", "--pairs", str(csv_path), "--out", str(tmp_path / "out")]) == 2
+    assert "line 3 of the CSV: unknown degradation 'blur'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_never_overwrites_inputs(png_pair, tmp_path, capsys):
     reference = tmp_path / "reference.png"
     reference.write_bytes(png_pair[0].read_bytes())

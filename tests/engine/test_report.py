@@ -5,10 +5,14 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
 from napari_unifuse.engine.annotations import Annotation, AnnotationStore
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import write_fusion_outputs
 from napari_unifuse.engine.quality import quality_maps
 from napari_unifuse.engine.report import REPORT_FILE, SECTIONS, write_index, write_report
@@ -76,6 +80,27 @@ def test_a_run_without_quality_maps_still_gets_a_report(tmp_path):
     assert all(f'<section id="{key}">' in page for key in SECTIONS)
 
 
+def section(page: str, key: str) -> str:
+    return re.search(rf'<section id="{key}">(.*?)</section>', page, re.DOTALL).group(1)
+
+
+@pytest.mark.parametrize("quality", [True, False], ids=["quality", "no-quality"])
+@pytest.mark.parametrize("shape", [(48, 48), (16, 32, 32)], ids=["2d", "3d"])
+def test_a_method_that_estimates_no_degradation_gets_a_report_that_says_so(tmp_path, shape, quality):
+    make_phantoms = make_brain_phantom_slices if len(shape) == 2 else make_brain_phantoms
+    phantoms = make_phantoms(shape, ("t1", "t2"))
+    engine = FusionEngine(load_method("identity+average", spatial_dims=len(shape)), device="cpu")
+    result = engine.run_fusion(phantoms["t1"], phantoms["t2"], quality=quality)
+    assert not result.class_probs and result.alignment_guard is None  # a classical pipeline: neither
+
+    page = write_report(result, tmp_path, reference=phantoms["t1"], moving=phantoms["t2"]).read_text(encoding="utf-8")
+    assert all(f'<section id="{key}">' in page for key in SECTIONS)
+    degradation = section(page, "degradation")
+    assert "The method identity+average estimates no degradation" in degradation
+    assert "data:image/png" not in degradation  # no empty plot
+    assert ("No quality maps were computed" in section(page, "key-slices")) == (not quality)
+
+
 def test_the_index_lists_runs_most_suspicious_first_and_links_their_reports(tmp_path):
     for name, radius in (("small-defect", 2.5), ("clean", 0), ("large-defect", 6)):
         result = constructed_result(blob_radius=radius)
@@ -89,4 +114,5 @@ def test_the_index_lists_runs_most_suspicious_first_and_links_their_reports(tmp_
     order = re.findall(r"<tr><td>(?:<a href=\"[^\"]+\">)?([\w-]+)", page)
     assert order == ["large-defect", "small-defect", "clean", "aaa-no-maps"]
     assert '<a href="large-defect/report.html">' in page
-    assert "aaa-no-maps <span class=note>(no report" in page
+    # The run is done: fuse skips it unless told to overwrite, so the hint must say so.
+    assert "aaa-no-maps <span class=note>(no report: run <code>unifuse fuse --report --overwrite</code>)" in page
