@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ import SimpleITK as sitk
 import torch
 
 from napari_unifuse.data.misalign import warp_array
-from napari_unifuse.errors import InputError, RegistrationError, UniFuseError
+from napari_unifuse.errors import Cancelled, InputError, RegistrationError, UniFuseError
 from napari_unifuse.io import ImageVolume
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
@@ -136,14 +137,15 @@ def register_identity(reference: np.ndarray, moving: np.ndarray, geometry: Geome
 
 def register_sitk(
     reference: np.ndarray, moving: np.ndarray, geometry: Geometry, *, bspline_mesh: int = DEFAULT_BSPLINE_MESH,
-    reference_mask: np.ndarray | None = None,
+    reference_mask: np.ndarray | None = None, stop: threading.Event | None = None,
 ) -> np.ndarray:
     """Rigid (Euler) then B-spline, both by Mattes mutual information; returns ``u`` in voxels.
     The same pair gives the same field on every run (fixed sampling seed, one ITK thread).
     ``reference_mask`` (boolean, the reference's shape): where the metric samples the reference,
-    e.g. its tissue; everywhere when None."""
+    e.g. its tissue; everywhere when None. ``stop``: once set, the optimiser stops at its next
+    iteration and ``Cancelled`` is raised (a run in the background that was cancelled or interrupted)."""
     with _one_itk_thread():
-        return _register_sitk(reference, moving, geometry, bspline_mesh, reference_mask)
+        return _register_sitk(reference, moving, geometry, bspline_mesh, reference_mask, stop)
 
 
 @contextmanager
@@ -161,7 +163,7 @@ def _one_itk_thread() -> Iterator[None]:
 
 
 def _register_sitk(reference: np.ndarray, moving: np.ndarray, geometry: Geometry, bspline_mesh: int,
-                   reference_mask: np.ndarray | None) -> np.ndarray:
+                   reference_mask: np.ndarray | None, stop: threading.Event | None) -> np.ndarray:
     fixed = ImageVolume(reference, geometry).to_sitk()
     moved = ImageVolume(moving, geometry).to_sitk()
     mask = None
@@ -178,7 +180,7 @@ def _register_sitk(reference: np.ndarray, moving: np.ndarray, geometry: Geometry
         learningRate=1.0, minStep=1e-4, numberOfIterations=_RIGID_ITERATIONS, relaxationFactor=0.5)
     rigid_stage.SetOptimizerScalesFromPhysicalShift()
     rigid_stage.SetInitialTransform(initial, inPlace=False)
-    rigid = _execute(rigid_stage, fixed, moved)
+    rigid = _execute(rigid_stage, fixed, moved, stop)
 
     bspline = sitk.BSplineTransformInitializer(fixed, [bspline_mesh] * reference.ndim)
     bspline_stage = _mattes_registration(_BSPLINE_SHRINK, _BSPLINE_SMOOTH, reference.shape, _BSPLINE_SAMPLES, mask)
@@ -187,17 +189,29 @@ def _register_sitk(reference: np.ndarray, moving: np.ndarray, geometry: Geometry
     # ITK applies the optimised transform first, then the moving initial one: p -> rigid(bspline(p)).
     bspline_stage.SetMovingInitialTransform(rigid)
     bspline_stage.SetInitialTransform(bspline, inPlace=True)
-    _execute(bspline_stage, fixed, moved)
+    _execute(bspline_stage, fixed, moved, stop)
     return rigid_bspline_displacement(rigid, bspline, fixed, geometry)
 
 
-def _execute(stage: sitk.ImageRegistrationMethod, fixed: sitk.Image, moved: sitk.Image) -> sitk.Transform:
+def _execute(stage: sitk.ImageRegistrationMethod, fixed: sitk.Image, moved: sitk.Image,
+             stop: threading.Event | None = None) -> sitk.Transform:
     """``stage.Execute`` with ITK's exception (a constant image, samples that left the overlap)
-    turned into a message for the user: its last line names the cause without ITK's source path."""
+    turned into a message for the user: its last line names the cause without ITK's source path.
+    ``stop`` is polled at every iteration (and on entering each pyramid level)."""
+    if stop is not None:
+        def stop_when_asked() -> None:
+            if stop.is_set():
+                stage.StopRegistration()
+
+        for event in (sitk.sitkIterationEvent, sitk.sitkMultiResolutionIterationEvent):
+            stage.AddCommand(event, stop_when_asked)
     try:
-        return stage.Execute(fixed, moved)
+        transform = stage.Execute(fixed, moved)
     except RuntimeError as error:
         raise RegistrationError("SimpleITK", str(error).strip().splitlines()[-1].split("): ")[-1]) from error
+    if stop is not None and stop.is_set():
+        raise Cancelled("the SimpleITK registration was stopped")
+    return transform
 
 
 def sitk_transform_to_displacement(transform: sitk.Transform, fixed: sitk.Image, geometry: Geometry) -> np.ndarray:

@@ -54,13 +54,15 @@ so a cancelled or failed run leaves the disk untouched.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -115,11 +117,12 @@ from napari_unifuse.io import (
     Geometry,
     ImageVolume,
     IntensityMapping,
+    grid_coverage,
     normalize_intensity,
     resample_to_reference,
     resample_to_spacing,
 )
-from napari_unifuse.io.normalize import darkest_to_zero
+from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
 from napari_unifuse.model.checkpoint import training_crop
 from napari_unifuse.model.config import UniFuseConfig
@@ -300,6 +303,7 @@ class FusionEngine:
                 if reference.single_slice_axis is None:  # a one-slice volume is checked as the 2D image it is
                     self.method.check_dimensions(reference.ndim, reference.source or "reference image")
                 reference, moving = self._validate(reference, moving)
+                warnings.extend(_overlap_warnings(reference, moving))
             planar = _single_slice_pair(reference, moving)
             if planar is not None:
                 result = self.run_fusion(*planar, reference_modality=reference_modality,
@@ -317,15 +321,16 @@ class FusionEngine:
             if self._registers_classically(on_grid.luma.array.shape):
                 classical = _ClassicalInBackground(reference_ready.luma.array, on_grid.luma.array, spacing, warnings)
             degradation = None
-            if self.method.estimates_degradation:
-                with stage(CLASSIFY_STAGE):  # on the moving image as given, not the resampled one
-                    degradation = self._read_degradation(moving_ready.luma, reference_ready.luma, progress, cancel,
-                                                      warnings)
-            moving_ready = on_grid
-            prediction, decision, run_info = self._fuse_and_guard(
-                moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings,
-                spacing=spacing, class_probs=None if degradation is None else degradation[0], classical=classical,
-            )
+            with _stopped_when_done(classical):
+                if self.method.estimates_degradation:
+                    with stage(CLASSIFY_STAGE):  # on the moving image as given, not the resampled one
+                        degradation = self._read_degradation(moving_ready.luma, reference_ready.luma, progress,
+                                                          cancel, warnings)
+                moving_ready = on_grid
+                prediction, decision, run_info = self._fuse_and_guard(
+                    moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings,
+                    spacing=spacing, class_probs=None if degradation is None else degradation[0], classical=classical,
+                )
             if degradation is not None:
                 prediction["class_probs"], prediction["slice_class_probs"], run_info["degradation_read_on"] = degradation
             with stage("compose"):
@@ -336,7 +341,8 @@ class FusionEngine:
                                                    uncertainty_passes, cancel)
 
         warnings.extend(_input_warnings(reference, moving))
-        evidence = class_evidence(self.degradation_evidence, result.predicted_class, moving_modality)
+        evidence = class_evidence(self.degradation_evidence, result.predicted_class,
+                                  _evidence_modality(moving_modality, moving, moving_ready.mapping))
         if evidence is not None and not evidence.informative:
             warnings.append(evidence.message(result.class_probs[result.predicted_class]))
         result.warnings = warnings
@@ -465,7 +471,7 @@ class FusionEngine:
         if classical is not None:
             with stage(CLASSICAL_STAGE):
                 initial_name, initial, initial_decision = self._matching_or_simpleitk(
-                    moving, reference, matching, classical.result(), padding)
+                    moving, reference, matching, classical.result(cancel), padding)
         estimates = {initial_name: initial[0][crop].numpy()}
         padded_fields = {initial_name: initial}
         if refined is not None:
@@ -755,6 +761,41 @@ class FusionEngine:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+# Below this share of the reference grid reached by the moving image, the run says so: the rest of
+# the aligned image is empty and the fused image there is the reference alone. Below the second, the
+# headers cannot describe one scene (a corner at most in common) and the pair is refused.
+PARTIAL_COVERAGE_WARNING = 0.5
+NO_OVERLAP = 0.01
+
+
+def _overlap_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
+    """Refuse a pair whose headers put the moving image (all but) outside the reference grid (its
+    resampling would be zeros and the fusion a copy of the reference); warn when it reaches less
+    than ``PARTIAL_COVERAGE_WARNING`` of it."""
+    coverage = grid_coverage(moving, reference)
+    if coverage >= PARTIAL_COVERAGE_WARNING:
+        return []
+    if coverage >= NO_OVERLAP:
+        return [f"the moving image covers only {100 * coverage:.0f} % of the reference grid in space; "
+                "elsewhere the aligned image is empty and the fused image is the reference alone"]
+
+    def centre(image: ImageVolume) -> np.ndarray:
+        middle = (np.asarray(image.spatial_shape, dtype=np.float64) - 1) / 2
+        return image.geometry.index_to_world[:-1] @ np.append(middle, 1.0)
+
+    distance = float(np.linalg.norm(centre(moving) - centre(reference)))
+    rasters = [str(image.source or "").lower().endswith(PILLOW_SUFFIXES) for image in (reference, moving)]
+    hint = ("a PNG or JPG has no position in the scanner (its first pixel sits at the origin): pair it with "
+            "another PNG or JPG, or save both images as NIfTI" if rasters[0] != rasters[1] else
+            "check the two files' origins and orientations (their affines), or resample one onto the other")
+    # Either header may be the wrong one: the message names both files.
+    named = f"the reference ({reference.source})" if reference.source else "the reference"
+    reach = (f"does not overlap {named} in space" if coverage == 0 else
+             f"reaches only {100 * coverage:.1f} % of {named}'s grid in space")
+    raise InputError(f"the moving image {reach} (their headers put their centres {distance:.0f} mm apart); {hint}",
+                     moving.source or "moving image")
+
+
 @contextmanager
 def _out_of_memory_explained(timer: StageTimer, reference: ImageVolume, device: torch.device) -> Iterator[None]:
     """An allocation that fails anywhere in a run (the tiled passes shrink their tiles first)
@@ -778,40 +819,78 @@ class _ClassicalInBackground:
     started once the pair is on one grid. It runs on one ITK thread, so that the same pair gives
     the same field every run; meanwhile the classify stage and the structural matching use the
     other cores (160³ on two cores: 23 s for the three side by side against 30 s one after the
-    other; the whole run 61.5-61.8 s against 65.1 s warm). A daemon thread: a cancelled run does
-    not wait for it."""
+    other; the whole run 61.5-61.8 s against 65.1 s warm).
+
+    A run that ends early (cancelled, interrupted, failed) :meth:`stop`s it, and so does the
+    interpreter's exit (``atexit``): a process that shuts down around a thread inside ITK's C++
+    code aborts ("FATAL: exception not rethrown"), and a cancelled run should not keep a core busy."""
+
+    _running: ClassVar[weakref.WeakSet[_ClassicalInBackground]] = weakref.WeakSet()
 
     def __init__(self, reference: np.ndarray, moving: np.ndarray, spacing: tuple[float, ...],
                  warnings: list[str]) -> None:
         self._estimate: np.ndarray | None = None
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._register, args=(reference, moving, spacing, warnings),
                                         name="unifuse-simpleitk", daemon=True)
+        self._running.add(self)
         self._thread.start()
 
     def _register(self, reference: np.ndarray, moving: np.ndarray, spacing: tuple[float, ...],
                   warnings: list[str]) -> None:
         try:
-            self._estimate = _classical_estimate(reference, moving, spacing, warnings)
+            self._estimate = _classical_estimate(reference, moving, spacing, warnings, self._stop)
         except BaseException as error:  # handed to the run's own thread by result()
             self._error = error
 
-    def result(self) -> np.ndarray | None:
+    def result(self, cancel: CancelToken) -> np.ndarray | None:
         """The field (voxels), or None when SimpleITK failed (a warning says so). Handed over once:
-        this object keeps no reference, so that the field goes once the guard has turned it down."""
-        self._thread.join()
+        this object keeps no reference, so that the field goes once the guard has turned it down.
+        The wait ends when ``cancel`` is set."""
+        while self._thread.is_alive():
+            cancel.raise_if_cancelled()
+            self._thread.join(_CANCEL_POLL_SECONDS)
         if self._error is not None:
             raise self._error
         estimate, self._estimate = self._estimate, None
         return estimate
 
+    def stop(self) -> None:
+        """Stop the registration at its next iteration and wait for the thread (a no-op once done)."""
+        self._stop.set()
+        self._thread.join(_STOP_TIMEOUT_SECONDS)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for registration in list(cls._running):
+            registration.stop()
+
+
+@contextmanager
+def _stopped_when_done(registration: _ClassicalInBackground | None) -> Iterator[None]:
+    """Stop a background registration however the block ends: a no-op once its field was taken,
+    and a cancelled, interrupted or failed run leaves no registration running."""
+    try:
+        yield
+    finally:
+        if registration is not None:
+            registration.stop()
+
+
+# How often a wait for SimpleITK looks at the cancel token, and how long a stop waits for it: a
+# stopped registration ends at its next iteration or pyramid level (4 s at 96³ on a busy core).
+_CANCEL_POLL_SECONDS = 0.2
+_STOP_TIMEOUT_SECONDS = 60.0
+atexit.register(_ClassicalInBackground.stop_all)
+
 
 def _classical_estimate(reference: np.ndarray, moving: np.ndarray, spacing: tuple[float, ...] | None,
-                        warnings: list[str]) -> np.ndarray | None:
+                        warnings: list[str], stop: threading.Event | None = None) -> np.ndarray | None:
     """SimpleITK's field for the pair (voxels), or None with a warning when it fails: it is one
     candidate among several, so its failure (a flat image, no overlap) must not fail the run."""
     try:
-        field = register_sitk(reference, moving, _grid_geometry(spacing, reference.ndim))
+        field = register_sitk(reference, moving, _grid_geometry(spacing, reference.ndim), stop=stop)
     except RegistrationError as error:
         warnings.append(f"SimpleITK registration failed ({error.cause}); the structural matching's field is used")
         return None
@@ -830,6 +909,17 @@ def _quality_provenance(quality: QualityMaps, uncertainty_passes: int) -> dict[s
     return {"definitions": quality.definitions, "thresholds": quality.thresholds, "flag_level": quality.flag_level,
             "uncertainty_passes": uncertainty_passes, "seconds": quality.seconds,
             "suspicious_slices": quality.suspicious_slices()}
+
+
+def _evidence_modality(requested: str, moving: ImageVolume, mapping: IntensityMapping) -> str:
+    """The moving image's modality for the class's calibration: the user's; else what the image says
+    of itself (its header's modality, Hounsfield air for CT); "auto" (the weakest calibrated modality)
+    where MR is only the normalisation's guess for an image that says nothing."""
+    if requested.lower() != "auto":
+        return requested
+    tag = str(moving.metadata.get("modality", "")).lower()
+    guessed = mapping.modality == "mr" and MODALITY_ALIASES.get(tag, tag) != "mr"
+    return "auto" if guessed else mapping.modality
 
 
 def _prepare(image: ImageVolume, modality: str) -> _PreparedImage:

@@ -137,8 +137,9 @@ def _choose_frame(n_frames: int, frame: int | None, path: Path) -> int:
         return 0
     if frame is None:
         raise InputError(
-            f"this is a 4D file with {n_frames} frames (volumes); choose one with "
-            f"read_image(path, frame=k) for k in 0..{n_frames - 1}",
+            f"this is a 4D file with {n_frames} frames (volumes) and a fusion takes one: save the one you want "
+            f"as a file of its own (FSL: fslroi IN OUT k 1), or in Python read_image(path, frame=k) for k in "
+            f"0..{n_frames - 1}",
             path,
         )
     if not 0 <= frame < n_frames:

@@ -147,6 +147,22 @@ def test_the_engine_warns_when_none_is_not_evidence_of_a_clean_image():
     assert seeing.provenance[METADATA_KEY]["informative"] is True
 
 
+def test_auto_weighs_the_call_on_the_modality_the_moving_image_shows_of_itself():
+    # The "pet" head says "none" on clean inputs, the "ct" one never does: which one is read shows.
+    table = {"ct": {CLEAN: {"none": 9, "metal": 1}, "metal": {"metal": 9, "none": 1}},
+             "pet": {CLEAN: {"lowdose": 5}, "lowdose": {"lowdose": 5}}}
+    reference, moving = _pair()
+    engine = _engine(_caller("none"), table)
+    in_hounsfield_units = ImageVolume(moving.array * 2000 - 1000, moving.geometry)  # air at -1000 HU: CT
+    tagged_ct = ImageVolume(moving.array, moving.geometry, {"modality": "CT"})
+    for shows_ct in (in_hounsfield_units, tagged_ct):
+        assert engine.run_fusion(reference, shows_ct, quality=False).provenance[METADATA_KEY]["modality"] == "ct"
+    # An image that says nothing is normalised as MR, a guess: the weakest calibration, here PET's.
+    assert engine.run_fusion(reference, moving, quality=False).provenance[METADATA_KEY]["modality"] == "pet"
+    assert engine.run_fusion(reference, tagged_ct, moving_modality="pet",
+                             quality=False).provenance[METADATA_KEY]["modality"] == "pet"
+
+
 def test_no_warning_when_the_calibration_shows_the_call_is_informative_or_absent(motion_caller):
     reference, moving = _pair()
     seeing = {"t2": {CLEAN: {"none": 10}, "motion": {"motion": 10}}}

@@ -7,13 +7,14 @@ translation of the moving image has an exactly known field, which pins down sign
 from __future__ import annotations
 
 import sys
+import threading
 
 import numpy as np
 import pytest
 
 from napari_unifuse.data.misalign import RandomMisalignment, warp_array
 from napari_unifuse.engine import classical
-from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.metrics import registration_metrics
 
@@ -164,6 +165,17 @@ def test_sitk_gives_the_same_field_on_every_run_and_leaves_itks_threads_as_they_
     assert np.abs(fields[0]).max() > 0.5  # it did move the image
     for field in fields[1:]:
         np.testing.assert_array_equal(field, fields[0])
+
+
+def test_sitk_stops_when_asked_and_an_unused_stop_changes_nothing(translated_pair):
+    reference, _, moving, _ = translated_pair
+    geometry = Geometry(np.ones(2), np.zeros(2), np.eye(2))
+    stop = threading.Event()
+    np.testing.assert_array_equal(classical.register_sitk(reference, moving, geometry, stop=stop),
+                                  classical.register_sitk(reference, moving, geometry))
+    stop.set()
+    with pytest.raises(Cancelled, match="SimpleITK registration was stopped"):
+        classical.register_sitk(reference, moving, geometry, stop=stop)
 
 
 def test_ants_gives_the_same_field_on_every_run_and_leaves_global_state_as_it_was(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.inference import (
+    CLASSIFY_STAGE,
     FUSE_KEPT_STAGE,
     NETWORK,
     FusionEngine,
@@ -204,6 +207,27 @@ def test_cancel_after_first_tile_stops_before_the_next_tile(model_2d):
     with pytest.raises(Cancelled):
         engine.run_fusion(image, image, progress=cancel_after_first_tile, cancel=token)
     assert len(counting.tile_shapes) == 1
+
+
+def test_a_cancelled_3d_run_leaves_no_simpleitk_registration_running(model_3d):
+    """SimpleITK registers on a thread of its own from the resampling on; a run cancelled before it
+    waits for that field stops it instead of leaving it to burn a core for the rest of its course."""
+    reference = ImageVolume(blob((64, 64, 64)), Geometry.identity(3))
+    moving = ImageVolume(blob((64, 64, 64), centre_shift=0.1), Geometry.identity(3))
+    token = CancelToken()
+
+    def cancel_when_classifying(stage, done, total):
+        if stage == CLASSIFY_STAGE and done == 0:
+            assert registrations()  # SimpleITK has started and is still at work
+            token.cancel()
+
+    def registrations():
+        return [thread for thread in threading.enumerate() if thread.name == "unifuse-simpleitk" and thread.is_alive()]
+
+    with pytest.raises(Cancelled):
+        FusionEngine(model_3d, device="cpu").run_fusion(reference, moving, progress=cancel_when_classifying,
+                                                         cancel=token)
+    assert not registrations()
 
 
 @pytest.mark.parametrize(

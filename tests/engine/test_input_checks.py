@@ -76,8 +76,32 @@ def test_tiles_below_the_minimum_are_refused_before_any_work(engines):
 def test_a_moving_image_of_any_size_is_resampled_onto_a_large_enough_reference(engines):
     reference = volume(blob((10, 12, 12)))
     for shape in [(2, 2, 2), (1, 1, 1), (200, 4, 4)]:
-        result = engines[3].run_fusion(reference, volume(blob(shape)))
+        # Voxels as large as it takes to span the reference's 10 x 12 x 12 mm, centred on it.
+        spacing = np.array([10.0, 12.0, 12.0]) / shape
+        moving = volume(blob(shape), spacing=spacing, origin=(spacing - 1) / 2)
+        result = engines[3].run_fusion(reference, moving)
         assert result.fused.array.shape == reference.array.shape
+        assert not any("covers only" in warning for warning in result.warnings)
+
+
+def test_a_moving_image_elsewhere_in_space_is_refused_and_a_partial_one_named(engines):
+    reference = volume(blob((10, 12, 12)), source="reference.nii.gz")
+    far = volume(blob((10, 12, 12)), origin=(0.0, 0.0, 400.0), source="far.nii.gz")
+    with pytest.raises(InputError, match=r"far.nii.gz: the moving image does not overlap the reference "
+                                         r"\(reference.nii.gz\) in space \(their headers put their centres 400 mm apart\)"):
+        engines[3].run_fusion(reference, far)
+    corner = volume(blob((2, 2, 2)), source="corner.nii.gz")  # 8 of the reference's 1440 voxels
+    with pytest.raises(InputError, match=r"corner.nii.gz: the moving image reaches only 0\.\d % of the reference "
+                                         r"\(reference.nii.gz\)'s grid"):
+        engines[3].run_fusion(reference, corner)
+    half = volume(blob((10, 12, 12)), origin=(0.0, 0.0, 8.0))  # its first 4 of 12 columns on the reference's last 4
+    result = engines[3].run_fusion(reference, half)
+    assert any("covers only 33 % of the reference grid" in warning for warning in result.warnings)
+    # A PNG has no scanner position: paired with a NIfTI, the message says so.
+    png = volume(blob((12, 12)), source="slice.png")
+    nifti = volume(blob((12, 12)), origin=(-90.0, 120.0), source="slice.nii.gz")
+    with pytest.raises(InputError, match="a PNG or JPG has no position in the scanner"):
+        engines[2].run_fusion(nifti, png)
         assert np.isfinite(result.fused.array).all()
 
 

@@ -1,5 +1,6 @@
 """resample_to_reference works in physical space: structures land where the world says;
-resample_to_spacing makes coarser copies that average what they cannot hold."""
+grid_coverage says how much of the reference it reaches; resample_to_spacing makes coarser copies
+that average what they cannot hold."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import Geometry, ImageVolume, resample_to_reference, resample_to_spacing
+from napari_unifuse.io import Geometry, ImageVolume, grid_coverage, resample_to_reference, resample_to_spacing
 
 
 def _world_points(geometry: Geometry, shape) -> np.ndarray:
@@ -79,3 +80,16 @@ def test_a_coarser_copy_keeps_the_extent_and_averages_what_it_cannot_hold(rotati
     np.testing.assert_allclose(inner[..., 5].mean(axis=0), 0.5 + copy_rows / 41.0, atol=0.03)
     with pytest.raises(InputError, match="positive"):
         resample_to_spacing(volume, 0.0)
+
+
+@pytest.mark.parametrize("angles, shift", [((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), ((10.0, -15.0, 25.0), (4.0, -6.0, 3.0)),
+                                           ((0.0, 30.0, 0.0), (9.0, 0.0, 0.0)), ((0.0, 0.0, 0.0), (0.0, 0.0, 300.0))])
+def test_grid_coverage_is_the_share_of_the_reference_a_resampled_image_reaches(rotation, angles, shift):
+    """On a grid of at most 32 voxels per axis every voxel is counted: the coverage is exactly the
+    share of reference voxels where a resampled all-ones image is not the outside value 0."""
+    reference = ImageVolume(np.zeros((12, 20, 18), np.float32), Geometry([3.0, 1.0, 1.25], [-10.0, 5.0, 0.0], np.eye(3)))
+    moving = ImageVolume(np.ones((15, 16, 14), np.float32),
+                         Geometry([2.0, 1.1, 0.9], np.array([-8.0, 7.0, 3.0]) + shift, rotation(angles)))
+    reached = np.mean(resample_to_reference(moving, reference).array > 0)
+    assert grid_coverage(moving, reference) == pytest.approx(reached, abs=1e-12)
+    assert (reached == 0) == (shift[2] == 300.0)
