@@ -50,7 +50,7 @@ from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
 from napari_unifuse._qt.run_panel import RunPanel, RunSelection
 from napari_unifuse.engine.inference import FusionEngine
-from napari_unifuse.engine.outputs import write_fusion_outputs
+from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import write_report
@@ -61,8 +61,6 @@ if TYPE_CHECKING:
     import napari.viewer
 
 PLOT_DOCK_NAME = "UniFuse degradation per slice"
-# Review maps saved beside the engine's five outputs (float maps: NIfTI, or MHA for 2D PNG runs).
-MAP_FILES = ("alignment_error", "jacobian_determinant", "folding")
 # The docks share the window with the canvas, which keeps at least half of it (1280 px and up).
 # napari's layer controls need 320 px on the left, so at 1280 px the workbench gets 22 % (282 px).
 DOCK_WIDTH_FRACTION, DOCK_MIN_WIDTH, DOCK_MAX_WIDTH = 0.22, 260, 440
@@ -492,7 +490,8 @@ class UniFuseWorkbench(QWidget):
         folder = self.selection.folder
         result = self.outcome.result
         map_suffix = "mha" if result.output_extension == "png" else "nii.gz"
-        maps = dict(zip(MAP_FILES, (self.outcome.error_map, self.outcome.jacobian, self.outcome.folding)))
+        maps = dict(zip(REVIEW_MAP_NAMES, (self.outcome.error_map, self.outcome.jacobian, self.outcome.folding),
+                        strict=True))
         inputs = {Path(v.source).resolve() for v in (self.selection.request.reference, self.selection.request.moving)
                   if v.source and Path(v.source).exists()}
         planned = [folder / f"{name}.{map_suffix}" for name in maps]

@@ -42,6 +42,9 @@ QUALITY_MAP_FILES = {"invented": "invented.nii.gz", "lost": "lost.nii.gz",
                      "restoration_change": "restoration_change.nii.gz", UNCERTAINTY: "uncertainty.nii.gz"}
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"  # engine.report's QC page of a run
+# The workbench's review maps, saved beside the outputs: float maps, NIfTI (MHA for PNG runs).
+REVIEW_MAP_NAMES = ("alignment_error", "jacobian_determinant", "folding")
+REVIEW_MAP_EXTENSIONS = ("nii.gz", "mha")
 # FusionResult.output_extension: raster-image inputs, everything else.
 IMAGE_EXTENSIONS = ("png", "nii.gz")
 
@@ -57,10 +60,12 @@ def quality_file_names(quality: QualityMaps) -> tuple[str, ...]:
 
 
 def known_output_names() -> frozenset[str]:
-    """Every file name ``write_fusion_outputs`` and the QC page give a run folder: the outputs for
-    either image extension, the quality outputs, the label's metrics and ``report.html``."""
+    """Every file name ``write_fusion_outputs``, the QC page and the workbench give a run folder:
+    the outputs for either image extension, the quality outputs, the label's metrics,
+    ``report.html`` and the review maps."""
     return frozenset({*(name for extension in IMAGE_EXTENSIONS for name in output_file_names(extension)),
-                      *QUALITY_MAP_FILES.values(), QUALITY_FILE, METRICS_FILE, REPORT_FILE})
+                      *QUALITY_MAP_FILES.values(), QUALITY_FILE, METRICS_FILE, REPORT_FILE,
+                      *(f"{name}.{extension}" for name in REVIEW_MAP_NAMES for extension in REVIEW_MAP_EXTENSIONS)})
 
 
 def is_complete(out_dir: str | Path) -> bool:

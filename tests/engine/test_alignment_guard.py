@@ -380,7 +380,7 @@ def test_simpleitk_registers_on_its_own_thread_while_the_classify_stage_runs(unt
         classify_started.set()
         return read_class(self, *args, **kwargs)
 
-    def register(reference, moving, geometry):
+    def register(reference, moving, geometry, stop):
         seen["overlapped"] = classify_started.wait(timeout=30)  # never set if the stages ran in turn
         seen["thread"] = threading.current_thread().name
         return np.zeros((3, *reference.shape), dtype=np.float32)

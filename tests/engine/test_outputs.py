@@ -47,6 +47,7 @@ def test_a_rewrite_removes_every_earlier_output_and_keeps_other_files(pair, tmp_
     write_fusion_outputs(fused(pair, quality=True), run, metrics={"ncc": 0.5})
     (run / REPORT_FILE).write_text("old page", encoding="utf-8")
     (run / "fused.nii.gz").write_bytes(b"from a NIfTI run")  # the other image extension's output
+    (run / "alignment_error.mha").write_bytes(b"saved by the workbench")  # its review maps
     (run / "notes.txt").write_text("a reviewer's notes", encoding="utf-8")
     assert {QUALITY_FILE, *QUALITY_MAP_FILES.values()} & {path.name for path in run.iterdir()}
 
