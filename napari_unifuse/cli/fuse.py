@@ -216,7 +216,7 @@ def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache) -> No
     if provenance is None:
         raise InputError(f"its {PROVENANCE_FILE} cannot be read, so what made these results is unknown; pass "
                          "--overwrite to replace them, or choose another --out", out_dir)
-    differences = previous_run_differences(provenance, pair, engines)
+    differences = previous_run_differences(provenance, pair, engines, (out_dir / PROVENANCE_FILE).stat().st_mtime)
     if differences:
         named = [f"{role} image" if role in ("reference", "moving") else role for role in differences]
         listed = ", ".join(named[:-1]) + (" and " if len(named) > 1 else "") + named[-1]
@@ -224,13 +224,14 @@ def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache) -> No
                          "them, or choose another --out", out_dir)
 
 
-def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _EngineCache) -> list[str]:
+def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _EngineCache,
+                             finished: float) -> list[str]:
     """What of 'reference', 'moving', 'label', 'method', 'checkpoint' the run ``provenance``
-    describes differs from this request."""
+    describes differs from this request; ``finished``: when that provenance was written (mtime)."""
     recorded_inputs = provenance.get("inputs") or {}
     differences = [role for role, path in (("reference", pair.reference), ("moving", pair.moving),
                                            ("label", pair.label))
-                   if not _same_input(recorded_inputs.get(role), path)]
+                   if not _same_input(recorded_inputs.get(role), path, finished)]
     recorded_method = provenance.get("method") or {}
     recorded_name = str(recorded_method.get("name", "")).partition(OPTION_SEPARATOR)[0]
     dimensions = (provenance.get("model_config") or {}).get("spatial_dims")
@@ -248,13 +249,19 @@ def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _E
     return differences
 
 
-def _same_input(recorded: dict[str, Any] | None, path: Path | None) -> bool:
+def _same_input(recorded: dict[str, Any] | None, path: Path | None, finished: float) -> bool:
+    """Whether ``path`` is the input ``recorded``: the same file and, where a hash was recorded, the
+    same content. A file untouched since the run finished is what it read: only one modified later
+    is hashed again, so that resuming a cohort does not read every finished pair's images."""
     if recorded is None or path is None:
         return recorded is None and path is None
     if not path.exists():
         raise InputError("file not found", path)
-    current = describe_source(str(path))
-    return current["path"] == recorded.get("path") and recorded.get("sha256") in (None, current["sha256"])
+    if str(path.resolve()) != recorded.get("path"):
+        return False
+    if recorded.get("sha256") is None or path.stat().st_mtime < finished:
+        return True
+    return describe_source(str(path))["sha256"] == recorded["sha256"]
 
 
 def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:

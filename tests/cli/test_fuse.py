@@ -399,6 +399,19 @@ def test_a_moving_file_changed_since_its_run_is_refused(data, tmp_path, capsys):
     assert "a different moving image; pass --overwrite" in capsys.readouterr().err
 
 
+def test_resuming_reads_no_input_untouched_since_its_run(data, tmp_path, capsys, monkeypatch):
+    from napari_unifuse.cli import fuse as fuse_module
+
+    root, out = tmp_path, tmp_path / "out"
+    for name in ("mri.png", "pet7.png"):
+        (root / name).write_bytes((data["root"] / name).read_bytes())
+    assert fuse_request(root, out, {}) == 0
+    hashed = []
+    monkeypatch.setattr(fuse_module, "describe_source", lambda source: hashed.append(source))
+    assert fuse_request(root, out, {}) == 0
+    assert "skipped, already done" in capsys.readouterr().out and hashed == []
+
+
 def test_results_whose_provenance_cannot_be_read_are_not_taken_as_done(data, tmp_path, capsys):
     root, out = data["root"], tmp_path / "out"
     assert fuse_request(root, out, {}) == 0
