@@ -761,21 +761,22 @@ class FusionEngine:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-# Below this share of the reference grid reached by the moving image, the run says so: the rest of
-# the aligned image is empty and the fused image there is the reference alone. Below the second, the
-# headers cannot describe one scene (a corner at most in common) and the pair is refused.
+# Below this share of the reference grid reached by the moving image, the run says so: elsewhere the
+# aligned image is empty and the fused image is the reference alone. Below the second, so little is
+# shared that the headers are the likelier fault (a PNG beside a NIfTI, a wrong origin), and the
+# warning says what to check; a small field of view inside a large one stays possible. A moving
+# image wholly outside the reference grid is refused: its resampling would be all zeros.
 PARTIAL_COVERAGE_WARNING = 0.5
-NO_OVERLAP = 0.01
+HEADERS_SUSPECT = 0.01
 
 
 def _overlap_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
-    """Refuse a pair whose headers put the moving image (all but) outside the reference grid (its
-    resampling would be zeros and the fusion a copy of the reference); warn when it reaches less
-    than ``PARTIAL_COVERAGE_WARNING`` of it."""
+    """What the run should say of how much of the reference grid the moving image reaches in space;
+    an InputError when it reaches none of it."""
     coverage = grid_coverage(moving, reference)
     if coverage >= PARTIAL_COVERAGE_WARNING:
         return []
-    if coverage >= NO_OVERLAP:
+    if coverage >= HEADERS_SUSPECT:
         return [f"the moving image covers only {100 * coverage:.0f} % of the reference grid in space; "
                 "elsewhere the aligned image is empty and the fused image is the reference alone"]
 
@@ -790,10 +791,11 @@ def _overlap_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
             "check the two files' origins and orientations (their affines), or resample one onto the other")
     # Either header may be the wrong one: the message names both files.
     named = f"the reference ({reference.source})" if reference.source else "the reference"
-    reach = (f"does not overlap {named} in space" if coverage == 0 else
-             f"reaches only {100 * coverage:.1f} % of {named}'s grid in space")
-    raise InputError(f"the moving image {reach} (their headers put their centres {distance:.0f} mm apart); {hint}",
-                     moving.source or "moving image")
+    apart = f"their headers put their centres {distance:.0f} mm apart"
+    if coverage == 0:
+        raise InputError(f"the moving image does not overlap {named} in space ({apart}); {hint}",
+                         moving.source or "moving image")
+    return [f"the moving image reaches only {100 * coverage:.1f} % of {named}'s grid in space ({apart}); {hint}"]
 
 
 @contextmanager

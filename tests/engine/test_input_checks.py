@@ -91,9 +91,9 @@ def test_a_moving_image_elsewhere_in_space_is_refused_and_a_partial_one_named(en
                                          r"\(reference.nii.gz\) in space \(their headers put their centres 400 mm apart\)"):
         engines[3].run_fusion(reference, far)
     corner = volume(blob((2, 2, 2)), source="corner.nii.gz")  # 8 of the reference's 1440 voxels
-    with pytest.raises(InputError, match=r"corner.nii.gz: the moving image reaches only 0\.\d % of the reference "
-                                         r"\(reference.nii.gz\)'s grid"):
-        engines[3].run_fusion(reference, corner)
+    warnings = engines[3].run_fusion(reference, corner).warnings
+    assert any(w.startswith("the moving image reaches only 0.6 % of the reference (reference.nii.gz)'s grid")
+               and "check the two files' origins" in w for w in warnings), warnings
     half = volume(blob((10, 12, 12)), origin=(0.0, 0.0, 8.0))  # its first 4 of 12 columns on the reference's last 4
     result = engines[3].run_fusion(reference, half)
     assert any("covers only 33 % of the reference grid" in warning for warning in result.warnings)
@@ -102,7 +102,6 @@ def test_a_moving_image_elsewhere_in_space_is_refused_and_a_partial_one_named(en
     nifti = volume(blob((12, 12)), origin=(-90.0, 120.0), source="slice.nii.gz")
     with pytest.raises(InputError, match="a PNG or JPG has no position in the scanner"):
         engines[2].run_fusion(nifti, png)
-        assert np.isfinite(result.fused.array).all()
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
