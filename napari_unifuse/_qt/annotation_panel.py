@@ -110,7 +110,7 @@ class AnnotationPanel(widgets.Container):
         layer = self._annotation_layer(create=True)
         self.viewer.layers.selection.active = layer
         layer.mode = "add_polygon"
-        show_info("Draw the failure region on the 'UniFuse annotations' layer, then press 'Flag drawn region'.")
+        show_info("Draw the failure region on the 'UniFuse annotations' layer, then press 'Flag region'.")
 
     @reports_errors("Flag region")
     def add_region_flag(self) -> None:

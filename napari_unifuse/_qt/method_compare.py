@@ -5,7 +5,10 @@ trained methods use their bundled weights), press "Run both". The pair, device a
 the run form's. Each method's fused and aligned images become layers whose names end in
 ``· <method>``, with the method in their metadata, and napari's grid mode (``viewer.canvas.grid``) puts them side by side
 (one grid cell per layer), so a reviewer can flick between methods. The annotations made while
-comparing record the method chosen under "annotations about".
+comparing record the method chosen under "annotations about". A failed or cancelled comparison
+ends in one notification, like the main run; once the workbench is closed (:meth:`release`) a
+comparison still running adds nothing, and the main run puts the viewer back out of grid mode
+(:meth:`leave_side_by_side`) so that its overlays sit on its fused image.
 
 Nothing here computes: the engine fuses, in a napari worker thread, as for the main run.
 """
@@ -40,6 +43,14 @@ class _ProgressRelay(QObject):
 
 
 @dataclass(frozen=True)
+class _ComparisonFailed:
+    """A worker's error handed back as a value: napari relays a raised exception as a traceback
+    notification (and superqt re-raises a returned exception), but the user should see one line."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
 class MethodRun:
     method: str
     result: FusionResult
@@ -60,6 +71,7 @@ def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume,
     """Each method's fusion of the pair, in turn (``engines`` caches loaded methods across runs)."""
     runs = []
     for name in methods:
+        cancel.raise_if_cancelled()  # before loading: a method takes seconds to load, wasted once cancelled
         key = (name, reference.ndim, device, tile_size)
         if key not in engines:
             progress(f"load {name}", 0, 1)
@@ -96,6 +108,9 @@ class MethodComparePanel(widgets.Container):
         self.runs: list[MethodRun] = []
         self._cancel: CancelToken | None = None
         self._engines: dict[tuple, FusionEngine] = {}
+        self._released = False
+        # Whether grid mode was on before the comparison turned it on; None while no comparison is side by side.
+        self._grid_before_comparison: bool | None = None
         self._relay = _ProgressRelay()
         self._relay.progressed.connect(self._show_progress)
         self.run_button.changed.connect(self.start)
@@ -127,7 +142,7 @@ class MethodComparePanel(widgets.Container):
     @reports_errors(ACTION)
     def start(self) -> None:
         if self.worker is not None:
-            raise InputError("a comparison is already running; wait for it or press Cancel", ACTION)
+            raise InputError("a comparison is already running; wait for it or press Cancel")
         methods = list(dict.fromkeys([self.first.value, self.second.value]))
         selection = self.run_panel.selection()  # the clear message when the form is incomplete
         request = selection.request
@@ -140,12 +155,12 @@ class MethodComparePanel(widgets.Container):
         self.status.value = "starting…"
         worker.start()
 
-    def _compute(self, methods, request, cancel):
+    def _compute(self, methods, request, cancel) -> list[MethodRun] | _ComparisonFailed:
         try:
             return run_methods(methods, request.reference, request.moving, request.device, request.tile_size,
                                self._relay.progressed.emit, cancel, self._engines)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish
-            return error
+            return _ComparisonFailed(error)
 
     def _show_progress(self, stage: str, done: int, total: int) -> None:
         self.status.value = f"{stage} {done}/{total}"
@@ -155,14 +170,22 @@ class MethodComparePanel(widgets.Container):
             self._cancel.cancel()
             self.status.value = "cancelling at the next tile…"
 
+    def release(self) -> None:
+        """The workbench is closing: cancel a running comparison, and let its result add nothing, for good."""
+        self._released = True
+        self.cancel()
+
     def _finished(self) -> None:
         self.worker, self._cancel = None, None
         self.run_button.enabled, self.cancel_button.enabled = True, False
-
-    def _finish(self, outcome, selection) -> None:
-        if isinstance(outcome, Exception):
-            report_error(outcome, ACTION)
+        if not self.status.value.startswith("done"):  # `returned` (which says "done") comes before `finished`
             self.status.value = "stopped"
+
+    def _finish(self, outcome: list[MethodRun] | _ComparisonFailed, selection) -> None:
+        if self._released:  # closed while the worker ran: its viewer is no longer ours to change
+            return
+        if isinstance(outcome, _ComparisonFailed):
+            report_error(outcome.error, ACTION)
             return
         self.runs = outcome
         self.show(outcome, selection.reference_name, selection.moving_name)
@@ -181,5 +204,15 @@ class MethodComparePanel(widgets.Container):
                     self.viewer.layers.remove(name)
                 self.viewer.add_image(data, **kwargs, visible=role == "fused")
             show_warnings(f"{run.method}: {warning}" for warning in run.result.warnings)
+        if self._grid_before_comparison is None:  # a second comparison must not record the grid the first turned on
+            self._grid_before_comparison = self.viewer.canvas.grid.enabled
         self.viewer.canvas.grid.enabled = True
         self._annotate_about()
+
+    def leave_side_by_side(self) -> None:
+        """Give grid mode back the state it had before a comparison turned it on (the main run's
+        overlays must share its fused image's cell); nothing to do when no comparison is shown."""
+        if self._grid_before_comparison is None:
+            return
+        self.viewer.canvas.grid.enabled = self._grid_before_comparison
+        self._grid_before_comparison = None

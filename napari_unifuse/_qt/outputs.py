@@ -87,6 +87,7 @@ class ResultLayers:
         self.checker_tile = 8
         self.arrow_scale = 1.0
         self._hidden_for_compare: list = []
+        self._shown_for_compare: list = []
         self._flicker = QTimer()
         self._flicker.setInterval(FLICKER_INTERVAL_MS)
         self._flicker.timeout.connect(self._flip)
@@ -175,7 +176,9 @@ class ResultLayers:
 
     # ---- live adjustments (no re-run) ----------------------------------------------------------
     def update_quivers(self, _event=None) -> None:
-        if self.outcome is None or self.names.quivers not in self.viewer.layers:
+        # The user may have deleted either layer: nothing to follow then.
+        if self.outcome is None or not all(name in self.viewer.layers for name in (self.names.quivers,
+                                                                                    self.names.fused)):
             return
         layer = self.viewer.layers[self.names.quivers]
         reference = self.viewer.layers[self.names.fused]
@@ -220,10 +223,11 @@ class ResultLayers:
 
     def stop_flicker(self) -> None:
         self._flicker.stop()
-        for layer in self._hidden_for_compare:
-            if layer in self.viewer.layers:
-                layer.visible = True
-        self._hidden_for_compare = []
+        for layers, visible in ((self._hidden_for_compare, True), (self._shown_for_compare, False)):
+            for layer in layers:
+                if layer in self.viewer.layers:
+                    layer.visible = visible
+        self._hidden_for_compare, self._shown_for_compare = [], []
 
     @property
     def flickering(self) -> bool:
@@ -238,14 +242,18 @@ class ResultLayers:
         aligned.visible = not aligned.visible
 
     def _compare_layers(self):
-        """The aligned layer, after hiding the outputs drawn above it (fused, maps) so that the
-        reference below and the aligned image are what the user compares."""
+        """The aligned layer, after hiding every other layer but the reference (the moving input,
+        the fused image, the maps, an earlier run's layers; the quivers stay) and showing the
+        reference, so that fade and flicker compare exactly the reference and the aligned image."""
         if self.outcome is None or self.names.aligned not in self.viewer.layers:
             return None
-        aligned_index = self.viewer.layers.index(self.names.aligned)
-        for layer in list(self.viewer.layers)[aligned_index + 1:]:
-            if layer.visible and layer.name != self.names.quivers:
+        kept = {self.names.aligned, self.names.quivers, self.reference_name}
+        for layer in self.viewer.layers:
+            if layer.visible and layer.name not in kept:
                 layer.visible = False
                 self._hidden_for_compare.append(layer)
+        if self.reference_name in self.viewer.layers and not self.viewer.layers[self.reference_name].visible:
+            self.viewer.layers[self.reference_name].visible = True
+            self._shown_for_compare.append(self.viewer.layers[self.reference_name])
         return self.viewer.layers[self.names.aligned]
 

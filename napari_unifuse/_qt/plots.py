@@ -1,6 +1,7 @@
 """The docked per-slice plot: degradation probabilities and, below them, how much of each slice the
 quality maps flag. A 3D run draws one line per class (and per map) along z with a marker on the
-viewed slice; a 2D image is one "slice", so it draws bars. Colours follow napari's theme.
+viewed slice; a 2D image is one "slice", so it draws bars. A method that estimates no degradation
+gets a sentence in place of the probabilities. Colours follow napari's theme.
 
 The markers are blitted: moving them redraws only them over the figure's cached pixels. A full
 draw (constrained layout, every line) took 120 of the 185 ms a slice change cost on a 176-slice
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import napari.viewer
 
 WAITING_TEXT = "Run UniFuse to see the estimated degradation per slice."
+NO_DEGRADATION_TEXT = "this method estimates no degradation"
 
 
 class ProbabilityPlot(QWidget):
@@ -49,6 +51,7 @@ class ProbabilityPlot(QWidget):
         self.declared = "auto"
         self.quality: QualityMaps | None = None
         self.caveat: str | None = None
+        self.row = 0  # the viewed slice, which a restyle keeps even where no marker shows it
         self.markers: list = []
         self._background = None  # the figure's pixels without the markers, taken at each full draw
         self.canvas.mpl_connect("draw_event", self._on_draw)
@@ -60,9 +63,10 @@ class ProbabilityPlot(QWidget):
     # ---- data ----------------------------------------------------------------------------------
     def show_probabilities(self, probabilities: np.ndarray, class_names: tuple[str, ...], declared: str = "auto",
                            quality: QualityMaps | None = None, caveat: str | None = None) -> None:
-        """``probabilities``: ``(S, classes)``, one row per slice along z (a single row for 2D);
-        ``quality``: the run's quality maps, whose per-slice scores get a second panel; ``caveat``:
-        a line shown under the values (``FusionResult.class_caveat``)."""
+        """``probabilities``: ``(S, classes)``, one row per slice along z (a single row for 2D), no
+        columns for a method that estimates no degradation; ``quality``: the run's quality maps,
+        whose per-slice scores get a second panel; ``caveat``: a line shown under the values
+        (``FusionResult.class_caveat``)."""
         self.probabilities, self.class_names = np.asarray(probabilities), tuple(class_names)
         self.declared, self.quality, self.caveat = declared, quality, caveat
         self._redraw()
@@ -76,13 +80,20 @@ class ProbabilityPlot(QWidget):
     def is_single_slice(self) -> bool:
         return self.probabilities is not None and len(self.probabilities) == 1
 
+    @property
+    def estimates_degradation(self) -> bool:
+        """False for fusion-only and classical methods, whose results carry no class columns (their
+        ``class_names`` may still list the classes)."""
+        return self.probabilities is not None and self.probabilities.shape[1] > 0
+
     def set_slice(self, index: int) -> None:
         if self.probabilities is None:
             return
-        row = int(np.clip(index, 0, len(self.probabilities) - 1))
+        row = self.row = int(np.clip(index, 0, len(self.probabilities) - 1))
         for marker in self.markers:
             marker.set_xdata([row, row])
-        values = ", ".join(f"{name} {p:.2f}" for name, p in zip(self.class_names, self.probabilities[row]))
+        values = (", ".join(f"{name} {p:.2f}" for name, p in zip(self.class_names, self.probabilities[row]))
+                  if self.estimates_degradation else NO_DEGRADATION_TEXT)
         text = f"slice {row}: {values}"
         if self.quality is not None:
             flagged = ", ".join(f"{MAP_LABELS[name]} {100 * scores[row]:.1f} %"
@@ -123,12 +134,15 @@ class ProbabilityPlot(QWidget):
             return
         panels = 2 if self.quality is not None else 1
         axes = self.figure.subplots(panels, 1, sharex=not self.is_single_slice, squeeze=False)[:, 0]
-        self._draw_probabilities(axes[0])
+        if self.estimates_degradation:
+            self._draw_probabilities(axes[0])
+        else:
+            _say_no_degradation(axes[0], text)
         if self.quality is not None:
             self._draw_quality(axes[1], self.quality)
         for ax in axes:
             _style_axes(ax, background, text)
-            if not self.is_single_slice:
+            if not self.is_single_slice and ax.has_data():  # no marker on the note that stands for no data
                 self.markers.append(ax.axvline(0, color=text, linestyle="--", linewidth=1, animated=True))
         self.canvas.draw_idle()
 
@@ -167,7 +181,7 @@ class ProbabilityPlot(QWidget):
     def _on_theme(self, event) -> None:
         self.theme_id = event.value
         self._redraw()
-        self.set_slice(int(self.marker_position or 0))
+        self.set_slice(self.row)
 
     def disconnect_viewer(self) -> None:
         """Stop following the viewer's theme (the plot is being closed)."""
@@ -192,6 +206,13 @@ def _style_axes(ax: Axes, background: str, text: str) -> None:
         legend.get_frame().set_edgecolor(text)
         for label in legend.get_texts():
             label.set_color(text)
+
+
+def _say_no_degradation(ax: Axes, colour: str) -> None:
+    """The sentence instead of the probabilities, in an axes without frame or ticks to read."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, NO_DEGRADATION_TEXT, transform=ax.transAxes, ha="center", va="center", color=colour,
+            fontsize=8)
 
 
 def _legend(ax: Axes) -> None:

@@ -18,7 +18,7 @@ from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.overlays import input_fingerprint, run_folder
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import ImageVolume
+from napari_unifuse.io import ImageVolume, read_image
 from napari_unifuse.model.checkpoint import list_checkpoints, read_config
 
 if TYPE_CHECKING:
@@ -100,6 +100,12 @@ class RunPanel(widgets.Container):
         self.open_moving.changed.connect(lambda path: self._open_into(path, self.moving))
         self.checkpoint.changed.connect(lambda value: setattr(self.checkpoint_file, "visible", value == FROM_FILE))
         self.reference.changed.connect(self._match_checkpoint_to_reference)
+        # The ground truth and the declared degradation belong to the pair they were chosen for.
+        self._pair_of_extras: tuple[str | None, str | None] | None = None
+        for extra in (self.ground_truth, self.task):
+            extra.changed.connect(self._remember_pair_of_extras)
+        for image in (self.reference, self.moving):
+            image.changed.connect(self._forget_extras_of_another_pair)
         for event in (viewer.layers.events.removed, viewer.layers.events.moved):
             event.connect(self._refresh_layer_choices)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -144,6 +150,17 @@ class RunPanel(widgets.Container):
                 self.reference.value, self.moving.value = names[0], names[1]
         self._match_checkpoint_to_reference()  # `changed` does not fire when the value stays
 
+    def _remember_pair_of_extras(self, _value=None) -> None:
+        self._pair_of_extras = (self.reference.value, self.moving.value)
+
+    def _forget_extras_of_another_pair(self, _value=None) -> None:
+        """Another pair chosen: a ground truth and a degradation set for the last one (a sample's,
+        say) would score the new pair against an unrelated image; back to none and auto."""
+        if self._pair_of_extras in (None, (self.reference.value, self.moving.value)):
+            return
+        self.ground_truth.value, self.task.value = NO_LABEL, "auto"
+        self._pair_of_extras = None
+
     def _match_checkpoint_to_reference(self, _value=None) -> None:
         """Offer the bundled checkpoint of the reference's dimensionality, unless the user chose
         something else than a bundled one (a file, the untrained preset)."""
@@ -161,7 +178,11 @@ class RunPanel(widgets.Container):
     def _open_into(self, path: Path, combo: widgets.ComboBox) -> None:
         if not path or not Path(path).is_file() and not Path(path).is_dir():
             return
-        layers = self.viewer.open(str(path), plugin=PLUGIN)
+        try:
+            layers = self.viewer.open(str(path), plugin=PLUGIN)
+        except ValueError:  # napari's "reader refused the file": the reader itself says why
+            read_image(path)
+            raise
         if layers:
             self._refresh_layer_choices()
             combo.value = layers[0].name

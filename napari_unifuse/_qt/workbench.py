@@ -215,6 +215,7 @@ class UniFuseWorkbench(QWidget):
         self._released = True
         if self._cancel is not None:
             self._cancel.cancel()
+        self.method_compare.release()
         self._close_activity()
         self.viewer.dims.events.current_step.disconnect(self._on_slice_changed)
         self.results.disconnect_viewer()
@@ -249,22 +250,28 @@ class UniFuseWorkbench(QWidget):
 
     # ---- run selection -------------------------------------------------------------------------
     def _select_run(self, _value=None) -> None:
-        """Follow the form: the run folder, and the annotations already made in it."""
+        """Follow the form: the folder the next run goes to. Until a run is on screen, the pair the
+        form describes is also what annotations are about (flags made on the inputs); afterwards
+        Save, the QC report and annotations stay with the run on screen, whatever the form is
+        changed to for the next one."""
         try:
-            self.selection = self.run_panel.selection()
+            selection = self.run_panel.selection()
         except UniFuseError:
-            self.selection = None  # incomplete form: the Run button explains what is missing
             self.run_panel.folder_label.value = "(choose a reference and a moving image)"
+            if self.outcome is None:
+                self.selection = None  # incomplete form: the Run button explains what is missing
             return
-        self.run_panel.folder_label.value = str(self.selection.folder)
-        self.annotation_panel.set_run(self.selection.folder, Path(self.run_panel.output_root.value),
-                                      self.viewer.layers[self.selection.reference_name])
+        self.run_panel.folder_label.value = str(selection.folder)
+        if self.outcome is None:
+            self.selection = selection
+            self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
+                                          self.viewer.layers[selection.reference_name])
 
     # ---- running -------------------------------------------------------------------------------
     @reports_errors("Run UniFuse")
     def start_run(self) -> None:
         if self.worker is not None:
-            raise InputError("a run is already in progress; wait for it or press Cancel", "Run UniFuse")
+            raise InputError("a run is already in progress; wait for it or press Cancel")
         selection = self.run_panel.selection()  # raises the clear message when the form is incomplete
         self._cancel = cancel = CancelToken()
         started = time.perf_counter()
@@ -365,7 +372,11 @@ class UniFuseWorkbench(QWidget):
         if self._released:
             return
         self.outcome, self.selection = outcome, selection
+        self.method_compare.leave_side_by_side()  # the overlays below sit on the fused image, one view
         self.results.show(outcome, selection.reference_name, selection.moving_name)
+        # Annotations are about the run on screen: its folder, drawn on its grid (the fused layer's).
+        self.annotation_panel.set_run(selection.folder, selection.folder.parent,
+                                      self.viewer.layers[self.results.names.fused])
         result = outcome.result
         self.annotation_panel.method.value = result.provenance["method"]["name"]
         self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task,
@@ -422,7 +433,9 @@ class UniFuseWorkbench(QWidget):
         """Move the viewer to the next (``step`` > 0) or previous suspicious slice along z and
         pre-fill the annotation category with what the quality maps flag there."""
         if self.outcome is None or self.outcome.result.quality is None:
-            raise InputError("run UniFuse first: the quality maps say which slices to look at", "Review")
+            raise InputError("run UniFuse first: the quality maps say which slices to look at")
+        if self.results.names.fused not in self.viewer.layers:
+            raise InputError("the fused layer was deleted; run again to review this pair")
         quality = self.outcome.result.quality
         target = quality.next_suspicious(self._current_z(), step)
         if target is None:
@@ -434,14 +447,22 @@ class UniFuseWorkbench(QWidget):
         return target
 
     def _show_z(self, index: int) -> None:
-        """Put the viewer on z slice ``index`` of the result (the centre of it, in world mm)."""
+        """Put the viewer on z slice ``index`` of the result (the centre of it, in world mm), in an
+        axial view: the plot and the quality maps' scores are per z slice, so a sagittal or coronal
+        view would show another slice than the one named."""
         fused = self.viewer.layers[self.results.names.fused]
         if fused.ndim < 3:
             return
+        offset = self.viewer.dims.ndim - fused.ndim
+        if self.viewer.dims.ndisplay == 3:
+            self.viewer.dims.ndisplay = 2
+        if offset in self.viewer.dims.displayed:  # z is on screen, not sliced: make it the slider
+            order = [axis for axis in self.viewer.dims.order if axis != offset]
+            self.viewer.dims.order = (*order[:-2], offset, *order[-2:])
+            show_info("Switched to the axial view: suspicious slices are z slices.")
         position = (np.asarray(fused.data.shape, dtype=float) - 1) / 2
         position[0] = index
         world = fused.data_to_world(position)
-        offset = self.viewer.dims.ndim - fused.ndim
         for axis in self.viewer.dims.not_displayed:
             if axis >= offset:
                 self.viewer.dims.set_point(axis, float(world[axis - offset]))
@@ -451,12 +472,12 @@ class UniFuseWorkbench(QWidget):
     def write_qc_report(self) -> None:
         """Write the run's QC report in a worker thread; a notification gives its path."""
         if self.outcome is None or self.selection is None:
-            raise InputError("run UniFuse first; the report describes a run", "QC report")
+            raise InputError("run UniFuse first; the report describes a run")
         if self.outcome.volume_metrics is None:
             raise InputError("the volume metrics are still being computed; the report holds them, so wait for "
-                             "them (the Metrics tab fills in)", "QC report")
+                             "them (the Metrics tab fills in)")
         if self.report_worker is not None:
-            raise InputError("the report is being written; wait for it", "QC report")
+            raise InputError("the report is being written; wait for it")
         worker = create_worker(self._build_report, self.outcome, self.selection,
                                self.annotation_panel.annotations)
         worker.returned.connect(self._report_written)
@@ -486,7 +507,7 @@ class UniFuseWorkbench(QWidget):
     @reports_errors("Save outputs")
     def save_outputs(self) -> dict[str, Path]:
         if self.outcome is None or self.selection is None:
-            raise InputError("run UniFuse first; there is nothing to save yet", "Save outputs")
+            raise InputError("run UniFuse first; there is nothing to save yet")
         folder = self.selection.folder
         result = self.outcome.result
         map_suffix = "mha" if result.output_extension == "png" else "nii.gz"

@@ -31,6 +31,8 @@ FAILURE_CATEGORIES: tuple[str, ...] = (
     "other",
 )
 ANNOTATIONS_FILE = "annotations.jsonl"
+# One column per Annotation field, each once, after the run: run and method lead because a cohort
+# table is read per case and per method compared.
 EXPORT_COLUMNS = (
     "run",
     "method",
@@ -43,7 +45,6 @@ EXPORT_COLUMNS = (
     "slice_axis",
     "region_kind",
     "region_world",
-    "method",
 )
 
 

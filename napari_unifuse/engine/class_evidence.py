@@ -24,10 +24,11 @@ every degradation calibrated for the modality: a head that says "none" as often 
 as on clean ones does not show that an image is clean. Below
 ``MIN_LIKELIHOOD_RATIO`` = 2 the call barely moves the odds that the artefact is there (likelihood
 ratios of 1-2 alter the probability of a condition "to a small and rarely important degree";
-Jaeschke, Guyatt and Sackett, JAMA 1994;271:703), so the engine warns. When the modality is not
-given ("auto"), the weakest of the calibrated modalities counts: the engine cannot vouch for a
-call that is uninformative on any of them. A checkpoint without calibration gets no warning and
-no claim: provenance records that nothing was calibrated.
+Jaeschke, Guyatt and Sackett, JAMA 1994;271:703), so the engine warns. When the image's modality
+is not known ("auto") or not calibrated, the weakest of the calibrated modalities counts: the
+engine cannot vouch for a call that is uninformative on any of them. The record and its messages
+then say so, lest the weakest modality read as the image's. A checkpoint without calibration gets
+no warning and no claim: provenance records that nothing was calibrated.
 """
 
 from __future__ import annotations
@@ -49,12 +50,29 @@ EvidenceTable = dict[str, dict[str, dict[str, int]]]
 
 @dataclass(frozen=True)
 class ClassEvidence:
-    """How often a checkpoint named ``named`` on ``modality`` inputs degraded by it and on clean ones."""
+    """How often a checkpoint named ``named`` on ``modality`` inputs degraded by it and on clean ones.
+
+    ``image_modality``: the modality of the image the call was made on ("auto": not known);
+    ``modality``: the calibration weighed, that modality's or, where it has none, the weakest
+    calibrated modality's standing in (``weakest_fallback``)."""
 
     modality: str
     named: str
     on_degraded: tuple[int, int]  # named on k of n inputs degraded by ``named`` (for "none": by any degradation)
     on_clean: tuple[int, int]     # named on k of n clean inputs
+    image_modality: str
+
+    @property
+    def weakest_fallback(self) -> bool:
+        return self.image_modality != self.modality
+
+    @property
+    def _fallback_note(self) -> str:
+        """What leads the messages when the calibration is not the image's own modality's."""
+        if not self.weakest_fallback:
+            return ""
+        why = "modality unknown" if self.image_modality == "auto" else f"{self.image_modality} not calibrated"
+        return f"{why}: judged by the weakest calibration, {self.modality}'s: "
 
     @property
     def claims_clean(self) -> bool:
@@ -76,26 +94,27 @@ class ClassEvidence:
         (on_degraded, degraded), (on_clean, clean) = self.on_degraded, self.on_clean
         ratio = f"(likelihood ratio {self.likelihood_ratio:.1f} < {MIN_LIKELIHOOD_RATIO:g})"
         if self.claims_clean:
-            return (f"degradation class 'none' (p {probability:.2f}) is not evidence of a clean image: on its "
-                    f"calibration this checkpoint named {on_degraded} of {degraded} degraded {self.modality} inputs "
-                    f"'none', against {on_clean} of {clean} clean ones {ratio}")
-        return (f"degradation class {self.named!r} (p {probability:.2f}) is not evidence of the artefact: on its "
-                f"calibration this checkpoint named {on_clean} of {clean} clean {self.modality} inputs "
-                f"{self.named!r}, against {on_degraded} of {degraded} that had it {ratio}; it tells the modality, "
-                f"not the image's quality")
+            return (f"{self._fallback_note}degradation class 'none' (p {probability:.2f}) is not evidence of a "
+                    f"clean image: on its calibration this checkpoint named {on_degraded} of {degraded} degraded "
+                    f"{self.modality} inputs 'none', against {on_clean} of {clean} clean ones {ratio}")
+        return (f"{self._fallback_note}degradation class {self.named!r} (p {probability:.2f}) is not evidence of "
+                f"the artefact: on its calibration this checkpoint named {on_clean} of {clean} clean {self.modality} "
+                f"inputs {self.named!r}, against {on_degraded} of {degraded} that had it {ratio}; it tells the "
+                f"modality, not the image's quality")
 
     @property
     def caveat(self) -> str:
         if self.claims_clean:
             on_degraded, degraded = self.on_degraded
-            return (f"'none' is not evidence of a clean image: also named on {on_degraded} of {degraded} degraded "
-                    f"{self.modality} inputs (likelihood ratio {self.likelihood_ratio:.1f})")
+            return (f"{self._fallback_note}'none' is not evidence of a clean image: also named on {on_degraded} "
+                    f"of {degraded} degraded {self.modality} inputs (likelihood ratio {self.likelihood_ratio:.1f})")
         on_clean, clean = self.on_clean
-        return (f"{self.named!r} is not evidence of the artefact: also named on {on_clean} of {clean} clean "
-                f"{self.modality} inputs (likelihood ratio {self.likelihood_ratio:.1f})")
+        return (f"{self._fallback_note}{self.named!r} is not evidence of the artefact: also named on {on_clean} "
+                f"of {clean} clean {self.modality} inputs (likelihood ratio {self.likelihood_ratio:.1f})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"modality": self.modality, "named": self.named, "on_degraded": list(self.on_degraded),
+        return {"modality": self.modality, "image_modality": self.image_modality,
+                "weakest_fallback": self.weakest_fallback, "named": self.named, "on_degraded": list(self.on_degraded),
                 "on_clean": list(self.on_clean), "likelihood_ratio": self.likelihood_ratio,
                 "min_likelihood_ratio": MIN_LIKELIHOOD_RATIO, "informative": self.informative}
 
@@ -122,7 +141,8 @@ def evidence_table(metadata: dict[str, Any]) -> EvidenceTable | None:
     return modalities
 
 
-def _evidence(modality: str, conditions: dict[str, dict[str, int]], named: str) -> ClassEvidence | None:
+def _evidence(modality: str, conditions: dict[str, dict[str, int]], named: str,
+              image_modality: str) -> ClassEvidence | None:
     if named == NONE:
         degraded_by = [condition for condition in conditions if condition not in (CLEAN, NONE)]
     else:
@@ -132,17 +152,18 @@ def _evidence(modality: str, conditions: dict[str, dict[str, int]], named: str) 
     clean = conditions[CLEAN]
     named_on_degraded = sum(conditions[condition].get(named, 0) for condition in degraded_by)
     degraded = sum(sum(conditions[condition].values()) for condition in degraded_by)
-    return ClassEvidence(modality, named, (named_on_degraded, degraded), (clean.get(named, 0), sum(clean.values())))
+    return ClassEvidence(modality, named, (named_on_degraded, degraded), (clean.get(named, 0), sum(clean.values())),
+                         image_modality)
 
 
 def class_evidence(table: EvidenceTable | None, named: str, modality: str = "auto") -> ClassEvidence | None:
-    """The calibration behind naming ``named`` on a ``modality`` input: that modality's when it
-    was calibrated, else the weakest over the calibrated modalities; None when there is no
-    calibration or no calibrated input had that degradation (for "none": any degradation)."""
+    """The calibration behind naming ``named`` on a ``modality`` input ("auto": not known): that
+    modality's when it was calibrated, else the weakest over the calibrated modalities; None when
+    there is no calibration or no calibrated input had that degradation (for "none": any degradation)."""
     if table is None or named not in DEGRADATION_CLASSES:
         return None
     key = modality.lower()
     if key in table:
-        return _evidence(key, table[key], named)
-    candidates = [e for e in (_evidence(m, c, named) for m, c in table.items()) if e is not None]
+        return _evidence(key, table[key], named, key)
+    candidates = [e for e in (_evidence(m, c, named, key) for m, c in table.items()) if e is not None]
     return min(candidates, key=lambda e: e.likelihood_ratio, default=None)

@@ -1,5 +1,6 @@
 import csv
 import json
+from dataclasses import fields
 
 import pytest
 
@@ -70,3 +71,26 @@ def test_cohort_export_collects_every_run(tmp_path):
         rows = list(csv.DictReader(handle))
     assert {row["category"] for row in rows} == set(FAILURE_CATEGORIES[:2])
     assert sum(row["run"].endswith("case1") for row in rows) == 2
+
+
+def test_cohort_export_has_each_column_once_holding_its_own_value(tmp_path):
+    flagged = Annotation(category="lost structure", reviewer="dr who", note="left ventricle", slice_index=7,
+                         slice_axis=2, method="bsafusion")
+    drawn = Annotation(category="other", reviewer="dr no", region_kind="shapes",
+                       region_world=[[[1.5, 2.0], [3.0, 4.5]]], method="mmif-amin")
+    AnnotationStore(tmp_path / "case1").add(flagged)
+    AnnotationStore(tmp_path / "case2").add(drawn)
+    export_cohort(find_runs(tmp_path), tmp_path / "cohort.csv")
+    with open(tmp_path / "cohort.csv", newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    assert len(header) == len(set(header))
+    assert set(header) == {"run", *(field.name for field in fields(Annotation))}
+    by_column = [dict(zip(header, row)) for row in rows]
+    assert by_column == [
+        {"run": str(tmp_path / "case1"), "method": "bsafusion", "id": flagged.id, "created": flagged.created,
+         "reviewer": "dr who", "category": "lost structure", "note": "left ventricle", "slice_index": "7",
+         "slice_axis": "2", "region_kind": "", "region_world": "[]"},
+        {"run": str(tmp_path / "case2"), "method": "mmif-amin", "id": drawn.id, "created": drawn.created,
+         "reviewer": "dr no", "category": "other", "note": "", "slice_index": "", "slice_axis": "0",
+         "region_kind": "shapes", "region_world": "[[[1.5, 2.0], [3.0, 4.5]]]"},
+    ]

@@ -31,15 +31,16 @@ TABLE = {"t2": {CLEAN: {"motion": 5}, "motion": {"motion": 5}},
 
 def test_likelihood_ratio_on_known_answers():
     # Half a count added to each numerator and one to each denominator: (5.5/6) / (5.5/6) and (9.5/11) / (1.5/11).
-    blind = ClassEvidence("t2", "motion", on_degraded=(5, 5), on_clean=(5, 5))
-    seeing = ClassEvidence("pet", "lowdose", on_degraded=(9, 10), on_clean=(1, 10))
-    never_on_clean = ClassEvidence("ct", "metal", on_degraded=(3, 3), on_clean=(0, 3))
+    blind = ClassEvidence("t2", "motion", on_degraded=(5, 5), on_clean=(5, 5), image_modality="t2")
+    seeing = ClassEvidence("pet", "lowdose", on_degraded=(9, 10), on_clean=(1, 10), image_modality="pet")
+    never_on_clean = ClassEvidence("ct", "metal", on_degraded=(3, 3), on_clean=(0, 3), image_modality="ct")
     assert blind.likelihood_ratio == pytest.approx(1.0)
     assert seeing.likelihood_ratio == pytest.approx(9.5 / 1.5)
     assert never_on_clean.likelihood_ratio == pytest.approx(3.5 / 0.5)
     assert not blind.informative and seeing.informative and never_on_clean.informative
-    assert "5 of 5 clean t2" in blind.message(0.72) and "p 0.72" in blind.message(0.72)
-    assert "5 of 5 clean t2" in blind.caveat
+    assert blind.message(0.72).startswith("degradation class 'motion' (p 0.72) is not evidence")
+    assert "5 of 5 clean t2" in blind.message(0.72)
+    assert blind.caveat.startswith("'motion' is not evidence") and "5 of 5 clean t2" in blind.caveat
 
 
 def test_the_given_modality_is_looked_up_and_auto_takes_the_weakest():
@@ -49,6 +50,23 @@ def test_the_given_modality_is_looked_up_and_auto_takes_the_weakest():
     # "auto" (or a modality the calibration lacks): the weakest calibrated modality for that class.
     assert class_evidence(table, "motion", "auto").modality == "t2"
     assert class_evidence(table, "lowdose", "mr").modality == "pet"
+
+
+def test_a_fallback_to_the_weakest_calibration_says_it_is_not_the_images_modality():
+    table = evidence_table({METADATA_KEY: {"modalities": TABLE}})
+    own = class_evidence(table, "motion", "T2")
+    unknown = class_evidence(table, "motion", "auto")
+    uncalibrated = class_evidence(table, "motion", "mr")
+    assert (own.modality, own.image_modality, own.weakest_fallback) == ("t2", "t2", False)
+    assert (unknown.modality, unknown.image_modality, unknown.weakest_fallback) == ("t2", "auto", True)
+    assert (uncalibrated.modality, uncalibrated.image_modality, uncalibrated.weakest_fallback) == ("t2", "mr", True)
+    assert own.message(0.7).startswith("degradation class 'motion'") and own.caveat.startswith("'motion'")
+    for evidence, lead in ((unknown, "modality unknown"), (uncalibrated, "mr not calibrated")):
+        assert evidence.message(0.7).startswith(f"{lead}: judged by the weakest calibration, t2's: degradation class")
+        assert evidence.caveat.startswith(f"{lead}: judged by the weakest calibration, t2's: 'motion' is not")
+    recorded = unknown.to_dict()
+    assert (recorded["modality"], recorded["image_modality"], recorded["weakest_fallback"]) == ("t2", "auto", True)
+    assert own.to_dict()["weakest_fallback"] is False
 
 
 def test_no_claim_without_calibration_or_for_an_uncalibrated_class():
@@ -157,10 +175,17 @@ def test_auto_weighs_the_call_on_the_modality_the_moving_image_shows_of_itself()
     tagged_ct = ImageVolume(moving.array, moving.geometry, {"modality": "CT"})
     for shows_ct in (in_hounsfield_units, tagged_ct):
         assert engine.run_fusion(reference, shows_ct, quality=False).provenance[METADATA_KEY]["modality"] == "ct"
-    # An image that says nothing is normalised as MR, a guess: the weakest calibration, here PET's.
-    assert engine.run_fusion(reference, moving, quality=False).provenance[METADATA_KEY]["modality"] == "pet"
-    assert engine.run_fusion(reference, tagged_ct, moving_modality="pet",
-                             quality=False).provenance[METADATA_KEY]["modality"] == "pet"
+    # An image that says nothing is normalised as MR, a guess: the weakest calibration, here PET's,
+    # which the warning and the record name as standing in for an unknown modality.
+    says_nothing = engine.run_fusion(reference, moving, quality=False)
+    recorded = says_nothing.provenance[METADATA_KEY]
+    assert (recorded["modality"], recorded["image_modality"], recorded["weakest_fallback"]) == ("pet", "auto", True)
+    warned = [w for w in says_nothing.warnings if "not evidence of a clean image" in w]
+    assert len(warned) == 1 and warned[0].startswith("modality unknown: judged by the weakest calibration, pet's: ")
+    declared_pet = engine.run_fusion(reference, tagged_ct, moving_modality="pet", quality=False)
+    recorded = declared_pet.provenance[METADATA_KEY]
+    assert (recorded["modality"], recorded["weakest_fallback"]) == ("pet", False)
+    assert not any("modality unknown" in w for w in declared_pet.warnings)
 
 
 def test_no_warning_when_the_calibration_shows_the_call_is_informative_or_absent(motion_caller):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from napari_unifuse._qt.plots import ProbabilityPlot
+from napari_unifuse._qt.plots import NO_DEGRADATION_TEXT, ProbabilityPlot
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.quality import INVENTED, LOST, RESTORATION_CHANGE, QualityMaps
 
@@ -60,6 +60,39 @@ def test_the_class_caveat_shows_under_the_values_until_the_next_run(qtbot):
     assert plot.values_label.text().endswith("'motion' is not evidence of the artefact")
     plot.show_probabilities(probabilities, DEGRADATION_CLASSES)
     assert "not evidence" not in plot.values_label.text()
+
+
+@pytest.mark.parametrize("slices", [1, 12])
+@pytest.mark.parametrize("with_quality", [False, True])
+def test_a_method_without_degradation_classes_is_said_so_and_the_slice_still_follows(qtbot, slices, with_quality):
+    """Fusion-only methods (bsafusion, mmif-amin) return (S, 0) probabilities beside the class names."""
+    plot = ProbabilityPlot()
+    qtbot.addWidget(plot)
+    quality = quality_with_defect((20, 20) if slices == 1 else (slices, 20, 20)) if with_quality else None
+    plot.show_probabilities(np.zeros((slices, 0)), DEGRADATION_CLASSES, quality=quality)
+    plot.canvas.draw()
+    probability_panel, *quality_panel = plot.figure.axes
+    assert [text.get_text() for text in probability_panel.texts] == [NO_DEGRADATION_TEXT]
+    assert not probability_panel.lines and not probability_panel.patches
+    assert len(quality_panel) == int(with_quality)
+    plot.set_slice(7)
+    row = min(7, slices - 1)
+    label = plot.values_label.text()
+    assert label.startswith(f"slice {row}: {NO_DEGRADATION_TEXT}")
+    assert ("flagged: invented structure" in label) == with_quality
+    # A 3D run's marker is on the quality panel, the one panel with slices along its axis.
+    assert plot.marker_position == (row if with_quality and slices > 1 else None)
+
+
+def test_the_viewed_slice_survives_a_theme_change_without_a_marker(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    plot = ProbabilityPlot(viewer)
+    qtbot.addWidget(plot)
+    plot.show_probabilities(np.zeros((12, 0)), DEGRADATION_CLASSES)
+    plot.set_slice(5)
+    viewer.theme = "light" if viewer.theme == "dark" else "dark"
+    assert plot.values_label.text().startswith("slice 5:")
+    plot.disconnect_viewer()
 
 
 def test_moving_the_marker_repaints_it_over_the_cached_figure(qtbot):

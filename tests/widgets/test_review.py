@@ -218,3 +218,67 @@ def test_a_run_slows_napari_s_in_progress_animation_and_gives_its_speed_back(mak
     qtbot.waitUntil(lambda: workbench.worker is None, timeout=120_000)
     assert workbench.outcome is not None
     assert [movie.speed() for movie in movies] == speeds
+
+
+def test_save_report_and_flags_stay_with_the_run_on_screen_when_the_form_changes(reviewed, notifications):
+    viewer, workbench = reviewed
+    run_folder = workbench.selection.folder
+    viewer.add_image(np.zeros(SHAPE, np.float32), name="next moving")
+    workbench.run_panel.moving.value = "next moving"  # preparing the next pair while reviewing this one
+    assert workbench.run_panel.folder_label.value != str(run_folder)  # where the next run will go
+    assert workbench.selection.folder == run_folder
+    workbench.annotation_panel.flag_slice.clicked()
+    assert len(workbench.annotation_panel.annotations) == 1
+    assert (run_folder / ANNOTATIONS_FILE).is_file()
+    written = workbench.save_outputs()
+    assert written and {path.parent for path in written.values()} == {run_folder}, notifications
+
+
+def test_suspicious_navigation_turns_a_sagittal_view_axial(reviewed, notifications):
+    viewer, workbench = reviewed
+    viewer.dims.order = (2, 0, 1)  # z on screen, x on the slider
+    viewer.dims.set_current_step(0, 0)
+    assert workbench.go_to_suspicious(+1) == INVENTED_SLICE
+    assert 0 not in viewer.dims.displayed and viewer.dims.current_step[0] == INVENTED_SLICE
+    assert any("axial view" in message for _, message in notifications)
+
+
+def test_a_deleted_fused_layer_leaves_scrolling_and_navigation_working(reviewed, notifications):
+    viewer, workbench = reviewed
+    viewer.layers.remove(OutputNames.for_inputs("T1", "T2").fused)
+    viewer.dims.set_current_step(0, 6)  # the quivers and the plot follow the slice: no error
+    assert workbench.go_to_suspicious(+1) is None
+    assert any("the fused layer was deleted" in message for _, message in notifications)
+    assert not any("unexpectedly" in message for _, message in notifications)
+
+
+def test_a_ground_truth_and_degradation_belong_to_the_pair_they_were_chosen_for(make_napari_viewer):
+    viewer = make_napari_viewer()
+    add_pair(viewer)  # tagged like sample data: its ground truth is picked with it
+    form = UniFuseWorkbench(viewer).run_panel
+    form.task.value = "motion"
+    assert form.ground_truth.value == "T2 ground truth"
+    viewer.add_image(np.zeros((16, 48, 48), np.float32), name="another scan")
+    form.moving.value = "another scan"
+    assert (form.ground_truth.value, form.task.value) == ("none", "auto")
+    form.ground_truth.value, form.task.value = "T2 ground truth", "metal"  # chosen for this pair: kept
+    form.reference.value = form.reference.value
+    assert (form.ground_truth.value, form.task.value) == ("T2 ground truth", "metal")
+
+
+def test_review_actions_before_a_run_say_so_once_and_a_folder_without_images_is_explained(
+        make_napari_viewer, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = UniFuseWorkbench(viewer)
+    workbench.save_button.enabled = True  # as if clicked: the handler itself must refuse
+    workbench.save_outputs()
+    workbench.write_qc_report()
+    assert ("Save outputs: run UniFuse first; there is nothing to save yet" in
+            [message for _, message in notifications])
+    assert "QC report: run UniFuse first; the report describes a run" in [message for _, message in notifications]
+    empty = tmp_path / "not a DICOM series"
+    empty.mkdir()
+    workbench.run_panel.open_moving.value = str(empty)
+    assert any("no DICOM series found in this folder" in message for _, message in notifications)
+    assert not any("unexpectedly" in message for _, message in notifications)

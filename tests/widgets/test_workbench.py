@@ -93,11 +93,13 @@ def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_v
     workbench.qc_panel.fade.value = 0.3
     aligned_layer = viewer.layers[names.aligned]
     assert aligned_layer.visible and aligned_layer.opacity == pytest.approx(0.3)
-    assert not viewer.layers[names.fused].visible
+    # The reference under it, nothing else: not the fused image, not the unaligned moving input.
+    assert not viewer.layers[names.fused].visible and not viewer.layers["T2"].visible
+    assert viewer.layers["T1"].visible
     workbench.qc_panel.flicker.value = True
     qtbot.waitUntil(lambda: not aligned_layer.visible, timeout=5_000)
     workbench.qc_panel.flicker.value = False
-    assert viewer.layers[names.fused].visible  # restored when flicker stops
+    assert viewer.layers[names.fused].visible and viewer.layers["T2"].visible  # restored when flicker stops
 
     workbench.save_button.clicked()
     folder = workbench.selection.folder
