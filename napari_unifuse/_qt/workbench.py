@@ -15,6 +15,7 @@ run that ends after that draws nothing.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -519,7 +520,10 @@ class UniFuseWorkbench(QWidget):
         if any(path.resolve() in inputs for path in planned) or folder.resolve() in {p.parent for p in inputs}:
             raise InputError("the run folder holds an input image; choose another runs folder so inputs are never "
                              "overwritten", folder)
-        written = write_fusion_outputs(result, folder)
+        with warnings.catch_warnings(record=True) as caught:  # a PNG loses the layers' spacing: say so here
+            warnings.simplefilter("always")
+            written = write_fusion_outputs(result, folder)
+        show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
         for (name, array), path in zip(maps.items(), planned):
             write_image(ImageVolume(array, result.fused.geometry, {"role": name}), path)
             written[path.name] = path

@@ -329,3 +329,23 @@ def test_bad_input_is_explained_and_changes_nothing(make_napari_viewer, qtbot, t
     assert any(expected in message for message in errors), errors
     assert [layer.name for layer in viewer.layers] == before
     assert not (tmp_path / "runs").exists()
+
+
+def test_saving_png_outputs_of_scaled_layers_says_the_spacing_is_lost(make_napari_viewer, qtbot, tmp_path,
+                                                                     checkpoint_files, notifications):
+    from PIL import Image
+
+    viewer = make_napari_viewer()
+    yy, xx = np.indices((48, 48))
+    for name, shift in (("mri", 0), ("ct", 2)):
+        disc = 200.0 * ((yy - 24) ** 2 + (xx - 24 - shift) ** 2 < 14**2)
+        Image.fromarray(disc.astype(np.uint8)).save(tmp_path / f"{name}.png")
+        viewer.open(str(tmp_path / f"{name}.png"), plugin="napari-unifuse")
+        viewer.layers[name].scale = (0.5, 0.5)  # the pixel size the reviewer knows, which PNG cannot hold
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    workbench.run_panel.reference.value, workbench.run_panel.moving.value = "mri", "ct"
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    written = workbench.save_outputs()
+    assert "fused.png" in written
+    assert any("PNG cannot store spacing" in message for _, message in notifications)
