@@ -13,8 +13,10 @@ With ``--harvard``, ``--misalignment`` picks the misalignment regime of the synt
 default); every row carries its ``regime`` (``given`` for CSV pairs) and the report has one
 section per regime.
 
-Methods (rows): ``UniFuse`` (``--checkpoint``) and each of ``--methods`` (``engine.methods``:
-bsafusion, mmif-amin, ...; ``NAME=CHECKPOINT`` for weights other than the bundled ones) through
+Methods (rows): ``UniFuse (CHECKPOINT)`` (``--checkpoint``, a UniFuse checkpoint) and each of
+``--methods`` (``engine.methods``: bsafusion, mmif-amin, ...; ``NAME=CHECKPOINT`` for weights other
+than the bundled ones, the row then named ``NAME (STEM)`` after the checkpoint's file name, and the
+report's header gives each checkpoint's path) through
 ``engine.FusionEngine`` (the shipped path), and each classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
 UniFuse's parameter-free matching) followed by each classical fusion rule (max, average,
 wavelet). The classical pipelines fuse the reference with *their* aligned moving image, i.e. the
@@ -48,7 +50,8 @@ Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (per regime: mean ±
 and task, and over all tasks, the metrics a copy fools, then UniFuse against each pipeline pair by
 pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
 other row), ``OUT/paired.csv`` (that comparison) and
-``OUT/per_pair.csv`` (every value).
+``OUT/per_pair.csv`` (every value). A folder that already holds these results is refused unless
+``--overwrite`` is given, before any pair is computed.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ from napari_unifuse.metrics import (
     ssim_gains,
     vif_f,
 )
-from napari_unifuse.model.checkpoint import read_metadata
+from napari_unifuse.model.checkpoint import DEFAULT_METHOD, checkpoint_method, read_metadata
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 from napari_unifuse.training.harvard import HARVARD_TASKS, case_of
 
@@ -120,6 +123,7 @@ COPY_REGISTRATION = "matching"
 FOOLED_MARK = "†"
 REGIME_CHOICES = (*MISALIGNMENT_REGIMES, "all")
 CSV_REGIME = "given"  # CSV pairs come misaligned as they are
+RESULT_FILES = ("per_pair.csv", "evaluation.csv", "paired.csv", "evaluation.md")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,11 +530,39 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 # ---- command -------------------------------------------------------------------------------------
 def _names(text: str, known: tuple[str, ...], option: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    # Once each: a repeated name would give two records of one row per pair, which the pair-by-pair
+    # comparison refuses only after every pair has been computed.
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise InputError(f"unknown {unknown}; choose from {', '.join(known)}", option)
     return names
+
+
+def row_name(method: str, checkpoint: str | Path | None) -> str:
+    """A method's row name: with the stem of its checkpoint when one is given, so that rows of
+    other weights are never read as those of the bundled ones."""
+    return f"{method} ({Path(str(checkpoint)).stem})" if checkpoint else method
+
+
+def refuse_unusable_out(out: Path, overwrite: bool) -> None:
+    """Checked before any pair is computed: ``out`` must be a folder, and one without an earlier
+    evaluation's results unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise InputError("is a file; --out takes a folder for evaluation.csv/.md and per_pair.csv", out)
+    earlier = [name for name in RESULT_FILES if (out / name).exists()]
+    if earlier and not overwrite:
+        raise InputError(f"holds the results of an earlier evaluation ({', '.join(earlier)}); pass --overwrite "
+                         "to replace them, or choose another --out", out)
+
+
+def refuse_other_methods_checkpoint(checkpoint: str) -> None:
+    """``--checkpoint`` is UniFuse's: another method's checkpoint would be scored and reported as
+    UniFuse."""
+    found = checkpoint_method(checkpoint)
+    if found != DEFAULT_METHOD:  # "unifuse", what a UniFuse checkpoint records
+        raise InputError(f"{checkpoint} holds {found} weights, not UniFuse ones; evaluate it with "
+                         f"--methods {found}={checkpoint}", "--checkpoint")
 
 
 def _regimes(args: argparse.Namespace) -> list[str]:
@@ -567,6 +599,10 @@ def regime_section(regime: str, summary: list[dict], records: list[dict], method
 def run(args: argparse.Namespace) -> int:
     if (args.pairs is None) == (args.harvard is None):
         raise InputError("give exactly one of --pairs CSV or --harvard ROOT", "--pairs/--harvard")
+    if args.harvard is not None and not args.harvard.is_dir():
+        raise InputError("Harvard data folder not found; --harvard takes the AANLIB folder (CT-MRI/, PET-MRI/, …)",
+                         args.harvard)
+    refuse_unusable_out(args.out, args.overwrite)
     regimes = _regimes(args)
     registrations = _names(args.baselines, REGISTRATION_METHODS, "--baselines")
     if "ants" in registrations and not classical.ants_available():
@@ -576,15 +612,27 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None and not args.methods:
         raise InputError("nothing to evaluate; give a UniFuse checkpoint, other methods, or both",
                          "--checkpoint/--methods")
-    methods = {}
+    method_name = row_name(UNIFUSE_METHOD, args.checkpoint)
+    checkpoints = {}  # row name -> the checkpoint it was given, for the report's header
+    if args.checkpoint is not None:
+        refuse_other_methods_checkpoint(args.checkpoint)
+        checkpoints[method_name] = args.checkpoint
+    methods = {}  # row name -> engine
     for entry in args.methods or []:
         name, _, checkpoint = entry.partition("=")
-        method = load_method(name, checkpoint=checkpoint or None, spatial_dims=2)
-        if method.name in methods:
-            # Rows are keyed by method name: a second entry would silently replace the first.
+        try:
+            method = load_method(name, checkpoint=checkpoint or None, spatial_dims=2)
+        except InputError as error:
+            if error.source != "--method":  # a checkpoint's own error names the file
+                raise
+            raise InputError(error.problem, "--methods") from error  # this command's option, not fuse's
+        if any(engine.method.name == method.name for engine in methods.values()):
             raise InputError(f"{method.name} is named twice; to compare two checkpoints of one method, "
                              "run evaluate once per checkpoint", "--methods")
-        methods[method.name] = FusionEngine(method, device=args.device, tile_size=args.tile_size)
+        row = row_name(method.name, checkpoint)
+        methods[row] = FusionEngine(method, device=args.device, tile_size=args.tile_size)
+        if checkpoint:
+            checkpoints[row] = checkpoint
     if args.pairs is not None:
         pairs_by_regime = {CSV_REGIME: pairs_from_csv(args.pairs)}
         described = f"{len(pairs_by_regime[CSV_REGIME])} pairs from {args.pairs}"
@@ -608,7 +656,6 @@ def run(args: argparse.Namespace) -> int:
                            weigh_network_field=True if args.weigh_network_field else None,
                            weigh_dense_refinement=True if args.weigh_dense_refinement else None)
               if args.checkpoint is not None else None)
-    method_name = f"{UNIFUSE_METHOD} ({Path(str(args.checkpoint)).stem})"
     method_names = ([method_name] if engine is not None else []) + list(methods)
     copies_on = copy_registration(registrations)
 
@@ -621,6 +668,10 @@ def run(args: argparse.Namespace) -> int:
                 records.append({"regime": regime, "pair": pair.name, "task": pair.task, "method": method, **values})
 
     args.out.mkdir(parents=True, exist_ok=True)
+    # Only now, after every pair: a run that fails leaves the earlier results whole; and no file of
+    # theirs outlives this one (paired.csv when this run has no engine method).
+    for name in RESULT_FILES:
+        (args.out / name).unlink(missing_ok=True)
     sections, summary_rows, paired_rows = [], [], []
     for regime in regimes:
         regime_records = [record for record in records if record["regime"] == regime]
@@ -633,7 +684,8 @@ def run(args: argparse.Namespace) -> int:
     write_csv(summary_rows, args.out / "evaluation.csv")
     if paired_rows:
         write_csv(paired_rows, args.out / "paired.csv")
-    header = (f"# Evaluation of {', '.join(([str(args.checkpoint)] if engine is not None else []) + list(methods))}\n\n"
+    weights = "".join(f" `{name}`: checkpoint {checkpoint}." for name, checkpoint in checkpoints.items())
+    header = (f"# Evaluation of {', '.join(method_names)}\n\n"
               f"{described}; mean ± std. Alignment (ncc, mse, ssim) "
               "vs the clean label; epe / epe_tissue: mean end-point error of the field (voxels) over the "
               "grid / over the reference's tissue; restored_ssim / "
@@ -641,7 +693,7 @@ def run(args: argparse.Namespace) -> int:
               "vs the label; fusion metrics vs (reference, label), gain_ref / gain_mov: SSIM to the "
               "reference / label beyond the other source's own, gain_min the smaller; classical pipelines "
               f"fuse their aligned, still degraded moving image; `{copies_on} + copy-reference` and "
-              f"`{copies_on} + copy-moving` fuse nothing (fused = reference, fused = aligned moving).\n\n")
+              f"`{copies_on} + copy-moving` fuse nothing (fused = reference, fused = aligned moving).{weights}\n\n")
     report = header + "\n".join(sections)
     (args.out / "evaluation.md").write_text(report, encoding="utf-8")
     print(report)
@@ -652,7 +704,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="score a checkpoint beside classical registration + fusion baselines",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="UniFuse checkpoint (bundled name or .safetensors file)")
+    parser.add_argument("--checkpoint", help="UniFuse checkpoint (bundled name or .safetensors file); another "
+                                             "method's goes to --methods NAME=CHECKPOINT")
     parser.add_argument("--methods", nargs="+", metavar="NAME[=CHECKPOINT]",
                         help="engine methods to evaluate too (engine.methods: bsafusion, mmif-amin, mmif-amin:sitk, "
                              "sitk+wavelet, ...), with their bundled weights unless =CHECKPOINT")
@@ -677,6 +730,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fusion-rules", default=",".join(FUSION_RULES),
                         help=f"classical fusion rules ({', '.join(FUSION_RULES)})")
     parser.add_argument("--out", type=Path, required=True, help="folder for evaluation.csv/.md and per_pair.csv")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier evaluation in --out (refused otherwise)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--tile-size", type=int, help="voxels per tile side (default: the checkpoint's training crop, else one pass)")
     parser.add_argument("--weigh-network-field", action="store_true",

@@ -322,7 +322,7 @@ def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
         assert f"## Misalignment: {regime}" in report
     assert {row["regime"] for row in read_csv(out / "paired.csv")} == {"large", "mild", "none"}
     first = (out / "per_pair.csv").read_text(encoding="utf-8")
-    assert main(argv) == 0
+    assert main([*argv, "--overwrite"]) == 0  # into the same folder: refused without it
     # Seeded synthesis: a second run scores the very same pairs (timings aside).
     strip = lambda text: [row[:-1] for row in csv.reader(text.splitlines())]  # noqa: E731 (seconds is last)
     assert strip((out / "per_pair.csv").read_text(encoding="utf-8")) == strip(first)
@@ -418,23 +418,26 @@ def test_engine_methods_are_rows_and_each_is_compared_with_every_other(checkpoin
     assert code == 0
     per_pair = read_csv(out / "per_pair.csv")
     rows = {(row["method"], row["pair"]): row for row in per_pair}
-    assert {row["method"] for row in per_pair} == {"mmif-amin:none", "identity+max", "identity + max", *{
+    # Weights other than the bundled ones: the row says whose, so it is not read as the bundled method's.
+    trained = "mmif-amin:none (mmif)"
+    assert {row["method"] for row in per_pair} == {trained, "identity+max", "identity + max", *{
         f"identity + {rule}" for rule in COPY_RULES}}
     for pair in {row["pair"] for row in per_pair}:
         # The engine's identity+max and evaluate's own identity + max fuse the same normalised pair.
         assert float(rows["identity+max", pair]["Q_abf"]) == pytest.approx(float(rows["identity + max", pair]["Q_abf"]),
                                                                             abs=0.02)
-        assert float(rows["mmif-amin:none", pair]["seconds"]) > 0
-        assert rows["mmif-amin:none", pair]["class_accuracy"] == "nan"  # no degradation estimate
-        assert rows["mmif-amin:none", pair]["restored_ssim"] == "nan"  # restores nothing
+        assert float(rows[trained, pair]["seconds"]) > 0
+        assert rows[trained, pair]["class_accuracy"] == "nan"  # no degradation estimate
+        assert rows[trained, pair]["restored_ssim"] == "nan"  # restores nothing
     paired = read_csv(out / "paired.csv")
     assert {(row["method"], row["versus"]) for row in paired if row["task"] == "t1-t2"} == {
-        ("mmif-amin:none", "identity+max"), ("mmif-amin:none", "identity + max"),
-        ("identity+max", "mmif-amin:none"), ("identity+max", "identity + max"),
-        *{(method, f"identity + {rule}") for method in ("mmif-amin:none", "identity+max") for rule in COPY_RULES}}
+        (trained, "identity+max"), (trained, "identity + max"),
+        ("identity+max", trained), ("identity+max", "identity + max"),
+        *{(method, f"identity + {rule}") for method in (trained, "identity+max") for rule in COPY_RULES}}
     markdown = (out / "evaluation.md").read_text(encoding="utf-8")
-    assert "mmif-amin:none against each pipeline, pair by pair" in markdown
-    assert markdown.startswith("# Evaluation of mmif-amin:none, identity+max")
+    assert f"{trained} against each pipeline, pair by pair" in markdown
+    assert markdown.startswith(f"# Evaluation of {trained}, identity+max\n")
+    assert f"`{trained}`: checkpoint {mmif}." in markdown.splitlines()[2]  # the file itself, in the header
 
 
 def test_evaluate_needs_a_checkpoint_or_methods(pairs_csv, tmp_path, capsys):
@@ -551,3 +554,87 @@ def test_the_guards_candidates_are_as_the_checkpoint_says_unless_asked(flag, wei
 
     assert code == 0
     assert [(engine.weigh_network_field, engine.weigh_dense_refinement) for engine in engines] == [weighed]
+
+
+@pytest.fixture
+def no_pair_computed(monkeypatch):
+    """For a run that must be refused before its first pair: computing one fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pair was computed before the refusal")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_pair", refuse)
+
+
+def test_a_checkpoint_of_another_method_is_refused_as_unifuses(pairs_csv, tmp_path, capsys, no_pair_computed):
+    """Its rows would be labelled UniFuse, and its pair-by-pair tables too."""
+    mmif = save_checkpoint(build_network("mmif-amin", "small", 2), tmp_path / "mmif.safetensors")
+    code = main(["evaluate", "--checkpoint", str(mmif), "--pairs", str(pairs_csv[0]), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--baselines", "identity", "--fusion-rules", "max"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds mmif-amin weights, not UniFuse ones" in error
+    assert f"--methods mmif-amin={mmif}" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_registration_or_rule_named_twice_is_evaluated_once(pairs_csv, tmp_path):
+    out = tmp_path / "out"
+    code = main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(out), "--device", "cpu",
+                 "--methods", "identity+max", "--baselines", "identity,identity", "--fusion-rules", "max, max"])
+    assert code == 0
+    per_pair = read_csv(out / "per_pair.csv")
+    assert sorted(row["method"] for row in per_pair if row["pair"] == "pet_moving.png") == sorted(
+        ["identity+max", "identity + max", *(f"identity + {rule}" for rule in COPY_RULES)])
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(pairs_csv, tmp_path, capsys, no_pair_computed):
+    out = tmp_path / "results"
+    out.write_text("not a folder", encoding="utf-8")
+    code = main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(out), "--device", "cpu",
+                 "--methods", "identity+max", "--baselines", "identity", "--fusion-rules", "max"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error == f"unifuse evaluate: error: {out}: is a file; --out takes a folder for evaluation.csv/.md and " \
+                    "per_pair.csv\n"
+    assert out.read_text(encoding="utf-8") == "not a folder"
+
+
+def test_a_missing_harvard_folder_is_named_by_evaluates_own_option(tmp_path, capsys, no_pair_computed):
+    missing = tmp_path / "nonexistent"
+    code = main(["evaluate", "--harvard", str(missing), "--methods", "identity+max", "--out", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"{missing}: Harvard data folder not found; --harvard takes" in error
+    assert "--data-root" not in error  # train's option, not evaluate's
+
+
+def test_earlier_results_in_out_are_kept_unless_overwrite(pairs_csv, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("per_pair.csv", "paired.csv"):
+        (out / name).write_text("earlier\n", encoding="utf-8")
+    arguments = ["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(out), "--device", "cpu",
+                 "--methods", "identity+max", "--baselines", "identity", "--fusion-rules", "max"]
+    computed = []
+
+    def one_row_per_pair(pair, *args, **kwargs):
+        computed.append(pair.name)
+        yield "identity+max", dict.fromkeys(METRIC_COLUMNS, 0.5)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_pair", one_row_per_pair)
+    assert main(arguments) == 2
+    assert "holds the results of an earlier evaluation (per_pair.csv, paired.csv); pass --overwrite" in (
+        capsys.readouterr().err)
+    assert not computed and (out / "per_pair.csv").read_text(encoding="utf-8") == "earlier\n"
+
+    assert main([*arguments, "--overwrite"]) == 0
+    assert {row["method"] for row in read_csv(out / "per_pair.csv")} == {"identity+max"}
+    # One engine method and nothing else to compare it with: no paired.csv, and not the earlier one either.
+    assert not (out / "paired.csv").exists()
+
+
+def test_an_unknown_method_is_named_by_evaluates_own_option(pairs_csv, tmp_path, capsys):
+    code = main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--methods", "nosuch"])
+    assert code == 2
+    assert "unifuse evaluate: error: --methods: unknown method 'nosuch'" in capsys.readouterr().err
