@@ -188,7 +188,7 @@ def train_check(device: torch.device, config_path: Path, steps: int, run_dir: Pa
         sections[name] = {**sections.get(name, {}), **values}
     config = config.with_overrides(**sections)
     with peak_memory(device) as memory:
-        result = train(config, run_dir, device=device.type, progress=False, stop_at_step=steps)
+        result = train(config, run_dir, device=device.type, progress=False, stop_at_step=steps, overwrite=True)
     return TrainCheck(str(config_path), preset, result.step, result.seconds_per_step, _last_loss(run_dir), memory[1])
 
 

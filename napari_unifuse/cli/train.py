@@ -7,7 +7,9 @@ Several processes / GPUs: ``torchrun --nproc_per_node N -m napari_unifuse.cli tr
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
+import sys
 from pathlib import Path
 
 from napari_unifuse.engine.device import DEVICE_CHOICES
@@ -21,14 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", required=True, help="training config YAML (see configs/)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.*")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from <out>/checkpoints/last.* with the run's own config.yaml; --config must "
+                            "match it, --max-steps, --lr and --batch-size may change it")
+    start.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                       help="fine-tune: start from these weights (path or packaged name; overrides train.init_from)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds a run, removing its checkpoints and log")
     parser.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (overrides train.max_steps)")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop at this step (checkpointed) without shortening the schedule; --resume continues")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (CUDA if available)")
     parser.add_argument("--data-root", default=None, help="overrides data.root of the config")
-    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
-                        help="fine-tune: start from these weights (path or packaged name; overrides train.init_from)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides train.lr)")
     parser.add_argument("--batch-size", type=int, default=None, help="per process; overrides train.batch_size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
@@ -44,14 +51,25 @@ def _command(args: argparse.Namespace) -> str:
                         ("--batch-size", args.batch_size)):
         if value is not None:
             parts += [flag, str(value)]
-    parts += ["--resume"] if args.resume else []
+    parts += [flag for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)) if given]
     return shlex.join(parts)
+
+
+def _say_where_resume_continues(out: Path) -> None:
+    """After Ctrl-C: the step --resume would continue from (the main prints "interrupted")."""
+    sidecar = out / "checkpoints" / "last.json"
+    try:
+        step = json.loads(sidecar.read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError):
+        print(f"unifuse train: no checkpoint in {out} yet", file=sys.stderr)
+        return
+    print(f"unifuse train: the last checkpoint holds step {step}; --resume continues from it", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     from napari_unifuse.errors import InputError
     from napari_unifuse.training.config import load_config
-    from napari_unifuse.training.trainer import train
+    from napari_unifuse.training.trainer import resumed_config, train
 
     config = load_config(args.config)
     train_overrides = {key: value for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size))
@@ -68,10 +86,16 @@ def run(args: argparse.Namespace) -> int:
     data_overrides = {"root": str(Path(args.data_root).resolve())} if args.data_root else {}
     config = config.with_overrides(train=train_overrides, data=data_overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if args.resume:
+        config = resumed_config(out, config, **train_overrides)
     if args.stop_at is not None and args.stop_at < 1:
         raise InputError(f"--stop-at must be at least 1, got {args.stop_at}")
-    result = train(config, out, device=args.device, resume=args.resume, command=_command(args),
-                   progress=not args.no_progress, stop_at_step=args.stop_at)
+    try:
+        result = train(config, out, device=args.device, resume=args.resume, command=_command(args),
+                       progress=not args.no_progress, stop_at_step=args.stop_at, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        _say_where_resume_continues(out)
+        raise
     if result.rank != 0:
         return 0  # under torchrun only the first process reports
     scores = ", ".join(f"{name} {value:.4f}" for name, value in result.validation.items())

@@ -15,12 +15,18 @@ typo never silently falls back to a default)::
 
 Relative paths inside ``data`` (``root``) are resolved against the folder of the config file, so
 ``configs/harvard2d.yaml`` can say ``../../shared/data/harvard-aanlib`` (i.e. ``../shared/...``
-seen from the repository root) and work from any working directory.
+seen from the repository root) and work from any working directory. So is ``train.init_from`` when
+that file exists; a bare name (no folder, no suffix) always means a packaged checkpoint.
+
+Numbers are range-checked here, at load, so that a value the optimiser, the schedule or the loss
+would reject, or silently misuse (a negative ``grad_clip`` reverses the gradients), is named with
+its allowed range before any training starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +80,11 @@ STAGES = ("full", HEAD_STAGE, IMAGE_RESTORATION_STAGE, FUSION_WEIGHT_STAGE)
 # the network's own field (the paper's W(I_fine, φ)), or by the true field (the label where it
 # lies, which the evaluation scores against).
 FUSION_TARGETS = ("network_field", "true_field")
+# The data kinds that read files under data.root (training.datasets.DATA_KEYS); phantoms are generated.
+KINDS_WITH_ROOT = ("harvard", "folders")
+# Counts below 1 train without ever logging, validating or checkpointing, or validate on nothing
+# (val_batches 0: every score NaN and no best checkpoint).
+TRAIN_COUNTS = ("batch_size", "max_steps", "log_every", "val_every", "val_batches", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -116,17 +127,16 @@ class TrainConfig:
         return values
 
     def with_overrides(self, **sections: dict[str, Any]) -> TrainConfig:
-        """A copy with some fields of ``train``/``model``/``loss`` or keys of ``data`` replaced."""
-        changed: dict[str, Any] = {}
-        for name, values in sections.items():
-            if not values:
-                continue
-            current = getattr(self, name)
-            if name == "data":
-                changed[name] = {**current, **values}
-            else:
-                changed[name] = _section(type(current), {**dataclasses.asdict(current), **values}, self.source, name)
-        return dataclasses.replace(self, **changed)
+        """A copy with some fields of ``train``/``model``/``loss`` or keys of ``data`` replaced,
+        validated as a config file would be (an override can break a range, e.g. lr below min_lr)."""
+        if "root" in (sections.get("data") or {}) and self.data["kind"] not in KINDS_WITH_ROOT:
+            raise InputError(f"data.kind {self.data['kind']} generates its pairs and reads no data.root: "
+                             f"--data-root applies to {' and '.join(KINDS_WITH_ROOT)} configs", self.source)
+        values = self.to_dict()
+        for name, changes in sections.items():
+            if changes:
+                values[name] = {**values[name], **changes}
+        return config_from_dict(values, self.source)
 
 
 def _section(cls: type, values: Any, source: str | None, name: str):
@@ -145,6 +155,8 @@ def _section(cls: type, values: Any, source: str | None, name: str):
             converted[key] = value
         elif isinstance(default, (int, float)):
             try:
+                if isinstance(value, bool):  # YAML's true/yes would otherwise count as 1
+                    raise TypeError
                 converted[key] = type(default)(value)
             except (TypeError, ValueError):
                 raise InputError(f"'{name}.{key}' must be a number, got {value!r}", source) from None
@@ -181,9 +193,9 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
     train = _section(TrainSection, values.get("train"), source, "train")
     if train.init_from is not None and not isinstance(train.init_from, str):
         raise InputError(f"train.init_from must be a checkpoint path or name, got {train.init_from!r}", source)
-    if train.init_from is not None and base_dir is not None:
-        # A file next to the config wins; anything else stays as given (a packaged name, or a
-        # path relative to the working directory).
+    if train.init_from is not None and base_dir is not None and not _is_checkpoint_name(train.init_from):
+        # A file next to the config wins; anything else stays as given (a path relative to the
+        # working directory).
         beside_config = _against(base_dir, train.init_from)
         if beside_config.is_file():
             train = dataclasses.replace(train, init_from=str(beside_config))
@@ -199,11 +211,16 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
     if isinstance(loss, LossSection) and loss.fusion_target not in FUSION_TARGETS:
         raise InputError(f"loss.fusion_target must be one of {list(FUSION_TARGETS)}, got {loss.fusion_target!r}",
                          source)
-    for name in ("batch_size", "max_steps", "log_every", "val_every", "checkpoint_every"):
-        if getattr(train, name) < 1:
-            raise InputError(f"train.{name} must be at least 1", source)
+    _check_train_ranges(train, source)
+    if isinstance(loss, LossSection):
+        _check_loss_ranges(loss, source)
+    _check_data_ranges(data, "data", source)
+    if isinstance(data.get("extra_sources"), list):
+        for number, extra in enumerate(data["extra_sources"]):
+            if isinstance(extra, dict):
+                _check_data_ranges(extra, f"data.extra_sources[{number}]", source)
     seed = values.get("seed", 0)
-    if not isinstance(seed, int) or seed < 0:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}", source)
     return TrainConfig(
         data=data,
@@ -213,6 +230,61 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         loss=loss,
         source=source,
     )
+
+
+def _require(allowed: bool, key: str, bounds: str, value: Any, source: str | None) -> None:
+    if not allowed:
+        raise InputError(f"{key} must be {bounds}, got {value!r}", source)
+
+
+def _check_train_ranges(train: TrainSection, source: str | None) -> None:
+    for name in TRAIN_COUNTS:
+        _require(getattr(train, name) >= 1, f"train.{name}", "at least 1", getattr(train, name), source)
+    _require(train.num_workers >= 0, "train.num_workers", "at least 0", train.num_workers, source)
+    # The comparisons are False for NaN, so NaN is refused with the rest.
+    _require(0 < train.lr < math.inf, "train.lr", "a finite number above 0", train.lr, source)
+    # min_lr above lr would make the cosine schedule climb instead of decay.
+    _require(0 <= train.min_lr <= train.lr, "train.min_lr", f"between 0 and train.lr ({train.lr:g})",
+             train.min_lr, source)
+    _require(0 <= train.weight_decay < math.inf, "train.weight_decay", "a finite number of at least 0",
+             train.weight_decay, source)
+    # clip_grad_norm_ scales the gradients by max/norm: 0 zeroes them and a negative max reverses
+    # them (gradient ascent). .inf clips nothing.
+    _require(train.grad_clip > 0, "train.grad_clip", "above 0 (.inf: no clipping)", train.grad_clip, source)
+
+
+def _check_loss_ranges(loss: LossSection, source: str | None) -> None:
+    from napari_unifuse.training.objective import LOSS_TERMS  # it imports this module
+
+    for name in LOSS_TERMS:
+        # A negative weight would maximise its loss.
+        _require(0 <= getattr(loss, name) < math.inf, f"loss.{name}", "a finite number of at least 0",
+                 getattr(loss, name), source)
+    for name in ("moda_negatives", "moda_anchors"):
+        _require(getattr(loss, name) >= 1, f"loss.{name}", "at least 1", getattr(loss, name), source)
+    _require(0 < loss.temperature < math.inf, "loss.temperature", "a finite number above 0", loss.temperature,
+             source)
+
+
+def _check_data_ranges(section: dict[str, Any], where: str, source: str | None) -> None:
+    """The tasks and sample counts of one data source; its other keys are checked where the
+    datasets are built (training.datasets)."""
+    if "tasks" in section:
+        tasks = section["tasks"]
+        _require(isinstance(tasks, (list, tuple)) and len(tasks) > 0, f"{where}.tasks",
+                 "a list of at least one task", tasks, source)
+    for name in ("train_length", "val_length"):
+        if name in section:
+            # val_length 0 validates on nothing: every score NaN and no best checkpoint.
+            value = section[name]
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{where}.{name}",
+                     "an integer of at least 1", value, source)
+
+
+def _is_checkpoint_name(init_from: str) -> bool:
+    """A bare name (``unifuse-2d-harvard``) names a packaged checkpoint, never a file beside the config."""
+    path = Path(init_from)
+    return path.name == init_from and not path.suffix
 
 
 def _root_resolved(section: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:

@@ -26,21 +26,31 @@ are moved by their true field, as the engine restores a pair with the field its 
 ``init_from``'s frozen network in evaluation mode; only the fusion losses reach it (the restored
 image enters the blend detached).
 
+Resuming (``resume=True``) continues the run folder's own config (``config.yaml``): the config
+given may change only ``RESUMABLE_TRAIN_SETTINGS`` (``resumed_config`` builds it for ``--resume``).
+The learning rate is a function of the step and that config, so a resumed run with another ``lr``
+or ``max_steps`` follows the schedule its files state. The log loses the records after the
+restored step, which the resumed run writes again. A fresh run refuses a folder that holds one,
+unless told to ``overwrite`` it.
+
 Run folder (``--out``)::
 
     config.yaml                 the resolved config
-    log.jsonl                   one JSON line per logged step ("train") and per validation ("val")
+    log.jsonl                   one JSON line per logged step ("train", with the lr it used) and per validation ("val")
     checkpoints/last.safetensors + last.json       weights + metadata (model.checkpoint)
-    checkpoints/last.state.pt   optimizer / scheduler / step, tensors and numbers only,
+    checkpoints/last.state.pt   optimizer / step, tensors and numbers only,
                                 read back with torch.load(weights_only=True)
     checkpoints/best.safetensors + best.json       best validation fusion_gain_min so far (a copy-proof fusion score)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,7 +70,13 @@ from napari_unifuse.errors import CheckpointError, UniFuseError
 from napari_unifuse.model import UniFuseConfig
 from napari_unifuse.model.checkpoint import load_weights, save_checkpoint, training_crop
 from napari_unifuse.model.networks import build_network
-from napari_unifuse.training.config import FUSION_WEIGHT_STAGE, HEAD_STAGE, IMAGE_RESTORATION_STAGE, TrainConfig
+from napari_unifuse.training.config import (
+    FUSION_WEIGHT_STAGE,
+    HEAD_STAGE,
+    IMAGE_RESTORATION_STAGE,
+    TrainConfig,
+    config_from_dict,
+)
 from napari_unifuse.training.datasets import build_datasets
 from napari_unifuse.training.degradation_head import (
     HEAD_INPUT_FIELDS,
@@ -78,6 +94,9 @@ IMAGE_RESTORATION_MODULE = "ufrf.image_restoration"
 FUSION_WEIGHT_MODULE = "ufrf.fusion_weight_head"
 # The stages that train one module of a frozen network, and that module.
 STAGE_MODULES = {IMAGE_RESTORATION_STAGE: IMAGE_RESTORATION_MODULE, FUSION_WEIGHT_STAGE: FUSION_WEIGHT_MODULE}
+# The train settings a resumed run may change (--max-steps, --lr, --batch-size): any other change
+# would train the rest of the run on something its files do not describe.
+RESUMABLE_TRAIN_SETTINGS = ("max_steps", "lr", "batch_size")
 
 
 @dataclass
@@ -135,12 +154,22 @@ class Trainer:
         command: str | None = None,
         progress: bool = True,
         stop_at_step: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.config = config
         # Where this invocation stops; the learning-rate schedule still spans train.max_steps.
         self.stop_at_step = min(stop_at_step or config.train.max_steps, config.train.max_steps)
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.resume = resume
+        self.overwrite = overwrite
+        if resume and overwrite:
+            raise UniFuseError("--resume continues the run and --overwrite starts it afresh: pass one of them")
+        # Here, before the processes first talk: none may see the files another has begun to write.
+        previous_run = self._previous_run_files()
+        if previous_run and not (resume or overwrite):
+            raise UniFuseError(f"{self.run_dir} holds a run ({', '.join(previous_run)}): pass --resume to "
+                               "continue it, --overwrite to start afresh, or choose another --out")
         self.command = command
         self.progress = progress
         self.dist = setup_distributed(device)
@@ -180,7 +209,6 @@ class Trainer:
                 parameter.requires_grad_(name.startswith(STAGE_MODULES[train.stage] + "."))
         self.trained_parameters = [parameter for parameter in self.network.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trained_parameters, lr=train.lr, weight_decay=train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._cosine_factor)
         self.train_set, self.val_set = build_datasets(
             config.data, seed=config.seed, spatial_dims=config.model.spatial_dims
         )
@@ -190,35 +218,41 @@ class Trainer:
         if resume:
             self._restore()
 
-    def _cosine_factor(self, step: int) -> float:
-        """Cosine annealing from ``lr`` to ``min_lr`` over ``max_steps`` (closed form, as a factor of lr).
+    def _learning_rate(self, step: int) -> float:
+        """The learning rate after ``step`` steps: cosine annealing from ``lr`` to ``min_lr`` over ``max_steps``.
 
-        Closed form rather than CosineAnnealingLR's recursion, so that resuming with another
-        ``max_steps`` simply follows the new cosine from the current step.
+        Closed form of the config, not a scheduler's saved state, so that a run resumed with another
+        ``lr`` or ``max_steps`` follows the new cosine from the current step.
         """
         train = self.config.train
         progress = min(step, train.max_steps) / train.max_steps
-        learning_rate = train.min_lr + (train.lr - train.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return learning_rate / train.lr
+        return train.min_lr + (train.lr - train.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # ------------------------------------------------------------------------------ checkpoints
 
     def _state_path(self, name: str) -> Path:
         return self.checkpoint_dir / f"{name}.state.pt"
 
+    def _previous_run_files(self) -> list[str]:
+        """What a run left in the run folder, that a fresh run would mix its own with."""
+        log = self.run_dir / "log.jsonl"
+        checkpoints = self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir())
+        return [name for name, present in (("log.jsonl", log.is_file()), ("checkpoints/", checkpoints)) if present]
+
     def _restore(self) -> None:
         weights = self.checkpoint_dir / "last.safetensors"
         state_path = self._state_path("last")
         if not weights.is_file() or not state_path.is_file():
             raise CheckpointError(f"nothing to resume in {self.checkpoint_dir} (no last.safetensors / last.state.pt)")
-        load_weights(self.network, weights)
-        state = torch.load(state_path, map_location=self.dist.device, weights_only=True)
+        _refuse_changes(run_config(self.run_dir), self.config, self.run_dir)
+        if not weights.with_suffix(".json").is_file():
+            raise CheckpointError(f"{weights.with_suffix('.json')}: missing; the run folder cannot be resumed")
+        _, sidecar = load_weights(self.network, weights)
+        state = _read_state(state_path, self.dist.device)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.best_score = float(state["best_score"])
         self.previous_seconds = float(state["seconds"])
-        sidecar = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
         self.best_validation = sidecar.get("best_validation", {})
         self.validation = sidecar.get("validation", {})
         self.initial_weights = sidecar.get("initial_weights")
@@ -244,7 +278,6 @@ class Trainer:
         path = save_checkpoint(self.network, self.checkpoint_dir / name, self._metadata(seconds))
         state = {
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "best_score": self.best_score,
             "seconds": seconds,
@@ -259,6 +292,27 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with (self.run_dir / "log.jsonl").open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
+
+    def _forget_records_after_the_restored_step(self) -> None:
+        """An interrupted run logged steps after its last checkpoint, which the resumed run logs again."""
+        log = self.run_dir / "log.jsonl"
+        if not log.is_file():
+            return
+        kept = []
+        for line in log.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+            if record.get("step", 0) <= self.step:
+                kept.append(line)
+        temporary = log.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(kept), encoding="utf-8")
+        temporary.replace(log)
+
+    def _clear_previous_run(self) -> None:
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        (self.run_dir / "log.jsonl").unlink(missing_ok=True)
 
     def _loader(self, sampler: _ResumableSampler) -> DataLoader:
         return DataLoader(
@@ -275,6 +329,10 @@ class Trainer:
         train = cfg.train
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.overwrite:
+                self._clear_previous_run()
+            if self.resume:
+                self._forget_records_after_the_restored_step()
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         if train.stage == HEAD_STAGE:
             return self._refit_degradation_head()
@@ -312,8 +370,8 @@ class Trainer:
                 seconds = self.previous_seconds + time.perf_counter() - start_time
                 last = self.step == self.stop_at_step
                 if self.dist.is_main and (self.step % train.log_every == 0 or last):
-                    self._log({"kind": "train", "step": self.step, "epoch": epoch,
-                               "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3), **terms})
+                    self._log({"kind": "train", "step": self.step, "epoch": epoch, "seconds": round(seconds, 3),
+                               **terms})
                 if self.step % train.val_every == 0 or last:
                     self._validate(val_loader, seconds)
                 if self.step % train.checkpoint_every == 0 or last:
@@ -361,7 +419,7 @@ class Trainer:
 
         fit_degradation_head(degradation_head(self.network), readouts.to(self.dist.device), labels.to(self.dist.device),
                              steps=train.max_steps, batch_size=train.batch_size,
-                             learning_rate=lambda step: train.lr * self._cosine_factor(step),
+                             learning_rate=self._learning_rate,
                              weight_decay=train.weight_decay, seed=self.config.seed, log=log)
         self.step = train.max_steps
         seconds = time.perf_counter() - start_time
@@ -383,14 +441,17 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         torch.manual_seed(step_seed(self.config.seed, self.dist.rank, self.step))
+        learning_rate = self._learning_rate(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
         terms = self.objective.losses(self.training_model(batch), batch, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.config.train.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
         values = {name: float(value.detach()) for name, value in terms.items()}
         values["grad_norm"] = float(grad_norm)
+        values["lr"] = learning_rate
         if not math.isfinite(values["total"]):
             raise UniFuseError(f"training diverged at step {self.step + 1}: loss terms {values}")
         return values
@@ -418,6 +479,65 @@ class Trainer:
             dist.barrier()
 
 
+def _read_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """A ``*.state.pt`` written by ``Trainer._save``; anything else is a CheckpointError naming the file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable training state ({type(error).__name__}); "
+                              "the run folder cannot be resumed") from None
+    missing = [key for key in ("optimizer", "step", "best_score", "seconds")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training state (no {', '.join(missing)}); "
+                              "the run folder cannot be resumed")
+    return state
+
+
+def run_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run folder was trained with (its ``config.yaml``)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume in {path.parent} (no config.yaml)")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise CheckpointError(f"{path}: not valid YAML ({error})") from None
+    # No base folder: its paths were resolved when it was written.
+    return config_from_dict(values, source=str(path))
+
+
+def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flattened(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _refuse_changes(saved: TrainConfig, requested: TrainConfig, run_dir: Path) -> None:
+    """A resumed run continues its own config: ``requested`` may differ only in RESUMABLE_TRAIN_SETTINGS."""
+    before, now = _flattened(saved.to_dict()), _flattened(requested.to_dict())
+    changeable = {f"train.{name}" for name in RESUMABLE_TRAIN_SETTINGS}
+    changed = sorted(key for key in before.keys() | now.keys()
+                     if key not in changeable and before.get(key) != now.get(key))
+    if changed:
+        raise CheckpointError(f"{run_dir} was trained with another config ({', '.join(changed)} differ from its "
+                              "config.yaml): resume with the config it was started with, or choose another --out")
+
+
+def resumed_config(run_dir: str | Path, requested: TrainConfig, **train_overrides: Any) -> TrainConfig:
+    """The config ``--resume`` continues with: the run's own, with ``train_overrides`` (explicit
+    RESUMABLE_TRAIN_SETTINGS) on top. ``requested``, the config given now, must match the run's in
+    all other settings: its values of RESUMABLE_TRAIN_SETTINGS do not count, as a ``--max-steps`` or
+    ``--lr`` of an earlier invocation is in the run's config but not in the file."""
+    saved = run_config(run_dir)
+    _refuse_changes(saved, requested, Path(run_dir))
+    return dataclasses.replace(saved.with_overrides(train=train_overrides), source=requested.source)
+
+
 def _module_the_stage_initialises(config: TrainConfig) -> dict[str, Any]:
     """``load_weights``' options for a stage's ``init_from``: the module the stage (re)initialises
     keeps the network's own weights, and the config fields that shape only it may differ."""
@@ -442,14 +562,16 @@ def train(
     command: str | None = None,
     progress: bool = True,
     stop_at_step: int | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train (or resume) the network of ``config.model.method`` as ``config`` says; see the module docstring.
 
     ``stop_at_step``: stop there (validating and checkpointing) although the schedule runs to
-    ``train.max_steps``; ``resume=True`` later continues as if never stopped.
+    ``train.max_steps``; ``resume=True`` later continues as if never stopped. ``overwrite``: a
+    fresh run into a folder that holds one first removes its checkpoints and log.
     """
     trainer = Trainer(config, run_dir, device=device, resume=resume, command=command, progress=progress,
-                      stop_at_step=stop_at_step)
+                      stop_at_step=stop_at_step, overwrite=overwrite)
     try:
         return trainer.fit()
     finally:

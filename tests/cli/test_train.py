@@ -45,7 +45,8 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "val"] == [3]
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in records if r["kind"] == "train")
 
-    # Resume to 5 steps: the step counter continues and the cosine now spans 5 steps.
+    # Resume to 5 steps: the step counter continues and the cosine now spans 5 steps. Each step
+    # logs the learning rate it trained with: step s the cosine's value after s - 1 steps.
     assert main(args + ["--resume", "--max-steps", "5"]) == 0
     _, metadata = load_checkpoint(checkpoint)
     assert metadata["steps"] == 5
@@ -53,9 +54,14 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     steps = [r["step"] for r in _log(run_dir) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
     learning_rates = {r["step"]: r["lr"] for r in _log(run_dir) if r["kind"] == "train"}
-    assert learning_rates[3] == pytest.approx(1e-6)  # end of the first 3-step schedule
-    assert learning_rates[4] == pytest.approx(1e-6 + (1e-4 - 1e-6) * (1 + math.cos(math.pi * 4 / 5)) / 2)
-    assert learning_rates[5] == pytest.approx(1e-6)
+
+    def cosine(done: int, max_steps: int) -> float:
+        return 1e-6 + (1e-4 - 1e-6) * (1 + math.cos(math.pi * done / max_steps)) / 2
+
+    assert learning_rates[1] == pytest.approx(1e-4)
+    assert learning_rates[3] == pytest.approx(cosine(2, 3))  # the first, 3-step schedule
+    assert learning_rates[4] == pytest.approx(cosine(3, 5))
+    assert learning_rates[5] == pytest.approx(cosine(4, 5))
 
 
 def test_init_from_and_lr_reach_the_run_and_its_metadata(tmp_path):
@@ -71,7 +77,7 @@ def test_init_from_and_lr_reach_the_run_and_its_metadata(tmp_path):
     assert metadata["initial_weights"]["steps"] == 1 and len(metadata["initial_weights"]["sha256"]) == 64
     assert metadata["training_config"]["train"]["lr"] == pytest.approx(3e-5)
     assert f"--init-from {weights}" in metadata["command"] and "--lr 3e-05" in metadata["command"]
-    assert _log(tuned)[0]["lr"] == pytest.approx(1e-6)  # a one-step cosine ends at min_lr
+    assert _log(tuned)[0]["lr"] == pytest.approx(3e-5)  # the one step of a one-step cosine is at its peak
 
 
 def test_resume_without_a_checkpoint_is_a_clean_error(tmp_path, capsys):

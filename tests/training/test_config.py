@@ -48,11 +48,41 @@ def test_init_from_a_file_is_relative_to_the_config_and_a_name_is_kept(tmp_path)
     assert load_config(path).train.init_from == "unifuse-2d-harvard"
 
 
+def test_a_relative_init_from_beside_the_config_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "resources").mkdir()
+    (tmp_path / "resources" / "weights.safetensors").write_bytes(b"")
+    path = tmp_path / "configs" / "tune.yaml"
+    path.write_text("data: {kind: phantom}\ntrain: {init_from: ../resources/weights.safetensors}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_config(Path("..") / "configs" / "tune.yaml").train.init_from == str(
+        tmp_path / "resources" / "weights.safetensors")
+
+
+def test_a_bare_init_from_name_means_the_packaged_checkpoint_even_beside_a_file_of_that_name(tmp_path):
+    (tmp_path / "unifuse-2d-harvard").write_bytes(b"")
+    path = tmp_path / "tune.yaml"
+    path.write_text("data: {kind: phantom}\ntrain: {init_from: unifuse-2d-harvard}\n")
+    assert load_config(path).train.init_from == "unifuse-2d-harvard"
+
+
 def test_overrides_replace_only_the_named_fields():
-    config = load_config(CONFIGS / "smoke.yaml").with_overrides(train={"max_steps": 7}, data={"root": "/x"})
+    config = load_config(CONFIGS / "harvard2d.yaml").with_overrides(train={"max_steps": 7}, data={"root": "/x"})
     assert config.train.max_steps == 7
-    assert config.train.batch_size == 2
-    assert config.data["root"] == "/x" and config.data["kind"] == "phantom"
+    assert config.train.batch_size == load_config(CONFIGS / "harvard2d.yaml").train.batch_size
+    assert config.data["root"] == "/x" and config.data["kind"] == "harvard"
+
+
+def test_a_data_root_override_of_a_generated_data_kind_says_where_it_applies():
+    with pytest.raises(InputError, match="data.kind phantom .*reads no data.root: --data-root applies to harvard"):
+        load_config(CONFIGS / "smoke.yaml").with_overrides(data={"root": "/x"})
+
+
+def test_overrides_are_range_checked_like_the_file():
+    with pytest.raises(InputError, match=r"train.min_lr must be between 0 and train.lr \(1e-07\)"):
+        load_config(CONFIGS / "smoke.yaml").with_overrides(train={"lr": 1e-7})
 
 
 @pytest.mark.parametrize(
@@ -66,6 +96,11 @@ def test_overrides_replace_only_the_named_fields():
         ("data: [unclosed\n", "YAML"),
         ("data: {kind: phantom}\ntrain: {init_from: 3}\n", "init_from"),
         ("data: {kind: phantom}\nloss: {fusion_target: label}\n", "fusion_target must be one of"),
+        ("data: {kind: phantom}\ntrain: {batch_size: true}\n", "'train.batch_size' must be a number, got True"),
+        ("data: {kind: phantom}\nseed: true\n", "seed must be a non-negative integer, got True"),
+        ("data: {kind: phantom, tasks: []}\n", r"data.tasks must be a list of at least one task, got \[\]"),
+        ("data: {kind: phantom, extra_sources: [{kind: phantom, tasks: []}]}\n",
+         r"data.extra_sources\[0\].tasks must be a list of at least one task"),
     ],
 )
 def test_config_mistakes_are_named(tmp_path, text, message):
@@ -84,3 +119,57 @@ def test_the_mmif_amin_second_stage_differs_from_the_first_only_in_its_start_and
     assert first["train"].pop("init_from") is None
     assert (first["train"].pop("lr"), second["train"].pop("lr")) == (pytest.approx(5e-4), pytest.approx(2.5e-4))
     assert second == first
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "allowed"),
+    [
+        # clip_grad_norm_ with max 0 zeroes every gradient; a negative max reverses them.
+        ("train", "grad_clip", "-1", r"above 0 \(\.inf: no clipping\)"),
+        ("train", "grad_clip", "0", r"above 0 \(\.inf: no clipping\)"),
+        ("train", "lr", "-1e-4", "a finite number above 0"),
+        ("train", "lr", "0", "a finite number above 0"),
+        ("train", "lr", ".inf", "a finite number above 0"),
+        ("train", "lr", ".nan", "a finite number above 0"),
+        ("train", "min_lr", "-1e-6", r"between 0 and train.lr \(0.0001\)"),
+        ("train", "min_lr", "1e-3", r"between 0 and train.lr \(0.0001\)"),
+        ("train", "weight_decay", "-1", "a finite number of at least 0"),
+        ("train", "num_workers", "-1", "at least 0"),
+        ("train", "val_batches", "0", "at least 1"),
+        ("train", "val_every", "0", "at least 1"),
+        ("train", "checkpoint_every", "0", "at least 1"),
+        ("train", "log_every", "0", "at least 1"),
+        ("loss", "moda_negatives", "-3", "at least 1"),
+        ("loss", "moda_anchors", "0", "at least 1"),
+        ("loss", "temperature", "0", "a finite number above 0"),
+        ("loss", "ssim", "-1", "a finite number of at least 0"),
+        ("data", "val_length", "0", "an integer of at least 1"),
+        ("data", "train_length", "0", "an integer of at least 1"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_at_load_naming_the_key_and_range(tmp_path, section, key, value, allowed):
+    entry = f"{key}: {value}"
+    path = tmp_path / "config.yaml"
+    path.write_text(f"data: {{kind: phantom, {entry}}}\n" if section == "data"
+                    else f"data: {{kind: phantom}}\n{section}: {{{entry}}}\n")
+    with pytest.raises(InputError, match=f"{section}.{key} must be {allowed}, got "):
+        load_config(path)
+
+
+def test_the_range_edges_that_still_train_are_accepted(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("data: {kind: phantom, val_length: 1}\n"
+                    "train: {lr: 1e-4, min_lr: 1e-4, weight_decay: 0, num_workers: 0, grad_clip: .inf}\n"
+                    "loss: {moda_negatives: 1, smooth: 0}\n")
+    config = load_config(path)
+    assert config.train.min_lr == config.train.lr and config.train.grad_clip == float("inf")
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_every_shipped_configs_init_from_resolves_from_any_working_directory(name, tmp_path, monkeypatch):
+    from napari_unifuse.model.checkpoint import resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(CONFIGS / name)
+    if config.train.init_from is not None and not str(config.train.init_from).startswith("runs/"):
+        assert Path(resolve_checkpoint(config.train.init_from)).is_file()

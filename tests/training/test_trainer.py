@@ -35,6 +35,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert stopped.step == 2
     state = torch.load(tmp_path / "split" / "checkpoints" / "last.state.pt", weights_only=True)
     assert state["step"] == 2 and state["optimizer"]["state"]  # AdamW moments were saved
+    # The run continues its own config: another crop would make its files misstate the steps to come.
+    with pytest.raises(CheckpointError, match=r"\(data\.crop differ"):
+        train(config.with_overrides(data={"crop": 8}), tmp_path / "split", device="cpu", resume=True, progress=False)
     resumed = train(config, tmp_path / "split", device="cpu", resume=True, progress=False)
     assert resumed.step == 3
 

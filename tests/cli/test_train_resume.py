@@ -1,0 +1,153 @@
+"""`unifuse train --resume` continues the run folder as its files describe it: its own config with
+the overrides given now, the learning rate those say, each step logged once; and a fresh run
+never mixes itself into a folder that holds one."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from napari_unifuse.cli import main
+from napari_unifuse.training import trainer
+
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+BASE = ["train", "--config", str(SMOKE), "--device", "cpu", "--no-progress"]
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    return [record["step"] for record in _log(run_dir) if record["kind"] == "train"]
+
+
+def _saved_train_section(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["train"]
+
+
+def _logged_learning_rates(run_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["lr"] for record in _log(run_dir) if record["kind"] == "train"}
+
+
+def _optimizer_lr(run_dir: Path) -> float:
+    state = torch.load(run_dir / "checkpoints" / "last.state.pt", weights_only=True)
+    return state["optimizer"]["param_groups"][0]["lr"]
+
+
+def _cosine(done: int, lr: float, max_steps: int, min_lr: float = 1e-6) -> float:
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * done / max_steps)) / 2
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A 4-step run stopped (checkpointed) after step 1."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    assert main(BASE + ["--out", str(run_dir), "--max-steps", "4", "--stop-at", "1"]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(stopped_run, tmp_path) -> Path:
+    """A copy of ``stopped_run`` for one test to change."""
+    return Path(shutil.copytree(stopped_run, tmp_path / "run"))
+
+
+def test_resume_continues_the_runs_own_schedule_and_trains_with_the_lr_it_logs(tmp_path):
+    run_dir = tmp_path / "run"
+    args = BASE + ["--out", str(run_dir)]
+    assert main(args + ["--max-steps", "4", "--stop-at", "1", "--lr", "2e-5"]) == 0
+    assert _saved_train_section(run_dir)["max_steps"] == 4  # --stop-at does not shorten the schedule
+
+    # Resumed without --lr or --max-steps: the run's own 2e-5 over 4 steps, not smoke.yaml's.
+    assert main(args + ["--resume", "--stop-at", "2"]) == 0
+    saved = _saved_train_section(run_dir)
+    assert (saved["lr"], saved["max_steps"]) == (pytest.approx(2e-5), 4)
+    assert _logged_learning_rates(run_dir)[2] == pytest.approx(_cosine(1, 2e-5, 4))
+    assert _optimizer_lr(run_dir) == _logged_learning_rates(run_dir)[2]
+
+    # Resumed with another lr and max_steps: the optimiser follows the new cosine from step 3 on.
+    assert main(args + ["--resume", "--lr", "1e-3", "--max-steps", "6"]) == 0
+    saved = _saved_train_section(run_dir)
+    assert (saved["lr"], saved["max_steps"]) == (pytest.approx(1e-3), 6)
+    learning_rates = _logged_learning_rates(run_dir)
+    assert sorted(learning_rates) == [1, 2, 3, 4, 5, 6]
+    for step in (3, 6):
+        assert learning_rates[step] == pytest.approx(_cosine(step - 1, 1e-3, 6))
+    assert _optimizer_lr(run_dir) == learning_rates[6]
+
+
+def test_resume_with_a_config_that_differs_in_more_than_the_overrides_is_refused(run_dir, tmp_path, capsys):
+    values = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    values["seed"] = 1
+    values["data"]["crop"] = 16
+    values["train"]["max_steps"] = 9  # an overridable setting: not a difference
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(values), encoding="utf-8")
+    args = ["train", "--config", str(other), "--out", str(run_dir), "--device", "cpu", "--no-progress", "--resume"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "(data.crop, seed differ from its config.yaml)" in error and "max_steps" not in error
+    assert _train_steps(run_dir) == [1]
+
+
+def test_a_resumed_run_logs_each_step_once(run_dir):
+    # As if the run had gone on past its checkpoint (step 1) and been interrupted writing a line.
+    with (run_dir / "log.jsonl").open("a", encoding="utf-8") as stream:
+        stream.write(json.dumps({"kind": "train", "step": 2, "total": -1.0}) + "\n")
+        stream.write(json.dumps({"kind": "val", "step": 2, "fusion_gain_min": -1.0}) + "\n")
+        stream.write('{"kind": "train", "st')
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
+    assert _train_steps(run_dir) == [1, 2]
+    assert all(record.get("total", 0) != -1.0 and record.get("fusion_gain_min", 0) != -1.0
+               for record in _log(run_dir))
+
+
+def test_a_fresh_run_into_a_run_folder_is_refused_unless_told_to_overwrite(run_dir, capsys):
+    before = (run_dir / "log.jsonl").read_text(encoding="utf-8")
+    assert main(BASE + ["--out", str(run_dir), "--max-steps", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run_dir / "log.jsonl").read_text(encoding="utf-8") == before
+
+    stale = run_dir / "checkpoints" / "last.state.tmp"  # as a save cut short leaves it
+    stale.write_bytes(b"")
+    assert main(BASE + ["--out", str(run_dir), "--max-steps", "1", "--overwrite"]) == 0
+    assert _train_steps(run_dir) == [1]  # the old run's step 1 is gone, not logged twice
+    assert not stale.exists()
+
+
+def test_resume_and_init_from_are_exclusive(run_dir, capsys):
+    weights = run_dir / "checkpoints" / "last.safetensors"
+    with pytest.raises(SystemExit) as exited:
+        main(BASE + ["--out", str(run_dir), "--resume", "--init-from", str(weights)])
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["no sidecar", "junk state"])
+def test_resuming_a_damaged_run_folder_names_the_file(run_dir, damage, capsys):
+    checkpoints = run_dir / "checkpoints"
+    if damage == "no sidecar":
+        (checkpoints / "last.json").unlink()
+        damaged = checkpoints / "last.json"
+    else:
+        damaged = checkpoints / "last.state.pt"
+        damaged.write_bytes(b"not a checkpoint at all")
+    assert main(BASE + ["--out", str(run_dir), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and str(damaged) in error
+
+
+def test_an_interrupt_says_which_step_resume_continues_from(run_dir, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert main(BASE + ["--out", str(run_dir), "--resume"]) == 130
+    assert "the last checkpoint holds step 1; --resume continues from it" in capsys.readouterr().err
