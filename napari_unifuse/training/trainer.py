@@ -226,7 +226,10 @@ class Trainer:
         """
         train = self.config.train
         progress = min(step, train.max_steps) / train.max_steps
-        return train.min_lr + (train.lr - train.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        learning_rate = train.min_lr + (train.lr - train.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        # lr × (rate / lr), as the LambdaLR scheduler this replaces computed it: the runs behind the
+        # shipped checkpoints repeat bit for bit.
+        return train.lr * (learning_rate / train.lr)
 
     # ------------------------------------------------------------------------------ checkpoints
 
