@@ -22,7 +22,7 @@ from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Signal
 
 from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
-from napari_unifuse._qt.notifications import report_error, reports_errors, show_warnings
+from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
 from napari_unifuse._qt.run_panel import OUTPUT_ROLE, RunPanel
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions
@@ -40,14 +40,6 @@ class _ProgressRelay(QObject):
     """Carries ``progress(stage, done, total)`` from the worker thread to the GUI thread."""
 
     progressed = Signal(str, int, int)
-
-
-@dataclass(frozen=True)
-class _ComparisonFailed:
-    """A worker's error handed back as a value: napari relays a raised exception as a traceback
-    notification (and superqt re-raises a returned exception), but the user should see one line."""
-
-    error: Exception
 
 
 @dataclass(frozen=True)
@@ -155,12 +147,12 @@ class MethodComparePanel(widgets.Container):
         self.status.value = "starting…"
         worker.start()
 
-    def _compute(self, methods, request, cancel) -> list[MethodRun] | _ComparisonFailed:
+    def _compute(self, methods, request, cancel) -> list[MethodRun] | WorkerFailed:
         try:
             return run_methods(methods, request.reference, request.moving, request.device, request.tile_size,
                                self._relay.progressed.emit, cancel, self._engines)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish
-            return _ComparisonFailed(error)
+            return WorkerFailed(error, ACTION)
 
     def _show_progress(self, stage: str, done: int, total: int) -> None:
         self.status.value = f"{stage} {done}/{total}"
@@ -181,11 +173,11 @@ class MethodComparePanel(widgets.Container):
         if not self.status.value.startswith("done"):  # `returned` (which says "done") comes before `finished`
             self.status.value = "stopped"
 
-    def _finish(self, outcome: list[MethodRun] | _ComparisonFailed, selection) -> None:
+    def _finish(self, outcome: list[MethodRun] | WorkerFailed, selection) -> None:
         if self._released:  # closed while the worker ran: its viewer is no longer ours to change
             return
-        if isinstance(outcome, _ComparisonFailed):
-            report_error(outcome.error, ACTION)
+        if isinstance(outcome, WorkerFailed):
+            report_error(outcome.error, outcome.action)
             return
         self.runs = outcome
         self.show(outcome, selection.reference_name, selection.moving_name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -34,6 +35,16 @@ def report_error(error: BaseException, action: str) -> None:
         LOG.debug("unexpected error during %s", action, exc_info=error)
         show_error(f"{action} failed unexpectedly ({type(error).__name__}: {error}). "
                    "Please report this with the input files.")
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """A worker's error handed back as a value: napari relays a raised exception as a traceback
+    notification (and superqt re-raises a returned exception), but the user should see one line
+    (``report_error(failure.error, failure.action)`` on the GUI thread)."""
+
+    error: Exception
+    action: str  # what the notification says failed
 
 
 def reports_errors(action: str) -> Callable[[F], F]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,7 @@ from napari_unifuse._qt.analysis import RunOutcome, build_engine, run_and_analys
 from napari_unifuse._qt.annotation_panel import AnnotationPanel
 from napari_unifuse._qt.method_compare import MethodComparePanel
 from napari_unifuse._qt.metrics_panel import MetricsPanel
-from napari_unifuse._qt.notifications import report_error, reports_errors, show_warnings
+from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
 from napari_unifuse._qt.outputs import ResultLayers, viewed_slice
 from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
@@ -98,15 +97,6 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
     while parent is not None and not isinstance(parent, QDockWidget):
         parent = parent.parent()
     return parent
-
-
-@dataclass(frozen=True)
-class _RunFailed:
-    """A worker's error handed back as a value: napari relays a raised exception as a traceback
-    notification (and superqt re-raises a returned exception), but the user should see one line."""
-
-    error: Exception
-    action: str = "Run UniFuse"  # what the notification says failed
 
 
 class _ProgressRelay(QObject):
@@ -288,19 +278,19 @@ class UniFuseWorkbench(QWidget):
         self.run_panel.status.value = "starting…"
 
     def _compute(self, selection: RunSelection, cancel: CancelToken
-                 ) -> Generator[RunOutcome, None, dict[str, float] | _RunFailed]:
+                 ) -> Generator[RunOutcome, None, dict[str, float] | WorkerFailed]:
         """Worker thread: load (or reuse) the engine, fuse, compute the review maps and yield them
         to be drawn; then return the whole-volume metrics."""
         try:
             outcome = self._fuse_and_analyse(selection, cancel)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
-            return _RunFailed(error)
+            return WorkerFailed(error, "Run UniFuse")
         yield outcome
         self._relay.progressed.emit("volume metrics", 0, 1)
         try:
             metrics = volume_metrics(outcome)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
-            return _RunFailed(error, "Volume metrics (the layers are complete)")
+            return WorkerFailed(error, "Volume metrics (the layers are complete)")
         self._relay.progressed.emit("volume metrics", 1, 1)
         return metrics
 
@@ -356,10 +346,10 @@ class UniFuseWorkbench(QWidget):
         if self.run_panel.status.value != "done":  # `returned` (which sets "done") comes before `finished`
             self.run_panel.status.value = "stopped"
 
-    def _finish_run(self, metrics: dict[str, float] | _RunFailed) -> None:
+    def _finish_run(self, metrics: dict[str, float] | WorkerFailed) -> None:
         if self._released:  # closed while the worker ran: its viewer and widgets are no longer ours
             return
-        if isinstance(metrics, _RunFailed):
+        if isinstance(metrics, WorkerFailed):
             report_error(metrics.error, metrics.action)
             return
         if self.outcome is None:
@@ -488,18 +478,18 @@ class UniFuseWorkbench(QWidget):
         worker.start()
 
     @staticmethod
-    def _build_report(outcome: RunOutcome, selection: RunSelection, annotations: list) -> Path | _RunFailed:
+    def _build_report(outcome: RunOutcome, selection: RunSelection, annotations: list) -> Path | WorkerFailed:
         try:
             return write_report(outcome.result, selection.folder, reference=selection.request.reference,
                                 moving=selection.request.moving, annotations=annotations,
                                 metrics=outcome.volume_metrics)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _report_written
-            return _RunFailed(error)
+            return WorkerFailed(error, "QC report")
 
-    def _report_written(self, outcome: Path | _RunFailed) -> None:
+    def _report_written(self, outcome: Path | WorkerFailed) -> None:
         self.report_button.enabled = self.outcome is not None and self.outcome.volume_metrics is not None
-        if isinstance(outcome, _RunFailed):
-            report_error(outcome.error, "QC report")
+        if isinstance(outcome, WorkerFailed):
+            report_error(outcome.error, outcome.action)
             return
         self.last_report = outcome
         show_info(f"QC report written: {outcome}")
