@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 from magicgui import widgets
 from napari.qt.threading import create_worker
-from qtpy.QtCore import QObject, Signal
 
 from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
-from napari_unifuse._qt.run_panel import OUTPUT_ROLE, RunPanel
+from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
@@ -34,12 +33,6 @@ from napari_unifuse.io import ImageVolume
 ACTION = "Compare methods"
 # Alignment variants offered beside the plain names (engine.methods.split_name).
 _VARIANTS = {"mmif-amin": ("sitk", "none")}
-
-
-class _ProgressRelay(QObject):
-    """Carries ``progress(stage, done, total)`` from the worker thread to the GUI thread."""
-
-    progressed = Signal(str, int, int)
 
 
 @dataclass(frozen=True)
@@ -103,7 +96,7 @@ class MethodComparePanel(widgets.Container):
         self._released = False
         # Whether grid mode was on before the comparison turned it on; None while no comparison is side by side.
         self._grid_before_comparison: bool | None = None
-        self._relay = _ProgressRelay()
+        self._relay = ProgressRelay()
         self._relay.progressed.connect(self._show_progress)
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from magicgui import widgets
 from napari.layers import Image
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QSizePolicy
 
 from napari_unifuse._napari_io import layer_to_volume
@@ -33,6 +34,12 @@ OUTPUT_ROLE = "output"
 DEFAULT_RUNS_ROOT = Path("~/napari-unifuse-runs")
 # Tile sides offered; "auto" is the checkpoint's training crop (None for the engine).
 TILE_CHOICES = [("auto", None), *((str(side), side) for side in (32, 48, 64, 96, 128, 160, 192, 256, 384, 512))]
+
+
+class ProgressRelay(QObject):
+    """Carries ``progress(stage, done, total)`` from a worker thread to the GUI thread."""
+
+    progressed = Signal(str, int, int)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from magicgui import widgets
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtGui import QMovie
 from qtpy.QtWidgets import (
     QComboBox,
@@ -48,7 +48,7 @@ from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports
 from napari_unifuse._qt.outputs import ResultLayers, viewed_slice
 from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
-from napari_unifuse._qt.run_panel import RunPanel, RunSelection
+from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
@@ -97,12 +97,6 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
     while parent is not None and not isinstance(parent, QDockWidget):
         parent = parent.parent()
     return parent
-
-
-class _ProgressRelay(QObject):
-    """Carries ``progress(stage, done, total)`` from the worker thread to the GUI thread."""
-
-    progressed = Signal(str, int, int)
 
 
 class UniFuseWorkbench(QWidget):
@@ -169,7 +163,7 @@ class UniFuseWorkbench(QWidget):
         self._engines: dict[tuple, FusionEngine] = {}
         self._docked = False
         self._released = False
-        self._relay = _ProgressRelay()
+        self._relay = ProgressRelay()
         self._relay.progressed.connect(self._show_progress)
 
         self.run_panel.run_button.changed.connect(self.start_run)
