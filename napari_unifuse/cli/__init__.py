@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from napari_unifuse.errors import UniFuseError
 
@@ -33,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(command: str):
+    """``warnings.showwarning`` for a command line: the message, not the file and source line it
+    came from (which tell a user nothing)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"unifuse {command}: warning: {message}", file=sys.stderr if file is None else file)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     # Reports print µ, ², ³, ↑: a terminal or CI log with an ASCII locale gets escapes, not a crash.
     for stream in (sys.stdout, sys.stderr):
@@ -40,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restores Python's own display when the command is done
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
     except UniFuseError as error:
         print(f"unifuse {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -7,9 +7,10 @@ method's bundled checkpoint; without ``--method``, the method the checkpoint was
 Each pair's outputs go to ``OUT/<moving file name without its image extension>/`` (see
 ``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
 unless ``--no-quality``). A batch resumes: a pair whose ``provenance.json`` records the same inputs
-(path and content), method and checkpoint is skipped, so rerunning after an interruption only does
-what is left, and ends with ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A
-pair folder holding results of other inputs or another method is refused, never silently replaced:
+(path and content), method, checkpoint and settings (tile size, modalities, quality maps) is
+skipped, so rerunning after an interruption only does what is left, and ends with
+``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder holding results
+of other inputs, another method or other settings is refused, never silently replaced:
 ``--overwrite`` redoes the pair and first removes every earlier output in its folder. No output may
 replace an input. ``--report`` also writes each pair's QC page (``report.html``) and
 ``OUT/index.html``, the runs most suspicious first (a pair already done gets its page with ``--overwrite``).
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
-from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.inference import FusionEngine, requested_settings
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, registered_methods, split_name
 from napari_unifuse.engine.outputs import (
@@ -133,7 +134,7 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
         started = time.perf_counter()
         try:
             if is_complete(out_dir) and not args.overwrite:
-                refuse_other_results(out_dir, pair, engines)
+                refuse_other_results(out_dir, pair, engines, options)
                 without_report = args.report and not (out_dir / REPORT_FILE).is_file()
                 hint = "; pass --overwrite to run it again with --report" if without_report else ""
                 print(f"{prefix}: skipped, already done ({out_dir}){hint}")
@@ -209,25 +210,33 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     return result
 
 
-def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache) -> None:
+def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, options: dict[str, Any]) -> None:
     """Raise an InputError unless the finished run in ``out_dir`` was made from this pair's inputs
-    (the same resolved paths and, where recorded, contents) with this run's method and checkpoint."""
+    (the same resolved paths and, where recorded, contents) with this run's method, checkpoint, tile
+    size and ``options`` (``run_fusion``'s)."""
     provenance = read_provenance(out_dir)
     if provenance is None:
         raise InputError(f"its {PROVENANCE_FILE} cannot be read, so what made these results is unknown; pass "
                          "--overwrite to replace them, or choose another --out", out_dir)
-    differences = previous_run_differences(provenance, pair, engines, (out_dir / PROVENANCE_FILE).stat().st_mtime)
-    if differences:
+    differences = previous_run_differences(provenance, pair, engines, (out_dir / PROVENANCE_FILE).stat().st_mtime,
+                                           options)
+    recorded_settings = provenance.get("requested_settings")
+    if differences or recorded_settings is None:
         named = [f"{role} image" if role in ("reference", "moving") else role for role in differences]
-        listed = ", ".join(named[:-1]) + (" and " if len(named) > 1 else "") + named[-1]
-        raise InputError(f"holds the results of a run with a different {listed}; pass --overwrite to replace "
+        listed = "a different " + ", ".join(named[:-1]) + (" and " if len(named) > 1 else "") + named[-1] \
+            if named else ""
+        # An older version recorded no settings: the tile size or quality maps it used are unknown.
+        unrecorded = "settings it did not record" if recorded_settings is None else ""
+        described = " and ".join(part for part in (listed, unrecorded) if part)
+        raise InputError(f"holds the results of a run with {described}; pass --overwrite to replace "
                          "them, or choose another --out", out_dir)
 
 
 def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _EngineCache,
-                             finished: float) -> list[str]:
-    """What of 'reference', 'moving', 'label', 'method', 'checkpoint' the run ``provenance``
-    describes differs from this request; ``finished``: when that provenance was written (mtime)."""
+                             finished: float, options: dict[str, Any]) -> list[str]:
+    """What of 'reference', 'moving', 'label', 'method', 'checkpoint' and the settings ("tile size",
+    ...: the engine's tile size and ``run_fusion``'s ``options``) the run ``provenance`` describes
+    differs from this request; ``finished``: when that provenance was written (mtime)."""
     recorded_inputs = provenance.get("inputs") or {}
     differences = [role for role, path in (("reference", pair.reference), ("moving", pair.moving),
                                            ("label", pair.label))
@@ -246,7 +255,18 @@ def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _E
         differences.append("method")
     if engine.checkpoint_info.get("sha256") != (provenance.get("checkpoint") or {}).get("sha256"):
         differences.append("checkpoint")
+    recorded_settings = provenance.get("requested_settings")
+    if recorded_settings is not None:  # else an older version's run: the caller says so
+        differences += _settings_differences(recorded_settings, requested_settings(engine.tile_size, **options))
     return differences
+
+
+def _settings_differences(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """Which of ``settings`` the earlier run had otherwise, by name ("tile size")."""
+    names = {"tile_size": "tile size", "reference_modality": "reference modality",
+             "moving_modality": "moving modality", "quality": "quality maps choice",
+             "uncertainty_passes": "number of uncertainty passes"}
+    return [names[key] for key, value in settings.items() if recorded.get(key) != value]
 
 
 def _same_input(recorded: dict[str, Any] | None, path: Path | None, finished: float) -> bool:
@@ -281,8 +301,9 @@ def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:
 
 
 def case_name(moving: Path) -> str:
-    """``case7`` for ``case7.nii.gz``; a DICOM folder keeps its name."""
-    name = moving.name
+    """``case7`` for ``case7.nii.gz``; a DICOM folder keeps its name, also when given as ``.`` or
+    ``..`` (whose own names would put the outputs in ``--out`` itself or above it)."""
+    name = moving.resolve().name or "moving"  # "" only for the file system's root
     for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]

@@ -197,6 +197,19 @@ def fallback_plan(
     return attempts
 
 
+def requested_settings(tile_size: int | None, *, reference_modality: str, moving_modality: str, quality: bool,
+                       uncertainty_passes: int) -> dict[str, Any]:
+    """What a caller chose beside the inputs, method and checkpoint, as ``provenance.json`` records
+    it: a batch resumes a pair only when these are the same (``unifuse fuse``)."""
+    return {
+        "tile_size": tile_size,
+        "reference_modality": MODALITY_ALIASES.get(reference_modality, reference_modality),
+        "moving_modality": MODALITY_ALIASES.get(moving_modality, moving_modality),
+        "quality": quality,
+        "uncertainty_passes": uncertainty_passes if quality else None,
+    }
+
+
 class FusionEngine:
     """A loaded method ready to fuse pairs; load once, call :meth:`run_fusion` per pair.
 
@@ -362,6 +375,9 @@ class FusionEngine:
             "checkpoint": self.checkpoint_info,
             "model_config": self.config.to_dict(),
             "requested_device": str(self.device),
+            "requested_settings": requested_settings(self.tile_size, reference_modality=reference_modality,
+                                                     moving_modality=moving_modality, quality=quality,
+                                                     uncertainty_passes=uncertainty_passes),
             **run_info,
             "alignment_guard": decision.to_dict() if decision is not None else None,
             "degradation_evidence": evidence.to_dict() if evidence is not None else None,
@@ -745,9 +761,10 @@ class FusionEngine:
             aligned = _recombine_rgb(restored_units, moving_chroma)
         else:
             aligned = _to_dtype(restored_units, moving_ready.dtype)
-        # Outputs take the reference's format; an RGB result needs PNG (NIfTI holds no colour).
+        # Outputs take the reference's format; NIfTI holds no colour, so an RGB result on a grid
+        # with geometry goes to MetaImage, which keeps both.
         reference_is_raster = str(reference.source or "").lower().endswith(PILLOW_SUFFIXES)
-        extension = "png" if reference_is_raster or carried_chroma is not None else "nii.gz"
+        extension = "png" if reference_is_raster else "mha" if carried_chroma is not None else "nii.gz"
         probs = prediction["class_probs"]
         return FusionResult(
             fused=ImageVolume(fused.astype(np.float32), geometry, {"role": "fused"}, None, carried_chroma is not None),

@@ -2,7 +2,8 @@
 
 ``fused.<ext>``, ``aligned.<ext>`` (restored + aligned moving), ``displacement.nii.gz`` (ITK
 displacement field, moving → reference), ``degradation.json`` and ``provenance.json``; ``<ext>`` is
-``png`` for raster-image inputs and ``nii.gz`` otherwise. With quality maps (``result.quality``)
+``png`` for a raster-image reference, ``mha`` for a colour (RGB PET/SPECT) result on another
+reference's grid, ``nii.gz`` otherwise. With quality maps (``result.quality``)
 also ``invented.nii.gz``, ``lost.nii.gz``, ``restoration_change.nii.gz``, ``uncertainty.nii.gz``
 (when computed) and ``quality.json`` (thresholds, per-slice scores, suspicious slices): float maps
 in the reference geometry, NIfTI even for PNG inputs (8 bits would round the maps away; a 2D
@@ -20,12 +21,15 @@ one of those names in the folder is refused before anything is written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from napari_unifuse.engine.quality import UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.result import FusionResult
@@ -45,8 +49,8 @@ REPORT_FILE = "report.html"  # engine.report's QC page of a run
 # The workbench's review maps, saved beside the outputs: float maps, NIfTI (MHA for PNG runs).
 REVIEW_MAP_NAMES = ("alignment_error", "jacobian_determinant", "folding")
 REVIEW_MAP_EXTENSIONS = ("nii.gz", "mha")
-# FusionResult.output_extension: raster-image inputs, everything else.
-IMAGE_EXTENSIONS = ("png", "nii.gz")
+# FusionResult.output_extension: raster-image references, colour results on other grids, the rest.
+IMAGE_EXTENSIONS = ("png", "mha", "nii.gz")
 
 
 def output_file_names(extension: str) -> tuple[str, ...]:
@@ -103,8 +107,25 @@ def _same_file(first: Path, second: Path) -> bool:
 
 
 def write_json(data: Any, path: Path) -> None:
+    """Standard JSON: an undefined value (NaN, e.g. the SSIM of a blank slice, or ±inf) is ``null``.
+
+    Python would write ``NaN``, which jq, JavaScript and most JSON readers outside Python reject.
+    """
     # default=str: paths and other plain objects in checkpoint metadata are recorded as text.
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(_finite_or_null(data), indent=2, default=str, allow_nan=False) + "\n",
+                    encoding="utf-8")
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):  # numpy scalars would otherwise be written as strings
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: Mapping[str, float] | None = None,

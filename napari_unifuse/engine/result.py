@@ -30,7 +30,8 @@ class FusionResult:
     that estimates no degradation (``predicted_class`` is then ``UNKNOWN_CLASS``).
     ``slice_class_probs``: ``(S, Ñ)``, one row per slice along z (3D) or a single row (2D), columns
     in the order of ``class_names``.
-    ``output_extension``: ``"png"`` for raster-image inputs, else ``"nii.gz"``.
+    ``output_extension``: ``"png"`` for a raster-image reference, ``"mha"`` for a colour result on
+    another grid (NIfTI holds no colour), else ``"nii.gz"``.
     ``alignment_guard``: which displacement estimate ``displacement`` is (identity, the structural
     matching's or the network's) and the similarity scores and noise it was chosen on.
     ``quality``: where not to trust the result (``engine.quality``); None when not computed.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 
+from napari_unifuse.cli import fuse as fuse_module
 from napari_unifuse.cli import main
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.model import UniFuse, UniFuseConfig
@@ -126,6 +128,40 @@ def test_nifti_pair_outputs_keep_the_reference_geometry(data, tmp_path, capsys):
     metrics = json.loads((case / "metrics.json").read_text(encoding="utf-8"))
     assert set(metrics) == {"mse", "ncc", "ssim"} and all(np.isfinite(list(metrics.values())))
     assert json.loads((case / "provenance.json").read_text(encoding="utf-8"))["tile_count"] > 1
+
+
+def test_a_colour_result_on_a_grid_with_geometry_is_written_as_metaimage(data, tmp_path, capsys):
+    """An RGB PET as MetaImage onto a 2D NIfTI MRI: PNG would drop the reference's spacing and
+    origin, NIfTI holds no colour; MetaImage keeps both."""
+    root = data["root"]
+    reference = sitk.GetImageFromArray((1000 * blob((32, 28))).astype(np.float32))
+    reference.SetSpacing((0.8, 0.9))
+    reference.SetOrigin((-50.0, -40.0))
+    sitk.WriteImage(reference, str(tmp_path / "mri.nii.gz"))
+    with Image.open(root / "pet7.png") as colour:
+        moving = sitk.GetImageFromArray(np.asarray(colour), isVector=True)
+    moving.CopyInformation(reference)
+    sitk.WriteImage(moving, str(tmp_path / "pet.mha"))
+
+    code = fuse("--reference", tmp_path / "mri.nii.gz", "--moving", tmp_path / "pet.mha", "--out", tmp_path / "out",
+                "--method", "identity+average", "--no-quality")
+
+    assert code == 0, capsys.readouterr().err
+    assert "PNG" not in capsys.readouterr().err
+    for name in ("fused.mha", "aligned.mha"):
+        written = sitk.ReadImage(str(tmp_path / "out" / "pet" / name))
+        assert written.GetNumberOfComponentsPerPixel() == 3, name
+        np.testing.assert_allclose(written.GetSpacing(), (0.8, 0.9), atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(written.GetOrigin(), (-50.0, -40.0), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(("moving", "cwd"), [(".", "series7"), ("..", "series7/work"), ("../series7/", "series7")])
+def test_a_series_folder_given_as_a_dot_path_names_its_own_pair_folder(tmp_path, monkeypatch, moving, cwd):
+    """``--moving ..`` (a DICOM folder, from a folder inside it) used to put the outputs in ``--out/..``."""
+    (tmp_path / "series7" / "work").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / cwd)
+
+    assert fuse_module.Pair(Path("reference.nii.gz"), Path(moving)).name == "series7"
 
 
 def outputs_touched(out):
@@ -365,8 +401,12 @@ def fuse_request(root, out, options, *flags):
         ({}, {"--label": "pet8_label.png"}, "label"),
         ({"--method": "unifuse", "--checkpoint": "tiny-2d.safetensors"},
          {"--method": "unifuse", "--checkpoint": "other-2d.safetensors"}, "checkpoint"),
+        ({}, {"--tile-size": "32"}, "tile size"),
+        ({"--moving-modality": "pt"}, {"--moving-modality": "pet"}, None),  # an alias of the same modality
+        ({}, {"--moving-modality": "spect"}, "moving modality"),
     ],
-    ids=["same-method-spelt-out", "method", "reference", "label", "checkpoint"],
+    ids=["same-method-spelt-out", "method", "reference", "label", "checkpoint", "tile-size", "modality-alias",
+         "modality"],
 )
 def test_a_rerun_is_skipped_only_when_it_asks_for_the_same(data, tmp_path, capsys, first, then, named):
     root, out = data["root"], tmp_path / "out"
@@ -384,6 +424,19 @@ def test_a_rerun_is_skipped_only_when_it_asks_for_the_same(data, tmp_path, capsy
         assert code == 2
         assert f"{out / 'pet7'}: holds the results of a run with a different {named}; pass --overwrite" in captured.err
     assert outputs_touched(out) == first_run
+
+
+def test_a_run_that_recorded_no_settings_is_not_taken_for_this_one(data, tmp_path, capsys):
+    """Provenance written before the settings were recorded: what the run chose is unknown."""
+    root, out = data["root"], tmp_path / "out"
+    assert fuse_request(root, out, {}) == 0
+    provenance_file = out / "pet7" / "provenance.json"
+    provenance = json.loads(provenance_file.read_text(encoding="utf-8"))
+    del provenance["requested_settings"]
+    provenance_file.write_text(json.dumps(provenance), encoding="utf-8")
+
+    assert fuse_request(root, out, {}) == 2
+    assert "holds the results of a run with settings it did not record; pass --overwrite" in capsys.readouterr().err
 
 
 def test_a_moving_file_changed_since_its_run_is_refused(data, tmp_path, capsys):

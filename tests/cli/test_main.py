@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -47,3 +48,15 @@ def test_any_command_keeps_the_traceback_of_a_bug(monkeypatch):
     monkeypatch.setattr("napari_unifuse.cli.info.run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["info", "--preset", "small", "--dims", "2"])
+
+
+def test_a_warning_prints_as_one_line_naming_the_command_and_python_display_comes_back(monkeypatch, capsys):
+    def warns(args):
+        warnings.warn("PNG cannot store spacing", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr("napari_unifuse.cli.info.run", warns)
+    shown_before = warnings.showwarning
+    assert main(["info", "--preset", "small", "--dims", "2"]) == 0
+    assert capsys.readouterr().err == "unifuse info: warning: PNG cannot store spacing\n"
+    assert warnings.showwarning is shown_before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -97,3 +98,15 @@ def test_an_input_elsewhere_or_absent_is_not_refused(tmp_path):
     run.mkdir()
     (run / "moving.png").write_bytes(b"an input named after nothing the run writes")
     refuse_overwriting_inputs(run, [run / "moving.png", tmp_path / "fused.png", None])
+
+
+def test_undefined_metrics_are_written_as_standard_json_null(pair, tmp_path):
+    """NaN is not JSON: a strict reader (jq, JavaScript; here Python with NaN refused) must read the files."""
+    metrics = {"ssim": float("nan"), "ncc": np.float32(0.5), "per_slice": np.array([1.0, np.inf])}
+    write_fusion_outputs(fused(pair, quality=False), tmp_path / "run", metrics=metrics)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads((tmp_path / "run" / METRICS_FILE).read_text(), parse_constant=refuse)
+    assert written == {"ssim": None, "ncc": 0.5, "per_slice": [1.0, None]}
