@@ -119,7 +119,12 @@ def write_mha(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
 def _write_layer(path: str, data: Any, meta: dict[str, Any], suffixes: tuple[str, ...]) -> Path:
     if not path.lower().endswith(suffixes):
         path += suffixes[0]
-    return write_image(volume_from_layer_data(data, meta), path)
+    try:
+        return write_image(volume_from_layer_data(data, meta), path)
+    except InputError as error:
+        # napari takes a ValueError from a writer (InputError is one) for "not my format" and tells
+        # the user that no writer was found: re-raise as an error it passes on, with our message.
+        raise UniFuseError(f"Could not save {error}") from error
 
 
 def _display_name(source: str) -> str:

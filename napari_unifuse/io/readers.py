@@ -7,12 +7,15 @@ axis order); every failure becomes an InputError naming the file and the problem
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from numpy.lib.recfunctions import structured_to_unstructured
 from PIL import Image
 
 from napari_unifuse.errors import InputError
@@ -36,6 +39,14 @@ _DICOM_TAGS = {
 }
 # DICOM Modality codes → the modality names io.normalize understands.
 _DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet", "NM": "spect"}
+# A slice more than this fraction of the slice spacing away from where the volume puts it is
+# reported: DICOM positions are decimal strings, so exact equality is too strict, while 1% of a
+# slice is far below anything visible in a fusion.
+_SLICE_POSITION_TOLERANCE = 0.01
+# SimpleITK chooses the ImageIO from a case-sensitive suffix, so name it: upper-case .MHA works too.
+ITK_IMAGE_IOS = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
+# NIfTI spatial units in mm, as SimpleITK converts them; "unknown" is taken as mm (by ITK too).
+_MM_PER_NIFTI_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
 
 
 def file_format(path: str | os.PathLike) -> str | None:
@@ -55,15 +66,22 @@ def file_format(path: str | os.PathLike) -> str | None:
     return None
 
 
-def dicom_series_ids(folder: str | os.PathLike) -> tuple[str, ...]:
-    """The DICOM series UIDs GDCM finds in ``folder`` (empty when there are none)."""
-    # GDCM prints a console warning for folders without DICOM; that is an answer, not a problem.
+@contextmanager
+def _itk_console_warnings_hidden() -> Iterator[None]:
+    """Keep ITK's C++ warnings off stderr; the switch is global, so it is restored afterwards."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def dicom_series_ids(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The DICOM series UIDs GDCM finds in ``folder`` (empty when there are none)."""
+    # GDCM prints a console warning for folders without DICOM; that is an answer, not a problem.
+    with _itk_console_warnings_hidden():
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume:
@@ -81,11 +99,12 @@ def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume
     try:
         array, geometry, metadata, is_rgb = _READERS[fmt](path, frame)
         _refuse_empty(array, path)
-        array, warnings = real_finite_values(array)
+        array, value_warnings = real_finite_values(array)
     except InputError as error:
         # Geometry and value checks know the problem but not the file.
         raise InputError(error.problem, path) from error
     metadata["format"] = fmt
+    warnings = metadata.pop("warnings", []) + value_warnings
     if warnings:
         metadata["warnings"] = warnings
     return ImageVolume(array, geometry, metadata, str(path), is_rgb)
@@ -180,12 +199,40 @@ def _read_nifti(path: Path, frame: int | None):
         data = data[..., metadata["frame"]]
     else:
         _refuse_frame_for_single_volume(frame, path)
-    geometry = Geometry.from_ras_affine(image.affine, ndim=data.ndim)
+    is_rgb = data.dtype.names is not None  # RGB24 / RGBA32: one (R, G, B[, A]) record per voxel
+    if is_rgb:
+        data = _nifti_picture(data, path)
     header = image.header
+    affine = image.affine.copy()
+    affine[:3] *= _MM_PER_NIFTI_UNIT[_nifti_spatial_unit(header)]
+    geometry = Geometry.from_ras_affine(affine, ndim=data.ndim)
     metadata["nifti_affine"] = image.affine.tolist()
     metadata["header"] = {key: _plain(header[key]) for key in header.keys()}
     # nibabel's (i, j, k) is x-fastest: reversing the axes gives (z, y, x).
-    return np.ascontiguousarray(data.transpose()), geometry, metadata, False
+    data = data.transpose()
+    if is_rgb:
+        data = structured_to_unstructured(data[["R", "G", "B"]])  # alpha dropped, as for PNG and MHA
+    return np.ascontiguousarray(data), geometry, metadata, is_rgb
+
+
+def _nifti_picture(colours: np.ndarray, path: Path) -> np.ndarray:
+    """The 2D array of an RGB NIfTI: colour images are 2D throughout the package."""
+    if colours.ndim == 3 and colours.shape[2] == 1:
+        colours = colours[..., 0]  # a 2D picture stored as a one-slice volume
+    if colours.ndim != 2:
+        raise InputError(
+            f"is a {colours.ndim}D colour (RGB) NIfTI of shape {colours.shape}; colour images are supported in "
+            "2D only: convert the volume to grey values first",
+            path,
+        )
+    return colours
+
+
+def _nifti_spatial_unit(header: Any) -> str:
+    try:
+        return header.get_xyzt_units()[0]
+    except KeyError:  # a unit code NIfTI does not define: millimetres, as ITK assumes
+        return "unknown"
 
 
 def _plain(value: Any) -> Any:
@@ -198,8 +245,9 @@ def _plain(value: Any) -> Any:
 
 # ---- SimpleITK: NRRD / MetaImage / DICOM ----------------------------------------------------
 def _read_itk(path: Path, frame: int | None):
+    suffix = next(suffix for suffix in ITK_SUFFIXES if path.name.lower().endswith(suffix))
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path), imageIO=ITK_IMAGE_IOS[suffix])
     except RuntimeError as error:
         raise _failure(path, "an ITK image (NRRD/MetaImage)", error) from error
     metadata = {"header": {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}}
@@ -231,14 +279,45 @@ def _read_dicom(path: Path, frame: int | None):
     reader.SetFileNames(files_by_series[series_id])
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        image = reader.Execute()
+        with _itk_console_warnings_hidden():  # uneven slices are reported in the warnings instead
+            image = reader.Execute()
     except RuntimeError as error:
         raise _failure(path, "a DICOM series", error) from error
     tags = {name: reader.GetMetaData(0, tag).strip() for tag, name in _DICOM_TAGS.items() if reader.HasMetaDataKey(0, tag)}
     metadata: dict[str, Any] = {"header": tags, "dicom_files": len(files_by_series[series_id])}
     if tags.get("Modality") in _DICOM_MODALITIES:
         metadata["modality"] = _DICOM_MODALITIES[tags["Modality"]]
+    uneven = _uneven_slices_warning(reader, image)
+    if uneven:
+        metadata["warnings"] = [uneven]
     return _from_sitk(image, frame, path, metadata)
+
+
+def _uneven_slices_warning(reader: sitk.ImageSeriesReader, image: sitk.Image) -> str | None:
+    """A sentence when the slices' ImagePositionPatient are not where the volume places them.
+
+    ITK builds the volume with one slice spacing (first to last position over the number of gaps),
+    so a missing slice moves the slices on either side of it.
+    """
+    n_slices = len(reader.GetFileNames())
+    if image.GetDimension() != 3 or n_slices < 3 or not all(
+        reader.HasMetaDataKey(k, "0020|0032") for k in range(n_slices)
+    ):
+        return None
+    positions = np.array([[float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")] for k in range(n_slices)])
+    placed = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(n_slices)])
+    misplacement = np.linalg.norm(positions - placed, axis=1).max()
+    spacing = image.GetSpacing()[2]
+    if misplacement <= _SLICE_POSITION_TOLERANCE * spacing:
+        return None
+    steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+    usual = float(np.median(steps))
+    odd = int(np.argmax(np.abs(steps - usual)))
+    return (
+        f"slices are not evenly spaced: a gap of {steps[odd]:g} mm between slices {odd} and {odd + 1} where "
+        f"most are {usual:g} mm apart; a slice may be missing. The volume assumes {spacing:g} mm throughout, "
+        f"so slices are misplaced by up to {misplacement:.3g} mm"
+    )
 
 
 def _from_sitk(image: sitk.Image, frame: int | None, path: Path, metadata: dict[str, Any]):

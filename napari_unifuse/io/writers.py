@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry, ImageVolume
-from napari_unifuse.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES
+from napari_unifuse.io.readers import ITK_IMAGE_IOS, ITK_SUFFIXES, NIFTI_SUFFIXES
 
 PNG_SUFFIXES = (".png",)
 WRITABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PNG_SUFFIXES
@@ -45,10 +46,10 @@ def write_image(volume: ImageVolume, path: str | os.PathLike) -> Path:
 def _write_nifti(volume: ImageVolume, path: Path) -> None:
     if volume.is_rgb:
         raise InputError("RGB images are saved as PNG, MHA or NRRD, not NIfTI", path)
-    array = volume.array.astype(np.uint8) if volume.array.dtype == np.bool_ else volume.array
     affine = volume.geometry.to_ras_affine()
-    # nibabel's axes are (x, y, z): reverse ours. "compat" narrows int64 (which NIfTI tools reject).
-    image = nib.Nifti1Image(array.transpose(), affine, dtype="compat")
+    array = volume.array.astype(_nifti_dtype(volume.array), copy=False)
+    # nibabel's axes are (x, y, z): reverse ours. An explicit dtype stops nibabel choosing another.
+    image = nib.Nifti1Image(array.transpose(), affine, dtype=array.dtype)
     header = volume.metadata.get("header", {}) if volume.metadata.get("format") == "nifti" else {}
     # Keep the input's xform codes (e.g. 4 = MNI) and write both forms, so readers that prefer
     # the qform (ITK does) get the same geometry as those preferring the sform.
@@ -58,11 +59,32 @@ def _write_nifti(volume: ImageVolume, path: Path) -> None:
     nib.save(image, path)
 
 
+def _nifti_dtype(array: np.ndarray) -> np.dtype:
+    """The NIfTI data type that holds ``array``'s values exactly."""
+    if array.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if array.dtype == np.float16:  # NIfTI has no half floats; float32 holds every float16 value
+        return np.dtype(np.float32)
+    if array.dtype.kind in "iu" and array.dtype.itemsize == 8:
+        # 64-bit integers are valid NIfTI but many tools reject them (nibabel refuses them by
+        # default): a narrower type when the value range fits one, 64-bit only when it does not.
+        smallest = np.result_type(np.min_scalar_type(array.min()), np.min_scalar_type(array.max()))
+        return smallest if smallest.itemsize < array.dtype.itemsize else array.dtype
+    return array.dtype
+
+
 def _write_itk(volume: ImageVolume, path: Path) -> None:
+    suffix = next(suffix for suffix in ITK_SUFFIXES if path.name.lower().endswith(suffix))
+    # ITK decides from a lower-case suffix whether the voxels go into the header file (.mha, .nrrd)
+    # or a file beside it (.mhd, .nhdr): write under that name, then move the files into place.
     try:
-        sitk.WriteImage(volume.to_sitk(), str(path), useCompression=True)
-    except RuntimeError as error:
-        raise InputError(f"SimpleITK could not write the image: {str(error).strip().splitlines()[-1]}", path) from error
+        with tempfile.TemporaryDirectory(dir=path.parent) as staging:
+            staged = Path(staging, path.name[: -len(suffix)] + suffix)
+            sitk.WriteImage(volume.to_sitk(), str(staged), useCompression=True, imageIO=ITK_IMAGE_IOS[suffix])
+            for written in Path(staging).iterdir():
+                os.replace(written, path if written == staged else path.parent / written.name)
+    except (RuntimeError, OSError) as error:  # ITK's own errors, or the folder refusing new files
+        raise InputError(f"could not write the image: {str(error).strip().splitlines()[-1]}", path) from error
 
 
 def _write_png(volume: ImageVolume, path: Path) -> None:

@@ -12,7 +12,7 @@ from napari.utils.notifications import notification_manager
 from npe2 import PluginManager
 
 from napari_unifuse._napari_io import get_reader, layer_to_volume, volume_to_layer_data, write_mha, write_nifti
-from napari_unifuse.errors import InputError
+from napari_unifuse.errors import UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image
 
 
@@ -102,7 +102,7 @@ def test_npe2_writers_keep_the_layer_geometry(tmp_path):
 
     # A layer read from a file cannot be saved over that file.
     source_layer = _layer(reread)
-    with pytest.raises(InputError, match="overwrite"):
+    with pytest.raises(UniFuseError, match="overwrite"):
         write_mha(mha_path, *source_layer.as_layer_data_tuple()[:2])
 
 
@@ -114,3 +114,23 @@ def test_rgb_volume_becomes_an_rgb_layer_and_back(rng):
     back = layer_to_volume(layer)
     assert back.is_rgb and back.ndim == 2
     np.testing.assert_array_equal(back.array, colour.array)
+
+
+def test_napari_save_shows_why_our_writer_refused_and_writes_nothing(tmp_path, rng):
+    source = tmp_path / "source.nii.gz"
+    nib.Nifti1Image(rng.normal(size=(4, 5, 6)).astype(np.float32), np.eye(4)).to_filename(source)
+    PluginManager.instance().discover()
+    viewer = ViewerModel()
+    (read,) = viewer.open(str(source), plugin="napari-unifuse")
+    colour = viewer.add_image(rng.integers(0, 256, (8, 9, 3), dtype=np.uint8), rgb=True, name="colour")
+    before = source.read_bytes()
+
+    # napari turns a ValueError from a writer into "no writer found"; our reason must get through.
+    viewer.layers.selection = {read}
+    with pytest.raises(UniFuseError, match="refusing to overwrite the file this image was read from"):
+        viewer.layers.save(str(source), selected=True, plugin="napari-unifuse")
+    assert source.read_bytes() == before
+    viewer.layers.selection = {colour}
+    with pytest.raises(UniFuseError, match="RGB images are saved as PNG, MHA or NRRD"):
+        viewer.layers.save(str(tmp_path / "colour.nii.gz"), selected=True, plugin="napari-unifuse")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source.nii.gz"]

@@ -92,6 +92,7 @@ def test_dicom_series_round_trip(tmp_path, oblique_sitk_image, write_dicom_serie
         for index in _corner_indices(array.shape):
             np.testing.assert_allclose(_our_world(volume, index), _sitk_world(image, index), atol=1e-5)
         assert volume.metadata["modality"] == "ct"
+        assert "warnings" not in volume.metadata  # evenly spaced slices
 
     again = read_image(write_image(volume, tmp_path / "from_dicom.nii.gz"))
     np.testing.assert_array_equal(again.array, array)
@@ -166,3 +167,113 @@ def test_2d_oblique_image_round_trips(suffix, tmp_path, rotation, rng):
     np.testing.assert_allclose(again.geometry.index_to_world, volume.geometry.index_to_world, atol=1e-5)
     reference = sitk.ReadImage(str(path))
     np.testing.assert_allclose(_sitk_world(reference, (6, 10)), _our_world(volume, (6, 10)), atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [False, True], ids=["RGB24", "RGBA32"])
+def test_rgb_nifti_reads_as_a_2d_rgb_image_like_simpleitk(alpha, tmp_path, rng):
+    channels = ["R", "G", "B", "A"] if alpha else ["R", "G", "B"]
+    colour = np.zeros((9, 6), dtype=[(channel, "u1") for channel in channels])  # nibabel order (i, j)
+    for channel in channels:
+        colour[channel] = rng.integers(0, 256, colour.shape)
+    affine = np.diag([0.5, 0.8, 1.0, 1.0])
+    affine[:3, 3] = [10.0, -4.0, 7.0]
+    path = tmp_path / "colour.nii.gz"
+    nib.Nifti1Image(colour, affine).to_filename(path)
+
+    volume = read_image(path)
+    reference = sitk.ReadImage(str(path))
+    assert volume.is_rgb and volume.ndim == 2 and volume.array.dtype == np.uint8
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference)[..., :3])  # alpha dropped
+    for index in _corner_indices(volume.spatial_shape):
+        np.testing.assert_allclose(_our_world(volume, index), _sitk_world(reference, index), atol=1e-6)
+    again = read_image(write_image(volume, tmp_path / "colour.mha"))
+    np.testing.assert_array_equal(again.array, volume.array)
+    assert again.is_rgb and again.geometry.allclose(volume.geometry)
+
+
+def test_one_slice_rgb_nifti_is_the_2d_picture(tmp_path, rng):
+    colour = np.zeros((9, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    colour["G"] = rng.integers(0, 256, colour.shape)
+    nib.Nifti1Image(colour, np.diag([0.5, 0.8, 2.0, 1.0])).to_filename(tmp_path / "flat.nii.gz")
+    nib.Nifti1Image(colour[..., None], np.diag([0.5, 0.8, 2.0, 1.0])).to_filename(tmp_path / "slice.nii.gz")
+    flat, one_slice = read_image(tmp_path / "flat.nii.gz"), read_image(tmp_path / "slice.nii.gz")
+    assert one_slice.is_rgb and one_slice.array.shape == (6, 9, 3)
+    np.testing.assert_array_equal(one_slice.array, flat.array)
+    assert one_slice.geometry.allclose(flat.geometry)
+
+
+def test_rgb_nifti_volume_is_refused_with_one_clear_line(tmp_path):
+    path = tmp_path / "colour3d.nii.gz"
+    nib.Nifti1Image(np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]), np.eye(4)).to_filename(path)
+    with pytest.raises(InputError, match="3D colour") as error:
+        read_image(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("unit", ["micron", "meter"])
+def test_nifti_spatial_units_become_millimetres_as_in_simpleitk(unit, tmp_path, rotation):
+    per_mm = {"micron": 1000.0, "meter": 0.001}[unit]
+    affine = np.eye(4)
+    affine[:3, :3] = rotation((10.0, 0.0, -25.0)) @ np.diag([0.5, 0.75, 2.0]) * per_mm
+    affine[:3, 3] = np.array([-30.0, 12.0, 45.0]) * per_mm
+    image = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), affine)
+    image.header.set_xyzt_units(unit)
+    path = tmp_path / f"in_{unit}.nii.gz"
+    image.to_filename(path)
+
+    volume = read_image(path)
+    reference = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(volume.geometry.itk_spacing, reference.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(volume.geometry.itk_origin, reference.GetOrigin(), atol=1e-4)
+    for index in _corner_indices(volume.spatial_shape):
+        np.testing.assert_allclose(_our_world(volume, index), _sitk_world(reference, index), atol=1e-4)
+    np.testing.assert_allclose(volume.geometry.spacing, [2.0, 0.75, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("values", "stored_as"),
+    [
+        (np.full((3, 4, 5), 1.5, np.float16), np.float32),
+        (np.full((3, 4, 5), 123456.789012345), np.float64),
+        (np.full((3, 4, 5), 2**32 - 1, np.uint32), np.uint32),
+        (np.full((3, 4, 5), 2**40, np.int64), np.int64),
+        (np.arange(60, dtype=np.int64).reshape(3, 4, 5), np.uint8),
+        (np.full((3, 4, 5), 65535, np.uint16), np.uint16),
+        (np.full((3, 4, 5), -7, np.int8), np.int8),
+        (np.ones((3, 4, 5), np.bool_), np.uint8),
+    ],
+    ids=["float16", "float64", "uint32", "int64-large", "int64-small", "uint16", "int8", "bool"],
+)
+def test_nifti_keeps_every_value_exactly(values, stored_as, tmp_path):
+    written = write_image(ImageVolume(values, Geometry.identity(3)), tmp_path / "values.nii.gz")
+    assert nib.load(written).get_data_dtype() == stored_as
+    reread = read_image(written).array
+    np.testing.assert_array_equal(reread.astype(np.float64), values.astype(np.float64))
+    np.testing.assert_array_equal(reread, values.astype(reread.dtype))
+
+
+@pytest.mark.parametrize("suffix", [".MHA", ".MHD", ".NRRD", ".NHDR"])
+def test_upper_case_itk_suffixes_read_and_write_the_named_file(suffix, tmp_path, rng):
+    volume = ImageVolume(rng.normal(size=(4, 5, 6)).astype(np.float32), Geometry([2.0, 1.0, 0.5], [1.0, 2.0, 3.0], np.eye(3)))
+    path = tmp_path / f"OUT{suffix}"
+    assert write_image(volume, path) == path and path.is_file()
+    header_only = suffix in (".MHD", ".NHDR")  # the voxels sit in a file beside the header
+    assert len(list(tmp_path.iterdir())) == 1 + header_only
+    reread = read_image(path)
+    np.testing.assert_array_equal(reread.array, volume.array)
+    assert reread.geometry.allclose(volume.geometry)
+
+
+def test_dicom_series_with_a_missing_slice_warns_how_far_slices_are_off(tmp_path, write_dicom_series, capfd):
+    image = sitk.GetImageFromArray(np.zeros((12, 16, 16), np.int16))
+    image.SetSpacing((0.7, 0.9, 2.5))
+    files = write_dicom_series(image, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.1003")
+    files[6].unlink()
+    capfd.readouterr()
+
+    volume = read_image(tmp_path / "series")
+    (warning,) = volume.metadata["warnings"]
+    assert "gap of 5 mm between slices 5 and 6" in warning and "2.5 mm apart" in warning
+    assert "misplaced by up to 1.25 mm" in warning
+    assert "Non uniform" not in capfd.readouterr().err  # ITK's console text is kept off stderr
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # and ITK's global switch is restored
