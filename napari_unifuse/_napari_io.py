@@ -10,13 +10,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import napari
 import numpy as np
-from napari.utils.notifications import show_error, show_warning
+from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.transforms import Affine
 
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
-from napari_unifuse.io.readers import dicom_series_ids, file_format
+from napari_unifuse.io.readers import dicom_series, dicom_series_ids, file_format
 
 LAYER_METADATA_KEY = "unifuse"
 # napari's documented "read fine, but no layers" value; returning [] instead makes napari raise
@@ -96,15 +97,42 @@ def get_reader(path: str | list[str]) -> Callable[[str], list] | None:
 
 
 def read_layers(path: str | os.PathLike) -> list:
-    """Read ``path`` as napari layer data; problems become a notification, not a traceback."""
+    """Read ``path`` as napari layer data; problems become a notification, not a traceback.
+
+    A ``.dcm`` file opens its whole series, so selecting every file of a series in *File → Open
+    Files* (napari reads them one by one) would open the series once per file: a series already
+    open in the viewer is not opened again."""
     try:
+        if file_format(path) == "dicom" and not Path(path).is_dir():
+            open_as = _layer_holding_series(dicom_series(path)[0])
+            if open_as is not None:
+                show_info(f"{Path(path).name}: its DICOM series is already open as the layer '{open_as}'")
+                return _NO_LAYERS
         volume = read_image(path)
     except UniFuseError as error:
         show_error(f"Could not open {error}")
         return _NO_LAYERS
     for warning in volume.metadata.get("warnings", []):
         show_warning(f"{path}: {warning}")
-    return [volume_to_layer_data(volume)]
+    return [volume_to_layer_data(volume, name=_series_name(volume))]
+
+
+def _layer_holding_series(key: str) -> str | None:
+    """The name of the current viewer's layer read from the DICOM series ``key``, if any."""
+    viewer = napari.current_viewer()
+    for layer in viewer.layers if viewer is not None else ():
+        if (layer.metadata.get(LAYER_METADATA_KEY) or {}).get("metadata", {}).get("dicom_series") == key:
+            return layer.name
+    return None
+
+
+def _series_name(volume: ImageVolume) -> str | None:
+    """A DICOM series is named by its description, else its folder, not by the file that opened it."""
+    if "dicom_series" not in volume.metadata or volume.source is None:
+        return None
+    source = Path(volume.source)
+    folder = source if source.is_dir() else source.parent
+    return volume.metadata.get("header", {}).get("SeriesDescription") or folder.name
 
 
 # ---- npe2 writers -----------------------------------------------------------------------------

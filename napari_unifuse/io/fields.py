@@ -17,6 +17,8 @@ import SimpleITK as sitk
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry
+from napari_unifuse.io.readers import itk_filename
+from napari_unifuse.io.writers import itk_destination
 
 
 def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | os.PathLike) -> Path:
@@ -33,8 +35,9 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
     image = sitk.GetImageFromArray(physical[..., ::-1].astype(np.float32), isVector=True)
     reference_geometry.to_sitk(image)
     try:
-        sitk.WriteImage(image, str(path), useCompression=True)
-    except RuntimeError as error:
+        with itk_destination(path) as staged:
+            sitk.WriteImage(image, staged, useCompression=True)
+    except (RuntimeError, OSError) as error:
         raise InputError(f"SimpleITK could not write the field: {str(error).strip().splitlines()[-1]}", path) from error
     return path
 
@@ -47,7 +50,7 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
     """
     path = Path(path)
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(itk_filename(path))
     except RuntimeError as error:
         raise InputError(f"cannot be read as a displacement field: {str(error).strip().splitlines()[-1]}", path) from error
     ndim = image.GetDimension()

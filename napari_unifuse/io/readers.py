@@ -66,6 +66,18 @@ def file_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+def itk_filename(path: str | os.PathLike) -> str:
+    """``path`` as SimpleITK takes it. A name that is not valid UTF-8 (an old Latin-1 folder name)
+    would abort the whole process inside SimpleITK instead of raising: refuse it here."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the path is not valid UTF-8 text, which SimpleITK cannot open; rename the file or the "
+                         "folders above it", os.fsencode(name).decode("utf-8", errors="replace")) from None
+    return name
+
+
 @contextmanager
 def _itk_console_warnings_hidden() -> Iterator[None]:
     """Keep ITK's C++ warnings off stderr; the switch is global, so it is restored afterwards."""
@@ -81,7 +93,7 @@ def dicom_series_ids(folder: str | os.PathLike) -> tuple[str, ...]:
     """The DICOM series UIDs GDCM finds in ``folder`` (empty when there are none)."""
     # GDCM prints a console warning for folders without DICOM; that is an answer, not a problem.
     with _itk_console_warnings_hidden():
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_filename(folder)))
 
 
 def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume:
@@ -247,19 +259,23 @@ def _plain(value: Any) -> Any:
 def _read_itk(path: Path, frame: int | None):
     suffix = next(suffix for suffix in ITK_SUFFIXES if path.name.lower().endswith(suffix))
     try:
-        image = sitk.ReadImage(str(path), imageIO=ITK_IMAGE_IOS[suffix])
+        image = sitk.ReadImage(itk_filename(path), imageIO=ITK_IMAGE_IOS[suffix])
     except RuntimeError as error:
         raise _failure(path, "an ITK image (NRRD/MetaImage)", error) from error
     metadata = {"header": {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}}
     return _from_sitk(image, frame, path, metadata)
 
 
-def _read_dicom(path: Path, frame: int | None):
+def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
+    """The series a ``.dcm`` file belongs to, or the one series of a folder: ``(key, files)``,
+    ``key`` naming the series by its folder and GDCM series id (the same for every file of it)."""
+    path = Path(path)
     folder = path if path.is_dir() else path.parent
     series_ids = dicom_series_ids(folder)
     if not series_ids:
         raise InputError("no DICOM series found in this folder", folder)
-    files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(itk_filename(folder), sid)
+                       for sid in series_ids}
     if path.is_dir():
         if len(series_ids) > 1:
             listing = "; ".join(f"{sid} ({len(files)} files)" for sid, files in files_by_series.items())
@@ -275,8 +291,13 @@ def _read_dicom(path: Path, frame: int | None):
         if not matches:
             raise InputError("not part of any readable DICOM series in its folder", path)
         series_id = matches[0]
+    return f"{folder.resolve()}#{series_id}", list(files_by_series[series_id])
+
+
+def _read_dicom(path: Path, frame: int | None):
+    key, files = dicom_series(path)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files_by_series[series_id])
+    reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
         with _itk_console_warnings_hidden():  # uneven slices are reported in the warnings instead
@@ -284,7 +305,7 @@ def _read_dicom(path: Path, frame: int | None):
     except RuntimeError as error:
         raise _failure(path, "a DICOM series", error) from error
     tags = {name: reader.GetMetaData(0, tag).strip() for tag, name in _DICOM_TAGS.items() if reader.HasMetaDataKey(0, tag)}
-    metadata: dict[str, Any] = {"header": tags, "dicom_files": len(files_by_series[series_id])}
+    metadata: dict[str, Any] = {"header": tags, "dicom_files": len(files), "dicom_series": key}
     if tags.get("Modality") in _DICOM_MODALITIES:
         metadata["modality"] = _DICOM_MODALITIES[tags["Modality"]]
     uneven = _uneven_slices_warning(reader, image)

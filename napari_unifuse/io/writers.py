@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -75,16 +78,36 @@ def _nifti_dtype(array: np.ndarray) -> np.dtype:
 
 def _write_itk(volume: ImageVolume, path: Path) -> None:
     suffix = next(suffix for suffix in ITK_SUFFIXES if path.name.lower().endswith(suffix))
-    # ITK decides from a lower-case suffix whether the voxels go into the header file (.mha, .nrrd)
-    # or a file beside it (.mhd, .nhdr): write under that name, then move the files into place.
     try:
-        with tempfile.TemporaryDirectory(dir=path.parent) as staging:
-            staged = Path(staging, path.name[: -len(suffix)] + suffix)
-            sitk.WriteImage(volume.to_sitk(), str(staged), useCompression=True, imageIO=ITK_IMAGE_IOS[suffix])
-            for written in Path(staging).iterdir():
-                os.replace(written, path if written == staged else path.parent / written.name)
+        with itk_destination(path, suffix) as staged:
+            sitk.WriteImage(volume.to_sitk(), staged, useCompression=True, imageIO=ITK_IMAGE_IOS[suffix])
     except (RuntimeError, OSError) as error:  # ITK's own errors, or the folder refusing new files
         raise InputError(f"could not write the image: {str(error).strip().splitlines()[-1]}", path) from error
+
+
+@contextmanager
+def itk_destination(path: Path, suffix: str | None = None) -> Iterator[str]:
+    """A file name for SimpleITK to write ``path`` under; what it writes is moved to ``path`` after.
+
+    ``suffix``: the lower-case extension ITK chooses its writer by (default: ``path``'s, with
+    ``.nii.gz`` as one). ITK decides from a lower-case suffix whether the voxels go into the header file (.mha,
+    .nrrd) or a file beside it (.mhd, .nhdr), so the staged name ends in it. A folder whose name is
+    not valid UTF-8 would abort the process inside SimpleITK: such a path is staged in the system's
+    temporary folder instead of beside ``path``.
+    """
+    try:
+        str(path.parent).encode("utf-8")
+        beside: Path | None = path.parent
+    except UnicodeEncodeError:
+        beside = None
+    if suffix is None:
+        suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
+    with tempfile.TemporaryDirectory(dir=beside) as staging:
+        staged = Path(staging, path.name.encode("utf-8", errors="replace").decode()[: -len(suffix)] + suffix)
+        yield str(staged)
+        for written in Path(staging).iterdir():
+            # shutil.move renames within one file system and copies across (the temporary folder).
+            shutil.move(written, path if written == staged else path.parent / written.name)
 
 
 def _write_png(volume: ImageVolume, path: Path) -> None:

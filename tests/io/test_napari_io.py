@@ -134,3 +134,17 @@ def test_napari_save_shows_why_our_writer_refused_and_writes_nothing(tmp_path, r
     with pytest.raises(UniFuseError, match="RGB images are saved as PNG, MHA or NRRD"):
         viewer.layers.save(str(tmp_path / "colour.nii.gz"), selected=True, plugin="napari-unifuse")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["source.nii.gz"]
+
+
+def test_every_file_of_a_dicom_series_opened_at_once_gives_one_layer_named_for_the_series(
+        make_napari_viewer, tmp_path, oblique_sitk_image, write_dicom_series, rng):
+    """napari reads the files of *File → Open Files* one by one; each .dcm opens its whole series."""
+    image = oblique_sitk_image(rng.integers(0, 1000, size=(5, 12, 10)).astype(np.int16), (0.8, 0.9, 2.5),
+                               (10.0, -20.0, 30.0), (0.0, 0.0, 0.0))
+    files = write_dicom_series(image, tmp_path / "head_ct", "1.2.826.0.1.3680043.2.1125.7")
+    viewer = make_napari_viewer()
+
+    viewer.open([str(path) for path in files], stack=False, plugin="napari-unifuse")
+
+    assert [layer.name for layer in viewer.layers] == ["io test series"]  # its SeriesDescription
+    assert viewer.layers[0].data.shape == (5, 12, 10)

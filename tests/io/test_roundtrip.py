@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
+from napari_unifuse.io import Geometry, ImageVolume, read_displacement, read_image, write_displacement, write_image
 
 
 def _sitk_world(image: sitk.Image, array_index) -> np.ndarray:
@@ -277,3 +279,20 @@ def test_dicom_series_with_a_missing_slice_warns_how_far_slices_are_off(tmp_path
     assert "misplaced by up to 1.25 mm" in warning
     assert "Non uniform" not in capfd.readouterr().err  # ITK's console text is kept off stderr
     assert sitk.ProcessObject.GetGlobalWarningDisplay()  # and ITK's global switch is restored
+
+
+def test_files_under_a_folder_name_that_is_not_utf8_are_written_and_a_read_is_refused(tmp_path):
+    """SimpleITK aborts the process on such a name; writes are staged elsewhere, reads refused in one line."""
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    folder.mkdir()
+    geometry = Geometry((2.0, 1.0), (5.0, -3.0), np.eye(2))
+    volume = ImageVolume(np.arange(12, dtype=np.float32).reshape(3, 4), geometry)
+    field = np.ones((2, 3, 4), np.float32)
+
+    written = write_image(volume, folder / "fused.mha"), write_displacement(field, geometry, folder / "u.nii.gz")
+
+    assert sorted(path.name for path in folder.iterdir()) == ["fused.mha", "u.nii.gz"]
+    assert all(path.stat().st_size > 0 for path in written)
+    for read in (lambda: read_image(folder / "fused.mha"), lambda: read_displacement(folder / "u.nii.gz")):
+        with pytest.raises(InputError, match="not valid UTF-8"):
+            read()
