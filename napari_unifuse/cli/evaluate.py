@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_unifuse.cli.arguments import positive_int
+from napari_unifuse.cli.arguments import non_negative_int, positive_int
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, warp_array
@@ -720,7 +720,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="split by atlas case with this validation fraction (default: the checkpoint's)")
     harvard.add_argument("--split-seed", type=int, help="seed of the case split (default: the checkpoint's)")
     harvard.add_argument("--size", type=positive_int, help="resize the images to SIZE² (as in training's data.size)")
-    harvard.add_argument("--seed", type=int, default=0, help="seed of the synthesised degradations")
+    harvard.add_argument("--seed", type=non_negative_int, default=0, help="seed of the synthesised degradations")
     harvard.add_argument("--misalignment", choices=REGIME_CHOICES,
                          help="misalignment regime of the synthesised pairs, or all of them (default: all)")
     harvard.add_argument("--none-fraction", type=float, default=0.0,

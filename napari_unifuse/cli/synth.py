@@ -8,12 +8,24 @@ numbered from 0 in the CSV's order (``OUT/0000/``, ``OUT/0001/``, ...):
 * ``label.<ext>``      the clean moving image aligned to the reference (I_D);
 * ``displacement.nii.gz``  the ground-truth ITK displacement field on the reference grid
   (LPS mm): resampling ``moving`` through it with SimpleITK/ANTs/Slicer gives ``label``;
-* ``meta.json``        degradation class, every drawn parameter, the seed and intensity mapping.
+* ``meta.json``        degradation class, misalignment regime, every drawn parameter, the seed,
+  the intensity mapping and the inputs' absolute paths.
 
 ``<ext>`` follows each input: ``png`` for PNG/JPG images, ``nii.gz`` for everything else. The
-moving image is put on the reference grid first when its geometry differs. Degradations act on
-intensities normalised as ``io.normalize_intensity`` does (recorded in meta.json); volumes are
-written back in the input's units, PNGs as 8-bit.
+moving image is put on the reference grid first when its geometry differs; one that does not
+overlap the reference is refused, one that covers less than half of it is warned about.
+``--misalignment`` picks the regime (``data.misalign``): ``large`` (rigid + elastic, the default),
+``mild`` (a few voxels of residual non-rigid misalignment) or ``none`` (the zero field).
+
+Intensities: the degradations act on the moving image normalised as ``io.normalize_intensity``
+does (recorded in meta.json), because their models work on its [0, 1] window. Volumes are written
+back in the input's units: ``label`` is the clean moving image itself, never clipped, and
+``moving`` carries what lies beyond the window (hot PET lesions, metal), undegraded, through the
+misalignment. PNGs hold the normalised [0, 1] images as 8 bits.
+
+An output folder holding an earlier synth output is refused unless ``--overwrite``, which first
+removes every file synth writes there; no output may replace an input of any row. Every CSV row
+is checked (cells, files, seeds) before anything is written.
 """
 
 from __future__ import annotations
@@ -21,12 +33,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from napari_unifuse import __version__
+from napari_unifuse.cli.arguments import non_negative_int
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, regime_misalignment
 from napari_unifuse.data.pairs import make_pair
+from napari_unifuse.engine.inference import overlap_warnings
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import (
     normalize_intensity,
@@ -40,6 +56,12 @@ from napari_unifuse.io.normalize import MODALITIES
 _PNG_INPUTS = (".png", ".jpg", ".jpeg")
 DISPLACEMENT_FILE = "displacement.nii.gz"
 META_FILE = "meta.json"
+_IMAGE_ROLES = ("reference", "moving", "label")
+# Every name synth gives a file in an output folder, for either image extension: what marks an
+# earlier output, what --overwrite removes, and where no input may sit.
+OUTPUT_NAMES = frozenset({*(f"{role}.{extension}" for role in _IMAGE_ROLES for extension in ("png", "nii.gz")),
+                          DISPLACEMENT_FILE, META_FILE})
+DEFAULT_MISALIGNMENT = "large"
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,17 @@ class SynthJob:
     degradation: str
     seed: int
     out: Path
+    misalignment: str = DEFAULT_MISALIGNMENT
+
+    def files(self) -> dict[str, Path]:
+        """Role → the file this job writes."""
+        return {
+            "reference": self.out / f"reference.{_extension(self.reference)}",
+            "moving": self.out / f"moving.{_extension(self.moving)}",
+            "label": self.out / f"label.{_extension(self.moving)}",
+            "displacement": self.out / DISPLACEMENT_FILE,
+            "meta": self.out / META_FILE,
+        }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,23 +94,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference", type=Path, help="high-quality reference image")
     parser.add_argument("--moving", type=Path, help="the other modality, clean and aligned to the reference")
     parser.add_argument("--pairs", type=Path,
-                        help="CSV with columns reference,moving[,degradation,seed]; paths relative to the CSV")
+                        help="CSV with columns reference,moving[,degradation,misalignment,seed]; paths relative "
+                             "to the CSV; an empty optional cell takes the option's value")
     parser.add_argument("--degradation", choices=DEGRADATION_CLASSES, default="none",
                         help="degradation of the moving image (default: none; a CSV column overrides it)")
+    parser.add_argument("--misalignment", choices=MISALIGNMENT_REGIMES, default=DEFAULT_MISALIGNMENT,
+                        help=f"misalignment regime (default: {DEFAULT_MISALIGNMENT}; a CSV column overrides it)")
     parser.add_argument("--severity", type=float, default=0.5, help="degradation strength in [0, 1] (default 0.5)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed (default 0); a CSV row without one uses seed + the number of its "
-                             "output folder (0000: seed, 0001: seed + 1, ...)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="random seed, 0 or more (default 0); a CSV row without one uses seed + the number "
+                             "of its output folder (0000: seed, 0001: seed + 1, ...)")
     parser.add_argument("--modality", choices=MODALITIES, default="auto",
                         help="modality of the moving image, for its intensity normalisation (default: auto)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace earlier synth outputs in the output folders (they are removed first)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    for job in _jobs(args):
+    jobs = _jobs(args)
+    # Before any work: a bad output folder must not surface after the first pairs were written.
+    refuse_unsafe_outputs(jobs, args.out, overwrite=args.overwrite)
+    for job in jobs:
         synthesize(job, severity=args.severity, modality=args.modality)
-        print(f"{job.out}: {job.degradation} pair (seed {job.seed})")
+        print(f"{job.out}: {job.degradation} pair, {job.misalignment} misalignment (seed {job.seed})")
     return 0
 
 
@@ -85,31 +126,97 @@ def _jobs(args: argparse.Namespace) -> list[SynthJob]:
     if (args.pairs is None) == (args.reference is None or args.moving is None):
         raise InputError("give either --reference and --moving, or --pairs CSV", "--pairs")
     if args.pairs is None:
-        return [SynthJob(args.reference, args.moving, args.degradation, args.seed, args.out)]
+        for path in (args.reference, args.moving):
+            if not path.exists():
+                raise InputError("file not found", path)
+        return [SynthJob(args.reference, args.moving, args.degradation, args.seed, args.out, args.misalignment)]
+    # number: the row's output folder and default seed offset; line: where to look in the CSV.
+    return [_row_job(row, line, number, args) for number, (line, row) in enumerate(_read_rows(args.pairs))]
+
+
+def _row_job(row: dict[str | None, str | None], line: int, number: int, args: argparse.Namespace) -> SynthJob:
+    """The job of one CSV row, checked (cells, files, values) before anything is written."""
+
+    def problem(text: str) -> InputError:
+        return InputError(f"line {line} of the CSV: {text}", args.pairs)
+
+    def optional(column: str, default: str) -> str:
+        return (row.get(column) or "").strip() or default
+
+    def required_path(column: str) -> Path:
+        if row.get(column) is None:  # csv.DictReader's filler for a row shorter than the header
+            raise problem(f"no {column} cell (the row has fewer cells than the header)")
+        value = optional(column, "")
+        if not value:
+            raise problem(f"the {column} cell is empty")
+        # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole.
+        path = args.pairs.parent / value
+        if not path.exists():
+            raise problem(f"the {column} file {path} is not found")
+        return path
+
+    reference, moving = required_path("reference"), required_path("moving")
+    degradation = optional("degradation", args.degradation)
+    if degradation not in DEGRADATION_CLASSES:
+        raise problem(f"unknown degradation {degradation!r}; use one of {', '.join(DEGRADATION_CLASSES)}")
+    misalignment = optional("misalignment", args.misalignment)
+    if misalignment not in MISALIGNMENT_REGIMES:
+        raise problem(f"unknown misalignment {misalignment!r}; use one of {', '.join(MISALIGNMENT_REGIMES)}")
+    seed_text = optional("seed", str(args.seed + number))
     try:
-        with args.pairs.open(newline="", encoding="utf-8") as handle:
+        seed = non_negative_int(seed_text)
+    except argparse.ArgumentTypeError as error:
+        raise problem(f"the seed {seed_text!r}: {error}") from error
+    return SynthJob(reference, moving, degradation, seed, args.out / f"{number:04d}", misalignment)
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str | None, str | None]]]:
+    """The CSV's rows with their line numbers; utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a BOM."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             numbered = [(reader.line_num, row) for row in reader]
+            columns = set(reader.fieldnames or ())
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"cannot read the pairs CSV: {error}", args.pairs) from error
-    if not numbered or not {"reference", "moving"} <= set(numbered[0][1]):
-        raise InputError("the CSV needs a header with at least the columns reference,moving", args.pairs)
-    folder = args.pairs.parent
-    jobs = []
-    # number: the row's output folder and default seed offset; line: where to look in the CSV.
-    for number, (line, row) in enumerate(numbered):
-        degradation = (row.get("degradation") or args.degradation).strip()
-        if degradation not in DEGRADATION_CLASSES:
-            raise InputError(f"line {line} of the CSV: unknown degradation {degradation!r}; use one of "
-                             f"{', '.join(DEGRADATION_CLASSES)}", args.pairs)
-        try:
-            seed = int(row["seed"]) if (row.get("seed") or "").strip() else args.seed + number
-        except ValueError as error:
-            raise InputError(f"line {line} of the CSV: the seed {row['seed']!r} is not an integer",
-                             args.pairs) from error
-        jobs.append(SynthJob(folder / row["reference"].strip(), folder / row["moving"].strip(), degradation, seed,
-                             args.out / f"{number:04d}"))
-    return jobs
+        raise InputError(f"cannot read the pairs CSV: {error}", path) from error
+    missing = {"reference", "moving"} - columns
+    if missing:
+        raise InputError("the CSV needs a header with at least the columns reference,moving; missing "
+                         f"{', '.join(sorted(missing))}", path)
+    if not numbered:
+        raise InputError("the CSV has no pairs, only its header line", path)
+    return numbered
+
+
+def refuse_unsafe_outputs(jobs: list[SynthJob], out: Path, overwrite: bool = False) -> None:
+    """Raise an InputError, before anything is written, where ``out`` or a job's folder is a file;
+    where a file of ``OUTPUT_NAMES`` in any job's folder is (by path, link or hard link) an input of
+    any job (a CSV may name one row's output as another row's input); or, unless ``overwrite``,
+    where a job's folder already holds a synth output."""
+    for folder in (out, *(job.out for job in jobs)):
+        if folder.exists() and not folder.is_dir():
+            raise InputError("--out must be a folder, but this is a file", folder)
+    planned = {(job.out / name).resolve(): job.out / name for job in jobs for name in OUTPUT_NAMES}
+    # Hard links: the same file under another name; only files that exist have an identity.
+    by_identity = {_identity(path): output for path, output in planned.items() if path.is_file()}
+    for job in jobs:
+        for source in (job.reference, job.moving):
+            resolved = source.resolve()
+            output = planned.get(resolved) or (by_identity.get(_identity(resolved)) if resolved.is_file() else None)
+            if output is not None:
+                raise InputError(f"the output {output} would overwrite this input; write the outputs to "
+                                 "another folder", source)
+    if not overwrite:
+        for job in jobs:
+            earlier = sorted(name for name in OUTPUT_NAMES if (job.out / name).exists())
+            if earlier:
+                raise InputError(f"holds an earlier synth output ({', '.join(earlier)}); pass --overwrite to "
+                                 "replace it, or choose another --out", job.out)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def _extension(path: Path) -> str:
@@ -117,47 +224,66 @@ def _extension(path: Path) -> str:
 
 
 def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> dict:
-    """Make and write one pair; returns what went into meta.json."""
-    files = {
-        "reference": job.out / f"reference.{_extension(job.reference)}",
-        "moving": job.out / f"moving.{_extension(job.moving)}",
-        "label": job.out / f"label.{_extension(job.moving)}",
-        "displacement": job.out / DISPLACEMENT_FILE,
-        "meta": job.out / META_FILE,
-    }
-    inputs = {job.reference.resolve(), job.moving.resolve()}
-    clashes = [str(path) for path in files.values() if path.resolve() in inputs]
-    if clashes:
-        raise InputError(f"the outputs would overwrite the inputs ({', '.join(clashes)}); choose another --out",
-                         job.out)
-
+    """Make and write one pair, replacing any earlier synth output in ``job.out`` (``run`` refuses
+    those first unless --overwrite); returns what went into meta.json."""
+    files = job.files()
+    # run checks every row's inputs against every row's outputs; this guards a direct call.
+    refuse_unsafe_outputs([job], job.out, overwrite=True)
     reference = read_image(job.reference)
     moving = read_image(job.moving)
     if moving.ndim != reference.ndim:
         raise InputError(f"the moving image is {moving.ndim}D but the reference is {reference.ndim}D", job.moving)
+    for image in (reference, moving):
+        # Unlike `unifuse fuse`, no 2D stand-in: a one-slice volume's displacement field (3 components on
+        # a 1-voxel axis) would not read back as a 3D field (io.read_displacement, SimpleITK).
+        if min(image.spatial_shape) < 2:
+            raise InputError(f"a one-slice volume (shape {image.array.shape}); synth needs a 2D image or a "
+                             "volume of at least 2 voxels along every axis: save the slice as a 2D image "
+                             "(PNG, or a NIfTI with two dimensions)", image.source)
+    problems = [f"{image.source}: {warning}" for image in (reference, moving)
+                for warning in image.metadata.get("warnings", [])]
+    problems += overlap_warnings(reference, moving, outside="the label and moving images are 0")
+    for problem in problems:
+        print(f"{job.out}: warning: {problem}", file=sys.stderr)
+
     on_reference_grid = moving.on_grid_of(reference, atol=1e-3)
     clean = moving if on_reference_grid else resample_to_reference(moving, reference)
     normalized, mapping = normalize_intensity(clean, modality)
-    pair = make_pair(reference, normalized, job.degradation, rng=job.seed, severity=severity)
+    # PNG holds [0, 1] floats as 8 bits (the inverse of io's /255), so only volumes keep the rest.
+    as_png = files["moving"].suffix == ".png"
+    beyond_window = None if as_png or clean.is_rgb else mapping.scaled(clean.array) - normalized.array
+    pair = make_pair(reference, normalized, job.degradation, rng=job.seed, severity=severity,
+                     misalignment=regime_misalignment(job.misalignment), beyond_window=beyond_window)
 
     job.out.mkdir(parents=True, exist_ok=True)
+    for name in sorted(OUTPUT_NAMES):  # an earlier output under the other extension must not linger
+        (job.out / name).unlink(missing_ok=True)
     write_image(reference, files["reference"])
-    for role, volume in (("moving", pair.moving), ("label", pair.label)):
-        # PNG holds [0, 1] floats as 8 bits (the inverse of io's /255); volumes go back to input units.
-        array = volume.array if files[role].suffix == ".png" else mapping.inverse(volume.array)
-        write_image(replace(volume, array=array, source=None), files[role])
+    if as_png:
+        moving_out, label_out = pair.moving, pair.label
+    else:
+        moving_out = replace(pair.moving, array=mapping.inverse(pair.moving.array))
+        label_out = replace(clean, metadata={**clean.metadata, "role": "label"})
+    for role, volume in (("moving", moving_out), ("label", label_out)):
+        write_image(replace(volume, source=None), files[role])
     write_displacement(pair.displacement, reference.geometry, files["displacement"])
 
     meta = {
         "unifuse_version": __version__,
-        "inputs": {"reference": str(job.reference), "moving": str(job.moving)},
+        "inputs": {"reference": str(job.reference.resolve()), "moving": str(job.moving.resolve())},
         "files": {role: path.name for role, path in files.items() if role != "meta"},
         "degradation": pair.degradation,
         "class_index": pair.class_index,
+        "misalignment": job.misalignment,
         "seed": job.seed,
         "severity": severity,
         "moving_resampled_to_reference": not on_reference_grid,
         "intensity_mapping": mapping.to_dict(),
+        "intensities": (
+            "8-bit PNG of the normalised images" if as_png else
+            "the input's units: label is the clean moving image, unclipped; moving was degraded inside the "
+            "intensity mapping's window, with what lies beyond it carried through the misalignment undegraded"
+        ),
         "displacement_convention": (
             "ITK displacement field, LPS mm, on the reference grid: label(p) = moving(p + d(p)); "
             "in voxels (array order) it is u with label(x) = moving(x + u(x))"
@@ -166,4 +292,3 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     }
     files["meta"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
-

@@ -335,9 +335,7 @@ class RegimeMixture:
                              f"got {self.weights}", "misalignment")
 
     def regime(self, name: str) -> RandomMisalignment | MildMisalignment | NoMisalignment:
-        if name == "large":
-            return RandomMisalignment(**self.large_options)
-        return MildMisalignment() if name == "mild" else NoMisalignment()
+        return regime_misalignment(name, self.large_options)
 
     def draw(self, shape: tuple[int, ...], rng: np.random.Generator,
              spacing: tuple[float, ...] | None = None) -> Misalignment:
@@ -348,6 +346,19 @@ class RegimeMixture:
         return Misalignment(shape=drawn.shape, matrix=drawn.matrix, translation=drawn.translation,
                             elastic_coefficients=drawn.elastic_coefficients,
                             params={**drawn.params, "regime": name})
+
+
+def regime_misalignment(name: str, large_options: dict | None = None
+                        ) -> RandomMisalignment | MildMisalignment | NoMisalignment:
+    """The misalignment of one regime of ``MISALIGNMENT_REGIMES``; ``large`` is
+    ``RandomMisalignment(**large_options)``. Drawing from it takes nothing more from the generator
+    than the regime itself does (a ``RegimeMixture`` first draws which regime)."""
+    if name not in MISALIGNMENT_REGIMES:
+        raise InputError(f"unknown misalignment regime {name!r}; use one of {', '.join(MISALIGNMENT_REGIMES)}",
+                         "misalignment")
+    if name == "large":
+        return RandomMisalignment(**(large_options or {}))
+    return MildMisalignment() if name == "mild" else NoMisalignment()
 
 
 def misalignment_from_options(options: dict | None) -> RegimeMixture:

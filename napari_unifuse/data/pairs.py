@@ -136,6 +136,7 @@ def make_pair(
     misalignment: RandomMisalignment | None = None,
     interpolation_order: int = MISALIGNMENT_ORDER,
     degraded: DegradedLabel | None = None,
+    beyond_window: np.ndarray | None = None,
 ) -> SyntheticPair:
     """Degrade the aligned clean ``label``, then misalign it; the reference stays as it is.
 
@@ -143,8 +144,14 @@ def make_pair(
     degrades a whole volume and then crops it, ``training.datasets``); only the misalignment is
     drawn then, and ``severity`` is not used.
 
+    ``beyond_window``: what intensity normalisation clipped off a grey-level label (``mapping.scaled
+    - mapping.apply`` of ``io.normalize``, zero inside the window). The degradation models work on
+    the window's [0, 1] range, so it is added to the degraded label before the misalignment: the
+    moving image then keeps what lies beyond the window (hot PET lesions, metal above the CT
+    window), undegraded, as the engine carries it past the model.
+
     The misalignment resamples with cubic splines by default (linear blurs fine anatomy visibly
-    at 64-128 pixels), clipped to the degraded image's range so no ringing values appear.
+    at 64-128 pixels), clipped to the range of the image it moves so no ringing values appear.
 
     ``rng`` may be a seed (recorded in ``params``) or a Generator. ``label`` must lie on the
     reference's grid (resample it first with ``io.resample_to_reference``).
@@ -169,11 +176,17 @@ def make_pair(
             f"the degraded label ({degraded.degradation.name}, {degraded.array.shape}) does not belong to "
             f"this task ({degradation_name}) and label ({label.array.shape})", "make_pair")
     degradation = degraded.degradation
+    to_misalign = degraded.array
+    if beyond_window is not None:
+        if label.is_rgb or beyond_window.shape != label.array.shape:
+            raise InputError(f"beyond_window ({beyond_window.shape}) must be the shape of a grey-level label "
+                             f"({label.array.shape}{', RGB' if label.is_rgb else ''})", "make_pair")
+        to_misalign = to_misalign + beyond_window
     misalignment = misalignment or RandomMisalignment()
     clean = np.asarray(label.array, dtype=np.float32)
     draw = misalignment.draw(label.spatial_shape, generator, spacing=tuple(label.geometry.spacing))
-    moving_array = np.clip(draw.apply(degraded.array, order=interpolation_order), degraded.array.min(),
-                           degraded.array.max())
+    moving_array = np.clip(draw.apply(to_misalign, order=interpolation_order), to_misalign.min(),
+                           to_misalign.max())
     if label.is_rgb:
         moving_array = ycbcr_to_rgb(moving_array)
 

@@ -316,7 +316,7 @@ class FusionEngine:
                 if reference.single_slice_axis is None:  # a one-slice volume is checked as the 2D image it is
                     self.method.check_dimensions(reference.ndim, reference.source or "reference image")
                 reference, moving = self._validate(reference, moving)
-                warnings.extend(_overlap_warnings(reference, moving))
+                warnings.extend(overlap_warnings(reference, moving))
             planar = _single_slice_pair(reference, moving)
             if planar is not None:
                 result = self.run_fusion(*planar, reference_modality=reference_modality,
@@ -787,15 +787,19 @@ PARTIAL_COVERAGE_WARNING = 0.5
 HEADERS_SUSPECT = 0.01
 
 
-def _overlap_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
-    """What the run should say of how much of the reference grid the moving image reaches in space;
-    an InputError when it reaches none of it."""
+FUSION_OUTSIDE_THE_MOVING_IMAGE = "the aligned image is empty and the fused image is the reference alone"
+
+
+def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
+                     outside: str = FUSION_OUTSIDE_THE_MOVING_IMAGE) -> list[str]:
+    """What a run should say of how much of the reference grid the moving image reaches in space;
+    an InputError when it reaches none of it. ``outside``: what the outputs hold where it does not."""
     coverage = grid_coverage(moving, reference)
     if coverage >= PARTIAL_COVERAGE_WARNING:
         return []
     if coverage >= HEADERS_SUSPECT:
         return [f"the moving image covers only {100 * coverage:.0f} % of the reference grid in space; "
-                "elsewhere the aligned image is empty and the fused image is the reference alone"]
+                f"elsewhere {outside}"]
 
     def centre(image: ImageVolume) -> np.ndarray:
         middle = (np.asarray(image.spatial_shape, dtype=np.float64) - 1) / 2

@@ -10,7 +10,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from napari_unifuse.cli import main
+from napari_unifuse.data.misalign import RandomMisalignment
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
+from napari_unifuse.io import read_displacement, read_image
 
 OUTPUT_NAMES = ("reference", "moving", "label")
 
@@ -146,3 +148,164 @@ def test_bad_arguments(png_pair, tmp_path, capsys):
     assert "--pairs" in capsys.readouterr().err
     assert synth(png_pair[0], tmp_path / "missing.png", tmp_path / "out") == 2
     assert "not found" in capsys.readouterr().err
+
+
+def write_csv(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("{r},{m}\n{r}\n", "line 3 of the CSV: no moving cell (the row has fewer cells than the header)"),
+    ("{r},{m}\n,\n", "line 3 of the CSV: the reference cell is empty"),
+    ("{r},{m}\n{r},missing.png\n", "line 3 of the CSV: the moving file"),
+])
+def test_every_csv_row_is_checked_before_anything_is_written(png_pair, tmp_path, capsys, rows, message):
+    reference, moving = png_pair
+    csv_path = write_csv(tmp_path / "pairs.csv", "reference,moving\n" + rows.format(r=reference, m=moving))
+    assert main(["synth", "--pairs", str(csv_path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_seeds_are_refused_in_one_line(png_pair, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        synth(*png_pair, tmp_path / "out", "--seed", "-1")
+    assert exit_info.value.code == 2
+    assert "argument --seed: must be at least 0, got -1" in capsys.readouterr().err
+    reference, moving = png_pair
+    csv_path = write_csv(tmp_path / "pairs.csv", f"reference,moving,seed\n{reference},{moving},3\n"
+                                                 f"{reference},{moving},-5\n")
+    assert main(["synth", "--pairs", str(csv_path), "--out", str(tmp_path / "out")]) == 2
+    assert "line 3 of the CSV: the seed '-5': must be at least 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_spreadsheet_csv_with_a_byte_order_mark_is_read_and_a_header_alone_refused(png_pair, tmp_path, capsys):
+    reference, moving = png_pair
+    excel = write_csv(tmp_path / "excel.csv", f"reference,moving\n{reference},{moving}\n", encoding="utf-8-sig")
+    assert main(["synth", "--pairs", str(excel), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "0000" / "meta.json").is_file()
+    header_only = write_csv(tmp_path / "header.csv", "reference,moving\n")
+    assert main(["synth", "--pairs", str(header_only), "--out", str(tmp_path / "other")]) == 2
+    assert "the CSV has no pairs, only its header line" in capsys.readouterr().err
+
+
+def test_a_moving_image_outside_the_reference_is_refused_and_a_partial_one_warned_about(png_pair, nifti_pair,
+                                                                                       tmp_path, capsys):
+    reference, moving = nifti_pair
+    far = tmp_path / "far.nii.gz"
+    image = nib.load(moving)
+    shifted = image.affine.copy()
+    shifted[:3, 3] += 1000.0  # a metre away
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), shifted), far)
+    assert synth(reference, far, tmp_path / "far") == 2
+    assert "does not overlap the reference" in capsys.readouterr().err
+    assert not (tmp_path / "far").exists()
+
+    # A quarter of the reference's pixels: PNGs share the origin and unit spacing.
+    quarter = tmp_path / "quarter.png"
+    Image.open(png_pair[1]).crop((0, 0, 48, 48)).save(quarter)
+    assert synth(png_pair[0], quarter, tmp_path / "quarter") == 0
+    assert "warning: the moving image covers only 25 % of the reference grid" in capsys.readouterr().err
+
+
+def test_a_volume_label_is_the_clean_input_unclipped_and_moving_keeps_the_hottest_voxels(nifti_pair, tmp_path):
+    reference, moving = nifti_pair
+    assert synth(reference, moving, tmp_path, "--degradation", "lowdose", "--seed", "2") == 0
+    original = nib.load(moving).get_fdata()
+    label = nib.load(tmp_path / "label.nii.gz").get_fdata()
+    np.testing.assert_array_equal(label, original)
+    window_top = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))["intensity_mapping"]["upper"]
+    assert original.max() > window_top + 50  # the percentile window clips the brightest voxels...
+    assert nib.load(tmp_path / "moving.nii.gz").get_fdata().max() > window_top + 50  # ...but not in the output
+
+
+def test_no_row_may_overwrite_another_rows_input(png_pair, tmp_path, capsys):
+    """Row 0's moving output would replace row 1's moving input, which must stay the clean image."""
+    reference, moving = png_pair
+    earlier = tmp_path / "out" / "0000" / "moving.png"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(moving.read_bytes())
+    csv_path = write_csv(tmp_path / "pairs.csv", f"reference,moving\n{reference},{moving}\n"
+                                                 f"{reference},out/0000/moving.png\n")
+    assert main(["synth", "--pairs", str(csv_path), "--out", str(tmp_path / "out")]) == 2
+    assert "would overwrite this input" in capsys.readouterr().err
+    assert earlier.read_bytes() == moving.read_bytes()
+    assert sorted(path.name for path in (tmp_path / "out").rglob("*")) == ["0000", "moving.png"]
+
+
+def test_out_must_be_a_folder_and_earlier_outputs_need_overwrite(png_pair, nifti_pair, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert synth(*png_pair, a_file) == 2
+    assert "--out must be a folder, but this is a file" in capsys.readouterr().err
+
+    out = tmp_path / "out"
+    assert synth(*png_pair, out) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert synth(*nifti_pair, out) == 2
+    assert "holds an earlier synth output" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    # --overwrite replaces every earlier output, the PNGs of another extension included.
+    (out / "notes.txt").write_text("mine")
+    assert synth(*nifti_pair, out, "--overwrite") == 0
+    assert {path.name for path in out.iterdir()} == {
+        *(f"{name}.nii.gz" for name in OUTPUT_NAMES), "displacement.nii.gz", "meta.json", "notes.txt"}
+
+
+def test_reader_warnings_are_printed_and_meta_records_absolute_inputs(nifti_pair, tmp_path, monkeypatch, capsys):
+    reference, moving = nifti_pair
+    image = nib.load(moving)
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), tmp_path / "nan.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    assert synth(reference, Path("nan.nii.gz"), Path("out")) == 0
+    assert "warning: nan.nii.gz: non-finite values: 1 NaN voxels set to 0" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["inputs"] == {"reference": str(reference.resolve()), "moving": str(tmp_path / "nan.nii.gz")}
+
+
+def test_a_one_slice_volume_is_refused_saying_what_it_is(tmp_path, capsys):
+    for name in ("reference", "moving"):
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 1), dtype=np.float32), np.eye(4)),
+                 tmp_path / f"{name}_slice.nii.gz")
+    assert synth(tmp_path / "reference_slice.nii.gz", tmp_path / "moving_slice.nii.gz", tmp_path / "out") == 2
+    assert "a one-slice volume (shape (1, 32, 32)); synth needs a 2D image" in capsys.readouterr().err
+
+
+def mean_displacement_mm(out: Path) -> float:
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64))
+    return float(np.linalg.norm(field, axis=-1).mean())
+
+
+def test_misalignment_regimes(png_pair, tmp_path):
+    sizes = {}
+    for regime in ("large", "mild", "none"):
+        assert synth(*png_pair, tmp_path / regime, "--misalignment", regime, "--seed", "4") == 0
+        meta = json.loads((tmp_path / regime / "meta.json").read_text(encoding="utf-8"))
+        assert meta["misalignment"] == regime
+        sizes[regime] = mean_displacement_mm(tmp_path / regime)
+    assert sizes["large"] > 2 * sizes["mild"] > 0 and sizes["none"] == 0
+    assert (tmp_path / "none" / "moving.png").read_bytes() == (tmp_path / "none" / "label.png").read_bytes()
+
+    reference, moving = png_pair
+    csv_path = write_csv(tmp_path / "pairs.csv", f"reference,moving,misalignment\n{reference},{moving},none\n"
+                                                 f"{reference},{moving},\n")
+    assert main(["synth", "--pairs", str(csv_path), "--misalignment", "mild", "--out", str(tmp_path / "csv")]) == 0
+    regimes = [json.loads((tmp_path / "csv" / folder / "meta.json").read_text(encoding="utf-8"))["misalignment"]
+               for folder in ("0000", "0001")]
+    assert regimes == ["none", "mild"]
+
+
+def test_the_default_misalignment_is_the_large_regime_as_before(png_pair, tmp_path):
+    """Outputs of earlier versions stay reproducible: without --misalignment the field is
+    RandomMisalignment()'s first draw from the seed, as it always was (no degradation draws)."""
+    assert synth(*png_pair, tmp_path, "--degradation", "none", "--seed", "9") == 0
+    reference = read_image(png_pair[0])
+    expected = RandomMisalignment().sample(reference.spatial_shape, np.random.default_rng(9),
+                                           spacing=tuple(reference.geometry.spacing))
+    written = read_displacement(tmp_path / "displacement.nii.gz", reference.geometry)
+    np.testing.assert_allclose(written, expected, atol=1e-5)

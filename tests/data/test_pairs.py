@@ -8,7 +8,7 @@ import pytest
 
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import make_degradation
-from napari_unifuse.data.misalign import RandomMisalignment, warp_array
+from napari_unifuse.data.misalign import RandomMisalignment, regime_misalignment, warp_array
 from napari_unifuse.data.pairs import TASKS, DegradedLabel, degrade_label, make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
 from napari_unifuse.errors import InputError
@@ -118,3 +118,27 @@ def test_bad_input_raises(slices):
     elsewhere = ImageVolume(slices["t2"].array, Geometry(np.ones(2), np.zeros(2), np.eye(2)))
     with pytest.raises(InputError, match="reference grid"):
         make_pair(slices["t1"], elsewhere, "t1-t2-none", rng=0)
+
+
+def test_what_the_window_clipped_off_is_carried_into_the_moving_image(slices):
+    """A hot lesion above the normalisation window survives in the moving image, undegraded."""
+    label = slices["pet"]
+    beyond_window = np.zeros_like(label.array)
+    beyond_window[30:34, 30:34] = 2.5
+    pair = make_pair(slices["ct"], label, "ct-pet-lowdose", rng=5, misalignment=NO_MOTION, beyond_window=beyond_window)
+    degraded = make_degradation("lowdose", 0.5)(label.array, np.random.default_rng(5))
+    np.testing.assert_allclose(pair.moving.array, degraded + beyond_window, atol=1e-6)
+    np.testing.assert_array_equal(pair.label.array, label.array)
+
+    rgb = ImageVolume(np.stack([label.array] * 3, axis=-1), label.geometry, is_rgb=True)
+    with pytest.raises(InputError, match="grey-level"):
+        make_pair(slices["ct"], rgb, "ct-pet-none", rng=5, beyond_window=beyond_window)
+
+
+def test_the_none_regime_leaves_the_degraded_label_where_it_is(slices):
+    pair = make_pair(slices["t1"], slices["t2"], "t1-t2-motion", rng=3, misalignment=regime_misalignment("none"))
+    assert not pair.displacement.any()
+    expected = degrade_label(slices["t2"], "t1-t2-motion", np.random.default_rng(3)).array
+    np.testing.assert_allclose(pair.moving.array, expected, atol=1e-6)
+    with pytest.raises(InputError, match="unknown misalignment regime"):
+        regime_misalignment("huge")

@@ -92,7 +92,7 @@ def test_rgb_moving_gives_rgb_fused_on_the_reference_grid(model_2d):
     # The moving image's red chroma is carried into the fused image where the moving image lies.
     fused_chroma = rgb_to_ycbcr(result.fused.array)
     assert fused_chroma[8:16, 6:14, 2].mean() > 0.55  # Cr above neutral grey
-    assert result.output_extension == "png"
+    assert result.output_extension == "mha"  # colour on a reference that is no raster file: MetaImage keeps both
     assert list(result.class_probs) == list(DEGRADATION_CLASSES)
     assert sum(result.class_probs.values()) == pytest.approx(1.0, abs=1e-5)
     assert result.slice_class_probs.shape == (1, len(DEGRADATION_CLASSES))
