@@ -36,7 +36,7 @@ from napari_unifuse.engine import classical
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import normalize_intensity
 from napari_unifuse.metrics import registration_metrics
-from napari_unifuse.model import mamba
+from napari_unifuse.model import mamba, matching
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.costs import measure as measure_module_costs
 from napari_unifuse.model.mamba import MambaBlock, SelectiveScan
@@ -244,37 +244,78 @@ def bench_mamba_tokens(config: UniFuseConfig, lengths: list[int], device: torch.
     return rows
 
 
-def module_time_shares(net: UniFuse, side: int, device: torch.device) -> dict[str, float]:
-    """Seconds per top-level module and in all selective scans, for one forward pass."""
+@dataclass
+class TimeShares:
+    """One forward pass split into disjoint parts that add up to ``total_s``, plus time spent
+    inside those parts (``nested``: the selective scans, which run within DAPL, OUFR and FA)."""
+
+    total_s: float
+    parts: dict[str, float]
+    nested: dict[str, float]
+
+
+def module_time_shares(net: UniFuse, side: int, device: torch.device) -> TimeShares:
+    """Seconds of one forward pass in the initial alignment (structural matching and its
+    mutual-information refinement), in each top-level module, and in the rest ("other": warps,
+    input checks); the selective scans' seconds as a nested part."""
     seconds: dict[str, float] = {}
     starts: dict[int, float] = {}
-    watched = {name: module for name, module in net.named_children()}
+
+    def clock() -> float:
+        # CUDA kernels run asynchronously: without a sync a part's time lands in whichever part waits next.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def add(key: str, start: float) -> None:
+        seconds[key] = seconds.get(key, 0.0) + clock() - start
+
+    def timed(key: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            start = clock()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                add(key, start)
+        return wrapper
+
+    watched = dict(net.named_children())
     watched.update({f"scan:{name}": module for name, module in net.named_modules() if isinstance(module, SelectiveScan)})
 
-    def pre(name):
-        def hook(module, args):
-            starts[id(module)] = time.perf_counter()
-        return hook
+    def pre(module, args):
+        starts[id(module)] = clock()
 
     def post(name):
         key = "selective scans" if name.startswith("scan:") else name
 
         def hook(module, args, output):
-            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - starts.pop(id(module))
+            add(key, starts.pop(id(module)))
         return hook
 
     hooks = [h for name, module in watched.items()
-             for h in (module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name)))]
+             for h in (module.register_forward_pre_hook(pre), module.register_forward_hook(post(name)))]
     image = torch.rand(1, 1, *[side] * net.config.spatial_dims, device=device)
     try:
-        with torch.inference_mode():
-            start = time.perf_counter()
+        with torch.inference_mode(), \
+                mock.patch.object(net, "initial_alignment", timed("initial alignment", net.initial_alignment)), \
+                mock.patch.object(matching, "mi_refinement", timed("mutual information", matching.mi_refinement)):
+            start = clock()
             net(image, image)
-            seconds["total forward"] = time.perf_counter() - start
+            total = clock() - start
     finally:
         for hook in hooks:
             hook.remove()
-    return seconds
+    # The MI refinement (Adam on a control grid) runs inside the initial alignment: split it out.
+    refinement = seconds.pop("mutual information", 0.0)
+    alignment = seconds.pop("initial alignment", 0.0)
+    nested = {"selective scans": seconds.pop("selective scans", 0.0)}
+    parts = {"initial alignment: structural matching": alignment - refinement}
+    if refinement:
+        parts["initial alignment: mutual-information refinement (Adam)"] = refinement
+    parts.update(seconds)
+    parts["other"] = total - sum(parts.values())
+    return TimeShares(total, parts, nested)
 
 
 def profile_top_ops(net: UniFuse, side: int, device: torch.device, rows: int = 12) -> str:
@@ -316,7 +357,7 @@ def cpu_theoretical_gflops() -> tuple[float, str]:
 
 
 def to_jsonable(value: object) -> object:
-    if isinstance(value, (Timing, FuseResult, ClassicalResult)):
+    if isinstance(value, (Timing, FuseResult, ClassicalResult, TimeShares)):
         return {key: to_jsonable(item) for key, item in asdict(value).items()}
     if isinstance(value, dict):
         return {str(key): to_jsonable(item) for key, item in value.items()}

@@ -9,7 +9,8 @@ One run prints (and with ``--out`` writes ``<device>[-quick].md`` and ``.json``)
 3. growth of time and memory with the volume size, and of one Mamba block's time with tokens L;
 4. FLOPs per pass (``unifuse info``'s count) against the paper's 395 G at 160³, and achieved
    FLOP/s of the network against a measured GEMM and the CPU's theoretical peak;
-5. where the time goes: per-module forward time, the scans' share, torch.profiler's top ops.
+5. where the time goes: the initial alignment, each module and the rest of one forward pass, the
+   scans' share, torch.profiler's top ops.
 
 ``--quick`` runs tiny sizes (2D 64², 3D 32³) with the small preset and one repeat, for CI.
 UniFuse has random weights here (speed does not depend on them); its accuracy: ``unifuse evaluate``.
@@ -25,9 +26,11 @@ from pathlib import Path
 import torch
 
 from napari_unifuse import benchmark
+from napari_unifuse.cli.arguments import positive_int
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.errors import InputError
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.unifuse import UniFuse
 
@@ -61,7 +64,20 @@ def markdown(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def prepare_out_folder(out: Path) -> None:
+    """Create ``--out`` now: the full benchmark takes long, and a path it cannot write to would
+    otherwise only be refused once all of it has run."""
+    if out.exists() and not out.is_dir():
+        raise InputError("--out is a file; give a folder for the report", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the --out folder ({error.strerror or error})", out) from error
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        prepare_out_folder(args.out)
     device = resolve_device(args.device)
     plan = make_plan(args.quick, device)
     # --quick's tiny tensors gain nothing from a thread pool, and on a busy CI runner OpenMP threads
@@ -180,17 +196,19 @@ def run(args: argparse.Namespace) -> int:
     dims, side = plan.profile_size
     net = UniFuse(getattr(UniFuseConfig, plan.preset)(dims)).eval().to(device)
     shares = benchmark.module_time_shares(net, side, device)
-    total = shares.pop("total forward")
+    total = shares.total_s
     emit(f"Where the time goes ({benchmark.size_label(dims, side)}, one forward pass, {total:.3g} s)", markdown(
         ["part", "seconds", "share"],
         [[name, f"{seconds:.3g}", f"{100 * seconds / total:.0f} %"]
-         for name, seconds in sorted(shares.items(), key=lambda item: -item[1])])
+         for name, seconds in sorted(shares.parts.items(), key=lambda item: -item[1])]
+        + [[f"(within the modules) {name}", f"{seconds:.3g}", f"({100 * seconds / total:.0f} %)"]
+           for name, seconds in shares.nested.items()])
+        + "\n\nThe parts add up to the whole pass; the rows in parentheses are time spent inside them."
         + "\n\n```\n" + benchmark.profile_top_ops(net, side, device) + "```")
 
     report.update(fuse=fuse_results, classical=classical_results, scaling=scaling, tokens=tokens,
-                  gemm_gflops=gemm, module_seconds={**shares, "total forward": total})
+                  gemm_gflops=gemm, forward_seconds=shares)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         stem = device.type + ("-quick" if args.quick else "")
         title = f"# unifuse bench: {plan.preset} preset on {device} ({machine})\n\n"
         (args.out / f"{stem}.md").write_text(title + "\n".join(sections), encoding="utf-8")
@@ -207,10 +225,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, small preset, one repeat (CI)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--out", type=Path, help="folder for <device>[-quick].md and .json")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: 1 with --quick, else torch's choice); on a shared, busy "
                              "machine use 1: OpenMP threads waiting for a contended core can slow the scan's "
                              "many small ops 100×")
-    parser.add_argument("--classical-max-side", type=int,
+    parser.add_argument("--classical-max-side", type=positive_int,
                         help="skip the classical pipelines on volumes larger than this per side (ANTs at 160³ is slow)")
     parser.set_defaults(func=run)

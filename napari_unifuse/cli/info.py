@@ -12,14 +12,25 @@ import argparse
 
 from napari_unifuse.cli.arguments import positive_int
 from napari_unifuse.model.config import UniFuseConfig
-from napari_unifuse.model.costs import measure
+from napari_unifuse.model.costs import measure, minimum_size
 from napari_unifuse.model.scan import scan_backend
 
+PRESETS = ("paper", "small")
 DEFAULT_SIZE = {2: 256, 3: 64}
 
 
 def build_config(preset: str, spatial_dims: int) -> UniFuseConfig:
     return getattr(UniFuseConfig, preset)(spatial_dims)
+
+
+def size_rules() -> str:
+    """What --size accepts per preset and dimensionality, from the configs themselves."""
+    rules = []
+    for preset in PRESETS:
+        for dims in DEFAULT_SIZE:
+            config = build_config(preset, dims)
+            rules.append(f"{preset} {dims}-D: a multiple of {config.size_multiple} and at least {minimum_size(config)}")
+    return "; ".join(rules)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,9 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info", help="parameters and FLOPs per module of the UniFuse network",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("paper", "small"), default="paper")
+    parser.add_argument("--preset", choices=PRESETS, default="paper")
     parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
     parser.add_argument("--size", type=positive_int, default=None,
                         help="side length of the square/cubic test input "
-                             f"(default {DEFAULT_SIZE[2]} in 2-D, {DEFAULT_SIZE[3]} in 3-D)")
+                             f"(default {DEFAULT_SIZE[2]} in 2-D, {DEFAULT_SIZE[3]} in 3-D); {size_rules()}")
     parser.set_defaults(func=run)

@@ -8,6 +8,7 @@ whatever it attributed to the selective scans is replaced by an analytic count
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +30,29 @@ class ModuleCost:
     scan_flops: int  # the analytic part of ``flops``
 
 
+def minimum_size(config: UniFuseConfig) -> int:
+    """The smallest side length (a multiple of ``config.size_multiple``) the network runs on."""
+    smallest = config.size_multiple
+    if config.spatial_dims == 3:
+        # The first RegBLK's cost volume average-pools the token grid (size / patch_size) by up to
+        # 2^(correlation_levels − 1), and avg_pool3d refuses a grid smaller than its window
+        # (avg_pool2d's ceil_mode pads one, so 2-D needs only the size multiple).
+        pooled = config.patch_size * 2 ** (config.correlation_levels - 1)
+        smallest = math.ceil(pooled / smallest) * smallest
+    return smallest
+
+
+def check_size(config: UniFuseConfig, size: int) -> None:
+    """Refuse a side length the network cannot run on, naming the rule."""
+    multiple, smallest = config.size_multiple, minimum_size(config)
+    if size % multiple or size < smallest:
+        raise InputError(f"the input size must be a multiple of {multiple} and at least {smallest}, got {size}",
+                         "model.costs")
+
+
 def measure(config: UniFuseConfig, size: int) -> list[ModuleCost]:
     """Parameters and FLOPs of one forward pass on a (1, 1, size, …) pair, per top module."""
-    if size % config.size_multiple:
-        raise InputError(f"the input size must be a multiple of {config.size_multiple}, got {size}",
-                         "model.costs")
+    check_size(config, size)
     net = UniFuse(config).eval()
     image = torch.rand(1, config.in_channels, *[size] * config.spatial_dims)
     scan_calls: list[tuple[str, int]] = []

@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from napari_unifuse.benchmark import time_call
+from napari_unifuse.benchmark import module_time_shares, time_call
 from napari_unifuse.cli import main
+from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.unifuse import UniFuse
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +33,8 @@ def test_quick_bench_prints_and_writes_every_section(tmp_path, capsys):
     written = (tmp_path / "cpu-quick.md").read_text(encoding="utf-8")
     assert "## Where the time goes" in written
     report = json.loads((tmp_path / "cpu-quick.json").read_text(encoding="utf-8"))
+    forward = report["forward_seconds"]
+    assert sum(forward["parts"].values()) == pytest.approx(forward["total_s"])
     assert report["preset"] == "small" and report["torch_threads"] == 1  # --quick's default
     assert [row["side"] for row in report["scaling"]] == sorted(row["side"] for row in report["scaling"])
     assert len(report["scaling"]) >= 4 and len(report["tokens"]) >= 3
@@ -50,3 +54,51 @@ def test_time_call_repeats_within_budget_and_keeps_a_slow_warmup():
     assert len(calls) == 4 and timing.runs == 3 and timing.warmed_up
     slow = time_call(lambda: sum(range(200_000)), torch.device("cpu"), repeats=3, warmup=1, budget_s=0.0)
     assert slow.runs == 1 and not slow.warmed_up  # the warm-up alone overran the budget
+
+
+@pytest.fixture
+def benchmark_must_not_start(monkeypatch):
+    """A refused argument must stop `bench` before any measurement (the full run takes many minutes)."""
+    def started(name):
+        raise AssertionError("the benchmark started")
+
+    monkeypatch.setattr("napari_unifuse.cli.bench.resolve_device", started)
+
+
+@pytest.mark.parametrize("option", ["--threads", "--classical-max-side"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_bench_refuses_a_count_below_one_in_one_line(option, value, benchmark_must_not_start, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", option, value])
+    assert exit_info.value.code == 2
+    assert f"unifuse bench: error: argument {option}: must be at least 1, got {value}" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_out_that_is_a_file_before_measuring(tmp_path, benchmark_must_not_start, capsys):
+    out = tmp_path / "report.md"
+    out.write_text("kept", encoding="utf-8")
+    assert main(["bench", "--quick", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.strip() == f"unifuse bench: error: {out}: --out is a file; give a folder for the report"
+    assert out.read_text(encoding="utf-8") == "kept"
+
+
+def test_bench_refuses_an_out_it_cannot_create_before_measuring(tmp_path, benchmark_must_not_start, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    assert main(["bench", "--quick", "--out", str(blocker / "reports")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"unifuse bench: error: {blocker / 'reports'}: cannot create the --out folder")
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_time_shares_account_for_the_whole_forward_pass():
+    net = UniFuse(UniFuseConfig.small(2)).eval()
+    shares = module_time_shares(net, 16, torch.device("cpu"))
+    assert sum(shares.parts.values()) == pytest.approx(shares.total_s, rel=1e-6)
+    # The named parts, not the remainder, hold the time: the initial alignment (matching and its
+    # Adam-driven MI refinement) dominates a small pass, beside the four modules.
+    assert {"initial alignment: structural matching", "initial alignment: mutual-information refinement (Adam)",
+            "dapl", "oufr", "fa", "ufrf"} <= set(shares.parts)
+    assert shares.parts["other"] < 0.25 * shares.total_s
+    assert 0 < shares.nested["selective scans"] < shares.parts["dapl"] + shares.parts["oufr"] + shares.parts["fa"]

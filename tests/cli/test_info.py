@@ -1,0 +1,49 @@
+"""`unifuse info`: the input sizes it accepts are the ones the network runs on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from napari_unifuse.cli import main
+from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.costs import minimum_size
+from napari_unifuse.model.unifuse import UniFuse
+
+
+def test_info_refuses_a_size_below_the_smallest_the_network_runs_on_in_one_line(capsys):
+    assert main(["info", "--preset", "small", "--dims", "3", "--size", "4"]) == 2
+    error = capsys.readouterr().err
+    assert error.strip() == ("unifuse info: error: model.costs: the input size must be a multiple of 4 "
+                             "and at least 8, got 4")
+
+
+def test_info_help_states_the_size_rule_of_each_preset(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "small 3-D: a multiple of 4 and at least 8" in text
+    assert "paper 3-D: a multiple of 8 and at least 8" in text
+
+
+@pytest.mark.parametrize("config", [
+    UniFuseConfig.small(3),
+    dataclasses.replace(UniFuseConfig.small(3), correlation_levels=3),
+    dataclasses.replace(UniFuseConfig.small(3), patch_size=8, num_regblocks=3, regblock_channels=(16, 8, 8)),
+], ids=["small-3d", "three-correlation-levels", "patch-8"])
+def test_minimum_size_is_the_smallest_size_the_network_runs_on(config):
+    net = UniFuse(config).eval()
+    smallest = minimum_size(config)
+    assert smallest % config.size_multiple == 0
+
+    def forward(size):
+        image = torch.rand(1, 1, *[size] * config.spatial_dims)
+        with torch.no_grad():
+            net(image, image)
+
+    forward(smallest)
+    with pytest.raises(RuntimeError, match="smaller than kernel size"):
+        forward(smallest - config.size_multiple)
