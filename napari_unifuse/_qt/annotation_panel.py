@@ -1,7 +1,12 @@
 """Flag failure cases (a slice, or a region drawn on the "UniFuse annotations" layer) for review.
 
 Every flag is written to the run folder the moment it is made (``engine.annotations``), listed
-here, and listed again when the same inputs and checkpoint are opened later.
+here, and listed again when the same inputs and checkpoint are opened later. A region is recorded
+on the slice its shape was drawn on, whatever slice is in view when it is flagged, and regions are
+always drawn on the grid of the run on screen. In napari's grid mode every visible layer gets a
+cell of its own, so the region layer would be an empty cell beside the image being flagged: Draw…
+leaves grid mode and puts that image just under the region layer, and Flag region brings the grid
+back.
 """
 
 from __future__ import annotations
@@ -9,18 +14,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from magicgui import widgets
+from napari.layers import Shapes
 from napari.utils.notifications import show_info
 
-from napari_unifuse._qt.notifications import reports_errors
+from napari_unifuse._qt.notifications import reports_errors, show_warnings
 from napari_unifuse._qt.outputs import viewed_slice
 from napari_unifuse.engine.annotations import (
     FAILURE_CATEGORIES,
     Annotation,
     AnnotationStore,
     default_reviewer,
+    describe_location,
     export_cohort,
     find_runs,
+    slice_of_region,
 )
 from napari_unifuse.errors import InputError
 
@@ -39,6 +48,8 @@ class AnnotationPanel(widgets.Container):
         self.viewer = viewer
         self.store: AnnotationStore | None = None
         self.reference_layer = None
+        self.subject = widgets.Label(label="annotating", value="(no run yet)")
+        self.subject.native.setWordWrap(True)
         self.category = widgets.ComboBox(label="category", choices=FAILURE_CATEGORIES)
         self.suggestion = widgets.Label(value="")
         self.note = widgets.LineEdit(label="note")
@@ -46,14 +57,16 @@ class AnnotationPanel(widgets.Container):
         self.method = widgets.LineEdit(label="method", value=DEFAULT_METHOD,
                                        tooltip="The fusion method whose output is being flagged")
         self.flag_slice = widgets.PushButton(text="Flag slice", tooltip="Flag the slice in view")
-        self.draw_region = widgets.PushButton(text="Draw…", tooltip="Draw a region on the slice, then Flag region")
+        self.draw_region = widgets.PushButton(
+            text="Draw…", tooltip="Draw a region on the slice, then Flag region. In grid mode the grid is left while "
+                                  "you draw, over the image being flagged, and comes back with Flag region")
         self.flag_region = widgets.PushButton(text="Flag region", tooltip="Flag the region drawn on the slice")
         self.listing = widgets.Select(label="flagged", choices=[])
         self.delete = widgets.PushButton(text="Delete selected")
         self.cohort_csv = widgets.FileEdit(label="cohort CSV", mode="w", filter="*.csv")
         self.export = widgets.PushButton(text="Export cohort CSV")
         super().__init__(widgets=[
-            self.category, self.suggestion, self.note, self.reviewer, self.method,
+            self.subject, self.category, self.suggestion, self.note, self.reviewer, self.method,
             widgets.Container(widgets=[self.flag_slice, self.draw_region, self.flag_region], layout="horizontal",
                               labels=False),
             self.listing, self.delete, self.cohort_csv, self.export,
@@ -64,17 +77,28 @@ class AnnotationPanel(widgets.Container):
         self.delete.changed.connect(self.delete_selected)
         self.export.changed.connect(self.export_cohort)
         self.runs_root: Path | None = None
+        self._warned: set[str] = set()  # unreadable-line warnings already shown, so each shows once
+        self._grid_left_for_drawing = False  # Flag region turns grid mode back on only when Draw… turned it off
 
-    def set_run(self, folder: Path, runs_root: Path, reference_layer) -> None:
-        """Point the panel at a run's folder (same inputs + checkpoint ⇒ same folder) and list its flags."""
+    def set_run(self, folder: Path, runs_root: Path, reference_layer, subject: str = "") -> None:
+        """Point the panel at a run's folder (same inputs + checkpoint ⇒ same folder) and list its flags;
+        ``subject`` says what is annotated (which pair, and whether inputs, a run or a comparison)."""
         self.store = AnnotationStore(folder)
         self.runs_root = Path(runs_root)
         self.reference_layer = reference_layer
+        self.subject.value = f"{subject}: {Path(folder).name}" if subject else Path(folder).name
+        self.subject.tooltip = f"Flags are saved in {Path(folder) / 'annotations.jsonl'}"
+        self._grid_left_for_drawing = False  # whoever shows the new target owns the grid now
+        if isinstance(self._existing_annotation_layer(), Shapes):
+            self._annotation_layer(create=False)  # regions drawn from now on land on this run's grid
         self.refresh()
 
     def refresh(self) -> None:
         annotations = self.store.load() if self.store else []
-        self.listing.choices = [(_describe(a), a.id) for a in annotations]
+        self.listing.choices = [(self._describe(a), a.id) for a in annotations]
+        if self.store:
+            show_warnings(warning for warning in self.store.warnings if warning not in self._warned)
+            self._warned.update(self.store.warnings)
 
     @property
     def annotations(self) -> list[Annotation]:
@@ -93,52 +117,122 @@ class AnnotationPanel(widgets.Container):
                              "annotations")
         return self.store
 
-    def _slice(self) -> tuple[int | None, int]:
+    def _viewed_slice(self) -> tuple[int, int]:
+        """(array axis, index) of the run's slice in view; (0, 0) for a 2D image."""
         axis, index = viewed_slice(self.viewer, self.reference_layer)
+        if axis is None and self.reference_layer.ndim >= 3:
+            raise InputError("the 3D view shows no single slice; switch to the 2D view to flag a slice")
         return (0, 0) if axis is None else (axis, index)
 
     @reports_errors("Flag slice")
     def add_slice_flag(self) -> None:
         store = self._require_run()
-        axis, index = self._slice()
-        self._save(store, Annotation(self.category.value, self.reviewer.value, self.note.value,
-                                     slice_index=index, slice_axis=axis, method=self.method.value))
+        axis, index = self._viewed_slice()
+        self._save(store, [Annotation(self.category.value, self.reviewer.value, self.note.value,
+                                      slice_index=index, slice_axis=axis, method=self.method.value)])
 
     @reports_errors("Draw region")
     def start_drawing(self) -> None:
         self._require_run()
         layer = self._annotation_layer(create=True)
+        layer.visible = True
+        where = ""
+        if self.viewer.canvas.grid.enabled:
+            self._leave_grid_for_drawing(layer)
+            where = f" over '{self.reference_layer.name}' (grid view off until 'Flag region')"
         self.viewer.layers.selection.active = layer
         layer.mode = "add_polygon"
-        show_info("Draw the failure region on the 'UniFuse annotations' layer, then press 'Flag region'.")
+        show_info(f"Draw the failure region on the 'UniFuse annotations' layer{where}, then press 'Flag region'.")
+
+    def _leave_grid_for_drawing(self, annotation_layer: Shapes) -> None:
+        """One view, the image being flagged on top of the others and the region layer on it."""
+        self.viewer.canvas.grid.enabled = False
+        self._grid_left_for_drawing = True
+        layers = self.viewer.layers
+        for layer in (self.reference_layer, annotation_layer):
+            if layer in layers:
+                layer.visible = True
+                layers.move(layers.index(layer), len(layers))
 
     @reports_errors("Flag region")
     def add_region_flag(self) -> None:
+        """One annotation per slice the drawn shapes lie on (several regions on one slice share it)."""
         store = self._require_run()
         layer = self._annotation_layer(create=False)
         if layer is None or len(layer.data) == 0:
             raise InputError("draw a region first (Draw region…), or flag the whole slice", ANNOTATION_LAYER)
-        shapes = [[list(map(float, layer.data_to_world(point))) for point in shape] for shape in layer.data]
-        axis, index = self._slice()
-        self._save(store, Annotation(self.category.value, self.reviewer.value, self.note.value,
-                                     slice_index=index, slice_axis=axis, region_kind="shapes", region_world=shapes,
-                                     method=self.method.value))
+        regions: dict[tuple[int, int], list[list[list[float]]]] = {}
+        for shape in layer.data:
+            world = [list(map(float, layer.data_to_world(point))) for point in shape]
+            regions.setdefault(self._slice_of_region(world), []).append(world)
+        self._save(store, [Annotation(self.category.value, self.reviewer.value, self.note.value, slice_index=index,
+                                      slice_axis=axis, region_kind="shapes", region_world=shapes,
+                                      method=self.method.value)
+                           for (axis, index), shapes in regions.items()])
         layer.data = []  # flagged: the next region starts from an empty layer
+        if self._grid_left_for_drawing:
+            self._grid_left_for_drawing = False
+            layer.visible = False  # an empty layer would take a grid cell of its own
+            self.viewer.canvas.grid.enabled = True
+
+    def _slice_of_region(self, world: list[list[float]]) -> tuple[int, int]:
+        """(array axis, index) of the run's slice a shape (vertices in world mm) was drawn on; (0, 0) for
+        a 2D image."""
+        reference = self.reference_layer
+        if reference.ndim < 3:
+            return 0, 0
+        return slice_of_region([reference.world_to_data(point) for point in world], reference.data.shape,
+                               viewed_slice(self.viewer, reference)[0])
+
+    def _existing_annotation_layer(self):
+        return self.viewer.layers[ANNOTATION_LAYER] if ANNOTATION_LAYER in self.viewer.layers else None
 
     def _annotation_layer(self, create: bool):
-        if ANNOTATION_LAYER in self.viewer.layers:
-            return self.viewer.layers[ANNOTATION_LAYER]
-        if not create:
-            return None
+        """The Shapes layer regions are drawn on, on the run's grid. One left by a run of other
+        dimensions or spacing is replaced (a region's voxel indices would be wrong there), keeping the
+        shapes that still fit."""
+        layer = self._existing_annotation_layer()
+        if layer is None:
+            return self._add_annotation_layer() if create else None
+        if not isinstance(layer, Shapes):
+            raise InputError(f"this is a {type(layer).__name__} layer, but regions are drawn as shapes; rename or "
+                             "remove it, then press Draw… and draw the region", ANNOTATION_LAYER)
+        if _same_grid(layer, self.reference_layer):
+            return layer
+        return self._replace_annotation_layer(layer)
+
+    def _add_annotation_layer(self) -> Shapes:
         reference = self.reference_layer
         return self.viewer.add_shapes(name=ANNOTATION_LAYER, ndim=reference.ndim, scale=reference.scale,
                                       translate=reference.translate, affine=reference.affine.affine_matrix,
                                       edge_color="red", face_color="transparent", edge_width=1)
 
-    def _save(self, store: AnnotationStore, annotation: Annotation) -> None:
-        store.add(annotation)
+    def _replace_annotation_layer(self, old: Shapes) -> Shapes:
+        # Shapes of the same dimensions keep their place in the world (mm); others cannot be placed.
+        fitting = old.ndim == self.reference_layer.ndim
+        world_shapes = [[old.data_to_world(point) for point in shape] for shape in old.data] if fitting else []
+        shape_types = list(old.shape_type)
+        self.viewer.layers.remove(old)
+        layer = self._add_annotation_layer()
+        layer.visible = old.visible  # hidden by a Methods-tab comparison: a new one must not take a grid cell
+        if world_shapes:
+            layer.add([np.array([layer.world_to_data(point) for point in shape]) for shape in world_shapes],
+                      shape_type=shape_types)
+        elif len(old.data):
+            show_info(f"{len(old.data)} unflagged region(s) drawn on the previous {old.ndim}D image were removed: "
+                      f"they cannot be placed on this {self.reference_layer.ndim}D run.")
+        return layer
+
+    def _save(self, store: AnnotationStore, annotations: list[Annotation]) -> None:
+        for annotation in annotations:
+            store.add(annotation)
         self.refresh()
-        show_info(f"Saved: {_describe(annotation)} → {store.path}")
+        show_info(f"Saved: {'; '.join(self._describe(a) for a in annotations)} → {store.path}")
+
+    def _describe(self, annotation: Annotation) -> str:
+        where = describe_location(annotation, self.reference_layer.ndim if self.reference_layer else 3)
+        note = f": {annotation.note}" if annotation.note else ""
+        return f"{where} — {annotation.category} [{annotation.method}] ({annotation.reviewer}){note}"
 
     @reports_errors("Delete annotation")
     def delete_selected(self) -> None:
@@ -159,7 +253,9 @@ class AnnotationPanel(widgets.Container):
         show_info(f"Exported {rows} annotations from {len(runs)} runs to {target}")
 
 
-def _describe(annotation: Annotation) -> str:
-    where = "region" if annotation.region_kind else "slice"
-    note = f": {annotation.note}" if annotation.note else ""
-    return f"{where} {annotation.slice_index} — {annotation.category} [{annotation.method}] ({annotation.reviewer}){note}"
+def _same_grid(layer, reference) -> bool:
+    """Whether ``layer`` places data indices where ``reference`` does (same dimensions and world transform)."""
+    if layer.ndim != reference.ndim:
+        return False
+    corners = np.vstack([np.zeros(reference.ndim), np.eye(reference.ndim)])
+    return np.allclose([layer.data_to_world(p) for p in corners], [reference.data_to_world(p) for p in corners])

@@ -1,8 +1,9 @@
 """Every problem the workbench meets becomes a napari notification a clinician can act on.
 
 Expected problems (``UniFuseError``: bad input, missing checkpoint, cancelled run) show their own
-message. Anything else is a bug: the user gets a one-line message and the traceback goes to the
-log at DEBUG level, never to the console.
+message, and so does a ``PermissionError`` (a folder the user may not write to). Anything else is
+a bug: the user gets a one-line message and the traceback goes to the log at DEBUG level, never to
+the console.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def report_error(error: BaseException, action: str) -> None:
         show_info(f"{action} was cancelled; no layers were added and nothing was written.")
     elif isinstance(error, UniFuseError):
         show_error(f"{action}: {error}")
+    elif isinstance(error, PermissionError):  # e.g. a read-only runs folder: the user's to fix, not a bug
+        where = error.filename or "a file"
+        show_error(f"{action}: permission denied on {where}; check its permissions or choose another runs folder.")
     elif is_out_of_memory(error):
         show_error(f"{action}: the computer ran out of memory ({error}); close other programs or layers and run "
                    "again, or use smaller or coarser volumes.")

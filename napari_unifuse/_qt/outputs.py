@@ -12,16 +12,13 @@ from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
 from napari_unifuse._qt.analysis import RunOutcome
 from napari_unifuse._qt.run_panel import OUTPUT_ROLE
 from napari_unifuse.engine.overlays import checkerboard, deformed_grid, displacement_magnitude_mm, slice_quivers
-from napari_unifuse.engine.quality import INVENTED, LOST, MAP_UNITS, RESTORATION_CHANGE, UNCERTAINTY
+from napari_unifuse.engine.quality import INVENTED, LOST, MAP_LABELS, MAP_UNITS, RESTORATION_CHANGE, UNCERTAINTY
 from napari_unifuse.io import ImageVolume
 
 if TYPE_CHECKING:
     import napari.viewer
 
 FLICKER_INTERVAL_MS = 600
-# The quality maps as a reviewer names them (layer names, plot legends).
-MAP_LABELS = {INVENTED: "invented structure", LOST: "lost structure", RESTORATION_CHANGE: "restoration change",
-              UNCERTAINTY: "alignment uncertainty"}
 # Each map in its own hue, drawn additively over the fused image and hidden until asked for.
 QUALITY_OPACITY = 0.6  # ticked on, a map tints the fused image rather than hiding it
 MAP_COLORMAPS = {INVENTED: "red", LOST: "cyan", RESTORATION_CHANGE: "yellow", UNCERTAINTY: "inferno"}

@@ -19,8 +19,7 @@ from matplotlib.figure import Figure
 from napari.utils.theme import get_theme
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
-from napari_unifuse._qt.outputs import MAP_LABELS
-from napari_unifuse.engine.quality import QualityMaps
+from napari_unifuse.engine.quality import MAP_LABELS, QualityMaps
 
 if TYPE_CHECKING:
     import napari.viewer

@@ -3,7 +3,9 @@
 Each run directory holds one append-only JSON-lines file. Appending (rather than rewriting a
 JSON document) means a crash can lose at most the record being written, never earlier ones, and
 every record reaches the disk (flush + fsync) before `add` returns. Deleting appends a tombstone,
-so the file is also an audit trail of who flagged and withdrew what.
+so the file is also an audit trail of who flagged and withdrew what. A line torn by a crash is
+skipped on reading (``AnnotationStore.warnings`` says which), and the next record starts on a line
+of its own, so it neither hides the intact records nor swallows the next one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from napari_unifuse.errors import InputError
+import numpy as np
+
+from napari_unifuse.errors import InputError, UniFuseError
 
 FAILURE_CATEGORIES: tuple[str, ...] = (
     "misalignment",
@@ -46,6 +50,9 @@ EXPORT_COLUMNS = (
     "region_kind",
     "region_world",
 )
+# Array axis of a volume's slice → the voxel coordinate it fixes (arrays are z, y, x); named by
+# coordinate, not by anatomical plane, because the array axes need not be axial/coronal/sagittal.
+AXIS_LETTERS = ("z", "y", "x")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,31 @@ class Annotation:
             raise InputError("flag a slice or draw a region to annotate", "annotation")
 
 
+def describe_location(annotation: Annotation, volume_ndim: int) -> str:
+    """Where ``annotation`` is, for a reviewer: "slice x = 23", "region on z = 5", or "image" /
+    "region" for a 2D image (``volume_ndim``: the annotated image's dimensions)."""
+    if volume_ndim < 3 or annotation.slice_index is None:
+        return "region" if annotation.region_kind else "image"
+    coordinate = f"{AXIS_LETTERS[annotation.slice_axis]} = {annotation.slice_index}"
+    return f"region on {coordinate}" if annotation.region_kind else f"slice {coordinate}"
+
+
+def slice_of_region(voxel_points: Sequence[Sequence[float]], shape: Sequence[int],
+                    viewed_axis: int | None = None) -> tuple[int, int]:
+    """(array axis, index) of the slice a drawn shape lies on, from its vertices in voxel indices of
+    a volume of ``shape``: the axis along which it is flat (the viewed one when it is flat along
+    several, e.g. a line), so a region keeps its own slice whatever slice is in view."""
+    indices = np.round(np.asarray(voxel_points, dtype=float)).astype(int)
+    flat_axes = [axis for axis in range(len(shape)) if np.all(indices[:, axis] == indices[0, axis])]
+    if not flat_axes:
+        raise InputError("a region crosses several slices; draw each region in the 2D view", "region")
+    axis = viewed_axis if viewed_axis in flat_axes else flat_axes[0]
+    index = int(indices[0, axis])
+    if not 0 <= index < shape[axis]:
+        raise InputError("a region lies outside the image; draw it on the image", "region")
+    return axis, index
+
+
 def default_reviewer() -> str:
     try:
         return getpass.getuser()
@@ -90,12 +122,15 @@ class AnnotationStore:
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / ANNOTATIONS_FILE
+        self.warnings: list[str] = []  # what the last `load` had to skip, for the reviewer to see
 
     def add(self, annotation: Annotation) -> Annotation:
         self._append({"action": "add", **asdict(annotation)})
         return annotation
 
     def delete(self, annotation_id: str, reviewer: str) -> None:
+        if not reviewer.strip():
+            raise InputError("the reviewer's name is required to withdraw an annotation", "annotation")
         if annotation_id not in {a.id for a in self.load()}:
             raise InputError(f"no annotation with id {annotation_id}", self.path)
         self._append(
@@ -108,7 +143,9 @@ class AnnotationStore:
         )
 
     def load(self) -> list[Annotation]:
-        """The live annotations, in the order they were made."""
+        """The live annotations, in the order they were made. Unreadable lines (a write torn by a
+        crash) are skipped and named in ``warnings``: every intact record still counts."""
+        self.warnings = []
         if not self.path.exists():
             return []
         live: dict[str, Annotation] = {}
@@ -119,8 +156,9 @@ class AnnotationStore:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
-                    # Only the last line can be torn (append-only writes); earlier ones are intact.
-                    raise InputError(f"line {line_number} is not valid JSON", self.path) from None
+                    self.warnings.append(f"{self.path}: line {line_number} is unreadable (a write interrupted "
+                                         "by a crash?) and was skipped; the other annotations are intact")
+                    continue
                 action = record.pop("action", "add")
                 if action == "delete":
                     live.pop(record["id"], None)
@@ -129,11 +167,25 @@ class AnnotationStore:
         return list(live.values())
 
     def _append(self, record: dict) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # A torn last line (no newline) would swallow this record: start a line of our own.
+            separator = "\n" if self._ends_mid_line() else ""
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(separator + json.dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            reason = "permission denied" if isinstance(error, PermissionError) else (error.strerror or str(error))
+            raise UniFuseError(f"cannot write {ANNOTATIONS_FILE} in {self.run_dir}: {reason}; choose another "
+                               "runs folder") from error
+
+    def _ends_mid_line(self) -> bool:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return False
+        with self.path.open("rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
 
 
 def export_cohort(run_dirs: Iterable[str | os.PathLike], csv_path: str | os.PathLike) -> int:

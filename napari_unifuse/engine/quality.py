@@ -32,6 +32,9 @@ from napari_unifuse.metrics.fidelity import DEFINITIONS as FIDELITY_DEFINITIONS
 from napari_unifuse.metrics.fidelity import fidelity_maps
 
 INVENTED, LOST, RESTORATION_CHANGE, UNCERTAINTY = "invented", "lost", "restoration_change", "uncertainty_mm"
+# Each map's name wherever it is shown: the workbench's layers and plot, the QC report.
+MAP_LABELS: dict[str, str] = {INVENTED: "invented structure", LOST: "lost structure",
+                              RESTORATION_CHANGE: "restoration change", UNCERTAINTY: "alignment uncertainty"}
 # What a reviewer would call each map's defect; the annotation panel's categories where one fits.
 PROBLEM_NAMES: dict[str, str] = {
     INVENTED: "hallucinated structure",

@@ -20,17 +20,26 @@ import io
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from napari_unifuse.engine.annotations import Annotation, AnnotationStore
+from napari_unifuse.engine.annotations import Annotation, AnnotationStore, describe_location
 from napari_unifuse.engine.outputs import PROVENANCE_FILE, QUALITY_FILE, REPORT_FILE
 from napari_unifuse.engine.overlays import display_grey, slice_of
-from napari_unifuse.engine.quality import INVENTED, LOST, PROBLEM_NAMES, RESTORATION_CHANGE, UNCERTAINTY, QualityMaps
+from napari_unifuse.engine.quality import (
+    INVENTED,
+    LOST,
+    MAP_LABELS,
+    RESTORATION_CHANGE,
+    UNCERTAINTY,
+    QualityMaps,
+)
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.io import ImageVolume
 
@@ -46,6 +55,8 @@ SECTIONS: dict[str, str] = {
     "annotations": "Annotations",
     "provenance": "Provenance",
 }
+# Maps are named as in the workbench (``quality.MAP_LABELS``); the problems a map points at (the
+# verdict, the annotation categories) keep ``quality.PROBLEM_NAMES``.
 # Overlay colour of each map where it exceeds its threshold (colour-blind-safe Okabe-Ito hues).
 OVERLAY_COLOURS: dict[str, str] = {INVENTED: "#D55E00", LOST: "#0072B2", RESTORATION_CHANGE: "#009E73",
                                    UNCERTAINTY: "#F0E442"}
@@ -69,16 +80,19 @@ def write_report(
     ``annotations`` default to those saved in ``out_dir``. Returns the page's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
     if annotations is None:
-        annotations = AnnotationStore(out_dir).load()
-    name = out_dir.resolve().name
+        store = AnnotationStore(out_dir)
+        annotations = store.load()
+        skipped = store.warnings
+    name = _readable(out_dir.resolve().name)
     bodies = {
         "inputs": _inputs_section(reference, moving, result),
         "key-slices": _key_slices_section(result),
         "metrics": _metrics_section(result, metrics or {}),
         "degradation": _degradation_section(result),
         "uncertainty": _uncertainty_section(result.quality),
-        "annotations": _annotations_section(annotations),
+        "annotations": _annotations_section(annotations, result.fused.ndim, skipped),
         "provenance": f"<pre>{html.escape(json.dumps(result.provenance, indent=2, default=str), quote=False)}</pre>",
     }
     sections = "\n".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>\n{bodies[key]}\n</section>' for key in SECTIONS)
@@ -88,48 +102,39 @@ def write_report(
             f"<h1>UniFuse QC report: {html.escape(name)}</h1>\n<p>{_verdict(result.quality)}</p>\n"
             f"{f'<ul class=note>{warnings}</ul>' if warnings else ''}\n{sections}\n</body></html>\n")
     path = out_dir / REPORT_FILE
-    path.write_text(page, encoding="utf-8")
+    # errors="replace": an input path that is not UTF-8 (in the provenance) shows as "?", not a crash.
+    path.write_text(page, encoding="utf-8", errors="replace")
     return path
 
 
 def write_index(runs_dir: str | os.PathLike) -> Path:
-    """Write ``runs_dir/index.html``: every run below ``runs_dir``, most suspicious first."""
+    """Write ``runs_dir/index.html``: every run below ``runs_dir`` (symbolic links to run folders
+    followed), most suspicious first. Files a run left damaged or of another shape are named in its
+    row; they never stop the index."""
     runs_dir = Path(runs_dir)
-    rows = []
-    for run in sorted(path.parent for path in runs_dir.rglob(PROVENANCE_FILE)):
-        quality = _read_json(run / QUALITY_FILE)
-        provenance = _read_json(run / PROVENANCE_FILE) or {}
-        rows.append((run, quality, provenance))
+    rows = [_IndexRow.of(run, runs_dir) for run in _run_folders(runs_dir)]
     # Runs without quality maps cannot be ranked: they go last, by name.
-    rows.sort(key=lambda row: (row[1] is None, -(row[1] or {}).get("max_suspicion", 0.0), str(row[0])))
+    rows.sort(key=lambda row: (row.max_suspicion is None, -(row.max_suspicion or 0.0), row.relative))
     lines = []
-    for run, quality, provenance in rows:
-        relative = run.relative_to(runs_dir).as_posix()
-        report = run / REPORT_FILE
-        link = (f'<a href="{html.escape(relative)}/{REPORT_FILE}">{html.escape(relative)}</a>' if report.is_file()
-                else f"{html.escape(relative)} <span class=note>(no report: run "
-                     "<code>unifuse fuse --report --overwrite</code>)</span>")
-        if quality is None:
-            suspicion, flagged, problems = "n/a", "no quality maps", ""
-        else:
-            suspicion = f"{100 * quality.get('max_suspicion', 0.0):.2f} %"
-            flagged = f"{len(quality.get('suspicious_slices', []))} of {len(quality.get('suspicion', []))}"
-            problems = ", ".join(sorted(set(quality.get("problems", {}).values())))
-        inputs = provenance.get("inputs", {})
-        names = " + ".join(Path(str((inputs.get(role) or {}).get("path") or role)).name
-                           for role in ("reference", "moving"))
-        lines.append(f"<tr><td>{link}</td><td>{html.escape(names)}</td><td>{suspicion}</td><td>{flagged}</td>"
-                     f"<td>{html.escape(problems)}</td><td>{html.escape(str(provenance.get('created', '')))}</td></tr>")
+    for row in rows:
+        shown = html.escape(_readable(row.relative))
+        link = (f'<a href="{html.escape(_url_path(row.relative), quote=True)}/{REPORT_FILE}">{shown}</a>'
+                if (row.run / REPORT_FILE).is_file()
+                else f"{shown} <span class=note>(no report: run <code>unifuse fuse --report --overwrite</code>)</span>")
+        lines.append(f"<tr><td>{link}</td><td>{html.escape(row.inputs)}</td><td>{html.escape(row.suspicion)}</td>"
+                     f"<td>{html.escape(row.flagged)}</td><td>{html.escape(row.problems)}</td>"
+                     f"<td>{html.escape(row.created)}</td></tr>")
     table = ("<table><tr><th>run</th><th>inputs</th><th>largest slice suspicion</th><th>suspicious slices</th>"
              "<th>problems</th><th>created</th></tr>\n" + "\n".join(lines) + "</table>") if lines else \
         "<p>No runs (folders with provenance.json) here.</p>"
+    title = html.escape(_readable(runs_dir.resolve().name))
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>UniFuse QC: "
-            f"{html.escape(runs_dir.resolve().name)}</title><style>{_STYLE}</style></head><body>\n"
-            f"<h1>UniFuse QC: {html.escape(runs_dir.resolve().name)}</h1>\n<p>{len(rows)} runs, most suspicious "
+            f"{title}</title><style>{_STYLE}</style></head><body>\n"
+            f"<h1>UniFuse QC: {title}</h1>\n<p>{len(rows)} runs, most suspicious "
             "first (suspicion: the largest fraction of one slice that one quality map flags).</p>\n"
             f"{table}\n</body></html>\n")
     path = runs_dir / INDEX_FILE
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page, encoding="utf-8", errors="replace")
     return path
 
 
@@ -169,7 +174,7 @@ def _key_slices_section(result: FusionResult) -> str:
     quality = result.quality
     if quality is None:
         return "<p class=note>No quality maps were computed for this run.</p>"
-    legend = ", ".join(f'<span style="color:{OVERLAY_COLOURS[name]}">&#9632;</span> {PROBLEM_NAMES[name]} '
+    legend = ", ".join(f'<span style="color:{OVERLAY_COLOURS[name]}">&#9632;</span> {MAP_LABELS[name]} '
                        f"(&gt; {quality.thresholds[name]:.3g})" for name in quality.maps())
     fused = display_grey(result.fused)
     three_d = fused.ndim == 3
@@ -190,7 +195,7 @@ def _key_slices_section(result: FusionResult) -> str:
         overlaid.set_title("flagged by the quality maps", fontsize=9)
         for axes in (plain, overlaid):
             axes.axis("off")
-        scores = ", ".join(f"{PROBLEM_NAMES[name]} {100 * float(values[index]):.2f} %"
+        scores = ", ".join(f"{MAP_LABELS[name]} {100 * float(values[index]):.2f} %"
                            for name, values in quality.slice_scores.items())
         heading = f"Slice {index}" if three_d else "The image"
         parts.append(f"<h3>{heading}: {quality.dominant_problem(index)}, suspicion "
@@ -207,7 +212,7 @@ def _metrics_section(result: FusionResult, metrics: Mapping[str, float]) -> str:
         return table
     summary = quality.to_dict()["maps"]
     quality_rows = "".join(
-        f"<tr><td>{PROBLEM_NAMES[name]}</td><td>{html.escape(entry['units'])}</td><td>{entry['threshold']:.3g}</td>"
+        f"<tr><td>{MAP_LABELS[name]}</td><td>{html.escape(entry['units'])}</td><td>{entry['threshold']:.3g}</td>"
         f"<td>{entry['max']:.3g}</td><td>{100 * entry['flagged_fraction']:.2f} %</td>"
         f"<td class=note>{html.escape(entry['definition'])}</td></tr>" for name, entry in summary.items())
     return (f"{table}\n<h3>Quality maps</h3><table><tr><th>map</th><th>units</th><th>threshold</th><th>max</th>"
@@ -264,14 +269,15 @@ def _uncertainty_section(quality: QualityMaps | None) -> str:
             f"<span class=note>{html.escape(quality.definitions.get(UNCERTAINTY, ''))}</span></p>{_png(figure)}")
 
 
-def _annotations_section(annotations: Sequence[Annotation]) -> str:
+def _annotations_section(annotations: Sequence[Annotation], volume_ndim: int, skipped: Sequence[str]) -> str:
+    notes = "".join(f"<p class=note>{html.escape(warning)}</p>" for warning in skipped)
     if not annotations:
-        return "<p class=note>No annotations.</p>"
+        return f"{notes}<p class=note>No annotations.</p>"
     rows = "".join(
-        f"<tr><td>{html.escape(a.created)}</td><td>{html.escape(a.reviewer)}</td><td>{html.escape(a.category)}</td>"
-        f"<td>{'' if a.slice_index is None else a.slice_index}</td><td>{html.escape(a.region_kind or 'slice')}</td>"
+        f"<tr><td>{html.escape(a.created)}</td><td>{html.escape(a.reviewer)}</td><td>{html.escape(a.method)}</td>"
+        f"<td>{html.escape(a.category)}</td><td>{html.escape(describe_location(a, volume_ndim))}</td>"
         f"<td>{html.escape(a.note)}</td></tr>" for a in annotations)
-    return ("<table><tr><th>created</th><th>reviewer</th><th>category</th><th>slice</th><th>region</th>"
+    return (f"{notes}<table><tr><th>created</th><th>reviewer</th><th>method</th><th>category</th><th>where</th>"
             f"<th>note</th></tr>{rows}</table>")
 
 
@@ -289,8 +295,75 @@ def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (float, np.floating)) else html.escape(str(value))
 
 
+def _run_folders(runs_dir: Path) -> list[Path]:
+    """Every folder below ``runs_dir`` holding a ``provenance.json``; linked folders are followed
+    (a cohort is often gathered from links), each real folder once."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(runs_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or two links to one run
+            subfolders.clear()
+            continue
+        seen.add(real)
+        if PROVENANCE_FILE in files:
+            found.append(Path(folder))
+    return sorted(found)
+
+
+def _readable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (an old Latin-1 folder name) shown as �."""
+    return os.fsencode(name).decode("utf-8", errors="replace")
+
+
+def _url_path(relative: str) -> str:
+    """A relative path as a link target: ``#``, ``?``, ``%`` and non-ASCII bytes percent-encoded."""
+    return quote(os.fsencode(relative), safe="/")
+
+
+@dataclass(frozen=True)
+class _IndexRow:
+    run: Path
+    relative: str  # as the file system names it: shown through _readable, linked through _url_path
+    max_suspicion: float | None
+    suspicion: str
+    flagged: str
+    problems: str
+    inputs: str
+    created: str
+
+    @classmethod
+    def of(cls, run: Path, runs_dir: Path) -> _IndexRow:
+        relative = run.relative_to(runs_dir).as_posix()
+        provenance = _read_json(run / PROVENANCE_FILE)
+        quality = _read_json(run / QUALITY_FILE)
+        roles = _mapping(_mapping(provenance).get("inputs"))
+        inputs = " + ".join(_readable(Path(str(_mapping(roles.get(role)).get("path") or role)).name)
+                            for role in ("reference", "moving"))
+        if provenance is None:
+            inputs = f"{PROVENANCE_FILE} unreadable"
+        created = str(_mapping(provenance).get("created", ""))
+        if quality is None:
+            state = f"{QUALITY_FILE} unreadable" if (run / QUALITY_FILE).exists() else "no quality maps"
+            return cls(run, relative, None, "n/a", state, "", inputs, created)
+        largest = quality.get("max_suspicion")
+        max_suspicion = float(largest) if isinstance(largest, (int, float)) and np.isfinite(largest) else None
+        suspicious, per_slice = quality.get("suspicious_slices"), quality.get("suspicion")
+        flagged = (f"{len(suspicious)} of {len(per_slice)}" if isinstance(suspicious, list) and isinstance(per_slice, list)
+                   else f"{QUALITY_FILE} incomplete")
+        problems = ", ".join(sorted({str(problem) for problem in _mapping(quality.get("problems")).values()}))
+        suspicion = f"{100 * max_suspicion:.2f} %" if max_suspicion is not None else "n/a"
+        return cls(run, relative, max_suspicion, suspicion, flagged, problems, inputs, created)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a JSON object, else an empty one: a file of another shape reads as empty."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, damaged or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None

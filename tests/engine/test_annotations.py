@@ -1,6 +1,7 @@
 import csv
 import json
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -8,10 +9,12 @@ from napari_unifuse.engine.annotations import (
     FAILURE_CATEGORIES,
     Annotation,
     AnnotationStore,
+    describe_location,
     export_cohort,
     find_runs,
+    slice_of_region,
 )
-from napari_unifuse.errors import InputError
+from napari_unifuse.errors import InputError, UniFuseError
 
 
 def test_annotation_is_on_disk_when_add_returns(tmp_path):
@@ -53,10 +56,59 @@ def test_incomplete_annotations_are_refused(kwargs, message):
         Annotation(**kwargs)
 
 
-def test_torn_file_names_the_file(tmp_path):
-    (tmp_path / "annotations.jsonl").write_text('{"action": "add", "category"\n')
-    with pytest.raises(InputError, match="annotations.jsonl"):
-        AnnotationStore(tmp_path).load()
+def test_a_torn_last_line_loses_only_itself(tmp_path):
+    store = AnnotationStore(tmp_path)
+    first = store.add(Annotation(category="other", reviewer="a", slice_index=1))
+    second = store.add(Annotation(category="other", reviewer="a", slice_index=2))
+    with store.path.open("a", encoding="utf-8") as handle:  # a crash while appending a third record
+        handle.write('{"action": "add", "category": "misal')
+    intact = store.path.read_bytes()
+
+    assert [a.id for a in store.load()] == [first.id, second.id]
+    assert len(store.warnings) == 1 and "line 3" in store.warnings[0]
+    third = store.add(Annotation(category="other", reviewer="a", slice_index=3))
+    assert store.path.read_bytes().startswith(intact)  # nothing earlier rewritten
+    assert [a.id for a in AnnotationStore(tmp_path).load()] == [first.id, second.id, third.id]
+
+
+def test_withdrawing_an_annotation_needs_the_reviewer(tmp_path):
+    store = AnnotationStore(tmp_path)
+    flagged = store.add(Annotation(category="other", reviewer="a", slice_index=1))
+    with pytest.raises(InputError, match="reviewer"):
+        store.delete(flagged.id, reviewer=" ")
+    assert [a.id for a in store.load()] == [flagged.id]
+    assert len(store.path.read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_an_unwritable_run_folder_is_a_clear_error(tmp_path, monkeypatch):
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(UniFuseError, match=f"cannot write annotations.jsonl in {tmp_path}: permission denied"):
+        AnnotationStore(tmp_path).add(Annotation(category="other", reviewer="a", slice_index=1))
+
+
+@pytest.mark.parametrize(
+    ("annotation", "volume_ndim", "described"),
+    [
+        (Annotation(category="other", reviewer="a", slice_index=23, slice_axis=2), 3, "slice x = 23"),
+        (Annotation(category="other", reviewer="a", slice_index=5, region_kind="shapes",
+                    region_world=[[[5.0, 1.0, 1.0]]]), 3, "region on z = 5"),
+        (Annotation(category="other", reviewer="a", slice_index=0), 2, "image"),
+    ],
+)
+def test_the_location_names_the_axis_of_a_volume_slice(annotation, volume_ndim, described):
+    assert describe_location(annotation, volume_ndim) == described
+
+
+def test_a_region_lies_on_the_slice_along_which_it_is_flat():
+    shape = (16, 48, 48)
+    assert slice_of_region([[5, 10, 10], [5, 10, 20], [5.2, 20, 20]], shape, viewed_axis=0) == (0, 5)
+    assert slice_of_region([[2, 10, 23], [9, 30, 23]], shape, viewed_axis=0) == (2, 23)  # drawn in a sagittal view
+    assert slice_of_region([[4, 10, 10], [4, 10, 20]], shape, viewed_axis=1) == (1, 10)  # a line: the viewed axis
+    with pytest.raises(InputError, match="crosses several slices"):
+        slice_of_region([[1, 1, 1], [2, 2, 2], [3, 1, 2]], shape)
 
 
 def test_cohort_export_collects_every_run(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -72,6 +73,26 @@ def test_the_report_names_the_run_and_holds_every_section(tmp_path):
     assert "<script" not in page and "http" not in page  # self-contained
 
 
+def test_the_annotation_table_names_the_method_and_the_slice_axis(tmp_path):
+    result = constructed_result(blob_radius=4)
+    store = AnnotationStore(tmp_path)
+    store.add(Annotation("lost structure", "dr-a", slice_index=23, slice_axis=2, method="bsafusion"))
+    with store.path.open("a", encoding="utf-8") as handle:  # a record torn by a crash
+        handle.write('{"action": "add", "cat')
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+    annotations = page[page.index('<section id="annotations">'):page.index('<section id="provenance">')]
+    assert "<th>method</th>" in annotations and "<td>bsafusion</td>" in annotations
+    assert "<td>slice x = 23</td>" in annotations
+    assert "line 2 is unreadable" in annotations
+
+
+def test_the_uncertainty_map_is_called_alignment_uncertainty_throughout(tmp_path):
+    result = constructed_result(blob_radius=4)
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+    assert "<td>alignment uncertainty</td>" in page  # the quality-map table
+    assert "misalignment" not in page
+
+
 def test_a_run_without_quality_maps_still_gets_a_report(tmp_path):
     result = constructed_result(blob_radius=0)
     result.quality = None
@@ -116,3 +137,41 @@ def test_the_index_lists_runs_most_suspicious_first_and_links_their_reports(tmp_
     assert '<a href="large-defect/report.html">' in page
     # The run is done: fuse skips it unless told to overwrite, so the hint must say so.
     assert "aaa-no-maps <span class=note>(no report: run <code>unifuse fuse --report --overwrite</code>)" in page
+
+
+def test_the_index_names_damaged_or_odd_files_instead_of_failing(tmp_path):
+    """Valid JSON of another shape (a list, a null suspicion) is as damaged as cut-short JSON."""
+    cohort = tmp_path / "cohort"
+    for name in ("ranked", "list-quality", "null-suspicion", "list-provenance"):
+        write_fusion_outputs(constructed_result(blob_radius=4), cohort / name)
+    (cohort / "list-quality" / "quality.json").write_text("[]", encoding="utf-8")
+    (cohort / "null-suspicion" / "quality.json").write_text('{"max_suspicion": null}', encoding="utf-8")
+    (cohort / "list-provenance" / "provenance.json").write_text("[{}]", encoding="utf-8")
+
+    page = write_index(cohort).read_text(encoding="utf-8")
+
+    rows = {re.match(r"<td>([\w-]+)", row).group(1): row for row in page.split("<tr>")[2:]}
+    assert list(rows) == ["list-provenance", "ranked", "list-quality", "null-suspicion"]  # equal suspicion: by name
+    assert "quality.json unreadable" in rows["list-quality"]
+    assert "quality.json incomplete" in rows["null-suspicion"] and "n/a" in rows["null-suspicion"]
+    assert "provenance.json unreadable" in rows["list-provenance"]
+
+
+def test_the_index_links_odd_folder_names_and_linked_runs(tmp_path):
+    """``fuse`` names a run folder after its moving file: ``pt#12`` must not link to ``pt``, a
+    Latin-1 name must not stop the page, and a cohort of links to runs is still a cohort."""
+    cohort, elsewhere = tmp_path / "cohort", tmp_path / "elsewhere"
+    latin1 = os.fsdecode(b"caf\xe9")
+    for run in (cohort / "pt#12", cohort / latin1, elsewhere / "linked"):
+        result = constructed_result(blob_radius=4)
+        write_fusion_outputs(result, run)
+        write_report(result, run, reference=result.fused, moving=result.aligned)
+    (cohort / "linked").symlink_to(elsewhere / "linked")
+    (cohort / "loop").symlink_to(cohort)
+
+    page = write_index(cohort).read_text(encoding="utf-8")
+
+    assert '<a href="pt%2312/report.html">pt#12</a>' in page
+    assert '<a href="caf%E9/report.html">caf\ufffd</a>' in page
+    assert '<a href="linked/report.html">linked</a>' in page
+    assert "3 runs" in page

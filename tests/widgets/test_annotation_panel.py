@@ -1,0 +1,113 @@
+"""The Annotate tab on its own (no run needed): which slice a flag or a drawn region is recorded on,
+the annotation layer following the run's grid, and clear messages for what the reviewer can fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER, AnnotationPanel
+from napari_unifuse._qt.notifications import report_error
+
+from .conftest import GEOMETRY_3D, add_pair
+
+pytestmark = pytest.mark.gui
+
+
+def panel_on(viewer, tmp_path, reference_name: str) -> AnnotationPanel:
+    panel = AnnotationPanel(viewer)
+    panel.reviewer.value = "dr. test"
+    panel.set_run(tmp_path / "run", tmp_path, viewer.layers[reference_name])
+    return panel
+
+
+def draw(viewer, *shapes) -> None:
+    viewer.layers[ANNOTATION_LAYER].add_polygons([np.asarray(shape, dtype=float) for shape in shapes])
+
+
+def test_flag_slice_in_the_3d_view_is_refused(make_napari_viewer, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    viewer.dims.set_current_step(0, 5)
+    viewer.dims.ndisplay = 3
+    panel.flag_slice.clicked()
+    assert panel.annotations == []
+    assert any("switch to the 2D view" in message for severity, message in notifications if severity == "error")
+
+
+def test_a_sagittal_flag_is_listed_with_its_axis(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    viewer.dims.order = (2, 0, 1)  # x is the slider
+    viewer.dims.set_current_step(2, 23)
+    panel.flag_slice.clicked()
+    (flag,) = panel.annotations
+    assert (flag.slice_axis, flag.slice_index) == (2, 23)
+    assert panel.listing.native.item(0).text().startswith("slice x = 23")
+
+
+def test_a_region_is_recorded_on_the_slice_it_was_drawn_on(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    panel.draw_region.clicked()
+    draw(viewer, [[5, 10, 10], [5, 10, 20], [5, 20, 20]])
+    viewer.dims.set_current_step(0, 9)  # scrolled on before flagging
+    panel.flag_region.clicked()
+    draw(viewer, [[2, 10, 10], [2, 10, 20], [2, 20, 20]], [[12, 10, 10], [12, 10, 20], [12, 20, 20]])
+    panel.flag_region.clicked()
+    assert [(a.slice_axis, a.slice_index, len(a.region_world)) for a in panel.annotations] == [
+        (0, 5, 1), (0, 2, 1), (0, 12, 1)]
+    assert panel.listing.native.item(0).text().startswith("region on z = 5")
+
+
+def test_the_annotation_layer_follows_the_run_from_2d_to_3d(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((48, 48), np.float32), name="image", scale=(1.68, 1.68))
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "image")
+    panel.draw_region.clicked()
+    draw(viewer, [[10, 10], [10, 20], [20, 20]])
+    panel.flag_region.clicked()
+
+    panel.set_run(tmp_path / "run3d", tmp_path, viewer.layers["T1"])
+    layer = viewer.layers[ANNOTATION_LAYER]
+    assert layer.ndim == 3
+    np.testing.assert_allclose(layer.scale, GEOMETRY_3D.spacing)
+    draw(viewer, [[5, 10, 10], [5, 10, 20], [5, 20, 20]])
+    panel.flag_region.clicked()
+    (region,) = panel.annotations
+    assert region.slice_index == 5
+    np.testing.assert_allclose(region.region_world[0][0], viewer.layers["T1"].data_to_world([5, 10, 10]))
+
+
+def test_unflagged_shapes_keep_their_place_on_a_run_of_other_spacing(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((48, 48), np.float32), name="fine", scale=(1.0, 1.0))
+    viewer.add_image(np.zeros((24, 24), np.float32), name="coarse", scale=(2.0, 2.0))
+    panel = panel_on(viewer, tmp_path, "fine")
+    panel.draw_region.clicked()
+    draw(viewer, [[10, 10], [10, 20], [20, 20]])
+    panel.set_run(tmp_path / "coarse", tmp_path, viewer.layers["coarse"])
+    layer = viewer.layers[ANNOTATION_LAYER]
+    np.testing.assert_allclose(layer.scale, (2.0, 2.0))
+    np.testing.assert_allclose(layer.data[0], [[5, 5], [5, 10], [10, 10]])
+
+
+def test_a_labels_layer_under_the_annotation_name_gets_a_clear_message(make_napari_viewer, tmp_path,
+                                                                         notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    viewer.add_labels(np.zeros((16, 48, 48), np.uint8), name=ANNOTATION_LAYER)
+    panel.flag_region.clicked()
+    errors = [message for severity, message in notifications if severity == "error"]
+    assert errors and "drawn as shapes" in errors[-1] and "unexpectedly" not in errors[-1]
+
+
+def test_a_permission_error_is_one_clear_line(notifications):
+    report_error(PermissionError(13, "Permission denied", "/runs/case/report.html"), "QC report")
+    (message,) = [message for severity, message in notifications if severity == "error"]
+    assert "permission denied on /runs/case/report.html" in message and "unexpectedly" not in message
