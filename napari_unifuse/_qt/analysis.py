@@ -64,8 +64,10 @@ class RunOutcome:
 
     result: FusionResult
     reference_grey: np.ndarray
-    aligned_grey: np.ndarray
+    aligned_grey: np.ndarray  # in its own display window: what the fusion metrics compare the fused image with
     label_grey: np.ndarray | None
+    # The aligned image in the label's display window, so that the label metrics compare like with like.
+    aligned_in_label_window: np.ndarray | None
     error_map: np.ndarray
     error_kind: str
     jacobian: np.ndarray
@@ -114,21 +116,23 @@ def run_and_analyse(
                          f"(p = {result.class_probs[predicted]:.2f}); check the degradation plot")
     reference_grey = display_grey(request.reference)
     label = label_on_reference_grid(request.label, request.reference)
-    aligned_values = grey_values(result.aligned)
+    # The fused image's scores must not depend on whether a label was chosen: the aligned image
+    # keeps its own window for them, whatever window the label metrics use.
+    aligned_grey = display_grey(result.aligned)
     if label is not None:
         window = display_window(label)
-        error_map, error_kind = absolute_error(aligned_values, label), "|aligned − label|"
+        error_map, error_kind = absolute_error(grey_values(result.aligned), label), "|aligned − label|"
         label_grey = display_grey(ImageVolume(label, result.aligned.geometry), window)
-        aligned_grey = display_grey(result.aligned, window)
+        aligned_in_label_window = display_grey(result.aligned, window)
     else:
-        aligned_grey = display_grey(result.aligned)
-        label_grey = None
+        label_grey = aligned_in_label_window = None
         error_map = local_misalignment_map(aligned_grey, reference_grey).astype(np.float32)
         error_kind = "misalignment (MIND)"
     jacobian = jacobian_determinant(result.displacement).astype(np.float32)
     outcome = RunOutcome(
         result=result, reference_grey=reference_grey, aligned_grey=aligned_grey, label_grey=label_grey,
-        error_map=error_map, error_kind=error_kind, jacobian=jacobian, folding=folding_mask(jacobian), notes=notes,
+        aligned_in_label_window=aligned_in_label_window, error_map=error_map, error_kind=error_kind,
+        jacobian=jacobian, folding=folding_mask(jacobian), notes=notes,
     )
     progress("analyse", 1, 1)
     return outcome
@@ -148,7 +152,7 @@ def volume_metrics(outcome: RunOutcome) -> dict[str, float]:
     regularity = _or_nan(lambda: jacobian_regularity(outcome.jacobian)._asdict(), JacobianRegularity._fields)
     values["folding %"], values["SDlogJ"] = regularity["folding_percentage"], regularity["sd_log_jacobian"]
     if outcome.label_grey is not None:
-        values.update(_label_metrics(outcome.aligned_grey, outcome.label_grey))
+        values.update(_label_metrics(outcome.aligned_in_label_window, outcome.label_grey))
     return values
 
 
@@ -165,7 +169,7 @@ def slice_metrics(outcome: RunOutcome, slice_axis: int | None, slice_index: int)
         f"mean {outcome.error_kind}": float(cut(outcome.error_map).mean()),
     }
     if outcome.label_grey is not None:
-        values.update(_label_metrics(aligned, cut(outcome.label_grey)))
+        values.update(_label_metrics(cut(outcome.aligned_in_label_window), cut(outcome.label_grey)))
     return values
 
 

@@ -4,11 +4,14 @@ The workbench's "Methods" tab: pick a method and another to compare it with (``e
 trained methods use their bundled weights), press "Run both". The pair, device and tile size are
 the run form's. Each method's fused and aligned images become layers whose names end in
 ``· <method>``, with the method in their metadata, and napari's grid mode (``viewer.canvas.grid``) puts them side by side
-(one grid cell per layer), so a reviewer can flick between methods. The annotations made while
-comparing record the method chosen under "annotations about". A failed or cancelled comparison
-ends in one notification, like the main run; once the workbench is closed (:meth:`release`) a
-comparison still running adds nothing, and the main run puts the viewer back out of grid mode
-(:meth:`leave_side_by_side`) so that its overlays sit on its fused image.
+(one grid cell per visible layer), so a reviewer can flick between methods. Only the comparison on
+screen and its pair's inputs are visible: the layers of earlier comparisons, other pairs and the
+main run are hidden, not deleted. The annotations made while comparing go to the compared pair's
+run folder (``RunSelection.folder``, as for a main run of that pair) and record the method chosen
+under "annotations about". A failed or cancelled comparison ends in one notification, like the
+main run; once the workbench is closed (:meth:`release`) a comparison still running adds nothing,
+and the main run puts the viewer back out of grid mode (:meth:`leave_side_by_side`) so that its
+overlays sit on its fused image, hides the comparison and takes the annotations back.
 
 Nothing here computes: the engine fuses, in a napari worker thread, as for the main run.
 """
@@ -22,7 +25,7 @@ from napari.qt.threading import create_worker
 
 from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
-from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel
+from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel, RunSelection
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
@@ -81,8 +84,10 @@ class MethodComparePanel(widgets.Container):
                                        value="mmif-amin" if "mmif-amin" in choices else choices[1])
         self.run_button = widgets.PushButton(text="Run both")
         self.cancel_button = widgets.PushButton(text="Cancel", enabled=False)
-        self.about = widgets.ComboBox(label="annotations about", choices=[self.first.value, self.second.value],
-                                      tooltip="Flags made in the Annotate tab record this method")
+        # Lists the methods whose outputs are on screen: the comparison's, or the main run's after it.
+        self.about = widgets.ComboBox(label="annotations about", choices=[],
+                                      tooltip="Flags made in the Annotate tab record this method; while a "
+                                              "comparison is on screen they go to the compared pair's run folder")
         self.status = widgets.Label(value="")
         super().__init__(widgets=[
             self.first, self.second,
@@ -96,13 +101,15 @@ class MethodComparePanel(widgets.Container):
         self._released = False
         # Whether grid mode was on before the comparison turned it on; None while no comparison is side by side.
         self._grid_before_comparison: bool | None = None
+        # The pair of the comparison on screen (annotations go to its run folder); None when there is none.
+        self.compared: RunSelection | None = None
+        # Layers other than comparison outputs that showing a comparison hid, shown again when it leaves.
+        self._hidden_for_comparison: list = []
         self._relay = ProgressRelay()
         self._relay.progressed.connect(self._show_progress)
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
         self.about.changed.connect(self._annotate_about)
-        for combo in (self.first, self.second):
-            combo.changed.connect(self._offer_about)
         run_panel.reference.changed.connect(self._match_dimensions)
 
     def _choices(self, _widget=None) -> list[str]:
@@ -116,19 +123,39 @@ class MethodComparePanel(widgets.Container):
     def _match_dimensions(self, _value=None) -> None:
         for combo in (self.first, self.second):
             combo.reset_choices()
+        # A "versus" that the new dimensionality does not offer falls back to the first choice, which
+        # may be "method" itself: there would be nothing to compare.
+        if self.second.value == self.first.value:
+            self.second.value = next((name for name in self.second.choices if name != self.first.value),
+                                     self.second.value)
 
-    def _offer_about(self, _value=None) -> None:
-        self.about.choices = list(dict.fromkeys([self.first.value, self.second.value]))
+    def _annotate_about(self, _value=None) -> None:
+        """Point the Annotate tab at the compared pair's run folder and the method chosen, drawn on
+        that method's fused layer; nothing while no comparison is on screen (flags stay where they are)."""
+        if self.annotation_panel is None or self.compared is None or not self.about.value:
+            return
+        compared = self.compared
+        fused = self._layer_name("fused", self.about.value, compared)
+        grid_layer = fused if fused in self.viewer.layers else compared.reference_name
+        if grid_layer not in self.viewer.layers:
+            return  # the reviewer deleted the layers: flags stay with the last target rather than fail here
+        self.annotation_panel.set_run(
+            compared.folder, compared.folder.parent, self.viewer.layers[grid_layer],
+            subject=f"comparison, {compared.moving_name} → {compared.reference_name}")
+        self.annotation_panel.method.value = self.about.value
 
-    def _annotate_about(self, value=None) -> None:
-        if self.annotation_panel is not None:
-            self.annotation_panel.method.value = self.about.value
+    @staticmethod
+    def _layer_name(role: str, method: str, selection: RunSelection) -> str:
+        return f"{role} [{selection.moving_name} → {selection.reference_name}] · {method}"
 
     @reports_errors(ACTION)
     def start(self) -> None:
         if self.worker is not None:
             raise InputError("a comparison is already running; wait for it or press Cancel")
-        methods = list(dict.fromkeys([self.first.value, self.second.value]))
+        if self.first.value == self.second.value:
+            raise InputError(f"'method' and 'versus' are both {self.first.value}; choose two different methods "
+                             "to compare", "Methods")
+        methods = [self.first.value, self.second.value]
         selection = self.run_panel.selection()  # the clear message when the form is incomplete
         request = selection.request
         self._cancel = cancel = CancelToken()
@@ -173,15 +200,16 @@ class MethodComparePanel(widgets.Container):
             report_error(outcome.error, outcome.action)
             return
         self.runs = outcome
-        self.show(outcome, selection.reference_name, selection.moving_name)
+        self.show(outcome, selection)
         self.status.value = "done: " + ", ".join(
             f"{run.method} {sum(run.result.provenance['timings_s'].values()):.1f} s" for run in outcome)
 
-    def show(self, runs: list[MethodRun], reference_name: str, moving_name: str) -> None:
-        """Each run's fused and aligned layers, named by method, in grid mode side by side."""
+    def show(self, runs: list[MethodRun], selection: RunSelection) -> None:
+        """Each run's fused and aligned layers, named by method, in grid mode side by side with the
+        pair's inputs; every other layer hidden, so that no earlier comparison shares the grid."""
         for run in runs:
             for role, volume in (("aligned", run.result.aligned), ("fused", run.result.fused)):
-                name = f"{role} [{moving_name} → {reference_name}] · {run.method}"
+                name = self._layer_name(role, run.method, selection)
                 data, kwargs, _ = volume_to_layer_data(volume, name)
                 info = kwargs["metadata"][LAYER_METADATA_KEY]
                 info.update(role=OUTPUT_ROLE, method=run.method, provenance_method=run.result.provenance["method"])
@@ -189,15 +217,44 @@ class MethodComparePanel(widgets.Container):
                     self.viewer.layers.remove(name)
                 self.viewer.add_image(data, **kwargs, visible=role == "fused")
             show_warnings(f"{run.method}: {warning}" for warning in run.result.warnings)
+        self._show_only({selection.reference_name, selection.moving_name,
+                         *(self._layer_name("fused", run.method, selection) for run in runs)})
         if self._grid_before_comparison is None:  # a second comparison must not record the grid the first turned on
             self._grid_before_comparison = self.viewer.canvas.grid.enabled
         self.viewer.canvas.grid.enabled = True
-        self._annotate_about()
+        self.compared = selection
+        self.about.choices = [run.method for run in runs]
+        self._annotate_about()  # also when the choices kept their value (no `changed`): the pair may be new
 
-    def leave_side_by_side(self) -> None:
-        """Give grid mode back the state it had before a comparison turned it on (the main run's
-        overlays must share its fused image's cell); nothing to do when no comparison is shown."""
+    def _show_only(self, names: set[str]) -> None:
+        for layer in self.viewer.layers:
+            if layer.name in names:
+                layer.visible = True  # an earlier comparison of another pair may have hidden these inputs
+            elif layer.visible:
+                layer.visible = False
+                if not _is_comparison_output(layer):
+                    self._hidden_for_comparison.append(layer)
+
+    def leave_side_by_side(self, main_method: str) -> None:
+        """The main run (of ``main_method``) takes the screen: hide every comparison's layers, show
+        again what the comparison hid, give grid mode back the state it had before a comparison
+        turned it on (the main run's overlays must share its fused image's cell) and offer the main
+        run's method under "annotations about", which the main run's flags record."""
+        self.compared = None  # first: the choices below must not point the annotations at the comparison
+        self.about.choices = [main_method]
+        for layer in self.viewer.layers:
+            if _is_comparison_output(layer):
+                layer.visible = False
+        for layer in self._hidden_for_comparison:
+            if layer in self.viewer.layers:
+                layer.visible = True
+        self._hidden_for_comparison = []
         if self._grid_before_comparison is None:
             return
         self.viewer.canvas.grid.enabled = self._grid_before_comparison
         self._grid_before_comparison = None
+
+
+def _is_comparison_output(layer) -> bool:
+    """Whether ``layer`` is a fused or aligned image that :meth:`MethodComparePanel.show` added."""
+    return "method" in layer.metadata.get(LAYER_METADATA_KEY, {})

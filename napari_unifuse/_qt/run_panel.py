@@ -137,8 +137,12 @@ class RunPanel(widgets.Container):
 
     def _on_layer_inserted(self, event) -> None:
         self._refresh_layer_choices()
-        if _role(event.value) in INPUT_ROLES:  # a sample pair arrived: offer it
+        layer = event.value
+        if _role(layer) in INPUT_ROLES:  # a sample pair arrived: offer it
             self._choose_default_layers()
+        elif isinstance(layer, Image) and _role(layer) != OUTPUT_ROLE and self.reference.value == self.moving.value:
+            # The first image opened into an empty viewer fills both boxes: the next one is the moving image.
+            self.moving.value = layer.name
 
     def _choose_default_layers(self) -> None:
         """Pick layers by the role sample data record (reference / moving / label); otherwise the
@@ -192,7 +196,11 @@ class RunPanel(widgets.Container):
             raise
         if layers:
             self._refresh_layer_choices()
+            other = self.moving if combo is self.reference else self.reference
+            replaced = combo.value
             combo.value = layers[0].name
+            if other.value == combo.value:  # offered there on arrival: the pair is the new image and the replaced one
+                other.value = replaced
 
     # ---- the run described by the form ---------------------------------------------------------
     def checkpoint_choice(self) -> str:
@@ -206,7 +214,8 @@ class RunPanel(widgets.Container):
     def selection(self) -> RunSelection:
         """The validated request; raises InputError naming the layer for anything unusable."""
         names = self._image_layer_names()
-        if not names or self.reference.value is None or self.moving.value is None:
+        # While a chosen layer is being deleted, the combo boxes still name it: as good as unchosen.
+        if self.reference.value not in names or self.moving.value not in names:
             raise InputError("open or choose a reference and a moving image layer first", "UniFuse workbench")
         if self.reference.value == self.moving.value:
             raise InputError("the reference and the moving image are the same layer; choose two images",
@@ -214,6 +223,8 @@ class RunPanel(widgets.Container):
         reference = self._volume(self.reference.value)
         moving = self._volume(self.moving.value)
         checkpoint = self.checkpoint_choice()
+        if self.ground_truth.value not in (None, NO_LABEL, *names):
+            raise InputError("the ground-truth layer was deleted; choose another or 'none'", self.ground_truth.value)
         label = None if self.ground_truth.value in (None, NO_LABEL) else self._volume(self.ground_truth.value)
         request = RunRequest(reference, moving, checkpoint, self.device.value, self.tile_size.value, self.task.value,
                              label)

@@ -7,9 +7,9 @@ responsive); progress arrives through a Qt signal, which Qt delivers on the GUI 
 in the dock's bar and in napari's activity panel; Cancel sets the engine's CancelToken, honoured
 before the next tile. The worker yields the outcome as soon as the layers can be drawn and only
 then computes the whole-volume metrics (12 s of the 60 of a 176 × 216 × 180 pair on two cores),
-which fill the *Metrics* tab when they arrive. Closing the workbench releases every viewer event,
-the timer and the plot dock it holds, so that closing and reopening it leaves nothing behind; a
-run that ends after that draws nothing.
+which fill the *Metrics* tab when they arrive. Closing the workbench, or the viewer's window,
+releases every viewer event, the timer and the plot dock it holds and cancels a run, so that
+closing and reopening it leaves nothing behind; a run that ends after that draws nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from napari_unifuse._qt.outputs import ResultLayers, viewed_slice
 from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
 from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection
+from napari_unifuse.engine.annotations import AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
@@ -150,6 +151,10 @@ class UniFuseWorkbench(QWidget):
         self.plot_dock: QDockWidget | None = napari_viewer.window.add_dock_widget(
             self.plot, name=PLOT_DOCK_NAME, area="right")
         self.plot_dock.hide()  # shown by the first run: an empty plot would only take room
+        # Closing the viewer deletes its window (and this dock with it) without closing or
+        # un-parenting the workbench: follow the window the plot dock was added to, docked or not.
+        self._viewer_window: QWidget | None = self.plot_dock.window()
+        self._viewer_window.installEventFilter(self)
 
         self.outcome: RunOutcome | None = None
         self.selection: RunSelection | None = None
@@ -193,11 +198,24 @@ class UniFuseWorkbench(QWidget):
         self.release_viewer()
         super().closeEvent(event)
 
+    def eventFilter(self, watched, event: QEvent) -> bool:
+        """Release the viewer as its window closes, before a run's end can draw into it. A close
+        from code (``viewer.close()``) always goes through; one from the window's close button may
+        be cancelled in napari's confirmation dialog, so for that one wait until the window is
+        being deleted (Qt deletes it only when the close went through)."""
+        if watched is self._viewer_window and (
+                (event.type() == QEvent.Type.Close and not event.spontaneous())
+                or event.type() == QEvent.Type.DeferredDelete):
+            self.release_viewer()
+        return super().eventFilter(watched, event)
+
     def release_viewer(self) -> None:
         """Disconnect every viewer event, stop the timer and any run, and remove the plot dock."""
         if self._released:
             return
         self._released = True
+        self._viewer_window.removeEventFilter(self)
+        self._viewer_window = None  # a closed window kept from deletion would keep the whole viewer too
         if self._cancel is not None:
             self._cancel.cancel()
         self.method_compare.release()
@@ -235,10 +253,10 @@ class UniFuseWorkbench(QWidget):
 
     # ---- run selection -------------------------------------------------------------------------
     def _select_run(self, _value=None) -> None:
-        """Follow the form: the folder the next run goes to. Until a run is on screen, the pair the
-        form describes is also what annotations are about (flags made on the inputs); afterwards
-        Save, the QC report and annotations stay with the run on screen, whatever the form is
-        changed to for the next one."""
+        """Follow the form: the folder the next run goes to. Until a run or a Methods-tab comparison
+        is on screen, the pair the form describes is also what annotations are about (flags made on
+        the inputs); afterwards Save, the QC report and annotations stay with what is on screen,
+        whatever the form is changed to for the next one."""
         try:
             selection = self.run_panel.selection()
         except UniFuseError:
@@ -249,8 +267,10 @@ class UniFuseWorkbench(QWidget):
         self.run_panel.folder_label.value = str(selection.folder)
         if self.outcome is None:
             self.selection = selection
-            self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
-                                          self.viewer.layers[selection.reference_name])
+            if self.method_compare.compared is None:
+                self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
+                                              self.viewer.layers[selection.reference_name],
+                                              subject=f"inputs, {selection.moving_name} → {selection.reference_name}")
 
     # ---- running -------------------------------------------------------------------------------
     @reports_errors("Run UniFuse")
@@ -303,6 +323,8 @@ class UniFuseWorkbench(QWidget):
             self.run_panel.status.value = "cancelling at the next tile…"
 
     def _show_progress(self, stage: str, done: int, total: int) -> None:
+        if self._released:  # the run is being cancelled and the form may be gone with the window
+            return
         self.run_panel.progress.max = max(total, 1)
         self.run_panel.progress.value = done
         unit = f" tile {done}/{total}" if stage == "fuse" else ""
@@ -335,6 +357,8 @@ class UniFuseWorkbench(QWidget):
     def _run_finished(self) -> None:
         self.worker = None
         self._cancel = None
+        if self._released:  # the form may have been deleted with the viewer's window
+            return
         self._close_activity()
         self.run_panel.set_running(False)
         if self.run_panel.status.value != "done":  # `returned` (which sets "done") comes before `finished`
@@ -357,17 +381,20 @@ class UniFuseWorkbench(QWidget):
         if self._released:
             return
         self.outcome, self.selection = outcome, selection
-        self.method_compare.leave_side_by_side()  # the overlays below sit on the fused image, one view
+        result = outcome.result
+        method = result.provenance["method"]["name"]
+        self.method_compare.leave_side_by_side(method)  # the overlays below sit on the fused image, one view
         self.results.show(outcome, selection.reference_name, selection.moving_name)
         # Annotations are about the run on screen: its folder, drawn on its grid (the fused layer's).
         self.annotation_panel.set_run(selection.folder, selection.folder.parent,
-                                      self.viewer.layers[self.results.names.fused])
-        result = outcome.result
-        self.annotation_panel.method.value = result.provenance["method"]["name"]
+                                      self.viewer.layers[self.results.names.fused],
+                                      subject=f"run, {selection.moving_name} → {selection.reference_name}")
+        self.annotation_panel.method.value = method
         self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task,
                                      result.quality, result.class_caveat)
         self._show_plot_dock()
         self._show_suspicion(result.quality)
+        self.annotation_panel.suggestion.value = ""  # it named a slice of the last run, flagged by its maps
         self.metrics_panel.show_metrics(volume={})  # the last run's values are not this one's
         self.viewer.reset_view()
         self._on_slice_changed()
@@ -442,8 +469,10 @@ class UniFuseWorkbench(QWidget):
         if self.viewer.dims.ndisplay == 3:
             self.viewer.dims.ndisplay = 2
         if offset in self.viewer.dims.displayed:  # z is on screen, not sliced: make it the slider
-            order = [axis for axis in self.viewer.dims.order if axis != offset]
-            self.viewer.dims.order = (*order[:-2], offset, *order[-2:])
+            # y down and x across, as napari first shows a volume: rolled views leave y and x swapped.
+            axial = (offset, offset + 1, offset + 2)
+            others = [axis for axis in self.viewer.dims.order if axis not in axial]
+            self.viewer.dims.order = (*others, *axial)
             show_info("Switched to the axial view: suspicious slices are z slices.")
         position = (np.asarray(fused.data.shape, dtype=float) - 1) / 2
         position[0] = index
@@ -463,8 +492,9 @@ class UniFuseWorkbench(QWidget):
                              "them (the Metrics tab fills in)")
         if self.report_worker is not None:
             raise InputError("the report is being written; wait for it")
+        # The run's own flags: the Annotate tab may be on a Methods-tab comparison of another pair.
         worker = create_worker(self._build_report, self.outcome, self.selection,
-                               self.annotation_panel.annotations)
+                               AnnotationStore(self.selection.folder).load())
         worker.returned.connect(self._report_written)
         worker.finished.connect(lambda: setattr(self, "report_worker", None))
         self.report_worker = worker

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
+from napari_unifuse._qt.run_panel import FROM_FILE
 from napari_unifuse._qt.workbench import UniFuseWorkbench
 from napari_unifuse.io import Geometry
 
@@ -146,12 +149,132 @@ def test_leaving_side_by_side_gives_grid_mode_back(make_napari_viewer, qtbot, tm
     compare_and_wait(qtbot, compare)
     compare_and_wait(qtbot, compare)  # the second comparison finds grid mode on: it was the first's doing
     assert viewer.canvas.grid.enabled, notifications
-    compare.leave_side_by_side()
+    compare.leave_side_by_side("unifuse")
     assert not viewer.canvas.grid.enabled
 
     viewer.canvas.grid.enabled = True  # the reviewer's own choice, with no comparison side by side
-    compare.leave_side_by_side()
+    compare.leave_side_by_side("unifuse")
     assert viewer.canvas.grid.enabled
     compare_and_wait(qtbot, compare)
-    compare.leave_side_by_side()
+    compare.leave_side_by_side("unifuse")
     assert viewer.canvas.grid.enabled  # it was on before this comparison
+
+
+PAIR_A, PAIR_B = ("T1", "T2"), ("B1", "B2")
+
+
+def two_pair_workbench(viewer, tmp_path) -> UniFuseWorkbench:
+    """make_workbench's pair A (T2 → T1) and a second 2D pair B (B2 → B1), the form on A."""
+    workbench = make_workbench(viewer, tmp_path)
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=PAIR_B)
+    workbench.run_panel.reference.value, workbench.run_panel.moving.value = PAIR_A
+    return workbench
+
+
+def choose_pair(workbench, pair) -> Path:
+    """Put the form on ``pair``; the run folder the workbench derives for it."""
+    workbench.run_panel.reference.value, workbench.run_panel.moving.value = pair
+    return workbench.run_panel.selection().folder
+
+
+def visible_layers(viewer) -> set[str]:
+    return {layer.name for layer in viewer.layers if layer.visible}
+
+
+def test_flags_about_a_compared_method_go_to_the_compared_pairs_run_folder(make_napari_viewer, qtbot, tmp_path,
+                                                                          checkpoint_files, notifications):
+    viewer = make_napari_viewer()
+    workbench = two_pair_workbench(viewer, tmp_path)
+    compare, panel = workbench.method_compare, workbench.annotation_panel
+    workbench.run_panel.checkpoint.value = FROM_FILE
+    workbench.run_panel.checkpoint_file.value = str(checkpoint_files[2])
+    folder_b = choose_pair(workbench, PAIR_B)
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert workbench.outcome is not None, notifications
+
+    folder_a = choose_pair(workbench, PAIR_A)
+    compare_and_wait(qtbot, compare)
+    compare.about.value = METHODS[1]
+    panel.add_slice_flag()
+    assert panel.store.run_dir == folder_a, notifications
+    assert [annotation.method for annotation in panel.annotations] == [METHODS[1]]
+    assert panel.reference_layer.name == f"fused [T2 → T1] · {METHODS[1]}"
+    assert "T2 → T1" in panel.subject.value and "comparison" in panel.subject.value
+    assert workbench.selection.folder == folder_b  # Save and the QC report stay with the main run
+
+    # The main run takes the screen back: its folder, its method, and no comparison under it.
+    choose_pair(workbench, PAIR_B)
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert panel.store.run_dir == folder_b
+    assert compare.about.choices == ("unifuse",) and compare.about.value == panel.method.value == "unifuse"
+    assert not any(name.endswith(METHODS) for name in visible_layers(viewer))
+    assert not viewer.canvas.grid.enabled
+
+
+def test_changing_the_form_keeps_flags_on_the_comparison_on_screen(make_napari_viewer, qtbot, tmp_path,
+                                                                   notifications):
+    viewer = make_napari_viewer()
+    workbench = two_pair_workbench(viewer, tmp_path)
+    folder_a = choose_pair(workbench, PAIR_A)
+    compare_and_wait(qtbot, workbench.method_compare)
+    choose_pair(workbench, PAIR_B)  # the next comparison's pair; A's layers are still the ones on screen
+    workbench.annotation_panel.add_slice_flag()
+    assert workbench.annotation_panel.store.run_dir == folder_a, notifications
+    assert workbench.annotation_panel.method.value == METHODS[0]
+
+
+def test_a_region_is_drawn_over_the_flagged_method_and_the_grid_comes_back(make_napari_viewer, qtbot, tmp_path,
+                                                                           notifications):
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    compare, panel = workbench.method_compare, workbench.annotation_panel
+    compare_and_wait(qtbot, compare)
+    compare.about.value = METHODS[0]
+    flagged = f"fused [T2 → T1] · {METHODS[0]}"
+
+    panel.draw_region.clicked()
+    # One view (napari's grid gives every visible layer a cell of its own), the region layer on the flagged image.
+    assert not viewer.canvas.grid.enabled, notifications
+    assert [layer.name for layer in viewer.layers][-2:] == [flagged, ANNOTATION_LAYER]
+    viewer.layers[ANNOTATION_LAYER].add_polygons([np.array([[10.0, 10.0], [10.0, 20.0], [20.0, 20.0]])])
+    panel.flag_region.clicked()
+    assert [annotation.method for annotation in panel.annotations] == [METHODS[0]], notifications
+    assert viewer.canvas.grid.enabled
+    assert not viewer.layers[ANNOTATION_LAYER].visible  # empty now: it would be a cell of its own
+
+
+def test_a_comparison_shows_only_its_own_pair_and_outputs(make_napari_viewer, qtbot, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    workbench = two_pair_workbench(viewer, tmp_path)
+    compare = workbench.method_compare
+    compare_and_wait(qtbot, compare)
+    choose_pair(workbench, PAIR_B)
+    compare_and_wait(qtbot, compare)
+    assert visible_layers(viewer) == {*PAIR_B, *(f"fused [B2 → B1] · {method}" for method in METHODS)}, notifications
+    assert f"fused [T2 → T1] · {METHODS[0]}" in viewer.layers  # hidden, not deleted: a reviewer may go back
+
+    compare.leave_side_by_side("unifuse")  # what the main run does before showing its layers
+    assert visible_layers(viewer) == {*PAIR_A, *PAIR_B}
+
+
+def test_versus_stays_another_method_when_the_dimensions_change(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    compare = workbench.method_compare
+    compare.first.value, compare.second.value = "unifuse", "mmif-amin"
+    add_pair(viewer, names=("3D T1", "3D T2"))
+    for pair in (("3D T1", "3D T2"), PAIR_A):
+        choose_pair(workbench, pair)
+        assert compare.first.value == "unifuse" and compare.second.value not in (None, "unifuse")
+
+
+def test_the_same_method_twice_is_refused(make_napari_viewer, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    compare = workbench.method_compare
+    compare.second.value = compare.first.value
+    compare.run_button.clicked()
+    assert compare.worker is None
+    assert len(notifications) == 1 and "two different methods" in notifications[0][1], notifications

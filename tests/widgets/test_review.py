@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from napari_unifuse._qt.outputs import MAP_LABELS, OutputNames
+from napari_unifuse._qt.outputs import OutputNames
 from napari_unifuse._qt.workbench import PLOT_DOCK_NAME, UniFuseWorkbench
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
-from napari_unifuse.engine.quality import INVENTED, LOST, RESTORATION_CHANGE, QualityMaps
+from napari_unifuse.engine.quality import INVENTED, LOST, MAP_LABELS, RESTORATION_CHANGE, QualityMaps
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.io import Geometry, ImageVolume
 
@@ -236,11 +236,21 @@ def test_save_report_and_flags_stay_with_the_run_on_screen_when_the_form_changes
 
 def test_suspicious_navigation_turns_a_sagittal_view_axial(reviewed, notifications):
     viewer, workbench = reviewed
-    viewer.dims.order = (2, 0, 1)  # z on screen, x on the slider
+    viewer.dims.roll()  # napari's "roll dimensions" button: order (2, 0, 1), z on screen, x on the slider
     viewer.dims.set_current_step(0, 0)
     assert workbench.go_to_suspicious(+1) == INVENTED_SLICE
-    assert 0 not in viewer.dims.displayed and viewer.dims.current_step[0] == INVENTED_SLICE
+    assert viewer.dims.current_step[0] == INVENTED_SLICE
+    assert viewer.dims.order == (0, 1, 2)  # y down and x across, as first shown: not transposed
     assert any("axial view" in message for _, message in notifications)
+
+
+def test_a_new_run_clears_the_last_run_s_slice_suggestion(reviewed, qtbot):
+    viewer, workbench = reviewed
+    viewer.dims.set_current_step(0, 0)
+    workbench.go_to_suspicious(+1)
+    assert workbench.annotation_panel.suggestion.value.startswith(f"slice {INVENTED_SLICE}:")
+    run_and_wait(qtbot, workbench)
+    assert workbench.annotation_panel.suggestion.value == ""
 
 
 def test_a_deleted_fused_layer_leaves_scrolling_and_navigation_working(reviewed, notifications):

@@ -74,7 +74,8 @@ def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_v
     viewer.dims.set_current_step(0, 4)
     assert set(quivers.data[:, 0, 0]) == {4.0}
     assert workbench.plot.marker_position == 4
-    expected_ncc = np.corrcoef(workbench.outcome.aligned_grey[4].ravel(), workbench.outcome.label_grey[4].ravel())[0, 1]
+    outcome = workbench.outcome
+    expected_ncc = np.corrcoef(outcome.aligned_in_label_window[4].ravel(), outcome.label_grey[4].ravel())[0, 1]
     assert float(workbench.metrics_panel.value("NCC to label", "slice")) == pytest.approx(expected_ncc, rel=1e-3)
     assert workbench.metrics_panel.value("NCC to label", "volume") not in ("", "n/a")
 
@@ -250,6 +251,58 @@ def test_cancel_stops_the_run_without_layers(make_napari_viewer, qtbot, tmp_path
     assert workbench.run_panel.run_button.enabled and not workbench.run_panel.cancel_button.enabled
 
 
+@pytest.fixture
+def held_run(monkeypatch):
+    """The workbench's runs wait for the returned event before fusing; the cancel tokens they got are listed."""
+    import threading
+
+    import napari_unifuse._qt.workbench as workbench_module
+
+    release, tokens = threading.Event(), []
+    real_run_and_analyse = workbench_module.run_and_analyse
+
+    def held(request, engine, progress, cancel):
+        tokens.append(cancel)
+        release.wait(timeout=60)
+        return real_run_and_analyse(request, engine, progress, cancel)
+
+    monkeypatch.setattr(workbench_module, "run_and_analyse", held)
+    return release, tokens
+
+
+def test_closing_the_viewer_during_a_run_cancels_it_and_draws_nothing(make_napari_viewer, qtbot, tmp_path,
+                                                                      checkpoint_files, notifications, held_run):
+    release, tokens = held_run
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: bool(tokens), timeout=RUN_TIMEOUT_MS)
+    viewer.close()
+    try:
+        assert tokens[0].cancelled
+        assert workbench.plot_dock is None  # released with the window
+    finally:
+        release.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert workbench.outcome is None and not viewer.layers
+    assert not any(level == "error" for level, _ in notifications), notifications
+
+
+def test_deleting_an_input_layer_leaves_no_run_chosen_until_another_is(make_napari_viewer, tmp_path,
+                                                                       checkpoint_files):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    for name in ("T1", "T2"):  # clearing the list: the form names a deleted layer while it catches up
+        viewer.layers.remove(name)
+    assert workbench.selection is None
+    assert workbench.run_panel.folder_label.value == "(choose a reference and a moving image)"
+    viewer.add_image(np.zeros((16, 48, 48), np.float32), name="next moving")
+    workbench.run_panel.reference.value, workbench.run_panel.moving.value = "T2 ground truth", "next moving"
+    assert workbench.selection.moving_name == "next moving"
+
+
 def test_annotations_are_on_disk_at_once_and_reload_with_the_run(make_napari_viewer, qtbot, tmp_path,
                                                                  checkpoint_files, notifications):
     viewer = make_napari_viewer()
@@ -329,6 +382,23 @@ def test_bad_input_is_explained_and_changes_nothing(make_napari_viewer, qtbot, t
     assert any(expected in message for message in errors), errors
     assert [layer.name for layer in viewer.layers] == before
     assert not (tmp_path / "runs").exists()
+
+
+def test_two_images_opened_into_an_empty_viewer_become_the_pair(make_napari_viewer, tmp_path, checkpoint_files):
+    from PIL import Image
+
+    for name in ("mri", "ct", "pet"):
+        Image.fromarray(np.full((32, 32), len(name) * 20, np.uint8)).save(tmp_path / f"{name}.png")
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    form = workbench.run_panel
+    for name in ("mri", "ct"):  # File → Open, one after the other
+        viewer.open(str(tmp_path / f"{name}.png"), plugin="napari-unifuse")
+    assert (form.reference.value, form.moving.value) == ("mri", "ct")
+
+    viewer.layers.remove("ct")  # back to one image, offered in both boxes
+    form.open_reference.value = str(tmp_path / "pet.png")  # the form's own file picker
+    assert (form.reference.value, form.moving.value) == ("pet", "mri")
 
 
 def test_saving_png_outputs_of_scaled_layers_says_the_spacing_is_lost(make_napari_viewer, qtbot, tmp_path,
