@@ -4,9 +4,10 @@
 the classical ``<registration>+<rule>`` pipelines); ``--checkpoint`` its weights (default: the
 method's bundled checkpoint; without ``--method``, the method the checkpoint was trained for).
 
-Each pair's outputs go to ``OUT/<moving file name without its image extension>/`` (see
-``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
-unless ``--no-quality``). A batch resumes: a pair whose ``provenance.json`` records the same inputs
+Each pair's outputs go to ``OUT/<moving file name without its image extension>/``, with its
+parent folders' names in front where a batch has moving files of one name (``OUT/0000_moving/``
+for ``0000/moving.png``, as ``unifuse synth --pairs`` writes them); see ``engine.outputs`` for
+the files: the five results, and the quality maps with ``quality.json`` unless ``--no-quality``. A batch resumes: a pair whose ``provenance.json`` records the same inputs
 (path and content), method, checkpoint and settings (tile size, modalities, quality maps) is
 skipped, so rerunning after an interruption only does what is left, and ends with
 ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder holding results
@@ -28,7 +29,7 @@ import csv
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,11 @@ class Pair:
     reference: Path
     moving: Path
     label: Path | None = None
+    output_name: str | None = None  # its output folder's name; by default the moving file's (case_name)
 
     @property
     def name(self) -> str:
-        return case_name(self.moving)
+        return self.output_name or case_name(self.moving)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -399,9 +401,24 @@ def read_pairs_csv(path: Path) -> list[Pair]:
         if reference is None or moving is None:
             raise InputError(f"line {line}: reference and moving must both be given", path)
         pairs.append(Pair(reference, moving, resolve(row.get("label"))))
-    names = [pair.name for pair in pairs]
+    names = output_folder_names([pair.moving for pair in pairs])
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
         raise InputError(f"several pairs would write to the same output folder: {', '.join(clashes)} "
-                         "(output folders are named after the moving file)", path)
-    return pairs
+                         "(the same moving file in two rows)", path)
+    return [replace(pair, output_name=name) for pair, name in zip(pairs, names, strict=True)]
+
+
+def output_folder_names(movings: list[Path]) -> list[str]:
+    """Each pair's output folder: named after its moving file (``case7``), with as many of its
+    parent folders' names in front as tell apart files of one name (``unifuse synth --pairs``
+    writes ``0000/moving.png``, ``0001/moving.png``: ``0000_moving``, ``0001_moving``)."""
+    names = [case_name(moving) for moving in movings]
+    parents = [moving.resolve().parent.parts[1:] for moving in movings]  # [1:]: not the root "/"
+    for depth in range(1, max(map(len, parents), default=0) + 1):
+        clashing = {name for name in names if names.count(name) > 1}
+        if not clashing:
+            break
+        names = [("_".join((*parent[-depth:], case_name(moving))) if name in clashing else name)
+                 for name, parent, moving in zip(names, parents, movings, strict=True)]
+    return names

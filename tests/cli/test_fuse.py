@@ -198,6 +198,23 @@ def test_csv_batch_resolves_relative_paths_and_resumes(data, tmp_path, capsys):
     assert redone.stat().st_mtime_ns > first_run[redone]
 
 
+def test_a_batch_of_moving_files_of_one_name_gets_a_folder_per_pair(data, tmp_path, capsys):
+    """``unifuse synth --pairs`` writes 0000/moving.png, 0001/moving.png, ...: fusing them as a batch
+    used to be refused as "several pairs would write to the same output folder"."""
+    for case in ("0000", "0001"):
+        (tmp_path / "synth" / case).mkdir(parents=True)
+        for name in ("mri.png", "pet7.png"):
+            (tmp_path / "synth" / case / name.replace("pet7", "moving")).write_bytes((data["root"] / name).read_bytes())
+    pairs = tmp_path / "synth" / "pairs.csv"
+    pairs.write_text("reference,moving\n0000/mri.png,0000/moving.png\n0001/mri.png,0001/moving.png\n",
+                     encoding="utf-8")
+
+    code = fuse("--pairs", pairs, "--out", tmp_path / "out", "--method", "identity+average", "--no-quality")
+
+    assert code == 0, capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "out").iterdir() if path.is_dir()) == ["0000_moving", "0001_moving"]
+
+
 def test_batch_redoes_a_pair_interrupted_before_its_provenance(data, tmp_path, capsys):
     root = data["root"]
     pairs = root / "one_pair.csv"
