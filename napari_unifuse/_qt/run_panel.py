@@ -229,7 +229,7 @@ class RunPanel(widgets.Container):
         request = RunRequest(reference, moving, checkpoint, self.device.value, self.tile_size.value, self.task.value,
                              label)
         folder = run_folder(
-            self.output_root.value, self.reference.value, self.moving.value, Path(checkpoint).stem,
+            self.output_root.value, self.reference.value, self.moving.value, checkpoint,
             (input_fingerprint(reference, self.reference.value), input_fingerprint(moving, self.moving.value)),
         )
         return RunSelection(request, self.reference.value, self.moving.value, folder)

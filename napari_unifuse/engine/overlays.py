@@ -149,10 +149,20 @@ def input_fingerprint(volume: ImageVolume, fallback_name: str) -> str:
 
 
 def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...]) -> Path:
-    """``root/<reference>+<moving>__<checkpoint>__<hash>``: the same inputs and checkpoint give the
-    same folder (so a reopened run finds its annotations), different ones never collide."""
-    digest = hashlib.sha256("\n".join((*fingerprints, checkpoint)).encode()).hexdigest()[:10]
-    readable = "__".join(_slug(part) for part in (f"{reference}+{moving}", checkpoint))
+    """``root/<reference>+<moving>__<checkpoint name>__<hash>``: the same inputs and checkpoint give
+    the same folder (so a reopened run finds its annotations), different ones never collide.
+
+    ``checkpoint``: a bundled checkpoint's name, or a checkpoint file, which counts by its resolved
+    path, size and modification time: two runs' ``last.safetensors``, or a file retrained in place,
+    are different models and get different folders."""
+    path = Path(checkpoint).expanduser()
+    if path.is_file():
+        status = path.stat()
+        identity = f"{path.resolve()}|{status.st_size}|{status.st_mtime_ns}"
+    else:
+        identity = checkpoint
+    digest = hashlib.sha256("\n".join((*fingerprints, identity)).encode()).hexdigest()[:10]
+    readable = "__".join(_slug(part) for part in (f"{reference}+{moving}", path.stem))
     return Path(root).expanduser() / f"{readable}__{digest}"
 
 

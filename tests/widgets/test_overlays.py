@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from napari_unifuse.engine.overlays import checkerboard, deformed_grid, display_grey, run_folder, slice_quivers
@@ -48,3 +50,17 @@ def test_run_folder_is_stable_for_the_same_inputs_and_differs_by_checkpoint(tmp_
     assert first != run_folder(tmp_path, "T1", "T2 moving", "ckpt-b", ("a", "b"))
     assert first != run_folder(tmp_path, "T1", "T2 moving", "ckpt-a", ("a", "c"))
     assert first.parent == tmp_path and " " not in first.name
+
+
+def test_two_checkpoint_files_of_one_name_or_one_retrained_get_different_run_folders(tmp_path):
+    """Training writes every run's weights as last.safetensors; they are different models."""
+    first, second = tmp_path / "runA" / "last.safetensors", tmp_path / "runB" / "last.safetensors"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"weights")
+    folder = run_folder(tmp_path, "T1", "T2", str(first), ("a", "b"))
+
+    assert folder.name.startswith("T1+T2__last__")
+    assert folder != run_folder(tmp_path, "T1", "T2", str(second), ("a", "b"))
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))  # retrained in place
+    assert folder != run_folder(tmp_path, "T1", "T2", str(first), ("a", "b"))
