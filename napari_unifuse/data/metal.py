@@ -45,6 +45,12 @@ MASS_ATTENUATION_CM2_PER_G = {
 DENSITY_G_PER_CM3 = {"water": 1.0, "bone": 1.92, "titanium": 4.506, "iron": 7.874, "aluminium": 2.699}
 METALS = ("titanium", "iron")
 
+
+class NoRoomForMetal(InputError):
+    """The image holds no tissue region deep enough for a metal object of the drawn size: a
+    property of the image (or crop), which a caller synthesising training data may redraw."""
+
+
 # HU are defined at this energy: mu_water(70 keV) = 0.193 /cm.
 REFERENCE_ENERGY_INDEX = int(np.flatnonzero(ENERGIES_KEV == 70.0)[0])
 MU_WATER_REFERENCE_PER_CM = float(MASS_ATTENUATION_CM2_PER_G["water"][REFERENCE_ENERGY_INDEX])
@@ -261,7 +267,7 @@ def place_metal_objects(
     for radius in radii_mm:
         candidates = np.flatnonzero(depth_mm > radius + margin_mm)
         if candidates.size == 0:
-            raise InputError(f"no tissue region deep enough for a {radius:.1f} mm metal object", "CT image")
+            raise NoRoomForMetal(f"no tissue region deep enough for a {radius:.1f} mm metal object", "CT image")
         centre = np.unravel_index(rng.choice(candidates), hu.shape)
         squared_distance = sum(((axis - c) * size) ** 2 for axis, c, size in zip(axes, centre, voxel_size_mm))
         mask |= squared_distance <= radius**2

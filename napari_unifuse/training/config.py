@@ -216,9 +216,12 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         _check_loss_ranges(loss, source)
     _check_data_ranges(data, "data", source)
     if isinstance(data.get("extra_sources"), list):
+        from napari_unifuse.training.datasets import INHERITED_DATA_KEYS
+
+        inherited = {key: data[key] for key in INHERITED_DATA_KEYS if key in data}
         for number, extra in enumerate(data["extra_sources"]):
             if isinstance(extra, dict):
-                _check_data_ranges(extra, f"data.extra_sources[{number}]", source)
+                _check_data_ranges({**inherited, **extra}, f"data.extra_sources[{number}]", source)
     seed = values.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}", source)
@@ -267,8 +270,15 @@ def _check_loss_ranges(loss: LossSection, source: str | None) -> None:
 
 
 def _check_data_ranges(section: dict[str, Any], where: str, source: str | None) -> None:
-    """The tasks and sample counts of one data source; its other keys are checked where the
-    datasets are built (training.datasets)."""
+    """The tasks, sample counts and folder layout of one data source; its other keys are checked
+    where the datasets are built (training.datasets)."""
+    if section.get("kind") == "folders":
+        from napari_unifuse.training.datasets import folder_layout  # it imports torch
+
+        try:
+            folder_layout(section)
+        except InputError as error:
+            raise InputError(f"{where}: {error.problem}", source) from None
     if "tasks" in section:
         tasks = section["tasks"]
         _require(isinstance(tasks, (list, tuple)) and len(tasks) > 0, f"{where}.tasks",

@@ -29,6 +29,8 @@ Three sources: ``HarvardPairs`` (2D PNG pairs), ``PhantomPairs`` (data.phantoms,
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -63,8 +65,15 @@ class CleanPair:
         return self.label.ndim == self.reference.ndim + 1
 
 
-def sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, stream, epoch, index])
+def sample_rng(seed: int, stream: int, epoch: int, index: int, redraw: int = 0) -> np.random.Generator:
+    # The first draw keeps the seed it always had, so that samples which never needed a redraw
+    # (and the checkpoints trained on them) stay as they were.
+    return np.random.default_rng([seed, stream, epoch, index] + ([redraw] if redraw else []))
+
+
+# How many times a sample whose crop has no room for a metal insert is drawn again (crop,
+# degradation, severity and misalignment), each from its own seed, before it trains as "none".
+METAL_REDRAWS = 8
 
 
 # Normalised intensity above which a reference voxel counts as anatomy when placing crops.
@@ -154,6 +163,7 @@ class SyntheticPairDataset(Dataset):
         self.whole_image_degradations = tuple(whole_image_degradations)
         _RecordingMisalignment(self.misalignment)  # fails now, not in a worker, on a bad option
         self.epoch = 0
+        self.metal_fallbacks = 0  # samples of this process made without metal for want of room (__getitem__)
 
     def set_epoch(self, epoch: int) -> None:
         """Validation datasets ignore this: their samples are the same at every evaluation."""
@@ -164,13 +174,36 @@ class SyntheticPairDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """The sample of ``index`` this epoch.
+
+        A crop with no tissue deep enough for the metal insert it drew is drawn again from the next
+        seed, up to METAL_REDRAWS times; after that the sample is made without metal and labelled
+        "none" (a warning counts them), so that a sample labelled metal always holds metal and one
+        unlucky crop cannot stop a run, which would hit it again on --resume.
+        """
+        from napari_unifuse.data.metal import NoRoomForMetal
+
+        for redraw in range(METAL_REDRAWS + 1):
+            try:
+                return self._sample(index, sample_rng(self.seed, self.stream, self.epoch, index, redraw))
+            except NoRoomForMetal:
+                continue
+        self.metal_fallbacks += 1
+        if math.log10(self.metal_fallbacks).is_integer():  # 1, 10, 100, ...: counted, not one line per sample
+            warnings.warn(f"{self.metal_fallbacks} sample(s) so far found no tissue deep enough for a metal "
+                          f"insert in {METAL_REDRAWS + 1} crops and trained as 'none'; a larger data.crop avoids it",
+                          stacklevel=2)
+        return self._sample(index, sample_rng(self.seed, self.stream, self.epoch, index), metal_allowed=False)
+
+    def _sample(self, index: int, rng: np.random.Generator, metal_allowed: bool = True) -> dict[str, torch.Tensor]:
         from napari_unifuse.data.color import rgb_to_ycbcr
         from napari_unifuse.data.misalign import warp_array
         from napari_unifuse.data.pairs import MISALIGNMENT_ORDER, degrade_label, make_pair
         from napari_unifuse.io import Geometry, ImageVolume
 
-        rng = sample_rng(self.seed, self.stream, self.epoch, index)
         clean = self.clean_pair(index, rng)
+        if not metal_allowed and clean.degradation == "metal":
+            clean = replace(clean, degradation="none")
         reference, label = clean.reference, clean.label
         ndim = reference.ndim
         geometry = Geometry(np.asarray(clean.spacing, dtype=np.float64), np.zeros(ndim), np.eye(ndim))
@@ -378,20 +411,84 @@ FOLDER_LAYOUTS: dict[str, dict[str, str]] = {
 }
 
 
+FOLDER_LAYOUT_KEYS = ("reference", "moving", "reference_modality", "moving_modality")
+
+
+def moving_degradation(modality: str) -> str:
+    """The degradation trained on a moving image of ``modality``: io's modality names and aliases
+    (io.normalize.MODALITY_ALIASES: t1, flair, pt, nm, ...) in any case; "none" for "auto"."""
+    from napari_unifuse.io.normalize import MODALITY_ALIASES
+
+    key = str(modality).lower()
+    return MODALITY_DEGRADATION.get(MODALITY_ALIASES.get(key, key), "none")
+
+
+def folder_layout(data: dict[str, Any]) -> dict[str, str]:
+    """The file patterns and modalities of a ``folders`` section: a named ``layout`` or the four
+    FOLDER_LAYOUT_KEYS, never both (the layout would silently replace the keys given beside it).
+
+    The modalities must be io's (any case, aliases included), and the moving one must name a
+    degradation, unless ``none_fraction`` is 1 and no sample is degraded anyway."""
+    from napari_unifuse.io.normalize import MODALITIES
+
+    if "layout" in data:
+        given = [key for key in FOLDER_LAYOUT_KEYS if key in data]
+        if given:
+            raise InputError(f"layout {data['layout']!r} sets {', '.join(FOLDER_LAYOUT_KEYS)}: give the layout "
+                             f"or your own {', '.join(given)}, not both", "data")
+        if data["layout"] not in FOLDER_LAYOUTS:
+            raise InputError(f"unknown layout {data['layout']!r}; known: {sorted(FOLDER_LAYOUTS)}", "data.layout")
+        return FOLDER_LAYOUTS[data["layout"]]
+    missing = [key for key in FOLDER_LAYOUT_KEYS if key not in data]
+    if missing:
+        raise InputError(f"folders without a layout need {missing}", "data")
+    layout = {key: str(data[key]) for key in FOLDER_LAYOUT_KEYS}
+    for key in ("reference_modality", "moving_modality"):
+        if layout[key].lower() not in MODALITIES:
+            raise InputError(f"unknown {key} {layout[key]!r}; use one of {', '.join(MODALITIES)}", "data")
+    if moving_degradation(layout["moving_modality"]) == "none" and data.get("none_fraction") != 1:
+        raise InputError(f"moving_modality {layout['moving_modality']!r} picks no degradation to train on: use ct "
+                         "(metal), mr, t1, t2, flair, pd, mri (motion), pet, pt, spect or nm (low dose), or "
+                         "none_fraction: 1 to train on clean pairs only", "data")
+    return layout
+
+
+# Folders named when some case folders lack a file: enough to spot a naming slip.
+SKIPPED_CASES_NAMED = 5
+
+
 def folder_cases(root: str | Path, layout: dict[str, str]) -> list[tuple[str, Path, Path]]:
-    """(case, reference path, moving path) for every sub-folder of ``root`` holding both files."""
+    """(case, reference path, moving path) for every sub-folder of ``root`` holding both files;
+    the folders that lack one are counted and named in a warning (often a naming slip, CT vs ct)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError("data folder not found", root)
-    cases = []
+    cases, skipped = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         reference = folder / layout["reference"].format(case=folder.name)
         moving = folder / layout["moving"].format(case=folder.name)
         if reference.is_file() and moving.is_file():
             cases.append((folder.name, reference, moving))
+        else:
+            skipped.append(folder.name)
     if not cases:
         raise InputError(f"no case folder holds both {layout['reference']} and {layout['moving']}", root)
+    if skipped:
+        named = ", ".join(skipped[:SKIPPED_CASES_NAMED]) + (", ..." if len(skipped) > SKIPPED_CASES_NAMED else "")
+        warnings.warn(f"{root}: {len(skipped)} of {len(cases) + len(skipped)} case folders lack "
+                      f"{layout['reference']} or {layout['moving']} and are skipped ({named})", stacklevel=2)
     return cases
+
+
+def _check_dimensions(cases: list[tuple[str, Path, Path]], spatial_dims: int) -> None:
+    """A model of the wrong dimensionality would fail at the first step on a tensor shape."""
+    from napari_unifuse.io import read_image
+
+    _, reference_path, _ = cases[0]
+    image_dims = read_image(reference_path).ndim
+    if image_dims != spatial_dims:
+        raise InputError(f"model.spatial_dims is {spatial_dims} but the images are {image_dims}D: set "
+                         f"model.spatial_dims: {image_dims}", reference_path)
 
 
 def split_by_case(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -443,7 +540,7 @@ class FolderPairs(SyntheticPairDataset):
             self._cache[case_index] = CleanPair(
                 reference=np.asarray(reference_normalized.array, dtype=np.float32),
                 label=np.asarray(moving_normalized.array, dtype=np.float32),
-                degradation=MODALITY_DEGRADATION.get(self.layout["moving_modality"], "none"),
+                degradation=moving_degradation(self.layout["moving_modality"]),
                 spacing=tuple(float(v) for v in reference.geometry.spacing),
                 label_metadata={"intensity_mapping": mapping.to_dict()},
             )
@@ -582,17 +679,9 @@ def _build_source(data: dict[str, Any], *, seed: int,
             PhantomPairs(stream=VALIDATION_STREAM, length=int(data.get("val_length", 16)), **options, **common),
         )
     if kind == "folders":
-        if "layout" in data:
-            if data["layout"] not in FOLDER_LAYOUTS:
-                raise InputError(f"unknown layout {data['layout']!r}; known: {sorted(FOLDER_LAYOUTS)}", "data.layout")
-            layout = FOLDER_LAYOUTS[data["layout"]]
-        else:
-            keys = ("reference", "moving", "reference_modality", "moving_modality")
-            missing = [key for key in keys if key not in data]
-            if missing:
-                raise InputError(f"folders without a layout need {missing}", "data")
-            layout = {key: str(data[key]) for key in keys}
+        layout = folder_layout(data)
         cases = folder_cases(data["root"], layout)
+        _check_dimensions(cases, spatial_dims)
         train_cases, val_cases = split_by_case(cases, val_fraction, split_seed)
         options = {"layout": layout, "samples_per_case": int(data.get("samples_per_case", 1))}
         return (

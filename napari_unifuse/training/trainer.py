@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from napari_unifuse.engine.distributed import setup_distributed
 from napari_unifuse.engine.provenance import sha256_of_path
-from napari_unifuse.errors import CheckpointError, UniFuseError
+from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
 from napari_unifuse.model import UniFuseConfig
 from napari_unifuse.model.checkpoint import load_weights, save_checkpoint, training_crop
 from napari_unifuse.model.networks import build_network
@@ -97,6 +97,8 @@ STAGE_MODULES = {IMAGE_RESTORATION_STAGE: IMAGE_RESTORATION_MODULE, FUSION_WEIGH
 # The train settings a resumed run may change (--max-steps, --lr, --batch-size): any other change
 # would train the rest of the run on something its files do not describe.
 RESUMABLE_TRAIN_SETTINGS = ("max_steps", "lr", "batch_size")
+# A run's weights: RUN/checkpoints/last.safetensors and best.safetensors.
+CHECKPOINTS_FOLDER = "checkpoints"
 
 
 @dataclass
@@ -160,7 +162,7 @@ class Trainer:
         # Where this invocation stops; the learning-rate schedule still spans train.max_steps.
         self.stop_at_step = min(stop_at_step or config.train.max_steps, config.train.max_steps)
         self.run_dir = Path(run_dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.checkpoint_dir = self.run_dir / CHECKPOINTS_FOLDER
         self.resume = resume
         self.overwrite = overwrite
         if resume and overwrite:
@@ -254,6 +256,12 @@ class Trainer:
         state = _read_state(state_path, self.dist.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        # Checked before fit() rewrites config.yaml: a run cannot go back to an earlier step.
+        if self.step > self.config.train.max_steps:
+            raise InputError(f"{self.run_dir} is already at step {self.step}, past --max-steps "
+                             f"{self.config.train.max_steps}: give more steps to continue it")
+        if self.step > self.stop_at_step:
+            raise InputError(f"{self.run_dir} is already at step {self.step}, past --stop-at {self.stop_at_step}")
         self.best_score = float(state["best_score"])
         self.previous_seconds = float(state["seconds"])
         self.best_validation = sidecar.get("best_validation", {})

@@ -122,6 +122,17 @@ def test_a_fresh_run_into_a_run_folder_is_refused_unless_told_to_overwrite(run_d
     assert not stale.exists()
 
 
+def test_resuming_to_a_step_the_run_has_passed_is_refused_and_leaves_its_config(run_dir, capsys):
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
+    saved = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--max-steps", "1"]) == 2
+    assert "already at step 2, past --max-steps 1" in capsys.readouterr().err
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "1"]) == 2
+    assert "already at step 2, past --stop-at 1" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text(encoding="utf-8") == saved
+    assert _train_steps(run_dir) == [1, 2]
+
+
 def test_resume_and_init_from_are_exclusive(run_dir, capsys):
     weights = run_dir / "checkpoints" / "last.safetensors"
     with pytest.raises(SystemExit) as exited:

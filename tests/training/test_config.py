@@ -173,3 +173,19 @@ def test_every_shipped_configs_init_from_resolves_from_any_working_directory(nam
     config = load_config(CONFIGS / name)
     if config.train.init_from is not None and not str(config.train.init_from).startswith("runs/"):
         assert Path(resolve_checkpoint(config.train.init_from)).is_file()
+
+
+@pytest.mark.parametrize(("folders", "message"), [
+    ("layout: synthrad, moving_modality: pet", "data: layout 'synthrad' sets .*not both"),
+    ("reference: mr.nii.gz, moving: ct.nii.gz, reference_modality: mr, moving_modality: auto",
+     "data: moving_modality 'auto' picks no degradation"),
+])
+def test_a_folders_section_that_would_train_on_something_else_than_it_says_is_refused_at_load(tmp_path, folders,
+                                                                                              message):
+    path = tmp_path / "folders.yaml"
+    path.write_text(f"data: {{kind: folders, root: cases, {folders}}}\n")
+    with pytest.raises(InputError, match=message):
+        load_config(path)
+    path.write_text(f"data: {{kind: phantom, extra_sources: [{{kind: folders, root: cases, {folders}}}]}}\n")
+    with pytest.raises(InputError, match=message.replace("data:", r"data.extra_sources\[0\]:")):
+        load_config(path)

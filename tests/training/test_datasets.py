@@ -152,10 +152,11 @@ def test_folder_layouts_find_cases_and_split_them(tmp_path):
     for case in ("BraTS_001", "BraTS_002", "BraTS_003"):
         _write_case(tmp_path / case, [(f"{case}_t1.nii.gz", 1000.0), (f"{case}_t2.nii.gz", 800.0)])
     (tmp_path / "no_pair").mkdir()
-    train, validation = datasets.build_datasets(
-        {"kind": "folders", "root": str(tmp_path), "layout": "brats", "crop": [8, 16, 16], "val_fraction": 0.34},
-        seed=0, spatial_dims=3,
-    )
+    with pytest.warns(UserWarning, match=r"1 of 4 case folders .* skipped \(no_pair\)"):
+        train, validation = datasets.build_datasets(
+            {"kind": "folders", "root": str(tmp_path), "layout": "brats", "crop": [8, 16, 16], "val_fraction": 0.34},
+            seed=0, spatial_dims=3,
+        )
     assert len(train) == 2 and len(validation) == 1
     assert {c[0] for c in train.cases}.isdisjoint({c[0] for c in validation.cases})
     sample = train[0]
@@ -269,3 +270,114 @@ def test_a_narrowed_validation_split_has_one_task_one_regime_and_more_of_the_sam
         assert not sample["displacement"].any()
         assert DEGRADATION_CLASSES[int(sample["class_index"])] == "metal"   # MRI -> CT's degradation
     assert data["tasks"] == ["t1-t2", "mr-ct"] and "regimes" in data["misalignment"]   # the config is untouched
+
+
+def _write_2d_case(folder, reference, moving):
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True)
+    for name, array in (("mr.nii.gz", reference), ("ct.nii.gz", moving)):
+        sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.float32)), str(folder / name))
+
+
+def _thin_tissue_ct(shape=(96, 96), deep_disc=False):
+    """Air with 2-pixel tissue strips, too thin for a metal insert; optionally a deep disc in one corner."""
+    tissue = np.zeros(shape, bool)
+    tissue[:, 60::20] = tissue[:, 61::20] = True
+    tissue[60::20] = tissue[61::20] = True
+    if deep_disc:
+        y, x = np.ogrid[: shape[0], : shape[1]]
+        tissue |= (y - 24) ** 2 + (x - 24) ** 2 <= 18**2
+    return tissue * 500.0 + 1.0, np.where(tissue, 40.0, -1000.0)
+
+
+def _metal_crops(tmp_path, deep_disc):
+    reference, ct = _thin_tissue_ct(deep_disc=deep_disc)
+    for case in ("a", "b", "c"):
+        _write_2d_case(tmp_path / case, reference, ct)
+    train, _ = datasets.build_datasets(
+        {"kind": "folders", "root": str(tmp_path), "layout": "synthrad", "crop": 32, "none_fraction": 0.0,
+         "severity": [0.75, 0.75], "val_fraction": 0.34}, seed=0, spatial_dims=2)
+    return train
+
+
+def test_a_crop_without_room_for_metal_is_redrawn_and_still_holds_metal(tmp_path):
+    train = _metal_crops(tmp_path, deep_disc=True)
+    for epoch in range(4):
+        train.set_epoch(epoch)
+        for index in range(len(train)):
+            sample = train[index]
+            # Metal saturates the CT window (1.0) far above the 40 HU tissue (0.35).
+            assert DEGRADATION_CLASSES[int(sample["class_index"])] == "metal"
+            assert float(sample["moving"].max()) > 0.9
+
+
+def test_a_ct_with_no_room_for_metal_anywhere_trains_as_none_with_a_warning(tmp_path):
+    train = _metal_crops(tmp_path, deep_disc=False)
+    with pytest.warns(UserWarning, match="1 sample.*no tissue deep enough for a metal insert"):
+        sample = train[0]
+    assert DEGRADATION_CLASSES[int(sample["class_index"])] == "none"
+    assert float(sample["moving"].max()) < 0.5  # no metal in a sample labelled none
+
+
+def test_a_redraw_leaves_the_samples_that_needed_none_as_they_were():
+    assert np.array_equal(datasets.sample_rng(3, 0, 2, 7).random(4), np.random.default_rng([3, 0, 2, 7]).random(4))
+    assert not np.array_equal(datasets.sample_rng(3, 0, 2, 7, 1).random(4), datasets.sample_rng(3, 0, 2, 7).random(4))
+
+
+def _noise_cases(root, count=3, names=("mr.nii.gz", "ct.nii.gz")):
+    rng = np.random.default_rng(0)
+    for case in range(count):
+        _write_2d_case(root / f"case{case}", rng.random((32, 32)) * 1000, rng.random((32, 32)) * 1000)
+        if names != ("mr.nii.gz", "ct.nii.gz"):
+            for old, new in zip(("mr.nii.gz", "ct.nii.gz"), names):
+                (root / f"case{case}" / old).rename(root / f"case{case}" / new)
+
+
+def _own_layout(root, moving_modality, **extra):
+    return {"kind": "folders", "root": str(root), "reference": "mr.nii.gz", "moving": "ct.nii.gz",
+            "reference_modality": "mr", "moving_modality": moving_modality, "crop": 16, **extra}
+
+
+@pytest.mark.parametrize(("modality", "degradation"), [("CT", "metal"), ("PT", "lowdose"), ("nm", "lowdose"),
+                                                       ("flair", "motion"), ("T1", "motion")])
+def test_moving_modalities_are_case_folded_and_aliased_like_io(tmp_path, modality, degradation):
+    _noise_cases(tmp_path)
+    train, _ = datasets.build_datasets(_own_layout(tmp_path, modality), seed=0, spatial_dims=2)
+    assert train.clean_pair(0, np.random.default_rng(0)).degradation == degradation
+
+
+def test_a_moving_modality_that_picks_no_degradation_is_refused_unless_nothing_is_degraded(tmp_path):
+    _noise_cases(tmp_path)
+    with pytest.raises(InputError, match="moving_modality 'auto' picks no degradation.*none_fraction: 1"):
+        datasets.build_datasets(_own_layout(tmp_path, "auto"), seed=0, spatial_dims=2)
+    with pytest.raises(InputError, match="unknown moving_modality 'xray'"):
+        datasets.build_datasets(_own_layout(tmp_path, "xray"), seed=0, spatial_dims=2)
+    train, _ = datasets.build_datasets(_own_layout(tmp_path, "auto", none_fraction=1.0), seed=0, spatial_dims=2)
+    assert train.clean_pair(0, np.random.default_rng(0)).degradation == "none"
+
+
+def test_a_layout_with_its_own_keys_beside_it_is_refused(tmp_path):
+    _noise_cases(tmp_path)
+    data = {"kind": "folders", "root": str(tmp_path), "layout": "synthrad", "moving": "pet.nii.gz",
+            "moving_modality": "pet"}
+    with pytest.raises(InputError, match="layout 'synthrad' sets .*your own moving, moving_modality, not both"):
+        datasets.build_datasets(data, seed=0, spatial_dims=2)
+
+
+def test_case_folders_lacking_a_file_are_counted_and_named(tmp_path):
+    _noise_cases(tmp_path / "ok", count=3)
+    _noise_cases(tmp_path / "slip", count=2, names=("mr.nii.gz", "CT.nii.gz"))
+    for folder in (tmp_path / "slip").iterdir():
+        folder.rename(tmp_path / "ok" / f"slip_{folder.name}")
+    with pytest.warns(UserWarning, match=r"2 of 5 case folders lack mr.nii.gz or ct.nii.gz .*\(slip_case0, slip_case1\)"):
+        train, validation = datasets.build_datasets({"kind": "folders", "root": str(tmp_path / "ok"),
+                                                     "layout": "synthrad"}, seed=0, spatial_dims=2)
+    assert len(train) + len(validation) == 3
+
+
+def test_a_model_of_other_dimensions_than_the_images_is_named_at_build(tmp_path):
+    _noise_cases(tmp_path)
+    with pytest.raises(InputError, match="model.spatial_dims is 3 but the images are 2D"):
+        datasets.build_datasets({"kind": "folders", "root": str(tmp_path), "layout": "synthrad"}, seed=0,
+                                spatial_dims=3)
