@@ -98,6 +98,7 @@ from napari_unifuse.metrics import (
 from napari_unifuse.model.checkpoint import DEFAULT_METHOD, checkpoint_method, read_metadata
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 from napari_unifuse.training.harvard import HARVARD_TASKS, case_of
+from napari_unifuse.training.trainer import CHECKPOINTS_FOLDER
 
 ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe", "epe_tissue")
 RESTORATION_COLUMNS = ("restored_ssim", "warped_input_ssim")
@@ -541,8 +542,14 @@ def _names(text: str, known: tuple[str, ...], option: str) -> list[str]:
 
 def row_name(method: str, checkpoint: str | Path | None) -> str:
     """A method's row name: with the stem of its checkpoint when one is given, so that rows of
-    other weights are never read as those of the bundled ones."""
-    return f"{method} ({Path(str(checkpoint)).stem})" if checkpoint else method
+    other weights are never read as those of the bundled ones; a training run's checkpoint
+    (``RUN/checkpoints/last.safetensors``) is named with its run, ``RUN/last``, since every run's
+    files share those stems."""
+    if not checkpoint:
+        return method
+    path = Path(str(checkpoint))
+    stem = f"{path.parent.parent.name}/{path.stem}" if path.parent.name == CHECKPOINTS_FOLDER else path.stem
+    return f"{method} ({stem})"
 
 
 def refuse_unusable_out(out: Path, overwrite: bool) -> None:

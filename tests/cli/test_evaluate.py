@@ -26,6 +26,7 @@ from napari_unifuse.cli.evaluate import (
     paired_markdown,
     pairs_from_csv,
     pairs_from_harvard,
+    row_name,
     score,
     summarise,
     unit_intensities,
@@ -638,3 +639,11 @@ def test_an_unknown_method_is_named_by_evaluates_own_option(pairs_csv, tmp_path,
                  "--methods", "nosuch"])
     assert code == 2
     assert "unifuse evaluate: error: --methods: unknown method 'nosuch'" in capsys.readouterr().err
+
+
+def test_rows_of_two_training_runs_checkpoints_are_named_by_their_runs():
+    """Every training run writes checkpoints/last.safetensors: "unifuse (last)" twice told nothing apart."""
+    assert row_name("unifuse", "runs/ct-a/checkpoints/last.safetensors") == "unifuse (ct-a/last)"
+    assert row_name("unifuse", "runs/ct-b/checkpoints/last.safetensors") == "unifuse (ct-b/last)"
+    assert row_name("unifuse", "weights/tiny-2d.safetensors") == "unifuse (tiny-2d)"
+    assert row_name("unifuse", "unifuse-2d-harvard") == "unifuse (unifuse-2d-harvard)"
