@@ -79,19 +79,37 @@ class AnnotationPanel(widgets.Container):
         self.runs_root: Path | None = None
         self._warned: set[str] = set()  # unreadable-line warnings already shown, so each shows once
         self._grid_left_for_drawing = False  # Flag region turns grid mode back on only when Draw… turned it off
+        self._pair: tuple[str, str] | None = None  # (reference, moving) layer names of what is annotated
 
-    def set_run(self, folder: Path, runs_root: Path, reference_layer, subject: str = "") -> None:
+    def set_run(self, folder: Path, runs_root: Path, reference_layer, subject: str = "",
+                pair: tuple[str, str] | None = None) -> None:
         """Point the panel at a run's folder (same inputs + checkpoint ⇒ same folder) and list its flags;
-        ``subject`` says what is annotated (which pair, and whether inputs, a run or a comparison)."""
+        ``subject`` says what is annotated (inputs, a run or a comparison) and ``pair`` of which
+        (reference, moving) layers. Regions drawn for another pair and not flagged are dropped."""
         self.store = AnnotationStore(folder)
         self.runs_root = Path(runs_root)
         self.reference_layer = reference_layer
-        self.subject.value = f"{subject}: {Path(folder).name}" if subject else Path(folder).name
+        about = ", ".join(part for part in (subject, pair and _describe_pair(pair)) if part)
+        self.subject.value = f"{about}: {Path(folder).name}" if about else Path(folder).name
         self.subject.tooltip = f"Flags are saved in {Path(folder) / 'annotations.jsonl'}"
         self._grid_left_for_drawing = False  # whoever shows the new target owns the grid now
+        if pair != self._pair:
+            self._drop_unflagged_regions_of(self._pair)
+            self._pair = pair
         if isinstance(self._existing_annotation_layer(), Shapes):
             self._annotation_layer(create=False)  # regions drawn from now on land on this run's grid
         self.refresh()
+
+    def _drop_unflagged_regions_of(self, pair: tuple[str, str] | None) -> None:
+        """The next Flag region records every shape on the layer: those drawn for ``pair`` would be
+        saved in another pair's folder (on the same grid nothing else tells them apart)."""
+        layer = self._existing_annotation_layer()
+        if pair is None or not isinstance(layer, Shapes) or len(layer.data) == 0:
+            return
+        count = len(layer.data)
+        layer.data = []
+        show_info(f"{count} unflagged region{'s' if count > 1 else ''} of {_describe_pair(pair)} "
+                  f"{'were' if count > 1 else 'was'} dropped: flags belong to the pair they were drawn on.")
 
     def refresh(self) -> None:
         annotations = self.store.load() if self.store else []
@@ -251,6 +269,11 @@ class AnnotationPanel(widgets.Container):
         runs = find_runs(self.runs_root)
         rows = export_cohort(runs, target)
         show_info(f"Exported {rows} annotations from {len(runs)} runs to {target}")
+
+
+def _describe_pair(pair: tuple[str, str]) -> str:
+    reference, moving = pair
+    return f"{moving} → {reference}"
 
 
 def _same_grid(layer, reference) -> bool:

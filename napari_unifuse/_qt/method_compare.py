@@ -24,8 +24,9 @@ from magicgui import widgets
 from napari.qt.threading import create_worker
 
 from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
+from napari_unifuse._qt.analysis import RunRequest
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
-from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel, RunSelection
+from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel, RunSelection, WorkerHandover
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
@@ -95,6 +96,7 @@ class MethodComparePanel(widgets.Container):
             self.about, self.status,
         ])
         self.worker = None
+        self._comparing: RunSelection | None = None  # the pair being compared, until its worker finishes
         self.runs: list[MethodRun] = []
         self._cancel: CancelToken | None = None
         self._engines: dict[tuple, FusionEngine] = {}
@@ -141,7 +143,7 @@ class MethodComparePanel(widgets.Container):
             return  # the reviewer deleted the layers: flags stay with the last target rather than fail here
         self.annotation_panel.set_run(
             compared.folder, compared.folder.parent, self.viewer.layers[grid_layer],
-            subject=f"comparison, {compared.moving_name} → {compared.reference_name}")
+            subject="comparison", pair=(compared.reference_name, compared.moving_name))
         self.annotation_panel.method.value = self.about.value
 
     @staticmethod
@@ -157,20 +159,27 @@ class MethodComparePanel(widgets.Container):
                              "to compare", "Methods")
         methods = [self.first.value, self.second.value]
         selection = self.run_panel.selection()  # the clear message when the form is incomplete
-        request = selection.request
         self._cancel = cancel = CancelToken()
-        worker = create_worker(self._compute, methods, request, cancel)
-        worker.returned.connect(lambda outcome: self._finish(outcome, selection))
+        self._comparing = selection
+        # napari keeps every worker with its function, arguments and slots until the viewer closes:
+        # a static function, the pair handed over (not kept as an argument) and bound-method slots
+        # (held weakly) leave a finished worker holding neither the inputs nor this panel.
+        worker = create_worker(self._compute, methods, WorkerHandover((selection.request, cancel, self._engines)),
+                               self._relay.progressed.emit)
+        worker.returned.connect(self._finish)
         worker.finished.connect(self._finished)
         self.worker = worker
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = "starting…"
         worker.start()
 
-    def _compute(self, methods, request, cancel) -> list[MethodRun] | WorkerFailed:
+    @staticmethod
+    def _compute(methods: list[str], handover: WorkerHandover[tuple[RunRequest, CancelToken, dict[tuple, FusionEngine]]],
+                 progress: ProgressCallback) -> list[MethodRun] | WorkerFailed:
+        request, cancel, engines = handover.take()
         try:
             return run_methods(methods, request.reference, request.moving, request.device, request.tile_size,
-                               self._relay.progressed.emit, cancel, self._engines)
+                               progress, cancel, engines)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish
             return WorkerFailed(error, ACTION)
 
@@ -188,12 +197,13 @@ class MethodComparePanel(widgets.Container):
         self.cancel()
 
     def _finished(self) -> None:
-        self.worker, self._cancel = None, None
+        self.worker, self._cancel, self._comparing = None, None, None
         self.run_button.enabled, self.cancel_button.enabled = True, False
         if not self.status.value.startswith("done"):  # `returned` (which says "done") comes before `finished`
             self.status.value = "stopped"
 
-    def _finish(self, outcome: list[MethodRun] | WorkerFailed, selection) -> None:
+    def _finish(self, outcome: list[MethodRun] | WorkerFailed) -> None:
+        selection = self._comparing
         if self._released:  # closed while the worker ran: its viewer is no longer ours to change
             return
         if isinstance(outcome, WorkerFailed):

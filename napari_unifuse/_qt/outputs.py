@@ -71,7 +71,7 @@ class ResultLayers:
     """Adds or refreshes the output layers of the latest run and keeps the quivers on the viewed slice.
 
     Call :meth:`disconnect_viewer` when the workbench closes: it releases the viewer's events and
-    the flicker timer.
+    the flicker timer, and takes the run's text off the canvas.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -85,16 +85,20 @@ class ResultLayers:
         self.arrow_scale = 1.0
         self._hidden_for_compare: list = []
         self._shown_for_compare: list = []
+        self._kept_estimate_text: str | None = None  # what this run wrote on the canvas, while shown
         self._flicker = QTimer()
         self._flicker.setInterval(FLICKER_INTERVAL_MS)
         self._flicker.timeout.connect(self._flip)
         viewer.dims.events.current_step.connect(self.update_quivers)
         viewer.dims.events.order.connect(self.update_quivers)
+        viewer.layers.events.removed.connect(self._on_layer_removed)
 
     def disconnect_viewer(self) -> None:
         self.stop_flicker()
+        self.clear_kept_estimate()
         self.viewer.dims.events.current_step.disconnect(self.update_quivers)
         self.viewer.dims.events.order.disconnect(self.update_quivers)
+        self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
 
     # ---- building -----------------------------------------------------------------------------
     def show(self, outcome: RunOutcome, reference_name: str, moving_name: str) -> None:
@@ -141,9 +145,27 @@ class ResultLayers:
         lines = [] if result.alignment_guard is None else [f"alignment guard: {result.alignment_guard.message}"]
         if result.fusion_balance is not None:
             lines.append(result.fusion_balance.message)
+        self.clear_kept_estimate()
+        if not lines:
+            return
+        # Named after the fused layer: other pairs' layers may share the canvas.
+        self._kept_estimate_text = "\n".join([f"{self.names.fused}:", *lines])
         overlay = self.viewer.canvas.overlays["text"]
-        overlay.text = "\n".join(lines)
-        overlay.visible = bool(lines)
+        overlay.text = self._kept_estimate_text
+        overlay.visible = True
+
+    def clear_kept_estimate(self) -> None:
+        """Take the run's text off the canvas (left alone if someone else has written there since)."""
+        overlay = self.viewer.canvas.overlays["text"]
+        if self._kept_estimate_text is not None and overlay.text == self._kept_estimate_text:
+            overlay.text = ""
+            overlay.visible = False
+        self._kept_estimate_text = None
+
+    def _on_layer_removed(self, event) -> None:
+        """The text describes the fused layer: it goes with it."""
+        if self.names is not None and event.value.name == self.names.fused:
+            self.clear_kept_estimate()
 
     def _volume_layer(self, volume: ImageVolume, name: str, **kwargs) -> None:
         data, layer_kwargs, _ = volume_to_layer_data(volume, name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from magicgui import widgets
 from napari.layers import Image
@@ -40,6 +40,26 @@ class ProgressRelay(QObject):
     """Carries ``progress(stage, done, total)`` from a worker thread to the GUI thread."""
 
     progressed = Signal(str, int, int)
+
+
+HandedOver = TypeVar("HandedOver")
+
+
+class WorkerHandover(Generic[HandedOver]):
+    """What a worker thread needs (input volumes, a run's result), given to it by reference once.
+
+    napari's activity registry keeps every worker it ever created, and a function worker keeps the
+    arguments it was created with, until the viewer closes: passed directly, every run's inputs and
+    every report's result would stay in memory. The worker :meth:`take` s the contents, which
+    empties the handover, so that a finished worker holds nothing but this empty box.
+    """
+
+    def __init__(self, contents: HandedOver) -> None:
+        self._contents: HandedOver | None = contents
+
+    def take(self) -> HandedOver:
+        contents, self._contents = self._contents, None
+        return contents
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,9 @@ class RunPanel(widgets.Container):
         for event in (viewer.layers.events.removed, viewer.layers.events.moved):
             event.connect(self._refresh_layer_choices)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        # (reference, moving) layer names of the last run shown (the workbench sets it): once that
+        # pair is done, the next image opened starts the next pair.
+        self.last_run_pair: tuple[str, str] | None = None
         self._choose_default_layers()
 
     def disconnect_viewer(self) -> None:
@@ -140,9 +163,15 @@ class RunPanel(widgets.Container):
         layer = event.value
         if _role(layer) in INPUT_ROLES:  # a sample pair arrived: offer it
             self._choose_default_layers()
-        elif isinstance(layer, Image) and _role(layer) != OUTPUT_ROLE and self.reference.value == self.moving.value:
+        elif not isinstance(layer, Image) or _role(layer) == OUTPUT_ROLE:
+            return
+        elif self.reference.value == self.moving.value:
             # The first image opened into an empty viewer fills both boxes: the next one is the moving image.
             self.moving.value = layer.name
+        elif (self.reference.value, self.moving.value) == self.last_run_pair:
+            # File > Open or a drop after a run brings the next pair: Run must not silently re-fuse the
+            # last one. As in an empty viewer, this image fills both boxes and the next one is the moving.
+            self.reference.value = self.moving.value = layer.name
 
     def _choose_default_layers(self) -> None:
         """Pick layers by the role sample data record (reference / moving / label); otherwise the
@@ -189,6 +218,8 @@ class RunPanel(widgets.Container):
     def _open_into(self, path: Path, combo: widgets.ComboBox) -> None:
         if not path or not Path(path).is_file() and not Path(path).is_dir():
             return
+        other = self.moving if combo is self.reference else self.reference
+        kept = other.value
         try:
             layers = self.viewer.open(str(path), plugin=PLUGIN)
         except ValueError:  # napari's "reader refused the file": the reader itself says why
@@ -196,11 +227,10 @@ class RunPanel(widgets.Container):
             raise
         if layers:
             self._refresh_layer_choices()
-            other = self.moving if combo is self.reference else self.reference
-            replaced = combo.value
             combo.value = layers[0].name
-            if other.value == combo.value:  # offered there on arrival: the pair is the new image and the replaced one
-                other.value = replaced
+            # Offered in the other box too on arrival: that box keeps the image it had.
+            if other.value == combo.value and kept in other.choices:
+                other.value = kept
 
     # ---- the run described by the form ---------------------------------------------------------
     def checkpoint_choice(self) -> str:

@@ -40,19 +40,26 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unifuse._qt.analysis import RunOutcome, build_engine, run_and_analyse, slice_metrics, volume_metrics
+from napari_unifuse._qt.analysis import (
+    RunOutcome,
+    RunRequest,
+    build_engine,
+    run_and_analyse,
+    slice_metrics,
+    volume_metrics,
+)
 from napari_unifuse._qt.annotation_panel import AnnotationPanel
 from napari_unifuse._qt.method_compare import MethodComparePanel
 from napari_unifuse._qt.metrics_panel import MetricsPanel
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
-from napari_unifuse._qt.outputs import ResultLayers, viewed_slice
+from napari_unifuse._qt.outputs import OutputNames, ResultLayers, viewed_slice
 from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
-from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection
+from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, WorkerHandover
 from napari_unifuse.engine.annotations import AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, write_fusion_outputs
-from napari_unifuse.engine.progress import CancelToken
+from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import write_report
 from napari_unifuse.errors import InputError, UniFuseError
@@ -162,6 +169,8 @@ class UniFuseWorkbench(QWidget):
         self.report_worker = None
         self.last_run_seconds: float | None = None
         self.last_report: Path | None = None
+        # The pair being run and when it started, until its worker finishes.
+        self._running: tuple[RunSelection, float] | None = None
         self._cancel: CancelToken | None = None
         self._activity: progress | None = None
         self._spinners: list[tuple[QMovie, int]] = []  # (napari's animation, its own speed) while a run is open
@@ -270,7 +279,8 @@ class UniFuseWorkbench(QWidget):
             if self.method_compare.compared is None:
                 self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
                                               self.viewer.layers[selection.reference_name],
-                                              subject=f"inputs, {selection.moving_name} → {selection.reference_name}")
+                                              subject="inputs", pair=(selection.reference_name,
+                                                                      selection.moving_name))
 
     # ---- running -------------------------------------------------------------------------------
     @reports_errors("Run UniFuse")
@@ -278,10 +288,15 @@ class UniFuseWorkbench(QWidget):
         if self.worker is not None:
             raise InputError("a run is already in progress; wait for it or press Cancel")
         selection = self.run_panel.selection()  # raises the clear message when the form is incomplete
+        if self.results.names != OutputNames.for_inputs(selection.reference_name, selection.moving_name):
+            self.results.clear_kept_estimate()  # it describes the last pair's run, not the one starting
         self._cancel = cancel = CancelToken()
-        started = time.perf_counter()
-        worker = create_worker(self._compute, selection, cancel)
-        worker.yielded.connect(lambda outcome: self._show_outcome(outcome, selection, started))
+        self._running = (selection, time.perf_counter())
+        # napari keeps every worker, its function and its signals' slots until the viewer closes: the
+        # function is static (a bound one would keep this workbench), the slots are bound methods
+        # (which Qt holds weakly) and the generator lets go of its arguments when it ends.
+        worker = create_worker(self._compute, selection, cancel, self._engines, self._relay.progressed.emit)
+        worker.yielded.connect(self._show_outcome)
         worker.returned.connect(self._finish_run)
         worker.finished.connect(self._run_finished)
         self.worker = worker
@@ -291,31 +306,32 @@ class UniFuseWorkbench(QWidget):
         self.run_panel.set_running(True)
         self.run_panel.status.value = "starting…"
 
-    def _compute(self, selection: RunSelection, cancel: CancelToken
-                 ) -> Generator[RunOutcome, None, dict[str, float] | WorkerFailed]:
-        """Worker thread: load (or reuse) the engine, fuse, compute the review maps and yield them
-        to be drawn; then return the whole-volume metrics."""
+    @staticmethod
+    def _compute(selection: RunSelection, cancel: CancelToken, engines: dict[tuple, FusionEngine],
+                 progressed: ProgressCallback) -> Generator[RunOutcome, None, dict[str, float] | WorkerFailed]:
+        """Worker thread: load (or reuse, from ``engines``) the engine, fuse, compute the review maps
+        and yield them to be drawn; then return the whole-volume metrics."""
         try:
-            outcome = self._fuse_and_analyse(selection, cancel)
+            outcome = UniFuseWorkbench._fuse_and_analyse(selection.request, cancel, engines, progressed)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
             return WorkerFailed(error, "Run UniFuse")
         yield outcome
-        self._relay.progressed.emit("volume metrics", 0, 1)
+        progressed("volume metrics", 0, 1)
         try:
             metrics = volume_metrics(outcome)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
             return WorkerFailed(error, "Volume metrics (the layers are complete)")
-        self._relay.progressed.emit("volume metrics", 1, 1)
+        progressed("volume metrics", 1, 1)
         return metrics
 
-    def _fuse_and_analyse(self, selection: RunSelection, cancel: CancelToken) -> RunOutcome:
-        request = selection.request
+    @staticmethod
+    def _fuse_and_analyse(request: RunRequest, cancel: CancelToken, engines: dict[tuple, FusionEngine],
+                          progressed: ProgressCallback) -> RunOutcome:
         key = (request.checkpoint, request.reference.ndim, request.device, request.tile_size)
-        if key not in self._engines:
-            self._relay.progressed.emit("load model", 0, 1)
-            self._engines[key] = build_engine(request.checkpoint, request.reference.ndim, request.device,
-                                              request.tile_size)
-        return run_and_analyse(request, self._engines[key], self._relay.progressed.emit, cancel)
+        if key not in engines:
+            progressed("load model", 0, 1)
+            engines[key] = build_engine(request.checkpoint, request.reference.ndim, request.device, request.tile_size)
+        return run_and_analyse(request, engines[key], progressed, cancel)
 
     def cancel_run(self) -> None:
         if self._cancel is not None:
@@ -357,6 +373,7 @@ class UniFuseWorkbench(QWidget):
     def _run_finished(self) -> None:
         self.worker = None
         self._cancel = None
+        self._running = None
         if self._released:  # the form may have been deleted with the viewer's window
             return
         self._close_activity()
@@ -377,10 +394,12 @@ class UniFuseWorkbench(QWidget):
         self.report_button.enabled = True
         self.run_panel.status.value = "done"
 
-    def _show_outcome(self, outcome: RunOutcome, selection: RunSelection, started: float) -> None:
+    def _show_outcome(self, outcome: RunOutcome) -> None:
         if self._released:
             return
+        selection, started = self._running
         self.outcome, self.selection = outcome, selection
+        self.run_panel.last_run_pair = (selection.reference_name, selection.moving_name)
         result = outcome.result
         method = result.provenance["method"]["name"]
         self.method_compare.leave_side_by_side(method)  # the overlays below sit on the fused image, one view
@@ -388,7 +407,7 @@ class UniFuseWorkbench(QWidget):
         # Annotations are about the run on screen: its folder, drawn on its grid (the fused layer's).
         self.annotation_panel.set_run(selection.folder, selection.folder.parent,
                                       self.viewer.layers[self.results.names.fused],
-                                      subject=f"run, {selection.moving_name} → {selection.reference_name}")
+                                      subject="run", pair=(selection.reference_name, selection.moving_name))
         self.annotation_panel.method.value = method
         self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task,
                                      result.quality, result.class_caveat)
@@ -493,22 +512,27 @@ class UniFuseWorkbench(QWidget):
         if self.report_worker is not None:
             raise InputError("the report is being written; wait for it")
         # The run's own flags: the Annotate tab may be on a Methods-tab comparison of another pair.
-        worker = create_worker(self._build_report, self.outcome, self.selection,
-                               AnnotationStore(self.selection.folder).load())
+        # Handed over, not passed: napari keeps a function worker's arguments as long as the viewer.
+        worker = create_worker(self._build_report, WorkerHandover(
+            (self.outcome, self.selection, AnnotationStore(self.selection.folder).load())))
         worker.returned.connect(self._report_written)
-        worker.finished.connect(lambda: setattr(self, "report_worker", None))
+        worker.finished.connect(self._report_finished)
         self.report_worker = worker
         self.report_button.enabled = False
         worker.start()
 
     @staticmethod
-    def _build_report(outcome: RunOutcome, selection: RunSelection, annotations: list) -> Path | WorkerFailed:
+    def _build_report(handover: WorkerHandover[tuple[RunOutcome, RunSelection, list]]) -> Path | WorkerFailed:
+        outcome, selection, annotations = handover.take()
         try:
             return write_report(outcome.result, selection.folder, reference=selection.request.reference,
                                 moving=selection.request.moving, annotations=annotations,
                                 metrics=outcome.volume_metrics)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _report_written
             return WorkerFailed(error, "QC report")
+
+    def _report_finished(self) -> None:
+        self.report_worker = None
 
     def _report_written(self, outcome: Path | WorkerFailed) -> None:
         self.report_button.enabled = self.outcome is not None and self.outcome.volume_metrics is not None

@@ -111,3 +111,25 @@ def test_a_permission_error_is_one_clear_line(notifications):
     report_error(PermissionError(13, "Permission denied", "/runs/case/report.html"), "QC report")
     (message,) = [message for severity, message in notifications if severity == "error"]
     assert "permission denied on /runs/case/report.html" in message and "unexpectedly" not in message
+
+
+def test_unflagged_regions_of_one_pair_are_dropped_when_another_pair_is_annotated(make_napari_viewer, tmp_path,
+                                                                                   notifications):
+    viewer = make_napari_viewer()
+    for name in ("MR", "CT", "MR 2", "CT 2"):  # two pairs on one grid: nothing else tells their regions apart
+        viewer.add_image(np.zeros((48, 48), np.float32), name=name)
+    panel = AnnotationPanel(viewer)
+    panel.set_run(tmp_path / "inputs", tmp_path, viewer.layers["MR"], subject="inputs", pair=("MR", "CT"))
+    panel.draw_region.clicked()
+    draw(viewer, [[10, 10], [10, 20], [20, 20]], [[30, 30], [30, 40], [40, 40]])
+    panel.set_run(tmp_path / "run", tmp_path, viewer.layers["MR"], subject="run", pair=("MR", "CT"))
+    assert len(viewer.layers[ANNOTATION_LAYER].data) == 2  # the same pair, now run: still to be flagged
+
+    panel.set_run(tmp_path / "run 2", tmp_path, viewer.layers["MR 2"], subject="run", pair=("MR 2", "CT 2"))
+    assert panel.subject.value == "run, CT 2 → MR 2: run 2"
+    assert len(viewer.layers[ANNOTATION_LAYER].data) == 0
+    assert any("2 unflagged regions of CT → MR were dropped" in message for _, message in notifications)
+    draw(viewer, [[5, 5], [5, 15], [15, 15]])
+    panel.flag_region.clicked()
+    (flag,) = panel.annotations
+    assert len(flag.region_world) == 1

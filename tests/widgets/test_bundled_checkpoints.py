@@ -45,4 +45,5 @@ def test_the_bundled_checkpoint_follows_the_reference_and_runs_on_the_2d_sample(
     # The sidecar's fusion balance acted, and the canvas says so beside the alignment guard's choice.
     assert result.fusion_balance is not None and result.provenance["fusion_balance"]["max_mean_weight"] == 0.3
     overlay = viewer.canvas.overlays["text"].text
-    assert overlay.startswith("alignment guard: ") and result.fusion_balance.message in overlay
+    assert overlay.startswith(f"{workbench.results.names.fused}:\nalignment guard: ")
+    assert result.fusion_balance.message in overlay

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
-from napari_unifuse._qt.run_panel import FROM_FILE
+from napari_unifuse._qt.run_panel import FROM_FILE, RunPanel
 from napari_unifuse._qt.workbench import UniFuseWorkbench
 from napari_unifuse.io import Geometry
 
@@ -80,6 +82,27 @@ def test_two_methods_run_one_after_the_other_and_show_side_by_side(make_napari_v
     workbench.annotation_panel.add_slice_flag()
     (annotation,) = workbench.annotation_panel.annotations
     assert annotation.method == METHODS[1]
+
+
+def test_a_finished_comparison_leaves_its_inputs_to_the_one_on_screen(make_napari_viewer, qtbot, tmp_path, notifications,
+                                                               monkeypatch):
+    """napari keeps every worker until the viewer closes: a finished one must not hold the pair."""
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    form_selection = RunPanel.selection
+    compared_inputs = []
+
+    def selection_recorded(form):
+        selection = form_selection(form)
+        compared_inputs.append(weakref.ref(selection.request.moving))
+        return selection
+
+    monkeypatch.setattr(RunPanel, "selection", selection_recorded)
+    compare_and_wait(qtbot, workbench.method_compare)
+    assert len(workbench.method_compare.runs) == 2, notifications
+    compare_and_wait(qtbot, workbench.method_compare)  # the comparison on screen keeps its own pair
+    gc.collect()
+    assert compared_inputs[0]() is None
 
 
 def test_a_2d_only_method_is_not_offered_for_a_3d_pair(make_napari_viewer):

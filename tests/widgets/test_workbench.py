@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -419,3 +421,82 @@ def test_saving_png_outputs_of_scaled_layers_says_the_spacing_is_lost(make_napar
     written = workbench.save_outputs()
     assert "fused.png" in written
     assert any("PNG cannot store spacing" in message for _, message in notifications)
+
+
+def write_report_and_wait(qtbot, workbench) -> None:
+    workbench.write_qc_report()
+    qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=RUN_TIMEOUT_MS)
+
+
+def test_finished_runs_and_reports_leave_no_earlier_run_in_memory(make_napari_viewer, qtbot, tmp_path,
+                                                                  checkpoint_files, notifications):
+    """napari keeps every worker until the viewer closes: a finished one must hold no run's data."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    dock = viewer.window.add_dock_widget(workbench, name="UniFuse workbench")
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    write_report_and_wait(qtbot, workbench)
+    assert workbench.last_report is not None, notifications
+    first_outcome = weakref.ref(workbench.outcome)
+    first_inputs = weakref.ref(workbench.selection.request.reference)
+    run_and_wait(qtbot, workbench)
+    gc.collect()
+    assert first_outcome() is None and first_inputs() is None
+
+    closed_workbench = weakref.ref(workbench)
+    viewer.window.remove_dock_widget(dock)
+    del workbench, dock
+    gc.collect()
+    assert closed_workbench() is None  # with its outcome and loaded model
+
+
+def test_the_canvas_note_names_its_pair_and_leaves_with_its_layers(make_napari_viewer, qtbot, tmp_path,
+                                                                   checkpoint_files, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    overlay = viewer.canvas.overlays["text"]
+    fused = OutputNames.for_inputs("MR", "CT").fused
+    run_and_wait(qtbot, workbench)
+    assert overlay.visible and overlay.text.startswith(f"{fused}:\nalignment guard: "), notifications
+    viewer.layers.remove(fused)
+    assert not overlay.visible and overlay.text == ""
+
+    run_and_wait(qtbot, workbench)
+    assert overlay.visible
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR 2", "CT 2"))
+    workbench.run_panel.run_button.clicked()  # another pair: the note about the last one goes at once
+    assert not overlay.visible
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert overlay.text.startswith(OutputNames.for_inputs("MR 2", "CT 2").fused)
+    workbench.release_viewer()
+    assert not overlay.visible
+
+
+def test_images_opened_after_a_run_become_the_next_pair(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
+                                                        notifications):
+    from PIL import Image
+
+    for index, name in enumerate(("mri1", "ct1", "mri2", "ct2")):
+        Image.fromarray(np.full((32, 32), 40 + 30 * index, np.uint8)).save(tmp_path / f"{name}.png")
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    form = workbench.run_panel
+    for name in ("mri1", "ct1"):  # File → Open or a drop, one after the other
+        viewer.open(str(tmp_path / f"{name}.png"), plugin="napari-unifuse")
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+
+    viewer.open(str(tmp_path / "mri2.png"), plugin="napari-unifuse")
+    assert (form.reference.value, form.moving.value) == ("mri2", "mri2")
+    form.run_button.clicked()  # half a pair: said, not a silent re-run of the last one
+    assert workbench.worker is None
+    assert any("same layer" in message for level, message in notifications if level == "error")
+    viewer.open(str(tmp_path / "ct2.png"), plugin="napari-unifuse")
+    assert (form.reference.value, form.moving.value) == ("mri2", "ct2")
+
+    run_and_wait(qtbot, workbench)  # the form's own file picker still swaps one image of the pair
+    form.open_reference.value = str(tmp_path / "mri1.png")
+    assert (form.reference.value, form.moving.value) == (viewer.layers[-1].name, "ct2")
