@@ -105,8 +105,9 @@ class MethodComparePanel(widgets.Container):
         self._grid_before_comparison: bool | None = None
         # The pair of the comparison on screen (annotations go to its run folder); None when there is none.
         self.compared: RunSelection | None = None
-        # Layers other than comparison outputs that showing a comparison hid, shown again when it leaves.
-        self._hidden_for_comparison: list = []
+        # Names of the layers other than comparison outputs that showing a comparison hid, shown again
+        # when it leaves (names, not layers: a layer the reviewer deletes meanwhile must be freed).
+        self._hidden_for_comparison: list[str] = []
         self._relay = ProgressRelay()
         self._relay.progressed.connect(self._show_progress)
         self.run_button.changed.connect(self.start)
@@ -243,7 +244,7 @@ class MethodComparePanel(widgets.Container):
             elif layer.visible:
                 layer.visible = False
                 if not _is_comparison_output(layer):
-                    self._hidden_for_comparison.append(layer)
+                    self._hidden_for_comparison.append(layer.name)
 
     def leave_side_by_side(self, main_method: str) -> None:
         """The main run (of ``main_method``) takes the screen: hide every comparison's layers, show
@@ -255,9 +256,9 @@ class MethodComparePanel(widgets.Container):
         for layer in self.viewer.layers:
             if _is_comparison_output(layer):
                 layer.visible = False
-        for layer in self._hidden_for_comparison:
-            if layer in self.viewer.layers:
-                layer.visible = True
+        for name in self._hidden_for_comparison:
+            if name in self.viewer.layers:
+                self.viewer.layers[name].visible = True
         self._hidden_for_comparison = []
         if self._grid_before_comparison is None:
             return
