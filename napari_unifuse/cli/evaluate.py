@@ -153,7 +153,7 @@ def unit_intensities(image: ImageVolume) -> tuple[np.ndarray, IntensityMapping |
 def pairs_from_csv(path: Path) -> list[EvaluationPair]:
     if not path.is_file():
         raise InputError("pairs CSV not found", path)
-    with path.open(newline="", encoding="utf-8") as stream:
+    with path.open(newline="", encoding="utf-8-sig") as stream:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(stream)
         numbered = [(reader.line_num, row) for row in reader]
     required = {"reference", "moving", "label"}

@@ -494,6 +494,12 @@ def test_a_moving_image_on_two_lines_of_the_csv_is_two_pairs_named_by_line(tmp_p
     assert names == ["blob.png (line 2)", "blob.png (line 4)", "mri.png"]
 
 
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path):
+    Image.fromarray(np.full((SIDE, SIDE), 128, np.uint8)).save(tmp_path / "mri.png")
+    (tmp_path / "pairs.csv").write_text("reference,moving,label\nmri.png,mri.png,mri.png\n", encoding="utf-8-sig")
+    assert [pair.name for pair in pairs_from_csv(tmp_path / "pairs.csv")] == ["mri.png"]
+
+
 def test_the_pair_by_pair_comparison_refuses_two_records_of_one_method_on_one_pair():
     records = [{"task": "t", "method": method, "pair": "moving.png", "ncc": value}
                for method, value in (("A", 0.5), ("B", 0.4), ("A", 0.6))]
