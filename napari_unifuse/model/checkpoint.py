@@ -203,7 +203,13 @@ def _check_config(expected, found, path: Path, ignored: tuple[str, ...] = ()) ->
     if differences:
         listed = "; ".join(f"{name}: model has {mine}, checkpoint has {theirs}"
                            for name, (mine, theirs) in differences.items())
-        raise CheckpointError(f"{path}: checkpoint was saved for another config ({listed})")
+        # Training from it (--init-from) needs the checkpoint's values: say where a training config takes them.
+        settings = [f"model.spatial_dims: {differences['spatial_dims'][1]}"] if "spatial_dims" in differences else []
+        overrides = ", ".join(f"{name}: {json.dumps(theirs)}" for name, (_, theirs) in differences.items()
+                              if name != "spatial_dims")
+        settings += [f"model.overrides: {{{overrides}}}"] if overrides else []
+        raise CheckpointError(f"{path}: checkpoint was saved for another config ({listed}); to train from it, "
+                              f"give the training config {' and '.join(settings)}")
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -58,8 +58,12 @@ def test_round_trip_gives_identical_outputs_and_metadata(saved):
 def test_loading_into_another_config_names_the_mismatching_fields(saved):
     _, path = saved
     other = UniFuse(UniFuseConfig.small(3))
-    with pytest.raises(CheckpointError, match=r"spatial_dims: model has 3, checkpoint has 2"):
+    with pytest.raises(CheckpointError, match=r"spatial_dims: model has 3, checkpoint has 2") as refused:
         load_weights(other, path)
+    assert "to train from it, give the training config model.spatial_dims: 2" in str(refused.value)
+    wider = UniFuse(UniFuseConfig.from_dict({**UniFuseConfig.small(2).to_dict(), "lora_rank": 3}))
+    with pytest.raises(CheckpointError, match=r"give the training config model.overrides: \{lora_rank: \d+\}$"):
+        load_weights(wider, path)
     with pytest.raises(CheckpointError, match="another config"):
         load_checkpoint(path, expected_config=UniFuseConfig.small(3))
 
