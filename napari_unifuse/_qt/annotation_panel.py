@@ -27,6 +27,7 @@ from napari_unifuse.engine.annotations import (
     AnnotationStore,
     default_reviewer,
     describe_location,
+    ellipse_outline,
     export_cohort,
     find_runs,
     slice_of_region,
@@ -180,8 +181,10 @@ class AnnotationPanel(widgets.Container):
         if layer is None or len(layer.data) == 0:
             raise InputError("draw a region first (Draw region…), or flag the whole slice", ANNOTATION_LAYER)
         regions: dict[tuple[int, int], list[list[list[float]]]] = {}
-        for shape in layer.data:
+        for shape, shape_type in zip(layer.data, layer.shape_type, strict=True):
             world = [list(map(float, layer.data_to_world(point))) for point in shape]
+            if shape_type == "ellipse":
+                world = ellipse_outline(world)
             regions.setdefault(self._slice_of_region(world), []).append(world)
         self._save(store, [Annotation(self.category.value, self.reviewer.value, self.note.value, slice_index=index,
                                       slice_axis=axis, region_kind="shapes", region_world=shapes,

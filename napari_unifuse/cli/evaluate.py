@@ -572,6 +572,18 @@ def refuse_other_methods_checkpoint(checkpoint: str) -> None:
                          f"--methods {found}={checkpoint}", "--checkpoint")
 
 
+def refuse_unusable_pairs(engines: list[FusionEngine], pairs: list[EvaluationPair]) -> None:
+    """Refuse, before any pair is computed, a pair that one of the methods cannot take (a 3D pair
+    for a 2D checkpoint, an image smaller than the network's minimum, ...), naming the pair: the
+    run would otherwise stop there, after minutes of work on the pairs before it."""
+    for engine in engines:
+        for pair in pairs:
+            try:
+                engine.validate(pair.reference, pair.moving)
+            except InputError as error:
+                raise InputError(f"pair {pair.name}: {error.problem}", error.source) from error
+
+
 def _regimes(args: argparse.Namespace) -> list[str]:
     if args.pairs is not None:
         if args.misalignment is not None:
@@ -664,6 +676,8 @@ def run(args: argparse.Namespace) -> int:
                            weigh_dense_refinement=True if args.weigh_dense_refinement else None)
               if args.checkpoint is not None else None)
     method_names = ([method_name] if engine is not None else []) + list(methods)
+    refuse_unusable_pairs([*([engine] if engine is not None else []), *methods.values()],
+                          [pair for pairs in pairs_by_regime.values() for pair in pairs])
     copies_on = copy_registration(registrations)
 
     records = []

@@ -65,6 +65,7 @@ class Annotation:
     slice_index: int | None = None
     slice_axis: int = 0
     region_kind: str | None = None  # "points" | "shapes" | None for a whole slice
+    # Each region's vertices in world mm: a polygon's corners, a path's points, an ellipse's outline.
     region_world: list[list[list[float]]] = field(default_factory=list)
     method: str = "unifuse"  # the fusion method the flag is about, when runs of several are compared
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -107,6 +108,23 @@ def slice_of_region(voxel_points: Sequence[Sequence[float]], shape: Sequence[int
     if not 0 <= index < shape[axis]:
         raise InputError("a region lies outside the image; draw it on the image", "region")
     return axis, index
+
+
+ELLIPSE_OUTLINE_VERTICES = 36
+
+
+def ellipse_outline(corners: Sequence[Sequence[float]], vertices: int = ELLIPSE_OUTLINE_VERTICES) -> list[list[float]]:
+    """``vertices`` points on the ellipse inscribed in the (possibly rotated) rectangle whose four
+    corners, in order, are ``corners`` (napari's ellipse data), in the corners' coordinates: stored
+    as they are, the corners would read as a rectangle to anyone using the exported regions."""
+    corner = np.asarray(corners, dtype=float)
+    if corner.shape[0] != 4:
+        raise InputError(f"an ellipse needs the 4 corners of its bounding box, got {corner.shape[0]}", "region")
+    centre = corner.mean(axis=0)
+    half_first_side, half_second_side = (corner[1] - corner[0]) / 2, (corner[3] - corner[0]) / 2
+    angles = np.linspace(0.0, 2 * np.pi, vertices, endpoint=False)
+    outline = centre + np.cos(angles)[:, None] * half_first_side + np.sin(angles)[:, None] * half_second_side
+    return outline.tolist()
 
 
 def default_reviewer() -> str:

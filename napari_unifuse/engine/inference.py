@@ -313,9 +313,7 @@ class FusionEngine:
 
         with torch.inference_mode(), _out_of_memory_explained(timer, reference, self.device):
             with stage("validate"):
-                if reference.single_slice_axis is None:  # a one-slice volume is checked as the 2D image it is
-                    self.method.check_dimensions(reference.ndim, reference.source or "reference image")
-                reference, moving = self._validate(reference, moving)
+                reference, moving = self.validate(reference, moving)
                 warnings.extend(overlap_warnings(reference, moving))
             planar = _single_slice_pair(reference, moving)
             if planar is not None:
@@ -398,11 +396,13 @@ class FusionEngine:
         return result
 
     # ---- stages --------------------------------------------------------------------------------
-    def _validate(self, reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume]:
+    def validate(self, reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume]:
         """Refuse inputs the model cannot use, with a message naming the image and the limit; return
         both with values the model can read (``io.readers.real_finite_values``: magnitude of complex
         data, 0/1 for masks, no NaN or infinity), each change noted among the image's warnings."""
         # 4D and other dimensionalities cannot reach here: ImageVolume's Geometry is 2D or 3D.
+        if reference.single_slice_axis is None:  # a one-slice volume is checked as the 2D image it is
+            self.method.check_dimensions(reference.ndim, reference.source or "reference image")
         usable = []
         for role, image in (("reference", reference), ("moving", moving)):
             source = image.source or f"the {role} image"

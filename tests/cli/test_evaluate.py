@@ -653,3 +653,32 @@ def test_rows_of_two_training_runs_checkpoints_are_named_by_their_runs():
     assert row_name("unifuse", "runs/ct-b/checkpoints/last.safetensors") == "unifuse (ct-b/last)"
     assert row_name("unifuse", "weights/tiny-2d.safetensors") == "unifuse (tiny-2d)"
     assert row_name("unifuse", "unifuse-2d-harvard") == "unifuse (unifuse-2d-harvard)"
+
+
+@pytest.mark.parametrize("method", ["unifuse", "bsafusion"])
+def test_a_pair_a_method_cannot_take_is_refused_by_name_before_any_pair_is_computed(
+        method, checkpoint, pairs_csv, tmp_path, capsys, no_pair_computed):
+    """A 3D pair after 2D ones: the run used to stop there, after the work on the pairs before it."""
+    volume = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
+    for role in ("reference", "moving", "label"):
+        write_image(ImageVolume(volume, Geometry.identity(3)), tmp_path / f"{role}_3d.nii.gz")
+    rows = read_csv(pairs_csv[0])
+    rows.append({"reference": str(tmp_path / "reference_3d.nii.gz"), "moving": str(tmp_path / "moving_3d.nii.gz"),
+                 "label": str(tmp_path / "label_3d.nii.gz"), "displacement": "", "task": "volumes",
+                 "degradation": ""})
+    for row in rows[:-1]:
+        row.update({role: str(pairs_csv[0].parent / row[role]) for role in ("reference", "moving", "label")})
+        row["displacement"] = str(pairs_csv[0].parent / row["displacement"]) if row["displacement"] else ""
+    mixed = tmp_path / "mixed.csv"
+    with mixed.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    given = ["--checkpoint", str(checkpoint)] if method == "unifuse" else ["--methods", method]
+    code = main(["evaluate", *given, "--pairs", str(mixed), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--baselines", "identity", "--fusion-rules", "max"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert f"pair {tmp_path / 'moving_3d.nii.gz'}" in error and "3D" in error
+    assert not (tmp_path / "out").exists()

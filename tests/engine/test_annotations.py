@@ -3,6 +3,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from napari_unifuse.engine.annotations import (
@@ -10,6 +11,7 @@ from napari_unifuse.engine.annotations import (
     Annotation,
     AnnotationStore,
     describe_location,
+    ellipse_outline,
     export_cohort,
     find_runs,
     slice_of_region,
@@ -146,3 +148,23 @@ def test_cohort_export_has_each_column_once_holding_its_own_value(tmp_path):
          "reviewer": "dr no", "category": "other", "note": "", "slice_index": "", "slice_axis": "0",
          "region_kind": "shapes", "region_world": "[[[1.5, 2.0], [3.0, 4.5]]]"},
     ]
+
+
+def test_an_ellipse_is_stored_as_points_on_it_not_as_its_bounding_box():
+    """A rotated ellipse on slice z = 3, semi-axes 6 and 2 mm, centred at (3, 10, 20): every outline
+    point satisfies the ellipse's own equation, and the outline reaches both axes' ends."""
+    centre, angle = np.array([10.0, 20.0]), np.deg2rad(30)
+    major, minor = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+    corners = [centre + sign_major * 6 * major + sign_minor * 2 * minor
+               for sign_major, sign_minor in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+    outline = np.asarray(ellipse_outline([[3.0, *corner] for corner in corners]))
+    assert outline.shape == (36, 3)
+    np.testing.assert_allclose(outline[:, 0], 3.0)
+    offsets = outline[:, 1:] - centre
+    np.testing.assert_allclose((offsets @ major / 6) ** 2 + (offsets @ minor / 2) ** 2, 1.0, atol=1e-9)
+    assert np.abs(offsets @ major).max() == pytest.approx(6) and np.abs(offsets @ minor).max() == pytest.approx(2)
+
+
+def test_an_ellipse_without_four_corners_is_refused():
+    with pytest.raises(InputError, match="4 corners"):
+        ellipse_outline([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])

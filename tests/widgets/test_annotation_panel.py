@@ -63,6 +63,22 @@ def test_a_region_is_recorded_on_the_slice_it_was_drawn_on(make_napari_viewer, t
     assert panel.listing.native.item(0).text().startswith("region on z = 5")
 
 
+def test_a_drawn_ellipse_is_recorded_as_its_outline(make_napari_viewer, tmp_path):
+    """Its four bounding-box corners would read as a rectangle in the exported regions."""
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    panel.draw_region.clicked()
+    viewer.layers[ANNOTATION_LAYER].add_ellipses(np.array([[5, 10, 10], [5, 10, 30], [5, 20, 30], [5, 20, 10]]))
+    panel.flag_region.clicked()
+    (flag,) = panel.annotations
+    (outline,) = np.asarray(flag.region_world)
+    layer = viewer.layers[ANNOTATION_LAYER]
+    voxels = np.asarray([layer.world_to_data(point) for point in outline])
+    assert len(voxels) > 4 and (flag.slice_axis, flag.slice_index) == (0, 5)
+    np.testing.assert_allclose(((voxels[:, 1] - 15) / 5) ** 2 + ((voxels[:, 2] - 20) / 10) ** 2, 1.0, atol=1e-6)
+
+
 def test_the_annotation_layer_follows_the_run_from_2d_to_3d(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((48, 48), np.float32), name="image", scale=(1.68, 1.68))

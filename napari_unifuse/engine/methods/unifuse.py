@@ -41,7 +41,7 @@ class Method(NetworkMethod):
         self.network.dapl.readout_window = crop
 
     def check_dimensions(self, ndim: int, source: str) -> None:
-        """UniFuse is 2D and 3D; a checkpoint of the other dimensionality is ``_validate``'s message."""
+        """UniFuse is 2D and 3D; a checkpoint of the other dimensionality is ``FusionEngine.validate``'s message."""
 
 
 def available() -> bool:
