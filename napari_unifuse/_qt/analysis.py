@@ -23,6 +23,7 @@ from napari_unifuse.engine.overlays import (
     slice_of,
 )
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
+from napari_unifuse.engine.provenance import describe_input
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, resample_to_reference
@@ -98,6 +99,20 @@ def label_on_reference_grid(label: ImageVolume | None, reference: ImageVolume) -
     return grey_values(resample_to_reference(label, reference))
 
 
+# What the saved review maps hold, for their provenance (the alignment error by the kind computed).
+ERROR_MAP_DESCRIPTIONS = {
+    "|aligned − label|": "|aligned − label| per voxel, in the moving image's units, against the ground truth "
+                         "recorded as inputs.label",
+    "misalignment (MIND)": "no ground truth: the structural disagreement of the aligned moving image and the "
+                           "reference, mean |MIND difference| in [0, 1] (metrics.local_misalignment_map)",
+}
+REVIEW_MAP_DESCRIPTIONS = {
+    "jacobian_determinant": "det(∂φ/∂x) of φ(x) = x + u(x): 1 keeps volume, > 1 expands, < 1 compresses, "
+                            "≤ 0 folds",
+    "folding": "1 where the Jacobian determinant is ≤ 0 (the field folds space), else 0",
+}
+
+
 def run_and_analyse(
     request: RunRequest, engine: FusionEngine, progress: ProgressCallback, cancel: CancelToken
 ) -> RunOutcome:
@@ -124,10 +139,13 @@ def run_and_analyse(
         error_map, error_kind = absolute_error(grey_values(result.aligned), label), "|aligned − label|"
         label_grey = display_grey(ImageVolume(label, result.aligned.geometry), window)
         aligned_in_label_window = display_grey(result.aligned, window)
+        # What the error map and the label metrics were measured against, as the CLI's --label records it.
+        result.provenance.setdefault("inputs", {})["label"] = describe_input(request.label)
     else:
         label_grey = aligned_in_label_window = None
         error_map = local_misalignment_map(aligned_grey, reference_grey).astype(np.float32)
         error_kind = "misalignment (MIND)"
+    result.provenance["review_maps"] = {"alignment_error": ERROR_MAP_DESCRIPTIONS[error_kind], **REVIEW_MAP_DESCRIPTIONS}
     jacobian = jacobian_determinant(result.displacement).astype(np.float32)
     outcome = RunOutcome(
         result=result, reference_grey=reference_grey, aligned_grey=aligned_grey, label_grey=label_grey,

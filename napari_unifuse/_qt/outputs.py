@@ -91,6 +91,7 @@ class ResultLayers:
         self._flicker.timeout.connect(self._flip)
         viewer.dims.events.current_step.connect(self.update_quivers)
         viewer.dims.events.order.connect(self.update_quivers)
+        viewer.dims.events.ndisplay.connect(self.update_quivers)
         viewer.layers.events.removed.connect(self._on_layer_removed)
 
     def disconnect_viewer(self) -> None:
@@ -98,13 +99,17 @@ class ResultLayers:
         self.clear_kept_estimate()
         self.viewer.dims.events.current_step.disconnect(self.update_quivers)
         self.viewer.dims.events.order.disconnect(self.update_quivers)
+        self.viewer.dims.events.ndisplay.disconnect(self.update_quivers)
         self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
 
     # ---- building -----------------------------------------------------------------------------
     def show(self, outcome: RunOutcome, reference_name: str, moving_name: str) -> None:
         self.stop_flicker()
-        self.outcome, self.reference_name = outcome, reference_name
-        self.names = names = OutputNames.for_inputs(reference_name, moving_name)
+        names = OutputNames.for_inputs(reference_name, moving_name)
+        if self.names is not None and self.names.quivers != names.quivers and self.names.quivers in self.viewer.layers:
+            # Arrows follow the slider only with their run's field, which is not kept past its run.
+            self.viewer.layers.remove(self.names.quivers)
+        self.outcome, self.reference_name, self.names = outcome, reference_name, names
         result = outcome.result
         geometry = result.fused.geometry
         placed = geometry.napari_kwargs()

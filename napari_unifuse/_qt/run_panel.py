@@ -32,7 +32,7 @@ NO_LABEL = "none"
 INPUT_ROLES = ("reference", "moving", "label")
 OUTPUT_ROLE = "output"
 DEFAULT_RUNS_ROOT = Path("~/napari-unifuse-runs")
-# Tile sides offered; "auto" is the checkpoint's training crop (None for the engine).
+# Tile sides offered; "auto" leaves the tiling to the engine (None): a 2-D checkpoint's training crop, one pass in 3-D.
 TILE_CHOICES = [("auto", None), *((str(side), side) for side in (32, 48, 64, 96, 128, 160, 192, 256, 384, 512))]
 
 
@@ -100,8 +100,9 @@ class RunPanel(widgets.Container):
         self.device = widgets.ComboBox(label="device", choices=DEVICE_CHOICES, value="auto",
                                        tooltip="auto = CUDA when a GPU is present, else CPU")
         self.tile_size = widgets.ComboBox(label="tile size", choices=TILE_CHOICES, value=None,
-                                          tooltip="Voxels per tile side; auto = the size the checkpoint was trained "
-                                                  "on (whole image in one pass if it does not say)")
+                                          tooltip="Voxels per tile side; auto = the size a 2-D checkpoint was trained "
+                                                  "on; otherwise, 3-D volumes included, one pass up to 176³ voxels, "
+                                                  "beyond that the fewest overlapping slabs")
         self.output_root = widgets.FileEdit(label="runs folder", mode="d", value=str(DEFAULT_RUNS_ROOT.expanduser()),
                                             tooltip="Each run gets its own sub-folder, derived from the inputs and "
                                                     "checkpoint, so reopening a run finds its annotations")

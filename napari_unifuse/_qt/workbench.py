@@ -560,7 +560,7 @@ class UniFuseWorkbench(QWidget):
                              "overwritten", folder)
         with warnings.catch_warnings(record=True) as caught:  # a PNG loses the layers' spacing: say so here
             warnings.simplefilter("always")
-            written = write_fusion_outputs(result, folder)
+            written = write_fusion_outputs(result, folder, metrics=self.outcome.volume_metrics)
         show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
         for (name, array), path in zip(maps.items(), planned):
             write_image(ImageVolume(array, result.fused.geometry, {"role": name}), path)

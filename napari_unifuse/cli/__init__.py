@@ -2,7 +2,8 @@
 
 Each sub-command module exposes ``register(subparsers)`` which adds its parser and sets
 ``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
-Modules are imported lazily so that ``unifuse --help`` stays fast.
+``build_parser`` imports every sub-command module (so ``unifuse --help`` loads torch and the
+engine), skipping one that is missing from the package.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 import warnings
 
+from napari_unifuse.engine.device import is_out_of_memory
 from napari_unifuse.errors import UniFuseError
 
 SUBCOMMAND_MODULES = ("synth", "fuse", "report", "evaluate", "train", "info", "bench", "view")
@@ -61,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unifuse {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        from napari_unifuse.engine.device import is_out_of_memory  # torch only on this path: --help stays fast
-
         if not is_out_of_memory(error):
             raise
         # The engine explains its own (stage and size); this is the rest: training, evaluation, metrics.

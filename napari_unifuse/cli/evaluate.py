@@ -15,8 +15,9 @@ section per regime.
 
 Methods (rows): ``UniFuse (CHECKPOINT)`` (``--checkpoint``, a UniFuse checkpoint) and each of
 ``--methods`` (``engine.methods``: bsafusion, mmif-amin, ...; ``NAME=CHECKPOINT`` for weights other
-than the bundled ones, the row then named ``NAME (STEM)`` after the checkpoint's file name, and the
-report's header gives each checkpoint's path) through
+than the bundled ones, the row then named ``NAME (STEM)`` after the checkpoint's file name (for a
+training run's ``RUN/checkpoints/last.safetensors``, ``NAME (RUN/last)``; ``--checkpoint``'s row
+likewise), and the report's header gives each checkpoint's path) through
 ``engine.FusionEngine`` (the shipped path), and each classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
 UniFuse's parameter-free matching) followed by each classical fusion rule (max, average,
 wavelet). The classical pipelines fuse the reference with *their* aligned moving image, i.e. the
@@ -731,7 +732,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="engine methods to evaluate too (engine.methods: bsafusion, mmif-amin, mmif-amin:sitk, "
                              "sitk+wavelet, ...), with their bundled weights unless =CHECKPOINT")
     source = parser.add_argument_group("pairs (one of)")
-    source.add_argument("--pairs", type=Path, help="CSV: reference,moving,label[,displacement][,task]")
+    source.add_argument("--pairs", type=Path, help="CSV with columns reference,moving,label and optional displacement, "
+                        "task, degradation")
     source.add_argument("--harvard", type=Path, metavar="ROOT", help="Harvard AANLIB folder (CT-MRI/, PET-MRI/, …)")
     harvard = parser.add_argument_group("Harvard options")
     harvard.add_argument("--split", choices=("val", "train"), default="val")
@@ -754,7 +756,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier evaluation in --out (refused otherwise)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--tile-size", type=int, help="voxels per tile side (default: the checkpoint's training crop, else one pass)")
+    parser.add_argument("--tile-size", type=int,
+                        help="voxels per tile side (default: a 2-D checkpoint's training crop; otherwise, 3-D inputs "
+                             "included, one pass up to 176³ voxels, beyond that the fewest overlapping slabs)")
     parser.add_argument("--weigh-network-field", action="store_true",
                         help="let the alignment guard weigh UniFuse's own field (FA) even where the checkpoint "
                              "says its validation never kept it (alignment_guard.weigh_network_field)")

@@ -13,8 +13,9 @@ skipped, so rerunning after an interruption only does what is left, and ends wit
 ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder holding results
 of other inputs, another method or other settings is refused, never silently replaced:
 ``--overwrite`` redoes the pair and first removes every earlier output in its folder. No output may
-replace an input. ``--report`` also writes each pair's QC page (``report.html``) and
-``OUT/index.html``, the runs most suspicious first (a pair already done gets its page with ``--overwrite``).
+replace an input. ``--report`` also writes each pair's QC page (``report.html``) and, for a
+``--pairs`` batch, ``OUT/index.html``, the runs most suspicious first (a pair already done gets its
+page with ``--overwrite``; ``unifuse report OUT`` indexes a single pair's folder).
 
 A batch splits across processes, GPUs or machines with torchrun: every process takes every N-th
 pair of the CSV (N processes in all), and process 0 gathers what each did into the summary:
@@ -45,6 +46,7 @@ from napari_unifuse.engine.outputs import (
     PROVENANCE_FILE,
     REPORT_FILE,
     is_complete,
+    read_json_object,
     read_provenance,
     refuse_overwriting_inputs,
     write_fusion_outputs,
@@ -94,7 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", help="bundled checkpoint name or .safetensors file for the method "
                         "(default: the method's bundled one, e.g. unifuse-2d-harvard / unifuse-3d-phantom)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--tile-size", type=int, help="voxels per tile side (default: the checkpoint's training crop, else one pass)")
+    parser.add_argument("--tile-size", type=int,
+                        help="voxels per tile side (default: a 2-D checkpoint's training crop; otherwise, 3-D inputs "
+                             "included, one pass up to 176³ voxels, beyond that the fewest overlapping slabs)")
     for role in ("reference", "moving"):
         parser.add_argument(f"--{role}-modality", choices=MODALITIES, default="auto",
                             help=f"how to normalise the {role} intensities (default: from the header or the values)")
@@ -105,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uncertainty-passes", type=int, default=DEFAULT_PASSES,
                         help=f"perturbed alignment passes of the uncertainty map, 0 for none (default {DEFAULT_PASSES})")
     parser.add_argument("--report", action="store_true",
-                        help="also write each pair's QC page (report.html) and OUT/index.html")
+                        help="also write each pair's QC page (report.html) and, for --pairs, OUT/index.html")
     parser.set_defaults(func=run)
 
 
@@ -156,27 +160,36 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
     if args.pairs is None:
         return 0
     gathered = job.gather(outcomes)
-    failures = sum(outcome["status"] == "failed" for outcome in outcomes)
-    if gathered is not None:
-        failures = write_summary([outcome for shard in gathered for outcome in shard], pairs, job, args.out)
-        if args.report and args.out.is_dir():
-            print(f"QC index: {write_index(args.out)}")
+    if gathered is None:
+        # Process 0 sums up the batch and alone exits non-zero on failures: an early non-zero exit
+        # here would make torchrun stop it while it writes the summary.
+        return 0
+    failures = write_summary([outcome for shard in gathered for outcome in shard], pairs, job, args.out,
+                             args.pairs)
+    if args.report and args.out.is_dir():
+        print(f"QC index: {write_index(args.out)}")
     if failures:
         print(f"unifuse fuse: {failures} of {len(pairs)} pairs failed", file=sys.stderr)
         return 2
     return 0
 
 
-def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distributed, out: Path) -> int:
-    """``OUT/summary.json``: every pair's outcome in the CSV's order, with counts; returns the
-    number of failed pairs."""
+def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distributed, out: Path,
+                  pairs_csv: Path) -> int:
+    """``OUT/summary.json``: every pair's outcome in the CSV's order, with counts and the CSV they
+    came from (a summary of another CSV it replaces is named); returns the number of failed pairs."""
     order = {pair.name: position for position, pair in enumerate(pairs)}
     outcomes = sorted(outcomes, key=lambda outcome: order[outcome["name"]])
     counts = {status: sum(outcome["status"] == status for outcome in outcomes)
               for status in ("done", "skipped", "failed")}
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"created": utc_timestamp(), "pairs": len(pairs), **counts, "world_size": job.world_size,
-                "device": str(job.device), "outcomes": outcomes}, out / SUMMARY_FILE)
+    pairs_csv = pairs_csv.resolve()
+    earlier = (read_json_object(out / SUMMARY_FILE) or {}).get("pairs_csv")
+    if earlier is not None and earlier != str(pairs_csv):
+        print(f"note: {out / SUMMARY_FILE} described the batch of {earlier}; it now describes this one "
+              f"({pairs_csv}); both batches' folders stay in {out}", file=sys.stderr)
+    write_json({"created": utc_timestamp(), "pairs_csv": str(pairs_csv), "pairs": len(pairs), **counts,
+                "world_size": job.world_size, "device": str(job.device), "outcomes": outcomes}, out / SUMMARY_FILE)
     said = ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "no pairs"
     print(f"unifuse fuse: {said} ({job.world_size} process{'es' if job.world_size > 1 else ''}) "
           f"-> {out / SUMMARY_FILE}")
@@ -218,8 +231,8 @@ def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, optio
     size and ``options`` (``run_fusion``'s)."""
     provenance = read_provenance(out_dir)
     if provenance is None:
-        raise InputError(f"its {PROVENANCE_FILE} cannot be read, so what made these results is unknown; pass "
-                         "--overwrite to replace them, or choose another --out", out_dir)
+        raise InputError(f"its {PROVENANCE_FILE} cannot be read or is not a UniFuse run's, so what made these "
+                         "results is unknown; pass --overwrite to replace them, or choose another --out", out_dir)
     differences = previous_run_differences(provenance, pair, engines, (out_dir / PROVENANCE_FILE).stat().st_mtime,
                                            options)
     recorded_settings = provenance.get("requested_settings")
@@ -370,6 +383,7 @@ def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
     if args.out.exists() and not args.out.is_dir():
         raise InputError("--out must be a folder (the outputs go into one sub-folder per pair), "
                          f"but {args.out} is a file")
+    pairs = in_earlier_folders(pairs, args.out)
     if args.uncertainty_passes < 0:
         raise InputError(f"--uncertainty-passes must be 0 or more, got {args.uncertainty_passes}")
     if args.tile_size is not None and args.tile_size < 1:
@@ -402,11 +416,38 @@ def read_pairs_csv(path: Path) -> list[Pair]:
             raise InputError(f"line {line}: reference and moving must both be given", path)
         pairs.append(Pair(reference, moving, resolve(row.get("label"))))
     names = output_folder_names([pair.moving for pair in pairs])
+    _refuse_shared_folders(names, path)
+    return [replace(pair, output_name=name) for pair, name in zip(pairs, names, strict=True)]
+
+
+def _refuse_shared_folders(names: list[str], source: Path | None) -> None:
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
         raise InputError(f"several pairs would write to the same output folder: {', '.join(clashes)} "
-                         "(the same moving file in two rows)", path)
-    return [replace(pair, output_name=name) for pair, name in zip(pairs, names, strict=True)]
+                         "(the same moving file in two rows)", source)
+
+
+def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
+    """``pairs``, each in the folder of ``out`` that already holds its run (the same reference and
+    moving paths in its provenance) when that is not the folder its name gives: a folder's name
+    depends on the other rows of the CSV it was fused from (``0003_moving`` beside ``0004_moving``),
+    so a CSV of other rows (one failed pair to retry) finds it, rather than fusing it again
+    elsewhere or calling the folder another run's."""
+    if not out.is_dir():
+        return pairs
+    folders: dict[tuple[Any, Any], set[str]] = {}
+    for folder in out.iterdir():
+        provenance = read_provenance(folder) if folder.is_dir() else None
+        if provenance is not None:
+            inputs = provenance["inputs"]
+            key = ((inputs.get("reference") or {}).get("path"), (inputs.get("moving") or {}).get("path"))
+            folders.setdefault(key, set()).add(folder.name)
+    placed = []
+    for pair in pairs:
+        held_in = folders.get((str(pair.reference.resolve()), str(pair.moving.resolve())), set())
+        placed.append(pair if not held_in or pair.name in held_in else replace(pair, output_name=min(held_in)))
+    _refuse_shared_folders([pair.name for pair in placed], None)
+    return placed
 
 
 def output_folder_names(movings: list[Path]) -> list[str]:

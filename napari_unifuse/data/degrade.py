@@ -28,11 +28,9 @@ import torch
 import torchio as tio
 from scipy.ndimage import gaussian_filter
 
+from napari_unifuse.classes import DEGRADATION_CLASSES
 from napari_unifuse.data import metal as ct
 from napari_unifuse.errors import InputError
-
-# The model's class order (its class index is the position here).
-DEGRADATION_CLASSES = ("none", "motion", "metal", "lowdose")
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from napari_unifuse.engine.device import resolve_device
 
 Item = TypeVar("Item")
+RESULTS_TIMEOUT = timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Distributed:
     local_rank: int
     world_size: int
     device: torch.device
+    # The group ``gather`` waits in (the default group when None).
+    results_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +51,7 @@ class Distributed:
         if self.world_size == 1:
             return [value]
         gathered = [None] * self.world_size if self.is_main else None
-        dist.gather_object(value, gathered, dst=0)
+        dist.gather_object(value, gathered, dst=0, group=self.results_group)
         return gathered
 
     def close(self) -> None:
@@ -77,4 +81,9 @@ def setup_distributed(requested_device: str) -> Distributed:
     if not dist.is_initialized():
         # gloo also on GPUs would work, but NCCL is what moves tensors between them fast.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, local_rank, world_size, device)
+    # A process whose shard is done waits at the gather for the slowest one, however long it
+    # takes: shards hold the same number of pairs, not the same work (one 3D pair among 2D ones).
+    # The default group gives up after 30 min (gloo; 10 min NCCL), and torchrun then kills the
+    # whole batch. A process that dies instead of lagging ends the job through torchrun anyway.
+    results_group = dist.new_group(backend="gloo", timeout=RESULTS_TIMEOUT)
+    return Distributed(rank, local_rank, world_size, device, results_group)

@@ -95,7 +95,7 @@ from napari_unifuse.engine.methods import (
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore_progress
 from napari_unifuse.engine.provenance import (
     StageTimer,
-    describe_source,
+    describe_input,
     sha256_of_path,
     software_versions,
     utc_timestamp,
@@ -313,6 +313,7 @@ class FusionEngine:
 
         with torch.inference_mode(), _out_of_memory_explained(timer, reference, self.device):
             with stage("validate"):
+                given = {"reference": describe_input(reference), "moving": describe_input(moving)}  # as handed in
                 reference, moving = self.validate(reference, moving)
                 warnings.extend(overlap_warnings(reference, moving))
             planar = _single_slice_pair(reference, moving)
@@ -364,9 +365,9 @@ class FusionEngine:
         result.provenance = {
             "created": utc_timestamp(),
             "inputs": {
-                "reference": {**describe_source(reference.source), "shape": list(reference.array.shape),
+                "reference": {**given["reference"], "shape": list(reference.array.shape),
                               "geometry": reference.geometry.to_dict(), "rgb": reference.is_rgb},
-                "moving": {**describe_source(moving.source), "shape": list(moving.array.shape),
+                "moving": {**given["moving"], "shape": list(moving.array.shape),
                            "geometry": moving.geometry.to_dict(), "rgb": moving.is_rgb},
             },
             "method": self.method.describe(),

@@ -45,6 +45,8 @@ QUALITY_FILE = "quality.json"
 QUALITY_MAP_FILES = {"invented": "invented.nii.gz", "lost": "lost.nii.gz",
                      "restoration_change": "restoration_change.nii.gz", UNCERTAINTY: "uncertainty.nii.gz"}
 METRICS_FILE = "metrics.json"
+# The hidden folder a run's outputs are written into before they move in together.
+STAGING_PREFIX = ".unifuse-partial-"
 REPORT_FILE = "report.html"  # engine.report's QC page of a run
 # The workbench's review maps, saved beside the outputs: float maps, NIfTI (MHA for PNG runs).
 REVIEW_MAP_NAMES = ("alignment_error", "jacobian_determinant", "folding")
@@ -77,12 +79,31 @@ def is_complete(out_dir: str | Path) -> bool:
 
 
 def read_provenance(out_dir: str | Path) -> dict[str, Any] | None:
-    """The provenance of the finished run in ``out_dir``; None where there is none or it is unreadable."""
+    """The provenance of the finished run in ``out_dir``; None where there is none, it is unreadable
+    or it is not of the shape a run writes (another tool's ``provenance.json``)."""
+    provenance = read_json_object(Path(out_dir) / PROVENANCE_FILE)
+    return provenance if _is_run_provenance(provenance) else None
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, damaged or not an object."""
     try:
-        provenance = json.loads((Path(out_dir) / PROVENANCE_FILE).read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return provenance if isinstance(provenance, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def _is_run_provenance(provenance: Any) -> bool:
+    """Whether ``provenance`` has the sections a run records, as JSON objects: inputs (one object
+    per role) and method always; checkpoint, model_config and requested_settings where present."""
+    if not isinstance(provenance, dict):
+        return False
+    inputs = provenance.get("inputs")
+    return (isinstance(inputs, dict) and all(isinstance(source, dict) for source in inputs.values())
+            and isinstance(provenance.get("method"), dict)
+            and all(isinstance(provenance.get(section), dict | None)
+                    for section in ("checkpoint", "model_config", "requested_settings")))
 
 
 def refuse_overwriting_inputs(out_dir: str | Path, inputs: Iterable[str | Path | None]) -> None:
@@ -148,7 +169,9 @@ def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: 
         names = (*names[:-1], *quality_file_names(result.quality), PROVENANCE_FILE)
     if metrics is not None:
         names = (*names[:-1], METRICS_FILE, PROVENANCE_FILE)
-    staging = Path(tempfile.mkdtemp(prefix=".unifuse-partial-", dir=out_dir))
+    for leftover in out_dir.glob(f"{STAGING_PREFIX}*"):  # a write killed midway (SIGKILL skips `finally`)
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
     try:
         write_image(result.fused, staging / names[0])
         write_image(result.aligned, staging / names[1])

@@ -16,6 +16,7 @@ import numpy as np
 
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.misalign import warp_array
+from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import ImageVolume
 
 # Percentiles that set the display window of a grey image: robust to a few hot voxels (metal,
@@ -144,7 +145,7 @@ def input_fingerprint(volume: ImageVolume, fallback_name: str) -> str:
     """What identifies an input across sessions: its file path, or (in-memory layers) a content hash."""
     if volume.source and Path(volume.source).exists():
         return str(Path(volume.source).resolve())
-    digest = hashlib.sha256(np.ascontiguousarray(volume.array).tobytes()).hexdigest()[:16]
+    digest = sha256_of_array(volume.array)[:16]
     return f"{fallback_name}:{volume.array.shape}:{digest}"
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import napari_unifuse
+from napari_unifuse.io import ImageVolume
 
 _CHUNK = 1 << 20
 
@@ -41,6 +42,20 @@ def describe_source(source: str | None) -> dict[str, Any]:
     if source is None or not Path(source).exists():
         return {"path": source, "sha256": None}
     return {"path": str(Path(source).resolve()), "sha256": sha256_of_path(source)}
+
+
+def sha256_of_array(array: np.ndarray) -> str:
+    """SHA-256 of an array's values (C order), what identifies data that has no file."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def describe_input(image: ImageVolume) -> dict[str, Any]:
+    """``describe_source`` of an input image; for in-memory data (a napari layer, a bundled sample)
+    also ``array_sha256``, the hash of the values it holds, so a saved run can be tied to its data."""
+    described = describe_source(image.source)
+    if described["sha256"] is None:
+        described["array_sha256"] = sha256_of_array(image.array)
+    return described
 
 
 def software_versions() -> dict[str, str]:

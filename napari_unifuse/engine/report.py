@@ -30,7 +30,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from napari_unifuse.engine.annotations import Annotation, AnnotationStore, describe_location
-from napari_unifuse.engine.outputs import PROVENANCE_FILE, QUALITY_FILE, REPORT_FILE
+from napari_unifuse.engine.outputs import PROVENANCE_FILE, QUALITY_FILE, REPORT_FILE, read_json_object
 from napari_unifuse.engine.overlays import display_grey, slice_of
 from napari_unifuse.engine.quality import (
     INVENTED,
@@ -334,8 +334,8 @@ class _IndexRow:
     @classmethod
     def of(cls, run: Path, runs_dir: Path) -> _IndexRow:
         relative = run.relative_to(runs_dir).as_posix()
-        provenance = _read_json(run / PROVENANCE_FILE)
-        quality = _read_json(run / QUALITY_FILE)
+        provenance = read_json_object(run / PROVENANCE_FILE)
+        quality = read_json_object(run / QUALITY_FILE)
         roles = _mapping(_mapping(provenance).get("inputs"))
         inputs = " + ".join(_readable(Path(str(_mapping(roles.get(role)).get("path") or role)).name)
                             for role in ("reference", "moving"))
@@ -360,10 +360,3 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``; None when it is missing, damaged or not an object."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None

@@ -57,7 +57,8 @@ FieldEstimator = Callable[[torch.Tensor], np.ndarray]
 DEFINITION = ("sample standard deviation (vector length, mm) of the structural matching's local estimate, "
               "started from the kept field, over the moving image and copies of it shifted by ± half a matching "
               f"step along y and x (shift added back) with {GAIN_JITTER:.0%} gain and {NOISE_JITTER:.0%} noise "
-              "jitter; flagged above one voxel")
+              "jitter; flagged above one voxel (mean spacing, mm) of the grid the passes run on: the "
+              "structural matching's pyramid level, which pools volumes beyond about 96³")
 
 
 def matching_estimator(reference: torch.Tensor, start: torch.Tensor, step: int) -> FieldEstimator:

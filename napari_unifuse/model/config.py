@@ -53,7 +53,7 @@ class UniFuseConfig(DictConfig):
     expand: int = 2
     # L: prompts per degradation class; P, G, P̂ are (Ñ, L, M) (§3.2, Eq. 2).
     prompt_length: int = 8
-    # Ñ: degradation classes, in the order of data.degrade.DEGRADATION_CLASSES.
+    # Ñ: degradation classes, in the order of classes.DEGRADATION_CLASSES.
     num_classes: int = 4
     # J RegBLKs in FA (Table 5: 4 is best); regblock_channels[i] is block i's output width. The
     # last log2(Q) blocks each upsample ×2 so that the field comes out at full resolution.

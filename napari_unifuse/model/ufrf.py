@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.classes import DEGRADATION_CLASSES
 from napari_unifuse.model.alsn import ALSN
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.guidance import PromptGuidance

@@ -482,10 +482,15 @@ def test_resuming_reads_no_input_untouched_since_its_run(data, tmp_path, capsys,
     assert "skipped, already done" in capsys.readouterr().out and hashed == []
 
 
-def test_results_whose_provenance_cannot_be_read_are_not_taken_as_done(data, tmp_path, capsys):
+@pytest.mark.parametrize("found", [
+    "{",  # cut short by a full disk
+    '{"tool": "other-pipeline", "inputs": ["a", "b"]}',  # another tool's, in an --out it shares
+    '{"inputs": {"reference": "a.nii"}, "method": {"name": "unifuse"}}',
+])
+def test_results_whose_provenance_cannot_be_read_are_not_taken_as_done(found, data, tmp_path, capsys):
     root, out = data["root"], tmp_path / "out"
     assert fuse_request(root, out, {}) == 0
-    (out / "pet7" / "provenance.json").write_text("{", encoding="utf-8")  # cut short by a full disk
+    (out / "pet7" / "provenance.json").write_text(found, encoding="utf-8")
 
     assert fuse_request(root, out, {}) == 2
     assert "provenance.json cannot be read" in capsys.readouterr().err

@@ -109,3 +109,86 @@ def test_a_failed_pair_is_listed_in_the_summary_and_the_batch_exits_2(batch, cap
     summary = json.loads((root / "out" / "summary.json").read_text(encoding="utf-8"))
     assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("missing", "failed"), ("case0", "done")]
     assert "file not found" in summary["outcomes"][0]["error"]
+
+
+LAGGING_RANK_SCRIPT = """
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from napari_unifuse.engine.distributed import setup_distributed
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # a default group quick to give up
+job = setup_distributed("cpu")
+if job.rank == 1:
+    time.sleep(6)  # a shard that takes longer than the default group would wait
+gathered = job.gather(job.rank)
+if job.is_main:
+    print("gathered", gathered)
+job.close()
+"""
+
+
+def test_a_process_whose_shard_lags_is_waited_for_past_the_default_groups_timeout(tmp_path):
+    """A cohort's shards hold as many pairs, not as much work: the first process done waits at the
+    gather, which under the default timeout ended the whole batch (torchrun killed the others)."""
+    script = tmp_path / "lagging.py"
+    script.write_text(LAGGING_RANK_SCRIPT, encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+               "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "gathered [0, 1]" in finished.stdout
+
+
+def test_a_csv_of_other_rows_finds_each_pairs_earlier_folder(batch, capsys):
+    """`unifuse synth --pairs` folders: with two rows the folders are 0000_moving and 0001_moving; a
+    CSV retrying one of them alone would name it `moving`, fuse it again there, and name the
+    summary after itself without a word about the one it replaced."""
+    from napari_unifuse.cli import main
+
+    root, checkpoint = batch
+    for index in range(2):
+        (root / f"000{index}").mkdir()
+        (root / f"000{index}" / "moving.png").write_bytes((root / f"case{index}.png").read_bytes())
+    (root / "all.csv").write_text("reference,moving\nmri.png,0000/moving.png\nmri.png,0001/moving.png\n",
+                                  encoding="utf-8")
+    (root / "retry.csv").write_text("reference,moving\nmri.png,0001/moving.png\n", encoding="utf-8")
+    out = root / "out"
+    options = ["--out", str(out), "--checkpoint", str(checkpoint), "--device", "cpu"]
+    assert main(["fuse", "--pairs", str(root / "all.csv"), *options]) == 0
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["0000_moving", "0001_moving"]
+    capsys.readouterr()
+
+    assert main(["fuse", "--pairs", str(root / "retry.csv"), *options]) == 0
+
+    printed = capsys.readouterr()
+    assert "0001_moving: skipped, already done" in printed.out
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["0000_moving", "0001_moving"]
+    assert f"described the batch of {(root / 'all.csv').resolve()}" in printed.err
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["pairs_csv"] == str((root / "retry.csv").resolve())
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("0001_moving", "skipped")]
+
+
+def test_only_process_0_sums_up_the_batch_and_exits_non_zero(batch, capsys, monkeypatch):
+    """Another process that exits 2 on its own failures makes torchrun stop process 0 as it writes
+    the summary, and each process printed its own count of failed pairs."""
+    from napari_unifuse.cli import build_parser, fuse
+
+    root, checkpoint = batch
+    (root / "bad.csv").write_text("reference,moving\nmri.png,missing0.png\nmri.png,missing1.png\n",
+                                  encoding="utf-8")
+    args = build_parser().parse_args(["fuse", "--pairs", str(root / "bad.csv"), "--out", str(root / "out"),
+                                      "--checkpoint", str(checkpoint), "--device", "cpu"])
+    pairs = fuse._pairs_from_args(args)
+    monkeypatch.setattr(Distributed, "gather", lambda self, value: None if self.rank else [value])
+
+    assert fuse._run_shard(args, pairs, Distributed(1, 1, 2, torch.device("cpu"))) == 0
+    printed = capsys.readouterr().err
+    assert "missing1.png: file not found" in printed and "pairs failed" not in printed
+    assert not (root / "out" / "summary.json").exists()
+    assert fuse._run_shard(args, pairs, Distributed(0, 0, 2, torch.device("cpu"))) == 2
+    assert "1 of 2 pairs failed" in capsys.readouterr().err  # here: process 0's own shard gathered alone

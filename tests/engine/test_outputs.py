@@ -16,6 +16,7 @@ from napari_unifuse.engine.outputs import (
     QUALITY_FILE,
     QUALITY_MAP_FILES,
     REPORT_FILE,
+    STAGING_PREFIX,
     output_file_names,
     refuse_overwriting_inputs,
     write_fusion_outputs,
@@ -57,6 +58,16 @@ def test_a_rewrite_removes_every_earlier_output_and_keeps_other_files(pair, tmp_
     assert set(written) == set(output_file_names("png"))
     assert {path.name for path in run.iterdir()} == {*output_file_names("png"), "notes.txt"}
     assert (run / "notes.txt").read_text(encoding="utf-8") == "a reviewer's notes"
+
+
+def test_the_staging_folder_of_a_write_killed_midway_goes_with_the_next_write(pair, tmp_path):
+    """SIGKILL (or torchrun's SIGTERM) skips the `finally` that removes it."""
+    run = tmp_path / "run"
+    leftover = run / f"{STAGING_PREFIX}k1ll3d"
+    leftover.mkdir(parents=True)
+    (leftover / "fused.png").write_bytes(b"half an image")
+    write_fusion_outputs(fused(pair, quality=False), run)
+    assert {path.name for path in run.iterdir()} == set(output_file_names("png"))
 
 
 def test_a_page_written_before_saving_is_kept_unless_asked(pair, tmp_path):

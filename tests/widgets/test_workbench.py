@@ -14,6 +14,7 @@ from napari_unifuse._qt.outputs import OutputNames
 from napari_unifuse._qt.run_panel import FROM_FILE
 from napari_unifuse._qt.workbench import UniFuseWorkbench
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
+from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import Geometry, read_image
 
 from .conftest import GEOMETRY_3D, add_pair
@@ -76,6 +77,10 @@ def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_v
     viewer.dims.set_current_step(0, 4)
     assert set(quivers.data[:, 0, 0]) == {4.0}
     assert workbench.plot.marker_position == 4
+    viewer.dims.ndisplay = 3  # the whole volume's arrows, through-plane components included
+    assert len(set(quivers.data[:, 0, 0])) > 1
+    viewer.dims.ndisplay = 2
+    assert set(quivers.data[:, 0, 0]) == {4.0}
     outcome = workbench.outcome
     expected_ncc = np.corrcoef(outcome.aligned_in_label_window[4].ravel(), outcome.label_grey[4].ravel())[0, 1]
     assert float(workbench.metrics_panel.value("NCC to label", "slice")) == pytest.approx(expected_ncc, rel=1e-3)
@@ -112,6 +117,18 @@ def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_v
     assert (folder / "provenance.json").is_file() and (folder / "jacobian_determinant.nii.gz").is_file()
     provenance = json.loads((folder / "provenance.json").read_text(encoding="utf-8"))
     assert provenance["checkpoint"]["path"] == str(checkpoint_files[3].resolve())
+    # In-memory layers are tied to their data by hash, the ground truth the error map used included.
+    inputs = provenance["inputs"]
+    assert inputs["label"]["path"] == "T2 ground truth"
+    for role, layer_name in (("reference", "T1"), ("moving", "T2"), ("label", "T2 ground truth")):
+        assert inputs[role]["array_sha256"] == sha256_of_array(viewer.layers[layer_name].data)
+    assert "ground truth recorded as inputs.label" in provenance["review_maps"]["alignment_error"]
+    assert set(provenance["review_maps"]) == {"alignment_error", "jacobian_determinant", "folding"}
+    # The volume metrics the Metrics tab shows are saved with the outputs.
+    saved_metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert saved_metrics["NCC to label"] == pytest.approx(workbench.outcome.volume_metrics["NCC to label"])
+    assert float(workbench.metrics_panel.value("NCC to label", "volume")) == pytest.approx(
+        saved_metrics["NCC to label"], abs=1e-3)
 
 
 def test_2d_run_shows_one_probability_row_and_all_vectors(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
@@ -471,6 +488,9 @@ def test_the_canvas_note_names_its_pair_and_leaves_with_its_layers(make_napari_v
     assert not overlay.visible
     qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
     assert overlay.text.startswith(OutputNames.for_inputs("MR 2", "CT 2").fused)
+    # The last pair's arrows go: without their field they could no longer follow the slider.
+    assert OutputNames.for_inputs("MR", "CT").quivers not in viewer.layers
+    assert OutputNames.for_inputs("MR 2", "CT 2").quivers in viewer.layers
     workbench.release_viewer()
     assert not overlay.visible
 
