@@ -18,6 +18,7 @@ from napari_unifuse.engine.overlays import (
     absolute_error,
     display_grey,
     display_window,
+    field_jacobian,
     folding_mask,
     grey_values,
     slice_of,
@@ -31,7 +32,6 @@ from napari_unifuse.metrics import (
     METRIC_NAMES,
     JacobianRegularity,
     fusion_metrics,
-    jacobian_determinant,
     jacobian_regularity,
     local_misalignment_map,
     mutual_information,
@@ -143,10 +143,13 @@ def run_and_analyse(
         result.provenance.setdefault("inputs", {})["label"] = describe_input(request.label)
     else:
         label_grey = aligned_in_label_window = None
-        error_map = local_misalignment_map(aligned_grey, reference_grey).astype(np.float32)
+        # A one-slice volume's map is its slice's: 3D neighbourhoods would reach across nothing.
+        axis = result.fused.single_slice_axis
+        error_map = local_misalignment_map(slice_of(aligned_grey, axis, 0), slice_of(reference_grey, axis, 0))
+        error_map = (error_map if axis is None else np.expand_dims(error_map, axis)).astype(np.float32)
         error_kind = "misalignment (MIND)"
     result.provenance["review_maps"] = {"alignment_error": ERROR_MAP_DESCRIPTIONS[error_kind], **REVIEW_MAP_DESCRIPTIONS}
-    jacobian = jacobian_determinant(result.displacement).astype(np.float32)
+    jacobian = field_jacobian(result.displacement, result.fused.single_slice_axis)
     outcome = RunOutcome(
         result=result, reference_grey=reference_grey, aligned_grey=aligned_grey, label_grey=label_grey,
         aligned_in_label_window=aligned_in_label_window, error_map=error_map, error_kind=error_kind,
@@ -160,17 +163,24 @@ def volume_metrics(outcome: RunOutcome) -> dict[str, float]:
     """Fusion metrics (fused vs reference and aligned), field regularity, and label metrics if any.
 
     A metric that does not apply to these inputs (e.g. slices under Q_vif's 41×41 minimum) is NaN,
-    shown as "n/a", rather than failing the run.
+    shown as "n/a", rather than failing the run. A one-slice volume is scored as the 2D image it
+    is (its only slice): 3D windows and border margins do not fit in one slice.
     """
-    fused = grey_values(outcome.result.fused)
+    axis = outcome.result.fused.single_slice_axis
+
+    def whole(array: np.ndarray) -> np.ndarray:
+        return slice_of(array, axis, 0)
+
+    fused, reference, aligned = whole(grey_values(outcome.result.fused)), whole(outcome.reference_grey), whole(
+        outcome.aligned_grey)
     # The per-source gain first: unlike Q_ssim or Q_abf, a fusion that copies one source scores 0 on it.
-    values = {"gain min": _or_nan(lambda: ssim_gains(fused, outcome.reference_grey, outcome.aligned_grey).minimum)}
-    values.update(_or_nan(lambda: fusion_metrics(fused, outcome.reference_grey, outcome.aligned_grey), METRIC_NAMES))
+    values = {"gain min": _or_nan(lambda: ssim_gains(fused, reference, aligned).minimum)}
+    values.update(_or_nan(lambda: fusion_metrics(fused, reference, aligned), METRIC_NAMES))
     # From the determinant map the layers show: computing it again per figure cost seconds in 3D.
-    regularity = _or_nan(lambda: jacobian_regularity(outcome.jacobian)._asdict(), JacobianRegularity._fields)
+    regularity = _or_nan(lambda: jacobian_regularity(whole(outcome.jacobian))._asdict(), JacobianRegularity._fields)
     values["folding %"], values["SDlogJ"] = regularity["folding_percentage"], regularity["sd_log_jacobian"]
     if outcome.label_grey is not None:
-        values.update(_label_metrics(outcome.aligned_in_label_window, outcome.label_grey))
+        values.update(_label_metrics(whole(outcome.aligned_in_label_window), whole(outcome.label_grey)))
     return values
 
 

@@ -17,6 +17,7 @@ from napari_unifuse._qt.collapsible import collapsible_section
 from napari_unifuse._qt.notifications import reports_errors
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.overlays import input_fingerprint, run_folder
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, read_image
@@ -208,8 +209,10 @@ class RunPanel(widgets.Container):
         bundled_dims = {name: read_config(name).spatial_dims for name in list_checkpoints(method="unifuse")}
         if self.checkpoint.value not in bundled_dims or not self.reference.value:
             return
-        reference = self.viewer.layers[self.reference.value]
-        ndim = reference.ndim - (1 if reference.rgb else 0)
+        try:  # a one-slice volume is fused as the 2D image it is (engine.input_checks.model_dimensions)
+            ndim = model_dimensions(layer_to_volume(self.viewer.layers[self.reference.value]))
+        except InputError:
+            return  # a layer the run will refuse, with its message then
         if bundled_dims[self.checkpoint.value] != ndim:
             matching = [name for name, dims in bundled_dims.items() if dims == ndim]
             if matching:

@@ -58,6 +58,7 @@ from napari_unifuse._qt.qc_panel import QCPanel
 from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, WorkerHandover
 from napari_unifuse.engine.annotations import AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
@@ -327,10 +328,11 @@ class UniFuseWorkbench(QWidget):
     @staticmethod
     def _fuse_and_analyse(request: RunRequest, cancel: CancelToken, engines: dict[tuple, FusionEngine],
                           progressed: ProgressCallback) -> RunOutcome:
-        key = (request.checkpoint, request.reference.ndim, request.device, request.tile_size)
+        dims = model_dimensions(request.reference)  # a one-slice volume is fused as a 2D image
+        key = (request.checkpoint, dims, request.device, request.tile_size)
         if key not in engines:
             progressed("load model", 0, 1)
-            engines[key] = build_engine(request.checkpoint, request.reference.ndim, request.device, request.tile_size)
+            engines[key] = build_engine(request.checkpoint, dims, request.device, request.tile_size)
         return run_and_analyse(request, engines[key], progressed, cancel)
 
     def cancel_run(self) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from napari_unifuse.errors import InputError, UniFuseError
 
 PLUGIN = "napari-unifuse"
 WORKBENCH = "UniFuse workbench"
@@ -14,32 +17,76 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "view",
         help="open napari with the UniFuse workbench (and a bundled sample pair unless files are given)",
     )
-    parser.add_argument("paths", nargs="*", help="images to open (reference first, then moving)")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        help="images (files or DICOM series folders) to open, reference first, then moving; they fill the "
+             "workbench's reference and moving boxes, also when --sample is given",
+    )
     parser.add_argument(
         "--sample",
         choices=SAMPLES,
         default=None,
-        help=f"bundled sample pair to load (default when no paths are given: {SAMPLES[0]})",
+        help=f"bundled sample pair to load (default when no paths are given: {SAMPLES[0]}); with paths, the "
+             "sample is opened too, as extra layers, but the paths stay the pair to run",
     )
     parser.set_defaults(func=run)
 
 
+def check_openable(path: str) -> None:
+    """Raise the InputError that says why the package's reader cannot open ``path``, if it cannot.
+
+    Cheap: the name, and for a folder GDCM's lists of series; no image is read (napari reads it
+    next). A file of a supported type that is corrupt passes, and the viewer reports it."""
+    from napari_unifuse.io.readers import dicom_series, readable_format
+
+    if readable_format(path) == "dicom" and Path(path).is_dir():
+        dicom_series(path)  # a folder of no series, or of several, is refused with its listing
+
+
 def open_workbench(paths: list[str], sample: str | None, show: bool = True):
-    """Build the viewer; separated from `run` so tests can drive it without an event loop."""
+    """Build the viewer; separated from `run` so tests can drive it without an event loop.
+
+    Every path is checked before the viewer is created: a bad one raises InputError, no window opens."""
+    for path in paths:
+        check_openable(path)
     import napari
 
     viewer = napari.Viewer(show=show)
-    for path in paths:
-        viewer.open(path, plugin=PLUGIN)
-    if sample or not paths:
-        viewer.open_sample(PLUGIN, sample or SAMPLES[0])
-    viewer.window.add_plugin_dock_widget(PLUGIN, WORKBENCH)
+    try:
+        # The sample first, so that the files are the newest layers; the files then fill the boxes.
+        if sample or not paths:
+            viewer.open_sample(PLUGIN, sample or SAMPLES[0])
+        opened = []
+        for path in paths:
+            opened += _open(viewer, path)
+        _, workbench = viewer.window.add_plugin_dock_widget(PLUGIN, WORKBENCH)
+    except BaseException:
+        viewer.close()
+        raise
+    names = [layer.name for layer in opened if layer in viewer.layers and isinstance(layer, napari.layers.Image)]
+    if names:
+        # The workbench offers a sample's pair by its roles; given files are the pair the user asked for.
+        # One file fills both boxes, as in an empty viewer: the next image opened becomes the moving one.
+        panel = workbench.run_panel
+        panel.reference.value, panel.moving.value = names[0], names[min(1, len(names) - 1)]
     return viewer
 
 
+def _open(viewer, path: str) -> list:
+    """``viewer.open`` with the package's reader; napari's own refusal becomes the reader's explanation."""
+    try:
+        return viewer.open(path, plugin=PLUGIN)
+    except UniFuseError:
+        raise
+    except (OSError, ValueError) as error:
+        check_openable(path)  # gone or changed since the check: say what is wrong now
+        raise InputError(f"napari could not open it ({error})", path) from error
+
+
 def run(args: argparse.Namespace) -> int:
+    open_workbench(args.paths, args.sample)  # checks the paths before napari is even imported
     import napari
 
-    open_workbench(args.paths, args.sample)
     napari.run()
     return 0

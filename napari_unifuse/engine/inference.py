@@ -315,7 +315,7 @@ class FusionEngine:
             with stage("validate"):
                 given = {"reference": describe_input(reference), "moving": describe_input(moving)}  # as handed in
                 reference, moving = self.validate(reference, moving)
-                warnings.extend(overlap_warnings(reference, moving))
+                warnings.extend(mixed_format_warnings(reference, moving) + overlap_warnings(reference, moving))
             planar = _single_slice_pair(reference, moving)
             if planar is not None:
                 result = self.run_fusion(*planar, reference_modality=reference_modality,
@@ -763,9 +763,12 @@ class FusionEngine:
         else:
             aligned = _to_dtype(restored_units, moving_ready.dtype)
         # Outputs take the reference's format; NIfTI holds no colour, so an RGB result on a grid
-        # with geometry goes to MetaImage, which keeps both.
-        reference_is_raster = str(reference.source or "").lower().endswith(PILLOW_SUFFIXES)
-        extension = "png" if reference_is_raster else "mha" if carried_chroma is not None else "nii.gz"
+        # with geometry goes to MetaImage, which keeps both. PNG holds 8-bit pictures only, so the
+        # aligned image of a scanner image (CT in HU) onto a PNG goes to MetaImage too.
+        if _is_picture(reference) and _is_picture(moving):
+            extension = "png"
+        else:
+            extension = "mha" if carried_chroma is not None or _is_picture(reference) else "nii.gz"
         probs = prediction["class_probs"]
         return FusionResult(
             fused=ImageVolume(fused.astype(np.float32), geometry, {"role": "fused"}, None, carried_chroma is not None),
@@ -791,6 +794,22 @@ HEADERS_SUSPECT = 0.01
 FUSION_OUTSIDE_THE_MOVING_IMAGE = "the aligned image is empty and the fused image is the reference alone"
 
 
+def _is_picture(image: ImageVolume) -> bool:
+    """Read from a PNG or JPG: no position, orientation or pixel size (1 mm pixels from the origin)."""
+    return str(image.source or "").lower().endswith(PILLOW_SUFFIXES)
+
+
+def mixed_format_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
+    """A PNG or JPG paired with a scanner image: their overlay in space is a guess, whatever the
+    overlap (a picture's 1 mm pixels from the origin against the scanner's millimetres)."""
+    if _is_picture(reference) == _is_picture(moving):
+        return []
+    picture, scanner = (reference, moving) if _is_picture(reference) else (moving, reference)
+    return [f"{picture.source} is a picture without position or pixel size, {scanner.source or 'the other image'} "
+            "a scanner image with both: they are overlaid as if the picture's pixels were 1 mm wide from the "
+            "scanner's origin; check the overlay, or give both images in one format"]
+
+
 def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
                      outside: str = FUSION_OUTSIDE_THE_MOVING_IMAGE) -> list[str]:
     """What a run should say of how much of the reference grid the moving image reaches in space;
@@ -807,9 +826,8 @@ def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
         return image.geometry.index_to_world[:-1] @ np.append(middle, 1.0)
 
     distance = float(np.linalg.norm(centre(moving) - centre(reference)))
-    rasters = [str(image.source or "").lower().endswith(PILLOW_SUFFIXES) for image in (reference, moving)]
     hint = ("a PNG or JPG has no position in the scanner (its first pixel sits at the origin): pair it with "
-            "another PNG or JPG, or save both images as NIfTI" if rasters[0] != rasters[1] else
+            "another PNG or JPG, or save both images as NIfTI" if _is_picture(reference) != _is_picture(moving) else
             "check the two files' origins and orientations (their affines), or resample one onto the other")
     # Either header may be the wrong one: the message names both files.
     named = f"the reference ({reference.source})" if reference.source else "the reference"

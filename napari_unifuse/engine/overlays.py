@@ -18,6 +18,7 @@ from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.misalign import warp_array
 from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import ImageVolume
+from napari_unifuse.metrics import jacobian_determinant
 
 # Percentiles that set the display window of a grey image: robust to a few hot voxels (metal,
 # lesions) that would otherwise squash everything else to black.
@@ -127,6 +128,16 @@ def absolute_error(aligned: np.ndarray, label: np.ndarray) -> np.ndarray:
     if aligned.shape != label.shape:
         raise ValueError(f"aligned {aligned.shape} and label {label.shape} are not on one grid")
     return np.abs(np.asarray(aligned, dtype=np.float32) - np.asarray(label, dtype=np.float32))
+
+
+def field_jacobian(displacement: np.ndarray, single_slice_axis: int | None = None) -> np.ndarray:
+    """det J of the field at every voxel (``metrics.jacobian_determinant``), float32; on a one-slice
+    volume (``single_slice_axis``, as ``ImageVolume.single_slice_axis``) that of its in-plane field,
+    put back on the volume's grid: nothing can vary across a single slice."""
+    if single_slice_axis is None:
+        return jacobian_determinant(displacement).astype(np.float32)
+    in_plane = np.delete(displacement, single_slice_axis, axis=0).take(0, axis=single_slice_axis + 1)
+    return np.expand_dims(jacobian_determinant(in_plane).astype(np.float32), single_slice_axis)
 
 
 def folding_mask(jacobian_determinant: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry
-from napari_unifuse.io.readers import itk_filename
+from napari_unifuse.io.readers import itk_source
 from napari_unifuse.io.writers import itk_destination
 
 
@@ -50,9 +50,14 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
     """
     path = Path(path)
     try:
-        image = sitk.ReadImage(itk_filename(path))
-    except RuntimeError as error:
-        raise InputError(f"cannot be read as a displacement field: {str(error).strip().splitlines()[-1]}", path) from error
+        with itk_source(path) as source:
+            try:
+                image = sitk.ReadImage(source)
+            except RuntimeError as error:
+                detail = str(error).strip().splitlines()[-1].replace(source, str(path))
+                raise InputError(f"cannot be read as a displacement field: {detail}", path) from error
+    except OSError as error:  # a file that cannot be linked or copied for ITK (missing, unreadable)
+        raise InputError(f"cannot be read as a displacement field: {error}", path) from error
     ndim = image.GetDimension()
     if image.GetNumberOfComponentsPerPixel() != ndim:
         raise InputError(

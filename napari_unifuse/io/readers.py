@@ -7,6 +7,8 @@ axis order); every failure becomes an InputError naming the file and the problem
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import FileBasedImage
+from nibabel.imageclasses import all_image_classes
 from numpy.lib.recfunctions import structured_to_unstructured
 from PIL import Image
 
@@ -79,6 +83,30 @@ def itk_filename(path: str | os.PathLike) -> str:
 
 
 @contextmanager
+def itk_source(path: str | os.PathLike) -> Iterator[str]:
+    """A file name SimpleITK reads ``path`` under (checked by :func:`itk_filename`).
+
+    ITK's NIfTI library refuses a suffix in mixed case (``.Nii.Gz``, ``.nii.GZ``: "mixed case
+    extension is not valid"), although nibabel and this package accept it: such a file is linked,
+    or copied where a link cannot be made, under its lower-case suffix into a temporary folder.
+    """
+    path = Path(path)
+    name = itk_filename(path)
+    lowered = path.name.lower()
+    suffix = next((path.name[-len(s):] for s in NIFTI_SUFFIXES[::-1] if lowered.endswith(s)), None)
+    if suffix is None or suffix in (suffix.lower(), suffix.upper()):
+        yield name
+        return
+    with tempfile.TemporaryDirectory() as staging:
+        staged = os.path.join(staging, path.name[: -len(suffix)] + suffix.lower())
+        try:
+            os.link(path, staged)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(path, staged)
+        yield staged
+
+
+@contextmanager
 def _itk_console_warnings_hidden() -> Iterator[None]:
     """Keep ITK's C++ warnings off stderr; the switch is global, so it is restored afterwards."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -96,8 +124,9 @@ def dicom_series_ids(folder: str | os.PathLike) -> tuple[str, ...]:
         return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_filename(folder)))
 
 
-def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume:
-    """Read a 2D/3D image with its geometry; ``frame`` picks one volume of a 4D file."""
+def readable_format(path: str | os.PathLike) -> str:
+    """``file_format(path)``, or the InputError that says why nothing here can read it (missing, or
+    of a type no reader knows); the file itself is not opened."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", path)
@@ -108,6 +137,13 @@ def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume
             f"supported: {', '.join(SUPPORTED_SUFFIXES)} or a DICOM series folder",
             path,
         )
+    return fmt
+
+
+def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume:
+    """Read a 2D/3D image with its geometry; ``frame`` picks one volume of a 4D file."""
+    path = Path(path)
+    fmt = readable_format(path)
     try:
         array, geometry, metadata, is_rgb = _READERS[fmt](path, frame)
         _refuse_empty(array, path)
@@ -191,9 +227,35 @@ def _failure(path: Path, what: str, error: Exception) -> InputError:
 
 
 # ---- NIfTI --------------------------------------------------------------------------------
+def load_nifti(path: str | os.PathLike) -> FileBasedImage:
+    """``nib.load(path)``, also when the suffix is in mixed case (``Ref.Nii.Gz``, ``scan.Nii``).
+
+    nibabel's ``from_filename`` rebuilds the file name from the suffix it found, in all upper or
+    all lower case (so that ``.IMG`` finds ``.HDR``): a mixed-case ``.Nii.Gz`` would be opened as
+    ``.nii.Gz``, a file that does not exist. For such a name the image class is chosen as nib.load
+    chooses it (its sniff reads the file under the name given) and the image is opened, with
+    nib.load's defaults, from a file map that names the file as it is. Other names go to nib.load.
+    """
+    name = str(path)
+    if not nibabel_renames(nib.Nifti1Image, name):
+        return nib.load(name)
+    sniff = None
+    for image_class in all_image_classes:
+        is_valid, sniff = image_class.path_maybe_image(name, sniff)
+        if is_valid and len(image_class.files_types) == 1:  # single-file: .nii, as file_format checked
+            return image_class.from_file_map(image_class.make_file_map({image_class.files_types[0][0]: name}))
+    return nib.load(name)  # not a single-file NIfTI after all: nib.load says why
+
+
+def nibabel_renames(image_class: type[FileBasedImage], name: str) -> bool:
+    """Whether nibabel would open or save the single file ``name`` under another name (changing
+    the case of a mixed-case suffix), so that it must be given a file map instead of the name."""
+    return image_class.filespec_to_file_map(name)[image_class.files_types[0][0]].filename != name
+
+
 def _read_nifti(path: Path, frame: int | None):
     try:
-        image: Any = nib.load(path)  # a Nifti1/2Image; nibabel types it as any file-based image
+        image: Any = load_nifti(path)  # a Nifti1/2Image; nibabel types it as any file-based image
         # dataobj applies scl_slope/scl_inter and keeps integer types when there is no scaling.
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry, ImageVolume
-from napari_unifuse.io.readers import ITK_IMAGE_IOS, ITK_SUFFIXES, NIFTI_SUFFIXES
+from napari_unifuse.io.readers import ITK_IMAGE_IOS, ITK_SUFFIXES, NIFTI_SUFFIXES, nibabel_renames
 
 PNG_SUFFIXES = (".png",)
 WRITABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PNG_SUFFIXES
@@ -59,7 +59,12 @@ def _write_nifti(volume: ImageVolume, path: Path) -> None:
     image.set_sform(affine, code=int(header.get("sform_code") or _NIFTI_SCANNER_CODE))
     image.set_qform(affine, code=int(header.get("qform_code") or _NIFTI_SCANNER_CODE))
     image.header.set_xyzt_units("mm")
-    nib.save(image, path)
+    if nibabel_renames(nib.Nifti1Image, str(path)):
+        # nib.save would write a mixed-case ``Out.Nii.Gz`` as ``Out.nii.Gz``: name the file exactly.
+        # nibabel gzips by the suffix, in any case.
+        image.to_file_map(image.make_file_map({"image": str(path)}))
+    else:
+        nib.save(image, path)
 
 
 def _nifti_dtype(array: np.ndarray) -> np.dtype:

@@ -41,6 +41,16 @@ Run folder (``--out``)::
     checkpoints/last.state.pt   optimizer / step, tensors and numbers only,
                                 read back with torch.load(weights_only=True)
     checkpoints/best.safetensors + best.json       best validation fusion_gain_min so far (a copy-proof fusion score)
+    checkpoints/.saving-NAME/   a save in progress (see below); never read as a checkpoint
+
+A checkpoint NAME is three files (NAME.safetensors, NAME.json, NAME.state.pt) that replace the
+previous three as one: they are written into ``.saving-NAME/``, a ``COMMITTED`` marker is written
+beside them, and only then are they moved into place. A save cut short (killed, out of disk) before
+the marker leaves the previous set intact and is discarded; one cut short after it is finished by
+the next ``--resume`` (or save). A resume also refuses files from different steps (a hand-mixed
+folder) and another number of processes than the run used (``world_size``: it sets the effective
+batch and the order of the samples). A run interrupted before its first checkpoint is resumed from
+step 0.
 """
 
 from __future__ import annotations
@@ -99,6 +109,10 @@ STAGE_MODULES = {IMAGE_RESTORATION_STAGE: IMAGE_RESTORATION_MODULE, FUSION_WEIGH
 RESUMABLE_TRAIN_SETTINGS = ("max_steps", "lr", "batch_size")
 # A run's weights: RUN/checkpoints/last.safetensors and best.safetensors.
 CHECKPOINTS_FOLDER = "checkpoints"
+# A save in progress: RUN/checkpoints/.saving-NAME/ holds the new files of checkpoint NAME, and
+# COMMITTED once all of them are complete (Trainer._save).
+STAGING_PREFIX = ".saving-"
+COMMITTED = "COMMITTED"
 
 
 @dataclass
@@ -180,6 +194,15 @@ class Trainer:
         self.best_validation: dict[str, float] = {}
         self.validation: dict[str, float] = {}
         self.previous_seconds = 0.0
+        if resume:
+            # A save cut short: rank 0 finishes or discards it before any process reads the checkpoint.
+            if self.dist.is_main:
+                settle_interrupted_saves(self.checkpoint_dir)
+            self._barrier()
+        # --resume of a run interrupted before its first checkpoint: it starts again, as a fresh run would.
+        self.restarting = resume and not any(
+            path.exists() for path in (self.checkpoint_dir / "last.safetensors", self.checkpoint_dir / "last.json",
+                                       self._state_path("last")))
 
         torch.manual_seed(config.seed)
         self.objective = objective_for(config.model.method, config.source)
@@ -187,7 +210,7 @@ class Trainer:
                                      config.model.overrides).to(self.dist.device)
         # Provenance of a fine-tuning run's starting weights, kept in every checkpoint it writes.
         self.initial_weights: dict[str, Any] | None = None
-        if config.train.init_from is not None and not resume:
+        if config.train.init_from is not None and (not resume or self.restarting):
             path, metadata = load_weights(self.network, config.train.init_from,
                                           **_module_the_stage_initialises(config))
             self.initial_weights = {
@@ -244,18 +267,40 @@ class Trainer:
         checkpoints = self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir())
         return [name for name, present in (("log.jsonl", log.is_file()), ("checkpoints/", checkpoints)) if present]
 
+    def _staging_dir(self, name: str) -> Path:
+        return self.checkpoint_dir / f"{STAGING_PREFIX}{name}"
+
     def _restore(self) -> None:
+        _refuse_changes(run_config(self.run_dir), self.config, self.run_dir)
         weights = self.checkpoint_dir / "last.safetensors"
         state_path = self._state_path("last")
+        if self.restarting:
+            # Interrupted before its first checkpoint: the run starts again (fit() drops the log
+            # records of the attempt; a best.* it saved is replaced at the first validation).
+            if self.dist.is_main:
+                print(f"unifuse train: {self.run_dir} has no checkpoint yet: starting it from step 0", flush=True)
+            return
         if not weights.is_file() or not state_path.is_file():
             raise CheckpointError(f"nothing to resume in {self.checkpoint_dir} (no last.safetensors / last.state.pt)")
-        _refuse_changes(run_config(self.run_dir), self.config, self.run_dir)
         if not weights.with_suffix(".json").is_file():
             raise CheckpointError(f"{weights.with_suffix('.json')}: missing; the run folder cannot be resumed")
         _, sidecar = load_weights(self.network, weights)
         state = _read_state(state_path, self.dist.device)
+        step = int(state["step"])
+        if sidecar.get("steps") != step:
+            raise CheckpointError(f"{self.checkpoint_dir}: last.json records step {sidecar.get('steps')} but "
+                                  f"last.state.pt step {step}: the checkpoint's files come from different saves "
+                                  "and the run folder cannot be resumed (restore them from one save, or start afresh "
+                                  "with --overwrite)")
+        recorded = sidecar.get("world_size")
+        if recorded is not None and int(recorded) != self.dist.world_size:
+            how = ("a plain run (without torchrun)" if int(recorded) == 1
+                   else f"torchrun with {recorded} processes in all (torchrun --nproc_per_node {recorded} ...)")
+            raise InputError(f"{self.run_dir} was trained by {recorded} process(es) and this run has "
+                             f"{self.dist.world_size}: the number of processes sets the effective batch and the order "
+                             f"of the samples, so resume it with {how}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
+        self.step = step
         # Checked before fit() rewrites config.yaml: a run cannot go back to an earlier step.
         if self.step > self.config.train.max_steps:
             raise InputError(f"{self.run_dir} is already at step {self.step}, past --max-steps "
@@ -286,17 +331,27 @@ class Trainer:
         }
 
     def _save(self, name: str, seconds: float) -> Path:
-        path = save_checkpoint(self.network, self.checkpoint_dir / name, self._metadata(seconds))
+        """Checkpoint ``name``: its three files replace the previous three as one (see the module docstring)."""
+        staging = self._staging_dir(name)
+        _settle_interrupted_save(staging, self.checkpoint_dir)
+        staging.mkdir(parents=True)
+        save_checkpoint(self.network, staging / name, self._metadata(seconds))
         state = {
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "best_score": self.best_score,
             "seconds": seconds,
         }
-        temporary = self._state_path(name).with_suffix(".tmp")
-        torch.save(state, temporary)
-        temporary.replace(self._state_path(name))
-        return path
+        torch.save(state, staging / f"{name}.state.pt")
+        for path in staging.iterdir():
+            _sync(path)
+        _sync(staging)
+        # The commit point: from here on the new set is the checkpoint, even if this process dies.
+        (staging / COMMITTED).write_bytes(b"")
+        _sync(staging / COMMITTED)
+        _sync(staging)
+        _settle_interrupted_save(staging, self.checkpoint_dir)
+        return self.checkpoint_dir / f"{name}.safetensors"
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -488,6 +543,41 @@ class Trainer:
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
             dist.barrier()
+
+
+def _sync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries where the system allows) to the disk."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # a folder on Windows
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _settle_interrupted_save(staging: Path, checkpoint_dir: Path) -> None:
+    """Finish a committed save in ``staging`` (move its files into ``checkpoint_dir``) or discard an
+    uncommitted one (the previous files are intact); then remove ``staging``."""
+    if not staging.is_dir():
+        return
+    if (staging / COMMITTED).is_file():
+        for path in sorted(staging.iterdir()):
+            if path.name != COMMITTED and path.is_file():
+                os.replace(path, checkpoint_dir / path.name)
+        _sync(checkpoint_dir)
+    shutil.rmtree(staging)
+
+
+def settle_interrupted_saves(checkpoint_dir: str | Path) -> None:
+    """Finish or discard every save cut short in a run's checkpoints folder (``_settle_interrupted_save``)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        for staging in sorted(checkpoint_dir.glob(f"{STAGING_PREFIX}*")):
+            _settle_interrupted_save(staging, checkpoint_dir)
 
 
 def _read_state(path: Path, device: torch.device) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from PIL import Image
 from napari_unifuse.cli import fuse as fuse_module
 from napari_unifuse.cli import main
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.io import read_image
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
 
@@ -153,6 +154,25 @@ def test_a_colour_result_on_a_grid_with_geometry_is_written_as_metaimage(data, t
         assert written.GetNumberOfComponentsPerPixel() == 3, name
         np.testing.assert_allclose(written.GetSpacing(), (0.8, 0.9), atol=1e-6, err_msg=name)
         np.testing.assert_allclose(written.GetOrigin(), (-50.0, -40.0), atol=1e-6, err_msg=name)
+
+
+def test_a_scanner_image_onto_a_png_is_written_in_its_units_and_the_guessed_overlay_is_said(data, tmp_path, capsys):
+    """A CT in HU onto a PNG MRI: its aligned image cannot go to PNG (8-bit), which failed after the
+    whole run; and a picture has no position, so the two are overlaid by a guess."""
+    root = data["root"]
+    with Image.open(root / "mri.png") as picture:
+        side = picture.size
+    ct = sitk.GetImageFromArray((3000 * blob(side[::-1]) - 1000).astype(np.float32))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+
+    code = fuse("--reference", root / "mri.png", "--moving", tmp_path / "ct.nii.gz", "--out", tmp_path / "out",
+                "--method", "identity+average", "--no-quality")
+
+    assert code == 0
+    assert "mri.png is a picture without position or pixel size" in capsys.readouterr().err
+    aligned = read_image(tmp_path / "out" / "ct" / "aligned.mha")
+    assert aligned.array.min() < -900 and aligned.array.max() > 1900  # HU kept
+    assert (tmp_path / "out" / "ct" / "fused.mha").is_file()
 
 
 @pytest.mark.parametrize(("moving", "cwd"), [(".", "series7"), ("..", "series7/work"), ("../series7/", "series7")])

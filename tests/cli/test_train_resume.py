@@ -162,3 +162,119 @@ def test_an_interrupt_says_which_step_resume_continues_from(run_dir, monkeypatch
     monkeypatch.setattr(trainer, "train", interrupted)
     assert main(BASE + ["--out", str(run_dir), "--resume"]) == 130
     assert "the last checkpoint holds step 1; --resume continues from it" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a checkpoint is replaced as a unit
+
+CHECKPOINT_FILES = ("last.safetensors", "last.json", "last.state.pt")
+
+
+class _Killed(BaseException):
+    """The process dying at this instant: nothing after it runs, no handler sees it."""
+
+
+def _checkpoint_files(run_dir: Path) -> dict[str, bytes]:
+    return {name: (run_dir / "checkpoints" / name).read_bytes() for name in CHECKPOINT_FILES}
+
+
+def _steps_recorded(run_dir: Path) -> tuple[int, int]:
+    checkpoints = run_dir / "checkpoints"
+    sidecar = json.loads((checkpoints / "last.json").read_text(encoding="utf-8"))
+    return sidecar["steps"], torch.load(checkpoints / "last.state.pt", weights_only=True)["step"]
+
+
+@pytest.mark.parametrize("cut", ["midway through the weights", "before the state"])
+def test_a_save_cut_short_leaves_the_previous_checkpoint_and_resume_continues_from_it(run_dir, cut, monkeypatch):
+    before = _checkpoint_files(run_dir)
+    if cut == "midway through the weights":
+        import napari_unifuse.model.checkpoint as checkpoint
+
+        real_save_file = checkpoint.save_file
+
+        def save_file(tensors, filename, metadata=None):
+            real_save_file(tensors, filename, metadata=metadata)
+            if Path(filename).name == "last.safetensors":
+                size = Path(filename).stat().st_size
+                with open(filename, "r+b") as stream:
+                    stream.truncate(size // 2)
+                raise _Killed
+
+        monkeypatch.setattr(checkpoint, "save_file", save_file)
+    else:
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if Path(f).name == "last.state.pt":
+                raise _Killed
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(_Killed):
+        main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"])
+    monkeypatch.undo()
+    assert _checkpoint_files(run_dir) == before  # step 1's set, whole
+
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
+    assert _steps_recorded(run_dir) == (2, 2)
+    assert _train_steps(run_dir) == [1, 2]
+    assert not any(path.name.startswith(".") for path in (run_dir / "checkpoints").iterdir())
+
+
+def test_a_save_cut_short_after_it_was_committed_is_finished_by_resume(run_dir, monkeypatch):
+    real_settle = trainer._settle_interrupted_save
+
+    def settle(staging, checkpoint_dir):
+        if staging.name.endswith("last") and (staging / trainer.COMMITTED).is_file():
+            first = sorted(path for path in staging.iterdir() if path.name != trainer.COMMITTED)[0]
+            first.replace(checkpoint_dir / first.name)  # one file of the three moved into place
+            raise _Killed
+        real_settle(staging, checkpoint_dir)
+
+    monkeypatch.setattr(trainer, "_settle_interrupted_save", settle)
+    with pytest.raises(_Killed):
+        main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"])
+    monkeypatch.undo()
+
+    # The resumed run finds step 2's whole set: nothing left to train up to --stop-at 2.
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
+    assert _steps_recorded(run_dir) == (2, 2)
+    assert _train_steps(run_dir) == [1, 2]
+    assert not (run_dir / "checkpoints" / ".saving-last").exists()
+
+
+def test_resuming_checkpoint_files_of_different_saves_is_refused(run_dir, capsys):
+    step_1_state = (run_dir / "checkpoints" / "last.state.pt").read_bytes()
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
+    (run_dir / "checkpoints" / "last.state.pt").write_bytes(step_1_state)  # a hand-mixed folder
+    assert main(BASE + ["--out", str(run_dir), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "last.json records step 2 but last.state.pt step 1" in error and len(error.strip().splitlines()) == 1
+    assert _train_steps(run_dir) == [1, 2]
+
+
+def test_resuming_with_another_number_of_processes_is_refused(run_dir, capsys):
+    sidecar = run_dir / "checkpoints" / "last.json"
+    metadata = json.loads(sidecar.read_text(encoding="utf-8"))
+    assert metadata["world_size"] == 1
+    sidecar.write_text(json.dumps({**metadata, "world_size": 2}), encoding="utf-8")  # as torchrun with 2 wrote it
+    assert main(BASE + ["--out", str(run_dir), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "trained by 2 process(es) and this run has 1" in error and "torchrun --nproc_per_node 2" in error
+    assert _train_steps(run_dir) == [1]
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run_from_step_0(run_dir, capsys):
+    # As a run killed during its first save leaves its folder: a log, no checkpoint, an uncommitted save.
+    shutil.rmtree(run_dir / "checkpoints")
+    staging = run_dir / "checkpoints" / ".saving-last"
+    staging.mkdir(parents=True)
+    (staging / "last.safetensors").write_bytes(b"cut short")
+    assert main(BASE + ["--out", str(run_dir), "--max-steps", "4"]) == 2  # a fresh run still needs a flag
+    capsys.readouterr()
+
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "1"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "no checkpoint yet" in line]
+    assert said == [f"unifuse train: {run_dir} has no checkpoint yet: starting it from step 0"]
+    assert _train_steps(run_dir) == [1]  # the interrupted attempt's step 1 is not logged twice
+    assert _steps_recorded(run_dir) == (1, 1)
+    assert not staging.exists()

@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
+from napari_unifuse.cli import main
+from napari_unifuse.cli import view as view_module
 from napari_unifuse.cli.view import PLUGIN, WORKBENCH, open_workbench
+from napari_unifuse.errors import InputError
 
 pytestmark = pytest.mark.gui
 
@@ -38,6 +41,103 @@ def test_view_opens_files_through_the_plugin_reader(qtbot, tmp_path):
         assert [layer.data.shape for layer in viewer.layers] == [(128, 128), (128, 128)]
         assert [layer.metadata["unifuse"]["source"] for layer in viewer.layers] == [str(path) for path in paths]
         assert type(viewer.window.dock_widgets[f"{WORKBENCH} ({PLUGIN})"]).__name__ == "UniFuseWorkbench"
+    finally:
+        viewer.close()
+
+
+def _write_2d_pair(folder):
+    from napari_unifuse._napari_io import volume_from_layer_data
+    from napari_unifuse.data.samples import mri_ct_metal_2d
+    from napari_unifuse.io import write_image
+
+    return [str(write_image(volume_from_layer_data(data, kwargs), folder / f"{role}.nii.gz"))
+            for role, (data, kwargs, _) in zip(("mri", "ct"), mri_ct_metal_2d())]
+
+
+def test_view_given_files_and_a_sample_runs_the_files_not_the_sample(qtbot, tmp_path):
+    """Positional files are "reference first, then moving", also when --sample adds its pair."""
+    paths = _write_2d_pair(tmp_path)
+    viewer = open_workbench(paths, "mri_ct_metal_2d", show=False)
+    try:
+        assert {"reference", "moving", "label"} <= set(roles(viewer))  # the sample is there too
+        panel = viewer.window.dock_widgets[f"{WORKBENCH} ({PLUGIN})"].run_panel
+        assert (panel.reference.value, panel.moving.value) == ("mri", "ct")
+        # The sample's ground truth and degradation belong to the sample's pair, not to the files.
+        assert (panel.ground_truth.value, panel.task.value) == ("none", "auto")
+    finally:
+        viewer.close()
+
+
+def _bad_paths(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "notes.txt").write_text("not DICOM")
+    (tmp_path / "empty").mkdir()
+    return {
+        "missing": (tmp_path / "missing.nii.gz", "file not found"),
+        "unknown type": (tmp_path / "notes.txt", "unknown file type '.txt'; supported: .nii"),
+        "folder without DICOM": (tmp_path / "pngs", "no DICOM series found in this folder"),
+        "empty folder": (tmp_path / "empty", "no DICOM series found in this folder"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown type", "folder without DICOM", "empty folder"])
+def test_view_refuses_a_bad_path_in_one_line_before_any_window_opens(case, tmp_path, monkeypatch, capsys):
+    import napari
+
+    def no_viewer(*args, **kwargs):
+        raise AssertionError("a viewer was created for a path that cannot be opened")
+
+    monkeypatch.setattr(napari, "Viewer", no_viewer)
+    monkeypatch.setattr(napari, "run", lambda *args, **kwargs: None)
+    good = _write_2d_pair(tmp_path)[0]
+    bad, explanation = _bad_paths(tmp_path)[case]
+    assert main(["view", good, str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"unifuse view: error: {bad}: {explanation}"), err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_view_turns_napari_refusing_a_path_into_the_reader_explanation(qtbot, tmp_path, monkeypatch):
+    """A path that passed the check but that napari then refuses (deleted meanwhile) gets the
+    package's explanation, and the half-built viewer is closed."""
+    import napari
+
+    real_check = view_module.check_openable
+    calls = []
+
+    def check_passes_first_time(path):
+        calls.append(path)
+        if len(calls) > 1:
+            real_check(path)
+
+    monkeypatch.setattr(view_module, "check_openable", check_passes_first_time)
+    missing = str(tmp_path / "gone.nii.gz")
+    with pytest.raises(InputError, match="gone.nii.gz: file not found"):
+        open_workbench([missing], None, show=False)
+    assert calls == [missing, missing]
+    assert napari.current_viewer() is None
+
+
+def test_view_keeps_a_corrupt_file_a_notification_in_the_viewer(qtbot, tmp_path):
+    """The README's promise: a file of a supported type that cannot be read opens the viewer and says why there."""
+    from napari.utils.notifications import notification_manager
+
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"not a NIfTI file")
+    messages = []
+
+    def record(notification) -> None:
+        messages.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(record)
+    try:
+        viewer = open_workbench([str(corrupt)], None, show=False)
+    finally:
+        notification_manager.notification_ready.disconnect(record)
+    try:
+        assert len(viewer.layers) == 0
+        assert any(message.startswith(f"Could not open {corrupt}") for message in messages), messages
     finally:
         viewer.close()
 

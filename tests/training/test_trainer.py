@@ -4,6 +4,7 @@ fine-tuning run starts from the weights it names."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,23 @@ def test_the_fusion_weight_stage_refits_the_fusion_weight_head_alone_and_afresh(
                   device="cpu", progress=False)
     repeated = load_file(again.last_checkpoint)
     assert all(torch.equal(after[name], repeated[name]) for name in after)
+
+
+def test_a_fine_tuning_run_resumed_before_its_first_checkpoint_starts_from_its_weights(tmp_path, capsys):
+    config = _tiny_config().with_overrides(train={"max_steps": 1})
+    first = train(config, tmp_path / "first", device="cpu", progress=False).last_checkpoint
+    fine_tune = config.with_overrides(train={"init_from": str(first)})
+    straight = train(fine_tune, tmp_path / "straight", device="cpu", progress=False)
+
+    interrupted = tmp_path / "interrupted"
+    train(fine_tune, interrupted, device="cpu", progress=False)
+    shutil.rmtree(interrupted / "checkpoints")  # as if killed before its first checkpoint
+    capsys.readouterr()
+    resumed = train(fine_tune, interrupted, device="cpu", resume=True, progress=False)
+    assert "has no checkpoint yet: starting it from step 0" in capsys.readouterr().out
+    assert resumed.step == 1
+    expected, got = load_file(straight.last_checkpoint), load_file(resumed.last_checkpoint)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    metadata = json.loads(resumed.last_checkpoint.with_suffix(".json").read_text(encoding="utf-8"))
+    assert metadata["initial_weights"]["checkpoint"] == str(first)

@@ -18,7 +18,8 @@ GEOMETRY_3D = Geometry(np.array([2.5, 1.25, 1.0]), np.array([-20.0, 12.0, 5.0]),
 
 def ellipsoid_pair(shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(reference, moving, label): label is the moving contrast on the reference grid."""
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    # An axis of one voxel (a one-slice volume) samples the centre.
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) if n > 1 else np.zeros(1) for n in shape], indexing="ij"))
     radius = np.sqrt(sum(axis**2 for axis in grid / np.array([0.8, 0.7, 0.6][-len(shape):]).reshape(-1, *[1] * len(shape))))
     head, core = (radius < 0.9).astype(np.float32), (radius < 0.45).astype(np.float32)
     reference = 0.3 * head + 0.6 * core  # "T1": bright core

@@ -16,6 +16,7 @@ from napari_unifuse._qt.workbench import UniFuseWorkbench
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
 from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import Geometry, read_image
+from napari_unifuse.model.checkpoint import read_config
 
 from .conftest import GEOMETRY_3D, add_pair
 
@@ -144,6 +145,24 @@ def test_2d_run_shows_one_probability_row_and_all_vectors(make_napari_viewer, qt
     np.testing.assert_allclose(world_of(fused, (5, 40)), expected_world(geometry, (5, 40)), atol=1e-9)
     assert workbench.plot.probabilities.shape == (1, 4)
     assert len(viewer.layers[names.quivers].data) == (48 // 4) ** 2
+
+
+def test_a_one_slice_volume_runs_as_the_2d_image_it_is(make_napari_viewer, qtbot, tmp_path, notifications):
+    """A 48×48×1 NIfTI slice: the bundled 2D checkpoint is chosen for it, and the maps and volume
+    metrics are its slice's (a 3D determinant or window cannot fit one slice)."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(1, 48, 48), geometry=Geometry.identity(3), names=("MR slice", "CT slice"))
+    workbench = UniFuseWorkbench(viewer)
+    form = workbench.run_panel
+    assert read_config(form.checkpoint.value).spatial_dims == 2
+    form.output_root.value, form.device.value = str(tmp_path / "runs"), "cpu"
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    names = OutputNames.for_inputs("MR slice", "CT slice")
+    assert viewer.layers[names.jacobian].data.shape == viewer.layers[names.error].data.shape == (1, 48, 48)
+    qtbot.waitUntil(lambda: workbench.outcome.volume_metrics is not None, timeout=RUN_TIMEOUT_MS)
+    for metric in ("Q_abf", "folding %", "NCC to label"):
+        assert np.isfinite(workbench.outcome.volume_metrics[metric]), metric
 
 
 @pytest.fixture
