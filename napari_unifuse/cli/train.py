@@ -57,11 +57,14 @@ def _command(args: argparse.Namespace) -> str:
 
 def _say_where_resume_continues(out: Path) -> None:
     """After Ctrl-C: the step --resume would continue from (the main prints "interrupted")."""
-    sidecar = out / "checkpoints" / "last.json"
+    from napari_unifuse.training.trainer import CHECKPOINTS_FOLDER, settle_interrupted_saves
+
+    checkpoints = out / CHECKPOINTS_FOLDER
+    settle_interrupted_saves(checkpoints)  # a save interrupted once committed is the checkpoint --resume takes
     try:
-        step = json.loads(sidecar.read_text(encoding="utf-8"))["steps"]
+        step = json.loads((checkpoints / "last.json").read_text(encoding="utf-8"))["steps"]
     except (OSError, ValueError, KeyError):
-        print(f"unifuse train: no checkpoint in {out} yet", file=sys.stderr)
+        print(f"unifuse train: no checkpoint in {out} yet; --resume starts it again from step 0", file=sys.stderr)
         return
     print(f"unifuse train: the last checkpoint holds step {step}; --resume continues from it", file=sys.stderr)
 

@@ -55,6 +55,7 @@ step 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -567,9 +568,12 @@ def _settle_interrupted_save(staging: Path, checkpoint_dir: Path) -> None:
     if (staging / COMMITTED).is_file():
         for path in sorted(staging.iterdir()):
             if path.name != COMMITTED and path.is_file():
-                os.replace(path, checkpoint_dir / path.name)
+                # Another process settling the same save (every torchrun process interrupted at
+                # once) may have moved it first.
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, checkpoint_dir / path.name)
         _sync(checkpoint_dir)
-    shutil.rmtree(staging)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def settle_interrupted_saves(checkpoint_dir: str | Path) -> None:

@@ -242,6 +242,23 @@ def test_a_save_cut_short_after_it_was_committed_is_finished_by_resume(run_dir, 
     assert not (run_dir / "checkpoints" / ".saving-last").exists()
 
 
+def test_an_interrupt_after_a_save_was_committed_names_the_step_resume_continues_from(run_dir, monkeypatch,
+                                                                                     capsys):
+    """Ctrl-C between the commit and the moves: --resume finishes the save, so the hint names its step."""
+    real_settle = trainer._settle_interrupted_save
+
+    def settle(staging, checkpoint_dir):
+        if staging.name.endswith("last") and (staging / trainer.COMMITTED).is_file():
+            monkeypatch.setattr(trainer, "_settle_interrupted_save", real_settle)
+            raise KeyboardInterrupt
+        real_settle(staging, checkpoint_dir)
+
+    monkeypatch.setattr(trainer, "_settle_interrupted_save", settle)
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 130
+    assert "the last checkpoint holds step 2; --resume continues from it" in capsys.readouterr().err
+    assert _steps_recorded(run_dir) == (2, 2)
+
+
 def test_resuming_checkpoint_files_of_different_saves_is_refused(run_dir, capsys):
     step_1_state = (run_dir / "checkpoints" / "last.state.pt").read_bytes()
     assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
