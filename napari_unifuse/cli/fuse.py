@@ -260,14 +260,15 @@ def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _E
     recorded_name = str(recorded_method.get("name", "")).partition(OPTION_SEPARATOR)[0]
     dimensions = (provenance.get("model_config") or {}).get("spatial_dims")
     # The names first: loading this run's method for the recorded dimensions needs it to support them.
+    other_method = f"method ({recorded_method.get('name') or 'unrecorded'})"  # the one those results are of
     if split_name(engines.method)[0] != recorded_name or dimensions not in (2, 3):
-        return [*differences, "method"]
+        return [*differences, other_method]
     engine = engines.for_dimensions(dimensions)
     # Names aside (mmif-amin and mmif-amin:matching are one method): the options it ran with, as
     # provenance.json holds them.
     requested_method = json.loads(json.dumps(engine.method.describe(), default=str))
     if {**requested_method, "name": None} != {**recorded_method, "name": None}:
-        differences.append("method")
+        differences.append(other_method)
     if engine.checkpoint_info.get("sha256") != (provenance.get("checkpoint") or {}).get("sha256"):
         differences.append("checkpoint")
     recorded_settings = provenance.get("requested_settings")

@@ -433,7 +433,7 @@ def fuse_request(root, out, options, *flags):
     ("first", "then", "named"),
     [
         ({"--method": "mmif-amin"}, {"--method": "mmif-amin:matching"}, None),  # its default alignment, spelt out
-        ({}, {"--method": "identity+max"}, "method"),
+        ({}, {"--method": "identity+max"}, "method (identity+average)"),  # named: the one of the results
         ({}, {"--reference": "pet8.png"}, "reference image"),
         ({}, {"--label": "pet8_label.png"}, "label"),
         ({"--method": "unifuse", "--checkpoint": "tiny-2d.safetensors"},

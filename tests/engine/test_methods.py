@@ -127,6 +127,8 @@ def test_unknown_names_and_options_are_refused():
         load_method("nope")
     with pytest.raises(InputError, match="no option 'rigid'; its alignments: matching, sitk, none"):
         split_name("mmif-amin:rigid")
+    with pytest.raises(InputError, match="no option ''"):  # cut short: not silently the default alignment
+        split_name("mmif-amin:")
     with pytest.raises(InputError, match="no trained weights"):
         load_method("sitk+max", checkpoint="anything.safetensors")
     assert {"unifuse", "bsafusion", "mmif-amin", "sitk+wavelet", "ants+max"} <= set(registered_methods())

@@ -227,10 +227,10 @@ def wrong_dimensions_message(name: str, supported: tuple[int, ...], ndim: int) -
 
 def split_name(name: str) -> tuple[str, dict[str, str]]:
     """``"mmif-amin:sitk"`` -> ``("mmif-amin", {"alignment": "sitk"})``; unknown names are an InputError."""
-    base, _, option = name.partition(OPTION_SEPARATOR)
+    base, separator, option = name.partition(OPTION_SEPARATOR)
     if base not in _REGISTRY:
         raise InputError(f"unknown method {base!r}; choose from {', '.join(registered_methods())}", "--method")
-    if not option:
+    if not separator:
         return base, {}
     module = _module(base)
     alignments = getattr(module, "ALIGNMENTS", ())
