@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from napari_unifuse.engine.device import is_out_of_memory
 from napari_unifuse.errors import UniFuseError
 
 SUBCOMMAND_MODULES = ("synth", "fuse", "report", "evaluate", "train", "info", "bench", "view")
@@ -46,29 +50,68 @@ def _one_line_warning(command: str):
     return show
 
 
+@contextmanager
+def _second_interrupt_ignored() -> Iterator[None]:
+    """A second Ctrl-C (a terminal or `timeout` signals the whole process group) must not cut the
+    goodbye short with a traceback; the handler is back afterwards (``main`` called in-process)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def describe_os_error(error: OSError) -> str:
+    """A file system's refusal in one line: the file and the system's reason ("Permission denied",
+    "No space left on device")."""
+    files = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    reason = error.strerror or str(error)
+    return f"{' -> '.join(files)}: {reason}" if files else reason
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; ``argv`` None: the process's own arguments (the console script)."""
     # Reports print µ, ², ³, ↑: a terminal or CI log with an ASCII locale gets escapes, not a crash.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    command = "unifuse"
     try:
+        # Inside the try: the parser imports torch and the engine, seconds in which Ctrl-C may come.
+        args = build_parser().parse_args(argv)
+        command = f"unifuse {args.command}"
         with warnings.catch_warnings():  # restores Python's own display when the command is done
             warnings.showwarning = _one_line_warning(args.command)
             return int(args.func(args) or 0)
     except UniFuseError as error:
-        print(f"unifuse {args.command}: error: {error}", file=sys.stderr)
+        print(f"{command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"unifuse {args.command}: interrupted", file=sys.stderr)
+        with _second_interrupt_ignored():
+            print(f"{command}: interrupted", file=sys.stderr)
+            if argv is None:
+                # Interrupted, the process has nothing left to finish, and a normal shutdown can
+                # abort ("terminate called without an active exception": a C++ thread pool of
+                # ITK/ANTs caught mid-way), which would turn exit status 130 into 134.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
         return 130
     except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        # The engine explains its own (stage and size); this is the rest: training, evaluation, metrics.
-        print(f"unifuse {args.command}: error: out of memory ({error}); close other programs and run again, "
-              "or give it smaller or coarser images", file=sys.stderr)
-        return 2
+        from napari_unifuse.engine.device import is_out_of_memory
+
+        if is_out_of_memory(error):
+            # The engine explains its own (stage and size); this is the rest: training, evaluation, metrics.
+            print(f"{command}: error: out of memory ({error}); close other programs and run again, "
+                  "or give it smaller or coarser images", file=sys.stderr)
+            return 2
+        if isinstance(error, OSError):  # a read-only folder, a full disk, an unreadable file
+            print(f"{command}: error: {describe_os_error(error)}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

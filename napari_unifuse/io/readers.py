@@ -220,6 +220,8 @@ def _refuse_frame_for_single_volume(frame: int | None, path: Path) -> None:
 
 
 def _failure(path: Path, what: str, error: Exception) -> InputError:
+    if isinstance(error, PermissionError):  # the file is fine; this user may not read it
+        return InputError(f"cannot be read: permission denied ({error.strerror})", path)
     # ITK messages span several lines of C++ context; the last non-empty line says what went wrong.
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = lines[-1] if lines else type(error).__name__

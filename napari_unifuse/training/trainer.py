@@ -343,7 +343,11 @@ class Trainer:
             "best_score": self.best_score,
             "seconds": seconds,
         }
-        torch.save(state, staging / f"{name}.state.pt")
+        try:
+            torch.save(state, staging / f"{name}.state.pt")
+        except RuntimeError as error:  # torch's zip writer says "unexpected pos" for a failed write, no errno
+            raise UniFuseError(f"{staging / f'{name}.state.pt'}: the checkpoint could not be written ({error}); "
+                               "is the disk full? The previous checkpoint is kept") from error
         for path in staging.iterdir():
             _sync(path)
         _sync(staging)

@@ -60,3 +60,57 @@ def test_a_warning_prints_as_one_line_naming_the_command_and_python_display_come
     assert main(["info", "--preset", "small", "--dims", "2"]) == 0
     assert capsys.readouterr().err == "unifuse info: warning: PNG cannot store spacing\n"
     assert warnings.showwarning is shown_before
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/runs/out/summary.json"),
+                                   OSError(28, "No space left on device", "/runs/out/fused.nii.gz"),
+                                   IsADirectoryError(21, "Is a directory", "/runs/out/summary.json")],
+                         ids=["read-only", "full-disk", "directory"])
+def test_a_file_system_refusal_is_one_line_naming_the_file(monkeypatch, capsys, error):
+    def refused(args):
+        raise error
+
+    monkeypatch.setattr("napari_unifuse.cli.info.run", refused)
+    assert main(["info", "--preset", "small", "--dims", "2"]) == 2
+    assert capsys.readouterr().err == f"unifuse info: error: {error.filename}: {error.strerror}\n"
+
+
+def test_ctrl_c_while_the_parser_imports_the_commands_is_one_line(monkeypatch, capsys):
+    """`build_parser` imports torch and the engine: seconds in which Ctrl-C printed a traceback."""
+    import napari_unifuse.cli as cli
+
+    def importing():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", importing)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == "unifuse: interrupted\n"
+
+
+def test_an_interrupted_console_script_exits_130_at_once_and_in_process_the_handler_comes_back(monkeypatch,
+                                                                                               capsys):
+    """The console script leaves at once: a normal shutdown with a C++ thread pool caught mid-way
+    aborted (exit 134). Called in-process, main returns, with Ctrl-C's handler as it was."""
+    import signal
+
+    import napari_unifuse.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("napari_unifuse.cli.info.run", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["info", "--preset", "small", "--dims", "2"]) == 130
+    assert signal.getsignal(signal.SIGINT) is before
+
+    exits = []
+
+    def exit_now(status):
+        exits.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(sys, "argv", ["unifuse", "info", "--preset", "small", "--dims", "2"])
+    with pytest.raises(SystemExit):
+        main()
+    assert exits == [130] and capsys.readouterr().err.endswith("unifuse info: interrupted\n")

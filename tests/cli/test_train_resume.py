@@ -295,3 +295,21 @@ def test_resume_before_the_first_checkpoint_starts_the_run_from_step_0(run_dir, 
     assert _train_steps(run_dir) == [1]  # the interrupted attempt's step 1 is not logged twice
     assert _steps_recorded(run_dir) == (1, 1)
     assert not staging.exists()
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_the_previous_one_is_kept(run_dir, monkeypatch, capsys):
+    """torch's zip writer on a full disk: "[enforce fail at inline_container.cc:672] unexpected pos"."""
+    before = _checkpoint_files(run_dir)
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name == "last.state.pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is the disk full? The previous checkpoint is kept" in error
+    monkeypatch.undo()
+    assert _checkpoint_files(run_dir) == before

@@ -108,3 +108,18 @@ def test_nans_become_zero_and_infinities_are_clipped_with_a_warning(tmp_path):
     assert volume.array[0, 0, 0] == finite.max() and volume.array[1, 0, 0] == finite.min()
     (warning,) = volume.metadata["warnings"]
     assert "1 NaN voxels set to 0" in warning and "1 +inf" in warning and "1 -inf" in warning
+
+
+def test_a_file_this_user_may_not_read_is_said_to_be_so_not_corrupt(tmp_path, monkeypatch):
+    """(The tests run as root, whom chmod does not stop: the refusal is the one open() raises.)"""
+    import napari_unifuse.io.readers as readers
+
+    path = _nifti(tmp_path / "scan.nii.gz", np.zeros((4, 4, 4), np.float32))
+
+    def refused(name):
+        raise PermissionError(13, "Permission denied", str(name))
+
+    monkeypatch.setattr(readers, "load_nifti", refused)
+    with pytest.raises(InputError, match=r"cannot be read: permission denied \(Permission denied\)") as error:
+        read_image(path)
+    assert "corrupt" not in str(error.value)
