@@ -57,6 +57,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import math
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -1020,12 +1021,22 @@ def _input_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
     """What the readers noted about each input, and inputs with nothing in them to align or fuse."""
     warnings = [f"{image.source}: {warning}" for image in (reference, moving)
                 for warning in image.metadata.get("warnings", [])]
+    if reference.source and moving.source and _same_file(reference.source, moving.source):
+        warnings.append(f"{reference.source} is both the reference and the moving image: the fused image "
+                        "is that image, and nothing is aligned")
     for role, image in (("reference", reference), ("moving", moving)):
         finite = np.asarray(image.array)[np.isfinite(image.array)]
         if finite.size and finite.min() == finite.max():
             warnings.append(f"{image.source or role}: the {role} image is constant ({finite.min():g} everywhere): "
                             "there is no structure to align, and the fused image holds only the other one")
     return warnings
+
+
+def _same_file(first: str, second: str) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # not files (layer names), or gone since they were read
+        return False
 
 
 def _tile_prediction(dense: torch.Tensor, class_probs: torch.Tensor | None,

@@ -419,3 +419,24 @@ def test_a_constant_moving_image_fuses_with_a_warning_in_the_result_and_the_prov
     informative = FusionEngine(model_2d, device="cpu").run_fusion(reference, ImageVolume(blob((32, 32), 0.1),
                                                                                          Geometry.identity(2)))
     assert not any("constant" in warning for warning in informative.warnings)
+
+
+def test_one_file_given_as_both_images_is_said_and_two_files_are_not(tmp_path):
+    from PIL import Image
+
+    from napari_unifuse.engine.methods import load_method
+    from napari_unifuse.io import read_image
+
+    yy, xx = np.indices((48, 48))
+    disk = (200 * ((yy - 24) ** 2 + (xx - 24) ** 2 < 15**2)).astype(np.uint8)
+    Image.fromarray(disk).save(tmp_path / "mri.png")
+    (tmp_path / "copy.png").write_bytes((tmp_path / "mri.png").read_bytes())
+    (tmp_path / "link.png").symlink_to(tmp_path / "mri.png")
+    engine = FusionEngine(load_method("identity+average", spatial_dims=2), device="cpu")
+
+    def warnings_for(moving: str) -> list[str]:
+        result = engine.run_fusion(read_image(tmp_path / "mri.png"), read_image(tmp_path / moving), quality=False)
+        return [warning for warning in result.warnings if "both the reference and the moving image" in warning]
+
+    assert len(warnings_for("mri.png")) == 1 and len(warnings_for("link.png")) == 1
+    assert warnings_for("copy.png") == []  # equal content, two files: a pair a user may mean
