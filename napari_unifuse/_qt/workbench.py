@@ -59,7 +59,7 @@ from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, 
 from napari_unifuse.engine.annotations import AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
-from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, write_fusion_outputs
+from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, output_folder_lock, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import write_report
@@ -527,9 +527,10 @@ class UniFuseWorkbench(QWidget):
     def _build_report(handover: WorkerHandover[tuple[RunOutcome, RunSelection, list]]) -> Path | WorkerFailed:
         outcome, selection, annotations = handover.take()
         try:
-            return write_report(outcome.result, selection.folder, reference=selection.request.reference,
-                                moving=selection.request.moving, annotations=annotations,
-                                metrics=outcome.volume_metrics)
+            with output_folder_lock(selection.folder):  # not while a `unifuse fuse` or a Save writes there
+                return write_report(outcome.result, selection.folder, reference=selection.request.reference,
+                                    moving=selection.request.moving, annotations=annotations,
+                                    metrics=outcome.volume_metrics)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _report_written
             return WorkerFailed(error, "QC report")
 
@@ -560,12 +561,14 @@ class UniFuseWorkbench(QWidget):
         if any(path.resolve() in inputs for path in planned) or folder.resolve() in {p.parent for p in inputs}:
             raise InputError("the run folder holds an input image; choose another runs folder so inputs are never "
                              "overwritten", folder)
-        with warnings.catch_warnings(record=True) as caught:  # a PNG loses the layers' spacing: say so here
-            warnings.simplefilter("always")
-            written = write_fusion_outputs(result, folder, metrics=self.outcome.volume_metrics)
-        show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
-        for (name, array), path in zip(maps.items(), planned):
-            write_image(ImageVolume(array, result.fused.geometry, {"role": name}), path)
-            written[path.name] = path
+        # Locked like `unifuse fuse`: a run writing into this folder now refuses the Save (and is refused).
+        with output_folder_lock(folder) as lock:
+            with warnings.catch_warnings(record=True) as caught:  # a PNG loses the layers' spacing: say so here
+                warnings.simplefilter("always")
+                written = write_fusion_outputs(result, folder, metrics=self.outcome.volume_metrics, lock=lock)
+            show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
+            for (name, array), path in zip(maps.items(), planned):
+                write_image(ImageVolume(array, result.fused.geometry, {"role": name}), path)
+                written[path.name] = path
         show_info(f"Saved {len(written)} files to {folder}")
         return written

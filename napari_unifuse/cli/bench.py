@@ -30,6 +30,7 @@ from napari_unifuse.cli.arguments import positive_int
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.outputs import check_writable_folder, write_files_together
 from napari_unifuse.errors import InputError
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.unifuse import UniFuse
@@ -65,14 +66,11 @@ def markdown(header: list[str], rows: list[list[object]]) -> str:
 
 
 def prepare_out_folder(out: Path) -> None:
-    """Create ``--out`` now: the full benchmark takes long, and a path it cannot write to would
-    otherwise only be refused once all of it has run."""
+    """Create ``--out`` now and check that files can be written there: the full benchmark takes
+    long, and a path it cannot write to would otherwise only be refused once all of it has run."""
     if out.exists() and not out.is_dir():
         raise InputError("--out is a file; give a folder for the report", out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the --out folder ({error.strerror or error})", out) from error
+    check_writable_folder(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,9 +209,11 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         stem = device.type + ("-quick" if args.quick else "")
         title = f"# unifuse bench: {plan.preset} preset on {device} ({machine})\n\n"
-        (args.out / f"{stem}.md").write_text(title + "\n".join(sections), encoding="utf-8")
-        (args.out / f"{stem}.json").write_text(json.dumps(benchmark.to_jsonable(report), indent=2) + "\n",
-                                               encoding="utf-8")
+        texts = {f"{stem}.md": title + "\n".join(sections),
+                 f"{stem}.json": json.dumps(benchmark.to_jsonable(report), indent=2) + "\n"}
+        # Together: a full disk leaves the earlier report whole, and says so in one line.
+        write_files_together(args.out, {name: lambda path, text=text: path.write_text(text, encoding="utf-8")
+                                        for name, text in texts.items()})
         print(f"wrote {args.out / stem}.md and .json")
     return 0
 
@@ -224,7 +224,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, small preset, one repeat (CI)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--out", type=Path, help="folder for <device>[-quick].md and .json")
+    parser.add_argument("--out", type=Path, help="folder for <device>[-quick].md and .json (created, and checked "
+                                                "writable, before measuring)")
     parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: 1 with --quick, else torch's choice); on a shared, busy "
                              "machine use 1: OpenMP threads waiting for a contended core can slow the scan's "

@@ -52,7 +52,10 @@ and task, and over all tasks, the metrics a copy fools, then UniFuse against eac
 pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
 other row), ``OUT/paired.csv`` (that comparison) and
 ``OUT/per_pair.csv`` (every value). A folder that already holds these results is refused unless
-``--overwrite`` is given, before any pair is computed.
+``--overwrite`` is given, and one that cannot be created or written to, before any pair is computed.
+The files are written into a hidden staging folder in ``OUT`` and moved into place together once
+all are written; only then go the earlier results this run does not produce. A write that fails (a
+full disk) is a one-line error that leaves the earlier results whole.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ import dataclasses
 import sys
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,7 @@ from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
+from napari_unifuse.engine.outputs import check_writable_folder, write_files_together
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, RegistrationError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
@@ -244,11 +248,13 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
     from napari_unifuse.training.datasets import build_datasets
 
     folders = []
+    # A task by its short name (CT) or by its folder's (CT-MRI), as the outputs name it.
+    by_name = {**HARVARD_TASK_FOLDERS, **{folder.upper(): folder for folder in HARVARD_TASK_FOLDERS.values()}}
     for task in tasks:
-        if task.upper() not in HARVARD_TASK_FOLDERS:
-            raise InputError(f"unknown Harvard task {task!r}; choose from {', '.join(HARVARD_TASK_FOLDERS)}",
-                             "--tasks")
-        folders.append(HARVARD_TASK_FOLDERS[task.upper()])
+        if task.upper() not in by_name:
+            raise InputError(f"unknown Harvard task {task!r}; choose from {', '.join(HARVARD_TASK_FOLDERS)} "
+                             f"(or {', '.join(HARVARD_TASK_FOLDERS.values())})", "--tasks")
+        folders.append(by_name[task.upper()])
     missing = [task for task in cases.tasks
                if not all((Path(root) / task / folder).is_dir() for folder in HARVARD_TASKS[task][:2])]
     if missing and cases.source != DEFAULT_SPLIT_SOURCE:
@@ -523,6 +529,19 @@ def markdown_table(summary: list[dict], fooled: Collection[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: Path, writers: dict[str, Callable[[Path], object]]) -> None:
+    """Write the result files (name -> what writes that file) together
+    (``engine.outputs.write_files_together``): only once all are written do they move in, and
+    only then go the earlier results this run does not produce (paired.csv of a run with other
+    methods); a failed write (a full disk) is one line, the earlier results whole."""
+    def remove_results_not_produced() -> None:
+        for name in RESULT_FILES:
+            if name not in writers:
+                (out / name).unlink(missing_ok=True)
+
+    write_files_together(out, writers, before_moving=remove_results_not_produced)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
@@ -623,6 +642,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("Harvard data folder not found; --harvard takes the AANLIB folder (CT-MRI/, PET-MRI/, …)",
                          args.harvard)
     refuse_unusable_out(args.out, args.overwrite)
+    # Now, not once every pair has been computed; nothing stays behind if the run is refused later.
+    check_writable_folder(args.out, keep=False)
     regimes = _regimes(args)
     registrations = _names(args.baselines, REGISTRATION_METHODS, "--baselines")
     if "ants" in registrations and not classical.ants_available():
@@ -689,11 +710,6 @@ def run(args: argparse.Namespace) -> int:
                 method = method_name if method == UNIFUSE_METHOD else method
                 records.append({"regime": regime, "pair": pair.name, "task": pair.task, "method": method, **values})
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    # Only now, after every pair: a run that fails leaves the earlier results whole; and no file of
-    # theirs outlives this one (paired.csv when this run has no engine method).
-    for name in RESULT_FILES:
-        (args.out / name).unlink(missing_ok=True)
     sections, summary_rows, paired_rows = [], [], []
     for regime in regimes:
         regime_records = [record for record in records if record["regime"] == regime]
@@ -702,10 +718,6 @@ def run(args: argparse.Namespace) -> int:
         sections.append(section)
         summary_rows += [{"regime": regime, **row} for row in summary]
         paired_rows += [{"regime": regime, **row} for row in paired]
-    write_csv(records, args.out / "per_pair.csv")
-    write_csv(summary_rows, args.out / "evaluation.csv")
-    if paired_rows:
-        write_csv(paired_rows, args.out / "paired.csv")
     weights = "".join(f" `{name}`: checkpoint {checkpoint}." for name, checkpoint in checkpoints.items())
     header = (f"# Evaluation of {', '.join(method_names)}\n\n"
               f"{described}; mean ± std. Alignment (ncc, mse, ssim) "
@@ -717,7 +729,12 @@ def run(args: argparse.Namespace) -> int:
               f"fuse their aligned, still degraded moving image; `{copies_on} + copy-reference` and "
               f"`{copies_on} + copy-moving` fuse nothing (fused = reference, fused = aligned moving).{weights}\n\n")
     report = header + "\n".join(sections)
-    (args.out / "evaluation.md").write_text(report, encoding="utf-8")
+    writers = {"per_pair.csv": lambda path: write_csv(records, path),
+               "evaluation.csv": lambda path: write_csv(summary_rows, path)}
+    if paired_rows:
+        writers["paired.csv"] = lambda path: write_csv(paired_rows, path)
+    writers["evaluation.md"] = lambda path: path.write_text(report, encoding="utf-8")
+    write_results(args.out, writers)
     print(report)
     return 0
 

@@ -15,7 +15,14 @@ of other inputs, another method or other settings is refused, never silently rep
 ``--overwrite`` redoes the pair and first removes every earlier output in its folder. No output may
 replace an input. ``--report`` also writes each pair's QC page (``report.html``) and, for a
 ``--pairs`` batch, ``OUT/index.html``, the runs most suspicious first (a pair already done gets its
-page with ``--overwrite``; ``unifuse report OUT`` indexes a single pair's folder).
+page with ``--overwrite``; ``unifuse report OUT`` indexes a single pair's folder); the page is written
+with the pair's other outputs, before the ``provenance.json`` that marks them done. An input replaced
+since its run is noticed even when the new file keeps an older modification time (its inode change
+time, which a copy or rename sets, counts too).
+
+Two runs never write one pair folder at once: a run holds the folder's lock (``engine.outputs``)
+from its "already done?" check to the end of its write, and a second run into it (the same pair, or
+a moving file of the same name) is refused at once, or in a batch fails only that pair.
 
 A batch splits across processes, GPUs or machines with torchrun: every process takes every N-th
 pair of the CSV (N processes in all), and process 0 gathers what each did into the summary:
@@ -36,6 +43,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from napari_unifuse.cli.report import say_unreadable
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
@@ -45,7 +53,9 @@ from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, registe
 from napari_unifuse.engine.outputs import (
     PROVENANCE_FILE,
     REPORT_FILE,
+    FolderLock,
     is_complete,
+    output_folder_lock,
     read_json_object,
     read_provenance,
     refuse_overwriting_inputs,
@@ -53,7 +63,7 @@ from napari_unifuse.engine.outputs import (
     write_json,
 )
 from napari_unifuse.engine.provenance import describe_source, utc_timestamp
-from napari_unifuse.engine.report import write_index, write_report
+from napari_unifuse.engine.report import INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
 from napari_unifuse.errors import InputError, UniFuseError
@@ -139,14 +149,17 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
                    "output": str(out_dir), "rank": job.rank}
         started = time.perf_counter()
         try:
-            if is_complete(out_dir) and not args.overwrite:
-                refuse_other_results(out_dir, pair, engines, options)
-                without_report = args.report and not (out_dir / REPORT_FILE).is_file()
-                hint = "; pass --overwrite to run it again with --report" if without_report else ""
-                print(f"{prefix}: skipped, already done ({out_dir}){hint}")
-                outcomes.append({**outcome, "status": "skipped"})
-                continue
-            fuse_pair(pair, out_dir, engines, prefix, batch=batch, report=args.report, **options)
+            # Held from the "already done?" check to the end of the write: another run into this
+            # folder (the same pair, or a moving file of the same name) is refused, not mixed in.
+            with output_folder_lock(out_dir) as lock:
+                if is_complete(out_dir) and not args.overwrite:
+                    refuse_other_results(out_dir, pair, engines, options)
+                    without_report = args.report and not (out_dir / REPORT_FILE).is_file()
+                    hint = "; pass --overwrite to run it again with --report" if without_report else ""
+                    print(f"{prefix}: skipped, already done ({out_dir}){hint}")
+                    outcomes.append({**outcome, "status": "skipped"})
+                    continue
+                fuse_pair(pair, out_dir, engines, prefix, batch=batch, report=args.report, lock=lock, **options)
         except UniFuseError as error:
             if args.pairs is None:
                 raise
@@ -164,10 +177,18 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
         # Process 0 sums up the batch and alone exits non-zero on failures: an early non-zero exit
         # here would make torchrun stop it while it writes the summary.
         return 0
-    failures = write_summary([outcome for shard in gathered for outcome in shard], pairs, job, args.out,
-                             args.pairs)
+    try:
+        failures = write_summary([outcome for shard in gathered for outcome in shard], pairs, job, args.out,
+                                 args.pairs)
+    except OSError as error:  # a read-only --out, a full disk, a folder named summary.json
+        raise UniFuseError(f"{args.out / SUMMARY_FILE}: cannot write the batch summary ({error.strerror or error}); "
+                           "the pairs' outputs are in their folders, and a rerun skips the finished ones") from error
     if args.report and args.out.is_dir():
-        print(f"QC index: {write_index(args.out)}")
+        try:
+            print(f"QC index: {write_index(args.out, on_unreadable=say_unreadable('fuse'))}")
+        except OSError as error:
+            raise UniFuseError(f"{args.out / INDEX_FILE}: cannot write the QC index ({error.strerror or error}); "
+                               f"unifuse report {args.out} writes it") from error
     if failures:
         print(f"unifuse fuse: {failures} of {len(pairs)} pairs failed", file=sys.stderr)
         return 2
@@ -177,7 +198,8 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
 def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distributed, out: Path,
                   pairs_csv: Path) -> int:
     """``OUT/summary.json``: every pair's outcome in the CSV's order, with counts and the CSV they
-    came from (a summary of another CSV it replaces is named); returns the number of failed pairs."""
+    came from (a summary of another CSV it replaces is named); returns the number of failed pairs.
+    Written beside it and renamed into place: a full disk leaves the earlier summary whole (OSError)."""
     order = {pair.name: position for position, pair in enumerate(pairs)}
     outcomes = sorted(outcomes, key=lambda outcome: order[outcome["name"]])
     counts = {status: sum(outcome["status"] == status for outcome in outcomes)
@@ -189,7 +211,8 @@ def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distri
         print(f"note: {out / SUMMARY_FILE} described the batch of {earlier}; it now describes this one "
               f"({pairs_csv}); both batches' folders stay in {out}", file=sys.stderr)
     write_json({"created": utc_timestamp(), "pairs_csv": str(pairs_csv), "pairs": len(pairs), **counts,
-                "world_size": job.world_size, "device": str(job.device), "outcomes": outcomes}, out / SUMMARY_FILE)
+                "world_size": job.world_size, "device": str(job.device), "outcomes": outcomes}, out / SUMMARY_FILE,
+               atomic=True)
     said = ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "no pairs"
     print(f"unifuse fuse: {said} ({job.world_size} process{'es' if job.world_size > 1 else ''}) "
           f"-> {out / SUMMARY_FILE}")
@@ -197,13 +220,16 @@ def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distri
 
 
 def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, batch: dict[str, int] | None = None,
-              report: bool = False, **options: Any) -> FusionResult:
+              report: bool = False, lock: FolderLock | None = None, **options: Any) -> FusionResult:
     """Read, fuse and write one pair (``options`` go to ``run_fusion``), and its QC page when
-    ``report``; nothing is written unless fusion succeeded, and every earlier output in
-    ``out_dir`` is replaced. ``batch`` (the process's rank and the world size of a sharded batch)
-    goes into the provenance."""
+    ``report`` (written with the outputs, before the ``provenance.json`` that marks them done);
+    nothing is written unless fusion succeeded, and every earlier output in ``out_dir`` is
+    replaced. ``batch`` (the process's rank and the world size of a sharded batch) goes into the
+    provenance. ``lock``: the caller's held lock of ``out_dir`` (else the write takes it)."""
     reference, moving = read_image(pair.reference), read_image(pair.moving)
     label = read_image(pair.label) if pair.label is not None else None
+    # Described as read: a label replaced during the fusion must not be recorded for these metrics.
+    label_source = describe_source(str(pair.label)) if pair.label is not None else None
     # Before the fusion: a pair that would overwrite an input fails at once, not after the work.
     refuse_overwriting_inputs(out_dir, (pair.reference, pair.moving, pair.label))
     engine = engines.for_dimensions(model_dimensions(reference))
@@ -213,13 +239,16 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
         print(f"{prefix}: warning: {warning}", file=sys.stderr)
     if batch:
         result.provenance["batch"] = batch
-    if pair.label is not None:  # what metrics.json was measured against, for resuming
-        result.provenance["inputs"]["label"] = describe_source(str(pair.label))
+    if label_source is not None:  # what metrics.json was measured against, for resuming
+        result.provenance["inputs"]["label"] = label_source
     metrics = label_metrics(result, label) if label is not None else None
+
+    def page() -> str:
+        return report_page(result, out_dir, reference=reference, moving=moving, metrics=metrics)
+
     try:
-        write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=True)
-        if report:
-            write_report(result, out_dir, reference=reference, moving=moving, metrics=metrics)
+        write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=True, report=page if report else None,
+                             lock=lock)
     except OSError as error:
         raise UniFuseError(f"{out_dir}: cannot write the outputs there ({error.strerror or error})") from error
     return result
@@ -287,15 +316,18 @@ def _settings_differences(recorded: dict[str, Any], settings: dict[str, Any]) ->
 
 def _same_input(recorded: dict[str, Any] | None, path: Path | None, finished: float) -> bool:
     """Whether ``path`` is the input ``recorded``: the same file and, where a hash was recorded, the
-    same content. A file untouched since the run finished is what it read: only one modified later
-    is hashed again, so that resuming a cohort does not read every finished pair's images."""
+    same content. A file untouched since the run finished is what it read: only one modified, or
+    put in place (renamed, copied, unpacked: its inode change time, which no tool can set back), at
+    or after that time is hashed again, so that resuming a cohort does not read every finished
+    pair's images, and a file swapped in with an old modification time is not taken for the input."""
     if recorded is None or path is None:
         return recorded is None and path is None
     if not path.exists():
         raise InputError("file not found", path)
     if str(path.resolve()) != recorded.get("path"):
         return False
-    if recorded.get("sha256") is None or path.stat().st_mtime < finished:
+    status = path.stat()
+    if recorded.get("sha256") is None or max(status.st_mtime, status.st_ctime) < finished:
         return True
     return describe_source(str(path))["sha256"] == recorded["sha256"]
 
@@ -437,7 +469,12 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
     if not out.is_dir():
         return pairs
     folders: dict[tuple[Any, Any], set[str]] = {}
-    for folder in out.iterdir():
+    try:
+        subfolders = list(out.iterdir())
+    except OSError as error:
+        raise InputError(f"--out cannot be read ({error.strerror or error}), so its earlier results cannot be "
+                         "found; make it readable or choose another --out", out) from error
+    for folder in subfolders:
         provenance = read_provenance(folder) if folder.is_dir() else None
         if provenance is not None:
             inputs = provenance["inputs"]

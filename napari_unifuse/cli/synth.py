@@ -23,9 +23,15 @@ back in the input's units: ``label`` is the clean moving image itself, never cli
 ``moving`` carries what lies beyond the window (hot PET lesions, metal), undegraded, through the
 misalignment. PNGs hold the normalised [0, 1] images as 8 bits.
 
-An output folder holding an earlier synth output is refused unless ``--overwrite``, which first
-removes every file synth writes there; no output may replace an input of any row. Every CSV row
-is checked (cells, files, seeds) before anything is written.
+An output folder holding an earlier synth output is refused unless ``--overwrite``, and one it
+cannot write to (or create) is refused before any pair is made; no output may replace an input of
+any row. Every CSV row is checked (cells, files, seeds) before anything is written. A pair's files
+are written into a hidden staging folder in its output folder and moved into place once all are
+written, ``meta.json`` last: a folder without it is not a finished pair. Only then go the earlier
+output's files (with ``--overwrite``), those of the other extension included. A write that fails
+(a full disk; a ``displacement.nii.gz`` SimpleITK cut short without saying so is caught by reading
+it back) is a one-line error that leaves an earlier output whole; a staging folder left by a killed
+run is removed by the next run and is no earlier output.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, regime_misalignment
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.engine.inference import overlap_warnings
+from napari_unifuse.engine.outputs import check_writable_folder, write_files_together
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import (
     normalize_intensity,
@@ -108,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="modality of the moving image, for its intensity normalisation (default: auto)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace earlier synth outputs in the output folders (they are removed first)")
+                        help="replace earlier synth outputs in the output folders (once the new pair is written)")
     parser.set_defaults(func=run)
 
 
@@ -116,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     jobs = _jobs(args)
     # Before any work: a bad output folder must not surface after the first pairs were written.
     refuse_unsafe_outputs(jobs, args.out, overwrite=args.overwrite)
+    # and so must a folder it cannot write to (nothing the check creates stays if a pair is refused).
+    check_writable_folder(args.out, keep=False)
+    for folder in dict.fromkeys(job.out for job in jobs if job.out != args.out and job.out.is_dir()):
+        check_writable_folder(folder)
     for job in jobs:
         synthesize(job, severity=args.severity, modality=args.modality)
         print(f"{job.out}: {job.degradation} pair, {job.misalignment} misalignment (seed {job.seed})")
@@ -224,8 +235,9 @@ def _extension(path: Path) -> str:
 
 
 def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> dict:
-    """Make and write one pair, replacing any earlier synth output in ``job.out`` (``run`` refuses
-    those first unless --overwrite); returns what went into meta.json."""
+    """Make and write one pair (``engine.outputs.write_files_together``, meta.json last), replacing
+    any earlier synth output in ``job.out`` (``run`` refuses those first unless --overwrite);
+    returns what went into meta.json."""
     files = job.files()
     # run checks every row's inputs against every row's outputs; this guards a direct call.
     refuse_unsafe_outputs([job], job.out, overwrite=True)
@@ -255,19 +267,11 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     pair = make_pair(reference, normalized, job.degradation, rng=job.seed, severity=severity,
                      misalignment=regime_misalignment(job.misalignment), beyond_window=beyond_window)
 
-    job.out.mkdir(parents=True, exist_ok=True)
-    for name in sorted(OUTPUT_NAMES):  # an earlier output under the other extension must not linger
-        (job.out / name).unlink(missing_ok=True)
-    write_image(reference, files["reference"])
     if as_png:
         moving_out, label_out = pair.moving, pair.label
     else:
         moving_out = replace(pair.moving, array=mapping.inverse(pair.moving.array))
         label_out = replace(clean, metadata={**clean.metadata, "role": "label"})
-    for role, volume in (("moving", moving_out), ("label", label_out)):
-        write_image(replace(volume, source=None), files[role])
-    write_displacement(pair.displacement, reference.geometry, files["displacement"])
-
     meta = {
         "unifuse_version": __version__,
         "inputs": {"reference": str(job.reference.resolve()), "moving": str(job.moving.resolve())},
@@ -290,5 +294,20 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
         ),
         "params": pair.params,
     }
-    files["meta"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    def remove_earlier_output() -> None:
+        # Its meta.json first: old and new files mixed never look like a finished pair.
+        files["meta"].unlink(missing_ok=True)
+        for name in sorted(OUTPUT_NAMES - {path.name for path in files.values()}):  # the other extension's
+            (job.out / name).unlink(missing_ok=True)
+
+    writers = {
+        "reference": lambda path: write_image(reference, path),
+        "moving": lambda path: write_image(replace(moving_out, source=None), path),
+        "label": lambda path: write_image(replace(label_out, source=None), path),
+        "displacement": lambda path: write_displacement(pair.displacement, reference.geometry, path),
+        "meta": lambda path: path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8"),  # the marker
+    }
+    write_files_together(job.out, {files[role].name: write for role, write in writers.items()},
+                         before_moving=remove_earlier_output)
     return meta

@@ -15,17 +15,27 @@ atomic), ``provenance.json`` last: its presence is what marks a pair as finished
 A folder is written for one run at a time: every file an earlier run left there under a name this
 package writes (``known_output_names``) goes before the new files move in, so old and new never
 mix; other files are left alone. No output may replace or remove an input: an input that sits at
-one of those names in the folder is refused before anything is written.
+one of those names in the folder is refused before anything is written. Two runs never write one
+folder at once: ``output_folder_lock`` (an exclusive, non-blocking ``flock`` of the folder, which
+leaves nothing in it) is held for the whole write, and
+``unifuse fuse`` and the workbench hold it from their "already done?" check to the end of the
+write; a second run finding it held is refused at once (``FolderBusyError``). Where the platform
+has no such locks (no ``fcntl``: Windows) the folder is not locked.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +43,14 @@ import numpy as np
 
 from napari_unifuse.engine.quality import UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.errors import InputError
+from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, write_image
 from napari_unifuse.io.fields import write_displacement
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; folders are written unlocked
+    fcntl = None  # type: ignore[assignment]
 
 PROVENANCE_FILE = "provenance.json"
 DEGRADATION_FILE = "degradation.json"
@@ -48,6 +63,8 @@ METRICS_FILE = "metrics.json"
 # The hidden folder a run's outputs are written into before they move in together.
 STAGING_PREFIX = ".unifuse-partial-"
 REPORT_FILE = "report.html"  # engine.report's QC page of a run
+# Without locks (no fcntl), a staging folder this recent may be another run's live one: left alone.
+STALE_STAGING_SECONDS = 3600.0
 # The workbench's review maps, saved beside the outputs: float maps, NIfTI (MHA for PNG runs).
 REVIEW_MAP_NAMES = ("alignment_error", "jacobian_determinant", "folding")
 REVIEW_MAP_EXTENSIONS = ("nii.gz", "mha")
@@ -127,14 +144,105 @@ def _same_file(first: Path, second: Path) -> bool:
         return False
 
 
-def write_json(data: Any, path: Path) -> None:
+class FolderBusyError(UniFuseError):
+    """Another run (another ``unifuse fuse``, the workbench's Save) holds the folder's lock."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        super().__init__(f"{folder}: another unifuse run is writing into this folder; wait for it to finish "
+                         "or write the outputs to another folder")
+
+
+@dataclass
+class FolderLock:
+    """A held ``output_folder_lock``; ``held`` is False where the folder could not be locked (no
+    ``fcntl``, or a folder this process cannot create files in, where it cannot write outputs either)."""
+
+    folder: Path
+    held: bool
+
+
+@contextmanager
+def output_folder_lock(out_dir: str | Path) -> Iterator[FolderLock]:
+    """Hold ``out_dir``'s write lock (creating the folder): raises ``FolderBusyError`` at once when
+    another process (or another lock in this one) holds it. The lock is on the folder itself, so
+    it leaves nothing behind (no file, no changed modification time); on release the folders this
+    call created go again when nothing was put in them."""
+    out_dir = Path(out_dir)
+    if fcntl is None:
+        yield FolderLock(out_dir, held=False)
+        return
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
+    descriptor = _lock_descriptor(out_dir)
+    try:
+        yield FolderLock(out_dir, held=descriptor is not None)
+    finally:
+        # Removed while still locked: a run that opened the folder and locks it after this release
+        # finds the path no longer names it, and locks the one there now.
+        for folder in created:  # deepest first; only where still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def _lock_descriptor(out_dir: Path) -> int | None:
+    """An open descriptor of the folder ``out_dir``, exclusively locked; None where the folder
+    cannot be created or locked (no folder: nothing can be written there, and the write says why; a
+    file system without locks: written unlocked)."""
+    assert fcntl is not None
+    while True:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:  # a releasing run removed the empty folder it had created: again
+            continue
+        except OSError:
+            return None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise FolderBusyError(out_dir) from None
+            return None  # a file system without locks (some network mounts)
+        try:
+            current = os.stat(out_dir)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(descriptor)
+        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            return descriptor
+        os.close(descriptor)  # locked a folder another run removed on release: lock the one there now
+
+
+def write_json(data: Any, path: Path, *, atomic: bool = False) -> None:
     """Standard JSON: an undefined value (NaN, e.g. the SSIM of a blank slice, or ±inf) is ``null``.
 
     Python would write ``NaN``, which jq, JavaScript and most JSON readers outside Python reject.
+    ``atomic``: written beside ``path`` and renamed over it, so a full disk or an interrupt leaves
+    the earlier file whole, never a truncated one.
     """
     # default=str: paths and other plain objects in checkpoint metadata are recorded as text.
-    path.write_text(json.dumps(_finite_or_null(data), indent=2, default=str, allow_nan=False) + "\n",
-                    encoding="utf-8")
+    text = json.dumps(_finite_or_null(data), indent=2, default=str, allow_nan=False) + "\n"
+    if atomic:
+        write_text_atomically(path, text)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+def write_text_atomically(path: Path, text: str, errors: str = "strict") -> None:
+    """Write ``text`` (UTF-8) to a hidden file beside ``path`` and rename it over ``path``: readers
+    see the earlier file or the whole new one. The new file gets the usual permissions (umask)."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")  # a name no other writer picks
+    try:
+        temporary.write_text(text, encoding="utf-8", errors=errors)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _finite_or_null(value: Any) -> Any:
@@ -149,49 +257,139 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
+def check_writable_folder(folder: Path, keep: bool = True) -> None:
+    """Create ``folder`` (with its parents) and create and remove a file in it, so that a folder a
+    command cannot write to is refused (InputError, one line) before its work rather than after.
+    ``keep=False`` removes again the folders this check created (a command refused later for
+    another reason leaves nothing behind); they are created anew when the outputs are written."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the --out folder ({error.strerror or error})", folder) from error
+    try:
+        handle, probe = tempfile.mkstemp(prefix=STAGING_PREFIX, dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"cannot write there ({error.strerror or error})", folder) from error
+    finally:
+        if not keep:
+            for path in missing:  # deepest first
+                try:
+                    path.rmdir()
+                except OSError:
+                    break  # something else has been put there meanwhile: leave it
+
+
+def write_files_together(folder: Path, writers: Mapping[str, Callable[[Path], object]], *,
+                         before_moving: Callable[[], None] | None = None,
+                         lock: FolderLock | None = None) -> dict[str, Path]:
+    """Write each file of ``folder`` (name -> what writes it, given the path to write) into a hidden
+    staging folder there, and only once all are written move them into place, in ``writers``'
+    order (the last one: the folder's completeness marker); ``before_moving`` runs in between (it
+    removes an earlier run's files). Returns name -> final path.
+
+    A failed write (a full disk) is an InputError naming the file, the folder's earlier files as
+    they were; an InputError of a writer that names the staged file names the final one instead.
+    The staging folder goes whatever happens; those of writes killed midway go first
+    (``_remove_unused_staging``). ``lock``: the caller's held ``output_folder_lock`` of ``folder``;
+    without one it is taken for the write (``FolderBusyError`` when another run holds it)."""
+    if lock is None:
+        with output_folder_lock(folder) as taken:
+            return write_files_together(folder, writers, before_moving=before_moving, lock=taken)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_unused_staging(folder, lock)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    except OSError as error:
+        raise InputError(f"cannot write there ({error.strerror or error})", folder) from error
+    path, untouched = folder, "; the folder's earlier files are as they were"
+    try:
+        for name, write in writers.items():
+            path = folder / name
+            write(staging / name)
+        untouched = ""
+        if before_moving is not None:
+            before_moving()
+        for name in writers:
+            path = folder / name
+            os.replace(staging / name, path)
+    except OSError as error:
+        raise InputError(f"cannot be written ({error.strerror or error}){untouched}", path) from error
+    except InputError as error:  # io's own, naming the staged file
+        if not (isinstance(error.source, Path) and error.source.parent == staging):
+            raise
+        raise InputError(error.problem, folder / error.source.name) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: folder / name for name in writers}
+
+
 def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: Mapping[str, float] | None = None,
-                         remove_report: bool = False) -> dict[str, Path]:
-    """Write the five outputs, the quality outputs when ``result.quality`` is set and
-    ``metrics.json`` when ``metrics`` are given into ``out_dir`` (created if needed); return name →
-    final path.
+                         remove_report: bool = False, report: Callable[[], str] | None = None,
+                         lock: FolderLock | None = None) -> dict[str, Path]:
+    """Write the five outputs, the quality outputs when ``result.quality`` is set,
+    ``metrics.json`` when ``metrics`` are given and ``report.html`` (the page ``report`` returns)
+    when ``report`` is given into ``out_dir`` (created if needed); return name → final path. The
+    page moves in with the rest, before ``provenance.json``: a folder that looks done holds it whole.
 
     Files of ``known_output_names`` an earlier run left in ``out_dir`` are removed before the new
-    ones move in; ``report.html`` only with ``remove_report`` (the caller writes this run's page
-    afterwards, or none): a page written for this very result before it was saved is current.
-    Refuses (InputError) before writing anything when that would replace or remove an input
-    recorded in ``result.provenance``."""
+    ones move in; ``report.html`` only with ``remove_report`` or ``report``: a page written for
+    this very result before it was saved is current. Refuses (InputError) before writing anything
+    when that would replace or remove an input recorded in ``result.provenance``. ``lock``: the
+    caller's held ``output_folder_lock`` of ``out_dir``; without one it is taken for the write
+    (``FolderBusyError`` when another run holds it)."""
     out_dir = Path(out_dir)
     recorded_inputs = result.provenance.get("inputs", {}).values()
     refuse_overwriting_inputs(out_dir, (source.get("path") for source in recorded_inputs))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = output_file_names(result.output_extension)
-    if result.quality is not None:
-        names = (*names[:-1], *quality_file_names(result.quality), PROVENANCE_FILE)
+    if lock is None:
+        with output_folder_lock(out_dir) as taken:
+            return write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=remove_report,
+                                        report=report, lock=taken)
+    geometry = result.fused.geometry
+    writers: dict[str, Callable[[Path], object]] = {
+        f"fused.{result.output_extension}": lambda path: write_image(result.fused, path),
+        f"aligned.{result.output_extension}": lambda path: write_image(result.aligned, path),
+        DISPLACEMENT_FILE: lambda path: write_displacement(result.displacement, geometry, path),
+        DEGRADATION_FILE: lambda path: write_json(result.degradation_report(), path),
+    }
+    quality = result.quality
+    if quality is not None:
+        for name, array in quality.maps().items():
+            writers[QUALITY_MAP_FILES[name]] = _image_writer(ImageVolume(array, geometry, {"role": name}))
+        writers[QUALITY_FILE] = lambda path: write_json(quality.to_dict(), path)
     if metrics is not None:
-        names = (*names[:-1], METRICS_FILE, PROVENANCE_FILE)
-    for leftover in out_dir.glob(f"{STAGING_PREFIX}*"):  # a write killed midway (SIGKILL skips `finally`)
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-    try:
-        write_image(result.fused, staging / names[0])
-        write_image(result.aligned, staging / names[1])
-        write_displacement(result.displacement, result.fused.geometry, staging / DISPLACEMENT_FILE)
-        write_json(result.degradation_report(), staging / DEGRADATION_FILE)
-        if result.quality is not None:
-            for name, array in result.quality.maps().items():
-                volume = ImageVolume(array, result.fused.geometry, {"role": name})
-                write_image(volume, staging / QUALITY_MAP_FILES[name])
-            write_json(result.quality.to_dict(), staging / QUALITY_FILE)
-        if metrics is not None:
-            write_json(dict(metrics), staging / METRICS_FILE)
-        write_json(result.provenance, staging / PROVENANCE_FILE)
-        # Drop an earlier run's marker first, so old and new files mixed never look complete.
+        writers[METRICS_FILE] = lambda path: write_json(dict(metrics), path)
+    if report is not None:
+        # errors="replace": an input path that is not UTF-8 (in the provenance) shows as "?".
+        writers[REPORT_FILE] = lambda path: path.write_text(report(), encoding="utf-8", errors="replace")
+    writers[PROVENANCE_FILE] = lambda path: write_json(result.provenance, path)  # the marker, last
+
+    def remove_earlier_run() -> None:
+        # Its marker first, so old and new files mixed never look complete.
         (out_dir / PROVENANCE_FILE).unlink(missing_ok=True)
-        kept = set(names) if remove_report else {*names, REPORT_FILE}
+        kept = set(writers) if remove_report or report is not None else {*writers, REPORT_FILE}
         for name in sorted(known_output_names() - kept):
             (out_dir / name).unlink(missing_ok=True)
-        for name in names:
-            os.replace(staging / name, out_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {name: out_dir / name for name in names}
+
+    return write_files_together(out_dir, writers, before_moving=remove_earlier_run, lock=lock)
+
+
+def _image_writer(volume: ImageVolume) -> Callable[[Path], object]:
+    return lambda path: write_image(volume, path)
+
+
+def _remove_unused_staging(out_dir: Path, lock: FolderLock) -> None:
+    """Remove the staging folders of writes killed midway (SIGKILL skips their ``finally``), never
+    one in use: under the folder's lock no other write is going on, so that is every one there;
+    unlocked (no ``fcntl``), only those untouched for ``STALE_STAGING_SECONDS``."""
+    for leftover in out_dir.glob(f"{STAGING_PREFIX}*"):
+        if not lock.held:
+            try:
+                if time.time() - leftover.stat().st_mtime < STALE_STAGING_SECONDS:
+                    continue
+            except OSError:
+                continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)

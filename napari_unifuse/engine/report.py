@@ -1,6 +1,6 @@
 """The QC report of a run: one self-contained HTML page, and an index of a cohort's pages.
 
-``write_report`` puts ``report.html`` into the run folder: the inputs, the most suspicious slices
+``write_report`` puts ``report.html`` into the run folder (``report_page`` is its text): the inputs, the most suspicious slices
 with the quality maps drawn over the fused image, the metrics, the degradation plot with the
 per-slice suspicion beside it (a sentence instead for a method that estimates no degradation), the
 uncertainty summary, the reviewers' annotations and the provenance. Figures are drawn with
@@ -19,7 +19,7 @@ import html
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,13 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from napari_unifuse.engine.annotations import Annotation, AnnotationStore, describe_location
-from napari_unifuse.engine.outputs import PROVENANCE_FILE, QUALITY_FILE, REPORT_FILE, read_json_object
+from napari_unifuse.engine.outputs import (
+    PROVENANCE_FILE,
+    QUALITY_FILE,
+    REPORT_FILE,
+    read_json_object,
+    write_text_atomically,
+)
 from napari_unifuse.engine.overlays import display_grey, slice_of
 from napari_unifuse.engine.quality import (
     INVENTED,
@@ -77,9 +83,32 @@ def write_report(
     metrics: Mapping[str, float] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` for ``result`` (the run of ``reference`` and ``moving``);
-    ``annotations`` default to those saved in ``out_dir``. Returns the page's path."""
+    ``annotations`` default to those saved in ``out_dir``. Returns the page's path. The page is
+    written beside it and renamed into place: an interrupt or a full disk leaves the earlier page
+    (or none), never a truncated one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    page = report_page(result, out_dir, reference=reference, moving=moving, annotations=annotations,
+                       metrics=metrics)
+    path = out_dir / REPORT_FILE
+    # errors="replace": an input path that is not UTF-8 (in the provenance) shows as "?", not a crash.
+    write_text_atomically(path, page, errors="replace")
+    return path
+
+
+def report_page(
+    result: FusionResult,
+    out_dir: str | os.PathLike,
+    *,
+    reference: ImageVolume,
+    moving: ImageVolume,
+    annotations: Sequence[Annotation] | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> str:
+    """The QC page ``write_report`` writes, as text: for the run folder ``out_dir`` (its name heads
+    the page; ``annotations`` default to those saved there). ``engine.outputs.write_fusion_outputs``
+    takes it to write the page with the run's other outputs."""
+    out_dir = Path(out_dir)
     skipped: list[str] = []
     if annotations is None:
         store = AnnotationStore(out_dir)
@@ -97,22 +126,25 @@ def write_report(
     }
     sections = "\n".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>\n{bodies[key]}\n</section>' for key in SECTIONS)
     warnings = "".join(f"<li>{html.escape(warning)}</li>" for warning in result.warnings)
-    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>UniFuse QC report: {html.escape(name)}</title><style>{_STYLE}</style></head><body>\n"
             f"<h1>UniFuse QC report: {html.escape(name)}</h1>\n<p>{_verdict(result.quality)}</p>\n"
             f"{f'<ul class=note>{warnings}</ul>' if warnings else ''}\n{sections}\n</body></html>\n")
-    path = out_dir / REPORT_FILE
-    # errors="replace": an input path that is not UTF-8 (in the provenance) shows as "?", not a crash.
-    path.write_text(page, encoding="utf-8", errors="replace")
-    return path
 
 
-def write_index(runs_dir: str | os.PathLike) -> Path:
+def write_index(runs_dir: str | os.PathLike,
+                on_unreadable: Callable[[Path, OSError], object] | None = None) -> Path:
     """Write ``runs_dir/index.html``: every run below ``runs_dir`` (symbolic links to run folders
     followed), most suspicious first. Files a run left damaged or of another shape are named in its
-    row; they never stop the index."""
+    row; they never stop the index. A folder that cannot be read (permission denied) is left out:
+    the page names it, and so does ``on_unreadable(folder, error)``, once per folder. The page is
+    written beside ``index.html`` and renamed into place, so a full disk leaves the earlier index."""
     runs_dir = Path(runs_dir)
-    rows = [_IndexRow.of(run, runs_dir) for run in _run_folders(runs_dir)]
+    unreadable: list[tuple[Path, OSError]] = []
+    rows = [_IndexRow.of(run, runs_dir) for run in _run_folders(runs_dir, unreadable)]
+    for folder, error in unreadable:
+        if on_unreadable is not None:
+            on_unreadable(folder, error)
     # Runs without quality maps cannot be ranked: they go last, by name.
     rows.sort(key=lambda row: (row.max_suspicion is None, -(row.max_suspicion or 0.0), row.relative))
     lines = []
@@ -127,6 +159,10 @@ def write_index(runs_dir: str | os.PathLike) -> Path:
     table = ("<table><tr><th>run</th><th>inputs</th><th>largest slice suspicion</th><th>suspicious slices</th>"
              "<th>problems</th><th>created</th></tr>\n" + "\n".join(lines) + "</table>") if lines else \
         "<p>No runs (folders with provenance.json) here.</p>"
+    if unreadable:
+        listed = "".join(f"<li>{html.escape(_readable(str(folder)))} "
+                         f"({html.escape(error.strerror or str(error))})</li>" for folder, error in unreadable)
+        table += f"\n<p class=flag>Folders that could not be read, left out:</p><ul>{listed}</ul>"
     title = html.escape(_readable(runs_dir.resolve().name))
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>UniFuse QC: "
             f"{title}</title><style>{_STYLE}</style></head><body>\n"
@@ -134,7 +170,7 @@ def write_index(runs_dir: str | os.PathLike) -> Path:
             "first (suspicion: the largest fraction of one slice that one quality map flags).</p>\n"
             f"{table}\n</body></html>\n")
     path = runs_dir / INDEX_FILE
-    path.write_text(page, encoding="utf-8", errors="replace")
+    write_text_atomically(path, page, errors="replace")
     return path
 
 
@@ -295,11 +331,16 @@ def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (float, np.floating)) else html.escape(str(value))
 
 
-def _run_folders(runs_dir: Path) -> list[Path]:
+def _run_folders(runs_dir: Path, unreadable: list[tuple[Path, OSError]]) -> list[Path]:
     """Every folder below ``runs_dir`` holding a ``provenance.json``; linked folders are followed
-    (a cohort is often gathered from links), each real folder once."""
+    (a cohort is often gathered from links), each real folder once. The folders that cannot be
+    listed are added to ``unreadable`` with why."""
     found, seen = [], set()
-    for folder, subfolders, files in os.walk(runs_dir, followlinks=True):
+
+    def note(error: OSError) -> None:
+        unreadable.append((Path(error.filename) if error.filename is not None else runs_dir, error))
+
+    for folder, subfolders, files in os.walk(runs_dir, onerror=note, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a link back up the tree, or two links to one run
             subfolders.clear()

@@ -9,7 +9,9 @@ linear part of ``index_to_world``, so ``d = reversed(A u)``.
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.io.readers import itk_source
 from napari_unifuse.io.writers import itk_destination
+
+_GZIP_CHECK_CHUNK = 1 << 22
 
 
 def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | os.PathLike) -> Path:
@@ -39,7 +43,21 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
             sitk.WriteImage(image, staged, useCompression=True)
     except (RuntimeError, OSError) as error:
         raise InputError(f"SimpleITK could not write the field: {str(error).strip().splitlines()[-1]}", path) from error
+    _refuse_cut_short(path)
     return path
+
+
+def _refuse_cut_short(path: Path) -> None:
+    """SimpleITK reports no failed write: a full disk leaves a truncated field that still reads,
+    with wrong values. A compressed file whose gzip stream reads to its end is whole."""
+    if not path.name.lower().endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(_GZIP_CHECK_CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"the field was not written completely (is the disk full?): {error}", path) from error
 
 
 def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | None = None) -> np.ndarray:

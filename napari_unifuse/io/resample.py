@@ -20,7 +20,9 @@ def resample_to_reference(
     """Sample ``moving`` at the world position of every reference voxel (identity transform).
 
     The result has the reference's shape and geometry; points outside ``moving`` become 0.
-    Linear interpolation returns float32; nearest keeps the pixel type (use it for label maps).
+    Linear interpolation returns float32 (an 8-bit RGB image in [0, 1], as the package holds
+    colour in floats: 0-255 floats would read as out-of-range colour); nearest keeps the pixel type
+    (use it for label maps).
     ``source`` stays the moving file's, so writers still refuse to overwrite it.
     """
     if interpolation not in INTERPOLATORS:
@@ -42,6 +44,8 @@ def resample_to_reference(
     if interpolation == "linear":
         resampler.SetOutputPixelType(sitk.sitkVectorFloat32 if moving.is_rgb else sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(resampler.Execute(image))
+    if interpolation == "linear" and moving.is_rgb and moving.array.dtype == np.uint8:
+        array /= 255.0
     metadata = {**moving.metadata, "resampled_to": reference.source, "interpolation": interpolation}
     return ImageVolume(array, geometry, metadata, moving.source, moving.is_rgb)
 

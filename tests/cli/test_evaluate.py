@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +40,8 @@ from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
 from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.outputs import STAGING_PREFIX
+from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, normalize_intensity, read_image, write_image
 from napari_unifuse.io.fields import write_displacement
 from napari_unifuse.io.image import Geometry
@@ -357,6 +362,10 @@ def test_a_subset_of_tasks_comes_from_the_checkpoints_split(tmp_path, capsys):
 
     subset, whole = validation(["CT"]), validation(["CT", "PET"])
     assert [pair.name for pair in subset] == [pair.name for pair in whole if pair.task == "CT-MRI"] == ["CT-MRI/2010"]
+    # By the name the outputs give the task, as well.
+    assert [pair.name for pair in validation(["ct-mri"])] == [pair.name for pair in subset]
+    with pytest.raises(InputError, match="unknown Harvard task 'MR'; choose from CT, PET, SPECT "):
+        validation(["MR"])
     assert np.array_equal(subset[0].moving.array, whole[0].moving.array)
     assert np.array_equal(subset[0].displacement, whole[0].displacement)
     assert capsys.readouterr().out == ""
@@ -682,3 +691,101 @@ def test_a_pair_a_method_cannot_take_is_refused_by_name_before_any_pair_is_compu
     assert error.count("\n") == 1
     assert f"pair {tmp_path / 'moving_3d.nii.gz'}" in error and "3D" in error
     assert not (tmp_path / "out").exists()
+
+
+def deny_writes_in(monkeypatch, folder):
+    """As for a non-root user in a read-only folder (tests run as root, who ignores chmod)."""
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "probe"))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def deny_creating(monkeypatch, folder):
+    """As for a non-root user whose --out would go into a read-only parent."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_computed(pairs_csv, tmp_path, monkeypatch, capsys,
+                                                                          no_pair_computed):
+    """It used to fail with a traceback once every pair had been computed."""
+    arguments = ["evaluate", "--pairs", str(pairs_csv[0]), "--device", "cpu", "--methods", "identity+max",
+                 "--baselines", "identity", "--fusion-rules", "max"]
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    deny_writes_in(monkeypatch, read_only)
+    assert main([*arguments, "--out", str(read_only)]) == 2
+    assert capsys.readouterr().err == (f"unifuse evaluate: error: {read_only}: cannot write there "
+                                       "(Permission denied)\n")
+    assert list(read_only.iterdir()) == []
+
+    inside_read_only = tmp_path / "parent" / "out"
+    deny_creating(monkeypatch, inside_read_only)
+    assert main([*arguments, "--out", str(inside_read_only)]) == 2
+    assert capsys.readouterr().err == (f"unifuse evaluate: error: {inside_read_only}: cannot create the --out "
+                                       "folder (Permission denied)\n")
+    assert not (tmp_path / "parent").exists()
+
+
+def test_a_full_disk_with_overwrite_is_one_line_and_leaves_the_earlier_results_whole(pairs_csv, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """--overwrite used to remove the earlier results first, then crash with a traceback, leaving a
+    0-byte evaluation.csv that a rerun refused as an earlier evaluation's."""
+    out = tmp_path / "out"
+    arguments = ["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(out), "--device", "cpu",
+                 "--baselines", "identity", "--fusion-rules", "max"]
+    methods = ["identity+max", "identity+average"]
+
+    def rows_of_the_methods(pair, *args, **kwargs):
+        for number, method in enumerate(methods):
+            yield method, dict.fromkeys(METRIC_COLUMNS, 0.5 / (number + 1))
+
+    monkeypatch.setattr(evaluate_module, "evaluate_pair", rows_of_the_methods)
+    assert main([*arguments, "--methods", *methods]) == 0
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert set(earlier) == {"per_pair.csv", "evaluation.csv", "paired.csv", "evaluation.md"}
+    real_write_csv = evaluate_module.write_csv
+
+    def disk_fills_up(rows, path):
+        if path.name == "evaluation.csv":
+            path.write_bytes(b"")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_csv(rows, path)
+
+    monkeypatch.setattr(evaluate_module, "write_csv", disk_fills_up)
+    methods.remove("identity+average")  # this run has no paired.csv: the earlier one must stay all the same
+    capsys.readouterr()
+    assert main([*arguments, "--methods", "identity+max", "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"unifuse evaluate: error: {out / 'evaluation.csv'}: cannot be written (No space left on "
+                     "device); the folder's earlier files are as they were\n")
+    # Every earlier file whole (paired.csv too, which this run would not have written), no staging folder.
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == earlier
+
+    monkeypatch.setattr(evaluate_module, "write_csv", real_write_csv)
+    assert main([*arguments, "--methods", "identity+max", "--overwrite"]) == 0
+    assert {path.name for path in out.iterdir()} == {"per_pair.csv", "evaluation.csv", "evaluation.md"}
+    assert {row["method"] for row in read_csv(out / "per_pair.csv")} == {"identity+max"}
+
+
+def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next(pairs_csv, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    leftover = out / f"{STAGING_PREFIX}killed" / "per_pair.csv"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("cut short", encoding="utf-8")
+    monkeypatch.setattr(evaluate_module, "evaluate_pair",
+                        lambda pair, *args, **kwargs: iter([("identity+max", dict.fromkeys(METRIC_COLUMNS, 0.5))]))
+    assert main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(out), "--device", "cpu",
+                 "--methods", "identity+max", "--baselines", "identity", "--fusion-rules", "max"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["evaluation.csv", "evaluation.md", "per_pair.csv"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -154,6 +156,17 @@ def test_a_colour_result_on_a_grid_with_geometry_is_written_as_metaimage(data, t
         assert written.GetNumberOfComponentsPerPixel() == 3, name
         np.testing.assert_allclose(written.GetSpacing(), (0.8, 0.9), atol=1e-6, err_msg=name)
         np.testing.assert_allclose(written.GetOrigin(), (-50.0, -40.0), atol=1e-6, err_msg=name)
+
+
+def test_the_metrics_of_a_colour_moving_image_against_itself_as_label_are_perfect(data, tmp_path, capsys):
+    """The PET label (8-bit RGB) was resampled to 0-255 floats, its luma clipped to a mask: NCC 0.69
+    for a clean co-registered pair scored against its own moving image."""
+    root = data["root"]
+    code = fuse("--reference", root / "mri.png", "--moving", root / "pet7.png", "--label", root / "pet7.png",
+                "--out", tmp_path / "out", "--method", "identity+max", "--no-quality")
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "pet7" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["ncc"] > 0.999 and metrics["mse"] < 1e-5
 
 
 def test_a_scanner_image_onto_a_png_is_written_in_its_units_and_the_guessed_overlay_is_said(data, tmp_path, capsys):
@@ -574,7 +587,7 @@ def test_a_pair_folder_that_cannot_be_written_fails_that_pair_only(data, tmp_pat
     assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
 
     err = capsys.readouterr().err
-    assert f"{out / 'pet7'}: cannot write the outputs there" in err and "Traceback" not in err
+    assert f"{out / 'pet7'}: cannot write there" in err and "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "failed"), ("pet8", "done")]
 
@@ -602,3 +615,167 @@ def test_a_csv_with_only_its_header_says_it_has_no_pairs(tmp_path, capsys):
     assert fuse("--pairs", pairs, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert f"{pairs}: the CSV has no pairs, only its header line" in err and "missing" not in err
+
+
+# ---- runs at once, swapped inputs, full disks ------------------------------------------------------
+def copied_inputs(data, folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes((data["root"] / name).read_bytes())
+    return folder
+
+
+def test_a_run_into_a_folder_another_run_is_writing_fails_at_once(data, tmp_path, capsys):
+    """Two runs into one --out (the same pair, or moving files of one name) once left one pair's
+    images under the other's provenance.json, and removed each other's staging folders."""
+    from napari_unifuse.engine.outputs import STAGING_PREFIX, output_folder_lock
+
+    root, out = data["root"], tmp_path / "out"
+    single = ("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", out, *CHEAP)
+    with output_folder_lock(out / "pet7"):  # another run, fusing into out/pet7
+        live = out / "pet7" / f"{STAGING_PREFIX}live"
+        live.mkdir()
+        assert fuse(*single) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"unifuse fuse: error: {out / 'pet7'}: another unifuse run is writing into this folder; wait for it "
+            "to finish or write the outputs to another folder"]
+        assert {path.name for path in (out / "pet7").iterdir()} == {live.name}
+
+    assert fuse(*single) == 0  # the other run is gone: its leftover goes
+    assert {path.name for path in (out / "pet7").iterdir()} == RESULTS_PNG
+    capsys.readouterr()
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{root / 'mri.png'},{root / 'pet7.png'}\n"
+                     f"{root / 'mri.png'},{root / 'pet8.png'}\n", encoding="utf-8")
+    with output_folder_lock(out / "pet7"):  # even a finished pair is not taken as done while it is rewritten
+        assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
+    err = capsys.readouterr().err
+    assert "pet7: error:" in err and "another unifuse run is writing into this folder" in err
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "failed"), ("pet8", "done")]
+
+
+def test_an_input_swapped_for_one_with_an_old_modification_time_is_not_taken_as_done(data, tmp_path, capsys):
+    """mv of an older file, cp -p, rsync -a and tar x keep a modification time older than the run."""
+    root, out = copied_inputs(data, tmp_path / "in", "mri.png", "pet7.png", "pet8_label.png"), tmp_path / "out"
+    assert fuse_request(root, out, {}) == 0
+    old = (root / "pet7.png").stat().st_mtime - 3600
+    os.utime(root / "pet8_label.png", (old, old))  # another image, older than the run
+    os.replace(root / "pet8_label.png", root / "pet7.png")
+
+    assert fuse_request(root, out, {}) == 2
+    assert "a different moving image; pass --overwrite" in capsys.readouterr().err
+
+
+def test_the_label_is_recorded_as_it_was_read_for_the_metrics(data, tmp_path, capsys, monkeypatch):
+    from napari_unifuse.engine.inference import FusionEngine
+
+    root = copied_inputs(data, tmp_path / "in", "mri.png", "pet8.png", "pet8_label.png")
+    label = root / "pet8_label.png"
+    read = hashlib.sha256(label.read_bytes()).hexdigest()
+    run_fusion = FusionEngine.run_fusion
+
+    def label_replaced_meanwhile(self, *args, **kwargs):
+        result = run_fusion(self, *args, **kwargs)
+        replacement = root / "new_label.png"
+        replacement.write_bytes((root / "mri.png").read_bytes())
+        os.replace(replacement, label)
+        return result
+
+    monkeypatch.setattr(FusionEngine, "run_fusion", label_replaced_meanwhile)
+    assert fuse("--reference", root / "mri.png", "--moving", root / "pet8.png", "--label", label,
+                "--out", tmp_path / "out", *CHEAP) == 0, capsys.readouterr().err
+    provenance = json.loads((tmp_path / "out" / "pet8" / "provenance.json").read_text(encoding="utf-8"))
+    assert provenance["inputs"]["label"]["sha256"] == read
+
+
+def fail_writing(monkeypatch, name, error=errno.ENOSPC):
+    """Writing a file whose name holds ``name`` stops halfway (a full disk, by default)."""
+    original = Path.write_text
+
+    def failing(self, text, *args, **kwargs):
+        if name in self.name:
+            original(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(error, os.strerror(error))
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+
+
+def test_a_report_that_cannot_be_written_leaves_the_pair_unfinished_not_done_without_its_page(
+        data, tmp_path, capsys, monkeypatch):
+    root, out = data["root"], tmp_path / "out"
+    pair = ("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", out, *CHEAP, "--report")
+    fail_writing(monkeypatch, "report.html")
+    assert fuse(*pair) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"unifuse fuse: error: {out / 'pet7' / 'report.html'}: cannot be written "
+                                "(No space left on device); the folder's earlier files are as they were"]
+    assert not (out / "pet7" / "provenance.json").exists()  # not done: a rerun fuses it, page and all
+
+    monkeypatch.undo()
+    assert fuse(*pair) == 0
+    out_text = capsys.readouterr().out
+    assert "skipped" not in out_text
+    assert (out / "pet7" / "report.html").read_text(encoding="utf-8").endswith("</html>\n")
+
+
+@pytest.mark.parametrize("problem", ["a folder", "full disk", "read-only"])
+def test_a_summary_that_cannot_be_written_is_a_one_line_error_and_the_outputs_stay(
+        data, tmp_path, capsys, monkeypatch, problem):
+    root, out = data["root"], tmp_path / "out"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{root / 'mri.png'},{root / 'pet7.png'}\n", encoding="utf-8")
+    if problem == "a folder":
+        (out / "summary.json").mkdir(parents=True)
+    else:
+        fail_writing(monkeypatch, "summary.json", errno.ENOSPC if problem == "full disk" else errno.EROFS)
+
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
+
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"unifuse fuse: error: {out / 'summary.json'}: cannot write the batch summary (")
+    assert {path.name for path in (out / "pet7").iterdir()} == RESULTS_PNG
+    assert [path.name for path in out.iterdir() if path.name.endswith(".part")] == []
+
+
+def test_an_out_that_cannot_be_read_is_a_one_line_error(data, tmp_path, capsys, monkeypatch):
+    root, out = data["root"], tmp_path / "out"
+    out.mkdir()
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{root / 'mri.png'},{root / 'pet7.png'}\n", encoding="utf-8")
+    iterdir = Path.iterdir
+
+    def unreadable(self):
+        if self == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"unifuse fuse: error: {out}: --out cannot be read (Permission denied), so its earlier results cannot be "
+        "found; make it readable or choose another --out"]
+
+
+def test_report_names_a_run_folder_it_cannot_read_and_still_writes_the_index(data, tmp_path, capsys, monkeypatch):
+    root, out = data["root"], tmp_path / "out"
+    for moving in ("pet7.png", "pet8.png"):
+        assert fuse("--reference", root / "mri.png", "--moving", root / moving, "--out", out, *CHEAP) == 0
+    capsys.readouterr()
+    scandir = os.scandir
+
+    def unreadable(path="."):
+        if Path(path) == out / "pet8":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unreadable)
+    assert main(["report", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"unifuse report: warning: {out / 'pet8'}: cannot be read (Permission "
+                                         "denied); its runs are left out of the index"]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert 'href="pet7/report.html"' not in index and "pet7" in index and "could not be read" in index

@@ -1,6 +1,9 @@
 """`unifuse synth`: outputs on disk that SimpleITK alone can check (field + resample = label)."""
 
+import errno
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -10,8 +13,10 @@ import SimpleITK as sitk
 from PIL import Image
 
 from napari_unifuse.cli import main
+from napari_unifuse.cli import synth as synth_module
 from napari_unifuse.data.misalign import RandomMisalignment
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
+from napari_unifuse.engine.outputs import STAGING_PREFIX
 from napari_unifuse.io import read_displacement, read_image
 
 OUTPUT_NAMES = ("reference", "moving", "label")
@@ -309,3 +314,121 @@ def test_the_default_misalignment_is_the_large_regime_as_before(png_pair, tmp_pa
                                            spacing=tuple(reference.geometry.spacing))
     written = read_displacement(tmp_path / "displacement.nii.gz", reference.geometry)
     np.testing.assert_allclose(written, expected, atol=1e-5)
+
+
+# ---- writing: a full disk, an interruption, a folder it cannot write to ----------------------------
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden staging folders included) by relative path."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_pair_whole(png_pair, nifti_pair, tmp_path, monkeypatch,
+                                                                   capsys):
+    """--overwrite used to remove the earlier pair first, then crash with a traceback, leaving a
+    0-byte label and no meta.json; now the new files are staged and only then moved in."""
+    out = tmp_path / "out"
+    assert synth(*png_pair, out) == 0
+    earlier = folder_contents(out)
+    real_write_image = synth_module.write_image
+
+    def disk_fills_up(volume, path):
+        if Path(path).name.startswith("label."):
+            Path(path).write_bytes(b"")  # what PIL/nibabel leave behind when the write fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_image(volume, path)
+
+    monkeypatch.setattr(synth_module, "write_image", disk_fills_up)
+    capsys.readouterr()
+    assert synth(*nifti_pair, out, "--overwrite") == 2
+    error = capsys.readouterr().err
+    assert error == (f"unifuse synth: error: {out / 'label.nii.gz'}: cannot be written (No space left on device); "
+                     "the folder's earlier files are as they were\n")
+    assert folder_contents(out) == earlier  # the PNG pair, whole; no staging folder left
+
+    monkeypatch.setattr(synth_module, "write_image", real_write_image)
+    assert synth(*nifti_pair, out, "--overwrite") == 0
+    assert {path.name for path in out.iterdir()} == {
+        *(f"{name}.nii.gz" for name in OUTPUT_NAMES), "displacement.nii.gz", "meta.json"}
+
+
+def test_meta_json_moves_in_last_and_an_interrupted_pair_leaves_nothing_a_rerun_refuses(png_pair, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """meta.json marks a finished pair. Ctrl-C while writing used to leave truncated files, and a
+    rerun was then refused as 'holds an earlier synth output'."""
+    out = tmp_path / "out"
+    real_write_displacement = synth_module.write_displacement
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth_module, "write_displacement", interrupted)
+    assert synth(*png_pair, out) == 130
+    assert not out.exists() or folder_contents(out) == {}
+
+    # A run killed outright (SIGTERM, SIGKILL: no `finally`) leaves its staging folder: the next run
+    # removes it and does not take it for an earlier output.
+    leftover = out / f"{STAGING_PREFIX}killed" / "reference.png"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"\x89PNG truncated")
+    monkeypatch.setattr(synth_module, "write_displacement", real_write_displacement)
+    moved = []
+    real_replace = os.replace
+
+    def recorded(source, destination):
+        moved.append(Path(destination).name)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", recorded)
+    assert synth(*png_pair, out) == 0, capsys.readouterr().err
+    assert moved[-1] == "meta.json" and len(moved) == 5
+    assert sorted(folder_contents(out)) == sorted(
+        [*(f"{name}.png" for name in OUTPUT_NAMES), "displacement.nii.gz", "meta.json"])
+
+
+@pytest.fixture
+def nothing_synthesised(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pair was made before the refusal")
+
+    monkeypatch.setattr(synth_module, "make_pair", refuse)
+
+
+def deny_writes_in(monkeypatch, folder: Path) -> None:
+    """As for a non-root user in a read-only folder (tests run as root, who ignores chmod)."""
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "probe"))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def deny_creating(monkeypatch, folder: Path) -> None:
+    """As for a non-root user whose --out would go into a read-only parent."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_made(png_pair, tmp_path, monkeypatch, capsys,
+                                                                      nothing_synthesised):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    deny_writes_in(monkeypatch, read_only)
+    assert synth(*png_pair, read_only) == 2
+    assert capsys.readouterr().err == f"unifuse synth: error: {read_only}: cannot write there (Permission denied)\n"
+    assert list(read_only.iterdir()) == []
+
+    inside_read_only = tmp_path / "parent" / "out"
+    deny_creating(monkeypatch, inside_read_only)
+    assert synth(*png_pair, inside_read_only) == 2
+    assert capsys.readouterr().err == (f"unifuse synth: error: {inside_read_only}: cannot create the --out folder "
+                                       "(Permission denied)\n")
+    assert not (tmp_path / "parent").exists()

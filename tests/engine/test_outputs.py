@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from napari_unifuse.engine import outputs as outputs_module
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import (
     METRICS_FILE,
+    PROVENANCE_FILE,
     QUALITY_FILE,
     QUALITY_MAP_FILES,
     REPORT_FILE,
     STAGING_PREFIX,
+    FolderBusyError,
     output_file_names,
+    output_folder_lock,
     refuse_overwriting_inputs,
     write_fusion_outputs,
 )
@@ -121,3 +128,72 @@ def test_undefined_metrics_are_written_as_standard_json_null(pair, tmp_path):
 
     written = json.loads((tmp_path / "run" / METRICS_FILE).read_text(), parse_constant=refuse)
     assert written == {"ssim": None, "ncc": 0.5, "per_slice": [1.0, None]}
+
+
+def test_a_write_into_a_folder_another_run_holds_is_refused_and_its_staging_left_alone(pair, tmp_path):
+    """Two runs into one folder (one pair, or moving files of one name) once mixed their outputs, and
+    each write removed every staging folder there, the other run's live one included."""
+    run = tmp_path / "run"
+    with output_folder_lock(run) as lock:  # another run, between its "already done?" check and its write
+        assert lock.held
+        live = run / f"{STAGING_PREFIX}live"
+        live.mkdir()
+        (live / "fused.png").write_bytes(b"being written")
+        with pytest.raises(FolderBusyError, match="another unifuse run is writing into this folder"):
+            write_fusion_outputs(fused(pair, quality=False), run)
+        assert (live / "fused.png").read_bytes() == b"being written"
+        assert not (run / PROVENANCE_FILE).exists()
+        with pytest.raises(FolderBusyError), output_folder_lock(run):
+            pass
+    assert {path.name for path in run.iterdir()} == {live.name}  # the lock leaves nothing behind
+
+    write_fusion_outputs(fused(pair, quality=False), run)  # free now: the leftover is no one's any more
+    assert {path.name for path in run.iterdir()} == set(output_file_names("png"))
+
+
+def test_a_lock_that_created_its_folder_removes_it_when_nothing_was_written(tmp_path):
+    with output_folder_lock(tmp_path / "out" / "case") as lock:
+        assert (tmp_path / "out" / "case").is_dir() and lock.held
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_locks_only_staging_folders_untouched_for_long_are_removed(pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs_module, "fcntl", None)  # as on Windows
+    run = tmp_path / "run"
+    live, stale = run / f"{STAGING_PREFIX}live", run / f"{STAGING_PREFIX}stale"
+    for staging in (live, stale):
+        staging.mkdir(parents=True)
+    old = time.time() - 2 * outputs_module.STALE_STAGING_SECONDS
+    os.utime(stale, (old, old))
+
+    write_fusion_outputs(fused(pair, quality=False), run)
+
+    assert live.is_dir() and not stale.exists()
+    assert (run / PROVENANCE_FILE).is_file()
+
+
+def test_the_page_moves_in_with_the_outputs_before_the_marker(pair, tmp_path):
+    run = tmp_path / "run"
+    written = write_fusion_outputs(fused(pair, quality=False), run, report=lambda: "this run's page")
+    assert list(written)[-2:] == [REPORT_FILE, PROVENANCE_FILE]
+    assert (run / REPORT_FILE).read_text(encoding="utf-8") == "this run's page"
+
+
+def test_a_page_that_cannot_be_written_leaves_the_earlier_complete_run_as_it_was(pair, tmp_path, monkeypatch):
+    """A full disk while writing report.html once left a folder that looked done with half a page."""
+    run = tmp_path / "run"
+    write_fusion_outputs(fused(pair, quality=False), run, report=lambda: "the earlier run's page")
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    original = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        if self.name == REPORT_FILE:
+            original(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(InputError, match=r"report.html: cannot be written \(No space left on device\); the "
+                                         "folder's earlier files are as they were"):
+        write_fusion_outputs(fused(pair, quality=False), run, remove_report=True, report=lambda: "a new page " * 50)
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import write_fusion_outputs
 from napari_unifuse.engine.quality import quality_maps
-from napari_unifuse.engine.report import REPORT_FILE, SECTIONS, write_index, write_report
+from napari_unifuse.engine.report import INDEX_FILE, REPORT_FILE, SECTIONS, write_index, write_report
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.io import Geometry, ImageVolume
 
@@ -175,3 +177,55 @@ def test_the_index_links_odd_folder_names_and_linked_runs(tmp_path):
     assert '<a href="caf%E9/report.html">caf\ufffd</a>' in page
     assert '<a href="linked/report.html">linked</a>' in page
     assert "3 runs" in page
+
+
+def fail_writing(monkeypatch, name: str) -> None:
+    """Writing a file whose name holds ``name`` stops halfway on a full disk."""
+    original = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        if name in self.name:
+            original(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+
+
+def test_a_full_disk_leaves_the_earlier_page_and_index_whole(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "case1"
+    result = constructed_result(4.0)
+    write_fusion_outputs(result, run)
+    page = write_report(result, run, reference=result.aligned, moving=result.aligned).read_text(encoding="utf-8")
+    index = write_index(tmp_path / "runs").read_text(encoding="utf-8")
+
+    fail_writing(monkeypatch, REPORT_FILE)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(result, run, reference=result.aligned, moving=result.aligned)
+    fail_writing(monkeypatch, INDEX_FILE)
+    with pytest.raises(OSError, match="No space left"):
+        write_index(tmp_path / "runs")
+
+    assert (run / REPORT_FILE).read_text(encoding="utf-8") == page
+    assert (tmp_path / "runs" / INDEX_FILE).read_text(encoding="utf-8") == index
+    assert sorted(path.name for path in run.parent.parent.rglob("*.part")) == []  # no half-written page left
+
+
+def test_a_run_folder_that_cannot_be_read_is_named_not_silently_left_out(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    for name in ("readable", "locked"):
+        write_fusion_outputs(constructed_result(4.0), runs / name)
+    original = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return original(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    told = []
+    page = write_index(runs, on_unreadable=lambda folder, error: told.append((folder, error.strerror)))
+
+    assert told == [(runs / "locked", "Permission denied")]
+    text = page.read_text(encoding="utf-8")
+    assert "readable" in text and "could not be read" in text and str(runs / "locked") in text

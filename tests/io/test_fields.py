@@ -51,3 +51,25 @@ def test_field_on_another_grid_is_refused(tmp_path, rng):
         read_displacement(path, Geometry([2.0, 1.0], [0.0, 0.0], np.eye(2)))
     with pytest.raises(InputError, match=r"shape \(2, \*spatial\)"):
         write_displacement(np.zeros((3, 6, 7), np.float32), geometry, tmp_path / "bad.mha")
+
+
+@pytest.mark.parametrize("field", ["smooth", "zero"])
+@pytest.mark.parametrize("cut", ["half", "gzip trailer"])
+def test_a_field_the_disk_cut_short_is_refused_not_left_to_read_wrong(tmp_path, rng, monkeypatch, field, cut):
+    """SimpleITK reports no failed write: on a full disk it leaves a truncated displacement.nii.gz
+    that still reads (wrong values; the zero field even reads right without its gzip trailer)."""
+    import napari_unifuse.io.fields as fields
+
+    real_write = sitk.WriteImage
+
+    def disk_fills_up(image, name, *args, **kwargs):
+        real_write(image, name, *args, **kwargs)
+        with open(name, "rb") as stream:
+            data = stream.read()
+        with open(name, "wb") as stream:
+            stream.write(data[: len(data) // 2] if cut == "half" else data[:-8])
+
+    u = gaussian_filter(rng.normal(size=(3, 12, 14, 10)), 2.0) if field == "smooth" else np.zeros((3, 12, 14, 10))
+    monkeypatch.setattr(fields.sitk, "WriteImage", disk_fills_up)
+    with pytest.raises(InputError, match=r"the field was not written completely \(is the disk full\?\)"):
+        write_displacement(u, Geometry.identity(3), tmp_path / "displacement.nii.gz")

@@ -93,3 +93,14 @@ def test_grid_coverage_is_the_share_of_the_reference_a_resampled_image_reaches(r
     reached = np.mean(resample_to_reference(moving, reference).array > 0)
     assert grid_coverage(moving, reference) == pytest.approx(reached, abs=1e-12)
     assert (reached == 0) == (shift[2] == 300.0)
+
+
+def test_an_8_bit_colour_image_resamples_to_unit_floats_as_the_package_holds_colour():
+    """0-255 floats read as out-of-range colour: a PET label's luma came out clipped to a mask."""
+    colour = np.random.default_rng(0).integers(0, 256, (12, 10, 3)).astype(np.uint8)
+    image = ImageVolume(colour, Geometry.identity(2), is_rgb=True)
+    same_grid = resample_to_reference(image, ImageVolume(np.zeros((12, 10), np.float32), Geometry.identity(2)))
+    assert same_grid.array.dtype == np.float32 and same_grid.is_rgb
+    np.testing.assert_allclose(same_grid.array, colour / 255.0, atol=1e-6)
+    nearest = resample_to_reference(image, same_grid, interpolation="nearest")
+    np.testing.assert_array_equal(nearest.array, colour)  # nearest keeps the pixel type, as for labels

@@ -115,7 +115,9 @@ def test_the_mmif_amin_second_stage_differs_from_the_first_only_in_its_start_and
     mmif-amin-2d-harvard is both in turn): same data, model, loss and schedule length."""
     first = load_config(CONFIGS / "mmif-amin-cpu.yaml").to_dict()
     second = load_config(CONFIGS / "mmif-amin-cpu-stage2.yaml").to_dict()
-    assert second["train"].pop("init_from").endswith("runs/mmif-amin-cpu2/checkpoints/best.safetensors")
+    # The first stage's own run folder: `unifuse train --config configs/mmif-amin-cpu.yaml` writes
+    # runs/mmif-amin-cpu by default, so the two commands chain without an --out.
+    assert second["train"].pop("init_from").endswith("runs/mmif-amin-cpu/checkpoints/best.safetensors")
     assert first["train"].pop("init_from") is None
     assert (first["train"].pop("lr"), second["train"].pop("lr")) == (pytest.approx(5e-4), pytest.approx(2.5e-4))
     assert second == first

@@ -539,3 +539,24 @@ def test_images_opened_after_a_run_become_the_next_pair(make_napari_viewer, qtbo
     run_and_wait(qtbot, workbench)  # the form's own file picker still swaps one image of the pair
     form.open_reference.value = str(tmp_path / "mri1.png")
     assert (form.reference.value, form.moving.value) == (viewer.layers[-1].name, "ct2")
+
+
+def test_save_is_refused_while_another_run_writes_into_the_run_folder(make_napari_viewer, qtbot, tmp_path,
+                                                                      checkpoint_files, notifications):
+    """A `unifuse fuse` into the same folder holds its lock from its "already done?" check to its
+    write: a Save meanwhile would mix the two runs' files."""
+    from napari_unifuse.engine.outputs import PROVENANCE_FILE, output_folder_lock
+
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    folder = workbench.selection.folder
+    with output_folder_lock(folder):
+        assert workbench.save_outputs() is None
+        assert not (folder / PROVENANCE_FILE).exists()
+    assert any("another unifuse run is writing into this folder" in message for _, message in notifications)
+
+    written = workbench.save_outputs()
+    assert PROVENANCE_FILE in written and (folder / PROVENANCE_FILE).is_file()
