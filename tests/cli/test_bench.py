@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -107,20 +104,13 @@ def test_time_shares_account_for_the_whole_forward_pass():
     assert 0 < shares.nested["selective scans"] < shares.parts["dapl"] + shares.parts["oufr"] + shares.parts["fa"]
 
 
-def test_bench_refuses_an_out_it_cannot_write_to_before_measuring(tmp_path, benchmark_must_not_start, monkeypatch,
+def test_bench_refuses_an_out_it_cannot_write_to_before_measuring(tmp_path, benchmark_must_not_start, deny_writes_in,
                                                                    capsys):
     """An existing read-only --out passed the folder check and failed with a traceback after the run
-    (~50 s for --quick). Tests run as root, who ignores chmod: the file the check creates is refused."""
+    (~50 s for --quick)."""
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == read_only:
-            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "probe"))
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    deny_writes_in(read_only)
     assert main(["bench", "--quick", "--out", str(read_only)]) == 2
     assert capsys.readouterr().err == f"unifuse bench: error: {read_only}: cannot write there (Permission denied)\n"
     assert list(read_only.iterdir()) == []

@@ -6,8 +6,6 @@ import csv
 import errno
 import math
 import re
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -693,45 +691,21 @@ def test_a_pair_a_method_cannot_take_is_refused_by_name_before_any_pair_is_compu
     assert not (tmp_path / "out").exists()
 
 
-def deny_writes_in(monkeypatch, folder):
-    """As for a non-root user in a read-only folder (tests run as root, who ignores chmod)."""
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == folder:
-            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "probe"))
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-
-
-def deny_creating(monkeypatch, folder):
-    """As for a non-root user whose --out would go into a read-only parent."""
-    real_mkdir = Path.mkdir
-
-    def mkdir(self, *args, **kwargs):
-        if self == folder:
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", mkdir)
-
-
-def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_computed(pairs_csv, tmp_path, monkeypatch, capsys,
-                                                                          no_pair_computed):
+def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_computed(pairs_csv, tmp_path, capsys, no_pair_computed,
+                                                                          deny_writes_in, deny_creating):
     """It used to fail with a traceback once every pair had been computed."""
     arguments = ["evaluate", "--pairs", str(pairs_csv[0]), "--device", "cpu", "--methods", "identity+max",
                  "--baselines", "identity", "--fusion-rules", "max"]
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    deny_writes_in(monkeypatch, read_only)
+    deny_writes_in(read_only)
     assert main([*arguments, "--out", str(read_only)]) == 2
     assert capsys.readouterr().err == (f"unifuse evaluate: error: {read_only}: cannot write there "
                                        "(Permission denied)\n")
     assert list(read_only.iterdir()) == []
 
     inside_read_only = tmp_path / "parent" / "out"
-    deny_creating(monkeypatch, inside_read_only)
+    deny_creating(inside_read_only)
     assert main([*arguments, "--out", str(inside_read_only)]) == 2
     assert capsys.readouterr().err == (f"unifuse evaluate: error: {inside_read_only}: cannot create the --out "
                                        "folder (Permission denied)\n")

@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -393,41 +392,17 @@ def nothing_synthesised(monkeypatch):
     monkeypatch.setattr(synth_module, "make_pair", refuse)
 
 
-def deny_writes_in(monkeypatch, folder: Path) -> None:
-    """As for a non-root user in a read-only folder (tests run as root, who ignores chmod)."""
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == folder:
-            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "probe"))
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-
-
-def deny_creating(monkeypatch, folder: Path) -> None:
-    """As for a non-root user whose --out would go into a read-only parent."""
-    real_mkdir = Path.mkdir
-
-    def mkdir(self, *args, **kwargs):
-        if self == folder:
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", mkdir)
-
-
-def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_made(png_pair, tmp_path, monkeypatch, capsys,
-                                                                      nothing_synthesised):
+def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_made(png_pair, tmp_path, capsys, nothing_synthesised,
+                                                                      deny_writes_in, deny_creating):
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    deny_writes_in(monkeypatch, read_only)
+    deny_writes_in(read_only)
     assert synth(*png_pair, read_only) == 2
     assert capsys.readouterr().err == f"unifuse synth: error: {read_only}: cannot write there (Permission denied)\n"
     assert list(read_only.iterdir()) == []
 
     inside_read_only = tmp_path / "parent" / "out"
-    deny_creating(monkeypatch, inside_read_only)
+    deny_creating(inside_read_only)
     assert synth(*png_pair, inside_read_only) == 2
     assert capsys.readouterr().err == (f"unifuse synth: error: {inside_read_only}: cannot create the --out folder "
                                        "(Permission denied)\n")

@@ -264,9 +264,9 @@ def test_failed_write_leaves_no_outputs(model_2d, tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr("napari_unifuse.engine.outputs.write_displacement", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match=r"displacement.nii.gz: cannot be written \(No space left on device\)"):
         write_fusion_outputs(result, tmp_path / "case")
-    assert list((tmp_path / "case").iterdir()) == []  # no stray files, no staging folder
+    assert not (tmp_path / "case").exists()  # no stray files, no staging folder, not even the folder it made
 
     monkeypatch.undo()
     written = write_fusion_outputs(result, tmp_path / "case")
