@@ -50,18 +50,30 @@ def _one_line_warning(command: str):
     return show
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun stopping its workers, a scheduler's time limit, `kill`), met as Ctrl-C is:
+    the run unwinds, so that its staging folders and locks go, and the command says so."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 @contextmanager
-def _second_interrupt_ignored() -> Iterator[None]:
-    """A second Ctrl-C (a terminal or `timeout` signals the whole process group) must not cut the
-    goodbye short with a traceback; the handler is back afterwards (``main`` called in-process)."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+def _signals_handled(handler, *numbers: signal.Signals) -> Iterator[None]:
+    """The signals ``numbers`` handled by ``handler`` (a ``signal`` handler) within the block, as
+    they were afterwards (``main`` called in-process); only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.getsignal(number) for number in numbers}
+    for number in numbers:
+        signal.signal(number, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)
 
 
 def describe_os_error(error: OSError) -> str:
@@ -80,26 +92,31 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     command = "unifuse"
     try:
-        # Inside the try: the parser imports torch and the engine, seconds in which Ctrl-C may come.
-        args = build_parser().parse_args(argv)
-        command = f"unifuse {args.command}"
-        with warnings.catch_warnings():  # restores Python's own display when the command is done
-            warnings.showwarning = _one_line_warning(args.command)
-            return int(args.func(args) or 0)
+        with _signals_handled(_raise_terminated, signal.SIGTERM):
+            # Inside the try: the parser imports torch and the engine, seconds in which Ctrl-C may come.
+            args = build_parser().parse_args(argv)
+            command = f"unifuse {args.command}"
+            with warnings.catch_warnings():  # restores Python's own display when the command is done
+                warnings.showwarning = _one_line_warning(args.command)
+                return int(args.func(args) or 0)
     except UniFuseError as error:
         print(f"{command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        with _second_interrupt_ignored():
-            print(f"{command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        status = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        # A second signal (a terminal or `timeout` signals the whole process group) must not cut
+        # the goodbye short with a traceback.
+        with _signals_handled(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM):
+            print(f"{command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
             if argv is None:
-                # Interrupted, the process has nothing left to finish, and a normal shutdown can
-                # abort ("terminate called without an active exception": a C++ thread pool of
-                # ITK/ANTs caught mid-way), which would turn exit status 130 into 134.
+                # Stopped, the process has nothing left to finish, and a normal shutdown can abort
+                # ("terminate called without an active exception": a C++ thread pool of ITK/ANTs
+                # caught mid-way), which would turn its exit status into 134.
                 sys.stdout.flush()
                 sys.stderr.flush()
-                os._exit(130)
-        return 130
+                os._exit(status)
+        return status
     except Exception as error:
         from napari_unifuse.engine.device import is_out_of_memory
 

@@ -114,3 +114,26 @@ def test_an_interrupted_console_script_exits_130_at_once_and_in_process_the_hand
     with pytest.raises(SystemExit):
         main()
     assert exits == [130] and capsys.readouterr().err.endswith("unifuse info: interrupted\n")
+
+
+def test_sigterm_unwinds_the_command_like_ctrl_c_and_says_so(monkeypatch, capsys):
+    """torchrun stopping its workers, a scheduler's time limit: the run used to die where it stood,
+    leaving its staging folders, with no word and exit 143."""
+    import signal
+    import time
+
+    unwound = []
+
+    def long_command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        finally:
+            unwound.append(True)  # where the staging folders and locks go
+
+    monkeypatch.setattr("napari_unifuse.cli.info.run", long_command)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info", "--preset", "small", "--dims", "2"]) == 143
+    assert unwound == [True]
+    assert capsys.readouterr().err == "unifuse info: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before
