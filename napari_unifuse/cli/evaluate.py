@@ -47,9 +47,9 @@ restoration and alignment are told apart; NaN for the classical pipelines, which
 A registration that fails on a pair (SimpleITK on a constant image, say) leaves every metric of
 that method and pair NaN, with a line on stderr: the means and the pair-by-pair tests leave the
 pair out for that method, and the run goes on.
-Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (per regime: mean ± std per method
-and task, and over all tasks, the metrics a copy fools, then UniFuse against each pipeline pair by
-pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
+Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (per regime: mean ± std, the
+population std (``ddof=0``), per method and task, and over all tasks, the metrics a copy fools,
+then UniFuse against each pipeline pair by pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
 other row), ``OUT/paired.csv`` (that comparison) and
 ``OUT/per_pair.csv`` (every value). A folder that already holds these results is refused unless
 ``--overwrite`` is given, and one that cannot be created or written to, before any pair is computed.
@@ -720,7 +720,7 @@ def run(args: argparse.Namespace) -> int:
         paired_rows += [{"regime": regime, **row} for row in paired]
     weights = "".join(f" `{name}`: checkpoint {checkpoint}." for name, checkpoint in checkpoints.items())
     header = (f"# Evaluation of {', '.join(method_names)}\n\n"
-              f"{described}; mean ± std. Alignment (ncc, mse, ssim) "
+              f"{described}; mean ± std (population std, ddof 0). Alignment (ncc, mse, ssim) "
               "vs the clean label; epe / epe_tissue: mean end-point error of the field (voxels) over the "
               "grid / over the reference's tissue; restored_ssim / "
               "warped_input_ssim: UniFuse's restored output / its degraded input warped by its own field, "

@@ -434,7 +434,7 @@ class FusionEngine:
                     if reference.single_slice_axis is not None else f"{dims}D")
             raise InputError(
                 f"this checkpoint is a {self.config.spatial_dims}D model but the images are {what}; "
-                f"pass a {dims}D checkpoint (--checkpoint)", self.checkpoint_name)
+                f"use a {dims}D checkpoint", self.checkpoint_name)
         _refuse_too_small(reference, self.config, self.tile_size)
         return reference, moving
 

@@ -134,7 +134,7 @@ def test_a_one_slice_volume_is_fused_as_2d_on_its_own_grid(engines, axis):
 
 def test_a_3d_model_refuses_a_one_slice_reference_and_a_slice_onto_a_volume(engines):
     one_slice, block = volume(blob((1, 16, 16))), volume(blob((8, 16, 16)))
-    with pytest.raises(InputError, match="single slice stored as a 3D volume.*pass a 2D checkpoint"):
+    with pytest.raises(InputError, match="single slice stored as a 3D volume.*use a 2D checkpoint"):
         engines[3].run_fusion(one_slice, one_slice)
     with pytest.raises(InputError, match="moving image is a single slice .* but the reference a volume"):
         engines[3].run_fusion(block, one_slice)
