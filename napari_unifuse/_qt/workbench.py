@@ -64,7 +64,7 @@ from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import write_report
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import ImageVolume, write_image
+from napari_unifuse.io import ImageVolume
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -561,14 +561,13 @@ class UniFuseWorkbench(QWidget):
         if any(path.resolve() in inputs for path in planned) or folder.resolve() in {p.parent for p in inputs}:
             raise InputError("the run folder holds an input image; choose another runs folder so inputs are never "
                              "overwritten", folder)
-        # Locked like `unifuse fuse`: a run writing into this folder now refuses the Save (and is refused).
-        with output_folder_lock(folder) as lock:
-            with warnings.catch_warnings(record=True) as caught:  # a PNG loses the layers' spacing: say so here
-                warnings.simplefilter("always")
-                written = write_fusion_outputs(result, folder, metrics=self.outcome.volume_metrics, lock=lock)
-            show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
-            for (name, array), path in zip(maps.items(), planned):
-                write_image(ImageVolume(array, result.fused.geometry, {"role": name}), path)
-                written[path.name] = path
+        review_maps = {path.name: ImageVolume(array, result.fused.geometry, {"role": name})
+                       for (name, array), path in zip(maps.items(), planned, strict=True)}
+        with warnings.catch_warnings(record=True) as caught:  # a PNG loses the layers' spacing: say so here
+            warnings.simplefilter("always")
+            # With the maps, under the folder's lock like `unifuse fuse`: all or nothing moves in.
+            written = write_fusion_outputs(result, folder, metrics=self.outcome.volume_metrics,
+                                           extra_images=review_maps)
+        show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
         show_info(f"Saved {len(written)} files to {folder}")
         return written

@@ -328,11 +328,13 @@ def write_files_together(folder: Path, writers: Mapping[str, Callable[[Path], ob
 
 def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: Mapping[str, float] | None = None,
                          remove_report: bool = False, report: Callable[[], str] | None = None,
+                         extra_images: Mapping[str, ImageVolume] | None = None,
                          lock: FolderLock | None = None) -> dict[str, Path]:
     """Write the five outputs, the quality outputs when ``result.quality`` is set,
-    ``metrics.json`` when ``metrics`` are given and ``report.html`` (the page ``report`` returns)
-    when ``report`` is given into ``out_dir`` (created if needed); return name → final path. The
-    page moves in with the rest, before ``provenance.json``: a folder that looks done holds it whole.
+    ``metrics.json`` when ``metrics`` are given, ``report.html`` (the page ``report`` returns)
+    when ``report`` is given and ``extra_images`` (file name → image: the workbench's review maps)
+    into ``out_dir`` (created if needed); return name → final path. They all move in with the rest,
+    before ``provenance.json``: a folder that looks done holds them whole.
 
     Files of ``known_output_names`` an earlier run left in ``out_dir`` are removed before the new
     ones move in; ``report.html`` only with ``remove_report`` or ``report``: a page written for
@@ -346,7 +348,7 @@ def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: 
     if lock is None:
         with output_folder_lock(out_dir) as taken:
             return write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=remove_report,
-                                        report=report, lock=taken)
+                                        report=report, extra_images=extra_images, lock=taken)
     geometry = result.fused.geometry
     writers: dict[str, Callable[[Path], object]] = {
         f"fused.{result.output_extension}": lambda path: write_image(result.fused, path),
@@ -364,6 +366,8 @@ def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: 
     if report is not None:
         # errors="replace": an input path that is not UTF-8 (in the provenance) shows as "?".
         writers[REPORT_FILE] = lambda path: path.write_text(report(), encoding="utf-8", errors="replace")
+    for name, volume in (extra_images or {}).items():
+        writers[name] = _image_writer(volume)
     writers[PROVENANCE_FILE] = lambda path: write_json(result.provenance, path)  # the marker, last
 
     def remove_earlier_run() -> None:

@@ -560,3 +560,31 @@ def test_save_is_refused_while_another_run_writes_into_the_run_folder(make_napar
 
     written = workbench.save_outputs()
     assert PROVENANCE_FILE in written and (folder / PROVENANCE_FILE).is_file()
+
+
+def test_a_save_cut_short_by_a_review_map_leaves_no_run_that_looks_done(make_napari_viewer, qtbot, tmp_path,
+                                                                        checkpoint_files, notifications,
+                                                                        monkeypatch):
+    """The review maps used to be written after provenance.json had marked the folder done."""
+    import napari_unifuse.engine.outputs as outputs
+    from napari_unifuse.engine.outputs import PROVENANCE_FILE
+
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    real_write_image = outputs.write_image
+
+    def disk_full(volume, path):
+        if volume.metadata.get("role") == "folding":
+            raise OSError(28, "No space left on device")
+        return real_write_image(volume, path)
+
+    monkeypatch.setattr(outputs, "write_image", disk_full)
+    assert workbench.save_outputs() is None
+    assert not (workbench.selection.folder / PROVENANCE_FILE).exists()
+    assert any("folding.nii.gz: cannot be written (No space left on device)" in message
+               for _, message in notifications)
+    monkeypatch.undo()
+    assert (workbench.selection.folder / "folding.nii.gz").name in workbench.save_outputs()
