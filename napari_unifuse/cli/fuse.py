@@ -246,11 +246,9 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     def page() -> str:
         return report_page(result, out_dir, reference=reference, moving=moving, metrics=metrics)
 
-    try:
-        write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=True, report=page if report else None,
-                             lock=lock)
-    except OSError as error:
-        raise UniFuseError(f"{out_dir}: cannot write the outputs there ({error.strerror or error})") from error
+    # A write the disk refuses is one line naming the file (engine.outputs.write_files_together).
+    write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=True, report=page if report else None,
+                         lock=lock)
     return result
 
 
