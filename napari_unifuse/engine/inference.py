@@ -248,6 +248,12 @@ class FusionEngine:
         else:
             self.method = method_from_checkpoint(model_or_checkpoint)
         path = self.method.checkpoint
+        # A weights file copied without its sidecar still loads (its header holds the config), but the
+        # calibrations and training crop live in the sidecar: the pipeline would change silently.
+        self.checkpoint_warnings = [] if path is None or self.method.checkpoint_metadata else [
+            f"checkpoint {path.name} has no sidecar {path.with_suffix('.json').name} next to it: its training "
+            f"crop and calibrations (alignment guard, fusion balance, class evidence) are unknown, so defaults "
+            f"are used and results differ from the trained pipeline's; copy the .json with the .safetensors"]
         try:
             self.min_credible_motion = credible_motion_floor(self.method.checkpoint_metadata)
             self.similarity_blur = similarity_blur(self.method.checkpoint_metadata)
@@ -302,7 +308,7 @@ class FusionEngine:
         ``uncertainty_passes`` perturbed alignment passes for the uncertainty map (0: no map)."""
         cancel = cancel or CancelToken()
         timer = StageTimer()
-        warnings: list[str] = []
+        warnings: list[str] = list(self.checkpoint_warnings)
 
         @contextmanager
         def stage(name: str):

@@ -140,6 +140,20 @@ def test_checkpoints_run_in_tiles_of_their_training_crop_unless_told(model_2d, t
     assert result.provenance["tile_shape"] == expected_tile
 
 
+def test_a_weights_file_copied_without_its_sidecar_says_its_calibrations_are_unknown(model_2d, tmp_path):
+    path = save_checkpoint(model_2d, tmp_path / "copied.safetensors",
+                           {"training_config": {"data": {"kind": "harvard", "crop": 8}}})
+    image = ImageVolume(blob((16, 16)), Geometry.identity(2))
+    with_sidecar = FusionEngine(path, device="cpu").run_fusion(image, image, quality=False)
+    assert not any("sidecar" in warning for warning in with_sidecar.warnings)
+
+    path.with_suffix(".json").unlink()
+    lone = FusionEngine(path, device="cpu").run_fusion(image, image, quality=False)
+    notes = [warning for warning in lone.warnings if "no sidecar copied.json" in warning]
+    assert len(notes) == 1 and "training crop" in notes[0] and notes[0] in lone.provenance["warnings"]
+    assert lone.provenance["tile_shape"] == [16, 16]  # the crop it was trained on is lost with the sidecar
+
+
 @pytest.mark.parametrize("error", list(OUT_OF_MEMORY), ids=["cuda", "torch-host", "numpy"])
 def test_out_of_memory_retries_with_smaller_tiles(model_2d, error):
     image = ImageVolume(blob((16, 8)), Geometry.identity(2))
