@@ -322,7 +322,7 @@ class FusionEngine:
             with stage("validate"):
                 given = {"reference": describe_input(reference), "moving": describe_input(moving)}  # as handed in
                 reference, moving = self.validate(reference, moving)
-                warnings.extend(mixed_format_warnings(reference, moving) + overlap_warnings(reference, moving))
+                warnings.extend(picture_placement_warnings(reference, moving) + overlap_warnings(reference, moving))
             planar = _single_slice_pair(reference, moving)
             if planar is not None:
                 result = self.run_fusion(*planar, reference_modality=reference_modality,
@@ -806,15 +806,29 @@ def _is_picture(image: ImageVolume) -> bool:
     return str(image.source or "").lower().endswith(PILLOW_SUFFIXES)
 
 
-def mixed_format_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
-    """A PNG or JPG paired with a scanner image: their overlay in space is a guess, whatever the
-    overlap (a picture's 1 mm pixels from the origin against the scanner's millimetres)."""
-    if _is_picture(reference) == _is_picture(moving):
+def picture_placement_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
+    """Where a PNG or JPG's place in space is a guess, whatever the overlap: paired with a scanner
+    image (a picture's 1 mm pixels from the origin against the scanner's millimetres), or with a
+    picture of another size (laid over it from the first pixel, where a crop or a zoom may have
+    moved the anatomy)."""
+    if _is_picture(reference) and _is_picture(moving):
+        if reference.spatial_shape == moving.spatial_shape:
+            return []
+        sizes = " and ".join(_pixels(image) for image in (reference, moving))
+        return [f"the two pictures differ in size ({sizes}): they are laid over each other from their "
+                "top-left pixel, 1 pixel = 1 mm; if one was cropped or zoomed, check the overlay, or give two "
+                "pictures of the same size"]
+    if not (_is_picture(reference) or _is_picture(moving)):
         return []
     picture, scanner = (reference, moving) if _is_picture(reference) else (moving, reference)
     return [f"{picture.source} is a picture without position or pixel size, {scanner.source or 'the other image'} "
             "a scanner image with both: they are overlaid as if the picture's pixels were 1 mm wide from the "
             "scanner's origin; check the overlay, or give both images in one format"]
+
+
+def _pixels(image: ImageVolume) -> str:
+    """A picture's size as people say it, width×height."""
+    return "×".join(str(side) for side in reversed(image.spatial_shape)) + " pixels"
 
 
 def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
@@ -838,7 +852,11 @@ def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
             "check the two files' origins and orientations (their affines), or resample one onto the other")
     # Either header may be the wrong one: the message names both files.
     named = f"the reference ({reference.source})" if reference.source else "the reference"
-    apart = f"their headers put their centres {distance:.0f} mm apart"
+    if _is_picture(reference) and _is_picture(moving):  # no headers: they meet at the first pixel
+        apart = f"pictures of {_pixels(reference)} and {_pixels(moving)}, laid over each other from the top-left pixel"
+        hint = "give two pictures of the same size"
+    else:
+        apart = f"their headers put their centres {distance:.0f} mm apart"
     if coverage == 0:
         raise InputError(f"the moving image does not overlap {named} in space ({apart}); {hint}",
                          moving.source or "moving image")

@@ -287,7 +287,9 @@ def _read_nifti(path: Path, frame: int | None):
     # nibabel's (i, j, k) is x-fastest: reversing the axes gives (z, y, x).
     data = data.transpose()
     if is_rgb:
-        data = structured_to_unstructured(data[["R", "G", "B"]])  # alpha dropped, as for PNG and MHA
+        if "A" in data.dtype.names:
+            _note_dropped_alpha(data["A"], metadata)
+        data = structured_to_unstructured(data[["R", "G", "B"]])
     return np.ascontiguousarray(data), geometry, metadata, is_rgb
 
 
@@ -424,19 +426,35 @@ def _from_sitk(image: sitk.Image, frame: int | None, path: Path, metadata: dict[
                 "a 2D RGB image (displacement fields: napari_unifuse.io.fields.read_displacement)",
                 path,
             )
-        array, is_rgb = array[..., :3], True  # drop alpha
+        if components == 4:
+            _note_dropped_alpha(array[..., 3], metadata)
+        array, is_rgb = array[..., :3], True
     return array, Geometry.from_sitk(image), metadata, is_rgb
+
+
+def _note_dropped_alpha(alpha: np.ndarray, metadata: dict[str, Any]) -> None:
+    """Fusion reads colour, not transparency: where a picture is see-through, say that its stored
+    colour is used as if it were opaque (an opaque alpha channel is dropped without a word)."""
+    opaque = np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else 1.0
+    see_through = float(np.mean(alpha < opaque))
+    if see_through > 0:
+        metadata.setdefault("warnings", []).append(
+            f"transparency ignored: {100 * see_through:.3g} % of the pixels are partly or fully transparent "
+            "(alpha channel); their stored colour is used as if opaque")
 
 
 # ---- Pillow: PNG / JPG ----------------------------------------------------------------------
 def _read_pillow(path: Path, frame: int | None):
     _refuse_frame_for_single_volume(frame, path)
+    metadata: dict[str, Any] = {}
     try:
         with Image.open(path) as image:
             image.load()  # decode now so that a truncated file fails here
             mode = image.mode
             info = {key: value for key, value in image.info.items() if isinstance(value, (str, int, float))}
             decoded: Image.Image = image
+            if image.has_transparency_data:
+                _note_dropped_alpha(np.asarray(image.convert("RGBA").getchannel("A")), metadata)
             if mode in ("1", "LA", "La"):
                 decoded = image.convert("L")
             elif mode not in ("L", "I", "F") and not mode.startswith("I;16"):
@@ -448,7 +466,7 @@ def _read_pillow(path: Path, frame: int | None):
     if is_rgb and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
         # Grey pictures saved as RGB (common for exported slices) are grey images.
         array, is_rgb = np.ascontiguousarray(array[..., 0]), False
-    metadata = {"header": info, "pillow_mode": mode}
+    metadata.update({"header": info, "pillow_mode": mode})
     return array, Geometry.identity(2), metadata, is_rgb
 
 

@@ -188,6 +188,23 @@ def test_a_scanner_image_onto_a_png_is_written_in_its_units_and_the_guessed_over
     assert (tmp_path / "out" / "ct" / "fused.mha").is_file()
 
 
+@pytest.mark.parametrize("moving_side", [120, 4])
+def test_two_pictures_of_different_sizes_are_said_to_meet_at_their_first_pixel(tmp_path, capsys, moving_side):
+    """Pictures have no headers: the warning spoke of headers, affines and centres mm apart, and a
+    picture slightly smaller than the other (a crop) was overlaid from its corner without a word."""
+    grey = (255 * blob((128, 128))).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "mri.png")
+    Image.fromarray(grey[:moving_side, :moving_side]).save(tmp_path / "crop.png")
+
+    code = fuse("--reference", tmp_path / "mri.png", "--moving", tmp_path / "crop.png", "--out", tmp_path / "out",
+                "--method", "identity+average", "--no-quality")
+
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"the two pictures differ in size (128×128 pixels and {moving_side}×{moving_side} pixels)" in err
+    assert "header" not in err and "affine" not in err
+
+
 @pytest.mark.parametrize(("moving", "cwd"), [(".", "series7"), ("..", "series7/work"), ("../series7/", "series7")])
 def test_a_series_folder_given_as_a_dot_path_names_its_own_pair_folder(tmp_path, monkeypatch, moving, cwd):
     """``--moving ..`` (a DICOM folder, from a folder inside it) used to put the outputs in ``--out/..``."""

@@ -193,6 +193,37 @@ def test_rgb_nifti_reads_as_a_2d_rgb_image_like_simpleitk(alpha, tmp_path, rng):
     assert again.is_rgb and again.geometry.allclose(volume.geometry)
 
 
+def _with_alpha(tmp_path, rng, fmt: str, alpha: np.ndarray):
+    colour = np.dstack([rng.integers(0, 256, alpha.shape, dtype=np.uint8) for _ in range(3)] + [alpha])
+    path = tmp_path / f"picture.{fmt}"
+    if fmt == "png":
+        Image.fromarray(colour, mode="RGBA").save(path)
+    elif fmt == "mha":
+        sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(path))
+    else:
+        records = np.zeros(alpha.shape[::-1], dtype=[(channel, "u1") for channel in "RGBA"])
+        for index, channel in enumerate("RGBA"):
+            records[channel] = colour[..., index].T
+        nib.Nifti1Image(records, np.eye(4)).to_filename(path)
+    return path, colour
+
+
+@pytest.mark.parametrize("fmt", ["png", "mha", "nii.gz"])
+def test_a_see_through_picture_says_its_transparency_is_ignored_and_an_opaque_one_does_not(tmp_path, rng, fmt):
+    """RGBA PET exports used to lose their alpha channel without a word."""
+    alpha = np.full((12, 10), 255, dtype=np.uint8)
+    opaque_path, colour = _with_alpha(tmp_path, rng, fmt, alpha)
+    opaque = read_image(opaque_path)
+    assert opaque.is_rgb and "warnings" not in opaque.metadata
+    np.testing.assert_array_equal(opaque.array, colour[..., :3])
+
+    alpha[:3] = 0  # a quarter of the picture fully transparent
+    see_through = read_image(_with_alpha(tmp_path, rng, fmt, alpha)[0])
+    assert see_through.metadata["warnings"] == [
+        "transparency ignored: 25 % of the pixels are partly or fully transparent (alpha channel); "
+        "their stored colour is used as if opaque"]
+
+
 def test_one_slice_rgb_nifti_is_the_2d_picture(tmp_path, rng):
     colour = np.zeros((9, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     colour["G"] = rng.integers(0, 256, colour.shape)
