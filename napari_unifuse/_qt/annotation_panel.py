@@ -1,9 +1,12 @@
 """Flag failure cases (a slice, or a region drawn on the "UniFuse annotations" layer) for review.
 
 Every flag is written to the run folder the moment it is made (``engine.annotations``), listed
-here, and listed again when the same inputs and checkpoint are opened later. A region is recorded
-on the slice its shape was drawn on, whatever slice is in view when it is flagged, and regions are
-always drawn on the grid of the run on screen. In napari's grid mode every visible layer gets a
+here, and listed again when the same inputs and checkpoint are opened later. A flag records the
+content hashes of the input pair it was made on, and one made before any run is about the inputs
+(it names no method). A run folder whose flags cannot be read is reported in a notification, never
+as a traceback: the workbench around it stays usable. A region is recorded on the slice its shape
+was drawn on, whatever slice is in view when it is flagged, and regions are always drawn on the
+grid of the run on screen. In napari's grid mode every visible layer gets a
 cell of its own, so the region layer would be an empty cell beside the image being flagged: Draw…
 leaves grid mode and puts that image just under the region layer, and Flag region brings the grid
 back.
@@ -19,19 +22,24 @@ from magicgui import widgets
 from napari.layers import Shapes
 from napari.utils.notifications import show_info
 
+from napari_unifuse._napari_io import layer_to_volume
 from napari_unifuse._qt.notifications import reports_errors, show_warnings
 from napari_unifuse._qt.outputs import viewed_slice
 from napari_unifuse.engine.annotations import (
     FAILURE_CATEGORIES,
+    INPUTS_SUBJECT,
+    OUTPUT_SUBJECT,
     Annotation,
     AnnotationStore,
     default_reviewer,
     describe_location,
+    describe_subject,
     ellipse_outline,
     export_cohort,
     find_runs,
     slice_of_region,
 )
+from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.errors import InputError
 
 if TYPE_CHECKING:
@@ -81,12 +89,17 @@ class AnnotationPanel(widgets.Container):
         self._warned: set[str] = set()  # unreadable-line warnings already shown, so each shows once
         self._grid_left_for_drawing = False  # Flag region turns grid mode back on only when Draw… turned it off
         self._pair: tuple[str, str] | None = None  # (reference, moving) layer names of what is annotated
+        self._about_inputs = False  # no run on screen yet: flags describe the input pair, not a method
+        # sha256 of the (reference, moving) arrays annotated, taken when the target is set: the layers
+        # may be deleted or replaced before the reviewer flags.
+        self._pair_sha256: tuple[str | None, str | None] = (None, None)
 
     def set_run(self, folder: Path, runs_root: Path, reference_layer, subject: str = "",
                 pair: tuple[str, str] | None = None) -> None:
         """Point the panel at a run's folder (same inputs + checkpoint ⇒ same folder) and list its flags;
         ``subject`` says what is annotated (inputs, a run or a comparison) and ``pair`` of which
-        (reference, moving) layers. Regions drawn for another pair and not flagged are dropped."""
+        (reference, moving) layers. Regions drawn for another pair and not flagged are dropped. A
+        folder whose flags cannot be read is reported in a notification (see :meth:`refresh`)."""
         self.store = AnnotationStore(folder)
         self.runs_root = Path(runs_root)
         self.reference_layer = reference_layer
@@ -97,6 +110,13 @@ class AnnotationPanel(widgets.Container):
         if pair != self._pair:
             self._drop_unflagged_regions_of(self._pair)
             self._pair = pair
+        self._pair_sha256 = self._sha256_of_pair(pair)
+        self._about_inputs = subject == INPUTS_SUBJECT
+        self.method.enabled = not self._about_inputs
+        if self._about_inputs:
+            self.method.value = ""  # nothing has run yet: the flags name no method
+        elif not self.method.value.strip():
+            self.method.value = DEFAULT_METHOD
         if isinstance(self._existing_annotation_layer(), Shapes):
             self._annotation_layer(create=False)  # regions drawn from now on land on this run's grid
         self.refresh()
@@ -112,12 +132,28 @@ class AnnotationPanel(widgets.Container):
         show_info(f"{count} unflagged region{'s' if count > 1 else ''} of {_describe_pair(pair)} "
                   f"{'were' if count > 1 else 'was'} dropped: flags belong to the pair they were drawn on.")
 
+    def _sha256_of_pair(self, pair: tuple[str, str] | None) -> tuple[str | None, str | None]:
+        if pair is None:
+            return None, None
+        reference, moving = pair
+        return self._sha256_of_layer(reference), self._sha256_of_layer(moving)
+
+    def _sha256_of_layer(self, name: str) -> str | None:
+        """The content hash of the array the run reads from layer ``name`` (None once it is deleted)."""
+        if name not in self.viewer.layers:
+            return None
+        return sha256_of_array(layer_to_volume(self.viewer.layers[name]).array)
+
+    @reports_errors("Load annotations")
     def refresh(self) -> None:
-        annotations = self.store.load() if self.store else []
+        """List the run's flags; a file that cannot be read leaves the list empty and says why."""
+        self.listing.choices = []  # never the last run's flags under this one's name
+        if self.store is None:
+            return
+        annotations = self.store.load()
         self.listing.choices = [(self._describe(a), a.id) for a in annotations]
-        if self.store:
-            show_warnings(warning for warning in self.store.warnings if warning not in self._warned)
-            self._warned.update(self.store.warnings)
+        show_warnings(warning for warning in self.store.warnings if warning not in self._warned)
+        self._warned.update(self.store.warnings)
 
     @property
     def annotations(self) -> list[Annotation]:
@@ -143,12 +179,22 @@ class AnnotationPanel(widgets.Container):
             raise InputError("the 3D view shows no single slice; switch to the 2D view to flag a slice")
         return (0, 0) if axis is None else (axis, index)
 
+    def _new_annotation(self, slice_axis: int, slice_index: int, region_world: list[list[list[float]]] | None = None
+                        ) -> Annotation:
+        """A flag on the target set by :meth:`set_run`, with the form's category, note and reviewer."""
+        reference_sha256, moving_sha256 = self._pair_sha256
+        return Annotation(
+            self.category.value, self.reviewer.value, self.note.value, slice_index=slice_index,
+            slice_axis=slice_axis, region_kind="shapes" if region_world else None, region_world=region_world or [],
+            method=None if self._about_inputs else self.method.value,
+            subject=INPUTS_SUBJECT if self._about_inputs else OUTPUT_SUBJECT,
+            reference_sha256=reference_sha256, moving_sha256=moving_sha256)
+
     @reports_errors("Flag slice")
     def add_slice_flag(self) -> None:
         store = self._require_run()
         axis, index = self._viewed_slice()
-        self._save(store, [Annotation(self.category.value, self.reviewer.value, self.note.value,
-                                      slice_index=index, slice_axis=axis, method=self.method.value)])
+        self._save(store, [self._new_annotation(axis, index)])
 
     @reports_errors("Draw region")
     def start_drawing(self) -> None:
@@ -186,10 +232,7 @@ class AnnotationPanel(widgets.Container):
             if shape_type == "ellipse":
                 world = ellipse_outline(world)
             regions.setdefault(self._slice_of_region(world), []).append(world)
-        self._save(store, [Annotation(self.category.value, self.reviewer.value, self.note.value, slice_index=index,
-                                      slice_axis=axis, region_kind="shapes", region_world=shapes,
-                                      method=self.method.value)
-                           for (axis, index), shapes in regions.items()])
+        self._save(store, [self._new_annotation(axis, index, shapes) for (axis, index), shapes in regions.items()])
         layer.data = []  # flagged: the next region starts from an empty layer
         if self._grid_left_for_drawing:
             self._grid_left_for_drawing = False
@@ -253,7 +296,7 @@ class AnnotationPanel(widgets.Container):
     def _describe(self, annotation: Annotation) -> str:
         where = describe_location(annotation, self.reference_layer.ndim if self.reference_layer else 3)
         note = f": {annotation.note}" if annotation.note else ""
-        return f"{where} — {annotation.category} [{annotation.method}] ({annotation.reviewer}){note}"
+        return f"{where} — {annotation.category} [{describe_subject(annotation)}] ({annotation.reviewer}){note}"
 
     @reports_errors("Delete annotation")
     def delete_selected(self) -> None:

@@ -56,7 +56,7 @@ from napari_unifuse._qt.outputs import OutputNames, ResultLayers, viewed_slice
 from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
 from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, WorkerHandover
-from napari_unifuse.engine.annotations import AnnotationStore
+from napari_unifuse.engine.annotations import INPUTS_SUBJECT, AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, output_folder_lock, write_fusion_outputs
@@ -280,8 +280,8 @@ class UniFuseWorkbench(QWidget):
             if self.method_compare.compared is None:
                 self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
                                               self.viewer.layers[selection.reference_name],
-                                              subject="inputs", pair=(selection.reference_name,
-                                                                      selection.moving_name))
+                                              subject=INPUTS_SUBJECT, pair=(selection.reference_name,
+                                                                            selection.moving_name))
 
     # ---- running -------------------------------------------------------------------------------
     @reports_errors("Run UniFuse")
@@ -406,11 +406,7 @@ class UniFuseWorkbench(QWidget):
         method = result.provenance["method"]["name"]
         self.method_compare.leave_side_by_side(method)  # the overlays below sit on the fused image, one view
         self.results.show(outcome, selection.reference_name, selection.moving_name)
-        # Annotations are about the run on screen: its folder, drawn on its grid (the fused layer's).
-        self.annotation_panel.set_run(selection.folder, selection.folder.parent,
-                                      self.viewer.layers[self.results.names.fused],
-                                      subject="run", pair=(selection.reference_name, selection.moving_name))
-        self.annotation_panel.method.value = method
+        self._annotate_run(selection, method)
         self.plot.show_probabilities(result.slice_class_probs, result.class_names, selection.request.task,
                                      result.quality, result.class_caveat)
         self._show_plot_dock()
@@ -429,6 +425,15 @@ class UniFuseWorkbench(QWidget):
                            "try the workbench, never for reading."])
         show_info(f"UniFuse finished in {self.last_run_seconds:.1f} s; outputs are in the layer list. "
                   "Press 'Save outputs' to write them.")
+
+    @reports_errors("Annotations of the run")
+    def _annotate_run(self, selection: RunSelection, method: str) -> None:
+        """Point the Annotate tab at the run on screen: its folder, drawn on its grid (the fused
+        layer's). Guarded: flags that cannot be read must not keep the run from being saved."""
+        self.annotation_panel.method.value = method  # first: set_run keeps a method it finds there
+        self.annotation_panel.set_run(selection.folder, selection.folder.parent,
+                                      self.viewer.layers[self.results.names.fused],
+                                      subject="run", pair=(selection.reference_name, selection.moving_name))
 
     def _on_slice_changed(self, _event=None) -> None:
         if self.outcome is None or self.results.names.fused not in self.viewer.layers:

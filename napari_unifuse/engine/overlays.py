@@ -153,11 +153,15 @@ def slice_of(array: np.ndarray, slice_axis: int | None, slice_index: int) -> np.
 
 
 def input_fingerprint(volume: ImageVolume, fallback_name: str) -> str:
-    """What identifies an input across sessions: its file path, or (in-memory layers) a content hash."""
+    """What identifies an input across sessions: its file path (in-memory layers: ``fallback_name``,
+    their layer name) and always its content hash, so a file replaced in place by another image
+    is another input, with a run folder of its own, not the old one's flags and outputs."""
     if volume.source and Path(volume.source).exists():
-        return str(Path(volume.source).resolve())
+        name = str(Path(volume.source).resolve())
+    else:
+        name = fallback_name
     digest = sha256_of_array(volume.array)[:16]
-    return f"{fallback_name}:{volume.array.shape}:{digest}"
+    return f"{name}:{volume.array.shape}:{digest}"
 
 
 def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...]) -> Path:

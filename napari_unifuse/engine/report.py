@@ -29,7 +29,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from napari_unifuse.engine.annotations import Annotation, AnnotationStore, describe_location
+from napari_unifuse.engine.annotations import Annotation, AnnotationStore, describe_location, describe_subject
 from napari_unifuse.engine.outputs import (
     PROVENANCE_FILE,
     QUALITY_FILE,
@@ -310,10 +310,10 @@ def _annotations_section(annotations: Sequence[Annotation], volume_ndim: int, sk
     if not annotations:
         return f"{notes}<p class=note>No annotations.</p>"
     rows = "".join(
-        f"<tr><td>{html.escape(a.created)}</td><td>{html.escape(a.reviewer)}</td><td>{html.escape(a.method)}</td>"
+        f"<tr><td>{html.escape(a.created)}</td><td>{html.escape(a.reviewer)}</td><td>{html.escape(describe_subject(a))}</td>"
         f"<td>{html.escape(a.category)}</td><td>{html.escape(describe_location(a, volume_ndim))}</td>"
         f"<td>{html.escape(a.note)}</td></tr>" for a in annotations)
-    return (f"{notes}<table><tr><th>created</th><th>reviewer</th><th>method</th><th>category</th><th>where</th>"
+    return (f"{notes}<table><tr><th>created</th><th>reviewer</th><th>about</th><th>category</th><th>where</th>"
             f"<th>note</th></tr>{rows}</table>")
 
 

@@ -11,6 +11,7 @@ from napari_unifuse.engine.annotations import (
     Annotation,
     AnnotationStore,
     describe_location,
+    describe_subject,
     ellipse_outline,
     export_cohort,
     find_runs,
@@ -73,6 +74,66 @@ def test_a_torn_last_line_loses_only_itself(tmp_path):
     assert [a.id for a in AnnotationStore(tmp_path).load()] == [first.id, second.id, third.id]
 
 
+UNUSABLE_LINES = {
+    "a category of a newer version": b'{"action": "add", "category": "new future category", "reviewer": "x", '
+                                     b'"slice_index": 0, "id": "b1", "created": "2025-01-01"}',
+    "a field of a newer version": b'{"action": "add", "category": "other", "reviewer": "x", "slice_index": 0, '
+                                  b'"id": "b2", "created": "2025-01-01", "input_sha256": "abc"}',
+    "a JSON array": b"[1, 2, 3]",
+    "a withdrawal without an id": b'{"action": "delete"}',
+    "an add without a reviewer": b'{"action": "add", "category": "other", "id": "b3"}',
+    "an unknown action": b'{"action": "rename", "id": "b4"}',
+    "a slice axis beyond z, y, x": b'{"action": "add", "category": "other", "reviewer": "x", "slice_index": 0, '
+                                   b'"slice_axis": 7, "id": "b5", "created": "2025-01-01"}',
+    "bytes that are not UTF-8": b"\xff\xfe\x00garbage",
+}
+
+
+@pytest.mark.parametrize("line", UNUSABLE_LINES.values(), ids=UNUSABLE_LINES.keys())
+def test_an_unusable_line_is_skipped_by_number_and_the_file_is_left_as_it_is(tmp_path, line):
+    store = AnnotationStore(tmp_path)
+    first = store.add(Annotation(category="other", reviewer="a", slice_index=1))
+    with store.path.open("ab") as handle:
+        handle.write(line + b"\n")
+    last = store.add(Annotation(category="misalignment", reviewer="a", slice_index=3))
+    on_disk = store.path.read_bytes()
+
+    assert [a.id for a in store.load()] == [first.id, last.id]
+    (warning,) = store.warnings
+    assert warning.startswith(f"{store.path}: line 2 is unreadable")
+    assert store.path.read_bytes() == on_disk  # loading never rewrites the file
+    added = store.add(Annotation(category="other", reviewer="b", slice_index=4))
+    store.delete(first.id, reviewer="b")
+    assert [a.id for a in AnnotationStore(tmp_path).load()] == [last.id, added.id]
+
+
+def test_an_annotations_file_that_cannot_be_read_is_a_clear_error(tmp_path):
+    (tmp_path / "annotations.jsonl").mkdir()  # anything open() refuses
+    with pytest.raises(UniFuseError, match=f"cannot read annotations.jsonl in {tmp_path}"):
+        AnnotationStore(tmp_path).load()
+
+
+def test_a_flag_on_the_inputs_names_no_method():
+    on_inputs = Annotation(category="misalignment", reviewer="a", slice_index=2, subject="inputs", method=None)
+    assert describe_subject(on_inputs) == "inputs"
+    assert describe_subject(Annotation(category="other", reviewer="a", slice_index=2, method="bsafusion")) == "bsafusion"
+    with pytest.raises(InputError, match="about no method"):
+        Annotation(category="other", reviewer="a", slice_index=2, subject="inputs")
+    with pytest.raises(InputError, match="name the method"):
+        Annotation(category="other", reviewer="a", slice_index=2, method=None)
+
+
+def test_records_written_before_subjects_and_input_hashes_still_load(tmp_path):
+    older = {"action": "add", "category": "other", "reviewer": "a", "note": "", "slice_index": 1, "slice_axis": 0,
+             "region_kind": None, "region_world": [], "method": "unifuse", "id": "old", "created": "2024-05-01"}
+    (tmp_path / "annotations.jsonl").write_text(json.dumps(older) + "\n", encoding="utf-8")
+    store = AnnotationStore(tmp_path)
+    (loaded,) = store.load()
+    assert store.warnings == []
+    assert (loaded.subject, loaded.method, loaded.reference_sha256, loaded.moving_sha256) == (
+        "output", "unifuse", None, None)
+
+
 def test_withdrawing_an_annotation_needs_the_reviewer(tmp_path):
     store = AnnotationStore(tmp_path)
     flagged = store.add(Annotation(category="other", reviewer="a", slice_index=1))
@@ -132,8 +193,11 @@ def test_cohort_export_has_each_column_once_holding_its_own_value(tmp_path):
                          slice_axis=2, method="bsafusion")
     drawn = Annotation(category="other", reviewer="dr no", region_kind="shapes",
                        region_world=[[[1.5, 2.0], [3.0, 4.5]]], method="mmif-amin")
+    on_inputs = Annotation(category="misalignment", reviewer="dr no", slice_index=0, method=None, subject="inputs",
+                           reference_sha256="ab" * 32, moving_sha256="cd" * 32)
     AnnotationStore(tmp_path / "case1").add(flagged)
     AnnotationStore(tmp_path / "case2").add(drawn)
+    AnnotationStore(tmp_path / "case3").add(on_inputs)
     export_cohort(find_runs(tmp_path), tmp_path / "cohort.csv")
     with open(tmp_path / "cohort.csv", newline="", encoding="utf-8") as handle:
         header, *rows = list(csv.reader(handle))
@@ -141,12 +205,18 @@ def test_cohort_export_has_each_column_once_holding_its_own_value(tmp_path):
     assert set(header) == {"run", *(field.name for field in fields(Annotation))}
     by_column = [dict(zip(header, row)) for row in rows]
     assert by_column == [
-        {"run": str(tmp_path / "case1"), "method": "bsafusion", "id": flagged.id, "created": flagged.created,
-         "reviewer": "dr who", "category": "lost structure", "note": "left ventricle", "slice_index": "7",
-         "slice_axis": "2", "region_kind": "", "region_world": "[]"},
-        {"run": str(tmp_path / "case2"), "method": "mmif-amin", "id": drawn.id, "created": drawn.created,
-         "reviewer": "dr no", "category": "other", "note": "", "slice_index": "", "slice_axis": "0",
-         "region_kind": "shapes", "region_world": "[[[1.5, 2.0], [3.0, 4.5]]]"},
+        {"run": str(tmp_path / "case1"), "subject": "output", "method": "bsafusion", "id": flagged.id,
+         "created": flagged.created, "reviewer": "dr who", "category": "lost structure", "note": "left ventricle",
+         "slice_index": "7", "slice_axis": "2", "region_kind": "", "region_world": "[]", "reference_sha256": "",
+         "moving_sha256": ""},
+        {"run": str(tmp_path / "case2"), "subject": "output", "method": "mmif-amin", "id": drawn.id,
+         "created": drawn.created, "reviewer": "dr no", "category": "other", "note": "", "slice_index": "",
+         "slice_axis": "0", "region_kind": "shapes", "region_world": "[[[1.5, 2.0], [3.0, 4.5]]]",
+         "reference_sha256": "", "moving_sha256": ""},
+        {"run": str(tmp_path / "case3"), "subject": "inputs", "method": "", "id": on_inputs.id,
+         "created": on_inputs.created, "reviewer": "dr no", "category": "misalignment", "note": "", "slice_index": "0",
+         "slice_axis": "0", "region_kind": "", "region_world": "[]", "reference_sha256": "ab" * 32,
+         "moving_sha256": "cd" * 32},
     ]
 
 

@@ -75,17 +75,19 @@ def test_the_report_names_the_run_and_holds_every_section(tmp_path):
     assert "<script" not in page and "http" not in page  # self-contained
 
 
-def test_the_annotation_table_names_the_method_and_the_slice_axis(tmp_path):
+def test_the_annotation_table_names_the_method_or_the_inputs_and_the_slice_axis(tmp_path):
     result = constructed_result(blob_radius=4)
     store = AnnotationStore(tmp_path)
     store.add(Annotation("lost structure", "dr-a", slice_index=23, slice_axis=2, method="bsafusion"))
+    store.add(Annotation("other", "dr-b", slice_index=4, slice_axis=0, subject="inputs", method=None))
     with store.path.open("a", encoding="utf-8") as handle:  # a record torn by a crash
         handle.write('{"action": "add", "cat')
     page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
     annotations = page[page.index('<section id="annotations">'):page.index('<section id="provenance">')]
-    assert "<th>method</th>" in annotations and "<td>bsafusion</td>" in annotations
+    assert "<th>about</th>" in annotations and "<td>bsafusion</td>" in annotations
+    assert "<td>inputs</td>" in annotations  # a flag made on the pair before any run
     assert "<td>slice x = 23</td>" in annotations
-    assert "line 2 is unreadable" in annotations
+    assert "line 3 is unreadable" in annotations
 
 
 def test_the_uncertainty_map_is_called_alignment_uncertainty_throughout(tmp_path):

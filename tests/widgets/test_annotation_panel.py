@@ -8,6 +8,8 @@ import pytest
 
 from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER, AnnotationPanel
 from napari_unifuse._qt.notifications import report_error
+from napari_unifuse.engine.annotations import ANNOTATIONS_FILE, Annotation, AnnotationStore
+from napari_unifuse.engine.provenance import sha256_of_array
 
 from .conftest import GEOMETRY_3D, add_pair
 
@@ -149,3 +151,53 @@ def test_unflagged_regions_of_one_pair_are_dropped_when_another_pair_is_annotate
     panel.flag_region.clicked()
     (flag,) = panel.annotations
     assert len(flag.region_world) == 1
+
+
+def test_a_flag_before_any_run_is_about_the_inputs_and_records_their_hashes(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = AnnotationPanel(viewer)
+    panel.reviewer.value = "dr. test"
+    panel.set_run(tmp_path / "run", tmp_path, viewer.layers["T1"], subject="inputs", pair=("T1", "T2"))
+    assert not panel.method.enabled
+    panel.flag_slice.clicked()
+    (on_inputs,) = panel.annotations
+    assert (on_inputs.subject, on_inputs.method) == ("inputs", None)
+    assert (on_inputs.reference_sha256, on_inputs.moving_sha256) == (
+        sha256_of_array(viewer.layers["T1"].data), sha256_of_array(viewer.layers["T2"].data))
+    assert "[inputs]" in panel.listing.native.item(0).text()
+
+    panel.set_run(tmp_path / "run", tmp_path, viewer.layers["T1"], subject="run", pair=("T1", "T2"))
+    panel.method.value = "bsafusion"
+    panel.flag_slice.clicked()
+    assert [(a.subject, a.method) for a in panel.annotations] == [("inputs", None), ("output", "bsafusion")]
+
+
+def test_a_bad_line_hides_no_flag_and_blocks_none(make_napari_viewer, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    store = AnnotationStore(tmp_path / "run")
+    store.add(Annotation(category="other", reviewer="a", slice_index=1))
+    with store.path.open("a", encoding="utf-8") as handle:  # a record from a newer version
+        handle.write('{"action": "add", "category": "new future category", "reviewer": "x", "slice_index": 0, '
+                     '"id": "b1", "created": "2025-01-01"}\n')
+    panel = panel_on(viewer, tmp_path, "T1")
+    assert len(panel.listing.choices) == 1
+    warnings = [message for severity, message in notifications if severity == "warning"]
+    assert len(warnings) == 1 and f"{store.path}: line 2 is unreadable" in warnings[0]
+    panel.flag_slice.clicked()
+    assert len(panel.listing.choices) == 2
+
+
+def test_flags_that_cannot_be_read_are_one_notification_and_no_listing(make_napari_viewer, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    panel.flag_slice.clicked()
+    unreadable = tmp_path / "other run"
+    (unreadable / ANNOTATIONS_FILE).mkdir(parents=True)
+    panel.set_run(unreadable, tmp_path, viewer.layers["T1"])
+    assert panel.listing.choices == ()
+    errors = [message for severity, message in notifications if severity == "error"]
+    assert len(errors) == 1 and f"cannot read {ANNOTATIONS_FILE} in {unreadable}" in errors[0]
+    assert "unexpectedly" not in errors[0]

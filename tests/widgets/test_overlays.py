@@ -6,8 +6,15 @@ import os
 
 import numpy as np
 
-from napari_unifuse.engine.overlays import checkerboard, deformed_grid, display_grey, run_folder, slice_quivers
-from napari_unifuse.io import Geometry, ImageVolume
+from napari_unifuse.engine.overlays import (
+    checkerboard,
+    deformed_grid,
+    display_grey,
+    input_fingerprint,
+    run_folder,
+    slice_quivers,
+)
+from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 
 
 def test_checkerboard_alternates_in_plane_on_every_slice():
@@ -64,3 +71,16 @@ def test_two_checkpoint_files_of_one_name_or_one_retrained_get_different_run_fol
     assert folder != run_folder(tmp_path, "T1", "T2", str(second), ("a", "b"))
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))  # retrained in place
     assert folder != run_folder(tmp_path, "T1", "T2", str(first), ("a", "b"))
+
+
+def test_a_file_replaced_in_place_by_another_image_gets_another_run_folder(tmp_path):
+    """Same path, other pixels: the earlier run's flags and saved outputs are not this image's."""
+    path = tmp_path / "moving.nii.gz"
+    write_image(ImageVolume(np.zeros((4, 8, 8), np.float32), Geometry.identity(3)), path)
+    before = input_fingerprint(read_image(path), "moving")
+    assert before == input_fingerprint(read_image(path), "moving")  # reopened unchanged: the same run
+    write_image(ImageVolume(np.ones((4, 8, 8), np.float32), Geometry.identity(3)), path)
+    after = input_fingerprint(read_image(path), "moving")
+    assert after != before
+    assert run_folder(tmp_path, "T1", "moving", "ckpt", ("T1", before)) != run_folder(
+        tmp_path, "T1", "moving", "ckpt", ("T1", after))

@@ -380,6 +380,19 @@ def test_annotations_are_on_disk_at_once_and_reload_with_the_run(make_napari_vie
     assert len(csv_path.read_text(encoding="utf-8").splitlines()) == 3  # header + two annotations
 
 
+def test_a_run_whose_flags_cannot_be_read_can_still_be_saved(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
+                                                               notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    (workbench.selection.folder / ANNOTATIONS_FILE).mkdir(parents=True)  # anything open() refuses
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None and workbench.save_button.enabled, notifications
+    assert any(message.startswith("UniFuse finished") for _, message in notifications)
+    errors = [message for severity, message in notifications if severity == "error"]
+    assert errors and all(f"cannot read {ANNOTATIONS_FILE}" in message for message in errors)
+
+
 def _rgb_reference_and_3d_moving(viewer) -> None:
     viewer.add_image(np.random.default_rng(0).random((32, 32, 3)), rgb=True, name="T1")
     viewer.add_image(np.zeros((16, 32, 32), np.float32), name="T2")
