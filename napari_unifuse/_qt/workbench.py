@@ -64,7 +64,7 @@ from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import write_report
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import ImageVolume
+from napari_unifuse.io import ImageVolume, placement_metadata
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -566,7 +566,9 @@ class UniFuseWorkbench(QWidget):
         if any(path.resolve() in inputs for path in planned) or folder.resolve() in {p.parent for p in inputs}:
             raise InputError("the run folder holds an input image; choose another runs folder so inputs are never "
                              "overwritten", folder)
-        review_maps = {path.name: ImageVolume(array, result.fused.geometry, {"role": name})
+        # Written where the fused image is, with the reference header's forms (io.nifti_xforms).
+        review_maps = {path.name: ImageVolume(array, result.fused.geometry,
+                                              {"role": name, **placement_metadata(result.fused.metadata)})
                        for (name, array), path in zip(maps.items(), planned, strict=True)}
         with warnings.catch_warnings(record=True) as caught:  # a PNG loses the layers' spacing: say so here
             warnings.simplefilter("always")

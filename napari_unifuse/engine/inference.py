@@ -120,9 +120,11 @@ from napari_unifuse.io import (
     IntensityMapping,
     grid_coverage,
     normalize_intensity,
+    placement_metadata,
     resample_to_reference,
     resample_to_spacing,
 )
+from napari_unifuse.io.nifti_xforms import NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
 from napari_unifuse.model.checkpoint import training_crop
@@ -777,9 +779,12 @@ class FusionEngine:
         else:
             extension = "mha" if carried_chroma is not None or _is_picture(reference) else "nii.gz"
         probs = prediction["class_probs"]
+        on_reference_grid = placement_metadata(reference.metadata)  # written where the reference is shown
         return FusionResult(
-            fused=ImageVolume(fused.astype(np.float32), geometry, {"role": "fused"}, None, carried_chroma is not None),
-            aligned=ImageVolume(aligned, geometry, {"role": "aligned"}, None, moving_chroma is not None),
+            fused=ImageVolume(fused.astype(np.float32), geometry, {"role": "fused", **on_reference_grid}, None,
+                              carried_chroma is not None),
+            aligned=ImageVolume(aligned, geometry, {"role": "aligned", **on_reference_grid}, None,
+                                moving_chroma is not None),
             displacement=u,
             class_names=DEGRADATION_CLASSES,
             class_probs={name: float(p) for name, p in zip(DEGRADATION_CLASSES, probs)},
@@ -826,6 +831,23 @@ def picture_placement_warnings(reference: ImageVolume, moving: ImageVolume) -> l
             "scanner's origin; check the overlay, or give both images in one format"]
 
 
+def _plane_height_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
+    """Two 2-D NIfTI slices whose headers put them in different axial planes: a 2-D grid has no
+    height, so they are fused in one plane, which may join two slices of different anatomy."""
+    if reference.ndim != 2 or moving.ndim != 2:
+        return []
+    forms = [NiftiXforms.from_metadata(image.metadata) for image in (reference, moving)]
+    heights = [None if form is None else form.plane_height() for form in forms]
+    if heights[0] is None or heights[1] is None:
+        return []
+    apart = abs(heights[0] - heights[1])
+    if apart <= 0.5 * float(min(reference.geometry.spacing)):
+        return []
+    return [f"the two 2-D NIfTI slices lie in different planes by their headers (the reference at z = "
+            f"{heights[0]:g} mm, the moving image at z = {heights[1]:g} mm, {apart:g} mm apart); 2-D images are "
+            "fused within one plane: check that they show the same slice of the anatomy"]
+
+
 def _pixels(image: ImageVolume) -> str:
     """A picture's size as people say it, width×height."""
     return "×".join(str(side) for side in reversed(image.spatial_shape)) + " pixels"
@@ -837,7 +859,7 @@ def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
     an InputError when it reaches none of it. ``outside``: what the outputs hold where it does not."""
     coverage = grid_coverage(moving, reference)
     if coverage >= PARTIAL_COVERAGE_WARNING:
-        return []
+        return _plane_height_warnings(reference, moving)
     if coverage >= HEADERS_SUSPECT:
         return [f"the moving image covers only {100 * coverage:.0f} % of the reference grid in space; "
                 f"elsewhere {outside}"]
@@ -1144,7 +1166,8 @@ def _single_slice_result(result: FusionResult, reference: ImageVolume, moving: I
     axis = reference.single_slice_axis
 
     def on_grid(image: ImageVolume) -> ImageVolume:
-        return dataclasses.replace(image, array=np.expand_dims(image.array, axis), geometry=reference.geometry)
+        return dataclasses.replace(image, array=np.expand_dims(image.array, axis), geometry=reference.geometry,
+                                   metadata={**image.metadata, **placement_metadata(reference.metadata)})
 
     displacement = np.insert(np.expand_dims(result.displacement, axis + 1), axis, 0.0, axis=0)
     slices = reference.spatial_shape[0]

@@ -44,7 +44,7 @@ import numpy as np
 from napari_unifuse.engine.quality import UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import ImageVolume, write_image
+from napari_unifuse.io import ImageVolume, placement_metadata, write_image
 from napari_unifuse.io.fields import write_displacement
 
 try:
@@ -353,13 +353,15 @@ def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: 
     writers: dict[str, Callable[[Path], object]] = {
         f"fused.{result.output_extension}": lambda path: write_image(result.fused, path),
         f"aligned.{result.output_extension}": lambda path: write_image(result.aligned, path),
-        DISPLACEMENT_FILE: lambda path: write_displacement(result.displacement, geometry, path),
+        DISPLACEMENT_FILE: lambda path: write_displacement(result.displacement, geometry, path,
+                                                           reference_metadata=result.fused.metadata),
         DEGRADATION_FILE: lambda path: write_json(result.degradation_report(), path),
     }
     quality = result.quality
     if quality is not None:
         for name, array in quality.maps().items():
-            writers[QUALITY_MAP_FILES[name]] = _image_writer(ImageVolume(array, geometry, {"role": name}))
+            on_fused_grid = {"role": name, **placement_metadata(result.fused.metadata)}
+            writers[QUALITY_MAP_FILES[name]] = _image_writer(ImageVolume(array, geometry, on_fused_grid))
         writers[QUALITY_FILE] = lambda path: write_json(quality.to_dict(), path)
     if metrics is not None:
         writers[METRICS_FILE] = lambda path: write_json(dict(metrics), path)

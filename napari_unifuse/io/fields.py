@@ -12,21 +12,33 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry
-from napari_unifuse.io.readers import itk_source
-from napari_unifuse.io.writers import itk_destination
+from napari_unifuse.io.nifti_xforms import NiftiXforms
+from napari_unifuse.io.readers import NIFTI_SUFFIXES, itk_source
+from napari_unifuse.io.writers import itk_destination, nifti_image, save_nifti
 
 _GZIP_CHECK_CHUNK = 1 << 22
+# ITK's axis order of a field stored by _itk_readable_order's [1, 2, 0] is (z, x, y): back to (x, y, z).
+_ITK_SLICE_AXIS_BACK = (1, 2, 0)
 
 
-def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | os.PathLike) -> Path:
-    """Write ``u`` (voxels, array order) as an ITK displacement field on the reference grid."""
+def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | os.PathLike, *,
+                       reference_metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``u`` (voxels, array order) as an ITK displacement field on the reference grid.
+
+    ``reference_metadata``: the reference image's metadata; a NIfTI field keeps its header's forms
+    and codes (``io.nifti_xforms``), as the images written on its grid do. A NIfTI field of a
+    one-slice reference whose slice axis is ITK's last is stored with that axis first (see
+    ``_itk_readable_order``); ``read_displacement`` given the reference geometry puts it back.
+    """
     path = Path(path)
     u = np.asarray(u, dtype=np.float64)
     ndim = reference_geometry.ndim
@@ -35,16 +47,48 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
     if not np.all(np.isfinite(u)):
         raise InputError("the displacement holds NaN or infinite values", path)
     linear = reference_geometry.index_to_world[:ndim, :ndim]
-    physical = np.einsum("ij,j...->...i", linear, u)  # (*spatial, ndim), array-order components
-    image = sitk.GetImageFromArray(physical[..., ::-1].astype(np.float32), isVector=True)
-    reference_geometry.to_sitk(image)
+    # (*spatial, ndim) in array order, components in ITK's x, y, z order (LPS mm, as ITK stores them).
+    itk_vectors = np.einsum("ij,j...->...i", linear, u)[..., ::-1].astype(np.float32)
     try:
-        with itk_destination(path) as staged:
-            sitk.WriteImage(image, staged, useCompression=True)
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            _write_nifti_field(itk_vectors, reference_geometry, path,
+                               NiftiXforms.from_metadata(reference_metadata or {}))
+        else:
+            with itk_destination(path) as staged:
+                image = reference_geometry.to_sitk(sitk.GetImageFromArray(itk_vectors, isVector=True))
+                sitk.WriteImage(image, staged, useCompression=True)
     except (RuntimeError, OSError) as error:
-        raise InputError(f"SimpleITK could not write the field: {str(error).strip().splitlines()[-1]}", path) from error
+        raise InputError(f"could not write the field: {str(error).strip().splitlines()[-1]}", path) from error
     _refuse_cut_short(path)
     return path
+
+
+def _write_nifti_field(itk_vectors: np.ndarray, geometry: Geometry, path: Path, xforms: NiftiXforms | None) -> None:
+    """The field as ITK's NIfTI writer lays it out (5-D: x, y, z, time 1, components; intent
+    "vector"; LPS components), written by nibabel so that the header's forms can be the reference's."""
+    order = _itk_readable_order(itk_vectors.shape[:-1])
+    if order is not None:
+        itk_vectors = itk_vectors.transpose(*order, geometry.ndim)
+        geometry = Geometry(geometry.spacing[order], geometry.origin, geometry.direction[:, order])
+        if xforms is not None:  # the same permutation in nibabel's (reversed) axis order
+            xforms = xforms.with_voxel_axes([geometry.ndim - 1 - axis for axis in order[::-1]])
+    spatial = itk_vectors.transpose(*range(geometry.ndim - 1, -1, -1), geometry.ndim)  # nibabel's x, y, z first
+    voxels = spatial.reshape(*spatial.shape[:-1], *(1,) * (4 - geometry.ndim), spatial.shape[-1])
+    image = nifti_image(voxels, geometry, xforms)
+    image.header.set_intent("vector")
+    save_nifti(image, path)
+
+
+def _itk_readable_order(spatial_shape: tuple[int, ...]) -> list[int] | None:
+    """The array-axis order to store a NIfTI field in so that ITK reads it whole, or None for as is.
+
+    ITK's NIfTI reader drops trailing one-voxel axes of a vector image: the field of a one-slice
+    volume whose slice is its first array axis (ITK's last) would read as 2-D, and for a coronal or
+    sagittal slice with a singular direction (unreadable). Moved last (ITK's first), the slice axis
+    is kept and SimpleITK reads a 3-D field on the same points in space."""
+    if len(spatial_shape) == 3 and spatial_shape[0] == 1 and spatial_shape[2] > 1:
+        return [1, 2, 0]
+    return None
 
 
 def _refuse_cut_short(path: Path) -> None:
@@ -84,6 +128,11 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
             path,
         )
     geometry = Geometry.from_sitk(image)
+    if reference_geometry is not None and ndim == 3 and not geometry.allclose(reference_geometry, atol=1e-4):
+        # Perhaps a one-slice reference's field, stored with the slice axis moved (write_displacement).
+        restored = sitk.PermuteAxes(image, _ITK_SLICE_AXIS_BACK)
+        if Geometry.from_sitk(restored).allclose(reference_geometry, atol=1e-4):
+            image, geometry = restored, Geometry.from_sitk(restored)
     if reference_geometry is not None and not geometry.allclose(reference_geometry, atol=1e-4):
         raise InputError(
             f"the field's grid {geometry} differs from the reference grid {reference_geometry}", path

@@ -24,6 +24,7 @@ from PIL import Image
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry, ImageVolume
+from napari_unifuse.io.nifti_xforms import NiftiXforms
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -147,6 +148,9 @@ def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume
     try:
         array, geometry, metadata, is_rgb = _READERS[fmt](path, frame)
         _refuse_empty(array, path)
+        # Big-endian files (older scanners, 16-bit PNG) come as '>i2' arrays, which SimpleITK and
+        # torch refuse: every image is handed on in this machine's byte order.
+        array = array.astype(array.dtype.newbyteorder("="), copy=False)
         array, value_warnings = real_finite_values(array)
     except InputError as error:
         # Geometry and value checks know the problem but not the file.
@@ -279,11 +283,22 @@ def _read_nifti(path: Path, frame: int | None):
     if is_rgb:
         data = _nifti_picture(data, path)
     header = image.header
+    mm_per_unit = _MM_PER_NIFTI_UNIT[_nifti_spatial_unit(header)]
     affine = image.affine.copy()
-    affine[:3] *= _MM_PER_NIFTI_UNIT[_nifti_spatial_unit(header)]
+    affine[:3] *= mm_per_unit
+    xforms = NiftiXforms.from_header(header, mm_per_unit)
+    if not is_rgb and data.ndim == 2 and not _in_an_axial_plane(affine):
+        # A grey 2-D NIfTI in a coronal, sagittal or oblique plane is the one-slice volume its affine
+        # describes: a 2-D geometry (an axial plane) cannot hold it. An axial one stays 2-D, like the
+        # 2-D images it is paired and trained with; its plane's height stays in its forms
+        # (io.nifti_xforms), for its outputs and for a pair of slices at different heights.
+        data = data[..., np.newaxis]
+        affine[:3, 2] = _slice_normal(affine)
     geometry = Geometry.from_ras_affine(affine, ndim=data.ndim)
     metadata["nifti_affine"] = image.affine.tolist()
     metadata["header"] = {key: _plain(header[key]) for key in header.keys()}
+    metadata.update(xforms.to_metadata())
+    metadata.setdefault("warnings", []).extend(xforms.reading_warnings(data.shape))
     # nibabel's (i, j, k) is x-fastest: reversing the axes gives (z, y, x).
     data = data.transpose()
     if is_rgb:
@@ -291,6 +306,23 @@ def _read_nifti(path: Path, frame: int | None):
             _note_dropped_alpha(data["A"], metadata)
         data = structured_to_unstructured(data[["R", "G", "B"]])
     return np.ascontiguousarray(data), geometry, metadata, is_rgb
+
+
+def _in_an_axial_plane(affine: np.ndarray) -> bool:
+    """Whether a 2-D NIfTI's pixel axes have no z component, i.e. a 2-D geometry holds their
+    directions and spacing (its height, the plane's z, is not part of a 2-D geometry)."""
+    scale = float(np.abs(affine[:3, :2]).max())
+    return bool(np.all(np.abs(affine[2, :2]) <= 1e-6 * scale))
+
+
+def _slice_normal(affine: np.ndarray) -> np.ndarray:
+    """The affine's third column for a one-slice volume: as stored (pixdim[3] along the header's
+    normal), or, where the header leaves it zero, 1 mm along the plane's normal."""
+    column = affine[:3, 2]
+    if np.linalg.norm(column) > 0:
+        return column
+    normal = np.cross(affine[:3, 0], affine[:3, 1])
+    return normal / np.linalg.norm(normal)
 
 
 def _nifti_picture(colours: np.ndarray, path: Path) -> np.ndarray:

@@ -17,12 +17,11 @@ from PIL import Image
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry, ImageVolume
+from napari_unifuse.io.nifti_xforms import NiftiXforms, stamp_xforms
 from napari_unifuse.io.readers import ITK_IMAGE_IOS, ITK_SUFFIXES, NIFTI_SUFFIXES, nibabel_renames
 
 PNG_SUFFIXES = (".png",)
 WRITABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PNG_SUFFIXES
-# NIfTI xform code 1 = "scanner anatomical": the affine is the acquisition's world geometry.
-_NIFTI_SCANNER_CODE = 1
 
 
 def write_image(volume: ImageVolume, path: str | os.PathLike) -> Path:
@@ -49,16 +48,24 @@ def write_image(volume: ImageVolume, path: str | os.PathLike) -> Path:
 def _write_nifti(volume: ImageVolume, path: Path) -> None:
     if volume.is_rgb:
         raise InputError("RGB images are saved as PNG, MHA or NRRD, not NIfTI", path)
-    affine = volume.geometry.to_ras_affine()
     array = volume.array.astype(_nifti_dtype(volume.array), copy=False)
     # nibabel's axes are (x, y, z): reverse ours. An explicit dtype stops nibabel choosing another.
-    image = nib.Nifti1Image(array.transpose(), affine, dtype=array.dtype)
-    header = volume.metadata.get("header", {}) if volume.metadata.get("format") == "nifti" else {}
-    # Keep the input's xform codes (e.g. 4 = MNI) and write both forms, so readers that prefer
-    # the qform (ITK does) get the same geometry as those preferring the sform.
-    image.set_sform(affine, code=int(header.get("sform_code") or _NIFTI_SCANNER_CODE))
-    image.set_qform(affine, code=int(header.get("qform_code") or _NIFTI_SCANNER_CODE))
+    image = nifti_image(array.transpose(), volume.geometry, NiftiXforms.from_metadata(volume.metadata))
+    save_nifti(image, path)
+
+
+def nifti_image(voxels: np.ndarray, geometry: Geometry, xforms: NiftiXforms | None) -> nib.Nifti1Image:
+    """A NIfTI image of ``voxels`` (nibabel axis order, the spatial ones first) on ``geometry``:
+    the forms and codes of the header ``xforms`` came from where they describe this grid (every
+    tool then places the file as it places that one; ``nifti_xforms``), else the geometry in both
+    forms, so readers preferring the qform (ITK) and the sform (nibabel, FSL) agree."""
+    image = nib.Nifti1Image(voxels, geometry.to_ras_affine(), dtype=voxels.dtype)
+    stamp_xforms(image, xforms)
     image.header.set_xyzt_units("mm")
+    return image
+
+
+def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
     if nibabel_renames(nib.Nifti1Image, str(path)):
         # nib.save would write a mixed-case ``Out.Nii.Gz`` as ``Out.nii.Gz``: name the file exactly.
         # nibabel gzips by the suffix, in any case.

@@ -274,7 +274,7 @@ def test_failed_write_leaves_no_outputs(model_2d, tmp_path, monkeypatch):
     image = ImageVolume(blob((8, 8)), Geometry.identity(2))
     result = FusionEngine(model_2d, device="cpu").run_fusion(image, image)
 
-    def disk_full(*args):
+    def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
     monkeypatch.setattr("napari_unifuse.engine.outputs.write_displacement", disk_full)

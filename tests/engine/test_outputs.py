@@ -197,3 +197,40 @@ def test_a_page_that_cannot_be_written_leaves_the_earlier_complete_run_as_it_was
                                          "folder's earlier files are as they were"):
         write_fusion_outputs(fused(pair, quality=False), run, remove_report=True, report=lambda: "a new page " * 50)
     assert {path.name: path.read_bytes() for path in run.iterdir()} == before
+
+
+def test_every_nifti_output_keeps_the_reference_header_forms_and_the_field_reads_in_simpleitk(tmp_path):
+    """A one-slice coronal reference whose qform (code 1) sits 10/8/6 mm from its sform (code 4):
+    the outputs were written with codes 1/1 and qform = sform (10 mm off the reference in ITK
+    tools), and SimpleITK could not open displacement.nii.gz (its 2-D direction singular)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    yy, xx = np.indices((48, 48))
+    head = 200.0 * ((yy - 24) ** 2 + (xx - 24) ** 2 < 16**2)
+    sform = np.array([[1.5, 0, 0, -40], [0, 0, 2.0, 12], [0, 1.5, 0, -30], [0, 0, 0, 1]], float)  # j -> S
+    qform = sform.copy()
+    qform[:3, 3] += (10.0, 8.0, 6.0)
+    paths = []
+    for name, array in (("reference", head), ("moving", np.roll(head, 2, axis=1) * 0.7)):
+        image = nib.Nifti1Image(array.astype(np.float32)[:, :, None], sform)
+        image.set_qform(qform, code=1)
+        image.set_sform(sform, code=4)
+        paths.append(tmp_path / f"{name}.nii.gz")
+        image.to_filename(paths[-1])
+    result = fused((read_image(paths[0]), read_image(paths[1])), quality=True)
+
+    written = write_fusion_outputs(result, tmp_path / "out")
+    reference = nib.load(paths[0]).header
+    niftis = [path for name, path in written.items() if name.endswith(".nii.gz")]
+    assert len(niftis) >= 5  # fused, aligned, displacement and the quality maps
+    for path in niftis:
+        header = nib.load(path).header
+        # The field is stored with its one-voxel axis first, so that ITK keeps it: (k, i, j).
+        columns = [1, 2, 0, 3] if path.name == "displacement.nii.gz" else [0, 1, 2, 3]
+        assert (header["qform_code"], header["sform_code"]) == (1, 4), path.name
+        np.testing.assert_allclose(header.get_qform()[:, columns], reference.get_qform(), atol=1e-4, err_msg=path.name)
+        np.testing.assert_allclose(header.get_sform()[:, columns], reference.get_sform(), atol=1e-4, err_msg=path.name)
+    field = sitk.ReadImage(str(written["displacement.nii.gz"]))
+    assert field.GetDimension() == 3 and field.GetNumberOfComponentsPerPixel() == 3
+    assert any("disagree" in warning for warning in result.warnings)

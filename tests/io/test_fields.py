@@ -56,20 +56,21 @@ def test_field_on_another_grid_is_refused(tmp_path, rng):
 @pytest.mark.parametrize("field", ["smooth", "zero"])
 @pytest.mark.parametrize("cut", ["half", "gzip trailer"])
 def test_a_field_the_disk_cut_short_is_refused_not_left_to_read_wrong(tmp_path, rng, monkeypatch, field, cut):
-    """SimpleITK reports no failed write: on a full disk it leaves a truncated displacement.nii.gz
-    that still reads (wrong values; the zero field even reads right without its gzip trailer)."""
+    """A writer that reports no failed write (SimpleITK's) leaves on a full disk a truncated
+    displacement.nii.gz that still reads (wrong values; the zero field even reads right without
+    its gzip trailer): whatever wrote the file, a cut one is refused."""
     import napari_unifuse.io.fields as fields
 
-    real_write = sitk.WriteImage
+    real_save = fields.save_nifti
 
-    def disk_fills_up(image, name, *args, **kwargs):
-        real_write(image, name, *args, **kwargs)
+    def disk_fills_up(image, name):
+        real_save(image, name)
         with open(name, "rb") as stream:
             data = stream.read()
         with open(name, "wb") as stream:
             stream.write(data[: len(data) // 2] if cut == "half" else data[:-8])
 
     u = gaussian_filter(rng.normal(size=(3, 12, 14, 10)), 2.0) if field == "smooth" else np.zeros((3, 12, 14, 10))
-    monkeypatch.setattr(fields.sitk, "WriteImage", disk_fills_up)
+    monkeypatch.setattr(fields, "save_nifti", disk_fills_up)
     with pytest.raises(InputError, match=r"the field was not written completely \(is the disk full\?\)"):
         write_displacement(u, Geometry.identity(3), tmp_path / "displacement.nii.gz")

@@ -1,0 +1,139 @@
+"""The two placements a NIfTI header carries, kept with an image so that files on its grid place
+their voxels as every tool places the original.
+
+A NIfTI header holds a qform (a rotation, pixdim and an offset) and an sform (any affine), each
+with a code saying what it means (0: absent, 1: scanner, 2: aligned, 3: Talairach, 4: MNI, 5:
+template). Tools disagree on which one counts: nibabel and FSL take the sform when its code is
+set, ITK (SimpleITK, ITK-SNAP, Slicer) the qform. The package's geometry is nibabel's choice; an
+image written on that grid gets the original header's two forms and codes back (``stamp``), so
+that in each tool it overlays the original exactly as that tool shows the original, whatever the
+forms say. A header without either form (both codes 0) places the image by a guess, which stays
+a guess (codes 0) in what is written, so that every tool guesses the same for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.spatialimages import HeaderDataError
+
+# The metadata entry (ImageVolume.metadata) holding a NIfTI file's forms, as plain lists.
+NIFTI_XFORMS = "nifti_xforms"
+# NIfTI xform code 1 = "scanner anatomical": the affine is the acquisition's world geometry.
+SCANNER_CODE = 1
+# Forms that place a voxel further apart than this fraction of the smallest voxel side are said to
+# disagree: both are float32 in the file (~1e-5 mm apart when written from one affine), while a
+# hundredth of a voxel is far below anything visible in an overlay.
+_DISAGREEMENT_TOLERANCE = 0.01
+# A written header reproduces the geometry when its chosen affine is within this of it (mm, per
+# matrix entry): float32 storage of the forms, as in the round trip through the file.
+_SAME_PLACEMENT_MM = 1e-4
+
+
+@dataclass(frozen=True)
+class NiftiXforms:
+    """A header's qform and sform (4×4, voxel ``(i, j, k)`` → RAS mm) with their codes."""
+
+    qform: np.ndarray
+    qform_code: int
+    sform: np.ndarray
+    sform_code: int
+
+    @classmethod
+    def from_header(cls, header: nib.Nifti1Header, mm_per_unit: float) -> NiftiXforms:
+        """The forms as stored (whatever their codes), converted to millimetres."""
+        scale = np.diag([mm_per_unit] * 3 + [1.0])
+        return cls(scale @ header.get_qform(), int(header["qform_code"]),
+                   scale @ header.get_sform(), int(header["sform_code"]))
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> NiftiXforms | None:
+        stored = metadata.get(NIFTI_XFORMS)
+        if not stored:
+            return None
+        return cls(np.asarray(stored["qform"], dtype=np.float64), int(stored["qform_code"]),
+                   np.asarray(stored["sform"], dtype=np.float64), int(stored["sform_code"]))
+
+    def to_metadata(self) -> dict[str, dict[str, Any]]:
+        """``{NIFTI_XFORMS: ...}`` in plain lists (napari layer metadata, JSON)."""
+        return {NIFTI_XFORMS: {"qform": self.qform.tolist(), "qform_code": self.qform_code,
+                               "sform": self.sform.tolist(), "sform_code": self.sform_code}}
+
+    def with_voxel_axes(self, order: list[int]) -> NiftiXforms:
+        """The same placements for the voxel array transposed to nibabel axes ``order``."""
+        columns = [*order, 3]
+        return NiftiXforms(self.qform[:, columns], self.qform_code, self.sform[:, columns], self.sform_code)
+
+    def reading_warnings(self, shape: tuple[int, ...]) -> list[str]:
+        """What a reader of this header should be told: no placement at all, or two that disagree
+        (``shape``: the voxel grid, nibabel order, whose corners measure the disagreement)."""
+        if self.qform_code == 0 and self.sform_code == 0:
+            return ["the NIfTI header gives no orientation (qform_code and sform_code are 0): the image's "
+                    "position and orientation in space are a guess (nibabel's, from the voxel sizes; other "
+                    "tools guess differently); outputs on its grid are written without orientation too, so "
+                    "that each tool places them as it places this image"]
+        if self.qform_code == 0 or self.sform_code == 0:
+            return []
+        sides = (*shape[:3], 1, 1)[:3]  # a 2-D grid is one slice thick
+        corners = np.array([[(n - 1) * bit for n, bit in zip(sides, bits)] + [1.0]
+                            for bits in np.ndindex(2, 2, 2)], dtype=np.float64)
+        apart = np.linalg.norm((corners @ (self.qform - self.sform).T)[:, :3], axis=1).max()
+        voxel = np.linalg.norm(self.sform[:3, :3], axis=0).min()
+        if not np.isfinite(apart):
+            return [f"the NIfTI header's qform (code {self.qform_code}) holds non-finite values: the sform "
+                    f"(code {self.sform_code}) is used; ITK-based tools (SimpleITK, ITK-SNAP, 3D Slicer), "
+                    "which read the qform, may misplace or refuse the image"]
+        if apart <= _DISAGREEMENT_TOLERANCE * voxel:
+            return []
+        return [f"the NIfTI header's qform (code {self.qform_code}) and sform (code {self.sform_code}) disagree: "
+                f"they place voxels up to {apart:.3g} mm apart. The sform is used (as nibabel and FSL do); "
+                "ITK-based tools (SimpleITK, ITK-SNAP, 3D Slicer) place the image by its qform. Outputs on its "
+                "grid keep both forms, so each tool shows them where it shows this image"]
+
+    def stamp(self, image: nib.Nifti1Image) -> bool:
+        """Give ``image`` these forms and codes; True when its header then places the voxels where
+        ``image.affine`` (the geometry being written) says, i.e. these forms belong to its grid."""
+        geometry = image.affine.copy()
+        if not (np.all(np.isfinite(self.qform)) and np.all(np.isfinite(self.sform))):
+            return False  # a form no header can hold (a NaN pixdim in the original's qform)
+        try:
+            image.set_qform(self.qform, code=self.qform_code)
+            image.set_sform(self.sform, code=self.sform_code)
+        except HeaderDataError:  # a form nibabel cannot store (a qform that is no rotation)
+            return False
+        placed = image.header.get_best_affine()
+        if image.ndim == 2:
+            # A 2-D geometry is an axial grid: the plane's height and thickness are the header's alone.
+            placed, geometry = placed[:, [0, 1, 3]], geometry[:, [0, 1, 3]]
+            placed[2, 2] = geometry[2, 2] = 0.0
+        return bool(np.allclose(placed, geometry, rtol=0, atol=_SAME_PLACEMENT_MM))
+
+    def plane_height(self) -> float | None:
+        """The z (RAS mm) of a 2-D axial NIfTI's plane by the form nibabel uses (the sform, else the
+        qform); None when the header gives neither."""
+        if self.sform_code > 0:
+            return float(self.sform[2, 3])
+        return float(self.qform[2, 3]) if self.qform_code > 0 else None
+
+
+def stamp_xforms(image: nib.Nifti1Image, xforms: NiftiXforms | None) -> None:
+    """Set both forms of ``image`` (built with its geometry's affine): the original header's where
+    they describe this grid, otherwise the geometry in both (ITK reads the qform, nibabel the sform)
+    with the original's codes where it set them (e.g. 4 = MNI), else scanner coordinates."""
+    affine = image.affine.copy()
+    if xforms is not None and xforms.stamp(image):
+        return
+    sform_code = (xforms.sform_code if xforms is not None else 0) or SCANNER_CODE
+    qform_code = (xforms.qform_code if xforms is not None else 0) or SCANNER_CODE
+    image.set_sform(affine, code=sform_code)
+    image.set_qform(affine, code=qform_code)
+
+
+def placement_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What an image made on another image's grid (a fused image, a map) takes from that image's
+    ``metadata``: its NIfTI forms, so that it is written where every tool shows that image."""
+    return {NIFTI_XFORMS: metadata[NIFTI_XFORMS]} if NIFTI_XFORMS in metadata else {}
