@@ -240,6 +240,12 @@ def write_text_atomically(path: Path, text: str, errors: str = "strict") -> None
     try:
         temporary.write_text(text, encoding="utf-8", errors=errors)
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.errno is None:
+            raise
+        # Name the file the caller asked for, not the hidden one beside it that failed.
+        raise type(error)(error.errno, error.strerror, str(path)) from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

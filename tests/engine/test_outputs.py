@@ -27,6 +27,7 @@ from napari_unifuse.engine.outputs import (
     output_folder_lock,
     refuse_overwriting_inputs,
     write_fusion_outputs,
+    write_text_atomically,
 )
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import read_image
@@ -234,3 +235,15 @@ def test_every_nifti_output_keeps_the_reference_header_forms_and_the_field_reads
     field = sitk.ReadImage(str(written["displacement.nii.gz"]))
     assert field.GetDimension() == 3 and field.GetNumberOfComponentsPerPixel() == 3
     assert any("disagree" in warning for warning in result.warnings)
+
+
+def test_a_text_file_that_cannot_be_written_is_named_not_its_hidden_staging_file(tmp_path, monkeypatch):
+    """A read-only run folder made the QC report's error name '.report.html.<hash>.part'."""
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    with pytest.raises(PermissionError) as caught:
+        write_text_atomically(tmp_path / "report.html", "<html></html>")
+    assert caught.value.filename == str(tmp_path / "report.html")
+    assert list(tmp_path.iterdir()) == []
