@@ -13,6 +13,9 @@ from napari_unifuse.errors import InputError
 # Float inputs whose values all lie in [0, 1] (the model's range) are read as unit-scale images.
 # A little float32 round-off above 1 must not flip an image to the 0–255 reading.
 UNIT_SCALE_TOLERANCE = 1e-5
+# Float images whose maximum lies between 1 (+ tolerance) and this are neither clearly unit-scale nor
+# clearly grey levels (a 0–255 image of anatomy reaches far higher): they are refused.
+AMBIGUOUS_FLOAT_MAX = 2.0
 
 
 def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1,
@@ -45,25 +48,38 @@ def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1,
 
 
 def to_grey_scale(names: tuple[str, ...], *arrays: object, min_side: int = 1) -> list[np.ndarray]:
-    """Bring images that share one intensity scale onto the 0–255 grey scale the references assume.
+    """Bring images onto the 0–255 grey scale the references assume, each by its own type and values.
 
-    All arrays are judged together so that they keep one scale: if every value lies in [0, 1] (float
-    inputs, the model's range) they are multiplied by 255; if every value lies in [0, 255] they are
-    kept; anything else (negative values, CT in HU, 16-bit data) is an ``InputError``: normalise first.
+    Integer images are grey levels (0–255). Float images whose values all lie in [0, 1] (the model's
+    range, up to float round-off) are multiplied by 255; floats that reach past
+    ``AMBIGUOUS_FLOAT_MAX`` are taken as grey levels. They were judged together: one fused value of
+    1.00002 beside sources in [0, 1] read all three as 0–255, dark images, and MI fell from 2.6 to
+    0.2 without a word; a uint8 source beside [0, 1] floats did the same. Floats just above 1 (an
+    interpolation overshoot?) could be either, and are refused, as are negative values and anything
+    past 255 (CT in HU, 16-bit data): normalise first.
     """
     checked = check_images(names, *arrays, min_side=min_side)
-    low = min(float(a.min()) for a in checked)
-    high = max(float(a.max()) for a in checked)
-    floating = all(np.issubdtype(np.asarray(a).dtype, np.floating) for a in arrays)
-    if floating and low >= 0.0 and high <= 1.0 + UNIT_SCALE_TOLERANCE:
-        return [np.clip(a, 0.0, 1.0) * 255.0 for a in checked]
-    if low >= 0.0 and high <= 255.0:
-        return checked
-    raise InputError(
-        f"intensities span [{low:g}, {high:g}]; fusion metrics expect images in [0, 1] or on a 0–255 grey scale "
-        "(normalise the images first)",
-        ", ".join(names),
-    )
+    on_grey_scale = []
+    for name, original, data in zip(names, arrays, checked, strict=True):
+        low, high = float(data.min()), float(data.max())
+        unit_float = np.issubdtype(np.asarray(original).dtype, np.floating) and high <= 1.0 + UNIT_SCALE_TOLERANCE
+        if low >= 0.0 and unit_float:
+            on_grey_scale.append(np.clip(data, 0.0, 1.0) * 255.0)
+        elif low >= 0.0 and high <= 255.0 and not (unit_float or _ambiguous(original, high)):
+            on_grey_scale.append(data)
+        else:
+            hint = (" (floats just above 1: clip them to [0, 1], or give grey levels 0–255)"
+                    if low >= 0.0 and _ambiguous(original, high) else " (normalise the image first)")
+            raise InputError(f"intensities span [{low:g}, {high:g}]; fusion metrics expect images in [0, 1] or on "
+                             f"a 0–255 grey scale{hint}", name)
+    return on_grey_scale
+
+
+def _ambiguous(array: object, high: float) -> bool:
+    """A float image whose maximum is a little above 1: a unit-scale image overshooting, or a
+    nearly black 0–255 one; nothing says which."""
+    return bool(np.issubdtype(np.asarray(array).dtype, np.floating) and 1.0 + UNIT_SCALE_TOLERANCE < high
+                <= AMBIGUOUS_FLOAT_MAX)
 
 
 def grey_levels(image: np.ndarray) -> np.ndarray:

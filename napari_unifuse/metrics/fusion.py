@@ -2,8 +2,9 @@
 
 Every metric compares a fused image F with its two sources A and B (except EN and AG, which look
 at F alone). Inputs are numpy arrays of one shape: 2D ``(y, x)`` images or 3D ``(z, y, x)`` volumes,
-all on one intensity scale: [0, 1] floats (the model's range) are multiplied by 255, images already
-on 0–255 are kept, anything else is an ``InputError`` (see ``_inputs.to_grey_scale``). The 0–255
+each read on its own by type and values: [0, 1] floats (the model's range) are multiplied by 255,
+integer images and floats past 2 are taken as 0–255 grey levels, floats just above 1 (ambiguous),
+negative values and values past 255 are an ``InputError`` (see ``_inputs.to_grey_scale``). The 0–255
 scale is the one the reference evaluators assume (CDDFuse reads 8-bit images; VIFB and Liu's
 MATLAB collection likewise), and it matters for VIF (its noise variance 2 is in grey levels²), SSIM
 (its constants scale with the data range) and the histogram metrics (EN, MI, NMI use 256 levels).

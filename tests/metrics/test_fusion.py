@@ -85,6 +85,24 @@ def test_unit_and_grey_scale_inputs_give_the_same_metrics(source_pair):
     assert on_grey == pytest.approx(on_unit, rel=1e-9, abs=1e-12)
 
 
+def test_each_image_keeps_its_own_scale_and_an_ambiguous_one_is_refused(source_pair):
+    """One fused value of 1.00002 beside [0, 1] sources, or a uint8 source beside [0, 1] floats,
+    read all three as 0–255 (MI 2.6 → 0.2) without a word."""
+    a, b = source_pair
+    fused = np.maximum(a, b)
+    on_unit = fusion_metrics(fused, a, b)
+    grey_a = np.round(a * 255).astype(np.uint8)
+    mixed = fusion_metrics(fused, grey_a, b)
+    assert mixed == pytest.approx(fusion_metrics(fused, grey_a / 255.0, b), rel=1e-9, abs=1e-12)
+    assert mixed["MI"] == pytest.approx(on_unit["MI"], rel=0.05)
+
+    overshoot = fused.copy()
+    overshoot.flat[0] = 1.00002
+    with pytest.raises(InputError, match="clip them to") as refused:
+        fusion_metrics(overshoot, a, b)
+    assert refused.value.source == "fused"
+
+
 def test_bad_inputs_raise_input_error(source_pair):
     a, b = source_pair
     with pytest.raises(InputError, match="same shape"):
