@@ -1,9 +1,16 @@
 """Argument types shared by the sub-commands: a bad value is argparse's one-line usage error (exit 2),
-not a traceback from deep inside, nor a silent default."""
+not a traceback from deep inside, nor a silent default; and the reading of the ``--pairs`` CSV that
+synth, fuse and evaluate share, with one check of its header."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+
+from napari_unifuse.errors import InputError
 
 
 def positive_int(text: str) -> int:
@@ -24,3 +31,77 @@ def _whole_number(text: str, minimum: int) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+# ---- the --pairs CSV of synth, fuse and evaluate --------------------------------------------------
+CsvRow = dict[str, str]  # column -> cell as written; "" for an optional cell the row does not reach
+
+
+def read_pairs_rows(path: Path, required: Sequence[str], optional: Sequence[str]) -> list[tuple[int, CsvRow]]:
+    """The rows of a ``--pairs`` CSV with the line each ends on, every column checked against
+    ``required`` and ``optional``, and every row's ``required`` cells, before any row is used (an
+    ``optional`` cell the row or the header lacks is ""). A column no command reads (``lable``,
+    ``degradaton``) is refused, naming it and the closest accepted one: left unread it would give
+    clean pairs or no metrics without a word, as an unknown key in a YAML config would. So are a
+    column named twice (csv.DictReader would keep only its last cell) and a cell under no column; a
+    blank column or trailing cell with nothing in it (a spreadsheet's trailing comma) is harmless
+    and dropped. utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte order mark."""
+    if path.is_dir():
+        raise InputError("is a folder, not a CSV file; --pairs takes a CSV file of pairs", path)
+    if not path.exists():
+        raise InputError("pairs CSV not found", path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            columns = next(reader, [])
+            # Blank lines hold no pair (csv.DictReader skips them too).
+            numbered = [(reader.line_num, cells) for cells in reader if cells]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"cannot read the pairs CSV: {error}", path) from error
+    named_positions = [position for position, column in enumerate(columns) if column.strip()]
+    check_pairs_columns([columns[position] for position in named_positions], path, required, optional)
+    for line, cells in numbered:
+        unnamed = [cell for position, cell in enumerate(cells)
+                   if (position >= len(columns) or not columns[position].strip()) and cell.strip()]
+        if unnamed:
+            raise InputError(f"line {line} of the CSV: the cell {unnamed[0]!r} is under no column of the header; "
+                             "name its column or remove it", path)
+    if not numbered:
+        raise InputError("the CSV has no pairs, only its header line", path)
+    for line, cells in numbered:
+        for column in required:
+            position = columns.index(column)
+            if position >= len(cells):
+                raise InputError(f"line {line} of the CSV: no {column} cell (the row has fewer cells than the "
+                                 "header)", path)
+            if not cells[position].strip():
+                raise InputError(f"line {line} of the CSV: the {column} cell is empty", path)
+    # Every optional column is in every row, "" where the header or the row lacks it.
+    return [(line, {**dict.fromkeys(optional, ""), **{columns[position]: cells[position] if position < len(cells)
+                                                      else "" for position in named_positions}})
+            for line, cells in numbered]
+
+
+def check_pairs_columns(columns: Sequence[str], path: Path, required: Sequence[str],
+                        optional: Sequence[str]) -> None:
+    """Raise a one-line InputError naming ``path`` where ``columns`` (a CSV header) has a column
+    that is neither ``required`` nor ``optional`` (with the closest of those, when one is close),
+    one named twice, or lacks a ``required`` one."""
+    accepted = (*required, *optional)
+    takes = f"the columns are {', '.join(required)}" + (f" and optionally {', '.join(optional)}" if optional else "")
+    unknown = [column for column in dict.fromkeys(columns) if column not in accepted]
+    if unknown:
+        described = []
+        for column in unknown:
+            # Lower-cased: "Reference" is as likely a slip as "refrence".
+            close = difflib.get_close_matches(column.strip().lower(), accepted, n=1)
+            described.append(f"{column!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise InputError(f"unknown column{'s' if len(unknown) > 1 else ''} {', '.join(described)}; {takes}", path)
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        raise InputError(f"the header names the column{'s' if len(repeated) > 1 else ''} {', '.join(repeated)} "
+                         "more than once; keep one of each", path)
+    missing = [column for column in required if column not in columns]
+    if missing:
+        raise InputError(f"the CSV needs a header with the columns {', '.join(required)}; missing "
+                         f"{', '.join(missing)} ({takes})", path)

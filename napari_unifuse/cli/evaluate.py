@@ -3,8 +3,9 @@
 Pairs come from a CSV (columns ``reference,moving,label[,displacement][,task][,degradation]``,
 paths relative to the CSV; ``label`` is the clean moving image aligned to the reference,
 ``displacement`` the ground-truth field as an ITK displacement file, ``degradation`` the true
-class as ``unifuse synth`` records it in meta.json; a pair is named by its moving path as the CSV
-gives it) or from the Harvard AANLIB folder, where the degraded, misaligned moving images are
+class as ``unifuse synth`` records it in meta.json; any other column, a misspelled ``lable`` say,
+is refused, and so is a pair (the same reference, moving and label files) listed twice, which would
+count twice in every mean and test; a pair is named by its moving path as the CSV gives it) or from the Harvard AANLIB folder, where the degraded, misaligned moving images are
 synthesised exactly as training's validation set does (``training.datasets.build_datasets``: same
 patient-independent split, seeded per pair).
 
@@ -52,7 +53,9 @@ population std (``ddof=0``), per method and task, and over all tasks, the metric
 then UniFuse against each pipeline pair by pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
 other row), ``OUT/paired.csv`` (that comparison) and
 ``OUT/per_pair.csv`` (every value). A folder that already holds these results is refused unless
-``--overwrite`` is given, and one that cannot be created or written to, before any pair is computed.
+``--overwrite`` is given, and one that cannot be created or written to, before any pair is computed;
+so is, even with ``--overwrite``, a pairs CSV that a result file would replace (an input named
+``evaluation.csv`` in ``OUT``).
 The files are written into a hidden staging folder in ``OUT`` and moved into place together once
 all are written; only then go the earlier results this run does not produce. A write that fails (a
 full disk) is a one-line error that leaves the earlier results whole.
@@ -72,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_unifuse.cli.arguments import non_negative_int, positive_int
+from napari_unifuse.cli.arguments import CsvRow, non_negative_int, positive_int, read_pairs_rows
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, warp_array
@@ -82,7 +85,7 @@ from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
-from napari_unifuse.engine.outputs import check_writable_folder, write_files_together
+from napari_unifuse.engine.outputs import check_writable_folder, same_file, write_files_together
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, RegistrationError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
@@ -130,6 +133,8 @@ FOOLED_MARK = "†"
 REGIME_CHOICES = (*MISALIGNMENT_REGIMES, "all")
 CSV_REGIME = "given"  # CSV pairs come misaligned as they are
 RESULT_FILES = ("per_pair.csv", "evaluation.csv", "paired.csv", "evaluation.md")
+PAIRS_REQUIRED_COLUMNS = ("reference", "moving", "label")
+PAIRS_OPTIONAL_COLUMNS = ("displacement", "task", "degradation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,15 +161,11 @@ def unit_intensities(image: ImageVolume) -> tuple[np.ndarray, IntensityMapping |
 
 
 def pairs_from_csv(path: Path) -> list[EvaluationPair]:
-    if not path.is_file():
-        raise InputError("pairs CSV not found", path)
-    with path.open(newline="", encoding="utf-8-sig") as stream:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-        reader = csv.DictReader(stream)
-        numbered = [(reader.line_num, row) for row in reader]
-    required = {"reference", "moving", "label"}
-    if not numbered or not required <= set(numbered[0][1]):
-        raise InputError(f"the CSV needs a header with columns {', '.join(sorted(required))} and at least one row",
-                         path)
+    """The pairs of a ``--pairs`` CSV (``PAIRS_REQUIRED_COLUMNS`` and any of ``PAIRS_OPTIONAL_COLUMNS``;
+    another column is refused: a misspelled ``displacment`` would score no end-point error, unnoticed),
+    none of them listed twice."""
+    numbered = read_pairs_rows(path, required=PAIRS_REQUIRED_COLUMNS, optional=PAIRS_OPTIONAL_COLUMNS)
+    refuse_repeated_pairs(numbered, path)
     names = csv_pair_names([(line, row["moving"]) for line, row in numbered])
     pairs = []
     for name, (_, row) in zip(names, numbered, strict=True):
@@ -187,6 +188,22 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
                                     _degradation(row.get("degradation"), path),
                                     mapping.modality if mapping is not None else None))
     return pairs
+
+
+def refuse_repeated_pairs(numbered: list[tuple[int, CsvRow]], path: Path) -> None:
+    """Raise an InputError naming the lines where one pair (the same reference, moving and label
+    files) is listed again: it would count twice in the means and in the Wilcoxon tests, which
+    assume independent pairs. A moving image with another reference or label is another pair."""
+    lines_of: dict[tuple[Path, ...], list[int]] = {}
+    for line, row in numbered:
+        files = tuple((path.parent / (row[column] or "")).resolve() for column in PAIRS_REQUIRED_COLUMNS)
+        lines_of.setdefault(files, []).append(line)
+    repeated = [lines for lines in lines_of.values() if len(lines) > 1]
+    if repeated:
+        listed = "; ".join("lines " + ", ".join(map(str, lines)) for lines in repeated)
+        raise InputError(f"the same pair (reference, moving and label files) is listed more than once ({listed}): it "
+                         "would count that many times in the means and the pair-by-pair tests; keep one row of each",
+                         path)
 
 
 def csv_pair_names(moving_paths: list[tuple[int, str]]) -> list[str]:
@@ -572,11 +589,19 @@ def row_name(method: str, checkpoint: str | Path | None) -> str:
     return f"{method} ({stem})"
 
 
-def refuse_unusable_out(out: Path, overwrite: bool) -> None:
-    """Checked before any pair is computed: ``out`` must be a folder, and one without an earlier
+def refuse_unusable_out(out: Path, overwrite: bool, inputs: Collection[Path] = ()) -> None:
+    """Checked before any pair is computed: ``out`` must be a folder where no result file would
+    replace one of ``inputs`` (the pairs CSV, even with ``overwrite``), and one without an earlier
     evaluation's results unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise InputError("is a file; --out takes a folder for evaluation.csv/.md and per_pair.csv", out)
+    # Before the earlier-results check: an input there is no earlier evaluation's result. same_file
+    # is fuse's test of "no output may replace an input" (by path, link or hard link).
+    for source in inputs:
+        for name in RESULT_FILES:
+            if same_file(out / name, source):
+                raise InputError(f"this input sits where the {name} output goes and would be replaced; write the "
+                                 "outputs to another folder", source)
     earlier = [name for name in RESULT_FILES if (out / name).exists()]
     if earlier and not overwrite:
         raise InputError(f"holds the results of an earlier evaluation ({', '.join(earlier)}); pass --overwrite "
@@ -641,7 +666,8 @@ def run(args: argparse.Namespace) -> int:
     if args.harvard is not None and not args.harvard.is_dir():
         raise InputError("Harvard data folder not found; --harvard takes the AANLIB folder (CT-MRI/, PET-MRI/, …)",
                          args.harvard)
-    refuse_unusable_out(args.out, args.overwrite)
+    # Only the CSV can sit at a result's name: images, fields and checkpoints have other suffixes.
+    refuse_unusable_out(args.out, args.overwrite, inputs=[args.pairs] if args.pairs is not None else [])
     # Now, not once every pair has been computed; nothing stays behind if the run is refused later.
     check_writable_folder(args.out, keep=False)
     regimes = _regimes(args)
@@ -750,7 +776,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "sitk+wavelet, ...), with their bundled weights unless =CHECKPOINT")
     source = parser.add_argument_group("pairs (one of)")
     source.add_argument("--pairs", type=Path, help="CSV with columns reference,moving,label and optional displacement, "
-                        "task, degradation")
+                        "task, degradation (any other column, and a pair listed twice, is refused)")
     source.add_argument("--harvard", type=Path, metavar="ROOT", help="Harvard AANLIB folder (CT-MRI/, PET-MRI/, …)")
     harvard = parser.add_argument_group("Harvard options")
     harvard.add_argument("--split", choices=("val", "train"), default="val")
@@ -771,7 +797,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"classical fusion rules ({', '.join(FUSION_RULES)})")
     parser.add_argument("--out", type=Path, required=True, help="folder for evaluation.csv/.md and per_pair.csv")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results of an earlier evaluation in --out (refused otherwise)")
+                        help="replace the results of an earlier evaluation in --out (refused otherwise; never "
+                             "the --pairs CSV itself)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--tile-size", type=int,
                         help="voxels per tile side (default: a 2-D checkpoint's training crop; otherwise, 3-D inputs "

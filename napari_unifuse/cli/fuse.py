@@ -6,9 +6,14 @@ method's bundled checkpoint; without ``--method``, the method the checkpoint was
 
 Each pair's outputs go to ``OUT/<moving file name without its image extension>/``, with its
 parent folders' names in front where a batch has moving files of one name (``OUT/0000_moving/``
-for ``0000/moving.png``, as ``unifuse synth --pairs`` writes them); see ``engine.outputs`` for
-the files: the five results, and the quality maps with ``quality.json`` unless ``--no-quality``. A batch resumes: a pair whose ``provenance.json`` records the same inputs
-(path and content), method, checkpoint and settings (tile size, modalities, quality maps) is
+for ``0000/moving.png``, as ``unifuse synth --pairs`` writes them); names come from the paths as
+given, not from where a symlink points (git-annex/DataLad: ``s1/ct.png`` and ``s2/ct.png`` are
+``OUT/s1_ct/`` and ``OUT/s2_ct/``, two pairs even when they link to one file). See
+``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
+unless ``--no-quality``. A pair folder may not be an input (a DICOM series folder), lie inside
+one or hold one (``--moving dcm/t2 --out dcm``): such a pair is refused before any work; choose
+another --out. A batch resumes: a pair whose ``provenance.json`` records the same inputs
+(path as given and content), method, checkpoint and settings (tile size, modalities, quality maps) is
 skipped, so rerunning after an interruption only does what is left, and ends with
 ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder holding results
 of other inputs, another method or other settings is refused, never silently replaced:
@@ -33,7 +38,6 @@ pair of the CSV (N processes in all), and process 0 gathers what each did into t
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -43,7 +47,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from napari_unifuse.cli.report import say_unreadable
+from napari_unifuse.cli.arguments import read_pairs_rows
+from napari_unifuse.cli.report import is_qc_index, say_unreadable
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
@@ -62,14 +67,14 @@ from napari_unifuse.engine.outputs import (
     write_fusion_outputs,
     write_json,
 )
-from napari_unifuse.engine.provenance import describe_source, utc_timestamp
+from napari_unifuse.engine.provenance import absolute_as_given, describe_source, utc_timestamp
 from napari_unifuse.engine.report import INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resample_to_reference
 from napari_unifuse.io.normalize import MODALITIES
-from napari_unifuse.io.readers import SUPPORTED_SUFFIXES
+from napari_unifuse.io.readers import SUPPORTED_SUFFIXES, file_format
 from napari_unifuse.metrics import registration_metrics
 from napari_unifuse.model.checkpoint import checkpoint_method
 
@@ -99,7 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference", type=Path, help="high-quality reference image")
     parser.add_argument("--moving", type=Path, help="degraded, misaligned moving image")
     parser.add_argument("--label", type=Path, help="optional ground truth of the aligned moving image (writes metrics.json)")
-    parser.add_argument("--pairs", type=Path, help="CSV with columns reference,moving[,label]; paths relative to the CSV")
+    parser.add_argument("--pairs", type=Path, help="CSV with columns reference,moving[,label] (any other column is "
+                        "refused); paths relative to the CSV")
     parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per pair)")
     parser.add_argument("--method", help=f"fusion method (default: {DEFAULT_METHOD}, or the checkpoint's): "
                         + ", ".join(registered_methods()) + "; mmif-amin:sitk / mmif-amin:none pick its alignment")
@@ -149,6 +155,7 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
                    "output": str(out_dir), "rank": job.rank}
         started = time.perf_counter()
         try:
+            refuse_folder_overlapping_inputs(out_dir, pair)
             # Held from the "already done?" check to the end of the write: another run into this
             # folder (the same pair, or a moving file of the same name) is refused, not mixed in.
             with output_folder_lock(out_dir) as lock:
@@ -177,13 +184,17 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
         # Process 0 sums up the batch and alone exits non-zero on failures: an early non-zero exit
         # here would make torchrun stop it while it writes the summary.
         return 0
+    every_outcome = [outcome for shard in gathered for outcome in shard]
     try:
-        failures = write_summary([outcome for shard in gathered for outcome in shard], pairs, job, args.out,
-                                 args.pairs)
+        failures = write_summary(every_outcome, pairs, job, args.out, args.pairs)
     except OSError as error:  # a read-only --out, a full disk, a folder named summary.json
         raise UniFuseError(f"{args.out / SUMMARY_FILE}: cannot write the batch summary ({error.strerror or error}); "
-                           "the pairs' outputs are in their folders, and a rerun skips the finished ones") from error
+                           f"{where_the_outputs_are(every_outcome)}") from error
     if args.report and args.out.is_dir():
+        index = args.out / INDEX_FILE
+        if index.is_file() and not is_qc_index(index):  # as `unifuse report` does, never replaced unasked
+            raise InputError(f"is not a QC index unifuse wrote, so it is left as it is; unifuse report {args.out} "
+                             "--overwrite replaces it with the batch's index", index)
         try:
             print(f"QC index: {write_index(args.out, on_unreadable=say_unreadable('fuse'))}")
         except OSError as error:
@@ -193,6 +204,18 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
         print(f"unifuse fuse: {failures} of {len(pairs)} pairs failed", file=sys.stderr)
         return 2
     return 0
+
+
+def where_the_outputs_are(outcomes: list[dict[str, Any]]) -> str:
+    """What a batch left, for a message: the same cause that stops the summary (a read-only --out)
+    usually failed every pair, and then no pair has outputs to point to."""
+    finished = sum(outcome["status"] != "failed" for outcome in outcomes)  # done now or skipped as done
+    failed = len(outcomes) - finished
+    if not finished:
+        every = "the one pair" if failed == 1 else f"all {failed} pairs"
+        return f"no pair has outputs: {every} failed (the errors are above)"
+    failures = f"; {failed} of {len(outcomes)} pairs failed (the errors are above)" if failed else ""
+    return f"{finished} finished pair(s) have their outputs in their folders, and a rerun skips them{failures}"
 
 
 def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distributed, out: Path,
@@ -254,7 +277,7 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
 
 def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, options: dict[str, Any]) -> None:
     """Raise an InputError unless the finished run in ``out_dir`` was made from this pair's inputs
-    (the same resolved paths and, where recorded, contents) with this run's method, checkpoint, tile
+    (the same paths as given and, where recorded, contents) with this run's method, checkpoint, tile
     size and ``options`` (``run_fusion``'s)."""
     provenance = read_provenance(out_dir)
     if provenance is None:
@@ -322,12 +345,52 @@ def _same_input(recorded: dict[str, Any] | None, path: Path | None, finished: fl
         return recorded is None and path is None
     if not path.exists():
         raise InputError("file not found", path)
-    if str(path.resolve()) != recorded.get("path"):
+    if not _names_recorded_path(recorded, path):
         return False
-    status = path.stat()
-    if recorded.get("sha256") is None or max(status.st_mtime, status.st_ctime) < finished:
+    if recorded.get("sha256") is None or _last_changed(path) < finished:
         return True
     return describe_source(str(path))["sha256"] == recorded["sha256"]
+
+
+def _names_recorded_path(recorded: dict[str, Any], path: Path) -> bool:
+    """Whether ``path`` is the one ``recorded`` (``describe_source``'s) as given: two symlinks to
+    one file are two subjects' inputs, not one. A record without ``resolved_path`` whose ``path``
+    is where ``path`` resolves to is taken as naming it too: earlier versions recorded only the
+    resolved path, and their runs of inputs under a symlinked folder must still resume."""
+    if recorded.get("path") == str(absolute_as_given(path)):
+        return True
+    return "resolved_path" not in recorded and recorded.get("path") == str(path.resolve())
+
+
+def _last_changed(path: Path) -> float:
+    """When ``path`` was last modified or put in place (the later of its modification and inode
+    change times). A DICOM input (a series folder, or a ``.dcm`` file read with its series) counts
+    every file in its series folder too: a slice rewritten in place changes its own times, not the
+    folder's. Only their times are read, never their contents."""
+    paths = [path]
+    if file_format(path) == "dicom":
+        paths += (path if path.is_dir() else path.parent).iterdir()
+    # exists(): a dangling link beside the series is no part of it (and has no times to read).
+    return max(max(status.st_mtime, status.st_ctime) for status in (entry.stat() for entry in paths if entry.exists()))
+
+
+def refuse_folder_overlapping_inputs(out_dir: Path, pair: Pair) -> None:
+    """Raise an InputError (one line, before any work) when the pair folder ``out_dir`` is an input
+    folder (a DICOM series), lies inside one or holds an input, by the paths as given or as they
+    resolve: the folder is the run's to write, lock and clear (``--overwrite``), and a series
+    folder's outputs would be read back as part of the series."""
+    for source in (pair.reference, pair.moving, pair.label):
+        if source is None:
+            continue
+        for folder, given in ((absolute_as_given(out_dir), absolute_as_given(source)),
+                              (out_dir.resolve(), source.resolve())):
+            if folder.is_relative_to(given):
+                where = "is this input folder" if folder == given else "lies inside this input folder"
+            elif given.is_relative_to(folder):
+                where = "holds this input"
+            else:
+                continue
+            raise InputError(f"the pair's output folder {out_dir} {where}; choose another --out", source)
 
 
 def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:
@@ -347,9 +410,13 @@ def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:
 
 
 def case_name(moving: Path) -> str:
-    """``case7`` for ``case7.nii.gz``; a DICOM folder keeps its name, also when given as ``.`` or
-    ``..`` (whose own names would put the outputs in ``--out`` itself or above it)."""
-    name = moving.resolve().name or "moving"  # "" only for the file system's root
+    """``case7`` for ``case7.nii.gz``, from the path as given: a symlink is named by its own name,
+    not its target's (a git-annex/DataLad ``ct.png`` links to a ``SHA256E-...`` blob); a DICOM folder
+    keeps its name, also when given as ``.`` or ``..`` (whose own names would put the outputs in
+    ``--out`` itself or above it)."""
+    given = absolute_as_given(moving)
+    # A ".." left after a symlinked folder means its target's parent: named as that resolves.
+    name = (moving.resolve() if given.name == ".." else given).name or "moving"  # "": the root
     for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -423,29 +490,17 @@ def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
 
 
 def read_pairs_csv(path: Path) -> list[Pair]:
-    """Pairs from a CSV with a header ``reference,moving`` and optionally ``label``."""
-    if not path.is_file():
-        raise InputError("file not found", path)
-    with path.open(newline="", encoding="utf-8-sig") as stream:
-        reader = csv.DictReader(stream)
-        rows = list(reader)
-        columns = set(reader.fieldnames or ())
-    missing = {"reference", "moving"} - columns
-    if missing:
-        raise InputError(f"the CSV needs columns reference,moving (optional label); missing {', '.join(sorted(missing))}", path)
-    if not rows:
-        raise InputError("the CSV has no pairs, only its header line", path)
+    """Pairs from a CSV with a header ``reference,moving`` and optionally ``label`` (any other
+    column is refused: a misspelled ``lable`` would fuse without metrics, unnoticed)."""
+    # read_pairs_rows refuses a row without a reference or moving cell; label is optional.
+    rows = read_pairs_rows(path, required=("reference", "moving"), optional=("label",))
 
-    def resolve(value: str | None) -> Path | None:
+    def resolve(value: str) -> Path | None:
         # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole.
-        return None if not value or not value.strip() else (path.parent / value.strip())
+        return (path.parent / value.strip()) if value.strip() else None
 
-    pairs = []
-    for line, row in enumerate(rows, start=2):
-        reference, moving = resolve(row["reference"]), resolve(row["moving"])
-        if reference is None or moving is None:
-            raise InputError(f"line {line}: reference and moving must both be given", path)
-        pairs.append(Pair(reference, moving, resolve(row.get("label"))))
+    pairs = [Pair(path.parent / row["reference"].strip(), path.parent / row["moving"].strip(), resolve(row["label"]))
+             for _, row in rows]
     names = output_folder_names([pair.moving for pair in pairs])
     _refuse_shared_folders(names, path)
     return [replace(pair, output_name=name) for pair, name in zip(pairs, names, strict=True)]
@@ -480,7 +535,7 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
             folders.setdefault(key, set()).add(folder.name)
     placed = []
     for pair in pairs:
-        held_in = folders.get((str(pair.reference.resolve()), str(pair.moving.resolve())), set())
+        held_in = folders.get((str(absolute_as_given(pair.reference)), str(absolute_as_given(pair.moving))), set())
         placed.append(pair if not held_in or pair.name in held_in else replace(pair, output_name=min(held_in)))
     _refuse_shared_folders([pair.name for pair in placed], None)
     return placed
@@ -491,7 +546,7 @@ def output_folder_names(movings: list[Path]) -> list[str]:
     parent folders' names in front as tell apart files of one name (``unifuse synth --pairs``
     writes ``0000/moving.png``, ``0001/moving.png``: ``0000_moving``, ``0001_moving``)."""
     names = [case_name(moving) for moving in movings]
-    parents = [moving.resolve().parent.parts[1:] for moving in movings]  # [1:]: not the root "/"
+    parents = [absolute_as_given(moving).parent.parts[1:] for moving in movings]  # [1:]: not the root "/"
     for depth in range(1, max(map(len, parents), default=0) + 1):
         clashing = {name for name in names if names.count(name) > 1}
         if not clashing:

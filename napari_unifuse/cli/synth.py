@@ -25,7 +25,9 @@ misalignment. PNGs hold the normalised [0, 1] images as 8 bits.
 
 An output folder holding an earlier synth output is refused unless ``--overwrite``, and one it
 cannot write to (or create) is refused before any pair is made; no output may replace an input of
-any row. Every CSV row is checked (cells, files, seeds) before anything is written. A pair's files
+any row. Every CSV row is checked (cells, files, seeds) before anything is written, and so is the
+header: a column other than reference, moving, degradation, misalignment and seed (a misspelled
+``degradaton``) is refused, with the closest one named, rather than ignored. A pair's files
 are written into a hidden staging folder in its output folder and moved into place once all are
 written, ``meta.json`` last: a folder without it is not a finished pair. Only then go the earlier
 output's files (with ``--overwrite``), those of the other extension included. A write that fails
@@ -37,14 +39,13 @@ run is removed by the next run and is no earlier output.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from napari_unifuse import __version__
-from napari_unifuse.cli.arguments import non_negative_int
+from napari_unifuse.cli.arguments import CsvRow, non_negative_int, read_pairs_rows
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, regime_misalignment
 from napari_unifuse.data.pairs import make_pair
@@ -69,6 +70,8 @@ _IMAGE_ROLES = ("reference", "moving", "label")
 OUTPUT_NAMES = frozenset({*(f"{role}.{extension}" for role in _IMAGE_ROLES for extension in ("png", "nii.gz")),
                           DISPLACEMENT_FILE, META_FILE})
 DEFAULT_MISALIGNMENT = "large"
+PAIRS_REQUIRED_COLUMNS = ("reference", "moving")
+PAIRS_OPTIONAL_COLUMNS = ("degradation", "misalignment", "seed")  # each overrides its option
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference", type=Path, help="high-quality reference image")
     parser.add_argument("--moving", type=Path, help="the other modality, clean and aligned to the reference")
     parser.add_argument("--pairs", type=Path,
-                        help="CSV with columns reference,moving[,degradation,misalignment,seed]; paths relative "
-                             "to the CSV; an empty optional cell takes the option's value")
+                        help="CSV with columns reference,moving[,degradation,misalignment,seed] (any other "
+                             "column is refused); paths relative to the CSV; an empty optional cell takes the "
+                             "option's value")
     parser.add_argument("--degradation", choices=DEGRADATION_CLASSES, default="none",
                         help="degradation of the moving image (default: none; a CSV column overrides it)")
     parser.add_argument("--misalignment", choices=MISALIGNMENT_REGIMES, default=DEFAULT_MISALIGNMENT,
@@ -142,26 +146,23 @@ def _jobs(args: argparse.Namespace) -> list[SynthJob]:
                 raise InputError("file not found", path)
         return [SynthJob(args.reference, args.moving, args.degradation, args.seed, args.out, args.misalignment)]
     # number: the row's output folder and default seed offset; line: where to look in the CSV.
-    return [_row_job(row, line, number, args) for number, (line, row) in enumerate(_read_rows(args.pairs))]
+    rows = read_pairs_rows(args.pairs, required=PAIRS_REQUIRED_COLUMNS, optional=PAIRS_OPTIONAL_COLUMNS)
+    return [_row_job(row, line, number, args) for number, (line, row) in enumerate(rows)]
 
 
-def _row_job(row: dict[str | None, str | None], line: int, number: int, args: argparse.Namespace) -> SynthJob:
+def _row_job(row: CsvRow, line: int, number: int, args: argparse.Namespace) -> SynthJob:
     """The job of one CSV row, checked (cells, files, values) before anything is written."""
 
     def problem(text: str) -> InputError:
         return InputError(f"line {line} of the CSV: {text}", args.pairs)
 
     def optional(column: str, default: str) -> str:
-        return (row.get(column) or "").strip() or default
+        return row.get(column, "").strip() or default
 
     def required_path(column: str) -> Path:
-        if row.get(column) is None:  # csv.DictReader's filler for a row shorter than the header
-            raise problem(f"no {column} cell (the row has fewer cells than the header)")
-        value = optional(column, "")
-        if not value:
-            raise problem(f"the {column} cell is empty")
-        # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole.
-        path = args.pairs.parent / value
+        # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole;
+        # read_pairs_rows refused a row without this cell.
+        path = args.pairs.parent / row[column].strip()
         if not path.exists():
             raise problem(f"the {column} file {path} is not found")
         return path
@@ -179,24 +180,6 @@ def _row_job(row: dict[str | None, str | None], line: int, number: int, args: ar
     except argparse.ArgumentTypeError as error:
         raise problem(f"the seed {seed_text!r}: {error}") from error
     return SynthJob(reference, moving, degradation, seed, args.out / f"{number:04d}", misalignment)
-
-
-def _read_rows(path: Path) -> list[tuple[int, dict[str | None, str | None]]]:
-    """The CSV's rows with their line numbers; utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a BOM."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            numbered = [(reader.line_num, row) for row in reader]
-            columns = set(reader.fieldnames or ())
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"cannot read the pairs CSV: {error}", path) from error
-    missing = {"reference", "moving"} - columns
-    if missing:
-        raise InputError("the CSV needs a header with at least the columns reference,moving; missing "
-                         f"{', '.join(sorted(missing))}", path)
-    if not numbered:
-        raise InputError("the CSV has no pairs, only its header line", path)
-    return numbered
 
 
 def refuse_unsafe_outputs(jobs: list[SynthJob], out: Path, overwrite: bool = False) -> None:

@@ -57,7 +57,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import math
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -93,6 +92,7 @@ from napari_unifuse.engine.methods import (
     method_for_network,
     method_from_checkpoint,
 )
+from napari_unifuse.engine.outputs import same_file
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore_progress
 from napari_unifuse.engine.provenance import (
     StageTimer,
@@ -1067,22 +1067,19 @@ def _input_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
     """What the readers noted about each input, and inputs with nothing in them to align or fuse."""
     warnings = [f"{image.source}: {warning}" for image in (reference, moving)
                 for warning in image.metadata.get("warnings", [])]
-    if reference.source and moving.source and _same_file(reference.source, moving.source):
+    if reference.source and moving.source and same_file(reference.source, moving.source):
         warnings.append(f"{reference.source} is both the reference and the moving image: the fused image "
                         "is that image, and nothing is aligned")
     for role, image in (("reference", reference), ("moving", moving)):
-        finite = np.asarray(image.array)[np.isfinite(image.array)]
-        if finite.size and finite.min() == finite.max():
-            warnings.append(f"{image.source or role}: the {role} image is constant ({finite.min():g} everywhere): "
+        # A colour picture is constant when every pixel has one colour, not when R = G = B.
+        pixels = np.asarray(image.array).reshape(-1, 3) if image.is_rgb else np.asarray(image.array).reshape(-1, 1)
+        finite = pixels[np.isfinite(pixels).all(axis=1)]
+        if finite.size and (finite == finite[0]).all():
+            value = ", ".join(f"{channel:g}" for channel in finite[0])
+            value = f"colour ({value})" if image.is_rgb else value
+            warnings.append(f"{image.source or role}: the {role} image is constant ({value} everywhere): "
                             "there is no structure to align, and the fused image holds only the other one")
     return warnings
-
-
-def _same_file(first: str, second: str) -> bool:
-    try:
-        return os.path.samefile(first, second)
-    except OSError:  # not files (layer names), or gone since they were read
-        return False
 
 
 def _tile_prediction(dense: torch.Tensor, class_probs: torch.Tensor | None,

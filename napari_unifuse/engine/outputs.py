@@ -130,12 +130,15 @@ def refuse_overwriting_inputs(out_dir: str | Path, inputs: Iterable[str | Path |
     out_dir = Path(out_dir)
     for source in (Path(source) for source in inputs if source is not None):
         for name in sorted(known_output_names()):
-            if _same_file(out_dir / name, source):
+            if same_file(out_dir / name, source):
                 raise InputError(f"this input sits where the {name} output goes and would be replaced; "
                                  "write the outputs to another folder", source)
 
 
-def _same_file(first: Path, second: Path) -> bool:
+def same_file(first: str | Path, second: str | Path) -> bool:
+    """The same file by path, symbolic link or hard link; False when either does not exist (or is
+    no file path at all, as a layer name)."""
+    first, second = Path(first), Path(second)
     if first.resolve() == second.resolve():
         return True
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -15,33 +16,54 @@ import torch
 
 import napari_unifuse
 from napari_unifuse.io import ImageVolume
+from napari_unifuse.io.readers import dicom_series, file_format
 
 _CHUNK = 1 << 20
 
 
 def sha256_of_path(path: str | Path) -> str:
-    """SHA-256 of a file, or of a directory's files (a DICOM series) in sorted relative-path order.
+    """SHA-256 of a file, or of the DICOM files ``read_image`` reads for ``path`` (a series folder,
+    or a ``.dcm`` file, which is read with the rest of its series) in sorted relative-name order.
 
-    A directory's hash covers each file's relative name and content, so renaming or changing any
-    slice of a series changes it.
+    A series' hash covers each of its files' names (relative to the series folder) and contents,
+    so renaming or changing any slice changes it, while other files beside the series (a run's
+    outputs, a note left there) do not: they are not the image that was read.
     """
     path = Path(path)
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if file is not path:
-            digest.update(file.relative_to(path).as_posix().encode())
-        with file.open("rb") as stream:
+    files = {"": path}  # a plain file: its content alone (hashing an empty name adds nothing)
+    if file_format(path) == "dicom":
+        folder = path if path.is_dir() else path.parent
+        files = {Path(os.path.relpath(file, folder)).as_posix(): Path(file) for file in dicom_series(path)[1]}
+    for name in sorted(files):
+        digest.update(name.encode())
+        with files[name].open("rb") as stream:
             for chunk in iter(lambda: stream.read(_CHUNK), b""):
                 digest.update(chunk)
     return digest.hexdigest()
 
 
+def absolute_as_given(path: str | Path) -> Path:
+    """``path`` made absolute without following its symlinks: the path a user named an input by
+    (a git-annex/DataLad ``s1/ct.png``, not the ``store/SHA256E-...`` blob it links to). ``..`` is
+    folded only where that still names the same file: after a symlinked folder it means the
+    target's parent, so there it stays."""
+    absolute = Path(path).absolute()
+    folded = Path(os.path.normpath(absolute))
+    return folded if folded.resolve() == absolute.resolve() else absolute
+
+
 def describe_source(source: str | None) -> dict[str, Any]:
-    """Path and hash of an input that came from disk; in-memory data (a napari layer) has neither."""
+    """Path (as given, made absolute), the file it resolves to where a symlink makes that another
+    (``resolved_path``), and hash of an input that came from disk; in-memory data (a napari layer)
+    has neither."""
     if source is None or not Path(source).exists():
         return {"path": source, "sha256": None}
-    return {"path": str(Path(source).resolve()), "sha256": sha256_of_path(source)}
+    given, resolved = absolute_as_given(source), Path(source).resolve()
+    described: dict[str, Any] = {"path": str(given)}
+    if resolved != given:
+        described["resolved_path"] = str(resolved)
+    return {**described, "sha256": sha256_of_path(source)}
 
 
 def sha256_of_array(array: np.ndarray) -> str:
@@ -49,12 +71,22 @@ def sha256_of_array(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+# What names a DICOM series to a person and to a PACS query, among the tags read_image keeps.
+_DICOM_SERIES_TAGS = ("SeriesInstanceUID", "SeriesDescription", "Modality")
+
+
 def describe_input(image: ImageVolume) -> dict[str, Any]:
     """``describe_source`` of an input image; for in-memory data (a napari layer, a bundled sample)
-    also ``array_sha256``, the hash of the values it holds, so a saved run can be tied to its data."""
+    also ``array_sha256``, the hash of the values it holds, so a saved run can be tied to its data.
+    An image read from a DICOM series (also through a napari layer, which keeps its metadata) gets
+    ``dicom``: the series' SeriesInstanceUID, SeriesDescription and Modality where present, since
+    its path names only a folder or one slice of it."""
     described = describe_source(image.source)
     if described["sha256"] is None:
         described["array_sha256"] = sha256_of_array(image.array)
+    if "dicom_series" in image.metadata:
+        header = image.metadata.get("header", {})
+        described["dicom"] = {tag: header[tag] for tag in _DICOM_SERIES_TAGS if tag in header}
     return described
 
 

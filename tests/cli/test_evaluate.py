@@ -763,3 +763,74 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next(pairs_csv,
     assert main(["evaluate", "--pairs", str(pairs_csv[0]), "--out", str(out), "--device", "cpu",
                  "--methods", "identity+max", "--baselines", "identity", "--fusion-rules", "max"]) == 0
     assert sorted(path.name for path in out.iterdir()) == ["evaluation.csv", "evaluation.md", "per_pair.csv"]
+
+
+# ---- the --pairs CSV: its header, repeated pairs, and the results' names ------------------------------
+def test_a_misspelled_column_is_refused_by_name_not_scored_without_it(pairs_csv, tmp_path, capsys, no_pair_computed):
+    """`displacment` used to be ignored: every pair's epe was NaN, without a word."""
+    misspelled = tmp_path / "pairs.csv"
+    misspelled.write_text(pairs_csv[0].read_text(encoding="utf-8").replace("displacement", "displacment", 1),
+                          encoding="utf-8")
+    code = main(["evaluate", "--pairs", str(misspelled), "--out", str(tmp_path / "out"), "--methods", "identity+max"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"unifuse evaluate: error: {misspelled}: unknown column 'displacment' (did you mean 'displacement'?); the "
+        "columns are reference, moving, label and optionally displacement, task, degradation\n")
+
+
+def test_a_pair_listed_twice_is_refused_naming_its_lines(pairs_csv, tmp_path, capsys, no_pair_computed):
+    """It used to count twice: n = 2 and a Wilcoxon test on one pair."""
+    root = pairs_csv[0].parent
+    repeated = tmp_path / "repeated.csv"
+    # The same files, the second time by another spelling of their paths: still one pair.
+    repeated.write_text(f"reference,moving,label\n{root}/pet_reference.png,{root}/pet_moving.png,{root}/pet_label.png\n"
+                        f"{root}/t2_1_reference.nii.gz,{root}/t2_1_moving.nii.gz,{root}/t2_1_label.nii.gz\n"
+                        f"{root}/./pet_reference.png,{root}//pet_moving.png,{root}/pet_label.png\n",
+                        encoding="utf-8")
+    code = main(["evaluate", "--pairs", str(repeated), "--out", str(tmp_path / "out"), "--methods", "identity+max"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"unifuse evaluate: error: {repeated}: the same pair (reference, moving and label files) is listed more "
+        "than once (lines 2, 4): it would count that many times in the means and the pair-by-pair tests; keep one "
+        "row of each\n")
+
+
+@pytest.mark.parametrize("name", ["evaluation.csv", "per_pair.csv", "paired.csv"])
+def test_a_pairs_csv_where_a_result_goes_is_refused_even_with_overwrite(pairs_csv, tmp_path, capsys, name,
+                                                                        no_pair_computed):
+    """--overwrite used to replace the input CSV with the results; without it, the CSV was called
+    the results of an earlier evaluation."""
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = read_csv(pairs_csv[0])
+    for row in rows:
+        row.update({column: str(pairs_csv[0].parent / row[column]) if row[column] else ""
+                    for column in ("reference", "moving", "label", "displacement")})
+    given = out / name
+    with given.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    original = given.read_bytes()
+    for overwrite in ([], ["--overwrite"]):
+        code = main(["evaluate", "--pairs", str(given), "--out", str(out), "--methods", "identity+max", *overwrite])
+        assert code == 2
+        assert capsys.readouterr().err == (f"unifuse evaluate: error: {given}: this input sits where the {name} "
+                                           "output goes and would be replaced; write the outputs to another folder\n")
+    assert given.read_bytes() == original and [path.name for path in out.iterdir()] == [name]
+
+
+def test_a_folder_given_as_the_pairs_csv_is_called_a_folder(tmp_path, capsys, no_pair_computed):
+    code = main(["evaluate", "--pairs", str(tmp_path), "--out", str(tmp_path / "out"), "--methods", "identity+max"])
+    assert code == 2
+    assert capsys.readouterr().err == (f"unifuse evaluate: error: {tmp_path}: is a folder, not a CSV file; --pairs "
+                                       "takes a CSV file of pairs\n")
+
+
+def test_a_row_without_its_label_cell_is_one_line_not_a_traceback(pairs_csv, tmp_path, capsys, no_pair_computed):
+    short = tmp_path / "short.csv"
+    root = pairs_csv[0].parent
+    short.write_text(f"reference,moving,label\n{root}/pet_reference.png,{root}/pet_moving.png\n", encoding="utf-8")
+    assert main(["evaluate", "--pairs", str(short), "--out", str(tmp_path / "out"), "--methods", "identity+max"]) == 2
+    assert capsys.readouterr().err == (f"unifuse evaluate: error: {short}: line 2 of the CSV: no label cell (the row "
+                                       "has fewer cells than the header)\n")

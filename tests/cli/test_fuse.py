@@ -386,14 +386,16 @@ def test_an_input_where_an_output_goes_is_refused_and_left_alone(data, tmp_path,
     target = out / "aligned" / "aligned.png" if role == "moving" else out / "pet7" / "fused.png"
     target.parent.mkdir(parents=True)
     target.write_bytes(original)
-    inputs[role] = target
+    # A hard link outside: an input given inside its pair folder is refused before (see below).
+    inputs[role] = tmp_path / target.name
+    os.link(target, inputs[role])
 
     code = fuse("--reference", inputs["reference"], "--moving", inputs["moving"], "--label", inputs["label"],
                 "--out", out, *CHEAP)
 
     assert code == 2
     err = capsys.readouterr().err
-    assert f"{target}: this input sits where the {target.name} output goes" in err and "Traceback" not in err
+    assert f"{inputs[role]}: this input sits where the {target.name} output goes" in err and "Traceback" not in err
     assert target.read_bytes() == original
     assert [path.name for path in target.parent.iterdir()] == [target.name]
 
@@ -402,8 +404,9 @@ def test_a_batch_fails_only_the_pair_that_would_overwrite_an_input(data, tmp_pat
     root = data["root"]
     out = tmp_path / "out"
     (out / "pet7").mkdir(parents=True)
-    reference = out / "pet7" / "fused.png"
-    reference.write_bytes((root / "mri.png").read_bytes())
+    (out / "pet7" / "fused.png").write_bytes((root / "mri.png").read_bytes())
+    reference = tmp_path / "fused.png"  # a hard link outside: one inside is refused before
+    os.link(out / "pet7" / "fused.png", reference)
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"reference,moving\n{reference},{root / 'pet7.png'}\n{root / 'mri.png'},{root / 'pet8.png'}\n",
                      encoding="utf-8")
@@ -796,3 +799,185 @@ def test_report_names_a_run_folder_it_cannot_read_and_still_writes_the_index(dat
                                          "denied); its runs are left out of the index"]
     index = (out / "index.html").read_text(encoding="utf-8")
     assert 'href="pet7/report.html"' not in index and "pet7" in index and "could not be read" in index
+
+
+def annexed_pairs(root, tmp_path, blobs):
+    """A git-annex/DataLad layout: ``s1/ct.png``, ``s2/ct.png`` symlinks to the store blob each
+    subject names in ``blobs``; returns the CSV pairing each with mri.png."""
+    store = tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    for subject, blob in blobs.items():
+        if not (store / blob).exists():
+            (store / blob).write_bytes((root / "pet7.png").read_bytes())
+        (tmp_path / subject).mkdir()
+        (tmp_path / subject / "ct.png").symlink_to(Path("..") / "store" / blob)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving\n" + "".join(f"{root / 'mri.png'},{subject}/ct.png\n" for subject in blobs),
+                     encoding="utf-8")
+    return pairs
+
+
+@pytest.mark.parametrize("blobs", [{"s1": "SHA256E-s1--abc.png", "s2": "SHA256E-s2--def.png"},
+                                   {"s1": "SHA256E-s1--abc.png", "s2": "SHA256E-s1--abc.png"}],
+                         ids=["own-blobs", "one-blob"])
+def test_symlinked_inputs_name_their_pair_folders_as_given_and_are_recorded_as_given(data, tmp_path, capsys, blobs):
+    """Folders used to be named after the link's target (SHA256E-s1--abc), and two subjects linked
+    to one blob were refused as one moving file in two rows."""
+    pairs, out = annexed_pairs(data["root"], tmp_path, blobs), tmp_path / "out"
+
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 0, capsys.readouterr().err
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["s1_ct", "s2_ct"]
+    for subject, blob in blobs.items():
+        recorded = json.loads((out / f"{subject}_ct" / "provenance.json").read_text(encoding="utf-8"))
+        moving = recorded["inputs"]["moving"]
+        assert (moving["path"], moving["resolved_path"]) == (str(tmp_path / subject / "ct.png"),
+                                                            str(tmp_path / "store" / blob))
+    capsys.readouterr()
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 0
+    assert capsys.readouterr().out.count("skipped, already done") == 2
+
+
+def write_dicom_series(folder, volume):
+    """``volume`` (z, y, x) as an MR series of one file per slice, with the tags GDCM orders it by,
+    and as ``reference.nii.gz`` beside its folder, a reference it overlaps."""
+    folder.mkdir(parents=True)
+    image = sitk.GetImageFromArray(volume.astype(np.int16))
+    image.SetSpacing((1.1, 1.0, 2.5))
+    sitk.WriteImage(image, str(folder.parent / "reference.nii.gz"))
+    uid = "1.2.826.0.1.3680043.2.1125.77"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_image = image[:, :, k]
+        position = "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k))))
+        for tag, value in {"0008|0060": "MR", "0020|000e": uid, "0020|000d": f"{uid}.1", "0020|0032": position,
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(k + 1),
+                           "0008|0018": f"{uid}.{k + 1}", "0018|0050": "2.5"}.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_image)
+    return folder
+
+
+@pytest.fixture
+def series(tmp_path):
+    return write_dicom_series(tmp_path / "dcm" / "t2", 800 * blob((9, 16, 13), 0.1))
+
+
+@pytest.mark.parametrize(("out", "reference", "where"), [
+    ("dcm", "dcm/reference.nii.gz", "is this input folder"),
+    ("dcm/t2/results", "dcm/reference.nii.gz", "lies inside this input folder"),
+    (".", "t2/reference.nii.gz", "holds this input"),  # its pair folder, t2/, holds the reference
+])
+def test_a_pair_folder_that_is_in_or_holds_an_input_is_refused_before_any_work(tmp_path, capsys, series, out,
+                                                                                reference, where):
+    """``--moving dcm/t2 --out dcm`` used to write the outputs into the series folder, after which
+    every rerun was refused, --overwrite or not (they changed the series' hash)."""
+    (tmp_path / reference).parent.mkdir(exist_ok=True)
+    (tmp_path / reference).write_bytes((series.parent / "reference.nii.gz").read_bytes())
+    before = sorted(path.name for path in tmp_path.rglob("*"))
+    refused = series if reference.startswith("dcm") else tmp_path / reference
+
+    code = fuse("--reference", tmp_path / reference, "--moving", series, "--out", tmp_path / out, *CHEAP)
+
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"unifuse fuse: error: {refused}: the pair's output folder {tmp_path / out / 't2'} {where}; "
+        "choose another --out"]
+    assert sorted(path.name for path in tmp_path.rglob("*")) == before
+
+
+def fuse_series(data, tmp_path, series):
+    return fuse("--reference", series.parent / "reference.nii.gz", "--moving", series, "--out", tmp_path / "out",
+                *CHEAP)
+
+
+def test_a_series_folder_with_another_file_put_beside_its_slices_is_the_same_input(data, tmp_path, capsys, series):
+    """Its hash covered every file under the folder: a stray file made every rerun a refusal."""
+    assert fuse_series(data, tmp_path, series) == 0, capsys.readouterr().err
+    recorded = json.loads((tmp_path / "out" / "t2" / "provenance.json").read_text(encoding="utf-8"))
+    assert recorded["inputs"]["moving"]["path"] == str(series)
+    capsys.readouterr()
+
+    (series / "notes.txt").write_text("reviewed", encoding="utf-8")
+
+    assert fuse_series(data, tmp_path, series) == 0
+    assert "skipped, already done" in capsys.readouterr().out
+
+
+def test_a_series_with_a_slice_rewritten_in_place_is_not_taken_as_done(data, tmp_path, capsys, series):
+    """Only the folder's own times were checked, which a slice rewritten in place leaves alone."""
+    assert fuse_series(data, tmp_path, series) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    with (series / "slice004.dcm").open("r+b") as stream:  # the last byte: a pixel value
+        stream.seek(-1, os.SEEK_END)
+        last = stream.read(1)[0]
+        stream.seek(-1, os.SEEK_END)
+        stream.write(bytes([last ^ 0x01]))
+
+    assert fuse_series(data, tmp_path, series) == 2
+    assert "a different moving image; pass --overwrite" in capsys.readouterr().err
+
+
+# ---- the --pairs CSV's header, the batch's last words, the QC index ---------------------------------
+def test_a_misspelled_label_column_is_refused_by_name_not_fused_without_metrics(data, tmp_path, capsys):
+    """`lable` used to be ignored: the batch fused every pair and wrote no metrics.json."""
+    root = data["root"]
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving,lable\n{root / 'mri.png'},{root / 'pet8.png'},{root / 'pet8_label.png'}\n",
+                     encoding="utf-8")
+    assert fuse("--pairs", pairs, "--out", tmp_path / "out", *CHEAP) == 2
+    assert capsys.readouterr().err == (f"unifuse fuse: error: {pairs}: unknown column 'lable' (did you mean "
+                                       "'label'?); the columns are reference, moving and optionally label\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_given_as_the_pairs_csv_is_called_a_folder(tmp_path, capsys):
+    assert fuse("--pairs", tmp_path, "--out", tmp_path / "out") == 2
+    assert capsys.readouterr().err == (f"unifuse fuse: error: {tmp_path}: is a folder, not a CSV file; --pairs "
+                                       "takes a CSV file of pairs\n")
+
+
+def test_a_summary_that_cannot_be_written_after_every_pair_failed_claims_no_outputs(
+        data, tmp_path, capsys, monkeypatch):
+    """A read-only --out fails every pair, then the summary: the error used to add "the pairs'
+    outputs are in their folders", where there were none."""
+    root, out = data["root"], tmp_path / "out"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{root / 'mri.png'},{tmp_path / 'gone1.png'}\n"
+                     f"{root / 'mri.png'},{tmp_path / 'gone2.png'}\n", encoding="utf-8")
+    fail_writing(monkeypatch, "summary.json", errno.EROFS)
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (f"unifuse fuse: error: {out / 'summary.json'}: cannot write the batch summary (Read-only file "
+                    "system); no pair has outputs: all 2 pairs failed (the errors are above)")
+
+
+def test_an_index_html_unifuse_did_not_write_is_refused_unless_overwrite_and_its_own_refreshed(
+        data, tmp_path, capsys):
+    """`unifuse report` (and `fuse --report`) used to replace any RUNS_DIR/index.html without a word."""
+    root, out = data["root"], tmp_path / "out"
+    assert fuse("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", out, *CHEAP) == 0
+    index = out / "index.html"
+    index.write_text("<html>MY OWN PAGE</html>\n", encoding="utf-8")
+    capsys.readouterr()
+
+    assert main(["report", str(out)]) == 2
+    assert capsys.readouterr().err == (f"unifuse report: error: {index}: is not a QC index unifuse wrote, and "
+                                       "index.html is where the index goes; pass --overwrite to replace it, or "
+                                       "move it away\n")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{root / 'mri.png'},{root / 'pet8.png'}\n", encoding="utf-8")
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP, "--report") == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"unifuse fuse: error: {index}: is not a QC index unifuse wrote, so it is left as it is; unifuse report")
+    assert index.read_text(encoding="utf-8") == "<html>MY OWN PAGE</html>\n"
+
+    assert main(["report", str(out), "--overwrite"]) == 0
+    assert 'href="pet8/report.html"' in index.read_text(encoding="utf-8")
+    # Its own index, from an earlier report: refreshed without --overwrite, by both commands.
+    (out / "pet7" / "provenance.json").rename(out / "pet7" / "provenance.json.moved")
+    assert main(["report", str(out)]) == 0
+    assert "pet7" not in index.read_text(encoding="utf-8")
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP, "--report") == 0

@@ -407,3 +407,38 @@ def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_made(png_pair, 
     assert capsys.readouterr().err == (f"unifuse synth: error: {inside_read_only}: cannot create the --out folder "
                                        "(Permission denied)\n")
     assert not (tmp_path / "parent").exists()
+
+
+# ---- the CSV's header ------------------------------------------------------------------------------
+@pytest.mark.parametrize("header, message", [
+    ("reference,moving,degradaton", "unknown column 'degradaton' (did you mean 'degradation'?); the columns are "
+                                    "reference, moving and optionally degradation, misalignment, seed"),
+    ("Reference,moving,degradation", "unknown column 'Reference' (did you mean 'reference'?)"),
+    ("reference,moving,degradation,degradation", "the header names the column degradation more than once"),
+])
+def test_a_column_synth_does_not_read_is_refused_by_name_not_ignored(png_pair, tmp_path, capsys, header, message,
+                                                                     nothing_synthesised):
+    """`degradaton=metal` used to give a clean pair, recorded as degradation none."""
+    reference, moving = png_pair
+    cells = ",".join(["metal"] * (header.count(",") - 1))
+    csv_path = write_csv(tmp_path / "pairs.csv", f"{header}\n{reference},{moving},{cells}\n")
+    assert main(["synth", "--pairs", str(csv_path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"unifuse synth: error: {csv_path}: {message}") and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cell_under_no_column_is_refused_and_an_empty_trailing_one_harmless(png_pair, tmp_path, capsys):
+    reference, moving = png_pair
+    stray = write_csv(tmp_path / "stray.csv", f"reference,moving\n{reference},{moving},metal\n")
+    assert main(["synth", "--pairs", str(stray), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"unifuse synth: error: {stray}: line 2 of the CSV: the cell 'metal' is "
+                                       "under no column of the header; name its column or remove it\n")
+    spreadsheet = write_csv(tmp_path / "spreadsheet.csv", f"reference,moving,\n{reference},{moving},\n")
+    assert main(["synth", "--pairs", str(spreadsheet), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_a_folder_given_as_the_csv_is_called_a_folder(tmp_path, capsys):
+    assert main(["synth", "--pairs", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"unifuse synth: error: {tmp_path}: is a folder, not a CSV file; --pairs "
+                                       "takes a CSV file of pairs\n")

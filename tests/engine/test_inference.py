@@ -435,6 +435,15 @@ def test_a_constant_moving_image_fuses_with_a_warning_in_the_result_and_the_prov
     assert not any("constant" in warning for warning in informative.warnings)
 
 
+def test_a_one_colour_picture_is_a_constant_moving_image(model_2d):
+    """Its R, G and B differ, which hid that every pixel has the same colour."""
+    reference = ImageVolume(blob((32, 32)), Geometry.identity(2))
+    orange = ImageVolume(np.broadcast_to(np.array([255, 128, 0], np.uint8), (32, 32, 3)).copy(),
+                         Geometry.identity(2), is_rgb=True)
+    result = FusionEngine(model_2d, device="cpu").run_fusion(reference, orange, quality=False)
+    assert any("moving image is constant (colour (255, 128, 0) everywhere)" in warning for warning in result.warnings)
+
+
 def test_one_file_given_as_both_images_is_said_and_two_files_are_not(tmp_path):
     from PIL import Image
 

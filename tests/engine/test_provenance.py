@@ -1,0 +1,30 @@
+"""How a run's inputs are recorded: the path a user gave, and where a symlink leads."""
+
+from __future__ import annotations
+
+import hashlib
+
+from napari_unifuse.engine.provenance import absolute_as_given, describe_source
+
+
+def test_a_symlinked_input_is_recorded_by_the_path_given_and_the_file_it_resolves_to(tmp_path, monkeypatch):
+    """git-annex/DataLad: ``s1/ct.png`` links to a store blob; only the blob used to be recorded."""
+    blob = tmp_path / "store" / "SHA256E-s1--abc.png"
+    blob.parent.mkdir()
+    blob.write_bytes(b"pixels")
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "ct.png").symlink_to("../store/SHA256E-s1--abc.png")
+    monkeypatch.chdir(tmp_path / "s1")
+
+    assert describe_source("./ct.png") == {"path": str(tmp_path / "s1" / "ct.png"), "resolved_path": str(blob),
+                                           "sha256": hashlib.sha256(b"pixels").hexdigest()}
+    assert describe_source(str(blob)) == {"path": str(blob), "sha256": hashlib.sha256(b"pixels").hexdigest()}
+
+
+def test_dot_dot_is_folded_only_where_it_names_the_same_file(tmp_path):
+    (tmp_path / "data" / "deep").mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(tmp_path / "data" / "deep")
+
+    assert absolute_as_given(tmp_path / "data" / "deep" / ".." / "t1.png") == tmp_path / "data" / "t1.png"
+    # After a symlinked folder ".." is the target's parent (data/), not tmp_path: kept as given.
+    assert absolute_as_given(tmp_path / "linked" / ".." / "t1.png") == tmp_path / "linked" / ".." / "t1.png"
