@@ -229,12 +229,12 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     if moving.ndim != reference.ndim:
         raise InputError(f"the moving image is {moving.ndim}D but the reference is {reference.ndim}D", job.moving)
     for image in (reference, moving):
-        # Unlike `unifuse fuse`, no 2D stand-in: a one-slice volume's displacement field (3 components on
-        # a 1-voxel axis) would not read back as a 3D field (io.read_displacement, SimpleITK).
+        # Unlike `unifuse fuse`, no 2D stand-in: a 3D misalignment of a one-slice volume would move its
+        # anatomy out of its only slice, and a 2D one would need the slice's plane kept through synthesis.
         if min(image.spatial_shape) < 2:
             raise InputError(f"a one-slice volume (shape {image.array.shape}); synth needs a 2D image or a "
                              "volume of at least 2 voxels along every axis: save the slice as a 2D image "
-                             "(PNG, or a NIfTI with two dimensions)", image.source)
+                             "(PNG, or an axial NIfTI with two dimensions)", image.source)
     problems = [f"{image.source}: {warning}" for image in (reference, moving)
                 for warning in image.metadata.get("warnings", [])]
     problems += overlap_warnings(reference, moving, outside="the label and moving images are 0")
