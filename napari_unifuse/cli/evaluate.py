@@ -447,6 +447,9 @@ def summarise(records: list[dict]) -> list[dict]:
             finite = values[np.isfinite(values)]
             row[f"{column}_mean"] = float(finite.mean()) if finite.size else float("nan")
             row[f"{column}_std"] = float(finite.std()) if finite.size else float("nan")
+            # Undefined values (bone retention of a pair without bone, a failed registration) are
+            # left out of the mean: say over how many pairs it is, where that is fewer than n.
+            row[f"{column}_n"] = int(finite.size)
         summary.append(row)
     return sorted(summary, key=lambda row: (row["task"] == ALL_TASKS, row["task"]))
 
@@ -540,8 +543,9 @@ def markdown_table(summary: list[dict], fooled: Collection[str] = ()) -> str:
     lines = ["| method | task | n | " + " | ".join(names) + " |",
              "|---|---|---:|" + "---:|" * len(columns)]
     for row in summary:
-        cells = [f"{row[f'{c}_mean']:.4g} ± {row[f'{c}_std']:.2g}" if np.isfinite(row[f"{c}_mean"]) else "n/a"
-                 for c in columns]
+        cells = [f"{row[f'{c}_mean']:.4g} ± {row[f'{c}_std']:.2g}"
+                 + (f" (n={row[f'{c}_n']})" if row[f"{c}_n"] < row["n"] else "")
+                 if np.isfinite(row[f"{c}_mean"]) else "n/a" for c in columns]
         lines.append(f"| {row['method']} | {row['task']} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

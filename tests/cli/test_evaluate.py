@@ -276,6 +276,18 @@ def test_a_metric_is_marked_fooled_when_a_copy_beats_the_average_of_the_same_pai
     assert copies_outscoring_fusion(summary, "identity") == {}  # no identity rows to compare
 
 
+def test_a_mean_over_fewer_pairs_than_the_row_says_how_many():
+    """n counted every pair while bone retention averaged only the pairs with bone."""
+    records = [{"task": "CT-MRI", "method": "unifuse", "pair": name,
+                **{column: float("nan") for column in METRIC_COLUMNS}, "ncc": 0.5 + index,
+                "bone_retention": 0.8 if index < 2 else float("nan")}
+               for index, name in enumerate("abcd")]
+    (row,) = summarise(records)
+    assert row["n"] == 4 and row["ncc_n"] == 4 and row["bone_retention_n"] == 2
+    table = markdown_table([row])
+    assert "0.8 ± 0 (n=2)" in table and "2 ± 1.1 |" in table  # ncc: every pair, no count
+
+
 def test_needs_exactly_one_pair_source(checkpoint, pairs_csv, tmp_path, capsys):
     argv = ["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]
     assert main(argv) == 2
