@@ -1,4 +1,6 @@
-"""``unifuse info``: parameters and FLOPs per module of the UniFuse network.
+"""``unifuse info``: parameters and FLOPs per module of the UniFuse network, or (``--checkpoint``)
+what a checkpoint is: its method, dimensions, classes, training crop, how it was trained, its
+validation scores, the calibrations its sidecar carries and its limitations.
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add; convs,
 matmuls, linears). It cannot see inside a fused CUDA scan and sees the torch scan only partly, so
@@ -9,14 +11,30 @@ whatever it attributed to the selective scans is replaced by an analytic count
 from __future__ import annotations
 
 import argparse
+import textwrap
+from typing import Any
 
+from napari_unifuse.classes import DEGRADATION_CLASSES
 from napari_unifuse.cli.arguments import positive_int
+from napari_unifuse.errors import InputError
+from napari_unifuse.model.checkpoint import (
+    checkpoint_method,
+    read_config,
+    read_metadata,
+    resolve_checkpoint,
+    training_crop,
+)
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.costs import measure, minimum_size
 from napari_unifuse.model.scan import scan_backend
 
 PRESETS = ("paper", "small")
 DEFAULT_SIZE = {2: 256, 3: 64}
+DEFAULT_PRESET, DEFAULT_DIMS = "paper", 3
+# Sidecar sections written after training (bench/ calibration scripts) that change what the engine
+# does with the checkpoint (resources/README.md); a checkpoint without one gets the defaults.
+CALIBRATIONS = ("alignment_guard", "fusion_balance", "degradation_evidence", "coarse_readout")
+_WIDTH = 100
 
 
 def build_config(preset: str, spatial_dims: int) -> UniFuseConfig:
@@ -33,12 +51,77 @@ def size_rules() -> str:
     return "; ".join(rules)
 
 
+def _wrapped(label: str, text: str) -> list[str]:
+    # Not at hyphens: commands and file names stay whole enough to copy.
+    return textwrap.wrap(text, _WIDTH, initial_indent=f"{label}: ", subsequent_indent="  ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
+def _number(value: Any) -> str:
+    """A score as the sidecar has it: None where it was undefined (JSON has no NaN)."""
+    return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _stages(metadata: dict[str, Any]) -> list[str]:
+    """The training runs behind the weights, first to last, as far as the sidecar records them."""
+    lines = []
+    initial = metadata.get("initial_weights")
+    if initial:
+        lines += _wrapped("  started from", f"{initial.get('name') or initial.get('checkpoint')} "
+                          f"({initial.get('steps')} steps), made by: {initial.get('command') or 'not recorded'}")
+    stage = ((metadata.get("training_config") or {}).get("train") or {}).get("stage", "full")
+    lines += _wrapped("  then" if initial else "  trained", f"{metadata.get('command') or 'not recorded'} "
+                      f"(config {metadata.get('config_file')}, train.stage {stage}, {metadata.get('steps')} steps, "
+                      f"{metadata.get('wall_time_s')} s on {metadata.get('device')})")
+    return lines
+
+
+def describe_checkpoint(path_or_name: str) -> list[str]:
+    """The lines ``unifuse info --checkpoint`` prints: the header's method and config, then the sidecar's record."""
+    path = resolve_checkpoint(path_or_name)
+    method, config = checkpoint_method(path), read_config(path)
+    classes = (", ".join(DEGRADATION_CLASSES[:config.num_classes]) if hasattr(config, "num_classes")
+               else "none (this method estimates no degradation)")
+    lines = [f"checkpoint: {path}", f"method: {method}", f"dimensions: {config.spatial_dims}-D",
+             f"degradation classes: {classes}"]
+    metadata = read_metadata(path)
+    sidecar = path.with_suffix(".json")
+    if not metadata:
+        return lines + _wrapped("sidecar", f"missing ({sidecar.name} is not beside it): the training crop, the "
+                                "training record, the calibrations and the limitations are unknown, and the engine "
+                                "runs it with defaults; copy the .json together with the .safetensors")
+    crop = training_crop(metadata)
+    lines += [f"sidecar: {sidecar}",
+              f"name: {metadata.get('name') or path.stem}",
+              "training crop: " + (f"{crop} (inference tiles at this size)" if crop else "none recorded (whole inputs)"),
+              "training (first to last):", *_stages(metadata)]
+    validation = metadata.get("validation") or {}
+    if validation:
+        lines += _wrapped("validation", ", ".join(f"{name} {_number(value)}" for name, value in validation.items()))
+    carried = [name for name in CALIBRATIONS if name in metadata]
+    absent = [name for name in CALIBRATIONS if name not in metadata]
+    lines.append(f"calibrations: {', '.join(carried) or 'none'}"
+                 + (f" (not calibrated, engine defaults: {', '.join(absent)})" if absent else ""))
+    lines += _wrapped("limitations", metadata.get("limitations") or "none recorded")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
-    config = build_config(args.preset, args.dims)
-    size = DEFAULT_SIZE[args.dims] if args.size is None else args.size
+    if args.checkpoint is not None:
+        given = [flag for flag, value in (("--preset", args.preset), ("--dims", args.dims), ("--size", args.size))
+                 if value is not None]
+        if given:
+            raise InputError(f"--checkpoint describes a trained checkpoint and {', '.join(given)} an untrained "
+                             "network: give one or the other")
+        print("\n".join(describe_checkpoint(args.checkpoint)))
+        return 0
+    preset = args.preset or DEFAULT_PRESET
+    dims = args.dims or DEFAULT_DIMS
+    config = build_config(preset, dims)
+    size = DEFAULT_SIZE[dims] if args.size is None else args.size
     costs = measure(config, size)
-    shape = "×".join([str(size)] * args.dims)
-    print(f"UniFuse, preset {args.preset}, {args.dims}-D, input 1×1×{shape}, "
+    shape = "×".join([str(size)] * dims)
+    print(f"UniFuse, preset {preset}, {dims}-D, input 1×1×{shape}, "
           f"scan backend {scan_backend('cpu')} (CPU)")
     print(f"{'module':<8}{'parameters':>14}{'GFLOPs':>12}{'(scan, analytic)':>20}")
     for cost in costs:
@@ -54,10 +137,13 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "info", help="parameters and FLOPs per module of the UniFuse network",
+        "info", help="parameters and FLOPs per module of the UniFuse network, or what a checkpoint is",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="paper")
-    parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    parser.add_argument("--checkpoint", default=None, metavar="NAME_OR_FILE",
+                        help="describe a checkpoint (packaged name or .safetensors file) instead: method, "
+                             "dimensions, classes, training crop, training runs, validation, calibrations, limitations")
+    parser.add_argument("--preset", choices=PRESETS, default=None, help=f"default: {DEFAULT_PRESET}")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=None, help=f"default: {DEFAULT_DIMS}")
     parser.add_argument("--size", type=positive_int, default=None,
                         help="side length of the square/cubic test input "
                              f"(default {DEFAULT_SIZE[2]} in 2-D, {DEFAULT_SIZE[3]} in 3-D); {size_rules()}")

@@ -69,6 +69,16 @@ def _say_where_resume_continues(out: Path) -> None:
     print(f"unifuse train: the last checkpoint holds step {step}; --resume continues from it", file=sys.stderr)
 
 
+def _check_run_folder(out: Path) -> None:
+    """Refuse an --out that is a file, or lies under one, before any work (the folder is made later)."""
+    from napari_unifuse.errors import InputError
+
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == out else f"lies under {existing}, which is a file"
+        raise InputError(f"--out {where}, not a folder: give a folder for the run (created if missing)", out)
+
+
 def run(args: argparse.Namespace) -> int:
     from napari_unifuse.errors import InputError
     from napari_unifuse.training.config import load_config
@@ -89,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     data_overrides = {"root": str(Path(args.data_root).resolve())} if args.data_root else {}
     config = config.with_overrides(train=train_overrides, data=data_overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    _check_run_folder(out)
     if args.resume:
         config = resumed_config(out, config, **train_overrides)
     if args.stop_at is not None and args.stop_at < 1:
@@ -101,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
         raise
     if result.rank != 0:
         return 0  # under torchrun only the first process reports
-    scores = ", ".join(f"{name} {value:.4f}" for name, value in result.validation.items())
+    # A score is None where the sidecar recorded it undefined (JSON has no NaN): a resumed run reports it so.
+    scores = ", ".join(f"{name} {'n/a' if value is None else f'{value:.4f}'}"
+                       for name, value in result.validation.items())
     print(f"step {result.step}: {result.last_checkpoint}" + (f" (validation: {scores})" if scores else ""))
     if result.best_checkpoint is not None:
         print(f"best checkpoint: {result.best_checkpoint}")

@@ -26,6 +26,7 @@ rotated like a real head, not sheared.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -364,12 +365,47 @@ def regime_misalignment(name: str, large_options: dict | None = None
 def misalignment_from_options(options: dict | None) -> RegimeMixture:
     """A config's ``misalignment`` section: RandomMisalignment's keyword arguments for ``large``,
     plus either ``regime: NAME`` (one regime) or ``regimes: {NAME: weight}`` (a mixture).
-    Without either, the regimes are drawn by ``DEFAULT_REGIME_WEIGHTS``."""
+    Without either, the regimes are drawn by ``DEFAULT_REGIME_WEIGHTS``.
+
+    Refused (InputError, one line): a key that is neither, and a ``large`` option in a section that
+    never draws the large regime (``regime: none``, or ``regimes`` without a positive ``large``
+    weight), which would otherwise be accepted and silently unused."""
+    if options is not None and not isinstance(options, dict):
+        raise InputError(f"must be a mapping of {', '.join(MISALIGNMENT_KEYS)}, got {options!r}", "misalignment")
     options = dict(options or {})
+    unknown = sorted(set(options) - set(MISALIGNMENT_KEYS), key=str)
+    if unknown:
+        raise InputError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}; "
+                         f"accepted: {', '.join(MISALIGNMENT_KEYS)}", "misalignment")
     regime, weights = options.pop("regime", None), options.pop("regimes", None)
     if regime is not None and weights is not None:
         raise InputError("give misalignment.regime or misalignment.regimes, not both", "misalignment")
     if regime is not None:
         weights = {str(regime): 1.0}
-    RandomMisalignment(**options)  # fails here on a bad option, not in a data-loader worker
-    return RegimeMixture({str(k): float(v) for k, v in (DEFAULT_REGIME_WEIGHTS if weights is None else weights).items()}, options)
+    if weights is not None and not isinstance(weights, dict):
+        raise InputError(f"misalignment.regimes must map regimes to weights, got {weights!r}", "misalignment")
+    weights = {str(k): _weight(v) for k, v in (DEFAULT_REGIME_WEIGHTS if weights is None else weights).items()}
+    mixture = RegimeMixture(weights, options)  # checks the regimes and weights
+    if options and not weights.get("large", 0.0) > 0:
+        drawn = ", ".join(name for name, weight in weights.items() if weight > 0)
+        raise InputError(f"{', '.join(sorted(options))} only shape{'s' if len(options) == 1 else ''} the large "
+                         f"regime, which this section never draws (regimes drawn: {drawn}): remove "
+                         f"{'it' if len(options) == 1 else 'them'} or give the large regime a weight", "misalignment")
+    try:
+        RandomMisalignment(**options)  # fails here on a bad value, not in a data-loader worker
+    except TypeError as error:  # a value of the wrong type, e.g. a list for a maximum
+        raise InputError(f"invalid large-regime options {options}: {error}", "misalignment") from None
+    return mixture
+
+
+def _weight(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"a misalignment regime weight must be a number, got {value!r}", "misalignment") from None
+
+
+# The keys of a config's misalignment section: how the regimes are chosen, then what shapes the
+# large regime (RandomMisalignment's fields; the mild and none regimes take no options).
+LARGE_REGIME_OPTIONS = tuple(option.name for option in dataclasses.fields(RandomMisalignment))
+MISALIGNMENT_KEYS = ("regime", "regimes", *LARGE_REGIME_OPTIONS)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import secrets
 import shutil
@@ -39,13 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from napari_unifuse.engine.quality import UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, placement_metadata, write_image
 from napari_unifuse.io.fields import write_displacement
+from napari_unifuse.json_records import standard_json
 
 try:
     import fcntl
@@ -228,8 +226,7 @@ def write_json(data: Any, path: Path, *, atomic: bool = False) -> None:
     ``atomic``: written beside ``path`` and renamed over it, so a full disk or an interrupt leaves
     the earlier file whole, never a truncated one.
     """
-    # default=str: paths and other plain objects in checkpoint metadata are recorded as text.
-    text = json.dumps(_finite_or_null(data), indent=2, default=str, allow_nan=False) + "\n"
+    text = standard_json(data, indent=2) + "\n"
     if atomic:
         write_text_atomically(path, text)
     else:
@@ -252,18 +249,6 @@ def write_text_atomically(path: Path, text: str, errors: str = "strict") -> None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-def _finite_or_null(value: Any) -> Any:
-    if isinstance(value, (np.generic, np.ndarray)):  # numpy scalars would otherwise be written as strings
-        value = value.tolist()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
-    return value
 
 
 def check_writable_folder(folder: Path, keep: bool = True) -> None:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from napari_unifuse.errors import CheckpointError, InputError
+from napari_unifuse.json_records import standard_json
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.networks import config_from_dict, network_class, network_method
 
@@ -47,6 +48,12 @@ def list_checkpoints(method: str | None = None) -> list[str]:
 def resolve_checkpoint(path_or_name: str | Path) -> Path:
     """A path to an existing file, or a bare name of a packaged checkpoint."""
     path = Path(path_or_name)
+    if path.is_file() and path.suffix.lower() == ".json":
+        # The sidecar read as weights fails deep in safetensors ("header too large").
+        weights = path.with_suffix(SUFFIX)
+        beside = (f"pass the weights beside it, {weights}" if weights.is_file()
+                  else f"its weights, {weights.name}, are not beside it")
+        raise CheckpointError(f"{path} is a checkpoint's JSON sidecar (its metadata), not its weights: {beside}")
     if path.is_file():
         return path
     if path.name == str(path_or_name) and path.suffix in ("", SUFFIX):
@@ -72,7 +79,7 @@ def save_checkpoint(model: nn.Module, path: str | Path,
     method = network_method(model)
     save_file(tensors, str(path), metadata={_METHOD_KEY: method, _CONFIG_KEY: json.dumps(config)})
     sidecar = {"method": method, "config": config, **(metadata or {})}
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n", encoding="utf-8")
+    path.with_suffix(".json").write_text(standard_json(sidecar, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -132,7 +139,7 @@ def set_metadata_section(path_or_name: str | Path, key: str, value: Any) -> Path
     metadata = _read_metadata(path)
     metadata[key] = value
     sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    sidecar.write_text(standard_json(metadata, indent=2) + "\n", encoding="utf-8")
     return sidecar
 
 

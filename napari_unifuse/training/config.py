@@ -13,6 +13,10 @@ typo never silently falls back to a default)::
             balance, fusion_target,                                   # methods: their own section
             moda_negatives, moda_anchors, temperature}                # (training.methods)
 
+A partial ``train.stage`` (degradation_head, image_restoration, fusion_weight) reads only part
+of ``train`` and ``loss`` (``STAGE_READS``): a key it would ignore is refused, and the loss terms
+that cannot reach the module it trains weigh 0, so its logged total is the loss that trains.
+
 Relative paths inside ``data`` (``root``) are resolved against the folder of the config file, so
 ``configs/harvard2d.yaml`` can say ``../../shared/data/harvard-aanlib`` (i.e. ``../shared/...``
 seen from the repository root) and work from any working directory. So is ``train.init_from`` when
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +90,22 @@ KINDS_WITH_ROOT = ("harvard", "folders")
 # Counts below 1 train without ever logging, validating or checkpointing, or validate on nothing
 # (val_batches 0: every score NaN and no best checkpoint).
 TRAIN_COUNTS = ("batch_size", "max_steps", "log_every", "val_every", "val_batches", "checkpoint_every")
+# What each partial stage reads of the train and loss sections (None: all of it). A config that
+# sets another key would train as if it were absent (two head refits with loss.ce 0 and 1 gave the
+# same weights), so config_from_dict refuses it and TrainConfig.to_dict leaves it out.
+STAGE_READS: dict[str, dict[str, frozenset[str] | None]] = {
+    # The head's own loop (training.degradation_head): cross-entropy on the read-outs, unclipped,
+    # logged every 100 steps, validated and saved once at the end.
+    HEAD_STAGE: {"train": frozenset({"stage", "init_from", "batch_size", "max_steps", "lr", "min_lr",
+                                     "weight_decay", "num_workers", "val_batches"}),
+                 "loss": frozenset()},
+    # Only L_restore reaches the restoration path: the fusion reads the restored image detached, and
+    # the class, the field and the fusion weight are frozen. fusion_target places L_restore's target.
+    IMAGE_RESTORATION_STAGE: {"train": None, "loss": frozenset({"restore", "fusion_target"})},
+    # Only the fusion losses reach the fusion weight head: the restored image enters the blend
+    # detached, and with the field frozen L_crcb (the chroma moved by the field) moves nothing.
+    FUSION_WEIGHT_STAGE: {"train": None, "loss": frozenset({"ssim", "inten", "grad", "balance", "fusion_target"})},
+}
 
 
 @dataclass(frozen=True)
@@ -124,7 +145,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values.pop("source")
-        return values
+        # What the stage does not read is not part of the run (and a file may not set it).
+        return without_unread_keys(values)
 
     def with_overrides(self, **sections: dict[str, Any]) -> TrainConfig:
         """A copy with some fields of ``train``/``model``/``loss`` or keys of ``data`` replaced,
@@ -133,6 +155,10 @@ class TrainConfig:
             raise InputError(f"data.kind {self.data['kind']} generates its pairs and reads no data.root: "
                              f"--data-root applies to {' and '.join(KINDS_WITH_ROOT)} configs", self.source)
         values = self.to_dict()
+        # A copy may change the stage: this config's keys the new stage does not read are dropped,
+        # while an override it does not read is refused like a file's.
+        values["train"]["stage"] = (sections.get("train") or {}).get("stage", self.train.stage)
+        values = without_unread_keys(values)
         for name, changes in sections.items():
             if changes:
                 values[name] = {**values[name], **changes}
@@ -207,7 +233,13 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
     if train.stage == IMAGE_RESTORATION_STAGE and not (model.overrides or {}).get("image_restoration_width"):
         raise InputError("train.stage 'image_restoration' trains the image-space restoration path: set "
                          "model.overrides.image_restoration_width (e.g. 16)", source)
+    _refuse_keys_the_stage_ignores(train.stage, values, source)
     loss = _section(objective.loss_section, values.get("loss"), source, "loss")
+    if train.stage in STAGE_READS:
+        from napari_unifuse.training.objective import LOSS_TERMS  # it imports this module
+
+        # The terms that cannot reach the trained module weigh nothing: the logged total is the loss that trains.
+        loss = dataclasses.replace(loss, **{term: 0.0 for term in unread_keys(train.stage, "loss", LOSS_TERMS)})
     if isinstance(loss, LossSection) and loss.fusion_target not in FUSION_TARGETS:
         raise InputError(f"loss.fusion_target must be one of {list(FUSION_TARGETS)}, got {loss.fusion_target!r}",
                          source)
@@ -233,6 +265,37 @@ def config_from_dict(values: dict[str, Any], source: str | None = None, base_dir
         loss=loss,
         source=source,
     )
+
+
+def unread_keys(stage: str, section: str, keys: Iterable[str]) -> set[str]:
+    """Those of ``keys`` (of the ``train`` or ``loss`` section) that ``stage`` does not read."""
+    reads = STAGE_READS.get(stage, {}).get(section)
+    return set() if reads is None else set(keys) - reads
+
+
+def without_unread_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """A parsed config without the train and loss keys its stage does not read: what a run folder's
+    config.yaml written before the stage refused them holds (the run still resumes), and what a
+    copy of a config made for another stage holds (``TrainConfig.with_overrides``)."""
+    train = values.get("train")
+    stage = train.get("stage", "full") if isinstance(train, dict) else "full"
+    stripped = dict(values)
+    for section in ("train", "loss"):
+        if isinstance(values.get(section), dict):
+            unread = unread_keys(stage, section, values[section])
+            stripped[section] = {key: value for key, value in values[section].items() if key not in unread}
+    return stripped
+
+
+def _refuse_keys_the_stage_ignores(stage: str, values: dict[str, Any], source: str | None) -> None:
+    ignored = [f"{section}.{key}" for section in ("train", "loss") if isinstance(values.get(section), dict)
+               for key in sorted(unread_keys(stage, section, values[section]))]
+    if not ignored:
+        return
+    reads = [f"{section}: {', '.join(sorted(STAGE_READS[stage][section] or ())) or 'nothing'}"
+             for section in ("train", "loss") if STAGE_READS[stage][section] is not None]
+    raise InputError(f"train.stage {stage!r} does not use {', '.join(ignored)}: remove "
+                     f"{'it' if len(ignored) == 1 else 'them'} (it reads {'; '.join(reads)})", source)
 
 
 def _require(allowed: bool, key: str, bounds: str, value: Any, source: str | None) -> None:
@@ -279,6 +342,13 @@ def _check_data_ranges(section: dict[str, Any], where: str, source: str | None) 
             folder_layout(section)
         except InputError as error:
             raise InputError(f"{where}: {error.problem}", source) from None
+    if "misalignment" in section:
+        from napari_unifuse.data.misalign import misalignment_from_options
+
+        try:
+            misalignment_from_options(section["misalignment"])
+        except InputError as error:
+            raise InputError(f"{where}.misalignment: {error.problem}", source) from None
     if "tasks" in section:
         tasks = section["tasks"]
         _require(isinstance(tasks, (list, tuple)) and len(tasks) > 0, f"{where}.tasks",

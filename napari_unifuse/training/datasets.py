@@ -630,8 +630,12 @@ def narrowed_validation(data: dict[str, Any], *, seed: int, spatial_dims: int, t
     regime, and at least ``length`` samples: the samples beyond the config's ``val_length`` come
     from the same validation stream (the first ones stay as they were; training never draws from
     it), so that a larger sample narrows an estimate's interval."""
-    misalignment = {**(data.get("misalignment") or {}), "regime": regime}
-    misalignment.pop("regimes", None)
+    from napari_unifuse.data.misalign import LARGE_REGIME_OPTIONS
+
+    # The large regime's options shape only that regime (a section drawing another one refuses them).
+    misalignment = {key: value for key, value in (data.get("misalignment") or {}).items()
+                    if regime == "large" and key in LARGE_REGIME_OPTIONS}
+    misalignment["regime"] = regime
     narrowed = {**data, "tasks": [task], "misalignment": misalignment,
                 "val_length": max(int(data.get("val_length", 16)), length)}
     return build_datasets(narrowed, seed=seed, spatial_dims=spatial_dims)[1]

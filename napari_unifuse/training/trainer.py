@@ -78,6 +78,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from napari_unifuse.engine.distributed import setup_distributed
 from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
+from napari_unifuse.json_records import standard_json
 from napari_unifuse.model import UniFuseConfig
 from napari_unifuse.model.checkpoint import load_weights, save_checkpoint, training_crop
 from napari_unifuse.model.networks import build_network
@@ -87,6 +88,7 @@ from napari_unifuse.training.config import (
     IMAGE_RESTORATION_STAGE,
     TrainConfig,
     config_from_dict,
+    without_unread_keys,
 )
 from napari_unifuse.training.datasets import build_datasets
 from napari_unifuse.training.degradation_head import (
@@ -362,7 +364,7 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         with (self.run_dir / "log.jsonl").open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record) + "\n")
+            stream.write(standard_json(record) + "\n")
 
     def _forget_records_after_the_restored_step(self) -> None:
         """An interrupted run logged steps after its last checkpoint, which the resumed run logs again."""
@@ -613,7 +615,7 @@ def run_config(run_dir: str | Path) -> TrainConfig:
     except yaml.YAMLError as error:
         raise CheckpointError(f"{path}: not valid YAML ({error})") from None
     # No base folder: its paths were resolved when it was written.
-    return config_from_dict(values, source=str(path))
+    return config_from_dict(without_unread_keys(values) if isinstance(values, dict) else values, source=str(path))
 
 
 def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -47,3 +47,33 @@ def test_minimum_size_is_the_smallest_size_the_network_runs_on(config):
     forward(smallest)
     with pytest.raises(RuntimeError, match="smaller than kernel size"):
         forward(smallest - config.size_multiple)
+
+
+def test_info_describes_a_shipped_checkpoint(capsys):
+    assert main(["info", "--checkpoint", "unifuse-3d-phantom"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for line in ("method: unifuse", "dimensions: 3-D", "degradation classes: none, motion, metal, lowdose",
+                 "name: unifuse-3d-phantom"):
+        assert line in lines
+    assert any(line.startswith("training crop: 32 ") for line in lines)
+    assert "configs/phantom3d-cpu-head.yaml" in text and "configs/phantom3d-cpu-restoration.yaml" in text
+    assert "train.stage image_restoration" in text and "fusion_gain_min" in text
+    assert "calibrations: alignment_guard, degradation_evidence, coarse_readout" in text
+    assert "limitations: CPU-sized run" in text
+
+
+def test_info_on_a_lone_weights_file_says_the_sidecar_is_missing(tmp_path, capsys):
+    from napari_unifuse.model.checkpoint import checkpoint_dir
+
+    lone = tmp_path / "copied.safetensors"
+    lone.write_bytes((checkpoint_dir() / "unifuse-2d-harvard.safetensors").read_bytes())
+    assert main(["info", "--checkpoint", str(lone)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "method: unifuse dimensions: 2-D" in text
+    assert "sidecar: missing (copied.json is not beside it)" in text
+
+
+def test_info_refuses_a_checkpoint_with_the_network_size_options(capsys):
+    assert main(["info", "--checkpoint", "unifuse-2d-harvard", "--dims", "2"]) == 2
+    assert "give one or the other" in capsys.readouterr().err

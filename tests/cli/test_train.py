@@ -115,3 +115,22 @@ def test_non_positive_overrides_are_rejected(tmp_path, flag, capsys):
     args = ["train", "--config", str(SMOKE), "--out", str(tmp_path / "run"), flag, "0"]
     assert main(args) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    """It said only "afile: File exists"."""
+    existing = tmp_path / "afile"
+    existing.write_text("")
+    for out in (existing, existing / "run"):
+        assert main(["train", "--config", str(SMOKE), "--out", str(out), "--no-progress"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "not a folder" in error and str(out) in error and "\n" not in error
+
+
+def test_a_sidecar_given_to_init_from_names_the_weights_beside_it(tmp_path, capsys):
+    sidecar = REPO / "resources" / "checkpoints" / "unifuse-2d-harvard.json"
+    args = ["train", "--config", str(SMOKE), "--out", str(tmp_path / "run"), "--init-from", str(sidecar),
+            "--device", "cpu", "--no-progress"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "JSON sidecar" in error and "unifuse-2d-harvard.safetensors" in error and "header too large" not in error

@@ -179,3 +179,20 @@ def test_one_regime_and_the_large_regime_keeps_the_config_maxima():
 def test_bad_regime_options_are_refused(options):
     with pytest.raises(InputError):
         misalignment_from_options(options)
+
+
+def test_a_misspelled_option_is_refused_naming_it_and_the_accepted_ones():
+    """It used to reach RandomMisalignment(**options): a TypeError traceback from `unifuse train`."""
+    with pytest.raises(InputError) as refusal:
+        misalignment_from_options({"max_rotaton_deg": 90.0})
+    message = str(refusal.value)
+    assert "max_rotaton_deg" in message and "max_rotation_deg" in message and "regimes" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("options", [{"regime": "none", "max_rotation_deg": 90.0},
+                                     {"regime": "mild", "control_points": 3},
+                                     {"regimes": {"mild": 0.5, "none": 0.5, "large": 0.0}, "max_elastic_fraction": 0.1}])
+def test_large_regime_options_in_a_section_that_never_draws_it_are_refused(options):
+    with pytest.raises(InputError, match="only shape.* the large regime"):
+        misalignment_from_options(options)

@@ -185,3 +185,24 @@ def test_a_stage_run_reports_the_crop_of_the_network_it_trained_a_module_of():
     full_run = {"training_config": {"train": {"stage": "full"}, "data": {"crop": None}},
                 "initial_weights": {"training_crop": 128}}
     assert training_crop(full_run) is None
+
+
+def _refuse_nan(constant: str):
+    raise ValueError(f"not JSON: {constant}")
+
+
+def test_undefined_scores_are_null_in_the_sidecar_which_is_standard_json(saved, tmp_path):
+    """`class_accuracy_clean` is NaN when no clean crop was drawn; Python wrote a bare NaN."""
+    model, _ = saved
+    path = save_checkpoint(model, tmp_path / "nan", {"validation": {"class_accuracy_clean": float("nan"),
+                                                                    "q_ssim": 0.5, "epe": float("inf")}})
+    metadata = json.loads(path.with_suffix(".json").read_text(), parse_constant=_refuse_nan)
+    assert metadata["validation"] == {"class_accuracy_clean": None, "q_ssim": 0.5, "epe": None}
+    sidecar = set_metadata_section(path, "calibration", {"ratio": float("nan")})
+    assert json.loads(sidecar.read_text(), parse_constant=_refuse_nan)["calibration"] == {"ratio": None}
+
+
+def test_a_sidecar_given_as_the_checkpoint_names_the_weights_beside_it(saved):
+    _, path = saved
+    with pytest.raises(CheckpointError, match=r"JSON sidecar .* pass the weights beside it, .*net\.safetensors"):
+        load_checkpoint(path.with_suffix(".json"))

@@ -191,3 +191,58 @@ def test_a_folders_section_that_would_train_on_something_else_than_it_says_is_re
     path.write_text(f"data: {{kind: phantom, extra_sources: [{{kind: folders, root: cases, {folders}}}]}}\n")
     with pytest.raises(InputError, match=message.replace("data:", r"data.extra_sources\[0\]:")):
         load_config(path)
+
+
+def _stage_config(tmp_path: Path, stage: str, loss: str = "", train: str = "") -> Path:
+    """A config of a partial ``stage`` with ``loss`` (a YAML mapping) and more ``train`` keys."""
+    path = tmp_path / f"{stage}.yaml"
+    overrides = "model: {overrides: {image_restoration_width: 8}}\n" if stage == "image_restoration" else ""
+    path.write_text(f"data: {{kind: phantom}}\n{overrides}train: {{stage: {stage}, init_from: net.safetensors"
+                    f"{', ' + train if train else ''}}}\n" + (f"loss: {loss}\n" if loss else ""))
+    return path
+
+
+@pytest.mark.parametrize(("stage", "loss", "train", "named"), [
+    # Two head refits with loss.ce 0 and 1, loss.reg 1000 and grad_clip 1e-6 gave the same weights.
+    ("degradation_head", "{ce: 0.0}", "", "loss.ce"),
+    ("degradation_head", "", "grad_clip: 1.0e-6", "train.grad_clip"),
+    ("image_restoration", "{ce: 2.0, restore: 1.0}", "", "loss.ce"),
+    ("fusion_weight", "{restore: 1.0, balance: 3.0}", "", "loss.restore"),
+])
+def test_a_key_the_stage_does_not_use_is_refused_in_one_line(tmp_path, stage, loss, train, named):
+    with pytest.raises(InputError) as refusal:
+        load_config(_stage_config(tmp_path, stage, loss, train))
+    message = str(refusal.value)
+    assert named in message and f"train.stage {stage!r} does not use" in message and "\n" not in message
+
+
+def test_a_stage_weighs_the_terms_that_cannot_reach_its_module_zero_and_records_only_what_it_reads(tmp_path):
+    config = load_config(_stage_config(tmp_path, "fusion_weight", "{inten: 0.6}"))
+    assert (config.loss.inten, config.loss.balance, config.loss.ce, config.loss.restore) == (0.6, 3.0, 0.0, 0.0)
+    recorded = config.to_dict()
+    assert set(recorded["loss"]) == {"ssim", "inten", "grad", "balance", "fusion_target"}
+    head = load_config(_stage_config(tmp_path, "degradation_head"))
+    assert head.to_dict()["loss"] == {} and "grad_clip" not in head.to_dict()["train"]
+    # What to_dict records loads again (config.yaml, --resume, with_overrides).
+    assert head.with_overrides(train={"lr": 1e-3}).train.lr == 1e-3
+
+
+FUSION_LOSSES = {"ssim", "inten", "grad", "balance", "fusion_target"}
+
+
+@pytest.mark.parametrize(("name", "recorded_loss"), [
+    ("harvard2d-cpu-head", set()), ("phantom3d-cpu-head", set()), ("phantom3d-cpu-head-as-given", set()),
+    ("harvard2d-cpu-restoration", {"restore", "fusion_target"}),
+    ("phantom3d-cpu-restoration", {"restore", "fusion_target"}),
+    ("harvard2d-cpu-fusion-weight", FUSION_LOSSES),
+])
+def test_the_shipped_stage_configs_load_and_record_only_the_losses_their_stage_trains_with(name, recorded_loss):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert set(config.to_dict()["loss"]) == recorded_loss
+
+
+def test_a_misspelled_misalignment_key_is_refused_at_load_naming_the_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("data: {kind: phantom, misalignment: {max_rotaton_deg: 90.0}}\n")
+    with pytest.raises(InputError, match=r"typo.yaml: data.misalignment: unknown key max_rotaton_deg; accepted: "):
+        load_config(path)

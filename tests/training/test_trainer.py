@@ -138,3 +138,18 @@ def test_a_fine_tuning_run_resumed_before_its_first_checkpoint_starts_from_its_w
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
     metadata = json.loads(resumed.last_checkpoint.with_suffix(".json").read_text(encoding="utf-8"))
     assert metadata["initial_weights"]["checkpoint"] == str(first)
+
+
+def test_the_training_log_writes_an_undefined_score_as_null(tmp_path):
+    """log.jsonl held bare NaN (e.g. class_accuracy_clean after configs/smoke.yaml): not JSON."""
+    from types import SimpleNamespace
+
+    from napari_unifuse.training.trainer import Trainer
+
+    Trainer._log(SimpleNamespace(run_dir=tmp_path), {"kind": "val", "class_accuracy_clean": float("nan")})
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    line = (tmp_path / "log.jsonl").read_text().splitlines()[0]
+    assert json.loads(line, parse_constant=refuse) == {"kind": "val", "class_accuracy_clean": None}
