@@ -83,7 +83,9 @@ def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
 
 # ---- npe2 reader ------------------------------------------------------------------------------
 def get_reader(path: str | list[str]) -> Callable[[str], list] | None:
-    """Our reader for one supported file or a folder holding a DICOM series, else None."""
+    """Our reader for one supported file or a folder holding a DICOM series, else None. A file
+    without a known suffix (a PACS export's ``IM0001``) is ours only when its content is DICOM:
+    file_format reads its first bytes, so anything else is declined at once."""
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
             return None  # stacks of files are napari's business
@@ -99,7 +101,7 @@ def get_reader(path: str | list[str]) -> Callable[[str], list] | None:
 def read_layers(path: str | os.PathLike) -> list:
     """Read ``path`` as napari layer data; problems become a notification, not a traceback.
 
-    A ``.dcm`` file opens its whole series, so selecting every file of a series in *File → Open
+    A DICOM file (``.dcm`` or any name) opens its whole series, so selecting every file of a series in *File → Open
     Files* (napari reads them one by one) would open the series once per file: a series already
     open in the viewer is not opened again."""
     try:

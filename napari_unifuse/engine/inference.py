@@ -773,11 +773,13 @@ class FusionEngine:
             aligned = _to_dtype(restored_units, moving_ready.dtype)
         # Outputs take the reference's format; NIfTI holds no colour, so an RGB result on a grid
         # with geometry goes to MetaImage, which keeps both. PNG holds 8-bit pictures only, so the
-        # aligned image of a scanner image (CT in HU) onto a PNG goes to MetaImage too.
+        # aligned image of a scanner image (CT in HU) onto a PNG goes to MetaImage too, and so do
+        # outputs on a sheared grid (a tilted CT), which NIfTI places upright in ITK tools.
         if _is_picture(reference) and _is_picture(moving):
             extension = "png"
         else:
-            extension = "mha" if carried_chroma is not None or _is_picture(reference) else "nii.gz"
+            to_metaimage = carried_chroma is not None or _is_picture(reference) or reference.geometry.is_sheared
+            extension = "mha" if to_metaimage else "nii.gz"
         probs = prediction["class_probs"]
         on_reference_grid = placement_metadata(reference.metadata)  # written where the reference is shown
         return FusionResult(

@@ -122,6 +122,12 @@ class Geometry:
         return matrix
 
     @property
+    def is_sheared(self) -> bool:
+        """Axes that are not perpendicular (a gantry-tilted CT placed at its slice positions):
+        NIfTI's qform, which ITK tools read, cannot hold such a grid; MetaImage and NRRD can."""
+        return not np.allclose(self.direction.T @ self.direction, np.eye(self.ndim), rtol=0, atol=1e-6)
+
+    @property
     def itk_spacing(self) -> tuple[float, ...]:
         return tuple(float(v) for v in self.spacing[::-1])
 

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,19 @@ _DICOM_TAGS = {
     "0028|1052": "RescaleIntercept",
     "0028|1053": "RescaleSlope",
 }
+_SERIES_DESCRIPTION_TAG, _IMAGE_POSITION_TAG, _GANTRY_TILT_TAG = "0008|103e", "0020|0032", "0018|1120"
 # DICOM Modality codes → the modality names io.normalize understands.
 _DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet", "NM": "spect"}
 # A slice more than this fraction of the slice spacing away from where the volume puts it is
 # reported: DICOM positions are decimal strings, so exact equality is too strict, while 1% of a
 # slice is far below anything visible in a fusion.
 _SLICE_POSITION_TOLERANCE = 0.01
+# Slices whose image orientations differ by less than this (direction cosines) belong to one stack.
+_ORIENTATION_DECIMALS = 3
+# A DICOM Part 10 file carries "DICM" after a 128-byte preamble, whatever its name.
+_DICOM_PREAMBLE_LENGTH, _DICOM_MAGIC = 128, b"DICM"
+# A dataset stored without that preamble (older exports) starts with its group 0008 tags.
+_DICOM_GROUP_0008 = b"\x08\x00"
 # SimpleITK chooses the ImageIO from a case-sensitive suffix, so name it: upper-case .MHA works too.
 ITK_IMAGE_IOS = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 # NIfTI spatial units in mm, as SimpleITK converts them; "unknown" is taken as mm (by ITK too).
@@ -55,7 +63,10 @@ _MM_PER_NIFTI_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.
 
 
 def file_format(path: str | os.PathLike) -> str | None:
-    """"nifti" | "itk" | "dicom" | "pillow" from the name (a folder means a DICOM series), else None."""
+    """"nifti" | "itk" | "dicom" | "pillow" from the name (a folder means a DICOM series), else None.
+
+    A file without a known suffix is "dicom" when its content says so (:func:`holds_dicom`): PACS
+    exports name files by their UID (``1.2.840...``) or ``IM0001``, without ``.dcm``."""
     path = Path(path)
     if path.is_dir():
         return "dicom"
@@ -68,7 +79,27 @@ def file_format(path: str | os.PathLike) -> str | None:
     ):
         if name.endswith(suffixes):
             return fmt
-    return None
+    return "dicom" if holds_dicom(path) else None
+
+
+def holds_dicom(path: str | os.PathLike) -> bool:
+    """Whether the file ``path`` is DICOM by its content: the "DICM" mark after the preamble, or,
+    for a dataset stored without one, GDCM recognising it. Other files are declined after reading
+    their first 132 bytes, so asking about any file is quick."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(_DICOM_PREAMBLE_LENGTH + len(_DICOM_MAGIC))
+    except OSError:  # missing, a folder, unreadable: not a DICOM file we could read anyway
+        return False
+    if head[_DICOM_PREAMBLE_LENGTH:] == _DICOM_MAGIC:
+        return True
+    if not head.startswith(_DICOM_GROUP_0008):
+        return False
+    try:
+        with _itk_console_warnings_hidden():
+            return sitk.ImageFileReader().GetImageIOFromFileName(itk_filename(path)) == "GDCMImageIO"
+    except (InputError, RuntimeError):
+        return False
 
 
 def itk_filename(path: str | os.PathLike) -> str:
@@ -135,7 +166,7 @@ def readable_format(path: str | os.PathLike) -> str:
     if fmt is None:
         raise InputError(
             f"unknown file type {''.join(path.suffixes) or '(no extension)'!r}; "
-            f"supported: {', '.join(SUPPORTED_SUFFIXES)} or a DICOM series folder",
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)}, a DICOM file of any name or a DICOM series folder",
             path,
         )
     return fmt
@@ -365,7 +396,7 @@ def _read_itk(path: Path, frame: int | None):
 
 
 def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
-    """The series a ``.dcm`` file belongs to, or the one series of a folder: ``(key, files)``,
+    """The series a DICOM file belongs to, or the one series of a folder: ``(key, files)``,
     ``key`` naming the series by its folder and GDCM series id (the same for every file of it)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -376,10 +407,10 @@ def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
                        for sid in series_ids}
     if path.is_dir():
         if len(series_ids) > 1:
-            listing = "; ".join(f"{sid} ({len(files)} files)" for sid, files in files_by_series.items())
+            listing = "; ".join(_series_summary(sid, files) for sid, files in files_by_series.items())
             raise InputError(
                 f"the folder holds {len(series_ids)} DICOM series: {listing}. "
-                "Open one .dcm file of the series you want instead of the folder",
+                "Open one file of the series you want (any of its files, whatever its name) instead of the folder",
                 path,
             )
         series_id = series_ids[0]
@@ -392,51 +423,193 @@ def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
     return f"{folder.resolve()}#{series_id}", list(files_by_series[series_id])
 
 
+def _series_summary(series_id: str, files: tuple[str, ...]) -> str:
+    """How a series is named in a refusal: its id, description and a file that opens it."""
+    try:
+        description = _DicomSlice.of(files[0]).tags.get(_SERIES_DESCRIPTION_TAG)
+    except RuntimeError:  # an unreadable header costs the listing a description, not the refusal
+        description = None
+    named = f" {description!r}" if description else ""
+    return f"{series_id}{named} ({len(files)} files, e.g. {Path(files[0]).name})"
+
+
+@dataclass(frozen=True)
+class _DicomSlice:
+    """What GDCM's header says about one file of a series, read without its pixels."""
+
+    file: str
+    size: tuple[int, ...]  # ITK order: columns, rows, frames
+    direction: np.ndarray  # ITK 3×3: the ImageOrientationPatient rows and their normal as columns
+    position: np.ndarray | None  # ImagePositionPatient (LPS mm); None when the file has none
+    tags: dict[str, str]  # _DICOM_TAGS and the gantry tilt, by tag, where present
+
+    @classmethod
+    def of(cls, file: str) -> _DicomSlice:
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(file)
+        with _itk_console_warnings_hidden():
+            reader.ReadImageInformation()
+        tags = {tag: reader.GetMetaData(tag).strip() for tag in (*_DICOM_TAGS, _GANTRY_TILT_TAG)
+                if reader.HasMetaDataKey(tag)}
+        # GDCM's origin is ImagePositionPatient, or 0 when the tag is absent: only the tag counts.
+        position = np.array(reader.GetOrigin(), dtype=float) if reader.HasMetaDataKey(_IMAGE_POSITION_TAG) else None
+        direction = np.array(reader.GetDirection(), dtype=float).reshape(reader.GetDimension(), -1)
+        return cls(file, tuple(reader.GetSize()), direction, position, tags)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return self.direction[:, -1]
+
+    @property
+    def stack_key(self) -> tuple:
+        """Equal for slices that can form one volume: same image size and orientation."""
+        return self.size, tuple(np.round(self.direction, _ORIENTATION_DECIMALS).ravel() + 0.0)
+
+
 def _read_dicom(path: Path, frame: int | None):
     key, files = dicom_series(path)
+    try:
+        slices = [_DicomSlice.of(file) for file in files]
+    except RuntimeError as error:
+        raise _failure(path, "a DICOM series", error) from error
+    slices, warnings = _one_stack(slices)
+    positions = _slice_positions(slices)
+    if positions is not None:
+        _refuse_repeated_positions(positions)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.SetFileNames([dicom_slice.file for dicom_slice in slices])
     try:
         with _itk_console_warnings_hidden():  # uneven slices are reported in the warnings instead
             image = reader.Execute()
     except RuntimeError as error:
         raise _failure(path, "a DICOM series", error) from error
-    tags = {name: reader.GetMetaData(0, tag).strip() for tag, name in _DICOM_TAGS.items() if reader.HasMetaDataKey(0, tag)}
-    metadata: dict[str, Any] = {"header": tags, "dicom_files": len(files), "dicom_series": key}
+    tags = {name: slices[0].tags[tag] for tag, name in _DICOM_TAGS.items() if tag in slices[0].tags}
+    metadata: dict[str, Any] = {"header": tags, "dicom_files": len(slices), "dicom_series": key}
     if tags.get("Modality") in _DICOM_MODALITIES:
         metadata["modality"] = _DICOM_MODALITIES[tags["Modality"]]
-    uneven = _uneven_slices_warning(reader, image)
-    if uneven:
-        metadata["warnings"] = [uneven]
+    if positions is not None and image.GetDimension() == 3:
+        image, placement_warnings = _placed_at_slice_positions(image, positions, slices[0].tags.get(_GANTRY_TILT_TAG))
+        warnings += placement_warnings
+    if warnings:
+        metadata["warnings"] = warnings
     return _from_sitk(image, frame, path, metadata)
 
 
-def _uneven_slices_warning(reader: sitk.ImageSeriesReader, image: sitk.Image) -> str | None:
+def _one_stack(slices: list[_DicomSlice]) -> tuple[list[_DicomSlice], list[str]]:
+    """The largest stack of slices of one image size and orientation, sorted along its normal where
+    every slice has a position, and a warning naming the files left out.
+
+    A localizer (scout) image often shares the SeriesInstanceUID of the stack it planned; ITK
+    would refuse the whole series for the odd image size."""
+    stacks: dict[tuple, list[_DicomSlice]] = {}
+    for dicom_slice in slices:
+        stacks.setdefault(dicom_slice.stack_key, []).append(dicom_slice)
+    ranked = sorted(stacks.values(), key=len, reverse=True)
+    kept, warnings = ranked[0], []
+    if len(ranked) > 1:
+        if len(ranked[1]) == len(kept):
+            listing = "; ".join(f"{len(stack)} of {stack[0].size[0]}×{stack[0].size[1]} pixels "
+                                f"(e.g. {Path(stack[0].file).name})" for stack in ranked)
+            raise InputError(f"the series mixes image orientations or sizes in stacks of equal size: {listing}. "
+                             "Export each stack as a series of its own and open the one you want")
+        left_out = [Path(dicom_slice.file).name for stack in ranked[1:] for dicom_slice in stack]
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        warnings.append(f"{len(left_out)} file(s) of another orientation or image size left out (a localizer or "
+                        f"scout image?): {shown}; the {len(kept)} slices of the largest stack are read")
+    if all(dicom_slice.position is not None for dicom_slice in kept):
+        normal = kept[0].normal
+        kept = sorted(kept, key=lambda dicom_slice: float(dicom_slice.position @ normal))
+    return kept, warnings
+
+
+def _slice_positions(slices: list[_DicomSlice]) -> np.ndarray | None:
+    """The slices' ImagePositionPatient (n × 3, LPS mm) where there are single-frame slices to
+    stack and each has one; else None (a one-file or multi-frame series places itself)."""
+    if len(slices) < 2 or any(s.position is None or len(s.size) < 3 or s.size[2] != 1 for s in slices):
+        return None
+    return np.array([dicom_slice.position for dicom_slice in slices])
+
+
+def _refuse_repeated_positions(positions: np.ndarray) -> None:
+    """Raise when slices share a position: ITK would spread them into one squeezed volume.
+
+    ``positions`` are sorted along the stack, so slices at one position are neighbours."""
+    gaps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+    mean_step = np.linalg.norm(positions[-1] - positions[0]) / (len(positions) - 1)
+    repeated = gaps <= _SLICE_POSITION_TOLERANCE * mean_step
+    if not repeated.any():
+        return
+    sharing = int(np.count_nonzero(np.r_[repeated, False] | np.r_[False, repeated]))
+    distinct = len(positions) - int(np.count_nonzero(repeated))
+    raise InputError(
+        f"{sharing} of the {len(positions)} slices share their position with another ({distinct} distinct "
+        "positions): several images per position (a dynamic, multi-phase or multi-echo series?) cannot form one "
+        "volume. Export one phase or time point as a series of its own (e.g. from the PACS or the scanner; "
+        "dcm2niix writes each as its own NIfTI) and open that"
+    )
+
+
+def _placed_at_slice_positions(image: sitk.Image, positions: np.ndarray,
+                               stated_tilt: str | None) -> tuple[sitk.Image, list[str]]:
+    """``image`` with its slice axis along the line the positions follow, and warnings.
+
+    ITK stacks the slices along their planes' normal. A gantry-tilted CT steps along a line tilted
+    from that normal, so each slice would be shifted in-plane by a growing amount: the slice axis is
+    then set along the positions' line (a sheared grid, which Geometry and resampling handle), and
+    the tilt named. Slices still away from that evenly spaced line are reported, not moved."""
+    n_slices = len(positions)
+    step = (positions[-1] - positions[0]) / (n_slices - 1)
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    along_normal = float(step @ normal)
+    sideways = float(np.linalg.norm(step - along_normal * normal))
+    warnings = []
+    if sideways * (n_slices - 1) > _SLICE_POSITION_TOLERANCE * np.linalg.norm(step):
+        upright_offset = _worst_misplacement(positions, image)
+        direction = np.array(image.GetDirection()).reshape(3, 3)
+        direction[:, 2] = step / np.linalg.norm(step)
+        image = sitk.Image(image)  # the reader's output stays as read
+        image.SetDirection(direction.ravel().tolist())
+        image.SetSpacing((*image.GetSpacing()[:2], float(np.linalg.norm(step))))
+        image.SetOrigin(positions[0].tolist())
+        angle = np.degrees(np.arctan2(sideways, abs(along_normal)))
+        stated = f"; GantryDetectorTilt (0018,1120) says {stated_tilt}°" if stated_tilt else ""
+        warnings.append(
+            f"gantry tilt of {angle:.3g}° (the slices step along a line {angle:.3g}° off their planes' normal{stated}): "
+            f"each slice is placed at its ImagePositionPatient on a sheared grid, where stacking them upright would put "
+            f"them up to {upright_offset:.3g} mm off. Outputs on this grid keep the shear: `unifuse fuse` writes them as "
+            "MetaImage (.mha); NIfTI holds a shear in its sform only, which ITK-based viewers ignore")
+    uneven = _uneven_slices_warning(positions, image)
+    if uneven:
+        warnings.append(uneven)
+    return image, warnings
+
+
+def _worst_misplacement(positions: np.ndarray, image: sitk.Image) -> float:
+    """The largest distance (mm) between a slice's ImagePositionPatient and where ``image`` puts it."""
+    placed = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(len(positions))])
+    return float(np.linalg.norm(positions - placed, axis=1).max())
+
+
+def _uneven_slices_warning(positions: np.ndarray, image: sitk.Image) -> str | None:
     """A sentence when the slices' ImagePositionPatient are not where the volume places them.
 
     ITK builds the volume with one slice spacing (first to last position over the number of gaps),
-    so a missing slice moves the slices on either side of it.
-    """
-    n_slices = len(reader.GetFileNames())
-    if image.GetDimension() != 3 or n_slices < 3 or not all(
-        reader.HasMetaDataKey(k, "0020|0032") for k in range(n_slices)
-    ):
-        return None
-    positions = np.array([[float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")] for k in range(n_slices)])
-    placed = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(n_slices)])
-    misplacement = np.linalg.norm(positions - placed, axis=1).max()
+    so a missing slice moves the slices on either side of it."""
+    misplacement = _worst_misplacement(positions, image)
     spacing = image.GetSpacing()[2]
     if misplacement <= _SLICE_POSITION_TOLERANCE * spacing:
         return None
+    assumed = f"The volume assumes {spacing:g} mm throughout, so slices are misplaced by up to {misplacement:.3g} mm"
     steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
     usual = float(np.median(steps))
     odd = int(np.argmax(np.abs(steps - usual)))
-    return (
-        f"slices are not evenly spaced: a gap of {steps[odd]:g} mm between slices {odd} and {odd + 1} where "
-        f"most are {usual:g} mm apart; a slice may be missing. The volume assumes {spacing:g} mm throughout, "
-        f"so slices are misplaced by up to {misplacement:.3g} mm"
-    )
+    if abs(steps[odd] - usual) <= _SLICE_POSITION_TOLERANCE * usual:
+        # Even gaps along a bent line: nothing is missing, the stack is not straight.
+        return f"slices are evenly spaced but do not lie on one straight line. {assumed}"
+    suspicion = "a slice may be missing" if steps[odd] > usual else "slices are closer together there"
+    return (f"slices are not evenly spaced: a gap of {steps[odd]:g} mm between slices {odd} and {odd + 1} where "
+            f"most are {usual:g} mm apart; {suspicion}. {assumed}")
 
 
 def _from_sitk(image: sitk.Image, frame: int | None, path: Path, metadata: dict[str, Any]):
@@ -449,6 +622,11 @@ def _from_sitk(image: sitk.Image, frame: int | None, path: Path, metadata: dict[
     else:
         _refuse_frame_for_single_volume(frame, path)
     components = image.GetNumberOfComponentsPerPixel()
+    if components > 1 and image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        # A one-frame colour DICOM (ultrasound, endoscopy, a photo) comes as a one-slice volume: it
+        # is a 2D picture. GUESS keeps the in-plane directions where they form a valid 2D frame.
+        image = sitk.Extract(image, [*image.GetSize()[:2], 0], [0, 0, 0],
+                             sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOGUESS)
     array = sitk.GetArrayFromImage(image)
     is_rgb = False
     if components > 1:

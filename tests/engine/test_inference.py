@@ -23,7 +23,7 @@ from napari_unifuse.engine.inference import (
 from napari_unifuse.engine.outputs import output_file_names, quality_file_names, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
-from napari_unifuse.io import Geometry, ImageVolume, resample_to_reference
+from napari_unifuse.io import Geometry, ImageVolume, read_image, resample_to_reference
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
 
@@ -221,6 +221,21 @@ def test_cancel_after_first_tile_stops_before_the_next_tile(model_2d):
     with pytest.raises(Cancelled):
         engine.run_fusion(image, image, progress=cancel_after_first_tile, cancel=token)
     assert len(counting.tile_shapes) == 1
+
+
+def test_outputs_on_a_sheared_grid_go_to_metaimage_which_keeps_the_shear(model_3d, tmp_path):
+    """A gantry-tilted CT read at its slice positions: NIfTI would hold the shear in its sform only,
+    and ITK tools, which read the qform, showed the outputs upright (mm off the input)."""
+    tilt = np.deg2rad(15)
+    direction = np.array([[np.cos(tilt), 0, 0], [np.sin(tilt), 1, 0], [0, 0, 1]])  # slice axis leans along y
+    geometry = Geometry(np.array([2.5, 1.0, 1.0]), np.zeros(3), direction)
+    assert geometry.is_sheared and not Geometry(np.ones(3), np.zeros(3), np.eye(3)).is_sheared
+    image = ImageVolume(blob((10, 12, 12)), geometry)
+    result = FusionEngine(model_3d, device="cpu").run_fusion(image, image, quality=False)
+    assert result.output_extension == "mha"
+    written = write_fusion_outputs(result, tmp_path)
+    fused = read_image(written["fused.mha"])
+    assert fused.geometry.allclose(geometry)
 
 
 def test_a_cancelled_3d_run_leaves_no_simpleitk_registration_running(model_3d):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from napari_unifuse.engine.provenance import absolute_as_given, describe_source
+import numpy as np
+
+from napari_unifuse.engine.provenance import absolute_as_given, describe_input, describe_source
+from napari_unifuse.io import Geometry, ImageVolume
 
 
 def test_a_symlinked_input_is_recorded_by_the_path_given_and_the_file_it_resolves_to(tmp_path, monkeypatch):
@@ -28,3 +31,16 @@ def test_dot_dot_is_folded_only_where_it_names_the_same_file(tmp_path):
     assert absolute_as_given(tmp_path / "data" / "deep" / ".." / "t1.png") == tmp_path / "data" / "t1.png"
     # After a symlinked folder ".." is the target's parent (data/), not tmp_path: kept as given.
     assert absolute_as_given(tmp_path / "linked" / ".." / "t1.png") == tmp_path / "linked" / ".." / "t1.png"
+
+
+def test_a_dicom_input_is_recorded_with_its_series_uid_description_and_modality():
+    """A series' path names only its folder or one slice; the series is named by its tags. The
+    metadata is read_image's for a DICOM series (a napari layer keeps it), so no file is needed."""
+    header = {"Modality": "CT", "SeriesDescription": "AX CT", "SeriesInstanceUID": "1.2.3.10", "Manufacturer": "X"}
+    volume = ImageVolume(np.zeros((2, 3, 4), np.float32), Geometry.identity(3),
+                         {"header": header, "dicom_series": "/data/ct#1.2.3.10"})
+
+    described = describe_input(volume)
+
+    assert described["dicom"] == {"SeriesInstanceUID": "1.2.3.10", "SeriesDescription": "AX CT", "Modality": "CT"}
+    assert "dicom" not in describe_input(ImageVolume(np.zeros((3, 4), np.float32), Geometry.identity(2), {}))
