@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import sys
 import time
 from collections import Counter
@@ -343,9 +344,18 @@ def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, refe
     values["warped_input_ssim"] = registration_metrics(warped_input, pair.label)["ssim"] if restores else float("nan")
     fused = fused.astype(np.float32)
     values.update(fusion_metrics(fused, reference, pair.label))
-    gains = ssim_gains(fused, reference, pair.label)
-    values.update(gain_ref=gains.a, gain_mov=gains.b, gain_min=gains.minimum,
-                  Q_CB=q_cb(fused, reference, pair.label), VIF_F=vif_f(fused, reference, pair.label))
+
+    def where_it_fits(metric: Callable[..., Any]) -> Any:
+        """The metric, or None on slices smaller than its windows (a small pair is scored on the
+        metrics that apply, as fusion_metrics does, rather than stopping the evaluation)."""
+        return metric(fused, reference, pair.label) if min(fused.shape[-2:]) >= metric.min_side else None
+
+    gains = where_it_fits(ssim_gains)
+    values.update(gain_ref=gains.a if gains else math.nan, gain_mov=gains.b if gains else math.nan,
+                  gain_min=gains.minimum if gains else math.nan)
+    for column, metric in (("Q_CB", q_cb), ("VIF_F", vif_f)):
+        value = where_it_fits(metric)
+        values[column] = math.nan if value is None else value
     values[BONE_COLUMN] = bone_retention(fused, pair.label) if pair.moving_modality == "ct" else float("nan")
     values[CLASS_COLUMN] = (float(predicted_class == pair.degradation)
                             if predicted_class is not None and pair.degradation is not None

@@ -331,20 +331,22 @@ _PAIRWISE_METRICS: dict[str, Any] = {
     "MI": mutual_information,
     "NMI": normalized_mutual_information,
 }
-_FUSED_ONLY_METRICS = {"EN": _entropy_on_grey_scale, "AG": average_gradient_on_grey_scale}
-
-METRIC_NAMES = (*_PAIRWISE_METRICS, *_FUSED_ONLY_METRICS)
+METRIC_NAMES = (*_PAIRWISE_METRICS, "EN", "AG")
 """Keys of ``fusion_metrics``. Lower is better for Q_mse and Q_cv, higher for all others."""
 
 
 def fusion_metrics(fused: object, source_a: object, source_b: object) -> dict[str, float]:
     """Every fusion metric of the three papers for one fused image (or volume) and its two sources.
 
-    Inputs share one intensity scale ([0, 1] or 0–255, see the module docstring); each slice must be
-    at least 41×41 (Q_vif's four scales). Returns ``{name: value}`` with the keys of ``METRIC_NAMES``.
+    Each input is read on its own intensity scale ([0, 1] or 0–255, see the module docstring).
+    Returns ``{name: value}`` with the keys of ``METRIC_NAMES``; a metric whose windows do not fit
+    the slices (Q_vif needs 41×41, Q_ssim and Q_s their windows) is NaN, so that small images are
+    scored on the metrics that apply rather than not at all.
     """
-    min_side = max(metric.min_side for metric in _PAIRWISE_METRICS.values())
-    fused_grey, a_grey, b_grey = to_grey_scale(FUSION_INPUT_NAMES, fused, source_a, source_b, min_side=min_side)
-    results = {name: metric.on_grey_scale(fused_grey, a_grey, b_grey) for name, metric in _PAIRWISE_METRICS.items()}
-    results.update({name: metric(fused_grey) for name, metric in _FUSED_ONLY_METRICS.items()})
+    fused_grey, a_grey, b_grey = to_grey_scale(FUSION_INPUT_NAMES, fused, source_a, source_b)
+    side = min(fused_grey.shape[-2:])
+    results = {name: metric.on_grey_scale(fused_grey, a_grey, b_grey) if side >= metric.min_side else float("nan")
+               for name, metric in _PAIRWISE_METRICS.items()}
+    results["EN"] = _entropy_on_grey_scale(fused_grey)
+    results["AG"] = average_gradient_on_grey_scale(fused_grey) if side >= 2 else float("nan")  # needs a neighbour
     return results

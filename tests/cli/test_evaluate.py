@@ -253,6 +253,19 @@ def test_score_maps_gains_to_reference_and_moving_and_keeps_bone_retention_to_ct
     assert math.isnan(values["restored_ssim"]) and math.isnan(values["warped_input_ssim"])
 
 
+def test_a_pair_too_small_for_some_windows_is_scored_on_the_metrics_that_fit():
+    """A 32³ pair stopped the whole evaluation on Q_vif's 41×41 minimum, with no results written."""
+    rng = np.random.default_rng(1)
+    reference = rng.random((32, 32)).astype(np.float32)
+    label = (0.5 * reference + 0.4 * rng.random((32, 32))).astype(np.float32)
+    fused = (0.5 * reference + 0.5 * label).astype(np.float32)
+    geometry = Geometry.identity(2)
+    pair = EvaluationPair("p", "t", ImageVolume(reference, geometry), ImageVolume(label, geometry), label)
+    values = score(label, np.zeros((2, 32, 32), np.float32), fused, reference, pair, seconds=1.0)
+    assert math.isnan(values["Q_vif"]) and math.isnan(values["VIF_F"])
+    assert np.isfinite(values["Q_abf"]) and np.isfinite(values["gain_min"]) and np.isfinite(values["Q_CB"])
+
+
 def summary_of(means: dict[str, dict[str, float]], task: str = "CT-MRI") -> list[dict]:
     """``summarise`` of one record per method with the given columns (the others NaN)."""
     records = [{"task": task, "method": method, "pair": "p",

@@ -26,6 +26,7 @@ from napari_unifuse.metrics import (
     fusion_metrics,
     mutual_information,
     normalized_mutual_information,
+    q_abf,
     q_cc,
     q_psnr,
     q_s,
@@ -115,6 +116,17 @@ def test_bad_inputs_raise_input_error(source_pair):
         q_vif(a[:32, :32], a[:32, :32], b[:32, :32])
     with pytest.raises(InputError, match="2D"):
         fusion_metrics(a[0], a[0], b[0])
+
+
+def test_slices_too_small_for_a_metric_score_it_nan_and_the_others_as_alone(source_pair):
+    """A 32³ pair stopped a whole evaluation on Q_vif's 41×41 minimum."""
+    a, b = (image[:32, :32] for image in source_pair)
+    fused = np.maximum(a, b)
+    result = fusion_metrics(fused, a, b)
+    assert math.isnan(result["Q_vif"]) and set(result) == set(METRIC_NAMES)
+    assert result["Q_abf"] == q_abf(fused, a, b) and result["MI"] == mutual_information(fused, a, b)
+    tiny = fusion_metrics(fused[:1, :1], a[:1, :1], b[:1, :1])
+    assert math.isnan(tiny["AG"]) and math.isnan(tiny["Q_ssim"]) and tiny["EN"] == 0.0
 
 
 def test_q_vif_matches_torchmetrics(source_pair):
