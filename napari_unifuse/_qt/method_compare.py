@@ -1,7 +1,8 @@
 """Two fusion methods on the same pair, one after the other, their layers side by side.
 
 The workbench's "Methods" tab: pick a method and another to compare it with (``engine.methods``;
-trained methods use their bundled weights), press "Run both". The pair, device and tile size are
+the method of the run form's checkpoint runs with it, e.g. a researcher's own UniFuse, the others
+with their bundled weights), press "Run both". The pair, device and tile size are
 the run form's. Each method's fused and aligned images become layers whose names end in
 ``· <method>``, with the method in their metadata, and napari's grid mode (``viewer.canvas.grid``) puts them side by side
 (one grid cell per visible layer), so a reviewer can flick between methods. Only the comparison on
@@ -24,15 +25,16 @@ from magicgui import widgets
 from napari.qt.threading import create_worker
 
 from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
-from napari_unifuse._qt.analysis import RunRequest
+from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
 from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel, RunSelection, WorkerHandover
 from napari_unifuse.engine.inference import FusionEngine
-from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions
+from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions, split_name
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume
+from napari_unifuse.model.checkpoint import checkpoint_method, read_config
 
 ACTION = "Compare methods"
 # Alignment variants offered beside the plain names (engine.methods.split_name).
@@ -56,20 +58,34 @@ def method_choices(ndim: int) -> list[str]:
 
 def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume, device: str,
                 tile_size: int | None, progress: ProgressCallback, cancel: CancelToken,
-                engines: dict[tuple, FusionEngine]) -> list[MethodRun]:
-    """Each method's fusion of the pair, in turn (``engines`` caches loaded methods across runs)."""
+                engines: dict[tuple, FusionEngine], checkpoint: str = UNTRAINED) -> list[MethodRun]:
+    """Each method's fusion of the pair, in turn (``engines`` caches loaded methods across runs).
+
+    ``checkpoint``: the run form's; the method its weights belong to runs with them (a researcher's
+    own UniFuse is compared as trained, not the bundled one), every other with its bundled weights."""
     runs = []
     for name in methods:
         cancel.raise_if_cancelled()  # before loading: a method takes seconds to load, wasted once cancelled
-        key = (name, reference.ndim, device, tile_size)
+        weights = _form_weights_for(name, checkpoint, reference.ndim)
+        key = (name, weights, reference.ndim, device, tile_size)
         if key not in engines:
             progress(f"load {name}", 0, 1)
-            engines[key] = FusionEngine(load_method(name, spatial_dims=reference.ndim), device=device,
-                                        tile_size=tile_size)
+            engines[key] = FusionEngine(load_method(name, checkpoint=weights, spatial_dims=reference.ndim),
+                                        device=device, tile_size=tile_size)
         result = engines[key].run_fusion(reference, moving, progress=lambda stage, done, total, n=name:
                                          progress(f"{n}: {stage}", done, total), cancel=cancel)
         runs.append(MethodRun(name, result))
     return runs
+
+
+def _form_weights_for(name: str, checkpoint: str, spatial_dims: int) -> str | None:
+    """``checkpoint`` when it holds weights of method ``name`` for ``spatial_dims``-D images, else
+    None (the method's bundled weights)."""
+    if checkpoint == UNTRAINED:
+        return None
+    config = read_config(checkpoint)
+    fits = checkpoint_method(checkpoint) == split_name(name)[0] and config.spatial_dims == spatial_dims
+    return checkpoint if fits else None
 
 
 class MethodComparePanel(widgets.Container):
@@ -180,7 +196,7 @@ class MethodComparePanel(widgets.Container):
         request, cancel, engines = handover.take()
         try:
             return run_methods(methods, request.reference, request.moving, request.device, request.tile_size,
-                               progress, cancel, engines)
+                               progress, cancel, engines, request.checkpoint)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish
             return WorkerFailed(error, ACTION)
 

@@ -301,3 +301,18 @@ def test_the_same_method_twice_is_refused(make_napari_viewer, tmp_path, notifica
     compare.run_button.clicked()
     assert compare.worker is None
     assert len(notifications) == 1 and "two different methods" in notifications[0][1], notifications
+
+
+def test_the_method_of_the_forms_checkpoint_is_compared_with_those_weights(make_napari_viewer, qtbot, tmp_path,
+                                                                            checkpoint_files):
+    """A researcher's own UniFuse picked in the run form was compared as the bundled one."""
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    workbench.run_panel.checkpoint.value = FROM_FILE
+    workbench.run_panel.checkpoint_file.value = str(checkpoint_files[2])
+    compare = workbench.method_compare
+    compare.first.value, compare.second.value = "unifuse", "bsafusion"
+    compare_and_wait(qtbot, compare)
+    used = {run.method: run.result.provenance["checkpoint"]["path"] for run in compare.runs}
+    assert used["unifuse"] == str(checkpoint_files[2].resolve())
+    assert Path(used["bsafusion"]).name == "bsafusion-2d-harvard.safetensors"  # another method: its bundled weights
