@@ -56,6 +56,11 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
         raise CheckpointError(f"{path} is a checkpoint's JSON sidecar (its metadata), not its weights: {beside}")
     if path.is_file():
         return path
+    if path.is_dir():
+        # A training run's folder: its weights are in checkpoints/ (best and last).
+        found = sorted(path.glob(f"*{SUFFIX}")) or sorted(path.glob(f"checkpoints/*{SUFFIX}"))
+        hint = f"; pass one of its weights files: {', '.join(str(file) for file in found)}" if found else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if path.name == str(path_or_name) and path.suffix in ("", SUFFIX):
         packaged = checkpoint_dir() / f"{path.stem}{SUFFIX}"
         if packaged.is_file():

@@ -206,3 +206,17 @@ def test_a_sidecar_given_as_the_checkpoint_names_the_weights_beside_it(saved):
     _, path = saved
     with pytest.raises(CheckpointError, match=r"JSON sidecar .* pass the weights beside it, .*net\.safetensors"):
         load_checkpoint(path.with_suffix(".json"))
+
+
+def test_a_run_folder_given_as_the_checkpoint_names_its_weights(saved, tmp_path):
+    """It said "not found (neither a file nor a packaged checkpoint)" of a folder that exists."""
+    model, _ = saved
+    run = tmp_path / "my-run"
+    best = save_checkpoint(model, run / "checkpoints" / "best")
+    with pytest.raises(CheckpointError, match=rf"is a folder, not a checkpoint file; pass one of its weights files: "
+                                              rf".*{best.name}"):
+        load_checkpoint(run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file$"):
+        load_checkpoint(empty)
