@@ -33,7 +33,7 @@ import math
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.training import harvard
+
+if TYPE_CHECKING:
+    from napari_unifuse.io import ImageVolume
 
 # Moving modality -> its degradation (paper §4.1: T2 motion, CT metal + noise, PET low dose).
 MODALITY_DEGRADATION = {"t2": "motion", "mr": "motion", "ct": "metal", "pet": "lowdose", "spect": "lowdose"}
@@ -453,42 +456,193 @@ def folder_layout(data: dict[str, Any]) -> dict[str, str]:
     return layout
 
 
-# Folders named when some case folders lack a file: enough to spot a naming slip.
+# Folders named when some sub-folders are skipped: enough to spot a naming slip.
 SKIPPED_CASES_NAMED = 5
 
 
+def _count(names: list, singular: str, plural: str) -> str:
+    return f"{len(names)} {singular if len(names) == 1 else plural}"
+
+
+def _named(names: list[str]) -> str:
+    return ", ".join(names[:SKIPPED_CASES_NAMED]) + (", ..." if len(names) > SKIPPED_CASES_NAMED else "")
+
+
 def folder_cases(root: str | Path, layout: dict[str, str]) -> list[tuple[str, Path, Path]]:
-    """(case, reference path, moving path) for every sub-folder of ``root`` holding both files;
-    the folders that lack one are counted and named in a warning (often a naming slip, CT vs ct)."""
+    """(case, reference path, moving path) for every sub-folder of ``root`` holding both files.
+
+    The others are counted and named in a warning, those holding one of the two files (a case
+    with a naming slip, CT vs ct) apart from those holding neither (``survival_info``: not a case)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError("data folder not found", root)
-    cases, skipped = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    cases, lacking_one, holding_neither = [], [], []
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    for folder in folders:
         reference = folder / layout["reference"].format(case=folder.name)
         moving = folder / layout["moving"].format(case=folder.name)
         if reference.is_file() and moving.is_file():
             cases.append((folder.name, reference, moving))
+        elif reference.is_file() or moving.is_file():
+            lacking_one.append(folder.name)
         else:
-            skipped.append(folder.name)
+            holding_neither.append(folder.name)
     if not cases:
         raise InputError(f"no case folder holds both {layout['reference']} and {layout['moving']}", root)
-    if skipped:
-        named = ", ".join(skipped[:SKIPPED_CASES_NAMED]) + (", ..." if len(skipped) > SKIPPED_CASES_NAMED else "")
-        warnings.warn(f"{root}: {len(skipped)} of {len(cases) + len(skipped)} case folders lack "
-                      f"{layout['reference']} or {layout['moving']} and are skipped ({named})", stacklevel=2)
+    reasons = ([f"{_count(lacking_one, 'holds', 'hold')} only one of {layout['reference']} and {layout['moving']} "
+                f"({_named(lacking_one)})"] if lacking_one else []) + (
+               [f"{_count(holding_neither, 'holds', 'hold')} neither ({_named(holding_neither)})"]
+               if holding_neither else [])
+    if reasons:
+        warnings.warn(f"{root}: {len(lacking_one) + len(holding_neither)} of {len(folders)} sub-folders are "
+                      f"skipped: {'; '.join(reasons)}", stacklevel=2)
     return cases
 
 
-def _check_dimensions(cases: list[tuple[str, Path, Path]], spatial_dims: int) -> None:
-    """A model of the wrong dimensionality would fail at the first step on a tensor shape."""
-    from napari_unifuse.io import read_image
+def _image_header(path: Path) -> ImageVolume:
+    """``path`` as io.read_image places it (an ImageVolume), without decoding its voxels where the
+    format allows: a cohort's cases are all checked before training, and decoding hundreds of
+    volumes for their shapes would take minutes. The array is a zero-strided stand-in of the
+    image's shape. SimpleITK reads NIfTI, NRRD and MetaImage headers alone; DICOM series, pictures
+    (small anyway), 4-D files and colour images are read whole, as io.read_image reads them."""
+    import SimpleITK as sitk
 
-    _, reference_path, _ = cases[0]
-    image_dims = read_image(reference_path).ndim
+    from napari_unifuse.io import Geometry, ImageVolume, read_image
+    from napari_unifuse.io.readers import itk_source, readable_format
+
+    if readable_format(path) in ("nifti", "itk"):
+        reader = sitk.ImageFileReader()
+        try:
+            with itk_source(path) as name:
+                reader.SetFileName(name)
+                reader.ReadImageInformation()
+        except RuntimeError:
+            pass  # io.read_image below says what is wrong with the file
+        else:
+            if reader.GetDimension() in (2, 3) and reader.GetNumberOfComponents() == 1:
+                ndim = reader.GetDimension()
+                geometry = Geometry(np.array(reader.GetSpacing())[::-1], np.array(reader.GetOrigin())[::-1],
+                                    np.array(reader.GetDirection()).reshape(ndim, ndim)[::-1, ::-1])
+                shape = tuple(int(side) for side in reader.GetSize())[::-1]
+                return ImageVolume(np.broadcast_to(np.float32(0), shape), geometry, {}, str(path))
+    return read_image(path)
+
+
+def _training_shape(reference: ImageVolume) -> tuple[int, ...]:
+    """The spatial shape a case trains at: a one-slice volume trains as its slice, a 2-D image,
+    as ``unifuse fuse`` fuses it (engine.input_checks.model_dimensions)."""
+    axis = reference.single_slice_axis
+    shape = tuple(reference.spatial_shape)
+    return shape[:axis] + shape[axis + 1:] if axis is not None else shape
+
+
+def _in_file_order(shape: tuple[int, ...]) -> str:
+    """An array-order (z, y, x) shape as file headers, nibabel and ITK list it: x first."""
+    return "×".join(str(side) for side in reversed(shape)) + (" (x×y×z)" if len(shape) == 3 else " (x×y)")
+
+
+def _in_array_order(shape: tuple[int, ...]) -> str:
+    """A shape as data.crop lists it: array order, z first."""
+    return f"{list(shape)} ({'z, y, x' if len(shape) == 3 else 'y, x'})"
+
+
+# What training makes of a moving image that covers only part of its reference (engine.inference.overlap_warnings).
+TRAINING_OUTSIDE_THE_MOVING_IMAGE = "the label is 0 there and the network learns to fuse onto an empty image"
+
+
+def _overlapping_cases(cases: list[tuple[str, Path, Path]], headers: dict[str, tuple[ImageVolume, ImageVolume]],
+                       root: Path) -> list[tuple[str, Path, Path]]:
+    """The cases whose moving image reaches their reference in space; the others are skipped with
+    a warning that names them (a constant label would train the network to ignore the moving
+    image), like the folders that lack a file. Partial coverage is warned about, case by case."""
+    from napari_unifuse.engine.inference import overlap_warnings
+
+    kept, apart = [], []
+    for case in cases:
+        reference, moving = headers[case[0]]
+        if reference.ndim != moving.ndim:
+            kept.append(case)  # a slice paired with a volume: resampled in 3-D when read (clean_pair)
+            continue
+        try:
+            problems = overlap_warnings(reference, moving, outside=TRAINING_OUTSIDE_THE_MOVING_IMAGE)
+        except InputError as error:
+            apart.append(f"{case[0]} ({error.problem})")
+            continue
+        for problem in problems:
+            warnings.warn(f"{root}: case {case[0]}: {problem}", stacklevel=3)
+        kept.append(case)
+    if apart and not kept:
+        raise InputError(f"no case's moving image overlaps its reference in space: {_named(apart)}", root)
+    if apart:
+        warnings.warn(f"{root}: {len(apart)} of {len(cases)} cases are skipped, their moving image lying outside "
+                      f"their reference: {'; '.join(apart[:SKIPPED_CASES_NAMED])}", stacklevel=3)
+    return kept
+
+
+def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: tuple[int, ...] | None,
+                  root: Path) -> list[tuple[str, Path, Path]]:
+    """The cases fit to train on, checked before the first step from their headers (every case:
+    one that fails mid-run costs the steps before it and saves no checkpoint).
+
+    Cases whose moving image misses the reference are skipped (warned); a model of other
+    dimensions than the images, cases of 2-D and 3-D images mixed, a case smaller than
+    ``crop``, and cases of different sizes without a crop (their samples cannot share a batch)
+    are refused, naming the case and its size as its file lists it (x first)."""
+    from napari_unifuse.engine.input_checks import model_dimensions
+
+    headers = {name: (_image_header(reference), _image_header(moving)) for name, reference, moving in cases}
+    cases = _overlapping_cases(cases, headers, root)
+    dimensions = {name: model_dimensions(headers[name][0]) for name, _, _ in cases}
+    shapes = {name: _training_shape(headers[name][0]) for name, _, _ in cases}
+    reference_of = {name: reference for name, reference, _ in cases}
+    one_slice = " (a one-slice volume is a 2-D image, as unifuse fuse reads it)"
+    if len(set(dimensions.values())) > 1:
+        # The fewer kind is the odd one out: usually one stray file in a cohort of the other.
+        counts = {dims: list(dimensions.values()).count(dims) for dims in set(dimensions.values())}
+        odd_dims = min(counts, key=lambda dims: (counts[dims], dims != spatial_dims))
+        odd = [name for name, dims in dimensions.items() if dims == odd_dims]
+        listed = ", ".join(f"{name}: {reference_of[name].name} {_in_file_order(shapes[name])}"
+                           for name in odd[:SKIPPED_CASES_NAMED])
+        other_dims = next(dims for dims in counts if dims != odd_dims)
+        slices = any(headers[name][0].single_slice_axis is not None for name in dimensions)
+        raise InputError(f"cases mix 2-D and 3-D images: {len(odd)} of {len(cases)} "
+                         f"{'is' if len(odd) == 1 else 'are'} {odd_dims}-D ({listed}), the others "
+                         f"{other_dims}-D{one_slice if slices else ''}; train each kind in a run of its own", root)
+    image_dims = next(iter(dimensions.values()))
     if image_dims != spatial_dims:
-        raise InputError(f"model.spatial_dims is {spatial_dims} but the images are {image_dims}D: set "
-                         f"model.spatial_dims: {image_dims}", reference_path)
+        slices = any(headers[name][0].single_slice_axis is not None for name in dimensions)
+        raise InputError(f"model.spatial_dims is {spatial_dims} but the images are {image_dims}D"
+                         f"{one_slice if slices else ''}: set model.spatial_dims: {image_dims}",
+                         reference_of[next(iter(dimensions))])
+    smallest = tuple(int(side) for side in np.min(list(shapes.values()), axis=0))
+    if crop is not None:
+        for name, shape in shapes.items():
+            if any(side < c for side, c in zip(shape, crop)):
+                raise InputError(f"case {name} is {_in_file_order(shape)} voxels, x first as nibabel and the "
+                                 f"file's header list them, smaller than data.crop {_in_array_order(crop)} = "
+                                 f"{_in_file_order(crop)}; a data.crop of at most {_in_array_order(smallest)} fits "
+                                 "every case", reference_of[name])
+    elif len(set(shapes.values())) > 1:
+        (first, first_shape), (other, other_shape) = next(
+            ((a, shapes[a]), (b, shapes[b])) for a in shapes for b in shapes if shapes[a] != shapes[b])
+        # Batch size 1 is no way out: the network also needs every side a multiple of its size_multiple.
+        raise InputError(f"cases differ in size ({first} is {_in_file_order(first_shape)}, {other} "
+                         f"{_in_file_order(other_shape)}) and data.crop is not set, so their samples cannot share "
+                         f"a batch: set data.crop, random windows of one size (at most {_in_array_order(smallest)} "
+                         "fits every case)", root)
+    return cases
+
+
+def refuse_empty_validation(validation: list, count: int, val_fraction: float, root: Any) -> None:
+    """Training picks its best checkpoint on the validation split (and logs its scores), so an
+    empty one would leave a run with no best checkpoint and scores of NaN."""
+    if validation:
+        return
+    remedy = ("add cases: training needs at least 2, one held out for validation" if count < 2 else
+              "set data.val_fraction above 0 (e.g. 0.15; at least one case is then held out)")
+    raise InputError(f"the validation split is empty ({count} case{'s' if count != 1 else ''}, val_fraction "
+                     f"{val_fraction:g}): the run validates on held-out cases and keeps the best checkpoint by "
+                     f"them; {remedy}", root)
 
 
 def split_by_case(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -504,7 +658,9 @@ def split_by_case(items: list, val_fraction: float, seed: int) -> tuple[list, li
 
 
 class FolderPairs(SyntheticPairDataset):
-    """Aligned NIfTI pairs in case folders; volumes are read once, normalised, cropped at random."""
+    """Aligned NIfTI pairs in case folders; volumes are read once, normalised, cropped at random.
+
+    ``build_datasets`` hands it the cases ``checked_cases`` kept; one-slice volumes train as 2-D images."""
 
     def __init__(
         self,
@@ -537,11 +693,20 @@ class FolderPairs(SyntheticPairDataset):
                 moving = resample_to_reference(moving, reference)
             reference_normalized, _ = normalize_intensity(reference, self.layout["reference_modality"])
             moving_normalized, mapping = normalize_intensity(moving, self.layout["moving_modality"])
+            # A one-slice volume trains as its slice, a 2-D image, as `unifuse fuse` fuses it
+            # (engine.input_checks.model_dimensions); the moving image is on its grid by now.
+            slice_axis = reference.single_slice_axis
+            spacing = [float(v) for v in reference.geometry.spacing]
+            reference_array, label_array = reference_normalized.array, moving_normalized.array
+            if slice_axis is not None:
+                reference_array, label_array = (np.take(array, 0, axis=slice_axis)
+                                                for array in (reference_array, label_array))
+                del spacing[slice_axis]
             self._cache[case_index] = CleanPair(
-                reference=np.asarray(reference_normalized.array, dtype=np.float32),
-                label=np.asarray(moving_normalized.array, dtype=np.float32),
+                reference=np.asarray(reference_array, dtype=np.float32),
+                label=np.asarray(label_array, dtype=np.float32),
                 degradation=moving_degradation(self.layout["moving_modality"]),
-                spacing=tuple(float(v) for v in reference.geometry.spacing),
+                spacing=tuple(spacing),
                 label_metadata={"intensity_mapping": mapping.to_dict()},
             )
         return self._cache[case_index]
@@ -665,6 +830,7 @@ def _build_source(data: dict[str, Any], *, seed: int,
             raise InputError("the Harvard pairs are 2D: set model.spatial_dims: 2", "data")
         pairs = harvard.index_harvard(data["root"], tuple(data.get("tasks", harvard.HARVARD_TASKS)))
         train_pairs, val_pairs = harvard.split_cases(pairs, val_fraction, split_seed)
+        refuse_empty_validation(val_pairs, len({pair.case for pair in pairs}), val_fraction, data["root"])
         size = _size(data.get("size"), 2, "data.size")
         return (
             HarvardPairs(train_pairs, stream=TRAIN_STREAM, size=size, **common),
@@ -684,9 +850,9 @@ def _build_source(data: dict[str, Any], *, seed: int,
         )
     if kind == "folders":
         layout = folder_layout(data)
-        cases = folder_cases(data["root"], layout)
-        _check_dimensions(cases, spatial_dims)
+        cases = checked_cases(folder_cases(data["root"], layout), spatial_dims, common["crop"], Path(data["root"]))
         train_cases, val_cases = split_by_case(cases, val_fraction, split_seed)
+        refuse_empty_validation(val_cases, len(cases), val_fraction, data["root"])
         options = {"layout": layout, "samples_per_case": int(data.get("samples_per_case", 1))}
         return (
             FolderPairs(train_cases, stream=TRAIN_STREAM, **options, **common),

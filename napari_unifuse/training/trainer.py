@@ -415,9 +415,13 @@ class Trainer:
         )
         batches_per_epoch = len(sampler) // train.batch_size
         if batches_per_epoch == 0:
+            # What sets the number of samples: the phantom's train_length; a folder's cases × samples_per_case.
+            more = ("raise data.train_length" if cfg.data.get("kind") == "phantom"
+                    else "draw more samples per case (data.samples_per_case) or add cases")
             raise UniFuseError(
                 f"the training split has {len(self.train_set)} samples: too few for batch size "
-                f"{train.batch_size} on {self.dist.world_size} process(es)"
+                f"{train.batch_size} on {self.dist.world_size} process(es); {more}, or lower the batch size "
+                "(--batch-size)"
             )
         val_loader = DataLoader(self.val_set, batch_size=train.batch_size, num_workers=train.num_workers)
 

@@ -152,7 +152,7 @@ def test_folder_layouts_find_cases_and_split_them(tmp_path):
     for case in ("BraTS_001", "BraTS_002", "BraTS_003"):
         _write_case(tmp_path / case, [(f"{case}_t1.nii.gz", 1000.0), (f"{case}_t2.nii.gz", 800.0)])
     (tmp_path / "no_pair").mkdir()
-    with pytest.warns(UserWarning, match=r"1 of 4 case folders .* skipped \(no_pair\)"):
+    with pytest.warns(UserWarning, match=r"1 of 4 sub-folders are skipped: 1 holds neither \(no_pair\)"):
         train, validation = datasets.build_datasets(
             {"kind": "folders", "root": str(tmp_path), "layout": "brats", "crop": [8, 16, 16], "val_fraction": 0.34},
             seed=0, spatial_dims=3,
@@ -370,7 +370,7 @@ def test_case_folders_lacking_a_file_are_counted_and_named(tmp_path):
     _noise_cases(tmp_path / "slip", count=2, names=("mr.nii.gz", "CT.nii.gz"))
     for folder in (tmp_path / "slip").iterdir():
         folder.rename(tmp_path / "ok" / f"slip_{folder.name}")
-    with pytest.warns(UserWarning, match=r"2 of 5 case folders lack mr.nii.gz or ct.nii.gz .*\(slip_case0, slip_case1\)"):
+    with pytest.warns(UserWarning, match=r"2 of 5 sub-folders are skipped: 2 hold only one of mr.nii.gz and ct.nii.gz \(slip_case0, slip_case1\)"):
         train, validation = datasets.build_datasets({"kind": "folders", "root": str(tmp_path / "ok"),
                                                      "layout": "synthrad"}, seed=0, spatial_dims=2)
     assert len(train) + len(validation) == 3
@@ -381,3 +381,83 @@ def test_a_model_of_other_dimensions_than_the_images_is_named_at_build(tmp_path)
     with pytest.raises(InputError, match="model.spatial_dims is 3 but the images are 2D"):
         datasets.build_datasets({"kind": "folders", "root": str(tmp_path), "layout": "synthrad"}, seed=0,
                                 spatial_dims=3)
+
+
+def _write_nifti_case(folder, shape_xyz, affine=None, moving_affine=None, names=("ref.nii.gz", "mov.nii.gz")):
+    """A case of two NIfTIs of nibabel shape ``shape_xyz`` (x first): a bright disc in a dark field."""
+    folder.mkdir(parents=True)
+    grids = np.meshgrid(*[np.linspace(-1, 1, side) for side in shape_xyz], indexing="ij")
+    disc = (sum(g ** 2 for g in grids[:2]) < 0.5).astype(np.float32)
+    for name, volume, placed in ((names[0], disc * 600, affine), (names[1], disc * 400 + 50, moving_affine)):
+        nib.save(nib.Nifti1Image(volume, np.eye(4) if placed is None else placed), folder / name)
+
+
+def _own_nifti_folders(root, **extra):
+    return {"kind": "folders", "root": str(root), "reference": "ref.nii.gz", "moving": "mov.nii.gz",
+            "reference_modality": "t1", "moving_modality": "t2", **extra}
+
+
+@pytest.mark.parametrize("cases", [1, 3])
+def test_an_empty_validation_split_is_refused_in_one_line_saying_why(tmp_path, cases):
+    for case in range(cases):
+        _write_nifti_case(tmp_path / f"case{case}", (24, 24, 24))
+    val_fraction = 0.15 if cases == 1 else 0.0
+    remedy = "add cases: training needs at least 2" if cases == 1 else "set data.val_fraction above 0"
+    with pytest.raises(InputError, match=rf"validation split is empty \({cases} cases?, val_fraction "
+                                         rf"{val_fraction:g}\).*{remedy}"):
+        datasets.build_datasets(_own_nifti_folders(tmp_path, crop=16, val_fraction=val_fraction), seed=0,
+                                spatial_dims=3)
+
+
+def test_cases_of_different_sizes_without_a_crop_are_refused_naming_two_and_suggesting_a_crop(tmp_path):
+    _write_nifti_case(tmp_path / "big", (32, 32, 24))
+    _write_nifti_case(tmp_path / "small", (28, 32, 24))
+    with pytest.raises(InputError, match=r"cases differ in size \(big is 32×32×24 \(x×y×z\), small 28×32×24 "
+                                         r"\(x×y×z\)\).*set data.crop.*at most \[24, 32, 28\] \(z, y, x\)"):
+        datasets.build_datasets(_own_nifti_folders(tmp_path), seed=0, spatial_dims=3)
+
+
+def test_a_case_smaller_than_the_crop_is_named_up_front_in_the_files_axis_order(tmp_path):
+    for case in ("a", "b", "c"):
+        _write_nifti_case(tmp_path / case, (32, 32, 32))
+    _write_nifti_case(tmp_path / "thin", (32, 30, 20))   # z is the short side: 20 < 24
+    with pytest.raises(InputError, match=r"thin/ref.nii.gz: case thin is 32×30×20 \(x×y×z\) voxels.*nibabel.*"
+                                         r"smaller than data.crop \[24, 24, 24\] \(z, y, x\)"
+                                         r".*at most \[20, 30, 32\] \(z, y, x\)") as refused:
+        datasets.build_datasets(_own_nifti_folders(tmp_path, crop=24), seed=0, spatial_dims=3)
+    assert "\n" not in str(refused.value)
+
+
+def test_one_slice_volumes_train_as_2d_images_like_fuse_reads_them(tmp_path):
+    for case in ("a", "b", "c"):
+        _write_nifti_case(tmp_path / case, (48, 40, 1))
+    train, validation = datasets.build_datasets(_own_nifti_folders(tmp_path, crop=16), seed=0, spatial_dims=2)
+    assert train[0]["moving"].shape == (1, 16, 16) and train[0]["displacement"].shape == (2, 16, 16)
+    assert validation[0]["reference"].shape == (1, 16, 16)
+    whole, _ = datasets.build_datasets(_own_nifti_folders(tmp_path), seed=0, spatial_dims=2)
+    assert whole.clean_pair(0, np.random.default_rng(0)).reference.shape == (40, 48)   # (y, x) of the slice
+    with pytest.raises(InputError, match="spatial_dims is 3 but the images are 2D \\(a one-slice volume"):
+        datasets.build_datasets(_own_nifti_folders(tmp_path, crop=16), seed=0, spatial_dims=3)
+
+
+def test_a_2d_case_among_3d_ones_is_named_before_training(tmp_path, monkeypatch):
+    for case in ("a3d", "b3d", "c3d"):
+        _write_nifti_case(tmp_path / case, (24, 24, 24))
+    _write_nifti_case(tmp_path / "z2d", (48, 48))
+    read = []
+    monkeypatch.setattr("napari_unifuse.io.read_image", lambda path, frame=None: read.append(path))
+    with pytest.raises(InputError, match=r"cases mix 2-D and 3-D images: 1 of 4 is 2-D \(z2d: ref.nii.gz 48×48"):
+        datasets.build_datasets(_own_nifti_folders(tmp_path, crop=16), seed=0, spatial_dims=3)
+    assert read == []   # headers alone: no volume was decoded
+
+
+def test_a_case_whose_moving_image_misses_its_reference_is_skipped_with_a_warning(tmp_path):
+    far = np.eye(4)
+    far[:3, 3] = (500.0, 0.0, 0.0)
+    _write_nifti_case(tmp_path / "apart", (24, 24, 24), moving_affine=far)
+    for case in ("b", "c"):
+        _write_nifti_case(tmp_path / case, (24, 24, 24))
+    with pytest.warns(UserWarning, match=r"1 of 3 cases are skipped.*apart \(the moving image does not overlap"
+                                         r".*500 mm apart"):
+        train, validation = datasets.build_datasets(_own_nifti_folders(tmp_path, crop=16), seed=0, spatial_dims=3)
+    assert {case for case, _, _ in train.cases + validation.cases} == {"b", "c"}

@@ -153,3 +153,12 @@ def test_the_training_log_writes_an_undefined_score_as_null(tmp_path):
 
     line = (tmp_path / "log.jsonl").read_text().splitlines()[0]
     assert json.loads(line, parse_constant=refuse) == {"kind": "val", "class_accuracy_clean": None}
+
+
+def test_too_few_samples_for_a_batch_say_which_setting_draws_more(tmp_path):
+    from napari_unifuse.errors import UniFuseError
+
+    config = _tiny_config().with_overrides(data={"train_length": 1})
+    with pytest.raises(UniFuseError, match=r"1 samples: too few for batch size 2 .*raise data\.train_length, or "
+                                           r"lower the batch size \(--batch-size\)"):
+        train(config, tmp_path / "run", device="cpu", progress=False)
