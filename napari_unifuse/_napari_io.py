@@ -26,7 +26,12 @@ _NO_LAYERS = [(None,)]
 
 
 def volume_to_layer_data(volume: ImageVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
-    """A ``(data, kwargs, "image")`` tuple that places the volume at its world position."""
+    """A ``(data, kwargs, "image")`` tuple that places the volume at its world position.
+
+    A coronal or sagittal volume's layer holds its array in world-axis order
+    (``ImageVolume.in_world_axis_order``): napari cannot draw the axes of a permuted grid as a
+    plane. ``layer_to_volume`` then gives that reoriented volume back (same voxels, same world)."""
+    volume = volume.in_world_axis_order()
     if name is None:
         name = _display_name(volume.source) if volume.source else "image"
     kwargs = {

@@ -59,7 +59,12 @@ from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, 
 from napari_unifuse.engine.annotations import INPUTS_SUBJECT, AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
-from napari_unifuse.engine.outputs import REVIEW_MAP_NAMES, output_folder_lock, write_fusion_outputs
+from napari_unifuse.engine.outputs import (
+    REVIEW_MAP_NAMES,
+    output_folder_lock,
+    review_map_extension,
+    write_fusion_outputs,
+)
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import write_report
@@ -481,7 +486,10 @@ class UniFuseWorkbench(QWidget):
             return None
         self._show_z(target)
         problem = quality.dominant_problem(target)
-        self.annotation_panel.suggest(problem, target, f"{problem}, {100 * quality.suspicion[target]:.1f} % flagged")
+        # The share the flagging map flags, not the slice's largest score (often another map's, as
+        # high on every slice): "hallucinated structure, 0.2 % flagged", not "…, 35.5 % flagged".
+        share = quality.slice_scores[quality.flagged_by(target)[0]][target]
+        self.annotation_panel.suggest(problem, target, f"{problem}, {100 * share:.1f} % flagged")
         return target
 
     def _show_z(self, index: int) -> None:
@@ -557,7 +565,7 @@ class UniFuseWorkbench(QWidget):
             raise InputError("run UniFuse first; there is nothing to save yet")
         folder = self.selection.folder
         result = self.outcome.result
-        map_suffix = "mha" if result.output_extension == "png" else "nii.gz"
+        map_suffix = review_map_extension(result)  # MetaImage where NIfTI would misplace them (a sheared grid)
         maps = dict(zip(REVIEW_MAP_NAMES, (self.outcome.error_map, self.outcome.jacobian, self.outcome.folding),
                         strict=True))
         inputs = {Path(v.source).resolve() for v in (self.selection.request.reference, self.selection.request.moving)

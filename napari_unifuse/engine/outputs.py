@@ -1,13 +1,15 @@
 """The on-disk contract of one fused pair, written so that a half-written run never looks done.
 
-``fused.<ext>``, ``aligned.<ext>`` (restored + aligned moving), ``displacement.nii.gz`` (ITK
+``fused.<ext>``, ``aligned.<ext>`` (restored + aligned moving), ``displacement.<map ext>`` (ITK
 displacement field, moving → reference), ``degradation.json`` and ``provenance.json``; ``<ext>`` is
 ``png`` for a raster-image reference, ``mha`` for a colour (RGB PET/SPECT) result on another
-reference's grid, ``nii.gz`` otherwise. With quality maps (``result.quality``)
-also ``invented.nii.gz``, ``lost.nii.gz``, ``restoration_change.nii.gz``, ``uncertainty.nii.gz``
-(when computed) and ``quality.json`` (thresholds, per-slice scores, suspicious slices): float maps
-in the reference geometry, NIfTI even for PNG inputs (8 bits would round the maps away; a 2D
-NIfTI keeps the pixel spacing). Everything is first written into a hidden
+reference's grid or a sheared one, ``nii.gz`` otherwise. With quality maps (``result.quality``)
+also ``invented.<map ext>``, ``lost.<map ext>``, ``restoration_change.<map ext>``,
+``uncertainty.<map ext>`` (when computed) and ``quality.json`` (thresholds, per-slice scores,
+suspicious slices): float maps in the reference geometry. ``<map ext>`` (``map_extension``) is
+``nii.gz``, even for PNG inputs (8 bits would round the maps away; a 2D NIfTI keeps the pixel
+spacing), and ``mha`` on a sheared grid (a gantry-tilted CT): NIfTI's qform, which ITK tools read,
+cannot hold a shear and would place them millimetres away from the reference. Everything is first written into a hidden
 staging folder next to the outputs and then renamed into place (a rename within one file system is
 atomic), ``provenance.json`` last: its presence is what marks a pair as finished for
 ``unifuse fuse --pairs`` resuming. ``metrics.json`` (given a label's metrics) is staged with them.
@@ -41,7 +43,7 @@ from typing import Any
 from napari_unifuse.engine.quality import UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import ImageVolume, placement_metadata, write_image
+from napari_unifuse.io import Geometry, ImageVolume, placement_metadata, write_image
 from napari_unifuse.io.fields import write_displacement
 from napari_unifuse.json_records import standard_json
 
@@ -52,40 +54,63 @@ except ImportError:  # Windows: no flock; folders are written unlocked
 
 PROVENANCE_FILE = "provenance.json"
 DEGRADATION_FILE = "degradation.json"
-DISPLACEMENT_FILE = "displacement.nii.gz"
+# Float outputs (field, quality and review maps): NIfTI, MetaImage on a sheared grid (map_extension).
+MAP_EXTENSIONS = ("nii.gz", "mha")
+DISPLACEMENT_STEM = "displacement"
+DISPLACEMENT_FILE = f"{DISPLACEMENT_STEM}.nii.gz"  # an ordinary run's field
 QUALITY_FILE = "quality.json"
-# Map name (engine.quality) → file; the uncertainty is named for what it is on disk.
-QUALITY_MAP_FILES = {"invented": "invented.nii.gz", "lost": "lost.nii.gz",
-                     "restoration_change": "restoration_change.nii.gz", UNCERTAINTY: "uncertainty.nii.gz"}
+# Map name (engine.quality) → file name without its extension; the uncertainty is named for what it is on disk.
+QUALITY_MAP_STEMS = {"invented": "invented", "lost": "lost", "restoration_change": "restoration_change",
+                     UNCERTAINTY: "uncertainty"}
+QUALITY_MAP_FILES = {name: f"{stem}.nii.gz" for name, stem in QUALITY_MAP_STEMS.items()}  # an ordinary run's
 METRICS_FILE = "metrics.json"
 # The hidden folder a run's outputs are written into before they move in together.
 STAGING_PREFIX = ".unifuse-partial-"
 REPORT_FILE = "report.html"  # engine.report's QC page of a run
 # Without locks (no fcntl), a staging folder this recent may be another run's live one: left alone.
 STALE_STAGING_SECONDS = 3600.0
-# The workbench's review maps, saved beside the outputs: float maps, NIfTI (MHA for PNG runs).
+# The workbench's review maps, saved beside the outputs: float maps, as map_extension says (MHA for PNG runs).
 REVIEW_MAP_NAMES = ("alignment_error", "jacobian_determinant", "folding")
-REVIEW_MAP_EXTENSIONS = ("nii.gz", "mha")
+REVIEW_MAP_EXTENSIONS = MAP_EXTENSIONS
 # FusionResult.output_extension: raster-image references, colour results on other grids, the rest.
 IMAGE_EXTENSIONS = ("png", "mha", "nii.gz")
 
 
-def output_file_names(extension: str) -> tuple[str, ...]:
-    """The five outputs in the order they are moved into place; the completion marker comes last."""
-    return (f"fused.{extension}", f"aligned.{extension}", DISPLACEMENT_FILE, DEGRADATION_FILE, PROVENANCE_FILE)
+def map_extension(geometry: Geometry) -> str:
+    """The extension of the float outputs on ``geometry`` (field, quality maps): NIfTI, except on a
+    sheared grid, which NIfTI's qform (what ITK tools read) cannot hold; MetaImage holds it, so there
+    they sit where the reference (and the fused image, MetaImage too) sits in every tool."""
+    return "mha" if geometry.is_sheared else "nii.gz"
 
 
-def quality_file_names(quality: QualityMaps) -> tuple[str, ...]:
-    """The quality outputs of ``quality``: one file per map it holds, then ``quality.json``."""
-    return (*(QUALITY_MAP_FILES[name] for name in quality.maps()), QUALITY_FILE)
+def output_file_names(extension: str, field_extension: str = "nii.gz") -> tuple[str, ...]:
+    """The five outputs in the order they are moved into place; the completion marker comes last.
+    ``extension``: the images' (``FusionResult.output_extension``); ``field_extension``: the
+    displacement field's (``map_extension`` of the grid)."""
+    return (f"fused.{extension}", f"aligned.{extension}", f"{DISPLACEMENT_STEM}.{field_extension}",
+            DEGRADATION_FILE, PROVENANCE_FILE)
+
+
+def quality_file_names(quality: QualityMaps, extension: str = "nii.gz") -> tuple[str, ...]:
+    """The quality outputs of ``quality``: one file per map it holds (``extension``: the grid's
+    ``map_extension``), then ``quality.json``."""
+    return (*(f"{QUALITY_MAP_STEMS[name]}.{extension}" for name in quality.maps()), QUALITY_FILE)
+
+
+def review_map_extension(result: FusionResult) -> str:
+    """The extension of the workbench's review maps of ``result``: MetaImage for a PNG run (a 2D
+    float image with its pixel spacing), else the grid's ``map_extension``."""
+    return "mha" if result.output_extension == "png" else map_extension(result.fused.geometry)
 
 
 def known_output_names() -> frozenset[str]:
     """Every file name ``write_fusion_outputs``, the QC page and the workbench give a run folder:
-    the outputs for either image extension, the quality outputs, the label's metrics,
+    the outputs for either image and map extension, the quality outputs, the label's metrics,
     ``report.html`` and the review maps."""
-    return frozenset({*(name for extension in IMAGE_EXTENSIONS for name in output_file_names(extension)),
-                      *QUALITY_MAP_FILES.values(), QUALITY_FILE, METRICS_FILE, REPORT_FILE,
+    return frozenset({*(name for extension in IMAGE_EXTENSIONS for field_extension in MAP_EXTENSIONS
+                        for name in output_file_names(extension, field_extension)),
+                      *(f"{stem}.{extension}" for stem in QUALITY_MAP_STEMS.values() for extension in MAP_EXTENSIONS),
+                      QUALITY_FILE, METRICS_FILE, REPORT_FILE,
                       *(f"{name}.{extension}" for name in REVIEW_MAP_NAMES for extension in REVIEW_MAP_EXTENSIONS)})
 
 
@@ -344,18 +369,21 @@ def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: 
             return write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=remove_report,
                                         report=report, extra_images=extra_images, lock=taken)
     geometry = result.fused.geometry
+    float_extension = map_extension(geometry)
+    fused_name, aligned_name, field_name, *_ = output_file_names(result.output_extension, float_extension)
     writers: dict[str, Callable[[Path], object]] = {
-        f"fused.{result.output_extension}": lambda path: write_image(result.fused, path),
-        f"aligned.{result.output_extension}": lambda path: write_image(result.aligned, path),
-        DISPLACEMENT_FILE: lambda path: write_displacement(result.displacement, geometry, path,
-                                                           reference_metadata=result.fused.metadata),
+        fused_name: lambda path: write_image(result.fused, path),
+        aligned_name: lambda path: write_image(result.aligned, path),
+        field_name: lambda path: write_displacement(result.displacement, geometry, path,
+                                                    reference_metadata=result.fused.metadata),
         DEGRADATION_FILE: lambda path: write_json(result.degradation_report(), path),
     }
     quality = result.quality
     if quality is not None:
         for name, array in quality.maps().items():
             on_fused_grid = {"role": name, **placement_metadata(result.fused.metadata)}
-            writers[QUALITY_MAP_FILES[name]] = _image_writer(ImageVolume(array, geometry, on_fused_grid))
+            writers[f"{QUALITY_MAP_STEMS[name]}.{float_extension}"] = _image_writer(
+                ImageVolume(array, geometry, on_fused_grid))
         writers[QUALITY_FILE] = lambda path: write_json(quality.to_dict(), path)
     if metrics is not None:
         writers[METRICS_FILE] = lambda path: write_json(dict(metrics), path)

@@ -131,9 +131,21 @@ class QualityMaps:
         """Indices of the slices where one map flags more than ``flag_level`` of the slice and (in a
         volume) more than it does on a typical slice of the volume (module docstring); slice order."""
         flagged = np.zeros(self.slice_count, dtype=bool)
-        for scores in self.slice_scores.values():
-            flagged |= (scores > self.flag_level) & (scores > _typical_ceiling(scores))
+        for passes in self._flag_test().values():
+            flagged |= passes
         return [int(index) for index in np.flatnonzero(flagged)]
+
+    def flagged_by(self, index: int) -> list[str]:
+        """The maps that make slice ``index`` suspicious (each passes the flag test on its own),
+        the largest score first; empty for a slice that is not suspicious. A map with a higher raw
+        score that is as high on a typical slice (the uncertainty in air) is not among them."""
+        passing = [name for name, passes in self._flag_test().items() if passes[index]]
+        return sorted(passing, key=lambda name: -float(self.slice_scores[name][index]))
+
+    def _flag_test(self) -> dict[str, np.ndarray]:
+        """Map name → (S,) whether the map alone makes each slice suspicious."""
+        return {name: (scores > self.flag_level) & (scores > _typical_ceiling(scores))
+                for name, scores in self.slice_scores.items()}
 
     def next_suspicious(self, current: int, step: int = 1) -> int | None:
         """The next (``step`` > 0) or previous (``step`` < 0) suspicious slice from ``current``,
@@ -152,10 +164,23 @@ class QualityMaps:
         order = sorted(range(self.slice_count), key=lambda index: (-float(self.suspicion[index]), index))
         return order[: max(count, 0)]
 
+    def key_slices(self, count: int) -> list[int]:
+        """The ``count`` slices a reviewer should see first: the suspicious ones, by the largest
+        score of a map that flags them, then the most suspicious others (``worst_slices``' order).
+        The plain ranking alone showed slices of air that the uncertainty scores high on every
+        slice of a volume, and none of the slices the verdict names."""
+        flagged = sorted(self.suspicious_slices(),
+                         key=lambda index: (-float(self.slice_scores[self.flagged_by(index)[0]][index]), index))
+        others = [index for index in self.worst_slices(self.slice_count) if index not in flagged]
+        return (flagged + others)[: max(count, 0)]
+
     def dominant_problem(self, index: int) -> str:
-        """What most of slice ``index``'s flagged area is flagged for, in a reviewer's words
-        (``PROBLEM_NAMES``); on ties the order of ``slice_scores`` decides (invented first)."""
-        name = max(self.slice_scores, key=lambda key: float(self.slice_scores[key][index]))
+        """What slice ``index`` is flagged for, in a reviewer's words (``PROBLEM_NAMES``): the problem
+        of the map with the largest score among those that flag it (``flagged_by``); for a slice that
+        is not suspicious, of the map with the largest score. On ties the order of ``slice_scores``
+        decides (invented first)."""
+        candidates = self.flagged_by(index) or list(self.slice_scores)
+        name = max(candidates, key=lambda key: float(self.slice_scores[key][index]))
         return PROBLEM_NAMES[name]
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +207,7 @@ class QualityMaps:
             "max_suspicion": float(self.suspicion.max()) if self.suspicion.size else 0.0,
             "suspicious_slices": self.suspicious_slices(),
             "problems": {str(index): self.dominant_problem(index) for index in self.suspicious_slices()},
+            "flagged_by": {str(index): self.flagged_by(index) for index in self.suspicious_slices()},
             "seconds": dict(self.seconds),
         }
 

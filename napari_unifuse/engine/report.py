@@ -7,9 +7,10 @@ uncertainty summary, the reviewers' annotations and the provenance. Figures are 
 matplotlib's Agg canvas (no display, no pyplot state) and embedded as base64 PNG, so the page can be
 mailed or archived on its own.
 
-``write_index`` puts ``index.html`` into a cohort folder: one row per run (a folder holding
+``write_index`` puts ``index.html`` into a cohort folder: one row per finished run (a folder holding
 ``provenance.json``), most suspicious first by the largest per-slice suspicion in its
-``quality.json``, linking the run's report.
+``quality.json``, linking the run's report; below them each batch's size and outcome counts (its
+``summary.json``), its failed pairs with their errors, and the unfinished run folders.
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from napari_unifuse.engine.alignment_guard import IDENTITY
 from napari_unifuse.engine.annotations import Annotation, AnnotationStore, describe_location, describe_subject
 from napari_unifuse.engine.outputs import (
+    DEGRADATION_FILE,
+    DISPLACEMENT_FILE,
+    METRICS_FILE,
     PROVENANCE_FILE,
     QUALITY_FILE,
     REPORT_FILE,
+    STAGING_PREFIX,
     read_json_object,
     write_text_atomically,
 )
@@ -42,14 +48,20 @@ from napari_unifuse.engine.quality import (
     INVENTED,
     LOST,
     MAP_LABELS,
+    MIN_SLICES_FOR_BASELINE,
+    PROBLEM_NAMES,
     RESTORATION_CHANGE,
     UNCERTAINTY,
     QualityMaps,
 )
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.io import ImageVolume
+from napari_unifuse.io import Geometry, ImageVolume
 
 INDEX_FILE = "index.html"
+# cli.fuse's SUMMARY_FILE (the engine does not import the command line): a batch's pairs and outcomes.
+BATCH_SUMMARY_FILE = "summary.json"
+# What a run writes besides provenance.json: a folder holding one without it is an unfinished run.
+_RUN_OUTPUT_FILES = frozenset({DEGRADATION_FILE, DISPLACEMENT_FILE, QUALITY_FILE, METRICS_FILE, REPORT_FILE})
 KEY_SLICES = 3
 # Section ids and titles, in page order.
 SECTIONS: dict[str, str] = {
@@ -114,13 +126,14 @@ def report_page(
         store = AnnotationStore(out_dir)
         annotations = store.load()
         skipped = store.warnings
-    name = _readable(out_dir.resolve().name)
+    # The pair folder alone ("moving") does not say which pair this is: the inputs' names head it.
+    name = f"{_input_names(reference, moving, result.provenance)} ({_readable(out_dir.resolve().name)})"
     bodies = {
         "inputs": _inputs_section(reference, moving, result),
         "key-slices": _key_slices_section(result),
         "metrics": _metrics_section(result, metrics or {}),
         "degradation": _degradation_section(result),
-        "uncertainty": _uncertainty_section(result.quality),
+        "uncertainty": _uncertainty_section(result.quality, result.fused.geometry),
         "annotations": _annotations_section(annotations, result.fused.ndim, skipped),
         "provenance": f"<pre>{html.escape(json.dumps(result.provenance, indent=2, default=str), quote=False)}</pre>",
     }
@@ -129,6 +142,7 @@ def report_page(
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>UniFuse QC report: {html.escape(name)}</title><style>{_STYLE}</style></head><body>\n"
             f"<h1>UniFuse QC report: {html.escape(name)}</h1>\n<p>{_verdict(result.quality)}</p>\n"
+            f"{_alignment_line(result)}"
             f"{f'<ul class=note>{warnings}</ul>' if warnings else ''}\n{sections}\n</body></html>\n")
 
 
@@ -141,7 +155,8 @@ def write_index(runs_dir: str | os.PathLike,
     written beside ``index.html`` and renamed into place, so a full disk leaves the earlier index."""
     runs_dir = Path(runs_dir)
     unreadable: list[tuple[Path, OSError]] = []
-    rows = [_IndexRow.of(run, runs_dir) for run in _run_folders(runs_dir, unreadable)]
+    cohort = _cohort_folders(runs_dir, unreadable)
+    rows = [_IndexRow.of(run, runs_dir) for run in cohort.runs]
     for folder, error in unreadable:
         if on_unreadable is not None:
             on_unreadable(folder, error)
@@ -163,10 +178,11 @@ def write_index(runs_dir: str | os.PathLike,
         listed = "".join(f"<li>{html.escape(_readable(str(folder)))} "
                          f"({html.escape(error.strerror or str(error))})</li>" for folder, error in unreadable)
         table += f"\n<p class=flag>Folders that could not be read, left out:</p><ul>{listed}</ul>"
+    table += _batches_and_unfinished(cohort, runs_dir)
     title = html.escape(_readable(runs_dir.resolve().name))
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>UniFuse QC: "
             f"{title}</title><style>{_STYLE}</style></head><body>\n"
-            f"<h1>UniFuse QC: {title}</h1>\n<p>{len(rows)} runs, most suspicious "
+            f"<h1>UniFuse QC: {title}</h1>\n<p>{len(rows)} finished runs, most suspicious "
             "first (suspicion: the largest fraction of one slice that one quality map flags).</p>\n"
             f"{table}\n</body></html>\n")
     path = runs_dir / INDEX_FILE
@@ -179,13 +195,34 @@ def _verdict(quality: QualityMaps | None) -> str:
     if quality is None:
         return "<span class=note>No quality maps were computed for this run.</span>"
     flagged = quality.suspicious_slices()
+    if quality.slice_count == 1:  # a 2-D image or a one-slice volume: "the image", as in the key slices
+        return (f"<span class=flag>The image is flagged</span> ({_flag_reasons(quality, 0)})." if flagged
+                else "The image is not flagged by the quality maps.")
     if not flagged:
         return "No slice is flagged by the quality maps."
-    unit = "slices" if quality.slice_count > 1 else "image"
-    listed = ", ".join(f"{index} ({quality.dominant_problem(index)})" for index in flagged[:12])
+    listed = ", ".join(f"{index} ({_flag_reasons(quality, index)})" for index in flagged[:12])
     more = f" and {len(flagged) - 12} more" if len(flagged) > 12 else ""
-    return (f"<span class=flag>{len(flagged)} of {quality.slice_count} {unit} flagged</span>"
-            f"{': ' + listed + more if quality.slice_count > 1 else ' (' + quality.dominant_problem(0) + ')'}.")
+    return f"<span class=flag>{len(flagged)} of {quality.slice_count} slices flagged</span>: {listed}{more}."
+
+
+def _flag_reasons(quality: QualityMaps, index: int) -> str:
+    """The problems of the maps that flag slice ``index`` (``QualityMaps.flagged_by``), not of the
+    map that merely scores highest there: "hallucinated structure + misalignment"."""
+    return " + ".join(PROBLEM_NAMES[name] for name in quality.flagged_by(index))
+
+
+def _alignment_line(result: FusionResult) -> str:
+    """The alignment guard's decision as the run recorded it (``provenance["alignment_guard"]``):
+    which field the fused image was aligned with and why. Kept identity means the moving image was
+    not registered at all, which a reviewer must know before reading the fused image."""
+    recorded = _mapping(result.provenance.get("alignment_guard"))  # None for methods without a guard
+    message = recorded.get("message")
+    if not message:
+        return ""
+    if recorded.get("kept") == IDENTITY:
+        return (f"<p class=flag>Not registered: the fused image uses the moving image as it lies on the "
+                f"reference grid (alignment guard: {html.escape(str(message))}).</p>\n")
+    return f"<p>Alignment guard: {html.escape(str(message))}.</p>\n"
 
 
 def _inputs_section(reference: ImageVolume, moving: ImageVolume, result: FusionResult) -> str:
@@ -194,9 +231,8 @@ def _inputs_section(reference: ImageVolume, moving: ImageVolume, result: FusionR
     figure = Figure(figsize=(3.2 * len(images), 3.4))
     for position, (title, volume) in enumerate(images, start=1):
         axes = figure.add_subplot(1, len(images), position)
-        grey = display_grey(volume)
-        middle = grey.shape[0] // 2 if volume.ndim == 3 else 0
-        axes.imshow(slice_of(grey, 0 if volume.ndim == 3 else None, middle), cmap="gray", vmin=0, vmax=1)
+        middle = volume.spatial_shape[0] // 2 if volume.ndim == 3 else 0
+        _show_slice(axes, _display_values(volume), volume, middle)
         axes.set_title(f"{title}{f', slice {middle}' if volume.ndim == 3 else ''}", fontsize=9)
         axes.axis("off")
     rows = "".join(f"<tr><td>{role}</td><td>{html.escape(str(volume.source or 'in memory'))}</td>"
@@ -212,31 +248,54 @@ def _key_slices_section(result: FusionResult) -> str:
         return "<p class=note>No quality maps were computed for this run.</p>"
     legend = ", ".join(f'<span style="color:{OVERLAY_COLOURS[name]}">&#9632;</span> {MAP_LABELS[name]} '
                        f"(&gt; {quality.thresholds[name]:.3g})" for name in quality.maps())
-    fused = display_grey(result.fused)
-    three_d = fused.ndim == 3
-    parts = [f"<p>Overlays over the fused image, where each map exceeds its threshold: {legend}. "
-             f"Slices ranked by suspicion (the largest fraction of the slice one map flags; flag level "
-             f"{100 * quality.flag_level:.2f} %).</p>"]
-    for index in quality.worst_slices(KEY_SLICES if three_d else 1):
-        figure = Figure(figsize=(9, 3.4))
-        plain = figure.add_subplot(1, 2, 1)
-        plain.imshow(slice_of(fused, 0 if three_d else None, index), cmap="gray", vmin=0, vmax=1)
+    fused = result.fused
+    shown_fused, fused_grey = _display_values(fused), display_grey(fused)
+    flagged = quality.suspicious_slices()
+    parts = [f"<p>Overlays over the fused image (its luma), where each map exceeds its threshold: {legend}; "
+             "the alignment uncertainty in a panel of its own, as it often covers most of a slice. "
+             + (f"The slices the quality maps flag come first ({len(flagged)} flagged), then the most suspicious "
+                "others. " if quality.slice_count > 1 else "")
+             + f"Suspicion: the largest fraction of the slice one map flags; a slice is flagged when a map "
+             f"flags more than {100 * quality.flag_level:.2f} % of it"
+             + (" and more than on a typical slice of this volume" if quality.slice_count >= MIN_SLICES_FOR_BASELINE
+                else "") + ".</p>"]
+    fidelity = [name for name in quality.maps() if name != UNCERTAINTY]
+    overlay_panels = [("flagged: structure and restoration", fidelity)]
+    if quality.uncertainty_mm is not None:
+        overlay_panels.append(("flagged: alignment uncertainty", [UNCERTAINTY]))
+    for index in quality.key_slices(KEY_SLICES if quality.slice_count > 1 else 1):
+        figure = Figure(figsize=(3.2 * (1 + len(overlay_panels)), 3.4))
+        plain = figure.add_subplot(1, 1 + len(overlay_panels), 1)
+        _show_slice(plain, shown_fused, fused, index)
         plain.set_title("fused", fontsize=9)
-        overlaid = figure.add_subplot(1, 2, 2)
-        overlaid.imshow(slice_of(fused, 0 if three_d else None, index), cmap="gray", vmin=0, vmax=1)
-        for name, array in quality.maps().items():
-            flagged = slice_of(array, 0 if three_d else None, index) > quality.thresholds[name]
-            overlaid.imshow(np.ma.masked_where(~flagged, flagged), cmap=ListedColormap([OVERLAY_COLOURS[name]]),
-                            alpha=0.55, interpolation="nearest")
-        overlaid.set_title("flagged by the quality maps", fontsize=9)
-        for axes in (plain, overlaid):
-            axes.axis("off")
+        for position, (title, names) in enumerate(overlay_panels, start=2):
+            overlaid = figure.add_subplot(1, 1 + len(overlay_panels), position)
+            _show_slice(overlaid, fused_grey, fused, index)
+            for name in names:
+                mask = slice_of(quality.maps()[name], 0 if fused.ndim == 3 else None, index) > quality.thresholds[name]
+                overlaid.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap([OVERLAY_COLOURS[name]]),
+                                alpha=0.55, interpolation="nearest", aspect=_pixel_aspect(fused))
+            overlaid.set_title(title, fontsize=9)
         scores = ", ".join(f"{MAP_LABELS[name]} {100 * float(values[index]):.2f} %"
                            for name, values in quality.slice_scores.items())
-        heading = f"Slice {index}" if three_d else "The image"
-        parts.append(f"<h3>{heading}: {quality.dominant_problem(index)}, suspicion "
-                     f"{100 * float(quality.suspicion[index]):.2f} %</h3><p class=note>{scores}</p>{_png(figure)}")
+        parts.append(f"<h3>{_slice_heading(quality, index)}</h3><p class=note>Share of the slice each map flags: "
+                     f"{scores}; suspicion {100 * float(quality.suspicion[index]):.2f} %.</p>{_png(figure)}")
     return "\n".join(parts)
+
+
+def _slice_heading(quality: QualityMaps, index: int) -> str:
+    """Whether slice ``index`` is flagged and by which map, or why not: the heading of its figure."""
+    named = f"Slice {index}" if quality.slice_count > 1 else "The image"
+    flagging = quality.flagged_by(index)
+    if flagging:
+        by = ", ".join(f"{MAP_LABELS[name]} {100 * float(quality.slice_scores[name][index]):.2f} % of the slice"
+                       for name in flagging)
+        return f"{named}: flagged for {_flag_reasons(quality, index)} (by {by})"
+    top = max(quality.slice_scores, key=lambda name: float(quality.slice_scores[name][index]))
+    share = 100 * float(quality.slice_scores[top][index])
+    why = ("no more than on a typical slice of this volume" if quality.slice_scores[top][index] > quality.flag_level
+           else f"not above the flag level of {100 * quality.flag_level:.2f} %")
+    return f"{named}: not flagged, suspicion {share:.2f} % ({MAP_LABELS[top]}, {why})"
 
 
 def _metrics_section(result: FusionResult, metrics: Mapping[str, float]) -> str:
@@ -282,7 +341,7 @@ def _degradation_section(result: FusionResult) -> str:
     return f"<p>Predicted: <b>{html.escape(result.predicted_class)}</b> ({globals_}).</p>{_png(figure)}"
 
 
-def _uncertainty_section(quality: QualityMaps | None) -> str:
+def _uncertainty_section(quality: QualityMaps | None, geometry: Geometry) -> str:
     if quality is None or quality.uncertainty_mm is None:
         return "<p class=note>The alignment uncertainty was not computed for this run.</p>"
     values = quality.uncertainty_mm
@@ -296,7 +355,8 @@ def _uncertainty_section(quality: QualityMaps | None) -> str:
     histogram.set_xlabel("spread of the displacement (mm)")
     histogram.legend(fontsize=8)
     view = figure.add_subplot(1, 2, 2)
-    shown = view.imshow(slice_of(values, 0 if values.ndim == 3 else None, worst), cmap="magma")
+    shown = view.imshow(slice_of(values, 0 if values.ndim == 3 else None, worst), cmap="magma",
+                        aspect=_pixel_aspect(geometry))
     figure.colorbar(shown, ax=view, label="mm")
     view.set_title(f"slice {worst}" if values.ndim == 3 else "uncertainty", fontsize=9)
     view.axis("off")
@@ -318,6 +378,43 @@ def _annotations_section(annotations: Sequence[Annotation], volume_ndim: int, sk
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _display_values(volume: ImageVolume) -> np.ndarray:
+    """``volume`` ready to draw, values in [0, 1]: an RGB image as RGB (its luma would turn a PET
+    colour scale's hot red darker than its warmer yellow), anything else as grey in its own window."""
+    if not volume.is_rgb:
+        return display_grey(volume)
+    values = np.asarray(volume.array)
+    if np.issubdtype(values.dtype, np.integer):  # 8- or 16-bit colour: its full range is the window
+        return (values / np.iinfo(values.dtype).max).astype(np.float32)
+    return np.clip(np.nan_to_num(values.astype(np.float32)), 0.0, 1.0)  # results are RGB in [0, 1]
+
+
+def _show_slice(axes: Any, values: np.ndarray, volume: ImageVolume, index: int) -> None:
+    """Draw axial slice ``index`` of ``values`` (``_display_values`` or grey of ``volume``) in mm."""
+    plane = slice_of(values, 0 if volume.ndim == 3 else None, index)
+    grey = {} if plane.ndim == 3 else {"cmap": "gray", "vmin": 0, "vmax": 1}
+    axes.imshow(plane, aspect=_pixel_aspect(volume), interpolation="nearest", **grey)
+    axes.axis("off")
+
+
+def _pixel_aspect(volume: ImageVolume | Geometry) -> float:
+    """A pixel's height over its width on screen, from the in-plane spacing (rows, columns): drawn
+    in mm, as napari draws it, not as square pixels."""
+    spacing = (volume.geometry if isinstance(volume, ImageVolume) else volume).spacing
+    return float(spacing[-2]) / float(spacing[-1])
+
+
+def _input_names(reference: ImageVolume, moving: ImageVolume, provenance: Mapping[str, Any]) -> str:
+    """"t1.nii.gz + t2.nii.gz": the inputs' file names (as the run recorded them where the volumes
+    came from memory)."""
+    recorded = _mapping(provenance.get("inputs"))
+    names = []
+    for role, volume in (("reference", reference), ("moving", moving)):
+        path = volume.source or _mapping(recorded.get(role)).get("path")
+        names.append(_readable(Path(str(path)).name) if path else f"{role} (in memory)")
+    return " + ".join(names)
+
+
 def _png(figure: Figure) -> str:
     """``figure`` as an embedded PNG ``<img>``."""
     figure.tight_layout()
@@ -331,11 +428,23 @@ def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (float, np.floating)) else html.escape(str(value))
 
 
-def _run_folders(runs_dir: Path, unreadable: list[tuple[Path, OSError]]) -> list[Path]:
-    """Every folder below ``runs_dir`` holding a ``provenance.json``; linked folders are followed
-    (a cohort is often gathered from links), each real folder once. The folders that cannot be
-    listed are added to ``unreadable`` with why."""
-    found, seen = [], set()
+@dataclass(frozen=True)
+class _CohortFolders:
+    """What ``write_index`` found below a runs folder."""
+
+    runs: list[Path]  # finished runs: folders holding provenance.json
+    unfinished: list[Path]  # run folders without it: interrupted (killed) or still running
+    summaries: list[Path]  # batches' summary.json: their pairs, failed ones included
+
+
+def _cohort_folders(runs_dir: Path, unreadable: list[tuple[Path, OSError]]) -> _CohortFolders:
+    """Every run folder below ``runs_dir``, finished or not, and every batch summary; linked folders
+    are followed (a cohort is often gathered from links), each real folder once. The folders that
+    cannot be listed are added to ``unreadable`` with why."""
+    runs: list[Path] = []
+    unfinished: list[Path] = []
+    summaries: list[Path] = []
+    seen: set[str] = set()
 
     def note(error: OSError) -> None:
         unreadable.append((Path(error.filename) if error.filename is not None else runs_dir, error))
@@ -346,9 +455,57 @@ def _run_folders(runs_dir: Path, unreadable: list[tuple[Path, OSError]]) -> list
             subfolders.clear()
             continue
         seen.add(real)
+        staging = [name for name in subfolders if name.startswith(STAGING_PREFIX)]
+        # A run's hidden staging folder is part of its run, never a run of its own.
+        subfolders[:] = [name for name in subfolders if name not in staging]
         if PROVENANCE_FILE in files:
-            found.append(Path(folder))
-    return sorted(found)
+            runs.append(Path(folder))
+        elif Path(folder) != runs_dir and _is_unfinished_run(files, subfolders, staging):
+            unfinished.append(Path(folder))
+        if BATCH_SUMMARY_FILE in files:
+            summaries.append(Path(folder) / BATCH_SUMMARY_FILE)
+    return _CohortFolders(sorted(runs), sorted(unfinished), sorted(summaries))
+
+
+def _is_unfinished_run(files: Sequence[str], subfolders: Sequence[str], staging: Sequence[str]) -> bool:
+    """Whether a folder without provenance.json is a run that did not finish: one holding a staging
+    folder or a run's outputs, or an empty leaf, which is what a run killed before its first write
+    leaves (its folder lock creates the folder; a run that fails cleanly removes it)."""
+    return bool(staging) or bool(set(files) & _RUN_OUTPUT_FILES) or not (files or subfolders)
+
+
+def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path) -> str:
+    """The index's part below the finished runs: each batch's size and outcome counts as its
+    summary.json records them, its failed pairs with their errors, and the unfinished folders."""
+    batches, failed_rows = [], []
+    for path in cohort.summaries:
+        where = html.escape(_readable(path.parent.relative_to(runs_dir).as_posix()))
+        summary = read_json_object(path)
+        if summary is None:
+            batches.append(f"<li>{where}: {BATCH_SUMMARY_FILE} unreadable</li>")
+            continue
+        counts = ", ".join(f"{summary.get(status, '?')} {status}" for status in ("done", "skipped", "failed"))
+        batches.append(f"<li>{where}: {summary.get('pairs', '?')} pairs, {html.escape(counts)} "
+                       f"<span class=note>({BATCH_SUMMARY_FILE}, {html.escape(str(summary.get('created', '')))})"
+                       "</span></li>")
+        outcomes = summary.get("outcomes")
+        for outcome in outcomes if isinstance(outcomes, list) else []:
+            outcome = _mapping(outcome)
+            if outcome.get("status") == "failed":
+                failed_rows.append(f"<tr><td>{where}</td><td>{html.escape(str(outcome.get('name', '?')))}</td>"
+                                   f"<td>{html.escape(str(outcome.get('error', '')))}</td></tr>")
+    parts = []
+    if batches:
+        parts.append(f"<h2>Batches</h2><ul>{''.join(batches)}</ul>")
+    if failed_rows:
+        parts.append("<h2 class=flag>Failed pairs (no outputs)</h2><table><tr><th>batch</th><th>pair</th>"
+                     f"<th>error</th></tr>{''.join(failed_rows)}</table>")
+    if cohort.unfinished:
+        listed = "".join(f"<li>{html.escape(_readable(folder.relative_to(runs_dir).as_posix()))}</li>"
+                         for folder in cohort.unfinished)
+        parts.append(f"<h2 class=flag>Unfinished run folders</h2><p class=note>No {PROVENANCE_FILE}: the run was "
+                     f"interrupted (or is still running); its pair is not done.</p><ul>{listed}</ul>")
+    return "\n" + "\n".join(parts) if parts else ""
 
 
 def _readable(name: str) -> str:
@@ -391,7 +548,12 @@ class _IndexRow:
         suspicious, per_slice = quality.get("suspicious_slices"), quality.get("suspicion")
         flagged = (f"{len(suspicious)} of {len(per_slice)}" if isinstance(suspicious, list) and isinstance(per_slice, list)
                    else f"{QUALITY_FILE} incomplete")
-        problems = ", ".join(sorted({str(problem) for problem in _mapping(quality.get("problems")).values()}))
+        # Every map that flagged a slice (quality.json's flagged_by), not only the largest of them;
+        # files written before flagged_by existed name one problem per slice.
+        flagged_by = _mapping(quality.get("flagged_by")).values()
+        named = ({PROBLEM_NAMES.get(str(name), str(name)) for names in flagged_by if isinstance(names, list)
+                  for name in names} or {str(problem) for problem in _mapping(quality.get("problems")).values()})
+        problems = ", ".join(sorted(named))
         suspicion = f"{100 * max_suspicion:.2f} %" if max_suspicion is not None else "n/a"
         return cls(run, relative, max_suspicion, suspicion, flagged, problems, inputs, created)
 

@@ -5,6 +5,13 @@ order components, and the aligned image is ``moving`` sampled at ``x + u(x)`` on
 grid. ITK's DisplacementFieldTransform maps a physical point ``p`` to ``p + d(p)`` with ``d`` in
 LPS mm, x/y/z components. On the reference grid ``world(x + u) - world(x) = A u`` with ``A`` the
 linear part of ``index_to_world``, so ``d = reversed(A u)``.
+
+``world`` there is the placement ITK reads the field file in. For a NIfTI reference without
+orientation (qform and sform codes 0) that is not the package's (nibabel's guess, centred with
+y flipped in LPS): such a field is written without orientation too, like every output on that grid,
+and ITK places it as it places the reference, at origin 0 with identity direction and the voxel
+sizes. Its vectors are written in that frame, so that SimpleITK moves points as ``u`` says on the
+reference as SimpleITK reads it; ``read_displacement`` converts them back by the same frame.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.io.nifti_xforms import NiftiXforms
-from napari_unifuse.io.readers import NIFTI_SUFFIXES, itk_source
+from napari_unifuse.io.readers import NIFTI_SUFFIXES, itk_source, load_nifti
 from napari_unifuse.io.writers import itk_destination, nifti_image, save_nifti
 
 _GZIP_CHECK_CHUNK = 1 << 22
@@ -46,13 +54,15 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
         raise InputError(f"a {ndim}D displacement must have shape ({ndim}, *spatial), got {u.shape}", path)
     if not np.all(np.isfinite(u)):
         raise InputError("the displacement holds NaN or infinite values", path)
-    linear = reference_geometry.index_to_world[:ndim, :ndim]
+    to_nifti = path.name.lower().endswith(NIFTI_SUFFIXES)
+    xforms = NiftiXforms.from_metadata(reference_metadata or {}) if to_nifti else None
+    vector_frame = _itk_guess(reference_geometry) if _written_unplaced(u.shape[1:], xforms) else reference_geometry
+    linear = vector_frame.index_to_world[:ndim, :ndim]
     # (*spatial, ndim) in array order, components in ITK's x, y, z order (LPS mm, as ITK stores them).
     itk_vectors = np.einsum("ij,j...->...i", linear, u)[..., ::-1].astype(np.float32)
     try:
-        if path.name.lower().endswith(NIFTI_SUFFIXES):
-            _write_nifti_field(itk_vectors, reference_geometry, path,
-                               NiftiXforms.from_metadata(reference_metadata or {}))
+        if to_nifti:
+            _write_nifti_field(itk_vectors, reference_geometry, path, xforms)
         else:
             with itk_destination(path) as staged:
                 image = reference_geometry.to_sitk(sitk.GetImageFromArray(itk_vectors, isVector=True))
@@ -77,6 +87,36 @@ def _write_nifti_field(itk_vectors: np.ndarray, geometry: Geometry, path: Path, 
     image = nifti_image(voxels, geometry, xforms)
     image.header.set_intent("vector")
     save_nifti(image, path)
+
+
+def _written_unplaced(spatial_shape: tuple[int, ...], xforms: NiftiXforms | None) -> bool:
+    """Whether the NIfTI field of a reference with these forms is written without orientation
+    (codes 0), as the reference's other outputs are. A one-slice field stored with its axes moved
+    (``_itk_readable_order``) cannot be: nibabel's guess for the moved grid is another place, so
+    it gets the package's geometry as explicit forms, and its vectors stay in that frame."""
+    return xforms is not None and xforms.places_nothing and _itk_readable_order(spatial_shape) is None
+
+
+def _itk_guess(geometry: Geometry) -> Geometry:
+    """Where ITK places the voxels of a NIfTI file without orientation on ``geometry``'s grid:
+    origin 0, identity direction, the header's voxel sizes."""
+    return Geometry(geometry.spacing, np.zeros(geometry.ndim), np.eye(geometry.ndim))
+
+
+def _nibabel_placement(path: Path, ndim: int) -> tuple[Geometry, bool] | None:
+    """Where the package places a NIfTI field (nibabel's rule, as ``read_image`` places the
+    reference) and whether that is only a guess (no orientation in the file); None for any other
+    file (placed alike by every tool)."""
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return None
+    try:
+        header_only = load_nifti(path)
+    except Exception:  # noqa: BLE001 - ITK read it; nibabel's own complaint changes nothing here
+        return None
+    if not isinstance(header_only, nib.Nifti1Image):  # not NIfTI after all (no forms to read)
+        return None
+    guessed = NiftiXforms.from_header(header_only.header, 1.0).places_nothing
+    return Geometry.from_ras_affine(header_only.affine, ndim=ndim), guessed
 
 
 def _itk_readable_order(spatial_shape: tuple[int, ...]) -> list[int] | None:
@@ -128,6 +168,19 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
             path,
         )
     geometry = Geometry.from_sitk(image)
+    placement = _nibabel_placement(path, ndim)
+    if placement is not None and placement[1]:
+        # No orientation: the vectors are in ITK's guess (``geometry``), the grid is the reference's
+        # when the package places the file where it places the reference (both guessed alike).
+        if reference_geometry is not None and not placement[0].allclose(reference_geometry, atol=1e-4):
+            raise InputError(f"the field's grid {placement[0]} (no orientation in the file; nibabel's guess) "
+                             f"differs from the reference grid {reference_geometry}", path)
+        return _to_voxels(image, geometry)
+    if (reference_geometry is not None and placement is not None and not geometry.allclose(reference_geometry, atol=1e-4)
+            and placement[0].allclose(reference_geometry, atol=1e-4)):
+        # A field carrying a reference's disagreeing qform and sform: ITK may place it by the other
+        # form, the package places both by nibabel's rule, so it is on the reference's grid.
+        geometry = placement[0]
     if reference_geometry is not None and ndim == 3 and not geometry.allclose(reference_geometry, atol=1e-4):
         # Perhaps a one-slice reference's field, stored with the slice axis moved (write_displacement).
         restored = sitk.PermuteAxes(image, _ITK_SLICE_AXIS_BACK)
@@ -137,7 +190,12 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
         raise InputError(
             f"the field's grid {geometry} differs from the reference grid {reference_geometry}", path
         )
-    geometry = reference_geometry or geometry
+    return _to_voxels(image, reference_geometry or geometry)
+
+
+def _to_voxels(image: sitk.Image, vector_frame: Geometry) -> np.ndarray:
+    """The field ``image``'s vectors (LPS mm in ``vector_frame``'s placement) as ``u``."""
+    ndim = vector_frame.ndim
     physical = sitk.GetArrayFromImage(image).astype(np.float64)[..., ::-1]
-    inverse = np.linalg.inv(geometry.index_to_world[:ndim, :ndim])
+    inverse = np.linalg.inv(vector_frame.index_to_world[:ndim, :ndim])
     return np.einsum("ij,...j->i...", inverse, physical).astype(np.float32)

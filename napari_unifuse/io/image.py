@@ -8,13 +8,16 @@ order, i.e. ITK's ``(x, y, z)`` reversed. Every conversion to or from ITK (Simpl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import permutations
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from napari_unifuse.errors import InputError
+from napari_unifuse.io.nifti_xforms import NiftiXforms
 
 # NIfTI's world is RAS, ITK's is LPS: the two differ by the sign of their first two axes.
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -139,6 +142,23 @@ class Geometry:
     def itk_direction(self) -> tuple[float, ...]:
         return tuple(float(v) for v in self.direction[::-1, ::-1].ravel())
 
+    def world_axis_order(self) -> tuple[int, ...]:
+        """The array axes listed in the order of the world axes they run closest to: ``(0, 1, 2)``
+        for an axial grid, ``(1, 0, 2)`` for a coronal NIfTI (its first array axis runs along y,
+        its second along z). Flips and oblique tilts do not change it; ties keep the array's order."""
+        def alignment(world_axis_of: tuple[int, ...]) -> float:
+            return sum(abs(self.direction[world, axis]) for axis, world in enumerate(world_axis_of))
+
+        # permutations() yields the identity first and max() keeps the first best: ties stay as stored.
+        closest = max(permutations(range(self.ndim)), key=alignment)
+        return tuple(int(axis) for axis in np.argsort(closest))
+
+    def transposed(self, axes: Sequence[int]) -> Geometry:
+        """This grid for its array transposed by ``axes`` (numpy's meaning: new axis ``j`` is old
+        axis ``axes[j]``): every voxel keeps its world position."""
+        axes = list(axes)
+        return Geometry(self.spacing[axes], self.origin, self.direction[:, axes])
+
     def to_sitk(self, image: sitk.Image) -> sitk.Image:
         """Stamp this geometry onto a SimpleITK image (in place) and return it."""
         image.SetSpacing(self.itk_spacing)
@@ -159,7 +179,10 @@ class Geometry:
 
         napari maps data to world as ``affine @ (scale * index + translate)``; an axis-aligned grid
         needs only scale and translate, anything else carries direction and origin in ``affine``
-        so that the layer's world coordinates are exactly ``index_to_world``.
+        so that the layer's world coordinates are exactly ``index_to_world``. napari draws a 3-D
+        layer's displayed plane through the affine's block of the displayed axes, which a grid
+        whose axes are permuted (coronal, sagittal) maps to a line: such a volume is shown
+        through :meth:`ImageVolume.in_world_axis_order`.
         """
         if np.allclose(self.direction, np.eye(self.ndim), rtol=0, atol=1e-12):
             return {"scale": self.spacing.copy(), "translate": self.origin.copy()}
@@ -235,6 +258,25 @@ class ImageVolume:
             return None
         thin = [axis for axis, side in enumerate(self.spatial_shape) if side == 1]
         return thin[0] if len(thin) == 1 else None
+
+    def in_world_axis_order(self) -> ImageVolume:
+        """This image with its array axes in the order of the world axes they run along
+        (``Geometry.world_axis_order``): the same voxels at the same world positions, stored like
+        an axial volume, so that napari draws any two of its axes as a plane. Flips and small
+        rotations stay in the geometry. The NIfTI forms in its metadata are permuted with the
+        axes, so that files written on the new grid keep the original header's placements and
+        codes. A 2-D image (RGB included) is returned as is: both of its axes are always drawn."""
+        if self.ndim != 3:
+            return self
+        axes = self.geometry.world_axis_order()
+        if axes == tuple(range(self.ndim)):
+            return self
+        metadata = dict(self.metadata)
+        xforms = NiftiXforms.from_metadata(self.metadata)
+        if xforms is not None:  # the forms index voxels in nibabel's order, the reverse of ours
+            metadata.update(xforms.with_voxel_axes([self.ndim - 1 - axis for axis in axes[::-1]]).to_metadata())
+        return ImageVolume(np.ascontiguousarray(self.array.transpose(axes)), self.geometry.transposed(axes),
+                           metadata, self.source, self.is_rgb)
 
     def to_sitk(self) -> sitk.Image:
         """A SimpleITK image with this array and geometry (RGB becomes a 3-component vector image)."""

@@ -63,6 +63,12 @@ class NiftiXforms:
         return {NIFTI_XFORMS: {"qform": self.qform.tolist(), "qform_code": self.qform_code,
                                "sform": self.sform.tolist(), "sform_code": self.sform_code}}
 
+    @property
+    def places_nothing(self) -> bool:
+        """Neither form is set (both codes 0): each tool places the voxels by its own guess
+        (nibabel: centred, x flipped; ITK: origin 0, identity direction), and the guesses differ."""
+        return self.qform_code == 0 and self.sform_code == 0
+
     def with_voxel_axes(self, order: list[int]) -> NiftiXforms:
         """The same placements for the voxel array transposed to nibabel axes ``order``."""
         columns = [*order, 3]
@@ -71,7 +77,7 @@ class NiftiXforms:
     def reading_warnings(self, shape: tuple[int, ...]) -> list[str]:
         """What a reader of this header should be told: no placement at all, or two that disagree
         (``shape``: the voxel grid, nibabel order, whose corners measure the disagreement)."""
-        if self.qform_code == 0 and self.sform_code == 0:
+        if self.places_nothing:
             return ["the NIfTI header gives no orientation (qform_code and sform_code are 0): the image's "
                     "position and orientation in space are a guess (nibabel's, from the voxel sizes; other "
                     "tools guess differently); outputs on its grid are written without orientation too, so "

@@ -335,7 +335,7 @@ def test_report_writes_each_pairs_page_and_the_cohort_index(data, tmp_path, caps
     assert code == 0, capsys.readouterr().err
     for case in ("pet7", "pet8"):
         page = (tmp_path / case / "report.html").read_text(encoding="utf-8")
-        assert f"UniFuse QC report: {case}" in page
+        assert f"UniFuse QC report: mri.png + {case}.png ({case})" in page  # the inputs, then the pair folder
     assert "ncc" in (tmp_path / "pet8" / "report.html").read_text(encoding="utf-8")  # the label's metrics
     index = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert 'href="pet7/report.html"' in index and 'href="pet8/report.html"' in index
@@ -979,5 +979,7 @@ def test_an_index_html_unifuse_did_not_write_is_refused_unless_overwrite_and_its
     # Its own index, from an earlier report: refreshed without --overwrite, by both commands.
     (out / "pet7" / "provenance.json").rename(out / "pet7" / "provenance.json.moved")
     assert main(["report", str(out)]) == 0
-    assert "pet7" not in index.read_text(encoding="utf-8")
+    # No longer a finished run: its outputs without provenance.json are listed as unfinished.
+    finished, _, unfinished = index.read_text(encoding="utf-8").partition("Unfinished run folders")
+    assert "pet7" not in finished and "<li>pet7</li>" in unfinished
     assert fuse("--pairs", pairs, "--out", out, *CHEAP, "--report") == 0

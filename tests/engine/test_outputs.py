@@ -23,14 +23,17 @@ from napari_unifuse.engine.outputs import (
     REPORT_FILE,
     STAGING_PREFIX,
     FolderBusyError,
+    known_output_names,
     output_file_names,
     output_folder_lock,
+    quality_file_names,
     refuse_overwriting_inputs,
+    review_map_extension,
     write_fusion_outputs,
     write_text_atomically,
 )
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import read_image
+from napari_unifuse.io import ImageVolume, read_displacement, read_image
 
 
 def save_png(array, path):
@@ -247,3 +250,40 @@ def test_a_text_file_that_cannot_be_written_is_named_not_its_hidden_staging_file
         write_text_atomically(tmp_path / "report.html", "<html></html>")
     assert caught.value.filename == str(tmp_path / "report.html")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_float_output_of_a_sheared_run_is_metaimage_where_simpleitk_places_the_reference(tmp_path):
+    """On a sheared grid (a gantry-tilted CT) only fused/aligned went to .mha: the field, the quality
+    maps and the review maps were NIfTI, whose qform (what ITK reads) cannot hold a shear, so
+    SimpleITK placed them millimetres off the reference and read_displacement refused the field."""
+    import SimpleITK as sitk
+
+    yy, xx = np.indices((20, 20))
+    head = 200.0 * ((yy - 10) ** 2 + (xx - 10) ** 2 < 7**2)
+    tilt = np.radians(15.0)
+    paths = []
+    for name, array in (("reference", head), ("moving", np.roll(head, 1, axis=1) * 0.7)):
+        image = sitk.GetImageFromArray(np.repeat(array[None], 8, axis=0).astype(np.float32))
+        image.SetSpacing((1.2, 1.2, 2.5))
+        image.SetOrigin((-19.0, -25.0, -24.0))
+        image.SetDirection((1, 0, 0, 0, 1, np.sin(tilt), 0, 0, np.cos(tilt)))  # slices step off their normal
+        paths.append(tmp_path / f"{name}.mha")
+        sitk.WriteImage(image, str(paths[-1]))
+    reference = read_image(paths[0])
+    engine = FusionEngine(load_method("identity+average", spatial_dims=3), device="cpu")
+    result = engine.run_fusion(reference, read_image(paths[1]), quality=True, uncertainty_passes=0)
+    assert result.output_extension == "mha" and review_map_extension(result) == "mha"
+    review_map = ImageVolume(np.ones(reference.array.shape, np.float32), reference.geometry, {"role": "folding"})
+
+    written = write_fusion_outputs(result, tmp_path / "out", extra_images={"folding.mha": review_map})
+    assert set(written) == {*output_file_names("mha", "mha"), *quality_file_names(result.quality, "mha"),
+                            "folding.mha"} <= known_output_names()
+    on_reference = sitk.ReadImage(str(paths[0]))
+    for name, path in written.items():
+        if name.endswith(".mha"):
+            placed = sitk.ReadImage(str(path))
+            np.testing.assert_allclose(placed.GetOrigin(), on_reference.GetOrigin(), atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(placed.GetDirection(), on_reference.GetDirection(), atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(placed.GetSpacing(), on_reference.GetSpacing(), atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(read_displacement(written["displacement.mha"], reference.geometry),
+                               result.displacement, atol=1e-4)

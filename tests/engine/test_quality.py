@@ -174,3 +174,31 @@ def test_quality_can_be_left_out_or_run_without_uncertainty(model_2d, tmp_path):
     assert "uncertainty_mm" not in result.quality.thresholds
     written = write_fusion_outputs(result, tmp_path)
     assert "uncertainty.nii.gz" not in written and "invented.nii.gz" in written
+
+
+def air_like_uncertainty_and_one_invented_patch(slices: int = 12) -> QualityMaps:
+    """The uncertainty flags 40-50 % of every slice (as over air: each slice's largest score, but no
+    slice stands out); the invented-structure map flags a small patch of slice 4 only."""
+    maps = volume_maps((slices, 20, 20))
+    for index in range(slices):
+        maps[UNCERTAINTY][index, : 8 + index % 3, :] = 2.0
+    maps[INVENTED][4, :2, :2] = 0.5  # 1 % of the slice
+    return QualityMaps.from_maps(maps, THRESHOLDS)
+
+
+def test_a_flagged_slice_is_named_by_the_map_that_flagged_it_not_by_the_highest_score():
+    quality = air_like_uncertainty_and_one_invented_patch()
+    assert quality.suspicious_slices() == [4]
+    assert quality.slice_scores[UNCERTAINTY][4] > quality.slice_scores[INVENTED][4]
+    assert quality.flagged_by(4) == [INVENTED]
+    assert quality.flagged_by(5) == []
+    assert quality.dominant_problem(4) == "hallucinated structure"
+    summary = quality.to_dict()
+    assert summary["problems"] == {"4": "hallucinated structure"}
+    assert summary["flagged_by"] == {"4": [INVENTED]}
+
+
+def test_key_slices_are_the_flagged_ones_first_then_the_most_suspicious_others():
+    quality = air_like_uncertainty_and_one_invented_patch()
+    assert quality.worst_slices(3) == [2, 5, 8]  # the plain ranking: the air, never slice 4
+    assert quality.key_slices(3) == [4, 2, 5]

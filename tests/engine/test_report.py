@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 from pathlib import Path
@@ -17,27 +18,39 @@ from napari_unifuse.engine.annotations import Annotation, AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import write_fusion_outputs
-from napari_unifuse.engine.quality import quality_maps
-from napari_unifuse.engine.report import INDEX_FILE, REPORT_FILE, SECTIONS, write_index, write_report
+from napari_unifuse.engine.quality import INVENTED, UNCERTAINTY, quality_maps
+from napari_unifuse.engine.report import (
+    BATCH_SUMMARY_FILE,
+    INDEX_FILE,
+    OVERLAY_COLOURS,
+    REPORT_FILE,
+    SECTIONS,
+    write_index,
+    write_report,
+)
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.io import Geometry, ImageVolume
 
 SLICES = 6
 
 
-def constructed_result(blob_radius: float, defect_slice: int = 2) -> FusionResult:
-    """A 3D result whose fused image has a blob of ``blob_radius`` pasted into one slice (none at
-    radius 0), with its quality maps; no model involved."""
+def constructed_result(blob_radius: float, defect_slice: int = 2, *, slices: int = SLICES,
+                       uncertainty: np.ndarray | None = None,
+                       spacing: tuple[float, float, float] = (2.0, 1.0, 1.0)) -> FusionResult:
+    """A 3D result of ``slices`` 40 × 40 slices whose fused image has a blob of ``blob_radius``
+    pasted into one slice (none at radius 0), with its quality maps (``uncertainty``: the map in mm,
+    0.5 mm everywhere by default, under the 1 mm threshold); no model involved."""
     yy, xx = np.indices((40, 40))
     head = ndimage.gaussian_filter(((yy - 20) ** 2 + (xx - 20) ** 2 < 15**2).astype(np.float32), 1.0)
-    reference, moving = np.stack([0.6 * head] * SLICES), np.stack([0.4 * head] * SLICES)
+    reference, moving = np.stack([0.6 * head] * slices), np.stack([0.4 * head] * slices)
     fused = 0.5 * (reference + moving)
     if blob_radius:
         blob = ((yy - 18) ** 2 + (xx - 23) ** 2 < blob_radius**2).astype(np.float32)
         fused[defect_slice] += 0.4 * ndimage.gaussian_filter(blob, 1.0)
-    uncertainty = np.full(reference.shape, 0.5, np.float32)
-    geometry = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
-    probabilities = np.tile([0.7, 0.1, 0.1, 0.1], (SLICES, 1))
+    if uncertainty is None:
+        uncertainty = np.full(reference.shape, 0.5, np.float32)
+    geometry = Geometry(spacing, (0.0, 0.0, 0.0), np.eye(3))
+    probabilities = np.tile([0.7, 0.1, 0.1, 0.1], (slices, 1))
     return FusionResult(
         fused=ImageVolume(fused.astype(np.float32), geometry),
         aligned=ImageVolume(moving, geometry),
@@ -63,16 +76,110 @@ def test_the_report_names_the_run_and_holds_every_section(tmp_path):
     page = path.read_text(encoding="utf-8")
     assert path == run / REPORT_FILE
     assert re.search(r"<title>[^<]*patient-007", page)
+    assert "<title>UniFuse QC report: t1.nii + t2.nii.gz (patient-007)</title>" in page  # the pair, not only its folder
     for key, title in SECTIONS.items():
         assert f'<section id="{key}"><h2>{title}</h2>' in page
     assert "1 of 6 slices flagged" in page and "2 (hallucinated structure)" in page
-    assert "<h3>Slice 2: hallucinated structure" in page  # the worst slice comes first
+    assert "<h3>Slice 2: flagged for hallucinated structure (by invented structure" in page  # flagged first
     assert "bright spot" in page and "dr-a" in page  # the saved annotation
     assert "Q_ssim" in page and "0.8125" in page
     assert "0.50 mm" in page  # the uncertainty summary's median
     assert '"constructed"' in page  # provenance
     assert page.count("data:image/png;base64,") >= 5  # inputs, 3 key slices, degradation, uncertainty
     assert "<script" not in page and "http" not in page  # self-contained
+
+
+def uncertainty_over_much_of_every_slice(slices: int) -> np.ndarray:
+    """2 mm (over the 1 mm threshold) on 40-45 % of every slice, as over the air of a volume: the
+    largest score of each slice, yet no slice stands out from the others."""
+    uncertainty = np.full((slices, 40, 40), 0.5, np.float32)
+    for index in range(slices):
+        uncertainty[index, : 16 + index % 3, :] = 2.0
+    return uncertainty
+
+
+def test_a_slice_flagged_by_one_map_is_named_and_drawn_first_for_that_map(tmp_path):
+    """On a metal run the invented-structure map flagged slices where the uncertainty scored higher
+    but as high as everywhere: the page called them "misalignment" and drew only the air slices."""
+    slices = 10
+    result = constructed_result(blob_radius=4, defect_slice=6, slices=slices,
+                                uncertainty=uncertainty_over_much_of_every_slice(slices))
+    assert result.quality.suspicious_slices() == [6]
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+
+    verdict = page[page.index("<h1>"):page.index("<section")]
+    assert "1 of 10 slices flagged</span>: 6 (hallucinated structure)." in verdict
+    assert "misalignment" not in verdict
+    headings = re.findall(r"<h3>(.*?)</h3>", section(page, "key-slices"))
+    assert headings[0].startswith("Slice 6: flagged for hallucinated structure (by invented structure ")
+    assert len(headings) == 3 and all(": not flagged, " in heading and "alignment uncertainty" in heading
+                                      for heading in headings[1:])
+
+
+def test_a_one_slice_volume_is_the_image_throughout(tmp_path):
+    result = constructed_result(blob_radius=4, defect_slice=0, slices=1)
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+    assert "<span class=flag>The image is flagged</span> (hallucinated structure)." in page
+    assert "<h3>The image: flagged for hallucinated structure" in page
+    assert "Slice 0" not in page and "1 of 1" not in page
+
+
+@pytest.fixture
+def drawn_images(monkeypatch) -> list[tuple[object, np.ndarray, dict]]:
+    """Every ``imshow`` the page's figures make: (axes, image, keyword arguments)."""
+    from matplotlib.axes import Axes
+
+    calls: list[tuple[object, np.ndarray, dict]] = []
+    original = Axes.imshow
+
+    def recording(axes, image, *args, **kwargs):
+        calls.append((axes, np.asarray(image), kwargs))
+        return original(axes, image, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", recording)
+    return calls
+
+
+def test_figures_are_drawn_in_mm_and_colour_inputs_in_colour(tmp_path, drawn_images):
+    """Pixels of 1 mm (rows) by 2 mm (columns) were drawn square, and an RGB input as its grey luma,
+    which turns a PET scale's hot red darker than its cooler yellow."""
+    result = constructed_result(blob_radius=4, spacing=(2.0, 1.0, 2.0))
+    colour = np.zeros((40, 40, 3), np.uint8)  # a colour PNG: RGB is 2-D only
+    colour[:, :20, 0] = 255  # red (hot) on the left, yellow on the right
+    colour[:, 20:, :2] = 255
+    reference = ImageVolume(colour, Geometry((1.0, 2.0), (0.0, 0.0), np.eye(2)), is_rgb=True)
+    write_report(result, tmp_path, reference=reference, moving=result.aligned)
+
+    slices_drawn = [(image, kwargs) for _, image, kwargs in drawn_images if image.shape[:2] == (40, 40)]
+    assert slices_drawn and all(kwargs.get("aspect") == pytest.approx(0.5) for _, kwargs in slices_drawn)
+    in_colour = [image for image, _ in slices_drawn if image.ndim == 3]
+    assert len(in_colour) == 1
+    assert in_colour[0][5, 5] == pytest.approx([1.0, 0.0, 0.0]) and in_colour[0][5, 30] == pytest.approx([1, 1, 0])
+
+
+def test_the_uncertainty_overlay_does_not_cover_the_other_maps(tmp_path, drawn_images):
+    result = constructed_result(blob_radius=4, uncertainty=uncertainty_over_much_of_every_slice(SLICES))
+    write_report(result, tmp_path, reference=result.fused, moving=result.aligned)
+    colours_per_axes: dict[int, set[str]] = {}
+    for axes, _, kwargs in drawn_images:
+        cmap = kwargs.get("cmap")
+        if hasattr(cmap, "colors"):  # the overlays: one flat colour per map
+            colours_per_axes.setdefault(id(axes), set()).update(map(str, cmap.colors))
+    uncertainty, invented = OVERLAY_COLOURS[UNCERTAINTY], OVERLAY_COLOURS[INVENTED]
+    assert any(uncertainty in colours for colours in colours_per_axes.values())
+    assert not any({uncertainty, invented} <= colours for colours in colours_per_axes.values())
+
+
+@pytest.mark.parametrize("kept", ["identity", "simpleitk"])
+def test_the_alignment_guards_decision_is_stated_under_the_verdict(tmp_path, kept):
+    result = constructed_result(blob_radius=4)
+    message = ("kept identity: no reliable improvement (no estimate gained more than 4× its noise)" if kept == "identity"
+               else "kept simpleitk: mutual information +0.485 nats over identity, 7.7× its noise")
+    result.provenance["alignment_guard"] = {"kept": kept, "message": message}
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+    top = page[page.index("<h1>"):page.index("<section")]
+    assert message in top
+    assert ("<p class=flag>Not registered" in top) == (kept == "identity")
 
 
 def test_the_annotation_table_names_the_method_or_the_inputs_and_the_slice_axis(tmp_path):
@@ -143,6 +250,35 @@ def test_the_index_lists_runs_most_suspicious_first_and_links_their_reports(tmp_
     assert "aaa-no-maps <span class=note>(no report: run <code>unifuse fuse --report --overwrite</code>)" in page
 
 
+def test_the_index_counts_a_batchs_pairs_and_lists_failed_and_unfinished_ones_apart(tmp_path):
+    """A batch of 3 pairs, 2 done and 1 failed, looked like 2 runs; a killed pair not at all."""
+    from napari_unifuse.cli.fuse import SUMMARY_FILE
+
+    assert BATCH_SUMMARY_FILE == SUMMARY_FILE
+    batch = tmp_path / "cohort" / "batch"
+    for name in ("pt1", "pt3"):
+        write_fusion_outputs(constructed_result(blob_radius=4), batch / name)
+    (batch / "pt3" / "provenance.json").unlink()  # its outputs written, the run killed before the marker
+    (batch / "killed" / "moving").mkdir(parents=True)  # killed before its first write
+    error = "in/broken.png: cannot be read as an image (PNG/JPG)"
+    (batch / SUMMARY_FILE).write_text(json.dumps({
+        "created": "2026-12-06T16:00:29+00:00", "pairs": 3, "done": 2, "skipped": 0, "failed": 1,
+        "outcomes": [{"name": "pt1", "status": "done"}, {"name": "pt2", "status": "failed", "error": error},
+                     {"name": "pt3", "status": "done"}]}), encoding="utf-8")
+
+    page = write_index(tmp_path / "cohort").read_text(encoding="utf-8")
+
+    finished, _, rest = page.partition("</table>")
+    assert "1 finished runs" in finished and "batch/pt1" in finished
+    assert "pt2" not in finished and "batch/pt3" not in finished and "killed" not in finished
+    assert "batch: 3 pairs, 2 done, 0 skipped, 1 failed" in rest
+    failed = rest[rest.index("Failed pairs"):rest.index("Unfinished run folders")]
+    assert "<td>batch</td><td>pt2</td><td>in/broken.png: cannot be read as an image (PNG/JPG)</td>" in failed
+    unfinished = rest[rest.index("Unfinished run folders"):]
+    assert "<li>batch/killed/moving</li>" in unfinished and "<li>batch/pt3</li>" in unfinished
+    assert "<li>batch/killed</li>" not in unfinished
+
+
 def test_the_index_names_damaged_or_odd_files_instead_of_failing(tmp_path):
     """Valid JSON of another shape (a list, a null suspicion) is as damaged as cut-short JSON."""
     cohort = tmp_path / "cohort"
@@ -178,7 +314,7 @@ def test_the_index_links_odd_folder_names_and_linked_runs(tmp_path):
     assert '<a href="pt%2312/report.html">pt#12</a>' in page
     assert '<a href="caf%E9/report.html">caf\ufffd</a>' in page
     assert '<a href="linked/report.html">linked</a>' in page
-    assert "3 runs" in page
+    assert "3 finished runs" in page
 
 
 def fail_writing(monkeypatch, name: str) -> None:

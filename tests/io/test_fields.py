@@ -74,3 +74,44 @@ def test_a_field_the_disk_cut_short_is_refused_not_left_to_read_wrong(tmp_path, 
     monkeypatch.setattr(fields, "save_nifti", disk_fills_up)
     with pytest.raises(InputError, match=r"the field was not written completely \(is the disk full\?\)"):
         write_displacement(u, Geometry.identity(3), tmp_path / "displacement.nii.gz")
+
+
+def test_the_field_of_a_reference_without_orientation_moves_points_as_simpleitk_reads_the_reference(tmp_path, rng):
+    """A NIfTI reference with qform and sform codes 0 is placed by a guess: nibabel's (the package's
+    geometry: centred, y flipped in LPS) and ITK's (origin 0, identity direction) differ. The field,
+    written without orientation like every output on that grid, held its vectors in nibabel's frame:
+    SimpleITK moved points the wrong way along y, and read_displacement refused the file."""
+    import nibabel as nib
+
+    from napari_unifuse.io import read_image
+
+    shape = (10, 14, 12)  # array order (z, y, x)
+    paths = {}
+    for role, array in (("reference", _smooth(rng, shape, 100.0)), ("moving", _smooth(rng, shape, 100.0))):
+        image = nib.Nifti1Image(array.astype(np.float32).transpose(), None)
+        image.header.set_zooms((1.5, 1.2, 2.0))
+        image.set_qform(None, code=0)
+        image.set_sform(None, code=0)
+        paths[role] = tmp_path / f"{role}.nii.gz"
+        nib.save(image, paths[role])
+    reference, moving = read_image(paths["reference"]), read_image(paths["moving"])
+    u = np.stack([_smooth(rng, shape, 2.0) for _ in range(3)]).astype(np.float32)
+    u[1] += 2.0  # a clear step along y, the axis the two guesses point opposite ways
+
+    path = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
+                              reference_metadata=reference.metadata)
+    assert (nib.load(path).header["qform_code"], nib.load(path).header["sform_code"]) == (0, 0)
+
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    aligned = map_coordinates(moving.array.astype(np.float64), grid + u, order=1)  # moving at x + u
+    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(paths["moving"])),
+                                                  sitk.ReadImage(str(paths["reference"])), transform,
+                                                  sitk.sitkLinear, 0.0))
+    inside = np.all([(grid[k] + u[k] >= 0) & (grid[k] + u[k] <= shape[k] - 1) for k in range(3)], axis=0)
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(theirs[inside], aligned[inside], atol=1e-3 * np.abs(aligned).max())
+
+    np.testing.assert_allclose(read_displacement(path, reference.geometry), u, atol=1e-4)
+    with pytest.raises(InputError, match="differs from the reference grid"):  # still only on its own grid
+        read_displacement(path, read_image(paths["reference"]).geometry.transposed([0, 2, 1]))

@@ -148,3 +148,33 @@ def test_every_file_of_a_dicom_series_opened_at_once_gives_one_layer_named_for_t
 
     assert [layer.name for layer in viewer.layers] == ["io test series"]  # its SeriesDescription
     assert viewer.layers[0].data.shape == (5, 12, 10)
+
+
+# nibabel voxel (i, j, k) → RAS mm, and the array axes (io's z, y, x order) the layer holds them in.
+PERMUTED_GRIDS = {
+    "coronal": (np.array([[1.0, 0, 0, -16], [0, 0, 2.0, -20], [0, 1.5, 0, -15], [0, 0, 0, 1]]), (1, 0, 2)),
+    "sagittal": (np.array([[0, 0, 2.0, -28], [1.0, 0, 0, -16], [0, 1.5, 0, -15], [0, 0, 0, 1]]), (1, 2, 0)),
+}
+
+
+@pytest.mark.parametrize("plane", PERMUTED_GRIDS)
+def test_a_coronal_or_sagittal_nifti_opens_in_napari_where_its_header_puts_it(make_napari_viewer, tmp_path, rng,
+                                                                              plane):
+    """napari draws a 3-D layer's (y, x) plane through its affine; with the file's axis permutation
+    in the affine that plane was a line and vispy raised "Singular matrix", leaving a half-added layer."""
+    affine, axes = PERMUTED_GRIDS[plane]
+    path = tmp_path / f"{plane}.nii.gz"
+    nib.Nifti1Image(rng.random((7, 5, 6)).astype(np.float32), affine).to_filename(path)
+    viewer = make_napari_viewer()
+
+    (layer,) = viewer.open(str(path), plugin="napari-unifuse")
+
+    np.testing.assert_array_equal(layer.data, read_image(path).array.transpose(axes))
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    volume = layer_to_volume(layer)
+    for index in [(0, 0, 0), (2, 3, 4), tuple(n - 1 for n in layer.data.shape)]:
+        file_index = np.empty(3)
+        file_index[list(axes)] = index  # the layer's axis j is the file array's axis axes[j]
+        lps = ras_to_lps @ (affine @ [*file_index[::-1], 1.0])[:3]  # nibabel's (i, j, k) is io's order reversed
+        np.testing.assert_allclose(layer.data_to_world(index), lps[::-1], atol=1e-9)
+        np.testing.assert_allclose((volume.geometry.index_to_world @ [*index, 1.0])[:3], lps[::-1], atol=1e-9)

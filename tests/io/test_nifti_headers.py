@@ -78,6 +78,59 @@ def test_a_file_on_the_reference_grid_is_placed_as_the_reference_by_nibabel_and_
     np.testing.assert_allclose(_itk_corners(written), _itk_corners(reference_path), atol=1e-4)
 
 
+@pytest.mark.parametrize("sform_code", [2, 4])
+def test_a_field_carrying_disagreeing_forms_reads_back_on_its_reference_grid(tmp_path, sform_code):
+    """ITK may place such a field by its qform, the package places the reference by its sform:
+    read_displacement refused the field it had just written ("the field's grid differs")."""
+    reference = read_image(_nifti(tmp_path / "reference.nii.gz", qform_code=1, sform_code=sform_code,
+                                  qform_shift=(10.0, 8.0, 6.0)))
+    u = np.random.default_rng(1).normal(0, 1, (3, *reference.spatial_shape)).astype(np.float32)
+    written = write_displacement(u, reference.geometry, tmp_path / "field.nii.gz",
+                                 reference_metadata=reference.metadata)
+    np.testing.assert_allclose(read_displacement(written, reference.geometry), u, atol=1e-4)
+
+
+def _world(path, index, tool: str) -> np.ndarray:
+    """Where ``tool`` ("nibabel": the sform, "itk": the qform here) places array index ``index``
+    (io's z, y, x order) of the file, in LPS mm, array order."""
+    if tool == "itk":
+        return np.array(sitk.ReadImage(str(path)).TransformContinuousIndexToPhysicalPoint(
+            [float(i) for i in index[::-1]]))[::-1]
+    ras = nib.load(path).affine @ [*index[::-1], 1.0]
+    return np.array([-ras[0], -ras[1], ras[2]])[::-1]
+
+
+def test_a_coronal_volume_in_world_axis_order_is_written_where_each_tool_places_the_original(tmp_path):
+    """napari holds a coronal volume with its axes in world order, so the outputs made on its
+    grid are written on that grid: with the original forms permuted alike, not the geometry in
+    both, ITK (the qform, 3 mm from the sform) and nibabel (the sform) each place every voxel
+    where they place the original's."""
+    coronal = np.array([[1.5, 0, 0, -20], [0, 0, 2.5, -28], [0, 2.0, 0, -36], [0, 0, 0, 1]])  # j → S, k → A
+    qform = coronal.copy()
+    qform[0, 3] += 3.0
+    original = tmp_path / "coronal.nii.gz"
+    image = nib.Nifti1Image(np.random.default_rng(0).random(_SHAPE).astype(np.float32), coronal)
+    image.set_qform(qform, code=1)
+    image.set_sform(coronal, code=4)
+    image.to_filename(original)
+    volume = read_image(original)
+
+    shown = volume.in_world_axis_order()
+
+    axes = (1, 0, 2)  # array (k, j, i) runs along (y, z, x): j's axis goes first
+    np.testing.assert_array_equal(shown.array, volume.array.transpose(axes))
+    assert shown.geometry.world_axis_order() == (0, 1, 2) and shown.in_world_axis_order() is shown
+    written = write_image(shown, tmp_path / "fused.nii.gz")
+    header = nib.load(written).header
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 4)
+    for corner in np.ndindex(2, 2, 2):
+        index = np.multiply(corner, np.subtract(shown.array.shape, 1))
+        file_index = np.empty(3)
+        file_index[list(axes)] = index  # the written axis j is the original array's axis axes[j]
+        for tool in ("nibabel", "itk"):
+            np.testing.assert_allclose(_world(written, index, tool), _world(original, file_index, tool), atol=1e-4)
+
+
 def test_an_image_moved_off_the_reference_grid_is_written_where_its_geometry_says_with_the_codes(tmp_path):
     reference = read_image(_nifti(tmp_path / "reference.nii.gz", qform_code=1, sform_code=4,
                                   qform_shift=(10.0, 8.0, 6.0)))

@@ -18,7 +18,7 @@ from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import Geometry, read_image
 from napari_unifuse.model.checkpoint import read_config
 
-from .conftest import GEOMETRY_3D, add_pair
+from .conftest import GEOMETRY_3D, add_pair, ellipsoid_pair
 
 pytestmark = pytest.mark.gui
 RUN_TIMEOUT_MS = 120_000
@@ -163,6 +163,39 @@ def test_a_one_slice_volume_runs_as_the_2d_image_it_is(make_napari_viewer, qtbot
     qtbot.waitUntil(lambda: workbench.outcome.volume_metrics is not None, timeout=RUN_TIMEOUT_MS)
     for metric in ("Q_abf", "folding %", "NCC to label"):
         assert np.isfinite(workbench.outcome.volume_metrics[metric]), metric
+
+
+def test_a_coronal_nifti_pair_opened_through_the_reader_runs_and_saves_where_its_header_puts_it(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
+    """Opening a coronal NIfTI raised vispy's "Singular matrix" (its axis permutation was in the
+    layer's affine): its layer holds the array in world-axis order, and the run draws and saves on it."""
+    import nibabel as nib
+
+    # nibabel voxel (i, j, k) runs along R, S, A: io's array (k, j, i) is (y, z, x) in the world.
+    coronal = np.array([[1.2, 0, 0, -20], [0, 0, 1.5, 16], [0, 2.0, 0, -12], [0, 0, 0, 1]])
+    reference, moving, _ = ellipsoid_pair((16, 32, 32))  # (z, y, x) as napari shows them
+    paths = {}
+    for name, array in (("coronal T1", reference), ("coronal T2", moving)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.Nifti1Image(array.transpose(2, 0, 1), coronal).to_filename(paths[name])  # (x, z, y) = (i, j, k)
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    for path in paths.values():
+        viewer.open(str(path), plugin="napari-unifuse")
+    assert (workbench.run_panel.reference.value, workbench.run_panel.moving.value) == ("coronal T1", "coronal T2")
+
+    run_and_wait(qtbot, workbench)
+
+    assert workbench.outcome is not None, notifications
+    file_geometry = read_image(paths["coronal T1"]).geometry  # its array axes are (y, z, x)
+    probe, file_probe = (3, 10, 25), (10, 3, 25)
+    names = OutputNames.for_inputs("coronal T1", "coronal T2")
+    for name in (names.fused, names.error, names.quivers):
+        np.testing.assert_allclose(world_of(viewer.layers[name], probe), expected_world(file_geometry, file_probe),
+                                   atol=1e-9)
+    written = workbench.save_outputs()
+    np.testing.assert_allclose(expected_world(read_image(written["fused.nii.gz"]).geometry, probe),
+                               expected_world(file_geometry, file_probe), atol=1e-4)
 
 
 @pytest.fixture
