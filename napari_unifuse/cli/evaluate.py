@@ -49,7 +49,10 @@ A registration that fails on a pair (SimpleITK on a constant image, say) leaves 
 that method and pair NaN, with a line on stderr: the means and the pair-by-pair tests leave the
 pair out for that method, and the run goes on.
 Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (per regime: mean ± std, the
-population std (``ddof=0``), per method and task, and over all tasks, the metrics a copy fools,
+population std (``ddof=0``), each over the pairs where the metric is defined (bone retention
+without CT, a failed registration, a metric whose window does not fit a small pair: NaN, left out;
+``evaluation.csv`` gives that count as ``<metric>_n`` and the table adds ``(n=K)`` where it is below
+the row's n), per method and task, and over all tasks, the metrics a copy fools,
 then UniFuse against each pipeline pair by pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
 other row), ``OUT/paired.csv`` (that comparison) and
 ``OUT/per_pair.csv`` (every value). A folder that already holds these results is refused unless

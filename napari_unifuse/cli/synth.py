@@ -288,7 +288,9 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
         "reference": lambda path: write_image(reference, path),
         "moving": lambda path: write_image(replace(moving_out, source=None), path),
         "label": lambda path: write_image(replace(label_out, source=None), path),
-        "displacement": lambda path: write_displacement(pair.displacement, reference.geometry, path),
+        # With the reference's NIfTI forms: ITK tools place the field where they place the reference.
+        "displacement": lambda path: write_displacement(pair.displacement, reference.geometry, path,
+                                                        reference_metadata=reference.metadata),
         "meta": lambda path: path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8"),  # the marker
     }
     write_files_together(job.out, {files[role].name: write for role, write in writers.items()},

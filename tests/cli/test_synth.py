@@ -101,6 +101,24 @@ def test_field_on_disk_maps_moving_onto_label(kind, png_pair, nifti_pair, tmp_pa
     assert meta["intensity_mapping"]["method"] == ("scale8bit" if kind == "png" else "percentile")
 
 
+def test_the_field_of_a_reference_without_orientation_maps_moving_onto_label_in_simpleitk(nifti_pair, tmp_path):
+    """The field got nibabel's guessed orientation (codes 1) while the images kept codes 0: ITK
+    placed it flipped and shifted against them, and the resample through it missed the label."""
+    unoriented = []
+    for path in nifti_pair:
+        image = nib.load(path)
+        image.set_qform(None, code=0)
+        image.set_sform(None, code=0)
+        unoriented.append(tmp_path / path.name)
+        nib.save(image, unoriented[-1])
+    out = tmp_path / "out"
+    assert synth(*unoriented, out, "--degradation", "none", "--seed", "3") == 0
+    header = nib.load(out / "displacement.nii.gz").header
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (0, 0)
+    restored, label, _ = restore_with_sitk(out, "nii.gz")
+    assert ncc(interior(restored), interior(label)) > 0.98
+
+
 def test_same_seed_same_files(png_pair, tmp_path):
     first, again, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for out, seed in ((first, "7"), (again, "7"), (other, "8")):
