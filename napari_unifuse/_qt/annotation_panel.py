@@ -23,6 +23,7 @@ from napari.layers import Shapes
 from napari.utils.notifications import show_info
 
 from napari_unifuse._napari_io import layer_to_volume
+from napari_unifuse._qt.analysis import LAYER_DIGESTS
 from napari_unifuse._qt.notifications import reports_errors, show_warnings
 from napari_unifuse._qt.outputs import viewed_slice
 from napari_unifuse.engine.annotations import (
@@ -39,7 +40,6 @@ from napari_unifuse.engine.annotations import (
     find_runs,
     slice_of_region,
 )
-from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.errors import InputError
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class AnnotationPanel(widgets.Container):
         """The content hash of the array the run reads from layer ``name`` (None once it is deleted)."""
         if name not in self.viewer.layers:
             return None
-        return sha256_of_array(layer_to_volume(self.viewer.layers[name]).array)
+        return LAYER_DIGESTS(layer_to_volume(self.viewer.layers[name]).array)
 
     @reports_errors("Load annotations")
     def refresh(self) -> None:

@@ -12,7 +12,7 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QSizePolicy
 
 from napari_unifuse._napari_io import layer_to_volume
-from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
+from napari_unifuse._qt.analysis import LAYER_DIGESTS, UNTRAINED, RunRequest
 from napari_unifuse._qt.collapsible import collapsible_section
 from napari_unifuse._qt.notifications import reports_errors
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
@@ -264,7 +264,8 @@ class RunPanel(widgets.Container):
                              label)
         folder = run_folder(
             self.output_root.value, self.reference.value, self.moving.value, checkpoint,
-            (input_fingerprint(reference, self.reference.value), input_fingerprint(moving, self.moving.value)),
+            (input_fingerprint(reference, self.reference.value, LAYER_DIGESTS),
+             input_fingerprint(moving, self.moving.value, LAYER_DIGESTS)),
         )
         return RunSelection(request, self.reference.value, self.moving.value, folder)
 

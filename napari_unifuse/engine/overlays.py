@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def slice_of(array: np.ndarray, slice_axis: int | None, slice_index: int) -> np.
     return np.take(array, int(np.clip(slice_index, 0, array.shape[slice_axis] - 1)), axis=slice_axis)
 
 
-def input_fingerprint(volume: ImageVolume, fallback_name: str) -> str:
+def input_fingerprint(volume: ImageVolume, fallback_name: str,
+                      digest: Callable[[np.ndarray], str] = sha256_of_array) -> str:
     """What identifies an input across sessions: its file path (in-memory layers: ``fallback_name``,
     their layer name) and always its content hash, so a file replaced in place by another image
     is another input, with a run folder of its own, not the old one's flags and outputs."""
@@ -160,8 +162,7 @@ def input_fingerprint(volume: ImageVolume, fallback_name: str) -> str:
         name = str(Path(volume.source).resolve())
     else:
         name = fallback_name
-    digest = sha256_of_array(volume.array)[:16]
-    return f"{name}:{volume.array.shape}:{digest}"
+    return f"{name}:{volume.array.shape}:{digest(volume.array)[:16]}"
 
 
 def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...]) -> Path:
