@@ -375,7 +375,7 @@ def test_meta_json_moves_in_last_and_an_interrupted_pair_leaves_nothing_a_rerun_
     out = tmp_path / "out"
     real_write_displacement = synth_module.write_displacement
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(synth_module, "write_displacement", interrupted)
