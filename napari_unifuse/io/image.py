@@ -85,7 +85,8 @@ class Geometry:
         return cls(spacing, matrix[:n, n], linear / spacing)
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> Geometry:
+    def from_sitk(cls, image: sitk.Image | sitk.ImageFileReader) -> Geometry:
+        """The grid of a SimpleITK image, or of a reader that has read a file's header alone."""
         n = image.GetDimension()
         return cls(
             np.array(image.GetSpacing())[::-1],

@@ -520,11 +520,8 @@ def _image_header(path: Path) -> ImageVolume:
             pass  # io.read_image below says what is wrong with the file
         else:
             if reader.GetDimension() in (2, 3) and reader.GetNumberOfComponents() == 1:
-                ndim = reader.GetDimension()
-                geometry = Geometry(np.array(reader.GetSpacing())[::-1], np.array(reader.GetOrigin())[::-1],
-                                    np.array(reader.GetDirection()).reshape(ndim, ndim)[::-1, ::-1])
                 shape = tuple(int(side) for side in reader.GetSize())[::-1]
-                return ImageVolume(np.broadcast_to(np.float32(0), shape), geometry, {}, str(path))
+                return ImageVolume(np.broadcast_to(np.float32(0), shape), Geometry.from_sitk(reader), {}, str(path))
     return read_image(path)
 
 
