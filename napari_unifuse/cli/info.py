@@ -16,6 +16,7 @@ from typing import Any
 
 from napari_unifuse.classes import DEGRADATION_CLASSES
 from napari_unifuse.cli.arguments import positive_int
+from napari_unifuse.engine.inference import MAX_TILE_VOXELS
 from napari_unifuse.errors import InputError
 from napari_unifuse.model.checkpoint import (
     checkpoint_method,
@@ -93,7 +94,7 @@ def describe_checkpoint(path_or_name: str) -> list[str]:
     crop = training_crop(metadata)
     lines += [f"sidecar: {sidecar}",
               f"name: {metadata.get('name') or path.stem}",
-              "training crop: " + (f"{crop} (inference tiles at this size)" if crop else "none recorded (whole inputs)"),
+              "training crop: " + _crop_use(crop, config.spatial_dims),
               "training (first to last):", *_stages(metadata)]
     validation = metadata.get("validation") or {}
     if validation:
@@ -104,6 +105,18 @@ def describe_checkpoint(path_or_name: str) -> list[str]:
                  + (f" (not calibrated, engine defaults: {', '.join(absent)})" if absent else ""))
     lines += _wrapped("limitations", metadata.get("limitations") or "none recorded")
     return lines
+
+
+def _crop_use(crop: int | None, spatial_dims: int) -> str:
+    """The training crop and what the engine does with it: 2-D images run in tiles of it; 3-D volumes
+    run whole up to MAX_TILE_VOXELS, and only the degradation classifier reads windows of the crop."""
+    if not crop:
+        return "none recorded (whole inputs)"
+    if spatial_dims == 2:
+        return f"{crop} (inference tiles at this size)"
+    largest = round(MAX_TILE_VOXELS ** (1 / 3))
+    return (f"{crop} (the degradation classifier reads windows of this size; volumes run whole up to "
+            f"{largest}³ voxels, in slabs beyond)")
 
 
 def run(args: argparse.Namespace) -> int:

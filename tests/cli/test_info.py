@@ -63,6 +63,18 @@ def test_info_describes_a_shipped_checkpoint(capsys):
     assert "limitations: CPU-sized run" in text
 
 
+@pytest.mark.parametrize(("name", "use"), [
+    ("unifuse-2d-harvard", "training crop: 128 (inference tiles at this size)"),
+    ("unifuse-3d-phantom", "training crop: 32 (the degradation classifier reads windows of this size; volumes run "
+                           "whole up to 176³ voxels, in slabs beyond)"),
+])
+def test_info_says_what_the_engine_does_with_the_training_crop(name, use, capsys):
+    """Only 2-D images run in tiles of the crop; a 3-D volume runs whole (FusionEngine leaves its tile
+    size unset), so telling a 3-D user the crop is the inference tile would misstate what the network sees."""
+    assert main(["info", "--checkpoint", name]) == 0
+    assert use in capsys.readouterr().out.splitlines()
+
+
 def test_info_on_a_lone_weights_file_says_the_sidecar_is_missing(tmp_path, capsys):
     from napari_unifuse.model.checkpoint import checkpoint_dir
 
