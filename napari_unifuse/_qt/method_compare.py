@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from magicgui import widgets
 from napari.qt.threading import create_worker
 
-from napari_unifuse._napari_io import LAYER_METADATA_KEY, volume_to_layer_data
+from napari_unifuse._napari_io import LAYER_METADATA_KEY, layer_to_volume, volume_to_layer_data
 from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
 from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel, RunSelection, WorkerHandover
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions, split_name
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.result import FusionResult
@@ -62,15 +63,18 @@ def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume,
     """Each method's fusion of the pair, in turn (``engines`` caches loaded methods across runs).
 
     ``checkpoint``: the run form's; the method its weights belong to runs with them (a researcher's
-    own UniFuse is compared as trained, not the bundled one), every other with its bundled weights."""
+    own UniFuse is compared as trained, not the bundled one), every other with its bundled weights.
+    A one-slice volume is compared as the 2D image it is, as the main run fuses it
+    (``engine.input_checks.model_dimensions``)."""
     runs = []
+    dims = model_dimensions(reference)
     for name in methods:
         cancel.raise_if_cancelled()  # before loading: a method takes seconds to load, wasted once cancelled
-        weights = _form_weights_for(name, checkpoint, reference.ndim)
-        key = (name, weights, reference.ndim, device, tile_size)
+        weights = _form_weights_for(name, checkpoint, dims)
+        key = (name, weights, dims, device, tile_size)
         if key not in engines:
             progress(f"load {name}", 0, 1)
-            engines[key] = FusionEngine(load_method(name, checkpoint=weights, spatial_dims=reference.ndim),
+            engines[key] = FusionEngine(load_method(name, checkpoint=weights, spatial_dims=dims),
                                         device=device, tile_size=tile_size)
         result = engines[key].run_fusion(reference, moving, progress=lambda stage, done, total, n=name:
                                          progress(f"{n}: {stage}", done, total), cancel=cancel)
@@ -132,12 +136,16 @@ class MethodComparePanel(widgets.Container):
         run_panel.reference.changed.connect(self._match_dimensions)
 
     def _choices(self, _widget=None) -> list[str]:
-        """The methods that take images of the reference's dimensionality (2D before there is one)."""
+        """The methods that take images of the reference's dimensionality (2D before there is one;
+        a one-slice volume is the 2D image it is, as ``run_methods`` compares it)."""
         name = self.run_panel.reference.value
         if not name or name not in self.viewer.layers:
             return method_choices(2)
         layer = self.viewer.layers[name]
-        return method_choices(layer.ndim)  # napari counts an RGB image's spatial axes only
+        try:
+            return method_choices(model_dimensions(layer_to_volume(layer)))
+        except InputError:  # a layer the comparison will refuse, with its message then
+            return method_choices(layer.ndim)  # napari counts an RGB image's spatial axes only
 
     def _match_dimensions(self, _value=None) -> None:
         for combo in (self.first, self.second):
@@ -201,6 +209,8 @@ class MethodComparePanel(widgets.Container):
             return WorkerFailed(error, ACTION)
 
     def _show_progress(self, stage: str, done: int, total: int) -> None:
+        if self._released:  # the comparison is being cancelled and the tab may be gone with the window
+            return
         self.status.value = f"{stage} {done}/{total}"
 
     def cancel(self) -> None:
@@ -215,6 +225,8 @@ class MethodComparePanel(widgets.Container):
 
     def _finished(self) -> None:
         self.worker, self._cancel, self._comparing = None, None, None
+        if self._released:  # the tab may have been deleted with the viewer's window
+            return
         self.run_button.enabled, self.cancel_button.enabled = True, False
         if not self.status.value.startswith("done"):  # `returned` (which says "done") comes before `finished`
             self.status.value = "stopped"

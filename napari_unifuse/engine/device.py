@@ -24,7 +24,7 @@ def resolve_device(requested: str = "auto") -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UniFuseError(
             "CUDA was requested but this torch build or machine has no usable CUDA GPU "
-            f"(torch {torch.__version__}); use --device auto or cpu"
+            f"(torch {torch.__version__}); choose device auto or cpu"
         )
     return torch.device(choice)
 

@@ -55,6 +55,7 @@ from napari_unifuse.engine.quality import (
     QualityMaps,
 )
 from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry, ImageVolume
 
 INDEX_FILE = "index.html"
@@ -97,14 +98,19 @@ def write_report(
     """Write ``out_dir/report.html`` for ``result`` (the run of ``reference`` and ``moving``);
     ``annotations`` default to those saved in ``out_dir``. Returns the page's path. The page is
     written beside it and renamed into place: an interrupt or a full disk leaves the earlier page
-    (or none), never a truncated one."""
+    (or none), never a truncated one. A folder that cannot be written (a file in its path, a
+    read-only or full disk) is an InputError naming it, as for the run's other outputs
+    (``engine.outputs.write_files_together``)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     page = report_page(result, out_dir, reference=reference, moving=moving, annotations=annotations,
                        metrics=metrics)
     path = out_dir / REPORT_FILE
-    # errors="replace": an input path that is not UTF-8 (in the provenance) shows as "?", not a crash.
-    write_text_atomically(path, page, errors="replace")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # errors="replace": an input path that is not UTF-8 (in the provenance) shows as "?", not a crash.
+        write_text_atomically(path, page, errors="replace")
+    except OSError as error:
+        raise InputError(f"cannot write there ({error.strerror or error})", out_dir) from error
     return path
 
 

@@ -22,7 +22,7 @@ def test_cpu_is_always_cpu():
 
 def test_cuda_without_a_gpu_says_what_to_do(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UniFuseError, match="CUDA was requested.*use --device auto or cpu"):
+    with pytest.raises(UniFuseError, match="CUDA was requested.*; choose device auto or cpu$"):
         resolve_device("cuda")
 
 

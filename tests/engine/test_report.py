@@ -29,6 +29,7 @@ from napari_unifuse.engine.report import (
     write_report,
 )
 from napari_unifuse.engine.result import FusionResult
+from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry, ImageVolume
 
 SLICES = 6
@@ -338,7 +339,7 @@ def test_a_full_disk_leaves_the_earlier_page_and_index_whole(tmp_path, monkeypat
     index = write_index(tmp_path / "runs").read_text(encoding="utf-8")
 
     fail_writing(monkeypatch, REPORT_FILE)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(InputError, match=f"^{re.escape(str(run))}: cannot write there \\(No space left on device\\)$"):
         write_report(result, run, reference=result.aligned, moving=result.aligned)
     fail_writing(monkeypatch, INDEX_FILE)
     with pytest.raises(OSError, match="No space left"):
@@ -347,6 +348,16 @@ def test_a_full_disk_leaves_the_earlier_page_and_index_whole(tmp_path, monkeypat
     assert (run / REPORT_FILE).read_text(encoding="utf-8") == page
     assert (tmp_path / "runs" / INDEX_FILE).read_text(encoding="utf-8") == index
     assert sorted(path.name for path in run.parent.parent.rglob("*.part")) == []  # no half-written page left
+
+
+def test_a_runs_folder_that_cannot_hold_the_report_is_named_in_one_line(tmp_path):
+    """A runs folder that is a file (or on a read-only disk) is the user's to fix, like a Save there."""
+    runs = tmp_path / "runs"
+    runs.write_text("not a folder")
+    result = constructed_result(4.0)
+    with pytest.raises(InputError) as caught:
+        write_report(result, runs / "case1", reference=result.aligned, moving=result.aligned)
+    assert str(caught.value) == f"{runs / 'case1'}: cannot write there (Not a directory)"
 
 
 def test_a_run_folder_that_cannot_be_read_is_named_not_silently_left_out(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from qtpy import sip
 
 from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
 from napari_unifuse._qt.run_panel import FROM_FILE, RunPanel
@@ -114,6 +115,26 @@ def test_a_2d_only_method_is_not_offered_for_a_3d_pair(make_napari_viewer):
     assert not any(name.startswith(("mmif-amin", "bsafusion")) for name in choices)
 
 
+def test_a_one_slice_volume_is_compared_as_the_2d_image_it_is(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
+                                                             notifications):
+    """As the main run and the command line fuse it (engine.input_checks.model_dimensions)."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(1, 48, 48), geometry=Geometry.identity(3))  # a 2D slice stored as a 3D volume
+    workbench = UniFuseWorkbench(viewer)
+    workbench.run_panel.output_root.value = str(tmp_path / "runs")
+    workbench.run_panel.device.value = "cpu"
+    workbench.run_panel.checkpoint.value = FROM_FILE
+    workbench.run_panel.checkpoint_file.value = str(checkpoint_files[2])
+    compare = workbench.method_compare
+    assert {"bsafusion", "mmif-amin", "mmif-amin:none"} <= set(compare.first.choices)  # the 2D-only methods
+    compare.first.value, compare.second.value = "unifuse", "identity+max"
+    compare_and_wait(qtbot, compare)
+    assert [run.method for run in compare.runs] == ["unifuse", "identity+max"], notifications
+    assert compare.runs[0].result.provenance["checkpoint"]["path"] == str(checkpoint_files[2].resolve())
+    assert compare.runs[0].result.fused.array.shape == (1, 48, 48)  # on the reference's own grid
+    assert not any(level == "error" for level, _ in notifications), notifications
+
+
 def test_a_cancelled_comparison_ends_in_one_notification_and_adds_nothing(make_napari_viewer, qtbot, tmp_path,
                                                                           notifications, held_loading):
     viewer = make_napari_viewer()
@@ -163,6 +184,22 @@ def test_a_comparison_running_when_the_workbench_is_released_adds_nothing(make_n
     assert METHODS[1] not in held_loading.loaded  # cancelled, not left to run on
     assert not viewer.canvas.grid.enabled
     assert notifications == []  # the closed workbench says nothing, not even "cancelled"
+
+
+def test_closing_the_viewer_during_a_comparison_leaves_its_deleted_widgets_alone(make_napari_viewer, qtbot, tmp_path,
+                                                                                notifications, held_loading):
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    viewer.window.add_dock_widget(workbench, name="UniFuse workbench")  # as napari docks it: closing deletes it
+    compare = workbench.method_compare
+    compare.run_button.clicked()
+    viewer.close()
+    held_loading.go.set()
+    qtbot.waitUntil(lambda: compare.worker is None, timeout=RUN_TIMEOUT_MS)  # its end came after the window's
+    assert sip.isdeleted(compare.run_button.native) and sip.isdeleted(compare.status.native)
+    compare._relay.progressed.emit("fuse", 1, 2)  # a progress report still on its way from the worker
+    assert METHODS[1] not in held_loading.loaded
+    assert notifications == []  # and no traceback: pytest-qt fails a test whose Qt slot raised
 
 
 def test_leaving_side_by_side_gives_grid_mode_back(make_napari_viewer, qtbot, tmp_path, notifications):
