@@ -6,6 +6,10 @@ belong to (so a lone weights file can be checked and rebuilt). ``<name>.json`` n
 same method and config plus the caller's metadata (training command, seed, wall time, device,
 metrics) for people and tools. Bare names resolve to the packaged
 ``resources/checkpoints/<name>.safetensors``.
+
+Loading refuses weights holding NaN or inf (they fuse every image to black) and a sidecar that is
+not a JSON object, that describes other weights than the header's, or whose training crop (which
+the engine tiles and reads the degradation classifier at) is not a side the network can run on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.json_records import standard_json
 from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.costs import minimum_size
 from napari_unifuse.model.networks import config_from_dict, network_class, network_method
 
 SUFFIX = ".safetensors"
@@ -31,6 +36,7 @@ _CONFIG_KEY = "unifuse_config"
 _METHOD_KEY = "method"
 DEFAULT_METHOD = "unifuse"  # checkpoints written before methods were recorded
 _MAX_LISTED = 5
+_RESTORE_SIDECAR = "copy the .json saved with these weights beside them, or remove it to run with defaults"
 
 
 def checkpoint_dir() -> Path:
@@ -107,7 +113,7 @@ def load_checkpoint(path_or_name: str | Path, map_location: str | torch.device =
     model = network_class(found)(config)
     _load_tensors(model, tensors, path)
     model.to(map_location).eval()
-    return model, _read_metadata(path)
+    return model, _read_metadata(path, found, config)
 
 
 def load_weights(model: nn.Module, path_or_name: str | Path, *, except_module: str | None = None,
@@ -129,19 +135,21 @@ def load_weights(model: nn.Module, path_or_name: str | Path, *, except_module: s
             raise CheckpointError(f"{path}: the model has no module {except_module!r} to keep")
         tensors = {**{name: tensor for name, tensor in tensors.items() if not name.startswith(prefix)}, **own}
     _load_tensors(model, tensors, path)
-    return path, _read_metadata(path)
+    return path, _read_metadata(path, found, config)
 
 
 def read_metadata(path_or_name: str | Path) -> dict[str, Any]:
-    """A checkpoint's JSON sidecar (how it was trained), without reading its weights."""
-    return _read_metadata(resolve_checkpoint(path_or_name))
+    """A checkpoint's JSON sidecar (how it was trained), checked against its header; the weights are not read."""
+    path = resolve_checkpoint(path_or_name)
+    method, config, _ = _read(path, "cpu", with_tensors=False)
+    return _read_metadata(path, method, config)
 
 
 def set_metadata_section(path_or_name: str | Path, key: str, value: Any) -> Path:
     """Set one top-level section of a checkpoint's JSON sidecar (a calibration written after
     training); the weights are not touched. Returns the sidecar's path."""
     path = resolve_checkpoint(path_or_name)
-    metadata = _read_metadata(path)
+    metadata = read_metadata(path)
     metadata[key] = value
     sidecar = path.with_suffix(".json")
     sidecar.write_text(standard_json(metadata, indent=2) + "\n", encoding="utf-8")
@@ -162,9 +170,9 @@ def training_crop(metadata: dict[str, Any]) -> int | None:
     """
     config = metadata.get("training_config") or {}
     initial = metadata.get("initial_weights") or {}
-    if config.get("train", {}).get("stage", "full") != "full" and "training_crop" in initial:
+    if (config.get("train") or {}).get("stage", "full") != "full" and "training_crop" in initial:
         return initial["training_crop"]
-    crop = config.get("data", {}).get("crop")
+    crop = (config.get("data") or {}).get("crop")
     if not crop:
         return None
     return int(max(crop)) if isinstance(crop, (list, tuple)) else int(crop)
@@ -238,14 +246,99 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
                                      ("mismatching shapes", wrong_shape)) if names]
     if problems:
         raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(problems)})")
+    _refuse_non_finite(tensors, path)
     model.load_state_dict(tensors)
 
 
-def _read_metadata(path: Path) -> dict[str, Any]:
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # NaN or inf weights (a diverged run, corrupted bytes) load and run, and fuse every image to black.
+    corrupt = [name for name, tensor in tensors.items()
+               if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if corrupt:
+        first = tensors[corrupt[0]]
+        count = int((~torch.isfinite(first)).sum())
+        others = f", and {len(corrupt) - 1} more tensors hold some" if len(corrupt) > 1 else ""
+        raise CheckpointError(f"{path}: corrupt weights: tensor {corrupt[0]} holds {count} NaN or infinite values "
+                              f"of {first.numel()}{others}; download or train the checkpoint again")
+
+
+def _read_metadata(path: Path, method: str, config) -> dict[str, Any]:
+    """The JSON sidecar beside ``path`` ({} when there is none), refused with a CheckpointError naming it
+    unless it is an object that describes the header's ``method`` and ``config`` and whose fields the
+    engine reads (``training_crop``) hold what they should."""
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         return {}
     try:
-        return json.loads(sidecar.read_text(encoding="utf-8"))
+        metadata = json.loads(sidecar.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{sidecar}: not UTF-8 text, so not JSON metadata ({error}); "
+                              f"{_RESTORE_SIDECAR}") from error
     except json.JSONDecodeError as error:
-        raise CheckpointError(f"{sidecar}: invalid JSON metadata ({error})") from error
+        raise CheckpointError(f"{sidecar}: invalid JSON metadata ({error}); {_RESTORE_SIDECAR}") from error
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{sidecar}: the JSON metadata is {_json_kind(metadata)}, not an object of named "
+                              f"fields; {_RESTORE_SIDECAR}")
+    _check_sidecar_describes_the_weights(sidecar, metadata, method, config)
+    training = _section(sidecar, metadata, "training_config")
+    _section(sidecar, training, "training_config.train")  # training_crop and `unifuse info` read its stage
+    _check_crop(sidecar, "training_config.data.crop", _section(sidecar, training, "training_config.data").get("crop"),
+                config)
+    initial = _section(sidecar, metadata, "initial_weights")
+    _check_crop(sidecar, "initial_weights.training_crop", initial.get("training_crop"), config)
+    return metadata
+
+
+def _check_sidecar_describes_the_weights(sidecar: Path, metadata: dict[str, Any], method: str, config) -> None:
+    # A sidecar copied from another checkpoint would apply its training crop and calibrations silently.
+    described = metadata.get(_METHOD_KEY, DEFAULT_METHOD)
+    if described != method:
+        raise CheckpointError(f"{sidecar} describes {described} weights but the weights are {method} ones: the "
+                              f"sidecar belongs to another checkpoint; {_RESTORE_SIDECAR}")
+    if "config" not in metadata:
+        return
+    try:
+        recorded = config_from_dict(method, _section(sidecar, metadata, "config")).to_dict()
+    except (InputError, TypeError) as error:
+        raise CheckpointError(f"{sidecar}: invalid {method} config under 'config' ({error}); "
+                              f"{_RESTORE_SIDECAR}") from error
+    weights = config.to_dict()
+    differing = [key for key in weights if recorded[key] != weights[key]]
+    if differing:
+        key = differing[0]
+        others = f" (and {len(differing) - 1} more config fields differ)" if len(differing) > 1 else ""
+        raise CheckpointError(f"{sidecar} describes {key} {json.dumps(recorded[key])} but the weights are {key} "
+                              f"{json.dumps(weights[key])}{others}: the sidecar belongs to another checkpoint; "
+                              f"{_RESTORE_SIDECAR}")
+
+
+def _section(sidecar: Path, parent: dict[str, Any], key: str) -> dict[str, Any]:
+    """``parent``'s field named by the last part of the dotted ``key``: an object, or {} when absent or null."""
+    value = parent.get(key.rsplit(".", 1)[-1])
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{sidecar}: '{key}' is {_json_kind(value)}, not an object of named fields; "
+                              f"{_RESTORE_SIDECAR}")
+    return value
+
+
+def _check_crop(sidecar: Path, key: str, crop: Any, config) -> None:
+    """A recorded training crop (null: whole images) must be sides the network can have been trained on;
+    the engine tiles and reads its degradation classifier at it."""
+    if crop is None:
+        return
+    smallest = minimum_size(config) if isinstance(config, UniFuseConfig) else config.size_multiple
+    sides = crop if isinstance(crop, list) else [crop]
+    if not sides or not all(isinstance(side, int) and not isinstance(side, bool) and side >= smallest
+                            for side in sides):
+        raise CheckpointError(f"{sidecar}: '{key}' is {json.dumps(crop)}, not a training crop of this network (a "
+                              f"whole number of voxels, at least {smallest}, one or one per axis, or null for whole "
+                              f"images); {_RESTORE_SIDECAR}")
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    kinds = {bool: "true or false", list: "a list", str: "a string", dict: "an object"}
+    return kinds.get(type(value), "a number")
