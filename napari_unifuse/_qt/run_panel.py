@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -138,6 +139,7 @@ class RunPanel(widgets.Container):
         for event in (viewer.layers.events.removed, viewer.layers.events.moved):
             event.connect(self._refresh_layer_choices)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        viewer.layers.events.renamed.connect(self._follow_renamed_layer)
         # (reference, moving) layer names of the last run shown (the workbench sets it): once that
         # pair is done, the next image opened starts the next pair.
         self.last_run_pair: tuple[str, str] | None = None
@@ -148,6 +150,7 @@ class RunPanel(widgets.Container):
         for event in (layer_events.removed, layer_events.moved):
             event.disconnect(self._refresh_layer_choices)
         layer_events.inserted.disconnect(self._on_layer_inserted)
+        layer_events.renamed.disconnect(self._follow_renamed_layer)
 
     # ---- layer choices -------------------------------------------------------------------------
     def _image_layer_names(self, _widget=None) -> list[str]:
@@ -159,6 +162,34 @@ class RunPanel(widgets.Container):
     def _refresh_layer_choices(self, _event=None) -> None:
         for combo in (self.reference, self.moving, self.ground_truth):
             combo.reset_choices()
+
+    def _follow_renamed_layer(self, event) -> None:
+        """A layer renamed in the layer list stays chosen wherever it was, under its new name.
+
+        The boxes hold names: the one that left the layer list is the renamed layer's old name. Its
+        boxes change without signals while the old name is gone from the choices (it would pass
+        through another layer, which counts as another pair and drops the ground truth), then say
+        once that they now hold the new name."""
+        renamed = self.viewer.layers[event.index]
+        current = set(self._image_layer_names())
+        gone = [name for name in self.reference.choices if name not in current]
+        if not isinstance(renamed, Image) or len(gone) != 1:
+            self._refresh_layer_choices()
+            return
+        old, new = gone[0], renamed.name
+        following = [combo for combo in (self.reference, self.moving, self.ground_truth) if combo.value == old]
+        with ExitStack() as quiet:
+            for combo in following:
+                quiet.enter_context(combo.changed.blocked())
+            self._refresh_layer_choices()
+            for combo in following:
+                combo.value = new
+        if self.last_run_pair is not None:
+            self.last_run_pair = _renamed_pair(self.last_run_pair, old, new)
+        if self._pair_of_extras is not None:
+            self._pair_of_extras = _renamed_pair(self._pair_of_extras, old, new)
+        for combo in following:
+            combo.changed.emit(combo.value)
 
     def _on_layer_inserted(self, event) -> None:
         self._refresh_layer_choices()
@@ -250,7 +281,7 @@ class RunPanel(widgets.Container):
         names = self._image_layer_names()
         # While a chosen layer is being deleted, the combo boxes still name it: as good as unchosen.
         if self.reference.value not in names or self.moving.value not in names:
-            raise InputError("open or choose a reference and a moving image layer first", "UniFuse workbench")
+            raise InputError("open or choose a reference and a moving image layer first")
         if self.reference.value == self.moving.value:
             raise InputError("the reference and the moving image are the same layer; choose two images",
                              self.reference.value)
@@ -281,6 +312,10 @@ class RunPanel(widgets.Container):
         self.cancel_button.enabled = running
         if running:
             self.progress.value = 0
+
+
+def _renamed_pair(pair: tuple, old: str, new: str) -> tuple:
+    return tuple(new if name == old else name for name in pair)
 
 
 def _unifuse_metadata(layer) -> dict:

@@ -60,10 +60,13 @@ from napari_unifuse.engine.annotations import INPUTS_SUBJECT, AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.outputs import (
+    METRICS_FILE,
     REVIEW_MAP_NAMES,
     output_folder_lock,
     review_map_extension,
+    write_files_together,
     write_fusion_outputs,
+    write_json,
 )
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
@@ -175,6 +178,9 @@ class UniFuseWorkbench(QWidget):
         self.report_worker = None
         self.last_run_seconds: float | None = None
         self.last_report: Path | None = None
+        # A Save made while the volume metrics were computing: the outcome saved and its folder,
+        # which gets metrics.json when they arrive.
+        self._saved_without_metrics: tuple[RunOutcome, Path] | None = None
         # The pair being run and when it started, until its worker finishes.
         self._running: tuple[RunSelection, float] | None = None
         self._cancel: CancelToken | None = None
@@ -274,8 +280,8 @@ class UniFuseWorkbench(QWidget):
         whatever the form is changed to for the next one."""
         try:
             selection = self.run_panel.selection()
-        except UniFuseError:
-            self.run_panel.folder_label.value = "(choose a reference and a moving image)"
+        except UniFuseError as error:  # what keeps the form from naming a folder, not always the images
+            self.run_panel.folder_label.value = f"({error})"
             if self.outcome is None:
                 self.selection = None  # incomplete form: the Run button explains what is missing
             return
@@ -391,6 +397,7 @@ class UniFuseWorkbench(QWidget):
     def _finish_run(self, metrics: dict[str, float] | WorkerFailed) -> None:
         if self._released:  # closed while the worker ran: its viewer and widgets are no longer ours
             return
+        saved_without_metrics, self._saved_without_metrics = self._saved_without_metrics, None
         if isinstance(metrics, WorkerFailed):
             report_error(metrics.error, metrics.action)
             return
@@ -400,6 +407,14 @@ class UniFuseWorkbench(QWidget):
         self.metrics_panel.show_metrics(volume=metrics)
         self.report_button.enabled = True
         self.run_panel.status.value = "done"
+        if saved_without_metrics is not None and saved_without_metrics[0] is self.outcome:
+            self._save_late_metrics(saved_without_metrics[1], metrics)
+
+    @reports_errors("Save metrics")
+    def _save_late_metrics(self, folder: Path, metrics: dict[str, float]) -> None:
+        """Add metrics.json to the folder this run's outputs were saved to before the metrics came."""
+        written = write_files_together(folder, {METRICS_FILE: lambda path: write_json(metrics, path)})
+        show_info(f"Saved the volume metrics to {written[METRICS_FILE]}")
 
     def _show_outcome(self, outcome: RunOutcome) -> None:
         if self._released:
@@ -565,6 +580,8 @@ class UniFuseWorkbench(QWidget):
             raise InputError("run UniFuse first; there is nothing to save yet")
         folder = self.selection.folder
         result = self.outcome.result
+        # The run's worker computes them after drawing the layers (it is done once they are in).
+        metrics_coming = self.outcome.volume_metrics is None and self.worker is not None
         map_suffix = review_map_extension(result)  # MetaImage where NIfTI would misplace them (a sheared grid)
         maps = dict(zip(REVIEW_MAP_NAMES, (self.outcome.error_map, self.outcome.jacobian, self.outcome.folding),
                         strict=True))
@@ -584,5 +601,10 @@ class UniFuseWorkbench(QWidget):
             written = write_fusion_outputs(result, folder, metrics=self.outcome.volume_metrics,
                                            extra_images=review_maps)
         show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
-        show_info(f"Saved {len(written)} files to {folder}")
+        if metrics_coming:
+            self._saved_without_metrics = (self.outcome, folder)
+            show_info(f"Saved {len(written)} files to {folder}; {METRICS_FILE} will be written when the "
+                      "volume metrics finish")
+        else:
+            show_info(f"Saved {len(written)} files to {folder}")
         return written

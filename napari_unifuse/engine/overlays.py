@@ -169,6 +169,11 @@ def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, f
     """``root/<reference>+<moving>__<checkpoint name>__<hash>``: the same inputs and checkpoint give
     the same folder (so a reopened run finds its annotations), different ones never collide.
 
+    Only the hash identifies the run; the layer names in front are for reading. Files opened in
+    another order, or layers renamed, get other names for the same inputs: a folder under ``root``
+    that ends in the same ``__<checkpoint name>__<hash>`` is that run's, and is reused (of several,
+    the most recently modified).
+
     ``checkpoint``: a bundled checkpoint's name, or a checkpoint file, which counts by its resolved
     path, size and modification time: two runs' ``last.safetensors``, or a file retrained in place,
     are different models and get different folders."""
@@ -179,8 +184,19 @@ def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, f
     else:
         identity = checkpoint
     digest = hashlib.sha256("\n".join((*fingerprints, identity)).encode()).hexdigest()[:10]
-    readable = "__".join(_slug(part) for part in (f"{reference}+{moving}", path.stem))
-    return Path(root).expanduser() / f"{readable}__{digest}"
+    suffix = f"__{_slug(path.stem)}__{digest}"
+    root = Path(root).expanduser()
+    return _existing_run_folder(root, suffix) or root / f"{_slug(f'{reference}+{moving}')}{suffix}"
+
+
+def _existing_run_folder(root: Path, suffix: str) -> Path | None:
+    """The most recently modified folder of ``root`` whose name ends in ``suffix`` (ties: by name)."""
+    try:
+        candidates = [(entry.stat().st_mtime_ns, entry.name) for entry in root.iterdir()
+                      if entry.name.endswith(suffix) and entry.is_dir()]
+    except OSError:  # no runs folder yet, or one that cannot be listed: a new run folder then
+        return None
+    return root / max(candidates)[1] if candidates else None
 
 
 def _slug(text: str) -> str:

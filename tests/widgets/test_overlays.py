@@ -84,3 +84,24 @@ def test_a_file_replaced_in_place_by_another_image_gets_another_run_folder(tmp_p
     assert after != before
     assert run_folder(tmp_path, "T1", "moving", "ckpt", ("T1", before)) != run_folder(
         tmp_path, "T1", "moving", "ckpt", ("T1", after))
+
+
+def test_the_same_inputs_under_other_layer_names_find_their_existing_run_folder(tmp_path):
+    """Files opened in another order, or renamed layers: other names, the same inputs and model."""
+    first = run_folder(tmp_path, "scan", "scan [1]", "ckpt-a", ("mri", "pet"))
+    assert run_folder(tmp_path, "scan [1]", "scan", "ckpt-a", ("mri", "pet")) != first  # nothing there yet
+    first.mkdir()
+    assert run_folder(tmp_path, "scan [1]", "scan", "ckpt-a", ("mri", "pet")) == first
+    assert run_folder(tmp_path, "MRI", "PET", "ckpt-a", ("mri", "pet")) == first
+    assert run_folder(tmp_path, "scan [1]", "scan", "ckpt-b", ("mri", "pet")) != first  # another model
+    assert run_folder(tmp_path, "scan [1]", "scan", "ckpt-a", ("pet", "mri")) != first  # inputs swapped
+
+
+def test_of_several_folders_of_one_run_the_most_recently_modified_is_reused(tmp_path):
+    folders = [run_folder(tmp_path, reference, "moving", "ckpt", ("a", "b")) for reference in ("T1", "MRI")]
+    for folder, seconds in zip(folders, (2_000_000_000, 1_000_000_000), strict=True):
+        folder.mkdir()
+        os.utime(folder, (seconds, seconds))
+    (tmp_path / f"newer-file{folders[0].name[len('T1+moving'):]}").write_text("not a folder")
+    assert folders[0] != folders[1]
+    assert run_folder(tmp_path, "other", "names", "ckpt", ("a", "b")) == folders[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import weakref
@@ -15,7 +16,7 @@ from napari_unifuse._qt.run_panel import FROM_FILE
 from napari_unifuse._qt.workbench import UniFuseWorkbench
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
 from napari_unifuse.engine.provenance import sha256_of_array
-from napari_unifuse.io import Geometry, read_image
+from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 from napari_unifuse.model.checkpoint import read_config
 
 from .conftest import GEOMETRY_3D, add_pair, ellipsoid_pair
@@ -248,6 +249,44 @@ def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(mak
     assert workbench.run_panel.progress.value == workbench.run_panel.progress.max
 
 
+def test_a_save_before_the_volume_metrics_adds_metrics_json_when_they_arrive(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, held_volume_metrics):
+    """The notification says to press Save as soon as the layers are in: the metrics come later."""
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: workbench.outcome is not None, timeout=RUN_TIMEOUT_MS)
+    folder = workbench.selection.folder
+    workbench.save_outputs()
+    assert (folder / "provenance.json").is_file() and not (folder / "metrics.json").exists()
+    saved = [message for level, message in notifications if message.startswith("Saved")]
+    assert saved and "metrics.json will be written when the volume metrics finish" in saved[-1], notifications
+
+    held_volume_metrics.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    written = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert written == pytest.approx(workbench.outcome.volume_metrics, nan_ok=True)
+    assert any(message == f"Saved the volume metrics to {folder / 'metrics.json'}" for _, message in notifications)
+    assert not any(level == "error" for level, _ in notifications), notifications
+
+
+def test_metrics_that_arrive_after_a_save_go_only_into_the_folder_of_the_run_they_are_of(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, held_volume_metrics):
+    """Saved before its metrics, then a new run: the old run's save is no longer what the metrics describe."""
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: workbench.outcome is not None, timeout=RUN_TIMEOUT_MS)
+    workbench.save_outputs()
+    folder = workbench.selection.folder
+    workbench.outcome = copy.copy(workbench.outcome)  # another outcome on screen by the time its metrics come
+    held_volume_metrics.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert workbench.outcome.volume_metrics is not None and not (folder / "metrics.json").exists()
+
+
 def test_closing_the_workbench_while_the_metrics_are_computed_leaves_the_viewer_alone(
         make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, held_volume_metrics):
     viewer = make_napari_viewer()
@@ -368,10 +407,69 @@ def test_deleting_an_input_layer_leaves_no_run_chosen_until_another_is(make_napa
     for name in ("T1", "T2"):  # clearing the list: the form names a deleted layer while it catches up
         viewer.layers.remove(name)
     assert workbench.selection is None
-    assert workbench.run_panel.folder_label.value == "(choose a reference and a moving image)"
+    # Both boxes fell back to the one image left: the label says so, not "choose the images".
+    assert workbench.run_panel.folder_label.value == ("(T2 ground truth: the reference and the moving image are "
+                                                      "the same layer; choose two images)")
     viewer.add_image(np.zeros((16, 48, 48), np.float32), name="next moving")
     workbench.run_panel.reference.value, workbench.run_panel.moving.value = "T2 ground truth", "next moving"
     assert workbench.selection.moving_name == "next moving"
+
+
+def test_a_renamed_input_layer_stays_chosen_under_its_new_name(make_napari_viewer, tmp_path, checkpoint_files):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    form = workbench.run_panel
+    assert (form.reference.value, form.moving.value, form.ground_truth.value) == ("T1", "T2", "T2 ground truth")
+    viewer.layers["T1"].name = "MRI"
+    viewer.layers["T2 ground truth"].name = "clean"
+    assert (form.reference.value, form.moving.value, form.ground_truth.value) == ("MRI", "T2", "clean")
+    assert "MRI" in form.reference.choices and "T1" not in form.moving.choices
+    assert (workbench.selection.reference_name, workbench.selection.moving_name) == ("MRI", "T2")
+    assert form.folder_label.value == str(workbench.selection.folder)
+    assert "T2 → MRI" in workbench.annotation_panel.subject.value
+    form.moving.value = "MRI"  # a renamed layer can be chosen like any other
+    assert form.moving.value == "MRI"
+
+
+def test_the_folder_label_names_what_keeps_the_form_from_a_run(make_napari_viewer, tmp_path, checkpoint_files):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    workbench.run_panel.checkpoint_file.value = str(tmp_path)  # a folder, not a checkpoint file
+    label = workbench.run_panel.folder_label.value
+    assert "choose a .safetensors checkpoint file" in label and "reference" not in label
+
+
+def test_a_pair_of_files_opened_in_the_other_order_finds_its_annotations(make_napari_viewer, tmp_path,
+                                                                         checkpoint_files):
+    """Files of one name open as 'scan' and 'scan [1]' in the order opened: the run folder's readable
+    part differs, its inputs do not."""
+    reference, moving, _ = ellipsoid_pair((32, 32))
+    paths = {}
+    for role, array in (("mri", reference), ("pet", moving)):
+        paths[role] = tmp_path / role / "scan.nii.gz"
+        paths[role].parent.mkdir()
+        write_image(ImageVolume(array, Geometry.identity(2)), paths[role])
+
+    def open_pair(order):
+        viewer = make_napari_viewer()
+        for role in order:
+            viewer.open(str(paths[role]), plugin="napari-unifuse")
+        workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+        by_role = {role: layer.name for role in order for layer in viewer.layers
+                   if layer.metadata["unifuse"]["source"] == str(paths[role])}
+        workbench.run_panel.reference.value, workbench.run_panel.moving.value = by_role["mri"], by_role["pet"]
+        return workbench
+
+    first = open_pair(("mri", "pet"))
+    first.annotation_panel.flag_slice.clicked()
+    flagged = first.annotation_panel.listing.choices
+    assert len(flagged) == 1
+    second = open_pair(("pet", "mri"))
+    assert second.run_panel.reference.value == "scan [1]"  # another name for the same input
+    assert second.selection.folder == first.selection.folder
+    assert second.annotation_panel.listing.choices == flagged
 
 
 def test_annotations_are_on_disk_at_once_and_reload_with_the_run(make_napari_viewer, qtbot, tmp_path,
