@@ -58,6 +58,7 @@ from napari_unifuse.io.image import Geometry
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.dense_refinement import dense_refinement
 from napari_unifuse.model.matching import structural_matching
+from napari_unifuse.model.mi_refinement import never_cancelled
 
 REGISTRATION_METHODS = ("identity", "sitk", "ants", "matching", "dense")
 FUSION_RULES = ("max", "average", "wavelet")
@@ -354,10 +355,13 @@ def register_matching(reference: np.ndarray, moving: np.ndarray, geometry: Geome
                                config.matching_range)[0].numpy()
 
 
-def refine_dense(reference: np.ndarray, moving: np.ndarray, start: np.ndarray) -> np.ndarray:
+def refine_dense(reference: np.ndarray, moving: np.ndarray, start: np.ndarray,
+                 check_cancelled: Callable[[], None] = never_cancelled) -> np.ndarray:
     """``start`` (ndim, *spatial), voxels, refined by the dense MIND instance optimisation
-    (``model.dense_refinement``) of ``moving`` onto ``reference`` ([0, 1], same grid)."""
-    return dense_refinement(_batch(moving), _batch(reference), _batch(start, channels=True))[0].numpy()
+    (``model.dense_refinement``) of ``moving`` onto ``reference`` ([0, 1], same grid), which calls
+    ``check_cancelled`` at every step (what it raises stops it)."""
+    return dense_refinement(_batch(moving), _batch(reference), _batch(start, channels=True),
+                            check_cancelled)[0].numpy()
 
 
 def register_dense(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -182,18 +182,19 @@ class _PreparedImage:
 
 
 def fallback_plan(
-    device: torch.device, padded_shape: tuple[int, ...], tile_size: TileSize, size_multiple: int
+    device: torch.device, padded_shape: tuple[int, ...], tile_size: TileSize, smallest_side: int
 ) -> list[Attempt]:
     """The (device, tile size) attempts made in turn while inference runs out of memory.
 
-    First the requested tile size; then cubes of half its largest side again and again down to one
-    size multiple; on CUDA, finally the CPU with the requested tile size (slow, but host memory is
-    usually larger).
+    First the requested tile size; then cubes of half its largest side again and again down to
+    ``smallest_side``, the smallest tile the model takes (``input_checks.minimum_padded_side``, as
+    for a ``--tile-size``); on CUDA, finally the CPU with the requested tile size (slow, but host
+    memory is usually larger).
     """
     attempts: list[Attempt] = [(device, tile_size)]
     side = max(padded_shape) if tile_size is None else max(tile_size) if isinstance(tile_size, tuple) else tile_size
-    while side > size_multiple:
-        side = max(size_multiple, side // 2)
+    while side > smallest_side:
+        side = max(smallest_side, side // 2)
         attempts.append((device, side))
     if device.type == "cuda":
         attempts.append((torch.device("cpu"), tile_size))
@@ -477,14 +478,15 @@ class FusionEngine:
         # Zero padding: after normalisation 0 is background, what the model saw around anatomy.
         pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
         tile_size = self.tile_size or auto_tile_shape(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
-        attempts = fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, multiple)
+        attempts = fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, minimum_padded_side(self.config))
         cancel.raise_if_cancelled()
         with timer.stage("fuse"):
             # Structural matching runs once on the whole input (one rigid estimate for every tile,
             # and no tile reads past its edge for it); tiles get the moved image and their part of
             # the field.
             with torch.no_grad():
-                matching = self.method.initial_alignment(pair[None, 0:1], pair[None, 1:2], spacing=spacing).cpu()
+                matching = self.method.initial_alignment(pair[None, 0:1], pair[None, 1:2], spacing=spacing,
+                                                         check_cancelled=cancel.raise_if_cancelled).cpu()
         initial_name, initial, initial_decision = self.method.initial_alignment_name, matching, None
         refined = None
         if self.weigh_dense_refinement:
@@ -493,7 +495,8 @@ class FusionEngine:
             # SimpleITK 1.5 s longer, where both fit in SimpleITK's time on a core each).
             cancel.raise_if_cancelled()
             with stage(DENSE_STAGE), one_thread() if classical is not None else nullcontext():
-                refined = refine_dense(reference, moving, matching[0][crop].numpy())
+                refined = refine_dense(reference, moving, matching[0][crop].numpy(),
+                                       check_cancelled=cancel.raise_if_cancelled)
         if classical is not None:
             with stage(CLASSICAL_STAGE):
                 initial_name, initial, initial_decision = self._matching_or_simpleitk(
@@ -670,7 +673,8 @@ class FusionEngine:
             return predict
 
         blended, _ = self._tiled(predictor, (pair,), CLASSIFY_STAGE,
-                                 fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, multiple),
+                                 fallback_plan(self.device, tuple(pair.shape[1:]), tile_size,
+                                               minimum_padded_side(self.config)),
                                  progress, cancel, warnings)
         if blended.per_tile.numel() == 0:
             return None
@@ -707,10 +711,14 @@ class FusionEngine:
                 if index + 1 < len(attempts):
                     next_device, next_size = attempts[index + 1]
                     warnings.append(
-                        f"out of memory on {device} with tiles of {tile_shape}; retrying with "
-                        f"tile size {next_size or 'whole input'} on {next_device}")
-        raise UniFuseError(f"out of memory even with {tile_shape} tiles on {device}; "
-                           "free memory or use a smaller --tile-size")
+                        f"the {stage!r} stage ran out of memory on {device} with tiles of {tile_shape}; "
+                        f"retrying it with tile size {next_size or 'whole input'} on {next_device}")
+        # Every plan ends on the CPU; only tiles above the model's smallest leave a smaller --tile-size to try.
+        if max(tile_shape) > minimum_padded_side(self.config):
+            remedy = "free memory or use a smaller --tile-size"
+        else:
+            remedy = "these are the smallest tiles this model takes: free memory (close other programs) and run again"
+        raise UniFuseError(f"out of memory in the {stage!r} stage even with {tile_shape} tiles on {device}; {remedy}")
 
     def _quality(
         self,

@@ -24,12 +24,13 @@ It is the classical bar a learned fine alignment (FA) must beat, an evaluation b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from napari_unifuse.model.matching import mind
-from napari_unifuse.model.mi_refinement import optimising
+from napari_unifuse.model.mi_refinement import never_cancelled, optimising
 from napari_unifuse.model.smoothing import gaussian_blur
 from napari_unifuse.model.warp import compose, warp
 
@@ -80,11 +81,13 @@ def _describe(image: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Ten
     return descriptor, variance
 
 
-def dense_refinement(moving: torch.Tensor, reference: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def dense_refinement(moving: torch.Tensor, reference: torch.Tensor, start: torch.Tensor,
+                     check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
     """``start`` (B, ndim, *spatial) composed with a dense correction that aligns the MIND
     descriptors of ``moving`` warped by it to those of ``reference`` (both (B, 1, *spatial) in
     [0, 1]); the whole displacement, voxels. A pair with no structure, or too thin along an axis
-    for a level (``_MIN_LEVEL_SIDE``), keeps ``start``."""
+    for a level (``_MIN_LEVEL_SIDE``), keeps ``start``. ``check_cancelled`` is called at every Adam
+    step; what it raises stops the refinement."""
     spatial = tuple(reference.shape[2:])
     mode = ("bilinear", "trilinear")[len(spatial) - 2]
     factor = level_factor(spatial)
@@ -105,6 +108,7 @@ def dense_refinement(moving: torch.Tensor, reference: torch.Tensor, start: torch
         optimiser = torch.optim.Adam([correction], lr=_LEARNING_RATE)
         weights = structure / structure.flatten(1).sum(1).view(-1, *[1] * (structure.dim() - 1))
         for _ in range(_ITERATIONS):
+            check_cancelled()
             smooth = _box_smooth(correction)
             moved = warp(moving_descriptor, smooth, padding_mode="border")
             similarity = ((moved - reference_descriptor) ** 2).mean(dim=1, keepdim=True)

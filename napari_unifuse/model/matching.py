@@ -47,12 +47,13 @@ rounding of a sum, whose order depends on the thread count, into pixels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from napari_unifuse.model.correlation import local_distance
-from napari_unifuse.model.mi_refinement import FOREGROUND, mi_refinement
+from napari_unifuse.model.mi_refinement import FOREGROUND, mi_refinement, never_cancelled
 from napari_unifuse.model.repeatable import on_one_thread
 from napari_unifuse.model.smoothing import gaussian_blur
 from napari_unifuse.model.warp import compose, identity_grid, warp
@@ -261,41 +262,47 @@ def pyramid_factors(spatial: tuple[int, ...], spacing: tuple[float, ...] | None 
 @torch.no_grad()
 def structural_matching(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
                         smoothing_cells: float = 2.0, mutual_information_refinement: bool = True,
-                        spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+                        spacing: tuple[float, ...] | None = None,
+                        check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
     """The displacement (B, ndim, *spatial), voxels, aligning ``moving`` to ``reference`` (both
     (B, 1, *spatial) in [0, 1]), found on a level of the image pyramid (see the module docstring;
     ``spacing``: the voxel size per array axis, mm, isotropic when None). ``search_range`` is in
-    full-resolution voxels, ``step`` in level voxels."""
+    full-resolution voxels, ``step`` in level voxels. ``check_cancelled`` is called between the
+    matching's steps and at every step of its MI refinement; what it raises stops the matching."""
     spatial = tuple(reference.shape[2:])
     factors = pyramid_factors(spatial, spacing)
     if all(factor == 1 for factor in factors):
-        return _match_level(moving, reference, step, search_range, smoothing_cells, mutual_information_refinement)
+        return _match_level(moving, reference, step, search_range, smoothing_cells, mutual_information_refinement,
+                            check_cancelled)
     pool = (F.avg_pool2d, F.avg_pool3d)[len(spatial) - 2]
     level_moving, level_reference = (pool(x, factors, ceil_mode=True) for x in (moving, reference))
     level_range = max(1, math.ceil(search_range / max(factors)))
     level = _match_level(level_moving, level_reference, step, level_range, smoothing_cells,
-                         mutual_information_refinement)
+                         mutual_information_refinement, check_cancelled)
     scale = torch.tensor(factors, dtype=level.dtype, device=level.device).view(1, -1, *[1] * len(spatial))
     # Level voxel centres sit at factor·i + (factor − 1)/2: align_corners=False maps them so.
     return _upsample_field(level * scale, spatial)
 
 
 def _match_level(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
-                 smoothing_cells: float, mutual_information_refinement: bool) -> torch.Tensor:
+                 smoothing_cells: float, mutual_information_refinement: bool,
+                 check_cancelled: Callable[[], None]) -> torch.Tensor:
     """Steps 1-5 of the module docstring on one pyramid level; an axis too thin for a block of
     cells is matched in-plane, slice by slice (zero motion along it)."""
     spatial = tuple(reference.shape[2:])
     thin = [axis for axis, size in enumerate(spatial) if size < _BLOCK * step]
     if len(spatial) == 3 and len(thin) == 1:
         return _match_in_plane(moving, reference, thin[0], step, search_range, smoothing_cells,
-                               mutual_information_refinement)
+                               mutual_information_refinement, check_cancelled)
     if thin:  # a 2-D image or a volume too small along two axes: nothing to match blocks on
         return moving.new_zeros(moving.shape[0], len(spatial), *spatial)
-    return _match_blocks(moving, reference, step, search_range, smoothing_cells, mutual_information_refinement)
+    return _match_blocks(moving, reference, step, search_range, smoothing_cells, mutual_information_refinement,
+                         check_cancelled)
 
 
 def _match_in_plane(moving: torch.Tensor, reference: torch.Tensor, axis: int, step: int, search_range: int,
-                    smoothing_cells: float, mutual_information_refinement: bool) -> torch.Tensor:
+                    smoothing_cells: float, mutual_information_refinement: bool,
+                    check_cancelled: Callable[[], None]) -> torch.Tensor:
     """2-D matching of every slice across ``axis`` of a (B, 1, *spatial) volume, as one batch."""
     batch, spatial = moving.shape[0], tuple(moving.shape[2:])
 
@@ -304,14 +311,15 @@ def _match_in_plane(moving: torch.Tensor, reference: torch.Tensor, axis: int, st
         return x.reshape(-1, 1, *x.shape[3:])
 
     planar = _match_level(slices(moving), slices(reference), step, search_range, smoothing_cells,
-                          mutual_information_refinement)  # (B·n, 2, *plane)
+                          mutual_information_refinement, check_cancelled)  # (B·n, 2, *plane)
     planar = planar.reshape(batch, spatial[axis], 2, *planar.shape[2:]).movedim(1, 2)  # (B, 2, n, *plane)
     field = torch.cat([planar[:, :axis], planar.new_zeros(batch, 1, *planar.shape[2:]), planar[:, axis:]], dim=1)
     return field.movedim(2, 2 + axis)
 
 
 def _match_blocks(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
-                  smoothing_cells: float, mutual_information_refinement: bool) -> torch.Tensor:
+                  smoothing_cells: float, mutual_information_refinement: bool,
+                  check_cancelled: Callable[[], None]) -> torch.Tensor:
     """Rigid candidates on grids of ``step`` and 2·``step`` voxels (the coarse one sees the outline of a
     blurry PET/SPECT image better, the fine one the detail of CT) and no motion at all; each image
     keeps the candidate of highest mutual information, which is refined by a rigid search ±2 cells
@@ -324,13 +332,18 @@ def _match_blocks(moving: torch.Tensor, reference: torch.Tensor, step: int, sear
     candidates = [torch.zeros_like(moving).expand(-1, spatial_dims, *[-1] * spatial_dims)]
     # A grid needs a block of cells along every axis to match blocks on (``step`` always has one).
     for grid_step in (g for g in (step, 2 * step) if min(reference.shape[2:]) >= _BLOCK * g):
+        check_cancelled()
         candidates.append(rigid_matching(moving, reference, grid_step, max(1, math.ceil(search_range / grid_step))))
     scores = torch.stack([mutual_information(warp(moving, field), reference) for field in candidates])
     best = scores.argmax(dim=0)
     chosen = torch.stack(candidates)[best, torch.arange(moving.shape[0])]
+    check_cancelled()
     refined = compose(chosen, rigid_matching(warp(moving, chosen, padding_mode="border"), reference, step, 2))
+    check_cancelled()
     local = local_matching(warp(moving, refined, padding_mode="border"), reference, step, smoothing_cells)
     structural = compose(refined, local)
     if not mutual_information_refinement:
         return structural
-    return mi_refinement(moving, reference, structural, candidates, spacing=_MI_CONTROL_SPACING)
+    check_cancelled()
+    return mi_refinement(moving, reference, structural, candidates, spacing=_MI_CONTROL_SPACING,
+                         check_cancelled=check_cancelled)

@@ -25,6 +25,7 @@ on copies of the inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -157,6 +158,11 @@ def rigid_displacement(rotation: torch.Tensor, shift: torch.Tensor, positions: t
     return (moved - flat).reshape(rotation.shape[0], spatial_dims, *positions.shape[1:])
 
 
+def never_cancelled() -> None:
+    """The default ``check_cancelled`` of the optimisations here and in the matching: a callable
+    they call once per step, which stops the work by raising (the engine passes its Cancel's)."""
+
+
 @contextmanager
 def optimising():
     # The engine runs under inference_mode; the optimisation needs autograd on its own tensors.
@@ -164,7 +170,8 @@ def optimising():
         yield
 
 
-def optimise_rigid(moving: torch.Tensor, reference: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def optimise_rigid(moving: torch.Tensor, reference: torch.Tensor, start: torch.Tensor,
+                   check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
     """The displacement "``start``, then the rigid motion of highest soft MI" (B, ndim, *spatial),
     optimised from no extra motion on a coarse and a fine level."""
     spatial = tuple(reference.shape[2:])
@@ -180,6 +187,7 @@ def optimise_rigid(moving: torch.Tensor, reference: torch.Tensor, start: torch.T
             optimiser = torch.optim.Adam([{"params": [rotation], "lr": _RIGID_ANGLE_RATE},
                                           {"params": [shift], "lr": _RIGID_SHIFT_RATE * factor}])
             for _ in range(iterations):
+                check_cancelled()
                 motion = rigid_displacement(rotation, shift, level.positions, spatial) / factor
                 loss = -level.score(compose(level_start, motion)).sum()
                 optimiser.zero_grad()
@@ -191,7 +199,7 @@ def optimise_rigid(moving: torch.Tensor, reference: torch.Tensor, start: torch.T
 
 
 def optimise_deformable(moving: torch.Tensor, reference: torch.Tensor, start: torch.Tensor,
-                        spacing: int) -> torch.Tensor:
+                        spacing: int, check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
     """``start`` plus a smooth displacement on a control grid of ``spacing`` voxels that maximises
     the soft MI on the fine level, with a diffusion penalty (B, ndim, *spatial)."""
     spatial = tuple(reference.shape[2:])
@@ -205,6 +213,7 @@ def optimise_deformable(moving: torch.Tensor, reference: torch.Tensor, start: to
                                   *[size // spacing + 1 for size in spatial], requires_grad=True)
         optimiser = torch.optim.Adam([control], lr=_DEFORMABLE_RATE)
         for _ in range(_DEFORMABLE_ITERATIONS):
+            check_cancelled()
             dense = F.interpolate(control, size=level.level_spatial, mode=mode, align_corners=True)
             stiffness = sum(control.diff(dim=axis).pow(2).mean() for axis in range(2, control.dim()))
             loss = (-level.score(level_start + dense / factor).sum()
@@ -224,7 +233,8 @@ def score_fields(moving: torch.Tensor, reference: torch.Tensor, fields: list[tor
 
 
 def mi_refinement(moving: torch.Tensor, reference: torch.Tensor, structural: torch.Tensor,
-                  rigid_starts: list[torch.Tensor], spacing: int) -> torch.Tensor:
+                  rigid_starts: list[torch.Tensor], spacing: int,
+                  check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
     """Of ``structural`` (the matching's estimate, kept as it is) and each of ``rigid_starts``
     refined by ``optimise_rigid``, the field of highest soft MI, then ``optimise_deformable``.
 
@@ -232,12 +242,12 @@ def mi_refinement(moving: torch.Tensor, reference: torch.Tensor, structural: tor
     arithmetic rounds differently from a single pair's, so a batch would not give each pair the
     result it gets alone (measured: up to 2.6 px on a 64² phantom)."""
     return torch.cat([_refine_pair(moving[i:i + 1], reference[i:i + 1], structural[i:i + 1],
-                                   [start[i:i + 1] for start in rigid_starts], spacing)
+                                   [start[i:i + 1] for start in rigid_starts], spacing, check_cancelled)
                       for i in range(moving.shape[0])])
 
 
 def _refine_pair(moving: torch.Tensor, reference: torch.Tensor, structural: torch.Tensor,
-                 rigid_starts: list[torch.Tensor], spacing: int) -> torch.Tensor:
+                 rigid_starts: list[torch.Tensor], spacing: int, check_cancelled: Callable[[], None]) -> torch.Tensor:
     # A flat image has zero MI for every motion, and Adam, which normalises the gradient, would
     # turn the rounding noise of that zero into steps.
     if moving.std() <= _MIN_CONTRAST or reference.std() <= _MIN_CONTRAST:
@@ -245,7 +255,8 @@ def _refine_pair(moving: torch.Tensor, reference: torch.Tensor, structural: torc
     # All starts in one batch: one pass of autograd costs far less than one for each.
     count = len(rigid_starts)
     optimised = optimise_rigid(moving.expand(count, *moving.shape[1:]),
-                               reference.expand(count, *reference.shape[1:]), torch.cat(rigid_starts))
+                               reference.expand(count, *reference.shape[1:]), torch.cat(rigid_starts),
+                               check_cancelled)
     candidates = torch.cat([structural, optimised])
     best = int(score_fields(moving, reference, list(candidates.split(1))).argmax())
-    return optimise_deformable(moving, reference, candidates[best:best + 1], spacing)
+    return optimise_deformable(moving, reference, candidates[best:best + 1], spacing, check_cancelled)

@@ -11,6 +11,7 @@ high-quality reference I_R, (B, in_channels, *spatial) in [0, 1], and returns a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.dapl import DegradationAwarePromptLearning
 from napari_unifuse.model.fa import FeatureAlignment
 from napari_unifuse.model.matching import structural_matching
+from napari_unifuse.model.mi_refinement import never_cancelled
 from napari_unifuse.model.oufr import OmniUnifiedFeatureRepresentation
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.ufrf import RestorationFusion
@@ -67,17 +69,19 @@ class UniFuse(nn.Module):
         return warp(moving, initial, padding_mode="border")
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
-                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+                          spacing: tuple[float, ...] | None = None,
+                          check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
         """Structural matching's field (B, ndim, *spatial) for the pair (zero when
         ``config.matching_range`` is 0). Not trained; the engine computes it once for a whole
         volume, so that tiles share one estimate, and passes the voxel ``spacing`` (mm, array
-        axes) so that the matching's image pyramid pools towards isotropic voxels."""
+        axes) so that the matching's image pyramid pools towards isotropic voxels, and its
+        ``check_cancelled``, which the matching calls at every step and which stops it by raising."""
         cfg = self.config
         if cfg.matching_range == 0:
             return moving.new_zeros(moving.shape[0], cfg.spatial_dims, *moving.shape[2:])
         return structural_matching(moving, reference, cfg.matching_step, cfg.matching_range,
                                    mutual_information_refinement=cfg.matching_mutual_information,
-                                   spacing=spacing)
+                                   spacing=spacing, check_cancelled=check_cancelled)
 
     def refine(self, moving: torch.Tensor, reference: torch.Tensor,
                initial: torch.Tensor, *, fixed_field: bool = False,

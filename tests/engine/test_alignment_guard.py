@@ -329,7 +329,7 @@ def test_the_bundled_3d_checkpoint_carries_a_calibrated_blur_and_the_2d_one_does
 def _no_matching(monkeypatch) -> None:
     """The structural matching finds nothing, so only SimpleITK can align the pair."""
     monkeypatch.setattr(UniFuse, "initial_alignment",
-                        lambda self, moving, reference, spacing=None: moving.new_zeros(
+                        lambda self, moving, reference, spacing=None, check_cancelled=None: moving.new_zeros(
                             moving.shape[0], moving.dim() - 2, *moving.shape[2:]))
 
 
@@ -506,7 +506,7 @@ def test_the_guard_weighs_the_dense_refinement_of_the_initial_field_where_the_ch
     reference, moving = ImageVolume(mr, Geometry.identity(2)), ImageVolume(shifted(pet, SHIFT), Geometry.identity(2))
     starts = []
 
-    def finds_the_shift(reference_image, moving_image, start):
+    def finds_the_shift(reference_image, moving_image, start, check_cancelled):
         starts.append(start.copy())
         return constant_field(mr.shape, SHIFT)
 

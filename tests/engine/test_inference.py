@@ -11,6 +11,8 @@ from torch import nn
 
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine import inference
+from napari_unifuse.engine.alignment_guard import METADATA_KEY
 from napari_unifuse.engine.inference import (
     CLASSIFY_STAGE,
     FUSE_KEPT_STAGE,
@@ -20,12 +22,14 @@ from napari_unifuse.engine.inference import (
     _slices_onto,
     fallback_plan,
 )
+from napari_unifuse.engine.methods import method_for_network
 from napari_unifuse.engine.outputs import output_file_names, quality_file_names, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, resample_to_reference
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
+from napari_unifuse.model.mi_refinement import never_cancelled
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +67,8 @@ class CountingModel(nn.Module):
         self.model, self.max_side, self.error, self.tile_shapes = model, max_side, error, []
         self.config = model.config
 
-    def initial_alignment(self, moving, reference, spacing=None):
-        return self.model.initial_alignment(moving, reference, spacing)
+    def initial_alignment(self, moving, reference, spacing=None, check_cancelled=never_cancelled):
+        return self.model.initial_alignment(moving, reference, spacing, check_cancelled)
 
     def refine(self, moving, reference, initial, *, fixed_field=False, class_probs=None):
         """The per-tile network pass the engine makes."""
@@ -164,8 +168,20 @@ def test_out_of_memory_retries_with_smaller_tiles(model_2d, error):
     assert flaky.tile_shapes[0] == (16, 8)  # the whole input was tried first
     assert all(max(shape) <= 8 for shape in flaky.tile_shapes[1:]) and len(flaky.tile_shapes) > 2
     assert result.provenance["tile_shape"] == [8, 8]
-    assert any("out of memory" in warning for warning in result.warnings)
+    assert any(warning.startswith("the 'fuse' stage ran out of memory") for warning in result.warnings)
     assert result.warnings == result.provenance["warnings"]
+
+
+def test_out_of_memory_at_the_smallest_tile_the_model_takes_is_a_clear_error(model_2d):
+    """The small config pads to multiples of 4 but its cost volume needs tiles of 8 (what a
+    --tile-size must be at least): 4-voxel tiles are never tried, and the error, with no smaller
+    tile left, asks for memory, not a smaller --tile-size."""
+    image = ImageVolume(blob((16, 16)), Geometry.identity(2))
+    exhausted = CountingModel(model_2d, max_side=0)
+    with pytest.raises(UniFuseError, match="'fuse' stage even with .* the smallest tiles this model takes") as error:
+        FusionEngine(exhausted, device="cpu").run_fusion(image, image)
+    assert "--tile-size" not in str(error.value)
+    assert sorted(set(exhausted.tile_shapes)) == [(8, 8), (16, 16)]
 
 
 def test_out_of_memory_outside_the_tiles_names_the_stage_and_the_size(model_2d, monkeypatch):
@@ -193,19 +209,58 @@ def test_errors_that_are_not_out_of_memory_pass_through(model_2d, monkeypatch):
         FusionEngine(model_2d, device="cpu").run_fusion(image, image)
 
 
-def test_out_of_memory_at_the_smallest_tile_is_a_clear_error(model_2d):
-    image = ImageVolume(blob((8, 8)), Geometry.identity(2))
-    with pytest.raises(UniFuseError, match="out of memory even with"):
-        FusionEngine(CountingModel(model_2d, max_side=0), device="cpu").run_fusion(image, image)
-
-
 def test_cuda_fallback_plan_halves_tiles_then_moves_to_cpu():
-    plan = fallback_plan(torch.device("cuda"), (64, 48), 32, size_multiple=8)
+    plan = fallback_plan(torch.device("cuda"), (64, 48), 32, smallest_side=8)
     assert plan == [
         (torch.device("cuda"), 32), (torch.device("cuda"), 16), (torch.device("cuda"), 8),
         (torch.device("cpu"), 32),
     ]
     assert fallback_plan(torch.device("cpu"), (16, 8), None, 8)[-1] == (torch.device("cpu"), 8)
+    assert fallback_plan(torch.device("cpu"), (64, 64), None, 16)[-1] == (torch.device("cpu"), 16)
+
+
+def _pressing_cancel_at_check(token: CancelToken, press_at: int, checks: list[int], check_cancelled):
+    """``check_cancelled`` as the engine passes it, with Cancel pressed just before its call
+    ``press_at``; ``checks`` counts the calls."""
+
+    def check() -> None:
+        checks.append(1)
+        if len(checks) == press_at:
+            token.cancel()
+        check_cancelled()
+
+    return check
+
+
+def test_a_cancel_during_the_structural_matching_stops_it_at_its_next_step(model_2d, monkeypatch):
+    token, checks = CancelToken(), []
+    matching = UniFuse.initial_alignment
+
+    def cancelled_while_matching(self, moving, reference, spacing=None, check_cancelled=never_cancelled):
+        return matching(self, moving, reference, spacing,
+                        _pressing_cancel_at_check(token, 5, checks, check_cancelled))
+
+    monkeypatch.setattr(UniFuse, "initial_alignment", cancelled_while_matching)
+    image = ImageVolume(blob((32, 32)), Geometry.identity(2))
+    with pytest.raises(Cancelled):
+        FusionEngine(model_2d, device="cpu").run_fusion(image, image, quality=False, cancel=token)
+    assert len(checks) == 5  # the matching checks throughout (dozens of times) and stopped at once
+
+
+def test_a_cancel_during_the_dense_refinement_stops_it_at_its_next_step(model_2d, monkeypatch):
+    token, checks = CancelToken(), []
+    refinement = inference.refine_dense
+
+    def cancelled_while_refining(reference, moving, start, check_cancelled=never_cancelled):
+        return refinement(reference, moving, start, _pressing_cancel_at_check(token, 5, checks, check_cancelled))
+
+    monkeypatch.setattr(inference, "refine_dense", cancelled_while_refining)
+    method = method_for_network(model_2d)
+    method.checkpoint_metadata = {METADATA_KEY: {"weigh_dense_refinement": True}}
+    image = ImageVolume(blob((32, 32)), Geometry.identity(2))
+    with pytest.raises(Cancelled):
+        FusionEngine(method, device="cpu").run_fusion(image, image, quality=False, cancel=token)
+    assert len(checks) == 5  # of 60 Adam steps
 
 
 def test_cancel_after_first_tile_stops_before_the_next_tile(model_2d):

@@ -8,6 +8,8 @@ differ (docs/methods.md):
 * ``initial_alignment(moving, reference) -> field``: once, on the whole padded input, ``(1, 1,
   *spatial)`` each; the field is ``(1, ndim, *spatial)`` in the project convention (reference
   voxels, sampling ``moving`` at ``x + u(x)`` aligns it). Zero for a method that does not align.
+  ``check_cancelled``: the engine's Cancel, a callable that raises once the user cancelled; a
+  method whose alignment loops (UniFuse's structural matching) calls it at every step.
 * ``predict_tile(moving, reference, field, fixed_field=..., class_probs=...) -> MethodOutput``: one
   tile of the moving image *already warped by* ``field`` (its part of the initial field), the
   reference, and that field. ``fixed_field``: the engine's alignment guard kept ``field`` as the
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +41,7 @@ from torch import nn
 
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.errors import CheckpointError, InputError
+from napari_unifuse.model.mi_refinement import never_cancelled
 
 # Names of the initial fields the alignment guard weighs against the identity (its decision and
 # the provenance use them): UniFuse's structural matching, SimpleITK's rigid + B-spline, and the
@@ -107,7 +111,8 @@ class FusionMethod(ABC):
 
     @abstractmethod
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
-                          spacing: tuple[float, ...] | None = None) -> torch.Tensor: ...
+                          spacing: tuple[float, ...] | None = None,
+                          check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor: ...
 
     @abstractmethod
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,

@@ -8,11 +8,13 @@ image, not a degradation), and it is 2D only, like its paper.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from napari_unifuse.engine.methods import MethodOutput, NetworkMethod
+from napari_unifuse.model.mi_refinement import never_cancelled
 from napari_unifuse.model.networks import network_available
 from napari_unifuse.model.warp import compose
 
@@ -25,7 +27,8 @@ class Method(NetworkMethod):
     supported_dims = SUPPORTED_DIMS
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
-                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+                          spacing: tuple[float, ...] | None = None,
+                          check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
         return moving.new_zeros(moving.shape[0], 2, *moving.shape[2:])
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,

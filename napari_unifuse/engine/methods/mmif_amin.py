@@ -11,6 +11,7 @@ like its paper.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 from napari_unifuse.engine.methods import MATCHING, SIMPLEITK, MethodOutput, NetworkMethod
 from napari_unifuse.engine.methods.pipelines import registration_field
 from napari_unifuse.errors import InputError
+from napari_unifuse.model.mi_refinement import never_cancelled
 from napari_unifuse.model.networks import network_available
 
 DEFAULT_CHECKPOINTS = {2: "mmif-amin-2d-harvard"}
@@ -47,7 +49,9 @@ class Method(NetworkMethod):
         self.name = "mmif-amin" if alignment == DEFAULT_ALIGNMENT else f"mmif-amin:{alignment}"
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
-                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+                          spacing: tuple[float, ...] | None = None,
+                          check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
+        # engine.classical's registrations run to their end: a Cancel takes effect after this one.
         return registration_field(ALIGNMENTS[self.alignment], moving, reference)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,

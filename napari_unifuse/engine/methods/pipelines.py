@@ -8,6 +8,7 @@ degradation is estimated. ``registration_field`` is also how MMIF-AMIN aligns be
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.methods import FusionMethod, MethodOutput
 from napari_unifuse.errors import InputError
+from napari_unifuse.model.mi_refinement import never_cancelled
 
 SUPPORTED_DIMS = (2, 3)
 
@@ -49,7 +51,9 @@ class Pipeline(FusionMethod):
         self.checkpoint_metadata = {}
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
-                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+                          spacing: tuple[float, ...] | None = None,
+                          check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
+        # engine.classical's registrations run to their end: a Cancel takes effect after this one.
         return registration_field(self.config.registration, moving, reference)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from napari_unifuse.engine.methods import MethodOutput, NetworkMethod
+from napari_unifuse.model.mi_refinement import never_cancelled
 from napari_unifuse.model.networks import network_available
 
 DEFAULT_CHECKPOINTS = {2: "unifuse-2d-harvard", 3: "unifuse-3d-phantom"}
@@ -22,8 +24,9 @@ class Method(NetworkMethod):
     estimates_degradation = True
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
-                          spacing: tuple[float, ...] | None = None) -> torch.Tensor:
-        return self.network.initial_alignment(moving, reference, spacing=spacing)
+                          spacing: tuple[float, ...] | None = None,
+                          check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
+        return self.network.initial_alignment(moving, reference, spacing=spacing, check_cancelled=check_cancelled)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
                      fixed_field: bool,
