@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/summarize_methods_eval.py --results runs/methods-eval [more ...] \\
         [--unifuse docs/results/harvard2d-val/guard8] [--out docs/results/methods.md] [--compact NAME ...]
+    .venv/bin/python bench/summarize_methods_eval.py --retest docs/results/methods/* [more evaluate outputs ...]
 
 Each ``--results`` folder holds one folder per regime (``large``, ``mild``, ``none``), each the
 ``--out`` of ``unifuse evaluate --harvard ... --misalignment REGIME --methods ...``; several folders
@@ -98,6 +99,47 @@ def write_folder(results: list[Path], regime: str, title: str, folder: Path) -> 
         "against every other row, pair by pair (Δ, wins, Wilcoxon p).\n\n" + section, encoding="utf-8")
 
 
+def retest_folder(folder: Path) -> None:
+    """Rebuild the pair-by-pair tests of a ``unifuse evaluate`` output folder, its evaluation.md's
+    "against each pipeline" sections and its paired.csv, from its per_pair.csv with evaluate's own
+    code (``paired_comparison``, ``paired_section``): no pair is recomputed, and every other line of
+    the report stays as it is. For results made before a change to the tests (rounding ties)."""
+    from napari_unifuse.cli.evaluate import PAIRED_SECTION_TITLE, paired_comparison, paired_section, write_csv
+
+    per_pair = _read(folder / "per_pair.csv")
+    with (folder / "paired.csv").open(newline="", encoding="utf-8") as handle:
+        fields = next(csv.reader(handle))  # kept as the folder has them (merged folders have no regime)
+    regimes = {row.get("regime") for row in per_pair}
+    lines = (folder / "evaluation.md").read_text(encoding="utf-8").split("\n")
+    kept, paired, regime = [], [], None
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line.startswith("## Misalignment: "):
+            regime = line.removeprefix("## Misalignment: ")
+        if not (line.startswith("### ") and line.endswith(PAIRED_SECTION_TITLE)):
+            kept.append(line)
+            index += 1
+            continue
+        # Title, blank line, what the numbers are, blank line, then the table.
+        header, end = lines[index + 4], index + 5
+        if not header.startswith("| task | versus | "):
+            raise ValueError(f"{folder / 'evaluation.md'}: no pair-by-pair table under {line!r}")
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        method = line.removeprefix("### ").removesuffix(PAIRED_SECTION_TITLE)
+        columns = tuple(cell.strip().removesuffix(": Δ, wins, p") for cell in header.strip("|").split("|")[2:])
+        # A run of several regimes has a section each; a merged folder's title need not be its rows' regime.
+        of_regime = [row for row in per_pair if len(regimes) == 1 or row["regime"] == regime]
+        records = [{**row, **{column: float(row.get(column) or "nan") for column in columns}} for row in of_regime]
+        rows = paired_comparison(records, method, columns)
+        kept += paired_section(method, rows, columns).removesuffix("\n").split("\n")
+        paired += [{field: {"regime": records[0].get("regime"), **row}[field] for field in fields} for row in rows]
+        index = end
+    (folder / "evaluation.md").write_text("\n".join(kept), encoding="utf-8")
+    write_csv(paired, folder / "paired.csv")
+
+
 def compact_table(tables: dict[str, list[dict]], methods: list[str]) -> list[str]:
     """The README's table: ``methods`` only (``UniFuse`` also finds ``UniFuse (checkpoint)``),
     every regime and task, the alignment and fusion columns."""
@@ -135,7 +177,7 @@ def targets(rows: list[dict], method: str, rivals: tuple[str, ...], columns: tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, nargs="+", required=True)
+    parser.add_argument("--results", type=Path, nargs="+")
     parser.add_argument("--unifuse", type=Path, default=Path("docs/results/harvard2d-val/guard8"),
                         help="evaluate runs of the shipped UniFuse engine on the same pairs (per regime)")
     parser.add_argument("--fusion-method", default="mmif-amin:none",
@@ -145,7 +187,16 @@ def main() -> None:
                         help="also print one table of these methods over every regime (the README's)")
     parser.add_argument("--folders", type=Path,
                         help="also write the merged runs per regime as evaluate outputs under this folder")
+    parser.add_argument("--retest", type=Path, nargs="+", metavar="FOLDER",
+                        help="only rebuild the pair-by-pair tests of these evaluate output folders from their "
+                             "per_pair.csv (retest_folder), e.g. docs/results/methods/*")
     args = parser.parse_args()
+    if args.retest:
+        for folder in args.retest:
+            retest_folder(folder)
+        return
+    if not args.results:
+        parser.error("--results is required (unless --retest)")
     tables: dict[str, list[dict]] = {}
     text = ["# Every method side by side (Harvard validation split)", "",
             "Made by `bench/summarize_methods_eval.py` from `unifuse evaluate --methods` runs (UniFuse's rows "

@@ -19,7 +19,9 @@ Methods (rows): ``UniFuse (CHECKPOINT)`` (``--checkpoint``, a UniFuse checkpoint
 than the bundled ones, the row then named ``NAME (STEM)`` after the checkpoint's file name (for a
 training run's ``RUN/checkpoints/last.safetensors``, ``NAME (RUN/last)``; ``--checkpoint``'s row
 likewise), and the report's header gives each checkpoint's path) through
-``engine.FusionEngine`` (the shipped path), and each classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
+``engine.FusionEngine`` (the shipped path; each built for the pairs' dimensionality as ``unifuse
+fuse`` builds it, so a classical pipeline scores a 3D pair in 3D and a 2D-only method refuses one),
+and each classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
 UniFuse's parameter-free matching) followed by each classical fusion rule (max, average,
 wavelet). The classical pipelines fuse the reference with *their* aligned moving image, i.e. the
 still-degraded one: the honest baseline, since they restore nothing. Two sanity pipelines fuse
@@ -53,8 +55,9 @@ population std (``ddof=0``), each over the pairs where the metric is defined (bo
 without CT, a failed registration, a metric whose window does not fit a small pair: NaN, left out;
 ``evaluation.csv`` gives that count as ``<metric>_n`` and the table adds ``(n=K)`` where it is below
 the row's n), per method and task, and over all tasks, the metrics a copy fools,
-then UniFuse against each pipeline pair by pair: mean difference, wins, Wilcoxon p; with ``--methods``, every engine method against every
-other row), ``OUT/paired.csv`` (that comparison) and
+then UniFuse against each pipeline pair by pair: mean difference, wins (better by more than float
+rounding; closer values are ties, ``rounding_ties``), Wilcoxon p; with ``--methods``, every engine
+method against every other row), ``OUT/paired.csv`` (that comparison) and
 ``OUT/per_pair.csv`` (every value). A folder that already holds these results is refused unless
 ``--overwrite`` is given, and one that cannot be created or written to, before any pair is computed;
 so is, even with ``--overwrite``, a pairs CSV that a result file would replace (an input named
@@ -88,7 +91,8 @@ from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.inference import FusionEngine
-from napari_unifuse.engine.methods import load_method
+from napari_unifuse.engine.input_checks import model_dimensions
+from napari_unifuse.engine.methods import load_method, split_name
 from napari_unifuse.engine.outputs import check_writable_folder, same_file, write_files_together
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, RegistrationError
@@ -127,6 +131,8 @@ HARVARD_TASK_FOLDERS = {"CT": "CT-MRI", "PET": "PET-MRI", "SPECT": "SPECT-MRI"}
 UNIFUSE_METHOD = "UniFuse"
 # The issue's claims (alignment and fusion quality), compared pair by pair; errors: lower is better.
 PAIRED_COLUMNS = ("ncc", "epe", "epe_tissue", "Q_abf", "Q_ssim", "gain_min", *PERCEPTUAL_COLUMNS)
+# Two values of a metric closer than this are tied in the pair-by-pair tests (``rounding_ties``).
+TIE_RTOL, TIE_ATOL = 1e-6, 1e-9
 LOWER_IS_BETTER = frozenset({"mse", "epe", "epe_tissue", "folding_pct", "sdlogj", "Q_mse", "Q_cv", TIME_COLUMN})
 # Sanity pipelines: fusion rules that fuse nothing, scored against this real rule on the same pair.
 COPY_RULES = ("copy-reference", "copy-moving")
@@ -467,13 +473,27 @@ def summarise(records: list[dict]) -> list[dict]:
     return sorted(summary, key=lambda row: (row["task"] == ALL_TASKS, row["task"]))
 
 
+def rounding_ties(ours: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Where two methods' values of a metric on the same pairs are equal but for float rounding.
+
+    The metrics are computed from float32 images and fields, whose resolution is about 1.2e-7 of
+    the value: two values closer than ``TIE_RTOL`` of the larger (a few float32 steps) are one
+    result reached by two computations (the same identity alignment scored through the engine and
+    through the classical baseline differs by 1e-9 in NCC), not a difference; ``TIE_ATOL`` does
+    the same for values at zero, where a relative tolerance vanishes.
+    """
+    return np.abs(ours - others) <= TIE_ATOL + TIE_RTOL * np.maximum(np.abs(ours), np.abs(others))
+
+
 def paired_comparison(records: list[dict], method: str, columns: tuple[str, ...] = PAIRED_COLUMNS) -> list[dict]:
     """``method`` against every other method on the same pairs, per task.
 
     For each metric: the mean difference (``method`` minus the other), on how many pairs
-    ``method`` is the better one (lower is better for the error columns), and the two-sided
-    Wilcoxon signed-rank p-value of the differences (``scipy.stats.wilcoxon``; 1 when they are all
-    zero). Pair-by-pair, so that a claim of "better" does not rest on means whose spread overlaps.
+    ``method`` is the better one (its wins; lower is better for the error columns), and the
+    two-sided Wilcoxon signed-rank p-value of the differences (``scipy.stats.wilcoxon``; 1 when
+    they are all zero). Pair-by-pair, so that a claim of "better" does not rest on means whose
+    spread overlaps. Values equal but for float rounding (``rounding_ties``) are ties: their
+    difference counts as 0, a win for neither, and drops out of the test as a zero difference.
     """
     from scipy.stats import wilcoxon
 
@@ -490,9 +510,12 @@ def paired_comparison(records: list[dict], method: str, columns: tuple[str, ...]
         for other in others:
             row: dict[str, Any] = {"task": task, "method": method, "versus": other}
             for column in columns:
-                differences = np.array([ours[pair][column] - values[task, other, pair][column] for pair in ours
-                                        if (task, other, pair) in values], dtype=np.float64)
-                differences = differences[np.isfinite(differences)]
+                shared = [pair for pair in ours if (task, other, pair) in values]
+                our_values = np.array([ours[pair][column] for pair in shared], dtype=np.float64)
+                other_values = np.array([values[task, other, pair][column] for pair in shared], dtype=np.float64)
+                defined = np.isfinite(our_values) & np.isfinite(other_values)
+                our_values, other_values = our_values[defined], other_values[defined]
+                differences = np.where(rounding_ties(our_values, other_values), 0.0, our_values - other_values)
                 better = -differences if column in LOWER_IS_BETTER else differences
                 row[f"{column}_diff"] = float(differences.mean()) if differences.size else float("nan")
                 row[f"{column}_wins"] = int((better > 0).sum())
@@ -511,6 +534,20 @@ def paired_markdown(rows: list[dict], columns: tuple[str, ...] = PAIRED_COLUMNS)
                  if row[f"{c}_n"] else "n/a" for c in columns]
         lines.append(f"| {row['task']} | {row['versus']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+PAIRED_SECTION_TITLE = " against each pipeline, pair by pair"
+
+
+def paired_section(method: str, rows: list[dict], columns: tuple[str, ...] = PAIRED_COLUMNS) -> str:
+    """The report's section of ``paired_comparison(records, method, columns)``: title, what Δ,
+    wins and p are, and the table."""
+    lower = " and ".join(column for column in columns if column in LOWER_IS_BETTER)
+    return (f"### {method}{PAIRED_SECTION_TITLE}\n\nΔ: mean of {method} minus the other; wins: pairs where "
+            f"{method} is better" + (f" (lower {lower})" if lower else "")
+            + f" by more than float rounding (relative {TIE_RTOL:g}: the metrics come from float32 images), "
+            "closer values being ties, a win for neither; p: two-sided Wilcoxon signed-rank test of the "
+            "differences, ties as zero.\n\n" + paired_markdown(rows, columns))
 
 
 def copies_outscoring_fusion(summary: list[dict], copies_on: str) -> dict[str, list[str]]:
@@ -634,6 +671,50 @@ def refuse_other_methods_checkpoint(checkpoint: str) -> None:
                          f"--methods {found}={checkpoint}", "--checkpoint")
 
 
+def method_option(build: Callable[[], Any]) -> Any:
+    """``build()``, its InputError about the method's name said of ``--methods``, this command's
+    option, not fuse's ``--method``; a checkpoint's own error names the file and stays as it is."""
+    try:
+        return build()
+    except InputError as error:
+        if error.source != "--method":
+            raise
+        raise InputError(error.problem, "--methods") from error
+
+
+def method_engines(entries: list[str], dimensions: dict[int, str | None], device: str, tile_size: int | None
+                   ) -> tuple[dict[str, dict[int, FusionEngine]], dict[str, str]]:
+    """The engines of the ``--methods`` entries (``NAME[=CHECKPOINT]``), each built for every
+    dimensionality of the pairs as ``unifuse fuse`` builds it for a pair (``model_dimensions``): a
+    classical pipeline scores a 3D pair in 3D, the bundled UniFuse with its 3D checkpoint.
+
+    ``dimensions``: ndim -> the first pair of that dimensionality, named when a method cannot take
+    it (a 2D-only method and a 3D pair: fuse's refusal, before any pair is computed). Returns row
+    name -> {ndim: engine}, and row name -> the checkpoint given, for the report's header.
+    """
+    methods: dict[str, dict[int, FusionEngine]] = {}
+    checkpoints = {}
+    for entry in entries:
+        name, _, checkpoint = entry.partition("=")
+        engines = {}
+        for ndim, pair_name in dimensions.items():
+            try:
+                method = method_option(lambda: load_method(name, checkpoint=checkpoint or None, spatial_dims=ndim))
+            except InputError as error:
+                if pair_name is None or error.source != "--methods":
+                    raise
+                raise InputError(f"pair {pair_name}: {error.problem}", error.source) from error
+            engines[ndim] = FusionEngine(method, device=device, tile_size=tile_size)
+        if any(next(iter(others.values())).method.name == method.name for others in methods.values()):
+            raise InputError(f"{method.name} is named twice; to compare two checkpoints of one method, "
+                             "run evaluate once per checkpoint", "--methods")
+        row = row_name(method.name, checkpoint)
+        methods[row] = engines
+        if checkpoint:
+            checkpoints[row] = checkpoint
+    return methods, checkpoints
+
+
 def refuse_unusable_pairs(engines: list[FusionEngine], pairs: list[EvaluationPair]) -> None:
     """Refuse, before any pair is computed, a pair that one of the methods cannot take (a 3D pair
     for a 2D checkpoint, an image smaller than the network's minimum, ...), naming the pair: the
@@ -668,10 +749,7 @@ def regime_section(regime: str, summary: list[dict], records: list[dict], method
         if not rows:
             continue
         paired += rows
-        text += (f"\n### {method_name} against each pipeline, pair by pair\n\nΔ: mean of "
-                 f"{method_name} minus the other; wins: pairs where {method_name} is better (lower "
-                 "epe and epe_tissue); p: two-sided Wilcoxon signed-rank test of the differences.\n\n"
-                 + paired_markdown(rows))
+        text += "\n" + paired_section(method_name, rows)
     if regime != CSV_REGIME:
         text = f"## Misalignment: {regime}\n\n" + text
     return text, paired
@@ -701,28 +779,23 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         refuse_other_methods_checkpoint(args.checkpoint)
         checkpoints[method_name] = args.checkpoint
-    methods = {}  # row name -> engine
-    for entry in args.methods or []:
-        name, _, checkpoint = entry.partition("=")
-        try:
-            method = load_method(name, checkpoint=checkpoint or None, spatial_dims=2)
-        except InputError as error:
-            if error.source != "--method":  # a checkpoint's own error names the file
-                raise
-            raise InputError(error.problem, "--methods") from error  # this command's option, not fuse's
-        if any(engine.method.name == method.name for engine in methods.values()):
-            raise InputError(f"{method.name} is named twice; to compare two checkpoints of one method, "
-                             "run evaluate once per checkpoint", "--methods")
-        row = row_name(method.name, checkpoint)
-        methods[row] = FusionEngine(method, device=args.device, tile_size=args.tile_size)
-        if checkpoint:
-            checkpoints[row] = checkpoint
+    for entry in args.methods or []:  # a misspelt name, before any image is read
+        method_option(lambda: split_name(entry.partition("=")[0]))
+    csv_pairs = pairs_from_csv(args.pairs) if args.pairs is not None else []
+    # The first pair of each dimensionality, to name in a refusal; Harvard pairs are 2D images.
+    dimensions: dict[int, str | None] = {}
+    for pair in csv_pairs:
+        dimensions.setdefault(model_dimensions(pair.reference), pair.name)
+    methods, method_checkpoints = method_engines(args.methods or [], dict(sorted(dimensions.items())) or {2: None},
+                                                 args.device, args.tile_size)
+    checkpoints |= method_checkpoints
     if args.pairs is not None:
-        pairs_by_regime = {CSV_REGIME: pairs_from_csv(args.pairs)}
-        described = f"{len(pairs_by_regime[CSV_REGIME])} pairs from {args.pairs}"
+        pairs_by_regime = {CSV_REGIME: csv_pairs}
+        described = f"{len(csv_pairs)} pairs from {args.pairs}"
     else:
         # The split of the checkpoint (else of the first trained method): its validation cases.
-        trained = [engine.method.checkpoint_metadata for engine in methods.values() if engine.method.checkpoint]
+        trained = [engines[2].method.checkpoint_metadata for engines in methods.values()
+                   if engines[2].method.checkpoint]
         metadata = read_metadata(args.checkpoint) if args.checkpoint is not None else (trained or [{}])[0]
         cases = checkpoint_split(metadata, args.val_fraction, args.split_seed)
         pairs_by_regime = {regime: pairs_from_harvard(args.harvard, args.split, args.tasks.split(","), args.limit,
@@ -741,15 +814,20 @@ def run(args: argparse.Namespace) -> int:
                            weigh_dense_refinement=True if args.weigh_dense_refinement else None)
               if args.checkpoint is not None else None)
     method_names = ([method_name] if engine is not None else []) + list(methods)
-    refuse_unusable_pairs([*([engine] if engine is not None else []), *methods.values()],
-                          [pair for pairs in pairs_by_regime.values() for pair in pairs])
+    every_pair = [pair for pairs in pairs_by_regime.values() for pair in pairs]
+    for ndim in sorted({model_dimensions(pair.reference) for pair in every_pair}):
+        refuse_unusable_pairs([*([engine] if engine is not None else []),
+                               *(engines[ndim] for engines in methods.values())],
+                              [pair for pair in every_pair if model_dimensions(pair.reference) == ndim])
     copies_on = copy_registration(registrations)
 
     records = []
     for regime, pairs in pairs_by_regime.items():
         for number, pair in enumerate(pairs, start=1):
             print(f"[{regime} {number}/{len(pairs)}] {pair.name}", flush=True)
-            for method, values in evaluate_pair(pair, engine, registrations, rules, methods):
+            ndim = model_dimensions(pair.reference)
+            pair_methods = {row: engines[ndim] for row, engines in methods.items()}
+            for method, values in evaluate_pair(pair, engine, registrations, rules, pair_methods):
                 method = method_name if method == UNIFUSE_METHOD else method
                 records.append({"regime": regime, "pair": pair.name, "task": pair.task, "method": method, **values})
 

@@ -67,6 +67,7 @@ from napari_unifuse.engine.outputs import (
     write_fusion_outputs,
     write_json,
 )
+from napari_unifuse.engine.overlays import slice_of
 from napari_unifuse.engine.provenance import absolute_as_given, describe_source, utc_timestamp
 from napari_unifuse.engine.report import INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
@@ -397,14 +398,17 @@ def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:
     """NCC / MSE / SSIM of the aligned moving image to its label, in the model's [0, 1] units.
 
     The label is put on the reference grid and both images go through the moving image's intensity
-    mapping (luma for RGB), so MSE is on the scale UniFuse's alignment results are reported in.
+    mapping (luma for RGB), so MSE is on the scale UniFuse's alignment results are reported in. A
+    one-slice volume is scored as the 2D image it was fused as (``model_dimensions``): a 3D SSIM
+    window cannot fit in one slice.
     """
     label_on_grid = resample_to_reference(label, result.aligned)
     mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
+    slice_axis = result.aligned.single_slice_axis
 
     def model_units(image: ImageVolume):
         values = rgb_to_ycbcr(image.array)[..., 0] if image.is_rgb else image.array
-        return mapping.apply(values)
+        return slice_of(mapping.apply(values), slice_axis, 0)
 
     return registration_metrics(model_units(result.aligned), model_units(label_on_grid))
 

@@ -52,15 +52,14 @@ def registration_metrics(
       image is constant there.
     * ``ssim``: scikit-image ``structural_similarity`` (7-voxel uniform window, 2D or 3D) with the
       given ``data_range`` (1.0 for [0, 1] images); with a mask, the SSIM map is averaged over the
-      mask after cropping the 3-voxel border that skimage also leaves out of its mean.
+      mask after cropping the 3-voxel border that skimage also leaves out of its mean. NaN where the
+      window does not fit (an axis under 7 voxels, a volume of 2–6 slices say), as ``fusion_metrics``
+      scores a metric whose window does not fit: the other metrics still apply. A one-slice volume
+      is a 2D image: pass its slice.
 
     ``mask`` is a boolean array of the same shape selecting the voxels to score (e.g. the head).
     """
-    aligned_f, label_f = check_images(("aligned", "label"), aligned, label, min_side=_SSIM_WINDOW)
-    if aligned_f.ndim == 3 and aligned_f.shape[0] < _SSIM_WINDOW:
-        raise InputError(
-            f"volumes need at least {_SSIM_WINDOW} slices for 3D SSIM, got {aligned_f.shape[0]}", "aligned"
-        )
+    aligned_f, label_f = check_images(("aligned", "label"), aligned, label)
     if data_range <= 0:
         raise InputError(f"data_range must be positive, got {data_range}")
     if mask is None:
@@ -79,8 +78,9 @@ def registration_metrics(
     norm = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
     ncc = float(np.sum(dx * dy) / norm) if norm > 0 else float("nan")
     del dx, dy  # before the SSIM's maps
+    window_fits = min(aligned_f.shape) >= _SSIM_WINDOW
     return {"mse": float(np.mean((x - y) ** 2)), "ncc": ncc,
-            "ssim": _masked_ssim(aligned_f, label_f, selected, data_range)}
+            "ssim": _masked_ssim(aligned_f, label_f, selected, data_range) if window_fits else float("nan")}
 
 
 def _masked_ssim(aligned: np.ndarray, label: np.ndarray, selected: np.ndarray, data_range: float) -> float:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import errno
+import importlib.util
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from napari_unifuse.cli import evaluate as evaluate_module
 from napari_unifuse.cli import main
@@ -50,6 +53,7 @@ from napari_unifuse.model.networks import build_network
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 from napari_unifuse.training.harvard import index_harvard, split_cases
 
+REPO = Path(__file__).resolve().parents[2]
 SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of the model's 4
 CLASSICAL = [f"{method} + {rule}" for method in ("identity", "sitk", "ants", "matching", "dense")
              for rule in ("max", "average", "wavelet")]
@@ -442,6 +446,26 @@ def test_paired_comparison_counts_wins_and_matches_the_exact_signed_rank_test():
     assert "| t | B | +0.035, 6/6, 0.031 |" in table
 
 
+def test_differences_within_float_rounding_are_ties_not_wins():
+    """mmif-amin:none and identity + max share one identity alignment, yet the shipped tables gave
+    one of them 31/31 NCC wins (p 9e-10) on differences of 4e-9, float32 rounding of the same value."""
+    records = []
+    for number in range(8):
+        pair, ncc, epe = f"p{number}", 0.6 + 0.01 * number, 2.0 + 0.1 * number
+        records.append({"task": "t", "method": "A", "pair": pair, "ncc": ncc + 4e-9, "epe": epe - 5e-9})
+        records.append({"task": "t", "method": "B", "pair": pair, "ncc": ncc, "epe": epe})
+        # C differs from A by float32 resolution itself (1.2e-7 of the value) on half the pairs: still a tie.
+        records.append({"task": "t", "method": "C", "pair": pair, "ncc": ncc * (1 + 1.2e-7 * (number % 2)),
+                        "epe": epe + 0.01 * (number + 1)})
+    rows = {row["versus"]: row for row in paired_comparison(records, "A", ("ncc", "epe"))}
+    for other in ("B", "C"):
+        assert (rows[other]["ncc_diff"], rows[other]["ncc_wins"], rows[other]["ncc_n"], rows[other]["ncc_p"]) == (
+            0.0, 0, 8, 1.0)
+    assert (rows["B"]["epe_wins"], rows["B"]["epe_p"]) == (0, 1.0)
+    # A real difference is still one: C's errors are larger on every pair.
+    assert (rows["C"]["epe_wins"], rows["C"]["epe_p"]) == (8, pytest.approx(2 / 2**8))
+
+
 def test_engine_methods_are_rows_and_each_is_compared_with_every_other(checkpoint, pairs_csv, tmp_path):
     mmif = save_checkpoint(build_network("mmif-amin", "small", 2), tmp_path / "mmif.safetensors")
     out = tmp_path / "out"
@@ -716,6 +740,24 @@ def test_a_pair_a_method_cannot_take_is_refused_by_name_before_any_pair_is_compu
     assert not (tmp_path / "out").exists()
 
 
+def test_a_classical_pipeline_scores_a_3d_pair_in_3d(tmp_path, capsys):
+    """--methods built every method for 2D images: a classical pipeline, which fuse runs on 3D
+    pairs, stopped the evaluation of a 3D pair ("this checkpoint is a 2D model")."""
+    rng = np.random.default_rng(0)
+    volume = ndimage.gaussian_filter(rng.random((12, 16, 16)), 2).astype(np.float32)
+    for role, array in (("reference", volume), ("moving", np.roll(volume, 1, axis=2)), ("label", volume)):
+        write_image(ImageVolume(array, Geometry.identity(3)), tmp_path / f"{role}.nii.gz")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving,label\nreference.nii.gz,moving.nii.gz,label.nii.gz\n", encoding="utf-8")
+    code = main(["evaluate", "--methods", "identity+max", "--pairs", str(pairs), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--baselines", "identity", "--fusion-rules", "max"])
+    assert code == 0, capsys.readouterr().err
+    rows = {row["method"]: row for row in read_csv(tmp_path / "out" / "per_pair.csv")}
+    # The engine's pipeline and the baseline of the same registration and rule agree on the volume.
+    assert float(rows["identity+max"]["ncc"]) == pytest.approx(float(rows["identity + max"]["ncc"]))
+    assert 0 < float(rows["identity+max"]["ncc"]) < 1
+
+
 def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_computed(pairs_csv, tmp_path, capsys, no_pair_computed,
                                                                           deny_writes_in, deny_creating):
     """It used to fail with a traceback once every pair had been computed."""
@@ -776,6 +818,41 @@ def test_a_full_disk_with_overwrite_is_one_line_and_leaves_the_earlier_results_w
     assert main([*arguments, "--methods", "identity+max", "--overwrite"]) == 0
     assert {path.name for path in out.iterdir()} == {"per_pair.csv", "evaluation.csv", "evaluation.md"}
     assert {row["method"] for row in read_csv(out / "per_pair.csv")} == {"identity+max"}
+
+
+def test_the_pair_by_pair_tests_of_earlier_results_are_rebuilt_from_their_per_pair_rows(pairs_csv, tmp_path,
+                                                                                         monkeypatch):
+    """bench/summarize_methods_eval.py --retest: results made before rounding ties (shipped in
+    docs/results) get the tables a run today writes, from per_pair.csv alone; nothing else changes."""
+    numbers: dict[str, int] = {}  # each pair's values the same in both runs
+
+    def rows(pair, *args, **kwargs):
+        ncc = 0.5 + 0.01 * numbers.setdefault(pair.name, len(numbers))
+        values = dict.fromkeys(METRIC_COLUMNS, 0.5)
+        yield "identity+max", {**values, "ncc": ncc + 4e-9}  # the same alignment, scored by another road
+        yield "identity + max", {**values, "ncc": ncc}
+        yield "identity + average", {**values, "ncc": ncc - 0.1}
+
+    monkeypatch.setattr(evaluate_module, "evaluate_pair", rows)
+    arguments = ["evaluate", "--pairs", str(pairs_csv[0]), "--device", "cpu", "--methods", "identity+max",
+                 "--baselines", "identity", "--fusion-rules", "max,average"]
+    assert main([*arguments, "--out", str(tmp_path / "today")]) == 0
+    with monkeypatch.context() as before_ties:
+        before_ties.setattr(evaluate_module, "TIE_RTOL", 0.0)
+        before_ties.setattr(evaluate_module, "TIE_ATOL", 0.0)
+        assert main([*arguments, "--out", str(tmp_path / "earlier")]) == 0
+    earlier = (tmp_path / "earlier" / "evaluation.md").read_text(encoding="utf-8")
+    assert "| identity + max | +4e-09, 1/1, 1 |" in earlier  # one pair per task: a noise win
+
+    spec = importlib.util.spec_from_file_location("summarize_methods_eval",
+                                                  REPO / "bench" / "summarize_methods_eval.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    summarize.retest_folder(tmp_path / "earlier")
+    for name in ("evaluation.md", "paired.csv", "per_pair.csv"):
+        assert (tmp_path / "earlier" / name).read_text(encoding="utf-8") == (
+            tmp_path / "today" / name).read_text(encoding="utf-8"), name
+    assert "| identity + max | +0, 0/1, 1 |" in (tmp_path / "earlier" / "evaluation.md").read_text(encoding="utf-8")
 
 
 def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next(pairs_csv, tmp_path, monkeypatch):

@@ -133,6 +133,39 @@ def test_nifti_pair_outputs_keep_the_reference_geometry(data, tmp_path, capsys):
     assert json.loads((case / "provenance.json").read_text(encoding="utf-8"))["tile_count"] > 1
 
 
+def test_a_one_slice_volume_gets_the_label_metrics_of_the_2d_image_it_is_fused_as(data, tmp_path, capsys):
+    """A 32×28×1 NIfTI is fused as a 2D image: its label metrics were refused after the whole fusion
+    (3D SSIM needs 7 slices) and nothing was written."""
+    root, affine = tmp_path / "in", np.diag([0.9, 0.9, 3.0, 1.0])
+    root.mkdir()
+    save_nifti((1000 * blob((32, 28)))[..., None].astype(np.float32), affine, root / "reference.nii.gz")
+    save_nifti((800 * blob((32, 28), 0.1))[..., None].astype(np.float32), affine, root / "moving.nii.gz")
+    save_nifti((800 * blob((32, 28)))[..., None].astype(np.float32), affine, root / "label.nii.gz")
+    code = fuse("--reference", root / "reference.nii.gz", "--moving", root / "moving.nii.gz",
+                "--label", root / "label.nii.gz", "--out", tmp_path / "out",
+                "--checkpoint", data["checkpoints"][2], "--device", "cpu", "--no-quality")
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "moving" / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics) == {"mse", "ncc", "ssim"} and all(np.isfinite(list(metrics.values())))
+
+
+def test_a_volume_too_thin_for_the_ssim_window_gets_nan_ssim_and_the_other_label_metrics(data, tmp_path, capsys):
+    """Five slices: the 7-voxel 3D SSIM window does not fit, so SSIM is NaN (it was an error after the
+    whole fusion, and nothing was written); MSE and NCC still apply."""
+    root, affine = tmp_path / "in", np.diag([1.0, 1.0, 2.0, 1.0])
+    root.mkdir()
+    save_nifti((1000 * blob((16, 14, 5))).astype(np.float32), affine, root / "reference.nii.gz")
+    save_nifti((800 * blob((16, 14, 5), 0.1)).astype(np.float32), affine, root / "moving.nii.gz")
+    save_nifti((800 * blob((16, 14, 5))).astype(np.float32), affine, root / "label.nii.gz")
+    code = fuse("--reference", root / "reference.nii.gz", "--moving", root / "moving.nii.gz",
+                "--label", root / "label.nii.gz", "--out", tmp_path / "out",
+                "--checkpoint", data["checkpoints"][3], "--device", "cpu", "--no-quality")
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "moving" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["ssim"] is None  # NaN, written as JSON's null
+    assert np.isfinite(metrics["mse"]) and np.isfinite(metrics["ncc"])
+
+
 def test_a_colour_result_on_a_grid_with_geometry_is_written_as_metaimage(data, tmp_path, capsys):
     """An RGB PET as MetaImage onto a 2D NIfTI MRI: PNG would drop the reference's spacing and
     origin, NIfTI holds no colour; MetaImage keeps both."""

@@ -78,6 +78,19 @@ def test_volumes_scored_in_thin_slabs_score_as_a_whole(monkeypatch):
         assert by_slabs["ncc"] == at_once["ncc"] and by_slabs["mse"] == at_once["mse"]
 
 
+@pytest.mark.parametrize("shape", [(6, 24, 24), (2, 24, 24), (24, 5)])
+def test_an_image_too_small_for_the_ssim_window_gets_nan_ssim_and_the_other_metrics(shape):
+    """As fusion_metrics scores a metric whose window does not fit: NaN for it, not an error that
+    loses MSE and NCC too (``unifuse fuse --label`` on a 6-slice volume failed after the fusion)."""
+    rng = np.random.default_rng(0)
+    label = rng.random(shape)
+    aligned = label + 0.1 * rng.random(shape)
+    result = registration_metrics(aligned, label)
+    assert np.isnan(result["ssim"])
+    assert result["mse"] == pytest.approx(np.mean((aligned - label) ** 2))
+    assert result["ncc"] == pytest.approx(np.corrcoef(aligned.ravel(), label.ravel())[0, 1])
+
+
 def test_bad_registration_inputs_raise_input_error(source_pair):
     a, b = source_pair
     with pytest.raises(InputError, match="mask"):
