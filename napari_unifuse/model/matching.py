@@ -268,7 +268,20 @@ def structural_matching(moving: torch.Tensor, reference: torch.Tensor, step: int
     (B, 1, *spatial) in [0, 1]), found on a level of the image pyramid (see the module docstring;
     ``spacing``: the voxel size per array axis, mm, isotropic when None). ``search_range`` is in
     full-resolution voxels, ``step`` in level voxels. ``check_cancelled`` is called between the
-    matching's steps and at every step of its MI refinement; what it raises stops the matching."""
+    matching's steps and at every step of its MI refinement; what it raises stops the matching.
+
+    Pair by pair: a batch's arithmetic rounds differently from one pair's (another kernel for
+    another batch size), and the MI refinement amplifies that rounding into pixels (measured on
+    32² phantoms: 4e-6 px apart after the structural steps, 0.38 px after the MI refinement), so
+    each pair gets the field it gets alone."""
+    return torch.cat([_match_pair(moving[i:i + 1], reference[i:i + 1], step, search_range, smoothing_cells,
+                                  mutual_information_refinement, spacing, check_cancelled)
+                      for i in range(moving.shape[0])])
+
+
+def _match_pair(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
+                smoothing_cells: float, mutual_information_refinement: bool, spacing: tuple[float, ...] | None,
+                check_cancelled: Callable[[], None]) -> torch.Tensor:
     spatial = tuple(reference.shape[2:])
     factors = pyramid_factors(spatial, spacing)
     if all(factor == 1 for factor in factors):
