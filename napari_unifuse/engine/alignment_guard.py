@@ -218,9 +218,19 @@ def similarity_blur(metadata: Mapping[str, object]) -> float:
     return _sidecar_voxels(metadata, "similarity_blur_voxels", 0.0)
 
 
-def _sidecar_voxels(metadata: Mapping[str, object], key: str, default: float) -> float:
+def _sidecar_section(metadata: Mapping[str, object]) -> Mapping[str, object]:
+    """The sidecar's guard settings ({} when it has none); anything but an object of settings is
+    refused, since ignoring it would run the guard on defaults the checkpoint was not validated with."""
     section = metadata.get(METADATA_KEY)
-    value = section.get(key) if isinstance(section, Mapping) else None
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{METADATA_KEY} must be an object of settings, got {section!r}")
+    return section
+
+
+def _sidecar_voxels(metadata: Mapping[str, object], key: str, default: float) -> float:
+    value = _sidecar_section(metadata).get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -245,8 +255,7 @@ def weighs_dense_refinement(metadata: Mapping[str, object]) -> bool:
 
 
 def _sidecar_flag(metadata: Mapping[str, object], key: str, default: bool) -> bool:
-    section = metadata.get(METADATA_KEY)
-    value = section.get(key, default) if isinstance(section, Mapping) else default
+    value = _sidecar_section(metadata).get(key, default)
     if not isinstance(value, bool):
         raise ValueError(f"{METADATA_KEY}.{key} must be true or false, got {value!r}")
     return value

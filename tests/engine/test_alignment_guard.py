@@ -197,6 +197,14 @@ def test_a_malformed_guard_setting_in_a_sidecar_is_refused(key, value, reader, t
         FusionEngine(method, device="cpu")
 
 
+@pytest.mark.parametrize("section", ["yes", True, [2.0], 2.0])
+@pytest.mark.parametrize("reader", [credible_motion_floor, similarity_blur, weighs_network_field,
+                                    weighs_dense_refinement])
+def test_a_guard_section_that_is_not_an_object_is_refused_not_ignored(section, reader):
+    with pytest.raises(ValueError, match=f"{METADATA_KEY} must be an object of settings"):
+        reader({METADATA_KEY: section})
+
+
 def test_a_large_correction_needs_less_evidence_than_a_small_one():
     """k guards against the small spurious motions of fitted fields; a 14-voxel correction (above
     LARGE_MOTION_VOXELS) is kept once its gain clears one noise unit, and a noisier one is not."""
