@@ -13,7 +13,7 @@ from napari_unifuse._qt.analysis import RunOutcome
 from napari_unifuse._qt.run_panel import OUTPUT_ROLE
 from napari_unifuse.engine.overlays import checkerboard, deformed_grid, displacement_magnitude_mm, slice_quivers
 from napari_unifuse.engine.quality import INVENTED, LOST, MAP_LABELS, MAP_UNITS, RESTORATION_CHANGE, UNCERTAINTY
-from napari_unifuse.io import ImageVolume
+from napari_unifuse.io import ImageVolume, placement_metadata
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -113,34 +113,33 @@ class ResultLayers:
         result = outcome.result
         geometry = result.fused.geometry
         placed = geometry.napari_kwargs()
-        self._image(names.checkerboard, self._checkerboard(), placed, colormap="gray", visible=False)
+        self._map(names.checkerboard, self._checkerboard(), colormap="gray", visible=False)
         self._volume_layer(result.aligned, names.aligned, visible=False)
         self._volume_layer(result.fused, names.fused)
-        self._image(names.error, outcome.error_map, placed, colormap="magma", blending="additive", opacity=0.6,
-                    metadata={LAYER_METADATA_KEY: {"kind": outcome.error_kind}})
-        self._image(names.jacobian, outcome.jacobian, placed, colormap="PiYG", contrast_limits=(0.0, 2.0), visible=False)
+        self._map(names.error, outcome.error_map, colormap="magma", blending="additive", opacity=0.6,
+                  tags={"kind": outcome.error_kind})
+        self._map(names.jacobian, outcome.jacobian, colormap="PiYG", contrast_limits=(0.0, 2.0), visible=False)
         self._upsert(names.folding, outcome.folding, "labels", placed, opacity=0.8)
-        self._image(names.grid, deformed_grid(result.displacement, self.grid_spacing), placed, colormap="yellow",
-                    blending="additive", visible=False)
+        self._map(names.grid, deformed_grid(result.displacement, self.grid_spacing), colormap="yellow",
+                  blending="additive", visible=False)
         magnitude = displacement_magnitude_mm(result.displacement, geometry.spacing)
         self._upsert(names.quivers, np.zeros((0, 2, geometry.ndim), np.float32), "vectors", placed,
                      edge_colormap="viridis", edge_width=float(geometry.spacing.min()) * 0.3, length=self.arrow_scale,
                      edge_contrast_limits=(0.0, max(float(magnitude.max()), 1e-6)))
         self.update_quivers()
-        self._show_quality_maps(placed)
+        self._show_quality_maps()
         self._show_kept_estimate()
 
-    def _show_quality_maps(self, placed: dict) -> None:
+    def _show_quality_maps(self) -> None:
         """One hidden layer per quality map, its colour saturating at twice the flag threshold."""
         quality = self.outcome.result.quality
         if quality is None:
             return
         for name, array in quality.maps().items():
             threshold = quality.thresholds[name]
-            self._image(self.names.quality_map(name), array, placed, colormap=MAP_COLORMAPS[name],
-                        blending="additive", visible=False, opacity=QUALITY_OPACITY, contrast_limits=(0.0, max(2.0 * threshold, 1e-6)),
-                        metadata={LAYER_METADATA_KEY: {"kind": name, "units": MAP_UNITS[name],
-                                                       "threshold": threshold}})
+            self._map(self.names.quality_map(name), array, colormap=MAP_COLORMAPS[name], blending="additive",
+                      visible=False, opacity=QUALITY_OPACITY, contrast_limits=(0.0, max(2.0 * threshold, 1e-6)),
+                      tags={"kind": name, "units": MAP_UNITS[name], "threshold": threshold})
 
     def _show_kept_estimate(self) -> None:
         """On the canvas: which displacement the layers show (identity, matching or network) and
@@ -172,14 +171,21 @@ class ResultLayers:
         if self.names is not None and event.value.name == self.names.fused:
             self.clear_kept_estimate()
 
-    def _volume_layer(self, volume: ImageVolume, name: str, **kwargs) -> None:
+    def _volume_layer(self, volume: ImageVolume, name: str, tags: dict | None = None, **kwargs) -> None:
+        """An image layer placed and described as the reader's (geometry, metadata with the NIfTI
+        forms), so that napari's File → Save Selected Layer(s) through our writer puts it where the
+        workbench's own save does; ``tags`` join its ``metadata["unifuse"]``."""
         data, layer_kwargs, _ = volume_to_layer_data(volume, name)
         del layer_kwargs["name"]
         metadata = layer_kwargs.pop("metadata")
+        metadata[LAYER_METADATA_KEY].update(tags or {})
         self._upsert(name, data, "image", layer_kwargs, metadata=metadata, **kwargs)
 
-    def _image(self, name: str, data: np.ndarray, placed: dict, **kwargs) -> None:
-        self._upsert(name, data, "image", placed, **kwargs)
+    def _map(self, name: str, array: np.ndarray, **kwargs) -> None:
+        """A map on the run's reference grid: an image with the fused image's geometry and the
+        reference's NIfTI forms (``placement_metadata``), as every file written on that grid."""
+        fused = self.outcome.result.fused
+        self._volume_layer(ImageVolume(array, fused.geometry, placement_metadata(fused.metadata)), name, **kwargs)
 
     def _upsert(self, name: str, data, kind: str, placed: dict, **kwargs):
         """Replace a layer of that name (a re-run), keeping its place in the layer list."""

@@ -112,7 +112,7 @@ class NiftiXforms:
         except HeaderDataError:  # a form nibabel cannot store (a qform that is no rotation)
             return False
         placed = image.header.get_best_affine()
-        if image.ndim == 2:
+        if _grid_ndim(image) == 2:
             # A 2-D geometry is an axial grid: the plane's height and thickness are the header's alone.
             placed, geometry = placed[:, [0, 1, 3]], geometry[:, [0, 1, 3]]
             placed[2, 2] = geometry[2, 2] = 0.0
@@ -124,6 +124,13 @@ class NiftiXforms:
         if self.sform_code > 0:
             return float(self.sform[2, 3])
         return float(self.qform[2, 3]) if self.qform_code > 0 else None
+
+
+def _grid_ndim(image: nib.Nifti1Image) -> int:
+    """The dimensions of the grid ``image`` holds values on. A 5-D image is a displacement field as
+    ITK lays it out (x, y, z, time 1, components), with one component per axis of its grid: a 2-D
+    grid's field is 5-D too, and its plane height is the reference header's as an image's is."""
+    return int(image.shape[4]) if image.ndim == 5 else image.ndim
 
 
 def stamp_xforms(image: nib.Nifti1Image, xforms: NiftiXforms | None) -> None:

@@ -238,3 +238,30 @@ def test_the_field_of_a_one_slice_volume_is_a_3d_itk_field_that_moves_points_as_
         moved = (world @ [*(np.array(index) + u[(slice(None), *index)]), 1.0])[:3]
         np.testing.assert_allclose(transform.TransformPoint(tuple(point[::-1]))[::-1], moved, atol=1e-4)
     np.testing.assert_allclose(read_displacement(path, geometry), u, atol=1e-4)
+
+
+def test_the_field_of_an_axial_2d_nifti_keeps_its_plane_and_disagreeing_forms(tmp_path, rng):
+    """The field of a 2-D reference with its plane at z = 40 mm, an MNI sform (code 4) and a qform
+    (code 2) 4 mm to its right got the package's geometry in both forms (codes kept): nibabel put it
+    at z = 0, ITK 4 mm from where it puts the reference, while the fused image next to it was right."""
+    sform = PLANES["axial at z = 40 mm"]
+    qform = sform.copy()
+    qform[0, 3] += 4.0
+    image = nib.Nifti1Image(rng.random((20, 24)).astype(np.float32), sform)
+    image.set_sform(sform, code=4)
+    image.set_qform(qform, code=2)
+    image.to_filename(tmp_path / "reference.nii.gz")
+    reference = read_image(tmp_path / "reference.nii.gz")
+    u = rng.normal(0, 1, (2, *reference.spatial_shape)).astype(np.float32)
+
+    written = write_displacement(u, reference.geometry, tmp_path / "field.nii.gz",
+                                 reference_metadata=reference.metadata)
+
+    ours = nib.load(written).header
+    assert (int(ours["qform_code"]), int(ours["sform_code"])) == (2, 4)
+    np.testing.assert_allclose(ours.get_qform(), qform, atol=1e-4)
+    np.testing.assert_allclose(ours.get_sform(), sform, atol=1e-4)
+    itk_reference, itk_field = sitk.ReadImage(str(tmp_path / "reference.nii.gz")), sitk.ReadImage(str(written))
+    np.testing.assert_allclose(itk_field.GetOrigin(), itk_reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(itk_field.GetDirection(), itk_reference.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(read_displacement(written, reference.geometry), u, atol=1e-4)
