@@ -76,6 +76,12 @@ REVIEW_MAP_EXTENSIONS = MAP_EXTENSIONS
 IMAGE_EXTENSIONS = ("png", "mha", "nii.gz")
 
 
+def cannot_write_there(folder: Path, error: OSError) -> InputError:
+    """The one-line error for a folder the outputs cannot be written to (a file in its path, no
+    permission, a read-only or full disk), naming the folder and the system's reason."""
+    return InputError(f"cannot write there ({error.strerror or error})", folder)
+
+
 def map_extension(geometry: Geometry) -> str:
     """The extension of the float outputs on ``geometry`` (field, quality maps): NIfTI, except on a
     sheared grid, which NIfTI's qform (what ITK tools read) cannot hold; MetaImage holds it, so there
@@ -291,7 +297,7 @@ def check_writable_folder(folder: Path, keep: bool = True) -> None:
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise InputError(f"cannot write there ({error.strerror or error})", folder) from error
+        raise cannot_write_there(folder, error) from error
     finally:
         if not keep:
             for path in missing:  # deepest first
@@ -322,7 +328,7 @@ def write_files_together(folder: Path, writers: Mapping[str, Callable[[Path], ob
         _remove_unused_staging(folder, lock)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     except OSError as error:
-        raise InputError(f"cannot write there ({error.strerror or error})", folder) from error
+        raise cannot_write_there(folder, error) from error
     path, untouched = folder, "; the folder's earlier files are as they were"
     try:
         for name, write in writers.items():

@@ -40,6 +40,7 @@ from napari_unifuse.engine.outputs import (
     QUALITY_FILE,
     REPORT_FILE,
     STAGING_PREFIX,
+    cannot_write_there,
     read_json_object,
     write_text_atomically,
 )
@@ -55,7 +56,6 @@ from napari_unifuse.engine.quality import (
     QualityMaps,
 )
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry, ImageVolume
 
 INDEX_FILE = "index.html"
@@ -110,7 +110,7 @@ def write_report(
         # errors="replace": an input path that is not UTF-8 (in the provenance) shows as "?", not a crash.
         write_text_atomically(path, page, errors="replace")
     except OSError as error:
-        raise InputError(f"cannot write there ({error.strerror or error})", out_dir) from error
+        raise cannot_write_there(out_dir, error) from error
     return path
 
 
