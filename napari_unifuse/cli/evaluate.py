@@ -90,7 +90,7 @@ from napari_unifuse.engine import classical
 from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
-from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.inference import FusionEngine, single_slice_pair
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.methods import load_method, split_name
 from napari_unifuse.engine.outputs import check_writable_folder, same_file, write_files_together
@@ -193,6 +193,14 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         displacement = None
         if row.get("displacement"):
             displacement = read_displacement(path.parent / row["displacement"], reference.geometry)
+        axis = reference.single_slice_axis
+        if axis is not None:
+            # Scored as the 2D image `unifuse fuse` fuses it as: on the slice's in-plane grid, the
+            # field without its component across the slice.
+            reference, moving = single_slice_pair(reference, moving)
+            label = np.take(label, 0, axis=axis)
+            if displacement is not None:
+                displacement = np.delete(displacement, axis, axis=0).take(0, axis=axis + 1)
         pairs.append(EvaluationPair(name, row.get("task") or "pairs",
                                     reference, moving, label, displacement,
                                     _degradation(row.get("degradation"), path),

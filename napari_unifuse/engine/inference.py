@@ -326,7 +326,7 @@ class FusionEngine:
                 given = {"reference": describe_input(reference), "moving": describe_input(moving)}  # as handed in
                 reference, moving = self.validate(reference, moving)
                 warnings.extend(picture_placement_warnings(reference, moving) + overlap_warnings(reference, moving))
-            planar = _single_slice_pair(reference, moving)
+            planar = single_slice_pair(reference, moving)
             if planar is not None:
                 result = self.run_fusion(*planar, reference_modality=reference_modality,
                                          moving_modality=moving_modality, progress=progress, cancel=cancel,
@@ -1147,7 +1147,7 @@ def _refuse_too_small(reference: ImageVolume, config: UniFuseConfig, tile_size: 
                          f"{minimum_padded_side(config)}", "--tile-size")
 
 
-def _single_slice_pair(reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume] | None:
+def single_slice_pair(reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume] | None:
     """A one-slice reference volume and its moving image as 2D images on the slice's in-plane grid, or
     None when the reference is not a single slice.
 

@@ -936,3 +936,33 @@ def test_a_row_without_its_label_cell_is_one_line_not_a_traceback(pairs_csv, tmp
     assert main(["evaluate", "--pairs", str(short), "--out", str(tmp_path / "out"), "--methods", "identity+max"]) == 2
     assert capsys.readouterr().err == (f"unifuse evaluate: error: {short}: line 2 of the CSV: no label cell (the row "
                                        "has fewer cells than the header)\n")
+
+
+def test_a_one_slice_volume_is_scored_as_the_2d_image_it_is_fused_as(tmp_path, capsys):
+    """A 64×64×1 NIfTI pair stopped the whole evaluation ("displacement: each spatial axis needs at
+    least 2 voxels"); it scores as the same pair stored as 2D images, end-point error included."""
+    rng = np.random.default_rng(0)
+    image = ndimage.gaussian_filter(rng.random((32, 32)), 2).astype(np.float32)
+    shift = np.zeros((2, 32, 32), np.float32)
+    shift[1] = 1.0
+    results = {}
+    for layout, geometry, expand in (("plane", Geometry.identity(2), lambda a: a),
+                                     ("one-slice", Geometry.identity(3), lambda a: a[None])):
+        folder = tmp_path / layout
+        folder.mkdir()
+        for role, array in (("reference", image), ("moving", np.roll(image, 1, axis=1)), ("label", image)):
+            write_image(ImageVolume(expand(array), geometry), folder / f"{role}.nii.gz")
+        field = shift if layout == "plane" else np.insert(shift[:, None], 0, 0.0, axis=0)
+        write_displacement(field, geometry, folder / "field.nii.gz")
+        pairs = folder / "pairs.csv"
+        pairs.write_text("reference,moving,label,displacement\n"
+                         "reference.nii.gz,moving.nii.gz,label.nii.gz,field.nii.gz\n", encoding="utf-8")
+        code = main(["evaluate", "--methods", "identity+max", "--pairs", str(pairs), "--out", str(folder / "out"),
+                     "--device", "cpu", "--baselines", "identity", "--fusion-rules", "max"])
+        assert code == 0, capsys.readouterr().err
+        results[layout] = {row["method"]: row for row in read_csv(folder / "out" / "per_pair.csv")}
+    assert results["one-slice"].keys() == results["plane"].keys()
+    for method, row in results["plane"].items():
+        for column in ("ncc", "ssim", "epe", "Q_abf", "gain_min"):
+            assert float(results["one-slice"][method][column]) == pytest.approx(float(row[column]), nan_ok=True)
+    assert float(results["one-slice"]["identity+max"]["epe"]) == pytest.approx(1.0)
