@@ -98,8 +98,9 @@ class AnnotationPanel(widgets.Container):
                 pair: tuple[str, str] | None = None) -> None:
         """Point the panel at a run's folder (same inputs + checkpoint ⇒ same folder) and list its flags;
         ``subject`` says what is annotated (inputs, a run or a comparison) and ``pair`` of which
-        (reference, moving) layers. Regions drawn for another pair and not flagged are dropped. A
-        folder whose flags cannot be read is reported in a notification (see :meth:`refresh`)."""
+        (reference, moving) layers. Regions drawn for another pair (other arrays, not only other layer
+        names) and not flagged are dropped. A folder whose flags cannot be read is reported in a
+        notification (see :meth:`refresh`)."""
         self.store = AnnotationStore(folder)
         self.runs_root = Path(runs_root)
         self.reference_layer = reference_layer
@@ -107,10 +108,13 @@ class AnnotationPanel(widgets.Container):
         self.subject.value = f"{about}: {Path(folder).name}" if about else Path(folder).name
         self.subject.tooltip = f"Flags are saved in {Path(folder) / 'annotations.jsonl'}"
         self._grid_left_for_drawing = False  # whoever shows the new target owns the grid now
+        pair_sha256 = self._sha256_of_pair(pair)
         if pair != self._pair:
-            self._drop_unflagged_regions_of(self._pair)
+            # Layers renamed (or reopened in another order) hold the same arrays: their regions stay.
+            if None in pair_sha256 or pair_sha256 != self._pair_sha256:
+                self._drop_unflagged_regions_of(self._pair)
             self._pair = pair
-        self._pair_sha256 = self._sha256_of_pair(pair)
+        self._pair_sha256 = pair_sha256
         self._about_inputs = subject == INPUTS_SUBJECT
         self.method.enabled = not self._about_inputs
         if self._about_inputs:

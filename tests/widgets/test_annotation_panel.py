@@ -134,8 +134,8 @@ def test_a_permission_error_is_one_clear_line(notifications):
 def test_unflagged_regions_of_one_pair_are_dropped_when_another_pair_is_annotated(make_napari_viewer, tmp_path,
                                                                                    notifications):
     viewer = make_napari_viewer()
-    for name in ("MR", "CT", "MR 2", "CT 2"):  # two pairs on one grid: nothing else tells their regions apart
-        viewer.add_image(np.zeros((48, 48), np.float32), name=name)
+    for value, name in enumerate(("MR", "CT", "MR 2", "CT 2")):  # two pairs on one grid: nothing else tells
+        viewer.add_image(np.full((48, 48), value, np.float32), name=name)  # their regions apart
     panel = AnnotationPanel(viewer)
     panel.set_run(tmp_path / "inputs", tmp_path, viewer.layers["MR"], subject="inputs", pair=("MR", "CT"))
     panel.draw_region.clicked()
@@ -201,3 +201,18 @@ def test_flags_that_cannot_be_read_are_one_notification_and_no_listing(make_napa
     errors = [message for severity, message in notifications if severity == "error"]
     assert len(errors) == 1 and f"cannot read {ANNOTATIONS_FILE} in {unreadable}" in errors[0]
     assert "unexpectedly" not in errors[0]
+
+
+def test_unflagged_regions_stay_when_the_pair_is_only_renamed(make_napari_viewer, tmp_path, notifications):
+    """A rename made the pair look like another one and dropped the regions drawn on it."""
+    viewer = make_napari_viewer()
+    for name, value in (("MR", 0.2), ("CT", 0.7)):
+        viewer.add_image(np.full((48, 48), value, np.float32), name=name)
+    panel = AnnotationPanel(viewer)
+    panel.set_run(tmp_path / "inputs", tmp_path, viewer.layers["MR"], subject="inputs", pair=("MR", "CT"))
+    panel.draw_region.clicked()
+    draw(viewer, [[10, 10], [10, 20], [20, 20]])
+    viewer.layers["CT"].name = "CT head"
+    panel.set_run(tmp_path / "inputs", tmp_path, viewer.layers["MR"], subject="inputs", pair=("MR", "CT head"))
+    assert len(viewer.layers[ANNOTATION_LAYER].data) == 1
+    assert not any("dropped" in message for _, message in notifications)
