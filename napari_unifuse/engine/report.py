@@ -431,6 +431,9 @@ def _png(figure: Figure) -> str:
 
 
 def _number(value: Any) -> str:
+    # NaN (a metric whose window does not fit) reads back from JSON as null: both are "n/a".
+    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
+        return "n/a"
     return f"{value:.4g}" if isinstance(value, (float, np.floating)) else html.escape(str(value))
 
 

@@ -378,3 +378,14 @@ def test_a_run_folder_that_cannot_be_read_is_named_not_silently_left_out(tmp_pat
     assert told == [(runs / "locked", "Permission denied")]
     text = page.read_text(encoding="utf-8")
     assert "readable" in text and "could not be read" in text and str(runs / "locked") in text
+
+
+def test_a_metric_that_could_not_be_computed_reads_n_a(tmp_path):
+    """A volume too thin for the SSIM window gets NaN, which metrics.json stores as null: the page
+    showed "nan" or "None"."""
+    result = constructed_result(blob_radius=0)
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned,
+                        metrics={"ssim": float("nan"), "mse": None, "ncc": 0.5}).read_text(encoding="utf-8")
+    metrics = section(page, "metrics")
+    assert "<td>ssim</td><td>n/a</td>" in metrics and "<td>mse</td><td>n/a</td>" in metrics
+    assert "<td>ncc</td><td>0.5</td>" in metrics and "nan" not in metrics and "None" not in metrics
