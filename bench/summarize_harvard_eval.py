@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard
+from napari_unifuse.cli.evaluate import checkpoint_split, pairs_from_harvard, rounding_ties
 from napari_unifuse.model.checkpoint import read_metadata
 
 TASKS = ("CT-MRI", "PET-MRI", "SPECT-MRI")
@@ -81,13 +81,18 @@ def alignment_table(rows: list[dict], unifuse: str, regime: str) -> list[str]:
                                     for column, digits in (("epe", 2), ("epe_tissue", 2), ("ncc", 3))))
         ours = {r["pair"]: r for r in rows if r["task"] == task and r["method"] == unifuse}
         identity = {r["pair"]: r for r in rows if r["task"] == task and r["method"] == "identity + max"}
-        ncc_wins = sum(ours[p]["ncc"] > identity[p]["ncc"] for p in ours)
-        epe_wins = sum(ours[p]["epe"] < identity[p]["epe"] for p in ours)
+        ncc_wins = sum(_beats(ours[p]["ncc"], identity[p]["ncc"]) for p in ours)
+        epe_wins = sum(_beats(identity[p]["epe"], ours[p]["epe"]) for p in ours)
         line = f"| {task} | " + " | ".join(cells) + f" | {ncc_wins}/{len(ours)} | {epe_wins}/{len(ours)} |"
         if regime == "none":
             line += f" {sum(r['epe'] > MOVED_PX for r in ours.values())}/{len(ours)} |"
         lines.append(line)
     return lines
+
+
+def _beats(higher: float, lower: float) -> bool:
+    """``higher`` > ``lower`` by more than float rounding (``unifuse evaluate``'s rule for a win)."""
+    return higher > lower and not rounding_ties(np.float64(higher), np.float64(lower))
 
 
 def restoration_table(rows: list[dict], unifuse: str, degradations: dict[str, str]) -> list[str]:
@@ -97,7 +102,7 @@ def restoration_table(rows: list[dict], unifuse: str, degradations: dict[str, st
             groups[(row["task"], degradations[row["pair"]])].append(row)
     lines = ["| task | degradation | n | warped input SSIM | restored SSIM | restored better |", "|---|---|---:|---:|---:|---:|"]
     for (task, degradation), members in sorted(groups.items()):
-        wins = sum(r["restored_ssim"] > r["warped_input_ssim"] for r in members)
+        wins = sum(_beats(r["restored_ssim"], r["warped_input_ssim"]) for r in members)
         lines.append(f"| {task} | {degradation} | {len(members)} | {_mean(members, 'warped_input_ssim'):.3f} | "
                      f"{_mean(members, 'restored_ssim'):.3f} | {wins}/{len(members)} |")
     return lines
