@@ -68,7 +68,10 @@ class RunOutcome:
 
     result: FusionResult
     reference_grey: np.ndarray
-    aligned_grey: np.ndarray  # in its own display window: what the fusion metrics compare the fused image with
+    aligned_grey: np.ndarray  # in its own display window, for the views and the MIND error map
+    # Both in the model's [0, 1] units, the fused image's: what the fusion metrics compare it with.
+    reference_units: np.ndarray
+    aligned_units: np.ndarray
     label_grey: np.ndarray | None
     # The aligned image in the label's display window, so that the label metrics compare like with like.
     aligned_in_label_window: np.ndarray | None
@@ -154,7 +157,9 @@ def run_and_analyse(
     result.provenance["review_maps"] = {"alignment_error": ERROR_MAP_DESCRIPTIONS[error_kind], **REVIEW_MAP_DESCRIPTIONS}
     jacobian = field_jacobian(result.displacement, result.fused.single_slice_axis)
     outcome = RunOutcome(
-        result=result, reference_grey=reference_grey, aligned_grey=aligned_grey, label_grey=label_grey,
+        result=result, reference_grey=reference_grey, aligned_grey=aligned_grey,
+        reference_units=result.in_model_units("reference", request.reference),
+        aligned_units=result.in_model_units("moving", result.aligned), label_grey=label_grey,
         aligned_in_label_window=aligned_in_label_window, error_map=error_map, error_kind=error_kind,
         jacobian=jacobian, folding=folding_mask(jacobian), notes=notes,
     )
@@ -174,8 +179,8 @@ def volume_metrics(outcome: RunOutcome) -> dict[str, float]:
     def whole(array: np.ndarray) -> np.ndarray:
         return slice_of(array, axis, 0)
 
-    fused, reference, aligned = whole(grey_values(outcome.result.fused)), whole(outcome.reference_grey), whole(
-        outcome.aligned_grey)
+    fused, reference, aligned = (whole(grey_values(outcome.result.fused)), whole(outcome.reference_units),
+                                 whole(outcome.aligned_units))
     # The per-source gain first: unlike Q_ssim or Q_abf, a fusion that copies one source scores 0 on it.
     values = {"gain min": _or_nan(lambda: ssim_gains(fused, reference, aligned).minimum)}
     values.update(_or_nan(lambda: fusion_metrics(fused, reference, aligned), METRIC_NAMES))
@@ -192,7 +197,7 @@ def slice_metrics(outcome: RunOutcome, slice_axis: int | None, slice_index: int)
     def cut(array: np.ndarray) -> np.ndarray:
         return slice_of(array, slice_axis, slice_index)
 
-    fused, reference, aligned = cut(grey_values(outcome.result.fused)), cut(outcome.reference_grey), cut(outcome.aligned_grey)
+    fused, reference, aligned = cut(grey_values(outcome.result.fused)), cut(outcome.reference_units), cut(outcome.aligned_units)
     values = {
         "MI": _or_nan(lambda: mutual_information(fused, reference, aligned)),
         "Q_cc": _or_nan(lambda: q_cc(fused, reference, aligned)),

@@ -10,8 +10,9 @@ import numpy as np
 from napari_unifuse.engine.alignment_guard import GuardDecision
 from napari_unifuse.engine.class_evidence import ClassEvidence
 from napari_unifuse.engine.fusion_balance import BalanceRecord
+from napari_unifuse.engine.overlays import grey_values
 from napari_unifuse.engine.quality import QualityMaps
-from napari_unifuse.io import ImageVolume
+from napari_unifuse.io import ImageVolume, IntensityMapping
 
 # What a method that estimates no degradation (fusion only, classical pipelines) reports.
 UNKNOWN_CLASS = "unknown"
@@ -54,6 +55,14 @@ class FusionResult:
     quality: QualityMaps | None = None
     class_evidence: ClassEvidence | None = None
     fusion_balance: BalanceRecord | None = None
+
+    def in_model_units(self, role: str, image: ImageVolume) -> np.ndarray:
+        """``image`` (the run's ``"reference"``, or its aligned output as ``"moving"``) as the grey
+        values the model fused, float32 in [0, 1]: its luma (RGB) or values through the intensity
+        mapping the run recorded for that input. ``fused`` is already in these units; fusion metrics
+        compare it with its sources in them, not in each image's display window."""
+        mapping = IntensityMapping.from_dict(self.provenance["intensity_mappings"][role])
+        return np.asarray(mapping.apply(grey_values(image)), dtype=np.float32)
 
     @property
     def predicted_class(self) -> str:

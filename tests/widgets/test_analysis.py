@@ -7,7 +7,7 @@ import pytest
 
 from napari_unifuse._qt.analysis import RunRequest, run_and_analyse, slice_metrics, volume_metrics
 from napari_unifuse.engine.progress import CancelToken, ignore_progress
-from napari_unifuse.io import ImageVolume
+from napari_unifuse.io import ImageVolume, IntensityMapping
 
 from .conftest import GEOMETRY_3D, ellipsoid_pair
 from .test_review import SHAPE, KnownResultEngine, result_with_defects
@@ -37,3 +37,20 @@ def test_choosing_a_ground_truth_leaves_the_fusion_metrics_alone():
         assert set(LABEL_METRICS) <= set(with_label)
         assert np.isfinite(without_label["Q_cc"])  # scores, not the NaN of a metric that does not apply
     np.testing.assert_array_equal(labelled.aligned_grey, unlabelled.aligned_grey)  # the checkerboard's too
+
+
+def test_the_fusion_metrics_compare_the_fused_image_with_its_sources_in_the_units_it_fused_them_in():
+    """The sources were stretched to their display windows while the fused image stayed in the
+    model's units: a fused copy of the reference, as the model saw it, scored a gain over it."""
+    reference, moving, _ = ellipsoid_pair(SHAPE)
+    moving = np.clip(moving, 0.0, 1.0)
+    scanner_reference = 40.0 + 150.0 * reference  # an 8-bit picture's range: its window is not the model's scale
+    mapping = IntensityMapping("scale8bit", "png", 40.0, 295.0)
+    result = result_with_defects(reference, moving)
+    result.provenance["intensity_mappings"]["reference"] = mapping.to_dict()
+    result.fused = ImageVolume(mapping.apply(scanner_reference), GEOMETRY_3D)  # the reference, as fused
+    outcome = run_and_analyse(RunRequest(ImageVolume(scanner_reference, GEOMETRY_3D), ImageVolume(moving, GEOMETRY_3D),
+                                         "untrained"), KnownResultEngine(result), ignore_progress, CancelToken())
+    # A copy of one source gains nothing over the other (metrics.fusion_gain.ssim_gains).
+    assert volume_metrics(outcome)["gain min"] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(outcome.reference_units, result.fused.array, atol=1e-6)

@@ -15,7 +15,7 @@ from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
 from napari_unifuse.engine.quality import INVENTED, LOST, MAP_LABELS, RESTORATION_CHANGE, QualityMaps
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.io import Geometry, ImageVolume
+from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping
 
 from .conftest import GEOMETRY_3D, add_pair
 from .test_workbench import make_workbench, run_and_wait
@@ -23,6 +23,7 @@ from .test_workbench import make_workbench, run_and_wait
 pytestmark = pytest.mark.gui
 PLUGIN, WORKBENCH = "napari-unifuse", "UniFuse workbench"
 SHAPE = (16, 48, 48)
+UNIT_MAPPING = IntensityMapping("percentile", "mr", 0.0, 1.0)
 INVENTED_SLICE, LOST_SLICE = 4, 11  # where the constructed defects sit
 
 
@@ -49,7 +50,10 @@ def result_with_defects(reference: np.ndarray, moving: np.ndarray) -> FusionResu
         fused=ImageVolume(0.5 * (reference + moving), GEOMETRY_3D), aligned=ImageVolume(moving, GEOMETRY_3D),
         displacement=np.zeros((3, *SHAPE), np.float32), class_names=DEGRADATION_CLASSES,
         class_probs=dict(zip(DEGRADATION_CLASSES, probabilities[0])), slice_class_probs=probabilities,
-        output_extension="nii.gz", quality=quality, provenance={"method": {"name": "unifuse"}},
+        output_extension="nii.gz", quality=quality,
+        # Inputs already in the model's [0, 1] units: the mappings the engine records leave them as they are.
+        provenance={"method": {"name": "unifuse"},
+                    "intensity_mappings": dict.fromkeys(("reference", "moving"), UNIT_MAPPING.to_dict())},
     )
 
 
