@@ -40,7 +40,7 @@ def test_a_shifted_copy_is_high_along_edges_and_low_in_flat_regions(make_phantom
     misalignment = local_misalignment_map(image, np.roll(image, 3, axis=1))
     edges, flat = edge_and_flat_masks(image)
     assert misalignment.shape == image.shape
-    # An edge facing a flat patch scores about 0.43 in 2D (see the module docstring); edge pixels
+    # An edge facing a flat patch scores up to 0.34-0.43 in 2D (see the module docstring); edge pixels
     # that still overlap the shifted edge score less.
     assert misalignment[edges].mean() > 0.15
     assert misalignment[flat].mean() < 0.1 * misalignment[edges].mean()
