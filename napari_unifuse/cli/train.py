@@ -84,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
     from napari_unifuse.training.config import load_config
     from napari_unifuse.training.trainer import resumed_config, train
 
-    config = load_config(args.config)
     train_overrides = {key: value for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size))
                        if value is not None}
     for key, value in train_overrides.items():
@@ -95,9 +94,13 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--lr must be positive, got {args.lr}")
         train_overrides["lr"] = args.lr
     if args.init_from is not None:
-        train_overrides["init_from"] = args.init_from
-    data_overrides = {"root": str(Path(args.data_root).resolve())} if args.data_root else {}
-    config = config.with_overrides(train=train_overrides, data=data_overrides)
+        # A file named on the command line is relative to the working directory, not to the config.
+        given = Path(args.init_from)
+        train_overrides["init_from"] = str(given.resolve()) if given.is_file() else args.init_from
+    # Applied before the file is validated: a stage config may leave train.init_from to --init-from.
+    config = load_config(args.config, train=train_overrides)
+    if args.data_root:
+        config = config.with_overrides(data={"root": str(Path(args.data_root).resolve())})
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     _check_run_folder(out)
     if args.resume:

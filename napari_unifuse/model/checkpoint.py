@@ -36,6 +36,10 @@ _CONFIG_KEY = "unifuse_config"
 _METHOD_KEY = "method"
 DEFAULT_METHOD = "unifuse"  # checkpoints written before methods were recorded
 _MAX_LISTED = 5
+# A training run saves checkpoint NAME into NAME's folder/.saving-NAME/, marks it COMMITTED once
+# complete, then moves its files beside the previous ones (training.trainer.Trainer._save).
+STAGING_PREFIX = ".saving-"
+COMMITTED = "COMMITTED"
 _RESTORE_SIDECAR = "copy the .json saved with these weights beside them, or remove it to run with defaults"
 
 
@@ -61,6 +65,7 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
                   else f"its weights, {weights.name}, are not beside it")
         raise CheckpointError(f"{path} is a checkpoint's JSON sidecar (its metadata), not its weights: {beside}")
     if path.is_file():
+        _refuse_an_unfinished_save(path)
         return path
     if path.is_dir():
         # A training run's folder: its weights are in checkpoints/ (best and last).
@@ -74,6 +79,18 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
     available = ", ".join(list_checkpoints()) or "none"
     raise CheckpointError(f"checkpoint {str(path_or_name)!r} not found (neither a file nor a "
                           f"packaged checkpoint; packaged: {available})")
+
+
+def _refuse_an_unfinished_save(path: Path) -> None:
+    """A save killed while its files moved in leaves a mix of the new (say the .json) and the old
+    (the weights): refused, not read, until the run's ``--resume`` finishes the move (reading
+    code never writes a run folder, which that run may still be saving into)."""
+    staging = path.parent / f"{STAGING_PREFIX}{path.stem}"
+    if (staging / COMMITTED).is_file():
+        run = path.parent.parent
+        raise CheckpointError(f"{path}: an interrupted save of {path.stem} is beside it ({staging.name}), so its "
+                              f"files may come from two saves; finish it with `unifuse train --config "
+                              f"{run / 'config.yaml'} --out {run} --resume`, or wait if that run is still saving")
 
 
 def save_checkpoint(model: nn.Module, path: str | Path,

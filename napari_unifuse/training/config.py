@@ -380,8 +380,10 @@ def _against(base_dir: Path, path: str) -> Path:
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a training config YAML file."""
+def load_config(path: str | Path, **overrides: dict[str, Any]) -> TrainConfig:
+    """Read and validate a training config YAML file; ``overrides`` (section → fields, the command
+    line's) replace the file's fields before the validation, which judges the config they make
+    (a stage's ``--init-from`` supplies the ``train.init_from`` the file leaves out)."""
     path = Path(path)
     if not path.is_file():
         raise InputError("training config not found", path)
@@ -389,4 +391,9 @@ def load_config(path: str | Path) -> TrainConfig:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise InputError(f"not valid YAML: {error}", path) from None
+    if isinstance(values, dict):
+        for name, changes in overrides.items():
+            section = values.get(name)
+            if changes and (section is None or isinstance(section, dict)):
+                values[name] = {**(section or {}), **changes}
     return config_from_dict(values, source=str(path), base_dir=path.resolve().parent)

@@ -168,6 +168,10 @@ class SyntheticPairDataset(Dataset):
         self.epoch = 0
         self.metal_fallbacks = 0  # samples of this process made without metal for want of room (__getitem__)
 
+    def case_names(self) -> list[str]:
+        """The cases (patients) this split's samples come from; none for generated pairs."""
+        return []
+
     def set_epoch(self, epoch: int) -> None:
         """Validation datasets ignore this: their samples are the same at every evaluation."""
         if self.stream == TRAIN_STREAM:
@@ -296,6 +300,9 @@ class HarvardPairs(SyntheticPairDataset):
         self.pairs = list(pairs)
         self.size = tuple(size) if size else None
         self._cache: dict[int, CleanPair] = {}
+
+    def case_names(self) -> list[str]:
+        return [str(case) for case in sorted({pair.case for pair in self.pairs})]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -678,6 +685,9 @@ class FolderPairs(SyntheticPairDataset):
     def __len__(self) -> int:
         return len(self.cases) * self.samples_per_case
 
+    def case_names(self) -> list[str]:
+        return [name for name, _, _ in self.cases]
+
     def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
         case_index = index // self.samples_per_case
         if case_index not in self._cache:
@@ -739,6 +749,12 @@ class MixedPairs(ConcatDataset):
     def set_epoch(self, epoch: int) -> None:
         for source in self.datasets:
             cast(SyntheticPairDataset, source).set_epoch(epoch)
+
+    def case_names(self) -> list[str]:
+        """Each source's cases, those of ``extra_sources[k]`` named so (two sources may share a name)."""
+        return [name if number == 0 else f"extra_sources[{number - 1}]:{name}"
+                for number, source in enumerate(self.datasets)
+                for name in cast(SyntheticPairDataset, source).case_names()]
 
 
 DATA_KEYS = {

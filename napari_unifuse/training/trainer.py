@@ -37,11 +37,17 @@ Run folder (``--out``)::
 
     config.yaml                 the resolved config
     log.jsonl                   one JSON line per logged step ("train", with the lr it used) and per validation ("val")
+    split.json                  the cases of the training and validation splits (data with cases): a
+                                resume refuses data whose cases changed, which would reshuffle them
     checkpoints/last.safetensors + last.json       weights + metadata (model.checkpoint)
     checkpoints/last.state.pt   optimizer / step, tensors and numbers only,
                                 read back with torch.load(weights_only=True)
     checkpoints/best.safetensors + best.json       best validation fusion_gain_min so far (a copy-proof fusion score)
     checkpoints/.saving-NAME/   a save in progress (see below); never read as a checkpoint
+
+One run at a time: a run holds its folder's lock (engine.outputs.output_folder_lock; rank 0 under
+torchrun) from before its first look at the folder to its end, and another run into the folder
+(a requeued ``--resume``, a second fresh run) is refused in one line.
 
 A checkpoint NAME is three files (NAME.safetensors, NAME.json, NAME.state.pt) that replace the
 previous three as one: they are written into ``.saving-NAME/``, a ``COMMITTED`` marker is written
@@ -64,6 +70,7 @@ import pickle
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +79,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -80,7 +88,14 @@ from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
 from napari_unifuse.json_records import standard_json
 from napari_unifuse.model import UniFuseConfig
-from napari_unifuse.model.checkpoint import load_weights, save_checkpoint, training_crop
+from napari_unifuse.model.checkpoint import (
+    COMMITTED,
+    STAGING_PREFIX,
+    SUFFIX,
+    load_weights,
+    save_checkpoint,
+    training_crop,
+)
 from napari_unifuse.model.networks import build_network
 from napari_unifuse.training.config import (
     FUSION_WEIGHT_STAGE,
@@ -112,10 +127,9 @@ STAGE_MODULES = {IMAGE_RESTORATION_STAGE: IMAGE_RESTORATION_MODULE, FUSION_WEIGH
 RESUMABLE_TRAIN_SETTINGS = ("max_steps", "lr", "batch_size")
 # A run's weights: RUN/checkpoints/last.safetensors and best.safetensors.
 CHECKPOINTS_FOLDER = "checkpoints"
-# A save in progress: RUN/checkpoints/.saving-NAME/ holds the new files of checkpoint NAME, and
-# COMMITTED once all of them are complete (Trainer._save).
-STAGING_PREFIX = ".saving-"
-COMMITTED = "COMMITTED"
+# The cases of each split, recorded when the run starts: the split is drawn over the cases found,
+# so a case added to or removed from the data folder would reshuffle it under a resumed run.
+SPLIT_FILE = "split.json"
 
 
 @dataclass
@@ -184,9 +198,27 @@ class Trainer:
         self.overwrite = overwrite
         if resume and overwrite:
             raise UniFuseError("--resume continues the run and --overwrite starts it afresh: pass one of them")
+        # Held from before the first look at the folder to the end of fit(): another run into it (a
+        # --resume requeued while this one trains) would clean up this run's save in progress and
+        # rewrite its log. setup_distributed comes later, so the rank is read from torchrun's environment.
+        self._run_folder_lock = contextlib.ExitStack()
+        if int(os.environ.get("RANK", "0")) == 0:
+            self._run_folder_lock.enter_context(_run_folder_lock(self.run_dir))
+        try:
+            self._open(config, device=device, resume=resume, command=command, progress=progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder for another run (fit() does, once done)."""
+        self._run_folder_lock.close()
+
+    def _open(self, config: TrainConfig, *, device: str, resume: bool, command: str | None,
+              progress: bool) -> None:
         # Here, before the processes first talk: none may see the files another has begun to write.
         previous_run = self._previous_run_files()
-        if previous_run and not (resume or overwrite):
+        if previous_run and not (resume or self.overwrite):
             raise UniFuseError(f"{self.run_dir} holds a run ({', '.join(previous_run)}): pass --resume to "
                                "continue it, --overwrite to start afresh, or choose another --out")
         self.command = command
@@ -221,7 +253,7 @@ class Trainer:
                 **{key: metadata.get(key) for key in ("name", "command", "seed", "steps", "wall_time_s", "device")},
                 # The crop its network was trained on: a stage trains one module of that network
                 # and leaves the size it reads at inference as it was (model.checkpoint.training_crop).
-                "training_crop": training_crop(metadata),
+                "training_crop": self._initial_training_crop(path, metadata),
             }
         self.training_model: torch.nn.Module = (
             AlignedRestorationModel(self.network) if config.train.stage == IMAGE_RESTORATION_STAGE
@@ -245,6 +277,23 @@ class Trainer:
                                "run it again without --resume or torchrun (it takes minutes)")
         if resume:
             self._restore()
+
+    def _initial_training_crop(self, path: Path, metadata: dict[str, Any]) -> int | None:
+        """The crop ``init_from``'s network was trained on; this run's own where its sidecar, which
+        says, is missing: None would make inference of this run's checkpoint read whole images, which
+        a network trained on crops misreads (model.checkpoint.training_crop), while a stage run
+        normally crops as its network was trained."""
+        if path.with_suffix(".json").is_file():
+            return training_crop(metadata)
+        own = training_crop({"training_config": self.config.to_dict()})
+        if self.dist.is_main:
+            print(f"unifuse train: warning: {path.with_suffix('.json')} is missing, so the crop {path.name} was "
+                  f"trained on is unknown; its checkpoints record this run's ({own or 'whole images'}) for inference",
+                  file=sys.stderr, flush=True)
+        return own
+
+    def _split(self) -> dict[str, list[str]]:
+        return {"train": self.train_set.case_names(), "validation": self.val_set.case_names()}
 
     def _learning_rate(self, step: int) -> float:
         """The learning rate after ``step`` steps: cosine annealing from ``lr`` to ``min_lr`` over ``max_steps``.
@@ -283,6 +332,7 @@ class Trainer:
             if self.dist.is_main:
                 print(f"unifuse train: {self.run_dir} has no checkpoint yet: starting it from step 0", flush=True)
             return
+        _refuse_changed_split(self.run_dir, self._split())
         if not weights.is_file() or not state_path.is_file():
             raise CheckpointError(f"nothing to resume in {self.checkpoint_dir} (no last.safetensors / last.state.pt)")
         if not weights.with_suffix(".json").is_file():
@@ -338,18 +388,16 @@ class Trainer:
         staging = self._staging_dir(name)
         _settle_interrupted_save(staging, self.checkpoint_dir)
         staging.mkdir(parents=True)
-        save_checkpoint(self.network, staging / name, self._metadata(seconds))
         state = {
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "best_score": self.best_score,
             "seconds": seconds,
         }
-        try:
+        with _written_or_refused(staging / f"{name}{SUFFIX}"):
+            save_checkpoint(self.network, staging / name, self._metadata(seconds))
+        with _written_or_refused(staging / f"{name}.state.pt"):
             torch.save(state, staging / f"{name}.state.pt")
-        except RuntimeError as error:  # torch's zip writer says "unexpected pos" for a failed write, no errno
-            raise UniFuseError(f"{staging / f'{name}.state.pt'}: the checkpoint could not be written ({error}); "
-                               "is the disk full? The previous checkpoint is kept") from error
         for path in staging.iterdir():
             _sync(path)
         _sync(staging)
@@ -398,6 +446,12 @@ class Trainer:
         )
 
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> TrainResult:
         cfg = self.config
         train = cfg.train
         if self.dist.is_main:
@@ -407,6 +461,9 @@ class Trainer:
             if self.resume:
                 self._forget_records_after_the_restored_step()
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+            split = self._split()
+            if any(split.values()):
+                (self.run_dir / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
         if train.stage == HEAD_STAGE:
             return self._refit_degradation_head()
         sampler = _ResumableSampler(
@@ -556,6 +613,32 @@ class Trainer:
             dist.barrier()
 
 
+@contextlib.contextmanager
+def _written_or_refused(path: Path) -> Iterator[None]:
+    """A checkpoint file the disk could not take (full, read-only) is one line, not a traceback:
+    the writers fail without an OSError (torch's zip writer says "unexpected pos", safetensors raises
+    its SafetensorError), and the save in progress is discarded, so the previous checkpoint stands."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError, OSError) as error:
+        raise UniFuseError(f"{path}: the checkpoint could not be written ({error}); "
+                           "is the disk full? The previous checkpoint is kept") from error
+
+
+@contextlib.contextmanager
+def _run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s folder lock (engine.outputs: on the folder itself, so a resume finds no
+    stray lock file in it); a second run finding it held is refused in one line."""
+    from napari_unifuse.engine.outputs import FolderBusyError, output_folder_lock
+
+    try:
+        with output_folder_lock(run_dir):
+            yield
+    except FolderBusyError:
+        raise UniFuseError(f"another unifuse train is using {run_dir}: wait for it to finish, "
+                           "or choose another --out") from None
+
+
 def _sync(path: Path) -> None:
     """Flush ``path`` (a file, or a folder's entries where the system allows) to the disk."""
     try:
@@ -620,6 +703,34 @@ def run_config(run_dir: str | Path) -> TrainConfig:
         raise CheckpointError(f"{path}: not valid YAML ({error})") from None
     # No base folder: its paths were resolved when it was written.
     return config_from_dict(without_unread_keys(values) if isinstance(values, dict) else values, source=str(path))
+
+
+def _refuse_changed_split(run_dir: Path, split: dict[str, list[str]]) -> None:
+    """A resumed run trains and validates on the cases it started with: cases added to or removed
+    from the data reshuffle the split, so held-out cases would train and the best checkpoint would
+    compare scores over different validation sets."""
+    path = run_dir / SPLIT_FILE
+    if not path.is_file():
+        return  # generated pairs (the phantom), which have no cases
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error}); the run folder cannot be resumed") from None
+    if not isinstance(recorded, dict) or not all(isinstance(names, list) for names in recorded.values()):
+        raise CheckpointError(f"{path}: not the split a run records; the run folder cannot be resumed")
+    if recorded == split:
+        return
+    before = {name for names in recorded.values() for name in names}
+    now = {name for names in split.values() for name in names}
+    changes = "; ".join(f"{what}: {_listed(names)}" for what, names in
+                        (("added", now - before), ("removed", before - now)) if names) or "cases moved between splits"
+    raise InputError(f"{run_dir}: the data's cases changed since the run started ({changes}), which would change "
+                     "its training/validation split; restore the data as it was, or start afresh with --overwrite")
+
+
+def _listed(names: set[str], shown: int = 5) -> str:
+    first = sorted(names)[:shown]
+    return ", ".join(first) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

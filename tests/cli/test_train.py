@@ -134,3 +134,24 @@ def test_a_sidecar_given_to_init_from_names_the_weights_beside_it(tmp_path, caps
     assert main(args) == 2
     error = capsys.readouterr().err
     assert "JSON sidecar" in error and "unifuse-2d-harvard.safetensors" in error and "header too large" not in error
+
+
+def test_init_from_on_the_command_line_gives_a_stage_config_its_starting_weights(tmp_path, capsys):
+    """The file was validated before --init-from applied: "it needs ... train.init_from", against the help."""
+    import yaml
+
+    first = tmp_path / "first"
+    base = ["--device", "cpu", "--no-progress", "--max-steps", "1"]
+    assert main(["train", "--config", str(SMOKE), "--out", str(first), *base]) == 0
+    values = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    values["train"]["stage"] = "fusion_weight"  # and no train.init_from
+    values["loss"] = {"fusion_target": "true_field"}  # the stage reads only the fusion losses
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(yaml.safe_dump(values), encoding="utf-8")
+    weights = first / "checkpoints" / "last.safetensors"
+    capsys.readouterr()
+    assert main(["train", "--config", str(stage), "--out", str(tmp_path / "stage"), "--init-from", str(weights),
+                 *base]) == 0, capsys.readouterr().err
+    _, metadata = load_checkpoint(tmp_path / "stage" / "checkpoints" / "last.safetensors")
+    assert metadata["initial_weights"]["checkpoint"] == str(weights)
+    assert metadata["training_config"]["train"]["stage"] == "fusion_weight"

@@ -313,3 +313,69 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_the_previous_one_is_k
     assert error.count("\n") == 1 and "is the disk full? The previous checkpoint is kept" in error
     monkeypatch.undo()
     assert _checkpoint_files(run_dir) == before
+
+
+def test_a_weights_file_the_disk_cannot_hold_is_one_line_and_the_previous_checkpoint_is_kept(run_dir, monkeypatch,
+                                                                                           capsys):
+    """safetensors on a full disk raises its own SafetensorError, which crashed with a traceback."""
+    from safetensors import SafetensorError
+
+    import napari_unifuse.model.checkpoint as checkpoint
+
+    before = _checkpoint_files(run_dir)
+
+    def save_file(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and ".safetensors: the checkpoint could not be written" in error
+    assert "No space left on device" in error and "is the disk full? The previous checkpoint is kept" in error
+    monkeypatch.undo()
+    assert _checkpoint_files(run_dir) == before
+
+
+def test_a_run_folder_another_run_is_training_is_refused_in_one_line_and_left_alone(run_dir, capsys):
+    """A --resume requeued while the run still trained removed its save in progress and rewrote its log."""
+    live = trainer.Trainer(trainer.run_config(run_dir), run_dir, device="cpu", resume=True, progress=False)
+    in_progress = run_dir / "checkpoints" / ".saving-last"
+    in_progress.mkdir()
+    (in_progress / "last.safetensors").write_bytes(b"being written")
+    files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    for flags in (["--resume"], ["--overwrite"]):
+        assert main(BASE + ["--out", str(run_dir), *flags]) == 2
+        error = capsys.readouterr().err
+        assert error == f"unifuse train: error: another unifuse train is using {run_dir}: wait for it to finish, " \
+                        "or choose another --out\n"
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
+    assert live.fit().step == 4
+    assert _train_steps(run_dir) == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_whose_save_was_cut_short_while_moving_in_is_refused_until_resume_finishes_it(run_dir,
+                                                                                                 monkeypatch, capsys):
+    """Killed between the moves: the new last.json sat on the old weights, and `unifuse info` read the pair."""
+    real_settle = trainer._settle_interrupted_save
+
+    def settle(staging, checkpoint_dir):
+        if staging.name.endswith("last") and (staging / trainer.COMMITTED).is_file():
+            first = sorted(path for path in staging.iterdir() if path.name != trainer.COMMITTED)[0]
+            first.replace(checkpoint_dir / first.name)
+            raise _Killed
+        real_settle(staging, checkpoint_dir)
+
+    monkeypatch.setattr(trainer, "_settle_interrupted_save", settle)
+    with pytest.raises(_Killed):
+        main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"])
+    monkeypatch.undo()
+    weights = run_dir / "checkpoints" / "last.safetensors"
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(weights)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "an interrupted save of last is beside it" in error
+    assert f"--out {run_dir} --resume" in error
+
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
+    assert main(["info", "--checkpoint", str(weights)]) == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from napari_unifuse.errors import CheckpointError
+from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.model import UniFuse
 from napari_unifuse.model.checkpoint import load_checkpoint
 from napari_unifuse.training.config import load_config
@@ -162,3 +162,74 @@ def test_too_few_samples_for_a_batch_say_which_setting_draws_more(tmp_path):
     with pytest.raises(UniFuseError, match=r"1 samples: too few for batch size 2 .*raise data\.train_length, or "
                                            r"lower the batch size \(--batch-size\)"):
         train(config, tmp_path / "run", device="cpu", progress=False)
+
+
+def test_a_run_folder_is_trained_by_one_run_at_a_time(tmp_path):
+    """Two fresh runs into one --out both "succeeded", one's results silently overwriting the other's."""
+    from napari_unifuse.errors import UniFuseError
+    from napari_unifuse.training.trainer import Trainer
+
+    config, run_dir = _tiny_config(), tmp_path / "run"
+    first = Trainer(config, run_dir, device="cpu", progress=False)
+    with pytest.raises(UniFuseError) as refused:
+        Trainer(config, run_dir, device="cpu", progress=False, overwrite=True)
+    assert str(refused.value) == f"another unifuse train is using {run_dir}: wait for it to finish, or choose another --out"
+    assert first.fit().step == 3
+    # Released once done: the run can be continued.
+    assert train(config, run_dir, device="cpu", resume=True, progress=False).step == 3
+
+
+def test_init_from_weights_without_their_sidecar_records_this_runs_crop_and_says_so(tmp_path, capsys):
+    """The stage's checkpoint recorded no training crop, so inference stopped tiling (whole images)."""
+    from napari_unifuse.model.checkpoint import read_metadata, training_crop
+
+    config = _tiny_config()
+    trained = train(config, tmp_path / "first", device="cpu", progress=False).last_checkpoint
+    bare = tmp_path / "bare.safetensors"
+    shutil.copyfile(trained, bare)
+    stage = config.with_overrides(data={"crop": 24}, train={"stage": "fusion_weight", "init_from": str(bare)},
+                                  loss={"fusion_target": "true_field"})
+    capsys.readouterr()
+    result = train(stage, tmp_path / "stage", device="cpu", progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(bare.with_suffix(".json")) in warnings[0] and "(24)" in warnings[0]
+    assert training_crop(read_metadata(result.last_checkpoint)) == 24
+
+
+def _folder_data_config(root: Path):
+    from napari_unifuse.training.config import config_from_dict
+
+    values = _tiny_config().to_dict()
+    values["data"] = {"kind": "folders", "root": str(root), "layout": "brats", "crop": 16, "val_fraction": 0.34,
+                      "samples_per_case": 2}
+    return config_from_dict(values)
+
+
+def _write_2d_case(root: Path, name: str) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    image = np.random.default_rng(len(name)).random((24, 24, 1)).astype(np.float32) * 1000
+    for modality in ("t1", "t2"):
+        nib.save(nib.Nifti1Image(image, np.eye(4)), folder / f"{name}_{modality}.nii.gz")
+
+
+@pytest.mark.parametrize("change", ["added", "removed"])
+def test_resuming_after_the_datas_cases_changed_is_refused(tmp_path, change):
+    """A case added to the data folder reshuffled the validation split of the resumed run silently."""
+    root = tmp_path / "data"
+    for number in range(4):
+        _write_2d_case(root, f"case{number}")
+    config, run_dir = _folder_data_config(root), tmp_path / "run"
+    train(config, run_dir, device="cpu", progress=False, stop_at_step=1)
+    split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    assert sorted(split["train"] + split["validation"]) == ["case0", "case1", "case2", "case3"]
+    if change == "added":
+        _write_2d_case(root, "case4")
+    else:
+        shutil.rmtree(root / split["train"][0])
+    changed = "case4" if change == "added" else split["train"][0]
+    with pytest.raises(InputError, match=rf"the data's cases changed since the run started \({change}: {changed}\)"):
+        train(config, run_dir, device="cpu", resume=True, progress=False)
