@@ -21,7 +21,8 @@ Intensities: the degradations act on the moving image normalised as ``io.normali
 does (recorded in meta.json), because their models work on its [0, 1] window. Volumes are written
 back in the input's units: ``label`` is the clean moving image itself, never clipped, and
 ``moving`` carries what lies beyond the window (hot PET lesions, metal), undegraded, through the
-misalignment. PNGs hold the normalised [0, 1] images as 8 bits.
+misalignment, and so what the degradation makes beyond it: a CT's simulated metal and bright
+streaks, up to the 12-bit 3071 HU a scanner stores. PNGs hold the normalised [0, 1] images as 8 bits.
 
 An output folder holding an earlier synth output is refused unless ``--overwrite``, and one it
 cannot write to (or create) is refused before any pair is made; no output may replace an input of
@@ -269,7 +270,8 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
         "intensities": (
             "8-bit PNG of the normalised images" if as_png else
             "the input's units: label is the clean moving image, unclipped; moving was degraded inside the "
-            "intensity mapping's window, with what lies beyond it carried through the misalignment undegraded"
+            "intensity mapping's window, with what lies beyond it carried through the misalignment undegraded, "
+            "and what the degradation made beyond it (simulated metal, streaks) kept"
         ),
         "displacement_convention": (
             "ITK displacement field, LPS mm, on the reference grid: label(p) = moving(p + d(p)); "

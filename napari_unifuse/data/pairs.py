@@ -106,19 +106,41 @@ MISALIGNMENT_ORDER = 3
 @dataclass(frozen=True)
 class DegradedLabel:
     """A label after its task's degradation: the array (luma degraded, in YCbCr, for an RGB label)
-    and the degradation model that made it, which records the drawn parameters."""
+    and the degradation model that made it, which records the drawn parameters.
+
+    ``beyond_window``: what the degradation made beyond the label's [0, 1] window (metal and bright
+    streaks above a CT window), in the window's units and zero inside it, where ``degrade_label`` was
+    asked to keep it; ``array`` is clipped to the window either way."""
 
     array: np.ndarray
     degradation: Degradation
+    beyond_window: np.ndarray | None = None
 
 
 def degrade_label(label: ImageVolume, task: str | Task, rng: np.random.Generator,
-                  severity: float = 0.5) -> DegradedLabel:
-    """The first half of ``make_pair``: ``label`` degraded as ``task`` says, on its own grid."""
+                  severity: float = 0.5, *, keep_beyond_window: bool = False) -> DegradedLabel:
+    """The first half of ``make_pair``: ``label`` degraded as ``task`` says, on its own grid.
+
+    ``keep_beyond_window``: also return what the degradation made beyond the window of a normalised
+    CT (``DegradedLabel.beyond_window``), for an output in the input's units; ``array`` and the
+    draws from ``rng`` stay those made without it.
+    """
     task_name, task_spec = resolve_task(task)
     name = task_spec.degradation if task_spec else task_name
-    degradation = make_degradation(name, severity, **_degradation_options(name, label))
+    options = _degradation_options(name, label)
     clean = np.asarray(label.array, dtype=np.float32)
+    window = options.get("hu_window")
+    if keep_beyond_window and window is not None and not label.is_rgb:
+        # The metal model clips its windowed output to [0, 1], metal at 3071 HU included: scan in HU
+        # instead and window here as it does (in float64, then to the label's float32), so the [0, 1]
+        # part is bit for bit what the windowed model gives.
+        degradation = make_degradation(name, severity, **{**options, "hu_window": None})
+        low, high = window
+        scanned_hu = degradation(low + clean.astype(np.float64) * (high - low), rng)
+        scaled = (scanned_hu - low) / (high - low)
+        within = np.clip(scaled, 0.0, 1.0)
+        return DegradedLabel(within.astype(np.float32), degradation, (scaled - within).astype(np.float32))
+    degradation = make_degradation(name, severity, **options)
     if label.is_rgb:
         ycbcr = rgb_to_ycbcr(clean)
         ycbcr[..., 0] = degradation(ycbcr[..., 0], rng)
@@ -148,7 +170,10 @@ def make_pair(
     - mapping.apply`` of ``io.normalize``, zero inside the window). The degradation models work on
     the window's [0, 1] range, so it is added to the degraded label before the misalignment: the
     moving image then keeps what lies beyond the window (hot PET lesions, metal above the CT
-    window), undegraded, as the engine carries it past the model.
+    window), undegraded, as the engine carries it past the model. What the degradation itself made
+    beyond the window (simulated metal and bright streaks up to 3071 HU) is added too, when the
+    label is degraded here (``DegradedLabel.beyond_window``); without ``beyond_window`` the moving
+    image stays in [0, 1], as the model takes it.
 
     The misalignment resamples with cubic splines by default (linear blurs fine anatomy visibly
     at 64-128 pixels), clipped to the range of the image it moves so no ringing values appear.
@@ -170,7 +195,9 @@ def make_pair(
         )
 
     if degraded is None:
-        degraded = degrade_label(label, task, generator, severity)
+        # Training's path (no beyond_window) makes the very call it always made.
+        degraded = (degrade_label(label, task, generator, severity) if beyond_window is None
+                    else degrade_label(label, task, generator, severity, keep_beyond_window=True))
     elif degraded.degradation.name != degradation_name or degraded.array.shape != label.array.shape:
         raise InputError(
             f"the degraded label ({degraded.degradation.name}, {degraded.array.shape}) does not belong to "
@@ -182,6 +209,8 @@ def make_pair(
             raise InputError(f"beyond_window ({beyond_window.shape}) must be the shape of a grey-level label "
                              f"({label.array.shape}{', RGB' if label.is_rgb else ''})", "make_pair")
         to_misalign = to_misalign + beyond_window
+        if degraded.beyond_window is not None:
+            to_misalign = to_misalign + degraded.beyond_window
     misalignment = misalignment or RandomMisalignment()
     clean = np.asarray(label.array, dtype=np.float32)
     draw = misalignment.draw(label.spatial_shape, generator, spacing=tuple(label.geometry.spacing))

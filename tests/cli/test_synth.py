@@ -13,10 +13,12 @@ from PIL import Image
 
 from napari_unifuse.cli import main
 from napari_unifuse.cli import synth as synth_module
-from napari_unifuse.data.misalign import RandomMisalignment
+from napari_unifuse.data.metal import HU_MAX
+from napari_unifuse.data.misalign import RandomMisalignment, regime_misalignment
+from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
 from napari_unifuse.engine.outputs import STAGING_PREFIX
-from napari_unifuse.io import read_displacement, read_image
+from napari_unifuse.io import normalize_intensity, read_displacement, read_image
 
 OUTPUT_NAMES = ("reference", "moving", "label")
 
@@ -242,6 +244,31 @@ def test_a_volume_label_is_the_clean_input_unclipped_and_moving_keeps_the_hottes
     window_top = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))["intensity_mapping"]["upper"]
     assert original.max() > window_top + 50  # the percentile window clips the brightest voxels...
     assert nib.load(tmp_path / "moving.nii.gz").get_fdata().max() > window_top + 50  # ...but not in the output
+
+
+def test_a_ct_in_hu_gets_its_metal_in_hu_above_the_window_and_its_tissue_as_the_model_sees_it(tmp_path):
+    """Metal came out at the window's top (2000 HU) instead of the 3071 HU the metal model gives."""
+    volumes = make_brain_phantoms((16, 48, 40), modalities=("t1", "ct"))
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    for modality in ("t1", "ct"):
+        nib.save(nib.Nifti1Image(volumes[modality].array.astype(np.float32).transpose(), affine),
+                 tmp_path / f"{modality}.nii.gz")
+    out = tmp_path / "out"
+    assert synth(tmp_path / "t1.nii.gz", tmp_path / "ct.nii.gz", out, "--degradation", "metal",
+                 "--misalignment", "none", "--seed", "1") == 0
+    written = read_image(out / "moving.nii.gz").array
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    for metal_object in meta["params"]["degradation"]["objects"]:
+        assert written[tuple(metal_object["centre_voxel"])] == pytest.approx(HU_MAX, abs=0.5)
+
+    # The model's input for the same draw, in HU, is the written image inside the window (the zero
+    # field's spline leaves ~1e-20 where the window clipped, hence the margin).
+    normalized, mapping = normalize_intensity(read_image(tmp_path / "ct.nii.gz"), "ct")
+    model_input = make_pair(read_image(tmp_path / "t1.nii.gz"), normalized, "metal", rng=1,
+                            misalignment=regime_misalignment("none")).moving.array
+    tissue = (model_input > 1e-6) & (model_input < 1.0 - 1e-6)
+    np.testing.assert_allclose(written[tissue], mapping.inverse(model_input)[tissue], atol=0.01)
+    assert written.max() == pytest.approx(HU_MAX, abs=0.5) and (written > mapping.upper + 1).sum() > 0
 
 
 def test_no_row_may_overwrite_another_rows_input(png_pair, tmp_path, capsys):

@@ -8,11 +8,12 @@ import pytest
 
 from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.data.degrade import make_degradation
+from napari_unifuse.data.metal import HU_MAX
 from napari_unifuse.data.misalign import RandomMisalignment, regime_misalignment, warp_array
 from napari_unifuse.data.pairs import TASKS, DegradedLabel, degrade_label, make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import Geometry, ImageVolume
+from napari_unifuse.io import Geometry, ImageVolume, normalize_intensity
 
 NO_MOTION = RandomMisalignment(max_rotation_deg=0, max_translation_fraction=0, max_elastic_fraction=0)
 
@@ -133,6 +134,31 @@ def test_what_the_window_clipped_off_is_carried_into_the_moving_image(slices):
     rgb = ImageVolume(np.stack([label.array] * 3, axis=-1), label.geometry, is_rgb=True)
     with pytest.raises(InputError, match="grey-level"):
         make_pair(slices["ct"], rgb, "ct-pet-none", rng=5, beyond_window=beyond_window)
+
+
+def test_metal_kept_beyond_a_ct_window_leaves_the_model_input_bit_identical(slices):
+    """synth keeps the simulated metal above the window (3071 HU, not the window top); the [0, 1]
+    image, the drawn parameters and the draws after them stay exactly those the model trains on."""
+    label, mapping = normalize_intensity(slices["ct"], "ct")
+    plain_rng, keeping_rng = np.random.default_rng(4), np.random.default_rng(4)
+    plain = degrade_label(label, "metal", plain_rng)
+    keeping = degrade_label(label, "metal", keeping_rng, keep_beyond_window=True)
+    assert plain.beyond_window is None
+    np.testing.assert_array_equal(keeping.array, plain.array)
+    assert keeping.array.dtype == plain.array.dtype == np.float32
+    assert keeping.degradation.last_params == plain.degradation.last_params
+    assert keeping_rng.random() == plain_rng.random()
+    in_hu = mapping.inverse(keeping.array + keeping.beyond_window)
+    for metal_object in keeping.degradation.last_params["objects"]:
+        assert in_hu[tuple(metal_object["centre_voxel"])] == pytest.approx(HU_MAX, abs=0.5)
+    assert not keeping.beyond_window[(plain.array > 0.0) & (plain.array < 1.0)].any()
+
+    unmoved = regime_misalignment("none")
+    model_input = make_pair(slices["t1"], label, "metal", rng=4, misalignment=unmoved)
+    np.testing.assert_allclose(model_input.moving.array, plain.array, atol=1e-6)
+    written = make_pair(slices["t1"], label, "metal", rng=4, misalignment=unmoved,
+                        beyond_window=np.zeros_like(label.array))
+    np.testing.assert_allclose(written.moving.array, keeping.array + keeping.beyond_window, atol=1e-6)
 
 
 def test_the_none_regime_leaves_the_degraded_label_where_it_is(slices):
