@@ -38,3 +38,20 @@ def smallest_unifuse():
         return UniFuse(config)
 
     return build
+
+
+@pytest.fixture
+def cancel_after():
+    """``make(calls, allowed)``: a ``check_cancelled`` callable that appends to ``calls`` at every
+    call and raises ``errors.Cancelled`` (what the engine's Cancel raises) from call ``allowed + 1`` on."""
+    from napari_unifuse.errors import Cancelled
+
+    def make(calls: list[int], allowed: int):
+        def check() -> None:
+            calls.append(1)
+            if len(calls) > allowed:
+                raise Cancelled("cancelled by the test")
+
+        return check
+
+    return make

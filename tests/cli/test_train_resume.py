@@ -220,7 +220,8 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_and_resume_continues_fr
     assert not any(path.name.startswith(".") for path in (run_dir / "checkpoints").iterdir())
 
 
-def test_a_save_cut_short_after_it_was_committed_is_finished_by_resume(run_dir, monkeypatch):
+def _kill_a_resume_after_it_moved_one_committed_file(run_dir, monkeypatch) -> None:
+    """Run ``--resume`` and kill it once it has moved one file of the committed ``last`` save into place."""
     real_settle = trainer._settle_interrupted_save
 
     def settle(staging, checkpoint_dir):
@@ -234,6 +235,10 @@ def test_a_save_cut_short_after_it_was_committed_is_finished_by_resume(run_dir, 
     with pytest.raises(_Killed):
         main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"])
     monkeypatch.undo()
+
+
+def test_a_save_cut_short_after_it_was_committed_is_finished_by_resume(run_dir, monkeypatch):
+    _kill_a_resume_after_it_moved_one_committed_file(run_dir, monkeypatch)
 
     # The resumed run finds step 2's whole set: nothing left to train up to --stop-at 2.
     assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
@@ -357,19 +362,7 @@ def test_a_run_folder_another_run_is_training_is_refused_in_one_line_and_left_al
 def test_a_checkpoint_whose_save_was_cut_short_while_moving_in_is_refused_until_resume_finishes_it(run_dir,
                                                                                                  monkeypatch, capsys):
     """Killed between the moves: the new last.json sat on the old weights, and `unifuse info` read the pair."""
-    real_settle = trainer._settle_interrupted_save
-
-    def settle(staging, checkpoint_dir):
-        if staging.name.endswith("last") and (staging / trainer.COMMITTED).is_file():
-            first = sorted(path for path in staging.iterdir() if path.name != trainer.COMMITTED)[0]
-            first.replace(checkpoint_dir / first.name)
-            raise _Killed
-        real_settle(staging, checkpoint_dir)
-
-    monkeypatch.setattr(trainer, "_settle_interrupted_save", settle)
-    with pytest.raises(_Killed):
-        main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"])
-    monkeypatch.undo()
+    _kill_a_resume_after_it_moved_one_committed_file(run_dir, monkeypatch)
     weights = run_dir / "checkpoints" / "last.safetensors"
     capsys.readouterr()
     assert main(["info", "--checkpoint", str(weights)]) == 2

@@ -7,6 +7,7 @@ import torch
 
 from napari_unifuse.data.misalign import MildMisalignment
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
+from napari_unifuse.errors import Cancelled
 from napari_unifuse.model.dense_refinement import dense_refinement, level_factor
 from napari_unifuse.model.smoothing import gaussian_blur
 
@@ -68,30 +69,15 @@ def test_the_level_has_at_most_the_voxel_budget_and_halves_at_least():
     assert level_factor((256, 256, 180)) == 4
 
 
-class _Stop(Exception):
-    """What the test's cancel check raises (the engine's is errors.Cancelled)."""
-
-
-def _cancel_after(calls: list[int], allowed: int):
-    """A ``check_cancelled`` that counts its calls and raises from call ``allowed + 1`` on."""
-
-    def check() -> None:
-        calls.append(1)
-        if len(calls) > allowed:
-            raise _Stop
-
-    return check
-
-
-def test_every_adam_step_checks_for_a_cancel_and_a_cancel_stops_at_the_next_one():
+def test_every_adam_step_checks_for_a_cancel_and_a_cancel_stops_at_the_next_one(cancel_after):
     generator = torch.Generator().manual_seed(0)
     moving, reference = (gaussian_blur(torch.rand(1, 1, 48, 48, generator=generator), 2.0) for _ in range(2))
     start = torch.zeros(1, 2, 48, 48)
     uncancelled: list[int] = []
-    dense_refinement(moving, reference, start, _cancel_after(uncancelled, allowed=10_000))
+    dense_refinement(moving, reference, start, cancel_after(uncancelled, allowed=10_000))
     assert len(uncancelled) >= 60  # one check per Adam step
 
     cancelled: list[int] = []
-    with pytest.raises(_Stop):
-        dense_refinement(moving, reference, start, _cancel_after(cancelled, allowed=3))
+    with pytest.raises(Cancelled):
+        dense_refinement(moving, reference, start, cancel_after(cancelled, allowed=3))
     assert len(cancelled) == 4  # the step after the cancel never ran

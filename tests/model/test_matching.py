@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from napari_unifuse.data.misalign import RandomMisalignment
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
+from napari_unifuse.errors import Cancelled
 from napari_unifuse.model import matching
 from napari_unifuse.model.correlation import local_distance
 from napari_unifuse.model.matching import (
@@ -226,34 +227,19 @@ def test_thin_volumes_are_matched_in_plane_or_not_at_all(shape):
         assert abs(float(field[0, longest][inside].mean()) - 3.0) < 1.0
 
 
-class _Stop(Exception):
-    """What the test's cancel check raises (the engine's is errors.Cancelled)."""
-
-
-def _cancel_after(calls: list[int], allowed: int):
-    """A ``check_cancelled`` that counts its calls and raises from call ``allowed + 1`` on."""
-
-    def check() -> None:
-        calls.append(1)
-        if len(calls) > allowed:
-            raise _Stop
-
-    return check
-
-
 @pytest.mark.parametrize("shape", [(64, 64), (24, 24, 3)], ids=["blocks", "in-plane"])
-def test_the_matching_checks_for_a_cancel_at_every_step_and_stops_at_the_next_one(shape):
+def test_the_matching_checks_for_a_cancel_at_every_step_and_stops_at_the_next_one(shape, cancel_after):
     """The matching and its MI refinement (90 Adam steps) call ``check_cancelled`` throughout, in
     2-D and slice by slice; what it raises stops them there, before any further step."""
     generator = torch.Generator().manual_seed(0)
     moving, reference = (gaussian_blur(torch.rand(1, 1, *shape, generator=generator), 2.0) for _ in range(2))
     uncancelled: list[int] = []
-    structural_matching(moving, reference, step=4, search_range=8, check_cancelled=_cancel_after(uncancelled, 10_000))
+    structural_matching(moving, reference, step=4, search_range=8, check_cancelled=cancel_after(uncancelled, 10_000))
     assert len(uncancelled) >= 90
 
     for allowed in (1, len(uncancelled) // 2):  # during the block matching, during the MI refinement
         cancelled: list[int] = []
-        with pytest.raises(_Stop):
+        with pytest.raises(Cancelled):
             structural_matching(moving, reference, step=4, search_range=8,
-                                check_cancelled=_cancel_after(cancelled, allowed))
+                                check_cancelled=cancel_after(cancelled, allowed))
         assert len(cancelled) == allowed + 1

@@ -217,17 +217,24 @@ def held_volume_metrics(monkeypatch):
     return release
 
 
-def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(make_napari_viewer, qtbot, tmp_path,
-                                                                            checkpoint_files, notifications,
-                                                                            held_volume_metrics):
-    """The whole-volume metrics take seconds on a clinical volume: the layers are drawn first."""
-    from napari_unifuse._qt.analysis import volume_metrics
-
+@pytest.fixture
+def shown_before_metrics(make_napari_viewer, qtbot, tmp_path, checkpoint_files, held_volume_metrics):
+    """(viewer, workbench): a run of the T1/T2 pair whose layers are shown and whose volume metrics
+    wait for ``held_volume_metrics``."""
     viewer = make_napari_viewer()
     add_pair(viewer)
     workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
     workbench.run_panel.run_button.clicked()
     qtbot.waitUntil(lambda: workbench.outcome is not None, timeout=RUN_TIMEOUT_MS)
+    return viewer, workbench
+
+
+def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(qtbot, notifications,
+                                                                            held_volume_metrics, shown_before_metrics):
+    """The whole-volume metrics take seconds on a clinical volume: the layers are drawn first."""
+    from napari_unifuse._qt.analysis import volume_metrics
+
+    viewer, workbench = shown_before_metrics
     names = OutputNames.for_inputs("T1", "T2")
     assert all(name in viewer.layers for name in names.all())
     assert workbench.last_run_seconds is not None
@@ -250,13 +257,9 @@ def test_layers_come_before_the_volume_metrics_and_the_report_waits_for_them(mak
 
 
 def test_a_save_before_the_volume_metrics_adds_metrics_json_when_they_arrive(
-        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, held_volume_metrics):
+        qtbot, notifications, held_volume_metrics, shown_before_metrics):
     """The notification says to press Save as soon as the layers are in: the metrics come later."""
-    viewer = make_napari_viewer()
-    add_pair(viewer)
-    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
-    workbench.run_panel.run_button.clicked()
-    qtbot.waitUntil(lambda: workbench.outcome is not None, timeout=RUN_TIMEOUT_MS)
+    _, workbench = shown_before_metrics
     folder = workbench.selection.folder
     workbench.save_outputs()
     assert (folder / "provenance.json").is_file() and not (folder / "metrics.json").exists()
@@ -272,13 +275,9 @@ def test_a_save_before_the_volume_metrics_adds_metrics_json_when_they_arrive(
 
 
 def test_metrics_that_arrive_after_a_save_go_only_into_the_folder_of_the_run_they_are_of(
-        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, held_volume_metrics):
+        qtbot, held_volume_metrics, shown_before_metrics):
     """Saved before its metrics, then a new run: the old run's save is no longer what the metrics describe."""
-    viewer = make_napari_viewer()
-    add_pair(viewer)
-    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
-    workbench.run_panel.run_button.clicked()
-    qtbot.waitUntil(lambda: workbench.outcome is not None, timeout=RUN_TIMEOUT_MS)
+    _, workbench = shown_before_metrics
     workbench.save_outputs()
     folder = workbench.selection.folder
     workbench.outcome = copy.copy(workbench.outcome)  # another outcome on screen by the time its metrics come
