@@ -50,29 +50,38 @@ def resample_to_reference(
     return ImageVolume(array, geometry, metadata, moving.source, moving.is_rgb)
 
 
-# Reference voxels sampled per axis to estimate the coverage: 0.1 % of a 3-D grid is resolved.
-_COVERAGE_SAMPLES_PER_AXIS = 32
-
-
 def grid_coverage(moving: ImageVolume, reference: ImageVolume) -> float:
     """The fraction of the reference grid that ``moving`` reaches in world space: what of
     ``resample_to_reference(moving, reference)`` is not the 0 of points outside the moving image.
 
     A voxel centre counts as inside where its continuous index in the moving image lies within
-    ``[-0.5, n - 0.5]`` on every axis, ITK's own test. Estimated on a lattice of at most
-    ``_COVERAGE_SAMPLES_PER_AXIS`` voxels per axis spread over the reference grid.
+    ``[-0.5, n - 0.5]`` on every axis, ITK's own test. Counted exactly, line by line: along a line
+    of reference voxels (the last array axis) the moving image's indices change linearly, so the
+    voxels inside form one interval, found per line without visiting them. (A lattice of 32
+    samples per axis was off by 3.6 points on a clinical partial field of view, on either side of
+    the warnings' 50 % threshold.)
     """
-    axes = [np.unique(np.linspace(0, n - 1, min(n, _COVERAGE_SAMPLES_PER_AXIS)).round())
-            for n in reference.spatial_shape]
-    indices = np.stack([axis.ravel() for axis in np.meshgrid(*axes, indexing="ij")])
     ndim = reference.ndim
-    to_world = reference.geometry.index_to_world
-    world = to_world[:ndim, :ndim] @ indices + to_world[:ndim, ndim:]
-    to_moving = np.linalg.inv(moving.geometry.index_to_world)
-    continuous = to_moving[:ndim, :ndim] @ world + to_moving[:ndim, ndim:]
-    extent = np.asarray(moving.spatial_shape, dtype=np.float64)[:, None]
-    inside = np.all((continuous >= -0.5) & (continuous <= extent - 0.5), axis=0)
-    return float(inside.mean())
+    shape = reference.spatial_shape
+    # Reference index → continuous index in the moving image.
+    mapping = np.linalg.inv(moving.geometry.index_to_world) @ reference.geometry.index_to_world
+    linear, offset = mapping[:ndim, :ndim], mapping[:ndim, ndim]
+    line_starts = np.stack([axis.ravel() for axis in np.meshgrid(*(np.arange(n) for n in shape[:-1]),
+                                                                  indexing="ij")]).astype(np.float64)
+    at_first = linear[:, :-1] @ line_starts + offset[:, None]  # (ndim, lines): the index at k = 0
+    step = linear[:, -1]  # its change per voxel along the line
+    first = np.zeros(at_first.shape[1])
+    last = np.full(at_first.shape[1], shape[-1] - 1.0)
+    for axis, side in enumerate(moving.spatial_shape):
+        lower, upper = -0.5 - at_first[axis], side - 0.5 - at_first[axis]  # bounds on step·k
+        if abs(step[axis]) > 1e-12:
+            ends = np.sort(np.stack([lower, upper]) / step[axis], axis=0)
+            first, last = np.maximum(first, ends[0]), np.minimum(last, ends[1])
+        else:  # the line runs parallel to this axis of the moving image: all in or all out
+            last = np.where((lower <= 0) & (upper >= 0), last, -1.0)
+    # A small tolerance keeps a voxel lying exactly on the boundary inside, as the inclusive test does.
+    counts = np.floor(last + 1e-9) - np.ceil(first - 1e-9) + 1
+    return float(np.clip(counts, 0, None).sum() / np.prod(shape))
 
 
 def resample_to_spacing(volume: ImageVolume, spacing_mm: float) -> ImageVolume:

@@ -85,14 +85,24 @@ def test_a_coarser_copy_keeps_the_extent_and_averages_what_it_cannot_hold(rotati
 @pytest.mark.parametrize("angles, shift", [((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), ((10.0, -15.0, 25.0), (4.0, -6.0, 3.0)),
                                            ((0.0, 30.0, 0.0), (9.0, 0.0, 0.0)), ((0.0, 0.0, 0.0), (0.0, 0.0, 300.0))])
 def test_grid_coverage_is_the_share_of_the_reference_a_resampled_image_reaches(rotation, angles, shift):
-    """On a grid of at most 32 voxels per axis every voxel is counted: the coverage is exactly the
-    share of reference voxels where a resampled all-ones image is not the outside value 0."""
+    """The coverage is exactly the share of reference voxels where a resampled all-ones image is not
+    the outside value 0."""
     reference = ImageVolume(np.zeros((12, 20, 18), np.float32), Geometry([3.0, 1.0, 1.25], [-10.0, 5.0, 0.0], np.eye(3)))
     moving = ImageVolume(np.ones((15, 16, 14), np.float32),
                          Geometry([2.0, 1.1, 0.9], np.array([-8.0, 7.0, 3.0]) + shift, rotation(angles)))
     reached = np.mean(resample_to_reference(moving, reference).array > 0)
     assert grid_coverage(moving, reference) == pytest.approx(reached, abs=1e-12)
     assert (reached == 0) == (shift[2] == 300.0)
+
+
+@pytest.mark.parametrize("angles", [(0.0, 0.0, 0.0), (0.0, 20.0, 0.0)], ids=["aligned", "oblique"])
+def test_grid_coverage_counts_every_voxel_of_a_grid_larger_than_32_per_axis(rotation, angles):
+    """A lattice of 32 samples per axis read a 53 % overlap as 50 % and warned of under half."""
+    reference = ImageVolume(np.zeros((45, 70, 64), np.float32), Geometry([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], np.eye(3)))
+    moving = ImageVolume(np.ones((30, 60, 50), np.float32), Geometry([1.2, 1.1, 1.0], [21.3, 4.0, 7.0], rotation(angles)))
+    reached = np.mean(resample_to_reference(moving, reference).array > 0)
+    assert 0.2 < reached < 0.8
+    assert grid_coverage(moving, reference) == pytest.approx(reached, abs=1e-12)
 
 
 def test_an_8_bit_colour_image_resamples_to_unit_floats_as_the_package_holds_colour():
