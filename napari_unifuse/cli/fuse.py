@@ -49,7 +49,6 @@ from tqdm import tqdm
 
 from napari_unifuse.cli.arguments import read_pairs_rows
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
-from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
 from napari_unifuse.engine.inference import FusionEngine, requested_settings
@@ -73,7 +72,7 @@ from napari_unifuse.engine.report import INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import ImageVolume, IntensityMapping, read_image, resample_to_reference
+from napari_unifuse.io import ImageVolume, read_image, resample_to_reference
 from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES, file_format
 from napari_unifuse.metrics import registration_metrics
@@ -403,12 +402,10 @@ def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:
     window cannot fit in one slice.
     """
     label_on_grid = resample_to_reference(label, result.aligned)
-    mapping = IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
     slice_axis = result.aligned.single_slice_axis
 
     def model_units(image: ImageVolume):
-        values = rgb_to_ycbcr(image.array)[..., 0] if image.is_rgb else image.array
-        return slice_of(mapping.apply(values), slice_axis, 0)
+        return slice_of(result.in_model_units("moving", image), slice_axis, 0)
 
     return registration_metrics(model_units(result.aligned), model_units(label_on_grid))
 
