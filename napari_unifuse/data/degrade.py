@@ -174,7 +174,9 @@ class MetalArtifact(Degradation):
     incident photons per ray 2e7 * 20^-s (2e7 -> 1e6, Zhang & Yu use 2e7); scatter-to-primary ratio
     0.02 s (what a scanner's anti-scatter grid and scatter correction leave: more biases the whole
     brain by tens of HU). `n_objects` fixes the count (default: drawn from 1-3), `voxel_size_mm` gives the
-    physical size the attenuation needs (in-plane pixels must be square).
+    physical size the attenuation needs (in-plane pixels must be square). With `hu_window` the input
+    is that window mapped to [0, 1] and so is the output, clipped to it unless `clip_to_window` is
+    False (what the scan makes beyond it, metal up to 3071 HU, is then kept above 1).
     """
 
     name = "metal"
@@ -188,6 +190,7 @@ class MetalArtifact(Degradation):
         n_objects: int | None = None,
         n_views: int = 360,
         metal_slices_only: bool = False,
+        clip_to_window: bool = True,
     ) -> None:
         super().__init__(severity)
         if n_objects is not None and n_objects < 1:
@@ -199,6 +202,7 @@ class MetalArtifact(Degradation):
         self.n_objects = n_objects
         self.n_views = n_views
         self.metal_slices_only = metal_slices_only
+        self.clip_to_window = clip_to_window
 
     def _apply(self, array: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         voxel_size = _voxel_size(self.voxel_size_mm, array.ndim, self.name)
@@ -224,7 +228,9 @@ class MetalArtifact(Degradation):
         )
         scanned = np.clip(scanned, ct.HU_MIN, ct.HU_MAX)
         if self.hu_window is not None:
-            scanned = np.clip((scanned - self.hu_window[0]) / (self.hu_window[1] - self.hu_window[0]), 0.0, 1.0)
+            scanned = (scanned - self.hu_window[0]) / (self.hu_window[1] - self.hu_window[0])
+            if self.clip_to_window:
+                scanned = np.clip(scanned, 0.0, 1.0)
         if array.ndim == 2:
             scanned = scanned[0]
             for metal_object in objects:  # centres in the 2D array's own axes

@@ -131,15 +131,12 @@ def degrade_label(label: ImageVolume, task: str | Task, rng: np.random.Generator
     clean = np.asarray(label.array, dtype=np.float32)
     window = options.get("hu_window")
     if keep_beyond_window and window is not None and not label.is_rgb:
-        # The metal model clips its windowed output to [0, 1], metal at 3071 HU included: scan in HU
-        # instead and window here as it does (in float64, then to the label's float32), so the [0, 1]
-        # part is bit for bit what the windowed model gives.
-        degradation = make_degradation(name, severity, **{**options, "hu_window": None})
-        low, high = window
-        scanned_hu = degradation(low + clean.astype(np.float64) * (high - low), rng)
-        scaled = (scanned_hu - low) / (high - low)
+        # The metal model clips its windowed output to [0, 1], metal at 3071 HU included: unclipped,
+        # the clip is done here, and the [0, 1] part is bit for bit what the clipped model gives.
+        degradation = make_degradation(name, severity, **options, clip_to_window=False)
+        scaled = degradation(clean, rng)
         within = np.clip(scaled, 0.0, 1.0)
-        return DegradedLabel(within.astype(np.float32), degradation, (scaled - within).astype(np.float32))
+        return DegradedLabel(within, degradation, scaled - within)
     degradation = make_degradation(name, severity, **options)
     if label.is_rgb:
         ycbcr = rgb_to_ycbcr(clean)
