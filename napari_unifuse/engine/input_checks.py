@@ -8,25 +8,23 @@ tests that probe the engine at the limit (``tests/engine/test_input_checks.py``)
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from napari_unifuse.io import ImageVolume
 from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.costs import minimum_size
 
 
 def minimum_padded_side(config: Any) -> int:
     """The smallest side, after padding to ``config.size_multiple``, that a forward pass accepts.
 
-    The first RegBLK (``model/fa.py``) correlates the token grid (side / ``patch_size``) on
-    ``correlation_levels`` pyramid levels, each pooling by 2 (``model.correlation``); the coarsest
-    level needs at least one token per axis. This also bounds the tile size.
+    UniFuse's limit is its first RegBLK's cost volume (``model.costs.minimum_size``, the one place
+    that knows it, also behind ``unifuse info``); it bounds the tile size too.
     """
     if not isinstance(config, UniFuseConfig):
         # The other methods' networks (engine.methods) pool only within their size multiple.
         return config.size_multiple
-    needed = config.patch_size * 2 ** (config.correlation_levels - 1)
-    return math.ceil(needed / config.size_multiple) * config.size_multiple
+    return minimum_size(config)
 
 
 def minimum_input_side(config: Any) -> int:

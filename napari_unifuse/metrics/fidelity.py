@@ -92,6 +92,9 @@ def noise_edge_strength(image: np.ndarray, sigma: float = EDGE_SCALE) -> float:
         # An image with no finest-scale detail at all (constant, or piecewise constant on even
         # voxel boundaries) leaves estimate_sigma an empty median: it has no noise to speak of.
         warnings.simplefilter("ignore", RuntimeWarning)
+        # A grey-scale image short along its last axis (a 3-voxel-wide slice) is not a colour image:
+        # channel_axis=None says so, and skimage's guess otherwise would reach the user's console.
+        warnings.filterwarnings("ignore", "image is size .* on the last axis", UserWarning)
         noise = float(estimate_sigma(np.asarray(image, dtype=np.float64), channel_axis=None))
     return noise / (math.sqrt(2.0) * sigma) if math.isfinite(noise) else 0.0
 

@@ -15,6 +15,7 @@ from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padde
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.costs import minimum_size
 
 
 def small(spatial_dims: int, **changes) -> UniFuseConfig:
@@ -63,6 +64,15 @@ def test_the_minimum_side_is_where_the_network_starts_to_work(changes):
     padded = minimum_padded_side(config) - config.size_multiple
     with pytest.raises(RuntimeError):
         engine.method.network(torch.zeros(1, 1, padded, 32, 32), torch.zeros(1, 1, padded, 32, 32))
+
+
+def test_a_2d_image_as_narrow_as_the_2d_network_takes_fuses(engines):
+    """The engine's limit is the network's (model.costs.minimum_size, which unifuse info prints):
+    2-D pooling pads a short grid, so a strip one size multiple wide runs."""
+    config = engines[2].config
+    narrow = volume(blob((minimum_size(config), 24)))
+    result = engines[2].run_fusion(narrow, narrow)
+    assert result.fused.array.shape == narrow.array.shape
 
 
 def test_tiles_below_the_minimum_are_refused_before_any_work(engines):

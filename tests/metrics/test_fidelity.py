@@ -102,3 +102,12 @@ def test_volumes_are_measured_slice_by_slice():
     maps = fidelity_maps(volume, np.stack([moving] * 4), np.stack([moving] * 4), fused)
     flagged = (maps.invented > maps.thresholds["invented"]).reshape(4, -1).any(axis=1)
     assert flagged.tolist() == [False, False, True, False]
+
+
+def test_a_narrow_grey_scale_image_is_not_mistaken_for_colour(recwarn):
+    """skimage's noise estimate guesses that an image 3 voxels wide on its last axis is RGB and
+    warns; a user fusing a thin strip would see that warning on the console."""
+    rng = np.random.default_rng(0)
+    strip = rng.normal(0.5, 0.05, (40, 3)).astype(np.float32)
+    fidelity_maps(strip, strip[::-1], strip[::-1], strip)
+    assert not [warning for warning in recwarn if "on the last axis" in str(warning.message)]
