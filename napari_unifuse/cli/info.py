@@ -88,9 +88,10 @@ def describe_checkpoint(path_or_name: str) -> list[str]:
     metadata = read_metadata(path)
     sidecar = path.with_suffix(".json")
     if not metadata:
-        return lines + _wrapped("sidecar", f"missing ({sidecar.name} is not beside it): the training crop, the "
-                                "training record, the calibrations and the limitations are unknown, and the engine "
-                                "runs it with defaults; copy the .json together with the .safetensors")
+        state = "missing (" + sidecar.name + " is not beside it)" if not sidecar.is_file() else f"empty ({sidecar})"
+        return lines + _wrapped("sidecar", f"{state}: the training crop, the training record, the calibrations and "
+                                "the limitations are unknown, and the engine runs it with defaults; copy the .json "
+                                "together with the .safetensors")
     crop = training_crop(metadata)
     lines += [f"sidecar: {sidecar}",
               f"name: {metadata.get('name') or path.stem}",

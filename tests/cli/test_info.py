@@ -86,6 +86,18 @@ def test_info_on_a_lone_weights_file_says_the_sidecar_is_missing(tmp_path, capsy
     assert "sidecar: missing (copied.json is not beside it)" in text
 
 
+def test_info_on_an_empty_sidecar_says_it_is_empty_not_missing(tmp_path, capsys):
+    from napari_unifuse.model.checkpoint import checkpoint_dir
+
+    weights = tmp_path / "copied.safetensors"
+    weights.write_bytes((checkpoint_dir() / "unifuse-2d-harvard.safetensors").read_bytes())
+    weights.with_suffix(".json").write_text("{}", encoding="utf-8")
+    assert main(["info", "--checkpoint", str(weights)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"sidecar: empty ({weights.with_suffix('.json')}):" in text
+    assert "missing" not in text
+
+
 def test_info_refuses_a_checkpoint_with_the_network_size_options(capsys):
     assert main(["info", "--checkpoint", "unifuse-2d-harvard", "--dims", "2"]) == 2
     assert "give one or the other" in capsys.readouterr().err
