@@ -44,6 +44,8 @@ _DICOM_TAGS = {
     "0028|1053": "RescaleSlope",
 }
 _SERIES_DESCRIPTION_TAG, _IMAGE_POSITION_TAG, _GANTRY_TILT_TAG = "0008|103e", "0020|0032", "0018|1120"
+# How a slice's stored values become real ones, and DICOM's default where the tag is absent.
+_RESCALE_TAGS = {"RescaleSlope": ("0028|1053", 1.0), "RescaleIntercept": ("0028|1052", 0.0)}
 # DICOM Modality codes → the modality names io.normalize understands.
 _DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet", "NM": "spect"}
 # A slice more than this fraction of the slice spacing away from where the volume puts it is
@@ -462,6 +464,19 @@ class _DicomSlice:
         return self.direction[:, -1]
 
     @property
+    def rescale(self) -> tuple[float, ...]:
+        """This slice's (RescaleSlope, RescaleIntercept)."""
+        values = []
+        for name, (tag, default) in _RESCALE_TAGS.items():
+            stated = self.tags.get(tag, "") or str(default)
+            try:
+                values.append(float(stated))
+            except ValueError:
+                raise InputError(f"{Path(self.file).name} has a {name} of {stated!r}, which is not a number; "
+                                 "export the series again or correct that tag") from None
+        return tuple(values)
+
+    @property
     def stack_key(self) -> tuple:
         """Equal for slices that can form one volume: same image size and orientation."""
         return self.size, tuple(np.round(self.direction, _ORIENTATION_DECIMALS).ravel() + 0.0)
@@ -477,14 +492,18 @@ def _read_dicom(path: Path, frame: int | None):
     positions = _slice_positions(slices)
     if positions is not None:
         _refuse_repeated_positions(positions)
+    rescales = np.array([dicom_slice.rescale for dicom_slice in slices])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([dicom_slice.file for dicom_slice in slices])
+    if _needs_float_pixels(rescales):
+        reader.SetOutputPixelType(sitk.sitkFloat64)
     try:
         with _itk_console_warnings_hidden():  # uneven slices are reported in the warnings instead
             image = reader.Execute()
     except RuntimeError as error:
         raise _failure(path, "a DICOM series", error) from error
     tags = {name: slices[0].tags[tag] for tag, name in _DICOM_TAGS.items() if tag in slices[0].tags}
+    tags.update(_varying_rescale_header(rescales))
     metadata: dict[str, Any] = {"header": tags, "dicom_files": len(slices), "dicom_series": key}
     if tags.get("Modality") in _DICOM_MODALITIES:
         metadata["modality"] = _DICOM_MODALITIES[tags["Modality"]]
@@ -494,6 +513,23 @@ def _read_dicom(path: Path, frame: int | None):
     if warnings:
         metadata["warnings"] = warnings
     return _from_sitk(image, frame, path, metadata)
+
+
+def _needs_float_pixels(rescales: np.ndarray) -> bool:
+    """Whether the series must be read as float64 for each slice to keep its own rescale
+    (``rescales``: each slice's slope and intercept, n × 2).
+
+    ImageSeriesReader gives the volume the pixel type GDCM picks for the first file and casts the
+    other slices to it: a PET series whose first slice (empty) has slope 1 became uint16, truncating
+    the other slices' fractional values and wrapping those above 65535. GDCM reads a single file
+    with a fractional rescale as float64; a series of one whole-number rescale keeps its integers."""
+    return len(np.unique(rescales, axis=0)) > 1 or not np.array_equal(rescales, np.round(rescales))
+
+
+def _varying_rescale_header(rescales: np.ndarray) -> dict[str, str]:
+    """Header entries for a rescale that differs between slices, where the first slice's would mislead."""
+    return {name: f"varies per slice: {values.min():g} to {values.max():g}"
+            for name, values in zip(_RESCALE_TAGS, rescales.T) if values.min() != values.max()}
 
 
 def _one_stack(slices: list[_DicomSlice]) -> tuple[list[_DicomSlice], list[str]]:

@@ -137,3 +137,59 @@ def test_dicom_files_without_a_suffix_open_their_series_in_read_image_and_napari
     with pytest.raises(InputError, match="unknown file type"):
         read_image(folder / "notes01")
 
+
+
+def _write_rescaled_stack(folder: Path, values: np.ndarray, slopes, intercepts, series_uid: str,
+                          modality: str) -> None:
+    """Axial slices of ``values`` stored as 16-bit integers, each with its own RescaleSlope and
+    RescaleIntercept (PET scanners scale each slice to its own maximum)."""
+    folder.mkdir()
+    for k, (pixels, slope, intercept) in enumerate(zip(values, slopes, intercepts)):
+        _write_slice(folder / f"IM{k:04d}.dcm", pixels.astype(np.float32), (0.0, 0.0, SLICE_STEP * k), AXIAL, {
+            "0008|0060": modality, "0020|000e": series_uid, "0020|0013": str(k + 1),
+            "0008|0018": f"{series_uid}.{k + 1}", "0028|0100": "16", "0028|0101": "16", "0028|0102": "15",
+            "0028|0103": "0", "0028|1053": repr(float(slope)), "0028|1052": repr(float(intercept))})
+
+
+@pytest.mark.parametrize("slopes", [
+    (1.0, 0.15625, 3.125, 21.875),  # an empty first slice stored with slope 1, fractional slopes after it
+    (1.0, 2.0, 3.0, 1.0),  # whole slopes, but the later slices reach past what the first one's type holds
+], ids=["fractional", "whole-but-varying"])
+def test_a_pet_series_with_a_rescale_per_slice_keeps_each_slices_own_values(tmp_path, rng, slopes):
+    stored = rng.integers(0, 32000, size=(4, 6, 5)).astype(float)
+    stored[0] = 0.0
+    stored[1:, 0, 0] = 32000  # the largest values: above 65535 once rescaled, except with slope 1
+    values = stored * np.array(slopes)[:, None, None]
+    _write_rescaled_stack(tmp_path / "pet", values, slopes, [0.0] * 4, "1.2.826.0.1.3680043.2.1125.3006", "PT")
+
+    read = read_image(tmp_path / "pet")
+
+    assert np.issubdtype(read.array.dtype, np.floating)
+    np.testing.assert_allclose(read.array, values, rtol=1e-6)
+    assert read.metadata["header"]["RescaleSlope"] == f"varies per slice: {min(slopes):g} to {max(slopes):g}"
+    assert read.metadata["header"]["RescaleIntercept"] == "0"  # the same for every slice: as stated
+
+
+def test_a_ct_series_with_one_whole_number_rescale_stays_integer(tmp_path, rng):
+    values = rng.integers(-1024, 2000, size=(4, 6, 5)).astype(float)
+    _write_rescaled_stack(tmp_path / "ct", values, [1.0] * 4, [-1024.0] * 4,
+                          "1.2.826.0.1.3680043.2.1125.3007", "CT")
+
+    read = read_image(tmp_path / "ct")
+
+    assert np.issubdtype(read.array.dtype, np.integer)
+    np.testing.assert_array_equal(read.array, values)
+    assert read.metadata["header"]["RescaleSlope"] == "1"
+
+
+def test_a_rescale_slope_that_is_not_a_number_is_refused_naming_the_file(tmp_path, rng):
+    _write_rescaled_stack(tmp_path / "pet", rng.integers(0, 100, size=(3, 6, 5)) * 9.5, [9.5] * 3, [0.0] * 3,
+                          "1.2.826.0.1.3680043.2.1125.3008", "PT")
+    damaged = tmp_path / "pet" / "IM0001.dcm"
+    slope_element = b"\x28\x00\x53\x10\x04\x00\x00\x00"  # (0028,1053), 4 bytes long, as GDCM writes it
+    data = damaged.read_bytes()
+    assert data.count(slope_element + b"9.5 ") == 1
+    damaged.write_bytes(data.replace(slope_element + b"9.5 ", slope_element + b"n/a "))
+
+    with pytest.raises(InputError, match=r"IM0001\.dcm has a RescaleSlope of 'n/a', which is not a number"):
+        read_image(tmp_path / "pet")
