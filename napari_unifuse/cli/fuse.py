@@ -10,16 +10,18 @@ for ``0000/moving.png``, as ``unifuse synth --pairs`` writes them); names come f
 given, not from where a symlink points (git-annex/DataLad: ``s1/ct.png`` and ``s2/ct.png`` are
 ``OUT/s1_ct/`` and ``OUT/s2_ct/``, two pairs even when they link to one file). See
 ``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
-unless ``--no-quality``. A pair folder may not be an input (a DICOM series folder), lie inside
-one or hold one (``--moving dcm/t2 --out dcm``): such a pair is refused before any work; choose
-another --out. A batch resumes: a pair whose ``provenance.json`` records the same inputs
-(path as given and content), method, checkpoint and settings (tile size, modalities, quality maps) is
-skipped, so rerunning after an interruption only does what is left, and ends with
-``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder holding results
-of other inputs, another method or other settings is refused, never silently replaced:
-``--overwrite`` redoes the pair and first removes every earlier output in its folder. No output may
-replace an input. ``--report`` also writes each pair's QC page (``report.html``) and, for a
-``--pairs`` batch, ``OUT/index.html``, the runs most suspicious first (a pair already done gets its
+unless ``--no-quality``, and ``metrics.json`` given a ``--label``: a label is checked against the
+reference as the moving image is, before any work (another dimensionality, or no overlap in space,
+is refused; under half the reference grid is a warning). A pair folder may not be an input (a
+DICOM series folder), lie inside one or hold one (``--moving dcm/t2 --out dcm``): such a pair is
+refused before any work; choose another --out. A batch resumes: a pair whose ``provenance.json``
+records the same inputs (path as given and content), method, checkpoint and settings (tile size,
+modalities, quality maps) is skipped, so rerunning after an interruption only does what is left,
+and ends with ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder
+holding results of other inputs, another method or other settings is refused, never silently
+replaced: ``--overwrite`` redoes the pair and first removes every earlier output in its folder.
+No output may replace an input. ``--report`` also writes each pair's QC page (``report.html``) and,
+for a ``--pairs`` batch, ``OUT/index.html``, the runs most suspicious first (a pair already done gets its
 page with ``--overwrite``; ``unifuse report OUT`` indexes a single pair's folder); the page is written
 with the pair's other outputs, before the ``provenance.json`` that marks them done. An input replaced
 since its run is noticed even when the new file keeps an older modification time (its inode change
@@ -51,7 +53,7 @@ from napari_unifuse.cli.arguments import read_pairs_rows
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
-from napari_unifuse.engine.inference import FusionEngine, requested_settings
+from napari_unifuse.engine.inference import PARTIAL_COVERAGE_WARNING, FusionEngine, requested_settings
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, registered_methods, split_name
 from napari_unifuse.engine.outputs import (
@@ -72,7 +74,7 @@ from napari_unifuse.engine.report import INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import ImageVolume, read_image, resample_to_reference
+from napari_unifuse.io import ImageVolume, grid_coverage, read_image, resample_to_reference
 from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES, file_format
 from napari_unifuse.metrics import registration_metrics
@@ -251,6 +253,8 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     provenance. ``lock``: the caller's held lock of ``out_dir`` (else the write takes it)."""
     reference, moving = read_image(pair.reference), read_image(pair.moving)
     label = read_image(pair.label) if pair.label is not None else None
+    # Before the fusion: a label the metrics cannot be measured against fails at once, not after the work.
+    label_warnings = label_coverage_warnings(label, reference) if label is not None else []
     # Described as read: a label replaced during the fusion must not be recorded for these metrics.
     label_source = describe_source(str(pair.label)) if pair.label is not None else None
     # Before the fusion: a pair that would overwrite an input fails at once, not after the work.
@@ -258,6 +262,9 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     engine = engines.for_dimensions(model_dimensions(reference))
     with TqdmProgress(prefix) as progress:
         result = engine.run_fusion(reference, moving, progress=progress, **options)
+    if label_warnings:  # recorded as the run's own warnings are: printed, in provenance.json and on the QC page
+        result.warnings = [*result.warnings, *label_warnings]
+        result.provenance["warnings"] = result.warnings
     for warning in result.warnings:
         print(f"{prefix}: warning: {warning}", file=sys.stderr)
     if batch:
@@ -391,6 +398,27 @@ def refuse_folder_overlapping_inputs(out_dir: Path, pair: Pair) -> None:
             else:
                 continue
             raise InputError(f"the pair's output folder {out_dir} {where}; choose another --out", source)
+
+
+def label_coverage_warnings(label: ImageVolume, reference: ImageVolume) -> list[str]:
+    """What a run should say of how much of the reference grid ``label`` reaches in space, by the
+    moving image's threshold (``engine.inference.overlap_warnings``): its metrics compare the aligned
+    image with the label's 0 wherever it does not reach. An InputError for a label of another
+    dimensionality than the reference, or one that reaches none of its grid (metrics against
+    nothing but zeros). A one-slice reference is checked in 3D, as its moving image is resampled."""
+    if label.ndim != reference.ndim:
+        raise InputError(f"the label is {label.ndim}D but the reference ({reference.source}) is {reference.ndim}D; "
+                         f"give a {reference.ndim}D label, the moving image's ground truth aligned to the reference",
+                         label.source)
+    coverage = grid_coverage(label, reference)
+    if coverage == 0:
+        raise InputError(f"the label does not overlap the reference ({reference.source}) in space, so there is "
+                         "nothing to measure the aligned image against; check the label's origin and orientation "
+                         "(its affine), or give this pair's own label", label.source)
+    if coverage >= PARTIAL_COVERAGE_WARNING:
+        return []
+    return [f"{label.source}: the label covers only {100 * coverage:.3g} % of the reference grid in space; "
+            "metrics.json compares the aligned image with the label's 0 elsewhere"]
 
 
 def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:

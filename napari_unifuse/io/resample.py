@@ -28,10 +28,10 @@ def resample_to_reference(
     if interpolation not in INTERPOLATORS:
         raise InputError(f"interpolation must be one of {sorted(INTERPOLATORS)}, got {interpolation!r}")
     if moving.ndim != reference.ndim:
-        raise InputError(
-            f"cannot resample a {moving.ndim}D image onto a {reference.ndim}D reference ({reference.source})",
-            moving.source,
-        )
+        # An in-memory reference (a napari layer, a grid made here) has no source to name.
+        named = f" ({reference.source})" if reference.source is not None else ""
+        raise InputError(f"cannot resample a {moving.ndim}D image onto a {reference.ndim}D reference{named}",
+                         moving.source)
     geometry = reference.geometry
     image = moving.to_sitk()
     resampler = sitk.ResampleImageFilter()

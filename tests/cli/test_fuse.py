@@ -149,6 +149,67 @@ def test_a_one_slice_volume_gets_the_label_metrics_of_the_2d_image_it_is_fused_a
     assert set(metrics) == {"mse", "ncc", "ssim"} and all(np.isfinite(list(metrics.values())))
 
 
+def labels_beside(root: Path, reference_shape) -> dict[str, Path]:
+    """Labels of a 2D picture pair that its metrics cannot use: one 500 mm away from the picture
+    (which lies at the origin), one 3D, one covering a third of its columns."""
+    far = sitk.GetImageFromArray((800 * blob(reference_shape)).astype(np.float32))
+    far.SetOrigin((500.0, 500.0))
+    sitk.WriteImage(far, str(root / "far.nii.gz"))
+    save_nifti((800 * blob((*reference_shape, 3))).astype(np.float32), np.eye(4), root / "volume.nii.gz")
+    Image.fromarray((255 * blob(reference_shape))[:, : reference_shape[1] // 3].astype(np.uint8)).save(
+        root / "third.png")
+    return {"far": root / "far.nii.gz", "volume": root / "volume.nii.gz", "third": root / "third.png"}
+
+
+@pytest.mark.parametrize(("label", "problem"), [
+    ("far", "the label does not overlap the reference ({reference}) in space"),
+    ("volume", "the label is 3D but the reference ({reference}) is 2D; give a 2D label"),
+])
+def test_a_label_the_metrics_cannot_use_is_refused_before_the_fusion(data, tmp_path, capsys, monkeypatch, label,
+                                                                     problem):
+    """A label 500 mm away got metrics.json against zeros without a word; a 3D label for a 2D pair
+    failed only after the whole fusion, its message ending in "(None)"."""
+    from napari_unifuse.engine.inference import FusionEngine
+
+    def fusion_not_expected(*args, **kwargs):
+        raise AssertionError("the pair was fused")
+
+    monkeypatch.setattr(FusionEngine, "run_fusion", fusion_not_expected)
+    reference = data["root"] / "mri.png"
+    labels = labels_beside(tmp_path, (32, 28))
+
+    code = fuse("--reference", reference, "--moving", data["root"] / "pet7.png", "--label", labels[label],
+                "--out", tmp_path / "out", *CHEAP)
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"unifuse fuse: error: {labels[label]}: {problem.format(reference=reference)}")
+    assert err.count("\n") == 1 and "None" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_label_covering_under_half_the_reference_is_said_and_recorded_and_a_batch_goes_on(data, tmp_path, capsys):
+    """Labels are checked as moving images are: under half the reference grid is a warning (printed,
+    in provenance.json); none of it fails that pair alone."""
+    root = data["root"]
+    labels = labels_beside(tmp_path, (32, 28))
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving,label\n{root / 'mri.png'},{root / 'pet7.png'},{labels['far']}\n"
+                     f"{root / 'mri.png'},{root / 'pet8.png'},{labels['third']}\n", encoding="utf-8")
+
+    assert fuse("--pairs", pairs, "--out", tmp_path / "out", *CHEAP) == 2
+
+    err = capsys.readouterr().err
+    warning = f"{labels['third']}: the label covers only 32.1 % of the reference grid in space"
+    assert f"[2/2] pet8: warning: {warning}" in err
+    assert f"[1/2] pet7: error: {labels['far']}: the label does not overlap" in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert [outcome["status"] for outcome in summary["outcomes"]] == ["failed", "done"]
+    provenance = json.loads((tmp_path / "out" / "pet8" / "provenance.json").read_text(encoding="utf-8"))
+    assert any(recorded.startswith(warning) for recorded in provenance["warnings"])
+    assert (tmp_path / "out" / "pet8" / "metrics.json").is_file()
+
+
 def test_a_volume_too_thin_for_the_ssim_window_gets_nan_ssim_and_the_other_label_metrics(data, tmp_path, capsys):
     """Five slices: the 7-voxel 3D SSIM window does not fit, so SSIM is NaN (it was an error after the
     whole fusion, and nothing was written); MSE and NCC still apply."""

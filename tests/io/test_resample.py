@@ -61,6 +61,18 @@ def test_dimension_mismatch_is_an_input_error():
         resample_to_reference(flat, ImageVolume(np.zeros((4, 4, 4)), Geometry.identity(3)))
 
 
+def test_a_dimension_mismatch_names_the_reference_only_when_it_has_a_source():
+    """An in-memory reference (a napari layer) has no source: the message ended in "(None)"."""
+    flat = ImageVolume(np.zeros((4, 4)), Geometry.identity(2), source="slice.png")
+    volume = np.zeros((4, 4, 4))
+    with pytest.raises(InputError) as in_memory:
+        resample_to_reference(flat, ImageVolume(volume, Geometry.identity(3)))
+    assert str(in_memory.value) == "slice.png: cannot resample a 2D image onto a 3D reference"
+    with pytest.raises(InputError) as from_file:
+        resample_to_reference(flat, ImageVolume(volume, Geometry.identity(3), source="t1.nii.gz"))
+    assert str(from_file.value) == "slice.png: cannot resample a 2D image onto a 3D reference (t1.nii.gz)"
+
+
 def test_a_coarser_copy_keeps_the_extent_and_averages_what_it_cannot_hold(rotation):
     direction = rotation((0.0, 20.0, -10.0))
     geometry = Geometry(np.array([1.0, 1.0, 4.0]), np.array([3.0, -2.0, 7.0]), direction)
