@@ -32,13 +32,18 @@ def resolve_device(requested: str = "auto") -> torch.device:
 # What a failed host allocation says when it arrives as a plain RuntimeError: torch's CPU
 # allocator, and ITK's image buffers (SimpleITK's filters, e.g. a resampling to a huge grid).
 _HOST_ALLOCATION_FAILURES = ("DefaultCPUAllocator", "Failed to allocate memory")
+# GPU libraries that allocate their own workspace report a failure as a plain RuntimeError:
+# cuBLAS and cuDNN inside torch, and older torch or extensions (mamba-ssm, Triton) for CUDA itself.
+_DEVICE_ALLOCATION_FAILURES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                               "CUDNN_STATUS_NOT_ENOUGH_MEMORY", "cudaErrorMemoryAllocation")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a failed allocation: CUDA's ``torch.OutOfMemoryError``, numpy's
-    ``MemoryError``, or a host allocator that reports it as a plain ``RuntimeError`` (torch's
-    "DefaultCPUAllocator: can't allocate memory", ITK's "Failed to allocate memory for image"),
-    so that only its message tells."""
+    ``MemoryError``, or an allocator that reports it as a plain ``RuntimeError`` (torch's
+    "DefaultCPUAllocator: can't allocate memory", ITK's "Failed to allocate memory for image",
+    cuBLAS's "CUBLAS_STATUS_ALLOC_FAILED"), so that only its message tells."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in _HOST_ALLOCATION_FAILURES)
+    return isinstance(error, RuntimeError) and any(
+        sign in str(error) for sign in (*_HOST_ALLOCATION_FAILURES, *_DEVICE_ALLOCATION_FAILURES))

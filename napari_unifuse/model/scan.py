@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -66,11 +67,18 @@ def mamba_selective_scan_fn() -> Callable | None:
 
     ``import mamba_ssm`` fails without the compiled ``selective_scan_cuda`` extension (ImportError)
     or with a CUDA/torch ABI mismatch (OSError, or ImportError for undefined symbols), so the import
-    lives here, not at module import. Cached: the answer cannot change within a process.
+    lives here, not at module import. Cached: the answer cannot change within a process. Any other
+    failure on import (Triton's RuntimeError for a GPU it cannot compile for) is a broken install,
+    not a missing one: the torch scan runs all the same, and a warning says why.
     """
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except (ImportError, OSError):
+        return None
+    except Exception as error:  # whatever a broken extension raises, the torch scan works
+        warnings.warn(f"mamba-ssm is installed but failed to import ({type(error).__name__}: {error}); "
+                      "the selective scan runs in torch (slower on a GPU); reinstall the cuda extra",
+                      RuntimeWarning, stacklevel=2)
         return None
     return selective_scan_fn
 

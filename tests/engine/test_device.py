@@ -38,6 +38,17 @@ def failed_allocation(allocate) -> BaseException:
     return caught.value
 
 
+@pytest.mark.parametrize("message", [
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_MEMORY",
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+])
+def test_a_gpu_library_that_fails_to_allocate_is_out_of_memory(message):
+    """cuBLAS and cuDNN raise plain RuntimeErrors: without reading them the engine neither halves
+    its tiles nor says what ran out, and a traceback reaches the user."""
+    assert is_out_of_memory(RuntimeError(message))
+
+
 def test_a_failed_host_allocation_is_out_of_memory_whoever_made_it():
     torch_error = failed_allocation(torch.empty)
     assert not isinstance(torch_error, torch.OutOfMemoryError)  # a plain RuntimeError: why the message is read

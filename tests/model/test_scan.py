@@ -232,6 +232,14 @@ def _refusing_import(error):
     return fake_import
 
 
+def test_a_mamba_install_that_fails_otherwise_on_import_falls_back_with_a_warning(monkeypatch, fresh_mamba_import):
+    """Triton raises RuntimeError for a GPU it cannot compile for: every run would fail, not just the scan."""
+    monkeypatch.setattr(builtins, "__import__", _refusing_import(RuntimeError("Triton Error [CUDA]: no kernel image")))
+    with pytest.warns(RuntimeWarning, match="mamba-ssm is installed but failed to import.*Triton Error"):
+        assert scan.mamba_selective_scan_fn() is None
+    assert scan_backend("cuda") == "torch"
+
+
 @pytest.mark.parametrize("error", [OSError("libcudart.so.12: cannot open shared object file"),
                                    ImportError("No module named 'selective_scan_cuda'")])
 def test_broken_mamba_import_falls_back_to_torch(monkeypatch, fresh_mamba_import, error):
