@@ -12,6 +12,16 @@ Defaults per modality:
   (given a PET/SPECT background of 0.30, the bundled 2D checkpoint "restored" it to 0.18 / 0.14
   on average: ``bench/probe_restoration_remap.py``).
 
+MR and PET/SPECT images of a small object in a large empty field (the darkest value fills all but a
+few voxels) take the upper percentile over the voxels above that background: over the whole image it
+falls on the background or on the object's brightest voxels and saturates the object.
+
+"auto" reads the modality from the image's metadata, else takes CT where the intensities show
+CT's signature in Hounsfield units (``_HounsfieldEvidence``), else MR. A threshold alone is fooled
+by images in other units that go negative (PET with filtered back-projection undershoot, real-valued
+MR); where the values below -500 lack CT's air peak the image is read as MR, and where only part of
+the signature is there the mapping's ``warning`` says so and asks for the modality.
+
 ``apply`` clips to [0, 1]; ``scaled`` is the same map without the clip, so that what the clip
 removed (``scaled - apply``, zero inside the window) can be carried past the model and added back
 before ``inverse``: the engine does so, and a moving image comes back in its own units, hottest
@@ -32,8 +42,23 @@ CT_WINDOW_HU = (-1000.0, 2000.0)
 PERCENTILES = {"mr": (0.5, 99.5), "pet": (0.0, 99.9), "spect": (0.0, 99.9)}
 MODALITY_ALIASES = {"mri": "mr", "t1": "mr", "t2": "mr", "pd": "mr", "flair": "mr", "pt": "pet", "nm": "spect"}
 MODALITIES = ("auto", "ct", *PERCENTILES, *MODALITY_ALIASES)
-# CT stores air as about -1000 HU; no MR or PET image has intensities this low.
-_HU_AIR_THRESHOLD = -500.0
+# CT's signature in Hounsfield units. Air is a narrow peak at -1000 HU (noise a few tens of HU) and
+# scanners fill what lies outside the reconstructed field with one of a few fixed values; negative
+# values in other units (noise about zero) spread smoothly instead: at most ~17 % of the values below
+# -500 fall in the air band, whatever the noise's width. Soft tissue (fat to blood) fills much of
+# the rest of a CT, and almost every value lies in the scanners' HU range (metal above it is rare).
+_HU_BELOW_TISSUE = -500.0  # air, lung or padding in a CT; the share below it is what prompts a look
+_HU_AIR = (-1100.0, -900.0)
+_HU_PADDING = (-1024.0, -2000.0, -2048.0, -3024.0)
+_HU_SOFT_TISSUE = (-150.0, 150.0)
+_HU_RANGE = (-1100.0, 4000.0)
+_MIN_SHARE_BELOW_TISSUE = 0.01  # fewer values this low: nothing here hints at CT
+_MIN_AIR_SHARE_OF_LOW = 0.4
+_MIN_SOFT_TISSUE_SHARE_OF_REST = 0.2
+_MIN_SHARE_IN_HU_RANGE = 0.98
+# The whole image's upper percentile stands for the object's only while the clipped tail, (100 - p) %
+# of the image, is a small part of the object; past this part of it, the object's own is taken.
+_MAX_TAIL_SHARE_OF_OBJECT = 0.1
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,7 @@ class IntensityMapping:
     upper: float
     percentiles: tuple[float, float] | None = None
     reason: str = ""
+    warning: str = ""  # set where the choice is a guess the user should confirm
 
     def scaled(self, array: np.ndarray) -> np.ndarray:
         """The linear map alone, unclipped: values outside the window land outside [0, 1]."""
@@ -74,6 +100,7 @@ class IntensityMapping:
             upper=float(values["upper"]),
             percentiles=tuple(percentiles) if percentiles else None,
             reason=values.get("reason", ""),
+            warning=values.get("warning", ""),
         )
 
 
@@ -97,18 +124,34 @@ def intensity_mapping(volume: ImageVolume, modality: str = "auto") -> IntensityM
     if array.dtype == np.uint8:
         return darkest_to_zero(array, 255.0, "scale8bit", MODALITY_ALIASES.get(key, key),
                                "8-bit pixels, already windowed when exported")
+    warning = ""
     if key == "auto":
-        key, reason = _detect_modality(volume)
+        key, reason, warning = _detect_modality(volume)
     else:
         key, reason = MODALITY_ALIASES.get(key, key), "chosen by the caller"
     if key == "ct":
-        return IntensityMapping("window", "ct", *CT_WINDOW_HU, reason=reason)
+        return IntensityMapping("window", "ct", *CT_WINDOW_HU, reason=reason, warning=warning)
     percentiles = PERCENTILES[key]
-    lower, upper = (float(v) for v in np.percentile(array, percentiles))
-    if upper <= lower:
-        upper = lower + 1.0  # constant image: map it to 0 instead of dividing by zero
-    return IntensityMapping("percentile", key, lower, upper, percentiles, reason)
+    lower, upper, window_note = _percentile_window(array, percentiles)
+    return IntensityMapping("percentile", key, lower, upper, percentiles, reason + window_note, warning)
 
+
+def _percentile_window(array: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float, str]:
+    """The window between ``percentiles`` of ``array``, and a note on how it was found where that
+    is not over the whole image (a small object on an empty field, tied percentiles)."""
+    lower, upper = (float(v) for v in np.percentile(array, percentiles))
+    darkest = array.min()
+    object_share = np.count_nonzero(array > darkest) / array.size
+    tail_share = (100.0 - percentiles[1]) / 100.0
+    if 0 < object_share and tail_share > _MAX_TAIL_SHARE_OF_OBJECT * object_share:
+        upper = float(np.percentile(array[array > darkest], percentiles[1]))
+        return lower, upper, (f"; upper percentile over the {object_share:.2%} of voxels above the background "
+                              f"value {float(darkest):g}, which fills the rest")
+    if upper > lower:
+        return lower, upper, ""
+    if object_share > 0:  # most voxels share one value: span the image rather than a zero-width window
+        return float(darkest), float(array.max()), "; percentiles tied, full value range used"
+    return lower, lower + 1.0, ""  # constant image: map it to 0 instead of dividing by zero
 
 def darkest_to_zero(array: np.ndarray, unit: float, method: str, modality: str, reason: str) -> IntensityMapping:
     """``(x - min) / unit`` for an image already windowed for display (``unit`` = its white):
@@ -118,12 +161,63 @@ def darkest_to_zero(array: np.ndarray, unit: float, method: str, modality: str, 
                             reason=f"{reason}; darkest value {lower:g} taken to 0, scale kept")
 
 
-def _detect_modality(volume: ImageVolume) -> tuple[str, str]:
+@dataclass(frozen=True)
+class _HounsfieldEvidence:
+    """How far an image's values show CT's signature in HU (shares of its voxels; see the constants)."""
+
+    below_tissue: float  # share below -500 HU
+    air_of_low: float  # share of those at air or padding values
+    soft_tissue_of_rest: float  # share of the voxels that are not air or padding
+    in_range: float
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> _HounsfieldEvidence:
+        air = np.isin(array, _HU_PADDING) | ((array >= _HU_AIR[0]) & (array <= _HU_AIR[1]))
+        air_count = np.count_nonzero(air)
+        low_count = np.count_nonzero(array < _HU_BELOW_TISSUE)
+        rest_count = array.size - air_count
+        soft_tissue = np.count_nonzero((array >= _HU_SOFT_TISSUE[0]) & (array <= _HU_SOFT_TISSUE[1]))
+        in_range = np.count_nonzero(air | ((array >= _HU_RANGE[0]) & (array <= _HU_RANGE[1])))
+        return cls(low_count / array.size, air_count / low_count if low_count else 0.0,
+                   soft_tissue / rest_count if rest_count else 0.0, in_range / array.size)
+
+    @property
+    def prompts_a_look(self) -> bool:
+        return self.below_tissue >= _MIN_SHARE_BELOW_TISSUE
+
+    @property
+    def has_air(self) -> bool:
+        """Values below soft tissue gathered at air and padding, all in the HU range: CT's own units."""
+        return self.air_of_low >= _MIN_AIR_SHARE_OF_LOW and self.in_range >= _MIN_SHARE_IN_HU_RANGE
+
+    @property
+    def has_soft_tissue(self) -> bool:
+        return self.soft_tissue_of_rest >= _MIN_SOFT_TISSUE_SHARE_OF_REST
+
+    def describe(self) -> str:
+        return (f"{self.below_tissue:.0%} of the values below {_HU_BELOW_TISSUE:g}, {self.air_of_low:.0%} of those "
+                f"at air ({_HU_AIR[0]:g} to {_HU_AIR[1]:g} HU) or scanner padding; {self.soft_tissue_of_rest:.0%} "
+                f"of the rest soft tissue ({_HU_SOFT_TISSUE[0]:g} to {_HU_SOFT_TISSUE[1]:g} HU); "
+                f"{self.in_range:.1%} within the HU range")
+
+
+def _detect_modality(volume: ImageVolume) -> tuple[str, str, str]:
+    """(modality, reason, warning): the warning is empty unless the evidence is ambiguous."""
     tagged = str(volume.metadata.get("modality", "")).lower()
     tagged = MODALITY_ALIASES.get(tagged, tagged)
     if tagged == "ct" or tagged in PERCENTILES:
-        return tagged, "modality recorded in the image metadata"
-    low = float(np.percentile(volume.array, 1))
-    if low < _HU_AIR_THRESHOLD:
-        return "ct", f"intensities reach CT air (1st percentile {low:g} < {_HU_AIR_THRESHOLD:g} HU)"
-    return "mr", "no modality in the header and no HU air: MR percentile clipping"
+        return tagged, "modality recorded in the image metadata", ""
+    evidence = _HounsfieldEvidence.of(volume.array)
+    if not evidence.prompts_a_look:
+        return "mr", "no modality in the header and no HU air: MR percentile clipping", ""
+    if evidence.has_air and evidence.has_soft_tissue:
+        return "ct", f"CT's signature in HU: {evidence.describe()}", ""
+    if evidence.has_air:
+        return ("ct", f"CT air but little soft tissue: {evidence.describe()}",
+                "read as CT for its air at -1000 HU, but little of the rest is soft tissue; "
+                "give the modality if it is not CT")
+    return ("mr", f"values below {_HU_BELOW_TISSUE:g} without CT's air peak: {evidence.describe()}; "
+                  "MR percentile clipping",
+            f"{evidence.below_tissue:.0%} of the values lie below {_HU_BELOW_TISSUE:g} but not at CT's air "
+            "(-1000 HU) or padding, as PET undershoot or real-valued MR do: read as MR; "
+            "give the modality if it is CT or PET")

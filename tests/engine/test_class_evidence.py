@@ -171,7 +171,8 @@ def test_auto_weighs_the_call_on_the_modality_the_moving_image_shows_of_itself()
              "pet": {CLEAN: {"lowdose": 5}, "lowdose": {"lowdose": 5}}}
     reference, moving = _pair()
     engine = _engine(_caller("none"), table)
-    in_hounsfield_units = ImageVolume(moving.array * 2000 - 1000, moving.geometry)  # air at -1000 HU: CT
+    # Air at -1000 HU around tissue near 40 HU: CT's signature (io.normalize), not merely values below -500.
+    in_hounsfield_units = ImageVolume((1 - moving.array) * 1300 - 1000, moving.geometry)
     tagged_ct = ImageVolume(moving.array, moving.geometry, {"modality": "CT"})
     for shows_ct in (in_hounsfield_units, tagged_ct):
         assert engine.run_fusion(reference, shows_ct, quality=False).provenance[METADATA_KEY]["modality"] == "ct"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from napari_unifuse.data.degrade import MetalArtifact
+from napari_unifuse.data.phantoms import make_brain_phantom_slices
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity
+from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity, read_image
+from napari_unifuse.io.normalize import CT_WINDOW_HU, PERCENTILES
 
 
 def _volume(array, **metadata):
@@ -88,3 +92,129 @@ def test_mapping_survives_json_and_rejects_unknown_modalities(rng):
     assert restored == mapping
     with pytest.raises(InputError, match="unknown modality 'xray'"):
         normalize_intensity(_volume(np.zeros((3, 3), np.float32)), modality="xray")
+
+
+# ---- modality detection: CT's signature in HU, not a threshold any negative values cross --------
+
+
+def _head_on_noise(rng, brain_range: tuple[float, float], noise_sd: float) -> tuple[np.ndarray, np.ndarray]:
+    """A disc of brain values on a zero background with noise about zero in the image's own units: a PET in
+    Bq/ml with filtered back-projection's undershoot, or a phase-corrected real-valued MR."""
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, 64),) * 2, indexing="ij"))
+    brain = (grid**2).sum(0) < 0.5
+    clean = np.where(brain, rng.uniform(*brain_range, brain.shape), 0.0)
+    return (clean + rng.normal(0, noise_sd, brain.shape)).astype(np.float32), brain
+
+
+@pytest.mark.parametrize(("brain_range", "noise_sd"), [((3800.0, 30000.0), 1500.0), ((400.0, 3600.0), 300.0)],
+                         ids=["pet_fbp_undershoot", "real_valued_mr"])
+def test_negative_values_in_other_units_are_not_read_as_ct_and_the_guess_is_warned_about(rng, brain_range,
+                                                                                          noise_sd):
+    image, brain = _head_on_noise(rng, brain_range, noise_sd)
+    assert np.percentile(image, 1) < -500  # what used to pass for HU air
+
+    normalized, mapping = normalize_intensity(_volume(image))
+
+    assert mapping.modality == "mr" and mapping.method == "percentile"
+    assert np.mean(normalized.array[brain] == 1.0) < 0.02  # the brain keeps its contrast, not saturated
+    assert "give the modality" in mapping.warning and "air peak" in mapping.reason
+    assert normalized.metadata["intensity_mapping"]["warning"] == mapping.warning
+    assert IntensityMapping.from_dict(json.loads(json.dumps(mapping.to_dict()))) == mapping  # provenance keeps it
+
+
+def _nifti_roundtrip(tmp_path, array: np.ndarray, slope_inter: tuple[float, float] | None = None) -> ImageVolume:
+    image = nib.Nifti1Image(array, np.eye(4))
+    if slope_inter is not None:
+        image.header.set_slope_inter(*slope_inter)
+    nib.save(image, tmp_path / "ct.nii.gz")
+    return read_image(tmp_path / "ct.nii.gz")
+
+
+def _phantom_ct_hu() -> np.ndarray:
+    """The bundled samples' CT (their phantom), in HU: air -1000, brain, skull."""
+    return make_brain_phantom_slices((64, 64), ("ct",))["ct"].array
+
+
+def _scanner_ct(padding: float) -> np.ndarray:
+    """The phantom as a scanner writes it: int16, the corners outside the round field of view filled with
+    ``padding``, a metal implant clipped at the top of the 12-bit scale (3071)."""
+    hu = _phantom_ct_hu()
+    grid = np.stack(np.meshgrid(*(np.arange(64) - 31.5,) * 2, indexing="ij"))
+    hu = np.where((grid**2).sum(0) < 30**2, hu, padding)
+    hu[30:33, 20:23] = 3071
+    return np.round(hu).astype(np.int16)
+
+
+@pytest.mark.parametrize("layout", ["int16_pad3024_metal", "int16_pad1024_metal", "uint16_scl_inter",
+                                    "sample_phantom", "sample_metal_artefact"])
+def test_real_ct_layouts_are_still_read_as_ct(tmp_path, rng, layout):
+    if layout == "int16_pad3024_metal":
+        volume = _nifti_roundtrip(tmp_path, _scanner_ct(-3024.0))
+    elif layout == "int16_pad1024_metal":
+        volume = _nifti_roundtrip(tmp_path, _scanner_ct(-1024.0))
+    elif layout == "uint16_scl_inter":  # stored HU + 1024, the header's intercept takes it back
+        volume = _nifti_roundtrip(tmp_path, (_scanner_ct(-1024.0) + 1024).astype(np.uint16), (1.0, -1024.0))
+    elif layout == "sample_phantom":
+        volume = _volume(_phantom_ct_hu())
+    else:  # the metal sample's moving image: the phantom re-scanned with an implant (streaks, noise)
+        volume = _volume(MetalArtifact(voxel_size_mm=3.4, clip_to_window=False)(_phantom_ct_hu(), rng))
+    assert "modality" not in volume.metadata  # nothing but the values to go by
+
+    mapping = normalize_intensity(volume)[1]
+
+    assert (mapping.modality, mapping.method, mapping.lower, mapping.upper) == ("ct", "window", *CT_WINDOW_HU)
+    assert mapping.warning == "" and "signature" in mapping.reason
+
+
+def test_hu_air_without_soft_tissue_is_read_as_ct_with_a_warning():
+    ramp = np.linspace(-1000, 1500, 64, dtype=np.float32)  # air to bone, barely any soft tissue
+    air_and_bone = np.concatenate([np.full((64, 64), -1000.0, np.float32), np.tile(ramp, (64, 1))])
+    mapping = normalize_intensity(_volume(air_and_bone))[1]
+    assert mapping.modality == "ct" and "little of the rest is soft tissue" in mapping.warning
+
+
+# ---- percentile windows ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality", ["mr", "pet"])
+def test_a_small_object_in_a_large_empty_field_is_windowed_over_itself(rng, modality):
+    head = rng.gamma(4.0, 500.0, (16, 16)).astype(np.float32)
+    field = np.zeros((256, 256), np.float32)  # the head is 0.39 % of the pixels
+    field[120:136, 120:136] = head
+
+    normalized, mapping = normalize_intensity(_volume(field), modality=modality)
+
+    assert mapping.lower == 0.0
+    assert mapping.upper == pytest.approx(np.percentile(head, mapping.percentiles[1]))
+    assert np.mean(normalized.array[120:136, 120:136] == 1.0) < 0.01  # not a white blob
+    assert "above the background value 0" in mapping.reason
+
+
+def test_a_non_constant_image_never_gets_a_degenerate_window():
+    mostly_one_value = np.full(1000, 7.0, np.float32)
+    mostly_one_value[:3], mostly_one_value[3] = 0.0, 10.0  # both percentiles land on the 7s
+    normalized, mapping = normalize_intensity(_volume(mostly_one_value.reshape(25, 40)), modality="mr")
+    assert (mapping.lower, mapping.upper) == (0.0, 10.0)
+    assert sorted(np.unique(normalized.array)) == pytest.approx([0.0, 0.7, 1.0])
+
+
+def test_a_constant_image_maps_to_zero():
+    normalized, mapping = normalize_intensity(_volume(np.full((5, 5), 3.0, np.float32)), modality="pet")
+    assert (mapping.lower, mapping.upper) == (3.0, 4.0) and not normalized.array.any()
+
+
+def _sample_slices() -> dict[str, np.ndarray]:
+    slices = make_brain_phantom_slices((64, 64), ("t1", "t2", "pet"))
+    return {name: image.array for name, image in slices.items()}
+
+
+@pytest.mark.parametrize("name", ["t1", "t2", "pet", "mr_gamma", "pet_exponential"])
+def test_ordinary_images_keep_the_whole_image_percentile_window_bitwise(rng, name):
+    images = {**_sample_slices(), "mr_gamma": rng.gamma(2.0, 100.0, (16, 16, 16)),
+              "pet_exponential": rng.exponential(3.0, (20, 20, 20))}
+    image = images[name].astype(np.float32)
+    modality = "pet" if name.startswith("pet") else "mr"
+    mapping = normalize_intensity(_volume(image), modality=modality)[1]
+    lower, upper = np.percentile(image, PERCENTILES[modality])
+    assert (mapping.lower, mapping.upper) == (float(lower), float(upper))
+    assert mapping.reason == "chosen by the caller"
