@@ -3,8 +3,9 @@
 Every flag is written to the run folder the moment it is made (``engine.annotations``), listed
 here, and listed again when the same inputs and checkpoint are opened later. A flag records the
 content hashes of the input pair it was made on, and one made before any run is about the inputs
-(it names no method). A run folder whose flags cannot be read is reported in a notification, never
-as a traceback: the workbench around it stays usable. A region is recorded on the slice its shape
+(it names no method); a listed flag made on other inputs than the pair on screen says so. A run
+folder whose flags cannot be read is reported in a notification, never as a traceback: the
+workbench around it stays usable. A region is recorded on the slice its shape
 was drawn on, whatever slice is in view when it is flagged, and regions are always drawn on the
 grid of the run on screen. In napari's grid mode every visible layer gets a
 cell of its own, so the region layer would be an empty cell beside the image being flagged: Draw…
@@ -32,6 +33,7 @@ from napari_unifuse.engine.annotations import (
     OUTPUT_SUBJECT,
     Annotation,
     AnnotationStore,
+    InputHashes,
     default_reviewer,
     describe_location,
     describe_subject,
@@ -155,7 +157,8 @@ class AnnotationPanel(widgets.Container):
         if self.store is None:
             return
         annotations = self.store.load()
-        self.listing.choices = [(self._describe(a), a.id) for a in annotations]
+        pair_inputs = InputHashes.of_digests(*self._pair_sha256)
+        self.listing.choices = [(self._describe(a, pair_inputs), a.id) for a in annotations]
         show_warnings(warning for warning in self.store.warnings if warning not in self._warned)
         self._warned.update(self.store.warnings)
 
@@ -297,10 +300,12 @@ class AnnotationPanel(widgets.Container):
         self.refresh()
         show_info(f"Saved: {'; '.join(self._describe(a) for a in annotations)} → {store.path}")
 
-    def _describe(self, annotation: Annotation) -> str:
+    def _describe(self, annotation: Annotation, pair_inputs: InputHashes | None = None) -> str:
+        """A flag as listed; ``pair_inputs``: the annotated pair's hashes, to mark flags made on others."""
         where = describe_location(annotation, self.reference_layer.ndim if self.reference_layer else 3)
         note = f": {annotation.note}" if annotation.note else ""
-        return f"{where} — {annotation.category} [{describe_subject(annotation)}] ({annotation.reviewer}){note}"
+        earlier = "(made on other inputs) " if pair_inputs and pair_inputs.made_on_other_inputs(annotation) else ""
+        return f"{earlier}{where} — {annotation.category} [{describe_subject(annotation)}] ({annotation.reviewer}){note}"
 
     @reports_errors("Delete annotation")
     def delete_selected(self) -> None:
@@ -317,8 +322,12 @@ class AnnotationPanel(widgets.Container):
         if target.suffix.lower() != ".csv":
             raise InputError("choose where to save the cohort CSV (a .csv file)", "cohort CSV")
         runs = find_runs(self.runs_root)
-        rows = export_cohort(runs, target)
-        show_info(f"Exported {rows} annotations from {len(runs)} runs to {target}")
+        export = export_cohort(runs, target)
+        other_inputs = (f"; {export.about_other_inputs} made on other inputs than their run's (about_other_inputs "
+                        "yes)" if export.about_other_inputs else "")
+        skipped = (f"; {len(export.skipped)} unusable line{'s' if len(export.skipped) > 1 else ''} skipped, in "
+                   + ", ".join(f"{line.path} line {line.line}" for line in export.skipped) if export.skipped else "")
+        show_info(f"Exported {export.rows} annotations from {len(runs)} runs to {target}{other_inputs}{skipped}")
 
 
 def _describe_pair(pair: tuple[str, str]) -> str:

@@ -5,8 +5,13 @@ JSON document) means a crash can lose at most the record being written, never ea
 every record reaches the disk (flush + fsync) before `add` returns. Deleting appends a tombstone,
 so the file is also an audit trail of who flagged and withdrew what. Any line that cannot be used
 (torn by a crash, not UTF-8, not a record, a category or field from a newer version) is skipped on
-reading (``AnnotationStore.warnings`` says which and why) and never rewritten, and the next record
+reading (``AnnotationStore.skipped`` says which and why) and never rewritten, and the next record
 starts on a line of its own, so one bad line neither hides the other records nor blocks new ones.
+
+A flag records the content hashes of the input pair it was made on. A run folder may later hold a
+run of other inputs (``unifuse fuse --overwrite`` after an input was replaced): its old flags are
+kept, and ``InputHashes`` tells them apart, so the report and the cohort export never present them
+as about the new result.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import getpass
 import json
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from napari_unifuse.engine.outputs import PROVENANCE_FILE, STAGING_PREFIX, read_json_object
+from napari_unifuse.engine.provenance import sha256_of_array, sha256_of_path
 from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.io import ImageVolume, read_image
 
 FAILURE_CATEGORIES: tuple[str, ...] = (
     "misalignment",
@@ -57,7 +65,11 @@ EXPORT_COLUMNS = (
     "region_world",
     "reference_sha256",
     "moving_sha256",
+    "about_other_inputs",
 )
+# about_other_inputs: whether the flag was made on other input arrays than its run folder's run (an
+# earlier run's, replaced with --overwrite); "unknown" where the flag or the run records no hashes.
+OTHER_INPUTS_ANSWERS = {True: "yes", False: "no", None: "unknown"}
 # Array axis of a volume's slice → the voxel coordinate it fixes (arrays are z, y, x); named by
 # coordinate, not by anatomical plane, because the array axes need not be axial/coronal/sagittal.
 AXIS_LETTERS = ("z", "y", "x")
@@ -178,7 +190,12 @@ class AnnotationStore:
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / ANNOTATIONS_FILE
-        self.warnings: list[str] = []  # what the last `load` had to skip, for the reviewer to see
+        self.skipped: list[SkippedLine] = []  # what the last `load` had to skip, for the reviewer to see
+
+    @property
+    def warnings(self) -> list[str]:
+        """``skipped`` as messages for the reviewer, each naming the file, the line and why."""
+        return [str(line) for line in self.skipped]
 
     def add(self, annotation: Annotation) -> Annotation:
         self._append({"action": "add", **asdict(annotation)})
@@ -200,9 +217,9 @@ class AnnotationStore:
 
     def load(self) -> list[Annotation]:
         """The live annotations, in the order they were made. Lines that cannot be used (see
-        :func:`_read_line`) are skipped, each named with its line number in ``warnings``: every
+        :func:`_read_line`) are skipped, each named with its line number in ``skipped``: every
         valid record still counts, and the file is only read, never rewritten."""
-        self.warnings = []
+        self.skipped = []
         if not self.path.exists():
             return []
         live: dict[str, Annotation] = {}
@@ -215,8 +232,7 @@ class AnnotationStore:
                     try:
                         entry = _read_line(line)
                     except UnusableLine as problem:
-                        self.warnings.append(f"{self.path}: line {line_number} is unreadable ({problem}) and was "
-                                             "skipped; the other annotations are intact")
+                        self.skipped.append(SkippedLine(self.path, line_number, str(problem)))
                         continue
                     if isinstance(entry, Annotation):
                         live[entry.id] = entry
@@ -251,6 +267,19 @@ class AnnotationStore:
 
 class UnusableLine(ValueError):
     """Why one line of ``annotations.jsonl`` cannot be used; loading skips it with this reason."""
+
+
+@dataclass(frozen=True)
+class SkippedLine:
+    """A line of an ``annotations.jsonl`` that loading skipped: the file, its line number and why."""
+
+    path: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: line {self.line} is unreadable ({self.reason}) and was skipped; the other annotations " \
+               "are intact"
 
 
 @dataclass(frozen=True)
@@ -296,21 +325,138 @@ def _read_line(line: bytes) -> Annotation | Withdrawal:
         raise UnusableLine(error.problem) from None
 
 
-def export_cohort(run_dirs: Iterable[str | os.PathLike], csv_path: str | os.PathLike) -> int:
-    """Write every live annotation of several runs to one CSV; returns the number of rows."""
-    rows = 0
+@dataclass(frozen=True)
+class InputHashes:
+    """The ``sha256_of_array`` hashes under which a run's reference and moving arrays may be flagged
+    (None: not known). A volume has two: its array as read, and as a napari layer holds it (in
+    world-axis order, another array for a coronal or sagittal volume), which is what the workbench
+    hashes when a flag is made."""
+
+    reference: frozenset[str] | None
+    moving: frozenset[str] | None
+
+    @classmethod
+    def of_volumes(cls, reference: ImageVolume, moving: ImageVolume) -> InputHashes:
+        return cls(_array_hashes(reference), _array_hashes(moving))
+
+    @classmethod
+    def of_digests(cls, reference: str | None, moving: str | None) -> InputHashes:
+        """From one ``sha256_of_array`` per input (None where it is not known)."""
+        return cls(*(frozenset({digest}) if digest else None for digest in (reference, moving)))
+
+    @classmethod
+    def of_run(cls, run_dir: str | os.PathLike) -> InputHashes:
+        """The inputs of the finished run in ``run_dir``, as its provenance.json records them: the
+        ``array_sha256`` of an input that came from memory; an input read from a file is read again,
+        when the file still holds what the run read (its recorded sha256). Unknown otherwise (no run,
+        the file since changed or gone)."""
+        inputs = (read_json_object(Path(run_dir) / PROVENANCE_FILE) or {}).get("inputs")
+        if not isinstance(inputs, dict):
+            inputs = {}
+        return cls(*(_recorded_array_hashes(inputs.get(role)) for role in ("reference", "moving")))
+
+    def made_on_other_inputs(self, annotation: Annotation) -> bool | None:
+        """Whether ``annotation`` was made on other arrays than these: True when a hash it records is
+        not this input's, False when every hash both sides know agrees, None when nothing compares."""
+        compared = [flagged in current for flagged, current in ((annotation.reference_sha256, self.reference),
+                                                                (annotation.moving_sha256, self.moving))
+                    if flagged is not None and current is not None]
+        return (not all(compared)) if compared else None
+
+
+def _array_hashes(volume: ImageVolume) -> frozenset[str]:
+    return frozenset({sha256_of_array(volume.array), sha256_of_array(volume.in_world_axis_order().array)})
+
+
+def _recorded_array_hashes(described: object) -> frozenset[str] | None:
+    """``InputHashes`` of one input from its provenance record (``provenance.describe_input``)."""
+    if not isinstance(described, dict):
+        return None
+    if isinstance(described.get("array_sha256"), str):
+        return frozenset({described["array_sha256"]})
+    path, file_sha256 = described.get("path"), described.get("sha256")
+    if not isinstance(path, str) or not isinstance(file_sha256, str):
+        return None
+    try:
+        if sha256_of_path(path) != file_sha256:
+            return None  # replaced since the run: its arrays are no longer on disk
+        return _array_hashes(read_image(path))
+    except (OSError, UniFuseError):
+        return None
+
+
+@dataclass(frozen=True)
+class CohortExport:
+    """What ``export_cohort`` wrote: its rows, how many of them were made on other inputs than their
+    run's (``about_other_inputs`` "yes"), and the annotation lines it skipped as unusable."""
+
+    rows: int
+    about_other_inputs: int
+    skipped: list[SkippedLine]
+
+
+def export_cohort(run_dirs: Iterable[str | os.PathLike], csv_path: str | os.PathLike) -> CohortExport:
+    """Write every live annotation of several runs to one CSV, each saying whether it was made on
+    other inputs than its run folder's run (``InputHashes.of_run``). Lines that cannot be used are
+    not exported: the result names them."""
+    rows = about_other_inputs = 0
+    skipped: list[SkippedLine] = []
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=EXPORT_COLUMNS)
         writer.writeheader()
         for run_dir in run_dirs:
-            for annotation in AnnotationStore(run_dir).load():
+            store = AnnotationStore(run_dir)
+            annotations = store.load()
+            skipped += store.skipped
+            # Reading the run's inputs again is the costly part: only flags that record hashes need it.
+            run_inputs = (InputHashes.of_run(run_dir) if any(a.reference_sha256 or a.moving_sha256 for a in annotations)
+                          else InputHashes(None, None))
+            for annotation in annotations:
+                other_inputs = run_inputs.made_on_other_inputs(annotation)
+                about_other_inputs += other_inputs is True
                 record = asdict(annotation)
                 record["region_world"] = json.dumps(record["region_world"])
-                writer.writerow({"run": str(run_dir), **record})
+                writer.writerow({"run": str(run_dir), **record, "about_other_inputs": OTHER_INPUTS_ANSWERS[other_inputs]})
                 rows += 1
-    return rows
+    return CohortExport(rows, about_other_inputs, skipped)
+
+
+@dataclass(frozen=True)
+class TreeFolder:
+    """One folder of a runs tree (``walk_runs_tree``): its files, and its subfolders apart from the
+    hidden staging folders of a run being written (``staging``), which belong to their run."""
+
+    path: Path
+    files: list[str]
+    subfolders: list[str]
+    staging: list[str]
+
+
+def walk_runs_tree(root: str | os.PathLike, on_unreadable: Callable[[Path, OSError], object] | None = None
+                   ) -> Iterator[TreeFolder]:
+    """Every folder below ``root`` (itself included), top down, as the QC index and the cohort export
+    both see a cohort: symbolic links to folders followed (a cohort is often gathered from links),
+    each real folder once (a link back up the tree would loop), staging folders not entered. Folders
+    that cannot be listed go to ``on_unreadable(folder, error)``."""
+    root = Path(root)
+    seen: set[str] = set()
+
+    def unreadable(error: OSError) -> None:
+        if on_unreadable is not None:
+            on_unreadable(Path(error.filename) if error.filename is not None else root, error)
+
+    for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or two links to one run
+            subfolders.clear()
+            continue
+        seen.add(real)
+        staging = [name for name in subfolders if name.startswith(STAGING_PREFIX)]
+        subfolders[:] = [name for name in subfolders if name not in staging]
+        yield TreeFolder(Path(folder), files, list(subfolders), staging)
 
 
 def find_runs(root: str | os.PathLike) -> Sequence[Path]:
-    """Run directories below ``root`` that hold annotations (for a cohort export)."""
-    return sorted(path.parent for path in Path(root).rglob(ANNOTATIONS_FILE))
+    """Run directories below ``root`` that hold annotations (for a cohort export), found as the QC
+    index finds runs (``walk_runs_tree``)."""
+    return sorted(folder.path for folder in walk_runs_tree(root) if ANNOTATIONS_FILE in folder.files)

@@ -10,7 +10,8 @@ mailed or archived on its own.
 ``write_index`` puts ``index.html`` into a cohort folder: one row per finished run (a folder holding
 ``provenance.json``), most suspicious first by the largest per-slice suspicion in its
 ``quality.json``, linking the run's report; below them each batch's size and outcome counts (its
-``summary.json``), its failed pairs with their errors, and the unfinished run folders.
+``summary.json``), its failed pairs with their errors, and the unfinished run folders. A pair that
+failed in a batch wrote nothing: a run its folder still holds is an earlier one's, and its row says so.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -31,7 +33,15 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from napari_unifuse.engine.alignment_guard import IDENTITY
-from napari_unifuse.engine.annotations import Annotation, AnnotationStore, describe_location, describe_subject
+from napari_unifuse.engine.annotations import (
+    Annotation,
+    AnnotationStore,
+    InputHashes,
+    SkippedLine,
+    describe_location,
+    describe_subject,
+    walk_runs_tree,
+)
 from napari_unifuse.engine.outputs import (
     DEGRADATION_FILE,
     DISPLACEMENT_FILE,
@@ -39,7 +49,6 @@ from napari_unifuse.engine.outputs import (
     PROVENANCE_FILE,
     QUALITY_FILE,
     REPORT_FILE,
-    STAGING_PREFIX,
     cannot_write_there,
     read_json_object,
     write_text_atomically,
@@ -125,13 +134,14 @@ def report_page(
 ) -> str:
     """The QC page ``write_report`` writes, as text: for the run folder ``out_dir`` (its name heads
     the page; ``annotations`` default to those saved there). ``engine.outputs.write_fusion_outputs``
-    takes it to write the page with the run's other outputs."""
+    takes it to write the page with the run's other outputs. Annotations made on other inputs than
+    ``reference`` and ``moving`` (an earlier run's, in a folder since overwritten) are listed apart."""
     out_dir = Path(out_dir)
-    skipped: list[str] = []
+    skipped: list[SkippedLine] = []
     if annotations is None:
         store = AnnotationStore(out_dir)
         annotations = store.load()
-        skipped = store.warnings
+        skipped = store.skipped
     # The pair folder alone ("moving") does not say which pair this is: the inputs' names head it.
     name = f"{_input_names(reference, moving, result.provenance)} ({_readable(out_dir.resolve().name)})"
     bodies = {
@@ -140,7 +150,7 @@ def report_page(
         "metrics": _metrics_section(result, metrics or {}),
         "degradation": _degradation_section(result),
         "uncertainty": _uncertainty_section(result.quality, result.fused.geometry),
-        "annotations": _annotations_section(annotations, result.fused.ndim, skipped),
+        "annotations": _annotations_section(annotations, result.fused.ndim, skipped, reference, moving),
         "provenance": f"<pre>{html.escape(json.dumps(result.provenance, indent=2, default=str), quote=False)}</pre>",
     }
     sections = "\n".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>\n{bodies[key]}\n</section>' for key in SECTIONS)
@@ -162,6 +172,8 @@ def write_index(runs_dir: str | os.PathLike,
     runs_dir = Path(runs_dir)
     unreadable: list[tuple[Path, OSError]] = []
     cohort = _cohort_folders(runs_dir, unreadable)
+    failed = _failed_pairs(cohort, runs_dir)
+    stale = {pair.folder: pair for pair in failed if pair.run is not None and not pair.run_is_later}
     rows = [_IndexRow.of(run, runs_dir) for run in cohort.runs]
     for folder, error in unreadable:
         if on_unreadable is not None:
@@ -174,6 +186,11 @@ def write_index(runs_dir: str | os.PathLike,
         link = (f'<a href="{html.escape(_url_path(row.relative), quote=True)}/{REPORT_FILE}">{shown}</a>'
                 if (row.run / REPORT_FILE).is_file()
                 else f"{shown} <span class=note>(no report: run <code>unifuse fuse --report --overwrite</code>)</span>")
+        failed_since = stale.get(Path(os.path.realpath(row.run)))
+        if failed_since is not None:
+            summary = (Path(failed_since.batch) / BATCH_SUMMARY_FILE).as_posix()
+            link += (f" <span class=flag>(failed in the batch of {html.escape(_readable(summary))}: these are an "
+                     "earlier run's outputs, maybe not of the pair's current inputs)</span>")
         lines.append(f"<tr><td>{link}</td><td>{html.escape(row.inputs)}</td><td>{html.escape(row.suspicion)}</td>"
                      f"<td>{html.escape(row.flagged)}</td><td>{html.escape(row.problems)}</td>"
                      f"<td>{html.escape(row.created)}</td></tr>")
@@ -184,7 +201,7 @@ def write_index(runs_dir: str | os.PathLike,
         listed = "".join(f"<li>{html.escape(_readable(str(folder)))} "
                          f"({html.escape(error.strerror or str(error))})</li>" for folder, error in unreadable)
         table += f"\n<p class=flag>Folders that could not be read, left out:</p><ul>{listed}</ul>"
-    table += _batches_and_unfinished(cohort, runs_dir)
+    table += _batches_and_unfinished(cohort, runs_dir, failed)
     title = html.escape(_readable(runs_dir.resolve().name))
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>UniFuse QC: "
             f"{title}</title><style>{_STYLE}</style></head><body>\n"
@@ -371,15 +388,29 @@ def _uncertainty_section(quality: QualityMaps | None, geometry: Geometry) -> str
             f"<span class=note>{html.escape(quality.definitions.get(UNCERTAINTY, ''))}</span></p>{_png(figure)}")
 
 
-def _annotations_section(annotations: Sequence[Annotation], volume_ndim: int, skipped: Sequence[str]) -> str:
-    notes = "".join(f"<p class=note>{html.escape(warning)}</p>" for warning in skipped)
-    if not annotations:
-        return f"{notes}<p class=note>No annotations.</p>"
+def _annotations_section(annotations: Sequence[Annotation], volume_ndim: int, skipped: Sequence[SkippedLine],
+                         reference: ImageVolume, moving: ImageVolume) -> str:
+    """The reviewers' flags on this run's inputs; below them, apart, those made on other inputs."""
+    notes = "".join(f"<p class=note>{html.escape(str(line))}</p>" for line in skipped)
+    # Hashing the inputs takes a while on a large volume: only flags that record hashes need it.
+    inputs = (InputHashes.of_volumes(reference, moving) if any(a.reference_sha256 or a.moving_sha256
+                                                               for a in annotations) else InputHashes(None, None))
+    earlier = [a for a in annotations if inputs.made_on_other_inputs(a)]
+    current = [a for a in annotations if not inputs.made_on_other_inputs(a)]
+    parts = [notes, _annotation_table(current, volume_ndim) if current else "<p class=note>No annotations.</p>"]
+    if earlier:
+        parts.append(f"<p class=flag>{len(earlier)} annotation{'s were' if len(earlier) > 1 else ' was'} made on other "
+                     "input images than this run's (an earlier run in this folder, since overwritten): not about "
+                     "this result, kept for the record.</p>" + _annotation_table(earlier, volume_ndim))
+    return "".join(parts)
+
+
+def _annotation_table(annotations: Sequence[Annotation], volume_ndim: int) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(a.created)}</td><td>{html.escape(a.reviewer)}</td><td>{html.escape(describe_subject(a))}</td>"
         f"<td>{html.escape(a.category)}</td><td>{html.escape(describe_location(a, volume_ndim))}</td>"
         f"<td>{html.escape(a.note)}</td></tr>" for a in annotations)
-    return (f"{notes}<table><tr><th>created</th><th>reviewer</th><th>about</th><th>category</th><th>where</th>"
+    return ("<table><tr><th>created</th><th>reviewer</th><th>about</th><th>category</th><th>where</th>"
             f"<th>note</th></tr>{rows}</table>")
 
 
@@ -453,26 +484,13 @@ def _cohort_folders(runs_dir: Path, unreadable: list[tuple[Path, OSError]]) -> _
     runs: list[Path] = []
     unfinished: list[Path] = []
     summaries: list[Path] = []
-    seen: set[str] = set()
-
-    def note(error: OSError) -> None:
-        unreadable.append((Path(error.filename) if error.filename is not None else runs_dir, error))
-
-    for folder, subfolders, files in os.walk(runs_dir, onerror=note, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a link back up the tree, or two links to one run
-            subfolders.clear()
-            continue
-        seen.add(real)
-        staging = [name for name in subfolders if name.startswith(STAGING_PREFIX)]
-        # A run's hidden staging folder is part of its run, never a run of its own.
-        subfolders[:] = [name for name in subfolders if name not in staging]
-        if PROVENANCE_FILE in files:
-            runs.append(Path(folder))
-        elif Path(folder) != runs_dir and _is_unfinished_run(files, subfolders, staging):
-            unfinished.append(Path(folder))
-        if BATCH_SUMMARY_FILE in files:
-            summaries.append(Path(folder) / BATCH_SUMMARY_FILE)
+    for folder in walk_runs_tree(runs_dir, lambda path, error: unreadable.append((path, error))):
+        if PROVENANCE_FILE in folder.files:
+            runs.append(folder.path)
+        elif folder.path != runs_dir and _is_unfinished_run(folder.files, folder.subfolders, folder.staging):
+            unfinished.append(folder.path)
+        if BATCH_SUMMARY_FILE in folder.files:
+            summaries.append(folder.path / BATCH_SUMMARY_FILE)
     return _CohortFolders(sorted(runs), sorted(unfinished), sorted(summaries))
 
 
@@ -483,10 +501,53 @@ def _is_unfinished_run(files: Sequence[str], subfolders: Sequence[str], staging:
     return bool(staging) or bool(set(files) & _RUN_OUTPUT_FILES) or not (files or subfolders)
 
 
-def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path) -> str:
+@dataclass(frozen=True)
+class _FailedPair:
+    """A pair a batch's summary.json records as failed, and what its folder holds."""
+
+    batch: str  # the batch's folder, relative to the runs folder, as the file system names it
+    name: str
+    error: str
+    folder: Path  # the pair's output folder, symbolic links resolved
+    run: Path | None  # the finished run its folder holds, as the index lists it
+    run_is_later: bool  # that run finished after the batch (a single run there since), not before it
+
+
+def _failed_pairs(cohort: _CohortFolders, runs_dir: Path) -> list[_FailedPair]:
+    """The failed pairs of every batch below ``runs_dir``, each with the run its folder holds: a
+    failed pair wrote nothing, so that run is an earlier one's unless it finished after the batch."""
+    runs = {Path(os.path.realpath(run)): run for run in cohort.runs}
+    failed = []
+    for path in cohort.summaries:
+        summary = read_json_object(path)
+        outcomes = _mapping(summary).get("outcomes")
+        for outcome in outcomes if isinstance(outcomes, list) else []:
+            outcome = _mapping(outcome)
+            if outcome.get("status") != "failed":
+                continue
+            name = str(outcome.get("name", "?"))
+            folder = Path(os.path.realpath(path.parent / name))  # cli.fuse writes a pair to <out>/<name>
+            run = runs.get(folder)
+            failed.append(_FailedPair(path.parent.relative_to(runs_dir).as_posix(), name,
+                                      str(outcome.get("error", "")), folder, run,
+                                      run is not None and _finished_later(run, _mapping(summary).get("created"))))
+    return failed
+
+
+def _finished_later(run: Path, batch_created: Any) -> bool:
+    """Whether ``run``'s provenance was created after a batch's summary (both UTC ISO timestamps)."""
+    try:
+        return (datetime.fromisoformat(str(_mapping(read_json_object(run / PROVENANCE_FILE)).get("created")))
+                > datetime.fromisoformat(str(batch_created)))
+    except (TypeError, ValueError):  # a timestamp missing or unreadable: the failure is the latest word
+        return False
+
+
+def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path, failed: Sequence[_FailedPair]) -> str:
     """The index's part below the finished runs: each batch's size and outcome counts as its
-    summary.json records them, its failed pairs with their errors, and the unfinished folders."""
-    batches, failed_rows = [], []
+    summary.json records them, its failed pairs with their errors and what their folders hold, and
+    the unfinished folders."""
+    batches = []
     for path in cohort.summaries:
         where = html.escape(_readable(path.parent.relative_to(runs_dir).as_posix()))
         summary = read_json_object(path)
@@ -497,24 +558,31 @@ def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path) -> str:
         batches.append(f"<li>{where}: {summary.get('pairs', '?')} pairs, {html.escape(counts)} "
                        f"<span class=note>({BATCH_SUMMARY_FILE}, {html.escape(str(summary.get('created', '')))})"
                        "</span></li>")
-        outcomes = summary.get("outcomes")
-        for outcome in outcomes if isinstance(outcomes, list) else []:
-            outcome = _mapping(outcome)
-            if outcome.get("status") == "failed":
-                failed_rows.append(f"<tr><td>{where}</td><td>{html.escape(str(outcome.get('name', '?')))}</td>"
-                                   f"<td>{html.escape(str(outcome.get('error', '')))}</td></tr>")
+    failed_rows = "".join(
+        f"<tr><td>{html.escape(_readable(pair.batch))}</td><td>{html.escape(pair.name)}</td>"
+        f"<td>{html.escape(pair.error)}</td><td>{_outputs_of(pair, runs_dir)}</td></tr>" for pair in failed)
     parts = []
     if batches:
         parts.append(f"<h2>Batches</h2><ul>{''.join(batches)}</ul>")
     if failed_rows:
-        parts.append("<h2 class=flag>Failed pairs (no outputs)</h2><table><tr><th>batch</th><th>pair</th>"
-                     f"<th>error</th></tr>{''.join(failed_rows)}</table>")
+        parts.append("<h2 class=flag>Failed pairs</h2><p class=note>A failed pair wrote nothing in that batch.</p>"
+                     "<table><tr><th>batch</th><th>pair</th><th>error</th><th>outputs in its folder</th></tr>"
+                     f"{failed_rows}</table>")
     if cohort.unfinished:
         listed = "".join(f"<li>{html.escape(_readable(folder.relative_to(runs_dir).as_posix()))}</li>"
                          for folder in cohort.unfinished)
         parts.append(f"<h2 class=flag>Unfinished run folders</h2><p class=note>No {PROVENANCE_FILE}: the run was "
                      f"interrupted (or is still running); its pair is not done.</p><ul>{listed}</ul>")
     return "\n" + "\n".join(parts) if parts else ""
+
+
+def _outputs_of(pair: _FailedPair, runs_dir: Path) -> str:
+    if pair.run is None:
+        return "none"
+    shown = html.escape(_readable(pair.run.relative_to(runs_dir).as_posix()))
+    if pair.run_is_later:
+        return f"a later run's ({shown}, listed above)"
+    return f"an earlier run's ({shown}, listed above), not of this attempt"
 
 
 def _readable(name: str) -> str:

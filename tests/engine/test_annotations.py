@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from napari_unifuse.engine.annotations import (
+    ANNOTATIONS_FILE,
     FAILURE_CATEGORIES,
     Annotation,
     AnnotationStore,
+    InputHashes,
     describe_location,
     describe_subject,
     ellipse_outline,
@@ -17,7 +19,9 @@ from napari_unifuse.engine.annotations import (
     find_runs,
     slice_of_region,
 )
+from napari_unifuse.engine.provenance import describe_input, sha256_of_array
 from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 
 
 def test_annotation_is_on_disk_when_add_returns(tmp_path):
@@ -181,7 +185,7 @@ def test_cohort_export_collects_every_run(tmp_path):
             store.add(Annotation(category=FAILURE_CATEGORIES[index], reviewer="r", slice_index=index))
     runs = find_runs(tmp_path)
     assert [run.name for run in runs] == ["case1", "case2"]
-    assert export_cohort(runs, tmp_path / "cohort.csv") == 3
+    assert export_cohort(runs, tmp_path / "cohort.csv").rows == 3
     with open(tmp_path / "cohort.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert {row["category"] for row in rows} == set(FAILURE_CATEGORIES[:2])
@@ -202,22 +206,93 @@ def test_cohort_export_has_each_column_once_holding_its_own_value(tmp_path):
     with open(tmp_path / "cohort.csv", newline="", encoding="utf-8") as handle:
         header, *rows = list(csv.reader(handle))
     assert len(header) == len(set(header))
-    assert set(header) == {"run", *(field.name for field in fields(Annotation))}
+    assert set(header) == {"run", *(field.name for field in fields(Annotation)), "about_other_inputs"}
     by_column = [dict(zip(header, row)) for row in rows]
     assert by_column == [
         {"run": str(tmp_path / "case1"), "subject": "output", "method": "bsafusion", "id": flagged.id,
          "created": flagged.created, "reviewer": "dr who", "category": "lost structure", "note": "left ventricle",
          "slice_index": "7", "slice_axis": "2", "region_kind": "", "region_world": "[]", "reference_sha256": "",
-         "moving_sha256": ""},
+         "moving_sha256": "", "about_other_inputs": "unknown"},
         {"run": str(tmp_path / "case2"), "subject": "output", "method": "mmif-amin", "id": drawn.id,
          "created": drawn.created, "reviewer": "dr no", "category": "other", "note": "", "slice_index": "",
          "slice_axis": "0", "region_kind": "shapes", "region_world": "[[[1.5, 2.0], [3.0, 4.5]]]",
-         "reference_sha256": "", "moving_sha256": ""},
+         "reference_sha256": "", "moving_sha256": "", "about_other_inputs": "unknown"},
         {"run": str(tmp_path / "case3"), "subject": "inputs", "method": "", "id": on_inputs.id,
          "created": on_inputs.created, "reviewer": "dr no", "category": "misalignment", "note": "", "slice_index": "0",
          "slice_axis": "0", "region_kind": "", "region_world": "[]", "reference_sha256": "ab" * 32,
-         "moving_sha256": "cd" * 32},
+         "moving_sha256": "cd" * 32, "about_other_inputs": "unknown"},  # no run in case3 to compare with
     ]
+
+
+def finished_run(run: Path, reference: ImageVolume, moving: ImageVolume) -> None:
+    """A run folder whose provenance.json describes its inputs as a run records them."""
+    run.mkdir(parents=True)
+    inputs = {"reference": describe_input(reference), "moving": describe_input(moving)}
+    (run / "provenance.json").write_text(json.dumps({"inputs": inputs}), encoding="utf-8")
+
+
+def test_the_export_says_which_flags_were_made_on_other_inputs_than_their_runs(tmp_path):
+    """`unifuse fuse --overwrite` after the moving file was replaced keeps the old flags in the folder:
+    the export must not present them as about the new run."""
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    reference = ImageVolume(np.arange(24, dtype=np.float32).reshape(2, 3, 4), geometry)  # a layer: no file
+    old_moving = ImageVolume(np.ones((2, 3, 4), np.float32), geometry)
+    moving_file = tmp_path / "ct.nii.gz"
+    write_image(ImageVolume(np.full((2, 3, 4), 7.0, np.float32), geometry), moving_file)
+    moving = read_image(moving_file)
+    finished_run(tmp_path / "runs" / "ct", reference, moving)
+    store = AnnotationStore(tmp_path / "runs" / "ct")
+    earlier = store.add(Annotation("misalignment", "dr-a", slice_index=0, reference_sha256=sha256_of_array(
+        reference.array), moving_sha256=sha256_of_array(old_moving.array)))
+    current = store.add(Annotation("other", "dr-a", slice_index=1, reference_sha256=sha256_of_array(
+        reference.array), moving_sha256=sha256_of_array(moving.array)))
+    unhashed = store.add(Annotation("other", "dr-b", slice_index=1))
+
+    export = export_cohort(find_runs(tmp_path / "runs"), tmp_path / "cohort.csv")
+
+    assert (export.rows, export.about_other_inputs) == (3, 1)
+    with open(tmp_path / "cohort.csv", newline="", encoding="utf-8") as handle:
+        answers = {row["id"]: row["about_other_inputs"] for row in csv.DictReader(handle)}
+    assert answers == {earlier.id: "yes", current.id: "no", unhashed.id: "unknown"}
+    assert store.path.read_text(encoding="utf-8").count('"action": "add"') == 3  # nothing of the user's dropped
+
+
+def test_a_run_whose_input_file_changed_since_cannot_vouch_for_its_flags(tmp_path):
+    geometry = Geometry((1.0, 1.0), (0.0, 0.0), np.eye(2))
+    paths = {role: tmp_path / f"{role}.nii.gz" for role in ("reference", "moving")}
+    for value, path in enumerate(paths.values()):
+        write_image(ImageVolume(np.full((4, 5), value, np.float32), geometry), path)
+    volumes = {role: read_image(path) for role, path in paths.items()}
+    finished_run(tmp_path / "run", volumes["reference"], volumes["moving"])
+    flag = Annotation("other", "dr-a", slice_index=0, reference_sha256="0" * 64,
+                      moving_sha256=sha256_of_array(volumes["moving"].array))
+    assert InputHashes.of_run(tmp_path / "run").made_on_other_inputs(flag) is True
+    write_image(ImageVolume(np.full((4, 5), 9.0, np.float32), geometry), paths["reference"])  # replaced after the run
+    assert InputHashes.of_run(tmp_path / "run").reference is None
+    assert InputHashes.of_run(tmp_path / "run").made_on_other_inputs(flag) is False  # the moving hash agrees
+
+
+def test_the_export_names_every_line_it_skipped(tmp_path):
+    for run in ("a", "b"):
+        AnnotationStore(tmp_path / run).add(Annotation("misalignment", "dr-a", slice_index=0))
+    with (tmp_path / "b" / ANNOTATIONS_FILE).open("ab") as handle:
+        handle.write(b'{"action": "add", "category": "motion ghost", "reviewer": "x", "slice_index": 0, "id": "x1", '
+                     b'"created": "2025-01-01"}\n\xff\xfe not UTF-8\n')
+    export = export_cohort(find_runs(tmp_path), tmp_path / "cohort.csv")
+    assert export.rows == 2
+    assert [(line.path, line.line) for line in export.skipped] == [(tmp_path / "b" / ANNOTATIONS_FILE, 2),
+                                                                   (tmp_path / "b" / ANNOTATIONS_FILE, 3)]
+    assert "unknown category 'motion ghost'" in export.skipped[0].reason
+
+
+def test_the_export_finds_linked_runs_as_the_qc_index_does_and_survives_a_loop(tmp_path):
+    cohort, elsewhere = tmp_path / "cohort", tmp_path / "store"
+    for run in (cohort / "local", elsewhere / "linked"):
+        AnnotationStore(run).add(Annotation("misalignment", "dr-a", slice_index=0, note=run.name))
+    (cohort / "linked").symlink_to(elsewhere / "linked")
+    (cohort / "loop").symlink_to(cohort)
+    assert [run.name for run in find_runs(cohort)] == ["linked", "local"]
+    assert export_cohort(find_runs(cohort), tmp_path / "cohort.csv").rows == 2
 
 
 def test_an_ellipse_is_stored_as_points_on_it_not_as_its_bounding_box():

@@ -18,6 +18,7 @@ from napari_unifuse.engine.annotations import Annotation, AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import write_fusion_outputs
+from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.engine.quality import INVENTED, UNCERTAINTY, quality_maps
 from napari_unifuse.engine.report import (
     BATCH_SUMMARY_FILE,
@@ -198,6 +199,26 @@ def test_the_annotation_table_names_the_method_or_the_inputs_and_the_slice_axis(
     assert "line 3 is unreadable" in annotations
 
 
+def test_flags_made_on_other_inputs_are_set_apart_from_this_runs(tmp_path):
+    """A folder overwritten by a run of a replaced moving image keeps the old run's flags: they must
+    not read as about the new result."""
+    result = constructed_result(blob_radius=4)
+    reference, moving = result.fused, result.aligned
+    store = AnnotationStore(tmp_path)
+    store.add(Annotation("lost structure", "dr-a", note="flag on the current pair", slice_index=1,
+                         reference_sha256=sha256_of_array(reference.array), moving_sha256=sha256_of_array(moving.array)))
+    store.add(Annotation("hallucinated structure", "dr-b", note="flag on the old pair", slice_index=2,
+                         reference_sha256=sha256_of_array(reference.array), moving_sha256="0" * 64))
+    store.add(Annotation("other", "dr-c", note="no hashes recorded", slice_index=3))
+
+    page = write_report(result, tmp_path, reference=reference, moving=moving).read_text(encoding="utf-8")
+
+    current, _, apart = section(page, "annotations").partition("made on other input images than this run's")
+    assert "flag on the current pair" in current and "no hashes recorded" in current
+    assert "flag on the old pair" not in current and "flag on the old pair" in apart
+    assert "<p class=flag>1 annotation was" in current
+
+
 def test_the_uncertainty_map_is_called_alignment_uncertainty_throughout(tmp_path):
     result = constructed_result(blob_radius=4)
     page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
@@ -278,6 +299,32 @@ def test_the_index_counts_a_batchs_pairs_and_lists_failed_and_unfinished_ones_ap
     unfinished = rest[rest.index("Unfinished run folders"):]
     assert "<li>batch/killed/moving</li>" in unfinished and "<li>batch/pt3</li>" in unfinished
     assert "<li>batch/killed</li>" not in unfinished
+
+
+def test_a_pair_that_failed_on_resume_keeps_its_earlier_run_marked_as_such(tmp_path):
+    """Its input replaced, a resumed batch fails the pair: the old run stayed listed as a finished run
+    and the pair under "Failed pairs (no outputs)", though its folder holds outputs."""
+    batch = tmp_path / "cohort"
+    for name in ("stale", "rerun"):
+        write_fusion_outputs(constructed_result(blob_radius=4), batch / name)  # created 2026-12-02T08:00
+    rerun = json.loads((batch / "rerun" / "provenance.json").read_text(encoding="utf-8"))
+    rerun["created"] = "2026-12-03T09:00:00+00:00"  # a single run into the folder after the batch
+    (batch / "rerun" / "provenance.json").write_text(json.dumps(rerun), encoding="utf-8")
+    (batch / BATCH_SUMMARY_FILE).write_text(json.dumps({
+        "created": "2026-12-02T10:00:00+00:00", "pairs": 3, "done": 0, "skipped": 0, "failed": 3,
+        "outcomes": [{"name": name, "status": "failed", "error": f"{name}: different moving image"}
+                     for name in ("stale", "rerun", "unread")]}), encoding="utf-8")
+
+    page = write_index(batch).read_text(encoding="utf-8")
+
+    rows = {re.match(r"<td>(\w+)", row).group(1): row for row in page.split("<tr>")[2:4]}
+    assert "failed in the batch of summary.json: these are an earlier run's outputs" in rows["stale"]
+    assert "failed" not in rows["rerun"]
+    assert "no outputs" not in page
+    failed = page[page.index("Failed pairs"):]
+    assert "<td>stale</td><td>stale: different moving image</td><td>an earlier run's (stale, listed above)" in failed
+    assert "<td>rerun</td><td>rerun: different moving image</td><td>a later run's (rerun, listed above)" in failed
+    assert "<td>unread</td><td>unread: different moving image</td><td>none</td>" in failed
 
 
 def test_the_index_names_damaged_or_odd_files_instead_of_failing(tmp_path):

@@ -3,6 +3,8 @@ the annotation layer following the run's grid, and clear messages for what the r
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -216,3 +218,41 @@ def test_unflagged_regions_stay_when_the_pair_is_only_renamed(make_napari_viewer
     panel.set_run(tmp_path / "inputs", tmp_path, viewer.layers["MR"], subject="inputs", pair=("MR", "CT head"))
     assert len(viewer.layers[ANNOTATION_LAYER].data) == 1
     assert not any("dropped" in message for _, message in notifications)
+
+
+def test_a_flag_made_on_other_inputs_than_the_pair_on_screen_is_listed_as_such(make_napari_viewer, tmp_path):
+    """A folder overwritten by a run of a replaced input keeps the old run's flags."""
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    store = AnnotationStore(tmp_path / "run")
+    store.add(Annotation("misalignment", "dr-a", slice_index=1, note="old pair",
+                         reference_sha256=sha256_of_array(viewer.layers["T1"].data), moving_sha256="0" * 64))
+    store.add(Annotation("other", "dr-a", slice_index=2, note="this pair",
+                         reference_sha256=sha256_of_array(viewer.layers["T1"].data),
+                         moving_sha256=sha256_of_array(viewer.layers["T2"].data)))
+    panel = AnnotationPanel(viewer)
+    panel.set_run(tmp_path / "run", tmp_path, viewer.layers["T1"], subject="run", pair=("T1", "T2"))
+    listed = [panel.listing.native.item(row).text() for row in range(panel.listing.native.count())]
+    assert [text.startswith("(made on other inputs)") for text in listed] == [True, False]
+    assert "old pair" in listed[0] and "this pair" in listed[1]
+
+
+def test_the_cohort_export_message_says_what_was_skipped_and_where(make_napari_viewer, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    run = tmp_path / "runs" / "case1"
+    run.mkdir(parents=True)
+    (run / "provenance.json").write_text(json.dumps({"inputs": {
+        role: {"path": None, "sha256": None, "array_sha256": sha256_of_array(viewer.layers[name].data)}
+        for role, name in (("reference", "T1"), ("moving", "T2"))}}), encoding="utf-8")
+    store = AnnotationStore(run)
+    store.add(Annotation("misalignment", "dr-a", slice_index=1, moving_sha256="0" * 64))
+    with store.path.open("a", encoding="utf-8") as handle:  # a record torn by a crash
+        handle.write('{"action": "add", "cat\n')
+    panel = AnnotationPanel(viewer)
+    panel.set_run(run, tmp_path / "runs", viewer.layers["T1"])
+    panel.cohort_csv.value = str(tmp_path / "cohort.csv")
+    panel.export.clicked()
+    (message,) = [text for severity, text in notifications if text.startswith("Exported")]
+    assert message == (f"Exported 1 annotations from 1 runs to {tmp_path / 'cohort.csv'}; 1 made on other inputs than "
+                       f"their run's (about_other_inputs yes); 1 unusable line skipped, in {store.path} line 2")
