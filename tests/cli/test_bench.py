@@ -114,3 +114,25 @@ def test_bench_refuses_an_out_it_cannot_write_to_before_measuring(tmp_path, benc
     assert main(["bench", "--quick", "--out", str(read_only)]) == 2
     assert capsys.readouterr().err == f"unifuse bench: error: {read_only}: cannot write there (Permission denied)\n"
     assert list(read_only.iterdir()) == []
+
+
+def test_the_scan_share_is_read_within_the_timed_runs(monkeypatch):
+    """A scan that slows down run after run (a machine getting busier) must not read as more than
+    the block it runs in: the share was once an extra untimed run over the median of the others."""
+    import time
+
+    from napari_unifuse.benchmark import bench_mamba_tokens
+    from napari_unifuse.model.mamba import SelectiveScan
+
+    calls = [0]
+    forward = SelectiveScan.forward
+
+    def slower_each_time(self, *args, **kwargs):
+        calls[0] += 1
+        time.sleep(0.01 * calls[0])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelectiveScan, "forward", slower_each_time)
+    (row,) = bench_mamba_tokens(UniFuseConfig.small(spatial_dims=3), [64], torch.device("cpu"), repeats=3,
+                                budget_s=10.0)
+    assert 0.5 < row["scan_share"] <= 1.0
