@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.labels import label_coverage_warnings, label_in_model_units, label_metrics
 from napari_unifuse.engine.overlays import (
     absolute_error,
     display_grey,
-    display_window,
     field_jacobian,
     folding_mask,
     grey_values,
@@ -26,7 +26,7 @@ from napari_unifuse.engine.overlays import (
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.provenance import ArrayDigests, describe_input
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.errors import UniFuseError
 from napari_unifuse.io import ImageVolume, resample_to_reference
 from napari_unifuse.metrics import (
     METRIC_NAMES,
@@ -72,9 +72,9 @@ class RunOutcome:
     # Both in the model's [0, 1] units, the fused image's: what the fusion metrics compare it with.
     reference_units: np.ndarray
     aligned_units: np.ndarray
-    label_grey: np.ndarray | None
-    # The aligned image in the label's display window, so that the label metrics compare like with like.
-    aligned_in_label_window: np.ndarray | None
+    # The ground truth on the reference grid in those units too: the label metrics compare it with
+    # ``aligned_units`` (engine.labels, as `unifuse fuse --label` does), not in a display window.
+    label_units: np.ndarray | None
     error_map: np.ndarray
     error_kind: str
     jacobian: np.ndarray
@@ -95,16 +95,6 @@ def build_engine(checkpoint: str, spatial_dims: int, device: str, tile_size: int
     return FusionEngine(model, device=device, tile_size=tile_size, checkpoint_info=info)
 
 
-def label_on_reference_grid(label: ImageVolume | None, reference: ImageVolume) -> np.ndarray | None:
-    """The ground truth (clean, aligned moving image) as grey values on the reference grid."""
-    if label is None:
-        return None
-    if label.ndim != reference.ndim:
-        raise InputError(f"the ground truth is {label.ndim}D but the reference is {reference.ndim}D",
-                         label.source or "ground truth")
-    return grey_values(resample_to_reference(label, reference))
-
-
 # What the saved review maps hold, for their provenance (the alignment error by the kind computed).
 ERROR_MAP_DESCRIPTIONS = {
     "|aligned − label|": "|aligned − label| per voxel, in the moving image's units, against the ground truth "
@@ -122,10 +112,12 @@ REVIEW_MAP_DESCRIPTIONS = {
 def run_and_analyse(
     request: RunRequest, engine: FusionEngine, progress: ProgressCallback, cancel: CancelToken
 ) -> RunOutcome:
+    # Before the fusion: a ground truth that misses the reference is refused, not scored against zeros.
+    label_warnings = label_coverage_warnings(request.label, request.reference) if request.label is not None else []
     result = engine.run_fusion(request.reference, request.moving, progress=progress, cancel=cancel)
     cancel.raise_if_cancelled()
     progress("analyse", 0, 1)
-    notes = list(result.warnings)
+    notes = [*result.warnings, *label_warnings]
     if request.task != "auto":
         result.provenance["declared_task"] = request.task
         predicted = result.predicted_class
@@ -136,19 +128,15 @@ def run_and_analyse(
             notes.append(f"the degradation is set to '{request.task}' but the model estimates '{predicted}' "
                          f"(p = {result.class_probs[predicted]:.2f}); check the degradation plot")
     reference_grey = display_grey(request.reference)
-    label = label_on_reference_grid(request.label, request.reference)
-    # The fused image's scores must not depend on whether a label was chosen: the aligned image
-    # keeps its own window for them, whatever window the label metrics use.
     aligned_grey = display_grey(result.aligned)
-    if label is not None:
-        window = display_window(label)
+    if request.label is not None:
+        label = grey_values(resample_to_reference(request.label, request.reference))
         error_map, error_kind = absolute_error(grey_values(result.aligned), label), "|aligned − label|"
-        label_grey = display_grey(ImageVolume(label, result.aligned.geometry), window)
-        aligned_in_label_window = display_grey(result.aligned, window)
+        label_units = label_in_model_units(result, request.label)
         # What the error map and the label metrics were measured against, as the CLI's --label records it.
         result.provenance.setdefault("inputs", {})["label"] = describe_input(request.label)
     else:
-        label_grey = aligned_in_label_window = None
+        label_units = None
         # A one-slice volume's map is its slice's: 3D neighbourhoods would reach across nothing.
         axis = result.fused.single_slice_axis
         error_map = local_misalignment_map(slice_of(aligned_grey, axis, 0), slice_of(reference_grey, axis, 0))
@@ -159,8 +147,8 @@ def run_and_analyse(
     outcome = RunOutcome(
         result=result, reference_grey=reference_grey, aligned_grey=aligned_grey,
         reference_units=result.in_model_units("reference", request.reference),
-        aligned_units=result.in_model_units("moving", result.aligned), label_grey=label_grey,
-        aligned_in_label_window=aligned_in_label_window, error_map=error_map, error_kind=error_kind,
+        aligned_units=result.in_model_units("moving", result.aligned), label_units=label_units,
+        error_map=error_map, error_kind=error_kind,
         jacobian=jacobian, folding=folding_mask(jacobian), notes=notes,
     )
     progress("analyse", 1, 1)
@@ -187,8 +175,10 @@ def volume_metrics(outcome: RunOutcome) -> dict[str, float]:
     # From the determinant map the layers show: computing it again per figure cost seconds in 3D.
     regularity = _or_nan(lambda: jacobian_regularity(whole(outcome.jacobian))._asdict(), JacobianRegularity._fields)
     values["folding %"], values["SDlogJ"] = regularity["folding_percentage"], regularity["sd_log_jacobian"]
-    if outcome.label_grey is not None:
-        values.update(_label_metrics(whole(outcome.aligned_in_label_window), whole(outcome.label_grey)))
+    label_units = outcome.label_units
+    if label_units is not None:
+        # engine.labels.label_metrics: the numbers `unifuse fuse --label` writes for this run and label.
+        values.update(_named_label_metrics(lambda: label_metrics(outcome.result, label_units)))
     return values
 
 
@@ -204,13 +194,16 @@ def slice_metrics(outcome: RunOutcome, slice_axis: int | None, slice_index: int)
         "folding %": float(100.0 * cut(outcome.folding).mean()),
         f"mean {outcome.error_kind}": float(cut(outcome.error_map).mean()),
     }
-    if outcome.label_grey is not None:
-        values.update(_label_metrics(cut(outcome.aligned_in_label_window), cut(outcome.label_grey)))
+    label_units = outcome.label_units
+    if label_units is not None:
+        values.update(_named_label_metrics(lambda: registration_metrics(cut(outcome.aligned_units), cut(label_units))))
     return values
 
 
-def _label_metrics(aligned: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    metrics = _or_nan(lambda: registration_metrics(aligned, label), ("mse", "ncc", "ssim"))
+def _named_label_metrics(compute) -> dict[str, float]:
+    """``compute()``'s registration metrics named for the Metrics tab ("NCC to label"), NaN where
+    they do not apply."""
+    metrics = _or_nan(compute, ("mse", "ncc", "ssim"))
     return {f"{name.upper()} to label": value for name, value in metrics.items()}
 
 

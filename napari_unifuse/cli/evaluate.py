@@ -5,7 +5,11 @@ paths relative to the CSV; ``label`` is the clean moving image aligned to the re
 ``displacement`` the ground-truth field as an ITK displacement file, ``degradation`` the true
 class as ``unifuse synth`` records it in meta.json; any other column, a misspelled ``lable`` say,
 is refused, and so is a pair (the same reference, moving and label files) listed twice, which would
-count twice in every mean and test; a pair is named by its moving path as the CSV gives it) or from the Harvard AANLIB folder, where the degraded, misaligned moving images are
+count twice in every mean and test; a label is checked against its reference as ``unifuse fuse
+--label`` checks it, before any pair is computed: another dimensionality, or no overlap in space,
+refuses its row, and under half the reference grid is a warning, printed and listed in
+``evaluation.md``; a pair is named by its moving path as the CSV gives it) or from the Harvard
+AANLIB folder, where the degraded, misaligned moving images are
 synthesised exactly as training's validation set does (``training.datasets.build_datasets``: same
 patient-independent split, seeded per pair).
 
@@ -92,6 +96,7 @@ from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.inference import FusionEngine, single_slice_pair
 from napari_unifuse.engine.input_checks import model_dimensions
+from napari_unifuse.engine.labels import label_coverage_warnings
 from napari_unifuse.engine.methods import load_method, split_name
 from napari_unifuse.engine.outputs import check_writable_folder, same_file, write_files_together
 from napari_unifuse.engine.result import FusionResult
@@ -159,6 +164,7 @@ class EvaluationPair:
     displacement: np.ndarray | None = None  # ground-truth u (ndim, *spatial), voxels
     degradation: str | None = None  # true class, one of data.degrade.DEGRADATION_CLASSES
     moving_modality: str | None = None  # "ct" enables bone_retention
+    warnings: tuple[str, ...] = ()  # what its scores should be read with (a label covering part of the grid)
 
 
 # ---- pair sources --------------------------------------------------------------------------------
@@ -178,10 +184,16 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
     refuse_repeated_pairs(numbered, path)
     names = csv_pair_names([(line, row["moving"]) for line, row in numbered])
     pairs = []
-    for name, (_, row) in zip(names, numbered, strict=True):
+    for name, (line, row) in zip(names, numbered, strict=True):
         reference = read_image(path.parent / row["reference"])
         moving = read_image(path.parent / row["moving"])
         label_image = read_image(path.parent / row["label"])
+        try:
+            warnings = tuple(label_coverage_warnings(label_image, reference))
+        except InputError as error:
+            raise InputError(f"line {line} of the CSV, label {error.source}: {error.problem}", path) from error
+        for warning in warnings:
+            print(f"warning: pair {name}: {warning}", file=sys.stderr)
         if not label_image.on_grid_of(reference):
             label_image = resample_to_reference(label_image, reference)
         # A grey label is scored in the moving image's [0, 1] units: the moving image's mapping.
@@ -204,7 +216,7 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         pairs.append(EvaluationPair(name, row.get("task") or "pairs",
                                     reference, moving, label, displacement,
                                     _degradation(row.get("degradation"), path),
-                                    mapping.modality if mapping is not None else None))
+                                    mapping.modality if mapping is not None else None, warnings))
     return pairs
 
 
@@ -745,6 +757,12 @@ def _regimes(args: argparse.Namespace) -> list[str]:
     return list(MISALIGNMENT_REGIMES) if chosen == "all" else [chosen]
 
 
+def warnings_markdown(pairs: list[EvaluationPair]) -> str:
+    """The report's list of what some pairs' scores should be read with, or "" when there is none."""
+    lines = [f"- pair {pair.name}: {warning}\n" for pair in pairs for warning in pair.warnings]
+    return "## Warnings\n\n" + "".join(lines) + "\n" if lines else ""
+
+
 def regime_section(regime: str, summary: list[dict], records: list[dict], method_names: list[str],
                    copies_on: str) -> tuple[str, list[dict]]:
     """One regime's markdown (table, the metrics a copy fools, each engine method against every
@@ -857,7 +875,7 @@ def run(args: argparse.Namespace) -> int:
               "reference / label beyond the other source's own, gain_min the smaller; classical pipelines "
               f"fuse their aligned, still degraded moving image; `{copies_on} + copy-reference` and "
               f"`{copies_on} + copy-moving` fuse nothing (fused = reference, fused = aligned moving).{weights}\n\n")
-    report = header + "\n".join(sections)
+    report = header + warnings_markdown(csv_pairs) + "\n".join(sections)
     writers = {"per_pair.csv": lambda path: write_csv(records, path),
                "evaluation.csv": lambda path: write_csv(summary_rows, path)}
     if paired_rows:

@@ -53,8 +53,9 @@ from napari_unifuse.cli.arguments import read_pairs_rows
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
-from napari_unifuse.engine.inference import PARTIAL_COVERAGE_WARNING, FusionEngine, requested_settings
+from napari_unifuse.engine.inference import FusionEngine, requested_settings
 from napari_unifuse.engine.input_checks import model_dimensions
+from napari_unifuse.engine.labels import label_coverage_warnings, label_in_model_units, label_metrics
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, registered_methods, split_name
 from napari_unifuse.engine.outputs import (
     PROVENANCE_FILE,
@@ -68,16 +69,14 @@ from napari_unifuse.engine.outputs import (
     write_fusion_outputs,
     write_json,
 )
-from napari_unifuse.engine.overlays import slice_of
 from napari_unifuse.engine.provenance import absolute_as_given, describe_source, utc_timestamp
 from napari_unifuse.engine.report import INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import ImageVolume, grid_coverage, read_image, resample_to_reference
+from napari_unifuse.io import read_image
 from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES, file_format
-from napari_unifuse.metrics import registration_metrics
 from napari_unifuse.model.checkpoint import checkpoint_method
 
 DEFAULT_METHOD = "unifuse"
@@ -271,7 +270,7 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
         result.provenance["batch"] = batch
     if label_source is not None:  # what metrics.json was measured against, for resuming
         result.provenance["inputs"]["label"] = label_source
-    metrics = label_metrics(result, label) if label is not None else None
+    metrics = label_metrics(result, label_in_model_units(result, label)) if label is not None else None
 
     def page() -> str:
         return report_page(result, out_dir, reference=reference, moving=moving, metrics=metrics)
@@ -398,44 +397,6 @@ def refuse_folder_overlapping_inputs(out_dir: Path, pair: Pair) -> None:
             else:
                 continue
             raise InputError(f"the pair's output folder {out_dir} {where}; choose another --out", source)
-
-
-def label_coverage_warnings(label: ImageVolume, reference: ImageVolume) -> list[str]:
-    """What a run should say of how much of the reference grid ``label`` reaches in space, by the
-    moving image's threshold (``engine.inference.overlap_warnings``): its metrics compare the aligned
-    image with the label's 0 wherever it does not reach. An InputError for a label of another
-    dimensionality than the reference, or one that reaches none of its grid (metrics against
-    nothing but zeros). A one-slice reference is checked in 3D, as its moving image is resampled."""
-    if label.ndim != reference.ndim:
-        raise InputError(f"the label is {label.ndim}D but the reference ({reference.source}) is {reference.ndim}D; "
-                         f"give a {reference.ndim}D label, the moving image's ground truth aligned to the reference",
-                         label.source)
-    coverage = grid_coverage(label, reference)
-    if coverage == 0:
-        raise InputError(f"the label does not overlap the reference ({reference.source}) in space, so there is "
-                         "nothing to measure the aligned image against; check the label's origin and orientation "
-                         "(its affine), or give this pair's own label", label.source)
-    if coverage >= PARTIAL_COVERAGE_WARNING:
-        return []
-    return [f"{label.source}: the label covers only {100 * coverage:.3g} % of the reference grid in space; "
-            "metrics.json compares the aligned image with the label's 0 elsewhere"]
-
-
-def label_metrics(result: FusionResult, label: ImageVolume) -> dict[str, float]:
-    """NCC / MSE / SSIM of the aligned moving image to its label, in the model's [0, 1] units.
-
-    The label is put on the reference grid and both images go through the moving image's intensity
-    mapping (luma for RGB), so MSE is on the scale UniFuse's alignment results are reported in. A
-    one-slice volume is scored as the 2D image it was fused as (``model_dimensions``): a 3D SSIM
-    window cannot fit in one slice.
-    """
-    label_on_grid = resample_to_reference(label, result.aligned)
-    slice_axis = result.aligned.single_slice_axis
-
-    def model_units(image: ImageVolume):
-        return slice_of(result.in_model_units("moving", image), slice_axis, 0)
-
-    return registration_metrics(model_units(result.aligned), model_units(label_on_grid))
 
 
 def case_name(moving: Path) -> str:

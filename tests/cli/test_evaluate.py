@@ -938,6 +938,52 @@ def test_a_row_without_its_label_cell_is_one_line_not_a_traceback(pairs_csv, tmp
                                        "has fewer cells than the header)\n")
 
 
+def pictures_with_labels(root: Path) -> dict[str, Path]:
+    """A 48² picture pair and labels for it: its own, one 500 mm away (a NIfTI with an origin) and
+    one covering the left third of its columns."""
+    rng = np.random.default_rng(0)
+    image = (255 * ndimage.gaussian_filter(rng.random((SIDE, SIDE)), 3)).astype(np.uint8)
+    files = {"reference": root / "reference.png", "moving": root / "moving.png", "label": root / "label.png",
+             "third": root / "third.png", "far": root / "far.nii.gz"}
+    for role in ("reference", "moving", "label"):
+        Image.fromarray(image).save(files[role])
+    Image.fromarray(image[:, : SIDE // 3]).save(files["third"])
+    write_image(ImageVolume(image.astype(np.float32), Geometry(np.ones(2), np.array([500.0, 500.0]), np.eye(2))),
+                files["far"])
+    return files
+
+
+def test_a_label_outside_the_reference_refuses_its_row_before_any_pair_is_computed(tmp_path, capsys,
+                                                                                  no_pair_computed):
+    """It was resampled onto the reference and scored against zeros, without a word."""
+    files = pictures_with_labels(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving,label\nreference.png,moving.png,label.png\n"
+                     "reference.png,label.png,far.nii.gz\n", encoding="utf-8")
+    code = main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--methods", "identity+max"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"unifuse evaluate: error: {pairs}: line 3 of the CSV, label {files['far']}: the label "
+                            f"does not overlap the reference ({files['reference']}) in space")
+    assert error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_label_covering_under_half_the_reference_is_a_warning_printed_and_in_the_report(tmp_path, capsys,
+                                                                                        monkeypatch):
+    files = pictures_with_labels(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving,label\nreference.png,moving.png,third.png\n", encoding="utf-8")
+    monkeypatch.setattr(evaluate_module, "evaluate_pair",
+                        lambda pair, *args, **kwargs: iter([("identity+max", dict.fromkeys(METRIC_COLUMNS, 0.5))]))
+    assert main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--methods", "identity+max",
+                 "--baselines", "identity", "--fusion-rules", "max"]) == 0
+    warning = f"{files['third']}: the label covers only 33.3 % of the reference grid in space"
+    assert f"warning: pair moving.png: {warning}" in capsys.readouterr().err
+    report = (tmp_path / "out" / "evaluation.md").read_text(encoding="utf-8")
+    assert f"## Warnings\n\n- pair moving.png: {warning}" in report
+
+
 def test_a_one_slice_volume_is_scored_as_the_2d_image_it_is_fused_as(tmp_path, capsys):
     """A 64×64×1 NIfTI pair stopped the whole evaluation ("displacement: each spatial axis needs at
     least 2 voxels"); it scores as the same pair stored as 2D images, end-point error included."""

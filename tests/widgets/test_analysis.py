@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from napari_unifuse._qt.analysis import RunRequest, run_and_analyse, slice_metrics, volume_metrics
 from napari_unifuse.engine.progress import CancelToken, ignore_progress
+from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping
+from napari_unifuse.metrics import registration_metrics
 
 from .conftest import GEOMETRY_3D, ellipsoid_pair
 from .test_review import SHAPE, KnownResultEngine, result_with_defects
@@ -54,3 +58,63 @@ def test_the_fusion_metrics_compare_the_fused_image_with_its_sources_in_the_unit
     # A copy of one source gains nothing over the other (metrics.fusion_gain.ssim_gains).
     assert volume_metrics(outcome)["gain min"] == pytest.approx(0.0, abs=1e-6)
     np.testing.assert_allclose(outcome.reference_units, result.fused.array, atol=1e-6)
+
+
+# The engine's CT window: a CT in HU reaches the model as (HU + 1000) / 3000, clipped to [0, 1].
+CT_WINDOW = IntensityMapping("window", "ct", -1000.0, 2000.0)
+
+
+def ct_run_with_a_label():
+    """A CT run (aligned image in HU) whose ground truth has -3024 scanner padding and metal, as
+    clinical CTs do: the label's 0.5-99.5 percentile display window is far from the CT window."""
+    reference, moving, label = ellipsoid_pair(SHAPE)
+    moving_hu, label_hu = -1000.0 + 1800.0 * np.clip(moving, 0.0, 1.0), -1000.0 + 1800.0 * label
+    label_hu[:, :, :6] = -3024.0  # outside the scanner's field of view
+    label_hu[SHAPE[0] // 2, 20:24, 20:24] = 3071.0  # metal
+    result = result_with_defects(reference, np.clip(moving, 0.0, 1.0))
+    result.aligned = ImageVolume(moving_hu.astype(np.float32), GEOMETRY_3D)
+    result.provenance["intensity_mappings"]["moving"] = CT_WINDOW.to_dict()
+    request = RunRequest(ImageVolume(reference, GEOMETRY_3D, source="T1"), ImageVolume(moving_hu, GEOMETRY_3D,
+                         source="CT"), "untrained", label=ImageVolume(label_hu.astype(np.float32), GEOMETRY_3D,
+                                                                      source="CT truth"))
+    return request, result, (CT_WINDOW.apply(moving_hu), CT_WINDOW.apply(label_hu))
+
+
+def test_the_label_metrics_are_those_of_unifuse_fuse_in_the_models_units_not_the_labels_display_window():
+    """The Metrics tab scored the aligned image in the label's display window (MSE 0.0255, NCC 0.898,
+    SSIM 0.653 on a padded CT) where `unifuse fuse --label` wrote MSE 0.0174, NCC 0.800, SSIM 0.702."""
+    request, result, (aligned_units, label_units) = ct_run_with_a_label()
+    outcome = run_and_analyse(request, KnownResultEngine(result), ignore_progress, CancelToken())
+    expected = registration_metrics(aligned_units, label_units)
+    volume = volume_metrics(outcome)
+    assert {name: volume[f"{name.upper()} to label"] for name in expected} == pytest.approx(expected, rel=1e-5)
+    middle = SHAPE[0] // 2
+    expected_slice = registration_metrics(aligned_units[middle], label_units[middle])
+    on_slice = slice_metrics(outcome, 0, middle)
+    assert {name: on_slice[f"{name.upper()} to label"] for name in expected_slice} == pytest.approx(expected_slice,
+                                                                                                  rel=1e-5)
+    # The error map stays |aligned − label| in the moving image's own units (HU here).
+    np.testing.assert_allclose(outcome.error_map, np.abs(result.aligned.array - request.label.array), atol=1e-3)
+
+
+def test_a_ground_truth_that_misses_the_reference_is_refused_before_the_fusion():
+    """It was scored against the zeros of resampling outside it, without a word."""
+    request, result, _ = ct_run_with_a_label()
+    far = replace(request.label, geometry=replace(GEOMETRY_3D, origin=GEOMETRY_3D.origin + 500.0))
+
+    class NoFusionExpected:
+        def run_fusion(self, *args, **kwargs):
+            raise AssertionError("the pair was fused")
+
+    with pytest.raises(InputError, match=r"^CT truth: the label does not overlap the reference \(T1\) in space"):
+        run_and_analyse(replace(request, label=far), NoFusionExpected(), ignore_progress, CancelToken())
+
+
+def test_a_ground_truth_covering_under_half_the_reference_is_a_note():
+    request, result, _ = ct_run_with_a_label()
+    # Shifted by three quarters of the x extent (48 voxels of 1 mm): a quarter of the grid covered.
+    shifted = replace(request.label, geometry=replace(GEOMETRY_3D, origin=GEOMETRY_3D.origin + [0.0, 0.0, 36.0]))
+    outcome = run_and_analyse(replace(request, label=shifted), KnownResultEngine(result), ignore_progress,
+                              CancelToken())
+    assert any(note.startswith("CT truth: the label covers only 25 % of the reference grid in space")
+               for note in outcome.notes)
