@@ -16,13 +16,17 @@ that single noisy voxels do not send a reviewer to a slice) **and**, in a volume
 ``MIN_SLICES_FOR_BASELINE`` slices, stands out from that map's score on the rest of the volume
 (above its median by ``OUTLIER_SPREADS`` robust standard deviations). A map that flags a little
 of every slice (the bundled phantom's T1 scalp edges, which the fusion keeps at less than half)
-then sends a reviewer only to the slices where it flags much more. 3D maps are scored per z slice
-(axis 0, the axis of the per-slice degradation probabilities); a 2D image is one slice.
+then sends a reviewer only to the slices where it flags much more. 3D maps are scored per slice
+along array axis 0 as the reference stores it (the axis napari scrolls and the per-slice degradation
+plot's), whatever direction it has in the world: axial for an axial series stored slices-first,
+sagittal or coronal for a volume stored another way. The voxel maps themselves do not depend on that order (edges
+are measured in the plane of finest spacing, ``metrics.fidelity.in_plane_axes``); only which slices
+they are summarised over does. A 2D image is one slice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +71,8 @@ class QualityMaps:
     (units in ``MAP_UNITS``); ``uncertainty_mm`` likewise, or None when it was not computed.
     ``thresholds``: map name → the value above which a voxel is flagged.
     ``slice_scores``: map name → (S,) fraction of each slice's voxels above the threshold
-    (S = number of z slices in 3D, 1 in 2D); ``suspicion``: (S,) the largest of those per slice.
+    (S = number of slices along array axis 0 in 3D, 1 in 2D); ``suspicion``: (S,) the largest of
+    those per slice.
     ``flag_level``: the suspicion above which a slice is listed as suspicious.
     ``definitions``: map name → a one-line definition, recorded in provenance and the report.
     ``seconds``: wall time per part (maps, uncertainty), for provenance and the overhead bench.
@@ -200,7 +205,8 @@ class QualityMaps:
             "maps": summary,
             "thresholds": dict(self.thresholds),
             "flag_level": self.flag_level,
-            "slice_axis": "z" if self.invented.ndim == 3 else None,
+            # The array axis the slices are taken along, as annotations record it: not a world direction.
+            "slice_axis": 0 if self.invented.ndim == 3 else None,
             "per_slice": {name: np.asarray(scores, dtype=float).round(6).tolist()
                           for name, scores in self.slice_scores.items()},
             "suspicion": np.asarray(self.suspicion, dtype=float).round(6).tolist(),
@@ -222,10 +228,12 @@ def quality_maps(
     uncertainty_threshold_mm: float | None = None,
     uncertainty_definition: str = "",
     seconds: Mapping[str, float] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> QualityMaps:
     """The fidelity maps of one fused pair (``metrics.fidelity``; every image in the [0, 1] window
-    on the reference grid) and, when given, the uncertainty map with its threshold."""
-    fidelity = fidelity_maps(reference, warped_moving, restored, fused)
+    on the reference grid, of voxel ``spacing``, None for isotropic) and, when given, the
+    uncertainty map with its threshold."""
+    fidelity = fidelity_maps(reference, warped_moving, restored, fused, spacing)
     maps = {INVENTED: fidelity.invented, LOST: fidelity.lost, RESTORATION_CHANGE: fidelity.restoration_change,
             UNCERTAINTY: uncertainty_mm}
     thresholds = dict(fidelity.thresholds)
@@ -239,7 +247,7 @@ def quality_maps(
 
 
 def _flagged_fraction_per_slice(array: np.ndarray, threshold: float) -> np.ndarray:
-    """(S,) fraction of each z slice's voxels above ``threshold``; a 2D array is one slice."""
+    """(S,) fraction of the voxels above ``threshold`` in each slice along array axis 0; a 2D array is one slice."""
     flagged = array > threshold
     if flagged.ndim == 2:
         return np.array([flagged.mean()], dtype=np.float32)

@@ -427,7 +427,7 @@ def _display_values(volume: ImageVolume) -> np.ndarray:
 
 
 def _show_slice(axes: Any, values: np.ndarray, volume: ImageVolume, index: int) -> None:
-    """Draw axial slice ``index`` of ``values`` (``_display_values`` or grey of ``volume``) in mm."""
+    """Draw slice ``index`` along array axis 0 of ``values`` (``_display_values`` or grey of ``volume``) in mm."""
     plane = slice_of(values, 0 if volume.ndim == 3 else None, index)
     grey = {} if plane.ndim == 3 else {"cmap": "gray", "vmin": 0, "vmax": 1}
     axes.imshow(plane, aspect=_pixel_aspect(volume), interpolation="nearest", **grey)

@@ -1,13 +1,14 @@
 """Alignment uncertainty: how much the displacement moves when the input is nudged.
 
 The alignment's local stage is run again on a few perturbed copies of the moving image, each
-shifted by a known amount along an in-plane axis and given a little intensity jitter (gain and
-noise, as a rescan would differ). A shift ``s`` of the content (``moving_k(x) = moving(x + s)``)
-makes ``u − s`` the right answer for the copy, so ``s`` is added back to its estimate; what
-remains differs from the unperturbed estimate only where the images do not pin the alignment
-down. The per-voxel spread (sample standard deviation over the unperturbed and the perturbed
-estimates, the vector's length in mm with the reference spacing) is the map; its flag threshold
-is one voxel (:func:`uncertainty_threshold_mm`).
+shifted by a known amount along an in-plane axis (one of the two axes of finest voxel spacing,
+``metrics.fidelity.in_plane_axes``, whichever array axes the volume stores them in) and given a
+little intensity jitter (gain and noise, as a rescan would differ). A shift ``s`` of the content
+(``moving_k(x) = moving(x + s)``) makes ``u − s`` the right answer for the copy, so ``s`` is added
+back to its estimate; what remains differs from the unperturbed estimate only where the images do
+not pin the alignment down. The per-voxel spread (sample standard deviation over the unperturbed
+and the perturbed estimates, the vector's length in mm with the reference spacing) is the map; its
+flag threshold is one voxel (:func:`uncertainty_threshold_mm`).
 
 Which aligner: :func:`matching_estimator`, the structural matching's local stage
 (``model.matching.local_matching``: MIND block matching at half the matching step, smoothed with
@@ -25,8 +26,10 @@ measure of precision; the local stage costs 0.1-0.5 s a pass (``bench/bench_qual
 
 This measures the *precision* of the alignment, not its accuracy: a confidently wrong alignment
 can still be precise (the guard's and the metrics' job), but an imprecise one cannot be trusted.
-Shifts come in opposite pairs (``+s``, ``−s``) along y, then x (the axes of the slice a reviewer
-reads), then z, so that a bias of the aligner towards one side does not shrink the spread.
+Shifts come in opposite pairs (``+s``, ``−s``) along the in-plane axes (in array order), then the
+through-plane axis, so that a bias of the aligner towards one side does not shrink the spread. The
+in-plane axes come from the reference's own spacing, not the matching level's: the level pools the
+fine axes towards isotropic voxels, where the thick axis would no longer stand out.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from napari_unifuse.engine.progress import CancelToken
+from napari_unifuse.metrics.fidelity import in_plane_axes
 from napari_unifuse.model.matching import local_matching, pyramid_factors
 from napari_unifuse.model.warp import compose, warp
 
 GAIN_JITTER = 0.03  # standard deviation of the multiplicative gain
 NOISE_JITTER = 0.01  # standard deviation of added noise, fraction of the [0, 1] window
-DEFAULT_PASSES = 4  # ±y and ±x
+DEFAULT_PASSES = 4  # ± along each in-plane axis
 _SEED = 0  # the intensity jitter's
 
 # The structural matching's smoothing of its local offsets (model.matching.structural_matching).
@@ -56,9 +60,10 @@ FieldEstimator = Callable[[torch.Tensor], np.ndarray]
 
 DEFINITION = ("sample standard deviation (vector length, mm) of the structural matching's local estimate, "
               "started from the kept field, over the moving image and copies of it shifted by ± half a matching "
-              f"step along y and x (shift added back) with {GAIN_JITTER:.0%} gain and {NOISE_JITTER:.0%} noise "
-              "jitter; flagged above one voxel (mean spacing, mm) of the grid the passes run on: the "
-              "structural matching's pyramid level, which pools volumes beyond about 96³")
+              "step along the two in-plane axes (those of finest voxel spacing; shift added back) with "
+              f"{GAIN_JITTER:.0%} gain and {NOISE_JITTER:.0%} noise jitter; flagged above one voxel (mean spacing, "
+              "mm) of the grid the passes run on: the structural matching's pyramid level, which pools volumes "
+              "beyond about 96³")
 
 
 def matching_estimator(reference: torch.Tensor, start: torch.Tensor, step: int) -> FieldEstimator:
@@ -79,10 +84,10 @@ def matching_shift_voxels(step: int) -> float:
     return float(max(1, step // 2))
 
 
-def perturbation_shifts(passes: int, ndim: int, length: float) -> list[np.ndarray]:
-    """``passes`` shift vectors (voxels, array-axis order) of ``length``: +/- along y, +/- along x,
-    then z (3D), then round again."""
-    axes = [ndim - 2, ndim - 1, *range(ndim - 2)]
+def perturbation_shifts(passes: int, ndim: int, length: float, in_plane: Sequence[int]) -> list[np.ndarray]:
+    """``passes`` shift vectors (voxels, array-axis order) of ``length``: +/- along each axis of
+    ``in_plane`` in turn, then along the through-plane axis (3D), then round again."""
+    axes = [*in_plane, *(axis for axis in range(ndim) if axis not in in_plane)]
     shifts = []
     for index in range(passes):
         shift = np.zeros(ndim)
@@ -118,16 +123,20 @@ def alignment_uncertainty(
     *,
     shift_voxels: float,
     passes: int = DEFAULT_PASSES,
+    in_plane: Sequence[int] | None = None,
     cancel: CancelToken | None = None,
     seed: int = _SEED,
 ) -> np.ndarray:
     """The spread map (mm, ``moving``'s spatial shape) of ``estimate`` over ``moving``
-    (1, 1, *spatial) and ``passes`` copies of it shifted by ``shift_voxels`` (``passes`` + 1 calls)."""
+    (1, 1, *spatial) and ``passes`` copies of it shifted by ``shift_voxels`` (``passes`` + 1 calls),
+    first along the ``in_plane`` axes (default: those of ``spacing``, ``in_plane_axes``)."""
     if passes < 1:
         raise ValueError(f"alignment uncertainty needs at least one perturbed pass, got {passes}")
+    ndim = moving.dim() - 2
+    axes = in_plane_axes(spacing, ndim) if in_plane is None else tuple(in_plane)
     rng = np.random.default_rng(seed)
     fields = [estimate(moving)]
-    for shift in perturbation_shifts(passes, moving.dim() - 2, shift_voxels):
+    for shift in perturbation_shifts(passes, ndim, shift_voxels, axes):
         if cancel is not None:
             cancel.raise_if_cancelled()
         estimated = estimate(perturbed_copy(moving, shift, rng))
@@ -158,8 +167,10 @@ def uncertainty_on_matching_level(
     the level of the image pyramid the structural matching itself runs on
     (``model.matching.pyramid_factors``: the full grid up to about 96³ voxels, pooled beyond), then
     brought back to the full grid; and its flag threshold, one voxel of that level (mm). At a
-    clinical 176 × 216 × 180 the full-grid passes took as long as the network."""
+    clinical 176 × 216 × 180 the full-grid passes took as long as the network. The shifts go along
+    the in-plane axes of ``spacing`` (the full grid's), see the module docstring."""
     spatial = tuple(reference.shape[2:])
+    in_plane = in_plane_axes(spacing, len(spatial))
     factors = pyramid_factors(spatial, tuple(spacing))
     level_spacing = tuple(float(size) * factor for size, factor in zip(spacing, factors))
     if any(factor > 1 for factor in factors):
@@ -168,7 +179,8 @@ def uncertainty_on_matching_level(
         reference, moving = (pool(x, factors, ceil_mode=True) for x in (reference, moving))
         start = pool(start, factors, ceil_mode=True) / scale
     spread = alignment_uncertainty(moving, matching_estimator(reference, start, step), level_spacing,
-                                   shift_voxels=matching_shift_voxels(step), passes=passes, cancel=cancel)
+                                   shift_voxels=matching_shift_voxels(step), passes=passes, in_plane=in_plane,
+                                   cancel=cancel)
     if spread.shape != spatial:
         mode = ("bilinear", "trilinear")[len(spatial) - 2]
         spread = F.interpolate(torch.from_numpy(spread)[None, None], size=spatial, mode=mode,

@@ -10,6 +10,7 @@ import torch
 from scipy import ndimage
 
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import QUALITY_FILE, is_complete, write_fusion_outputs
 from napari_unifuse.engine.quality import (
     INVENTED,
@@ -87,6 +88,7 @@ def test_a_2d_image_is_one_slice_and_uncertainty_is_optional():
     assert quality.uncertainty_mm is None
     assert set(quality.slice_scores) == {INVENTED, LOST, RESTORATION_CHANGE}
     assert quality.suspicion.shape == (1,)
+    assert quality.to_dict()["slice_axis"] is None
     assert quality.next_suspicious(0) == 0
     assert quality.dominant_problem(0) == "restoration change"
 
@@ -101,6 +103,7 @@ def test_summary_is_json_with_no_voxel_arrays():
     assert summary["thresholds"] == THRESHOLDS
     assert len(summary["per_slice"][INVENTED]) == 8
     assert summary["maps"][UNCERTAINTY]["units"] == "mm"
+    assert summary["slice_axis"] == 0  # the array axis scored along, whatever world direction it has
     assert len(json.dumps(summary)) < 5000
 
 
@@ -202,3 +205,28 @@ def test_key_slices_are_the_flagged_ones_first_then_the_most_suspicious_others()
     quality = air_like_uncertainty_and_one_invented_patch()
     assert quality.worst_slices(3) == [2, 5, 8]  # the plain ranking: the air, never slice 4
     assert quality.key_slices(3) == [4, 2, 5]
+
+
+def thick_slice_pair(order: tuple[int, int, int]) -> tuple[ImageVolume, ImageVolume]:
+    """A head (a ball) bright on the reference and dark on the moving image (as bone on CT and T1:
+    an average fusion loses its outline), on 1.5 mm in-plane voxels and 6 mm slices, the slices
+    stored along array axis ``order.index(0)``."""
+    grids = np.meshgrid(*(np.linspace(-1, 1, n) for n in (6, 32, 32)), indexing="ij")
+    head = ndimage.gaussian_filter((sum(g**2 for g in grids) < 0.8).astype(np.float32), (0.0, 1.0, 1.0))
+    reference, moving = 0.2 + 0.6 * head, 0.8 - 0.5 * head
+    spacing = np.array([6.0, 1.5, 1.5])[list(order)]
+    geometry = Geometry(spacing, np.zeros(3), np.eye(3)[:, list(order)])
+    return tuple(ImageVolume(np.ascontiguousarray(np.transpose(image, order)), geometry)
+                 for image in (reference, moving))
+
+
+def test_the_quality_maps_of_a_run_do_not_depend_on_which_axis_stores_the_thick_slices():
+    """The same pair stored slices first and slices last: the maps match up to the transposition
+    (an identity alignment with average fusion is itself indifferent to the storage order)."""
+    engine = FusionEngine(load_method("identity+average", spatial_dims=3), device="cpu")
+    slices_first = engine.run_fusion(*thick_slice_pair((0, 1, 2)), uncertainty_passes=0).quality
+    slices_last = engine.run_fusion(*thick_slice_pair((1, 2, 0)), uncertainty_passes=0).quality
+    assert slices_last.thresholds == pytest.approx(slices_first.thresholds)
+    for name, array in slices_first.maps().items():
+        np.testing.assert_allclose(slices_last.maps()[name], np.transpose(array, (1, 2, 0)), atol=1e-5, err_msg=name)
+    assert (slices_first.lost > slices_first.thresholds[LOST]).any()

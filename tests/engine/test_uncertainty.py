@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from napari_unifuse.engine import uncertainty
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.engine.uncertainty import (
     alignment_uncertainty,
@@ -48,7 +49,7 @@ def test_uncertainty_is_higher_in_a_flat_region_than_at_sharp_edges():
 def test_an_aligner_that_follows_every_shift_exactly_has_zero_spread():
     moving = torch.rand(1, 1, 12, 16, 16)
     base = np.zeros((3, 12, 16, 16), np.float32)
-    shifts = iter([np.zeros(3), *perturbation_shifts(3, 3, 1.5)])
+    shifts = iter([np.zeros(3), *perturbation_shifts(3, 3, 1.5, (1, 2))])
     spread = alignment_uncertainty(moving, lambda _: base - next(shifts).reshape(3, 1, 1, 1), (2.0, 1.0, 1.0),
                                    shift_voxels=1.5, passes=3)
     np.testing.assert_allclose(spread, 0.0, atol=1e-6)
@@ -61,9 +62,40 @@ def test_spread_is_a_vector_length_in_mm_with_the_spacing():
     assert uncertainty_threshold_mm((3.0, 1.0)) == pytest.approx(2.0)
 
 
-def test_shifts_come_in_opposite_pairs_along_y_then_x_then_z():
-    shifts = perturbation_shifts(6, 3, 2.0)
+def test_shifts_come_in_opposite_pairs_along_the_in_plane_axes_then_through_the_plane():
+    shifts = perturbation_shifts(6, 3, 2.0, (1, 2))
     np.testing.assert_allclose(shifts, [[0, 2, 0], [0, -2, 0], [0, 0, 2], [0, 0, -2], [2, 0, 0], [-2, 0, 0]])
+    shifts = perturbation_shifts(6, 3, 2.0, (0, 1))
+    np.testing.assert_allclose(shifts, [[2, 0, 0], [-2, 0, 0], [0, 2, 0], [0, -2, 0], [0, 0, 2], [0, 0, -2]])
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 2, 0), (2, 0, 1)])
+def test_the_spread_does_not_depend_on_which_axis_stores_the_thick_slices(order):
+    """An aligner blind to every shift reads the shift's length in mm: 2 voxels of 1.5 mm in-plane,
+    whichever array axis holds the 7.5 mm slices (not 7.5 mm shifts across them)."""
+    spacing = np.array([7.5, 1.5, 1.5])[list(order)]
+    shape = tuple(np.array([4, 10, 10])[list(order)])
+    blind = np.zeros((3, *shape), np.float32)
+    spread = alignment_uncertainty(torch.rand(1, 1, *shape), lambda _: blind, tuple(spacing), shift_voxels=2.0,
+                                   passes=4)
+    # Two opposite shifts of 3 mm along each in-plane axis among five samples: sqrt(2 · 18 / 4) mm.
+    np.testing.assert_allclose(spread, 3.0, rtol=1e-6)
+
+
+def test_the_shifts_follow_the_full_grid_spacing_not_the_pooled_level(monkeypatch):
+    """(1, 1, 4) mm voxels are pooled to a level of 4 mm cubes, whose spacing no longer tells the
+    thick axis; the shifts stay in the plane of the 1 mm axes."""
+    calls = {}
+
+    def record(moving, estimate, spacing, **options):
+        calls.update(spacing=spacing, in_plane=options["in_plane"])
+        return np.zeros(moving.shape[2:], np.float32)
+
+    monkeypatch.setattr(uncertainty, "alignment_uncertainty", record)
+    volume = torch.rand(1, 1, 64, 64, 16)
+    uncertainty.uncertainty_on_matching_level(volume, volume, torch.zeros(1, 3, 64, 64, 16), (1.0, 1.0, 4.0), step=4)
+    assert calls["spacing"] == pytest.approx((4.0, 4.0, 4.0))
+    assert tuple(calls["in_plane"]) == (0, 1)
 
 
 def test_a_cancelled_run_stops_between_passes():

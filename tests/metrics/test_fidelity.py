@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_unifuse.metrics.fidelity import STEP_THRESHOLD, edge_strength, fidelity_maps
+from napari_unifuse.metrics.fidelity import STEP_THRESHOLD, edge_strength, fidelity_maps, in_plane_axes
 
 LESION = (40, 95)  # in the moving image only, clear of every other edge
 
@@ -111,3 +111,53 @@ def test_a_narrow_grey_scale_image_is_not_mistaken_for_colour(recwarn):
     strip = rng.normal(0.5, 0.05, (40, 3)).astype(np.float32)
     fidelity_maps(strip, strip[::-1], strip[::-1], strip)
     assert not [warning for warning in recwarn if "on the last axis" in str(warning.message)]
+
+
+def test_the_plane_is_the_two_axes_of_finest_spacing_wherever_they_are_stored():
+    assert in_plane_axes((7.5, 1.5, 1.5), 3) == (1, 2)
+    assert in_plane_axes((1.5, 7.5, 1.5), 3) == (0, 2)
+    assert in_plane_axes((1.5, 1.5, 7.5), 3) == (0, 1)
+    # Isotropic (up to header rounding) keeps axes 1 and 2, as before spacing was taken into account.
+    assert in_plane_axes(None, 3) == in_plane_axes((1.0, 1.0, 1.0), 3) == (1, 2)
+    assert in_plane_axes((1.0, 1.0, 1.0000001), 3) == (1, 2)
+    assert in_plane_axes((3.0, 0.5), 2) == (0, 1)
+
+
+def thick_slice_pair(slices: int = 6, side: int = 40) -> tuple[np.ndarray, ...]:
+    """Reference, moving and a fused volume with a pasted blob, stored thick slices first (axis 0):
+    every slice differs from the next, so the gradient across the slices is strong everywhere."""
+    reference_2d, moving_2d = sources((side, side))
+    scale = np.linspace(0.6, 1.0, slices, dtype=np.float32)[:, None, None]
+    reference = reference_2d[None] * scale
+    moving = moving_2d[None] * scale[::-1]
+    fused = np.maximum(reference, moving)
+    fused[2] = np.clip(fused[2] + 0.4 * ndimage.gaussian_filter(disc((side, side), (20, 12), 4), 1.0), 0, 1)
+    return reference, moving, fused
+
+
+@pytest.mark.parametrize("order", [(1, 2, 0), (0, 2, 1)])
+def test_a_thick_slice_volume_has_the_same_maps_whichever_axis_stores_its_slices(order):
+    reference, moving, fused = thick_slice_pair()
+    spacing = np.array([7.5, 1.5, 1.5])
+    slices_first = fidelity_maps(reference, moving, moving, fused, spacing=spacing)
+    stored = [np.ascontiguousarray(np.transpose(image, order)) for image in (reference, moving, fused)]
+    stored_otherwise = fidelity_maps(stored[0], stored[1], stored[1], stored[2], spacing=spacing[list(order)])
+    assert stored_otherwise.thresholds == pytest.approx(slices_first.thresholds)
+    for name in ("invented", "lost", "restoration_change"):
+        np.testing.assert_allclose(getattr(stored_otherwise, name), np.transpose(getattr(slices_first, name), order),
+                                   atol=1e-6)
+    assert (slices_first.invented[2] > slices_first.thresholds["invented"]).any()
+
+
+def test_an_isotropic_volume_or_one_stored_thick_slices_first_is_measured_across_axes_1_and_2():
+    reference, moving, fused = thick_slice_pair()
+    unchanged = fidelity_maps(reference, moving, moving, fused)
+    for spacing in ((1.0, 1.0, 1.0), (7.5, 1.5, 1.5), (1.5, 1.5, 1.5000001)):
+        maps = fidelity_maps(reference, moving, moving, fused, spacing=spacing)
+        for name in ("invented", "lost", "restoration_change"):
+            np.testing.assert_array_equal(getattr(maps, name), getattr(unchanged, name))
+    # A step along axis 0 only is no edge across axes 1 and 2, and a full one where axis 0 is in-plane.
+    step = np.zeros((6, 8, 8), np.float32)
+    step[3:] = 0.6
+    assert edge_strength(step).max() == 0.0
+    assert edge_strength(step, spacing=(1.0, 1.0, 4.0)).max() == pytest.approx(0.6, rel=0.1)
