@@ -35,6 +35,12 @@ beaten reliably by the network's field.
   the similarity can be trusted depends on the data, so a checkpoint may carry its own floor,
   calibrated on its training data (:func:`credible_motion_floor`); the 3-D phantom checkpoint
   does (``bench/calibrate_guard_floor.py``).
+* **Motion unit**: given the grid's spacing, motion is counted in voxels of its finest axis (each
+  axis's displacement times its spacing over the finest spacing), the floor and the large-motion
+  rule alike. On a thick-slice volume a voxel of the grid is several in-plane voxels through the
+  slices: counted in grid voxels, an 11 mm shift across 7.5 mm slices was 1.5 voxels, under a
+  floor of 2 calibrated on isotropic phantoms, and was refused however clearly the images preferred
+  it. On an isotropic grid the two units are the same number.
 
 * **Scale**: a checkpoint may ask for both images to be blurred (a Gaussian of
   ``alignment_guard.similarity_blur_voxels``, :func:`similarity_blur`) before anything is scored.
@@ -51,7 +57,7 @@ is a weighted sum of block histograms. Nothing here is trained.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -64,10 +70,10 @@ from napari_unifuse.model.smoothing import gaussian_blur
 IDENTITY = "identity"
 # k: see the module docstring and docs/alignment_guard.md.
 GAIN_NOISE_FACTOR = 4.0
-# Mean motion (voxels, over the scored tissue) beyond which one noise unit of gain suffices.
+# Mean motion (voxels of the finest axis, over the scored tissue) beyond which one noise unit of gain suffices.
 LARGE_MOTION_VOXELS = 12.0
 LARGE_MOTION_FACTOR = 1.0
-# Mean motion (voxels) below which no gain is evidence enough, unless a checkpoint says otherwise:
+# Mean motion (voxels of the finest axis) below which no gain is evidence enough, unless a checkpoint says otherwise:
 # see the module docstring.
 MIN_CREDIBLE_MOTION_VOXELS = 8.0
 # The checkpoint sidecar's section that may hold a floor calibrated on its training data.
@@ -102,13 +108,33 @@ class GuardDecision:
 
     kept: str  # IDENTITY or a name of the estimates given to choose_displacement
     scores: dict[str, float]  # mutual information (nats) per candidate, identity included
-    magnitudes: dict[str, float]  # mean |displacement| (voxels) per candidate over the scored voxels
+    magnitudes: dict[str, float]  # mean |displacement| (motion_unit) per candidate over the scored voxels
     challenges: tuple[Challenge, ...]
     factor: float  # k
     samples: int  # joint-foreground voxels scored
     blocks: int  # bootstrap blocks they fall in
-    min_credible_motion: float = MIN_CREDIBLE_MOTION_VOXELS  # the floor (voxels)
+    min_credible_motion: float = MIN_CREDIBLE_MOTION_VOXELS  # the floor (motion_unit)
     blur_voxels: float = 0.0  # the Gaussian sigma both images were blurred by before scoring
+    spacing: tuple[float, ...] | None = None  # the grid's mm per array axis; None: not given
+
+    @property
+    def motion_unit(self) -> str:
+        """What ``magnitudes`` and ``min_credible_motion`` count, for people."""
+        if self.spacing is None:
+            return "voxels of the grid (its spacing was not given)"
+        if _is_isotropic(self.spacing):
+            return f"voxels of {min(self.spacing):.3g} mm"
+        return (f"voxels of the finest axis ({min(self.spacing):.3g} mm): each axis's displacement counts "
+                "by its size in mm")
+
+    def _floor_in_words(self) -> str:
+        if self.spacing is None:
+            return f"{self.min_credible_motion:g} voxels"
+        finest = min(self.spacing)
+        in_mm = f"{self.min_credible_motion * finest:.3g} mm"
+        if _is_isotropic(self.spacing):
+            return f"{self.min_credible_motion:g} voxels ({in_mm})"
+        return f"{in_mm} ({self.min_credible_motion:g} voxels of the finest axis, {finest:.3g} mm)"
 
     @property
     def message(self) -> str:
@@ -119,8 +145,7 @@ class GuardDecision:
         if deciding is None:
             if all(self.magnitudes[c.challenger] < self.min_credible_motion for c in self.challenges):
                 return (f"kept {IDENTITY}: no reliable improvement (every estimate moves the tissue by less "
-                        f"than {self.min_credible_motion:g} voxels, within what this similarity can confirm "
-                        "across modalities)")
+                        f"than {self._floor_in_words()}, within what this similarity can confirm across modalities)")
             return (f"kept {IDENTITY}: no reliable improvement (no estimate gained more than "
                     f"{self.factor:g}× the similarity's noise)")
         return (f"kept {self.kept}: mutual information {deciding.gain:+.3f} nats over "
@@ -135,11 +160,13 @@ class GuardDecision:
                              if self.blur_voxels > 0 else ""),
             "blur_voxels": self.blur_voxels,
             "scores": self.scores,
+            "motion_unit": self.motion_unit,
             "mean_displacement_voxels": self.magnitudes,
             "challenges": [asdict(challenge) for challenge in self.challenges],
             "noise": f"block bootstrap ({BOOTSTRAP_REPLICATES} replicates, blocks of {BLOCK_VOXELS} voxels)",
             "factor": self.factor,
             "min_credible_motion_voxels": self.min_credible_motion,
+            "min_credible_motion_mm": None if self.spacing is None else self.min_credible_motion * min(self.spacing),
             "samples": self.samples,
             "blocks": self.blocks,
         }
@@ -152,15 +179,23 @@ def choose_displacement(
     factor: float = GAIN_NOISE_FACTOR,
     min_credible_motion: float = MIN_CREDIBLE_MOTION_VOXELS,
     blur_voxels: float = 0.0,
+    spacing: Sequence[float] | None = None,
 ) -> GuardDecision:
     """Identity or one of ``estimates`` for aligning ``moving`` to ``reference``.
 
     ``moving`` and ``reference``: model-ready intensities in [0, 1] on the same grid, (y, x) or
     (z, y, x); ``estimates``: name → displacement (ndim, *spatial) in voxels, in the order they
     challenge (each challenges whichever estimate is kept at its turn; the identity starts).
-    ``factor``: k; ``min_credible_motion``: the floor (voxels); ``blur_voxels``: the Gaussian sigma
-    both images are blurred by first (0: as given).
+    ``factor``: k; ``min_credible_motion``: the floor (voxels of the finest axis); ``blur_voxels``: the Gaussian sigma
+    both images are blurred by first (0: as given); ``spacing``: the grid's mm per array axis, so that
+    motion is counted in voxels of its finest axis (None: in voxels of the grid, every axis alike).
     """
+    if spacing is not None:
+        spacing = tuple(float(size) for size in spacing)
+        if len(spacing) != moving.ndim or not all(math.isfinite(size) and size > 0 for size in spacing):
+            raise ValueError(f"spacing must give a size > 0 (mm) for each of the {moving.ndim} axes, got {spacing!r}")
+    # Each axis's voxel in voxels of the finest axis: ones when the grid is isotropic or unknown.
+    axis_voxels = np.ones(moving.ndim) if spacing is None else np.asarray(spacing) / min(spacing)
     if blur_voxels > 0:
         moving, reference = (gaussian_blur(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None],
                                            blur_voxels)[0, 0].numpy() for image in (moving, reference))
@@ -174,7 +209,7 @@ def choose_displacement(
     blocks, block_count = _blocks_of(points, moving.shape)
     if block_count < MIN_BLOCKS:
         return GuardDecision(IDENTITY, {}, {}, (), factor, int(points.shape[1]), block_count, min_credible_motion,
-                             blur_voxels)
+                             blur_voxels, spacing)
 
     # Row 0: the sample itself; then how often each block was drawn in each replicate.
     draws = np.concatenate([np.ones((1, block_count)), rng.multinomial(
@@ -191,17 +226,17 @@ def choose_displacement(
     for name in estimates:
         difference = replicates[name] - replicates[kept]
         gain, noise = float(difference[0]), float(difference[1:].std(ddof=1))
-        motion = _mean_motion(fields[name] - fields[kept], points)
+        motion = _mean_motion(fields[name] - fields[kept], points, axis_voxels)
         required = LARGE_MOTION_FACTOR if motion > LARGE_MOTION_VOXELS else factor
-        credible = _mean_motion(fields[name], points) >= min_credible_motion
+        credible = _mean_motion(fields[name], points, axis_voxels) >= min_credible_motion
         accepted = credible and gain > required * noise and gain > 0.0
         challenges.append(Challenge(name, kept, gain, noise, accepted))
         if accepted:
             kept = name
     scores = {name: float(replicate[0]) for name, replicate in replicates.items()}
-    magnitudes = {name: _mean_motion(field, points) for name, field in fields.items()}
+    magnitudes = {name: _mean_motion(field, points, axis_voxels) for name, field in fields.items()}
     return GuardDecision(kept, scores, magnitudes, tuple(challenges), factor, int(points.shape[1]), block_count,
-                         min_credible_motion, blur_voxels)
+                         min_credible_motion, blur_voxels, spacing)
 
 
 def credible_motion_floor(metadata: Mapping[str, object]) -> float:
@@ -261,9 +296,17 @@ def _sidecar_flag(metadata: Mapping[str, object], key: str, default: bool) -> bo
     return value
 
 
-def _mean_motion(field: np.ndarray, points: np.ndarray) -> float:
-    """Mean |field| (voxels) over ``points``."""
-    return float(np.linalg.norm(field[(slice(None), *points)], axis=0).mean())
+def _mean_motion(field: np.ndarray, points: np.ndarray, axis_voxels: np.ndarray) -> float:
+    """Mean |field| over ``points``, in voxels of the finest axis: ``field`` (voxels of the grid)
+    scaled per axis by ``axis_voxels``, each axis's voxel in those units."""
+    displacement = field[(slice(None), *points)]
+    # In the field's own precision: scaled by ones, an isotropic grid's motions are the same bits as unscaled.
+    scaled = displacement * axis_voxels.astype(displacement.dtype).reshape(-1, 1)
+    return float(np.linalg.norm(scaled, axis=0).mean())
+
+
+def _is_isotropic(spacing: Sequence[float]) -> bool:
+    return max(spacing) == min(spacing)
 
 
 def _foreground_threshold(image: np.ndarray) -> float:

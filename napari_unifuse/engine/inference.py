@@ -500,7 +500,7 @@ class FusionEngine:
         if classical is not None:
             with stage(CLASSICAL_STAGE):
                 initial_name, initial, initial_decision = self._matching_or_simpleitk(
-                    moving, reference, matching, classical.result(cancel), padding)
+                    moving, reference, matching, classical.result(cancel), padding, spacing)
         estimates = {initial_name: initial[0][crop].numpy()}
         padded_fields = {initial_name: initial}
         if refined is not None:
@@ -512,7 +512,7 @@ class FusionEngine:
             # Nothing the network does can change the decision: make it first, run the network once.
             with stage("guard"):
                 decision = choose_displacement(moving, reference, estimates, min_credible_motion=self.min_credible_motion,
-                                               blur_voxels=self.similarity_blur)
+                                               blur_voxels=self.similarity_blur, spacing=spacing)
             kept = padded_fields.get(decision.kept, torch.zeros_like(initial))
             # The candidates the guard turned down, three fields of the volume's size at most, would
             # otherwise live through the network pass, the run's peak (1.9 GB at 512×512×200).
@@ -529,7 +529,7 @@ class FusionEngine:
                     decision = choose_displacement(moving, reference, {
                         **estimates, NETWORK: blended.dense[2 : 2 + len(spatial)][crop].numpy()},
                         min_credible_motion=self.min_credible_motion,
-                        blur_voxels=self.similarity_blur)
+                        blur_voxels=self.similarity_blur, spacing=spacing)
                 if decision.kept != NETWORK:
                     kept = padded_fields.get(decision.kept, torch.zeros_like(initial))
                     cancel.raise_if_cancelled()
@@ -568,16 +568,18 @@ class FusionEngine:
         )
 
     def _matching_or_simpleitk(self, moving: np.ndarray, reference: np.ndarray, matching: torch.Tensor,
-                               simpleitk: np.ndarray | None, padding: list[tuple[int, int]]
-                               ) -> tuple[str, torch.Tensor, GuardDecision | None]:
+                               simpleitk: np.ndarray | None, padding: list[tuple[int, int]],
+                               spacing: tuple[float, ...] | None) -> tuple[str, torch.Tensor, GuardDecision | None]:
         """The initial alignment: the structural matching's ``matching`` (1, ndim, *padded) or
         SimpleITK's field ``simpleitk`` (ndim, *spatial; None when it failed), whichever the guard
-        prefers. Returns (its name, it padded, the decision or None)."""
+        prefers, motion counted in voxels of the finest axis of ``spacing`` (mm per array axis).
+        Returns (its name, it padded, the decision or None)."""
         if simpleitk is None:
             return self.method.initial_alignment_name, matching, None
         crop = (slice(None), *(slice(0, side) for side in moving.shape))
         decision = choose_displacement(moving, reference, {MATCHING: matching[0][crop].numpy(), SIMPLEITK: simpleitk},
-                                       min_credible_motion=self.min_credible_motion, blur_voxels=self.similarity_blur)
+                                       min_credible_motion=self.min_credible_motion, blur_voxels=self.similarity_blur,
+                                       spacing=spacing)
         if decision.kept != SIMPLEITK:
             return self.method.initial_alignment_name, matching, decision
         return SIMPLEITK, torch.from_numpy(np.pad(simpleitk, [(0, 0), *padding], mode="edge"))[None], decision
@@ -653,15 +655,18 @@ class FusionEngine:
     def _classify_on_grid(self, moving: ImageVolume, reference: ImageVolume, progress: ProgressCallback,
                           cancel: CancelToken, warnings: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """``classify_tile`` over tiles of ``moving`` on its grid, the reference resampled onto it:
-        (p (Ñ,), per-slice p on the reference's slices), or None for no estimate."""
+        (p (Ñ,), per-slice p on the reference's slices), or None for no estimate. A volume is read
+        with its axes in the reference's order (:func:`_reference_axes_first`)."""
         multiple = self.config.size_multiple
+        spatial_dims = self.config.spatial_dims
+        if spatial_dims == 3:
+            moving = _reference_axes_first(moving, reference)
         spatial = moving.spatial_shape
         padding = [(0, -side % multiple) for side in spatial]
         reference_here = resample_to_reference(reference, moving).array
         pair = torch.from_numpy(np.stack([np.pad(moving.array, padding),
                                           np.pad(reference_here, padding)]).astype(np.float32))
         tile_size = self.tile_size or auto_tile_shape(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
-        spatial_dims = self.config.spatial_dims
 
         def predictor(device: torch.device) -> Callable[[torch.Tensor], TilePrediction]:
             def predict(tile: torch.Tensor) -> TilePrediction:
@@ -746,7 +751,7 @@ class FusionEngine:
         with timer.stage("maps"):
             warped = warp(moving_tensor, field)[0, 0].numpy()
             quality = quality_maps(reference.array, warped, prediction["restored"], prediction["fused"],
-                                   uncertainty_mm=uncertainty,
+                                   spacing=spacing, uncertainty_mm=uncertainty,
                                    uncertainty_threshold_mm=threshold,
                                    uncertainty_definition=UNCERTAINTY_DEFINITION)
         quality.seconds = dict(timer.seconds)
@@ -1105,6 +1110,25 @@ def _tile_prediction(dense: torch.Tensor, class_probs: torch.Tensor | None,
         depth = dense.shape[1]
         slab_probs = slab_probs[torch.arange(depth, device=slab_probs.device) * slab_probs.shape[0] // depth]
     return TilePrediction(dense=dense, per_slice=slab_probs, per_tile=class_probs[0])
+
+
+def _reference_axes_first(moving: ImageVolume, reference: ImageVolume) -> ImageVolume:
+    """``moving`` (3-D) with its array axes reordered to run along the reference's: first the one
+    most parallel in world space to the reference's axis 0, the slices the user scrolls, then the
+    one more parallel to its axis 1. The method reads per-slice probabilities along array axis 0,
+    so a volume stored sagittal-first onto an axial reference would spread an artefact in a few
+    axial slices over all of them. The same voxels at the same world positions; a volume already
+    in the reference's order (ties keep the stored one) is returned as is."""
+    cosines = np.abs(reference.geometry.direction.T @ moving.geometry.direction)  # reference axis × moving axis
+    first = int(np.argmax(cosines[0]))
+    second, third = (axis for axis in range(3) if axis != first)
+    if cosines[1, third] > cosines[1, second]:
+        second, third = third, second
+    axes = (first, second, third)
+    if axes == (0, 1, 2):
+        return moving
+    return dataclasses.replace(moving, array=np.ascontiguousarray(moving.array.transpose(axes)),
+                               geometry=moving.geometry.transposed(axes))
 
 
 def _slices_onto(per_slice: np.ndarray, overall: np.ndarray, moving: ImageVolume,

@@ -146,6 +146,64 @@ def test_a_lower_floor_lets_a_reliable_small_correction_through_and_still_stops_
     assert unreliable.kept == IDENTITY and "noise" in unreliable.message
 
 
+THICK_SLICES = (5.0, 1.0, 1.0)  # mm per array axis: 5 mm slices of 1 mm pixels
+
+
+def test_a_through_plane_shift_on_thick_slices_counts_by_its_size_in_mm():
+    """1.5 slices of 5 mm is 7.5 mm: seven and a half in-plane voxels, above a floor of 2. Counted
+    in voxels of the grid it was 1.5, and the guard refused it however clearly the images preferred it."""
+    vector = (1.5, 0.0, 0.0)
+    mr, pet = multimodal_pair((32, 64, 64), seed=1)
+    moved, field = shifted(pet, vector), {MATCHING: constant_field(mr.shape, vector)}
+
+    in_grid_voxels = choose_displacement(moved, mr, field, min_credible_motion=2.0)
+    assert in_grid_voxels.challenges[0].gain > GAIN_NOISE_FACTOR * in_grid_voxels.challenges[0].noise
+    assert in_grid_voxels.kept == IDENTITY
+
+    in_mm = choose_displacement(moved, mr, field, min_credible_motion=2.0, spacing=THICK_SLICES)
+    assert in_mm.magnitudes[MATCHING] == pytest.approx(7.5, abs=1e-4)
+    assert in_mm.kept == MATCHING
+    assert in_mm.to_dict()["motion_unit"].startswith("voxels of the finest axis (1 mm)")
+    assert in_mm.to_dict()["min_credible_motion_mm"] == 2.0
+
+
+def test_a_refusal_on_thick_slices_states_the_floor_in_mm():
+    """An in-plane motion of 1 mm is under a floor of 2 finest voxels: the message gives the floor
+    in mm and the voxels it counts, not a grid voxel that means 5 mm through the slices."""
+    vector = (0.0, 0.0, 1.0)
+    mr, pet = multimodal_pair((32, 64, 64), seed=1)
+    decision = choose_displacement(shifted(pet, vector), mr, {MATCHING: constant_field(mr.shape, vector)},
+                                   min_credible_motion=2.0, spacing=THICK_SLICES)
+    assert decision.kept == IDENTITY
+    assert "less than 2 mm (2 voxels of the finest axis, 1 mm)" in decision.message
+
+
+@pytest.mark.parametrize(("shape", "vector", "spacing"), [
+    ((96, 96), SHIFT, (0.8, 0.8)),
+    ((96, 96), (0.0, MIN_CREDIBLE_MOTION_VOXELS - 3.0), (1.0, 1.0)),
+    ((40, 40, 40), (0.5, 1.0, 1.5), (1.49, 1.49, 1.49)),
+])
+def test_an_isotropic_grid_decides_exactly_as_without_its_spacing(shape, vector, spacing):
+    """The finest voxel of an isotropic grid is its voxel: the same motions to the bit, the same
+    decision; only the message and provenance add the size in mm."""
+    mr, pet = multimodal_pair(shape, seed=1)
+    moved = shifted(pet, vector)
+    estimates = {MATCHING: constant_field(shape, vector), NETWORK: constant_field(shape, vector) * 0.9}
+    for floor in (MIN_CREDIBLE_MOTION_VOXELS, 1.5):
+        without = choose_displacement(moved, mr, estimates, min_credible_motion=floor)
+        given = choose_displacement(moved, mr, estimates, min_credible_motion=floor, spacing=spacing)
+        assert (given.kept, given.scores, given.magnitudes, given.challenges) == (
+            without.kept, without.scores, without.magnitudes, without.challenges)
+    assert given.to_dict()["motion_unit"] == f"voxels of {spacing[0]:g} mm"
+
+
+@pytest.mark.parametrize("spacing", [(1.0,), (1.0, 0.0), (1.0, float("nan"))])
+def test_a_spacing_that_does_not_fit_the_grid_is_refused(spacing):
+    mr, pet = multimodal_pair((32, 32))
+    with pytest.raises(ValueError, match="spacing must give a size > 0"):
+        choose_displacement(pet, mr, {MATCHING: np.zeros((2, 32, 32), np.float32)}, spacing=spacing)
+
+
 @pytest.mark.parametrize(("metadata", "expected"), [
     ({}, MIN_CREDIBLE_MOTION_VOXELS),
     ({METADATA_KEY: {"calibration": "no floor recorded"}}, MIN_CREDIBLE_MOTION_VOXELS),
@@ -357,6 +415,28 @@ def test_in_3d_simpleitk_competes_with_the_matching_and_the_network_refines_the_
     head = mr > 0
     error = np.linalg.norm(result.displacement - constant_field(mr.shape, shift), axis=0)[head].mean()
     assert error < 1.5  # of a 10.8-voxel shift that the matching left untouched
+
+
+def test_the_3d_engine_counts_motion_in_the_reference_grids_finest_voxels(untrained_3d, monkeypatch):
+    """The engine passes the reference's spacing to both guard decisions: a 1.5-slice shift of 5 mm
+    slices, which the matching finds (SimpleITK finds nothing), is kept under a floor of 2."""
+    vector = (1.5, 0.0, 0.0)
+    monkeypatch.setattr(UniFuse, "initial_alignment",
+                        lambda self, moving, reference, spacing=None, check_cancelled=None: torch.from_numpy(
+                            constant_field(tuple(moving.shape[2:]), vector))[None])
+    monkeypatch.setattr(inference, "register_sitk", 
+                        lambda reference, moving, geometry, stop: np.zeros((3, *reference.shape), np.float32))
+    mr, pet = multimodal_pair((32, 64, 64), seed=1)
+    geometry = Geometry(np.array(THICK_SLICES), np.zeros(3), np.eye(3))
+    method = method_for_network(untrained_3d)
+    method.checkpoint_metadata = {METADATA_KEY: {"min_credible_motion_voxels": 2, "weigh_network_field": False}}
+
+    result = FusionEngine(method, device="cpu").run_fusion(
+        ImageVolume(mr, geometry), ImageVolume(shifted(pet, vector), geometry), quality=False)
+
+    assert result.provenance["initial_alignment"]["motion_unit"].startswith("voxels of the finest axis (1 mm)")
+    assert result.alignment_guard.kept == MATCHING
+    assert result.provenance["alignment_guard"]["mean_displacement_voxels"][MATCHING] == pytest.approx(7.5, abs=1e-4)
 
 
 def test_the_same_3d_pair_gives_the_same_result_on_every_run(untrained_3d):

@@ -173,15 +173,15 @@ def test_out_of_memory_retries_with_smaller_tiles(model_2d, error):
 
 
 def test_out_of_memory_at_the_smallest_tile_the_model_takes_is_a_clear_error(model_2d):
-    """The small config pads to multiples of 4 but its cost volume needs tiles of 8 (what a
-    --tile-size must be at least): 4-voxel tiles are never tried, and the error, with no smaller
-    tile left, asks for memory, not a smaller --tile-size."""
+    """The fallback halves the tile down to the smallest the network takes (model.costs.minimum_size,
+    4 for the 2-D small config, whose pooling pads a short grid) and no further; the error, with no
+    smaller tile left, asks for memory, not a smaller --tile-size."""
     image = ImageVolume(blob((16, 16)), Geometry.identity(2))
     exhausted = CountingModel(model_2d, max_side=0)
     with pytest.raises(UniFuseError, match="'fuse' stage even with .* the smallest tiles this model takes") as error:
         FusionEngine(exhausted, device="cpu").run_fusion(image, image)
     assert "--tile-size" not in str(error.value)
-    assert sorted(set(exhausted.tile_shapes)) == [(8, 8), (16, 16)]
+    assert sorted(set(exhausted.tile_shapes)) == [(4, 4), (8, 8), (16, 16)]
 
 
 def test_out_of_memory_outside_the_tiles_names_the_stage_and_the_size(model_2d, monkeypatch):
@@ -533,3 +533,43 @@ def test_one_file_given_as_both_images_is_said_and_two_files_are_not(tmp_path):
 
     assert len(warnings_for("mri.png")) == 1 and len(warnings_for("link.png")) == 1
     assert warnings_for("copy.png") == []  # equal content, two files: a pair a user may mean
+
+
+class SliceRoughnessReader(CountingModel):
+    """Reads "noise" on each slice along the tile's axis 0, from its in-plane roughness: a stand-in
+    for a head whose per-slab readings follow a slice-localised artefact."""
+
+    def classify(self, moving, reference):
+        tile = moving[0, 0]
+        roughness = (tile[:, 2:, :] - 2 * tile[:, 1:-1, :] + tile[:, :-2, :]).abs().mean(dim=(1, 2))
+        noisy = roughness / (roughness + 0.05)
+        per_slice = torch.zeros(1, tile.shape[0], len(DEGRADATION_CLASSES))
+        per_slice[0, :, 0], per_slice[0, :, 1] = noisy, 1 - noisy
+        return per_slice.mean(dim=1), per_slice
+
+
+@pytest.mark.parametrize("axes, flipped", [((2, 1, 0), False), ((1, 0, 2), False), ((2, 1, 0), True)],
+                         ids=["sagittal-first", "coronal-first", "sagittal-first, S flipped"])
+def test_per_slice_probabilities_follow_a_local_artefact_whatever_the_moving_axis_order(model_3d, axes, flipped):
+    """Noise in the first 4 of 12 thick (2 mm) axial slices of the moving image lands on reference
+    slices 0-7 whether the moving volume is stored axial-first or in another axis order: the head
+    reads slices along the moving axis that runs along the reference's axis 0."""
+    reference = ImageVolume(blob((24, 24, 24)), Geometry.identity(3))
+    thick = blob((12, 24, 24))
+    thick[:4] += np.random.default_rng(0).normal(0, 0.3, thick[:4].shape).astype(np.float32)
+    axial_geometry = Geometry(np.array([2.0, 1.0, 1.0]), np.array([0.5, 0.0, 0.0]), np.eye(3))
+    axial = ImageVolume(thick, axial_geometry)
+    if flipped:  # the same voxels, stored from the top slice down
+        thick = thick[::-1]
+        axial_geometry = Geometry(axial_geometry.spacing, np.array([22.5, 0.0, 0.0]), np.diag([-1.0, 1.0, 1.0]))
+    stored = ImageVolume(np.ascontiguousarray(thick.transpose(axes)), axial_geometry.transposed(axes))
+
+    engine = FusionEngine(SliceRoughnessReader(model_3d), device="cpu")
+
+    def profile(moving: ImageVolume) -> np.ndarray:
+        _, per_slice, _ = engine._read_degradation(moving, reference, lambda *_: None, CancelToken(), [])
+        return per_slice[:, 0]
+
+    axial_profile, stored_profile = profile(axial), profile(stored)
+    assert axial_profile[:7].min() > 0.8 and axial_profile[9:].max() < 0.2
+    np.testing.assert_allclose(stored_profile, axial_profile, atol=1e-4)
