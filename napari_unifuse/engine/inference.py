@@ -336,6 +336,11 @@ class FusionEngine:
                 reference_ready = _prepare(reference, reference_modality)
                 moving_ready = _prepare(moving, moving_modality)
                 moving_ready.clipped = _clipped_part(moving, moving_ready)
+                # A modality guessed from ambiguous intensities (io.normalize) must reach the user, not
+                # only the provenance's intensity_mappings.
+                warnings.extend(f"{image.source or role}: {ready.mapping.warning}" for role, image, ready in
+                                (("reference", reference, reference_ready), ("moving", moving, moving_ready))
+                                if ready.mapping.warning)
             with stage("resample"):
                 on_grid = _onto_reference_grid(moving_ready, reference)
             spacing = tuple(float(s) for s in reference.geometry.spacing)

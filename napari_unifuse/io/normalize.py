@@ -39,6 +39,7 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import ImageVolume
 
 CT_WINDOW_HU = (-1000.0, 2000.0)
+CT_AIR_HU = -1000.0
 PERCENTILES = {"mr": (0.5, 99.5), "pet": (0.0, 99.9), "spect": (0.0, 99.9)}
 MODALITY_ALIASES = {"mri": "mr", "t1": "mr", "t2": "mr", "pd": "mr", "flair": "mr", "pt": "pet", "nm": "spect"}
 MODALITIES = ("auto", "ct", *PERCENTILES, *MODALITY_ALIASES)
@@ -199,6 +200,12 @@ class _HounsfieldEvidence:
                 f"at air ({_HU_AIR[0]:g} to {_HU_AIR[1]:g} HU) or scanner padding; {self.soft_tissue_of_rest:.0%} "
                 f"of the rest soft tissue ({_HU_SOFT_TISSUE[0]:g} to {_HU_SOFT_TISSUE[1]:g} HU); "
                 f"{self.in_range:.1%} within the HU range")
+
+
+def shows_ct_air(values: np.ndarray) -> bool:
+    """Whether ``values`` gather below soft tissue at CT's air or scanner padding, all in the HU range:
+    an image in Hounsfield units, whose background is air (-1000 HU), not 0 (water)."""
+    return _HounsfieldEvidence.of(values).has_air
 
 
 def _detect_modality(volume: ImageVolume) -> tuple[str, str, str]:

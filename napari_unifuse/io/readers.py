@@ -26,6 +26,7 @@ from PIL import Image
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry, ImageVolume
 from napari_unifuse.io.nifti_xforms import NiftiXforms
+from napari_unifuse.io.normalize import CT_AIR_HU, shows_ct_air
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -202,8 +203,10 @@ def real_finite_values(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
       image a scanner console shows; the phase is dropped, which the warning says.
     * Booleans (a mask) become 0.0 / 1.0: an 8-bit 0/1 image would be read as almost black.
     * +inf / -inf (a saturated detector, an overflowed conversion) are clipped to the largest /
-      smallest finite value, as the intensity window would clip them; NaN (no measurement) becomes
-      0, the background.
+      smallest finite value, as the intensity window would clip them; NaN (no measurement, often
+      outside the field of view after a resampling) becomes the background: 0, or air (-1000 HU) in
+      an image in Hounsfield units (``io.normalize.shows_ct_air``), where 0 is water and drew a grey
+      disc around the head.
 
     Raises InputError (without a source; callers add it) when no voxel is finite.
     """
@@ -222,9 +225,10 @@ def real_finite_values(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
         raise InputError("every voxel is NaN or infinite: there is no image to use")
     nan, positive, negative = np.isnan(array), np.isposinf(array), np.isneginf(array)
     values = array[finite]
-    # Clip first: NaN passes through the clip, and 0 must stay 0 however high the finite minimum.
-    array = np.where(nan, 0, np.clip(array, values.min(), values.max())).astype(array.dtype)
-    counts = [(int(nan.sum()), "NaN voxels set to 0"),
+    background, named = (CT_AIR_HU, f"{CT_AIR_HU:g} HU (air)") if shows_ct_air(values) else (0.0, "0")
+    # Clip first: NaN passes through the clip, and the background stays itself however high the finite minimum.
+    array = np.where(nan, background, np.clip(array, values.min(), values.max())).astype(array.dtype)
+    counts = [(int(nan.sum()), f"NaN voxels set to {named}"),
               (int(positive.sum()), f"+inf voxels set to the maximum {values.max():g}"),
               (int(negative.sum()), f"-inf voxels set to the minimum {values.min():g}")]
     warnings.append("non-finite values: " + ", ".join(f"{count} {what}" for count, what in counts if count))

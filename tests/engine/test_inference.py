@@ -573,3 +573,16 @@ def test_per_slice_probabilities_follow_a_local_artefact_whatever_the_moving_axi
     axial_profile, stored_profile = profile(axial), profile(stored)
     assert axial_profile[:7].min() > 0.8 and axial_profile[9:].max() < 0.2
     np.testing.assert_allclose(stored_profile, axial_profile, atol=1e-4)
+
+
+def test_a_modality_guessed_from_ambiguous_intensities_is_a_warning_of_the_run(model_2d):
+    """io.normalize marks a guess it cannot be sure of (values below -500 without CT's air peak:
+    PET undershoot, or real-valued MR); the user must read that, not only the provenance."""
+    rng = np.random.default_rng(0)
+    reference = ImageVolume(blob((32, 32)), Geometry.identity(2))
+    undershoot = (blob((32, 32)) * 20000 + rng.normal(0, 1500, (32, 32))).astype(np.float32)
+    moving = ImageVolume(undershoot, Geometry.identity(2), source="pet.nii.gz")
+    result = FusionEngine(model_2d, device="cpu").run_fusion(reference, moving, quality=False)
+    (guess,) = [w for w in result.warnings if "give the modality" in w]
+    assert guess.startswith("pet.nii.gz: ")
+    assert result.provenance["warnings"] == result.warnings

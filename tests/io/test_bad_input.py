@@ -110,6 +110,20 @@ def test_nans_become_zero_and_infinities_are_clipped_with_a_warning(tmp_path):
     assert "1 NaN voxels set to 0" in warning and "1 +inf" in warning and "1 -inf" in warning
 
 
+def test_nans_outside_a_ct_field_of_view_become_air_not_water(tmp_path):
+    """A CT resampled with NaN outside its field of view: 0 HU there is water, a grey disc around
+    the head in the aligned and fused images; its background is air."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    radius = np.hypot(yy - 32, xx - 32)
+    ct = np.where(radius < 20, 40.0, -1000.0) + rng.normal(0, 10, (64, 64))  # soft tissue in air
+    ct[radius > 28] = np.nan  # outside the reconstructed field
+    volume = read_image(_nifti(tmp_path / "ct.nii.gz", ct[:, :, None].astype(np.float32)))  # read back as (1, x, y)
+    assert np.all(volume.array[0][radius.T > 28] == -1000)
+    (warning,) = volume.metadata["warnings"]
+    assert f"{int(np.isnan(ct).sum())} NaN voxels set to -1000 HU (air)" in warning
+
+
 def test_a_file_this_user_may_not_read_is_said_to_be_so_not_corrupt(tmp_path, monkeypatch):
     """(The tests run as root, whom chmod does not stop: the refusal is the one open() raises.)"""
     import napari_unifuse.io.readers as readers
