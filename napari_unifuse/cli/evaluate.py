@@ -886,6 +886,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def held_out_fraction(text: str) -> float:
+    """``--val-fraction``: above 0 and below 1. Both splits come from one split by atlas case that
+    holds cases out for validation, so 0 (even for ``--split train``) or 1 is refused here, in this
+    option's terms, not by training's check of ``data.val_fraction``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"must be above 0 and below 1, got {text}: it is the fraction of atlas cases held out as the val split "
+            "(--split train scores the others); give e.g. 0.15, or leave it out for the checkpoint's split")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="score a checkpoint beside classical registration + fusion baselines",
@@ -903,7 +918,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     harvard.add_argument("--split", choices=("val", "train"), default="val")
     harvard.add_argument("--tasks", default="CT,PET,SPECT", help="comma-separated: CT, PET, SPECT")
     harvard.add_argument("--limit", type=positive_int, help="at most this many pairs per task")
-    harvard.add_argument("--val-fraction", type=float,
+    harvard.add_argument("--val-fraction", type=held_out_fraction,
                          help="split by atlas case with this validation fraction (default: the checkpoint's)")
     harvard.add_argument("--split-seed", type=int, help="seed of the case split (default: the checkpoint's)")
     harvard.add_argument("--size", type=positive_int, help="resize the images to SIZE² (as in training's data.size)")

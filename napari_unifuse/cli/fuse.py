@@ -20,7 +20,8 @@ modalities, quality maps) is skipped, so rerunning after an interruption only do
 and ends with ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder
 holding results of other inputs, another method or other settings is refused, never silently
 replaced: ``--overwrite`` redoes the pair and first removes every earlier output in its folder.
-No output may replace an input. ``--report`` also writes each pair's QC page (``report.html``) and,
+No output may replace an input, and an ``--out`` that cannot be created or written to is refused
+before any work. ``--report`` also writes each pair's QC page (``report.html``) and,
 for a ``--pairs`` batch, ``OUT/index.html``, the runs most suspicious first (a pair already done gets its
 page with ``--overwrite``; ``unifuse report OUT`` indexes a single pair's folder); the page is written
 with the pair's other outputs, before the ``provenance.json`` that marks them done. An input replaced
@@ -43,6 +44,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,7 @@ from tqdm import tqdm
 
 from napari_unifuse.cli.arguments import read_pairs_rows
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
-from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.engine.device import DEVICE_CHOICES, is_out_of_memory
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
 from napari_unifuse.engine.inference import FusionEngine, requested_settings
 from napari_unifuse.engine.input_checks import model_dimensions
@@ -61,6 +64,7 @@ from napari_unifuse.engine.outputs import (
     PROVENANCE_FILE,
     REPORT_FILE,
     FolderLock,
+    check_writable_folder,
     is_complete,
     output_folder_lock,
     read_json_object,
@@ -147,6 +151,10 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
     options = {"reference_modality": args.reference_modality, "moving_modality": args.moving_modality,
                "quality": not args.no_quality, "uncertainty_passes": args.uncertainty_passes}
     batch = {"rank": job.rank, "world_size": job.world_size} if job.world_size > 1 else {}
+    # Before any pair: a read-only --out would otherwise fail every pair after its fusion. A batch
+    # writes its summary there anyway, and the processes of one check the folder side by side (one
+    # removing it would fail another's check); a lone pair refused later leaves nothing behind.
+    check_writable_folder(args.out, keep=args.pairs is not None or job.world_size > 1)
     outcomes = []
     for index, pair in job.shard(list(enumerate(pairs, start=1))):
         out_dir = args.out / pair.name
@@ -250,8 +258,9 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     nothing is written unless fusion succeeded, and every earlier output in ``out_dir`` is
     replaced. ``batch`` (the process's rank and the world size of a sharded batch) goes into the
     provenance. ``lock``: the caller's held lock of ``out_dir`` (else the write takes it)."""
-    reference, moving = read_image(pair.reference), read_image(pair.moving)
-    label = read_image(pair.label) if pair.label is not None else None
+    with _out_of_memory_named("read", pair):
+        reference, moving = read_image(pair.reference), read_image(pair.moving)
+        label = read_image(pair.label) if pair.label is not None else None
     # Before the fusion: a label the metrics cannot be measured against fails at once, not after the work.
     label_warnings = label_coverage_warnings(label, reference) if label is not None else []
     # Described as read: a label replaced during the fusion must not be recorded for these metrics.
@@ -270,15 +279,35 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
         result.provenance["batch"] = batch
     if label_source is not None:  # what metrics.json was measured against, for resuming
         result.provenance["inputs"]["label"] = label_source
-    metrics = label_metrics(result, label_in_model_units(result, label)) if label is not None else None
+    with _out_of_memory_named("label metrics", pair):
+        metrics = label_metrics(result, label_in_model_units(result, label)) if label is not None else None
 
     def page() -> str:
-        return report_page(result, out_dir, reference=reference, moving=moving, metrics=metrics)
+        with _out_of_memory_named("QC page", pair):
+            return report_page(result, out_dir, reference=reference, moving=moving, metrics=metrics)
 
-    # A write the disk refuses is one line naming the file (engine.outputs.write_files_together).
-    write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=True, report=page if report else None,
-                         lock=lock)
+    # A write the disk refuses is one line naming the file (engine.outputs.write_files_together); the
+    # QC page is made while the outputs are staged, so its failure too leaves the folder as it was.
+    with _out_of_memory_named("write", pair):
+        write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=True, report=page if report else None,
+                             lock=lock)
     return result
+
+
+@contextmanager
+def _out_of_memory_named(stage: str, pair: Pair) -> Iterator[None]:
+    """An allocation that fails in one of ``fuse_pair``'s own stages (the engine explains those of
+    the fusion) becomes a one-line UniFuseError naming the stage and the pair, which fails only that
+    pair of a batch."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise UniFuseError(
+            f"the computer ran out of memory during the {stage!r} stage of the pair {pair.name}; close other programs "
+            "and run again, or fuse a cropped or coarser copy of the images. Nothing of this pair was written and the "
+            "inputs are unchanged.") from error
 
 
 def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, options: dict[str, Any]) -> None:

@@ -515,6 +515,22 @@ def test_counts_and_sizes_below_one_are_refused_before_anything_runs(option, val
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("value", ["0", "1", "-0.1"])
+def test_a_val_fraction_holding_out_no_case_or_every_case_is_refused_by_evaluates_own_option(
+        split, value, tmp_path, capsys):
+    """--split train --val-fraction 0 was refused by training's check, naming data.val_fraction and
+    a best checkpoint that evaluate does not keep."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--methods", "identity+max", "--harvard", str(tmp_path), "--split", split,
+              "--val-fraction", value, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument --val-fraction: must be above 0 and below 1, got {value}: it is the fraction" in error
+    assert "data.val_fraction" not in error and "checkpoint by" not in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_pairs_in_different_folders_with_one_moving_file_name_are_all_compared(tmp_path):
     """``unifuse synth --pairs`` writes OUT/0000/moving.png, OUT/0001/moving.png: two pairs, both
     in every table and in the pair-by-pair statistics."""

@@ -470,6 +470,92 @@ def test_out_of_memory_exits_2_naming_the_stage_and_writes_nothing(data, tmp_pat
 CHEAP = ("--method", "identity+average", "--no-quality", "--device", "cpu")
 
 
+def exhausting_the_first_call(monkeypatch, name, error):
+    """``fuse_module.<name>`` raises ``error`` (a failed allocation) on its first call only."""
+    original, calls = getattr(fuse_module, name), []
+
+    def first_call_fails(*args, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fuse_module, name, first_call_fails)
+
+
+OUT_OF_MEMORY_OUTSIDE_THE_FUSION = [
+    ("label_metrics", "label metrics", MemoryError("Unable to allocate 2.00 GiB (simulated)")),
+    ("report_page", "QC page", torch.OutOfMemoryError("out of memory (simulated)")),
+]
+
+
+@pytest.mark.parametrize(("function", "stage", "error"), OUT_OF_MEMORY_OUTSIDE_THE_FUSION)
+def test_out_of_memory_in_the_metrics_or_the_qc_page_fails_only_that_pair_of_a_batch(
+        data, tmp_path, capsys, monkeypatch, function, stage, error):
+    """It used to stop the whole batch with no summary, the message naming no pair."""
+    root, out = data["root"], tmp_path / "out"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving,label\n{root / 'mri.png'},{root / 'pet7.png'},{root / 'pet8_label.png'}\n"
+                     f"{root / 'mri.png'},{root / 'pet8.png'},{root / 'pet8_label.png'}\n", encoding="utf-8")
+    exhausting_the_first_call(monkeypatch, function, error)
+
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP, "--report") == 2
+
+    err = capsys.readouterr().err
+    said = f"the computer ran out of memory during the {stage!r} stage of the pair pet7; close other programs"
+    assert f"[1/2] pet7: error: {said}" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "failed"), ("pet8", "done")]
+    assert summary["outcomes"][0]["error"].startswith(said)
+    assert not (out / "pet7").exists()
+    assert (out / "index.html").is_file() and (out / "pet8" / "report.html").is_file()
+
+
+@pytest.mark.parametrize(("function", "stage", "error"), OUT_OF_MEMORY_OUTSIDE_THE_FUSION)
+def test_out_of_memory_in_the_metrics_or_the_qc_page_of_one_pair_is_one_line_and_writes_nothing(
+        data, tmp_path, capsys, monkeypatch, function, stage, error):
+    root, out = data["root"], tmp_path / "out"
+    exhausting_the_first_call(monkeypatch, function, error)
+
+    code = fuse("--reference", root / "mri.png", "--moving", root / "pet7.png", "--label", root / "pet8_label.png",
+                "--out", out, *CHEAP, "--report")
+
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"unifuse fuse: error: the computer ran out of memory during the {stage!r} stage of the pair pet7; close "
+        "other programs and run again, or fuse a cropped or coarser copy of the images. Nothing of this pair was "
+        "written and the inputs are unchanged."]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("refusal", ["cannot create", "cannot write in"])
+def test_an_out_it_cannot_write_to_is_refused_before_any_pair_is_fused(data, tmp_path, capsys, monkeypatch,
+                                                                       deny_creating, deny_writes_in, refusal):
+    """A read-only --out used to fuse every pair, then fail each one's write and the summary."""
+    from napari_unifuse.engine.inference import FusionEngine
+
+    def fusion_not_expected(*args, **kwargs):
+        raise AssertionError("a pair was fused")
+
+    monkeypatch.setattr(FusionEngine, "run_fusion", fusion_not_expected)
+    root, out = data["root"], tmp_path / "out"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{root / 'mri.png'},{root / 'pet7.png'}\n"
+                     f"{root / 'mri.png'},{root / 'pet8.png'}\n", encoding="utf-8")
+    if refusal == "cannot create":
+        deny_creating(out)
+        expected = f"{out}: cannot create the --out folder (Permission denied)"
+    else:
+        out.mkdir()
+        deny_writes_in(out)
+        expected = f"{out}: cannot write there (Permission denied)"
+
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
+
+    assert capsys.readouterr().err.splitlines() == [f"unifuse fuse: error: {expected}"]
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("role", ["reference", "moving", "label"])
 def test_an_input_where_an_output_goes_is_refused_and_left_alone(data, tmp_path, capsys, role):
     root = data["root"]
