@@ -341,6 +341,12 @@ class FusionEngine:
                 warnings.extend(f"{image.source or role}: {ready.mapping.warning}" for role, image, ready in
                                 (("reference", reference, reference_ready), ("moving", moving, moving_ready))
                                 if ready.mapping.warning)
+                if reference_ready.chroma is not None and moving_ready.chroma is not None:
+                    # One colour can be carried (_compose): say which, or a reviewer reads the fused
+                    # image's grey where the reference was coloured as the reference's own.
+                    warnings.append(f"{reference.source or 'reference'}: both images are in colour; the fused "
+                                    "image is coloured by the moving image alone, the reference's colours are "
+                                    "not in it (the fusion is of luma, Y)")
             with stage("resample"):
                 on_grid = _onto_reference_grid(moving_ready, reference)
             spacing = tuple(float(s) for s in reference.geometry.spacing)

@@ -586,3 +586,19 @@ def test_a_modality_guessed_from_ambiguous_intensities_is_a_warning_of_the_run(m
     (guess,) = [w for w in result.warnings if "give the modality" in w]
     assert guess.startswith("pet.nii.gz: ")
     assert result.provenance["warnings"] == result.warnings
+
+
+def test_two_colour_images_say_whose_colours_the_fused_image_carries(model_2d):
+    """Only one image's chroma can be carried: a PET reference's colour where the moving PET is dark
+    came out grey, with nothing said."""
+    red = np.zeros((24, 20, 3), dtype=np.uint8)
+    red[..., 0] = (255 * blob((24, 20), 0.1)).astype(np.uint8)
+    green = red[..., [1, 0, 2]].copy()
+    reference = ImageVolume(red, Geometry.identity(2), source="pet_reference.png", is_rgb=True)
+    moving = ImageVolume(green, Geometry.identity(2), is_rgb=True)
+    result = FusionEngine(model_2d, device="cpu").run_fusion(reference, moving, quality=False)
+    (said,) = [w for w in result.warnings if "both images are in colour" in w]
+    assert said.startswith("pet_reference.png: ") and "coloured by the moving image alone" in said
+    grey_reference = ImageVolume(blob((24, 20)), Geometry.identity(2))
+    single = FusionEngine(model_2d, device="cpu").run_fusion(grey_reference, moving, quality=False)
+    assert not [w for w in single.warnings if "both images are in colour" in w]
