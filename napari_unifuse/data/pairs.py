@@ -139,7 +139,7 @@ def degrade_label(label: ImageVolume, task: str | Task, rng: np.random.Generator
         return DegradedLabel(within, degradation, scaled - within)
     degradation = make_degradation(name, severity, **options)
     if label.is_rgb:
-        ycbcr = rgb_to_ycbcr(clean)
+        ycbcr = rgb_to_ycbcr(label.array)  # from its own dtype: uint8 as read is in 0-255, not [0, 1]
         ycbcr[..., 0] = degradation(ycbcr[..., 0], rng)
         return DegradedLabel(ycbcr, degradation)
     return DegradedLabel(degradation(clean, rng), degradation)

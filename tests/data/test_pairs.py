@@ -103,6 +103,18 @@ def test_colour_pet_degrades_luma_and_carries_chroma(slices):
     assert ncc(interior(restored), interior(rgb)) > 0.99
 
 
+def test_a_colour_label_as_read_from_a_png_gives_the_pair_of_its_float_copy(slices):
+    """io.read_image gives an 8-bit RGB PET as uint8 in 0-255: read as if it were [0, 1], the
+    degraded PET came out a saturated white blob."""
+    rgb = matplotlib.colormaps["hot"](np.clip(slices["pet"].array, 0, 1))[..., :3]
+    as_read = ImageVolume((rgb * 255).round().astype(np.uint8), slices["pet"].geometry, {"modality": "pet"},
+                          is_rgb=True)
+    as_float = ImageVolume(as_read.array / np.float32(255), as_read.geometry, as_read.metadata, is_rgb=True)
+    from_png = make_pair(slices["t1"], as_read, "mri-pet-lowdose", rng=6, misalignment=NO_MOTION)
+    from_float = make_pair(slices["t1"], as_float, "mri-pet-lowdose", rng=6, misalignment=NO_MOTION)
+    np.testing.assert_allclose(from_png.moving.array, from_float.moving.array, atol=1e-5)
+
+
 def test_same_seed_same_pair_in_3d():
     volumes = make_brain_phantoms((32, 32, 32), modalities=("ct", "pet"))
     first = make_pair(volumes["ct"], volumes["pet"], "ct-pet-lowdose", rng=7)
