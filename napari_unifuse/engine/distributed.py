@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.errors import InputError
 
 Item = TypeVar("Item")
 RESULTS_TIMEOUT = timedelta(days=30)
@@ -59,17 +60,40 @@ class Distributed:
             dist.destroy_process_group()
 
 
+# What torchrun sets beside WORLD_SIZE, and env:// initialisation reads.
+_TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _torchrun_number(name: str, default: str | None = None) -> int:
+    value = os.environ.get(name, default)
+    try:
+        number = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = -1
+    if number < (1 if name == "WORLD_SIZE" else 0):
+        raise InputError(f"{name}={value!r} is not a process count or rank torchrun would set; unset it, or start "
+                         "the batch with torchrun", "environment")
+    return number
+
+
 def setup_distributed(requested_device: str) -> Distributed:
     """Join the process group ``torchrun`` set up in the environment (rank 0 of 1 without it).
 
     On CUDA each process takes the GPU of its local rank and talks NCCL; on CPUs gloo, with the
     machine's cores split between the processes that share it.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _torchrun_number("WORLD_SIZE", "1")
     device = resolve_device(requested_device)
     if world_size == 1:
         return Distributed(0, 0, 1, device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    # A shell or container that exports WORLD_SIZE for another tool is not a torchrun job: say so in
+    # one line instead of a KeyError or torch's own traceback from init_process_group.
+    missing = [name for name in _TORCHRUN_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise InputError(f"WORLD_SIZE={world_size} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         "not: start the batch with torchrun (torchrun --nproc_per_node N -m napari_unifuse.cli ...), "
+                         "or unset WORLD_SIZE to run in one process", "environment")
+    rank, local_rank = _torchrun_number("RANK"), _torchrun_number("LOCAL_RANK", "0")
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
