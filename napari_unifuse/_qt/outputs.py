@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,14 +73,18 @@ class ResultLayers:
     """Adds or refreshes the output layers of the latest run and keeps the quivers on the viewed slice.
 
     Call :meth:`disconnect_viewer` when the workbench closes: it releases the viewer's events and
-    the flicker timer, and takes the run's text off the canvas.
+    the flicker timer, and takes the run's text off the canvas. ``on_flicker_stopped`` is called
+    whenever the flicker stops, also on its own (a new run, the aligned layer deleted), so that the
+    control that started it can show it stopped.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self.viewer = viewer
         self.outcome: RunOutcome | None = None
         self.names: OutputNames | None = None
-        self.reference_name: str | None = None
+        # The run's reference layer, weakly (a deleted layer is let go): followed through renames.
+        self._reference: weakref.ref | None = None
+        self.on_flicker_stopped: Callable[[], None] | None = None
         self.quiver_stride = 4
         self.grid_spacing = 4
         self.checker_tile = 8
@@ -95,6 +101,7 @@ class ResultLayers:
         viewer.layers.events.removed.connect(self._on_layer_removed)
 
     def disconnect_viewer(self) -> None:
+        self.on_flicker_stopped = None  # the control may be closing with the viewer's window
         self.stop_flicker()
         self.clear_kept_estimate()
         self.viewer.dims.events.current_step.disconnect(self.update_quivers)
@@ -104,12 +111,14 @@ class ResultLayers:
 
     # ---- building -----------------------------------------------------------------------------
     def show(self, outcome: RunOutcome, reference_name: str, moving_name: str) -> None:
+        """The layers of ``outcome``, a run of the layers now named ``reference_name`` and ``moving_name``."""
         self.stop_flicker()
         names = OutputNames.for_inputs(reference_name, moving_name)
         if self.names is not None and self.names.quivers != names.quivers and self.names.quivers in self.viewer.layers:
             # Arrows follow the slider only with their run's field, which is not kept past its run.
             self.viewer.layers.remove(self.names.quivers)
-        self.outcome, self.reference_name, self.names = outcome, reference_name, names
+        self.outcome, self.names = outcome, names
+        self._reference = weakref.ref(self.viewer.layers[reference_name]) if reference_name in self.viewer.layers else None
         result = outcome.result
         geometry = result.fused.geometry
         placed = geometry.napari_kwargs()
@@ -166,10 +175,25 @@ class ResultLayers:
             overlay.visible = False
         self._kept_estimate_text = None
 
+    @property
+    def reference_name(self) -> str | None:
+        """The current name of the run's reference layer (None once it is deleted)."""
+        reference = self._reference_layer()
+        return None if reference is None else reference.name
+
+    def _reference_layer(self):
+        reference = None if self._reference is None else self._reference()
+        return reference if reference is not None and reference in self.viewer.layers else None
+
     def _on_layer_removed(self, event) -> None:
-        """The text describes the fused layer: it goes with it."""
-        if self.names is not None and event.value.name == self.names.fused:
+        """The text describes the fused layer: it goes with it. Without the aligned layer there is
+        nothing to fade or flicker to: the layers hidden for it come back."""
+        if self.names is None:
+            return
+        if event.value.name == self.names.fused:
             self.clear_kept_estimate()
+        elif event.value.name == self.names.aligned:
+            self.stop_flicker()
 
     def _volume_layer(self, volume: ImageVolume, name: str, tags: dict | None = None, **kwargs) -> None:
         """An image layer placed and described as the reader's (geometry, metadata with the NIfTI
@@ -248,7 +272,9 @@ class ResultLayers:
             aligned.opacity = float(opacity)
 
     def start_flicker(self) -> None:
-        if self._compare_layers() is not None:
+        if self._compare_layers() is None:
+            self.stop_flicker()  # nothing to flicker: say so to the control that asked
+        else:
             self._flicker.start()
 
     def stop_flicker(self) -> None:
@@ -258,6 +284,8 @@ class ResultLayers:
                 if layer in self.viewer.layers:
                     layer.visible = visible
         self._hidden_for_compare, self._shown_for_compare = [], []
+        if self.on_flicker_stopped is not None:
+            self.on_flicker_stopped()
 
     @property
     def flickering(self) -> bool:
@@ -266,7 +294,7 @@ class ResultLayers:
     def _flip(self) -> None:
         aligned = self._compare_layers()
         if aligned is None:
-            self._flicker.stop()
+            self.stop_flicker()
             return
         aligned.opacity = 1.0
         aligned.visible = not aligned.visible
@@ -277,13 +305,13 @@ class ResultLayers:
         reference, so that fade and flicker compare exactly the reference and the aligned image."""
         if self.outcome is None or self.names.aligned not in self.viewer.layers:
             return None
-        kept = {self.names.aligned, self.names.quivers, self.reference_name}
+        reference = self._reference_layer()
         for layer in self.viewer.layers:
-            if layer.visible and layer.name not in kept:
+            if layer.visible and layer is not reference and layer.name not in (self.names.aligned, self.names.quivers):
                 layer.visible = False
                 self._hidden_for_compare.append(layer)
-        if self.reference_name in self.viewer.layers and not self.viewer.layers[self.reference_name].visible:
-            self.viewer.layers[self.reference_name].visible = True
-            self._shown_for_compare.append(self.viewer.layers[self.reference_name])
+        if reference is not None and not reference.visible:
+            reference.visible = True
+            self._shown_for_compare.append(reference)
         return self.viewer.layers[self.names.aligned]
 

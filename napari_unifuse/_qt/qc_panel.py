@@ -45,3 +45,8 @@ class QCPanel(widgets.Container):
         self.checker_tile.changed.connect(results.set_checker_tile)
         self.fade.changed.connect(results.fade)
         self.flicker.changed.connect(lambda on: results.start_flicker() if on else results.stop_flicker())
+        results.on_flicker_stopped = self._show_flicker_stopped
+
+    def _show_flicker_stopped(self) -> None:
+        """The flicker also stops on its own (a new run, the aligned layer deleted): untick it then."""
+        self.flicker.value = False

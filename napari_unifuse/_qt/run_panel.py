@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -72,6 +73,14 @@ class RunSelection:
     reference_name: str
     moving_name: str
     folder: Path
+    # The (reference, moving) layers, weakly (a deleted layer is let go), to follow them through renames.
+    layers: tuple[weakref.ref, weakref.ref]
+
+    def under_current_names(self) -> RunSelection:
+        """This selection under its layers' names now: a layer renamed since (while it ran) is still this run's."""
+        current = [layer.name if (layer := ref()) is not None else name
+                   for ref, name in zip(self.layers, (self.reference_name, self.moving_name), strict=True)]
+        return replace(self, reference_name=current[0], moving_name=current[1])
 
 
 class RunPanel(widgets.Container):
@@ -295,10 +304,10 @@ class RunPanel(widgets.Container):
                              label)
         folder = run_folder(
             self.output_root.value, self.reference.value, self.moving.value, checkpoint,
-            (input_fingerprint(reference, self.reference.value, LAYER_DIGESTS),
-             input_fingerprint(moving, self.moving.value, LAYER_DIGESTS)),
+            (input_fingerprint(reference, LAYER_DIGESTS), input_fingerprint(moving, LAYER_DIGESTS)),
         )
-        return RunSelection(request, self.reference.value, self.moving.value, folder)
+        layers = (weakref.ref(self.viewer.layers[self.reference.value]), weakref.ref(self.viewer.layers[self.moving.value]))
+        return RunSelection(request, self.reference.value, self.moving.value, folder, layers)
 
     def _volume(self, name: str) -> ImageVolume:
         layer = self.viewer.layers[name]

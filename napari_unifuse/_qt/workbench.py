@@ -9,11 +9,13 @@ before the next tile. The worker yields the outcome as soon as the layers can be
 then computes the whole-volume metrics (12 s of the 60 of a 176 × 216 × 180 pair on two cores),
 which fill the *Metrics* tab when they arrive. Closing the workbench, or the viewer's window,
 releases every viewer event, the timer and the plot dock it holds and cancels a run, so that
-closing and reopening it leaves nothing behind; a run that ends after that draws nothing.
+closing and reopening it leaves nothing behind; a run that ends after that draws nothing, but
+still writes the metrics.json a Save made before its metrics promised.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Generator
@@ -116,6 +118,35 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
     return parent
 
 
+class MetricsPromise:
+    """The metrics.json a Save made before its run's volume metrics came promises. The Save hands
+    over its folder (:meth:`keep_in`, GUI thread), the run's worker the metrics as soon as they are
+    computed (:meth:`fulfil`); whichever comes second writes the file. No widget takes part: closing
+    the viewer stops the worker before its metrics reach the workbench, and the file is still owed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folder: Path | None = None
+        self._metrics: dict[str, float] | None = None
+        self.written: Path | None = None
+
+    def keep_in(self, folder: Path) -> None:
+        with self._lock:
+            self._folder, metrics = folder, self._metrics
+        if metrics is not None:
+            self._write(folder, metrics)
+
+    def fulfil(self, metrics: dict[str, float]) -> None:
+        with self._lock:
+            self._metrics, folder = metrics, self._folder
+        if folder is not None:
+            self._write(folder, metrics)
+
+    def _write(self, folder: Path, metrics: dict[str, float]) -> None:
+        written = write_files_together(folder, {METRICS_FILE: lambda path: write_json(metrics, path)})
+        self.written = written[METRICS_FILE]
+
+
 class UniFuseWorkbench(QWidget):
     """The dock napari opens for *Plugins → UniFuse workbench* (and ``unifuse view``).
 
@@ -178,9 +209,8 @@ class UniFuseWorkbench(QWidget):
         self.report_worker = None
         self.last_run_seconds: float | None = None
         self.last_report: Path | None = None
-        # A Save made while the volume metrics were computing: the outcome saved and its folder,
-        # which gets metrics.json when they arrive.
-        self._saved_without_metrics: tuple[RunOutcome, Path] | None = None
+        # The running pair's metrics.json, owed to a Save made before its volume metrics came.
+        self._metrics_promise: MetricsPromise | None = None
         # The pair being run and when it started, until its worker finishes.
         self._running: tuple[RunSelection, float] | None = None
         self._cancel: CancelToken | None = None
@@ -307,7 +337,9 @@ class UniFuseWorkbench(QWidget):
         # napari keeps every worker, its function and its signals' slots until the viewer closes: the
         # function is static (a bound one would keep this workbench), the slots are bound methods
         # (which Qt holds weakly) and the generator lets go of its arguments when it ends.
-        worker = create_worker(self._compute, selection, cancel, self._engines, self._relay.progressed.emit)
+        self._metrics_promise = MetricsPromise()
+        worker = create_worker(self._compute, selection, cancel, self._engines, self._relay.progressed.emit,
+                               self._metrics_promise)
         worker.yielded.connect(self._show_outcome)
         worker.returned.connect(self._finish_run)
         worker.finished.connect(self._run_finished)
@@ -320,9 +352,11 @@ class UniFuseWorkbench(QWidget):
 
     @staticmethod
     def _compute(selection: RunSelection, cancel: CancelToken, engines: dict[tuple, FusionEngine],
-                 progressed: ProgressCallback) -> Generator[RunOutcome, None, dict[str, float] | WorkerFailed]:
+                 progressed: ProgressCallback, promise: MetricsPromise,
+                 ) -> Generator[RunOutcome, None, dict[str, float] | WorkerFailed]:
         """Worker thread: load (or reuse, from ``engines``) the engine, fuse, compute the review maps
-        and yield them to be drawn; then return the whole-volume metrics."""
+        and yield them to be drawn; then return the whole-volume metrics, written to the folder of a
+        Save made meanwhile (``promise``)."""
         try:
             outcome = UniFuseWorkbench._fuse_and_analyse(selection.request, cancel, engines, progressed)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
@@ -333,6 +367,10 @@ class UniFuseWorkbench(QWidget):
             metrics = volume_metrics(outcome)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
             return WorkerFailed(error, "Volume metrics (the layers are complete)")
+        try:
+            promise.fulfil(metrics)
+        except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
+            return WorkerFailed(error, f"Save {METRICS_FILE} (the other outputs are saved)")
         progressed("volume metrics", 1, 1)
         return metrics
 
@@ -387,6 +425,7 @@ class UniFuseWorkbench(QWidget):
         self.worker = None
         self._cancel = None
         self._running = None
+        self._metrics_promise = None
         if self._released:  # the form may have been deleted with the viewer's window
             return
         self._close_activity()
@@ -395,9 +434,11 @@ class UniFuseWorkbench(QWidget):
             self.run_panel.status.value = "stopped"
 
     def _finish_run(self, metrics: dict[str, float] | WorkerFailed) -> None:
+        promise = self._metrics_promise
+        if promise is not None and promise.written is not None:  # a file: said even with the workbench closed
+            show_info(f"Saved the volume metrics to {promise.written}")
         if self._released:  # closed while the worker ran: its viewer and widgets are no longer ours
             return
-        saved_without_metrics, self._saved_without_metrics = self._saved_without_metrics, None
         if isinstance(metrics, WorkerFailed):
             report_error(metrics.error, metrics.action)
             return
@@ -407,19 +448,12 @@ class UniFuseWorkbench(QWidget):
         self.metrics_panel.show_metrics(volume=metrics)
         self.report_button.enabled = True
         self.run_panel.status.value = "done"
-        if saved_without_metrics is not None and saved_without_metrics[0] is self.outcome:
-            self._save_late_metrics(saved_without_metrics[1], metrics)
-
-    @reports_errors("Save metrics")
-    def _save_late_metrics(self, folder: Path, metrics: dict[str, float]) -> None:
-        """Add metrics.json to the folder this run's outputs were saved to before the metrics came."""
-        written = write_files_together(folder, {METRICS_FILE: lambda path: write_json(metrics, path)})
-        show_info(f"Saved the volume metrics to {written[METRICS_FILE]}")
 
     def _show_outcome(self, outcome: RunOutcome) -> None:
         if self._released:
             return
-        selection, started = self._running
+        started_with, started = self._running
+        selection = started_with.under_current_names()  # its layers may have been renamed while it ran
         self.outcome, self.selection = outcome, selection
         self.run_panel.last_run_pair = (selection.reference_name, selection.moving_name)
         result = outcome.result
@@ -602,7 +636,7 @@ class UniFuseWorkbench(QWidget):
                                            extra_images=review_maps)
         show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
         if metrics_coming:
-            self._saved_without_metrics = (self.outcome, folder)
+            self._metrics_promise.keep_in(folder)
             show_info(f"Saved {len(written)} files to {folder}; {METRICS_FILE} will be written when the "
                       "volume metrics finish")
         else:

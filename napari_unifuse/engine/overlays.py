@@ -24,6 +24,9 @@ from napari_unifuse.metrics import jacobian_determinant
 # Percentiles that set the display window of a grey image: robust to a few hot voxels (metal,
 # lesions) that would otherwise squash everything else to black.
 _WINDOW_PERCENTILES = (0.5, 99.5)
+# Decimals (mm) of an in-memory input's index→world matrix that its fingerprint keeps: far finer
+# than any voxel, coarser than float noise.
+_PLACEMENT_DECIMALS = 6
 
 
 def grey_values(volume: ImageVolume) -> np.ndarray:
@@ -153,16 +156,19 @@ def slice_of(array: np.ndarray, slice_axis: int | None, slice_index: int) -> np.
     return np.take(array, int(np.clip(slice_index, 0, array.shape[slice_axis] - 1)), axis=slice_axis)
 
 
-def input_fingerprint(volume: ImageVolume, fallback_name: str,
-                      digest: Callable[[np.ndarray], str] = sha256_of_array) -> str:
-    """What identifies an input across sessions: its file path (in-memory layers: ``fallback_name``,
-    their layer name) and always its content hash, so a file replaced in place by another image
-    is another input, with a run folder of its own, not the old one's flags and outputs."""
+def input_fingerprint(volume: ImageVolume, digest: Callable[[np.ndarray], str] = sha256_of_array) -> str:
+    """What identifies an input across sessions: always its content hash, so a file replaced in
+    place by another image is another input, with a run folder of its own, not the old one's flags
+    and outputs; with its file path where it has a file, else with its grid (data type and
+    placement). Never a layer name: the same image renamed, or added again under another name (sample
+    data, another plugin's reader, the console), is the same input and finds its run folder."""
+    content = f"{volume.array.shape}:{digest(volume.array)[:16]}"
     if volume.source and Path(volume.source).exists():
-        name = str(Path(volume.source).resolve())
-    else:
-        name = fallback_name
-    return f"{name}:{volume.array.shape}:{digest(volume.array)[:16]}"
+        return f"{Path(volume.source).resolve()}:{content}"
+    # Rounded so that a placement recomputed from a layer's scale and translate hashes alike; + 0.0
+    # turns -0.0 into 0.0, whose bytes differ.
+    placement = np.round(volume.geometry.index_to_world, _PLACEMENT_DECIMALS) + 0.0
+    return f"{volume.array.dtype}:{sha256_of_array(placement)[:16]}:{content}"
 
 
 def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...]) -> Path:

@@ -227,6 +227,8 @@ def two_pair_workbench(viewer, tmp_path) -> UniFuseWorkbench:
     """make_workbench's pair A (T2 → T1) and a second 2D pair B (B2 → B1), the form on A."""
     workbench = make_workbench(viewer, tmp_path)
     add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=PAIR_B)
+    for name in PAIR_B:  # other images than pair A's: a run folder is the images', whatever their names
+        viewer.layers[name].data = viewer.layers[name].data + 0.05
     workbench.run_panel.reference.value, workbench.run_panel.moving.value = PAIR_A
     return workbench
 

@@ -77,13 +77,27 @@ def test_a_file_replaced_in_place_by_another_image_gets_another_run_folder(tmp_p
     """Same path, other pixels: the earlier run's flags and saved outputs are not this image's."""
     path = tmp_path / "moving.nii.gz"
     write_image(ImageVolume(np.zeros((4, 8, 8), np.float32), Geometry.identity(3)), path)
-    before = input_fingerprint(read_image(path), "moving")
-    assert before == input_fingerprint(read_image(path), "moving")  # reopened unchanged: the same run
+    before = input_fingerprint(read_image(path))
+    assert before == input_fingerprint(read_image(path))  # reopened unchanged: the same run
     write_image(ImageVolume(np.ones((4, 8, 8), np.float32), Geometry.identity(3)), path)
-    after = input_fingerprint(read_image(path), "moving")
+    after = input_fingerprint(read_image(path))
     assert after != before
     assert run_folder(tmp_path, "T1", "moving", "ckpt", ("T1", before)) != run_folder(
         tmp_path, "T1", "moving", "ckpt", ("T1", after))
+
+
+def test_an_input_without_a_file_is_known_by_its_content_and_placement_not_its_layer_name():
+    """A renamed layer (sample data, another plugin's reader, the console) keeps its run folder."""
+    image = np.arange(4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)
+    placed = Geometry(np.array([2.0, 1.0, 1.0]), np.array([-10.0, 0.0, 5.0]), np.eye(3))
+    fingerprint = input_fingerprint(ImageVolume(image, placed, source="T1 reference"))
+
+    assert input_fingerprint(ImageVolume(image.copy(), placed, source="T1 patient42")) == fingerprint
+    assert input_fingerprint(ImageVolume(image + 1, placed, source="T1 reference")) != fingerprint
+    moved = Geometry(placed.spacing, placed.origin + np.array([0.0, 0.0, 1.0]), placed.direction)
+    assert input_fingerprint(ImageVolume(image, moved, source="T1 reference")) != fingerprint
+    as_integers = image.view(np.int32)  # the same bytes read as other values
+    assert input_fingerprint(ImageVolume(as_integers, placed, source="T1 reference")) != fingerprint
 
 
 def test_the_same_inputs_under_other_layer_names_find_their_existing_run_folder(tmp_path):

@@ -296,3 +296,71 @@ def test_review_actions_before_a_run_say_so_once_and_a_folder_without_images_is_
     workbench.run_panel.open_moving.value = str(empty)
     assert any("no DICOM series found in this folder" in message for _, message in notifications)
     assert not any("unexpectedly" in message for _, message in notifications)
+
+
+def test_fade_and_flicker_keep_a_renamed_reference_under_the_aligned_image(reviewed, qtbot):
+    viewer, workbench = reviewed
+    names = OutputNames.for_inputs("T1", "T2")
+    viewer.layers["T1"].name = "T1 patient42"
+    viewer.layers["T1 patient42"].visible = False  # fade and flicker show it again: it is what they compare with
+    workbench.qc_panel.fade.value = 0.5
+    assert viewer.layers["T1 patient42"].visible and viewer.layers[names.aligned].visible
+    assert not viewer.layers[names.fused].visible
+    workbench.qc_panel.flicker.value = True
+    qtbot.waitUntil(lambda: not viewer.layers[names.aligned].visible, timeout=5_000)
+    assert viewer.layers["T1 patient42"].visible
+    workbench.qc_panel.flicker.value = False
+    assert viewer.layers[names.fused].visible and not viewer.layers["T1 patient42"].visible
+
+
+def test_the_flicker_box_is_unticked_when_a_new_run_stops_the_flicker(reviewed, qtbot):
+    _, workbench = reviewed
+    workbench.qc_panel.flicker.value = True
+    assert workbench.results.flickering
+    run_and_wait(qtbot, workbench)
+    assert not workbench.results.flickering and not workbench.qc_panel.flicker.value
+
+
+def test_deleting_the_aligned_layer_stops_the_flicker_and_shows_the_hidden_layers_again(reviewed):
+    viewer, workbench = reviewed
+    names = OutputNames.for_inputs("T1", "T2")
+    workbench.qc_panel.flicker.value = True
+    assert not viewer.layers[names.fused].visible
+    viewer.layers.remove(names.aligned)
+    assert not workbench.results.flickering and not workbench.qc_panel.flicker.value
+    assert viewer.layers[names.fused].visible and viewer.layers["T2"].visible
+    workbench.qc_panel.flicker.value = True  # nothing left to flicker: the box says so
+    assert not workbench.results.flickering and not workbench.qc_panel.flicker.value
+
+
+def test_a_reference_renamed_while_the_run_computes_names_its_results(make_napari_viewer, qtbot, tmp_path,
+                                                                      checkpoint_files, notifications):
+    """The run's layers, the Annotate tab and the next image opened follow the name the layer has now."""
+    import threading
+
+    viewer = make_napari_viewer()
+    reference, moving, _ = add_pair(viewer, shape=SHAPE)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    renamed = threading.Event()
+
+    class RenamedDuringRunEngine(KnownResultEngine):
+        def run_fusion(self, reference, moving, **_options) -> FusionResult:
+            renamed.wait(timeout=60)
+            return self.result
+
+    request = workbench.run_panel.selection().request
+    key = (request.checkpoint, request.reference.ndim, request.device, request.tile_size)
+    workbench._engines[key] = RenamedDuringRunEngine(result_with_defects(reference, moving))
+    workbench.run_panel.run_button.clicked()
+    viewer.layers["T1"].name = "T1 renamed"
+    renamed.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=120_000)
+    assert workbench.outcome is not None, notifications
+
+    assert OutputNames.for_inputs("T1 renamed", "T2").fused in viewer.layers
+    assert workbench.results.reference_name == "T1 renamed"
+    assert workbench.run_panel.last_run_pair == ("T1 renamed", "T2")
+    assert (workbench.selection.reference_name, workbench.selection.moving_name) == ("T1 renamed", "T2")
+    assert "T2 → T1 renamed" in workbench.annotation_panel.subject.value
+    viewer.add_image(np.zeros(SHAPE, np.float32), name="next patient MRI")  # the next pair starts, as after any run
+    assert (workbench.run_panel.reference.value, workbench.run_panel.moving.value) == ("next patient MRI",) * 2

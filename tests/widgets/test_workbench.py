@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import weakref
@@ -84,7 +83,7 @@ def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_v
     viewer.dims.ndisplay = 2
     assert set(quivers.data[:, 0, 0]) == {4.0}
     outcome = workbench.outcome
-    expected_ncc = np.corrcoef(outcome.aligned_in_label_window[4].ravel(), outcome.label_grey[4].ravel())[0, 1]
+    expected_ncc = np.corrcoef(outcome.aligned_units[4].ravel(), outcome.label_units[4].ravel())[0, 1]
     assert float(workbench.metrics_panel.value("NCC to label", "slice")) == pytest.approx(expected_ncc, rel=1e-3)
     assert workbench.metrics_panel.value("NCC to label", "volume") not in ("", "n/a")
 
@@ -275,15 +274,18 @@ def test_a_save_before_the_volume_metrics_adds_metrics_json_when_they_arrive(
 
 
 def test_metrics_that_arrive_after_a_save_go_only_into_the_folder_of_the_run_they_are_of(
-        qtbot, held_volume_metrics, shown_before_metrics):
-    """Saved before its metrics, then a new run: the old run's save is no longer what the metrics describe."""
+        qtbot, tmp_path, held_volume_metrics, shown_before_metrics):
+    """Saved before its metrics, then the form moved on to another runs folder: the metrics are the
+    saved run's, and go where it was saved."""
     _, workbench = shown_before_metrics
     workbench.save_outputs()
     folder = workbench.selection.folder
-    workbench.outcome = copy.copy(workbench.outcome)  # another outcome on screen by the time its metrics come
+    workbench.run_panel.output_root.value = str(tmp_path / "other runs")
     held_volume_metrics.set()
     qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
-    assert workbench.outcome.volume_metrics is not None and not (folder / "metrics.json").exists()
+    written = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert written == pytest.approx(workbench.outcome.volume_metrics, nan_ok=True)
+    assert not (tmp_path / "other runs").exists()
 
 
 def test_closing_the_workbench_while_the_metrics_are_computed_leaves_the_viewer_alone(
@@ -300,6 +302,31 @@ def test_closing_the_workbench_while_the_metrics_are_computed_leaves_the_viewer_
     assert [layer.name for layer in viewer.layers] == layers
     assert workbench.outcome.volume_metrics is None  # the closed workbench took nothing more
     assert not any(level == "error" for level, _ in notifications)
+
+
+@pytest.mark.parametrize("closed", ["workbench", "viewer"])
+def test_a_save_before_the_volume_metrics_still_gets_metrics_json_after_closing(
+        qtbot, notifications, held_volume_metrics, shown_before_metrics, closed):
+    """The Save notification promised the file; closing the dock or the viewer must not lose it."""
+    from napari_unifuse._qt.analysis import volume_metrics
+
+    viewer, workbench = shown_before_metrics
+    workbench.save_outputs()
+    folder, worker = workbench.selection.folder, workbench.worker
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))
+    if closed == "workbench":
+        workbench.release_viewer()
+    else:
+        viewer.close()
+    held_volume_metrics.set()
+    qtbot.waitUntil(lambda: bool(finished), timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: (folder / "metrics.json").is_file(), timeout=5_000)
+    written = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert written == pytest.approx(volume_metrics(workbench.outcome), nan_ok=True)
+    saved = f"Saved the volume metrics to {folder / 'metrics.json'}"
+    # Closing the viewer stops the run's worker (napari): only the file comes, no word from a closed window.
+    assert any(message == saved for _, message in notifications) == (closed == "workbench")
 
 
 @pytest.mark.parametrize(("error", "expected"), [
@@ -429,6 +456,18 @@ def test_a_renamed_input_layer_stays_chosen_under_its_new_name(make_napari_viewe
     assert "T2 → MRI" in workbench.annotation_panel.subject.value
     form.moving.value = "MRI"  # a renamed layer can be chosen like any other
     assert form.moving.value == "MRI"
+
+
+def test_a_renamed_input_layer_without_a_file_keeps_its_run_folder(make_napari_viewer, tmp_path, checkpoint_files):
+    """The folder holds the run's flags and outputs: the same images under other names are that run."""
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    folder = workbench.selection.folder
+    folder.mkdir(parents=True)  # as a Save or a flag leaves it
+    viewer.layers["T1"].name = "T1 patient42"
+    assert workbench.selection.reference_name == "T1 patient42"
+    assert workbench.selection.folder == folder
 
 
 def test_the_folder_label_names_what_keeps_the_form_from_a_run(make_napari_viewer, tmp_path, checkpoint_files):
