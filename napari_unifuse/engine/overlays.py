@@ -30,9 +30,10 @@ _PLACEMENT_DECIMALS = 6
 
 
 def grey_values(volume: ImageVolume) -> np.ndarray:
-    """The image as one grey channel in its own units: BT.601 luma for RGB, the values otherwise."""
-    array = np.asarray(volume.array, dtype=np.float32)
-    return rgb_to_ycbcr(array)[..., 0].astype(np.float32) if volume.is_rgb else array
+    """The image as one grey channel: BT.601 luma in [0, 1] for RGB (as the engine fuses it), the values otherwise."""
+    if volume.is_rgb:  # from its own dtype: a uint8 RGB as read is in 0-255, which rgb_to_ycbcr scales
+        return rgb_to_ycbcr(volume.array)[..., 0].astype(np.float32)
+    return np.asarray(volume.array, dtype=np.float32)
 
 
 def display_window(values: np.ndarray) -> tuple[float, float]:

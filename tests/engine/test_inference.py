@@ -602,3 +602,17 @@ def test_two_colour_images_say_whose_colours_the_fused_image_carries(model_2d):
     grey_reference = ImageVolume(blob((24, 20)), Geometry.identity(2))
     single = FusionEngine(model_2d, device="cpu").run_fusion(grey_reference, moving, quality=False)
     assert not [w for w in single.warnings if "both images are in colour" in w]
+
+
+def test_an_8_bit_colour_reference_in_model_units_is_the_luma_the_model_fused(model_2d):
+    """The workbench scores fusion metrics against the reference in model units: a uint8 RGB PET
+    reference, taken as 0-255 luma, saturated into a three-valued mask (gain 0.026 against 0.136)."""
+    red = np.zeros((24, 20, 3), dtype=np.uint8)
+    red[..., 0] = (255 * blob((24, 20), 0.1)).astype(np.uint8)
+    reference = ImageVolume(red, Geometry.identity(2), is_rgb=True)
+    moving = ImageVolume(blob((24, 20)), Geometry.identity(2))
+    result = FusionEngine(model_2d, device="cpu").run_fusion(reference, moving, quality=False)
+    as_float = ImageVolume(red / np.float32(255), Geometry.identity(2), is_rgb=True)
+    units = result.in_model_units("reference", reference)
+    np.testing.assert_allclose(units, result.in_model_units("reference", as_float), atol=1e-6)
+    assert len(np.unique(units)) > 10 and units.max() < 1
