@@ -16,7 +16,8 @@ patient-independent split, seeded per pair).
 With ``--harvard``, ``--misalignment`` picks the misalignment regime of the synthesised pairs
 (``data.misalign.MISALIGNMENT_REGIMES``: large, mild, none) or runs each of them (``all``, the
 default); every row carries its ``regime`` (``given`` for CSV pairs) and the report has one
-section per regime.
+section per regime. Given with ``--pairs``, this and every other Harvard option (``--limit``,
+``--tasks``, ``--seed``, ...) is refused, not ignored: CSV pairs are scored as the CSV gives them.
 
 Methods (rows): ``UniFuse (CHECKPOINT)`` (``--checkpoint``, a UniFuse checkpoint) and each of
 ``--methods`` (``engine.methods``: bsafusion, mmif-amin, ...; ``NAME=CHECKPOINT`` for weights other
@@ -150,6 +151,11 @@ CSV_REGIME = "given"  # CSV pairs come misaligned as they are
 RESULT_FILES = ("per_pair.csv", "evaluation.csv", "paired.csv", "evaluation.md")
 PAIRS_REQUIRED_COLUMNS = ("reference", "moving", "label")
 PAIRS_OPTIONAL_COLUMNS = ("displacement", "task", "degradation")
+# Each Harvard option's value when it is not given. Their argparse default is None, so that one given
+# with --pairs, which would be ignored, is told from one left out (and refused).
+HARVARD_DEFAULTS: dict[str, Any] = {"split": "val", "tasks": ",".join(HARVARD_TASK_FOLDERS), "limit": None,
+                                    "val_fraction": None, "split_seed": None, "size": None, "seed": 0,
+                                    "misalignment": "all", "none_fraction": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -747,14 +753,26 @@ def refuse_unusable_pairs(engines: list[FusionEngine], pairs: list[EvaluationPai
                 raise InputError(f"pair {pair.name}: {error.problem}", error.source) from error
 
 
+def refuse_harvard_options_with_pairs(args: argparse.Namespace) -> None:
+    """Raise an InputError naming the Harvard options given with ``--pairs``: left unread, ``--limit 1``
+    would score every pair of the CSV, and ``--tasks XYZ`` pass, without a word."""
+    given = [f"--{name.replace('_', '-')}" for name in HARVARD_DEFAULTS if getattr(args, name) is not None]
+    if args.pairs is not None and given:
+        options = ", ".join(given)
+        raise InputError(f"{options} appl{'ies' if len(given) == 1 else 'y'} to --harvard only: --pairs scores every "
+                         f"pair of its CSV, misaligned as it is; leave out {options}")
+
+
+def with_harvard_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with each Harvard option that was not given at its default (``HARVARD_DEFAULTS``)."""
+    defaults = {name: default for name, default in HARVARD_DEFAULTS.items() if getattr(args, name) is None}
+    return argparse.Namespace(**{**vars(args), **defaults})
+
+
 def _regimes(args: argparse.Namespace) -> list[str]:
     if args.pairs is not None:
-        if args.misalignment is not None:
-            raise InputError("--misalignment applies to --harvard (CSV pairs come misaligned as they are)",
-                             "--misalignment")
         return [CSV_REGIME]
-    chosen = args.misalignment or "all"
-    return list(MISALIGNMENT_REGIMES) if chosen == "all" else [chosen]
+    return list(MISALIGNMENT_REGIMES) if args.misalignment == "all" else [args.misalignment]
 
 
 def warnings_markdown(pairs: list[EvaluationPair]) -> str:
@@ -784,6 +802,8 @@ def regime_section(regime: str, summary: list[dict], records: list[dict], method
 def run(args: argparse.Namespace) -> int:
     if (args.pairs is None) == (args.harvard is None):
         raise InputError("give exactly one of --pairs CSV or --harvard ROOT", "--pairs/--harvard")
+    refuse_harvard_options_with_pairs(args)
+    args = with_harvard_defaults(args)
     if args.harvard is not None and not args.harvard.is_dir():
         raise InputError("Harvard data folder not found; --harvard takes the AANLIB folder (CT-MRI/, PET-MRI/, …)",
                          args.harvard)
@@ -914,19 +934,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--pairs", type=Path, help="CSV with columns reference,moving,label and optional displacement, "
                         "task, degradation (any other column, and a pair listed twice, is refused)")
     source.add_argument("--harvard", type=Path, metavar="ROOT", help="Harvard AANLIB folder (CT-MRI/, PET-MRI/, …)")
-    harvard = parser.add_argument_group("Harvard options")
-    harvard.add_argument("--split", choices=("val", "train"), default="val")
-    harvard.add_argument("--tasks", default="CT,PET,SPECT", help="comma-separated: CT, PET, SPECT")
+    # Every default None (the value is HARVARD_DEFAULTS'): one given with --pairs is refused, not ignored.
+    harvard = parser.add_argument_group("Harvard options", "with --harvard only; refused with --pairs")
+    harvard.add_argument("--split", choices=("val", "train"),
+                         help="which side of the case split to score (default: val)")
+    harvard.add_argument("--tasks", help="comma-separated: CT, PET, SPECT (default: all three)")
     harvard.add_argument("--limit", type=positive_int, help="at most this many pairs per task")
     harvard.add_argument("--val-fraction", type=held_out_fraction,
                          help="split by atlas case with this validation fraction (default: the checkpoint's)")
-    harvard.add_argument("--split-seed", type=int, help="seed of the case split (default: the checkpoint's)")
+    harvard.add_argument("--split-seed", type=non_negative_int,
+                         help="seed of the case split, 0 or more (default: the checkpoint's)")
     harvard.add_argument("--size", type=positive_int, help="resize the images to SIZE² (as in training's data.size)")
-    harvard.add_argument("--seed", type=non_negative_int, default=0, help="seed of the synthesised degradations")
+    harvard.add_argument("--seed", type=non_negative_int,
+                         help="seed of the synthesised degradations, 0 or more (default 0)")
     harvard.add_argument("--misalignment", choices=REGIME_CHOICES,
                          help="misalignment regime of the synthesised pairs, or all of them (default: all)")
-    harvard.add_argument("--none-fraction", type=float, default=0.0,
-                         help="fraction of pairs left undegraded (training uses 0.2)")
+    harvard.add_argument("--none-fraction", type=float,
+                         help="fraction of pairs left undegraded (default 0; training uses 0.2)")
     parser.add_argument("--baselines", default=",".join(REGISTRATION_METHODS),
                         help=f"classical registrations, comma-separated ({', '.join(REGISTRATION_METHODS)})")
     parser.add_argument("--fusion-rules", default=",".join(FUSION_RULES),
@@ -936,7 +960,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="replace the results of an earlier evaluation in --out (refused otherwise; never "
                              "the --pairs CSV itself)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--tile-size", type=int,
+    parser.add_argument("--tile-size", type=positive_int,
                         help="voxels per tile side (default: a 2-D checkpoint's training crop; otherwise, 3-D inputs "
                              "included, one pass up to 176³ voxels, beyond that the fewest overlapping slabs)")
     parser.add_argument("--weigh-network-field", action="store_true",

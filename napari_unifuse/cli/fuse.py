@@ -528,8 +528,9 @@ def read_pairs_csv(path: Path) -> list[Pair]:
 def _refuse_shared_folders(names: list[str], source: Path | None) -> None:
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
-        raise InputError(f"several pairs would write to the same output folder: {', '.join(clashes)} "
-                         "(the same moving file in two rows)", source)
+        # Not always one file twice: an earlier run's folder, or a file named as another's folder would be.
+        raise InputError(f"several pairs would write to the same output folder: {', '.join(clashes)}; list each "
+                         "moving file in one row only, or rename one of the moving files that share it", source)
 
 
 def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
@@ -563,13 +564,32 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
 def output_folder_names(movings: list[Path]) -> list[str]:
     """Each pair's output folder: named after its moving file (``case7``), with as many of its
     parent folders' names in front as tell apart files of one name (``unifuse synth --pairs``
-    writes ``0000/moving.png``, ``0001/moving.png``: ``0000_moving``, ``0001_moving``)."""
-    names = [case_name(moving) for moving in movings]
-    parents = [absolute_as_given(moving).parent.parts[1:] for moving in movings]  # [1:]: not the root "/"
+    writes ``0000/moving.png``, ``0001/moving.png``: ``0000_moving``, ``0001_moving``). Different
+    files of one name in one folder are told apart by their extension instead: ``m2_png`` and
+    ``m2_jpg`` for ``m2.png`` beside ``m2.jpg``, ``case7_nii_gz`` and ``case7`` for ``case7.nii.gz``
+    beside the DICOM folder ``case7``. A name no other file shares never changes: a rerun finds its
+    folder."""
+    given = [absolute_as_given(moving) for moving in movings]
+    cases = [case_name(moving) for moving in movings]
+    files_of: dict[tuple[Path, str], set[Path]] = {}
+    for path, case in zip(given, cases, strict=True):
+        files_of.setdefault((path.parent, case), set()).add(path)
+    bases = []
+    for path, case in zip(given, cases, strict=True):
+        extension = _extension_after(case, path) if len(files_of[path.parent, case]) > 1 else ""
+        bases.append(f"{case}_{extension}" if extension else case)
+    names = list(bases)
+    parents = [path.parent.parts[1:] for path in given]  # [1:]: not the root "/"
     for depth in range(1, max(map(len, parents), default=0) + 1):
         clashing = {name for name in names if names.count(name) > 1}
         if not clashing:
             break
-        names = [("_".join((*parent[-depth:], case_name(moving))) if name in clashing else name)
-                 for name, parent, moving in zip(names, parents, movings, strict=True)]
+        names = [("_".join((*parent[-depth:], base)) if name in clashing else name)
+                 for name, parent, base in zip(names, parents, bases, strict=True)]
     return names
+
+
+def _extension_after(base: str, path: Path) -> str:
+    """What follows ``base`` in ``path``'s name, dots as underscores (``nii_gz`` for ``case7.nii.gz``);
+    "" for a DICOM folder, named ``base`` itself."""
+    return path.name[len(base):].lstrip(".").replace(".", "_") if path.name.startswith(base) else ""

@@ -139,7 +139,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> list[SynthJob]:
-    if (args.pairs is None) == (args.reference is None or args.moving is None):
+    single = [f"--{role}" for role in ("reference", "moving") if getattr(args, role) is not None]
+    if args.pairs is not None and single:
+        # Left unread, it would give the CSV's pairs without a word; as fuse refuses it.
+        raise InputError(f"--pairs cannot be combined with {', '.join(single)}; give --reference and --moving for "
+                         "one pair, or --pairs CSV for many")
+    if args.pairs is None and len(single) < 2:
         raise InputError("give either --reference and --moving, or --pairs CSV", "--pairs")
     if args.pairs is None:
         for path in (args.reference, args.moving):

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from napari_unifuse.cli import build_parser, main
 from napari_unifuse.cli import evaluate as evaluate_module
-from napari_unifuse.cli import main
 from napari_unifuse.cli.evaluate import (
     COPY_RULES,
     METRIC_COLUMNS,
@@ -34,6 +34,7 @@ from napari_unifuse.cli.evaluate import (
     score,
     summarise,
     unit_intensities,
+    with_harvard_defaults,
 )
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import warp_array
@@ -513,6 +514,48 @@ def test_counts_and_sizes_below_one_are_refused_before_anything_runs(option, val
     assert exit_info.value.code == 2
     assert f"argument {option}: must be at least 1, got {value}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, value, minimum", [("--split-seed", "-1", 0), ("--tile-size", "0", 1)])
+def test_a_negative_split_seed_or_an_empty_tile_is_a_usage_error_before_anything_runs(option, value, minimum,
+                                                                                      tmp_path, capsys):
+    """--split-seed -1 was a numpy traceback; --tile-size 0 silently ran with the default tile."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--methods", "identity+max", "--harvard", str(tmp_path), option, value,
+              "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be at least {minimum}, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("given", [["--limit", "1"], ["--size", "64"], ["--seed", "3"], ["--tasks", "XYZ"],
+                                   ["--split", "train"], ["--split", "val"], ["--val-fraction", "0.2"],
+                                   ["--split-seed", "1"], ["--none-fraction", "0.2"], ["--misalignment", "mild"]])
+def test_a_harvard_option_with_pairs_is_refused_not_ignored(given, pairs_csv, tmp_path, capsys, no_pair_computed):
+    """--pairs with --limit 1 scored every pair of the CSV; --tasks XYZ passed without a word."""
+    code = main(["evaluate", "--pairs", str(pairs_csv[0]), "--methods", "identity+max", *given,
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error == (f"unifuse evaluate: error: {given[0]} applies to --harvard only: --pairs scores every pair of "
+                     f"its CSV, misaligned as it is; leave out {given[0]}\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_harvard_option_given_with_pairs_is_named(pairs_csv, tmp_path, capsys, no_pair_computed):
+    code = main(["evaluate", "--pairs", str(pairs_csv[0]), "--methods", "identity+max", "--limit", "1",
+                 "--none-fraction", "0", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--limit, --none-fraction apply to --harvard only" in capsys.readouterr().err
+
+
+def test_harvard_options_left_out_take_their_defaults():
+    args = build_parser().parse_args(["evaluate", "--harvard", "aanlib", "--out", "out", "--limit", "2"])
+    filled = with_harvard_defaults(args)
+    assert (filled.split, filled.tasks, filled.seed, filled.none_fraction, filled.misalignment) == (
+        "val", "CT,PET,SPECT", 0, 0.0, "all")
+    assert (filled.limit, filled.val_fraction, filled.split_seed, filled.size) == (2, None, None, None)
+    assert args.split is None  # the given namespace unchanged
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

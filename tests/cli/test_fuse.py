@@ -359,6 +359,44 @@ def test_a_batch_of_moving_files_of_one_name_gets_a_folder_per_pair(data, tmp_pa
     assert sorted(path.name for path in (tmp_path / "out").iterdir() if path.is_dir()) == ["0000_moving", "0001_moving"]
 
 
+def test_moving_files_of_one_name_in_one_folder_get_a_folder_each_by_extension(data, tmp_path, capsys):
+    """m2.png beside m2.jpg, two different files, was refused as "the same moving file in two rows"."""
+    for name in ("mri.png", "pet7.png"):
+        (tmp_path / name).write_bytes((data["root"] / name).read_bytes())
+    Image.open(tmp_path / "pet7.png").convert("RGB").save(tmp_path / "pet7.jpg")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving\nmri.png,pet7.png\nmri.png,pet7.jpg\n", encoding="utf-8")
+
+    code = fuse("--pairs", pairs, "--out", tmp_path / "out", "--method", "identity+average", "--no-quality")
+
+    assert code == 0, capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "out").iterdir() if path.is_dir()) == ["pet7_jpg", "pet7_png"]
+
+
+def test_output_folder_names_add_an_extension_only_where_one_folder_holds_files_of_one_name():
+    names = fuse_module.output_folder_names([
+        Path("/d/c/case7.nii.gz"), Path("/d/c/case7.nrrd"), Path("/d/c/case7"),  # the last a DICOM folder
+        Path("/d/a/case8.nii.gz"), Path("/d/b/case8.nii.gz"),  # other folders: named by them, as before
+        Path("/d/c/case9.png"),
+    ])
+    assert names == ["case7_nii_gz", "case7_nrrd", "case7", "a_case8", "b_case8", "case9"]
+
+
+def test_a_moving_file_in_two_rows_is_refused_saying_what_to_do(data, tmp_path, capsys):
+    row = f"{data['root'] / 'mri.png'},{data['root'] / 'pet7.png'}\n"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving\n" + row * 2, encoding="utf-8")
+
+    code = fuse("--pairs", pairs, "--out", tmp_path / "out", "--method", "identity+average", "--no-quality")
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "several pairs would write to the same output folder" in error
+    assert "list each moving file in one row only, or rename one of the moving files that share it" in error
+    assert error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_redoes_a_pair_interrupted_before_its_provenance(data, tmp_path, capsys):
     root = data["root"]
     pairs = root / "one_pair.csv"

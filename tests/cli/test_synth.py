@@ -174,6 +174,19 @@ def test_bad_arguments(png_pair, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("role", ["reference", "moving"])
+def test_pairs_with_one_single_pair_option_is_refused_as_fuse_refuses_it(png_pair, tmp_path, capsys, role):
+    """--pairs with --reference alone made the CSV's pairs, ignoring --reference without a word."""
+    reference, moving = png_pair
+    csv_path = write_csv(tmp_path / "pairs.csv", f"reference,moving\n{reference},{moving}\n")
+    code = main(["synth", "--pairs", str(csv_path), f"--{role}", str(png_pair[0]), "--out", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"--pairs cannot be combined with --{role}; give --reference and --moving" in error
+    assert error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def write_csv(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.write_text(text, encoding=encoding)
     return path
