@@ -200,11 +200,15 @@ def slice_metrics(outcome: RunOutcome, slice_axis: int | None, slice_index: int)
     return values
 
 
+# The Metrics tab's name for each label metric -> the key ``unifuse fuse --label`` writes it under.
+LABEL_METRICS_IN_FILE = {f"{key.upper()} to label": key for key in ("mse", "ncc", "ssim")}
+
+
 def _named_label_metrics(compute) -> dict[str, float]:
     """``compute()``'s registration metrics named for the Metrics tab ("NCC to label"), NaN where
     they do not apply."""
-    metrics = _or_nan(compute, ("mse", "ncc", "ssim"))
-    return {f"{name.upper()} to label": value for name, value in metrics.items()}
+    metrics = _or_nan(compute, tuple(LABEL_METRICS_IN_FILE.values()))
+    return {name: metrics[key] for name, key in LABEL_METRICS_IN_FILE.items()}
 
 
 def _or_nan(compute, keys: tuple[str, ...] | None = None) -> Any:

@@ -10,11 +10,12 @@ was drawn on, whatever slice is in view when it is flagged, and regions are alwa
 grid of the run on screen. In napari's grid mode every visible layer gets a
 cell of its own, so the region layer would be an empty cell beside the image being flagged: Draw…
 leaves grid mode and puts that image just under the region layer, and Flag region brings the grid
-back.
+back. The subject follows its layers through renames.
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,8 @@ DEFAULT_METHOD = "unifuse"
 
 class AnnotationPanel(widgets.Container):
     """The *Annotate* tab: flag the viewed slice or a drawn region with a category, a note, the
-    reviewer and the method the flag is about; list, delete and export the run's flags."""
+    reviewer and the method the flag is about; list, delete and export the run's flags. Call
+    :meth:`disconnect_viewer` when the workbench closes."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self.viewer = viewer
@@ -91,10 +93,18 @@ class AnnotationPanel(widgets.Container):
         self._warned: set[str] = set()  # unreadable-line warnings already shown, so each shows once
         self._grid_left_for_drawing = False  # Flag region turns grid mode back on only when Draw… turned it off
         self._pair: tuple[str, str] | None = None  # (reference, moving) layer names of what is annotated
+        # Those layers, weakly (a deleted layer is let go), to follow them through renames.
+        self._pair_layers: tuple[weakref.ref | None, weakref.ref | None] = (None, None)
+        self._subject_kind = ""  # what set_run said is annotated: inputs, a run or a comparison
+        self._folder: Path | None = None
         self._about_inputs = False  # no run on screen yet: flags describe the input pair, not a method
         # sha256 of the (reference, moving) arrays annotated, taken when the target is set: the layers
         # may be deleted or replaced before the reviewer flags.
         self._pair_sha256: tuple[str | None, str | None] = (None, None)
+        viewer.layers.events.renamed.connect(self._follow_renamed_layer)
+
+    def disconnect_viewer(self) -> None:
+        self.viewer.layers.events.renamed.disconnect(self._follow_renamed_layer)
 
     def set_run(self, folder: Path, runs_root: Path, reference_layer, subject: str = "",
                 pair: tuple[str, str] | None = None) -> None:
@@ -106,8 +116,7 @@ class AnnotationPanel(widgets.Container):
         self.store = AnnotationStore(folder)
         self.runs_root = Path(runs_root)
         self.reference_layer = reference_layer
-        about = ", ".join(part for part in (subject, pair and _describe_pair(pair)) if part)
-        self.subject.value = f"{about}: {Path(folder).name}" if about else Path(folder).name
+        self._folder, self._subject_kind = Path(folder), subject
         self.subject.tooltip = f"Flags are saved in {Path(folder) / 'annotations.jsonl'}"
         self._grid_left_for_drawing = False  # whoever shows the new target owns the grid now
         pair_sha256 = self._sha256_of_pair(pair)
@@ -117,6 +126,9 @@ class AnnotationPanel(widgets.Container):
                 self._drop_unflagged_regions_of(self._pair)
             self._pair = pair
         self._pair_sha256 = pair_sha256
+        self._pair_layers = (None, None) if pair is None else tuple(
+            weakref.ref(self.viewer.layers[name]) if name in self.viewer.layers else None for name in pair)
+        self._show_subject()
         self._about_inputs = subject == INPUTS_SUBJECT
         self.method.enabled = not self._about_inputs
         if self._about_inputs:
@@ -126,6 +138,20 @@ class AnnotationPanel(widgets.Container):
         if isinstance(self._existing_annotation_layer(), Shapes):
             self._annotation_layer(create=False)  # regions drawn from now on land on this run's grid
         self.refresh()
+
+    def _show_subject(self) -> None:
+        about = ", ".join(part for part in (self._subject_kind, self._pair and _describe_pair(self._pair)) if part)
+        self.subject.value = f"{about}: {self._folder.name}" if about else self._folder.name
+
+    def _follow_renamed_layer(self, _event) -> None:
+        """A layer of the annotated pair renamed in the layer list is still what is annotated."""
+        if self._pair is None:
+            return
+        renamed = tuple(layer.name if ref is not None and (layer := ref()) is not None else name
+                        for ref, name in zip(self._pair_layers, self._pair, strict=True))
+        if renamed != self._pair:
+            self._pair = renamed
+            self._show_subject()
 
     def _drop_unflagged_regions_of(self, pair: tuple[str, str] | None) -> None:
         """The next Flag region records every shape on the layer: those drawn for ``pair`` would be

@@ -7,9 +7,10 @@ responsive); progress arrives through a Qt signal, which Qt delivers on the GUI 
 in the dock's bar and in napari's activity panel; Cancel sets the engine's CancelToken, honoured
 before the next tile. The worker yields the outcome as soon as the layers can be drawn and only
 then computes the whole-volume metrics (12 s of the 60 of a 176 × 216 × 180 pair on two cores),
-which fill the *Metrics* tab when they arrive. Closing the workbench, or the viewer's window,
-releases every viewer event, the timer and the plot dock it holds and cancels a run, so that
-closing and reopening it leaves nothing behind; a run that ends after that draws nothing, but
+which fill the *Metrics* tab when they arrive; metrics that fail (out of memory, say) leave the
+layers, Save and the QC report (which says why they are missing) usable. Closing the workbench,
+or the viewer's window, releases every viewer event, the timer and the plot dock it holds and
+cancels a run, so that closing and reopening it leaves nothing behind; a run that ends after that draws nothing, but
 still writes the metrics.json a Save made before its metrics promised.
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unifuse._qt.analysis import (
+    LABEL_METRICS_IN_FILE,
     RunOutcome,
     RunRequest,
     build_engine,
@@ -59,6 +62,7 @@ from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
 from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, WorkerHandover
 from napari_unifuse.engine.annotations import INPUTS_SUBJECT, AnnotationStore
+from napari_unifuse.engine.device import is_out_of_memory
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.outputs import (
@@ -73,6 +77,7 @@ from napari_unifuse.engine.outputs import (
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import write_report
+from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, placement_metadata
 
@@ -92,8 +97,10 @@ PLOT_HEIGHT_FRACTION = 0.45
 # the click-to-layers time 59 s instead of 48 s on the bundled 3-D sample; a run slows it to 3
 # frames a second, still moving, and gives it its speed back when it ends.
 ACTIVITY_SPINNER_SPEED_PERCENT = 10
-
-
+# The run's status once it is over: its layers drawn, with or without its volume metrics.
+RUN_DONE, RUN_DONE_WITHOUT_METRICS = "done", "results shown; the volume metrics failed"
+# metrics.json names the label metrics as `unifuse fuse --label` writes them (registration_metrics'
+# keys), the same numbers the Metrics tab labels for reading (analysis.volume_metrics).
 def _narrow(content: QWidget) -> None:
     """Let the form fit a 280-pixel dock: combo boxes elide long layer names, file pickers show
     "…" instead of "Select file", and nested forms drop their margins."""
@@ -116,6 +123,21 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
     while parent is not None and not isinstance(parent, QDockWidget):
         parent = parent.parent()
     return parent
+
+
+def metrics_file_contents(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The volume metrics as metrics.json holds them: the label metrics under the keys that
+    ``unifuse fuse --label`` gives the same numbers ("ncc", not the Metrics tab's "NCC to label")."""
+    return {LABEL_METRICS_IN_FILE.get(name, name): value for name, value in metrics.items()}
+
+
+@dataclass(frozen=True)
+class VolumeMetrics:
+    """What a run's worker returns once its layers are drawn: its whole-volume metrics (None when
+    they could not be computed) and, if anything failed after the layers, what."""
+
+    metrics: dict[str, float] | None
+    failure: WorkerFailed | None = None
 
 
 class MetricsPromise:
@@ -143,7 +165,8 @@ class MetricsPromise:
             self._write(folder, metrics)
 
     def _write(self, folder: Path, metrics: dict[str, float]) -> None:
-        written = write_files_together(folder, {METRICS_FILE: lambda path: write_json(metrics, path)})
+        contents = metrics_file_contents(metrics)
+        written = write_files_together(folder, {METRICS_FILE: lambda path: write_json(contents, path)})
         self.written = written[METRICS_FILE]
 
 
@@ -209,6 +232,8 @@ class UniFuseWorkbench(QWidget):
         self.report_worker = None
         self.last_run_seconds: float | None = None
         self.last_report: Path | None = None
+        # Why the run on screen has no volume metrics (for its QC report), once computing them failed.
+        self._metrics_missing: str | None = None
         # The running pair's metrics.json, owed to a Save made before its volume metrics came.
         self._metrics_promise: MetricsPromise | None = None
         # The pair being run and when it started, until its worker finishes.
@@ -270,6 +295,7 @@ class UniFuseWorkbench(QWidget):
         if self._cancel is not None:
             self._cancel.cancel()
         self.method_compare.release()
+        self.annotation_panel.disconnect_viewer()
         self._close_activity()
         self.viewer.dims.events.current_step.disconnect(self._on_slice_changed)
         self.results.disconnect_viewer()
@@ -353,10 +379,10 @@ class UniFuseWorkbench(QWidget):
     @staticmethod
     def _compute(selection: RunSelection, cancel: CancelToken, engines: dict[tuple, FusionEngine],
                  progressed: ProgressCallback, promise: MetricsPromise,
-                 ) -> Generator[RunOutcome, None, dict[str, float] | WorkerFailed]:
+                 ) -> Generator[RunOutcome, None, VolumeMetrics | WorkerFailed]:
         """Worker thread: load (or reuse, from ``engines``) the engine, fuse, compute the review maps
-        and yield them to be drawn; then return the whole-volume metrics, written to the folder of a
-        Save made meanwhile (``promise``)."""
+        and yield them to be drawn (a WorkerFailed returned instead when that fails); then return the
+        whole-volume metrics, written to the folder of a Save made meanwhile (``promise``)."""
         try:
             outcome = UniFuseWorkbench._fuse_and_analyse(selection.request, cancel, engines, progressed)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
@@ -366,13 +392,13 @@ class UniFuseWorkbench(QWidget):
         try:
             metrics = volume_metrics(outcome)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
-            return WorkerFailed(error, "Volume metrics (the layers are complete)")
+            return VolumeMetrics(None, WorkerFailed(error, "Volume metrics (the layers are complete)"))
         try:
             promise.fulfil(metrics)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
-            return WorkerFailed(error, f"Save {METRICS_FILE} (the other outputs are saved)")
+            return VolumeMetrics(metrics, WorkerFailed(error, f"Save {METRICS_FILE} (the other outputs are saved)"))
         progressed("volume metrics", 1, 1)
-        return metrics
+        return VolumeMetrics(metrics)
 
     @staticmethod
     def _fuse_and_analyse(request: RunRequest, cancel: CancelToken, engines: dict[tuple, FusionEngine],
@@ -430,24 +456,28 @@ class UniFuseWorkbench(QWidget):
             return
         self._close_activity()
         self.run_panel.set_running(False)
-        if self.run_panel.status.value != "done":  # `returned` (which sets "done") comes before `finished`
+        # `returned` (which says how the run ended once its layers are drawn) comes before `finished`.
+        if self.run_panel.status.value not in (RUN_DONE, RUN_DONE_WITHOUT_METRICS):
             self.run_panel.status.value = "stopped"
 
-    def _finish_run(self, metrics: dict[str, float] | WorkerFailed) -> None:
+    def _finish_run(self, finished: VolumeMetrics | WorkerFailed) -> None:
         promise = self._metrics_promise
         if promise is not None and promise.written is not None:  # a file: said even with the workbench closed
             show_info(f"Saved the volume metrics to {promise.written}")
         if self._released:  # closed while the worker ran: its viewer and widgets are no longer ours
             return
-        if isinstance(metrics, WorkerFailed):
-            report_error(metrics.error, metrics.action)
+        if isinstance(finished, WorkerFailed):  # the run itself failed: nothing was drawn
+            report_error(finished.error, finished.action)
             return
-        if self.outcome is None:
-            return
-        self.outcome.volume_metrics = metrics
-        self.metrics_panel.show_metrics(volume=metrics)
+        if finished.failure is not None:
+            report_error(finished.failure.error, finished.failure.action)
+        # The layers are drawn: the report and Save describe them, with the metrics or saying why not.
+        self.outcome.volume_metrics = finished.metrics
+        if finished.metrics is None:
+            self._metrics_missing = _why_metrics_are_missing(finished.failure.error)
+        self.metrics_panel.show_metrics(volume=finished.metrics or {})
         self.report_button.enabled = True
-        self.run_panel.status.value = "done"
+        self.run_panel.status.value = RUN_DONE if finished.metrics is not None else RUN_DONE_WITHOUT_METRICS
 
     def _show_outcome(self, outcome: RunOutcome) -> None:
         if self._released:
@@ -455,6 +485,7 @@ class UniFuseWorkbench(QWidget):
         started_with, started = self._running
         selection = started_with.under_current_names()  # its layers may have been renamed while it ran
         self.outcome, self.selection = outcome, selection
+        self._metrics_missing = None
         self.run_panel.last_run_pair = (selection.reference_name, selection.moving_name)
         result = outcome.result
         method = result.provenance["method"]["name"]
@@ -494,16 +525,17 @@ class UniFuseWorkbench(QWidget):
             return
         fused = self.viewer.layers[self.results.names.fused]
         axis, index = viewed_slice(self.viewer, fused)
-        self.plot.set_slice(self._current_z())
+        self.plot.set_slice(self._current_stored_slice())
         self.metrics_panel.show_metrics(slice_values=slice_metrics(self.outcome, axis, index))
 
-    def _current_z(self) -> int:
-        """The z index (the plot's and the quality scores' axis) of the viewed position; 0 in 2D."""
+    def _current_stored_slice(self) -> int:
+        """The index along the first array axis, as the volume is stored (the plot's and the quality
+        scores' axis, whatever its world direction), of the viewed position; 0 in 2D."""
         fused = self.viewer.layers[self.results.names.fused]
         axis, index = viewed_slice(self.viewer, fused)
         if axis in (None, 0):
             return index
-        # viewing sagittal/coronal: the plot is along z, follow the cursor's z
+        # slicing along another axis: the plot is along the first one, follow the cursor along it
         return int(round(fused.world_to_data(self.viewer.dims.point[-fused.ndim:])[0]))
 
     # ---- where not to trust the result ----------------------------------------------------------
@@ -522,18 +554,18 @@ class UniFuseWorkbench(QWidget):
 
     @reports_errors("Suspicious slice")
     def go_to_suspicious(self, step: int) -> int | None:
-        """Move the viewer to the next (``step`` > 0) or previous suspicious slice along z and
-        pre-fill the annotation category with what the quality maps flag there."""
+        """Move the viewer to the next (``step`` > 0) or previous suspicious slice along the first
+        array axis (the quality maps' slices, docs/quality_maps.md) and pre-fill the annotation category with what the quality maps flag there."""
         if self.outcome is None or self.outcome.result.quality is None:
             raise InputError("run UniFuse first: the quality maps say which slices to look at")
         if self.results.names.fused not in self.viewer.layers:
             raise InputError("the fused layer was deleted; run again to review this pair")
         quality = self.outcome.result.quality
-        target = quality.next_suspicious(self._current_z(), step)
+        target = quality.next_suspicious(self._current_stored_slice(), step)
         if target is None:
             show_info("No slice is flagged by the quality maps.")
             return None
-        self._show_z(target)
+        self._show_stored_slice(target)
         problem = quality.dominant_problem(target)
         # The share the flagging map flags, not the slice's largest score (often another map's, as
         # high on every slice): "hallucinated structure, 0.2 % flagged", not "…, 35.5 % flagged".
@@ -541,22 +573,24 @@ class UniFuseWorkbench(QWidget):
         self.annotation_panel.suggest(problem, target, f"{problem}, {100 * share:.1f} % flagged")
         return target
 
-    def _show_z(self, index: int) -> None:
-        """Put the viewer on z slice ``index`` of the result (the centre of it, in world mm), in an
-        axial view: the plot and the quality maps' scores are per z slice, so a sagittal or coronal
-        view would show another slice than the one named."""
+    def _show_stored_slice(self, index: int) -> None:
+        """Put the viewer on slice ``index`` along the result's first array axis (the centre of it, in
+        world mm), sliced along that axis: the plot and the quality maps' scores are per slice along it,
+        whatever its world direction, so slicing along another axis would show another slice than the
+        one named."""
         fused = self.viewer.layers[self.results.names.fused]
         if fused.ndim < 3:
             return
         offset = self.viewer.dims.ndim - fused.ndim
         if self.viewer.dims.ndisplay == 3:
             self.viewer.dims.ndisplay = 2
-        if offset in self.viewer.dims.displayed:  # z is on screen, not sliced: make it the slider
-            # y down and x across, as napari first shows a volume: rolled views leave y and x swapped.
-            axial = (offset, offset + 1, offset + 2)
-            others = [axis for axis in self.viewer.dims.order if axis not in axial]
-            self.viewer.dims.order = (*others, *axial)
-            show_info("Switched to the axial view: suspicious slices are z slices.")
+        if offset in self.viewer.dims.displayed:  # the first axis is on screen, not sliced: make it the slider
+            # The other two down and across, as napari first shows a volume: rolled views leave them swapped.
+            stored_order = (offset, offset + 1, offset + 2)
+            others = [axis for axis in self.viewer.dims.order if axis not in stored_order]
+            self.viewer.dims.order = (*others, *stored_order)
+            show_info("Switched to slices along the first array axis, as the volume is stored: the quality maps "
+                      "score those slices, whatever their direction in the body.")
         position = (np.asarray(fused.data.shape, dtype=float) - 1) / 2
         position[0] = index
         world = fused.data_to_world(position)
@@ -570,15 +604,18 @@ class UniFuseWorkbench(QWidget):
         """Write the run's QC report in a worker thread; a notification gives its path."""
         if self.outcome is None or self.selection is None:
             raise InputError("run UniFuse first; the report describes a run")
-        if self.outcome.volume_metrics is None:
+        if not self._metrics_settled():
             raise InputError("the volume metrics are still being computed; the report holds them, so wait for "
                              "them (the Metrics tab fills in)")
         if self.report_worker is not None:
             raise InputError("the report is being written; wait for it")
+        result = self.outcome.result
+        if self._metrics_missing is not None:  # said at the top of the page, with the run's other warnings
+            result = replace(result, warnings=[*result.warnings, self._metrics_missing])
         # The run's own flags: the Annotate tab may be on a Methods-tab comparison of another pair.
         # Handed over, not passed: napari keeps a function worker's arguments as long as the viewer.
         worker = create_worker(self._build_report, WorkerHandover(
-            (self.outcome, self.selection, AnnotationStore(self.selection.folder).load())))
+            (result, self.outcome.volume_metrics, self.selection, AnnotationStore(self.selection.folder).load())))
         worker.returned.connect(self._report_written)
         worker.finished.connect(self._report_finished)
         self.report_worker = worker
@@ -586,21 +623,25 @@ class UniFuseWorkbench(QWidget):
         worker.start()
 
     @staticmethod
-    def _build_report(handover: WorkerHandover[tuple[RunOutcome, RunSelection, list]]) -> Path | WorkerFailed:
-        outcome, selection, annotations = handover.take()
+    def _build_report(handover: WorkerHandover[tuple[FusionResult, dict[str, float] | None, RunSelection, list]],
+                      ) -> Path | WorkerFailed:
+        result, metrics, selection, annotations = handover.take()
         try:
             with output_folder_lock(selection.folder):  # not while a `unifuse fuse` or a Save writes there
-                return write_report(outcome.result, selection.folder, reference=selection.request.reference,
-                                    moving=selection.request.moving, annotations=annotations,
-                                    metrics=outcome.volume_metrics)
+                return write_report(result, selection.folder, reference=selection.request.reference,
+                                    moving=selection.request.moving, annotations=annotations, metrics=metrics)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _report_written
             return WorkerFailed(error, "QC report")
+
+    def _metrics_settled(self) -> bool:
+        """Whether the run on screen has its volume metrics, or will never have them."""
+        return self.outcome.volume_metrics is not None or self._metrics_missing is not None
 
     def _report_finished(self) -> None:
         self.report_worker = None
 
     def _report_written(self, outcome: Path | WorkerFailed) -> None:
-        self.report_button.enabled = self.outcome is not None and self.outcome.volume_metrics is not None
+        self.report_button.enabled = self.outcome is not None and self._metrics_settled()
         if isinstance(outcome, WorkerFailed):
             report_error(outcome.error, outcome.action)
             return
@@ -632,8 +673,9 @@ class UniFuseWorkbench(QWidget):
         with warnings.catch_warnings(record=True) as caught:  # a PNG loses the layers' spacing: say so here
             warnings.simplefilter("always")
             # With the maps, under the folder's lock like `unifuse fuse`: all or nothing moves in.
-            written = write_fusion_outputs(result, folder, metrics=self.outcome.volume_metrics,
-                                           extra_images=review_maps)
+            metrics = self.outcome.volume_metrics
+            written = write_fusion_outputs(result, folder, extra_images=review_maps,
+                                           metrics=None if metrics is None else metrics_file_contents(metrics))
         show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
         if metrics_coming:
             self._metrics_promise.keep_in(folder)
@@ -642,3 +684,10 @@ class UniFuseWorkbench(QWidget):
         else:
             show_info(f"Saved {len(written)} files to {folder}")
         return written
+
+
+def _why_metrics_are_missing(error: Exception) -> str:
+    """The QC report's line for a run whose volume metrics could not be computed."""
+    cause = ("the computer ran out of memory" if is_out_of_memory(error)
+             else f"computing them failed ({type(error).__name__}: {error})")
+    return f"The volume metrics are missing: {cause}. Run UniFuse again to compute them."

@@ -220,6 +220,28 @@ def test_unflagged_regions_stay_when_the_pair_is_only_renamed(make_napari_viewer
     assert not any("dropped" in message for _, message in notifications)
 
 
+def test_the_subject_follows_its_layers_through_renames(make_napari_viewer, tmp_path, notifications):
+    """Renaming the reference after a run left the tab naming the old layer, and regions dropped later
+    were said to be of a pair no longer on screen."""
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = AnnotationPanel(viewer)
+    panel.set_run(tmp_path / "run", tmp_path, viewer.layers["T1"], subject="run", pair=("T1", "T2"))
+    panel.draw_region.clicked()
+    draw(viewer, [[5, 10, 10], [5, 10, 20], [5, 20, 20]])
+    viewer.layers["T1"].name = "T1 axial"
+    assert panel.subject.value == "run, T2 → T1 axial: run"
+    viewer.add_image(np.ones_like(viewer.layers["T2"].data), name="other moving")
+    panel.set_run(tmp_path / "other", tmp_path, viewer.layers["T1 axial"], subject="run",
+                  pair=("T1 axial", "other moving"))
+    dropped = [message for _, message in notifications if "dropped" in message]
+    assert dropped == ["1 unflagged region of T2 → T1 axial was dropped: flags belong to the pair they were "
+                       "drawn on."], notifications
+    panel.disconnect_viewer()
+    viewer.layers["T1 axial"].name = "T1 again"
+    assert panel.subject.value == "run, other moving → T1 axial: other"  # a closed tab follows nothing
+
+
 def test_a_flag_made_on_other_inputs_than_the_pair_on_screen_is_listed_as_such(make_napari_viewer, tmp_path):
     """A folder overwritten by a run of a replaced input keeps the old run's flags."""
     viewer = make_napari_viewer()

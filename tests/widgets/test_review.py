@@ -238,14 +238,16 @@ def test_save_report_and_flags_stay_with_the_run_on_screen_when_the_form_changes
     assert written and {path.parent for path in written.values()} == {run_folder}, notifications
 
 
-def test_suspicious_navigation_turns_a_sagittal_view_axial(reviewed, notifications):
+def test_suspicious_navigation_slices_along_the_first_array_axis_and_says_so(reviewed, notifications):
     viewer, workbench = reviewed
-    viewer.dims.roll()  # napari's "roll dimensions" button: order (2, 0, 1), z on screen, x on the slider
+    viewer.dims.roll()  # napari's "roll dimensions" button: order (2, 0, 1), axis 0 on screen, axis 2 on the slider
     viewer.dims.set_current_step(0, 0)
     assert workbench.go_to_suspicious(+1) == INVENTED_SLICE
     assert viewer.dims.current_step[0] == INVENTED_SLICE
-    assert viewer.dims.order == (0, 1, 2)  # y down and x across, as first shown: not transposed
-    assert any("axial view" in message for _, message in notifications)
+    assert viewer.dims.order == (0, 1, 2)  # axes 1 and 2 down and across, as first shown: not transposed
+    # The quality maps score slices along axis 0 as stored, whatever its world direction: not "axial".
+    switched = [message for _, message in notifications if message.startswith("Switched to")]
+    assert len(switched) == 1 and "first array axis" in switched[0] and "axial" not in switched[0], notifications
 
 
 def test_a_new_run_clears_the_last_run_s_slice_suggestion(reviewed, qtbot):
@@ -331,6 +333,14 @@ def test_deleting_the_aligned_layer_stops_the_flicker_and_shows_the_hidden_layer
     assert viewer.layers[names.fused].visible and viewer.layers["T2"].visible
     workbench.qc_panel.flicker.value = True  # nothing left to flicker: the box says so
     assert not workbench.results.flickering and not workbench.qc_panel.flicker.value
+
+
+def test_the_annotate_tab_follows_a_reference_renamed_after_the_run(reviewed):
+    viewer, workbench = reviewed
+    assert "T2 → T1:" in workbench.annotation_panel.subject.value
+    viewer.layers["T1"].name = "T1 renamed"
+    assert "T2 → T1 renamed:" in workbench.annotation_panel.subject.value
+    assert workbench.results.reference_name == "T1 renamed"  # as the result layers do
 
 
 def test_a_reference_renamed_while_the_run_computes_names_its_results(make_napari_viewer, qtbot, tmp_path,

@@ -12,8 +12,9 @@ import pytest
 from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
 from napari_unifuse._qt.outputs import OutputNames
 from napari_unifuse._qt.run_panel import FROM_FILE
-from napari_unifuse._qt.workbench import UniFuseWorkbench
+from napari_unifuse._qt.workbench import RUN_DONE_WITHOUT_METRICS, UniFuseWorkbench, metrics_file_contents
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
+from napari_unifuse.engine.labels import label_metrics
 from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 from napari_unifuse.model.checkpoint import read_config
@@ -125,11 +126,15 @@ def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_v
         assert inputs[role]["array_sha256"] == sha256_of_array(viewer.layers[layer_name].data)
     assert "ground truth recorded as inputs.label" in provenance["review_maps"]["alignment_error"]
     assert set(provenance["review_maps"]) == {"alignment_error", "jacobian_determinant", "folding"}
-    # The volume metrics the Metrics tab shows are saved with the outputs.
+    # The volume metrics the Metrics tab shows are saved with the outputs, the label metrics under the
+    # keys `unifuse fuse --label` writes for the same numbers (engine.labels.label_metrics).
     saved_metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    assert saved_metrics["NCC to label"] == pytest.approx(workbench.outcome.volume_metrics["NCC to label"])
+    cli_metrics = label_metrics(workbench.outcome.result, workbench.outcome.label_units)
+    assert set(cli_metrics) == {"mse", "ncc", "ssim"} and not any(key.endswith("to label") for key in saved_metrics)
+    assert {key: saved_metrics[key] for key in cli_metrics} == pytest.approx(cli_metrics, nan_ok=True)
+    assert saved_metrics["ncc"] == pytest.approx(workbench.outcome.volume_metrics["NCC to label"])
     assert float(workbench.metrics_panel.value("NCC to label", "volume")) == pytest.approx(
-        saved_metrics["NCC to label"], abs=1e-3)
+        saved_metrics["ncc"], abs=1e-3)
 
 
 def test_2d_run_shows_one_probability_row_and_all_vectors(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
@@ -268,7 +273,7 @@ def test_a_save_before_the_volume_metrics_adds_metrics_json_when_they_arrive(
     held_volume_metrics.set()
     qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
     written = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    assert written == pytest.approx(workbench.outcome.volume_metrics, nan_ok=True)
+    assert written == pytest.approx(metrics_file_contents(workbench.outcome.volume_metrics), nan_ok=True)
     assert any(message == f"Saved the volume metrics to {folder / 'metrics.json'}" for _, message in notifications)
     assert not any(level == "error" for level, _ in notifications), notifications
 
@@ -284,7 +289,7 @@ def test_metrics_that_arrive_after_a_save_go_only_into_the_folder_of_the_run_the
     held_volume_metrics.set()
     qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
     written = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    assert written == pytest.approx(workbench.outcome.volume_metrics, nan_ok=True)
+    assert written == pytest.approx(metrics_file_contents(workbench.outcome.volume_metrics), nan_ok=True)
     assert not (tmp_path / "other runs").exists()
 
 
@@ -323,19 +328,20 @@ def test_a_save_before_the_volume_metrics_still_gets_metrics_json_after_closing(
     qtbot.waitUntil(lambda: bool(finished), timeout=RUN_TIMEOUT_MS)
     qtbot.waitUntil(lambda: (folder / "metrics.json").is_file(), timeout=5_000)
     written = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    assert written == pytest.approx(volume_metrics(workbench.outcome), nan_ok=True)
+    assert written == pytest.approx(metrics_file_contents(volume_metrics(workbench.outcome)), nan_ok=True)
     saved = f"Saved the volume metrics to {folder / 'metrics.json'}"
     # Closing the viewer stops the run's worker (napari): only the file comes, no word from a closed window.
     assert any(message == saved for _, message in notifications) == (closed == "workbench")
 
 
-@pytest.mark.parametrize(("error", "expected"), [
-    (RuntimeError("metrics exploded"), "failed unexpectedly (RuntimeError: metrics exploded)"),
-    (MemoryError("Unable to allocate 9.00 GiB"), "ran out of memory (Unable to allocate 9.00 GiB)"),
+@pytest.mark.parametrize(("error", "expected", "missing"), [
+    (RuntimeError("metrics exploded"), "failed unexpectedly (RuntimeError: metrics exploded)",
+     "computing them failed (RuntimeError: metrics exploded)"),
+    (MemoryError("Unable to allocate 9.00 GiB"), "ran out of memory (Unable to allocate 9.00 GiB)",
+     "the computer ran out of memory"),
 ], ids=["bug", "out-of-memory"])
-def test_a_failure_of_the_volume_metrics_is_named_and_keeps_the_layers(make_napari_viewer, qtbot, tmp_path,
-                                                                       checkpoint_files, notifications, monkeypatch,
-                                                                       error, expected):
+def test_a_failure_of_the_volume_metrics_is_named_and_keeps_the_layers_save_and_report(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, monkeypatch, error, expected, missing):
     import napari_unifuse._qt.workbench as workbench_module
 
     def failing_volume_metrics(outcome):
@@ -350,8 +356,19 @@ def test_a_failure_of_the_volume_metrics_is_named_and_keeps_the_layers(make_napa
     errors = [message for level, message in notifications if level == "error"]
     assert len(errors) == 1 and errors[0].startswith("Volume metrics (the layers are complete)")
     assert expected in errors[0], errors
-    assert workbench.save_button.enabled and not workbench.report_button.enabled
     assert workbench.run_panel.run_button.enabled
+    # The run produced its layers: the status says so, and Save and the report work without the metrics.
+    assert workbench.run_panel.status.value == RUN_DONE_WITHOUT_METRICS
+    assert workbench.metrics_panel.value("NCC to label", "volume") == ""
+    written = workbench.save_outputs()
+    assert "fused.nii.gz" in written and not (workbench.selection.folder / "metrics.json").exists()
+    assert workbench.report_button.enabled
+    workbench.report_button.clicked()
+    qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=RUN_TIMEOUT_MS)
+    page = workbench.last_report.read_text(encoding="utf-8")
+    assert "No metrics were given for this run." in page
+    assert f"The volume metrics are missing: {missing}" in page
+    assert [level for level, _ in notifications].count("error") == 1, notifications
 
 
 def test_out_of_memory_is_explained_and_adds_no_layers(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
