@@ -681,6 +681,8 @@ class UniFuseWorkbench(QWidget):
             self._metrics_promise.keep_in(folder)
             show_info(f"Saved {len(written)} files to {folder}; {METRICS_FILE} will be written when the "
                       "volume metrics finish")
+        elif metrics is None:  # no worker left and no metrics: they failed, and the status said why
+            show_info(f"Saved {len(written)} files to {folder}; no {METRICS_FILE}: the volume metrics failed")
         else:
             show_info(f"Saved {len(written)} files to {folder}")
         return written

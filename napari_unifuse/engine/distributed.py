@@ -65,14 +65,15 @@ _TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _torchrun_number(name: str, default: str | None = None) -> int:
-    value = os.environ.get(name, default)
+    value = os.environ.get(name) or default  # an exported but empty variable is no setting at all
     try:
         number = int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         number = -1
-    if number < (1 if name == "WORLD_SIZE" else 0):
-        raise InputError(f"{name}={value!r} is not a process count or rank torchrun would set; unset it, or start "
-                         "the batch with torchrun", "environment")
+    is_count = name == "WORLD_SIZE"
+    if number < (1 if is_count else 0):
+        raise InputError(f"{name}={value!r} is not a {'process count' if is_count else 'rank'} torchrun would set; "
+                         "unset it, or start the batch with torchrun", "environment")
     return number
 
 

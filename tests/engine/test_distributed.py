@@ -37,8 +37,14 @@ def test_a_variable_torchrun_would_never_set_is_refused(no_torchrun, name, value
     for variable in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         no_torchrun.setenv(variable, "0" if variable == "RANK" else "1")
     no_torchrun.setenv(name, value)
-    with pytest.raises(InputError, match=f"{name}='{value}' is not a process count or rank"):
+    with pytest.raises(InputError, match=f"{name}='{value}' is not a {'process count' if name == 'WORLD_SIZE' else 'rank'} "
+                                         "torchrun would set"):
         setup_distributed("cpu")
+
+
+def test_an_exported_but_empty_world_size_is_no_setting(no_torchrun):
+    no_torchrun.setenv("WORLD_SIZE", "")
+    assert setup_distributed("cpu").world_size == 1
 
 
 def test_fuse_in_a_shell_with_a_stray_world_size_says_so_in_one_line(no_torchrun, tmp_path, capsys):

@@ -362,6 +362,7 @@ def test_a_failure_of_the_volume_metrics_is_named_and_keeps_the_layers_save_and_
     assert workbench.metrics_panel.value("NCC to label", "volume") == ""
     written = workbench.save_outputs()
     assert "fused.nii.gz" in written and not (workbench.selection.folder / "metrics.json").exists()
+    assert any(message.endswith("no metrics.json: the volume metrics failed") for _, message in notifications)
     assert workbench.report_button.enabled
     workbench.report_button.clicked()
     qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=RUN_TIMEOUT_MS)
