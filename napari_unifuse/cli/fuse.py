@@ -44,8 +44,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from tqdm import tqdm
 
 from napari_unifuse.cli.arguments import read_pairs_rows
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
-from napari_unifuse.engine.device import DEVICE_CHOICES, is_out_of_memory
+from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
 from napari_unifuse.engine.inference import FusionEngine, requested_settings
 from napari_unifuse.engine.input_checks import model_dimensions
@@ -294,20 +293,14 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     return result
 
 
-@contextmanager
-def _out_of_memory_named(stage: str, pair: Pair) -> Iterator[None]:
+def _out_of_memory_named(stage: str, pair: Pair) -> AbstractContextManager[None]:
     """An allocation that fails in one of ``fuse_pair``'s own stages (the engine explains those of
     the fusion) becomes a one-line UniFuseError naming the stage and the pair, which fails only that
     pair of a batch."""
-    try:
-        yield
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        raise UniFuseError(
-            f"the computer ran out of memory during the {stage!r} stage of the pair {pair.name}; close other programs "
-            "and run again, or fuse a cropped or coarser copy of the images. Nothing of this pair was written and the "
-            "inputs are unchanged.") from error
+    return out_of_memory_explained(lambda: (
+        f"the computer ran out of memory during the {stage!r} stage of the pair {pair.name}; close other programs "
+        "and run again, or fuse a cropped or coarser copy of the images. Nothing of this pair was written and the "
+        "inputs are unchanged."))
 
 
 def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, options: dict[str, Any]) -> None:

@@ -3,6 +3,9 @@ its memory looks like."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 
 from napari_unifuse.errors import UniFuseError
@@ -47,3 +50,16 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     return isinstance(error, RuntimeError) and any(
         sign in str(error) for sign in (*_HOST_ALLOCATION_FAILURES, *_DEVICE_ALLOCATION_FAILURES))
+
+
+@contextmanager
+def out_of_memory_explained(message: Callable[[], str]) -> Iterator[None]:
+    """A failed allocation (:func:`is_out_of_memory`) inside the block becomes a one-line
+    UniFuseError of ``message()``, read when it happens (the stage that failed is known only then);
+    any other error passes through."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise UniFuseError(message()) from error

@@ -81,7 +81,7 @@ from napari_unifuse.engine.alignment_guard import (
 from napari_unifuse.engine.class_evidence import class_evidence, evidence_table
 from napari_unifuse.engine.classical import refine_dense, register_sitk
 from napari_unifuse.engine.coarse_readout import coarse_readout
-from napari_unifuse.engine.device import is_out_of_memory, resolve_device
+from napari_unifuse.engine.device import is_out_of_memory, out_of_memory_explained, resolve_device
 from napari_unifuse.engine.fusion_balance import fusion_balance
 from napari_unifuse.engine.input_checks import minimum_input_side, minimum_padded_side, model_dimensions
 from napari_unifuse.engine.methods import (
@@ -911,22 +911,17 @@ def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
     return [f"the moving image reaches only {100 * coverage:.1f} % of {named}'s grid in space ({apart}); {hint}"]
 
 
-@contextmanager
-def _out_of_memory_explained(timer: StageTimer, reference: ImageVolume, device: torch.device) -> Iterator[None]:
+def _out_of_memory_explained(timer: StageTimer, reference: ImageVolume,
+                             device: torch.device) -> AbstractContextManager[None]:
     """An allocation that fails anywhere in a run (the tiled passes shrink their tiles first)
     becomes a message that names the stage and the size, instead of an allocator's traceback."""
-    try:
-        yield
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        where = "CUDA GPU" if device.type == "cuda" else "computer"
-        remedy = "run on the CPU (--device cpu), " if device.type == "cuda" else ""
-        raise UniFuseError(
-            f"the {where} ran out of memory during the {timer.failed_stage or 'fusion'!r} stage on a "
-            f"{'x'.join(map(str, reference.spatial_shape))} pair ({math.prod(reference.spatial_shape) / 1e6:.1f} M voxels); "
-            f"close other programs or layers and run again, {remedy}or fuse a cropped or coarser copy of the "
-            "volumes. Nothing was written and the inputs are unchanged.") from error
+    where = "CUDA GPU" if device.type == "cuda" else "computer"
+    remedy = "run on the CPU (--device cpu), " if device.type == "cuda" else ""
+    return out_of_memory_explained(lambda: (
+        f"the {where} ran out of memory during the {timer.failed_stage or 'fusion'!r} stage on a "
+        f"{'x'.join(map(str, reference.spatial_shape))} pair ({math.prod(reference.spatial_shape) / 1e6:.1f} M voxels); "
+        f"close other programs or layers and run again, {remedy}or fuse a cropped or coarser copy of the "
+        "volumes. Nothing was written and the inputs are unchanged."))
 
 
 class _ClassicalInBackground:
