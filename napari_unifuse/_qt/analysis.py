@@ -130,9 +130,9 @@ def run_and_analyse(
     reference_grey = display_grey(request.reference)
     aligned_grey = display_grey(result.aligned)
     if request.label is not None:
-        label = grey_values(resample_to_reference(request.label, request.reference))
-        error_map, error_kind = absolute_error(grey_values(result.aligned), label), "|aligned − label|"
-        label_units = label_in_model_units(result, request.label)
+        label_on_grid = resample_to_reference(request.label, request.reference)
+        error_map, error_kind = absolute_error(grey_values(result.aligned), grey_values(label_on_grid)), "|aligned − label|"
+        label_units = label_in_model_units(result, label_on_grid)
         # What the error map and the label metrics were measured against, as the CLI's --label records it.
         result.provenance.setdefault("inputs", {})["label"] = describe_input(request.label)
     else:

@@ -43,7 +43,8 @@ def label_in_model_units(result: FusionResult, label: ImageVolume) -> np.ndarray
     """``label`` on the run's output grid (the reference's), through the moving image's intensity
     mapping (luma for RGB): the [0, 1] units the model aligned the moving image in, and those of
     ``result.in_model_units("moving", result.aligned)``."""
-    return result.in_model_units("moving", resample_to_reference(label, result.aligned))
+    on_grid = label if label.on_grid_of(result.aligned) else resample_to_reference(label, result.aligned)
+    return result.in_model_units("moving", on_grid)
 
 
 def label_metrics(result: FusionResult, label_units: np.ndarray) -> dict[str, float]:
