@@ -205,7 +205,7 @@ def write_index(runs_dir: str | os.PathLike,
     title = html.escape(_readable(runs_dir.resolve().name))
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>UniFuse QC: "
             f"{title}</title><style>{_STYLE}</style></head><body>\n"
-            f"<h1>UniFuse QC: {title}</h1>\n<p>{len(rows)} finished runs, most suspicious "
+            f"<h1>UniFuse QC: {title}</h1>\n<p>{len(rows)} finished run{'' if len(rows) == 1 else 's'}, most suspicious "
             "first (suspicion: the largest fraction of one slice that one quality map flags).</p>\n"
             f"{table}\n</body></html>\n")
     path = runs_dir / INDEX_FILE
@@ -555,7 +555,8 @@ def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path, failed: Sequ
             batches.append(f"<li>{where}: {BATCH_SUMMARY_FILE} unreadable</li>")
             continue
         counts = ", ".join(f"{summary.get(status, '?')} {status}" for status in ("done", "skipped", "failed"))
-        batches.append(f"<li>{where}: {summary.get('pairs', '?')} pairs, {html.escape(counts)} "
+        pairs = summary.get("pairs", "?")
+        batches.append(f"<li>{where}: {html.escape(str(pairs))} pair{'' if pairs == 1 else 's'}, {html.escape(counts)} "
                        f"<span class=note>({BATCH_SUMMARY_FILE}, {html.escape(str(summary.get('created', '')))})"
                        "</span></li>")
     failed_rows = "".join(

@@ -291,7 +291,7 @@ def test_the_index_counts_a_batchs_pairs_and_lists_failed_and_unfinished_ones_ap
     page = write_index(tmp_path / "cohort").read_text(encoding="utf-8")
 
     finished, _, rest = page.partition("</table>")
-    assert "1 finished runs" in finished and "batch/pt1" in finished
+    assert "1 finished run," in finished and "batch/pt1" in finished
     assert "pt2" not in finished and "batch/pt3" not in finished and "killed" not in finished
     assert "batch: 3 pairs, 2 done, 0 skipped, 1 failed" in rest
     failed = rest[rest.index("Failed pairs"):rest.index("Unfinished run folders")]
@@ -436,3 +436,16 @@ def test_a_metric_that_could_not_be_computed_reads_n_a(tmp_path):
     metrics = section(page, "metrics")
     assert "<td>ssim</td><td>n/a</td>" in metrics and "<td>mse</td><td>n/a</td>" in metrics
     assert "<td>ncc</td><td>0.5</td>" in metrics and "nan" not in metrics and "None" not in metrics
+
+
+def test_the_index_counts_one_run_and_one_pair_in_the_singular(tmp_path):
+    batch = tmp_path / "cohort" / "batch"
+    write_fusion_outputs(constructed_result(blob_radius=4), batch / "pt1")
+    (batch / BATCH_SUMMARY_FILE).write_text(json.dumps({
+        "created": "2026-12-06T16:00:29+00:00", "pairs": 1, "done": 1, "skipped": 0, "failed": 0,
+        "outcomes": [{"name": "pt1", "status": "done"}]}), encoding="utf-8")
+
+    page = write_index(tmp_path / "cohort").read_text(encoding="utf-8")
+
+    assert "<p>1 finished run, most suspicious first" in page
+    assert "batch: 1 pair, 1 done, 0 skipped, 0 failed" in page
