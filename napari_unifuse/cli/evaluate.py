@@ -921,6 +921,19 @@ def held_out_fraction(text: str) -> float:
     return value
 
 
+
+def undegraded_fraction(text: str) -> float:
+    """``--none-fraction``: from 0 to 1, refused here in this option's terms rather than by
+    training's check of ``data.none_fraction`` after the checkpoint has loaded."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 to 1, got {text}: it is the fraction of pairs left undegraded (1: clean pairs only)")
+    return value
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="score a checkpoint beside classical registration + fusion baselines",
@@ -949,7 +962,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="seed of the synthesised degradations, 0 or more (default 0)")
     harvard.add_argument("--misalignment", choices=REGIME_CHOICES,
                          help="misalignment regime of the synthesised pairs, or all of them (default: all)")
-    harvard.add_argument("--none-fraction", type=float,
+    harvard.add_argument("--none-fraction", type=undegraded_fraction,
                          help="fraction of pairs left undegraded (default 0; training uses 0.2)")
     parser.add_argument("--baselines", default=",".join(REGISTRATION_METHODS),
                         help=f"classical registrations, comma-separated ({', '.join(REGISTRATION_METHODS)})")

@@ -565,6 +565,19 @@ def test_a_val_fraction_holding_out_no_case_or_every_case_is_refused_by_evaluate
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("value", ["2", "-0.1", "nan"])
+def test_a_none_fraction_outside_0_to_1_is_refused_by_evaluates_own_option(value, tmp_path, capsys):
+    """It was refused by training's check ("data.none_fraction: ...") after the checkpoint loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--methods", "identity+max", "--harvard", str(tmp_path), "--none-fraction", value,
+              "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument --none-fraction: must be from 0 to 1, got {value}: it is the fraction of pairs" in error
+    assert "data.none_fraction" not in error
+    assert not (tmp_path / "out").exists()
+
 def test_pairs_in_different_folders_with_one_moving_file_name_are_all_compared(tmp_path):
     """``unifuse synth --pairs`` writes OUT/0000/moving.png, OUT/0001/moving.png: two pairs, both
     in every table and in the pair-by-pair statistics."""
