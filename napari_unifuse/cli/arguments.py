@@ -33,6 +33,20 @@ def _whole_number(text: str, minimum: int) -> int:
     return value
 
 
+
+ONE_PAIR_OR_MANY = "give --reference and --moving for one pair, or --pairs CSV for many"
+
+
+def check_one_pair_or_many(args: argparse.Namespace, single_pair_options: Sequence[str]) -> None:
+    """synth's and fuse's inputs: ``--reference`` and ``--moving`` (and the command's other
+    ``single_pair_options``), or ``--pairs``, never both: a CSV beside them would be read without a
+    word about them. No source on these errors: the message names the options, main() the command."""
+    given = [f"--{option}" for option in single_pair_options if getattr(args, option) is not None]
+    if args.pairs is not None and given:
+        raise InputError(f"--pairs cannot be combined with {', '.join(given)}; {ONE_PAIR_OR_MANY}")
+    if args.pairs is None and (args.reference is None or args.moving is None):
+        raise InputError(ONE_PAIR_OR_MANY)
+
 # ---- the --pairs CSV of synth, fuse and evaluate --------------------------------------------------
 CsvRow = dict[str, str]  # column -> cell as written; "" for an optional cell the row does not reach
 

@@ -51,7 +51,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from napari_unifuse.cli.arguments import read_pairs_rows
+from napari_unifuse.cli.arguments import check_one_pair_or_many, read_pairs_rows
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
 from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
@@ -480,14 +480,9 @@ class TqdmProgress:
 
 
 def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
-    # No source on these errors: the message names the option, and main() names the command.
-    single = [flag for flag in ("reference", "moving", "label") if getattr(args, flag) is not None]
+    check_one_pair_or_many(args, ("reference", "moving", "label"))
     if args.pairs is not None:
-        if single:
-            raise InputError(f"--pairs cannot be combined with --{', --'.join(single)}")
         pairs = read_pairs_csv(args.pairs)
-    elif args.reference is None or args.moving is None:
-        raise InputError("give --reference and --moving for one pair, or --pairs CSV for many")
     else:
         pairs = [Pair(args.reference, args.moving, args.label)]
     if args.out.exists() and not args.out.is_dir():

@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from napari_unifuse import __version__
-from napari_unifuse.cli.arguments import CsvRow, non_negative_int, read_pairs_rows
+from napari_unifuse.cli.arguments import CsvRow, check_one_pair_or_many, non_negative_int, read_pairs_rows
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, regime_misalignment
 from napari_unifuse.data.pairs import make_pair
@@ -139,13 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> list[SynthJob]:
-    single = [f"--{role}" for role in ("reference", "moving") if getattr(args, role) is not None]
-    if args.pairs is not None and single:
-        # Left unread, it would give the CSV's pairs without a word; as fuse refuses it.
-        raise InputError(f"--pairs cannot be combined with {', '.join(single)}; give --reference and --moving for "
-                         "one pair, or --pairs CSV for many")
-    if args.pairs is None and len(single) < 2:
-        raise InputError("give either --reference and --moving, or --pairs CSV", "--pairs")
+    check_one_pair_or_many(args, ("reference", "moving"))
     if args.pairs is None:
         for path in (args.reference, args.moving):
             if not path.exists():

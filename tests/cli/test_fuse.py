@@ -455,7 +455,8 @@ def test_pairs_and_single_pair_flags_are_exclusive(data, tmp_path, capsys):
     root = data["root"]
     code = fuse("--pairs", root / "pairs.csv", "--moving", root / "pet7.png", "--out", tmp_path)
     assert code == 2
-    assert "--pairs cannot be combined with --moving" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--pairs cannot be combined with --moving; give --reference and --moving for one pair" in error
 
 
 def test_report_writes_each_pairs_page_and_the_cohort_index(data, tmp_path, capsys):

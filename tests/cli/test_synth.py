@@ -187,6 +187,18 @@ def test_pairs_with_one_single_pair_option_is_refused_as_fuse_refuses_it(png_pai
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("given", [[], ["--reference"], ["--moving"]])
+def test_neither_a_pair_nor_a_csv_is_refused_in_fuses_words(png_pair, tmp_path, capsys, given):
+    """synth said "--pairs: give either --reference and --moving, or --pairs CSV", fuse otherwise."""
+    options = {"--reference": str(png_pair[0]), "--moving": str(png_pair[1])}
+    code = main(["synth", *[part for option in given for part in (option, options[option])],
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "unifuse synth: error: give --reference and --moving for one pair, or --pairs CSV for many\n")
+    assert not (tmp_path / "out").exists()
+
 def write_csv(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.write_text(text, encoding=encoding)
     return path
