@@ -172,6 +172,17 @@ def input_fingerprint(volume: ImageVolume, digest: Callable[[np.ndarray], str] =
     return f"{volume.array.dtype}:{sha256_of_array(placement)[:16]}:{content}"
 
 
+def checkpoint_identity(checkpoint: str) -> str:
+    """What tells one model from another: a bundled checkpoint's name, or a checkpoint file's resolved
+    path, size and modification time, so that a file retrained in place (``train --resume``
+    rewrites ``last.safetensors``) counts as another model."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        return checkpoint
+    status = path.stat()
+    return f"{path.resolve()}|{status.st_size}|{status.st_mtime_ns}"
+
+
 def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...]) -> Path:
     """``root/<reference>+<moving>__<checkpoint name>__<hash>``: the same inputs and checkpoint give
     the same folder (so a reopened run finds its annotations), different ones never collide.
@@ -184,14 +195,8 @@ def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, f
     ``checkpoint``: a bundled checkpoint's name, or a checkpoint file, which counts by its resolved
     path, size and modification time: two runs' ``last.safetensors``, or a file retrained in place,
     are different models and get different folders."""
-    path = Path(checkpoint).expanduser()
-    if path.is_file():
-        status = path.stat()
-        identity = f"{path.resolve()}|{status.st_size}|{status.st_mtime_ns}"
-    else:
-        identity = checkpoint
-    digest = hashlib.sha256("\n".join((*fingerprints, identity)).encode()).hexdigest()[:10]
-    suffix = f"__{_slug(path.stem)}__{digest}"
+    digest = hashlib.sha256("\n".join((*fingerprints, checkpoint_identity(checkpoint))).encode()).hexdigest()[:10]
+    suffix = f"__{_slug(Path(checkpoint).expanduser().stem)}__{digest}"
     root = Path(root).expanduser()
     return _existing_run_folder(root, suffix) or root / f"{_slug(f'{reference}+{moving}')}{suffix}"
 
