@@ -16,13 +16,22 @@ UNIT_SCALE_TOLERANCE = 1e-5
 # Float images whose maximum lies between 1 (+ tolerance) and this are neither clearly unit-scale nor
 # clearly grey levels (a 0–255 image of anatomy reaches far higher): they are refused.
 AMBIGUOUS_FLOAT_MAX = 2.0
+# A 3D array whose last axis holds 3 or 4 values and whose other two axes both reach this is read as
+# a colour image (y, x, RGB(A)), not as a (z, y, x) volume. A colour image is larger than this a side,
+# and a volume of this many slices only 3 or 4 pixels wide fits no fusion metric's window (SSIM needs
+# 7); a small volume with few slices, (5, 64, 3), and a 3-slice one, (3, 64, 64), stay volumes.
+COLOUR_IMAGE_MIN_SIDE = 8
 
 
 def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1,
-                 dtype: type[np.floating] = np.float64) -> list[np.ndarray]:
+                 dtype: type[np.floating] = np.float64, refuse_colour: bool = False) -> list[np.ndarray]:
     """Return the arrays as ``dtype`` after checking that they are finite, equally shaped 2D/3D images.
 
     ``min_side`` is the smallest in-plane (last two axes) size the calling metric can work with.
+    ``refuse_colour``: refuse what looks like an RGB(A) image (see ``COLOUR_IMAGE_MIN_SIDE``), for
+    metrics that read a 3D array as slices along axis 0 and would score an (y, x, 3) image as y
+    slices 3 pixels wide. Callers that take volumes in any storage order (a thick-slice series
+    stored slices last, (y, x, 3)) leave it off.
     ``dtype``: float32 for a metric that computes in float32 anyway. An array already of ``dtype``
     is returned as it is, not copied: metrics read their inputs and never write to them.
     """
@@ -35,6 +44,10 @@ def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1,
             raise InputError(f"expected numeric intensities, got dtype {data.dtype}", name)
         if data.size == 0:
             raise InputError("the image is empty", name)
+        if refuse_colour and _looks_like_colour(data.shape):
+            raise InputError(f"shape {data.shape} looks like a colour image (y, x, channels); the metrics take "
+                             "grey images: pass its luma, napari_unifuse.data.color.rgb_to_ycbcr(image[..., :3])"
+                             "[..., 0], or a volume as (z, y, x)", name)
         data = data.astype(dtype, copy=False)
         if not np.isfinite(data).all():
             raise InputError("the image contains NaN or infinite values", name)
@@ -47,6 +60,10 @@ def check_images(names: tuple[str, ...], *arrays: object, min_side: int = 1,
     return checked
 
 
+def _looks_like_colour(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) >= COLOUR_IMAGE_MIN_SIDE
+
+
 def to_grey_scale(names: tuple[str, ...], *arrays: object, min_side: int = 1) -> list[np.ndarray]:
     """Bring images onto the 0–255 grey scale the references assume, each by its own type and values.
 
@@ -56,9 +73,9 @@ def to_grey_scale(names: tuple[str, ...], *arrays: object, min_side: int = 1) ->
     1.00002 beside sources in [0, 1] read all three as 0–255, dark images, and MI fell from 2.6 to
     0.2 without a word; a uint8 source beside [0, 1] floats did the same. Floats just above 1 (an
     interpolation overshoot?) could be either, and are refused, as are negative values and anything
-    past 255 (CT in HU, 16-bit data): normalise first.
+    past 255 (CT in HU, 16-bit data): normalise first. Colour images are refused (``check_images``).
     """
-    checked = check_images(names, *arrays, min_side=min_side)
+    checked = check_images(names, *arrays, min_side=min_side, refuse_colour=True)
     on_grey_scale = []
     for name, original, data in zip(names, arrays, checked, strict=True):
         low, high = float(data.min()), float(data.max())

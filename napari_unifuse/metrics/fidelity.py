@@ -16,9 +16,12 @@ volume is stored; the plane, and so every map, does not.
   source gradient), so what remains is structure that came from neither: a pasted blob, an edge
   sharpened past both inputs, a seam where the blending weight jumps.
 * **Lost structure** = max over sources S of (E_S − 2·E_fused)⁺: a source's edge the fused image
-  does not keep at least half of. An average of the two sources keeps half of each and scores 0; a
-  source edge gone from the fused image scores its full height. Artefacts the restoration removed
-  (motion ghosts, metal streaks) show here too: read it with the restoration change.
+  does not keep at least half of. An average of the two sources keeps at least half of an edge in
+  one source only or in both with the same polarity (brighter on the same side), and scores 0
+  there; an edge both have with opposite polarity (bone bright on CT, dark on T1) the average
+  partly cancels, and it is flagged, rightly: the fused image lost its contrast. A source edge gone
+  from the fused image scores its full height. Artefacts the restoration removed (motion ghosts,
+  metal streaks) show here too: read it with the restoration change.
 * **Restoration change** = |restored − warped moving|, Gaussian-smoothed in-plane at
   ``CHANGE_SCALE`` voxels: how much the restoration altered the aligned moving image, in its [0, 1]
   window. Near 0 on a pair the classifier calls "none" (the restoration is gated by p_none).

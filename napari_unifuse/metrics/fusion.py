@@ -11,8 +11,9 @@ MATLAB collection likewise), and it matters for VIF (its noise variance 2 is in 
 
 Metrics defined on 2D images (Q_vif, Q_ssim, Q_s here; Q_abf, Q_cv, AG in ``fusion_gradient``)
 are computed on each axial slice of a volume and averaged (``mean_over_axial_slices``: slices where
-F, A and B are all constant are skipped). Metrics that are statistics of the voxel values (Q_mse,
-Q_cc, Q_psnr, Q_scd, EN, MI, NMI) use all voxels at once.
+A and B are both constant are skipped whatever F holds there, for AG in ``fusion_metrics`` too).
+Metrics that are statistics of the voxel values (Q_mse, Q_cc, Q_psnr, Q_scd, EN, MI, NMI) use all
+voxels at once. Colour (y, x, 3 or 4) images are refused: pass their luma.
 
 Flat (constant) images: where a metric divides by a variance or an entropy that is zero, it is
 undefined and returns NaN without warnings (Q_cc and Q_scd with a constant image, NMI when an
@@ -232,8 +233,20 @@ def _wang_ssim_map(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return ssim_map, var_x, var_y
 
 
+# A local variance E[x²] − E[x]² of a window on a flat background is not 0 but round-off of
+# either sign, a few eps times the squared intensity (measured up to 5e-16·peak²). Below this
+# fraction of the squared peak of the two sources a variance is taken as 0: far above round-off,
+# and a standard deviation of 1e-5 of the peak (0.003 grey levels on 0–255) is no structure.
+# Comparing two round-offs set λ to 0 or 1 at random (Q_s 0.53 → 0.71 when a background moved
+# from 0.25 to 0.2500001).
+_FLAT_VARIANCE_FRACTION = 1e-10
+
+
 def _piella_2d(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     _, var_a, var_b = _wang_ssim_map(a, b)
+    flat_below = _FLAT_VARIANCE_FRACTION * max(np.abs(a).max(), np.abs(b).max()) ** 2
+    # Zeroing round-off also drops its negative values, so λ stays within [0, 1].
+    var_a, var_b = (np.where(variance > flat_below, variance, 0.0) for variance in (var_a, var_b))
     both_flat = (var_a + var_b) == 0
     # metricPeilla.m adds 0.5 to both variances where both vanish, i.e. weighs A and B equally there.
     weight_a = np.where(both_flat, 0.5, var_a / np.where(both_flat, 1.0, var_a + var_b))
@@ -249,6 +262,8 @@ def q_s(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     λ = σ_A² / (σ_A² + σ_B²) per window (local saliency = variance). Follows Z. Liu's
     ``metricPeilla.m`` (imageFusionMetrics, case 1) with Wang's ``ssim_index.m`` maps (11×11
     Gaussian window, σ = 1.5, K = (0.01, 0.03), L = 255, 'valid' region). Slices must be ≥ 11×11.
+    Where both sources are flat, λ = 0.5 as there; unlike there, a local variance below 1e-10 of the
+    squared peak (round-off on a flat background) counts as flat, not only an exact 0.
     """
     return mean_over_axial_slices(_piella_2d, fused, a, b)
 
@@ -313,7 +328,11 @@ def entropy(image: object) -> float:
 
 
 def average_gradient(image: object) -> float:
-    """AG of one image; see ``fusion_gradient.average_gradient_on_grey_scale`` for the definition."""
+    """AG of one image; see ``fusion_gradient.average_gradient_on_grey_scale`` for the definition.
+
+    A volume's AG averages the slices where the image itself is not constant; ``fusion_metrics``
+    averages a fused volume's AG over the slices where its sources are not.
+    """
     return average_gradient_on_grey_scale(to_grey_scale(("image",), image, min_side=2)[0])
 
 
@@ -348,5 +367,6 @@ def fusion_metrics(fused: object, source_a: object, source_b: object) -> dict[st
     results = {name: metric.on_grey_scale(fused_grey, a_grey, b_grey) if side >= metric.min_side else float("nan")
                for name, metric in _PAIRWISE_METRICS.items()}
     results["EN"] = _entropy_on_grey_scale(fused_grey)
-    results["AG"] = average_gradient_on_grey_scale(fused_grey) if side >= 2 else float("nan")  # needs a neighbour
+    # AG needs a neighbour; it scores F alone, on the slices the sources select, as the metrics above.
+    results["AG"] = average_gradient_on_grey_scale(fused_grey, a_grey, b_grey) if side >= 2 else float("nan")
     return results

@@ -131,10 +131,13 @@ def _average_gradient_2d(image: np.ndarray) -> float:
     return float(np.sum(np.sqrt((d_rows**2 + d_cols**2) / 2)) / ((rows - 1) * (cols - 1)))
 
 
-def average_gradient_on_grey_scale(image: np.ndarray) -> float:
+def average_gradient_on_grey_scale(image: np.ndarray, *sources: np.ndarray) -> float:
     """AG of a 0–255 image: Σ sqrt((∂x² + ∂y²) / 2) / ((rows − 1)(cols − 1)).
 
     VIFB's ``metricsAvg_gradient.m``: MATLAB ``gradient`` (central differences, one-sided at the
     border; ``np.gradient`` is the same). CDDFuse divides by rows·cols instead (≈3 % lower at 64²).
+    A volume's AG is averaged over the axial slices where a source is not constant (the image's
+    own, without sources), so that a fused image's AG averages the slices the other fusion metrics
+    do: counting the sources' blank slices where the fused image has one stray grey level halved it.
     """
-    return mean_over_axial_slices(_average_gradient_2d, image)
+    return mean_over_axial_slices(lambda scored, *_: _average_gradient_2d(scored), image, *sources)

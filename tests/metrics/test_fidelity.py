@@ -49,6 +49,27 @@ def test_an_average_fusion_of_sources_with_separate_edges_is_not_flagged():
     assert maps.lost.max() <= maps.thresholds["lost"]
 
 
+def test_an_average_keeps_same_polarity_edges_and_loses_opposite_polarity_ones():
+    """Half of each edge survives an average only where the sources' edges agree in polarity; a
+    step up in one and down in the other (bone on CT and T1) cancels to their difference."""
+    columns = np.arange(64)
+    step_up = np.tile((columns >= 32) * 0.8 + 0.1, (64, 1)).astype(np.float32)
+    step_down = np.tile((columns < 32) * 0.6 + 0.2, (64, 1)).astype(np.float32)
+    for other, lost_anywhere in ((0.5 * step_up + 0.2, False), (step_down, True)):
+        maps = fidelity_maps(step_up, other, other, 0.5 * (step_up + other))
+        flagged = maps.lost > maps.thresholds["lost"]
+        assert flagged.any() == lost_anywhere
+        assert not flagged[:, np.r_[:28, 36:64]].any()  # only at the edge
+
+
+def test_a_three_slice_volume_stored_slices_last_is_a_volume_not_a_colour_image():
+    reference, moving, fused = (np.ascontiguousarray(np.transpose(image, (1, 2, 0)))
+                                for image in thick_slice_pair(slices=3))
+    maps = fidelity_maps(reference, moving, moving, fused, spacing=(1.5, 1.5, 7.5))
+    assert maps.invented.shape == (40, 40, 3)
+    assert (maps.invented[..., 2] > maps.thresholds["invented"]).any()
+
+
 def test_a_blob_pasted_into_the_fused_image_is_invented_there_and_nowhere_else():
     reference, moving = sources()
     fused = np.maximum(reference, moving)

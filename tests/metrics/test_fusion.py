@@ -12,27 +12,31 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
+from scipy import ndimage, signal
 from skimage.measure import shannon_entropy
 from skimage.metrics import normalized_mutual_information as skimage_nmi
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import mutual_info_score
 from torchmetrics.functional.image import visual_information_fidelity
 
+from napari_unifuse.data.color import rgb_to_ycbcr
 from napari_unifuse.errors import InputError
 from napari_unifuse.metrics import (
     METRIC_NAMES,
+    average_gradient,
     entropy,
     fusion_metrics,
     mutual_information,
     normalized_mutual_information,
     q_abf,
+    q_cb,
     q_cc,
     q_psnr,
     q_s,
     q_scd,
     q_ssim,
     q_vif,
+    ssim_gains,
 )
 
 # Q^{AB/F} of a perfect transfer: strength term saturates at Tg, orientation term at Ta/(1+e^{22·(1−0.8)·−1}).
@@ -118,6 +122,35 @@ def test_bad_inputs_raise_input_error(source_pair):
         fusion_metrics(a[0], a[0], b[0])
 
 
+@pytest.mark.parametrize("metric", [fusion_metrics, q_abf, q_ssim, mutual_information, ssim_gains, q_cb])
+def test_a_colour_image_is_refused_with_a_pointer_to_its_luma(source_pair, metric):
+    """An (y, x, 3) image was scored as y slices 3 pixels wide: numbers of no image, or NaN."""
+    a, b = source_pair
+    colour = np.round(np.stack([a, b, a], axis=-1) * 255).astype(np.uint8)
+    with pytest.raises(InputError, match=r"colour image.*luma.*rgb_to_ycbcr") as refused:
+        metric(colour, colour, colour)
+    assert refused.value.source == "fused"
+    luma = rgb_to_ycbcr(colour)[..., 0]
+    assert np.isfinite(q_ssim(luma, luma, luma))
+
+
+def test_rgba_single_images_and_small_volumes_are_told_apart(source_pair):
+    a, b = source_pair
+    rgba = np.round(np.stack([a, b, a, np.ones_like(a)], axis=-1) * 255).astype(np.uint8)
+    with pytest.raises(InputError, match="colour image") as refused:
+        fusion_metrics(np.stack([a] * 4, axis=-1), rgba, rgba)
+    assert refused.value.source == "fused"
+    for single in (entropy, average_gradient):
+        with pytest.raises(InputError, match="colour image"):
+            single(rgba)
+    # Three slices, and a few slices 3 pixels wide, stay volumes.
+    three_slices = fusion_metrics(np.stack([a, b, a]), np.stack([a, a, a]), np.stack([b, b, b]))
+    assert np.isfinite(three_slices["Q_ssim"])
+    strips = lambda image: np.stack([image[:, 30 + z : 33 + z] for z in range(5)])  # noqa: E731
+    thin = fusion_metrics(strips(0.5 * (a + b)), strips(a), strips(b))
+    assert np.isfinite(thin["Q_mse"]) and math.isnan(thin["Q_ssim"])  # (5, 64, 3): too narrow for SSIM
+
+
 def test_slices_too_small_for_a_metric_score_it_nan_and_the_others_as_alone(source_pair):
     """A 32³ pair stopped a whole evaluation on Q_vif's 41×41 minimum."""
     a, b = (image[:32, :32] for image in source_pair)
@@ -158,6 +191,47 @@ def test_q_s_reduces_to_wang_ssim_when_both_sources_agree(source_pair):
     assert q_s(b, a, a) == pytest.approx(ssim_map[5:-5, 5:-5].mean())
     assert q_s(a, a, b) == pytest.approx(q_s(a, b, a))  # symmetric in the sources
     assert q_s(a, a, b) > q_s(np.flipud(a), a, b)
+
+
+def _q_s_by_the_formula(fused: np.ndarray, a: np.ndarray, b: np.ndarray, equal_weights: bool = False) -> float:
+    """Piella's Q_s written out on 0–255 images: Wang's 11×11 Gaussian window (σ 1.5) as an explicit
+    kernel, 'valid' correlation, λ = σ²_A / (σ²_A + σ²_B), or ½ everywhere with ``equal_weights``."""
+    offsets = np.arange(-5, 6)
+    kernel = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * 1.5**2))
+    kernel /= kernel.sum()
+    mean = lambda image: signal.correlate2d(image, kernel, mode="valid")  # noqa: E731
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def ssim_and_variances(x, y):
+        mu_x, mu_y = mean(x), mean(y)
+        var_x, var_y, cov = mean(x * x) - mu_x**2, mean(y * y) - mu_y**2, mean(x * y) - mu_x * mu_y
+        ssim = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+        return ssim, var_x, var_y
+
+    fused, a, b = (image * 255 for image in (fused, a, b))
+    _, var_a, var_b = ssim_and_variances(a, b)
+    weight_a = 0.5 if equal_weights else var_a / (var_a + var_b)
+    return float(np.mean(weight_a * ssim_and_variances(fused, a)[0] + (1 - weight_a) * ssim_and_variances(fused, b)[0]))
+
+
+def test_q_s_weighs_each_window_by_the_sources_local_variances(source_pair):
+    a, b = source_pair  # textured everywhere: no window is flat, λ varies from window to window
+    fused = np.clip(0.7 * a + 0.3 * b + 0.05 * np.flipud(a), 0, 1)
+    assert q_s(fused, a, b) == pytest.approx(_q_s_by_the_formula(fused, a, b), rel=1e-9)
+    assert q_s(fused, a, b) != pytest.approx(_q_s_by_the_formula(fused, a, b, equal_weights=True), rel=1e-3)
+
+
+def test_q_s_weighs_windows_flat_in_both_sources_alike_whatever_their_round_off():
+    """λ compared the round-off of two flat backgrounds' variances: Q_s 0.53 → 0.71 when A's
+    background moved from 0.25 to 0.2500001."""
+    b = np.full((64, 64), 0.1)
+    b[10:30, 30:50] = 0.6
+    scores = []
+    for background in (0.25, 0.2500001):
+        a = np.full((64, 64), background)
+        a[20:40, 20:40] = 0.9
+        scores.append(q_s((a + b) / 2, a, b))
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
 
 
 def test_q_psnr_matches_skimage_when_sources_agree(source_pair):

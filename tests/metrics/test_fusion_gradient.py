@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage, signal
 
-from napari_unifuse.metrics import average_gradient, q_abf, q_cv
+from napari_unifuse.metrics import average_gradient, fusion_metrics, q_abf, q_cv
 
 TG, KG, DG, TA, KA, DA = 0.9994, -15, 0.5, 0.9879, -22, 0.8
 ORIENTATION_TERM_ALIGNED = TA / (1 + math.exp(KA * (1 - DA)))
@@ -153,3 +153,19 @@ def test_average_gradient_of_a_ramp_and_of_a_flat_image():
     expected = slope / math.sqrt(2) * rows * cols / ((rows - 1) * (cols - 1))
     assert average_gradient(ramp) == pytest.approx(expected)
     assert average_gradient(np.full((10, 14), 0.3)) == 0
+
+
+def test_a_fused_volume_s_average_gradient_averages_the_slices_its_sources_fill(source_pair):
+    """AG averaged the slices where F was not constant: one stray grey level on the sources' blank
+    slices halved it, where the other per-slice metrics leave those slices out."""
+    a, b = source_pair
+    blank = np.zeros_like(a)
+    volume_a, volume_b = np.stack([a, blank, b, blank]), np.stack([b, blank, a, blank])
+    fused = 0.5 * (volume_a + volume_b)
+    stray = fused.copy()
+    stray[[1, 3], 0, 0] = 1 / 255
+    filled_slices_ag = np.mean([average_gradient(fused[z]) for z in (0, 2)])
+    assert fusion_metrics(stray, volume_a, volume_b)["AG"] == pytest.approx(filled_slices_ag)
+    assert fusion_metrics(fused, volume_a, volume_b)["AG"] == pytest.approx(filled_slices_ag)
+    # Alone, an image selects its own slices: the stray grey levels make theirs count.
+    assert average_gradient(stray) == pytest.approx(np.mean([average_gradient(slice_) for slice_ in stray]))
