@@ -235,6 +235,11 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
             raise InputError(f"a one-slice volume (shape {image.array.shape}); synth needs a 2D image or a "
                              "volume of at least 2 voxels along every axis: save the slice as a 2D image "
                              "(PNG, or an axial NIfTI with two dimensions)", image.source)
+    if reference.geometry.is_sheared:
+        # Every output lies on the reference grid, and synth writes NIfTI, whose qform (what ITK-based
+        # tools read) holds no shear: they would place the pair and its field millimetres off.
+        raise InputError("its grid is sheared (e.g. a gantry-tilted CT), which synth's NIfTI outputs cannot hold "
+                         "for ITK-based tools; resample it onto an unsheared grid first", job.reference)
     problems = [f"{image.source}: {warning}" for image in (reference, moving)
                 for warning in image.metadata.get("warnings", [])]
     problems += overlap_warnings(reference, moving, outside="the label and moving images are 0")

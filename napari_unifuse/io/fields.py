@@ -31,7 +31,7 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.io.nifti_xforms import NiftiXforms
 from napari_unifuse.io.readers import NIFTI_SUFFIXES, itk_source, load_nifti
-from napari_unifuse.io.writers import itk_destination, nifti_image, save_nifti
+from napari_unifuse.io.writers import nifti_image, save_nifti, staged_destination
 
 _GZIP_CHECK_CHUNK = 1 << 22
 # ITK's axis order of a field stored by _itk_readable_order's [1, 2, 0] is (z, x, y): back to (x, y, z).
@@ -64,7 +64,7 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
         if to_nifti:
             _write_nifti_field(itk_vectors, reference_geometry, path, xforms)
         else:
-            with itk_destination(path) as staged:
+            with staged_destination(path) as staged:
                 image = reference_geometry.to_sitk(sitk.GetImageFromArray(itk_vectors, isVector=True))
                 sitk.WriteImage(image, staged, useCompression=True)
     except (RuntimeError, OSError) as error:

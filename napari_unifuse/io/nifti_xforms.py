@@ -118,12 +118,18 @@ class NiftiXforms:
             placed[2, 2] = geometry[2, 2] = 0.0
         return bool(np.allclose(placed, geometry, rtol=0, atol=_SAME_PLACEMENT_MM))
 
+    def placing_form(self) -> np.ndarray | None:
+        """The form nibabel places the voxels by (the sform, else the qform); None when the header
+        gives neither."""
+        if self.sform_code > 0:
+            return self.sform
+        return self.qform if self.qform_code > 0 else None
+
     def plane_height(self) -> float | None:
         """The z (RAS mm) of a 2-D axial NIfTI's plane by the form nibabel uses (the sform, else the
         qform); None when the header gives neither."""
-        if self.sform_code > 0:
-            return float(self.sform[2, 3])
-        return float(self.qform[2, 3]) if self.qform_code > 0 else None
+        form = self.placing_form()
+        return None if form is None else float(form[2, 3])
 
 
 def _grid_ndim(image: nib.Nifti1Image) -> int:
@@ -135,11 +141,18 @@ def _grid_ndim(image: nib.Nifti1Image) -> int:
 
 def stamp_xforms(image: nib.Nifti1Image, xforms: NiftiXforms | None) -> None:
     """Set both forms of ``image`` (built with its geometry's affine): the original header's where
-    they describe this grid, otherwise the geometry in both (ITK reads the qform, nibabel the sform)
-    with the original's codes where it set them (e.g. 4 = MNI), else scanner coordinates."""
+    they describe this grid, otherwise the geometry in both (ITK reads the qform, nibabel the sform,
+    a 2-D grid at the original's plane height) with the original's codes where it set them (e.g. 4 =
+    MNI), else scanner coordinates."""
     affine = image.affine.copy()
     if xforms is not None and xforms.stamp(image):
         return
+    header_form = xforms.placing_form() if xforms is not None else None
+    if header_form is not None and _grid_ndim(image) == 2:
+        # A 2-D geometry is the plane's in-plane grid alone (``to_ras_affine`` puts it at z = 0): a
+        # slice moved or resized within its plane stays at the header's height and slice direction.
+        affine[:, 2] = header_form[:, 2]
+        affine[2, 3] = header_form[2, 3]
     sform_code = (xforms.sform_code if xforms is not None else 0) or SCANNER_CODE
     qform_code = (xforms.qform_code if xforms is not None else 0) or SCANNER_CODE
     image.set_sform(affine, code=sform_code)

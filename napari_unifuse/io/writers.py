@@ -18,7 +18,7 @@ from PIL import Image
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry, ImageVolume
 from napari_unifuse.io.nifti_xforms import NiftiXforms, stamp_xforms
-from napari_unifuse.io.readers import ITK_IMAGE_IOS, ITK_SUFFIXES, NIFTI_SUFFIXES, nibabel_renames
+from napari_unifuse.io.readers import ITK_IMAGE_IOS, ITK_SUFFIXES, NIFTI_SUFFIXES
 
 PNG_SUFFIXES = (".png",)
 WRITABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PNG_SUFFIXES
@@ -41,13 +41,22 @@ def write_image(volume: ImageVolume, path: str | os.PathLike) -> Path:
         )
     if not path.parent.is_dir():
         raise InputError(f"the folder {path.parent} does not exist", path)
-    writer(volume, path)
+    try:
+        writer(volume, path)
+    except (RuntimeError, OSError) as error:  # ITK's own errors, or the disk or folder refusing the file
+        # The system's reason alone ("No space left on device"): the path is named already.
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
+        raise InputError(f"could not write the image: {reason}", path) from error
     return path
 
 
 def _write_nifti(volume: ImageVolume, path: Path) -> None:
     if volume.is_rgb:
         raise InputError("RGB images are saved as PNG, MHA or NRRD, not NIfTI", path)
+    if volume.geometry.is_sheared:
+        # The qform, which ITK-based tools read, holds no shear: they would place voxels millimetres off.
+        raise InputError("this image's grid is sheared (e.g. a gantry-tilted CT), which NIfTI cannot hold for "
+                         "ITK-based tools; save it as .mha", path)
     array = volume.array.astype(_nifti_dtype(volume.array), copy=False)
     # nibabel's axes are (x, y, z): reverse ours. An explicit dtype stops nibabel choosing another.
     image = nifti_image(array.transpose(), volume.geometry, NiftiXforms.from_metadata(volume.metadata))
@@ -66,12 +75,11 @@ def nifti_image(voxels: np.ndarray, geometry: Geometry, xforms: NiftiXforms | No
 
 
 def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
-    if nibabel_renames(nib.Nifti1Image, str(path)):
-        # nib.save would write a mixed-case ``Out.Nii.Gz`` as ``Out.nii.Gz``: name the file exactly.
-        # nibabel gzips by the suffix, in any case.
-        image.to_file_map(image.make_file_map({"image": str(path)}))
-    else:
-        nib.save(image, path)
+    """Write ``image`` to ``path``, replacing an existing file only once the new one is whole (a
+    full disk leaves the old one as it was). The staged name's suffix is lower-case, so nibabel
+    neither renames it (a mixed-case ``Out.Nii.Gz``) nor misses that it is gzipped."""
+    with staged_destination(path) as staged:
+        nib.save(image, staged)
 
 
 def _nifti_dtype(array: np.ndarray) -> np.dtype:
@@ -90,23 +98,24 @@ def _nifti_dtype(array: np.ndarray) -> np.dtype:
 
 def _write_itk(volume: ImageVolume, path: Path) -> None:
     suffix = next(suffix for suffix in ITK_SUFFIXES if path.name.lower().endswith(suffix))
-    try:
-        with itk_destination(path, suffix) as staged:
-            sitk.WriteImage(volume.to_sitk(), staged, useCompression=True, imageIO=ITK_IMAGE_IOS[suffix])
-    except (RuntimeError, OSError) as error:  # ITK's own errors, or the folder refusing new files
-        raise InputError(f"could not write the image: {str(error).strip().splitlines()[-1]}", path) from error
+    with staged_destination(path, suffix) as staged:
+        sitk.WriteImage(volume.to_sitk(), staged, useCompression=True, imageIO=ITK_IMAGE_IOS[suffix])
 
 
 @contextmanager
-def itk_destination(path: Path, suffix: str | None = None) -> Iterator[str]:
-    """A file name for SimpleITK to write ``path`` under; what it writes is moved to ``path`` after.
+def staged_destination(path: Path, suffix: str | None = None) -> Iterator[str]:
+    """A file name for SimpleITK, nibabel or Pillow to write ``path`` under; what it writes is
+    moved to ``path`` after, so a write that fails midway (a full disk) leaves an existing ``path``
+    whole. A ``path`` that is a folder is refused (InputError): the move would put the file inside it.
 
-    ``suffix``: the lower-case extension ITK chooses its writer by (default: ``path``'s, with
+    ``suffix``: the lower-case extension the writer chooses its format by (default: ``path``'s, with
     ``.nii.gz`` as one). ITK decides from a lower-case suffix whether the voxels go into the header file (.mha,
     .nrrd) or a file beside it (.mhd, .nhdr), so the staged name ends in it. A folder whose name is
     not valid UTF-8 would abort the process inside SimpleITK: such a path is staged in the system's
     temporary folder instead of beside ``path``.
     """
+    if path.is_dir():
+        raise InputError("this is a folder; give a file name to save to", path)
     try:
         str(path.parent).encode("utf-8")
         beside: Path | None = path.parent
@@ -140,7 +149,8 @@ def _write_png(volume: ImageVolume, path: Path) -> None:
         raise InputError(f"PNG stores uint8 (or grey uint16) pixels, not {array.dtype}; normalise first", path)
     if not volume.geometry.allclose(Geometry.identity(2)):
         warnings.warn(f"{path}: PNG cannot store spacing, origin or direction; they are lost", stacklevel=3)
-    Image.fromarray(np.ascontiguousarray(array)).save(path)
+    with staged_destination(path) as staged:
+        Image.fromarray(np.ascontiguousarray(array)).save(staged, format="PNG")
 
 
 _WRITERS = ((NIFTI_SUFFIXES, _write_nifti), (ITK_SUFFIXES, _write_itk), (PNG_SUFFIXES, _write_png))

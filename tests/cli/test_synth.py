@@ -103,6 +103,27 @@ def test_field_on_disk_maps_moving_onto_label(kind, png_pair, nifti_pair, tmp_pa
     assert meta["intensity_mapping"]["method"] == ("scale8bit" if kind == "png" else "percentile")
 
 
+
+def test_a_sheared_reference_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+    """A gantry-tilted reference was written as NIfTI, whose qform (what ITK reads) holds no shear:
+    SimpleITK placed the pair and its field millimetres off; now the NIfTI writer refuses it."""
+    volume = make_brain_phantoms((8, 20, 20), modalities=("t1",))["t1"].array.astype(np.float32)
+    tilt = np.radians(15.0)
+    paths = []
+    for name in ("reference", "moving"):
+        image = sitk.GetImageFromArray(volume)
+        image.SetDirection((1, 0, 0, 0, 1, np.sin(tilt), 0, 0, np.cos(tilt)))  # slices step off their normal
+        paths.append(tmp_path / f"{name}.mha")
+        sitk.WriteImage(image, str(paths[-1]))
+    out = tmp_path / "out"
+
+    assert synth(*paths, out) == 2
+
+    error = capsys.readouterr().err
+    assert f"{paths[0]}: its grid is sheared (e.g. a gantry-tilted CT)" in error and "resample it" in error
+    assert error.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())
+
 def test_the_field_of_a_reference_without_orientation_maps_moving_onto_label_in_simpleitk(nifti_pair, tmp_path):
     """The field got nibabel's guessed orientation (codes 1) while the images kept codes 0: ITK
     placed it flipped and shifted against them, and the resample through it missed the label."""

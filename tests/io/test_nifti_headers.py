@@ -265,3 +265,24 @@ def test_the_field_of_an_axial_2d_nifti_keeps_its_plane_and_disagreeing_forms(tm
     np.testing.assert_allclose(itk_field.GetOrigin(), itk_reference.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(itk_field.GetDirection(), itk_reference.GetDirection(), atol=1e-6)
     np.testing.assert_allclose(read_displacement(written, reference.geometry), u, atol=1e-4)
+
+
+def test_an_axial_2d_nifti_moved_within_its_plane_is_written_at_its_height(tmp_path, rng):
+    """Nudged 1 mm in-plane (its header's forms no longer describe the grid), the slice was written
+    at z = 0, and reading it back said it lay 40 mm from the original's plane."""
+    affine = PLANES["axial at z = 40 mm"].copy()
+    affine[2, 2] = 2.5  # a slice thickness the 2-D geometry does not hold
+    _two_d_nifti(tmp_path / "slice.nii.gz", affine, rng)
+    original = read_image(tmp_path / "slice.nii.gz")
+    moved = Geometry(original.geometry.spacing, original.geometry.origin + [1.0, 0.0], original.geometry.direction)
+
+    written = write_image(ImageVolume(original.array, moved, placement_metadata(original.metadata)),
+                          tmp_path / "moved.nii.gz")
+
+    expected = moved.to_ras_affine()
+    expected[:, 2], expected[2, 3] = affine[:, 2], 40.0
+    header = nib.load(written).header
+    np.testing.assert_allclose(header.get_sform(), expected, atol=1e-4)
+    np.testing.assert_allclose(header.get_qform(), expected, atol=1e-4)  # what ITK-based tools read
+    np.testing.assert_allclose(read_image(written).geometry.index_to_world, moved.index_to_world, atol=1e-4)
+    assert overlap_warnings(original, read_image(written)) == []
