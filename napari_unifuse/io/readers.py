@@ -63,6 +63,27 @@ _DICOM_GROUP_0008 = b"\x08\x00"
 ITK_IMAGE_IOS = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 # NIfTI spatial units in mm, as SimpleITK converts them; "unknown" is taken as mm (by ITK too).
 _MM_PER_NIFTI_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+# A PNG starts with its signature and the IHDR chunk: after the chunk's length and type come the
+# width and height, then the bit depth and colour type bytes.
+_PNG_SIGNATURE, _PNG_BIT_DEPTH_OFFSET, _PNG_IHDR_END = b"\x89PNG\r\n\x1a\n", 24, 26
+_PNG_GREY, _PNG_GREY_ALPHA = 0, 4
+# Bytes per value of MetaImage element types (MetaIO's metaTypes.h), and how much of a file surely
+# holds a MetaImage header (a few hundred bytes of text).
+_METAIMAGE_ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                            "MET_UINT": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+_METAIMAGE_HEADER_LIMIT = 64 * 1024
+# EXIF Orientation (tag 274, also in a PNG's eXIf chunk) → what viewers do to the stored pixels to
+# show them upright, as PIL.ImageOps.exif_transpose does, on (rows, columns[, channels]) arrays.
+_EXIF_ORIENTATION_TAG = 0x0112
+_UPRIGHT_BY_EXIF_ORIENTATION = {
+    2: ("mirrored left to right", lambda pixels: pixels[:, ::-1]),
+    3: ("turned 180°", lambda pixels: pixels[::-1, ::-1]),
+    4: ("mirrored top to bottom", lambda pixels: pixels[::-1]),
+    5: ("mirrored across the main diagonal", lambda pixels: pixels.swapaxes(0, 1)),
+    6: ("turned 90° clockwise", lambda pixels: np.rot90(pixels, -1)),
+    7: ("mirrored across the other diagonal", lambda pixels: pixels[::-1, ::-1].swapaxes(0, 1)),
+    8: ("turned 90° counter-clockwise", lambda pixels: np.rot90(pixels, 1)),
+}
 
 
 def file_format(path: str | os.PathLike) -> str | None:
@@ -396,9 +417,67 @@ def _read_itk(path: Path, frame: int | None):
     try:
         image = sitk.ReadImage(itk_filename(path), imageIO=ITK_IMAGE_IOS[suffix])
     except RuntimeError as error:
+        # ITK's MetaImage reader names neither a missing data file nor a truncated one, only a
+        # stale system error ("Success", "Inappropriate ioctl for device"): the header tells more.
+        missing = _metaimage_missing_data(path) if ITK_IMAGE_IOS[suffix] == "MetaImageIO" else None
+        if missing:
+            raise InputError(f"cannot be read as a MetaImage: {missing}", path) from error
         raise _failure(path, "an ITK image (NRRD/MetaImage)", error) from error
     metadata = {"header": {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}}
     return _from_sitk(image, frame, path, metadata)
+
+
+def _metaimage_missing_data(path: Path) -> str | None:
+    """What of a MetaImage is missing, as its header tells: the header's end, the data file that
+    ElementDataFile names, or voxel data (fewer bytes than DimSize × ElementType describe, or than
+    CompressedDataSize). None where the header does not show it (a file list): ITK's message stands."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(_METAIMAGE_HEADER_LIMIT)
+        file_bytes = path.stat().st_size
+    except OSError:
+        return None
+    fields, header_bytes = {}, 0
+    for line in head.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break  # what was read ends inside this line
+        key, is_field, value = line.decode("latin-1").partition("=")
+        if not is_field:
+            return None  # not a MetaImage header line: ITK's message says what is wrong
+        fields[key.strip()] = value.strip()
+        header_bytes += len(line)
+        if key.strip() == "ElementDataFile":  # always the header's last field
+            break
+    if "ElementDataFile" not in fields:
+        if file_bytes > len(head):  # a header this long is not one: ITK's message says what is wrong
+            return None
+        return "the file is truncated, ending inside its header (before ElementDataFile); copy or export it again"
+    data_file = fields["ElementDataFile"]
+    if data_file == "LOCAL":
+        data_bytes, holder = file_bytes - header_bytes, "the file"
+    elif data_file != "LIST" and "%" not in data_file:  # one data file (not a list or a numbered series)
+        data_path = path.parent / data_file
+        if not data_path.is_file():
+            return (f"its voxel data file {data_file!r} (the header's ElementDataFile) is missing: put it in the "
+                    "header's folder under that name")
+        data_bytes, holder = data_path.stat().st_size, f"its voxel data file {data_file!r}"
+    else:
+        return None
+    if "HeaderSize" in fields:
+        return None  # data after a header of its own: no size to check here
+    try:
+        if fields.get("CompressedData", "False").lower() == "true":
+            expected_bytes = int(fields["CompressedDataSize"])  # which ITK writes; without it, no size to check
+        else:
+            values = np.prod([int(size) for size in fields["DimSize"].split()]) * int(
+                fields.get("ElementNumberOfChannels", "1"))
+            expected_bytes = int(values) * _METAIMAGE_ELEMENT_BYTES[fields["ElementType"]]
+    except (KeyError, ValueError):  # a header ITK refuses for itself, or compressed data of unstated size
+        return None
+    if data_bytes >= expected_bytes:
+        return None
+    return (f"{holder} is truncated, holding {data_bytes} of the {expected_bytes} bytes of voxel data the header "
+            "describes; copy or export it again")
 
 
 def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
@@ -698,26 +777,62 @@ def _read_pillow(path: Path, frame: int | None):
     _refuse_frame_for_single_volume(frame, path)
     metadata: dict[str, Any] = {}
     try:
+        sixteen_bit_colour_type = _png_16bit_colour_type(path)
+        if sixteen_bit_colour_type == _PNG_GREY_ALPHA:
+            raise InputError("is a 16-bit grey + alpha PNG, which no reader here decodes at full depth (Pillow cuts it "
+                             "to 8 bits); save it as 16-bit greyscale without alpha, or as NIfTI")
         with Image.open(path) as image:
             image.load()  # decode now so that a truncated file fails here
             mode = image.mode
             info = {key: value for key, value in image.info.items() if isinstance(value, (str, int, float))}
-            decoded: Image.Image = image
-            if image.has_transparency_data:
-                _note_dropped_alpha(np.asarray(image.convert("RGBA").getchannel("A")), metadata)
-            if mode in ("1", "LA", "La"):
-                decoded = image.convert("L")
-            elif mode not in ("L", "I", "F") and not mode.startswith("I;16"):
-                decoded = image.convert("RGB")  # palette, RGBA, CMYK, YCbCr: colour as RGB
-            array = np.asarray(decoded)
+            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
+            if sixteen_bit_colour_type is None:
+                array = _pillow_pixels(image, metadata)
+            else:  # Pillow keeps only the high byte of 16-bit colour: ITK's PNG reader keeps all 16 bits
+                sixteen_bit = sitk.ReadImage(itk_filename(path), imageIO="PNGImageIO")
+                array = _from_sitk(sixteen_bit, frame, path, metadata)[0]  # its pixels: every picture is unplaced
+    except InputError:  # read_image names the file
+        raise
     except Exception as error:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise _failure(path, "an image (PNG/JPG)", error) from error
     is_rgb = array.ndim == 3
     if is_rgb and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
         # Grey pictures saved as RGB (common for exported slices) are grey images.
         array, is_rgb = np.ascontiguousarray(array[..., 0]), False
+    if is_rgb and array.dtype == np.uint16:
+        # Colour images are uint8 or floats in [0, 1] throughout the package (data.color): 16-bit
+        # colour keeps its depth as floats.
+        array = (array / np.iinfo(np.uint16).max).astype(np.float32)
+    if orientation in _UPRIGHT_BY_EXIF_ORIENTATION:
+        turn, upright = _UPRIGHT_BY_EXIF_ORIENTATION[orientation]
+        array = np.ascontiguousarray(upright(array))
+        metadata.setdefault("warnings", []).append(
+            f"EXIF orientation {orientation} applied: the picture is read upright as viewers show it (its stored "
+            f"pixels {turn})")
     metadata.update({"header": info, "pillow_mode": mode})
     return array, Geometry.identity(2), metadata, is_rgb
+
+
+def _pillow_pixels(image: Image.Image, metadata: dict[str, Any]) -> np.ndarray:
+    """The pixels of a decoded Pillow image: grey as it is stored, anything else as 8-bit RGB."""
+    if image.has_transparency_data:
+        _note_dropped_alpha(np.asarray(image.convert("RGBA").getchannel("A")), metadata)
+    if image.mode in ("1", "LA", "La"):
+        return np.asarray(image.convert("L"))
+    if image.mode not in ("L", "I", "F") and not image.mode.startswith("I;16"):
+        return np.asarray(image.convert("RGB"))  # palette, RGBA, CMYK, YCbCr: colour as RGB
+    return np.asarray(image)
+
+
+def _png_16bit_colour_type(path: Path) -> int | None:
+    """The colour type (IHDR) of a 16-bit PNG with colour or alpha, which Pillow would cut to 8 bits;
+    None for anything else (a grey 16-bit PNG, which Pillow reads whole, an 8-bit PNG, a JPEG)."""
+    with open(path, "rb") as stream:
+        head = stream.read(_PNG_IHDR_END)
+    if len(head) < _PNG_IHDR_END or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    bit_depth, colour_type = head[_PNG_BIT_DEPTH_OFFSET], head[_PNG_BIT_DEPTH_OFFSET + 1]
+    return colour_type if bit_depth == 16 and colour_type != _PNG_GREY else None
 
 
 _READERS = {"nifti": _read_nifti, "itk": _read_itk, "dicom": _read_dicom, "pillow": _read_pillow}

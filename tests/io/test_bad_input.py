@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from PIL import Image
 
 from napari_unifuse.errors import InputError
@@ -137,3 +139,43 @@ def test_a_file_this_user_may_not_read_is_said_to_be_so_not_corrupt(tmp_path, mo
     with pytest.raises(InputError, match=r"cannot be read: permission denied \(Permission denied\)") as error:
         read_image(path)
     assert "corrupt" not in str(error.value)
+
+
+def _metaimage(path, compressed=False):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)), str(path), useCompression=compressed)
+    return path
+
+
+def test_a_metaimage_without_its_data_file_names_the_missing_file(tmp_path):
+    path = _metaimage(tmp_path / "scan.mhd")
+    (tmp_path / "scan.raw").unlink()
+    with pytest.raises(InputError) as caught:
+        read_image(path)
+    assert str(caught.value) == (f"{path}: cannot be read as a MetaImage: its voxel data file 'scan.raw' (the header's "
+                                 "ElementDataFile) is missing: put it in the header's folder under that name")
+
+
+@pytest.mark.parametrize("suffix, holder", [(".mha", "the file"), (".mhd", "its voxel data file 'scan.raw'")])
+def test_a_metaimage_cut_short_in_its_voxel_data_says_how_much_is_there(suffix, holder, tmp_path):
+    path = _metaimage(tmp_path / f"scan{suffix}")
+    data = path if suffix == ".mha" else tmp_path / "scan.raw"
+    data.write_bytes(data.read_bytes()[:-100])  # 4 × 5 × 6 float32: 480 bytes of voxel data
+    with pytest.raises(InputError, match=f"cannot be read as a MetaImage: {holder} is truncated, holding 380 of the "
+                                         "480 bytes of voxel data the header describes"):
+        read_image(path)
+
+
+def test_a_compressed_metaimage_cut_short_says_how_much_is_there(tmp_path):
+    path = _metaimage(tmp_path / "scan.mha", compressed=True)
+    stated = int(re.search(rb"CompressedDataSize = (\d+)", path.read_bytes()).group(1))
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(InputError, match=f"the file is truncated, holding {stated - 3} of the {stated} bytes"):
+        read_image(path)
+
+
+def test_a_metaimage_cut_inside_its_header_says_it_is_truncated(tmp_path):
+    path = _metaimage(tmp_path / "scan.mha")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(InputError, match="the file is truncated, ending inside its header") as caught:
+        read_image(path)
+    assert "Reason:" not in str(caught.value)
