@@ -8,13 +8,15 @@ Each pair's outputs go to ``OUT/<moving file name without its image extension>/`
 parent folders' names in front where a batch has moving files of one name (``OUT/0000_moving/``
 for ``0000/moving.png``, as ``unifuse synth --pairs`` writes them); names come from the paths as
 given, not from where a symlink points (git-annex/DataLad: ``s1/ct.png`` and ``s2/ct.png`` are
-``OUT/s1_ct/`` and ``OUT/s2_ct/``, two pairs even when they link to one file). See
-``engine.outputs`` for the files: the five results, and the quality maps with ``quality.json``
-unless ``--no-quality``, and ``metrics.json`` given a ``--label``: a label is checked against the
-reference as the moving image is, before any work (another dimensionality, or no overlap in space,
-is refused; under half the reference grid is a warning). A pair folder may not be an input (a
-DICOM series folder), lie inside one or hold one (``--moving dcm/t2 --out dcm``): such a pair is
-refused before any work; choose another --out. A batch resumes: a pair whose ``provenance.json``
+``OUT/s1_ct/`` and ``OUT/s2_ct/``, two pairs even when they link to one file); a moving file named
+as a batch file (``index.html.png``) gets ``OUT/index.html_png/``, and one listed in two rows is
+refused. See ``engine.outputs`` for the files: the five results, and the quality maps with
+``quality.json`` unless ``--no-quality``, and ``metrics.json`` given a ``--label``: a label is
+checked against the reference as the moving image is, before any work (another dimensionality, or
+no overlap in space, is refused; under half the reference grid is a warning). A pair folder may not
+be an input of any pair (a DICOM series folder), lie inside one or hold one (``--moving dcm/t2
+--out dcm``, or one row's folder holding another row's inputs): such a pair or batch is refused
+before any work; choose another --out. A batch resumes: a pair whose ``provenance.json``
 records the same inputs (path as given and content), method, checkpoint and settings (tile size,
 modalities, quality maps) is skipped, so rerunning after an interruption only does what is left,
 and ends with ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder
@@ -84,6 +86,8 @@ from napari_unifuse.model.checkpoint import checkpoint_method
 
 DEFAULT_METHOD = "unifuse"
 SUMMARY_FILE = "summary.json"
+# The batch's own files in --out: no pair folder may take their names.
+BATCH_FILES = frozenset({SUMMARY_FILE, INDEX_FILE})
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,12 @@ class Pair:
     reference: Path
     moving: Path
     label: Path | None = None
-    output_name: str | None = None  # its output folder's name; by default the moving file's (case_name)
+    output_name: str | None = None  # its output folder's name; by default the moving file's (output_folder_names)
+    line: int | None = None  # its line in the --pairs CSV, for messages; None for --reference/--moving
 
     @property
     def name(self) -> str:
-        return self.output_name or case_name(self.moving)
+        return self.output_name or output_folder_names([self.moving])[0]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -163,7 +168,6 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
                    "output": str(out_dir), "rank": job.rank}
         started = time.perf_counter()
         try:
-            refuse_folder_overlapping_inputs(out_dir, pair)
             # Held from the "already done?" check to the end of the write: another run into this
             # folder (the same pair, or a moving file of the same name) is refused, not mixed in.
             with output_folder_lock(out_dir) as lock:
@@ -402,23 +406,42 @@ def _last_changed(path: Path) -> float:
     return max(max(status.st_mtime, status.st_ctime) for status in (entry.stat() for entry in paths if entry.exists()))
 
 
-def refuse_folder_overlapping_inputs(out_dir: Path, pair: Pair) -> None:
-    """Raise an InputError (one line, before any work) when the pair folder ``out_dir`` is an input
-    folder (a DICOM series), lies inside one or holds an input, by the paths as given or as they
-    resolve: the folder is the run's to write, lock and clear (``--overwrite``), and a series
-    folder's outputs would be read back as part of the series."""
-    for source in (pair.reference, pair.moving, pair.label):
-        if source is None:
-            continue
-        for folder, given in ((absolute_as_given(out_dir), absolute_as_given(source)),
-                              (out_dir.resolve(), source.resolve())):
-            if folder.is_relative_to(given):
-                where = "is this input folder" if folder == given else "lies inside this input folder"
-            elif given.is_relative_to(folder):
-                where = "holds this input"
-            else:
+def refuse_folders_overlapping_inputs(pairs: list[Pair], out: Path) -> None:
+    """Raise an InputError (one line, before any work) when a pair's folder in ``out`` is an input
+    folder (a DICOM series) of any pair, lies inside one or holds an input of any pair, by the paths
+    as given or as they resolve: the folder is the run's to write, lock and clear (``--overwrite``),
+    a series folder's outputs would be read back as part of the series, and another row's input in
+    it would be replaced, or read after its pair replaced it. Each folder is looked up in sets of the
+    inputs and of the folders above them, not compared with every input: a cohort has thousands of rows."""
+    InputOf = tuple[Pair, str, Path]  # the pair, its role and the path as given
+    inputs: dict[Path, InputOf] = {}
+    holding_folders: dict[Path, InputOf] = {}
+    for pair in pairs:
+        for role, source in (("reference", pair.reference), ("moving", pair.moving), ("label", pair.label)):
+            if source is None:
                 continue
-            raise InputError(f"the pair's output folder {out_dir} {where}; choose another --out", source)
+            for path in (absolute_as_given(source), source.resolve()):
+                inputs.setdefault(path, (pair, role, source))
+                for folder in path.parents:
+                    if folder in holding_folders:  # and so is every folder above it
+                        break
+                    holding_folders[folder] = (pair, role, source)
+    for pair in pairs:
+        out_dir = out / pair.name
+        for folder in (absolute_as_given(out_dir), out_dir.resolve()):
+            if folder in inputs:
+                where, (holder, role, source) = "is this input folder", inputs[folder]
+            elif folder in holding_folders:
+                where, (holder, role, source) = "holds this input", holding_folders[folder]
+            else:
+                around = next((inputs[above] for above in folder.parents if above in inputs), None)
+                if around is None:
+                    continue
+                where, (holder, role, source) = "lies inside this input folder", around
+            if pair.line is None:
+                raise InputError(f"the pair's output folder {out_dir} {where}; choose another --out", source)
+            raise InputError(f"the output folder {out_dir} of line {pair.line} of the CSV {where}, the {role} of "
+                             f"line {holder.line}; choose another --out", source)
 
 
 def case_name(moving: Path) -> str:
@@ -489,6 +512,7 @@ def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
         raise InputError("--out must be a folder (the outputs go into one sub-folder per pair), "
                          f"but {args.out} is a file")
     pairs = in_earlier_folders(pairs, args.out)
+    refuse_folders_overlapping_inputs(pairs, args.out)
     if args.uncertainty_passes < 0:
         raise InputError(f"--uncertainty-passes must be 0 or more, got {args.uncertainty_passes}")
     if args.tile_size is not None and args.tile_size < 1:
@@ -506,11 +530,25 @@ def read_pairs_csv(path: Path) -> list[Pair]:
         # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole.
         return (path.parent / value.strip()) if value.strip() else None
 
-    pairs = [Pair(path.parent / row["reference"].strip(), path.parent / row["moving"].strip(), resolve(row["label"]))
-             for _, row in rows]
+    pairs = [Pair(path.parent / row["reference"].strip(), path.parent / row["moving"].strip(), resolve(row["label"]),
+                  line=line) for line, row in rows]
+    _refuse_repeated_moving_files(pairs, [row["moving"].strip() for _, row in rows], path)
     names = output_folder_names([pair.moving for pair in pairs])
     _refuse_shared_folders(names, path)
     return [replace(pair, output_name=name) for pair, name in zip(pairs, names, strict=True)]
+
+
+def _refuse_repeated_moving_files(pairs: list[Pair], written: list[str], csv_path: Path) -> None:
+    """Raise an InputError naming the CSV lines that list one moving file (by the path as given), as
+    the first of them writes it (``written``: each row's moving cell): their pairs share a folder."""
+    rows_of: dict[Path, list[tuple[int | None, str]]] = {}
+    for pair, cell in zip(pairs, written, strict=True):
+        rows_of.setdefault(absolute_as_given(pair.moving), []).append((pair.line, cell))
+    for rows in rows_of.values():
+        if len(rows) > 1:
+            lines = [str(line) for line, _ in rows]
+            raise InputError(f"lines {', '.join(lines[:-1])} and {lines[-1]} of the CSV have the same moving file "
+                             f"{rows[0][1]}; list each moving file in one row only", csv_path)
 
 
 def _refuse_shared_folders(names: list[str], source: Path | None) -> None:
@@ -536,7 +574,9 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
         raise InputError(f"--out cannot be read ({error.strerror or error}), so its earlier results cannot be "
                          "found; make it readable or choose another --out", out) from error
     for folder in subfolders:
-        provenance = read_provenance(folder) if folder.is_dir() else None
+        # Never a pair's earlier folder: one named as a batch file (an older version made them) would
+        # keep stopping the batch's summary or index.
+        provenance = read_provenance(folder) if folder.is_dir() and folder.name not in BATCH_FILES else None
         if provenance is not None:
             inputs = provenance["inputs"]
             key = ((inputs.get("reference") or {}).get("path"), (inputs.get("moving") or {}).get("path"))
@@ -555,8 +595,9 @@ def output_folder_names(movings: list[Path]) -> list[str]:
     writes ``0000/moving.png``, ``0001/moving.png``: ``0000_moving``, ``0001_moving``). Different
     files of one name in one folder are told apart by their extension instead: ``m2_png`` and
     ``m2_jpg`` for ``m2.png`` beside ``m2.jpg``, ``case7_nii_gz`` and ``case7`` for ``case7.nii.gz``
-    beside the DICOM folder ``case7``. A name no other file shares never changes: a rerun finds its
-    folder."""
+    beside the DICOM folder ``case7``, and so is a file named as a batch file of ``--out``
+    (``index.html_png`` for ``index.html.png``, beside ``OUT/index.html``). A name no other file
+    shares never changes: a rerun finds its folder."""
     given = [absolute_as_given(moving) for moving in movings]
     cases = [case_name(moving) for moving in movings]
     files_of: dict[tuple[Path, str], set[Path]] = {}
@@ -564,12 +605,13 @@ def output_folder_names(movings: list[Path]) -> list[str]:
         files_of.setdefault((path.parent, case), set()).add(path)
     bases = []
     for path, case in zip(given, cases, strict=True):
-        extension = _extension_after(case, path) if len(files_of[path.parent, case]) > 1 else ""
+        shared = len(files_of[path.parent, case]) > 1 or case in BATCH_FILES
+        extension = _extension_after(case, path) if shared else ""
         bases.append(f"{case}_{extension}" if extension else case)
     names = list(bases)
     parents = [path.parent.parts[1:] for path in given]  # [1:]: not the root "/"
     for depth in range(1, max(map(len, parents), default=0) + 1):
-        clashing = {name for name in names if names.count(name) > 1}
+        clashing = {name for name in names if names.count(name) > 1 or name in BATCH_FILES}
         if not clashing:
             break
         names = [("_".join((*parent[-depth:], base)) if name in clashing else name)

@@ -390,11 +390,98 @@ def test_a_moving_file_in_two_rows_is_refused_saying_what_to_do(data, tmp_path, 
     code = fuse("--pairs", pairs, "--out", tmp_path / "out", "--method", "identity+average", "--no-quality")
 
     assert code == 2
-    error = capsys.readouterr().err
-    assert "several pairs would write to the same output folder" in error
-    assert "list each moving file in one row only, or rename one of the moving files that share it" in error
-    assert error.count("\n") == 1
+    assert capsys.readouterr().err == (f"unifuse fuse: error: {pairs}: lines 2 and 3 of the CSV have the same moving "
+                                       f"file {data['root'] / 'pet7.png'}; list each moving file in one row only\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_moving_file_in_two_rows_is_named_as_the_csv_writes_it(data, tmp_path, capsys):
+    """The refusal named the folder tmp_..._0001_moving, built from the absolute path nobody typed."""
+    for case in ("0000", "0001"):
+        (tmp_path / case).mkdir()
+        for name in ("mri.png", "pet7.png"):
+            (tmp_path / case / name).write_bytes((data["root"] / name).read_bytes())
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving\n0000/mri.png,0000/pet7.png\n0001/mri.png,0001/pet7.png\n"
+                     "0000/mri.png,0001/pet7.png\n", encoding="utf-8")
+
+    assert fuse("--pairs", pairs, "--out", tmp_path / "out", *CHEAP) == 2
+    assert capsys.readouterr().err == (f"unifuse fuse: error: {pairs}: lines 3 and 4 of the CSV have the same moving "
+                                       "file 0001/pet7.png; list each moving file in one row only\n")
+    assert not (tmp_path / "out").exists()
+
+
+def copy_inputs(root: Path, folder: Path, names: dict[str, str]) -> dict[Path, bytes]:
+    """``names``: where each copy goes under ``folder`` -> which of ``root``'s images it is; returns
+    every copy's content, to check that nothing overwrote it."""
+    for target, source in names.items():
+        (folder / target).parent.mkdir(parents=True, exist_ok=True)
+        (folder / target).write_bytes((root / source).read_bytes())
+    return {folder / target: (folder / target).read_bytes() for target in names}
+
+
+@pytest.mark.parametrize(("rows", "inputs", "message"), [
+    # Row 1's folder OUT/a_x is where row 3's inputs are, named as its outputs.
+    ("a/ref.png,a/x.png\nb/ref.png,b/x.png\na_x/fused.png,a_x/aligned.png\n",
+     {"a/ref.png": "mri.png", "a/x.png": "pet7.png", "b/ref.png": "mri.png", "b/x.png": "pet8.png",
+      "a_x/fused.png": "mri.png", "a_x/aligned.png": "pet8.png"},
+     "{out}/a_x/fused.png: the output folder {out}/a_x of line 2 of the CSV holds this input, the reference of "
+     "line 4"),
+    # Row 2 takes an earlier result of row 1 as its reference, which row 1 would redo (--overwrite).
+    ("s1/mr.png,s1/ct.png\nct/fused.png,s2/pet.png\n",
+     {"s1/mr.png": "mri.png", "s1/ct.png": "pet7.png", "s2/pet.png": "pet8.png", "ct/fused.png": "mri.png"},
+     "{out}/ct/fused.png: the output folder {out}/ct of line 2 of the CSV holds this input, the reference of line 3"),
+])
+def test_a_batch_whose_pair_folder_holds_another_rows_input_is_refused_before_any_work(data, tmp_path, capsys, rows,
+                                                                                        inputs, message):
+    """Only each pair's own inputs were checked: row 1 wrote over row 3's inputs, or replaced row 2's
+    reference mid-batch, and the batch said every pair was done."""
+    written = copy_inputs(data["root"], tmp_path, inputs)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving\n" + rows, encoding="utf-8")
+    before = sorted(tmp_path.rglob("*"))
+
+    assert fuse("--pairs", pairs, "--out", tmp_path, *CHEAP, "--overwrite") == 2
+
+    assert capsys.readouterr().err == f"unifuse fuse: error: {message.format(out=tmp_path)}; choose another --out\n"
+    assert sorted(tmp_path.rglob("*")) == before
+    assert {path: path.read_bytes() for path in written} == written
+
+
+def test_the_cross_row_check_finds_the_one_overlap_of_a_large_batch():
+    """Thousands of rows: every pair folder against every row's inputs, by set lookups."""
+    pairs = [fuse_module.Pair(Path(f"/d/{n}/ref.png"), Path(f"/d/{n}/m{n}.png"), output_name=f"m{n}", line=n + 2)
+             for n in range(1000)]
+    fuse_module.refuse_folders_overlapping_inputs(pairs, Path("/results"))
+    pairs.append(fuse_module.Pair(Path("/results/m7/fused.png"), Path("/d/x/mx.png"), output_name="mx", line=1002))
+
+    with pytest.raises(fuse_module.InputError, match="folder /results/m7 of line 9 of the CSV holds this input, "
+                                                     "the reference of line 1002"):
+        fuse_module.refuse_folders_overlapping_inputs(pairs, Path("/results"))
+
+
+def test_no_pair_folder_takes_the_name_of_a_batch_file():
+    """index.html.png and summary.json.png got the folders OUT/index.html and OUT/summary.json, where
+    the batch's QC index and summary go: the batch failed after fusing every pair."""
+    names = fuse_module.output_folder_names([
+        Path("/d/index.html.png"), Path("/d/summary.json.nii.gz"), Path("/d/dcm/index.html"),  # the last a folder
+    ])
+    assert names == ["index.html_png", "summary.json_nii_gz", "dcm_index.html"]
+    assert fuse_module.Pair(Path("/d/r.png"), Path("/d/summary.json.png")).name == "summary.json_png"
+
+
+def test_a_batch_with_a_moving_file_named_as_a_batch_file_writes_its_summary_and_index(data, tmp_path, capsys):
+    copy_inputs(data["root"], tmp_path, {"mri.png": "mri.png", "index.html.png": "pet7.png",
+                                         "summary.json.png": "pet8.png"})
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving\nmri.png,index.html.png\nmri.png,summary.json.png\n", encoding="utf-8")
+    out = tmp_path / "out"
+
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP, "--report") == 0, capsys.readouterr().err
+
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["done"] == 2
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert 'href="index.html_png/report.html"' in index and 'href="summary.json_png/report.html"' in index
 
 
 def test_batch_redoes_a_pair_interrupted_before_its_provenance(data, tmp_path, capsys):
