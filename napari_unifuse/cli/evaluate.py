@@ -8,7 +8,9 @@ is refused, and so is a pair (the same reference, moving and label files) listed
 count twice in every mean and test; a label is checked against its reference as ``unifuse fuse
 --label`` checks it, before any pair is computed: another dimensionality, or no overlap in space,
 refuses its row, and under half the reference grid is a warning, printed and listed in
-``evaluation.md``; a pair is named by its moving path as the CSV gives it) or from the Harvard
+``evaluation.md``, as are the warnings ``unifuse fuse`` gives of the reference and moving image
+(pictures of different sizes, an ignored alpha channel, ...; a moving image outside the reference
+refuses its row); a pair is named by its moving path as the CSV gives it) or from the Harvard
 AANLIB folder, where the degraded, misaligned moving images are
 synthesised exactly as training's validation set does (``training.datasets.build_datasets``: same
 patient-independent split, seeded per pair).
@@ -95,7 +97,13 @@ from napari_unifuse.engine import classical
 from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES
-from napari_unifuse.engine.inference import FusionEngine, single_slice_pair
+from napari_unifuse.engine.inference import (
+    FusionEngine,
+    overlap_warnings,
+    picture_placement_warnings,
+    reader_and_content_warnings,
+    single_slice_pair,
+)
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.labels import label_coverage_warnings
 from napari_unifuse.engine.methods import load_method, split_name
@@ -170,7 +178,7 @@ class EvaluationPair:
     displacement: np.ndarray | None = None  # ground-truth u (ndim, *spatial), voxels
     degradation: str | None = None  # true class, one of data.degrade.DEGRADATION_CLASSES
     moving_modality: str | None = None  # "ct" enables bone_retention
-    warnings: tuple[str, ...] = ()  # what its scores should be read with (a label covering part of the grid)
+    warnings: tuple[str, ...] = ()  # what its scores should be read with (fuse's input warnings, label coverage)
 
 
 # ---- pair sources --------------------------------------------------------------------------------
@@ -195,7 +203,11 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         moving = read_image(path.parent / row["moving"])
         label_image = read_image(path.parent / row["label"])
         try:
-            warnings = tuple(label_coverage_warnings(label_image, reference))
+            warnings = tuple(input_warnings(reference, moving))
+        except InputError as error:
+            raise InputError(f"line {line} of the CSV, moving {error.source}: {error.problem}", path) from error
+        try:
+            warnings += tuple(label_coverage_warnings(label_image, reference))
         except InputError as error:
             raise InputError(f"line {line} of the CSV, label {error.source}: {error.problem}", path) from error
         for warning in warnings:
@@ -224,6 +236,15 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
                                     _degradation(row.get("degradation"), path),
                                     mapping.modality if mapping is not None else None, warnings))
     return pairs
+
+
+def input_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
+    """What ``unifuse fuse`` warns of this reference and moving image as read: where a picture's
+    place in space is a guess, how little of the reference grid the moving image reaches, what the
+    readers noted (an ignored alpha channel, ...), one file given as both, a constant image. An
+    InputError for a moving image that reaches none of the reference grid, which fuse refuses."""
+    return [*picture_placement_warnings(reference, moving), *overlap_warnings(reference, moving),
+            *reader_and_content_warnings(reference, moving)]
 
 
 def refuse_repeated_pairs(numbered: list[tuple[int, CsvRow]], path: Path) -> None:

@@ -373,7 +373,7 @@ class FusionEngine:
                     result.quality = self._quality(reference_ready.luma, moving_ready.luma.array, prediction,
                                                    uncertainty_passes, cancel)
 
-        warnings.extend(_input_warnings(reference, moving))
+        warnings.extend(reader_and_content_warnings(reference, moving))
         evidence = class_evidence(self.degradation_evidence, result.predicted_class,
                                   _evidence_modality(moving_modality, moving, moving_ready.mapping))
         if evidence is not None and not evidence.informative:
@@ -1084,7 +1084,7 @@ def _describe_dims(image: ImageVolume) -> str:
     return f"an RGB {image.ndim}D image" if image.is_rgb else f"{image.ndim}D (shape {image.array.shape})"
 
 
-def _input_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
+def reader_and_content_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
     """What the readers noted about each input, and inputs with nothing in them to align or fuse."""
     warnings = [f"{image.source}: {warning}" for image in (reference, moving)
                 for warning in image.metadata.get("warnings", [])]

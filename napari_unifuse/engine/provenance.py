@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
+import subprocess
 import time
 import weakref
 from contextlib import contextmanager
@@ -20,6 +22,8 @@ from napari_unifuse.io import ImageVolume
 from napari_unifuse.io.readers import dicom_series, file_format
 
 _CHUNK = 1 << 20
+# git answers in milliseconds; one stuck on a network filesystem must not hold up a run.
+_GIT_TIMEOUT_S = 2.0
 
 
 def sha256_of_path(path: str | Path) -> str:
@@ -116,13 +120,43 @@ def describe_input(image: ImageVolume) -> dict[str, Any]:
     return described
 
 
-def software_versions() -> dict[str, str]:
+def software_versions() -> dict[str, Any]:
+    """What computed a run besides its inputs and settings: the packages' versions; the git revision
+    (``source_revision``) of a napari_unifuse imported from a checkout, whose behaviour changes commit
+    to commit under one version number; and torch's CPU thread counts, which change how sums are
+    split and so the outputs' last bits. Outside the settings a rerun is compared on
+    (``requested_settings``): the same request on another machine or commit is still done."""
+    revision = source_revision(Path(napari_unifuse.__file__).parent)
     return {
         "napari_unifuse": napari_unifuse.__version__,
+        **({"napari_unifuse_revision": revision} if revision is not None else {}),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
     }
+
+
+@functools.cache  # once per process: the code a process runs does not change under it
+def source_revision(folder: Path) -> dict[str, Any] | None:
+    """The commit of the git checkout whose tracked files ``folder`` holds, and whether they differ
+    from it there (``dirty``: changed or new files under ``folder``); None where git is missing,
+    does not answer in time, or ``folder`` is not tracked (an installed wheel, or one in a
+    virtual environment inside an unrelated checkout)."""
+    # The caller's GIT_DIR or GIT_WORK_TREE would name another repository than the folder's.
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("GIT_")}
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", *arguments], cwd=folder, env=environment,
+                              capture_output=True, text=True, timeout=_GIT_TIMEOUT_S, check=True).stdout.strip()
+
+    try:
+        if not git("ls-files", "--", "."):
+            return None
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "."))}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def utc_timestamp() -> str:

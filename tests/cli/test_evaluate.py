@@ -1075,3 +1075,36 @@ def test_a_one_slice_volume_is_scored_as_the_2d_image_it_is_fused_as(tmp_path, c
         for column in ("ncc", "ssim", "epe", "Q_abf", "gain_min"):
             assert float(results["one-slice"][method][column]) == pytest.approx(float(row[column]), nan_ok=True)
     assert float(results["one-slice"]["identity+max"]["epe"]) == pytest.approx(1.0)
+
+
+def test_the_input_warnings_fuse_gives_are_printed_per_pair_and_in_the_report(tmp_path, capsys, monkeypatch):
+    """A half-transparent moving picture and a smaller one were scored without fuse's warnings."""
+    files = pictures_with_labels(tmp_path)
+    image = np.asarray(Image.open(files["moving"]))
+    Image.fromarray(np.dstack([image, image, image, np.full_like(image, 128)])).save(tmp_path / "clear.png")
+    Image.fromarray(image[:40, :36]).save(tmp_path / "small.png")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving,label\nreference.png,clear.png,label.png\nreference.png,small.png,label.png\n",
+                     encoding="utf-8")
+    monkeypatch.setattr(evaluate_module, "evaluate_pair",
+                        lambda pair, *args, **kwargs: iter([("identity+max", dict.fromkeys(METRIC_COLUMNS, 0.5))]))
+    assert main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--methods", "identity+max",
+                 "--baselines", "identity", "--fusion-rules", "max"]) == 0
+    transparency = f"{tmp_path / 'clear.png'}: transparency ignored: 100 % of the pixels are partly or fully transparent"
+    sizes = f"the two pictures differ in size ({SIDE}×{SIDE} pixels and 36×40 pixels): they are laid over each other"
+    printed = capsys.readouterr().err
+    assert printed.count(f"warning: pair clear.png: {transparency}") == 1
+    assert printed.count(f"warning: pair small.png: {sizes}") == 1
+    report = (tmp_path / "out" / "evaluation.md").read_text(encoding="utf-8")
+    assert f"- pair clear.png: {transparency}" in report and f"- pair small.png: {sizes}" in report
+
+
+def test_a_moving_image_outside_the_reference_refuses_its_row_as_fuse_does(tmp_path, capsys, no_pair_computed):
+    files = pictures_with_labels(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving,label\nreference.png,far.nii.gz,label.png\n", encoding="utf-8")
+    assert main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--methods", "identity+max"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"unifuse evaluate: error: {pairs}: line 2 of the CSV, moving {files['far']}: the moving "
+                            f"image does not overlap the reference ({files['reference']}) in space")
+    assert error.count("\n") == 1

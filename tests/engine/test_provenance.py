@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
 
 import numpy as np
+import torch
+from PIL import Image
 
+from napari_unifuse.cli import main
+from napari_unifuse.engine import provenance
 from napari_unifuse.engine.provenance import absolute_as_given, describe_input, describe_source
 from napari_unifuse.io import Geometry, ImageVolume
 
@@ -62,3 +68,76 @@ def test_array_digests_hash_each_array_once_and_a_new_array_anew(monkeypatch):
     assert digests(replaced) != digests(volume) and len(hashed) == 2
     del replaced
     assert len(digests._digests) == 1  # a freed array's entry goes with it
+
+
+def git(folder, *arguments):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments], cwd=folder,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_source_revision_is_the_checkouts_commit_and_whether_the_folder_differs_from_it(tmp_path, monkeypatch):
+    """An editable install changes behaviour commit to commit under one version number."""
+    package, ignored = tmp_path / "package", tmp_path / "venv" / "package"
+    package.mkdir()
+    ignored.mkdir(parents=True)
+    (package / "code.py").write_text("A = 1\n", encoding="utf-8")
+    (ignored / "code.py").write_text("A = 1\n", encoding="utf-8")
+    (tmp_path / ".gitignore").write_text("venv/\n", encoding="utf-8")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    commit = git(tmp_path, "rev-parse", "HEAD")
+    provenance.source_revision.cache_clear()
+
+    assert provenance.source_revision(package) == {"commit": commit, "dirty": False}
+    (tmp_path / "notes.txt").write_text("outside the package", encoding="utf-8")
+    provenance.source_revision.cache_clear()
+    assert provenance.source_revision(package) == {"commit": commit, "dirty": False}
+    (package / "code.py").write_text("A = 2\n", encoding="utf-8")
+    assert provenance.source_revision(package)["dirty"] is False  # asked once per process
+    provenance.source_revision.cache_clear()
+    assert provenance.source_revision(package) == {"commit": commit, "dirty": True}
+    assert provenance.source_revision(ignored) is None  # a package installed in an ignored virtual environment
+    outside = tmp_path.parent / f"{tmp_path.name}-not-a-checkout"
+    outside.mkdir()
+    assert provenance.source_revision(outside) is None
+    monkeypatch.setenv("PATH", "")  # no git at all
+    provenance.source_revision.cache_clear()
+    assert provenance.source_revision(package) is None
+    provenance.source_revision.cache_clear()
+
+
+def test_the_versions_record_torchs_thread_counts(monkeypatch):
+    """One command with OMP_NUM_THREADS=1 and 2 gave outputs differing in the last bits."""
+    monkeypatch.setattr(provenance, "source_revision", lambda folder: {"commit": "abc", "dirty": False})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3 - min(threads, 2))
+        versions = provenance.software_versions()
+    finally:
+        torch.set_num_threads(threads)
+    assert versions["torch_threads"] == 3 - min(threads, 2)
+    assert versions["torch_interop_threads"] == torch.get_num_interop_threads()
+    assert versions["napari_unifuse_revision"] == {"commit": "abc", "dirty": False}
+
+
+def test_a_rerun_on_another_commit_and_thread_count_is_still_skipped(tmp_path, monkeypatch, capsys):
+    """Neither is a setting the user asked for: the same request is done already."""
+    image = (np.arange(24 * 24).reshape(24, 24) % 251).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "reference.png")
+    Image.fromarray(np.roll(image, 1, axis=0)).save(tmp_path / "moving.png")
+    out = tmp_path / "out"
+    argv = ["fuse", "--reference", str(tmp_path / "reference.png"), "--moving", str(tmp_path / "moving.png"),
+            "--method", "identity+average", "--out", str(out), "--no-quality", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    try:
+        for revision, thread_count in (("first", 1), ("second", 2)):
+            monkeypatch.setattr(provenance, "source_revision", lambda folder: {"commit": revision, "dirty": False})
+            torch.set_num_threads(thread_count)
+            assert main(argv) == 0
+            if revision == "first":
+                versions = json.loads((out / "moving" / "provenance.json").read_text(encoding="utf-8"))["versions"]
+                assert versions["napari_unifuse_revision"]["commit"] == "first" and versions["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert "skipped, already done" in capsys.readouterr().out
