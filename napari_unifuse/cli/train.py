@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from <out>/checkpoints/last.* with the run's own config.yaml; --config must "
-                            "match it, --max-steps, --lr and --batch-size may change it")
+                            "match it but for train.init_from, --max-steps, --lr and --batch-size may change it")
     start.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                        help="fine-tune: start from these weights (path or packaged name; overrides train.init_from)")
     parser.add_argument("--overwrite", action="store_true",
@@ -82,7 +82,7 @@ def _check_run_folder(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from napari_unifuse.errors import InputError
     from napari_unifuse.training.config import load_config
-    from napari_unifuse.training.trainer import resumed_config, train
+    from napari_unifuse.training.trainer import resumed_config, run_config, train
 
     train_overrides = {key: value for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size))
                        if value is not None}
@@ -93,16 +93,21 @@ def run(args: argparse.Namespace) -> int:
         if not args.lr > 0:
             raise InputError(f"--lr must be positive, got {args.lr}")
         train_overrides["lr"] = args.lr
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    _check_run_folder(out)
+    # train.init_from, applied before the file is validated: a stage config may leave it to --init-from.
+    starting_weights: dict[str, str | None] = {}
     if args.init_from is not None:
         # A file named on the command line is relative to the working directory, not to the config.
         given = Path(args.init_from)
-        train_overrides["init_from"] = str(given.resolve()) if given.is_file() else args.init_from
-    # Applied before the file is validated: a stage config may leave train.init_from to --init-from.
-    config = load_config(args.config, train=train_overrides)
+        starting_weights["init_from"] = str(given.resolve()) if given.is_file() else args.init_from
+    elif args.resume:
+        # The run's own, as --resume takes no --init-from: a resume's weights are its last checkpoint's,
+        # and the config a fine-tuning run was started with then matches its config.yaml.
+        starting_weights["init_from"] = run_config(out).train.init_from
+    config = load_config(args.config, train={**train_overrides, **starting_weights})
     if args.data_root:
         config = config.with_overrides(data={"root": str(Path(args.data_root).resolve())})
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    _check_run_folder(out)
     if args.resume:
         config = resumed_config(out, config, **train_overrides)
     if args.stop_at is not None and args.stop_at < 1:

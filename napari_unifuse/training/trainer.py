@@ -451,35 +451,51 @@ class Trainer:
         finally:
             self.close()
 
-    def _fit(self) -> TrainResult:
+    def _write_run_files(self) -> None:
+        """Start the run folder's files: the earlier run's removed (``overwrite``) or cut back to the
+        restored step (``resume``), this run's config and split recorded."""
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:
+            self._clear_previous_run()
+        if self.resume:
+            self._forget_records_after_the_restored_step()
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
+                                                  encoding="utf-8")
+        split = self._split()
+        if any(split.values()):
+            (self.run_dir / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
+
+    def _batches_per_epoch(self, sampler: _ResumableSampler) -> int:
+        """Batches per epoch of this process; a split too small for one batch is refused."""
         cfg = self.config
-        train = cfg.train
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.overwrite:
-                self._clear_previous_run()
-            if self.resume:
-                self._forget_records_after_the_restored_step()
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-            split = self._split()
-            if any(split.values()):
-                (self.run_dir / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
-        if train.stage == HEAD_STAGE:
-            return self._refit_degradation_head()
-        sampler = _ResumableSampler(
-            self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
-            seed=cfg.seed, drop_last=True,
-        )
-        batches_per_epoch = len(sampler) // train.batch_size
+        batches_per_epoch = len(sampler) // cfg.train.batch_size
         if batches_per_epoch == 0:
             # What sets the number of samples: the phantom's train_length; a folder's cases × samples_per_case.
             more = ("raise data.train_length" if cfg.data.get("kind") == "phantom"
                     else "draw more samples per case (data.samples_per_case) or add cases")
             raise UniFuseError(
                 f"the training split has {len(self.train_set)} samples: too few for batch size "
-                f"{train.batch_size} on {self.dist.world_size} process(es); {more}, or lower the batch size "
+                f"{cfg.train.batch_size} on {self.dist.world_size} process(es); {more}, or lower the batch size "
                 "(--batch-size)"
             )
+        return batches_per_epoch
+
+    def _fit(self) -> TrainResult:
+        cfg = self.config
+        train = cfg.train
+        if train.stage == HEAD_STAGE:
+            self._write_run_files()
+            return self._refit_degradation_head()
+        sampler = _ResumableSampler(
+            self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+            seed=cfg.seed, drop_last=True,
+        )
+        # Refused before the run folder is touched: a refused --overwrite keeps the earlier run, and a
+        # refused --resume leaves the config.yaml that later resumes continue.
+        batches_per_epoch = self._batches_per_epoch(sampler)
+        self._write_run_files()
         val_loader = DataLoader(self.val_set, batch_size=train.batch_size, num_workers=train.num_workers)
 
         start_time = time.perf_counter()

@@ -141,6 +141,62 @@ def test_resume_and_init_from_are_exclusive(run_dir, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+def _run_files(run_dir: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(run_dir)): path.read_bytes() for path in sorted(run_dir.rglob("*")) if path.is_file()}
+
+
+def test_an_overwrite_refused_for_its_batch_size_leaves_the_earlier_run(run_dir, capsys):
+    before = _run_files(run_dir)
+    assert main(BASE + ["--out", str(run_dir), "--overwrite", "--batch-size", "50"]) == 2
+    assert "too few for batch size 50" in capsys.readouterr().err
+    assert _run_files(run_dir) == before  # its checkpoints, log, config.yaml and split
+
+
+def test_a_resume_refused_for_its_batch_size_leaves_the_config_later_resumes_continue(run_dir, capsys):
+    before = _run_files(run_dir)
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--batch-size", "50"]) == 2
+    assert "too few for batch size 50" in capsys.readouterr().err
+    assert _run_files(run_dir) == before
+    assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
+    assert _train_steps(run_dir) == [1, 2] and _saved_train_section(run_dir)["batch_size"] == 2
+
+
+def test_a_fine_tuning_run_resumes_with_the_config_it_was_started_with(stopped_run, tmp_path, capsys):
+    weights = stopped_run / "checkpoints" / "last.safetensors"
+    tuned = tmp_path / "tuned"
+    args = BASE + ["--out", str(tuned)]
+    assert main(args + ["--init-from", str(weights), "--max-steps", "2", "--stop-at", "1"]) == 0
+    started_from = json.loads((tuned / "checkpoints" / "last.json").read_text(encoding="utf-8"))["initial_weights"]
+
+    # A real difference is still refused; then the config it was started with, without --init-from, resumes.
+    values = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    values["seed"] = 1
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(values), encoding="utf-8")
+    assert main(["train", "--config", str(other), "--out", str(tuned), "--device", "cpu", "--no-progress",
+                 "--resume"]) == 2
+    assert "(seed differ from its config.yaml)" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    assert _train_steps(tuned) == [1, 2]
+    assert _saved_train_section(tuned)["init_from"] == str(weights)
+    sidecar = json.loads((tuned / "checkpoints" / "last.json").read_text(encoding="utf-8"))
+    assert sidecar["steps"] == 2 and sidecar["initial_weights"] == started_from
+
+
+def test_a_stage_run_started_with_init_from_resumes_with_its_stage_config(stopped_run, tmp_path, capsys):
+    """The stage config leaves train.init_from to --init-from, which --resume does not take."""
+    values = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    values["train"]["stage"] = "fusion_weight"
+    values["loss"] = {"fusion_target": "true_field"}  # the stage reads only the fusion losses
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(yaml.safe_dump(values), encoding="utf-8")
+    args = ["train", "--config", str(stage), "--out", str(tmp_path / "stage"), "--device", "cpu", "--no-progress"]
+    weights = stopped_run / "checkpoints" / "last.safetensors"
+    assert main(args + ["--init-from", str(weights), "--max-steps", "2", "--stop-at", "1"]) == 0
+    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    assert _train_steps(tmp_path / "stage") == [1, 2]
+
+
 @pytest.mark.parametrize("damage", ["no sidecar", "junk state"])
 def test_resuming_a_damaged_run_folder_names_the_file(run_dir, damage, capsys):
     checkpoints = run_dir / "checkpoints"
