@@ -17,7 +17,7 @@ from napari.utils.transforms import Affine
 
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
-from napari_unifuse.io.readers import dicom_series, dicom_series_ids, file_format
+from napari_unifuse.io.readers import _note_dropped_alpha, dicom_series, dicom_series_ids, file_format
 
 LAYER_METADATA_KEY = "unifuse"
 # napari's documented "read fine, but no layers" value; returning [] instead makes napari raise
@@ -63,6 +63,7 @@ def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
         data = data[0]  # full resolution
     is_rgb = bool(state.get("rgb", False))
     array = np.asarray(data)
+    stored = (state.get("metadata") or {}).get(LAYER_METADATA_KEY, {})
     ndim = array.ndim - 1 if is_rgb else array.ndim
     # napari's world = affine @ (translate + rotate·shear·scale · index)
     physical = Affine(
@@ -72,18 +73,41 @@ def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
         shear=state.get("shear"),
     ).affine_matrix
     world = np.asarray(state.get("affine", np.eye(ndim + 1)), dtype=np.float64)
+    array, index_to_world, alpha_warnings = _without_alpha(array, is_rgb, world @ physical, from_unifuse=bool(stored))
     name = state.get("name", "layer")
     try:
-        geometry = Geometry.from_index_to_world(world @ physical)
+        geometry = Geometry.from_index_to_world(index_to_world)
     except InputError as error:
         raise InputError(error.problem, name) from error
-    stored = (state.get("metadata") or {}).get(LAYER_METADATA_KEY, {})
     if "geometry" in stored:
         stored_geometry = Geometry.from_dict(stored["geometry"])
         # The layer was not moved: keep the file's exact numbers rather than napari's products.
         if stored_geometry.allclose(geometry, atol=1e-9):
             geometry = stored_geometry
-    return ImageVolume(array, geometry, dict(stored.get("metadata", {})), stored.get("source"), is_rgb)
+    metadata = dict(stored.get("metadata", {}))
+    if alpha_warnings:
+        metadata["warnings"] = [*metadata.get("warnings", []), *alpha_warnings]
+    return ImageVolume(array, geometry, metadata, stored.get("source"), is_rgb)
+
+
+def _without_alpha(array: np.ndarray, is_rgb: bool, index_to_world: np.ndarray,
+                   from_unifuse: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The picture without the alpha channel napari's own reader keeps, its index → world matrix,
+    and the warning our reader gives when it drops a see-through alpha (fusion reads colour).
+
+    napari opens an RGBA picture as an rgb layer of 4 channels, and a grey + alpha (LA) one as a
+    (y, x, 2) uint8 layer it takes for 3D, placed by a 3D transform of which the picture's plane is
+    the first two axes. A (y, x, 2) layer of ours (it carries our metadata) is a volume two voxels wide."""
+    if is_rgb and array.shape[-1] == 4:
+        colour, alpha = array[..., :3], array[..., 3]
+    elif not is_rgb and not from_unifuse and array.ndim == 3 and array.shape[-1] == 2 and array.dtype == np.uint8:
+        colour, alpha = array[..., 0], array[..., 1]
+        index_to_world = index_to_world[np.ix_([0, 1, 3], [0, 1, 3])]
+    else:
+        return array, index_to_world, []
+    notes: dict[str, Any] = {}
+    _note_dropped_alpha(alpha, notes)
+    return np.ascontiguousarray(colour), index_to_world, notes.get("warnings", [])
 
 
 # ---- npe2 reader ------------------------------------------------------------------------------

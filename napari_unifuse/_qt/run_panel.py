@@ -266,9 +266,11 @@ class RunPanel(widgets.Container):
         kept = other.value
         try:
             layers = self.viewer.open(str(path), plugin=PLUGIN)
-        except ValueError:  # napari's "reader refused the file": the reader itself says why
-            read_image(path)
-            raise
+        except ValueError as error:  # napari found no reader of ours for the file, or ours refused it
+            read_image(path)  # the reader's own reason, when it refuses the content
+            # Readable, so napari did not offer our reader for this file name (a DICOM file named unusually).
+            raise InputError("napari has no compatible UniFuse reader for this file name; if it is a DICOM file, "
+                             "rename it to end in .dcm and open it again", path) from error
         if layers:
             self._refresh_layer_choices()
             combo.value = layers[0].name

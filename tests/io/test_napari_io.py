@@ -178,3 +178,73 @@ def test_a_coronal_or_sagittal_nifti_opens_in_napari_where_its_header_puts_it(ma
         lps = ras_to_lps @ (affine @ [*file_index[::-1], 1.0])[:3]  # nibabel's (i, j, k) is io's order reversed
         np.testing.assert_allclose(layer.data_to_world(index), lps[::-1], atol=1e-9)
         np.testing.assert_allclose((volume.geometry.index_to_world @ [*index, 1.0])[:3], lps[::-1], atol=1e-9)
+
+
+def _dicom_file(path, rng) -> None:
+    """One DICOM slice at ``path``, whatever its name (SimpleITK picks the format from ``.dcm``)."""
+    written = path.with_name("slice.dcm")
+    sitk.WriteImage(sitk.GetImageFromArray(rng.integers(0, 1000, (12, 10)).astype(np.int16)), str(written))
+    written.rename(path)
+
+
+def test_napari_offers_our_reader_for_dicom_file_names_beyond_dcm_and_not_for_movies(tmp_path, rng):
+    """npe2 matches the name with its suffixes lower-cased: .IMA, .dicom and IM1 or I3 (DICOM media
+    file IDs) must reach get_reader, which reads the content; .mp4 or .h5 must not."""
+    manager = PluginManager.instance()
+    manager.discover()
+
+    def offered(name: str) -> bool:
+        return "napari-unifuse.get_reader" in [reader.command for reader in manager.iter_compatible_readers(
+            [str(tmp_path / name)])]
+
+    dicom_names = ["PHANTOM.MR.HEAD.0002.0003.2026.12.06.IMA", "slice3.ima", "slice3.dicom", "I3", "IM1",
+                   "IMAGE5", "IM0001", "1.2.840.99.1", "scan.DCM"]
+    assert [name for name in dicom_names if not offered(name)] == []
+    other_names = ["movie.mp4", "movie.MP4", "data.h5", "song.mp3", "notes.txt", "photo.tif", "IMAGE_EXPORT_1.txt"]
+    assert [name for name in other_names if offered(name)] == []
+
+    viewer = ViewerModel()
+    for name in ("PHANTOM.MR.HEAD.0002.0003.2026.12.06.IMA", "I3"):
+        _dicom_file(tmp_path / name, rng)
+        (layer,) = viewer.open(str(tmp_path / name), plugin="napari-unifuse")
+        assert layer.data.shape[-2:] == (12, 10)
+        (tmp_path / name).unlink()
+    (tmp_path / "IM1").write_text("not an image")  # claimed by its name, declined by its content
+    assert get_reader(str(tmp_path / "IM1")) is None
+
+
+def test_a_picture_napari_opened_with_its_alpha_channel_becomes_the_opaque_picture_with_the_readers_warning():
+    """napari's own reader keeps a PNG's alpha: RGBA as a 4-channel rgb layer, grey + alpha as a
+    (y, x, 2) layer it takes for 3D. Our reader drops the alpha and warns when it is see-through."""
+    colour = np.arange(5 * 6 * 4, dtype=np.uint8).reshape(5, 6, 4)
+    colour[..., 3] = 255
+    colour[0, 0, 3] = 0  # one see-through pixel of 30
+    rgba = layer_to_volume(Image(colour, rgb=True, name="rgba", scale=(0.5, 2.0)))
+    assert rgba.is_rgb and rgba.ndim == 2
+    np.testing.assert_array_equal(rgba.array, colour[..., :3])
+    assert [warning.startswith("transparency ignored: 3.33 %") for warning in rgba.metadata["warnings"]] == [True]
+
+    grey_alpha = np.stack([np.arange(30, dtype=np.uint8).reshape(5, 6), np.full((5, 6), 255, np.uint8)], axis=-1)
+    layer = Image(grey_alpha, name="la", scale=(0.5, 2.0, 1.0), translate=(3.0, -1.0, 0.0))
+    grey = layer_to_volume(layer)
+    assert not grey.is_rgb and grey.ndim == 2
+    np.testing.assert_array_equal(grey.array, grey_alpha[..., 0])
+    np.testing.assert_allclose((grey.geometry.index_to_world @ [4, 5, 1])[:2], layer.data_to_world((4, 5, 0))[:2])
+    assert "warnings" not in grey.metadata  # an opaque alpha is dropped without a word, as the reader does
+
+    # A volume two voxels wide that our reader made stays that volume.
+    thin = ImageVolume(grey_alpha, Geometry([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], np.eye(3)), source="thin.nii.gz")
+    assert layer_to_volume(_layer(thin)).array.shape == (5, 6, 2)
+
+
+def test_the_napari_nifti_writer_refuses_a_sheared_layer_in_one_line_and_mha_keeps_it(tmp_path, rng):
+    """A gantry-tilted layer saved as NIfTI was placed millimetres off by ITK-based tools, silently."""
+    tilt = np.deg2rad(20.0)
+    geometry = Geometry([2.5, 0.8, 0.8], [5.0, -20.0, 10.0], np.array([[np.cos(tilt), 0, 0], [np.sin(tilt), 1, 0],
+                                                                        [0, 0, 1]]))
+    data, meta, _ = _layer(ImageVolume(rng.random((4, 5, 6)).astype(np.float32), geometry)).as_layer_data_tuple()
+    with pytest.raises(UniFuseError, match=r"^Could not save .*tilted\.nii\.gz: this image's grid is sheared .*\.mha$"):
+        write_nifti(str(tmp_path / "tilted"), data, meta)
+    (mha_path,) = write_mha(str(tmp_path / "tilted.mha"), data, meta)
+    np.testing.assert_allclose(read_image(mha_path).geometry.index_to_world, geometry.index_to_world, atol=1e-6)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tilted.mha"]
