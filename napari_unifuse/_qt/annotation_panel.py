@@ -107,19 +107,23 @@ class AnnotationPanel(widgets.Container):
         self.viewer.layers.events.renamed.disconnect(self._follow_renamed_layer)
 
     def set_run(self, folder: Path, runs_root: Path, reference_layer, subject: str = "",
-                pair: tuple[str, str] | None = None) -> None:
+                pair: tuple[str, str] | None = None,
+                pair_arrays: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Point the panel at a run's folder (same inputs + checkpoint ⇒ same folder) and list its flags;
         ``subject`` says what is annotated (inputs, a run or a comparison) and ``pair`` of which
-        (reference, moving) layers. Regions drawn for another pair (other arrays, not only other layer
-        names) and not flagged are dropped. A folder whose flags cannot be read is reported in a
-        notification (see :meth:`refresh`)."""
+        (reference, moving) layers. ``pair_arrays``: the (reference, moving) arrays a run read, which
+        its flags record; without them, those the pair's layers hold now (the layers may have been
+        deleted or replaced while a run computed, so a run passes its own). Regions drawn for another
+        pair (other arrays, not only other layer names) and not flagged are dropped. A folder whose
+        flags cannot be read is reported in a notification (see :meth:`refresh`)."""
         self.store = AnnotationStore(folder)
         self.runs_root = Path(runs_root)
         self.reference_layer = reference_layer
         self._folder, self._subject_kind = Path(folder), subject
         self.subject.tooltip = f"Flags are saved in {Path(folder) / 'annotations.jsonl'}"
         self._grid_left_for_drawing = False  # whoever shows the new target owns the grid now
-        pair_sha256 = self._sha256_of_pair(pair)
+        pair_sha256 = (self._sha256_of_pair(pair) if pair_arrays is None
+                       else tuple(LAYER_DIGESTS(array) for array in pair_arrays))
         if pair != self._pair:
             # Layers renamed (or reopened in another order) hold the same arrays: their regions stay.
             if None in pair_sha256 or pair_sha256 != self._pair_sha256:

@@ -27,6 +27,7 @@ from napari.qt.threading import create_worker
 from napari_unifuse._napari_io import LAYER_METADATA_KEY, layer_to_volume, volume_to_layer_data
 from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
+from napari_unifuse._qt.outputs import ResultLayers
 from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel, RunSelection, WorkerHandover
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
@@ -93,9 +94,10 @@ def _form_weights_for(name: str, checkpoint: str, spatial_dims: int) -> str | No
 
 
 class MethodComparePanel(widgets.Container):
-    def __init__(self, viewer, run_panel: RunPanel, annotation_panel=None) -> None:
+    def __init__(self, viewer, run_panel: RunPanel, results: ResultLayers, annotation_panel=None) -> None:
         self.viewer = viewer
         self.run_panel = run_panel
+        self.results = results  # the main run's layers, whose fade or flicker a comparison ends
         self.annotation_panel = annotation_panel
         # Choices follow the reference's dimensionality; a callable, since napari's reset_choices
         # (on every layer change) re-reads them.
@@ -168,7 +170,8 @@ class MethodComparePanel(widgets.Container):
             return  # the reviewer deleted the layers: flags stay with the last target rather than fail here
         self.annotation_panel.set_run(
             compared.folder, compared.folder.parent, self.viewer.layers[grid_layer],
-            subject="comparison", pair=(compared.reference_name, compared.moving_name))
+            subject="comparison", pair=(compared.reference_name, compared.moving_name),
+            pair_arrays=(compared.request.reference.array, compared.request.moving.array))
         self.annotation_panel.method.value = self.about.value
 
     @staticmethod
@@ -245,7 +248,10 @@ class MethodComparePanel(widgets.Container):
 
     def show(self, runs: list[MethodRun], selection: RunSelection) -> None:
         """Each run's fused and aligned layers, named by method, in grid mode side by side with the
-        pair's inputs; every other layer hidden, so that no earlier comparison shares the grid."""
+        pair's inputs; every other layer hidden, so that no earlier comparison shares the grid. A fade
+        or flicker of the main run ends first: it would hide the comparison, and later show the main
+        run's layers in its grid."""
+        self.results.stop_flicker()
         for run in runs:
             for role, volume in (("aligned", run.result.aligned), ("fused", run.result.fused)):
                 name = self._layer_name(role, run.method, selection)

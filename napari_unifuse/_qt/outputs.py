@@ -265,11 +265,22 @@ class ResultLayers:
             self.viewer.layers[self.names.checkerboard].data = self._checkerboard()
 
     def fade(self, opacity: float) -> None:
-        """Aligned moving image over the reference at ``opacity`` (0: reference only, 1: aligned only)."""
+        """Aligned moving image over the reference at ``opacity`` (0: reference only). 1, the fade
+        slider's default and the view a run opens with, ends the fade: the layers it hid come back
+        (unless the flicker still compares the two)."""
+        if opacity >= 1.0:
+            if self.outcome is not None and self.names.aligned in self.viewer.layers:
+                self.viewer.layers[self.names.aligned].opacity = 1.0
+            if not self.flickering:
+                self._show_layers_hidden_for_compare()
+            return
         aligned = self._compare_layers()
-        if aligned is not None:
+        if aligned is None:
+            return
+        if not aligned.visible:  # hidden in the review view: hidden again when the fade ends
             aligned.visible = True
-            aligned.opacity = float(opacity)
+            self._shown_for_compare.append(aligned)
+        aligned.opacity = float(opacity)
 
     def start_flicker(self) -> None:
         if self._compare_layers() is None:
@@ -278,14 +289,19 @@ class ResultLayers:
             self._flicker.start()
 
     def stop_flicker(self) -> None:
+        """Stop the flicker and end a fade: the layers they hid come back."""
         self._flicker.stop()
+        self._show_layers_hidden_for_compare()
+        if self.on_flicker_stopped is not None:
+            self.on_flicker_stopped()
+
+    def _show_layers_hidden_for_compare(self) -> None:
+        """The view as before fade or flicker compared the reference with the aligned image."""
         for layers, visible in ((self._hidden_for_compare, True), (self._shown_for_compare, False)):
             for layer in layers:
                 if layer in self.viewer.layers:
                     layer.visible = visible
         self._hidden_for_compare, self._shown_for_compare = [], []
-        if self.on_flicker_stopped is not None:
-            self.on_flicker_stopped()
 
     @property
     def flickering(self) -> bool:

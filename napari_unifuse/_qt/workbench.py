@@ -57,7 +57,7 @@ from napari_unifuse._qt.annotation_panel import AnnotationPanel
 from napari_unifuse._qt.method_compare import MethodComparePanel
 from napari_unifuse._qt.metrics_panel import MetricsPanel
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
-from napari_unifuse._qt.outputs import OutputNames, ResultLayers, viewed_slice
+from napari_unifuse._qt.outputs import ResultLayers, viewed_slice
 from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
 from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, WorkerHandover
@@ -197,7 +197,7 @@ class UniFuseWorkbench(QWidget):
         self.tabs.addTab(self.qc_panel.native, "Review")
         self.tabs.addTab(self.metrics_panel, "Metrics")
         self.tabs.addTab(self.annotation_panel.native, "Annotate")
-        self.method_compare = MethodComparePanel(napari_viewer, self.run_panel, self.annotation_panel)
+        self.method_compare = MethodComparePanel(napari_viewer, self.run_panel, self.results, self.annotation_panel)
         self.tabs.addTab(self.method_compare.native, "Methods")
         content = QWidget()
         content_layout = QVBoxLayout(content)
@@ -234,10 +234,10 @@ class UniFuseWorkbench(QWidget):
         self.last_report: Path | None = None
         # Why the run on screen has no volume metrics (for its QC report), once computing them failed.
         self._metrics_missing: str | None = None
-        # The running pair's metrics.json, owed to a Save made before its volume metrics came.
+        # The metrics.json of the run on screen, owed to a Save made before its volume metrics came.
         self._metrics_promise: MetricsPromise | None = None
-        # The pair being run and when it started, until its worker finishes.
-        self._running: tuple[RunSelection, float] | None = None
+        # The pair being run, when it started and the metrics.json its worker owes, until the worker finishes.
+        self._running: tuple[RunSelection, float, MetricsPromise] | None = None
         self._cancel: CancelToken | None = None
         self._activity: progress | None = None
         self._spinners: list[tuple[QMovie, int]] = []  # (napari's animation, its own speed) while a run is open
@@ -356,16 +356,14 @@ class UniFuseWorkbench(QWidget):
         if self.worker is not None:
             raise InputError("a run is already in progress; wait for it or press Cancel")
         selection = self.run_panel.selection()  # raises the clear message when the form is incomplete
-        if self.results.names != OutputNames.for_inputs(selection.reference_name, selection.moving_name):
-            self.results.clear_kept_estimate()  # it describes the last pair's run, not the one starting
         self._cancel = cancel = CancelToken()
-        self._running = (selection, time.perf_counter())
+        # The run on screen (and its canvas text, its promised metrics.json) stays until this one's layers are drawn.
+        promise = MetricsPromise()
+        self._running = (selection, time.perf_counter(), promise)
         # napari keeps every worker, its function and its signals' slots until the viewer closes: the
         # function is static (a bound one would keep this workbench), the slots are bound methods
         # (which Qt holds weakly) and the generator lets go of its arguments when it ends.
-        self._metrics_promise = MetricsPromise()
-        worker = create_worker(self._compute, selection, cancel, self._engines, self._relay.progressed.emit,
-                               self._metrics_promise)
+        worker = create_worker(self._compute, selection, cancel, self._engines, self._relay.progressed.emit, promise)
         worker.yielded.connect(self._show_outcome)
         worker.returned.connect(self._finish_run)
         worker.finished.connect(self._run_finished)
@@ -451,7 +449,6 @@ class UniFuseWorkbench(QWidget):
         self.worker = None
         self._cancel = None
         self._running = None
-        self._metrics_promise = None
         if self._released:  # the form may have been deleted with the viewer's window
             return
         self._close_activity()
@@ -461,8 +458,8 @@ class UniFuseWorkbench(QWidget):
             self.run_panel.status.value = "stopped"
 
     def _finish_run(self, finished: VolumeMetrics | WorkerFailed) -> None:
-        promise = self._metrics_promise
-        if promise is not None and promise.written is not None:  # a file: said even with the workbench closed
+        promise = self._running[2]
+        if promise.written is not None:  # a file: said even with the workbench closed
             show_info(f"Saved the volume metrics to {promise.written}")
         if self._released:  # closed while the worker ran: its viewer and widgets are no longer ours
             return
@@ -482,9 +479,9 @@ class UniFuseWorkbench(QWidget):
     def _show_outcome(self, outcome: RunOutcome) -> None:
         if self._released:
             return
-        started_with, started = self._running
+        started_with, started, promise = self._running
         selection = started_with.under_current_names()  # its layers may have been renamed while it ran
-        self.outcome, self.selection = outcome, selection
+        self.outcome, self.selection, self._metrics_promise = outcome, selection, promise
         self._metrics_missing = None
         self.run_panel.last_run_pair = (selection.reference_name, selection.moving_name)
         result = outcome.result
@@ -514,11 +511,14 @@ class UniFuseWorkbench(QWidget):
     @reports_errors("Annotations of the run")
     def _annotate_run(self, selection: RunSelection, method: str) -> None:
         """Point the Annotate tab at the run on screen: its folder, drawn on its grid (the fused
-        layer's). Guarded: flags that cannot be read must not keep the run from being saved."""
+        layer's), its flags recording the arrays it read. Guarded: flags that cannot be read must not
+        keep the run from being saved."""
         self.annotation_panel.method.value = method  # first: set_run keeps a method it finds there
+        request = selection.request
         self.annotation_panel.set_run(selection.folder, selection.folder.parent,
                                       self.viewer.layers[self.results.names.fused],
-                                      subject="run", pair=(selection.reference_name, selection.moving_name))
+                                      subject="run", pair=(selection.reference_name, selection.moving_name),
+                                      pair_arrays=(request.reference.array, request.moving.array))
 
     def _on_slice_changed(self, _event=None) -> None:
         if self.outcome is None or self.results.names.fused not in self.viewer.layers:
@@ -530,13 +530,16 @@ class UniFuseWorkbench(QWidget):
 
     def _current_stored_slice(self) -> int:
         """The index along the first array axis, as the volume is stored (the plot's and the quality
-        scores' axis, whatever its world direction), of the viewed position; 0 in 2D."""
+        scores' axis, whatever its world direction), of the viewed position; 0 for a 2D image."""
         fused = self.viewer.layers[self.results.names.fused]
+        if fused.ndim < 3:
+            return 0
         axis, index = viewed_slice(self.viewer, fused)
-        if axis in (None, 0):
+        if axis == 0:
             return index
-        # slicing along another axis: the plot is along the first one, follow the cursor along it
-        return int(round(fused.world_to_data(self.viewer.dims.point[-fused.ndim:])[0]))
+        # Sliced along another axis, or the 3D view (no slice): the sliders keep their position, follow it.
+        index = round(fused.world_to_data(self.viewer.dims.point[-fused.ndim:])[0])
+        return int(np.clip(index, 0, fused.data.shape[0] - 1))
 
     # ---- where not to trust the result ----------------------------------------------------------
     def _show_suspicion(self, quality: QualityMaps | None) -> None:
@@ -655,8 +658,8 @@ class UniFuseWorkbench(QWidget):
             raise InputError("run UniFuse first; there is nothing to save yet")
         folder = self.selection.folder
         result = self.outcome.result
-        # The run's worker computes them after drawing the layers (it is done once they are in).
-        metrics_coming = self.outcome.volume_metrics is None and self.worker is not None
+        # Its worker computes them after drawing the layers; the promise is this run's, whatever run started since.
+        metrics_coming = not self._metrics_settled()
         map_suffix = review_map_extension(result)  # MetaImage where NIfTI would misplace them (a sheared grid)
         maps = dict(zip(REVIEW_MAP_NAMES, (self.outcome.error_map, self.outcome.jacobian, self.outcome.folding),
                         strict=True))

@@ -13,6 +13,7 @@ import pytest
 from qtpy import sip
 
 from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
+from napari_unifuse._qt.outputs import FLICKER_INTERVAL_MS
 from napari_unifuse._qt.run_panel import FROM_FILE, RunPanel
 from napari_unifuse._qt.workbench import UniFuseWorkbench
 from napari_unifuse.io import Geometry
@@ -355,3 +356,25 @@ def test_the_method_of_the_forms_checkpoint_is_compared_with_those_weights(make_
     used = {run.method: run.result.provenance["checkpoint"]["path"] for run in compare.runs}
     assert used["unifuse"] == str(checkpoint_files[2].resolve())
     assert Path(used["bsafusion"]).name == "bsafusion-2d-harvard.safetensors"  # another method: its bundled weights
+
+
+def test_a_comparison_stops_the_flicker_and_unticking_it_leaves_the_grid_alone(make_napari_viewer, qtbot, tmp_path,
+                                                                               checkpoint_files, notifications):
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    workbench.run_panel.checkpoint.value = FROM_FILE
+    workbench.run_panel.checkpoint_file.value = str(checkpoint_files[2])
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert workbench.outcome is not None, notifications
+    workbench.qc_panel.flicker.value = True
+    assert workbench.results.flickering
+
+    compare = workbench.method_compare
+    compare_and_wait(qtbot, compare)
+    compared = {*PAIR_A, *(f"fused [T2 → T1] · {method}" for method in METHODS)}
+    assert not workbench.results.flickering and not workbench.qc_panel.flicker.value, notifications
+    qtbot.wait(2 * FLICKER_INTERVAL_MS)  # a flicker left running would hide the comparison's layers
+    assert visible_layers(viewer) == compared
+    workbench.qc_panel.flicker.value = False  # unticked again: the main run's layers stay out of the grid
+    assert visible_layers(viewer) == compared

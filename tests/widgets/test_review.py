@@ -374,3 +374,25 @@ def test_a_reference_renamed_while_the_run_computes_names_its_results(make_napar
     assert "T2 → T1 renamed" in workbench.annotation_panel.subject.value
     viewer.add_image(np.zeros(SHAPE, np.float32), name="next patient MRI")  # the next pair starts, as after any run
     assert (workbench.run_panel.reference.value, workbench.run_panel.moving.value) == ("next patient MRI",) * 2
+
+
+def test_suspicious_navigation_in_the_3d_view_steps_from_the_slider_s_slice(reviewed):
+    viewer, workbench = reviewed
+    between = (INVENTED_SLICE + LOST_SLICE) // 2
+    for step, expected in ((+1, LOST_SLICE), (-1, INVENTED_SLICE)):
+        viewer.dims.ndisplay = 2
+        viewer.dims.set_current_step(0, between)
+        viewer.dims.ndisplay = 3
+        assert workbench.go_to_suspicious(step) == expected
+
+
+def test_the_fade_slider_back_at_its_default_gives_back_the_review_view(reviewed):
+    viewer, workbench = reviewed
+    names = OutputNames.for_inputs("T1", "T2")
+    review_view = {layer.name for layer in viewer.layers if layer.visible}
+    assert {names.fused, names.error, names.folding, "T2"} <= review_view and names.aligned not in review_view
+    workbench.qc_panel.fade.value = 0.5
+    assert {layer.name for layer in viewer.layers if layer.visible} == {"T1", names.aligned, names.quivers}
+    workbench.qc_panel.fade.value = 1.0
+    assert {layer.name for layer in viewer.layers if layer.visible} == review_view
+    assert viewer.layers[names.aligned].opacity == 1.0

@@ -9,12 +9,14 @@ import weakref
 import numpy as np
 import pytest
 
+from napari_unifuse._napari_io import layer_to_volume
 from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
 from napari_unifuse._qt.outputs import OutputNames
 from napari_unifuse._qt.run_panel import FROM_FILE
 from napari_unifuse._qt.workbench import RUN_DONE_WITHOUT_METRICS, UniFuseWorkbench, metrics_file_contents
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
 from napari_unifuse.engine.labels import label_metrics
+from napari_unifuse.engine.outputs import METRICS_FILE
 from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 from napari_unifuse.model.checkpoint import read_config
@@ -703,8 +705,8 @@ def test_the_canvas_note_names_its_pair_and_leaves_with_its_layers(make_napari_v
     run_and_wait(qtbot, workbench)
     assert overlay.visible
     add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR 2", "CT 2"))
-    workbench.run_panel.run_button.clicked()  # another pair: the note about the last one goes at once
-    assert not overlay.visible
+    workbench.run_panel.run_button.clicked()  # another pair: the note stays with the last one's layers until its own
+    assert overlay.visible and overlay.text.startswith(f"{fused}:")
     qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
     assert overlay.text.startswith(OutputNames.for_inputs("MR 2", "CT 2").fused)
     # The last pair's arrows go: without their field they could no longer follow the slider.
@@ -788,3 +790,109 @@ def test_a_save_cut_short_by_a_review_map_leaves_no_run_that_looks_done(make_nap
                for _, message in notifications)
     monkeypatch.undo()
     assert (workbench.selection.folder / "folding.nii.gz").name in workbench.save_outputs()
+
+
+def add_second_2d_pair(viewer) -> None:
+    """A 2D pair "MR 2" / "CT 2" of other images than add_pair's "MR" / "CT" (another run folder)."""
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR 2", "CT 2"))
+    for name in ("MR 2", "CT 2"):
+        viewer.layers[name].data = viewer.layers[name].data + 0.05
+
+
+def test_a_save_while_another_pair_runs_promises_no_metrics_the_run_on_screen_lost(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, monkeypatch, held_run):
+    import napari_unifuse._qt.workbench as workbench_module
+
+    release, tokens = held_run
+    real_volume_metrics = workbench_module.volume_metrics
+    failures = [MemoryError("Unable to allocate 9.00 GiB")]
+
+    def failing_once(outcome):
+        if failures:
+            raise failures.pop()
+        return real_volume_metrics(outcome)
+
+    monkeypatch.setattr(workbench_module, "volume_metrics", failing_once)
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    release.set()
+    run_and_wait(qtbot, workbench)
+    assert workbench.run_panel.status.value == RUN_DONE_WITHOUT_METRICS, notifications
+    folder = workbench.selection.folder
+    add_second_2d_pair(viewer)
+    release.clear()
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: len(tokens) == 2, timeout=RUN_TIMEOUT_MS)
+    workbench.save_outputs()  # MR / CT, still on screen
+    release.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert workbench.selection.reference_name == "MR 2", notifications
+    assert (folder / "provenance.json").is_file() and not (folder / METRICS_FILE).exists()
+    saved = [message for _, message in notifications if message.startswith("Saved")]
+    assert len(saved) == 1 and saved[0].endswith(f"no {METRICS_FILE}: the volume metrics failed"), notifications
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_flags_on_a_run_record_the_arrays_it_read_whatever_became_of_its_layers(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, held_run, change):
+    release, tokens = held_run
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    read = [sha256_of_array(layer_to_volume(viewer.layers[name]).array) for name in ("MR", "CT")]
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: bool(tokens), timeout=RUN_TIMEOUT_MS)
+    moving = viewer.layers["CT"]
+    viewer.layers.remove(moving)
+    if change == "replaced":
+        viewer.add_image(np.asarray(moving.data) + 1.0, name="CT")
+    release.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert workbench.outcome is not None, notifications
+    workbench.annotation_panel.add_slice_flag()
+    record = json.loads((workbench.selection.folder / ANNOTATIONS_FILE).read_text(encoding="utf-8"))
+    assert [record["reference_sha256"], record["moving_sha256"]] == read, notifications
+
+
+def test_a_cancelled_run_of_another_pair_leaves_the_canvas_note_of_the_run_on_screen(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications, held_run):
+    release, tokens = held_run
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    overlay = viewer.canvas.overlays["text"]
+    release.set()
+    run_and_wait(qtbot, workbench)
+    note = overlay.text
+    assert overlay.visible and note.startswith(OutputNames.for_inputs("MR", "CT").fused), notifications
+    add_second_2d_pair(viewer)
+    release.clear()
+    workbench.run_panel.run_button.clicked()
+    qtbot.waitUntil(lambda: len(tokens) == 2, timeout=RUN_TIMEOUT_MS)
+    workbench.run_panel.cancel_button.clicked()
+    release.set()
+    qtbot.waitUntil(lambda: workbench.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert workbench.selection.reference_name == "MR" and workbench.run_panel.status.value == "stopped"
+    assert overlay.visible and overlay.text == note
+
+
+def test_the_open_box_opens_a_siemens_ima_file_and_explains_a_dicom_name_napari_has_no_reader_for(
+        make_napari_viewer, tmp_path, notifications):
+    import SimpleITK as sitk
+
+    written = tmp_path / "slice.dcm"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(120, dtype=np.int16).reshape(12, 10)), str(written))
+    viewer = make_napari_viewer()
+    workbench = UniFuseWorkbench(viewer)
+    form = workbench.run_panel
+    ima = written.rename(tmp_path / "PHANTOM.MR.HEAD.0002.0001.2026.12.06.IMA")
+    form.open_reference.value = str(ima)
+    assert form.reference.value in viewer.layers and viewer.layers[form.reference.value].data.shape[-2:] == (12, 10)
+
+    unusual = ima.rename(tmp_path / "SCAN_A")  # DICOM by content, but no name napari's patterns offer us for
+    viewer.layers.clear()
+    form.open_moving.value = str(unusual)
+    errors = [message for severity, message in notifications if severity == "error"]
+    assert errors == [f"Open image: {unusual}: napari has no compatible UniFuse reader for this file name; if it is "
+                      "a DICOM file, rename it to end in .dcm and open it again"]
