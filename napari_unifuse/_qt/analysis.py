@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.labels import label_coverage_warnings, label_in_model_units, label_metrics
 from napari_unifuse.engine.overlays import (
     absolute_error,
+    checkpoint_identity,
     display_grey,
     field_jacobian,
     folding_mask,
@@ -93,6 +95,15 @@ def build_engine(checkpoint: str, spatial_dims: int, device: str, tile_size: int
         model = UniFuse(UniFuseConfig.small(spatial_dims))
     info = {"name": UNTRAINED, "note": f"random weights (seed {_UNTRAINED_SEED}); outputs are not meaningful"}
     return FusionEngine(model, device=device, tile_size=tile_size, checkpoint_info=info)
+
+
+def engine_key(request: RunRequest) -> tuple:
+    """What a run's loaded engine is cached under: the checkpoint as ``run_folder`` tells models
+    apart (a file retrained in place, as ``train --resume`` rewrites ``last.safetensors``, is
+    another model, loaded afresh), the dimensions it fuses in (a one-slice volume as a 2D image),
+    the device and the tile size."""
+    return (checkpoint_identity(request.checkpoint), model_dimensions(request.reference), request.device,
+            request.tile_size)
 
 
 # What the saved review maps hold, for their provenance (the alignment error by the kind computed).

@@ -32,6 +32,7 @@ from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel, R
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions, split_name
+from napari_unifuse.engine.overlays import checkpoint_identity
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError
@@ -72,7 +73,8 @@ def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume,
     for name in methods:
         cancel.raise_if_cancelled()  # before loading: a method takes seconds to load, wasted once cancelled
         weights = _form_weights_for(name, checkpoint, dims)
-        key = (name, weights, dims, device, tile_size)
+        # A checkpoint file retrained in place is another model (engine.overlays.checkpoint_identity).
+        key = (name, weights and checkpoint_identity(weights), dims, device, tile_size)
         if key not in engines:
             progress(f"load {name}", 0, 1)
             engines[key] = FusionEngine(load_method(name, checkpoint=weights, spatial_dims=dims),

@@ -48,5 +48,7 @@ class QCPanel(widgets.Container):
         results.on_flicker_stopped = self._show_flicker_stopped
 
     def _show_flicker_stopped(self) -> None:
-        """The flicker also stops on its own (a new run, the aligned layer deleted): untick it then."""
+        """The flicker also stops on its own (a new run, a comparison, the aligned layer deleted): untick
+        it then; stopping it also ends a fade, so the slider goes back to its no-fade end."""
         self.flicker.value = False
+        self.fade.value = 1.0

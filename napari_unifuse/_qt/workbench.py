@@ -49,6 +49,7 @@ from napari_unifuse._qt.analysis import (
     RunOutcome,
     RunRequest,
     build_engine,
+    engine_key,
     run_and_analyse,
     slice_metrics,
     volume_metrics,
@@ -401,11 +402,11 @@ class UniFuseWorkbench(QWidget):
     @staticmethod
     def _fuse_and_analyse(request: RunRequest, cancel: CancelToken, engines: dict[tuple, FusionEngine],
                           progressed: ProgressCallback) -> RunOutcome:
-        dims = model_dimensions(request.reference)  # a one-slice volume is fused as a 2D image
-        key = (request.checkpoint, dims, request.device, request.tile_size)
+        key = engine_key(request)
         if key not in engines:
             progressed("load model", 0, 1)
-            engines[key] = build_engine(request.checkpoint, dims, request.device, request.tile_size)
+            engines[key] = build_engine(request.checkpoint, model_dimensions(request.reference), request.device,
+                                        request.tile_size)
         return run_and_analyse(request, engines[key], progressed, cancel)
 
     def cancel_run(self) -> None:

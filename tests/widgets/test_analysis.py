@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from napari_unifuse._qt.analysis import RunRequest, run_and_analyse, slice_metrics, volume_metrics
+from napari_unifuse._qt.analysis import RunRequest, engine_key, run_and_analyse, slice_metrics, volume_metrics
 from napari_unifuse.engine.progress import CancelToken, ignore_progress
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping
@@ -118,3 +118,20 @@ def test_a_ground_truth_covering_under_half_the_reference_is_a_note():
                               CancelToken())
     assert any(note.startswith("CT truth: the label covers only 25 % of the reference grid in space")
                for note in outcome.notes)
+
+
+def test_a_checkpoint_file_retrained_in_place_is_cached_as_another_model(tmp_path):
+    """The workbench cached engines by the checkpoint's path: after ``train --resume`` rewrote
+    ``last.safetensors`` a run kept the old weights, and recorded them in the new model's folder."""
+    checkpoint = tmp_path / "last.safetensors"
+    checkpoint.write_bytes(b"weights of step 4")
+    volume = ImageVolume(np.zeros((6, 8, 8), np.float32), GEOMETRY_3D)
+    request = RunRequest(volume, volume, str(checkpoint))
+    before = engine_key(request)
+    assert engine_key(request) == before  # the same file: the loaded engine is reused
+
+    checkpoint.write_bytes(b"weights of step 9, retrained")
+
+    assert engine_key(request) != before
+    bundled = replace(request, checkpoint="unifuse-3d-phantom")
+    assert engine_key(bundled) == engine_key(bundled)

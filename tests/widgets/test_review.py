@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from napari_unifuse._qt.analysis import engine_key
 from napari_unifuse._qt.outputs import OutputNames
 from napari_unifuse._qt.workbench import PLOT_DOCK_NAME, UniFuseWorkbench
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
@@ -64,7 +65,7 @@ def reviewed(make_napari_viewer, qtbot, tmp_path, checkpoint_files, notification
     reference, moving, _ = add_pair(viewer, shape=SHAPE)
     workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
     request = workbench.run_panel.selection().request
-    key = (request.checkpoint, request.reference.ndim, request.device, request.tile_size)
+    key = engine_key(request)
     workbench._engines[key] = KnownResultEngine(result_with_defects(reference, moving))
     run_and_wait(qtbot, workbench)
     assert workbench.outcome is not None, notifications
@@ -359,7 +360,7 @@ def test_a_reference_renamed_while_the_run_computes_names_its_results(make_napar
             return self.result
 
     request = workbench.run_panel.selection().request
-    key = (request.checkpoint, request.reference.ndim, request.device, request.tile_size)
+    key = engine_key(request)
     workbench._engines[key] = RenamedDuringRunEngine(result_with_defects(reference, moving))
     workbench.run_panel.run_button.clicked()
     viewer.layers["T1"].name = "T1 renamed"
@@ -396,3 +397,13 @@ def test_the_fade_slider_back_at_its_default_gives_back_the_review_view(reviewed
     workbench.qc_panel.fade.value = 1.0
     assert {layer.name for layer in viewer.layers if layer.visible} == review_view
     assert viewer.layers[names.aligned].opacity == 1.0
+
+
+def test_ending_the_flicker_puts_the_fade_slider_back_at_no_fade(reviewed):
+    """Stopping the flicker ends a fade too, but the slider kept showing 0.5 over the review view."""
+    viewer, workbench = reviewed
+    workbench.qc_panel.fade.value = 0.5
+    workbench.qc_panel.flicker.value = True
+    workbench.qc_panel.flicker.value = False
+    assert workbench.qc_panel.fade.value == 1.0
+    assert viewer.layers[OutputNames.for_inputs("T1", "T2").fused].visible
