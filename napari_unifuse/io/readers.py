@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from warnings import catch_warnings, simplefilter
 
 import nibabel as nib
 import numpy as np
@@ -57,8 +58,12 @@ _SLICE_POSITION_TOLERANCE = 0.01
 _ORIENTATION_DECIMALS = 3
 # A DICOM Part 10 file carries "DICM" after a 128-byte preamble, whatever its name.
 _DICOM_PREAMBLE_LENGTH, _DICOM_MAGIC = 128, b"DICM"
-# A dataset stored without that preamble (older exports) starts with its group 0008 tags.
-_DICOM_GROUP_0008 = b"\x08\x00"
+# A dataset stored without that preamble (older exports) starts with its file meta information
+# (group 0002, little-endian), whose elements always state their value representation (two capital
+# letters after the 4-byte tag), or, without that too, with its group 0008 tags.
+_DICOM_META_GROUP, _DICOM_VR_BYTES, _DICOM_GROUP_0008 = b"\x02\x00", slice(4, 6), b"\x08\x00"
+# DICOM media (a disc, a PACS export) index their files in one named so (PS3.10), not an image.
+_DICOMDIR_NAME = "DICOMDIR"
 # SimpleITK chooses the ImageIO from a case-sensitive suffix, so name it: upper-case .MHA works too.
 ITK_IMAGE_IOS = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 # NIfTI spatial units in mm, as SimpleITK converts them; "unknown" is taken as mm (by ITK too).
@@ -108,8 +113,8 @@ def file_format(path: str | os.PathLike) -> str | None:
 
 def holds_dicom(path: str | os.PathLike) -> bool:
     """Whether the file ``path`` is DICOM by its content: the "DICM" mark after the preamble, or,
-    for a dataset stored without one, GDCM recognising it. Other files are declined after reading
-    their first 132 bytes, so asking about any file is quick."""
+    for a dataset stored without one, its file meta information or GDCM recognising it. Other files
+    are declined after reading their first 132 bytes, so asking about any file is quick."""
     try:
         with open(path, "rb") as stream:
             head = stream.read(_DICOM_PREAMBLE_LENGTH + len(_DICOM_MAGIC))
@@ -117,6 +122,9 @@ def holds_dicom(path: str | os.PathLike) -> bool:
         return False
     if head[_DICOM_PREAMBLE_LENGTH:] == _DICOM_MAGIC:
         return True
+    value_representation = head[_DICOM_VR_BYTES]
+    if head.startswith(_DICOM_META_GROUP) and value_representation.isalpha() and value_representation.isupper():
+        return True  # which GDCM reads but does not recognise by itself: its reader is named where DICOM is read
     if not head.startswith(_DICOM_GROUP_0008):
         return False
     try:
@@ -481,12 +489,26 @@ def _metaimage_missing_data(path: Path) -> str | None:
 
 
 def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
-    """The series a DICOM file belongs to, or the one series of a folder: ``(key, files)``,
-    ``key`` naming the series by its folder and GDCM series id (the same for every file of it)."""
+    """The DICOM files read_image reads for ``path``: ``(key, files)``, ``key`` naming what they form.
+
+    A folder gives its one series, a file the series it belongs to, both keyed by the folder and GDCM
+    series id (the same for every file of it). A file that is no slice of a stack (a colour picture,
+    a multi-frame file, one without ImagePositionPatient: :attr:`_DicomSlice.unstackable`) is read
+    alone, keyed by its own path, where its series holds other files too. A DICOMDIR, or a folder
+    holding one but no series, is refused with the series folders it indexes."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
+    if path.is_file() and path.name.upper() == _DICOMDIR_NAME:
+        raise InputError(f"is a DICOMDIR, the index of a DICOM disc or export, not an image: {_indexed_series(path)}",
+                         path)
     series_ids = dicom_series_ids(folder)
     if not series_ids:
+        # A disc read without its Rock Ridge names shows the index in lower case.
+        dicomdir = next((candidate for name in (_DICOMDIR_NAME, _DICOMDIR_NAME.lower())
+                         if (candidate := folder / name).is_file()), None)
+        if dicomdir is not None:
+            raise InputError("holds no DICOM series itself but a DICOMDIR, the index of a DICOM disc or export: "
+                             f"{_indexed_series(dicomdir)}", folder)
         raise InputError("no DICOM series found in this folder", folder)
     files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(itk_filename(folder), sid)
                        for sid in series_ids}
@@ -505,7 +527,50 @@ def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
         if not matches:
             raise InputError("not part of any readable DICOM series in its folder", path)
         series_id = matches[0]
+        if len(files_by_series[series_id]) > 1 and _unstackable(path):
+            return f"{wanted}#{series_id}", [str(path)]
     return f"{folder.resolve()}#{series_id}", list(files_by_series[series_id])
+
+
+def _unstackable(path: Path) -> bool:
+    """Whether the DICOM file ``path`` is read alone rather than with its series."""
+    try:
+        return _DicomSlice.of(str(path)).unstackable is not None
+    except RuntimeError:  # an unreadable header: reading its series says what is wrong
+        return False
+
+
+def _indexed_series(dicomdir: Path) -> str:
+    """What to open instead of the DICOMDIR ``dicomdir``: the series folders it lists (relative to its
+    folder), each with its modality, description and number of files present."""
+    import pydicom  # only for a DICOMDIR or a multi-frame file: it costs every start of the program otherwise
+    from pydicom.errors import InvalidDicomError
+    from pydicom.fileset import FileSet
+
+    try:
+        with catch_warnings():  # pydicom warns of each listed file that is missing: they are not listed
+            simplefilter("ignore")
+            instances = list(FileSet(pydicom.dcmread(dicomdir)))
+    except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError):  # a damaged index names no folders
+        instances = []
+    by_series: dict[str, list] = {}
+    for instance in instances:
+        by_series.setdefault(getattr(instance, "SeriesInstanceUID", ""), []).append(instance)
+    listing = []
+    for members in by_series.values():
+        first = members[0]
+        folder = Path(os.path.relpath(Path(first.path).parent, dicomdir.parent)).as_posix()
+        description = getattr(first, "SeriesDescription", "")
+        what = " ".join(part for part in (getattr(first, "Modality", ""), repr(description) if description else "") if part)
+        listing.append(f"{folder} ({what + ', ' if what else ''}{len(members)} files)")
+    if not listing:
+        return "open a series folder of the disc or export instead"
+    return f"open one of the series folders it lists instead: {_named(listing)}"
+
+
+def _named(names: list[str], shown: int = 5) -> str:
+    """``names`` joined by commas, the first ``shown`` of them and how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _series_summary(series_id: str, files: tuple[str, ...]) -> str:
@@ -526,6 +591,7 @@ class _DicomSlice:
     size: tuple[int, ...]  # ITK order: columns, rows, frames
     direction: np.ndarray  # ITK 3×3: the ImageOrientationPatient rows and their normal as columns
     position: np.ndarray | None  # ImagePositionPatient (LPS mm); None when the file has none
+    components: int  # values per pixel: 3 for a colour picture
     tags: dict[str, str]  # _DICOM_TAGS and the gantry tilt, by tag, where present
 
     @classmethod
@@ -540,11 +606,29 @@ class _DicomSlice:
         # GDCM's origin is ImagePositionPatient, or 0 when the tag is absent: only the tag counts.
         position = np.array(reader.GetOrigin(), dtype=float) if reader.HasMetaDataKey(_IMAGE_POSITION_TAG) else None
         direction = np.array(reader.GetDirection(), dtype=float).reshape(reader.GetDimension(), -1)
-        return cls(file, tuple(reader.GetSize()), direction, position, tags)
+        return cls(file, tuple(reader.GetSize()), direction, position, reader.GetNumberOfComponents(), tags)
 
     @property
     def normal(self) -> np.ndarray:
         return self.direction[:, -1]
+
+    @property
+    def frames(self) -> int:
+        """How many frames (images) the file holds: more than one in a multi-frame file."""
+        return self.size[2] if len(self.size) > 2 else 1
+
+    @property
+    def unstackable(self) -> str | None:
+        """What this file is where it cannot be one slice of a stack (a phrase for "{n} {it}", with
+        {s} for the plural), else None: a multi-frame file places its own frames, a colour picture
+        is a picture of its own, and a file without a position could lie anywhere in the stack."""
+        if self.frames > 1:
+            return "multi-frame file{s}"
+        if self.components > 1:
+            return "colour picture{s}"
+        if self.position is None:
+            return "file{s} without ImagePositionPatient"
+        return None
 
     @property
     def rescale(self) -> tuple[float, ...]:
@@ -565,26 +649,73 @@ class _DicomSlice:
         return self.size, tuple(np.round(self.direction, _ORIENTATION_DECIMALS).ravel() + 0.0)
 
 
+@dataclass(frozen=True)
+class _FrameGroups:
+    """Where each frame of an enhanced multi-frame DICOM file lies and how its values scale, from the
+    per-frame and shared functional groups (which GDCM does not expose: pydicom reads them), in file order."""
+
+    positions: np.ndarray | None  # n × 3 ImagePositionPatient (LPS mm); None unless every frame has one
+    direction: np.ndarray | None  # ITK 3×3 as in _DicomSlice, from the PlaneOrientationSequence
+    pixel_spacing: tuple[float, float] | None  # ITK order (columns, rows), from the PixelMeasuresSequence
+    rescales: np.ndarray  # n × 2: each frame's RescaleSlope and RescaleIntercept
+
+    @classmethod
+    def of(cls, dicom_file: _DicomSlice) -> _FrameGroups | None:
+        """The functional groups of ``dicom_file``; None for a multi-frame file without per-frame
+        groups (a cine loop, a legacy multi-frame file), which GDCM places as a whole."""
+        import pydicom  # only for a multi-frame file or a DICOMDIR: it costs every start of the program otherwise
+
+        dataset = pydicom.dcmread(dicom_file.file, stop_before_pixels=True, force=True,
+                                  specific_tags=["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"])
+        per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+        if not per_frame:
+            return None
+        shared = (dataset.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+
+        def stated(frame: pydicom.Dataset, sequence: str, attribute: str, default: Any = None) -> Any:
+            # DICOM puts each functional group either in every frame's item or once in the shared one.
+            for groups in (frame, shared):
+                items = groups.get(sequence)
+                if items and attribute in items[0]:
+                    return items[0][attribute].value
+            return default
+
+        positions = [stated(frame, "PlanePositionSequence", "ImagePositionPatient") for frame in per_frame]
+        orientations = {tuple(np.round(np.array(orientation, dtype=float), _ORIENTATION_DECIMALS) + 0.0)
+                        for frame in per_frame
+                        if (orientation := stated(frame, "PlaneOrientationSequence", "ImageOrientationPatient"))}
+        if len(orientations) > 1:
+            raise InputError(f"its {len(per_frame)} frames lie in {len(orientations)} orientations (a localizer of "
+                             "several planes?), which form no one volume: export the frames of one orientation as a "
+                             "file or series of their own")
+        direction = None
+        if orientations:
+            (orientation,) = orientations
+            rows, columns = np.array(orientation[:3]), np.array(orientation[3:])
+            direction = np.column_stack([rows, columns, np.cross(rows, columns)])
+        spacing = stated(per_frame[0], "PixelMeasuresSequence", "PixelSpacing")  # rows apart, columns apart
+        default_slope, default_intercept = dicom_file.rescale
+        rescales = [(stated(frame, "PixelValueTransformationSequence", "RescaleSlope", default_slope),
+                     stated(frame, "PixelValueTransformationSequence", "RescaleIntercept", default_intercept))
+                    for frame in per_frame]
+        return cls(np.array(positions, dtype=float) if all(p is not None for p in positions) else None,
+                   direction, (float(spacing[1]), float(spacing[0])) if spacing else None,
+                   np.array(rescales, dtype=float))
+
+
 def _read_dicom(path: Path, frame: int | None):
     key, files = dicom_series(path)
     try:
         slices = [_DicomSlice.of(file) for file in files]
     except RuntimeError as error:
         raise _failure(path, "a DICOM series", error) from error
-    slices, warnings = _one_stack(slices)
-    positions = _slice_positions(slices)
-    if positions is not None:
-        _refuse_repeated_positions(positions)
-    rescales = np.array([dicom_slice.rescale for dicom_slice in slices])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([dicom_slice.file for dicom_slice in slices])
-    if _needs_float_pixels(rescales):
-        reader.SetOutputPixelType(sitk.sitkFloat64)
-    try:
-        with _itk_console_warnings_hidden():  # uneven slices are reported in the warnings instead
-            image = reader.Execute()
-    except RuntimeError as error:
-        raise _failure(path, "a DICOM series", error) from error
+    slices, warnings = _stackable(slices)
+    slices, stack_warnings = _one_stack(slices)
+    warnings += stack_warnings
+    if slices[0].frames > 1:
+        image, positions, rescales = _read_multi_frame_file(slices[0], path)
+    else:
+        image, positions, rescales = _read_slices(slices, path)
     tags = {name: slices[0].tags[tag] for tag, name in _DICOM_TAGS.items() if tag in slices[0].tags}
     tags.update(_varying_rescale_header(rescales))
     metadata: dict[str, Any] = {"header": tags, "dicom_files": len(slices), "dicom_series": key}
@@ -596,6 +727,78 @@ def _read_dicom(path: Path, frame: int | None):
     if warnings:
         metadata["warnings"] = warnings
     return _from_sitk(image, frame, path, metadata)
+
+
+def _read_slices(slices: list[_DicomSlice], path: Path) -> tuple[sitk.Image, np.ndarray | None, np.ndarray]:
+    """The volume of single-frame ``slices`` (sorted along the stack), their positions where there
+    are several (each has one), and each slice's rescale."""
+    positions = np.array([dicom_slice.position for dicom_slice in slices]) if len(slices) > 1 else None
+    if positions is not None:
+        _refuse_repeated_positions(positions)
+    rescales = np.array([dicom_slice.rescale for dicom_slice in slices])
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileNames([dicom_slice.file for dicom_slice in slices])
+    if _needs_float_pixels(rescales):
+        reader.SetOutputPixelType(sitk.sitkFloat64)
+    return _executed(reader, path), positions, rescales
+
+
+def _read_multi_frame_file(dicom_file: _DicomSlice, path: Path) -> tuple[sitk.Image, np.ndarray | None, np.ndarray]:
+    """The volume of a multi-frame file, its frames' positions (sorted along the stack, as the volume
+    holds them) where each frame has one, and each frame's rescale.
+
+    GDCM reads the frames in file order, applies the first frame's rescale to all of them, and
+    gives up on the geometry (1 mm, origin 0) when frames are unevenly spaced: where the per-frame
+    groups say better, each frame gets its own rescale and the frames are stacked as a series'
+    slices are, so that the series' checks apply to them."""
+    try:
+        frames = _FrameGroups.of(dicom_file)
+    except InputError:  # a file read whole that forms no volume says so itself
+        raise
+    except (OSError, ValueError, TypeError, AttributeError) as error:  # pydicom's errors on a damaged file
+        raise _failure(path, "a multi-frame DICOM file", error) from error
+    rescales = np.array([dicom_file.rescale]) if frames is None else frames.rescales
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(dicom_file.file)
+    if _needs_float_pixels(rescales):
+        reader.SetOutputPixelType(sitk.sitkFloat64)
+    image = _executed(reader, path)
+    if frames is None:
+        return image, None, rescales
+    pixels = sitk.GetArrayFromImage(image)
+    if len(np.unique(rescales, axis=0)) > 1:  # GDCM scaled every frame by the first frame's rescale
+        slopes, intercepts = (column.reshape(-1, *[1] * (pixels.ndim - 1)) for column in rescales.T)
+        pixels = (pixels - intercepts[0]) / slopes[0] * slopes + intercepts
+    if frames.positions is None:
+        return _with_pixels(image, pixels), None, rescales
+    direction = dicom_file.direction if frames.direction is None else frames.direction
+    order = _stack_order(frames.positions, direction[:, 2])
+    positions = frames.positions[order]
+    _refuse_repeated_positions(positions)
+    stacked = sitk.GetImageFromArray(pixels[order], isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    # Upright along the planes' normal at the first-to-last step, as ImageSeriesReader stacks slices.
+    step = float((positions[-1] - positions[0]) @ direction[:, 2]) / (len(positions) - 1)
+    stacked.SetSpacing((*(frames.pixel_spacing or image.GetSpacing()[:2]), step))
+    stacked.SetDirection(direction.ravel().tolist())
+    stacked.SetOrigin(positions[0].tolist())
+    return stacked, positions, rescales
+
+
+def _with_pixels(image: sitk.Image, pixels: np.ndarray) -> sitk.Image:
+    """``pixels`` on ``image``'s grid."""
+    replaced = sitk.GetImageFromArray(pixels, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    replaced.CopyInformation(image)
+    return replaced
+
+
+def _executed(reader: sitk.ImageReaderBase, path: Path) -> sitk.Image:
+    try:
+        with _itk_console_warnings_hidden():  # uneven slices are reported in the warnings instead
+            return reader.Execute()
+    except RuntimeError as error:
+        raise _failure(path, "a DICOM series", error) from error
 
 
 def _needs_float_pixels(rescales: np.ndarray) -> bool:
@@ -615,9 +818,31 @@ def _varying_rescale_header(rescales: np.ndarray) -> dict[str, str]:
             for name, values in zip(_RESCALE_TAGS, rescales.T) if values.min() != values.max()}
 
 
+def _stackable(slices: list[_DicomSlice]) -> tuple[list[_DicomSlice], list[str]]:
+    """The files of a series that can stack into one volume, and a warning naming those left out.
+
+    A series may also hold files that are no slice of a stack (:attr:`_DicomSlice.unstackable`):
+    a key image or screenshot without a position, a colour picture, a multi-frame file. They are
+    left out of the others' stack; where no other file is left the series forms no volume and is
+    refused, since each of them opens alone by its own name."""
+    left_out: dict[str, list[str]] = {}
+    for dicom_slice in slices:
+        if dicom_slice.unstackable is not None:
+            left_out.setdefault(dicom_slice.unstackable, []).append(Path(dicom_slice.file).name)
+    if len(slices) == 1 or not left_out:
+        return slices, []
+    listing = " and ".join(f"{len(names)} {kind.format(s='s' if len(names) > 1 else '')} ({_named(names)})"
+                           for kind, names in left_out.items())
+    kept = [dicom_slice for dicom_slice in slices if dicom_slice.unstackable is None]
+    if not kept:
+        raise InputError(f"the series holds {listing}, which do not stack into one volume: open one file of it (by "
+                         "its name) to read that file alone")
+    return kept, [f"{listing} left out of the stack; the {len(kept)} slices of the stack are read"]
+
+
 def _one_stack(slices: list[_DicomSlice]) -> tuple[list[_DicomSlice], list[str]]:
-    """The largest stack of slices of one image size and orientation, sorted along its normal where
-    every slice has a position, and a warning naming the files left out.
+    """The largest stack of slices of one image size and orientation, sorted along its normal, and
+    a warning naming the files left out.
 
     A localizer (scout) image often shares the SeriesInstanceUID of the stack it planned; ITK
     would refuse the whole series for the odd image size."""
@@ -633,21 +858,17 @@ def _one_stack(slices: list[_DicomSlice]) -> tuple[list[_DicomSlice], list[str]]
             raise InputError(f"the series mixes image orientations or sizes in stacks of equal size: {listing}. "
                              "Export each stack as a series of its own and open the one you want")
         left_out = [Path(dicom_slice.file).name for stack in ranked[1:] for dicom_slice in stack]
-        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
         warnings.append(f"{len(left_out)} file(s) of another orientation or image size left out (a localizer or "
-                        f"scout image?): {shown}; the {len(kept)} slices of the largest stack are read")
-    if all(dicom_slice.position is not None for dicom_slice in kept):
-        normal = kept[0].normal
-        kept = sorted(kept, key=lambda dicom_slice: float(dicom_slice.position @ normal))
+                        f"scout image?): {_named(left_out)}; the {len(kept)} slices of the largest stack are read")
+    if len(kept) > 1:  # several slices: each has a position (_stackable)
+        order = _stack_order(np.array([dicom_slice.position for dicom_slice in kept]), kept[0].normal)
+        kept = [kept[k] for k in order]
     return kept, warnings
 
 
-def _slice_positions(slices: list[_DicomSlice]) -> np.ndarray | None:
-    """The slices' ImagePositionPatient (n × 3, LPS mm) where there are single-frame slices to
-    stack and each has one; else None (a one-file or multi-frame series places itself)."""
-    if len(slices) < 2 or any(s.position is None or len(s.size) < 3 or s.size[2] != 1 for s in slices):
-        return None
-    return np.array([dicom_slice.position for dicom_slice in slices])
+def _stack_order(positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The order of slices or frames at ``positions`` (n × 3) along their planes' ``normal``."""
+    return np.argsort(positions @ normal, kind="stable")
 
 
 def _refuse_repeated_positions(positions: np.ndarray) -> None:

@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from npe2 import PluginManager
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.fileset import FileSet
+from pydicom.uid import ExplicitVRLittleEndian
 
 from napari_unifuse._napari_io import get_reader
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import read_image
+from napari_unifuse.io.readers import dicom_series, holds_dicom
 
 AXIAL = np.eye(3)
 SAGITTAL = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # ITK direction, columns = axes
@@ -193,3 +198,239 @@ def test_a_rescale_slope_that_is_not_a_number_is_refused_naming_the_file(tmp_pat
 
     with pytest.raises(InputError, match=r"IM0001\.dcm has a RescaleSlope of 'n/a', which is not a number"):
         read_image(tmp_path / "pet")
+
+
+# ---- multi-frame files, files that are no slice of a stack, DICOMDIR, files without a preamble -------------
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def _item(**attributes) -> Dataset:
+    """One item of a functional group sequence."""
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _write_enhanced(path: Path, stored: np.ndarray, positions, series_uid: str, *, rescales=None,
+                    orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), instance: int = 1) -> Path:
+    """An enhanced CT file of ``stored`` (frames × rows × columns, 16-bit values), frame k at
+    ``positions[k]`` (LPS mm) with ``rescales[k]`` (slope, intercept) in its per-frame functional
+    groups, or one shared rescale of 1 and -1024; orientation and 0.8 × 0.9 mm pixels shared."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID = ENHANCED_CT
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID = f"{series_uid}.{instance}"
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.update({"StudyInstanceUID": "1.2.826.0.1.3680043.2.1125.4000", "SeriesInstanceUID": series_uid,
+                    "Modality": "CT", "SeriesDescription": "enhanced", "InstanceNumber": instance,
+                    "NumberOfFrames": len(stored), "Rows": stored.shape[1], "Columns": stored.shape[2],
+                    "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16,
+                    "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1})
+    shared = _item(PlaneOrientationSequence=[_item(ImageOrientationPatient=list(orientation))],
+                   PixelMeasuresSequence=[_item(PixelSpacing=[SPACING[1], SPACING[0]], SliceThickness=SLICE_STEP)])
+    if rescales is None:
+        shared.PixelValueTransformationSequence = [_item(RescaleSlope=1, RescaleIntercept=-1024, RescaleType="HU")]
+    dataset.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for k, position in enumerate(positions):
+        frame = _item(PlanePositionSequence=[_item(ImagePositionPatient=list(position))])
+        if rescales is not None:
+            frame.PixelValueTransformationSequence = [_item(RescaleSlope=rescales[k][0], RescaleIntercept=rescales[k][1],
+                                                            RescaleType="HU")]
+        per_frame.append(frame)
+    dataset.PerFrameFunctionalGroupsSequence = per_frame
+    dataset.PixelData = stored.astype("<i2").tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _world_positions(read) -> np.ndarray:
+    """Where the read volume puts each slice's first pixel (LPS x, y, z)."""
+    return np.array([(read.geometry.index_to_world @ [k, 0, 0, 1])[:3][::-1] for k in range(len(read.array))])
+
+
+def test_an_enhanced_file_with_frames_out_of_order_is_stacked_by_their_positions(tmp_path, volume):
+    # A sagittal stack: frames step along the normal -x, written in no order along it.
+    order = [3, 0, 5, 1, 4, 2, 9, 6, 11, 7, 10, 8]
+    positions = [(-SLICE_STEP * k, -10.0, 40.0) for k in order]
+    path = _write_enhanced(tmp_path / "enh" / "frames.dcm", volume[order] + 1024, positions,
+                           "1.2.826.0.1.3680043.2.1125.4001", orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+
+    read = read_image(path)
+
+    np.testing.assert_array_equal(read.array, volume)
+    np.testing.assert_allclose(_world_positions(read), [(-SLICE_STEP * k, -10.0, 40.0) for k in range(12)], atol=1e-6)
+    np.testing.assert_allclose(read.geometry.spacing, (SLICE_STEP, SPACING[1], SPACING[0]))
+    assert "warnings" not in read.metadata
+
+
+def test_an_enhanced_file_with_unevenly_spaced_frames_keeps_its_grid_and_warns(tmp_path, volume):
+    heights = [SLICE_STEP * k for k in range(6)] + [SLICE_STEP * (k + 1) for k in range(6, 12)]  # one missing
+    path = _write_enhanced(tmp_path / "enh" / "frames.dcm", volume + 1024, [(10.0, 20.0, 30.0 + z) for z in heights],
+                           "1.2.826.0.1.3680043.2.1125.4002")
+
+    read = read_image(path)
+
+    np.testing.assert_array_equal(read.array, volume)
+    np.testing.assert_allclose(read.geometry.spacing[1:], (SPACING[1], SPACING[0]))
+    np.testing.assert_allclose(_world_positions(read)[0], (10.0, 20.0, 30.0))
+    (warning,) = read.metadata["warnings"]
+    assert "a gap of 5 mm between slices 5 and 6 where most are 2.5 mm apart; a slice may be missing" in warning
+
+
+@pytest.mark.parametrize("frame_order", ["by echo", "interleaved"])
+def test_an_enhanced_file_with_two_echoes_per_position_is_refused(tmp_path, volume, frame_order):
+    heights = [0.0, SLICE_STEP, 2 * SLICE_STEP] * 2
+    if frame_order == "interleaved":
+        heights = sorted(heights)
+    path = _write_enhanced(tmp_path / "enh" / "echoes.dcm", volume[:6] + 1024, [(0.0, 0.0, z) for z in heights],
+                           "1.2.826.0.1.3680043.2.1125.4003")
+
+    with pytest.raises(InputError, match=r"6 of the 6 slices share their position .* \(3 distinct positions\)"
+                                         r".*Export one phase"):
+        read_image(path)
+
+
+def test_an_enhanced_file_applies_each_frames_own_rescale(tmp_path, rng):
+    stored = rng.integers(0, 30000, size=(4, 6, 5))
+    rescales = [(1.0, -1024.0), (0.5, 0.0), (2.0, 3.0), (21.875, -7.0)]
+    path = _write_enhanced(tmp_path / "pet" / "frames.dcm", stored, [(0.0, 0.0, SLICE_STEP * k) for k in range(4)],
+                           "1.2.826.0.1.3680043.2.1125.4004", rescales=rescales)
+
+    read = read_image(path)
+
+    expected = [pixels * slope + intercept for pixels, (slope, intercept) in zip(stored, rescales)]
+    np.testing.assert_allclose(read.array, expected, rtol=1e-9)
+    assert read.metadata["header"]["RescaleSlope"] == "varies per slice: 0.5 to 21.875"
+
+
+def test_a_series_split_over_two_enhanced_files_is_refused_as_a_folder_and_each_file_reads_alone(tmp_path, volume):
+    folder, series_uid = tmp_path / "enh", "1.2.826.0.1.3680043.2.1125.4005"
+    halves = [(folder / "a.dcm", volume[:6], 0), (folder / "b.dcm", volume[6:], 6)]
+    for instance, (path, frames, first) in enumerate(halves, start=1):
+        _write_enhanced(path, frames + 1024, [(0.0, 0.0, SLICE_STEP * (first + k)) for k in range(6)], series_uid,
+                        instance=instance)
+
+    with pytest.raises(InputError, match=r"the series holds 2 multi-frame files \(a\.dcm, b\.dcm\), which do not "
+                                         r"stack into one volume: open one file"):
+        read_image(folder)
+    for path, frames, first in halves:
+        read = read_image(path)
+        np.testing.assert_array_equal(read.array, frames)
+        np.testing.assert_allclose(_world_positions(read)[0], (0.0, 0.0, SLICE_STEP * first))
+
+
+def _without_position(path: Path) -> Path:
+    """``path`` with its ImagePositionPatient and ImageOrientationPatient removed (a key image, a screenshot)."""
+    dataset = dcmread(path)
+    del dataset.ImagePositionPatient, dataset.ImageOrientationPatient
+    dataset.save_as(path)
+    return path
+
+
+def test_a_key_image_without_a_position_is_left_out_of_its_series_and_opens_alone(tmp_path, volume):
+    folder, series_uid = tmp_path / "ct", "1.2.826.0.1.3680043.2.1125.4006"
+    shuffled = [4, 0, 9, 2, 11, 6, 1, 8, 3, 10, 5, 7]  # instance numbers that do not follow the positions
+    for k, instance in enumerate(shuffled):
+        _write_stack(folder, volume[k:k + 1], series_uid, [(0.0, 0.0, 30.0 + SLICE_STEP * k)],
+                     names=[f"IM{k:04d}"], first_instance=instance + 1)
+    key_image = np.full(volume.shape[1:], 3000, dtype=np.int16)
+    _without_position(_write_stack(folder, key_image[np.newaxis], series_uid, [(0.0, 0.0, 0.0)], names=["KEY"],
+                                   first_instance=99)[0])
+
+    for opened in (folder, folder / "IM0003"):
+        read = read_image(opened)
+        np.testing.assert_array_equal(read.array, volume)
+        np.testing.assert_allclose(_world_positions(read), [(0.0, 0.0, 30.0 + SLICE_STEP * k) for k in range(12)],
+                                   atol=1e-6)
+        (warning,) = read.metadata["warnings"]
+        assert warning == "1 file without ImagePositionPatient (KEY) left out of the stack; the 12 slices of the stack are read"
+    np.testing.assert_array_equal(np.squeeze(read_image(folder / "KEY").array), key_image)
+
+
+def test_a_series_of_files_without_positions_is_refused_as_a_folder_and_each_file_reads_alone(tmp_path, volume):
+    folder = tmp_path / "screenshots"
+    files = _write_stack(folder, volume[:3], "1.2.826.0.1.3680043.2.1125.4007", names=["s0", "s1", "s2"])
+    for path in files:
+        _without_position(path)
+
+    with pytest.raises(InputError, match=r"the series holds 3 files without ImagePositionPatient \(s0, s1, s2\), "
+                                         r"which do not stack into one volume: open one file"):
+        read_image(folder)
+    np.testing.assert_array_equal(np.squeeze(read_image(folder / "s1").array), volume[1])
+
+
+def test_colour_pictures_sharing_a_series_open_one_by_one_and_are_refused_as_a_folder(tmp_path, rng):
+    folder, series_uid = tmp_path / "us", "1.2.826.0.1.3680043.2.1125.4008"
+    folder.mkdir()
+    pictures = rng.integers(0, 256, size=(3, 16, 14, 3)).astype(np.uint8)
+    for k, colours in enumerate(pictures):
+        image = sitk.GetImageFromArray(colours, isVector=True)
+        for tag, value in {"0008|0060": "US", "0020|000e": series_uid, "0020|0013": str(k + 1),
+                           "0008|0018": f"{series_uid}.{k + 1}"}.items():
+            image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"frame{k}.dcm"))
+        writer.Execute(image)
+
+    with pytest.raises(InputError, match=r"the series holds 3 colour pictures \(frame0\.dcm, frame1\.dcm, frame2\.dcm"
+                                         r"\), which do not stack into one volume: open one file"):
+        read_image(folder)
+    for k, colours in enumerate(pictures):
+        read = read_image(folder / f"frame{k}.dcm")
+        assert read.is_rgb and read.ndim == 2
+        np.testing.assert_array_equal(read.array, colours)
+    # Each picture is its own image (napari opens each, provenance hashes that file), not the series.
+    keyed = [dicom_series(folder / f"frame{k}.dcm") for k in range(3)]
+    assert len({key for key, _ in keyed}) == 3
+    assert [files for _, files in keyed] == [[str(folder / f"frame{k}.dcm")] for k in range(3)]
+
+
+def test_a_dicom_file_without_its_preamble_opens_by_its_content(tmp_path, volume):
+    files = _write_stack(tmp_path / "old", volume, "1.2.826.0.1.3680043.2.1125.4009",
+                         names=[f"IM{k:04d}" for k in range(12)])
+    for path in files:  # drop the 128-byte preamble and "DICM": the file starts with its meta group 0002
+        path.write_bytes(path.read_bytes()[132:])
+    assert files[0].read_bytes()[:2] == b"\x02\x00"
+
+    assert holds_dicom(files[4])
+    for opened in (files[4], files[4].parent):
+        np.testing.assert_array_equal(read_image(opened).array, volume)
+
+
+def test_a_dicomdir_is_refused_naming_the_series_folders_it_indexes(tmp_path, volume):
+    source, series_uid = tmp_path / "source", "1.2.826.0.1.3680043.2.1125.4010"
+    files = _write_stack(source, volume[:3], series_uid)
+    file_set = FileSet()
+    for path in files:
+        dataset = dcmread(path)
+        dataset.PatientID, dataset.StudyID, dataset.SeriesNumber = "anonymous", "1", 1
+        dataset.StudyInstanceUID = "1.2.826.0.1.3680043.2.1125.4011"
+        file_set.add(dataset)
+    disc = tmp_path / "disc"
+    file_set.write(disc)
+    (series_folder,) = {Path(instance.path).parent.relative_to(disc).as_posix() for instance in file_set}
+
+    for opened, problem in ((disc / "DICOMDIR", "is a DICOMDIR"), (disc, "holds no DICOM series itself but a DICOMDIR")):
+        with pytest.raises(InputError, match=rf"{problem}, the index of a DICOM disc or export.*: open one of the series "
+                                             rf"folders it lists instead: {series_folder} \(CT, 3 files\)"):
+            read_image(opened)
+    np.testing.assert_array_equal(read_image(disc / series_folder).array, volume[:3])
+
+
+def test_an_enhanced_file_with_frames_in_several_orientations_is_refused(tmp_path, volume):
+    path = _write_enhanced(tmp_path / "localizer" / "planes.dcm", volume[:3] + 1024,
+                           [(0.0, 0.0, SLICE_STEP * k) for k in range(3)], "1.2.826.0.1.3680043.2.1125.4012")
+    dataset = dcmread(path)  # one orientation per frame: two axial frames and a coronal one
+    del dataset.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    for frame, orientation in zip(dataset.PerFrameFunctionalGroupsSequence,
+                                  [(1.0, 0.0, 0.0, 0.0, 1.0, 0.0)] * 2 + [(1.0, 0.0, 0.0, 0.0, 0.0, -1.0)]):
+        frame.PlaneOrientationSequence = [_item(ImageOrientationPatient=list(orientation))]
+    dataset.save_as(path)
+
+    with pytest.raises(InputError, match=r"planes\.dcm: its 3 frames lie in 2 orientations .*export the frames of one "
+                                         r"orientation"):
+        read_image(path)
