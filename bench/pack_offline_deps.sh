@@ -20,7 +20,7 @@ OUT=${1:?usage: bench/pack_offline_deps.sh OUT_DIR [PYTHON_VERSION] [PACKAGE ...
 PY_VERSION=${2:-3.12}
 shift $(( $# > 1 ? 2 : 1 ))
 PACKAGES=("$@")
-if [ ${#PACKAGES[@]} -eq 0 ]; then PACKAGES=(SimpleITK nibabel torchio Deprecated nilearn PyWavelets); fi
+if [ ${#PACKAGES[@]} -eq 0 ]; then PACKAGES=(SimpleITK nibabel torchio Deprecated nilearn PyWavelets pydicom); fi
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 mkdir -p "$OUT"
