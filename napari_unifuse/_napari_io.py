@@ -17,7 +17,7 @@ from napari.utils.transforms import Affine
 
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
-from napari_unifuse.io.readers import _note_dropped_alpha, dicom_series, dicom_series_ids, file_format
+from napari_unifuse.io.readers import _note_dropped_alpha, dicom_series, dicom_series_ids, dicomdir_in, file_format
 
 LAYER_METADATA_KEY = "unifuse"
 # napari's documented "read fine, but no layers" value; returning [] instead makes napari raise
@@ -122,8 +122,8 @@ def get_reader(path: str | list[str]) -> Callable[[str], list] | None:
     fmt = file_format(path)
     if fmt is None:
         return None
-    if Path(path).is_dir() and not dicom_series_ids(path):
-        return None  # a folder of something else: let other readers have it
+    if Path(path).is_dir() and not dicom_series_ids(path) and dicomdir_in(path) is None:
+        return None  # a folder of something else: let other readers have it (a disc's index: ours, to name its series)
     return read_layers
 
 

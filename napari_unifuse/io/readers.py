@@ -503,9 +503,7 @@ def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
                          path)
     series_ids = dicom_series_ids(folder)
     if not series_ids:
-        # A disc read without its Rock Ridge names shows the index in lower case.
-        dicomdir = next((candidate for name in (_DICOMDIR_NAME, _DICOMDIR_NAME.lower())
-                         if (candidate := folder / name).is_file()), None)
+        dicomdir = dicomdir_in(folder)
         if dicomdir is not None:
             raise InputError("holds no DICOM series itself but a DICOMDIR, the index of a DICOM disc or export: "
                              f"{_indexed_series(dicomdir)}", folder)
@@ -531,6 +529,12 @@ def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
             return f"{wanted}#{series_id}", [str(path)]
     return f"{folder.resolve()}#{series_id}", list(files_by_series[series_id])
 
+
+def dicomdir_in(folder: str | os.PathLike) -> Path | None:
+    """The DICOMDIR (a disc's or an export's index) ``folder`` holds, if any."""
+    # A disc read without its Rock Ridge names shows the index in lower case.
+    return next((candidate for name in (_DICOMDIR_NAME, _DICOMDIR_NAME.lower())
+                 if (candidate := Path(folder) / name).is_file()), None)
 
 def _unstackable(path: Path) -> bool:
     """Whether the DICOM file ``path`` is read alone rather than with its series."""

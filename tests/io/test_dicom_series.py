@@ -419,6 +419,9 @@ def test_a_dicomdir_is_refused_naming_the_series_folders_it_indexes(tmp_path, vo
                                              rf"folders it lists instead: {series_folder} \(CT, 3 files\)"):
             read_image(opened)
     np.testing.assert_array_equal(read_image(disc / series_folder).array, volume[:3])
+    # napari offers our reader for the disc's root, which says what to open, rather than no reader at all.
+    (tmp_path / "empty").mkdir()
+    assert get_reader(str(disc)) is not None and get_reader(str(tmp_path / "empty")) is None
 
 
 def test_an_enhanced_file_with_frames_in_several_orientations_is_refused(tmp_path, volume):
