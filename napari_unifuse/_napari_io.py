@@ -17,7 +17,7 @@ from napari.utils.transforms import Affine
 
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
-from napari_unifuse.io.readers import _note_dropped_alpha, dicom_series, dicom_series_ids, dicomdir_in, file_format
+from napari_unifuse.io.readers import dicom_series, dicom_series_ids, dicomdir_in, file_format, note_dropped_alpha
 
 LAYER_METADATA_KEY = "unifuse"
 # napari's documented "read fine, but no layers" value; returning [] instead makes napari raise
@@ -106,7 +106,7 @@ def _without_alpha(array: np.ndarray, is_rgb: bool, index_to_world: np.ndarray,
     else:
         return array, index_to_world, []
     notes: dict[str, Any] = {}
-    _note_dropped_alpha(alpha, notes)
+    note_dropped_alpha(alpha, notes)
     return np.ascontiguousarray(colour), index_to_world, notes.get("warnings", [])
 
 

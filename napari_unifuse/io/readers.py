@@ -369,7 +369,7 @@ def _read_nifti(path: Path, frame: int | None):
     data = data.transpose()
     if is_rgb:
         if "A" in data.dtype.names:
-            _note_dropped_alpha(data["A"], metadata)
+            note_dropped_alpha(data["A"], metadata)
         data = structured_to_unstructured(data[["R", "G", "B"]])
     return np.ascontiguousarray(data), geometry, metadata, is_rgb
 
@@ -981,12 +981,12 @@ def _from_sitk(image: sitk.Image, frame: int | None, path: Path, metadata: dict[
                 path,
             )
         if components == 4:
-            _note_dropped_alpha(array[..., 3], metadata)
+            note_dropped_alpha(array[..., 3], metadata)
         array, is_rgb = array[..., :3], True
     return array, Geometry.from_sitk(image), metadata, is_rgb
 
 
-def _note_dropped_alpha(alpha: np.ndarray, metadata: dict[str, Any]) -> None:
+def note_dropped_alpha(alpha: np.ndarray, metadata: dict[str, Any]) -> None:
     """Fusion reads colour, not transparency: where a picture is see-through, say that its stored
     colour is used as if it were opaque (an opaque alpha channel is dropped without a word)."""
     opaque = np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else 1.0
@@ -1041,7 +1041,7 @@ def _read_pillow(path: Path, frame: int | None):
 def _pillow_pixels(image: Image.Image, metadata: dict[str, Any]) -> np.ndarray:
     """The pixels of a decoded Pillow image: grey as it is stored, anything else as 8-bit RGB."""
     if image.has_transparency_data:
-        _note_dropped_alpha(np.asarray(image.convert("RGBA").getchannel("A")), metadata)
+        note_dropped_alpha(np.asarray(image.convert("RGBA").getchannel("A")), metadata)
     if image.mode in ("1", "LA", "La"):
         return np.asarray(image.convert("L"))
     if image.mode not in ("L", "I", "F") and not image.mode.startswith("I;16"):
