@@ -333,6 +333,8 @@ def _read_nifti(path: Path, frame: int | None):
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise _failure(path, "NIfTI", error) from error
     _refuse_empty(data, path)  # before the geometry: nibabel drops the axes after a zero-length one
+    # One value per voxel stored with one-voxel 5th+ axes (x, y, z, 1, 1), as ITK reads it: a volume.
+    data = data.reshape(data.shape[:4] + tuple(n for n in data.shape[4:] if n != 1)) if data.ndim > 4 else data
     if data.ndim > 4:
         raise InputError(
             f"{data.ndim}D NIfTI (shape {data.shape}) holds vectors or tensors per voxel; "

@@ -97,6 +97,15 @@ def test_four_d_message_says_how_to_choose(tmp_path):
         read_image(path)
 
 
+
+def test_one_value_per_voxel_with_one_voxel_fifth_axes_is_a_volume_and_a_vector_image_is_refused(tmp_path):
+    """(x, y, z, 1, 1), as ITK reads it, was refused as holding "vectors or tensors per voxel"."""
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    volume = read_image(_nifti(tmp_path / "pet.nii.gz", data[..., np.newaxis, np.newaxis]))
+    np.testing.assert_array_equal(volume.array, data.transpose())
+    with pytest.raises(InputError, match=r"5D NIfTI \(shape \(4, 5, 6, 1, 3\)\) holds vectors"):
+        read_image(_nifti(tmp_path / "field.nii.gz", np.zeros((4, 5, 6, 1, 3), np.float32)))
+
 def test_nans_become_zero_and_infinities_are_clipped_with_a_warning(tmp_path):
     data = np.linspace(1, 2, 120, dtype=np.float32).reshape(4, 5, 6)
     data[1, 2, 3] = np.nan
