@@ -124,6 +124,7 @@ from napari_unifuse.io import (
     resample_to_reference,
     resample_to_spacing,
 )
+from napari_unifuse.io.fields import itk_placement
 from napari_unifuse.io.nifti_xforms import NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
@@ -816,6 +817,7 @@ class FusionEngine:
             class_probs={name: float(p) for name, p in zip(DEGRADATION_CLASSES, probs)},
             slice_class_probs=prediction["slice_class_probs"],
             output_extension=extension,
+            moving_itk_placement=itk_placement(moving),
         )
 
 
@@ -1225,4 +1227,4 @@ def _single_slice_result(result: FusionResult, reference: ImageVolume, moving: I
         result, fused=on_grid(result.fused), aligned=on_grid(result.aligned),
         displacement=np.ascontiguousarray(displacement, dtype=np.float32),
         slice_class_probs=np.repeat(result.slice_class_probs[:1], slices, axis=0), provenance=provenance,
-        quality=quality)
+        quality=quality, moving_itk_placement=itk_placement(moving))

@@ -40,6 +40,10 @@ class FusionResult:
     "none" (``engine.class_evidence``); None when it has none for that call.
     ``fusion_balance``: what the checkpoint's cap on the reference's share of the blend did
     (``engine.fusion_balance``); None when the checkpoint calibrated none or the method does not blend.
+    ``moving_itk_placement``: where ITK places the moving input relative to the package
+    (``io.fields.itk_placement``: the identity unless it is a NIfTI without orientation), for the
+    field to be written in ITK's terms; None for a result that did not record it (the field is then
+    written for a moving image that ITK places as it places the reference).
     """
 
     fused: ImageVolume
@@ -55,6 +59,7 @@ class FusionResult:
     quality: QualityMaps | None = None
     class_evidence: ClassEvidence | None = None
     fusion_balance: BalanceRecord | None = None
+    moving_itk_placement: np.ndarray | None = None
 
     def in_model_units(self, role: str, image: ImageVolume) -> np.ndarray:
         """``image`` (the run's ``"reference"``, or its aligned output as ``"moving"``) as the grey

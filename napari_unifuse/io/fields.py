@@ -12,6 +12,14 @@ y flipped in LPS): such a field is written without orientation too, like every o
 and ITK places it as it places the reference, at origin 0 with identity direction and the voxel
 sizes. Its vectors are written in that frame, so that SimpleITK moves points as ``u`` says on the
 reference as SimpleITK reads it; ``read_displacement`` converts them back by the same frame.
+
+That holds while ITK places the moving image as it places the field (every image oriented, or the
+moving image written on the reference grid with its forms). Where the two tools place the moving
+image otherwise than the field (``itk_placement``: a moving NIfTI without orientation, or an oriented
+one beside such a reference), the vector at a field point ``f(x)`` is where ITK places the moving
+point the package samples, minus ``f(x)``: ``d(x) = T(world(x + u)) - f(x)``, ``T`` the moving
+image's ``itk_placement``. Such a field is no longer ``u`` in another frame: ``read_displacement``
+gives ``u`` back only for a moving image placed as the field.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from napari_unifuse.errors import InputError
-from napari_unifuse.io.image import Geometry
+from napari_unifuse.io.image import Geometry, ImageVolume
 from napari_unifuse.io.nifti_xforms import NiftiXforms
 from napari_unifuse.io.readers import NIFTI_SUFFIXES, itk_source, load_nifti
 from napari_unifuse.io.writers import nifti_image, save_nifti, staged_destination
@@ -39,13 +47,18 @@ _ITK_SLICE_AXIS_BACK = (1, 2, 0)
 
 
 def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | os.PathLike, *,
-                       reference_metadata: Mapping[str, Any] | None = None) -> Path:
+                       reference_metadata: Mapping[str, Any] | None = None,
+                       moving_placement: np.ndarray | None = None) -> Path:
     """Write ``u`` (voxels, array order) as an ITK displacement field on the reference grid.
 
     ``reference_metadata``: the reference image's metadata; a NIfTI field keeps its header's forms
     and codes (``io.nifti_xforms``), as the images written on its grid do. A NIfTI field of a
     one-slice reference whose slice axis is ITK's last is stored with that axis first (see
     ``_itk_readable_order``); ``read_displacement`` given the reference geometry puts it back.
+    ``moving_placement``: where ITK places the moving image relative to the package
+    (``itk_placement``), so that ITK's resample through the field samples it where the package did;
+    None for a moving image ITK places as it places the field (written on the reference grid with
+    the reference's forms, as ``unifuse synth`` writes it).
     """
     path = Path(path)
     u = np.asarray(u, dtype=np.float64)
@@ -56,10 +69,11 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
         raise InputError("the displacement holds NaN or infinite values", path)
     to_nifti = path.name.lower().endswith(NIFTI_SUFFIXES)
     xforms = NiftiXforms.from_metadata(reference_metadata or {}) if to_nifti else None
-    vector_frame = _itk_guess(reference_geometry) if _written_unplaced(u.shape[1:], xforms) else reference_geometry
-    linear = vector_frame.index_to_world[:ndim, :ndim]
-    # (*spatial, ndim) in array order, components in ITK's x, y, z order (LPS mm, as ITK stores them).
-    itk_vectors = np.einsum("ij,j...->...i", linear, u)[..., ::-1].astype(np.float32)
+    field_frame = _itk_guess(reference_geometry) if _written_unplaced(u.shape[1:], xforms) else reference_geometry
+    field_to_world = field_frame.index_to_world
+    moving_to_world = (field_to_world if moving_placement is None
+                       else np.asarray(moving_placement, dtype=np.float64) @ reference_geometry.index_to_world)
+    itk_vectors = _itk_vectors(u, field_to_world, moving_to_world)
     try:
         if to_nifti:
             _write_nifti_field(itk_vectors, reference_geometry, path, xforms)
@@ -71,6 +85,23 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
         raise InputError(f"could not write the field: {str(error).strip().splitlines()[-1]}", path) from error
     _refuse_cut_short(path)
     return path
+
+
+def _itk_vectors(u: np.ndarray, field_to_world: np.ndarray, moving_to_world: np.ndarray) -> np.ndarray:
+    """The ITK vectors ``moving_to_world(x + u) - field_to_world(x)``: (*spatial, ndim) float32 in
+    array order, components in ITK's x, y, z order (LPS mm, as ITK stores them). ``field_to_world``:
+    where ITK places the field's voxels; ``moving_to_world``: where ITK places the moving points the
+    package's reference voxels stand for. Where the two agree, the vectors are ``u`` in that frame."""
+    ndim = u.shape[0]
+    vectors = np.einsum("ij,j...->...i", moving_to_world[:ndim, :ndim], u)
+    if not np.array_equal(moving_to_world, field_to_world):
+        # Both maps are affine in the index: their difference at x, added per axis and offset.
+        apart = moving_to_world - field_to_world
+        vectors += apart[:ndim, ndim]
+        for axis, count in enumerate(u.shape[1:]):
+            index = np.arange(count, dtype=np.float64).reshape([-1 if k == axis else 1 for k in range(ndim)] + [1])
+            vectors += index * apart[:ndim, axis]
+    return vectors[..., ::-1].astype(np.float32)
 
 
 def _write_nifti_field(itk_vectors: np.ndarray, geometry: Geometry, path: Path, xforms: NiftiXforms | None) -> None:
@@ -95,6 +126,18 @@ def _written_unplaced(spatial_shape: tuple[int, ...], xforms: NiftiXforms | None
     (``_itk_readable_order``) cannot be: nibabel's guess for the moved grid is another place, so
     it gets the package's geometry as explicit forms, and its vectors stay in that frame."""
     return xforms is not None and xforms.places_nothing and _itk_readable_order(spatial_shape) is None
+
+
+def itk_placement(volume: ImageVolume) -> np.ndarray:
+    """Where ITK (SimpleITK, ANTs, Slicer) places ``volume``'s voxels relative to the package: the
+    ``(ndim + 1)²`` affine from the package's world to ITK's (LPS mm, array-axis order); the identity
+    where both place them alike (an oriented NIfTI, NRRD, MetaImage, DICOM, a picture). A NIfTI
+    without orientation (qform and sform codes 0) is placed by two guesses: the package's geometry
+    is nibabel's, ITK's is ``_itk_guess``."""
+    xforms = NiftiXforms.from_metadata(volume.metadata)
+    if xforms is None or not xforms.places_nothing:
+        return np.eye(volume.geometry.ndim + 1)
+    return _itk_guess(volume.geometry).index_to_world @ np.linalg.inv(volume.geometry.index_to_world)
 
 
 def _itk_guess(geometry: Geometry) -> Geometry:

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from torch import nn
 
@@ -616,3 +617,81 @@ def test_an_8_bit_colour_reference_in_model_units_is_the_luma_the_model_fused(mo
     units = result.in_model_units("reference", reference)
     np.testing.assert_allclose(units, result.in_model_units("reference", as_float), atol=1e-6)
     assert len(np.unique(units)) > 10 and units.max() < 1
+
+
+def _nifti_file(path, array, zooms, affine=None):
+    """``array`` (z, y, x) saved as NIfTI: oriented by ``affine`` (RAS), or without orientation
+    (qform and sform codes 0) when there is none."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array.astype(np.float32).transpose(), affine)
+    image.header.set_zooms(zooms)
+    if affine is None:
+        image.set_qform(None, code=0)
+        image.set_sform(None, code=0)
+    nib.save(image, path)
+    return path
+
+
+def _oriented_head(path, shape=(26, 22, 24), spacing=1.3):
+    """An off-centre blob on a grid of its own, oriented (codes 1), centred near the world's origin
+    where nibabel's guess centres a NIfTI without orientation; values 100-1100 as a CT's."""
+    from scipy.spatial.transform import Rotation
+
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xyz", (6.0, -4.0, 9.0), degrees=True).as_matrix() * spacing
+    affine[:3, 3] = -affine[:3, :3] @ (np.array(shape[::-1]) - 1) / 2 + [2.0, -1.5, 1.0]
+    return _nifti_file(path, 100.0 + 1000.0 * blob(shape, centre_shift=0.3), (spacing,) * 3, affine)
+
+
+@pytest.mark.parametrize("reference_shape", [(20, 24, 22), (1, 24, 22)], ids=["volume", "one slice"])
+def test_simpleitk_resamples_the_moving_image_through_the_field_onto_the_aligned_one_beside_an_unoriented_reference(
+        tmp_path, reference_shape):
+    """A NIfTI reference without orientation (codes 0) and an oriented moving image on another grid:
+    the package places the reference by nibabel's guess (centred), ITK at origin 0. The field was
+    written as ``u`` alone (zero here), so SimpleITK's resample through it put the moving image where
+    ITK places it against the reference's other placement (correlation -0.02 with aligned.nii.gz)."""
+    from napari_unifuse.engine.methods import load_method
+
+    reference_path = _nifti_file(tmp_path / "reference.nii.gz", 1000.0 * blob(reference_shape), (1.0, 1.2, 1.5))
+    moving_path = _oriented_head(tmp_path / "moving.nii.gz")
+    reference, moving = read_image(reference_path), read_image(moving_path)
+    spatial_dims = 2 if reference.single_slice_axis is not None else 3
+    engine = FusionEngine(load_method("identity+average", spatial_dims=spatial_dims), device="cpu")
+    result = engine.run_fusion(reference, moving, quality=False)
+    np.testing.assert_array_equal(result.moving_itk_placement, np.eye(4))  # oriented: placed alike
+    written = write_fusion_outputs(result, tmp_path / "run")
+
+    field = sitk.ReadImage(str(written["displacement.nii.gz"]), sitk.sitkVectorFloat64)
+    # ITK reads a one-slice field with its slice axis moved (io.fields) and placed by explicit forms:
+    # there the resample holds onto the field's grid, the grid's points where the package has them.
+    onto = sitk.ReadImage(str(reference_path))
+    if spatial_dims == 2:
+        onto = sitk.Image(field.GetSize(), sitk.sitkFloat32)
+        onto.CopyInformation(field)
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(moving_path)), onto,
+                                                  sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0))
+    aligned = sitk.GetArrayFromImage(sitk.ReadImage(str(written["aligned.nii.gz"])))
+    if spatial_dims == 2:
+        theirs = np.transpose(theirs, (2, 0, 1))  # the field's ITK axes (slice, x, y) back to (z, y, x)
+    overlap = (theirs > 0) & (aligned > 0)
+    assert overlap.mean() > 0.5
+    assert np.corrcoef(theirs[overlap], aligned[overlap])[0, 1] > 0.99
+
+
+def test_the_field_of_oriented_images_is_written_as_before(tmp_path):
+    """Images every tool places alike: the recorded placement is the identity and the field is
+    ``u`` in the reference's frame, bit for bit what it was without a moving placement."""
+    from napari_unifuse.engine.methods import load_method
+    from napari_unifuse.io.fields import write_displacement
+
+    reference_path = _oriented_head(tmp_path / "reference.nii.gz", (20, 24, 22), 1.1)
+    reference, moving = read_image(reference_path), read_image(_oriented_head(tmp_path / "moving.nii.gz"))
+    result = FusionEngine(load_method("identity+average", spatial_dims=3), device="cpu").run_fusion(
+        reference, moving, quality=False)
+    result.displacement = blob((3, 20, 24, 22)) * 2.0  # a field that is not zero, as the network's
+    written = write_fusion_outputs(result, tmp_path / "run")["displacement.nii.gz"]
+    before = write_displacement(result.displacement, reference.geometry, tmp_path / "before.nii.gz",
+                                reference_metadata=result.fused.metadata)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(before))))

@@ -115,3 +115,78 @@ def test_the_field_of_a_reference_without_orientation_moves_points_as_simpleitk_
     np.testing.assert_allclose(read_displacement(path, reference.geometry), u, atol=1e-4)
     with pytest.raises(InputError, match="differs from the reference grid"):  # still only on its own grid
         read_displacement(path, read_image(paths["reference"]).geometry.transposed([0, 2, 1]))
+
+
+def _nifti(tmp_path, name, array, zooms, affine=None):
+    """``array`` (z, y, x) saved as NIfTI: oriented by ``affine`` (RAS, both codes 1), or without
+    orientation (both codes 0) when there is none."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array.astype(np.float32).transpose(), affine)
+    image.header.set_zooms(zooms)
+    if affine is None:
+        image.set_qform(None, code=0)
+        image.set_sform(None, code=0)
+    path = tmp_path / name
+    nib.save(image, path)
+    return path
+
+
+@pytest.mark.parametrize(("reference_kind", "moving_kind"), [
+    ("without orientation", "oriented, on another grid"),
+    ("without orientation", "without orientation, a central crop"),
+    ("oriented", "without orientation, a central crop"),
+])
+def test_simpleitk_samples_the_moving_image_where_the_package_did_whoever_places_it_by_a_guess(
+        tmp_path, rng, rotation, reference_kind, moving_kind):
+    """A NIfTI without orientation (codes 0) is placed by two guesses: the package's (nibabel's,
+    centred) and ITK's (origin 0). The field held ``u`` in ITK's frame of the reference alone, so
+    where the two tools place the moving image otherwise than the field, SimpleITK's resample
+    through it sampled the moving image elsewhere (a correlation of -0.02 with the aligned CT)."""
+    from napari_unifuse.io import read_image
+    from napari_unifuse.io.fields import itk_placement
+
+    def oriented(array, name):
+        affine = np.eye(4)
+        affine[:3, :3] = rotation((8.0, -5.0, 12.0)) @ np.diag([1.3, 1.1, 1.4])
+        affine[:3, 3] = -affine[:3, :3] @ (np.array(array.shape[::-1]) - 1) / 2 + [3.0, -2.0, 4.0]
+        return _nifti(tmp_path, name, array, (1.3, 1.1, 1.4), affine)
+
+    shape, zooms = (10, 14, 12), (1.5, 1.2, 2.0)  # array order (z, y, x); zooms in nibabel's (x, y, z)
+    reference_array = _smooth(rng, shape, 100.0)
+    reference = read_image(_nifti(tmp_path, "reference.nii.gz", reference_array, zooms)
+                           if reference_kind == "without orientation" else oriented(reference_array, "reference.nii.gz"))
+    whole = _smooth(rng, (16, 20, 18), 100.0) + 200.0
+    moving_path = (oriented(whole, "moving.nii.gz") if moving_kind.startswith("oriented")
+                   else _nifti(tmp_path, "moving.nii.gz", whole[3:-3, 2:-2, 4:-4], zooms))
+    moving = read_image(moving_path)
+    u = np.stack([_smooth(rng, shape, 2.0) for _ in range(3)]).astype(np.float32)
+
+    # The package samples the moving image at world(x + u), a point of its own placement of it.
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float64)
+    world = np.einsum("ij,j...->i...", reference.geometry.index_to_world, np.concatenate([grid + u, grid[:1] ** 0]))
+    at = np.einsum("ij,j...->i...", np.linalg.inv(moving.geometry.index_to_world), world)[:3]
+    ours = map_coordinates(moving.array.astype(np.float64), at, order=1)
+
+    path = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
+                              reference_metadata=reference.metadata, moving_placement=itk_placement(moving))
+    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(moving_path)),
+                                                  sitk.ReadImage(str(reference.source)), transform,
+                                                  sitk.sitkLinear, 0.0))
+    inside = np.all([(at[k] >= 0) & (at[k] <= moving.spatial_shape[k] - 1) for k in range(3)], axis=0)
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-3 * np.abs(ours).max())
+
+
+def test_a_moving_image_placed_alike_leaves_the_field_as_it_was(tmp_path, rng, rotation):
+    """Oriented images (every tool places them alike): the field is ``u`` in the reference's frame,
+    bit for bit, whether the moving image's placement (the identity) is given or not."""
+    shape = (6, 7, 5)
+    geometry = Geometry([1.5, 0.8, 1.1], [10.0, -4.0, 2.5], rotation((10.0, 20.0, -30.0)))
+    u = np.stack([_smooth(rng, shape, 2.0) for _ in range(3)]).astype(np.float32)
+    expected = np.einsum("ij,j...->...i", geometry.index_to_world[:3, :3], u.astype(np.float64))[..., ::-1]
+    for name, placement in (("default.nii.gz", None), ("identity.nii.gz", np.eye(4))):
+        path = write_displacement(u, geometry, tmp_path / name, moving_placement=placement)
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        np.testing.assert_array_equal(written, expected.astype(np.float32))
