@@ -48,7 +48,9 @@ method); the fusion metrics of the fused image vs (reference, label): those of
 reference), ``gain_mov`` (over the reference's SSIM to the label) and ``gain_min`` (the smaller;
 0 for a copy), Chen–Blum ``Q_CB`` and Han's ``VIF_F``; ``bone_retention``, the mean fused
 intensity where the label is bone (> 0.8), for CT moving images only (Harvard CT-MRI, or a CSV
-moving image that io's normalisation recognises as CT; NaN elsewhere); and seconds per pair. For
+moving image that io's normalisation recognises as CT; NaN elsewhere); and seconds per pair (the
+fusion alone, without ``unifuse fuse``'s quality maps; a run's first pair also pays the libraries'
+one-off start-up, which weighs on the mean of a few pairs only). For
 UniFuse also ``class_accuracy``, whether its global degradation class is the true one (when
 known; the classical pipelines estimate no class), and the restoration check: ``restored_ssim``
 (its restored, aligned output vs the label, as ``ssim``) beside ``warped_input_ssim`` (the
@@ -439,7 +441,8 @@ def engine_scores(engine: FusionEngine, pair: EvaluationPair, reference: np.ndar
     """One engine method's row: its fused and aligned outputs in [0, 1] units; the restoration
     columns for a method that restores; class accuracy for one that estimates the degradation."""
     start = time.perf_counter()
-    result = engine.run_fusion(pair.reference, pair.moving)
+    # No quality maps: nothing here scores them, and they cost a classical pipeline's time many times over.
+    result = engine.run_fusion(pair.reference, pair.moving, quality=False)
     seconds = time.perf_counter() - start
     fused = result.fused.array
     fused = rgb_to_ycbcr(fused)[..., 0] if result.fused.is_rgb else fused
@@ -719,12 +722,13 @@ def refuse_other_methods_checkpoint(checkpoint: str) -> None:
 
 
 def method_option(build: Callable[[], Any]) -> Any:
-    """``build()``, its InputError about the method's name said of ``--methods``, this command's
-    option, not fuse's ``--method``; a checkpoint's own error names the file and stays as it is."""
+    """``build()``, its InputError about the method's name or its checkpoint said of ``--methods``,
+    this command's option, not fuse's ``--method`` or ``--checkpoint``; a checkpoint's own error
+    names the file and stays as it is."""
     try:
         return build()
     except InputError as error:
-        if error.source != "--method":
+        if error.source not in ("--method", "--checkpoint"):
             raise
         raise InputError(error.problem, "--methods") from error
 
@@ -748,7 +752,9 @@ def method_engines(entries: list[str], dimensions: dict[int, str | None], device
             try:
                 method = method_option(lambda: load_method(name, checkpoint=checkpoint or None, spatial_dims=ndim))
             except InputError as error:
-                if pair_name is None or error.source != "--methods":
+                # A refusal of the method's dimensions names the pair; one of its checkpoint does not.
+                of_the_method = error.source == "--methods" and getattr(error.__cause__, "source", None) == "--method"
+                if pair_name is None or not of_the_method:
                     raise
                 raise InputError(f"pair {pair_name}: {error.problem}", error.source) from error
             engines[ndim] = FusionEngine(method, device=device, tile_size=tile_size)

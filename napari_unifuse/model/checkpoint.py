@@ -208,8 +208,9 @@ def checkpoint_method(path_or_name: str | Path) -> str:
 
 def check_method(path: Path, found: str, wanted: str) -> None:
     if found != wanted:
+        # No option named: fuse gives a method by --method, evaluate by --methods NAME=CHECKPOINT.
         raise CheckpointError(f"{path} holds {found} weights, not {wanted} ones; use it with the {found} "
-                              f"method (--method {found}) or pick a {wanted} checkpoint")
+                              f"method or pick a {wanted} checkpoint")
 
 
 def _read(path: Path, device, with_tensors: bool = True) -> tuple[str, Any, dict[str, torch.Tensor]]:

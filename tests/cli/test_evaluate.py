@@ -505,6 +505,19 @@ def test_evaluate_needs_a_checkpoint_or_methods(pairs_csv, tmp_path, capsys):
     assert error.count("unifuse evaluate") == 1
 
 
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ("sitk+max=unifuse-2d-harvard", "error: --methods: sitk+max has no trained weights: give it no checkpoint"),
+    ("bsafusion=mmif-amin-2d-harvard", "mmif-amin-2d-harvard.safetensors holds mmif-amin weights, not bsafusion "
+                                       "ones; use it with the mmif-amin method or pick a bsafusion checkpoint"),
+])
+def test_a_methods_checkpoint_refusal_names_evaluates_own_option(pairs_csv, tmp_path, capsys, entry, expected):
+    """They said "--checkpoint: ... drop --checkpoint" and "(--method mmif-amin)", fuse's options."""
+    assert main(["evaluate", "--pairs", str(pairs_csv[0]), "--methods", entry, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert expected in error and "--checkpoint" not in error and "--method " not in error
+    assert not (tmp_path / "out").exists()
+
 @pytest.mark.parametrize("option, value, minimum", [
     ("--limit", "0", 1), ("--limit", "-2", 1), ("--size", "0", 1), ("--size", "-2", 1),
     ("--split-seed", "-1", 0),  # was a numpy traceback

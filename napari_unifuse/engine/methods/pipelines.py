@@ -72,5 +72,5 @@ def available(registration: str, rule: str) -> bool:
 
 def load(*, checkpoint: str | Path | None, spatial_dims: int, registration: str, rule: str) -> Pipeline:
     if checkpoint is not None:
-        raise InputError(f"{registration}+{rule} has no trained weights; drop --checkpoint", "--checkpoint")
+        raise InputError(f"{registration}+{rule} has no trained weights: give it no checkpoint", "--checkpoint")
     return Pipeline(registration, rule, spatial_dims)
