@@ -77,7 +77,11 @@ class ProbabilityPlot(QWidget):
 
     @property
     def is_single_slice(self) -> bool:
-        return self.probabilities is not None and len(self.probabilities) == 1
+        """One image: a 2D one, or a one-slice volume along any axis (its quality maps score it as one
+        image; a sagittal one repeats its one class estimate along the stored first axis)."""
+        if self.probabilities is None:
+            return False
+        return len(self.probabilities) == 1 or (self.quality is not None and self.quality.slice_axis is None)
 
     @property
     def estimates_degradation(self) -> bool:
@@ -88,7 +92,7 @@ class ProbabilityPlot(QWidget):
     def set_slice(self, index: int) -> None:
         if self.probabilities is None:
             return
-        row = self.row = int(np.clip(index, 0, len(self.probabilities) - 1))
+        row = self.row = 0 if self.is_single_slice else int(np.clip(index, 0, len(self.probabilities) - 1))
         for marker in self.markers:
             marker.set_xdata([row, row])
         values = (", ".join(f"{name} {p:.2f}" for name, p in zip(self.class_names, self.probabilities[row]))

@@ -569,7 +569,8 @@ class UniFuseWorkbench(QWidget):
         if target is None:
             show_info("No slice is flagged by the quality maps.")
             return None
-        self._show_stored_slice(target)
+        if quality.slice_axis is not None:  # one image (a one-slice volume along any axis) is on screen as it is
+            self._show_stored_slice(target)
         problem = quality.dominant_problem(target)
         # The share the flagging map flags, not the slice's largest score (often another map's, as
         # high on every slice): "hallucinated structure, 0.2 % flagged", not "…, 35.5 % flagged".

@@ -19,7 +19,8 @@ be an input of any pair (a DICOM series folder), lie inside one or hold one (``-
 before any work; choose another --out. A batch resumes: a pair whose ``provenance.json``
 records the same inputs (path as given and content), method, checkpoint and settings (tile size,
 modalities, quality maps) is skipped, so rerunning after an interruption only does what is left,
-and ends with ``OUT/summary.json`` (every pair: done, skipped or failed, and why). A pair folder
+and ends with ``OUT/summary.json`` (every pair: done, skipped or failed, and why; with the failures
+of earlier batches into OUT for pairs this one did not run, so that their folders stay marked). A pair folder
 holding results of other inputs, another method or other settings is refused, never silently
 replaced: ``--overwrite`` redoes the pair and first removes every earlier output in its folder.
 No output may replace an input, and an ``--out`` that cannot be created or written to is refused
@@ -75,7 +76,7 @@ from napari_unifuse.engine.outputs import (
     write_json,
 )
 from napari_unifuse.engine.provenance import absolute_as_given, describe_source, utc_timestamp
-from napari_unifuse.engine.report import INDEX_FILE, report_page, write_index
+from napari_unifuse.engine.report import EARLIER_FAILURES, INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
 from napari_unifuse.errors import InputError, UniFuseError
@@ -241,17 +242,30 @@ def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distri
               for status in ("done", "skipped", "failed")}
     out.mkdir(parents=True, exist_ok=True)
     pairs_csv = pairs_csv.resolve()
-    earlier = (read_json_object(out / SUMMARY_FILE) or {}).get("pairs_csv")
+    earlier_summary = read_json_object(out / SUMMARY_FILE) or {}
+    earlier = earlier_summary.get("pairs_csv")
     if earlier is not None and earlier != str(pairs_csv):
         print(f"note: {out / SUMMARY_FILE} described the batch of {earlier}; it now describes this one "
               f"({pairs_csv}); both batches' folders stay in {out}", file=sys.stderr)
     write_json({"created": utc_timestamp(), "pairs_csv": str(pairs_csv), "pairs": len(pairs), **counts,
-                "world_size": job.world_size, "device": str(job.device), "outcomes": outcomes}, out / SUMMARY_FILE,
-               atomic=True)
+                "world_size": job.world_size, "device": str(job.device), "outcomes": outcomes,
+                EARLIER_FAILURES: earlier_failures(earlier_summary, {outcome["name"] for outcome in outcomes})},
+               out / SUMMARY_FILE, atomic=True)
     said = ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "no pairs"
     print(f"unifuse fuse: {said} ({job.world_size} process{'es' if job.world_size > 1 else ''}) "
           f"-> {out / SUMMARY_FILE}")
     return counts["failed"]
+
+
+def earlier_failures(earlier_summary: dict[str, Any], ran: set[str]) -> list[dict[str, Any]]:
+    """The failed outcomes of the summary this batch's replaces (its own and those it carried), for
+    the pairs this batch did not run, each with the ``batch_created`` time of the batch it failed in.
+    One summary per --out, kept current, rather than one file per batch: the QC index still warns that
+    such a pair's folder holds an earlier run's outputs, and a pair this batch ran has a newer word."""
+    recorded = [outcome for key in ("outcomes", EARLIER_FAILURES) if isinstance(earlier_summary.get(key), list)
+                for outcome in earlier_summary[key]]
+    return [{"batch_created": earlier_summary.get("created"), **outcome} for outcome in recorded
+            if isinstance(outcome, dict) and outcome.get("status") == "failed" and outcome.get("name") not in ran]
 
 
 def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, batch: dict[str, int] | None = None,

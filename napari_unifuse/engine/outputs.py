@@ -11,8 +11,9 @@ suspicious slices): float maps in the reference geometry. ``<map ext>`` (``map_e
 spacing), and ``mha`` on a sheared grid (a gantry-tilted CT): NIfTI's qform, which ITK tools read,
 cannot hold a shear and would place them millimetres away from the reference. Everything is first written into a hidden
 staging folder next to the outputs and then renamed into place (a rename within one file system is
-atomic), ``provenance.json`` last: its presence is what marks a pair as finished for
-``unifuse fuse --pairs`` resuming. ``metrics.json`` (given a label's metrics) is staged with them.
+atomic), ``provenance.json`` last: it, with the four outputs written before it (``is_complete``),
+is what marks a pair as finished for ``unifuse fuse --pairs`` resuming; a folder whose outputs were
+since deleted is not finished, and is redone. ``metrics.json`` (given a label's metrics) is staged with them.
 
 A folder is written for one run at a time: every file an earlier run left there under a name this
 package writes (``known_output_names``) goes before the new files move in, so old and new never
@@ -121,7 +122,24 @@ def known_output_names() -> frozenset[str]:
 
 
 def is_complete(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / PROVENANCE_FILE).is_file()
+    """Whether ``out_dir`` holds a finished run: ``provenance.json`` and the outputs written before it."""
+    return not missing_outputs(out_dir)
+
+
+def missing_outputs(out_dir: str | Path) -> list[str]:
+    """The files of ``output_file_names`` that ``out_dir`` lacks, in their order; empty for a finished
+    run. The images' and the field's extensions are those of the files there (a PNG run's
+    ``fused.png``); where none of a kind is left, it is named with ``*`` (``fused.*``). Existence
+    checks only: nothing is read."""
+    folder = Path(out_dir)
+
+    def extension_present(stems: Iterable[str], extensions: Iterable[str]) -> str:
+        return next((extension for stem in stems for extension in extensions
+                     if (folder / f"{stem}.{extension}").is_file()), "*")
+
+    names = output_file_names(extension_present(("fused", "aligned"), IMAGE_EXTENSIONS),
+                              extension_present((DISPLACEMENT_STEM,), MAP_EXTENSIONS))
+    return [name for name in names if not (folder / name).is_file()]
 
 
 def read_provenance(out_dir: str | Path) -> dict[str, Any] | None:
@@ -381,7 +399,8 @@ def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: 
         fused_name: lambda path: write_image(result.fused, path),
         aligned_name: lambda path: write_image(result.aligned, path),
         field_name: lambda path: write_displacement(result.displacement, geometry, path,
-                                                    reference_metadata=result.fused.metadata),
+                                                    reference_metadata=result.fused.metadata,
+                                                    moving_placement=result.moving_itk_placement),
         DEGRADATION_FILE: lambda path: write_json(result.degradation_report(), path),
     }
     quality = result.quality

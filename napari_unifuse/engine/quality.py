@@ -21,7 +21,9 @@ along array axis 0 as the reference stores it (the axis napari scrolls and the p
 plot's), whatever direction it has in the world: axial for an axial series stored slices-first,
 sagittal or coronal for a volume stored another way. The voxel maps themselves do not depend on that order (edges
 are measured in the plane of finest spacing, ``metrics.fidelity.in_plane_axes``); only which slices
-they are summarised over does. A 2D image is one slice.
+they are summarised over does. A 2D image is one slice, and so is a one-slice volume whichever axis
+holds the slice (a sagittal slice stored as x = 1 voxel): the engine fuses it as the 2D image it is
+(``engine.input_checks.model_dimensions``), and its lines along axis 0 are no slices to review.
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ class QualityMaps:
     (units in ``MAP_UNITS``); ``uncertainty_mm`` likewise, or None when it was not computed.
     ``thresholds``: map name → the value above which a voxel is flagged.
     ``slice_scores``: map name → (S,) fraction of each slice's voxels above the threshold
-    (S = number of slices along array axis 0 in 3D, 1 in 2D); ``suspicion``: (S,) the largest of
-    those per slice.
+    (S = number of slices along array axis 0 in 3D, 1 in 2D and for a one-slice volume,
+    ``is_one_image``); ``suspicion``: (S,) the largest of those per slice.
     ``flag_level``: the suspicion above which a slice is listed as suspicious.
     ``definitions``: map name → a one-line definition, recorded in provenance and the report.
     ``seconds``: wall time per part (maps, uncertainty), for provenance and the overhead bench.
@@ -124,6 +126,12 @@ class QualityMaps:
     @property
     def slice_count(self) -> int:
         return int(self.suspicion.shape[0])
+
+    @property
+    def slice_axis(self) -> int | None:
+        """The array axis the slices are taken along (0), as annotations record it: not a world
+        direction; None for one image (a 2D image or a one-slice volume)."""
+        return None if is_one_image(self.invented.shape) else 0
 
     def maps(self) -> dict[str, np.ndarray]:
         """Map name → voxel array, the uncertainty only when it was computed."""
@@ -205,8 +213,7 @@ class QualityMaps:
             "maps": summary,
             "thresholds": dict(self.thresholds),
             "flag_level": self.flag_level,
-            # The array axis the slices are taken along, as annotations record it: not a world direction.
-            "slice_axis": 0 if self.invented.ndim == 3 else None,
+            "slice_axis": self.slice_axis,
             "per_slice": {name: np.asarray(scores, dtype=float).round(6).tolist()
                           for name, scores in self.slice_scores.items()},
             "suspicion": np.asarray(self.suspicion, dtype=float).round(6).tolist(),
@@ -246,10 +253,17 @@ def quality_maps(
     return QualityMaps.from_maps(maps, thresholds, definitions=definitions, seconds=seconds)
 
 
+def is_one_image(shape: Sequence[int]) -> bool:
+    """Whether maps of ``shape`` are scored as one image: a 2D one, or a volume with a side of one
+    voxel along any axis (a one-slice volume; the module docstring says why)."""
+    return len(shape) == 2 or 1 in shape
+
+
 def _flagged_fraction_per_slice(array: np.ndarray, threshold: float) -> np.ndarray:
-    """(S,) fraction of the voxels above ``threshold`` in each slice along array axis 0; a 2D array is one slice."""
+    """(S,) fraction of the voxels above ``threshold`` in each slice along array axis 0; one image
+    (``is_one_image``) is one slice."""
     flagged = array > threshold
-    if flagged.ndim == 2:
+    if is_one_image(flagged.shape):
         return np.array([flagged.mean()], dtype=np.float32)
     return flagged.reshape(flagged.shape[0], -1).mean(axis=1).astype(np.float32)
 

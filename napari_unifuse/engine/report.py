@@ -8,9 +8,11 @@ matplotlib's Agg canvas (no display, no pyplot state) and embedded as base64 PNG
 mailed or archived on its own.
 
 ``write_index`` puts ``index.html`` into a cohort folder: one row per finished run (a folder holding
-``provenance.json``), most suspicious first by the largest per-slice suspicion in its
-``quality.json``, linking the run's report; below them each batch's size and outcome counts (its
-``summary.json``), its failed pairs with their errors, and the unfinished run folders. A pair that
+``provenance.json`` and the outputs written before it), most suspicious first by the largest
+per-slice suspicion in its ``quality.json``, linking the run's report; below them each batch's size
+and outcome counts (its ``summary.json``), its failed pairs with their errors (those of earlier
+batches into the folder too), and the unfinished run folders (those whose outputs were deleted named
+with what they lack). A pair that
 failed in a batch wrote nothing: a run its folder still holds is an earlier one's, and its row says so.
 """
 
@@ -50,6 +52,7 @@ from napari_unifuse.engine.outputs import (
     QUALITY_FILE,
     REPORT_FILE,
     cannot_write_there,
+    missing_outputs,
     read_json_object,
     write_text_atomically,
 )
@@ -65,11 +68,14 @@ from napari_unifuse.engine.quality import (
     QualityMaps,
 )
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.io import Geometry, ImageVolume
+from napari_unifuse.io import ImageVolume
 
 INDEX_FILE = "index.html"
 # cli.fuse's SUMMARY_FILE (the engine does not import the command line): a batch's pairs and outcomes.
 BATCH_SUMMARY_FILE = "summary.json"
+# Its list of the failed outcomes of earlier batches into the same folder, for pairs it did not run,
+# each with its batch's "batch_created" time (cli.fuse.earlier_failures).
+EARLIER_FAILURES = "earlier_failures"
 # What a run writes besides provenance.json: a folder holding one without it is an unfinished run.
 _RUN_OUTPUT_FILES = frozenset({DEGRADATION_FILE, DISPLACEMENT_FILE, QUALITY_FILE, METRICS_FILE, REPORT_FILE})
 KEY_SLICES = 3
@@ -149,7 +155,7 @@ def report_page(
         "key-slices": _key_slices_section(result),
         "metrics": _metrics_section(result, metrics or {}),
         "degradation": _degradation_section(result),
-        "uncertainty": _uncertainty_section(result.quality, result.fused.geometry),
+        "uncertainty": _uncertainty_section(result.quality, result.fused),
         "annotations": _annotations_section(annotations, result.fused.ndim, skipped, reference, moving),
         "provenance": f"<pre>{html.escape(json.dumps(result.provenance, indent=2, default=str), quote=False)}</pre>",
     }
@@ -178,8 +184,7 @@ def write_index(runs_dir: str | os.PathLike,
     for folder, error in unreadable:
         if on_unreadable is not None:
             on_unreadable(folder, error)
-    # Runs without quality maps cannot be ranked: they go last, by name.
-    rows.sort(key=lambda row: (row.max_suspicion is None, -(row.max_suspicion or 0.0), row.relative))
+    rows.sort(key=_IndexRow.rank)
     lines = []
     for row in rows:
         shown = html.escape(_readable(row.relative))
@@ -188,9 +193,9 @@ def write_index(runs_dir: str | os.PathLike,
                 else f"{shown} <span class=note>(no report: run <code>unifuse fuse --report --overwrite</code>)</span>")
         failed_since = stale.get(Path(os.path.realpath(row.run)))
         if failed_since is not None:
-            summary = (Path(failed_since.batch) / BATCH_SUMMARY_FILE).as_posix()
-            link += (f" <span class=flag>(failed in the batch of {html.escape(_readable(summary))}: these are an "
-                     "earlier run's outputs, maybe not of the pair's current inputs)</span>")
+            batch = html.escape(_readable(failed_since.named_batch()))
+            link += (f" <span class=flag>(failed in the batch of {batch}: these are an earlier run's outputs, "
+                     "maybe not of the pair's current inputs)</span>")
         lines.append(f"<tr><td>{link}</td><td>{html.escape(row.inputs)}</td><td>{html.escape(row.suspicion)}</td>"
                      f"<td>{html.escape(row.flagged)}</td><td>{html.escape(row.problems)}</td>"
                      f"<td>{html.escape(row.created)}</td></tr>")
@@ -254,15 +259,15 @@ def _inputs_section(reference: ImageVolume, moving: ImageVolume, result: FusionR
     figure = Figure(figsize=(3.2 * len(images), 3.4))
     for position, (title, volume) in enumerate(images, start=1):
         axes = figure.add_subplot(1, len(images), position)
-        middle = volume.spatial_shape[0] // 2 if volume.ndim == 3 else 0
-        _show_slice(axes, _display_values(volume), volume, middle)
-        axes.set_title(f"{title}{f', slice {middle}' if volume.ndim == 3 else ''}", fontsize=9)
+        _show_slice(axes, _display_values(volume), volume, _middle_slice(volume))
+        axes.set_title(f"{title}{_where_drawn(volume, ', slice ')}", fontsize=9)
         axes.axis("off")
     rows = "".join(f"<tr><td>{role}</td><td>{html.escape(str(volume.source or 'in memory'))}</td>"
                    f"<td>{volume.array.shape}</td><td>{' × '.join(f'{s:.3g}' for s in volume.geometry.spacing)}</td>"
                    "</tr>" for role, volume in (("reference", reference), ("moving", moving)))
+    shown = ", ".join(f"{title}{_where_drawn(volume, ' at slice ')}" for title, volume in images)
     return (f"<table><tr><th>input</th><th>source</th><th>shape</th><th>spacing (mm)</th></tr>{rows}</table>\n"
-            f"{_png(figure)}")
+            f"{_png(figure, f'The inputs and results side by side: {shown}')}")
 
 
 def _key_slices_section(result: FusionResult) -> str:
@@ -275,7 +280,8 @@ def _key_slices_section(result: FusionResult) -> str:
     shown_fused, fused_grey = _display_values(fused), display_grey(fused)
     flagged = quality.suspicious_slices()
     parts = [f"<p>Overlays over the fused image (its luma), where each map exceeds its threshold: {legend}; "
-             "the alignment uncertainty in a panel of its own, as it often covers most of a slice. "
+             "where maps overlap their colours blend into a mixed hue (the shares under each figure say how much "
+             "each map flags); the alignment uncertainty in a panel of its own, as it often covers most of a slice. "
              + (f"The slices the quality maps flag come first ({len(flagged)} flagged), then the most suspicious "
                 "others. " if quality.slice_count > 1 else "")
              + f"Suspicion: the largest fraction of the slice one map flags; a slice is flagged when a map "
@@ -286,6 +292,8 @@ def _key_slices_section(result: FusionResult) -> str:
     overlay_panels = [("flagged: structure and restoration", fidelity)]
     if quality.uncertainty_mm is not None:
         overlay_panels.append(("flagged: alignment uncertainty", [UNCERTAINTY]))
+    panels_shown = "; ".join(f"with {', '.join(MAP_LABELS[name] for name in names)} overlaid where above threshold"
+                             for _, names in overlay_panels)
     for index in quality.key_slices(KEY_SLICES if quality.slice_count > 1 else 1):
         figure = Figure(figsize=(3.2 * (1 + len(overlay_panels)), 3.4))
         plain = figure.add_subplot(1, 1 + len(overlay_panels), 1)
@@ -295,14 +303,16 @@ def _key_slices_section(result: FusionResult) -> str:
             overlaid = figure.add_subplot(1, 1 + len(overlay_panels), position)
             _show_slice(overlaid, fused_grey, fused, index)
             for name in names:
-                mask = slice_of(quality.maps()[name], 0 if fused.ndim == 3 else None, index) > quality.thresholds[name]
+                mask = _plane(quality.maps()[name], fused, index) > quality.thresholds[name]
                 overlaid.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap([OVERLAY_COLOURS[name]]),
                                 alpha=0.55, interpolation="nearest", aspect=_pixel_aspect(fused))
             overlaid.set_title(title, fontsize=9)
         scores = ", ".join(f"{MAP_LABELS[name]} {100 * float(values[index]):.2f} %"
                            for name, values in quality.slice_scores.items())
+        subject = f"Slice {index} of the fused image" if quality.slice_count > 1 else "The fused image"
+        drawn = f"{subject}: plain; {panels_shown}"
         parts.append(f"<h3>{_slice_heading(quality, index)}</h3><p class=note>Share of the slice each map flags: "
-                     f"{scores}; suspicion {100 * float(quality.suspicion[index]):.2f} %.</p>{_png(figure)}")
+                     f"{scores}; suspicion {100 * float(quality.suspicion[index]):.2f} %.</p>{_png(figure, drawn)}")
     return "\n".join(parts)
 
 
@@ -343,6 +353,8 @@ def _degradation_section(result: FusionResult) -> str:
         named = f"The method {html.escape(str(method))}" if method else "This method"
         return f"<p class=note>{named} estimates no degradation: there is no degradation estimate to show.</p>"
     probabilities = np.asarray(result.slice_class_probs, dtype=float)
+    if not _has_slices(result.fused):  # a one-slice volume's rows (one per z slice) repeat its one estimate
+        probabilities = probabilities[:1]
     names = list(result.class_names)
     figure = Figure(figsize=(9, 3.2))
     axes = figure.add_subplot(1, 1, 1)
@@ -361,10 +373,13 @@ def _degradation_section(result: FusionResult) -> str:
     axes.set_ylim(0, 1)
     axes.set_ylabel("probability")
     globals_ = ", ".join(f"{name} {p:.2f}" for name, p in result.class_probs.items())
-    return f"<p>Predicted: <b>{html.escape(result.predicted_class)}</b> ({globals_}).</p>{_png(figure)}"
+    drawn = ("Degradation class probabilities per slice"
+             + (" with the suspicion of each slice as grey bars" if result.quality is not None else "")
+             if probabilities.shape[0] > 1 else "Degradation class probabilities of the image")
+    return f"<p>Predicted: <b>{html.escape(result.predicted_class)}</b> ({globals_}).</p>{_png(figure, drawn)}"
 
 
-def _uncertainty_section(quality: QualityMaps | None, geometry: Geometry) -> str:
+def _uncertainty_section(quality: QualityMaps | None, fused: ImageVolume) -> str:
     if quality is None or quality.uncertainty_mm is None:
         return "<p class=note>The alignment uncertainty was not computed for this run.</p>"
     values = quality.uncertainty_mm
@@ -378,14 +393,16 @@ def _uncertainty_section(quality: QualityMaps | None, geometry: Geometry) -> str
     histogram.set_xlabel("spread of the displacement (mm)")
     histogram.legend(fontsize=8)
     view = figure.add_subplot(1, 2, 2)
-    shown = view.imshow(slice_of(values, 0 if values.ndim == 3 else None, worst), cmap="magma",
-                        aspect=_pixel_aspect(geometry))
+    shown = view.imshow(_plane(values, fused, worst), cmap="magma", aspect=_pixel_aspect(fused))
     figure.colorbar(shown, ax=view, label="mm")
-    view.set_title(f"slice {worst}" if values.ndim == 3 else "uncertainty", fontsize=9)
+    view.set_title(f"slice {worst}" if quality.slice_count > 1 else "uncertainty", fontsize=9)
     view.axis("off")
+    drawn = ("Histogram of the alignment uncertainty with its threshold, and its map "
+             + (f"at slice {worst}, the slice it flags most" if quality.slice_count > 1 else "over the image"))
     return (f"<p>Median {median:.2f} mm, 95th percentile {p95:.2f} mm, maximum {values.max():.2f} mm; "
             f"{100 * float(np.mean(values > threshold)):.2f} % of voxels above {threshold:.2f} mm. "
-            f"<span class=note>{html.escape(quality.definitions.get(UNCERTAINTY, ''))}</span></p>{_png(figure)}")
+            f"<span class=note>{html.escape(quality.definitions.get(UNCERTAINTY, ''))}</span></p>"
+            f"{_png(figure, drawn)}")
 
 
 def _annotations_section(annotations: Sequence[Annotation], volume_ndim: int, skipped: Sequence[SkippedLine],
@@ -426,18 +443,45 @@ def _display_values(volume: ImageVolume) -> np.ndarray:
     return np.clip(np.nan_to_num(values.astype(np.float32)), 0.0, 1.0)  # results are RGB in [0, 1]
 
 
+def _has_slices(volume: ImageVolume) -> bool:
+    """Whether ``volume`` is drawn slice by slice along array axis 0: not a 2D image nor a one-slice
+    volume, which are the image (its slice along any axis)."""
+    return volume.ndim == 3 and volume.single_slice_axis is None
+
+
+def _middle_slice(volume: ImageVolume) -> int:
+    return volume.spatial_shape[0] // 2 if _has_slices(volume) else 0
+
+
+def _where_drawn(volume: ImageVolume, before: str) -> str:
+    """``before`` and the middle slice drawn of a volume with slices; nothing for one image."""
+    return f"{before}{_middle_slice(volume)}" if _has_slices(volume) else ""
+
+
+def _plane(values: np.ndarray, volume: ImageVolume, index: int) -> np.ndarray:
+    """The 2D image drawn of ``values`` (an array on ``volume``'s grid, RGB channels last): slice
+    ``index`` along array axis 0, or the image itself for a 2D image or a one-slice volume (whose
+    slices along axis 0 would be one-voxel lines)."""
+    axis = volume.single_slice_axis
+    if axis is not None:
+        return np.take(values, 0, axis=axis)
+    return slice_of(values, 0 if volume.ndim == 3 else None, index)
+
+
 def _show_slice(axes: Any, values: np.ndarray, volume: ImageVolume, index: int) -> None:
-    """Draw slice ``index`` along array axis 0 of ``values`` (``_display_values`` or grey of ``volume``) in mm."""
-    plane = slice_of(values, 0 if volume.ndim == 3 else None, index)
+    """Draw ``_plane`` ``index`` of ``values`` (``_display_values`` or grey of ``volume``) in mm."""
+    plane = _plane(values, volume, index)
     grey = {} if plane.ndim == 3 else {"cmap": "gray", "vmin": 0, "vmax": 1}
     axes.imshow(plane, aspect=_pixel_aspect(volume), interpolation="nearest", **grey)
     axes.axis("off")
 
 
-def _pixel_aspect(volume: ImageVolume | Geometry) -> float:
-    """A pixel's height over its width on screen, from the in-plane spacing (rows, columns): drawn
-    in mm, as napari draws it, not as square pixels."""
-    spacing = (volume.geometry if isinstance(volume, ImageVolume) else volume).spacing
+def _pixel_aspect(volume: ImageVolume) -> float:
+    """A pixel's height over its width on screen, from the spacing of ``_plane``'s rows and columns:
+    drawn in mm, as napari draws it, not as square pixels."""
+    spacing = volume.geometry.spacing
+    if volume.single_slice_axis is not None:
+        spacing = np.delete(spacing, volume.single_slice_axis)
     return float(spacing[-2]) / float(spacing[-1])
 
 
@@ -452,13 +496,14 @@ def _input_names(reference: ImageVolume, moving: ImageVolume, provenance: Mappin
     return " + ".join(names)
 
 
-def _png(figure: Figure) -> str:
-    """``figure`` as an embedded PNG ``<img>``."""
+def _png(figure: Figure, alt: str) -> str:
+    """``figure`` as an embedded PNG ``<img>``, ``alt`` saying what it shows (for screen readers and
+    a page whose images are blocked)."""
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="figure" src="data:image/png;base64,{encoded}">'
+    return f'<img alt="{html.escape(alt, quote=True)}." src="data:image/png;base64,{encoded}">'
 
 
 def _number(value: Any) -> str:
@@ -472,8 +517,9 @@ def _number(value: Any) -> str:
 class _CohortFolders:
     """What ``write_index`` found below a runs folder."""
 
-    runs: list[Path]  # finished runs: folders holding provenance.json
-    unfinished: list[Path]  # run folders without it: interrupted (killed) or still running
+    runs: list[Path]  # finished runs: folders holding provenance.json and the outputs written before it
+    unfinished: list[Path]  # run folders without them: interrupted (killed), still running or outputs deleted
+    missing: dict[Path, list[str]]  # the unfinished folders holding provenance.json → the outputs they lack
     summaries: list[Path]  # batches' summary.json: their pairs, failed ones included
 
 
@@ -483,15 +529,21 @@ def _cohort_folders(runs_dir: Path, unreadable: list[tuple[Path, OSError]]) -> _
     cannot be listed are added to ``unreadable`` with why."""
     runs: list[Path] = []
     unfinished: list[Path] = []
+    missing: dict[Path, list[str]] = {}
     summaries: list[Path] = []
     for folder in walk_runs_tree(runs_dir, lambda path, error: unreadable.append((path, error))):
         if PROVENANCE_FILE in folder.files:
-            runs.append(folder.path)
+            lacking = missing_outputs(folder.path)
+            if lacking:  # a run whose outputs were deleted since: resuming redoes it, so it is not done
+                unfinished.append(folder.path)
+                missing[folder.path] = lacking
+            else:
+                runs.append(folder.path)
         elif folder.path != runs_dir and _is_unfinished_run(folder.files, folder.subfolders, folder.staging):
             unfinished.append(folder.path)
         if BATCH_SUMMARY_FILE in folder.files:
             summaries.append(folder.path / BATCH_SUMMARY_FILE)
-    return _CohortFolders(sorted(runs), sorted(unfinished), sorted(summaries))
+    return _CohortFolders(sorted(runs), sorted(unfinished), missing, sorted(summaries))
 
 
 def _is_unfinished_run(files: Sequence[str], subfolders: Sequence[str], staging: Sequence[str]) -> bool:
@@ -511,6 +563,12 @@ class _FailedPair:
     folder: Path  # the pair's output folder, symbolic links resolved
     run: Path | None  # the finished run its folder holds, as the index lists it
     run_is_later: bool  # that run finished after the batch (a single run there since), not before it
+    earlier_batch: str | None  # when the earlier batch it failed in was made, carried into this summary
+
+    def named_batch(self) -> str:
+        """The batch it failed in: its folder's summary.json, and for a carried failure which batch."""
+        summary = (Path(self.batch) / BATCH_SUMMARY_FILE).as_posix()
+        return summary if self.earlier_batch is None else f"{summary} (an earlier batch, of {self.earlier_batch})"
 
 
 def _failed_pairs(cohort: _CohortFolders, runs_dir: Path) -> list[_FailedPair]:
@@ -519,18 +577,22 @@ def _failed_pairs(cohort: _CohortFolders, runs_dir: Path) -> list[_FailedPair]:
     runs = {Path(os.path.realpath(run)): run for run in cohort.runs}
     failed = []
     for path in cohort.summaries:
-        summary = read_json_object(path)
-        outcomes = _mapping(summary).get("outcomes")
-        for outcome in outcomes if isinstance(outcomes, list) else []:
+        summary = _mapping(read_json_object(path))
+        # This batch's outcomes, then the failures of earlier batches into the folder it carries.
+        recorded: list[tuple[Any, str | None]] = [(outcome, None) for outcome in _listed(summary.get("outcomes"))]
+        recorded += [(outcome, str(_mapping(outcome).get("batch_created")))
+                     for outcome in _listed(summary.get(EARLIER_FAILURES))]
+        for outcome, earlier_batch in recorded:
             outcome = _mapping(outcome)
             if outcome.get("status") != "failed":
                 continue
             name = str(outcome.get("name", "?"))
             folder = Path(os.path.realpath(path.parent / name))  # cli.fuse writes a pair to <out>/<name>
             run = runs.get(folder)
+            batch_created = summary.get("created") if earlier_batch is None else earlier_batch
             failed.append(_FailedPair(path.parent.relative_to(runs_dir).as_posix(), name,
                                       str(outcome.get("error", "")), folder, run,
-                                      run is not None and _finished_later(run, _mapping(summary).get("created"))))
+                                      run is not None and _finished_later(run, batch_created), earlier_batch))
     return failed
 
 
@@ -556,11 +618,15 @@ def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path, failed: Sequ
             continue
         counts = ", ".join(f"{summary.get(status, '?')} {status}" for status in ("done", "skipped", "failed"))
         pairs = summary.get("pairs", "?")
+        carried = len(_listed(summary.get(EARLIER_FAILURES)))
+        counts += f"; {carried} failed in earlier batches into this folder" if carried else ""
         batches.append(f"<li>{where}: {html.escape(str(pairs))} pair{'' if pairs == 1 else 's'}, {html.escape(counts)} "
                        f"<span class=note>({BATCH_SUMMARY_FILE}, {html.escape(str(summary.get('created', '')))})"
                        "</span></li>")
     failed_rows = "".join(
-        f"<tr><td>{html.escape(_readable(pair.batch))}</td><td>{html.escape(pair.name)}</td>"
+        f"<tr><td>{html.escape(_readable(pair.batch))}"
+        f"{f' (earlier batch, of {html.escape(pair.earlier_batch)})' if pair.earlier_batch else ''}</td>"
+        f"<td>{html.escape(pair.name)}</td>"
         f"<td>{html.escape(pair.error)}</td><td>{_outputs_of(pair, runs_dir)}</td></tr>" for pair in failed)
     parts = []
     if batches:
@@ -570,11 +636,20 @@ def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path, failed: Sequ
                      "<table><tr><th>batch</th><th>pair</th><th>error</th><th>outputs in its folder</th></tr>"
                      f"{failed_rows}</table>")
     if cohort.unfinished:
-        listed = "".join(f"<li>{html.escape(_readable(folder.relative_to(runs_dir).as_posix()))}</li>"
-                         for folder in cohort.unfinished)
+        listed = "".join(f"<li>{html.escape(_readable(folder.relative_to(runs_dir).as_posix()))}"
+                         f"{_lacking(cohort.missing.get(folder))}</li>" for folder in cohort.unfinished)
         parts.append(f"<h2 class=flag>Unfinished run folders</h2><p class=note>No {PROVENANCE_FILE}: the run was "
-                     f"interrupted (or is still running); its pair is not done.</p><ul>{listed}</ul>")
+                     f"interrupted (or is still running); or outputs missing beside it: deleted since. Either way "
+                     f"its pair is not done, and rerunning the batch redoes it.</p><ul>{listed}</ul>")
     return "\n" + "\n".join(parts) if parts else ""
+
+
+def _lacking(missing: Sequence[str] | None) -> str:
+    """What an incomplete run folder lacks, as its entry in the unfinished list says it."""
+    if not missing:
+        return ""
+    return (f" <span class=flag>(incomplete: {PROVENANCE_FILE} is there but {html.escape(', '.join(missing))} "
+            f"{'is' if len(missing) == 1 else 'are'} missing)</span>")
 
 
 def _outputs_of(pair: _FailedPair, runs_dir: Path) -> str:
@@ -606,6 +681,15 @@ class _IndexRow:
     problems: str
     inputs: str
     created: str
+    quality_missing: bool = False  # the run made quality maps (its provenance says) but quality.json is gone
+
+    def rank(self) -> tuple[int, float, str]:
+        """The row's place, most suspicious first. A run whose quality.json is missing though it made
+        quality maps comes first of all: its suspicion is unknown, not low, so a reviewer must look at
+        it rather than find it last among the runs without maps. Then the ranked runs by suspicion; then
+        those that cannot be ranked (no maps, or a damaged quality.json); ties by name."""
+        group = 0 if self.quality_missing else 1 if self.max_suspicion is not None else 2
+        return group, -(self.max_suspicion or 0.0), self.relative
 
     @classmethod
     def of(cls, run: Path, runs_dir: Path) -> _IndexRow:
@@ -619,8 +703,12 @@ class _IndexRow:
             inputs = f"{PROVENANCE_FILE} unreadable"
         created = str(_mapping(provenance).get("created", ""))
         if quality is None:
-            state = f"{QUALITY_FILE} unreadable" if (run / QUALITY_FILE).exists() else "no quality maps"
-            return cls(run, relative, None, "n/a", state, "", inputs, created)
+            damaged = (run / QUALITY_FILE).exists()
+            made_maps = _mapping(_mapping(provenance).get("requested_settings")).get("quality") is True
+            quality_missing = made_maps and not damaged
+            state = (f"{QUALITY_FILE} unreadable" if damaged
+                     else f"{QUALITY_FILE} missing" if quality_missing else "no quality maps")
+            return cls(run, relative, None, "n/a", state, "", inputs, created, quality_missing)
         largest = quality.get("max_suspicion")
         max_suspicion = float(largest) if isinstance(largest, (int, float)) and np.isfinite(largest) else None
         suspicious, per_slice = quality.get("suspicious_slices"), quality.get("suspicion")
@@ -634,6 +722,11 @@ class _IndexRow:
         problems = ", ".join(sorted(named))
         suspicion = f"{100 * max_suspicion:.2f} %" if max_suspicion is not None else "n/a"
         return cls(run, relative, max_suspicion, suspicion, flagged, problems, inputs, created)
+
+
+def _listed(value: Any) -> list[Any]:
+    """``value`` when it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

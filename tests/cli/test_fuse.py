@@ -498,6 +498,50 @@ def test_batch_redoes_a_pair_interrupted_before_its_provenance(data, tmp_path, c
     assert (tmp_path / "pet7" / "provenance.json").is_file()
 
 
+def test_batch_redoes_a_pair_whose_outputs_were_deleted_and_keeps_the_users_files(data, tmp_path, capsys):
+    """Its provenance.json alone made a pair whose fused and aligned images were deleted "already done"."""
+    root = data["root"]
+    pairs = root / "one_pair.csv"
+    pairs.write_text("reference,moving\nmri.png,pet7.png\n")
+    argv = ("--pairs", pairs, "--out", tmp_path, "--checkpoint", data["checkpoints"][2], "--device", "cpu")
+    assert fuse(*argv) == 0
+    for image in ("fused.png", "aligned.png"):
+        (tmp_path / "pet7" / image).unlink()
+    (tmp_path / "pet7" / "notes.txt").write_text("the reviewer's own file")
+    capsys.readouterr()
+
+    assert fuse(*argv) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert {path.name for path in (tmp_path / "pet7").iterdir()} == OUTPUTS_PNG | {"notes.txt"}
+    assert (tmp_path / "pet7" / "notes.txt").read_text() == "the reviewer's own file"
+
+
+def test_a_second_batch_into_one_out_keeps_the_failures_of_pairs_it_did_not_run(tmp_path, capsys):
+    """Its summary.json replaced, an earlier batch's failed pair vanished from the index, its folder's
+    stale outputs listed as an ordinary run; a pair the new batch runs has the newer word."""
+    job = type("Job", (), {"world_size": 1, "device": "cpu"})()
+    earlier = [{"name": "a", "status": "failed", "error": "a: a different moving image"},
+               {"name": "b", "status": "failed", "error": "b: unreadable"},
+               {"name": "c", "status": "done"}]
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "created": "2026-12-03T10:00:00+00:00", "pairs": 3, "outcomes": earlier,
+        "earlier_failures": [{"name": "z", "status": "failed", "error": "z: gone",
+                              "batch_created": "2026-12-01T10:00:00+00:00"}]}), encoding="utf-8")
+    pairs = [fuse_module.Pair(Path("ref.png"), Path(f"{name}.png")) for name in ("b", "d")]
+    outcomes = [{"name": "b", "status": "done"}, {"name": "d", "status": "failed", "error": "d: unreadable"}]
+
+    assert fuse_module.write_summary(outcomes, pairs, job, tmp_path, tmp_path / "batch2.csv") == 1
+
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert [(outcome["name"], outcome["status"]) for outcome in summary["outcomes"]] == [("b", "done"),
+                                                                                         ("d", "failed")]
+    assert summary["earlier_failures"] == [
+        {"batch_created": "2026-12-03T10:00:00+00:00", "name": "a", "status": "failed",
+         "error": "a: a different moving image"},
+        {"batch_created": "2026-12-01T10:00:00+00:00", "name": "z", "status": "failed", "error": "z: gone"}]
+    assert summary["failed"] == 1  # this batch's own counts
+
+
 @pytest.mark.parametrize(
     ("reference", "moving", "dims", "message"),
     [

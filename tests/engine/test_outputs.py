@@ -23,7 +23,9 @@ from napari_unifuse.engine.outputs import (
     REPORT_FILE,
     STAGING_PREFIX,
     FolderBusyError,
+    is_complete,
     known_output_names,
+    missing_outputs,
     output_file_names,
     output_folder_lock,
     quality_file_names,
@@ -69,6 +71,22 @@ def test_a_rewrite_removes_every_earlier_output_and_keeps_other_files(pair, tmp_
     assert set(written) == set(output_file_names("png"))
     assert {path.name for path in run.iterdir()} == {*output_file_names("png"), "notes.txt"}
     assert (run / "notes.txt").read_text(encoding="utf-8") == "a reviewer's notes"
+
+
+def test_a_run_whose_outputs_were_deleted_since_is_not_complete_and_says_what_it_lacks(pair, tmp_path):
+    """Its provenance.json alone made a folder whose fused and aligned images were deleted "done"."""
+    run = tmp_path / "run"
+    write_fusion_outputs(fused(pair, quality=False), run)
+    assert is_complete(run) and missing_outputs(run) == []
+    (run / "fused.png").unlink()
+    assert not is_complete(run)
+    assert missing_outputs(run) == ["fused.png"]  # the extension of the aligned image still there
+    (run / "aligned.png").unlink()
+    (run / "degradation.json").unlink()
+    # No image left to tell the extension by:
+    assert missing_outputs(run) == ["fused.*", "aligned.*", "degradation.json"]
+    (run / PROVENANCE_FILE).unlink()
+    assert missing_outputs(run)[-1] == PROVENANCE_FILE
 
 
 def test_the_staging_folder_of_a_write_killed_midway_goes_with_the_next_write(pair, tmp_path):

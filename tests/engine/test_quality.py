@@ -93,6 +93,20 @@ def test_a_2d_image_is_one_slice_and_uncertainty_is_optional():
     assert quality.dominant_problem(0) == "restoration change"
 
 
+@pytest.mark.parametrize("shape", [(20, 20, 1), (20, 1, 20), (1, 20, 20)], ids=["sagittal", "coronal", "axial"])
+def test_a_one_slice_volume_is_one_image_whichever_axis_holds_the_slice(shape):
+    """Stored as x = 1 voxel, a sagittal slice was scored as 20 one-voxel lines along axis 0, none
+    flagged, though 6 % of the image was lost structure."""
+    maps = volume_maps(shape)
+    plane = maps[LOST].reshape(20, 20)  # a view of the one slice, whichever axis holds it
+    plane[:2, :10] = 1.0  # 5 % of the image: a tenth of the few lines it lies in
+    quality = QualityMaps.from_maps(maps, THRESHOLDS)
+    assert quality.slice_count == 1 and quality.slice_axis is None
+    assert quality.slice_scores[LOST].tolist() == [pytest.approx(0.05)]
+    assert quality.suspicious_slices() == [0] and quality.flagged_by(0) == [LOST]
+    assert quality.to_dict()["slice_axis"] is None
+
+
 def test_summary_is_json_with_no_voxel_arrays():
     maps = volume_maps()
     maps[INVENTED][3, 0, 0:10] = 1.0

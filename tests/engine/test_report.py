@@ -19,9 +19,10 @@ from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import write_fusion_outputs
 from napari_unifuse.engine.provenance import sha256_of_array
-from napari_unifuse.engine.quality import INVENTED, UNCERTAINTY, quality_maps
+from napari_unifuse.engine.quality import INVENTED, UNCERTAINTY, QualityMaps, quality_maps
 from napari_unifuse.engine.report import (
     BATCH_SUMMARY_FILE,
+    EARLIER_FAILURES,
     INDEX_FILE,
     OVERLAY_COLOURS,
     REPORT_FILE,
@@ -124,6 +125,58 @@ def test_a_one_slice_volume_is_the_image_throughout(tmp_path):
     assert "<span class=flag>The image is flagged</span> (hallucinated structure)." in page
     assert "<h3>The image: flagged for hallucinated structure" in page
     assert "Slice 0" not in page and "1 of 1" not in page
+
+
+def one_slice_result(slice_axis: int) -> FusionResult:
+    """``constructed_result``'s one-slice volume with its slice along ``slice_axis`` (2: a sagittal
+    slice stored as x = 1 voxel), spacing 1 × 1 mm in plane and 2 mm across; its class rows repeat
+    per slice along axis 0, as the engine puts a one-slice result back on its grid."""
+    flat = constructed_result(blob_radius=4, defect_slice=0, slices=1)
+
+    def along(array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(array, 0, slice_axis))
+
+    spacing = np.insert([1.0, 1.0], slice_axis, 2.0)
+    geometry = Geometry(tuple(spacing), (0.0, 0.0, 0.0), np.eye(3))
+    quality = flat.quality
+    shape = along(flat.fused.array).shape
+    return FusionResult(
+        fused=ImageVolume(along(flat.fused.array), geometry),
+        aligned=ImageVolume(along(flat.aligned.array), geometry),
+        displacement=np.zeros((3, *shape), np.float32), class_names=flat.class_names, class_probs=flat.class_probs,
+        slice_class_probs=np.repeat(flat.slice_class_probs[:1], shape[0], axis=0), output_extension="nii.gz",
+        provenance=flat.provenance,
+        quality=QualityMaps.from_maps({name: along(array) for name, array in quality.maps().items()},
+                                      quality.thresholds, definitions=quality.definitions))
+
+
+@pytest.mark.parametrize("slice_axis", [0, 2], ids=["axial", "sagittal"])
+def test_a_one_slice_volume_is_the_image_whichever_axis_holds_the_slice(tmp_path, drawn_images, slice_axis):
+    """A sagittal slice (x = 1 voxel) was reported as 40 "slices", each a 40 × 1 line, none flagged,
+    where the same slice stored axially was "The image is flagged"."""
+    result = one_slice_result(slice_axis)
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+    assert "<span class=flag>The image is flagged</span> (hallucinated structure)." in page
+    assert "<h3>The image: flagged for hallucinated structure" in page
+    assert "Slice 0" not in page and "of 40" not in page and "slice (z)" not in page
+    assert "Degradation class probabilities of the image." in page  # one estimate, not 40 repeated rows
+    planes = [image for _, image, _ in drawn_images if image.ndim >= 2]
+    assert planes and all(image.shape[:2] == (40, 40) for image in planes)  # the image, never a 1-voxel line
+    assert all(kwargs.get("aspect") == pytest.approx(1.0) for _, _, kwargs in drawn_images if "aspect" in kwargs)
+
+
+def test_every_figure_says_what_it_shows_and_how_overlapping_maps_show(tmp_path):
+    result = constructed_result(blob_radius=4)
+    page = write_report(result, tmp_path, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+    alts = re.findall(r'<img alt="([^"]*)"', page)
+    assert len(alts) == page.count("<img") == 6  # inputs, 3 key slices, degradation, uncertainty
+    assert alts[0] == ("The inputs and results side by side: reference at slice 3, moving (input) at slice 3, "
+                       "aligned + restored at slice 3, fused at slice 3.")
+    assert alts[1] == ("Slice 2 of the fused image: plain; with invented structure, lost structure, restoration change "
+                       "overlaid where above threshold; with alignment uncertainty overlaid where above threshold.")
+    assert alts[4] == "Degradation class probabilities per slice with the suspicion of each slice as grey bars."
+    assert alts[5].startswith("Histogram of the alignment uncertainty with its threshold, and its map at slice ")
+    assert "where maps overlap their colours blend" in section(page, "key-slices")
 
 
 @pytest.fixture
@@ -449,3 +502,64 @@ def test_the_index_counts_one_run_and_one_pair_in_the_singular(tmp_path):
 
     assert "<p>1 finished run, most suspicious first" in page
     assert "batch: 1 pair, 1 done, 0 skipped, 0 failed" in page
+
+
+def test_a_run_whose_outputs_were_deleted_is_listed_unfinished_naming_what_it_lacks(tmp_path):
+    """Its fused and aligned images deleted, a run stayed listed as an ordinary finished run."""
+    cohort = tmp_path / "cohort"
+    for name in ("whole", "emptied"):
+        write_fusion_outputs(constructed_result(blob_radius=4), cohort / name)
+    for image in ("fused.nii.gz", "aligned.nii.gz"):
+        (cohort / "emptied" / image).unlink()
+
+    page = write_index(cohort).read_text(encoding="utf-8")
+
+    finished, _, rest = page.partition("</table>")
+    assert "1 finished run," in finished and "emptied" not in finished
+    unfinished = rest[rest.index("Unfinished run folders"):]
+    assert ("<li>emptied <span class=flag>(incomplete: provenance.json is there but fused.*, aligned.* are "
+            "missing)</span></li>") in unfinished
+
+
+def test_a_missing_quality_json_of_a_run_that_made_maps_is_named_and_ranked_first(tmp_path):
+    """Deleted, it read "no quality maps" and ranked last, like a run that never made them."""
+    cohort = tmp_path / "cohort"
+    for name, made_maps in (("ranked", True), ("lost-maps", True), ("no-maps", False)):
+        result = constructed_result(blob_radius=4)
+        result.provenance["requested_settings"] = {"quality": made_maps}
+        if not made_maps:
+            result.quality = None
+        write_fusion_outputs(result, cohort / name)
+    (cohort / "lost-maps" / "quality.json").unlink()
+
+    page = write_index(cohort).read_text(encoding="utf-8")
+
+    rows = {re.match(r"<td>([\w-]+)", row).group(1): row for row in page.split("<tr>")[2:]}
+    assert list(rows) == ["lost-maps", "ranked", "no-maps"]
+    assert "<td>quality.json missing</td>" in rows["lost-maps"]
+    assert "<td>no quality maps</td>" in rows["no-maps"]
+
+
+def test_a_failure_carried_from_an_earlier_batch_still_marks_the_pairs_stale_outputs(tmp_path):
+    """A second batch into the same folder replaced summary.json: the earlier batch's failed pair
+    and its warning vanished, its stale outputs listed as an ordinary run."""
+    cohort = tmp_path / "cohort"
+    for name in ("a", "b"):
+        write_fusion_outputs(constructed_result(blob_radius=4), cohort / name)  # created 2026-12-02T08:00
+    (cohort / BATCH_SUMMARY_FILE).write_text(json.dumps({
+        "created": "2026-12-04T10:00:00+00:00", "pairs": 1, "done": 1, "skipped": 0, "failed": 0,
+        "outcomes": [{"name": "b", "status": "done"}],
+        EARLIER_FAILURES: [{"name": "a", "status": "failed", "error": "a: different moving image",
+                            "batch_created": "2026-12-03T10:00:00+00:00"}]}), encoding="utf-8")
+
+    page = write_index(cohort).read_text(encoding="utf-8")
+
+    rows = {re.match(r"<td>(?:<a href=\"[^\"]+\">)?(\w+)", row).group(1): row.partition("</tr>")[0]
+            for row in page.split("<tr>")[2:4]}
+    assert ("failed in the batch of summary.json (an earlier batch, of 2026-12-03T10:00:00+00:00): these are an "
+            "earlier run's outputs") in rows["a"]
+    assert "failed" not in rows["b"]
+    assert ": 1 pair, 1 done, 0 skipped, 0 failed; 1 failed in earlier batches into this folder" in page
+    failed = page[page.index("Failed pairs"):]
+    assert ("<td>. (earlier batch, of 2026-12-03T10:00:00+00:00)</td><td>a</td><td>a: different moving image</td>"
+            "<td>an earlier run's (a, listed above)") in failed

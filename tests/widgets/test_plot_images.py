@@ -122,3 +122,15 @@ def test_moving_the_marker_repaints_it_over_the_cached_figure(qtbot):
     assert before[0] > 20 and before[9] < 5
     assert after[9] > 20 and after[0] < 5
     assert before[5] == after[5] < 5  # a column the marker never crossed is left as it was
+
+
+def test_a_one_slice_volume_stored_sagittally_is_one_image_in_the_plot(qtbot):
+    """Its quality maps score it as one image while its class estimate repeats along the stored
+    first axis: the plot took it for 40 slices and set_slice(20) indexed the one image's scores."""
+    plot = ProbabilityPlot()
+    qtbot.addWidget(plot)
+    probabilities = np.tile([[0.1, 0.6, 0.2, 0.1]], (40, 1))
+    plot.show_probabilities(probabilities, DEGRADATION_CLASSES, quality=quality_with_defect((40, 20, 1)))
+    plot.set_slice(20)
+    assert plot.is_single_slice and plot.marker_position is None
+    assert plot.values_label.text().startswith("slice 0: none 0.10, motion 0.60")

@@ -172,6 +172,25 @@ def test_a_one_slice_volume_runs_as_the_2d_image_it_is(make_napari_viewer, qtbot
         assert np.isfinite(workbench.outcome.volume_metrics[metric]), metric
 
 
+
+def test_a_one_slice_volume_stored_sagittally_is_reviewed_as_one_image(make_napari_viewer, qtbot, tmp_path,
+                                                                       notifications):
+    """Its quality maps score it as one image: the plot indexed their one score by the stored first
+    axis's slice (an IndexError), and suspicious navigation sliced the image into a 48×1 line."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48, 1), geometry=Geometry.identity(3), names=("MR slice", "CT slice"))
+    workbench = UniFuseWorkbench(viewer)
+    form = workbench.run_panel
+    form.output_root.value, form.device.value = str(tmp_path / "runs"), "cpu"
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    assert workbench.outcome.result.quality.slice_axis is None and workbench.plot.is_single_slice
+    order = viewer.dims.order
+    viewer.dims.set_current_step(0, 30)  # the stored first axis: one image whatever the slider says
+    assert workbench.plot.values_label.text().startswith("slice 0:")
+    workbench.go_to_suspicious(1)
+    assert viewer.dims.order == order and workbench.qc_panel.suspicion.value.endswith("of 1 image flagged")
+
 def test_a_coronal_nifti_pair_opened_through_the_reader_runs_and_saves_where_its_header_puts_it(
         make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
     """Opening a coronal NIfTI raised vispy's "Singular matrix" (its axis permutation was in the
