@@ -304,6 +304,10 @@ def _read_metadata(path: Path, method: str, config) -> dict[str, Any]:
                 config)
     initial = _section(sidecar, metadata, "initial_weights")
     _check_crop(sidecar, "initial_weights.training_crop", initial.get("training_crop"), config)
+    _section(sidecar, metadata, "validation")  # `unifuse info` lists its named scores
+    limitations = metadata.get("limitations")
+    if limitations is not None and not isinstance(limitations, str):
+        raise CheckpointError(f"{sidecar}: 'limitations' is {_json_kind(limitations)}, not text; {_RESTORE_SIDECAR}")
     return metadata
 
 

@@ -98,6 +98,26 @@ def test_info_on_an_empty_sidecar_says_it_is_empty_not_missing(tmp_path, capsys)
     assert "missing" not in text
 
 
+
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("validation", [0.5, 0.6], "'validation' is a list, not an object of named fields"),
+    ("validation", "good", "'validation' is a string, not an object of named fields"),
+    ("limitations", ["CPU-sized", "2-D only"], "'limitations' is a list, not text"),
+])
+def test_info_refuses_a_sidecar_field_of_the_wrong_kind_in_one_line(tmp_path, capsys, field, value, said):
+    """They were an AttributeError traceback ('list' object has no attribute 'items' / 'expandtabs')."""
+    import json
+
+    from napari_unifuse.model.checkpoint import checkpoint_dir
+
+    weights = tmp_path / "edited.safetensors"
+    weights.write_bytes((checkpoint_dir() / "unifuse-2d-harvard.safetensors").read_bytes())
+    sidecar = json.loads((checkpoint_dir() / "unifuse-2d-harvard.json").read_text(encoding="utf-8"))
+    weights.with_suffix(".json").write_text(json.dumps({**sidecar, field: value}), encoding="utf-8")
+    assert main(["info", "--checkpoint", str(weights)]) == 2
+    error = capsys.readouterr().err
+    assert said in error and error.count("\n") == 1
+
 def test_info_refuses_a_checkpoint_with_the_network_size_options(capsys):
     assert main(["info", "--checkpoint", "unifuse-2d-harvard", "--dims", "2"]) == 2
     assert "give one or the other" in capsys.readouterr().err
