@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from napari_unifuse.errors import InputError, UniFuseError
@@ -44,12 +46,29 @@ def check_openable(path: str) -> None:
         dicom_series(path)  # a folder of no series, or of several, is refused with its listing
 
 
+def check_display() -> None:
+    """Raise an InputError when Linux has no display for Qt's default platforms (xcb, wayland): Qt
+    would abort the process (SIGABRT) advising to reinstall the application. Another platform set in
+    QT_QPA_PLATFORM (offscreen, vnc, ...) needs none."""
+    if not sys.platform.startswith("linux"):
+        return
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if platform and not platform.startswith(("xcb", "wayland")):
+        return
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    raise InputError("no display to open napari's window on (neither DISPLAY nor WAYLAND_DISPLAY is set): run it "
+                     "at the machine's screen, over ssh -X, or under xvfb-run; unifuse fuse needs no display")
+
+
 def open_workbench(paths: list[str], sample: str | None, show: bool = True):
     """Build the viewer; separated from `run` so tests can drive it without an event loop.
 
     Every path is checked before the viewer is created: a bad one raises InputError, no window opens."""
     for path in paths:
         check_openable(path)
+    if show:
+        check_display()
     import napari
 
     viewer = napari.Viewer(show=show)

@@ -98,6 +98,28 @@ def test_view_refuses_a_bad_path_in_one_line_before_any_window_opens(case, tmp_p
     assert len(err.splitlines()) == 1, err
 
 
+
+@pytest.mark.parametrize("platform", [None, "xcb", "wayland"])
+def test_view_without_a_display_is_refused_in_one_line_before_qt_aborts(platform, monkeypatch, capsys):
+    """Over ssh without X forwarding, Qt aborted the process (SIGABRT) advising to reinstall."""
+    import napari
+
+    def no_viewer(*args, **kwargs):
+        raise AssertionError("a viewer was created without a display")
+
+    monkeypatch.setattr(napari, "Viewer", no_viewer)
+    monkeypatch.setattr(view_module.sys, "platform", "linux")
+    for variable in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(variable, raising=False)
+    if platform is not None:
+        monkeypatch.setenv("QT_QPA_PLATFORM", platform)
+    assert main(["view"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unifuse view: error: no display to open napari's window on") and "xvfb-run" in err
+    assert len(err.splitlines()) == 1
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # a platform that needs no display
+    view_module.check_display()
+
 def test_view_turns_napari_refusing_a_path_into_the_reader_explanation(qtbot, tmp_path, monkeypatch):
     """A path that passed the check but that napari then refuses (deleted meanwhile) gets the
     package's explanation, and the half-built viewer is closed."""
