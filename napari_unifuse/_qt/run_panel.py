@@ -115,8 +115,9 @@ class RunPanel(widgets.Container):
                                                   "on; otherwise, 3-D volumes included, one pass up to 176³ voxels, "
                                                   "beyond that the fewest overlapping slabs")
         self.output_root = widgets.FileEdit(label="runs folder", mode="d", value=str(DEFAULT_RUNS_ROOT.expanduser()),
-                                            tooltip="Each run gets its own sub-folder, derived from the inputs and "
-                                                    "checkpoint, so reopening a run finds its annotations")
+                                            tooltip="Each run gets its own sub-folder, derived from the inputs, checkpoint, "
+                                                    "tile size and degradation, so reopening a run finds its "
+                                                    "annotations")
         self.folder_label = widgets.Label(label="run folder")
         self.folder_label.native.setWordWrap(True)
         # A long path is one unbreakable word: let the dock's width, not the path, set the label's.
@@ -304,9 +305,13 @@ class RunPanel(widgets.Container):
         label = None if self.ground_truth.value in (None, NO_LABEL) else self._volume(self.ground_truth.value)
         request = RunRequest(reference, moving, checkpoint, self.device.value, self.tile_size.value, self.task.value,
                              label)
+        # The ground truth only adds metrics and an error map (a Save replaces them) and the device only
+        # the rounding: the same flags hold for those runs. The tile size and the declared degradation
+        # change the saved fused image or provenance, which another run's report must not sit beside.
         folder = run_folder(
             self.output_root.value, self.reference.value, self.moving.value, checkpoint,
             (input_fingerprint(reference, LAYER_DIGESTS), input_fingerprint(moving, LAYER_DIGESTS)),
+            {"tile size": request.tile_size, "degradation": request.task},
         )
         layers = (weakref.ref(self.viewer.layers[self.reference.value]), weakref.ref(self.viewer.layers[self.moving.value]))
         return RunSelection(request, self.reference.value, self.moving.value, folder, layers)

@@ -68,6 +68,7 @@ from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.outputs import (
     METRICS_FILE,
+    PROVENANCE_FILE,
     REVIEW_MAP_NAMES,
     output_folder_lock,
     review_map_extension,
@@ -100,6 +101,8 @@ PLOT_HEIGHT_FRACTION = 0.45
 ACTIVITY_SPINNER_SPEED_PERCENT = 10
 # The run's status once it is over: its layers drawn, with or without its volume metrics.
 RUN_DONE, RUN_DONE_WITHOUT_METRICS = "done", "results shown; the volume metrics failed"
+# Said by Save and the QC report button while the report's worker holds the run folder.
+REPORT_BEING_WRITTEN = "the QC report is being written into the run folder; wait for it"
 # metrics.json names the label metrics as `unifuse fuse --label` writes them (registration_metrics'
 # keys), the same numbers the Metrics tab labels for reading (analysis.volume_metrics).
 def _narrow(content: QWidget) -> None:
@@ -233,6 +236,12 @@ class UniFuseWorkbench(QWidget):
         self.report_worker = None
         self.last_run_seconds: float | None = None
         self.last_report: Path | None = None
+        # The outcome whose QC report the worker is writing; then whether the run folder's report.html
+        # is the page of the outcome on screen, and whether a Save wrote that outcome there: a Save
+        # keeps only its own run's page, and a page goes only beside its own run's saved outputs.
+        self._reporting: RunOutcome | None = None
+        self._report_is_of_outcome = False
+        self._outcome_saved = False
         # Why the run on screen has no volume metrics (for its QC report), once computing them failed.
         self._metrics_missing: str | None = None
         # The metrics.json of the run on screen, owed to a Save made before its volume metrics came.
@@ -255,7 +264,8 @@ class UniFuseWorkbench(QWidget):
         self.qc_panel.next_suspicious.changed.connect(lambda: self.go_to_suspicious(+1))
         self.qc_panel.previous_suspicious.changed.connect(lambda: self.go_to_suspicious(-1))
         for widget in (self.run_panel.reference, self.run_panel.moving, self.run_panel.checkpoint,
-                       self.run_panel.checkpoint_file, self.run_panel.output_root):
+                       self.run_panel.checkpoint_file, self.run_panel.task, self.run_panel.tile_size,
+                       self.run_panel.output_root):
             widget.changed.connect(self._select_run)
         napari_viewer.dims.events.current_step.connect(self._on_slice_changed)
         self._select_run()
@@ -484,6 +494,7 @@ class UniFuseWorkbench(QWidget):
         selection = started_with.under_current_names()  # its layers may have been renamed while it ran
         self.outcome, self.selection, self._metrics_promise = outcome, selection, promise
         self._metrics_missing = None
+        self._report_is_of_outcome = self._outcome_saved = False
         self.run_panel.last_run_pair = (selection.reference_name, selection.moving_name)
         result = outcome.result
         method = result.provenance["method"]["name"]
@@ -613,7 +624,14 @@ class UniFuseWorkbench(QWidget):
             raise InputError("the volume metrics are still being computed; the report holds them, so wait for "
                              "them (the Metrics tab fills in)")
         if self.report_worker is not None:
-            raise InputError("the report is being written; wait for it")
+            raise InputError(REPORT_BEING_WRITTEN)
+        # Its settings name the folder, so what Save left there is of this pair, model and settings; a
+        # run with another ground truth or device shares it, and its provenance, metrics and error map
+        # differ: the page goes beside this run's own saved files, or beside none.
+        if (self.selection.folder / PROVENANCE_FILE).is_file() and not self._outcome_saved:
+            raise InputError("the run folder holds outputs saved from another run of this pair; press "
+                             "'Save outputs' first so that the report sits beside this run's files",
+                             self.selection.folder)
         result = self.outcome.result
         if self._metrics_missing is not None:  # said at the top of the page, with the run's other warnings
             result = replace(result, warnings=[*result.warnings, self._metrics_missing])
@@ -623,7 +641,7 @@ class UniFuseWorkbench(QWidget):
             (result, self.outcome.volume_metrics, self.selection, AnnotationStore(self.selection.folder).load())))
         worker.returned.connect(self._report_written)
         worker.finished.connect(self._report_finished)
-        self.report_worker = worker
+        self.report_worker, self._reporting = worker, self.outcome
         self.report_button.enabled = False
         worker.start()
 
@@ -643,7 +661,7 @@ class UniFuseWorkbench(QWidget):
         return self.outcome.volume_metrics is not None or self._metrics_missing is not None
 
     def _report_finished(self) -> None:
-        self.report_worker = None
+        self.report_worker = self._reporting = None
 
     def _report_written(self, outcome: Path | WorkerFailed) -> None:
         self.report_button.enabled = self.outcome is not None and self._metrics_settled()
@@ -651,6 +669,8 @@ class UniFuseWorkbench(QWidget):
             report_error(outcome.error, outcome.action)
             return
         self.last_report = outcome
+        if self._reporting is self.outcome:  # not when another run was shown while it was written
+            self._report_is_of_outcome = True
         show_info(f"QC report written: {outcome}")
 
     # ---- saving --------------------------------------------------------------------------------
@@ -658,6 +678,8 @@ class UniFuseWorkbench(QWidget):
     def save_outputs(self) -> dict[str, Path]:
         if self.outcome is None or self.selection is None:
             raise InputError("run UniFuse first; there is nothing to save yet")
+        if self.report_worker is not None:
+            raise InputError(REPORT_BEING_WRITTEN)
         folder = self.selection.folder
         result = self.outcome.result
         # Its worker computes them after drawing the layers; the promise is this run's, whatever run started since.
@@ -679,8 +701,11 @@ class UniFuseWorkbench(QWidget):
             warnings.simplefilter("always")
             # With the maps, under the folder's lock like `unifuse fuse`: all or nothing moves in.
             metrics = self.outcome.volume_metrics
+            # A report.html there that is not this run's page (an earlier run's) goes, as the other outputs do.
             written = write_fusion_outputs(result, folder, extra_images=review_maps,
-                                           metrics=None if metrics is None else metrics_file_contents(metrics))
+                                           metrics=None if metrics is None else metrics_file_contents(metrics),
+                                           remove_report=not self._report_is_of_outcome)
+        self._outcome_saved = True
         show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
         if metrics_coming:
             self._metrics_promise.keep_in(folder)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,9 +183,11 @@ def checkpoint_identity(checkpoint: str) -> str:
     return f"{path.resolve()}|{status.st_size}|{status.st_mtime_ns}"
 
 
-def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...]) -> Path:
-    """``root/<reference>+<moving>__<checkpoint name>__<hash>``: the same inputs and checkpoint give
-    the same folder (so a reopened run finds its annotations), different ones never collide.
+def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...],
+               settings: Mapping[str, object] | None = None) -> Path:
+    """``root/<reference>+<moving>__<checkpoint name>__<hash>``: the same inputs, checkpoint and
+    settings give the same folder (so a reopened run finds its annotations), different ones never
+    collide.
 
     Only the hash identifies the run; the layer names in front are for reading. Files opened in
     another order, or layers renamed, get other names for the same inputs: a folder under ``root``
@@ -194,8 +196,15 @@ def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, f
 
     ``checkpoint``: a bundled checkpoint's name, or a checkpoint file, which counts by its resolved
     path, size and modification time: two runs' ``last.safetensors``, or a file retrained in place,
-    are different models and get different folders."""
-    digest = hashlib.sha256("\n".join((*fingerprints, checkpoint_identity(checkpoint))).encode()).hexdigest()[:10]
+    are different models and get different folders.
+
+    ``settings``: name → value of the settings that change the run's result (tile size, declared
+    degradation): two results never share a folder, whose saved outputs and report would describe
+    different runs. One left to the engine (None or "auto") is not hashed, so a run on the defaults
+    keeps the folder it had before settings counted."""
+    chosen = sorted(f"{name}={value}" for name, value in (settings or {}).items() if value not in (None, "auto"))
+    identity = "\n".join((*fingerprints, checkpoint_identity(checkpoint), *chosen))
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
     suffix = f"__{_slug(Path(checkpoint).expanduser().stem)}__{digest}"
     root = Path(root).expanduser()
     return _existing_run_folder(root, suffix) or root / f"{_slug(f'{reference}+{moving}')}{suffix}"

@@ -119,3 +119,13 @@ def test_of_several_folders_of_one_run_the_most_recently_modified_is_reused(tmp_
     (tmp_path / f"newer-file{folders[0].name[len('T1+moving'):]}").write_text("not a folder")
     assert folders[0] != folders[1]
     assert run_folder(tmp_path, "other", "names", "ckpt", ("a", "b")) == folders[0]
+
+
+def test_settings_that_change_the_result_get_their_own_run_folder_and_unset_ones_keep_the_old_one(tmp_path):
+    """Two runs' outputs and reports in one folder would describe different results."""
+    default = run_folder(tmp_path, "T1", "T2", "ckpt", ("a", "b"))
+    assert run_folder(tmp_path, "T1", "T2", "ckpt", ("a", "b"), {"tile size": None, "degradation": "auto"}) == default
+    tiled = run_folder(tmp_path, "T1", "T2", "ckpt", ("a", "b"), {"tile size": 64, "degradation": "auto"})
+    declared = run_folder(tmp_path, "T1", "T2", "ckpt", ("a", "b"), {"tile size": None, "degradation": "noise"})
+    assert len({default, tiled, declared}) == 3
+    assert tiled == run_folder(tmp_path, "T1", "T2", "ckpt", ("a", "b"), {"degradation": "auto", "tile size": 64})

@@ -915,3 +915,58 @@ def test_the_open_box_opens_a_siemens_ima_file_and_explains_a_dicom_name_napari_
     errors = [message for severity, message in notifications if severity == "error"]
     assert errors == [f"Open image: {unusual}: napari has no compatible UniFuse reader for this file name; if it is "
                       "a DICOM file, rename it to end in .dcm and open it again"]
+
+
+def test_a_run_folder_holds_one_result_and_only_that_results_report(make_napari_viewer, qtbot, tmp_path,
+                                                                     checkpoint_files, notifications):
+    """Settings that change the result name another folder; runs sharing one (another ground truth)
+    never leave a report.html beside outputs saved from another run."""
+    from napari_unifuse.engine.outputs import REPORT_FILE
+
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    form = workbench.run_panel
+    folder = workbench.selection.folder
+    form.tile_size.value = 32
+    assert form.folder_label.value != str(folder)
+    form.tile_size.value = None
+    form.task.value = form.task.choices[1]
+    assert form.folder_label.value != str(folder)
+    form.task.value = "auto"
+    assert form.ground_truth.value == "CT ground truth"
+    run_and_wait(qtbot, workbench)
+    write_report_and_wait(qtbot, workbench)
+    assert (folder / REPORT_FILE).is_file(), notifications
+
+    form.ground_truth.value = "none"  # the same fused image: the same folder, other metrics
+    run_and_wait(qtbot, workbench)
+    assert workbench.selection.folder == folder
+    workbench.save_outputs()
+    assert not (folder / REPORT_FILE).exists()  # the labelled run's page is not this run's
+    assert "ncc" not in json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+
+    form.ground_truth.value = "CT ground truth"
+    run_and_wait(qtbot, workbench)
+    workbench.write_qc_report()
+    assert workbench.report_worker is None and not (folder / REPORT_FILE).exists()
+    assert any("outputs saved from another run" in message for level, message in notifications if level == "error")
+    workbench.save_outputs()
+    write_report_and_wait(qtbot, workbench)
+    workbench.save_outputs()  # this run's own page stays
+    assert (folder / REPORT_FILE).is_file()
+
+
+def test_save_while_the_qc_report_is_written_says_to_wait_for_it(make_napari_viewer, qtbot, tmp_path,
+                                                                 checkpoint_files, notifications):
+    from napari_unifuse._qt.workbench import REPORT_BEING_WRITTEN
+
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    run_and_wait(qtbot, workbench)
+    workbench.write_qc_report()
+    assert workbench.save_outputs() is None
+    assert ("error", f"Save outputs: {REPORT_BEING_WRITTEN}") in notifications
+    qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=RUN_TIMEOUT_MS)
+    assert "provenance.json" in workbench.save_outputs()
