@@ -484,29 +484,18 @@ def test_a_batch_with_a_moving_file_named_as_a_batch_file_writes_its_summary_and
     assert 'href="index.html_png/report.html"' in index and 'href="summary.json_png/report.html"' in index
 
 
-def test_batch_redoes_a_pair_interrupted_before_its_provenance(data, tmp_path, capsys):
+@pytest.mark.parametrize("removed", [("provenance.json",), ("fused.png", "aligned.png")],
+                         ids=["killed before its provenance", "outputs deleted since"])
+def test_batch_redoes_an_unfinished_pair_and_keeps_the_users_files(data, tmp_path, capsys, removed):
+    """A pair killed before its last rename is redone; so is one whose fused and aligned images were
+    deleted since, which its provenance.json alone made "already done"."""
     root = data["root"]
     pairs = root / "one_pair.csv"
     pairs.write_text("reference,moving\nmri.png,pet7.png\n")
     argv = ("--pairs", pairs, "--out", tmp_path, "--checkpoint", data["checkpoints"][2], "--device", "cpu")
     assert fuse(*argv) == 0
-    (tmp_path / "pet7" / "provenance.json").unlink()  # as if killed before the last rename
-    capsys.readouterr()
-
-    assert fuse(*argv) == 0
-    assert "skipped" not in capsys.readouterr().out
-    assert (tmp_path / "pet7" / "provenance.json").is_file()
-
-
-def test_batch_redoes_a_pair_whose_outputs_were_deleted_and_keeps_the_users_files(data, tmp_path, capsys):
-    """Its provenance.json alone made a pair whose fused and aligned images were deleted "already done"."""
-    root = data["root"]
-    pairs = root / "one_pair.csv"
-    pairs.write_text("reference,moving\nmri.png,pet7.png\n")
-    argv = ("--pairs", pairs, "--out", tmp_path, "--checkpoint", data["checkpoints"][2], "--device", "cpu")
-    assert fuse(*argv) == 0
-    for image in ("fused.png", "aligned.png"):
-        (tmp_path / "pet7" / image).unlink()
+    for name in removed:
+        (tmp_path / "pet7" / name).unlink()
     (tmp_path / "pet7" / "notes.txt").write_text("the reviewer's own file")
     capsys.readouterr()
 
