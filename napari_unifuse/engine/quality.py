@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_unifuse.io.image import single_slice_axis_of
 from napari_unifuse.metrics.fidelity import DEFINITIONS as FIDELITY_DEFINITIONS
 from napari_unifuse.metrics.fidelity import fidelity_maps
 
@@ -254,9 +255,9 @@ def quality_maps(
 
 
 def is_one_image(shape: Sequence[int]) -> bool:
-    """Whether maps of ``shape`` are scored as one image: a 2D one, or a volume with a side of one
-    voxel along any axis (a one-slice volume; the module docstring says why)."""
-    return len(shape) == 2 or 1 in shape
+    """Whether maps of ``shape`` are scored as one image: a 2D one, or a one-slice volume along any
+    axis (``io.image.single_slice_axis_of``; the module docstring says why)."""
+    return len(shape) == 2 or single_slice_axis_of(shape) is not None
 
 
 def _flagged_fraction_per_slice(array: np.ndarray, threshold: float) -> np.ndarray:

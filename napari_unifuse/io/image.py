@@ -255,10 +255,7 @@ class ImageVolume:
     def single_slice_axis(self) -> int | None:
         """The axis of a 3D volume that holds a single slice (a 2D image stored as 3D, e.g. one
         64×64×1 NIfTI slice), or None. A volume thin along several axes is no image, not a slice."""
-        if self.ndim != 3:
-            return None
-        thin = [axis for axis, side in enumerate(self.spatial_shape) if side == 1]
-        return thin[0] if len(thin) == 1 else None
+        return single_slice_axis_of(self.spatial_shape)
 
     def in_world_axis_order(self) -> ImageVolume:
         """This image with its array axes in the order of the world axes they run along
@@ -287,3 +284,12 @@ class ImageVolume:
         elif array.dtype == np.float16:
             array = array.astype(np.float32)
         return self.geometry.to_sitk(sitk.GetImageFromArray(array, isVector=self.is_rgb))
+
+
+def single_slice_axis_of(spatial_shape: Sequence[int]) -> int | None:
+    """The axis of a 3D ``spatial_shape`` one voxel thick (a one-slice volume), or None: for a 2D
+    shape, and for a volume thin along several axes, which is no image."""
+    if len(spatial_shape) != 3:
+        return None
+    thin = [axis for axis, side in enumerate(spatial_shape) if side == 1]
+    return thin[0] if len(thin) == 1 else None
