@@ -937,28 +937,27 @@ def held_out_fraction(text: str) -> float:
     """``--val-fraction``: above 0 and below 1. Both splits come from one split by atlas case that
     holds cases out for validation, so 0 (even for ``--split train``) or 1 is refused here, in this
     option's terms, not by training's check of ``data.val_fraction``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:  # NaN too
-        raise argparse.ArgumentTypeError(
-            f"must be above 0 and below 1, got {text}: it is the fraction of atlas cases held out as the val split "
-            "(--split train scores the others); give e.g. 0.15, or leave it out for the checkpoint's split")
-    return value
-
+    return _fraction(text, lambda value: 0.0 < value < 1.0,
+                     "must be above 0 and below 1, got {text}: it is the fraction of atlas cases held out as the val "
+                     "split (--split train scores the others); give e.g. 0.15, or leave it out for the checkpoint's split")
 
 
 def undegraded_fraction(text: str) -> float:
     """``--none-fraction``: from 0 to 1, refused here in this option's terms rather than by
     training's check of ``data.none_fraction`` after the checkpoint has loaded."""
+    return _fraction(text, lambda value: 0.0 <= value <= 1.0,
+                     "must be from 0 to 1, got {text}: it is the fraction of pairs left undegraded (1: clean pairs only)")
+
+
+def _fraction(text: str, allowed: Callable[[float], bool], refusal: str) -> float:
+    """``text`` as a number that ``allowed`` accepts (NaN never is), else argparse's usage error:
+    ``refusal`` with the text given."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:  # NaN too
-        raise argparse.ArgumentTypeError(
-            f"must be from 0 to 1, got {text}: it is the fraction of pairs left undegraded (1: clean pairs only)")
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(refusal.format(text=text))
     return value
 
 def register(subparsers: argparse._SubParsersAction) -> None:
