@@ -26,9 +26,14 @@ as on clean ones does not show that an image is clean. Below
 ratios of 1-2 alter the probability of a condition "to a small and rarely important degree";
 Jaeschke, Guyatt and Sackett, JAMA 1994;271:703), so the engine warns. When the image's modality
 is not known ("auto") or not calibrated, the weakest of the calibrated modalities counts: the
-engine cannot vouch for a call that is uninformative on any of them. The record and its messages
-then say so, lest the weakest modality read as the image's. A checkpoint without calibration gets
-no warning and no claim: provenance records that nothing was calibrated.
+engine cannot vouch for a call that is uninformative on any of them. A calibrated modality with no
+input degraded by the named class (for "none": by any degradation) counts as not informative, its
+likelihood ratio 1, as nothing shows what the call means on it: metal calibrated on CT alone is
+not evidence on an MR image, however well the checkpoint tells it on CT. The record and its
+messages then say so, lest the weakest modality read as the image's. No claim is made where no
+calibrated input of the image's modality (when it is unknown or not calibrated: of any modality)
+had the named degradation, nor for a checkpoint without calibration: provenance records that
+nothing was calibrated.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ class ClassEvidence:
 
     ``image_modality``: the modality of the image the call was made on ("auto": not known);
     ``modality``: the calibration weighed, that modality's or, where it has none, the weakest
-    calibrated modality's standing in (``weakest_fallback``)."""
+    calibrated modality's standing in (``weakest_fallback``), which may hold no input degraded by
+    ``named`` (``calibrated`` False; not informative)."""
 
     modality: str
     named: str
@@ -75,12 +81,20 @@ class ClassEvidence:
         return f"{why}: judged by the weakest calibration, {self.modality}'s: "
 
     @property
+    def calibrated(self) -> bool:
+        """Whether any input degraded by the named class (for "none": by any degradation) was calibrated."""
+        return self.on_degraded[1] > 0
+
+    @property
     def claims_clean(self) -> bool:
         """Whether the call is "none": then the clean inputs are the ones it should be named on."""
         return self.named == NONE
 
     @property
     def likelihood_ratio(self) -> float:
+        """1 where no degraded input was calibrated: nothing shows that the call moves the odds."""
+        if not self.calibrated:
+            return 1.0
         (on_degraded, degraded), (on_clean, clean) = self.on_degraded, self.on_clean
         given_degraded = (on_degraded + _HALF_COUNT) / (degraded + 1)
         given_clean = (on_clean + _HALF_COUNT) / (clean + 1)
@@ -90,9 +104,22 @@ class ClassEvidence:
     def informative(self) -> bool:
         return self.likelihood_ratio >= MIN_LIKELIHOOD_RATIO
 
+    @property
+    def _not_evidence_of(self) -> str:
+        return "a clean image" if self.claims_clean else "the artefact"
+
+    @property
+    def _uncalibrated_inputs(self) -> str:
+        """The inputs whose absence from the calibration leaves the call unweighed."""
+        return f"degraded {self.modality} inputs" if self.claims_clean else f"{self.modality} inputs with {self.named!r}"
+
     def message(self, probability: float) -> str:
         (on_degraded, degraded), (on_clean, clean) = self.on_degraded, self.on_clean
         ratio = f"(likelihood ratio {self.likelihood_ratio:.1f} < {MIN_LIKELIHOOD_RATIO:g})"
+        if not self.calibrated:
+            return (f"{self._fallback_note}degradation class {self.named!r} (p {probability:.2f}) is not evidence of "
+                    f"{self._not_evidence_of}: this checkpoint's calibration holds no {self._uncalibrated_inputs}, "
+                    f"so nothing shows what the call means there {ratio}")
         if self.claims_clean:
             return (f"{self._fallback_note}degradation class 'none' (p {probability:.2f}) is not evidence of a "
                     f"clean image: on its calibration this checkpoint named {on_degraded} of {degraded} degraded "
@@ -104,6 +131,9 @@ class ClassEvidence:
 
     @property
     def caveat(self) -> str:
+        if not self.calibrated:
+            return (f"{self._fallback_note}{self.named!r} is not evidence of {self._not_evidence_of}: no "
+                    f"{self._uncalibrated_inputs} were calibrated (likelihood ratio {self.likelihood_ratio:.1f})")
         if self.claims_clean:
             on_degraded, degraded = self.on_degraded
             return (f"{self._fallback_note}'none' is not evidence of a clean image: also named on {on_degraded} "
@@ -114,8 +144,9 @@ class ClassEvidence:
 
     def to_dict(self) -> dict[str, Any]:
         return {"modality": self.modality, "image_modality": self.image_modality,
-                "weakest_fallback": self.weakest_fallback, "named": self.named, "on_degraded": list(self.on_degraded),
-                "on_clean": list(self.on_clean), "likelihood_ratio": self.likelihood_ratio,
+                "weakest_fallback": self.weakest_fallback, "named": self.named, "calibrated": self.calibrated,
+                "on_degraded": list(self.on_degraded), "on_clean": list(self.on_clean),
+                "likelihood_ratio": self.likelihood_ratio,
                 "min_likelihood_ratio": MIN_LIKELIHOOD_RATIO, "informative": self.informative}
 
 
@@ -142,13 +173,11 @@ def evidence_table(metadata: dict[str, Any]) -> EvidenceTable | None:
 
 
 def _evidence(modality: str, conditions: dict[str, dict[str, int]], named: str,
-              image_modality: str) -> ClassEvidence | None:
+              image_modality: str) -> ClassEvidence:
     if named == NONE:
         degraded_by = [condition for condition in conditions if condition not in (CLEAN, NONE)]
     else:
         degraded_by = [named] if named in conditions else []
-    if not degraded_by:
-        return None  # never calibrated on this degradation (for "none": on any) for this modality
     clean = conditions[CLEAN]
     named_on_degraded = sum(conditions[condition].get(named, 0) for condition in degraded_by)
     degraded = sum(sum(conditions[condition].values()) for condition in degraded_by)
@@ -158,12 +187,14 @@ def _evidence(modality: str, conditions: dict[str, dict[str, int]], named: str,
 
 def class_evidence(table: EvidenceTable | None, named: str, modality: str = "auto") -> ClassEvidence | None:
     """The calibration behind naming ``named`` on a ``modality`` input ("auto": not known): that
-    modality's when it was calibrated, else the weakest over the calibrated modalities; None when
-    there is no calibration or no calibrated input had that degradation (for "none": any degradation)."""
+    modality's when it was calibrated, else the weakest over the calibrated modalities, where one
+    without an input degraded by ``named`` is not informative; None when there is no calibration or
+    no input of the modality weighed (of any, for the weakest) had that degradation (for "none": any)."""
     if table is None or named not in DEGRADATION_CLASSES:
         return None
     key = modality.lower()
-    if key in table:
-        return _evidence(key, table[key], named, key)
-    candidates = [e for e in (_evidence(m, c, named, key) for m, c in table.items()) if e is not None]
-    return min(candidates, key=lambda e: e.likelihood_ratio, default=None)
+    candidates = [_evidence(key, table[key], named, key)] if key in table else [
+        _evidence(calibrated, conditions, named, key) for calibrated, conditions in table.items()]
+    if not any(evidence.calibrated for evidence in candidates):
+        return None
+    return min(candidates, key=lambda evidence: evidence.likelihood_ratio)

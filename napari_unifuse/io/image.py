@@ -52,6 +52,11 @@ class Geometry:
         ndim = np.size(self.spacing)
         if ndim not in (2, 3):
             raise InputError(f"geometry must be 2D or 3D, got {ndim} spatial dimensions")
+        origin_size, direction_shape = np.size(self.origin), np.shape(self.direction)
+        if origin_size != ndim or np.size(self.direction) != ndim * ndim:
+            raise InputError(f"the geometry's spacing has {ndim} values but its origin has {origin_size} and its "
+                             f"direction is {'×'.join(map(str, direction_shape))}: give {ndim} origin values "
+                             f"and a {ndim}×{ndim} direction")
         spacing = _readonly(self.spacing, (ndim,))
         origin = _readonly(self.origin, (ndim,))
         direction = _readonly(self.direction, (ndim, ndim))

@@ -22,6 +22,11 @@ by images in other units that go negative (PET with filtered back-projection und
 MR); where the values below -500 lack CT's air peak the image is read as MR, and where only part of
 the signature is there the mapping's ``warning`` says so and asks for the modality.
 
+Non-finite voxels (NaN, ±inf), which a file's reader has already replaced but an array handed in
+directly may hold, take no part in choosing the mapping: the percentiles and the CT evidence are
+taken over the finite values, and an image with none is refused. ``apply`` leaves NaN voxels NaN
+and takes ±inf to 1 / 0.
+
 ``apply`` clips to [0, 1]; ``scaled`` is the same map without the clip, so that what the clip
 removed (``scaled - apply``, zero inside the window) can be carried past the model and added back
 before ``inverse``: the engine does so, and a moving image comes back in its own units, hottest
@@ -121,20 +126,32 @@ def intensity_mapping(volume: ImageVolume, modality: str = "auto") -> IntensityM
     key = modality.lower()
     if key not in MODALITIES:
         raise InputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}", volume.source)
-    array = volume.array
-    if array.dtype == np.uint8:
-        return darkest_to_zero(array, 255.0, "scale8bit", MODALITY_ALIASES.get(key, key),
+    if volume.array.dtype == np.uint8:
+        return darkest_to_zero(volume.array, 255.0, "scale8bit", MODALITY_ALIASES.get(key, key),
                                "8-bit pixels, already windowed when exported")
+    values = _finite_values(volume)
     warning = ""
     if key == "auto":
-        key, reason, warning = _detect_modality(volume)
+        key, reason, warning = _detect_modality(volume.metadata, values)
     else:
         key, reason = MODALITY_ALIASES.get(key, key), "chosen by the caller"
     if key == "ct":
         return IntensityMapping("window", "ct", *CT_WINDOW_HU, reason=reason, warning=warning)
     percentiles = PERCENTILES[key]
-    lower, upper, window_note = _percentile_window(array, percentiles)
+    lower, upper, window_note = _percentile_window(values, percentiles)
     return IntensityMapping("percentile", key, lower, upper, percentiles, reason + window_note, warning)
+
+
+def _finite_values(volume: ImageVolume) -> np.ndarray:
+    """The image's values the mapping is chosen from: all of them, or the finite ones (flattened)
+    where some are NaN or infinite; InputError where none is finite."""
+    finite = np.isfinite(volume.array)
+    if finite.all():
+        return volume.array
+    if not finite.any():
+        raise InputError("every voxel is NaN or infinite: there is no intensity to normalise; "
+                         "give an image with measured values", volume.source)
+    return volume.array[finite]
 
 
 def _percentile_window(array: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float, str]:
@@ -208,13 +225,14 @@ def shows_ct_air(values: np.ndarray) -> bool:
     return _HounsfieldEvidence.of(values).has_air
 
 
-def _detect_modality(volume: ImageVolume) -> tuple[str, str, str]:
-    """(modality, reason, warning): the warning is empty unless the evidence is ambiguous."""
-    tagged = str(volume.metadata.get("modality", "")).lower()
+def _detect_modality(metadata: dict[str, Any], values: np.ndarray) -> tuple[str, str, str]:
+    """(modality, reason, warning) of an image with ``metadata`` and finite ``values``: the warning
+    is empty unless the evidence is ambiguous."""
+    tagged = str(metadata.get("modality", "")).lower()
     tagged = MODALITY_ALIASES.get(tagged, tagged)
     if tagged == "ct" or tagged in PERCENTILES:
         return tagged, "modality recorded in the image metadata", ""
-    evidence = _HounsfieldEvidence.of(volume.array)
+    evidence = _HounsfieldEvidence.of(values)
     if not evidence.prompts_a_look:
         return "mr", "no modality in the header and no HU air: MR percentile clipping", ""
     if evidence.has_air and evidence.has_soft_tissue:

@@ -47,9 +47,11 @@ def test_the_given_modality_is_looked_up_and_auto_takes_the_weakest():
     table = evidence_table({METADATA_KEY: {"modalities": TABLE}})
     assert class_evidence(table, "lowdose", "PET").informative
     assert not class_evidence(table, "motion", "t2").informative
-    # "auto" (or a modality the calibration lacks): the weakest calibrated modality for that class.
+    # "auto" (or a modality the calibration lacks): the weakest calibrated modality for that class,
+    # where one with no input degraded by it (no low-dose T2) is the weakest of all.
     assert class_evidence(table, "motion", "auto").modality == "t2"
-    assert class_evidence(table, "lowdose", "mr").modality == "pet"
+    lowdose_on_mr = class_evidence(table, "lowdose", "mr")
+    assert (lowdose_on_mr.modality, lowdose_on_mr.calibrated, lowdose_on_mr.informative) == ("t2", False, False)
 
 
 def test_a_fallback_to_the_weakest_calibration_says_it_is_not_the_images_modality():
@@ -67,6 +69,41 @@ def test_a_fallback_to_the_weakest_calibration_says_it_is_not_the_images_modalit
     recorded = unknown.to_dict()
     assert (recorded["modality"], recorded["image_modality"], recorded["weakest_fallback"]) == ("t2", "auto", True)
     assert own.to_dict()["weakest_fallback"] is False
+
+
+# As the bundled 2-D checkpoint's: metal calibrated on CT alone, low dose on PET alone; no MR.
+CT_METAL_ONLY = {"ct": {CLEAN: {"none": 20}, "metal": {"metal": 20}},
+                 "pet": {CLEAN: {"none": 12, "lowdose": 8}, "lowdose": {"none": 6, "lowdose": 14}}}
+
+
+@pytest.mark.parametrize("image_modality, lead", [("mr", "mr not calibrated"), ("auto", "modality unknown")])
+def test_a_class_calibrated_on_one_modality_alone_is_not_evidence_on_another(image_modality, lead):
+    # CT's 20 of 20 against 0 of 20 (likelihood ratio 41) does not stand in for PET, where no input had metal.
+    table = evidence_table({METADATA_KEY: {"modalities": CT_METAL_ONLY}})
+    on_ct = class_evidence(table, "metal", "ct")
+    assert on_ct.calibrated and on_ct.likelihood_ratio == pytest.approx(41.0) and on_ct.informative
+    fallback = class_evidence(table, "metal", image_modality)
+    assert (fallback.modality, fallback.calibrated, fallback.weakest_fallback) == ("pet", False, True)
+    assert fallback.likelihood_ratio == 1.0 and not fallback.informative
+    assert fallback.message(0.9) == (
+        f"{lead}: judged by the weakest calibration, pet's: degradation class 'metal' (p 0.90) is not evidence of "
+        "the artefact: this checkpoint's calibration holds no pet inputs with 'metal', so nothing shows what the "
+        "call means there (likelihood ratio 1.0 < 2)")
+    assert fallback.caveat.startswith(f"{lead}: judged by the weakest calibration, pet's: 'metal' is not evidence")
+    recorded = fallback.to_dict()
+    assert (recorded["calibrated"], recorded["on_degraded"], recorded["informative"]) == (False, [0, 0], False)
+
+
+def test_none_on_an_uncalibrated_modality_is_not_evidence_where_a_calibrated_one_saw_no_degradation():
+    # CT was calibrated on clean inputs alone: nothing shows whether its "none" tells clean from degraded.
+    table = evidence_table({METADATA_KEY: {"modalities": {
+        "ct": {CLEAN: {"none": 10}}, "t2": {CLEAN: {"none": 10}, "motion": {"motion": 10}}}}})
+    assert class_evidence(table, "none", "t2").informative
+    assert class_evidence(table, "none", "ct") is None  # the image's own modality: no claim, as before
+    fallback = class_evidence(table, "none", "mr")
+    assert (fallback.modality, fallback.calibrated, fallback.informative) == ("ct", False, False)
+    assert "not evidence of a clean image: this checkpoint's calibration holds no degraded ct inputs" in \
+        fallback.message(0.8)
 
 
 def test_no_claim_without_calibration_or_for_an_uncalibrated_class():
@@ -187,6 +224,22 @@ def test_auto_weighs_the_call_on_the_modality_the_moving_image_shows_of_itself()
     recorded = declared_pet.provenance[METADATA_KEY]
     assert (recorded["modality"], recorded["weakest_fallback"]) == ("pet", False)
     assert not any("modality unknown" in w for w in declared_pet.warnings)
+
+
+def test_the_engine_warns_when_a_class_calibrated_on_ct_alone_is_named_on_an_mr_image():
+    # The reviewers' case: an MR named "metal" was reported as evidence by CT's likelihood ratio 41, unwarned.
+    reference, moving = _pair()
+    engine = _engine(_caller("metal"), CT_METAL_ONLY)
+    on_mr = engine.run_fusion(reference, moving, moving_modality="mr", quality=False)
+    recorded = on_mr.provenance[METADATA_KEY]
+    assert (recorded["modality"], recorded["informative"], recorded["likelihood_ratio"]) == ("pet", False, 1.0)
+    warned = [w for w in on_mr.warnings if "not evidence of the artefact" in w]
+    assert len(warned) == 1 and warned[0].startswith("mr not calibrated: judged by the weakest calibration, pet's: ")
+    assert warned[0] in on_mr.provenance["warnings"] and on_mr.degradation_report()["evidence"] == recorded
+    assert on_mr.class_caveat is not None and "no pet inputs with 'metal'" in on_mr.class_caveat
+    on_ct = engine.run_fusion(reference, moving, moving_modality="ct", quality=False)
+    assert on_ct.provenance[METADATA_KEY]["informative"] is True and on_ct.class_caveat is None
+    assert not any("not evidence" in w for w in on_ct.warnings)
 
 
 def test_no_warning_when_the_calibration_shows_the_call_is_informative_or_absent(motion_caller):

@@ -218,3 +218,22 @@ def test_ordinary_images_keep_the_whole_image_percentile_window_bitwise(rng, nam
     lower, upper = np.percentile(image, PERCENTILES[modality])
     assert (mapping.lower, mapping.upper) == (float(lower), float(upper))
     assert mapping.reason == "chosen by the caller"
+
+
+@pytest.mark.parametrize("modality", ["auto", "mr", "pet", "ct"])
+def test_nan_and_infinite_voxels_of_an_array_given_directly_take_no_part_in_the_window(rng, modality):
+    # An in-memory array skips the readers' NaN replacement: one NaN voxel once made the window NaN.
+    image = (rng.random((32, 32)) * 100).astype(np.float32)
+    image[0, :3] = (np.nan, np.inf, -np.inf)  # a first row of non-finite values, the rest finite
+    image[0, 3:] = np.nan
+    normalized, mapping = normalize_intensity(_volume(image), modality=modality)
+    expected = normalize_intensity(_volume(image[1:]), modality=modality)[1]
+    assert (mapping.lower, mapping.upper, mapping.modality) == (expected.lower, expected.upper, expected.modality)
+    assert np.isfinite([mapping.lower, mapping.upper]).all()
+    assert np.isnan(normalized.array[0, 0]) and normalized.array[0, 1:3].tolist() == [1.0, 0.0]
+    np.testing.assert_array_equal(normalized.array[1:], expected.apply(image[1:]))
+
+
+def test_an_image_without_a_finite_voxel_is_refused():
+    with pytest.raises(InputError, match="every voxel is NaN or infinite"):
+        normalize_intensity(_volume(np.full((4, 4), np.nan, np.float32)), modality="mr")
