@@ -9,7 +9,9 @@ numbered from 0 in the CSV's order (``OUT/0000/``, ``OUT/0001/``, ...):
 * ``displacement.nii.gz``  the ground-truth ITK displacement field on the reference grid
   (LPS mm): resampling ``moving`` through it with SimpleITK/ANTs/Slicer gives ``label``;
 * ``meta.json``        degradation class, misalignment regime, every drawn parameter, the seed,
-  the intensity mapping and the inputs' absolute paths.
+  the intensity mapping and the inputs' absolute paths; its voxel indices and per-axis values are
+  in the package's array order, a volume's (z, y, x), the reverse of NIfTI's (i, j, k), as its
+  ``axis_order`` says.
 
 ``<ext>`` follows each input: ``png`` for PNG/JPG images, ``nii.gz`` for everything else. The
 moving image is put on the reference grid first when its geometry differs; one that does not
@@ -112,7 +114,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="degradation of the moving image (default: none; a CSV column overrides it)")
     parser.add_argument("--misalignment", choices=MISALIGNMENT_REGIMES, default=DEFAULT_MISALIGNMENT,
                         help=f"misalignment regime (default: {DEFAULT_MISALIGNMENT}; a CSV column overrides it)")
-    parser.add_argument("--severity", type=float, default=0.5, help="degradation strength in [0, 1] (default 0.5)")
+    parser.add_argument("--severity", type=float, default=0.5,
+                        help="degradation strength in [0, 1], above 0 for motion, which moves nothing at 0 "
+                             "(default 0.5)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="random seed, 0 or more (default 0); a CSV row without one uses seed + the number "
                              "of its output folder (0000: seed, 0001: seed + 1, ...)")
@@ -126,6 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     jobs = _jobs(args)
+    for job in jobs:
+        refuse_a_degradation_that_changes_nothing(job.degradation, args.severity)
     # Before any work: a bad output folder must not surface after the first pairs were written.
     refuse_unsafe_outputs(jobs, args.out, overwrite=args.overwrite)
     # and so must a folder it cannot write to (nothing the check creates stays if a pair is refused).
@@ -208,6 +214,14 @@ def refuse_unsafe_outputs(jobs: list[SynthJob], out: Path, overwrite: bool = Fal
                                  "replace it, or choose another --out", job.out)
 
 
+def refuse_a_degradation_that_changes_nothing(degradation: str, severity: float) -> None:
+    """Motion's movements scale with the severity: at 0 nothing moves, and a pair labelled motion
+    would hold the clean image (the other degradations still act at 0)."""
+    if degradation == "motion" and severity == 0:
+        raise InputError("--severity 0 draws no movement for motion, so the pair would be clean yet labelled "
+                         "motion: give a severity above 0, or degradation none for a clean pair")
+
+
 def _identity(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_dev, stat.st_ino
@@ -222,8 +236,10 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     any earlier synth output in ``job.out`` (``run`` refuses those first unless --overwrite);
     returns what went into meta.json."""
     files = job.files()
-    # run checks every row's inputs against every row's outputs; this guards a direct call.
+    # run checks every row's inputs against every row's outputs, and every row's degradation; this
+    # guards a direct call.
     refuse_unsafe_outputs([job], job.out, overwrite=True)
+    refuse_a_degradation_that_changes_nothing(job.degradation, severity)
     reference = read_image(job.reference)
     moving = read_image(job.moving)
     if moving.ndim != reference.ndim:
@@ -281,6 +297,7 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
             "ITK displacement field, LPS mm, on the reference grid: label(p) = moving(p + d(p)); "
             "in voxels (array order) it is u with label(x) = moving(x + u(x))"
         ),
+        "axis_order": _axis_order(reference.ndim),
         "params": pair.params,
     }
 
@@ -302,3 +319,12 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     write_files_together(job.out, {files[role].name: write for role, write in writers.items()},
                          before_moving=remove_earlier_output)
     return meta
+
+
+def _axis_order(ndim: int) -> str:
+    """meta.json's note on the order of its voxel indices and per-axis values: the package's array
+    order, which a NIfTI or ITK reader indexes the other way round."""
+    array_axes, file_axes = ("(z, y, x)", "(i, j, k)") if ndim == 3 else ("(y, x)", "(i, j)")
+    return (f"array order {array_axes}, the reverse of the files' {file_axes} index order in NIfTI and ITK: every "
+            "voxel index and per-axis value in params (centre_voxel, phase_encode_axis, slice_axis, spacing_mm, "
+            "translation_voxels) follows it, and so do the components of u")

@@ -14,7 +14,9 @@ Intensity conventions:
   on the way in and back, clipped to [0, 1], on the way out.
 
 `severity` in [0, 1] scales each model's physical parameters (documented on each class); 0 is the
-mildest version of the degradation, not its absence (that is `NoDegradation`).
+mildest version of metal and low dose, not their absence (that is `NoDegradation`). Motion is the
+exception: its movements scale with the severity, so at 0 nothing moves and the image comes back
+unchanged (`unifuse synth` refuses it).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class MotionArtifact(Degradation):
     Severity s: n ~ U{1, 2, 3} movements at times ~ evenly spaced +-30 % (as TorchIO draws them);
     each rotates by up to 10 s degrees about each axis (2D: in-plane only) and translates by up to
     10 s mm per axis, magnitudes drawn in [1/2, 1] of that with random signs, so that severity orders
-    the artifact strength.
+    the artifact strength. At s = 0 every movement is zero: the output is the input, to float
+    rounding, with no artifact at all.
 
     No movement happens in the central ``CENTRE_BAND`` of k-space on either side of its centre (a
     time drawn there moves to the band's nearer edge). TorchIO fills the segment spanning t = 0.5
@@ -165,7 +168,10 @@ class MetalArtifact(Degradation):
 
     1-3 titanium or iron discs (2D) / spheres (3D) are put inside the head and the image is scanned
     again with a polychromatic 120 kVp parallel-beam scan and reconstructed by FBP (`metal.py`:
-    Zhang & Yu 2018's simulation); the label for this input is the metal-free original. By default
+    Zhang & Yu 2018's simulation); the label for this input is the metal-free original. A scanner
+    acquires axial slices, so a volume is scanned in the planes across `slice_axis`, the array axis
+    that runs closest to the head's superior-inferior axis (0 for a volume stored axially, 1 for a
+    coronal NIfTI: `Geometry.world_axis_order()[0]`); a 2D image is one axial slice. By default
     every slice is re-scanned, so noise and bone beam hardening are consistent through the volume;
     `metal_slices_only=True` re-scans only the slices through metal and leaves the others as they
     are (a 160^3 volume in a fraction of the time, for CPU-bound 3D training).
@@ -191,10 +197,13 @@ class MetalArtifact(Degradation):
         n_views: int = 360,
         metal_slices_only: bool = False,
         clip_to_window: bool = True,
+        slice_axis: int = 0,
     ) -> None:
         super().__init__(severity)
         if n_objects is not None and n_objects < 1:
             raise InputError(f"n_objects must be at least 1, got {n_objects}", self.name)
+        if slice_axis not in (0, 1, 2):
+            raise InputError(f"slice_axis must be an axis of a volume (0, 1 or 2), got {slice_axis}", self.name)
         if hu_window is not None and not hu_window[0] < hu_window[1]:
             raise InputError(f"hu_window must be (low, high) with low < high, got {hu_window}", self.name)
         self.voxel_size_mm = voxel_size_mm
@@ -203,18 +212,26 @@ class MetalArtifact(Degradation):
         self.n_views = n_views
         self.metal_slices_only = metal_slices_only
         self.clip_to_window = clip_to_window
+        self.slice_axis = slice_axis
 
     def _apply(self, array: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         voxel_size = _voxel_size(self.voxel_size_mm, array.ndim, self.name)
-        if voxel_size[-1] != voxel_size[-2]:
-            raise InputError(f"the CT simulation needs square in-plane pixels, got {voxel_size[-2:]} mm", self.name)
         hu = array if self.hu_window is None else self.hu_window[0] + array * (self.hu_window[1] - self.hu_window[0])
-        slices = hu[np.newaxis] if array.ndim == 2 else hu
-        slice_voxel_size = (1.0, *voxel_size) if array.ndim == 2 else voxel_size
+        # The scan works on (slice, y, x) stacks: a volume's slice axis goes first, its other two keep
+        # their order (an axial volume is not moved at all); a 2D image is a stack of one.
+        if array.ndim == 2:
+            slices, slice_voxel_size = hu[np.newaxis], (1.0, *voxel_size)
+        else:
+            stack_axes = (self.slice_axis, *(axis for axis in range(3) if axis != self.slice_axis))
+            slices, slice_voxel_size = hu.transpose(stack_axes), tuple(voxel_size[axis] for axis in stack_axes)
+        pixel_size = slice_voxel_size[-1]
+        if slice_voxel_size[-2] != pixel_size:
+            raise InputError(f"the CT simulation needs square in-plane pixels in its axial slices, got "
+                             f"{slice_voxel_size[-2:]} mm", self.name)
 
         n_objects = self.n_objects or int(rng.integers(1, 4))
         max_radius = 1.5 + 4.5 * self.severity
-        radii = np.maximum(rng.uniform(0.5 * max_radius, max_radius, n_objects), voxel_size[-1])
+        radii = np.maximum(rng.uniform(0.5 * max_radius, max_radius, n_objects), pixel_size)
         metal = str(rng.choice(ct.METALS))
         photons_per_ray = 2e7 * 20.0 ** (-self.severity)
         scatter_to_primary = 0.02 * self.severity
@@ -224,17 +241,23 @@ class MetalArtifact(Degradation):
         scanned = slices.copy()
         scanned[rescanned] = ct.simulate_ct_scan(
             slices[rescanned], metal_mask[rescanned], metal, photons_per_ray, scatter_to_primary,
-            voxel_size[-1], self.n_views, rng,
+            pixel_size, self.n_views, rng,
         )
         scanned = np.clip(scanned, ct.HU_MIN, ct.HU_MAX)
         if self.hu_window is not None:
             scanned = (scanned - self.hu_window[0]) / (self.hu_window[1] - self.hu_window[0])
             if self.clip_to_window:
                 scanned = np.clip(scanned, 0.0, 1.0)
+        # Back to the array's own axes, and so are the objects' centres.
         if array.ndim == 2:
             scanned = scanned[0]
-            for metal_object in objects:  # centres in the 2D array's own axes
+            for metal_object in objects:
                 metal_object["centre_voxel"] = metal_object["centre_voxel"][1:]
+        else:
+            array_axes = np.argsort(stack_axes)
+            scanned = np.ascontiguousarray(scanned.transpose(array_axes))
+            for metal_object in objects:
+                metal_object["centre_voxel"] = [metal_object["centre_voxel"][axis] for axis in array_axes]
         params = {
             "metal": metal,
             "objects": objects,
@@ -242,6 +265,9 @@ class MetalArtifact(Degradation):
             "scatter_to_primary": scatter_to_primary,
             "n_views": self.n_views,
             "metal_slices_only": self.metal_slices_only,
+            "slice_axis": self.slice_axis if array.ndim == 3 else None,
+            # The Hounsfield window a normalised CT was mapped through (None: the input was in HU).
+            "hu_window": None if self.hu_window is None else [float(bound) for bound in self.hu_window],
         }
         return scanned, params
 

@@ -324,8 +324,13 @@ class MildMisalignment:
             else:
                 motion *= 0.85
             magnitude = np.linalg.norm(with_scales(scale, motion).displacement(), axis=0)
+        # The maxima the drawn field was scaled to, in RandomMisalignment's terms (the unit-scale
+        # draw's own maxima describe no field that was applied).
         params = dict(rigid.params, regime="mild", rotation_deg=(angles * motion).tolist(),
                       translation_voxels=(rigid.translation * motion).tolist(),
+                      max_rotation_deg=self.max_rotation_deg * motion,
+                      max_translation_fraction=self.max_translation * motion / longest,
+                      max_elastic_fraction=scale / longest,
                       mean_voxels=float(magnitude.mean()), p95_voxels=float(np.percentile(magnitude, 95)))
         drawn = with_scales(scale, motion)
         return Misalignment(shape=drawn.shape, matrix=drawn.matrix, translation=drawn.translation,
@@ -357,10 +362,10 @@ class RegimeMixture:
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(MISALIGNMENT_REGIMES)
-        if unknown or not self.weights or any(w < 0 for w in self.weights.values()) \
+        if unknown or not self.weights or not all(np.isfinite(w) and w >= 0 for w in self.weights.values()) \
                 or sum(self.weights.values()) <= 0:
-            raise InputError(f"misalignment regimes must be weights over {', '.join(MISALIGNMENT_REGIMES)}, "
-                             f"got {self.weights}", "misalignment")
+            raise InputError(f"misalignment regimes must be finite, non-negative weights over "
+                             f"{', '.join(MISALIGNMENT_REGIMES)}, not all zero, got {self.weights}", "misalignment")
 
     def regime(self, name: str) -> RandomMisalignment | MildMisalignment | NoMisalignment:
         return regime_misalignment(name, self.large_options)

@@ -95,7 +95,10 @@ def _degradation_options(name: str, label: ImageVolume) -> dict:
             window = CT_WINDOW_HU  # a normalised CT with no record of its window: io's default
         else:
             window = None  # Hounsfield units
-        return {"voxel_size_mm": spacing, "hu_window": window}
+        options: dict[str, object] = {"voxel_size_mm": spacing, "hu_window": window}
+        if label.ndim == 3:  # scanned in axial planes, whatever axis the volume stores them along
+            options["slice_axis"] = label.geometry.world_axis_order()[0]
+        return options
     return {}
 
 

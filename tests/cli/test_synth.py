@@ -19,6 +19,7 @@ from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices, make_brain_phantoms
 from napari_unifuse.engine.outputs import STAGING_PREFIX
 from napari_unifuse.io import normalize_intensity, read_displacement, read_image
+from napari_unifuse.io.normalize import CT_WINDOW_HU
 
 OUTPUT_NAMES = ("reference", "moving", "label")
 
@@ -315,6 +316,51 @@ def test_a_ct_in_hu_gets_its_metal_in_hu_above_the_window_and_its_tissue_as_the_
     tissue = (model_input > 1e-6) & (model_input < 1.0 - 1e-6)
     np.testing.assert_allclose(written[tissue], mapping.inverse(model_input)[tissue], atol=0.01)
     assert written.max() == pytest.approx(HU_MAX, abs=0.5) and (written > mapping.upper + 1).sum() > 0
+
+
+def test_motion_at_severity_zero_is_refused_before_anything_is_written(png_pair, tmp_path, capsys):
+    """It wrote a pair labelled motion whose moving image was the clean one."""
+    assert synth(*png_pair, tmp_path / "out", "--degradation", "motion", "--severity", "0") == 2
+    error = capsys.readouterr().err
+    assert "--severity 0 draws no movement for motion" in error and "degradation none" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    reference, moving = png_pair
+    csv_path = write_csv(tmp_path / "pairs.csv", f"reference,moving,degradation\n{reference},{moving},lowdose\n"
+                                                 f"{reference},{moving},motion\n")
+    assert main(["synth", "--pairs", str(csv_path), "--severity", "0", "--out", str(tmp_path / "csv")]) == 2
+    assert "no movement for motion" in capsys.readouterr().err and not (tmp_path / "csv").exists()
+    # The other degradations still act at 0 (low dose at a quarter of the dose).
+    assert synth(*png_pair, tmp_path / "lowdose", "--degradation", "lowdose", "--severity", "0") == 0
+
+
+def test_meta_json_states_its_axis_order_which_nifti_reads_reversed(nifti_pair, tmp_path):
+    reference, moving = nifti_pair
+    assert synth(reference, moving, tmp_path, "--misalignment", "large") == 0
+    meta = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))
+    assert meta["axis_order"].startswith("array order (z, y, x), the reverse of the files' (i, j, k)")
+    pixdim = nib.load(tmp_path / "moving.nii.gz").header.get_zooms()[:3]
+    assert meta["params"]["misalignment"]["spacing_mm"] == pytest.approx(pixdim[::-1])
+
+
+def test_an_8_bit_ct_png_records_the_hu_window_its_metal_was_simulated_in(tmp_path):
+    """The physics maps a normalised CT to Hounsfield units through a window: for a PNG, with no
+    window of its own, io's default, which meta.json did not say."""
+    slices = make_brain_phantom_slices((64, 64), modalities=("t1", "ct"))
+    low, high = CT_WINDOW_HU
+    ct_8bit = np.round(255 * np.clip((slices["ct"].array - low) / (high - low), 0, 1)).astype(np.uint8)
+    Image.fromarray(ct_8bit).save(tmp_path / "ct.png")
+    Image.fromarray(np.round(255 * slices["t1"].array / slices["t1"].array.max()).astype(np.uint8)).save(
+        tmp_path / "t1.png")
+    out = tmp_path / "out"
+    assert synth(tmp_path / "t1.png", tmp_path / "ct.png", out, "--degradation", "metal", "--misalignment", "none",
+                 "--seed", "2") == 0
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    degradation = meta["params"]["degradation"]
+    assert degradation["hu_window"] == list(CT_WINDOW_HU)
+    assert meta["axis_order"].startswith("array order (y, x)")
+    moving = np.asarray(Image.open(out / "moving.png"))
+    for metal_object in degradation["objects"]:
+        assert moving[tuple(metal_object["centre_voxel"])] == 255  # metal, above the window's top
 
 
 def test_no_row_may_overwrite_another_rows_input(png_pair, tmp_path, capsys):

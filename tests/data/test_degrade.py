@@ -101,6 +101,14 @@ def test_motion_ghosts_grow_with_severity():
     assert energy[1.0] > 2 * energy[0.2]
 
 
+def test_motion_at_severity_zero_moves_nothing():
+    """What its docstring says, and why `unifuse synth` refuses it: a motion pair with no motion."""
+    clean = head_mr((32, 32))
+    motion = MotionArtifact(0.0)
+    np.testing.assert_allclose(motion(clean, np.random.default_rng(1)), clean, atol=1e-6)
+    assert not np.any(motion.last_params["rotation_deg"]) and not np.any(motion.last_params["translation_mm"])
+
+
 def test_motion_records_in_plane_movements_in_2d_and_ghosts_in_3d():
     motion = MotionArtifact(0.5)
     motion(head_mr((32, 32)), np.random.default_rng(1))
@@ -183,6 +191,7 @@ def test_metal_on_normalised_ct_stays_normalised():
     metal = MetalArtifact(0.5, voxel_size_mm=4.0, hu_window=window, n_objects=1)
     degraded = metal(normalised, np.random.default_rng(3))
     assert degraded.min() >= 0.0 and degraded.max() <= 1.0
+    assert metal.last_params["hu_window"] == list(window)  # what a reader needs to map it back to HU
     skull = (1200.0 - window[0]) / (window[1] - window[0])
     assert degraded[tuple(metal.last_params["objects"][0]["centre_voxel"])] > skull
 
@@ -198,6 +207,22 @@ def test_metal_rescans_all_slices_or_only_those_through_metal(metal_slices_only)
     far_from_metal = np.abs(np.arange(16) - centre[0]) > radius_slices + 1
     assert changed[centre[0]] and changed[far_from_metal].all() != metal_slices_only
     assert changed.sum() < 16 if metal_slices_only else changed.all()
+
+
+@pytest.mark.parametrize("storage_axes, slice_axis", [((1, 0, 2), 1), ((1, 2, 0), 2)], ids=["coronal", "slices-last"])
+def test_metal_scans_a_volume_in_the_planes_across_its_slice_axis(storage_axes, slice_axis):
+    """A CT stored with its axial planes along another array axis was re-scanned along axis 0: its
+    streaks lay in coronal planes. Stored any way, the same head gets the axial volume's scan."""
+    axial = head_ct((8, 32, 32))
+    voxel_size = np.array([4.0, 5.0, 5.0])
+    scanned_axial = MetalArtifact(0.6, voxel_size_mm=tuple(voxel_size))
+    expected = scanned_axial(axial, np.random.default_rng(3))
+    stored = MetalArtifact(0.6, voxel_size_mm=tuple(voxel_size[list(storage_axes)]), slice_axis=slice_axis)
+    degraded = stored(axial.transpose(storage_axes), np.random.default_rng(3))
+    np.testing.assert_array_equal(degraded, expected.transpose(storage_axes))
+    for mine, axial_object in zip(stored.last_params["objects"], scanned_axial.last_params["objects"]):
+        assert mine["centre_voxel"] == [axial_object["centre_voxel"][axis] for axis in storage_axes]
+    assert stored.last_params["slice_axis"] == slice_axis and scanned_axial.last_params["slice_axis"] == 0
 
 
 def test_water_reads_zero_hu_after_beam_hardening_correction():
@@ -277,5 +302,9 @@ def test_bad_parameters_raise_input_error():
         MotionArtifact(1.5)
     with pytest.raises(InputError, match="square in-plane"):
         MetalArtifact(voxel_size_mm=(1.0, 2.0))(head_ct((32, 32)), np.random.default_rng(0))
+    with pytest.raises(InputError, match="square in-plane"):  # the planes across the slice axis
+        MetalArtifact(voxel_size_mm=(2.0, 2.0, 3.0), slice_axis=1)(head_ct((8, 8, 8)), np.random.default_rng(0))
+    with pytest.raises(InputError, match="slice_axis"):
+        MetalArtifact(slice_axis=3)
     with pytest.raises(InputError, match="deep enough"):
         MetalArtifact(voxel_size_mm=1.0)(np.full((16, 16), -1000.0), np.random.default_rng(0))

@@ -10,6 +10,7 @@ from napari_unifuse.data.misalign import (
     MildMisalignment,
     NoMisalignment,
     RandomMisalignment,
+    RegimeMixture,
     misalignment_from_options,
     warp_array,
 )
@@ -174,6 +175,29 @@ def test_a_mild_field_on_a_large_image_shrinks_its_rigid_part_where_that_alone_i
     assert magnitude.mean() <= 4.0 and np.percentile(magnitude, 95) <= 7.0
     assert 0 < abs(draw.params["rotation_deg"][0]) < 1.0
     assert draw.params["mean_voxels"] == pytest.approx(magnitude.mean())
+
+
+def test_a_mild_draw_records_the_maxima_its_field_was_scaled_to():
+    """meta.json recorded the unit-scale draw's maxima (1 / 64 of the axis for the elastic part)
+    while the applied bumps were several times larger: each recorded maximum bounds what was applied."""
+    shape = (64, 48)
+    draw = MildMisalignment().draw(shape, np.random.default_rng(5))
+    lengths = np.asarray(shape, dtype=float)
+    bound = draw.params["max_elastic_fraction"] * lengths
+    largest = np.abs(draw.elastic_coefficients).reshape(len(shape), -1).max(axis=1)
+    assert np.all(largest <= bound) and np.all(largest > 0.8 * bound)  # 121 uniform draws come near it
+    assert np.all(np.abs(draw.params["translation_voxels"]) <= draw.params["max_translation_fraction"] * lengths)
+    assert abs(draw.params["rotation_deg"][0]) <= draw.params["max_rotation_deg"]
+
+
+@pytest.mark.parametrize("weight", [np.inf, np.nan])
+def test_non_finite_regime_weights_are_refused_in_one_line(weight):
+    """They passed, and the first draw failed with numpy's 'Probabilities contain NaN'."""
+    with pytest.raises(InputError, match="finite, non-negative weights") as error:
+        RegimeMixture({"mild": weight, "large": 1.0})
+    assert len(str(error.value).splitlines()) == 1
+    with pytest.raises(InputError, match="finite"):
+        misalignment_from_options({"regimes": {"mild": str(weight), "large": 1}})
 
 
 def test_none_regime_is_the_zero_field_and_leaves_the_image_alone():

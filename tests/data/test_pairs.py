@@ -173,6 +173,19 @@ def test_metal_kept_beyond_a_ct_window_leaves_the_model_input_bit_identical(slic
     np.testing.assert_allclose(written.moving.array, keeping.array + keeping.beyond_window, atol=1e-6)
 
 
+def test_a_coronal_ct_gets_its_metal_streaks_in_its_axial_planes():
+    """The slice axis comes from the geometry: a coronally stored copy of a CT (its axial planes
+    along array axis 1) is scanned in the same world planes as the axial original, not in coronal ones."""
+    hu = make_brain_phantoms((10, 24, 20), modalities=("ct",))["ct"].array
+    axial = ImageVolume(hu, Geometry(np.full(3, 6.0), np.zeros(3), np.eye(3)))
+    coronal = ImageVolume(np.ascontiguousarray(hu.transpose(1, 0, 2)), axial.geometry.transposed((1, 0, 2)))
+    assert coronal.geometry.world_axis_order() == (1, 0, 2)
+    expected = degrade_label(axial, "metal", np.random.default_rng(2), 0.8)
+    degraded = degrade_label(coronal, "metal", np.random.default_rng(2), 0.8)
+    assert degraded.degradation.last_params["slice_axis"] == 1
+    np.testing.assert_array_equal(degraded.array, expected.array.transpose(1, 0, 2))
+
+
 def test_the_none_regime_leaves_the_degraded_label_where_it_is(slices):
     pair = make_pair(slices["t1"], slices["t2"], "t1-t2-motion", rng=3, misalignment=regime_misalignment("none"))
     assert not pair.displacement.any()
