@@ -305,7 +305,8 @@ def _affine_parts(transform: sitk.Transform, ndim: int) -> tuple[np.ndarray, np.
 
 
 def register_ants(reference: np.ndarray, moving: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """ANTsPy SyN (affine + symmetric normalisation); returns ``u`` in voxels."""
+    """ANTsPy SyN (affine + symmetric normalisation); returns ``u`` in voxels. A pair ANTs cannot
+    register (e.g. a constant image) raises ``RegistrationError``, as the SimpleITK one does."""
     if not ants_available():
         raise UniFuseError("ANTsPy is not installed (pip install antspyx); the 'ants' registration is unavailable")
     import ants
@@ -313,7 +314,10 @@ def register_ants(reference: np.ndarray, moving: np.ndarray, geometry: Geometry)
     with _repeatable_ants(ants), tempfile.TemporaryDirectory(prefix="unifuse-ants-") as folder:
         fixed = ants.from_sitk(ImageVolume(reference, geometry).to_sitk())
         moved = ants.from_sitk(ImageVolume(moving, geometry).to_sitk())
-        result = ants.registration(fixed, moved, type_of_transform="SyN", outprefix=f"{folder}/reg_")
+        try:
+            result = ants.registration(fixed, moved, type_of_transform="SyN", outprefix=f"{folder}/reg_")
+        except RuntimeError as error:  # ANTs prints its ITK exception itself and raises only an exit code
+            raise RegistrationError("ANTs", str(error).strip()) from error
         composed = ants.apply_transforms(fixed, moved, result["fwdtransforms"], compose=f"{folder}/fwd_")
         if composed is None:
             raise UniFuseError("ANTs did not write the composed forward transform")

@@ -78,6 +78,10 @@ BATCH_SUMMARY_FILE = "summary.json"
 EARLIER_FAILURES = "earlier_failures"
 # What a run writes besides provenance.json: a folder holding one without it is an unfinished run.
 _RUN_OUTPUT_FILES = frozenset({DEGRADATION_FILE, DISPLACEMENT_FILE, QUALITY_FILE, METRICS_FILE, REPORT_FILE})
+# cli.synth's META_FILE: the record a `unifuse synth` pair folder gets last. That folder also holds the
+# pair's ground-truth displacement.nii.gz, but is no run; these keys of its record tell it apart.
+SYNTH_META_FILE = "meta.json"
+_SYNTH_META_KEYS = frozenset({"files", "degradation", "misalignment", "seed", "displacement_convention"})
 KEY_SLICES = 3
 # Section ids and titles, in page order.
 SECTIONS: dict[str, str] = {
@@ -539,17 +543,22 @@ def _cohort_folders(runs_dir: Path, unreadable: list[tuple[Path, OSError]]) -> _
                 missing[folder.path] = lacking
             else:
                 runs.append(folder.path)
-        elif folder.path != runs_dir and _is_unfinished_run(folder.files, folder.subfolders, folder.staging):
+        elif folder.path != runs_dir and _is_unfinished_run(folder.path, folder.files, folder.subfolders,
+                                                            folder.staging):
             unfinished.append(folder.path)
         if BATCH_SUMMARY_FILE in folder.files:
             summaries.append(folder.path / BATCH_SUMMARY_FILE)
     return _CohortFolders(sorted(runs), sorted(unfinished), missing, sorted(summaries))
 
 
-def _is_unfinished_run(files: Sequence[str], subfolders: Sequence[str], staging: Sequence[str]) -> bool:
+def _is_unfinished_run(folder: Path, files: Sequence[str], subfolders: Sequence[str], staging: Sequence[str]) -> bool:
     """Whether a folder without provenance.json is a run that did not finish: one holding a staging
     folder or a run's outputs, or an empty leaf, which is what a run killed before its first write
-    leaves (its folder lock creates the folder; a run that fails cleanly removes it)."""
+    leaves (its folder lock creates the folder; a run that fails cleanly removes it). A finished
+    ``unifuse synth`` pair (a run's input, not a run) is none."""
+    synth_record = read_json_object(folder / SYNTH_META_FILE) if SYNTH_META_FILE in files else None
+    if synth_record is not None and _SYNTH_META_KEYS <= synth_record.keys():
+        return False
     return bool(staging) or bool(set(files) & _RUN_OUTPUT_FILES) or not (files or subfolders)
 
 

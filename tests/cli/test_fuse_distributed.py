@@ -6,8 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +195,49 @@ def test_only_process_0_sums_up_the_batch_and_exits_non_zero(batch, capsys, monk
     assert not (root / "out" / "summary.json").exists()
     assert fuse._run_shard(args, pairs, Distributed(0, 0, 2, torch.device("cpu"))) == 2
     assert "1 of 2 pairs failed" in capsys.readouterr().err  # here: process 0's own shard gathered alone
+
+
+ALONE_IN_A_JOB_OF_TWO_SCRIPT = """
+import sys
+
+import napari_unifuse.engine.distributed as distributed
+from napari_unifuse.cli import main
+
+distributed.JOIN_NOTICE_SECONDS = 0.5  # say it soon: the test waits for it
+sys.argv = ["unifuse", *sys.argv[1:]]
+sys.exit(main())  # as the console script does, with its SIGTERM handler
+"""
+
+
+def test_a_process_alone_in_a_job_of_two_says_it_waits_and_sigterm_stops_it(tmp_path):
+    """WORLD_SIZE=2 with one process started waited 30 minutes in silence, and SIGTERM (`timeout`, a
+    scheduler's time limit) could not stop it: Python's handler never ran while torch waited in C++."""
+    Image.fromarray((255 * blob((16, 16), 0.0)).astype(np.uint8)).save(tmp_path / "image.png")
+    script = tmp_path / "alone.py"
+    script.write_text(ALONE_IN_A_JOB_OF_TWO_SCRIPT, encoding="utf-8")
+    with socket.socket() as probe:  # a free port: nothing answers there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    log = tmp_path / "stderr.txt"
+    with log.open("w", encoding="utf-8") as stderr:
+        process = subprocess.Popen([sys.executable, str(script), "fuse", "--reference", str(tmp_path / "image.png"),
+                                    "--moving", str(tmp_path / "image.png"), "--out", str(tmp_path / "out"),
+                                    "--device", "cpu"], cwd=REPO, env=env, stderr=stderr, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120  # the command line imports torch and the engine first
+            while "waited" not in log.read_text(encoding="utf-8") and process.poll() is None:
+                assert time.monotonic() < deadline, log.read_text(encoding="utf-8")
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            process.wait(timeout=10)
+        finally:
+            process.kill()
+    printed = log.read_text(encoding="utf-8")
+    assert (f"unifuse fuse: warning: rank 0 has waited 0.5 s at 127.0.0.1:{port} for the job's other 1 process(es) "
+            "(WORLD_SIZE=2): check that torchrun started every one, or stop this one (Ctrl-C, SIGTERM)\n") in printed
+    assert "Traceback" not in printed
+    assert process.returncode == -signal.SIGTERM and time.monotonic() - stopped < 5
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ import pytest
 
 from napari_unifuse.data.misalign import RandomMisalignment, warp_array
 from napari_unifuse.engine import classical
-from napari_unifuse.errors import Cancelled, InputError, UniFuseError
+from napari_unifuse.errors import Cancelled, InputError, RegistrationError, UniFuseError
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.metrics import registration_metrics
 
@@ -207,6 +207,18 @@ def test_ants_reported_unavailable_without_antspyx(monkeypatch, translated_pair)
     reference, _, moving, _ = translated_pair
     with pytest.raises(UniFuseError, match="antspyx"):
         classical.register("ants", reference, moving)
+
+
+def test_ants_failure_on_a_blank_image_is_a_registration_error_like_simpleitks():
+    # ANTs cannot centre a zero image (ITK's moments calculator aborts) and raises a bare
+    # RuntimeError; the CLI and the workbench show a RegistrationError in one line, as for SimpleITK.
+    reference = head_like((32, 32))
+    blank = np.zeros_like(reference)
+    with pytest.raises(RegistrationError, match=r"the ANTs registration failed on this pair \(.*error code") as ants:
+        classical.register("ants", reference, blank)
+    with pytest.raises(RegistrationError) as sitk:
+        classical.register("sitk", reference, blank)
+    assert str(ants.value).split(")", 1)[1] == str(sitk.value).split(")", 1)[1]
 
 
 def test_register_rejects_mismatched_grids_and_unknown_methods():

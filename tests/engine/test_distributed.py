@@ -1,8 +1,14 @@
-"""engine.distributed outside a torchrun job: a stray variable is one clear line, not a traceback."""
+"""engine.distributed: a stray or inconsistent torchrun variable is one clear line, not a traceback or a
+silent wait; the wait for the other processes can be stopped; the cores are split unless the user said."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
+import torch
+import torch.distributed as dist
 
 from napari_unifuse.cli import main
 from napari_unifuse.engine.distributed import setup_distributed
@@ -56,3 +62,73 @@ def test_fuse_in_a_shell_with_a_stray_world_size_says_so_in_one_line(no_torchrun
     assert main(["fuse", "--reference", str(image), "--moving", str(image), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "WORLD_SIZE=2 is set but RANK" in error[0]
+
+
+@pytest.fixture
+def torchrun_job(no_torchrun):
+    """Rank 1 of a 2-process job on one 16-core machine; the process group calls stubbed (no peer)."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555")):
+        no_torchrun.setenv(name, value)
+    no_torchrun.delenv("OMP_NUM_THREADS", raising=False)
+    no_torchrun.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    no_torchrun.setattr(os, "cpu_count", lambda: 16)
+    no_torchrun.setattr(dist, "is_initialized", lambda: True)
+    no_torchrun.setattr(dist, "new_group", lambda **options: None)
+    threads = []
+    no_torchrun.setattr(torch, "set_num_threads", threads.append)
+    return no_torchrun, threads
+
+
+@pytest.mark.parametrize(("settings", "refusal"), [
+    ({"RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+    ({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"}, "LOCAL_RANK=1 is not below LOCAL_WORLD_SIZE=1"),
+    ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE=3 exceeds WORLD_SIZE=2"),
+])
+def test_ranks_no_torchrun_job_has_are_refused_before_waiting_for_peers(torchrun_job, settings, refusal):
+    # RANK=2 of 2 waited up to 30 minutes for peers that could never all join, and said nothing.
+    environment, _ = torchrun_job
+    for name, value in settings.items():
+        environment.setenv(name, value)
+    with pytest.raises(InputError, match=f"{refusal}.*start the batch with torchrun, or unset WORLD_SIZE"):
+        setup_distributed("cpu")
+
+
+@pytest.mark.parametrize(("omp_num_threads", "under_torchrun", "threads"), [
+    (None, False, [8]),  # nothing asked: the machine's 16 cores split between its 2 processes
+    ("1", True, [8]),  # what torchrun sets where the user set nothing
+    ("1", False, []),  # the user's own 1 (not torchrun's): kept
+    ("3", True, []),  # the user's own count: kept
+])
+def test_the_cores_are_split_unless_omp_num_threads_is_the_users(torchrun_job, omp_num_threads, under_torchrun,
+                                                                 threads):
+    environment, set_threads = torchrun_job
+    if omp_num_threads is not None:
+        environment.setenv("OMP_NUM_THREADS", omp_num_threads)
+    if under_torchrun:
+        environment.setenv("TORCHELASTIC_RUN_ID", "none")
+    setup_distributed("cpu")
+    assert set_threads == threads
+
+
+def test_sigterm_ends_the_process_while_it_waits_for_peers_and_its_handler_is_back_after(torchrun_job):
+    # The command line's SIGTERM handler is Python, which cannot run while init_process_group waits
+    # in C++: the default action (the process ends) must hold for that wait, and the handler after it.
+    environment, _ = torchrun_job
+    environment.setattr(dist, "is_initialized", lambda: False)
+    during = []
+    environment.setattr(dist, "init_process_group", lambda backend: during.append(
+        (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))))
+
+    def handler(signum, frame):
+        raise AssertionError("not reached")
+
+    interrupt = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        setup_distributed("cpu")
+        assert during == [(signal.SIG_DFL, signal.SIG_DFL)]
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert signal.getsignal(signal.SIGINT) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -354,6 +354,31 @@ def test_the_index_counts_a_batchs_pairs_and_lists_failed_and_unfinished_ones_ap
     assert "<li>batch/killed</li>" not in unfinished
 
 
+def test_the_index_does_not_list_a_synth_pair_folder_as_an_unfinished_run(tmp_path):
+    """A `unifuse synth` pair beside the runs holds displacement.nii.gz (its ground truth) but no
+    provenance.json: it was listed as an unfinished run that rerunning the batch would redo."""
+    from PIL import Image
+
+    from napari_unifuse.cli.synth import META_FILE, SynthJob, synthesize
+    from napari_unifuse.engine.report import SYNTH_META_FILE
+
+    assert SYNTH_META_FILE == META_FILE
+    study = tmp_path / "study"
+    yy, xx = np.indices((32, 32))
+    for name, level in (("mri", 200), ("ct", 120)):
+        disc = ((yy - 16) ** 2 + (xx - 15) ** 2 < 10**2) * level + ((yy - 12) ** 2 + (xx - 18) ** 2 < 3**2) * 50
+        Image.fromarray(disc.astype(np.uint8)).save(tmp_path / f"{name}.png")
+    synthesize(SynthJob(tmp_path / "mri.png", tmp_path / "ct.png", "lowdose", seed=1, out=study / "synth_pair"))
+    write_fusion_outputs(constructed_result(blob_radius=0), study / "runs" / "pt1")
+    (study / "runs" / "pt1" / "provenance.json").unlink()  # a run killed before its marker: still listed
+
+    page = write_index(study).read_text(encoding="utf-8")
+
+    unfinished = page[page.index("Unfinished run folders"):]
+    assert "<li>runs/pt1</li>" in unfinished
+    assert "synth_pair" not in page
+
+
 def test_a_pair_that_failed_on_resume_keeps_its_earlier_run_marked_as_such(tmp_path):
     """Its input replaced, a resumed batch fails the pair: the old run stayed listed as a finished run
     and the pair under "Failed pairs (no outputs)", though its folder holds outputs."""
