@@ -57,6 +57,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import math
+import numbers
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -89,6 +90,7 @@ from napari_unifuse.engine.methods import (
     MATCHING,
     SIMPLEITK,
     FusionMethod,
+    NetworkMethod,
     method_for_network,
     method_from_checkpoint,
 )
@@ -125,7 +127,7 @@ from napari_unifuse.io import (
     resample_to_spacing,
 )
 from napari_unifuse.io.fields import itk_placement
-from napari_unifuse.io.nifti_xforms import NiftiXforms
+from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
 from napari_unifuse.model.checkpoint import training_crop
@@ -202,6 +204,36 @@ def fallback_plan(
     return attempts
 
 
+def _checked_tile_size(tile_size: object) -> int | None:
+    """``tile_size`` as the engine takes it (voxels per side, or None for the default), or an
+    InputError saying what it must be: a string or a tuple failed later with a bare TypeError."""
+    if tile_size is None:
+        return None
+    if isinstance(tile_size, numbers.Integral) and not isinstance(tile_size, bool) and tile_size > 0:
+        return int(tile_size)
+    raise InputError(f"tile_size must be one positive whole number of voxels per side (e.g. 64), or None for "
+                     f"the default; got {tile_size!r}")
+
+
+def _unknown_calibration_warnings(method: FusionMethod) -> list[str]:
+    """Trained weights run without their metadata: the calibrations and training crop live there,
+    so the pipeline would change silently. A weights file still loads without its sidecar (its header
+    holds the config); a network passed in memory carries none of it unless ``checkpoint_info`` does."""
+    if method.checkpoint_metadata:
+        return []
+    path = method.checkpoint
+    if path is not None:
+        missing = f"checkpoint {path.name} has no sidecar {path.with_suffix('.json').name} next to it"
+        remedy = "copy the .json with the .safetensors"
+    elif isinstance(method, NetworkMethod):
+        missing = "the network passed in memory came without its checkpoint's metadata"
+        remedy = "pass checkpoint_info=metadata, the second value load_checkpoint returns"
+    else:
+        return []
+    return [f"{missing}: its training crop and calibrations (alignment guard, fusion balance, class evidence) are "
+            f"unknown, so defaults are used and results differ from the trained pipeline's; {remedy}"]
+
+
 def requested_settings(tile_size: int | None, *, reference_modality: str, moving_modality: str, quality: bool,
                        uncertainty_passes: int) -> dict[str, Any]:
     """What a caller chose beside the inputs, method and checkpoint, as ``provenance.json`` records
@@ -233,6 +265,11 @@ class FusionEngine:
     ``weigh_dense_refinement``: whether the guard also weighs the structural matching's field refined
     by the dense MIND optimisation (``DENSE_STAGE``); ``None``: as the checkpoint says
     (``alignment_guard.weighs_dense_refinement``).
+    ``checkpoint_info``: for a network passed in memory, its checkpoint's metadata (the sidecar, the
+    second value ``model.checkpoint.load_checkpoint`` returns): the training crop and calibrations are
+    read from it as from the checkpoint loaded by name, so the results are the same; without it they
+    are unknown, and the runs say so. It is recorded as the provenance's checkpoint; for a checkpoint
+    loaded here by name or path, it adds fields to that record.
     """
 
     def __init__(
@@ -245,6 +282,7 @@ class FusionEngine:
         weigh_dense_refinement: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        tile_size = _checked_tile_size(tile_size)
         if isinstance(model_or_checkpoint, nn.Module):
             self.method = method_for_network(model_or_checkpoint)
         elif isinstance(model_or_checkpoint, FusionMethod):
@@ -252,35 +290,35 @@ class FusionEngine:
         else:
             self.method = method_from_checkpoint(model_or_checkpoint)
         path = self.method.checkpoint
-        # A weights file copied without its sidecar still loads (its header holds the config), but the
-        # calibrations and training crop live in the sidecar: the pipeline would change silently.
-        self.checkpoint_warnings = [] if path is None or self.method.checkpoint_metadata else [
-            f"checkpoint {path.name} has no sidecar {path.with_suffix('.json').name} next to it: its training "
-            f"crop and calibrations (alignment guard, fusion balance, class evidence) are unknown, so defaults "
-            f"are used and results differ from the trained pipeline's; copy the .json with the .safetensors"]
+        if path is None and checkpoint_info is not None:
+            # A network loaded by the caller runs the pipeline it runs loaded by name (load_checkpoint's metadata).
+            self.method.checkpoint_metadata = dict(checkpoint_info)
+        metadata = self.method.checkpoint_metadata
+        self.checkpoint_warnings = _unknown_calibration_warnings(self.method)
         try:
-            self.min_credible_motion = credible_motion_floor(self.method.checkpoint_metadata)
-            self.similarity_blur = similarity_blur(self.method.checkpoint_metadata)
-            self.degradation_evidence = evidence_table(self.method.checkpoint_metadata)
-            self.coarse_readout = coarse_readout(self.method.checkpoint_metadata, DEGRADATION_CLASSES)
-            self.fusion_balance = fusion_balance(self.method.checkpoint_metadata)
-            checkpoint_weighs = weighs_network_field(self.method.checkpoint_metadata)
-            checkpoint_refines = weighs_dense_refinement(self.method.checkpoint_metadata)
+            self.min_credible_motion = credible_motion_floor(metadata)
+            self.similarity_blur = similarity_blur(metadata)
+            self.degradation_evidence = evidence_table(metadata)
+            self.coarse_readout = coarse_readout(metadata, DEGRADATION_CLASSES)
+            self.fusion_balance = fusion_balance(metadata)
+            checkpoint_weighs = weighs_network_field(metadata)
+            checkpoint_refines = weighs_dense_refinement(metadata)
         except ValueError as error:
-            raise CheckpointError(f"{path}: {error}") from error
-        if path is None:
-            note = "model passed in memory" if isinstance(model_or_checkpoint, nn.Module) else "no trained weights"
-            self.checkpoint_info = dict(checkpoint_info or {"name": None, "note": note})
-        else:
-            metadata = dict(self.method.checkpoint_metadata)
+            raise CheckpointError(f"{path or 'checkpoint_info'}: {error}") from error
+        if metadata:  # else the network keeps the read-out it was built or loaded with
             crop = training_crop(metadata)
             self.method.use_training_crop(crop)
             if self.method.config.spatial_dims == 2:
                 tile_size = tile_size or crop
-            metadata.pop("config", None)  # recorded once, as model_config
+        if path is None:
+            note = "model passed in memory" if isinstance(model_or_checkpoint, nn.Module) else "no trained weights"
+            self.checkpoint_info = {"name": None, "note": note, **(checkpoint_info or {})}
+        else:
+            recorded = dict(metadata)
+            recorded.pop("config", None)  # recorded once, as model_config
             self.checkpoint_info = {
                 "name": self.method.checkpoint_name or str(path), "path": str(path.resolve()),
-                "sha256": sha256_of_path(path), "metadata": metadata, **(checkpoint_info or {}),
+                "sha256": sha256_of_path(path), "metadata": recorded, **(checkpoint_info or {}),
             }
         self.method.to(self.device)
         self.config = self.method.config
@@ -324,6 +362,7 @@ class FusionEngine:
 
         with torch.inference_mode(), _out_of_memory_explained(timer, reference, self.device):
             with stage("validate"):
+                _refuse_non_volumes(reference, moving)
                 given = {"reference": describe_input(reference), "moving": describe_input(moving)}  # as handed in
                 reference, moving = self.validate(reference, moving)
                 warnings.extend(picture_placement_warnings(reference, moving) + overlap_warnings(reference, moving))
@@ -410,7 +449,8 @@ class FusionEngine:
                                    "moving": moving_ready.mapping.to_dict()},
             "outputs": {
                 "fused": "float32 in [0, 1] (8-bit for PNG), reference geometry",
-                "aligned": "restored moving image resampled and warped onto the reference, moving intensity units",
+                "aligned": "restored moving image resampled and warped onto the reference, moving intensity units "
+                           "(RGB: float32 in [0, 1])",
                 "displacement": "ITK displacement field (LPS mm) on the reference grid, moving -> reference; "
                                 "the estimate alignment_guard kept",
             },
@@ -730,9 +770,9 @@ class FusionEngine:
                     warnings.append(
                         f"the {stage!r} stage ran out of memory on {device} with tiles of {tile_shape}; "
                         f"retrying it with tile size {next_size or 'whole input'} on {next_device}")
-        # Every plan ends on the CPU; only tiles above the model's smallest leave a smaller --tile-size to try.
+        # Every plan ends on the CPU; only tiles above the model's smallest leave a smaller tile size to try.
         if max(tile_shape) > minimum_padded_side(self.config):
-            remedy = "free memory or use a smaller --tile-size"
+            remedy = "free memory or use a smaller tile size"
         else:
             remedy = "these are the smallest tiles this model takes: free memory (close other programs) and run again"
         raise UniFuseError(f"out of memory in the {stage!r} stage even with {tile_shape} tiles on {device}; {remedy}")
@@ -876,6 +916,11 @@ def _plane_height_warnings(reference: ImageVolume, moving: ImageVolume) -> list[
             "fused within one plane: check that they show the same slice of the anatomy"]
 
 
+def the_reference(reference: ImageVolume) -> str:
+    """The reference as a message names it: with its file where it has one (in-memory images have none)."""
+    return f"the reference ({reference.source})" if reference.source else "the reference"
+
+
 def _pixels(image: ImageVolume) -> str:
     """A picture's size as people say it, width×height."""
     return "×".join(str(side) for side in reversed(image.spatial_shape)) + " pixels"
@@ -901,7 +946,7 @@ def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
             "another PNG or JPG, or save both images as NIfTI" if _is_picture(reference) != _is_picture(moving) else
             "check the two files' origins and orientations (their affines), or resample one onto the other")
     # Either header may be the wrong one: the message names both files.
-    named = f"the reference ({reference.source})" if reference.source else "the reference"
+    named = the_reference(reference)
     if _is_picture(reference) and _is_picture(moving):  # no headers: they meet at the first pixel
         apart = f"pictures of {_pixels(reference)} and {_pixels(moving)}, laid over each other from the top-left pixel"
         hint = "give two pictures of the same size"
@@ -918,7 +963,7 @@ def _out_of_memory_explained(timer: StageTimer, reference: ImageVolume,
     """An allocation that fails anywhere in a run (the tiled passes shrink their tiles first)
     becomes a message that names the stage and the size, instead of an allocator's traceback."""
     where = "CUDA GPU" if device.type == "cuda" else "computer"
-    remedy = "run on the CPU (--device cpu), " if device.type == "cuda" else ""
+    remedy = "run on the CPU, " if device.type == "cuda" else ""
     return out_of_memory_explained(lambda: (
         f"the {where} ran out of memory during the {timer.failed_stage or 'fusion'!r} stage on a "
         f"{'x'.join(map(str, reference.spatial_shape))} pair ({math.prod(reference.spatial_shape) / 1e6:.1f} M voxels); "
@@ -1088,11 +1133,12 @@ def _describe_dims(image: ImageVolume) -> str:
 
 def reader_and_content_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
     """What the readers noted about each input, and inputs with nothing in them to align or fuse."""
-    warnings = [f"{image.source}: {warning}" for image in (reference, moving)
+    warnings = [f"{image.source or role}: {warning}" for role, image in (("reference", reference), ("moving", moving))
                 for warning in image.metadata.get("warnings", [])]
     if reference.source and moving.source and same_file(reference.source, moving.source):
-        warnings.append(f"{reference.source} is both the reference and the moving image: the fused image "
-                        "is that image, and nothing is aligned")
+        # Only what holds for every method: one that restores still changes the image it fuses with itself.
+        warnings.append(f"{reference.source} is both the reference and the moving image: there is nothing to "
+                        "align, and the fusion has no second image to add; give two different images")
     for role, image in (("reference", reference), ("moving", moving)):
         # A colour picture is constant when every pixel has one colour, not when R = G = B.
         pixels = np.asarray(image.array).reshape(-1, 3) if image.is_rgb else np.asarray(image.array).reshape(-1, 1)
@@ -1161,6 +1207,16 @@ def _slices_onto(per_slice: np.ndarray, overall: np.ndarray, moving: ImageVolume
     return np.where(counts > 0, mean, overall[None]).astype(np.float32)
 
 
+def _refuse_non_volumes(reference: object, moving: object) -> None:
+    """An API caller's arrays, not images: say how to make them images rather than fail on ``.source``."""
+    for role, image in (("reference", reference), ("moving", moving)):
+        if not isinstance(image, ImageVolume):
+            kind = f"{type(image).__module__}.{type(image).__qualname__}"
+            raise InputError(f"the {role} image is not an ImageVolume (got {kind}): wrap arrays in "
+                             "ImageVolume(array, Geometry.identity(array.ndim)) (or a Geometry of their spacing, "
+                             "origin and direction), or read files with napari_unifuse.io.read_image", "run_fusion")
+
+
 def _refuse_too_small(reference: ImageVolume, config: UniFuseConfig, tile_size: int | None) -> None:
     """The reference grid (what the network runs on) and the tiles must be as large as the model's
     cost volume needs (``engine.input_checks``); say so, with the limit, before the network fails."""
@@ -1176,7 +1232,7 @@ def _refuse_too_small(reference: ImageVolume, config: UniFuseConfig, tile_size: 
             reference.source or "reference image")
     if tile_size is not None and tile_size < minimum_padded_side(config):
         raise InputError(f"tiles of {tile_size} voxels are too small for this model: it needs at least "
-                         f"{minimum_padded_side(config)}", "--tile-size")
+                         f"{minimum_padded_side(config)}", "tile size")
 
 
 def single_slice_pair(reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume] | None:
@@ -1191,6 +1247,11 @@ def single_slice_pair(reference: ImageVolume, moving: ImageVolume) -> tuple[Imag
     if axis is None:
         return None
     on_slice = resample_to_reference(moving, reference)
+    # On the slice's grid now, it is placed as the slice is: a 3-D volume's NIfTI forms would put it at
+    # the volume's height, another plane than the slice's (``_plane_height_warnings``).
+    on_slice = dataclasses.replace(on_slice, metadata={
+        **{key: value for key, value in on_slice.metadata.items() if key != NIFTI_XFORMS},
+        **placement_metadata(reference.metadata)})
     plane = Geometry(np.delete(reference.geometry.spacing, axis), np.zeros(2), np.eye(2))
 
     def in_plane(image: ImageVolume) -> ImageVolume:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_unifuse.engine.inference import PARTIAL_COVERAGE_WARNING
+from napari_unifuse.engine.inference import PARTIAL_COVERAGE_WARNING, the_reference
 from napari_unifuse.engine.overlays import slice_of
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError
@@ -25,17 +25,17 @@ def label_coverage_warnings(label: ImageVolume, reference: ImageVolume) -> list[
     another dimensionality than the reference, or one that reaches none of its grid (metrics against
     nothing but zeros). A one-slice reference is checked in 3D, as its moving image is resampled."""
     if label.ndim != reference.ndim:
-        raise InputError(f"the label is {label.ndim}D but the reference ({reference.source}) is {reference.ndim}D; "
+        raise InputError(f"the label is {label.ndim}D but {the_reference(reference)} is {reference.ndim}D; "
                          f"give a {reference.ndim}D label, the moving image's ground truth aligned to the reference",
                          label.source)
     coverage = grid_coverage(label, reference)
     if coverage == 0:
-        raise InputError(f"the label does not overlap the reference ({reference.source}) in space, so there is "
+        raise InputError(f"the label does not overlap {the_reference(reference)} in space, so there is "
                          "nothing to measure the aligned image against; check the label's origin and orientation "
                          "(its affine), or give this pair's own label", label.source)
     if coverage >= PARTIAL_COVERAGE_WARNING:
         return []
-    return [f"{label.source}: the label covers only {100 * coverage:.3g} % of the reference grid in space; "
+    return [f"{label.source or 'label'}: the label covers only {100 * coverage:.3g} % of the reference grid in space; "
             "the label metrics compare the aligned image with the label's 0 elsewhere"]
 
 

@@ -23,8 +23,10 @@ class FusionResult:
     """Everything ``run_fusion`` produced, all on the reference's grid and geometry.
 
     ``fused``: the fused image (float32 in [0, 1]; RGB when an input was RGB).
-    ``aligned``: the restored moving image warped onto the reference, in the moving image's own
-    intensity units (RGB when the moving image was RGB).
+    ``aligned``: the restored moving image warped onto the reference. Grey: in the moving image's own
+    intensity units (an integer pixel type kept, floats as float32). RGB: float32 in [0, 1], as the
+    package holds colour (``io.resample_to_reference``), whatever the input's pixel type (a PNG
+    output is 8-bit again).
     ``displacement``: ``u`` of shape ``(ndim, *spatial)`` in reference voxels; sampling the
     (resampled) moving image at ``x + u(x)`` aligns it to the reference.
     ``class_probs``: degradation class name → probability for the whole input; empty for a method

@@ -23,13 +23,13 @@ from napari_unifuse.engine.inference import (
     _slices_onto,
     fallback_plan,
 )
-from napari_unifuse.engine.methods import method_for_network
+from napari_unifuse.engine.methods import load_method, method_for_network
 from napari_unifuse.engine.outputs import output_file_names, quality_file_names, write_fusion_outputs
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, resample_to_reference
 from napari_unifuse.model import UniFuse, UniFuseConfig
-from napari_unifuse.model.checkpoint import save_checkpoint
+from napari_unifuse.model.checkpoint import load_checkpoint, save_checkpoint
 from napari_unifuse.model.mi_refinement import never_cancelled
 
 
@@ -157,6 +157,82 @@ def test_a_weights_file_copied_without_its_sidecar_says_its_calibrations_are_unk
     notes = [warning for warning in lone.warnings if "no sidecar copied.json" in warning]
     assert len(notes) == 1 and "training crop" in notes[0] and notes[0] in lone.provenance["warnings"]
     assert lone.provenance["tile_shape"] == [16, 16]  # the crop it was trained on is lost with the sidecar
+
+
+CALIBRATED = {"training_config": {"data": {"kind": "harvard", "crop": 8}},
+              METADATA_KEY: {"weigh_network_field": False}, "fusion_balance": {"max_mean_weight": 0.05}}
+
+
+def test_a_network_passed_with_its_checkpoints_metadata_fuses_exactly_as_the_checkpoint_by_name(tmp_path):
+    """checkpoint_info was only recorded: the in-memory network ran whole, weighed its own field and
+    was not balanced, 0.18 off the checkpoint loaded by name on a Harvard pair."""
+    torch.manual_seed(2)
+    path = save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), tmp_path / "net.safetensors", CALIBRATED)
+    reference = ImageVolume(blob((16, 16)), Geometry.identity(2))
+    moving = ImageVolume(np.clip(1.0 - blob((16, 16), 0.1), 0, 1), Geometry.identity(2))
+    by_name = FusionEngine(path, device="cpu").run_fusion(reference, moving, quality=False)
+    network, metadata = load_checkpoint(path)
+    engine = FusionEngine(network, device="cpu", checkpoint_info=metadata)
+    in_memory = engine.run_fusion(reference, moving, quality=False)
+    assert not engine.weigh_network_field and in_memory.fusion_balance is not None
+    for name in ("tile_shape", "tile_count", "network_field_weighed", "fusion_balance", "alignment_guard"):
+        assert in_memory.provenance[name] == by_name.provenance[name], name
+    np.testing.assert_array_equal(in_memory.fused.array, by_name.fused.array)
+    np.testing.assert_array_equal(in_memory.aligned.array, by_name.aligned.array)
+    np.testing.assert_array_equal(in_memory.displacement, by_name.displacement)
+    assert in_memory.warnings == by_name.warnings == []
+
+
+def test_a_network_passed_in_memory_without_metadata_says_so_as_a_weights_file_without_its_sidecar(tmp_path):
+    torch.manual_seed(2)
+    path = save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), tmp_path / "net.safetensors", CALIBRATED)
+    image = ImageVolume(blob((16, 16)), Geometry.identity(2))
+    bare = FusionEngine(load_checkpoint(path)[0], device="cpu").run_fusion(image, image, quality=False)
+    notes = [warning for warning in bare.warnings if "passed in memory" in warning]
+    assert len(notes) == 1 and notes[0] in bare.provenance["warnings"]
+    assert "training crop and calibrations" in notes[0] and "checkpoint_info" in notes[0]
+    path.with_suffix(".json").unlink()
+    lone = FusionEngine(path, device="cpu").run_fusion(image, image, quality=False)
+    [sidecar_note] = [warning for warning in lone.warnings if "no sidecar" in warning]
+    # One warning, worded alike: what is missing, then the same consequence.
+    assert notes[0].split(": ", 1)[1].rsplit("; ", 1)[0] == sidecar_note.split(": ", 1)[1].rsplit("; ", 1)[0]
+
+
+@pytest.mark.parametrize("tile_size", ["64", (64, 128), 0, True])
+def test_a_tile_size_that_is_not_a_positive_whole_number_is_an_input_error(model_2d, tile_size):
+    with pytest.raises(InputError, match=r"^tile_size must be one positive whole number of voxels") as error:
+        FusionEngine(model_2d, device="cpu", tile_size=tile_size)
+    assert "--tile-size" not in str(error.value)
+
+
+def test_arrays_given_for_images_are_an_input_error_saying_how_to_wrap_them(model_2d):
+    image = blob((16, 16))
+    with pytest.raises(InputError, match=r"the reference image is not an ImageVolume \(got numpy.ndarray\): "
+                                         r"wrap arrays in ImageVolume\(array, Geometry"):
+        FusionEngine(model_2d, device="cpu").run_fusion(image, image)
+
+
+def test_reader_warnings_of_in_memory_images_name_the_role_not_none():
+    with_nan = blob((16, 16))
+    with_nan[0, :3] = np.nan
+    reference = ImageVolume(with_nan, Geometry.identity(2))
+    moving = ImageVolume(with_nan.copy(), Geometry.identity(2), {}, "moving.nii.gz")
+    result = FusionEngine(load_method("identity+average"), device="cpu").run_fusion(reference, moving, quality=False)
+    notes = [warning for warning in result.warnings if "non-finite values" in warning]
+    assert [note.split(": ", 1)[0] for note in notes] == ["reference", "moving.nii.gz"]
+
+
+def test_an_rgb_moving_image_is_aligned_as_float_colour_in_0_1_as_the_provenance_says():
+    """The docstring promised the moving image's own units: an 8-bit RGB image comes back float32 in [0, 1]."""
+    grey = (255 * blob((16, 16))).astype(np.uint8)
+    colour = np.stack([grey, grey // 2, 255 - grey], axis=-1)
+    result = FusionEngine(load_method("identity+average"), device="cpu").run_fusion(
+        ImageVolume(grey, Geometry.identity(2)), ImageVolume(colour, Geometry.identity(2), is_rgb=True),
+        quality=False)
+    aligned = result.aligned.array
+    assert result.aligned.is_rgb and aligned.dtype == np.float32 and 0 <= aligned.min() <= aligned.max() <= 1
+    np.testing.assert_allclose(aligned, colour / 255.0, atol=1e-5)  # the identity kept, the colour as given
+    assert "RGB: float32 in [0, 1]" in result.provenance["outputs"]["aligned"]
 
 
 @pytest.mark.parametrize("error", list(OUT_OF_MEMORY), ids=["cuda", "torch-host", "numpy"])
@@ -534,6 +610,29 @@ def test_one_file_given_as_both_images_is_said_and_two_files_are_not(tmp_path):
 
     assert len(warnings_for("mri.png")) == 1 and len(warnings_for("link.png")) == 1
     assert warnings_for("copy.png") == []  # equal content, two files: a pair a user may mean
+    # It promises only what holds for every method: UniFuse restores and blends, changing the image
+    # fused with itself by up to 60 grey levels, which "the fused image is that image" denied.
+    [warning] = warnings_for("mri.png")
+    assert "nothing to align" in warning and "the fused image is that image" not in warning
+
+
+def test_a_one_slice_nifti_reference_with_a_whole_volume_is_not_said_to_lie_in_another_plane(tmp_path):
+    """The volume resampled onto the slice kept the volume's NIfTI header, whose height (its first
+    slice's, 10 mm below) the plane check took for the moving slice's."""
+    import nibabel as nib
+
+    volume = np.random.default_rng(0).random((20, 24, 12)).astype(np.float32)  # nibabel order (x, y, z)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    affine[:3, 3] = (-15.0, -18.0, -12.0)
+    nib.Nifti1Image(volume, affine).to_filename(tmp_path / "volume.nii.gz")
+    slice_affine = affine.copy()
+    slice_affine[2, 3] += 5 * 2.0  # the volume's sixth slice
+    nib.Nifti1Image(volume[:, :, 5:6], slice_affine).to_filename(tmp_path / "slice.nii.gz")
+    reference, moving = read_image(tmp_path / "slice.nii.gz"), read_image(tmp_path / "volume.nii.gz")
+    assert reference.single_slice_axis == 0 and moving.spatial_shape == (12, 24, 20)
+    result = FusionEngine(load_method("identity+average"), device="cpu").run_fusion(reference, moving, quality=False)
+    assert not [warning for warning in result.warnings if "different planes" in warning]
+    np.testing.assert_allclose(result.aligned.array[0], volume[:, :, 5].T, atol=1e-5)  # the slice's own plane
 
 
 class SliceRoughnessReader(CountingModel):

@@ -43,6 +43,14 @@ def test_a_label_that_cannot_be_scored_against_is_refused_naming_it(label, probl
     assert refused.value.source == "label.nii.gz" and refused.value.problem.startswith(problem)
 
 
+def test_in_memory_images_are_named_by_their_role_not_none():
+    warnings = label_coverage_warnings(picture(origin=(0.0, 21.0), source=None), picture(source=None))
+    assert len(warnings) == 1 and warnings[0].startswith("label: the label covers only 25 %")
+    with pytest.raises(InputError) as refused:
+        label_coverage_warnings(picture(origin=(500.0, 500.0), source=None), picture(source=None))
+    assert str(refused.value).startswith("the label does not overlap the reference in space")
+
+
 def ct_result(aligned_hu: np.ndarray, geometry: Geometry) -> FusionResult:
     """A result whose moving image went through the CT window, as the engine records it."""
     return FusionResult(
