@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,8 +333,8 @@ def _check_loss_ranges(loss: LossSection, source: str | None) -> None:
 
 
 def _check_data_ranges(section: dict[str, Any], where: str, source: str | None) -> None:
-    """The tasks, sample counts and folder layout of one data source; its other keys are checked
-    where the datasets are built (training.datasets)."""
+    """The tasks, folder layout and values (DATA_VALUES) of one data source; its other keys are
+    checked where the datasets are built (training.datasets)."""
     if section.get("kind") == "folders":
         from napari_unifuse.training.datasets import folder_layout  # it imports torch
 
@@ -353,12 +353,48 @@ def _check_data_ranges(section: dict[str, Any], where: str, source: str | None) 
         tasks = section["tasks"]
         _require(isinstance(tasks, (list, tuple)) and len(tasks) > 0, f"{where}.tasks",
                  "a list of at least one task", tasks, source)
-    for name in ("train_length", "val_length"):
+    for name, (allowed, bounds) in DATA_VALUES.items():
         if name in section:
-            # val_length 0 validates on nothing: every score NaN and no best checkpoint.
-            value = section[name]
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{where}.{name}",
-                     "an integer of at least 1", value, source)
+            _require(allowed(section[name]), f"{where}.{name}", bounds, section[name], source)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # YAML's true is no number
+
+
+def _is_integer(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_size(value: Any) -> bool:
+    """Unset, one size, or one per axis (how many is checked against model.spatial_dims where the
+    datasets are built). A string is none: "32" would be read as the sizes 3 and 2."""
+    sizes = value if isinstance(value, (list, tuple)) else [value]
+    return value is None or (len(sizes) > 0 and all(_is_integer(size, 1) for size in sizes))
+
+
+# The data keys whose values the datasets convert, each with what it must be: checked at load, so
+# that a wrong one is named in one line instead of failing in a conversion (or being read as
+# something else: a whole_image_degradations string as its letters). The comparisons are False for
+# NaN, so NaN is refused with the rest; the kinds' own checks (tasks, crop against the images) come
+# where the datasets are built (training.datasets).
+DATA_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "none_fraction": (lambda value: _is_number(value) and 0 <= value <= 1, "a number between 0 and 1"),
+    "severity": (lambda value: isinstance(value, (list, tuple)) and len(value) == 2
+                 and all(_is_number(bound) for bound in value) and 0 <= value[0] <= value[1] <= 1,
+                 "[low, high], two numbers with 0 <= low <= high <= 1"),
+    "val_fraction": (lambda value: _is_number(value) and 0 <= value < 1, "a number of at least 0 and below 1"),
+    "split_seed": (lambda value: _is_integer(value, 0), "a non-negative integer"),
+    "samples_per_case": (lambda value: _is_integer(value, 1), "an integer of at least 1"),
+    # val_length 0 validates on nothing: every score NaN and no best checkpoint.
+    "train_length": (lambda value: _is_integer(value, 1), "an integer of at least 1"),
+    "val_length": (lambda value: _is_integer(value, 1), "an integer of at least 1"),
+    "crop": (_is_size, "one size or one per axis, integers of at least 1"),
+    "size": (_is_size, "one size or one per axis, integers of at least 1"),
+    "whole_image_degradations": (lambda value: isinstance(value, (list, tuple))
+                                 and all(isinstance(name, str) for name in value),
+                                 "a list of degradation names, e.g. [motion]"),
+}
 
 
 def _is_checkpoint_name(init_from: str) -> bool:

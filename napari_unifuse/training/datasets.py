@@ -17,7 +17,8 @@ A sample is a dict of tensors::
     reference_misaligned (1, *spatial)             I'_R: the reference moved exactly like I'_D (L_moda)
     moving_clean (1, *spatial)                     I_fine: the clean moving image misaligned like I'_D;
                                                    W(I_fine, φ) is the fusion target (Eq. 11–12)
-  colour datasets (Harvard) add, for every sample so that batches collate:
+  colour datasets (Harvard; folders whose cohort holds a colour moving image) add, for every sample
+  so that batches collate:
     cbcr         (2, *spatial)  chroma of the moving image, misaligned like ``moving``
     label_cbcr   (2, *spatial)  chroma aligned to the reference (the target of L_crcb)
     is_color     ()  float32    0 for a grayscale moving image (chroma then neutral 0.5)
@@ -30,6 +31,7 @@ Three sources: ``HarvardPairs`` (2D PNG pairs), ``PhantomPairs`` (data.phantoms,
 from __future__ import annotations
 
 import math
+import string
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -453,6 +455,8 @@ def folder_layout(data: dict[str, Any]) -> dict[str, str]:
     if missing:
         raise InputError(f"folders without a layout need {missing}", "data")
     layout = {key: str(data[key]) for key in FOLDER_LAYOUT_KEYS}
+    for key in ("reference", "moving"):
+        _refuse_unknown_placeholders(key, layout[key])
     for key in ("reference_modality", "moving_modality"):
         if layout[key].lower() not in MODALITIES:
             raise InputError(f"unknown {key} {layout[key]!r}; use one of {', '.join(MODALITIES)}", "data")
@@ -461,6 +465,18 @@ def folder_layout(data: dict[str, Any]) -> dict[str, str]:
                          "(metal), mr, t1, t2, flair, pd, mri (motion), pet, pt, spect or nm (low dose), or "
                          "none_fraction: 1 to train on clean pairs only", "data")
     return layout
+
+
+def _refuse_unknown_placeholders(key: str, pattern: str) -> None:
+    """A file pattern may hold {case} alone: folder_cases fills in nothing else."""
+    try:
+        unknown = [name for _, name, _, _ in string.Formatter().parse(pattern) if name not in (None, "case")]
+        held = "{" + unknown[0] + "}" if unknown else None
+    except ValueError:
+        held = "a lone brace"
+    if held:
+        raise InputError(f"data.{key} {pattern!r} holds {held}: the only placeholder is {{case}}, the case "
+                         "folder's name (write a literal brace twice)", "data")
 
 
 # Folders named when some sub-folders are skipped: enough to spot a naming slip.
@@ -584,9 +600,10 @@ def _overlapping_cases(cases: list[tuple[str, Path, Path]], headers: dict[str, t
 
 
 def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: tuple[int, ...] | None,
-                  root: Path) -> list[tuple[str, Path, Path]]:
-    """The cases fit to train on, checked before the first step from their headers (every case:
-    one that fails mid-run costs the steps before it and saves no checkpoint).
+                  root: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """The cases fit to train on, and those of them whose moving image is in colour, checked
+    before the first step from their headers (every case: one that fails mid-run costs the steps
+    before it and saves no checkpoint).
 
     Cases whose moving image misses the reference are skipped (warned); a model of other
     dimensions than the images, cases of 2-D and 3-D images mixed, a case smaller than
@@ -634,7 +651,35 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
                          f"{_in_file_order(other_shape)}) and data.crop is not set, so their samples cannot share "
                          f"a batch: set data.crop, random windows of one size (at most {_in_array_order(smallest)} "
                          "fits every case)", root)
-    return cases
+    return cases, [name for name, _, _ in cases if headers[name][1].is_rgb]
+
+
+def check_harvard_pairs(pairs: list[harvard.HarvardPair], crop: tuple[int, ...] | None,
+                        size: tuple[int, ...] | None, root: Path) -> None:
+    """Every pair readable and its two images of one size (``harvard.pair_shape``, from the files'
+    headers), and the sizes they train at fit to share a batch: ``size`` resizes every pair to it,
+    ``crop`` must fit in every pair, and pairs of different sizes need one of the two. Checked
+    before the first step, as ``checked_cases`` checks a folder's cases."""
+    native = {pair: harvard.pair_shape(pair) for pair in pairs}  # every pair checked, resized or not
+    shapes = dict.fromkeys(native, size) if size else native
+    smallest = tuple(int(side) for side in np.min(list(shapes.values()), axis=0))
+    if crop is not None:
+        for pair, shape in shapes.items():
+            if any(side < c for side, c in zip(shape, crop)):
+                raise InputError(f"{pair.name} is {_in_file_order(shape)}{' (data.size)' if size else ''}, "
+                                 f"smaller than data.crop {_in_array_order(crop)}; a data.crop of at most "
+                                 f"{_in_array_order(smallest)} fits every pair", pair.reference_path)
+    elif len(set(shapes.values())) > 1:
+        # The rarer size is the odd one out: usually a stray file in a folder of the other.
+        counts = {shape: list(shapes.values()).count(shape) for shape in set(shapes.values())}
+        common = max(counts, key=counts.__getitem__)
+        odd = next(pair for pair, shape in shapes.items() if shape != common)
+        typical = next(pair for pair, shape in shapes.items() if shape == common)
+        raise InputError(f"pairs differ in size ({odd.name} is {_in_file_order(shapes[odd])} where {counts[common]} "
+                         f"of {len(shapes)}, {typical.name} among them, are {_in_file_order(common)}) and neither "
+                         "data.crop nor data.size is set, so their samples cannot share a batch: set data.size "
+                         f"(e.g. {common[0]}) to resize every pair, or data.crop (at most {_in_array_order(smallest)} "
+                         "fits every pair)", root)
 
 
 def refuse_empty_validation(validation: list, count: int, val_fraction: float, root: Any) -> None:
@@ -664,7 +709,8 @@ def split_by_case(items: list, val_fraction: float, seed: int) -> tuple[list, li
 class FolderPairs(SyntheticPairDataset):
     """Aligned NIfTI pairs in case folders; volumes are read once, normalised, cropped at random.
 
-    ``build_datasets`` hands it the cases ``checked_cases`` kept; one-slice volumes train as 2-D images."""
+    ``build_datasets`` hands it the cases ``checked_cases`` kept; one-slice volumes train as 2-D images.
+    ``with_color``: grey samples carry neutral chroma too, for a cohort with colour moving images."""
 
     def __init__(
         self,
@@ -672,11 +718,13 @@ class FolderPairs(SyntheticPairDataset):
         layout: dict[str, str],
         *,
         samples_per_case: int = 1,
+        with_color: bool = False,
         **synthesis: Any,
     ) -> None:
         super().__init__(**synthesis)
         if not cases:
             raise InputError("no cases in this split", "data")
+        self.with_color = with_color
         self.cases = list(cases)
         self.layout = layout
         self.samples_per_case = int(samples_per_case)
@@ -797,7 +845,8 @@ def build_datasets(data: dict[str, Any], *, seed: int,
     # Each source its own seed: the k-th sample of every source would otherwise draw the same
     # degradation, severity and misalignment.
     splits = [_build_source(data, seed=seed, spatial_dims=spatial_dims)] + [
-        _build_source({**inherited, **extra}, seed=seed + number, spatial_dims=spatial_dims)
+        _build_source({**inherited, **extra}, seed=seed + number, spatial_dims=spatial_dims,
+                      where=f"data.extra_sources[{number - 1}]")
         for number, extra in enumerate(extras, start=1)]
     return MixedPairs([train for train, _ in splits]), MixedPairs([val for _, val in splits])
 
@@ -819,15 +868,20 @@ def narrowed_validation(data: dict[str, Any], *, seed: int, spatial_dims: int, t
     return build_datasets(narrowed, seed=seed, spatial_dims=spatial_dims)[1]
 
 
-def _build_source(data: dict[str, Any], *, seed: int,
-                  spatial_dims: int) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
-    """``build_datasets`` for one source (its ``extra_sources``, if any, left to the caller)."""
+def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int,
+                  where: str = "data") -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
+    """``build_datasets`` for one source, the section at ``where`` (its ``extra_sources``, if any,
+    left to the caller)."""
     kind = data.get("kind")
     if kind not in DATA_KEYS:
         raise InputError(f"unknown data.kind {kind!r}; use harvard, phantom or folders", "data")
     unknown = sorted(set(data) - DATA_KEYS[kind] - COMMON_DATA_KEYS)
     if unknown:
         raise InputError(f"unknown keys for data.kind {kind}: {unknown}", "data")
+    if "root" in DATA_KEYS[kind] and data.get("root") is None:
+        # --data-root sets the main section's root only.
+        remedy = f"set {where}.root" + (" or pass --data-root" if where == "data" else "")
+        raise InputError(f"data.kind {kind} reads its images from a folder: {remedy}", where)
     split_seed = int(data.get("split_seed", 0))
     val_fraction = float(data.get("val_fraction", DEFAULT_VAL_FRACTION))
     common = {
@@ -842,9 +896,10 @@ def _build_source(data: dict[str, Any], *, seed: int,
         if spatial_dims != 2:
             raise InputError("the Harvard pairs are 2D: set model.spatial_dims: 2", "data")
         pairs = harvard.index_harvard(data["root"], tuple(data.get("tasks", harvard.HARVARD_TASKS)))
+        size = _size(data.get("size"), 2, "data.size")
+        check_harvard_pairs(pairs, common["crop"], size, Path(data["root"]))
         train_pairs, val_pairs = harvard.split_cases(pairs, val_fraction, split_seed)
         refuse_empty_validation(val_pairs, len({pair.case for pair in pairs}), val_fraction, data["root"])
-        size = _size(data.get("size"), 2, "data.size")
         return (
             HarvardPairs(train_pairs, stream=TRAIN_STREAM, size=size, **common),
             HarvardPairs(val_pairs, stream=VALIDATION_STREAM, size=size, **common),
@@ -863,10 +918,14 @@ def _build_source(data: dict[str, Any], *, seed: int,
         )
     if kind == "folders":
         layout = folder_layout(data)
-        cases = checked_cases(folder_cases(data["root"], layout), spatial_dims, common["crop"], Path(data["root"]))
+        cases, colour_cases = checked_cases(folder_cases(data["root"], layout), spatial_dims, common["crop"],
+                                            Path(data["root"]))
         train_cases, val_cases = split_by_case(cases, val_fraction, split_seed)
         refuse_empty_validation(val_cases, len(cases), val_fraction, data["root"])
-        options = {"layout": layout, "samples_per_case": int(data.get("samples_per_case", 1))}
+        # A colour moving image among grey ones (a PET/SPECT in pseudo-colour): every sample of both
+        # splits carries chroma, so that they share a batch (see MixedPairs).
+        options = {"layout": layout, "samples_per_case": int(data.get("samples_per_case", 1)),
+                   "with_color": bool(colour_cases)}
         return (
             FolderPairs(train_cases, stream=TRAIN_STREAM, **options, **common),
             FolderPairs(val_cases, stream=VALIDATION_STREAM, **options, **common),

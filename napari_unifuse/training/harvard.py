@@ -45,6 +45,11 @@ class HarvardPair:
     def case(self) -> int:
         return case_of(self.pair_id)
 
+    @property
+    def name(self) -> str:
+        """How messages name the pair, e.g. "PET-MRI pair 30045"."""
+        return f"{self.task} pair {self.pair_id}"
+
 
 def case_of(pair_id: str) -> int:
     """Atlas case number of an id: all digits but the last three (``16003`` -> 16)."""
@@ -121,15 +126,56 @@ def read_harvard_pair(pair: HarvardPair) -> tuple[np.ndarray, np.ndarray]:
     The pseudo-colour images stay RGB here: ``data.pairs.make_pair`` degrades their luma and warps
     all of Y, Cb, Cr, and the dataset then fuses Y and carries CbCr (data.color).
     """
-    from skimage.io import imread
-
-    reference = _as_gray(imread(pair.reference_path), pair.reference_path)
-    moving = imread(pair.moving_path)
+    reference = _as_gray(_read_png(pair.reference_path, pair), pair.reference_path)
+    moving = _read_png(pair.moving_path, pair)
+    _refuse_two_sizes(pair, reference.shape, moving.shape[:2])
     if moving.ndim == 3 and moving.shape[-1] in (3, 4) and not _is_gray_rgb(moving):
         if moving.dtype != np.uint8:
             raise InputError(f"expected 8-bit PNG, got {moving.dtype}", pair.moving_path)
         return reference, moving[..., :3].astype(np.float32) / 255.0
     return reference, _as_gray(moving, pair.moving_path)
+
+
+def pair_shape(pair: HarvardPair) -> tuple[int, int]:
+    """The (height, width) of a pair, from its files' headers, each file checked whole against its
+    checksums without being decoded (a fraction of a second for the whole atlas): a file that
+    cannot be read or two images of different sizes are refused before training, not at the step
+    that first draws them."""
+    from PIL import Image
+
+    shapes = []
+    for path in (pair.reference_path, pair.moving_path):
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                image.verify()
+        except (OSError, SyntaxError, ValueError) as error:  # Pillow's reasons for a file it cannot read
+            raise _unreadable(path, pair, error) from None
+        shapes.append((height, width))
+    _refuse_two_sizes(pair, *shapes)
+    return shapes[0]
+
+
+def _read_png(path: Path, pair: HarvardPair) -> np.ndarray:
+    from skimage.io import imread
+
+    try:
+        return imread(path)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _unreadable(path, pair, error) from None
+
+
+def _unreadable(path: Path, pair: HarvardPair, error: Exception) -> InputError:
+    return InputError(f"{pair.name}: not a readable PNG ({error}); replace the file or remove the pair", path)
+
+
+def _refuse_two_sizes(pair: HarvardPair, reference: tuple[int, ...], moving: tuple[int, ...]) -> None:
+    """The two images of a pair are aligned on one grid: different sizes are no pair."""
+    if tuple(reference[:2]) != tuple(moving[:2]):
+        reference_folder, moving_folder, _ = HARVARD_TASKS[pair.task]
+        raise InputError(f"{pair.name}: the {moving_folder} image is {moving[1]}×{moving[0]} pixels and the "
+                         f"{reference_folder} {reference[1]}×{reference[0]}; the two images of a pair must be the "
+                         "same size, aligned: replace them or remove the pair", pair.moving_path)
 
 
 def _is_gray_rgb(image: np.ndarray) -> bool:

@@ -777,7 +777,21 @@ def resumed_config(run_dir: str | Path, requested: TrainConfig, **train_override
     ``--lr`` of an earlier invocation is in the run's config but not in the file."""
     saved = run_config(run_dir)
     _refuse_changes(saved, requested, Path(run_dir))
+    _say_which_settings_are_kept(saved, requested, train_overrides)
     return dataclasses.replace(saved.with_overrides(train=train_overrides), source=requested.source)
+
+
+def _say_which_settings_are_kept(saved: TrainConfig, requested: TrainConfig, train_overrides: dict[str, Any]) -> None:
+    """Names the RESUMABLE_TRAIN_SETTINGS whose value in the config given is not the run's and is
+    not taken: a resume changes them only by their flags, and a max_steps raised in the file would
+    otherwise end the run where it was without a word. A note on the standard output (rank 0), like
+    the restart's: a run started with --max-steps and resumed without it is no mistake."""
+    kept = [f"train.{name} {getattr(saved.train, name)}, not the config file's {getattr(requested.train, name)}: "
+            f"pass --{name.replace('_', '-')} {getattr(requested.train, name)} to change it"
+            for name in RESUMABLE_TRAIN_SETTINGS
+            if name not in train_overrides and getattr(requested.train, name) != getattr(saved.train, name)]
+    if kept and int(os.environ.get("RANK", "0")) == 0:
+        print(f"unifuse train: --resume keeps the run's {'; '.join(kept)}", flush=True)
 
 
 def _module_the_stage_initialises(config: TrainConfig) -> dict[str, Any]:

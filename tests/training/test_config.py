@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -245,4 +246,49 @@ def test_a_misspelled_misalignment_key_is_refused_at_load_naming_the_file(tmp_pa
     path = tmp_path / "typo.yaml"
     path.write_text("data: {kind: phantom, misalignment: {max_rotaton_deg: 90.0}}\n")
     with pytest.raises(InputError, match=r"typo.yaml: data.misalignment: unknown key max_rotaton_deg; accepted: "):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("none_fraction: 20%", "data.none_fraction must be a number between 0 and 1, got '20%'"),
+    ("none_fraction: .nan", "data.none_fraction must be a number between 0 and 1, got nan"),
+    ("severity: 0.5", r"data.severity must be \[low, high\], two numbers with 0 <= low <= high <= 1, got 0.5"),
+    ("severity: [low, high]", r"data.severity must be \[low, high\].*got \['low', 'high'\]"),
+    ("val_fraction: x", "data.val_fraction must be a number of at least 0 and below 1, got 'x'"),
+    ("split_seed: a", "data.split_seed must be a non-negative integer, got 'a'"),
+    ("split_seed: -1", "data.split_seed must be a non-negative integer, got -1"),
+    ("samples_per_case: two", "data.samples_per_case must be an integer of at least 1, got 'two'"),
+    ("samples_per_case: -2", "data.samples_per_case must be an integer of at least 1, got -2"),
+    ("crop: 32.5", "data.crop must be one size or one per axis, integers of at least 1, got 32.5"),
+    ("crop: '32'", "data.crop must be one size or one per axis, integers of at least 1, got '32'"),
+    ("size: [128, 0]", r"data.size must be one size or one per axis, integers of at least 1, got \[128, 0\]"),
+    ("whole_image_degradations: motion",
+     r"data.whole_image_degradations must be a list of degradation names, e.g. \[motion\], got 'motion'"),
+])
+def test_a_data_value_of_the_wrong_type_is_refused_at_load_naming_the_key(tmp_path, entry, message):
+    """These gave tracebacks (or, for a string, its letters as values) where the datasets were built."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"data: {{kind: folders, root: cases, layout: brats, {entry}}}\n")
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}: {message}$"):
+        load_config(path)
+    path.write_text(f"data: {{kind: phantom, extra_sources: [{{kind: folders, root: cases, layout: brats, {entry}}}]}}\n")
+    with pytest.raises(InputError, match=message.replace("data.", r"data.extra_sources\[0\].", 1)):
+        load_config(path)
+
+
+def test_the_data_values_that_train_are_accepted(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("data: {kind: folders, root: cases, layout: brats, none_fraction: 1, severity: [0, 1], "
+                    "val_fraction: 0.5, split_seed: 0, samples_per_case: 1, crop: [16, 24], "
+                    "whole_image_degradations: [motion], extra_sources: [{kind: harvard, root: atlas, size: 64, "
+                    "crop: null}]}\n")
+    assert load_config(path).data["crop"] == [16, 24]
+
+
+@pytest.mark.parametrize("pattern", ["'{patient}_spect.png'", "'{}.png'", "'a{b.png'"])
+def test_a_folder_pattern_with_another_placeholder_than_case_is_refused_at_load(tmp_path, pattern):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"data: {{kind: folders, root: cases, reference: mr.png, moving: {pattern}, "
+                    "reference_modality: mr, moving_modality: spect}\n")
+    with pytest.raises(InputError, match=r"data.moving .* holds .*: the only placeholder is \{case\}"):
         load_config(path)

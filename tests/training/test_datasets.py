@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -461,3 +463,87 @@ def test_a_case_whose_moving_image_misses_its_reference_is_skipped_with_a_warnin
                                          r".*500 mm apart"):
         train, validation = datasets.build_datasets(_own_nifti_folders(tmp_path, crop=16), seed=0, spatial_dims=3)
     assert {case for case, _, _ in train.cases + validation.cases} == {"b", "c"}
+
+
+def _png_cases(root, colour_cases, count=4, size=32):
+    """Case folders of mr.png and spect.png (grey, or RGB pseudo-colour for ``colour_cases``)."""
+    from skimage.io import imsave
+
+    grids = np.meshgrid(*[np.linspace(-1, 1, size)] * 2, indexing="ij")
+    disc = sum(g ** 2 for g in grids) < 0.5
+    for case in range(count):
+        folder = root / f"case{case}"
+        folder.mkdir(parents=True)
+        imsave(folder / "mr.png", (disc * 200 + 20).astype(np.uint8), check_contrast=False)
+        spect = (disc * 180 + 10).astype(np.uint8)
+        if case in colour_cases:
+            spect = np.stack([spect, spect // 2, 255 - spect], axis=-1)
+        imsave(folder / "spect.png", spect, check_contrast=False)
+    return {"kind": "folders", "root": str(root), "reference": "mr.png", "moving": "spect.png",
+            "reference_modality": "mr", "moving_modality": "spect", "crop": 16, "val_fraction": 0.25}
+
+
+def test_a_colour_moving_image_among_grey_ones_trains_with_neutral_chroma_for_the_grey(tmp_path):
+    """One pseudo-colour SPECT among grey ones stopped training with KeyError 'cbcr' in the collation."""
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    train, validation = datasets.build_datasets(_png_cases(tmp_path, colour_cases={1}), seed=0, spatial_dims=2)
+    cases = train.case_names() + validation.case_names()
+    batch = next(iter(DataLoader(ConcatDataset([train, validation]), batch_size=len(cases))))
+    colour = [case == "case1" for case in cases]
+    assert batch["is_color"].tolist() == [float(is_colour) for is_colour in colour]
+    assert batch["cbcr"].shape == (4, 2, 16, 16) and batch["label_cbcr"].shape == (4, 2, 16, 16)
+    grey = ~torch.tensor(colour)
+    assert torch.all(batch["cbcr"][grey] == datasets.NEUTRAL_CHROMA)
+    assert torch.all(batch["label_cbcr"][grey] == datasets.NEUTRAL_CHROMA)
+    assert batch["label_cbcr"][~grey].sub(datasets.NEUTRAL_CHROMA).abs().max() > 0.1   # the colour case's own chroma
+
+
+def test_a_grey_folder_cohort_carries_no_chroma(tmp_path):
+    train, _ = datasets.build_datasets(_png_cases(tmp_path, colour_cases=set()), seed=0, spatial_dims=2)
+    assert set(train[0]) == SAMPLE_KEYS
+
+
+def test_harvard_pairs_of_different_sizes_without_crop_or_size_are_refused_before_training(tmp_path):
+    from skimage.io import imsave
+
+    root = write_fake_harvard(tmp_path, size=16)
+    for folder in ("MRI", "CT"):
+        imsave(root / "CT-MRI" / folder / "2004.png", np.zeros((12, 14), np.uint8), check_contrast=False)
+    section = {"kind": "harvard", "root": str(root), "tasks": ["CT-MRI"], "val_fraction": 0.3}
+    with pytest.raises(InputError, match=r"pairs differ in size \(CT-MRI pair 2004 is 14×12 \(x×y\) where 11 of "
+                                         r"12, .* are 16×16 \(x×y\)\).*set data.size \(e.g. 16\).*or data.crop "
+                                         r"\(at most \[12, 14\] \(y, x\)") as refused:
+        datasets.build_datasets(section, seed=0, spatial_dims=2)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(InputError, match=r"MRI/2004.png: CT-MRI pair 2004 is 14×12 \(x×y\), smaller than data.crop"):
+        datasets.build_datasets({**section, "crop": 13}, seed=0, spatial_dims=2)
+    for fitting in ({"size": 16}, {"crop": 12}):
+        train, _ = datasets.build_datasets({**section, **fitting}, seed=0, spatial_dims=2)
+        assert train[0]["moving"].shape[1:] == ((16, 16) if "size" in fitting else (12, 12))
+
+
+@pytest.mark.parametrize("fault", ["truncated", "other size"])
+def test_an_unusable_harvard_pair_is_named_before_training(tmp_path, fault):
+    from skimage.io import imsave
+
+    root = write_fake_harvard(tmp_path, size=16)
+    moving = root / "CT-MRI" / "CT" / "16004.png"
+    if fault == "truncated":
+        moving.write_bytes(moving.read_bytes()[:60])
+        message = r"CT-MRI pair 16004: not a readable PNG \(.*\); replace the file or remove the pair"
+    else:
+        imsave(moving, np.zeros((16, 20), np.uint8), check_contrast=False)
+        message = r"CT-MRI pair 16004: the CT image is 20×16 pixels and the MRI 16×16; .* must be the same size"
+    for resize in ({}, {"size": 8}):
+        with pytest.raises(InputError, match=rf"^{re.escape(str(moving))}: {message}"):
+            datasets.build_datasets({"kind": "harvard", "root": str(root), **resize}, seed=0, spatial_dims=2)
+
+
+def test_a_data_source_reading_files_without_a_root_says_where_to_set_it():
+    with pytest.raises(InputError, match=r"^data: data.kind harvard reads its images from a folder: set data.root "
+                                         "or pass --data-root$"):
+        datasets.build_datasets({"kind": "harvard", "crop": 32}, seed=0, spatial_dims=2)
+    with pytest.raises(InputError, match=r"set data.extra_sources\[0\].root$"):
+        datasets.build_datasets({"kind": "phantom", "extra_sources": [{"kind": "folders", "layout": "brats"}]},
+                                seed=0, spatial_dims=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from skimage.io import imsave
@@ -91,3 +93,18 @@ def test_read_pair_keeps_pseudo_colour_as_rgb(tmp_path):
     assert moving.dtype == np.float32 and 0.0 <= moving.min() and moving.max() <= 1.0
     ct = next(p for p in pairs if p.task == "CT-MRI")
     assert harvard.read_harvard_pair(ct)[1].shape == (16, 16)
+
+
+def test_a_pair_that_cannot_be_read_is_named_by_its_file_and_id(tmp_path):
+    """A truncated PNG read mid-training said only "Truncated File Read"; two sizes gave a grid message
+    without the file."""
+    pairs = harvard.index_harvard(write_fake_harvard(tmp_path))
+    pair = next(p for p in pairs if p.pair_id == "2004")
+    pair.moving_path.write_bytes(pair.moving_path.read_bytes()[:60])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(pair.moving_path))}: CT-MRI pair 2004: not a readable PNG"):
+        harvard.read_harvard_pair(pair)
+    imsave(pair.moving_path, np.zeros((16, 12), np.uint8), check_contrast=False)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(pair.moving_path))}: CT-MRI pair 2004: the CT image is 12×16 pixels "
+                                         "and the MRI 16×16"):
+        harvard.read_harvard_pair(pair)
+    assert harvard.pair_shape(next(p for p in pairs if p.pair_id == "2006")) == (16, 16)

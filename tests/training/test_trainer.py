@@ -233,3 +233,24 @@ def test_resuming_after_the_datas_cases_changed_is_refused(tmp_path, change):
     changed = "case4" if change == "added" else split["train"][0]
     with pytest.raises(InputError, match=rf"the data's cases changed since the run started \({change}: {changed}\)"):
         train(config, run_dir, device="cpu", resume=True, progress=False)
+
+
+def test_a_resume_says_which_of_the_config_files_resumable_settings_it_keeps_the_runs_own(tmp_path, capsys):
+    """A config file whose max_steps was raised resumed silently at the run's old max_steps."""
+    import yaml
+
+    from napari_unifuse.training.trainer import resumed_config
+
+    run = _tiny_config()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(run.to_dict()), encoding="utf-8")
+    raised = run.with_overrides(train={"max_steps": 16, "batch_size": run.train.batch_size + 1})
+    continued = resumed_config(tmp_path, raised)
+    assert continued.train.max_steps == 3 and continued.train.batch_size == run.train.batch_size
+    (note,) = capsys.readouterr().out.splitlines()
+    assert note.startswith("unifuse train: --resume keeps the run's train.max_steps 3, not the config file's 16: "
+                           "pass --max-steps 16 to change it; train.batch_size ")
+    assert f"batch_size {run.train.batch_size}, not the config file's {run.train.batch_size + 1}: pass --batch-size" in note
+    # The flags given, or the file as the run has it: nothing to say.
+    assert resumed_config(tmp_path, raised, max_steps=16, batch_size=2).train.max_steps == 16
+    assert resumed_config(tmp_path, run).train.max_steps == 3
+    assert capsys.readouterr().out == ""
