@@ -342,7 +342,8 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
             "val_fraction": cases.val_fraction, "split_seed": cases.seed, "misalignment": {"regime": regime}}
     if size:
         data["size"] = size
-    train, validation = build_datasets(data, seed=seed, spatial_dims=2)
+    # One pair at a time: pairs of several sizes need no common size here.
+    train, validation = build_datasets(data, seed=seed, spatial_dims=2, batched=False)
     dataset = validation if split == "val" else train
     taken: dict[str, int] = {}
     pairs = []

@@ -655,11 +655,11 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
 
 
 def check_harvard_pairs(pairs: list[harvard.HarvardPair], crop: tuple[int, ...] | None,
-                        size: tuple[int, ...] | None, root: Path) -> None:
+                        size: tuple[int, ...] | None, root: Path, *, batched: bool = True) -> None:
     """Every pair readable and its two images of one size (``harvard.pair_shape``, from the files'
     headers), and the sizes they train at fit to share a batch: ``size`` resizes every pair to it,
-    ``crop`` must fit in every pair, and pairs of different sizes need one of the two. Checked
-    before the first step, as ``checked_cases`` checks a folder's cases."""
+    ``crop`` must fit in every pair, and, when ``batched``, pairs of different sizes need one of the
+    two. Checked before the first step, as ``checked_cases`` checks a folder's cases."""
     native = {pair: harvard.pair_shape(pair) for pair in pairs}  # every pair checked, resized or not
     shapes = dict.fromkeys(native, size) if size else native
     smallest = tuple(int(side) for side in np.min(list(shapes.values()), axis=0))
@@ -669,7 +669,7 @@ def check_harvard_pairs(pairs: list[harvard.HarvardPair], crop: tuple[int, ...] 
                 raise InputError(f"{pair.name} is {_in_file_order(shape)}{' (data.size)' if size else ''}, "
                                  f"smaller than data.crop {_in_array_order(crop)}; a data.crop of at most "
                                  f"{_in_array_order(smallest)} fits every pair", pair.reference_path)
-    elif len(set(shapes.values())) > 1:
+    elif batched and len(set(shapes.values())) > 1:
         # The rarer size is the odd one out: usually a stray file in a folder of the other.
         counts = {shape: list(shapes.values()).count(shape) for shape in set(shapes.values())}
         common = max(counts, key=counts.__getitem__)
@@ -813,9 +813,11 @@ DATA_KEYS = {
 }
 
 
-def build_datasets(data: dict[str, Any], *, seed: int,
-                   spatial_dims: int) -> tuple[SyntheticPairDataset | MixedPairs, SyntheticPairDataset | MixedPairs]:
-    """(train, validation) datasets for a config's ``data`` section.
+def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int,
+                   batched: bool = True) -> tuple[SyntheticPairDataset | MixedPairs, SyntheticPairDataset | MixedPairs]:
+    """(train, validation) datasets for a config's ``data`` section. ``batched``: the samples must
+    share batches (training), so Harvard pairs of several sizes need data.crop or data.size; a
+    caller reading them one at a time (``unifuse evaluate``) passes False.
 
     ``extra_sources``: a list of further ``data`` sections (any kind, no ``extra_sources`` of their
     own) whose samples are appended to both splits (``MixedPairs``); each inherits
@@ -838,15 +840,15 @@ def build_datasets(data: dict[str, Any], *, seed: int,
     if not isinstance(extras, list) or not all(isinstance(extra, dict) for extra in extras):
         raise InputError("data.extra_sources must be a list of data sections", "data.extra_sources")
     if not extras:
-        return _build_source(data, seed=seed, spatial_dims=spatial_dims)
+        return _build_source(data, seed=seed, spatial_dims=spatial_dims, batched=batched)
     if any("extra_sources" in extra for extra in extras):
         raise InputError("an extra source cannot list extra sources of its own", "data.extra_sources")
     inherited = {key: data[key] for key in INHERITED_DATA_KEYS if key in data}
     # Each source its own seed: the k-th sample of every source would otherwise draw the same
     # degradation, severity and misalignment.
-    splits = [_build_source(data, seed=seed, spatial_dims=spatial_dims)] + [
+    splits = [_build_source(data, seed=seed, spatial_dims=spatial_dims, batched=batched)] + [
         _build_source({**inherited, **extra}, seed=seed + number, spatial_dims=spatial_dims,
-                      where=f"data.extra_sources[{number - 1}]")
+                      where=f"data.extra_sources[{number - 1}]", batched=batched)
         for number, extra in enumerate(extras, start=1)]
     return MixedPairs([train for train, _ in splits]), MixedPairs([val for _, val in splits])
 
@@ -868,8 +870,8 @@ def narrowed_validation(data: dict[str, Any], *, seed: int, spatial_dims: int, t
     return build_datasets(narrowed, seed=seed, spatial_dims=spatial_dims)[1]
 
 
-def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int,
-                  where: str = "data") -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
+def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int, where: str = "data",
+                  batched: bool = True) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
     """``build_datasets`` for one source, the section at ``where`` (its ``extra_sources``, if any,
     left to the caller)."""
     kind = data.get("kind")
@@ -897,7 +899,7 @@ def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int,
             raise InputError("the Harvard pairs are 2D: set model.spatial_dims: 2", "data")
         pairs = harvard.index_harvard(data["root"], tuple(data.get("tasks", harvard.HARVARD_TASKS)))
         size = _size(data.get("size"), 2, "data.size")
-        check_harvard_pairs(pairs, common["crop"], size, Path(data["root"]))
+        check_harvard_pairs(pairs, common["crop"], size, Path(data["root"]), batched=batched)
         train_pairs, val_pairs = harvard.split_cases(pairs, val_fraction, split_seed)
         refuse_empty_validation(val_pairs, len({pair.case for pair in pairs}), val_fraction, data["root"])
         return (

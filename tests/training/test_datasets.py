@@ -521,6 +521,11 @@ def test_harvard_pairs_of_different_sizes_without_crop_or_size_are_refused_befor
     for fitting in ({"size": 16}, {"crop": 12}):
         train, _ = datasets.build_datasets({**section, **fitting}, seed=0, spatial_dims=2)
         assert train[0]["moving"].shape[1:] == ((16, 16) if "size" in fitting else (12, 12))
+    # Read one pair at a time (unifuse evaluate), the pairs keep their own sizes.
+    train, validation = datasets.build_datasets(section, seed=0, spatial_dims=2, batched=False)
+    sizes = {sample["moving"].shape[1:] for split in (train, validation)
+             for sample in (split[index] for index in range(len(split)))}
+    assert sizes == {(16, 16), (12, 14)}
 
 
 @pytest.mark.parametrize("fault", ["truncated", "other size"])
