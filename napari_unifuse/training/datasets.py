@@ -635,14 +635,14 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
         raise InputError(f"model.spatial_dims is {spatial_dims} but the images are {image_dims}D"
                          f"{one_slice if slices else ''}: set model.spatial_dims: {image_dims}",
                          reference_of[next(iter(dimensions))])
-    smallest = tuple(int(side) for side in np.min(list(shapes.values()), axis=0))
+    smallest = _smallest_sides(shapes)
     if crop is not None:
-        for name, shape in shapes.items():
-            if any(side < c for side, c in zip(shape, crop)):
-                raise InputError(f"case {name} is {_in_file_order(shape)} voxels, x first as nibabel and the "
-                                 f"file's header list them, smaller than data.crop {_in_array_order(crop)} = "
-                                 f"{_in_file_order(crop)}; a data.crop of at most {_in_array_order(smallest)} fits "
-                                 "every case", reference_of[name])
+        if misfit := _smaller_than_crop(shapes, crop):
+            name, shape = misfit
+            raise InputError(f"case {name} is {_in_file_order(shape)} voxels, x first as nibabel and the "
+                             f"file's header list them, smaller than data.crop {_in_array_order(crop)} = "
+                             f"{_in_file_order(crop)}; a data.crop of at most {_in_array_order(smallest)} fits "
+                             "every case", reference_of[name])
     elif len(set(shapes.values())) > 1:
         (first, first_shape), (other, other_shape) = next(
             ((a, shapes[a]), (b, shapes[b])) for a in shapes for b in shapes if shapes[a] != shapes[b])
@@ -654,6 +654,17 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
     return cases, [name for name, _, _ in cases if headers[name][1].is_rgb]
 
 
+def _smallest_sides(shapes: dict[Any, tuple[int, ...]]) -> tuple[int, ...]:
+    """The largest window that fits in every one of ``shapes``."""
+    return tuple(int(side) for side in np.min(list(shapes.values()), axis=0))
+
+
+def _smaller_than_crop(shapes: dict[Any, Any], crop: tuple[int, ...]) -> tuple[Any, Any] | None:
+    """The first (key, shape) of ``shapes`` smaller than ``crop`` along an axis, or None."""
+    return next(((key, shape) for key, shape in shapes.items() if any(side < c for side, c in zip(shape, crop))),
+                None)
+
+
 def check_harvard_pairs(pairs: list[harvard.HarvardPair], crop: tuple[int, ...] | None,
                         size: tuple[int, ...] | None, root: Path, *, batched: bool = True) -> None:
     """Every pair readable and its two images of one size (``harvard.pair_shape``, from the files'
@@ -662,13 +673,13 @@ def check_harvard_pairs(pairs: list[harvard.HarvardPair], crop: tuple[int, ...] 
     two. Checked before the first step, as ``checked_cases`` checks a folder's cases."""
     native = {pair: harvard.pair_shape(pair) for pair in pairs}  # every pair checked, resized or not
     shapes = dict.fromkeys(native, size) if size else native
-    smallest = tuple(int(side) for side in np.min(list(shapes.values()), axis=0))
+    smallest = _smallest_sides(shapes)
     if crop is not None:
-        for pair, shape in shapes.items():
-            if any(side < c for side, c in zip(shape, crop)):
-                raise InputError(f"{pair.name} is {_in_file_order(shape)}{' (data.size)' if size else ''}, "
-                                 f"smaller than data.crop {_in_array_order(crop)}; a data.crop of at most "
-                                 f"{_in_array_order(smallest)} fits every pair", pair.reference_path)
+        if misfit := _smaller_than_crop(shapes, crop):
+            pair, shape = misfit
+            raise InputError(f"{pair.name} is {_in_file_order(shape)}{' (data.size)' if size else ''}, "
+                             f"smaller than data.crop {_in_array_order(crop)}; a data.crop of at most "
+                             f"{_in_array_order(smallest)} fits every pair", pair.reference_path)
     elif batched and len(set(shapes.values())) > 1:
         # The rarer size is the odd one out: usually a stray file in a folder of the other.
         counts = {shape: list(shapes.values()).count(shape) for shape in set(shapes.values())}
