@@ -1,11 +1,14 @@
 """npe2 reader and writers, and the conversions between ImageVolume and napari Image layers.
 
 Layers we create carry ``metadata["unifuse"] = {"geometry", "source", "metadata"}`` so that a
-volume → layer → volume round trip is exact and keeps provenance.
+volume → layer → volume round trip is exact and keeps provenance. A layer our reader opened also
+carries ``"read_sha256"``, the hash of the array read: once napari gives the layer other pixels
+(``layer.data = …``), ``layer_to_volume`` no longer names the file as its source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -17,9 +20,12 @@ from napari.utils.transforms import Affine
 
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
+from napari_unifuse.io.digests import LAYER_DIGESTS
 from napari_unifuse.io.readers import dicom_series, dicom_series_ids, dicomdir_in, file_format, note_dropped_alpha
 
 LAYER_METADATA_KEY = "unifuse"
+# In ``metadata["unifuse"]`` of a layer our reader opened: the sha256 of the array it read.
+READ_SHA256_KEY = "read_sha256"
 # napari's documented "read fine, but no layers" value; returning [] instead makes napari raise
 # "returned no data" and open its reader-choice dialog on top of our message.
 _NO_LAYERS = [(None,)]
@@ -50,11 +56,26 @@ def volume_to_layer_data(volume: ImageVolume, name: str | None = None) -> tuple[
 
 
 def layer_to_volume(layer) -> ImageVolume:
-    """The ImageVolume of a napari Image layer (its current scale/translate/affine define the geometry)."""
+    """The ImageVolume of a napari Image layer (its current scale/translate/affine define the geometry).
+
+    A layer whose pixels are no longer those its file held (edited in napari since our reader read
+    it) is an in-memory image: no source, so that a run's provenance records the pixels it fused
+    (``array_sha256``) rather than the file, and a warning that says so."""
     data, state, layer_type = layer.as_layer_data_tuple()
     if layer_type != "image":
         raise InputError(f"is a {layer_type} layer; an image layer is needed", layer.name)
-    return volume_from_layer_data(data, state)
+    volume = volume_from_layer_data(data, state)
+    if volume.source is None or not _edited_since_read(data[0] if state.get("multiscale") else data, state):
+        return volume
+    edited = f"edited since it was read from {volume.source}: its pixels, not the file, are recorded"
+    return dataclasses.replace(volume, source=None,
+                               metadata={**volume.metadata, "warnings": [*volume.metadata.get("warnings", []), edited]})
+
+
+def _edited_since_read(data: Any, state: dict[str, Any]) -> bool:
+    """Whether ``data`` differs from the array our reader read for this layer (False for a layer it did not read)."""
+    read_sha256 = (state.get("metadata") or {}).get(LAYER_METADATA_KEY, {}).get(READ_SHA256_KEY)
+    return read_sha256 is not None and LAYER_DIGESTS(np.asarray(data)) != read_sha256
 
 
 def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
@@ -145,7 +166,9 @@ def read_layers(path: str | os.PathLike) -> list:
         return _NO_LAYERS
     for warning in volume.metadata.get("warnings", []):
         show_warning(f"{path}: {warning}")
-    return [volume_to_layer_data(volume, name=_series_name(volume))]
+    data, kwargs, layer_type = volume_to_layer_data(volume, name=_series_name(volume))
+    kwargs["metadata"][LAYER_METADATA_KEY][READ_SHA256_KEY] = LAYER_DIGESTS(data)
+    return [(data, kwargs, layer_type)]
 
 
 def _layer_holding_series(key: str) -> str | None:

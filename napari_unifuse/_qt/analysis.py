@@ -26,7 +26,7 @@ from napari_unifuse.engine.overlays import (
     slice_of,
 )
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
-from napari_unifuse.engine.provenance import ArrayDigests, describe_input
+from napari_unifuse.engine.provenance import describe_input
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import UniFuseError
 from napari_unifuse.io import ImageVolume, resample_to_reference
@@ -44,9 +44,6 @@ from napari_unifuse.metrics import (
 from napari_unifuse.model import UniFuse, UniFuseConfig
 
 UNTRAINED = "untrained (small preset)"
-# The content hashes of the layers' arrays, shared by the run form (its run folder) and the
-# annotations (the pair a flag is about), which both ask again at every change of the form.
-LAYER_DIGESTS = ArrayDigests()
 # The untrained preset is seeded so that reopening "the same run" really reproduces it.
 _UNTRAINED_SEED = 0
 

@@ -25,7 +25,6 @@ from napari.layers import Shapes
 from napari.utils.notifications import show_info
 
 from napari_unifuse._napari_io import layer_to_volume
-from napari_unifuse._qt.analysis import LAYER_DIGESTS
 from napari_unifuse._qt.notifications import reports_errors, show_warnings
 from napari_unifuse._qt.outputs import viewed_slice
 from napari_unifuse.engine.annotations import (
@@ -44,6 +43,7 @@ from napari_unifuse.engine.annotations import (
     slice_of_region,
 )
 from napari_unifuse.errors import InputError
+from napari_unifuse.io.digests import LAYER_DIGESTS
 
 if TYPE_CHECKING:
     import napari.viewer

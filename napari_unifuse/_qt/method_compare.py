@@ -9,10 +9,13 @@ the run form's. Each method's fused and aligned images become layers whose names
 screen and its pair's inputs are visible: the layers of earlier comparisons, other pairs and the
 main run are hidden, not deleted. The annotations made while comparing go to the compared pair's
 run folder (``RunSelection.folder``, as for a main run of that pair) and record the method chosen
-under "annotations about". A failed or cancelled comparison ends in one notification, like the
-main run; once the workbench is closed (:meth:`release`) a comparison still running adds nothing,
-and the main run puts the viewer back out of grid mode (:meth:`leave_side_by_side`) so that its
-overlays sit on its fused image, hides the comparison and takes the annotations back.
+under "annotations about"; those about a method that ran with other weights than the form's
+checkpoint (its bundled ones) go to the folder of a run of the pair with those weights, so that a
+run of the form's checkpoint (the untrained model, say) never lists them as its own. A failed or
+cancelled comparison ends in one notification, like the main run; once the workbench is closed
+(:meth:`release`) a comparison still running adds nothing, and the main run puts the viewer back
+out of grid mode (:meth:`leave_side_by_side`) so that its overlays sit on its fused image, hides
+the comparison and takes the annotations back.
 
 Nothing here computes: the engine fuses, in a napari worker thread, as for the main run.
 """
@@ -20,6 +23,7 @@ Nothing here computes: the engine fuses, in a napari worker thread, as for the m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from magicgui import widgets
 from napari.qt.threading import create_worker
@@ -28,7 +32,14 @@ from napari_unifuse._napari_io import LAYER_METADATA_KEY, layer_to_volume, volum
 from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
 from napari_unifuse._qt.outputs import ResultLayers
-from napari_unifuse._qt.run_panel import OUTPUT_ROLE, ProgressRelay, RunPanel, RunSelection, WorkerHandover
+from napari_unifuse._qt.run_panel import (
+    OUTPUT_ROLE,
+    ProgressRelay,
+    RunPanel,
+    RunSelection,
+    WorkerHandover,
+    folder_of_run,
+)
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, methods_for_dimensions, split_name
@@ -48,6 +59,9 @@ _VARIANTS = {"mmif-amin": ("sitk", "none")}
 class MethodRun:
     method: str
     result: FusionResult
+    # The weights it ran with: the form's checkpoint, the method's bundled one (its name), or None
+    # for a method without weights.
+    checkpoint: str | None
 
 
 def method_choices(ndim: int) -> list[str]:
@@ -81,7 +95,7 @@ def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume,
                                         device=device, tile_size=tile_size)
         result = engines[key].run_fusion(reference, moving, progress=lambda stage, done, total, n=name:
                                          progress(f"{n}: {stage}", done, total), cancel=cancel)
-        runs.append(MethodRun(name, result))
+        runs.append(MethodRun(name, result, engines[key].method.checkpoint_name))
     return runs
 
 
@@ -112,7 +126,8 @@ class MethodComparePanel(widgets.Container):
         # Lists the methods whose outputs are on screen: the comparison's, or the main run's after it.
         self.about = widgets.ComboBox(label="annotations about", choices=[],
                                       tooltip="Flags made in the Annotate tab record this method; while a "
-                                              "comparison is on screen they go to the compared pair's run folder")
+                                              "comparison is on screen they go to the compared pair's run folder "
+                                              "of the weights this method ran with")
         self.status = widgets.Label(value="")
         super().__init__(widgets=[
             self.first, self.second,
@@ -160,21 +175,39 @@ class MethodComparePanel(widgets.Container):
             self.second.value = next((name for name in self.second.choices if name != self.first.value),
                                      self.second.value)
 
+    @reports_errors("Annotations about")
     def _annotate_about(self, _value=None) -> None:
-        """Point the Annotate tab at the compared pair's run folder and the method chosen, drawn on
-        that method's fused layer; nothing while no comparison is on screen (flags stay where they are)."""
+        """Point the Annotate tab at the run folder of the compared pair and the weights the method
+        chosen ran with (:meth:`_flag_folder`) and at that method, drawn on its fused layer, or
+        another image on the reference grid where the reviewer deleted it; nothing while no
+        comparison is on screen (flags stay where they are)."""
         if self.annotation_panel is None or self.compared is None or not self.about.value:
             return
-        compared = self.compared
-        fused = self._layer_name("fused", self.about.value, compared)
-        grid_layer = fused if fused in self.viewer.layers else compared.reference_name
-        if grid_layer not in self.viewer.layers:
-            return  # the reviewer deleted the layers: flags stay with the last target rather than fail here
+        compared, about = self.compared, self.about.value
+        on_reference_grid = [self._layer_name("fused", about, compared), compared.reference_name,
+                             *(self._layer_name(role, run.method, compared) for run in self.runs
+                               for role in ("fused", "aligned"))]
+        grid_layer = next((name for name in on_reference_grid if name in self.viewer.layers), None)
+        if grid_layer is None:
+            raise InputError(f"the reference and every image of this comparison were deleted, so flags still record "
+                             f"{self.annotation_panel.method.value}; run the comparison again to flag {about}")
+        (run,) = (run for run in self.runs if run.method == about)
+        folder = self._flag_folder(run, compared)
         self.annotation_panel.set_run(
-            compared.folder, compared.folder.parent, self.viewer.layers[grid_layer],
+            folder, folder.parent, self.viewer.layers[grid_layer],
             subject="comparison", pair=(compared.reference_name, compared.moving_name),
             pair_arrays=(compared.request.reference.array, compared.request.moving.array))
-        self.annotation_panel.method.value = self.about.value
+        self.annotation_panel.method.value = about
+
+    @staticmethod
+    def _flag_folder(run: MethodRun, compared: RunSelection) -> Path:
+        """Where flags about ``run`` go: the compared pair's run folder where the method ran with the
+        form's checkpoint or with no weights; else the folder a run of the pair with the weights it
+        ran with gets (``RunPanel.selection``: the same inputs, tile size and degradation)."""
+        if run.checkpoint is None or run.checkpoint == compared.request.checkpoint:
+            return compared.folder
+        return folder_of_run(compared.request, compared.folder.parent, compared.reference_name,
+                             compared.moving_name, run.checkpoint)
 
     @staticmethod
     def _layer_name(role: str, method: str, selection: RunSelection) -> str:
@@ -237,9 +270,9 @@ class MethodComparePanel(widgets.Container):
             self.status.value = "stopped"
 
     def _finish(self, outcome: list[MethodRun] | WorkerFailed) -> None:
-        selection = self._comparing
         if self._released:  # closed while the worker ran: its viewer is no longer ours to change
             return
+        selection = self._comparing.under_current_names()  # its layers may have been renamed while it ran
         if isinstance(outcome, WorkerFailed):
             report_error(outcome.error, outcome.action)
             return
@@ -283,11 +316,13 @@ class MethodComparePanel(widgets.Container):
                     self._hidden_for_comparison.append(layer.name)
 
     def leave_side_by_side(self, main_method: str) -> None:
-        """The main run (of ``main_method``) takes the screen: hide every comparison's layers, show
-        again what the comparison hid, give grid mode back the state it had before a comparison
-        turned it on (the main run's overlays must share its fused image's cell) and offer the main
-        run's method under "annotations about", which the main run's flags record."""
-        self.compared = None  # first: the choices below must not point the annotations at the comparison
+        """The main run (of ``main_method``) takes the screen: end a fade or flicker, hide every
+        comparison's layers, show again what the comparison hid, give grid mode back the state it
+        had before a comparison turned it on (the main run's overlays must share its fused image's
+        cell) and offer the main run's method under "annotations about", which the main run's flags
+        record."""
+        self.results.stop_flicker()  # first: ending it later would turn back on the grid mode it left
+        self.compared = None  # the choices below must not point the annotations at the comparison
         self.about.choices = [main_method]
         for layer in self.viewer.layers:
             if _is_comparison_output(layer):

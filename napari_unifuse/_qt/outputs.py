@@ -19,6 +19,7 @@ from napari_unifuse.io import ImageVolume, placement_metadata
 
 if TYPE_CHECKING:
     import napari.viewer
+    from napari.layers import Layer
 
 FLICKER_INTERVAL_MS = 600
 # Each map in its own hue, drawn additively over the fused image and hidden until asked for.
@@ -89,8 +90,9 @@ class ResultLayers:
         self.grid_spacing = 4
         self.checker_tile = 8
         self.arrow_scale = 1.0
-        self._hidden_for_compare: list = []
-        self._shown_for_compare: list = []
+        # (layer, visible) of each layer fade or flicker showed, hid or flips, as it was before: put back when they end.
+        self._visibility_before_compare: list[tuple[Layer, bool]] = []
+        self._grid_left_for_compare = False  # grid mode was on: fade and flicker overlay the two in one view
         self._kept_estimate_text: str | None = None  # what this run wrote on the canvas, while shown
         self._flicker = QTimer()
         self._flicker.setInterval(FLICKER_INTERVAL_MS)
@@ -272,14 +274,12 @@ class ResultLayers:
             if self.outcome is not None and self.names.aligned in self.viewer.layers:
                 self.viewer.layers[self.names.aligned].opacity = 1.0
             if not self.flickering:
-                self._show_layers_hidden_for_compare()
+                self._restore_view_before_compare()
             return
         aligned = self._compare_layers()
         if aligned is None:
             return
-        if not aligned.visible:  # hidden in the review view: hidden again when the fade ends
-            aligned.visible = True
-            self._shown_for_compare.append(aligned)
+        self._set_visible_for_compare(aligned, True)  # hidden in the review view: hidden again when the fade ends
         aligned.opacity = float(opacity)
 
     def start_flicker(self) -> None:
@@ -289,19 +289,28 @@ class ResultLayers:
             self._flicker.start()
 
     def stop_flicker(self) -> None:
-        """Stop the flicker and end a fade: the layers they hid come back."""
+        """Stop the flicker and end a fade: the view comes back as it was before them."""
         self._flicker.stop()
-        self._show_layers_hidden_for_compare()
+        self._restore_view_before_compare()
         if self.on_flicker_stopped is not None:
             self.on_flicker_stopped()
 
-    def _show_layers_hidden_for_compare(self) -> None:
-        """The view as before fade or flicker compared the reference with the aligned image."""
-        for layers, visible in ((self._hidden_for_compare, True), (self._shown_for_compare, False)):
-            for layer in layers:
-                if layer in self.viewer.layers:
-                    layer.visible = visible
-        self._hidden_for_compare, self._shown_for_compare = [], []
+    def _restore_view_before_compare(self) -> None:
+        """The view as before fade or flicker compared the reference with the aligned image: each
+        layer they showed, hid or flipped as visible as it was, and grid mode back on if they left it."""
+        for layer, visible in self._visibility_before_compare:
+            if layer in self.viewer.layers:
+                layer.visible = visible
+        self._visibility_before_compare = []
+        if self._grid_left_for_compare:
+            self._grid_left_for_compare = False
+            self.viewer.canvas.grid.enabled = True
+
+    def _set_visible_for_compare(self, layer, visible: bool) -> None:
+        """Show or hide ``layer`` while comparing, remembering its visibility before the first change."""
+        if all(layer is not changed for changed, _ in self._visibility_before_compare):
+            self._visibility_before_compare.append((layer, layer.visible))
+        layer.visible = visible
 
     @property
     def flickering(self) -> bool:
@@ -313,21 +322,24 @@ class ResultLayers:
             self.stop_flicker()
             return
         aligned.opacity = 1.0
-        aligned.visible = not aligned.visible
+        self._set_visible_for_compare(aligned, not aligned.visible)
 
     def _compare_layers(self):
         """The aligned layer, after hiding every other layer but the reference (the moving input,
-        the fused image, the maps, an earlier run's layers; the quivers stay) and showing the
-        reference, so that fade and flicker compare exactly the reference and the aligned image."""
+        the fused image, the maps, an earlier run's layers; the quivers stay), showing the reference
+        and leaving grid mode (a comparison's side by side), so that fade and flicker overlay exactly
+        the reference and the aligned image in one view."""
         if self.outcome is None or self.names.aligned not in self.viewer.layers:
             return None
+        aligned = self.viewer.layers[self.names.aligned]
         reference = self._reference_layer()
         for layer in self.viewer.layers:
-            if layer.visible and layer is not reference and layer.name not in (self.names.aligned, self.names.quivers):
-                layer.visible = False
-                self._hidden_for_compare.append(layer)
-        if reference is not None and not reference.visible:
-            reference.visible = True
-            self._shown_for_compare.append(reference)
-        return self.viewer.layers[self.names.aligned]
+            if layer.visible and layer is not reference and layer is not aligned and layer.name != self.names.quivers:
+                self._set_visible_for_compare(layer, False)
+        if reference is not None:
+            self._set_visible_for_compare(reference, True)
+        if self.viewer.canvas.grid.enabled:
+            self.viewer.canvas.grid.enabled = False
+            self._grid_left_for_compare = True
+        return aligned
 

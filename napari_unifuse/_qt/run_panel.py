@@ -14,7 +14,7 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QSizePolicy
 
 from napari_unifuse._napari_io import layer_to_volume
-from napari_unifuse._qt.analysis import LAYER_DIGESTS, UNTRAINED, RunRequest
+from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
 from napari_unifuse._qt.collapsible import collapsible_section
 from napari_unifuse._qt.notifications import reports_errors
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
@@ -23,6 +23,7 @@ from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.overlays import input_fingerprint, run_folder
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, read_image
+from napari_unifuse.io.digests import LAYER_DIGESTS
 from napari_unifuse.model.checkpoint import list_checkpoints, read_config
 
 if TYPE_CHECKING:
@@ -305,14 +306,7 @@ class RunPanel(widgets.Container):
         label = None if self.ground_truth.value in (None, NO_LABEL) else self._volume(self.ground_truth.value)
         request = RunRequest(reference, moving, checkpoint, self.device.value, self.tile_size.value, self.task.value,
                              label)
-        # The ground truth only adds metrics and an error map (a Save replaces them) and the device only
-        # the rounding: the same flags hold for those runs. The tile size and the declared degradation
-        # change the saved fused image or provenance, which another run's report must not sit beside.
-        folder = run_folder(
-            self.output_root.value, self.reference.value, self.moving.value, checkpoint,
-            (input_fingerprint(reference, LAYER_DIGESTS), input_fingerprint(moving, LAYER_DIGESTS)),
-            {"tile size": request.tile_size, "degradation": request.task},
-        )
+        folder = folder_of_run(request, self.output_root.value, self.reference.value, self.moving.value, checkpoint)
         layers = (weakref.ref(self.viewer.layers[self.reference.value]), weakref.ref(self.viewer.layers[self.moving.value]))
         return RunSelection(request, self.reference.value, self.moving.value, folder, layers)
 
@@ -328,6 +322,18 @@ class RunPanel(widgets.Container):
         self.cancel_button.enabled = running
         if running:
             self.progress.value = 0
+
+
+def folder_of_run(request: RunRequest, root: str | Path, reference_name: str, moving_name: str,
+                  checkpoint: str | None) -> Path:
+    """The run folder under ``root`` of ``request``'s pair run with ``checkpoint``.
+
+    The ground truth only adds metrics and an error map (a Save replaces them) and the device only
+    the rounding: the same flags hold for those runs. The tile size and the declared degradation
+    change the saved fused image or provenance, which another run's report must not sit beside."""
+    return run_folder(root, reference_name, moving_name, checkpoint,
+                      (input_fingerprint(request.reference, LAYER_DIGESTS), input_fingerprint(request.moving, LAYER_DIGESTS)),
+                      {"tile size": request.tile_size, "degradation": request.task})
 
 
 def _renamed_pair(pair: tuple, old: str, new: str) -> tuple:

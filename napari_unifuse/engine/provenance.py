@@ -8,7 +8,6 @@ import os
 import platform
 import subprocess
 import time
-import weakref
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 import napari_unifuse
 from napari_unifuse.io import ImageVolume
+from napari_unifuse.io.digests import sha256_of_array
 from napari_unifuse.io.readers import dicom_series, file_format
 
 _CHUNK = 1 << 20
@@ -69,36 +69,6 @@ def describe_source(source: str | None) -> dict[str, Any]:
     if resolved != given:
         described["resolved_path"] = str(resolved)
     return {**described, "sha256": sha256_of_path(source)}
-
-
-def sha256_of_array(array: np.ndarray) -> str:
-    """SHA-256 of an array's values (C order), what identifies data that has no file."""
-    # The buffer itself, not a tobytes() copy: a clinical volume need not be held twice.
-    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
-
-
-class ArrayDigests:
-    """``sha256_of_array`` of arrays seen before, by identity (a weak reference tells a live array
-    from a new one at a reused address). The workbench derives its run folder and the annotations'
-    input hashes again at every change of its form, each keystroke in a folder name included:
-    hashing a 512×512×200 CT each time took a second. An array changed in place keeps its
-    digest; napari gives an image layer new data as a new array."""
-
-    def __init__(self) -> None:
-        self._digests: dict[int, tuple[weakref.ref, str]] = {}
-
-    def __call__(self, array: np.ndarray) -> str:
-        key = id(array)
-        known = self._digests.get(key)
-        if known is not None and known[0]() is array:
-            return known[1]
-        digest = sha256_of_array(array)
-
-        def forget(_: weakref.ref) -> None:
-            self._digests.pop(key, None)
-
-        self._digests[key] = (weakref.ref(array, forget), digest)
-        return digest
 
 
 # What names a DICOM series to a person and to a PACS query, among the tags read_image keeps.

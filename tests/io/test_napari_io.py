@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ from napari.utils.notifications import notification_manager
 from npe2 import PluginManager
 
 from napari_unifuse._napari_io import get_reader, layer_to_volume, volume_to_layer_data, write_mha, write_nifti
+from napari_unifuse.engine.annotations import InputHashes
+from napari_unifuse.engine.outputs import PROVENANCE_FILE
+from napari_unifuse.engine.provenance import describe_input, sha256_of_array, sha256_of_path
 from napari_unifuse.errors import UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image
 
@@ -85,6 +90,31 @@ def test_npe2_reader_reports_a_corrupt_file_as_a_notification(tmp_path, rng):
     layers = viewer.open(str(good), plugin="napari-unifuse")
     assert [layer.name for layer in layers] == ["good"]
     assert layers[0].metadata["unifuse"]["source"] == str(good)
+
+
+def test_a_layer_edited_since_it_was_read_records_its_pixels_not_its_file(tmp_path, rng):
+    """Provenance must describe the pixels a run fused: the file once they are the file's, else the array."""
+    path = tmp_path / "moving.nii.gz"
+    nib.Nifti1Image(rng.normal(size=(4, 5, 6)).astype(np.float32), np.eye(4)).to_filename(path)
+    PluginManager.instance().discover()
+    (layer,) = ViewerModel().open(str(path), plugin="napari-unifuse")
+    unchanged = layer_to_volume(layer)
+    assert unchanged.source == str(path) and not unchanged.metadata.get("warnings")
+    assert describe_input(unchanged)["sha256"] == sha256_of_path(path)
+
+    layer.data = layer.data[::-1].copy()  # edited in napari: other pixels, the same file behind the layer
+    edited = layer_to_volume(layer)
+    assert edited.source is None
+    assert any(f"edited since it was read from {path}" in warning for warning in edited.metadata["warnings"])
+    described = describe_input(edited)
+    assert described["sha256"] is None and described["array_sha256"] == sha256_of_array(layer.data)
+    # The run's flags are then tied to the edited pixels, not to the file read again.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / PROVENANCE_FILE).write_text(json.dumps({"inputs": {"moving": described}}))
+    assert InputHashes.of_run(tmp_path / "run").moving == {sha256_of_array(layer.data)}
+
+    layer.data = np.asarray(read_image(path).in_world_axis_order().array)  # the file's pixels again, in a new array
+    assert layer_to_volume(layer).source == str(path)
 
 
 def test_npe2_writers_keep_the_layer_geometry(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from qtpy import sip
 
+from napari_unifuse._qt.analysis import UNTRAINED
 from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
 from napari_unifuse._qt.outputs import FLICKER_INTERVAL_MS
 from napari_unifuse._qt.run_panel import FROM_FILE, RunPanel
@@ -276,6 +277,62 @@ def test_flags_about_a_compared_method_go_to_the_compared_pairs_run_folder(make_
     assert not viewer.canvas.grid.enabled
 
 
+def test_flags_about_a_method_run_with_its_bundled_weights_go_to_the_run_folder_of_those_weights(
+        make_napari_viewer, qtbot, tmp_path, notifications):
+    """The untrained model in the form: the compared UniFuse runs the bundled weights, and its flags
+    went to the untrained run's folder, whose run then listed them as its own."""
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    run_panel, compare, panel = workbench.run_panel, workbench.method_compare, workbench.annotation_panel
+    run_panel.checkpoint.value = UNTRAINED
+    untrained_folder = run_panel.selection().folder
+    compare.first.value, compare.second.value = "unifuse", METHODS[0]
+    compare_and_wait(qtbot, compare)
+    bundled = compare.runs[0].checkpoint
+    assert bundled == compare.runs[0].result.provenance["checkpoint"]["name"] != UNTRAINED, notifications
+
+    compare.about.value = "unifuse"
+    panel.add_slice_flag()
+    run_panel.checkpoint.value = bundled
+    assert panel.store.run_dir == run_panel.selection().folder != untrained_folder  # where a run of those weights looks
+    compare.about.value = METHODS[0]  # a method without weights: the compared pair's folder
+    assert panel.store.run_dir == untrained_folder and panel.annotations == [], notifications
+
+
+def test_an_input_renamed_while_the_comparison_runs_is_shown_and_annotated_under_its_new_name(
+        make_napari_viewer, qtbot, tmp_path, notifications, held_loading):
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    compare = workbench.method_compare
+    compare.run_button.clicked()
+    viewer.layers["T2"].name = "T2 (PET)"
+    held_loading.go.set()
+    qtbot.waitUntil(lambda: compare.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert visible_layers(viewer) == {"T1", "T2 (PET)", *(f"fused [T2 (PET) → T1] · {method}" for method in METHODS)}, \
+        notifications
+    assert "T2 (PET) → T1" in workbench.annotation_panel.subject.value
+
+
+def test_annotations_follow_the_method_chosen_after_its_layers_were_deleted_or_say_why_not(
+        make_napari_viewer, qtbot, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    compare, panel = workbench.method_compare, workbench.annotation_panel
+    compare_and_wait(qtbot, compare)
+    viewer.layers.remove(f"fused [T2 → T1] · {METHODS[1]}")
+    viewer.layers.remove("T1")
+    compare.about.value = METHODS[1]  # drawn on another image of the comparison, on the same grid
+    panel.add_slice_flag()
+    assert [annotation.method for annotation in panel.annotations] == [METHODS[1]], notifications
+
+    for role, method in (("fused", METHODS[0]), ("aligned", METHODS[0]), ("aligned", METHODS[1])):
+        viewer.layers.remove(f"{role} [T2 → T1] · {method}")
+    notifications.clear()
+    compare.about.value = METHODS[0]  # nothing left to draw on: said, not silently ignored
+    assert panel.method.value == METHODS[1]
+    assert len(notifications) == 1 and f"flags still record {METHODS[1]}" in notifications[0][1], notifications
+
+
 def test_changing_the_form_keeps_flags_on_the_comparison_on_screen(make_napari_viewer, qtbot, tmp_path,
                                                                    notifications):
     viewer = make_napari_viewer()
@@ -378,3 +435,8 @@ def test_a_comparison_stops_the_flicker_and_unticking_it_leaves_the_grid_alone(m
     assert visible_layers(viewer) == compared
     workbench.qc_panel.flicker.value = False  # unticked again: the main run's layers stay out of the grid
     assert visible_layers(viewer) == compared
+
+    workbench.qc_panel.flicker.value = True  # over a comparison: the pair overlaid in one view, not in two grid cells
+    assert workbench.results.flickering and not viewer.canvas.grid.enabled
+    compare.leave_side_by_side("unifuse")  # what a main run does: the flicker must not bring the grid back after it
+    assert not workbench.results.flickering and not viewer.canvas.grid.enabled

@@ -316,6 +316,20 @@ def test_fade_and_flicker_keep_a_renamed_reference_under_the_aligned_image(revie
     assert viewer.layers[names.fused].visible and not viewer.layers["T1 patient42"].visible
 
 
+def test_the_flicker_overlays_the_pair_in_one_view_and_gives_back_the_view_and_grid_it_found(reviewed, qtbot):
+    viewer, workbench = reviewed
+    names = OutputNames.for_inputs("T1", "T2")
+    viewer.canvas.grid.enabled = True  # as a comparison leaves it: side by side, one cell per layer
+    review_view = {layer.name for layer in viewer.layers if layer.visible}
+    assert names.aligned not in review_view
+    workbench.qc_panel.flicker.value = True
+    assert not viewer.canvas.grid.enabled  # in a grid the reference and the aligned image would sit in two cells
+    qtbot.waitUntil(lambda: viewer.layers[names.aligned].visible, timeout=5_000)  # an odd number of flips
+    workbench.qc_panel.flicker.value = False
+    assert {layer.name for layer in viewer.layers if layer.visible} == review_view
+    assert viewer.canvas.grid.enabled
+
+
 def test_the_flicker_box_is_unticked_when_a_new_run_stops_the_flicker(reviewed, qtbot):
     _, workbench = reviewed
     workbench.qc_panel.flicker.value = True
