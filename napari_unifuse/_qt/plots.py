@@ -163,23 +163,33 @@ class ProbabilityPlot(QWidget):
         ax.set_title("degradation" + ("" if self.declared == "auto" else f" (declared {self.declared})"), fontsize=8)
 
     def _draw_quality(self, ax: Axes, quality: QualityMaps) -> None:
+        """Each map's score per slice with its cutoff dotted (``QualityMaps.cutoffs``: in a volume a
+        map that flags a little of every slice must flag more than that, not just the flag level) and,
+        in a volume, a dot where a map makes the slice suspicious: what navigation and the report list."""
         names = list(quality.slice_scores)
         percent = {name: 100.0 * np.asarray(quality.slice_scores[name]) for name in names}
+        cutoff_percent = {name: 100.0 * cutoff for name, cutoff in quality.cutoffs().items()}
+        colours = _colours(len(names), offset=4)
         if self.is_single_slice:
-            ax.bar(range(len(names)), [percent[name][0] for name in names], color=_colours(len(names), offset=4))
+            ax.bar(range(len(names)), [percent[name][0] for name in names], color=colours)
+            ax.hlines([cutoff_percent[name] for name in names], np.arange(len(names)) - 0.4,
+                      np.arange(len(names)) + 0.4, color="grey", linestyle=":", linewidth=1)
             ax.set_xticks(range(len(names)), [MAP_LABELS[name].replace(" ", "\n") for name in names])
+            ax.set_title("quality (dotted: cutoffs)", fontsize=8)
         else:
-            colours = _colours(len(names), offset=4)
+            flagged_slices = _slices_flagged_by_map(quality)
             for colour, name in zip(colours, names):
                 ax.plot(percent[name], color=colour, label=MAP_LABELS[name])
+                ax.axhline(cutoff_percent[name], color=colour, linestyle=":", linewidth=1)
+                ax.plot(flagged_slices[name], percent[name][flagged_slices[name]], color=colour,
+                        linestyle="none", marker="o", markersize=4)
             _legend(ax)
             ax.set_xlabel("slice (z)")
-        level = 100.0 * quality.flag_level
-        ax.axhline(level, color="grey", linestyle=":", linewidth=1)
-        top = max(max(float(values.max()) for values in percent.values()), 2 * level)
+            ax.set_title("quality (dots: suspicious; dotted: cutoffs)", fontsize=8)
+        top = max(max(float(values.max()) for values in percent.values()), 2 * 100.0 * quality.flag_level,
+                  *cutoff_percent.values())
         ax.set_ylim(0, 1.1 * top)
         ax.set_ylabel("% flagged")
-        ax.set_title("quality maps (dotted: suspicious)", fontsize=8)
 
     def _on_theme(self, event) -> None:
         self.theme_id = event.value
@@ -221,6 +231,15 @@ def _say_no_degradation(ax: Axes, colour: str) -> None:
 def _legend(ax: Axes) -> None:
     """Small and two columns wide: the dock beside a 1280-pixel window is under 300 pixels."""
     ax.legend(fontsize=6, ncols=2, loc="upper right", framealpha=0.6, handlelength=1.2, columnspacing=0.8)
+
+
+def _slices_flagged_by_map(quality: QualityMaps) -> dict[str, list[int]]:
+    """Map name → the slices that map alone makes suspicious (``QualityMaps.flagged_by``)."""
+    flagged: dict[str, list[int]] = {name: [] for name in quality.slice_scores}
+    for index in quality.suspicious_slices():
+        for name in quality.flagged_by(index):
+            flagged[name].append(index)
+    return flagged
 
 
 def _colours(count: int, offset: int = 0) -> list:

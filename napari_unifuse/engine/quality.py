@@ -76,7 +76,8 @@ class QualityMaps:
     ``slice_scores``: map name → (S,) fraction of each slice's voxels above the threshold
     (S = number of slices along array axis 0 in 3D, 1 in 2D and for a one-slice volume,
     ``is_one_image``); ``suspicion``: (S,) the largest of those per slice.
-    ``flag_level``: the suspicion above which a slice is listed as suspicious.
+    ``flag_level``: the score a map must exceed on a slice to list it as suspicious; in a volume
+    the map must also stand out from its typical slice (``cutoffs`` gives both as one number per map).
     ``definitions``: map name → a one-line definition, recorded in provenance and the report.
     ``seconds``: wall time per part (maps, uncertainty), for provenance and the overhead bench.
     """
@@ -156,10 +157,17 @@ class QualityMaps:
         passing = [name for name, passes in self._flag_test().items() if passes[index]]
         return sorted(passing, key=lambda name: -float(self.slice_scores[name][index]))
 
+    def cutoffs(self) -> dict[str, float]:
+        """Map name → the score a slice must exceed for that map alone to make it suspicious:
+        ``flag_level``, or in a volume the map's typical score plus its outlier margin where that is
+        higher (module docstring). The workbench's plot draws them, so that what sits above a line is
+        what navigation and the report call suspicious."""
+        return {name: max(self.flag_level, _typical_ceiling(scores)) for name, scores in self.slice_scores.items()}
+
     def _flag_test(self) -> dict[str, np.ndarray]:
         """Map name → (S,) whether the map alone makes each slice suspicious."""
-        return {name: (scores > self.flag_level) & (scores > _typical_ceiling(scores))
-                for name, scores in self.slice_scores.items()}
+        cutoffs = self.cutoffs()
+        return {name: scores > cutoffs[name] for name, scores in self.slice_scores.items()}
 
     def next_suspicious(self, current: int, step: int = 1) -> int | None:
         """The next (``step`` > 0) or previous (``step`` < 0) suspicious slice from ``current``,

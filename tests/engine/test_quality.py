@@ -60,6 +60,24 @@ def test_in_a_volume_only_slices_that_stand_out_from_the_rest_are_suspicious():
     assert quality.worst_slices(1) == [17]
 
 
+def test_cutoffs_are_the_scores_a_map_must_beat_to_make_a_slice_suspicious():
+    """The workbench plot draws them: in a volume the typical score's outlier margin where it is above
+    the flag level, the flag level otherwise and in a volume too short for a typical score."""
+    maps = volume_maps((24, 20, 20))
+    for index in range(24):
+        maps[LOST][index, : 1 + index % 3, :] = 1.0  # 5, 10, 15 % in turn: median 10 %, MAD 5 %
+    maps[LOST][17, :12, :] = 1.0  # 60 %
+    quality = QualityMaps.from_maps(maps, THRESHOLDS)
+    cutoffs = quality.cutoffs()
+    assert cutoffs[LOST] == pytest.approx(0.10 + 3 * 1.4826 * 0.05, rel=1e-5)
+    assert cutoffs[INVENTED] == quality.flag_level  # flags nothing: a typical score of 0 is under the level
+    above = np.flatnonzero(quality.slice_scores[LOST] > cutoffs[LOST])
+    assert quality.suspicious_slices() == above.tolist() == [17]
+    short = QualityMaps.from_maps(volume_maps((7, 20, 20)) | {LOST: maps[LOST][:7]}, THRESHOLDS)
+    assert set(short.cutoffs().values()) == {short.flag_level}
+    assert short.suspicious_slices() == list(range(7))
+
+
 def test_a_value_at_the_threshold_is_not_flagged():
     maps = volume_maps()
     maps[RESTORATION_CHANGE][:] = THRESHOLDS[RESTORATION_CHANGE]

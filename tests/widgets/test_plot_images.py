@@ -8,10 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 
 from napari_unifuse._qt.plots import NO_DEGRADATION_TEXT, ProbabilityPlot
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
-from napari_unifuse.engine.quality import INVENTED, LOST, RESTORATION_CHANGE, QualityMaps
+from napari_unifuse.engine.quality import INVENTED, LOST, MAP_LABELS, RESTORATION_CHANGE, QualityMaps
 
 pytestmark = pytest.mark.gui
 BASELINE = dict(baseline_dir="baseline", style="default", tolerance=3)
@@ -134,3 +135,24 @@ def test_a_one_slice_volume_stored_sagittally_is_one_image_in_the_plot(qtbot):
     plot.set_slice(20)
     assert plot.is_single_slice and plot.marker_position is None
     assert plot.values_label.text().startswith("slice 0: none 0.10, motion 0.60")
+
+
+def test_the_quality_panel_dots_the_suspicious_slices_above_each_maps_dotted_cutoff(qtbot):
+    """In a volume a map must beat its typical slice as well as the flag level (QualityMaps.cutoffs).
+    The panel drew one dotted line at the flag level (0.1 %), under which invented structure (4 % of
+    every slice) and restoration change (1 %) looked suspicious on all 12 slices; only slice 7 is."""
+    quality = quality_with_defect((12, 20, 20))
+    plot = ProbabilityPlot()
+    qtbot.addWidget(plot)
+    plot.show_probabilities(np.zeros((12, 0)), DEGRADATION_CLASSES, quality=quality)
+    panel = plot.figure.axes[-1]
+    cutoff_line, dots = {}, {}
+    for name in (INVENTED, LOST, RESTORATION_CHANGE):
+        scores = next(line for line in panel.get_lines() if line.get_label() == MAP_LABELS[name])
+        in_its_colour = [line for line in panel.get_lines() if to_hex(line.get_color()) == to_hex(scores.get_color())]
+        dotted = [float(line.get_ydata()[0]) for line in in_its_colour if line.get_linestyle() == ":"]
+        cutoff_line[name] = dotted[0] if len(dotted) == 1 else dotted
+        dots[name] = [int(index) for line in in_its_colour if line.get_marker() == "o" for index in line.get_xdata()]
+    assert cutoff_line == pytest.approx({INVENTED: 4.0, LOST: 0.1, RESTORATION_CHANGE: 1.0})
+    assert dots == {INVENTED: [], LOST: [7], RESTORATION_CHANGE: []}
+    assert sorted(sum(dots.values(), [])) == quality.suspicious_slices()
