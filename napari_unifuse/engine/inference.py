@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import math
 import numbers
 import threading
@@ -132,6 +133,7 @@ from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
 from napari_unifuse.model.checkpoint import training_crop
 from napari_unifuse.model.config import UniFuseConfig
+from napari_unifuse.model.networks import config_from_dict, network_method
 from napari_unifuse.model.repeatable import one_thread
 from napari_unifuse.model.scan import scan_backend
 from napari_unifuse.model.warp import warp
@@ -234,6 +236,48 @@ def _unknown_calibration_warnings(method: FusionMethod) -> list[str]:
             f"unknown, so defaults are used and results differ from the trained pipeline's; {remedy}"]
 
 
+_PASS_ITS_OWN_METADATA = ("pass the metadata load_checkpoint returned beside this network "
+                          "(network, metadata = load_checkpoint(NAME)), or None to run with defaults")
+
+
+def _checked_checkpoint_info(checkpoint_info: object, method: FusionMethod) -> dict[str, Any]:
+    """``checkpoint_info`` as a dict ({} for None), or an InputError unless it is one whose method and
+    config, where it records them, are those of ``method``'s network: another checkpoint's metadata would
+    apply that checkpoint's training crop and calibrations silently, as a sidecar copied from another
+    checkpoint would (``load_checkpoint`` refuses that one by the same comparison)."""
+    if checkpoint_info is None:
+        return {}
+    if not isinstance(checkpoint_info, dict):
+        raise InputError(f"checkpoint_info is {checkpoint_info!r:.80} (a {type(checkpoint_info).__name__}), not a "
+                         f"checkpoint's metadata: it takes the dict load_checkpoint returns beside the network "
+                         f"(network, metadata = load_checkpoint(NAME)), or None; a checkpoint's name goes first, "
+                         f"in place of the network")
+    network = method.network if isinstance(method, NetworkMethod) else None
+    own_method = network_method(network) if network is not None else None
+    described = checkpoint_info.get("method", own_method)
+    if described != own_method:
+        runs = f"the network is a {own_method} one" if own_method else f"the {method.name} method runs no network"
+        raise InputError(f"checkpoint_info describes {described} weights but {runs}, so it is another checkpoint's "
+                         f"metadata; {_PASS_ITS_OWN_METADATA}")
+    if network is None or "config" not in checkpoint_info:
+        return checkpoint_info
+    values = checkpoint_info["config"]
+    try:
+        if not isinstance(values, dict):
+            raise TypeError(f"it is a {type(values).__name__}, not named fields")
+        recorded = config_from_dict(own_method, values).to_dict()
+    except (InputError, TypeError) as error:
+        raise InputError(f"checkpoint_info's config is not a {own_method} config ({error}); "
+                         f"{_PASS_ITS_OWN_METADATA}") from error
+    own_config = network.config.to_dict()
+    differing = "; ".join(f"{key}: {json.dumps(recorded[key])} there, {json.dumps(own_config[key])} in the network"
+                          for key in own_config if recorded[key] != own_config[key])
+    if differing:
+        raise InputError(f"checkpoint_info describes a network of another config ({differing}), so it is another "
+                         f"checkpoint's metadata; {_PASS_ITS_OWN_METADATA}")
+    return checkpoint_info
+
+
 def requested_settings(tile_size: int | None, *, reference_modality: str, moving_modality: str, quality: bool,
                        uncertainty_passes: int) -> dict[str, Any]:
     """What a caller chose beside the inputs, method and checkpoint, as ``provenance.json`` records
@@ -268,8 +312,9 @@ class FusionEngine:
     ``checkpoint_info``: for a network passed in memory, its checkpoint's metadata (the sidecar, the
     second value ``model.checkpoint.load_checkpoint`` returns): the training crop and calibrations are
     read from it as from the checkpoint loaded by name, so the results are the same; without it they
-    are unknown, and the runs say so. It is recorded as the provenance's checkpoint; for a checkpoint
-    loaded here by name or path, it adds fields to that record.
+    are unknown, and the runs say so. Metadata recording another method or config than the network's
+    (another checkpoint's) is refused with an InputError. It is recorded as the provenance's
+    checkpoint; for a checkpoint loaded here by name or path, it adds fields to that record.
     """
 
     def __init__(
@@ -290,7 +335,8 @@ class FusionEngine:
         else:
             self.method = method_from_checkpoint(model_or_checkpoint)
         path = self.method.checkpoint
-        if path is None and checkpoint_info is not None:
+        checkpoint_info = _checked_checkpoint_info(checkpoint_info, self.method)
+        if path is None and checkpoint_info:
             # A network loaded by the caller runs the pipeline it runs loaded by name (load_checkpoint's metadata).
             self.method.checkpoint_metadata = dict(checkpoint_info)
         metadata = self.method.checkpoint_metadata
@@ -312,13 +358,13 @@ class FusionEngine:
                 tile_size = tile_size or crop
         if path is None:
             note = "model passed in memory" if isinstance(model_or_checkpoint, nn.Module) else "no trained weights"
-            self.checkpoint_info = {"name": None, "note": note, **(checkpoint_info or {})}
+            self.checkpoint_info = {"name": None, "note": note, **checkpoint_info}
         else:
             recorded = dict(metadata)
             recorded.pop("config", None)  # recorded once, as model_config
             self.checkpoint_info = {
                 "name": self.method.checkpoint_name or str(path), "path": str(path.resolve()),
-                "sha256": sha256_of_path(path), "metadata": recorded, **(checkpoint_info or {}),
+                "sha256": sha256_of_path(path), "metadata": recorded, **checkpoint_info,
             }
         self.method.to(self.device)
         self.config = self.method.config

@@ -198,6 +198,53 @@ def test_a_network_passed_in_memory_without_metadata_says_so_as_a_weights_file_w
     assert notes[0].split(": ", 1)[1].rsplit("; ", 1)[0] == sidecar_note.split(": ", 1)[1].rsplit("; ", 1)[0]
 
 
+def test_another_checkpoints_metadata_is_refused_naming_the_config_fields_that_differ(model_3d, tmp_path):
+    """The 2-D Harvard network with the 3-D phantom's metadata ran silently, its fused image up to 0.85
+    off the checkpoint by name, its class evidence read with the 3-D calibration."""
+    torch.manual_seed(2)
+    path = save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), tmp_path / "net.safetensors", CALIBRATED)
+    network = load_checkpoint(path)[0]
+    other_metadata = load_checkpoint(save_checkpoint(model_3d, tmp_path / "other.safetensors", CALIBRATED))[1]
+    with pytest.raises(InputError, match=r"^checkpoint_info describes a network of another config \(spatial_dims: "
+                                         r"3 there, 2 in the network; matching_range: 12 there, 32 in the network\), "
+                                         r"so it is another checkpoint's metadata; pass the metadata load_checkpoint "
+                                         r"returned beside this network"):
+        FusionEngine(network, device="cpu", checkpoint_info=other_metadata)
+
+
+@pytest.mark.parametrize(("metadata", "refusal"), [
+    ({"method": "bsafusion"}, r"^checkpoint_info describes bsafusion weights but the network is a unifuse one, so "
+                              r"it is another checkpoint's metadata; pass the metadata load_checkpoint returned"),
+    ({"method": "unifuse", "config": "small"}, r"^checkpoint_info's config is not a unifuse config \(it is a str, not "
+                                               r"named fields\); pass the metadata load_checkpoint returned"),
+    ({"config": {"spatial_dims": 2, "depth": 3}}, r"^checkpoint_info's config is not a unifuse config \(UniFuseConfig: "
+                                                  r"unknown config fields \['depth'\]\)"),
+])
+def test_metadata_of_another_method_or_no_config_is_refused(model_2d, metadata, refusal):
+    with pytest.raises(InputError, match=refusal):
+        FusionEngine(model_2d, device="cpu", checkpoint_info=metadata)
+
+
+def test_metadata_recording_a_network_is_refused_for_a_method_that_runs_none():
+    with pytest.raises(InputError, match=r"^checkpoint_info describes unifuse weights but the identity\+average "
+                                         r"method runs no network"):
+        FusionEngine(load_method("identity+average"), device="cpu", checkpoint_info={"method": "unifuse"})
+
+
+@pytest.mark.parametrize("checkpoint_info", ["unifuse-2d-harvard", [("crop", 8)]])
+def test_checkpoint_info_that_is_not_a_dict_is_an_input_error_saying_what_it_takes(model_2d, checkpoint_info):
+    with pytest.raises(InputError, match=r"^checkpoint_info is .* \(a (str|list)\), not a checkpoint's metadata: it "
+                                         r"takes the dict load_checkpoint returns beside the network"):
+        FusionEngine(model_2d, device="cpu", checkpoint_info=checkpoint_info)
+
+
+def test_a_record_without_method_or_config_is_kept_as_the_workbenchs_untrained_model_passes_it(model_2d):
+    note = {"name": "untrained (small preset)", "note": "random weights (seed 0); outputs are not meaningful"}
+    engine = FusionEngine(model_2d, device="cpu", checkpoint_info=note)
+    assert engine.checkpoint_info == {"name": note["name"], "note": note["note"]}
+    assert engine.checkpoint_warnings == []
+
+
 @pytest.mark.parametrize("tile_size", ["64", (64, 128), 0, True])
 def test_a_tile_size_that_is_not_a_positive_whole_number_is_an_input_error(model_2d, tile_size):
     with pytest.raises(InputError, match=r"^tile_size must be one positive whole number of voxels") as error:
