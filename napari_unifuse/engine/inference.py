@@ -131,7 +131,7 @@ from napari_unifuse.io.fields import itk_placement
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
-from napari_unifuse.model.checkpoint import training_crop
+from napari_unifuse.model.checkpoint import config_differences, training_crop
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.networks import config_from_dict, network_method
 from napari_unifuse.model.repeatable import one_thread
@@ -269,9 +269,8 @@ def _checked_checkpoint_info(checkpoint_info: object, method: FusionMethod) -> d
     except (InputError, TypeError) as error:
         raise InputError(f"checkpoint_info's config is not a {own_method} config ({error}); "
                          f"{_PASS_ITS_OWN_METADATA}") from error
-    own_config = network.config.to_dict()
-    differing = "; ".join(f"{key}: {json.dumps(recorded[key])} there, {json.dumps(own_config[key])} in the network"
-                          for key in own_config if recorded[key] != own_config[key])
+    differing = "; ".join(f"{key}: {json.dumps(there)} there, {json.dumps(here)} in the network"
+                          for key, (here, there) in config_differences(network.config.to_dict(), recorded).items())
     if differing:
         raise InputError(f"checkpoint_info describes a network of another config ({differing}), so it is another "
                          f"checkpoint's metadata; {_PASS_ITS_OWN_METADATA}")

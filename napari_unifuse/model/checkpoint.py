@@ -230,13 +230,17 @@ def _read(path: Path, device, with_tensors: bool = True) -> tuple[str, Any, dict
     return method, config, tensors
 
 
+def config_differences(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The fields two configs (their ``to_dict()``) set differently: name -> (mine, theirs)."""
+    return {name: (mine.get(name), theirs.get(name)) for name in sorted(set(mine) | set(theirs))
+            if mine.get(name) != theirs.get(name)}
+
+
 def _check_config(expected, found, path: Path, ignored: tuple[str, ...] = ()) -> None:
     if hasattr(expected, "differences"):
         differences = expected.differences(found)
     else:
-        mine, theirs = expected.to_dict(), found.to_dict()
-        differences = {name: (mine.get(name), theirs.get(name)) for name in sorted(set(mine) | set(theirs))
-                       if mine.get(name) != theirs.get(name)}
+        differences = config_differences(expected.to_dict(), found.to_dict())
     differences = {name: values for name, values in differences.items() if name not in ignored}
     if differences:
         listed = "; ".join(f"{name}: model has {mine}, checkpoint has {theirs}"
@@ -325,7 +329,7 @@ def _check_sidecar_describes_the_weights(sidecar: Path, metadata: dict[str, Any]
         raise CheckpointError(f"{sidecar}: invalid {method} config under 'config' ({error}); "
                               f"{_RESTORE_SIDECAR}") from error
     weights = config.to_dict()
-    differing = [key for key in weights if recorded[key] != weights[key]]
+    differing = list(config_differences(weights, recorded))
     if differing:
         key = differing[0]
         others = f" (and {len(differing) - 1} more config fields differ)" if len(differing) > 1 else ""
