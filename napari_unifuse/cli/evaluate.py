@@ -10,7 +10,9 @@ count twice in every mean and test; a label is checked against its reference as 
 refuses its row, and under half the reference grid is a warning, printed and listed in
 ``evaluation.md``, as are the warnings ``unifuse fuse`` gives of the reference and moving image
 (pictures of different sizes, an ignored alpha channel, ...; a moving image outside the reference
-refuses its row); a pair is named by its moving path as the CSV gives it) or from the Harvard
+refuses its row, as do a moving image of another dimensionality than its reference, a displacement on
+another grid than the reference's (spacing, origin, direction or shape) and the task ``all``, the name
+of the summary over all tasks); a pair is named by its moving path as the CSV gives it) or from the Harvard
 AANLIB folder, where the degraded, misaligned moving images are
 synthesised exactly as training's validation set does (``training.datasets.build_datasets``: same
 patient-independent split, seeded per pair).
@@ -43,9 +45,9 @@ the luma Y): alignment NCC / MSE / SSIM of the aligned moving image vs the label
 SDlogJ of the field, the mean end-point error against the ground-truth field (EPE, voxels) when
 it is known, over the whole grid (``epe``) and over the reference's tissue (``epe_tissue``, where
 ``engine.alignment_guard.tissue_mask`` sees it: the background's true field is invisible to every
-method); the fusion metrics of the fused image vs (reference, label): those of
-``metrics.fusion_metrics``, the SSIM gains ``gain_ref`` (over the label's own SSIM to the
-reference), ``gain_mov`` (over the reference's SSIM to the label) and ``gain_min`` (the smaller;
+method; NaN, with a warning, on a reference without tissue); the fusion metrics of the fused image
+vs (reference, label): those of ``metrics.fusion_metrics``, the SSIM gains ``gain_ref`` (over the
+label's own SSIM to the reference), ``gain_mov`` (over the reference's SSIM to the label) and ``gain_min`` (the smaller;
 0 for a copy), Chen–Blum ``Q_CB`` and Han's ``VIF_F``; ``bone_retention``, the mean fused
 intensity where the label is bone (> 0.8), for CT moving images only (Harvard CT-MRI, or a CSV
 moving image that io's normalisation recognises as CT; NaN elsewhere); and seconds per pair (the
@@ -104,6 +106,7 @@ from napari_unifuse.engine.inference import (
     overlap_warnings,
     picture_placement_warnings,
     reader_and_content_warnings,
+    refuse_mixed_dimensions,
     single_slice_pair,
 )
 from napari_unifuse.engine.input_checks import model_dimensions
@@ -201,10 +204,15 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
     names = csv_pair_names([(line, row["moving"]) for line, row in numbered])
     pairs = []
     for name, (line, row) in zip(names, numbered, strict=True):
+        task = row.get("task") or "pairs"
+        if task.lower() == ALL_TASKS:
+            raise InputError(f"line {line} of the CSV: the task {task!r} is the name of the summary over all tasks, "
+                             "whose rows it would join; name the task otherwise", path)
         reference = read_image(path.parent / row["reference"])
         moving = read_image(path.parent / row["moving"])
         label_image = read_image(path.parent / row["label"])
         try:
+            refuse_mixed_dimensions(reference, moving)
             warnings = tuple(input_warnings(reference, moving))
         except InputError as error:
             raise InputError(f"line {line} of the CSV, moving {error.source}: {error.problem}", path) from error
@@ -212,8 +220,6 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
             warnings += tuple(label_coverage_warnings(label_image, reference))
         except InputError as error:
             raise InputError(f"line {line} of the CSV, label {error.source}: {error.problem}", path) from error
-        for warning in warnings:
-            print(f"warning: pair {name}: {warning}", file=sys.stderr)
         if not label_image.on_grid_of(reference):
             label_image = resample_to_reference(label_image, reference)
         # A grey label is scored in the moving image's [0, 1] units: the moving image's mapping.
@@ -224,7 +230,12 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
             label = mapping.apply(label_image.array)
         displacement = None
         if row.get("displacement"):
-            displacement = read_displacement(path.parent / row["displacement"], reference.geometry)
+            try:
+                displacement = read_displacement(path.parent / row["displacement"], reference.geometry,
+                                                 reference.spatial_shape)
+            except InputError as error:
+                raise InputError(f"line {line} of the CSV, displacement {error.source}: {error.problem}",
+                                 path) from error
         axis = reference.single_slice_axis
         if axis is not None:
             # Scored as the 2D image `unifuse fuse` fuses it as: on the slice's in-plane grid, the
@@ -233,11 +244,22 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
             label = np.take(label, 0, axis=axis)
             if displacement is not None:
                 displacement = np.delete(displacement, axis, axis=0).take(0, axis=axis + 1)
-        pairs.append(EvaluationPair(name, row.get("task") or "pairs",
+        if displacement is not None and not has_tissue(unit_intensities(reference)[0]):
+            warnings += (f"{reference.source}: the reference shows no tissue, so epe_tissue (the end-point error "
+                         "over its tissue) is NaN for this pair and left out of the means",)
+        for warning in warnings:
+            print(f"warning: pair {name}: {warning}", file=sys.stderr)
+        pairs.append(EvaluationPair(name, task,
                                     reference, moving, label, displacement,
                                     _degradation(row.get("degradation"), path),
                                     mapping.modality if mapping is not None else None, warnings))
     return pairs
+
+
+def has_tissue(reference: np.ndarray) -> bool:
+    """Whether ``engine.alignment_guard.tissue_mask`` finds any tissue in ``reference`` ([0, 1]
+    intensities): epe_tissue is the end-point error there, undefined on a blank reference."""
+    return bool(tissue_mask(reference).any())
 
 
 def input_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
@@ -396,8 +418,9 @@ def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, refe
     values["folding_pct"], values["sdlogj"] = regularity.folding_percentage, regularity.sd_log_jacobian
     known = pair.displacement is not None
     values["epe"] = end_point_error(displacement, pair.displacement) if known else float("nan")
+    # A reference without tissue (a blank image) has no tissue to score: NaN, as pairs_from_csv warns.
     values["epe_tissue"] = (end_point_error(displacement, pair.displacement, tissue_mask(reference))
-                            if known else float("nan"))
+                            if known and has_tissue(reference) else float("nan"))
     restores = warped_input is not None
     values["restored_ssim"] = values["ssim"] if restores else float("nan")
     values["warped_input_ssim"] = registration_metrics(warped_input, pair.label)["ssim"] if restores else float("nan")

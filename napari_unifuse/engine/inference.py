@@ -525,10 +525,7 @@ class FusionEngine:
                 image = dataclasses.replace(image, array=array, metadata={**image.metadata, "warnings": warnings})
             usable.append(image)
         reference, moving = usable
-        if reference.ndim != moving.ndim:
-            raise InputError(
-                f"the reference is {_describe_dims(reference)} but the moving image is "
-                f"{_describe_dims(moving)}; both must be 2D or both 3D", moving.source or "moving image")
+        refuse_mixed_dimensions(reference, moving)
         if moving.single_slice_axis is not None and reference.single_slice_axis is None:
             raise InputError(
                 f"the moving image is a single slice (shape {moving.array.shape}) but the reference a volume "
@@ -1170,6 +1167,14 @@ def _to_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.round(array), info.min, info.max).astype(dtype)
     return array.astype(np.float32)
+
+
+def refuse_mixed_dimensions(reference: ImageVolume, moving: ImageVolume) -> None:
+    """An InputError for a 2D reference with a 3D moving image or the reverse: no method fuses such
+    a pair, and nothing can place one image in the other's space."""
+    if reference.ndim != moving.ndim:
+        raise InputError(f"the reference is {_describe_dims(reference)} but the moving image is "
+                         f"{_describe_dims(moving)}; both must be 2D or both 3D", moving.source or "moving image")
 
 
 def _describe_dims(image: ImageVolume) -> str:

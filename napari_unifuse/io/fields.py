@@ -187,11 +187,13 @@ def _refuse_cut_short(path: Path) -> None:
         raise InputError(f"the field was not written completely (is the disk full?): {error}", path) from error
 
 
-def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | None = None) -> np.ndarray:
+def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | None = None,
+                      reference_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Read an ITK displacement field back to ``u`` (float32, voxels, array order).
 
     With ``reference_geometry`` the field's grid must match it (a field is only meaningful on
-    the grid it was computed for).
+    the grid it was computed for); with ``reference_shape`` (the reference's spatial shape) its
+    voxel counts too, which a Geometry (spacing, origin, direction) does not hold.
     """
     path = Path(path)
     try:
@@ -218,6 +220,7 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
         if reference_geometry is not None and not placement[0].allclose(reference_geometry, atol=1e-4):
             raise InputError(f"the field's grid {placement[0]} (no orientation in the file; nibabel's guess) "
                              f"differs from the reference grid {reference_geometry}", path)
+        _refuse_other_shape(image, reference_shape, path)
         return _to_voxels(image, geometry)
     if (reference_geometry is not None and placement is not None and not geometry.allclose(reference_geometry, atol=1e-4)
             and placement[0].allclose(reference_geometry, atol=1e-4)):
@@ -233,7 +236,18 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
         raise InputError(
             f"the field's grid {geometry} differs from the reference grid {reference_geometry}", path
         )
+    _refuse_other_shape(image, reference_shape, path)
     return _to_voxels(image, reference_geometry or geometry)
+
+
+def _refuse_other_shape(image: sitk.Image, reference_shape: tuple[int, ...] | None, path: Path) -> None:
+    """An InputError for a field of other voxel counts than ``reference_shape`` (None: any): with the
+    reference's spacing, origin and direction it still lies on another grid, and every comparison
+    with a field computed on the reference grid would fail."""
+    shape = tuple(reversed(image.GetSize()))  # ITK's x, y, z sizes, back to array order
+    if reference_shape is not None and shape != tuple(reference_shape):
+        raise InputError(f"the field's grid has shape {shape} but the reference's has "
+                         f"{tuple(reference_shape)}; give the field computed on the reference grid", path)
 
 
 def _to_voxels(image: sitk.Image, vector_frame: Geometry) -> np.ndarray:

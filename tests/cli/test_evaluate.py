@@ -42,6 +42,8 @@ from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
 from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.input_checks import model_dimensions
+from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import STAGING_PREFIX
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, normalize_intensity, read_image, write_image
@@ -1121,3 +1123,87 @@ def test_a_moving_image_outside_the_reference_refuses_its_row_as_fuse_does(tmp_p
     assert error.startswith(f"unifuse evaluate: error: {pairs}: line 2 of the CSV, moving {files['far']}: the moving "
                             f"image does not overlap the reference ({files['reference']}) in space")
     assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize("reference_dims", [2, 3])
+def test_a_pair_of_a_2d_and_a_3d_image_refuses_its_row_in_fuses_words(reference_dims, tmp_path, capsys,
+                                                                       no_pair_computed):
+    """A 2-D reference with a 3-D moving image, or the reverse, stopped the run with a ValueError
+    traceback (matmul) from the overlap check, where `unifuse fuse` refuses the pair in one line."""
+    pictures_with_labels(tmp_path)
+    volume = ImageVolume(np.zeros((8, SIDE, SIDE), np.float32), Geometry.identity(3))
+    write_image(volume, tmp_path / "volume.nii.gz")
+    row = ("reference.png,volume.nii.gz,label.png" if reference_dims == 2
+           else "volume.nii.gz,moving.png,volume.nii.gz")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving,label\nreference.png,moving.png,label.png\n{row}\n", encoding="utf-8")
+    reference, moving = (read_image(tmp_path / name) for name in row.split(",")[:2])
+    with pytest.raises(InputError) as fuse_refusal:
+        FusionEngine(load_method("identity+max", spatial_dims=model_dimensions(reference)),
+                     device="cpu").validate(reference, moving)
+    assert "both must be 2D or both 3D" in fuse_refusal.value.problem
+
+    code = main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--methods", "identity+max"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error == (f"unifuse evaluate: error: {pairs}: line 3 of the CSV, moving {moving.source}: "
+                     f"{fuse_refusal.value.problem}\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", [(SIDE, SIDE - 8), (SIDE - 8, SIDE)])
+def test_a_true_field_of_another_shape_refuses_its_row_before_any_pair_is_computed(shape, tmp_path, capsys,
+                                                                                  no_pair_computed):
+    """A field with the reference's spacing, origin and direction but another shape was accepted,
+    then stopped the run at its pair ("field shape ... differs") naming neither pair nor file."""
+    pictures_with_labels(tmp_path)
+    write_displacement(np.zeros((2, SIDE, SIDE), np.float32), Geometry.identity(2), tmp_path / "field.nii.gz")
+    write_displacement(np.zeros((2, *shape), np.float32), Geometry.identity(2), tmp_path / "cropped.nii.gz")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving,label,displacement\nreference.png,moving.png,label.png,field.nii.gz\n"
+                     "reference.png,label.png,moving.png,cropped.nii.gz\n", encoding="utf-8")
+    code = main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--methods", "identity+max"])
+    assert code == 2
+    error = capsys.readouterr().err
+    cropped = tmp_path / "cropped.nii.gz"
+    assert error == (f"unifuse evaluate: error: {pairs}: line 3 of the CSV, displacement {cropped}: "
+                     f"the field's grid has shape {shape} but the reference's has {(SIDE, SIDE)}; give the field "
+                     "computed on the reference grid\n")
+
+
+@pytest.mark.parametrize("task", ["all", "ALL", "All"])
+def test_the_task_named_like_the_summary_over_all_tasks_is_refused(task, tmp_path, capsys, no_pair_computed):
+    """Pairs of a task named "all" joined the summary's all-tasks rows: counted twice, or vanishing."""
+    pictures_with_labels(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving,label,task\nreference.png,moving.png,label.png,CT\n"
+                     f"reference.png,label.png,moving.png,{task}\n", encoding="utf-8")
+    code = main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--methods", "identity+max"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error == (f"unifuse evaluate: error: {pairs}: line 3 of the CSV: the task '{task}' is the name of the "
+                     "summary over all tasks, whose rows it would join; name the task otherwise\n")
+
+
+def test_a_blank_reference_with_a_true_field_scores_no_tissue_error_and_the_run_goes_on(tmp_path, capsys):
+    """Its tissue mask is empty: the run stopped after the first pair ("mask: the mask selects no
+    voxels"), writing nothing."""
+    pictures_with_labels(tmp_path)
+    Image.fromarray(np.zeros((SIDE, SIDE), np.uint8)).save(tmp_path / "blank.png")
+    write_displacement(np.ones((2, SIDE, SIDE), np.float32), Geometry.identity(2), tmp_path / "field.nii.gz")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving,label,displacement\nreference.png,moving.png,label.png,field.nii.gz\n"
+                     "blank.png,label.png,moving.png,field.nii.gz\n", encoding="utf-8")
+    code = main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--methods", "identity+max",
+                 "--baselines", "identity", "--fusion-rules", "max"])
+    assert code == 0
+    warning = (f"{tmp_path / 'blank.png'}: the reference shows no tissue, so epe_tissue (the end-point error over "
+               "its tissue) is NaN for this pair and left out of the means")
+    assert f"warning: pair label.png: {warning}" in capsys.readouterr().err
+    assert f"- pair label.png: {warning}" in (tmp_path / "out" / "evaluation.md").read_text(encoding="utf-8")
+    rows = {row["pair"]: row for row in read_csv(tmp_path / "out" / "per_pair.csv") if row["method"] == "identity+max"}
+    assert math.isnan(float(rows["label.png"]["epe_tissue"]))
+    assert float(rows["label.png"]["epe"]) == pytest.approx(float(rows["moving.png"]["epe"]))
+    assert float(rows["moving.png"]["epe_tissue"]) > 0
+    summary = next(row for row in read_csv(tmp_path / "out" / "evaluation.csv") if row["method"] == "identity+max")
+    assert (summary["n"], summary["epe_n"], summary["epe_tissue_n"]) == ("2", "2", "1")

@@ -190,3 +190,26 @@ def test_a_moving_image_placed_alike_leaves_the_field_as_it_was(tmp_path, rng, r
         path = write_displacement(u, geometry, tmp_path / name, moving_placement=placement)
         written = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
         np.testing.assert_array_equal(written, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz"])
+def test_a_field_of_another_shape_on_the_reference_geometry_is_refused_given_the_shape(tmp_path, suffix):
+    """Spacing, origin and direction alike, the voxel counts not: the field passed the grid check and
+    failed later, wherever it was compared with a field on the reference grid."""
+    geometry = Geometry([1.5, 0.5], [3.0, -2.0], np.eye(2))
+    path = write_displacement(np.zeros((2, 6, 7), np.float32), geometry, tmp_path / f"u{suffix}")
+    assert read_displacement(path, geometry).shape == (2, 6, 7)
+    np.testing.assert_array_equal(read_displacement(path, geometry, (6, 7)), np.zeros((2, 6, 7)))
+    with pytest.raises(InputError, match=r"the field's grid has shape \(6, 7\) but the reference's has \(6, 8\)"):
+        read_displacement(path, geometry, (6, 8))
+
+
+def test_a_one_slice_fields_shape_is_checked_after_its_slice_axis_is_put_back(tmp_path):
+    """A one-slice reference's NIfTI field is stored with the slice axis moved (_itk_readable_order)."""
+    geometry = Geometry([3.0, 1.0, 1.0], [0.0, 0.0, 0.0], np.eye(3))
+    u = np.zeros((3, 1, 5, 6), np.float32)
+    u[2] = 0.5
+    path = write_displacement(u, geometry, tmp_path / "u.nii.gz")
+    np.testing.assert_allclose(read_displacement(path, geometry, (1, 5, 6)), u, atol=1e-5)
+    with pytest.raises(InputError, match=r"has shape \(1, 5, 6\) but the reference's has \(1, 5, 7\)"):
+        read_displacement(path, geometry, (1, 5, 7))
