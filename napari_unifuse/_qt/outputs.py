@@ -20,11 +20,15 @@ from napari_unifuse.io import ImageVolume, placement_metadata
 if TYPE_CHECKING:
     import napari.viewer
     from napari.layers import Layer
+    from napari.utils.transforms import Affine
 
 FLICKER_INTERVAL_MS = 600
 # Each map in its own hue, drawn additively over the fused image and hidden until asked for.
 QUALITY_OPACITY = 0.6  # ticked on, a map tints the fused image rather than hiding it
 MAP_COLORMAPS = {INVENTED: "red", LOST: "cyan", RESTORATION_CHANGE: "yellow", UNCERTAINTY: "inferno"}
+# napari builds an arrow's mesh in the layer's data units (voxels) and only then scales it to mm: a
+# width in voxels keeps arrows as visible at 0.25 mm pixels as at 4 mm.
+ARROW_WIDTH_VOXELS = 0.3
 
 
 @dataclass(frozen=True)
@@ -57,17 +61,46 @@ class OutputNames:
         return f"{MAP_LABELS[map_name]} {self.fused.removeprefix('fused ')}"
 
 
-def viewed_slice(viewer: napari.viewer.Viewer, layer) -> tuple[int | None, int]:
-    """(array axis, index) of ``layer``'s slice shown in a 2D view; ``(None, 0)`` for 2D layers."""
-    if layer.ndim < 3:
-        return None, 0
+def _sliced_axes(viewer: napari.viewer.Viewer, layer) -> list[int]:
+    """``layer``'s array axes that the sliders cut (the dims not displayed), in the dims' order."""
     offset = viewer.dims.ndim - layer.ndim
-    axes = [axis - offset for axis in viewer.dims.not_displayed if axis >= offset]
-    if not axes:
+    return [axis - offset for axis in viewer.dims.not_displayed if axis >= offset]
+
+
+def _slicing_transform(layer, axes: list[int]) -> Affine:
+    """The world → data transform napari slices ``layer`` with on its sliced ``axes``: their block of
+    the full inverse alone (napari's ``_SliceInput.data_slice``). On a tilted volume the full inverse
+    at the sliders' point names another slice than the one napari draws (napari shows a slice as if
+    it were orthogonal). The slicing transform itself napari keeps private (``Layer._data_to_world``,
+    which grid mode's shift is not part of); tests/widgets/test_slice_following.py checks that the slice
+    it names is the one napari draws."""
+    return layer._data_to_world.inverse.set_slice(axes)
+
+
+def viewed_slice(viewer: napari.viewer.Viewer, layer) -> tuple[int | None, int]:
+    """(array axis, index) of ``layer``'s slice that napari draws in a 2D view; ``(None, 0)`` for 2D
+    layers and the 3D view."""
+    axes = _sliced_axes(viewer, layer)
+    if layer.ndim < 3 or not axes:
         return None, 0
-    index = np.round(layer.world_to_data(viewer.dims.point[offset:]))
+    point = np.asarray(viewer.dims.point[-layer.ndim:], dtype=float)
+    index = np.round(_slicing_transform(layer, axes)(point[axes]))
     axis = axes[-1]
-    return axis, int(np.clip(index[axis], 0, layer.data.shape[axis] - 1))
+    return axis, int(np.clip(index[-1], 0, layer.data.shape[axis] - 1))
+
+
+def show_data_position(viewer: napari.viewer.Viewer, layer, position: np.ndarray) -> None:
+    """Move the sliders so that napari draws ``layer``'s slices through ``position`` (data
+    coordinates, one per array axis; those of the displayed axes do not count): the inverse of
+    :func:`viewed_slice`."""
+    axes = _sliced_axes(viewer, layer)
+    if not axes:
+        return
+    slicing = _slicing_transform(layer, axes)
+    # Solved, not slicing.inverse: napari cannot invert a one-axis transform (its units check fails).
+    world = np.linalg.solve(slicing.linear_matrix, np.asarray(position, dtype=float)[axes] - slicing.translate)
+    offset = viewer.dims.ndim - layer.ndim
+    viewer.dims.set_point([axis + offset for axis in axes], [float(value) for value in world])
 
 
 class ResultLayers:
@@ -83,8 +116,9 @@ class ResultLayers:
         self.viewer = viewer
         self.outcome: RunOutcome | None = None
         self.names: OutputNames | None = None
-        # The run's reference layer, weakly (a deleted layer is let go): followed through renames.
-        self._reference: weakref.ref | None = None
+        # The run's layers by role ("reference" or an OutputNames field), weakly (a deleted layer is
+        # let go): followed through renames.
+        self._layers: dict[str, weakref.ref] = {}
         self.on_flicker_stopped: Callable[[], None] | None = None
         self.quiver_stride = 4
         self.grid_spacing = 4
@@ -116,11 +150,14 @@ class ResultLayers:
         """The layers of ``outcome``, a run of the layers now named ``reference_name`` and ``moving_name``."""
         self.stop_flicker()
         names = OutputNames.for_inputs(reference_name, moving_name)
-        if self.names is not None and self.names.quivers != names.quivers and self.names.quivers in self.viewer.layers:
+        earlier_quivers = self.layer("quivers")
+        if earlier_quivers is not None and earlier_quivers.name != names.quivers:
             # Arrows follow the slider only with their run's field, which is not kept past its run.
-            self.viewer.layers.remove(self.names.quivers)
+            self.viewer.layers.remove(earlier_quivers)
         self.outcome, self.names = outcome, names
-        self._reference = weakref.ref(self.viewer.layers[reference_name]) if reference_name in self.viewer.layers else None
+        self._layers = {}
+        if reference_name in self.viewer.layers:
+            self._layers["reference"] = weakref.ref(self.viewer.layers[reference_name])
         result = outcome.result
         geometry = result.fused.geometry
         placed = geometry.napari_kwargs()
@@ -135,8 +172,9 @@ class ResultLayers:
                   blending="additive", visible=False)
         magnitude = displacement_magnitude_mm(result.displacement, geometry.spacing)
         self._upsert(names.quivers, np.zeros((0, 2, geometry.ndim), np.float32), "vectors", placed,
-                     edge_colormap="viridis", edge_width=float(geometry.spacing.min()) * 0.3, length=self.arrow_scale,
+                     edge_colormap="viridis", edge_width=ARROW_WIDTH_VOXELS, length=self.arrow_scale,
                      edge_contrast_limits=(0.0, max(float(magnitude.max()), 1e-6)))
+        self._layers.update({role: weakref.ref(self.viewer.layers[name]) for role, name in vars(names).items()})
         self.update_quivers()
         self._show_quality_maps()
         self._show_kept_estimate()
@@ -180,21 +218,23 @@ class ResultLayers:
     @property
     def reference_name(self) -> str | None:
         """The current name of the run's reference layer (None once it is deleted)."""
-        reference = self._reference_layer()
+        reference = self.layer("reference")
         return None if reference is None else reference.name
 
-    def _reference_layer(self):
-        reference = None if self._reference is None else self._reference()
-        return reference if reference is not None and reference in self.viewer.layers else None
+    def layer(self, role: str) -> Layer | None:
+        """The latest run's layer ``role`` ("reference" or an OutputNames field: "fused", "quivers", …)
+        under whatever name it has now; None before a run and once the layer is deleted."""
+        followed = self._layers.get(role)
+        layer = None if followed is None else followed()
+        return layer if layer is not None and layer in self.viewer.layers else None
 
     def _on_layer_removed(self, event) -> None:
         """The text describes the fused layer: it goes with it. Without the aligned layer there is
         nothing to fade or flicker to: the layers hidden for it come back."""
-        if self.names is None:
-            return
-        if event.value.name == self.names.fused:
+        removed = {role for role, followed in self._layers.items() if followed() is event.value}
+        if "fused" in removed:
             self.clear_kept_estimate()
-        elif event.value.name == self.names.aligned:
+        elif "aligned" in removed:
             self.stop_flicker()
 
     def _volume_layer(self, volume: ImageVolume, name: str, tags: dict | None = None, **kwargs) -> None:
@@ -233,18 +273,16 @@ class ResultLayers:
     # ---- live adjustments (no re-run) ----------------------------------------------------------
     def update_quivers(self, _event=None) -> None:
         # The user may have deleted either layer: nothing to follow then.
-        if self.outcome is None or not all(name in self.viewer.layers for name in (self.names.quivers,
-                                                                                    self.names.fused)):
+        arrows, fused = self.layer("quivers"), self.layer("fused")
+        if arrows is None or fused is None:
             return
-        layer = self.viewer.layers[self.names.quivers]
-        reference = self.viewer.layers[self.names.fused]
-        axis, index = viewed_slice(self.viewer, reference)
+        axis, index = viewed_slice(self.viewer, fused)
         result = self.outcome.result
         quivers = slice_quivers(result.displacement, result.fused.geometry.spacing, self.quiver_stride, axis, index)
         # features first would mismatch the old data's length; data first resizes them with defaults
-        layer.data = quivers.vectors
-        layer.features = {"magnitude_mm": quivers.magnitude_mm}
-        layer.edge_color = "magnitude_mm"
+        arrows.data = quivers.vectors
+        arrows.features = {"magnitude_mm": quivers.magnitude_mm}
+        arrows.edge_color = "magnitude_mm"
 
     def set_quiver_stride(self, stride: int) -> None:
         self.quiver_stride = int(stride)
@@ -253,26 +291,30 @@ class ResultLayers:
     def set_arrow_scale(self, scale: float) -> None:
         """Draw arrows ``scale`` times their true length (sub-voxel fields are otherwise invisible)."""
         self.arrow_scale = float(scale)
-        if self.outcome is not None and self.names.quivers in self.viewer.layers:
-            self.viewer.layers[self.names.quivers].length = self.arrow_scale
+        quivers = self.layer("quivers")
+        if quivers is not None:
+            quivers.length = self.arrow_scale
 
     def set_grid_spacing(self, spacing: int) -> None:
         self.grid_spacing = int(spacing)
-        if self.outcome is not None and self.names.grid in self.viewer.layers:
-            self.viewer.layers[self.names.grid].data = deformed_grid(self.outcome.result.displacement, spacing)
+        grid = self.layer("grid")
+        if grid is not None:
+            grid.data = deformed_grid(self.outcome.result.displacement, spacing)
 
     def set_checker_tile(self, tile: int) -> None:
         self.checker_tile = int(tile)
-        if self.outcome is not None and self.names.checkerboard in self.viewer.layers:
-            self.viewer.layers[self.names.checkerboard].data = self._checkerboard()
+        board = self.layer("checkerboard")
+        if board is not None:
+            board.data = self._checkerboard()
 
     def fade(self, opacity: float) -> None:
         """Aligned moving image over the reference at ``opacity`` (0: reference only). 1, the fade
         slider's default and the view a run opens with, ends the fade: the layers it hid come back
         (unless the flicker still compares the two)."""
         if opacity >= 1.0:
-            if self.outcome is not None and self.names.aligned in self.viewer.layers:
-                self.viewer.layers[self.names.aligned].opacity = 1.0
+            aligned = self.layer("aligned")
+            if aligned is not None:
+                aligned.opacity = 1.0
             if not self.flickering:
                 self._restore_view_before_compare()
             return
@@ -329,12 +371,12 @@ class ResultLayers:
         the fused image, the maps, an earlier run's layers; the quivers stay), showing the reference
         and leaving grid mode (a comparison's side by side), so that fade and flicker overlay exactly
         the reference and the aligned image in one view."""
-        if self.outcome is None or self.names.aligned not in self.viewer.layers:
+        aligned = self.layer("aligned")
+        if aligned is None:
             return None
-        aligned = self.viewer.layers[self.names.aligned]
-        reference = self._reference_layer()
+        reference, quivers = self.layer("reference"), self.layer("quivers")
         for layer in self.viewer.layers:
-            if layer.visible and layer is not reference and layer is not aligned and layer.name != self.names.quivers:
+            if layer.visible and all(layer is not kept for kept in (reference, aligned, quivers)):
                 self._set_visible_for_compare(layer, False)
         if reference is not None:
             self._set_visible_for_compare(reference, True)

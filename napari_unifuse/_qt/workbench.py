@@ -58,7 +58,7 @@ from napari_unifuse._qt.annotation_panel import AnnotationPanel
 from napari_unifuse._qt.method_compare import MethodComparePanel
 from napari_unifuse._qt.metrics_panel import MetricsPanel
 from napari_unifuse._qt.notifications import WorkerFailed, report_error, reports_errors, show_warnings
-from napari_unifuse._qt.outputs import ResultLayers, viewed_slice
+from napari_unifuse._qt.outputs import ResultLayers, show_data_position, viewed_slice
 from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
 from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, WorkerHandover
@@ -528,22 +528,21 @@ class UniFuseWorkbench(QWidget):
         self.annotation_panel.method.value = method  # first: set_run keeps a method it finds there
         request = selection.request
         self.annotation_panel.set_run(selection.folder, selection.folder.parent,
-                                      self.viewer.layers[self.results.names.fused],
+                                      self.results.layer("fused"),
                                       subject="run", pair=(selection.reference_name, selection.moving_name),
                                       pair_arrays=(request.reference.array, request.moving.array))
 
     def _on_slice_changed(self, _event=None) -> None:
-        if self.outcome is None or self.results.names.fused not in self.viewer.layers:
+        fused = self.results.layer("fused")
+        if self.outcome is None or fused is None:
             return
-        fused = self.viewer.layers[self.results.names.fused]
         axis, index = viewed_slice(self.viewer, fused)
-        self.plot.set_slice(self._current_stored_slice())
+        self.plot.set_slice(self._current_stored_slice(fused))
         self.metrics_panel.show_metrics(slice_values=slice_metrics(self.outcome, axis, index))
 
-    def _current_stored_slice(self) -> int:
-        """The index along the first array axis, as the volume is stored (the plot's and the quality
-        scores' axis, whatever its world direction), of the viewed position; 0 for a 2D image."""
-        fused = self.viewer.layers[self.results.names.fused]
+    def _current_stored_slice(self, fused) -> int:
+        """The index along the ``fused`` layer's first array axis, as the volume is stored (the plot's
+        and the quality scores' axis, whatever its world direction), of the viewed position; 0 for a 2D image."""
         if fused.ndim < 3:
             return 0
         axis, index = viewed_slice(self.viewer, fused)
@@ -573,15 +572,16 @@ class UniFuseWorkbench(QWidget):
         array axis (the quality maps' slices, docs/quality_maps.md) and pre-fill the annotation category with what the quality maps flag there."""
         if self.outcome is None or self.outcome.result.quality is None:
             raise InputError("run UniFuse first: the quality maps say which slices to look at")
-        if self.results.names.fused not in self.viewer.layers:
+        fused = self.results.layer("fused")
+        if fused is None:
             raise InputError("the fused layer was deleted; run again to review this pair")
         quality = self.outcome.result.quality
-        target = quality.next_suspicious(self._current_stored_slice(), step)
+        target = quality.next_suspicious(self._current_stored_slice(fused), step)
         if target is None:
             show_info("No slice is flagged by the quality maps.")
             return None
         if quality.slice_axis is not None:  # one image (a one-slice volume along any axis) is on screen as it is
-            self._show_stored_slice(target)
+            self._show_stored_slice(fused, target)
         problem = quality.dominant_problem(target)
         # The share the flagging map flags, not the slice's largest score (often another map's, as
         # high on every slice): "hallucinated structure, 0.2 % flagged", not "…, 35.5 % flagged".
@@ -589,12 +589,11 @@ class UniFuseWorkbench(QWidget):
         self.annotation_panel.suggest(problem, target, f"{problem}, {100 * share:.1f} % flagged")
         return target
 
-    def _show_stored_slice(self, index: int) -> None:
-        """Put the viewer on slice ``index`` along the result's first array axis (the centre of it, in
-        world mm), sliced along that axis: the plot and the quality maps' scores are per slice along it,
+    def _show_stored_slice(self, fused, index: int) -> None:
+        """Put the viewer on slice ``index`` along the ``fused`` layer's first array axis (through its
+        centre), sliced along that axis: the plot and the quality maps' scores are per slice along it,
         whatever its world direction, so slicing along another axis would show another slice than the
         one named."""
-        fused = self.viewer.layers[self.results.names.fused]
         if fused.ndim < 3:
             return
         offset = self.viewer.dims.ndim - fused.ndim
@@ -609,10 +608,12 @@ class UniFuseWorkbench(QWidget):
                       "score those slices, whatever their direction in the body.")
         position = (np.asarray(fused.data.shape, dtype=float) - 1) / 2
         position[0] = index
-        world = fused.data_to_world(position)
-        for axis in self.viewer.dims.not_displayed:
-            if axis >= offset:
-                self.viewer.dims.set_point(axis, float(world[axis - offset]))
+        show_data_position(self.viewer, fused, position)
+        _, shown = viewed_slice(self.viewer, fused)
+        if shown != index:
+            # napari cuts a tilted volume as if it were straight: its sliders cannot reach every slice.
+            show_info(f"napari cannot reach stored slice {index} of this tilted volume; it shows slice {shown}, "
+                      "the nearest it can.")
 
     # ---- QC report -----------------------------------------------------------------------------
     @reports_errors("QC report")

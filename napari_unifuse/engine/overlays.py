@@ -75,6 +75,10 @@ def deformed_grid(displacement: np.ndarray, spacing: int) -> np.ndarray:
 
     Bright lines bend where the model moves tissue; crossings squeezed together or folded over show
     compression and folding at a glance, complementing the quivers.
+
+    The lines run along the last two stored axes only (each slice along the first axis holds the
+    same grid): read it sliced along the first axis. Sliced along another axis it shows stripes and
+    solid sheets, and motion along the first axis (through those slices) never bends a line.
     """
     spatial = displacement.shape[1:]
     spacing = max(2, int(spacing))

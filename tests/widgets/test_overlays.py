@@ -129,3 +129,13 @@ def test_settings_that_change_the_result_get_their_own_run_folder_and_unset_ones
     declared = run_folder(tmp_path, "T1", "T2", "ckpt", ("a", "b"), {"tile size": None, "degradation": "noise"})
     assert len({default, tiled, declared}) == 3
     assert tiled == run_folder(tmp_path, "T1", "T2", "ckpt", ("a", "b"), {"degradation": "auto", "tile size": 64})
+
+
+def test_deformed_grid_lines_lie_in_the_last_two_axes_so_first_axis_motion_leaves_them_straight():
+    """As its docstring says: every slice along the first axis holds the same grid, and a shift along
+    that axis changes nothing."""
+    still = deformed_grid(np.zeros((3, 8, 12, 12), np.float32), spacing=4)
+    assert all(np.array_equal(still[z], still[0]) for z in range(8))
+    through_plane = np.zeros((3, 8, 12, 12), np.float32)
+    through_plane[0] = 2.0
+    np.testing.assert_array_equal(deformed_grid(through_plane, spacing=4)[1:-2], still[1:-2])
