@@ -177,7 +177,7 @@ class ProbabilityPlot(QWidget):
             ax.set_xticks(range(len(names)), [MAP_LABELS[name].replace(" ", "\n") for name in names])
             ax.set_title("quality (dotted: cutoffs)", fontsize=8)
         else:
-            flagged_slices = _slices_flagged_by_map(quality)
+            flagged_slices = quality.slices_flagged_by_map()
             for colour, name in zip(colours, names):
                 ax.plot(percent[name], color=colour, label=MAP_LABELS[name])
                 ax.axhline(cutoff_percent[name], color=colour, linestyle=":", linewidth=1)
@@ -231,15 +231,6 @@ def _say_no_degradation(ax: Axes, colour: str) -> None:
 def _legend(ax: Axes) -> None:
     """Small and two columns wide: the dock beside a 1280-pixel window is under 300 pixels."""
     ax.legend(fontsize=6, ncols=2, loc="upper right", framealpha=0.6, handlelength=1.2, columnspacing=0.8)
-
-
-def _slices_flagged_by_map(quality: QualityMaps) -> dict[str, list[int]]:
-    """Map name → the slices that map alone makes suspicious (``QualityMaps.flagged_by``)."""
-    flagged: dict[str, list[int]] = {name: [] for name in quality.slice_scores}
-    for index in quality.suspicious_slices():
-        for name in quality.flagged_by(index):
-            flagged[name].append(index)
-    return flagged
 
 
 def _colours(count: int, offset: int = 0) -> list:

@@ -419,8 +419,9 @@ def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, refe
     known = pair.displacement is not None
     values["epe"] = end_point_error(displacement, pair.displacement) if known else float("nan")
     # A reference without tissue (a blank image) has no tissue to score: NaN, as pairs_from_csv warns.
-    values["epe_tissue"] = (end_point_error(displacement, pair.displacement, tissue_mask(reference))
-                            if known and has_tissue(reference) else float("nan"))
+    tissue = tissue_mask(reference) if known else None
+    values["epe_tissue"] = (end_point_error(displacement, pair.displacement, tissue)
+                            if tissue is not None and tissue.any() else float("nan"))
     restores = warped_input is not None
     values["restored_ssim"] = values["ssim"] if restores else float("nan")
     values["warped_input_ssim"] = registration_metrics(warped_input, pair.label)["ssim"] if restores else float("nan")

@@ -54,6 +54,7 @@ from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, regime_misalignme
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.engine.inference import overlap_warnings
 from napari_unifuse.engine.outputs import check_writable_folder, write_files_together
+from napari_unifuse.engine.report import SYNTH_META_FILE as META_FILE  # unifuse report tells synth pairs by it
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import (
     normalize_intensity,
@@ -66,7 +67,6 @@ from napari_unifuse.io.normalize import MODALITIES
 
 _PNG_INPUTS = (".png", ".jpg", ".jpeg")
 DISPLACEMENT_FILE = "displacement.nii.gz"
-META_FILE = "meta.json"
 _IMAGE_ROLES = ("reference", "moving", "label")
 # Every name synth gives a file in an output folder, for either image extension: what marks an
 # earlier output, what --overwrite removes, and where no input may sit.

@@ -157,6 +157,10 @@ class QualityMaps:
         passing = [name for name, passes in self._flag_test().items() if passes[index]]
         return sorted(passing, key=lambda name: -float(self.slice_scores[name][index]))
 
+    def slices_flagged_by_map(self) -> dict[str, list[int]]:
+        """Map name → the slices that map alone makes suspicious (those above its ``cutoffs`` value)."""
+        return {name: [int(index) for index in np.flatnonzero(passes)] for name, passes in self._flag_test().items()}
+
     def cutoffs(self) -> dict[str, float]:
         """Map name → the score a slice must exceed for that map alone to make it suspicious:
         ``flag_level``, or in a volume the map's typical score plus its outlier margin where that is

@@ -145,6 +145,8 @@ def intensity_mapping(volume: ImageVolume, modality: str = "auto") -> IntensityM
 def _finite_values(volume: ImageVolume) -> np.ndarray:
     """The image's values the mapping is chosen from: all of them, or the finite ones (flattened)
     where some are NaN or infinite; InputError where none is finite."""
+    if not np.issubdtype(volume.array.dtype, np.inexact):
+        return volume.array  # integers (most CT and MR) hold no NaN: no full-size mask to build
     finite = np.isfinite(volume.array)
     if finite.all():
         return volume.array
