@@ -231,8 +231,9 @@ def _read(path: Path, device, with_tensors: bool = True) -> tuple[str, Any, dict
 
 
 def config_differences(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """The fields two configs (their ``to_dict()``) set differently: name -> (mine, theirs)."""
-    return {name: (mine.get(name), theirs.get(name)) for name in sorted(set(mine) | set(theirs))
+    """The fields two configs (their ``to_dict()``) set differently: name -> (mine, theirs), in the
+    order of ``mine``'s fields, then any only ``theirs`` has."""
+    return {name: (mine.get(name), theirs.get(name)) for name in dict.fromkeys([*mine, *theirs])
             if mine.get(name) != theirs.get(name)}
 
 
@@ -240,7 +241,7 @@ def _check_config(expected, found, path: Path, ignored: tuple[str, ...] = ()) ->
     if hasattr(expected, "differences"):
         differences = expected.differences(found)
     else:
-        differences = config_differences(expected.to_dict(), found.to_dict())
+        differences = dict(sorted(config_differences(expected.to_dict(), found.to_dict()).items()))
     differences = {name: values for name, values in differences.items() if name not in ignored}
     if differences:
         listed = "; ".join(f"{name}: model has {mine}, checkpoint has {theirs}"

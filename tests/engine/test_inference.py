@@ -205,8 +205,8 @@ def test_another_checkpoints_metadata_is_refused_naming_the_config_fields_that_d
     path = save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), tmp_path / "net.safetensors", CALIBRATED)
     network = load_checkpoint(path)[0]
     other_metadata = load_checkpoint(save_checkpoint(model_3d, tmp_path / "other.safetensors", CALIBRATED))[1]
-    with pytest.raises(InputError, match=r"^checkpoint_info describes a network of another config \(matching_range: "
-                                         r"12 there, 32 in the network; spatial_dims: 3 there, 2 in the network\), "
+    with pytest.raises(InputError, match=r"^checkpoint_info describes a network of another config \(spatial_dims: "
+                                         r"3 there, 2 in the network; matching_range: 12 there, 32 in the network\), "
                                          r"so it is another checkpoint's metadata; pass the metadata load_checkpoint "
                                          r"returned beside this network"):
         FusionEngine(network, device="cpu", checkpoint_info=other_metadata)
