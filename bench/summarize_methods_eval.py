@@ -1,7 +1,8 @@
 """docs/results/methods.md: every method side by side, from `unifuse evaluate --methods` runs.
 
     .venv/bin/python bench/summarize_methods_eval.py --results runs/methods-eval [more ...] \\
-        [--unifuse docs/results/harvard2d-val/guard8] [--out docs/results/methods.md] [--compact NAME ...]
+        [--unifuse docs/results/harvard2d-val/guard8] [--out docs/results/methods.md] [--compact NAME ...] \\
+        [--note docs/results/methods_simpleitk_note.md]
     .venv/bin/python bench/summarize_methods_eval.py --retest docs/results/methods/* [more evaluate outputs ...]
 
 Each ``--results`` folder holds one folder per regime (``large``, ``mild``, ``none``), each the
@@ -175,6 +176,20 @@ def targets(rows: list[dict], method: str, rivals: tuple[str, ...], columns: tup
     return lines
 
 
+def header(results: list[Path], unifuse: Path, notes: list[Path]) -> list[str]:
+    """The title, where the rows come from, and each ``notes`` file's text as a paragraph of its own:
+    caveats on the merged runs that a regeneration must keep."""
+    text = ["# Every method side by side (Harvard validation split)", "",
+            "Made by `bench/summarize_methods_eval.py` from `unifuse evaluate --methods` runs (UniFuse's rows "
+            f"from {unifuse} where a run did not evaluate it). Degraded moving images (evaluate's "
+            "default) except in the last section; mean per pair; epe in px; seconds per pair as each run "
+            f"measured them. Runs merged: {', '.join(f'`{folder}`' for folder in results)}. What the tables "
+            "show is discussed in the README (Every method on the Harvard validation split).", ""]
+    for note in notes:
+        text += [note.read_text(encoding="utf-8").strip(), ""]
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, nargs="+")
@@ -183,6 +198,8 @@ def main() -> None:
     parser.add_argument("--fusion-method", default="mmif-amin:none",
                         help="the row held to the fusion target on aligned pairs (none and none-clean)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--note", type=Path, nargs="+", metavar="FILE",
+                        help="Markdown paragraphs put under the header, e.g. docs/results/methods_simpleitk_note.md")
     parser.add_argument("--compact", nargs="+", metavar="NAME",
                         help="also print one table of these methods over every regime (the README's)")
     parser.add_argument("--folders", type=Path,
@@ -198,12 +215,7 @@ def main() -> None:
     if not args.results:
         parser.error("--results is required (unless --retest)")
     tables: dict[str, list[dict]] = {}
-    text = ["# Every method side by side (Harvard validation split)", "",
-            "Made by `bench/summarize_methods_eval.py` from `unifuse evaluate --methods` runs (UniFuse's rows "
-            f"from {args.unifuse} where a run did not evaluate it). Degraded moving images (evaluate's "
-            "default) except in the last section; mean per pair; epe in px; seconds per pair as each run "
-            f"measured them. Runs merged: {', '.join(f'`{folder}`' for folder in args.results)}. What the tables "
-            "show is discussed in the README (Every method on the Harvard validation split).", ""]
+    text = header(args.results, args.unifuse, args.note or [])
     for regime, title in REGIMES.items():
         if not any((folder / regime / "per_pair.csv").is_file() for folder in args.results):
             continue
