@@ -16,7 +16,7 @@ Intensity conventions:
 `severity` in [0, 1] scales each model's physical parameters (documented on each class); 0 is the
 mildest version of metal and low dose, not their absence (that is `NoDegradation`). Motion is the
 exception: its movements scale with the severity, so at 0 nothing moves and the image comes back
-unchanged (`unifuse synth` refuses it).
+unchanged (`unifuse synth` and training refuse it).
 """
 
 from __future__ import annotations

@@ -174,6 +174,13 @@ class SyntheticPairDataset(Dataset):
         """The cases (patients) this split's samples come from; none for generated pairs."""
         return []
 
+    def _refuse_motion_without_movement(self, degradations: set[str]) -> None:
+        """Motion's movements scale with the severity (data.degrade): with a high bound of 0 every
+        sample labelled motion would be clean, and the classifier would learn a wrong label."""
+        if "motion" in degradations and self.severity[1] == 0.0 and self.none_fraction < 1.0:
+            raise InputError(f"severity {list(self.severity)} draws no movement for motion, so its samples would be "
+                             "clean yet labelled motion: give a high bound above 0", "data.severity")
+
     def set_epoch(self, epoch: int) -> None:
         """Validation datasets ignore this: their samples are the same at every evaluation."""
         if self.stream == TRAIN_STREAM:
@@ -366,6 +373,7 @@ class PhantomPairs(SyntheticPairDataset):
         self.spatial_dims = spatial_dims
         self.shapes = tuple(tuple(int(side) for side in shape) for shape in shapes)
         self.tasks = tuple(tasks)
+        self._refuse_motion_without_movement({moving_degradation(PHANTOM_TASKS[task][1]) for task in self.tasks})
         self.shape_probabilities = (None if shape_weights is None
                                     else np.asarray(shape_weights, dtype=np.float64) / sum(shape_weights))
         self._volumes: dict[tuple[int, ...], dict[str, Any]] | None = None
@@ -738,6 +746,7 @@ class FolderPairs(SyntheticPairDataset):
         self.with_color = with_color
         self.cases = list(cases)
         self.layout = layout
+        self._refuse_motion_without_movement({moving_degradation(layout["moving_modality"])})
         self.samples_per_case = int(samples_per_case)
         self._cache: dict[int, CleanPair] = {}
 

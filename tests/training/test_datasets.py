@@ -359,6 +359,22 @@ def test_a_moving_modality_that_picks_no_degradation_is_refused_unless_nothing_i
     assert train.clean_pair(0, np.random.default_rng(0)).degradation == "none"
 
 
+def test_a_severity_that_moves_nothing_is_refused_where_motion_is_trained_and_only_there(tmp_path):
+    """Motion at severity 0 moves nothing: a sample labelled motion would be clean."""
+    _noise_cases(tmp_path)
+    frozen = {"severity": [0.0, 0.0]}
+    with pytest.raises(InputError, match=r"severity \[0.0, 0.0\] draws no movement for motion"):
+        datasets.build_datasets(_own_layout(tmp_path, "t2", **frozen), seed=0, spatial_dims=2)
+    with pytest.raises(InputError, match="draws no movement for motion"):
+        datasets.PhantomPairs(seed=3, stream=datasets.TRAIN_STREAM, none_fraction=0.2, length=2, spatial_dims=2,
+                              shapes=[(24, 48, 48)], tasks=("mr-ct", "t1-t2"), severity=(0.0, 0.0))
+    # Metal and low dose at 0 are their mildest versions, and a clean-only run degrades nothing.
+    datasets.build_datasets(_own_layout(tmp_path, "ct", **frozen), seed=0, spatial_dims=2)
+    datasets.build_datasets(_own_layout(tmp_path, "t2", none_fraction=1.0, **frozen), seed=0, spatial_dims=2)
+    datasets.PhantomPairs(seed=3, stream=datasets.TRAIN_STREAM, none_fraction=0.2, length=2, spatial_dims=2,
+                          shapes=[(24, 48, 48)], tasks=("mr-ct", "ct-pet"), severity=(0.0, 0.0))
+
+
 def test_a_layout_with_its_own_keys_beside_it_is_refused(tmp_path):
     _noise_cases(tmp_path)
     data = {"kind": "folders", "root": str(tmp_path), "layout": "synthrad", "moving": "pet.nii.gz",
