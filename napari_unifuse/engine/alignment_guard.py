@@ -21,8 +21,9 @@ beaten reliably by the network's field.
   network fit their fields to these very images, so they gain on pairs with nothing to correct;
   docs/alignment_guard.md gives the calibration. That burden of proof is for *small* motions, the
   spurious kind: a challenger that moves the tissue by more than ``LARGE_MOTION_VOXELS`` on
-  average from the incumbent needs only a gain above one noise unit. No already aligned atlas
-  pair made the matching move that far (at most 10.6 px, SPECT 10010), while k = 4 alone left 12
+  average from the incumbent needs only a gain above one noise unit. No already aligned validation
+  pair, as the atlas stores it, made the matching move that far (at most 10.6 px, SPECT 10010; with
+  input noise of 1e-3 of the range it moves 10.9-17.5 px: docs/alignment_guard.md, Limits), while k = 4 alone left 12
   of the 117 grossly misaligned validation pairs (15-25 px) unaligned, where CT-MRI's mutual
   information gains little (z 1.3-2.7 for a 17-23 px correction).
 * **Floor**: a challenger that moves the tissue by less than ``MIN_CREDIBLE_MOTION_VOXELS`` on
@@ -143,11 +144,21 @@ class GuardDecision:
             return f"kept {IDENTITY}: too little tissue shown by both images to judge any motion"
         deciding = next((c for c in reversed(self.challenges) if c.accepted), None)
         if deciding is None:
-            if all(self.magnitudes[c.challenger] < self.min_credible_motion for c in self.challenges):
-                return (f"kept {IDENTITY}: no reliable improvement (every estimate moves the tissue by less "
-                        f"than {self._floor_in_words()}, within what this similarity can confirm across modalities)")
-            return (f"kept {IDENTITY}: no reliable improvement (no estimate gained more than "
-                    f"{self.factor:g}× the similarity's noise)")
+            # The floor judges each challenger's own motion (its magnitude), whatever it challenged.
+            below_floor = [c.challenger for c in self.challenges
+                           if self.magnitudes[c.challenger] < self.min_credible_motion]
+            within_noise = [c.challenger for c in self.challenges if c.challenger not in below_floor]
+            floor_reason = (f"by less than {self._floor_in_words()}, within what this similarity can confirm "
+                            "across modalities")
+            noise_reason = f"more than {self.factor:g}× the similarity's noise"
+            if not within_noise:
+                return f"kept {IDENTITY}: no reliable improvement (every estimate moves the tissue {floor_reason})"
+            if not below_floor:
+                return f"kept {IDENTITY}: no reliable improvement (no estimate gained {noise_reason})"
+            # Some were refused by the floor whatever their gain, the others by the noise: each its own reason.
+            move = "moves" if len(below_floor) == 1 else "move"
+            return (f"kept {IDENTITY}: no reliable improvement ({' and '.join(below_floor)} {move} the tissue "
+                    f"{floor_reason}; {' and '.join(within_noise)} gained no {noise_reason})")
         return (f"kept {self.kept}: mutual information {deciding.gain:+.3f} nats over "
                 f"{deciding.incumbent}, {deciding.gain / max(deciding.noise, 1e-12):.1f}× its noise")
 

@@ -644,3 +644,22 @@ def test_the_bundled_checkpoints_say_whether_the_dense_refinement_pays_and_why()
         metadata = read_metadata(name)
         assert weighs_dense_refinement(metadata) is weighed
         assert "dense-refinement" in metadata[METADATA_KEY]["dense_refinement_evidence"]
+
+
+def test_a_refusal_gives_each_estimate_its_own_reason_when_the_floor_and_the_noise_both_refused():
+    """The matching's 5-voxel correction gains far more than k× the noise but is under the floor; a
+    wrong 9-voxel field loses. Saying no estimate gained more than k× the noise would be false for the
+    matching: the message says which was refused by the floor and which by the noise."""
+    vector = (0.0, MIN_CREDIBLE_MOTION_VOXELS - 3.0)
+    mr, pet = multimodal_pair((96, 96), seed=1)
+    decision = choose_displacement(shifted(pet, vector), mr, {
+        MATCHING: constant_field((96, 96), vector),
+        NETWORK: constant_field((96, 96), (MIN_CREDIBLE_MOTION_VOXELS + 1.0, 0.0)),
+    })
+    matching, network = decision.challenges
+    assert decision.kept == IDENTITY
+    assert matching.gain > GAIN_NOISE_FACTOR * matching.noise and network.gain < 0.0
+    assert decision.message == (
+        f"kept identity: no reliable improvement ({MATCHING} moves the tissue by less than "
+        f"{MIN_CREDIBLE_MOTION_VOXELS:g} voxels, within what this similarity can confirm across modalities; "
+        f"{NETWORK} gained no more than {GAIN_NOISE_FACTOR:g}× the similarity's noise)")
