@@ -28,7 +28,7 @@ from napari_unifuse.engine.overlays import (
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.provenance import describe_input
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.errors import UniFuseError
+from napari_unifuse.errors import CheckpointError, UniFuseError
 from napari_unifuse.io import ImageVolume, resample_to_reference
 from napari_unifuse.metrics import (
     METRIC_NAMES,
@@ -42,6 +42,7 @@ from napari_unifuse.metrics import (
     ssim_gains,
 )
 from napari_unifuse.model import UniFuse, UniFuseConfig
+from napari_unifuse.model.checkpoint import checkpoint_method
 
 UNTRAINED = "untrained (small preset)"
 # The untrained preset is seeded so that reopening "the same run" really reproduces it.
@@ -84,8 +85,15 @@ class RunOutcome:
 
 
 def build_engine(checkpoint: str, spatial_dims: int, device: str, tile_size: int | None) -> FusionEngine:
-    """A FusionEngine for a bundled/file checkpoint, or the seeded untrained small preset."""
+    """A FusionEngine for a bundled/file UniFuse checkpoint, or the seeded untrained small preset.
+
+    A checkpoint of another method is refused from its header, before its weights load: the
+    engine would run the method its header names, which the run form would report as UniFuse."""
     if checkpoint != UNTRAINED:
+        method = checkpoint_method(checkpoint)
+        if method != UniFuse.method:
+            raise CheckpointError(f"{checkpoint} holds {method} weights, not UniFuse ones; compare other methods "
+                                  "in the Methods tab")
         return FusionEngine(checkpoint, device=device, tile_size=tile_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_UNTRAINED_SEED)

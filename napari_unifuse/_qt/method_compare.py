@@ -79,14 +79,17 @@ def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume,
     """Each method's fusion of the pair, in turn (``engines`` caches loaded methods across runs).
 
     ``checkpoint``: the run form's; the method its weights belong to runs with them (a researcher's
-    own UniFuse is compared as trained, not the bundled one), every other with its bundled weights.
+    own UniFuse is compared as trained, not the bundled one; weights for other dimensions than the
+    pair's are refused), every other with its bundled weights.
     A one-slice volume is compared as the 2D image it is, as the main run fuses it
     (``engine.input_checks.model_dimensions``)."""
     runs = []
     dims = model_dimensions(reference)
+    # Before any method loads or runs: a refused checkpoint is named at once, not after the other method ran.
+    weights_of = {name: _form_weights_for(name, checkpoint, dims) for name in methods}
     for name in methods:
         cancel.raise_if_cancelled()  # before loading: a method takes seconds to load, wasted once cancelled
-        weights = _form_weights_for(name, checkpoint, dims)
+        weights = weights_of[name]
         # A checkpoint file retrained in place is another model (engine.overlays.checkpoint_identity).
         key = (name, weights and checkpoint_identity(weights), dims, device, tile_size)
         if key not in engines:
@@ -100,13 +103,16 @@ def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume,
 
 
 def _form_weights_for(name: str, checkpoint: str, spatial_dims: int) -> str | None:
-    """``checkpoint`` when it holds weights of method ``name`` for ``spatial_dims``-D images, else
-    None (the method's bundled weights)."""
-    if checkpoint == UNTRAINED:
+    """``checkpoint`` when it holds weights of method ``name``, else None (the method's bundled
+    weights). Weights of ``name`` for other than ``spatial_dims``-D images are refused, as the main
+    run refuses them: comparing the bundled ones instead would pass them off as the researcher's."""
+    if checkpoint == UNTRAINED or checkpoint_method(checkpoint) != split_name(name)[0]:
         return None
-    config = read_config(checkpoint)
-    fits = checkpoint_method(checkpoint) == split_name(name)[0] and config.spatial_dims == spatial_dims
-    return checkpoint if fits else None
+    trained_for = read_config(checkpoint).spatial_dims
+    if trained_for != spatial_dims:
+        raise InputError(f"this checkpoint is a {trained_for}D model but the images are {spatial_dims}D; "
+                         f"choose a {spatial_dims}D checkpoint in the run form", checkpoint)
+    return checkpoint
 
 
 class MethodComparePanel(widgets.Container):

@@ -7,11 +7,21 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from napari_unifuse._qt.analysis import RunRequest, engine_key, run_and_analyse, slice_metrics, volume_metrics
+import napari_unifuse._qt.analysis as analysis_module
+from napari_unifuse._qt.analysis import (
+    RunRequest,
+    build_engine,
+    engine_key,
+    run_and_analyse,
+    slice_metrics,
+    volume_metrics,
+)
 from napari_unifuse.engine.progress import CancelToken, ignore_progress
-from napari_unifuse.errors import InputError
+from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.io import ImageVolume, IntensityMapping
 from napari_unifuse.metrics import registration_metrics
+from napari_unifuse.model.bsafusion import BSAFusion, BSAFusionConfig
+from napari_unifuse.model.checkpoint import save_checkpoint
 
 from .conftest import GEOMETRY_3D, ellipsoid_pair
 from .test_review import SHAPE, KnownResultEngine, result_with_defects
@@ -135,3 +145,14 @@ def test_a_checkpoint_file_retrained_in_place_is_cached_as_another_model(tmp_pat
     assert engine_key(request) != before
     bundled = replace(request, checkpoint="unifuse-3d-phantom")
     assert engine_key(bundled) == engine_key(bundled)
+
+
+def test_a_checkpoint_of_another_method_is_refused_before_its_weights_load(tmp_path, monkeypatch):
+    """The run form's "from file…" took a BSAFusion checkpoint and ran BSAFusion, reported as UniFuse."""
+    checkpoint = save_checkpoint(BSAFusion(BSAFusionConfig.small()), tmp_path / "bsa", {})
+    built = []
+    monkeypatch.setattr(analysis_module, "FusionEngine", lambda *args, **kwargs: built.append(args))
+    with pytest.raises(CheckpointError, match=r"bsa\.safetensors holds bsafusion weights, not UniFuse ones; "
+                                              r"compare other methods in the Methods tab$"):
+        build_engine(str(checkpoint), 2, "cpu", None)
+    assert built == []

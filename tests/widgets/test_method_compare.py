@@ -440,3 +440,23 @@ def test_a_comparison_stops_the_flicker_and_unticking_it_leaves_the_grid_alone(m
     assert workbench.results.flickering and not viewer.canvas.grid.enabled
     compare.leave_side_by_side("unifuse")  # what a main run does: the flicker must not bring the grid back after it
     assert not workbench.results.flickering and not viewer.canvas.grid.enabled
+
+
+def test_the_forms_checkpoint_for_other_dimensions_is_refused_before_any_method_runs(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
+    """A researcher's own 3D UniFuse picked in the run form was swapped, silently, for the bundled
+    2D one on a 2D pair; the main run refuses that checkpoint, and so must the comparison."""
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path)
+    workbench.run_panel.checkpoint.value = FROM_FILE
+    workbench.run_panel.checkpoint_file.value = str(checkpoint_files[3])
+    compare = workbench.method_compare
+    compare.first.value, compare.second.value = "identity+max", "unifuse"  # the refused one second
+    before = [layer.name for layer in viewer.layers]
+    compare_and_wait(qtbot, compare)
+    assert compare.runs == [] and [layer.name for layer in viewer.layers] == before
+    assert len(notifications) == 1, notifications
+    level, message = notifications[0]
+    assert level == "error" and message.startswith(f"Compare methods: {checkpoint_files[3]}: "), message
+    assert "this checkpoint is a 3D model but the images are 2D" in message
+    assert compare.status.value == "stopped"
