@@ -1,4 +1,4 @@
-"""`unifuse train`: train or resume UniFuse from a YAML config (configs/*.yaml).
+"""`unifuse train`: train or resume UniFuse from a YAML config (a file, or a packaged configs/*.yaml by name).
 
 Several processes / GPUs: ``torchrun --nproc_per_node N -m napari_unifuse.cli train --config ...``
 (DistributedDataParallel; NCCL on CUDA, Gloo on CPU).
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.training.config import list_packaged_configs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train UniFuse from a config file (resumable; torchrun for several processes)",
         description="Train UniFuse on synthetic degradations + misalignments of clean aligned pairs.",
     )
-    parser.add_argument("--config", required=True, help="training config YAML (see configs/)")
+    parser.add_argument("--config", required=True,
+                        help="training config: a YAML file, or a packaged config's name (also as configs/NAME.yaml "
+                             f"where no such file exists): {', '.join(list_packaged_configs())}. Installed outside "
+                             "the checkout, a packaged config that reads data needs --data-root")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",

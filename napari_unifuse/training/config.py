@@ -33,6 +33,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -416,13 +417,38 @@ def _against(base_dir: Path, path: str) -> Path:
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 
+def packaged_config_dir() -> Path:
+    """The packaged training configs (``napari_unifuse/configs`` links to ``configs/``)."""
+    return Path(str(resources.files("napari_unifuse") / "configs"))
+
+
+def list_packaged_configs() -> list[str]:
+    """Names of the packaged training configs, usable with :func:`load_config`."""
+    folder = packaged_config_dir()
+    return sorted(path.stem for path in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _config_file(path: Path) -> Path:
+    """``path`` when it is a file; else the packaged config it names: a bare name (``harvard2d-cpu``,
+    ``.yaml`` or not) or ``configs/<name>.yaml``, the checkout's path that the README and the bundled
+    checkpoints' recorded commands give, so that those commands also run from an installed package."""
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")) and path.suffix in ("", ".yaml"):
+        packaged = packaged_config_dir() / f"{path.stem}.yaml"
+        if packaged.is_file():
+            return packaged
+    available = ", ".join(list_packaged_configs()) or "none"
+    raise InputError(f"training config not found: give a YAML file or a packaged config's name ({available})",
+                     path)
+
+
 def load_config(path: str | Path, **overrides: dict[str, Any]) -> TrainConfig:
-    """Read and validate a training config YAML file; ``overrides`` (section → fields, the command
-    line's) replace the file's fields before the validation, which judges the config they make
-    (a stage's ``--init-from`` supplies the ``train.init_from`` the file leaves out)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("training config not found", path)
+    """Read and validate a training config YAML file, or a packaged one by name (``harvard2d-cpu``);
+    ``overrides`` (section → fields, the command line's) replace the file's fields before the
+    validation, which judges the config they make (a stage's ``--init-from`` supplies the
+    ``train.init_from`` the file leaves out)."""
+    path = _config_file(Path(path))
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

@@ -14,6 +14,7 @@ import torch
 
 from napari_unifuse.cli import main
 from napari_unifuse.model.checkpoint import load_checkpoint
+from napari_unifuse.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -155,3 +156,15 @@ def test_init_from_on_the_command_line_gives_a_stage_config_its_starting_weights
     _, metadata = load_checkpoint(tmp_path / "stage" / "checkpoints" / "last.safetensors")
     assert metadata["initial_weights"]["checkpoint"] == str(weights)
     assert metadata["training_config"]["train"]["stage"] == "fusion_weight"
+
+
+def test_train_takes_a_packaged_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    """The help said "see configs/", which an installed package did not hold; now it names the packaged configs."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "a packaged config's name" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "smoke", "--device", "cpu", "--no-progress", "--max-steps", "1"]) == 0
+    _, metadata = load_checkpoint(tmp_path / "runs" / "smoke" / "checkpoints" / "last.safetensors")
+    assert metadata["command"].startswith("unifuse train --config smoke ")
+    assert metadata["training_config"] == load_config(SMOKE).with_overrides(train={"max_steps": 1}).to_dict()

@@ -292,3 +292,52 @@ def test_a_folder_pattern_with_another_placeholder_than_case_is_refused_at_load(
                     "reference_modality: mr, moving_modality: spect}\n")
     with pytest.raises(InputError, match=r"data.moving .* holds .*: the only placeholder is \{case\}"):
         load_config(path)
+
+
+@pytest.mark.parametrize("given", ["harvard2d-cpu", "harvard2d-cpu.yaml", "configs/harvard2d-cpu.yaml"])
+def test_a_packaged_config_loads_by_name_from_any_folder(tmp_path, monkeypatch, given):
+    """An installed package held no configs, so the README's `--config configs/...` ran only in the checkout."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(given)
+    # The packaged copy is the checkout's file: its relative data.root reaches the same folder.
+    assert config.to_dict() == load_config(CONFIGS / "harvard2d-cpu.yaml").to_dict()
+    assert Path(config.source).resolve() == (CONFIGS / "harvard2d-cpu.yaml").resolve()
+
+
+def test_a_local_config_file_wins_over_the_packaged_one_of_its_name(tmp_path, monkeypatch):
+    local = tmp_path / "configs" / "smoke.yaml"
+    local.parent.mkdir()
+    local.write_text("seed: 7\ndata: {kind: phantom}\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("configs/smoke.yaml")
+    assert config.seed == 7 and config.source == "configs/smoke.yaml"
+
+
+@pytest.mark.parametrize("given", ["no-such-config", "elsewhere/smoke.yaml", "smoke.yml"])
+def test_a_missing_config_that_names_no_packaged_one_lists_the_packaged_names(tmp_path, monkeypatch, given):
+    """Only a bare name or the checkout's configs/NAME.yaml means a packaged config: another path stays a path."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=f"^{re.escape(given)}: training config not found: give a YAML file or "
+                                         r"a packaged config's name \(.*harvard2d-cpu, .*smoke\)$"):
+        load_config(given)
+
+
+def test_the_package_ships_every_config_and_the_license():
+    """pyproject's package data and license files, read as setuptools reads them, against the checkout."""
+    import tomllib
+
+    from napari_unifuse.training.config import list_packaged_configs, packaged_config_dir
+
+    package = Path(__file__).resolve().parents[2] / "napari_unifuse"
+    project = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = {path.resolve() for pattern in project["tool"]["setuptools"]["package-data"]["napari_unifuse"]
+               for path in package.glob(pattern) if path.is_file()}
+    configs = sorted(CONFIGS.glob("*.yaml"))
+    assert configs and {path.resolve() for path in configs} <= shipped
+    assert packaged_config_dir().resolve() == CONFIGS.resolve()
+    assert list_packaged_configs() == sorted(path.stem for path in configs)
+    assert project["project"]["license"] == "BSD-3-Clause"
+    licenses = [CONFIGS.parent / name for name in project["project"]["license-files"]]
+    assert licenses and all("BSD 3-Clause License" in path.read_text(encoding="utf-8") for path in licenses)
+    # The README's install command reads constraints.txt: the sdist must hold it.
+    assert "include constraints.txt" in (CONFIGS.parent / "MANIFEST.in").read_text(encoding="utf-8").splitlines()
