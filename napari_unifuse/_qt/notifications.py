@@ -1,15 +1,17 @@
 """Every problem the workbench meets becomes a napari notification a clinician can act on.
 
 Expected problems (``UniFuseError``: bad input, missing checkpoint, cancelled run) show their own
-message, and so does a ``PermissionError`` (a folder the user may not write to). Anything else is
-a bug: the user gets a one-line message and the traceback goes to the log at DEBUG level, never to
-the console.
+message, and so does a folder the user cannot write to (``PermissionError``, a full disk, a
+read-only file system): the file and what to do. Anything else is a bug: the user gets a one-line
+message and the traceback goes to the log at DEBUG level, never to the console.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +23,13 @@ from napari_unifuse.errors import Cancelled, UniFuseError
 
 LOG = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+# A file system's refusals to write that the user can act on, with what to do: not bugs to report.
+WRITE_REFUSAL_ADVICE = {
+    errno.ENOSPC: "free some space on its disk or save to a folder on another disk",
+    errno.EDQUOT: "free some of your disk quota or save to a folder on another disk",
+    errno.EFBIG: "its file system cannot hold a file this large; save to a folder on another disk",
+    errno.EROFS: "choose a folder on a disk that can be written to",
+}
 
 
 def report_error(error: BaseException, action: str) -> None:
@@ -32,6 +41,9 @@ def report_error(error: BaseException, action: str) -> None:
     elif isinstance(error, PermissionError):  # e.g. a read-only runs folder: the user's to fix, not a bug
         where = error.filename or "a file"
         show_error(f"{action}: permission denied on {where}; check its permissions or choose another runs folder.")
+    elif isinstance(error, OSError) and error.errno in WRITE_REFUSAL_ADVICE:
+        where, reason = error.filename or "a file", error.strerror or os.strerror(error.errno)
+        show_error(f"{action}: could not write {where} ({reason}); {WRITE_REFUSAL_ADVICE[error.errno]}.")
     elif is_out_of_memory(error):
         show_error(f"{action}: the computer ran out of memory ({error}); close other programs or layers and run "
                    "again, or use smaller or coarser volumes.")

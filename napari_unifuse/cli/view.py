@@ -46,6 +46,16 @@ def check_openable(path: str) -> None:
         dicom_series(path)  # a folder of no series, or of several, is refused with its listing
 
 
+def check_qt_binding() -> None:
+    """Raise an InputError when no Qt binding (PyQt6, PySide6, ...) is installed: the ``qt`` extra is
+    optional, and napari would fail with chained tracebacks only once it builds its window."""
+    try:
+        import qtpy  # noqa: F401 - qtpy raises QtBindingsNotFoundError (an ImportError) without a binding
+    except ImportError as error:
+        raise InputError(f"napari's window needs a Qt binding and none is installed ({error}): "
+                         'pip install "napari-unifuse[qt]"; unifuse fuse needs none') from error
+
+
 def check_display() -> None:
     """Raise an InputError when Linux has no display for Qt's default platforms (xcb, wayland): Qt
     would abort the process (SIGABRT) advising to reinstall the application. Another platform set in
@@ -64,9 +74,11 @@ def check_display() -> None:
 def open_workbench(paths: list[str], sample: str | None, show: bool = True):
     """Build the viewer; separated from `run` so tests can drive it without an event loop.
 
-    Every path is checked before the viewer is created: a bad one raises InputError, no window opens."""
+    Every path, the Qt binding and the display are checked before the viewer is created: a problem
+    raises InputError, no window opens."""
     for path in paths:
         check_openable(path)
+    check_qt_binding()
     if show:
         check_display()
     import napari

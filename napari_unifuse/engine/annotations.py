@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import getpass
+import io
 import json
 import os
 import uuid
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_unifuse.engine.outputs import PROVENANCE_FILE, STAGING_PREFIX, read_json_object
+from napari_unifuse.engine.outputs import PROVENANCE_FILE, STAGING_PREFIX, read_json_object, write_text_atomically
 from napari_unifuse.engine.provenance import sha256_of_array, sha256_of_path
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, read_image
@@ -398,26 +399,30 @@ class CohortExport:
 def export_cohort(run_dirs: Iterable[str | os.PathLike], csv_path: str | os.PathLike) -> CohortExport:
     """Write every live annotation of several runs to one CSV, each saying whether it was made on
     other inputs than its run folder's run (``InputHashes.of_run``). Lines that cannot be used are
-    not exported: the result names them."""
+    not exported: the result names them.
+
+    The CSV is composed in memory and renamed over ``csv_path`` whole, so a full disk or a run that
+    cannot be read leaves an earlier export whole, never a truncated one."""
     rows = about_other_inputs = 0
     skipped: list[SkippedLine] = []
-    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=EXPORT_COLUMNS)
-        writer.writeheader()
-        for run_dir in run_dirs:
-            store = AnnotationStore(run_dir)
-            annotations = store.load()
-            skipped += store.skipped
-            # Reading the run's inputs again is the costly part: only flags that record hashes need it.
-            run_inputs = (InputHashes.of_run(run_dir) if any(a.reference_sha256 or a.moving_sha256 for a in annotations)
-                          else InputHashes(None, None))
-            for annotation in annotations:
-                other_inputs = run_inputs.made_on_other_inputs(annotation)
-                about_other_inputs += other_inputs is True
-                record = asdict(annotation)
-                record["region_world"] = json.dumps(record["region_world"])
-                writer.writerow({"run": str(run_dir), **record, "about_other_inputs": OTHER_INPUTS_ANSWERS[other_inputs]})
-                rows += 1
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=EXPORT_COLUMNS)
+    writer.writeheader()
+    for run_dir in run_dirs:
+        store = AnnotationStore(run_dir)
+        annotations = store.load()
+        skipped += store.skipped
+        # Reading the run's inputs again is the costly part: only flags that record hashes need it.
+        run_inputs = (InputHashes.of_run(run_dir) if any(a.reference_sha256 or a.moving_sha256 for a in annotations)
+                      else InputHashes(None, None))
+        for annotation in annotations:
+            other_inputs = run_inputs.made_on_other_inputs(annotation)
+            about_other_inputs += other_inputs is True
+            record = asdict(annotation)
+            record["region_world"] = json.dumps(record["region_world"])
+            writer.writerow({"run": str(run_dir), **record, "about_other_inputs": OTHER_INPUTS_ANSWERS[other_inputs]})
+            rows += 1
+    write_text_atomically(Path(csv_path), table.getvalue())
     return CohortExport(rows, about_other_inputs, skipped)
 
 

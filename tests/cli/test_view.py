@@ -120,6 +120,26 @@ def test_view_without_a_display_is_refused_in_one_line_before_qt_aborts(platform
     monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # a platform that needs no display
     view_module.check_display()
 
+
+def test_view_without_a_qt_binding_is_refused_in_one_line_before_napari_builds_anything(monkeypatch, capsys):
+    """Without the optional [qt] extra napari printed three chained tracebacks. qtpy is imported
+    afresh with every binding unimportable, so it raises its own QtBindingsNotFoundError."""
+    import napari
+
+    def no_viewer(*args, **kwargs):
+        raise AssertionError("a viewer was created without a Qt binding")
+
+    monkeypatch.setattr(napari, "Viewer", no_viewer)
+    monkeypatch.delitem(sys.modules, "qtpy")
+    bindings = ("PyQt5", "PySide2", "PyQt6", "PySide6")
+    for name in [name for name in sys.modules if name.split(".")[0] in bindings] + list(bindings):
+        monkeypatch.setitem(sys.modules, name, None)  # the submodules too: an import finds them first
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    assert main(["view"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unifuse view: error: napari's window needs a Qt binding and none is installed"), err
+    assert 'pip install "napari-unifuse[qt]"' in err and len(err.splitlines()) == 1, err
+
 def test_view_turns_napari_refusing_a_path_into_the_reader_explanation(qtbot, tmp_path, monkeypatch):
     """A path that passed the check but that napari then refuses (deleted meanwhile) gets the
     package's explanation, and the half-built viewer is closed."""

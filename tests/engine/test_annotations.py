@@ -313,3 +313,29 @@ def test_an_ellipse_is_stored_as_points_on_it_not_as_its_bounding_box():
 def test_an_ellipse_without_four_corners_is_refused():
     with pytest.raises(InputError, match="4 corners"):
         ellipse_outline([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+
+
+def test_an_export_that_the_disk_refuses_leaves_the_earlier_cohort_csv_whole(tmp_path):
+    """A full disk is played by the file size limit (RLIMIT_FSIZE): a write past it fails (EFBIG)
+    as it would with ENOSPC, and the earlier export must not be left truncated with a torn row."""
+    import errno
+    import resource
+    import signal
+
+    run, target = tmp_path / "run", tmp_path / "cohort.csv"
+    AnnotationStore(run).add(Annotation("misalignment", "dr-a", slice_index=0, note="first"))
+    export_cohort([run], target)
+    earlier = target.read_bytes()
+    AnnotationStore(run).add(Annotation("other", "dr-a", slice_index=1, note="long " * 3000))
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(OSError) as refused:
+            export_cohort([run], target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert target.read_bytes() == earlier
+    assert refused.value.errno == errno.EFBIG and refused.value.filename == str(target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cohort.csv", "run"]  # no staged file left
