@@ -84,6 +84,28 @@ class RunSelection:
         return replace(self, reference_name=current[0], moving_name=current[1])
 
 
+@dataclass(frozen=True)
+class PairExtras:
+    """The ground truth and the declared degradation chosen for one (reference, moving) pair; the
+    layers are held weakly (a deleted layer is let go) and followed through renames."""
+
+    reference: weakref.ref
+    moving: weakref.ref
+    ground_truth: weakref.ref | None
+    degradation: str
+
+    def is_of(self, reference: Image, moving: Image) -> bool:
+        return self.reference() is reference and self.moving() is moving
+
+    def is_of_a_deleted_layer(self) -> bool:
+        return self.reference() is None or self.moving() is None
+
+    def ground_truth_among(self, offered: list[str]) -> str:
+        """The ground truth's name now if it is among the ``offered`` layer names; NO_LABEL otherwise."""
+        layer = self.ground_truth() if self.ground_truth is not None else None
+        return layer.name if layer is not None and layer.name in offered else NO_LABEL
+
+
 class RunPanel(widgets.Container):
     """The run form: inputs, checkpoint and Run on top; the rest in a collapsed *Advanced* section.
 
@@ -141,12 +163,13 @@ class RunPanel(widgets.Container):
         self.open_moving.changed.connect(lambda path: self._open_into(path, self.moving))
         self.checkpoint.changed.connect(lambda value: setattr(self.checkpoint_file, "visible", value == FROM_FILE))
         self.reference.changed.connect(self._match_checkpoint_to_reference)
-        # The ground truth and the declared degradation belong to the pair they were chosen for.
-        self._pair_of_extras: tuple[str | None, str | None] | None = None
+        # The ground truth and the declared degradation belong to the pair they were chosen for, and
+        # come back with it: going back to a pair must not silently score it without its ground truth.
+        self._extras_of_pairs: list[PairExtras] = []
         for extra in (self.ground_truth, self.task):
-            extra.changed.connect(self._remember_pair_of_extras)
+            extra.changed.connect(self._remember_extras_of_pair)
         for image in (self.reference, self.moving):
-            image.changed.connect(self._forget_extras_of_another_pair)
+            image.changed.connect(self._recall_extras_of_pair)
         for event in (viewer.layers.events.removed, viewer.layers.events.moved):
             event.connect(self._refresh_layer_choices)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -179,7 +202,7 @@ class RunPanel(widgets.Container):
 
         The boxes hold names: the one that left the layer list is the renamed layer's old name. Its
         boxes change without signals while the old name is gone from the choices (it would pass
-        through another layer, which counts as another pair and drops the ground truth), then say
+        through another layer, which counts as another pair and resets the ground truth), then say
         once that they now hold the new name."""
         renamed = self.viewer.layers[event.index]
         current = set(self._image_layer_names())
@@ -197,8 +220,6 @@ class RunPanel(widgets.Container):
                 combo.value = new
         if self.last_run_pair is not None:
             self.last_run_pair = _renamed_pair(self.last_run_pair, old, new)
-        if self._pair_of_extras is not None:
-            self._pair_of_extras = _renamed_pair(self._pair_of_extras, old, new)
         for combo in following:
             combo.changed.emit(combo.value)
 
@@ -234,16 +255,31 @@ class RunPanel(widgets.Container):
                 self.reference.value, self.moving.value = names[0], names[1]
         self._match_checkpoint_to_reference()  # `changed` does not fire when the value stays
 
-    def _remember_pair_of_extras(self, _value=None) -> None:
-        self._pair_of_extras = (self.reference.value, self.moving.value)
+    def _chosen_pair(self, layers: dict[str, Image]) -> tuple[Image, Image] | None:
+        if self.reference.value not in layers or self.moving.value not in layers:
+            return None
+        return layers[self.reference.value], layers[self.moving.value]
 
-    def _forget_extras_of_another_pair(self, _value=None) -> None:
-        """Another pair chosen: a ground truth and a degradation set for the last one (a sample's,
-        say) would score the new pair against an unrelated image; back to none and auto."""
-        if self._pair_of_extras in (None, (self.reference.value, self.moving.value)):
+    def _remember_extras_of_pair(self, _value=None) -> None:
+        layers = _image_layers_by_name(self.viewer)
+        pair = self._chosen_pair(layers)
+        if pair is None:
             return
-        self.ground_truth.value, self.task.value = NO_LABEL, "auto"
-        self._pair_of_extras = None
+        kept = [extras for extras in self._extras_of_pairs
+                if not extras.is_of_a_deleted_layer() and not extras.is_of(*pair)]
+        ground_truth = layers.get(self.ground_truth.value)
+        self._extras_of_pairs = [*kept, PairExtras(weakref.ref(pair[0]), weakref.ref(pair[1]),
+                                                   None if ground_truth is None else weakref.ref(ground_truth),
+                                                   self.task.value)]
+
+    def _recall_extras_of_pair(self, _value=None) -> None:
+        """Another pair chosen: the ground truth and degradation chosen for it before, or none and auto
+        for a pair never chosen (the last pair's, a sample's say, would score it against an unrelated image)."""
+        pair = self._chosen_pair(_image_layers_by_name(self.viewer))
+        extras = next((extras for extras in self._extras_of_pairs if pair is not None and extras.is_of(*pair)), None)
+        ground_truth, degradation = (NO_LABEL, "auto") if extras is None else (
+            extras.ground_truth_among(self._image_layer_names()), extras.degradation)
+        self.ground_truth.value, self.task.value = ground_truth, degradation
 
     def _match_checkpoint_to_reference(self, _value=None) -> None:
         """Offer the bundled checkpoint of the reference's dimensionality, unless the user chose
@@ -334,6 +370,10 @@ def folder_of_run(request: RunRequest, root: str | Path, reference_name: str, mo
     return run_folder(root, reference_name, moving_name, checkpoint,
                       (input_fingerprint(request.reference, LAYER_DIGESTS), input_fingerprint(request.moving, LAYER_DIGESTS)),
                       {"tile size": request.tile_size, "degradation": request.task})
+
+
+def _image_layers_by_name(viewer: napari.viewer.Viewer) -> dict[str, Image]:
+    return {layer.name: layer for layer in viewer.layers if isinstance(layer, Image)}
 
 
 def _renamed_pair(pair: tuple, old: str, new: str) -> tuple:

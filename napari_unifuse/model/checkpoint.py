@@ -28,7 +28,7 @@ from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.json_records import standard_json
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.costs import minimum_size
-from napari_unifuse.model.networks import config_from_dict, network_class, network_method
+from napari_unifuse.model.networks import NETWORKS, config_from_dict, network_class, network_method
 
 SUFFIX = ".safetensors"
 # Every method's config goes under this key (the package's name for "the network config").
@@ -56,7 +56,10 @@ def list_checkpoints(method: str | None = None) -> list[str]:
 
 
 def resolve_checkpoint(path_or_name: str | Path) -> Path:
-    """A path to an existing file, or a bare name of a packaged checkpoint."""
+    """A path to an existing file, or a bare name of a packaged checkpoint.
+
+    A file of that bare name in the working directory is used before the packaged checkpoint, a
+    folder is not: an earlier ``--out`` named like a bundled checkpoint must not shadow it."""
     path = Path(path_or_name)
     if path.is_file() and path.suffix.lower() == ".json":
         # The sidecar read as weights fails deep in safetensors ("header too large").
@@ -67,18 +70,27 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
     if path.is_file():
         _refuse_an_unfinished_save(path)
         return path
+    packaged = _packaged_checkpoint(path_or_name)
+    if packaged is not None:
+        return packaged
     if path.is_dir():
         # A training run's folder: its weights are in checkpoints/ (best and last).
         found = sorted(path.glob(f"*{SUFFIX}")) or sorted(path.glob(f"checkpoints/*{SUFFIX}"))
         hint = f"; pass one of its weights files: {', '.join(str(file) for file in found)}" if found else ""
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
-    if path.name == str(path_or_name) and path.suffix in ("", SUFFIX):
-        packaged = checkpoint_dir() / f"{path.stem}{SUFFIX}"
-        if packaged.is_file():
-            return packaged
     available = ", ".join(list_checkpoints()) or "none"
     raise CheckpointError(f"checkpoint {str(path_or_name)!r} not found (neither a file nor a "
                           f"packaged checkpoint; packaged: {available})")
+
+
+def _packaged_checkpoint(path_or_name: str | Path) -> Path | None:
+    """The packaged checkpoint ``path_or_name`` names, when it is a bare name (with or without
+    the suffix) of one; None otherwise."""
+    path = Path(path_or_name)
+    if path.name != str(path_or_name) or path.suffix not in ("", SUFFIX):
+        return None
+    packaged = checkpoint_dir() / f"{path.stem}{SUFFIX}"
+    return packaged if packaged.is_file() else None
 
 
 def _refuse_an_unfinished_save(path: Path) -> None:
@@ -223,6 +235,9 @@ def _read(path: Path, device, with_tensors: bool = True) -> tuple[str, Any, dict
     if _CONFIG_KEY not in header:
         raise CheckpointError(f"{path}: safetensors file without a UniFuse config in its header")
     method = header.get(_METHOD_KEY, DEFAULT_METHOD)
+    if method not in NETWORKS:
+        raise CheckpointError(f"{path}: holds weights of an unknown network {method!r} (saved by a newer "
+                              f"napari-unifuse?); known: {', '.join(NETWORKS)}")
     try:
         config = config_from_dict(method, json.loads(header[_CONFIG_KEY]))
     except (json.JSONDecodeError, InputError, TypeError) as error:

@@ -571,6 +571,19 @@ def test_missing_default_checkpoint_says_how_to_pass_one(data, tmp_path, capsys,
     assert "unifuse-2d-harvard" in err and "some-other-model" in err and "--checkpoint" in err
 
 
+def test_an_out_folder_named_like_the_default_checkpoint_does_not_shadow_it(data, tmp_path, capsys, monkeypatch):
+    """`--out unifuse-2d-harvard` left a folder that made every later run without --checkpoint fail
+    with "unifuse-2d-harvard is a folder, not a checkpoint file"."""
+    root = data["root"]
+    monkeypatch.chdir(tmp_path)
+    for out in ("unifuse-2d-harvard", "results"):
+        code = fuse("--reference", root / "mri.png", "--moving", root / "pet7.png", "--out", out,
+                    "--device", "cpu", "--no-quality")
+        assert code == 0, capsys.readouterr().err
+        provenance = json.loads((tmp_path / out / "pet7" / "provenance.json").read_text(encoding="utf-8"))
+        assert Path(provenance["checkpoint"]["path"]).parent.parts[-2:] == ("resources", "checkpoints")
+
+
 def test_pairs_and_single_pair_flags_are_exclusive(data, tmp_path, capsys):
     root = data["root"]
     code = fuse("--pairs", root / "pairs.csv", "--moving", root / "pet7.png", "--out", tmp_path)

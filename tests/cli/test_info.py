@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from napari_unifuse.cli import main
 from napari_unifuse.model.config import UniFuseConfig
@@ -121,3 +122,23 @@ def test_info_refuses_a_sidecar_field_of_the_wrong_kind_in_one_line(tmp_path, ca
 def test_info_refuses_a_checkpoint_with_the_network_size_options(capsys):
     assert main(["info", "--checkpoint", "unifuse-2d-harvard", "--dims", "2"]) == 2
     assert "give one or the other" in capsys.readouterr().err
+
+
+def test_info_of_a_bundled_name_describes_the_bundled_checkpoint_beside_a_folder_of_that_name(
+        tmp_path, capsys, monkeypatch):
+    """A folder named unifuse-2d-harvard (an earlier `fuse --out`) in the working directory was refused
+    as "a folder, not a checkpoint file"."""
+    (tmp_path / "unifuse-2d-harvard").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "--checkpoint", "unifuse-2d-harvard"]) == 0, capsys.readouterr().err
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("checkpoint: ") and lines[0].endswith("checkpoints/unifuse-2d-harvard.safetensors")
+
+
+def test_info_of_weights_of_an_unknown_network_names_the_file(tmp_path, capsys):
+    path = tmp_path / "newer.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path), metadata={"method": "foo", "unifuse_config": "{}"})
+    assert main(["info", "--checkpoint", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"unifuse info: error: {path}: holds weights of an unknown network "
+                                               "'foo' (saved by a newer napari-unifuse?); known: unifuse, bsafusion, "
+                                               "mmif-amin")

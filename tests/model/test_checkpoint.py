@@ -1,6 +1,7 @@
 """save_checkpoint / load_checkpoint: safetensors round trip and clear failures."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from napari_unifuse.model.checkpoint import (
     load_checkpoint,
     load_weights,
     read_config,
+    resolve_checkpoint,
     save_checkpoint,
     set_metadata_section,
     training_crop,
@@ -126,6 +128,42 @@ def test_bare_names_resolve_to_the_packaged_checkpoints(saved, tmp_path, monkeyp
     assert loaded.config == model.config
     with pytest.raises(CheckpointError, match="not found.*packaged: harvard-small-2d"):
         load_checkpoint("no-such-net")
+
+
+def test_a_folder_named_like_a_packaged_checkpoint_does_not_shadow_it(saved, tmp_path, monkeypatch):
+    """An earlier `unifuse fuse --out unifuse-2d-harvard` in the working directory made every default
+    run fail with "unifuse-2d-harvard is a folder, not a checkpoint file"."""
+    model, _ = saved
+    packaged = tmp_path / "packaged"
+    monkeypatch.setattr(checkpoint_module, "checkpoint_dir", lambda: packaged)
+    bundled = save_checkpoint(model, packaged / "harvard-small-2d", {})
+    working = tmp_path / "working"
+    (working / "harvard-small-2d").mkdir(parents=True)
+    (working / "harvard-small-2d.safetensors").mkdir()
+    monkeypatch.chdir(working)
+    for name in ("harvard-small-2d", "harvard-small-2d.safetensors"):
+        assert resolve_checkpoint(name) == bundled
+    assert read_config("harvard-small-2d") == model.config
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        resolve_checkpoint("./harvard-small-2d")  # a path, not a bare name: the folder is what was meant
+
+
+def test_a_file_named_like_a_packaged_checkpoint_is_used_before_it(saved, tmp_path, monkeypatch):
+    model, path = saved
+    packaged = tmp_path / "packaged"
+    monkeypatch.setattr(checkpoint_module, "checkpoint_dir", lambda: packaged)
+    save_checkpoint(model, packaged / "harvard-small-2d", {})
+    monkeypatch.chdir(path.parent)
+    local = save_checkpoint(model, path.parent / "harvard-small-2d", {})
+    assert resolve_checkpoint("harvard-small-2d.safetensors") == local.relative_to(path.parent)
+
+
+def test_weights_of_an_unknown_network_name_the_file(tmp_path):
+    path = tmp_path / "newer.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path), metadata={"method": "foo", "unifuse_config": "{}"})
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: holds weights of an unknown network 'foo' .*; known: "
+                                              r"unifuse, "):
+        read_config(path)
 
 
 def test_packaged_checkpoint_folder_is_the_top_level_resources_folder():
