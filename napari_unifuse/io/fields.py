@@ -13,13 +13,18 @@ and ITK places it as it places the reference, at origin 0 with identity directio
 sizes. Its vectors are written in that frame, so that SimpleITK moves points as ``u`` says on the
 reference as SimpleITK reads it; ``read_displacement`` converts them back by the same frame.
 
-That holds while ITK places the moving image as it places the field (every image oriented, or the
-moving image written on the reference grid with its forms). Where the two tools place the moving
-image otherwise than the field (``itk_placement``: a moving NIfTI without orientation, or an oriented
-one beside such a reference), the vector at a field point ``f(x)`` is where ITK places the moving
-point the package samples, minus ``f(x)``: ``d(x) = T(world(x + u)) - f(x)``, ``T`` the moving
-image's ``itk_placement``. Such a field is no longer ``u`` in another frame: ``read_displacement``
-gives ``u`` back only for a moving image placed as the field.
+Likewise a NIfTI field keeping a reference's forms that ITK reads otherwise than nibabel (a sform
+ITK passes over for the qform: sheared, or of a code other than 1 beside a qform; see
+``NiftiXforms.itk_form``) has its vectors in ITK's placement of the reference grid.
+
+That holds while ITK places the moving image as it places the field (the moving image written on
+the reference grid with its forms, or every image placed alike by both tools). Where the two tools
+place the moving image otherwise than the field (``itk_placement``: a moving NIfTI without
+orientation or one whose forms ITK reads otherwise, or an oriented one beside such a reference),
+the vector at a field point ``f(x)`` is where ITK places the moving point the package samples,
+minus ``f(x)``: ``d(x) = T(world(x + u)) - f(x)``, ``T`` the moving image's ``itk_placement``.
+Such a field is no longer ``u`` in another frame: ``read_displacement`` gives ``u`` back only for a
+moving image placed as the field.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import SimpleITK as sitk
 
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.image import Geometry, ImageVolume
-from napari_unifuse.io.nifti_xforms import NiftiXforms
+from napari_unifuse.io.nifti_xforms import NiftiXforms, same_placement
 from napari_unifuse.io.readers import NIFTI_SUFFIXES, itk_source, load_nifti
 from napari_unifuse.io.writers import nifti_image, save_nifti, staged_destination
 
@@ -69,8 +74,13 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
         raise InputError("the displacement holds NaN or infinite values", path)
     to_nifti = path.name.lower().endswith(NIFTI_SUFFIXES)
     xforms = NiftiXforms.from_metadata(reference_metadata or {}) if to_nifti else None
-    field_frame = _itk_guess(reference_geometry) if _written_unplaced(u.shape[1:], xforms) else reference_geometry
-    field_to_world = field_frame.index_to_world
+    if _written_unplaced(u.shape[1:], xforms):
+        field_to_world = _itk_guess(reference_geometry).index_to_world
+    elif xforms is not None and not xforms.places_nothing:  # placed by ITK as the header written for it says
+        written = _written_forms(reference_geometry, xforms)
+        field_to_world = _itk_world_map(written, reference_geometry) @ reference_geometry.index_to_world
+    else:
+        field_to_world = reference_geometry.index_to_world
     moving_to_world = (field_to_world if moving_placement is None
                        else np.asarray(moving_placement, dtype=np.float64) @ reference_geometry.index_to_world)
     itk_vectors = _itk_vectors(u, field_to_world, moving_to_world)
@@ -131,13 +141,43 @@ def _written_unplaced(spatial_shape: tuple[int, ...], xforms: NiftiXforms | None
 def itk_placement(volume: ImageVolume) -> np.ndarray:
     """Where ITK (SimpleITK, ANTs, Slicer) places ``volume``'s voxels relative to the package: the
     ``(ndim + 1)²`` affine from the package's world to ITK's (LPS mm, array-axis order); the identity
-    where both place them alike (an oriented NIfTI, NRRD, MetaImage, DICOM, a picture). A NIfTI
-    without orientation (qform and sform codes 0) is placed by two guesses: the package's geometry
-    is nibabel's, ITK's is ``_itk_guess``."""
+    where both place them alike (NRRD, MetaImage, DICOM, a picture, a NIfTI whose forms both tools
+    read alike). A NIfTI is placed by nibabel's rule in the package and by ITK's in ITK
+    (``NiftiXforms.itk_form``); one without orientation (codes 0) by two guesses (``_itk_guess``)."""
     xforms = NiftiXforms.from_metadata(volume.metadata)
-    if xforms is None or not xforms.places_nothing:
+    if xforms is None:
         return np.eye(volume.geometry.ndim + 1)
-    return _itk_guess(volume.geometry).index_to_world @ np.linalg.inv(volume.geometry.index_to_world)
+    return _itk_world_map(xforms, volume.geometry)
+
+
+def _itk_world_map(xforms: NiftiXforms, geometry: Geometry) -> np.ndarray:
+    """The package's world → ITK's for a NIfTI file with ``xforms`` on ``geometry``'s grid (see
+    ``itk_placement``); the identity where ITK refuses the file (nothing of it to place), and for an
+    image carrying forms of another grid than its own (a slice's in-plane stand-in)."""
+    ndim = geometry.ndim
+    if xforms.places_nothing:
+        return _itk_guess(geometry).index_to_world @ np.linalg.inv(geometry.index_to_world)
+    itk_form, package_form = xforms.itk_form(), xforms.placing_form()
+    if (itk_form is None or package_form is None or same_placement(itk_form, package_form)
+            or not _placed_by(package_form, geometry)):
+        return np.eye(ndim + 1)
+    return Geometry.from_ras_affine(itk_form, ndim).index_to_world @ np.linalg.inv(geometry.index_to_world)
+
+
+def _placed_by(form: np.ndarray, geometry: Geometry) -> bool:
+    """Whether ``geometry`` is ``form``'s placement of the voxels, as the reader makes it: the whole
+    form for a volume, the in-plane part of an axial plane for a 2-D grid."""
+    kept = [*range(geometry.ndim), 3]
+    axial = geometry.ndim == 3 or same_placement(form[2, :2], np.zeros(2))
+    return axial and same_placement(form[:geometry.ndim][:, kept], geometry.to_ras_affine()[:geometry.ndim][:, kept])
+
+
+def _written_forms(geometry: Geometry, xforms: NiftiXforms) -> NiftiXforms:
+    """The forms and codes a NIfTI field on ``geometry`` gets given a reference's ``xforms``
+    (``nifti_image``: those forms where they describe the grid, else the geometry in both): those
+    of a one-voxel field on the same placement, since the forms do not depend on the voxel counts."""
+    one_voxel = np.zeros((1, 1, 1, 1, geometry.ndim), dtype=np.float32)
+    return NiftiXforms.from_header(nifti_image(one_voxel, geometry, xforms).header, 1.0)
 
 
 def _itk_guess(geometry: Geometry) -> Geometry:
@@ -222,11 +262,12 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
                              f"differs from the reference grid {reference_geometry}", path)
         _refuse_other_shape(image, reference_shape, path)
         return _to_voxels(image, geometry)
+    vector_frame = reference_geometry or geometry
     if (reference_geometry is not None and placement is not None and not geometry.allclose(reference_geometry, atol=1e-4)
             and placement[0].allclose(reference_geometry, atol=1e-4)):
-        # A field carrying a reference's disagreeing qform and sform: ITK may place it by the other
-        # form, the package places both by nibabel's rule, so it is on the reference's grid.
-        geometry = placement[0]
+        # A field carrying a reference's forms that ITK reads otherwise than nibabel: the package places
+        # both by nibabel's rule, so it is on the reference's grid; its vectors are in ITK's placement.
+        vector_frame, geometry = geometry, placement[0]
     if reference_geometry is not None and ndim == 3 and not geometry.allclose(reference_geometry, atol=1e-4):
         # Perhaps a one-slice reference's field, stored with the slice axis moved (write_displacement).
         restored = sitk.PermuteAxes(image, _ITK_SLICE_AXIS_BACK)
@@ -237,7 +278,7 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
             f"the field's grid {geometry} differs from the reference grid {reference_geometry}", path
         )
     _refuse_other_shape(image, reference_shape, path)
-    return _to_voxels(image, reference_geometry or geometry)
+    return _to_voxels(image, vector_frame)
 
 
 def _refuse_other_shape(image: sitk.Image, reference_shape: tuple[int, ...] | None, path: Path) -> None:

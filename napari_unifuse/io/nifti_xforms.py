@@ -4,8 +4,10 @@ their voxels as every tool places the original.
 A NIfTI header holds a qform (a rotation, pixdim and an offset) and an sform (any affine), each
 with a code saying what it means (0: absent, 1: scanner, 2: aligned, 3: Talairach, 4: MNI, 5:
 template). Tools disagree on which one counts: nibabel and FSL take the sform when its code is
-set, ITK (SimpleITK, ITK-SNAP, Slicer) the qform. The package's geometry is nibabel's choice; an
-image written on that grid gets the original header's two forms and codes back (``stamp``), so
+set; ITK (SimpleITK, ANTs, ITK-SNAP, Slicer) takes it only when it is a rotation with scaling and
+either its code is 1 (scanner) or the qform is unset, otherwise the qform (``NiftiXforms.itk_form``).
+The package's geometry is nibabel's choice; an image written on that grid gets the original
+header's two forms and codes back (``stamp``), so
 that in each tool it overlays the original exactly as that tool shows the original, whatever the
 forms say. A header without either form (both codes 0) places the image by a guess, which stays
 a guess (codes 0) in what is written, so that every tool guesses the same for both.
@@ -32,6 +34,10 @@ _DISAGREEMENT_TOLERANCE = 0.01
 # A written header reproduces the geometry when its chosen affine is within this of it (mm, per
 # matrix entry): float32 storage of the forms, as in the round trip through the file.
 _SAME_PLACEMENT_MM = 1e-4
+# ITK's NIfTI reader (itkNiftiImageIO) takes an sform as a rotation with scaling when its columns,
+# each scaled to length 1, are orthonormal to within this (per entry of R Rᵀ - I, float32 storage).
+_ITK_ORTHONORMAL_TOLERANCE = 1e-4
+_ITK_BASED_TOOLS = "ITK-based tools (SimpleITK, ANTs, ITK-SNAP, 3D Slicer)"
 
 
 @dataclass(frozen=True)
@@ -75,30 +81,52 @@ class NiftiXforms:
         return NiftiXforms(self.qform[:, columns], self.qform_code, self.sform[:, columns], self.sform_code)
 
     def reading_warnings(self, shape: tuple[int, ...]) -> list[str]:
-        """What a reader of this header should be told: no placement at all, or two that disagree
-        (``shape``: the voxel grid, nibabel order, whose corners measure the disagreement)."""
+        """What a reader of this header should be told: no placement at all, two that disagree, or
+        ITK placing the voxels elsewhere than the package (``shape``: the voxel grid, nibabel order,
+        whose corners measure the distances)."""
         if self.places_nothing:
             return ["the NIfTI header gives no orientation (qform_code and sform_code are 0): the image's "
                     "position and orientation in space are a guess (nibabel's, from the voxel sizes; other "
                     "tools guess differently); outputs on its grid are written without orientation too, so "
                     "that each tool places them as it places this image"]
-        if self.qform_code == 0 or self.sform_code == 0:
+        if self.sform_code == 0:  # every tool reads the qform
             return []
-        sides = (*shape[:3], 1, 1)[:3]  # a 2-D grid is one slice thick
-        corners = np.array([[(n - 1) * bit for n, bit in zip(sides, bits)] + [1.0]
-                            for bits in np.ndindex(2, 2, 2)], dtype=np.float64)
-        apart = np.linalg.norm((corners @ (self.qform - self.sform).T)[:, :3], axis=1).max()
-        voxel = np.linalg.norm(self.sform[:3, :3], axis=0).min()
-        if not np.isfinite(apart):
+        itk_form = self.itk_form()
+        if not np.all(np.isfinite(self.qform)):  # a NaN pixdim or quaternion, whatever the qform's code
+            itk_reads = (f"as {_ITK_BASED_TOOLS} use it here" if itk_form is not None else
+                         f"{_ITK_BASED_TOOLS}, which take voxel sizes or the whole placement from it here, "
+                         "may misplace or refuse the image")
             return [f"the NIfTI header's qform (code {self.qform_code}) holds non-finite values: the sform "
-                    f"(code {self.sform_code}) is used; ITK-based tools (SimpleITK, ITK-SNAP, 3D Slicer), "
-                    "which read the qform, may misplace or refuse the image"]
-        if apart <= _DISAGREEMENT_TOLERANCE * voxel:
+                    f"(code {self.sform_code}) is used, {itk_reads}"]
+        if itk_form is None:
+            return [f"the NIfTI header's sform (code {self.sform_code}) shears the voxel axes and it has no qform: "
+                    f"the sform is used; {_ITK_BASED_TOOLS} refuse to read the image: save it as .mha, or give it "
+                    "a qform, to open it there"]
+        tolerance = _DISAGREEMENT_TOLERANCE * np.linalg.norm(self.sform[:3, :3], axis=0).min()
+        forms_apart = _farthest_apart(self.qform, self.sform, shape) if self.qform_code > 0 else 0.0
+        itk_apart = _farthest_apart(itk_form, self.sform, shape)
+        if forms_apart <= tolerance and itk_apart <= tolerance:
             return []
+        sheared = not _rotation_with_scaling(self.sform)
+        if itk_apart <= tolerance:
+            said = (f"The sform is used, as nibabel, FSL and {_ITK_BASED_TOOLS} use it (its code is 1); tools "
+                    "reading the qform place the image elsewhere")
+        elif self.qform_code == 0:
+            return [f"the NIfTI header's sform (code {self.sform_code}) scales the voxel axes otherwise than its "
+                    f"voxel sizes (pixdim): the sform is used; {_ITK_BASED_TOOLS} place the image by its axis "
+                    f"directions with the voxel sizes, up to {itk_apart:.3g} mm from there. Outputs on its grid "
+                    "keep this header, so each tool shows them where it shows this image"]
+        else:
+            why = "which shears the voxel axes" if sheared else f"of code {self.sform_code}, not 1 (scanner)"
+            said = (f"The sform is used (as nibabel and FSL do); {_ITK_BASED_TOOLS} place the image by its "
+                    f"qform, passing over an sform {why}")
+        if sheared:
+            outputs = ("Outputs on its grid are written as MetaImage (.mha), which holds the sform's shear: "
+                       f"{_ITK_BASED_TOOLS} show them up to {itk_apart:.3g} mm from where they show this image")
+        else:
+            outputs = "Outputs on its grid keep both forms, so each tool shows them where it shows this image"
         return [f"the NIfTI header's qform (code {self.qform_code}) and sform (code {self.sform_code}) disagree: "
-                f"they place voxels up to {apart:.3g} mm apart. The sform is used (as nibabel and FSL do); "
-                "ITK-based tools (SimpleITK, ITK-SNAP, 3D Slicer) place the image by its qform. Outputs on its "
-                "grid keep both forms, so each tool shows them where it shows this image"]
+                f"they place voxels up to {forms_apart:.3g} mm apart. {said}. {outputs}"]
 
     def stamp(self, image: nib.Nifti1Image) -> bool:
         """Give ``image`` these forms and codes; True when its header then places the voxels where
@@ -116,7 +144,26 @@ class NiftiXforms:
             # A 2-D geometry is an axial grid: the plane's height and thickness are the header's alone.
             placed, geometry = placed[:, [0, 1, 3]], geometry[:, [0, 1, 3]]
             placed[2, 2] = geometry[2, 2] = 0.0
-        return bool(np.allclose(placed, geometry, rtol=0, atol=_SAME_PLACEMENT_MM))
+        return same_placement(placed, geometry)
+
+    def itk_form(self) -> np.ndarray | None:
+        """The affine (voxel → RAS mm) ITK's NIfTI reader (SimpleITK, ANTs, ITK-SNAP, Slicer) places the
+        voxels by: the sform when it is a rotation with scaling and either its code is 1 (scanner) or
+        the qform is unset, its axes then as long as the header's voxel sizes (pixdim, the qform's
+        column lengths); otherwise the qform (an sform of another code counts only where it matches
+        the qform). None where ITK guesses (both codes 0), refuses the file (a sheared sform beside no
+        qform) or cannot place it (non-finite voxel sizes or qform)."""
+        voxel_sizes = np.linalg.norm(self.qform[:3, :3], axis=0)
+        if self.sform_code > 0 and _rotation_with_scaling(self.sform) and (
+                self.qform_code == 0 or self.sform_code == SCANNER_CODE):
+            if not np.all(np.isfinite(voxel_sizes)):  # ITK's spacing: a NaN pixdim leaves nothing to place
+                return None
+            form = self.sform.copy()
+            form[:3, :3] *= voxel_sizes / np.linalg.norm(self.sform[:3, :3], axis=0)
+            return form
+        if self.qform_code > 0 and np.all(np.isfinite(self.qform)):
+            return self.qform
+        return None
 
     def placing_form(self) -> np.ndarray | None:
         """The form nibabel places the voxels by (the sform, else the qform); None when the header
@@ -132,6 +179,30 @@ class NiftiXforms:
         return None if form is None else float(form[2, 3])
 
 
+def same_placement(form: np.ndarray, other: np.ndarray) -> bool:
+    """Whether two forms (voxel → mm) place every voxel alike, up to the forms' float32 storage."""
+    return bool(np.allclose(form, other, rtol=0, atol=_SAME_PLACEMENT_MM))
+
+
+def _rotation_with_scaling(form: np.ndarray) -> bool:
+    """Whether ``form``'s voxel axes are perpendicular (ITK's test: its columns, each scaled to length
+    1, are orthonormal), so that ITK can hold it as directions and spacing."""
+    lengths = np.linalg.norm(form[:3, :3], axis=0)
+    if not (np.all(np.isfinite(form)) and np.all(lengths > 0)):
+        return False
+    directions = form[:3, :3] / lengths
+    return bool(np.abs(directions @ directions.T - np.eye(3)).max() <= _ITK_ORTHONORMAL_TOLERANCE)
+
+
+def _farthest_apart(form: np.ndarray, other: np.ndarray, shape: tuple[int, ...]) -> float:
+    """How far apart (mm) two forms place the farthest corner of a grid of ``shape`` (nibabel order;
+    a 2-D grid is one slice thick)."""
+    sides = (*shape[:3], 1, 1)[:3]
+    corners = np.array([[(n - 1) * bit for n, bit in zip(sides, bits)] + [1.0]
+                        for bits in np.ndindex(2, 2, 2)], dtype=np.float64)
+    return float(np.linalg.norm((corners @ (form - other).T)[:, :3], axis=1).max())
+
+
 def _grid_ndim(image: nib.Nifti1Image) -> int:
     """The dimensions of the grid ``image`` holds values on. A 5-D image is a displacement field as
     ITK lays it out (x, y, z, time 1, components), with one component per axis of its grid: a 2-D
@@ -141,7 +212,7 @@ def _grid_ndim(image: nib.Nifti1Image) -> int:
 
 def stamp_xforms(image: nib.Nifti1Image, xforms: NiftiXforms | None) -> None:
     """Set both forms of ``image`` (built with its geometry's affine): the original header's where
-    they describe this grid, otherwise the geometry in both (ITK reads the qform, nibabel the sform,
+    they describe this grid, otherwise the geometry in both (whichever form a tool reads,
     a 2-D grid at the original's plane height) with the original's codes where it set them (e.g. 4 =
     MNI), else scanner coordinates."""
     affine = image.affine.copy()

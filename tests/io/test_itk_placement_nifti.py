@@ -1,0 +1,167 @@
+"""Where ITK (SimpleITK) places a NIfTI whose forms it reads otherwise than nibabel, checked against
+SimpleITK itself: it takes the sform only when its axes are perpendicular and either its code is 1
+or the qform is unset, else the qform; it refuses a sheared sform beside no qform."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter, map_coordinates
+
+from napari_unifuse.io import Geometry, read_displacement, read_image, write_displacement
+from napari_unifuse.io.fields import itk_placement
+from napari_unifuse.io.nifti_xforms import NiftiXforms
+
+_ZOOMS = (1.2, 1.0, 1.5)  # nibabel order (i, j, k)
+_SHAPE = (8, 9, 10)  # array order (z, y, x), i.e. 10 × 9 × 8 voxels in nibabel's (i, j, k)
+
+
+def _form(degrees: float = 0.0, shear: float = 0.0, offset=(-5.0, -4.0, -6.0)) -> np.ndarray:
+    """A RAS form: the zooms, rotated ``degrees`` about z, ``shear`` mm of x per slice (k)."""
+    turn = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0.0, 0.0, 1.0]])
+    form = np.eye(4)
+    form[:3, :3] = rotation @ np.diag(_ZOOMS) @ np.array([[1.0, 0.0, shear], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    form[:3, 3] = offset
+    return form
+
+
+def _save(path, array, *, sform, sform_code, qform, qform_code):
+    image = nib.Nifti1Image(array.astype(np.float32).transpose(), _form())
+    image.set_qform(qform, code=qform_code)
+    image.set_sform(sform, code=sform_code)
+    nib.save(image, path)
+    return path
+
+
+def _smooth(rng, shape, amplitude):
+    field = gaussian_filter(rng.normal(size=shape), sigma=2.0)
+    return amplitude * field / np.abs(field).max()
+
+
+HEADERS = {  # sform, its code, qform code (the qform is the plain form, 10 mm off where it differs)
+    "rotated sform, code 1": (_form(degrees=10.0), 1, 1),
+    "rotated sform, code 2": (_form(degrees=10.0), 2, 1),
+    "rotated sform, code 4, no qform": (_form(degrees=10.0), 4, 0),
+    "sheared sform, code 1": (_form(shear=0.2), 1, 1),
+    "sheared sform, code 2": (_form(shear=0.2), 2, 1),
+    "sform longer than pixdim, no qform": (_form() @ np.diag([1.5, 1.0, 1.0, 1.0]), 1, 0),
+}
+
+
+@pytest.mark.parametrize("header", HEADERS.values(), ids=HEADERS.keys())
+def test_the_package_places_a_nifti_in_itk_where_simpleitk_does(tmp_path, rng, header):
+    sform, sform_code, qform_code = header
+    qform = _form(offset=(5.0, -4.0, -6.0))
+    path = _save(tmp_path / "image.nii.gz", rng.random(_SHAPE), sform=sform, sform_code=sform_code,
+                 qform=qform, qform_code=qform_code)
+    volume = read_image(path)
+    theirs = Geometry.from_sitk(sitk.ReadImage(str(path))).index_to_world
+    ours = itk_placement(volume) @ volume.geometry.index_to_world
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_a_sheared_sform_beside_no_qform_is_said_to_be_refused_by_itk(tmp_path, rng):
+    path = _save(tmp_path / "image.nii.gz", rng.random(_SHAPE), sform=_form(shear=0.2), sform_code=1,
+                 qform=_form(), qform_code=0)
+    with pytest.raises(RuntimeError, match="orthonormal"):
+        sitk.ReadImage(str(path))
+    volume = read_image(path)
+    assert any("refuse to read" in warning for warning in volume.metadata["warnings"])
+    assert NiftiXforms.from_metadata(volume.metadata).itk_form() is None
+
+
+@pytest.mark.parametrize(("sform", "sform_code", "itk_reads"), [
+    (_form(degrees=10.0), 1, "The sform is used, as nibabel, FSL and ITK-based tools"),
+    (_form(degrees=10.0), 4, "place the image by its qform, passing over an sform of code 4"),
+    (_form(shear=0.2), 1, "place the image by its qform, passing over an sform which shears"),
+], ids=["rotated, code 1", "rotated, code 4", "sheared, code 1"])
+def test_the_disagreement_warning_names_the_form_simpleitk_reads(tmp_path, rng, sform, sform_code, itk_reads):
+    """The warning said ITK-based tools read the qform, whatever the sform: SimpleITK reads an sform
+    of code 1 whose axes are perpendicular."""
+    path = _save(tmp_path / "image.nii.gz", rng.random(_SHAPE), sform=sform, sform_code=sform_code,
+                 qform=_form(), qform_code=1)
+    itk_origin = np.array(sitk.ReadImage(str(path)).GetOrigin()) * [-1, -1, 1]  # RAS
+    read_by_itk = "sform" if np.allclose(itk_origin, sform[:3, 3], atol=1e-4) and np.allclose(
+        sitk.ReadImage(str(path)).GetDirection(), Geometry.from_ras_affine(sform).itk_direction, atol=1e-4) else "qform"
+    assert read_by_itk == ("sform" if "sform is used, as" in itk_reads else "qform")
+    (warning,) = read_image(path).metadata["warnings"]
+    assert "disagree" in warning and itk_reads in warning
+    assert ".mha" in warning if "shears" in itk_reads else "keep both forms" in warning
+
+
+@pytest.mark.parametrize("sheared", [False, True], ids=["rotated sform, code 2", "sheared sform, code 1"])
+def test_simpleitk_resamples_such_a_moving_nifti_through_the_field_where_the_package_sampled_it(
+        tmp_path, rng, sheared):
+    """A moving NIfTI whose forms SimpleITK reads otherwise than nibabel (it takes the qform) was
+    placed by the package's forms in the field: SimpleITK's resample through it sampled the moving
+    image up to millimetres from where the aligned image took its values."""
+    reference_path = _save(tmp_path / "reference.nii.gz", _smooth(rng, _SHAPE, 100.0), sform=_form(),
+                           sform_code=1, qform=_form(), qform_code=1)
+    sform, sform_code = (_form(shear=0.3), 1) if sheared else (_form(degrees=12.0), 2)
+    moving_path = _save(tmp_path / "moving.nii.gz", _smooth(rng, _SHAPE, 100.0) + 200.0, sform=sform,
+                        sform_code=sform_code, qform=_form(), qform_code=1)
+    reference, moving = read_image(reference_path), read_image(moving_path)
+    u = np.stack([_smooth(rng, _SHAPE, 1.5) for _ in range(3)]).astype(np.float32)
+
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in _SHAPE], indexing="ij")).astype(np.float64)
+    world = np.einsum("ij,j...->i...", reference.geometry.index_to_world, np.concatenate([grid + u, grid[:1] ** 0]))
+    at = np.einsum("ij,j...->i...", np.linalg.inv(moving.geometry.index_to_world), world)[:3]
+    ours = map_coordinates(moving.array.astype(np.float64), at, order=1)
+
+    path = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
+                              reference_metadata=reference.metadata, moving_placement=itk_placement(moving))
+    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(moving_path)), sitk.ReadImage(str(reference_path)),
+                                                  transform, sitk.sitkLinear, 0.0))
+    inside = np.all([(at[k] >= 0) & (at[k] <= _SHAPE[k] - 1) for k in range(3)], axis=0)
+    assert inside.mean() > 0.4
+    np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-3 * np.abs(ours).max())
+
+
+def test_the_field_of_a_reference_simpleitk_places_by_its_qform_moves_points_as_u_says(tmp_path, rng):
+    """A reference whose sform (code 2) is rotated 10° from its qform: SimpleITK reads it and its
+    field by the qform, but the field's vectors were ``u`` in the sform's axes, so its resample of
+    an image on the reference's header moved points 10° off ``u``. The field reads back to ``u``."""
+    header = {"sform": _form(degrees=10.0), "sform_code": 2, "qform": _form(), "qform_code": 1}
+    reference_path = _save(tmp_path / "reference.nii.gz", _smooth(rng, _SHAPE, 100.0), **header)
+    moving_path = _save(tmp_path / "moving.nii.gz", _smooth(rng, _SHAPE, 100.0) + 200.0, **header)
+    reference, moving = read_image(reference_path), read_image(moving_path)
+    u = np.stack([_smooth(rng, _SHAPE, 1.5) for _ in range(3)]).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in _SHAPE], indexing="ij")).astype(np.float64)
+    ours = map_coordinates(moving.array.astype(np.float64), grid + u, order=1)  # same grid: x + u
+
+    path = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
+                              reference_metadata=reference.metadata)
+    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(moving_path)), sitk.ReadImage(str(reference_path)),
+                                                  transform, sitk.sitkLinear, 0.0))
+    inside = np.all([(grid[k] + u[k] >= 0) & (grid[k] + u[k] <= _SHAPE[k] - 1) for k in range(3)], axis=0)
+    np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-3 * np.abs(ours).max())
+    np.testing.assert_allclose(read_displacement(path, reference.geometry, _SHAPE), u, atol=1e-4)
+
+
+def test_an_mha_output_of_a_sheared_sform_reference_sits_in_itk_as_far_off_as_the_warning_says(tmp_path, rng):
+    """The warning said outputs keep both forms, so each tool shows them where it shows the
+    reference: a sheared grid's outputs are MetaImage, placed by the shear, while SimpleITK shows
+    the reference NIfTI by its qform."""
+    from napari_unifuse.io import ImageVolume, placement_metadata, write_image
+
+    reference_path = _save(tmp_path / "reference.nii.gz", rng.random(_SHAPE), sform=_form(shear=0.2), sform_code=1,
+                           qform=_form(), qform_code=1)
+    reference = read_image(reference_path)
+    (warning,) = reference.metadata["warnings"]
+    said = float(warning.split("show them up to ")[1].split(" mm")[0])
+    output = write_image(ImageVolume(reference.array, reference.geometry, placement_metadata(reference.metadata)),
+                         tmp_path / "fused.mha")
+
+    def itk_corners(path):
+        image = sitk.ReadImage(str(path))
+        return np.array([image.TransformIndexToPhysicalPoint([(n - 1) * bit for n, bit in zip(image.GetSize(), bits)])
+                         for bits in np.ndindex(2, 2, 2)])
+
+    apart = np.linalg.norm(itk_corners(output) - itk_corners(reference_path), axis=1).max()
+    assert apart > 1.0
+    assert said == pytest.approx(apart, rel=0.01)
