@@ -26,8 +26,9 @@ from napari.utils.notifications import show_info
 
 from napari_unifuse._napari_io import layer_to_volume
 from napari_unifuse._qt.notifications import reports_errors, show_warnings
-from napari_unifuse._qt.outputs import viewed_slice
+from napari_unifuse._qt.outputs import viewed_plane, viewed_slice
 from napari_unifuse.engine.annotations import (
+    AXIS_LETTERS,
     FAILURE_CATEGORIES,
     INPUTS_SUBJECT,
     OUTPUT_SUBJECT,
@@ -210,11 +211,20 @@ class AnnotationPanel(widgets.Container):
         return self.store
 
     def _viewed_slice(self) -> tuple[int, int]:
-        """(array axis, index) of the run's slice in view; (0, 0) for a 2D image."""
-        axis, index = viewed_slice(self.viewer, self.reference_layer)
-        if axis is None and self.reference_layer.ndim >= 3:
+        """(array axis, index) of the run's slice in view; (0, 0) for a 2D image. A plane beyond the
+        run's image (where only a longer layer is drawn) is refused: its nearest slice is not what was seen."""
+        reference = self.reference_layer
+        axis, index = viewed_plane(self.viewer, reference)
+        if axis is None and reference.ndim >= 3:
             raise InputError("the 3D view shows no single slice; switch to the 2D view to flag a slice")
-        return (0, 0) if axis is None else (axis, index)
+        if axis is None:
+            return 0, 0
+        last = reference.data.shape[axis] - 1
+        if not 0 <= index <= last:
+            letter = AXIS_LETTERS[axis]
+            raise InputError(f"the slice in view ({letter} = {index}) lies outside the image, which has slices "
+                             f"{letter} = 0 to {last}; scroll onto the image to flag a slice", reference.name)
+        return axis, index
 
     def _new_annotation(self, slice_axis: int, slice_index: int, region_world: list[list[list[float]]] | None = None
                         ) -> Annotation:
@@ -236,6 +246,8 @@ class AnnotationPanel(widgets.Container):
     @reports_errors("Draw region")
     def start_drawing(self) -> None:
         self._require_run()
+        if self.viewer.dims.ndisplay == 3:  # napari would leave the layer in pan/zoom: nothing could be drawn
+            raise InputError("napari draws regions only in the 2D view; switch to the 2D view to draw a region")
         layer = self._annotation_layer(create=True)
         layer.visible = True
         where = ""
@@ -339,10 +351,21 @@ class AnnotationPanel(widgets.Container):
 
     @reports_errors("Delete annotation")
     def delete_selected(self) -> None:
+        """Withdraw the selected flags still live; those another reviewer withdrew since the list was
+        made are counted, not an error, and the list is brought up to date either way."""
         store = self._require_run()
-        for annotation_id in self.listing.value:
-            store.delete(annotation_id, self.reviewer.value)
-        self.refresh()
+        live = {annotation.id for annotation in store.load()}
+        selected = list(self.listing.value)
+        try:
+            for annotation_id in selected:
+                if annotation_id in live:
+                    store.delete(annotation_id, self.reviewer.value)
+        finally:
+            self.refresh()
+        withdrawn = sum(annotation_id not in live for annotation_id in selected)
+        if withdrawn:
+            show_info(f"{withdrawn} flag{'s were' if withdrawn > 1 else ' was'} already withdrawn (by another "
+                      "reviewer or workbench); the list now shows the flags still live.")
 
     @reports_errors("Export cohort")
     def export_cohort(self) -> None:
@@ -357,7 +380,8 @@ class AnnotationPanel(widgets.Container):
                         "yes)" if export.about_other_inputs else "")
         skipped = (f"; {len(export.skipped)} unusable line{'s' if len(export.skipped) > 1 else ''} skipped, in "
                    + ", ".join(f"{line.path} line {line.line}" for line in export.skipped) if export.skipped else "")
-        show_info(f"Exported {export.rows} annotations from {len(runs)} runs to {target}{other_inputs}{skipped}")
+        show_info(f"Exported {export.rows} annotations from {len(runs)} runs under {self.runs_root} to {target}"
+                  f"{other_inputs}{skipped}")
 
 
 def _describe_pair(pair: tuple[str, str]) -> str:

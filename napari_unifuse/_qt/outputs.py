@@ -77,16 +77,25 @@ def _slicing_transform(layer, axes: list[int]) -> Affine:
     return layer._data_to_world.inverse.set_slice(axes)
 
 
-def viewed_slice(viewer: napari.viewer.Viewer, layer) -> tuple[int | None, int]:
-    """(array axis, index) of ``layer``'s slice that napari draws in a 2D view; ``(None, 0)`` for 2D
-    layers and the 3D view."""
+def viewed_plane(viewer: napari.viewer.Viewer, layer) -> tuple[int | None, int]:
+    """(array axis, index) of the plane of ``layer`` that the sliders cut in a 2D view; the index is
+    below 0 or past the last slice where the sliders are beyond ``layer`` (on a longer layer of the
+    viewer). ``(None, 0)`` for 2D layers and the 3D view."""
     axes = _sliced_axes(viewer, layer)
     if layer.ndim < 3 or not axes:
         return None, 0
     point = np.asarray(viewer.dims.point[-layer.ndim:], dtype=float)
     index = np.round(_slicing_transform(layer, axes)(point[axes]))
-    axis = axes[-1]
-    return axis, int(np.clip(index[-1], 0, layer.data.shape[axis] - 1))
+    return axes[-1], int(index[-1])
+
+
+def viewed_slice(viewer: napari.viewer.Viewer, layer) -> tuple[int | None, int]:
+    """(array axis, index) of ``layer``'s slice that napari draws in a 2D view, the nearest one where
+    the sliders are beyond ``layer`` (see :func:`viewed_plane`); ``(None, 0)`` for 2D layers and the 3D view."""
+    axis, index = viewed_plane(viewer, layer)
+    if axis is None:
+        return None, 0
+    return axis, int(np.clip(index, 0, layer.data.shape[axis] - 1))
 
 
 def show_data_position(viewer: napari.viewer.Viewer, layer, position: np.ndarray) -> None:
@@ -109,7 +118,8 @@ class ResultLayers:
     Call :meth:`disconnect_viewer` when the workbench closes: it releases the viewer's events and
     the flicker timer, and takes the run's text off the canvas. ``on_flicker_stopped`` is called
     whenever the flicker stops, also on its own (a new run, the aligned layer deleted), so that the
-    control that started it can show it stopped.
+    control that started it can show it stopped; ``on_all_deleted`` once the last of the run's layers
+    (its reference and outputs) is deleted, so that what is about the run on screen can let go of it.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -120,6 +130,7 @@ class ResultLayers:
         # let go): followed through renames.
         self._layers: dict[str, weakref.ref] = {}
         self.on_flicker_stopped: Callable[[], None] | None = None
+        self.on_all_deleted: Callable[[], None] | None = None
         self.quiver_stride = 4
         self.grid_spacing = 4
         self.checker_tile = 8
@@ -137,7 +148,7 @@ class ResultLayers:
         viewer.layers.events.removed.connect(self._on_layer_removed)
 
     def disconnect_viewer(self) -> None:
-        self.on_flicker_stopped = None  # the control may be closing with the viewer's window
+        self.on_flicker_stopped = self.on_all_deleted = None  # the controls may be closing with the viewer's window
         self.stop_flicker()
         self.clear_kept_estimate()
         self.viewer.dims.events.current_step.disconnect(self.update_quivers)
@@ -221,6 +232,11 @@ class ResultLayers:
         reference = self.layer("reference")
         return None if reference is None else reference.name
 
+    @property
+    def on_screen(self) -> bool:
+        """Whether any layer of the latest run (its reference or an output) is still in the viewer."""
+        return any(self.layer(role) is not None for role in self._layers)
+
     def layer(self, role: str) -> Layer | None:
         """The latest run's layer ``role`` ("reference" or an OutputNames field: "fused", "quivers", …)
         under whatever name it has now; None before a run and once the layer is deleted."""
@@ -230,12 +246,15 @@ class ResultLayers:
 
     def _on_layer_removed(self, event) -> None:
         """The text describes the fused layer: it goes with it. Without the aligned layer there is
-        nothing to fade or flicker to: the layers hidden for it come back."""
+        nothing to fade or flicker to: the layers hidden for it come back. With the run's last layer,
+        ``on_all_deleted`` is called."""
         removed = {role for role, followed in self._layers.items() if followed() is event.value}
         if "fused" in removed:
             self.clear_kept_estimate()
         elif "aligned" in removed:
             self.stop_flicker()
+        if removed and not self.on_screen and self.on_all_deleted is not None:
+            self.on_all_deleted()
 
     def _volume_layer(self, volume: ImageVolume, name: str, tags: dict | None = None, **kwargs) -> None:
         """An image layer placed and described as the reader's (geometry, metadata with the NIfTI

@@ -268,6 +268,7 @@ class UniFuseWorkbench(QWidget):
                        self.run_panel.output_root):
             widget.changed.connect(self._select_run)
         napari_viewer.dims.events.current_step.connect(self._on_slice_changed)
+        self.results.on_all_deleted = self._select_run  # flags follow what is on screen
         self._select_run()
 
     # ---- placement and cleanup -----------------------------------------------------------------
@@ -341,10 +342,12 @@ class UniFuseWorkbench(QWidget):
 
     # ---- run selection -------------------------------------------------------------------------
     def _select_run(self, _value=None) -> None:
-        """Follow the form: the folder the next run goes to. Until a run or a Methods-tab comparison
-        is on screen, the pair the form describes is also what annotations are about (flags made on
-        the inputs); afterwards Save, the QC report and annotations stay with what is on screen,
+        """Follow the form: the folder the next run goes to, and the runs folder the cohort export
+        searches. Until a run or a Methods-tab comparison is on screen, and again once every layer of
+        the run was deleted, the pair the form describes is also what annotations are about (flags
+        made on the inputs); while a run is on screen Save, the QC report and annotations stay with it,
         whatever the form is changed to for the next one."""
+        self.annotation_panel.runs_root = Path(self.run_panel.output_root.value)
         try:
             selection = self.run_panel.selection()
         except UniFuseError as error:  # what keeps the form from naming a folder, not always the images
@@ -355,11 +358,11 @@ class UniFuseWorkbench(QWidget):
         self.run_panel.folder_label.value = str(selection.folder)
         if self.outcome is None:
             self.selection = selection
-            if self.method_compare.compared is None:
-                self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
-                                              self.viewer.layers[selection.reference_name],
-                                              subject=INPUTS_SUBJECT, pair=(selection.reference_name,
-                                                                            selection.moving_name))
+        if (self.outcome is None or not self.results.on_screen) and self.method_compare.compared is None:
+            self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
+                                          self.viewer.layers[selection.reference_name],
+                                          subject=INPUTS_SUBJECT, pair=(selection.reference_name,
+                                                                        selection.moving_name))
 
     # ---- running -------------------------------------------------------------------------------
     @reports_errors("Run UniFuse")
@@ -527,7 +530,7 @@ class UniFuseWorkbench(QWidget):
         keep the run from being saved."""
         self.annotation_panel.method.value = method  # first: set_run keeps a method it finds there
         request = selection.request
-        self.annotation_panel.set_run(selection.folder, selection.folder.parent,
+        self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
                                       self.results.layer("fused"),
                                       subject="run", pair=(selection.reference_name, selection.moving_name),
                                       pair_arrays=(request.reference.array, request.moving.array))

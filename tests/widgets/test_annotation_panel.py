@@ -8,12 +8,15 @@ import json
 import numpy as np
 import pytest
 
+from napari_unifuse._napari_io import volume_to_layer_data
 from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER, AnnotationPanel
 from napari_unifuse._qt.notifications import report_error
+from napari_unifuse._qt.outputs import viewed_slice
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE, Annotation, AnnotationStore
 from napari_unifuse.engine.provenance import sha256_of_array
+from napari_unifuse.io import ImageVolume
 
-from .conftest import GEOMETRY_3D, add_pair
+from .conftest import GEOMETRY_3D, add_pair, ellipsoid_pair
 
 pytestmark = pytest.mark.gui
 
@@ -38,6 +41,59 @@ def test_flag_slice_in_the_3d_view_is_refused(make_napari_viewer, tmp_path, noti
     panel.flag_slice.clicked()
     assert panel.annotations == []
     assert any("switch to the 2D view" in message for severity, message in notifications if severity == "error")
+
+
+def test_drawing_in_the_3d_view_is_refused(make_napari_viewer, tmp_path, notifications):
+    """napari leaves a shapes layer in pan/zoom in the 3D view: "Draw the failure region" could not be done."""
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    viewer.dims.ndisplay = 3
+    panel.draw_region.clicked()
+    assert ANNOTATION_LAYER not in viewer.layers
+    errors = [message for severity, message in notifications if severity == "error"]
+    assert errors and "switch to the 2D view to draw a region" in errors[-1]
+    assert not any(message.startswith("Draw the failure region") for _, message in notifications)
+
+
+def test_a_slice_beyond_the_annotated_image_is_refused_not_moved_to_its_edge(make_napari_viewer, tmp_path,
+                                                                              notifications):
+    """A longer moving image lets the sliders go past the reference: its last slice was recorded instead."""
+    viewer = make_napari_viewer()
+    reference, _, _ = ellipsoid_pair((16, 48, 48))
+    _, longer_moving, _ = ellipsoid_pair((40, 48, 48))
+    for array, name in ((reference, "MR"), (longer_moving, "PET")):
+        data, kwargs, _ = volume_to_layer_data(ImageVolume(array, GEOMETRY_3D), name)
+        viewer.add_image(data, **kwargs)
+    panel = panel_on(viewer, tmp_path, "MR")
+    viewer.dims.set_current_step(0, 30)
+    panel.flag_slice.clicked()
+    assert panel.annotations == []
+    errors = [message for severity, message in notifications if severity == "error"]
+    assert errors and "z = 30) lies outside the image, which has slices z = 0 to 15" in errors[-1]
+    assert viewed_slice(viewer, viewer.layers["MR"]) == (0, 15)  # what the quivers and markers follow: unchanged
+    viewer.dims.set_current_step(0, 15)
+    panel.flag_slice.clicked()
+    assert [(a.slice_axis, a.slice_index) for a in panel.annotations] == [(0, 15)]
+
+
+def test_deleting_flags_another_reviewer_withdrew_deletes_the_rest_and_says_so(make_napari_viewer, tmp_path,
+                                                                              notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    for index in range(3):
+        viewer.dims.set_current_step(0, index)
+        panel.note.value = f"flag {index}"
+        panel.flag_slice.clicked()
+    withdrawn_elsewhere, selected_too, _ = (a.id for a in panel.annotations)
+    AnnotationStore(tmp_path / "run").delete(withdrawn_elsewhere, "dr. other")  # another workbench on the folder
+    panel.listing.value = [withdrawn_elsewhere, selected_too]
+    panel.delete.clicked()
+    assert [a.note for a in panel.annotations] == ["flag 2"]
+    assert len(panel.listing.choices) == 1
+    assert not [message for severity, message in notifications if severity == "error"]
+    assert any(message.startswith("1 flag was already withdrawn") for _, message in notifications)
 
 
 def test_a_sagittal_flag_is_listed_with_its_axis(make_napari_viewer, tmp_path):
@@ -276,5 +332,6 @@ def test_the_cohort_export_message_says_what_was_skipped_and_where(make_napari_v
     panel.cohort_csv.value = str(tmp_path / "cohort.csv")
     panel.export.clicked()
     (message,) = [text for severity, text in notifications if text.startswith("Exported")]
-    assert message == (f"Exported 1 annotations from 1 runs to {tmp_path / 'cohort.csv'}; 1 made on other inputs than "
+    assert message == (f"Exported 1 annotations from 1 runs under {tmp_path / 'runs'} to {tmp_path / 'cohort.csv'}; "
+                       "1 made on other inputs than "
                        f"their run's (about_other_inputs yes); 1 unusable line skipped, in {store.path} line 2")

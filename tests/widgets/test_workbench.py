@@ -970,3 +970,46 @@ def test_save_while_the_qc_report_is_written_says_to_wait_for_it(make_napari_vie
     assert ("error", f"Save outputs: {REPORT_BEING_WRITTEN}") in notifications
     qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=RUN_TIMEOUT_MS)
     assert "provenance.json" in workbench.save_outputs()
+
+
+def test_once_every_layer_of_the_run_is_deleted_flags_are_about_the_pair_the_form_names(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
+    """Flags made on pair B went into the folder of run A, whose layers were all gone."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("A MR", "A CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    panel = workbench.annotation_panel
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    run_a = workbench.selection.folder
+    add_pair(viewer, shape=(40, 40), geometry=Geometry.identity(2), names=("B MR", "B CT"))
+    workbench.run_panel.reference.value, workbench.run_panel.moving.value = "B MR", "B CT"
+    assert panel.store.run_dir == run_a  # run A is on screen: its flags stay with it
+
+    for layer in [layer for layer in viewer.layers if not layer.name.startswith("B ")]:
+        viewer.layers.remove(layer)
+    pair_b = workbench.run_panel.selection().folder
+    assert panel.store.run_dir == pair_b and panel.subject.value.startswith("inputs, B CT → B MR")
+    panel.reviewer.value = "dr. test"
+    panel.flag_slice.clicked()
+    assert (pair_b / ANNOTATIONS_FILE).is_file() and not (run_a / ANNOTATIONS_FILE).exists()
+
+
+def test_the_cohort_export_searches_the_runs_folder_the_form_shows_after_a_run(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
+    from napari_unifuse.engine.annotations import Annotation, AnnotationStore
+
+    cohort = tmp_path / "cohort runs"
+    AnnotationStore(cohort / "case").add(Annotation("other", "dr. x", slice_index=0, note="cohort case"))
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    panel = workbench.annotation_panel
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    workbench.run_panel.output_root.value = str(cohort)
+    panel.cohort_csv.value = str(tmp_path / "cohort.csv")
+    panel.export.clicked()
+    assert "cohort case" in (tmp_path / "cohort.csv").read_text(encoding="utf-8")
+    assert any(message.startswith(f"Exported 1 annotations from 1 runs under {cohort} to")
+               for _, message in notifications)
