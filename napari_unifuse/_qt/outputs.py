@@ -29,6 +29,9 @@ MAP_COLORMAPS = {INVENTED: "red", LOST: "cyan", RESTORATION_CHANGE: "yellow", UN
 # napari builds an arrow's mesh in the layer's data units (voxels) and only then scales it to mm: a
 # width in voxels keeps arrows as visible at 0.25 mm pixels as at 4 mm.
 ARROW_WIDTH_VOXELS = 0.3
+# What a reviewer sets on a layer (a window, a colour map, a layer hidden) and expects a re-run to keep.
+DISPLAY_SETTINGS = ("visible", "opacity", "blending")
+IMAGE_DISPLAY_SETTINGS = (*DISPLAY_SETTINGS, "colormap", "gamma", "contrast_limits")
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,9 @@ class ResultLayers:
         self.grid_spacing = 4
         self.checker_tile = 8
         self.arrow_scale = 1.0
+        # Each output layer's display settings as the workbench made it, weakly: those a reviewer
+        # changed since are carried over to the layer a re-run puts in its place.
+        self._settings_as_made: weakref.WeakKeyDictionary[Layer, dict] = weakref.WeakKeyDictionary()
         # (layer, visible) of each layer fade or flicker showed, hid or flips, as it was before: put back when they end.
         self._visibility_before_compare: list[tuple[Layer, bool]] = []
         self._grid_left_for_compare = False  # grid mode was on: fade and flicker overlay the two in one view
@@ -273,18 +279,33 @@ class ResultLayers:
         self._volume_layer(ImageVolume(array, fused.geometry, placement_metadata(fused.metadata)), name, **kwargs)
 
     def _upsert(self, name: str, data, kind: str, placed: dict, **kwargs):
-        """Replace a layer of that name (a re-run), keeping its place in the layer list."""
+        """Replace a layer of that name (a re-run), keeping its place in the layer list and the
+        display settings a reviewer changed on it (window, colour map, opacity, visibility)."""
         if name in self.viewer.layers:
+            earlier = self.viewer.layers[name]
             position = self.viewer.layers.index(name)
+            changed = self._settings_changed_since_made(earlier)
             self.viewer.layers.remove(name)
         else:
-            position = None
+            position, changed = None, {}
         metadata = kwargs.pop("metadata", {})
         metadata.setdefault(LAYER_METADATA_KEY, {})["role"] = OUTPUT_ROLE  # never offered as a run input
         layer = getattr(self.viewer, f"add_{kind}")(data, name=name, metadata=metadata, **placed, **kwargs)
+        self._settings_as_made[layer] = _display_settings(layer)
+        for setting, value in changed.items():
+            setattr(layer, setting, value)
         if position is not None:
             self.viewer.layers.move(self.viewer.layers.index(layer), position)
         return layer
+
+    def _settings_changed_since_made(self, layer: Layer) -> dict:
+        """The display settings of ``layer`` that differ from those the workbench made it with (none
+        for a layer it did not make, or of another kind than a re-run makes in its place)."""
+        made = self._settings_as_made.get(layer)
+        if made is None:
+            return {}
+        now = _display_settings(layer)
+        return {setting: value for setting, value in now.items() if made.get(setting) != value}
 
     def _checkerboard(self) -> np.ndarray:
         return checkerboard(self.outcome.reference_grey, self.outcome.aligned_grey, self.checker_tile)
@@ -404,3 +425,17 @@ class ResultLayers:
             self._grid_left_for_compare = True
         return aligned
 
+
+def _display_settings(layer: Layer) -> dict:
+    """``layer``'s reviewer-adjustable display settings as comparable values (a colour map by name)."""
+    from napari.layers import Image
+
+    names = IMAGE_DISPLAY_SETTINGS if isinstance(layer, Image) else DISPLAY_SETTINGS
+    settings = {name: getattr(layer, name) for name in names}
+    if "colormap" in settings:
+        settings["colormap"] = settings["colormap"].name
+    if "contrast_limits" in settings:
+        settings["contrast_limits"] = tuple(float(limit) for limit in settings["contrast_limits"])
+    if "blending" in settings:
+        settings["blending"] = str(settings["blending"])
+    return settings

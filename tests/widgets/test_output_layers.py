@@ -74,3 +74,33 @@ def test_map_layers_saved_through_the_plugin_writer_keep_the_reference_header(ma
         np.testing.assert_allclose(itk_map.GetOrigin(), itk_reference.GetOrigin(), atol=1e-4, err_msg=layer.name)
         np.testing.assert_allclose(itk_map.GetDirection(), itk_reference.GetDirection(), atol=1e-6,
                                    err_msg=layer.name)
+
+
+def test_a_rerun_keeps_the_display_settings_a_reviewer_changed_and_only_those(make_napari_viewer, qtbot, tmp_path,
+                                                                                checkpoint_files, notifications):
+    """A re-run used to reset every window, colour map and hidden layer to the workbench's own."""
+    from napari_unifuse.io.image import Geometry
+
+    from .conftest import add_pair
+
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    names = OutputNames.for_inputs("MR", "CT")
+    fused, error = viewer.layers[names.fused], viewer.layers[names.error]
+    fused.contrast_limits, fused.colormap, fused.opacity, fused.gamma = (0.1, 0.5), "viridis", 0.5, 0.7
+    error.visible, error.blending = False, "translucent"
+    untouched = {name: (viewer.layers[name].colormap.name, tuple(viewer.layers[name].contrast_limits),
+                        viewer.layers[name].visible) for name in (names.jacobian, names.aligned)}
+    earlier = fused
+    workbench.run_panel.tile_size.value = 32  # another run of the same pair, replacing its layers
+    run_and_wait(qtbot, workbench)
+    fused, error = viewer.layers[names.fused], viewer.layers[names.error]
+    assert fused is not earlier
+    assert (tuple(fused.contrast_limits), fused.colormap.name, fused.opacity, fused.gamma) == ((0.1, 0.5), "viridis",
+                                                                                               0.5, 0.7)
+    assert (error.visible, str(error.blending)) == (False, "translucent")
+    assert {name: (viewer.layers[name].colormap.name, tuple(viewer.layers[name].contrast_limits),
+                   viewer.layers[name].visible) for name in untouched} == untouched
