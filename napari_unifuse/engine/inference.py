@@ -131,6 +131,7 @@ from napari_unifuse.io.fields import itk_placement
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
+from napari_unifuse.io.writers import nifti_holds_grid
 from napari_unifuse.model.checkpoint import config_differences, training_crop
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.networks import config_from_dict, network_method
@@ -881,11 +882,12 @@ class FusionEngine:
         # Outputs take the reference's format; NIfTI holds no colour, so an RGB result on a grid
         # with geometry goes to MetaImage, which keeps both. PNG holds 8-bit pictures only, so the
         # aligned image of a scanner image (CT in HU) onto a PNG goes to MetaImage too, and so do
-        # outputs on a sheared grid (a tilted CT), which NIfTI places upright in ITK tools.
+        # outputs on a sheared grid NIfTI would place upright in ITK tools (a tilted CT; a NIfTI
+        # reference's sheared sform is held with its qform, as the reference holds it: nifti_holds_grid).
         if _is_picture(reference) and _is_picture(moving):
             extension = "png"
         else:
-            to_metaimage = carried_chroma is not None or _is_picture(reference) or reference.geometry.is_sheared
+            to_metaimage = carried_chroma is not None or _is_picture(reference) or not nifti_holds_grid(reference)
             extension = "mha" if to_metaimage else "nii.gz"
         probs = prediction["class_probs"]
         on_reference_grid = placement_metadata(reference.metadata)  # written where the reference is shown

@@ -3,13 +3,16 @@
 ``fused.<ext>``, ``aligned.<ext>`` (restored + aligned moving), ``displacement.<map ext>`` (ITK
 displacement field, moving → reference), ``degradation.json`` and ``provenance.json``; ``<ext>`` is
 ``png`` for a raster-image reference, ``mha`` for a colour (RGB PET/SPECT) result on another
-reference's grid or a sheared one, ``nii.gz`` otherwise. With quality maps (``result.quality``)
+reference's grid or a sheared one NIfTI cannot hold (``io.writers.nifti_holds_grid``), ``nii.gz``
+otherwise. With quality maps (``result.quality``)
 also ``invented.<map ext>``, ``lost.<map ext>``, ``restoration_change.<map ext>``,
 ``uncertainty.<map ext>`` (when computed) and ``quality.json`` (thresholds, per-slice scores,
 suspicious slices): float maps in the reference geometry. ``<map ext>`` (``map_extension``) is
 ``nii.gz``, even for PNG inputs (8 bits would round the maps away; a 2D NIfTI keeps the pixel
 spacing), and ``mha`` on a sheared grid (a gantry-tilted CT): NIfTI's qform, which ITK tools read,
-cannot hold a shear and would place them millimetres away from the reference. Everything is first written into a hidden
+cannot hold a shear and would place them millimetres away from the reference. A NIfTI reference's
+sheared sform is the exception: its outputs keep its qform and sform, each tool placing them as it
+places the reference. Everything is first written into a hidden
 staging folder next to the outputs and then renamed into place (a rename within one file system is
 atomic), ``provenance.json`` last: it, with the four outputs written before it (``is_complete``),
 is what marks a pair as finished for ``unifuse fuse --pairs`` resuming; a folder whose outputs were
@@ -44,8 +47,9 @@ from typing import Any
 from napari_unifuse.engine.quality import UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, UniFuseError
-from napari_unifuse.io import Geometry, ImageVolume, placement_metadata, write_image
+from napari_unifuse.io import ImageVolume, placement_metadata, write_image
 from napari_unifuse.io.fields import write_displacement
+from napari_unifuse.io.writers import nifti_holds_grid
 from napari_unifuse.json_records import standard_json
 
 try:
@@ -55,7 +59,7 @@ except ImportError:  # Windows: no flock; folders are written unlocked
 
 PROVENANCE_FILE = "provenance.json"
 DEGRADATION_FILE = "degradation.json"
-# Float outputs (field, quality and review maps): NIfTI, MetaImage on a sheared grid (map_extension).
+# Float outputs (field, quality and review maps): NIfTI, MetaImage on a sheared grid NIfTI cannot hold (map_extension).
 MAP_EXTENSIONS = ("nii.gz", "mha")
 DISPLACEMENT_STEM = "displacement"
 DISPLACEMENT_FILE = f"{DISPLACEMENT_STEM}.nii.gz"  # an ordinary run's field
@@ -83,11 +87,11 @@ def cannot_write_there(folder: Path, error: OSError) -> InputError:
     return InputError(f"cannot write there ({error.strerror or error})", folder)
 
 
-def map_extension(geometry: Geometry) -> str:
-    """The extension of the float outputs on ``geometry`` (field, quality maps): NIfTI, except on a
-    sheared grid, which NIfTI's qform (what ITK tools read) cannot hold; MetaImage holds it, so there
-    they sit where the reference (and the fused image, MetaImage too) sits in every tool."""
-    return "mha" if geometry.is_sheared else "nii.gz"
+def map_extension(volume: ImageVolume) -> str:
+    """The extension of the float outputs on ``volume``'s grid (field, quality maps): NIfTI where it
+    places them as every tool places the reference (``nifti_holds_grid``: a sheared grid only with the
+    reference's own NIfTI forms), else MetaImage (a gantry-tilted CT), which holds the shear."""
+    return "nii.gz" if nifti_holds_grid(volume) else "mha"
 
 
 def output_file_names(extension: str, field_extension: str = "nii.gz") -> tuple[str, ...]:
@@ -107,7 +111,7 @@ def quality_file_names(quality: QualityMaps, extension: str = "nii.gz") -> tuple
 def review_map_extension(result: FusionResult) -> str:
     """The extension of the workbench's review maps of ``result``: MetaImage for a PNG run (a 2D
     float image with its pixel spacing), else the grid's ``map_extension``."""
-    return "mha" if result.output_extension == "png" else map_extension(result.fused.geometry)
+    return "mha" if result.output_extension == "png" else map_extension(result.fused)
 
 
 def known_output_names() -> frozenset[str]:
@@ -393,7 +397,7 @@ def write_fusion_outputs(result: FusionResult, out_dir: str | Path, *, metrics: 
             return write_fusion_outputs(result, out_dir, metrics=metrics, remove_report=remove_report,
                                         report=report, extra_images=extra_images, lock=taken)
     geometry = result.fused.geometry
-    float_extension = map_extension(geometry)
+    float_extension = map_extension(result.fused)
     fused_name, aligned_name, field_name, *_ = output_file_names(result.output_extension, float_extension)
     writers: dict[str, Callable[[Path], object]] = {
         fused_name: lambda path: write_image(result.fused, path),

@@ -120,13 +120,9 @@ class NiftiXforms:
             why = "which shears the voxel axes" if sheared else f"of code {self.sform_code}, not 1 (scanner)"
             said = (f"The sform is used (as nibabel and FSL do); {_ITK_BASED_TOOLS} place the image by its "
                     f"qform, passing over an sform {why}")
-        if sheared:
-            outputs = ("Outputs on its grid are written as MetaImage (.mha), which holds the sform's shear: "
-                       f"{_ITK_BASED_TOOLS} show them up to {itk_apart:.3g} mm from where they show this image")
-        else:
-            outputs = "Outputs on its grid keep both forms, so each tool shows them where it shows this image"
         return [f"the NIfTI header's qform (code {self.qform_code}) and sform (code {self.sform_code}) disagree: "
-                f"they place voxels up to {forms_apart:.3g} mm apart. {said}. {outputs}"]
+                f"they place voxels up to {forms_apart:.3g} mm apart. {said}. Outputs on its grid keep both forms, "
+                "so each tool shows them where it shows this image"]
 
     def stamp(self, image: nib.Nifti1Image) -> bool:
         """Give ``image`` these forms and codes; True when its header then places the voxels where

@@ -53,14 +53,29 @@ def write_image(volume: ImageVolume, path: str | os.PathLike) -> Path:
 def _write_nifti(volume: ImageVolume, path: Path) -> None:
     if volume.is_rgb:
         raise InputError("RGB images are saved as PNG, MHA or NRRD, not NIfTI", path)
-    if volume.geometry.is_sheared:
-        # The qform, which ITK-based tools read, holds no shear: they would place voxels millimetres off.
+    if not nifti_holds_grid(volume):
         raise InputError("this image's grid is sheared (e.g. a gantry-tilted CT), which NIfTI cannot hold for "
                          "ITK-based tools; save it as .mha", path)
     array = volume.array.astype(_nifti_dtype(volume.array), copy=False)
     # nibabel's axes are (x, y, z): reverse ours. An explicit dtype stops nibabel choosing another.
     image = nifti_image(array.transpose(), volume.geometry, NiftiXforms.from_metadata(volume.metadata))
     save_nifti(image, path)
+
+
+def nifti_holds_grid(volume: ImageVolume) -> bool:
+    """Whether NIfTI holds ``volume``'s grid so that every tool places it where it places the image the
+    grid came from: a grid with perpendicular axes always (both forms hold it); a sheared one only
+    with the forms of the NIfTI header it came from (``volume.metadata``), where they place this grid
+    and give ITK-based tools, which pass over a sheared sform, a qform. The file keeps that header:
+    nibabel places it by the sform and ITK by the qform, each as it places the original. Any other
+    sheared grid (a gantry-tilted CT) is written as MetaImage or NRRD."""
+    if not volume.geometry.is_sheared:
+        return True
+    xforms = NiftiXforms.from_metadata(volume.metadata)
+    if xforms is None or xforms.itk_form() is None:
+        return False
+    one_voxel = nib.Nifti1Image(np.zeros((1,) * volume.geometry.ndim, np.float32), volume.geometry.to_ras_affine())
+    return xforms.stamp(one_voxel)
 
 
 def nifti_image(voxels: np.ndarray, geometry: Geometry, xforms: NiftiXforms | None) -> nib.Nifti1Image:

@@ -35,7 +35,7 @@ from napari_unifuse.engine.outputs import (
     write_text_atomically,
 )
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import ImageVolume, read_displacement, read_image
+from napari_unifuse.io import ImageVolume, placement_metadata, read_displacement, read_image
 
 
 def save_png(array, path):
@@ -305,3 +305,63 @@ def test_every_float_output_of_a_sheared_run_is_metaimage_where_simpleitk_places
             np.testing.assert_allclose(placed.GetSpacing(), on_reference.GetSpacing(), atol=1e-6, err_msg=name)
     np.testing.assert_allclose(read_displacement(written["displacement.mha"], reference.geometry),
                                result.displacement, atol=1e-4)
+
+
+def test_the_outputs_of_a_sheared_sform_reference_keep_its_nifti_header_and_simpleitk_applies_the_field(tmp_path):
+    """A NIfTI reference whose sform is sheared (an affine-resliced header; its qform the nearest
+    rigid form) had every output written as MetaImage placed by the shear, while SimpleITK, ANTs and
+    Slicer show the reference by its qform: the outputs sat millimetres off it there. As NIfTI with
+    the reference's forms and codes, SimpleITK shows them where it shows the reference and its
+    resample of the moving image through the field is the aligned image."""
+    import nibabel as nib
+    import SimpleITK as sitk
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    shape = (10, 12, 14)  # array order (z, y, x)
+    sheared = np.array([[1.2, 0.0, 0.3, -8.0], [0.0, 1.0, 0.0, -6.0], [0.0, 0.0, 1.5, -7.0], [0.0, 0.0, 0.0, 1.0]])
+    rigid = np.array([[1.2, 0.0, 0.0, -7.5], [0.0, 1.0, 0.0, -6.5], [0.0, 0.0, 1.5, -7.0], [0.0, 0.0, 0.0, 1.0]])
+    paths = {}
+    for name, affine in (("reference", sheared), ("moving", rigid)):
+        smooth = gaussian_filter(rng.normal(size=shape), sigma=2.0)
+        image = nib.Nifti1Image((100.0 * smooth / np.abs(smooth).max() + 200.0).astype(np.float32).transpose(), affine)
+        image.set_qform(affine, code=1)  # nibabel keeps the sheared sform's nearest rigid form
+        image.set_sform(affine, code=1)
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(image, paths[name])
+    reference, moving = read_image(paths["reference"]), read_image(paths["moving"])
+    assert reference.geometry.is_sheared
+    engine = FusionEngine(load_method("identity+average", spatial_dims=3), device="cpu")
+    result = engine.run_fusion(reference, moving, quality=True, uncertainty_passes=0)
+    assert result.output_extension == "nii.gz" and review_map_extension(result) == "nii.gz"
+    review_map = ImageVolume(np.ones(shape, np.float32), reference.geometry,
+                             {"role": "folding", **placement_metadata(reference.metadata)})
+
+    written = write_fusion_outputs(result, tmp_path / "out", extra_images={"folding.nii.gz": review_map})
+    assert set(written) == {*output_file_names("nii.gz", "nii.gz"), *quality_file_names(result.quality, "nii.gz"),
+                            "folding.nii.gz"}
+    original = nib.load(paths["reference"]).header
+    on_reference = sitk.ReadImage(str(paths["reference"]))
+    for name, path in written.items():
+        if name.endswith(".nii.gz"):
+            header = nib.load(path).header
+            for form in ("qform", "sform"):
+                np.testing.assert_allclose(getattr(header, f"get_{form}")(), getattr(original, f"get_{form}")(),
+                                           atol=1e-5, err_msg=name)
+                assert int(header[f"{form}_code"]) == int(original[f"{form}_code"]), name
+            placed = sitk.ReadImage(str(path))
+            for placement in ("GetOrigin", "GetDirection", "GetSpacing"):
+                np.testing.assert_allclose(getattr(placed, placement)(), getattr(on_reference, placement)(),
+                                           atol=1e-5, err_msg=name)
+
+    field = sitk.DisplacementFieldTransform(sitk.ReadImage(str(written["displacement.nii.gz"]), sitk.sitkVectorFloat64))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(paths["moving"])), on_reference, field,
+                                                  sitk.sitkLinear, 0.0))
+    aligned = sitk.GetArrayFromImage(sitk.ReadImage(str(written["aligned.nii.gz"])))
+    # Where the package sampled the moving image within its voxels (beyond, the two fill differently).
+    grid = np.indices(shape, dtype=np.float64) + result.displacement
+    to_moving = np.linalg.inv(moving.geometry.index_to_world) @ reference.geometry.index_to_world
+    sampled_at = np.einsum("ij,j...->i...", to_moving, np.concatenate([grid, np.ones((1, *shape))]))[:3]
+    inside = np.all([(sampled_at[axis] >= 0) & (sampled_at[axis] <= shape[axis] - 1) for axis in range(3)], axis=0)
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(theirs[inside], aligned[inside], atol=0.05)

@@ -10,7 +10,16 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter, map_coordinates
 
-from napari_unifuse.io import Geometry, read_displacement, read_image, write_displacement
+from napari_unifuse.errors import InputError
+from napari_unifuse.io import (
+    Geometry,
+    ImageVolume,
+    placement_metadata,
+    read_displacement,
+    read_image,
+    write_displacement,
+    write_image,
+)
 from napari_unifuse.io.fields import itk_placement
 from napari_unifuse.io.nifti_xforms import NiftiXforms
 
@@ -89,7 +98,7 @@ def test_the_disagreement_warning_names_the_form_simpleitk_reads(tmp_path, rng, 
     assert read_by_itk == ("sform" if "sform is used, as" in itk_reads else "qform")
     (warning,) = read_image(path).metadata["warnings"]
     assert "disagree" in warning and itk_reads in warning
-    assert ".mha" in warning if "shears" in itk_reads else "keep both forms" in warning
+    assert "keep both forms" in warning
 
 
 @pytest.mark.parametrize("sheared", [False, True], ids=["rotated sform, code 2", "sheared sform, code 1"])
@@ -143,25 +152,31 @@ def test_the_field_of_a_reference_simpleitk_places_by_its_qform_moves_points_as_
     np.testing.assert_allclose(read_displacement(path, reference.geometry, _SHAPE), u, atol=1e-4)
 
 
-def test_an_mha_output_of_a_sheared_sform_reference_sits_in_itk_as_far_off_as_the_warning_says(tmp_path, rng):
-    """The warning said outputs keep both forms, so each tool shows them where it shows the
-    reference: a sheared grid's outputs are MetaImage, placed by the shear, while SimpleITK shows
-    the reference NIfTI by its qform."""
-    from napari_unifuse.io import ImageVolume, placement_metadata, write_image
-
-    reference_path = _save(tmp_path / "reference.nii.gz", rng.random(_SHAPE), sform=_form(shear=0.2), sform_code=1,
-                           qform=_form(), qform_code=1)
+def test_a_nifti_output_of_a_sheared_sform_reference_keeps_its_header_and_sits_in_itk_where_it_does(tmp_path, rng):
+    """A sheared grid was refused as NIfTI, so a reference whose sform is sheared had MetaImage
+    outputs placed by the shear, while SimpleITK shows the reference by its qform: up to 2.5 mm off.
+    Written as NIfTI with the reference's own forms and codes, each tool shows them where it shows it."""
+    header = {"sform": _form(shear=0.2), "sform_code": 2, "qform": _form(degrees=10.0), "qform_code": 1}
+    reference_path = _save(tmp_path / "reference.nii.gz", rng.random(_SHAPE), **header)
     reference = read_image(reference_path)
-    (warning,) = reference.metadata["warnings"]
-    said = float(warning.split("show them up to ")[1].split(" mm")[0])
+    assert reference.geometry.is_sheared
     output = write_image(ImageVolume(reference.array, reference.geometry, placement_metadata(reference.metadata)),
-                         tmp_path / "fused.mha")
+                         tmp_path / "fused.nii.gz")
 
-    def itk_corners(path):
-        image = sitk.ReadImage(str(path))
-        return np.array([image.TransformIndexToPhysicalPoint([(n - 1) * bit for n, bit in zip(image.GetSize(), bits)])
-                         for bits in np.ndindex(2, 2, 2)])
+    written, original = nib.load(output).header, nib.load(reference_path).header
+    for form in ("qform", "sform"):
+        np.testing.assert_allclose(getattr(written, f"get_{form}")(), getattr(original, f"get_{form}")(), atol=1e-5)
+        assert int(written[f"{form}_code"]) == int(original[f"{form}_code"])
+    theirs, ours = sitk.ReadImage(str(reference_path)), sitk.ReadImage(str(output))
+    for placement in ("GetOrigin", "GetDirection", "GetSpacing"):
+        np.testing.assert_allclose(getattr(ours, placement)(), getattr(theirs, placement)(), atol=1e-5)
 
-    apart = np.linalg.norm(itk_corners(output) - itk_corners(reference_path), axis=1).max()
-    assert apart > 1.0
-    assert said == pytest.approx(apart, rel=0.01)
+
+def test_a_sheared_sform_beside_no_qform_is_still_refused_as_nifti(tmp_path, rng):
+    """ITK-based tools refuse such a header: NIfTI outputs keeping it would open nowhere there."""
+    path = _save(tmp_path / "reference.nii.gz", rng.random(_SHAPE), sform=_form(shear=0.2), sform_code=1,
+                 qform=_form(), qform_code=0)
+    reference = read_image(path)
+    with pytest.raises(InputError, match=r"grid is sheared .* save it as \.mha"):
+        write_image(ImageVolume(reference.array, reference.geometry, placement_metadata(reference.metadata)),
+                    tmp_path / "fused.nii.gz")
