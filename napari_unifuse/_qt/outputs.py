@@ -121,8 +121,9 @@ class ResultLayers:
     Call :meth:`disconnect_viewer` when the workbench closes: it releases the viewer's events and
     the flicker timer, and takes the run's text off the canvas. ``on_flicker_stopped`` is called
     whenever the flicker stops, also on its own (a new run, the aligned layer deleted), so that the
-    control that started it can show it stopped; ``on_all_deleted`` once the last of the run's layers
-    (its reference and outputs) is deleted, so that what is about the run on screen can let go of it.
+    control that started it can show it stopped; ``on_outputs_deleted`` once the last of the run's
+    output layers is deleted (its inputs may stay: a reviewer clears a run's outputs, not the images
+    loaded), so that what is about the run on screen can let go of it.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -133,7 +134,7 @@ class ResultLayers:
         # let go): followed through renames.
         self._layers: dict[str, weakref.ref] = {}
         self.on_flicker_stopped: Callable[[], None] | None = None
-        self.on_all_deleted: Callable[[], None] | None = None
+        self.on_outputs_deleted: Callable[[], None] | None = None
         self.quiver_stride = 4
         self.grid_spacing = 4
         self.checker_tile = 8
@@ -154,7 +155,7 @@ class ResultLayers:
         viewer.layers.events.removed.connect(self._on_layer_removed)
 
     def disconnect_viewer(self) -> None:
-        self.on_flicker_stopped = self.on_all_deleted = None  # the controls may be closing with the viewer's window
+        self.on_flicker_stopped = self.on_outputs_deleted = None  # the controls may be closing with the viewer's window
         self.stop_flicker()
         self.clear_kept_estimate()
         self.viewer.dims.events.current_step.disconnect(self.update_quivers)
@@ -239,9 +240,9 @@ class ResultLayers:
         return None if reference is None else reference.name
 
     @property
-    def on_screen(self) -> bool:
-        """Whether any layer of the latest run (its reference or an output) is still in the viewer."""
-        return any(self.layer(role) is not None for role in self._layers)
+    def outputs_on_screen(self) -> bool:
+        """Whether any output layer of the latest run is still in the viewer."""
+        return any(self.layer(role) is not None for role in self._layers if role != "reference")
 
     def layer(self, role: str) -> Layer | None:
         """The latest run's layer ``role`` ("reference" or an OutputNames field: "fused", "quivers", …)
@@ -252,15 +253,15 @@ class ResultLayers:
 
     def _on_layer_removed(self, event) -> None:
         """The text describes the fused layer: it goes with it. Without the aligned layer there is
-        nothing to fade or flicker to: the layers hidden for it come back. With the run's last layer,
-        ``on_all_deleted`` is called."""
+        nothing to fade or flicker to: the layers hidden for it come back. With the run's last output
+        layer, ``on_outputs_deleted`` is called."""
         removed = {role for role, followed in self._layers.items() if followed() is event.value}
         if "fused" in removed:
             self.clear_kept_estimate()
         elif "aligned" in removed:
             self.stop_flicker()
-        if removed and not self.on_screen and self.on_all_deleted is not None:
-            self.on_all_deleted()
+        if removed - {"reference"} and not self.outputs_on_screen and self.on_outputs_deleted is not None:
+            self.on_outputs_deleted()
 
     def _volume_layer(self, volume: ImageVolume, name: str, tags: dict | None = None, **kwargs) -> None:
         """An image layer placed and described as the reader's (geometry, metadata with the NIfTI
@@ -300,7 +301,8 @@ class ResultLayers:
 
     def _settings_changed_since_made(self, layer: Layer) -> dict:
         """The display settings of ``layer`` that differ from those the workbench made it with (none
-        for a layer it did not make, or of another kind than a re-run makes in its place)."""
+        for a layer it did not make). An output's name fixes its kind, so they fit the layer a re-run
+        puts in its place."""
         made = self._settings_as_made.get(layer)
         if made is None:
             return {}

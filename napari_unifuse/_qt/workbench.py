@@ -268,7 +268,7 @@ class UniFuseWorkbench(QWidget):
                        self.run_panel.output_root):
             widget.changed.connect(self._select_run)
         napari_viewer.dims.events.current_step.connect(self._on_slice_changed)
-        self.results.on_all_deleted = self._select_run  # flags follow what is on screen
+        self.results.on_outputs_deleted = self._select_run  # flags follow what is on screen
         self._select_run()
 
     # ---- placement and cleanup -----------------------------------------------------------------
@@ -358,7 +358,7 @@ class UniFuseWorkbench(QWidget):
         self.run_panel.folder_label.value = str(selection.folder)
         if self.outcome is None:
             self.selection = selection
-        if (self.outcome is None or not self.results.on_screen) and self.method_compare.compared is None:
+        if (self.outcome is None or not self.results.outputs_on_screen) and self.method_compare.compared is None:
             self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
                                           self.viewer.layers[selection.reference_name],
                                           subject=INPUTS_SUBJECT, pair=(selection.reference_name,

@@ -100,6 +100,7 @@ class Challenge:
     incumbent: str
     gain: float  # mutual information (nats), challenger minus incumbent
     noise: float  # block-bootstrap standard deviation of that gain
+    required: float  # how many noise units the gain had to exceed (k, or 1 for a large move)
     accepted: bool
 
 
@@ -147,10 +148,14 @@ class GuardDecision:
             # The floor judges each challenger's own motion (its magnitude), whatever it challenged.
             below_floor = [c.challenger for c in self.challenges
                            if self.magnitudes[c.challenger] < self.min_credible_motion]
-            within_noise = [c.challenger for c in self.challenges if c.challenger not in below_floor]
+            within_noise = [c for c in self.challenges if c.challenger not in below_floor]
             floor_reason = (f"by less than {self._floor_in_words()}, within what this similarity can confirm "
                             "across modalities")
-            noise_reason = f"more than {self.factor:g}× the similarity's noise"
+            # A large move is held to one noise unit, not k: each is quoted the bar it missed.
+            bars = {c.required for c in within_noise}
+            noise_reason = (f"more than {bars.pop():g}× the similarity's noise" if len(bars) == 1 else
+                            "more than the similarity's noise times its bar (" + ", ".join(
+                                f"{c.challenger} {c.required:g}×" for c in within_noise) + ")")
             if not within_noise:
                 return f"kept {IDENTITY}: no reliable improvement (every estimate moves the tissue {floor_reason})"
             if not below_floor:
@@ -158,7 +163,7 @@ class GuardDecision:
             # Some were refused by the floor whatever their gain, the others by the noise: each its own reason.
             move = "moves" if len(below_floor) == 1 else "move"
             return (f"kept {IDENTITY}: no reliable improvement ({' and '.join(below_floor)} {move} the tissue "
-                    f"{floor_reason}; {' and '.join(within_noise)} gained no {noise_reason})")
+                    f"{floor_reason}; {' and '.join(c.challenger for c in within_noise)} gained no {noise_reason})")
         return (f"kept {self.kept}: mutual information {deciding.gain:+.3f} nats over "
                 f"{deciding.incumbent}, {deciding.gain / max(deciding.noise, 1e-12):.1f}× its noise")
 
@@ -241,7 +246,7 @@ def choose_displacement(
         required = LARGE_MOTION_FACTOR if motion > LARGE_MOTION_VOXELS else factor
         credible = _mean_motion(fields[name], points, axis_voxels) >= min_credible_motion
         accepted = credible and gain > required * noise and gain > 0.0
-        challenges.append(Challenge(name, kept, gain, noise, accepted))
+        challenges.append(Challenge(name, kept, gain, noise, required, accepted))
         if accepted:
             kept = name
     scores = {name: float(replicate[0]) for name, replicate in replicates.items()}

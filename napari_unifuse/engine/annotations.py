@@ -422,7 +422,8 @@ def export_cohort(run_dirs: Iterable[str | os.PathLike], csv_path: str | os.Path
             record["region_world"] = json.dumps(record["region_world"])
             writer.writerow({"run": str(run_dir), **record, "about_other_inputs": OTHER_INPUTS_ANSWERS[other_inputs]})
             rows += 1
-    write_text_atomically(Path(csv_path), table.getvalue())
+    # The csv module ends its rows itself: written untranslated, as csv's own files must be.
+    write_text_atomically(Path(csv_path), table.getvalue(), newline="")
     return CohortExport(rows, about_other_inputs, skipped)
 
 

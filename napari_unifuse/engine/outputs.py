@@ -286,12 +286,13 @@ def write_json(data: Any, path: Path, *, atomic: bool = False) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def write_text_atomically(path: Path, text: str, errors: str = "strict") -> None:
+def write_text_atomically(path: Path, text: str, errors: str = "strict", newline: str | None = None) -> None:
     """Write ``text`` (UTF-8) to a hidden file beside ``path`` and rename it over ``path``: readers
-    see the earlier file or the whole new one. The new file gets the usual permissions (umask)."""
+    see the earlier file or the whole new one. The new file gets the usual permissions (umask).
+    ``newline`` as ``open``'s: "" writes the text's line ends as they are (a CSV's own)."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")  # a name no other writer picks
     try:
-        temporary.write_text(text, encoding="utf-8", errors=errors)
+        temporary.write_text(text, encoding="utf-8", errors=errors, newline=newline)
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)

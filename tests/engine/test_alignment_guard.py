@@ -663,3 +663,30 @@ def test_a_refusal_gives_each_estimate_its_own_reason_when_the_floor_and_the_noi
         f"kept identity: no reliable improvement ({MATCHING} moves the tissue by less than "
         f"{MIN_CREDIBLE_MOTION_VOXELS:g} voxels, within what this similarity can confirm across modalities; "
         f"{NETWORK} gained no more than {GAIN_NOISE_FACTOR:g}× the similarity's noise)")
+
+
+def test_a_refused_large_move_is_quoted_the_one_noise_unit_it_missed_not_k():
+    """A move of more than LARGE_MOTION_VOXELS needs one noise unit; the message quoted k for it."""
+    from napari_unifuse.engine.alignment_guard import LARGE_MOTION_FACTOR, Challenge, GuardDecision
+
+    large, small = LARGE_MOTION_VOXELS + 3.0, MIN_CREDIBLE_MOTION_VOXELS + 1.0
+    alone = GuardDecision(IDENTITY, {}, {IDENTITY: 0.0, MATCHING: large},
+                          (Challenge(MATCHING, IDENTITY, 0.005, 0.01, LARGE_MOTION_FACTOR, False),),
+                          GAIN_NOISE_FACTOR, 1000, 50)
+    assert alone.message == ("kept identity: no reliable improvement (no estimate gained more than "
+                             f"{LARGE_MOTION_FACTOR:g}× the similarity's noise)")
+    both = GuardDecision(IDENTITY, {}, {IDENTITY: 0.0, MATCHING: large, NETWORK: small},
+                         (Challenge(MATCHING, IDENTITY, 0.005, 0.01, LARGE_MOTION_FACTOR, False),
+                          Challenge(NETWORK, IDENTITY, 0.02, 0.01, GAIN_NOISE_FACTOR, False)),
+                         GAIN_NOISE_FACTOR, 1000, 50)
+    assert both.message == ("kept identity: no reliable improvement (no estimate gained more than the "
+                            f"similarity's noise times its bar ({MATCHING} {LARGE_MOTION_FACTOR:g}×, "
+                            f"{NETWORK} {GAIN_NOISE_FACTOR:g}×))")
+
+
+def test_every_challenge_records_the_bar_its_gain_was_held_to():
+    vector = (0.0, MIN_CREDIBLE_MOTION_VOXELS + 1.0)
+    mr, pet = multimodal_pair((96, 96), seed=1)
+    decision = choose_displacement(shifted(pet, vector), mr, {MATCHING: constant_field((96, 96), vector)})
+    assert [challenge.required for challenge in decision.challenges] == [GAIN_NOISE_FACTOR]
+    assert decision.to_dict()["challenges"][0]["required"] == GAIN_NOISE_FACTOR

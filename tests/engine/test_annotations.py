@@ -339,3 +339,26 @@ def test_an_export_that_the_disk_refuses_leaves_the_earlier_cohort_csv_whole(tmp
     assert target.read_bytes() == earlier
     assert refused.value.errno == errno.EFBIG and refused.value.filename == str(target)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cohort.csv", "run"]  # no staged file left
+
+
+def test_the_cohort_csv_keeps_its_own_row_ends_where_text_files_translate_them(tmp_path, monkeypatch):
+    """Where text mode writes "\\n" as "\\r\\n" (Windows), rows came out "\\r\\r\\n": a blank row after each
+    and multi-line notes changed. Played here by a text mode that translates as Windows does."""
+    import pathlib
+
+    run, target = tmp_path / "run", tmp_path / "cohort.csv"
+    AnnotationStore(run).add(Annotation("misalignment", "dr-a", slice_index=0, note="line one\nline two"))
+    opened = pathlib.Path.open
+
+    def translating_open(self, mode="r", buffering=-1, encoding=None, errors=None, newline=None):
+        if "w" in mode and "b" not in mode and newline is None:
+            newline = "\r\n"
+        return opened(self, mode, buffering, encoding, errors, newline)
+
+    monkeypatch.setattr(pathlib.Path, "open", translating_open)
+    export_cohort([run], target)
+    monkeypatch.undo()
+    assert b"\r\r\n" not in target.read_bytes()
+    with target.open(newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["note"] for row in rows] == ["line one\nline two"]

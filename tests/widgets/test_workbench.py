@@ -974,7 +974,8 @@ def test_save_while_the_qc_report_is_written_says_to_wait_for_it(make_napari_vie
 
 def test_once_every_layer_of_the_run_is_deleted_flags_are_about_the_pair_the_form_names(
         make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
-    """Flags made on pair B went into the folder of run A, whose layers were all gone."""
+    """Flags made on pair B went into the folder of run A, whose outputs were all gone (its inputs
+    stay loaded, as a reviewer who clears a run's outputs leaves them)."""
     viewer = make_napari_viewer()
     add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("A MR", "A CT"))
     workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
@@ -986,7 +987,7 @@ def test_once_every_layer_of_the_run_is_deleted_flags_are_about_the_pair_the_for
     workbench.run_panel.reference.value, workbench.run_panel.moving.value = "B MR", "B CT"
     assert panel.store.run_dir == run_a  # run A is on screen: its flags stay with it
 
-    for layer in [layer for layer in viewer.layers if not layer.name.startswith("B ")]:
+    for layer in [layer for layer in viewer.layers if not layer.name.startswith(("A MR", "A CT", "B "))]:
         viewer.layers.remove(layer)
     pair_b = workbench.run_panel.selection().folder
     assert panel.store.run_dir == pair_b and panel.subject.value.startswith("inputs, B CT → B MR")
