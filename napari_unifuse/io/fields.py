@@ -269,10 +269,16 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
         # both by nibabel's rule, so it is on the reference's grid; its vectors are in ITK's placement.
         vector_frame, geometry = geometry, placement[0]
     if reference_geometry is not None and ndim == 3 and not geometry.allclose(reference_geometry, atol=1e-4):
-        # Perhaps a one-slice reference's field, stored with the slice axis moved (write_displacement).
+        # Perhaps a one-slice reference's field, stored with the slice axis moved (write_displacement),
+        # placed where the package places the reference by ITK or, for forms ITK reads otherwise, by nibabel.
         restored = sitk.PermuteAxes(image, _ITK_SLICE_AXIS_BACK)
-        if Geometry.from_sitk(restored).allclose(reference_geometry, atol=1e-4):
-            image, geometry = restored, Geometry.from_sitk(restored)
+        by_itk = Geometry.from_sitk(restored)
+        by_nibabel = None if placement is None else Geometry.from_sitk(sitk.PermuteAxes(
+            placement[0].to_sitk(sitk.Image(image.GetSize(), sitk.sitkUInt8)), _ITK_SLICE_AXIS_BACK))
+        if by_itk.allclose(reference_geometry, atol=1e-4):
+            image, geometry, vector_frame = restored, by_itk, reference_geometry
+        elif by_nibabel is not None and by_nibabel.allclose(reference_geometry, atol=1e-4):
+            image, geometry, vector_frame = restored, by_nibabel, by_itk
     if reference_geometry is not None and not geometry.allclose(reference_geometry, atol=1e-4):
         raise InputError(
             f"the field's grid {geometry} differs from the reference grid {reference_geometry}", path

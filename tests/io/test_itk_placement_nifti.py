@@ -180,3 +180,17 @@ def test_a_sheared_sform_beside_no_qform_is_still_refused_as_nifti(tmp_path, rng
     with pytest.raises(InputError, match=r"grid is sheared .* save it as \.mha"):
         write_image(ImageVolume(reference.array, reference.geometry, placement_metadata(reference.metadata)),
                     tmp_path / "fused.nii.gz")
+
+
+@pytest.mark.parametrize("sform_code", [1, 2])
+def test_the_field_of_a_one_slice_reference_whose_forms_itk_reads_otherwise_reads_back(tmp_path, sform_code):
+    """A one-slice field is stored with its slice axis moved; with a code-2 sform rotated from the
+    qform (ITK reads the qform) the package could not read its own field back ("grid differs")."""
+    array = np.random.default_rng(0).random((1, 18, 20))  # one slice along nibabel's k
+    path = _save(tmp_path / "slice.nii.gz", array, sform=_form(degrees=10.0), sform_code=sform_code,
+                 qform=_form(), qform_code=1)
+    reference = read_image(path)
+    u = np.random.default_rng(1).normal(scale=0.3, size=(3, *reference.array.shape)).astype(np.float32)
+    field = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
+                               reference_metadata=reference.metadata)
+    np.testing.assert_allclose(read_displacement(field, reference.geometry, reference.array.shape), u, atol=1e-5)
