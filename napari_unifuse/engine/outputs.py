@@ -39,7 +39,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,7 +295,8 @@ def write_text_atomically(path: Path, text: str, errors: str = "strict", newline
         temporary.write_text(text, encoding="utf-8", errors=errors, newline=newline)
         os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        with suppress(OSError):  # on a read-only file system even removing a file that is not there fails
+            temporary.unlink(missing_ok=True)
         if error.errno is None:
             raise
         # Name the file the caller asked for, not the hidden one beside it that failed.

@@ -270,6 +270,19 @@ def test_a_text_file_that_cannot_be_written_is_named_not_its_hidden_staging_file
     assert list(tmp_path.iterdir()) == []
 
 
+def test_on_a_read_only_file_system_the_text_file_is_named_not_its_hidden_staging_file(tmp_path, monkeypatch):
+    """There even removing the staging file that was never made fails (EROFS), and that error, naming
+    '.cohort.csv.<hash>.part', escaped instead of the one naming the file."""
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as caught:
+        write_text_atomically(tmp_path / "cohort.csv", "a,b\r\n")
+    assert (caught.value.errno, caught.value.filename) == (errno.EROFS, str(tmp_path / "cohort.csv"))
+
+
 def test_every_float_output_of_a_sheared_run_is_metaimage_where_simpleitk_places_the_reference(tmp_path):
     """On a sheared grid (a gantry-tilted CT) only fused/aligned went to .mha: the field, the quality
     maps and the review maps were NIfTI, whose qform (what ITK reads) cannot hold a shear, so
