@@ -80,3 +80,32 @@ def write_dicom_series():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def sampled_by_package_and_simpleitk(tmp_path):
+    """``sample(reference, moving, u)``: the moving image (both read from files) sampled at the
+    world point of each reference voxel x + u, as the package samples it, and by SimpleITK's resample
+    through the field written for them; returns (package's, SimpleITK's, mask of the reference voxels
+    whose point lies inside the moving image)."""
+    from scipy.ndimage import map_coordinates
+
+    from napari_unifuse.io import write_displacement
+    from napari_unifuse.io.fields import itk_placement
+
+    def sample(reference, moving, u):
+        shape = reference.spatial_shape
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float64)
+        world = np.einsum("ij,j...->i...", reference.geometry.index_to_world, np.concatenate([grid + u, grid[:1] ** 0]))
+        at = np.einsum("ij,j...->i...", np.linalg.inv(moving.geometry.index_to_world), world)[:len(shape)]
+        ours = map_coordinates(moving.array.astype(np.float64), at, order=1)
+        path = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
+                                  reference_metadata=reference.metadata, moving_placement=itk_placement(moving))
+        transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
+        theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(moving.source)),
+                                                      sitk.ReadImage(str(reference.source)), transform,
+                                                      sitk.sitkLinear, 0.0))
+        inside = np.all([(at[k] >= 0) & (at[k] <= moving.spatial_shape[k] - 1) for k in range(len(shape))], axis=0)
+        return ours, theirs, inside
+
+    return sample

@@ -138,13 +138,12 @@ def _nifti(tmp_path, name, array, zooms, affine=None):
     ("oriented", "without orientation, a central crop"),
 ])
 def test_simpleitk_samples_the_moving_image_where_the_package_did_whoever_places_it_by_a_guess(
-        tmp_path, rng, rotation, reference_kind, moving_kind):
+        tmp_path, rng, rotation, reference_kind, moving_kind, sampled_by_package_and_simpleitk):
     """A NIfTI without orientation (codes 0) is placed by two guesses: the package's (nibabel's,
     centred) and ITK's (origin 0). The field held ``u`` in ITK's frame of the reference alone, so
     where the two tools place the moving image otherwise than the field, SimpleITK's resample
     through it sampled the moving image elsewhere (a correlation of -0.02 with the aligned CT)."""
     from napari_unifuse.io import read_image
-    from napari_unifuse.io.fields import itk_placement
 
     def oriented(array, name):
         affine = np.eye(4)
@@ -163,18 +162,7 @@ def test_simpleitk_samples_the_moving_image_where_the_package_did_whoever_places
     u = np.stack([_smooth(rng, shape, 2.0) for _ in range(3)]).astype(np.float32)
 
     # The package samples the moving image at world(x + u), a point of its own placement of it.
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float64)
-    world = np.einsum("ij,j...->i...", reference.geometry.index_to_world, np.concatenate([grid + u, grid[:1] ** 0]))
-    at = np.einsum("ij,j...->i...", np.linalg.inv(moving.geometry.index_to_world), world)[:3]
-    ours = map_coordinates(moving.array.astype(np.float64), at, order=1)
-
-    path = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
-                              reference_metadata=reference.metadata, moving_placement=itk_placement(moving))
-    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
-    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(moving_path)),
-                                                  sitk.ReadImage(str(reference.source)), transform,
-                                                  sitk.sitkLinear, 0.0))
-    inside = np.all([(at[k] >= 0) & (at[k] <= moving.spatial_shape[k] - 1) for k in range(3)], axis=0)
+    ours, theirs, inside = sampled_by_package_and_simpleitk(reference, moving, u)
     assert inside.mean() > 0.5
     np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-3 * np.abs(ours).max())
 

@@ -103,7 +103,7 @@ def test_the_disagreement_warning_names_the_form_simpleitk_reads(tmp_path, rng, 
 
 @pytest.mark.parametrize("sheared", [False, True], ids=["rotated sform, code 2", "sheared sform, code 1"])
 def test_simpleitk_resamples_such_a_moving_nifti_through_the_field_where_the_package_sampled_it(
-        tmp_path, rng, sheared):
+        tmp_path, rng, sheared, sampled_by_package_and_simpleitk):
     """A moving NIfTI whose forms SimpleITK reads otherwise than nibabel (it takes the qform) was
     placed by the package's forms in the field: SimpleITK's resample through it sampled the moving
     image up to millimetres from where the aligned image took its values."""
@@ -115,17 +115,7 @@ def test_simpleitk_resamples_such_a_moving_nifti_through_the_field_where_the_pac
     reference, moving = read_image(reference_path), read_image(moving_path)
     u = np.stack([_smooth(rng, _SHAPE, 1.5) for _ in range(3)]).astype(np.float32)
 
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in _SHAPE], indexing="ij")).astype(np.float64)
-    world = np.einsum("ij,j...->i...", reference.geometry.index_to_world, np.concatenate([grid + u, grid[:1] ** 0]))
-    at = np.einsum("ij,j...->i...", np.linalg.inv(moving.geometry.index_to_world), world)[:3]
-    ours = map_coordinates(moving.array.astype(np.float64), at, order=1)
-
-    path = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
-                              reference_metadata=reference.metadata, moving_placement=itk_placement(moving))
-    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
-    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(moving_path)), sitk.ReadImage(str(reference_path)),
-                                                  transform, sitk.sitkLinear, 0.0))
-    inside = np.all([(at[k] >= 0) & (at[k] <= _SHAPE[k] - 1) for k in range(3)], axis=0)
+    ours, theirs, inside = sampled_by_package_and_simpleitk(reference, moving, u)
     assert inside.mean() > 0.4
     np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-3 * np.abs(ours).max())
 
