@@ -57,13 +57,17 @@ from napari_unifuse.engine.outputs import check_writable_folder, write_files_tog
 from napari_unifuse.engine.report import SYNTH_META_FILE as META_FILE  # unifuse report tells synth pairs by it
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import (
+    ImageVolume,
     normalize_intensity,
+    placement_metadata,
     read_image,
     resample_to_reference,
     write_displacement,
     write_image,
 )
+from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS
 from napari_unifuse.io.normalize import MODALITIES
+from napari_unifuse.io.writers import nifti_holds_grid
 
 _PNG_INPUTS = (".png", ".jpg", ".jpeg")
 DISPLACEMENT_FILE = "displacement.nii.gz"
@@ -251,9 +255,10 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
             raise InputError(f"a one-slice volume (shape {image.array.shape}); synth needs a 2D image or a "
                              "volume of at least 2 voxels along every axis: save the slice as a 2D image "
                              "(PNG, or an axial NIfTI with two dimensions)", image.source)
-    if reference.geometry.is_sheared:
+    if not nifti_holds_grid(reference):
         # Every output lies on the reference grid, and synth writes NIfTI, whose qform (what ITK-based
-        # tools read) holds no shear: they would place the pair and its field millimetres off.
+        # tools read) holds no shear: they would place the pair and its field millimetres off. A NIfTI
+        # reference's sheared sform beside a qform is held as the reference holds it.
         raise InputError("its grid is sheared (e.g. a gantry-tilted CT), which synth's NIfTI outputs cannot hold "
                          "for ITK-based tools; resample it onto an unsheared grid first", job.reference)
     problems = [f"{image.source}: {warning}" for image in (reference, moving)
@@ -274,8 +279,8 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     if as_png:
         moving_out, label_out = pair.moving, pair.label
     else:
-        moving_out = replace(pair.moving, array=mapping.inverse(pair.moving.array))
-        label_out = replace(clean, metadata={**clean.metadata, "role": "label"})
+        moving_out = on_reference_placement(replace(pair.moving, array=mapping.inverse(pair.moving.array)), reference)
+        label_out = on_reference_placement(replace(clean, metadata={**clean.metadata, "role": "label"}), reference)
     meta = {
         "unifuse_version": __version__,
         "inputs": {"reference": str(job.reference.resolve()), "moving": str(job.moving.resolve())},
@@ -319,6 +324,13 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     write_files_together(job.out, {files[role].name: write for role, write in writers.items()},
                          before_moving=remove_earlier_output)
     return meta
+
+
+def on_reference_placement(volume: ImageVolume, reference: ImageVolume) -> ImageVolume:
+    """``volume``, on the reference grid, with the reference's NIfTI forms in place of the moving
+    file's: written where every tool places the reference (a sheared sform keeps its qform)."""
+    metadata = {key: value for key, value in volume.metadata.items() if key != NIFTI_XFORMS}
+    return replace(volume, metadata={**metadata, **placement_metadata(reference.metadata)})
 
 
 def _axis_order(ndim: int) -> str:

@@ -125,6 +125,42 @@ def test_a_sheared_reference_is_refused_in_one_line_before_anything_is_written(t
     assert error.count("\n") == 1
     assert not out.exists() or not any(out.iterdir())
 
+def test_a_reference_with_a_sheared_sform_beside_a_qform_gives_outputs_placed_as_it_is(nifti_pair, tmp_path):
+    """A resliced NIfTI header (its sform shears, its qform the nearest rigid form) was refused like a
+    gantry-tilted CT, though NIfTI holds it as the reference holds it: every output now keeps the
+    reference's forms and codes (the moving file's too, though it lay on another grid), so SimpleITK
+    shows them where it shows the reference, and resamples the moving image onto the label through
+    the field."""
+    sheared = np.array([[-1.2, 0.0, 0.3, 40.0], [0.0, 1.0, 0.0, -20.0], [0.0, 0.0, 2.5, -30.0], [0, 0, 0, 1]])
+    paths = []
+    for path, affine in zip(nifti_pair, (sheared, nib.load(nifti_pair[1]).affine + np.diag([0, 0, 0.1, 0]))):
+        image = nib.load(path)
+        image.set_qform(affine, code=1)  # nibabel keeps the sheared sform's nearest rigid form
+        image.set_sform(affine, code=2)
+        paths.append(tmp_path / path.name)
+        nib.save(image, paths[-1])
+    assert read_image(paths[0]).geometry.is_sheared
+    out = tmp_path / "out"
+
+    assert synth(*paths, out, "--degradation", "none", "--seed", "3") == 0
+
+    original = nib.load(paths[0]).header
+    on_reference = sitk.ReadImage(str(paths[0]))
+    for name in (*(f"{role}.nii.gz" for role in OUTPUT_NAMES), "displacement.nii.gz"):
+        header = nib.load(out / name).header
+        for form in ("qform", "sform"):
+            np.testing.assert_allclose(getattr(header, f"get_{form}")(), getattr(original, f"get_{form}")(),
+                                       atol=1e-5, err_msg=name)
+            assert int(header[f"{form}_code"]) == int(original[f"{form}_code"]), name
+        placed = sitk.ReadImage(str(out / name))
+        for placement in ("GetOrigin", "GetDirection", "GetSpacing"):
+            np.testing.assert_allclose(getattr(placed, placement)(), getattr(on_reference, placement)(),
+                                       atol=1e-5, err_msg=name)
+    restored, label, misaligned = restore_with_sitk(out, "nii.gz")
+    assert ncc(interior(misaligned), interior(label)) < 0.9
+    assert ncc(interior(restored), interior(label)) > 0.98
+
+
 def test_the_field_of_a_reference_without_orientation_maps_moving_onto_label_in_simpleitk(nifti_pair, tmp_path):
     """The field got nibabel's guessed orientation (codes 1) while the images kept codes 0: ITK
     placed it flipped and shifted against them, and the resample through it missed the label."""
