@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
+from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.model.mi_refinement import never_cancelled
 
@@ -250,7 +251,9 @@ def load_method(name: str, checkpoint: str | Path | None = None, device: str | t
     """Build the method ``name`` (``available_methods()``, optionally ``NAME:ALIGNMENT``).
 
     ``checkpoint``: weights for a trained method (path or packaged name; default: the method's
-    bundled checkpoint for ``spatial_dims``). ``options``: the method's own (mmif-amin: alignment).
+    bundled checkpoint for ``spatial_dims``). ``device``: auto, cuda or cpu, resolved as
+    ``FusionEngine`` resolves it (``engine.device.resolve_device``). ``options``: the method's own
+    (mmif-amin: alignment).
     """
     base, named_options = split_name(name)
     module = _module(base)
@@ -260,9 +263,10 @@ def load_method(name: str, checkpoint: str | Path | None = None, device: str | t
     supported = getattr(module, "SUPPORTED_DIMS", (2, 3))
     if spatial_dims not in supported:
         raise InputError(wrong_dimensions_message(base, supported, spatial_dims), "--method")
+    resolved_device = resolve_device(str(device))  # before the weights load: a wrong device fails at once
     method = module.load(checkpoint=checkpoint, spatial_dims=spatial_dims,
                          **_REGISTRY[base][1], **named_options, **options)
-    return method.to(device)
+    return method.to(resolved_device)
 
 
 def method_from_checkpoint(path_or_name: str | Path, device: str | torch.device = "cpu") -> FusionMethod:
