@@ -21,7 +21,14 @@ from napari.utils.transforms import Affine
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 from napari_unifuse.io.digests import LAYER_DIGESTS
-from napari_unifuse.io.readers import dicom_series, dicom_series_ids, dicomdir_in, file_format, note_dropped_alpha
+from napari_unifuse.io.readers import (
+    colour_in_unit_range,
+    dicom_series,
+    dicom_series_ids,
+    dicomdir_in,
+    file_format,
+    note_dropped_alpha,
+)
 
 LAYER_METADATA_KEY = "unifuse"
 # In ``metadata["unifuse"]`` of a layer our reader opened: the sha256 of the array it read.
@@ -94,9 +101,12 @@ def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
         shear=state.get("shear"),
     ).affine_matrix
     world = np.asarray(state.get("affine", np.eye(ndim + 1)), dtype=np.float64)
-    array, index_to_world, alpha_warnings = _without_alpha(array, is_rgb, world @ physical, from_unifuse=bool(stored))
+    array, index_to_world, warnings = _without_alpha(array, is_rgb, world @ physical, from_unifuse=bool(stored))
     name = state.get("name", "layer")
     try:
+        if is_rgb:  # as read_image holds colour, so that a layer fuses as its file does
+            array, colour_warnings = colour_in_unit_range(array)
+            warnings += colour_warnings
         geometry = Geometry.from_index_to_world(index_to_world)
     except InputError as error:
         raise InputError(error.problem, name) from error
@@ -106,8 +116,8 @@ def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
         if stored_geometry.allclose(geometry, atol=1e-9):
             geometry = stored_geometry
     metadata = dict(stored.get("metadata", {}))
-    if alpha_warnings:
-        metadata["warnings"] = [*metadata.get("warnings", []), *alpha_warnings]
+    if warnings:
+        metadata["warnings"] = [*metadata.get("warnings", []), *warnings]
     return ImageVolume(array, geometry, metadata, stored.get("source"), is_rgb)
 
 

@@ -27,6 +27,9 @@ _RGB_TO_YCBCR = np.array(
 )
 _YCBCR_TO_RGB = np.linalg.inv(_RGB_TO_YCBCR)
 _CHROMA_OFFSET = np.array([0.0, 0.5, 0.5])
+# How far float RGB may stray outside [0, 1] and still be taken as in it: float rounding in resampling
+# and smoothing leaves colour a hair outside, while 8-bit colour stored as floats lies far outside.
+_UNIT_RANGE_SLACK = 1e-3
 
 
 def _as_unit_float(array: np.ndarray, what: str) -> np.ndarray:
@@ -35,14 +38,24 @@ def _as_unit_float(array: np.ndarray, what: str) -> np.ndarray:
         raise InputError(f"expected a colour image with 3 channels last, got shape {array.shape}", what)
     if np.issubdtype(array.dtype, np.integer):
         if array.dtype != np.uint8:
-            raise InputError(f"integer colour images must be uint8, got {array.dtype}", what)
+            raise InputError(f"integer colour images must be uint8, got {array.dtype}: scale other colour to floats "
+                             "in [0, 1] first (napari_unifuse.io.readers.colour_in_unit_range, as read_image does)",
+                             what)
         return array.astype(np.float64) / 255.0
     return array.astype(np.float64)
 
 
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB (uint8, or float in [0, 1]) -> (..., 3) float32 Y, Cb, Cr in [0, 1]."""
+    """(..., 3) RGB (uint8, or float in [0, 1]) -> (..., 3) float32 Y, Cb, Cr in [0, 1].
+
+    Float RGB outside [0, 1] (8-bit colour stored as floats, 0-255) is refused: taken as [0, 1] it
+    would saturate the luma, posterising every output made from it."""
     rgb = _as_unit_float(rgb, "RGB image")
+    finite = rgb[np.isfinite(rgb)]
+    if finite.size and (finite.min() < -_UNIT_RANGE_SLACK or finite.max() > 1 + _UNIT_RANGE_SLACK):
+        raise InputError(f"float colour values span [{finite.min():g}, {finite.max():g}], outside [0, 1]: scale them "
+                         "to [0, 1] first (napari_unifuse.io.readers.colour_in_unit_range, as read_image does)",
+                         "RGB image")
     return (rgb @ _RGB_TO_YCBCR.T + _CHROMA_OFFSET).astype(np.float32)
 
 

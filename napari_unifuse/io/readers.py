@@ -7,6 +7,7 @@ axis order); every failure becomes an InputError naming the file and the problem
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import FileBasedImage
 from nibabel.imageclasses import all_image_classes
-from numpy.lib.recfunctions import structured_to_unstructured
+from numpy.lib.recfunctions import structured_to_unstructured, unstructured_to_structured
 from PIL import Image
 
 from napari_unifuse.errors import InputError
@@ -66,17 +67,25 @@ _DICOM_META_GROUP, _DICOM_VR_BYTES, _DICOM_GROUP_0008 = b"\x02\x00", slice(4, 6)
 _DICOMDIR_NAME = "DICOMDIR"
 # SimpleITK chooses the ImageIO from a case-sensitive suffix, so name it: upper-case .MHA works too.
 ITK_IMAGE_IOS = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
-# NIfTI spatial units in mm, as SimpleITK converts them; "unknown" is taken as mm (by ITK too).
-_MM_PER_NIFTI_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+# The largest value of 8-bit colour, which float colour above 1 is taken to be stored in (colour_in_unit_range).
+_EIGHT_BIT_COLOUR_MAX = 255.0
+# Length units in mm: NIfTI's (nibabel's names), converted as SimpleITK converts them, and the usual
+# spellings of NRRD's free-text "space units". "unknown" (NIfTI) and "" (NRRD) are taken as mm, by ITK too.
+_MM_PER_LENGTH_UNIT = {"unknown": 1.0, "": 1.0, "mm": 1.0, "millimeter": 1.0, "millimeters": 1.0, "cm": 10.0,
+                       "meter": 1000.0, "meters": 1000.0, "m": 1000.0, "micron": 0.001, "microns": 0.001,
+                       "um": 0.001, "µm": 0.001, "micrometer": 0.001, "micrometers": 0.001}
+# An NRRD header field stating the length unit of each world axis, each in double quotes (":=" would
+# make it a key/value pair of that name, which NRRD leaves to the writer).
+_NRRD_SPACE_UNITS = re.compile(r"space units:(?!=)\s*(.*)")
 # A PNG starts with its signature and the IHDR chunk: after the chunk's length and type come the
 # width and height, then the bit depth and colour type bytes.
 _PNG_SIGNATURE, _PNG_BIT_DEPTH_OFFSET, _PNG_IHDR_END = b"\x89PNG\r\n\x1a\n", 24, 26
 _PNG_GREY, _PNG_GREY_ALPHA = 0, 4
 # Bytes per value of MetaImage element types (MetaIO's metaTypes.h), and how much of a file surely
-# holds a MetaImage header (a few hundred bytes of text).
+# holds a MetaImage or NRRD header (a few hundred bytes of text).
 _METAIMAGE_ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
                             "MET_UINT": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
-_METAIMAGE_HEADER_LIMIT = 64 * 1024
+_TEXT_HEADER_LIMIT = 64 * 1024
 # EXIF Orientation (tag 274, also in a PNG's eXIf chunk) → what viewers do to the stored pixels to
 # show them upright, as PIL.ImageOps.exif_transpose does, on (rows, columns[, channels]) arrays.
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -215,6 +224,9 @@ def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume
         # torch refuse: every image is handed on in this machine's byte order.
         array = array.astype(array.dtype.newbyteorder("="), copy=False)
         array, value_warnings = real_finite_values(array)
+        if is_rgb:
+            array, colour_warnings = colour_in_unit_range(array)
+            value_warnings += colour_warnings
     except InputError as error:
         # Geometry and value checks know the problem but not the file.
         raise InputError(error.problem, path) from error
@@ -262,6 +274,37 @@ def real_finite_values(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
               (int(negative.sum()), f"-inf voxels set to the minimum {values.min():g}")]
     warnings.append("non-finite values: " + ", ".join(f"{count} {what}" for count, what in counts if count))
     return array, warnings
+
+
+def colour_in_unit_range(colour: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Colour pixels as the package holds them (data.color): uint8 as stored, anything else as
+    floats in [0, 1]; and a sentence for each change made.
+
+    * uint16 colour (a 16-bit PNG, MetaImage or NRRD) keeps its depth as floats: value / 65535.
+    * Floats above 1 but not above 255 are 8-bit colour stored as floats (a MetaImage or NRRD
+      written from an 8-bit picture, a napari layer of floats): taken as [0, 1] they would saturate
+      the luma, so they are divided by 255, and the warning says so.
+
+    Raises InputError (without a source; callers add it) for other integer types and for floats
+    outside [0, 255], which hold no colour scale a reader could tell.
+    """
+    if colour.dtype == np.uint8:
+        return colour, []
+    if colour.dtype == np.uint16:
+        return (colour / np.iinfo(np.uint16).max).astype(np.float32), []
+    if not np.issubdtype(colour.dtype, np.floating):
+        raise InputError(f"colour (RGB) pixels of type {colour.dtype} have no known colour scale: save the image as "
+                         "8- or 16-bit unsigned colour (uint8, uint16) or as floats in [0, 1]")
+    finite = colour[np.isfinite(colour)]
+    if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1):
+        return colour, []
+    low, high = float(finite.min()), float(finite.max())
+    if low < 0 or high > _EIGHT_BIT_COLOUR_MAX:
+        raise InputError(f"float colour (RGB) values span [{low:g}, {high:g}], neither [0, 1] nor 8-bit 0-255: "
+                         "rescale the colour to [0, 1] or save it as 8-bit colour (uint8)")
+    warning = (f"float colour (RGB) values reach {high:g}, above the [0, 1] of float colour: read as 8-bit colour "
+               "(0-255) and divided by 255")
+    return (colour / _EIGHT_BIT_COLOUR_MAX).astype(colour.dtype), [warning]
 
 
 def _refuse_empty(array: np.ndarray, path: Path) -> None:
@@ -335,6 +378,7 @@ def _read_nifti(path: Path, frame: int | None):
     _refuse_empty(data, path)  # before the geometry: nibabel drops the axes after a zero-length one
     # One value per voxel stored with one-voxel 5th+ axes (x, y, z, 1, 1), as ITK reads it: a volume.
     data = data.reshape(data.shape[:4] + tuple(n for n in data.shape[4:] if n != 1)) if data.ndim > 4 else data
+    data = _colour_vectors_as_records(data, image.header)
     if data.ndim > 4:
         raise InputError(
             f"{data.ndim}D NIfTI (shape {data.shape}) holds vectors or tensors per voxel; "
@@ -351,11 +395,15 @@ def _read_nifti(path: Path, frame: int | None):
     if is_rgb:
         data = _nifti_picture(data, path)
     header = image.header
-    mm_per_unit = _MM_PER_NIFTI_UNIT[_nifti_spatial_unit(header)]
+    mm_per_unit = _MM_PER_LENGTH_UNIT[_nifti_spatial_unit(header)]
     affine = image.affine.copy()
     affine[:3] *= mm_per_unit
     xforms = NiftiXforms.from_header(header, mm_per_unit)
-    if not is_rgb and data.ndim == 2 and not _in_an_axial_plane(affine):
+    if data.ndim == 2 and not _in_an_axial_plane(affine):
+        if is_rgb:  # an RGB image is a 2-D picture (io.image.ImageVolume): no geometry places it off the axial plane
+            raise InputError("is a colour (RGB) slice in a coronal, sagittal or oblique plane, and colour images are "
+                             "read in an axial plane only: convert it to grey values, which are read in their plane",
+                             path)
         # A grey 2-D NIfTI in a coronal, sagittal or oblique plane is the one-slice volume its affine
         # describes: a 2-D geometry (an axial plane) cannot hold it. An axial one stays 2-D, like the
         # 2-D images it is paired and trained with; its plane's height stays in its forms
@@ -370,10 +418,38 @@ def _read_nifti(path: Path, frame: int | None):
     # nibabel's (i, j, k) is x-fastest: reversing the axes gives (z, y, x).
     data = data.transpose()
     if is_rgb:
-        if "A" in data.dtype.names:
+        if "A" in (data.dtype.names or ()):
             note_dropped_alpha(data["A"], metadata)
         data = structured_to_unstructured(data[["R", "G", "B"]])
     return np.ascontiguousarray(data), geometry, metadata, is_rgb
+
+
+def _colour_vectors_as_records(data: np.ndarray, header: Any) -> np.ndarray:
+    """``data`` (after its one-voxel 5th+ axes are dropped) with colour stored as a vector per voxel
+    turned into (R, G, B[, A]) records, read on as an RGB24 / RGBA32 NIfTI is; other data as it is.
+
+    SimpleITK writes a colour picture as a 5-D vector NIfTI (x, y, 1, 1, 3|4); the RGB_VECTOR and
+    RGBA_VECTOR intents say colour outright, and some writers put their components on the 4th axis
+    (x, y, z, 3). Vectors without such an intent are colour when there are 3 or 4 of them of
+    unsigned integers, or of floats in [0, 1] in a 2-D picture (x, y, 1): displacement fields
+    (read_displacement) hold floats, and a volume's may well be all zero.
+    """
+    intent = header.get_intent()[0]
+    colour_intent = intent in ("rgb vector", "rgba vector")
+    components = data.shape[-1]
+    if data.dtype.names is not None or components not in (3, 4):  # records already, or no colour
+        return data
+    if data.ndim == 5 and data.shape[3] == 1:
+        vectors = data[:, :, :, 0]
+    elif data.ndim == 4 and colour_intent:
+        vectors = data
+    else:
+        return data
+    picture_in_unit_range = (vectors.shape[2] == 1 and np.issubdtype(vectors.dtype, np.floating)
+                             and vectors.min() >= 0 and vectors.max() <= 1)
+    if not (colour_intent or vectors.dtype.kind == "u" or picture_in_unit_range):
+        return data
+    return unstructured_to_structured(vectors, None, names=list("RGBA"[:components]))
 
 
 def _in_an_axial_plane(affine: np.ndarray) -> bool:
@@ -433,8 +509,44 @@ def _read_itk(path: Path, frame: int | None):
         if missing:
             raise InputError(f"cannot be read as a MetaImage: {missing}", path) from error
         raise _failure(path, "an ITK image (NRRD/MetaImage)", error) from error
-    metadata = {"header": {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}}
+    metadata: dict[str, Any] = {"header": {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}}
+    if ITK_IMAGE_IOS[suffix] == "NrrdImageIO":
+        _scale_to_mm(image, _nrrd_space_units(path), metadata)
     return _from_sitk(image, frame, path, metadata)
+
+
+def _nrrd_space_units(path: Path) -> list[str]:
+    """The NRRD header's ``space units``, one per world axis ([] where the header has none), which
+    ITK's reader drops. The header is the text up to the first blank line (all of a detached .nhdr)."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(_TEXT_HEADER_LIMIT)
+    except OSError:  # ITK has just read it: a file gone since reads as it was read
+        return []
+    for line in head.decode("latin-1").splitlines():
+        if not line:
+            break
+        stated = _NRRD_SPACE_UNITS.fullmatch(line)
+        if stated:
+            return re.findall(r'"([^"]*)"', stated.group(1))
+    return []
+
+
+def _scale_to_mm(image: sitk.Image, units: list[str], metadata: dict[str, Any]) -> None:
+    """Put ``image``'s spacing and origin, stated in ``units`` (one per world axis), in mm as the
+    package places images; where the units are unknown or differ between axes, warn that they are not."""
+    mm_per_unit = {_MM_PER_LENGTH_UNIT.get(unit.strip().lower()) for unit in units}
+    if mm_per_unit <= {1.0}:  # mm, unstated, or no space units at all
+        return
+    if len(mm_per_unit) > 1 or None in mm_per_unit:
+        metadata.setdefault("warnings", []).append(
+            f"space units {' '.join(units)} are not converted to mm (a unit not known here, or units differing "
+            "between axes): spacing and origin are taken as mm; state mm, microns or m in the header's space units")
+        return
+    (scale,) = mm_per_unit
+    axes = min(len(units), image.GetDimension())  # the space axes come first; a time axis is not scaled
+    image.SetSpacing([value * scale if axis < axes else value for axis, value in enumerate(image.GetSpacing())])
+    image.SetOrigin([value * scale if axis < axes else value for axis, value in enumerate(image.GetOrigin())])
 
 
 def _metaimage_missing_data(path: Path) -> str | None:
@@ -443,7 +555,7 @@ def _metaimage_missing_data(path: Path) -> str | None:
     CompressedDataSize). None where the header does not show it (a file list): ITK's message stands."""
     try:
         with open(path, "rb") as stream:
-            head = stream.read(_METAIMAGE_HEADER_LIMIT)
+            head = stream.read(_TEXT_HEADER_LIMIT)
         file_bytes = path.stat().st_size
     except OSError:
         return None
@@ -1026,10 +1138,6 @@ def _read_pillow(path: Path, frame: int | None):
     if is_rgb and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
         # Grey pictures saved as RGB (common for exported slices) are grey images.
         array, is_rgb = np.ascontiguousarray(array[..., 0]), False
-    if is_rgb and array.dtype == np.uint16:
-        # Colour images are uint8 or floats in [0, 1] throughout the package (data.color): 16-bit
-        # colour keeps its depth as floats.
-        array = (array / np.iinfo(np.uint16).max).astype(np.float32)
     if orientation in _UPRIGHT_BY_EXIF_ORIENTATION:
         turn, upright = _UPRIGHT_BY_EXIF_ORIENTATION[orientation]
         array = np.ascontiguousarray(upright(array))

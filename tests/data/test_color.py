@@ -44,3 +44,12 @@ def test_bad_input_raises():
         rgb_to_ycbcr(np.zeros((4, 4)))
     with pytest.raises(InputError, match="uint8"):
         rgb_to_ycbcr(np.zeros((4, 4, 3), dtype=np.uint16))
+
+
+def test_float_colour_outside_unit_range_is_refused_not_saturated(random_rgb):
+    """8-bit colour stored as floats (0-255) would saturate the luma; a hair outside [0, 1] is float rounding."""
+    with pytest.raises(InputError, match=r"span \[0, 255\], outside \[0, 1\].*colour_in_unit_range"):
+        rgb_to_ycbcr(np.array([[[0.0, 0.0, 0.0], [255.0, 255.0, 255.0]]]))
+    with pytest.raises(InputError, match="colour_in_unit_range"):
+        rgb_to_ycbcr(np.zeros((4, 4, 3), dtype=np.uint16))
+    np.testing.assert_allclose(rgb_to_ycbcr(np.full((2, 2, 3), 1 + 1e-6))[..., 0], 1.0, atol=1e-5)
