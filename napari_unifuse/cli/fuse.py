@@ -19,8 +19,12 @@ be an input of any pair (a DICOM series folder), lie inside one or hold one (``-
 before any work; choose another --out. A batch resumes: a pair whose ``provenance.json``
 records the same inputs (path as given and content), method, checkpoint and settings (tile size,
 modalities, quality maps) is skipped, so rerunning after an interruption only does what is left,
-and ends with ``OUT/summary.json`` (every pair: done, skipped or failed, and why; with the failures
-of earlier batches into OUT for pairs this one did not run, so that their folders stay marked). A pair folder
+and ends with ``OUT/summary.json`` (every pair: done, skipped, failed, and why, or busy; with the
+failures of earlier batches into OUT for pairs, known by their reference and moving paths, that no
+batch since has run, so that their folders stay marked). A ``summary.json`` (or, with ``--report``, an
+``index.html``) in OUT that unifuse did not write is refused before any work. A later batch whose
+moving file shares its name with an earlier batch's (``ct1/mov.png``, then ``a/mov.png``) gets a
+folder of its own (``OUT/a_mov/``) rather than the one holding the other's results. A pair folder
 holding results of other inputs, another method or other settings is refused, never silently
 replaced: ``--overwrite`` redoes the pair and first removes every earlier output in its folder.
 No output may replace an input, and an ``--out`` that cannot be created or written to is refused
@@ -33,7 +37,9 @@ time, which a copy or rename sets, counts too).
 
 Two runs never write one pair folder at once: a run holds the folder's lock (``engine.outputs``)
 from its "already done?" check to the end of its write, and a second run into it (the same pair, or
-a moving file of the same name) is refused at once, or in a batch fails only that pair.
+a moving file of the same name) is refused at once. A batch goes on with its other pairs and tries
+such a pair again after them: skipped when the other run has finished it, fused when it left it, and
+recorded as busy (not failed, but exiting 2: rerun the batch after the other) while it still holds it.
 
 A batch splits across processes, GPUs or machines with torchrun: every process takes every N-th
 pair of the CSV (N processes in all), and process 0 gathers what each did into the summary:
@@ -65,6 +71,7 @@ from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, registe
 from napari_unifuse.engine.outputs import (
     PROVENANCE_FILE,
     REPORT_FILE,
+    FolderBusyError,
     FolderLock,
     check_writable_folder,
     is_complete,
@@ -89,6 +96,8 @@ DEFAULT_METHOD = "unifuse"
 SUMMARY_FILE = "summary.json"
 # The batch's own files in --out: no pair folder may take their names.
 BATCH_FILES = frozenset({SUMMARY_FILE, INDEX_FILE})
+# A summary's outcomes: fused now, skipped as done, failed, or left to another run that held its folder to the end.
+OUTCOME_STATUSES = ("done", "skipped", "failed", "busy")
 
 
 @dataclass(frozen=True)
@@ -160,36 +169,26 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
     # writes its summary there anyway, and the processes of one check the folder side by side (one
     # removing it would fail another's check); a lone pair refused later leaves nothing behind.
     check_writable_folder(args.out, keep=args.pairs is not None or job.world_size > 1)
-    outcomes = []
+    rank = f"[rank {job.rank}] " if batch else ""
+    outcomes, busy = [], []
     for index, pair in job.shard(list(enumerate(pairs, start=1))):
-        out_dir = args.out / pair.name
-        rank = f"[rank {job.rank}] " if batch else ""
         prefix = f"{rank}[{index}/{len(pairs)}] {pair.name}"
-        outcome = {"name": pair.name, "reference": str(pair.reference), "moving": str(pair.moving),
-                   "output": str(out_dir), "rank": job.rank}
-        started = time.perf_counter()
         try:
-            # Held from the "already done?" check to the end of the write: another run into this
-            # folder (the same pair, or a moving file of the same name) is refused, not mixed in.
-            with output_folder_lock(out_dir) as lock:
-                if is_complete(out_dir) and not args.overwrite:
-                    refuse_other_results(out_dir, pair, engines, options)
-                    without_report = args.report and not (out_dir / REPORT_FILE).is_file()
-                    hint = "; pass --overwrite to run it again with --report" if without_report else ""
-                    print(f"{prefix}: skipped, already done ({out_dir}){hint}")
-                    outcomes.append({**outcome, "status": "skipped"})
-                    continue
-                fuse_pair(pair, out_dir, engines, prefix, batch=batch, report=args.report, lock=lock, **options)
-        except UniFuseError as error:
+            outcomes.append(_fuse_or_skip(pair, args, engines, options, batch, prefix, job.rank))
+        except FolderBusyError as error:
             if args.pairs is None:
                 raise
-            # One bad pair must not sink a long batch (nor leave the other processes waiting at the
-            # summary); report it and carry on.
-            print(f"{prefix}: error: {error}", file=sys.stderr)
-            outcomes.append({**outcome, "status": "failed", "error": str(error)})
-            continue
-        print(f"{prefix}: done -> {out_dir}")
-        outcomes.append({**outcome, "status": "done", "seconds": round(time.perf_counter() - started, 3)})
+            print(f"{prefix}: another unifuse run is writing into {error.folder}; tried again after this batch's "
+                  "other pairs", file=sys.stderr)
+            busy.append((prefix, pair))
+    # A folder another run held (two batches into one --out): that run has since finished the pair
+    # (skipped here as done) or left it (fused here), unless it still holds it.
+    for prefix, pair in busy:
+        try:
+            outcomes.append(_fuse_or_skip(pair, args, engines, options, batch, prefix, job.rank, after_busy=True))
+        except FolderBusyError as error:
+            print(f"{prefix}: busy: another unifuse run is still writing into {error.folder}", file=sys.stderr)
+            outcomes.append({**_outcome_of(pair, args.out, job.rank), "status": "busy", "error": str(error)})
     if args.pairs is None:
         return 0
     gathered = job.gather(outcomes)
@@ -199,30 +198,68 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
         return 0
     every_outcome = [outcome for shard in gathered for outcome in shard]
     try:
-        failures = write_summary(every_outcome, pairs, job, args.out, args.pairs)
+        counts = write_summary(every_outcome, pairs, job, args.out, args.pairs)
     except OSError as error:  # a read-only --out, a full disk, a folder named summary.json
         raise UniFuseError(f"{args.out / SUMMARY_FILE}: cannot write the batch summary ({error.strerror or error}); "
                            f"{where_the_outputs_are(every_outcome)}") from error
     if args.report and args.out.is_dir():
-        index = args.out / INDEX_FILE
-        if index.is_file() and not is_qc_index(index):  # as `unifuse report` does, never replaced unasked
-            raise InputError(f"is not a QC index unifuse wrote, so it is left as it is; unifuse report {args.out} "
-                             "--overwrite replaces it with the batch's index", index)
         try:
             print(f"QC index: {write_index(args.out, on_unreadable=say_unreadable('fuse'))}")
         except OSError as error:
             raise UniFuseError(f"{args.out / INDEX_FILE}: cannot write the QC index ({error.strerror or error}); "
                                f"unifuse report {args.out} writes it") from error
-    if failures:
-        print(f"unifuse fuse: {failures} of {len(pairs)} pairs failed", file=sys.stderr)
-        return 2
-    return 0
+    if counts["failed"]:
+        print(f"unifuse fuse: {counts['failed']} of {len(pairs)} pairs failed", file=sys.stderr)
+    if counts["busy"]:
+        print(f"unifuse fuse: {counts['busy']} of {len(pairs)} pairs were still being written by another unifuse "
+              "run when this batch ended; rerun the batch after it to check them", file=sys.stderr)
+    return 2 if counts["failed"] or counts["busy"] else 0
+
+
+def _outcome_of(pair: Pair, out: Path, rank: int) -> dict[str, Any]:
+    """What a summary records of every pair: its folder, and its inputs as absolute paths, by which
+    a later batch (of another CSV, from another folder) knows it for the same pair."""
+    return {"name": pair.name, "reference": str(absolute_as_given(pair.reference)),
+            "moving": str(absolute_as_given(pair.moving)), "output": str(out / pair.name), "rank": rank}
+
+
+def _fuse_or_skip(pair: Pair, args: argparse.Namespace, engines: _EngineCache, options: dict[str, Any],
+                  batch: dict[str, int], prefix: str, rank: int, after_busy: bool = False) -> dict[str, Any]:
+    """Fuse ``pair`` into its folder, or skip it when the folder holds its finished run; its outcome
+    (a failure of a batch's pair included). Raises ``FolderBusyError`` when another run holds the
+    folder; ``after_busy``: it did at the first try, so a finished run there may be that run's."""
+    out_dir = args.out / pair.name
+    outcome = _outcome_of(pair, args.out, rank)
+    started = time.perf_counter()
+    try:
+        # Held from the "already done?" check to the end of the write: another run into this
+        # folder (the same pair, or a moving file of the same name) is refused, not mixed in.
+        with output_folder_lock(out_dir) as lock:
+            if is_complete(out_dir) and not args.overwrite:
+                refuse_other_results(out_dir, pair, engines, options)
+                without_report = args.report and not (out_dir / REPORT_FILE).is_file()
+                hint = "; pass --overwrite to run it again with --report" if without_report else ""
+                meanwhile = ", found when the other run let go of its folder" if after_busy else ""
+                print(f"{prefix}: skipped, already done{meanwhile} ({out_dir}){hint}")
+                return {**outcome, "status": "skipped", **({"after_another_run": True} if after_busy else {})}
+            fuse_pair(pair, out_dir, engines, prefix, batch=batch, report=args.report, lock=lock, **options)
+    except FolderBusyError:
+        raise
+    except UniFuseError as error:
+        if args.pairs is None:
+            raise
+        # One bad pair must not sink a long batch (nor leave the other processes waiting at the
+        # summary); report it and carry on.
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return {**outcome, "status": "failed", "error": str(error)}
+    print(f"{prefix}: done -> {out_dir}")
+    return {**outcome, "status": "done", "seconds": round(time.perf_counter() - started, 3)}
 
 
 def where_the_outputs_are(outcomes: list[dict[str, Any]]) -> str:
     """What a batch left, for a message: the same cause that stops the summary (a read-only --out)
     usually failed every pair, and then no pair has outputs to point to."""
-    finished = sum(outcome["status"] != "failed" for outcome in outcomes)  # done now or skipped as done
+    finished = sum(outcome["status"] in ("done", "skipped") for outcome in outcomes)  # now, or earlier
     failed = len(outcomes) - finished
     if not finished:
         every = "the one pair" if failed == 1 else f"all {failed} pairs"
@@ -232,14 +269,13 @@ def where_the_outputs_are(outcomes: list[dict[str, Any]]) -> str:
 
 
 def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distributed, out: Path,
-                  pairs_csv: Path) -> int:
+                  pairs_csv: Path) -> dict[str, int]:
     """``OUT/summary.json``: every pair's outcome in the CSV's order, with counts and the CSV they
-    came from (a summary of another CSV it replaces is named); returns the number of failed pairs.
+    came from (a summary of another CSV it replaces is named); returns the counts of each status.
     Written beside it and renamed into place: a full disk leaves the earlier summary whole (OSError)."""
     order = {pair.name: position for position, pair in enumerate(pairs)}
     outcomes = sorted(outcomes, key=lambda outcome: order[outcome["name"]])
-    counts = {status: sum(outcome["status"] == status for outcome in outcomes)
-              for status in ("done", "skipped", "failed")}
+    counts = {status: sum(outcome["status"] == status for outcome in outcomes) for status in OUTCOME_STATUSES}
     out.mkdir(parents=True, exist_ok=True)
     pairs_csv = pairs_csv.resolve()
     earlier_summary = read_json_object(out / SUMMARY_FILE) or {}
@@ -249,23 +285,44 @@ def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distri
               f"({pairs_csv}); both batches' folders stay in {out}", file=sys.stderr)
     write_json({"created": utc_timestamp(), "pairs_csv": str(pairs_csv), "pairs": len(pairs), **counts,
                 "world_size": job.world_size, "device": str(job.device), "outcomes": outcomes,
-                EARLIER_FAILURES: earlier_failures(earlier_summary, {outcome["name"] for outcome in outcomes})},
+                EARLIER_FAILURES: earlier_failures(earlier_summary, outcomes)},
                out / SUMMARY_FILE, atomic=True)
     said = ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "no pairs"
     print(f"unifuse fuse: {said} ({job.world_size} process{'es' if job.world_size > 1 else ''}) "
           f"-> {out / SUMMARY_FILE}")
-    return counts["failed"]
+    return counts
 
 
-def earlier_failures(earlier_summary: dict[str, Any], ran: set[str]) -> list[dict[str, Any]]:
+def earlier_failures(earlier_summary: dict[str, Any], outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The failed outcomes of the summary this batch's replaces (its own and those it carried), for
-    the pairs this batch did not run, each with the ``batch_created`` time of the batch it failed in.
-    One summary per --out, kept current, rather than one file per batch: the QC index still warns that
-    such a pair's folder holds an earlier run's outputs, and a pair this batch ran has a newer word."""
+    the pairs this batch did not run (``outcomes``: this batch's), each with the ``batch_created``
+    time of the batch it failed in. One summary per --out, kept current, rather than one file per
+    batch: the QC index still warns that such a pair's folder holds an earlier run's outputs, and a
+    pair this batch ran has a newer word. A pair is known by its inputs, not its folder's name, which
+    depends on the other rows of its CSV (a failed pair retried alone in a CSV of its own is
+    ``mov``, not ``bad_mov``); by the name only where an older summary recorded no absolute paths.
+    A pair another run held to the end ("busy") was not run."""
+    ran = [outcome for outcome in outcomes if outcome["status"] != "busy"]
+    ran_pairs = {_pair_of(outcome) for outcome in ran}
+    ran_names = {outcome["name"] for outcome in ran}
+
+    def was_run(failure: dict[str, Any]) -> bool:
+        pair = _pair_of(failure)
+        return pair in ran_pairs if pair is not None else failure.get("name") in ran_names
+
     recorded = [outcome for key in ("outcomes", EARLIER_FAILURES) if isinstance(earlier_summary.get(key), list)
                 for outcome in earlier_summary[key]]
     return [{"batch_created": earlier_summary.get("created"), **outcome} for outcome in recorded
-            if isinstance(outcome, dict) and outcome.get("status") == "failed" and outcome.get("name") not in ran]
+            if isinstance(outcome, dict) and outcome.get("status") == "failed" and not was_run(outcome)]
+
+
+def _pair_of(outcome: dict[str, Any]) -> tuple[str, str] | None:
+    """The reference and moving paths a summary's outcome records, where both are absolute."""
+    reference, moving = outcome.get("reference"), outcome.get("moving")
+    if isinstance(reference, str) and isinstance(moving, str) and Path(reference).is_absolute() \
+            and Path(moving).is_absolute():
+        return reference, moving
+    return None
 
 
 def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, batch: dict[str, int] | None = None,
@@ -329,6 +386,14 @@ def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, optio
     if provenance is None:
         raise InputError(f"its {PROVENANCE_FILE} cannot be read or is not a UniFuse run's, so what made these "
                          "results is unknown; pass --overwrite to replace them, or choose another --out", out_dir)
+    recorded_inputs = provenance["inputs"]
+    recorded = {role: recorded_inputs.get(role) or {} for role in ("reference", "moving")}
+    if not all(_names_recorded_path(recorded[role], path) for role, path in (("reference", pair.reference),
+                                                                             ("moving", pair.moving))):
+        # Another subject's results, not an outdated run of this pair: --overwrite would lose them.
+        raise InputError(f"holds the results of another pair (reference {recorded['reference'].get('path')}, moving "
+                         f"{recorded['moving'].get('path')}), which --overwrite would delete; choose another --out, "
+                         "or pass --overwrite only if those results may go", out_dir)
     differences = previous_run_differences(provenance, pair, engines, (out_dir / PROVENANCE_FILE).stat().st_mtime,
                                            options)
     recorded_settings = provenance.get("requested_settings")
@@ -525,6 +590,8 @@ def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
     if args.out.exists() and not args.out.is_dir():
         raise InputError("--out must be a folder (the outputs go into one sub-folder per pair), "
                          f"but {args.out} is a file")
+    if args.pairs is not None:
+        refuse_foreign_batch_files(args.out, args.report)
     pairs = in_earlier_folders(pairs, args.out)
     refuse_folders_overlapping_inputs(pairs, args.out)
     if args.uncertainty_passes < 0:
@@ -532,6 +599,24 @@ def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
     if args.tile_size is not None and args.tile_size < 1:
         raise InputError(f"--tile-size must be a positive number of voxels, got {args.tile_size}")
     return pairs
+
+
+def refuse_foreign_batch_files(out: Path, report: bool) -> None:
+    """Raise an InputError, before any pair is fused, where ``out`` holds a ``summary.json`` or (with
+    ``report``) an ``index.html`` that unifuse did not write: the batch's own would replace it at its end."""
+    summary = out / SUMMARY_FILE
+    if summary.is_file() and not _is_batch_summary(read_json_object(summary)):
+        raise InputError("is not a batch summary unifuse wrote, and the batch's summary goes there, so nothing "
+                         "was fused; move it away or choose another --out", summary)
+    index = out / INDEX_FILE
+    if report and index.is_file() and not is_qc_index(index):  # as `unifuse report` does, never replaced unasked
+        raise InputError(f"is not a QC index unifuse wrote, so it is left as it is and nothing was fused; unifuse "
+                         f"report {out} --overwrite replaces it with a QC index, or fuse without --report", index)
+
+
+def _is_batch_summary(summary: dict[str, Any] | None) -> bool:
+    """Whether ``summary`` has what every version of ``write_summary`` wrote: the pairs and their outcomes."""
+    return summary is not None and "pairs" in summary and isinstance(summary.get("outcomes"), list)
 
 
 def read_pairs_csv(path: Path) -> list[Pair]:
@@ -578,10 +663,14 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
     moving paths in its provenance) when that is not the folder its name gives: a folder's name
     depends on the other rows of the CSV it was fused from (``0003_moving`` beside ``0004_moving``),
     so a CSV of other rows (one failed pair to retry) finds it, rather than fusing it again
-    elsewhere or calling the folder another run's."""
+    elsewhere or calling the folder another run's. A pair with no run yet whose folder holds the run
+    of another moving file of its name (``ct1/mov.png`` of an earlier batch, ``a/mov.png`` now) gets
+    a folder of its own, named as if both were rows of one CSV (``a_mov``): a cohort grows batch by
+    batch, and each rerun finds its folder again by its provenance."""
     if not out.is_dir():
         return pairs
     folders: dict[tuple[Any, Any], set[str]] = {}
+    moving_in: dict[str, dict[str, Any]] = {}  # folder name -> the moving input its run recorded
     try:
         subfolders = list(out.iterdir())
     except OSError as error:
@@ -595,12 +684,34 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
             inputs = provenance["inputs"]
             key = ((inputs.get("reference") or {}).get("path"), (inputs.get("moving") or {}).get("path"))
             folders.setdefault(key, set()).add(folder.name)
+            if isinstance(key[1], str):
+                moving_in[folder.name] = inputs["moving"]
     placed = []
     for pair in pairs:
         held_in = folders.get((str(absolute_as_given(pair.reference)), str(absolute_as_given(pair.moving))), set())
-        placed.append(pair if not held_in or pair.name in held_in else replace(pair, output_name=min(held_in)))
+        if held_in:
+            placed.append(pair if pair.name in held_in else replace(pair, output_name=min(held_in)))
+        else:
+            placed.append(replace(pair, output_name=_own_folder_name(pair, moving_in)))
     _refuse_shared_folders([pair.name for pair in placed], None)
     return placed
+
+
+def _own_folder_name(pair: Pair, moving_in: dict[str, dict[str, Any]]) -> str:
+    """The name of ``pair``'s folder beside the runs already in --out (``moving_in``: the moving
+    input each folder's run recorded): its own name, with parent folders' names in front (as
+    ``output_folder_names`` tells apart one CSV's files) while a run of another moving file holds
+    the folder of that name. The same moving file with another reference keeps the folder, where
+    the run there is refused unless ``--overwrite``."""
+    others: list[Path] = []
+    name = pair.name
+    while name in moving_in and not _names_recorded_path(moving_in[name], pair.moving):
+        other = Path(moving_in[name]["path"])
+        if other in others:  # named as that one at every depth: no folder of its own to give
+            break
+        others.append(other)
+        name = output_folder_names([*others, pair.moving])[-1]
+    return name
 
 
 def output_folder_names(movings: list[Path]) -> list[str]:

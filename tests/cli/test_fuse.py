@@ -519,7 +519,7 @@ def test_a_second_batch_into_one_out_keeps_the_failures_of_pairs_it_did_not_run(
     pairs = [fuse_module.Pair(Path("ref.png"), Path(f"{name}.png")) for name in ("b", "d")]
     outcomes = [{"name": "b", "status": "done"}, {"name": "d", "status": "failed", "error": "d: unreadable"}]
 
-    assert fuse_module.write_summary(outcomes, pairs, job, tmp_path, tmp_path / "batch2.csv") == 1
+    assert fuse_module.write_summary(outcomes, pairs, job, tmp_path, tmp_path / "batch2.csv")["failed"] == 1
 
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert [(outcome["name"], outcome["status"]) for outcome in summary["outcomes"]] == [("b", "done"),
@@ -782,25 +782,21 @@ def two_sites(root, tmp_path):
     return csvs
 
 
-def test_a_rerun_with_other_inputs_is_refused_not_skipped(data, tmp_path, capsys):
+def test_another_sites_moving_file_of_one_name_is_not_skipped_and_gets_its_own_folder(data, tmp_path, capsys):
+    """It once shared case1/ with the first site's pair: refused, and --overwrite deleted that pair's results."""
     site_a, site_b = two_sites(data["root"], tmp_path)
     out = tmp_path / "out"
     assert fuse("--pairs", site_a, "--out", out, *CHEAP) == 0
     first_run = outputs_touched(out)
     capsys.readouterr()
 
-    assert fuse("--pairs", site_b, "--out", out, *CHEAP) == 2
-
-    captured = capsys.readouterr()
-    assert "skipped" not in captured.out
-    assert "a different reference image and moving image; pass --overwrite" in captured.err
-    assert outputs_touched(out) == first_run
-    provenance = json.loads((out / "case1" / "provenance.json").read_text(encoding="utf-8"))
-    assert provenance["inputs"]["moving"]["path"] == str((tmp_path / "siteA" / "case1.png").resolve())
-
-    assert fuse("--pairs", site_b, "--out", out, *CHEAP, "--overwrite") == 0
-    provenance = json.loads((out / "case1" / "provenance.json").read_text(encoding="utf-8"))
-    assert provenance["inputs"]["moving"]["path"] == str((tmp_path / "siteB" / "case1.png").resolve())
+    for flags in ((), ("--overwrite",)):
+        assert fuse("--pairs", site_b, "--out", out, *CHEAP, *flags) == 0
+        assert "skipped" not in capsys.readouterr().out
+        assert {path: touched for path, touched in outputs_touched(out).items() if path in first_run} == first_run
+    for site, folder in (("siteA", "case1"), ("siteB", "siteB_case1")):
+        provenance = json.loads((out / folder / "provenance.json").read_text(encoding="utf-8"))
+        assert provenance["inputs"]["moving"]["path"] == str((tmp_path / site / "case1.png").resolve())
 
 
 FILE_OPTIONS = ("--reference", "--moving", "--label", "--checkpoint")
@@ -819,7 +815,7 @@ def fuse_request(root, out, options, *flags):
     [
         ({"--method": "mmif-amin"}, {"--method": "mmif-amin:matching"}, None),  # its default alignment, spelt out
         ({}, {"--method": "identity+max"}, "method (identity+average)"),  # named: the one of the results
-        ({}, {"--reference": "pet8.png"}, "reference image"),
+        ({}, {"--reference": "pet8.png"}, "pair"),  # named: the one of the results
         ({}, {"--label": "pet8_label.png"}, "label"),
         ({"--method": "unifuse", "--checkpoint": "tiny-2d.safetensors"},
          {"--method": "unifuse", "--checkpoint": "other-2d.safetensors"}, "checkpoint"),
@@ -842,6 +838,10 @@ def test_a_rerun_is_skipped_only_when_it_asks_for_the_same(data, tmp_path, capsy
     captured = capsys.readouterr()
     if named is None:
         assert code == 0 and "skipped, already done" in captured.out
+    elif named == "pair":
+        assert code == 2
+        assert (f"{out / 'pet7'}: holds the results of another pair (reference {root / 'mri.png'}, moving "
+                f"{root / 'pet7.png'}), which --overwrite would delete") in captured.err
     else:
         assert code == 2
         assert f"{out / 'pet7'}: holds the results of a run with a different {named}; pass --overwrite" in captured.err
@@ -1023,9 +1023,9 @@ def test_a_run_into_a_folder_another_run_is_writing_fails_at_once(data, tmp_path
     with output_folder_lock(out / "pet7"):  # even a finished pair is not taken as done while it is rewritten
         assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 2
     err = capsys.readouterr().err
-    assert "pet7: error:" in err and "another unifuse run is writing into this folder" in err
+    assert f"pet7: busy: another unifuse run is still writing into {out / 'pet7'}" in err
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "failed"), ("pet8", "done")]
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "busy"), ("pet8", "done")]
 
 
 def test_an_input_swapped_for_one_with_an_old_modification_time_is_not_taken_as_done(data, tmp_path, capsys):
@@ -1323,10 +1323,14 @@ def test_an_index_html_unifuse_did_not_write_is_refused_unless_overwrite_and_its
     pairs.write_text(f"reference,moving\n{root / 'mri.png'},{root / 'pet8.png'}\n", encoding="utf-8")
     assert fuse("--pairs", pairs, "--out", out, *CHEAP, "--report") == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(
-        f"unifuse fuse: error: {index}: is not a QC index unifuse wrote, so it is left as it is; unifuse report")
+        f"unifuse fuse: error: {index}: is not a QC index unifuse wrote, so it is left as it is and nothing was "
+        "fused; unifuse report")
     assert index.read_text(encoding="utf-8") == "<html>MY OWN PAGE</html>\n"
+    assert not (out / "pet8").exists()  # refused before any pair
 
     assert main(["report", str(out), "--overwrite"]) == 0
+    assert "MY OWN PAGE" not in index.read_text(encoding="utf-8")
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP, "--report") == 0
     assert 'href="pet8/report.html"' in index.read_text(encoding="utf-8")
     # Its own index, from an earlier report: refreshed without --overwrite, by both commands.
     (out / "pet7" / "provenance.json").rename(out / "pet7" / "provenance.json.moved")
