@@ -5,7 +5,8 @@ with the quality maps drawn over the fused image, the metrics, the degradation p
 per-slice suspicion beside it (a sentence instead for a method that estimates no degradation), the
 uncertainty summary, the reviewers' annotations and the provenance. Figures are drawn with
 matplotlib's Agg canvas (no display, no pyplot state) and embedded as base64 PNG, so the page can be
-mailed or archived on its own.
+mailed or archived on its own. Every image panel shows the patient in one orientation, as napari shows
+the world, whatever order a file stores its voxels in, with the patient's sides at its edges (``PlaneView``).
 
 ``write_index`` puts ``index.html`` into a cohort folder: one row per finished run (a folder holding
 ``provenance.json`` and the outputs written before it), most suspicious first by the largest
@@ -69,6 +70,7 @@ from napari_unifuse.engine.quality import (
 )
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.io import ImageVolume
+from napari_unifuse.io.readers import PILLOW_SUFFIXES
 
 INDEX_FILE = "index.html"
 # cli.fuse's SUMMARY_FILE (the engine does not import the command line): a batch's pairs and outcomes.
@@ -154,12 +156,14 @@ def report_page(
         skipped = store.skipped
     # The pair folder alone ("moving") does not say which pair this is: the inputs' names head it.
     name = f"{_input_names(reference, moving, result.provenance)} ({_readable(out_dir.resolve().name)})"
+    # The results lie on the reference's grid: a picture's axes are theirs too.
+    fused_view = _view_of(result.fused, _shows_anatomy(reference))
     bodies = {
         "inputs": _inputs_section(reference, moving, result),
-        "key-slices": _key_slices_section(result),
+        "key-slices": _key_slices_section(result, fused_view),
         "metrics": _metrics_section(result, metrics or {}),
         "degradation": _degradation_section(result),
-        "uncertainty": _uncertainty_section(result.quality, result.fused),
+        "uncertainty": _uncertainty_section(result.quality, fused_view),
         "annotations": _annotations_section(annotations, result.fused.ndim, skipped, reference, moving),
         "provenance": f"<pre>{html.escape(json.dumps(result.provenance, indent=2, default=str), quote=False)}</pre>",
     }
@@ -258,23 +262,28 @@ def _alignment_line(result: FusionResult) -> str:
 
 
 def _inputs_section(reference: ImageVolume, moving: ImageVolume, result: FusionResult) -> str:
-    images = [("reference", reference), ("moving (input)", moving), ("aligned + restored", result.aligned),
-              ("fused", result.fused)]
+    # Every panel across the world axis the reference is drawn across, each in the same orientation;
+    # the results lie on the reference's grid, so its picture or patient axes are theirs.
+    across = _world_axis_sliced(reference)
+    reference_anatomy = _shows_anatomy(reference)
+    images = [(title, volume, _view_across(volume, across, anatomy)) for title, volume, anatomy in (
+        ("reference", reference, reference_anatomy), ("moving (input)", moving, _shows_anatomy(moving)),
+        ("aligned + restored", result.aligned, reference_anatomy), ("fused", result.fused, reference_anatomy))]
     figure = Figure(figsize=(3.2 * len(images), 3.4))
-    for position, (title, volume) in enumerate(images, start=1):
+    for position, (title, volume, view) in enumerate(images, start=1):
         axes = figure.add_subplot(1, len(images), position)
-        _show_slice(axes, _display_values(volume), volume, _middle_slice(volume))
-        axes.set_title(f"{title}{_where_drawn(volume, ', slice ')}", fontsize=9)
-        axes.axis("off")
+        _show_slice(axes, _display_values(volume), view, _middle_slice(volume, view))
+        axes.set_title(f"{title}{_where_drawn(volume, view, ', slice ')}", fontsize=9)
     rows = "".join(f"<tr><td>{role}</td><td>{html.escape(str(volume.source or 'in memory'))}</td>"
                    f"<td>{volume.array.shape}</td><td>{' × '.join(f'{s:.3g}' for s in volume.geometry.spacing)}</td>"
                    "</tr>" for role, volume in (("reference", reference), ("moving", moving)))
-    shown = ", ".join(f"{title}{_where_drawn(volume, ' at slice ')}" for title, volume in images)
+    shown = ", ".join(f"{title}{_where_drawn(volume, view, ' at slice ')}" for title, volume, view in images)
     return (f"<table><tr><th>input</th><th>source</th><th>shape</th><th>spacing (mm)</th></tr>{rows}</table>\n"
             f"{_png(figure, f'The inputs and results side by side: {shown}')}")
 
 
-def _key_slices_section(result: FusionResult) -> str:
+def _key_slices_section(result: FusionResult, view: PlaneView) -> str:
+    """The most suspicious slices of the fused image, drawn as ``view`` says."""
     quality = result.quality
     if quality is None:
         return "<p class=note>No quality maps were computed for this run.</p>"
@@ -301,15 +310,15 @@ def _key_slices_section(result: FusionResult) -> str:
     for index in quality.key_slices(KEY_SLICES if quality.slice_count > 1 else 1):
         figure = Figure(figsize=(3.2 * (1 + len(overlay_panels)), 3.4))
         plain = figure.add_subplot(1, 1 + len(overlay_panels), 1)
-        _show_slice(plain, shown_fused, fused, index)
+        _show_slice(plain, shown_fused, view, index)
         plain.set_title("fused", fontsize=9)
         for position, (title, names) in enumerate(overlay_panels, start=2):
             overlaid = figure.add_subplot(1, 1 + len(overlay_panels), position)
-            _show_slice(overlaid, fused_grey, fused, index)
+            _show_slice(overlaid, fused_grey, view, index)
             for name in names:
-                mask = _plane(quality.maps()[name], fused, index) > quality.thresholds[name]
+                mask = view.plane(quality.maps()[name], index) > quality.thresholds[name]
                 overlaid.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap([OVERLAY_COLOURS[name]]),
-                                alpha=0.55, interpolation="nearest", aspect=_pixel_aspect(fused))
+                                alpha=0.55, interpolation="nearest", aspect=view.pixel_aspect)
             overlaid.set_title(title, fontsize=9)
         scores = ", ".join(f"{MAP_LABELS[name]} {100 * float(values[index]):.2f} %"
                            for name, values in quality.slice_scores.items())
@@ -383,7 +392,8 @@ def _degradation_section(result: FusionResult) -> str:
     return f"<p>Predicted: <b>{html.escape(result.predicted_class)}</b> ({globals_}).</p>{_png(figure, drawn)}"
 
 
-def _uncertainty_section(quality: QualityMaps | None, fused: ImageVolume) -> str:
+def _uncertainty_section(quality: QualityMaps | None, view: PlaneView) -> str:
+    """The uncertainty's summary, histogram and its map on the slice it flags most, drawn as ``view`` says."""
     if quality is None or quality.uncertainty_mm is None:
         return "<p class=note>The alignment uncertainty was not computed for this run.</p>"
     values = quality.uncertainty_mm
@@ -396,11 +406,12 @@ def _uncertainty_section(quality: QualityMaps | None, fused: ImageVolume) -> str
     histogram.axvline(threshold, color="#D55E00", label=f"threshold {threshold:.2f} mm")
     histogram.set_xlabel("spread of the displacement (mm)")
     histogram.legend(fontsize=8)
-    view = figure.add_subplot(1, 2, 2)
-    shown = view.imshow(_plane(values, fused, worst), cmap="magma", aspect=_pixel_aspect(fused))
-    figure.colorbar(shown, ax=view, label="mm")
-    view.set_title(f"slice {worst}" if quality.slice_count > 1 else "uncertainty", fontsize=9)
-    view.axis("off")
+    drawn_map = figure.add_subplot(1, 2, 2)
+    shown = drawn_map.imshow(view.plane(values, worst), cmap="magma", aspect=view.pixel_aspect)
+    figure.colorbar(shown, ax=drawn_map, label="mm")
+    drawn_map.set_title(f"slice {worst}" if quality.slice_count > 1 else "uncertainty", fontsize=9)
+    drawn_map.axis("off")
+    _label_edges(drawn_map, view)
     drawn = ("Histogram of the alignment uncertainty with its threshold, and its map "
              + (f"at slice {worst}, the slice it flags most" if quality.slice_count > 1 else "over the image"))
     return (f"<p>Median {median:.2f} mm, 95th percentile {p95:.2f} mm, maximum {values.max():.2f} mm; "
@@ -453,40 +464,126 @@ def _has_slices(volume: ImageVolume) -> bool:
     return volume.ndim == 3 and volume.single_slice_axis is None
 
 
-def _middle_slice(volume: ImageVolume) -> int:
-    return volume.spatial_shape[0] // 2 if _has_slices(volume) else 0
+def _shows_anatomy(volume: ImageVolume) -> bool:
+    """Whether ``volume``'s axes point to known sides of the patient: not a PNG or JPG picture, whose
+    axes are only the picture's rows and columns."""
+    return not str(volume.source or "").lower().endswith(PILLOW_SUFFIXES)
 
 
-def _where_drawn(volume: ImageVolume, before: str) -> str:
-    """``before`` and the middle slice drawn of a volume with slices; nothing for one image."""
-    return f"{before}{_middle_slice(volume)}" if _has_slices(volume) else ""
+# The sides of the patient at the low and high end of each world axis (LPS, array-axis order z, y, x).
+_WORLD_AXIS_ENDS = (("I", "S"), ("A", "P"), ("R", "L"))
+_SUPERIOR_AXIS = 0
 
 
-def _plane(values: np.ndarray, volume: ImageVolume, index: int) -> np.ndarray:
-    """The 2D image drawn of ``values`` (an array on ``volume``'s grid, RGB channels last): slice
-    ``index`` along array axis 0, or the image itself for a 2D image or a one-slice volume (whose
-    slices along axis 0 would be one-voxel lines)."""
-    axis = volume.single_slice_axis
-    if axis is not None:
-        return np.take(values, 0, axis=axis)
-    return slice_of(values, 0 if volume.ndim == 3 else None, index)
+@dataclass(frozen=True)
+class PlaneView:
+    """How the report draws one plane of a volume: in one anatomical orientation whatever order the
+    file stores its voxels in, so that every panel of a figure shows the patient alike and as napari
+    shows the world (radiological: the patient's left on the screen's right; an axial plane with
+    anterior at the top, a coronal or sagittal one with superior at the top, anterior on the left).
+    Each array axis is taken along the world axis it runs closest to (an oblique grid is drawn as
+    the nearest axis-aligned one)."""
+
+    slice_axis: int | None  # the array axis sliced; None for a 2D image
+    rows: int  # the array axes drawn down the screen and across it
+    columns: int
+    flip_rows: bool
+    flip_columns: bool
+    pixel_aspect: float  # a pixel's height over its width on screen: drawn in mm, as napari draws it
+    edges: tuple[str, str, str, str] | None  # the sides of the patient at the top, bottom, left, right
+
+    @classmethod
+    def of(cls, volume: ImageVolume, slice_axis: int | None, anatomy: bool) -> PlaneView:
+        """The view of ``volume``'s planes across ``slice_axis`` (None for a 2D image); ``anatomy``:
+        whether its edges are labelled with the patient's sides (``_shows_anatomy``)."""
+        geometry = volume.geometry
+        world_axis_of = _world_axis_of(volume)
+        # A 2D grid lies in the axial plane: its world axes are y and x.
+        world_of = {axis: int(world_axis_of[axis]) + 3 - volume.ndim for axis in range(volume.ndim)}
+        plane = [axis for axis in range(volume.ndim) if axis != slice_axis]
+        # The plane's world axis listed first runs down the screen, the other (x; y in a sagittal plane) across.
+        rows, columns = sorted(plane, key=world_of.__getitem__)
+        superior_up = world_of[rows] == _SUPERIOR_AXIS
+
+        def runs_to_high_end(axis: int) -> bool:
+            return bool(geometry.direction[world_axis_of[axis], axis] > 0)
+
+        edges = None
+        if anatomy:
+            low, high = _WORLD_AXIS_ENDS[world_of[rows]]
+            edges = ((high, low) if superior_up else (low, high)) + _WORLD_AXIS_ENDS[world_of[columns]]
+        return cls(slice_axis, rows, columns, flip_rows=runs_to_high_end(rows) == superior_up,
+                   flip_columns=not runs_to_high_end(columns),
+                   pixel_aspect=float(geometry.spacing[rows] / geometry.spacing[columns]), edges=edges)
+
+    def plane(self, values: np.ndarray, index: int) -> np.ndarray:
+        """Plane ``index`` of ``values`` (an array on the volume's grid, RGB channels last) as drawn."""
+        plane = slice_of(values, self.slice_axis, index)
+        if self.rows > self.columns:
+            plane = np.swapaxes(plane, 0, 1)
+        return plane[::-1 if self.flip_rows else 1, ::-1 if self.flip_columns else 1]
 
 
-def _show_slice(axes: Any, values: np.ndarray, volume: ImageVolume, index: int) -> None:
-    """Draw ``_plane`` ``index`` of ``values`` (``_display_values`` or grey of ``volume``) in mm."""
-    plane = _plane(values, volume, index)
+def _view_of(volume: ImageVolume, anatomy: bool) -> PlaneView:
+    """The view of ``volume``'s slices along array axis 0, or of the image itself for a 2D image or a
+    one-slice volume (whose slices along axis 0 would be one-voxel lines)."""
+    return PlaneView.of(volume, 0 if _has_slices(volume) else volume.single_slice_axis, anatomy)
+
+
+def _view_across(volume: ImageVolume, world_axis: int, anatomy: bool) -> PlaneView:
+    """The view of ``volume``'s slices across ``world_axis`` (3D world order), those the other panels
+    of a figure show: a sagittally stored volume beside an axial one is drawn axially too."""
+    if not _has_slices(volume):
+        return _view_of(volume, anatomy)
+    return PlaneView.of(volume, int(np.flatnonzero(_world_axis_of(volume) == world_axis)[0]), anatomy)
+
+
+def _world_axis_sliced(volume: ImageVolume) -> int:
+    """The world axis (3D world order) across which ``_view_of`` draws ``volume``: z for a 2D image."""
+    slice_axis = _view_of(volume, anatomy=False).slice_axis
+    if slice_axis is None:
+        return _SUPERIOR_AXIS
+    return int(_world_axis_of(volume)[slice_axis])
+
+
+def _world_axis_of(volume: ImageVolume) -> np.ndarray:
+    """The world axis (``volume``'s own world order) each of its array axes runs closest to."""
+    return np.argsort(volume.geometry.world_axis_order())
+
+
+def _middle_slice(volume: ImageVolume, view: PlaneView) -> int:
+    return volume.spatial_shape[view.slice_axis] // 2 if view.slice_axis is not None else 0
+
+
+def _where_drawn(volume: ImageVolume, view: PlaneView, before: str) -> str:
+    """``before`` and the middle slice drawn of a volume with slices (and its array axis when it is
+    not the first); nothing for one image."""
+    if not _has_slices(volume):
+        return ""
+    axis = "" if view.slice_axis == 0 else f" along array axis {view.slice_axis}"
+    return f"{before}{_middle_slice(volume, view)}{axis}"
+
+
+def _show_slice(axes: Any, values: np.ndarray, view: PlaneView, index: int) -> None:
+    """Draw plane ``index`` of ``values`` (``_display_values`` or grey of the volume) as ``view``
+    says, in mm, its edges labelled with the patient's sides."""
+    plane = view.plane(values, index)
     grey = {} if plane.ndim == 3 else {"cmap": "gray", "vmin": 0, "vmax": 1}
-    axes.imshow(plane, aspect=_pixel_aspect(volume), interpolation="nearest", **grey)
+    axes.imshow(plane, aspect=view.pixel_aspect, interpolation="nearest", **grey)
     axes.axis("off")
+    _label_edges(axes, view)
 
 
-def _pixel_aspect(volume: ImageVolume) -> float:
-    """A pixel's height over its width on screen, from the spacing of ``_plane``'s rows and columns:
-    drawn in mm, as napari draws it, not as square pixels."""
-    spacing = volume.geometry.spacing
-    if volume.single_slice_axis is not None:
-        spacing = np.delete(spacing, volume.single_slice_axis)
-    return float(spacing[-2]) / float(spacing[-1])
+def _label_edges(axes: Any, view: PlaneView) -> None:
+    """Write the patient's sides (``view.edges``) inside the edges of the plane drawn on ``axes``."""
+    if view.edges is None:
+        return
+    label = {"transform": axes.transAxes, "fontsize": 8, "color": "#ffd700", "fontweight": "bold"}
+    top, bottom, left, right = view.edges
+    axes.text(0.5, 0.99, top, ha="center", va="top", **label)
+    axes.text(0.5, 0.01, bottom, ha="center", va="bottom", **label)
+    axes.text(0.01, 0.5, left, ha="left", va="center", **label)
+    axes.text(0.99, 0.5, right, ha="right", va="center", **label)
 
 
 def _input_names(reference: ImageVolume, moving: ImageVolume, provenance: Mapping[str, Any]) -> str:

@@ -62,8 +62,10 @@ DEFINITION = ("sample standard deviation (vector length, mm) of the structural m
               "started from the kept field, over the moving image and copies of it shifted by ± half a matching "
               "step along the two in-plane axes (those of finest voxel spacing; shift added back) with "
               f"{GAIN_JITTER:.0%} gain and {NOISE_JITTER:.0%} noise jitter; flagged above one voxel (mean spacing, "
-              "mm) of the grid the passes run on: the structural matching's pyramid level, which pools volumes "
-              "beyond about 96³")
+              "mm) of the grid the passes run on, the structural matching's pyramid level: it pools the fine axes "
+              "of anisotropic voxels by powers of two towards the coarsest spacing (0.5 × 0.5 × 4 mm voxels run at "
+              "4 × 4 × 4 mm) and a volume beyond about 96³ voxels further, so the threshold can span several of "
+              "the image's own voxels")
 
 
 def matching_estimator(reference: torch.Tensor, start: torch.Tensor, step: int) -> FieldEstimator:
@@ -165,8 +167,9 @@ def uncertainty_on_matching_level(
     """The uncertainty map of the matching's local stage (``matching_estimator``, started from
     ``start`` (1, ndim, *spatial)) for ``moving`` against ``reference`` (1, 1, *spatial), measured on
     the level of the image pyramid the structural matching itself runs on
-    (``model.matching.pyramid_factors``: the full grid up to about 96³ voxels, pooled beyond), then
-    brought back to the full grid; and its flag threshold, one voxel of that level (mm). At a
+    (``model.matching.pyramid_factors``: the fine axes of anisotropic voxels pooled towards the
+    coarsest spacing, a volume beyond about 96³ voxels pooled further), then brought back to the
+    full grid; and its flag threshold, one voxel of that level (mm). At a
     clinical 176 × 216 × 180 the full-grid passes took as long as the network. The shifts go along
     the in-plane axes of ``spacing`` (the full grid's), see the module docstring."""
     spatial = tuple(reference.shape[2:])

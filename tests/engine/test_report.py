@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ from napari_unifuse.engine.annotations import Annotation, AnnotationStore
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import write_fusion_outputs
+from napari_unifuse.engine.overlays import display_grey
 from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.engine.quality import INVENTED, UNCERTAINTY, QualityMaps, quality_maps
 from napari_unifuse.engine.report import (
@@ -588,3 +590,83 @@ def test_a_failure_carried_from_an_earlier_batch_still_marks_the_pairs_stale_out
     failed = page[page.index("Failed pairs"):]
     assert ("<td>. (earlier batch, of 2026-12-03T10:00:00+00:00)</td><td>a</td><td>a: different moving image</td>"
             "<td>an earlier run's (a, listed above)") in failed
+
+
+def head_with_marker_on_the_patients_left_front() -> ImageVolume:
+    """A 6 × 40 × 40 head stored as a RAS NIfTI (voxel i towards the patient's right, j towards the
+    front) with a bright marker (1.0, the head 0.5) in the patient's left and front quarter."""
+    yy, xx = np.indices((40, 40))
+    head = np.stack([((yy - 20) ** 2 + (xx - 20) ** 2 < 15**2).astype(np.float32) * 0.5] * SLICES)
+    marker = (slice(None), slice(26, 32), slice(8, 14))  # high j: front; low i: patient's left in RAS
+    head[marker] = 1.0
+    ras = np.diag([2.0, 2.0, 3.0, 1.0])
+    return ImageVolume(head, Geometry.from_ras_affine(ras), source="t1.nii.gz")
+
+
+def stored_otherwise(volume: ImageVolume, storage: str) -> ImageVolume:
+    """The same voxels at the same world positions, stored as another file would store them: left
+    to right (LAS, x flipped), or sagittally (array axis 0 across x) and flipped front to back."""
+    if storage == "LAS":
+        flipped = volume.geometry.index_to_world @ np.diag([1.0, 1.0, -1.0, 1.0])
+        flipped[:3, 3] += volume.geometry.index_to_world[:3, :3] @ [0, 0, volume.array.shape[2] - 1]
+        return ImageVolume(volume.array[:, :, ::-1], Geometry.from_index_to_world(flipped), source="t2.nii.gz")
+    axes = (2, 0, 1)
+    sagittal = volume.geometry.transposed(axes)
+    back_to_front = sagittal.index_to_world @ np.diag([1.0, 1.0, -1.0, 1.0])
+    back_to_front[:3, 3] += sagittal.index_to_world[:3, :3] @ [0, 0, volume.array.shape[1] - 1]
+    return ImageVolume(volume.array.transpose(axes)[:, :, ::-1], Geometry.from_index_to_world(back_to_front),
+                       source="t2.nii.gz")
+
+
+@pytest.mark.parametrize("storage", ["LAS", "sagittal"])
+def test_every_input_panel_shows_the_patient_as_napari_does_whatever_order_the_file_stores(
+        tmp_path, drawn_images, storage):
+    """A RAS reference was drawn in storage order: the patient's left on the screen's left and the
+    front at the bottom, mirrored against napari; an LAS moving image of the same head beside it was
+    mirrored the other way, and a sagittally stored one was drawn as a sagittal slice."""
+    reference = head_with_marker_on_the_patients_left_front()
+    moving = stored_otherwise(reference, storage)
+    moving_marker = np.argwhere(moving.array == 1.0).mean(axis=0)
+    reference_marker = np.argwhere(reference.array == 1.0).mean(axis=0)
+    assert np.allclose(moving.geometry.index_to_world[:3] @ [*moving_marker, 1.0],
+                       reference.geometry.index_to_world[:3] @ [*reference_marker, 1.0])  # the same head
+    result = constructed_result(blob_radius=0)
+    result = dataclasses.replace(result, fused=ImageVolume(result.fused.array, reference.geometry),
+                                 aligned=ImageVolume(result.aligned.array, reference.geometry))
+    page = write_report(result, tmp_path, reference=reference, moving=moving).read_text(encoding="utf-8")
+
+    (reference_axes, reference_drawn, _), (moving_axes, moving_drawn, _) = drawn_images[:2]
+    np.testing.assert_array_equal(moving_drawn, reference_drawn)
+    rows, columns = np.argwhere(reference_drawn == 1.0).mean(axis=0)
+    assert rows < 20 and columns > 20  # the front at the top, the patient's left on the screen's right
+    for axes in (reference_axes, moving_axes):
+        assert [text.get_text() for text in axes.texts] == ["A", "P", "R", "L"]
+    moving_title = "moving (input) at slice 3" + (" along array axis 1" if storage == "sagittal" else "")
+    assert moving_title in re.findall(r'<img alt="([^"]*)"', page)[0]
+
+
+@pytest.mark.parametrize(("stored", "edges"), [
+    ((0, 1, 2), ["A", "P", "R", "L"]),  # axial: slices along z, the front at the top
+    ((1, 0, 2), ["S", "I", "R", "L"]),  # coronal: array axis 0 along y, axis 1 along z
+    ((2, 0, 1), ["S", "I", "A", "P"]),  # sagittal: array axis 0 along x, the front on the left
+], ids=["axial", "coronal", "sagittal"])
+def test_the_slices_are_labelled_with_the_patients_sides_and_superior_is_up(tmp_path, drawn_images, stored, edges):
+    result = constructed_result(blob_radius=4)
+    direction = np.eye(3)[:, stored]  # array axis k runs along world axis stored[k] (LPS: z, y, x)
+    geometry = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), direction)
+    result = dataclasses.replace(result, fused=ImageVolume(result.fused.array, geometry),
+                                 aligned=ImageVolume(result.aligned.array, geometry))
+    write_report(result, tmp_path, reference=result.fused, moving=result.aligned)
+
+    panels = list({id(axes): axes for axes, _, _ in drawn_images}.values())  # overlays share their panel's axes
+    assert len(panels) == 4 + 3 * 3 + 1  # the inputs, 3 key slices of 3 panels, the uncertainty map
+    assert all([text.get_text() for text in axes.texts] == edges for axes in panels)
+    if stored != (0, 1, 2):  # superior (+z, up the array's axis 1) is drawn at the top: the rows flipped
+        np.testing.assert_array_equal(drawn_images[3][1], display_grey(result.fused)[SLICES // 2][::-1])
+
+
+def test_a_pictures_panels_are_not_labelled_with_a_patients_sides(tmp_path, drawn_images):
+    result = constructed_result(blob_radius=4, defect_slice=0, slices=1)
+    picture = ImageVolume(result.fused.array[0], Geometry.identity(2), source="photo.png")
+    write_report(result, tmp_path, reference=picture, moving=picture)
+    assert drawn_images and not any(axes.texts for axes, _, _ in drawn_images)

@@ -124,3 +124,16 @@ def test_a_volume_beyond_the_matching_level_is_measured_pooled_and_returned_on_i
     assert spread.shape == volume.shape
     assert threshold == pytest.approx(2.0)
     assert np.median(spread[20:80, 20:80, 70:90]) > threshold > np.median(spread[20:80, 20:80, 10:40])
+
+
+def test_the_definition_says_anisotropic_voxels_are_pooled_whatever_the_volumes_size():
+    """0.5 × 0.5 × 4 mm voxels are matched on 4 mm level voxels at any size: the threshold of a
+    12 × 48 × 48 volume, far below 96³, is 4 mm, not its 1.67 mm mean spacing; the definition said
+    the level pools only volumes beyond about 96³."""
+    volume = torch.from_numpy(np.random.default_rng(0).uniform(0.2, 1.0, (12, 48, 48)).astype(np.float32))[None, None]
+    spread, threshold = uncertainty_on_matching_level(volume, volume, torch.zeros(1, 3, 12, 48, 48),
+                                                      (4.0, 0.5, 0.5), step=4, passes=2)
+    assert spread.shape == (12, 48, 48)
+    assert threshold == pytest.approx(4.0)
+    assert "fine axes of anisotropic voxels by powers of two towards the coarsest spacing" in uncertainty.DEFINITION
+    assert "(0.5 × 0.5 × 4 mm voxels run at 4 × 4 × 4 mm)" in uncertainty.DEFINITION
