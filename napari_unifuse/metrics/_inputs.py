@@ -124,7 +124,10 @@ def mean_over_axial_slices(metric_2d: Callable[..., float], *images: np.ndarray)
     carry no information and are skipped whatever the scored image holds there: the slices averaged
     must not depend on the method scored (background noise on them scored near-perfect, raising
     Q_vif from 0.43 to 0.95). Slices whose metric is undefined (NaN) are skipped too; the result is
-    NaN only if no slice is left. A single image is its own source.
+    NaN only if no slice is left. A metric may return NaN only where its sources leave it undefined
+    (Q_CB on a flat source), never for what the scored image holds (a blank fused slice scores what
+    the metric gives an image without contrast), so that this skips the same slices for every
+    method. A single image is its own source.
     """
     if images[0].ndim == 2:
         return float(metric_2d(*images))

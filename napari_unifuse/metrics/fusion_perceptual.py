@@ -74,8 +74,14 @@ def _contrast_preservation(source: np.ndarray, fused: np.ndarray) -> np.ndarray:
 
 
 def _q_cb_2d(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    if np.ptp(fused) == 0 and np.ptp(a) > 0 and np.ptp(b) > 0:
+        # A flat F has no contrast: C'_F = 0, so min/max(C'_S, C'_F) = 0 wherever a source has some,
+        # and Q = 0 (as VIF_F's 0). The reference divides 0 by 0 in C = G_2 * F / G_4 * F − 1 and
+        # gives NaN, which mean_over_axial_slices would drop for this method only: a volume with
+        # blank fused slices scored above one without them.
+        return 0.0
     csf = _chen_blum_csf(fused.shape)
-    # 0/0 only arises on flat input (no contrast anywhere): the result is then NaN, as documented.
+    # 0/0 only arises on a flat source (no contrast anywhere): the result is then NaN, as documented.
     with np.errstate(divide="ignore", invalid="ignore"):
         contrast_f, contrast_a, contrast_b = (
             _masked_contrast(stretch_to_grey_levels(image), csf) for image in (fused, a, b)
@@ -95,8 +101,10 @@ def q_cb(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     function (f0 15.3870, f1 1.3456, a 0.7622, "DoG1" frequency scale size/30); local contrast
     C = |G_2 * I / G_4 * I − 1| (31×31 Gaussians, σ 2 and 4, zero padding); masked contrast
     C' = C³ / (C² + 1e-4); per pixel Q = λ_A·min/max(C'_A, C'_F) + λ_B·min/max(C'_B, C'_F) with
-    λ_A = C'_A² / (C'_A² + C'_B²) = 1 − λ_B; the mean of Q over the image. 1 for F = A = B; NaN
-    where the reference divides 0 by 0 (flat images). Ranks copies high: see the module docstring.
+    λ_A = C'_A² / (C'_A² + C'_B²) = 1 − λ_B; the mean of Q over the image. 1 for F = A = B; 0 for a
+    flat F, which keeps no contrast (the reference divides 0 by 0 there); NaN for a flat source,
+    where the reference divides 0 by 0 whatever F is, so a volume's mean skips those slices for every
+    method alike. Ranks copies high: see the module docstring.
     """
     return mean_over_axial_slices(_q_cb_2d, fused, a, b)
 
