@@ -128,6 +128,8 @@ REVIEW_MAP_DESCRIPTIONS = {
 def run_and_analyse(
     request: RunRequest, engine: FusionEngine, progress: ProgressCallback, cancel: CancelToken
 ) -> RunOutcome:
+    """Fuse the pair and compute the review maps; ``cancel`` is honoured between the steps of the
+    analysis too (each takes seconds on a clinical volume), not only between the fusion's tiles."""
     # Before the fusion: a ground truth that misses the reference is refused, not scored against zeros.
     label_warnings = label_coverage_warnings(request.label, request.reference) if request.label is not None else []
     result = engine.run_fusion(request.reference, request.moving, progress=progress, cancel=cancel)
@@ -145,6 +147,7 @@ def run_and_analyse(
                          f"(p = {result.class_probs[predicted]:.2f}); check the degradation plot")
     reference_grey = display_grey(request.reference)
     aligned_grey = display_grey(result.aligned)
+    cancel.raise_if_cancelled()
     if request.label is not None:
         label_on_grid = resample_to_reference(request.label, request.reference)
         error_map, error_kind = absolute_error(grey_values(result.aligned), grey_values(label_on_grid)), "|aligned − label|"
@@ -159,7 +162,9 @@ def run_and_analyse(
         error_map = (error_map if axis is None else np.expand_dims(error_map, axis)).astype(np.float32)
         error_kind = "misalignment (MIND)"
     result.provenance["review_maps"] = {"alignment_error": ERROR_MAP_DESCRIPTIONS[error_kind], **REVIEW_MAP_DESCRIPTIONS}
+    cancel.raise_if_cancelled()
     jacobian = field_jacobian(result.displacement, result.fused.single_slice_axis)
+    cancel.raise_if_cancelled()
     outcome = RunOutcome(
         result=result, reference_grey=reference_grey, aligned_grey=aligned_grey,
         reference_units=result.in_model_units("reference", request.reference),

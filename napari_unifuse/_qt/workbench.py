@@ -5,13 +5,15 @@ per-slice plot (degradation probabilities and quality-map scores) docks beside t
 there is something to plot. The model runs in a napari ``thread_worker`` (the viewer stays
 responsive); progress arrives through a Qt signal, which Qt delivers on the GUI thread, and shows
 in the dock's bar and in napari's activity panel; Cancel sets the engine's CancelToken, honoured
-before the next tile. The worker yields the outcome as soon as the layers can be drawn and only
-then computes the whole-volume metrics (12 s of the 60 of a 176 × 216 × 180 pair on two cores),
-which fill the *Metrics* tab when they arrive; metrics that fail (out of memory, say) leave the
-layers, Save and the QC report (which says why they are missing) usable. Closing the workbench,
-or the viewer's window, releases every viewer event, the timer and the plot dock it holds and
-cancels a run, so that closing and reopening it leaves nothing behind; a run that ends after that draws nothing, but
-still writes the metrics.json a Save made before its metrics promised.
+before the next tile or analysis step, and counts until the layers are drawn: a run cancelled
+before then draws none and computes no volume metrics. The worker yields the outcome as soon as
+the layers can be drawn and only then computes the whole-volume metrics (12 s of the 60 of a
+176 × 216 × 180 pair on two cores), which fill the *Metrics* tab when they arrive; metrics that
+fail (out of memory, say) leave the layers, Save and the QC report (which says why they are
+missing) usable. Closing the workbench, or the viewer's window, releases every viewer event, the
+timer and the plot dock it holds and cancels a run whose layers are not drawn yet, so that closing
+and reopening it leaves nothing behind; a run that ends after that draws nothing, but still
+writes the metrics.json a Save made before its metrics promised.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import write_report
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.errors import InputError, UniFuseError
+from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, placement_metadata
 
 if TYPE_CHECKING:
@@ -248,6 +250,7 @@ class UniFuseWorkbench(QWidget):
         self._metrics_promise: MetricsPromise | None = None
         # The pair being run, when it started and the metrics.json its worker owes, until the worker finishes.
         self._running: tuple[RunSelection, float, MetricsPromise] | None = None
+        # The running run's token until its layers are drawn: from then on it can no longer be cancelled.
         self._cancel: CancelToken | None = None
         self._activity: progress | None = None
         self._spinners: list[tuple[QMovie, int]] = []  # (napari's animation, its own speed) while a run is open
@@ -397,9 +400,12 @@ class UniFuseWorkbench(QWidget):
         whole-volume metrics, written to the folder of a Save made meanwhile (``promise``)."""
         try:
             outcome = UniFuseWorkbench._fuse_and_analyse(selection.request, cancel, engines, progressed)
+            cancel.raise_if_cancelled()
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish_run
             return WorkerFailed(error, "Run UniFuse")
         yield outcome
+        if cancel.cancelled:  # Cancel came before the layers were drawn, so _show_outcome drew none
+            return _cancelled_before_drawing()
         progressed("volume metrics", 0, 1)
         try:
             metrics = volume_metrics(outcome)
@@ -432,8 +438,13 @@ class UniFuseWorkbench(QWidget):
             return
         self.run_panel.progress.max = max(total, 1)
         self.run_panel.progress.value = done
-        unit = f" tile {done}/{total}" if stage == "fuse" else ""
-        self.run_panel.status.value = f"{stage}{unit}"
+        if self._cancel is not None and self._cancel.cancelled:
+            # A tile or step that was under way when Cancel was pressed still reports: not a run going on.
+            step = "fuse tile" if stage == "fuse" else f"'{stage}' step"
+            self.run_panel.status.value = f"cancelling: waiting for the current {step} to finish…"
+        else:
+            unit = f" tile {done}/{total}" if stage == "fuse" else ""
+            self.run_panel.status.value = f"{stage}{unit}"
         activity = self._activity  # napari's activity panel: same stage, same count
         if activity is not None:
             # Its events can let Qt deliver the run's end, which closes it (and makes it ignore updates).
@@ -477,6 +488,9 @@ class UniFuseWorkbench(QWidget):
             show_info(f"Saved the volume metrics to {promise.written}")
         if self._released:  # closed while the worker ran: its viewer and widgets are no longer ours
             return
+        if self._cancel is not None and self._cancel.cancelled:
+            # Cancelled after the worker's last look but before _show_outcome: it drew nothing.
+            finished = _cancelled_before_drawing()
         if isinstance(finished, WorkerFailed):  # the run itself failed: nothing was drawn
             report_error(finished.error, finished.action)
             return
@@ -491,8 +505,9 @@ class UniFuseWorkbench(QWidget):
         self.run_panel.status.value = RUN_DONE if finished.metrics is not None else RUN_DONE_WITHOUT_METRICS
 
     def _show_outcome(self, outcome: RunOutcome) -> None:
-        if self._released:
+        if self._released or self._cancel.cancelled:  # a cancelled run ends in _finish_run's notification
             return
+        self._cancel = None  # drawn: closing the viewer now leaves the volume metrics to finish, as promised
         started_with, started, promise = self._running
         selection = started_with.under_current_names()  # its layers may have been renamed while it ran
         self.outcome, self.selection, self._metrics_promise = outcome, selection, promise
@@ -720,6 +735,11 @@ class UniFuseWorkbench(QWidget):
         else:
             show_info(f"Saved {len(written)} files to {folder}")
         return written
+
+
+def _cancelled_before_drawing() -> WorkerFailed:
+    """How a run ends whose Cancel came after its analysis but before its layers were drawn."""
+    return WorkerFailed(Cancelled("the run was cancelled before its layers were drawn"), "Run UniFuse")
 
 
 def _why_metrics_are_missing(error: Exception) -> str:
