@@ -723,6 +723,9 @@ def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path, failed: Sequ
             batches.append(f"<li>{where}: {BATCH_SUMMARY_FILE} unreadable</li>")
             continue
         counts = ", ".join(f"{summary.get(status, '?')} {status}" for status in ("done", "skipped", "failed"))
+        # Busy: another run held the pair's folder to the batch's end (summaries before that count lack it).
+        busy = summary.get("busy")
+        counts += f", {busy} busy (another run held their folders when the batch ended)" if busy else ""
         pairs = summary.get("pairs", "?")
         carried = len(_listed(summary.get(EARLIER_FAILURES)))
         counts += f"; {carried} failed in earlier batches into this folder" if carried else ""

@@ -159,6 +159,10 @@ def test_a_pair_another_run_holds_to_the_end_is_recorded_busy_not_failed(tmp_pat
     assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "busy"), ("pet8", "done")]
     assert "another unifuse run is writing into this folder" in summary["outcomes"][0]["error"]
     assert (summary["failed"], summary["busy"]) == (0, 1)
+    # The QC index's counts add up to the batch's pairs (it listed done, skipped and failed only).
+    assert main(["report", str(out)]) == 0
+    assert "2 pairs, 1 done, 0 skipped, 0 failed, 1 busy (another run held their folders" in \
+        (out / "index.html").read_text(encoding="utf-8")
 
 
 def test_a_later_batchs_moving_file_of_an_earlier_ones_name_gets_a_folder_of_its_own(tmp_path, capsys):
