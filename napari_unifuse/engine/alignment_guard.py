@@ -196,6 +196,7 @@ def choose_displacement(
     min_credible_motion: float = MIN_CREDIBLE_MOTION_VOXELS,
     blur_voxels: float = 0.0,
     spacing: Sequence[float] | None = None,
+    field_of_view: np.ndarray | None = None,
 ) -> GuardDecision:
     """Identity or one of ``estimates`` for aligning ``moving`` to ``reference``.
 
@@ -205,6 +206,10 @@ def choose_displacement(
     ``factor``: k; ``min_credible_motion``: the floor (voxels of the finest axis); ``blur_voxels``: the Gaussian sigma
     both images are blurred by first (0: as given); ``spacing``: the grid's mm per array axis, so that
     motion is counted in voxels of its finest axis (None: in voxels of the grid, every axis alike).
+    ``field_of_view``: where the moving image was acquired on this grid (boolean, the grid's shape;
+    None: everywhere). Only reference voxels inside it are scored: outside, the moving image's zeros
+    are no data, and a candidate that slid the covered slab into them would score as if it had found
+    tissue there.
     """
     if spacing is not None:
         spacing = tuple(float(size) for size in spacing)
@@ -216,7 +221,7 @@ def choose_displacement(
         moving, reference = (gaussian_blur(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None],
                                            blur_voxels)[0, 0].numpy() for image in (moving, reference))
     rng = np.random.default_rng(_SEED)
-    points = _tissue_points(reference, rng)
+    points = _tissue_points(reference, rng, field_of_view)
     values = {IDENTITY: moving[tuple(points)],
               **{name: _sample_moved(moving, field, points) for name, field in estimates.items()}}
     moving_threshold = _foreground_threshold(moving)
@@ -336,9 +341,14 @@ def tissue_mask(image: np.ndarray) -> np.ndarray:
     return image > _foreground_threshold(image)
 
 
-def _tissue_points(reference: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Voxel indices (ndim, N) where the reference shows tissue, at most MAX_SAMPLES of them."""
-    points = np.argwhere(tissue_mask(reference)).T
+def _tissue_points(reference: np.ndarray, rng: np.random.Generator,
+                   field_of_view: np.ndarray | None = None) -> np.ndarray:
+    """Voxel indices (ndim, N) where the reference shows tissue, inside ``field_of_view`` when
+    given, at most MAX_SAMPLES of them."""
+    tissue = tissue_mask(reference)
+    if field_of_view is not None:
+        tissue &= field_of_view
+    points = np.argwhere(tissue).T
     if points.shape[1] > MAX_SAMPLES:
         points = points[:, np.sort(rng.choice(points.shape[1], MAX_SAMPLES, replace=False))]
     return points

@@ -9,7 +9,10 @@ The pipeline, stage by stage (each reported through ``progress`` and preceded by
 2. ``normalise`` map each image to [0, 1] (``io.normalize_intensity``; the mapping is recorded).
    An RGB PET/SPECT image gives its luma Y to the model; its chroma CbCr is carried along.
 3. ``resample``  put the moving image on the reference grid in physical space
-   (``io.resample_to_reference``), so the network only predicts the residual misalignment. Where
+   (``io.resample_to_reference``), so the network only predicts the residual misalignment. Where it
+   covers only part of the grid, the matching, SimpleITK, the dense refinement and the guard see the
+   reference only inside its field of view (``moving_field_of_view``), and the run warns when the
+   kept field still moves it past that field of view. Where
    SimpleITK competes (``classical registration`` below) its registration starts here, on a
    thread of its own (one ITK thread, so that its field repeats), beside ``classify`` and the
    matching.
@@ -68,6 +71,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
@@ -435,10 +439,12 @@ class FusionEngine:
                                     "not in it (the fusion is of luma, Y)")
             with stage("resample"):
                 on_grid = _onto_reference_grid(moving_ready, reference)
+                field_of_view = moving_field_of_view(moving, reference)
             spacing = tuple(float(s) for s in reference.geometry.spacing)
             classical = None
             if self._registers_classically(on_grid.luma.array.shape):
-                classical = _ClassicalInBackground(reference_ready.luma.array, on_grid.luma.array, spacing, warnings)
+                classical = _ClassicalInBackground(_within(reference_ready.luma.array, field_of_view),
+                                                   on_grid.luma.array, spacing, warnings)
             degradation = None
             with _stopped_when_done(classical):
                 if self.method.estimates_degradation:
@@ -449,7 +455,9 @@ class FusionEngine:
                 prediction, decision, run_info = self._fuse_and_guard(
                     moving_ready.luma.array, reference_ready.luma.array, timer, stage, progress, cancel, warnings,
                     spacing=spacing, class_probs=None if degradation is None else degradation[0], classical=classical,
+                    field_of_view=field_of_view,
                 )
+            warnings.extend(moved_beyond_field_of_view_warnings(field_of_view, prediction["displacement"], spacing))
             if degradation is not None:
                 prediction["class_probs"], prediction["slice_class_probs"], run_info["degradation_read_on"] = degradation
             with stage("compose"):
@@ -457,7 +465,7 @@ class FusionEngine:
             if quality:
                 with stage(QUALITY_STAGE):
                     result.quality = self._quality(reference_ready.luma, moving_ready.luma.array, prediction,
-                                                   uncertainty_passes, cancel)
+                                                   uncertainty_passes, cancel, field_of_view)
 
         warnings.extend(reader_and_content_warnings(reference, moving))
         evidence = class_evidence(self.degradation_evidence, result.predicted_class,
@@ -559,13 +567,17 @@ class FusionEngine:
         spacing: tuple[float, ...] | None = None,
         class_probs: np.ndarray | None = None,
         classical: _ClassicalInBackground | None = None,
+        field_of_view: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray], GuardDecision | None, dict[str, Any]]:
         """The ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
         forward passes with the out-of-memory fallback; returns arrays cropped back to the input.
         ``spacing`` (mm per array axis) guides the structural matching's image pyramid.
         ``class_probs`` (Ñ,): the degradation the ``classify`` stage read, which every tile then
         uses in place of its own reading. ``classical``: SimpleITK's registration of this pair,
-        running since the resampling (:meth:`_registers_classically`); its stage is the wait for it."""
+        running since the resampling (:meth:`_registers_classically`); its stage is the wait for it.
+        ``field_of_view``: where the moving image has data on the grid (``moving_field_of_view``;
+        None: everywhere); the alignment estimates see the reference only there, and the guard scores
+        only there (:func:`_within`)."""
         multiple = self.config.size_multiple
         spatial = moving.shape
         crop = (slice(None), *(slice(0, side) for side in spatial))
@@ -574,13 +586,16 @@ class FusionEngine:
         pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
         tile_size = self.tile_size or auto_tile_shape(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
         attempts = fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, minimum_padded_side(self.config))
+        reference_seen = _within(reference, field_of_view)
+        matched_reference = pair[None, 1:2] if field_of_view is None else torch.from_numpy(
+            np.pad(reference_seen, padding))[None, None]
         cancel.raise_if_cancelled()
         with timer.stage("fuse"):
             # Structural matching runs once on the whole input (one rigid estimate for every tile,
             # and no tile reads past its edge for it); tiles get the moved image and their part of
             # the field.
             with torch.no_grad():
-                matching = self.method.initial_alignment(pair[None, 0:1], pair[None, 1:2], spacing=spacing,
+                matching = self.method.initial_alignment(pair[None, 0:1], matched_reference, spacing=spacing,
                                                          check_cancelled=cancel.raise_if_cancelled).cpu()
         initial_name, initial, initial_decision = self.method.initial_alignment_name, matching, None
         refined = None
@@ -590,12 +605,12 @@ class FusionEngine:
             # SimpleITK 1.5 s longer, where both fit in SimpleITK's time on a core each).
             cancel.raise_if_cancelled()
             with stage(DENSE_STAGE), one_thread() if classical is not None else nullcontext():
-                refined = refine_dense(reference, moving, matching[0][crop].numpy(),
+                refined = refine_dense(reference_seen, moving, matching[0][crop].numpy(),
                                        check_cancelled=cancel.raise_if_cancelled)
         if classical is not None:
             with stage(CLASSICAL_STAGE):
                 initial_name, initial, initial_decision = self._matching_or_simpleitk(
-                    moving, reference, matching, classical.result(cancel), padding, spacing)
+                    moving, reference, matching, classical.result(cancel), padding, spacing, field_of_view)
         estimates = {initial_name: initial[0][crop].numpy()}
         padded_fields = {initial_name: initial}
         if refined is not None:
@@ -607,7 +622,8 @@ class FusionEngine:
             # Nothing the network does can change the decision: make it first, run the network once.
             with stage("guard"):
                 decision = choose_displacement(moving, reference, estimates, min_credible_motion=self.min_credible_motion,
-                                               blur_voxels=self.similarity_blur, spacing=spacing)
+                                               blur_voxels=self.similarity_blur, spacing=spacing,
+                                               field_of_view=field_of_view)
             kept = padded_fields.get(decision.kept, torch.zeros_like(initial))
             # The candidates the guard turned down, three fields of the volume's size at most, would
             # otherwise live through the network pass, the run's peak (1.9 GB at 512×512×200).
@@ -624,7 +640,7 @@ class FusionEngine:
                     decision = choose_displacement(moving, reference, {
                         **estimates, NETWORK: blended.dense[2 : 2 + len(spatial)][crop].numpy()},
                         min_credible_motion=self.min_credible_motion,
-                        blur_voxels=self.similarity_blur, spacing=spacing)
+                        blur_voxels=self.similarity_blur, spacing=spacing, field_of_view=field_of_view)
                 if decision.kept != NETWORK:
                     kept = padded_fields.get(decision.kept, torch.zeros_like(initial))
                     cancel.raise_if_cancelled()
@@ -664,17 +680,19 @@ class FusionEngine:
 
     def _matching_or_simpleitk(self, moving: np.ndarray, reference: np.ndarray, matching: torch.Tensor,
                                simpleitk: np.ndarray | None, padding: list[tuple[int, int]],
-                               spacing: tuple[float, ...] | None) -> tuple[str, torch.Tensor, GuardDecision | None]:
+                               spacing: tuple[float, ...] | None, field_of_view: np.ndarray | None = None,
+                               ) -> tuple[str, torch.Tensor, GuardDecision | None]:
         """The initial alignment: the structural matching's ``matching`` (1, ndim, *padded) or
         SimpleITK's field ``simpleitk`` (ndim, *spatial; None when it failed), whichever the guard
-        prefers, motion counted in voxels of the finest axis of ``spacing`` (mm per array axis).
+        prefers, scored inside ``field_of_view``, motion counted in voxels of the finest axis of
+        ``spacing`` (mm per array axis).
         Returns (its name, it padded, the decision or None)."""
         if simpleitk is None:
             return self.method.initial_alignment_name, matching, None
         crop = (slice(None), *(slice(0, side) for side in moving.shape))
         decision = choose_displacement(moving, reference, {MATCHING: matching[0][crop].numpy(), SIMPLEITK: simpleitk},
                                        min_credible_motion=self.min_credible_motion, blur_voxels=self.similarity_blur,
-                                       spacing=spacing)
+                                       spacing=spacing, field_of_view=field_of_view)
         if decision.kept != SIMPLEITK:
             return self.method.initial_alignment_name, matching, decision
         return SIMPLEITK, torch.from_numpy(np.pad(simpleitk, [(0, 0), *padding], mode="edge"))[None], decision
@@ -827,10 +845,12 @@ class FusionEngine:
         prediction: dict[str, np.ndarray],
         uncertainty_passes: int,
         cancel: CancelToken,
+        field_of_view: np.ndarray | None = None,
     ) -> QualityMaps:
         """The quality maps from the model's [0, 1] images on the reference grid: the moving input
-        warped by the kept field (before restoration), the restored and the fused luma; and the
-        spread of the alignment over ``uncertainty_passes`` perturbed moving images."""
+        warped by the kept field (before restoration), the restored and the fused luma; the spread
+        of the alignment over ``uncertainty_passes`` perturbed moving images; and which part of each
+        slice lies outside the moving image's ``field_of_view`` (None: it reaches every voxel)."""
         timer = StageTimer()
         moving_tensor = torch.from_numpy(moving)[None, None]
         field = torch.from_numpy(prediction["displacement"])[None]
@@ -848,7 +868,7 @@ class FusionEngine:
             quality = quality_maps(reference.array, warped, prediction["restored"], prediction["fused"],
                                    spacing=spacing, uncertainty_mm=uncertainty,
                                    uncertainty_threshold_mm=threshold,
-                                   uncertainty_definition=UNCERTAINTY_DEFINITION)
+                                   uncertainty_definition=UNCERTAINTY_DEFINITION, field_of_view=field_of_view)
         quality.seconds = dict(timer.seconds)
         return quality
 
@@ -907,7 +927,7 @@ class FusionEngine:
 
 # ---- helpers ---------------------------------------------------------------------------------
 # Below this share of the reference grid reached by the moving image, the run says so: elsewhere the
-# aligned image is empty and the fused image is the reference alone. Below the second, so little is
+# outputs hold no moving data of their own (FUSION_OUTSIDE_THE_MOVING_IMAGE). Below the second, so little is
 # shared that the headers are the likelier fault (a PNG beside a NIfTI, a wrong origin), and the
 # warning says what to check; a small field of view inside a large one stays possible. A moving
 # image wholly outside the reference grid is refused: its resampling would be all zeros.
@@ -915,7 +935,52 @@ PARTIAL_COVERAGE_WARNING = 0.5
 HEADERS_SUSPECT = 0.01
 
 
-FUSION_OUTSIDE_THE_MOVING_IMAGE = "the aligned image is empty and the fused image is the reference alone"
+FUSION_OUTSIDE_THE_MOVING_IMAGE = ("there is no moving data: the aligned and fused images hold there only what the "
+                                   "alignment moved in from the covered part (nothing where it moved none)")
+# The kept field moving the moving image's data farther than this (voxels of the finest axis) past its
+# field of view is said: a field that slides the covered slab fills reference slices it never imaged.
+MOVED_BEYOND_FIELD_OF_VIEW_VOXELS = 3.0
+
+
+def moving_field_of_view(moving: ImageVolume, reference: ImageVolume) -> np.ndarray | None:
+    """Where ``moving`` has data on the reference grid (boolean, the reference's spatial shape), by
+    the inside test ``resample_to_reference`` and ``grid_coverage`` apply; None where it reaches every
+    voxel, so that a full-coverage run computes exactly what it computes without this mask."""
+    ones = ImageVolume(np.ones(moving.spatial_shape, np.uint8), moving.geometry)
+    inside = resample_to_reference(ones, reference, "nearest").array.astype(bool)
+    return None if inside.all() else inside
+
+
+def _within(reference: np.ndarray, field_of_view: np.ndarray | None) -> np.ndarray:
+    """The reference as the alignment estimates see it: blanked where the moving image has no data
+    (``field_of_view``; None: as it is). Its tissue there, against the moving image's zeros, rewarded
+    the matching for sliding the covered slab into it (a half-coverage phantom slid 10 mm through-plane)."""
+    return reference if field_of_view is None else reference * field_of_view
+
+
+def moved_beyond_field_of_view_warnings(field_of_view: np.ndarray | None, displacement: np.ndarray,
+                                        spacing: tuple[float, ...]) -> list[str]:
+    """A warning when the kept ``displacement`` (voxels, on the reference grid) brings the moving
+    image's data more than ``MOVED_BEYOND_FIELD_OF_VIEW_VOXELS`` past its ``field_of_view``: the
+    aligned and fused images there show what the moving image holds elsewhere, not what lies at those positions."""
+    if field_of_view is None:
+        return []
+    reached = warp(torch.from_numpy(field_of_view.astype(np.float32))[None, None],
+                   torch.from_numpy(displacement)[None])[0, 0].numpy() > 0.5
+    # How far (mm) each voxel outside the field of view lies from it.
+    distance_mm = ndimage.distance_transform_edt(~field_of_view, sampling=spacing)
+    filled = reached & ~field_of_view
+    farthest_mm = float(distance_mm[filled].max()) if filled.any() else 0.0
+    if farthest_mm <= MOVED_BEYOND_FIELD_OF_VIEW_VOXELS * min(spacing):
+        return []
+    where = ""
+    if field_of_view.ndim == 3:
+        slices = np.flatnonzero(filled.any(axis=(1, 2)))
+        where = f" (slices {slices[0]}-{slices[-1]})"
+    return [f"the kept alignment moves the moving image up to {farthest_mm:.0f} mm past its field of view, onto "
+            f"{100 * filled.mean():.0f} % of the reference grid it does not cover{where}: there the aligned and "
+            "fused images show what the moving image holds elsewhere, not what was acquired there; check the "
+            "alignment before trusting those slices"]
 
 
 def _is_picture(image: ImageVolume) -> bool:

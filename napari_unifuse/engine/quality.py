@@ -9,6 +9,10 @@ gives the definitions, units and why each threshold sits where it does):
 * ``uncertainty_mm``: the spread of the displacement under small perturbations of the input
   (``engine.uncertainty``), in mm; optional.
 
+Beside the maps, where the moving image covers only part of the reference grid, ``outside_moving``
+gives each slice's fraction of voxels the moving image does not reach: there the aligned image holds
+only what the alignment moved in, so the maps on those voxels are no evidence of alignment.
+
 A slice's score for a map is the fraction of its voxels above that map's threshold, so it reads as
 "how much of this slice is flagged" and is 0 when nothing is. A slice's suspicion is the largest
 of its scores; it is *suspicious* when one map's score exceeds ``flag_level`` (a small area, so
@@ -64,6 +68,9 @@ DEFAULT_FLAG_LEVEL = 1e-3
 OUTLIER_SPREADS = 3.0
 # With fewer slices than this a median says little about "typical": the flag level alone decides.
 MIN_SLICES_FOR_BASELINE = 8
+OUTSIDE_MOVING_DEFINITION = ("fraction of each slice's voxels the moving image does not reach (outside its field of "
+                             "view): the aligned image there holds only what the alignment moved in; slices lists "
+                             "those more than half outside, which are no evidence of alignment")
 
 
 @dataclass
@@ -80,6 +87,8 @@ class QualityMaps:
     the map must also stand out from its typical slice (``cutoffs`` gives both as one number per map).
     ``definitions``: map name → a one-line definition, recorded in provenance and the report.
     ``seconds``: wall time per part (maps, uncertainty), for provenance and the overhead bench.
+    ``outside_moving``: (S,) fraction of each slice's voxels outside the moving image's field of
+    view, or None when it reaches every voxel.
     """
 
     invented: np.ndarray
@@ -92,6 +101,7 @@ class QualityMaps:
     flag_level: float = DEFAULT_FLAG_LEVEL
     definitions: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    outside_moving: np.ndarray | None = None
 
     @classmethod
     def from_maps(
@@ -102,8 +112,10 @@ class QualityMaps:
         flag_level: float = DEFAULT_FLAG_LEVEL,
         definitions: Mapping[str, str] | None = None,
         seconds: Mapping[str, float] | None = None,
+        field_of_view: np.ndarray | None = None,
     ) -> QualityMaps:
-        """Score ``maps`` (the three fidelity maps, and ``uncertainty_mm`` or None) per slice."""
+        """Score ``maps`` (the three fidelity maps, and ``uncertainty_mm`` or None) per slice, and
+        the part of each slice outside ``field_of_view`` (where the moving image has data; None: everywhere)."""
         present = {name: np.asarray(array, dtype=np.float32) for name, array in maps.items() if array is not None}
         missing = [name for name in (INVENTED, LOST, RESTORATION_CHANGE) if name not in present]
         if missing:
@@ -112,6 +124,7 @@ class QualityMaps:
         if len(shapes) != 1:
             raise ValueError(f"quality maps differ in shape: {sorted(shapes)}")
         scores = {name: _flagged_fraction_per_slice(array, float(thresholds[name])) for name, array in present.items()}
+        outside = None if field_of_view is None else _flagged_fraction_per_slice(~np.asarray(field_of_view, bool), 0.5)
         return cls(
             invented=present[INVENTED],
             lost=present[LOST],
@@ -123,6 +136,7 @@ class QualityMaps:
             flag_level=flag_level,
             definitions=dict(definitions or {}),
             seconds=dict(seconds or {}),
+            outside_moving=outside,
         )
 
     @property
@@ -209,6 +223,13 @@ class QualityMaps:
         name = max(candidates, key=lambda key: float(self.slice_scores[key][index]))
         return PROBLEM_NAMES[name]
 
+    def slices_outside_moving(self) -> list[int]:
+        """The slices of which the moving image reaches less than half: what the aligned image shows
+        there was moved in, and is no evidence of alignment. Empty when it reaches every voxel."""
+        if self.outside_moving is None:
+            return []
+        return [int(index) for index in np.flatnonzero(self.outside_moving > 0.5)]
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary written as ``quality.json``: no voxel arrays."""
         summary = {
@@ -235,6 +256,10 @@ class QualityMaps:
             "problems": {str(index): self.dominant_problem(index) for index in self.suspicious_slices()},
             "flagged_by": {str(index): self.flagged_by(index) for index in self.suspicious_slices()},
             "seconds": dict(self.seconds),
+            **({} if self.outside_moving is None else {"outside_moving": {
+                "definition": OUTSIDE_MOVING_DEFINITION,
+                "per_slice": np.asarray(self.outside_moving, dtype=float).round(6).tolist(),
+                "slices": self.slices_outside_moving()}}),
         }
 
 
@@ -249,10 +274,12 @@ def quality_maps(
     uncertainty_definition: str = "",
     seconds: Mapping[str, float] | None = None,
     spacing: Sequence[float] | None = None,
+    field_of_view: np.ndarray | None = None,
 ) -> QualityMaps:
     """The fidelity maps of one fused pair (``metrics.fidelity``; every image in the [0, 1] window
     on the reference grid, of voxel ``spacing``, None for isotropic) and, when given, the
-    uncertainty map with its threshold."""
+    uncertainty map with its threshold and the moving image's ``field_of_view`` (boolean, where it
+    has data on the grid)."""
     fidelity = fidelity_maps(reference, warped_moving, restored, fused, spacing)
     maps = {INVENTED: fidelity.invented, LOST: fidelity.lost, RESTORATION_CHANGE: fidelity.restoration_change,
             UNCERTAINTY: uncertainty_mm}
@@ -263,7 +290,8 @@ def quality_maps(
             raise ValueError("an uncertainty map needs its threshold (mm)")
         thresholds[UNCERTAINTY] = uncertainty_threshold_mm
         definitions[UNCERTAINTY] = uncertainty_definition
-    return QualityMaps.from_maps(maps, thresholds, definitions=definitions, seconds=seconds)
+    return QualityMaps.from_maps(maps, thresholds, definitions=definitions, seconds=seconds,
+                                 field_of_view=field_of_view)
 
 
 def is_one_image(shape: Sequence[int]) -> bool:

@@ -1,0 +1,120 @@
+"""A moving image that covers only part of the reference grid: its missing part is no image, so the
+alignment must not slide the covered part into it, and the run must say what the outputs hold there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_unifuse.data.phantoms import make_brain_phantoms
+from napari_unifuse.engine.alignment_guard import choose_displacement
+from napari_unifuse.engine.inference import (
+    FusionEngine,
+    moved_beyond_field_of_view_warnings,
+    moving_field_of_view,
+)
+from napari_unifuse.engine.quality import INVENTED, LOST, RESTORATION_CHANGE, QualityMaps
+from napari_unifuse.io import Geometry, ImageVolume
+
+SIDE = 32
+FIRST_COVERED_SLICE = SIDE // 2
+SPACING = 4.0
+
+
+def grid(origin_z: float = 0.0) -> Geometry:
+    return Geometry(np.full(3, SPACING), np.array([origin_z, 0.0, 0.0]), np.eye(3))
+
+
+def upper_half() -> np.ndarray:
+    """The field of view of a moving image holding slices FIRST_COVERED_SLICE.. of a SIDE³ grid."""
+    inside = np.zeros((SIDE,) * 3, bool)
+    inside[FIRST_COVERED_SLICE:] = True
+    return inside
+
+
+@pytest.fixture(scope="module")
+def half_coverage_run():
+    """T1 reference; T2 moving image shifted 2 voxels in x, holding only the reference's upper half of
+    slices on the same grid: the true displacement is 2 voxels in x and none through-plane."""
+    phantoms = make_brain_phantoms((SIDE,) * 3, ("t1", "t2"))
+    reference = ImageVolume(phantoms["t1"].array, grid())
+    shifted = ndimage.shift(phantoms["t2"].array, (0, 0, 2), order=1)
+    moving = ImageVolume(np.ascontiguousarray(shifted[FIRST_COVERED_SLICE:]), grid(SPACING * FIRST_COVERED_SLICE))
+    result = FusionEngine("unifuse-3d-phantom").run_fusion(reference, moving, uncertainty_passes=0)
+    return reference, result
+
+
+def test_half_coverage_is_not_slid_through_plane(half_coverage_run):
+    """The matching saw the reference's tissue outside the moving image against the moving image's zeros,
+    and slid the covered half 2.3 voxels (9 mm) through-plane on average to fill it; SimpleITK's
+    field, near the truth, could not beat it by the guard's margin."""
+    reference, result = half_coverage_run
+    covered_tissue = upper_half() & (reference.array > 0.05 * reference.array.max())
+    through_plane = np.abs(result.displacement[0][covered_tissue])
+    assert through_plane.mean() < 0.75, result.alignment_guard.message
+    assert abs(result.displacement[2][covered_tissue].mean() - 2.0) < 0.75  # the true in-plane shift is found
+
+
+def test_half_coverage_warnings_and_quality_say_what_is_true(half_coverage_run):
+    _, result = half_coverage_run
+    assert not any("is empty" in warning or "reference alone" in warning for warning in result.warnings)
+    outside = result.quality.to_dict()["outside_moving"]
+    assert outside["slices"] == list(range(FIRST_COVERED_SLICE))
+    assert outside["per_slice"][:FIRST_COVERED_SLICE] == [1.0] * FIRST_COVERED_SLICE
+    assert outside["per_slice"][FIRST_COVERED_SLICE:] == [0.0] * (SIDE - FIRST_COVERED_SLICE)
+
+
+def test_a_field_that_moves_tissue_past_the_field_of_view_is_warned_of():
+    inside = upper_half()
+    slid = np.zeros((3, *inside.shape), np.float32)
+    slid[0] = 6.0  # each voxel shows the moving image 6 slices further up: 6 slices below it get tissue
+    (warning,) = moved_beyond_field_of_view_warnings(inside, slid, (SPACING,) * 3)
+    assert f"up to {6 * SPACING:.0f} mm past its field of view" in warning
+    assert f"slices {FIRST_COVERED_SLICE - 6}-{FIRST_COVERED_SLICE - 1}" in warning
+    slightly = slid.copy()
+    slightly[0] = 2.0  # within a few voxels: the edge of any field
+    assert moved_beyond_field_of_view_warnings(inside, slightly, (SPACING,) * 3) == []
+    assert moved_beyond_field_of_view_warnings(None, slid, (SPACING,) * 3) == []
+
+
+def test_the_field_of_view_is_none_where_the_moving_image_reaches_every_voxel():
+    """Full coverage must run exactly as before: no mask anywhere."""
+    reference = ImageVolume(np.zeros((SIDE,) * 3, np.float32), grid())
+    larger = ImageVolume(np.zeros((SIDE + 4,) * 3, np.float32), grid(-2 * SPACING))
+    assert moving_field_of_view(larger, reference) is None
+    half = ImageVolume(np.zeros((SIDE - FIRST_COVERED_SLICE, SIDE, SIDE), np.float32),
+                       grid(SPACING * FIRST_COVERED_SLICE))
+    np.testing.assert_array_equal(moving_field_of_view(half, reference), upper_half())
+
+
+def test_the_guard_scores_only_inside_the_field_of_view():
+    """The truth (2 voxels in x) against the same plus a 4-slice slide, which moves tissue into the
+    uncovered half: scored there too, the slide beat the identity first and the truth could not beat
+    it by the guard's margin; inside the field of view the truth wins."""
+    phantoms = make_brain_phantoms((SIDE,) * 3, ("t1", "t2"))
+    inside = upper_half()
+    moving = np.where(inside, ndimage.shift(phantoms["t2"].array, (0, 0, 2), order=1), 0.0).astype(np.float32)
+    true = np.zeros((3, *inside.shape), np.float32)
+    true[2] = 2.0
+    slid = true.copy()
+    slid[0] = 4.0
+    estimates = {"slid": slid, "true": true}
+    assert choose_displacement(moving, phantoms["t1"].array, estimates, min_credible_motion=0.0).kept == "slid"
+    decision = choose_displacement(moving, phantoms["t1"].array, estimates, min_credible_motion=0.0,
+                                   field_of_view=inside)
+    assert decision.kept == "true", decision.message
+
+
+def test_quality_maps_give_each_slice_its_part_outside_the_moving_image():
+    maps = {name: np.zeros((SIDE, 4, 4), np.float32) for name in (INVENTED, LOST, RESTORATION_CHANGE)}
+    thresholds = dict.fromkeys(maps, 0.5)
+    inside = np.ones((SIDE, 4, 4), bool)
+    inside[:3] = False
+    inside[3, :2] = False  # half of slice 3
+    quality = QualityMaps.from_maps(maps, thresholds, field_of_view=inside)
+    assert quality.outside_moving.tolist()[:5] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert quality.slices_outside_moving() == [0, 1, 2]
+    assert quality.to_dict()["outside_moving"]["slices"] == [0, 1, 2]
+    full = QualityMaps.from_maps(maps, thresholds)
+    assert "outside_moving" not in full.to_dict() and full.slices_outside_moving() == []
