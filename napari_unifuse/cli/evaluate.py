@@ -64,7 +64,11 @@ degraded input warped by UniFuse's own field, ``data.misalign.warp_array``, vs t
 restoration and alignment are told apart; NaN for the classical pipelines, which restore nothing.
 A registration that fails on a pair (SimpleITK on a constant image, say) leaves every metric of
 that method and pair NaN, with a line on stderr: the means and the pair-by-pair tests leave the
-pair out for that method, and the run goes on.
+pair out for that method, and the run goes on. A pair that fails altogether (out of memory even
+with the smallest tiles, say) does not stop the evaluation either: one line on stderr names it,
+every method's row of that pair is NaN, with the reason in an ``error`` column of ``per_pair.csv``
+(there only when a pair failed), ``evaluation.md`` lists it under "Failed pairs", and the command
+ends saying how many pairs failed, with exit status 2.
 Written to ``OUT/evaluation.csv`` and ``OUT/evaluation.md`` (per regime: mean ± std, the
 population std (``ddof=0``), each over the pairs where the metric is defined (bone retention
 without CT, a failed registration, a metric whose window does not fit a small pair: NaN, left out;
@@ -79,7 +83,8 @@ so is, even with ``--overwrite``, a pairs CSV that a result file would replace (
 ``evaluation.csv`` in ``OUT``).
 The files are written into a hidden staging folder in ``OUT`` and moved into place together once
 all are written; only then go the earlier results this run does not produce. A write that fails (a
-full disk) is a one-line error that leaves the earlier results whole.
+full disk) is a one-line error that leaves the earlier results whole, and so does an interrupted
+run (Ctrl-C), which writes nothing.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, warp_array
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
-from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
 from napari_unifuse.engine.inference import (
     FusionEngine,
     overlap_warnings,
@@ -118,7 +123,7 @@ from napari_unifuse.engine.labels import label_coverage_warnings
 from napari_unifuse.engine.methods import load_method, split_name
 from napari_unifuse.engine.outputs import check_writable_folder, same_file, write_files_together
 from napari_unifuse.engine.result import FusionResult
-from napari_unifuse.errors import InputError, RegistrationError
+from napari_unifuse.errors import InputError, RegistrationError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
 from napari_unifuse.io.image import Geometry
@@ -527,6 +532,40 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
                                              pair, registration.seconds)
 
 
+@dataclasses.dataclass(frozen=True)
+class PairOutcome:
+    """One pair's scores in one regime: (row name, metrics) per method, or the error it failed with."""
+
+    regime: str
+    pair: EvaluationPair
+    scores: list[tuple[str, dict[str, float]]]
+    error: str | None = None
+
+    def record(self, method: str, values: dict[str, Any]) -> dict[str, Any]:
+        """A row of per_pair.csv: the pair, the method and ``values``."""
+        return {"regime": self.regime, "pair": self.pair.name, "task": self.pair.task, "method": method, **values}
+
+
+def per_pair_records(outcomes: list[PairOutcome]) -> list[dict]:
+    """The rows of per_pair.csv, pair by pair. A failed pair has a row of every method the other
+    pairs have, all NaN (left out of the means and tests, as a failed registration is), with its
+    error in an ``error`` column; that column is there only when a pair failed, so the files of
+    an evaluation without failures stay as they were. A UniFuseError when every pair failed."""
+    methods = list(dict.fromkeys(method for outcome in outcomes for method, _ in outcome.scores))
+    if not methods:
+        raise UniFuseError(f"every one of the {len(outcomes)} pairs failed (the errors are above); nothing was written")
+    failed = any(outcome.error is not None for outcome in outcomes)
+    records = []
+    for outcome in outcomes:
+        if outcome.error is None:
+            records += [outcome.record(method, {**values, **({"error": ""} if failed else {})})
+                        for method, values in outcome.scores]
+        else:
+            records += [outcome.record(method, {**dict.fromkeys(METRIC_COLUMNS, float("nan")), "error": outcome.error})
+                        for method in methods]
+    return records
+
+
 def summarise(records: list[dict]) -> list[dict]:
     """Mean and std per (method, task) and per method over all tasks, in first-seen order."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -847,6 +886,15 @@ def warnings_markdown(pairs: list[EvaluationPair]) -> str:
     return "## Warnings\n\n" + "".join(lines) + "\n" if lines else ""
 
 
+def failures_markdown(failures: list[PairOutcome]) -> str:
+    """The report's list of the pairs that failed and why, or "" when none did."""
+    if not failures:
+        return ""
+    lines = [f"- pair {outcome.pair.name} ({outcome.regime}): {outcome.error}\n" for outcome in failures]
+    return ("## Failed pairs\n\nEvery metric of these pairs is NaN in per_pair.csv, whose `error` column says why; "
+            "the means and the pair-by-pair tests leave them out.\n\n" + "".join(lines) + "\n")
+
+
 def regime_section(regime: str, summary: list[dict], records: list[dict], method_names: list[str],
                    copies_on: str) -> tuple[str, list[dict]]:
     """One regime's markdown (table, the metrics a copy fools, each engine method against every
@@ -933,15 +981,27 @@ def run(args: argparse.Namespace) -> int:
                               [pair for pair in every_pair if model_dimensions(pair.reference) == ndim])
     copies_on = copy_registration(registrations)
 
-    records = []
+    outcomes = []
     for regime, pairs in pairs_by_regime.items():
         for number, pair in enumerate(pairs, start=1):
-            print(f"[{regime} {number}/{len(pairs)}] {pair.name}", flush=True)
+            prefix = f"[{regime} {number}/{len(pairs)}] {pair.name}"
+            print(prefix, flush=True)
             ndim = model_dimensions(pair.reference)
             pair_methods = {row: engines[ndim] for row, engines in methods.items()}
-            for method, values in evaluate_pair(pair, engine, registrations, rules, pair_methods):
-                method = method_name if method == UNIFUSE_METHOD else method
-                records.append({"regime": regime, "pair": pair.name, "task": pair.task, "method": method, **values})
+            try:
+                # The engine explains its own failed allocations; this is the rest: registrations, metrics.
+                with out_of_memory_explained(lambda: "the computer ran out of memory while scoring this pair; close "
+                                                     "other programs and run again, or evaluate smaller images"):
+                    scores = [(method_name if method == UNIFUSE_METHOD else method, values) for method, values
+                              in evaluate_pair(pair, engine, registrations, rules, pair_methods)]
+            except UniFuseError as error:
+                # One bad pair must not sink a long evaluation (nor the pairs already scored).
+                print(f"{prefix}: error: {error}", file=sys.stderr, flush=True)
+                outcomes.append(PairOutcome(regime, pair, [], str(error)))
+                continue
+            outcomes.append(PairOutcome(regime, pair, scores))
+    records = per_pair_records(outcomes)
+    failures = [outcome for outcome in outcomes if outcome.error is not None]
 
     sections, summary_rows, paired_rows = [], [], []
     for regime in regimes:
@@ -967,7 +1027,7 @@ def run(args: argparse.Namespace) -> int:
               "so one field scores differently in the two near the image's edge; "
               f"`{copies_on} + copy-reference` and "
               f"`{copies_on} + copy-moving` fuse nothing (fused = reference, fused = aligned moving).{weights}\n\n")
-    report = header + warnings_markdown(csv_pairs) + "\n".join(sections)
+    report = header + warnings_markdown(csv_pairs) + failures_markdown(failures) + "\n".join(sections)
     writers = {"per_pair.csv": lambda path: write_csv(records, path),
                "evaluation.csv": lambda path: write_csv(summary_rows, path)}
     if paired_rows:
@@ -975,6 +1035,10 @@ def run(args: argparse.Namespace) -> int:
     writers["evaluation.md"] = lambda path: path.write_text(report, encoding="utf-8")
     write_results(args.out, writers)
     print(report)
+    if failures:
+        print(f"unifuse evaluate: {len(failures)} of {len(outcomes)} pairs failed (the errors are above and in "
+              f"{args.out / 'evaluation.md'}); the means and tests leave them out", file=sys.stderr)
+        return 2
     return 0
 
 
