@@ -134,7 +134,7 @@ from napari_unifuse.io import (
 from napari_unifuse.io.fields import itk_placement
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
-from napari_unifuse.io.readers import PILLOW_SUFFIXES, real_finite_values
+from napari_unifuse.io.readers import is_picture, real_finite_values
 from napari_unifuse.io.writers import nifti_holds_grid
 from napari_unifuse.model.checkpoint import config_differences, training_crop
 from napari_unifuse.model.config import UniFuseConfig
@@ -176,6 +176,12 @@ Attempt = tuple[torch.device, TileSize]
 # pass peaks at about 3 GB; bench/results/profile_3d_after.txt). Larger volumes run in the fewest
 # tiles of at most this many voxels (``tiling.auto_tile_shape``: slabs rather than cubes).
 MAX_TILE_VOXELS = 176**3
+# How a one-slice volume was fused as a 2-D image (provenance's "single_slice" note).
+RESAMPLED_ONTO_THE_SLICE = ("a one-slice volume, fused as a 2D image on its in-plane grid after the moving image was "
+                            "resampled onto the slice in 3D; outputs are back on the slice's 3D grid")
+PLACED_BESIDE_A_2D_IMAGE = ("a one-slice volume beside a 2D image, fused as the 2D image of its slice, placed in its "
+                            "plane as a 2D NIfTI of the same affine is; a one-slice reference's outputs are back on "
+                            "its 3D grid, colour ones (2D throughout) on its plane")
 
 
 @dataclasses.dataclass
@@ -331,6 +337,8 @@ class FusionEngine:
         weigh_dense_refinement: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        # As asked ("auto" included), for the provenance: its "device" says where the run went.
+        self.requested_device = device
         tile_size = _checked_tile_size(tile_size)
         if isinstance(model_or_checkpoint, nn.Module):
             self.method = method_for_network(model_or_checkpoint)
@@ -398,6 +406,13 @@ class FusionEngine:
 
         ``quality``: also compute ``result.quality`` (``engine.quality``), with
         ``uncertainty_passes`` perturbed alignment passes for the uncertainty map (0: no map)."""
+        _refuse_non_volumes(reference, moving)
+        beside = one_slice_beside_2d(reference, moving)
+        if beside is not None:
+            result = self.run_fusion(*beside, reference_modality=reference_modality, moving_modality=moving_modality,
+                                     progress=progress, cancel=cancel, quality=quality,
+                                     uncertainty_passes=uncertainty_passes)
+            return _one_slice_beside_2d_result(result, reference, moving)
         cancel = cancel or CancelToken()
         timer = StageTimer()
         warnings: list[str] = list(self.checkpoint_warnings)
@@ -412,7 +427,6 @@ class FusionEngine:
 
         with torch.inference_mode(), _out_of_memory_explained(timer, reference, self.device):
             with stage("validate"):
-                _refuse_non_volumes(reference, moving)
                 given = {"reference": describe_input(reference), "moving": describe_input(moving)}  # as handed in
                 reference, moving = self.validate(reference, moving)
                 warnings.extend(picture_placement_warnings(reference, moving) + overlap_warnings(reference, moving))
@@ -421,7 +435,7 @@ class FusionEngine:
                 result = self.run_fusion(*planar, reference_modality=reference_modality,
                                          moving_modality=moving_modality, progress=progress, cancel=cancel,
                                          quality=quality, uncertainty_passes=uncertainty_passes)
-                return _single_slice_result(result, reference, moving)
+                return _single_slice_result(result, reference, moving, RESAMPLED_ONTO_THE_SLICE)
             with stage("normalise"):
                 reference_ready = _prepare(reference, reference_modality)
                 moving_ready = _prepare(moving, moving_modality)
@@ -488,7 +502,7 @@ class FusionEngine:
             "method": self.method.describe(),
             "checkpoint": self.checkpoint_info,
             "model_config": self.config.to_dict(),
-            "requested_device": str(self.device),
+            "requested_device": self.requested_device,
             "requested_settings": requested_settings(self.tile_size, reference_modality=reference_modality,
                                                      moving_modality=moving_modality, quality=quality,
                                                      uncertainty_passes=uncertainty_passes),
@@ -534,6 +548,10 @@ class FusionEngine:
                 image = dataclasses.replace(image, array=array, metadata={**image.metadata, "warnings": warnings})
             usable.append(image)
         reference, moving = usable
+        beside = one_slice_beside_2d(reference, moving)
+        if beside is not None:  # run_fusion fuses it as this 2-D pair
+            self.validate(*beside)
+            return reference, moving
         refuse_mixed_dimensions(reference, moving)
         if moving.single_slice_axis is not None and reference.single_slice_axis is None:
             raise InputError(
@@ -904,10 +922,10 @@ class FusionEngine:
         # aligned image of a scanner image (CT in HU) onto a PNG goes to MetaImage too, and so do
         # outputs on a sheared grid NIfTI would place upright in ITK tools (a tilted CT; a NIfTI
         # reference's sheared sform is held with its qform, as the reference holds it: nifti_holds_grid).
-        if _is_picture(reference) and _is_picture(moving):
+        if is_picture(reference) and is_picture(moving):
             extension = "png"
         else:
-            to_metaimage = carried_chroma is not None or _is_picture(reference) or not nifti_holds_grid(reference)
+            to_metaimage = carried_chroma is not None or is_picture(reference) or not nifti_holds_grid(reference)
             extension = "mha" if to_metaimage else "nii.gz"
         probs = prediction["class_probs"]
         on_reference_grid = placement_metadata(reference.metadata)  # written where the reference is shown
@@ -983,26 +1001,21 @@ def moved_beyond_field_of_view_warnings(field_of_view: np.ndarray | None, displa
             "alignment before trusting those slices"]
 
 
-def _is_picture(image: ImageVolume) -> bool:
-    """Read from a PNG or JPG: no position, orientation or pixel size (1 mm pixels from the origin)."""
-    return str(image.source or "").lower().endswith(PILLOW_SUFFIXES)
-
-
 def picture_placement_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
     """Where a PNG or JPG's place in space is a guess, whatever the overlap: paired with a scanner
     image (a picture's 1 mm pixels from the origin against the scanner's millimetres), or with a
     picture of another size (laid over it from the first pixel, where a crop or a zoom may have
     moved the anatomy)."""
-    if _is_picture(reference) and _is_picture(moving):
+    if is_picture(reference) and is_picture(moving):
         if reference.spatial_shape == moving.spatial_shape:
             return []
         sizes = " and ".join(_pixels(image) for image in (reference, moving))
         return [f"the two pictures differ in size ({sizes}): they are laid over each other from their "
                 "top-left pixel, 1 pixel = 1 mm; if one was cropped or zoomed, check the overlay, or give two "
                 "pictures of the same size"]
-    if not (_is_picture(reference) or _is_picture(moving)):
+    if not (is_picture(reference) or is_picture(moving)):
         return []
-    picture, scanner = (reference, moving) if _is_picture(reference) else (moving, reference)
+    picture, scanner = (reference, moving) if is_picture(reference) else (moving, reference)
     return [f"{picture.source} is a picture without position or pixel size, {scanner.source or 'the other image'} "
             "a scanner image with both: they are overlaid as if the picture's pixels were 1 mm wide from the "
             "scanner's origin; check the overlay, or give both images in one format"]
@@ -1052,11 +1065,11 @@ def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
 
     distance = float(np.linalg.norm(centre(moving) - centre(reference)))
     hint = ("a PNG or JPG has no position in the scanner (its first pixel sits at the origin): pair it with "
-            "another PNG or JPG, or save both images as NIfTI" if _is_picture(reference) != _is_picture(moving) else
+            "another PNG or JPG, or save both images as NIfTI" if is_picture(reference) != is_picture(moving) else
             "check the two files' origins and orientations (their affines), or resample one onto the other")
     # Either header may be the wrong one: the message names both files.
     named = the_reference(reference)
-    if _is_picture(reference) and _is_picture(moving):  # no headers: they meet at the first pixel
+    if is_picture(reference) and is_picture(moving):  # no headers: they meet at the first pixel
         apart = f"pictures of {_pixels(reference)} and {_pixels(moving)}, laid over each other from the top-left pixel"
         hint = "give two pictures of the same size"
     else:
@@ -1377,9 +1390,58 @@ def single_slice_pair(reference: ImageVolume, moving: ImageVolume) -> tuple[Imag
     return in_plane(reference), in_plane(on_slice)
 
 
-def _single_slice_result(result: FusionResult, reference: ImageVolume, moving: ImageVolume) -> FusionResult:
+def one_slice_beside_2d(reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume] | None:
+    """A one-slice volume beside a 2-D image as the 2-D pair it is, or None for any other pair.
+
+    NIfTI tools store a 2-D slice as (x, y) or as (x, y, 1): the reader keeps a grey (x, y, 1) a
+    one-slice volume but reads an (x, y) slice, and a colour one either way, as a 2-D image. The
+    volume is taken as the 2-D image of its slice, placed as the reader places a 2-D NIfTI of the
+    same affine (its in-plane axes and origin; the plane's height stays in its NIfTI forms, for
+    ``_plane_height_warnings``). An InputError where one plane cannot hold both: a slice in a
+    coronal, sagittal or oblique plane (a 2-D image lies in an axial one), or a PNG or JPG (no
+    position) beside a slice placed in the scanner.
+    """
+    if sorted((reference.ndim, moving.ndim)) != [2, 3]:
+        return None
+    volume, image = (reference, moving) if reference.ndim == 3 else (moving, reference)
+    axis = volume.single_slice_axis
+    if axis is None:
+        return None  # a whole volume beside a 2-D image: refuse_mixed_dimensions says so
+    volume_role, image_role = ("reference", "moving image") if volume is reference else ("moving image", "reference")
+    if is_picture(image):
+        raise InputError(f"the {image_role} is a PNG or JPG picture, without position or pixel size, but the "
+                         f"{volume_role} a one-slice volume placed in the scanner: save both images the same way "
+                         "(both as PNG or both as NIfTI)", image.source or image_role)
+    in_plane = [other for other in range(3) if other != axis]
+    if np.abs(volume.geometry.direction[0, in_plane]).max() > 1e-6:  # world z is the first component
+        raise InputError(f"the {volume_role} is a one-slice volume in a coronal, sagittal or oblique plane but the "
+                         f"{image_role} a 2-D image, which lies in an axial plane: save both slices the same way "
+                         "(both 2-D, or both one-slice volumes)", volume.source or volume_role)
+    # The in-plane axes' world y and x: Geometry.from_ras_affine's 2-D block of the same affine.
+    plane = Geometry.from_index_to_world(volume.geometry.index_to_world[np.ix_([1, 2, 3], [*in_plane, 3])])
+    flat = dataclasses.replace(volume, array=np.take(volume.array, 0, axis=axis), geometry=plane)
+    return (flat, moving) if volume is reference else (reference, flat)
+
+
+def _one_slice_beside_2d_result(result: FusionResult, reference: ImageVolume, moving: ImageVolume) -> FusionResult:
+    """The result of the 2-D pair ``one_slice_beside_2d`` made of ``reference`` and ``moving``: a one-slice
+    reference gets its outputs back on its 3-D grid, unless they are in colour (2-D throughout the
+    package, ``io.image.ImageVolume``: they stay on the slice's plane, where the reader puts an RGB
+    (x, y, 1) NIfTI); the one-slice volume is recorded as handed in."""
+    if reference.ndim == 3 and not (result.fused.is_rgb or result.aligned.is_rgb):
+        return _single_slice_result(result, reference, moving, PLACED_BESIDE_A_2D_IMAGE)
+    role, volume = ("reference", reference) if reference.ndim == 3 else ("moving", moving)
+    result.provenance["inputs"][role].update(shape=list(volume.array.shape), geometry=volume.geometry.to_dict())
+    result.provenance["single_slice"] = {"role": role, "axis": volume.single_slice_axis,
+                                         "note": PLACED_BESIDE_A_2D_IMAGE}
+    return result
+
+
+def _single_slice_result(result: FusionResult, reference: ImageVolume, moving: ImageVolume,
+                         note: str) -> FusionResult:
     """The 2D result of a one-slice reference put back on its 3D grid: images with the slice axis
-    restored, the field with a zero component along it, one class row per z slice."""
+    restored, the field with a zero component along it, one class row per z slice; ``note`` says in
+    the provenance how the 2D pair was made."""
     axis = reference.single_slice_axis
 
     def on_grid(image: ImageVolume) -> ImageVolume:
@@ -1391,18 +1453,20 @@ def _single_slice_result(result: FusionResult, reference: ImageVolume, moving: I
     provenance = result.provenance
     for role, image in (("reference", reference), ("moving", moving)):
         provenance["inputs"][role].update(shape=list(image.array.shape), geometry=image.geometry.to_dict())
-    provenance["single_slice"] = {
-        "axis": axis,
-        "note": "a one-slice volume, fused as a 2D image on its in-plane grid after the moving image "
-                "was resampled onto the slice in 3D; outputs are back on the slice's 3D grid",
-    }
+    provenance["single_slice"] = {"role": "reference", "axis": axis, "note": note}
     quality = result.quality
     if quality is not None:
-        quality = QualityMaps.from_maps({name: np.expand_dims(array, axis) for name, array in quality.maps().items()},
-                                        quality.thresholds, flag_level=quality.flag_level,
-                                        definitions=quality.definitions, seconds=quality.seconds)
+        quality = dataclasses.replace(
+            QualityMaps.from_maps({name: np.expand_dims(array, axis) for name, array in quality.maps().items()},
+                                  quality.thresholds, flag_level=quality.flag_level,
+                                  definitions=quality.definitions, seconds=quality.seconds),
+            outside_moving=quality.outside_moving)  # one slice either way
+    moving_placement = itk_placement(moving)
+    if moving.ndim == 2:  # beside the slice (one_slice_beside_2d): ITK's in-plane placement, the plane's height kept
+        in_plane_placement, moving_placement = moving_placement, np.eye(4)
+        moving_placement[1:, 1:] = in_plane_placement
     return dataclasses.replace(
         result, fused=on_grid(result.fused), aligned=on_grid(result.aligned),
         displacement=np.ascontiguousarray(displacement, dtype=np.float32),
         slice_class_probs=np.repeat(result.slice_class_probs[:1], slices, axis=0), provenance=provenance,
-        quality=quality, moving_itk_placement=itk_placement(moving))
+        quality=quality, moving_itk_placement=moving_placement)

@@ -1,12 +1,14 @@
 """The QC report of a run: one self-contained HTML page, and an index of a cohort's pages.
 
-``write_report`` puts ``report.html`` into the run folder (``report_page`` is its text): the inputs, the most suspicious slices
-with the quality maps drawn over the fused image, the metrics, the degradation plot with the
-per-slice suspicion beside it (a sentence instead for a method that estimates no degradation), the
-uncertainty summary, the reviewers' annotations and the provenance. Figures are drawn with
-matplotlib's Agg canvas (no display, no pyplot state) and embedded as base64 PNG, so the page can be
-mailed or archived on its own. Every image panel shows the patient in one orientation, as napari shows
-the world, whatever order a file stores its voxels in, with the patient's sides at its edges (``PlaneView``).
+``write_report`` puts ``report.html`` into the run folder (``report_page`` is its text): under the
+verdict, the slices lying mostly outside the moving image's field of view (no evidence of alignment
+there); the inputs, the most suspicious slices with the quality maps drawn over the fused image,
+the metrics, the degradation plot with the per-slice suspicion beside it (a sentence instead for a
+method that estimates no degradation), the uncertainty summary, the reviewers' annotations and the
+provenance. Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state) and
+embedded as base64 PNG, so the page can be mailed or archived on its own. Every image panel shows
+the patient in one orientation, as napari shows the world, whatever order a file stores its voxels
+in, with the patient's sides at its edges (``PlaneView``).
 
 ``write_index`` puts ``index.html`` into a cohort folder: one row per finished run (a folder holding
 ``provenance.json`` and the outputs written before it), most suspicious first by the largest
@@ -70,7 +72,7 @@ from napari_unifuse.engine.quality import (
 )
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.io import ImageVolume
-from napari_unifuse.io.readers import PILLOW_SUFFIXES
+from napari_unifuse.io.readers import is_picture
 
 INDEX_FILE = "index.html"
 # cli.fuse's SUMMARY_FILE (the engine does not import the command line): a batch's pairs and outcomes.
@@ -172,7 +174,7 @@ def report_page(
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>UniFuse QC report: {html.escape(name)}</title><style>{_STYLE}</style></head><body>\n"
             f"<h1>UniFuse QC report: {html.escape(name)}</h1>\n<p>{_verdict(result.quality)}</p>\n"
-            f"{_alignment_line(result)}"
+            f"{_outside_moving_line(result.quality)}{_alignment_line(result)}"
             f"{f'<ul class=note>{warnings}</ul>' if warnings else ''}\n{sections}\n</body></html>\n")
 
 
@@ -245,6 +247,30 @@ def _flag_reasons(quality: QualityMaps, index: int) -> str:
     """The problems of the maps that flag slice ``index`` (``QualityMaps.flagged_by``), not of the
     map that merely scores highest there: "hallucinated structure + misalignment"."""
     return " + ".join(PROBLEM_NAMES[name] for name in quality.flagged_by(index))
+
+
+def _outside_moving_line(quality: QualityMaps | None) -> str:
+    """The slices the moving image reaches less than half of (``QualityMaps.slices_outside_moving``):
+    there the aligned and fused images hold no moving data, only what the alignment moved in, so their
+    maps must not be read as evidence of a good alignment."""
+    outside = [] if quality is None else quality.slices_outside_moving()
+    if quality is None or not outside:
+        return ""
+    where = ("More than half of the image lies" if quality.slice_count == 1 else
+             f"{len(outside)} of {quality.slice_count} slices ({_slice_ranges(outside)}) lie more than half")
+    return (f"<p class=flag>{where} outside the moving image's field of view: not evidence of alignment, "
+            "no moving data there.</p>\n")
+
+
+def _slice_ranges(indices: Sequence[int]) -> str:
+    """Ascending slice indices as runs of consecutive ones: [0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def _alignment_line(result: FusionResult) -> str:
@@ -467,7 +493,7 @@ def _has_slices(volume: ImageVolume) -> bool:
 def _shows_anatomy(volume: ImageVolume) -> bool:
     """Whether ``volume``'s axes point to known sides of the patient: not a PNG or JPG picture, whose
     axes are only the picture's rows and columns."""
-    return not str(volume.source or "").lower().endswith(PILLOW_SUFFIXES)
+    return not is_picture(volume)
 
 
 # The sides of the patient at the low and high end of each world axis (LPS, array-axis order z, y, x).
