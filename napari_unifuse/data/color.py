@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from napari_unifuse.errors import InputError
+from napari_unifuse.io.readers import COLOUR_UNIT_RANGE_SLACK
 
 # BT.601 luma weights and the full-range chroma scalings (ITU-R BT.601; JFIF 1.02 section 7).
 _RGB_TO_YCBCR = np.array(
@@ -27,9 +28,6 @@ _RGB_TO_YCBCR = np.array(
 )
 _YCBCR_TO_RGB = np.linalg.inv(_RGB_TO_YCBCR)
 _CHROMA_OFFSET = np.array([0.0, 0.5, 0.5])
-# How far float RGB may stray outside [0, 1] and still be taken as in it: float rounding in resampling
-# and smoothing leaves colour a hair outside, while 8-bit colour stored as floats lies far outside.
-_UNIT_RANGE_SLACK = 1e-3
 
 
 def _as_unit_float(array: np.ndarray, what: str) -> np.ndarray:
@@ -52,7 +50,7 @@ def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     would saturate the luma, posterising every output made from it."""
     rgb = _as_unit_float(rgb, "RGB image")
     finite = rgb[np.isfinite(rgb)]
-    if finite.size and (finite.min() < -_UNIT_RANGE_SLACK or finite.max() > 1 + _UNIT_RANGE_SLACK):
+    if finite.size and (finite.min() < -COLOUR_UNIT_RANGE_SLACK or finite.max() > 1 + COLOUR_UNIT_RANGE_SLACK):
         raise InputError(f"float colour values span [{finite.min():g}, {finite.max():g}], outside [0, 1]: scale them "
                          "to [0, 1] first (napari_unifuse.io.readers.colour_in_unit_range, as read_image does)",
                          "RGB image")

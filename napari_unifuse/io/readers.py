@@ -67,8 +67,14 @@ _DICOM_META_GROUP, _DICOM_VR_BYTES, _DICOM_GROUP_0008 = b"\x02\x00", slice(4, 6)
 _DICOMDIR_NAME = "DICOMDIR"
 # SimpleITK chooses the ImageIO from a case-sensitive suffix, so name it: upper-case .MHA works too.
 ITK_IMAGE_IOS = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
-# The largest value of 8-bit colour, which float colour above 1 is taken to be stored in (colour_in_unit_range).
+# The largest value of 8-bit colour, which float colour well above 1 is taken to be stored in (colour_in_unit_range).
 _EIGHT_BIT_COLOUR_MAX = 255.0
+# How far float colour may stray outside [0, 1] and still be taken as in it (data.color refuses beyond):
+# resampling and smoothing leave colour a hair outside, while 8-bit colour stored as floats lies far outside.
+COLOUR_UNIT_RANGE_SLACK = 1e-3
+# Float colour reaching above this is taken as 8-bit colour stored as floats; between 1 + slack and it,
+# neither reading is safe (a [0, 1] image overshooting, or an 8-bit one all but black) and it is refused.
+_EIGHT_BIT_COLOUR_FLOOR = 2.0
 # Length units in mm: NIfTI's (nibabel's names), converted as SimpleITK converts them, and the usual
 # spellings of NRRD's free-text "space units". "unknown" (NIfTI) and "" (NRRD) are taken as mm, by ITK too.
 _MM_PER_LENGTH_UNIT = {"unknown": 1.0, "": 1.0, "mm": 1.0, "millimeter": 1.0, "millimeters": 1.0, "cm": 10.0,
@@ -237,6 +243,13 @@ def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume
     return ImageVolume(array, geometry, metadata, str(path), is_rgb)
 
 
+def is_picture(image: ImageVolume) -> bool:
+    """Whether ``image`` was read from a PNG or JPG: no position, orientation or pixel size (its
+    pixels are 1 mm wide from the origin), and axes that are the picture's rows and columns, not
+    sides of the patient."""
+    return str(image.source or "").lower().endswith(PILLOW_SUFFIXES)
+
+
 def real_finite_values(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """``array`` made usable by the model, and a sentence for each change made.
 
@@ -281,12 +294,13 @@ def colour_in_unit_range(colour: np.ndarray) -> tuple[np.ndarray, list[str]]:
     floats in [0, 1]; and a sentence for each change made.
 
     * uint16 colour (a 16-bit PNG, MetaImage or NRRD) keeps its depth as floats: value / 65535.
-    * Floats above 1 but not above 255 are 8-bit colour stored as floats (a MetaImage or NRRD
+    * Floats in [0, 1] (give or take ``COLOUR_UNIT_RANGE_SLACK``, what resampling leaves) are kept.
+    * Floats reaching above 2 but not above 255 are 8-bit colour stored as floats (a MetaImage or NRRD
       written from an 8-bit picture, a napari layer of floats): taken as [0, 1] they would saturate
       the luma, so they are divided by 255, and the warning says so.
 
     Raises InputError (without a source; callers add it) for other integer types and for floats
-    outside [0, 255], which hold no colour scale a reader could tell.
+    outside [0, 255] or reaching only (1, 2], which hold no colour scale a reader could tell.
     """
     if colour.dtype == np.uint8:
         return colour, []
@@ -296,10 +310,11 @@ def colour_in_unit_range(colour: np.ndarray) -> tuple[np.ndarray, list[str]]:
         raise InputError(f"colour (RGB) pixels of type {colour.dtype} have no known colour scale: save the image as "
                          "8- or 16-bit unsigned colour (uint8, uint16) or as floats in [0, 1]")
     finite = colour[np.isfinite(colour)]
-    if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1):
+    slack = COLOUR_UNIT_RANGE_SLACK
+    if finite.size == 0 or (finite.min() >= -slack and finite.max() <= 1 + slack):
         return colour, []
     low, high = float(finite.min()), float(finite.max())
-    if low < 0 or high > _EIGHT_BIT_COLOUR_MAX:
+    if low < -slack or not _EIGHT_BIT_COLOUR_FLOOR < high <= _EIGHT_BIT_COLOUR_MAX:
         raise InputError(f"float colour (RGB) values span [{low:g}, {high:g}], neither [0, 1] nor 8-bit 0-255: "
                          "rescale the colour to [0, 1] or save it as 8-bit colour (uint8)")
     warning = (f"float colour (RGB) values reach {high:g}, above the [0, 1] of float colour: read as 8-bit colour "

@@ -42,7 +42,18 @@ def test_float_colour_in_0_to_1_reads_as_stored_without_a_warning(tmp_path, colo
     assert "warnings" not in volume.metadata
 
 
-@pytest.mark.parametrize("low, high", [(0.0, 300.0), (-5.0, 200.0)], ids=["above 255", "negative"])
+@pytest.mark.parametrize("low, high", [(-1e-4, 1.0005), (0.0, 1.0)], ids=["a hair outside", "exactly"])
+def test_float_colour_a_resampling_hair_outside_0_to_1_is_kept_as_it_is(tmp_path, colour, low, high):
+    """Float colour reaching 1.0005 (what resampling leaves; data.color accepts it) was divided by
+    255 and read as all but black, and one a hair below 0 was refused."""
+    stored = np.interp(colour, (colour.min(), colour.max()), (low, high)).astype(np.float32)
+    volume = read_image(_write_vector_image(tmp_path / "pet.mha", stored))
+    np.testing.assert_array_equal(volume.array, stored)
+    assert "warnings" not in volume.metadata
+
+
+@pytest.mark.parametrize("low, high", [(0.0, 300.0), (-5.0, 200.0), (0.0, 1.5)],
+                         ids=["above 255", "negative", "neither scale"])
 def test_float_colour_of_no_known_scale_is_refused_naming_the_file(tmp_path, colour, low, high):
     stored = np.interp(colour, (0, 255), (low, high)).astype(np.float32)
     path = _write_vector_image(tmp_path / "pet.mha", stored)
