@@ -161,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
 def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) -> int:
     """Fuse this process's share of ``pairs`` (all of them in a plain run); for a batch, gather
     every process's outcomes at process 0, which writes the summary (and the QC index)."""
-    engines = _EngineCache(args.method, args.checkpoint, job.device.type, args.tile_size)
+    # The device as asked (auto included), for the provenance; each process's GPU is already chosen
+    # (setup_distributed), so it resolves to the same.
+    engines = _EngineCache(args.method, args.checkpoint, args.device, args.tile_size)
     options = {"reference_modality": args.reference_modality, "moving_modality": args.moving_modality,
                "quality": not args.no_quality, "uncertainty_passes": args.uncertainty_passes}
     batch = {"rank": job.rank, "world_size": job.world_size} if job.world_size > 1 else {}
@@ -260,12 +262,17 @@ def where_the_outputs_are(outcomes: list[dict[str, Any]]) -> str:
     """What a batch left, for a message: the same cause that stops the summary (a read-only --out)
     usually failed every pair, and then no pair has outputs to point to."""
     finished = sum(outcome["status"] in ("done", "skipped") for outcome in outcomes)  # now, or earlier
-    failed = len(outcomes) - finished
-    if not finished:
+    failed = sum(outcome["status"] == "failed" for outcome in outcomes)
+    busy = sum(outcome["status"] == "busy" for outcome in outcomes)  # another run's still: not failed
+    unfinished = [f"{failed} of {len(outcomes)} pairs failed (the errors are above)"] if failed else []
+    unfinished += [f"{busy} of {len(outcomes)} pairs were still being written by another unifuse run"] if busy else []
+    if failed == len(outcomes):
         every = "the one pair" if failed == 1 else f"all {failed} pairs"
         return f"no pair has outputs: {every} failed (the errors are above)"
-    failures = f"; {failed} of {len(outcomes)} pairs failed (the errors are above)" if failed else ""
-    return f"{finished} finished pair(s) have their outputs in their folders, and a rerun skips them{failures}"
+    if not finished:
+        return "no pair has outputs yet: " + "; ".join(unfinished)
+    return "; ".join([f"{finished} finished pair(s) have their outputs in their folders, and a rerun skips them",
+                      *unfinished])
 
 
 def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distributed, out: Path,

@@ -338,7 +338,7 @@ class FusionEngine:
     ) -> None:
         self.device = resolve_device(device)
         # As asked ("auto" included), for the provenance: its "device" says where the run went.
-        self.requested_device = device
+        self.requested_device = str(device)
         tile_size = _checked_tile_size(tile_size)
         if isinstance(model_or_checkpoint, nn.Module):
             self.method = method_for_network(model_or_checkpoint)
@@ -995,8 +995,10 @@ def moved_beyond_field_of_view_warnings(field_of_view: np.ndarray | None, displa
     if field_of_view.ndim == 3:
         slices = np.flatnonzero(filled.any(axis=(1, 2)))
         where = f" (slices {slices[0]}-{slices[-1]})"
+    share = 100 * filled.sum() / (~field_of_view).sum()  # of the part not covered, as the sentence says
     return [f"the kept alignment moves the moving image up to {farthest_mm:.0f} mm past its field of view, onto "
-            f"{100 * filled.mean():.0f} % of the reference grid it does not cover{where}: there the aligned and "
+            f"{'<1' if share < 1 else f'{share:.0f}'} % of the part of the reference grid it does not cover{where}: "
+            "there the aligned and "
             "fused images show what the moving image holds elsewhere, not what was acquired there; check the "
             "alignment before trusting those slices"]
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from napari_unifuse.cli import fuse as fuse_module
 from napari_unifuse.cli import main
+from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.outputs import output_folder_lock
 
 CHEAP = ("--method", "identity+average", "--no-quality", "--device", "cpu")
@@ -227,3 +228,24 @@ def test_a_batch_file_unifuse_did_not_write_is_refused_before_any_pair(tmp_path,
     assert capsys.readouterr().err == f"unifuse fuse: error: {out / name}: {said.format(out=out)}\n"
     assert sorted(path.name for path in out.iterdir()) == [name]
     assert (out / name).read_text(encoding="utf-8") == '{"study": "my cohort notes"}\n'
+
+
+def test_the_summary_error_names_busy_pairs_as_another_runs_not_as_failed():
+    """A summary that cannot be written says what the batch left: busy pairs were counted failed."""
+    busy, done, failed = ({"status": status} for status in ("busy", "done", "failed"))
+    assert fuse_module.where_the_outputs_are([busy]) == (
+        "no pair has outputs yet: 1 of 1 pairs were still being written by another unifuse run")
+    said = fuse_module.where_the_outputs_are([done, busy, failed])
+    assert "1 finished pair(s)" in said and "1 of 3 pairs failed" in said
+    assert "1 of 3 pairs were still being written by another unifuse run" in said
+    assert fuse_module.where_the_outputs_are([failed, failed]) == (
+        "no pair has outputs: all 2 pairs failed (the errors are above)")
+
+
+def test_a_run_left_on_auto_records_auto_as_the_device_asked_for(tmp_path):
+    """The CLI handed the engine the device it had resolved, so provenance said "cpu" was asked."""
+    reference, moving = picture(tmp_path / "ref.png"), picture(tmp_path / "mov.png", 0.1)
+    out = tmp_path / "out"
+    assert fuse("--reference", reference, "--moving", moving, "--out", out, *CHEAP[:3]) == 0
+    provenance = json.loads(next(out.rglob("provenance.json")).read_text(encoding="utf-8"))
+    assert (provenance["requested_device"], provenance["device"]) == ("auto", str(resolve_device("auto")))

@@ -47,3 +47,15 @@ def test_auto_without_cuda_puts_the_network_on_the_cpu(no_cuda):
 def test_an_unknown_device_names_the_choices():
     with pytest.raises(UniFuseError, match="unknown device 'tpu'; choose one of auto, cuda, cpu"):
         load_method("identity+average", device="tpu")
+
+
+def test_a_particular_device_is_taken_as_given():
+    """A torchrun process's device (torch.device("cuda", rank)) or "cpu:0" was refused as unknown."""
+    for device in (torch.device("cpu", 0), "cpu:0", torch.device("cpu")):
+        tensors = [*load_method("mmif-amin", spatial_dims=2, device=device).network.parameters()]
+        assert tensors and all(tensor.device.type == "cpu" for tensor in tensors)
+
+
+def test_a_particular_cuda_device_without_cuda_is_the_engines_one_line_error(no_cuda):
+    with pytest.raises(UniFuseError, match="CUDA was requested"):
+        load_method("identity+average", spatial_dims=2, device=torch.device("cuda", 1))

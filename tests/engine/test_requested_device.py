@@ -7,6 +7,7 @@ import torch
 
 from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.methods import load_method
 from napari_unifuse.io import Geometry, ImageVolume
 from napari_unifuse.model import UniFuse, UniFuseConfig
 
@@ -22,3 +23,9 @@ def test_a_run_left_on_auto_records_auto_and_the_device_auto_chose():
 
     assert provenance["requested_device"] == "auto"
     assert provenance["device"] == str(resolve_device("auto"))
+
+
+def test_a_device_object_is_recorded_as_its_name():
+    """A torch.device handed in (the Python API) went into the provenance as an object JSON cannot hold."""
+    engine = FusionEngine(load_method("identity+average", spatial_dims=2), device=torch.device("cpu"))
+    assert engine.requested_device == "cpu"

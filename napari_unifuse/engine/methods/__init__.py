@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
-from napari_unifuse.engine.device import resolve_device
+from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
 from napari_unifuse.errors import CheckpointError, InputError
 from napari_unifuse.model.mi_refinement import never_cancelled
 
@@ -252,7 +252,8 @@ def load_method(name: str, checkpoint: str | Path | None = None, device: str | t
 
     ``checkpoint``: weights for a trained method (path or packaged name; default: the method's
     bundled checkpoint for ``spatial_dims``). ``device``: auto, cuda or cpu, resolved as
-    ``FusionEngine`` resolves it (``engine.device.resolve_device``). ``options``: the method's own
+    ``FusionEngine`` resolves it (``engine.device.resolve_device``), or a particular device
+    (``torch.device("cuda", 1)``, ``"cuda:1"``, a torchrun process's). ``options``: the method's own
     (mmif-amin: alignment).
     """
     base, named_options = split_name(name)
@@ -263,10 +264,24 @@ def load_method(name: str, checkpoint: str | Path | None = None, device: str | t
     supported = getattr(module, "SUPPORTED_DIMS", (2, 3))
     if spatial_dims not in supported:
         raise InputError(wrong_dimensions_message(base, supported, spatial_dims), "--method")
-    resolved_device = resolve_device(str(device))  # before the weights load: a wrong device fails at once
+    placed_on = _method_device(device)  # before the weights load: a wrong device fails at once
     method = module.load(checkpoint=checkpoint, spatial_dims=spatial_dims,
                          **_REGISTRY[base][1], **named_options, **options)
-    return method.to(resolved_device)
+    return method.to(placed_on)
+
+
+def _method_device(device: str | torch.device) -> torch.device:
+    """``load_method``'s device: auto, cuda or cpu resolved as ``FusionEngine`` resolves them; a
+    particular device as given, once CUDA is known to be there (else the engine's one line)."""
+    if not isinstance(device, torch.device) and str(device).strip().lower() in DEVICE_CHOICES:
+        return resolve_device(str(device))
+    try:
+        particular = torch.device(device)
+    except RuntimeError:  # not a device torch knows: the engine's line names the choices
+        return resolve_device(str(device))
+    if particular.type == "cuda":
+        resolve_device("cuda")
+    return particular
 
 
 def method_from_checkpoint(path_or_name: str | Path, device: str | torch.device = "cpu") -> FusionMethod:
