@@ -18,7 +18,8 @@ A slice's score for a map is the fraction of its voxels above that map's thresho
 of its scores; it is *suspicious* when one map's score exceeds ``flag_level`` (a small area, so
 that single noisy voxels do not send a reviewer to a slice) **and**, in a volume of at least
 ``MIN_SLICES_FOR_BASELINE`` slices, stands out from that map's score on the rest of the volume
-(above its median by ``OUTLIER_SPREADS`` robust standard deviations). A map that flags a little
+(above its median over the slices the moving image reaches by ``OUTLIER_SPREADS`` robust standard
+deviations). A map that flags a little
 of every slice (the bundled phantom's T1 scalp edges, which the fusion keeps at less than half)
 then sends a reviewer only to the slices where it flags much more. 3D maps are scored per slice
 along array axis 0 as the reference stores it (the axis napari scrolls and the per-slice degradation
@@ -179,8 +180,12 @@ class QualityMaps:
         """Map name → the score a slice must exceed for that map alone to make it suspicious:
         ``flag_level``, or in a volume the map's typical score plus its outlier margin where that is
         higher (module docstring). The workbench's plot draws them, so that what sits above a line is
-        what navigation and the report call suspicious."""
-        return {name: max(self.flag_level, _typical_ceiling(scores)) for name, scores in self.slice_scores.items()}
+        what navigation and the report call suspicious. The typical slice is one the moving image
+        reaches: slices it barely reaches have next to nothing to lose or invent, and counted in they
+        pulled the typical score down, so that aligned slices beside them were flagged."""
+        reached = np.ones(self.slice_count, dtype=bool) if self.outside_moving is None else self.outside_moving <= 0.5
+        return {name: max(self.flag_level, _typical_ceiling(scores[reached]))
+                for name, scores in self.slice_scores.items()}
 
     def _flag_test(self) -> dict[str, np.ndarray]:
         """Map name → (S,) whether the map alone makes each slice suspicious."""

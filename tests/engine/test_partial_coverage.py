@@ -120,3 +120,21 @@ def test_quality_maps_give_each_slice_its_part_outside_the_moving_image():
     assert quality.to_dict()["outside_moving"]["slices"] == [0, 1, 2]
     full = QualityMaps.from_maps(maps, thresholds)
     assert "outside_moving" not in full.to_dict() and full.slices_outside_moving() == []
+
+
+def test_slices_the_moving_image_does_not_reach_do_not_set_the_typical_score():
+    """Slices without moving data lose no structure (score 0); counted in the typical slice they
+    pulled its score down, and aligned slices inside the field of view were flagged as lost (16
+    of a 46 % coverage pair's, none on the full-coverage control)."""
+    slices = 20
+    outside = np.r_[np.ones(12), np.zeros(8)]  # the first 12 slices hold no moving data
+    lost_scores = np.r_[np.zeros(12), np.linspace(0.05, 0.07, 8)]  # inside: a steady share, as on any slice
+    empty = np.zeros((slices, 4, 4), np.float32)
+    maps = QualityMaps(invented=empty, lost=empty, restoration_change=empty, uncertainty_mm=None,
+                       thresholds={"lost": 0.1}, slice_scores={"lost": lost_scores.astype(np.float32)},
+                       suspicion=lost_scores.astype(np.float32), outside_moving=outside)
+    assert maps.suspicious_slices() == []
+    whole = QualityMaps(invented=empty, lost=empty, restoration_change=empty, uncertainty_mm=None,
+                        thresholds={"lost": 0.1}, slice_scores={"lost": lost_scores.astype(np.float32)},
+                        suspicion=lost_scores.astype(np.float32))
+    assert whole.suspicious_slices() == list(range(12, 20))  # the same scores, every slice counted typical
