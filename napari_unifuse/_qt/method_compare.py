@@ -260,7 +260,7 @@ class MethodComparePanel(widgets.Container):
     def cancel(self) -> None:
         if self._cancel is not None:
             self._cancel.cancel()
-            self.status.value = "cancelling at the next tile…"
+            self.status.value = "cancelling at the next step…"
 
     def release(self) -> None:
         """The workbench is closing: cancel a running comparison, and let its result add nothing, for good."""

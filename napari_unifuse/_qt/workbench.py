@@ -431,7 +431,7 @@ class UniFuseWorkbench(QWidget):
     def cancel_run(self) -> None:
         if self._cancel is not None:
             self._cancel.cancel()
-            self.run_panel.status.value = "cancelling at the next tile…"
+            self.run_panel.status.value = "cancelling at the next step…"
 
     def _show_progress(self, stage: str, done: int, total: int) -> None:
         if self._released:  # the run is being cancelled and the form may be gone with the window
