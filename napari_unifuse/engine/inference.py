@@ -964,6 +964,8 @@ def moving_field_of_view(moving: ImageVolume, reference: ImageVolume) -> np.ndar
     """Where ``moving`` has data on the reference grid (boolean, the reference's spatial shape), by
     the inside test ``resample_to_reference`` and ``grid_coverage`` apply; None where it reaches every
     voxel, so that a full-coverage run computes exactly what it computes without this mask."""
+    if moving.on_grid_of(reference):  # the usual case, without a resampling of the volume's size
+        return None
     ones = ImageVolume(np.ones(moving.spatial_shape, np.uint8), moving.geometry)
     inside = resample_to_reference(ones, reference, "nearest").array.astype(bool)
     return None if inside.all() else inside

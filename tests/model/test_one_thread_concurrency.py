@@ -12,14 +12,6 @@ from napari_unifuse.model.repeatable import one_thread
 TIMEOUT_S = 10
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count_of_a_new_thread() -> int:
     counts: list[int] = []
     thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))

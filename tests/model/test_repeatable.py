@@ -26,14 +26,6 @@ def misaligned_ct_pair() -> tuple[torch.Tensor, torch.Tensor]:
             torch.from_numpy(reference)[None, None].float())
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_matching_does_not_depend_on_the_thread_count(misaligned_ct_pair, two_threads):
     moving, reference = misaligned_ct_pair
     on_two = structural_matching(moving, reference, step=4, search_range=32)
