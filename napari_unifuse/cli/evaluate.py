@@ -10,10 +10,11 @@ count twice in every mean and test; a label is checked against its reference as 
 refuses its row, and under half the reference grid is a warning, printed and listed in
 ``evaluation.md``, as are the warnings ``unifuse fuse`` gives of the reference and moving image
 (pictures of different sizes, an ignored alpha channel, ...; a moving image outside the reference
-refuses its row, as do a moving image of another dimensionality than its reference, a displacement on
-another grid than the reference's (spacing, origin, direction or shape) and the task ``all``, the name
-of the summary over all tasks); a pair is named by its moving path as the CSV gives it) or from the Harvard
-AANLIB folder, where the degraded, misaligned moving images are
+refuses its row, as do a moving image of another dimensionality than its reference (but a one-slice
+volume (x, y, 1) beside a 2-D image is scored as the 2-D pair ``unifuse fuse`` fuses, a one-slice label
+as its slice), a displacement on another grid than the reference's (spacing, origin, direction or
+shape) and the task ``all``, the name of the summary over all tasks); a pair is named by its moving
+path as the CSV gives it) or from the Harvard AANLIB folder, where the degraded, misaligned moving images are
 synthesised exactly as training's validation set does (``training.datasets.build_datasets``: same
 patient-independent split, seeded per pair).
 
@@ -112,6 +113,7 @@ from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
 from napari_unifuse.engine.inference import (
     FusionEngine,
+    one_slice_beside_2d,
     overlap_warnings,
     picture_placement_warnings,
     reader_and_content_warnings,
@@ -220,11 +222,28 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         moving = read_image(path.parent / row["moving"])
         label_image = read_image(path.parent / row["label"])
         try:
-            refuse_mixed_dimensions(reference, moving)
-            warnings = tuple(input_warnings(reference, moving))
+            beside = one_slice_beside_2d(reference, moving)
+            if beside is None:
+                refuse_mixed_dimensions(reference, moving)
+            warnings = tuple(input_warnings(*(beside or (reference, moving))))
         except InputError as error:
             raise InputError(f"line {line} of the CSV, moving {error.source}: {error.problem}", path) from error
+        displacement = None
+        if row.get("displacement"):
+            try:  # on the reference grid as stored, a one-slice reference's included
+                displacement = read_displacement(path.parent / row["displacement"], reference.geometry,
+                                                 reference.spatial_shape)
+            except InputError as error:
+                raise InputError(f"line {line} of the CSV, displacement {error.source}: {error.problem}",
+                                 path) from error
+        # Scored as the 2D pair `unifuse fuse` fuses it as; the field loses its component across the slice.
+        slice_axis = reference.single_slice_axis
+        if slice_axis is not None and displacement is not None:
+            displacement = np.delete(displacement, slice_axis, axis=0).take(0, axis=slice_axis + 1)
         try:
+            if beside is not None:
+                reference, moving = beside
+                label_image = one_slice_label(label_image, reference)
             warnings += tuple(label_coverage_warnings(label_image, reference))
         except InputError as error:
             raise InputError(f"line {line} of the CSV, label {error.source}: {error.problem}", path) from error
@@ -236,22 +255,10 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
             label, _ = unit_intensities(label_image)
         else:
             label = mapping.apply(label_image.array)
-        displacement = None
-        if row.get("displacement"):
-            try:
-                displacement = read_displacement(path.parent / row["displacement"], reference.geometry,
-                                                 reference.spatial_shape)
-            except InputError as error:
-                raise InputError(f"line {line} of the CSV, displacement {error.source}: {error.problem}",
-                                 path) from error
-        axis = reference.single_slice_axis
-        if axis is not None:
-            # Scored as the 2D image `unifuse fuse` fuses it as: on the slice's in-plane grid, the
-            # field without its component across the slice.
+        if slice_axis is not None and beside is None:
+            # A one-slice reference with a moving volume or slice: on the slice's in-plane grid.
             reference, moving = single_slice_pair(reference, moving)
-            label = np.take(label, 0, axis=axis)
-            if displacement is not None:
-                displacement = np.delete(displacement, axis, axis=0).take(0, axis=axis + 1)
+            label = np.take(label, 0, axis=slice_axis)
         if displacement is not None and not has_tissue(unit_intensities(reference)[0]):
             warnings += (f"{reference.source}: the reference shows no tissue, so epe_tissue (the end-point error "
                          "over its tissue) is NaN for this pair and left out of the means",)
@@ -262,6 +269,14 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
                                     _degradation(row.get("degradation"), path),
                                     mapping.modality if mapping is not None else None, warnings))
     return pairs
+
+
+def one_slice_label(label: ImageVolume, reference: ImageVolume) -> ImageVolume:
+    """``label`` beside the 2D reference of a pair ``one_slice_beside_2d`` made: a one-slice volume
+    (stored like a one-slice moving image) as the 2D image of its slice, as that function takes the
+    moving image; any other label as it is, for ``label_coverage_warnings`` to check."""
+    beside = one_slice_beside_2d(reference, label)
+    return label if beside is None else beside[1]
 
 
 def has_tissue(reference: np.ndarray) -> bool:
