@@ -868,7 +868,9 @@ class FusionEngine:
         """The quality maps from the model's [0, 1] images on the reference grid: the moving input
         warped by the kept field (before restoration), the restored and the fused luma; the spread
         of the alignment over ``uncertainty_passes`` perturbed moving images; and which part of each
-        slice lies outside the moving image's ``field_of_view`` (None: it reaches every voxel)."""
+        slice lies outside the moving image's ``field_of_view`` (None: it reaches every voxel). The
+        uncertainty passes see the reference as the alignment estimates saw it (:func:`_within`), so
+        that they measure the spread of the problem whose field was kept."""
         timer = StageTimer()
         moving_tensor = torch.from_numpy(moving)[None, None]
         field = torch.from_numpy(prediction["displacement"])[None]
@@ -878,9 +880,9 @@ class FusionEngine:
             # Methods without a structural matching of their own are probed with UniFuse's default one.
             step = getattr(self.config, "matching_step", UniFuseConfig().matching_step)
             with timer.stage("uncertainty"):
+                reference_seen = torch.from_numpy(_within(reference.array, field_of_view))[None, None]
                 uncertainty, threshold = uncertainty_on_matching_level(
-                    torch.from_numpy(reference.array)[None, None], moving_tensor, field, spacing, step,
-                    passes=uncertainty_passes, cancel=cancel)
+                    reference_seen, moving_tensor, field, spacing, step, passes=uncertainty_passes, cancel=cancel)
         with timer.stage("maps"):
             warped = warp(moving_tensor, field)[0, 0].numpy()
             quality = quality_maps(reference.array, warped, prediction["restored"], prediction["fused"],

@@ -30,6 +30,15 @@ Shifts come in opposite pairs (``+s``, ``−s``) along the in-plane axes (in arr
 through-plane axis, so that a bias of the aligner towards one side does not shrink the spread. The
 in-plane axes come from the reference's own spacing, not the matching level's: the level pools the
 fine axes towards isotropic voxels, where the thick axis would no longer stand out.
+
+A moving image covering only part of the reference grid: the passes get the reference as the
+alignment estimates saw it, blanked where the moving image has no data (``engine.inference._within``),
+so that they measure the spread of the problem whose field was kept. Against the whole reference
+the copies' zeros met its tissue beyond the slab: on a half-coverage phantom the covered slices
+beside the edge read up to 1.8 times the spread they read against the blanked reference, and three
+of them were flagged. Where the moving image has no data both images are blank: the map there
+reads the aligner's blindness and what its smoothing carries in from the covered part, no
+measurement of the moving image's alignment (those slices are ``outside_moving``).
 """
 
 from __future__ import annotations
@@ -165,7 +174,8 @@ def uncertainty_on_matching_level(
     cancel: CancelToken | None = None,
 ) -> tuple[np.ndarray, float]:
     """The uncertainty map of the matching's local stage (``matching_estimator``, started from
-    ``start`` (1, ndim, *spatial)) for ``moving`` against ``reference`` (1, 1, *spatial), measured on
+    ``start`` (1, ndim, *spatial)) for ``moving`` against ``reference`` (1, 1, *spatial; as the
+    alignment saw it, blanked where the moving image has no data, module docstring), measured on
     the level of the image pyramid the structural matching itself runs on
     (``model.matching.pyramid_factors``: the fine axes of anisotropic voxels pooled towards the
     coarsest spacing, a volume beyond about 96³ voxels pooled further), then brought back to the

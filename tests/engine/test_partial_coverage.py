@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from napari_unifuse.data.phantoms import make_brain_phantoms
+from napari_unifuse.engine import uncertainty
 from napari_unifuse.engine.alignment_guard import choose_displacement
 from napari_unifuse.engine.inference import (
     FusionEngine,
     moved_beyond_field_of_view_warnings,
     moving_field_of_view,
 )
+from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.engine.quality import INVENTED, LOST, RESTORATION_CHANGE, QualityMaps
+from napari_unifuse.engine.uncertainty import uncertainty_on_matching_level
 from napari_unifuse.io import Geometry, ImageVolume
 
 SIDE = 32
@@ -138,3 +142,75 @@ def test_slices_the_moving_image_does_not_reach_do_not_set_the_typical_score():
                         thresholds={"lost": 0.1}, slice_scores={"lost": lost_scores.astype(np.float32)},
                         suspicion=lost_scores.astype(np.float32))
     assert whole.suspicious_slices() == list(range(12, 20))  # the same scores, every slice counted typical
+
+
+# ---- the alignment uncertainty: its passes see the reference as the alignment estimates saw it ----
+UNCERTAINTY_PASSES = 2
+
+
+@pytest.fixture(scope="module")
+def phantom_engine():
+    return FusionEngine("unifuse-3d-phantom")
+
+
+@pytest.fixture(scope="module")
+def shifted_pair():
+    """The T1 reference and the T2 moving image shifted 2 voxels in x, whole, on the reference grid."""
+    phantoms = make_brain_phantoms((SIDE,) * 3, ("t1", "t2"))
+    return phantoms["t1"].array, ndimage.shift(phantoms["t2"].array, (0, 0, 2), order=1).astype(np.float32)
+
+
+def quality_uncertainty(engine, reference, moving, field_of_view):
+    """The uncertainty map ``FusionEngine._quality`` computes for a zero kept field."""
+    prediction = {"displacement": np.zeros((3, *reference.shape), np.float32), "restored": moving,
+                  "fused": reference}
+    return engine._quality(ImageVolume(reference, grid()), moving, prediction, UNCERTAINTY_PASSES, CancelToken(),
+                           field_of_view).uncertainty_mm
+
+
+def direct_uncertainty(engine, reference, moving):
+    """The same passes run directly against ``reference`` as given."""
+    spread, _ = uncertainty_on_matching_level(
+        torch.from_numpy(np.ascontiguousarray(reference, np.float32))[None, None], torch.from_numpy(moving)[None, None],
+        torch.zeros(1, 3, *reference.shape), (SPACING,) * 3, engine.config.matching_step, passes=UNCERTAINTY_PASSES)
+    return spread
+
+
+def test_full_coverage_uncertainty_is_measured_against_the_whole_reference(phantom_engine, shifted_pair):
+    reference, moving = shifted_pair
+    np.testing.assert_array_equal(quality_uncertainty(phantom_engine, reference, moving, None),
+                                  direct_uncertainty(phantom_engine, reference, moving))
+
+
+def test_partial_coverage_uncertainty_is_measured_against_the_blanked_reference(phantom_engine, shifted_pair):
+    """Against the whole reference, the copies' zeros met its tissue beyond the slab: the spread of
+    another problem than the one whose field was kept."""
+    reference, moving = shifted_pair
+    inside = upper_half()
+    covered = np.where(inside, moving, 0.0).astype(np.float32)
+    measured = quality_uncertainty(phantom_engine, reference, covered, inside)
+    np.testing.assert_array_equal(measured, direct_uncertainty(phantom_engine, np.where(inside, reference, 0.0),
+                                                               covered))
+    assert not np.array_equal(measured, direct_uncertainty(phantom_engine, reference, covered))
+
+
+def test_a_half_coverage_run_gives_the_uncertainty_passes_the_blanked_reference(monkeypatch, phantom_engine,
+                                                                              shifted_pair):
+    references = []
+    matching = uncertainty.local_matching
+
+    def recording(moved, reference, *args):
+        references.append(reference.numpy().copy())
+        return matching(moved, reference, *args)
+
+    monkeypatch.setattr(uncertainty, "local_matching", recording)
+    reference, moving = shifted_pair
+    result = phantom_engine.run_fusion(ImageVolume(reference, grid()),
+                                       ImageVolume(np.ascontiguousarray(moving[FIRST_COVERED_SLICE:]),
+                                                   grid(SPACING * FIRST_COVERED_SLICE)),
+                                       uncertainty_passes=UNCERTAINTY_PASSES)
+    assert result.quality.uncertainty_mm is not None
+    assert len(references) == UNCERTAINTY_PASSES + 1  # 32³ at 4 mm is its own matching level: the grid's slices
+    for seen in references:
+        assert not seen[0, 0, :FIRST_COVERED_SLICE].any()  # no tissue where the moving image has none
+        assert seen[0, 0, FIRST_COVERED_SLICE:].max() > 0.5
