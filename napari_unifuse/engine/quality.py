@@ -183,14 +183,25 @@ class QualityMaps:
         what navigation and the report call suspicious. The typical slice is one the moving image
         reaches: slices it barely reaches have next to nothing to lose or invent, and counted in they
         pulled the typical score down, so that aligned slices beside them were flagged."""
-        reached = np.ones(self.slice_count, dtype=bool) if self.outside_moving is None else self.outside_moving <= 0.5
+        reached = self.reached_slices()
         return {name: max(self.flag_level, _typical_ceiling(scores[reached]))
                 for name, scores in self.slice_scores.items()}
 
+    def reached_slices(self) -> np.ndarray:
+        """(S,) whether the moving image reaches at least half of each slice (all, where it reaches
+        every voxel): the slices whose maps are evidence about the alignment."""
+        if self.outside_moving is None:
+            return np.ones(self.slice_count, dtype=bool)
+        return self.outside_moving <= 0.5
+
     def _flag_test(self) -> dict[str, np.ndarray]:
-        """Map name → (S,) whether the map alone makes each slice suspicious."""
+        """Map name → (S,) whether the map alone makes each slice suspicious. The uncertainty flags
+        only slices the moving image reaches: where it has no data the aligner is blind, and the map
+        holds the probe's shift, not a measurement (``slices_outside_moving`` names those slices)."""
         cutoffs = self.cutoffs()
-        return {name: scores > cutoffs[name] for name, scores in self.slice_scores.items()}
+        reached = self.reached_slices()
+        return {name: (scores > cutoffs[name]) & (reached if name == UNCERTAINTY else True)
+                for name, scores in self.slice_scores.items()}
 
     def next_suspicious(self, current: int, step: int = 1) -> int | None:
         """The next (``step`` > 0) or previous (``step`` < 0) suspicious slice from ``current``,

@@ -425,7 +425,9 @@ def _uncertainty_section(quality: QualityMaps | None, view: PlaneView) -> str:
     values = quality.uncertainty_mm
     threshold = quality.thresholds[UNCERTAINTY]
     median, p95 = np.percentile(values, [50, 95])
-    worst = int(np.argmax(quality.slice_scores[UNCERTAINTY]))
+    # Among the slices the moving image reaches: elsewhere the map holds no measurement.
+    reached = quality.reached_slices()
+    worst = int(np.argmax(np.where(reached if reached.any() else True, quality.slice_scores[UNCERTAINTY], -np.inf)))
     figure = Figure(figsize=(9, 3.4))
     histogram = figure.add_subplot(1, 2, 1)
     histogram.hist(values.ravel(), bins=50, color="#0072B2")

@@ -17,7 +17,7 @@ from napari_unifuse.engine.inference import (
     moving_field_of_view,
 )
 from napari_unifuse.engine.progress import CancelToken
-from napari_unifuse.engine.quality import INVENTED, LOST, RESTORATION_CHANGE, QualityMaps
+from napari_unifuse.engine.quality import INVENTED, LOST, RESTORATION_CHANGE, UNCERTAINTY, QualityMaps
 from napari_unifuse.engine.uncertainty import uncertainty_on_matching_level
 from napari_unifuse.io import Geometry, ImageVolume
 
@@ -214,3 +214,18 @@ def test_a_half_coverage_run_gives_the_uncertainty_passes_the_blanked_reference(
     for seen in references:
         assert not seen[0, 0, :FIRST_COVERED_SLICE].any()  # no tissue where the moving image has none
         assert seen[0, 0, FIRST_COVERED_SLICE:].max() > 0.5
+
+
+def test_the_uncertainty_flags_no_slice_the_moving_image_does_not_reach():
+    """Where the moving image has no data the passes are blind and the map holds the probe's shift:
+    those slices were flagged for misalignment though outside_moving already names them."""
+    empty = np.zeros((20, 4, 4), np.float32)
+    uncertainty_scores = np.r_[np.full(6, 0.9), np.linspace(0.0, 0.002, 14)].astype(np.float32)
+
+    def maps(outside_moving):
+        return QualityMaps(invented=empty, lost=empty, restoration_change=empty, uncertainty_mm=empty,
+                           thresholds={UNCERTAINTY: 1.0}, slice_scores={UNCERTAINTY: uncertainty_scores},
+                           suspicion=uncertainty_scores, outside_moving=outside_moving)
+
+    assert maps(np.r_[np.ones(6), np.zeros(14)]).suspicious_slices() == []
+    assert maps(None).suspicious_slices() == list(range(6))  # the same scores where it reaches every slice
