@@ -275,7 +275,7 @@ def one_slice_label(label: ImageVolume, reference: ImageVolume) -> ImageVolume:
     """``label`` beside the 2D reference of a pair ``one_slice_beside_2d`` made: a one-slice volume
     (stored like a one-slice moving image) as the 2D image of its slice, as that function takes the
     moving image; any other label as it is, for ``label_coverage_warnings`` to check."""
-    beside = one_slice_beside_2d(reference, label)
+    beside = one_slice_beside_2d(reference, label, moving_role="label")
     return label if beside is None else beside[1]
 
 

@@ -1396,7 +1396,8 @@ def single_slice_pair(reference: ImageVolume, moving: ImageVolume) -> tuple[Imag
     return in_plane(reference), in_plane(on_slice)
 
 
-def one_slice_beside_2d(reference: ImageVolume, moving: ImageVolume) -> tuple[ImageVolume, ImageVolume] | None:
+def one_slice_beside_2d(reference: ImageVolume, moving: ImageVolume,
+                        moving_role: str = "moving image") -> tuple[ImageVolume, ImageVolume] | None:
     """A one-slice volume beside a 2-D image as the 2-D pair it is, or None for any other pair.
 
     NIfTI tools store a 2-D slice as (x, y) or as (x, y, 1): the reader keeps a grey (x, y, 1) a
@@ -1405,7 +1406,8 @@ def one_slice_beside_2d(reference: ImageVolume, moving: ImageVolume) -> tuple[Im
     same affine (its in-plane axes and origin; the plane's height stays in its NIfTI forms, for
     ``_plane_height_warnings``). An InputError where one plane cannot hold both: a slice in a
     coronal, sagittal or oblique plane (a 2-D image lies in an axial one), or a PNG or JPG (no
-    position) beside a slice placed in the scanner.
+    position) beside a slice placed in the scanner. ``moving_role`` names ``moving`` in those messages
+    (evaluate hands a label in its place).
     """
     if sorted((reference.ndim, moving.ndim)) != [2, 3]:
         return None
@@ -1413,7 +1415,7 @@ def one_slice_beside_2d(reference: ImageVolume, moving: ImageVolume) -> tuple[Im
     axis = volume.single_slice_axis
     if axis is None:
         return None  # a whole volume beside a 2-D image: refuse_mixed_dimensions says so
-    volume_role, image_role = ("reference", "moving image") if volume is reference else ("moving image", "reference")
+    volume_role, image_role = ("reference", moving_role) if volume is reference else (moving_role, "reference")
     if is_picture(image):
         raise InputError(f"the {image_role} is a PNG or JPG picture, without position or pixel size, but the "
                          f"{volume_role} a one-slice volume placed in the scanner: save both images the same way "

@@ -89,3 +89,14 @@ def test_a_one_slice_moving_image_outside_the_axial_plane_is_refused_with_its_cs
     assert printed.startswith(f"unifuse evaluate: error: {pairs}: line 2 of the CSV, moving {moving}: the moving image"
                               " is a one-slice volume in a coronal, sagittal or oblique plane")
     assert printed.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_one_slice_label_outside_the_axial_plane_is_named_the_label(tmp_path, capsys):
+    pairs = write_pair(tmp_path / "coronal-label", {"reference"}, displacement=False)
+    coronal_affine = np.array([[-0.9, 0, 0, 30.0], [0, 5.0, 0, -20.0], [0, 0, 0.9, 42.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(blob(0.0)[:, None, :], coronal_affine), pairs.parent / "label.nii.gz")
+    assert main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "out"), *CHEAP_METHODS]) == 2
+    printed = capsys.readouterr().err
+    label = pairs.parent / "label.nii.gz"
+    assert f"line 2 of the CSV, label {label}: the label is a one-slice volume in a coronal" in printed
+    assert "moving image" not in printed
