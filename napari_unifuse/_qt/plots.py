@@ -102,6 +102,8 @@ class ProbabilityPlot(QWidget):
             flagged = ", ".join(f"{MAP_LABELS[name]} {100 * scores[row]:.1f} %"
                                 for name, scores in self.quality.slice_scores.items())
             text += f"\nflagged: {flagged}"
+            if row in self.quality.slices_outside_moving():
+                text += " (mostly outside the moving image: not evidence of alignment)"
         if self.caveat:
             text += f"\n{self.caveat}"
         self.values_label.setText(text)
@@ -183,9 +185,13 @@ class ProbabilityPlot(QWidget):
                 ax.axhline(cutoff_percent[name], color=colour, linestyle=":", linewidth=1)
                 ax.plot(flagged_slices[name], percent[name][flagged_slices[name]], color=colour,
                         linestyle="none", marker="o", markersize=4)
+            outside = quality.slices_outside_moving()
+            for index in outside:  # no moving data there: the scores are no evidence of alignment
+                ax.axvspan(index - 0.5, index + 0.5, color="grey", alpha=0.3, linewidth=0)
             _legend(ax)
             ax.set_xlabel("slice (z)")
-            ax.set_title("quality (dots: suspicious; dotted: cutoffs)", fontsize=8)
+            ax.set_title("quality (dots: suspicious; dotted: cutoffs" + ("; grey: outside the moving image)" if outside
+                                                                        else ")"), fontsize=8)
         top = max(max(float(values.max()) for values in percent.values()), 2 * 100.0 * quality.flag_level,
                   *cutoff_percent.values())
         ax.set_ylim(0, 1.1 * top)

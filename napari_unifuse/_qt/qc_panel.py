@@ -21,6 +21,7 @@ class QCPanel(widgets.Container):
         self.next_suspicious = widgets.PushButton(text="suspicious ▶", enabled=False,
                                                   tooltip="Go to the next slice the quality maps flag")
         self.suspicion = widgets.Label(value="no quality maps yet")
+        self.suspicion.native.setWordWrap(True)  # a partial-coverage note is a sentence: wrap, not widen the dock
         self.quiver_stride = widgets.SpinBox(label="quiver every", value=results.quiver_stride, min=1, max=64,
                                              tooltip="Draw one displacement arrow every N voxels")
         self.arrow_scale = widgets.FloatSpinBox(label="arrow scale", value=results.arrow_scale, min=0.1, max=50,

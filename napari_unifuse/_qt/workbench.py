@@ -80,7 +80,7 @@ from napari_unifuse.engine.outputs import (
 )
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
-from napari_unifuse.engine.report import write_report
+from napari_unifuse.engine.report import outside_moving_text, write_report
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, placement_metadata
@@ -583,6 +583,9 @@ class UniFuseWorkbench(QWidget):
             unit = "slice" if quality.slice_count > 1 else "image"
             self.qc_panel.suspicion.value = (f"{len(flagged)} of {quality.slice_count} {unit}"
                                              f"{'s' if quality.slice_count > 1 else ''} flagged")
+        outside = outside_moving_text(quality)
+        if outside:  # the report says it under its verdict; a reviewer here must not miss it either
+            self.qc_panel.suspicion.value += f"\n{outside}"
 
     @reports_errors("Suspicious slice")
     def go_to_suspicious(self, step: int) -> int | None:

@@ -250,16 +250,22 @@ def _flag_reasons(quality: QualityMaps, index: int) -> str:
 
 
 def _outside_moving_line(quality: QualityMaps | None) -> str:
-    """The slices the moving image reaches less than half of (``QualityMaps.slices_outside_moving``):
-    there the aligned and fused images hold no moving data, only what the alignment moved in, so their
-    maps must not be read as evidence of a good alignment."""
+    """``outside_moving_text`` as a flagged paragraph of the report."""
+    text = outside_moving_text(quality)
+    return f"<p class=flag>{html.escape(text, quote=False)}</p>\n" if text else ""
+
+
+def outside_moving_text(quality: QualityMaps | None) -> str:
+    """The slices the moving image reaches less than half of (``QualityMaps.slices_outside_moving``),
+    in a reviewer's words, or "" where it reaches them all: there the aligned and fused images hold no
+    moving data, only what the alignment moved in, so their maps must not be read as evidence of a
+    good alignment. The report and the workbench's Review tab say it alike."""
     outside = [] if quality is None else quality.slices_outside_moving()
     if quality is None or not outside:
         return ""
     where = ("More than half of the image lies" if quality.slice_count == 1 else
              f"{len(outside)} of {quality.slice_count} slices ({_slice_ranges(outside)}) lie more than half")
-    return (f"<p class=flag>{where} outside the moving image's field of view: not evidence of alignment, "
-            "no moving data there.</p>\n")
+    return f"{where} outside the moving image's field of view: not evidence of alignment, no moving data there."
 
 
 def _slice_ranges(indices: Sequence[int]) -> str:

@@ -4,6 +4,7 @@ that leaves nothing behind when it is closed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -58,18 +59,23 @@ def result_with_defects(reference: np.ndarray, moving: np.ndarray) -> FusionResu
     )
 
 
+def review(viewer, qtbot, tmp_path, checkpoint, notifications, result_for=result_with_defects):
+    """A workbench on ``viewer`` that has 'run' on the phantom pair and got ``result_for(reference, moving)``."""
+    reference, moving, _ = add_pair(viewer, shape=SHAPE)
+    workbench = make_workbench(viewer, tmp_path, checkpoint)
+    request = workbench.run_panel.selection().request
+    key = engine_key(request)
+    workbench._engines[key] = KnownResultEngine(result_for(reference, moving))
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    return workbench
+
+
 @pytest.fixture
 def reviewed(make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
     """A workbench that has 'run' on the phantom pair and got the constructed result."""
     viewer = make_napari_viewer()
-    reference, moving, _ = add_pair(viewer, shape=SHAPE)
-    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
-    request = workbench.run_panel.selection().request
-    key = engine_key(request)
-    workbench._engines[key] = KnownResultEngine(result_with_defects(reference, moving))
-    run_and_wait(qtbot, workbench)
-    assert workbench.outcome is not None, notifications
-    return viewer, workbench
+    return viewer, review(viewer, qtbot, tmp_path, checkpoint_files[3], notifications)
 
 
 def test_next_suspicious_slice_goes_to_the_defects_and_prefills_the_flag(reviewed):
@@ -122,6 +128,36 @@ def test_the_plot_adds_a_quality_panel_marking_the_viewed_slice(reviewed):
     viewer.dims.set_current_step(0, LOST_SLICE)
     assert plot.marker_position == LOST_SLICE
     assert "lost structure 1.7 %" in plot.values_label.text()
+
+
+def test_the_review_tab_and_the_plot_name_the_slices_outside_the_moving_image(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
+    """A moving image reaching only part of the reference: the report said so, the workbench did not."""
+    def partial_coverage(reference, moving):
+        result = result_with_defects(reference, moving)
+        outside = np.zeros(SHAPE[0])
+        outside[:3] = 1.0  # slices 0-2 beyond the moving image's field of view
+        return dataclasses.replace(result, quality=dataclasses.replace(result.quality, outside_moving=outside))
+
+    viewer = make_napari_viewer()
+    workbench = review(viewer, qtbot, tmp_path, checkpoint_files[3], notifications, partial_coverage)
+    assert workbench.qc_panel.suspicion.value == (
+        "2 of 16 slices flagged\n3 of 16 slices (0-2) lie more than half outside the moving image's field of view: "
+        "not evidence of alignment, no moving data there.")
+    quality_axes = workbench.plot.figure.axes[1]
+    assert [patch.get_x() for patch in quality_axes.patches] == [-0.5, 0.5, 1.5]
+    assert "grey: outside the moving image" in quality_axes.get_title()
+    viewer.dims.set_current_step(0, 1)
+    assert "mostly outside the moving image" in workbench.plot.values_label.text()
+    viewer.dims.set_current_step(0, 5)
+    assert "outside" not in workbench.plot.values_label.text()
+
+
+def test_a_moving_image_reaching_every_slice_adds_no_coverage_note(reviewed):
+    _, workbench = reviewed
+    assert "outside" not in workbench.qc_panel.suspicion.value
+    assert not workbench.plot.figure.axes[1].patches
+    assert "grey" not in workbench.plot.figure.axes[1].get_title()
 
 
 def test_changing_the_theme_restyles_the_plot(make_napari_viewer):
