@@ -64,14 +64,22 @@ def _number(value: Any) -> str:
 
 
 def _stages(metadata: dict[str, Any]) -> list[str]:
-    """The training runs behind the weights, first to last, as far as the sidecar records them."""
+    """The training runs behind the weights, first to last, as far as the sidecar records them: each
+    run's ``initial_weights`` holds the record of the run it started from, and that its own."""
+    earlier = []
+    record = metadata.get("initial_weights")
+    while isinstance(record, dict) and record:
+        earlier.insert(0, record)
+        record = record.get("initial_weights")
     lines = []
-    initial = metadata.get("initial_weights")
-    if initial:
-        lines += _wrapped("  started from", f"{initial.get('name') or initial.get('checkpoint')} "
-                          f"({initial.get('steps')} steps), made by: {initial.get('command') or 'not recorded'}")
+    for position, run in enumerate(earlier):
+        made_by = run.get("command") or f"{run.get('name') or run.get('checkpoint')} (command not recorded)"
+        details = ", ".join([f"{run.get('steps')} steps",
+                             *([f"{run['wall_time_s']} s on {run.get('device')}"] if run.get("wall_time_s") else []),
+                             *([run["note"]] if run.get("note") else [])])
+        lines += _wrapped("  first" if position == 0 else "  then", f"{made_by} ({details})")
     stage = ((metadata.get("training_config") or {}).get("train") or {}).get("stage", "full")
-    lines += _wrapped("  then" if initial else "  trained", f"{metadata.get('command') or 'not recorded'} "
+    lines += _wrapped("  then" if earlier else "  trained", f"{metadata.get('command') or 'not recorded'} "
                       f"(config {metadata.get('config_file')}, train.stage {stage}, {metadata.get('steps')} steps, "
                       f"{metadata.get('wall_time_s')} s on {metadata.get('device')})")
     return lines

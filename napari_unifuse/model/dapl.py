@@ -6,8 +6,9 @@ last hidden states are h1, h2, h3 → (a) degradation classifier p, (b) prompt s
 through two MLPs, P̂ = P ⊙ G (Eq. 2).
 
 Classifier input: the paper feeds h1..h3 through an MLP + linear + softmax. We feed MambaBlock 2's
-outputs instead — each output token is the read-out C_t h_t of the hidden state at that position,
-and the last one is exactly C h — because token read-outs can be pooled per z-slab, which gives
+outputs instead — each output token is the residual plus the out-projection of the read-out
+C_t h_t (+ D u_t) of the hidden state at that position, gated by SiLU(z_t): a function of h, not
+h itself — because token read-outs can be pooled per z-slab, which gives
 the per-slice degradation probabilities of 3-D volumes from the same head as the global p. The
 pooled read-outs are standardised with running statistics before the MLP (see
 :class:`~napari_unifuse.model.layers.RunningStandardize`): without it the head stays at the class

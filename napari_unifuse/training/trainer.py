@@ -254,6 +254,8 @@ class Trainer:
                 # The crop its network was trained on: a stage trains one module of that network
                 # and leaves the size it reads at inference as it was (model.checkpoint.training_crop).
                 "training_crop": self._initial_training_crop(path, metadata),
+                # Its own start, and so on back: `unifuse info` lists every run behind the weights.
+                **({"initial_weights": metadata["initial_weights"]} if metadata.get("initial_weights") else {}),
             }
         self.training_model: torch.nn.Module = (
             AlignedRestorationModel(self.network) if config.train.stage == IMAGE_RESTORATION_STAGE

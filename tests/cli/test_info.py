@@ -142,3 +142,18 @@ def test_info_of_weights_of_an_unknown_network_names_the_file(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"unifuse info: error: {path}: holds weights of an unknown network "
                                                "'foo' (saved by a newer napari-unifuse?); known: unifuse, bsafusion, "
                                                "mmif-amin")
+
+
+@pytest.mark.parametrize(("name", "configs"), [
+    ("unifuse-2d-harvard", ["harvard2d-cpu.yaml", "harvard2d-cpu-head.yaml", "harvard2d-cpu-restoration.yaml"]),
+    ("unifuse-3d-phantom", ["phantom3d-cpu.yaml", "phantom3d-cpu-head.yaml", "phantom3d-cpu-restoration.yaml"]),
+])
+def test_info_lists_every_training_run_of_a_shipped_checkpoint_first_to_last(name, configs, capsys):
+    """It printed the head refit as "started from: <the checkpoint itself>" and left out the network's own run."""
+    assert main(["info", "--checkpoint", name]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    runs = text[text.index("training (first to last):"):text.index("validation:")]
+    assert runs.count("first: ") == 1 and runs.count("then: ") == 2
+    positions = [runs.index(f"--config configs/{config} ") for config in configs]
+    assert positions == sorted(positions) and runs.index("first: ") < positions[0]
+    assert "started from" not in runs

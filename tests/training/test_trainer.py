@@ -254,3 +254,17 @@ def test_a_resume_says_which_of_the_config_files_resumable_settings_it_keeps_the
     assert resumed_config(tmp_path, raised, max_steps=16, batch_size=2).train.max_steps == 16
     assert resumed_config(tmp_path, run).train.max_steps == 3
     assert capsys.readouterr().out == ""
+
+
+def test_a_run_started_from_a_started_run_keeps_both_records(tmp_path):
+    """A head refit recorded only the run it started from, not that run's own start: the chain broke."""
+    config = _tiny_config().with_overrides(train={"max_steps": 1})
+    first = train(config, tmp_path / "first", device="cpu", progress=False).last_checkpoint
+    second = train(config.with_overrides(train={"init_from": str(first)}), tmp_path / "second", device="cpu",
+                   progress=False).last_checkpoint
+    third = train(config.with_overrides(train={"init_from": str(second)}), tmp_path / "third", device="cpu",
+                  progress=False).last_checkpoint
+    record = json.loads(third.with_suffix(".json").read_text(encoding="utf-8"))["initial_weights"]
+    assert record["checkpoint"] == str(second)
+    assert record["initial_weights"]["checkpoint"] == str(first)
+    assert "initial_weights" not in record["initial_weights"]  # the first run started from nothing
