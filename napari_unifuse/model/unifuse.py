@@ -65,7 +65,8 @@ class UniFuse(nn.Module):
 
     @staticmethod
     def moved_by(moving: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-        """``moving`` moved by an initial field, as :meth:`refine` expects it (and DAPL reads it)."""
+        """``moving`` moved by an initial field for training's :meth:`refine` (and DAPL's read-out), the
+        border replicated; the engine fills beyond the image with zeros instead (docs/architecture.md)."""
         return warp(moving, initial, padding_mode="border")
 
     def initial_alignment(self, moving: torch.Tensor, reference: torch.Tensor,
