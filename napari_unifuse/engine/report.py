@@ -4,7 +4,8 @@
 verdict, the slices lying mostly outside the moving image's field of view (no evidence of alignment
 there); the inputs, the most suspicious slices with the quality maps drawn over the fused image,
 the metrics, the degradation plot with the per-slice suspicion beside it (a sentence instead for a
-method that estimates no degradation), the uncertainty summary, the reviewers' annotations and the
+method that estimates no degradation), the uncertainty summary (saying so where it probed UniFuse's
+structural matching rather than the method's own alignment), the reviewers' annotations and the
 provenance. Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state) and
 embedded as base64 PNG, so the page can be mailed or archived on its own. Every image panel shows
 the patient in one orientation, as napari shows the world, whatever order a file stores its voxels
@@ -97,6 +98,11 @@ SECTIONS: dict[str, str] = {
     "annotations": "Annotations",
     "provenance": "Provenance",
 }
+# provenance["method"] of the methods that align by UniFuse's structural matching, the alignment
+# the uncertainty passes probe: UniFuse itself, and any method registering with the "matching"
+# registration (engine.classical: the classical pipelines' and MMIF-AMIN's).
+_STRUCTURAL_MATCHING_METHOD = "unifuse"
+_STRUCTURAL_MATCHING_REGISTRATION = "matching"
 # Maps are named as in the workbench (``quality.MAP_LABELS``); the problems a map points at (the
 # verdict, the annotation categories) keep ``quality.PROBLEM_NAMES``.
 # Overlay colour of each map where it exceeds its threshold (colour-blind-safe Okabe-Ito hues).
@@ -165,7 +171,7 @@ def report_page(
         "key-slices": _key_slices_section(result, fused_view),
         "metrics": _metrics_section(result, metrics or {}),
         "degradation": _degradation_section(result),
-        "uncertainty": _uncertainty_section(result.quality, fused_view),
+        "uncertainty": _uncertainty_section(result.quality, fused_view, _mapping(result.provenance.get("method"))),
         "annotations": _annotations_section(annotations, result.fused.ndim, skipped, reference, moving),
         "provenance": f"<pre>{html.escape(json.dumps(result.provenance, indent=2, default=str), quote=False)}</pre>",
     }
@@ -424,8 +430,26 @@ def _degradation_section(result: FusionResult) -> str:
     return f"<p>Predicted: <b>{html.escape(result.predicted_class)}</b> ({globals_}).</p>{_png(figure, drawn)}"
 
 
-def _uncertainty_section(quality: QualityMaps | None, view: PlaneView) -> str:
-    """The uncertainty's summary, histogram and its map on the slice it flags most, drawn as ``view`` says."""
+def _uncertainty_probe_note(method: Mapping[str, Any]) -> str:
+    """What the uncertainty passes probed, for a method (``provenance["method"]``) that does not align by
+    UniFuse's structural matching: the passes re-run that matching's local stage from the kept field
+    for every method (``engine.inference``'s quality stage), so for this one the spread is not its
+    own alignment's. Empty for UniFuse, for methods registering with the matching, and for a
+    provenance that names no method (nothing to tell)."""
+    name = method.get("name")
+    registration = method.get("registration")
+    if name is None or name == _STRUCTURAL_MATCHING_METHOD or registration == _STRUCTURAL_MATCHING_REGISTRATION:
+        return ""
+    alignment = str(registration or name)
+    return (f"<p><b>Probed with UniFuse's structural matching, not this method's alignment "
+            f"({html.escape(alignment)})</b>: the spread says how firmly that matching pins each voxel around "
+            f"the field {html.escape(str(name))} kept; it does not measure how precise this method's own "
+            "alignment is.</p>")
+
+
+def _uncertainty_section(quality: QualityMaps | None, view: PlaneView, method: Mapping[str, Any]) -> str:
+    """The uncertainty's summary, histogram and its map on the slice it flags most, drawn as ``view`` says;
+    above them, what was probed where it is not the alignment of ``method`` (``provenance["method"]``)."""
     if quality is None or quality.uncertainty_mm is None:
         return "<p class=note>The alignment uncertainty was not computed for this run.</p>"
     values = quality.uncertainty_mm
@@ -448,7 +472,8 @@ def _uncertainty_section(quality: QualityMaps | None, view: PlaneView) -> str:
     _label_edges(drawn_map, view)
     drawn = ("Histogram of the alignment uncertainty with its threshold, and its map "
              + (f"at slice {worst}, the slice it flags most" if quality.slice_count > 1 else "over the image"))
-    return (f"<p>Median {median:.2f} mm, 95th percentile {p95:.2f} mm, maximum {values.max():.2f} mm; "
+    return (f"{_uncertainty_probe_note(method)}"
+            f"<p>Median {median:.2f} mm, 95th percentile {p95:.2f} mm, maximum {values.max():.2f} mm; "
             f"{100 * float(np.mean(values > threshold)):.2f} % of voxels above {threshold:.2f} mm. "
             f"<span class=note>{html.escape(quality.definitions.get(UNCERTAINTY, ''))}</span></p>"
             f"{_png(figure, drawn)}")
