@@ -34,7 +34,11 @@ fuse`` builds it, so a classical pipeline scores a 3D pair in 3D and a 2D-only m
 and each classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
 UniFuse's parameter-free matching) followed by each classical fusion rule (max, average,
 wavelet). The classical pipelines fuse the reference with *their* aligned moving image, i.e. the
-still-degraded one: the honest baseline, since they restore nothing. Where a field reads beyond
+still-degraded one: the honest baseline, since they restore nothing. Where the moving image covers
+only part of the reference grid, their registrations (the copy pipelines' too) see the reference as
+the engine's alignment estimates see it, blanked outside the moving image's field of view
+(``engine.inference.within_field_of_view``), so that none slides the covered part into the
+reference's uncovered tissue; their fusion and every score take the whole reference. Where a field reads beyond
 the image, their warp repeats its edge voxels and the engine's reads 0, so the engine method
 ``matching+average`` and the row ``matching + average`` share a field but score differently near
 the edge. Two sanity pipelines fuse nothing: ``copy-reference`` (fused = the reference) and
@@ -113,12 +117,14 @@ from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
 from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
 from napari_unifuse.engine.inference import (
     FusionEngine,
+    moving_field_of_view,
     one_slice_beside_2d,
     overlap_warnings,
     picture_placement_warnings,
     reader_and_content_warnings,
     refuse_mixed_dimensions,
     single_slice_pair,
+    within_field_of_view,
 )
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.labels import label_coverage_warnings
@@ -525,10 +531,13 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
             yield name, engine_scores(method_engine, pair, reference, moving_unit)
         except RegistrationError as error:
             yield name, failed_scores(pair, name, error)
+    # The classical registrations see the reference as the engine's alignment estimates do: the
+    # uncovered reference's tissue, against the moving image's zeros, drew the covered slab into it.
+    reference_seen = within_field_of_view(reference, moving_field_of_view(pair.moving, pair.reference))
     registered = {}
     for method in registrations:
         try:
-            registration = registered[method] = classical.register(method, reference, moving_unit, geometry)
+            registration = registered[method] = classical.register(method, reference_seen, moving_unit, geometry)
         except RegistrationError as error:
             for rule in rules:
                 yield f"{method} + {rule}", failed_scores(pair, f"{method} + {rule}", error)
@@ -541,7 +550,7 @@ def evaluate_pair(pair: EvaluationPair, engine: FusionEngine | None, registratio
                                               pair, seconds)
     copies_on = copy_registration(registrations)
     registration = (registered[copies_on] if copies_on in registered
-                    else classical.register(copies_on, reference, moving_unit, geometry))
+                    else classical.register(copies_on, reference_seen, moving_unit, geometry))
     for rule, fused in zip(COPY_RULES, (reference, registration.aligned), strict=True):
         yield f"{copies_on} + {rule}", score(registration.aligned, registration.displacement, fused, reference,
                                              pair, registration.seconds)

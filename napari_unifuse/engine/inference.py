@@ -457,7 +457,7 @@ class FusionEngine:
             spacing = tuple(float(s) for s in reference.geometry.spacing)
             classical = None
             if self._registers_classically(on_grid.luma.array.shape):
-                classical = _ClassicalInBackground(_within(reference_ready.luma.array, field_of_view),
+                classical = _ClassicalInBackground(within_field_of_view(reference_ready.luma.array, field_of_view),
                                                    on_grid.luma.array, spacing, warnings)
             degradation = None
             with _stopped_when_done(classical):
@@ -595,7 +595,7 @@ class FusionEngine:
         running since the resampling (:meth:`_registers_classically`); its stage is the wait for it.
         ``field_of_view``: where the moving image has data on the grid (``moving_field_of_view``;
         None: everywhere); the alignment estimates see the reference only there, and the guard scores
-        only there (:func:`_within`)."""
+        only there (:func:`within_field_of_view`)."""
         multiple = self.config.size_multiple
         spatial = moving.shape
         crop = (slice(None), *(slice(0, side) for side in spatial))
@@ -604,7 +604,7 @@ class FusionEngine:
         pair = torch.from_numpy(np.stack([np.pad(moving, padding), np.pad(reference, padding)]).astype(np.float32))
         tile_size = self.tile_size or auto_tile_shape(tuple(pair.shape[1:]), multiple, MAX_TILE_VOXELS)
         attempts = fallback_plan(self.device, tuple(pair.shape[1:]), tile_size, minimum_padded_side(self.config))
-        reference_seen = _within(reference, field_of_view)
+        reference_seen = within_field_of_view(reference, field_of_view)
         matched_reference = pair[None, 1:2] if field_of_view is None else torch.from_numpy(
             np.pad(reference_seen, padding))[None, None]
         cancel.raise_if_cancelled()
@@ -869,7 +869,7 @@ class FusionEngine:
         warped by the kept field (before restoration), the restored and the fused luma; the spread
         of the alignment over ``uncertainty_passes`` perturbed moving images; and which part of each
         slice lies outside the moving image's ``field_of_view`` (None: it reaches every voxel). The
-        uncertainty passes see the reference as the alignment estimates saw it (:func:`_within`), so
+        uncertainty passes see the reference as the alignment estimates saw it (:func:`within_field_of_view`), so
         that they measure the spread of the problem whose field was kept."""
         timer = StageTimer()
         moving_tensor = torch.from_numpy(moving)[None, None]
@@ -880,7 +880,7 @@ class FusionEngine:
             # Methods without a structural matching of their own are probed with UniFuse's default one.
             step = getattr(self.config, "matching_step", UniFuseConfig().matching_step)
             with timer.stage("uncertainty"):
-                reference_seen = torch.from_numpy(_within(reference.array, field_of_view))[None, None]
+                reference_seen = torch.from_numpy(within_field_of_view(reference.array, field_of_view))[None, None]
                 uncertainty, threshold = uncertainty_on_matching_level(
                     reference_seen, moving_tensor, field, spacing, step, passes=uncertainty_passes, cancel=cancel)
         with timer.stage("maps"):
@@ -973,7 +973,7 @@ def moving_field_of_view(moving: ImageVolume, reference: ImageVolume) -> np.ndar
     return None if inside.all() else inside
 
 
-def _within(reference: np.ndarray, field_of_view: np.ndarray | None) -> np.ndarray:
+def within_field_of_view(reference: np.ndarray, field_of_view: np.ndarray | None) -> np.ndarray:
     """The reference as the alignment estimates see it: blanked where the moving image has no data
     (``field_of_view``; None: as it is). Its tissue there, against the moving image's zeros, rewarded
     the matching for sliding the covered slab into it (a half-coverage phantom slid 10 mm through-plane)."""
