@@ -32,7 +32,7 @@ in-plane axes come from the reference's own spacing, not the matching level's: t
 fine axes towards isotropic voxels, where the thick axis would no longer stand out.
 
 A moving image covering only part of the reference grid: the passes get the reference as the
-alignment estimates saw it, blanked where the moving image has no data (``engine.inference._within``),
+alignment estimates saw it, blanked where the moving image has no data (``engine.inference.within_field_of_view``),
 so that they measure the spread of the problem whose field was kept. Against the whole reference
 the copies' zeros met its tissue beyond the slab: on a half-coverage phantom the covered slices
 beside the edge read up to 1.8 times the spread they read against the blanked reference, and three
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.metrics.fidelity import in_plane_axes
-from napari_unifuse.model.matching import local_matching, pyramid_factors
+from napari_unifuse.model.matching import local_matching, pyramid_factors, upsample_pooled
 from napari_unifuse.model.warp import compose, warp
 
 GAIN_JITTER = 0.03  # standard deviation of the multiplicative gain
@@ -195,7 +195,5 @@ def uncertainty_on_matching_level(
                                    shift_voxels=matching_shift_voxels(step), passes=passes, in_plane=in_plane,
                                    cancel=cancel)
     if spread.shape != spatial:
-        mode = ("bilinear", "trilinear")[len(spatial) - 2]
-        spread = F.interpolate(torch.from_numpy(spread)[None, None], size=spatial, mode=mode,
-                               align_corners=False)[0, 0].numpy()
+        spread = upsample_pooled(torch.from_numpy(spread)[None, None], factors, spatial)[0, 0].numpy()
     return spread, uncertainty_threshold_mm(level_spacing)

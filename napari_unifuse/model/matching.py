@@ -32,10 +32,12 @@ the pair average-pooled by per-axis powers of two until it holds at most ``_LEVE
 (about 96³), pooling first the axes of finest physical spacing (``spacing``, mm), so that a
 thick-slice volume (5 mm slices, 1 mm in-plane) is pooled in-plane only and its level voxels come
 out nearly isotropic, as the rigid fit assumes. The level's field is brought back to the full grid
-(trilinear, scaled per axis). At 160³ this is what takes the matching from ~45 s to a few
-seconds; the network and the alignment guard refine and judge the estimate at full resolution.
-An axis too thin for a block of cells (a one-slice volume, 32×32×2) is matched in-plane, slice
-by slice, with no motion along it; a volume thin along two axes is not matched at all.
+(trilinear, scaled per axis, each level voxel at the centre of its pooling window also where the
+factor does not divide the size: ``upsample_pooled``). At 160³ this is what takes the matching
+from ~45 s to a few seconds; the network and the alignment guard refine and judge the estimate at
+full resolution. An axis too thin for a block of cells (a one-slice volume, 32×32×2) is matched
+in-plane, slice by slice, with no motion along it; a volume thin along two axes is not matched at
+all.
 
 FA then predicts a learned correction on top (``FeatureAlignment``), and sees the moving features
 already moved by this estimate. Nothing here is differentiated by the network's training
@@ -166,9 +168,18 @@ def affine_displacement(matrices: torch.Tensor, spatial: tuple[int, ...]) -> tor
     return (mapped - grid).reshape(matrices.shape[0], spatial_dims, *spatial)
 
 
-def _upsample_field(field: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-    mode = ("bilinear", "trilinear")[field.dim() - 4]
-    return F.interpolate(field, size=spatial, mode=mode, align_corners=False)
+def upsample_pooled(values: torch.Tensor, factors: tuple[int, ...], spatial: tuple[int, ...]) -> torch.Tensor:
+    """``values`` (B, C, *pooled) on the grid that ceil-mode pooling by ``factors`` made of
+    ``spatial``, linearly interpolated back to (B, C, *spatial), held at the border beyond the
+    outermost pooled voxels. Pooled voxel i sits at factor·i + (factor − 1)/2, the centre of its
+    window: align_corners=False with the scale ``factors`` maps it so. Where a factor does not divide
+    the size the last window is cut short, so the whole windows are interpolated and then cut to the
+    image; sized to the image directly the grid would stretch by size / pooled instead of the factor
+    (at 200 voxels pooled by 16 into 13, 0.19 voxels off on average for a 5 % gradient)."""
+    mode = ("bilinear", "trilinear")[values.dim() - 4]
+    whole_windows = F.interpolate(values, scale_factor=[float(f) for f in factors], mode=mode,
+                                  align_corners=False, recompute_scale_factor=False)
+    return whole_windows[(..., *(slice(size) for size in spatial))]
 
 
 def _describe(image: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +219,8 @@ def local_matching(moving: torch.Tensor, reference: torch.Tensor, step: int,
     norm = gaussian_blur(confidence, smoothing_cells)
     # Where no cell nearby is confident the correction fades to zero instead of dividing noise.
     local = weighted / norm.clamp_min(1e-6) * (norm / (norm + 1e-3))
-    return _upsample_field(local, tuple(reference.shape[2:]))
+    spatial = tuple(reference.shape[2:])
+    return upsample_pooled(local, (fine_step,) * len(spatial), spatial)
 
 
 def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torch.Tensor:
@@ -293,8 +305,7 @@ def _match_pair(moving: torch.Tensor, reference: torch.Tensor, step: int, search
     level = _match_level(level_moving, level_reference, step, level_range, smoothing_cells,
                          mutual_information_refinement, check_cancelled)
     scale = torch.tensor(factors, dtype=level.dtype, device=level.device).view(1, -1, *[1] * len(spatial))
-    # Level voxel centres sit at factor·i + (factor − 1)/2: align_corners=False maps them so.
-    return _upsample_field(level * scale, spatial)
+    return upsample_pooled(level * scale, factors, spatial)
 
 
 def _match_level(moving: torch.Tensor, reference: torch.Tensor, step: int, search_range: int,
