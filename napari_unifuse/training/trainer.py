@@ -45,6 +45,9 @@ Run folder (``--out``)::
     checkpoints/best.safetensors + best.json       best validation fusion_gain_min so far (a copy-proof fusion score)
     checkpoints/.saving-NAME/   a save in progress (see below); never read as a checkpoint
 
+config.yaml, split.json and the log a resume cuts back are each replaced as one file (written
+beside it and renamed over it): a kill or a full disk during the write leaves the earlier one.
+
 One run at a time: a run holds its folder's lock (engine.outputs.output_folder_lock; rank 0 under
 torchrun) from before its first look at the folder to its end, and another run into the folder
 (a requeued ``--resume``, a second fresh run) is refused in one line.
@@ -83,7 +86,9 @@ from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from napari_unifuse import __version__
 from napari_unifuse.engine.distributed import setup_distributed
+from napari_unifuse.engine.outputs import write_text_atomically
 from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
 from napari_unifuse.json_records import standard_json
@@ -379,6 +384,7 @@ class Trainer:
             "wall_time_s": round(seconds, 2),
             "device": _device_description(self.dist.device),
             "world_size": self.dist.world_size,
+            "napari_unifuse": __version__,
             "torch": torch.__version__,
             "validation": self.validation,
             "best_validation": self.best_validation,
@@ -429,13 +435,14 @@ class Trainer:
                 continue  # a line cut short by the interruption
             if record.get("step", 0) <= self.step:
                 kept.append(line)
-        temporary = log.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(kept), encoding="utf-8")
-        temporary.replace(log)
+        _write_run_file(log, "".join(kept))
 
     def _clear_previous_run(self) -> None:
+        """Remove the earlier run's files that this run's would not replace: its checkpoints, its log,
+        and its split (a run on generated pairs records none, and a stale one refused its resumes)."""
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+        for name in ("log.jsonl", SPLIT_FILE):
+            (self.run_dir / name).unlink(missing_ok=True)
 
     def _loader(self, sampler: _ResumableSampler) -> DataLoader:
         return DataLoader(
@@ -463,11 +470,12 @@ class Trainer:
             self._clear_previous_run()
         if self.resume:
             self._forget_records_after_the_restored_step()
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
-                                                  encoding="utf-8")
+        _write_run_file(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         split = self._split()
         if any(split.values()):
-            (self.run_dir / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
+            _write_run_file(self.run_dir / SPLIT_FILE, json.dumps(split, indent=2) + "\n")
+        else:
+            (self.run_dir / SPLIT_FILE).unlink(missing_ok=True)  # an earlier run's, on data with cases
 
     def _batches_per_epoch(self, sampler: _ResumableSampler) -> int:
         """Batches per epoch of this process; a split too small for one batch is refused."""
@@ -643,6 +651,16 @@ def _written_or_refused(path: Path) -> Iterator[None]:
                            "is the disk full? The previous checkpoint is kept") from error
 
 
+def _write_run_file(path: Path, text: str) -> None:
+    """Replace a run file (config.yaml, split.json, log.jsonl) as one: a kill or a full disk during
+    the write leaves the earlier file whole, so the run can still be resumed."""
+    try:
+        write_text_atomically(path, text)
+    except OSError as error:
+        raise UniFuseError(f"{path}: could not be written ({error.strerror or error}); is the disk full? "
+                           f"{path.name} is left as it was") from error
+
+
 @contextlib.contextmanager
 def _run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir``'s folder lock (engine.outputs: on the folder itself, so a resume finds no
@@ -728,8 +746,10 @@ def _refuse_changed_split(run_dir: Path, split: dict[str, list[str]]) -> None:
     from the data reshuffle the split, so held-out cases would train and the best checkpoint would
     compare scores over different validation sets."""
     path = run_dir / SPLIT_FILE
-    if not path.is_file():
-        return  # generated pairs (the phantom), which have no cases
+    if not any(split.values()) or not path.is_file():
+        # Generated pairs (the phantom) have no cases; a split.json beside them is a stale one (the
+        # config, data.kind included, is the run's own) that --overwrite once left behind.
+        return
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -826,7 +846,7 @@ def train(
 
     ``stop_at_step``: stop there (validating and checkpointing) although the schedule runs to
     ``train.max_steps``; ``resume=True`` later continues as if never stopped. ``overwrite``: a
-    fresh run into a folder that holds one first removes its checkpoints and log.
+    fresh run into a folder that holds one first removes its checkpoints, log and split.
     """
     trainer = Trainer(config, run_dir, device=device, resume=resume, command=command, progress=progress,
                       stop_at_step=stop_at_step, overwrite=overwrite)
