@@ -30,6 +30,7 @@ moving image placed as the field.
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import zlib
 from collections.abc import Mapping
@@ -47,8 +48,6 @@ from napari_unifuse.io.readers import NIFTI_SUFFIXES, itk_source, load_nifti
 from napari_unifuse.io.writers import nifti_image, save_nifti, staged_destination
 
 _GZIP_CHECK_CHUNK = 1 << 22
-# ITK's axis order of a field stored by _itk_readable_order's [1, 2, 0] is (z, x, y): back to (x, y, z).
-_ITK_SLICE_AXIS_BACK = (1, 2, 0)
 
 
 def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | os.PathLike, *,
@@ -58,8 +57,9 @@ def write_displacement(u: np.ndarray, reference_geometry: Geometry, path: str | 
 
     ``reference_metadata``: the reference image's metadata; a NIfTI field keeps its header's forms
     and codes (``io.nifti_xforms``), as the images written on its grid do. A NIfTI field of a
-    one-slice reference whose slice axis is ITK's last is stored with that axis first (see
-    ``_itk_readable_order``); ``read_displacement`` given the reference geometry puts it back.
+    grid one voxel thick along ITK's last axis (a one-slice volume, a picture one row tall) is
+    stored with its one-voxel axes first (see ``_itk_readable_order``); ``read_displacement`` given
+    the reference geometry puts them back.
     ``moving_placement``: where ITK places the moving image relative to the package
     (``itk_placement``), so that ITK's resample through the field samples it where the package did;
     None for a moving image ITK places as it places the field (written on the reference grid with
@@ -121,8 +121,9 @@ def _write_nifti_field(itk_vectors: np.ndarray, geometry: Geometry, path: Path, 
     if order is not None:
         itk_vectors = itk_vectors.transpose(*order, geometry.ndim)
         geometry = Geometry(geometry.spacing[order], geometry.origin, geometry.direction[:, order])
-        if xforms is not None:  # the same permutation in nibabel's (reversed) axis order
-            xforms = xforms.with_voxel_axes([geometry.ndim - 1 - axis for axis in order[::-1]])
+        if xforms is not None:  # the same permutation in nibabel's (reversed) axis order, z kept in 2-D
+            ndim = geometry.ndim
+            xforms = xforms.with_voxel_axes([ndim - 1 - axis for axis in order[::-1]] + list(range(ndim, 3)))
     spatial = itk_vectors.transpose(*range(geometry.ndim - 1, -1, -1), geometry.ndim)  # nibabel's x, y, z first
     voxels = spatial.reshape(*spatial.shape[:-1], *(1,) * (4 - geometry.ndim), spatial.shape[-1])
     image = nifti_image(voxels, geometry, xforms)
@@ -207,11 +208,32 @@ def _itk_readable_order(spatial_shape: tuple[int, ...]) -> list[int] | None:
 
     ITK's NIfTI reader drops trailing one-voxel axes of a vector image: the field of a one-slice
     volume whose slice is its first array axis (ITK's last) would read as 2-D, and for a coronal or
-    sagittal slice with a singular direction (unreadable). Moved last (ITK's first), the slice axis
-    is kept and SimpleITK reads a 3-D field on the same points in space."""
-    if len(spatial_shape) == 3 and spatial_shape[0] == 1 and spatial_shape[2] > 1:
-        return [1, 2, 0]
-    return None
+    sagittal slice with a singular direction (unreadable); that of a picture one row tall as 1-D,
+    which SimpleITK refuses. Moved last (ITK's first), in their order, the one-voxel axes are kept
+    and SimpleITK reads a field of the grid's dimension on the same points in space."""
+    if spatial_shape[0] != 1 or max(spatial_shape) == 1:
+        return None
+    return sorted(range(len(spatial_shape)), key=lambda axis: spatial_shape[axis] == 1)
+
+
+def _stored_orders(stored_shape: tuple[int, ...]) -> list[list[int]]:
+    """The array-axis orders ``_itk_readable_order`` may have stored a field of this (array-order)
+    shape in: each order that it gives for the shape that order puts back."""
+    return [list(order) for order in itertools.permutations(range(len(stored_shape)))
+            if _itk_readable_order(tuple(stored_shape[axis] for axis in np.argsort(order))) == list(order)]
+
+
+def _axes_put_back(geometry: Geometry, order: list[int]) -> Geometry:
+    """``geometry`` of a grid stored in array-axis ``order``, with its axes put back."""
+    back = np.argsort(order)
+    return Geometry(geometry.spacing[back], geometry.origin, geometry.direction[:, back])
+
+
+def _image_axes_put_back(image: sitk.Image, order: list[int]) -> sitk.Image:
+    """``image`` stored in array-axis ``order``, its axes put back (ITK's axes are the array's reversed)."""
+    ndim = image.GetDimension()
+    back = np.argsort(order)
+    return sitk.PermuteAxes(image, [int(ndim - 1 - back[ndim - 1 - axis]) for axis in range(ndim)])
 
 
 def _refuse_cut_short(path: Path) -> None:
@@ -268,17 +290,19 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
         # A field carrying a reference's forms that ITK reads otherwise than nibabel: the package places
         # both by nibabel's rule, so it is on the reference's grid; its vectors are in ITK's placement.
         vector_frame, geometry = geometry, placement[0]
-    if reference_geometry is not None and ndim == 3 and not geometry.allclose(reference_geometry, atol=1e-4):
-        # Perhaps a one-slice reference's field, stored with the slice axis moved (write_displacement),
-        # placed where the package places the reference by ITK or, for forms ITK reads otherwise, by nibabel.
-        restored = sitk.PermuteAxes(image, _ITK_SLICE_AXIS_BACK)
-        by_itk = Geometry.from_sitk(restored)
-        by_nibabel = None if placement is None else Geometry.from_sitk(sitk.PermuteAxes(
-            placement[0].to_sitk(sitk.Image(image.GetSize(), sitk.sitkUInt8)), _ITK_SLICE_AXIS_BACK))
-        if by_itk.allclose(reference_geometry, atol=1e-4):
-            image, geometry, vector_frame = restored, by_itk, reference_geometry
-        elif by_nibabel is not None and by_nibabel.allclose(reference_geometry, atol=1e-4):
-            image, geometry, vector_frame = restored, by_nibabel, by_itk
+    if reference_geometry is not None and not geometry.allclose(reference_geometry, atol=1e-4):
+        # Perhaps the field of a grid one voxel thick along ITK's last axis, stored with its one-voxel
+        # axes moved (write_displacement), placed where the package places the reference by ITK or,
+        # for forms ITK reads otherwise, by nibabel.
+        for order in _stored_orders(tuple(reversed(image.GetSize()))):
+            by_itk = _axes_put_back(Geometry.from_sitk(image), order)
+            by_nibabel = None if placement is None else _axes_put_back(placement[0], order)
+            if by_itk.allclose(reference_geometry, atol=1e-4):
+                image, geometry, vector_frame = _image_axes_put_back(image, order), by_itk, reference_geometry
+                break
+            if by_nibabel is not None and by_nibabel.allclose(reference_geometry, atol=1e-4):
+                image, geometry, vector_frame = _image_axes_put_back(image, order), by_nibabel, by_itk
+                break
     if reference_geometry is not None and not geometry.allclose(reference_geometry, atol=1e-4):
         raise InputError(
             f"the field's grid {geometry} differs from the reference grid {reference_geometry}", path

@@ -143,8 +143,8 @@ def _check_displacement(u: object, to_float64: bool = True) -> np.ndarray:
             f"expected a displacement field of shape (ndim, *spatial) with ndim 2 or 3, got {field.shape}",
             "displacement",
         )
-    if min(field.shape[1:]) < 2:
-        raise InputError(f"each spatial axis needs at least 2 voxels, got {field.shape[1:]}", "displacement")
+    if min(field.shape[1:]) < 1:
+        raise InputError(f"each spatial axis needs at least one voxel, got {field.shape[1:]}", "displacement")
     if not np.isfinite(field).all():
         raise InputError("the displacement field contains NaN or infinite values", "displacement")
     return field
@@ -153,8 +153,10 @@ def _check_displacement(u: object, to_float64: bool = True) -> np.ndarray:
 def jacobian_determinant(u: object) -> np.ndarray:
     """det(∂φ/∂x) of φ(x) = x + u(x) at every voxel, same spatial shape as ``u`` (float64).
 
-    ∂u/∂x by central differences (``np.gradient``; one-sided at the border). 1 means volume is
-    kept, > 1 local expansion, < 1 compression, ≤ 0 folding.
+    ∂u/∂x by central differences (``np.gradient``; one-sided at the border), 0 along an axis of one
+    voxel (a 1×N picture, a one-slice volume): nothing varies across it, so det J is that of the
+    field over the other axes. 1 means volume is kept, > 1 local expansion, < 1 compression,
+    ≤ 0 folding.
     """
     field = _check_displacement(u, to_float64=False)
     if field.shape[0] == 2:
@@ -171,7 +173,7 @@ def _determinant_of_gradients(field: np.ndarray) -> np.ndarray:
     # J[component][axis]; the determinant is expanded by hand: np.linalg.det over one small matrix
     # per voxel takes 3 s on a 176 x 216 x 180 field, the expansion a tenth of that.
     ndim = field.shape[0]
-    jacobian = [list(np.gradient(field[component])) for component in range(ndim)]
+    jacobian = [_gradient(field[component]) for component in range(ndim)]
     for axis in range(ndim):
         jacobian[axis][axis] += 1.0
     if ndim == 2:
@@ -179,6 +181,13 @@ def _determinant_of_gradients(field: np.ndarray) -> np.ndarray:
         return a * d - b * c
     (a, b, c), (d, e, f), (g, h, i) = jacobian
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def _gradient(values: np.ndarray) -> list[np.ndarray]:
+    """∂values/∂axis along every axis (``np.gradient``); 0 along an axis of one voxel, which has no
+    neighbour to difference with."""
+    return [np.gradient(values, axis=axis) if extent > 1 else np.zeros_like(values)
+            for axis, extent in enumerate(values.shape)]
 
 
 class JacobianRegularity(NamedTuple):
@@ -191,20 +200,23 @@ class JacobianRegularity(NamedTuple):
 def jacobian_regularity(determinant: np.ndarray) -> JacobianRegularity:
     """Folding percentage and SDlogJ of a ``jacobian_determinant`` map, Learn2Reg style.
 
-    Both leave out the 2-voxel border where the central differences are one-sided. Folding: the
+    Both leave out the 2-voxel border where the central differences are one-sided, along the axes
+    of more than one voxel (across one voxel there are no differences to leave out). Folding: the
     percentage of voxels with det J ≤ 0. SDlogJ: std(log(clip(det J + 3, 1e-9, 1e9))), exactly as
     Learn2Reg's evaluation computes it; the +3 offset and the clipping are part of the official
     script (MDL-UzL/L2R evaluation.py) and keep folded voxels finite, so values are comparable with
     Learn2Reg leaderboards and smaller than std(log det J) of a non-folding field.
     """
     determinant = np.asarray(determinant, dtype=np.float64)
-    if min(determinant.shape) <= 2 * _LEARN2REG_BORDER:
+    cropped = [extent > 1 for extent in determinant.shape]
+    if any(crop and extent <= 2 * _LEARN2REG_BORDER for crop, extent in zip(cropped, determinant.shape, strict=True)):
         raise InputError(
-            f"each spatial axis needs more than {2 * _LEARN2REG_BORDER} voxels for Learn2Reg's border crop, "
-            f"got {determinant.shape}",
+            f"each spatial axis of more than one voxel needs more than {2 * _LEARN2REG_BORDER} voxels for "
+            f"Learn2Reg's border crop, got {determinant.shape}",
             "displacement",
         )
-    interior = determinant[(slice(_LEARN2REG_BORDER, -_LEARN2REG_BORDER),) * determinant.ndim]
+    interior = determinant[tuple(slice(_LEARN2REG_BORDER, -_LEARN2REG_BORDER) if crop else slice(None)
+                                 for crop in cropped)]
     return JacobianRegularity(folding_percentage=float(100.0 * np.mean(interior <= 0)),
                               sd_log_jacobian=float(np.log(np.clip(interior + 3.0, 1e-9, 1e9)).std()))
 
