@@ -206,15 +206,13 @@ def jacobian_regularity(determinant: np.ndarray) -> JacobianRegularity:
     Learn2Reg's evaluation computes it; the +3 offset and the clipping are part of the official
     script (MDL-UzL/L2R evaluation.py) and keep folded voxels finite, so values are comparable with
     Learn2Reg leaderboards and smaller than std(log det J) of a non-folding field.
+    Both are NaN (undefined, not an error) where an axis of 2 to 4 voxels leaves no interior: a
+    3-pixel-tall picture is fused and scored on everything else.
     """
     determinant = np.asarray(determinant, dtype=np.float64)
     cropped = [extent > 1 for extent in determinant.shape]
     if any(crop and extent <= 2 * _LEARN2REG_BORDER for crop, extent in zip(cropped, determinant.shape, strict=True)):
-        raise InputError(
-            f"each spatial axis of more than one voxel needs more than {2 * _LEARN2REG_BORDER} voxels for "
-            f"Learn2Reg's border crop, got {determinant.shape}",
-            "displacement",
-        )
+        return JacobianRegularity(folding_percentage=float("nan"), sd_log_jacobian=float("nan"))
     interior = determinant[tuple(slice(_LEARN2REG_BORDER, -_LEARN2REG_BORDER) if crop else slice(None)
                                  for crop in cropped)]
     return JacobianRegularity(folding_percentage=float(100.0 * np.mean(interior <= 0)),
