@@ -81,7 +81,8 @@ MIN_CREDIBLE_MOTION_VOXELS = 8.0
 METADATA_KEY = "alignment_guard"
 BLOCK_VOXELS = 16
 BOOTSTRAP_REPLICATES = 100
-# Fewer blocks than this give no usable spread: the identity is kept.
+# Fewer blocks than this (of the scored voxels, or of the moving image's own tissue) give no usable spread:
+# the identity is kept.
 MIN_BLOCKS = 4
 MAX_SAMPLES = 2**16
 # A voxel shows tissue above this fraction of its image's 99th percentile.
@@ -114,7 +115,7 @@ class GuardDecision:
     challenges: tuple[Challenge, ...]
     factor: float  # k
     samples: int  # joint-foreground voxels scored
-    blocks: int  # bootstrap blocks they fall in
+    blocks: int  # bootstrap blocks they fall in (when fewer, those the moving image's own tissue spans)
     min_credible_motion: float = MIN_CREDIBLE_MOTION_VOXELS  # the floor (motion_unit)
     blur_voxels: float = 0.0  # the Gaussian sigma both images were blurred by before scoring
     spacing: tuple[float, ...] | None = None  # the grid's mm per array axis; None: not given
@@ -228,8 +229,11 @@ def choose_displacement(
     shown = np.any([sampled > moving_threshold for sampled in values.values()], axis=0)
     points = points[:, shown]
     blocks, block_count = _blocks_of(points, moving.shape)
-    if block_count < MIN_BLOCKS:
-        return GuardDecision(IDENTITY, {}, {}, (), factor, int(points.shape[1]), block_count, min_credible_motion,
+    # A candidate can spread a small object over the reference's tissue (one that pulls every voxel
+    # onto a 3-voxel cube showed it in 8 blocks): the moving image's own tissue must span the blocks too.
+    judged_blocks = min(block_count, _occupied_blocks(moving > moving_threshold))
+    if judged_blocks < MIN_BLOCKS:
+        return GuardDecision(IDENTITY, {}, {}, (), factor, int(points.shape[1]), judged_blocks, min_credible_motion,
                              blur_voxels, spacing)
 
     # Row 0: the sample itself; then how often each block was drawn in each replicate.
@@ -367,6 +371,14 @@ def _blocks_of(points: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, 
     cells = np.ravel_multi_index(tuple(points // BLOCK_VOXELS), grid)
     occupied, blocks = np.unique(cells, return_inverse=True)
     return blocks, len(occupied)
+
+
+def _occupied_blocks(mask: np.ndarray) -> int:
+    """How many blocks of BLOCK_VOXELS per side (as :func:`_blocks_of` lays them) hold a voxel of ``mask``."""
+    grid = tuple(math.ceil(size / BLOCK_VOXELS) for size in mask.shape)
+    padded = np.pad(mask, [(0, cells * BLOCK_VOXELS - size) for cells, size in zip(grid, mask.shape)])
+    per_block = padded.reshape([length for cells in grid for length in (cells, BLOCK_VOXELS)])
+    return int(per_block.any(axis=tuple(range(1, 2 * mask.ndim, 2))).sum())
 
 
 def _block_histograms(reference_bins: tuple[torch.Tensor, torch.Tensor], moving: np.ndarray, blocks: np.ndarray,

@@ -1174,6 +1174,10 @@ def _classical_estimate(reference: np.ndarray, moving: np.ndarray, spacing: tupl
                         warnings: list[str], stop: threading.Event | None = None) -> np.ndarray | None:
     """SimpleITK's field for the pair (voxels), or None with a warning when it fails: it is one
     candidate among several, so its failure (a flat image, no overlap) must not fail the run."""
+    if np.ptp(reference) == 0 or np.ptp(moving) == 0:
+        # Nothing to register: ITK would refuse with its internals ("Refusing to change spacing from
+        # [1, 1] to [0.03, 0]"), beside the plain word that the image is constant (reader_and_content_warnings).
+        return None
     try:
         field = register_sitk(reference, moving, _grid_geometry(spacing, reference.ndim), stop=stop)
     except RegistrationError as error:
@@ -1271,10 +1275,13 @@ def reader_and_content_warnings(reference: ImageVolume, moving: ImageVolume) -> 
     """What the readers noted about each input, and inputs with nothing in them to align or fuse."""
     warnings = [f"{image.source or role}: {warning}" for role, image in (("reference", reference), ("moving", moving))
                 for warning in image.metadata.get("warnings", [])]
+    # Only what holds for every method: one that restores still changes the image it fuses with itself.
+    nothing_to_fuse = "there is nothing to align, and the fusion has no second image to add; give two different images"
     if reference.source and moving.source and same_file(reference.source, moving.source):
-        # Only what holds for every method: one that restores still changes the image it fuses with itself.
-        warnings.append(f"{reference.source} is both the reference and the moving image: there is nothing to "
-                        "align, and the fusion has no second image to add; give two different images")
+        warnings.append(f"{reference.source} is both the reference and the moving image: {nothing_to_fuse}")
+    elif _same_image(reference, moving):
+        warnings.append(f"{reference.source or 'the reference'} and {moving.source or 'the moving image'} hold the "
+                        f"same image on the same grid: {nothing_to_fuse}")
     for role, image in (("reference", reference), ("moving", moving)):
         # A colour picture is constant when every pixel has one colour, not when R = G = B.
         pixels = np.asarray(image.array).reshape(-1, 3) if image.is_rgb else np.asarray(image.array).reshape(-1, 1)
@@ -1282,9 +1289,18 @@ def reader_and_content_warnings(reference: ImageVolume, moving: ImageVolume) -> 
         if finite.size and (finite == finite[0]).all():
             value = ", ".join(f"{channel:g}" for channel in finite[0])
             value = f"colour ({value})" if image.is_rgb else value
+            # UniFuse's fused image is not the other one: the fusion balance caps the reference's
+            # share, and the rest is the restored blank image (its fused image is about 0.34 × the reference).
             warnings.append(f"{image.source or role}: the {role} image is constant ({value} everywhere): "
-                            "there is no structure to align, and the fused image holds only the other one")
+                            "there is no structure to align or fuse: the fused image is no fusion (the other "
+                            "image blended with a flat one)")
     return warnings
+
+
+def _same_image(reference: ImageVolume, moving: ImageVolume) -> bool:
+    """Whether two inputs hold the same values on the same grid (two copies of one file, say)."""
+    return (reference.is_rgb == moving.is_rgb and reference.array.shape == moving.array.shape
+            and moving.on_grid_of(reference) and np.array_equal(reference.array, moving.array, equal_nan=True))
 
 
 def _tile_prediction(dense: torch.Tensor, class_probs: torch.Tensor | None,
@@ -1300,6 +1316,29 @@ def _tile_prediction(dense: torch.Tensor, class_probs: torch.Tensor | None,
         depth = dense.shape[1]
         slab_probs = slab_probs[torch.arange(depth, device=slab_probs.device) * slab_probs.shape[0] // depth]
     return TilePrediction(dense=dense, per_slice=slab_probs, per_tile=class_probs[0])
+
+
+def _stored_axis_orders(reference: ImageVolume, moving: ImageVolume) -> dict[str, list[int]]:
+    """Per role, the stored array axes of a 3-D input in world axis order (``Geometry.world_axis_order``),
+    for an input not stored in that order (a coronal NIfTI: ``[1, 0, 2]``); a 2-D image is drawn as stored."""
+    orders = {role: list(image.geometry.world_axis_order()) for role, image in (("reference", reference),
+                                                                             ("moving", moving)) if image.ndim == 3}
+    return {role: axes for role, axes in orders.items() if axes != sorted(axes)}
+
+
+def _world_axis_order_result(result: FusionResult, stored_orders: dict[str, list[int]]) -> FusionResult:
+    """The result of a pair fused in world axis order, its provenance saying which inputs were stored
+    otherwise (``reoriented_from_axes``: the stored axes, numpy's ``transpose`` argument that gave the
+    fused array) and, for a reoriented reference, on which grid the outputs lie."""
+    provenance = result.provenance
+    for role, axes in stored_orders.items():
+        provenance["inputs"][role]["reoriented_from_axes"] = axes
+    if "reference" in stored_orders:
+        provenance["outputs"]["grid"] = (
+            f"the reference's voxels in world axis order (its stored array axes {stored_orders['reference']} "
+            "transposed so that axis 0 runs along world z, axial slices; NIfTI forms permuted alike): the same "
+            "world positions as the reference's; per-slice outputs run along world z")
+    return result
 
 
 def _reference_axes_first(moving: ImageVolume, reference: ImageVolume) -> ImageVolume:

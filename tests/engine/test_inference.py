@@ -656,7 +656,7 @@ def test_one_file_given_as_both_images_is_said_and_two_files_are_not(tmp_path):
         return [warning for warning in result.warnings if "both the reference and the moving image" in warning]
 
     assert len(warnings_for("mri.png")) == 1 and len(warnings_for("link.png")) == 1
-    assert warnings_for("copy.png") == []  # equal content, two files: a pair a user may mean
+    assert warnings_for("copy.png") == []  # a copy gets its own warning ("hold the same image"), not this one
     # It promises only what holds for every method: UniFuse restores and blends, changing the image
     # fused with itself by up to 60 grey levels, which "the fused image is that image" denied.
     [warning] = warnings_for("mri.png")
