@@ -224,9 +224,12 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         if task.lower() == ALL_TASKS:
             raise InputError(f"line {line} of the CSV: the task {task!r} is the name of the summary over all tasks, "
                              "whose rows it would join; name the task otherwise", path)
-        reference = read_image(path.parent / row["reference"])
-        moving = read_image(path.parent / row["moving"])
-        label_image = read_image(path.parent / row["label"])
+        # 3-D images in world axis order, as run_fusion fuses them: every row, classical ones included,
+        # scores the pair on the grid `unifuse fuse` writes, however its files store it.
+        stored_reference = read_image(path.parent / row["reference"])
+        reference = stored_reference.in_world_axis_order()
+        moving = read_image(path.parent / row["moving"]).in_world_axis_order()
+        label_image = read_image(path.parent / row["label"]).in_world_axis_order()
         try:
             beside = one_slice_beside_2d(reference, moving)
             if beside is None:
@@ -236,9 +239,8 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
             raise InputError(f"line {line} of the CSV, moving {error.source}: {error.problem}", path) from error
         displacement = None
         if row.get("displacement"):
-            try:  # on the reference grid as stored, a one-slice reference's included
-                displacement = read_displacement(path.parent / row["displacement"], reference.geometry,
-                                                 reference.spatial_shape)
+            try:  # on the reference grid, a one-slice reference's included
+                displacement = displacement_in_world_axis_order(path.parent / row["displacement"], stored_reference)
             except InputError as error:
                 raise InputError(f"line {line} of the CSV, displacement {error.source}: {error.problem}",
                                  path) from error
@@ -275,6 +277,22 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
                                     _degradation(row.get("degradation"), path),
                                     mapping.modality if mapping is not None else None, warnings))
     return pairs
+
+
+def displacement_in_world_axis_order(path: Path, stored_reference: ImageVolume) -> np.ndarray:
+    """The displacement field of ``path`` (voxels, ``io.fields.read_displacement``) on the reference's
+    grid in world axis order (``ImageVolume.in_world_axis_order``), where the pair is fused: a field
+    written on that grid is read as it is; one on the reference's grid as stored (a coronal NIfTI's)
+    has its axes and its components, displacements along those axes, transposed alike."""
+    reference = stored_reference.in_world_axis_order()
+    try:
+        return read_displacement(path, reference.geometry, reference.spatial_shape)
+    except InputError:
+        if reference is stored_reference:
+            raise
+    field = read_displacement(path, stored_reference.geometry, stored_reference.spatial_shape)
+    axes = list(stored_reference.geometry.world_axis_order())
+    return np.ascontiguousarray(field[axes].transpose(0, *(axis + 1 for axis in axes)))
 
 
 def one_slice_label(label: ImageVolume, reference: ImageVolume) -> ImageVolume:
@@ -990,8 +1008,10 @@ def run(args: argparse.Namespace) -> int:
         atlas_cases = sorted({(pair.task, case_of(pair.name.rsplit("/", 1)[1])) for pair in pairs})
         described = (f"{len(pairs)} Harvard {args.split} pairs (atlas cases "
                      f"{', '.join(f'{task} {case}' for task, case in atlas_cases)}; split by case with "
-                     f"val_fraction {cases.val_fraction}, seed {cases.seed}, from {cases.source}), misaligned "
-                     f"in the regime{'s' if len(regimes) > 1 else ''} {', '.join(regimes)}")
+                     f"val_fraction {cases.val_fraction}, seed {cases.seed}, from {cases.source}), degraded and "
+                     f"misaligned as synthesised with seed {args.seed} (--seed) and none_fraction "
+                     f"{args.none_fraction:g} (--none-fraction), in the regime{'s' if len(regimes) > 1 else ''} "
+                     f"{', '.join(regimes)}")
         print(described)
     engine = (FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size,
                            weigh_network_field=True if args.weigh_network_field else None,

@@ -341,7 +341,9 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     provenance. ``lock``: the caller's held lock of ``out_dir`` (else the write takes it)."""
     with _out_of_memory_named("read", pair):
         reference, moving = read_image(pair.reference), read_image(pair.moving)
-        label = read_image(pair.label) if pair.label is not None else None
+        # In world axis order, as run_fusion takes a 3-D pair: a label stored as its pair is (a coronal
+        # NIfTI) is then on the outputs' grid as it is, not resampled onto it.
+        label = read_image(pair.label).in_world_axis_order() if pair.label is not None else None
     # Before the fusion: a label the metrics cannot be measured against fails at once, not after the work.
     label_warnings = label_coverage_warnings(label, reference) if label is not None else []
     # Described as read: a label replaced during the fusion must not be recorded for these metrics.

@@ -405,8 +405,21 @@ class FusionEngine:
         """Align, restore and fuse ``moving`` onto ``reference``; see the module docstring.
 
         ``quality``: also compute ``result.quality`` (``engine.quality``), with
-        ``uncertainty_passes`` perturbed alignment passes for the uncertainty map (0: no map)."""
+        ``uncertainty_passes`` perturbed alignment passes for the uncertainty map (0: no map).
+
+        A 3-D volume stored with permuted axes (a coronal or sagittal NIfTI) is fused in world axis
+        order (``ImageVolume.in_world_axis_order``), as the workbench shows it: the network is not
+        invariant to the order of its axes, so a pair fuses alike however its files store it, and
+        per-slice outputs run along world z. The outputs lie on the reference's voxels in that order
+        (the same world positions); the provenance records the stored order (``reoriented_from_axes``)."""
         _refuse_non_volumes(reference, moving)
+        stored_orders = _stored_axis_orders(reference, moving)
+        if stored_orders:
+            result = self.run_fusion(reference.in_world_axis_order(), moving.in_world_axis_order(),
+                                     reference_modality=reference_modality, moving_modality=moving_modality,
+                                     progress=progress, cancel=cancel, quality=quality,
+                                     uncertainty_passes=uncertainty_passes)
+            return _world_axis_order_result(result, stored_orders)
         beside = one_slice_beside_2d(reference, moving)
         if beside is not None:
             result = self.run_fusion(*beside, reference_modality=reference_modality, moving_modality=moving_modality,

@@ -22,11 +22,12 @@ that single noisy voxels do not send a reviewer to a slice) **and**, in a volume
 deviations). A map that flags a little
 of every slice (the bundled phantom's T1 scalp edges, which the fusion keeps at less than half)
 then sends a reviewer only to the slices where it flags much more. 3D maps are scored per slice
-along array axis 0 as the reference stores it (the axis napari scrolls and the per-slice degradation
-plot's), whatever direction it has in the world: axial for an axial series stored slices-first,
-sagittal or coronal for a volume stored another way. The voxel maps themselves do not depend on that order (edges
-are measured in the plane of finest spacing, ``metrics.fidelity.in_plane_axes``); only which slices
-they are summarised over does. A 2D image is one slice, and so is a one-slice volume whichever axis
+along array axis 0 of the grid they are computed on. The engine computes them on the reference in
+world axis order (``FusionEngine.run_fusion`` takes every 3-D pair by ``ImageVolume.in_world_axis_order``,
+as the workbench shows it), so that axis 0 runs along world z: axial slices, the axis napari scrolls
+and the per-slice degradation plot's, however the files store the volume (a coronal or sagittal NIfTI
+included). The voxel maps themselves do not depend on the array order (edges are measured in the plane
+of finest spacing, ``metrics.fidelity.in_plane_axes``); only which slices they are summarised over does. A 2D image is one slice, and so is a one-slice volume whichever axis
 holds the slice (a sagittal slice stored as x = 1 voxel): the engine fuses it as the 2D image it is
 (``engine.input_checks.model_dimensions``), and its lines along axis 0 are no slices to review.
 """

@@ -797,8 +797,8 @@ def test_rows_of_two_training_runs_checkpoints_are_named_by_their_runs():
 def test_a_pair_a_method_cannot_take_is_refused_by_name_before_any_pair_is_computed(
         method, checkpoint, pairs_csv, tmp_path, capsys, no_pair_computed):
     """A 3D pair after 2D ones: the run used to stop there, after the work on the pairs before it."""
-    volume = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
-    for role in ("reference", "moving", "label"):
+    for seed, role in enumerate(("reference", "moving", "label")):  # three images: one given twice is warned of
+        volume = np.random.default_rng(seed).random((24, 24, 24)).astype(np.float32)
         write_image(ImageVolume(volume, Geometry.identity(3)), tmp_path / f"{role}_3d.nii.gz")
     rows = read_csv(pairs_csv[0])
     rows.append({"reference": str(tmp_path / "reference_3d.nii.gz"), "moving": str(tmp_path / "moving_3d.nii.gz"),
@@ -1027,8 +1027,9 @@ def pictures_with_labels(root: Path) -> dict[str, Path]:
     image = (255 * ndimage.gaussian_filter(rng.random((SIDE, SIDE)), 3)).astype(np.uint8)
     files = {"reference": root / "reference.png", "moving": root / "moving.png", "label": root / "label.png",
              "third": root / "third.png", "far": root / "far.nii.gz"}
-    for role in ("reference", "moving", "label"):
-        Image.fromarray(image).save(files[role])
+    # The moving image shifted: one image given twice is a pair `fuse` and evaluate warn of.
+    for role, picture in (("reference", image), ("moving", np.roll(image, 2, axis=1)), ("label", image)):
+        Image.fromarray(picture).save(files[role])
     Image.fromarray(image[:, : SIDE // 3]).save(files["third"])
     write_image(ImageVolume(image.astype(np.float32), Geometry(np.ones(2), np.array([500.0, 500.0]), np.eye(2))),
                 files["far"])

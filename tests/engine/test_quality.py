@@ -247,7 +247,7 @@ def thick_slice_pair(order: tuple[int, int, int]) -> tuple[ImageVolume, ImageVol
     head = ndimage.gaussian_filter((sum(g**2 for g in grids) < 0.8).astype(np.float32), (0.0, 1.0, 1.0))
     reference, moving = 0.2 + 0.6 * head, 0.8 - 0.5 * head
     spacing = np.array([6.0, 1.5, 1.5])[list(order)]
-    geometry = Geometry(spacing, np.zeros(3), np.eye(3)[:, list(order)])
+    geometry = Geometry(spacing, np.zeros(3), np.eye(3))  # thick slices along that world axis too: no reorientation
     return tuple(ImageVolume(np.ascontiguousarray(np.transpose(image, order)), geometry)
                  for image in (reference, moving))
 

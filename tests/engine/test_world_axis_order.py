@@ -1,0 +1,130 @@
+"""Every entry point fuses a 3-D volume in world axis order (``ImageVolume.in_world_axis_order``), as
+the workbench's reader shows it: a pair stored with permuted axes (a coronal NIfTI) fuses exactly as
+the same voxels stored axially, on the reference's grid in world order."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_unifuse.cli import main
+from napari_unifuse.cli.evaluate import pairs_from_csv
+from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.io import read_image
+from napari_unifuse.io.fields import write_displacement
+
+# (z, y, x) of the axial arrays: every side different, so that a wrong permutation cannot pass; z
+# under CLASSICAL_MIN_SIDE, so that SimpleITK's registration (seconds) does not run beside the network.
+SHAPE = (14, 22, 18)
+SPACING_XYZ = (1.1, 1.2, 1.5)
+# nibabel's axes (x, y, z) stored as (x, z, y): a coronal file, the package's array (y, z, x).
+CORONAL_VOXEL_AXES = [0, 2, 1]
+
+
+def _blob(centre: tuple[float, float, float]) -> np.ndarray:
+    grids = np.meshgrid(*(np.linspace(-1, 1, side) for side in SHAPE), indexing="ij")
+    return np.exp(-3 * sum((grid - offset) ** 2 for grid, offset in zip(grids, centre, strict=True)))
+
+
+def _write_pair(folder, coronal: bool):
+    """A reference and a moving image (shifted, other intensities), axial or coronal-stored."""
+    folder.mkdir()
+    affine = np.diag([*SPACING_XYZ, 1.0])
+    affine[:3, 3] = [-10.0, 5.0, 2.0]
+    paths = []
+    for name, array in (("reference", 100 + 1000 * _blob((0.0, 0.1, -0.1))),
+                        ("moving", 50 + 400 * _blob((0.1, 0.0, 0.05)) ** 0.5)):
+        data, voxel_affine = array.transpose().astype(np.float32), affine  # nibabel's (x, y, z)
+        if coronal:
+            data = data.transpose(CORONAL_VOXEL_AXES)
+            voxel_affine = affine[:, [*CORONAL_VOXEL_AXES, 3]]
+        image = nib.Nifti1Image(np.ascontiguousarray(data), voxel_affine)
+        image.set_qform(voxel_affine, code=1)
+        image.set_sform(voxel_affine, code=1)
+        path = folder / f"{name}.nii.gz"
+        nib.save(image, str(path))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    axial, coronal = _write_pair(tmp_path / "axial", False), _write_pair(tmp_path / "coronal", True)
+    assert read_image(coronal[0]).geometry.world_axis_order() == (1, 0, 2)
+    return axial, coronal
+
+
+def test_a_coronal_stored_pair_fuses_as_the_same_pair_stored_axially(pairs, smallest_unifuse):
+    axial, coronal = pairs
+    engine = FusionEngine(smallest_unifuse(3), device="cpu")
+    on_axial = engine.run_fusion(*map(read_image, axial), quality=True, uncertainty_passes=1)
+    coronal_reference = read_image(coronal[0])
+    on_coronal = engine.run_fusion(coronal_reference, read_image(coronal[1]), quality=True, uncertainty_passes=1)
+
+    for name in ("fused", "aligned"):
+        np.testing.assert_array_equal(getattr(on_coronal, name).array, getattr(on_axial, name).array)
+    np.testing.assert_array_equal(on_coronal.displacement, on_axial.displacement)
+    np.testing.assert_array_equal(on_coronal.slice_class_probs, on_axial.slice_class_probs)
+    for name, array in on_axial.quality.maps().items():
+        np.testing.assert_array_equal(on_coronal.quality.maps()[name], array)
+    # On the reference's grid in world order: the same voxels at the same world positions.
+    world_ordered = coronal_reference.in_world_axis_order()
+    assert on_coronal.fused.geometry.allclose(world_ordered.geometry)
+    assert on_coronal.fused.geometry.allclose(on_axial.fused.geometry)
+
+    inputs = on_coronal.provenance["inputs"]
+    assert inputs["reference"]["reoriented_from_axes"] == [1, 0, 2]
+    assert inputs["moving"]["reoriented_from_axes"] == [1, 0, 2]
+    assert "[1, 0, 2]" in on_coronal.provenance["outputs"]["grid"]
+    axial_provenance = on_axial.provenance
+    assert not any("reoriented_from_axes" in axial_provenance["inputs"][role] for role in ("reference", "moving"))
+    assert "grid" not in axial_provenance["outputs"]
+
+
+def _fuse_with_cli(reference_path, moving_path, out):
+    """``unifuse fuse`` of the pair, the moving image its own label; the pair's folder."""
+    assert main(["fuse", "--reference", str(reference_path), "--moving", str(moving_path), "--label",
+                 str(moving_path), "--method", "identity+average", "--out", str(out), "--device", "cpu",
+                 "--no-quality"]) == 0
+    return out / "moving"
+
+
+def test_the_cli_writes_a_coronal_pair_on_the_reference_grid_in_world_order(pairs, tmp_path):
+    axial, coronal = pairs
+    on_axial, on_coronal = _fuse_with_cli(*axial, tmp_path / "axial_run"), _fuse_with_cli(*coronal, tmp_path / "run")
+    world_ordered = read_image(coronal[0]).in_world_axis_order()
+    fused = nib.load(str(on_coronal / "fused.nii.gz"))
+    np.testing.assert_allclose(fused.affine, world_ordered.geometry.to_ras_affine(), atol=1e-5)
+    assert fused.shape == world_ordered.array.shape[::-1]
+    np.testing.assert_array_equal(fused.get_fdata(), nib.load(str(on_axial / "fused.nii.gz")).get_fdata())
+    # The label is taken on the grid the pair was fused on, as the moving image is: the same metrics.
+    metrics = json.loads((on_coronal / "metrics.json").read_text())
+    assert metrics == json.loads((on_axial / "metrics.json").read_text())
+    provenance = json.loads((on_coronal / "provenance.json").read_text())
+    assert provenance["inputs"]["reference"]["reoriented_from_axes"] == [1, 0, 2]
+    assert "reoriented_from_axes" not in json.loads((on_axial / "provenance.json").read_text())["inputs"]["reference"]
+
+
+def test_evaluate_reads_a_coronal_pair_its_label_and_field_on_the_grid_it_is_fused_on(pairs):
+    """The true field, written on the coronal reference's grid as stored, has its axes and its
+    components (voxels along those axes) transposed with the images."""
+    grids = np.meshgrid(*(np.linspace(-1, 1, side) for side in SHAPE), indexing="ij")
+    field = np.stack([0.5 * grids[0], -0.3 * grids[1] ** 2, 0.8 * grids[1] * grids[2]]).astype(np.float32)
+    read = {}
+    for (reference_path, moving_path), stored_field in ((pairs[0], field),
+                                                         (pairs[1], field[[1, 0, 2]].transpose(0, 2, 1, 3))):
+        stored_reference = read_image(reference_path)
+        write_displacement(stored_field, stored_reference.geometry, reference_path.parent / "field.nii.gz",
+                           reference_metadata=stored_reference.metadata)
+        csv_path = reference_path.parent / "pairs.csv"
+        csv_path.write_text("reference,moving,label,displacement\n"
+                            "reference.nii.gz,moving.nii.gz,moving.nii.gz,field.nii.gz\n", encoding="utf-8")
+        (read[reference_path.parent.name],) = pairs_from_csv(csv_path)
+    axial, coronal = read["axial"], read["coronal"]
+    np.testing.assert_allclose(axial.displacement, field, atol=1e-5)
+    np.testing.assert_array_equal(coronal.displacement, axial.displacement)
+    np.testing.assert_array_equal(coronal.label, axial.label)
+    for role in ("reference", "moving"):
+        np.testing.assert_array_equal(getattr(coronal, role).array, getattr(axial, role).array)
+        assert getattr(coronal, role).geometry.allclose(getattr(axial, role).geometry)
