@@ -240,7 +240,8 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         displacement = None
         if row.get("displacement"):
             try:  # on the reference grid, a one-slice reference's included
-                displacement = displacement_in_world_axis_order(path.parent / row["displacement"], stored_reference)
+                displacement = displacement_in_world_axis_order(path.parent / row["displacement"],
+                                                                stored_reference, reference)
             except InputError as error:
                 raise InputError(f"line {line} of the CSV, displacement {error.source}: {error.problem}",
                                  path) from error
@@ -279,12 +280,11 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
     return pairs
 
 
-def displacement_in_world_axis_order(path: Path, stored_reference: ImageVolume) -> np.ndarray:
-    """The displacement field of ``path`` (voxels, ``io.fields.read_displacement``) on the reference's
-    grid in world axis order (``ImageVolume.in_world_axis_order``), where the pair is fused: a field
-    written on that grid is read as it is; one on the reference's grid as stored (a coronal NIfTI's)
-    has its axes and its components, displacements along those axes, transposed alike."""
-    reference = stored_reference.in_world_axis_order()
+def displacement_in_world_axis_order(path: Path, stored_reference: ImageVolume, reference: ImageVolume) -> np.ndarray:
+    """The displacement field of ``path`` (voxels, ``io.fields.read_displacement``) on ``reference``,
+    ``stored_reference`` in world axis order (``ImageVolume.in_world_axis_order``), where the pair is
+    fused: a field written on that grid is read as it is; one on the reference's grid as stored (a
+    coronal NIfTI's) has its axes and its components, displacements along those axes, transposed alike."""
     try:
         return read_displacement(path, reference.geometry, reference.spatial_shape)
     except InputError:

@@ -419,7 +419,7 @@ class FusionEngine:
                                      reference_modality=reference_modality, moving_modality=moving_modality,
                                      progress=progress, cancel=cancel, quality=quality,
                                      uncertainty_passes=uncertainty_passes)
-            return _world_axis_order_result(result, stored_orders)
+            return _world_axis_order_result(result, {"reference": reference, "moving": moving}, stored_orders)
         beside = one_slice_beside_2d(reference, moving)
         if beside is not None:
             result = self.run_fusion(*beside, reference_modality=reference_modality, moving_modality=moving_modality,
@@ -1143,7 +1143,7 @@ class _ClassicalInBackground:
             self._error = error
 
     def result(self, cancel: CancelToken) -> np.ndarray | None:
-        """The field (voxels), or None when SimpleITK failed (a warning says so). Handed over once:
+        """The field (voxels), or None when SimpleITK failed or could not run (a warning says so). Handed over once:
         this object keeps no reference, so that the field goes once the guard has turned it down.
         The wait ends when ``cancel`` is set."""
         while self._thread.is_alive():
@@ -1185,11 +1185,14 @@ atexit.register(_ClassicalInBackground.stop_all)
 
 def _classical_estimate(reference: np.ndarray, moving: np.ndarray, spacing: tuple[float, ...] | None,
                         warnings: list[str], stop: threading.Event | None = None) -> np.ndarray | None:
-    """SimpleITK's field for the pair (voxels), or None with a warning when it fails: it is one
-    candidate among several, so its failure (a flat image, no overlap) must not fail the run."""
-    if np.ptp(reference) == 0 or np.ptp(moving) == 0:
-        # Nothing to register: ITK would refuse with its internals ("Refusing to change spacing from
-        # [1, 1] to [0.03, 0]"), beside the plain word that the image is constant (reader_and_content_warnings).
+    """SimpleITK's field for the pair (voxels), or None with a warning when it fails or cannot run:
+    it is one candidate among several, so its failure (a flat image, no overlap) must not fail the run."""
+    flat = [role for role, image in (("reference where the moving image has data", reference),
+                                     ("moving image on the reference grid", moving)) if np.ptp(image) == 0]
+    if flat:
+        # Said plainly: ITK would refuse with its internals ("Refusing to change spacing from [1, 1] to [0.03, 0]").
+        warnings.append(f"SimpleITK registration was not run: the {' and the '.join(flat)} "
+                        f"{'is' if len(flat) == 1 else 'are'} flat; the structural matching's field is used")
         return None
     try:
         field = register_sitk(reference, moving, _grid_geometry(spacing, reference.ndim), stop=stop)
@@ -1339,13 +1342,18 @@ def _stored_axis_orders(reference: ImageVolume, moving: ImageVolume) -> dict[str
     return {role: axes for role, axes in orders.items() if axes != sorted(axes)}
 
 
-def _world_axis_order_result(result: FusionResult, stored_orders: dict[str, list[int]]) -> FusionResult:
-    """The result of a pair fused in world axis order, its provenance saying which inputs were stored
-    otherwise (``reoriented_from_axes``: the stored axes, numpy's ``transpose`` argument that gave the
-    fused array) and, for a reoriented reference, on which grid the outputs lie."""
+def _world_axis_order_result(result: FusionResult, given: dict[str, ImageVolume],
+                             stored_orders: dict[str, list[int]]) -> FusionResult:
+    """The result of a pair fused in world axis order, its provenance recording each reoriented
+    input as handed in (``given``: its stored shape, geometry and, for in-memory data, the hash of
+    its array as stored), the order it was stored in (``reoriented_from_axes``: numpy's
+    ``transpose`` argument that gave the fused array) and, for a reoriented reference, on which
+    grid the outputs lie."""
     provenance = result.provenance
     for role, axes in stored_orders.items():
-        provenance["inputs"][role]["reoriented_from_axes"] = axes
+        image = given[role]
+        provenance["inputs"][role].update(describe_input(image), shape=list(image.array.shape),
+                                          geometry=image.geometry.to_dict(), reoriented_from_axes=axes)
     if "reference" in stored_orders:
         provenance["outputs"]["grid"] = (
             f"the reference's voxels in world axis order (its stored array axes {stored_orders['reference']} "

@@ -223,12 +223,6 @@ def _stored_orders(stored_shape: tuple[int, ...]) -> list[list[int]]:
             if _itk_readable_order(tuple(stored_shape[axis] for axis in np.argsort(order))) == list(order)]
 
 
-def _axes_put_back(geometry: Geometry, order: list[int]) -> Geometry:
-    """``geometry`` of a grid stored in array-axis ``order``, with its axes put back."""
-    back = np.argsort(order)
-    return Geometry(geometry.spacing[back], geometry.origin, geometry.direction[:, back])
-
-
 def _image_axes_put_back(image: sitk.Image, order: list[int]) -> sitk.Image:
     """``image`` stored in array-axis ``order``, its axes put back (ITK's axes are the array's reversed)."""
     ndim = image.GetDimension()
@@ -295,8 +289,8 @@ def read_displacement(path: str | os.PathLike, reference_geometry: Geometry | No
         # axes moved (write_displacement), placed where the package places the reference by ITK or,
         # for forms ITK reads otherwise, by nibabel.
         for order in _stored_orders(tuple(reversed(image.GetSize()))):
-            by_itk = _axes_put_back(Geometry.from_sitk(image), order)
-            by_nibabel = None if placement is None else _axes_put_back(placement[0], order)
+            by_itk = Geometry.from_sitk(image).transposed(np.argsort(order).tolist())
+            by_nibabel = None if placement is None else placement[0].transposed(np.argsort(order).tolist())
             if by_itk.allclose(reference_geometry, atol=1e-4):
                 image, geometry, vector_frame = _image_axes_put_back(image, order), by_itk, reference_geometry
                 break

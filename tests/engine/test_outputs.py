@@ -248,7 +248,6 @@ def test_every_nifti_output_keeps_the_reference_header_forms_and_the_field_reads
     assert len(niftis) >= 5  # fused, aligned, displacement and the quality maps
     for path in niftis:
         header = nib.load(path).header
-        # The field is stored with its one-voxel axis first, so that ITK keeps it: (k, i, j).
         columns = [0, 2, 1, 3]  # written in world axis order, as the workbench saves it: (i, k, j) of the file
         assert (header["qform_code"], header["sform_code"]) == (1, 4), path.name
         np.testing.assert_allclose(header.get_qform()[:, columns], reference.get_qform(), atol=1e-4, err_msg=path.name)

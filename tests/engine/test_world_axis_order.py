@@ -2,6 +2,7 @@
 the workbench's reader shows it: a pair stored with permuted axes (a coronal NIfTI) fuses exactly as
 the same voxels stored axially, on the reference's grid in world order."""
 
+import dataclasses
 import json
 
 import nibabel as nib
@@ -11,7 +12,7 @@ import pytest
 from napari_unifuse.cli import main
 from napari_unifuse.cli.evaluate import pairs_from_csv
 from napari_unifuse.engine.inference import FusionEngine
-from napari_unifuse.io import read_image
+from napari_unifuse.io import Geometry, read_image
 from napari_unifuse.io.fields import write_displacement
 
 # (z, y, x) of the axial arrays: every side different, so that a wrong permutation cannot pass; z
@@ -128,3 +129,18 @@ def test_evaluate_reads_a_coronal_pair_its_label_and_field_on_the_grid_it_is_fus
     for role in ("reference", "moving"):
         np.testing.assert_array_equal(getattr(coronal, role).array, getattr(axial, role).array)
         assert getattr(coronal, role).geometry.allclose(getattr(axial, role).geometry)
+
+
+def test_a_reoriented_input_is_recorded_as_handed_in(pairs, smallest_unifuse):
+    """The provenance described the reoriented copy: its shape, its grid and, for in-memory data, the hash of
+    an array the caller never had."""
+    from napari_unifuse.io.digests import sha256_of_array
+
+    _, coronal = pairs
+    reference, moving = (dataclasses.replace(read_image(path), source=None) for path in coronal)  # in memory
+    result = FusionEngine(smallest_unifuse(3), device="cpu").run_fusion(reference, moving, quality=False)
+    for role, image in (("reference", reference), ("moving", moving)):
+        record = result.provenance["inputs"][role]
+        assert record["shape"] == list(image.array.shape)
+        assert record["array_sha256"] == sha256_of_array(image.array)
+        assert Geometry.from_dict(record["geometry"]).allclose(image.geometry)
