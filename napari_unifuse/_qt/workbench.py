@@ -80,7 +80,7 @@ from napari_unifuse.engine.outputs import (
 )
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
-from napari_unifuse.engine.report import outside_moving_text, write_report
+from napari_unifuse.engine.report import outside_moving_text, whole_volume_text, write_report
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, placement_metadata
@@ -575,14 +575,16 @@ class UniFuseWorkbench(QWidget):
         flagged = quality.suspicious_slices() if quality is not None else []
         for button in (self.qc_panel.next_suspicious, self.qc_panel.previous_suspicious):
             button.enabled = bool(flagged)
+        # First, as in the report: where a map flags every slice, none standing out is no good news.
+        whole_volume = whole_volume_text(quality)
         if quality is None:
             self.qc_panel.suspicion.value = "no quality maps for this run"
         elif not flagged:
-            self.qc_panel.suspicion.value = "no slice is flagged by the quality maps"
+            self.qc_panel.suspicion.value = whole_volume or "no slice is flagged by the quality maps"
         else:
             unit = "slice" if quality.slice_count > 1 else "image"
-            self.qc_panel.suspicion.value = (f"{len(flagged)} of {quality.slice_count} {unit}"
-                                             f"{'s' if quality.slice_count > 1 else ''} flagged")
+            counted = f"{len(flagged)} of {quality.slice_count} {unit}{'s' if quality.slice_count > 1 else ''} flagged"
+            self.qc_panel.suspicion.value = f"{whole_volume}\n{counted}" if whole_volume else counted
         outside = outside_moving_text(quality)
         if outside:  # the report says it under its verdict; a reviewer here must not miss it either
             self.qc_panel.suspicion.value += f"\n{outside}"

@@ -21,7 +21,9 @@ that single noisy voxels do not send a reviewer to a slice) **and**, in a volume
 (above its median over the slices the moving image reaches by ``OUTLIER_SPREADS`` robust standard
 deviations). A map that flags a little
 of every slice (the bundled phantom's T1 scalp edges, which the fusion keeps at less than half)
-then sends a reviewer only to the slices where it flags much more. 3D maps are scored per slice
+then sends a reviewer only to the slices where it flags much more; one that flags most of a typical
+slice (over ``WHOLE_VOLUME_LEVEL``, as the uncertainty does on a pure-noise moving volume) leaves no
+slice to stand out, and is named as flagging the whole volume (``whole_volume_flags``). 3D maps are scored per slice
 along array axis 0 of the grid they are computed on. The engine computes them on the reference in
 world axis order (``FusionEngine.run_fusion`` takes every 3-D pair by ``ImageVolume.in_world_axis_order``,
 as the workbench shows it), so that axis 0 runs along world z: axial slices, the axis napari scrolls
@@ -70,6 +72,14 @@ DEFAULT_FLAG_LEVEL = 1e-3
 OUTLIER_SPREADS = 3.0
 # With fewer slices than this a median says little about "typical": the flag level alone decides.
 MIN_SLICES_FOR_BASELINE = 8
+# A map that flags more than this share of a volume's typical slice flags the volume as a whole: no
+# slice can stand out from a volume affected throughout, so the per-slice rule would flag none. Most
+# of the voxels: the bundled 3D samples' typical slices (test size) sit at 14 % at most (the
+# uncertainty, CT-PET), a pure-noise or blank moving volume's at 99-100 % (docs/quality_maps.md).
+WHOLE_VOLUME_LEVEL = 0.5
+WHOLE_VOLUME_DEFINITION = ("maps whose typical slice score (median over the slices the moving image reaches) "
+                           "exceeds level: they flag most of every slice, so no slice stands out and the per-slice "
+                           "verdict flags none; the volume as a whole is not to be trusted for that map's problem")
 OUTSIDE_MOVING_DEFINITION = ("fraction of each slice's voxels the moving image does not reach (outside its field of "
                              "view): the aligned image there holds only what the alignment moved in; slices lists "
                              "those more than half outside, which are no evidence of alignment")
@@ -195,6 +205,18 @@ class QualityMaps:
             return np.ones(self.slice_count, dtype=bool)
         return self.outside_moving <= 0.5
 
+    def whole_volume_flags(self) -> dict[str, float]:
+        """Map name → its typical slice score (median over the slices the moving image reaches), for
+        the maps that flag more than ``WHOLE_VOLUME_LEVEL`` of a typical slice of a volume: every
+        slice is affected, so none stands out (``cutoffs``) and the volume as a whole is flagged.
+        Empty for one image and for fewer reached slices than ``MIN_SLICES_FOR_BASELINE``: there the
+        flag level alone decides, and such a map already flags each slice on its own."""
+        reached = self.reached_slices()
+        if int(reached.sum()) < MIN_SLICES_FOR_BASELINE:
+            return {}
+        typical = {name: float(np.median(scores[reached])) for name, scores in self.slice_scores.items()}
+        return {name: score for name, score in typical.items() if score > WHOLE_VOLUME_LEVEL}
+
     def _flag_test(self) -> dict[str, np.ndarray]:
         """Map name → (S,) whether the map alone makes each slice suspicious. The uncertainty flags
         only slices the moving image reaches: where it has no data the aligner is blind, and the map
@@ -248,7 +270,9 @@ class QualityMaps:
         return [int(index) for index in np.flatnonzero(self.outside_moving > 0.5)]
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON summary written as ``quality.json``: no voxel arrays."""
+        """The JSON summary written as ``quality.json``: no voxel arrays. ``whole_volume`` only where
+        a map flags most of a typical slice (``whole_volume_flags``), so ordinary runs' files keep their keys."""
+        whole_volume = self.whole_volume_flags()
         summary = {
             name: {
                 "units": MAP_UNITS[name],
@@ -273,6 +297,10 @@ class QualityMaps:
             "problems": {str(index): self.dominant_problem(index) for index in self.suspicious_slices()},
             "flagged_by": {str(index): self.flagged_by(index) for index in self.suspicious_slices()},
             "seconds": dict(self.seconds),
+            **({} if not whole_volume else {"whole_volume": {
+                "definition": WHOLE_VOLUME_DEFINITION,
+                "level": WHOLE_VOLUME_LEVEL,
+                "typical_slice_score": {name: round(score, 6) for name, score in whole_volume.items()}}}),
             **({} if self.outside_moving is None else {"outside_moving": {
                 "definition": OUTSIDE_MOVING_DEFINITION,
                 "per_slice": np.asarray(self.outside_moving, dtype=float).round(6).tolist(),

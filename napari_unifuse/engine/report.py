@@ -242,11 +242,30 @@ def _verdict(quality: QualityMaps | None) -> str:
     if quality.slice_count == 1:  # a 2-D image or a one-slice volume: "the image", as in the key slices
         return (f"<span class=flag>The image is flagged</span> ({_flag_reasons(quality, 0)})." if flagged
                 else "The image is not flagged by the quality maps.")
+    # A map flagging the whole volume comes first: no slice standing out is then no good news.
+    whole_volume = whole_volume_text(quality)
+    whole_volume = f"<span class=flag>{html.escape(whole_volume, quote=False)}</span>" if whole_volume else ""
     if not flagged:
-        return "No slice is flagged by the quality maps."
+        return whole_volume or "No slice is flagged by the quality maps."
     listed = ", ".join(f"{index} ({_flag_reasons(quality, index)})" for index in flagged[:12])
     more = f" and {len(flagged) - 12} more" if len(flagged) > 12 else ""
-    return f"<span class=flag>{len(flagged)} of {quality.slice_count} slices flagged</span>: {listed}{more}."
+    return (f"{whole_volume + ' ' if whole_volume else ''}"
+            f"<span class=flag>{len(flagged)} of {quality.slice_count} slices flagged</span>: {listed}{more}.")
+
+
+# What a reviewer must not trust where a map flags the whole volume (``whole_volume_text``).
+_UNTRUSTED_PART: dict[str, str] = {UNCERTAINTY: "alignment", INVENTED: "fused image", LOST: "fused image",
+                                   RESTORATION_CHANGE: "restoration"}
+
+
+def whole_volume_text(quality: QualityMaps | None) -> str:
+    """The maps that flag most of a typical slice of the volume (``QualityMaps.whole_volume_flags``),
+    in a reviewer's words, or "" where none does: the per-slice verdict flags no slice of a volume
+    affected throughout, which must not read as a clean run. The report and the Review tab say it alike."""
+    flags = {} if quality is None else quality.whole_volume_flags()
+    return " ".join(f"The {MAP_LABELS[name]} flags {100 * share:.1f} % of a typical slice of this volume: no slice "
+                    f"stands out because every slice is affected; do not trust this run's {_UNTRUSTED_PART[name]}."
+                    for name, share in flags.items())
 
 
 def _flag_reasons(quality: QualityMaps, index: int) -> str:
@@ -887,6 +906,9 @@ class _IndexRow:
         flagged_by = _mapping(quality.get("flagged_by")).values()
         named = ({PROBLEM_NAMES.get(str(name), str(name)) for names in flagged_by if isinstance(names, list)
                   for name in names} or {str(problem) for problem in _mapping(quality.get("problems")).values()})
+        # A map flagging the whole volume flags no slice: its problem is named all the same.
+        whole_volume = _mapping(_mapping(quality.get("whole_volume")).get("typical_slice_score"))
+        named |= {f"{PROBLEM_NAMES.get(str(name), str(name))} (whole volume)" for name in whole_volume}
         problems = ", ".join(sorted(named))
         suspicion = f"{100 * max_suspicion:.2f} %" if max_suspicion is not None else "n/a"
         return cls(run, relative, max_suspicion, suspicion, flagged, problems, inputs, created)
