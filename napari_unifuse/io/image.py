@@ -21,6 +21,8 @@ from napari_unifuse.io.nifti_xforms import NiftiXforms
 
 # NIfTI's world is RAS, ITK's is LPS: the two differ by the sign of their first two axes.
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Metadata key of a volume reoriented by ``ImageVolume.in_world_axis_order``: its array axes as stored.
+STORED_AXIS_ORDER = "stored_axis_order"
 
 
 def _reverse_axes(matrix: np.ndarray) -> np.ndarray:
@@ -274,7 +276,8 @@ class ImageVolume:
         axes = self.geometry.world_axis_order()
         if axes == tuple(range(self.ndim)):
             return self
-        metadata = dict(self.metadata)
+        # The stored order travels with the volume (a napari layer's too), for the provenance to record.
+        metadata = {**self.metadata, STORED_AXIS_ORDER: [int(axis) for axis in axes]}
         xforms = NiftiXforms.from_metadata(self.metadata)
         if xforms is not None:  # the forms index voxels in nibabel's order, the reverse of ours
             metadata.update(xforms.with_voxel_axes([self.ndim - 1 - axis for axis in axes[::-1]]).to_metadata())

@@ -278,3 +278,15 @@ def test_the_napari_nifti_writer_refuses_a_sheared_layer_in_one_line_and_mha_kee
     (mha_path,) = write_mha(str(tmp_path / "tilted.mha"), data, meta)
     np.testing.assert_allclose(read_image(mha_path).geometry.index_to_world, geometry.index_to_world, atol=1e-6)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tilted.mha"]
+
+
+@pytest.mark.parametrize("plane", PERMUTED_GRIDS)
+def test_a_permuted_volume_opened_in_napari_is_recorded_with_its_stored_order(tmp_path, rng, plane):
+    """The CLI's provenance said a coronal file was fused in world axis order; a workbench run on the
+    same file, reoriented by our reader before the engine saw it, said nothing."""
+    affine, axes = PERMUTED_GRIDS[plane]
+    path = tmp_path / f"{plane}.nii.gz"
+    nib.Nifti1Image(rng.random((7, 5, 6)).astype(np.float32), affine).to_filename(path)
+    data, kwargs, _ = volume_to_layer_data(read_image(path))
+    assert describe_input(layer_to_volume(Image(data, **kwargs)))["reoriented_from_axes"] == list(axes)
+    assert "reoriented_from_axes" not in describe_input(read_image(path))
