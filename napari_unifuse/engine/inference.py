@@ -132,6 +132,7 @@ from napari_unifuse.io import (
     resample_to_spacing,
 )
 from napari_unifuse.io.fields import itk_placement
+from napari_unifuse.io.image import STORED_AXIS_ORDER
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import is_picture, real_finite_values
@@ -507,10 +508,8 @@ class FusionEngine:
         result.provenance = {
             "created": utc_timestamp(),
             "inputs": {
-                "reference": {**given["reference"], "shape": list(reference.array.shape),
-                              "geometry": reference.geometry.to_dict(), "rgb": reference.is_rgb},
-                "moving": {**given["moving"], "shape": list(moving.array.shape),
-                           "geometry": moving.geometry.to_dict(), "rgb": moving.is_rgb},
+                "reference": {**given["reference"], **_as_stored(reference), "rgb": reference.is_rgb},
+                "moving": {**given["moving"], **_as_stored(moving), "rgb": moving.is_rgb},
             },
             "method": self.method.describe(),
             "checkpoint": self.checkpoint_info,
@@ -1340,6 +1339,17 @@ def _stored_axis_orders(reference: ImageVolume, moving: ImageVolume) -> dict[str
     orders = {role: list(image.geometry.world_axis_order()) for role, image in (("reference", reference),
                                                                              ("moving", moving)) if image.ndim == 3}
     return {role: axes for role, axes in orders.items() if axes != sorted(axes)}
+
+
+def _as_stored(image: ImageVolume) -> dict[str, Any]:
+    """The shape and grid of ``image`` as its file stores them, for the provenance: a volume our reader
+    reoriented for napari (``io.image.STORED_AXIS_ORDER``) is recorded as ``unifuse fuse`` records the
+    same file, any other as it is."""
+    axes = image.metadata.get(STORED_AXIS_ORDER)
+    if axes is None:
+        return {"shape": list(image.array.shape), "geometry": image.geometry.to_dict()}
+    back = np.argsort(axes).tolist()  # the stored axis i is the volume's axis back[i]
+    return {"shape": [image.array.shape[axis] for axis in back], "geometry": image.geometry.transposed(back).to_dict()}
 
 
 def _world_axis_order_result(result: FusionResult, given: dict[str, ImageVolume],

@@ -144,3 +144,22 @@ def test_a_reoriented_input_is_recorded_as_handed_in(pairs, smallest_unifuse):
         assert record["shape"] == list(image.array.shape)
         assert record["array_sha256"] == sha256_of_array(image.array)
         assert Geometry.from_dict(record["geometry"]).allclose(image.geometry)
+
+
+def test_a_workbench_run_records_a_reoriented_file_as_the_cli_does(pairs, smallest_unifuse):
+    """The workbench's layer holds the file in world axis order: its run recorded the layer's shape and grid
+    beside reoriented_from_axes, the CLI's the file's, so the two records of one file disagreed."""
+    from napari.layers import Image
+
+    from napari_unifuse._napari_io import layer_to_volume, volume_to_layer_data
+
+    _, coronal = pairs
+    engine = FusionEngine(smallest_unifuse(3), device="cpu")
+    on_files = engine.run_fusion(*map(read_image, coronal), quality=False).provenance["inputs"]
+    layers = [layer_to_volume(Image(data, **kwargs)) for data, kwargs, _ in
+              (volume_to_layer_data(read_image(path)) for path in coronal)]
+    on_layers = engine.run_fusion(*layers, quality=False).provenance["inputs"]
+    for role in ("reference", "moving"):
+        for key in ("shape", "reoriented_from_axes", "path", "sha256"):
+            assert on_layers[role][key] == on_files[role][key], (role, key)
+        assert Geometry.from_dict(on_layers[role]["geometry"]).allclose(Geometry.from_dict(on_files[role]["geometry"]))
