@@ -1191,12 +1191,12 @@ def _classical_estimate(reference: np.ndarray, moving: np.ndarray, spacing: tupl
     if flat:
         # Said plainly: ITK would refuse with its internals ("Refusing to change spacing from [1, 1] to [0.03, 0]").
         warnings.append(f"SimpleITK registration was not run: the {' and the '.join(flat)} "
-                        f"{'is' if len(flat) == 1 else 'are'} flat; the structural matching's field is used")
+                        f"{'is' if len(flat) == 1 else 'are'} flat; the alignment guard weighs the other estimates without it")
         return None
     try:
         field = register_sitk(reference, moving, _grid_geometry(spacing, reference.ndim), stop=stop)
     except RegistrationError as error:
-        warnings.append(f"SimpleITK registration failed ({error.cause}); the structural matching's field is used")
+        warnings.append(f"SimpleITK registration failed ({error.cause}); the alignment guard weighs the other estimates without it")
         return None
     return field.astype(np.float32)
 

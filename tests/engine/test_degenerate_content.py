@@ -50,7 +50,7 @@ def test_simpleitk_is_not_run_on_a_flat_image_and_says_so_plainly():
                                 warnings)
     assert field is None
     assert warnings == ["SimpleITK registration was not run: the moving image on the reference grid is flat; the "
-                        "structural matching's field is used"]
+                        "alignment guard weighs the other estimates without it"]
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
