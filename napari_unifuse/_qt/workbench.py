@@ -559,8 +559,9 @@ class UniFuseWorkbench(QWidget):
         self.metrics_panel.show_metrics(slice_values=slice_metrics(self.outcome, axis, index))
 
     def _current_stored_slice(self, fused) -> int:
-        """The index along the ``fused`` layer's first array axis, as the volume is stored (the plot's
-        and the quality scores' axis, whatever its world direction), of the viewed position; 0 for a 2D image."""
+        """The index along the ``fused`` layer's first array axis (the plot's and the quality scores'
+        axis: world z for a volume in world axis order, as every run fuses one) of the viewed position;
+        0 for a 2D image."""
         if fused.ndim < 3:
             return 0
         axis, index = viewed_slice(self.viewer, fused)
@@ -627,8 +628,8 @@ class UniFuseWorkbench(QWidget):
             stored_order = (offset, offset + 1, offset + 2)
             others = [axis for axis in self.viewer.dims.order if axis not in stored_order]
             self.viewer.dims.order = (*others, *stored_order)
-            show_info("Switched to slices along the first array axis, as the volume is stored: the quality maps "
-                      "score those slices, whatever their direction in the body.")
+            show_info("Switched to slices along the first array axis of the outputs (axial, world z, for a "
+                      "volume in world axis order): the quality maps score those slices.")
         position = (np.asarray(fused.data.shape, dtype=float) - 1) / 2
         position[0] = index
         show_data_position(self.viewer, fused, position)

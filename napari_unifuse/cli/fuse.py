@@ -367,7 +367,9 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
 
     def page() -> str:
         with _out_of_memory_named("QC page", pair):
-            return report_page(result, out_dir, reference=reference, moving=moving, metrics=metrics)
+            # The inputs as the outputs hold them (world axis order), as the workbench's page shows them.
+            return report_page(result, out_dir, reference=reference.in_world_axis_order(),
+                               moving=moving.in_world_axis_order(), metrics=metrics)
 
     # A write the disk refuses is one line naming the file (engine.outputs.write_files_together); the
     # QC page is made while the outputs are staged, so its failure too leaves the folder as it was.

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                        help="fine-tune: start from these weights (path or packaged name; overrides train.init_from)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in an --out that holds a run, removing its checkpoints and log")
+                        help="start afresh in an --out that holds a run, removing its checkpoints, log and "
+                             "split.json (config.yaml is rewritten)")
     parser.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (overrides train.max_steps)")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop at this step (checkpointed) without shortening the schedule; --resume continues")

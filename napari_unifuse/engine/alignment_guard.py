@@ -143,7 +143,8 @@ class GuardDecision:
     def message(self) -> str:
         """One line for people: what was kept and why."""
         if not self.challenges:
-            return f"kept {IDENTITY}: too little tissue shown by both images to judge any motion"
+            return (f"kept {IDENTITY}: too little tissue to judge any motion (shown by both images, or in the "
+                    f"moving image itself: fewer than {MIN_BLOCKS} blocks of {BLOCK_VOXELS} voxels)")
         deciding = next((c for c in reversed(self.challenges) if c.accepted), None)
         if deciding is None:
             # The floor judges each challenger's own motion (its magnitude), whatever it challenged.

@@ -413,6 +413,24 @@ class FusionEngine:
         invariant to the order of its axes, so a pair fuses alike however its files store it, and
         per-slice outputs run along world z. The outputs lie on the reference's voxels in that order
         (the same world positions); the provenance records the stored order (``reoriented_from_axes``)."""
+        result = self._run_fusion(reference, moving, reference_modality=reference_modality,
+                                  moving_modality=moving_modality, progress=progress, cancel=cancel,
+                                  quality=quality, uncertainty_passes=uncertainty_passes)
+        return _record_stored_order(result, reference, moving)
+
+    def _run_fusion(
+        self,
+        reference: ImageVolume,
+        moving: ImageVolume,
+        *,
+        reference_modality: str,
+        moving_modality: str,
+        progress: ProgressCallback,
+        cancel: CancelToken | None,
+        quality: bool,
+        uncertainty_passes: int,
+    ) -> FusionResult:
+        """:meth:`run_fusion` without the record of a volume's stored axis order."""
         _refuse_non_volumes(reference, moving)
         stored_orders = _stored_axis_orders(reference, moving)
         if stored_orders:
@@ -508,8 +526,10 @@ class FusionEngine:
         result.provenance = {
             "created": utc_timestamp(),
             "inputs": {
-                "reference": {**given["reference"], **_as_stored(reference), "rgb": reference.is_rgb},
-                "moving": {**given["moving"], **_as_stored(moving), "rgb": moving.is_rgb},
+                "reference": {**given["reference"], "shape": list(reference.array.shape),
+                              "geometry": reference.geometry.to_dict(), "rgb": reference.is_rgb},
+                "moving": {**given["moving"], "shape": list(moving.array.shape),
+                           "geometry": moving.geometry.to_dict(), "rgb": moving.is_rgb},
             },
             "method": self.method.describe(),
             "checkpoint": self.checkpoint_info,
@@ -1341,34 +1361,34 @@ def _stored_axis_orders(reference: ImageVolume, moving: ImageVolume) -> dict[str
     return {role: axes for role, axes in orders.items() if axes != sorted(axes)}
 
 
-def _as_stored(image: ImageVolume) -> dict[str, Any]:
-    """The shape and grid of ``image`` as its file stores them, for the provenance: a volume our reader
-    reoriented for napari (``io.image.STORED_AXIS_ORDER``) is recorded as ``unifuse fuse`` records the
-    same file, any other as it is."""
-    axes = image.metadata.get(STORED_AXIS_ORDER)
-    if axes is None:
-        return {"shape": list(image.array.shape), "geometry": image.geometry.to_dict()}
-    back = np.argsort(axes).tolist()  # the stored axis i is the volume's axis back[i]
-    return {"shape": [image.array.shape[axis] for axis in back], "geometry": image.geometry.transposed(back).to_dict()}
+def _record_stored_order(result: FusionResult, reference: ImageVolume, moving: ImageVolume) -> FusionResult:
+    """``result``'s provenance recording each 3-D input reoriented to world axis order (its metadata's
+    ``io.image.STORED_AXIS_ORDER``: by ``run_fusion`` for the CLI and the API, by our napari reader for
+    the workbench) as its file stores it: shape, grid and ``reoriented_from_axes``, and, for a
+    reoriented reference, on which grid the outputs lie. Every entry point so records one file alike."""
+    for role, image in (("reference", reference), ("moving", moving)):
+        axes = image.metadata.get(STORED_AXIS_ORDER)
+        if axes is None or len(axes) != image.ndim:  # a one-slice volume's 2-D slice: its volume's run records it
+            continue
+        back = np.argsort(axes).tolist()  # the stored axis i is the volume's axis back[i]
+        result.provenance["inputs"][role].update(
+            shape=[image.array.shape[axis] for axis in back], geometry=image.geometry.transposed(back).to_dict(),
+            reoriented_from_axes=list(axes))
+        if role == "reference":
+            result.provenance["outputs"]["grid"] = (
+                f"the reference's voxels in world axis order (its stored array axes {list(axes)} transposed so "
+                "that axis 0 runs along world z, axial slices; NIfTI forms permuted alike): the same world "
+                "positions as the reference's; per-slice outputs run along world z")
+    return result
 
 
 def _world_axis_order_result(result: FusionResult, given: dict[str, ImageVolume],
                              stored_orders: dict[str, list[int]]) -> FusionResult:
-    """The result of a pair fused in world axis order, its provenance recording each reoriented
-    input as handed in (``given``: its stored shape, geometry and, for in-memory data, the hash of
-    its array as stored), the order it was stored in (``reoriented_from_axes``: numpy's
-    ``transpose`` argument that gave the fused array) and, for a reoriented reference, on which
-    grid the outputs lie."""
-    provenance = result.provenance
-    for role, axes in stored_orders.items():
-        image = given[role]
-        provenance["inputs"][role].update(describe_input(image), shape=list(image.array.shape),
-                                          geometry=image.geometry.to_dict(), reoriented_from_axes=axes)
-    if "reference" in stored_orders:
-        provenance["outputs"]["grid"] = (
-            f"the reference's voxels in world axis order (its stored array axes {stored_orders['reference']} "
-            "transposed so that axis 0 runs along world z, axial slices; NIfTI forms permuted alike): the same "
-            "world positions as the reference's; per-slice outputs run along world z")
+    """The result of a pair fused in world axis order, each reoriented input described as handed in
+    (``given``: for in-memory data, the hash of its array as stored); its stored shape, grid and order
+    the inner run recorded (``_record_stored_order``)."""
+    for role in stored_orders:
+        result.provenance["inputs"][role].update(describe_input(given[role]))
     return result
 
 

@@ -19,7 +19,6 @@ import torch
 import napari_unifuse
 from napari_unifuse.io import ImageVolume
 from napari_unifuse.io.digests import sha256_of_array
-from napari_unifuse.io.image import STORED_AXIS_ORDER
 from napari_unifuse.io.readers import dicom_series, file_format
 
 _CHUNK = 1 << 20
@@ -81,13 +80,10 @@ def describe_input(image: ImageVolume) -> dict[str, Any]:
     also ``array_sha256``, the hash of the values it holds, so a saved run can be tied to its data.
     An image read from a DICOM series (also through a napari layer, which keeps its metadata) gets
     ``dicom``: the series' SeriesInstanceUID, SeriesDescription and Modality where present, since
-    its path names only a folder or one slice of it. A volume our reader handed to napari in world
-    axis order (``ImageVolume.in_world_axis_order``) gets ``reoriented_from_axes``, its stored order."""
+    its path names only a folder or one slice of it."""
     described = describe_source(image.source)
     if described["sha256"] is None:
         described["array_sha256"] = sha256_of_array(image.array)
-    if STORED_AXIS_ORDER in image.metadata:  # reoriented for napari before it reached the engine
-        described["reoriented_from_axes"] = list(image.metadata[STORED_AXIS_ORDER])
     if "dicom_series" in image.metadata:
         header = image.metadata.get("header", {})
         described["dicom"] = {tag: header[tag] for tag in _DICOM_SERIES_TAGS if tag in header}

@@ -155,11 +155,62 @@ def test_a_workbench_run_records_a_reoriented_file_as_the_cli_does(pairs, smalle
 
     _, coronal = pairs
     engine = FusionEngine(smallest_unifuse(3), device="cpu")
-    on_files = engine.run_fusion(*map(read_image, coronal), quality=False).provenance["inputs"]
+    on_files_result = engine.run_fusion(*map(read_image, coronal), quality=False)
     layers = [layer_to_volume(Image(data, **kwargs)) for data, kwargs, _ in
               (volume_to_layer_data(read_image(path)) for path in coronal)]
-    on_layers = engine.run_fusion(*layers, quality=False).provenance["inputs"]
+    on_layers_result = engine.run_fusion(*layers, quality=False)
+    on_files, on_layers = (result.provenance["inputs"] for result in (on_files_result, on_layers_result))
     for role in ("reference", "moving"):
         for key in ("shape", "reoriented_from_axes", "path", "sha256"):
             assert on_layers[role][key] == on_files[role][key], (role, key)
         assert Geometry.from_dict(on_layers[role]["geometry"]).allclose(Geometry.from_dict(on_files[role]["geometry"]))
+    assert on_layers_result.provenance["outputs"]["grid"] == on_files_result.provenance["outputs"]["grid"]
+
+
+def _one_slice_coronal(path, centre: float) -> None:
+    """A coronal slice as NIfTI tools write one: nibabel shape (x, z, 1), the one-voxel axis along y."""
+    grids = np.meshgrid(*(np.linspace(-1, 1, side) for side in (24, 20)), indexing="ij")
+    data = np.exp(-3 * ((grids[0] - centre) ** 2 + grids[1] ** 2))[..., None].astype(np.float32)
+    affine = np.diag([*SPACING_XYZ, 1.0])[:, [0, 2, 1, 3]]
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+def test_a_one_slice_coronal_pair_fuses_from_files_and_from_layers_alike(tmp_path, smallest_unifuse):
+    """It failed with "IndexError: tuple index out of range" in `unifuse fuse` and the workbench: the
+    slice's 2-D image still carried its volume's three stored axes."""
+    from napari.layers import Image
+
+    from napari_unifuse._napari_io import layer_to_volume, volume_to_layer_data
+
+    paths = [tmp_path / "reference.nii.gz", tmp_path / "moving.nii.gz"]
+    for path, centre in zip(paths, (0.0, 0.1), strict=True):
+        _one_slice_coronal(path, centre)
+    engine = FusionEngine(smallest_unifuse(2), device="cpu")
+    on_files = engine.run_fusion(*map(read_image, paths), quality=False)
+    layers = [layer_to_volume(Image(data, **kwargs)) for data, kwargs, _ in
+              (volume_to_layer_data(read_image(path)) for path in paths)]
+    on_layers = engine.run_fusion(*layers, quality=False)
+    np.testing.assert_array_equal(on_layers.fused.array, on_files.fused.array)
+    for result in (on_files, on_layers):
+        record = result.provenance["inputs"]["reference"]
+        assert record["shape"] == list(read_image(paths[0]).array.shape)
+        assert record["reoriented_from_axes"] == list(read_image(paths[0]).geometry.world_axis_order())
+    assert on_layers.provenance["outputs"]["grid"] == on_files.provenance["outputs"]["grid"]
+
+
+def test_the_cli_report_of_a_coronal_pair_shows_the_inputs_as_the_axial_pairs(pairs, tmp_path):
+    """Its overview was drawn in the coronal plane and its inputs table gave the stored grid, the
+    workbench's (and the axial pair's) in the axial plane: one pair, two pages."""
+    import re
+
+    pages = []
+    for name, (reference, moving) in zip(("axial", "coronal"), pairs, strict=True):
+        out = tmp_path / name
+        assert main(["fuse", "--reference", str(reference), "--moving", str(moving), "--method", "identity+average",
+                     "--out", str(out), "--device", "cpu", "--uncertainty-passes", "1", "--report"]) == 0
+        page = (out / "moving" / "report.html").read_text(encoding="utf-8")
+        # The inputs table and the overview picture (to the end of its tag), the folder names aside.
+        start = page.index('<section id="inputs">')
+        overview = page[start:page.index(">", page.index("<img", start)) + 1]
+        pages.append(re.sub(r"/(axial|coronal)/", "/", overview))
+    assert "(14, 22, 18)" in pages[0] and pages[0] == pages[1]

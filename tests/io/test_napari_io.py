@@ -19,6 +19,7 @@ from napari_unifuse.engine.outputs import PROVENANCE_FILE
 from napari_unifuse.engine.provenance import describe_input, sha256_of_array, sha256_of_path
 from napari_unifuse.errors import UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image
+from napari_unifuse.io.image import STORED_AXIS_ORDER
 
 
 def _layer(volume: ImageVolume) -> Image:
@@ -281,12 +282,12 @@ def test_the_napari_nifti_writer_refuses_a_sheared_layer_in_one_line_and_mha_kee
 
 
 @pytest.mark.parametrize("plane", PERMUTED_GRIDS)
-def test_a_permuted_volume_opened_in_napari_is_recorded_with_its_stored_order(tmp_path, rng, plane):
-    """The CLI's provenance said a coronal file was fused in world axis order; a workbench run on the
-    same file, reoriented by our reader before the engine saw it, said nothing."""
+def test_a_permuted_volume_opened_in_napari_carries_its_stored_order(tmp_path, rng, plane):
+    """For the engine to record a workbench run on a coronal file as the CLI's (run_fusion's
+    _record_stored_order): our reader reorients it before the engine sees it."""
     affine, axes = PERMUTED_GRIDS[plane]
     path = tmp_path / f"{plane}.nii.gz"
     nib.Nifti1Image(rng.random((7, 5, 6)).astype(np.float32), affine).to_filename(path)
     data, kwargs, _ = volume_to_layer_data(read_image(path))
-    assert describe_input(layer_to_volume(Image(data, **kwargs)))["reoriented_from_axes"] == list(axes)
-    assert "reoriented_from_axes" not in describe_input(read_image(path))
+    assert layer_to_volume(Image(data, **kwargs)).metadata[STORED_AXIS_ORDER] == list(axes)
+    assert STORED_AXIS_ORDER not in read_image(path).metadata
