@@ -628,7 +628,7 @@ class UniFuseWorkbench(QWidget):
             stored_order = (offset, offset + 1, offset + 2)
             others = [axis for axis in self.viewer.dims.order if axis not in stored_order]
             self.viewer.dims.order = (*others, *stored_order)
-            show_info("Switched to slices along the first array axis of the outputs (axial, world z, for a "
+            show_info("Switched to slices along the first array axis of the outputs (world z: every run fuses a "
                       "volume in world axis order): the quality maps score those slices.")
         position = (np.asarray(fused.data.shape, dtype=float) - 1) / 2
         position[0] = index

@@ -282,9 +282,9 @@ def test_suspicious_navigation_slices_along_the_first_array_axis_and_says_so(rev
     assert workbench.go_to_suspicious(+1) == INVENTED_SLICE
     assert viewer.dims.current_step[0] == INVENTED_SLICE
     assert viewer.dims.order == (0, 1, 2)  # axes 1 and 2 down and across, as first shown: not transposed
-    # The quality maps score slices along axis 0 as stored, whatever its world direction: not "axial".
+    # The quality maps score slices along the outputs' axis 0: world z, as every run fuses a volume in world axis order.
     switched = [message for _, message in notifications if message.startswith("Switched to")]
-    assert len(switched) == 1 and "first array axis" in switched[0] and "axial" not in switched[0], notifications
+    assert len(switched) == 1 and "first array axis" in switched[0] and "world z" in switched[0], notifications
 
 
 def test_a_new_run_clears_the_last_run_s_slice_suggestion(reviewed, qtbot):
