@@ -82,6 +82,8 @@ def _stages(metadata: dict[str, Any]) -> list[str]:
     lines += _wrapped("  then" if earlier else "  trained", f"{metadata.get('command') or 'not recorded'} "
                       f"(config {metadata.get('config_file')}, train.stage {stage}, {metadata.get('steps')} steps, "
                       f"{metadata.get('wall_time_s')} s on {metadata.get('device')})")
+    for command in metadata.get("resumed_with") or []:
+        lines += _wrapped("  resumed", command or "not recorded")
     return lines
 
 

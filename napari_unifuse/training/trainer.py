@@ -227,6 +227,8 @@ class Trainer:
             raise UniFuseError(f"{self.run_dir} holds a run ({', '.join(previous_run)}): pass --resume to "
                                "continue it, --overwrite to start afresh, or choose another --out")
         self.command = command
+        # The --resume invocations after the command that started the run, in order (_restore).
+        self.resumed_with: list[str | None] = []
         self.progress = progress
         self.dist = setup_distributed(device)
         self.step = 0
@@ -372,10 +374,15 @@ class Trainer:
         self.best_validation = sidecar.get("best_validation", {})
         self.validation = sidecar.get("validation", {})
         self.initial_weights = sidecar.get("initial_weights")
+        # The command that started the run stays its record (a --resume names neither its data nor its
+        # schedule); each --resume is listed after it.
+        self.resumed_with = [*sidecar.get("resumed_with", []), self.command]
+        self.command = sidecar.get("command")
 
     def _metadata(self, seconds: float) -> dict[str, Any]:
         return {
             "command": self.command,
+            **({"resumed_with": self.resumed_with} if self.resumed_with else {}),
             "process_command": " ".join(getattr(sys, "orig_argv", sys.argv)),
             "training_config": self.config.to_dict(),
             "config_file": self.config.source,

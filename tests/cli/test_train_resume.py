@@ -428,3 +428,20 @@ def test_a_checkpoint_whose_save_was_cut_short_while_moving_in_is_refused_until_
 
     assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 0
     assert main(["info", "--checkpoint", str(weights)]) == 0
+
+
+def test_a_resumed_runs_checkpoint_records_the_command_that_started_it_and_each_resume(run_dir, capsys):
+    """The sidecar's command was the last --resume's, which names no --max-steps or --lr the run was
+    started with: the record could not say how to make the checkpoint again."""
+    started = json.loads((run_dir / "checkpoints" / "last.json").read_text(encoding="utf-8"))["command"]
+    assert "--stop-at 1" in started and "--resume" not in started
+    for stop_at in ("2", "3"):
+        assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", stop_at]) == 0
+    sidecar = json.loads((run_dir / "checkpoints" / "last.json").read_text(encoding="utf-8"))
+    assert sidecar["command"] == started
+    assert [command.split("--stop-at ")[1].split()[0] for command in sidecar["resumed_with"]] == ["2", "3"]
+    assert all("--resume" in command for command in sidecar["resumed_with"])
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(run_dir / "checkpoints" / "last.safetensors")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.index(f"trained: {started}") < text.index("resumed: ") and text.count("resumed: ") == 2
