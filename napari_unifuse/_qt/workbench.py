@@ -186,6 +186,9 @@ class UniFuseWorkbench(QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
+        # napari docks a plugin's widget with a PublicOnlyProxy of the viewer, which hands out a new
+        # proxy of a layer at each lookup: the weak references the panels keep to layers would die at once.
+        napari_viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self.viewer = napari_viewer
         self.run_panel = RunPanel(napari_viewer)
         self.results = ResultLayers(napari_viewer)

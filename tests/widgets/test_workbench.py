@@ -1014,3 +1014,30 @@ def test_the_cohort_export_searches_the_runs_folder_the_form_shows_after_a_run(
     assert "cohort case" in (tmp_path / "cohort.csv").read_text(encoding="utf-8")
     assert any(message.startswith(f"Exported 1 annotations from 1 runs under {cohort} to")
                for _, message in notifications)
+
+
+def test_the_workbench_docked_as_a_plugin_flags_and_draws_on_the_run_it_shows(make_napari_viewer, qtbot, tmp_path,
+                                                                              checkpoint_files, notifications):
+    """napari docks a plugin's widget with a PublicOnlyProxy of the viewer, which hands out a new
+    proxy of a layer at each lookup: the weak references the workbench kept to the run's layers died
+    at once, and Flag slice / Draw region failed after every run ('NoneType' has no attribute 'ndim')."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(8, 32, 32))
+    _, workbench = viewer.window.add_plugin_dock_widget("napari-unifuse", "UniFuse workbench")
+    form = workbench.run_panel
+    form.reference.value, form.moving.value = "T1", "T2"
+    form.output_root.value = str(tmp_path / "runs")
+    form.checkpoint.value = FROM_FILE
+    form.checkpoint_file.value = str(checkpoint_files[3])
+    form.device.value = "cpu"
+    workbench.annotation_panel.reviewer.value = "dr test"
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    assert workbench.results.layer("fused") is not None
+    viewer.dims.set_current_step(0, 5)
+    workbench.annotation_panel.flag_slice.clicked()
+    workbench.annotation_panel.draw_region.clicked()
+    assert not [text for severity, text in notifications if severity == "error"], notifications
+    flags = [json.loads(line) for line in (workbench.annotation_panel.store.run_dir / ANNOTATIONS_FILE)
+             .read_text(encoding="utf-8").splitlines()]
+    assert [(flag["subject"], flag["slice_index"]) for flag in flags] == [("output", 5)]
