@@ -42,8 +42,9 @@ def volume_to_layer_data(volume: ImageVolume, name: str | None = None) -> tuple[
     """A ``(data, kwargs, "image")`` tuple that places the volume at its world position.
 
     A coronal or sagittal volume's layer holds its array in world-axis order
-    (``ImageVolume.in_world_axis_order``): napari cannot draw the axes of a permuted grid as a
-    plane. ``layer_to_volume`` then gives that reoriented volume back (same voxels, same world)."""
+    (``ImageVolume.in_world_axis_order``, slices foot to head): napari cannot draw the axes of a
+    permuted grid as a plane, and its slider's step k is then array slice k, as the per-slice outputs
+    count. ``layer_to_volume`` then gives that reoriented volume back (same voxels, same world)."""
     volume = volume.in_world_axis_order()
     if name is None:
         name = _display_name(volume.source) if volume.source else "image"

@@ -284,7 +284,8 @@ def displacement_in_world_axis_order(path: Path, stored_reference: ImageVolume, 
     """The displacement field of ``path`` (voxels, ``io.fields.read_displacement``) on ``reference``,
     ``stored_reference`` in world axis order (``ImageVolume.in_world_axis_order``), where the pair is
     fused: a field written on that grid is read as it is; one on the reference's grid as stored (a
-    coronal NIfTI's) has its axes and its components, displacements along those axes, transposed alike."""
+    coronal NIfTI's) has its axes and its components, displacements along those axes, transposed alike
+    (and, for slices stored from head to foot, reversed along the slices, its slice component negated)."""
     try:
         return read_displacement(path, reference.geometry, reference.spatial_shape)
     except InputError:
@@ -292,7 +293,10 @@ def displacement_in_world_axis_order(path: Path, stored_reference: ImageVolume, 
             raise
     field = read_displacement(path, stored_reference.geometry, stored_reference.spatial_shape)
     axes = list(stored_reference.geometry.world_axis_order())
-    return np.ascontiguousarray(field[axes].transpose(0, *(axis + 1 for axis in axes)))
+    field = field[axes].transpose(0, *(axis + 1 for axis in axes))
+    if stored_reference.geometry.slices_run_inferior():
+        field = field[:, ::-1] * np.array([-1.0, 1.0, 1.0], dtype=field.dtype).reshape(3, 1, 1, 1)
+    return np.ascontiguousarray(field)
 
 
 def one_slice_label(label: ImageVolume, reference: ImageVolume) -> ImageVolume:

@@ -81,6 +81,7 @@ from napari_unifuse.engine.alignment_guard import (
     choose_displacement,
     credible_motion_floor,
     similarity_blur,
+    tissue_mask,
     weighs_dense_refinement,
     weighs_network_field,
 )
@@ -132,7 +133,7 @@ from napari_unifuse.io import (
     resample_to_spacing,
 )
 from napari_unifuse.io.fields import itk_placement
-from napari_unifuse.io.image import STORED_AXIS_ORDER
+from napari_unifuse.io.image import STORED_AXIS_ORDER, STORED_SLICES_REVERSED
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import is_picture, real_finite_values
@@ -408,11 +409,12 @@ class FusionEngine:
         ``quality``: also compute ``result.quality`` (``engine.quality``), with
         ``uncertainty_passes`` perturbed alignment passes for the uncertainty map (0: no map).
 
-        A 3-D volume stored with permuted axes (a coronal or sagittal NIfTI) is fused in world axis
-        order (``ImageVolume.in_world_axis_order``), as the workbench shows it: the network is not
-        invariant to the order of its axes, so a pair fuses alike however its files store it, and
-        per-slice outputs run along world z. The outputs lie on the reference's voxels in that order
-        (the same world positions); the provenance records the stored order (``reoriented_from_axes``)."""
+        A 3-D volume stored with permuted axes (a coronal or sagittal NIfTI) or with its slices from
+        head to foot is fused in world axis order (``ImageVolume.in_world_axis_order``), as the
+        workbench shows it: the network is not invariant to the order of its axes, so a pair fuses
+        alike however its files order them, and per-slice outputs run along world z, foot to head.
+        The outputs lie on the reference's voxels in that order (the same world positions); the
+        provenance records the stored order (``reoriented_from_axes``, ``slices_reversed``)."""
         result = self._run_fusion(reference, moving, reference_modality=reference_modality,
                                   moving_modality=moving_modality, progress=progress, cancel=cancel,
                                   quality=quality, uncertainty_passes=uncertainty_passes)
@@ -432,13 +434,13 @@ class FusionEngine:
     ) -> FusionResult:
         """:meth:`run_fusion` without the record of a volume's stored axis order."""
         _refuse_non_volumes(reference, moving)
-        stored_orders = _stored_axis_orders(reference, moving)
-        if stored_orders:
+        reoriented_roles = _reoriented_roles(reference, moving)
+        if reoriented_roles:
             result = self.run_fusion(reference.in_world_axis_order(), moving.in_world_axis_order(),
                                      reference_modality=reference_modality, moving_modality=moving_modality,
                                      progress=progress, cancel=cancel, quality=quality,
                                      uncertainty_passes=uncertainty_passes)
-            return _world_axis_order_result(result, {"reference": reference, "moving": moving}, stored_orders)
+            return _world_axis_order_result(result, {"reference": reference, "moving": moving}, reoriented_roles)
         beside = one_slice_beside_2d(reference, moving)
         if beside is not None:
             result = self.run_fusion(*beside, reference_modality=reference_modality, moving_modality=moving_modality,
@@ -485,6 +487,7 @@ class FusionEngine:
                                     "not in it (the fusion is of luma, Y)")
             with stage("resample"):
                 on_grid = _onto_reference_grid(moving_ready, reference)
+                moving_tissue = dataclasses.replace(moving_ready.luma, array=tissue_mask(moving_ready.luma.array))
                 field_of_view = moving_field_of_view(moving, reference)
             spacing = tuple(float(s) for s in reference.geometry.spacing)
             classical = None
@@ -504,6 +507,7 @@ class FusionEngine:
                     field_of_view=field_of_view,
                 )
             warnings.extend(moved_beyond_field_of_view_warnings(field_of_view, prediction["displacement"], spacing))
+            warnings.extend(beyond_reference_grid_warnings(moving_tissue, reference, prediction["displacement"]))
             if degradation is not None:
                 prediction["class_probs"], prediction["slice_class_probs"], run_info["degradation_read_on"] = degradation
             with stage("compose"):
@@ -992,6 +996,9 @@ FUSION_OUTSIDE_THE_MOVING_IMAGE = ("there is no moving data: the aligned and fus
 # The kept field moving the moving image's data farther than this (voxels of the finest axis) past its
 # field of view is said: a field that slides the covered slab fills reference slices it never imaged.
 MOVED_BEYOND_FIELD_OF_VIEW_VOXELS = 3.0
+# Outputs left blank on more than this share of the reference grid, where the kept field reads the
+# moving image's tissue beyond that grid, are said (a sliver along an edge is not worth a word).
+BLANK_BEYOND_REFERENCE_GRID_PERCENT = 0.5
 
 
 def moving_field_of_view(moving: ImageVolume, reference: ImageVolume) -> np.ndarray | None:
@@ -1032,11 +1039,46 @@ def moved_beyond_field_of_view_warnings(field_of_view: np.ndarray | None, displa
         slices = np.flatnonzero(filled.any(axis=(1, 2)))
         where = f" (slices {slices[0]}-{slices[-1]})"
     share = 100 * filled.sum() / (~field_of_view).sum()  # of the part not covered, as the sentence says
-    return [f"the kept alignment moves the moving image up to {farthest_mm:.0f} mm past its field of view, onto "
-            f"{'<1' if share < 1 else f'{share:.0f}'} % of the part of the reference grid it does not cover{where}: "
-            "there the aligned and "
-            "fused images show what the moving image holds elsewhere, not what was acquired there; check the "
-            "alignment before trusting those slices"]
+    return [f"the kept alignment moves the moving image up to {farthest_mm:.0f} mm past where its header places its "
+            f"field of view, onto {'<1' if share < 1 else f'{share:.0f}'} % of the part of the reference grid it "
+            f"does not cover by its header{where}: unless the header misplaces the image by as much, the aligned "
+            "and fused images there show what the moving image holds elsewhere, not what was acquired there; "
+            "check the alignment before trusting those slices"]
+
+
+def beyond_reference_grid_warnings(moving_tissue: ImageVolume, reference: ImageVolume,
+                                   displacement: np.ndarray) -> list[str]:
+    """A warning when the kept ``displacement`` (voxels, on the reference grid) reads the moving image
+    more than a voxel beyond the reference's grid where the moving image shows tissue
+    (``moving_tissue``: boolean, on its own grid): the moving image is resampled onto the reference's
+    grid before it is aligned, so the aligned and fused images are blank there although the moving
+    image holds that anatomy (a header several millimetres off, on a reference cropped close)."""
+    shape = np.array(reference.spatial_shape)
+    to_moving_index = np.linalg.inv(moving_tissue.geometry.index_to_world) @ reference.geometry.index_to_world
+    blank = np.zeros(reference.spatial_shape, dtype=bool)
+    for index in range(shape[0]):  # a slice at a time: a volume's coordinates would be 3 × its size in float64
+        grid = np.indices(reference.spatial_shape[1:], dtype=np.float64)
+        source = np.stack([np.full(grid.shape[1:], float(index)), *grid]) + displacement[:, index]
+        beyond = np.any((source < -1) | (source > shape.reshape(-1, *[1] * (len(shape) - 1))), axis=0)
+        if not beyond.any():
+            continue
+        points = source[:, beyond]
+        in_moving = np.rint(to_moving_index[:-1, :-1] @ points + to_moving_index[:-1, -1:]).astype(np.int64)
+        inside = np.all((in_moving >= 0) & (in_moving < np.array(moving_tissue.spatial_shape)[:, None]), axis=0)
+        hits = np.zeros(points.shape[1], dtype=bool)
+        hits[inside] = moving_tissue.array[tuple(in_moving[:, inside])]
+        blank[index][beyond] = hits
+    share = 100 * blank.mean()
+    if share < BLANK_BEYOND_REFERENCE_GRID_PERCENT:
+        return []
+    where = ""
+    if blank.ndim == 3:
+        slices = np.flatnonzero(blank.any(axis=(1, 2)))
+        where = f" (slices {slices[0]}-{slices[-1]})"
+    return [f"the kept alignment reads the moving image beyond the reference's grid, where it shows tissue: the "
+            f"aligned and fused images are blank there, on {share:.0f} % of the grid{where}, because the moving "
+            "image is taken onto the reference's grid before it is aligned; give a reference whose grid reaches "
+            "past the anatomy, or register the pair beforehand (its headers place them apart)"]
 
 
 def picture_placement_warnings(reference: ImageVolume, moving: ImageVolume) -> list[str]:
@@ -1353,12 +1395,10 @@ def _tile_prediction(dense: torch.Tensor, class_probs: torch.Tensor | None,
     return TilePrediction(dense=dense, per_slice=slab_probs, per_tile=class_probs[0])
 
 
-def _stored_axis_orders(reference: ImageVolume, moving: ImageVolume) -> dict[str, list[int]]:
-    """Per role, the stored array axes of a 3-D input in world axis order (``Geometry.world_axis_order``),
-    for an input not stored in that order (a coronal NIfTI: ``[1, 0, 2]``); a 2-D image is drawn as stored."""
-    orders = {role: list(image.geometry.world_axis_order()) for role, image in (("reference", reference),
-                                                                             ("moving", moving)) if image.ndim == 3}
-    return {role: axes for role, axes in orders.items() if axes != sorted(axes)}
+def _reoriented_roles(reference: ImageVolume, moving: ImageVolume) -> list[str]:
+    """The roles of the 3-D inputs not stored in world axis order (``ImageVolume.in_world_axis_order``:
+    a coronal NIfTI, or slices stored from head to foot); a 2-D image is drawn as stored."""
+    return [role for role, image in (("reference", reference), ("moving", moving)) if not image.is_in_world_axis_order]
 
 
 def _record_stored_order(result: FusionResult, reference: ImageVolume, moving: ImageVolume) -> FusionResult:
@@ -1371,23 +1411,25 @@ def _record_stored_order(result: FusionResult, reference: ImageVolume, moving: I
         if axes is None or len(axes) != image.ndim:  # a one-slice volume's 2-D slice: its volume's run records it
             continue
         back = np.argsort(axes).tolist()  # the stored axis i is the volume's axis back[i]
+        reversed_slices = bool(image.metadata.get(STORED_SLICES_REVERSED))
         result.provenance["inputs"][role].update(
-            shape=[image.array.shape[axis] for axis in back], geometry=image.geometry.transposed(back).to_dict(),
-            reoriented_from_axes=list(axes))
+            shape=[image.array.shape[axis] for axis in back], geometry=image.stored_geometry().to_dict(),
+            reoriented_from_axes=list(axes), slices_reversed=reversed_slices)
         if role == "reference":
+            reversal = ", its slices reversed to run from foot to head" if reversed_slices else ""
             result.provenance["outputs"]["grid"] = (
                 f"the reference's voxels in world axis order (its stored array axes {list(axes)} transposed so "
-                "that axis 0 runs along world z, axial slices; NIfTI forms permuted alike): the same world "
-                "positions as the reference's; per-slice outputs run along world z")
+                f"that axis 0 runs along world z, axial slices{reversal}; NIfTI forms permuted alike): the same "
+                "world positions as the reference's; per-slice outputs run along world z, slice k is napari's k")
     return result
 
 
 def _world_axis_order_result(result: FusionResult, given: dict[str, ImageVolume],
-                             stored_orders: dict[str, list[int]]) -> FusionResult:
+                             reoriented_roles: list[str]) -> FusionResult:
     """The result of a pair fused in world axis order, each reoriented input described as handed in
     (``given``: for in-memory data, the hash of its array as stored); its stored shape, grid and order
     the inner run recorded (``_record_stored_order``)."""
-    for role in stored_orders:
+    for role in reoriented_roles:
         result.provenance["inputs"][role].update(describe_input(given[role]))
     return result
 

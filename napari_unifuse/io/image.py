@@ -21,8 +21,10 @@ from napari_unifuse.io.nifti_xforms import NiftiXforms
 
 # NIfTI's world is RAS, ITK's is LPS: the two differ by the sign of their first two axes.
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Metadata key of a volume reoriented by ``ImageVolume.in_world_axis_order``: its array axes as stored.
+# Metadata keys of a volume reoriented by ``ImageVolume.in_world_axis_order``: its array axes as
+# stored, and whether its slices were stored running from head to foot (then reversed).
 STORED_AXIS_ORDER = "stored_axis_order"
+STORED_SLICES_REVERSED = "stored_slices_reversed"
 
 
 def _reverse_axes(matrix: np.ndarray) -> np.ndarray:
@@ -161,6 +163,20 @@ class Geometry:
         closest = max(permutations(range(self.ndim)), key=alignment)
         return tuple(int(axis) for axis in np.argsort(closest))
 
+    def slices_run_inferior(self) -> bool:
+        """Whether the array axis that runs closest to world z (``world_axis_order()[0]``) counts
+        slices from head to foot: a coronal DICOM series' rows do. Its first slice is then the
+        top one, which napari, scrolling world z upwards, shows last."""
+        return bool(self.direction[0, self.world_axis_order()[0]] < 0)
+
+    def reversed_along(self, axis: int, size: int) -> Geometry:
+        """This grid for its array reversed along ``axis`` (``size`` voxels): every voxel keeps its
+        world position."""
+        direction = self.direction.copy()
+        direction[:, axis] *= -1
+        return Geometry(self.spacing, self.origin + self.direction[:, axis] * self.spacing[axis] * (size - 1),
+                        direction)
+
     def transposed(self, axes: Sequence[int]) -> Geometry:
         """This grid for its array transposed by ``axes`` (numpy's meaning: new axis ``j`` is old
         axis ``axes[j]``): every voxel keeps its world position."""
@@ -264,25 +280,49 @@ class ImageVolume:
         64×64×1 NIfTI slice), or None. A volume thin along several axes is no image, not a slice."""
         return single_slice_axis_of(self.spatial_shape)
 
+    @property
+    def is_in_world_axis_order(self) -> bool:
+        """Whether :meth:`in_world_axis_order` returns this image as it is."""
+        return self.ndim != 3 or (self.geometry.world_axis_order() == tuple(range(self.ndim))
+                                  and not self.geometry.slices_run_inferior())
+
     def in_world_axis_order(self) -> ImageVolume:
         """This image with its array axes in the order of the world axes they run along
-        (``Geometry.world_axis_order``): the same voxels at the same world positions, stored like
-        an axial volume, so that napari draws any two of its axes as a plane. Flips and small
-        rotations stay in the geometry. The NIfTI forms in its metadata are permuted with the
-        axes, so that files written on the new grid keep the original header's placements and
-        codes. A 2-D image (RGB included) is returned as is: both of its axes are always drawn."""
-        if self.ndim != 3:
+        (``Geometry.world_axis_order``), its slices (axis 0) counted from foot to head: the same
+        voxels at the same world positions, stored like an axial volume, so that napari draws any
+        two of its axes as a plane and its slider's step k shows array slice k. Other flips and
+        small rotations stay in the geometry. The NIfTI forms in its metadata are permuted and
+        reversed with the axes, so that files written on the new grid keep the original header's
+        placements and codes. A 2-D image (RGB included) is returned as is: both of its axes are
+        always drawn."""
+        if self.is_in_world_axis_order:
             return self
         axes = self.geometry.world_axis_order()
-        if axes == tuple(range(self.ndim)):
-            return self
+        reverse = self.geometry.slices_run_inferior()
         # The stored order travels with the volume (a napari layer's too), for the provenance to record.
-        metadata = {**self.metadata, STORED_AXIS_ORDER: [int(axis) for axis in axes]}
+        metadata = {**self.metadata, STORED_AXIS_ORDER: [int(axis) for axis in axes],
+                    STORED_SLICES_REVERSED: reverse}
+        array, geometry = self.array.transpose(axes), self.geometry.transposed(axes)
+        if reverse:
+            array, geometry = array[::-1], geometry.reversed_along(0, array.shape[0])
         xforms = NiftiXforms.from_metadata(self.metadata)
         if xforms is not None:  # the forms index voxels in nibabel's order, the reverse of ours
-            metadata.update(xforms.with_voxel_axes([self.ndim - 1 - axis for axis in axes[::-1]]).to_metadata())
-        return ImageVolume(np.ascontiguousarray(self.array.transpose(axes)), self.geometry.transposed(axes),
-                           metadata, self.source, self.is_rgb)
+            xforms = xforms.with_voxel_axes([self.ndim - 1 - axis for axis in axes[::-1]])
+            if reverse:
+                xforms = xforms.with_voxel_axis_reversed(self.ndim - 1, array.shape[0])
+            metadata.update(xforms.to_metadata())
+        return ImageVolume(np.ascontiguousarray(array), geometry, metadata, self.source, self.is_rgb)
+
+    def stored_geometry(self) -> Geometry:
+        """The grid its file stores this image on, for an image :meth:`in_world_axis_order` reoriented
+        (its metadata say how); its own grid otherwise."""
+        axes = self.metadata.get(STORED_AXIS_ORDER)
+        if axes is None or len(axes) != self.ndim:
+            return self.geometry
+        geometry = self.geometry
+        if self.metadata.get(STORED_SLICES_REVERSED):
+            geometry = geometry.reversed_along(0, self.spatial_shape[0])
+        return geometry.transposed(np.argsort(axes).tolist())
 
     def to_sitk(self) -> sitk.Image:
         """A SimpleITK image with this array and geometry (RGB becomes a 3-component vector image)."""

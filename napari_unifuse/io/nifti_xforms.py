@@ -80,6 +80,12 @@ class NiftiXforms:
         columns = [*order, 3]
         return NiftiXforms(self.qform[:, columns], self.qform_code, self.sform[:, columns], self.sform_code)
 
+    def with_voxel_axis_reversed(self, axis: int, size: int) -> NiftiXforms:
+        """The same placements for the voxel array reversed along nibabel axis ``axis`` (``size`` voxels)."""
+        flip = np.eye(4)
+        flip[axis, axis], flip[axis, 3] = -1.0, size - 1.0
+        return NiftiXforms(self.qform @ flip, self.qform_code, self.sform @ flip, self.sform_code)
+
     def reading_warnings(self, shape: tuple[int, ...]) -> list[str]:
         """What a reader of this header should be told: no placement at all, two that disagree, or
         ITK placing the voxels elsewhere than the package (``shape``: the voxel grid, nibabel order,

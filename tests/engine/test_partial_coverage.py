@@ -74,7 +74,7 @@ def test_a_field_that_moves_tissue_past_the_field_of_view_is_warned_of():
     slid = np.zeros((3, *inside.shape), np.float32)
     slid[0] = 6.0  # each voxel shows the moving image 6 slices further up: 6 slices below it get tissue
     (warning,) = moved_beyond_field_of_view_warnings(inside, slid, (SPACING,) * 3)
-    assert f"up to {6 * SPACING:.0f} mm past its field of view" in warning
+    assert f"up to {6 * SPACING:.0f} mm past where its header places its field of view" in warning
     assert f"slices {FIRST_COVERED_SLICE - 6}-{FIRST_COVERED_SLICE - 1}" in warning
     # A share of the uncovered part, as the sentence says (it gave the whole grid's: half of this).
     assert f"onto {100 * 6 / FIRST_COVERED_SLICE:.0f} % of the part of the reference grid it does not cover" in warning

@@ -28,8 +28,9 @@ def _blob(centre: tuple[float, float, float]) -> np.ndarray:
     return np.exp(-3 * sum((grid - offset) ** 2 for grid, offset in zip(grids, centre, strict=True)))
 
 
-def _write_pair(folder, coronal: bool):
-    """A reference and a moving image (shifted, other intensities), axial or coronal-stored."""
+def _write_pair(folder, coronal: bool, head_to_foot: bool = False):
+    """A reference and a moving image (shifted, other intensities), axial or coronal-stored;
+    ``head_to_foot``: the voxel axis along z counts slices downwards (a coronal DICOM series' rows)."""
     folder.mkdir()
     affine = np.diag([*SPACING_XYZ, 1.0])
     affine[:3, 3] = [-10.0, 5.0, 2.0]
@@ -37,9 +38,11 @@ def _write_pair(folder, coronal: bool):
     for name, array in (("reference", 100 + 1000 * _blob((0.0, 0.1, -0.1))),
                         ("moving", 50 + 400 * _blob((0.1, 0.0, 0.05)) ** 0.5)):
         data, voxel_affine = array.transpose().astype(np.float32), affine  # nibabel's (x, y, z)
+        if head_to_foot:
+            data, voxel_affine = data[:, :, ::-1], affine @ _reversed_voxel_axis(2, data.shape[2])
         if coronal:
             data = data.transpose(CORONAL_VOXEL_AXES)
-            voxel_affine = affine[:, [*CORONAL_VOXEL_AXES, 3]]
+            voxel_affine = voxel_affine[:, [*CORONAL_VOXEL_AXES, 3]]
         image = nib.Nifti1Image(np.ascontiguousarray(data), voxel_affine)
         image.set_qform(voxel_affine, code=1)
         image.set_sform(voxel_affine, code=1)
@@ -47,6 +50,12 @@ def _write_pair(folder, coronal: bool):
         nib.save(image, str(path))
         paths.append(path)
     return paths
+
+
+def _reversed_voxel_axis(axis: int, size: int) -> np.ndarray:
+    flip = np.eye(4)
+    flip[axis, axis], flip[axis, 3] = -1.0, size - 1.0
+    return flip
 
 
 @pytest.fixture
@@ -214,3 +223,55 @@ def test_the_cli_report_of_a_coronal_pair_shows_the_inputs_as_the_axial_pairs(pa
         overview = page[start:page.index(">", page.index("<img", start)) + 1]
         pages.append(re.sub(r"/(axial|coronal)/", "/", overview))
     assert "(14, 22, 18)" in pages[0] and pages[0] == pages[1]
+
+
+@pytest.mark.parametrize("coronal", [False, True], ids=["axial", "coronal"])
+def test_slices_stored_head_to_foot_fuse_as_the_axial_pair_and_slice_k_is_naparis_step_k(
+        pairs, tmp_path, smallest_unifuse, coronal):
+    """Slices stored from head to foot (a coronal DICOM series' rows run downwards) kept that order:
+    napari, which scrolls world z upwards, showed array slice N-1-k at its step k, so "slice 12" in a
+    report or a per-slice row was napari's 15; and the pair fused otherwise than the same voxels stored
+    foot to head. They are reversed with the axes now."""
+    from napari.components import ViewerModel
+
+    from napari_unifuse._napari_io import volume_to_layer_data
+
+    axial, _ = pairs
+    downwards = _write_pair(tmp_path / "downwards", coronal, head_to_foot=True)
+    stored = read_image(downwards[0])
+    assert stored.geometry.slices_run_inferior() and not stored.is_in_world_axis_order
+    engine = FusionEngine(smallest_unifuse(3), device="cpu")
+    on_axial = engine.run_fusion(*map(read_image, axial), quality=True, uncertainty_passes=1)
+    on_downwards = engine.run_fusion(stored, read_image(downwards[1]), quality=True, uncertainty_passes=1)
+    for name in ("fused", "aligned"):
+        np.testing.assert_array_equal(getattr(on_downwards, name).array, getattr(on_axial, name).array)
+    np.testing.assert_array_equal(on_downwards.slice_class_probs, on_axial.slice_class_probs)
+    assert on_downwards.fused.geometry.allclose(on_axial.fused.geometry)
+    record = on_downwards.provenance["inputs"]["reference"]
+    assert record["slices_reversed"] is True and record["shape"] == list(stored.array.shape)
+    assert Geometry.from_dict(record["geometry"]).allclose(stored.geometry)
+    assert "reversed" in on_downwards.provenance["outputs"]["grid"]
+
+    viewer = ViewerModel()
+    data, kwargs, _ = volume_to_layer_data(stored.in_world_axis_order())
+    layer = viewer.add_image(data, **kwargs)
+    for step in (0, 5, data.shape[0] - 1):
+        viewer.dims.set_current_step(0, step)
+        assert viewer.dims.point[0] == pytest.approx(layer.data_to_world([step, 0, 0])[0])
+
+
+def test_evaluate_reads_a_field_stored_on_slices_from_head_to_foot_as_the_axial_pairs(pairs, tmp_path):
+    grids = np.meshgrid(*(np.linspace(-1, 1, side) for side in SHAPE), indexing="ij")
+    field = np.stack([0.5 * grids[0] + 0.2, -0.3 * grids[1] ** 2, 0.8 * grids[1] * grids[2]]).astype(np.float32)
+    read = {}
+    for (reference_path, _), stored_field in ((pairs[0], field), (_write_pair(tmp_path / "downwards", False, True),
+                                                                   field[:, ::-1] * np.array([-1, 1, 1]).reshape(3, 1, 1, 1))):
+        stored_reference = read_image(reference_path)
+        write_displacement(np.ascontiguousarray(stored_field, dtype=np.float32), stored_reference.geometry,
+                           reference_path.parent / "field.nii.gz", reference_metadata=stored_reference.metadata)
+        csv_path = reference_path.parent / "pairs.csv"
+        csv_path.write_text("reference,moving,label,displacement\n"
+                            "reference.nii.gz,moving.nii.gz,moving.nii.gz,field.nii.gz\n", encoding="utf-8")
+        (read[reference_path.parent.name],) = pairs_from_csv(csv_path)
+    np.testing.assert_allclose(read["downwards"].displacement, read["axial"].displacement, atol=1e-6)
+    np.testing.assert_array_equal(read["downwards"].label, read["axial"].label)
