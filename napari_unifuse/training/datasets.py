@@ -33,6 +33,8 @@ from __future__ import annotations
 import math
 import string
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -499,6 +501,16 @@ def _named(names: list[str]) -> str:
     return ", ".join(names[:SKIPPED_CASES_NAMED]) + (", ..." if len(names) > SKIPPED_CASES_NAMED else "")
 
 
+@contextmanager
+def _case_named(name: str) -> Iterator[None]:
+    """An InputError raised inside names the case it concerns, which a cohort's file paths do not
+    always make plain (``ref.nii.gz`` in every folder), and messages from deep inside never do."""
+    try:
+        yield
+    except InputError as error:
+        raise InputError(f"case {name}: {error.problem}", error.source) from error
+
+
 def folder_cases(root: str | Path, layout: dict[str, str]) -> list[tuple[str, Path, Path]]:
     """(case, reference path, moving path) for every sub-folder of ``root`` holding both files.
 
@@ -532,10 +544,11 @@ def folder_cases(root: str | Path, layout: dict[str, str]) -> list[tuple[str, Pa
 
 def _image_header(path: Path) -> ImageVolume:
     """``path`` as io.read_image places it (an ImageVolume), without decoding its voxels where the
-    format allows: a cohort's cases are all checked before training, and decoding hundreds of
-    volumes for their shapes would take minutes. The array is a zero-strided stand-in of the
-    image's shape. SimpleITK reads NIfTI, NRRD and MetaImage headers alone; DICOM series, pictures
-    (small anyway), 4-D files and colour images are read whole, as io.read_image reads them."""
+    format allows: ``checked_cases`` checks the settings against every case before it decodes
+    any, which for hundreds of volumes takes minutes. The array is a zero-strided stand-in of the
+    image's shape, in the file's axis order. SimpleITK reads NIfTI, NRRD and MetaImage headers
+    alone; DICOM series, pictures (small anyway), 4-D files and colour images are read whole, as
+    io.read_image reads them."""
     import SimpleITK as sitk
 
     from napari_unifuse.io import Geometry, ImageVolume, read_image
@@ -556,12 +569,32 @@ def _image_header(path: Path) -> ImageVolume:
     return read_image(path)
 
 
+def _stored_in_another_order(image: ImageVolume) -> bool:
+    """Whether ``image`` is a volume whose file stores its axes in another order than the world's
+    (a coronal or sagittal NIfTI), which ``FolderPairs`` reorients."""
+    return image.ndim == 3 and image.geometry.world_axis_order() != (0, 1, 2)
+
+
 def _training_shape(reference: ImageVolume) -> tuple[int, ...]:
-    """The spatial shape a case trains at: a one-slice volume trains as its slice, a 2-D image,
-    as ``unifuse fuse`` fuses it (engine.input_checks.model_dimensions)."""
-    axis = reference.single_slice_axis
+    """The spatial shape a case trains at: in world axis order, as ``FolderPairs`` reads it (from
+    the geometry: a header's stand-in array is not transposed), and a one-slice volume as its
+    slice, a 2-D image, as ``unifuse fuse`` fuses it (engine.input_checks.model_dimensions)."""
+    from napari_unifuse.io.image import single_slice_axis_of
+
     shape = tuple(reference.spatial_shape)
+    if _stored_in_another_order(reference):
+        shape = tuple(shape[axis] for axis in reference.geometry.world_axis_order())
+    axis = single_slice_axis_of(shape)
     return shape[:axis] + shape[axis + 1:] if axis is not None else shape
+
+
+def _how_the_file_lists(reference: ImageVolume) -> str:
+    """How a size in world axis order relates to the one the case's file header lists."""
+    if _stored_in_another_order(reference):
+        stored = "×".join(str(side) for side in reversed(reference.spatial_shape))
+        return (f" in world axis order, as training reads it (its file lists {stored}, its axes stored in "
+                "another order)")
+    return ", x first as nibabel and the file's header list them"
 
 
 def _in_file_order(shape: tuple[int, ...]) -> str:
@@ -610,16 +643,22 @@ def _overlapping_cases(cases: list[tuple[str, Path, Path]], headers: dict[str, t
 def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: tuple[int, ...] | None,
                   root: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """The cases fit to train on, and those of them whose moving image is in colour, checked
-    before the first step from their headers (every case: one that fails mid-run costs the steps
-    before it and saves no checkpoint).
+    before the first step (every case: one that fails mid-run costs the steps before it and saves
+    no checkpoint): first from their headers, so that a setting that fits no case is refused at
+    once, then every kept case's voxels, read whole one case at a time and let go.
 
     Cases whose moving image misses the reference are skipped (warned); a model of other
     dimensions than the images, cases of 2-D and 3-D images mixed, a case smaller than
-    ``crop``, and cases of different sizes without a crop (their samples cannot share a batch)
-    are refused, naming the case and its size as its file lists it (x first)."""
+    ``crop``, cases of different sizes without a crop (their samples cannot share a batch), and
+    a file that cannot be read whole or holds no finite voxel (as fusion refuses it) are refused,
+    naming the case and its size, in world axis order as training reads it, x first."""
     from napari_unifuse.engine.input_checks import model_dimensions
+    from napari_unifuse.io import read_image
 
-    headers = {name: (_image_header(reference), _image_header(moving)) for name, reference, moving in cases}
+    headers = {}
+    for name, reference, moving in cases:
+        with _case_named(name):
+            headers[name] = (_image_header(reference), _image_header(moving))
     cases = _overlapping_cases(cases, headers, root)
     dimensions = {name: model_dimensions(headers[name][0]) for name, _, _ in cases}
     shapes = {name: _training_shape(headers[name][0]) for name, _, _ in cases}
@@ -647,10 +686,9 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
     if crop is not None:
         if misfit := _smaller_than_crop(shapes, crop):
             name, shape = misfit
-            raise InputError(f"case {name} is {_in_file_order(shape)} voxels, x first as nibabel and the "
-                             f"file's header list them, smaller than data.crop {_in_array_order(crop)} = "
-                             f"{_in_file_order(crop)}; a data.crop of at most {_in_array_order(smallest)} fits "
-                             "every case", reference_of[name])
+            raise InputError(f"case {name} is {_in_file_order(shape)} voxels{_how_the_file_lists(headers[name][0])},"
+                             f" smaller than data.crop {_in_array_order(crop)} = {_in_file_order(crop)}; a data.crop "
+                             f"of at most {_in_array_order(smallest)} fits every case", reference_of[name])
     elif len(set(shapes.values())) > 1:
         (first, first_shape), (other, other_shape) = next(
             ((a, shapes[a]), (b, shapes[b])) for a in shapes for b in shapes if shapes[a] != shapes[b])
@@ -659,6 +697,10 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
                          f"{_in_file_order(other_shape)}) and data.crop is not set, so their samples cannot share "
                          f"a batch: set data.crop, random windows of one size (at most {_in_array_order(smallest)} "
                          "fits every case)", root)
+    for name, reference, moving in cases:
+        with _case_named(name):
+            for path in (reference, moving):
+                read_image(path)  # refuses a truncated file and one without a finite voxel
     return cases, [name for name, _, _ in cases if headers[name][1].is_rgb]
 
 
@@ -728,6 +770,9 @@ def split_by_case(items: list, val_fraction: float, seed: int) -> tuple[list, li
 class FolderPairs(SyntheticPairDataset):
     """Aligned NIfTI pairs in case folders; volumes are read once, normalised, cropped at random.
 
+    Volumes train in world axis order (``ImageVolume.in_world_axis_order``), as every fusion entry
+    point fuses them: the network is not invariant to the order of its axes, so a coronal file
+    trains like its axial twin, and the CT simulation scans the world's axial planes.
     ``build_datasets`` hands it the cases ``checked_cases`` kept; one-slice volumes train as 2-D images.
     ``with_color``: grey samples carry neutral chroma too, for a cohort with colour moving images."""
 
@@ -756,14 +801,20 @@ class FolderPairs(SyntheticPairDataset):
     def case_names(self) -> list[str]:
         return [name for name, _, _ in self.cases]
 
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """The sample, or an InputError naming its case: one a cohort's check could not foresee
+        (the CT simulation's pixels) stops the run, and the user must know which case to fix."""
+        with _case_named(self.cases[index // self.samples_per_case][0]):
+            return super().__getitem__(index)
+
     def clean_pair(self, index: int, rng: np.random.Generator) -> CleanPair:
         case_index = index // self.samples_per_case
         if case_index not in self._cache:
             from napari_unifuse.io import normalize_intensity, read_image, resample_to_reference
 
             _, reference_path, moving_path = self.cases[case_index]
-            reference = read_image(reference_path)
-            moving = read_image(moving_path)
+            reference = read_image(reference_path).in_world_axis_order()
+            moving = read_image(moving_path).in_world_axis_order()
             if not moving.on_grid_of(reference):
                 moving = resample_to_reference(moving, reference)
             reference_normalized, _ = normalize_intensity(reference, self.layout["reference_modality"])
