@@ -45,6 +45,7 @@ from napari_unifuse.engine.annotations import (
 )
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.digests import LAYER_DIGESTS
+from napari_unifuse.io.image import single_slice_axis_of
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -211,19 +212,23 @@ class AnnotationPanel(widgets.Container):
         return self.store
 
     def _viewed_slice(self) -> tuple[int, int]:
-        """(array axis, index) of the run's slice in view; (0, 0) for a 2D image. A plane beyond the
-        run's image (where only a longer layer is drawn) is refused: its nearest slice is not what was seen."""
+        """(array axis, index) of the run's slice in view; (0, 0) for a 2D image, and the one slice of
+        a one-slice volume, which is the image whatever plane of it is in view (napari first shows
+        one coronal slice one row per z step). A plane beyond the run's image (where only a longer
+        layer is drawn) is refused: its nearest slice is not what was seen."""
         reference = self.reference_layer
         axis, index = viewed_plane(self.viewer, reference)
+        if axis is not None and not 0 <= index < reference.data.shape[axis]:
+            letter, last = AXIS_LETTERS[axis], reference.data.shape[axis] - 1
+            raise InputError(f"the slice in view ({letter} = {index}) lies outside the image, which has slices "
+                             f"{letter} = 0 to {last}; scroll onto the image to flag a slice", reference.name)
+        one_slice_axis = single_slice_axis_of(_spatial_shape(reference))
+        if one_slice_axis is not None:
+            return one_slice_axis, 0
         if axis is None and reference.ndim >= 3:
             raise InputError("the 3D view shows no single slice; switch to the 2D view to flag a slice")
         if axis is None:
             return 0, 0
-        last = reference.data.shape[axis] - 1
-        if not 0 <= index <= last:
-            letter = AXIS_LETTERS[axis]
-            raise InputError(f"the slice in view ({letter} = {index}) lies outside the image, which has slices "
-                             f"{letter} = 0 to {last}; scroll onto the image to flag a slice", reference.name)
         return axis, index
 
     def _new_annotation(self, slice_axis: int, slice_index: int, region_world: list[list[list[float]]] | None = None
@@ -344,7 +349,7 @@ class AnnotationPanel(widgets.Container):
 
     def _describe(self, annotation: Annotation, pair_inputs: InputHashes | None = None) -> str:
         """A flag as listed; ``pair_inputs``: the annotated pair's hashes, to mark flags made on others."""
-        where = describe_location(annotation, self.reference_layer.ndim if self.reference_layer else 3)
+        where = describe_location(annotation, _spatial_shape(self.reference_layer))
         note = f": {annotation.note}" if annotation.note else ""
         earlier = "(made on other inputs) " if pair_inputs and pair_inputs.made_on_other_inputs(annotation) else ""
         return f"{earlier}{where} — {annotation.category} [{describe_subject(annotation)}] ({annotation.reviewer}){note}"
@@ -387,6 +392,11 @@ class AnnotationPanel(widgets.Container):
 def _describe_pair(pair: tuple[str, str]) -> str:
     reference, moving = pair
     return f"{moving} → {reference}"
+
+
+def _spatial_shape(layer) -> tuple[int, ...]:
+    """The shape of ``layer``'s image without an RGB layer's colour axis."""
+    return tuple(layer.data.shape[:layer.ndim])
 
 
 def _same_grid(layer, reference) -> bool:

@@ -33,6 +33,7 @@ from napari_unifuse.engine.outputs import PROVENANCE_FILE, STAGING_PREFIX, read_
 from napari_unifuse.engine.provenance import sha256_of_array, sha256_of_path
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, read_image
+from napari_unifuse.io.image import single_slice_axis_of
 
 FAILURE_CATEGORIES: tuple[str, ...] = (
     "misalignment",
@@ -68,6 +69,8 @@ EXPORT_COLUMNS = (
     "moving_sha256",
     "about_other_inputs",
 )
+# A cohort export's header is a few hundred characters: the first line of another file is read no further.
+COHORT_HEADER_READ_LIMIT = 4096
 # about_other_inputs: whether the flag was made on other input arrays than its run folder's run (an
 # earlier run's, replaced with --overwrite); "unknown" where the flag or the run records no hashes.
 OTHER_INPUTS_ANSWERS = {True: "yes", False: "no", None: "unknown"}
@@ -136,10 +139,11 @@ def describe_subject(annotation: Annotation) -> str:
     return INPUTS_SUBJECT if annotation.subject == INPUTS_SUBJECT else str(annotation.method)
 
 
-def describe_location(annotation: Annotation, volume_ndim: int) -> str:
+def describe_location(annotation: Annotation, image_shape: Sequence[int]) -> str:
     """Where ``annotation`` is, for a reviewer: "slice x = 23", "region on z = 5", or "image" /
-    "region" for a 2D image (``volume_ndim``: the annotated image's dimensions)."""
-    if volume_ndim < 3 or annotation.slice_index is None:
+    "region" for a 2D image or a one-slice volume, which is one (``image_shape``: the annotated
+    image's spatial shape)."""
+    if len(image_shape) < 3 or single_slice_axis_of(image_shape) is not None or annotation.slice_index is None:
         return "region" if annotation.region_kind else "image"
     coordinate = f"{AXIS_LETTERS[annotation.slice_axis]} = {annotation.slice_index}"
     return f"region on {coordinate}" if annotation.region_kind else f"slice {coordinate}"
@@ -149,14 +153,20 @@ def slice_of_region(voxel_points: Sequence[Sequence[float]], shape: Sequence[int
                     viewed_axis: int | None = None) -> tuple[int, int]:
     """(array axis, index) of the slice a drawn shape lies on, from its vertices in voxel indices of
     a volume of ``shape``: the axis along which it is flat (the viewed one when it is flat along
-    several, e.g. a line), so a region keeps its own slice whatever slice is in view."""
+    several, e.g. a line), so a region keeps its own slice whatever slice is in view. On a one-slice
+    volume that is its one slice, the image, whatever plane of it was in view."""
     indices = np.round(np.asarray(voxel_points, dtype=float)).astype(int)
     flat_axes = [axis for axis in range(len(shape)) if np.all(indices[:, axis] == indices[0, axis])]
-    if not flat_axes:
+    one_slice_axis = single_slice_axis_of(shape)
+    if one_slice_axis is not None:
+        axis = one_slice_axis
+    elif not flat_axes:
         raise InputError("a region crosses several slices; draw each region in the 2D view", "region")
-    axis = viewed_axis if viewed_axis in flat_axes else flat_axes[0]
+    else:
+        axis = viewed_axis if viewed_axis in flat_axes else flat_axes[0]
     index = int(indices[0, axis])
-    if not 0 <= index < shape[axis]:
+    # Not flat along a one-slice volume's slice: it strays off the one voxel the image is thick.
+    if axis not in flat_axes or not 0 <= index < shape[axis]:
         raise InputError("a region lies outside the image; draw it on the image", "region")
     return axis, index
 
@@ -402,7 +412,10 @@ def export_cohort(run_dirs: Iterable[str | os.PathLike], csv_path: str | os.Path
     not exported: the result names them.
 
     The CSV is composed in memory and renamed over ``csv_path`` whole, so a full disk or a run that
-    cannot be read leaves an earlier export whole, never a truncated one."""
+    cannot be read leaves an earlier export whole, never a truncated one. A target that cannot take
+    it is refused before any run is read (``check_cohort_target``)."""
+    csv_path = Path(csv_path)
+    check_cohort_target(csv_path)
     rows = about_other_inputs = 0
     skipped: list[SkippedLine] = []
     table = io.StringIO()
@@ -423,8 +436,29 @@ def export_cohort(run_dirs: Iterable[str | os.PathLike], csv_path: str | os.Path
             writer.writerow({"run": str(run_dir), **record, "about_other_inputs": OTHER_INPUTS_ANSWERS[other_inputs]})
             rows += 1
     # The csv module ends its rows itself: written untranslated, as csv's own files must be.
-    write_text_atomically(Path(csv_path), table.getvalue(), newline="")
+    write_text_atomically(csv_path, table.getvalue(), newline="")
     return CohortExport(rows, about_other_inputs, skipped)
+
+
+def check_cohort_target(csv_path: Path) -> None:
+    """Refuse (InputError) a cohort CSV path in a folder that does not exist, one that is a folder,
+    and a file that holds something else than a cohort export (a ``--pairs`` table, say): a path
+    typed by hand must not replace it. An earlier export, of this version or an older one, may be."""
+    if not csv_path.parent.is_dir():
+        raise InputError("there is no such folder; choose an existing folder for the cohort CSV", csv_path.parent)
+    if csv_path.is_dir():
+        raise InputError("is a folder; choose a file name ending in .csv", csv_path)
+    if csv_path.exists() and not _holds_a_cohort_export(csv_path):
+        raise InputError("is not a cohort export (its header names other columns), so it is not replaced; choose "
+                         "another file name", csv_path)
+
+
+def _holds_a_cohort_export(path: Path) -> bool:
+    """Whether ``path`` is empty (nothing to lose) or headed as a cohort export: "run" first and only
+    cohort columns, which every version's export keeps (later versions added columns)."""
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        header = next(csv.reader([handle.readline(COHORT_HEADER_READ_LIMIT)]), [])
+    return not header or (header[0] == "run" and set(header) <= set(EXPORT_COLUMNS))
 
 
 @dataclass(frozen=True)

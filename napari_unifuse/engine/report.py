@@ -172,7 +172,7 @@ def report_page(
         "metrics": _metrics_section(result, metrics or {}),
         "degradation": _degradation_section(result),
         "uncertainty": _uncertainty_section(result.quality, fused_view, _mapping(result.provenance.get("method"))),
-        "annotations": _annotations_section(annotations, result.fused.ndim, skipped, reference, moving),
+        "annotations": _annotations_section(annotations, result.fused.spatial_shape, skipped, reference, moving),
         "provenance": f"<pre>{html.escape(json.dumps(result.provenance, indent=2, default=str), quote=False)}</pre>",
     }
     sections = "\n".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>\n{bodies[key]}\n</section>' for key in SECTIONS)
@@ -498,8 +498,8 @@ def _uncertainty_section(quality: QualityMaps | None, view: PlaneView, method: M
             f"{_png(figure, drawn)}")
 
 
-def _annotations_section(annotations: Sequence[Annotation], volume_ndim: int, skipped: Sequence[SkippedLine],
-                         reference: ImageVolume, moving: ImageVolume) -> str:
+def _annotations_section(annotations: Sequence[Annotation], image_shape: Sequence[int],
+                         skipped: Sequence[SkippedLine], reference: ImageVolume, moving: ImageVolume) -> str:
     """The reviewers' flags on this run's inputs; below them, apart, those made on other inputs."""
     notes = "".join(f"<p class=note>{html.escape(str(line))}</p>" for line in skipped)
     # Hashing the inputs takes a while on a large volume: only flags that record hashes need it.
@@ -507,18 +507,18 @@ def _annotations_section(annotations: Sequence[Annotation], volume_ndim: int, sk
                                                                for a in annotations) else InputHashes(None, None))
     earlier = [a for a in annotations if inputs.made_on_other_inputs(a)]
     current = [a for a in annotations if not inputs.made_on_other_inputs(a)]
-    parts = [notes, _annotation_table(current, volume_ndim) if current else "<p class=note>No annotations.</p>"]
+    parts = [notes, _annotation_table(current, image_shape) if current else "<p class=note>No annotations.</p>"]
     if earlier:
         parts.append(f"<p class=flag>{len(earlier)} annotation{'s were' if len(earlier) > 1 else ' was'} made on other "
                      "input images than this run's (an earlier run in this folder, since overwritten): not about "
-                     "this result, kept for the record.</p>" + _annotation_table(earlier, volume_ndim))
+                     "this result, kept for the record.</p>" + _annotation_table(earlier, image_shape))
     return "".join(parts)
 
 
-def _annotation_table(annotations: Sequence[Annotation], volume_ndim: int) -> str:
+def _annotation_table(annotations: Sequence[Annotation], image_shape: Sequence[int]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(a.created)}</td><td>{html.escape(a.reviewer)}</td><td>{html.escape(describe_subject(a))}</td>"
-        f"<td>{html.escape(a.category)}</td><td>{html.escape(describe_location(a, volume_ndim))}</td>"
+        f"<td>{html.escape(a.category)}</td><td>{html.escape(describe_location(a, image_shape))}</td>"
         f"<td>{html.escape(a.note)}</td></tr>" for a in annotations)
     return ("<table><tr><th>created</th><th>reviewer</th><th>about</th><th>category</th><th>where</th>"
             f"<th>note</th></tr>{rows}</table>")

@@ -157,16 +157,16 @@ def test_an_unwritable_run_folder_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("annotation", "volume_ndim", "described"),
+    ("annotation", "image_shape", "described"),
     [
-        (Annotation(category="other", reviewer="a", slice_index=23, slice_axis=2), 3, "slice x = 23"),
+        (Annotation(category="other", reviewer="a", slice_index=23, slice_axis=2), (16, 48, 48), "slice x = 23"),
         (Annotation(category="other", reviewer="a", slice_index=5, region_kind="shapes",
-                    region_world=[[[5.0, 1.0, 1.0]]]), 3, "region on z = 5"),
-        (Annotation(category="other", reviewer="a", slice_index=0), 2, "image"),
+                    region_world=[[[5.0, 1.0, 1.0]]]), (16, 48, 48), "region on z = 5"),
+        (Annotation(category="other", reviewer="a", slice_index=0), (48, 48), "image"),
     ],
 )
-def test_the_location_names_the_axis_of_a_volume_slice(annotation, volume_ndim, described):
-    assert describe_location(annotation, volume_ndim) == described
+def test_the_location_names_the_axis_of_a_volume_slice(annotation, image_shape, described):
+    assert describe_location(annotation, image_shape) == described
 
 
 def test_a_region_lies_on_the_slice_along_which_it_is_flat():
