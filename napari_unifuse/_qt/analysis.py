@@ -15,7 +15,13 @@ import torch
 
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
-from napari_unifuse.engine.labels import label_coverage_warnings, label_in_model_units, label_metrics
+from napari_unifuse.engine.labels import (
+    checked_label,
+    label_in_model_units,
+    label_metrics,
+    label_units_warnings,
+    run_moving_mapping,
+)
 from napari_unifuse.engine.overlays import (
     absolute_error,
     checkpoint_identity,
@@ -130,11 +136,17 @@ def run_and_analyse(
 ) -> RunOutcome:
     """Fuse the pair and compute the review maps; ``cancel`` is honoured between the steps of the
     analysis too (each takes seconds on a clinical volume), not only between the fusion's tiles."""
-    # Before the fusion: a ground truth that misses the reference is refused, not scored against zeros.
-    label_warnings = label_coverage_warnings(request.label, request.reference) if request.label is not None else []
+    # Before the fusion: a ground truth that misses the reference is refused, not scored against zeros;
+    # one with NaN voxels (a layer made in napari) is scored as the CLI scores its file, the NaN replaced.
+    label, label_warnings = (checked_label(request.label, request.reference) if request.label is not None
+                             else (None, []))
+    # Described as given (a layer by the hash of its values), not with the NaN checked_label replaced.
+    label_input = describe_input(request.label) if request.label is not None else None
     result = engine.run_fusion(request.reference, request.moving, progress=progress, cancel=cancel)
     cancel.raise_if_cancelled()
     progress("analyse", 0, 1)
+    if label is not None:
+        label_warnings += label_units_warnings(label, request.moving, run_moving_mapping(result))
     notes = [*result.warnings, *label_warnings]
     if request.task != "auto":
         result.provenance["declared_task"] = request.task
@@ -148,12 +160,12 @@ def run_and_analyse(
     reference_grey = display_grey(request.reference)
     aligned_grey = display_grey(result.aligned)
     cancel.raise_if_cancelled()
-    if request.label is not None:
-        label_on_grid = resample_to_reference(request.label, request.reference)
+    if label is not None:
+        label_on_grid = resample_to_reference(label, request.reference)
         error_map, error_kind = absolute_error(grey_values(result.aligned), grey_values(label_on_grid)), "|aligned − label|"
         label_units = label_in_model_units(result, label_on_grid)
         # What the error map and the label metrics were measured against, as the CLI's --label records it.
-        result.provenance.setdefault("inputs", {})["label"] = describe_input(request.label)
+        result.provenance.setdefault("inputs", {})["label"] = label_input
     else:
         label_units = None
         # A one-slice volume's map is its slice's: 3D neighbourhoods would reach across nothing.

@@ -1,14 +1,17 @@
 """`unifuse evaluate`: fusion methods beside the classical pipelines, every metric side by side.
 
 Pairs come from a CSV (columns ``reference,moving,label[,displacement][,task][,degradation]``,
-paths relative to the CSV; ``label`` is the clean moving image aligned to the reference,
+paths relative to the CSV; ``label`` is the clean moving image aligned to the reference (an
+intensity image in the moving image's units, not a segmentation),
 ``displacement`` the ground-truth field as an ITK displacement file, ``degradation`` the true
 class as ``unifuse synth`` records it in meta.json; any other column, a misspelled ``lable`` say,
 is refused, and so is a pair (the same reference, moving and label files) listed twice, which would
 count twice in every mean and test; a label is checked against its reference as ``unifuse fuse
 --label`` checks it, before any pair is computed: another dimensionality, or no overlap in space,
 refuses its row, and under half the reference grid is a warning, printed and listed in
-``evaluation.md``, as are the warnings ``unifuse fuse`` gives of the reference and moving image
+``evaluation.md``, as are the other warnings ``unifuse fuse --label`` gives of a label (its reader's
+notes, a picture of another size, a constant label, values the moving image's window clips, a
+segmentation's few ids) and those it gives of the reference and moving image
 (pictures of different sizes, an ignored alpha channel, ...; a moving image outside the reference
 refuses its row, as do a moving image of another dimensionality than its reference (but a one-slice
 volume (x, y, 1) beside a 2-D image is scored as the 2-D pair ``unifuse fuse`` fuses, a one-slice label
@@ -127,7 +130,7 @@ from napari_unifuse.engine.inference import (
     within_field_of_view,
 )
 from napari_unifuse.engine.input_checks import model_dimensions
-from napari_unifuse.engine.labels import label_coverage_warnings
+from napari_unifuse.engine.labels import checked_label, label_units_warnings
 from napari_unifuse.engine.methods import load_method, split_name
 from napari_unifuse.engine.outputs import check_writable_folder, same_file, write_files_together
 from napari_unifuse.engine.result import FusionResult
@@ -249,21 +252,22 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         slice_axis = reference.single_slice_axis
         if slice_axis is not None and displacement is not None:
             displacement = np.delete(displacement, slice_axis, axis=0).take(0, axis=slice_axis + 1)
+        if beside is not None:
+            reference, moving = beside
         try:
-            if beside is not None:
-                reference, moving = beside
-                label_image = one_slice_label(label_image, reference)
-            warnings += tuple(label_coverage_warnings(label_image, reference))
+            label_image, label_warnings = checked_label(label_image, reference)
         except InputError as error:
             raise InputError(f"line {line} of the CSV, label {error.source}: {error.problem}", path) from error
-        if not label_image.on_grid_of(reference):
-            label_image = resample_to_reference(label_image, reference)
         # A grey label is scored in the moving image's [0, 1] units: the moving image's mapping.
         _, mapping = unit_intensities(moving)
-        if label_image.is_rgb or mapping is None:
+        label_mapping = None if label_image.is_rgb else mapping
+        warnings += (*label_warnings, *label_units_warnings(label_image, moving, label_mapping))
+        if not label_image.on_grid_of(reference):
+            label_image = resample_to_reference(label_image, reference)
+        if label_mapping is None:
             label, _ = unit_intensities(label_image)
         else:
-            label = mapping.apply(label_image.array)
+            label = label_mapping.apply(label_image.array)
         if slice_axis is not None and beside is None:
             # A one-slice reference with a moving volume or slice: on the slice's in-plane grid.
             reference, moving = single_slice_pair(reference, moving)
@@ -297,14 +301,6 @@ def displacement_in_world_axis_order(path: Path, stored_reference: ImageVolume, 
     if stored_reference.geometry.slices_run_inferior():
         field = field[:, ::-1] * np.array([-1.0, 1.0, 1.0], dtype=field.dtype).reshape(3, 1, 1, 1)
     return np.ascontiguousarray(field)
-
-
-def one_slice_label(label: ImageVolume, reference: ImageVolume) -> ImageVolume:
-    """``label`` beside the 2D reference of a pair ``one_slice_beside_2d`` made: a one-slice volume
-    (stored like a one-slice moving image) as the 2D image of its slice, as that function takes the
-    moving image; any other label as it is, for ``label_coverage_warnings`` to check."""
-    beside = one_slice_beside_2d(reference, label, moving_role="label")
-    return label if beside is None else beside[1]
 
 
 def has_tissue(reference: np.ndarray) -> bool:
@@ -1128,7 +1124,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "sitk+wavelet, ...), with their bundled weights unless =CHECKPOINT")
     source = parser.add_argument_group("pairs (one of)")
     source.add_argument("--pairs", type=Path, help="CSV with columns reference,moving,label and optional displacement, "
-                        "task, degradation (any other column, and a pair listed twice, is refused)")
+                        "task, degradation (any other column, and a pair listed twice, is refused); label: the clean "
+                        "moving image on the reference grid, in the moving image's units, not a segmentation")
     source.add_argument("--harvard", type=Path, metavar="ROOT", help="Harvard AANLIB folder (CT-MRI/, PET-MRI/, …)")
     # Every default None (the value is HARVARD_DEFAULTS'): one given with --pairs is refused, not ignored.
     harvard = parser.add_argument_group("Harvard options", "with --harvard only; refused with --pairs")

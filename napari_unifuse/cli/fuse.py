@@ -9,12 +9,18 @@ parent folders' names in front where a batch has moving files of one name (``OUT
 for ``0000/moving.png``, as ``unifuse synth --pairs`` writes them); names come from the paths as
 given, not from where a symlink points (git-annex/DataLad: ``s1/ct.png`` and ``s2/ct.png`` are
 ``OUT/s1_ct/`` and ``OUT/s2_ct/``, two pairs even when they link to one file); a moving file named
-as a batch file (``index.html.png``) gets ``OUT/index.html_png/``, and one listed in two rows is
-refused. See ``engine.outputs`` for the files: the five results, and the quality maps with
-``quality.json`` unless ``--no-quality``, and ``metrics.json`` given a ``--label``: a label is
-checked against the reference as the moving image is, before any work (another dimensionality, or
-no overlap in space, is refused; under half the reference grid is a warning). A pair folder may not
-be an input of any pair (a DICOM series folder), lie inside one or hold one (``--moving dcm/t2
+as a batch file (``index.html.png``) gets ``OUT/index.html_png/``, one with only dots before its
+extension (``.nii.gz``) ``OUT/_nii_gz/``, a name longer than a file name may be (255 bytes) its
+start and a hash of the whole, and one listed in two rows is refused. See ``engine.outputs`` for
+the files: the five results, and the quality maps with
+``quality.json`` unless ``--no-quality``, and ``metrics.json`` given a ``--label``, the clean moving
+image aligned to the reference (an intensity image in the moving image's units, not a segmentation):
+a label is checked against the reference as the moving image is, before any work (another
+dimensionality, or no overlap in space, is refused; a one-slice label beside a 2-D reference is its
+slice; under half the reference grid, its reader's notes (NaN voxels replaced, say), a picture of
+another size, a constant label, and after the fusion a label whose values the moving image's
+intensity window clips (other units) or that holds a segmentation's few ids, are warnings). A pair
+folder may not be an input of any pair (a DICOM series folder), lie inside one or hold one (``--moving dcm/t2
 --out dcm``, or one row's folder holding another row's inputs): such a pair or batch is refused
 before any work; choose another --out. A batch resumes: a pair whose ``provenance.json``
 records the same inputs (path as given and content), method, checkpoint and settings (tile size,
@@ -32,8 +38,10 @@ before any work. ``--report`` also writes each pair's QC page (``report.html``) 
 for a ``--pairs`` batch, ``OUT/index.html``, the runs most suspicious first (a pair already done gets its
 page with ``--overwrite``; ``unifuse report OUT`` indexes a single pair's folder); the page is written
 with the pair's other outputs, before the ``provenance.json`` that marks them done. An input replaced
-since its run is noticed even when the new file keeps an older modification time (its inode change
-time, which a copy or rename sets, counts too).
+since its run began to read it is noticed even when the new file keeps an older modification time
+(its inode change time, which a copy or rename sets, counts too), and so is a symlink, or a folder
+link on its path, pointed at another file (git-annex/DataLad) of other content. A file system's
+refusal of one pair's folder fails that pair; the batch goes on.
 
 Two runs never write one pair folder at once: a run holds the folder's lock (``engine.outputs``)
 from its "already done?" check to the end of its write, and a second run into it (the same pair, or
@@ -50,23 +58,31 @@ pair of the CSV (N processes in all), and process 0 gathers what each did into t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from napari_unifuse.cli import describe_os_error
 from napari_unifuse.cli.arguments import check_one_pair_or_many, read_pairs_rows
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
 from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
 from napari_unifuse.engine.inference import FusionEngine, requested_settings
 from napari_unifuse.engine.input_checks import model_dimensions
-from napari_unifuse.engine.labels import label_coverage_warnings, label_in_model_units, label_metrics
+from napari_unifuse.engine.labels import (
+    checked_label,
+    label_in_model_units,
+    label_metrics,
+    label_units_warnings,
+    run_moving_mapping,
+)
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, registered_methods, split_name
 from napari_unifuse.engine.outputs import (
     PROVENANCE_FILE,
@@ -98,6 +114,11 @@ SUMMARY_FILE = "summary.json"
 BATCH_FILES = frozenset({SUMMARY_FILE, INDEX_FILE})
 # A summary's outcomes: fused now, skipped as done, failed, or left to another run that held its folder to the end.
 OUTCOME_STATUSES = ("done", "skipped", "failed", "busy")
+# provenance.json: each input's _last_changed when the run began to read it, by role; a resume hashes
+# again only an input whose time now differs (one replaced while its pair ran included).
+INPUT_CHANGE_TIMES = "inputs_last_changed_ns"
+# The longest file name, in bytes, of the usual file systems (ext4, XFS, btrfs, APFS; NTFS: 255 characters).
+NAME_MAX_BYTES = 255
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,11 @@ class Pair:
     def name(self) -> str:
         return self.output_name or output_folder_names([self.moving])[0]
 
+    @property
+    def inputs(self) -> tuple[tuple[str, Path | None], ...]:
+        """Each role and its path as given (None: no label)."""
+        return ("reference", self.reference), ("moving", self.moving), ("label", self.label)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -122,7 +148,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--reference", type=Path, help="high-quality reference image")
     parser.add_argument("--moving", type=Path, help="degraded, misaligned moving image")
-    parser.add_argument("--label", type=Path, help="optional ground truth of the aligned moving image (writes metrics.json)")
+    parser.add_argument("--label", type=Path, help="optional ground truth of the aligned moving image (writes metrics.json): "
+                        "the clean moving image on the reference grid, an intensity image in the moving image's units, "
+                        "not a segmentation")
     parser.add_argument("--pairs", type=Path, help="CSV with columns reference,moving[,label] (any other column is "
                         "refused); paths relative to the CSV")
     parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per pair)")
@@ -247,13 +275,14 @@ def _fuse_or_skip(pair: Pair, args: argparse.Namespace, engines: _EngineCache, o
             fuse_pair(pair, out_dir, engines, prefix, batch=batch, report=args.report, lock=lock, **options)
     except FolderBusyError:
         raise
-    except UniFuseError as error:
+    except (UniFuseError, OSError) as error:
         if args.pairs is None:
             raise
         # One bad pair must not sink a long batch (nor leave the other processes waiting at the
-        # summary); report it and carry on.
-        print(f"{prefix}: error: {error}", file=sys.stderr)
-        return {**outcome, "status": "failed", "error": str(error)}
+        # summary), nor one folder the file system refuses (a path too long for it); report it and carry on.
+        reason = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        print(f"{prefix}: error: {reason}", file=sys.stderr)
+        return {**outcome, "status": "failed", "error": reason}
     print(f"{prefix}: done -> {out_dir}")
     return {**outcome, "status": "done", "seconds": round(time.perf_counter() - started, 3)}
 
@@ -339,13 +368,14 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     nothing is written unless fusion succeeded, and every earlier output in ``out_dir`` is
     replaced. ``batch`` (the process's rank and the world size of a sharded batch) goes into the
     provenance. ``lock``: the caller's held lock of ``out_dir`` (else the write takes it)."""
+    changed_when_read = _input_change_times(pair)  # before reading: a file replaced meanwhile then differs
     with _out_of_memory_named("read", pair):
         reference, moving = read_image(pair.reference), read_image(pair.moving)
         # In world axis order, as run_fusion takes a 3-D pair: a label stored as its pair is (a coronal
         # NIfTI) is then on the outputs' grid as it is, not resampled onto it.
         label = read_image(pair.label).in_world_axis_order() if pair.label is not None else None
     # Before the fusion: a label the metrics cannot be measured against fails at once, not after the work.
-    label_warnings = label_coverage_warnings(label, reference) if label is not None else []
+    label, label_warnings = checked_label(label, reference) if label is not None else (None, [])
     # Described as read: a label replaced during the fusion must not be recorded for these metrics.
     label_source = describe_source(str(pair.label)) if pair.label is not None else None
     # Before the fusion: a pair that would overwrite an input fails at once, not after the work.
@@ -353,6 +383,8 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
     engine = engines.for_dimensions(model_dimensions(reference))
     with TqdmProgress(prefix) as progress:
         result = engine.run_fusion(reference, moving, progress=progress, **options)
+    if label is not None:  # its units are those of the moving image's mapping, known once it is run
+        label_warnings += label_units_warnings(label, moving, run_moving_mapping(result))
     if label_warnings:  # recorded as the run's own warnings are: printed, in provenance.json and on the QC page
         result.warnings = [*result.warnings, *label_warnings]
         result.provenance["warnings"] = result.warnings
@@ -360,6 +392,7 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
         print(f"{prefix}: warning: {warning}", file=sys.stderr)
     if batch:
         result.provenance["batch"] = batch
+    result.provenance[INPUT_CHANGE_TIMES] = changed_when_read
     if label_source is not None:  # what metrics.json was measured against, for resuming
         result.provenance["inputs"]["label"] = label_source
     with _out_of_memory_named("label metrics", pair):
@@ -405,8 +438,8 @@ def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, optio
         raise InputError(f"holds the results of another pair (reference {recorded['reference'].get('path')}, moving "
                          f"{recorded['moving'].get('path')}), which --overwrite would delete; choose another --out, "
                          "or pass --overwrite only if those results may go", out_dir)
-    differences = previous_run_differences(provenance, pair, engines, (out_dir / PROVENANCE_FILE).stat().st_mtime,
-                                           options)
+    differences = previous_run_differences(provenance, pair, engines,
+                                           (out_dir / PROVENANCE_FILE).stat().st_mtime_ns, options)
     recorded_settings = provenance.get("requested_settings")
     if differences or recorded_settings is None:
         named = [f"{role} image" if role in ("reference", "moving") else role for role in differences]
@@ -420,14 +453,15 @@ def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, optio
 
 
 def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _EngineCache,
-                             finished: float, options: dict[str, Any]) -> list[str]:
+                             finished: int, options: dict[str, Any]) -> list[str]:
     """What of 'reference', 'moving', 'label', 'method', 'checkpoint' and the settings ("tile size",
     ...: the engine's tile size and ``run_fusion``'s ``options``) the run ``provenance`` describes
-    differs from this request; ``finished``: when that provenance was written (mtime)."""
+    differs from this request; ``finished``: when that provenance was written (mtime, ns)."""
     recorded_inputs = provenance.get("inputs") or {}
-    differences = [role for role, path in (("reference", pair.reference), ("moving", pair.moving),
-                                           ("label", pair.label))
-                   if not _same_input(recorded_inputs.get(role), path, finished)]
+    change_times = provenance.get(INPUT_CHANGE_TIMES)
+    changed_when_read = change_times if isinstance(change_times, dict) else {}  # {}: an older version's run
+    differences = [role for role, path in pair.inputs
+                   if not _same_input(recorded_inputs.get(role), path, changed_when_read.get(role), finished)]
     recorded_method = provenance.get("method") or {}
     recorded_name = str(recorded_method.get("name", "")).partition(OPTION_SEPARATOR)[0]
     dimensions = (provenance.get("model_config") or {}).get("spatial_dims")
@@ -457,21 +491,45 @@ def _settings_differences(recorded: dict[str, Any], settings: dict[str, Any]) ->
     return [names[key] for key, value in settings.items() if recorded.get(key) != value]
 
 
-def _same_input(recorded: dict[str, Any] | None, path: Path | None, finished: float) -> bool:
+def _same_input(recorded: dict[str, Any] | None, path: Path | None, changed_when_read: Any, finished: int) -> bool:
     """Whether ``path`` is the input ``recorded``: the same file and, where a hash was recorded, the
-    same content. A file untouched since the run finished is what it read: only one modified, or
-    put in place (renamed, copied, unpacked: its inode change time, which no tool can set back), at
-    or after that time is hashed again, so that resuming a cohort does not read every finished
-    pair's images, and a file swapped in with an old modification time is not taken for the input."""
+    same content. A file that still resolves to where it did and is untouched since the run read it
+    (``changed_when_read``: its ``_last_changed`` then, None for a run that did not record it, which
+    falls back to ``finished``) is what it read: only another file, or one modified or put in place
+    (renamed, copied, unpacked: its inode change time, which no tool can set back) since, is hashed
+    again, so that resuming a cohort does not read every finished pair's images, and neither a file
+    swapped in with an old modification time, nor a symlink pointed at another file older than the
+    run (git-annex, DataLad), is taken for the input."""
     if recorded is None or path is None:
         return recorded is None and path is None
     if not path.exists():
         raise InputError("file not found", path)
     if not _names_recorded_path(recorded, path):
         return False
-    if recorded.get("sha256") is None or _last_changed(path) < finished:
+    if recorded.get("sha256") is None:
+        return True
+    last_changed = _last_changed(path)
+    untouched = last_changed == changed_when_read if isinstance(changed_when_read, int) else last_changed < finished
+    if untouched and _resolves_as_recorded(recorded, path):
         return True
     return describe_source(str(path))["sha256"] == recorded["sha256"]
+
+
+def _resolves_as_recorded(recorded: dict[str, Any], path: Path) -> bool:
+    """Whether ``path`` resolves to the file ``recorded`` (``describe_source``'s) resolved to: its
+    ``resolved_path``, or its ``path`` where no symlink made that another."""
+    return str(path.resolve()) == recorded.get("resolved_path", recorded.get("path"))
+
+
+def _input_change_times(pair: Pair) -> dict[str, int]:
+    """The ``_last_changed`` of each of ``pair``'s inputs, by role; none of one that cannot be read
+    (reading it says why)."""
+    times = {}
+    for role, path in pair.inputs:
+        with suppress(OSError):
+            if path is not None and path.exists():
+                times[role] = _last_changed(path)
+    return times
 
 
 def _names_recorded_path(recorded: dict[str, Any], path: Path) -> bool:
@@ -484,16 +542,17 @@ def _names_recorded_path(recorded: dict[str, Any], path: Path) -> bool:
     return "resolved_path" not in recorded and recorded.get("path") == str(path.resolve())
 
 
-def _last_changed(path: Path) -> float:
+def _last_changed(path: Path) -> int:
     """When ``path`` was last modified or put in place (the later of its modification and inode
-    change times). A DICOM input (a series folder, or a ``.dcm`` file read with its series) counts
-    every file in its series folder too: a slice rewritten in place changes its own times, not the
-    folder's. Only their times are read, never their contents."""
+    change times, in ns: exact in JSON). A DICOM input (a series folder, or a ``.dcm`` file read with
+    its series) counts every file in its series folder too: a slice rewritten in place changes its
+    own times, not the folder's. Only their times are read, never their contents."""
     paths = [path]
     if file_format(path) == "dicom":
         paths += (path if path.is_dir() else path.parent).iterdir()
     # exists(): a dangling link beside the series is no part of it (and has no times to read).
-    return max(max(status.st_mtime, status.st_ctime) for status in (entry.stat() for entry in paths if entry.exists()))
+    return max(max(status.st_mtime_ns, status.st_ctime_ns)
+               for status in (entry.stat() for entry in paths if entry.exists()))
 
 
 def refuse_folders_overlapping_inputs(pairs: list[Pair], out: Path) -> None:
@@ -507,7 +566,7 @@ def refuse_folders_overlapping_inputs(pairs: list[Pair], out: Path) -> None:
     inputs: dict[Path, InputOf] = {}
     holding_folders: dict[Path, InputOf] = {}
     for pair in pairs:
-        for role, source in (("reference", pair.reference), ("moving", pair.moving), ("label", pair.label)):
+        for role, source in pair.inputs:
             if source is None:
                 continue
             for path in (absolute_as_given(source), source.resolve()):
@@ -538,13 +597,15 @@ def case_name(moving: Path) -> str:
     """``case7`` for ``case7.nii.gz``, from the path as given: a symlink is named by its own name,
     not its target's (a git-annex/DataLad ``ct.png`` links to a ``SHA256E-...`` blob); a DICOM folder
     keeps its name, also when given as ``.`` or ``..`` (whose own names would put the outputs in
-    ``--out`` itself or above it)."""
+    ``--out`` itself or above it), and so does, dots as underscores, a file with only dots before its
+    extension (``_nii_gz`` for ``.nii.gz``, ``___png`` for ``...png``)."""
     given = absolute_as_given(moving)
     # A ".." left after a symlinked folder means its target's parent: named as that resolves.
     name = (moving.resolve() if given.name == ".." else given).name or "moving"  # "": the root
     for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
+            stem = name[: -len(suffix)]
+            return stem if stem.strip(".") else name.replace(".", "_")  # never "", "." nor ".."
     return name
 
 
@@ -733,7 +794,8 @@ def output_folder_names(movings: list[Path]) -> list[str]:
     ``m2_jpg`` for ``m2.png`` beside ``m2.jpg``, ``case7_nii_gz`` and ``case7`` for ``case7.nii.gz``
     beside the DICOM folder ``case7``, and so is a file named as a batch file of ``--out``
     (``index.html_png`` for ``index.html.png``, beside ``OUT/index.html``). A name no other file
-    shares never changes: a rerun finds its folder."""
+    shares never changes: a rerun finds its folder; nor one within a file name's length
+    (``_within_name_limit``)."""
     given = [absolute_as_given(moving) for moving in movings]
     cases = [case_name(moving) for moving in movings]
     files_of: dict[tuple[Path, str], set[Path]] = {}
@@ -752,7 +814,18 @@ def output_folder_names(movings: list[Path]) -> list[str]:
             break
         names = [("_".join((*parent[-depth:], base)) if name in clashing else name)
                  for name, parent, base in zip(names, parents, bases, strict=True)]
-    return names
+    return [_within_name_limit(name) for name in names]
+
+
+def _within_name_limit(name: str) -> str:
+    """``name``, or where it is longer than a file name may be (parents' names in front of a moving
+    file's), its start cut at a whole character and a hash of the whole: one name per pair, the same
+    on every run."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) <= NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
+    return f"{encoded[: NAME_MAX_BYTES - len(digest) - 1].decode('utf-8', 'ignore')}-{digest}"
 
 
 def _extension_after(base: str, path: Path) -> str:
