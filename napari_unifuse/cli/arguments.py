@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def _whole_number(text: str, minimum: int) -> int:
     return value
 
 
+def user_path(text: str) -> Path:
+    """A path option's value with a leading ``~`` or ``~user`` expanded, as the shell expands it but
+    after ``=`` (``--out=~/runs``) or in quotes: the home folder, as a ``--pairs`` CSV's ``~/...``
+    cell and nibabel take it, not a folder named ``~`` in the working folder."""
+    return Path(os.path.expanduser(text))
+
 
 ONE_PAIR_OR_MANY = "give --reference and --moving for one pair, or --pairs CSV for many"
 
@@ -48,18 +55,22 @@ def check_one_pair_or_many(args: argparse.Namespace, single_pair_options: Sequen
         raise InputError(ONE_PAIR_OR_MANY)
 
 # ---- the --pairs CSV of synth, fuse and evaluate --------------------------------------------------
-CsvRow = dict[str, str]  # column -> cell as written; "" for an optional cell the row does not reach
+CsvRow = dict[str, str]  # column -> cell, stripped; "" for an optional cell the row does not reach
+# The columns that name files in any command's CSV: their cells get a leading "~" expanded, as the
+# path options do (user_path), before a command joins a relative one to the CSV's folder.
+FILE_COLUMNS = frozenset({"reference", "moving", "label", "displacement"})
 
 
 def read_pairs_rows(path: Path, required: Sequence[str], optional: Sequence[str]) -> list[tuple[int, CsvRow]]:
     """The rows of a ``--pairs`` CSV with the line each ends on, every column checked against
     ``required`` and ``optional``, and every row's ``required`` cells, before any row is used (an
-    ``optional`` cell the row or the header lacks is ""). A column no command reads (``lable``,
-    ``degradaton``) is refused, naming it and the closest accepted one: left unread it would give
-    clean pairs or no metrics without a word, as an unknown key in a YAML config would. So are a
-    column named twice (csv.DictReader would keep only its last cell) and a cell under no column; a
-    blank column or trailing cell with nothing in it (a spreadsheet's trailing comma) is harmless
-    and dropped. utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte order mark."""
+    ``optional`` cell the row or the header lacks is ""). Every cell is stripped (``a.png, b.png``
+    from a hand-written CSV), and a cell of ``FILE_COLUMNS`` has its ``~`` expanded. A column no
+    command reads (``lable``, ``degradaton``) is refused, naming it and the closest accepted one:
+    left unread it would give clean pairs or no metrics without a word, as an unknown key in a YAML
+    config would. So are a column named twice (csv.DictReader would keep only its last cell) and a
+    cell under no column; a blank column or trailing cell with nothing in it (a spreadsheet's
+    trailing comma) is harmless and dropped. utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte order mark."""
     if path.is_dir():
         raise InputError("is a folder, not a CSV file; --pairs takes a CSV file of pairs", path)
     if not path.exists():
@@ -91,9 +102,15 @@ def read_pairs_rows(path: Path, required: Sequence[str], optional: Sequence[str]
             if not cells[position].strip():
                 raise InputError(f"line {line} of the CSV: the {column} cell is empty", path)
     # Every optional column is in every row, "" where the header or the row lacks it.
-    return [(line, {**dict.fromkeys(optional, ""), **{columns[position]: cells[position] if position < len(cells)
-                                                      else "" for position in named_positions}})
+    return [(line, {**dict.fromkeys(optional, ""), **{columns[position]: _cell(columns[position], cells, position)
+                                                      for position in named_positions}})
             for line, cells in numbered]
+
+
+def _cell(column: str, cells: list[str], position: int) -> str:
+    """The cell at ``position`` of a row, stripped ("" past its end), a file column's ``~`` expanded."""
+    cell = cells[position].strip() if position < len(cells) else ""
+    return os.path.expanduser(cell) if column in FILE_COLUMNS else cell
 
 
 def check_pairs_columns(columns: Sequence[str], path: Path, required: Sequence[str],

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from napari_unifuse import benchmark
-from napari_unifuse.cli.arguments import positive_int
+from napari_unifuse.cli.arguments import positive_int, user_path
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
 from napari_unifuse.engine.inference import FusionEngine
@@ -224,7 +224,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, small preset, one repeat (CI)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--out", type=Path, help="folder for <device>[-quick].md and .json (created, and checked "
+    parser.add_argument("--out", type=user_path, help="folder for <device>[-quick].md and .json (created, and checked "
                                                 "writable, before measuring)")
     parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: 1 with --quick, else torch's choice); on a shared, busy "

@@ -110,7 +110,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_unifuse.cli.arguments import CsvRow, non_negative_int, positive_int, read_pairs_rows
+from napari_unifuse.cli.arguments import CsvRow, non_negative_int, positive_int, read_pairs_rows, user_path
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, warp_array
@@ -1123,10 +1123,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="engine methods to evaluate too (engine.methods: bsafusion, mmif-amin, mmif-amin:sitk, "
                              "sitk+wavelet, ...), with their bundled weights unless =CHECKPOINT")
     source = parser.add_argument_group("pairs (one of)")
-    source.add_argument("--pairs", type=Path, help="CSV with columns reference,moving,label and optional displacement, "
+    source.add_argument("--pairs", type=user_path, help="CSV with columns reference,moving,label and optional displacement, "
                         "task, degradation (any other column, and a pair listed twice, is refused); label: the clean "
                         "moving image on the reference grid, in the moving image's units, not a segmentation")
-    source.add_argument("--harvard", type=Path, metavar="ROOT", help="Harvard AANLIB folder (CT-MRI/, PET-MRI/, …)")
+    source.add_argument("--harvard", type=user_path, metavar="ROOT", help="Harvard AANLIB folder (CT-MRI/, PET-MRI/, …)")
     # Every default None (the value is HARVARD_DEFAULTS'): one given with --pairs is refused, not ignored.
     harvard = parser.add_argument_group("Harvard options", "with --harvard only; refused with --pairs")
     harvard.add_argument("--split", choices=("val", "train"),
@@ -1148,7 +1148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"classical registrations, comma-separated ({', '.join(REGISTRATION_METHODS)})")
     parser.add_argument("--fusion-rules", default=",".join(FUSION_RULES),
                         help=f"classical fusion rules ({', '.join(FUSION_RULES)})")
-    parser.add_argument("--out", type=Path, required=True, help="folder for evaluation.csv/.md and per_pair.csv")
+    parser.add_argument("--out", type=user_path, required=True, help="folder for evaluation.csv/.md and per_pair.csv")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier evaluation in --out (refused otherwise; never "
                              "the --pairs CSV itself)")

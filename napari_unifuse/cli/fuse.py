@@ -70,7 +70,7 @@ from typing import Any
 from tqdm import tqdm
 
 from napari_unifuse.cli import describe_os_error
-from napari_unifuse.cli.arguments import check_one_pair_or_many, read_pairs_rows
+from napari_unifuse.cli.arguments import check_one_pair_or_many, read_pairs_rows, user_path
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
 from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
@@ -146,14 +146,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--reference", type=Path, help="high-quality reference image")
-    parser.add_argument("--moving", type=Path, help="degraded, misaligned moving image")
-    parser.add_argument("--label", type=Path, help="optional ground truth of the aligned moving image (writes metrics.json): "
+    parser.add_argument("--reference", type=user_path, help="high-quality reference image")
+    parser.add_argument("--moving", type=user_path, help="degraded, misaligned moving image")
+    parser.add_argument("--label", type=user_path, help="optional ground truth of the aligned moving image (writes metrics.json): "
                         "the clean moving image on the reference grid, an intensity image in the moving image's units, "
                         "not a segmentation")
-    parser.add_argument("--pairs", type=Path, help="CSV with columns reference,moving[,label] (any other column is "
+    parser.add_argument("--pairs", type=user_path, help="CSV with columns reference,moving[,label] (any other column is "
                         "refused); paths relative to the CSV")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per pair)")
+    parser.add_argument("--out", type=user_path, required=True, help="output folder (one sub-folder per pair)")
     parser.add_argument("--method", help=f"fusion method (default: {DEFAULT_METHOD}, or the checkpoint's): "
                         + ", ".join(registered_methods()) + "; mmif-amin:sitk / mmif-amin:none pick its alignment")
     parser.add_argument("--checkpoint", help="bundled checkpoint name or .safetensors file for the method "
@@ -699,11 +699,11 @@ def read_pairs_csv(path: Path) -> list[Pair]:
 
     def resolve(value: str) -> Path | None:
         # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole.
-        return (path.parent / value.strip()) if value.strip() else None
+        return (path.parent / value) if value else None
 
-    pairs = [Pair(path.parent / row["reference"].strip(), path.parent / row["moving"].strip(), resolve(row["label"]),
+    pairs = [Pair(path.parent / row["reference"], path.parent / row["moving"], resolve(row["label"]),
                   line=line) for line, row in rows]
-    _refuse_repeated_moving_files(pairs, [row["moving"].strip() for _, row in rows], path)
+    _refuse_repeated_moving_files(pairs, [row["moving"] for _, row in rows], path)
     names = output_folder_names([pair.moving for pair in pairs])
     _refuse_shared_folders(names, path)
     return [replace(pair, output_name=name) for pair, name in zip(pairs, names, strict=True)]

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from napari_unifuse.cli.arguments import user_path
 from napari_unifuse.engine.report import INDEX_FILE, write_index
 from napari_unifuse.errors import InputError
 
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report", help="write the QC index of a folder of runs, most suspicious first",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="folder of run folders (unifuse fuse --out)")
+    parser.add_argument("runs_dir", type=user_path, metavar="RUNS_DIR", help="folder of run folders (unifuse fuse --out)")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace a RUNS_DIR/{INDEX_FILE} that is not a QC index unifuse wrote (refused "
                              "otherwise; an index unifuse wrote is always refreshed)")

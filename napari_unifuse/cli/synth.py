@@ -9,9 +9,10 @@ numbered from 0 in the CSV's order (``OUT/0000/``, ``OUT/0001/``, ...):
 * ``displacement.nii.gz``  the ground-truth ITK displacement field on the reference grid
   (LPS mm): resampling ``moving`` through it with SimpleITK/ANTs/Slicer gives ``label``;
 * ``meta.json``        degradation class, misalignment regime, every drawn parameter, the seed,
-  the intensity mapping and the inputs' absolute paths; its voxel indices and per-axis values are
-  in the package's array order, a volume's (z, y, x), the reverse of NIfTI's (i, j, k), as its
-  ``axis_order`` says.
+  the intensity mapping and the inputs' paths as given, made absolute (``inputs``), with the files
+  they resolve to where a symlink (git-annex, DataLad) makes that another (``resolved_paths``); its
+  voxel indices and per-axis values are in the package's array order, a volume's (z, y, x), the
+  reverse of NIfTI's (i, j, k), as its ``axis_order`` says.
 
 ``<ext>`` follows each input: ``png`` for PNG/JPG images, ``nii.gz`` for everything else. The
 moving image is put on the reference grid first when its geometry differs; one that does not
@@ -48,12 +49,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from napari_unifuse import __version__
-from napari_unifuse.cli.arguments import CsvRow, check_one_pair_or_many, non_negative_int, read_pairs_rows
+from napari_unifuse.cli.arguments import (
+    CsvRow,
+    check_one_pair_or_many,
+    non_negative_int,
+    read_pairs_rows,
+    user_path,
+)
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, regime_misalignment
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.engine.inference import overlap_warnings
 from napari_unifuse.engine.outputs import check_writable_folder, write_files_together
+from napari_unifuse.engine.provenance import absolute_as_given
 from napari_unifuse.engine.report import SYNTH_META_FILE as META_FILE  # unifuse report tells synth pairs by it
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import (
@@ -108,9 +116,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--reference", type=Path, help="high-quality reference image")
-    parser.add_argument("--moving", type=Path, help="the other modality, clean and aligned to the reference")
-    parser.add_argument("--pairs", type=Path,
+    parser.add_argument("--reference", type=user_path, help="high-quality reference image")
+    parser.add_argument("--moving", type=user_path, help="the other modality, clean and aligned to the reference")
+    parser.add_argument("--pairs", type=user_path,
                         help="CSV with columns reference,moving[,degradation,misalignment,seed] (any other "
                              "column is refused); paths relative to the CSV; an empty optional cell takes the "
                              "option's value")
@@ -126,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "of its output folder (0000: seed, 0001: seed + 1, ...)")
     parser.add_argument("--modality", choices=MODALITIES, default="auto",
                         help="modality of the moving image, for its intensity normalisation (default: auto)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=user_path, required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace earlier synth outputs in the output folders (once the new pair is written)")
     parser.set_defaults(func=run)
@@ -167,12 +175,12 @@ def _row_job(row: CsvRow, line: int, number: int, args: argparse.Namespace) -> S
         return InputError(f"line {line} of the CSV: {text}", args.pairs)
 
     def optional(column: str, default: str) -> str:
-        return row.get(column, "").strip() or default
+        return row.get(column, "") or default
 
     def required_path(column: str) -> Path:
         # Relative paths mean "next to the CSV", so a dataset folder can be moved as a whole;
         # read_pairs_rows refused a row without this cell.
-        path = args.pairs.parent / row[column].strip()
+        path = args.pairs.parent / row[column]
         if not path.exists():
             raise problem(f"the {column} file {path} is not found")
         return path
@@ -283,7 +291,7 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
         label_out = on_reference_placement(replace(clean, metadata={**clean.metadata, "role": "label"}), reference)
     meta = {
         "unifuse_version": __version__,
-        "inputs": {"reference": str(job.reference.resolve()), "moving": str(job.moving.resolve())},
+        **_inputs_record(job),
         "files": {role: path.name for role, path in files.items() if role != "meta"},
         "degradation": pair.degradation,
         "class_index": pair.class_index,
@@ -324,6 +332,16 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     write_files_together(job.out, {files[role].name: write for role, write in writers.items()},
                          before_moving=remove_earlier_output)
     return meta
+
+
+def _inputs_record(job: SynthJob) -> dict[str, dict[str, str]]:
+    """meta.json's record of the inputs, as fuse's provenance records them: each path as given, made
+    absolute (a git-annex/DataLad ``s1/ct.png``, which names the subject), under ``inputs``; and,
+    under ``resolved_paths``, the file each resolves to where a symlink makes that another."""
+    given = {"reference": absolute_as_given(job.reference), "moving": absolute_as_given(job.moving)}
+    resolved = {role: str(path.resolve()) for role, path in given.items() if path.resolve() != path}
+    return {"inputs": {role: str(path) for role, path in given.items()},
+            **({"resolved_paths": resolved} if resolved else {})}
 
 
 def on_reference_placement(volume: ImageVolume, reference: ImageVolume) -> ImageVolume:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
+from napari_unifuse.cli.arguments import user_path
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.training.config import list_packaged_configs
 
@@ -22,16 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train UniFuse from a config file (resumable; torchrun for several processes)",
         description="Train UniFuse on synthetic degradations + misalignments of clean aligned pairs.",
     )
-    parser.add_argument("--config", required=True,
+    parser.add_argument("--config", required=True, type=os.path.expanduser,
                         help="training config: a YAML file, or a packaged config's name (also as configs/NAME.yaml "
                              f"where no such file exists): {', '.join(list_packaged_configs())}. Installed outside "
                              "the checkout, a packaged config that reads data needs --data-root")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    parser.add_argument("--out", type=user_path, default=None, help="run folder (default: runs/<config name>)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from <out>/checkpoints/last.* with the run's own config.yaml; --config must "
                             "match it but for train.init_from, --max-steps, --lr and --batch-size may change it")
-    start.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+    start.add_argument("--init-from", type=os.path.expanduser, default=None, metavar="CHECKPOINT",
                        help="fine-tune: start from these weights (path or packaged name; overrides train.init_from)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in an --out that holds a run, removing its checkpoints, log and "
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop at this step (checkpointed) without shortening the schedule; --resume continues")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (CUDA if available)")
-    parser.add_argument("--data-root", default=None, help="overrides data.root of the config")
+    parser.add_argument("--data-root", type=user_path, default=None, help="overrides data.root of the config")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides train.lr)")
     parser.add_argument("--batch-size", type=int, default=None, help="per process; overrides train.batch_size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")

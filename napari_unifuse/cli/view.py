@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "paths",
         nargs="*",
+        type=os.path.expanduser,
         help="images (files or DICOM series folders) to open, reference first, then moving; they fill the "
              "workbench's reference and moving boxes, also when --sample is given",
     )

@@ -139,7 +139,9 @@ def staged_destination(path: Path, suffix: str | None = None) -> Iterator[str]:
     if suffix is None:
         suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
     with tempfile.TemporaryDirectory(dir=beside) as staging:
-        staged = Path(staging, path.name.encode("utf-8", errors="replace").decode()[: -len(suffix)] + suffix)
+        # Absolute: nibabel expands a leading "~", which in a relative path here is a folder of that name.
+        staged = Path(Path(staging).absolute(),
+                      path.name.encode("utf-8", errors="replace").decode()[: -len(suffix)] + suffix)
         yield str(staged)
         for written in Path(staging).iterdir():
             # shutil.move renames within one file system and copies across (the temporary folder).

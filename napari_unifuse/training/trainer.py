@@ -226,6 +226,8 @@ class Trainer:
         if previous_run and not (resume or self.overwrite):
             raise UniFuseError(f"{self.run_dir} holds a run ({', '.join(previous_run)}): pass --resume to "
                                "continue it, --overwrite to start afresh, or choose another --out")
+        if not previous_run:
+            _refuse_replacing_a_config_no_run_wrote(self.run_dir, config)
         self.command = command
         # The --resume invocations after the command that started the run, in order (_restore).
         self.resumed_with: list[str | None] = []
@@ -409,9 +411,10 @@ class Trainer:
             "best_score": self.best_score,
             "seconds": seconds,
         }
-        with _written_or_refused(staging / f"{name}{SUFFIX}"):
+        previous = self.checkpoint_dir / f"{name}{SUFFIX}"
+        with _written_or_refused(staging / f"{name}{SUFFIX}", previous):
             save_checkpoint(self.network, staging / name, self._metadata(seconds))
-        with _written_or_refused(staging / f"{name}.state.pt"):
+        with _written_or_refused(staging / f"{name}.state.pt", previous):
             torch.save(state, staging / f"{name}.state.pt")
         for path in staging.iterdir():
             _sync(path)
@@ -647,15 +650,18 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _written_or_refused(path: Path) -> Iterator[None]:
+def _written_or_refused(path: Path, previous: Path) -> Iterator[None]:
     """A checkpoint file the disk could not take (full, read-only) is one line, not a traceback:
     the writers fail without an OSError (torch's zip writer says "unexpected pos", safetensors raises
-    its SafetensorError), and the save in progress is discarded, so the previous checkpoint stands."""
+    its SafetensorError), and the save in progress is discarded, so the previous checkpoint (whose
+    weights are ``previous``) stands; the first save of a run has none, and says so."""
     try:
         yield
     except (RuntimeError, SafetensorError, OSError) as error:
-        raise UniFuseError(f"{path}: the checkpoint could not be written ({error}); "
-                           "is the disk full? The previous checkpoint is kept") from error
+        kept = ("The previous checkpoint is kept" if previous.is_file()
+                else f"There is no earlier {previous.name} to keep")
+        raise UniFuseError(f"{path}: the checkpoint could not be written ({error}); is the disk full? "
+                           f"{kept}") from error
 
 
 def _write_run_file(path: Path, text: str) -> None:
@@ -746,6 +752,27 @@ def run_config(run_dir: str | Path) -> TrainConfig:
         raise CheckpointError(f"{path}: not valid YAML ({error})") from None
     # No base folder: its paths were resolved when it was written.
     return config_from_dict(without_unread_keys(values) if isinstance(values, dict) else values, source=str(path))
+
+
+def _refuse_replacing_a_config_no_run_wrote(run_dir: Path, config: TrainConfig) -> None:
+    """A run records its resolved config as ``run_dir/config.yaml``. In a folder that holds no run
+    yet, a config.yaml there is a user's (``--config myrun/config.yaml --out myrun``), unless it is
+    exactly what a run writes (yaml.safe_dump's layout, no comments: a run stopped before its first
+    log line, which --resume or a rerun continues): refused rather than replaced without a word."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if yaml.safe_dump(yaml.safe_load(text), sort_keys=False) == text:
+            return
+    except yaml.YAMLError:
+        pass  # not even YAML: no run wrote it
+    given = config.source is not None and Path(config.source).resolve() == path.resolve()
+    whose = "the config given (--config)" if given else "a config.yaml no run wrote"
+    raise InputError(f"is {whose}, and a run into {run_dir} records its resolved config there, which would replace "
+                     "this file and its comments: keep your config outside the run folder (e.g. "
+                     f"{run_dir.name}.yaml beside it) or choose another --out", path)
 
 
 def _refuse_changed_split(run_dir: Path, split: dict[str, list[str]]) -> None:

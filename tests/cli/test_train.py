@@ -51,7 +51,7 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     assert main(args + ["--resume", "--max-steps", "5"]) == 0
     _, metadata = load_checkpoint(checkpoint)
     assert metadata["steps"] == 5
-    assert "--resume" in metadata["command"]
+    assert "--resume" not in metadata["command"] and "--resume" in metadata["resumed_with"][-1]
     steps = [r["step"] for r in _log(run_dir) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
     learning_rates = {r["step"]: r["lr"] for r in _log(run_dir) if r["kind"] == "train"}
