@@ -143,6 +143,9 @@ def run_and_analyse(
     # Described as given (a layer by the hash of its values), not with the NaN checked_label replaced.
     label_input = describe_input(request.label) if request.label is not None else None
     result = engine.run_fusion(request.reference, request.moving, progress=progress, cancel=cancel)
+    # The outputs lie on the reference's grid in world axis order (run_fusion): a layer a script added
+    # with its slices head to foot, or its axes permuted, is compared with them on that grid.
+    reference = request.reference.in_world_axis_order()
     cancel.raise_if_cancelled()
     progress("analyse", 0, 1)
     if label is not None:
@@ -157,11 +160,11 @@ def run_and_analyse(
         elif predicted != request.task:
             notes.append(f"the degradation is set to '{request.task}' but the model estimates '{predicted}' "
                          f"(p = {result.class_probs[predicted]:.2f}); check the degradation plot")
-    reference_grey = display_grey(request.reference)
+    reference_grey = display_grey(reference)
     aligned_grey = display_grey(result.aligned)
     cancel.raise_if_cancelled()
     if label is not None:
-        label_on_grid = resample_to_reference(label, request.reference)
+        label_on_grid = resample_to_reference(label, reference)
         error_map, error_kind = absolute_error(grey_values(result.aligned), grey_values(label_on_grid)), "|aligned − label|"
         label_units = label_in_model_units(result, label_on_grid)
         # What the error map and the label metrics were measured against, as the CLI's --label records it.
@@ -179,7 +182,7 @@ def run_and_analyse(
     cancel.raise_if_cancelled()
     outcome = RunOutcome(
         result=result, reference_grey=reference_grey, aligned_grey=aligned_grey,
-        reference_units=result.in_model_units("reference", request.reference),
+        reference_units=result.in_model_units("reference", reference),
         aligned_units=result.in_model_units("moving", result.aligned), label_units=label_units,
         error_map=error_map, error_kind=error_kind,
         jacobian=jacobian, folding=folding_mask(jacobian), notes=notes,

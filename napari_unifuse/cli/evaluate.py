@@ -298,7 +298,7 @@ def displacement_in_world_axis_order(path: Path, stored_reference: ImageVolume, 
     field = read_displacement(path, stored_reference.geometry, stored_reference.spatial_shape)
     axes = list(stored_reference.geometry.world_axis_order())
     field = field[axes].transpose(0, *(axis + 1 for axis in axes))
-    if stored_reference.geometry.slices_run_inferior():
+    if stored_reference.slices_stored_head_to_foot:
         field = field[:, ::-1] * np.array([-1.0, 1.0, 1.0], dtype=field.dtype).reshape(3, 1, 1, 1)
     return np.ascontiguousarray(field)
 

@@ -1056,9 +1056,14 @@ def beyond_reference_grid_warnings(moving_tissue: ImageVolume, reference: ImageV
     shape = np.array(reference.spatial_shape)
     to_moving_index = np.linalg.inv(moving_tissue.geometry.index_to_world) @ reference.geometry.index_to_world
     blank = np.zeros(reference.spatial_shape, dtype=bool)
+    in_slice = np.indices(reference.spatial_shape[1:], dtype=np.float64)
     for index in range(shape[0]):  # a slice at a time: a volume's coordinates would be 3 × its size in float64
-        grid = np.indices(reference.spatial_shape[1:], dtype=np.float64)
-        source = np.stack([np.full(grid.shape[1:], float(index)), *grid]) + displacement[:, index]
+        moved = displacement[:, index].reshape(len(shape), -1)
+        lowest = np.array([index, *np.zeros(len(shape) - 1)]) + moved.min(axis=1)
+        highest = np.array([index, *shape[1:] - 1]) + moved.max(axis=1)
+        if np.all(lowest >= -1) and np.all(highest <= shape):  # the usual slice: read within the grid
+            continue
+        source = np.stack([np.full(in_slice.shape[1:], float(index)), *in_slice]) + displacement[:, index]
         beyond = np.any((source < -1) | (source > shape.reshape(-1, *[1] * (len(shape) - 1))), axis=0)
         if not beyond.any():
             continue

@@ -34,6 +34,8 @@ CLIPPED_SHARE_WARNING = 0.2
 # A label of at most this many distinct whole numbers, beside a moving image of more grey values,
 # reads as a segmentation's ids (a clean image has many more).
 SEGMENTATION_MAX_IDS = 16
+# Voxels the label checks look at first: enough for a share to the percent and for a label's values.
+SAMPLE_SIZE = 1_000_000
 CLEAN_MOVING_IMAGE = ("give the clean moving image aligned to the reference, an intensity image in the moving "
                       "image's units")
 
@@ -106,10 +108,13 @@ def label_units_warnings(label: ImageVolume, moving: ImageVolume, mapping: Inten
         return [f"{_label_name(label)}: the label holds only {ids.size} distinct whole numbers ({shown}), as a "
                 "segmentation does, but the label metrics compare the aligned image's intensities with its values; "
                 f"{CLEAN_MOVING_IMAGE}"]
-    above_background = values > values.min()
-    if mapping is None or not above_background.any():
+    if mapping is None:
+        return []
+    sample = _strided_sample(values)  # a share, not every voxel: a clinical label has 10⁸ of them
+    above_background = sample[sample > values.min()]
+    if not above_background.size:
         return []  # a constant label: checked_label says so
-    scaled = mapping.scaled(values[above_background])
+    scaled = mapping.scaled(above_background)
     share = np.count_nonzero((scaled < 0) | (scaled > 1)) / scaled.size
     if share <= CLIPPED_SHARE_WARNING:
         return []
@@ -125,13 +130,26 @@ def run_moving_mapping(result: FusionResult) -> IntensityMapping:
 
 
 def _segmentation_ids(values: np.ndarray, moving: ImageVolume) -> np.ndarray | None:
-    """The label's distinct values where they read as a segmentation's ids, else None."""
+    """The label's distinct values where they read as a segmentation's ids, else None. A sample
+    decides first: an ordinary label shows more values, or fractions, in a few of its voxels."""
+    sample = _strided_sample(values)
+    if np.unique(sample).size > SEGMENTATION_MAX_IDS or not np.array_equal(sample, np.round(sample)):
+        return None
     if not np.array_equal(values, np.round(values)):
         return None
     ids = np.unique(values)
     if not 2 <= ids.size <= SEGMENTATION_MAX_IDS:
         return None
-    return ids if np.unique(grey_values(moving)).size > SEGMENTATION_MAX_IDS else None
+    moving_values = grey_values(moving)
+    many_grey_values = (np.unique(_strided_sample(moving_values)).size > SEGMENTATION_MAX_IDS
+                        or np.unique(moving_values).size > SEGMENTATION_MAX_IDS)
+    return ids if many_grey_values else None
+
+
+def _strided_sample(values: np.ndarray) -> np.ndarray:
+    """About ``SAMPLE_SIZE`` of ``values``' voxels, evenly strided (all of a small image)."""
+    flat = values.ravel()
+    return flat[:: max(1, flat.size // SAMPLE_SIZE)]
 
 
 def _label_name(label: ImageVolume) -> str:

@@ -281,10 +281,17 @@ class ImageVolume:
         return single_slice_axis_of(self.spatial_shape)
 
     @property
+    def slices_stored_head_to_foot(self) -> bool:
+        """Whether this 3-D volume's slices (its array axis closest to world z) run from head to foot,
+        which :meth:`in_world_axis_order` reverses; a one-slice volume's single slice has no order."""
+        return (self.ndim == 3 and self.geometry.slices_run_inferior()
+                and self.spatial_shape[self.geometry.world_axis_order()[0]] > 1)
+
+    @property
     def is_in_world_axis_order(self) -> bool:
         """Whether :meth:`in_world_axis_order` returns this image as it is."""
         return self.ndim != 3 or (self.geometry.world_axis_order() == tuple(range(self.ndim))
-                                  and not self.geometry.slices_run_inferior())
+                                  and not self.slices_stored_head_to_foot)
 
     def in_world_axis_order(self) -> ImageVolume:
         """This image with its array axes in the order of the world axes they run along
@@ -298,7 +305,7 @@ class ImageVolume:
         if self.is_in_world_axis_order:
             return self
         axes = self.geometry.world_axis_order()
-        reverse = self.geometry.slices_run_inferior()
+        reverse = self.slices_stored_head_to_foot
         # The stored order travels with the volume (a napari layer's too), for the provenance to record.
         metadata = {**self.metadata, STORED_AXIS_ORDER: [int(axis) for axis in axes],
                     STORED_SLICES_REVERSED: reverse}

@@ -275,3 +275,13 @@ def test_evaluate_reads_a_field_stored_on_slices_from_head_to_foot_as_the_axial_
         (read[reference_path.parent.name],) = pairs_from_csv(csv_path)
     np.testing.assert_allclose(read["downwards"].displacement, read["axial"].displacement, atol=1e-6)
     np.testing.assert_array_equal(read["downwards"].label, read["axial"].label)
+
+
+def test_a_one_slice_volume_whose_slice_axis_points_to_the_feet_keeps_its_grid():
+    """A single slice has no order to reverse: its outputs stay on its own grid (ITK's same-space checks)."""
+    from napari_unifuse.io import ImageVolume
+
+    volume = ImageVolume(np.ones((1, 8, 6), np.float32), Geometry(np.full(3, 3.0), np.zeros(3), np.diag([-1.0, 1, 1])))
+    assert volume.is_in_world_axis_order and volume.in_world_axis_order() is volume
+    stacked = ImageVolume(np.ones((2, 8, 6), np.float32), volume.geometry)
+    assert stacked.in_world_axis_order().geometry.direction[0, 0] == 1.0
