@@ -7,7 +7,10 @@ content hashes of the input pair it was made on, and one made before any run is 
 folder whose flags cannot be read is reported in a notification, never as a traceback: the
 workbench around it stays usable. A region is recorded on the slice its shape
 was drawn on, whatever slice is in view when it is flagged, and regions are always drawn on the
-grid of the run on screen. In napari's grid mode every visible layer gets a
+grid of the run on screen. Slices are counted as a run's outputs count them (the reference's grid
+in world axis order), whatever order the annotated layer stores its array in, so that a flag made
+on the inputs before a run names the same slice once the run is on screen. Each listed flag is
+numbered: two flags may read alike, and each must be there to select. In napari's grid mode every visible layer gets a
 cell of its own, so the region layer would be an empty cell beside the image being flagged: Draw…
 leaves grid mode and puts that image just under the region layer, and Flag region brings the grid
 back. The subject follows its layers through renames.
@@ -41,6 +44,7 @@ from napari_unifuse.engine.annotations import (
     ellipse_outline,
     export_cohort,
     find_runs,
+    slice_in_world_axis_order,
     slice_of_region,
 )
 from napari_unifuse.errors import InputError
@@ -190,7 +194,9 @@ class AnnotationPanel(widgets.Container):
             return
         annotations = self.store.load()
         pair_inputs = InputHashes.of_digests(*self._pair_sha256)
-        self.listing.choices = [(self._describe(a, pair_inputs), a.id) for a in annotations]
+        # Numbered: the listing keeps one entry per label, and two flags may read the same.
+        self.listing.choices = [(f"{self._describe(a, pair_inputs)} (#{number})", a.id)
+                                for number, a in enumerate(annotations, start=1)]
         show_warnings(warning for warning in self.store.warnings if warning not in self._warned)
         self._warned.update(self.store.warnings)
 
@@ -212,10 +218,15 @@ class AnnotationPanel(widgets.Container):
         return self.store
 
     def _viewed_slice(self) -> tuple[int, int]:
-        """(array axis, index) of the run's slice in view; (0, 0) for a 2D image, and the one slice of
-        a one-slice volume, which is the image whatever plane of it is in view (napari first shows
-        one coronal slice one row per z step). A plane beyond the run's image (where only a longer
-        layer is drawn) is refused: its nearest slice is not what was seen."""
+        """(array axis, index) of the run's slice in view, counted as flags count it
+        (:meth:`_as_flags_count`); (0, 0) for a 2D image, and the one slice of a one-slice volume,
+        which is the image whatever plane of it is in view (napari first shows one coronal slice one
+        row per z step). A plane beyond the run's image (where only a longer layer is drawn) is
+        refused: its nearest slice is not what was seen."""
+        return self._as_flags_count(*self._viewed_slice_of_layer())
+
+    def _viewed_slice_of_layer(self) -> tuple[int, int]:
+        """:meth:`_viewed_slice` on the annotated layer's own array."""
         reference = self.reference_layer
         axis, index = viewed_plane(self.viewer, reference)
         if axis is not None and not 0 <= index < reference.data.shape[axis]:
@@ -294,13 +305,20 @@ class AnnotationPanel(widgets.Container):
             self.viewer.canvas.grid.enabled = True
 
     def _slice_of_region(self, world: list[list[float]]) -> tuple[int, int]:
-        """(array axis, index) of the run's slice a shape (vertices in world mm) was drawn on; (0, 0) for
-        a 2D image."""
+        """(array axis, index) of the run's slice a shape (vertices in world mm) was drawn on, counted
+        as flags count it (:meth:`_as_flags_count`); (0, 0) for a 2D image."""
         reference = self.reference_layer
         if reference.ndim < 3:
             return 0, 0
-        return slice_of_region([reference.world_to_data(point) for point in world], reference.data.shape,
-                               viewed_slice(self.viewer, reference)[0])
+        return self._as_flags_count(*slice_of_region([reference.world_to_data(point) for point in world],
+                                                     reference.data.shape, viewed_slice(self.viewer, reference)[0]))
+
+    def _as_flags_count(self, axis: int, index: int) -> tuple[int, int]:
+        """A slice of the annotated layer's array on the grid the run's outputs lie on (the reference's,
+        in world axis order), where flags count slices: before a run the annotated layer is the
+        reference input, which a script may have added with slices stored head to foot, and the same
+        flags are read against the fused layer once the run is on screen."""
+        return slice_in_world_axis_order(layer_to_volume(self.reference_layer), axis, index)
 
     def _existing_annotation_layer(self):
         return self.viewer.layers[ANNOTATION_LAYER] if ANNOTATION_LAYER in self.viewer.layers else None

@@ -84,6 +84,7 @@ from napari_unifuse.engine.report import outside_moving_text, whole_volume_text,
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, placement_metadata
+from napari_unifuse.io.image import single_slice_axis_of
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -365,10 +366,22 @@ class UniFuseWorkbench(QWidget):
         if self.outcome is None:
             self.selection = selection
         if (self.outcome is None or not self.results.outputs_on_screen) and self.method_compare.compared is None:
-            self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
-                                          self.viewer.layers[selection.reference_name],
+            reference = self.viewer.layers[selection.reference_name]
+            self._show_the_plane_of_a_one_slice_volume(reference)
+            self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value), reference,
                                           subject=INPUTS_SUBJECT, pair=(selection.reference_name,
                                                                         selection.moving_name))
+
+    def _show_the_plane_of_a_one_slice_volume(self, layer) -> None:
+        """Slide along the one-voxel axis of a one-slice volume: napari's first view of a one-slice
+        coronal or sagittal volume is a line one pixel high per z step, not the image. Other volumes
+        keep the view the reviewer chose."""
+        axis = single_slice_axis_of(layer.data.shape[:layer.ndim])
+        if axis is None:
+            return
+        offset = self.viewer.dims.ndim - layer.ndim
+        plane = [offset + a for a in range(layer.ndim) if a != axis]
+        self.viewer.dims.order = (*[a for a in self.viewer.dims.order if a not in plane], *plane)
 
     # ---- running -------------------------------------------------------------------------------
     @reports_errors("Run UniFuse")
@@ -548,8 +561,9 @@ class UniFuseWorkbench(QWidget):
         keep the run from being saved."""
         self.annotation_panel.method.value = method  # first: set_run keeps a method it finds there
         request = selection.request
-        self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value),
-                                      self.results.layer("fused"),
+        fused = self.results.layer("fused")
+        self._show_the_plane_of_a_one_slice_volume(fused)
+        self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value), fused,
                                       subject="run", pair=(selection.reference_name, selection.moving_name),
                                       pair_arrays=(request.reference.array, request.moving.array))
 
@@ -679,8 +693,11 @@ class UniFuseWorkbench(QWidget):
         result, metrics, selection, annotations = handover.take()
         try:
             with output_folder_lock(selection.folder):  # not while a `unifuse fuse` or a Save writes there
-                return write_report(result, selection.folder, reference=selection.request.reference,
-                                    moving=selection.request.moving, annotations=annotations, metrics=metrics)
+                # The inputs as the outputs hold them, as `unifuse fuse --report` shows them: a script's
+                # layer stored head to foot or with permuted axes is drawn on the outputs' grid.
+                return write_report(result, selection.folder, reference=selection.request.reference.in_world_axis_order(),
+                                    moving=selection.request.moving.in_world_axis_order(), annotations=annotations,
+                                    metrics=metrics)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _report_written
             return WorkerFailed(error, "QC report")
 

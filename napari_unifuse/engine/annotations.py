@@ -171,6 +171,21 @@ def slice_of_region(voxel_points: Sequence[Sequence[float]], shape: Sequence[int
     return axis, index
 
 
+def slice_in_world_axis_order(volume: ImageVolume, axis: int, index: int) -> tuple[int, int]:
+    """(array axis, index) on the grid of ``volume.in_world_axis_order()`` of slice ``index`` along
+    array ``axis`` of ``volume`` as it is stored: the grid a run's outputs lie on, on which flags
+    count slices. An image a script placed with slices stored head to foot, or with permuted axes,
+    names its slices otherwise than the run that reads it."""
+    if volume.is_in_world_axis_order:
+        return axis, index
+    # in_world_axis_order transposes by world_axis_order() (new axis j is stored axis order[j]), then
+    # reverses its new first axis where the slices ran head to foot.
+    new_axis = volume.geometry.world_axis_order().index(axis)
+    if new_axis == 0 and volume.slices_stored_head_to_foot:
+        return new_axis, volume.spatial_shape[axis] - 1 - index
+    return new_axis, index
+
+
 ELLIPSE_OUTLINE_VERTICES = 36
 
 
