@@ -1425,7 +1425,7 @@ def _record_stored_order(result: FusionResult, reference: ImageVolume, moving: I
             result.provenance["outputs"]["grid"] = (
                 f"the reference's voxels in world axis order (its stored array axes {list(axes)} transposed so "
                 f"that axis 0 runs along world z, axial slices{reversal}; NIfTI forms permuted alike): the same "
-                "world positions as the reference's; per-slice outputs run along world z, slice k is napari's k")
+                "world positions as the reference's; per-slice outputs run along world z, foot to head")
     return result
 
 

@@ -335,7 +335,7 @@ def _inputs_section(reference: ImageVolume, moving: ImageVolume, result: FusionR
                    f"<td>{volume.array.shape}</td><td>{' × '.join(f'{s:.3g}' for s in volume.geometry.spacing)}</td>"
                    "</tr>" for role, volume in (("reference", reference), ("moving", moving)))
     shown = ", ".join(f"{title}{_where_drawn(volume, view, ' at slice ')}" for title, volume, view in images)
-    return (f"<table><tr><th>input</th><th>source</th><th>shape</th><th>spacing (mm)</th></tr>{rows}</table>\n"
+    return (f"<table><tr><th>input</th><th>source</th><th>shape as fused (z, y, x)</th><th>spacing (mm)</th></tr>{rows}</table>\n"
             f"{_png(figure, f'The inputs and results side by side: {shown}')}")
 
 

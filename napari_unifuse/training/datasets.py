@@ -512,7 +512,8 @@ def _case_named(name: str) -> Iterator[None]:
 
 
 def folder_cases(root: str | Path, layout: dict[str, str]) -> list[tuple[str, Path, Path]]:
-    """(case, reference path, moving path) for every sub-folder of ``root`` holding both files.
+    """(case, reference path, moving path) for every sub-folder of ``root`` holding both images (files,
+    or DICOM series folders).
 
     The others are counted and named in a warning, those holding one of the two files (a case
     with a naming slip, CT vs ct) apart from those holding neither (``survival_info``: not a case)."""
@@ -524,9 +525,10 @@ def folder_cases(root: str | Path, layout: dict[str, str]) -> list[tuple[str, Pa
     for folder in folders:
         reference = folder / layout["reference"].format(case=folder.name)
         moving = folder / layout["moving"].format(case=folder.name)
-        if reference.is_file() and moving.is_file():
+        # A file, or a folder (a DICOM series, which read_image reads whole, as fuse and view do).
+        if reference.exists() and moving.exists():
             cases.append((folder.name, reference, moving))
-        elif reference.is_file() or moving.is_file():
+        elif reference.exists() or moving.exists():
             lacking_one.append(folder.name)
         else:
             holding_neither.append(folder.name)

@@ -109,3 +109,14 @@ def test_a_case_whose_voxels_cannot_train_is_named_before_the_first_step(tmp_pat
     spoil(tmp_path / "axial" / "case2" / "mov.nii.gz")
     with pytest.raises(InputError, match=rf"case2/mov.nii.gz: case case2: {problem}"):
         datasets.build_datasets(_cohort(tmp_path / "axial", "t2", crop=12), seed=0, spatial_dims=3)
+
+
+def test_case_folders_holding_dicom_series_folders_are_cases(tmp_path):
+    """A layout naming each case's series folders (t1/, t2/) found no case: only files counted."""
+    for case in ("a", "b"):
+        for series in ("t1", "t2"):
+            (tmp_path / case / series).mkdir(parents=True)
+            (tmp_path / case / series / "IM0001").write_bytes(b"")
+    cases = datasets.folder_cases(tmp_path, {"reference": "t1", "moving": "t2"})
+    assert [(name, reference.name, moving.name) for name, reference, moving in cases] == [
+        ("a", "t1", "t2"), ("b", "t1", "t2")]
