@@ -702,7 +702,11 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
     for name, reference, moving in cases:
         with _case_named(name):
             for path in (reference, moving):
-                read_image(path)  # refuses a truncated file and one without a finite voxel
+                array = read_image(path).array  # refuses a truncated file and one without a finite voxel
+                if array.min() == array.max():
+                    # As a label missing the reference would, a blank image trains the network to ignore it.
+                    raise InputError(f"the image holds one value everywhere ({array.flat[0]:g}): a blank image "
+                                     "teaches the network nothing of its pair; remove the case", path)
     return cases, [name for name, _, _ in cases if headers[name][1].is_rgb]
 
 

@@ -98,12 +98,18 @@ def _all_nan(path):
     nib.save(nib.Nifti1Image(np.full(image.shape, np.nan, np.float32), image.affine), path)
 
 
+def _blank(path):
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.float32), image.affine), path)
+
+
 def _not_gzip(path):
     path.write_bytes(gzip.compress(b"not a NIfTI header")[:10])
 
 
 @pytest.mark.parametrize(("spoil", "problem"), [(_truncate, "cannot be read"), (_all_nan, "every voxel is NaN"),
-                                                 (_not_gzip, "cannot be read")])
+                                                 (_not_gzip, "cannot be read"),
+                                                 (_blank, "the image holds one value everywhere")])
 def test_a_case_whose_voxels_cannot_train_is_named_before_the_first_step(tmp_path, spoil, problem):
     _twin_cohorts(tmp_path, "t2", cases=4)
     spoil(tmp_path / "axial" / "case2" / "mov.nii.gz")
