@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from napari_unifuse.cli import fuse as fuse_module
@@ -55,27 +56,22 @@ def annexed_pair(root: Path) -> tuple[Path, Path]:
     return root / "s1" / "ct.png", root / "s1" / "mr.png"
 
 
-def test_a_moving_symlink_pointed_at_another_file_since_its_run_is_not_taken_as_done(tmp_path, capsys):
+@pytest.mark.parametrize(("target", "code", "said"), [
+    ("../store/blob-b", 2, "a different moving image; pass --overwrite"),  # another file: fused again
+    ("../store/blob-a-copy", 0, "skipped, already done"),  # a copy of its content: still done
+])
+def test_a_moving_symlink_pointed_elsewhere_since_its_run_is_done_only_when_the_content_is_the_same(
+        tmp_path, capsys, target, code, said):
     """Only the times of the file a link pointed to were read: a blob older than the run passed."""
     reference, moving = annexed_pair(tmp_path)
     assert fuse_pair(reference, moving, tmp_path / "out") == 0, capsys.readouterr().err
     capsys.readouterr()
 
-    point(moving, "../store/blob-b")
+    point(moving, target)
 
-    assert fuse_pair(reference, moving, tmp_path / "out") == 2
-    assert "a different moving image; pass --overwrite" in capsys.readouterr().err
-
-
-def test_a_moving_symlink_pointed_at_a_copy_of_its_content_is_still_done(tmp_path, capsys):
-    reference, moving = annexed_pair(tmp_path)
-    assert fuse_pair(reference, moving, tmp_path / "out") == 0, capsys.readouterr().err
-    capsys.readouterr()
-
-    point(moving, "../store/blob-a-copy")
-
-    assert fuse_pair(reference, moving, tmp_path / "out") == 0
-    assert "skipped, already done" in capsys.readouterr().out
+    assert fuse_pair(reference, moving, tmp_path / "out") == code
+    output = capsys.readouterr()
+    assert said in output.out + output.err
 
 
 def test_inputs_under_a_folder_link_pointed_at_another_version_are_not_taken_as_done(tmp_path, capsys):

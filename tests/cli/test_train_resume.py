@@ -358,9 +358,8 @@ def test_resume_before_the_first_checkpoint_starts_the_run_from_step_0(run_dir, 
     assert not staging.exists()
 
 
-def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_the_previous_one_is_kept(run_dir, monkeypatch, capsys):
+def _disk_full_at_the_state_save(monkeypatch) -> None:
     """torch's zip writer on a full disk: "[enforce fail at inline_container.cc:672] unexpected pos"."""
-    before = _checkpoint_files(run_dir)
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
@@ -369,6 +368,18 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_the_previous_one_is_k
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_first_checkpoint_the_disk_cannot_hold_does_not_claim_an_earlier_one_is_kept(tmp_path, monkeypatch, capsys):
+    _disk_full_at_the_state_save(monkeypatch)
+    assert main(BASE + ["--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is the disk full? There is no earlier last.safetensors to keep" in error
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_the_previous_one_is_kept(run_dir, monkeypatch, capsys):
+    before = _checkpoint_files(run_dir)
+    _disk_full_at_the_state_save(monkeypatch)
     assert main(BASE + ["--out", str(run_dir), "--resume", "--stop-at", "2"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "is the disk full? The previous checkpoint is kept" in error

@@ -32,13 +32,19 @@ def world_z_of_slice(index: int) -> float:
     return float((GEOMETRY_3D.index_to_world @ [index, 0, 0, 1])[0])
 
 
-def test_a_slice_flagged_on_a_layer_stored_head_to_foot_is_counted_as_the_outputs_count_it(
-        make_napari_viewer, tmp_path):
+def _panel_on_a_head_to_foot_layer(make_napari_viewer, tmp_path):
+    """(viewer, its head-to-foot layer, an annotation panel pointed at it)."""
     viewer = make_napari_viewer()
     layer = add_head_to_foot_layer(viewer)
     panel = AnnotationPanel(viewer)
     panel.reviewer.value = "dr. test"
     panel.set_run(tmp_path / "run", tmp_path, layer)
+    return viewer, layer, panel
+
+
+def test_a_slice_flagged_on_a_layer_stored_head_to_foot_is_counted_as_the_outputs_count_it(
+        make_napari_viewer, tmp_path):
+    viewer, layer, panel = _panel_on_a_head_to_foot_layer(make_napari_viewer, tmp_path)
     viewer.dims.set_point(0, world_z_of_slice(12))
     assert round(layer.world_to_data(viewer.dims.point)[0]) == 3  # the layer's own slice 3
     panel.flag_slice.clicked()
@@ -47,11 +53,7 @@ def test_a_slice_flagged_on_a_layer_stored_head_to_foot_is_counted_as_the_output
 
 def test_a_region_drawn_on_a_layer_stored_head_to_foot_is_counted_as_the_outputs_count_it(
         make_napari_viewer, tmp_path):
-    viewer = make_napari_viewer()
-    layer = add_head_to_foot_layer(viewer)
-    panel = AnnotationPanel(viewer)
-    panel.reviewer.value = "dr. test"
-    panel.set_run(tmp_path / "run", tmp_path, layer)
+    viewer, _, panel = _panel_on_a_head_to_foot_layer(make_napari_viewer, tmp_path)
     panel.draw_region.clicked()
     viewer.layers[ANNOTATION_LAYER].add_polygons([np.array([[2, 10, 10], [2, 10, 20], [2, 20, 20]], float)])
     panel.flag_region.clicked()
