@@ -52,7 +52,9 @@ those evaluated) on some task rewards not fusing; the report marks it with † (
 
 Metrics (columns), all on [0, 1] intensities (the moving image's normalisation; RGB PET/SPECT on
 the luma Y): alignment NCC / MSE / SSIM of the aligned moving image vs the label, folding % and
-SDlogJ of the field, the mean end-point error against the ground-truth field (EPE, voxels) when
+SDlogJ of the field, the mean end-point error against the ground-truth field (EPE, voxels; in mm by
+the reference's spacing as ``epe_mm`` / ``epe_tissue_mm``: on thick slices a voxel across them is
+several in-plane voxels long) when
 it is known, over the whole grid (``epe``) and over the reference's tissue (``epe_tissue``, where
 ``engine.alignment_guard.tissue_mask`` sees it: the background's true field is invisible to every
 method; NaN, with a warning, on a reference without tissue); the fusion metrics of the fused image
@@ -155,7 +157,7 @@ from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
 from napari_unifuse.training.harvard import HARVARD_TASKS, case_of
 from napari_unifuse.training.trainer import CHECKPOINTS_FOLDER
 
-ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe", "epe_tissue")
+ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe", "epe_tissue", "epe_mm", "epe_tissue_mm")
 RESTORATION_COLUMNS = ("restored_ssim", "warped_input_ssim")
 # A = the reference, B = the label (the clean moving image), as for every fusion metric here.
 GAIN_COLUMNS = ("gain_ref", "gain_mov", "gain_min")
@@ -172,7 +174,8 @@ UNIFUSE_METHOD = "UniFuse"
 PAIRED_COLUMNS = ("ncc", "epe", "epe_tissue", "Q_abf", "Q_ssim", "gain_min", *PERCEPTUAL_COLUMNS)
 # Two values of a metric closer than this are tied in the pair-by-pair tests (``rounding_ties``).
 TIE_RTOL, TIE_ATOL = 1e-6, 1e-9
-LOWER_IS_BETTER = frozenset({"mse", "epe", "epe_tissue", "folding_pct", "sdlogj", "Q_mse", "Q_cv", TIME_COLUMN})
+LOWER_IS_BETTER = frozenset({"mse", "epe", "epe_tissue", "epe_mm", "epe_tissue_mm", "folding_pct", "sdlogj", "Q_mse",
+                             "Q_cv", TIME_COLUMN})
 # Sanity pipelines: fusion rules that fuse nothing, scored against every real rule on the same pair.
 COPY_RULES = ("copy-reference", "copy-moving")
 # The registration the copies sit on when it is evaluated (UniFuse's own first step); else identity.
@@ -463,12 +466,7 @@ def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, refe
     values = registration_metrics(aligned, pair.label)
     regularity = jacobian_regularity(jacobian_determinant(displacement))
     values["folding_pct"], values["sdlogj"] = regularity.folding_percentage, regularity.sd_log_jacobian
-    known = pair.displacement is not None
-    values["epe"] = end_point_error(displacement, pair.displacement) if known else float("nan")
-    # A reference without tissue (a blank image) has no tissue to score: NaN, as pairs_from_csv warns.
-    tissue = tissue_mask(reference) if known else None
-    values["epe_tissue"] = (end_point_error(displacement, pair.displacement, tissue)
-                            if tissue is not None and tissue.any() else float("nan"))
+    values.update(field_errors(displacement, pair, reference))
     restores = warped_input is not None
     values["restored_ssim"] = values["ssim"] if restores else float("nan")
     values["warped_input_ssim"] = registration_metrics(warped_input, pair.label)["ssim"] if restores else float("nan")
@@ -492,6 +490,22 @@ def score(aligned: np.ndarray, displacement: np.ndarray, fused: np.ndarray, refe
                             else float("nan"))
     values[TIME_COLUMN] = seconds
     return {column: values[column] for column in METRIC_COLUMNS}
+
+
+def field_errors(displacement: np.ndarray, pair: EvaluationPair, reference: np.ndarray) -> dict[str, float]:
+    """The end-point errors of ``displacement`` against the pair's true field: over the grid
+    (``epe``) and the reference's tissue (``epe_tissue``), in voxels and in mm (``_mm``, by the
+    reference's spacing along each axis, in the world axis order both fields are in); NaN without
+    a true field, and over the tissue of a reference without tissue (pairs_from_csv warns of it)."""
+    errors = dict.fromkeys(("epe", "epe_tissue", "epe_mm", "epe_tissue_mm"), float("nan"))
+    if pair.displacement is None:
+        return errors
+    tissue = tissue_mask(reference)
+    for suffix, spacing in (("", None), ("_mm", pair.reference.geometry.spacing)):
+        errors[f"epe{suffix}"] = end_point_error(displacement, pair.displacement, spacing=spacing)
+        if tissue.any():
+            errors[f"epe_tissue{suffix}"] = end_point_error(displacement, pair.displacement, tissue, spacing)
+    return errors
 
 
 def copy_registration(registrations: list[str]) -> str:
@@ -1059,7 +1073,7 @@ def run(args: argparse.Namespace) -> int:
     header = (f"# Evaluation of {', '.join(method_names)}\n\n"
               f"{described}; mean ± std (population std, ddof 0). Alignment (ncc, mse, ssim) "
               "vs the clean label; epe / epe_tissue: mean end-point error of the field (voxels) over the "
-              "grid / over the reference's tissue; restored_ssim / "
+              "grid / over the reference's tissue, epe_mm / epe_tissue_mm the same in mm; restored_ssim / "
               "warped_input_ssim: UniFuse's restored output / its degraded input warped by its own field, "
               "vs the label; fusion metrics vs (reference, label), gain_ref / gain_mov: SSIM to the "
               "reference / label beyond the other source's own, gain_min the smaller (0 for a copy of the "

@@ -6,7 +6,7 @@ Displacement fields follow the project convention (docs/architecture.md): ``u`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -109,18 +109,27 @@ def _interior_ssim_maps(aligned: np.ndarray, label: np.ndarray, selected: np.nda
         yield ssim_map[(within, *inplane)], selected[(core, *inplane)]
 
 
-def end_point_error(u: object, truth: object, mask: object | None = None) -> float:
-    """Mean end-point error |u(x) - truth(x)| (voxels) over the grid, or over ``mask`` only.
+def end_point_error(u: object, truth: object, mask: object | None = None,
+                    spacing: Sequence[float] | None = None) -> float:
+    """Mean end-point error |u(x) - truth(x)| over the grid, or over ``mask`` only: in voxels, or
+    in mm with ``spacing`` (the voxel size along each array axis, the fields' component order).
 
     Where neither image shows anything (the background of a head), no registration can see the
     true field, so an error there says more about extrapolation than about alignment; a ``mask``
-    of the tissue scores where a reader looks.
+    of the tissue scores where a reader looks. On thick slices a voxel along the slice axis is
+    several in-plane voxels long: only the error in mm weighs the axes as a reader sees them.
     """
     field, true_field = _check_displacement(u), _check_displacement(truth)
     if field.shape != true_field.shape:
         raise InputError(f"field shape {field.shape} differs from the true field's {true_field.shape}",
                          "displacement")
-    error = np.linalg.norm(field - true_field, axis=0)
+    difference = field - true_field
+    if spacing is not None:
+        sizes = np.asarray(spacing, dtype=np.float64)
+        if sizes.shape != (field.shape[0],) or not (np.all(np.isfinite(sizes)) and np.all(sizes > 0)):
+            raise InputError(f"expected {field.shape[0]} positive voxel sizes, got {list(spacing)}", "spacing")
+        difference *= sizes.reshape(-1, *(1,) * (field.ndim - 1))
+    error = np.linalg.norm(difference, axis=0)
     if mask is None:
         return float(error.mean())
     selected = np.asarray(mask, dtype=bool)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_unifuse.cli import main
-from napari_unifuse.cli.evaluate import pairs_from_csv
+from napari_unifuse.cli.evaluate import field_errors, pairs_from_csv, unit_intensities
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import Geometry, read_image
 from napari_unifuse.io.fields import write_displacement
@@ -138,6 +138,12 @@ def test_evaluate_reads_a_coronal_pair_its_label_and_field_on_the_grid_it_is_fus
     for role in ("reference", "moving"):
         np.testing.assert_array_equal(getattr(coronal, role).array, getattr(axial, role).array)
         assert getattr(coronal, role).geometry.allclose(getattr(axial, role).geometry)
+    # The errors in mm weigh each component by the spacing along its world axis, (z, y, x) here.
+    expected_mm = np.linalg.norm(field * np.array(SPACING_XYZ[::-1]).reshape(3, 1, 1, 1), axis=0).mean()
+    for pair in (axial, coronal):
+        errors = field_errors(np.zeros_like(field), pair, unit_intensities(pair.reference)[0])
+        assert errors["epe"] == pytest.approx(np.linalg.norm(field, axis=0).mean(), rel=1e-5)
+        assert errors["epe_mm"] == pytest.approx(expected_mm, rel=1e-5)
 
 
 def test_a_reoriented_input_is_recorded_as_handed_in(pairs, smallest_unifuse):

@@ -224,6 +224,25 @@ def test_end_point_error_over_the_grid_and_inside_a_mask():
     assert end_point_error(u, v) == pytest.approx(np.sqrt(((u - v) ** 2).sum(axis=0)).mean())
 
 
+def test_end_point_error_in_mm_weighs_each_component_by_its_voxel_size():
+    truth = np.zeros((3, 4, 5, 6))
+    estimate = truth.copy()
+    estimate[0] = 1.0  # one voxel off across 3 mm slices ...
+    estimate[2, :2] = 2.0  # ... and, in half the volume, two 0.5 mm voxels off along x
+    assert end_point_error(estimate, truth) == pytest.approx((1.0 + np.sqrt(5.0)) / 2)
+    assert end_point_error(estimate, truth, spacing=(3.0, 0.8, 0.5)) == pytest.approx((3.0 + np.sqrt(10.0)) / 2)
+    half = np.zeros((4, 5, 6), dtype=bool)
+    half[2:] = True
+    assert end_point_error(estimate, truth, half, (3.0, 0.8, 0.5)) == pytest.approx(3.0)
+    rng = np.random.default_rng(4)
+    u, v = rng.normal(size=(2, 2, 7, 9))
+    sizes = np.array([2.5, 0.7])[:, None, None]
+    assert end_point_error(u, v, spacing=(2.5, 0.7)) == pytest.approx(np.linalg.norm((u - v) * sizes, axis=0).mean())
+    for wrong in ((1.0, 1.0), (1.0, 0.0, 1.0), (1.0, np.nan, 1.0)):
+        with pytest.raises(InputError, match="voxel sizes"):
+            end_point_error(estimate, truth, spacing=wrong)
+
+
 def test_end_point_error_refuses_mismatched_inputs():
     with pytest.raises(InputError, match="true field"):
         end_point_error(np.zeros((2, 6, 6)), np.zeros((2, 6, 7)))
