@@ -32,7 +32,7 @@ from napari_unifuse.engine.overlays import (
     slice_of,
 )
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
-from napari_unifuse.engine.provenance import describe_input
+from napari_unifuse.engine.provenance import describe_label
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import CheckpointError, UniFuseError
 from napari_unifuse.io import ImageVolume, resample_to_reference
@@ -141,7 +141,7 @@ def run_and_analyse(
     label, label_warnings = (checked_label(request.label, request.reference) if request.label is not None
                              else (None, []))
     # Described as given (a layer by the hash of its values), not with the NaN checked_label replaced.
-    label_input = describe_input(request.label) if request.label is not None else None
+    label_input = describe_label(request.label) if request.label is not None else None
     result = engine.run_fusion(request.reference, request.moving, progress=progress, cancel=cancel)
     # The outputs lie on the reference's grid in world axis order (run_fusion): a layer a script added
     # with its slices head to foot, or its axes permuted, is compared with them on that grid.

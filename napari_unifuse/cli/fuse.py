@@ -98,7 +98,7 @@ from napari_unifuse.engine.outputs import (
     write_fusion_outputs,
     write_json,
 )
-from napari_unifuse.engine.provenance import absolute_as_given, describe_source, utc_timestamp
+from napari_unifuse.engine.provenance import absolute_as_given, describe_label, describe_source, utc_timestamp
 from napari_unifuse.engine.report import EARLIER_FAILURES, INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
@@ -374,10 +374,11 @@ def fuse_pair(pair: Pair, out_dir: Path, engines: _EngineCache, prefix: str, bat
         # In world axis order, as run_fusion takes a 3-D pair: a label stored as its pair is (a coronal
         # NIfTI) is then on the outputs' grid as it is, not resampled onto it.
         label = read_image(pair.label).in_world_axis_order() if pair.label is not None else None
+    # Described as read (a label replaced during the fusion must not be recorded for these metrics),
+    # as the workbench describes it: a DICOM series by its UIDs, a reoriented file by its stored order.
+    label_source = describe_label(label) if label is not None else None
     # Before the fusion: a label the metrics cannot be measured against fails at once, not after the work.
     label, label_warnings = checked_label(label, reference) if label is not None else (None, [])
-    # Described as read: a label replaced during the fusion must not be recorded for these metrics.
-    label_source = describe_source(str(pair.label)) if pair.label is not None else None
     # Before the fusion: a pair that would overwrite an input fails at once, not after the work.
     refuse_overwriting_inputs(out_dir, (pair.reference, pair.moving, pair.label))
     engine = engines.for_dimensions(model_dimensions(reference))

@@ -107,6 +107,7 @@ from napari_unifuse.engine.provenance import (
     describe_input,
     sha256_of_path,
     software_versions,
+    stored_order,
     utc_timestamp,
 )
 from napari_unifuse.engine.quality import QualityMaps, quality_maps
@@ -133,7 +134,6 @@ from napari_unifuse.io import (
     resample_to_spacing,
 )
 from napari_unifuse.io.fields import itk_placement
-from napari_unifuse.io.image import STORED_AXIS_ORDER, STORED_SLICES_REVERSED
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
 from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import is_picture, real_finite_values
@@ -1412,16 +1412,13 @@ def _record_stored_order(result: FusionResult, reference: ImageVolume, moving: I
     the workbench) as its file stores it: shape, grid and ``reoriented_from_axes``, and, for a
     reoriented reference, on which grid the outputs lie. Every entry point so records one file alike."""
     for role, image in (("reference", reference), ("moving", moving)):
-        axes = image.metadata.get(STORED_AXIS_ORDER)
-        if axes is None or len(axes) != image.ndim:  # a one-slice volume's 2-D slice: its volume's run records it
+        stored = stored_order(image)
+        if not stored:
             continue
-        back = np.argsort(axes).tolist()  # the stored axis i is the volume's axis back[i]
-        reversed_slices = bool(image.metadata.get(STORED_SLICES_REVERSED))
-        result.provenance["inputs"][role].update(
-            shape=[image.array.shape[axis] for axis in back], geometry=image.stored_geometry().to_dict(),
-            reoriented_from_axes=list(axes), slices_reversed=reversed_slices)
+        result.provenance["inputs"][role].update(stored)
         if role == "reference":
-            reversal = ", its slices reversed to run from foot to head" if reversed_slices else ""
+            axes = stored["reoriented_from_axes"]
+            reversal = ", its slices reversed to run from foot to head" if stored["slices_reversed"] else ""
             result.provenance["outputs"]["grid"] = (
                 f"the reference's voxels in world axis order (its stored array axes {list(axes)} transposed so "
                 f"that axis 0 runs along world z, axial slices{reversal}; NIfTI forms permuted alike): the same "

@@ -19,6 +19,7 @@ import torch
 import napari_unifuse
 from napari_unifuse.io import ImageVolume
 from napari_unifuse.io.digests import sha256_of_array
+from napari_unifuse.io.image import STORED_AXIS_ORDER, STORED_SLICES_REVERSED
 from napari_unifuse.io.readers import dicom_series, file_format
 
 _CHUNK = 1 << 20
@@ -88,6 +89,25 @@ def describe_input(image: ImageVolume) -> dict[str, Any]:
         header = image.metadata.get("header", {})
         described["dicom"] = {tag: header[tag] for tag in _DICOM_SERIES_TAGS if tag in header}
     return described
+
+
+def stored_order(image: ImageVolume) -> dict[str, Any]:
+    """How a 3-D input reoriented to world axis order (its metadata's ``io.image.STORED_AXIS_ORDER``:
+    by ``run_fusion`` for the CLI and the API, by our napari reader for the workbench) is stored in its
+    file: shape, grid, ``reoriented_from_axes`` and ``slices_reversed``; {} for an input used as stored
+    (a one-slice volume's 2-D slice too: its volume's record holds it)."""
+    axes = image.metadata.get(STORED_AXIS_ORDER)
+    if axes is None or len(axes) != image.ndim:
+        return {}
+    back = np.argsort(axes).tolist()  # the stored axis i is the volume's axis back[i]
+    return {"shape": [image.array.shape[axis] for axis in back], "geometry": image.stored_geometry().to_dict(),
+            "reoriented_from_axes": list(axes), "slices_reversed": bool(image.metadata.get(STORED_SLICES_REVERSED))}
+
+
+def describe_label(label: ImageVolume) -> dict[str, Any]:
+    """A label as ``describe_input`` and ``stored_order`` describe the reference and moving image,
+    so that every entry point records its file, series and stored order alike."""
+    return {**describe_input(label), **stored_order(label)}
 
 
 def software_versions() -> dict[str, Any]:

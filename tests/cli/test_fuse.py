@@ -1257,6 +1257,15 @@ def test_a_series_folder_with_another_file_put_beside_its_slices_is_the_same_inp
     assert "skipped, already done" in capsys.readouterr().out
 
 
+def test_a_series_given_as_the_label_is_recorded_by_its_series_as_the_moving_image_is(tmp_path, capsys, series):
+    """Only the label's folder and hash were recorded: the path of a series names a folder, not a series."""
+    assert fuse("--reference", series.parent / "reference.nii.gz", "--moving", series, "--label", series,
+                "--out", tmp_path / "out", *CHEAP) == 0, capsys.readouterr().err
+    inputs = json.loads((tmp_path / "out" / "t2" / "provenance.json").read_text(encoding="utf-8"))["inputs"]
+    assert inputs["label"]["dicom"]["SeriesInstanceUID"] == "1.2.826.0.1.3680043.2.1125.77"
+    assert {key: inputs["moving"][key] for key in inputs["label"]} == inputs["label"]
+
+
 def test_a_series_with_a_slice_rewritten_in_place_is_not_taken_as_done(data, tmp_path, capsys, series):
     """Only the folder's own times were checked, which a slice rewritten in place leaves alone."""
     assert fuse_series(data, tmp_path, series) == 0, capsys.readouterr().err

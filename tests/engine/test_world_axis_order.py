@@ -113,7 +113,11 @@ def test_the_cli_writes_a_coronal_pair_on_the_reference_grid_in_world_order(pair
     assert metrics == json.loads((on_axial / "metrics.json").read_text())
     provenance = json.loads((on_coronal / "provenance.json").read_text())
     assert provenance["inputs"]["reference"]["reoriented_from_axes"] == [1, 0, 2]
-    assert "reoriented_from_axes" not in json.loads((on_axial / "provenance.json").read_text())["inputs"]["reference"]
+    # The label (here the moving file) is recorded with its stored order, as the moving image is.
+    label, moving = provenance["inputs"]["label"], provenance["inputs"]["moving"]
+    assert label["reoriented_from_axes"] == [1, 0, 2] and {key: moving[key] for key in label} == label
+    axial_inputs = json.loads((on_axial / "provenance.json").read_text())["inputs"]
+    assert "reoriented_from_axes" not in axial_inputs["reference"] and "reoriented_from_axes" not in axial_inputs["label"]
 
 
 def test_evaluate_reads_a_coronal_pair_its_label_and_field_on_the_grid_it_is_fused_on(pairs):
