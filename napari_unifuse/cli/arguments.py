@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,35 +60,39 @@ CsvRow = dict[str, str]  # column -> cell, stripped; "" for an optional cell the
 # The columns that name files in any command's CSV: their cells get a leading "~" expanded, as the
 # path options do (user_path), before a command joins a relative one to the CSV's folder.
 FILE_COLUMNS = frozenset({"reference", "moving", "label", "displacement"})
+# Excel writes "sep=;" as a CSV's first line to name its separator, and reads it so.
+EXCEL_SEPARATOR_LINE = "sep="
 
 
 def read_pairs_rows(path: Path, required: Sequence[str], optional: Sequence[str]) -> list[tuple[int, CsvRow]]:
     """The rows of a ``--pairs`` CSV with the line each ends on, every column checked against
     ``required`` and ``optional``, and every row's ``required`` cells, before any row is used (an
-    ``optional`` cell the row or the header lacks is ""). Every cell is stripped (``a.png, b.png``
-    from a hand-written CSV), and a cell of ``FILE_COLUMNS`` has its ``~`` expanded. A column no
-    command reads (``lable``, ``degradaton``) is refused, naming it and the closest accepted one:
-    left unread it would give clean pairs or no metrics without a word, as an unknown key in a YAML
-    config would. So are a column named twice (csv.DictReader would keep only its last cell) and a
-    cell under no column; a blank column or trailing cell with nothing in it (a spreadsheet's
-    trailing comma) is harmless and dropped. utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte order mark."""
+    ``optional`` cell the row or the header lacks is ""). Every cell and column name is stripped
+    (``a.png, b.png`` from a hand-written CSV), and a cell of ``FILE_COLUMNS`` has its ``~``
+    expanded. A column no command reads (``lable``, ``degradaton``) is refused, naming it and the
+    closest accepted one: left unread it would give clean pairs or no metrics without a word, as an
+    unknown key in a YAML config would. So are a column named twice (csv.DictReader would keep only
+    its last cell) and a cell under no column; a blank column or trailing cell with nothing in it (a
+    spreadsheet's trailing comma), and a row with nothing in its cells (blank lines, a spreadsheet's
+    ``,,`` rows, before the header or after it) are harmless and dropped. As spreadsheets save a
+    CSV: UTF-8 with or without a byte order mark ("CSV UTF-8"), other text refused naming its line;
+    separated by commas, or by semicolons or tabs where the header is (a European Excel's CSV); an
+    Excel ``sep=`` first line names the separator."""
     if path.is_dir():
         raise InputError("is a folder, not a CSV file; --pairs takes a CSV file of pairs", path)
     if not path.exists():
         raise InputError("pairs CSV not found", path)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            columns = next(reader, [])
-            # Blank lines hold no pair (csv.DictReader skips them too).
-            numbered = [(reader.line_num, cells) for cells in reader if cells]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        records = _split_rows(_utf8_text(path.read_bytes(), path))
+    except (OSError, csv.Error) as error:
         raise InputError(f"cannot read the pairs CSV: {error}", path) from error
-    named_positions = [position for position, column in enumerate(columns) if column.strip()]
+    columns = [column.strip() for column in records[0][1]] if records else []
+    numbered = records[1:]
+    named_positions = [position for position, column in enumerate(columns) if column]
     check_pairs_columns([columns[position] for position in named_positions], path, required, optional)
     for line, cells in numbered:
         unnamed = [cell for position, cell in enumerate(cells)
-                   if (position >= len(columns) or not columns[position].strip()) and cell.strip()]
+                   if (position >= len(columns) or not columns[position]) and cell.strip()]
         if unnamed:
             raise InputError(f"line {line} of the CSV: the cell {unnamed[0]!r} is under no column of the header; "
                              "name its column or remove it", path)
@@ -105,6 +110,47 @@ def read_pairs_rows(path: Path, required: Sequence[str], optional: Sequence[str]
     return [(line, {**dict.fromkeys(optional, ""), **{columns[position]: _cell(columns[position], cells, position)
                                                       for position in named_positions}})
             for line, cells in numbered]
+
+
+def _utf8_text(data: bytes, path: Path) -> str:
+    """``data`` as UTF-8 text, a byte order mark dropped; InputError naming the first line that is
+    not (a Latin-1, cp1252 or UTF-16 file), which the user can only fix by saving it again."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise InputError(f"line {line} of the CSV is not UTF-8 text (byte 0x{data[error.start]:02x}); save it as "
+                         'UTF-8 ("CSV UTF-8" in Excel)', path) from None
+
+
+def _split_rows(text: str) -> list[tuple[int, list[str]]]:
+    """The rows of a CSV's ``text`` (``_nonblank_rows``), split at commas; at what an Excel ``sep=`` first
+    line names, that line dropped; or at semicolons or tabs where the header, split at commas, is
+    one name holding them (a European Excel's CSV: no column name holds either)."""
+    rows = _nonblank_rows(text, ",")
+    header = rows[0][1] if rows else []
+    named = _separator_named_by(header)
+    if named is not None:
+        return _nonblank_rows(text, named)[1:]
+    if len(header) == 1:
+        separator = next((character for character in ";\t" if character in header[0]), None)
+        if separator:
+            return _nonblank_rows(text, separator)
+    return rows
+
+
+def _nonblank_rows(text: str, separator: str) -> list[tuple[int, list[str]]]:
+    """The rows of ``text`` split at ``separator``, each with the line it ends on, those with
+    nothing in their cells left out."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+    return [(reader.line_num, cells) for cells in reader if any(cell.strip() for cell in cells)]
+
+
+def _separator_named_by(cells: list[str]) -> str | None:
+    """The separator an Excel ``sep=;`` first line names (its cells as split at commas), else None."""
+    line = ",".join(cells)
+    named = line.removeprefix(EXCEL_SEPARATOR_LINE)
+    return named if named != line and len(named) == 1 else None
 
 
 def _cell(column: str, cells: list[str], position: int) -> str:

@@ -448,11 +448,20 @@ def export_cohort(run_dirs: Iterable[str | os.PathLike], csv_path: str | os.Path
             about_other_inputs += other_inputs is True
             record = asdict(annotation)
             record["region_world"] = json.dumps(record["region_world"])
-            writer.writerow({"run": str(run_dir), **record, "about_other_inputs": OTHER_INPUTS_ANSWERS[other_inputs]})
+            writer.writerow({"run": _readable_path(run_dir), **record,
+                             "about_other_inputs": OTHER_INPUTS_ANSWERS[other_inputs]})
             rows += 1
-    # The csv module ends its rows itself: written untranslated, as csv's own files must be.
-    write_text_atomically(csv_path, table.getvalue(), newline="")
+    # The csv module ends its rows itself: written untranslated, as csv's own files must be. A text
+    # that is not UTF-8 (a reviewer from a Latin-1 $USER keeps its byte as a lone surrogate) is
+    # written escaped, as \udce9, rather than losing the whole export.
+    write_text_atomically(csv_path, table.getvalue(), errors="backslashreplace", newline="")
     return CohortExport(rows, about_other_inputs, skipped)
+
+
+def _readable_path(path: str | os.PathLike) -> str:
+    """``path`` as UTF-8 text: the bytes of a name that is not UTF-8 (a Latin-1 folder unpacked on
+    Linux) written as ``\\xe9``: a UTF-8 CSV cannot hold them as they are."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def check_cohort_target(csv_path: Path) -> None:
@@ -470,8 +479,9 @@ def check_cohort_target(csv_path: Path) -> None:
 
 def _holds_a_cohort_export(path: Path) -> bool:
     """Whether ``path`` is empty (nothing to lose) or headed as a cohort export: "run" first and only
-    cohort columns, which every version's export keeps (later versions added columns)."""
-    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+    cohort columns, which every version's export keeps (later versions added columns). utf-8-sig:
+    an export that a spreadsheet saved again as "CSV UTF-8" starts with a byte order mark."""
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
         header = next(csv.reader([handle.readline(COHORT_HEADER_READ_LIMIT)]), [])
     return not header or (header[0] == "run" and set(header) <= set(EXPORT_COLUMNS))
 

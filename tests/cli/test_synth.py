@@ -264,7 +264,7 @@ def write_csv(path: Path, text: str, encoding: str = "utf-8") -> Path:
 
 @pytest.mark.parametrize("rows, message", [
     ("{r},{m}\n{r}\n", "line 3 of the CSV: no moving cell (the row has fewer cells than the header)"),
-    ("{r},{m}\n,\n", "line 3 of the CSV: the reference cell is empty"),
+    ("{r},{m}\n,{m}\n", "line 3 of the CSV: the reference cell is empty"),  # "," alone is a blank row
     ("{r},{m}\n{r},missing.png\n", "line 3 of the CSV: the moving file"),
 ])
 def test_every_csv_row_is_checked_before_anything_is_written(png_pair, tmp_path, capsys, rows, message):
