@@ -626,21 +626,39 @@ class _EngineCache:
         return self.engines[ndim]
 
 
+# Without a terminal (a batch's log file, a cluster job), a line of where a long pair stands at most
+# this often: a clinical volume takes many minutes, which a log must not pass in silence.
+LOG_PROGRESS_EVERY_S = 60.0
+
+
 class TqdmProgress:
-    """The engine's ``progress(stage, done, total)`` drawn as one tqdm bar per stage."""
+    """The engine's ``progress(stage, done, total)`` drawn as one tqdm bar per stage on a terminal;
+    elsewhere a plain line on stderr at most every ``LOG_PROGRESS_EVERY_S`` seconds, so that logs
+    and captured output of short runs stay clean."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.bar: tqdm | None = None
         self.stage: str | None = None
+        self.started = self.logged = time.monotonic()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.bar is None or stage != self.stage or total != self.bar.total:
             self.close()
-            # disable=None: draw only on a terminal, so logs and captured output stay clean.
+            # disable=None: draw only on a terminal.
             self.bar = tqdm(total=total, desc=f"{self.prefix} {stage}", unit="step", leave=False, disable=None)
             self.stage = stage
-        self.bar.update(done - self.bar.n)
+        if self.bar.disable:
+            self._log(stage, done, total)
+        else:
+            self.bar.update(done - self.bar.n)
+
+    def _log(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.logged >= LOG_PROGRESS_EVERY_S:
+            print(f"{self.prefix}: {stage} {done}/{total} ({now - self.started:.0f} s so far)", file=sys.stderr,
+                  flush=True)
+            self.logged = now
 
     def close(self) -> None:
         if self.bar is not None:

@@ -158,6 +158,8 @@ NETWORK = "network"
 # ones (CT-MRI NCC 0.68 against 0.81, 0.78 against 0.83; docs/results/methods.md), so 2-D keeps
 # the matching alone.
 CLASSICAL_STAGE = "classical registration"
+# The method's own first estimate of the field (UniFuse's structural matching), before the network.
+INITIAL_ALIGNMENT_STAGE = "initial alignment"
 # Thinner volumes (a few slices) leave SimpleITK's pyramid nothing to stand on; the matching
 # handles them in-plane.
 CLASSICAL_MIN_SIDE = 16
@@ -623,7 +625,7 @@ class FusionEngine:
         classical: _ClassicalInBackground | None = None,
         field_of_view: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray], GuardDecision | None, dict[str, Any]]:
-        """The ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
+        """The ``initial alignment``, ``fuse``, ``guard`` and (when needed) ``fuse (kept field)`` stages: padded, tiled
         forward passes with the out-of-memory fallback; returns arrays cropped back to the input.
         ``spacing`` (mm per array axis) guides the structural matching's image pyramid.
         ``class_probs`` (Ñ,): the degradation the ``classify`` stage read, which every tile then
@@ -643,11 +645,11 @@ class FusionEngine:
         reference_seen = within_field_of_view(reference, field_of_view)
         matched_reference = pair[None, 1:2] if field_of_view is None else torch.from_numpy(
             np.pad(reference_seen, padding))[None, None]
-        cancel.raise_if_cancelled()
-        with timer.stage("fuse"):
-            # Structural matching runs once on the whole input (one rigid estimate for every tile,
-            # and no tile reads past its edge for it); tiles get the moved image and their part of
-            # the field.
+        # Structural matching runs once on the whole input (one rigid estimate for every tile, and
+        # no tile reads past its edge for it); tiles get the moved image and their part of the field.
+        # A stage of its own: on a clinical volume it takes a minute, which the progress and an
+        # out-of-memory message must not put on the stage before or on the network's "fuse".
+        with stage(INITIAL_ALIGNMENT_STAGE):
             with torch.no_grad():
                 matching = self.method.initial_alignment(pair[None, 0:1], matched_reference, spacing=spacing,
                                                          check_cancelled=cancel.raise_if_cancelled).cpu()

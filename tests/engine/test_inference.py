@@ -130,8 +130,9 @@ def test_tiled_3d_run_on_anisotropic_grids(model_3d):
     # The tiles run a second time only when the guard kept another field than the network's.
     second_pass = {FUSE_KEPT_STAGE} if result.alignment_guard.kept != NETWORK else set()
     # The moving image is on another grid: its degradation is read there first.
-    assert set(result.provenance["timings_s"]) == {"validate", "normalise", "classify", "resample", "fuse", "guard",
-                                                   "compose", "quality", *second_pass}
+    assert set(result.provenance["timings_s"]) == {"validate", "normalise", "classify", "resample",
+                                                   "initial alignment", "fuse", "guard", "compose", "quality",
+                                                   *second_pass}
     assert result.provenance["degradation_read_on"]["shape"] == [10, 14, 12]
 
 
