@@ -31,6 +31,7 @@ Three sources: ``HarvardPairs`` (2D PNG pairs), ``PhantomPairs`` (data.phantoms,
 from __future__ import annotations
 
 import math
+import os
 import string
 import warnings
 from collections.abc import Iterator
@@ -326,10 +327,15 @@ class HarvardPairs(SyntheticPairDataset):
                 reference=_resize(reference, self.size),
                 label=_resize(moving, self.size),
                 degradation=MODALITY_DEGRADATION[pair.modality],
-                # The atlas PNGs carry no spacing; taken as 1 mm per pixel at the native 256².
-                spacing=tuple(r / n for r, n in zip(reference.shape, self.size or reference.shape)),
+                spacing=_harvard_spacing(reference.shape, self.size),
             )
         return self._cache[index]
+
+
+def _harvard_spacing(native: tuple[int, ...], size: tuple[int, ...] | None) -> tuple[float, ...]:
+    """The mm per pixel of a Harvard pair of ``native`` (height, width) resized to ``size``: the
+    atlas PNGs carry no spacing, taken as 1 mm per pixel at the native 256²."""
+    return tuple(r / n for r, n in zip(native, size or native))
 
 
 # Which phantom modality is the reference and which the moving one, per task (paper §4.1).
@@ -501,6 +507,13 @@ def _named(names: list[str]) -> str:
     return ", ".join(names[:SKIPPED_CASES_NAMED]) + (", ..." if len(names) > SKIPPED_CASES_NAMED else "")
 
 
+def _warn_once_per_job(message: str) -> None:
+    """A warning of the start-up checks, from the first process alone: every process of a torchrun
+    job (numbered by its RANK) builds the datasets and finds the same."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        warnings.warn(message, stacklevel=3)
+
+
 @contextmanager
 def _case_named(name: str) -> Iterator[None]:
     """An InputError raised inside names the case it concerns, which a cohort's file paths do not
@@ -539,8 +552,8 @@ def folder_cases(root: str | Path, layout: dict[str, str]) -> list[tuple[str, Pa
                [f"{_count(holding_neither, 'holds', 'hold')} neither ({_named(holding_neither)})"]
                if holding_neither else [])
     if reasons:
-        warnings.warn(f"{root}: {len(lacking_one) + len(holding_neither)} of {len(folders)} sub-folders are "
-                      f"skipped: {'; '.join(reasons)}", stacklevel=2)
+        _warn_once_per_job(f"{root}: {len(lacking_one) + len(holding_neither)} of {len(folders)} sub-folders are "
+                           f"skipped: {'; '.join(reasons)}")
     return cases
 
 
@@ -590,6 +603,26 @@ def _training_shape(reference: ImageVolume) -> tuple[int, ...]:
     return shape[:axis] + shape[axis + 1:] if axis is not None else shape
 
 
+def _training_spacing(reference: ImageVolume) -> tuple[float, ...]:
+    """The mm per voxel a case trains with: its reference's, which ``reference`` holds in world axis
+    order, less the slice axis of a one-slice volume, which trains as its slice."""
+    spacing = [float(side) for side in reference.geometry.spacing]
+    if reference.single_slice_axis is not None:
+        del spacing[reference.single_slice_axis]
+    return tuple(spacing)
+
+
+# Why a CT moving image whose samples draw metal needs square pixels (data.degrade.Metal's scan).
+METAL_NEEDS_SQUARE_PIXELS = "the metal artefacts of a CT moving image are simulated on square pixels only"
+
+
+def _rectangular_pixels(spacing: tuple[float, ...]) -> str | None:
+    """How the pixels of the plane the CT simulation scans (the last two axes) are not square, or None."""
+    if spacing[-2] == spacing[-1]:  # data.degrade.Metal compares them exactly too
+        return None
+    return f"{spacing[-1]:g}×{spacing[-2]:g} mm (x×y)"
+
+
 def _how_the_file_lists(reference: ImageVolume) -> str:
     """How a size in world axis order relates to the one the case's file header lists."""
     if _stored_in_another_order(reference):
@@ -632,18 +665,18 @@ def _overlapping_cases(cases: list[tuple[str, Path, Path]], headers: dict[str, t
             apart.append(f"{case[0]} ({error.problem})")
             continue
         for problem in problems:
-            warnings.warn(f"{root}: case {case[0]}: {problem}", stacklevel=3)
+            _warn_once_per_job(f"{root}: case {case[0]}: {problem}")
         kept.append(case)
     if apart and not kept:
         raise InputError(f"no case's moving image overlaps its reference in space: {_named(apart)}", root)
     if apart:
-        warnings.warn(f"{root}: {len(apart)} of {len(cases)} cases are skipped, their moving image lying outside "
-                      f"their reference: {'; '.join(apart[:SKIPPED_CASES_NAMED])}", stacklevel=3)
+        _warn_once_per_job(f"{root}: {len(apart)} of {len(cases)} cases are skipped, their moving image lying "
+                           f"outside their reference: {'; '.join(apart[:SKIPPED_CASES_NAMED])}")
     return kept
 
 
 def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: tuple[int, ...] | None,
-                  root: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+                  root: Path, *, metal_drawn: bool = False) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """The cases fit to train on, and those of them whose moving image is in colour, checked
     before the first step (every case: one that fails mid-run costs the steps before it and saves
     no checkpoint): first from their headers, so that a setting that fits no case is refused at
@@ -651,9 +684,12 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
 
     Cases whose moving image misses the reference are skipped (warned); a model of other
     dimensions than the images, cases of 2-D and 3-D images mixed, a case smaller than
-    ``crop``, cases of different sizes without a crop (their samples cannot share a batch), and
-    a file that cannot be read whole or holds no finite voxel (as fusion refuses it) are refused,
-    naming the case and its size, in world axis order as training reads it, x first."""
+    ``crop``, cases of different sizes without a crop (their samples cannot share a batch), a
+    file that cannot be read whole or holds no finite voxel (as fusion refuses it), a blank image
+    and, where samples draw metal (``metal_drawn``), pixels the CT simulation cannot scan are
+    refused, naming the case and its size, in world axis order as training reads it, x first.
+    What the readers noted about a file (NaN voxels filled, a DICOM slice missing: fusion warns of
+    them too) is warned about, naming the case."""
     from napari_unifuse.engine.input_checks import model_dimensions
     from napari_unifuse.io import read_image
 
@@ -702,11 +738,19 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
     for name, reference, moving in cases:
         with _case_named(name):
             for path in (reference, moving):
-                array = read_image(path).array  # refuses a truncated file and one without a finite voxel
-                if array.min() == array.max():
+                image = read_image(path)  # refuses a truncated file and one without a finite voxel
+                if image.array.min() == image.array.max():
                     # As a label missing the reference would, a blank image trains the network to ignore it.
-                    raise InputError(f"the image holds one value everywhere ({array.flat[0]:g}): a blank image "
-                                     "teaches the network nothing of its pair; remove the case", path)
+                    raise InputError(f"the image holds one value everywhere ({image.array.flat[0]:g}): a blank "
+                                     "image teaches the network nothing of its pair; remove the case", path)
+                if metal_drawn and path == reference:
+                    # Else the run stops at the case's first metal sample, maybe epochs in.
+                    if pixels := _rectangular_pixels(_training_spacing(image.in_world_axis_order())):
+                        raise InputError(f"its in-plane pixels are {pixels}, and {METAL_NEEDS_SQUARE_PIXELS}: "
+                                         "resample the case's images to square in-plane pixels or remove the case",
+                                         path)
+                for note in image.metadata.get("warnings", []):
+                    _warn_once_per_job(f"{root}: case {name}: {path.name}: {note}")
     return cases, [name for name, _, _ in cases if headers[name][1].is_rgb]
 
 
@@ -722,12 +766,22 @@ def _smaller_than_crop(shapes: dict[Any, Any], crop: tuple[int, ...]) -> tuple[A
 
 
 def check_harvard_pairs(pairs: list[harvard.HarvardPair], crop: tuple[int, ...] | None,
-                        size: tuple[int, ...] | None, root: Path, *, batched: bool = True) -> None:
-    """Every pair readable and its two images of one size (``harvard.pair_shape``, from the files'
-    headers), and the sizes they train at fit to share a batch: ``size`` resizes every pair to it,
-    ``crop`` must fit in every pair, and, when ``batched``, pairs of different sizes need one of the
-    two. Checked before the first step, as ``checked_cases`` checks a folder's cases."""
+                        size: tuple[int, ...] | None, root: Path, *, batched: bool = True,
+                        metal_drawn: bool = False) -> None:
+    """Every pair readable, not blank, and its two images of one size (``harvard.pair_shape``), and
+    the sizes they train at fit to share a batch: ``size`` resizes every pair to it, ``crop`` must
+    fit in every pair, and, when ``batched``, pairs of different sizes need one of the two. Where
+    CT samples draw metal (``metal_drawn``), ``size`` must keep a CT pair's pixels square. Checked
+    before the first step, as ``checked_cases`` checks a folder's cases."""
     native = {pair: harvard.pair_shape(pair) for pair in pairs}  # every pair checked, resized or not
+    if metal_drawn and size:
+        for pair, shape in native.items():
+            pixels = _rectangular_pixels(_harvard_spacing(shape, size))
+            if MODALITY_DEGRADATION[pair.modality] == "metal" and pixels:
+                raise InputError(f"data.size {_in_array_order(size)} resizes {pair.name}, {_in_file_order(shape)} "
+                                 f"pixels of 1 mm, to pixels of {pixels}, and {METAL_NEEDS_SQUARE_PIXELS}: give "
+                                 "data.size the pair's aspect ratio, set data.crop instead, or remove the pair",
+                                 pair.reference_path)
     shapes = dict.fromkeys(native, size) if size else native
     smallest = _smallest_sides(shapes)
     if crop is not None:
@@ -809,7 +863,7 @@ class FolderPairs(SyntheticPairDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """The sample, or an InputError naming its case: one a cohort's check could not foresee
-        (the CT simulation's pixels) stops the run, and the user must know which case to fix."""
+        stops the run, and the user must know which case to fix."""
         with _case_named(self.cases[index // self.samples_per_case][0]):
             return super().__getitem__(index)
 
@@ -828,17 +882,15 @@ class FolderPairs(SyntheticPairDataset):
             # A one-slice volume trains as its slice, a 2-D image, as `unifuse fuse` fuses it
             # (engine.input_checks.model_dimensions); the moving image is on its grid by now.
             slice_axis = reference.single_slice_axis
-            spacing = [float(v) for v in reference.geometry.spacing]
             reference_array, label_array = reference_normalized.array, moving_normalized.array
             if slice_axis is not None:
                 reference_array, label_array = (np.take(array, 0, axis=slice_axis)
                                                 for array in (reference_array, label_array))
-                del spacing[slice_axis]
             self._cache[case_index] = CleanPair(
                 reference=np.asarray(reference_array, dtype=np.float32),
                 label=np.asarray(label_array, dtype=np.float32),
                 degradation=moving_degradation(self.layout["moving_modality"]),
-                spacing=tuple(spacing),
+                spacing=_training_spacing(reference),
                 label_metadata={"intensity_mapping": mapping.to_dict()},
             )
         return self._cache[case_index]
@@ -963,9 +1015,10 @@ def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int, where: 
         raise InputError(f"data.kind {kind} reads its images from a folder: {remedy}", where)
     split_seed = int(data.get("split_seed", 0))
     val_fraction = float(data.get("val_fraction", DEFAULT_VAL_FRACTION))
+    none_fraction = float(data.get("none_fraction", 0.2))
     common = {
         "seed": seed,
-        "none_fraction": float(data.get("none_fraction", 0.2)),
+        "none_fraction": none_fraction,
         "crop": _size(data.get("crop"), spatial_dims, "data.crop"),
         "severity": tuple(data.get("severity", DEFAULT_SEVERITY)),
         "misalignment": data.get("misalignment"),
@@ -976,7 +1029,8 @@ def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int, where: 
             raise InputError("the Harvard pairs are 2D: set model.spatial_dims: 2", "data")
         pairs = harvard.index_harvard(data["root"], tuple(data.get("tasks", harvard.HARVARD_TASKS)))
         size = _size(data.get("size"), 2, "data.size")
-        check_harvard_pairs(pairs, common["crop"], size, Path(data["root"]), batched=batched)
+        check_harvard_pairs(pairs, common["crop"], size, Path(data["root"]), batched=batched,
+                            metal_drawn=none_fraction < 1)
         train_pairs, val_pairs = harvard.split_cases(pairs, val_fraction, split_seed)
         refuse_empty_validation(val_pairs, len({pair.case for pair in pairs}), val_fraction, data["root"])
         return (
@@ -997,8 +1051,9 @@ def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int, where: 
         )
     if kind == "folders":
         layout = folder_layout(data)
+        metal_drawn = moving_degradation(layout["moving_modality"]) == "metal" and none_fraction < 1
         cases, colour_cases = checked_cases(folder_cases(data["root"], layout), spatial_dims, common["crop"],
-                                            Path(data["root"]))
+                                            Path(data["root"]), metal_drawn=metal_drawn)
         train_cases, val_cases = split_by_case(cases, val_fraction, split_seed)
         refuse_empty_validation(val_cases, len(cases), val_fraction, data["root"])
         # A colour moving image among grey ones (a PET/SPECT in pseudo-colour): every sample of both

@@ -137,10 +137,10 @@ def read_harvard_pair(pair: HarvardPair) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pair_shape(pair: HarvardPair) -> tuple[int, int]:
-    """The (height, width) of a pair, from its files' headers, each file checked whole against its
-    checksums without being decoded (a fraction of a second for the whole atlas): a file that
-    cannot be read or two images of different sizes are refused before training, not at the step
-    that first draws them."""
+    """The (height, width) of a pair, each file checked whole against its checksums and decoded
+    (two seconds for the whole atlas): a file that cannot be read, a blank image (one value or
+    colour everywhere, which the folders kind refuses too) and two images of different sizes are
+    refused before training, not at the step that first draws them."""
     from PIL import Image
 
     shapes = []
@@ -149,11 +149,34 @@ def pair_shape(pair: HarvardPair) -> tuple[int, int]:
             with Image.open(path) as image:
                 width, height = image.size
                 image.verify()
+            with Image.open(path) as image:  # verify() leaves the image unusable: opened again to decode it
+                colour = _one_colour(image)
         except (OSError, SyntaxError, ValueError) as error:  # Pillow's reasons for a file it cannot read
             raise _unreadable(path, pair, error) from None
+        if colour is not None:
+            # As a label missing the reference would, a blank image trains the network to ignore it.
+            reference_folder, moving_folder, _ = HARVARD_TASKS[pair.task]
+            folder = reference_folder if path == pair.reference_path else moving_folder
+            held = (f"one value everywhere ({colour[0]})" if len(colour) == 1
+                    else f"one colour everywhere (RGB {', '.join(map(str, colour))})")
+            raise InputError(f"{pair.name}: the {folder} image holds {held}: a blank image teaches the network "
+                             "nothing of its pair; remove the pair", path)
         shapes.append((height, width))
     _refuse_two_sizes(pair, *shapes)
     return shapes[0]
+
+
+def _one_colour(image) -> tuple[float, ...] | None:
+    """The value of every pixel of a Pillow ``image`` per band, transparency aside, or None where
+    pixels differ (from Pillow's extrema: no array is made)."""
+    bands = image.getbands()
+    extrema = image.getextrema()
+    if len(bands) == 1:  # Pillow gives one band's (low, high) unnested
+        extrema = (extrema,)
+    colour = [(low, high) for band, (low, high) in zip(bands, extrema) if band != "A"]
+    if any(low != high for low, high in colour):
+        return None
+    return tuple(low for low, _ in colour)
 
 
 def _read_png(path: Path, pair: HarvardPair) -> np.ndarray:

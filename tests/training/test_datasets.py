@@ -524,8 +524,9 @@ def test_harvard_pairs_of_different_sizes_without_crop_or_size_are_refused_befor
     from skimage.io import imsave
 
     root = write_fake_harvard(tmp_path, size=16)
+    rng = np.random.default_rng(0)
     for folder in ("MRI", "CT"):
-        imsave(root / "CT-MRI" / folder / "2004.png", np.zeros((12, 14), np.uint8), check_contrast=False)
+        imsave(root / "CT-MRI" / folder / "2004.png", rng.integers(0, 256, (12, 14), np.uint8), check_contrast=False)
     section = {"kind": "harvard", "root": str(root), "tasks": ["CT-MRI"], "val_fraction": 0.3}
     with pytest.raises(InputError, match=r"pairs differ in size \(CT-MRI pair 2004 is 14×12 \(x×y\) where 11 of "
                                          r"12, .* are 16×16 \(x×y\)\).*set data.size \(e.g. 16\).*or data.crop "
@@ -534,7 +535,8 @@ def test_harvard_pairs_of_different_sizes_without_crop_or_size_are_refused_befor
     assert "\n" not in str(refused.value)
     with pytest.raises(InputError, match=r"MRI/2004.png: CT-MRI pair 2004 is 14×12 \(x×y\), smaller than data.crop"):
         datasets.build_datasets({**section, "crop": 13}, seed=0, spatial_dims=2)
-    for fitting in ({"size": 16}, {"crop": 12}):
+    # Resized to 16², the 14×12 pair's pixels are no longer square, which only clean samples take (no metal).
+    for fitting in ({"size": 16, "none_fraction": 1.0}, {"crop": 12}):
         train, _ = datasets.build_datasets({**section, **fitting}, seed=0, spatial_dims=2)
         assert train[0]["moving"].shape[1:] == ((16, 16) if "size" in fitting else (12, 12))
     # Read one pair at a time (unifuse evaluate), the pairs keep their own sizes.
@@ -554,7 +556,7 @@ def test_an_unusable_harvard_pair_is_named_before_training(tmp_path, fault):
         moving.write_bytes(moving.read_bytes()[:60])
         message = r"CT-MRI pair 16004: not a readable PNG \(.*\); replace the file or remove the pair"
     else:
-        imsave(moving, np.zeros((16, 20), np.uint8), check_contrast=False)
+        imsave(moving, np.random.default_rng(0).integers(0, 256, (16, 20), np.uint8), check_contrast=False)
         message = r"CT-MRI pair 16004: the CT image is 20×16 pixels and the MRI 16×16; .* must be the same size"
     for resize in ({}, {"size": 8}):
         with pytest.raises(InputError, match=rf"^{re.escape(str(moving))}: {message}"):

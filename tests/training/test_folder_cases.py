@@ -81,10 +81,13 @@ def test_a_crop_too_large_for_a_coronal_case_is_measured_along_the_world_axes(tm
 
 
 def test_a_sample_that_fails_mid_run_names_its_case(tmp_path):
-    # Axial pixels of 1 × 2 mm: the CT simulation cannot scan them, which only the metal draw finds.
+    # Axial pixels of 1 × 2 mm, which the CT simulation cannot scan, stand for what no start-up check
+    # foresees: the cases are handed to the dataset unchecked (build_datasets refuses these).
     _twin_cohorts(tmp_path, "ct", spacing_xyz=(1.0, 2.0, 1.0))
-    train, _ = datasets.build_datasets(_cohort(tmp_path / "axial", "ct", crop=12, none_fraction=0.0), seed=0,
-                                       spatial_dims=3)
+    section = _cohort(tmp_path / "axial", "ct")
+    layout = datasets.folder_layout(section)
+    train = datasets.FolderPairs(datasets.folder_cases(section["root"], layout), layout, seed=0,
+                                 stream=datasets.TRAIN_STREAM, none_fraction=0.0, crop=(12, 12, 12))
     with pytest.raises(InputError, match=rf"case {train.case_names()[0]}: .*square in-plane pixels"):
         train[0]
 
