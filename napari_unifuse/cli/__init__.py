@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         # A second signal (a terminal or `timeout` signals the whole process group) must not cut
         # the goodbye short with a traceback.
         with _signals_handled(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM):
-            print(f"{command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+            # Imported here: the package's start-up stays free of torch (every command that runs long has it loaded).
+            from napari_unifuse.engine.distributed import is_first_process
+
+            if is_first_process():  # torchrun stops every process of the job: one says so
+                print(f"{command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
             if argv is None:
                 # Stopped, the process has nothing left to finish, and a normal shutdown can abort
                 # ("terminate called without an active exception": a C++ thread pool of ITK/ANTs

@@ -79,9 +79,12 @@ def _stages(metadata: dict[str, Any]) -> list[str]:
                              *([run["note"]] if run.get("note") else [])])
         lines += _wrapped("  first" if position == 0 else "  then", f"{made_by} ({details})")
     stage = ((metadata.get("training_config") or {}).get("train") or {}).get("stage", "full")
+    # Several processes (torchrun) set the effective batch: the run is not the one a plain command repeats.
+    world_size = metadata.get("world_size")
+    processes = f" in each of {world_size} processes" if isinstance(world_size, int) and world_size > 1 else ""
     lines += _wrapped("  then" if earlier else "  trained", f"{metadata.get('command') or 'not recorded'} "
                       f"(config {metadata.get('config_file')}, train.stage {stage}, {metadata.get('steps')} steps, "
-                      f"{metadata.get('wall_time_s')} s on {metadata.get('device')})")
+                      f"{metadata.get('wall_time_s')} s on {metadata.get('device')}{processes})")
     for command in metadata.get("resumed_with") or []:
         lines += _wrapped("  resumed", command or "not recorded")
     return lines

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from napari_unifuse.cli.arguments import user_path
 from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.engine.distributed import is_first_process
 from napari_unifuse.training.config import list_packaged_configs
 
 
@@ -49,9 +50,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _launcher() -> list[str]:
+    """What starts `train` in this process: `unifuse`, or under torchrun its launch (torchrun's
+    WORLD_SIZE and LOCAL_WORLD_SIZE), which sets the effective batch and the order of the samples."""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE") or 1)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    except ValueError:
+        return ["unifuse"]  # not torchrun's settings: refused when the run joins its processes
+    if world_size <= 1 or per_node < 1:
+        return ["unifuse"]
+    nodes = world_size // per_node
+    return ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []), "--nproc_per_node", str(per_node),
+            "-m", "napari_unifuse.cli"]
+
+
 def _command(args: argparse.Namespace) -> str:
-    """The equivalent `unifuse train` command line, for the checkpoint's metadata."""
-    parts = ["unifuse", "train", "--config", args.config]
+    """The equivalent command line (`unifuse train ...`, or its torchrun launch), for the checkpoint's metadata."""
+    parts = [*_launcher(), "train", "--config", args.config]
     for flag, value in (("--out", args.out), ("--max-steps", args.max_steps), ("--stop-at", args.stop_at),
                         ("--device", args.device),
                         ("--data-root", args.data_root), ("--init-from", args.init_from), ("--lr", args.lr),
@@ -62,8 +78,9 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _say_where_resume_continues(out: Path) -> None:
-    """After Ctrl-C: the step --resume would continue from (the main prints "interrupted")."""
+def _where_resume_continues(out: Path) -> str:
+    """After a stop: the step --resume would continue from. For the main process only: it writes the
+    checkpoints, and settles a save it was stopped in (another process would remove a save it is writing)."""
     from napari_unifuse.training.trainer import CHECKPOINTS_FOLDER, settle_interrupted_saves
 
     checkpoints = out / CHECKPOINTS_FOLDER
@@ -71,9 +88,8 @@ def _say_where_resume_continues(out: Path) -> None:
     try:
         step = json.loads((checkpoints / "last.json").read_text(encoding="utf-8"))["steps"]
     except (OSError, ValueError, KeyError):
-        print(f"unifuse train: no checkpoint in {out} yet; --resume starts it again from step 0", file=sys.stderr)
-        return
-    print(f"unifuse train: the last checkpoint holds step {step}; --resume continues from it", file=sys.stderr)
+        return f"no checkpoint in {out} yet; --resume starts it again from step 0"
+    return f"the last checkpoint holds step {step}; --resume continues from it"
 
 
 def _check_run_folder(out: Path) -> None:
@@ -87,9 +103,9 @@ def _check_run_folder(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_unifuse.errors import InputError
+    from napari_unifuse.errors import InputError, UniFuseError
     from napari_unifuse.training.config import load_config
-    from napari_unifuse.training.trainer import resumed_config, run_config, train
+    from napari_unifuse.training.trainer import AnotherProcessStopped, resumed_config, run_config, train
 
     train_overrides = {key: value for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size))
                        if value is not None}
@@ -123,7 +139,12 @@ def run(args: argparse.Namespace) -> int:
         result = train(config, out, device=args.device, resume=args.resume, command=_command(args),
                        progress=not args.no_progress, stop_at_step=args.stop_at, overwrite=args.overwrite)
     except KeyboardInterrupt:
-        _say_where_resume_continues(out)
+        if is_first_process():  # the main prints "interrupted"
+            print(f"unifuse train: {_where_resume_continues(out)}", file=sys.stderr)
+        raise
+    except AnotherProcessStopped as error:
+        if is_first_process():
+            raise UniFuseError(f"{error}; {_where_resume_continues(out)}") from None
         raise
     if result.rank != 0:
         return 0  # under torchrun only the first process reports

@@ -31,7 +31,6 @@ Three sources: ``HarvardPairs`` (2D PNG pairs), ``PhantomPairs`` (data.phantoms,
 from __future__ import annotations
 
 import math
-import os
 import string
 import warnings
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from napari_unifuse.engine.distributed import is_first_process
 from napari_unifuse.errors import InputError
 from napari_unifuse.training import harvard
 
@@ -510,7 +510,7 @@ def _named(names: list[str]) -> str:
 def _warn_once_per_job(message: str) -> None:
     """A warning of the start-up checks, from the first process alone: every process of a torchrun
     job (numbered by its RANK) builds the datasets and finds the same."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_process():
         warnings.warn(message, stacklevel=3)
 
 

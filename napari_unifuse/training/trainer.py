@@ -36,7 +36,8 @@ unless told to ``overwrite`` it.
 Run folder (``--out``)::
 
     config.yaml                 the resolved config
-    log.jsonl                   one JSON line per logged step ("train", with the lr it used) and per validation ("val")
+    log.jsonl                   one JSON line per logged step ("train", with the lr it used) and per validation ("val");
+                                under torchrun a step's losses are rank 0's, over its own share of the batch
     split.json                  the cases of the training and validation splits (data with cases): a
                                 resume refuses data whose cases changed, which would reshuffle them
     checkpoints/last.safetensors + last.json       weights + metadata (model.checkpoint)
@@ -60,6 +61,10 @@ the next ``--resume`` (or save). A resume also refuses files from different step
 folder) and another number of processes than the run used (``world_size``: it sets the effective
 batch and the order of the samples). A run interrupted before its first checkpoint is resumed from
 step 0.
+
+Under torchrun a process that stops (an error, a signal) ends the job: the others, waiting for it in
+a collective, raise ``AnotherProcessStopped`` (one line) rather than the backend's own error, and
+waits at a barrier are taken in short polls so that SIGTERM and Ctrl-C are met at once.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ import pickle
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +90,10 @@ import torch.distributed as dist
 import yaml
 from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from napari_unifuse import __version__
-from napari_unifuse.engine.distributed import setup_distributed
+from napari_unifuse.engine.distributed import is_first_process, setup_distributed
 from napari_unifuse.engine.outputs import write_text_atomically
 from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
@@ -135,6 +141,15 @@ CHECKPOINTS_FOLDER = "checkpoints"
 # The cases of each split, recorded when the run starts: the split is drawn over the cases found,
 # so a case added to or removed from the data folder would reshuffle it under a resumed run.
 SPLIT_FILE = "split.json"
+# What gloo says in a process whose peer in a collective has gone (its connection closed or reset):
+# the job's other process stopped, and its own message says why.
+_LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# How often a process waiting at a barrier looks whether the others have come (and meets a signal).
+BARRIER_POLL_SECONDS = 0.05
+
+
+class AnotherProcessStopped(UniFuseError):
+    """Under torchrun: another process of the job stopped while this one waited for it."""
 
 
 @dataclass
@@ -169,6 +184,71 @@ class _ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
+
+
+@dataclass(frozen=True)
+class _SampleProblem:
+    """A sample a DataLoader worker process could not draw, passed back as data: torch re-raises a
+    worker's exception with the worker's whole traceback as its message."""
+
+    message: str
+
+
+class _ProblemsPassedBack(Dataset):
+    """``dataset``, with its UniFuseErrors (a case that cannot be read, a degradation it cannot take)
+    returned as ``_SampleProblem``s."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except UniFuseError as error:
+            return _SampleProblem(str(error))
+
+
+def _batch_or_problem(samples: list[Any]) -> Any:
+    problem = next((sample for sample in samples if isinstance(sample, _SampleProblem)), None)
+    return problem if problem is not None else default_collate(samples)
+
+
+class SampleLoader(DataLoader):
+    """A DataLoader whose worker processes' problems with a sample are raised in this process as the
+    one-line InputError they would be without workers (``num_workers`` 0: the error as it is)."""
+
+    def __init__(self, dataset: Dataset, **options: Any) -> None:
+        if options.get("num_workers"):
+            dataset, options["collate_fn"] = _ProblemsPassedBack(dataset), _batch_or_problem
+        super().__init__(dataset, **options)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, _SampleProblem):
+                raise InputError(batch.message)
+            yield batch
+
+
+def _is_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective's failure because another process of the job has gone."""
+    return (isinstance(error, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1
+            and any(message in str(error) for message in _LOST_PEER_MESSAGES))
+
+
+@contextlib.contextmanager
+def _another_process_stopping_said() -> Iterator[None]:
+    """A collective's failure because another process stopped, as ``AnotherProcessStopped``: that
+    process says why, and the backend's traceback here would bury it."""
+    try:
+        yield
+    except RuntimeError as error:
+        if _is_lost_peer(error):
+            raise AnotherProcessStopped("another process of this job stopped (see its message, if it gave one, "
+                                        "above)") from None
+        raise
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -207,7 +287,7 @@ class Trainer:
         # --resume requeued while this one trains) would clean up this run's save in progress and
         # rewrite its log. setup_distributed comes later, so the rank is read from torchrun's environment.
         self._run_folder_lock = contextlib.ExitStack()
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_first_process():
             self._run_folder_lock.enter_context(_run_folder_lock(self.run_dir))
         try:
             self._open(config, device=device, resume=resume, command=command, progress=progress)
@@ -455,7 +535,7 @@ class Trainer:
             (self.run_dir / name).unlink(missing_ok=True)
 
     def _loader(self, sampler: _ResumableSampler) -> DataLoader:
-        return DataLoader(
+        return SampleLoader(
             self.train_set,
             batch_size=self.config.train.batch_size,
             sampler=sampler,
@@ -516,7 +596,7 @@ class Trainer:
         # refused --resume leaves the config.yaml that later resumes continue.
         batches_per_epoch = self._batches_per_epoch(sampler)
         self._write_run_files()
-        val_loader = DataLoader(self.val_set, batch_size=train.batch_size, num_workers=train.num_workers)
+        val_loader = SampleLoader(self.val_set, batch_size=train.batch_size, num_workers=train.num_workers)
 
         start_time = time.perf_counter()
         first_step = self.step
@@ -593,7 +673,7 @@ class Trainer:
                              weight_decay=train.weight_decay, seed=self.config.seed, log=log)
         self.step = train.max_steps
         seconds = time.perf_counter() - start_time
-        val_loader = DataLoader(self.val_set, batch_size=train.batch_size, num_workers=train.num_workers)
+        val_loader = SampleLoader(self.val_set, batch_size=train.batch_size, num_workers=train.num_workers)
         self.validation = self.objective.validate(self.network, val_loader, self.dist.device, train.val_batches)
         self._log({"kind": "val", "step": self.step, **self.validation})
         path = self._save("last", seconds)
@@ -616,7 +696,13 @@ class Trainer:
             group["lr"] = learning_rate
         terms = self.objective.losses(self.training_model(batch), batch, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
+        with warnings.catch_warnings():
+            # DDP compares each gradient's strides with its parameter's. A few convolutions of the
+            # feature alignment (model.fa, model.attention) get channels-last gradients whose strides
+            # differ from their weights' only in dimensions of size 1: the same memory layout, so
+            # torch's notice (shown as if it were ours) points at nothing to fix.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            terms["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.config.train.grad_clip)
         self.optimizer.step()
         values = {name: float(value.detach()) for name, value in terms.items()}
@@ -645,8 +731,13 @@ class Trainer:
         self._barrier()
 
     def _barrier(self) -> None:
+        """Wait for the other processes (rank 0 validating, saving) in short polls: a wait inside the
+        backend would hold off SIGTERM and Ctrl-C until they come."""
         if self.dist.world_size > 1:
-            dist.barrier()
+            waiting = dist.barrier(async_op=True)
+            while not waiting.is_completed():
+                time.sleep(BARRIER_POLL_SECONDS)
+            waiting.wait()  # raises the backend's error, if the barrier failed
 
 
 @contextlib.contextmanager
@@ -846,7 +937,7 @@ def _say_which_settings_are_kept(saved: TrainConfig, requested: TrainConfig, tra
             f"pass --{name.replace('_', '-')} {getattr(requested.train, name)} to change it"
             for name in RESUMABLE_TRAIN_SETTINGS
             if name not in train_overrides and getattr(requested.train, name) != getattr(saved.train, name)]
-    if kept and int(os.environ.get("RANK", "0")) == 0:
+    if kept and is_first_process():
         print(f"unifuse train: --resume keeps the run's {'; '.join(kept)}", flush=True)
 
 
@@ -882,10 +973,18 @@ def train(
     ``train.max_steps``; ``resume=True`` later continues as if never stopped. ``overwrite``: a
     fresh run into a folder that holds one first removes its checkpoints, log and split.
     """
-    trainer = Trainer(config, run_dir, device=device, resume=resume, command=command, progress=progress,
-                      stop_at_step=stop_at_step, overwrite=overwrite)
+    stopped = False
     try:
-        return trainer.fit()
+        # Inside the group's life: a lost peer is told by its backend's error while the group is up.
+        with _another_process_stopping_said():
+            trainer = Trainer(config, run_dir, device=device, resume=resume, command=command, progress=progress,
+                              stop_at_step=stop_at_step, overwrite=overwrite)
+            return trainer.fit()
+    except KeyboardInterrupt:
+        stopped = True
+        raise
     finally:
-        if trainer.dist.world_size > 1 and dist.is_initialized():
+        # Not on a stop: a barrier it left still waits in the group, and destroying the group would
+        # wait with it for the other processes; the process ends right after.
+        if dist.is_initialized() and dist.get_world_size() > 1 and not stopped:
             dist.destroy_process_group()

@@ -107,6 +107,9 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path):
     _, metadata = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
     assert metadata["world_size"] == 2
     assert metadata["steps"] == 2
+    # The launch that trained it (a plain `unifuse train` trains another model), and no DDP notice shown as ours.
+    assert metadata["command"].startswith("torchrun --nproc_per_node 2 -m napari_unifuse.cli train --config ")
+    assert "Grad strides" not in completed.stderr
     # Only rank 0 logs: one line per step, not two.
     assert [r["step"] for r in _log(run_dir) if r["kind"] == "train"] == [1, 2]
 
