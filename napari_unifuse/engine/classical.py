@@ -450,3 +450,10 @@ def fuse_classical(rule: str, reference: np.ndarray, aligned: np.ndarray) -> np.
         raise InputError(f"unknown fusion rule {rule!r}; choose from {', '.join(FUSION_RULES)}", "fusion")
     a, b = _check_pair(reference, aligned)
     return np.clip(_FUSE[rule](a, b), 0.0, 1.0).astype(np.float32)
+
+
+def grid_geometry(spacing: tuple[float, ...] | None, ndim: int) -> Geometry:
+    """The voxel grid the engine works on (the reference's spacing, no origin or rotation), for
+    a registration whose field is wanted in voxels of that grid."""
+    spacing_array = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    return Geometry(spacing_array, np.zeros(ndim), np.eye(ndim))

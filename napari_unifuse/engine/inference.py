@@ -86,7 +86,7 @@ from napari_unifuse.engine.alignment_guard import (
     weighs_network_field,
 )
 from napari_unifuse.engine.class_evidence import class_evidence, evidence_table
-from napari_unifuse.engine.classical import refine_dense, register_sitk
+from napari_unifuse.engine.classical import grid_geometry, refine_dense, register_sitk
 from napari_unifuse.engine.coarse_readout import coarse_readout
 from napari_unifuse.engine.device import is_out_of_memory, out_of_memory_explained, resolve_device
 from napari_unifuse.engine.fusion_balance import fusion_balance
@@ -413,10 +413,13 @@ class FusionEngine:
 
         A 3-D volume stored with permuted axes (a coronal or sagittal NIfTI) or with its slices from
         head to foot is fused in world axis order (``ImageVolume.in_world_axis_order``), as the
-        workbench shows it: the network is not invariant to the order of its axes, so a pair fuses
-        alike however its files order them, and per-slice outputs run along world z, foot to head.
-        The outputs lie on the reference's voxels in that order (the same world positions); the
-        provenance records the stored order (``reoriented_from_axes``, ``slices_reversed``)."""
+        workbench shows it: the network is not invariant to the order of its axes, so the axis order
+        and the slice direction a file stores do not change the result, and per-slice outputs run
+        along world z, foot to head. An in-plane flip (LPS against RAS storage) is not undone: it
+        stays in the geometry, the network sees the image mirrored, and a network method's outputs
+        differ slightly from those of the unflipped files. The outputs lie on the reference's voxels
+        in that order (the same world positions); the provenance records the stored order
+        (``reoriented_from_axes``, ``slices_reversed``)."""
         result = self._run_fusion(reference, moving, reference_modality=reference_modality,
                                   moving_modality=moving_modality, progress=progress, cancel=cancel,
                                   quality=quality, uncertainty_passes=uncertainty_passes)
@@ -600,6 +603,11 @@ class FusionEngine:
         if self.config.spatial_dims != dims:
             what = (f"a single slice stored as a 3D volume (shape {reference.array.shape}), fused as 2D"
                     if reference.single_slice_axis is not None else f"{dims}D")
+            if not isinstance(self.method, NetworkMethod):  # no weights: only how it was loaded is wrong
+                raise InputError(
+                    f"this method was built for {self.config.spatial_dims}D images but the images are {what}; "
+                    f"load it for them: load_method({self.method.name!r}, spatial_dims={dims})",
+                    self.method.name)
             raise InputError(
                 f"this checkpoint is a {self.config.spatial_dims}D model but the images are {what}; "
                 f"use a {dims}D checkpoint", self.checkpoint_name)
@@ -1263,18 +1271,11 @@ def _classical_estimate(reference: np.ndarray, moving: np.ndarray, spacing: tupl
                         f"{'is' if len(flat) == 1 else 'are'} flat; the alignment guard weighs the other estimates without it")
         return None
     try:
-        field = register_sitk(reference, moving, _grid_geometry(spacing, reference.ndim), stop=stop)
+        field = register_sitk(reference, moving, grid_geometry(spacing, reference.ndim), stop=stop)
     except RegistrationError as error:
         warnings.append(f"SimpleITK registration failed ({error.cause}); the alignment guard weighs the other estimates without it")
         return None
     return field.astype(np.float32)
-
-
-def _grid_geometry(spacing: tuple[float, ...] | None, ndim: int) -> Geometry:
-    """The voxel grid the engine works on (the reference's spacing, no origin or rotation), for
-    a registration whose field is wanted in voxels of that grid."""
-    spacing_array = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
-    return Geometry(spacing_array, np.zeros(ndim), np.eye(ndim))
 
 
 def _quality_provenance(quality: QualityMaps, uncertainty_passes: int) -> dict[str, Any]:

@@ -52,7 +52,7 @@ class Method(NetworkMethod):
                           spacing: tuple[float, ...] | None = None,
                           check_cancelled: Callable[[], None] = never_cancelled) -> torch.Tensor:
         # engine.classical's registrations run to their end: a Cancel takes effect after this one.
-        return registration_field(ALIGNMENTS[self.alignment], moving, reference)
+        return registration_field(ALIGNMENTS[self.alignment], moving, reference, spacing)
 
     def predict_tile(self, moving: torch.Tensor, reference: torch.Tensor, field: torch.Tensor, *,
                      fixed_field: bool,
