@@ -17,8 +17,8 @@ from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.labels import (
     checked_label,
-    label_in_model_units,
     label_metrics,
+    label_on_grid,
     label_units_warnings,
     run_moving_mapping,
 )
@@ -35,7 +35,7 @@ from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.provenance import describe_label
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import CheckpointError, UniFuseError
-from napari_unifuse.io import ImageVolume, resample_to_reference
+from napari_unifuse.io import ImageVolume
 from napari_unifuse.metrics import (
     METRIC_NAMES,
     JacobianRegularity,
@@ -164,9 +164,11 @@ def run_and_analyse(
     aligned_grey = display_grey(result.aligned)
     cancel.raise_if_cancelled()
     if label is not None:
-        label_on_grid = resample_to_reference(label, reference)
-        error_map, error_kind = absolute_error(grey_values(result.aligned), grey_values(label_on_grid)), "|aligned − label|"
-        label_units = label_in_model_units(result, label_on_grid)
+        # In the moving image's units, its background where the label does not reach, as fuse scores it.
+        label_on_reference = label_on_grid(label, reference, run_moving_mapping(result), result.aligned.is_rgb)
+        error_map = absolute_error(grey_values(result.aligned), grey_values(label_on_reference))
+        error_kind = "|aligned − label|"
+        label_units = result.in_model_units("moving", label_on_reference)
         # What the error map and the label metrics were measured against, as the CLI's --label records it.
         result.provenance.setdefault("inputs", {})["label"] = label_input
     else:

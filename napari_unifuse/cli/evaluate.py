@@ -11,7 +11,7 @@ count twice in every mean and test; a label is checked against its reference as 
 refuses its row, and under half the reference grid is a warning, printed and listed in
 ``evaluation.md``, as are the other warnings ``unifuse fuse --label`` gives of a label (its reader's
 notes, a picture of another size, a constant label, values the moving image's window clips, a
-segmentation's few ids) and those it gives of the reference and moving image
+label in much smaller units, a segmentation's ids) and those it gives of the reference and moving image
 (pictures of different sizes, an ignored alpha channel, ...; a moving image outside the reference
 refuses its row, as do a moving image of another dimensionality than its reference (but a one-slice
 volume (x, y, 1) beside a 2-D image is scored as the 2-D pair ``unifuse fuse`` fuses, a one-slice label
@@ -132,7 +132,7 @@ from napari_unifuse.engine.inference import (
     within_field_of_view,
 )
 from napari_unifuse.engine.input_checks import model_dimensions
-from napari_unifuse.engine.labels import checked_label, label_units_warnings
+from napari_unifuse.engine.labels import checked_label, label_on_grid, label_units_warnings
 from napari_unifuse.engine.methods import load_method, split_name
 from napari_unifuse.engine.outputs import check_writable_folder, same_file, write_files_together
 from napari_unifuse.engine.result import FusionResult
@@ -186,6 +186,8 @@ CSV_REGIME = "given"  # CSV pairs come misaligned as they are
 RESULT_FILES = ("per_pair.csv", "evaluation.csv", "paired.csv", "evaluation.md")
 PAIRS_REQUIRED_COLUMNS = ("reference", "moving", "label")
 PAIRS_OPTIONAL_COLUMNS = ("displacement", "task", "degradation")
+# The [0, 1] luma an RGB moving image is scored in (unit_intensities): a grey label beside it goes through it.
+UNIT_LUMA = IntensityMapping("luma", "rgb", 0.0, 1.0, reason="BT.601 luma of an RGB image, as evaluate scores it")
 # Each Harvard option's value when it is not given. Their argparse default is None, so that one given
 # with --pairs, which would be ignored, is told from one left out (and refused).
 HARVARD_DEFAULTS: dict[str, Any] = {"split": "val", "tasks": ",".join(HARVARD_TASK_FOLDERS), "limit": None,
@@ -232,25 +234,24 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
                              "whose rows it would join; name the task otherwise", path)
         # 3-D images in world axis order, as run_fusion fuses them: every row, classical ones included,
         # scores the pair on the grid `unifuse fuse` writes, however its files store it.
-        stored_reference = read_image(path.parent / row["reference"])
+        stored_reference = read_csv_image(path, line, row, "reference")
         reference = stored_reference.in_world_axis_order()
-        moving = read_image(path.parent / row["moving"]).in_world_axis_order()
-        label_image = read_image(path.parent / row["label"]).in_world_axis_order()
+        moving = read_csv_image(path, line, row, "moving").in_world_axis_order()
+        label_image = read_csv_image(path, line, row, "label").in_world_axis_order()
         try:
             beside = one_slice_beside_2d(reference, moving)
             if beside is None:
                 refuse_mixed_dimensions(reference, moving)
             warnings = tuple(input_warnings(*(beside or (reference, moving))))
         except InputError as error:
-            raise InputError(f"line {line} of the CSV, moving {error.source}: {error.problem}", path) from error
+            raise on_csv_line(error, path, line, row, "moving") from error
         displacement = None
         if row.get("displacement"):
             try:  # on the reference grid, a one-slice reference's included
                 displacement = displacement_in_world_axis_order(path.parent / row["displacement"],
                                                                 stored_reference, reference)
             except InputError as error:
-                raise InputError(f"line {line} of the CSV, displacement {error.source}: {error.problem}",
-                                 path) from error
+                raise on_csv_line(error, path, line, row, "displacement") from error
         # Scored as the 2D pair `unifuse fuse` fuses it as; the field loses its component across the slice.
         slice_axis = reference.single_slice_axis
         if slice_axis is not None and displacement is not None:
@@ -260,13 +261,13 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         try:
             label_image, label_warnings = checked_label(label_image, reference)
         except InputError as error:
-            raise InputError(f"line {line} of the CSV, label {error.source}: {error.problem}", path) from error
-        # A grey label is scored in the moving image's [0, 1] units: the moving image's mapping.
+            raise on_csv_line(error, path, line, row, "label") from error
+        # A grey label is scored in the moving image's [0, 1] units: the moving image's mapping, its
+        # luma's for an RGB one; an RGB label by its own luma.
         _, mapping = unit_intensities(moving)
-        label_mapping = None if label_image.is_rgb else mapping
+        label_mapping = None if label_image.is_rgb else (mapping or UNIT_LUMA)
         warnings += (*label_warnings, *label_units_warnings(label_image, moving, label_mapping))
-        if not label_image.on_grid_of(reference):
-            label_image = resample_to_reference(label_image, reference)
+        label_image = label_on_grid(label_image, reference, label_mapping, moving.is_rgb)
         if label_mapping is None:
             label, _ = unit_intensities(label_image)
         else:
@@ -282,9 +283,28 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
             print(f"warning: pair {name}: {warning}", file=sys.stderr)
         pairs.append(EvaluationPair(name, task,
                                     reference, moving, label, displacement,
-                                    _degradation(row.get("degradation"), path),
+                                    _degradation(row.get("degradation"), path, line),
                                     mapping.modality if mapping is not None else None, warnings))
     return pairs
+
+
+def read_csv_image(path: Path, line: int, row: CsvRow, column: str) -> ImageVolume:
+    """The image a CSV cell names (relative to the CSV at ``path``), its problems named by the line."""
+    try:
+        return read_image(path.parent / row[column])
+    except InputError as error:
+        raise on_csv_line(error, path, line, row, column) from error
+
+
+def on_csv_line(error: InputError, path: Path, line: int, row: CsvRow, column: str) -> InputError:
+    """``error``, met on the file of ``row``'s ``column``, as the CSV at ``path`` reports it: by its line
+    and column; where the file is missing and its cell holds a backslash (a path written on Windows),
+    with the path written with '/'."""
+    cell, problem = row[column], error.problem
+    if "\\" in cell and not (path.parent / cell).exists():
+        forward = cell.replace("\\", "/")
+        problem = f"{problem.rstrip('.')}; '\\' is not a folder separator here: write the path with '/' ({forward})"
+    return InputError(f"line {line} of the CSV, {column} {error.source}: {problem}", path)
 
 
 def displacement_in_world_axis_order(path: Path, stored_reference: ImageVolume, reference: ImageVolume) -> np.ndarray:
@@ -447,11 +467,14 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
 
 
 # ---- scoring -------------------------------------------------------------------------------------
-def _degradation(name: str | None, path: Path) -> str | None:
+def _degradation(name: str | None, path: Path, line: int) -> str | None:
+    """The true degradation class line ``line`` of the CSV at ``path`` names, if any."""
     if not name:
         return None
     if name not in DEGRADATION_CLASSES:
-        raise InputError(f"unknown degradation {name!r}; choose from {', '.join(DEGRADATION_CLASSES)}", path)
+        lower_case = f" ({name.lower()!r}: the names are lower case)" if name.lower() in DEGRADATION_CLASSES else ""
+        raise InputError(f"line {line} of the CSV: unknown degradation {name!r}; choose from "
+                         f"{', '.join(DEGRADATION_CLASSES)}{lower_case}", path)
     return name
 
 

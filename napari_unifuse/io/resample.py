@@ -15,11 +15,12 @@ INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
 
 
 def resample_to_reference(
-    moving: ImageVolume, reference: ImageVolume, interpolation: str = "linear"
+    moving: ImageVolume, reference: ImageVolume, interpolation: str = "linear", fill_value: float = 0.0
 ) -> ImageVolume:
     """Sample ``moving`` at the world position of every reference voxel (identity transform).
 
-    The result has the reference's shape and geometry; points outside ``moving`` become 0.
+    The result has the reference's shape and geometry; points outside ``moving`` become
+    ``fill_value``, in ``moving``'s stored units (0 by default; a CT label's air is -1000 HU).
     Linear interpolation returns float32 (an 8-bit RGB image in [0, 1], as the package holds
     colour in floats: 0-255 floats would read as out-of-range colour); nearest keeps the pixel type
     (use it for label maps).
@@ -40,7 +41,7 @@ def resample_to_reference(
     resampler.SetOutputOrigin(geometry.itk_origin)
     resampler.SetOutputDirection(geometry.itk_direction)
     resampler.SetInterpolator(INTERPOLATORS[interpolation])
-    resampler.SetDefaultPixelValue(0.0)
+    resampler.SetDefaultPixelValue(float(fill_value))
     if interpolation == "linear":
         resampler.SetOutputPixelType(sitk.sitkVectorFloat32 if moving.is_rgb else sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(resampler.Execute(image))
@@ -52,7 +53,7 @@ def resample_to_reference(
 
 def grid_coverage(moving: ImageVolume, reference: ImageVolume) -> float:
     """The fraction of the reference grid that ``moving`` reaches in world space: what of
-    ``resample_to_reference(moving, reference)`` is not the 0 of points outside the moving image.
+    ``resample_to_reference(moving, reference)`` is not the fill of points outside the moving image.
 
     A voxel centre counts as inside where its continuous index in the moving image lies within
     ``[-0.5, n - 0.5]`` on every axis, ITK's own test. Counted exactly, line by line: along a line

@@ -29,8 +29,9 @@ def test_a_label_covering_the_reference_needs_no_word():
 def test_a_label_covering_under_half_the_reference_is_a_warning_naming_it():
     # 21 of the reference's 28 columns lie beyond the label's: a quarter of the grid is covered.
     warnings = label_coverage_warnings(picture(origin=(0.0, 21.0)), picture(source="reference.png"))
-    assert warnings == ["label.nii.gz: the label covers only 25 % of the reference grid in space; the label "
-                        "metrics compare the aligned image with the label's 0 elsewhere"]
+    assert warnings == ["label.nii.gz: the label covers only 25 % of the reference grid in space; elsewhere the "
+                        "label metrics compare the aligned image with the moving image's background (the bottom of "
+                        "its intensity window, 0 in the model's units)"]
 
 
 @pytest.mark.parametrize(("label", "problem"), [
