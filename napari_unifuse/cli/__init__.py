@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from napari_unifuse.engine.job import is_first_process
 from napari_unifuse.errors import UniFuseError
 
 SUBCOMMAND_MODULES = ("synth", "fuse", "report", "evaluate", "train", "info", "bench", "view")
@@ -108,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         # A second signal (a terminal or `timeout` signals the whole process group) must not cut
         # the goodbye short with a traceback.
         with _signals_handled(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM):
-            # Imported here: the package's start-up stays free of torch (every command that runs long has it loaded).
-            from napari_unifuse.engine.distributed import is_first_process
-
             if is_first_process():  # torchrun stops every process of the job: one says so
                 print(f"{command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
             if argv is None:

@@ -139,7 +139,6 @@ from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, RegistrationError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
-from napari_unifuse.io.image import Geometry
 from napari_unifuse.metrics import (
     METRIC_NAMES,
     bone_retention,
@@ -444,7 +443,10 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
             continue
         taken[source.task] = taken.get(source.task, 0) + 1
         sample = dataset[index]
-        geometry = Geometry.identity(2)
+        # The atlas' PNGs carry no spacing: 1 mm pixels at their native 256², as training takes them
+        # (a --size of 128 makes them 2 mm), so that the metrics in mm and the registrations agree with it.
+        # The clean pair is read, not drawn: the generator goes unused.
+        geometry = classical.grid_geometry(dataset.clean_pair(index, np.random.default_rng(0)).spacing, 2)
         moving_luma = sample["moving"][0].numpy()
         is_colour = bool(sample["is_color"])
         if is_colour:

@@ -626,8 +626,10 @@ class _EngineCache:
         return self.engines[ndim]
 
 
-# Without a terminal (a batch's log file, a cluster job), a line of where a long pair stands at most
-# this often: a clinical volume takes many minutes, which a log must not pass in silence.
+# Without a terminal (a batch's log file, a cluster job), a line of where a long pair stands at the
+# first step the engine reports after this long without one: a clinical volume takes many minutes,
+# and a log of its stages and tiles shows it alive (a one-step stage, such as the dense refinement,
+# is seen only when it ends).
 LOG_PROGRESS_EVERY_S = 60.0
 
 

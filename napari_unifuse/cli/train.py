@@ -15,7 +15,7 @@ from pathlib import Path
 
 from napari_unifuse.cli.arguments import user_path
 from napari_unifuse.engine.device import DEVICE_CHOICES
-from napari_unifuse.engine.distributed import is_first_process
+from napari_unifuse.engine.job import is_first_process
 from napari_unifuse.training.config import list_packaged_configs
 
 

@@ -69,13 +69,6 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def is_first_process() -> bool:
-    """Whether this process speaks for its job: rank 0 under torchrun (from its environment, before
-    the processes are joined, which validates it), or a plain run. Every process of a job finds the
-    same problems and notes; one says them."""
-    return os.environ.get("RANK", "").strip() in ("", "0")
-
-
 # What torchrun sets beside WORLD_SIZE, and env:// initialisation reads.
 _TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 

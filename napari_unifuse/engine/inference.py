@@ -105,6 +105,7 @@ from napari_unifuse.engine.progress import CancelToken, ProgressCallback, ignore
 from napari_unifuse.engine.provenance import (
     StageTimer,
     describe_input,
+    image_record,
     sha256_of_path,
     software_versions,
     stored_order,
@@ -535,10 +536,8 @@ class FusionEngine:
         result.provenance = {
             "created": utc_timestamp(),
             "inputs": {
-                "reference": {**given["reference"], "shape": list(reference.array.shape),
-                              "geometry": reference.geometry.to_dict(), "rgb": reference.is_rgb},
-                "moving": {**given["moving"], "shape": list(moving.array.shape),
-                           "geometry": moving.geometry.to_dict(), "rgb": moving.is_rgb},
+                "reference": {**given["reference"], **image_record(reference)},
+                "moving": {**given["moving"], **image_record(moving)},
             },
             "method": self.method.describe(),
             "checkpoint": self.checkpoint_info,

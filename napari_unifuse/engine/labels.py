@@ -118,7 +118,7 @@ def label_units_warnings(label: ImageVolume, moving: ImageVolume, mapping: Inten
     moving image), which the window maps to a faint image. ``mapping`` None (a label given its own)
     checks the first alone."""
     values = grey_values(label)  # a segmentation's ids as stored, whole numbers beside a colour image too
-    ids = _segmentation_ids(values, moving) if not label.is_rgb else None
+    ids = _segmentation_ids(label, values, moving) if not label.is_rgb else None
     if ids is not None:
         shown = ", ".join(f"{value:g}" for value in ids[:8]) + (", ..." if ids.size > 8 else "")
         held = (f"only {ids.size} distinct whole numbers ({shown})" if ids.size <= SEGMENTATION_MAX_IDS
@@ -155,6 +155,9 @@ def _range_above_background(values: np.ndarray) -> tuple[float, float]:
     """An image's background (its lowest value) and the 99th percentile of its values above it,
     from a sample: its range, robust to a few hot voxels."""
     sample = _strided_sample(values)
+    sample = sample[np.isfinite(sample)]  # a layer's NaN: the engine fills them, with a warning
+    if not sample.size:
+        return 0.0, 0.0
     bottom = float(sample.min())
     above = sample[sample > bottom]
     return bottom, float(np.percentile(above, 99)) if above.size else bottom
@@ -165,12 +168,14 @@ def run_moving_mapping(result: FusionResult) -> IntensityMapping:
     return IntensityMapping.from_dict(result.provenance["intensity_mappings"]["moving"])
 
 
-def _segmentation_ids(values: np.ndarray, moving: ImageVolume) -> np.ndarray | None:
-    """The label's distinct values where they read as a segmentation's ids, else None: whole numbers,
-    at most ``SEGMENTATION_MAX_IDS`` of them beside a moving image of more grey values, or more of them
-    in flat patches (``SEGMENTATION_FLAT_SHARE``) beside a moving image that is not (FreeSurfer's aseg
-    holds ~45 ids, aparc+aseg ~110). A sample decides first: an ordinary label shows fractions, or
-    more values than a few and grey ramps between them, in a few of its voxels."""
+def _segmentation_ids(label: ImageVolume, values: np.ndarray, moving: ImageVolume) -> np.ndarray | None:
+    """The values of ``label`` (``values``, its grey values) where they read as a segmentation's ids,
+    else None: whole numbers, at most ``SEGMENTATION_MAX_IDS`` of them beside a moving image of more
+    grey values, or more of them in flat patches (``SEGMENTATION_FLAT_SHARE``) beside a moving image
+    that is not, on the label's grid (FreeSurfer's aseg holds ~45 ids, aparc+aseg ~110; a 4 mm PET
+    label taken onto a 1 mm grid by nearest neighbour is as flat, and so is its moving image there).
+    A sample decides first: an ordinary label shows fractions, or more values than a few and grey
+    ramps between them, in a few of its voxels."""
     sample = _strided_sample(values)
     if not np.array_equal(sample, np.round(sample)):
         return None
@@ -183,8 +188,12 @@ def _segmentation_ids(values: np.ndarray, moving: ImageVolume) -> np.ndarray | N
         return None
     moving_values = grey_values(moving)
     if ids.size > SEGMENTATION_MAX_IDS:
-        in_flat_patches = _flat_share(values) >= SEGMENTATION_FLAT_SHARE
-        return ids if in_flat_patches and _flat_share(moving_values) < SEGMENTATION_FLAT_SHARE else None
+        if _flat_share(values) < SEGMENTATION_FLAT_SHARE:
+            return None
+        grey_moving = ImageVolume(moving_values, moving.geometry)
+        if not grey_moving.on_grid_of(label):
+            grey_moving = resample_to_reference(grey_moving, label, "nearest", fill_value=float(np.nanmin(moving_values)))
+        return ids if _flat_share(grey_moving.array) < SEGMENTATION_FLAT_SHARE else None
     many_grey_values = (np.unique(_strided_sample(moving_values)).size > SEGMENTATION_MAX_IDS
                         or np.unique(moving_values).size > SEGMENTATION_MAX_IDS)
     return ids if many_grey_values else None

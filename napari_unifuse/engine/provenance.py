@@ -104,10 +104,16 @@ def stored_order(image: ImageVolume) -> dict[str, Any]:
             "reoriented_from_axes": list(axes), "slices_reversed": bool(image.metadata.get(STORED_SLICES_REVERSED))}
 
 
+def image_record(image: ImageVolume) -> dict[str, Any]:
+    """An input's array shape, grid and whether it is colour, as a run records each input."""
+    return {"shape": list(image.array.shape), "geometry": image.geometry.to_dict(), "rgb": image.is_rgb}
+
+
 def describe_label(label: ImageVolume) -> dict[str, Any]:
-    """A label as ``describe_input`` and ``stored_order`` describe the reference and moving image,
-    so that every entry point records its file, series and stored order alike."""
-    return {**describe_input(label), **stored_order(label)}
+    """A label as the reference and moving image are described (``describe_input``, ``image_record``
+    and, where it was reoriented, ``stored_order``), so that every entry point records its file,
+    series, grid and stored order alike."""
+    return {**describe_input(label), **image_record(label), **stored_order(label)}
 
 
 def software_versions() -> dict[str, Any]:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from napari_unifuse.engine.distributed import is_first_process
+from napari_unifuse.engine.job import is_first_process
 from napari_unifuse.errors import InputError
 from napari_unifuse.training import harvard
 

@@ -93,7 +93,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from napari_unifuse import __version__
-from napari_unifuse.engine.distributed import is_first_process, setup_distributed
+from napari_unifuse.engine.distributed import setup_distributed
+from napari_unifuse.engine.job import is_first_process
 from napari_unifuse.engine.outputs import write_text_atomically
 from napari_unifuse.engine.provenance import sha256_of_path
 from napari_unifuse.errors import CheckpointError, InputError, UniFuseError
@@ -350,6 +351,13 @@ class Trainer:
             AlignedRestorationModel(self.network) if config.train.stage == IMAGE_RESTORATION_STAGE
             else self.objective.training_model(self.network, config.loss))
         if self.dist.world_size > 1:
+            # DDP compares each gradient's strides with its parameter's. A few convolutions of the
+            # feature alignment (model.fa, model.attention) get channels-last gradients whose strides
+            # differ from their weights' only in dimensions of size 1: the same memory layout, so
+            # torch's notice (shown as if it were ours) points at nothing to fix. Filtered once, not
+            # around every backward pass: leaving catch_warnings resets the once-per-place memory of
+            # every other warning, which then repeats at each step.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.training_model = DistributedDataParallel(
                 self.training_model,
                 device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
@@ -696,13 +704,7 @@ class Trainer:
             group["lr"] = learning_rate
         terms = self.objective.losses(self.training_model(batch), batch, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            # DDP compares each gradient's strides with its parameter's. A few convolutions of the
-            # feature alignment (model.fa, model.attention) get channels-last gradients whose strides
-            # differ from their weights' only in dimensions of size 1: the same memory layout, so
-            # torch's notice (shown as if it were ours) points at nothing to fix.
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            terms["total"].backward()
+        terms["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.config.train.grad_clip)
         self.optimizer.step()
         values = {name: float(value.detach()) for name, value in terms.items()}

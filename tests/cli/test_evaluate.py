@@ -402,6 +402,12 @@ def test_a_subset_of_tasks_comes_from_the_checkpoints_split(tmp_path, capsys):
         validation(["MR"])
     assert np.array_equal(subset[0].moving.array, whole[0].moving.array)
     assert np.array_equal(subset[0].displacement, whole[0].displacement)
+    # The PNGs' pixels are 1 mm at their native size, as training takes them: resized to half, 2 mm.
+    assert np.array_equal(subset[0].reference.geometry.spacing, [1.0, 1.0])
+    (halved,) = pairs_from_harvard(root, "val", ["CT"], None, seed=0, size=SIDE // 2, none_fraction=0.0,
+                                   cases=cases, regime="mild")
+    assert halved.reference.spatial_shape == (SIDE // 2, SIDE // 2)
+    assert np.array_equal(halved.reference.geometry.spacing, [2.0, 2.0])
     assert capsys.readouterr().out == ""
     # Without the PET folder the split cannot be the checkpoint's, and the run says so.
     for folder in ("MRI", "PET"):

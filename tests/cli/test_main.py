@@ -87,6 +87,17 @@ def test_ctrl_c_while_the_parser_imports_the_commands_is_one_line(monkeypatch, c
     assert capsys.readouterr().err == "unifuse: interrupted\n"
 
 
+def test_the_interrupt_handler_needs_nothing_the_parser_may_be_half_way_through_importing():
+    """Its goodbye asked the rank from a module that imports torch: a Ctrl-C while the parser imported
+    torch met it half loaded (a segfault, or "partially initialized module 'torch'")."""
+    code = ("import sys, napari_unifuse.cli\n"
+            "from napari_unifuse.engine.job import is_first_process\n"
+            "assert is_first_process() and 'torch' not in sys.modules, sorted(sys.modules)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env={key: value for key, value in os.environ.items() if key != "RANK"})
+    assert completed.returncode == 0, completed.stderr
+
+
 def test_an_interrupted_console_script_exits_130_at_once_and_in_process_the_handler_comes_back(monkeypatch,
                                                                                                capsys):
     """The console script leaves at once: a normal shutdown with a C++ thread pool caught mid-way

@@ -124,6 +124,25 @@ def test_a_segmentation_beside_a_segmentation_is_not_taken_for_one():
     assert label_units_warnings(seg, seg, mapping) == []
 
 
+def test_a_coarse_label_taken_onto_a_finer_grid_by_nearest_neighbour_is_not_taken_for_a_segmentation():
+    """A 4 mm moving image's clean label on a 1 mm grid holds its values in 4x4 blocks, as flat as a
+    segmentation; so is the moving image there, and the label is in its units."""
+    yy, xx = np.indices((16, 16))
+    coarse = np.round(20 + 3 * yy + 7 * xx + 0.2 * yy * xx).astype(np.float32)  # many whole numbers, no plateau
+    moving = ImageVolume(coarse, Geometry(np.full(2, 4.0), np.full(2, 1.5), np.eye(2)))
+    label = ImageVolume(np.kron(coarse, np.ones((4, 4), np.float32)), GRID)  # nearest neighbour onto 1 mm
+    window = IntensityMapping("percentile", "mr", float(coarse.min()), float(coarse.max()))
+    assert label_units_warnings(label, moving, window) == []
+
+
+def test_a_moving_layer_with_nan_voxels_does_not_make_its_label_seem_in_smaller_units():
+    """A layer made in napari may hold NaN, which the engine fills; its range read NaN ("nan from nan")."""
+    picture = np.round(mr(255.0, shape=(48, 44))).clip(0, 255).astype(np.float32)
+    with_nan = picture.copy()
+    with_nan[:3, :3] = np.nan
+    assert label_units_warnings(ImageVolume(picture, GRID), ImageVolume(with_nan, GRID), EIGHT_BIT) == []
+
+
 def pet_rgb(shape=(40, 36)) -> np.ndarray:
     """A pseudo-coloured uint8 PET: hot red-yellow blob on black."""
     heat = np.clip(mr(1.0, shape), 0, 1)
