@@ -283,7 +283,12 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
                                      ("unexpected tensors", unexpected),
                                      ("mismatching shapes", wrong_shape)) if names]
     if problems:
-        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(problems)})")
+        # Its header's config builds this version's network, whose tensors differ: saved by an earlier
+        # version of the package whose network has changed since (or edited by hand).
+        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(problems)}); a checkpoint saved "
+                              "by an earlier version of napari-unifuse, whose network has changed since, is refused "
+                              "so: fuse with the version that trained it, or train it again with this one (its "
+                              "sidecar's command, `unifuse info --checkpoint` shows it)")
     _refuse_non_finite(tensors, path)
     model.load_state_dict(tensors)
 

@@ -100,8 +100,11 @@ def test_weights_that_do_not_fit_their_config_name_the_tensor_and_shapes(saved, 
     header = {"unifuse_config": json.dumps(model.config.to_dict())}
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=header)
     expected = r"fa\.output\.2\.weight \(2, 3, 1, 1\) \(model: \(2, 8, 1, 1\)\)"
-    with pytest.raises(CheckpointError, match=expected):
+    with pytest.raises(CheckpointError, match=expected) as refused:
         load_checkpoint(tmp_path / "bad.safetensors")
+    # An earlier version's checkpoint is refused so: the message says what happened and what to do.
+    assert "saved by an earlier version of napari-unifuse" in str(refused.value)
+    assert "train it again with this one" in str(refused.value)
 
 
 def test_corrupt_file_gives_a_checkpoint_error(tmp_path):
