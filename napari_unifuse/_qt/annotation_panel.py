@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui import widgets
 from napari.layers import Shapes
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_info, show_warning
 
 from napari_unifuse._napari_io import layer_to_volume
 from napari_unifuse._qt.notifications import reports_errors, show_warnings
 from napari_unifuse._qt.outputs import viewed_plane, viewed_slice
 from napari_unifuse.engine.annotations import (
+    ANNOTATIONS_FILE,
     AXIS_LETTERS,
     FAILURE_CATEGORIES,
     INPUTS_SUBJECT,
@@ -44,12 +45,13 @@ from napari_unifuse.engine.annotations import (
     ellipse_outline,
     export_cohort,
     find_runs,
+    flags_perhaps_counted_as_stored,
     slice_in_world_axis_order,
     slice_of_region,
 )
 from napari_unifuse.errors import InputError
 from napari_unifuse.io.digests import LAYER_DIGESTS
-from napari_unifuse.io.image import single_slice_axis_of
+from napari_unifuse.io.image import STORED_SLICES_REVERSED, single_slice_axis_of
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -199,6 +201,32 @@ class AnnotationPanel(widgets.Container):
                                 for number, a in enumerate(annotations, start=1)]
         show_warnings(warning for warning in self.store.warnings if warning not in self._warned)
         self._warned.update(self.store.warnings)
+        self._warn_of_flags_perhaps_counted_as_stored(annotations)
+
+    def _warn_of_flags_perhaps_counted_as_stored(self, annotations: list[Annotation]) -> None:
+        """Say, once per run folder, which of its flags an earlier version may have counted on the
+        annotated reference's slices as stored (``flags_perhaps_counted_as_stored``): on a volume
+        stored head to foot such a flag names the mirrored slice."""
+        layer = self._pair_layers[0]() if self._pair_layers[0] is not None else None
+        if layer is None or f"stored order: {self._folder}" in self._warned:
+            return
+        volume = layer_to_volume(layer)
+        early = flags_perhaps_counted_as_stored(annotations, volume)
+        if not early:
+            return
+        self._warned.add(f"stored order: {self._folder}")
+        slices = volume.spatial_shape[0]
+        head_to_foot = bool(volume.metadata.get(STORED_SLICES_REVERSED)) or volume.slices_stored_head_to_foot
+        stored = "with its slices from head to foot" if head_to_foot else "with its axes in another order"
+        examples = "; ".join(
+            f"{AXIS_LETTERS[a.slice_axis]} = {a.slice_index}"
+            + (f" may be z = {slices - 1 - a.slice_index} now" if head_to_foot and a.slice_axis == 0 else "")
+            for a in early[:5])
+        show_warning(f"{len(early)} flag{'s' if len(early) > 1 else ''} in {self._folder / ANNOTATIONS_FILE} "
+                     f"{'were' if len(early) > 1 else 'was'} made before 2026-12-07 on '{layer.name}', stored "
+                     f"{stored}: versions before then counted its slices as stored, today's as napari's slider "
+                     f"and the outputs do, so such a flag may name another slice ({examples}). Check them "
+                     "before relying on their slice numbers.")
 
     @property
     def annotations(self) -> list[Annotation]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from magicgui import widgets
 from napari.layers import Image
+from napari.utils.notifications import show_warning
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QSizePolicy
 
@@ -18,10 +19,16 @@ from napari_unifuse._qt.analysis import UNTRAINED, RunRequest
 from napari_unifuse._qt.collapsible import collapsible_section
 from napari_unifuse._qt.notifications import reports_errors
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.engine.annotations import ANNOTATIONS_FILE, AnnotationStore
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.input_checks import model_dimensions
-from napari_unifuse.engine.overlays import input_fingerprint, run_folder
-from napari_unifuse.errors import InputError
+from napari_unifuse.engine.overlays import (
+    input_fingerprint,
+    path_keyed_input_fingerprint,
+    path_keyed_run_folder,
+    run_folder,
+)
+from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, read_image
 from napari_unifuse.io.digests import LAYER_DIGESTS
 from napari_unifuse.model.checkpoint import list_checkpoints, read_config
@@ -177,6 +184,8 @@ class RunPanel(widgets.Container):
         # (reference, moving) layer names of the last run shown (the workbench sets it): once that
         # pair is done, the next image opened starts the next pair.
         self.last_run_pair: tuple[str, str] | None = None
+        # Earlier versions' run folders whose flags the reviewer was told of: once each, not at every keystroke.
+        self._told_of_earlier_flags: set[Path] = set()
         self._choose_default_layers()
 
     def disconnect_viewer(self) -> None:
@@ -343,8 +352,22 @@ class RunPanel(widgets.Container):
         request = RunRequest(reference, moving, checkpoint, self.device.value, self.tile_size.value, self.task.value,
                              label)
         folder = folder_of_run(request, self.output_root.value, self.reference.value, self.moving.value, checkpoint)
+        self._tell_of_earlier_version_flags(request, folder, checkpoint)
         layers = (weakref.ref(self.viewer.layers[self.reference.value]), weakref.ref(self.viewer.layers[self.moving.value]))
         return RunSelection(request, self.reference.value, self.moving.value, folder, layers)
+
+    def _tell_of_earlier_version_flags(self, request: RunRequest, folder: Path, checkpoint: str) -> None:
+        """Say, once, where an earlier version keeps flags on these inputs that ``folder`` lacks: they
+        are not listed with this run, and a reviewer who upgraded must not take them for lost."""
+        earlier = earlier_version_flags_folder(request, folder, self.reference.value, self.moving.value, checkpoint)
+        if earlier is None or earlier in self._told_of_earlier_flags:
+            return
+        self._told_of_earlier_flags.add(earlier)
+        show_warning(f"Flags on these images made by an earlier version of the workbench (before 2026-12-06, which "
+                     f"knew a run by its files' paths only) are in {earlier / ANNOTATIONS_FILE}; they are not listed "
+                     f"with this run, whose flags go to {folder}, because that version did not record what the "
+                     f"files held. If the files are unchanged since, add that file's lines to "
+                     f"{folder / ANNOTATIONS_FILE} (or copy it there) to list them here.")
 
     def _volume(self, name: str) -> ImageVolume:
         layer = self.viewer.layers[name]
@@ -370,6 +393,23 @@ def folder_of_run(request: RunRequest, root: str | Path, reference_name: str, mo
     return run_folder(root, reference_name, moving_name, checkpoint,
                       (input_fingerprint(request.reference, LAYER_DIGESTS), input_fingerprint(request.moving, LAYER_DIGESTS)),
                       {"tile size": request.tile_size, "degradation": request.task})
+
+
+def earlier_version_flags_folder(request: RunRequest, folder: Path, reference_name: str, moving_name: str,
+                                 checkpoint: str) -> Path | None:
+    """The run folder the workbench up to 2026-12-06 gave this pair and checkpoint
+    (``overlays.path_keyed_run_folder``), where it holds flags that ``folder`` (today's) does not;
+    None otherwise. Flags it cannot read count as not held, so that the reviewer is told of them."""
+    earlier = path_keyed_run_folder(folder.parent, checkpoint, (
+        path_keyed_input_fingerprint(request.reference, reference_name, LAYER_DIGESTS),
+        path_keyed_input_fingerprint(request.moving, moving_name, LAYER_DIGESTS)))
+    if earlier is None or earlier == folder or not (earlier / ANNOTATIONS_FILE).is_file():
+        return None
+    try:
+        held = {annotation.id for annotation in AnnotationStore(folder).load()}
+        return None if {annotation.id for annotation in AnnotationStore(earlier).load()} <= held else earlier
+    except UniFuseError:
+        return earlier
 
 
 def _image_layers_by_name(viewer: napari.viewer.Viewer) -> dict[str, Image]:

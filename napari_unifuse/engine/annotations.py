@@ -33,7 +33,7 @@ from napari_unifuse.engine.outputs import PROVENANCE_FILE, STAGING_PREFIX, read_
 from napari_unifuse.engine.provenance import sha256_of_array, sha256_of_path
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, read_image
-from napari_unifuse.io.image import single_slice_axis_of
+from napari_unifuse.io.image import STORED_AXIS_ORDER, single_slice_axis_of
 
 FAILURE_CATEGORIES: tuple[str, ...] = (
     "misalignment",
@@ -184,6 +184,36 @@ def slice_in_world_axis_order(volume: ImageVolume, axis: int, index: int) -> tup
     if new_axis == 0 and volume.slices_stored_head_to_foot:
         return new_axis, volume.spatial_shape[axis] - 1 - index
     return new_axis, index
+
+
+# Since when flags count a volume's slices on its grid in world axis order (napari's slider steps, as
+# the outputs do): versions before (22873cd, 576ac67, 74728c1 included) counted them as the file, or
+# a script's layer, stores them, so on a volume stored head to foot or with permuted axes their slice
+# may name another one (head to foot: slice k then is slice n-1-k now).
+SLICES_COUNTED_IN_WORLD_ORDER_SINCE = datetime(2026, 12, 7, 12, 21, 13, tzinfo=timezone.utc)
+
+
+def flags_perhaps_counted_as_stored(annotations: Iterable[Annotation], volume: ImageVolume) -> list[Annotation]:
+    """The flags on a slice of ``volume`` made before ``SLICES_COUNTED_IN_WORLD_ORDER_SINCE``, when
+    ``volume`` is not stored in world axis order (read from a file that stores it otherwise, or a
+    layer that holds it so): their slice numbers may be counted as stored. A flag records no version,
+    only when it was made, so this cannot be told for certain: they are for the reviewer to check.
+    A flag whose time cannot be read counts as early."""
+    if volume.ndim != 3 or volume.single_slice_axis is not None or (
+            volume.is_in_world_axis_order and STORED_AXIS_ORDER not in volume.metadata):
+        return []
+    return [annotation for annotation in annotations
+            if annotation.slice_index is not None and not _made_since(annotation, SLICES_COUNTED_IN_WORLD_ORDER_SINCE)]
+
+
+def _made_since(annotation: Annotation, moment: datetime) -> bool:
+    try:
+        created = datetime.fromisoformat(annotation.created)
+    except ValueError:
+        return False
+    if created.tzinfo is None:  # a hand-edited time without a zone: ours are written in UTC
+        created = created.replace(tzinfo=timezone.utc)
+    return created >= moment
 
 
 ELLIPSE_OUTLINE_VERTICES = 36

@@ -214,6 +214,27 @@ def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, f
     return _existing_run_folder(root, suffix) or root / f"{_slug(f'{reference}+{moving}')}{suffix}"
 
 
+def path_keyed_input_fingerprint(volume: ImageVolume, layer_name: str,
+                                 digest: Callable[[np.ndarray], str] = sha256_of_array) -> str:
+    """An input as the workbench knew it up to 2026-12-06 (versions 22873cd, 576ac67): by its file's
+    resolved path alone, or, without a file, by its layer name, shape and content hash. Kept to find
+    the run folders, and the flags, of those versions (:func:`path_keyed_run_folder`)."""
+    if volume.source and Path(volume.source).exists():
+        return str(Path(volume.source).resolve())
+    return f"{layer_name}:{volume.array.shape}:{digest(volume.array)[:16]}"
+
+
+def path_keyed_run_folder(root: str | Path, checkpoint: str, fingerprints: tuple[str, ...]) -> Path | None:
+    """The folder under ``root`` that the workbench up to 2026-12-06 (22873cd, 576ac67) gave a run of
+    the inputs of ``fingerprints`` (:func:`path_keyed_input_fingerprint`) with ``checkpoint``, where
+    it exists; None otherwise. Those versions hashed the inputs with the checkpoint's name alone
+    (its file name without extension) and neither the contents nor the settings, so its flags may
+    describe other contents of the same files."""
+    name = Path(checkpoint).expanduser().stem
+    digest = hashlib.sha256("\n".join((*fingerprints, name)).encode()).hexdigest()[:10]
+    return _existing_run_folder(Path(root).expanduser(), f"__{_slug(name)}__{digest}")
+
+
 def _existing_run_folder(root: Path, suffix: str) -> Path | None:
     """The most recently modified folder of ``root`` whose name ends in ``suffix`` (ties: by name)."""
     try:

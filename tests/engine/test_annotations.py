@@ -17,6 +17,7 @@ from napari_unifuse.engine.annotations import (
     ellipse_outline,
     export_cohort,
     find_runs,
+    flags_perhaps_counted_as_stored,
     slice_of_region,
 )
 from napari_unifuse.engine.provenance import describe_input, sha256_of_array
@@ -362,3 +363,19 @@ def test_the_cohort_csv_keeps_its_own_row_ends_where_text_files_translate_them(t
     with target.open(newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     assert [row["note"] for row in rows] == ["line one\nline two"]
+
+
+def test_slice_flags_made_before_slices_were_counted_in_world_order_are_picked_out_on_a_head_to_foot_volume():
+    head_to_foot = ImageVolume(np.zeros((6, 4, 4), np.float32),
+                               Geometry(np.ones(3), np.zeros(3), np.diag([-1.0, 1.0, 1.0])))
+    early = Annotation("other", "dr", slice_index=1, created="2026-12-05T09:00:00+00:00")
+    early_region = Annotation("other", "dr", slice_index=2, region_kind="shapes",
+                              region_world=[[[2.0, 1.0, 1.0]]], created="2026-12-06T23:00:00+00:00")
+    recent = Annotation("other", "dr", slice_index=1, created="2026-12-07T13:00:00+00:00")
+    flags = [early, early_region, recent]
+
+    assert flags_perhaps_counted_as_stored(flags, head_to_foot) == [early, early_region]
+    # The layer our reader hands napari is in world order, and says how the file stored it.
+    assert flags_perhaps_counted_as_stored(flags, head_to_foot.in_world_axis_order()) == [early, early_region]
+    foot_to_head = ImageVolume(np.zeros((6, 4, 4), np.float32), Geometry.identity(3))
+    assert flags_perhaps_counted_as_stored(flags, foot_to_head) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -11,6 +12,8 @@ from napari_unifuse.engine.overlays import (
     deformed_grid,
     display_grey,
     input_fingerprint,
+    path_keyed_input_fingerprint,
+    path_keyed_run_folder,
     run_folder,
     slice_quivers,
 )
@@ -139,3 +142,20 @@ def test_deformed_grid_lines_lie_in_the_last_two_axes_so_first_axis_motion_leave
     through_plane = np.zeros((3, 8, 12, 12), np.float32)
     through_plane[0] = 2.0
     np.testing.assert_array_equal(deformed_grid(through_plane, spacing=4)[1:-2], still[1:-2])
+
+
+def test_the_run_folder_of_a_version_that_knew_files_by_their_paths_is_found_for_the_same_files(tmp_path):
+    for name in ("ct", "mr"):
+        write_image(ImageVolume(np.full((4, 8, 8), 7.0, np.float32), Geometry.identity(3)), tmp_path / f"{name}.nii.gz")
+    reference, moving = read_image(tmp_path / "ct.nii.gz"), read_image(tmp_path / "mr.nii.gz")
+    # Named as 576ac67's workbench named it: the files' resolved paths and the checkpoint's name, hashed.
+    paths = f"{(tmp_path / 'ct.nii.gz').resolve()}\n{(tmp_path / 'mr.nii.gz').resolve()}\nunifuse-3d-phantom"
+    earlier = tmp_path / "runs" / f"ct+mr__unifuse-3d-phantom__{hashlib.sha256(paths.encode()).hexdigest()[:10]}"
+    earlier.mkdir(parents=True)
+    fingerprints = (path_keyed_input_fingerprint(reference, "ct"), path_keyed_input_fingerprint(moving, "mr"))
+
+    assert path_keyed_run_folder(tmp_path / "runs", "unifuse-3d-phantom", fingerprints) == earlier
+    assert path_keyed_run_folder(tmp_path / "runs", "unifuse-2d-harvard", fingerprints) is None
+    today = run_folder(tmp_path / "runs", "ct", "mr", "unifuse-3d-phantom",
+                       (input_fingerprint(reference), input_fingerprint(moving)))
+    assert today != earlier  # why the earlier folder must be looked up on its own

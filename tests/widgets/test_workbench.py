@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +16,10 @@ from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
 from napari_unifuse._qt.outputs import OutputNames
 from napari_unifuse._qt.run_panel import FROM_FILE
 from napari_unifuse._qt.workbench import RUN_DONE_WITHOUT_METRICS, UniFuseWorkbench, metrics_file_contents
-from napari_unifuse.engine.annotations import ANNOTATIONS_FILE
+from napari_unifuse.engine.annotations import ANNOTATIONS_FILE, Annotation, AnnotationStore
 from napari_unifuse.engine.labels import label_metrics
 from napari_unifuse.engine.outputs import METRICS_FILE
+from napari_unifuse.engine.overlays import path_keyed_input_fingerprint
 from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 from napari_unifuse.model.checkpoint import read_config
@@ -1041,3 +1044,24 @@ def test_the_workbench_docked_as_a_plugin_flags_and_draws_on_the_run_it_shows(ma
     flags = [json.loads(line) for line in (workbench.annotation_panel.store.run_dir / ANNOTATIONS_FILE)
              .read_text(encoding="utf-8").splitlines()]
     assert [(flag["subject"], flag["slice_index"]) for flag in flags] == [("output", 5)]
+
+
+def test_flags_of_an_earlier_version_that_knew_runs_by_paths_are_pointed_at_once(make_napari_viewer, tmp_path,
+                                                                                  checkpoint_files, notifications):
+    """Upgrading must not hide a reviewer's flags: the folder an earlier version gave the same pair is named."""
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
+    form, folder = workbench.run_panel, workbench.selection.folder
+    request = workbench.selection.request
+    fingerprints = (path_keyed_input_fingerprint(request.reference, "T1"),
+                    path_keyed_input_fingerprint(request.moving, "T2"))
+    stem = Path(form.checkpoint_choice()).stem  # those versions hashed the checkpoint's name alone
+    digest = hashlib.sha256("\n".join((*fingerprints, stem)).encode()).hexdigest()[:10]
+    earlier = folder.parent / f"T1+T2__{stem}__{digest}"
+    AnnotationStore(earlier).add(Annotation("other", "dr", slice_index=3, created="2026-12-05T09:00:00+00:00"))
+
+    form.selection()
+    form.selection()  # every change of the form asks again: said once
+    told = [text for _, text in notifications if str(earlier / ANNOTATIONS_FILE) in text]
+    assert len(told) == 1 and "earlier version" in told[0] and str(folder) in told[0]
