@@ -170,7 +170,9 @@ class MethodComparePanel(widgets.Container):
         try:
             return method_choices(model_dimensions(layer_to_volume(layer)))
         except InputError:  # a layer the comparison will refuse, with its message then
-            return method_choices(layer.ndim)  # napari counts an RGB image's spatial axes only
+            # napari counts an RGB image's spatial axes only; a 4-D series (DWI, fMRI) gets the 2D
+            # list, as no method takes it: an empty list would leave the combo boxes no value.
+            return method_choices(layer.ndim if layer.ndim in (2, 3) else 2)
 
     def _match_dimensions(self, _value=None) -> None:
         for combo in (self.first, self.second):

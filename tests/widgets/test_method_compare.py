@@ -390,6 +390,19 @@ def test_versus_stays_another_method_when_the_dimensions_change(make_napari_view
         assert compare.first.value == "unifuse" and compare.second.value not in (None, "unifuse")
 
 
+def test_a_4d_layer_neither_stops_the_workbench_opening_nor_empties_the_methods(make_napari_viewer, tmp_path):
+    """A DWI or fMRI series loaded first, or chosen as the reference, left no method to offer: the
+    workbench did not open, or the combo boxes raised; the run refuses the 4-D layer instead."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((3, 8, 32, 32), np.float32), name="dwi")  # the first layer: the default reference
+    workbench = UniFuseWorkbench(viewer)
+    compare = workbench.method_compare
+    assert compare.first.value == "unifuse" and compare.second.value not in (None, "unifuse")
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2))
+    workbench.run_panel.reference.value = "dwi"
+    assert compare.first.value == "unifuse" and compare.second.value not in (None, "unifuse")
+
+
 def test_the_same_method_twice_is_refused(make_napari_viewer, tmp_path, notifications):
     viewer = make_napari_viewer()
     workbench = make_workbench(viewer, tmp_path)
