@@ -25,14 +25,18 @@ folder may not be an input of any pair (a DICOM series folder), lie inside one o
 before any work; choose another --out. A batch resumes: a pair whose ``provenance.json``
 records the same inputs (path as given and content), method, checkpoint and settings (tile size,
 modalities, quality maps) is skipped, so rerunning after an interruption only does what is left,
-and ends with ``OUT/summary.json`` (every pair: done, skipped, failed, and why, or busy; with the
+and ends with ``OUT/summary.json`` (every pair: done, skipped, failed, and why, busy, or kept; with the
 failures of earlier batches into OUT for pairs, known by their reference and moving paths, that no
 batch since has run, so that their folders stay marked). A ``summary.json`` (or, with ``--report``, an
 ``index.html``) in OUT that unifuse did not write is refused before any work. A later batch whose
 moving file shares its name with an earlier batch's (``ct1/mov.png``, then ``a/mov.png``) gets a
 folder of its own (``OUT/a_mov/``) rather than the one holding the other's results. A pair folder
 holding results of other inputs, another method or other settings is refused, never silently
-replaced: ``--overwrite`` redoes the pair and first removes every earlier output in its folder.
+replaced: ``--overwrite`` redoes the pair and first removes every earlier output in its folder. A
+folder holding the pair's results of an earlier version of unifuse, which recorded no method (before
+2026-12-03), settings or label, or shipped other bundled weights, is kept as it is and said so: the
+summary records the pair as kept (not failed), and the batch exits 2 until ``--overwrite`` redoes
+it with this version (or another --out is chosen).
 No output may replace an input, and an ``--out`` that cannot be created or written to is refused
 before any work. ``--report`` also writes each pair's QC page (``report.html``) and,
 for a ``--pairs`` batch, ``OUT/index.html``, the runs most suspicious first (a pair already done gets its
@@ -62,6 +66,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Collection
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -85,6 +90,7 @@ from napari_unifuse.engine.labels import (
 )
 from napari_unifuse.engine.methods import OPTION_SEPARATOR, load_method, registered_methods, split_name
 from napari_unifuse.engine.outputs import (
+    METRICS_FILE,
     PROVENANCE_FILE,
     REPORT_FILE,
     FolderBusyError,
@@ -92,6 +98,7 @@ from napari_unifuse.engine.outputs import (
     check_writable_folder,
     is_complete,
     output_folder_lock,
+    read_earlier_version_provenance,
     read_json_object,
     read_provenance,
     refuse_overwriting_inputs,
@@ -106,19 +113,27 @@ from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import read_image
 from napari_unifuse.io.normalize import MODALITIES
 from napari_unifuse.io.readers import SUPPORTED_SUFFIXES, file_format
-from napari_unifuse.model.checkpoint import checkpoint_method
+from napari_unifuse.model.checkpoint import checkpoint_method, list_checkpoints
 
 DEFAULT_METHOD = "unifuse"
 SUMMARY_FILE = "summary.json"
 # The batch's own files in --out: no pair folder may take their names.
 BATCH_FILES = frozenset({SUMMARY_FILE, INDEX_FILE})
-# A summary's outcomes: fused now, skipped as done, failed, or left to another run that held its folder to the end.
-OUTCOME_STATUSES = ("done", "skipped", "failed", "busy")
+# A summary's outcomes: fused now, skipped as done, failed, left to another run that held its folder to the end,
+# or kept: an earlier version's results of the pair, which this version cannot tell for its own.
+OUTCOME_STATUSES = ("done", "skipped", "failed", "busy", "kept")
 # provenance.json: each input's _last_changed when the run began to read it, by role; a resume hashes
 # again only an input whose time now differs (one replaced while its pair ran included).
 INPUT_CHANGE_TIMES = "inputs_last_changed_ns"
 # The longest file name, in bytes, of the usual file systems (ext4, XFS, btrfs, APFS; NTFS: 255 characters).
 NAME_MAX_BYTES = 255
+
+
+class EarlierVersionResults(InputError):
+    """A pair folder holding this pair's finished results as an earlier version of unifuse recorded
+    them, without what tells whether this run would make the same (its method, settings, label or
+    bundled checkpoint): neither taken for this run's nor redone unasked. A batch keeps them (its
+    summary's "kept"), and does not count the pair as failed."""
 
 
 @dataclass(frozen=True)
@@ -243,7 +258,12 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
     if counts["busy"]:
         print(f"unifuse fuse: {counts['busy']} of {len(pairs)} pairs were still being written by another unifuse "
               "run when this batch ended; rerun the batch after it to check them", file=sys.stderr)
-    return 2 if counts["failed"] or counts["busy"] else 0
+    if counts["kept"]:
+        # Not failed, and not this version's results either: exiting 2 asks for the choice.
+        print(f"unifuse fuse: {counts['kept']} of {len(pairs)} pairs hold results of an earlier version of unifuse, "
+              "kept as they are; pass --overwrite to redo them with this version (it redoes every pair of the "
+              "batch), or choose another --out", file=sys.stderr)
+    return 2 if counts["failed"] or counts["busy"] or counts["kept"] else 0
 
 
 def _outcome_of(pair: Pair, out: Path, rank: int) -> dict[str, Any]:
@@ -275,6 +295,11 @@ def _fuse_or_skip(pair: Pair, args: argparse.Namespace, engines: _EngineCache, o
             fuse_pair(pair, out_dir, engines, prefix, batch=batch, report=args.report, lock=lock, **options)
     except FolderBusyError:
         raise
+    except EarlierVersionResults as error:
+        if args.pairs is None:
+            raise
+        print(f"{prefix}: kept: {error}", file=sys.stderr)
+        return {**outcome, "status": "kept", "reason": str(error)}
     except (UniFuseError, OSError) as error:
         if args.pairs is None:
             raise
@@ -290,7 +315,8 @@ def _fuse_or_skip(pair: Pair, args: argparse.Namespace, engines: _EngineCache, o
 def where_the_outputs_are(outcomes: list[dict[str, Any]]) -> str:
     """What a batch left, for a message: the same cause that stops the summary (a read-only --out)
     usually failed every pair, and then no pair has outputs to point to."""
-    finished = sum(outcome["status"] in ("done", "skipped") for outcome in outcomes)  # now, or earlier
+    # Now, or earlier (kept: by an earlier version).
+    finished = sum(outcome["status"] in ("done", "skipped", "kept") for outcome in outcomes)
     failed = sum(outcome["status"] == "failed" for outcome in outcomes)
     busy = sum(outcome["status"] == "busy" for outcome in outcomes)  # another run's still: not failed
     unfinished = [f"{failed} of {len(outcomes)} pairs failed (the errors are above)"] if failed else []
@@ -426,8 +452,9 @@ def _out_of_memory_named(stage: str, pair: Pair) -> AbstractContextManager[None]
 def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, options: dict[str, Any]) -> None:
     """Raise an InputError unless the finished run in ``out_dir`` was made from this pair's inputs
     (the same paths as given and, where recorded, contents) with this run's method, checkpoint, tile
-    size and ``options`` (``run_fusion``'s)."""
-    provenance = read_provenance(out_dir)
+    size and ``options`` (``run_fusion``'s); ``EarlierVersionResults`` where it is this pair's run
+    of an earlier version, which did not record all of them."""
+    provenance = read_provenance(out_dir) or read_earlier_version_provenance(out_dir)
     if provenance is None:
         raise InputError(f"its {PROVENANCE_FILE} cannot be read or is not a UniFuse run's, so what made these "
                          "results is unknown; pass --overwrite to replace them, or choose another --out", out_dir)
@@ -439,30 +466,75 @@ def refuse_other_results(out_dir: Path, pair: Pair, engines: _EngineCache, optio
         raise InputError(f"holds the results of another pair (reference {recorded['reference'].get('path')}, moving "
                          f"{recorded['moving'].get('path')}), which --overwrite would delete; choose another --out, "
                          "or pass --overwrite only if those results may go", out_dir)
-    differences = previous_run_differences(provenance, pair, engines,
-                                           (out_dir / PROVENANCE_FILE).stat().st_mtime_ns, options)
-    recorded_settings = provenance.get("requested_settings")
-    if differences or recorded_settings is None:
+    unrecorded = unrecorded_by_earlier_version(provenance, pair, out_dir, engines)
+    differences = previous_run_differences(provenance, pair, engines, (out_dir / PROVENANCE_FILE).stat().st_mtime_ns,
+                                           options, unrecorded=unrecorded)
+    if not differences and not unrecorded:
+        return
+    if differences:
         named = [f"{role} image" if role in ("reference", "moving") else role for role in differences]
-        listed = "a different " + ", ".join(named[:-1]) + (" and " if len(named) > 1 else "") + named[-1] \
-            if named else ""
-        # An older version recorded no settings: the tile size or quality maps it used are unknown.
-        unrecorded = "settings it did not record" if recorded_settings is None else ""
-        described = " and ".join(part for part in (listed, unrecorded) if part)
-        raise InputError(f"holds the results of a run with {described}; pass --overwrite to replace "
-                         "them, or choose another --out", out_dir)
+        also = f" (by {_earlier_version(unrecorded)})" if unrecorded else ""
+        raise InputError(f"holds the results of a run with a different {_and_joined(named)}{also}; pass --overwrite "
+                         "to replace them, or choose another --out", out_dir)
+    raise EarlierVersionResults(f"holds this pair's results of {_earlier_version(unrecorded)} (whether this version "
+                                "would make the same is unknown); kept as they are: pass --overwrite to redo the pair "
+                                "with this version, or choose another --out", out_dir)
+
+
+def _earlier_version(unrecorded: dict[str, str]) -> str:
+    """The earlier version that made a run, by what it left unrecorded (``unrecorded_by_earlier_version``'s)."""
+    # A bundled checkpoint's other weights come only with its settings unrecorded: never alone.
+    recorded_none = [words for what, words in unrecorded.items() if what != "checkpoint"]
+    shipped = f" and {unrecorded['checkpoint']}" if "checkpoint" in unrecorded else ""
+    return f"an earlier version of unifuse, which recorded {_and_joined(recorded_none)}{shipped}"
+
+
+def _and_joined(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
+
+
+def unrecorded_by_earlier_version(provenance: dict[str, Any], pair: Pair, out_dir: Path,
+                                  engines: _EngineCache) -> dict[str, str]:
+    """What the run ``provenance`` describes left unrecorded as an earlier version of unifuse wrote
+    it, so that it cannot be compared with this request, each with its words: 'method' (before
+    2026-12-03, UniFuse being the only one, no method nor its options), 'settings' (before
+    2026-12-06), 'label' (a label given now, and the run wrote its metrics.json, but recorded no
+    label input) and 'checkpoint' (a bundled checkpoint of this name, whose weights that version
+    shipped otherwise), each with what that version did ("no method": it recorded none). Empty for this
+    version's runs."""
+    unrecorded = {}
+    if "method" not in provenance:
+        unrecorded["method"] = "no method"
+    if provenance.get("requested_settings") is None:
+        unrecorded["settings"] = "no settings"
+    if pair.label is not None and "label" not in provenance["inputs"] and (out_dir / METRICS_FILE).is_file():
+        unrecorded["label"] = "no label for its metrics.json"
+    checkpoint_name = (provenance.get("checkpoint") or {}).get("name")
+    if "settings" in unrecorded and "method" not in unrecorded and checkpoint_name in list_checkpoints():
+        dimensions = (provenance.get("model_config") or {}).get("spatial_dims")
+        same_method = split_name(engines.method)[0] == str(provenance["method"].get("name", "")).partition(
+            OPTION_SEPARATOR)[0]
+        if same_method and dimensions in (2, 3):
+            requested = engines.for_dimensions(dimensions).checkpoint_info
+            if requested.get("name") == checkpoint_name and requested.get("sha256") != provenance["checkpoint"].get(
+                    "sha256"):
+                unrecorded["checkpoint"] = f"shipped other weights as {checkpoint_name}"
+    return unrecorded
 
 
 def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _EngineCache,
-                             finished: int, options: dict[str, Any]) -> list[str]:
+                             finished: int, options: dict[str, Any], unrecorded: Collection[str] = ()) -> list[str]:
     """What of 'reference', 'moving', 'label', 'method', 'checkpoint' and the settings ("tile size",
     ...: the engine's tile size and ``run_fusion``'s ``options``) the run ``provenance`` describes
-    differs from this request; ``finished``: when that provenance was written (mtime, ns)."""
+    differs from this request; ``finished``: when that provenance was written (mtime, ns).
+    ``unrecorded`` (``unrecorded_by_earlier_version``'s): what an earlier version's run cannot be compared by."""
     recorded_inputs = provenance.get("inputs") or {}
     change_times = provenance.get(INPUT_CHANGE_TIMES)
     changed_when_read = change_times if isinstance(change_times, dict) else {}  # {}: an older version's run
-    differences = [role for role, path in pair.inputs
-                   if not _same_input(recorded_inputs.get(role), path, changed_when_read.get(role), finished)]
+    differences = [role for role, path in pair.inputs if role not in unrecorded
+                   and not _same_input(recorded_inputs.get(role), path, changed_when_read.get(role), finished)]
+    if "method" in unrecorded:  # UniFuse's run, its options, checkpoint choice and settings unrecorded
+        return differences
     recorded_method = provenance.get("method") or {}
     recorded_name = str(recorded_method.get("name", "")).partition(OPTION_SEPARATOR)[0]
     dimensions = (provenance.get("model_config") or {}).get("spatial_dims")
@@ -476,10 +548,11 @@ def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _E
     requested_method = json.loads(json.dumps(engine.method.describe(), default=str))
     if {**requested_method, "name": None} != {**recorded_method, "name": None}:
         differences.append(other_method)
-    if engine.checkpoint_info.get("sha256") != (provenance.get("checkpoint") or {}).get("sha256"):
+    if "checkpoint" not in unrecorded and engine.checkpoint_info.get("sha256") != (
+            provenance.get("checkpoint") or {}).get("sha256"):
         differences.append("checkpoint")
     recorded_settings = provenance.get("requested_settings")
-    if recorded_settings is not None:  # else an older version's run: the caller says so
+    if recorded_settings is not None:  # else an older version's run (unrecorded)
         differences += _settings_differences(recorded_settings, requested_settings(engine.tile_size, **options))
     return differences
 
@@ -772,7 +845,8 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
     for folder in subfolders:
         # Never a pair's earlier folder: one named as a batch file (an older version made them) would
         # keep stopping the batch's summary or index.
-        provenance = read_provenance(folder) if folder.is_dir() and folder.name not in BATCH_FILES else None
+        provenance = (read_provenance(folder) or read_earlier_version_provenance(folder)) \
+            if folder.is_dir() and folder.name not in BATCH_FILES else None
         if provenance is not None:
             inputs = provenance["inputs"]
             key = ((inputs.get("reference") or {}).get("path"), (inputs.get("moving") or {}).get("path"))

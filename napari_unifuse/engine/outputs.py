@@ -162,14 +162,29 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def read_earlier_version_provenance(out_dir: str | Path) -> dict[str, Any] | None:
+    """The provenance of a finished run in ``out_dir`` as versions before 2026-12-03 wrote it, when
+    UniFuse was the only method and no method was recorded: the inputs and UniFuse's checkpoint and
+    model config; None for any other (``read_provenance``'s, or none at all)."""
+    provenance = read_json_object(Path(out_dir) / PROVENANCE_FILE)
+    is_earlier = (_has_run_sections(provenance) and "method" not in provenance
+                  and isinstance(provenance.get("checkpoint"), dict) and isinstance(provenance.get("model_config"), dict))
+    return provenance if is_earlier else None
+
+
 def _is_run_provenance(provenance: Any) -> bool:
     """Whether ``provenance`` has the sections a run records, as JSON objects: inputs (one object
     per role) and method always; checkpoint, model_config and requested_settings where present."""
+    return _has_run_sections(provenance) and isinstance(provenance.get("method"), dict)
+
+
+def _has_run_sections(provenance: Any) -> bool:
+    """Whether ``provenance`` holds inputs (one object per role) and, where present, checkpoint,
+    model_config and requested_settings, as JSON objects."""
     if not isinstance(provenance, dict):
         return False
     inputs = provenance.get("inputs")
     return (isinstance(inputs, dict) and all(isinstance(source, dict) for source in inputs.values())
-            and isinstance(provenance.get("method"), dict)
             and all(isinstance(provenance.get(section), dict | None)
                     for section in ("checkpoint", "model_config", "requested_settings")))
 

@@ -858,7 +858,120 @@ def test_a_run_that_recorded_no_settings_is_not_taken_for_this_one(data, tmp_pat
     provenance_file.write_text(json.dumps(provenance), encoding="utf-8")
 
     assert fuse_request(root, out, {}) == 2
-    assert "holds the results of a run with settings it did not record; pass --overwrite" in capsys.readouterr().err
+    assert ("holds this pair's results of an earlier version of unifuse, which recorded no settings (whether this "
+            "version would make the same is unknown); kept as they are: pass --overwrite") in capsys.readouterr().err
+
+
+def recorded_input(path: Path) -> dict[str, str]:
+    """An input as every earlier version recorded it: its absolute path and content hash."""
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def earlier_version_folder(folder: Path, provenance: dict, *more_outputs: str) -> None:
+    """A finished pair folder of an earlier version: its outputs (only their names count) and ``provenance``."""
+    folder.mkdir(parents=True)
+    for name in ("fused.png", "aligned.png", "displacement.nii.gz", "degradation.json", *more_outputs):
+        (folder / name).write_bytes(b"an earlier version's output")
+    (folder / "provenance.json").write_text(json.dumps(provenance), encoding="utf-8")
+
+
+def earlier_batch(root: Path, out: Path, provenance_of) -> Path:
+    """pet7 (no label) and pet8 (with its label, metrics.json written) fused into ``out`` by an earlier
+    version whose provenance.json of a pair's inputs is ``provenance_of(inputs)``; the batch's CSV."""
+    pairs = out.parent / "pairs.csv"
+    pairs.write_text(f"reference,moving,label\n{root / 'mri.png'},{root / 'pet7.png'},\n"
+                     f"{root / 'mri.png'},{root / 'pet8.png'},{root / 'pet8_label.png'}\n", encoding="utf-8")
+    for moving, more_outputs in (("pet7", ()), ("pet8", ("metrics.json",))):
+        inputs = {"reference": recorded_input(root / "mri.png"), "moving": recorded_input(root / f"{moving}.png")}
+        earlier_version_folder(out / moving, provenance_of(inputs), *more_outputs)
+    return pairs
+
+
+# provenance.json as the version of 2026-12-01 wrote it (the keys that matter): UniFuse, the only method, unnamed.
+def provenance_of_2026_12_01(inputs):
+    return {"created": "2026-12-07T16:54:16+00:00", "inputs": inputs,
+            "checkpoint": {"name": "unifuse-2d-harvard",
+                           "sha256": "8dad6e17d93ccb8df7679140324a2a828a3bc1cf93c05eba7b4aa148470e8b20"},
+            "model_config": {"spatial_dims": 2}, "outputs": {"fused": "fused.png"}}
+
+
+# As the versions of 2026-12-03 and 2026-12-05 wrote it: the method, but neither settings nor a label input.
+def provenance_of_2026_12_05(inputs):
+    return {"created": "2026-12-07T16:58:02+00:00", "inputs": inputs,
+            "method": {"name": "identity+average", "registration": "identity", "rule": "average"},
+            "checkpoint": {"name": None, "note": "no trained weights"}, "model_config": {"spatial_dims": 2}}
+
+
+@pytest.mark.parametrize(("provenance_of", "unrecorded"), [
+    (provenance_of_2026_12_01,
+     ("no method and no settings", "no method, no settings and no label for its metrics.json")),
+    (provenance_of_2026_12_05, ("no settings", "no settings and no label for its metrics.json")),
+], ids=["2026-12-01", "2026-12-05"])
+def test_a_batch_keeps_an_earlier_versions_results_of_its_pairs_saying_so(data, tmp_path, capsys, provenance_of,
+                                                                          unrecorded):
+    """Rerun over an earlier version's --out: its pairs are neither unreadable, of another label, nor failed."""
+    root, out = data["root"], tmp_path / "out"
+    pairs = earlier_batch(root, out, provenance_of)
+    earlier = outputs_touched(out)
+
+    assert fuse("--pairs", pairs, "--out", out, "--method", "identity+average", "--no-quality", "--device", "cpu") == 2
+
+    err = capsys.readouterr().err
+    for moving, words in zip(("pet7", "pet8"), unrecorded, strict=True):
+        assert (f"{moving}: kept: {out / moving}: holds this pair's results of an earlier version of unifuse, which recorded {words} "
+                "(whether this version would make the same is unknown); kept as they are: pass --overwrite to redo "
+                "the pair with this version, or choose another --out") in err
+    assert "cannot be read" not in err and "a different label" not in err and "failed" not in err
+    assert ("unifuse fuse: 2 of 2 pairs hold results of an earlier version of unifuse, kept as they are; pass "
+            "--overwrite to redo them with this version") in err
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["kept"], summary["failed"], summary["done"], summary["skipped"]) == (2, 0, 0, 0)
+    assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "kept"), ("pet8", "kept")]
+    assert "earlier version of unifuse" in summary["outcomes"][0]["reason"]
+    assert outputs_touched(out) == earlier
+
+    assert fuse("--pairs", pairs, "--out", out, "--method", "identity+average", "--no-quality", "--device", "cpu",
+                "--overwrite") == 0
+    redone = json.loads((out / "pet8" / "provenance.json").read_text(encoding="utf-8"))
+    assert redone["requested_settings"] and redone["inputs"]["label"]["path"] == str(root / "pet8_label.png")
+
+
+def test_an_earlier_versions_run_of_other_content_or_without_a_label_is_a_difference_still(data, tmp_path, capsys):
+    """What an earlier version did record still counts: a moving image changed since, and a label now
+    where its run had none (no metrics.json), fail the pair and say so."""
+    root, out = tmp_path, tmp_path / "out"
+    for name in ("mri.png", "pet7.png", "pet8.png", "pet8_label.png"):
+        (root / name).write_bytes((data["root"] / name).read_bytes())
+    pairs = earlier_batch(root, out, provenance_of_2026_12_05)
+    (out / "pet8" / "metrics.json").unlink()  # fused without its label
+    with Image.open(root / "pet7.png") as image:
+        Image.fromarray(np.roll(np.asarray(image), 3, axis=1)).save(root / "pet7.png")
+
+    assert fuse("--pairs", pairs, "--out", out, "--method", "identity+average", "--no-quality", "--device", "cpu") == 2
+
+    err = capsys.readouterr().err
+    earlier = "(by an earlier version of unifuse, which recorded no settings); pass --overwrite to replace them"
+    assert f"{out / 'pet7'}: holds the results of a run with a different moving image {earlier}" in err
+    assert f"{out / 'pet8'}: holds the results of a run with a different label {earlier}" in err
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["failed"], summary["kept"]) == (2, 0)
+
+
+def test_an_earlier_versions_bundled_weights_are_said_and_kept(data, tmp_path, capsys):
+    """2026-12-03 shipped other weights as unifuse-2d-harvard: its results are kept, the weights named."""
+    root, out = data["root"], tmp_path / "out"
+    earlier_version_folder(out / "pet7", {
+        "inputs": {"reference": recorded_input(root / "mri.png"), "moving": recorded_input(root / "pet7.png")},
+        "method": {"name": "unifuse"}, "model_config": {"spatial_dims": 2},
+        "checkpoint": {"name": "unifuse-2d-harvard",
+                       "sha256": "b9c9b55a6dcf40a3f792b5573860c3a5d1d598afe01aa0fd7635d03800e0e7dc"}})
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving\n{root / 'mri.png'},{root / 'pet7.png'}\n", encoding="utf-8")
+
+    assert fuse("--pairs", pairs, "--out", out, "--device", "cpu") == 2
+
+    assert ("which recorded no settings and shipped other weights as unifuse-2d-harvard (whether this version would "
+            "make the same is unknown); kept as they are") in capsys.readouterr().err
 
 
 def test_a_moving_file_changed_since_its_run_is_refused(data, tmp_path, capsys):
