@@ -17,6 +17,9 @@ numbered from 0 in the CSV's order (``OUT/0000/``, ``OUT/0001/``, ...):
 ``<ext>`` follows each input: ``png`` for PNG/JPG images, ``nii.gz`` for everything else. The
 moving image is put on the reference grid first when its geometry differs; one that does not
 overlap the reference is refused, one that covers less than half of it is warned about.
+``--degradation metal`` simulates a CT scanner in Hounsfield units: it is refused where
+``--modality`` names another modality, and warned about where ``auto`` reads the moving volume as
+one (an 8-bit image's modality is not read, so it draws no warning).
 ``--misalignment`` picks the regime (``data.misalign``): ``large`` (rigid + elastic, the default),
 ``mild`` (a few voxels of residual non-rigid misalignment) or ``none`` (the zero field).
 
@@ -57,6 +60,7 @@ from napari_unifuse.cli.arguments import (
     user_path,
 )
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
+from napari_unifuse.data.metal import NoRoomForMetal
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, regime_misalignment
 from napari_unifuse.data.pairs import make_pair
 from napari_unifuse.engine.inference import overlap_warnings
@@ -74,8 +78,9 @@ from napari_unifuse.io import (
     write_image,
 )
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS
-from napari_unifuse.io.normalize import MODALITIES
+from napari_unifuse.io.normalize import MODALITIES, MODALITY_ALIASES, IntensityMapping
 from napari_unifuse.io.writers import nifti_holds_grid
+from napari_unifuse.training.datasets import MODALITY_DEGRADATION
 
 _PNG_INPUTS = (".png", ".jpg", ".jpeg")
 DISPLACEMENT_FILE = "displacement.nii.gz"
@@ -133,7 +138,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="random seed, 0 or more (default 0); a CSV row without one uses seed + the number "
                              "of its output folder (0000: seed, 0001: seed + 1, ...)")
     parser.add_argument("--modality", choices=MODALITIES, default="auto",
-                        help="modality of the moving image, for its intensity normalisation (default: auto)")
+                        help="modality of the moving image, for its intensity normalisation (default: auto); "
+                             "metal, a CT's artefact, is refused for an MR, PET or SPECT one, and warned about "
+                             "(in meta.json's degradation_warning too) where auto reads a volume as one")
     parser.add_argument("--out", type=user_path, required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace earlier synth outputs in the output folders (once the new pair is written)")
@@ -141,9 +148,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_a_severity_outside_0_to_1(args.severity)
     jobs = _jobs(args)
     for job in jobs:
         refuse_a_degradation_that_changes_nothing(job.degradation, args.severity)
+        refuse_metal_on_a_modality_not_ct(job.degradation, args.modality)
     # Before any work: a bad output folder must not surface after the first pairs were written.
     refuse_unsafe_outputs(jobs, args.out, overwrite=args.overwrite)
     # and so must a folder it cannot write to (nothing the check creates stays if a pair is refused).
@@ -234,6 +243,50 @@ def refuse_a_degradation_that_changes_nothing(degradation: str, severity: float)
                          "motion: give a severity above 0, or degradation none for a clean pair")
 
 
+def refuse_a_severity_outside_0_to_1(severity: float) -> None:
+    """Every degradation model scales its parameters over [0, 1] (NaN lies outside it too): said
+    here by the option's name, before any image is read, not by the model's class after."""
+    if not 0.0 <= severity <= 1.0:
+        raise InputError(f"--severity must be a number from 0 to 1, got {severity:g}: 0 is the mildest degradation, "
+                         "1 the strongest")
+
+
+def refuse_metal_on_a_modality_not_ct(degradation: str, modality: str) -> None:
+    """The metal model simulates a CT scanner in Hounsfield units: an image named MR or PET would
+    have its intensities read as HU and get streaks that no such scanner makes, yet be labelled metal."""
+    named = MODALITY_ALIASES.get(modality, modality)
+    if degradation == "metal" and named in MODALITY_DEGRADATION and named != "ct":
+        raise InputError(f"--degradation metal simulates a CT's metal artefacts, but --modality {modality} says the "
+                         f"moving image is {named.upper()}: use --degradation {MODALITY_DEGRADATION[named]}, the "
+                         f"degradation simulated for {named.upper()} (or none for a clean pair)")
+
+
+def metal_on_a_modality_not_ct(degradation: str, mapping: IntensityMapping) -> str:
+    """The warning (empty if none) for metal on a moving image that ``--modality auto`` read as
+    another modality than CT: a guess, so warned about, not refused. An 8-bit image's modality is
+    not read (``mapping.modality`` stays ``auto``), so it draws no warning."""
+    detected = mapping.modality
+    if degradation != "metal" or detected not in MODALITY_DEGRADATION or detected == "ct":
+        return ""
+    return (f"metal simulates a CT's artefacts in Hounsfield units, but the moving image reads as {detected.upper()} "
+            "(by its header or intensities, under --modality auto), so its intensities were taken as HU: pass "
+            f"--modality ct if it is a CT, else use --degradation {MODALITY_DEGRADATION[detected]}, the degradation "
+            f"simulated for {detected.upper()}")
+
+
+def _too_small_to_misalign(shape: tuple[int, ...]) -> str:
+    """Why an image with an axis of one pixel or voxel is refused, its shape in the files' axis order
+    (nibabel, ITK, an image viewer's width first), the reverse of the array's."""
+    file_shape = " x ".join(str(n) for n in reversed(shape))
+    if len(shape) == 2:
+        return f"an image of {file_shape} pixels (width x height); synth needs at least 2 pixels along each side"
+    # Unlike `unifuse fuse`, no 2D stand-in: a 3D misalignment of a one-slice volume would move its
+    # anatomy out of its only slice, and a 2D one would need the slice's plane kept through synthesis.
+    return (f"a one-slice volume of {file_shape} voxels (i x j x k, as nibabel and ITK give its shape); synth needs "
+            "a 2D image or a volume of at least 2 voxels along every axis: save the slice as a 2D image (PNG, or "
+            "an axial NIfTI with two dimensions)")
+
+
 def _identity(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_dev, stat.st_ino
@@ -251,18 +304,16 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     # run checks every row's inputs against every row's outputs, and every row's degradation; this
     # guards a direct call.
     refuse_unsafe_outputs([job], job.out, overwrite=True)
+    refuse_a_severity_outside_0_to_1(severity)
     refuse_a_degradation_that_changes_nothing(job.degradation, severity)
+    refuse_metal_on_a_modality_not_ct(job.degradation, modality)
     reference = read_image(job.reference)
     moving = read_image(job.moving)
     if moving.ndim != reference.ndim:
         raise InputError(f"the moving image is {moving.ndim}D but the reference is {reference.ndim}D", job.moving)
     for image in (reference, moving):
-        # Unlike `unifuse fuse`, no 2D stand-in: a 3D misalignment of a one-slice volume would move its
-        # anatomy out of its only slice, and a 2D one would need the slice's plane kept through synthesis.
         if min(image.spatial_shape) < 2:
-            raise InputError(f"a one-slice volume (shape {image.array.shape}); synth needs a 2D image or a "
-                             "volume of at least 2 voxels along every axis: save the slice as a 2D image "
-                             "(PNG, or an axial NIfTI with two dimensions)", image.source)
+            raise InputError(_too_small_to_misalign(image.spatial_shape), image.source)
     if not nifti_holds_grid(reference):
         # Every output lies on the reference grid, and synth writes NIfTI, whose qform (what ITK-based
         # tools read) holds no shear: they would place the pair and its field millimetres off. A NIfTI
@@ -278,11 +329,17 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     on_reference_grid = moving.on_grid_of(reference, atol=1e-3)
     clean = moving if on_reference_grid else resample_to_reference(moving, reference)
     normalized, mapping = normalize_intensity(clean, modality)
+    degradation_warning = metal_on_a_modality_not_ct(job.degradation, mapping)
+    if degradation_warning:
+        print(f"{job.out}: warning: {job.moving}: {degradation_warning}", file=sys.stderr)
     # PNG holds [0, 1] floats as 8 bits (the inverse of io's /255), so only volumes keep the rest.
     as_png = files["moving"].suffix == ".png"
     beyond_window = None if as_png or clean.is_rgb else mapping.scaled(clean.array) - normalized.array
-    pair = make_pair(reference, normalized, job.degradation, rng=job.seed, severity=severity,
-                     misalignment=regime_misalignment(job.misalignment), beyond_window=beyond_window)
+    try:
+        pair = make_pair(reference, normalized, job.degradation, rng=job.seed, severity=severity,
+                         misalignment=regime_misalignment(job.misalignment), beyond_window=beyond_window)
+    except NoRoomForMetal as error:  # a property of this moving image: name it
+        raise NoRoomForMetal(error.problem, job.moving) from None
 
     if as_png:
         moving_out, label_out = pair.moving, pair.label
@@ -294,6 +351,7 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
         **_inputs_record(job),
         "files": {role: path.name for role, path in files.items() if role != "meta"},
         "degradation": pair.degradation,
+        "degradation_warning": degradation_warning,
         "class_index": pair.class_index,
         "misalignment": job.misalignment,
         "seed": job.seed,

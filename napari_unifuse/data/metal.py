@@ -267,7 +267,9 @@ def place_metal_objects(
     for radius in radii_mm:
         candidates = np.flatnonzero(depth_mm > radius + margin_mm)
         if candidates.size == 0:
-            raise NoRoomForMetal(f"no tissue region deep enough for a {radius:.1f} mm metal object", "CT image")
+            raise NoRoomForMetal(f"no tissue region deep enough for a {radius:.1f} mm metal object (its centre must "
+                                 f"lie over {radius + margin_mm:.1f} mm inside tissue, above -500 HU): give a larger "
+                                 "image of the anatomy, or another degradation", "metal simulation")
         centre = np.unravel_index(rng.choice(candidates), hu.shape)
         squared_distance = sum(((axis - c) * size) ** 2 for axis, c, size in zip(axes, centre, voxel_size_mm))
         mask |= squared_distance <= radius**2

@@ -445,12 +445,86 @@ def test_reader_warnings_are_printed_and_meta_records_absolute_inputs(nifti_pair
     assert meta["inputs"] == {"reference": str(reference.resolve()), "moving": str(tmp_path / "nan.nii.gz")}
 
 
-def test_a_one_slice_volume_is_refused_saying_what_it_is(tmp_path, capsys):
+def test_a_one_slice_volume_is_refused_saying_what_it_is_in_the_files_axis_order(tmp_path, capsys):
+    """The shape was given in array order, (1, 32, 32) for what nibabel and ITK call 32 x 32 x 1."""
     for name in ("reference", "moving"):
         nib.save(nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 1), dtype=np.float32), np.eye(4)),
                  tmp_path / f"{name}_slice.nii.gz")
     assert synth(tmp_path / "reference_slice.nii.gz", tmp_path / "moving_slice.nii.gz", tmp_path / "out") == 2
-    assert "a one-slice volume (shape (1, 32, 32)); synth needs a 2D image" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "a one-slice volume of 32 x 32 x 1 voxels (i x j x k, as nibabel and ITK give its shape)" in error
+    assert "synth needs a 2D image" in error
+
+
+def test_a_one_row_png_is_refused_as_too_small_not_as_a_slice_to_save_in_2d(tmp_path, capsys):
+    """A 16 x 1 PNG was told to be saved "as a 2D image (PNG ...)", which it already is."""
+    for name in ("reference", "moving"):
+        Image.fromarray(np.arange(16, dtype=np.uint8)[None, :] * 10).save(tmp_path / f"{name}.png")
+    assert synth(tmp_path / "reference.png", tmp_path / "moving.png", tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert "an image of 16 x 1 pixels (width x height); synth needs at least 2 pixels along each side" in error
+    assert "save the slice" not in error and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("modality, fitting", [("mr", "motion"), ("t2", "motion"), ("pet", "lowdose"),
+                                               ("nm", "lowdose")])
+def test_metal_on_a_moving_image_named_not_ct_is_refused_naming_the_degradation_that_fits(
+        png_pair, tmp_path, capsys, monkeypatch, modality, fitting):
+    """Metal was simulated on an MR image given as one, its intensities read as Hounsfield units."""
+    monkeypatch.setattr(synth_module, "read_image", lambda path: pytest.fail(f"{path} was read"))
+    assert synth(*png_pair, tmp_path / "out", "--degradation", "metal", "--modality", modality) == 2
+    error = capsys.readouterr().err
+    assert f"--modality {modality}" in error and f"--degradation {fitting}" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    reference, moving = png_pair
+    csv_path = write_csv(tmp_path / "pairs.csv", f"reference,moving,degradation\n{reference},{moving},{fitting}\n"
+                                                 f"{reference},{moving},metal\n")
+    assert main(["synth", "--pairs", str(csv_path), "--modality", modality, "--out", str(tmp_path / "csv")]) == 2
+    assert f"--degradation {fitting}" in capsys.readouterr().err and not (tmp_path / "csv").exists()
+
+
+def test_metal_on_a_moving_volume_read_as_mr_is_warned_about_once_and_recorded(tmp_path, capsys):
+    volumes = make_brain_phantoms((16, 48, 40), modalities=("t1", "t2"))
+    for modality in ("t1", "t2"):
+        nib.save(nib.Nifti1Image(np.round(1000 * volumes[modality].array).astype(np.int16).transpose(),
+                                 np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / f"{modality}.nii.gz")
+    out = tmp_path / "out"
+    assert synth(tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz", out, "--degradation", "metal",
+                 "--misalignment", "none") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert "reads as MR" in warnings[0] and "--modality ct" in warnings[0] and "--degradation motion" in warnings[0]
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["degradation_warning"] in warnings[0]
+    # A CT, as detected or named, draws metal without a word, and meta.json says there was none.
+    ct_out = tmp_path / "ct"
+    assert synth(*(tmp_path / f"{name}.nii.gz" for name in ("t1", "t2")), ct_out, "--degradation", "metal",
+                 "--modality", "ct", "--misalignment", "none") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((ct_out / "meta.json").read_text(encoding="utf-8"))["degradation_warning"] == ""
+
+
+@pytest.mark.parametrize("degradation, severity", [("motion", "1.5"), ("none", "7"), ("lowdose", "-0.1"),
+                                                   ("metal", "nan"), ("lowdose", "inf")])
+def test_a_severity_outside_0_to_1_is_refused_by_its_option_before_any_image_is_read(
+        png_pair, tmp_path, capsys, monkeypatch, degradation, severity):
+    """The refusal named an internal class (MotionArtifact) and came after the images were read."""
+    monkeypatch.setattr(synth_module, "read_image", lambda path: pytest.fail(f"{path} was read"))
+    assert synth(*png_pair, tmp_path / "out", "--degradation", degradation, "--severity", severity) == 2
+    error = capsys.readouterr().err
+    assert f"--severity must be a number from 0 to 1, got {severity}" in error
+    assert "Artifact" not in error and "Degradation" not in error and not (tmp_path / "out").exists()
+
+
+def test_metal_on_a_volume_too_small_for_it_names_the_moving_file_and_what_to_do(tmp_path, capsys):
+    """It said "CT image: no tissue region deep enough ..." with no way out, of an image given as MR too."""
+    for name in ("reference", "moving"):
+        nib.save(nib.Nifti1Image(np.full((3, 3, 3), 40.0, np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    assert synth(tmp_path / "reference.nii.gz", tmp_path / "moving.nii.gz", tmp_path / "out", "--degradation",
+                 "metal", "--modality", "ct", "--misalignment", "none") == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'moving.nii.gz'}: no tissue region deep enough" in error
+    assert "a larger image" in error and "another degradation" in error and "CT image" not in error
 
 
 def mean_displacement_mm(out: Path) -> float:
