@@ -256,7 +256,7 @@ def bench_mamba_tokens(config: UniFuseConfig, lengths: list[int], device: torch.
 @dataclass
 class TimeShares:
     """One forward pass split into disjoint parts that add up to ``total_s``, plus time spent
-    inside those parts (``nested``: the selective scans, which run within DAPL, OUFR and FA)."""
+    inside those parts (``nested``: the selective scans, which run within DAPL and OUFR; FA has none)."""
 
     total_s: float
     parts: dict[str, float]

@@ -65,6 +65,34 @@ def markdown(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def growth_table(scaling: list[dict]) -> str:
+    """The growth section: one row per size (``side``, ``voxels``, ``timing``), smallest first.
+
+    A cold row is a single run that overran its time budget during the warm-up (``Timing.warmed_up``
+    false): its time holds one-off start-up costs, so no growth ratio is computed from it, neither
+    for its row nor as the base of the others (the smallest warm row is)."""
+    warm = [row for row in scaling if row["timing"].warmed_up]
+
+    def ratio(row: dict) -> str:
+        if not row["timing"].warmed_up:
+            return "– (cold)"
+        base = warm[0]
+        return f"{(row['timing'].median_s / base['timing'].median_s) / (row['voxels'] / base['voxels']):.2f}"
+
+    table = markdown(
+        ["input", "voxels", "time: median (min–max) × runs", "µs / voxel", "time ratio / voxel ratio",
+         "peak memory: increase / total (MB)", "increase bytes / voxel"],
+        [[benchmark.size_label(3, row["side"]), f"{row['voxels']:,}", row["timing"].describe(),
+          f"{1e6 * row['timing'].median_s / row['voxels']:.3g}", ratio(row),
+          f"{row['timing'].peak_memory_mb:.0f} / {row['timing'].peak_total_mb:.0f}",
+          f"{row['timing'].peak_memory_mb * 2**20 / row['voxels']:.0f}"]
+         for row in scaling])
+    if len(warm) == len(scaling):
+        return table
+    return table + ("\n\nCold: one run whose warm-up alone overran the time budget, start-up costs included; "
+                    "no ratio is computed from it.")
+
+
 def prepare_out_folder(out: Path) -> None:
     """Create ``--out`` now and check that files can be written there: the full benchmark takes
     long, and a path it cannot write to would otherwise only be refused once all of it has run."""
@@ -152,16 +180,7 @@ def run(args: argparse.Namespace) -> int:
     scaling += [{"side": r.side, "voxels": r.side**3, "timing": r.timing, "network_s": r.model_seconds}
                 for r in fuse_results if r.dims == 3 and r.backend == fuse_results[0].backend]
     scaling.sort(key=lambda row: row["voxels"])
-    base = scaling[0]
-    emit("Growth with volume size (3D, end to end)", markdown(
-        ["input", "voxels", "time (s)", "µs / voxel", "time ratio / voxel ratio", "peak memory: increase / total (MB)",
-         "increase bytes / voxel"],
-        [[benchmark.size_label(3, row["side"]), f"{row['voxels']:,}", f"{row['timing'].median_s:.3g}",
-          f"{1e6 * row['timing'].median_s / row['voxels']:.3g}",
-          f"{(row['timing'].median_s / base['timing'].median_s) / (row['voxels'] / base['voxels']):.2f}",
-          f"{row['timing'].peak_memory_mb:.0f} / {row['timing'].peak_total_mb:.0f}",
-          f"{row['timing'].peak_memory_mb * 2**20 / row['voxels']:.0f}"]
-         for row in scaling]))
+    emit("Growth with volume size (3D, end to end)", growth_table(scaling))
     tokens = benchmark.bench_mamba_tokens(config_3d, list(plan.token_lengths), device, repeats=plan.repeats,
                                           budget_s=plan.budget_s / 5)
     emit(f"One Mamba block (dim {config_3d.embed_dim}, N {config_3d.d_state}) vs tokens L", markdown(

@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.runs_dir.exists():  # a typo, most often: "not a folder" would hide that
+        raise InputError("does not exist", args.runs_dir)
     if not args.runs_dir.is_dir():
         raise InputError("not a folder", args.runs_dir)
     index = args.runs_dir / INDEX_FILE

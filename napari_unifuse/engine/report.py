@@ -668,11 +668,21 @@ def _input_names(reference: ImageVolume, moving: ImageVolume, provenance: Mappin
     """"t1.nii.gz + t2.nii.gz": the inputs' file names (as the run recorded them where the volumes
     came from memory)."""
     recorded = _mapping(provenance.get("inputs"))
-    names = []
-    for role, volume in (("reference", reference), ("moving", moving)):
-        path = volume.source or _mapping(recorded.get(role)).get("path")
-        names.append(_readable(Path(str(path)).name) if path else f"{role} (in memory)")
-    return " + ".join(names)
+    paths = [volume.source or _mapping(recorded.get(role)).get("path") for role, volume in
+             (("reference", reference), ("moving", moving))]
+    names = iter(_pair_names([Path(str(path)) for path in paths if path]))
+    return " + ".join(next(names) if path else f"{role} (in memory)"
+                      for role, path in zip(("reference", "moving"), paths))
+
+
+def _pair_names(paths: list[Path]) -> list[str]:
+    """The paths' file names, with as many parent folders as it takes to tell them apart: a
+    Harvard pair is "MRI/16003.png + CT/16003.png", its modalities named by their folders only."""
+    for depth in range(1, max((len(path.parts) for path in paths), default=0) + 1):
+        names = ["/".join(path.parts[-depth:]) for path in paths]
+        if len(set(names)) == len(names):
+            return [_readable(name) for name in names]
+    return [_readable(path.name) for path in paths]  # one file given as both inputs: no folder tells them apart
 
 
 def _png(figure: Figure, alt: str) -> str:
@@ -884,8 +894,8 @@ class _IndexRow:
         provenance = read_json_object(run / PROVENANCE_FILE)
         quality = read_json_object(run / QUALITY_FILE)
         roles = _mapping(_mapping(provenance).get("inputs"))
-        inputs = " + ".join(_readable(Path(str(_mapping(roles.get(role)).get("path") or role)).name)
-                            for role in ("reference", "moving"))
+        inputs = " + ".join(_pair_names([Path(str(_mapping(roles.get(role)).get("path") or role))
+                                         for role in ("reference", "moving")]))
         if provenance is None:
             inputs = f"{PROVENANCE_FILE} unreadable"
         created = str(_mapping(provenance).get("created", ""))

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from napari_unifuse.benchmark import module_time_shares, time_call
+from napari_unifuse.benchmark import Timing, module_time_shares, time_call
 from napari_unifuse.cli import main
+from napari_unifuse.cli.bench import growth_table
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.unifuse import UniFuse
 
@@ -56,6 +57,30 @@ def test_time_call_repeats_within_budget_and_keeps_a_slow_warmup():
     assert slow.runs == 1 and not slow.warmed_up  # the warm-up alone overran the budget
 
 
+def growth_row(side: int, seconds: float, runs: int, warmed_up: bool) -> dict:
+    timing = Timing(seconds, seconds, seconds, runs, 10.0, 800.0, warmed_up)
+    return {"side": side, "voxels": side**3, "timing": timing, "network_s": seconds / 10}
+
+
+def test_the_growth_table_marks_cold_runs_and_computes_no_ratio_from_them():
+    """--quick's 3-D sizes each overran their budget in the warm-up: the table showed those single
+    cold runs as plain times and divided by the first of them (ratios 1.00 / 0.21 / 0.03)."""
+    table = growth_table([growth_row(16, 41.1, 1, False), growth_row(24, 2.0, 3, True),
+                          growth_row(32, 4.0, 2, True), growth_row(40, 21.3, 1, False)])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines() if "³" in line}
+    assert rows["3D 16³"][2] == "41.1 s ×1, cold" and rows["3D 16³"][4] == "– (cold)"
+    assert rows["3D 40³"][4] == "– (cold)"
+    # The smallest warm size is the base: 32³ has 2.37× the voxels of 24³ and took 2× the time.
+    assert rows["3D 24³"][2] == "2 s (2–2) ×3" and rows["3D 24³"][4] == "1.00"
+    assert rows["3D 32³"][4] == f"{2.0 / (32**3 / 24**3):.2f}"
+    assert "Cold: one run" in table
+
+
+def test_a_growth_table_of_warm_runs_needs_no_cold_note():
+    table = growth_table([growth_row(32, 1.0, 3, True), growth_row(64, 8.0, 3, True)])
+    assert "cold" not in table.lower() and "| 1.00 |" in table
+
+
 @pytest.fixture
 def benchmark_must_not_start(monkeypatch):
     """A refused argument must stop `bench` before any measurement (the full run takes many minutes)."""
@@ -101,7 +126,7 @@ def test_time_shares_account_for_the_whole_forward_pass():
     assert {"initial alignment: structural matching", "initial alignment: mutual-information refinement (Adam)",
             "dapl", "oufr", "fa", "ufrf"} <= set(shares.parts)
     assert shares.parts["other"] < 0.25 * shares.total_s
-    assert 0 < shares.nested["selective scans"] < shares.parts["dapl"] + shares.parts["oufr"] + shares.parts["fa"]
+    assert 0 < shares.nested["selective scans"] < shares.parts["dapl"] + shares.parts["oufr"]  # FA runs no scan
 
 
 def test_bench_refuses_an_out_it_cannot_write_to_before_measuring(tmp_path, benchmark_must_not_start, deny_writes_in,

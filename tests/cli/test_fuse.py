@@ -620,9 +620,16 @@ def test_no_quality_writes_only_the_results(data, tmp_path, capsys):
     assert {path.name for path in (tmp_path / "pet7").iterdir()} == RESULTS_PNG
 
 
-def test_report_on_a_missing_folder_exits_2(tmp_path, capsys):
+def test_report_on_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
-    assert "not a folder" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"unifuse report: error: {tmp_path / 'nowhere'}: does not exist\n"
+
+
+def test_report_on_a_file_says_it_is_not_a_folder(tmp_path, capsys):
+    runs = tmp_path / "runs.csv"
+    runs.write_text("pairs", encoding="utf-8")
+    assert main(["report", str(runs)]) == 2
+    assert capsys.readouterr().err == f"unifuse report: error: {runs}: not a folder\n"
 
 
 def test_out_of_memory_exits_2_naming_the_stage_and_writes_nothing(data, tmp_path, capsys, monkeypatch):

@@ -327,6 +327,21 @@ def test_the_index_lists_runs_most_suspicious_first_and_links_their_reports(tmp_
     assert "aaa-no-maps <span class=note>(no report: run <code>unifuse fuse --report --overwrite</code>)" in page
 
 
+def test_inputs_of_the_same_file_name_are_told_apart_by_their_folders(tmp_path):
+    """A Harvard pair is MRI/16003.png onto CT/16003.png: the title and the index read
+    "16003.png + 16003.png", which input was which modality nowhere to be seen."""
+    result = constructed_result(blob_radius=0)
+    result.provenance["inputs"] = {"reference": {"path": "/harvard/CT-MRI/MRI/16003.png"},
+                                   "moving": {"path": "/harvard/CT-MRI/CT/16003.png"}}
+    run = tmp_path / "cohort" / "16003"
+    write_fusion_outputs(result, run)
+    page = write_report(result, run, reference=result.fused, moving=result.aligned).read_text(encoding="utf-8")
+    assert "<title>UniFuse QC report: MRI/16003.png + CT/16003.png (16003)</title>" in page
+
+    index = write_index(tmp_path / "cohort").read_text(encoding="utf-8")
+    assert "<td>MRI/16003.png + CT/16003.png</td>" in index
+
+
 def test_the_index_counts_a_batchs_pairs_and_lists_failed_and_unfinished_ones_apart(tmp_path):
     """A batch of 3 pairs, 2 done and 1 failed, looked like 2 runs; a killed pair not at all."""
     from napari_unifuse.cli.fuse import SUMMARY_FILE
