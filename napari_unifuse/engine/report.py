@@ -814,6 +814,8 @@ def _batches_and_unfinished(cohort: _CohortFolders, runs_dir: Path, failed: Sequ
         # Busy: another run held the pair's folder to the batch's end (summaries before that count lack it).
         busy = summary.get("busy")
         counts += f", {busy} busy (another run held their folders when the batch ended)" if busy else ""
+        kept = summary.get("kept")  # an earlier version's results of the pair, neither redone nor failed
+        counts += f", {kept} kept (results of an earlier version; --overwrite redoes them)" if kept else ""
         pairs = summary.get("pairs", "?")
         carried = len(_listed(summary.get(EARLIER_FAILURES)))
         counts += f"; {carried} failed in earlier batches into this folder" if carried else ""

@@ -936,6 +936,10 @@ def test_a_batch_keeps_an_earlier_versions_results_of_its_pairs_saying_so(data, 
     assert [(o["name"], o["status"]) for o in summary["outcomes"]] == [("pet7", "kept"), ("pet8", "kept")]
     assert "earlier version of unifuse" in summary["outcomes"][0]["reason"]
     assert outputs_touched(out) == earlier
+    # The QC index's counts add up to the batch's pairs, the kept ones said.
+    assert main(["report", str(out)]) == 0
+    assert "2 pairs, 0 done, 0 skipped, 0 failed, 2 kept (results of an earlier version" in \
+        (out / "index.html").read_text(encoding="utf-8")
 
     assert fuse("--pairs", pairs, "--out", out, "--method", "identity+average", "--no-quality", "--device", "cpu",
                 "--overwrite") == 0
