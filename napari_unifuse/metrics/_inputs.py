@@ -11,7 +11,8 @@ import numpy as np
 from napari_unifuse.errors import InputError
 
 # Float inputs whose values all lie in [0, 1] (the model's range) are read as unit-scale images.
-# A little float32 round-off above 1 must not flip an image to the 0–255 reading.
+# A little float32 round-off above 1 must not flip an image to the 0–255 reading, nor round-off
+# below 0 (an interpolation's −1e-9) refuse it; both are clipped.
 UNIT_SCALE_TOLERANCE = 1e-5
 # Float images whose maximum lies between 1 (+ tolerance) and this are neither clearly unit-scale nor
 # clearly grey levels (a 0–255 image of anatomy reaches far higher): they are refused.
@@ -68,19 +69,20 @@ def to_grey_scale(names: tuple[str, ...], *arrays: object, min_side: int = 1) ->
     """Bring images onto the 0–255 grey scale the references assume, each by its own type and values.
 
     Integer images are grey levels (0–255). Float images whose values all lie in [0, 1] (the model's
-    range, up to float round-off) are multiplied by 255; floats that reach past
-    ``AMBIGUOUS_FLOAT_MAX`` are taken as grey levels. They were judged together: one fused value of
-    1.00002 beside sources in [0, 1] read all three as 0–255, dark images, and MI fell from 2.6 to
-    0.2 without a word; a uint8 source beside [0, 1] floats did the same. Floats just above 1 (an
-    interpolation overshoot?) could be either, and are refused, as are negative values and anything
-    past 255 (CT in HU, 16-bit data): normalise first. Colour images are refused (``check_images``).
+    range, up to float round-off either side, which is clipped) are multiplied by 255; floats that
+    reach past ``AMBIGUOUS_FLOAT_MAX`` are taken as grey levels. They were judged together: one fused
+    value of 1.00002 beside sources in [0, 1] read all three as 0–255, dark images, and MI fell from
+    2.6 to 0.2 without a word; a uint8 source beside [0, 1] floats did the same. Floats just above 1
+    (an interpolation overshoot?) could be either, and are refused, as are negative values beyond
+    round-off and anything past 255 (CT in HU, 16-bit data): normalise first. Colour images are
+    refused (``check_images``).
     """
     checked = check_images(names, *arrays, min_side=min_side, refuse_colour=True)
     on_grey_scale = []
     for name, original, data in zip(names, arrays, checked, strict=True):
         low, high = float(data.min()), float(data.max())
         unit_float = np.issubdtype(np.asarray(original).dtype, np.floating) and high <= 1.0 + UNIT_SCALE_TOLERANCE
-        if low >= 0.0 and unit_float:
+        if low >= -UNIT_SCALE_TOLERANCE and unit_float:
             on_grey_scale.append(np.clip(data, 0.0, 1.0) * 255.0)
         elif low >= 0.0 and high <= 255.0 and not (unit_float or _ambiguous(original, high)):
             on_grey_scale.append(data)
@@ -99,9 +101,20 @@ def _ambiguous(array: object, high: float) -> bool:
                 <= AMBIGUOUS_FLOAT_MAX)
 
 
+# An average of two 8-bit images puts about a quarter of its pixels on half grey levels (k + 0.5),
+# where rounding turns on float round-off: the same average in float32 or float64 went up or down
+# there, EN 7.54 or 7.65. Values this close to a half level are on it, and round as exact halves
+# do. It is above the round-off of [0, 1] float32 images (1e-5 grey levels) and of the engine's
+# own average (5e-4), and far below a grey level.
+HALF_LEVEL_TOLERANCE = 1e-3
+
+
 def grey_levels(image: np.ndarray) -> np.ndarray:
-    """Round a 0–255 image to uint8 grey levels, as the histogram-based references do."""
-    return np.round(image).astype(np.uint8)
+    """Round a 0–255 image to uint8 grey levels, as the histogram-based references do (``np.round``:
+    halves to even), values within ``HALF_LEVEL_TOLERANCE`` of a half level taken as that half."""
+    half_level = np.floor(image) + 0.5
+    on_half_level = np.abs(image - half_level) <= HALF_LEVEL_TOLERANCE
+    return np.round(np.where(on_half_level, half_level, image)).astype(np.uint8)
 
 
 def stretch_to_grey_levels(image: np.ndarray) -> np.ndarray:

@@ -4,10 +4,11 @@ Every metric compares a fused image F with its two sources A and B (except EN an
 at F alone). Inputs are numpy arrays of one shape: 2D ``(y, x)`` images or 3D ``(z, y, x)`` volumes,
 each read on its own by type and values: [0, 1] floats (the model's range) are multiplied by 255,
 integer images and floats past 2 are taken as 0–255 grey levels, floats just above 1 (ambiguous),
-negative values and values past 255 are an ``InputError`` (see ``_inputs.to_grey_scale``). The 0–255
-scale is the one the reference evaluators assume (CDDFuse reads 8-bit images; VIFB and Liu's
-MATLAB collection likewise), and it matters for VIF (its noise variance 2 is in grey levels²), SSIM
-(its constants scale with the data range) and the histogram metrics (EN, MI, NMI use 256 levels).
+negative values (beyond round-off) and values past 255 are an ``InputError`` (see
+``_inputs.to_grey_scale``). The 0–255 scale is the one the reference evaluators assume (CDDFuse
+reads 8-bit images; VIFB and Liu's MATLAB collection likewise), and it matters for VIF (its noise
+variance 2 is in grey levels²), SSIM (its constants scale with the data range) and the histogram
+metrics (EN, MI, NMI use 256 levels; values within 0.001 of a half grey level round as that half).
 
 Metrics defined on 2D images (Q_vif, Q_ssim, Q_s here; Q_abf, Q_cv, AG in ``fusion_gradient``)
 are computed on each axial slice of a volume and averaged (``mean_over_axial_slices``: slices where
@@ -16,9 +17,11 @@ Metrics that are statistics of the voxel values (Q_mse, Q_cc, Q_psnr, Q_scd, EN,
 voxels at once. Colour (y, x, 3 or 4) images are refused: pass their luma.
 
 Flat (constant) images: where a metric divides by a variance or an entropy that is zero, it is
-undefined and returns NaN without warnings (Q_cc and Q_scd with a constant image, NMI when an
-image and F are both constant); Q_psnr is +inf when F equals both sources; Q_vif follows CDDFuse,
-which scores a constant source as 1. Nothing raises on flat input.
+undefined and returns NaN without warnings (Q_cc with a constant source, Q_scd with a constant
+image, NMI when an image and F are both constant); a constant F beside sources with contrast
+scores Q_cc 0, and a black F a finite Q_psnr (its peak taken as one grey level), so that a failed
+fusion counts in a mean rather than dropping out; Q_psnr is +inf when F equals both sources;
+Q_vif follows CDDFuse, which scores a constant source as 1. Nothing raises on flat input.
 
 A copy of one source fools most of these: on aligned multimodal pairs F = A scores as well as or
 better than the average 0.5·(A + B) on Q_ssim, Q_vif, Q_abf, Q_cv, Q_s, MI, NMI and AG for at
@@ -77,10 +80,30 @@ def q_mse(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     return _mean_squared_error(fused, a, b) / GREY_RANGE**2
 
 
+def _correlation_with_fused(source: np.ndarray, fused: np.ndarray) -> float:
+    """r(source, F); 0 for a flat F beside a source with contrast, NaN only for a flat source.
+
+    A flat (black, blank) F follows none of the source's variation: scored NaN, a failed fusion
+    was left out of ``unifuse evaluate``'s means, which then rose for the method that failed.
+    """
+    if np.ptp(fused) == 0 and np.ptp(source) > 0:
+        return 0.0
+    return _pearson(source, fused)
+
+
 @fusion_metric()
 def q_cc(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-    """Q_cc = (r(A, F) + r(B, F)) / 2 with Pearson's r over all voxels (CDDFuse ``Evaluator.CC``)."""
-    return (_pearson(a, fused) + _pearson(b, fused)) / 2
+    """Q_cc = (r(A, F) + r(B, F)) / 2 with Pearson's r over all voxels (CDDFuse ``Evaluator.CC``).
+
+    A flat F scores 0 beside sources with contrast (the references divide by its zero variance);
+    NaN only where a source is flat.
+    """
+    return (_correlation_with_fused(a, fused) + _correlation_with_fused(b, fused)) / 2
+
+
+# Q_psnr's peak is at least one grey level: a black F's peak 0 gave −inf, which ``unifuse evaluate``
+# left out of its means as undefined (a method scored better for the pairs it failed on).
+_PSNR_MIN_PEAK = 1.0
 
 
 @fusion_metric()
@@ -88,12 +111,14 @@ def q_psnr(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     """Q_psnr = 10·log10(max(F)² / Q_mse) in dB (CDDFuse ``Evaluator.PSNR``; scale-free).
 
     +inf when F equals both sources (no error), like ``skimage.metrics.peak_signal_noise_ratio``.
+    The peak is taken as at least one grey level (1/255 of [0, 1]), so that a black F scores a
+    finite worst value (CDDFuse: −inf); an F that reaches one grey level scores as there.
     """
     error = _mean_squared_error(fused, a, b)
     if error == 0:
         return float("inf")
-    peak = float(fused.max())
-    return float(10 * np.log10(peak**2 / error)) if peak > 0 else float("-inf")
+    peak = max(float(fused.max()), _PSNR_MIN_PEAK)
+    return float(10 * np.log10(peak**2 / error))
 
 
 @fusion_metric()

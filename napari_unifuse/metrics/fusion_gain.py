@@ -12,6 +12,11 @@ so a copy of A has gain_B = 0 exactly and a copy of B has gain_A = 0, and ``mini
 what F adds for the source it serves worse, is 0 for either copy and positive only for an image
 that resembles both sources more than they resemble each other.
 
+Copy-proof is not blur-proof: where one source is of low resolution (SPECT beside MRI), blurring
+F brings it nearer that source faster than it takes F from the sharp one. On 12 Harvard SPECT-MRI
+pairs the average scores gain_min 0.170 and the same average blurred (Gaussian σ 1 px) 0.185,
+higher on 11 of them, while Q_mse and Q_cc rank the blur lower (README, "copy-proof score").
+
 Inputs and scale as in ``fusion`` (0–255 grey scale; volumes averaged over axial slices).
 """
 

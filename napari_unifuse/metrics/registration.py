@@ -42,7 +42,7 @@ def _axial_slabs(depth: int, plane: int, halo: int, start: int = 0, stop: int | 
 
 
 def registration_metrics(
-    aligned: object, label: object, mask: object | None = None, *, data_range: float = 1.0
+    aligned: object, label: object, mask: object | None = None, *, data_range: float | None = None
 ) -> dict[str, float]:
     """MSE, NCC and SSIM of an aligned image (or volume) to its label, optionally inside a mask.
 
@@ -51,15 +51,20 @@ def registration_metrics(
     * ``ncc``: global normalised cross-correlation (Pearson's r) over the voxels; NaN if either
       image is constant there.
     * ``ssim``: scikit-image ``structural_similarity`` (7-voxel uniform window, 2D or 3D) with the
-      given ``data_range`` (1.0 for [0, 1] images); with a mask, the SSIM map is averaged over the
-      mask after cropping the 3-voxel border that skimage also leaves out of its mean. NaN where the
+      given ``data_range``, 1.0 ([0, 1] images) when none is given; with a mask, the SSIM map
+      is averaged over the mask after cropping the 3-voxel border that skimage also leaves out of its mean. NaN where the
       window does not fit (an axis under 7 voxels, a volume of 2–6 slices say), as ``fusion_metrics``
       scores a metric whose window does not fit: the other metrics still apply. A one-slice volume
       is a 2D image: pass its slice.
 
     ``mask`` is a boolean array of the same shape selecting the voxels to score (e.g. the head).
+    Integer images outside [0, 1] (8-bit grey levels, say) are refused without a ``data_range``:
+    scored as [0, 1] intensities, their SSIM came out wrong (0.38 for 0.43) without a word.
     """
     aligned_f, label_f = check_images(("aligned", "label"), aligned, label)
+    if data_range is None:
+        _refuse_integer_grey_levels(("aligned", "label"), (aligned, label), (aligned_f, label_f))
+        data_range = 1.0
     if data_range <= 0:
         raise InputError(f"data_range must be positive, got {data_range}")
     if mask is None:
@@ -81,6 +86,17 @@ def registration_metrics(
     window_fits = min(aligned_f.shape) >= _SSIM_WINDOW
     return {"mse": float(np.mean((x - y) ** 2)), "ncc": ncc,
             "ssim": _masked_ssim(aligned_f, label_f, selected, data_range) if window_fits else float("nan")}
+
+
+def _refuse_integer_grey_levels(names: tuple[str, ...], originals: tuple[object, ...],
+                                checked: tuple[np.ndarray, ...]) -> None:
+    """Refuse an integer image with values outside [0, 1], which the default data range misreads."""
+    for name, original, data in zip(names, originals, checked, strict=True):
+        low, high = float(data.min()), float(data.max())
+        if np.issubdtype(np.asarray(original).dtype, np.integer) and (low < 0 or high > 1):
+            raise InputError(f"integer intensities span [{low:g}, {high:g}]; the registration metrics take [0, 1] "
+                             "images (divide 8-bit grey levels by 255) or the images' data_range "
+                             "(data_range=255 for 8-bit grey levels)", name)
 
 
 def _masked_ssim(aligned: np.ndarray, label: np.ndarray, selected: np.ndarray, data_range: float) -> float:

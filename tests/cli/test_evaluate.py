@@ -49,7 +49,7 @@ from napari_unifuse.errors import InputError
 from napari_unifuse.io import ImageVolume, normalize_intensity, read_image, write_image
 from napari_unifuse.io.fields import write_displacement
 from napari_unifuse.io.image import Geometry
-from napari_unifuse.metrics import registration_metrics, ssim_gains
+from napari_unifuse.metrics import fusion_metrics, registration_metrics, ssim_gains
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import save_checkpoint
 from napari_unifuse.model.networks import build_network
@@ -310,6 +310,20 @@ def test_a_mean_over_fewer_pairs_than_the_row_says_how_many():
     assert row["n"] == 4 and row["ncc_n"] == 4 and row["bone_retention_n"] == 2
     table = markdown_table([row])
     assert "0.8 ± 0 (n=2)" in table and "2 ± 1.1 |" in table  # ncc: every pair, no count
+
+
+def test_a_black_fused_image_counts_in_the_means_of_q_cc_and_q_psnr():
+    """A method that output a black image on one pair of two averaged its good pair alone (n=1)."""
+    rng = np.random.default_rng(0)
+    reference, label = (np.clip(ndimage.gaussian_filter(rng.random((48, 48)), 2) * 4 - 1.5, 0, 1) for _ in range(2))
+    outputs = {"good": [0.5 * (reference + label)] * 2, "broken": [0.5 * (reference + label), np.zeros_like(label)]}
+    records = [{"task": "CT-MRI", "method": method, "pair": f"p{index}",
+                **dict.fromkeys(METRIC_COLUMNS, float("nan")), **fusion_metrics(fused, reference, label)}
+               for method, fused_images in outputs.items() for index, fused in enumerate(fused_images)]
+    good, broken = summarise(records)
+    for column in ("Q_cc", "Q_psnr"):
+        assert broken[f"{column}_n"] == 2
+        assert broken[f"{column}_mean"] < good[f"{column}_mean"]
 
 
 def test_needs_exactly_one_pair_source(checkpoint, pairs_csv, tmp_path, capsys):

@@ -44,8 +44,8 @@ PERFECT_QABF = 0.9994 * 0.9879 / (1 + math.exp(-22 * (1 - 0.8)))
 
 
 def test_fusing_an_image_with_itself_gives_the_ideal_values(source_pair):
-    a, _ = source_pair
-    levels = np.round(a * 255).astype(np.uint8)
+    levels = np.round(source_pair[0] * 255).astype(np.uint8)
+    a = levels / 255  # on grey levels: none near a half level, where the metrics' rounding is their own
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = fusion_metrics(a, a, a)
@@ -82,6 +82,18 @@ def test_flat_images_give_documented_values_without_warnings():
         assert math.isnan(result[undefined]), undefined
 
 
+@pytest.mark.parametrize("level", [0.0, 0.5])
+def test_a_flat_fused_image_beside_sources_with_contrast_scores_the_worst_not_undefined(source_pair, level):
+    """A black or blank output is a failed fusion: NaN (Q_cc) or −inf (Q_psnr) left it out of
+    evaluate's means, so that a method scored better for the pairs it failed on."""
+    a, b = source_pair
+    flat = np.full_like(a, level)
+    assert q_cc(flat, a, b) == 0  # F follows neither source's variation
+    psnr = q_psnr(flat, a, b)
+    assert np.isfinite(psnr) and psnr < q_psnr(0.5 * (a + b), a, b)
+    assert math.isnan(q_cc(flat, flat, b))  # a flat source still leaves its correlation undefined
+
+
 def test_unit_and_grey_scale_inputs_give_the_same_metrics(source_pair):
     a, b = source_pair
     fused = np.maximum(a, b)
@@ -105,6 +117,18 @@ def test_each_image_keeps_its_own_scale_and_an_ambiguous_one_is_refused(source_p
     overshoot.flat[0] = 1.00002
     with pytest.raises(InputError, match="clip them to") as refused:
         fusion_metrics(overshoot, a, b)
+    assert refused.value.source == "fused"
+
+
+def test_round_off_below_0_is_tolerated_as_it_is_above_1_and_a_real_negative_refused(source_pair):
+    a, b = source_pair
+    fused = 0.5 * (a + b)
+    fused[0, 0] = 0.0
+    undershoot, negative = fused.copy(), fused.copy()
+    undershoot[0, 0], negative[0, 0] = -1e-9, -0.01
+    assert fusion_metrics(undershoot, a, b) == pytest.approx(fusion_metrics(fused, a, b), rel=1e-12, nan_ok=True)
+    with pytest.raises(InputError, match="normalise") as refused:
+        fusion_metrics(negative, a, b)
     assert refused.value.source == "fused"
 
 
@@ -259,11 +283,27 @@ def test_shifting_the_fused_image_lowers_correlation_and_mutual_information(sour
 
 
 def test_mutual_information_matches_scikit_learn(source_pair):
-    a, b = source_pair
-    fused = 0.5 * (a + b)
-    levels = [np.round(image * 255).astype(np.uint8).ravel() for image in (fused, a, b)]
+    grey_a, grey_b = (np.round(image * 255) for image in source_pair)
+    a, b = grey_a / 255, grey_b / 255
+    fused = 0.5 * (a + b)  # on half grey levels (to round-off), which round to even
+    levels = [np.round(image).astype(np.uint8).ravel() for image in (0.5 * (grey_a + grey_b), grey_a, grey_b)]
     expected = mutual_info_score(levels[0], levels[1]) + mutual_info_score(levels[0], levels[2])
     assert mutual_information(fused, a, b) == pytest.approx(expected)
+
+
+def test_histogram_metrics_of_an_average_do_not_depend_on_float_round_off_at_half_grey_levels():
+    """A quarter of an 8-bit average's pixels lie on k + 0.5; round-off sent each up or down at
+    random (EN 7.54 in float64, 7.65 in float32)."""
+    rng = np.random.default_rng(5)
+    a, b = (rng.integers(0, 256, (64, 64), dtype=np.uint8) for _ in range(2))
+    exact_levels = np.round((a.astype(float) + b) / 2).astype(np.uint8)  # exact halves, rounded to even
+    expected_mi = mutual_info_score(exact_levels.ravel(), a.ravel()) + mutual_info_score(exact_levels.ravel(), b.ravel())
+    expected_en = shannon_entropy(exact_levels, base=2)
+    average = (a / 255 + b / 255) / 2
+    for fused in (average, average.astype(np.float32), average + 1e-9 * rng.standard_normal(average.shape)):
+        fused = np.clip(fused, 0, 1)
+        assert mutual_information(fused, a, b) == pytest.approx(expected_mi, rel=1e-12)
+        assert entropy(fused) == pytest.approx(expected_en, rel=1e-12)
 
 
 def test_nmi_matches_skimage_normalized_mutual_information():
@@ -285,8 +325,8 @@ def test_entropy_known_values():
     all_levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     assert entropy(all_levels) == pytest.approx(8.0)
     rng = np.random.default_rng(3)
-    image = ndimage.gaussian_filter(rng.random((40, 40)), 1)
-    assert entropy(image) == pytest.approx(shannon_entropy(np.round(image * 255).astype(np.uint8), base=2))
+    levels = np.round(ndimage.gaussian_filter(rng.random((40, 40)), 1) * 255).astype(np.uint8)
+    assert entropy(levels / 255) == pytest.approx(shannon_entropy(levels, base=2))
 
 
 def test_volumes_average_the_2d_metrics_over_non_empty_axial_slices(source_pair):

@@ -78,6 +78,22 @@ def test_q_abf_matches_the_matlab_reference_on_random_images():
     fused = np.round(0.5 * (a + b))
     fused[2, 3] = a[2, 3]  # a few exact ties g_A = g_F exercise the references' tie rule
     assert q_abf(fused, a, b) == pytest.approx(matlab_qabf(a, b, fused), rel=1e-12)
+    average = 0.5 * (a + b)  # half grey levels: Sobel sums in steps of 0.5, all told from 0 as there
+    assert q_abf(average, a, b) == pytest.approx(matlab_qabf(a, b, average), rel=1e-12)
+
+
+def test_q_abf_of_an_edge_along_the_rows_does_not_flip_with_float_round_off():
+    # s_x of an edge along the rows is 0; round-off makes it ±tiny, which turned its orientation
+    # from π/2 to −π/2, "opposite" to the source's (F = A + 1e-9 noise: 0.975 -> 0.611).
+    a = np.zeros((32, 32))
+    a[16:] = 0.6
+    b = np.zeros_like(a)
+    b[:, 16:] = 0.3
+    fused = 0.7 * a + 0.3 * b
+    noise = 1e-9 * np.random.default_rng(0).standard_normal(a.shape)
+    exact = q_abf(fused, a, b)
+    assert q_abf(np.clip(fused + noise, 0, 1), a, b) == pytest.approx(exact, rel=1e-6)
+    assert q_abf(fused.astype(np.float32), a.astype(np.float32), b.astype(np.float32)) == pytest.approx(exact, rel=1e-6)
 
 
 def test_q_abf_drops_when_the_fused_image_loses_edges(source_pair):

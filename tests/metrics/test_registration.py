@@ -101,6 +101,19 @@ def test_bad_registration_inputs_raise_input_error(source_pair):
         registration_metrics(a, b[1:])
 
 
+def test_grey_level_images_need_their_data_range_rather_than_scoring_as_unit_intensities(source_pair):
+    """uint8 images scored with the [0, 1] data range gave SSIM 0.38 for 0.43, and an MSE in grey levels²."""
+    a, b = (np.round(image * 255).astype(np.uint8) for image in source_pair)
+    with pytest.raises(InputError, match="data_range=255") as refused:
+        registration_metrics(a, b)
+    assert refused.value.source == "aligned"
+    given = registration_metrics(a, b, data_range=255)
+    assert given["ssim"] == pytest.approx(structural_similarity(b, a, data_range=255))
+    assert registration_metrics(a / 255, b / 255)["ssim"] == pytest.approx(given["ssim"])
+    mask = np.ones(a.shape, dtype=np.uint8)  # whole numbers in [0, 1] are unit intensities
+    assert registration_metrics(mask, mask)["mse"] == 0
+
+
 def identity_grid(shape: tuple[int, ...]) -> np.ndarray:
     return np.stack(np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij"))
 
