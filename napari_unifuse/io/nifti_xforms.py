@@ -10,12 +10,14 @@ The package's geometry is nibabel's choice; an image written on that grid gets t
 header's two forms and codes back (``stamp``), so
 that in each tool it overlays the original exactly as that tool shows the original, whatever the
 forms say. A header without either form (both codes 0) places the image by a guess, which stays
-a guess (codes 0) in what is written, so that every tool guesses the same for both.
+a guess (codes 0) in what is written, so that every tool guesses the same for both. Voxel sizes
+stored negative, which nibabel makes positive, ITK takes as reversed voxel axes: that is warned about
+(``NiftiXforms.itk_mirroring_warnings``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,11 @@ class NiftiXforms:
                     f"voxel sizes (pixdim): the sform is used; {_ITK_BASED_TOOLS} place the image by its axis "
                     f"directions with the voxel sizes, up to {itk_apart:.3g} mm from there. Outputs on its grid "
                     "keep this header, so each tool shows them where it shows this image"]
+        elif not sheared and self.sform_code == SCANNER_CODE:  # itk_form: the sform, rescaled to pixdim
+            said = (f"The sform is used (as nibabel and FSL do); {_ITK_BASED_TOOLS} take its axis directions with "
+                    f"the voxel sizes (pixdim, {_sizes(np.linalg.norm(itk_form[:3, :3], axis=0))} mm), not its axis "
+                    f"lengths ({_sizes(np.linalg.norm(self.sform[:3, :3], axis=0))} mm), placing voxels up to "
+                    f"{itk_apart:.3g} mm from there")
         else:
             why = "which shears the voxel axes" if sheared else f"of code {self.sform_code}, not 1 (scanner)"
             said = (f"The sform is used (as nibabel and FSL do); {_ITK_BASED_TOOLS} place the image by its "
@@ -129,6 +136,31 @@ class NiftiXforms:
         return [f"the NIfTI header's qform (code {self.qform_code}) and sform (code {self.sform_code}) disagree: "
                 f"they place voxels up to {forms_apart:.3g} mm apart. {said}. Outputs on its grid keep both forms, "
                 "so each tool shows them where it shows this image"]
+
+    def itk_mirroring_warnings(self, stored_voxel_sizes: Sequence[float], shape: tuple[int, ...]) -> list[str]:
+        """What a reader should be told of voxel sizes the file stores negative (``stored_voxel_sizes``:
+        pixdim[1:4] as stored; the header nibabel loads has them made positive, as the package takes
+        them). ITK takes their size too but reverses those voxel axes, whichever form it reads or
+        when it guesses (measured with SimpleITK 2.5, ITK 5.4), so it shows the image mirrored, while
+        the outputs, written with positive sizes, sit where the package places it (``shape``: the
+        voxel grid, nibabel order)."""
+        reversed_axes = [axis for axis, size in enumerate(stored_voxel_sizes[:3]) if size < 0]
+        if not reversed_axes or not np.all(np.isfinite(self.qform)) or (
+                self.itk_form() is None and not self.places_nothing):  # ITK refuses or cannot place it: said already
+            return []
+        # Each of ITK's placements has perpendicular axes as long as the voxel sizes, as the qform has:
+        # reversing axes moves the voxels alike in all of them.
+        mirror = np.diag([-1.0 if axis in reversed_axes else 1.0 for axis in range(3)] + [1.0])
+        apart = _farthest_apart(self.qform, self.qform @ mirror, shape)
+        if apart <= _DISAGREEMENT_TOLERANCE * np.linalg.norm(self.qform[:3, :3], axis=0).min():
+            return []  # a one-voxel axis: reversing it moves nothing
+        axes = ("axis " if len(reversed_axes) == 1 else "axes ") + " and ".join("ijk"[axis] for axis in reversed_axes)
+        return [f"the NIfTI header stores negative voxel sizes (pixdim) along voxel {axes}: nibabel, and so "
+                f"this package, take them as positive, while {_ITK_BASED_TOOLS} reverse those axes, showing the "
+                f"image mirrored, its voxels up to {apart:.3g} mm from where it is used here. Outputs on its grid are "
+                "written with positive voxel sizes, so those tools show them where it is used here, not over the "
+                "image as they show it; saving the image with nibabel writes its sizes positive, so that every "
+                "tool places it alike"]
 
     def stamp(self, image: nib.Nifti1Image) -> bool:
         """Give ``image`` these forms and codes; True when its header then places the voxels where
@@ -194,6 +226,11 @@ def _rotation_with_scaling(form: np.ndarray) -> bool:
         return False
     directions = form[:3, :3] / lengths
     return bool(np.abs(directions @ directions.T - np.eye(3)).max() <= _ITK_ORTHONORMAL_TOLERANCE)
+
+
+def _sizes(lengths: np.ndarray) -> str:
+    """Axis lengths as a reader writes them: ``1.2 × 1 × 1.5``."""
+    return " × ".join(f"{length:.3g}" for length in lengths)
 
 
 def _farthest_apart(form: np.ndarray, other: np.ndarray, shape: tuple[int, ...]) -> float:

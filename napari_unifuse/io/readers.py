@@ -6,6 +6,7 @@ axis order); every failure becomes an InputError naming the file and the problem
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from warnings import catch_warnings, simplefilter
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from nibabel.filebasedimages import FileBasedImage
+from nibabel.filebasedimages import FileBasedImage, ImageFileError
 from nibabel.imageclasses import all_image_classes
 from numpy.lib.recfunctions import structured_to_unstructured, unstructured_to_structured
 from PIL import Image
@@ -35,6 +36,10 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm",)
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES + PILLOW_SUFFIXES
+# A header file and an image file (a NIfTI-1 pair, ANALYZE 7.5): not read here, but converted in one line.
+_HEADER_IMAGE_PAIR_SUFFIXES = (".hdr.gz", ".img.gz", ".hdr", ".img")
+# Every gzip stream starts with these two bytes (RFC 1952), whatever the file is named.
+_GZIP_MAGIC = b"\x1f\x8b"
 
 # DICOM tags worth keeping (names are ours); patient identifiers are left out on purpose.
 _DICOM_TAGS = {
@@ -213,10 +218,24 @@ def readable_format(path: str | os.PathLike) -> str:
     if fmt is None:
         raise InputError(
             f"unknown file type {''.join(path.suffixes) or '(no extension)'!r}; "
-            f"supported: {', '.join(SUPPORTED_SUFFIXES)}, a DICOM file of any name or a DICOM series folder",
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)}, a DICOM file of any name or a DICOM series folder"
+            f"{_pair_conversion_hint(path)}",
             path,
         )
     return fmt
+
+
+def _pair_conversion_hint(path: Path) -> str:
+    """For one file of a header/image pair (NIfTI-1 pair, ANALYZE 7.5): the line that saves it as a
+    single .nii, which nibabel places as it placed the pair (and as the package reads nibabel's
+    placement); otherwise nothing."""
+    name = str(path)
+    suffix = next((s for s in _HEADER_IMAGE_PAIR_SUFFIXES if name.lower().endswith(s)), None)
+    if suffix is None:
+        return ""
+    single = name[: -len(suffix)] + ".nii"
+    return (f"; a .hdr/.img pair (NIfTI or ANALYZE 7.5) opens once saved as one .nii file, e.g. with "
+            f'python -c "import nibabel as nib; nib.save(nib.load({name!r}), {single!r})"')
 
 
 def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume:
@@ -364,9 +383,14 @@ def load_nifti(path: str | os.PathLike) -> FileBasedImage:
     all lower case (so that ``.IMG`` finds ``.HDR``): a mixed-case ``.Nii.Gz`` would be opened as
     ``.nii.Gz``, a file that does not exist. For such a name the image class is chosen as nib.load
     chooses it (its sniff reads the file under the name given) and the image is opened, with
-    nib.load's defaults, from a file map that names the file as it is. Other names go to nib.load.
+    nib.load's defaults, from a file map that names the file as it is. A file gzip-compressed or not
+    otherwise than its suffix says, which nib.load refuses, is read by its content
+    (:func:`_nifti_suffix_by_content`). Other names go to nib.load.
     """
     name = str(path)
+    fitting_suffix = _nifti_suffix_by_content(name)
+    if fitting_suffix is not None:
+        return _nifti_by_content(name, gzipped=fitting_suffix.endswith(".gz"))
     if not nibabel_renames(nib.Nifti1Image, name):
         return nib.load(name)
     sniff = None
@@ -375,6 +399,50 @@ def load_nifti(path: str | os.PathLike) -> FileBasedImage:
         if is_valid and len(image_class.files_types) == 1:  # single-file: .nii, as file_format checked
             return image_class.from_file_map(image_class.make_file_map({image_class.files_types[0][0]: name}))
     return nib.load(name)  # not a single-file NIfTI after all: nib.load says why
+
+
+def _nifti_suffix_by_content(name: str) -> str | None:
+    """The suffix the NIfTI file ``name``'s content calls for (``.nii.gz`` when it is gzip-compressed,
+    else ``.nii``) where its name says otherwise: nib.load decompresses by the name alone ("Cannot
+    work out file type", "is not a gzip file"). None when the name fits, or the file cannot be opened
+    (reading it says why)."""
+    try:
+        with open(name, "rb") as stream:
+            gzipped = stream.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+    except OSError:
+        return None
+    if gzipped == name.lower().endswith(".gz"):
+        return None
+    return ".nii.gz" if gzipped else ".nii"
+
+
+def _nifti_by_content(name: str, gzipped: bool) -> FileBasedImage:
+    """The single-file NIfTI-1 or NIfTI-2 image in ``name``, decompressed when ``gzipped``, whatever
+    its suffix says. The whole file is read into memory (nibabel reads an image from bytes, not from
+    a stream it opens by content); only a misnamed file is read so."""
+    with (gzip.open if gzipped else open)(name, "rb") as stream:
+        content = stream.read()
+    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+        if image_class.header_class.may_contain_header(content[: image_class.header_class.sizeof_hdr]):
+            return image_class.from_bytes(content)
+    raise ImageFileError(f"no NIfTI header at its start{' once decompressed' if gzipped else ''}")
+
+
+def _misnamed_compression_warning(fitting_suffix: str) -> str:
+    """What a reader of a NIfTI file named otherwise than its compression (``fitting_suffix``) is told."""
+    if fitting_suffix == ".nii.gz":
+        return ("is gzip-compressed but named .nii: read by its content, but SimpleITK refuses it under this name: "
+                "rename it to .nii.gz")
+    return ("is not gzip-compressed but named .nii.gz: read by its content, but nibabel refuses it under this name: "
+            "rename it to .nii")
+
+
+def _stored_voxel_sizes(image: Any) -> np.ndarray:
+    """pixdim[1:4] of a loaded NIfTI image as its file stores them: nibabel makes negative ones
+    positive as it loads the header ("setting to abs"), while ITK reverses those voxel axes."""
+    with image.file_map["image"].get_prepare_fileobj(mode="rb") as stream:
+        stored = type(image.header).from_fileobj(stream, check=False)
+    return np.asarray(stored["pixdim"][1:4], dtype=np.float64)
 
 
 def nibabel_renames(image_class: type[FileBasedImage], name: str) -> bool:
@@ -388,6 +456,7 @@ def _read_nifti(path: Path, frame: int | None):
         image: Any = load_nifti(path)  # a Nifti1/2Image; nibabel types it as any file-based image
         # dataobj applies scl_slope/scl_inter and keeps integer types when there is no scaling.
         data = np.asanyarray(image.dataobj)
+        stored_voxel_sizes = _stored_voxel_sizes(image)
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise _failure(path, "NIfTI", error) from error
     _refuse_empty(data, path)  # before the geometry: nibabel drops the axes after a zero-length one
@@ -401,6 +470,9 @@ def _read_nifti(path: Path, frame: int | None):
             path,
         )
     metadata: dict[str, Any] = {}
+    fitting_suffix = _nifti_suffix_by_content(str(path))
+    if fitting_suffix is not None:
+        metadata["warnings"] = [_misnamed_compression_warning(fitting_suffix)]
     if data.ndim == 4:
         metadata["frame"] = _choose_frame(data.shape[3], frame, path)
         data = data[..., metadata["frame"]]
@@ -429,7 +501,8 @@ def _read_nifti(path: Path, frame: int | None):
     metadata["nifti_affine"] = image.affine.tolist()
     metadata["header"] = {key: _plain(header[key]) for key in header.keys()}
     metadata.update(xforms.to_metadata())
-    metadata.setdefault("warnings", []).extend(xforms.reading_warnings(data.shape))
+    metadata.setdefault("warnings", []).extend(xforms.reading_warnings(data.shape)
+                                               + xforms.itk_mirroring_warnings(stored_voxel_sizes, data.shape))
     # nibabel's (i, j, k) is x-fastest: reversing the axes gives (z, y, x).
     data = data.transpose()
     if is_rgb:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import re
 import struct
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -188,3 +191,41 @@ def test_a_metaimage_cut_inside_its_header_says_it_is_truncated(tmp_path):
     with pytest.raises(InputError, match="the file is truncated, ending inside its header") as caught:
         read_image(path)
     assert "Reason:" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("stored_as", "named", "rename"), [
+    (".nii.gz", ".nii", "rename it to .nii.gz"),
+    (".nii", ".nii.gz", "rename it to .nii"),
+], ids=["gzipped, named .nii", "not gzipped, named .nii.gz"])
+def test_a_nifti_whose_name_misstates_its_compression_is_read_by_its_content(tmp_path, stored_as, named, rename):
+    """They were refused: "Cannot work out file type" and "is not a gzip file" (which SimpleITK opens)."""
+    data = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    affine = np.diag([1.5, 2.0, 2.5, 1.0])
+    stored = _nifti(tmp_path / f"stored{stored_as}", data, affine)
+    misnamed = tmp_path / f"scan{named}"
+    misnamed.write_bytes(stored.read_bytes())
+    assert misnamed.read_bytes().startswith(b"\x1f\x8b") == stored_as.endswith(".gz")
+
+    volume, expected = read_image(misnamed), read_image(stored)
+    np.testing.assert_array_equal(volume.array, expected.array)
+    np.testing.assert_allclose(volume.geometry.index_to_world, expected.geometry.index_to_world)
+    (warning,) = volume.metadata["warnings"]
+    assert f"named {named}" in warning and rename in warning
+
+
+def test_a_misnamed_file_that_holds_no_nifti_is_refused_as_not_nifti(tmp_path):
+    path = tmp_path / "scan.nii"
+    path.write_bytes(gzip.compress(b"not a NIfTI header" * 40))
+    with pytest.raises(InputError, match="cannot be read as NIfTI .*no NIfTI header"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Pair, nib.AnalyzeImage], ids=["NIfTI pair", "ANALYZE 7.5"])
+@pytest.mark.parametrize("opened", [".hdr", ".img"])
+def test_a_header_and_image_pair_is_refused_with_the_line_that_converts_it(tmp_path, image_class, opened):
+    image_class(np.zeros((4, 5, 6), np.float32), np.eye(4)).to_filename(tmp_path / "scan.hdr")
+    with pytest.raises(InputError, match="unknown file type") as caught:
+        read_image(tmp_path / f"scan{opened}")
+    (command,) = re.findall(r'python -c "([^"]+)"', str(caught.value))
+    subprocess.run([sys.executable, "-c", command], check=True)  # the hint works as given
+    assert read_image(tmp_path / "scan.nii").array.shape == (6, 5, 4)

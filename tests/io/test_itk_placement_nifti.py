@@ -4,6 +4,8 @@ or the qform is unset, else the qform; it refuses a sheared sform beside no qfor
 
 from __future__ import annotations
 
+import struct
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -25,6 +27,8 @@ from napari_unifuse.io.nifti_xforms import NiftiXforms
 
 _ZOOMS = (1.2, 1.0, 1.5)  # nibabel order (i, j, k)
 _SHAPE = (8, 9, 10)  # array order (z, y, x), i.e. 10 × 9 × 8 voxels in nibabel's (i, j, k)
+# Byte offset of pixdim in a NIfTI-1 header (nifti1.h): 8 float32, pixdim[1] the size along voxel axis i.
+_PIXDIM_OFFSET = 76
 
 
 def _form(degrees: float = 0.0, shear: float = 0.0, offset=(-5.0, -4.0, -6.0)) -> np.ndarray:
@@ -184,3 +188,66 @@ def test_the_field_of_a_one_slice_reference_whose_forms_itk_reads_otherwise_read
     field = write_displacement(u, reference.geometry, tmp_path / "displacement.nii.gz",
                                reference_metadata=reference.metadata)
     np.testing.assert_allclose(read_displacement(field, reference.geometry, reference.array.shape), u, atol=1e-5)
+
+
+def _with_negative_voxel_sizes(path, axes):
+    """``path`` with pixdim stored negative along nibabel voxel ``axes`` (as some converters write a flip)."""
+    raw = bytearray(path.read_bytes())
+    for axis in axes:
+        offset = _PIXDIM_OFFSET + 4 * (axis + 1)
+        struct.pack_into("<f", raw, offset, -struct.unpack_from("<f", raw, offset)[0])
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _itk_corners(path) -> np.ndarray:
+    image = sitk.ReadImage(str(path))
+    return np.array([image.TransformIndexToPhysicalPoint([(n - 1) * bit for n, bit in zip(image.GetSize(), bits)])
+                     for bits in np.ndindex(*(2,) * image.GetDimension())])
+
+
+@pytest.mark.parametrize(("sform_code", "qform_code"), [(1, 1), (2, 0), (0, 0)],
+                         ids=["sform and qform, code 1", "sform only, code 2", "no orientation"])
+@pytest.mark.parametrize("axes", [(0,), (1, 2)], ids=["i", "j and k"])
+def test_negative_voxel_sizes_are_said_to_mirror_the_image_in_itk_against_its_outputs(
+        tmp_path, rng, sform_code, qform_code, axes):
+    """nibabel makes a negative pixdim positive as it loads the header (printing only "setting to
+    abs"), while SimpleITK reverses that voxel axis, whichever form it reads: ITK-based tools showed
+    the image mirrored against its outputs (written with positive sizes), and nothing said so."""
+    form = _form(degrees=10.0)
+    path = _with_negative_voxel_sizes(_save(tmp_path / "image.nii", rng.random(_SHAPE), sform=form,
+                                            sform_code=sform_code, qform=form, qform_code=qform_code), axes)
+    volume = read_image(path)
+    output = write_image(ImageVolume(volume.array, volume.geometry, placement_metadata(volume.metadata)),
+                         tmp_path / "fused.nii.gz")
+    apart = np.linalg.norm(_itk_corners(path) - _itk_corners(output), axis=1).max()
+    assert apart > 1.0  # SimpleITK does mirror it
+    (warning,) = [warning for warning in volume.metadata["warnings"] if "negative voxel sizes" in warning]
+    assert f"up to {apart:.3g} mm" in warning and "mirrored" in warning
+    assert "Outputs on its grid are written with positive voxel sizes" in warning
+
+
+def test_a_negative_voxel_size_across_a_one_slice_volume_mirrors_nothing_and_is_not_warned_about(tmp_path, rng):
+    path = _with_negative_voxel_sizes(_save(tmp_path / "slice.nii", rng.random((1, 9, 10)), sform=_form(),
+                                            sform_code=1, qform=_form(), qform_code=1), axes=(2,))
+    volume = read_image(path)
+    output = write_image(ImageVolume(volume.array, volume.geometry, placement_metadata(volume.metadata)),
+                         tmp_path / "fused.nii.gz")
+    np.testing.assert_allclose(_itk_corners(path), _itk_corners(output), atol=1e-4)
+    assert "warnings" not in volume.metadata
+
+
+def test_an_sform_itk_takes_with_the_voxel_sizes_is_said_to_be_so(tmp_path, rng):
+    """An sform of code 1 whose axes are longer than pixdim, 10 mm from the qform: SimpleITK places
+    the image by the sform's origin and directions with the voxel sizes, and the warning said it
+    passed over "an sform of code 1, not 1 (scanner)" for the qform."""
+    sform = _form(offset=(5.0, -4.0, -6.0)) @ np.diag([1.5, 1.0, 1.0, 1.0])
+    path = _save(tmp_path / "image.nii.gz", rng.random(_SHAPE), sform=sform, sform_code=1, qform=_form(),
+                 qform_code=1)
+    by_sform_with_pixdim = sform.copy()
+    by_sform_with_pixdim[:3, :3] = _form()[:3, :3]
+    np.testing.assert_allclose(Geometry.from_sitk(sitk.ReadImage(str(path))).index_to_world,
+                               Geometry.from_ras_affine(by_sform_with_pixdim).index_to_world, atol=1e-4)
+    (warning,) = read_image(path).metadata["warnings"]
+    assert "not 1 (scanner)" not in warning and "passing over" not in warning
+    assert "take its axis directions with the voxel sizes (pixdim, 1.2 × 1 × 1.5 mm)" in warning
