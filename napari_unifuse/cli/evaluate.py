@@ -48,7 +48,9 @@ the edge. Two sanity pipelines fuse nothing: ``copy-reference`` (fused = the ref
 ``copy-moving`` (fused = the aligned moving image), both on the ``matching`` registration when it
 is among ``--baselines``, else on ``identity`` (computed for them if need be). A metric on which a copy scores better than any
 fusion rule of the same aligned pair (``<that registration> + max``, ``+ average`` or ``+ wavelet``,
-those evaluated) on some task rewards not fusing; the report marks it with † (issue 16).
+those evaluated) on some task rewards not fusing; the report marks it with † (issue 16). The check
+needs that registration among ``--baselines`` and a ``--fusion-rules`` rule (the default
+baselines and rules have both); without them ``evaluation.md`` says it was skipped and what to add.
 
 Metrics (columns), all on [0, 1] intensities (the moving image's normalisation; RGB PET/SPECT on
 the luma Y): alignment NCC / MSE / SSIM of the aligned moving image vs the label, folding % and
@@ -90,7 +92,9 @@ method against every other row), ``OUT/paired.csv`` (that comparison) and
 ``OUT/per_pair.csv`` (every value). A folder that already holds these results is refused unless
 ``--overwrite`` is given, and one that cannot be created or written to, before any pair is computed;
 so is, even with ``--overwrite``, a pairs CSV that a result file would replace (an input named
-``evaluation.csv`` in ``OUT``).
+``evaluation.csv`` in ``OUT``). ``OUT``'s lock (``engine.outputs.output_folder_lock``) is held for
+the whole run: a second evaluation into it is refused at once (it would find no results there yet,
+and later replace this run's).
 The files are written into a hidden staging folder in ``OUT`` and moved into place together once
 all are written; only then go the earlier results this run does not produce. A write that fails (a
 full disk) is a one-line error that leaves the earlier results whole, and so does an interrupted
@@ -134,7 +138,13 @@ from napari_unifuse.engine.inference import (
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.labels import checked_label, label_on_grid, label_units_warnings
 from napari_unifuse.engine.methods import load_method, split_name
-from napari_unifuse.engine.outputs import check_writable_folder, same_file, write_files_together
+from napari_unifuse.engine.outputs import (
+    FolderLock,
+    check_writable_folder,
+    output_folder_lock,
+    same_file,
+    write_files_together,
+)
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, RegistrationError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
@@ -779,13 +789,19 @@ def copies_outscoring_fusion(summary: list[dict], copies_on: str) -> dict[str, l
     return fooled
 
 
-def fooled_markdown(fooled: dict[str, list[str]], summary: list[dict], copies_on: str) -> str:
-    """The sentence under a regime's table that names the metrics a copy fools."""
+def fooled_markdown(fooled: dict[str, list[str]], summary: list[dict], copies_on: str,
+                    registrations: Collection[str], rules: Collection[str]) -> str:
+    """The sentence under a regime's table that names the metrics a copy fools, or, where the check
+    cannot run, what to add to the command (``registrations``, ``rules``: those it was given)."""
     fusions = [f"`{copies_on} + {rule}`" for rule in FUSION_RULES
                if any(row["method"] == f"{copies_on} + {rule}" for row in summary)]
     if not fusions:
-        return (f"Copy check skipped: it needs a fusion of the `{copies_on}` registration "
-                f"(`--fusion-rules` with any of {', '.join(FUSION_RULES)}).\n")
+        # The copies' registration computed for them alone is not fused with the rules: that would
+        # add rows (and pair-by-pair tests) nobody asked for.
+        missing = ([f"add `{COPY_REGISTRATION}` or `identity` to --baselines"] if copies_on not in registrations
+                   else []) + ([f"give --fusion-rules any of {', '.join(FUSION_RULES)}"] if not rules else [])
+        return (f"Copy check skipped: it compares the copies with a fusion of the same aligned pair "
+                f"(`{copies_on} + <rule>`), which this run does not compute; {' and '.join(missing)} to run it.\n")
     if not fooled:
         return f"No metric scores a copy pipeline above {' or '.join(fusions)} on any task.\n"
     listed = "; ".join(f"{column} ({', '.join(where)})" for column, where in fooled.items())
@@ -809,17 +825,18 @@ def markdown_table(summary: list[dict], fooled: Collection[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, writers: dict[str, Callable[[Path], object]]) -> None:
+def write_results(out: Path, writers: dict[str, Callable[[Path], object]], lock: FolderLock) -> None:
     """Write the result files (name -> what writes that file) together
     (``engine.outputs.write_files_together``): only once all are written do they move in, and
     only then go the earlier results this run does not produce (paired.csv of a run with other
-    methods); a failed write (a full disk) is one line, the earlier results whole."""
+    methods); a failed write (a full disk) is one line, the earlier results whole. ``lock``: the
+    run's held ``output_folder_lock`` of ``out``."""
     def remove_results_not_produced() -> None:
         for name in RESULT_FILES:
             if name not in writers:
                 (out / name).unlink(missing_ok=True)
 
-    write_files_together(out, writers, before_moving=remove_results_not_produced)
+    write_files_together(out, writers, before_moving=remove_results_not_produced, lock=lock)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -977,11 +994,11 @@ def failures_markdown(failures: list[PairOutcome]) -> str:
 
 
 def regime_section(regime: str, summary: list[dict], records: list[dict], method_names: list[str],
-                   copies_on: str) -> tuple[str, list[dict]]:
+                   copies_on: str, registrations: list[str], rules: list[str]) -> tuple[str, list[dict]]:
     """One regime's markdown (table, the metrics a copy fools, each engine method against every
     other row pair by pair) and its paired rows."""
     fooled = copies_outscoring_fusion(summary, copies_on)
-    text = markdown_table(summary, fooled) + "\n" + fooled_markdown(fooled, summary, copies_on)
+    text = markdown_table(summary, fooled) + "\n" + fooled_markdown(fooled, summary, copies_on, registrations, rules)
     paired = []
     for method_name in method_names:
         rows = paired_comparison(records, method_name)
@@ -1002,6 +1019,14 @@ def run(args: argparse.Namespace) -> int:
     if args.harvard is not None and not args.harvard.is_dir():
         raise InputError("Harvard data folder not found; --harvard takes the AANLIB folder (CT-MRI/, PET-MRI/, …)",
                          args.harvard)
+    # Held from the earlier-results check to the written results: a second evaluation into --out
+    # (hours long on Harvard) would otherwise pass that check and later replace this one's results.
+    with output_folder_lock(args.out) as lock:
+        return evaluate_into(args, lock)
+
+
+def evaluate_into(args: argparse.Namespace, lock: FolderLock) -> int:
+    """``run`` once the options are checked, holding ``lock``, the ``output_folder_lock`` of ``args.out``."""
     # Only the CSV can sit at a result's name: images, fields and checkpoints have other suffixes.
     refuse_unusable_out(args.out, args.overwrite, inputs=[args.pairs] if args.pairs is not None else [])
     # Now, not once every pair has been computed; nothing stays behind if the run is refused later.
@@ -1090,7 +1115,8 @@ def run(args: argparse.Namespace) -> int:
     for regime in regimes:
         regime_records = [record for record in records if record["regime"] == regime]
         summary = summarise(regime_records)
-        section, paired = regime_section(regime, summary, regime_records, method_names, copies_on)
+        section, paired = regime_section(regime, summary, regime_records, method_names, copies_on, registrations,
+                                         rules)
         sections.append(section)
         summary_rows += [{"regime": regime, **row} for row in summary]
         paired_rows += [{"regime": regime, **row} for row in paired]
@@ -1116,7 +1142,7 @@ def run(args: argparse.Namespace) -> int:
     if paired_rows:
         writers["paired.csv"] = lambda path: write_csv(paired_rows, path)
     writers["evaluation.md"] = lambda path: path.write_text(report, encoding="utf-8")
-    write_results(args.out, writers)
+    write_results(args.out, writers, lock)
     print(report)
     if failures:
         print(f"unifuse evaluate: {len(failures)} of {len(outcomes)} pairs failed (the errors are above and in "

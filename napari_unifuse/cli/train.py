@@ -93,9 +93,12 @@ def _where_resume_continues(out: Path) -> str:
 
 
 def _check_run_folder(out: Path) -> None:
-    """Refuse an --out that is a file, or lies under one, before any work (the folder is made later)."""
+    """Refuse an --out that is a file, or lies under one, or a symbolic link to nothing, before any
+    work (the folder is made later)."""
+    from napari_unifuse.engine.outputs import refuse_dangling_link
     from napari_unifuse.errors import InputError
 
+    refuse_dangling_link(out)
     existing = next((path for path in (out, *out.parents) if path.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "is a file" if existing == out else f"lies under {existing}, which is a file"

@@ -326,6 +326,7 @@ def check_writable_folder(folder: Path, keep: bool = True) -> None:
     command cannot write to is refused (InputError, one line) before its work rather than after.
     ``keep=False`` removes again the folders this check created (a command refused later for
     another reason leaves nothing behind); they are created anew when the outputs are written."""
+    refuse_dangling_link(folder)
     missing = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -344,6 +345,17 @@ def check_writable_folder(folder: Path, keep: bool = True) -> None:
                     path.rmdir()
                 except OSError:
                     break  # something else has been put there meanwhile: leave it
+
+
+def refuse_dangling_link(folder: Path) -> None:
+    """Raise an InputError when ``folder``, or a folder above it, is a symbolic link to nothing,
+    naming the missing target: creating the folder fails there with "File exists", and the user,
+    finding nothing at the path, cannot act on that."""
+    for path in (folder, *folder.parents):
+        if path.is_symlink() and not path.exists():
+            target = Path(os.path.realpath(path))  # a relative link's, from the link's folder
+            raise InputError(f"is a symbolic link to {target}, which does not exist: create {target} or choose "
+                             "another --out", path)
 
 
 def write_files_together(folder: Path, writers: Mapping[str, Callable[[Path], object]], *,

@@ -230,7 +230,8 @@ def jacobian_regularity(determinant: np.ndarray) -> JacobianRegularity:
     percentage of voxels with det J ≤ 0. SDlogJ: std(log(clip(det J + 3, 1e-9, 1e9))), exactly as
     Learn2Reg's evaluation computes it; the +3 offset and the clipping are part of the official
     script (MDL-UzL/L2R evaluation.py) and keep folded voxels finite, so values are comparable with
-    Learn2Reg leaderboards and smaller than std(log det J) of a non-folding field.
+    Learn2Reg leaderboards and smaller than std(log det J) of a non-folding field; exactly 0 for a
+    constant determinant (the identity's).
     Both are NaN (undefined, not an error) where an axis of 2 to 4 voxels leaves no interior: a
     3-pixel-tall picture is fused and scored on everything else.
     """
@@ -240,8 +241,11 @@ def jacobian_regularity(determinant: np.ndarray) -> JacobianRegularity:
         return JacobianRegularity(folding_percentage=float("nan"), sd_log_jacobian=float("nan"))
     interior = determinant[tuple(slice(_LEARN2REG_BORDER, -_LEARN2REG_BORDER) if crop else slice(None)
                                  for crop in cropped)]
-    return JacobianRegularity(folding_percentage=float(100.0 * np.mean(interior <= 0)),
-                              sd_log_jacobian=float(np.log(np.clip(interior + 3.0, 1e-9, 1e9)).std()))
+    log_jacobian = np.log(np.clip(interior + 3.0, 1e-9, 1e9))
+    # A constant determinant (the identity's, a uniform scaling's) varies not at all; std's rounded
+    # mean would report 2.2e-16 for it instead.
+    spread = 0.0 if np.ptp(log_jacobian) == 0 else float(log_jacobian.std())
+    return JacobianRegularity(folding_percentage=float(100.0 * np.mean(interior <= 0)), sd_log_jacobian=spread)
 
 
 def folding_percentage(u: object) -> float:

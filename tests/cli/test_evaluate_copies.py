@@ -58,7 +58,7 @@ def test_a_copy_beating_any_fusion_rule_of_its_registration_is_marked_not_only_t
     fooled = copies_outscoring_fusion(summary, "matching")
     assert fooled == {"Q_mse": ["CT-MRI: copy-moving beats wavelet"],
                       "gain_min": ["CT-MRI: copy-moving beats max/wavelet"]}
-    sentence = fooled_markdown(fooled, summary, "matching")
+    sentence = fooled_markdown(fooled, summary, "matching", ["matching", "sitk"], ["max", "average", "wavelet"])
     assert "`matching + max` or `matching + average` or `matching + wavelet`" in sentence
     assert "gain_min (CT-MRI: copy-moving beats max/wavelet)" in sentence
 
@@ -69,4 +69,23 @@ def test_the_copy_check_runs_with_any_fusion_rule_and_is_skipped_without_one():
     assert fooled == {"Q_ssim": ["CT-MRI: copy-reference beats max"]}
     no_fusion = summary_of({"matching + copy-reference": {"Q_ssim": 1.5}})
     assert copies_outscoring_fusion(no_fusion, "matching") == {}
-    assert fooled_markdown({}, no_fusion, "matching").startswith("Copy check skipped")
+    skipped = fooled_markdown({}, no_fusion, "matching", ["matching"], [])
+    assert skipped.startswith("Copy check skipped") and "give --fusion-rules any of max, average, wavelet" in skipped
+
+
+def test_a_copy_check_skipped_for_want_of_the_copies_registration_says_to_add_it_to_the_baselines():
+    """With `--baselines ants --fusion-rules average` the copies sit on identity, computed for them
+    alone: the check was skipped saying to give --fusion-rules, although average had been given."""
+    summary = summary_of({"ants + average": {"Q_ssim": 1.4}, "identity + copy-reference": {"Q_ssim": 1.5},
+                          "identity + copy-moving": {"Q_ssim": 1.3}})
+    assert copies_outscoring_fusion(summary, "identity") == {}
+    skipped = fooled_markdown({}, summary, "identity", ["ants"], ["average"])
+    assert skipped.startswith("Copy check skipped") and "add `matching` or `identity` to --baselines" in skipped
+    assert "--fusion-rules" not in skipped
+    neither = fooled_markdown({}, summary_of({"identity + copy-reference": {"Q_ssim": 1.5}}), "identity", ["ants"], [])
+    assert "add `matching` or `identity` to --baselines and give --fusion-rules any of max, average, wavelet" in neither
+
+
+def test_the_help_says_what_the_copy_check_needs():
+    helped = " ".join(evaluate_module.__doc__.split())
+    assert "The check needs that registration among ``--baselines`` and a ``--fusion-rules`` rule" in helped

@@ -15,6 +15,7 @@ from napari_unifuse.cli import main
 from napari_unifuse.cli.evaluate import METRIC_COLUMNS
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
 from napari_unifuse.engine.inference import FusionEngine
+from napari_unifuse.engine.outputs import FolderBusyError, output_folder_lock
 from napari_unifuse.errors import UniFuseError
 from napari_unifuse.io import ImageVolume, write_image
 from napari_unifuse.io.image import Geometry
@@ -158,3 +159,39 @@ def test_an_interrupted_evaluation_leaves_no_results(pairs_csv, tmp_path, monkey
 def test_the_help_says_a_failed_pair_does_not_stop_the_evaluation():
     helped = " ".join(evaluate_module.__doc__.split())
     assert "A pair that fails altogether (out of memory even with the smallest tiles, say) does not stop" in helped
+
+
+def test_an_evaluation_into_an_out_another_run_holds_is_refused_before_any_pair(pairs_csv, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Two evaluations into one --out both ran, and the later one silently replaced the other's results."""
+    monkeypatch.setattr(evaluate_module, "evaluate_pair", lambda *args, **kwargs: pytest.fail("a pair was computed"))
+    out = tmp_path / "out"
+    with output_folder_lock(out):
+        assert evaluate(pairs_csv, out) == 2
+    assert capsys.readouterr().err == (f"unifuse evaluate: error: {out}: another unifuse run is writing into this "
+                                       "folder; wait for it to finish or write the outputs to another folder\n")
+    assert not out.exists()  # the folder the lock created, with nothing put in it
+
+
+def test_the_out_folder_is_held_from_the_first_pair_to_the_written_results(pairs_csv, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real_evaluate_pair = evaluate_module.evaluate_pair
+    held_while_scoring = []
+
+    def evaluate_pair(*args, **kwargs):
+        try:
+            with output_folder_lock(out):
+                held_while_scoring.append(False)
+        except FolderBusyError:
+            held_while_scoring.append(True)
+        return real_evaluate_pair(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_pair", evaluate_pair)
+    assert evaluate(pairs_csv, out) == 0
+    assert held_while_scoring == [True, True, True]
+    assert {path.name for path in out.iterdir()} == {"per_pair.csv", "evaluation.csv", "paired.csv", "evaluation.md"}
+
+
+def test_the_help_says_a_second_evaluation_into_one_out_is_refused():
+    helped = " ".join(evaluate_module.__doc__.split())
+    assert "held for the whole run: a second evaluation into it is refused at once" in helped

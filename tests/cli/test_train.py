@@ -131,6 +131,16 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
         assert "not a folder" in error and str(out) in error and "\n" not in error
 
 
+def test_an_out_that_is_a_symbolic_link_to_nothing_names_the_missing_target(tmp_path, capsys):
+    """It said only "dangling: File exists"."""
+    link, target = tmp_path / "dangling", tmp_path / "missing"
+    link.symlink_to(target)
+    assert main(["train", "--config", str(SMOKE), "--out", str(link), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"unifuse train: error: {link}: is a symbolic link to {target}, which does not "
+                                       f"exist: create {target} or choose another --out\n")
+    assert not target.exists()
+
+
 def test_a_sidecar_given_to_init_from_names_the_weights_beside_it(tmp_path, capsys):
     sidecar = REPO / "resources" / "checkpoints" / "unifuse-2d-harvard.json"
     args = ["train", "--config", str(SMOKE), "--out", str(tmp_path / "run"), "--init-from", str(sidecar),

@@ -23,6 +23,7 @@ from napari_unifuse.engine.outputs import (
     REPORT_FILE,
     STAGING_PREFIX,
     FolderBusyError,
+    check_writable_folder,
     is_complete,
     known_output_names,
     missing_outputs,
@@ -377,3 +378,23 @@ def test_the_outputs_of_a_sheared_sform_reference_keep_its_nifti_header_and_simp
     inside = np.all([(sampled_at[axis] >= 0) & (sampled_at[axis] <= shape[axis] - 1) for axis in range(3)], axis=0)
     assert inside.mean() > 0.5
     np.testing.assert_allclose(theirs[inside], aligned[inside], atol=0.05)
+
+
+def test_an_out_that_is_a_symbolic_link_to_nothing_names_the_missing_target(tmp_path):
+    """It said "cannot create the --out folder (File exists)", and the user found nothing there."""
+    link, target = tmp_path / "dangling", tmp_path / "elsewhere" / "missing"
+    link.symlink_to(target)
+    expected = f"is a symbolic link to {target}, which does not exist: create {target} or choose another --out"
+    for out in (link, link / "run"):
+        with pytest.raises(InputError) as refused:
+            check_writable_folder(out, keep=False)
+        assert str(refused.value) == f"{link}: {expected}"
+    assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_relative_symbolic_link_to_nothing_names_its_target_from_the_link_s_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    Path("runs/latest").symlink_to("missing")
+    with pytest.raises(InputError, match=f"is a symbolic link to {tmp_path / 'runs' / 'missing'}, which does not"):
+        check_writable_folder(Path("runs/latest"))

@@ -263,3 +263,12 @@ def test_end_point_error_refuses_mismatched_inputs():
         end_point_error(np.zeros((2, 6, 6)), np.zeros((2, 6, 6)), np.ones((5, 6), dtype=bool))
     with pytest.raises(InputError, match="no voxels"):
         end_point_error(np.zeros((2, 6, 6)), np.zeros((2, 6, 6)), np.zeros((6, 6), dtype=bool))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (9, 11, 13)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_field_of_constant_determinant_has_an_sdlogj_of_exactly_zero(shape, dtype):
+    """The identity's SDlogJ read 2.22e-16 (the float rounding of a mean) in evaluation.md."""
+    for field in (np.zeros((len(shape), *shape), dtype), np.full((len(shape), *shape), 3.7, dtype)):  # + a shift
+        assert sd_log_jacobian(field) == 0.0
+        assert jacobian_regularity(jacobian_determinant(field)).sd_log_jacobian == 0.0
