@@ -3,12 +3,14 @@
 Layers we create carry ``metadata["unifuse"] = {"geometry", "source", "metadata"}`` so that a
 volume → layer → volume round trip is exact and keeps provenance. A layer our reader opened also
 carries ``"read_sha256"``, the hash of the array read: once napari gives the layer other pixels
-(``layer.data = …``), ``layer_to_volume`` no longer names the file as its source.
+(``layer.data = …``), ``layer_to_volume`` no longer names the file as its source. A layer another
+reader opened (napari's own, for a PNG) names its file where it holds what our reader reads there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +22,7 @@ from napari.utils.transforms import Affine
 
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
-from napari_unifuse.io.digests import LAYER_DIGESTS
+from napari_unifuse.io.digests import LAYER_DIGESTS, sha256_of_array
 from napari_unifuse.io.readers import (
     colour_in_unit_range,
     dicom_series,
@@ -73,11 +75,45 @@ def layer_to_volume(layer) -> ImageVolume:
     if layer_type != "image":
         raise InputError(f"is a {layer_type} layer; an image layer is needed", layer.name)
     volume = volume_from_layer_data(data, state)
+    if volume.source is None and not (state.get("metadata") or {}).get(LAYER_METADATA_KEY):
+        file = _file_another_reader_opened(layer, volume)
+        return volume if file is None else dataclasses.replace(volume, source=file)
     if volume.source is None or not _edited_since_read(data[0] if state.get("multiscale") else data, state):
         return volume
     edited = f"edited since it was read from {volume.source}: its pixels, not the file, are recorded"
     return dataclasses.replace(volume, source=None,
                                metadata={**volume.metadata, "warnings": [*volume.metadata.get("warnings", []), edited]})
+
+
+def _file_another_reader_opened(layer, volume: ImageVolume) -> str | None:
+    """The file napari's own reader (or another plugin's) opened ``layer`` from, where the layer
+    still holds what our reader reads there: that file's input then, as if our reader had opened it,
+    with its run folder (flags, saved outputs) and the file in the provenance. None for a layer
+    without a file, or with other pixels (edited since, or read otherwise)."""
+    path = getattr(layer.source, "path", None)
+    if not path or file_format(path) is None:
+        return None
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    held = _content_key(volume.array, volume.is_rgb, LAYER_DIGESTS)
+    return path if held == _file_content_key(str(Path(path).resolve()), status.st_size, status.st_mtime_ns) else None
+
+
+@functools.lru_cache(maxsize=16)
+def _file_content_key(path: str, size: int, mtime_ns: int) -> str | None:
+    """:func:`_content_key` of the file as our reader opens it; by size and modification time too,
+    so that a file rewritten is read again (asked at every change of the workbench's form)."""
+    try:
+        volume = read_image(path).in_world_axis_order()
+    except UniFuseError:
+        return None
+    return _content_key(volume.array, volume.is_rgb, sha256_of_array)
+
+
+def _content_key(array: np.ndarray, is_rgb: bool, digest: Callable[[np.ndarray], str]) -> str:
+    return f"{array.shape}:{array.dtype}:{is_rgb}:{digest(array)}"
 
 
 def _edited_since_read(data: Any, state: dict[str, Any]) -> bool:

@@ -73,6 +73,9 @@ class AnnotationPanel(widgets.Container):
         self.subject.native.setWordWrap(True)
         self.category = widgets.ComboBox(label="category", choices=FAILURE_CATEGORIES)
         self.suggestion = widgets.Label(value="")
+        # Said by the workbench when the run's QC report no longer lists the flags as they are.
+        self.report_note = widgets.Label(value="")
+        self.report_note.native.setWordWrap(True)
         self.note = widgets.LineEdit(label="note")
         self.reviewer = widgets.LineEdit(label="reviewer", value=default_reviewer())
         self.method = widgets.LineEdit(label="method", value=DEFAULT_METHOD,
@@ -90,7 +93,7 @@ class AnnotationPanel(widgets.Container):
             self.subject, self.category, self.suggestion, self.note, self.reviewer, self.method,
             widgets.Container(widgets=[self.flag_slice, self.draw_region, self.flag_region], layout="horizontal",
                               labels=False),
-            self.listing, self.delete, self.cohort_csv, self.export,
+            self.listing, self.delete, self.report_note, self.cohort_csv, self.export,
         ])
         self.flag_slice.changed.connect(self.add_slice_flag)
         self.draw_region.changed.connect(self.start_drawing)
@@ -109,6 +112,9 @@ class AnnotationPanel(widgets.Container):
         # sha256 of the (reference, moving) arrays annotated, taken when the target is set: the layers
         # may be deleted or replaced before the reviewer flags.
         self._pair_sha256: tuple[str | None, str | None] = (None, None)
+        # The slice :meth:`suggest` pre-filled the form for (None: the one image of a 2D run), the
+        # category it put there and the one the reviewer had chosen before; None without a suggestion.
+        self._suggested: tuple[int | None, str, str] | None = None
         viewer.layers.events.renamed.connect(self._follow_renamed_layer)
 
     def disconnect_viewer(self) -> None:
@@ -232,11 +238,32 @@ class AnnotationPanel(widgets.Container):
     def annotations(self) -> list[Annotation]:
         return self.store.load() if self.store else []
 
-    def suggest(self, category: str, slice_index: int, reason: str) -> None:
-        """Pre-fill the category for a slice the reviewer was sent to (by the quality maps)."""
+    def suggest(self, category: str, slice_index: int | None, reason: str) -> None:
+        """Pre-fill the category for a slice the reviewer was sent to (by the quality maps);
+        ``slice_index`` None for the one image of a 2D run. The pre-fill is that slice's: it goes
+        when the viewer leaves it (:meth:`follow_viewed_slice`)."""
+        chosen_before = self._suggested[2] if self._suggested else self.category.value
         if category in FAILURE_CATEGORIES:
             self.category.value = category
-        self.suggestion.value = f"slice {slice_index}: {reason}"
+        self._suggested = (slice_index, self.category.value, chosen_before)
+        self.suggestion.value = f"{'image' if slice_index is None else f'slice {slice_index}'}: {reason}"
+
+    def follow_viewed_slice(self, slice_index: int) -> None:
+        """The viewer is on ``slice_index``: a suggestion for another slice goes, and the category it
+        pre-filled gives way to the reviewer's earlier choice (one the reviewer changed stays), so
+        that a flag there does not record the suggested slice's case."""
+        if self._suggested is not None and self._suggested[0] not in (None, slice_index):
+            self.forget_suggestion()
+
+    def forget_suggestion(self) -> None:
+        """Drop the suggestion (another slice in view, or another run on screen)."""
+        if self._suggested is None:
+            return
+        _, suggested_category, chosen_before = self._suggested
+        if self.category.value == suggested_category:
+            self.category.value = chosen_before
+        self._suggested = None
+        self.suggestion.value = ""
 
     # ---- flagging -----------------------------------------------------------------------------
     def _require_run(self) -> AnnotationStore:
@@ -390,6 +417,7 @@ class AnnotationPanel(widgets.Container):
     def _save(self, store: AnnotationStore, annotations: list[Annotation]) -> None:
         for annotation in annotations:
             store.add(annotation)
+        self.note.value = ""  # it described these flags: the next one starts without it
         self.refresh()
         show_info(f"Saved: {'; '.join(self._describe(a) for a in annotations)} → {store.path}")
 
@@ -405,8 +433,10 @@ class AnnotationPanel(widgets.Container):
         """Withdraw the selected flags still live; those another reviewer withdrew since the list was
         made are counted, not an error, and the list is brought up to date either way."""
         store = self._require_run()
-        live = {annotation.id for annotation in store.load()}
         selected = list(self.listing.value)
+        if not selected:
+            raise InputError("select the flags to withdraw in the list first", "annotations")
+        live = {annotation.id for annotation in store.load()}
         try:
             for annotation_id in selected:
                 if annotation_id in live:

@@ -23,6 +23,7 @@ from napari_unifuse.engine.annotations import ANNOTATIONS_FILE, AnnotationStore
 from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.engine.input_checks import model_dimensions
 from napari_unifuse.engine.overlays import (
+    grid_fingerprint,
     input_fingerprint,
     path_keyed_input_fingerprint,
     path_keyed_run_folder,
@@ -389,10 +390,13 @@ def folder_of_run(request: RunRequest, root: str | Path, reference_name: str, mo
 
     The ground truth only adds metrics and an error map (a Save replaces them) and the device only
     the rounding: the same flags hold for those runs. The tile size and the declared degradation
-    change the saved fused image or provenance, which another run's report must not sit beside."""
+    change the saved fused image or provenance, which another run's report must not sit beside. A
+    folder made before 2026-12-07 for a file napari's own reader opened (keyed by its grid) is reused."""
+    inputs = (request.reference, request.moving)
     return run_folder(root, reference_name, moving_name, checkpoint,
-                      (input_fingerprint(request.reference, LAYER_DIGESTS), input_fingerprint(request.moving, LAYER_DIGESTS)),
-                      {"tile size": request.tile_size, "degradation": request.task})
+                      tuple(input_fingerprint(volume, LAYER_DIGESTS) for volume in inputs),
+                      {"tile size": request.tile_size, "degradation": request.task},
+                      earlier_fingerprints=tuple(grid_fingerprint(volume, LAYER_DIGESTS) for volume in inputs))
 
 
 def earlier_version_flags_folder(request: RunRequest, folder: Path, reference_name: str, moving_name: str,

@@ -247,6 +247,10 @@ class UniFuseWorkbench(QWidget):
         # keeps only its own run's page, and a page goes only beside its own run's saved outputs.
         self._reporting: RunOutcome | None = None
         self._report_is_of_outcome = False
+        # The ids of the flags the page being written lists; then those the page of the outcome on
+        # screen lists (None while it has none): the page copies the flags, later ones are not on it.
+        self._reporting_flags: frozenset[str] = frozenset()
+        self._flags_in_report: frozenset[str] | None = None
         self._outcome_saved = False
         # Why the run on screen has no volume metrics (for its QC report), once computing them failed.
         self._metrics_missing: str | None = None
@@ -270,6 +274,9 @@ class UniFuseWorkbench(QWidget):
         self.report_button.changed.connect(self.write_qc_report)
         self.qc_panel.next_suspicious.changed.connect(lambda: self.go_to_suspicious(+1))
         self.qc_panel.previous_suspicious.changed.connect(lambda: self.go_to_suspicious(-1))
+        for button in (self.annotation_panel.flag_slice, self.annotation_panel.flag_region,
+                       self.annotation_panel.delete):  # after the panel's own handler, connected first
+            button.changed.connect(self._say_whether_the_report_lists_the_flags)
         for widget in (self.run_panel.reference, self.run_panel.moving, self.run_panel.checkpoint,
                        self.run_panel.checkpoint_file, self.run_panel.task, self.run_panel.tile_size,
                        self.run_panel.output_root):
@@ -529,6 +536,8 @@ class UniFuseWorkbench(QWidget):
         self.outcome, self.selection, self._metrics_promise = outcome, selection, promise
         self._metrics_missing = None
         self._report_is_of_outcome = self._outcome_saved = False
+        self._flags_in_report = None
+        self.annotation_panel.report_note.value = ""
         self.run_panel.last_run_pair = (selection.reference_name, selection.moving_name)
         result = outcome.result
         method = result.provenance["method"]["name"]
@@ -539,7 +548,7 @@ class UniFuseWorkbench(QWidget):
                                      result.quality, result.class_caveat)
         self._show_plot_dock()
         self._show_suspicion(result.quality)
-        self.annotation_panel.suggestion.value = ""  # it named a slice of the last run, flagged by its maps
+        self.annotation_panel.forget_suggestion()  # it named a slice of the last run, flagged by its maps
         self.metrics_panel.show_metrics(volume={})  # the last run's values are not this one's
         self.viewer.reset_view()
         self._on_slice_changed()
@@ -572,7 +581,9 @@ class UniFuseWorkbench(QWidget):
         if self.outcome is None or fused is None:
             return
         axis, index = viewed_slice(self.viewer, fused)
-        self.plot.set_slice(self._current_stored_slice(fused))
+        stored_slice = self._current_stored_slice(fused)
+        self.plot.set_slice(stored_slice)
+        self.annotation_panel.follow_viewed_slice(stored_slice)
         self.metrics_panel.show_metrics(slice_values=slice_metrics(self.outcome, axis, index))
 
     def _current_stored_slice(self, fused) -> int:
@@ -627,7 +638,8 @@ class UniFuseWorkbench(QWidget):
         # The share the flagging map flags, not the slice's largest score (often another map's, as
         # high on every slice): "hallucinated structure, 0.2 % flagged", not "…, 35.5 % flagged".
         share = quality.slice_scores[quality.flagged_by(target)[0]][target]
-        self.annotation_panel.suggest(problem, target, f"{problem}, {100 * share:.1f} % flagged")
+        self.annotation_panel.suggest(problem, None if quality.slice_axis is None else target,
+                                      f"{problem}, {100 * share:.1f} % flagged")
         return target
 
     def _show_stored_slice(self, fused, index: int) -> None:
@@ -679,11 +691,13 @@ class UniFuseWorkbench(QWidget):
             result = replace(result, warnings=[*result.warnings, self._metrics_missing])
         # The run's own flags: the Annotate tab may be on a Methods-tab comparison of another pair.
         # Handed over, not passed: napari keeps a function worker's arguments as long as the viewer.
+        annotations = AnnotationStore(self.selection.folder).load()
         worker = create_worker(self._build_report, WorkerHandover(
-            (result, self.outcome.volume_metrics, self.selection, AnnotationStore(self.selection.folder).load())))
+            (result, self.outcome.volume_metrics, self.selection, annotations)))
         worker.returned.connect(self._report_written)
         worker.finished.connect(self._report_finished)
         self.report_worker, self._reporting = worker, self.outcome
+        self._reporting_flags = frozenset(annotation.id for annotation in annotations)
         self.report_button.enabled = False
         worker.start()
 
@@ -716,7 +730,25 @@ class UniFuseWorkbench(QWidget):
         self.last_report = outcome
         if self._reporting is self.outcome:  # not when another run was shown while it was written
             self._report_is_of_outcome = True
+            self._flags_in_report = self._reporting_flags
+            self._say_whether_the_report_lists_the_flags()
         show_info(f"QC report written: {outcome}")
+
+    def _say_whether_the_report_lists_the_flags(self, _value=None) -> None:
+        """Under the flags, which of them the run's QC report leaves out: it copies them when it is
+        written, and a reviewer who flags on must know to write it again."""
+        note = ""
+        if self._flags_in_report is not None and self.selection is not None:
+            try:
+                live = {annotation.id for annotation in AnnotationStore(self.selection.folder).load()}
+            except UniFuseError:  # the Annotate tab says why the flags cannot be read
+                live = set(self._flags_in_report)
+            changes = [_count(len(live - self._flags_in_report), "flag"),
+                       _count(len(self._flags_in_report - live), "withdrawn flag")]
+            changes = [change for change in changes if change]
+            if changes:
+                note = f"The QC report predates {' and '.join(changes)}; press QC report to rewrite it."
+        self.annotation_panel.report_note.value = note
 
     # ---- saving --------------------------------------------------------------------------------
     @reports_errors("Save outputs")
@@ -761,6 +793,11 @@ class UniFuseWorkbench(QWidget):
         else:
             show_info(f"Saved {len(written)} files to {folder}")
         return written
+
+
+def _count(number: int, noun: str) -> str:
+    """"2 flags", "1 flag", or "" for none."""
+    return f"{number} {noun}{'s' if number > 1 else ''}" if number else ""
 
 
 def _cancelled_before_drawing() -> WorkerFailed:

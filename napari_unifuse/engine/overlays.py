@@ -8,6 +8,7 @@ voxel units as in docs/architecture.md); the napari layers that show them get th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -167,13 +168,23 @@ def input_fingerprint(volume: ImageVolume, digest: Callable[[np.ndarray], str] =
     and outputs; with its file path where it has a file, else with its grid (data type and
     placement). Never a layer name: the same image renamed, or added again under another name (sample
     data, another plugin's reader, the console), is the same input and finds its run folder."""
-    content = f"{volume.array.shape}:{digest(volume.array)[:16]}"
     if volume.source and Path(volume.source).exists():
-        return f"{Path(volume.source).resolve()}:{content}"
+        return f"{Path(volume.source).resolve()}:{_content_fingerprint(volume, digest)}"
+    return grid_fingerprint(volume, digest)
+
+
+def grid_fingerprint(volume: ImageVolume, digest: Callable[[np.ndarray], str] = sha256_of_array) -> str:
+    """:func:`input_fingerprint` of an input without a file: its data type, placement and content.
+    Up to 2026-12-07 also that of a file napari's own reader (not ours) opened, whose layer did not
+    name its file then: :func:`run_folder` finds the folders made under it."""
     # Rounded so that a placement recomputed from a layer's scale and translate hashes alike; + 0.0
     # turns -0.0 into 0.0, whose bytes differ.
     placement = np.round(volume.geometry.index_to_world, _PLACEMENT_DECIMALS) + 0.0
-    return f"{volume.array.dtype}:{sha256_of_array(placement)[:16]}:{content}"
+    return f"{volume.array.dtype}:{sha256_of_array(placement)[:16]}:{_content_fingerprint(volume, digest)}"
+
+
+def _content_fingerprint(volume: ImageVolume, digest: Callable[[np.ndarray], str]) -> str:
+    return f"{volume.array.shape}:{digest(volume.array)[:16]}"
 
 
 def checkpoint_identity(checkpoint: str) -> str:
@@ -188,7 +199,7 @@ def checkpoint_identity(checkpoint: str) -> str:
 
 
 def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, fingerprints: tuple[str, ...],
-               settings: Mapping[str, object] | None = None) -> Path:
+               settings: Mapping[str, object] | None = None, earlier_fingerprints: tuple[str, ...] = ()) -> Path:
     """``root/<reference>+<moving>__<checkpoint name>__<hash>``: the same inputs, checkpoint and
     settings give the same folder (so a reopened run finds its annotations), different ones never
     collide.
@@ -205,13 +216,27 @@ def run_folder(root: str | Path, reference: str, moving: str, checkpoint: str, f
     ``settings``: name → value of the settings that change the run's result (tile size, declared
     degradation): two results never share a folder, whose saved outputs and report would describe
     different runs. One left to the engine (None or "auto") is not hashed, so a run on the defaults
-    keeps the folder it had before settings counted."""
+    keeps the folder it had before settings counted.
+
+    ``earlier_fingerprints``: per input, the fingerprint an earlier version gave it
+    (:func:`grid_fingerprint` for a file napari's own reader opened). Where no folder exists under
+    ``fingerprints``, one made under the earlier ones, for either input or both, is reused: its
+    flags and saved outputs are of these inputs."""
     chosen = sorted(f"{name}={value}" for name, value in (settings or {}).items() if value not in (None, "auto"))
-    identity = "\n".join((*fingerprints, checkpoint_identity(checkpoint), *chosen))
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
-    suffix = f"__{_slug(Path(checkpoint).expanduser().stem)}__{digest}"
+    checkpoint_part = (checkpoint_identity(checkpoint), *chosen)
+    model = _slug(Path(checkpoint).expanduser().stem)
     root = Path(root).expanduser()
-    return _existing_run_folder(root, suffix) or root / f"{_slug(f'{reference}+{moving}')}{suffix}"
+    # The first combination is today's fingerprints alone; dict.fromkeys drops an unchanged earlier one.
+    keys_per_input = [dict.fromkeys((today, earlier)) for today, earlier
+                      in zip(fingerprints, earlier_fingerprints or fingerprints, strict=True)]
+    suffixes = [_run_suffix(model, (*keys, *checkpoint_part)) for keys in itertools.product(*keys_per_input)]
+    found = next(filter(None, (_existing_run_folder(root, suffix) for suffix in suffixes)), None)
+    return found or root / f"{_slug(f'{reference}+{moving}')}{suffixes[0]}"
+
+
+def _run_suffix(model: str, identity: tuple[str, ...]) -> str:
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:10]
+    return f"__{model}__{digest}"
 
 
 def path_keyed_input_fingerprint(volume: ImageVolume, layer_name: str,
@@ -231,8 +256,7 @@ def path_keyed_run_folder(root: str | Path, checkpoint: str, fingerprints: tuple
     (its file name without extension) and neither the contents nor the settings, so its flags may
     describe other contents of the same files."""
     name = Path(checkpoint).expanduser().stem
-    digest = hashlib.sha256("\n".join((*fingerprints, name)).encode()).hexdigest()[:10]
-    return _existing_run_folder(Path(root).expanduser(), f"__{_slug(name)}__{digest}")
+    return _existing_run_folder(Path(root).expanduser(), _run_suffix(_slug(name), (*fingerprints, name)))
 
 
 def _existing_run_folder(root: Path, suffix: str) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import imageio.v3 as imageio
 import nibabel as nib
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from npe2 import PluginManager
 from napari_unifuse._napari_io import get_reader, layer_to_volume, volume_to_layer_data, write_mha, write_nifti
 from napari_unifuse.engine.annotations import InputHashes
 from napari_unifuse.engine.outputs import PROVENANCE_FILE
+from napari_unifuse.engine.overlays import input_fingerprint
 from napari_unifuse.engine.provenance import describe_input, sha256_of_array, sha256_of_path
 from napari_unifuse.errors import UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image
@@ -116,6 +118,25 @@ def test_a_layer_edited_since_it_was_read_records_its_pixels_not_its_file(tmp_pa
 
     layer.data = np.asarray(read_image(path).in_world_axis_order().array)  # the file's pixels again, in a new array
     assert layer_to_volume(layer).source == str(path)
+
+
+def test_a_picture_napari_own_reader_opened_is_its_file_as_ours_reads_it_until_edited(tmp_path, rng):
+    """Which reader opened a PNG (napari asks) must not change its run folder, flags or provenance."""
+    path = tmp_path / "mri.png"
+    imageio.imwrite(path, rng.integers(0, 255, size=(12, 16), dtype=np.uint8))
+    PluginManager.instance().discover()
+    (ours,) = ViewerModel().open(str(path), plugin="napari-unifuse")
+    (napari_s,) = ViewerModel().open(str(path), plugin="napari")
+    assert napari_s.source.path == str(path) and not napari_s.metadata  # nothing of ours to say where it came from
+    opened = layer_to_volume(napari_s)
+    assert opened.source == str(path)
+    assert input_fingerprint(opened) == input_fingerprint(layer_to_volume(ours))
+    assert describe_input(opened)["sha256"] == sha256_of_path(path)
+
+    napari_s.data = napari_s.data[::-1].copy()  # edited in napari: its pixels, not the file, are the input
+    assert layer_to_volume(napari_s).source is None
+    imageio.imwrite(path, np.asarray(napari_s.data))  # the file rewritten to the pixels on screen: its again
+    assert layer_to_volume(napari_s).source == str(path)
 
 
 def test_npe2_writers_keep_the_layer_geometry(tmp_path):

@@ -335,3 +335,22 @@ def test_the_cohort_export_message_says_what_was_skipped_and_where(make_napari_v
     assert message == (f"Exported 1 annotations from 1 runs under {tmp_path / 'runs'} to {tmp_path / 'cohort.csv'}; "
                        "1 made on other inputs than "
                        f"their run's (about_other_inputs yes); 1 unusable line skipped, in {store.path} line 2")
+
+
+def test_delete_with_nothing_selected_says_what_to_select(make_napari_viewer, tmp_path, notifications):
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    panel = panel_on(viewer, tmp_path, "T1")
+    panel.flag_slice.clicked()
+    panel.delete.clicked()
+    assert len(panel.annotations) == 1
+    assert any("select the flags to withdraw" in message for _, message in notifications)
+
+
+def test_a_suggestion_for_a_2d_image_names_the_image_not_a_slice(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="CT")
+    panel = panel_on(viewer, tmp_path, "CT")
+    panel.suggest("misalignment", None, "misalignment, 27.6 % flagged")
+    assert panel.suggestion.value == "image: misalignment, 27.6 % flagged"
+    assert panel.category.value == "misalignment"

@@ -11,6 +11,7 @@ from napari_unifuse.engine.overlays import (
     checkerboard,
     deformed_grid,
     display_grey,
+    grid_fingerprint,
     input_fingerprint,
     path_keyed_input_fingerprint,
     path_keyed_run_folder,
@@ -159,3 +160,25 @@ def test_the_run_folder_of_a_version_that_knew_files_by_their_paths_is_found_for
     today = run_folder(tmp_path / "runs", "ct", "mr", "unifuse-3d-phantom",
                        (input_fingerprint(reference), input_fingerprint(moving)))
     assert today != earlier  # why the earlier folder must be looked up on its own
+
+
+def test_a_run_folder_made_under_an_inputs_earlier_fingerprint_is_reused_until_one_of_today_exists(tmp_path):
+    """A file napari's own reader opened was keyed by its grid up to 2026-12-07: its flags stay listed."""
+    earlier = run_folder(tmp_path, "T1", "T2", "ckpt", ("grid of T1", "T2 file"))
+    earlier.mkdir()
+    today = ("T1 file", "T2 file")
+    assert run_folder(tmp_path, "T1", "T2", "ckpt", today, earlier_fingerprints=("grid of T1", "T2 file")) == earlier
+    assert run_folder(tmp_path, "T1", "T2", "ckpt", today, earlier_fingerprints=("grid of T1", "grid of T2")) == earlier
+    assert run_folder(tmp_path, "T1", "T2", "ckpt", today, earlier_fingerprints=("grid of T3", "T2 file")) != earlier
+    assert run_folder(tmp_path, "T1", "T2", "ckpt", today, {"tile size": 64},
+                      earlier_fingerprints=("grid of T1", "T2 file")) != earlier  # another run's folder
+    own = run_folder(tmp_path, "T1", "T2", "ckpt", today)
+    own.mkdir()
+    assert run_folder(tmp_path, "T1", "T2", "ckpt", today, earlier_fingerprints=("grid of T1", "T2 file")) == own
+
+
+def test_the_grid_fingerprint_is_that_of_the_same_input_without_its_file(tmp_path):
+    write_image(ImageVolume(np.full((4, 8, 8), 7.0, np.float32), Geometry.identity(3)), tmp_path / "ct.nii.gz")
+    read = read_image(tmp_path / "ct.nii.gz")
+    without_file = ImageVolume(read.array, read.geometry)
+    assert grid_fingerprint(read) == input_fingerprint(without_file) != input_fingerprint(read)

@@ -457,3 +457,54 @@ def test_ending_the_flicker_puts_the_fade_slider_back_at_no_fade(reviewed):
     workbench.qc_panel.flicker.value = False
     assert workbench.qc_panel.fade.value == 1.0
     assert viewer.layers[OutputNames.for_inputs("T1", "T2").fused].visible
+
+
+def test_a_suggestion_leaves_with_its_slice_and_a_note_with_its_flag(reviewed):
+    """Flagged on slice 11 after "next suspicious", the reviewer scrolls on: slice 3 is not slice 11's case."""
+    viewer, workbench = reviewed
+    panel = workbench.annotation_panel
+    panel.reviewer.value, panel.category.value = "dr. test", "other"
+    viewer.dims.set_current_step(0, 0)
+    workbench.go_to_suspicious(-1)
+    assert panel.category.value == "lost structure" and panel.suggestion.value.startswith(f"slice {LOST_SLICE}:")
+    panel.note.value = "cortex edge lost"
+    panel.flag_slice.clicked()
+    assert panel.note.value == ""  # said of that slice: the next flag starts without it
+    assert panel.suggestion.value.startswith(f"slice {LOST_SLICE}:")  # still on the suggested slice
+
+    viewer.dims.set_current_step(0, 3)
+    assert panel.suggestion.value == "" and panel.category.value == "other"  # the reviewer's own choice again
+    panel.flag_slice.clicked()
+    records = [json.loads(line) for line in (workbench.selection.folder / ANNOTATIONS_FILE).read_text().splitlines()]
+    assert [(r["slice_index"], r["category"], r["note"]) for r in records] == [
+        (LOST_SLICE, "lost structure", "cortex edge lost"), (3, "other", "")]
+
+
+def test_a_category_the_reviewer_chose_on_a_suggested_slice_stays_when_leaving_it(reviewed):
+    viewer, workbench = reviewed
+    panel = workbench.annotation_panel
+    viewer.dims.set_current_step(0, 0)
+    workbench.go_to_suspicious(+1)
+    panel.category.value = "misalignment"
+    viewer.dims.set_current_step(0, 2)
+    assert panel.suggestion.value == "" and panel.category.value == "misalignment"
+
+
+def test_a_flag_made_after_the_qc_report_says_the_report_predates_it(reviewed, qtbot):
+    _, workbench = reviewed
+    panel = workbench.annotation_panel
+    panel.reviewer.value = "dr. test"
+    panel.flag_slice.clicked()
+    assert panel.report_note.value == ""  # no report yet: nothing to be out of date
+    workbench.report_button.clicked()
+    qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=60_000)
+    assert panel.report_note.value == ""
+    panel.flag_slice.clicked()
+    panel.flag_slice.clicked()
+    assert "predates 2 flags" in panel.report_note.value and "QC report" in panel.report_note.value
+    workbench.report_button.clicked()
+    qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=60_000)
+    assert panel.report_note.value == ""
+    panel.listing.value = [panel.annotations[0].id]
+    panel.delete.clicked()
+    assert "1 withdrawn flag" in panel.report_note.value

@@ -8,6 +8,7 @@ import json
 import weakref
 from pathlib import Path
 
+import imageio.v3 as imageio
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ from napari_unifuse._qt.workbench import RUN_DONE_WITHOUT_METRICS, UniFuseWorkbe
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE, Annotation, AnnotationStore
 from napari_unifuse.engine.labels import label_metrics
 from napari_unifuse.engine.outputs import METRICS_FILE
-from napari_unifuse.engine.overlays import path_keyed_input_fingerprint
+from napari_unifuse.engine.overlays import grid_fingerprint, path_keyed_input_fingerprint, run_folder
 from napari_unifuse.engine.provenance import sha256_of_array
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 from napari_unifuse.model.checkpoint import read_config
@@ -1065,3 +1066,32 @@ def test_flags_of_an_earlier_version_that_knew_runs_by_paths_are_pointed_at_once
     form.selection()  # every change of the form asks again: said once
     told = [text for _, text in notifications if str(earlier / ANNOTATIONS_FILE) in text]
     assert len(told) == 1 and "earlier version" in told[0] and str(folder) in told[0]
+
+
+def test_a_pair_napari_own_reader_opened_keeps_the_run_folder_and_flags_of_our_readers(make_napari_viewer, tmp_path,
+                                                                                        checkpoint_files):
+    """napari asks which reader opens a PNG: the other choice next session must still list the flags."""
+    for name, seed in (("ct", 1), ("mr", 2)):
+        imageio.imwrite(tmp_path / f"{name}.png",
+                        np.random.default_rng(seed).integers(0, 255, size=(32, 32), dtype=np.uint8))
+
+    def folder_when_opened_by(plugin: str) -> Path:
+        viewer = make_napari_viewer()
+        for name in ("ct", "mr"):
+            viewer.open(str(tmp_path / f"{name}.png"), plugin=plugin)
+        workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+        workbench.run_panel.reference.value, workbench.run_panel.moving.value = "ct", "mr"
+        return workbench.run_panel.selection().folder
+
+    ours = folder_when_opened_by("napari-unifuse")
+    assert folder_when_opened_by("napari") == ours
+
+    # Flags made when a pair opened by napari's reader was keyed by its grid (up to 2026-12-07) are still listed.
+    viewer = make_napari_viewer()
+    for name in ("ct", "mr"):
+        viewer.open(str(tmp_path / f"{name}.png"), plugin="napari")
+    request = make_workbench(viewer, tmp_path, checkpoint_files[2]).run_panel.selection().request
+    grid_keyed = run_folder(ours.parent, "ct", "mr", str(checkpoint_files[2]),
+                            (grid_fingerprint(request.reference), grid_fingerprint(request.moving)))
+    AnnotationStore(grid_keyed).add(Annotation("misalignment", "dr", slice_index=0))
+    assert grid_keyed != ours and folder_when_opened_by("napari") == grid_keyed
