@@ -16,8 +16,9 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
+from napari_unifuse import __version__
 from napari_unifuse.engine.job import is_first_process
 from napari_unifuse.errors import UniFuseError
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unifuse",
         description="Align, restore and fuse degraded, misaligned multimodal medical images (UniFuse).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES:
         try:
@@ -52,12 +54,23 @@ def _one_line_warning(command: str):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (torchrun stopping its workers, a scheduler's time limit, `kill`), met as Ctrl-C is:
-    the run unwinds, so that its staging folders and locks go, and the command says so."""
+    """SIGTERM (torchrun stopping its workers, a scheduler's time limit, `kill`) or SIGHUP (the
+    terminal or ssh session closed), met as Ctrl-C is: the run unwinds, so that its staging folders
+    and locks go, and the command says so."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated
+    raise Terminated(signum)
+
+
+# Signals that stop a command as SIGTERM does; SIGHUP is POSIX only.
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# 128 + SIGPIPE: the status of a shell tool whose reader (`| head`) stopped; Windows has no SIGPIPE.
+BROKEN_PIPE_STATUS = 128 + getattr(signal, "SIGPIPE", 13)
 
 
 @contextmanager
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     command = "unifuse"
     try:
-        with _signals_handled(_raise_terminated, signal.SIGTERM):
+        with _signals_handled(_raise_terminated, *TERMINATING_SIGNALS):
             # Inside the try: the parser imports torch and the engine, seconds in which Ctrl-C may come.
             args = build_parser().parse_args(argv)
             command = f"unifuse {args.command}"
@@ -103,14 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     except UniFuseError as error:
         print(f"{command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of the output stopped (`| head`): end as a shell tool does, quietly. The
+        # output still buffered must not be flushed at exit into the closed pipe (another error).
+        with suppress(OSError, ValueError):  # a stdout without a file descriptor (in-process) flushes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_STATUS
     except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
-        status = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+        status = 128 + signum
+        said = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "terminated (its terminal closed)")
         # A second signal (a terminal or `timeout` signals the whole process group) must not cut
         # the goodbye short with a traceback.
-        with _signals_handled(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM):
+        with _signals_handled(signal.SIG_IGN, signal.SIGINT, *TERMINATING_SIGNALS):
             if is_first_process():  # torchrun stops every process of the job: one says so
-                print(f"{command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+                print(f"{command}: {said}", file=sys.stderr)
             if argv is None:
                 # Stopped, the process has nothing left to finish, and a normal shutdown can abort
                 # ("terminate called without an active exception": a C++ thread pool of ITK/ANTs

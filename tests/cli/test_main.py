@@ -148,3 +148,48 @@ def test_sigterm_unwinds_the_command_like_ctrl_c_and_says_so(monkeypatch, capsys
     assert unwound == [True]
     assert capsys.readouterr().err == "unifuse info: terminated\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sighup_unwinds_the_command_as_sigterm_does(monkeypatch, capsys):
+    """A terminal or ssh session closed under a run: it died with exit 129 and no word, leaving an
+    empty pair folder (train its config.yaml)."""
+    import signal
+    import time
+
+    unwound = []
+
+    def long_command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(10)
+        finally:
+            unwound.append(True)
+
+    monkeypatch.setattr("napari_unifuse.cli.info.run", long_command)
+    before = signal.getsignal(signal.SIGHUP)
+    assert main(["info", "--preset", "small", "--dims", "2"]) == 129
+    assert unwound == [True]
+    assert capsys.readouterr().err == "unifuse info: terminated (its terminal closed)\n"
+    assert signal.getsignal(signal.SIGHUP) is before
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    """`unifuse info | head -1`: the reader closing the pipe was printed as "error: Broken pipe" (exit 2)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has stopped before the command writes: every write meets a closed pipe
+    try:
+        completed = subprocess.run([sys.executable, "-c", "import sys; from napari_unifuse.cli import main; "
+                                    "sys.exit(main(['info', '--preset', 'small', '--dims', '2']))"],
+                                   stdout=write_end, stderr=subprocess.PIPE, timeout=300)
+    finally:
+        os.close(write_end)
+    assert completed.stderr.decode() == ""
+    assert completed.returncode == 141  # 128 + SIGPIPE, as a shell tool killed by it
+
+
+def test_version_is_printed(capsys):
+    from napari_unifuse import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"unifuse {__version__}\n"
