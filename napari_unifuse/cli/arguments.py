@@ -12,7 +12,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from napari_unifuse.engine.device import DEVICE_CHOICES
 from napari_unifuse.errors import InputError
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """Every command's --device, with the same words for what auto picks."""
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="auto (default): CUDA when a GPU is available, else the CPU")
 
 
 def positive_int(text: str) -> int:

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from napari_unifuse import benchmark
-from napari_unifuse.cli.arguments import positive_int, user_path
+from napari_unifuse.cli.arguments import add_device_argument, positive_int, user_path
 from napari_unifuse.engine import classical
-from napari_unifuse.engine.device import DEVICE_CHOICES, resolve_device
+from napari_unifuse.engine.device import resolve_device
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.outputs import check_writable_folder, write_files_together
 from napari_unifuse.errors import InputError
@@ -242,7 +242,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="time, memory and FLOPs of UniFuse vs SimpleITK/ANTs on phantom pairs",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, small preset, one repeat (CI)")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    add_device_argument(parser)
     parser.add_argument("--out", type=user_path, help="folder for <device>[-quick].md and .json (created, and checked "
                                                 "writable, before measuring)")
     parser.add_argument("--threads", type=positive_int,

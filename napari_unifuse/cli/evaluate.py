@@ -116,14 +116,21 @@ from typing import Any
 
 import numpy as np
 
-from napari_unifuse.cli.arguments import CsvRow, non_negative_int, positive_int, read_pairs_rows, user_path
+from napari_unifuse.cli.arguments import (
+    CsvRow,
+    add_device_argument,
+    non_negative_int,
+    positive_int,
+    read_pairs_rows,
+    user_path,
+)
 from napari_unifuse.data.color import rgb_to_ycbcr, ycbcr_to_rgb
 from napari_unifuse.data.degrade import DEGRADATION_CLASSES
 from napari_unifuse.data.misalign import MISALIGNMENT_REGIMES, warp_array
 from napari_unifuse.engine import classical
 from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
-from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
+from napari_unifuse.engine.device import out_of_memory_explained
 from napari_unifuse.engine.inference import (
     FusionEngine,
     moving_field_of_view,
@@ -1217,7 +1224,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier evaluation in --out (refused otherwise; never "
                              "the --pairs CSV itself)")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    add_device_argument(parser)
     parser.add_argument("--tile-size", type=positive_int,
                         help="voxels per tile side (default: a 2-D checkpoint's training crop; otherwise, 3-D inputs "
                              "included, one pass up to 176³ voxels, beyond that the fewest overlapping slabs)")

@@ -75,9 +75,9 @@ from typing import Any
 from tqdm import tqdm
 
 from napari_unifuse.cli import describe_os_error
-from napari_unifuse.cli.arguments import check_one_pair_or_many, read_pairs_rows, user_path
+from napari_unifuse.cli.arguments import add_device_argument, check_one_pair_or_many, read_pairs_rows, user_path
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
-from napari_unifuse.engine.device import DEVICE_CHOICES, out_of_memory_explained
+from napari_unifuse.engine.device import out_of_memory_explained
 from napari_unifuse.engine.distributed import Distributed, setup_distributed
 from napari_unifuse.engine.inference import FusionEngine, requested_settings
 from napari_unifuse.engine.input_checks import model_dimensions
@@ -173,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         + ", ".join(registered_methods()) + "; mmif-amin:sitk / mmif-amin:none pick its alignment")
     parser.add_argument("--checkpoint", help="bundled checkpoint name or .safetensors file for the method "
                         "(default: the method's bundled one, e.g. unifuse-2d-harvard / unifuse-3d-phantom)")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    add_device_argument(parser)
     parser.add_argument("--tile-size", type=int,
                         help="voxels per tile side (default: a 2-D checkpoint's training crop; otherwise, 3-D inputs "
                              "included, one pass up to 176³ voxels, beyond that the fewest overlapping slabs)")

@@ -13,8 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from napari_unifuse.cli.arguments import user_path
-from napari_unifuse.engine.device import DEVICE_CHOICES
+from napari_unifuse.cli.arguments import add_device_argument, user_path
 from napari_unifuse.engine.job import is_first_process
 from napari_unifuse.training.config import list_packaged_configs
 
@@ -42,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (overrides train.max_steps)")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop at this step (checkpointed) without shortening the schedule; --resume continues")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (CUDA if available)")
+    add_device_argument(parser)
     parser.add_argument("--data-root", type=user_path, default=None, help="overrides data.root of the config")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides train.lr)")
     parser.add_argument("--batch-size", type=int, default=None, help="per process; overrides train.batch_size")

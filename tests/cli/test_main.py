@@ -193,3 +193,11 @@ def test_version_is_printed(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"unifuse {__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["fuse", "evaluate", "bench", "train"])
+def test_every_commands_device_option_says_what_auto_picks(command, capsys):
+    """fuse, evaluate and bench listed --device {auto,cuda,cpu} with no word on the default."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "auto (default): CUDA when a GPU is available, else the CPU" in " ".join(capsys.readouterr().out.split())
