@@ -61,13 +61,8 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
     A file of that bare name in the working directory is used before the packaged checkpoint, a
     folder is not: an earlier ``--out`` named like a bundled checkpoint must not shadow it."""
     path = Path(path_or_name)
-    if path.is_file() and path.suffix.lower() == ".json":
-        # The sidecar read as weights fails deep in safetensors ("header too large").
-        weights = path.with_suffix(SUFFIX)
-        beside = (f"pass the weights beside it, {weights}" if weights.is_file()
-                  else f"its weights, {weights.name}, are not beside it")
-        raise CheckpointError(f"{path} is a checkpoint's JSON sidecar (its metadata), not its weights: {beside}")
     if path.is_file():
+        _refuse_a_file_beside_the_weights(path)
         _refuse_an_unfinished_save(path)
         return path
     packaged = _packaged_checkpoint(path_or_name)
@@ -81,6 +76,23 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
     available = ", ".join(list_checkpoints()) or "none"
     raise CheckpointError(f"checkpoint {str(path_or_name)!r} not found (neither a file nor a "
                           f"packaged checkpoint; packaged: {available})")
+
+
+# The files a checkpoint NAME keeps beside NAME.safetensors (training.trainer), and what each one
+# is: read as weights, they fail deep in safetensors ("header too large").
+_BESIDE_THE_WEIGHTS = {
+    ".json": "a checkpoint's JSON sidecar (its metadata)",
+    ".state.pt": "a training run's resume state (optimiser and step, read by `unifuse train --resume`)",
+}
+
+
+def _refuse_a_file_beside_the_weights(path: Path) -> None:
+    for suffix, what in _BESIDE_THE_WEIGHTS.items():
+        if path.name.lower().endswith(suffix):
+            weights = path.with_name(path.name[:-len(suffix)] + SUFFIX)
+            beside = (f"pass the weights beside it, {weights}" if weights.is_file()
+                      else f"its weights, {weights.name}, are not beside it")
+            raise CheckpointError(f"{path} is {what}, not its weights: {beside}")
 
 
 def _packaged_checkpoint(path_or_name: str | Path) -> Path | None:

@@ -1,7 +1,7 @@
 """Training configuration: one YAML file (``configs/*.yaml``) -> frozen dataclasses.
 
-Layout of a config file (every key optional except ``data.kind``; unknown keys are errors so a
-typo never silently falls back to a default)::
+Layout of a config file (every key optional except ``data.kind``; unknown and repeated keys are
+errors so a typo or a second section never silently falls back to a default)::
 
     seed: 0
     model: {method: unifuse | bsafusion | mmif-amin, preset: small | paper, spatial_dims: 2 | 3,
@@ -443,6 +443,30 @@ def _config_file(path: Path) -> Path:
                      path)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word, so a second ``train:`` section
+    would drop the whole first one: a repeated key is refused, naming it and both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # A merge (<<) brings in keys that the mapping's own keys are meant to replace.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_lines:
+                raise yaml.YAMLError(f"key {key!r} is given twice (lines {first_lines[key]} and {line}), and only "
+                                     "the last would count: keep one of them, or merge them into one")
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a repeated key (yaml.YAMLError); every config read goes through it."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_config(path: str | Path, **overrides: dict[str, Any]) -> TrainConfig:
     """Read and validate a training config YAML file, or a packaged one by name (``harvard2d-cpu``);
     ``overrides`` (section → fields, the command line's) replace the file's fields before the
@@ -450,7 +474,7 @@ def load_config(path: str | Path, **overrides: dict[str, Any]) -> TrainConfig:
     ``train.init_from`` the file leaves out)."""
     path = _config_file(Path(path))
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise InputError(f"not valid YAML: {error}", path) from None
     if isinstance(values, dict):

@@ -561,15 +561,19 @@ def _image_header(path: Path) -> ImageVolume:
     """``path`` as io.read_image places it (an ImageVolume), without decoding its voxels where the
     format allows: ``checked_cases`` checks the settings against every case before it decodes
     any, which for hundreds of volumes takes minutes. The array is a zero-strided stand-in of the
-    image's shape, in the file's axis order. SimpleITK reads NIfTI, NRRD and MetaImage headers
-    alone; DICOM series, pictures (small anyway), 4-D files and colour images are read whole, as
-    io.read_image reads them."""
+    image's shape, in the file's axis order. nibabel reads NIfTI headers alone and SimpleITK NRRD
+    and MetaImage ones, as io.read_image reads each; DICOM series, pictures (small anyway), 4-D
+    files and colour images are read whole."""
     import SimpleITK as sitk
 
     from napari_unifuse.io import Geometry, ImageVolume, read_image
     from napari_unifuse.io.readers import itk_source, readable_format
 
-    if readable_format(path) in ("nifti", "itk"):
+    file_format = readable_format(path)
+    if file_format == "nifti":
+        header = _nifti_header(path)
+        return header if header is not None else read_image(path)
+    if file_format == "itk":
         reader = sitk.ImageFileReader()
         try:
             with itk_source(path) as name:
@@ -582,6 +586,30 @@ def _image_header(path: Path) -> ImageVolume:
                 shape = tuple(int(side) for side in reader.GetSize())[::-1]
                 return ImageVolume(np.broadcast_to(np.float32(0), shape), Geometry.from_sitk(reader), {}, str(path))
     return read_image(path)
+
+
+def _nifti_header(path: Path) -> ImageVolume | None:
+    """A grey 3-D or axial 2-D NIfTI's header as io.read_image places it: by nibabel's affine (the
+    sform, else the qform) in mm. SimpleITK's reading can differ (a negative stored pixdim, which
+    it gives as a negative spacing; forms that disagree, of which it may take the other), and these
+    checks must judge the pair that trains, which is read as ``unifuse fuse`` reads it. None for
+    any other file (a slice off the axial plane, 4-D, colour, unreadable): read_image reads it whole."""
+    from napari_unifuse.io import Geometry, ImageVolume
+    from napari_unifuse.io.readers import _MM_PER_LENGTH_UNIT, _in_an_axial_plane, _nifti_spatial_unit, load_nifti
+
+    try:
+        image: Any = load_nifti(path)  # the header alone: the voxels load on first use
+    except Exception:  # noqa: BLE001 - read_image says what is wrong with the file
+        return None
+    ndim = len(image.shape)
+    if ndim not in (2, 3) or image.get_data_dtype().names is not None:
+        return None
+    affine = image.affine.copy()
+    affine[:3] *= _MM_PER_LENGTH_UNIT[_nifti_spatial_unit(image.header)]
+    if ndim == 2 and not _in_an_axial_plane(affine):
+        return None
+    return ImageVolume(np.broadcast_to(np.float32(0), image.shape[::-1]), Geometry.from_ras_affine(affine, ndim),
+                       {}, str(path))
 
 
 def _stored_in_another_order(image: ImageVolume) -> bool:

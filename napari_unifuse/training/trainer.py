@@ -115,6 +115,7 @@ from napari_unifuse.training.config import (
     IMAGE_RESTORATION_STAGE,
     TrainConfig,
     config_from_dict,
+    read_yaml,
     without_unread_keys,
 )
 from napari_unifuse.training.datasets import build_datasets
@@ -840,7 +841,7 @@ def run_config(run_dir: str | Path) -> TrainConfig:
     if not path.is_file():
         raise CheckpointError(f"nothing to resume in {path.parent} (no config.yaml)")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise CheckpointError(f"{path}: not valid YAML ({error})") from None
     # No base folder: its paths were resolved when it was written.
@@ -857,7 +858,7 @@ def _refuse_replacing_a_config_no_run_wrote(run_dir: Path, config: TrainConfig) 
         return
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
-        if yaml.safe_dump(yaml.safe_load(text), sort_keys=False) == text:
+        if yaml.safe_dump(read_yaml(text), sort_keys=False) == text:
             return
     except yaml.YAMLError:
         pass  # not even YAML: no run wrote it
@@ -908,6 +909,13 @@ def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# The settings that make a run what it is: a config that changes them is named first, on its own line.
+_WHAT_A_RUN_IS = {
+    "model.method": "{run} is a {before} run; the config given trains {now}",
+    "data.kind": "{run} trained on {before} data; the config given trains on {now} data",
+}
+
+
 def _refuse_changes(saved: TrainConfig, requested: TrainConfig, run_dir: Path) -> None:
     """A resumed run continues its own config: ``requested`` may differ only in RESUMABLE_TRAIN_SETTINGS."""
     before, now = _flattened(saved.to_dict()), _flattened(requested.to_dict())
@@ -915,7 +923,11 @@ def _refuse_changes(saved: TrainConfig, requested: TrainConfig, run_dir: Path) -
     changed = sorted(key for key in before.keys() | now.keys()
                      if key not in changeable and before.get(key) != now.get(key))
     if changed:
-        raise CheckpointError(f"{run_dir} was trained with another config ({', '.join(changed)} differ from its "
+        # Another method's or data kind's config is the likely slip; in the field list it is one of ~40.
+        headlines = [sentence.format(run=run_dir, before=before.get(key), now=now.get(key))
+                     for key, sentence in _WHAT_A_RUN_IS.items() if key in changed]
+        raise CheckpointError("".join(f"{line}\n" for line in headlines)
+                              + f"{run_dir} was trained with another config ({', '.join(changed)} differ from its "
                               "config.yaml): resume with the config it was started with, or choose another --out")
 
 

@@ -97,6 +97,24 @@ def test_resume_with_a_config_that_differs_in_more_than_the_overrides_is_refused
     assert _train_steps(run_dir) == [1]
 
 
+def test_resume_with_another_methods_config_says_so_before_the_differing_fields(run_dir, capsys):
+    """The method and data kind were two of ~40 fields in one line."""
+    args = ["train", "--config", "bsafusion-cpu", "--out", str(run_dir), "--device", "cpu", "--no-progress", "--resume"]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith(f"{run_dir} is a unifuse run; the config given trains bsafusion")
+    assert lines[1] == f"{run_dir} trained on phantom data; the config given trains on harvard data"
+    assert lines[2].startswith(f"{run_dir} was trained with another config (") and "model.method" in lines[2]
+    assert _train_steps(run_dir) == [1]
+
+
+def test_a_run_config_with_a_repeated_key_is_refused_naming_it(run_dir):
+    path = run_dir / "config.yaml"
+    path.write_text(path.read_text(encoding="utf-8") + "seed: 1\n", encoding="utf-8")
+    with pytest.raises(trainer.CheckpointError, match=r"'seed' is given twice \(lines \d+ and \d+\)"):
+        trainer.run_config(run_dir)
+
+
 def test_a_resumed_run_logs_each_step_once(run_dir):
     # As if the run had gone on past its checkpoint (step 1) and been interrupted writing a line.
     with (run_dir / "log.jsonl").open("a", encoding="utf-8") as stream:

@@ -249,6 +249,19 @@ def test_a_sidecar_given_as_the_checkpoint_names_the_weights_beside_it(saved):
         load_checkpoint(path.with_suffix(".json"))
 
 
+def test_a_runs_resume_state_given_as_the_checkpoint_names_the_weights_beside_it(saved):
+    """It said "not a readable safetensors checkpoint (... header too large)"."""
+    _, path = saved
+    state = path.with_name("net.state.pt")
+    torch.save({"step": 3}, state)
+    with pytest.raises(CheckpointError, match=r"resume state .*`unifuse train --resume`.* pass the weights beside it, "
+                                              r".*net\.safetensors"):
+        load_checkpoint(state)
+    path.unlink()
+    with pytest.raises(CheckpointError, match=r"resume state .* its weights, net\.safetensors, are not beside it"):
+        load_checkpoint(state)
+
+
 def test_a_run_folder_given_as_the_checkpoint_names_its_weights(saved, tmp_path):
     """It said "not found (neither a file nor a packaged checkpoint)" of a folder that exists."""
     model, _ = saved

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from napari_unifuse.errors import InputError
-from napari_unifuse.training.config import load_config
+from napari_unifuse.training.config import load_config, read_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -341,3 +341,23 @@ def test_the_package_ships_every_config_and_the_license():
     assert licenses and all("BSD 3-Clause License" in path.read_text(encoding="utf-8") for path in licenses)
     # The README's install command reads constraints.txt: the sdist must hold it.
     assert "include constraints.txt" in (CONFIGS.parent / "MANIFEST.in").read_text(encoding="utf-8").splitlines()
+
+
+def test_a_repeated_section_is_refused_naming_the_key_and_both_lines(tmp_path):
+    # PyYAML alone keeps the second train: section and drops the first one's settings without a word.
+    path = tmp_path / "twice.yaml"
+    path.write_text("data: {kind: phantom}\ntrain:\n  batch_size: 2\n  log_every: 1\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(InputError, match=r"'train' is given twice \(lines 2 and 5\)"):
+        load_config(path)
+
+
+def test_a_repeated_key_inside_a_section_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("data: {kind: phantom}\ntrain:\n  max_steps: 3\n  max_steps: 5\n")
+    with pytest.raises(InputError, match=r"'max_steps' is given twice \(lines 3 and 4\)"):
+        load_config(path)
+
+
+def test_keys_a_merge_brings_in_may_be_replaced_by_the_mappings_own():
+    values = read_yaml("base: &base {max_steps: 3, batch_size: 2}\ntrain: {<<: *base, max_steps: 5}\n")
+    assert values["train"] == {"max_steps": 5, "batch_size": 2}

@@ -3,6 +3,8 @@ scan, what the readers noted about a case, and blank Harvard images."""
 
 from __future__ import annotations
 
+import gzip
+import struct
 import warnings
 
 import nibabel as nib
@@ -11,6 +13,7 @@ import pytest
 from skimage.io import imsave
 
 from napari_unifuse.errors import InputError
+from napari_unifuse.io import read_image
 from napari_unifuse.training import datasets
 
 from .test_folder_cases import _cohort, _twin_cohorts
@@ -99,3 +102,39 @@ def test_a_harvard_size_that_makes_ct_pixels_rectangular_is_refused_before_the_f
     for where_no_metal in ({"tasks": ["PET-MRI"]}, {"none_fraction": 1.0}):
         train, _ = datasets.build_datasets({**section, **where_no_metal}, seed=0, spatial_dims=2)
         assert train[0]["moving"].shape == (1, 16, 8)
+
+
+def _store_a_negative_pixdim(path):
+    """pixdim[1] stored negative, as some converters write it: nibabel (read_image) takes its size,
+    SimpleITK a negative spacing (and, passing over the sform, the qform mirrored)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into("<f", raw, 80, -struct.unpack_from("<f", raw, 80)[0])
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _with_disagreeing_forms(path):
+    """The sform shifted 40 mm from the qform and scaled otherwise than pixdim: read_image places the
+    image by the sform, SimpleITK by the qform."""
+    image = nib.load(path)
+    sform = image.affine.copy()
+    sform[:3, :3] *= 1.1
+    sform[:3, 3] += [40.0, 0.0, 0.0]
+    saved = nib.Nifti1Image(np.asarray(image.dataobj), image.affine)
+    saved.set_sform(sform, 1)
+    nib.save(saved, path)
+
+
+@pytest.mark.parametrize("change", [_store_a_negative_pixdim, _with_disagreeing_forms])
+def test_the_start_up_checks_place_a_nifti_case_as_fusion_reads_it(tmp_path, change):
+    """They took SimpleITK's reading of the header, which refused a negative pixdim ("voxel spacing
+    must be positive") that unifuse fuse reads, and placed disagreeing forms otherwise than fuse."""
+    _twin_cohorts(tmp_path, "t2", cases=3)
+    for case in range(3):
+        for name in ("ref.nii.gz", "mov.nii.gz"):
+            change(tmp_path / "axial" / f"case{case}" / name)
+    path = tmp_path / "axial" / "case0" / "mov.nii.gz"
+    header, whole = datasets._image_header(path), read_image(path)
+    assert header.spatial_shape == whole.spatial_shape
+    np.testing.assert_allclose(header.geometry.index_to_world, whole.geometry.index_to_world, atol=1e-4)
+    train, _ = datasets.build_datasets(_cohort(tmp_path / "axial", "t2", crop=12), seed=0, spatial_dims=3)
+    assert train[0]["moving"].shape == (1, 12, 12, 12)
