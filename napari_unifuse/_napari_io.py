@@ -23,6 +23,7 @@ from napari.utils.transforms import Affine
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 from napari_unifuse.io.digests import LAYER_DIGESTS, sha256_of_array
+from napari_unifuse.io.image import COLOUR_IS_2D_ONLY
 from napari_unifuse.io.readers import (
     colour_in_unit_range,
     dicom_series,
@@ -128,6 +129,11 @@ def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
         data = data[0]  # full resolution
     is_rgb = bool(state.get("rgb", False))
     array = np.asarray(data)
+    name = state.get("name", "layer")
+    if is_rgb and array.ndim > 3:
+        # Before its colour range is judged: a volume rescaled as asked would be refused all the same.
+        raise InputError(f"is a {array.ndim - 1}D colour (RGB) image of shape {array.shape}; {COLOUR_IS_2D_ONLY}",
+                         name)
     stored = (state.get("metadata") or {}).get(LAYER_METADATA_KEY, {})
     ndim = array.ndim - 1 if is_rgb else array.ndim
     # napari's world = affine @ (translate + rotate·shear·scale · index)
@@ -139,7 +145,6 @@ def volume_from_layer_data(data: Any, state: dict[str, Any]) -> ImageVolume:
     ).affine_matrix
     world = np.asarray(state.get("affine", np.eye(ndim + 1)), dtype=np.float64)
     array, index_to_world, warnings = _without_alpha(array, is_rgb, world @ physical, from_unifuse=bool(stored))
-    name = state.get("name", "layer")
     try:
         if is_rgb:  # as read_image holds colour, so that a layer fuses as its file does
             array, colour_warnings = colour_in_unit_range(array)

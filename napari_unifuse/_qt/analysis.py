@@ -117,10 +117,12 @@ def engine_key(request: RunRequest) -> tuple:
             request.tile_size)
 
 
-# What the saved review maps hold, for their provenance (the alignment error by the kind computed).
+# What the saved review maps hold, for their provenance (the error map by the kind computed, its
+# ``{units}`` those of the moving image: grey values, or the luma a colour image is compared in).
 ERROR_MAP_DESCRIPTIONS = {
-    "|aligned − label|": "|aligned − label| per voxel, in the moving image's units, against the ground truth "
-                         "recorded as inputs.label",
+    "|aligned − label|": "|aligned − label| per voxel, {units}, against the ground truth recorded as inputs.label; "
+                         "the aligned moving image is also the restored one, so this is restoration and alignment "
+                         "error together",
     "misalignment (MIND)": "no ground truth: the structural disagreement of the aligned moving image and the "
                            "reference, mean |MIND difference| in [0, 1] (metrics.local_misalignment_map)",
 }
@@ -178,7 +180,10 @@ def run_and_analyse(
         error_map = local_misalignment_map(slice_of(aligned_grey, axis, 0), slice_of(reference_grey, axis, 0))
         error_map = (error_map if axis is None else np.expand_dims(error_map, axis)).astype(np.float32)
         error_kind = "misalignment (MIND)"
-    result.provenance["review_maps"] = {"alignment_error": ERROR_MAP_DESCRIPTIONS[error_kind], **REVIEW_MAP_DESCRIPTIONS}
+    units = ("in BT.601 luma [0, 1] of the colour moving image" if result.aligned.is_rgb
+             else "in the moving image's units")
+    result.provenance["review_maps"] = {"alignment_error": ERROR_MAP_DESCRIPTIONS[error_kind].format(units=units),
+                                        **REVIEW_MAP_DESCRIPTIONS}
     cancel.raise_if_cancelled()
     jacobian = field_jacobian(result.displacement, result.fused.single_slice_axis)
     cancel.raise_if_cancelled()

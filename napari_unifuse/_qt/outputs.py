@@ -50,9 +50,11 @@ class OutputNames:
     @classmethod
     def for_inputs(cls, reference: str, moving: str) -> OutputNames:
         pair, onto = f"[{reference} + {moving}]", f"[{moving} → {reference}]"
+        # "error map", not "alignment error": against a ground truth it holds the restoration's error
+        # too (the aligned image is the restored one), without one it is the MIND misalignment estimate.
         return cls(
             fused=f"fused {pair}", aligned=f"aligned {onto}", quivers=f"displacement {onto}",
-            grid=f"deformed grid {onto}", error=f"alignment error {onto}", jacobian=f"det J {onto}",
+            grid=f"deformed grid {onto}", error=f"error map {onto}", jacobian=f"det J {onto}",
             folding=f"folding (det J ≤ 0) {onto}", checkerboard=f"checkerboard {pair}",
         )
 
@@ -186,8 +188,7 @@ class ResultLayers:
                   tags={"kind": outcome.error_kind})
         self._map(names.jacobian, outcome.jacobian, colormap="PiYG", contrast_limits=(0.0, 2.0), visible=False)
         self._upsert(names.folding, outcome.folding, "labels", placed, opacity=0.8)
-        self._map(names.grid, deformed_grid(result.displacement, self.grid_spacing), colormap="yellow",
-                  blending="additive", visible=False)
+        self._map(names.grid, self._deformed_grid(), colormap="yellow", blending="additive", visible=False)
         magnitude = displacement_magnitude_mm(result.displacement, geometry.spacing)
         self._upsert(names.quivers, np.zeros((0, 2, geometry.ndim), np.float32), "vectors", placed,
                      edge_colormap="viridis", edge_width=ARROW_WIDTH_VOXELS, length=self.arrow_scale,
@@ -309,6 +310,10 @@ class ResultLayers:
         now = _display_settings(layer)
         return {setting: value for setting, value in now.items() if made.get(setting) != value}
 
+    def _deformed_grid(self) -> np.ndarray:
+        result = self.outcome.result
+        return deformed_grid(result.displacement, self.grid_spacing, result.fused.single_slice_axis)
+
     def _checkerboard(self) -> np.ndarray:
         return checkerboard(self.outcome.reference_grey, self.outcome.aligned_grey, self.checker_tile)
 
@@ -341,7 +346,7 @@ class ResultLayers:
         self.grid_spacing = int(spacing)
         grid = self.layer("grid")
         if grid is not None:
-            grid.data = deformed_grid(self.outcome.result.displacement, spacing)
+            grid.data = self._deformed_grid()
 
     def set_checker_tile(self, tile: int) -> None:
         self.checker_tile = int(tile)

@@ -71,20 +71,23 @@ def checkerboard(first: np.ndarray, second: np.ndarray, tile: int) -> np.ndarray
     return np.where(white, first, second)
 
 
-def deformed_grid(displacement: np.ndarray, spacing: int) -> np.ndarray:
+def deformed_grid(displacement: np.ndarray, spacing: int, single_slice_axis: int | None = None) -> np.ndarray:
     """A grid of lines every ``spacing`` voxels (in-slice), warped by the field like the moving image.
 
     Bright lines bend where the model moves tissue; crossings squeezed together or folded over show
     compression and folding at a glance, complementing the quivers.
 
-    The lines run along the last two stored axes only (each slice along the first axis holds the
-    same grid): read it sliced along the first axis. Sliced along another axis it shows stripes and
-    solid sheets, and motion along the first axis (through those slices) never bends a line.
+    The lines run along the last two stored axes (each slice along the first axis holds the same
+    grid): read it sliced along the first axis. Sliced along another axis it shows stripes and
+    solid sheets, and motion along the first axis (through those slices) never bends a line. A
+    one-slice volume (``single_slice_axis``, as ``ImageVolume.single_slice_axis``) is viewed in its
+    own plane: its lines run along the two other axes, as on a 2D image.
     """
     spatial = displacement.shape[1:]
     spacing = max(2, int(spacing))
+    in_plane = [axis for axis in range(len(spatial)) if axis != single_slice_axis][-2:]
     lines = np.zeros(spatial, dtype=np.float32)
-    for axis in (-2, -1):
+    for axis in in_plane:
         on_line = (np.arange(spatial[axis]) % spacing) == 0
         index: list[slice | None] = [None] * len(spatial)
         index[axis] = slice(None)

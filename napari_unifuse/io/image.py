@@ -25,6 +25,8 @@ _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # stored, and whether its slices were stored running from head to foot (then reversed).
 STORED_AXIS_ORDER = "stored_axis_order"
 STORED_SLICES_REVERSED = "stored_slices_reversed"
+# Why a colour volume is refused, wherever it comes from (a file, a napari layer, a script).
+COLOUR_IS_2D_ONLY = "colour images are supported in 2D only: convert the volume to grey values first"
 
 
 def _reverse_axes(matrix: np.ndarray) -> np.ndarray:
@@ -252,7 +254,8 @@ class ImageVolume:
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
         if self.is_rgb and (self.array.ndim != 3 or self.array.shape[-1] != 3):
-            raise InputError(f"an RGB image must have shape (y, x, 3), got {self.array.shape}", self.source)
+            advice = f"; {COLOUR_IS_2D_ONLY}" if self.array.ndim > 3 else ""
+            raise InputError(f"an RGB image must have shape (y, x, 3), got {self.array.shape}{advice}", self.source)
         if self.geometry.ndim != self.ndim:
             raise InputError(
                 f"geometry is {self.geometry.ndim}D but the array has {self.ndim} spatial axes "

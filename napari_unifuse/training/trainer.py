@@ -614,7 +614,9 @@ class Trainer:
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.stop_at_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            # disable=None: drawn on a terminal only; a log file would get every redraw (log.jsonl has the steps).
+            bar = tqdm(total=self.stop_at_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       disable=None)
         self._enter_training_mode()
         while self.step < self.stop_at_step:
             sampler.set_epoch(epoch)
@@ -662,7 +664,7 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(self.train_set), desc="read-outs", unit="crop", dynamic_ncols=True)
+            bar = tqdm(total=len(self.train_set), desc="read-outs", unit="crop", dynamic_ncols=True, disable=None)
         readouts, labels = collect_readouts(self.network, self.train_set, self.dist.device,
                                             batch_size=train.batch_size, num_workers=train.num_workers,
                                             progress=None if bar is None else lambda done, _total: bar.update(done - bar.n))

@@ -181,3 +181,12 @@ def test_train_takes_a_packaged_config_by_name_from_any_folder(tmp_path, monkeyp
     _, metadata = load_checkpoint(tmp_path / "runs" / "smoke" / "checkpoints" / "last.safetensors")
     assert metadata["command"].startswith("unifuse train --config smoke ")
     assert metadata["training_config"] == load_config(SMOKE).with_overrides(train={"max_steps": 1}).to_dict()
+
+
+def test_the_progress_bar_is_not_drawn_into_a_log_file(tmp_path, capsys):
+    """stderr redirected to a file got every redraw of the bar (a carriage return per step)."""
+    assert main(["train", "--config", str(SMOKE), "--out", str(tmp_path / "run"), "--device", "cpu",
+                 "--max-steps", "2"]) == 0
+    printed = capsys.readouterr().err
+    assert "\r" not in printed and "step/s" not in printed and "s/step" not in printed
+    assert [r["step"] for r in _log(tmp_path / "run") if r["kind"] == "train"] == [1, 2]  # the steps, logged

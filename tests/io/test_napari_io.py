@@ -158,6 +158,16 @@ def test_npe2_writers_keep_the_layer_geometry(tmp_path):
         write_mha(mha_path, *source_layer.as_layer_data_tuple()[:2])
 
 
+@pytest.mark.parametrize("high", [1.0, 1.2], ids=["in-range", "out-of-range"])
+def test_a_3d_colour_layer_is_refused_by_name_as_the_reader_refuses_its_file(rng, high):
+    """Before its colour range is judged (the user would rescale it only to be refused again), and
+    naming the layer: a layer has no file for ImageVolume's own check to name."""
+    layer = Image(rng.uniform(0.0, high, (4, 10, 12, 3)).astype(np.float32), rgb=True, name="colour volume")
+    with pytest.raises(UniFuseError, match=r"^colour volume: .*colour images are supported in 2D only: convert the "
+                                           r"volume to grey values first"):
+        layer_to_volume(layer)
+
+
 def test_rgb_volume_becomes_an_rgb_layer_and_back(rng):
     colour = ImageVolume(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), Geometry([0.5, 0.25], [1.0, 2.0], np.eye(2)), is_rgb=True)
     layer = _layer(colour)

@@ -145,6 +145,19 @@ def test_deformed_grid_lines_lie_in_the_last_two_axes_so_first_axis_motion_leave
     np.testing.assert_array_equal(deformed_grid(through_plane, spacing=4)[1:-2], still[1:-2])
 
 
+def test_deformed_grid_of_a_one_slice_coronal_volume_draws_its_lines_in_the_slice_plane():
+    """A (z, 1, x) coronal slice is shown in its own (z, x) plane: the lines cross there and bend with
+    the in-plane field, as on a 2D image, instead of the 1-voxel y axis making every voxel a line."""
+    in_plane = np.zeros((2, 12, 12), np.float32)
+    in_plane[1] = 1.0  # one column along x
+    coronal = np.zeros((3, 12, 1, 12), np.float32)
+    coronal[2] = 1.0
+    grid = deformed_grid(coronal, spacing=4, single_slice_axis=1)
+    assert grid.shape == (12, 1, 12)
+    np.testing.assert_array_equal(grid[:, 0, :], deformed_grid(in_plane, spacing=4))
+    assert 0.0 < grid.mean() < 0.5
+
+
 def test_the_run_folder_of_a_version_that_knew_files_by_their_paths_is_found_for_the_same_files(tmp_path):
     for name in ("ct", "mr"):
         write_image(ImageVolume(np.full((4, 8, 8), 7.0, np.float32), Geometry.identity(3)), tmp_path / f"{name}.nii.gz")
