@@ -22,6 +22,7 @@ Nothing here computes: the engine fuses, in a napari worker thread, as for the m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,9 @@ class MethodComparePanel(widgets.Container):
         self.run_panel = run_panel
         self.results = results  # the main run's layers, whose fade or flicker a comparison ends
         self.annotation_panel = annotation_panel
+        # Called once the Annotate tab lists the flags of a method compared (the workbench's: notes
+        # about the main run's flags go while another folder's are listed).
+        self.on_flags_shown: Callable[[], None] | None = None
         # Choices follow the reference's dimensionality; a callable, since napari's reset_choices
         # (on every layer change) re-reads them.
         choices = self._choices()
@@ -206,6 +210,8 @@ class MethodComparePanel(widgets.Container):
             subject="comparison", pair=(compared.reference_name, compared.moving_name),
             pair_arrays=(compared.request.reference.array, compared.request.moving.array))
         self.annotation_panel.method.value = about
+        if self.on_flags_shown is not None:
+            self.on_flags_shown()
 
     @staticmethod
     def _flag_folder(run: MethodRun, compared: RunSelection) -> Path:

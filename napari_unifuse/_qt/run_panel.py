@@ -360,7 +360,9 @@ class RunPanel(widgets.Container):
     def _tell_of_earlier_version_flags(self, request: RunRequest, folder: Path, checkpoint: str) -> None:
         """Say, once, where an earlier version keeps flags on these inputs that ``folder`` lacks: they
         are not listed with this run, and a reviewer who upgraded must not take them for lost."""
-        earlier = earlier_version_flags_folder(request, folder, self.reference.value, self.moving.value, checkpoint)
+        inputs = (self._as_known_up_to_2026_12_06(request.reference, self.reference.value),
+                  self._as_known_up_to_2026_12_06(request.moving, self.moving.value))
+        earlier = earlier_version_flags_folder(inputs, folder, self.reference.value, self.moving.value, checkpoint)
         if earlier is None or earlier in self._told_of_earlier_flags:
             return
         self._told_of_earlier_flags.add(earlier)
@@ -376,6 +378,12 @@ class RunPanel(widgets.Container):
         if volume.source is None:
             volume.source = name  # names the layer in messages and provenance
         return volume
+
+    def _as_known_up_to_2026_12_06(self, volume: ImageVolume, name: str) -> ImageVolume:
+        """``volume``, of the layer ``name``, as the workbench up to 2026-12-06 knew it: without the
+        file napari's own reader (or another plugin's) opened it from, which those versions did not
+        look for, so that they keyed its run folder by the layer's name and pixels."""
+        return volume if _unifuse_metadata(self.viewer.layers[name]) else replace(volume, source=None)
 
     def set_running(self, running: bool) -> None:
         self.run_button.enabled = not running
@@ -399,14 +407,15 @@ def folder_of_run(request: RunRequest, root: str | Path, reference_name: str, mo
                       earlier_fingerprints=tuple(grid_fingerprint(volume, LAYER_DIGESTS) for volume in inputs))
 
 
-def earlier_version_flags_folder(request: RunRequest, folder: Path, reference_name: str, moving_name: str,
-                                 checkpoint: str) -> Path | None:
-    """The run folder the workbench up to 2026-12-06 gave this pair and checkpoint
-    (``overlays.path_keyed_run_folder``), where it holds flags that ``folder`` (today's) does not;
-    None otherwise. Flags it cannot read count as not held, so that the reviewer is told of them."""
+def earlier_version_flags_folder(inputs: tuple[ImageVolume, ImageVolume], folder: Path, reference_name: str,
+                                 moving_name: str, checkpoint: str) -> Path | None:
+    """The run folder the workbench up to 2026-12-06 gave this pair (``inputs``: the reference and
+    moving image as it knew them) and checkpoint (``overlays.path_keyed_run_folder``), where it
+    holds flags that ``folder`` (today's) does not; None otherwise. Flags it cannot read count as
+    not held, so that the reviewer is told of them."""
     earlier = path_keyed_run_folder(folder.parent, checkpoint, (
-        path_keyed_input_fingerprint(request.reference, reference_name, LAYER_DIGESTS),
-        path_keyed_input_fingerprint(request.moving, moving_name, LAYER_DIGESTS)))
+        path_keyed_input_fingerprint(inputs[0], reference_name, LAYER_DIGESTS),
+        path_keyed_input_fingerprint(inputs[1], moving_name, LAYER_DIGESTS)))
     if earlier is None or earlier == folder or not (earlier / ANNOTATIONS_FILE).is_file():
         return None
     try:

@@ -208,6 +208,7 @@ class UniFuseWorkbench(QWidget):
         self.tabs.addTab(self.metrics_panel, "Metrics")
         self.tabs.addTab(self.annotation_panel.native, "Annotate")
         self.method_compare = MethodComparePanel(napari_viewer, self.run_panel, self.results, self.annotation_panel)
+        self.method_compare.on_flags_shown = self._say_whether_the_report_lists_the_flags
         self.tabs.addTab(self.method_compare.native, "Methods")
         content = QWidget()
         content_layout = QVBoxLayout(content)
@@ -378,6 +379,7 @@ class UniFuseWorkbench(QWidget):
             self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value), reference,
                                           subject=INPUTS_SUBJECT, pair=(selection.reference_name,
                                                                         selection.moving_name))
+            self._say_whether_the_report_lists_the_flags()
 
     def _show_the_plane_of_a_one_slice_volume(self, layer) -> None:
         """Slide along the one-voxel axis of a one-slice volume: napari's first view of a one-slice
@@ -736,9 +738,11 @@ class UniFuseWorkbench(QWidget):
 
     def _say_whether_the_report_lists_the_flags(self, _value=None) -> None:
         """Under the flags, which of them the run's QC report leaves out: it copies them when it is
-        written, and a reviewer who flags on must know to write it again."""
+        written, and a reviewer who flags on must know to write it again. Only while the tab lists
+        the run's folder: another's flags (a comparison's, the inputs') are in no report of it."""
         note = ""
-        if self._flags_in_report is not None and self.selection is not None:
+        if (self._flags_in_report is not None and self.selection is not None
+                and self.annotation_panel.store.run_dir == self.selection.folder):
             try:
                 live = {annotation.id for annotation in AnnotationStore(self.selection.folder).load()}
             except UniFuseError:  # the Annotate tab says why the flags cannot be read

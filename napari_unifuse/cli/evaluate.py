@@ -807,8 +807,10 @@ def fooled_markdown(fooled: dict[str, list[str]], summary: list[dict], copies_on
         # add rows (and pair-by-pair tests) nobody asked for.
         missing = ([f"add `{COPY_REGISTRATION}` or `identity` to --baselines"] if copies_on not in registrations
                    else []) + ([f"give --fusion-rules any of {', '.join(FUSION_RULES)}"] if not rules else [])
-        return (f"Copy check skipped: it compares the copies with a fusion of the same aligned pair "
-                f"(`{copies_on} + <rule>`), which this run does not compute; {' and '.join(missing)} to run it.\n")
+        compared = f"Copy check skipped: it compares the copies with a fusion of the same aligned pair (`{copies_on} + <rule>`)"
+        if not missing:  # the command asked for that fusion: each of this regime's pairs failed it
+            return f"{compared}, but no pair of this regime was scored with one (see Failed pairs).\n"
+        return f"{compared}, which this run does not compute; {' and '.join(missing)} to run it.\n"
     if not fooled:
         return f"No metric scores a copy pipeline above {' or '.join(fusions)} on any task.\n"
     listed = "; ".join(f"{column} ({', '.join(where)})" for column, where in fooled.items())

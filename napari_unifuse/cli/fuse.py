@@ -510,10 +510,9 @@ def unrecorded_by_earlier_version(provenance: dict[str, Any], pair: Pair, out_di
     if pair.label is not None and "label" not in provenance["inputs"] and (out_dir / METRICS_FILE).is_file():
         unrecorded["label"] = "no label for its metrics.json"
     checkpoint_name = (provenance.get("checkpoint") or {}).get("name")
-    if "settings" in unrecorded and "method" not in unrecorded and checkpoint_name in list_checkpoints():
+    if "settings" in unrecorded and checkpoint_name in list_checkpoints():
         dimensions = (provenance.get("model_config") or {}).get("spatial_dims")
-        same_method = split_name(engines.method)[0] == str(provenance["method"].get("name", "")).partition(
-            OPTION_SEPARATOR)[0]
+        same_method = split_name(engines.method)[0] == _base_name(_recorded_method(provenance))
         if same_method and dimensions in (2, 3):
             requested = engines.for_dimensions(dimensions).checkpoint_info
             if requested.get("name") == checkpoint_name and requested.get("sha256") != provenance["checkpoint"].get(
@@ -533,20 +532,17 @@ def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _E
     changed_when_read = change_times if isinstance(change_times, dict) else {}  # {}: an older version's run
     differences = [role for role, path in pair.inputs if role not in unrecorded
                    and not _same_input(recorded_inputs.get(role), path, changed_when_read.get(role), finished)]
-    if "method" in unrecorded:  # UniFuse's run, its options, checkpoint choice and settings unrecorded
-        return differences
-    recorded_method = provenance.get("method") or {}
-    recorded_name = str(recorded_method.get("name", "")).partition(OPTION_SEPARATOR)[0]
+    recorded_method = _recorded_method(provenance)
     dimensions = (provenance.get("model_config") or {}).get("spatial_dims")
     # The names first: loading this run's method for the recorded dimensions needs it to support them.
     other_method = f"method ({recorded_method.get('name') or 'unrecorded'})"  # the one those results are of
-    if split_name(engines.method)[0] != recorded_name or dimensions not in (2, 3):
+    if split_name(engines.method)[0] != _base_name(recorded_method) or dimensions not in (2, 3):
         return [*differences, other_method]
     engine = engines.for_dimensions(dimensions)
     # Names aside (mmif-amin and mmif-amin:matching are one method): the options it ran with, as
-    # provenance.json holds them.
+    # provenance.json holds them (UniFuse's run of an earlier version recorded none).
     requested_method = json.loads(json.dumps(engine.method.describe(), default=str))
-    if {**requested_method, "name": None} != {**recorded_method, "name": None}:
+    if "method" not in unrecorded and {**requested_method, "name": None} != {**recorded_method, "name": None}:
         differences.append(other_method)
     if "checkpoint" not in unrecorded and engine.checkpoint_info.get("sha256") != (
             provenance.get("checkpoint") or {}).get("sha256"):
@@ -555,6 +551,17 @@ def previous_run_differences(provenance: dict[str, Any], pair: Pair, engines: _E
     if recorded_settings is not None:  # else an older version's run (unrecorded)
         differences += _settings_differences(recorded_settings, requested_settings(engine.tile_size, **options))
     return differences
+
+
+def _recorded_method(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The method that made the run ``provenance`` describes, as recorded: UniFuse, options unknown,
+    where no method is (versions before 2026-12-03 had no other, and recorded its checkpoint)."""
+    return provenance["method"] if "method" in provenance else {"name": DEFAULT_METHOD}
+
+
+def _base_name(method: dict[str, Any]) -> str:
+    """A recorded method's name without its option ("mmif-amin:sitk" -> "mmif-amin"); "" where none."""
+    return str(method.get("name", "")).partition(OPTION_SEPARATOR)[0]
 
 
 def _settings_differences(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:

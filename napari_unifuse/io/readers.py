@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -234,8 +235,10 @@ def _pair_conversion_hint(path: Path) -> str:
     if suffix is None:
         return ""
     single = name[: -len(suffix)] + ".nii"
+    program = f"import nibabel as nib; nib.save(nib.load({name!r}), {single!r})"
+    # Quoted for the shell it is pasted into: a path may hold quotes or '$'.
     return (f"; a .hdr/.img pair (NIfTI or ANALYZE 7.5) opens once saved as one .nii file, e.g. with "
-            f'python -c "import nibabel as nib; nib.save(nib.load({name!r}), {single!r})"')
+            f"python -c {shlex.quote(program)}")
 
 
 def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume:

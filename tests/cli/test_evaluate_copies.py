@@ -89,3 +89,11 @@ def test_a_copy_check_skipped_for_want_of_the_copies_registration_says_to_add_it
 def test_the_help_says_what_the_copy_check_needs():
     helped = " ".join(evaluate_module.__doc__.split())
     assert "The check needs that registration among ``--baselines`` and a ``--fusion-rules`` rule" in helped
+
+
+def test_a_copy_check_with_its_registration_and_rules_given_but_no_fusion_scored_says_so():
+    """Every pair of the regime failed: nothing is missing from the command, so none is named."""
+    summary = summary_of({"matching + copy-reference": {"Q_ssim": 1.5}})
+    skipped = fooled_markdown({}, summary, "matching", ["matching", "identity"], ["max"])
+    assert skipped.startswith("Copy check skipped") and "no pair of this regime was scored" in skipped
+    assert "to run it" not in skipped

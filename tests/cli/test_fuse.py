@@ -909,19 +909,23 @@ def provenance_of_2026_12_05(inputs):
             "checkpoint": {"name": None, "note": "no trained weights"}, "model_config": {"spatial_dims": 2}}
 
 
-@pytest.mark.parametrize(("provenance_of", "unrecorded"), [
-    (provenance_of_2026_12_01,
-     ("no method and no settings", "no method, no settings and no label for its metrics.json")),
-    (provenance_of_2026_12_05, ("no settings", "no settings and no label for its metrics.json")),
+# Each rerun with what that version ran: 2026-12-01's UniFuse with the bundled weights of that name
+# (other weights then), 2026-12-05's identity+average.
+@pytest.mark.parametrize(("provenance_of", "method", "unrecorded"), [
+    (provenance_of_2026_12_01, (),
+     ("no method and no settings and shipped other weights as unifuse-2d-harvard",
+      "no method, no settings and no label for its metrics.json and shipped other weights as unifuse-2d-harvard")),
+    (provenance_of_2026_12_05, ("--method", "identity+average"),
+     ("no settings", "no settings and no label for its metrics.json")),
 ], ids=["2026-12-01", "2026-12-05"])
 def test_a_batch_keeps_an_earlier_versions_results_of_its_pairs_saying_so(data, tmp_path, capsys, provenance_of,
-                                                                          unrecorded):
+                                                                          method, unrecorded):
     """Rerun over an earlier version's --out: its pairs are neither unreadable, of another label, nor failed."""
     root, out = data["root"], tmp_path / "out"
     pairs = earlier_batch(root, out, provenance_of)
     earlier = outputs_touched(out)
 
-    assert fuse("--pairs", pairs, "--out", out, "--method", "identity+average", "--no-quality", "--device", "cpu") == 2
+    assert fuse("--pairs", pairs, "--out", out, *method, "--no-quality", "--device", "cpu") == 2
 
     err = capsys.readouterr().err
     for moving, words in zip(("pet7", "pet8"), unrecorded, strict=True):
@@ -941,10 +945,33 @@ def test_a_batch_keeps_an_earlier_versions_results_of_its_pairs_saying_so(data, 
     assert "2 pairs, 0 done, 0 skipped, 0 failed, 2 kept (results of an earlier version" in \
         (out / "index.html").read_text(encoding="utf-8")
 
-    assert fuse("--pairs", pairs, "--out", out, "--method", "identity+average", "--no-quality", "--device", "cpu",
-                "--overwrite") == 0
+    assert fuse("--pairs", pairs, "--out", out, *method, "--no-quality", "--device", "cpu", "--overwrite") == 0
     redone = json.loads((out / "pet8" / "provenance.json").read_text(encoding="utf-8"))
     assert redone["requested_settings"] and redone["inputs"]["label"]["path"] == str(root / "pet8_label.png")
+
+
+@pytest.mark.parametrize(("rerun", "named"), [
+    (("--method", "identity+average"), "method (unifuse)"),
+    (("--checkpoint", "other-2d.safetensors"), "checkpoint"),
+], ids=["method", "checkpoint"])
+def test_an_earlier_versions_unifuse_run_rerun_with_another_method_or_weights_is_a_difference(
+        data, tmp_path, capsys, rerun, named):
+    """2026-12-01 recorded no method, but UniFuse was the only one and its weights were recorded:
+    another method, or other weights, is not this pair's result to keep."""
+    root, out = data["root"], tmp_path / "out"
+    pairs = earlier_batch(root, out, provenance_of_2026_12_01)
+    earlier = outputs_touched(out)
+    flag, value = rerun
+    value = root / value if flag == "--checkpoint" else value
+
+    assert fuse("--pairs", pairs, "--out", out, flag, value, "--no-quality", "--device", "cpu") == 2
+
+    err = capsys.readouterr().err
+    assert (f"{out / 'pet7'}: holds the results of a run with a different {named} (by an earlier version of unifuse, "
+            "which recorded no method and no settings); pass --overwrite to replace them") in err
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["failed"], summary["kept"]) == (2, 0)
+    assert outputs_touched(out) == earlier
 
 
 def test_an_earlier_versions_run_of_other_content_or_without_a_label_is_a_difference_still(data, tmp_path, capsys):

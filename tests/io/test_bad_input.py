@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -223,9 +224,11 @@ def test_a_misnamed_file_that_holds_no_nifti_is_refused_as_not_nifti(tmp_path):
 @pytest.mark.parametrize("image_class", [nib.Nifti1Pair, nib.AnalyzeImage], ids=["NIfTI pair", "ANALYZE 7.5"])
 @pytest.mark.parametrize("opened", [".hdr", ".img"])
 def test_a_header_and_image_pair_is_refused_with_the_line_that_converts_it(tmp_path, image_class, opened):
-    image_class(np.zeros((4, 5, 6), np.float32), np.eye(4)).to_filename(tmp_path / "scan.hdr")
+    folder = tmp_path / "O'Brien $HOME"  # a quote and a dollar sign: the line is pasted into a shell
+    folder.mkdir()
+    image_class(np.zeros((4, 5, 6), np.float32), np.eye(4)).to_filename(folder / "scan.hdr")
     with pytest.raises(InputError, match="unknown file type") as caught:
-        read_image(tmp_path / f"scan{opened}")
-    (command,) = re.findall(r'python -c "([^"]+)"', str(caught.value))
-    subprocess.run([sys.executable, "-c", command], check=True)  # the hint works as given
-    assert read_image(tmp_path / "scan.nii").array.shape == (6, 5, 4)
+        read_image(folder / f"scan{opened}")
+    command = str(caught.value).split("e.g. with ", 1)[1].removeprefix("python ")
+    subprocess.run(f"{shlex.quote(sys.executable)} {command}", shell=True, check=True)  # the hint works as given
+    assert read_image(folder / "scan.nii").array.shape == (6, 5, 4)

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import json
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import imageio.v3 as imageio
@@ -180,7 +181,9 @@ def test_a_one_slice_volume_runs_as_the_2d_image_it_is(make_napari_viewer, qtbot
 def test_a_one_slice_volume_stored_sagittally_is_reviewed_as_one_image(make_napari_viewer, qtbot, tmp_path,
                                                                        notifications):
     """Its quality maps score it as one image: the plot indexed their one score by the stored first
-    axis's slice (an IndexError), and suspicious navigation sliced the image into a 48×1 line."""
+    axis's slice (an IndexError), and suspicious navigation sliced the image into a 48×1 line. Its
+    deformed grid crosses in its own plane (it was one solid sheet: every voxel of the 1-voxel axis
+    lay on a line)."""
     viewer = make_napari_viewer()
     add_pair(viewer, shape=(48, 48, 1), geometry=Geometry.identity(3), names=("MR slice", "CT slice"))
     workbench = UniFuseWorkbench(viewer)
@@ -189,6 +192,7 @@ def test_a_one_slice_volume_stored_sagittally_is_reviewed_as_one_image(make_napa
     run_and_wait(qtbot, workbench)
     assert workbench.outcome is not None, notifications
     assert workbench.outcome.result.quality.slice_axis is None and workbench.plot.is_single_slice
+    assert 0.0 < viewer.layers[OutputNames.for_inputs("MR slice", "CT slice").grid].data.mean() < 0.6
     order = viewer.dims.order
     viewer.dims.set_current_step(0, 30)  # the stored first axis: one image whatever the slider says
     assert workbench.plot.values_label.text().startswith("slice 0:")
@@ -1095,3 +1099,30 @@ def test_a_pair_napari_own_reader_opened_keeps_the_run_folder_and_flags_of_our_r
                             (grid_fingerprint(request.reference), grid_fingerprint(request.moving)))
     AnnotationStore(grid_keyed).add(Annotation("misalignment", "dr", slice_index=0))
     assert grid_keyed != ours and folder_when_opened_by("napari") == grid_keyed
+
+
+def test_flags_an_earlier_version_keyed_by_layer_name_are_pointed_at_for_files_napari_own_reader_opened(
+        make_napari_viewer, tmp_path, checkpoint_files, notifications):
+    """Up to 2026-12-06 a layer napari's own reader opened had no file for the workbench: its run
+    folder was keyed by the layer's name, shape and pixels, not by the file it now finds."""
+    for name, seed in (("ct", 1), ("mr", 2)):
+        imageio.imwrite(tmp_path / f"{name}.png",
+                        np.random.default_rng(seed).integers(0, 255, size=(32, 32), dtype=np.uint8))
+    viewer = make_napari_viewer()
+    for name in ("ct", "mr"):
+        viewer.open(str(tmp_path / f"{name}.png"), plugin="napari")
+    form = make_workbench(viewer, tmp_path, checkpoint_files[2]).run_panel
+    form.reference.value, form.moving.value = "ct", "mr"
+    selection = form.selection()
+    assert selection.request.reference.source == str(tmp_path / "ct.png")  # the file is found now
+    without_files = (replace(selection.request.reference, source=None), replace(selection.request.moving, source=None))
+    fingerprints = tuple(path_keyed_input_fingerprint(volume, name) for volume, name in zip(without_files, ("ct", "mr")))
+    stem = Path(form.checkpoint_choice()).stem  # those versions hashed the checkpoint's name alone
+    digest = hashlib.sha256("\n".join((*fingerprints, stem)).encode()).hexdigest()[:10]
+    earlier = selection.folder.parent / f"ct+mr__{stem}__{digest}"
+    AnnotationStore(earlier).add(Annotation("other", "dr", slice_index=0, created="2026-12-05T09:00:00+00:00"))
+
+    form.selection()
+
+    told = [text for _, text in notifications if str(earlier / ANNOTATIONS_FILE) in text]
+    assert len(told) == 1 and "earlier version" in told[0]
