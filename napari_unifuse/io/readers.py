@@ -486,10 +486,9 @@ def _read_nifti(path: Path, frame: int | None):
         data = _nifti_picture(data, path)
     header = image.header
     mm_per_unit = _MM_PER_LENGTH_UNIT[_nifti_spatial_unit(header)]
-    affine = image.affine.copy()
-    affine[:3] *= mm_per_unit
+    affine = nifti_affine_mm(image)
     xforms = NiftiXforms.from_header(header, mm_per_unit)
-    if data.ndim == 2 and not _in_an_axial_plane(affine):
+    if data.ndim == 2 and not in_an_axial_plane(affine):
         if is_rgb:  # an RGB image is a 2-D picture (io.image.ImageVolume): no geometry places it off the axial plane
             raise InputError("is a colour (RGB) slice in a coronal, sagittal or oblique plane, and colour images are "
                              "read in an axial plane only: convert it to grey values, which are read in their plane",
@@ -543,7 +542,15 @@ def _colour_vectors_as_records(data: np.ndarray, header: Any) -> np.ndarray:
     return unstructured_to_structured(vectors, None, names=list("RGBA"[:components]))
 
 
-def _in_an_axial_plane(affine: np.ndarray) -> bool:
+def nifti_affine_mm(image: Any) -> np.ndarray:
+    """A nibabel image's affine (its sform, else its qform, as nibabel chooses) in millimetres, as
+    read_image places the image; the header alone is read."""
+    affine = image.affine.copy()
+    affine[:3] *= _MM_PER_LENGTH_UNIT[_nifti_spatial_unit(image.header)]
+    return affine
+
+
+def in_an_axial_plane(affine: np.ndarray) -> bool:
     """Whether a 2-D NIfTI's pixel axes have no z component, i.e. a 2-D geometry holds their
     directions and spacing (its height, the plane's z, is not part of a 2-D geometry)."""
     scale = float(np.abs(affine[:3, :2]).max())

@@ -595,7 +595,7 @@ def _nifti_header(path: Path) -> ImageVolume | None:
     checks must judge the pair that trains, which is read as ``unifuse fuse`` reads it. None for
     any other file (a slice off the axial plane, 4-D, colour, unreadable): read_image reads it whole."""
     from napari_unifuse.io import Geometry, ImageVolume
-    from napari_unifuse.io.readers import _MM_PER_LENGTH_UNIT, _in_an_axial_plane, _nifti_spatial_unit, load_nifti
+    from napari_unifuse.io.readers import in_an_axial_plane, load_nifti, nifti_affine_mm
 
     try:
         image: Any = load_nifti(path)  # the header alone: the voxels load on first use
@@ -604,9 +604,8 @@ def _nifti_header(path: Path) -> ImageVolume | None:
     ndim = len(image.shape)
     if ndim not in (2, 3) or image.get_data_dtype().names is not None:
         return None
-    affine = image.affine.copy()
-    affine[:3] *= _MM_PER_LENGTH_UNIT[_nifti_spatial_unit(image.header)]
-    if ndim == 2 and not _in_an_axial_plane(affine):
+    affine = nifti_affine_mm(image)
+    if ndim == 2 and not in_an_axial_plane(affine):
         return None
     return ImageVolume(np.broadcast_to(np.float32(0), image.shape[::-1]), Geometry.from_ras_affine(affine, ndim),
                        {}, str(path))
