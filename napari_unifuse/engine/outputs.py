@@ -167,7 +167,7 @@ def read_earlier_version_provenance(out_dir: str | Path) -> dict[str, Any] | Non
     UniFuse was the only method and no method was recorded: the inputs and UniFuse's checkpoint and
     model config; None for any other (``read_provenance``'s, or none at all)."""
     provenance = read_json_object(Path(out_dir) / PROVENANCE_FILE)
-    is_earlier = (_has_run_sections(provenance) and "method" not in provenance
+    is_earlier = (provenance is not None and _has_run_sections(provenance) and "method" not in provenance
                   and isinstance(provenance.get("checkpoint"), dict) and isinstance(provenance.get("model_config"), dict))
     return provenance if is_earlier else None
 

@@ -440,12 +440,12 @@ def _misnamed_compression_warning(fitting_suffix: str) -> str:
             "rename it to .nii")
 
 
-def _stored_voxel_sizes(image: Any) -> np.ndarray:
+def _stored_voxel_sizes(image: Any) -> tuple[float, ...]:
     """pixdim[1:4] of a loaded NIfTI image as its file stores them: nibabel makes negative ones
     positive as it loads the header ("setting to abs"), while ITK reverses those voxel axes."""
     with image.file_map["image"].get_prepare_fileobj(mode="rb") as stream:
         stored = type(image.header).from_fileobj(stream, check=False)
-    return np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+    return tuple(float(size) for size in stored["pixdim"][1:4])
 
 
 def nibabel_renames(image_class: type[FileBasedImage], name: str) -> bool:

@@ -127,50 +127,34 @@ def test_an_interrupted_console_script_exits_130_at_once_and_in_process_the_hand
     assert exits == [130] and capsys.readouterr().err.endswith("unifuse info: interrupted\n")
 
 
-def test_sigterm_unwinds_the_command_like_ctrl_c_and_says_so(monkeypatch, capsys):
-    """torchrun stopping its workers, a scheduler's time limit: the run used to die where it stood,
-    leaving its staging folders, with no word and exit 143."""
+@pytest.mark.parametrize(("signal_name", "status", "said"), [
+    # torchrun stopping its workers, a scheduler's time limit: the run used to die where it stood,
+    # leaving its staging folders, with no word and exit 143.
+    ("SIGTERM", 143, "terminated"),
+    # A terminal or ssh session closed under a run: it died with exit 129 and no word, leaving an
+    # empty pair folder (train its config.yaml).
+    ("SIGHUP", 129, "terminated (its terminal closed)"),
+])
+def test_a_stopping_signal_unwinds_the_command_like_ctrl_c_and_says_so(monkeypatch, capsys, signal_name, status, said):
     import signal
     import time
 
+    number = getattr(signal, signal_name)
     unwound = []
 
     def long_command(args):
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), number)
             time.sleep(10)
         finally:
             unwound.append(True)  # where the staging folders and locks go
 
     monkeypatch.setattr("napari_unifuse.cli.info.run", long_command)
-    before = signal.getsignal(signal.SIGTERM)
-    assert main(["info", "--preset", "small", "--dims", "2"]) == 143
+    before = signal.getsignal(number)
+    assert main(["info", "--preset", "small", "--dims", "2"]) == status
     assert unwound == [True]
-    assert capsys.readouterr().err == "unifuse info: terminated\n"
-    assert signal.getsignal(signal.SIGTERM) is before
-
-
-def test_sighup_unwinds_the_command_as_sigterm_does(monkeypatch, capsys):
-    """A terminal or ssh session closed under a run: it died with exit 129 and no word, leaving an
-    empty pair folder (train its config.yaml)."""
-    import signal
-    import time
-
-    unwound = []
-
-    def long_command(args):
-        try:
-            os.kill(os.getpid(), signal.SIGHUP)
-            time.sleep(10)
-        finally:
-            unwound.append(True)
-
-    monkeypatch.setattr("napari_unifuse.cli.info.run", long_command)
-    before = signal.getsignal(signal.SIGHUP)
-    assert main(["info", "--preset", "small", "--dims", "2"]) == 129
-    assert unwound == [True]
-    assert capsys.readouterr().err == "unifuse info: terminated (its terminal closed)\n"
-    assert signal.getsignal(signal.SIGHUP) is before
+    assert capsys.readouterr().err == f"unifuse info: {said}\n"
+    assert signal.getsignal(number) is before
 
 
 def test_output_piped_into_a_reader_that_stops_ends_quietly():

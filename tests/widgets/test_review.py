@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -510,9 +511,9 @@ def test_a_flag_made_after_the_qc_report_says_the_report_predates_it(reviewed, q
     assert "1 withdrawn flag" in panel.report_note.value
 
 
-def test_the_report_note_leaves_with_the_runs_flags(reviewed, qtbot):
-    """The note is about the run's folder: flags of another pair's inputs are no report's."""
-    viewer, workbench = reviewed
+def _flag_after_the_report_then_choose_another_pair(viewer, workbench, qtbot) -> Path:
+    """Write the QC report, flag a slice after it (the note says so), then put the run form on
+    another pair: the run folder of the flag."""
     panel = workbench.annotation_panel
     panel.reviewer.value = "dr. test"
     workbench.report_button.clicked()
@@ -522,6 +523,14 @@ def test_the_report_note_leaves_with_the_runs_flags(reviewed, qtbot):
     run = workbench.selection.folder
     add_pair(viewer, shape=(16, 40, 40), names=("B MR", "B CT"))  # other pixels: another run folder
     workbench.run_panel.reference.value, workbench.run_panel.moving.value = "B MR", "B CT"
+    return run
+
+
+def test_the_report_note_leaves_with_the_runs_flags(reviewed, qtbot):
+    """The note is about the run's folder: flags of another pair's inputs are no report's."""
+    viewer, workbench = reviewed
+    panel = workbench.annotation_panel
+    run = _flag_after_the_report_then_choose_another_pair(viewer, workbench, qtbot)
 
     for layer in [layer for layer in viewer.layers if not layer.name.startswith(("T1", "T2", "B "))]:
         viewer.layers.remove(layer)  # the run's outputs: the Annotate tab turns to the form's pair
@@ -533,14 +542,7 @@ def test_the_report_note_leaves_with_the_runs_flags(reviewed, qtbot):
 def test_the_report_note_leaves_while_a_comparison_of_another_pair_is_annotated(reviewed, qtbot, notifications):
     viewer, workbench = reviewed
     panel, compare = workbench.annotation_panel, workbench.method_compare
-    panel.reviewer.value = "dr. test"
-    workbench.report_button.clicked()
-    qtbot.waitUntil(lambda: workbench.report_worker is None, timeout=60_000)
-    panel.flag_slice.clicked()
-    assert "predates 1 flag" in panel.report_note.value
-    run = workbench.selection.folder
-    add_pair(viewer, shape=(16, 40, 40), names=("B MR", "B CT"))  # other pixels: another run folder
-    workbench.run_panel.reference.value, workbench.run_panel.moving.value = "B MR", "B CT"
+    run = _flag_after_the_report_then_choose_another_pair(viewer, workbench, qtbot)
     compare.first.value, compare.second.value = "identity+max", "identity+average"
 
     compare.run_button.clicked()
