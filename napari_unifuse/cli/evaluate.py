@@ -1191,9 +1191,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="score a checkpoint beside classical registration + fusion baselines",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="UniFuse checkpoint (bundled name or .safetensors file); another "
-                                             "method's goes to --methods NAME=CHECKPOINT")
-    parser.add_argument("--methods", nargs="+", metavar="NAME[=CHECKPOINT]",
+    # One of them is needed ("nothing to evaluate" otherwise): the group's title says so in --help.
+    methods = parser.add_argument_group("methods (one or both)")
+    methods.add_argument("--checkpoint", help="UniFuse checkpoint (bundled name or .safetensors file); another "
+                                              "method's goes to --methods NAME=CHECKPOINT")
+    methods.add_argument("--methods", nargs="+", metavar="NAME[=CHECKPOINT]",
                         help="engine methods to evaluate too (engine.methods: bsafusion, mmif-amin, mmif-amin:sitk, "
                              "sitk+wavelet, ...), with their bundled weights unless =CHECKPOINT")
     source = parser.add_argument_group("pairs (one of)")

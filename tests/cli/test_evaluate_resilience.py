@@ -195,3 +195,12 @@ def test_the_out_folder_is_held_from_the_first_pair_to_the_written_results(pairs
 def test_the_help_says_a_second_evaluation_into_one_out_is_refused():
     helped = " ".join(evaluate_module.__doc__.split())
     assert "held for the whole run: a second evaluation into it is refused at once" in helped
+
+
+def test_the_help_says_one_of_checkpoint_and_methods_is_needed(capsys):
+    """Without either the run stops with "nothing to evaluate"; --help listed both as plain options."""
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    helped = capsys.readouterr().out
+    group = helped[helped.index("methods (one or both):"):]
+    assert group.index("--checkpoint") < group.index("--methods") < group.index("pairs (one of):")
