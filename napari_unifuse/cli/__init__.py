@@ -25,8 +25,22 @@ from napari_unifuse.errors import UniFuseError
 SUBCOMMAND_MODULES = ("synth", "fuse", "report", "evaluate", "train", "info", "bench", "view")
 
 
+class _CommandLineParser(argparse.ArgumentParser):
+    """``unifuse``'s own parser: an option given before any command is named (argparse said only
+    that the command was missing)."""
+
+    TOP_LEVEL_OPTIONS = ("-h", "--help", "--version")
+
+    def parse_args(self, args=None, namespace=None):
+        given = sys.argv[1:] if args is None else list(args)
+        if given and given[0].startswith("-") and given[0] not in self.TOP_LEVEL_OPTIONS:
+            self.error(f"unrecognized option {given[0]}: give the command first, its options after it "
+                       "(unifuse COMMAND --help lists them)")
+        return super().parse_args(given, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _CommandLineParser(
         prog="unifuse",
         description="Align, restore and fuse degraded, misaligned multimodal medical images (UniFuse).",
     )

@@ -185,3 +185,13 @@ def test_every_commands_device_option_says_what_auto_picks(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "auto (default): CUDA when a GPU is available, else the CPU" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_option_before_any_command_is_named(capsys):
+    """`unifuse --bogus` said only "the following arguments are required: command"."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--bogus", "fuse"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "unifuse: error: unrecognized option --bogus: give the command first, its options after it "
+        "(unifuse COMMAND --help lists them)")
