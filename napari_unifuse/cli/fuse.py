@@ -69,6 +69,8 @@ import time
 from collections.abc import Collection
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, replace
+from functools import lru_cache
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +107,13 @@ from napari_unifuse.engine.outputs import (
     write_fusion_outputs,
     write_json,
 )
-from napari_unifuse.engine.provenance import absolute_as_given, describe_label, describe_source, utc_timestamp
+from napari_unifuse.engine.provenance import (
+    absolute_as_given,
+    describe_label,
+    describe_source,
+    sha256_of_path,
+    utc_timestamp,
+)
 from napari_unifuse.engine.report import EARLIER_FAILURES, INDEX_FILE, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
@@ -268,9 +276,11 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
 
 def _outcome_of(pair: Pair, out: Path, rank: int) -> dict[str, Any]:
     """What a summary records of every pair: its folder, and its inputs as absolute paths, by which
-    a later batch (of another CSV, from another folder) knows it for the same pair."""
+    a later batch (of another CSV, from another folder) knows it for the same pair; the folder too is
+    absolute, as one summary holds the outcomes of batches run from other folders."""
     return {"name": pair.name, "reference": str(absolute_as_given(pair.reference)),
-            "moving": str(absolute_as_given(pair.moving)), "output": str(out / pair.name), "rank": rank}
+            "moving": str(absolute_as_given(pair.moving)), "output": str(absolute_as_given(out / pair.name)),
+            "rank": rank}
 
 
 def _fuse_or_skip(pair: Pair, args: argparse.Namespace, engines: _EngineCache, options: dict[str, Any],
@@ -614,13 +624,45 @@ def _input_change_times(pair: Pair) -> dict[str, int]:
 
 
 def _names_recorded_path(recorded: dict[str, Any], path: Path) -> bool:
-    """Whether ``path`` is the one ``recorded`` (``describe_source``'s) as given: two symlinks to
-    one file are two subjects' inputs, not one. A record without ``resolved_path`` whose ``path``
-    is where ``path`` resolves to is taken as naming it too: earlier versions recorded only the
-    resolved path, and their runs of inputs under a symlinked folder must still resume."""
-    if recorded.get("path") == str(absolute_as_given(path)):
+    """Whether ``path`` is the one ``recorded`` (``describe_source``'s) as given, or as reached
+    through another folder link (``_in_real_folder``): two symlinks to one file are two subjects'
+    inputs, not one. A record without ``resolved_path`` whose ``path`` is where ``path`` resolves to
+    is taken as naming it too: earlier versions recorded only the resolved path, and their runs of
+    inputs under a symlinked folder must still resume. So is a record whose file is gone (its project
+    folder moved or renamed as a whole) where ``path`` has its name and content."""
+    recorded_path = recorded.get("path")
+    if not isinstance(recorded_path, str):
+        return False
+    if recorded_path == str(absolute_as_given(path)) or _in_real_folder(Path(recorded_path)) == _in_real_folder(path):
         return True
-    return "resolved_path" not in recorded and recorded.get("path") == str(path.resolve())
+    if "resolved_path" not in recorded and recorded_path == str(path.resolve()):
+        return True
+    return (Path(recorded_path).name == absolute_as_given(path).name and not Path(recorded_path).exists()
+            and recorded.get("sha256") is not None and path.exists() and _content_hash(path) == recorded["sha256"])
+
+
+def _in_real_folder(path: Path) -> Path:
+    """``path`` with the folder links on its way followed, not a link that is the file itself: one
+    file reached through a symlinked folder (a linked home or scratch) is one input, while two
+    git-annex/DataLad links to one blob stay two."""
+    given = absolute_as_given(path)
+    return given.parent.resolve() / given.name if given.is_symlink() else given.resolve()
+
+
+def _recorded_in_real_folder(recorded: dict[str, Any]) -> Path | None:
+    """``_in_real_folder`` of the path a provenance's input record names; None for none (in-memory data)."""
+    return _in_real_folder(Path(recorded["path"])) if isinstance(recorded.get("path"), str) else None
+
+
+def _content_hash(path: Path) -> str:
+    """``path``'s SHA-256 (``sha256_of_path``), hashed once while it stays unchanged: finding a
+    moved project's runs compares each input with several records."""
+    return _hash_of_unchanged(str(path.resolve()), _last_changed(path))
+
+
+@lru_cache(maxsize=1024)
+def _hash_of_unchanged(resolved: str, last_changed: int) -> str:
+    return sha256_of_path(resolved)
 
 
 def _last_changed(path: Path) -> int:
@@ -833,17 +875,22 @@ def _refuse_shared_folders(names: list[str], source: Path | None) -> None:
 
 def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
     """``pairs``, each in the folder of ``out`` that already holds its run (the same reference and
-    moving paths in its provenance) when that is not the folder its name gives: a folder's name
-    depends on the other rows of the CSV it was fused from (``0003_moving`` beside ``0004_moving``),
-    so a CSV of other rows (one failed pair to retry) finds it, rather than fusing it again
-    elsewhere or calling the folder another run's. A pair with no run yet whose folder holds the run
-    of another moving file of its name (``ct1/mov.png`` of an earlier batch, ``a/mov.png`` now) gets
-    a folder of its own, named as if both were rows of one CSV (``a_mov``): a cohort grows batch by
-    batch, and each rerun finds its folder again by its provenance."""
+    moving files in its provenance, ``_names_recorded_path``) when that is not the folder its name
+    gives: a folder's name depends on the other rows of the CSV it was fused from (``0003_moving``
+    beside ``0004_moving``), and on the path the CSV was given by (through a folder link, or in a
+    project folder since moved as a whole), so a CSV of other rows (one failed pair to retry) or a
+    rerun by another path finds it, rather than fusing it again elsewhere or calling the folder
+    another run's. A pair with no run yet whose folder holds the run of another moving file of its
+    name (``ct1/mov.png`` of an earlier batch, ``a/mov.png`` now) gets a folder of its own, named as
+    if both were rows of one CSV (``a_mov``): a cohort grows batch by batch, and each rerun finds its
+    folder again by its provenance."""
     if not out.is_dir():
         return pairs
-    folders: dict[tuple[Any, Any], set[str]] = {}
+    folders: dict[tuple[Path | None, Path | None], set[str]] = {}
     moving_in: dict[str, dict[str, Any]] = {}  # folder name -> the moving input its run recorded
+    # Moving file name -> (folder name, recorded reference and moving) of the runs whose inputs are
+    # gone from where they recorded them: a project folder moved as a whole, found by content.
+    moved: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
     try:
         subfolders = list(out.iterdir())
     except OSError as error:
@@ -856,19 +903,46 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
             if folder.is_dir() and folder.name not in BATCH_FILES else None
         if provenance is not None:
             inputs = provenance["inputs"]
-            key = ((inputs.get("reference") or {}).get("path"), (inputs.get("moving") or {}).get("path"))
+            reference, moving = inputs.get("reference") or {}, inputs.get("moving") or {}
+            key = (_recorded_in_real_folder(reference), _recorded_in_real_folder(moving))
             folders.setdefault(key, set()).add(folder.name)
-            if isinstance(key[1], str):
-                moving_in[folder.name] = inputs["moving"]
-    placed = []
-    for pair in pairs:
-        held_in = folders.get((str(absolute_as_given(pair.reference)), str(absolute_as_given(pair.moving))), set())
+            if key[1] is not None:
+                moving_in[folder.name] = moving
+                if not all(path is None or path.exists() for path in key):
+                    moved.setdefault(key[1].name, []).append((folder.name, reference, moving))
+    held: dict[int, str] = {}  # a pair's position -> the folder holding its run, by its inputs' paths
+    for index, pair in enumerate(pairs):
+        held_in = folders.get((_in_real_folder(pair.reference), _in_real_folder(pair.moving)), set())
         if held_in:
-            placed.append(pair if pair.name in held_in else replace(pair, output_name=min(held_in)))
-        else:
-            placed.append(replace(pair, output_name=_own_folder_name(pair, moving_in)))
+            held[index] = pair.name if pair.name in held_in else min(held_in)
+    # Then, by content, the runs of a moved project, each for one pair at most; only then other folders.
+    claimed = set(held.values())
+    for index, pair in enumerate(pairs):
+        if index not in held:
+            held[index] = _moved_run_of(pair, moved.get(absolute_as_given(pair.moving).name, []), claimed) \
+                or _own_folder_name(pair, moving_in)
+            claimed.add(held[index])
+    placed = [replace(pair, output_name=held[index]) for index, pair in enumerate(pairs)]
     _refuse_shared_folders([pair.name for pair in placed], None)
     return placed
+
+
+def _moved_run_of(pair: Pair, runs: list[tuple[str, dict[str, Any], dict[str, Any]]],
+                  claimed: Collection[str]) -> str | None:
+    """The folder, of ``runs`` (``in_earlier_folders``' moved ones) not ``claimed`` by another pair,
+    whose run recorded ``pair``'s inputs (by name and content where its own are gone); where several
+    did (links to one blob, git-annex), the one whose recorded paths end in the most folders of the
+    pair's (``s1/ct.png`` for ``s1/ct.png``): a project moved as a whole keeps its layout."""
+    found = [(-_shared_tail(reference["path"], pair.reference) - _shared_tail(moving["path"], pair.moving), name)
+             for name, reference, moving in runs if name not in claimed
+             and _names_recorded_path(reference, pair.reference) and _names_recorded_path(moving, pair.moving)]
+    return min(found)[1] if found else None
+
+
+def _shared_tail(recorded: str, path: Path) -> int:
+    """How many of their last parts (the file's name, the folders above it) ``recorded`` and ``path`` share."""
+    pairs_of_parts = zip(reversed(Path(recorded).parts), reversed(absolute_as_given(path).parts))
+    return sum(1 for _ in takewhile(lambda parts: parts[0] == parts[1], pairs_of_parts))
 
 
 def _own_folder_name(pair: Pair, moving_in: dict[str, dict[str, Any]]) -> str:

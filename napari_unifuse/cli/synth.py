@@ -32,9 +32,10 @@ streaks, up to the 12-bit 3071 HU a scanner stores. PNGs hold the normalised [0,
 
 An output folder holding an earlier synth output is refused unless ``--overwrite``, and one it
 cannot write to (or create) is refused before any pair is made; no output may replace an input of
-any row. Every CSV row is checked (cells, files, seeds) before anything is written, and so is the
-header: a column other than reference, moving, degradation, misalignment and seed (a misspelled
-``degradaton``) is refused, with the closest one named, rather than ignored. A pair's files
+any row. Every CSV row is checked (cells, files, seeds, and its images: readable, of one
+dimensionality, overlapping in space) before anything is written, every bad row named by its line,
+and so is the header: a column other than reference, moving, degradation, misalignment and seed (a
+misspelled ``degradaton``) is refused, with the closest one named, rather than ignored. A pair's files
 are written into a hidden staging folder in its output folder and moved into place once all are
 written, ``meta.json`` last: a folder without it is not a finished pair. Only then go the earlier
 output's files (with ``--overwrite``), those of the other extension included. A write that fails
@@ -102,6 +103,7 @@ class SynthJob:
     seed: int
     out: Path
     misalignment: str = DEFAULT_MISALIGNMENT
+    line: int | None = None  # its line in the --pairs CSV, for messages; None for --reference/--moving
 
     def files(self) -> dict[str, Path]:
         """Role → the file this job writes."""
@@ -159,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable_folder(args.out, keep=False)
     for folder in dict.fromkeys(job.out for job in jobs if job.out != args.out and job.out.is_dir()):
         check_writable_folder(folder)
+    if args.pairs is not None:  # a lone pair is checked as it is read, before anything is written
+        refuse_rows_without_a_pair(jobs, args.pairs)
     for job in jobs:
         synthesize(job, severity=args.severity, modality=args.modality)
         print(f"{job.out}: {job.degradation} pair, {job.misalignment} misalignment (seed {job.seed})")
@@ -206,7 +210,7 @@ def _row_job(row: CsvRow, line: int, number: int, args: argparse.Namespace) -> S
         seed = non_negative_int(seed_text)
     except argparse.ArgumentTypeError as error:
         raise problem(f"the seed {seed_text!r}: {error}") from error
-    return SynthJob(reference, moving, degradation, seed, args.out / f"{number:04d}", misalignment)
+    return SynthJob(reference, moving, degradation, seed, args.out / f"{number:04d}", misalignment, line)
 
 
 def refuse_unsafe_outputs(jobs: list[SynthJob], out: Path, overwrite: bool = False) -> None:
@@ -233,6 +237,46 @@ def refuse_unsafe_outputs(jobs: list[SynthJob], out: Path, overwrite: bool = Fal
             if earlier:
                 raise InputError(f"holds an earlier synth output ({', '.join(earlier)}); pass --overwrite to "
                                  "replace it, or choose another --out", job.out)
+
+
+def refuse_rows_without_a_pair(jobs: list[SynthJob], pairs_csv: Path) -> None:
+    """Raise one InputError naming the CSV line of every job whose images synth cannot make a pair
+    of (``checked_inputs``), before any pair is written: a row found bad only at its turn stopped the
+    batch after the pairs before it, which a rerun then refuses without --overwrite. Each row's
+    images are read and let go in turn, so a cohort of volumes is never held at once."""
+    problems = []
+    for job in jobs:
+        try:
+            checked_inputs(job)
+        except InputError as error:
+            problems.append(f"line {job.line} of the CSV: {error}")
+    if problems:
+        rows = "1 row cannot" if len(problems) == 1 else f"{len(problems)} rows cannot"
+        raise InputError(f"{rows} be made into pairs, so nothing was written: {'; '.join(problems)}", pairs_csv)
+
+
+def checked_inputs(job: SynthJob) -> tuple[ImageVolume, ImageVolume, list[str]]:
+    """``job``'s reference and moving images, and the warnings to print of them (their readers',
+    and a moving image covering little of the reference); an InputError where synth cannot make a
+    pair of them: unreadable, of two dimensionalities, an axis of one pixel, a sheared reference
+    grid, or a moving image outside the reference."""
+    reference = read_image(job.reference)
+    moving = read_image(job.moving)
+    if moving.ndim != reference.ndim:
+        raise InputError(f"the moving image is {moving.ndim}D but the reference is {reference.ndim}D", job.moving)
+    for image in (reference, moving):
+        if min(image.spatial_shape) < 2:
+            raise InputError(_too_small_to_misalign(image.spatial_shape), image.source)
+    if not nifti_holds_grid(reference):
+        # Every output lies on the reference grid, and synth writes NIfTI, whose qform (what ITK-based
+        # tools read) holds no shear: they would place the pair and its field millimetres off. A NIfTI
+        # reference's sheared sform beside a qform is held as the reference holds it.
+        raise InputError("its grid is sheared (e.g. a gantry-tilted CT), which synth's NIfTI outputs cannot hold "
+                         "for ITK-based tools; resample it onto an unsheared grid first", job.reference)
+    warnings = [f"{image.source}: {warning}" for image in (reference, moving)
+                for warning in image.metadata.get("warnings", [])]
+    warnings += overlap_warnings(reference, moving, outside="the label and moving images are 0")
+    return reference, moving, warnings
 
 
 def refuse_a_degradation_that_changes_nothing(degradation: str, severity: float) -> None:
@@ -307,24 +351,9 @@ def synthesize(job: SynthJob, severity: float = 0.5, modality: str = "auto") -> 
     refuse_a_severity_outside_0_to_1(severity)
     refuse_a_degradation_that_changes_nothing(job.degradation, severity)
     refuse_metal_on_a_modality_not_ct(job.degradation, modality)
-    reference = read_image(job.reference)
-    moving = read_image(job.moving)
-    if moving.ndim != reference.ndim:
-        raise InputError(f"the moving image is {moving.ndim}D but the reference is {reference.ndim}D", job.moving)
-    for image in (reference, moving):
-        if min(image.spatial_shape) < 2:
-            raise InputError(_too_small_to_misalign(image.spatial_shape), image.source)
-    if not nifti_holds_grid(reference):
-        # Every output lies on the reference grid, and synth writes NIfTI, whose qform (what ITK-based
-        # tools read) holds no shear: they would place the pair and its field millimetres off. A NIfTI
-        # reference's sheared sform beside a qform is held as the reference holds it.
-        raise InputError("its grid is sheared (e.g. a gantry-tilted CT), which synth's NIfTI outputs cannot hold "
-                         "for ITK-based tools; resample it onto an unsheared grid first", job.reference)
-    problems = [f"{image.source}: {warning}" for image in (reference, moving)
-                for warning in image.metadata.get("warnings", [])]
-    problems += overlap_warnings(reference, moving, outside="the label and moving images are 0")
-    for problem in problems:
-        print(f"{job.out}: warning: {problem}", file=sys.stderr)
+    reference, moving, warnings = checked_inputs(job)
+    for warning in warnings:
+        print(f"{job.out}: warning: {warning}", file=sys.stderr)
 
     on_reference_grid = moving.on_grid_of(reference, atol=1e-3)
     clean = moving if on_reference_grid else resample_to_reference(moving, reference)

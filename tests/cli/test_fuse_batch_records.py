@@ -249,3 +249,19 @@ def test_a_run_left_on_auto_records_auto_as_the_device_asked_for(tmp_path):
     assert fuse("--reference", reference, "--moving", moving, "--out", out, *CHEAP[:3]) == 0
     provenance = json.loads(next(out.rglob("provenance.json")).read_text(encoding="utf-8"))
     assert (provenance["requested_device"], provenance["device"]) == ("auto", str(resolve_device("auto")))
+
+
+def test_the_summary_names_each_pairs_folder_absolutely_as_it_does_the_inputs(tmp_path, capsys, monkeypatch):
+    """`output` was relative to the cwd of the batch that wrote it (`../out/mov` beside `out/bad`),
+    which the summary does not record."""
+    picture(tmp_path / "data" / "ref.png")
+    picture(tmp_path / "data" / "mov.png", 0.1)
+    (tmp_path / "csvs").mkdir()
+    pairs = pairs_csv(tmp_path / "csvs" / "pairs.csv", ("../data/ref.png", "../data/mov.png"))
+    monkeypatch.chdir(tmp_path / "csvs")
+
+    assert fuse("--pairs", pairs.name, "--out", "../out", *CHEAP) == 0, capsys.readouterr().err
+
+    [outcome] = summary_of(tmp_path / "out")["outcomes"]
+    assert outcome["output"] == str(tmp_path / "out" / "mov")
+    assert outcome["moving"] == str(tmp_path / "data" / "mov.png")

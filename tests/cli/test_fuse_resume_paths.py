@@ -240,3 +240,86 @@ def test_a_run_of_an_older_version_without_the_inputs_times_still_resumes(tmp_pa
     os.replace(picture(tmp_path / "new.png", 0.3), moving)
     assert fuse_pair(reference, moving, out) == 2
     assert "a different moving image; pass --overwrite" in capsys.readouterr().err
+
+
+def project(root: Path) -> Path:
+    """A project folder: two pairs in ``data/`` and ``pairs.csv`` naming them relative to itself."""
+    for number, shift in ((1, 0.1), (2, 0.2)):
+        picture(root / "data" / f"ref{number}.png")
+        picture(root / "data" / f"mov{number}.png", shift)
+    pairs = root / "pairs.csv"
+    pairs.write_text("reference,moving\ndata/ref1.png,data/mov1.png\ndata/ref2.png,data/mov2.png\n", encoding="utf-8")
+    return pairs
+
+
+def pair_folders(out: Path) -> list[str]:
+    return sorted(path.name for path in out.iterdir() if path.is_dir())
+
+
+@pytest.mark.parametrize("link_first", [True, False])
+def test_a_batch_rerun_through_a_folder_link_skips_its_finished_pairs(tmp_path, capsys, link_first):
+    """Run through a symlinked folder (a linked home or scratch in a job script), then by the real
+    path: every pair was fused again, into folders named after the real path's parents."""
+    pairs = project(tmp_path / "proj")
+    (tmp_path / "link").symlink_to("proj")
+    linked, out = tmp_path / "link" / "pairs.csv", tmp_path / "out"
+    first, second = (linked, pairs) if link_first else (pairs, linked)
+    assert fuse("--pairs", first, "--out", out, *CHEAP) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    assert fuse("--pairs", second, "--out", out, *CHEAP) == 0
+
+    assert capsys.readouterr().out.count("skipped, already done") == 2
+    assert pair_folders(out) == ["mov1", "mov2"]
+
+
+def test_a_batch_rerun_after_its_project_folder_moved_skips_its_finished_pairs(tmp_path, capsys):
+    """data/, pairs.csv and results/ moved as a whole: the runs recorded the old paths, and every
+    pair was fused again beside them."""
+    project(tmp_path / "proj")
+    assert fuse("--pairs", tmp_path / "proj" / "pairs.csv", "--out", tmp_path / "proj" / "results", *CHEAP) == 0
+    (tmp_path / "proj").rename(tmp_path / "moved")
+    capsys.readouterr()
+
+    assert fuse("--pairs", tmp_path / "moved" / "pairs.csv", "--out", tmp_path / "moved" / "results", *CHEAP) == 0
+
+    assert capsys.readouterr().out.count("skipped, already done") == 2
+    assert pair_folders(tmp_path / "moved" / "results") == ["mov1", "mov2"]
+
+
+def test_a_copy_of_a_fused_project_is_fused_as_its_own_pairs(tmp_path, capsys):
+    """The same content is the same pair only where its run's inputs are gone (moved): a copy beside
+    the original is another dataset."""
+    project(tmp_path / "proj")
+    shutil.copytree(tmp_path / "proj", tmp_path / "copy")
+    out = tmp_path / "out"
+    assert fuse("--pairs", tmp_path / "proj" / "pairs.csv", "--out", out, *CHEAP) == 0
+    capsys.readouterr()
+
+    assert fuse("--pairs", tmp_path / "copy" / "pairs.csv", "--out", out, *CHEAP) == 0
+
+    assert capsys.readouterr().out.count(": done ->") == 2
+    assert pair_folders(out) == ["copy_data_mov1", "copy_data_mov2", "mov1", "mov2"]
+
+
+def test_a_moved_project_of_links_to_one_file_finds_each_subjects_own_folder(tmp_path, capsys):
+    """Two subjects' links to one blob (git-annex) are two pairs of one content: after the move each
+    finds the folder of its own subject, not the other's nor one shared."""
+    root = tmp_path / "proj"
+    picture(root / "store" / "blob-ref")
+    picture(root / "store" / "blob-mov", 0.1)
+    for subject in ("s1", "s2"):
+        (root / subject).mkdir()
+        (root / subject / "ct.png").symlink_to("../store/blob-ref")
+        (root / subject / "mr.png").symlink_to("../store/blob-mov")
+    pairs = root / "pairs.csv"
+    pairs.write_text("reference,moving\ns1/ct.png,s1/mr.png\ns2/ct.png,s2/mr.png\n", encoding="utf-8")
+    assert fuse("--pairs", pairs, "--out", root / "results", *CHEAP) == 0, capsys.readouterr().err
+    root.rename(tmp_path / "moved")
+    capsys.readouterr()
+
+    assert fuse("--pairs", tmp_path / "moved" / "pairs.csv", "--out", tmp_path / "moved" / "results", *CHEAP) == 0
+
+    out = capsys.readouterr().out
+    assert "[1/2] s1_mr: skipped, already done" in out and "[2/2] s2_mr: skipped, already done" in out
+    assert pair_folders(tmp_path / "moved" / "results") == ["s1_mr", "s2_mr"]

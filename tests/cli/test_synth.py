@@ -276,6 +276,25 @@ def test_every_csv_row_is_checked_before_anything_is_written(png_pair, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_every_rows_images_are_read_before_anything_is_written_each_bad_row_named_by_its_line(
+        png_pair, nifti_pair, tmp_path, capsys):
+    """A 2-D reference beside a 3-D moving image, or a truncated PNG, stopped the batch when its turn
+    came, after the rows before it were written (which a rerun then refused without --overwrite), and
+    the error named no CSV line."""
+    reference, moving = png_pair
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(reference.read_bytes()[:300])
+    csv_path = write_csv(tmp_path / "pairs.csv", f"reference,moving\n{reference},{moving}\n{reference},{nifti_pair[1]}\n"
+                                                 f"{reference},{moving}\n{truncated},{moving}\n")
+    assert main(["synth", "--pairs", str(csv_path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"unifuse synth: error: {csv_path}: 2 rows cannot be made into pairs, so nothing was "
+                            f"written: line 3 of the CSV: {nifti_pair[1]}: the moving image is 3D but the reference "
+                            f"is 2D; line 5 of the CSV: {truncated}: cannot be read")
+    assert len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_negative_seeds_are_refused_in_one_line(png_pair, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         synth(*png_pair, tmp_path / "out", "--seed", "-1")
