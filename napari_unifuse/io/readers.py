@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from warnings import catch_warnings, simplefilter
 
 import nibabel as nib
@@ -53,6 +53,7 @@ _DICOM_TAGS = {
     "0028|1053": "RescaleSlope",
 }
 _SERIES_DESCRIPTION_TAG, _IMAGE_POSITION_TAG, _GANTRY_TILT_TAG = "0008|103e", "0020|0032", "0018|1120"
+_SERIES_UID_TAG, _CHARACTER_SET_TAG = "0020|000e", "0008|0005"
 # How a slice's stored values become real ones, and DICOM's default where the tag is absent.
 _RESCALE_TAGS = {"RescaleSlope": ("0028|1053", 1.0), "RescaleIntercept": ("0028|1052", 0.0)}
 # DICOM Modality codes → the modality names io.normalize understands.
@@ -61,8 +62,24 @@ _DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet", "NM": "spect"}
 # reported: DICOM positions are decimal strings, so exact equality is too strict, while 1% of a
 # slice is far below anything visible in a fusion.
 _SLICE_POSITION_TOLERANCE = 0.01
-# Slices whose image orientations differ by less than this (direction cosines) belong to one stack.
-_ORIENTATION_DECIMALS = 3
+# Slices whose row and column directions lie within this angle (radians) of each other belong to one
+# stack: DICOM writes direction cosines as decimal strings, so the slices of one oblique series differ by
+# float noise (1e-6), which rounding would split wherever it straddles a rounding boundary, while a
+# localizer or a second stack lies degrees away.
+_ORIENTATION_TOLERANCE = 1e-3
+# Pixel spacings (mm) this close, relative to their size, are one spacing (decimal strings again): over
+# 1000 pixels they drift apart by a tenth of a pixel at most.
+_PIXEL_SPACING_TOLERANCE = 1e-4
+# ImageVolume metadata marking an image read without any position, like a PNG or JPG (is_picture).
+WITHOUT_POSITION = "without_position"
+# Values of each SimpleITK pixel type, to find one holding every slice's values (_pixel_type_holding).
+_SITK_PIXEL_DTYPES = {sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8, sitk.sitkUInt16: np.uint16,
+                      sitk.sitkInt16: np.int16, sitk.sitkUInt32: np.uint32, sitk.sitkInt32: np.int32,
+                      sitk.sitkUInt64: np.uint64, sitk.sitkInt64: np.int64, sitk.sitkFloat32: np.float32,
+                      sitk.sitkFloat64: np.float64}
+# How far below a folder, and through how many folders, series folders are looked for when the folder
+# itself holds none (an export's PATIENT/STUDY/SERIES tree), and how many files of each are looked at.
+_SUBFOLDER_SEARCH_DEPTH, _SUBFOLDER_SEARCH_LIMIT, _FILES_LOOKED_AT = 4, 2000, 10
 # A DICOM Part 10 file carries "DICM" after a 128-byte preamble, whatever its name.
 _DICOM_PREAMBLE_LENGTH, _DICOM_MAGIC = 128, b"DICM"
 # A dataset stored without that preamble (older exports) starts with its file meta information
@@ -266,10 +283,11 @@ def read_image(path: str | os.PathLike, frame: int | None = None) -> ImageVolume
 
 
 def is_picture(image: ImageVolume) -> bool:
-    """Whether ``image`` was read from a PNG or JPG: no position, orientation or pixel size (its
-    pixels are 1 mm wide from the origin), and axes that are the picture's rows and columns, not
-    sides of the patient."""
-    return str(image.source or "").lower().endswith(PILLOW_SUFFIXES)
+    """Whether ``image`` was read from a PNG or JPG, or from a one-frame DICOM image without any
+    position (a screenshot, a secondary capture): no position, orientation or pixel size (its pixels
+    are 1 mm wide from the origin), and axes that are the picture's rows and columns, not sides of
+    the patient."""
+    return str(image.source or "").lower().endswith(PILLOW_SUFFIXES) or bool(image.metadata.get(WITHOUT_POSITION))
 
 
 def real_finite_values(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -707,7 +725,23 @@ def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
     series id (the same for every file of it). A file that is no slice of a stack (a colour picture,
     a multi-frame file, one without ImagePositionPatient: :attr:`_DicomSlice.unstackable`) is read
     alone, keyed by its own path, where its series holds other files too. A DICOMDIR, or a folder
-    holding one but no series, is refused with the series folders it indexes."""
+    holding one but no series, is refused with the series folders it indexes; a folder holding no
+    series but subfolders with DICOM files (an export's PATIENT/STUDY/SERIES tree), with those."""
+    found = _dicom_series(path)
+    return found.key, found.files
+
+
+class _FoundSeries(NamedTuple):
+    """What :func:`_dicom_series` finds for a path."""
+
+    key: str  # dicom_series's key
+    files: list[str]  # the files read: the series, or a file of it read alone
+    series: list[str]  # every file GDCM reads of the series
+    listed: frozenset[str]  # the names of every file GDCM reads in the folder, of any series
+
+
+def _dicom_series(path: str | os.PathLike) -> _FoundSeries:
+    """:func:`dicom_series`'s key and files, with the series' and the folder's files GDCM reads."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if path.is_file() and path.name.upper() == _DICOMDIR_NAME:
@@ -719,9 +753,10 @@ def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
         if dicomdir is not None:
             raise InputError("holds no DICOM series itself but a DICOMDIR, the index of a DICOM disc or export: "
                              f"{_indexed_series(dicomdir)}", folder)
-        raise InputError("no DICOM series found in this folder", folder)
+        raise InputError(f"no DICOM series found in this folder{_what_else_the_folder_holds(folder)}", folder)
     files_by_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(itk_filename(folder), sid)
                        for sid in series_ids}
+    listed = frozenset(Path(file).name for files in files_by_series.values() for file in files)
     if path.is_dir():
         if len(series_ids) > 1:
             listing = "; ".join(_series_summary(sid, files) for sid, files in files_by_series.items())
@@ -735,11 +770,83 @@ def dicom_series(path: str | os.PathLike) -> tuple[str, list[str]]:
         wanted = path.resolve()
         matches = [sid for sid, files in files_by_series.items() if wanted in {Path(f).resolve() for f in files}]
         if not matches:
-            raise InputError("not part of any readable DICOM series in its folder", path)
+            raise InputError(_why_in_no_series(path), path)
         series_id = matches[0]
         if len(files_by_series[series_id]) > 1 and _unstackable(path):
-            return f"{wanted}#{series_id}", [str(path)]
-    return f"{folder.resolve()}#{series_id}", list(files_by_series[series_id])
+            return _FoundSeries(f"{wanted}#{series_id}", [str(path)], list(files_by_series[series_id]), listed)
+    files = list(files_by_series[series_id])
+    return _FoundSeries(f"{folder.resolve()}#{series_id}", files, files, listed)
+
+
+# What a DICOM file holding an image that GDCM skips is, as messages say it.
+_UNREADABLE_IMAGE = "damaged or truncated, or compressed in a way GDCM does not decode"
+
+
+def _why_in_no_series(path: Path) -> str:
+    """Why the file ``path``, named to be read, is in none of the series GDCM finds in its folder."""
+    if not holds_dicom(path):
+        return "is not a DICOM file by its content (empty, damaged or of another format)"
+    if _dicom_image_series(path)[0]:
+        return f"holds a DICOM image that could not be read ({_UNREADABLE_IMAGE})"
+    return ("is a DICOM file without an image (a structured report, an RT structure set or another object), "
+            "not part of any image series")
+
+
+def _dicom_image_series(path: Path) -> tuple[bool, str | None]:
+    """Whether the DICOM file ``path`` holds pixel data, and its SeriesInstanceUID (None where its header
+    cannot be read, which may well be an image's)."""
+    import pydicom  # only for a file GDCM skipped: it costs every start of the program otherwise
+
+    try:
+        with catch_warnings():
+            simplefilter("ignore")
+            dataset = pydicom.dcmread(path, defer_size=1024, specific_tags=["PixelData", "SeriesInstanceUID"])
+    except Exception:  # pydicom raises many types on a damaged header
+        return True, None
+    return "PixelData" in dataset, dataset.get("SeriesInstanceUID")
+
+
+def _unread_images(folder: Path, listed: frozenset[str], series_uid: str | None) -> list[str]:
+    """The names of the files in ``folder`` holding a DICOM image of the series ``series_uid`` (of any series
+    where None; always those whose header names none) that GDCM could not read, and so left out of the
+    files it ``listed``; reports, RT structure sets and other series' files are not named."""
+    unread = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in listed or entry.name.upper() == _DICOMDIR_NAME or not entry.is_file() or not holds_dicom(entry):
+            continue
+        holds_image, of_series = _dicom_image_series(entry)
+        if holds_image and (series_uid is None or of_series in (series_uid, None)):
+            unread.append(entry.name)
+    return unread
+
+
+def _what_else_the_folder_holds(folder: Path) -> str:
+    """For a folder without a series: the DICOM images in it that could not be read, or else its subfolders
+    holding DICOM files (an export's PATIENT/STUDY/SERIES tree); nothing where there are neither."""
+    unread = _unread_images(folder, frozenset(), None)
+    if unread:
+        return f": its DICOM image file(s) {_named(unread)} could not be read ({_UNREADABLE_IMAGE})"
+    subfolders = _dicom_subfolders(folder)
+    if subfolders:
+        return (", but subfolders hold DICOM files (an export's PATIENT/STUDY/SERIES folders?): open the series "
+                f"folder you want: {_named(subfolders)}")
+    return ""
+
+
+def _dicom_subfolders(folder: Path) -> list[str]:
+    """The subfolders of ``folder`` (relative, a few levels down, those first met when there are very many)
+    with a DICOM file among their first files."""
+    found = []
+    for visited, (root, subfolders, names) in enumerate(os.walk(folder)):
+        depth = len(Path(root).relative_to(folder).parts)
+        subfolders.sort()
+        if depth >= _SUBFOLDER_SEARCH_DEPTH:
+            subfolders.clear()
+        if visited >= _SUBFOLDER_SEARCH_LIMIT:
+            break
+        if depth and any(holds_dicom(Path(root, name)) for name in sorted(names)[:_FILES_LOOKED_AT]):
+            found.append(Path(root).relative_to(folder).as_posix())
+    return found
 
 
 def dicomdir_in(folder: str | os.PathLike) -> Path | None:
@@ -809,6 +916,9 @@ class _DicomSlice:
     position: np.ndarray | None  # ImagePositionPatient (LPS mm); None when the file has none
     components: int  # values per pixel: 3 for a colour picture
     tags: dict[str, str]  # _DICOM_TAGS and the gantry tilt, by tag, where present
+    spacing: tuple[float, float]  # ITK order: between columns, between rows (mm)
+    pixel_id: int  # the SimpleITK pixel type GDCM reads this file's values in (after its rescale)
+    placed: bool  # whether GDCM found a position anywhere (ImagePositionPatient, an NM detector's)
 
     @classmethod
     def of(cls, file: str) -> _DicomSlice:
@@ -817,12 +927,18 @@ class _DicomSlice:
         reader.SetFileName(file)
         with _itk_console_warnings_hidden():
             reader.ReadImageInformation()
-        tags = {tag: reader.GetMetaData(tag).strip() for tag in (*_DICOM_TAGS, _GANTRY_TILT_TAG)
-                if reader.HasMetaDataKey(tag)}
+        character_set = reader.GetMetaData(_CHARACTER_SET_TAG) if reader.HasMetaDataKey(_CHARACTER_SET_TAG) else ""
+        tags = {tag: _decoded(reader.GetMetaData(tag), character_set).strip()
+                for tag in (*_DICOM_TAGS, _GANTRY_TILT_TAG) if reader.HasMetaDataKey(tag)}
         # GDCM's origin is ImagePositionPatient, or 0 when the tag is absent: only the tag counts.
         position = np.array(reader.GetOrigin(), dtype=float) if reader.HasMetaDataKey(_IMAGE_POSITION_TAG) else None
         direction = np.array(reader.GetDirection(), dtype=float).reshape(reader.GetDimension(), -1)
-        return cls(file, tuple(reader.GetSize()), direction, position, reader.GetNumberOfComponents(), tags)
+        # Without the tag, GDCM still places some files (an NM file by its detector's position); the
+        # others it puts at the origin with the identity direction, which is then no position at all.
+        placed = position is not None or any(reader.GetOrigin()) or not np.array_equal(direction, np.eye(len(direction)))
+        spacing = tuple(float(value) for value in reader.GetSpacing()[:2])
+        return cls(file, tuple(reader.GetSize()), direction, position, reader.GetNumberOfComponents(), tags,
+                   (spacing[0], spacing[1]), reader.GetPixelID(), placed)
 
     @property
     def normal(self) -> np.ndarray:
@@ -859,10 +975,42 @@ class _DicomSlice:
                                  "export the series again or correct that tag") from None
         return tuple(values)
 
+    def stacks_with(self, other: _DicomSlice) -> bool:
+        """Whether this slice and ``other`` can form one volume: the same image size, pixel spacing and
+        orientation (within DICOM's decimal noise)."""
+        return (self.size == other.size
+                and np.allclose(self.spacing, other.spacing, rtol=_PIXEL_SPACING_TOLERANCE, atol=0.0)
+                and _same_orientation(self.direction, other.direction))
+
     @property
-    def stack_key(self) -> tuple:
-        """Equal for slices that can form one volume: same image size and orientation."""
-        return self.size, tuple(np.round(self.direction, _ORIENTATION_DECIMALS).ravel() + 0.0)
+    def pixels(self) -> str:
+        """The image's size and pixel spacing, as a listing of stacks names them."""
+        return f"{self.size[0]}×{self.size[1]} pixels of {self.spacing[0]:g}×{self.spacing[1]:g} mm"
+
+
+def _same_orientation(direction: np.ndarray, other: np.ndarray) -> bool:
+    """Whether the row and column directions (the first two columns) of two directions lie within
+    ``_ORIENTATION_TOLERANCE`` radians of each other (between unit vectors, the distance is the angle
+    to first order)."""
+    return bool(np.linalg.norm(direction[:, :2] - other[:, :2], axis=0).max() <= _ORIENTATION_TOLERANCE)
+
+
+def _decoded(text: str, character_set: str) -> str:
+    """A tag's text as the file's SpecificCharacterSet (``character_set``) spells it.
+
+    SimpleITK hands on GDCM's bytes decoded as UTF-8, keeping bytes that are not UTF-8 as surrogate
+    escapes: Latin-1 (ISO_IR 100) 'Schädel' arrives as 'Sch\\udce4del', which JSON and the viewer show
+    garbled. Text in no stated character set is kept where it is UTF-8 and read as Latin-1 otherwise."""
+    raw = text.encode("utf-8", "surrogateescape")
+    if raw.isascii():
+        return text
+    if not character_set.strip():
+        return text if raw.decode("utf-8", "replace") == text else raw.decode("latin-1")
+    from pydicom.charset import convert_encodings, decode_bytes  # only for non-ASCII text
+
+    with catch_warnings():  # an unknown character set falls back to Latin-1, as said above
+        simplefilter("ignore")
+        return decode_bytes(raw, convert_encodings(character_set.strip().split("\\")), {ord("\\")})
 
 
 @dataclass(frozen=True)
@@ -897,9 +1045,13 @@ class _FrameGroups:
             return default
 
         positions = [stated(frame, "PlanePositionSequence", "ImagePositionPatient") for frame in per_frame]
-        orientations = {tuple(np.round(np.array(orientation, dtype=float), _ORIENTATION_DECIMALS) + 0.0)
-                        for frame in per_frame
-                        if (orientation := stated(frame, "PlaneOrientationSequence", "ImageOrientationPatient"))}
+        orientations: list[np.ndarray] = []  # one of each orientation (within _ORIENTATION_TOLERANCE)
+        for frame in per_frame:
+            stated_orientation = stated(frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+            if stated_orientation:
+                axes = np.array(stated_orientation, dtype=float).reshape(2, 3).T  # rows, columns as columns
+                if not any(_same_orientation(axes, known) for known in orientations):
+                    orientations.append(axes)
         if len(orientations) > 1:
             raise InputError(f"its {len(per_frame)} frames lie in {len(orientations)} orientations (a localizer of "
                              "several planes?), which form no one volume: export the frames of one orientation as a "
@@ -907,8 +1059,7 @@ class _FrameGroups:
         direction = None
         if orientations:
             (orientation,) = orientations
-            rows, columns = np.array(orientation[:3]), np.array(orientation[3:])
-            direction = np.column_stack([rows, columns, np.cross(rows, columns)])
+            direction = np.column_stack([orientation, np.cross(orientation[:, 0], orientation[:, 1])])
         spacing = stated(per_frame[0], "PixelMeasuresSequence", "PixelSpacing")  # rows apart, columns apart
         default_slope, default_intercept = dicom_file.rescale
         rescales = [(stated(frame, "PixelValueTransformationSequence", "RescaleSlope", default_slope),
@@ -920,21 +1071,30 @@ class _FrameGroups:
 
 
 def _read_dicom(path: Path, frame: int | None):
-    key, files = dicom_series(path)
+    found = _dicom_series(path)
     try:
-        slices = [_DicomSlice.of(file) for file in files]
+        slices = [_DicomSlice.of(file) for file in found.files]
     except RuntimeError as error:
         raise _failure(path, "a DICOM series", error) from error
     slices, warnings = _stackable(slices)
     slices, stack_warnings = _one_stack(slices)
     warnings += stack_warnings
+    if len(found.files) == len(found.series):  # the series, not a file of it read alone
+        unread = _unread_images(Path(found.files[0]).parent, found.listed, slices[0].tags.get(_SERIES_UID_TAG))
+        if unread:
+            warnings.append(f"{len(unread)} file(s) of the series could not be read ({_UNREADABLE_IMAGE}) and are "
+                            f"left out: {_named(unread)}; of its {len(found.series) + len(unread)} files, "
+                            f"{len(slices)} are read")
     if slices[0].frames > 1:
         image, positions, rescales = _read_multi_frame_file(slices[0], path)
     else:
         image, positions, rescales = _read_slices(slices, path)
     tags = {name: slices[0].tags[tag] for tag, name in _DICOM_TAGS.items() if tag in slices[0].tags}
     tags.update(_varying_rescale_header(rescales))
-    metadata: dict[str, Any] = {"header": tags, "dicom_files": len(slices), "dicom_series": key}
+    metadata: dict[str, Any] = {"header": tags, "dicom_files": len(slices), "dicom_series": found.key}
+    if len(slices) == 1 and positions is None and not slices[0].placed:
+        image, unplaced_warning = _unplaced(image, metadata)
+        warnings.append(unplaced_warning)
     if tags.get("Modality") in _DICOM_MODALITIES:
         metadata["modality"] = _DICOM_MODALITIES[tags["Modality"]]
     if positions is not None and image.GetDimension() == 3:
@@ -957,7 +1117,44 @@ def _read_slices(slices: list[_DicomSlice], path: Path) -> tuple[sitk.Image, np.
     reader.SetFileNames([dicom_slice.file for dicom_slice in slices])
     if _needs_float_pixels(rescales):
         reader.SetOutputPixelType(sitk.sitkFloat64)
+    elif len({dicom_slice.pixel_id for dicom_slice in slices}) > 1:
+        # ImageSeriesReader would read every slice in the first slice's type (wrapping a signed slice's
+        # -500 to 65036 in an unsigned volume, clipping 16-bit slices after an 8-bit one).
+        reader.SetOutputPixelType(_pixel_type_holding([dicom_slice.pixel_id for dicom_slice in slices]))
     return _executed(reader, path), positions, rescales
+
+
+def _pixel_type_holding(pixel_ids: list[int]) -> int:
+    """The SimpleITK pixel type holding the values of every type in ``pixel_ids``, as NumPy promotes
+    types (uint16 and int16 into int32, uint8 and uint16 into uint16)."""
+    holding = np.result_type(*(_SITK_PIXEL_DTYPES.get(pixel_id, np.float64) for pixel_id in pixel_ids))
+    return next(pixel_id for pixel_id, dtype in _SITK_PIXEL_DTYPES.items() if np.dtype(dtype) == holding)
+
+
+def _unplaced(image: sitk.Image, metadata: dict[str, Any]) -> tuple[sitk.Image, str]:
+    """A DICOM file GDCM found no position for (no ImagePositionPatient, no per-frame or detector
+    position), and the warning saying so.
+
+    One frame (a screenshot, a secondary capture, a key image) is a picture, read as a PNG is: 2D,
+    1 mm pixels from the origin, with the picture rules of a fusion (:func:`is_picture`); a stated
+    pixel spacing places nothing without a position. Several frames stay a volume where GDCM put it."""
+    if image.GetDimension() == 3 and image.GetSize()[2] > 1:
+        return image, ("has no position (no ImagePositionPatient): its frames are placed at the scanner's origin with "
+                       f"{_spacing(image.GetSpacing())} mm voxels, so where it lies beside another image is a guess")
+    stated_spacing = image.GetSpacing()[:2]
+    if image.GetDimension() == 3:
+        image = sitk.Extract(image, [*image.GetSize()[:2], 0], [0, 0, 0])
+    image.SetSpacing((1.0, 1.0))
+    image.SetOrigin((0.0, 0.0))
+    image.SetDirection((1.0, 0.0, 0.0, 1.0))
+    metadata[WITHOUT_POSITION] = True
+    unused = f"; its stated pixel spacing of {_spacing(stated_spacing)} mm places nothing without one" if any(
+        size != 1.0 for size in stated_spacing) else ""
+    return image, f"has no position (no ImagePositionPatient): read as a picture, like a PNG, 1 pixel = 1 mm{unused}"
+
+
+def _spacing(spacing: tuple[float, ...]) -> str:
+    return "×".join(f"{size:g}" for size in spacing)
 
 
 def _read_multi_frame_file(dicom_file: _DicomSlice, path: Path) -> tuple[sitk.Image, np.ndarray | None, np.ndarray]:
@@ -1057,25 +1254,32 @@ def _stackable(slices: list[_DicomSlice]) -> tuple[list[_DicomSlice], list[str]]
 
 
 def _one_stack(slices: list[_DicomSlice]) -> tuple[list[_DicomSlice], list[str]]:
-    """The largest stack of slices of one image size and orientation, sorted along its normal, and
-    a warning naming the files left out.
+    """The largest stack of slices of one image size, pixel spacing and orientation, sorted along its
+    normal, and a warning naming the files left out.
 
     A localizer (scout) image often shares the SeriesInstanceUID of the stack it planned; ITK
-    would refuse the whole series for the odd image size."""
-    stacks: dict[tuple, list[_DicomSlice]] = {}
+    would refuse the whole series for the odd image size, and stack slices of another pixel spacing
+    at the first slice's."""
+    stacks: list[list[_DicomSlice]] = []
     for dicom_slice in slices:
-        stacks.setdefault(dicom_slice.stack_key, []).append(dicom_slice)
-    ranked = sorted(stacks.values(), key=len, reverse=True)
+        stack = next((stack for stack in stacks if stack[0].stacks_with(dicom_slice)), None)
+        if stack is None:
+            stacks.append([dicom_slice])
+        else:
+            stack.append(dicom_slice)
+    ranked = sorted(stacks, key=len, reverse=True)
     kept, warnings = ranked[0], []
     if len(ranked) > 1:
         if len(ranked[1]) == len(kept):
-            listing = "; ".join(f"{len(stack)} of {stack[0].size[0]}×{stack[0].size[1]} pixels "
-                                f"(e.g. {Path(stack[0].file).name})" for stack in ranked)
-            raise InputError(f"the series mixes image orientations or sizes in stacks of equal size: {listing}. "
-                             "Export each stack as a series of its own and open the one you want")
+            listing = "; ".join(f"{len(stack)} of {stack[0].pixels} (e.g. {Path(stack[0].file).name})"
+                                for stack in ranked)
+            raise InputError("the series mixes image orientations, sizes or pixel spacings in stacks of equal size: "
+                             f"{listing}. Export each stack as a series of its own and open the one you want")
         left_out = [Path(dicom_slice.file).name for stack in ranked[1:] for dicom_slice in stack]
-        warnings.append(f"{len(left_out)} file(s) of another orientation or image size left out (a localizer or "
-                        f"scout image?): {_named(left_out)}; the {len(kept)} slices of the largest stack are read")
+        others = "; ".join(f"{len(stack)} of {stack[0].pixels}" for stack in ranked[1:])
+        warnings.append(f"{len(left_out)} file(s) of another orientation, image size or pixel spacing left out (a "
+                        f"localizer or scout image?): {_named(left_out)} ({others}); the {len(kept)} slices of the "
+                        f"largest stack ({kept[0].pixels}) are read")
     if len(kept) > 1:  # several slices: each has a position (_stackable)
         order = _stack_order(np.array([dicom_slice.position for dicom_slice in kept]), kept[0].normal)
         kept = [kept[k] for k in order]

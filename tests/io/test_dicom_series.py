@@ -16,24 +16,27 @@ from pydicom.uid import ExplicitVRLittleEndian
 from napari_unifuse._napari_io import get_reader
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import read_image
-from napari_unifuse.io.readers import dicom_series, holds_dicom
+from napari_unifuse.io.readers import dicom_series, holds_dicom, is_picture
 
 AXIAL = np.eye(3)
 SAGITTAL = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # ITK direction, columns = axes
 SPACING, SLICE_STEP = (0.8, 0.9), 2.5
 
 
-def _write_slice(path: Path, pixels: np.ndarray, position, direction: np.ndarray, tags: dict[str, str]) -> Path:
+def _write_slice(path: Path, pixels: np.ndarray, position, direction: np.ndarray, tags: dict[str, str],
+                 spacing=SPACING) -> Path:
     """One DICOM file of ``pixels`` (rows × columns) at ``position`` (LPS mm) in the plane of
-    ``direction``'s first two columns; ``tags`` (series UID, instance number, ...) added."""
+    ``direction``'s first two columns, ``spacing`` (ITK order) apart; ``tags`` (series UID, instance
+    number, ...) added."""
     image = sitk.GetImageFromArray(pixels[np.newaxis])
-    image.SetSpacing((*SPACING, SLICE_STEP))
+    image.SetSpacing((*spacing, SLICE_STEP))
     image.SetDirection(direction.ravel().tolist())
     orientation = (*direction[:, 0], *direction[:, 1])
     for tag, value in {"0008|0060": "CT", "0008|103e": "test series",
                        "0020|0037": "\\".join(f"{v:.8f}" for v in orientation),
                        "0020|0032": "\\".join(f"{v:.6f}" for v in position), **tags}.items():
         image.SetMetaData(tag, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     # SimpleITK picks its writer by suffix: a name without .dcm is written as .dcm and renamed.
@@ -105,7 +108,7 @@ def test_a_localizer_sharing_the_series_uid_is_left_out_with_a_warning_naming_it
 
     np.testing.assert_array_equal(read.array, volume)
     (warning,) = read.metadata["warnings"]
-    assert "1 file(s) of another orientation or image size left out" in warning and "scout.dcm" in warning
+    assert "1 file(s) of another orientation, image size or pixel spacing left out" in warning and "scout.dcm" in warning
 
 
 def test_a_one_frame_colour_dicom_is_a_2d_rgb_picture(tmp_path, rng):
@@ -437,3 +440,135 @@ def test_an_enhanced_file_with_frames_in_several_orientations_is_refused(tmp_pat
     with pytest.raises(InputError, match=r"planes\.dcm: its 3 frames lie in 2 orientations .*export the frames of one "
                                          r"orientation"):
         read_image(path)
+
+
+# ---- series as they come from real exports: float noise, mixed pixel types and spacings, damage, charsets ----------
+def _rotated_about_z(sine: float) -> np.ndarray:
+    """An ITK direction turned about z by the angle of ``sine`` (a nearly axial, oblique plane)."""
+    cosine = np.sqrt(1 - sine**2)
+    return np.array([[cosine, -sine, 0.0], [sine, cosine, 0.0], [0.0, 0.0, 1.0]])
+
+
+def test_slices_whose_orientations_differ_by_float_noise_form_one_stack(tmp_path, volume):
+    # Direction cosines of 0.000499 and 0.000501 lie on either side of a 3-decimal rounding boundary.
+    folder, series_uid = tmp_path / "oblique", "1.2.826.0.1.3680043.2.1125.5001"
+    for k, sine in enumerate([0.000499] * 7 + [0.000501] * 5):
+        _write_slice(folder / f"IM{k:04d}", volume[k], (0.0, 0.0, SLICE_STEP * k), _rotated_about_z(sine),
+                     {"0020|000e": series_uid, "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}"})
+
+    read = read_image(folder)
+
+    np.testing.assert_array_equal(read.array, volume)
+    assert "warnings" not in read.metadata
+
+
+def test_an_enhanced_file_whose_frame_orientations_differ_by_float_noise_is_one_volume(tmp_path, volume):
+    path = _write_enhanced(tmp_path / "enh" / "frames.dcm", volume[:3] + 1024,
+                           [(0.0, 0.0, SLICE_STEP * k) for k in range(3)], "1.2.826.0.1.3680043.2.1125.5002")
+    dataset = dcmread(path)
+    del dataset.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    for frame, sine in zip(dataset.PerFrameFunctionalGroupsSequence, [0.000499, 0.000501, 0.000499]):
+        cosine = np.sqrt(1 - sine**2)
+        frame.PlaneOrientationSequence = [_item(ImageOrientationPatient=[cosine, sine, 0.0, -sine, cosine, 0.0])]
+    dataset.save_as(path)
+
+    np.testing.assert_array_equal(read_image(path).array, volume[:3])
+
+
+@pytest.mark.parametrize("first_slices", ["unsigned", "8-bit"])
+def test_slices_stored_in_different_pixel_types_keep_every_slices_values(tmp_path, volume, first_slices):
+    # The first slices unsigned (or 8-bit), the others signed 16-bit down to -500: read in the first
+    # slices' type, -500 would wrap to 65036 (or 998 clip to 255).
+    values = volume.astype(np.int32) - 500
+    values[:3] = np.abs(values[:3]) // 4 if first_slices == "8-bit" else np.abs(values[:3])
+    stored_first = np.uint8 if first_slices == "8-bit" else np.uint16
+    folder, series_uid = tmp_path / "mixed_types", "1.2.826.0.1.3680043.2.1125.5003"
+    for k, pixels in enumerate(values):
+        _write_slice(folder / f"IM{k:04d}.dcm", pixels.astype(stored_first if k < 3 else np.int16),
+                     (0.0, 0.0, SLICE_STEP * k), AXIAL,
+                     {"0020|000e": series_uid, "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}"})
+
+    np.testing.assert_array_equal(read_image(folder).array, values)
+
+
+def _write_two_spacings(folder: Path, volume: np.ndarray, coarse_from: int) -> None:
+    """``volume``'s slices, those from ``coarse_from`` on with pixels twice as large as the others'."""
+    series_uid = "1.2.826.0.1.3680043.2.1125.5004"
+    for k, pixels in enumerate(volume):
+        spacing = tuple(2 * size for size in SPACING) if k >= coarse_from else SPACING
+        _write_slice(folder / f"IM{k:04d}.dcm", pixels, (0.0, 0.0, SLICE_STEP * k), AXIAL,
+                     {"0020|000e": series_uid, "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}"},
+                     spacing=spacing)
+
+
+def test_slices_of_another_pixel_spacing_are_left_out_naming_both_spacings(tmp_path, volume):
+    _write_two_spacings(tmp_path / "two_spacings", volume, coarse_from=8)
+
+    read = read_image(tmp_path / "two_spacings")
+
+    np.testing.assert_array_equal(read.array, volume[:8])
+    np.testing.assert_allclose(read.geometry.spacing[1:], SPACING[::-1])
+    (warning,) = read.metadata["warnings"]
+    assert ("4 file(s) of another orientation, image size or pixel spacing left out" in warning
+            and "(4 of 14×16 pixels of 1.6×1.8 mm); the 8 slices of the largest stack (14×16 pixels of 0.8×0.9 mm)"
+            in warning)
+
+
+def test_a_series_split_evenly_between_two_pixel_spacings_is_refused_naming_them(tmp_path, volume):
+    _write_two_spacings(tmp_path / "two_spacings", volume, coarse_from=6)
+
+    with pytest.raises(InputError, match=r"mixes image orientations, sizes or pixel spacings in stacks of equal size: "
+                                         r"6 of 14×16 pixels of 0\.8×0\.9 mm .*; 6 of 14×16 pixels of 1\.6×1\.8 mm"):
+        read_image(tmp_path / "two_spacings")
+
+
+def test_a_one_frame_dicom_without_any_position_is_a_picture_like_a_png(tmp_path, volume):
+    placed = _write_stack(tmp_path / "placed", volume[:1], "1.2.826.0.1.3680043.2.1125.5005")[0]
+    unplaced = _without_position(_write_stack(tmp_path / "screenshot", volume[:1], "1.2.826.0.1.3680043.2.1125.5006")[0])
+
+    picture = read_image(unplaced)
+
+    assert picture.ndim == 2 and is_picture(picture)
+    np.testing.assert_array_equal(picture.array, volume[0])
+    np.testing.assert_allclose(picture.geometry.index_to_world, np.eye(3))  # 1 mm pixels from the origin, as a PNG's
+    (warning,) = picture.metadata["warnings"]
+    assert "has no position" in warning and "stated pixel spacing of 0.8×0.9 mm places nothing" in warning
+    scanner_slice = read_image(placed)
+    assert scanner_slice.ndim == 3 and not is_picture(scanner_slice)
+
+
+def test_a_damaged_slice_is_named_in_the_series_warning_and_when_opened_alone(tmp_path, volume):
+    files = _write_stack(tmp_path / "ct", volume, "1.2.826.0.1.3680043.2.1125.5007")
+    files[5].write_bytes(files[5].read_bytes()[:-300])  # cut off inside its pixel data
+    (tmp_path / "ct" / "empty.dcm").write_bytes(b"")
+
+    read = read_image(tmp_path / "ct")
+
+    assert len(read.array) == 11
+    assert (f"1 file(s) of the series could not be read (damaged or truncated, or compressed in a way GDCM does not "
+            f"decode) and are left out: {files[5].name}; of its 12 files, 11 are read") in read.metadata["warnings"]
+    with pytest.raises(InputError, match="holds a DICOM image that could not be read"):
+        read_image(files[5])
+    with pytest.raises(InputError, match="is not a DICOM file by its content"):
+        read_image(tmp_path / "ct" / "empty.dcm")
+
+
+def test_a_latin1_series_description_is_decoded_with_the_files_character_set(tmp_path, volume):
+    files = _write_stack(tmp_path / "ct", volume[:3], "1.2.826.0.1.3680043.2.1125.5008")
+    for path in files:
+        dataset = dcmread(path)
+        dataset.SpecificCharacterSet, dataset.SeriesDescription = "ISO_IR 100", "Schädel nativ"
+        dataset.save_as(path)
+    assert "Schädel".encode("latin-1") in files[0].read_bytes()
+
+    assert read_image(tmp_path / "ct").metadata["header"]["SeriesDescription"] == "Schädel nativ"
+
+
+def test_a_folder_whose_subfolders_hold_series_names_them(tmp_path, volume):
+    export = tmp_path / "export"
+    _write_stack(export / "PAT1" / "STUDY1" / "SER1", volume[:3], "1.2.826.0.1.3680043.2.1125.5009")
+    _write_stack(export / "PAT1" / "STUDY1" / "SER2", volume[:3], "1.2.826.0.1.3680043.2.1125.5010")
+
+    with pytest.raises(InputError, match=r"no DICOM series found in this folder, but subfolders hold DICOM files .*"
+                                         r"open the series folder you want: PAT1/STUDY1/SER1, PAT1/STUDY1/SER2$"):
+        read_image(export)
