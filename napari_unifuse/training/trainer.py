@@ -916,6 +916,9 @@ _WHAT_A_RUN_IS = {
     "model.method": "{run} is a {before} run; the config given trains {now}",
     "data.kind": "{run} trained on {before} data; the config given trains on {now} data",
 }
+# Not what a run is, but where it reads: a packaged data config installed from a wheel reads a root inside
+# site-packages, so the same config needs the run's --data-root again at each --resume.
+_DATA_ROOT_MOVED = "{run} read its data from {before}; the config given reads {now}: give --data-root {before} again"
 
 
 def _refuse_changes(saved: TrainConfig, requested: TrainConfig, run_dir: Path) -> None:
@@ -926,11 +929,17 @@ def _refuse_changes(saved: TrainConfig, requested: TrainConfig, run_dir: Path) -
                      if key not in changeable and before.get(key) != now.get(key))
     if changed:
         # Another method's or data kind's config is the likely slip; in the field list it is one of ~40.
-        headlines = [sentence.format(run=run_dir, before=before.get(key), now=now.get(key))
-                     for key, sentence in _WHAT_A_RUN_IS.items() if key in changed]
-        raise CheckpointError("".join(f"{line}\n" for line in headlines)
-                              + f"{run_dir} was trained with another config ({', '.join(changed)} differ from its "
-                              "config.yaml): resume with the config it was started with, or choose another --out")
+        lines = [sentence.format(run=run_dir, before=before.get(key), now=now.get(key))
+                 for key, sentence in _WHAT_A_RUN_IS.items() if key in changed]
+        # Under another data kind the root is part of another config: --data-root would not mend it.
+        if "data.root" in changed and "data.kind" not in changed:
+            lines.append(_DATA_ROOT_MOVED.format(run=run_dir, before=before["data.root"], now=now["data.root"]))
+            changed.remove("data.root")
+        if changed:
+            verb = "differs" if len(changed) == 1 else "differ"
+            lines.append(f"{run_dir} was trained with another config ({', '.join(changed)} {verb} from its "
+                         "config.yaml): resume with the config it was started with, or choose another --out")
+        raise CheckpointError("\n".join(lines))
 
 
 def resumed_config(run_dir: str | Path, requested: TrainConfig, **train_overrides: Any) -> TrainConfig:

@@ -193,7 +193,7 @@ def test_a_fine_tuning_run_resumes_with_the_config_it_was_started_with(stopped_r
     other.write_text(yaml.safe_dump(values), encoding="utf-8")
     assert main(["train", "--config", str(other), "--out", str(tuned), "--device", "cpu", "--no-progress",
                  "--resume"]) == 2
-    assert "(seed differ from its config.yaml)" in capsys.readouterr().err
+    assert "(seed differs from its config.yaml)" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0, capsys.readouterr().err
     assert _train_steps(tuned) == [1, 2]
     assert _saved_train_section(tuned)["init_from"] == str(weights)

@@ -3,6 +3,7 @@ fine-tuning run starts from the weights it names."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -268,3 +269,26 @@ def test_a_run_started_from_a_started_run_keeps_both_records(tmp_path):
     assert record["checkpoint"] == str(second)
     assert record["initial_weights"]["checkpoint"] == str(first)
     assert "initial_weights" not in record["initial_weights"]  # the first run started from nothing
+
+
+def test_a_resume_reading_another_data_root_shows_both_roots_and_asks_for_data_root_again(tmp_path):
+    """Installed from a wheel, a packaged data config reads a root inside site-packages unless --data-root
+    is given: a resume without it was told the run had "another config", which it did not."""
+    import yaml
+
+    from napari_unifuse.training.trainer import resumed_config
+
+    run = _folder_data_config(tmp_path / "data")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(run.to_dict()), encoding="utf-8")
+    elsewhere = run.with_overrides(data={"root": str(tmp_path / "packaged")})
+    with pytest.raises(CheckpointError) as refused:
+        resumed_config(tmp_path, elsewhere)
+    assert str(refused.value) == (f"{tmp_path} read its data from {tmp_path / 'data'}; the config given reads "
+                                  f"{tmp_path / 'packaged'}: give --data-root {tmp_path / 'data'} again")
+    # With another difference, that one is named on its own line, in the singular.
+    reseeded = dataclasses.replace(elsewhere, seed=run.seed + 1)
+    with pytest.raises(CheckpointError) as refused:
+        resumed_config(tmp_path, reseeded)
+    root_line, other_line = str(refused.value).splitlines()
+    assert root_line.endswith(f"give --data-root {tmp_path / 'data'} again")
+    assert f"{tmp_path} was trained with another config (seed differs from its config.yaml)" in other_line
