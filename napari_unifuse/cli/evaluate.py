@@ -186,6 +186,8 @@ METRIC_COLUMNS = (*ALIGNMENT_COLUMNS, *RESTORATION_COLUMNS, *FUSION_COLUMNS, CLA
 ALL_TASKS = "all"
 HARVARD_TASK_FOLDERS = {"CT": "CT-MRI", "PET": "PET-MRI", "SPECT": "SPECT-MRI"}
 UNIFUSE_METHOD = "UniFuse"
+# The columns a constant label makes NaN (correlations with it): its warning names them all.
+CONSTANT_LABEL_NAN_COLUMNS = ("ncc", "Q_cc", "Q_scd", "Q_CB")
 # The claims (alignment and fusion quality), compared pair by pair; errors: lower is better.
 PAIRED_COLUMNS = ("ncc", "epe", "epe_tissue", "Q_abf", "Q_ssim", "gain_min", *PERCEPTUAL_COLUMNS)
 # Two values of a metric closer than this are tied in the pair-by-pair tests (``rounding_ties``).
@@ -275,7 +277,7 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         if beside is not None:
             reference, moving = beside
         try:
-            label_image, label_warnings = checked_label(label_image, reference)
+            label_image, label_warnings = checked_label(label_image, reference, CONSTANT_LABEL_NAN_COLUMNS)
         except InputError as error:
             raise on_csv_line(error, path, line, row, "label") from error
         # A grey label is scored in the moving image's [0, 1] units: the moving image's mapping, its

@@ -64,7 +64,7 @@ import math
 import numbers
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
@@ -136,7 +136,7 @@ from napari_unifuse.io import (
 )
 from napari_unifuse.io.fields import itk_placement
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
-from napari_unifuse.io.normalize import MODALITY_ALIASES, darkest_to_zero
+from napari_unifuse.io.normalize import FLOAT32_MAX, MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import is_picture, real_finite_values
 from napari_unifuse.io.writers import nifti_holds_grid
 from napari_unifuse.model.checkpoint import config_differences, training_crop
@@ -480,6 +480,7 @@ class FusionEngine:
                 reference_ready = _prepare(reference, reference_modality)
                 moving_ready = _prepare(moving, moving_modality)
                 moving_ready.clipped = _clipped_part(moving, moving_ready)
+                warnings.extend(_beyond_float32_warnings(moving))
                 # A modality guessed from ambiguous intensities (io.normalize) must reach the user, not
                 # only the provenance's intensity_mappings.
                 warnings.extend(f"{image.source or role}: {ready.mapping.warning}" for role, image, ready in
@@ -525,7 +526,8 @@ class FusionEngine:
 
         warnings.extend(reader_and_content_warnings(reference, moving))
         evidence = class_evidence(self.degradation_evidence, result.predicted_class,
-                                  _evidence_modality(moving_modality, moving, moving_ready.mapping))
+                                  _evidence_modality(moving_modality, moving, moving_ready.mapping,
+                                                     self.degradation_evidence or {}))
         if evidence is not None and not evidence.informative:
             warnings.append(evidence.message(result.class_probs[result.predicted_class]))
         result.warnings = warnings
@@ -1284,13 +1286,19 @@ def _quality_provenance(quality: QualityMaps, uncertainty_passes: int) -> dict[s
             "suspicious_slices": quality.suspicious_slices()}
 
 
-def _evidence_modality(requested: str, moving: ImageVolume, mapping: IntensityMapping) -> str:
+def _evidence_modality(requested: str, moving: ImageVolume, mapping: IntensityMapping,
+                       calibrated: Collection[str]) -> str:
     """The moving image's modality for the class's calibration: the user's; else what the image says
     of itself (its header's modality, Hounsfield air for CT); "auto" (the weakest calibrated modality)
-    where MR is only the normalisation's guess for an image that says nothing."""
-    if requested.lower() != "auto":
-        return requested
+    where MR is only the normalisation's guess for an image that says nothing. A modality, given or
+    in the header, is looked up as named before its normalisation alias: the 3-D checkpoint
+    calibrates "t2", which normalises as "mr", and a T2 read as "mr" was judged uncalibrated."""
+    given = requested.lower()
+    if given != "auto":
+        return given if given in calibrated else MODALITY_ALIASES.get(given, given)
     tag = str(moving.metadata.get("modality", "")).lower()
+    if tag in calibrated:
+        return tag
     guessed = mapping.modality == "mr" and MODALITY_ALIASES.get(tag, tag) != "mr"
     return "auto" if guessed else mapping.modality
 
@@ -1316,6 +1324,20 @@ def _clipped_part(image: ImageVolume, prepared: _PreparedImage) -> np.ndarray | 
         return None  # the luma mapping never clips
     clipped = prepared.mapping.scaled(image.array) - prepared.luma.array
     return clipped if clipped.any() else None
+
+
+def _beyond_float32_warnings(moving: ImageVolume) -> list[str]:
+    """A float64 moving image's values past float32's range, which the aligned image, float32 like
+    every output, holds at that limit (``io.normalize``): no scanner measures such values (an
+    overflowed conversion does), and the limit keeps the output finite where a cast made ±inf."""
+    array = moving.array
+    if moving.is_rgb or not np.issubdtype(array.dtype, np.floating) or array.dtype.itemsize <= 4:
+        return []
+    beyond = np.count_nonzero((array > FLOAT32_MAX) | (array < -FLOAT32_MAX))
+    if not beyond:
+        return []
+    return [f"{moving.source or 'moving'}: {beyond} voxel{'s' if beyond != 1 else ''} beyond float32's range "
+            f"(±{FLOAT32_MAX:.3g}), which the outputs are written in: the aligned image holds them at that limit"]
 
 
 def _onto_reference_grid(moving: _PreparedImage, reference: ImageVolume) -> _PreparedImage:

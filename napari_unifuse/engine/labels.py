@@ -50,14 +50,16 @@ CLEAN_MOVING_IMAGE = ("give the clean moving image aligned to the reference, an 
                       "image's units")
 
 
-def checked_label(label: ImageVolume, reference: ImageVolume) -> tuple[ImageVolume, list[str]]:
+def checked_label(label: ImageVolume, reference: ImageVolume,
+                  undefined_for_constant: tuple[str, ...] = ("NCC",)) -> tuple[ImageVolume, list[str]]:
     """``label`` as a run scores it beside ``reference``, and what the run should say of it, checked
     before any work as the moving image is: a one-slice volume beside a 2-D reference is the 2-D image
     of its slice (:func:`one_slice_label`); NaN, infinite and complex values are made usable as
     ``FusionEngine.validate`` makes the moving image's (``io.readers.real_finite_values``). Warnings
     naming the label: its reader's notes (values it replaced, NIfTI forms that disagree) and those
     changes, a picture's guessed place in space (``inference.picture_placement_warnings``), a
-    constant label (the NCC to it is undefined) and :func:`label_coverage_warnings`. An InputError
+    constant label (the metrics ``undefined_for_constant`` names are NaN against it: the NCC of a run's
+    label metrics; evaluate's fusion metrics add theirs) and :func:`label_coverage_warnings`. An InputError
     for a label that cannot be scored (no finite voxel, another dimensionality, no overlap)."""
     label = one_slice_label(label, reference)
     coverage = label_coverage_warnings(label, reference)
@@ -69,9 +71,10 @@ def checked_label(label: ImageVolume, reference: ImageVolume) -> tuple[ImageVolu
     notes = [*label.metadata.get("warnings", []), *replaced, *picture_placement_warnings(reference, label)]
     grey = grey_values(label)
     if (grey == grey.flat[0]).all():
-        notes.append(f"the label is constant ({grey.flat[0]:g} everywhere): the NCC to a constant image is "
-                     f"undefined (NaN), and the other label metrics measure how flat the aligned image is; "
-                     f"{CLEAN_MOVING_IMAGE}")
+        undefined = " and ".join(", ".join(undefined_for_constant).rsplit(", ", 1))
+        notes.append(f"the label is constant ({grey.flat[0]:g} everywhere): the {undefined} to a constant image "
+                     f"{'is' if len(undefined_for_constant) == 1 else 'are'} undefined (NaN), and the other label "
+                     f"metrics measure how flat the aligned image is; {CLEAN_MOVING_IMAGE}")
     return label, [*coverage, *(f"{_label_name(label)}: {note}" for note in notes)]
 
 
@@ -116,7 +119,7 @@ def label_units_warnings(label: ImageVolume, moving: ImageVolume, mapping: Inten
     moving image); or a label whose range is under ``SMALL_UNITS_SPAN_SHARE`` of the moving image's
     (a label scaled to [0, 1] beside a moving image in scanner units, an 8-bit label beside a 16-bit
     moving image), which the window maps to a faint image. ``mapping`` None (a label given its own)
-    checks the first alone."""
+    checks the first alone, and so does a constant moving image, whose window is a placeholder."""
     values = grey_values(label)  # a segmentation's ids as stored, whole numbers beside a colour image too
     ids = _segmentation_ids(label, values, moving) if not label.is_rgb else None
     if ids is not None:
@@ -126,6 +129,11 @@ def label_units_warnings(label: ImageVolume, moving: ImageVolume, mapping: Inten
         return [f"{_label_name(label)}: the label holds {held}, as a segmentation does, but the label metrics "
                 f"compare the aligned image's intensities with its values; {CLEAN_MOVING_IMAGE}"]
     if mapping is None:
+        return []
+    moving_grey = grey_values(moving)
+    if np.nanmin(moving_grey) == np.nanmax(moving_grey):
+        # A constant moving image's window is a placeholder ([v, v + 1]): clipping by it says nothing
+        # of the label's units, and the run already says the moving image is constant.
         return []
     values = grey_values(label_in_moving_grey_units(label, moving.is_rgb))
     sample = _strided_sample(values)  # a share, not every voxel: a clinical label has 10⁸ of them
@@ -140,7 +148,7 @@ def label_units_warnings(label: ImageVolume, moving: ImageVolume, mapping: Inten
                 f"ends before the label metrics; the label must be in the moving image's units (a 16-bit label "
                 f"beside an 8-bit moving image is not): {CLEAN_MOVING_IMAGE}"]
     label_bottom, label_top = _range_above_background(values)
-    moving_bottom, moving_top = _range_above_background(grey_values(moving))
+    moving_bottom, moving_top = _range_above_background(moving_grey)
     if label_top - label_bottom >= SMALL_UNITS_SPAN_SHARE * (moving_top - moving_bottom):
         return []
     return [f"{_label_name(label)}: the label's values reach {label_top:.4g} from its background {label_bottom:.4g}, "

@@ -6,11 +6,17 @@ Defaults per modality:
   contrast; a brain window ([0, 80]) would saturate all bone. Metal (> 2000) saturates at 1.
 * MR: percentiles 0.5-99.5 (MR intensities have no physical unit; clip the tails).
 * PET/SPECT: percentiles 0-99.9 (zero is meaningful: no uptake; clip only the hottest voxels).
-* 8-bit images (PNG/JPG): subtract the darkest value and divide by 255. They were windowed when
-  exported, so their contrast is kept; the darkest value is the background, and an export with a
-  grey surround must still reach the model with the black background every training image had
-  (given a PET/SPECT background of 0.30, the bundled 2D checkpoint "restored" it to 0.18 / 0.14
-  on average: ``bench/probe_restoration_remap.py``).
+* 8-bit pictures (PNG/JPG, or 8-bit pixels handed in without a file), whatever the modality:
+  subtract the darkest value and divide by 255. They were windowed when exported, so their contrast
+  is kept; the darkest value is the background, and an export with a grey surround must still reach
+  the model with the black background every training image had (given a PET/SPECT background of
+  0.30, the bundled 2D checkpoint "restored" it to 0.18 / 0.14 on average:
+  ``bench/probe_restoration_remap.py``).
+* 8-bit volumes from a scanner format (NIfTI, MetaImage, DICOM, NRRD) hold values in their own units,
+  often far below 255: they take their modality's rule, given or detected, like any other integer
+  type (a quantised MR with values 2-38, divided by 255, reached the model at 0-0.14 and barely took
+  part in the fusion). CT is the exception: 8 bits cannot hold Hounsfield units (air is -1000), so
+  an 8-bit CT is a picture windowed when exported and takes the picture rule.
 
 MR and PET/SPECT images of a small object in a large empty field (the darkest value fills all but a
 few voxels) take the upper percentile over the voxels above that background: over the whole image it
@@ -27,7 +33,8 @@ directly may hold, take no part in choosing the mapping: the percentiles and the
 taken over the finite values, and an image with none is refused. ``apply`` leaves NaN voxels NaN
 and takes ±inf to 1 / 0.
 
-``apply`` clips to [0, 1]; ``scaled`` is the same map without the clip, so that what the clip
+``apply`` clips to [0, 1]; ``scaled`` is the same map without the clip (saturating at float32's range,
+as does ``inverse``: a float64 image may hold values past it, which would otherwise become ±inf), so that what the clip
 removed (``scaled - apply``, zero inside the window) can be carried past the model and added back
 before ``inverse``: the engine does so, and a moving image comes back in its own units, hottest
 PET voxels and metal above the CT window included.
@@ -65,6 +72,7 @@ _MIN_SHARE_IN_HU_RANGE = 0.98
 # The whole image's upper percentile stands for the object's only while the clipped tail, (100 - p) %
 # of the image, is a small part of the object; past this part of it, the object's own is taken.
 _MAX_TAIL_SHARE_OF_OBJECT = 0.1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class IntensityMapping:
 
     def scaled(self, array: np.ndarray) -> np.ndarray:
         """The linear map alone, unclipped: values outside the window land outside [0, 1]."""
-        return ((np.asarray(array, dtype=np.float64) - self.lower) / (self.upper - self.lower)).astype(np.float32)
+        return _saturated_float32((np.asarray(array, dtype=np.float64) - self.lower) / (self.upper - self.lower))
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         return np.clip(self.scaled(array), 0.0, 1.0)
@@ -89,7 +97,7 @@ class IntensityMapping:
     def inverse(self, array: np.ndarray) -> np.ndarray:
         """Back to the original intensity units: exact for ``scaled`` values; values clipped by
         ``apply`` come back at the window's bounds."""
-        return (self.lower + np.asarray(array, dtype=np.float64) * (self.upper - self.lower)).astype(np.float32)
+        return _saturated_float32(self.lower + np.asarray(array, dtype=np.float64) * (self.upper - self.lower))
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -110,6 +118,11 @@ class IntensityMapping:
         )
 
 
+def _saturated_float32(values: np.ndarray) -> np.ndarray:
+    """Fresh float64 ``values`` as float32, held at float32's largest magnitude (a plain cast gives ±inf)."""
+    return np.clip(values, -FLOAT32_MAX, FLOAT32_MAX, out=values).astype(np.float32)
+
+
 def normalize_intensity(volume: ImageVolume, modality: str = "auto") -> tuple[ImageVolume, IntensityMapping]:
     """Return the volume mapped to float32 [0, 1] and the mapping (also stored in its metadata)."""
     mapping = intensity_mapping(volume, modality)
@@ -126,7 +139,8 @@ def intensity_mapping(volume: ImageVolume, modality: str = "auto") -> IntensityM
     key = modality.lower()
     if key not in MODALITIES:
         raise InputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}", volume.source)
-    if volume.array.dtype == np.uint8:
+    eight_bit = volume.array.dtype == np.uint8
+    if eight_bit and _is_picture(volume):
         return darkest_to_zero(volume.array, 255.0, "scale8bit", MODALITY_ALIASES.get(key, key),
                                "8-bit pixels, already windowed when exported")
     values = _finite_values(volume)
@@ -135,11 +149,22 @@ def intensity_mapping(volume: ImageVolume, modality: str = "auto") -> IntensityM
         key, reason, warning = _detect_modality(volume.metadata, values)
     else:
         key, reason = MODALITY_ALIASES.get(key, key), "chosen by the caller"
+    if key == "ct" and eight_bit:
+        return darkest_to_zero(volume.array, 255.0, "scale8bit", key, f"{reason}; 8-bit pixels cannot hold "
+                               "Hounsfield units (air is -1000 HU): a CT picture, already windowed when exported")
     if key == "ct":
         return IntensityMapping("window", "ct", *CT_WINDOW_HU, reason=reason, warning=warning)
     percentiles = PERCENTILES[key]
     lower, upper, window_note = _percentile_window(values, percentiles)
     return IntensityMapping("percentile", key, lower, upper, percentiles, reason + window_note, warning)
+
+
+def _is_picture(volume: ImageVolume) -> bool:
+    """Whether ``volume`` is a picture exported for display: read from a PNG or JPG, or handed in without
+    a file (the evaluation's atlas pictures, an edited layer), not a scanner format's stored values."""
+    from napari_unifuse.io.readers import is_picture  # readers imports this module for CT's air
+
+    return volume.source is None or is_picture(volume)
 
 
 def _finite_values(volume: ImageVolume) -> np.ndarray:

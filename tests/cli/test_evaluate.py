@@ -18,6 +18,7 @@ from scipy import ndimage
 from napari_unifuse.cli import build_parser, main
 from napari_unifuse.cli import evaluate as evaluate_module
 from napari_unifuse.cli.evaluate import (
+    CONSTANT_LABEL_NAN_COLUMNS,
     COPY_RULES,
     METRIC_COLUMNS,
     UNIFUSE_METHOD,
@@ -43,6 +44,7 @@ from napari_unifuse.data.phantoms import make_brain_phantom_slices
 from napari_unifuse.engine.alignment_guard import tissue_mask
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
+from napari_unifuse.engine.labels import checked_label
 from napari_unifuse.engine.methods import load_method
 from napari_unifuse.engine.outputs import STAGING_PREFIX
 from napari_unifuse.errors import InputError
@@ -262,6 +264,30 @@ def test_score_maps_gains_to_reference_and_moving_and_keeps_bone_retention_to_ct
     assert values["bone_retention"] == pytest.approx(fused[:8].mean())
     assert math.isnan(score(label, zero_field, fused, reference, pair("pet"), seconds=1.5)["bone_retention"])
     assert math.isnan(values["restored_ssim"]) and math.isnan(values["warped_input_ssim"])
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_constant_label_warning_names_every_column_the_constant_label_makes_nan(ndim):
+    """It named the NCC alone; Q_cc, Q_scd and Q_CB against the label were NaN too."""
+    rng = np.random.default_rng(2)
+    shape = (4,) * (ndim - 2) + (SIDE, SIDE)
+    reference = rng.random(shape).astype(np.float32)
+    geometry = Geometry.identity(ndim)
+    field = np.zeros((ndim, *shape), np.float32)
+
+    def nan_columns(label: np.ndarray) -> set[str]:
+        aligned = (0.5 + 0.1 * rng.random(shape)).astype(np.float32)
+        fused = (0.5 * reference + 0.5 * aligned).astype(np.float32)
+        pair = EvaluationPair("p", "t", ImageVolume(reference, geometry), ImageVolume(aligned, geometry), label)
+        return {column for column, value in score(aligned, field, fused, reference, pair, 1.0).items()
+                if math.isnan(value)}
+
+    constant = np.full(shape, 0.5, np.float32)
+    assert nan_columns(constant) - nan_columns(rng.random(shape).astype(np.float32)) == set(
+        CONSTANT_LABEL_NAN_COLUMNS)
+    _, [warning] = checked_label(ImageVolume(constant, geometry, source="flat.nii.gz"),
+                                 ImageVolume(reference, geometry), CONSTANT_LABEL_NAN_COLUMNS)
+    assert "the ncc, Q_cc, Q_scd and Q_CB to a constant image are undefined (NaN)" in warning
 
 
 def test_a_pair_too_small_for_some_windows_is_scored_on_the_metrics_that_fit():

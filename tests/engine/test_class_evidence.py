@@ -253,6 +253,18 @@ def test_no_warning_when_the_calibration_shows_the_call_is_informative_or_absent
     assert uncalibrated.provenance[METADATA_KEY] is None and uncalibrated.class_caveat is None
 
 
+def test_a_header_tag_is_looked_up_as_calibrated_before_its_normalisation_alias(motion_caller):
+    # The 3-D checkpoint calibrates "t2"; a T2 normalises as "mr", which was judged "mr not calibrated".
+    reference, moving = _pair()
+    seeing = {"t2": {CLEAN: {"none": 10}, "motion": {"motion": 10}}}
+    tagged_t2 = ImageVolume(moving.array, moving.geometry, {"modality": "T2"})
+    result = _engine(motion_caller, seeing).run_fusion(reference, tagged_t2, quality=False)
+
+    recorded = result.provenance[METADATA_KEY]
+    assert (recorded["modality"], recorded["image_modality"], recorded["informative"]) == ("t2", "t2", True)
+    assert not any("not evidence" in w for w in result.warnings) and result.class_caveat is None
+
+
 def test_a_malformed_calibration_in_a_checkpoint_is_a_checkpoint_error(motion_caller):
     with pytest.raises(CheckpointError, match=METADATA_KEY):
         _engine(motion_caller, {"t2": {"motion": {"motion": 5}}})

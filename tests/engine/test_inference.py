@@ -283,6 +283,20 @@ def test_an_rgb_moving_image_is_aligned_as_float_colour_in_0_1_as_the_provenance
     assert "RGB: float32 in [0, 1]" in result.provenance["outputs"]["aligned"]
 
 
+def test_a_float64_moving_image_past_float32s_range_comes_back_finite_and_said():
+    """Eight voxels at 1e39, finite in float64, were written as +inf into aligned.nii.gz with exit 0."""
+    values = 50.0 + 50.0 * blob((16, 16)).astype(np.float64)
+    values[:2, :4] = 1e39
+    moving = ImageVolume(values, Geometry.identity(2), {}, "moving.nii.gz")
+    result = FusionEngine(load_method("identity+average"), device="cpu").run_fusion(
+        ImageVolume(blob((16, 16)), Geometry.identity(2)), moving, quality=False)
+    aligned = result.aligned.array
+    assert aligned.dtype == np.float32 and np.isfinite(aligned).all()
+    assert aligned.max() == np.finfo(np.float32).max
+    [warning] = [w for w in result.warnings if "float32's range" in w]
+    assert warning.startswith("moving.nii.gz: 8 voxels beyond") and warning in result.provenance["warnings"]
+
+
 @pytest.mark.parametrize("error", list(OUT_OF_MEMORY), ids=["cuda", "torch-host", "numpy"])
 def test_out_of_memory_retries_with_smaller_tiles(model_2d, error):
     image = ImageVolume(blob((16, 8)), Geometry.identity(2))

@@ -109,6 +109,13 @@ def test_a_segmentation_given_as_label_is_said_to_be_scored_as_intensities(mappi
                         "moving image's units"]
 
 
+def test_a_constant_moving_image_does_not_put_the_blame_on_the_labels_units():
+    """A label in the right units was said to be 100 % outside the window [0, 1] of an all-zero moving image."""
+    blank = ImageVolume(np.zeros((32, 28), np.float32), disc().geometry, source="blank.nii.gz")
+    placeholder = IntensityMapping("percentile", "mr", 0.0, 1.0)  # io.normalize's window of a constant image
+    assert label_units_warnings(disc(), blank, placeholder) == []
+
+
 def test_a_mask_beside_a_mask_is_not_taken_for_a_segmentation():
     mask = ImageVolume((disc().array > 100).astype(np.uint8), disc().geometry, source="mask.png")
     assert label_units_warnings(mask, mask, IntensityMapping("scale8bit", "auto", 0.0, 255.0)) == []

@@ -237,3 +237,43 @@ def test_nan_and_infinite_voxels_of_an_array_given_directly_take_no_part_in_the_
 def test_an_image_without_a_finite_voxel_is_refused():
     with pytest.raises(InputError, match="every voxel is NaN or infinite"):
         normalize_intensity(_volume(np.full((4, 4), np.nan, np.float32)), modality="mr")
+
+
+@pytest.mark.parametrize("modality", ["auto", "mr", "t2"])
+def test_an_eight_bit_scanner_volume_takes_its_modalitys_rule_as_its_float_copy_does(rng, modality):
+    # A quantised MR in a NIfTI (values 2-38) divided by 255 reached the model at 0-0.14; the picture
+    # rule is for PNG/JPG exports, and a given modality was ignored.
+    quantised = rng.integers(2, 39, (12, 16, 16)).astype(np.uint8)
+    as_stored = ImageVolume(quantised, Geometry.identity(3), {}, "mr.nii.gz")
+    as_floats = ImageVolume(quantised.astype(np.float32), Geometry.identity(3), {}, "mr.nii.gz")
+    _, mapping = normalize_intensity(as_stored, modality)
+    _, expected = normalize_intensity(as_floats, modality)
+    assert (mapping.method, mapping.modality, mapping.lower, mapping.upper) == (
+        "percentile", "mr", expected.lower, expected.upper)
+
+
+@pytest.mark.parametrize("source", ["mr.png", "mr.JPG", None])
+def test_eight_bit_pictures_keep_the_picture_rule_whatever_the_modality(rng, source):
+    picture = rng.integers(2, 39, (16, 16)).astype(np.uint8)
+    for modality in ("auto", "mr", "pet"):
+        _, mapping = normalize_intensity(ImageVolume(picture, Geometry.identity(2), {}, source), modality)
+        assert (mapping.method, mapping.lower, mapping.upper) == ("scale8bit", 2.0, 257.0)
+
+
+@pytest.mark.parametrize("metadata, modality", [({}, "ct"), ({"modality": "CT"}, "auto")])
+def test_an_eight_bit_ct_volume_is_a_windowed_picture_not_hounsfield_units(rng, metadata, modality):
+    ct_picture = rng.integers(0, 256, (6, 16, 16)).astype(np.uint8)
+    _, mapping = normalize_intensity(ImageVolume(ct_picture, Geometry.identity(3), metadata, "ct.nii.gz"), modality)
+    assert (mapping.method, mapping.modality, mapping.upper - mapping.lower) == ("scale8bit", "ct", 255.0)
+    assert "cannot hold Hounsfield units" in mapping.reason
+
+
+def test_values_past_float32s_range_saturate_instead_of_becoming_infinite():
+    image = np.full((4, 4), 50.0)
+    image[0, 0], image[0, 1] = 1e39, -1e39  # finite in float64, past float32's largest magnitude
+    mapping = IntensityMapping("percentile", "mr", 50.0, 100.0)
+    scaled = mapping.scaled(image)
+    restored = mapping.inverse(scaled)
+    assert np.isfinite(scaled).all() and np.isfinite(restored).all()
+    assert restored[0, 0] == np.finfo(np.float32).max and restored[0, 1] == -np.finfo(np.float32).max
+    np.testing.assert_array_equal(restored[1:], 50.0)
