@@ -138,7 +138,7 @@ from napari_unifuse.io.fields import itk_placement
 from napari_unifuse.io.nifti_xforms import NIFTI_XFORMS, NiftiXforms
 from napari_unifuse.io.normalize import FLOAT32_MAX, MODALITY_ALIASES, darkest_to_zero
 from napari_unifuse.io.readers import is_picture, real_finite_values
-from napari_unifuse.io.writers import nifti_holds_grid
+from napari_unifuse.io.writers import nifti_holds_grid, png_holds
 from napari_unifuse.model.checkpoint import config_differences, training_crop
 from napari_unifuse.model.config import UniFuseConfig
 from napari_unifuse.model.networks import config_from_dict, network_method
@@ -971,7 +971,9 @@ class FusionEngine:
         # aligned image of a scanner image (CT in HU) onto a PNG goes to MetaImage too, and so do
         # outputs on a sheared grid NIfTI would place upright in ITK tools (a tilted CT; a NIfTI
         # reference's sheared sform is held with its qform, as the reference holds it: nifti_holds_grid).
-        if is_picture(reference) and is_picture(moving):
+        # Two pictures give PNGs unless the aligned image's pixels do not fit one (a signed or
+        # float DICOM picture without position).
+        if is_picture(reference) and is_picture(moving) and png_holds(aligned, moving_chroma is not None):
             extension = "png"
         else:
             to_metaimage = carried_chroma is not None or is_picture(reference) or not nifti_holds_grid(reference)
@@ -1160,8 +1162,8 @@ def overlap_warnings(reference: ImageVolume, moving: ImageVolume,
         return image.geometry.index_to_world[:-1] @ np.append(middle, 1.0)
 
     distance = float(np.linalg.norm(centre(moving) - centre(reference)))
-    hint = ("a PNG or JPG has no position in the scanner (its first pixel sits at the origin): pair it with "
-            "another PNG or JPG, or save both images as NIfTI" if is_picture(reference) != is_picture(moving) else
+    hint = ("a picture (a PNG or JPG, or a DICOM image without position) has no position in the scanner (its "
+            "first pixel sits at the origin): pair it with another picture, or save both images as NIfTI" if is_picture(reference) != is_picture(moving) else
             "check the two files' origins and orientations (their affines), or resample one onto the other")
     # Either header may be the wrong one: the message names both files.
     named = the_reference(reference)
@@ -1575,8 +1577,8 @@ def one_slice_beside_2d(reference: ImageVolume, moving: ImageVolume,
         return None  # a whole volume beside a 2-D image: refuse_mixed_dimensions says so
     volume_role, image_role = ("reference", moving_role) if volume is reference else (moving_role, "reference")
     if is_picture(image):
-        raise InputError(f"the {image_role} is a PNG or JPG picture, without position or pixel size, but the "
-                         f"{volume_role} a one-slice volume placed in the scanner: save both images the same way "
+        raise InputError(f"the {image_role} is a picture (a PNG or JPG, or a DICOM image without position), "
+                         f"without position or pixel size, but the {volume_role} a one-slice volume placed in the scanner: save both images the same way "
                          "(both as PNG or both as NIfTI)", image.source or image_role)
     in_plane = [other for other in range(3) if other != axis]
     if np.abs(volume.geometry.direction[0, in_plane]).max() > 1e-6:  # world z is the first component

@@ -148,6 +148,16 @@ def staged_destination(path: Path, suffix: str | None = None) -> Iterator[str]:
             shutil.move(written, path if written == staged else path.parent / written.name)
 
 
+def png_holds(array: np.ndarray, is_rgb: bool = False) -> bool:
+    """Whether a PNG stores ``array``'s pixels (2D or RGB): uint8, grey uint16, booleans, or floats in
+    [0, 1] (written as 8-bit grey levels)."""
+    if array.ndim != 2 + is_rgb:
+        return False
+    if np.issubdtype(array.dtype, np.floating):
+        return bool(array.size) and 0 <= array.min() and array.max() <= 1
+    return array.dtype in (np.uint8, np.bool_) or (array.dtype == np.uint16 and not is_rgb)
+
+
 def _write_png(volume: ImageVolume, path: Path) -> None:
     if volume.ndim != 2:
         raise InputError(f"PNG holds 2D images; this one is {volume.ndim}D (use .nii.gz or .mha)", path)

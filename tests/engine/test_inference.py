@@ -28,6 +28,7 @@ from napari_unifuse.engine.outputs import output_file_names, quality_file_names,
 from napari_unifuse.engine.progress import CancelToken
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import Geometry, ImageVolume, read_image, resample_to_reference
+from napari_unifuse.io.readers import WITHOUT_POSITION
 from napari_unifuse.model import UniFuse, UniFuseConfig
 from napari_unifuse.model.checkpoint import load_checkpoint, save_checkpoint
 from napari_unifuse.model.mi_refinement import never_cancelled
@@ -856,3 +857,18 @@ def test_the_field_of_oriented_images_is_written_as_before(tmp_path):
                                 reference_metadata=result.fused.metadata)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(before))))
+
+
+def test_two_signed_pictures_without_position_are_written_where_their_pixels_fit(model_2d, tmp_path):
+    """A DICOM picture without position (a screenshot) is a picture like a PNG, but its signed pixels
+    do not fit one: the outputs go to MetaImage, which holds them, instead of failing at aligned.png."""
+    picture = {WITHOUT_POSITION: True}
+    reference = ImageVolume((blob((24, 20)) * 1000 - 200).astype(np.int16), Geometry.identity(2), dict(picture))
+    moving = ImageVolume((blob((24, 20), 0.1) * 1000 - 200).astype(np.int16), Geometry.identity(2), dict(picture))
+
+    result = FusionEngine(model_2d, device="cpu").run_fusion(reference, moving)
+    written = write_fusion_outputs(result, tmp_path)
+
+    assert result.aligned.array.dtype == np.int16 and result.output_extension == "mha"
+    aligned = read_image(written["aligned.mha"])
+    np.testing.assert_array_equal(aligned.array, result.aligned.array)

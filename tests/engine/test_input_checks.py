@@ -111,7 +111,7 @@ def test_a_moving_image_elsewhere_in_space_is_refused_and_a_partial_one_named(en
     # A PNG has no scanner position: paired with a NIfTI, the message says so.
     png = volume(blob((12, 12)), source="slice.png")
     nifti = volume(blob((12, 12)), origin=(-90.0, 120.0), source="slice.nii.gz")
-    with pytest.raises(InputError, match="a PNG or JPG has no position in the scanner"):
+    with pytest.raises(InputError, match=r"a picture \(a PNG or JPG, or a DICOM image without position\) has no position in the scanner"):
         engines[2].run_fusion(nifti, png)
 
 
