@@ -178,8 +178,8 @@ class RunPanel(widgets.Container):
             extra.changed.connect(self._remember_extras_of_pair)
         for image in (self.reference, self.moving):
             image.changed.connect(self._recall_extras_of_pair)
-        for event in (viewer.layers.events.removed, viewer.layers.events.moved):
-            event.connect(self._refresh_layer_choices)
+        viewer.layers.events.removed.connect(self._on_layer_removed)
+        viewer.layers.events.moved.connect(self._refresh_layer_choices)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.layers.events.renamed.connect(self._follow_renamed_layer)
         # (reference, moving) layer names of the last run shown (the workbench sets it): once that
@@ -191,14 +191,15 @@ class RunPanel(widgets.Container):
 
     def disconnect_viewer(self) -> None:
         layer_events = self.viewer.layers.events
-        for event in (layer_events.removed, layer_events.moved):
-            event.disconnect(self._refresh_layer_choices)
+        layer_events.removed.disconnect(self._on_layer_removed)
+        layer_events.moved.disconnect(self._refresh_layer_choices)
         layer_events.inserted.disconnect(self._on_layer_inserted)
         layer_events.renamed.disconnect(self._follow_renamed_layer)
 
     # ---- layer choices -------------------------------------------------------------------------
     def _image_layer_names(self, _widget=None) -> list[str]:
-        return [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        """The image layers a run may take: not a run's own outputs (a saved result reopened from its file is offered)."""
+        return [layer.name for layer in self.viewer.layers if isinstance(layer, Image) and _role(layer) != OUTPUT_ROLE]
 
     def _label_choices(self, _widget=None) -> list[str]:
         return [NO_LABEL, *self._image_layer_names()]
@@ -206,6 +207,14 @@ class RunPanel(widgets.Container):
     def _refresh_layer_choices(self, _event=None) -> None:
         for combo in (self.reference, self.moving, self.ground_truth):
             combo.reset_choices()
+
+    def _on_layer_removed(self, _event=None) -> None:
+        """A box whose layer was deleted takes the default pair: the first layer left, which the box
+        would take by itself, may belong to another pair, and the next image opened would not replace it."""
+        chosen = (self.reference.value, self.moving.value)
+        self._refresh_layer_choices()
+        if any(name not in self.reference.choices for name in chosen):
+            self._choose_default_layers()
 
     def _follow_renamed_layer(self, event) -> None:
         """A layer renamed in the layer list stays chosen wherever it was, under its new name.
@@ -260,7 +269,8 @@ class RunPanel(widgets.Container):
             if degradation in self.task.choices:
                 self.task.value = degradation
         else:
-            names = [layer.name for layer in images if _role(layer) != OUTPUT_ROLE]
+            # A ground truth (a sample pair's moving image deleted) is never a default input.
+            names = [layer.name for layer in images if _role(layer) not in (OUTPUT_ROLE, "label")]
             if len(names) >= 2:
                 self.reference.value, self.moving.value = names[0], names[1]
         self._match_checkpoint_to_reference()  # `changed` does not fire when the value stays
@@ -337,6 +347,10 @@ class RunPanel(widgets.Container):
 
     def selection(self) -> RunSelection:
         """The validated request; raises InputError naming the layer for anything unusable."""
+        for name in (self.reference.value, self.moving.value):
+            if name in self.viewer.layers and _role(self.viewer.layers[name]) == OUTPUT_ROLE:
+                raise InputError("this layer is an output of a run, not an image to fuse; to fuse a saved result "
+                                 "again, open the file", name)
         names = self._image_layer_names()
         # While a chosen layer is being deleted, the combo boxes still name it: as good as unchosen.
         if self.reference.value not in names or self.moving.value not in names:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from napari_unifuse._qt.run_panel import NO_LABEL
+from napari_unifuse._qt.run_panel import NO_LABEL, OUTPUT_ROLE, PLUGIN
 from napari_unifuse._qt.workbench import UniFuseWorkbench
+from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry
 from napari_unifuse.model.checkpoint import list_checkpoints, read_config
 
-from .conftest import add_pair
+from .conftest import add_pair, ellipsoid_pair
+from .test_workbench import make_workbench, run_and_wait
 
 
 def test_folders_named_like_the_bundled_checkpoints_in_the_working_directory_leave_the_form_working(
@@ -57,3 +60,56 @@ def test_going_back_to_a_pair_brings_back_its_ground_truth_and_degradation(make_
     viewer.layers.remove("clean T2")
     form.moving.value = "T2"  # its ground truth is gone: none, and the degradation still comes back
     assert (form.ground_truth.value, form.task.value) == (NO_LABEL, "motion")
+
+
+def test_a_run_s_outputs_are_never_offered_as_inputs_but_a_saved_result_reopened_is(
+        make_napari_viewer, qtbot, tmp_path, checkpoint_files, notifications):
+    """Once the inputs of a run were deleted, its checkerboard became the reference of the next pair,
+    silently fused with the next patient's MR (whose CT was never used)."""
+    viewer = make_napari_viewer()
+    workbench = make_workbench(viewer, tmp_path, checkpoint_files[2])
+    form = workbench.run_panel
+    reference, moving, _ = ellipsoid_pair((48, 48))
+    viewer.add_image(reference, name="patient1 MR")
+    viewer.add_image(moving, name="patient1 CT")
+    run_and_wait(qtbot, workbench)
+    assert workbench.outcome is not None, notifications
+    outputs = {layer.name for layer in viewer.layers if layer.metadata.get("unifuse", {}).get("role") == OUTPUT_ROLE}
+    assert outputs
+    for combo in (form.reference, form.moving, form.ground_truth):
+        assert not outputs & set(combo.choices)
+
+    viewer.layers.remove("patient1 MR")
+    viewer.layers.remove("patient1 CT")
+    viewer.add_image(reference[::-1].copy(), name="patient2 MR")
+    viewer.add_image(moving[::-1].copy(), name="patient2 CT")
+    assert (form.reference.value, form.moving.value) == ("patient2 MR", "patient2 CT")
+
+    # Fusing a result again is still possible, from its file: a file opened is an input like any other.
+    workbench.save_outputs()
+    [fused] = viewer.open(str(workbench.selection.folder / "fused.nii.gz"), plugin=PLUGIN)
+    form.moving.value = fused.name
+    assert form.selection().moving_name == fused.name
+
+
+def test_a_run_refuses_a_chosen_layer_that_is_a_run_s_output(make_napari_viewer):
+    """The last guard, whatever way a run's output came to be chosen: named, and how to fuse it anyway."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    form = UniFuseWorkbench(viewer).run_panel
+    viewer.layers["CT"].metadata["unifuse"]["role"] = OUTPUT_ROLE
+    with pytest.raises(InputError, match="CT.*output of a run.*open the file"):
+        form.selection()
+
+
+def test_a_sample_pair_s_moving_image_deleted_leaves_its_ground_truth_out_of_the_pair(make_napari_viewer):
+    """The box that lost its layer takes the default pair, which is never the hidden ground truth:
+    the next image opened is the moving image."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2), names=("MR", "CT"))
+    workbench = UniFuseWorkbench(viewer)  # referenced: its Qt widgets are deleted with it
+    form = workbench.run_panel
+    viewer.layers.remove("CT")
+    assert "CT ground truth" not in (form.reference.value, form.moving.value)
+    viewer.add_image(np.zeros((48, 48), np.float32), name="CT again")
+    assert (form.reference.value, form.moving.value) == ("MR", "CT again")
