@@ -242,6 +242,8 @@ def _series_name(volume: ImageVolume) -> str | None:
 
 
 # ---- npe2 writers -----------------------------------------------------------------------------
+# One image or labels layer (napari.yaml): a labels layer (the run's folding mask) is written as its
+# label values, on its grid, as an image layer is.
 def write_nifti(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     return [str(_write_layer(path, data, meta, (".nii.gz", ".nii")))]
 

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from napari_unifuse.cli import TERMINATING_SIGNALS, Terminated, _signals_handled
 from napari_unifuse.errors import InputError, UniFuseError
 
 PLUGIN = "napari-unifuse"
@@ -119,6 +120,20 @@ def _open(viewer, path: str) -> list:
 def run(args: argparse.Namespace) -> int:
     open_workbench(args.paths, args.sample)  # checks the paths before napari is even imported
     import napari
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
 
-    napari.run()
+    stopped_by: list[int] = []
+
+    def quit_event_loop(signum, frame) -> None:
+        # Raised in here, inside Qt's event loop, Terminated would meet napari's exception hook, which
+        # exits with status 1 and "Closed by KeyboardInterrupt": leave the loop, raise it after. By a
+        # timer, which fires also when the signal comes just before the loop starts (exit() then does nothing).
+        stopped_by.append(signum)
+        QTimer.singleShot(0, QApplication.exit)
+
+    with _signals_handled(quit_event_loop, *TERMINATING_SIGNALS):
+        napari.run()
+    if stopped_by:
+        raise Terminated(stopped_by[0])
     return 0

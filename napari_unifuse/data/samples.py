@@ -4,7 +4,9 @@ Each function returns napari LayerData tuples: the reference, the moving image (
 misaligned) and the ground truth (clean, aligned; hidden), placed in world millimetres by their
 geometry. ``metadata["unifuse"]`` tells the workbench each layer's role and modality, the
 degradation class and the true displacement ``u`` (voxels, see docs/architecture.md), so it can
-show true error maps next to the predicted ones.
+show true error maps next to the predicted ones. Its ``"metadata"`` holds the modality where
+``volume_from_layer_data`` reads a layer's metadata, as for a file our reader opened: the engine
+then normalises and judges the image as that modality rather than guessing it.
 
 Sizes. 3D samples are clinical size: the 1 mm MNI phantoms at full size, 176 x 216 x 180 voxels
 of 1.0 mm (the head's bounding box, 176 x 215 x 179 mm, plus margins), like a 1 mm brain MRI.
@@ -68,6 +70,7 @@ def _layer(volume: ImageVolume, role: str, pair: SyntheticPair, name: str, **dis
                 "task": pair.params["task"],
                 "displacement": pair.displacement,
                 "geometry": volume.geometry.to_dict(),
+                "metadata": {"modality": modality},
             }
         },
     }

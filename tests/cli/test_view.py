@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -182,6 +184,32 @@ def test_view_keeps_a_corrupt_file_a_notification_in_the_viewer(qtbot, tmp_path)
         assert any(message.startswith(f"Could not open {corrupt}") for message in messages), messages
     finally:
         viewer.close()
+
+
+@pytest.mark.parametrize(("signum", "said"), [(signal.SIGTERM, "terminated"),
+                                              (signal.SIGHUP, "terminated (its terminal closed)")])
+def test_view_stopped_by_sigterm_or_sighup_says_so_in_one_line_with_its_status(signum, said):
+    """As every command does (README): napari's exception hook met the signal inside Qt's event loop
+    and exited with 1 and "Closed by KeyboardInterrupt". The signal comes once the window is open, on
+    the display pytest-xvfb gives (Qt's offscreen platform has no OpenGL for a shown canvas)."""
+    script = (
+        "import os, sys\n"
+        "from qtpy.QtCore import QTimer\n"
+        "from napari_unifuse.cli import main, view\n"
+        "open_workbench = view.open_workbench\n"
+        "def open_then_signal(*args, **kwargs):\n"
+        "    viewer = open_workbench(*args, **kwargs)\n"
+        f"    QTimer.singleShot(0, lambda: os.kill(os.getpid(), {int(signum)}))\n"
+        "    return viewer\n"
+        "view.open_workbench = open_then_signal\n"
+        "sys.exit(main())\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script, "view", "--sample", "mri_ct_metal_2d"],
+                               capture_output=True, text=True, timeout=180,
+                               env={**os.environ, "QT_QPA_PLATFORM": "xcb"})
+    assert completed.returncode == 128 + signum, completed.stderr[-2000:]
+    assert completed.stderr.strip().splitlines()[-1] == f"unifuse view: {said}", completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr and "KeyboardInterrupt" not in completed.stderr, completed.stderr
 
 
 def test_napari_finds_the_installed_plugin_widget_in_a_fresh_process():

@@ -65,3 +65,17 @@ def test_the_bundled_3d_samples_are_the_1mm_phantoms_at_full_size():
 
     spacing = brain_tissue_fractions(samples.FULL_SIZE_SHAPE_3D)["air"].geometry.spacing
     np.testing.assert_allclose(spacing, 1.0, atol=0.01)
+
+
+@pytest.mark.parametrize("python_name", manifest_sample_functions())
+def test_each_sample_layer_hands_its_modality_to_the_engine(python_name):
+    """The workbench reads a layer through layer_to_volume: without the sample's modality in the
+    volume's metadata, normalisation guessed it (the PET read as MR) and the class call was caveated."""
+    from napari_unifuse._napari_io import layer_to_volume
+    from napari_unifuse.io.normalize import intensity_mapping
+
+    module, function = python_name.split(":")
+    for data, kwargs, layer_type in getattr(importlib.import_module(module), function)():
+        volume = layer_to_volume(napari.layers.Layer.create(data, kwargs, layer_type))
+        assert volume.metadata["modality"] == kwargs["metadata"]["unifuse"]["modality"]
+        assert intensity_mapping(volume).reason == "modality recorded in the image metadata"
