@@ -110,7 +110,6 @@ from napari_unifuse.engine.outputs import (
 from napari_unifuse.engine.provenance import (
     absolute_as_given,
     describe_label,
-    describe_source,
     sha256_of_path,
     utc_timestamp,
 )
@@ -603,7 +602,7 @@ def _same_input(recorded: dict[str, Any] | None, path: Path | None, changed_when
     untouched = last_changed == changed_when_read if isinstance(changed_when_read, int) else last_changed < finished
     if untouched and _resolves_as_recorded(recorded, path):
         return True
-    return describe_source(str(path))["sha256"] == recorded["sha256"]
+    return _content_hash(path) == recorded["sha256"]
 
 
 def _resolves_as_recorded(recorded: dict[str, Any], path: Path) -> bool:
@@ -633,7 +632,7 @@ def _names_recorded_path(recorded: dict[str, Any], path: Path) -> bool:
     recorded_path = recorded.get("path")
     if not isinstance(recorded_path, str):
         return False
-    if recorded_path == str(absolute_as_given(path)) or _in_real_folder(Path(recorded_path)) == _in_real_folder(path):
+    if recorded_path == str(absolute_as_given(path)) or _recorded_in_real_folder(recorded) == _in_real_folder(path):
         return True
     if "resolved_path" not in recorded and recorded_path == str(path.resolve()):
         return True
@@ -650,19 +649,27 @@ def _in_real_folder(path: Path) -> Path:
 
 
 def _recorded_in_real_folder(recorded: dict[str, Any]) -> Path | None:
-    """``_in_real_folder`` of the path a provenance's input record names; None for none (in-memory data)."""
-    return _in_real_folder(Path(recorded["path"])) if isinstance(recorded.get("path"), str) else None
+    """``_in_real_folder`` of the path a provenance's input record names; None for none (in-memory data).
+    A path whose links lead elsewhere today than to the ``resolved_path`` the run read (``current``
+    pointed at the next release since) stays as recorded: the file it names now is not the one read."""
+    if not isinstance(recorded.get("path"), str):
+        return None
+    path = Path(recorded["path"])
+    if "resolved_path" in recorded and str(path.resolve()) != recorded["resolved_path"]:
+        return path
+    return _in_real_folder(path)
 
 
 def _content_hash(path: Path) -> str:
-    """``path``'s SHA-256 (``sha256_of_path``), hashed once while it stays unchanged: finding a
-    moved project's runs compares each input with several records."""
-    return _hash_of_unchanged(str(path.resolve()), _last_changed(path))
+    """``path``'s SHA-256 as a run records it (``sha256_of_path`` of the path as given: a ``.dcm``
+    file's whole series), hashed once while it stays unchanged: finding a moved project's runs and
+    confirming them compare each input with a record more than once."""
+    return _hash_of_unchanged(str(absolute_as_given(path)), _last_changed(path))
 
 
 @lru_cache(maxsize=1024)
-def _hash_of_unchanged(resolved: str, last_changed: int) -> str:
-    return sha256_of_path(resolved)
+def _hash_of_unchanged(given: str, last_changed: int) -> str:
+    return sha256_of_path(given)
 
 
 def _last_changed(path: Path) -> int:
@@ -873,6 +880,10 @@ def _refuse_shared_folders(names: list[str], source: Path | None) -> None:
                          "moving file in one row only, or rename one of the moving files that share it", source)
 
 
+# A run whose inputs are gone from where it recorded them: its folder's name, recorded reference and moving.
+MovedRun = tuple[str, dict[str, Any], dict[str, Any]]
+
+
 def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
     """``pairs``, each in the folder of ``out`` that already holds its run (the same reference and
     moving files in its provenance, ``_names_recorded_path``) when that is not the folder its name
@@ -888,9 +899,10 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
         return pairs
     folders: dict[tuple[Path | None, Path | None], set[str]] = {}
     moving_in: dict[str, dict[str, Any]] = {}  # folder name -> the moving input its run recorded
-    # Moving file name -> (folder name, recorded reference and moving) of the runs whose inputs are
-    # gone from where they recorded them: a project folder moved as a whole, found by content.
-    moved: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
+    # Moving file name -> its recorded hash -> (folder name, recorded reference and moving) of the runs
+    # whose inputs are gone from where they recorded them: a project folder moved as a whole, found by
+    # content; indexed by both so that a cohort of one file name (every subject's ct.png) is not N x N.
+    moved: dict[str, dict[str, list[MovedRun]]] = {}
     try:
         subfolders = list(out.iterdir())
     except OSError as error:
@@ -908,8 +920,9 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
             folders.setdefault(key, set()).add(folder.name)
             if key[1] is not None:
                 moving_in[folder.name] = moving
-                if not all(path is None or path.exists() for path in key):
-                    moved.setdefault(key[1].name, []).append((folder.name, reference, moving))
+                if not all(path is None or path.exists() for path in key) and moving.get("sha256") is not None:
+                    moved.setdefault(key[1].name, {}).setdefault(moving["sha256"], []).append(
+                        (folder.name, reference, moving))
     held: dict[int, str] = {}  # a pair's position -> the folder holding its run, by its inputs' paths
     for index, pair in enumerate(pairs):
         held_in = folders.get((_in_real_folder(pair.reference), _in_real_folder(pair.moving)), set())
@@ -919,7 +932,7 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
     claimed = set(held.values())
     for index, pair in enumerate(pairs):
         if index not in held:
-            held[index] = _moved_run_of(pair, moved.get(absolute_as_given(pair.moving).name, []), claimed) \
+            held[index] = _moved_run_of(pair, _moved_runs_of_its_content(pair, moved), claimed) \
                 or _own_folder_name(pair, moving_in)
             claimed.add(held[index])
     placed = [replace(pair, output_name=held[index]) for index, pair in enumerate(pairs)]
@@ -927,7 +940,16 @@ def in_earlier_folders(pairs: list[Pair], out: Path) -> list[Pair]:
     return placed
 
 
-def _moved_run_of(pair: Pair, runs: list[tuple[str, dict[str, Any], dict[str, Any]]],
+def _moved_runs_of_its_content(pair: Pair, moved: dict[str, dict[str, list[MovedRun]]]) -> list[MovedRun]:
+    """The runs of ``moved`` (``in_earlier_folders``') whose moving file had ``pair``'s moving file's
+    name and content; its content is hashed only where a moved run of its name exists."""
+    of_its_name = moved.get(absolute_as_given(pair.moving).name)
+    if not of_its_name or not pair.moving.exists():
+        return []
+    return of_its_name.get(_content_hash(pair.moving), [])
+
+
+def _moved_run_of(pair: Pair, runs: list[MovedRun],
                   claimed: Collection[str]) -> str | None:
     """The folder, of ``runs`` (``in_earlier_folders``' moved ones) not ``claimed`` by another pair,
     whose run recorded ``pair``'s inputs (by name and content where its own are gone); where several

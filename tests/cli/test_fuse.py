@@ -1027,13 +1027,15 @@ def test_a_moving_file_changed_since_its_run_is_refused(data, tmp_path, capsys):
 
 def test_resuming_reads_no_input_untouched_since_its_run(data, tmp_path, capsys, monkeypatch):
     from napari_unifuse.cli import fuse as fuse_module
+    from napari_unifuse.engine import provenance
 
     root, out = tmp_path, tmp_path / "out"
     for name in ("mri.png", "pet7.png"):
         (root / name).write_bytes((data["root"] / name).read_bytes())
     assert fuse_request(root, out, {}) == 0
     hashed = []
-    monkeypatch.setattr(fuse_module, "describe_source", lambda source: hashed.append(source))
+    for module in (fuse_module, provenance):
+        monkeypatch.setattr(module, "sha256_of_path", lambda source: hashed.append(source))
     assert fuse_request(root, out, {}) == 0
     assert "skipped, already done" in capsys.readouterr().out and hashed == []
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from napari_unifuse.cli import fuse as fuse_module
 from napari_unifuse.cli import main
+from napari_unifuse.engine import provenance
 
 CHEAP = ("--method", "identity+average", "--no-quality", "--device", "cpu")
 NAME_MAX = 255  # bytes of one file name on the usual Linux file systems (ext4, XFS, btrfs)
@@ -139,7 +140,8 @@ def test_resuming_reads_no_unchanged_input_again(tmp_path, capsys, monkeypatch):
     reference, moving = picture(tmp_path / "ref.png"), picture(tmp_path / "mov.png", 0.1)
     assert fuse_pair(reference, moving, tmp_path / "out") == 0, capsys.readouterr().err
     hashed = []
-    monkeypatch.setattr(fuse_module, "describe_source", lambda source: hashed.append(source))
+    for module in (fuse_module, provenance):
+        monkeypatch.setattr(module, "sha256_of_path", lambda source: hashed.append(source))
 
     assert fuse_pair(reference, moving, tmp_path / "out") == 0
     assert "skipped, already done" in capsys.readouterr().out
@@ -271,6 +273,53 @@ def test_a_batch_rerun_through_a_folder_link_skips_its_finished_pairs(tmp_path, 
 
     assert capsys.readouterr().out.count("skipped, already done") == 2
     assert pair_folders(out) == ["mov1", "mov2"]
+
+
+def test_a_new_release_given_by_its_real_path_is_not_taken_for_the_run_made_through_a_link_now_pointing_at_it(
+        tmp_path, capsys):
+    """A batch through ``current -> v1``, then ``current`` pointed at v2 and v2's pair given by its real
+    path: the v1 run's recorded path resolves there today, but it read v1; the pair gets a folder of
+    its own, v1's results stay."""
+    for version, shift in (("v1", 0.1), ("v2", 0.3)):
+        picture(tmp_path / version / "s1" / "ref.png")
+        picture(tmp_path / version / "s1" / "mov.png", shift)
+    (tmp_path / "current").symlink_to("v1")
+    out = tmp_path / "out"
+    assert fuse_pair(tmp_path / "current" / "s1" / "ref.png", tmp_path / "current" / "s1" / "mov.png", out) == 0
+    point(tmp_path / "current", "v2")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,moving\nv2/s1/ref.png,v2/s1/mov.png\n", encoding="utf-8")
+    capsys.readouterr()
+
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 0, capsys.readouterr().err
+
+    assert pair_folders(out) == ["mov", "v2_s1_mov"]
+    recorded = json.loads((out / "mov" / "provenance.json").read_text(encoding="utf-8"))["inputs"]["moving"]["path"]
+    assert recorded == str(tmp_path / "current" / "s1" / "mov.png")
+
+
+def test_finding_a_moved_projects_runs_hashes_each_input_once(tmp_path, capsys, monkeypatch):
+    """Every subject's moving file has one name (ct.png): each pair was matched against every moved
+    run of that name, and a skipped pair's inputs were hashed again to confirm them."""
+    root = tmp_path / "proj"
+    rows = []
+    for subject in range(6):
+        picture(root / "data" / f"s{subject}" / "mr.png")
+        picture(root / "data" / f"s{subject}" / "ct.png", 0.02 * subject)
+        rows.append(f"data/s{subject}/mr.png,data/s{subject}/ct.png")
+    (root / "pairs.csv").write_text("reference,moving\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert fuse("--pairs", root / "pairs.csv", "--out", root / "results", *CHEAP) == 0, capsys.readouterr().err
+    (tmp_path / "proj").rename(tmp_path / "moved")
+    capsys.readouterr()
+    hashed = []
+    hash_of_path = fuse_module.sha256_of_path
+    for module in (fuse_module, provenance):
+        monkeypatch.setattr(module, "sha256_of_path", lambda path: hashed.append(str(path)) or hash_of_path(path))
+
+    assert fuse("--pairs", tmp_path / "moved" / "pairs.csv", "--out", tmp_path / "moved" / "results", *CHEAP) == 0
+
+    assert capsys.readouterr().out.count("skipped, already done") == 6
+    assert len(hashed) == len(set(hashed)) == 12  # each subject's two inputs, once
 
 
 def test_a_batch_rerun_after_its_project_folder_moved_skips_its_finished_pairs(tmp_path, capsys):
