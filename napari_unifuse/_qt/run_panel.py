@@ -32,6 +32,7 @@ from napari_unifuse.engine.overlays import (
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, read_image
 from napari_unifuse.io.digests import LAYER_DIGESTS
+from napari_unifuse.io.normalize import WITHOUT_FILE
 from napari_unifuse.model.checkpoint import list_checkpoints, read_config
 
 if TYPE_CHECKING:
@@ -391,6 +392,7 @@ class RunPanel(widgets.Container):
         volume = layer_to_volume(layer)  # InputError for 4D and other non-2D/3D layers
         if volume.source is None:
             volume.source = name  # names the layer in messages and provenance
+            volume.metadata[WITHOUT_FILE] = True  # still no file: its 8 bits are a picture's
         return volume
 
     def _as_known_up_to_2026_12_06(self, volume: ImageVolume, name: str) -> ImageVolume:

@@ -55,6 +55,9 @@ CT_AIR_HU = -1000.0
 PERCENTILES = {"mr": (0.5, 99.5), "pet": (0.0, 99.9), "spect": (0.0, 99.9)}
 MODALITY_ALIASES = {"mri": "mr", "t1": "mr", "t2": "mr", "pd": "mr", "flair": "mr", "pt": "pet", "nm": "spect"}
 MODALITIES = ("auto", "ct", *PERCENTILES, *MODALITY_ALIASES)
+# Metadata key: the image was handed in without a file (a napari layer made or edited in memory),
+# its ``source`` only a name for messages; an 8-bit one is a picture, as one with no source is.
+WITHOUT_FILE = "without_file"
 # CT's signature in Hounsfield units. Air is a narrow peak at -1000 HU (noise a few tens of HU) and
 # scanners fill what lies outside the reconstructed field with one of a few fixed values; negative
 # values in other units (noise about zero) spread smoothly instead: at most ~17 % of the values below
@@ -164,7 +167,7 @@ def _is_picture(volume: ImageVolume) -> bool:
     a file (the evaluation's atlas pictures, an edited layer), not a scanner format's stored values."""
     from napari_unifuse.io.readers import is_picture  # readers imports this module for CT's air
 
-    return volume.source is None or is_picture(volume)
+    return volume.source is None or bool(volume.metadata.get(WITHOUT_FILE)) or is_picture(volume)
 
 
 def _finite_values(volume: ImageVolume) -> np.ndarray:

@@ -12,7 +12,7 @@ from napari_unifuse.data.degrade import MetalArtifact
 from napari_unifuse.data.phantoms import make_brain_phantom_slices
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry, ImageVolume, IntensityMapping, normalize_intensity, read_image
-from napari_unifuse.io.normalize import CT_WINDOW_HU, PERCENTILES
+from napari_unifuse.io.normalize import CT_WINDOW_HU, PERCENTILES, WITHOUT_FILE
 
 
 def _volume(array, **metadata):
@@ -252,11 +252,12 @@ def test_an_eight_bit_scanner_volume_takes_its_modalitys_rule_as_its_float_copy_
         "percentile", "mr", expected.lower, expected.upper)
 
 
-@pytest.mark.parametrize("source", ["mr.png", "mr.JPG", None])
-def test_eight_bit_pictures_keep_the_picture_rule_whatever_the_modality(rng, source):
+@pytest.mark.parametrize("source, metadata", [("mr.png", {}), ("mr.JPG", {}), (None, {}),
+                                              ("a napari layer's name", {WITHOUT_FILE: True})])
+def test_eight_bit_pictures_keep_the_picture_rule_whatever_the_modality(rng, source, metadata):
     picture = rng.integers(2, 39, (16, 16)).astype(np.uint8)
     for modality in ("auto", "mr", "pet"):
-        _, mapping = normalize_intensity(ImageVolume(picture, Geometry.identity(2), {}, source), modality)
+        _, mapping = normalize_intensity(ImageVolume(picture, Geometry.identity(2), metadata, source), modality)
         assert (mapping.method, mapping.lower, mapping.upper) == ("scale8bit", 2.0, 257.0)
 
 

@@ -9,6 +9,7 @@ from napari_unifuse._qt.run_panel import NO_LABEL, OUTPUT_ROLE, PLUGIN
 from napari_unifuse._qt.workbench import UniFuseWorkbench
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry
+from napari_unifuse.io.normalize import intensity_mapping
 from napari_unifuse.model.checkpoint import list_checkpoints, read_config
 
 from .conftest import add_pair, ellipsoid_pair
@@ -113,3 +114,17 @@ def test_a_sample_pair_s_moving_image_deleted_leaves_its_ground_truth_out_of_the
     assert "CT ground truth" not in (form.reference.value, form.moving.value)
     viewer.add_image(np.zeros((48, 48), np.float32), name="CT again")
     assert (form.reference.value, form.moving.value) == ("MR", "CT again")
+
+
+def test_an_eight_bit_layer_made_in_memory_keeps_the_picture_rule(make_napari_viewer):
+    """The workbench names a layer without a file by its name: that name is no scanner file, so its
+    8 bits stay a picture's (/255), as they were before 8-bit NIfTI volumes took their modality's rule."""
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(3)
+    for name in ("console MR", "console PET"):
+        viewer.add_image(rng.integers(2, 39, (32, 32)).astype(np.uint8), name=name)
+    form = UniFuseWorkbench(viewer).run_panel
+    form.reference.value, form.moving.value = "console MR", "console PET"
+    for volume in (form.selection().request.reference, form.selection().request.moving):
+        assert volume.source in ("console MR", "console PET")
+        assert intensity_mapping(volume).method == "scale8bit"
