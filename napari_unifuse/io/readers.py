@@ -67,9 +67,10 @@ _SLICE_POSITION_TOLERANCE = 0.01
 # float noise (1e-6), which rounding would split wherever it straddles a rounding boundary, while a
 # localizer or a second stack lies degrees away.
 _ORIENTATION_TOLERANCE = 1e-3
-# Pixel spacings (mm) this close, relative to their size, are one spacing (decimal strings again): over
-# 1000 pixels they drift apart by a tenth of a pixel at most.
-_PIXEL_SPACING_TOLERANCE = 1e-4
+# Pixel spacings this close (mm) are one spacing: decimal strings again, which some tools round to 4
+# decimals (0.46875 as 0.4688: 5e-5 mm, 1.07e-4 relative); over 512 pixels such a difference drifts by
+# 0.05 mm at most, while another stack's pixels differ by far more.
+_PIXEL_SPACING_TOLERANCE_MM = 1e-4
 # ImageVolume metadata marking an image read without any position, like a PNG or JPG (is_picture).
 WITHOUT_POSITION = "without_position"
 # Values of each SimpleITK pixel type, to find one holding every slice's values (_pixel_type_holding).
@@ -979,7 +980,7 @@ class _DicomSlice:
         """Whether this slice and ``other`` can form one volume: the same image size, pixel spacing and
         orientation (within DICOM's decimal noise)."""
         return (self.size == other.size
-                and np.allclose(self.spacing, other.spacing, rtol=_PIXEL_SPACING_TOLERANCE, atol=0.0)
+                and np.allclose(self.spacing, other.spacing, rtol=0.0, atol=_PIXEL_SPACING_TOLERANCE_MM)
                 and _same_orientation(self.direction, other.direction))
 
     @property

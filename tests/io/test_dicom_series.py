@@ -501,6 +501,21 @@ def _write_two_spacings(folder: Path, volume: np.ndarray, coarse_from: int) -> N
                      spacing=spacing)
 
 
+def test_pixel_spacings_apart_by_four_decimal_rounding_are_one_stack(tmp_path, volume):
+    # 0.46875 mm written in full by one tool and as 0.4688 by another: 1.07e-4 apart relative, 5e-5 mm.
+    series_uid = "1.2.826.0.1.3680043.2.1125.5012"
+    for k, pixels in enumerate(volume):
+        size = 0.4688 if k % 2 else 0.46875
+        _write_slice(tmp_path / "rounded" / f"IM{k:04d}.dcm", pixels, (0.0, 0.0, SLICE_STEP * k), AXIAL,
+                     {"0020|000e": series_uid, "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}"},
+                     spacing=(size, size))
+
+    read = read_image(tmp_path / "rounded")
+
+    np.testing.assert_array_equal(read.array, volume)
+    assert not any("pixel spacing" in warning for warning in read.metadata.get("warnings", []))
+
+
 def test_slices_of_another_pixel_spacing_are_left_out_naming_both_spacings(tmp_path, volume):
     _write_two_spacings(tmp_path / "two_spacings", volume, coarse_from=8)
 
