@@ -395,8 +395,7 @@ class AnnotationPanel(widgets.Container):
     def _add_annotation_layer(self) -> Shapes:
         reference = self.reference_layer
         return self.viewer.add_shapes(name=ANNOTATION_LAYER, ndim=reference.ndim, scale=reference.scale,
-                                      translate=reference.translate, units=reference.units,
-                                      affine=reference.affine.affine_matrix,
+                                      translate=reference.translate, affine=reference.affine.affine_matrix,
                                       edge_color="red", face_color="transparent", edge_width=1)
 
     def _replace_annotation_layer(self, old: Shapes) -> Shapes:

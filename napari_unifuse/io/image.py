@@ -200,24 +200,22 @@ class Geometry:
         lps[np.ix_(keep, keep)] = itk
         return _RAS_FROM_LPS @ lps
 
-    def napari_kwargs(self) -> dict[str, Any]:
-        """``scale``/``translate`` (plus ``affine`` for rotated or flipped axes) and ``units`` for a napari layer.
+    def napari_kwargs(self) -> dict[str, np.ndarray]:
+        """``scale``/``translate`` (plus ``affine`` for rotated or flipped axes) for a napari layer.
 
         napari maps data to world as ``affine @ (scale * index + translate)``; an axis-aligned grid
         needs only scale and translate, anything else carries direction and origin in ``affine``
         so that the layer's world coordinates are exactly ``index_to_world``. napari draws a 3-D
         layer's displayed plane through the affine's block of the displayed axes, which a grid
         whose axes are permuted (coronal, sagittal) maps to a line: such a volume is shown
-        through :meth:`ImageVolume.in_world_axis_order`. World coordinates are millimetres: the
-        units say so, or napari's scale bar would label its millimetres "pixel".
+        through :meth:`ImageVolume.in_world_axis_order`.
         """
-        units = {"units": ("mm",) * self.ndim}
         if np.allclose(self.direction, np.eye(self.ndim), rtol=0, atol=1e-12):
-            return {"scale": self.spacing.copy(), "translate": self.origin.copy(), **units}
+            return {"scale": self.spacing.copy(), "translate": self.origin.copy()}
         affine = np.eye(self.ndim + 1)
         affine[: self.ndim, : self.ndim] = self.direction
         affine[: self.ndim, self.ndim] = self.origin
-        return {"scale": self.spacing.copy(), "translate": np.zeros(self.ndim), "affine": affine, **units}
+        return {"scale": self.spacing.copy(), "translate": np.zeros(self.ndim), "affine": affine}
 
     def to_dict(self) -> dict[str, list]:
         """Plain lists, for JSON provenance and napari layer metadata."""

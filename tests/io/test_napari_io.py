@@ -175,23 +175,6 @@ def test_napari_saves_a_labels_layer_through_our_writers_on_its_grid(tmp_path, s
     np.testing.assert_allclose(reopened.data_to_world(corner), labels.data_to_world(corner), atol=1e-6)
 
 
-@pytest.mark.parametrize("direction", [np.eye(3), np.diag([1.0, -1.0, -1.0])], ids=["axis-aligned", "flipped"])
-def test_layers_are_placed_in_millimetres_so_the_scale_bar_says_mm(tmp_path, direction):
-    """napari's scale bar takes its unit from the layers: without one it read "50 pixel" for 50 mm.
-    Saving such a layer and reopening it gives the same voxels at the same place."""
-    geometry = Geometry([2.0, 0.5, 0.75], [10.0, -3.0, 4.0], direction)
-    volume = ImageVolume(np.arange(60, dtype=np.float32).reshape(3, 4, 5), geometry)
-    viewer = ViewerModel()
-    layer = _layer(volume)
-    viewer.layers.append(layer)
-    assert [str(unit) for unit in viewer.layers.units] == ["millimeter"] * 3
-
-    (path,) = write_nifti(str(tmp_path / "saved"), *layer.as_layer_data_tuple()[:2])
-    reopened = layer_to_volume(_layer(read_image(path)))
-    np.testing.assert_array_equal(reopened.array, volume.array)
-    np.testing.assert_allclose(reopened.geometry.index_to_world, geometry.index_to_world, atol=1e-6)
-
-
 @pytest.mark.parametrize("high", [1.0, 1.2], ids=["in-range", "out-of-range"])
 def test_a_3d_colour_layer_is_refused_by_name_as_the_reader_refuses_its_file(rng, high):
     """Before its colour range is judged (the user would rescale it only to be refused again), and

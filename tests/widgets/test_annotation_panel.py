@@ -108,16 +108,6 @@ def test_a_sagittal_flag_is_listed_with_its_axis(make_napari_viewer, tmp_path):
     assert panel.listing.native.item(0).text().startswith("slice x = 23")
 
 
-def test_the_region_layer_is_in_millimetres_like_the_images_so_the_scale_bar_keeps_its_unit(make_napari_viewer,
-                                                                                              tmp_path):
-    viewer = make_napari_viewer()
-    add_pair(viewer)
-    panel = panel_on(viewer, tmp_path, "T1")
-    panel.draw_region.clicked()
-    assert [str(unit) for unit in viewer.layers[ANNOTATION_LAYER].units] == ["millimeter"] * 3
-    assert [str(unit) for unit in viewer.layers.units] == ["millimeter"] * 3
-
-
 def test_a_region_is_recorded_on_the_slice_it_was_drawn_on(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     add_pair(viewer)
