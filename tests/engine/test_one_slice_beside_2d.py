@@ -119,7 +119,8 @@ def test_a_one_slice_volume_outside_the_axial_plane_is_refused_in_one_line(engin
 
 def test_a_picture_beside_a_placed_one_slice_volume_is_refused_in_one_line(engine, slices):
     picture = ImageVolume(slices["mr_xy"].array, Geometry.identity(2), source="slice.PNG")
-    with pytest.raises(InputError, match="is a picture \(a PNG or JPG, or a DICOM image without position\).*save both images the same way") as error:
+    with pytest.raises(InputError, match=r"is a picture \(a PNG or JPG, or a DICOM image without position\)"
+                                         r".*save both images the same way") as error:
         engine.run_fusion(slices["ct_xy1"], picture)
     assert error.value.source == "slice.PNG" and "\n" not in error.value.problem
 
