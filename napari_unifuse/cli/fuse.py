@@ -25,7 +25,8 @@ folder may not be an input of any pair (a DICOM series folder), lie inside one o
 before any work; choose another --out. A batch resumes: a pair whose ``provenance.json``
 records the same inputs (path as given and content), method, checkpoint and settings (tile size,
 modalities, quality maps) is skipped, so rerunning after an interruption only does what is left,
-and ends with ``OUT/summary.json`` (every pair: done, skipped, failed, and why, busy, or kept; with the
+and ends with ``OUT/summary.json`` (every pair: done, skipped, failed, and why, busy, or kept, its
+inputs and when it ended; unifuse's version under provenance.json's ``versions``; with the
 failures of earlier batches into OUT for pairs, known by their reference and moving paths, that no
 batch since has run, so that their folders stay marked). A ``summary.json`` (or, with ``--report``, an
 ``index.html``) in OUT that unifuse did not write is refused before any work. A later batch whose
@@ -76,6 +77,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from napari_unifuse import __version__
 from napari_unifuse.cli import describe_os_error
 from napari_unifuse.cli.arguments import add_device_argument, check_one_pair_or_many, read_pairs_rows, user_path
 from napari_unifuse.cli.report import is_qc_index, say_unreadable
@@ -113,7 +115,7 @@ from napari_unifuse.engine.provenance import (
     sha256_of_path,
     utc_timestamp,
 )
-from napari_unifuse.engine.report import EARLIER_FAILURES, INDEX_FILE, report_page, write_index
+from napari_unifuse.engine.report import EARLIER_FAILURES, INDEX_FILE, OUTCOME_FINISHED, report_page, write_index
 from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.engine.uncertainty import DEFAULT_PASSES
 from napari_unifuse.errors import InputError, UniFuseError
@@ -226,7 +228,7 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
     for index, pair in job.shard(list(enumerate(pairs, start=1))):
         prefix = f"{rank}[{index}/{len(pairs)}] {pair.name}"
         try:
-            outcomes.append(_fuse_or_skip(pair, args, engines, options, batch, prefix, job.rank))
+            outcomes.append(_ended(_fuse_or_skip(pair, args, engines, options, batch, prefix, job.rank)))
         except FolderBusyError as error:
             if args.pairs is None:
                 raise
@@ -237,10 +239,11 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
     # (skipped here as done) or left it (fused here), unless it still holds it.
     for prefix, pair in busy:
         try:
-            outcomes.append(_fuse_or_skip(pair, args, engines, options, batch, prefix, job.rank, after_busy=True))
+            outcomes.append(_ended(_fuse_or_skip(pair, args, engines, options, batch, prefix, job.rank,
+                                                 after_busy=True)))
         except FolderBusyError as error:
             print(f"{prefix}: busy: another unifuse run is still writing into {error.folder}", file=sys.stderr)
-            outcomes.append({**_outcome_of(pair, args.out, job.rank), "status": "busy", "error": str(error)})
+            outcomes.append(_ended({**_outcome_of(pair, args.out, job.rank), "status": "busy", "error": str(error)}))
     if args.pairs is None:
         return 0
     gathered = job.gather(outcomes)
@@ -274,12 +277,21 @@ def _run_shard(args: argparse.Namespace, pairs: list[Pair], job: Distributed) ->
 
 
 def _outcome_of(pair: Pair, out: Path, rank: int) -> dict[str, Any]:
-    """What a summary records of every pair: its folder, and its inputs as absolute paths, by which
-    a later batch (of another CSV, from another folder) knows it for the same pair; the folder too is
-    absolute, as one summary holds the outcomes of batches run from other folders."""
+    """What a summary records of every pair: its folder, and its inputs (its label where it has one)
+    as absolute paths, by which a later batch (of another CSV, from another folder) knows it for the
+    same pair; the folder too is absolute, as one summary holds the outcomes of batches run from
+    other folders."""
+    label = {"label": str(absolute_as_given(pair.label))} if pair.label is not None else {}
     return {"name": pair.name, "reference": str(absolute_as_given(pair.reference)),
-            "moving": str(absolute_as_given(pair.moving)), "output": str(absolute_as_given(out / pair.name)),
-            "rank": rank}
+            "moving": str(absolute_as_given(pair.moving)), **label,
+            "output": str(absolute_as_given(out / pair.name)), "rank": rank}
+
+
+def _ended(outcome: dict[str, Any]) -> dict[str, Any]:
+    """``outcome`` with the time it was reached (``finished``): the summary's ``created`` is the
+    batch's end, and a run into the pair's folder between the two (the pair fixed and fused alone
+    while the batch went on) is later than its failure, not earlier (engine.report)."""
+    return {**outcome, OUTCOME_FINISHED: utc_timestamp()}
 
 
 def _fuse_or_skip(pair: Pair, args: argparse.Namespace, engines: _EngineCache, options: dict[str, Any],
@@ -354,7 +366,9 @@ def write_summary(outcomes: list[dict[str, Any]], pairs: list[Pair], job: Distri
     if earlier is not None and earlier != str(pairs_csv):
         print(f"note: {out / SUMMARY_FILE} described the batch of {earlier}; it now describes this one "
               f"({pairs_csv}); both batches' folders stay in {out}", file=sys.stderr)
-    write_json({"created": utc_timestamp(), "pairs_csv": str(pairs_csv), "pairs": len(pairs), **counts,
+    # Under provenance.json's key and layout for the same fact.
+    write_json({"created": utc_timestamp(), "versions": {"napari_unifuse": __version__},
+                "pairs_csv": str(pairs_csv), "pairs": len(pairs), **counts,
                 "world_size": job.world_size, "device": str(job.device), "outcomes": outcomes,
                 EARLIER_FAILURES: earlier_failures(earlier_summary, outcomes)},
                out / SUMMARY_FILE, atomic=True)

@@ -81,6 +81,9 @@ BATCH_SUMMARY_FILE = "summary.json"
 # Its list of the failed outcomes of earlier batches into the same folder, for pairs it did not run,
 # each with its batch's "batch_created" time (cli.fuse.earlier_failures).
 EARLIER_FAILURES = "earlier_failures"
+# An outcome's time (UTC ISO), when the batch reached it; summaries before 2026-12-07 lack it, and
+# only their "created" (the batch's end) and "batch_created" times tell when a failure was.
+OUTCOME_FINISHED = "finished"
 # What a run writes besides provenance.json: a folder holding one without it is an unfinished run.
 _RUN_OUTPUT_FILES = frozenset({DEGRADATION_FILE, DISPLACEMENT_FILE, QUALITY_FILE, METRICS_FILE, REPORT_FILE})
 # cli.synth's META_FILE: the record a `unifuse synth` pair folder gets last. That folder also holds the
@@ -756,7 +759,7 @@ class _FailedPair:
     error: str
     folder: Path  # the pair's output folder, symbolic links resolved
     run: Path | None  # the finished run its folder holds, as the index lists it
-    run_is_later: bool  # that run finished after the batch (a single run there since), not before it
+    run_is_later: bool  # that run finished after the failure (a single run there since), not before it
     earlier_batch: str | None  # when the earlier batch it failed in was made, carried into this summary
 
     def named_batch(self) -> str:
@@ -767,7 +770,7 @@ class _FailedPair:
 
 def _failed_pairs(cohort: _CohortFolders, runs_dir: Path) -> list[_FailedPair]:
     """The failed pairs of every batch below ``runs_dir``, each with the run its folder holds: a
-    failed pair wrote nothing, so that run is an earlier one's unless it finished after the batch."""
+    failed pair wrote nothing, so that run is an earlier one's unless it finished after the failure."""
     runs = {Path(os.path.realpath(run)): run for run in cohort.runs}
     failed = []
     for path in cohort.summaries:
@@ -784,17 +787,18 @@ def _failed_pairs(cohort: _CohortFolders, runs_dir: Path) -> list[_FailedPair]:
             folder = Path(os.path.realpath(path.parent / name))  # cli.fuse writes a pair to <out>/<name>
             run = runs.get(folder)
             batch_created = summary.get("created") if earlier_batch is None else earlier_batch
+            failed_at = outcome.get(OUTCOME_FINISHED, batch_created)
             failed.append(_FailedPair(path.parent.relative_to(runs_dir).as_posix(), name,
                                       str(outcome.get("error", "")), folder, run,
-                                      run is not None and _finished_later(run, batch_created), earlier_batch))
+                                      run is not None and _finished_later(run, failed_at), earlier_batch))
     return failed
 
 
-def _finished_later(run: Path, batch_created: Any) -> bool:
-    """Whether ``run``'s provenance was created after a batch's summary (both UTC ISO timestamps)."""
+def _finished_later(run: Path, failed_at: Any) -> bool:
+    """Whether ``run``'s provenance was created after the failure (both UTC ISO timestamps)."""
     try:
         return (datetime.fromisoformat(str(_mapping(read_json_object(run / PROVENANCE_FILE)).get("created")))
-                > datetime.fromisoformat(str(batch_created)))
+                > datetime.fromisoformat(str(failed_at)))
     except (TypeError, ValueError):  # a timestamp missing or unreadable: the failure is the latest word
         return False
 

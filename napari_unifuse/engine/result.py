@@ -11,7 +11,7 @@ from napari_unifuse.engine.alignment_guard import GuardDecision
 from napari_unifuse.engine.class_evidence import ClassEvidence
 from napari_unifuse.engine.fusion_balance import BalanceRecord
 from napari_unifuse.engine.overlays import grey_values
-from napari_unifuse.engine.quality import QualityMaps
+from napari_unifuse.engine.quality import QualityMaps, is_one_image
 from napari_unifuse.io import ImageVolume, IntensityMapping
 
 # What a method that estimates no degradation (fusion only, classical pipelines) reports.
@@ -84,14 +84,16 @@ class FusionResult:
         return None if evidence is None or evidence.informative else evidence.caveat
 
     def degradation_report(self) -> dict[str, Any]:
-        """The JSON-ready degradation estimate: global and per-slice probabilities with names."""
+        """The JSON-ready degradation estimate: global and per-slice probabilities with names. The
+        per-slice axis is "z", array axis 0 (quality.json's ``slice_axis`` 0), where the outputs
+        have slices, and None for one image, a one-slice volume too, as quality.json has it."""
         return {
             "classes": list(self.class_names),
             "global": {name: float(p) for name, p in self.class_probs.items()},
             "predicted": self.predicted_class,
             "evidence": self.class_evidence.to_dict() if self.class_evidence is not None else None,
             "per_slice": {
-                "axis": "z" if self.fused.ndim == 3 else None,
+                "axis": None if is_one_image(self.fused.spatial_shape) else "z",
                 "probabilities": np.asarray(self.slice_class_probs, dtype=float).round(6).tolist(),
             },
         }

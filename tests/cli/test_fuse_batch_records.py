@@ -5,7 +5,9 @@ batches, and batch files in --out that unifuse did not write."""
 from __future__ import annotations
 
 import json
+import time
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +267,50 @@ def test_the_summary_names_each_pairs_folder_absolutely_as_it_does_the_inputs(tm
     [outcome] = summary_of(tmp_path / "out")["outcomes"]
     assert outcome["output"] == str(tmp_path / "out" / "mov")
     assert outcome["moving"] == str(tmp_path / "data" / "mov.png")
+
+
+def test_a_pair_fused_alone_after_it_failed_in_a_running_batch_is_indexed_as_a_later_run(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The index compared the single run's provenance with the summary's `created`, written when the
+    batch ended: the fixed pair's newer outputs were "an earlier run's outputs", not of this attempt."""
+    reference, good = picture(tmp_path / "ref.png"), picture(tmp_path / "good.png", 0.1)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "out"
+    real_fuse_pair = fuse_module.fuse_pair
+
+    def the_user_fuses_the_fixed_pair_alone_meanwhile(pair, *args, **kwargs):
+        if pair.name == "good":  # after bad failed, before the batch ends
+            picture(bad, 0.2)
+            time.sleep(1.1)  # timestamps count whole seconds: the single run's is later than the failure's
+            assert fuse("--reference", reference, "--moving", bad, "--out", out, *CHEAP) == 0
+        return real_fuse_pair(pair, *args, **kwargs)
+
+    monkeypatch.setattr(fuse_module, "fuse_pair", the_user_fuses_the_fixed_pair_alone_meanwhile)
+    assert fuse("--pairs", pairs_csv(tmp_path / "pairs.csv", (reference, bad), (reference, good)), "--out", out,
+                *CHEAP) == 2
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert "an earlier run" not in index
+    assert "<td>bad</td><td>" in index and "a later run's (bad, listed above)" in index
+
+
+def test_the_summary_records_each_pairs_label_when_it_ended_and_the_version(tmp_path):
+    reference, labelled, plain = (picture(tmp_path / name, shift) for name, shift in (("ref.png", 0.0),
+                                                                                       ("a.png", 0.1), ("b.png", 0.2)))
+    label = picture(tmp_path / "label.png", 0.05)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"reference,moving,label\n{reference},{labelled},{label}\n{reference},{plain},\n",
+                     encoding="utf-8")
+    out = tmp_path / "out"
+    assert fuse("--pairs", pairs, "--out", out, *CHEAP) == 0
+
+    summary = summary_of(out)
+    with_label, without = summary["outcomes"]
+    assert with_label["label"] == str(label) and "label" not in without
+    for outcome in (with_label, without):
+        assert datetime.fromisoformat(outcome["finished"]) <= datetime.fromisoformat(summary["created"])
+    provenance = json.loads((out / "a" / "provenance.json").read_text(encoding="utf-8"))
+    assert summary["versions"] == {"napari_unifuse": provenance["versions"]["napari_unifuse"]}

@@ -685,3 +685,11 @@ def test_a_pictures_panels_are_not_labelled_with_a_patients_sides(tmp_path, draw
     picture = ImageVolume(result.fused.array[0], Geometry.identity(2), source="photo.png")
     write_report(result, tmp_path, reference=picture, moving=picture)
     assert drawn_images and not any(axes.texts for axes, _, _ in drawn_images)
+
+
+@pytest.mark.parametrize(("slices", "axis", "slice_axis"), [(SLICES, "z", 0), (1, None, None)])
+def test_degradation_json_names_a_slice_axis_exactly_where_quality_json_does(slices, axis, slice_axis):
+    """degradation.json said "z" for a one-slice volume, which quality.json scores as one image."""
+    result = constructed_result(blob_radius=0, defect_slice=0, slices=slices)
+    assert result.quality.to_dict()["slice_axis"] == slice_axis
+    assert result.degradation_report()["per_slice"]["axis"] == axis
