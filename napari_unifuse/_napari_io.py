@@ -25,12 +25,14 @@ from napari_unifuse.io import Geometry, ImageVolume, read_image, write_image
 from napari_unifuse.io.digests import LAYER_DIGESTS, sha256_of_array
 from napari_unifuse.io.image import COLOUR_IS_2D_ONLY
 from napari_unifuse.io.readers import (
+    cmyk_as_rgb,
     colour_in_unit_range,
     dicom_series,
     dicom_series_ids,
     dicomdir_in,
     file_format,
     note_dropped_alpha,
+    picture_mode,
 )
 
 LAYER_METADATA_KEY = "unifuse"
@@ -75,15 +77,27 @@ def layer_to_volume(layer) -> ImageVolume:
     data, state, layer_type = layer.as_layer_data_tuple()
     if layer_type != "image":
         raise InputError(f"is a {layer_type} layer; an image layer is needed", layer.name)
-    volume = volume_from_layer_data(data, state)
-    if volume.source is None and not (state.get("metadata") or {}).get(LAYER_METADATA_KEY):
+    if not (state.get("metadata") or {}).get(LAYER_METADATA_KEY):  # not our reader's: no source recorded
+        volume = volume_from_layer_data(_inks_as_colour(layer, data, state), state)
         file = _file_another_reader_opened(layer, volume)
         return volume if file is None else dataclasses.replace(volume, source=file)
+    volume = volume_from_layer_data(data, state)
     if volume.source is None or not _edited_since_read(data[0] if state.get("multiscale") else data, state):
         return volume
     edited = f"edited since it was read from {volume.source}: its pixels, not the file, are recorded"
     return dataclasses.replace(volume, source=None,
                                metadata={**volume.metadata, "warnings": [*volume.metadata.get("warnings", []), edited]})
+
+
+def _inks_as_colour(layer, data: Any, state: dict[str, Any]) -> Any:
+    """A layer napari's own reader opened from a CMYK picture holds its four ink channels, which
+    napari shows as RGBA: the colours our reader reads there instead (taken as RGBA, C, M, Y fused
+    as R, G, B, inverted, and K was dropped as alpha, with a false transparency warning)."""
+    if (not state.get("rgb") or state.get("multiscale") or np.ndim(data) != 3 or np.shape(data)[-1] != 4
+            or np.asarray(data).dtype != np.uint8):
+        return data
+    path = getattr(layer.source, "path", None)
+    return cmyk_as_rgb(np.asarray(data)) if path and picture_mode(path) == "CMYK" else data
 
 
 def _file_another_reader_opened(layer, volume: ImageVolume) -> str | None:

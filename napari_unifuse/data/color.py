@@ -58,11 +58,32 @@ def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
 
 
 def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:
-    """(..., 3) float Y, Cb, Cr -> (..., 3) float32 RGB clipped to [0, 1].
+    """(..., 3) float Y, Cb, Cr -> (..., 3) float32 RGB in [0, 1].
 
-    Clipping matters after fusion: a fused Y combined with the original chroma can leave the RGB
-    gamut, and displays expect [0, 1].
+    After fusion, a fused Y with the functional image's chroma can leave the RGB gamut (a bright
+    MR structure under saturated PET red). Such pixels have their chroma pulled toward grey just
+    enough to fit (``_chroma_scale_into_gamut``), which keeps their Y, the fused structure, and
+    their hue; clipping each channel instead would shift both. Pixels in gamut are left as they are.
     """
     ycbcr = _as_unit_float(ycbcr, "YCbCr image")
     rgb = (ycbcr - _CHROMA_OFFSET) @ _YCBCR_TO_RGB.T
+    outside = ((rgb < 0.0) | (rgb > 1.0)).any(axis=-1)
+    if outside.any():
+        pulled = ycbcr[outside] - _CHROMA_OFFSET
+        pulled[:, 1:] *= _chroma_scale_into_gamut(pulled)[:, None]
+        rgb[outside] = pulled @ _YCBCR_TO_RGB.T
+    # Only float rounding, or a Y itself outside [0, 1] (grey then, still out of range), is left to clip.
     return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def _chroma_scale_into_gamut(centred: np.ndarray) -> np.ndarray:
+    """(n, 3) Y, Cb - 1/2, Cr - 1/2 -> (n,) the largest s in [0, 1] with Y, s Cb, s Cr inside the RGB cube.
+
+    Each channel is linear in s: base + s * swing, base from Y alone. Its swing toward 1 (or 0)
+    allows s up to the room left on that side over the swing; the tightest channel decides."""
+    base = centred[:, :1] * _YCBCR_TO_RGB[:, 0]
+    swing = centred[:, 1:] @ _YCBCR_TO_RGB[:, 1:].T
+    room = np.where(swing > 0, 1.0 - base, base)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        allowed = np.where(swing != 0, room / np.abs(swing), np.inf)
+    return np.clip(allowed.min(axis=-1), 0.0, 1.0)

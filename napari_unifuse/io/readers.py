@@ -368,14 +368,14 @@ def _refuse_empty(array: np.ndarray, path: Path) -> None:
         raise InputError(f"the image is empty (array shape {array.shape})", path)
 
 
-def _choose_frame(n_frames: int, frame: int | None, path: Path) -> int:
+def _choose_frame(n_frames: int, frame: int | None, path: Path, colour_hint: str | None = None) -> int:
     if n_frames == 1 and frame in (None, 0):
         return 0
     if frame is None:
         raise InputError(
             f"this is a 4D file with {n_frames} frames (volumes) and a fusion takes one: save the one you want "
             f"as a file of its own (FSL: fslroi IN OUT k 1), or in Python read_image(path, frame=k) for k in "
-            f"0..{n_frames - 1}",
+            f"0..{n_frames - 1}" + (f"; {colour_hint}" if colour_hint else ""),
             path,
         )
     if not 0 <= frame < n_frames:
@@ -495,11 +495,14 @@ def _read_nifti(path: Path, frame: int | None):
     fitting_suffix = _nifti_suffix_by_content(str(path))
     if fitting_suffix is not None:
         metadata["warnings"] = [_misnamed_compression_warning(fitting_suffix)]
+    colour_hint = _colour_without_intent_hint(data)
     if data.ndim == 4:
-        metadata["frame"] = _choose_frame(data.shape[3], frame, path)
+        metadata["frame"] = _choose_frame(data.shape[3], frame, path, colour_hint)
         data = data[..., metadata["frame"]]
     else:
         _refuse_frame_for_single_volume(frame, path)
+        if colour_hint:  # a volume is what NIfTI's third axis holds: read as one, with the hint in case
+            metadata.setdefault("warnings", []).append(f"read as {data.shape[2]} slices of grey values: {colour_hint}")
     is_rgb = data.dtype.names is not None  # RGB24 / RGBA32: one (R, G, B[, A]) record per voxel
     if is_rgb:
         data = _nifti_picture(data, path)
@@ -559,6 +562,22 @@ def _colour_vectors_as_records(data: np.ndarray, header: Any) -> np.ndarray:
     if not (colour_intent or vectors.dtype.kind == "u" or picture_in_unit_range):
         return data
     return unstructured_to_structured(vectors, None, names=list("RGBA"[:components]))
+
+
+def _colour_without_intent_hint(data: np.ndarray) -> str | None:
+    """How to store a colour picture so that it reads as colour, for 8-bit data laid out like one
+    whose header does not say colour: (x, y, 1, 3|4), read as frames, or (x, y, 3|4), read as slices
+    (_colour_vectors_as_records takes neither for colour: each is a volume as often). None otherwise."""
+    components = data.shape[-1] if data.ndim else 0
+    laid_out_as_picture = data.ndim == 3 or (data.ndim == 4 and data.shape[2] == 1)
+    if data.dtype != np.uint8 or components not in (3, 4) or not laid_out_as_picture:
+        return None
+    channels = "RGBA"[:components]
+    intent = f"the NIfTI intent {channels}_VECTOR (nibabel: header.set_intent('{channels.lower()} vector'))"
+    if data.ndim == 3:
+        return (f"if it is a colour picture, store it as (x, y, 1, {components}) with {intent}, or as "
+                f"{channels}{8 * components}, or save it as PNG")
+    return f"if it is a colour picture, give it {intent}, or store it as {channels}{8 * components}, or save it as PNG"
 
 
 def nifti_affine_mm(image: Any) -> np.ndarray:
@@ -1449,6 +1468,25 @@ def _read_pillow(path: Path, frame: int | None):
             f"pixels {turn})")
     metadata.update({"header": info, "pillow_mode": mode})
     return array, Geometry.identity(2), metadata, is_rgb
+
+
+def picture_mode(path: str | os.PathLike) -> str | None:
+    """Pillow's mode of the picture file ``path`` ("RGB", "RGBA", "CMYK", ...) from its header; None for
+    a file that is no picture Pillow opens."""
+    if file_format(path) != "pillow":
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except Exception:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
+        return None
+
+
+def cmyk_as_rgb(inks: np.ndarray) -> np.ndarray:
+    """(y, x, 4) uint8 C, M, Y, K as Pillow decodes a CMYK picture (napari's own reader keeps them)
+    -> (y, x, 3) uint8 RGB by Pillow's conversion: the colours read_image reads from that picture."""
+    height, width = inks.shape[:2]
+    return np.asarray(Image.frombytes("CMYK", (width, height), np.ascontiguousarray(inks).tobytes()).convert("RGB"))
 
 
 def _pillow_pixels(image: Image.Image, metadata: dict[str, Any]) -> np.ndarray:

@@ -143,6 +143,46 @@ def test_a_colour_vector_volume_is_refused_as_colour_not_as_frames(tmp_path, col
     assert "fslroi" not in str(error.value) and "displacement" not in str(error.value)
 
 
+@pytest.mark.parametrize("components", [3, 4])
+def test_8bit_colour_on_a_4th_axis_without_the_intent_is_refused_with_the_colour_hint(tmp_path, colour, components):
+    """(x, y, 1, 3) uint8 read as 3 frames: the refusal named fslroi and not the missing RGB intent."""
+    pixels = np.concatenate([colour, np.full((6, 9, 1), 255, np.uint8)], axis=-1)[..., :components]
+    vectors = pixels.transpose(1, 0, 2)[:, :, np.newaxis, :]
+    path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image(vectors, np.eye(4)), path)
+    forms = r"RGB_VECTOR.*RGB24" if components == 3 else r"RGBA_VECTOR.*RGBA32"
+    with pytest.raises(InputError, match=rf"{components} frames.*if it is a colour picture.*{forms}.*PNG"):
+        read_image(path)
+    np.testing.assert_array_equal(read_image(_rgb_vector_nifti(path, vectors)).array, colour)  # the hint, taken
+
+
+def test_8bit_colour_as_a_third_axis_reads_as_slices_with_the_colour_hint(tmp_path, colour):
+    """(x, y, 3) uint8 is a volume of 3 slices (then refused beside a 2-D reference without a word of colour)."""
+    path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image(colour.transpose(1, 0, 2), np.eye(4)), path)
+    volume = read_image(path)
+    assert volume.ndim == 3 and not volume.is_rgb  # NIfTI's third axis is z: a volume it may well be
+    assert [warning for warning in volume.metadata["warnings"] if "colour picture" in warning] == [
+        "read as 3 slices of grey values: if it is a colour picture, store it as (x, y, 1, 3) with the NIfTI intent "
+        "RGB_VECTOR (nibabel: header.set_intent('rgb vector')), or as RGB24, or save it as PNG"]
+    follows_the_hint = colour.transpose(1, 0, 2)[:, :, np.newaxis, :]
+    np.testing.assert_array_equal(read_image(_rgb_vector_nifti(path, follows_the_hint)).array, colour)
+
+
+@pytest.mark.parametrize("what", ["uint8 frames of a volume", "float components"])
+def test_no_colour_hint_where_the_data_is_no_8bit_picture(tmp_path, colour, what):
+    data = np.stack([colour.transpose(1, 0, 2)] * 2, axis=2)  # (x, y, 2 slices, 3 frames)
+    if what == "float components":
+        data = data[:, :, :1].astype(np.float32) + 1000  # no [0, 1] colour either
+    path = tmp_path / "frames.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(InputError, match="3 frames") as error:
+        read_image(path)
+    assert "colour picture" not in str(error.value)
+    nib.save(nib.Nifti1Image(np.zeros((9, 6, 3), np.int16), np.eye(4)), path)
+    assert not any("colour picture" in warning for warning in read_image(path).metadata.get("warnings", []))
+
+
 def test_a_signed_vector_nifti_is_still_told_to_read_it_as_a_displacement_field(tmp_path, rng):
     field = rng.normal(size=(5, 4, 3, 1, 3)).astype(np.float32)
     path = tmp_path / "field.nii.gz"

@@ -13,6 +13,7 @@ from napari.components import ViewerModel
 from napari.layers import Image
 from napari.utils.notifications import notification_manager
 from npe2 import PluginManager
+from PIL import Image as PILImage
 
 from napari_unifuse._napari_io import get_reader, layer_to_volume, volume_to_layer_data, write_mha, write_nifti
 from napari_unifuse.engine.annotations import InputHashes
@@ -314,6 +315,24 @@ def test_a_picture_napari_opened_with_its_alpha_channel_becomes_the_opaque_pictu
     # A volume two voxels wide that our reader made stays that volume.
     thin = ImageVolume(grey_alpha, Geometry([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], np.eye(3)), source="thin.nii.gz")
     assert layer_to_volume(_layer(thin)).array.shape == (5, 6, 2)
+
+
+def test_a_cmyk_picture_napari_opened_is_its_colours_not_cmy_with_k_as_alpha(tmp_path, rng):
+    """napari's own reader keeps a CMYK JPEG's four ink channels: taken as RGBA, the picture fused
+    with inverted colours and was called transparent wherever it holds no black ink."""
+    path = tmp_path / "pet_cmyk.jpg"
+    inks = rng.integers(0, 256, size=(40, 48, 4), dtype=np.uint8)  # over 30 a side, or napari takes it for 3D
+    inks[..., 3] = 0  # no black ink anywhere: "100 % transparent" as alpha
+    PILImage.frombytes("CMYK", (48, 40), inks.tobytes()).save(path, quality=95)
+    PluginManager.instance().discover()
+    (napari_s,) = ViewerModel().open(str(path), plugin="napari")
+    assert napari_s.rgb and napari_s.data.shape == (40, 48, 4)
+
+    opened = layer_to_volume(napari_s)
+
+    assert opened.is_rgb and "warnings" not in opened.metadata
+    np.testing.assert_array_equal(opened.array, read_image(path).array)
+    assert opened.source == str(path)  # the file, as our reader reads it: same run folder and provenance
 
 
 def test_the_napari_nifti_writer_refuses_a_sheared_layer_in_one_line_and_mha_keeps_it(tmp_path, rng):
