@@ -31,7 +31,8 @@ Methods (rows): ``UniFuse (CHECKPOINT)`` (``--checkpoint``, a UniFuse checkpoint
 ``--methods`` (``engine.methods``: bsafusion, mmif-amin, ...; ``NAME=CHECKPOINT`` for weights other
 than the bundled ones, the row then named ``NAME (STEM)`` after the checkpoint's file name (for a
 training run's ``RUN/checkpoints/last.safetensors``, ``NAME (RUN/last)``; ``--checkpoint``'s row
-likewise), and the report's header gives each checkpoint's path) through
+likewise), and the report's header gives each checkpoint's path; ``--checkpoint``'s weights given
+again to ``--methods``, ``unifuse`` with the bundled ones say, are refused as named twice) through
 ``engine.FusionEngine`` (the shipped path; each built for the pairs' dimensionality as ``unifuse
 fuse`` builds it, so a classical pipeline scores a 3D pair in 3D and a 2D-only method refuses one),
 and each classical registration (``engine.classical``: identity, SimpleITK rigid + B-spline, ANTs SyN,
@@ -53,11 +54,14 @@ needs that registration among ``--baselines`` and a ``--fusion-rules`` rule (the
 baselines and rules have both); without them ``evaluation.md`` says it was skipped and what to add.
 
 Metrics (columns), all on [0, 1] intensities (the moving image's normalisation; RGB PET/SPECT on
-the luma Y): alignment NCC / MSE / SSIM of the aligned moving image vs the label, folding % and
-SDlogJ of the field, the mean end-point error against the ground-truth field (EPE, voxels; in mm by
-the reference's spacing as ``epe_mm`` / ``epe_tissue_mm``: on thick slices a voxel across them is
-several in-plane voxels long) when
-it is known, over the whole grid (``epe``) and over the reference's tissue (``epe_tissue``, where
+the luma Y: an engine row's from its RGB output, fused from the luma shifted to put its darkest
+value at 0, a classical row's from the luma as read; docs/evaluation.md): alignment NCC / MSE /
+SSIM of the aligned moving image vs the label, folding % and SDlogJ of the field, the mean
+end-point error against the ground-truth field (EPE, voxels; in mm by the reference's spacing as
+``epe_mm`` / ``epe_tissue_mm``: on thick slices a voxel across them is several in-plane voxels
+long; NaN for a CSV pair whose reference is a picture, a PNG or JPG, which has no pixel size,
+while the Harvard pairs have the atlas' 1 mm at 256 pixels) when it is known, over the whole
+grid (``epe``) and over the reference's tissue (``epe_tissue``, where
 ``engine.alignment_guard.tissue_mask`` sees it: the background's true field is invisible to every
 method; NaN, with a warning, on a reference without tissue); the fusion metrics of the fused image
 vs (reference, label): those of ``metrics.fusion_metrics``, the SSIM gains ``gain_ref`` (over the
@@ -156,6 +160,7 @@ from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import InputError, RegistrationError, UniFuseError
 from napari_unifuse.io import ImageVolume, IntensityMapping, normalize_intensity, read_image, resample_to_reference
 from napari_unifuse.io.fields import read_displacement
+from napari_unifuse.io.readers import is_picture
 from napari_unifuse.metrics import (
     METRIC_NAMES,
     bone_retention,
@@ -226,6 +231,8 @@ class EvaluationPair:
     degradation: str | None = None  # true class, one of data.degrade.DEGRADATION_CLASSES
     moving_modality: str | None = None  # "ct" enables bone_retention
     warnings: tuple[str, ...] = ()  # what its scores should be read with (fuse's input warnings, label coverage)
+    # False for a picture reference (PNG, JPG: no pixel size, read as 1 mm pixels): its *_mm errors are NaN.
+    spacing_in_mm: bool = True
 
 
 # ---- pair sources --------------------------------------------------------------------------------
@@ -302,7 +309,8 @@ def pairs_from_csv(path: Path) -> list[EvaluationPair]:
         pairs.append(EvaluationPair(name, task,
                                     reference, moving, label, displacement,
                                     _degradation(row.get("degradation"), path, line),
-                                    mapping.modality if mapping is not None else None, warnings))
+                                    mapping.modality if mapping is not None else None, warnings,
+                                    spacing_in_mm=not is_picture(stored_reference)))
     return pairs
 
 
@@ -540,12 +548,15 @@ def field_errors(displacement: np.ndarray, pair: EvaluationPair, reference: np.n
     """The end-point errors of ``displacement`` against the pair's true field: over the grid
     (``epe``) and the reference's tissue (``epe_tissue``), in voxels and in mm (``_mm``, by the
     reference's spacing along each axis, in the world axis order both fields are in); NaN without
-    a true field, and over the tissue of a reference without tissue (pairs_from_csv warns of it)."""
+    a true field, and over the tissue of a reference without tissue (pairs_from_csv warns of it);
+    in mm NaN too where the reference has no pixel size (``EvaluationPair.spacing_in_mm``): a
+    picture's "mm" would be its pixels, beside Harvard pairs in true mm (the atlas' spacing)."""
     errors = dict.fromkeys(("epe", "epe_tissue", "epe_mm", "epe_tissue_mm"), float("nan"))
     if pair.displacement is None:
         return errors
     tissue = tissue_mask(reference)
-    for suffix, spacing in (("", None), ("_mm", pair.reference.geometry.spacing)):
+    in_mm = (("_mm", pair.reference.geometry.spacing),) if pair.spacing_in_mm else ()
+    for suffix, spacing in (("", None), *in_mm):
         errors[f"epe{suffix}"] = end_point_error(displacement, pair.displacement, spacing=spacing)
         if tissue.any():
             errors[f"epe_tissue{suffix}"] = end_point_error(displacement, pair.displacement, tissue, spacing)
@@ -920,14 +931,35 @@ def method_option(build: Callable[[], Any]) -> Any:
         raise InputError(error.problem, "--methods") from error
 
 
-def method_engines(entries: list[str], dimensions: dict[int, str | None], device: str, tile_size: int | None
-                   ) -> tuple[dict[str, dict[int, FusionEngine]], dict[str, str]]:
+def guard_options(args: argparse.Namespace) -> dict[str, bool | None]:
+    """The alignment guard's options of every engine (``FusionEngine``'s ``weigh_network_field``,
+    ``weigh_dense_refinement``): True where the flag asks for it, else None, the checkpoint's own
+    choice. The engine applies them to a method that refines its alignment (UniFuse) only."""
+    return {"weigh_network_field": True if args.weigh_network_field else None,
+            "weigh_dense_refinement": True if args.weigh_dense_refinement else None}
+
+
+def guard_options_note(args: argparse.Namespace, refining_rows: list[str]) -> str:
+    """The report's sentence on the guard flags given ("" without any): the rows of a method that
+    refines its alignment (``refining_rows``), which they apply to, or that no row takes them."""
+    given = [f"`--{name.replace('_', '-')}`" for name, value in guard_options(args).items() if value]
+    if not given:
+        return ""
+    if not refining_rows:
+        return (f" {' and '.join(given)} given, but no method evaluated refines its alignment (UniFuse does), "
+                f"so {'they change' if len(given) > 1 else 'it changes'} nothing.")
+    return f" {' and '.join(given)} given: applied to {', '.join(f'`{row}`' for row in refining_rows)}."
+
+
+def method_engines(entries: list[str], dimensions: dict[int, str | None], device: str, tile_size: int | None,
+                   guard: dict[str, bool | None]) -> tuple[dict[str, dict[int, FusionEngine]], dict[str, str]]:
     """The engines of the ``--methods`` entries (``NAME[=CHECKPOINT]``), each built for every
     dimensionality of the pairs as ``unifuse fuse`` builds it for a pair (``model_dimensions``): a
     classical pipeline scores a 3D pair in 3D, the bundled UniFuse with its 3D checkpoint.
 
     ``dimensions``: ndim -> the first pair of that dimensionality, named when a method cannot take
-    it (a 2D-only method and a 3D pair: fuse's refusal, before any pair is computed). Returns row
+    it (a 2D-only method and a 3D pair: fuse's refusal, before any pair is computed). ``guard``:
+    ``guard_options``, for the engines of a method that refines its alignment. Returns row
     name -> {ndim: engine}, and row name -> the checkpoint given, for the report's header.
     """
     methods: dict[str, dict[int, FusionEngine]] = {}
@@ -944,7 +976,7 @@ def method_engines(entries: list[str], dimensions: dict[int, str | None], device
                 if pair_name is None or not of_the_method:
                     raise
                 raise InputError(f"pair {pair_name}: {error.problem}", error.source) from error
-            engines[ndim] = FusionEngine(method, device=device, tile_size=tile_size)
+            engines[ndim] = FusionEngine(method, device=device, tile_size=tile_size, **guard)
         if any(next(iter(others.values())).method.name == method.name for others in methods.values()):
             raise InputError(f"{method.name} is named twice; to compare two checkpoints of one method, "
                              "run evaluate once per checkpoint", "--methods")
@@ -953,6 +985,19 @@ def method_engines(entries: list[str], dimensions: dict[int, str | None], device
         if checkpoint:
             checkpoints[row] = checkpoint
     return methods, checkpoints
+
+
+def refuse_weights_scored_twice(engine: FusionEngine, row: str, methods: dict[str, dict[int, FusionEngine]]) -> None:
+    """Refuse a ``--methods`` entry with the weights of ``--checkpoint`` (whose ``engine`` has the
+    row ``row``): ``unifuse`` of the bundled checkpoint given to both, or one file given twice. Its
+    rows would repeat ``row``'s, and its pair-by-pair table compare the method with itself; it is
+    named twice, as a name given twice in ``--methods`` is."""
+    weights = engine.checkpoint_info.get("sha256")
+    for other, engines in methods.items():
+        if weights is not None and any(each.checkpoint_info.get("sha256") == weights for each in engines.values()):
+            raise InputError(f"{other} has the weights of --checkpoint {engine.checkpoint_name}, so they are named "
+                             f"twice: its rows would repeat those of {row}; leave it out of --methods, or give it "
+                             "other weights (NAME=CHECKPOINT)", "--methods")
 
 
 def refuse_unusable_pairs(engines: list[FusionEngine], pairs: list[EvaluationPair]) -> None:
@@ -1002,6 +1047,15 @@ def failures_markdown(failures: list[PairOutcome]) -> str:
     lines = [f"- pair {outcome.pair.name} ({outcome.regime}): {outcome.error}\n" for outcome in failures]
     return ("## Failed pairs\n\nEvery metric of these pairs is NaN in per_pair.csv, whose `error` column says why; "
             "the means and the pair-by-pair tests leave them out.\n\n" + "".join(lines) + "\n")
+
+
+def colour_note(pairs: list[EvaluationPair]) -> str:
+    """The report's sentence on how colour pairs are scored, "" when no image of ``pairs`` is RGB."""
+    if not any(pair.reference.is_rgb or pair.moving.is_rgb for pair in pairs):
+        return ""
+    return (" RGB images are scored on their BT.601 luma: an engine row's fused image on the luma of its RGB "
+            "output, whose moving luma the engine first shifted to put its darkest value at 0; a classical row's "
+            "on the moving luma as read (docs/evaluation.md).")
 
 
 def regime_section(regime: str, summary: list[dict], records: list[dict], method_names: list[str],
@@ -1063,9 +1117,14 @@ def evaluate_into(args: argparse.Namespace, lock: FolderLock) -> int:
     dimensions: dict[int, str | None] = {}
     for pair in csv_pairs:
         dimensions.setdefault(model_dimensions(pair.reference), pair.name)
+    guard = guard_options(args)
     methods, method_checkpoints = method_engines(args.methods or [], dict(sorted(dimensions.items())) or {2: None},
-                                                 args.device, args.tile_size)
+                                                 args.device, args.tile_size, guard)
     checkpoints |= method_checkpoints
+    engine = (FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size, **guard)
+              if args.checkpoint is not None else None)
+    if engine is not None:
+        refuse_weights_scored_twice(engine, method_name, methods)
     if args.pairs is not None:
         pairs_by_regime = {CSV_REGIME: csv_pairs}
         described = f"{len(csv_pairs)} pairs from {args.pairs}"
@@ -1088,11 +1147,13 @@ def evaluate_into(args: argparse.Namespace, lock: FolderLock) -> int:
                      f"{args.none_fraction:g} (--none-fraction), in the regime{'s' if len(regimes) > 1 else ''} "
                      f"{', '.join(regimes)}")
         print(described)
-    engine = (FusionEngine(args.checkpoint, device=args.device, tile_size=args.tile_size,
-                           weigh_network_field=True if args.weigh_network_field else None,
-                           weigh_dense_refinement=True if args.weigh_dense_refinement else None)
-              if args.checkpoint is not None else None)
     method_names = ([method_name] if engine is not None else []) + list(methods)
+    row_methods = {**({method_name: engine.method} if engine is not None else {}),
+                   **{row: next(iter(engines.values())).method for row, engines in methods.items()}}
+    refining_rows = [row for row, method in row_methods.items() if method.refines_alignment]
+    guard_note = guard_options_note(args, refining_rows)
+    if guard_note and not refining_rows:  # said at once too: the flags were given for nothing
+        print(f"note:{guard_note}")
     every_pair = [pair for pairs in pairs_by_regime.values() for pair in pairs]
     for ndim in sorted({model_dimensions(pair.reference) for pair in every_pair}):
         refuse_unusable_pairs([*([engine] if engine is not None else []),
@@ -1135,7 +1196,8 @@ def evaluate_into(args: argparse.Namespace, lock: FolderLock) -> int:
     header = (f"# Evaluation of {', '.join(method_names)}\n\n"
               f"{described}; mean ± std (population std, ddof 0). Alignment (ncc, mse, ssim) "
               "vs the clean label; epe / epe_tissue: mean end-point error of the field (voxels) over the "
-              "grid / over the reference's tissue, epe_mm / epe_tissue_mm the same in mm; restored_ssim / "
+              "grid / over the reference's tissue, epe_mm / epe_tissue_mm the same in mm (by the reference's "
+              "pixel size; NaN where the reference is a picture, a PNG or JPG, which has none); restored_ssim / "
               "warped_input_ssim: UniFuse's restored output / its degraded input warped by its own field, "
               "vs the label; fusion metrics vs (reference, label), gain_ref / gain_mov: SSIM to the "
               "reference / label beyond the other source's own, gain_min the smaller (0 for a copy of the "
@@ -1146,7 +1208,8 @@ def evaluate_into(args: argparse.Namespace, lock: FolderLock) -> int:
               "(UniFuse and `--methods`, `matching+average` included) read 0 there, as `unifuse fuse` does, "
               "so one field scores differently in the two near the image's edge; "
               f"`{copies_on} + copy-reference` and "
-              f"`{copies_on} + copy-moving` fuse nothing (fused = reference, fused = aligned moving).{weights}\n\n")
+              f"`{copies_on} + copy-moving` fuse nothing (fused = reference, fused = aligned moving)."
+              f"{colour_note(every_pair)}{weights}{guard_note}\n\n")
     report = header + warnings_markdown(csv_pairs) + failures_markdown(failures) + "\n".join(sections)
     writers = {"per_pair.csv": lambda path: write_csv(records, path),
                "evaluation.csv": lambda path: write_csv(summary_rows, path)}
@@ -1223,9 +1286,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     harvard.add_argument("--none-fraction", type=undegraded_fraction,
                          help="fraction of pairs left undegraded (default 0; training uses 0.2)")
     parser.add_argument("--baselines", default=",".join(REGISTRATION_METHODS),
-                        help=f"classical registrations, comma-separated ({', '.join(REGISTRATION_METHODS)})")
+                        help=f"classical registrations, comma-separated ({', '.join(REGISTRATION_METHODS)}; default: "
+                             "all of them, so ANTs and dense run on every pair)")
     parser.add_argument("--fusion-rules", default=",".join(FUSION_RULES),
-                        help=f"classical fusion rules ({', '.join(FUSION_RULES)})")
+                        help=f"classical fusion rules, comma-separated ({', '.join(FUSION_RULES)}; default: all of "
+                             "them)")
     parser.add_argument("--out", type=user_path, required=True, help="folder for evaluation.csv/.md and per_pair.csv")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier evaluation in --out (refused otherwise; never "
@@ -1236,9 +1301,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "included, one pass up to 176³ voxels, beyond that the fewest overlapping slabs)")
     parser.add_argument("--weigh-network-field", action="store_true",
                         help="let the alignment guard weigh UniFuse's own field (FA) even where the checkpoint "
-                             "says its validation never kept it (alignment_guard.weigh_network_field)")
+                             "says its validation never kept it (alignment_guard.weigh_network_field); for every "
+                             "UniFuse row, --checkpoint's and --methods unifuse[=CHECKPOINT]'s")
     parser.add_argument("--weigh-dense-refinement", action="store_true",
                         help="let the alignment guard weigh the dense MIND refinement of the matching's field even "
-                             "where the checkpoint does not ask for it (alignment_guard.weigh_dense_refinement)")
+                             "where the checkpoint does not ask for it (alignment_guard.weigh_dense_refinement); "
+                             "for every UniFuse row, as --weigh-network-field")
     parser.set_defaults(func=run)
 
