@@ -1,5 +1,6 @@
 """Resampling in physical space: ``resample_to_reference`` puts a moving image on the reference's
-voxel grid; ``grid_coverage`` says how much of that grid the moving image reaches;
+voxel grid; ``resample_displaced`` samples it through a displacement on that grid in one
+interpolation; ``grid_coverage`` says how much of that grid the moving image reaches;
 ``resample_to_spacing`` makes an anti-aliased coarser copy of an image."""
 
 from __future__ import annotations
@@ -49,6 +50,42 @@ def resample_to_reference(
         array /= 255.0
     metadata = {**moving.metadata, "resampled_to": reference.source, "interpolation": interpolation}
     return ImageVolume(array, geometry, metadata, moving.source, moving.is_rgb)
+
+
+# Reference voxels sampled per slab by ``resample_displaced``: its float64 positions are 24 bytes a
+# voxel in 3-D, about 100 MB a slab, where a clinical volume's (512×512×300) at once took 1.9 GB.
+SLAB_VOXELS = 1 << 22
+
+
+def resample_displaced(channels: np.ndarray, moving: Geometry, reference: ImageVolume,
+                       displacement: np.ndarray) -> np.ndarray:
+    """``channels`` (C, *moving grid) sampled once at the world position of every reference voxel
+    ``x`` moved by ``displacement(x)`` (ndim, *reference grid; voxels of the reference grid, array-axis
+    order): the same as ``resample_to_reference`` followed by a warp through the displacement, without
+    the second interpolation, which blurred a moving image on a grid other than the reference's twice
+    (through-plane detail of 4.5 mm slices smeared by a rotation). ITK's semantics, as
+    ``resample_to_reference``: linear, edge values within half a voxel of the grid (a continuous index
+    in ``[-0.5, n - 0.5]`` on every axis, ``grid_coverage``'s test), 0 beyond. Returns float32
+    (C, *reference grid), computed in slabs along the first axis (``SLAB_VOXELS``)."""
+    shape = reference.spatial_shape
+    ndim = len(shape)
+    mapping = np.linalg.inv(moving.index_to_world) @ reference.geometry.index_to_world
+    linear, offset = mapping[:ndim, :ndim], mapping[:ndim, ndim:]
+    sides = np.array(channels.shape[1:], dtype=np.float64)[:, None]
+    out = np.zeros((channels.shape[0], *shape), np.float32)
+    rows = max(1, SLAB_VOXELS // int(np.prod(shape[1:])))
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        index = np.indices((stop - start, *shape[1:]), dtype=np.float64).reshape(ndim, -1)
+        index[0] += start
+        index += displacement[:, start:stop].reshape(ndim, -1)
+        position = linear @ index + offset  # the continuous index in the moving image
+        del index
+        inside = np.all((position >= -0.5) & (position <= sides - 0.5), axis=0)
+        for channel, sampled in zip(channels, out[:, start:stop]):
+            values = ndimage.map_coordinates(np.asarray(channel, np.float32), position, order=1, mode="nearest")
+            sampled[...] = np.where(inside, values, 0.0).reshape(sampled.shape)
+    return out
 
 
 def grid_coverage(moving: ImageVolume, reference: ImageVolume) -> float:

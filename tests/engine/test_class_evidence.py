@@ -280,3 +280,18 @@ def test_the_bundled_3d_checkpoint_is_calibrated_and_its_calls_are_evidence_on_e
     for modality, degradation in (("t2", "motion"), ("ct", "metal"), ("pet", "lowdose")):
         assert class_evidence(table, degradation, modality).informative
         assert class_evidence(table, "none", modality).informative
+
+
+def test_a_colour_moving_image_is_of_unknown_modality_and_the_warning_asks_for_it(motion_caller):
+    # Under "auto" its luma mapping's name, "rgb", was taken for a modality: "rgb not calibrated".
+    reference, moving = _pair()
+    coloured = ImageVolume(np.stack([moving.array, 0.5 * moving.array, 0.2 * moving.array], axis=-1),
+                           moving.geometry, is_rgb=True)
+    result = _engine(motion_caller, TABLE).run_fusion(reference, coloured, quality=False)
+    assert result.provenance[METADATA_KEY]["image_modality"] == "auto"
+    (warned,) = [w for w in result.warnings if "not evidence of the artefact" in w]
+    assert warned.startswith("modality unknown: judged by the weakest calibration")
+    assert warned.endswith("a colour image does not say its modality: give it (--moving-modality pet or spect; "
+                           "moving_modality= in Python)")
+    declared = _engine(motion_caller, TABLE).run_fusion(reference, coloured, moving_modality="pet", quality=False)
+    assert not any("does not say its modality" in w for w in declared.warnings)

@@ -333,7 +333,8 @@ def test_out_of_memory_outside_the_tiles_names_the_stage_and_the_size(model_2d, 
     monkeypatch.setattr(inference, "quality_maps", exhausted)
     image = ImageVolume(blob((16, 24)), Geometry.identity(2))
     with pytest.raises(UniFuseError, match=r"computer ran out of memory during the 'quality' stage on a 16x24 pair"
-                                           r" \(0.0 M voxels\).*Nothing was written"):
+                                           r" \(384 voxels\); free memory \(close other programs; in napari, layers"
+                                           r" you no longer need\).*Nothing was written"):
         FusionEngine(model_2d, device="cpu").run_fusion(image, image)
 
 

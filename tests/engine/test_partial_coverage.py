@@ -76,6 +76,8 @@ def test_a_field_that_moves_tissue_past_the_field_of_view_is_warned_of():
     (warning,) = moved_beyond_field_of_view_warnings(inside, slid, (SPACING,) * 3)
     assert f"up to {6 * SPACING:.0f} mm past where its header places its field of view" in warning
     assert f"slices {FIRST_COVERED_SLICE - 6}-{FIRST_COVERED_SLICE - 1}" in warning
+    assert warning.endswith("expected when the patient moved between the scans; check the alignment there before "
+                            "trusting those slices")
     # A share of the uncovered part, as the sentence says (it gave the whole grid's: half of this).
     assert f"onto {100 * 6 / FIRST_COVERED_SLICE:.0f} % of the part of the reference grid it does not cover" in warning
     slightly = slid.copy()
