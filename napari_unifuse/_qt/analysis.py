@@ -245,6 +245,9 @@ def slice_metrics(outcome: RunOutcome, slice_axis: int | None, slice_index: int)
 
 # The Metrics tab's name for each label metric -> the key ``unifuse fuse --label`` writes it under.
 LABEL_METRICS_IN_FILE = {f"{key.upper()} to label": key for key in ("mse", "ncc", "ssim")}
+# The Metrics tab's name of each volume metric that metrics.json names otherwise: the column
+# ``unifuse evaluate`` writes the same quantity under, and the label metrics' keys above.
+METRIC_KEYS_IN_FILE = {"gain min": "gain_min", "folding %": "folding_pct", "SDlogJ": "sdlogj", **LABEL_METRICS_IN_FILE}
 
 
 def _named_label_metrics(compute) -> dict[str, float]:

@@ -18,6 +18,7 @@ writes the metrics.json a Save made before its metrics promised.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
@@ -47,7 +48,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_unifuse._qt.analysis import (
-    LABEL_METRICS_IN_FILE,
+    METRIC_KEYS_IN_FILE,
     RunOutcome,
     RunRequest,
     build_engine,
@@ -64,7 +65,7 @@ from napari_unifuse._qt.outputs import ResultLayers, show_data_position, viewed_
 from napari_unifuse._qt.plots import ProbabilityPlot
 from napari_unifuse._qt.qc_panel import QCPanel
 from napari_unifuse._qt.run_panel import ProgressRelay, RunPanel, RunSelection, WorkerHandover
-from napari_unifuse.engine.annotations import INPUTS_SUBJECT, AnnotationStore
+from napari_unifuse.engine.annotations import ANNOTATIONS_FILE, INPUTS_SUBJECT, AnnotationStore
 from napari_unifuse.engine.device import is_out_of_memory
 from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.engine.input_checks import model_dimensions
@@ -78,6 +79,7 @@ from napari_unifuse.engine.outputs import (
     write_fusion_outputs,
     write_json,
 )
+from napari_unifuse.engine.overlays import joined_run_folder, other_folders_of_run
 from napari_unifuse.engine.progress import CancelToken, ProgressCallback
 from napari_unifuse.engine.quality import QualityMaps
 from napari_unifuse.engine.report import outside_moving_text, whole_volume_text, write_report
@@ -85,6 +87,7 @@ from napari_unifuse.engine.result import FusionResult
 from napari_unifuse.errors import Cancelled, InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, placement_metadata
 from napari_unifuse.io.image import single_slice_axis_of
+from napari_unifuse.json_records import standard_json
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -106,8 +109,8 @@ ACTIVITY_SPINNER_SPEED_PERCENT = 10
 RUN_DONE, RUN_DONE_WITHOUT_METRICS = "done", "results shown; the volume metrics failed"
 # Said by Save and the QC report button while the report's worker holds the run folder.
 REPORT_BEING_WRITTEN = "the QC report is being written into the run folder; wait for it"
-# metrics.json names the label metrics as `unifuse fuse --label` writes them (registration_metrics'
-# keys), the same numbers the Metrics tab labels for reading (analysis.volume_metrics).
+
+
 def _narrow(content: QWidget) -> None:
     """Let the form fit a 280-pixel dock: combo boxes elide long layer names, file pickers show
     "…" instead of "Select file", and nested forms drop their margins."""
@@ -133,9 +136,29 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
 
 
 def metrics_file_contents(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The volume metrics as metrics.json holds them: the label metrics under the keys that
-    ``unifuse fuse --label`` gives the same numbers ("ncc", not the Metrics tab's "NCC to label")."""
-    return {LABEL_METRICS_IN_FILE.get(name, name): value for name, value in metrics.items()}
+    """The volume metrics as metrics.json holds them: under the names scripts join them by, those
+    of ``unifuse evaluate``'s columns ("gain_min", not the Metrics tab's "gain min") and of
+    ``unifuse fuse --label``'s metrics.json ("ncc", not "NCC to label")."""
+    return {METRIC_KEYS_IN_FILE.get(name, name): value for name, value in metrics.items()}
+
+
+def _holds_saved_run(folder: Path, provenance: Mapping) -> bool:
+    """Whether ``folder``'s provenance.json is the one a Save of the run of ``provenance`` wrote, not
+    that of another run saved there since (a run of the pair with another ground truth or device,
+    from another workbench or process, shares the folder)."""
+    try:
+        saved = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(standard_json(provenance))
+
+
+def _refuse_beside_another_run(folder: Path, provenance: Mapping) -> None:
+    """Refuse a QC report of the run of ``provenance`` beside another run's saved outputs: its page
+    would describe other files than those beside it (their metrics, error map and provenance)."""
+    if (folder / PROVENANCE_FILE).exists() and not _holds_saved_run(folder, provenance):
+        raise InputError("the run folder holds outputs saved from another run of this pair; press "
+                         "'Save outputs' first so that the report sits beside this run's files", folder)
 
 
 @dataclass(frozen=True)
@@ -149,31 +172,38 @@ class VolumeMetrics:
 
 class MetricsPromise:
     """The metrics.json a Save made before its run's volume metrics came promises. The Save hands
-    over its folder (:meth:`keep_in`, GUI thread), the run's worker the metrics as soon as they are
-    computed (:meth:`fulfil`); whichever comes second writes the file. No widget takes part: closing
-    the viewer stops the worker before its metrics reach the workbench, and the file is still owed."""
+    over its folder and the provenance it wrote there (:meth:`keep_in`, GUI thread), the run's
+    worker the metrics as soon as they are computed (:meth:`fulfil`); whichever comes second writes
+    the file, only while the folder still holds that Save's run: another run saved there since keeps
+    its own metrics.json. No widget takes part: closing the viewer stops the worker before its
+    metrics reach the workbench, and the file is still owed."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._folder: Path | None = None
+        self._saved: tuple[Path, Mapping] | None = None
         self._metrics: dict[str, float] | None = None
         self.written: Path | None = None
 
-    def keep_in(self, folder: Path) -> None:
+    def keep_in(self, folder: Path, provenance: Mapping) -> None:
         with self._lock:
-            self._folder, metrics = folder, self._metrics
+            self._saved, metrics = (folder, provenance), self._metrics
         if metrics is not None:
-            self._write(folder, metrics)
+            self._write(folder, provenance, metrics)
 
     def fulfil(self, metrics: dict[str, float]) -> None:
         with self._lock:
-            self._metrics, folder = metrics, self._folder
-        if folder is not None:
-            self._write(folder, metrics)
+            self._metrics, saved = metrics, self._saved
+        if saved is not None:
+            self._write(*saved, metrics)
 
-    def _write(self, folder: Path, metrics: dict[str, float]) -> None:
+    def _write(self, folder: Path, provenance: Mapping, metrics: dict[str, float]) -> None:
         contents = metrics_file_contents(metrics)
-        written = write_files_together(folder, {METRICS_FILE: lambda path: write_json(contents, path)})
+        with output_folder_lock(folder) as lock:
+            if not _holds_saved_run(folder, provenance):
+                raise InputError(f"the run folder now holds another run's outputs, saved there since this run's "
+                                 f"Save, and their {METRICS_FILE} is kept; press 'Save outputs' again to save this "
+                                 "run there with its volume metrics", folder)
+            written = write_files_together(folder, {METRICS_FILE: lambda path: write_json(contents, path)}, lock=lock)
         self.written = written[METRICS_FILE]
 
 
@@ -244,15 +274,14 @@ class UniFuseWorkbench(QWidget):
         self.last_run_seconds: float | None = None
         self.last_report: Path | None = None
         # The outcome whose QC report the worker is writing; then whether the run folder's report.html
-        # is the page of the outcome on screen, and whether a Save wrote that outcome there: a Save
-        # keeps only its own run's page, and a page goes only beside its own run's saved outputs.
+        # is the page of the outcome on screen: a Save keeps only its own run's page (and a page goes
+        # only beside its own run's saved outputs: _refuse_beside_another_run).
         self._reporting: RunOutcome | None = None
         self._report_is_of_outcome = False
         # The ids of the flags the page being written lists; then those the page of the outcome on
         # screen lists (None while it has none): the page copies the flags, later ones are not on it.
         self._reporting_flags: frozenset[str] = frozenset()
         self._flags_in_report: frozenset[str] | None = None
-        self._outcome_saved = False
         # Why the run on screen has no volume metrics (for its QC report), once computing them failed.
         self._metrics_missing: str | None = None
         # The metrics.json of the run on screen, owed to a Save made before its volume metrics came.
@@ -534,10 +563,12 @@ class UniFuseWorkbench(QWidget):
             return
         self._cancel = None  # drawn: closing the viewer now leaves the volume metrics to finish, as promised
         started_with, started, promise = self._running
-        selection = started_with.under_current_names()  # its layers may have been renamed while it ran
+        # Its layers may have been renamed while it ran, and its folder, chosen when it started, made
+        # meanwhile under other names by another workbench on the same images: this run joins it.
+        selection = replace(started_with.under_current_names(), folder=joined_run_folder(started_with.folder))
         self.outcome, self.selection, self._metrics_promise = outcome, selection, promise
         self._metrics_missing = None
-        self._report_is_of_outcome = self._outcome_saved = False
+        self._report_is_of_outcome = False
         self._flags_in_report = None
         self.annotation_panel.report_note.value = ""
         self.run_panel.last_run_pair = (selection.reference_name, selection.moving_name)
@@ -577,6 +608,13 @@ class UniFuseWorkbench(QWidget):
         self.annotation_panel.set_run(selection.folder, Path(self.run_panel.output_root.value), fused,
                                       subject="run", pair=(selection.reference_name, selection.moving_name),
                                       pair_arrays=(request.reference.array, request.moving.array))
+        elsewhere = [str(folder / ANNOTATIONS_FILE) for folder in other_folders_of_run(selection.folder)
+                     if (folder / ANNOTATIONS_FILE).is_file()]
+        if elsewhere:  # two workbenches ran these images under other layer names before either made a folder
+            show_warnings([f"Flags on this run are also in {', '.join(elsewhere)} (the same images and settings, "
+                           "run under other layer names before either folder existed); they are not listed here "
+                           f"nor in its QC report, whose flags come from {selection.folder / ANNOTATIONS_FILE}. "
+                           "Add those lines to that file to list them here."])
 
     def _on_slice_changed(self, _event=None) -> None:
         fused = self.results.layer("fused")
@@ -683,12 +721,10 @@ class UniFuseWorkbench(QWidget):
             raise InputError(REPORT_BEING_WRITTEN)
         # Its settings name the folder, so what Save left there is of this pair, model and settings; a
         # run with another ground truth or device shares it, and its provenance, metrics and error map
-        # differ: the page goes beside this run's own saved files, or beside none.
-        if (self.selection.folder / PROVENANCE_FILE).is_file() and not self._outcome_saved:
-            raise InputError("the run folder holds outputs saved from another run of this pair; press "
-                             "'Save outputs' first so that the report sits beside this run's files",
-                             self.selection.folder)
+        # differ: the page goes beside this run's own saved files, or beside none. Said here at once,
+        # and checked again under the folder's lock (another workbench may save in between).
         result = self.outcome.result
+        _refuse_beside_another_run(self.selection.folder, result.provenance)
         if self._metrics_missing is not None:  # said at the top of the page, with the run's other warnings
             result = replace(result, warnings=[*result.warnings, self._metrics_missing])
         # The run's own flags: the Annotate tab may be on a Methods-tab comparison of another pair.
@@ -709,6 +745,7 @@ class UniFuseWorkbench(QWidget):
         result, metrics, selection, annotations = handover.take()
         try:
             with output_folder_lock(selection.folder):  # not while a `unifuse fuse` or a Save writes there
+                _refuse_beside_another_run(selection.folder, result.provenance)
                 # The inputs as the outputs hold them, as `unifuse fuse --report` shows them: a script's
                 # layer stored head to foot or with permuted axes is drawn on the outputs' grid.
                 return write_report(result, selection.folder, reference=selection.request.reference.in_world_axis_order(),
@@ -786,10 +823,9 @@ class UniFuseWorkbench(QWidget):
             written = write_fusion_outputs(result, folder, extra_images=review_maps,
                                            metrics=None if metrics is None else metrics_file_contents(metrics),
                                            remove_report=not self._report_is_of_outcome)
-        self._outcome_saved = True
         show_warnings(dict.fromkeys(str(warning.message) for warning in caught))
         if metrics_coming:
-            self._metrics_promise.keep_in(folder)
+            self._metrics_promise.keep_in(folder, result.provenance)
             show_info(f"Saved {len(written)} files to {folder}; {METRICS_FILE} will be written when the "
                       "volume metrics finish")
         elif metrics is None:  # no worker left and no metrics: they failed, and the status said why

@@ -264,12 +264,44 @@ def path_keyed_run_folder(root: str | Path, checkpoint: str, fingerprints: tuple
 
 def _existing_run_folder(root: Path, suffix: str) -> Path | None:
     """The most recently modified folder of ``root`` whose name ends in ``suffix`` (ties: by name)."""
-    try:
-        candidates = [(entry.stat().st_mtime_ns, entry.name) for entry in root.iterdir()
-                      if entry.name.endswith(suffix) and entry.is_dir()]
-    except OSError:  # no runs folder yet, or one that cannot be listed: a new run folder then
-        return None
+    candidates = _folders_ending_in(root, suffix)
     return root / max(candidates)[1] if candidates else None
+
+
+def _folders_ending_in(root: Path, suffix: str) -> list[tuple[int, str]]:
+    """(modification time in ns, name) of each folder of ``root`` whose name ends in ``suffix``."""
+    try:
+        return [(entry.stat().st_mtime_ns, entry.name) for entry in root.iterdir()
+                if entry.name.endswith(suffix) and entry.is_dir()]
+    except OSError:  # no runs folder yet, or one that cannot be listed: a new run folder then
+        return []
+
+
+def _run_ending(folder: Path) -> str | None:
+    """The ``__<hash>`` that ends a :func:`run_folder` name (the hash covers the checkpoint, so the
+    checkpoint's name before it adds nothing); None for a folder named otherwise."""
+    ending = folder.name[folder.name.rfind("__"):]
+    return ending if re.fullmatch(r"__[0-9a-f]{10}", ending) else None
+
+
+def joined_run_folder(folder: Path) -> Path:
+    """``folder``, a :func:`run_folder` chosen when it did not exist yet, or the folder of the same run
+    made since under other layer names (another workbench on the same images, which wrote first):
+    every writer then joins the first folder rather than splitting the run's flags between two."""
+    ending = _run_ending(folder)
+    if folder.is_dir() or ending is None:
+        return folder
+    return _existing_run_folder(folder.parent, ending) or folder
+
+
+def other_folders_of_run(folder: Path) -> list[Path]:
+    """The folders beside ``folder`` that hold the same run under other layer names, by name: two
+    workbenches that ran the same images under other names before either wrote its folder."""
+    ending = _run_ending(folder)
+    if ending is None:
+        return []
+    return sorted(folder.parent / name for _, name in _folders_ending_in(folder.parent, ending)
+                  if name != folder.name)
 
 
 def _slug(text: str) -> str:

@@ -13,6 +13,8 @@ from napari_unifuse.engine.overlays import (
     display_grey,
     grid_fingerprint,
     input_fingerprint,
+    joined_run_folder,
+    other_folders_of_run,
     path_keyed_input_fingerprint,
     path_keyed_run_folder,
     run_folder,
@@ -123,6 +125,21 @@ def test_of_several_folders_of_one_run_the_most_recently_modified_is_reused(tmp_
     (tmp_path / f"newer-file{folders[0].name[len('T1+moving'):]}").write_text("not a folder")
     assert folders[0] != folders[1]
     assert run_folder(tmp_path, "other", "names", "ckpt", ("a", "b")) == folders[0]
+
+
+def test_a_run_folder_chosen_before_it_existed_joins_the_one_another_writer_made_and_names_the_others(tmp_path):
+    """Two workbenches chose their folders for the same inputs under other names before either wrote."""
+    ours, theirs, other_model = (run_folder(tmp_path, reference, "moving", checkpoint, ("a", "b"))
+                                 for reference, checkpoint in (("T1", "ckpt"), ("MRI", "ckpt"), ("T1", "ckpt-b")))
+    assert joined_run_folder(ours) == ours  # nothing made yet
+    theirs.mkdir()
+    other_model.mkdir()
+    assert joined_run_folder(ours) == theirs
+    assert other_folders_of_run(theirs) == []
+    ours.mkdir()  # made all the same (both wrote before either looked again): each keeps its own, and names the other
+    assert joined_run_folder(ours) == ours
+    assert other_folders_of_run(ours) == [theirs] and other_folders_of_run(theirs) == [ours]
+    assert joined_run_folder(tmp_path / "not a run folder") == tmp_path / "not a run folder"
 
 
 def test_settings_that_change_the_result_get_their_own_run_folder_and_unset_ones_keep_the_old_one(tmp_path):

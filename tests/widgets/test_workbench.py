@@ -18,6 +18,7 @@ from napari_unifuse._qt.annotation_panel import ANNOTATION_LAYER
 from napari_unifuse._qt.outputs import OutputNames
 from napari_unifuse._qt.run_panel import FROM_FILE
 from napari_unifuse._qt.workbench import RUN_DONE_WITHOUT_METRICS, UniFuseWorkbench, metrics_file_contents
+from napari_unifuse.cli.evaluate import METRIC_COLUMNS
 from napari_unifuse.engine.annotations import ANNOTATIONS_FILE, Annotation, AnnotationStore
 from napari_unifuse.engine.labels import label_metrics
 from napari_unifuse.engine.outputs import METRICS_FILE
@@ -142,6 +143,9 @@ def test_3d_run_adds_placed_layers_that_follow_the_slice_and_saves(make_napari_v
     assert saved_metrics["ncc"] == pytest.approx(workbench.outcome.volume_metrics["NCC to label"])
     assert float(workbench.metrics_panel.value("NCC to label", "volume")) == pytest.approx(
         saved_metrics["ncc"], abs=1e-3)
+    # Every key is a column `unifuse evaluate` writes the same quantity under, so scripts can join them.
+    assert set(saved_metrics) <= set(METRIC_COLUMNS), set(saved_metrics) - set(METRIC_COLUMNS)
+    assert saved_metrics["folding_pct"] == pytest.approx(workbench.outcome.volume_metrics["folding %"], nan_ok=True)
 
 
 def test_2d_run_shows_one_probability_row_and_all_vectors(make_napari_viewer, qtbot, tmp_path, checkpoint_files,
