@@ -703,15 +703,17 @@ def _overlapping_cases(cases: list[tuple[str, Path, Path]], headers: dict[str, t
 
 
 def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: tuple[int, ...] | None,
-                  root: Path, *, metal_drawn: bool = False) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+                  root: Path, *, metal_drawn: bool = False,
+                  sides: NetworkSides | None = None) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """The cases fit to train on, and those of them whose moving image is in colour, checked
     before the first step (every case: one that fails mid-run costs the steps before it and saves
     no checkpoint): first from their headers, so that a setting that fits no case is refused at
     once, then every kept case's voxels, read whole one case at a time and let go.
 
-    Cases whose moving image misses the reference are skipped (warned); a model of other
-    dimensions than the images, cases of 2-D and 3-D images mixed, a case smaller than
-    ``crop``, cases of different sizes without a crop (their samples cannot share a batch), a
+    Cases whose moving image misses the reference are skipped (warned); a colour reference, a model
+    of other dimensions than the images, cases of 2-D and 3-D images mixed, a case smaller than
+    ``crop``, cases of different sizes without a crop (their samples cannot share a batch), or of a
+    size the network cannot train on (``sides``) without a crop, a
     file that cannot be read whole or holds no finite voxel (as fusion refuses it), a blank image
     and, where samples draw metal (``metal_drawn``), pixels the CT simulation cannot scan are
     refused, naming the case and its size, in world axis order as training reads it, x first.
@@ -724,6 +726,10 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
     for name, reference, moving in cases:
         with _case_named(name):
             headers[name] = (_image_header(reference), _image_header(moving))
+            if headers[name][0].is_rgb:
+                # Its colour axis would be taken for a spatial one at the first sample.
+                raise InputError("the reference image is in colour: training reads a grey reference (the image "
+                                 "the moving one is fused onto); save it as greyscale or remove the case", reference)
     cases = _overlapping_cases(cases, headers, root)
     dimensions = {name: model_dimensions(headers[name][0]) for name, _, _ in cases}
     shapes = {name: _training_shape(headers[name][0]) for name, _, _ in cases}
@@ -762,6 +768,10 @@ def checked_cases(cases: list[tuple[str, Path, Path]], spatial_dims: int, crop: 
                          f"{_in_file_order(other_shape)}) and data.crop is not set, so their samples cannot share "
                          f"a batch: set data.crop, random windows of one size (at most {_in_array_order(smallest)} "
                          "fits every case)", root)
+    elif sides:
+        shape = next(iter(shapes.values()))  # one size: every case's
+        sides.refuse(shape, f"the cases train whole at {_in_file_order(shape)} voxels, data.crop not being set",
+                     "set data.crop, random windows of such a size (e.g. {fit}, in array order)", root)
     for name, reference, moving in cases:
         with _case_named(name):
             for path in (reference, moving):
@@ -794,10 +804,11 @@ def _smaller_than_crop(shapes: dict[Any, Any], crop: tuple[int, ...]) -> tuple[A
 
 def check_harvard_pairs(pairs: list[harvard.HarvardPair], crop: tuple[int, ...] | None,
                         size: tuple[int, ...] | None, root: Path, *, batched: bool = True,
-                        metal_drawn: bool = False) -> None:
+                        metal_drawn: bool = False, sides: NetworkSides | None = None) -> None:
     """Every pair readable, not blank, and its two images of one size (``harvard.pair_shape``), and
     the sizes they train at fit to share a batch: ``size`` resizes every pair to it, ``crop`` must
-    fit in every pair, and, when ``batched``, pairs of different sizes need one of the two. Where
+    fit in every pair, and, when ``batched``, pairs of different sizes need one of the two; without
+    a crop, the size they train at must be one the network trains on (``sides``). Where
     CT samples draw metal (``metal_drawn``), ``size`` must keep a CT pair's pixels square. Checked
     before the first step, as ``checked_cases`` checks a folder's cases."""
     native = {pair: harvard.pair_shape(pair) for pair in pairs}  # every pair checked, resized or not
@@ -828,6 +839,13 @@ def check_harvard_pairs(pairs: list[harvard.HarvardPair], crop: tuple[int, ...] 
                          "data.crop nor data.size is set, so their samples cannot share a batch: set data.size "
                          f"(e.g. {common[0]}) to resize every pair, or data.crop (at most {_in_array_order(smallest)} "
                          "fits every pair)", root)
+    elif sides and size:
+        sides.refuse(size, _in_array_order(size), "give e.g. {fit}", "data.size")
+    elif sides:
+        pair, shape = next(iter(shapes.items()))  # one size: every pair's
+        sides.refuse(shape, f"the pairs ({pair.name} among them) train whole at {_in_file_order(shape)} pixels, "
+                     "neither data.crop nor data.size being set", "set data.crop (e.g. {fit}, y, x) or data.size",
+                     root)
 
 
 def refuse_empty_validation(validation: list, count: int, val_fraction: float, root: Any) -> None:
@@ -923,6 +941,25 @@ class FolderPairs(SyntheticPairDataset):
         return self._cache[case_index]
 
 
+@dataclass(frozen=True)
+class NetworkSides:
+    """The sides a network trains on: multiples of ``multiple``, at least ``smallest``
+    (training.trainer.trainable_sides). Checked before the first step, which would otherwise
+    stop with the network's own message, naming no setting."""
+
+    multiple: int
+    smallest: int
+
+    def refuse(self, shape: tuple[int, ...], what: str, remedy: str, source: Any) -> None:
+        """Refuse ``shape`` (array order), called ``what``, unless every side fits; ``remedy``
+        may hold ``{fit}``, the nearest shape below it that fits."""
+        if all(side % self.multiple == 0 and side >= self.smallest for side in shape):
+            return
+        fit = [max(self.smallest, side // self.multiple * self.multiple) for side in shape]
+        raise InputError(f"{what}: not sides the network trains on (multiples of {self.multiple}, at least "
+                         f"{self.smallest}); {remedy.format(fit=fit)}", source)
+
+
 def _size(value: Any, spatial_dims: int, what: str) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -969,11 +1006,13 @@ DATA_KEYS = {
 }
 
 
-def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int,
-                   batched: bool = True) -> tuple[SyntheticPairDataset | MixedPairs, SyntheticPairDataset | MixedPairs]:
+def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int, batched: bool = True,
+                   sides: NetworkSides | None = None,
+                   ) -> tuple[SyntheticPairDataset | MixedPairs, SyntheticPairDataset | MixedPairs]:
     """(train, validation) datasets for a config's ``data`` section. ``batched``: the samples must
     share batches (training), so Harvard pairs of several sizes need data.crop or data.size; a
-    caller reading them one at a time (``unifuse evaluate``) passes False.
+    caller reading them one at a time (``unifuse evaluate``) passes False. ``sides``: the sides the
+    network trains on, which every sample's shape (data.crop, data.size or the images') must have.
 
     ``extra_sources``: a list of further ``data`` sections (any kind, no ``extra_sources`` of their
     own) whose samples are appended to both splits (``MixedPairs``); each inherits
@@ -996,15 +1035,15 @@ def build_datasets(data: dict[str, Any], *, seed: int, spatial_dims: int,
     if not isinstance(extras, list) or not all(isinstance(extra, dict) for extra in extras):
         raise InputError("data.extra_sources must be a list of data sections", "data.extra_sources")
     if not extras:
-        return _build_source(data, seed=seed, spatial_dims=spatial_dims, batched=batched)
+        return _build_source(data, seed=seed, spatial_dims=spatial_dims, batched=batched, sides=sides)
     if any("extra_sources" in extra for extra in extras):
         raise InputError("an extra source cannot list extra sources of its own", "data.extra_sources")
     inherited = {key: data[key] for key in INHERITED_DATA_KEYS if key in data}
     # Each source its own seed: the k-th sample of every source would otherwise draw the same
     # degradation, severity and misalignment.
-    splits = [_build_source(data, seed=seed, spatial_dims=spatial_dims, batched=batched)] + [
+    splits = [_build_source(data, seed=seed, spatial_dims=spatial_dims, batched=batched, sides=sides)] + [
         _build_source({**inherited, **extra}, seed=seed + number, spatial_dims=spatial_dims,
-                      where=f"data.extra_sources[{number - 1}]", batched=batched)
+                      where=f"data.extra_sources[{number - 1}]", batched=batched, sides=sides)
         for number, extra in enumerate(extras, start=1)]
     return MixedPairs([train for train, _ in splits]), MixedPairs([val for _, val in splits])
 
@@ -1027,7 +1066,8 @@ def narrowed_validation(data: dict[str, Any], *, seed: int, spatial_dims: int, t
 
 
 def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int, where: str = "data",
-                  batched: bool = True) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
+                  batched: bool = True, sides: NetworkSides | None = None,
+                  ) -> tuple[SyntheticPairDataset, SyntheticPairDataset]:
     """``build_datasets`` for one source, the section at ``where`` (its ``extra_sources``, if any,
     left to the caller)."""
     kind = data.get("kind")
@@ -1051,13 +1091,15 @@ def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int, where: 
         "misalignment": data.get("misalignment"),
         "whole_image_degradations": tuple(data.get("whole_image_degradations", ())),
     }
+    if sides and common["crop"]:
+        sides.refuse(common["crop"], _in_array_order(common["crop"]), "give e.g. {fit}", f"{where}.crop")
     if kind == "harvard":
         if spatial_dims != 2:
             raise InputError("the Harvard pairs are 2D: set model.spatial_dims: 2", "data")
         pairs = harvard.index_harvard(data["root"], tuple(data.get("tasks", harvard.HARVARD_TASKS)))
         size = _size(data.get("size"), 2, "data.size")
         check_harvard_pairs(pairs, common["crop"], size, Path(data["root"]), batched=batched,
-                            metal_drawn=none_fraction < 1)
+                            metal_drawn=none_fraction < 1, sides=sides)
         train_pairs, val_pairs = harvard.split_cases(pairs, val_fraction, split_seed)
         refuse_empty_validation(val_pairs, len({pair.case for pair in pairs}), val_fraction, data["root"])
         return (
@@ -1068,6 +1110,12 @@ def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int, where: 
         if "shape" in data and "shapes" in data:
             raise InputError("give data.shape or data.shapes, not both", "data")
         shapes = data["shapes"] if "shapes" in data else [data.get("shape", (64, 64, 64))]
+        if sides and not common["crop"]:
+            for shape in shapes:  # a 2-D model trains on axial slices (PhantomPairs)
+                sides.refuse(tuple(shape)[-spatial_dims:], f"the phantom of shape {list(shape)} trains whole at "
+                             f"{list(shape)[-spatial_dims:]}, {where}.crop not being set",
+                             f"set {where}.crop (e.g. {{fit}}) or give another shape",
+                             f"{where}.{'shapes' if 'shapes' in data else 'shape'}")
         weights = data.get("shape_weights")
         options = {"spatial_dims": spatial_dims, "shapes": tuple(tuple(int(v) for v in shape) for shape in shapes),
                    "tasks": tuple(data.get("tasks", PHANTOM_TASKS)),
@@ -1080,7 +1128,7 @@ def _build_source(data: dict[str, Any], *, seed: int, spatial_dims: int, where: 
         layout = folder_layout(data)
         metal_drawn = moving_degradation(layout["moving_modality"]) == "metal" and none_fraction < 1
         cases, colour_cases = checked_cases(folder_cases(data["root"], layout), spatial_dims, common["crop"],
-                                            Path(data["root"]), metal_drawn=metal_drawn)
+                                            Path(data["root"]), metal_drawn=metal_drawn, sides=sides)
         train_cases, val_cases = split_by_case(cases, val_fraction, split_seed)
         refuse_empty_validation(val_cases, len(cases), val_fraction, data["root"])
         # A colour moving image among grey ones (a PET/SPECT in pseudo-colour): every sample of both

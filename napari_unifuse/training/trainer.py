@@ -39,7 +39,8 @@ Run folder (``--out``)::
     log.jsonl                   one JSON line per logged step ("train", with the lr it used) and per validation ("val");
                                 under torchrun a step's losses are rank 0's, over its own share of the batch
     split.json                  the cases of the training and validation splits (data with cases): a
-                                resume refuses data whose cases changed, which would reshuffle them
+                                resume refuses data whose cases changed, which would reshuffle them;
+                                every checkpoint's sidecar records them too, under "split"
     checkpoints/last.safetensors + last.json       weights + metadata (model.checkpoint)
     checkpoints/last.state.pt   optimizer / step, tensors and numbers only,
                                 read back with torch.load(weights_only=True)
@@ -108,6 +109,7 @@ from napari_unifuse.model.checkpoint import (
     save_checkpoint,
     training_crop,
 )
+from napari_unifuse.model.costs import minimum_size
 from napari_unifuse.model.networks import build_network
 from napari_unifuse.training.config import (
     FUSION_WEIGHT_STAGE,
@@ -118,7 +120,7 @@ from napari_unifuse.training.config import (
     read_yaml,
     without_unread_keys,
 )
-from napari_unifuse.training.datasets import build_datasets
+from napari_unifuse.training.datasets import NetworkSides, build_datasets
 from napari_unifuse.training.degradation_head import (
     HEAD_INPUT_FIELDS,
     HEAD_MODULE,
@@ -126,6 +128,7 @@ from napari_unifuse.training.degradation_head import (
     degradation_head,
     fit_degradation_head,
 )
+from napari_unifuse.training.harvard import RECORDED_SPLIT_KEY
 from napari_unifuse.training.methods import BEST_SCORE, objective_for
 from napari_unifuse.training.objective import AlignedRestorationModel
 
@@ -170,6 +173,16 @@ def model_config(config: TrainConfig) -> UniFuseConfig:
     preset = UniFuseConfig.paper if config.model.preset == "paper" else UniFuseConfig.small
     base = preset(spatial_dims=config.model.spatial_dims)
     return UniFuseConfig.from_dict({**base.to_dict(), **config.model.overrides})
+
+
+def trainable_sides(network_config: Any) -> NetworkSides:
+    """The sides a network of ``network_config`` trains on: multiples of its size multiple and, for
+    UniFuse, at least ``model.costs.minimum_size`` and two patches, as L_moda's contrastive loss
+    draws each patch token's negatives among the others (a 4×4 crop of 4-pixel patches has none)."""
+    multiple = network_config.size_multiple
+    if isinstance(network_config, UniFuseConfig):
+        return NetworkSides(multiple, max(minimum_size(network_config), 2 * network_config.patch_size))
+    return NetworkSides(multiple, multiple)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -370,7 +383,8 @@ class Trainer:
         self.trained_parameters = [parameter for parameter in self.network.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trained_parameters, lr=train.lr, weight_decay=train.weight_decay)
         self.train_set, self.val_set = build_datasets(
-            config.data, seed=config.seed, spatial_dims=config.model.spatial_dims
+            config.data, seed=config.seed, spatial_dims=config.model.spatial_dims,
+            sides=trainable_sides(self.network.config),
         )
         if config.train.stage == HEAD_STAGE and (resume or self.dist.world_size > 1):
             raise UniFuseError("train.stage 'degradation_head' runs in one process and is not resumable: "
@@ -471,6 +485,7 @@ class Trainer:
         self.command = sidecar.get("command")
 
     def _metadata(self, seconds: float) -> dict[str, Any]:
+        split = self._split()
         return {
             "command": self.command,
             **({"resumed_with": self.resumed_with} if self.resumed_with else {}),
@@ -487,6 +502,9 @@ class Trainer:
             "validation": self.validation,
             "best_validation": self.best_validation,
             **({"initial_weights": self.initial_weights} if self.initial_weights else {}),
+            # The cases behind the weights, as split.json lists them: an evaluation of another copy of
+            # the data (a case more or less) would draw another split (training.harvard.recorded_split).
+            **({RECORDED_SPLIT_KEY: split} if any(split.values()) else {}),
         }
 
     def _save(self, name: str, seconds: float) -> Path:
@@ -581,9 +599,11 @@ class Trainer:
         cfg = self.config
         batches_per_epoch = len(sampler) // cfg.train.batch_size
         if batches_per_epoch == 0:
-            # What sets the number of samples: the phantom's train_length; a folder's cases × samples_per_case.
-            more = ("raise data.train_length" if cfg.data.get("kind") == "phantom"
-                    else "draw more samples per case (data.samples_per_case) or add cases")
+            # What sets the number of samples: the phantom's train_length; a folder's cases × samples_per_case;
+            # the Harvard pairs, one sample each.
+            more = {"phantom": "raise data.train_length",
+                    "folders": "draw more samples per case (data.samples_per_case) or add cases"}.get(
+                cfg.data.get("kind"), "add cases (a Harvard pair is one sample)")
             raise UniFuseError(
                 f"the training split has {len(self.train_set)} samples: too few for batch size "
                 f"{cfg.train.batch_size} on {self.dist.world_size} process(es); {more}, or lower the batch size "

@@ -570,3 +570,53 @@ def test_a_data_source_reading_files_without_a_root_says_where_to_set_it():
     with pytest.raises(InputError, match=r"set data.extra_sources\[0\].root$"):
         datasets.build_datasets({"kind": "phantom", "extra_sources": [{"kind": "folders", "layout": "brats"}]},
                                 seed=0, spatial_dims=2)
+
+
+def test_a_colour_reference_in_a_folder_cohort_is_refused_before_training_naming_its_case(tmp_path):
+    """Its colour axis was taken for a spatial one at the first sample: "the geometry's spacing has 2 values but
+    its origin has 3", a geometry the user never gave."""
+    from skimage.io import imread, imsave
+
+    section = _png_cases(tmp_path, colour_cases=set())
+    reference = tmp_path / "case2" / "mr.png"
+    grey = imread(reference)
+    imsave(reference, np.stack([grey // 4, grey, grey // 2], axis=-1), check_contrast=False)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(reference))}: case case2: the reference image is in "
+                                         "colour: training reads a grey reference"):
+        datasets.build_datasets(section, seed=0, spatial_dims=2)
+
+
+# The sides the small 2-D UniFuse trains on (training.trainer.trainable_sides): multiples of 4, at least 8.
+SMALL_2D_SIDES = datasets.NetworkSides(multiple=4, smallest=8)
+
+
+@pytest.mark.parametrize(("crop", "fit"), [(30, [28, 28]), (4, [8, 8]), ([8, 6], [8, 8])])
+def test_a_crop_the_network_cannot_train_on_is_refused_naming_data_crop_and_a_crop_it_can(tmp_path, crop, fit):
+    """The run stopped at its first step with the network's own message, or a traceback from the
+    contrastive loss (crop 4), naming no setting."""
+    section = {**_png_cases(tmp_path, colour_cases=set()), "crop": crop}
+    with pytest.raises(InputError, match=r"^data.crop: .* not sides the network trains on \(multiples of 4, at least "
+                                         rf"8\); give e.g. {re.escape(str(fit))}$"):
+        datasets.build_datasets(section, seed=0, spatial_dims=2, sides=SMALL_2D_SIDES)
+    # Without the network's rule (unifuse evaluate reads whole pairs) nothing is asked of the crop.
+    datasets.build_datasets(section, seed=0, spatial_dims=2)
+
+
+def test_whole_images_the_network_cannot_train_on_are_refused_suggesting_a_crop(tmp_path):
+    folders = {**_png_cases(tmp_path / "folders", colour_cases=set(), size=30), "crop": None}
+    with pytest.raises(InputError, match=r"the cases train whole at 30×30 \(x×y\) voxels, data.crop not being set: "
+                                         r"not sides the network trains on .*set data.crop.*e.g. \[28, 28\]"):
+        datasets.build_datasets(folders, seed=0, spatial_dims=2, sides=SMALL_2D_SIDES)
+    root = write_fake_harvard(tmp_path / "harvard", size=18)
+    section = {"kind": "harvard", "root": str(root), "tasks": ["CT-MRI"], "val_fraction": 0.3}
+    with pytest.raises(InputError, match=r"the pairs \(CT-MRI pair 2004 among them\) train whole at 18×18 \(x×y\) "
+                                         r"pixels, neither data.crop nor data.size being set: .*e.g. \[16, 16\]"):
+        datasets.build_datasets(section, seed=0, spatial_dims=2, sides=SMALL_2D_SIDES)
+    with pytest.raises(InputError, match=r"^data.size: \[18, 18\] \(y, x\): not sides"):
+        datasets.build_datasets({**section, "size": 18}, seed=0, spatial_dims=2, sides=SMALL_2D_SIDES)
+    for fitting in ({"size": 16}, {"crop": 16}):
+        datasets.build_datasets({**section, **fitting}, seed=0, spatial_dims=2, sides=SMALL_2D_SIDES)
+    with pytest.raises(InputError, match=r"^data.shape: the phantom of shape \[64, 30, 30\] trains whole at "
+                                         r"\[30, 30\], data.crop not being set"):
+        datasets.build_datasets({"kind": "phantom", "shape": [64, 30, 30]}, seed=0, spatial_dims=2,
+                                sides=SMALL_2D_SIDES)

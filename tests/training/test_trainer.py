@@ -292,3 +292,59 @@ def test_a_resume_reading_another_data_root_shows_both_roots_and_asks_for_data_r
     root_line, other_line = str(refused.value).splitlines()
     assert root_line.endswith(f"give --data-root {tmp_path / 'data'} again")
     assert f"{tmp_path} was trained with another config (seed differs from its config.yaml)" in other_line
+
+
+def _harvard_data_config(root: Path, **data):
+    from napari_unifuse.training.config import config_from_dict
+
+    values = _tiny_config().to_dict()
+    values["data"] = {"kind": "harvard", "root": str(root), "tasks": ["CT-MRI", "PET-MRI"], "crop": 16,
+                      # Clean samples: the fake atlas' noise has no tissue deep enough for metal.
+                      "none_fraction": 1.0, "val_fraction": 0.2, **data}
+    return config_from_dict(values)
+
+
+def test_every_checkpoint_records_the_cases_of_its_split(tmp_path):
+    """evaluate --split val drew the split again from the folder given; on another copy of the atlas
+    its "validation" pairs were partly ones the checkpoint trained on. The sidecars now say."""
+    from napari_unifuse.model.checkpoint import read_metadata
+    from napari_unifuse.training import harvard
+
+    from .test_harvard import write_fake_harvard
+
+    root = write_fake_harvard(tmp_path / "atlas")
+    result = train(_harvard_data_config(root), tmp_path / "run", device="cpu", progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text(encoding="utf-8"))
+    assert split["validation"]
+    for checkpoint in (result.last_checkpoint, result.best_checkpoint):
+        assert read_metadata(checkpoint)[harvard.RECORDED_SPLIT_KEY] == split
+    # Evaluated on a copy of the atlas holding a case fewer, the checkpoint's split stays its own.
+    pairs = [pair for pair in harvard.index_harvard(root, ("CT-MRI", "PET-MRI")) if str(pair.case) != split["train"][0]]
+    recorded = harvard.recorded_split(read_metadata(result.last_checkpoint), pairs)
+    assert sorted({str(pair.case) for pair in recorded.validation}, key=int) == split["validation"]
+    assert not recorded.unrecorded
+
+
+def test_a_crop_the_network_cannot_train_on_is_refused_before_the_run_starts(tmp_path):
+    """Crop 4 of the small 2-D network stopped the first step with a traceback from the contrastive loss."""
+    from napari_unifuse.training.datasets import NetworkSides
+    from napari_unifuse.training.trainer import trainable_sides
+
+    config = _tiny_config().with_overrides(data={"crop": 4})
+    assert trainable_sides(model_config(config)) == NetworkSides(multiple=4, smallest=8)
+    with pytest.raises(InputError, match=r"^data.crop: \[4, 4\] \(y, x\): not sides the network trains on "
+                                         r"\(multiples of 4, at least 8\)"):
+        train(config, tmp_path / "run", device="cpu", progress=False)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_too_few_harvard_pairs_for_a_batch_are_not_told_of_a_key_the_harvard_kind_refuses(tmp_path):
+    from napari_unifuse.errors import UniFuseError
+
+    from .test_harvard import write_fake_harvard
+
+    config = _harvard_data_config(write_fake_harvard(tmp_path / "atlas")).with_overrides(train={"batch_size": 64})
+    with pytest.raises(UniFuseError, match=r"too few for batch size 64 .*; add cases \(a Harvard pair is one "
+                                           r"sample\), or lower the batch size") as refused:
+        train(config, tmp_path / "run", device="cpu", progress=False)
+    assert "samples_per_case" not in str(refused.value)
