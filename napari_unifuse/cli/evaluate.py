@@ -175,7 +175,7 @@ from napari_unifuse.metrics import (
 )
 from napari_unifuse.model.checkpoint import DEFAULT_METHOD, checkpoint_method, read_metadata
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
-from napari_unifuse.training.harvard import HARVARD_TASKS, case_of
+from napari_unifuse.training.harvard import HARVARD_TASKS, case_of, recorded_split
 from napari_unifuse.training.trainer import CHECKPOINTS_FOLDER
 
 ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe", "epe_tissue", "epe_mm", "epe_tissue_mm")
@@ -409,6 +409,9 @@ class HarvardSplit:
     seed: int
     source: str  # where the values came from, for the report
     tasks: tuple[str, ...] = tuple(HARVARD_TASKS)  # task folders, as training.harvard names them
+    # The checkpoint's metadata: the cases its run recorded on each side (training.harvard.recorded_split),
+    # which another copy of the atlas (a case more or less) would split otherwise.
+    checkpoint: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 DEFAULT_SPLIT_SOURCE = "the dataset defaults"
@@ -421,11 +424,12 @@ def checkpoint_split(metadata: dict[str, Any], val_fraction: float | None, seed:
     trained_on_harvard = data.get("kind") == "harvard"
     tasks = tuple(data.get("tasks") or HARVARD_TASKS) if trained_on_harvard else tuple(HARVARD_TASKS)
     trained = HarvardSplit(float(data.get("val_fraction", DEFAULT_VAL_FRACTION)), int(data.get("split_seed", 0)),
-                           "the checkpoint's training config" if trained_on_harvard else DEFAULT_SPLIT_SOURCE, tasks)
+                           "the checkpoint's training config" if trained_on_harvard else DEFAULT_SPLIT_SOURCE, tasks,
+                           metadata)
     if val_fraction is None and seed is None:
         return trained
     chosen = HarvardSplit(trained.val_fraction if val_fraction is None else val_fraction,
-                          trained.seed if seed is None else seed, "--val-fraction/--split-seed", tasks)
+                          trained.seed if seed is None else seed, "--val-fraction/--split-seed", tasks, metadata)
     if trained_on_harvard and (chosen.val_fraction, chosen.seed) != (trained.val_fraction, trained.seed):
         print(f"warning: the checkpoint was trained with val_fraction {trained.val_fraction}, split seed "
               f"{trained.seed}; another split can put cases it trained on into validation")
@@ -463,10 +467,12 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
     # One pair at a time: pairs of several sizes need no common size here.
     train, validation = build_datasets(data, seed=seed, spatial_dims=2, batched=False)
     dataset = validation if split == "val" else train
+    left_out = _cases_recorded_on_the_other_side(cases.checkpoint, train.pairs, validation.pairs, split)
     taken: dict[str, int] = {}
     pairs = []
     for index, source in enumerate(dataset.pairs):
-        if source.task not in folders or (limit is not None and taken.get(source.task, 0) >= limit):
+        if source.task not in folders or source.case in left_out or (
+                limit is not None and taken.get(source.task, 0) >= limit):
             continue
         taken[source.task] = taken.get(source.task, 0) + 1
         sample = dataset[index]
@@ -493,6 +499,33 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
     if not pairs:
         raise InputError(f"no pairs in the {split} split for tasks {', '.join(tasks)}", root)
     return pairs
+
+
+def _cases_recorded_on_the_other_side(metadata: dict[str, Any], train: list, validation: list,
+                                      split: str) -> set[int]:
+    """The cases this copy of the atlas splits onto the ``split`` side that the checkpoint's run recorded
+    on the other (a training case scored as validation would flatter it), said on stdout with the cases
+    it recorded on that side that this split puts on the other, which are then not scored. Nothing
+    where the checkpoint recorded no split (earlier versions, other data)."""
+    recorded = recorded_split(metadata, [*train, *validation])
+    if recorded is None:
+        return set()
+    asked, other = (recorded.validation, recorded.train) if split == "val" else (recorded.train, recorded.validation)
+    chosen = {pair.case for pair in (validation if split == "val" else train)}
+    left_out, missed = {pair.case for pair in other} & chosen, {pair.case for pair in asked} - chosen
+    sides = {"val": "validation", "train": "training"}
+    other_side = sides["train" if split == "val" else "val"]
+
+    def named(found: set[int]) -> str:
+        return f"case{'s' if len(found) > 1 else ''} {', '.join(map(str, sorted(found)))}"
+
+    if left_out:
+        print(f"warning: this copy of the atlas splits {named(left_out)} into {sides[split]}, but the checkpoint's "
+              f"run had {'them' if len(left_out) > 1 else 'it'} for {other_side}: left out")
+    if missed:
+        print(f"warning: {named(missed)}, which the checkpoint's run held for {sides[split]}, this copy of the atlas "
+              f"splits into {other_side}: not scored (evaluate on the copy the checkpoint was trained on)")
+    return left_out
 
 
 # ---- scoring -------------------------------------------------------------------------------------

@@ -53,10 +53,10 @@ from napari_unifuse.io.fields import write_displacement
 from napari_unifuse.io.image import Geometry
 from napari_unifuse.metrics import fusion_metrics, registration_metrics, ssim_gains
 from napari_unifuse.model import UniFuse, UniFuseConfig
-from napari_unifuse.model.checkpoint import save_checkpoint
+from napari_unifuse.model.checkpoint import read_metadata, save_checkpoint
 from napari_unifuse.model.networks import build_network
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
-from napari_unifuse.training.harvard import index_harvard, split_cases
+from napari_unifuse.training.harvard import case_of, index_harvard, split_cases
 
 REPO = Path(__file__).resolve().parents[2]
 SIDE = 48  # the fusion metrics' windows need at least 41 pixels; a multiple of the model's 4
@@ -408,11 +408,13 @@ def test_harvard_split_is_synthesised_like_training(checkpoint, tmp_path):
     assert strip((out / "per_pair.csv").read_text(encoding="utf-8")) == strip(first)
 
 
-def test_a_subset_of_tasks_comes_from_the_checkpoints_split(tmp_path, capsys):
-    """The case split balances every task folder it is drawn over. Drawn over CT alone, this tree's
-    CT validation case would be 1; the checkpoint split CT and PET together and validated on case 2,
-    so ``--tasks CT`` must score case 2 (case 1 it trained on), as the same pair as ``--tasks CT,PET``."""
-    root = tmp_path / "aanlib"
+# A checkpoint trained on _two_task_atlas: over both tasks this split validates on cases 2 and 5.
+TWO_TASK_CHECKPOINT = {"training_config": {"data": {"kind": "harvard", "tasks": ["CT-MRI", "PET-MRI"],
+                                                    "val_fraction": 0.25, "split_seed": 1}}}
+
+
+def _two_task_atlas(root: Path) -> Path:
+    """An atlas tree of CT-MRI cases 1-4 and PET-MRI cases 1, 5, 6, 7 (one pair each)."""
     slices = make_brain_phantom_slices((SIDE, SIDE), ("t1", "ct"))
     grey = {name: np.round(255 * normalize_intensity(image, "mr")[0].array).astype(np.uint8)
             for name, image in slices.items()}
@@ -423,9 +425,15 @@ def test_a_subset_of_tasks_comes_from_the_checkpoints_split(tmp_path, capsys):
             Image.fromarray(grey["t1"]).save(root / task / "MRI" / f"{case}010.png")
             Image.fromarray(np.repeat(grey["ct"][..., None], 3, axis=-1) if modality == "PET" else grey["ct"]).save(
                 root / task / modality / f"{case}010.png")
-    trained = {"training_config": {"data": {"kind": "harvard", "tasks": ["CT-MRI", "PET-MRI"], "val_fraction": 0.25,
-                                            "split_seed": 1}}}
-    cases = checkpoint_split(trained, None, None)
+    return root
+
+
+def test_a_subset_of_tasks_comes_from_the_checkpoints_split(tmp_path, capsys):
+    """The case split balances every task folder it is drawn over. Drawn over CT alone, this tree's
+    CT validation case would be 1; the checkpoint split CT and PET together and validated on case 2,
+    so ``--tasks CT`` must score case 2 (case 1 it trained on), as the same pair as ``--tasks CT,PET``."""
+    root = _two_task_atlas(tmp_path / "aanlib")
+    cases = checkpoint_split(TWO_TASK_CHECKPOINT, None, None)
     assert cases.tasks == ("CT-MRI", "PET-MRI")
     ct_alone = split_cases(index_harvard(root, ("CT-MRI",)), cases.val_fraction, cases.seed)[1]
     assert [pair.pair_id for pair in ct_alone] == ["1010"]  # what the split over CT alone would validate on
@@ -1258,3 +1266,42 @@ def test_a_blank_reference_with_a_true_field_scores_no_tissue_error_and_the_run_
     assert float(rows["moving.png"]["epe_tissue"]) > 0
     summary = next(row for row in read_csv(tmp_path / "out" / "evaluation.csv") if row["method"] == "identity+max")
     assert (summary["n"], summary["epe_n"], summary["epe_tissue_n"]) == ("2", "2", "1")
+
+
+def test_harvard_pairs_never_score_a_case_the_checkpoints_run_recorded_for_training(tmp_path, capsys):
+    """Another copy of the atlas (a case more or less) moves the split drawn over it; the cases the
+    checkpoint's run recorded keep a case it trained on out of the validation pairs, and say which
+    held-out cases this copy cannot score."""
+    root = _two_task_atlas(tmp_path / "aanlib")
+
+    def validation(recorded: dict) -> list:
+        cases = checkpoint_split({**TWO_TASK_CHECKPOINT, "split": recorded}, None, None)
+        return pairs_from_harvard(root, "val", ["CT", "PET"], None, seed=0, size=None, none_fraction=0.0, cases=cases,
+                                  regime="mild")
+
+    drawn = [pair.name for pair in pairs_from_harvard(root, "val", ["CT", "PET"], None, seed=0, size=None,
+                                                      none_fraction=0.0, cases=checkpoint_split(
+                                                          TWO_TASK_CHECKPOINT, None, None), regime="mild")]
+    held_out = sorted({case_of(name.rsplit("/", 1)[1]) for name in drawn})
+    trained_on = sorted({1, 2, 3, 4, 5, 6, 7} - set(held_out))
+    as_recorded = validation({"train": [str(case) for case in trained_on], "validation": [str(case) for case in held_out]})
+    assert [pair.name for pair in as_recorded] == drawn
+    assert capsys.readouterr().out == ""
+    # The run trained on the first held-out case and held out a case this copy draws for training.
+    moved = held_out[0]
+    swapped = trained_on[0]
+    pairs = validation({"train": [str(case) for case in trained_on if case != swapped] + [str(moved)],
+                        "validation": [str(case) for case in held_out if case != moved] + [str(swapped)]})
+    assert moved not in {case_of(pair.name.rsplit("/", 1)[1]) for pair in pairs}
+    assert [pair.name for pair in pairs] == [name for name in drawn if case_of(name.rsplit("/", 1)[1]) != moved]
+    out = capsys.readouterr().out
+    assert f"splits case {moved} into validation, but the checkpoint's run had it for training: left out" in out
+    assert f"case {swapped}, which the checkpoint's run held for validation" in out
+
+
+@pytest.mark.parametrize("name", ["unifuse-2d-harvard", "bsafusion-2d-harvard", "mmif-amin-2d-harvard"])
+def test_the_bundled_2d_checkpoints_record_the_cases_they_held_out(name):
+    recorded = read_metadata(name)["split"]
+    # README: "the atlas cases the checkpoint never saw (CT case 34, PET case 30, SPECT case 10)".
+    assert sorted(recorded["validation"], key=int) == ["10", "30", "34"]
+    assert not set(recorded["train"]) & set(recorded["validation"])
