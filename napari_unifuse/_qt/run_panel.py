@@ -33,7 +33,8 @@ from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, read_image
 from napari_unifuse.io.digests import LAYER_DIGESTS
 from napari_unifuse.io.normalize import WITHOUT_FILE
-from napari_unifuse.model.checkpoint import list_checkpoints, read_config
+from napari_unifuse.io.readers import readable_format
+from napari_unifuse.model.checkpoint import list_checkpoints, read_config, resolve_checkpoint
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -127,8 +128,9 @@ class RunPanel(widgets.Container):
                                           tooltip="High-quality reference image layer")
         self.moving = widgets.ComboBox(label="moving", choices=self._image_layer_names,
                                        tooltip="Degraded, misaligned image to align, restore and fuse")
-        self.open_reference = widgets.FileEdit(label="open reference", mode="r")
-        self.open_moving = widgets.FileEdit(label="open moving", mode="r")
+        # Nullable: an emptied box is None, not Path("") (the working directory, read as a DICOM folder).
+        self.open_reference = widgets.FileEdit(label="open reference", mode="r", nullable=True)
+        self.open_moving = widgets.FileEdit(label="open moving", mode="r", nullable=True)
         self.ground_truth = widgets.ComboBox(label="ground truth", choices=self._label_choices, value=NO_LABEL,
                                       tooltip="Optional: the clean, aligned moving image (synthetic pairs, "
                                               "sample data); enables true error maps and label metrics")
@@ -136,7 +138,8 @@ class RunPanel(widgets.Container):
         self.checkpoint = widgets.ComboBox(
             label="checkpoint", choices=[*bundled, UNTRAINED, FROM_FILE], value=bundled[0] if bundled else UNTRAINED,
             tooltip=f"'{UNTRAINED}' has random weights: for trying the workbench only, its outputs mean nothing")
-        self.checkpoint_file = widgets.FileEdit(label="checkpoint file", mode="r", filter="*.safetensors", visible=False)
+        self.checkpoint_file = widgets.FileEdit(label="checkpoint file", mode="r", filter="*.safetensors", visible=False,
+                                                nullable=True)
         self.task = widgets.ComboBox(label="degradation", choices=("auto", *DEGRADATION_CLASSES), value="auto",
                                      tooltip="The moving image's degradation if you know it (recorded, and "
                                              "compared with the model's estimate)")
@@ -168,8 +171,8 @@ class RunPanel(widgets.Container):
             self.ground_truth, self.task, self.device, self.tile_size, self.output_root, self.folder_label])
         self.advanced = collapsible_section("Advanced", self.advanced_settings.native)
         self.native.layout().insertWidget(self.index(self.checkpoint_file) + 1, self.advanced)
-        self.open_reference.changed.connect(lambda path: self._open_into(path, self.reference))
-        self.open_moving.changed.connect(lambda path: self._open_into(path, self.moving))
+        self._open_from(self.open_reference, self.reference)
+        self._open_from(self.open_moving, self.moving)
         self.checkpoint.changed.connect(lambda value: setattr(self.checkpoint_file, "visible", value == FROM_FILE))
         self.reference.changed.connect(self._match_checkpoint_to_reference)
         # The ground truth and the declared degradation belong to the pair they were chosen for, and
@@ -317,10 +320,28 @@ class RunPanel(widgets.Container):
             if matching:
                 self.checkpoint.value = matching[0]
 
+    def _open_from(self, box: widgets.FileEdit, combo: widgets.ComboBox) -> None:
+        """Open what ``box`` names into ``combo``: a path chosen in the dialog at once, a typed one when
+        typing ends (Return, or leaving the box), not every partial path as it is typed ("/" is a folder)."""
+        line = box.line_edit.native
+
+        def chosen(path: Path | None) -> None:
+            if not line.isModified():  # set by the dialog or by code, not being typed
+                self._open_into(path, combo)
+
+        def typed() -> None:
+            if line.isModified():  # leaving the box unedited opens nothing again
+                line.setModified(False)
+                self._open_into(box.value, combo)
+
+        box.changed.connect(chosen)
+        line.editingFinished.connect(typed)
+
     @reports_errors("Open image")
-    def _open_into(self, path: Path, combo: widgets.ComboBox) -> None:
-        if not path or not Path(path).is_file() and not Path(path).is_dir():
+    def _open_into(self, path: Path | None, combo: widgets.ComboBox) -> None:
+        if path is None:  # the box was emptied
             return
+        readable_format(path)  # a typo'd path: the reader's "file not found", not silence
         other = self.moving if combo is self.reference else self.reference
         kept = other.value
         try:
@@ -341,10 +362,10 @@ class RunPanel(widgets.Container):
     def checkpoint_choice(self) -> str:
         if self.checkpoint.value != FROM_FILE:
             return self.checkpoint.value
-        path = Path(self.checkpoint_file.value or "")
-        if not path.is_file():
+        if self.checkpoint_file.value is None:
             raise InputError("choose a .safetensors checkpoint file, or a bundled checkpoint", "checkpoint")
-        return str(path)
+        # The CLI's reason for a path that is no checkpoint file: deleted since it was chosen, a folder.
+        return str(resolve_checkpoint(self.checkpoint_file.value))
 
     def selection(self) -> RunSelection:
         """The validated request; raises InputError naming the layer for anything unusable."""

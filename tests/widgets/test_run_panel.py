@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from napari_unifuse._qt.run_panel import NO_LABEL, OUTPUT_ROLE, PLUGIN
+from napari_unifuse._qt.run_panel import FROM_FILE, NO_LABEL, OUTPUT_ROLE, PLUGIN
 from napari_unifuse._qt.workbench import UniFuseWorkbench
 from napari_unifuse.errors import InputError
 from napari_unifuse.io import Geometry
@@ -128,3 +129,65 @@ def test_an_eight_bit_layer_made_in_memory_keeps_the_picture_rule(make_napari_vi
     for volume in (form.selection().request.reference, form.selection().request.moving):
         assert volume.source in ("console MR", "console PET")
         assert intensity_mapping(volume).method == "scale8bit"
+
+
+def test_a_path_typed_into_the_open_box_is_opened_when_typing_ends_and_a_missing_one_is_named_as_not_found(
+        make_napari_viewer, qtbot, tmp_path, notifications):
+    """A typo in the path did nothing: no layer, no message, an empty status line. Each partial path
+    was tried as it was typed ("/" opened as a DICOM folder)."""
+    from qtpy.QtCore import Qt
+
+    viewer = make_napari_viewer()
+    workbench = UniFuseWorkbench(viewer)  # kept: the form's widgets live as long as it
+    form = workbench.run_panel
+    line = form.open_reference.line_edit.native
+    typo = tmp_path / "t1_typo.nii.gz"
+    qtbot.keyClicks(line, str(typo))
+    assert notifications == [] and len(viewer.layers) == 0
+    qtbot.keyClick(line, Qt.Key.Key_Return)
+    assert len(viewer.layers) == 0
+    assert notifications == [("error", f"Open image: {typo}: file not found")]
+
+    notifications.clear()
+    image = tmp_path / "t1.png"
+    Image.fromarray(np.arange(48 * 48, dtype=np.uint16).reshape(48, 48).astype(np.uint8)).save(image)
+    line.clear()
+    qtbot.keyClicks(line, str(image))
+    qtbot.keyClick(line, Qt.Key.Key_Return)
+    line.editingFinished.emit()  # leaving the box after Return: the image is not opened twice
+    assert [layer.name for layer in viewer.layers] == [form.reference.value] and notifications == []
+
+
+def test_clearing_the_open_box_opens_nothing_and_says_nothing(make_napari_viewer, qtbot, tmp_path, notifications,
+                                                              monkeypatch):
+    """An emptied box read as the working directory, and was opened as a DICOM folder."""
+    from qtpy.QtCore import Qt
+
+    monkeypatch.chdir(tmp_path)
+    viewer = make_napari_viewer()
+    workbench = UniFuseWorkbench(viewer)  # kept: the form's widgets live as long as it
+    form = workbench.run_panel
+    line = form.open_moving.line_edit.native
+    qtbot.keyClicks(line, "x")
+    qtbot.keyClick(line, Qt.Key.Key_Backspace)
+    qtbot.keyClick(line, Qt.Key.Key_Return)
+    form.open_moving.value = None
+    assert len(viewer.layers) == 0 and notifications == []
+
+
+def test_a_checkpoint_file_deleted_after_it_was_chosen_is_named_as_not_found(make_napari_viewer, tmp_path,
+                                                                              notifications):
+    """The form still showed the path, but the run said only "choose a .safetensors checkpoint file"."""
+    viewer = make_napari_viewer()
+    add_pair(viewer, shape=(48, 48), geometry=Geometry.identity(2))
+    workbench = UniFuseWorkbench(viewer)
+    form = workbench.run_panel
+    chosen = tmp_path / "mine.safetensors"
+    chosen.write_bytes(b"weights")
+    form.output_root.value, form.device.value = str(tmp_path / "runs"), "cpu"
+    form.checkpoint.value, form.checkpoint_file.value = FROM_FILE, str(chosen)
+    chosen.unlink()
+    form.run_button.clicked()
+    errors = [message for severity, message in notifications if severity == "error"]
+    assert len(errors) == 1 and errors[0].startswith(f"Run UniFuse: checkpoint {str(chosen)!r} not found (")
+    assert workbench.worker is None and not (tmp_path / "runs").exists()
