@@ -2,8 +2,9 @@
 
 Layers we create carry ``metadata["unifuse"] = {"geometry", "source", "metadata"}`` so that a
 volume → layer → volume round trip is exact and keeps provenance. A layer our reader opened also
-carries ``"read_sha256"``, the hash of the array read: once napari gives the layer other pixels
-(``layer.data = …``), ``layer_to_volume`` no longer names the file as its source. A layer another
+carries ``"read_sha256"``, the hash of the array read, and ``"read_stamp"``, what the file looked
+like on disk then: once napari gives the layer other pixels (``layer.data = …``), or the file is
+replaced by another image, ``layer_to_volume`` no longer names the file as its source. A layer another
 reader opened (napari's own, for a PNG) names its file where it holds what our reader reads there.
 """
 
@@ -38,6 +39,9 @@ from napari_unifuse.io.readers import (
 LAYER_METADATA_KEY = "unifuse"
 # In ``metadata["unifuse"]`` of a layer our reader opened: the sha256 of the array it read.
 READ_SHA256_KEY = "read_sha256"
+# Also there: the file's ``_source_stamp`` when it was read, so that a file replaced since is told
+# from one left alone without reading it again at every change of the workbench's form.
+READ_STAMP_KEY = "read_stamp"
 # napari's documented "read fine, but no layers" value; returning [] instead makes napari raise
 # "returned no data" and open its reader-choice dialog on top of our message.
 _NO_LAYERS = [(None,)]
@@ -71,22 +75,49 @@ def volume_to_layer_data(volume: ImageVolume, name: str | None = None) -> tuple[
 def layer_to_volume(layer) -> ImageVolume:
     """The ImageVolume of a napari Image layer (its current scale/translate/affine define the geometry).
 
-    A layer whose pixels are no longer those its file held (edited in napari since our reader read
-    it) is an in-memory image: no source, so that a run's provenance records the pixels it fused
-    (``array_sha256``) rather than the file, and a warning that says so."""
+    A layer whose pixels are no longer those its file holds (edited in napari since our reader read
+    it, or the file replaced by another image since) is an in-memory image: no source, so that a
+    run's provenance records the pixels it fused (``array_sha256``) rather than the file, and a
+    warning that says so."""
     data, state, layer_type = layer.as_layer_data_tuple()
     if layer_type != "image":
         raise InputError(f"is a {layer_type} layer; an image layer is needed", layer.name)
+    _refuse_frames(data[0] if state.get("multiscale") else data, state, layer.name)
     if not (state.get("metadata") or {}).get(LAYER_METADATA_KEY):  # not our reader's: no source recorded
         volume = volume_from_layer_data(_inks_as_colour(layer, data, state), state)
         file = _file_another_reader_opened(layer, volume)
         return volume if file is None else dataclasses.replace(volume, source=file)
     volume = volume_from_layer_data(data, state)
-    if volume.source is None or not _edited_since_read(data[0] if state.get("multiscale") else data, state):
+    pixels = data[0] if state.get("multiscale") else data
+    if volume.source is None:
         return volume
-    edited = f"edited since it was read from {volume.source}: its pixels, not the file, are recorded"
+    if _edited_since_read(pixels, state):
+        why = f"edited since it was read from {volume.source}: its pixels"
+    elif _file_changed_since_read(volume.source, pixels, state):
+        why = f"{volume.source} changed on disk since it was opened: the pixels read then"
+    else:
+        return volume
+    note = f"{why}, not the file, are recorded"
     return dataclasses.replace(volume, source=None,
-                               metadata={**volume.metadata, "warnings": [*volume.metadata.get("warnings", []), edited]})
+                               metadata={**volume.metadata, "warnings": [*volume.metadata.get("warnings", []), note]})
+
+
+def _refuse_frames(data: Any, state: dict[str, Any], name: str) -> None:
+    """A grey layer of more than 3 dimensions (a time series, channels) is refused as the reader
+    refuses a 4D file, with how to take the one frame a fusion needs (a colour one: by
+    ``volume_from_layer_data``, colour being 2D only)."""
+    shape = np.shape(data)
+    if state.get("rgb") or len(shape) <= 3:
+        return
+    frames = "x".join(str(n) for n in shape[:-3])
+    raise InputError(
+        f"this is a {len(shape)}D layer of shape {shape} with {frames} frames (volumes) of "
+        f"{'x'.join(str(n) for n in shape[-3:])} and a fusion takes one: make a layer of the one you want "
+        f"(right-click the layer in the layer list ▸ Split Stack gives one layer per frame"
+        f"{', once per frame axis' if len(shape) > 4 else ''}; or in napari's console "
+        f"viewer.add_image(viewer.layers[{name!r}].data[{', '.join('0' * (len(shape) - 3))}]) for the first)",
+        name,
+    )
 
 
 def _inks_as_colour(layer, data: Any, state: dict[str, Any]) -> Any:
@@ -108,18 +139,44 @@ def _file_another_reader_opened(layer, volume: ImageVolume) -> str | None:
     path = getattr(layer.source, "path", None)
     if not path or file_format(path) is None:
         return None
-    try:
-        status = os.stat(path)
-    except OSError:
+    stamp = _source_stamp(path)
+    if stamp is None:
         return None
     held = _content_key(volume.array, volume.is_rgb, LAYER_DIGESTS)
-    return path if held == _file_content_key(str(Path(path).resolve()), status.st_size, status.st_mtime_ns) else None
+    return path if held == _file_content_key(str(Path(path).resolve()), stamp) else None
+
+
+def _file_changed_since_read(source: str, pixels: Any, state: dict[str, Any]) -> bool:
+    """Whether the file our reader read a layer's ``pixels`` from (unedited since) now holds another
+    image: only where its stamp changed is it read again, once per change. False where the file is
+    gone (the run then records the pixels with the path) or no stamp was taken."""
+    read_stamp = state["metadata"][LAYER_METADATA_KEY].get(READ_STAMP_KEY)
+    stamp = _source_stamp(source)
+    if read_stamp is None or stamp is None or stamp == read_stamp:
+        return False
+    held = _content_key(np.asarray(pixels), bool(state.get("rgb")), LAYER_DIGESTS)
+    return held != _file_content_key(str(Path(source).resolve()), stamp)
+
+
+def _source_stamp(path: str | os.PathLike) -> tuple | None:
+    """Size and modification time of a file; for a DICOM series, of every file in its folder (a
+    slice rewritten in place leaves the folder's own time as it was). It changes when the image
+    there is replaced; None where the file is gone."""
+    try:
+        if file_format(path) != "dicom":
+            status = os.stat(path)
+            return status.st_size, status.st_mtime_ns
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        return tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                            for entry in os.scandir(folder) if entry.is_file()))
+    except OSError:
+        return None
 
 
 @functools.lru_cache(maxsize=16)
-def _file_content_key(path: str, size: int, mtime_ns: int) -> str | None:
-    """:func:`_content_key` of the file as our reader opens it; by size and modification time too,
-    so that a file rewritten is read again (asked at every change of the workbench's form)."""
+def _file_content_key(path: str, stamp: tuple) -> str | None:
+    """:func:`_content_key` of the file as our reader opens it; by its ``_source_stamp`` too, so
+    that a file rewritten is read again (asked at every change of the workbench's form)."""
     try:
         volume = read_image(path).in_world_axis_order()
     except UniFuseError:
@@ -220,6 +277,7 @@ def read_layers(path: str | os.PathLike) -> list:
     A DICOM file (``.dcm`` or any name) opens its whole series, so selecting every file of a series in *File → Open
     Files* (napari reads them one by one) would open the series once per file: a series already
     open in the viewer is not opened again."""
+    stamp = _source_stamp(path)  # before reading: a file replaced meanwhile is then read again when a run asks
     try:
         if file_format(path) == "dicom" and not Path(path).is_dir():
             open_as = _layer_holding_series(dicom_series(path)[0])
@@ -234,6 +292,7 @@ def read_layers(path: str | os.PathLike) -> list:
         show_warning(f"{path}: {warning}")
     data, kwargs, layer_type = volume_to_layer_data(volume, name=_series_name(volume))
     kwargs["metadata"][LAYER_METADATA_KEY][READ_SHA256_KEY] = LAYER_DIGESTS(data)
+    kwargs["metadata"][LAYER_METADATA_KEY][READ_STAMP_KEY] = stamp
     return [(data, kwargs, layer_type)]
 
 

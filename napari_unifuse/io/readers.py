@@ -363,9 +363,11 @@ def colour_in_unit_range(colour: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return (colour / _EIGHT_BIT_COLOUR_MAX).astype(colour.dtype), [warning]
 
 
-def _refuse_empty(array: np.ndarray, path: Path) -> None:
+def _refuse_empty(array: np.ndarray, path: Path, stored_shape: tuple[int, ...] | None = None) -> None:
+    """An image without voxels, refused with its shape as stored (``stored_shape``) where the array
+    read has lost axes: nibabel drops those after a zero-length one."""
     if array.size == 0:
-        raise InputError(f"the image is empty (array shape {array.shape})", path)
+        raise InputError(f"the image is empty (array shape {stored_shape or array.shape})", path)
 
 
 def _choose_frame(n_frames: int, frame: int | None, path: Path, colour_hint: str | None = None) -> int:
@@ -481,7 +483,7 @@ def _read_nifti(path: Path, frame: int | None):
         stored_voxel_sizes = _stored_voxel_sizes(image)
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise _failure(path, "NIfTI", error) from error
-    _refuse_empty(data, path)  # before the geometry: nibabel drops the axes after a zero-length one
+    _refuse_empty(data, path, image.header.get_data_shape())  # before the geometry, which needs every axis
     # One value per voxel stored with one-voxel 5th+ axes (x, y, z, 1, 1), as ITK reads it: a volume.
     data = data.reshape(data.shape[:4] + tuple(n for n in data.shape[4:] if n != 1)) if data.ndim > 4 else data
     data = _colour_vectors_as_records(data, image.header)

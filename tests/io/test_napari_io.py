@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import imageio.v3 as imageio
 import nibabel as nib
@@ -119,6 +120,54 @@ def test_a_layer_edited_since_it_was_read_records_its_pixels_not_its_file(tmp_pa
 
     layer.data = np.asarray(read_image(path).in_world_axis_order().array)  # the file's pixels again, in a new array
     assert layer_to_volume(layer).source == str(path)
+
+
+def test_a_file_replaced_since_it_was_opened_records_the_pixels_read_not_the_new_file(tmp_path, rng):
+    """A run fuses the layer's pixels: the file that now holds another image must not be named as its input."""
+    path = tmp_path / "moving.nii.gz"
+    read = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    nib.Nifti1Image(read, np.eye(4)).to_filename(path)
+    PluginManager.instance().discover()
+    (layer,) = ViewerModel().open(str(path), plugin="napari-unifuse")
+
+    nib.Nifti1Image(read, np.eye(4)).to_filename(path)  # saved again, the same image: still the layer's file
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert layer_to_volume(layer).source == str(path)
+
+    nib.Nifti1Image(read[::-1].copy(), np.eye(4)).to_filename(path)  # another image under the same name
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2 * 10**9))
+    replaced = layer_to_volume(layer)
+    assert replaced.source is None
+    assert any(f"{path} changed on disk since it was opened" in warning for warning in replaced.metadata["warnings"])
+    described = describe_input(replaced)
+    assert described["sha256"] is None and described["array_sha256"] == sha256_of_array(layer.data)
+
+
+def test_a_dicom_slice_rewritten_in_place_is_noticed_though_its_folder_is_unchanged(
+        tmp_path, oblique_sitk_image, write_dicom_series, rng):
+    image = oblique_sitk_image(rng.integers(0, 1000, size=(4, 6, 5)).astype(np.int16), (0.8, 0.9, 2.5),
+                               (10.0, -20.0, 30.0), (0.0, 0.0, 0.0))
+    files = write_dicom_series(image, tmp_path / "ct", "1.2.826.0.1.3680043.2.1125.8")
+    PluginManager.instance().discover()
+    (layer,) = ViewerModel().open(str(files[0]), plugin="napari-unifuse")
+    folder_time = (tmp_path / "ct").stat().st_mtime_ns
+
+    data = bytearray(files[1].read_bytes())
+    data[-20:] = bytes(20)  # one slice's last pixels overwritten in place: the folder's time stays
+    files[1].write_bytes(bytes(data))
+    os.utime(files[1], ns=(files[1].stat().st_atime_ns, files[1].stat().st_mtime_ns + 10**9))
+    assert (tmp_path / "ct").stat().st_mtime_ns == folder_time
+    assert layer_to_volume(layer).source is None
+
+
+@pytest.mark.parametrize(("shape", "frames"), [((3, 4, 5, 6), "3"), ((2, 3, 4, 5, 6), "2x3")])
+def test_a_layer_of_frames_is_refused_as_its_file_would_be_with_how_to_take_one(shape, frames):
+    """As the reader says of a 4D file: what the layer holds and how to make a layer of one frame."""
+    layer = ViewerModel().add_image(np.zeros(shape, np.float32), name="dynamic PET")
+    with pytest.raises(UniFuseError, match=rf"dynamic PET: this is a {len(shape)}D layer of shape "
+                                           rf"\({', '.join(map(str, shape))}\) with {frames} frames \(volumes\) of "
+                                           r"4x5x6 and a fusion takes one.*Split Stack"):
+        layer_to_volume(layer)
 
 
 def test_a_picture_napari_own_reader_opened_is_its_file_as_ours_reads_it_until_edited(tmp_path, rng):
