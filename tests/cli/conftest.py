@@ -40,3 +40,20 @@ def deny_creating(monkeypatch):
         monkeypatch.setattr(Path, "mkdir", mkdir)
 
     return deny
+
+
+@pytest.fixture
+def built_engines(monkeypatch):
+    """Every FusionEngine ``unifuse evaluate`` builds, in order."""
+    from napari_unifuse.cli import evaluate as evaluate_module
+    from napari_unifuse.engine.inference import FusionEngine
+
+    engines = []
+
+    class RecordingEngine(FusionEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(evaluate_module, "FusionEngine", RecordingEngine)
+    return engines

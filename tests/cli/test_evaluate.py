@@ -736,23 +736,15 @@ def test_a_pair_simpleitk_cannot_register_leaves_nan_rows_and_the_run_goes_on(tm
 @pytest.mark.parametrize(("flag", "weighed"), [([], (False, False)), (["--weigh-network-field"], (True, False)),
                                                (["--weigh-dense-refinement"], (False, True))])
 def test_the_guards_candidates_are_as_the_checkpoint_says_unless_asked(flag, weighed, pairs_csv, tmp_path,
-                                                                      monkeypatch):
+                                                                      built_engines):
     torch.manual_seed(0)
     path = save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), tmp_path / "fa-never-kept.safetensors",
                            {"alignment_guard": {"weigh_network_field": False}})
-    engines = []
-
-    class RecordingEngine(FusionEngine):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            engines.append(self)
-
-    monkeypatch.setattr(evaluate_module, "FusionEngine", RecordingEngine)
     code = main(["evaluate", "--checkpoint", str(path), "--pairs", str(pairs_csv[0]), "--out", str(tmp_path / "out"),
                  "--device", "cpu", "--baselines", "identity", "--fusion-rules", "max", *flag])
 
     assert code == 0
-    assert [(engine.weigh_network_field, engine.weigh_dense_refinement) for engine in engines] == [weighed]
+    assert [(engine.weigh_network_field, engine.weigh_dense_refinement) for engine in built_engines] == [weighed]
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from PIL import Image
 from napari_unifuse.cli import build_parser, main
 from napari_unifuse.cli import evaluate as evaluate_module
 from napari_unifuse.engine.classical import FUSION_RULES, REGISTRATION_METHODS
-from napari_unifuse.engine.inference import FusionEngine
 from napari_unifuse.io import ImageVolume, write_image
 from napari_unifuse.io.fields import write_displacement
 from napari_unifuse.io.image import Geometry
@@ -95,20 +94,6 @@ def tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
     return save_checkpoint(UniFuse(UniFuseConfig.small(spatial_dims=2)), tmp_path / "tiny-2d.safetensors",
                            {"alignment_guard": {"weigh_network_field": False}})
-
-
-@pytest.fixture
-def built_engines(monkeypatch):
-    """Every FusionEngine the evaluation builds, in order."""
-    engines = []
-
-    class RecordingEngine(FusionEngine):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            engines.append(self)
-
-    monkeypatch.setattr(evaluate_module, "FusionEngine", RecordingEngine)
-    return engines
 
 
 def test_the_guard_options_reach_a_unifuse_given_to_methods_and_the_report_says_so(
