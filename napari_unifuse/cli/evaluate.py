@@ -175,7 +175,7 @@ from napari_unifuse.metrics import (
 )
 from napari_unifuse.model.checkpoint import DEFAULT_METHOD, checkpoint_method, read_metadata
 from napari_unifuse.training.datasets import DEFAULT_VAL_FRACTION
-from napari_unifuse.training.harvard import HARVARD_TASKS, case_of, recorded_split
+from napari_unifuse.training.harvard import HARVARD_TASKS, RECORDED_SPLIT_KEY, case_of, recorded_split
 from napari_unifuse.training.trainer import CHECKPOINTS_FOLDER
 
 ALIGNMENT_COLUMNS = ("ncc", "mse", "ssim", "folding_pct", "sdlogj", "epe", "epe_tissue", "epe_mm", "epe_tissue_mm")
@@ -415,6 +415,7 @@ class HarvardSplit:
 
 
 DEFAULT_SPLIT_SOURCE = "the dataset defaults"
+SPLIT_OPTIONS = "--val-fraction/--split-seed"  # the source of a split the user asked for
 
 
 def checkpoint_split(metadata: dict[str, Any], val_fraction: float | None, seed: int | None) -> HarvardSplit:
@@ -429,10 +430,12 @@ def checkpoint_split(metadata: dict[str, Any], val_fraction: float | None, seed:
     if val_fraction is None and seed is None:
         return trained
     chosen = HarvardSplit(trained.val_fraction if val_fraction is None else val_fraction,
-                          trained.seed if seed is None else seed, "--val-fraction/--split-seed", tasks, metadata)
+                          trained.seed if seed is None else seed, SPLIT_OPTIONS, tasks, metadata)
     if trained_on_harvard and (chosen.val_fraction, chosen.seed) != (trained.val_fraction, trained.seed):
+        consequence = ("the cases it recorded for training are left out of another split's validation pairs"
+                       if RECORDED_SPLIT_KEY in metadata else "another split can put cases it trained on into validation")
         print(f"warning: the checkpoint was trained with val_fraction {trained.val_fraction}, split seed "
-              f"{trained.seed}; another split can put cases it trained on into validation")
+              f"{trained.seed}; {consequence}")
     return chosen
 
 
@@ -467,7 +470,7 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
     # One pair at a time: pairs of several sizes need no common size here.
     train, validation = build_datasets(data, seed=seed, spatial_dims=2, batched=False)
     dataset = validation if split == "val" else train
-    left_out = _cases_recorded_on_the_other_side(cases.checkpoint, train.pairs, validation.pairs, split)
+    left_out = _cases_recorded_on_the_other_side(cases, train.pairs, validation.pairs, split)
     taken: dict[str, int] = {}
     pairs = []
     for index, source in enumerate(dataset.pairs):
@@ -501,13 +504,13 @@ def pairs_from_harvard(root: Path, split: str, tasks: list[str], limit: int | No
     return pairs
 
 
-def _cases_recorded_on_the_other_side(metadata: dict[str, Any], train: list, validation: list,
-                                      split: str) -> set[int]:
-    """The cases this copy of the atlas splits onto the ``split`` side that the checkpoint's run recorded
-    on the other (a training case scored as validation would flatter it), said on stdout with the cases
-    it recorded on that side that this split puts on the other, which are then not scored. Nothing
-    where the checkpoint recorded no split (earlier versions, other data)."""
-    recorded = recorded_split(metadata, [*train, *validation])
+def _cases_recorded_on_the_other_side(cases: HarvardSplit, train: list, validation: list, split: str) -> set[int]:
+    """The cases the split drawn here (``cases``: over this copy of the atlas, or with other
+    --val-fraction/--split-seed) puts on the ``split`` side that the checkpoint's run recorded on the
+    other (a training case scored as validation would flatter it), said on stdout with the cases it
+    recorded on that side that this split puts on the other, which are then not scored. Nothing where
+    the checkpoint recorded no split (earlier versions, other data)."""
+    recorded = recorded_split(cases.checkpoint, [*train, *validation])
     if recorded is None:
         return set()
     asked, other = (recorded.validation, recorded.train) if split == "val" else (recorded.train, recorded.validation)
@@ -519,12 +522,16 @@ def _cases_recorded_on_the_other_side(metadata: dict[str, Any], train: list, val
     def named(found: set[int]) -> str:
         return f"case{'s' if len(found) > 1 else ''} {', '.join(map(str, sorted(found)))}"
 
+    overridden = cases.source == SPLIT_OPTIONS
+    drawn_by = f"the split drawn with {SPLIT_OPTIONS}" if overridden else "this copy of the atlas's split"
+    remedy = (f"leave out {SPLIT_OPTIONS} to score the checkpoint's own" if overridden
+              else "evaluate on the copy the checkpoint was trained on")
     if left_out:
-        print(f"warning: this copy of the atlas splits {named(left_out)} into {sides[split]}, but the checkpoint's "
+        print(f"warning: {drawn_by} puts {named(left_out)} into {sides[split]}, but the checkpoint's "
               f"run had {'them' if len(left_out) > 1 else 'it'} for {other_side}: left out")
     if missed:
-        print(f"warning: {named(missed)}, which the checkpoint's run held for {sides[split]}, this copy of the atlas "
-              f"splits into {other_side}: not scored (evaluate on the copy the checkpoint was trained on)")
+        print(f"warning: {named(missed)}, which the checkpoint's run held for {sides[split]}, {drawn_by} "
+              f"puts into {other_side}: not scored ({remedy})")
     return left_out
 
 

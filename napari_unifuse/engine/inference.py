@@ -185,7 +185,8 @@ Attempt = tuple[torch.device, TileSize]
 # tiles of at most this many voxels (``tiling.auto_tile_shape``: slabs rather than cubes).
 MAX_TILE_VOXELS = 176**3
 # What a colour moving image's class evidence asks for: the modality its colours do not tell.
-COLOUR_MODALITY_HINT = "give it (--moving-modality pet or spect; moving_modality= in Python)"
+COLOUR_MODALITY_HINT = ("give it (unifuse fuse --moving-modality pet or spect; moving_modality= in Python; the "
+                        "workbench has no such setting yet)")
 # How a one-slice volume was fused as a 2-D image (provenance's "single_slice" note).
 RESAMPLED_ONTO_THE_SLICE = ("a one-slice volume, fused as a 2D image on its in-plane grid after the moving image was "
                             "resampled onto the slice in 3D; outputs are back on the slice's 3D grid")
@@ -516,8 +517,8 @@ class FusionEngine:
                                     "image is coloured by the moving image alone, the reference's colours are "
                                     "not in it (the fusion is of luma, Y)")
             with stage("resample"):
-                on_grid = _onto_reference_grid(moving_ready, reference)
                 off_grid = None if moving.on_grid_of(reference) else _MovingOffGrid(moving_ready, reference)
+                on_grid = _onto_reference_grid(moving_ready, reference, with_carried_channels=off_grid is None)
                 field_of_view = moving_field_of_view(moving, reference)
             spacing = tuple(float(s) for s in reference.geometry.spacing)
             classical = None
@@ -998,19 +999,20 @@ class FusionEngine:
         fused, restored, u = prediction["fused"], prediction["restored"], prediction["displacement"]
         field = torch.from_numpy(u)[None]
 
-        def moved(channels_of: Callable[[_PreparedImage], np.ndarray | None]) -> np.ndarray | None:
-            # What the model did not see follows the luma: moved by the same (kept) field, read
-            # once on the moving image's own grid where that is not the reference's, as the luma was.
-            channels = channels_of(moving_ready)
+        # What the model did not see follows the luma: moved by the same (kept) field, read once on the
+        # moving image's own grid where that is not the reference's, as the luma was.
+        carried_from = moving_ready if off_grid is None else off_grid.prepared
+
+        def moved(channels: np.ndarray | None) -> np.ndarray | None:
             if channels is None:
                 return None
             if off_grid is not None:
-                return off_grid.moved(channels_of(off_grid.prepared), u)
+                return off_grid.moved(channels, u)
             return warp(torch.from_numpy(channels)[None], field)[0].numpy()
 
-        moving_chroma = moved(lambda image: image.chroma)
-        if moving_ready.clipped is not None:
-            restored = restored + moved(lambda image: image.clipped[None])[0]
+        moving_chroma = moved(carried_from.chroma)
+        if carried_from.clipped is not None:
+            restored = restored + moved(carried_from.clipped[None])[0]
         carried_chroma = moving_chroma if moving_chroma is not None else reference_ready.chroma
         if carried_chroma is not None:
             fused = _recombine_rgb(fused, carried_chroma)
@@ -1363,15 +1365,21 @@ def _beyond_float32_warnings(moving: ImageVolume) -> list[str]:
             f"(±{FLOAT32_MAX:.3g}), which the outputs are written in: the aligned image holds them at that limit"]
 
 
-def _onto_reference_grid(moving: _PreparedImage, reference: ImageVolume) -> _PreparedImage:
+def _onto_reference_grid(moving: _PreparedImage, reference: ImageVolume,
+                         with_carried_channels: bool = True) -> _PreparedImage:
+    """``moving`` on the reference grid; its chroma and clipped part only ``with_carried_channels``:
+    where the moving image is read on its own grid (``_MovingOffGrid``) nothing reads them here, and a
+    clinical CT's clipped part would be 300 MB more through the network pass."""
     def resampled(channel: np.ndarray) -> np.ndarray:
         return resample_to_reference(dataclasses.replace(moving.luma, array=channel), reference).array
 
+    carried = with_carried_channels
     return dataclasses.replace(
         moving,
         luma=resample_to_reference(moving.luma, reference),
-        chroma=None if moving.chroma is None else np.stack([resampled(c) for c in moving.chroma]).astype(np.float32),
-        clipped=None if moving.clipped is None else resampled(moving.clipped).astype(np.float32),
+        chroma=None if moving.chroma is None or not carried else
+        np.stack([resampled(c) for c in moving.chroma]).astype(np.float32),
+        clipped=None if moving.clipped is None or not carried else resampled(moving.clipped).astype(np.float32),
     )
 
 

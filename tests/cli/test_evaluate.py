@@ -1287,8 +1287,18 @@ def test_harvard_pairs_never_score_a_case_the_checkpoints_run_recorded_for_train
     assert moved not in {case_of(pair.name.rsplit("/", 1)[1]) for pair in pairs}
     assert [pair.name for pair in pairs] == [name for name in drawn if case_of(name.rsplit("/", 1)[1]) != moved]
     out = capsys.readouterr().out
-    assert f"splits case {moved} into validation, but the checkpoint's run had it for training: left out" in out
-    assert f"case {swapped}, which the checkpoint's run held for validation" in out
+    assert (f"this copy of the atlas's split puts case {moved} into validation, but the checkpoint's run had it for "
+            "training: left out") in out
+    assert f"case {swapped}, which the checkpoint's run held for validation, this copy of the atlas's split" in out
+    # Another split asked for: the warning names the options, not the atlas copy.
+    cases = checkpoint_split({**TWO_TASK_CHECKPOINT, "split": {"train": ["1", "3", "4", "6", "7"],
+                                                               "validation": ["2", "5"]}}, 0.25, 2)
+    with pytest.raises(InputError, match="no pairs in the val split"):  # seed 2 validates on cases 3 and 6 only
+        pairs_from_harvard(root, "val", ["CT", "PET"], None, seed=0, size=None, none_fraction=0.0, cases=cases,
+                           regime="mild")
+    out = capsys.readouterr().out
+    assert "the cases it recorded for training are left out of another split's validation pairs" in out
+    assert "this copy" not in out and "not scored (leave out --val-fraction/--split-seed" in out
 
 
 @pytest.mark.parametrize("name", ["unifuse-2d-harvard", "bsafusion-2d-harvard", "mmif-amin-2d-harvard"])

@@ -107,3 +107,20 @@ def test_the_quality_maps_of_an_off_grid_moving_image_see_no_restoration_by_a_me
     result = FusionEngine(load_method("matching+average", spatial_dims=3), device="cpu").run_fusion(
         REFERENCE, moving, quality=True, uncertainty_passes=0)
     assert np.abs(result.quality.restoration_change).max() < 1e-5
+
+
+def test_an_off_grid_colour_moving_image_carries_its_colours_read_once():
+    # The chroma is read on the moving image's own grid, as the luma is: with no motion (identity), the
+    # aligned colours are the moving image resampled onto the reference grid.
+    reference = ImageVolume(_sampled(Geometry(np.ones(3), np.zeros(3), np.eye(3)), (1, 32, 32)).array[0],
+                            Geometry(np.ones(2), np.zeros(2), np.eye(2)))
+    grid = Geometry(np.full(2, 0.8), np.array([0.3, -0.2]), np.eye(2))
+    luma = _sampled(Geometry(np.full(3, 0.8), np.array([0.0, 0.3, -0.2]), np.eye(3)), (1, 40, 40)).array[0]
+    colour = np.clip(np.stack([luma, 0.6 * luma, 0.3 * luma + 0.1], axis=-1) / luma.max(), 0, 1).astype(np.float32)
+    moving = ImageVolume(colour, grid, is_rgb=True)
+    result = FusionEngine(load_method("identity+max", spatial_dims=2), device="cpu").run_fusion(
+        reference, moving, quality=False)
+    expected = resample_to_reference(moving, reference).array
+    inside = resample_to_reference(ImageVolume(np.ones((40, 40), np.float32), grid), reference).array == 1
+    assert result.aligned.array.shape == (32, 32, 3)
+    np.testing.assert_allclose(result.aligned.array[inside], expected[inside], atol=2e-3)
