@@ -415,6 +415,7 @@ class HarvardSplit:
 
 
 DEFAULT_SPLIT_SOURCE = "the dataset defaults"
+TRAINED_SPLIT_SOURCE = "the checkpoint's training config"
 SPLIT_OPTIONS = "--val-fraction/--split-seed"  # the source of a split the user asked for
 
 
@@ -425,7 +426,7 @@ def checkpoint_split(metadata: dict[str, Any], val_fraction: float | None, seed:
     trained_on_harvard = data.get("kind") == "harvard"
     tasks = tuple(data.get("tasks") or HARVARD_TASKS) if trained_on_harvard else tuple(HARVARD_TASKS)
     trained = HarvardSplit(float(data.get("val_fraction", DEFAULT_VAL_FRACTION)), int(data.get("split_seed", 0)),
-                           "the checkpoint's training config" if trained_on_harvard else DEFAULT_SPLIT_SOURCE, tasks,
+                           TRAINED_SPLIT_SOURCE if trained_on_harvard else DEFAULT_SPLIT_SOURCE, tasks,
                            metadata)
     if val_fraction is None and seed is None:
         return trained
@@ -512,6 +513,11 @@ def _cases_recorded_on_the_other_side(cases: HarvardSplit, train: list, validati
     the checkpoint recorded no split (earlier versions, other data)."""
     recorded = recorded_split(cases.checkpoint, [*train, *validation])
     if recorded is None:
+        if cases.source == TRAINED_SPLIT_SOURCE:
+            # Checkpoints written before 2026-12-07 recorded the split's parameters, not its cases.
+            print("warning: the checkpoint records no case split (its run's split.json lists them): its validation "
+                  "cases are drawn again over this copy of the atlas, which gives its run's only on the copy it was "
+                  "trained on")
         return set()
     asked, other = (recorded.validation, recorded.train) if split == "val" else (recorded.train, recorded.validation)
     chosen = {pair.case for pair in (validation if split == "val" else train)}

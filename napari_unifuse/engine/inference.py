@@ -1400,8 +1400,12 @@ def refuse_mixed_dimensions(reference: ImageVolume, moving: ImageVolume) -> None
     """An InputError for a 2D reference with a 3D moving image or the reverse: no method fuses such
     a pair, and nothing can place one image in the other's space."""
     if reference.ndim != moving.ndim:
+        # What a reader noted may say why (a colour picture in NIfTI read as three grey slices).
+        notes = [f"{image.source or role}: {note}" for role, image in (("reference", reference), ("moving", moving))
+                 for note in image.metadata.get("warnings", [])]
         raise InputError(f"the reference is {_describe_dims(reference)} but the moving image is "
-                         f"{_describe_dims(moving)}; both must be 2D or both 3D", moving.source or "moving image")
+                         f"{_describe_dims(moving)}; both must be 2D or both 3D"
+                         + "".join(f" (the reader noted: {note})" for note in notes), moving.source or "moving image")
 
 
 def _describe_dims(image: ImageVolume) -> str:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from napari_unifuse._napari_io import layer_to_volume
 from napari_unifuse.errors import InputError
-from napari_unifuse.io import Geometry, read_image
+from napari_unifuse.io import Geometry, ImageVolume, read_image
 
 
 @pytest.fixture
@@ -167,6 +167,17 @@ def test_8bit_colour_as_a_third_axis_reads_as_slices_with_the_colour_hint(tmp_pa
         "RGB_VECTOR (nibabel: header.set_intent('rgb vector')), or as RGB24, or save it as PNG"]
     follows_the_hint = colour.transpose(1, 0, 2)[:, :, np.newaxis, :]
     np.testing.assert_array_equal(read_image(_rgb_vector_nifti(path, follows_the_hint)).array, colour)
+
+
+def test_the_colour_hint_reaches_the_refusal_of_such_slices_beside_a_picture(tmp_path, colour):
+    from napari_unifuse.engine.inference import refuse_mixed_dimensions
+
+    path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image(colour.transpose(1, 0, 2), np.eye(4)), path)
+    picture = ImageVolume(colour[..., 0].astype(np.float32), Geometry.identity(2))
+    with pytest.raises(InputError, match=r"both must be 2D or both 3D \(the reader noted: .*pet\.nii\.gz: read as 3 "
+                                         "slices of grey values: if it is a colour picture"):
+        refuse_mixed_dimensions(picture, read_image(path))
 
 
 @pytest.mark.parametrize("what", ["uint8 frames of a volume", "float components"])
