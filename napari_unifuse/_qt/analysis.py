@@ -66,6 +66,9 @@ class RunRequest:
     tile_size: int | None = None
     task: str = "auto"  # the degradation the user knows the moving image has, or "auto"
     label: ImageVolume | None = None  # ground truth of the aligned moving image, when known
+    # What the moving image is, where its header does not say (a colour PET or SPECT): "auto" reads it from
+    # the header, else from the intensities (io.normalize), as `unifuse fuse --moving-modality` does.
+    moving_modality: str = "auto"
 
 
 @dataclass
@@ -144,7 +147,8 @@ def run_and_analyse(
                              else (None, []))
     # Described as given (a layer by the hash of its values), not with the NaN checked_label replaced.
     label_input = describe_label(request.label) if request.label is not None else None
-    result = engine.run_fusion(request.reference, request.moving, progress=progress, cancel=cancel)
+    result = engine.run_fusion(request.reference, request.moving, moving_modality=request.moving_modality,
+                               progress=progress, cancel=cancel)
     # The outputs lie on the reference's grid in world axis order (run_fusion): a layer a script added
     # with its slices head to foot, or its axes permuted, is compared with them on that grid.
     reference = request.reference.in_world_axis_order()

@@ -76,8 +76,10 @@ def method_choices(ndim: int) -> list[str]:
 
 def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume, device: str,
                 tile_size: int | None, progress: ProgressCallback, cancel: CancelToken,
-                engines: dict[tuple, FusionEngine], checkpoint: str = UNTRAINED) -> list[MethodRun]:
-    """Each method's fusion of the pair, in turn (``engines`` caches loaded methods across runs).
+                engines: dict[tuple, FusionEngine], checkpoint: str = UNTRAINED,
+                moving_modality: str = "auto") -> list[MethodRun]:
+    """Each method's fusion of the pair, in turn (``engines`` caches loaded methods across runs),
+    the moving image taken as ``moving_modality`` (the run form's), as the main run takes it.
 
     ``checkpoint``: the run form's; the method its weights belong to runs with them (a researcher's
     own UniFuse is compared as trained, not the bundled one; weights for other dimensions than the
@@ -97,8 +99,9 @@ def run_methods(methods: list[str], reference: ImageVolume, moving: ImageVolume,
             progress(f"load {name}", 0, 1)
             engines[key] = FusionEngine(load_method(name, checkpoint=weights, spatial_dims=dims),
                                         device=device, tile_size=tile_size)
-        result = engines[key].run_fusion(reference, moving, progress=lambda stage, done, total, n=name:
-                                         progress(f"{n}: {stage}", done, total), cancel=cancel)
+        result = engines[key].run_fusion(reference, moving, moving_modality=moving_modality,
+                                         progress=lambda stage, done, total, n=name: progress(f"{n}: {stage}", done,
+                                                                                              total), cancel=cancel)
         runs.append(MethodRun(name, result, engines[key].method.checkpoint_name))
     return runs
 
@@ -217,7 +220,7 @@ class MethodComparePanel(widgets.Container):
     def _flag_folder(run: MethodRun, compared: RunSelection) -> Path:
         """Where flags about ``run`` go: the compared pair's run folder where the method ran with the
         form's checkpoint or with no weights; else the folder a run of the pair with the weights it
-        ran with gets (``RunPanel.selection``: the same inputs, tile size and degradation)."""
+        ran with gets (``RunPanel.selection``: the same inputs, tile size, degradation and modality)."""
         if run.checkpoint is None or run.checkpoint == compared.request.checkpoint:
             return compared.folder
         return folder_of_run(compared.request, compared.folder.parent, compared.reference_name,
@@ -256,7 +259,7 @@ class MethodComparePanel(widgets.Container):
         request, cancel, engines = handover.take()
         try:
             return run_methods(methods, request.reference, request.moving, request.device, request.tile_size,
-                               progress, cancel, engines, request.checkpoint)
+                               progress, cancel, engines, request.checkpoint, request.moving_modality)
         except Exception as error:  # noqa: BLE001 - reported on the GUI thread by _finish
             return WorkerFailed(error, ACTION)
 

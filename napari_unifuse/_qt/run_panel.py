@@ -32,7 +32,7 @@ from napari_unifuse.engine.overlays import (
 from napari_unifuse.errors import InputError, UniFuseError
 from napari_unifuse.io import ImageVolume, read_image
 from napari_unifuse.io.digests import LAYER_DIGESTS
-from napari_unifuse.io.normalize import WITHOUT_FILE
+from napari_unifuse.io.normalize import MODALITIES, WITHOUT_FILE
 from napari_unifuse.io.readers import readable_format
 from napari_unifuse.model.checkpoint import list_checkpoints, read_config, resolve_checkpoint
 
@@ -96,13 +96,15 @@ class RunSelection:
 
 @dataclass(frozen=True)
 class PairExtras:
-    """The ground truth and the declared degradation chosen for one (reference, moving) pair; the
-    layers are held weakly (a deleted layer is let go) and followed through renames."""
+    """The ground truth, the declared degradation and the moving image's modality chosen for one
+    (reference, moving) pair; the layers are held weakly (a deleted layer is let go) and followed
+    through renames."""
 
     reference: weakref.ref
     moving: weakref.ref
     ground_truth: weakref.ref | None
     degradation: str
+    moving_modality: str = "auto"
 
     def is_of(self, reference: Image, moving: Image) -> bool:
         return self.reference() is reference and self.moving() is moving
@@ -143,6 +145,10 @@ class RunPanel(widgets.Container):
         self.task = widgets.ComboBox(label="degradation", choices=("auto", *DEGRADATION_CLASSES), value="auto",
                                      tooltip="The moving image's degradation if you know it (recorded, and "
                                              "compared with the model's estimate)")
+        self.moving_modality = widgets.ComboBox(
+            label="moving modality", choices=MODALITIES, value="auto",
+            tooltip="What the moving image is, where its file does not say: a colour image does not tell PET from "
+                    "SPECT (auto = its header's modality, else read from its intensities)")
         self.device = widgets.ComboBox(label="device", choices=DEVICE_CHOICES, value="auto",
                                        tooltip="auto = CUDA when a GPU is present, else CPU")
         self.tile_size = widgets.ComboBox(label="tile size", choices=TILE_CHOICES, value=None,
@@ -151,7 +157,7 @@ class RunPanel(widgets.Container):
                                                   "beyond that the fewest overlapping slabs")
         self.output_root = widgets.FileEdit(label="runs folder", mode="d", value=str(DEFAULT_RUNS_ROOT.expanduser()),
                                             tooltip="Each run gets its own sub-folder, derived from the inputs, checkpoint, "
-                                                    "tile size and degradation, so reopening a run finds its "
+                                                    "tile size, degradation and modality, so reopening a run finds its "
                                                     "annotations")
         self.folder_label = widgets.Label(label="run folder")
         self.folder_label.native.setWordWrap(True)
@@ -168,17 +174,18 @@ class RunPanel(widgets.Container):
         ])
         # What a first run does not need: the defaults work, and the settings stay one click away.
         self.advanced_settings = widgets.Container(widgets=[
-            self.ground_truth, self.task, self.device, self.tile_size, self.output_root, self.folder_label])
+            self.ground_truth, self.task, self.moving_modality, self.device, self.tile_size, self.output_root,
+            self.folder_label])
         self.advanced = collapsible_section("Advanced", self.advanced_settings.native)
         self.native.layout().insertWidget(self.index(self.checkpoint_file) + 1, self.advanced)
         self._open_from(self.open_reference, self.reference)
         self._open_from(self.open_moving, self.moving)
         self.checkpoint.changed.connect(lambda value: setattr(self.checkpoint_file, "visible", value == FROM_FILE))
         self.reference.changed.connect(self._match_checkpoint_to_reference)
-        # The ground truth and the declared degradation belong to the pair they were chosen for, and
-        # come back with it: going back to a pair must not silently score it without its ground truth.
+        # The ground truth, the declared degradation and the modality belong to the pair they were chosen
+        # for, and come back with it: going back to a pair must not silently score it without its ground truth.
         self._extras_of_pairs: list[PairExtras] = []
-        for extra in (self.ground_truth, self.task):
+        for extra in (self.ground_truth, self.task, self.moving_modality):
             extra.changed.connect(self._remember_extras_of_pair)
         for image in (self.reference, self.moving):
             image.changed.connect(self._recall_extras_of_pair)
@@ -294,16 +301,17 @@ class RunPanel(widgets.Container):
         ground_truth = layers.get(self.ground_truth.value)
         self._extras_of_pairs = [*kept, PairExtras(weakref.ref(pair[0]), weakref.ref(pair[1]),
                                                    None if ground_truth is None else weakref.ref(ground_truth),
-                                                   self.task.value)]
+                                                   self.task.value, self.moving_modality.value)]
 
     def _recall_extras_of_pair(self, _value=None) -> None:
-        """Another pair chosen: the ground truth and degradation chosen for it before, or none and auto
-        for a pair never chosen (the last pair's, a sample's say, would score it against an unrelated image)."""
+        """Another pair chosen: the ground truth, degradation and modality chosen for it before, or none
+        and auto for a pair never chosen (the last pair's, a sample's say, would score it against an
+        unrelated image)."""
         pair = self._chosen_pair(_image_layers_by_name(self.viewer))
         extras = next((extras for extras in self._extras_of_pairs if pair is not None and extras.is_of(*pair)), None)
-        ground_truth, degradation = (NO_LABEL, "auto") if extras is None else (
-            extras.ground_truth_among(self._image_layer_names()), extras.degradation)
-        self.ground_truth.value, self.task.value = ground_truth, degradation
+        ground_truth, degradation, modality = (NO_LABEL, "auto", "auto") if extras is None else (
+            extras.ground_truth_among(self._image_layer_names()), extras.degradation, extras.moving_modality)
+        self.ground_truth.value, self.task.value, self.moving_modality.value = ground_truth, degradation, modality
 
     def _match_checkpoint_to_reference(self, _value=None) -> None:
         """Offer the bundled checkpoint of the reference's dimensionality, unless the user chose
@@ -387,7 +395,7 @@ class RunPanel(widgets.Container):
             raise InputError("the ground-truth layer was deleted; choose another or 'none'", self.ground_truth.value)
         label = None if self.ground_truth.value in (None, NO_LABEL) else self._volume(self.ground_truth.value)
         request = RunRequest(reference, moving, checkpoint, self.device.value, self.tile_size.value, self.task.value,
-                             label)
+                             label, self.moving_modality.value)
         folder = folder_of_run(request, self.output_root.value, self.reference.value, self.moving.value, checkpoint)
         self._tell_of_earlier_version_flags(request, folder, checkpoint)
         layers = (weakref.ref(self.viewer.layers[self.reference.value]), weakref.ref(self.viewer.layers[self.moving.value]))
@@ -434,13 +442,15 @@ def folder_of_run(request: RunRequest, root: str | Path, reference_name: str, mo
     """The run folder under ``root`` of ``request``'s pair run with ``checkpoint``.
 
     The ground truth only adds metrics and an error map (a Save replaces them) and the device only
-    the rounding: the same flags hold for those runs. The tile size and the declared degradation
-    change the saved fused image or provenance, which another run's report must not sit beside. A
+    the rounding: the same flags hold for those runs. The tile size, the declared degradation and the
+    moving image's modality change the saved fused image or provenance, which another run's report
+    must not sit beside (each left at auto is not hashed: the folder of a run on the defaults stays). A
     folder made before 2026-12-07 for a file napari's own reader opened (keyed by its grid) is reused."""
     inputs = (request.reference, request.moving)
     return run_folder(root, reference_name, moving_name, checkpoint,
                       tuple(input_fingerprint(volume, LAYER_DIGESTS) for volume in inputs),
-                      {"tile size": request.tile_size, "degradation": request.task},
+                      {"tile size": request.tile_size, "degradation": request.task,
+                       "moving modality": request.moving_modality},
                       earlier_fingerprints=tuple(grid_fingerprint(volume, LAYER_DIGESTS) for volume in inputs))
 
 

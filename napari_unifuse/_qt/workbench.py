@@ -308,8 +308,8 @@ class UniFuseWorkbench(QWidget):
                        self.annotation_panel.delete):  # after the panel's own handler, connected first
             button.changed.connect(self._say_whether_the_report_lists_the_flags)
         for widget in (self.run_panel.reference, self.run_panel.moving, self.run_panel.checkpoint,
-                       self.run_panel.checkpoint_file, self.run_panel.task, self.run_panel.tile_size,
-                       self.run_panel.output_root):
+                       self.run_panel.checkpoint_file, self.run_panel.task, self.run_panel.moving_modality,
+                       self.run_panel.tile_size, self.run_panel.output_root):
             widget.changed.connect(self._select_run)
         napari_viewer.dims.events.current_step.connect(self._on_slice_changed)
         self.results.on_outputs_deleted = self._select_run  # flags follow what is on screen

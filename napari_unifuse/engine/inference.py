@@ -185,8 +185,8 @@ Attempt = tuple[torch.device, TileSize]
 # tiles of at most this many voxels (``tiling.auto_tile_shape``: slabs rather than cubes).
 MAX_TILE_VOXELS = 176**3
 # What a colour moving image's class evidence asks for: the modality its colours do not tell.
-COLOUR_MODALITY_HINT = ("give it (unifuse fuse --moving-modality pet or spect; moving_modality= in Python; the "
-                        "workbench has no such setting yet)")
+COLOUR_MODALITY_HINT = ("give it (unifuse fuse --moving-modality pet or spect; the workbench's Advanced ▸ moving "
+                        "modality; moving_modality= in Python)")
 # How a one-slice volume was fused as a 2-D image (provenance's "single_slice" note).
 RESAMPLED_ONTO_THE_SLICE = ("a one-slice volume, fused as a 2D image on its in-plane grid after the moving image was "
                             "resampled onto the slice in 3D; outputs are back on the slice's 3D grid")

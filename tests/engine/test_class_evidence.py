@@ -292,6 +292,6 @@ def test_a_colour_moving_image_is_of_unknown_modality_and_the_warning_asks_for_i
     (warned,) = [w for w in result.warnings if "not evidence of the artefact" in w]
     assert warned.startswith("modality unknown: judged by the weakest calibration")
     assert warned.endswith("a colour image does not say its modality: give it (unifuse fuse --moving-modality pet "
-                           "or spect; moving_modality= in Python; the workbench has no such setting yet)")
+                           "or spect; the workbench's Advanced ▸ moving modality; moving_modality= in Python)")
     declared = _engine(motion_caller, TABLE).run_fusion(reference, coloured, moving_modality="pet", quality=False)
     assert not any("does not say its modality" in w for w in declared.warnings)

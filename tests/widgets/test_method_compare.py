@@ -473,3 +473,24 @@ def test_the_forms_checkpoint_for_other_dimensions_is_refused_before_any_method_
     assert level == "error" and message.startswith(f"Compare methods: {checkpoint_files[3]}: "), message
     assert "this checkpoint is a 3D model but the images are 2D" in message
     assert compare.status.value == "stopped"
+
+
+def test_the_methods_compared_take_the_moving_image_as_the_form_s_modality(monkeypatch):
+    from napari_unifuse._qt.method_compare import run_methods
+    from napari_unifuse.engine.inference import FusionEngine
+    from napari_unifuse.engine.progress import CancelToken
+    from napari_unifuse.errors import UniFuseError
+    from napari_unifuse.io import ImageVolume
+
+    given = []
+
+    def recording(self, reference, moving, **options):
+        given.append(options["moving_modality"])
+        raise UniFuseError("stop here")
+
+    monkeypatch.setattr(FusionEngine, "run_fusion", recording)
+    image = ImageVolume(np.zeros((32, 32), np.float32), Geometry.identity(2))
+    with pytest.raises(UniFuseError, match="stop here"):
+        run_methods(["identity+max"], image, image, "cpu", None, lambda *args: None, CancelToken(), {},
+                    moving_modality="spect")
+    assert given == ["spect"]

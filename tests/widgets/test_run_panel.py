@@ -191,3 +191,43 @@ def test_a_checkpoint_file_deleted_after_it_was_chosen_is_named_as_not_found(mak
     errors = [message for severity, message in notifications if severity == "error"]
     assert len(errors) == 1 and errors[0].startswith(f"Run UniFuse: checkpoint {str(chosen)!r} not found (")
     assert workbench.worker is None and not (tmp_path / "runs").exists()
+
+
+def test_the_moving_modality_chosen_for_a_pair_reaches_the_run_its_folder_and_comes_back_with_the_pair(
+        make_napari_viewer, tmp_path):
+    """A colour PET or SPECT does not say which it is; the class evidence asked for a modality the
+    workbench had no setting for."""
+    from napari_unifuse._qt.analysis import run_and_analyse
+    from napari_unifuse.engine.progress import CancelToken
+    from napari_unifuse.errors import UniFuseError
+
+    viewer = make_napari_viewer()
+    add_pair(viewer)
+    workbench = UniFuseWorkbench(viewer)
+    form = workbench.run_panel
+    form.output_root.value = str(tmp_path / "runs")
+    assert form.moving_modality.value == "auto"
+    on_defaults = workbench.selection.folder
+    form.moving_modality.value = "spect"
+    chosen = workbench.selection
+    assert chosen.request.moving_modality == "spect"
+    assert chosen.folder != on_defaults  # another normalisation: another run
+    viewer.add_image(np.zeros((16, 48, 48), np.float32), name="another scan")
+    form.moving.value = "another scan"
+    assert form.moving_modality.value == "auto"  # a pair never chosen starts at auto
+    form.moving.value = chosen.moving_name
+    assert form.moving_modality.value == "spect"
+    form.moving_modality.value = "auto"
+    assert workbench.selection.folder == on_defaults  # auto is not hashed: the folder of earlier runs stays
+
+    given = []
+
+    class RecordingEngine:  # what run_and_analyse hands the engine, and nothing after
+        def run_fusion(self, reference, moving, **options):
+            given.append(options["moving_modality"])
+            raise UniFuseError("stop here")
+
+    form.moving_modality.value = "pet"
+    with pytest.raises(UniFuseError, match="stop here"):
+        run_and_analyse(workbench.selection.request, RecordingEngine(), lambda *args: None, CancelToken())
+    assert given == ["pet"]
