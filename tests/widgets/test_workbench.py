@@ -527,7 +527,7 @@ def test_the_folder_label_names_what_keeps_the_form_from_a_run(make_napari_viewe
     workbench = make_workbench(viewer, tmp_path, checkpoint_files[3])
     workbench.run_panel.checkpoint_file.value = str(tmp_path)  # a folder, not a checkpoint file
     label = workbench.run_panel.folder_label.value
-    assert "choose a .safetensors checkpoint file" in label and "reference" not in label
+    assert "is a folder, not a checkpoint file" in label and "reference" not in label
 
 
 def test_a_pair_of_files_opened_in_the_other_order_finds_its_annotations(make_napari_viewer, tmp_path,
@@ -632,7 +632,7 @@ def _four_d_moving(viewer) -> None:
     ("build", "expected"),
     [
         (_volume_and_image, "both must be 2D or both 3D"),
-        (_four_d_moving, "2D or 3D"),
+        (_four_d_moving, "with 2 frames (volumes) of 16x32x32 and a fusion takes one"),
         (_rgb_reference_and_3d_moving, "RGB 2D image"),
         (lambda viewer: None, "open or choose a reference and a moving image"),
     ],
